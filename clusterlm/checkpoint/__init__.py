@@ -1,0 +1,1 @@
+"""Checkpoints: atomic, hashed, resumable."""

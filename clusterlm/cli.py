@@ -1,0 +1,104 @@
+"""The `clusterlm` command: one table of subcommands, each imported only when it runs.
+
+    clusterlm --help
+    clusterlm prepare --builtin shakespeare --out data/shakespeare_char --tokenizer char
+
+Every entry point is `main(argv: list[str]) -> int` in its own module, with its own argparse
+parser (so `clusterlm CMD --help` works). This file never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+# command -> ("module:function", one line of help). Keep sorted by the order a user meets them.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("clusterlm.quickstart:main", "prepare Shakespeare, train a small model on CPU, evaluate, sample"),
+    "prepare": ("clusterlm.data.prepare:main", "text/JSONL files -> tokenizer + token shards + meta.json"),
+    "tokenizer": ("clusterlm.tokenizer.cli:main", "train or inspect a tokenizer (byte, char, bpe)"),
+    "config": ("clusterlm.config:main", "show the resolved config of a recipe with overrides"),
+    "train": ("clusterlm.train.loop:main", "train a model from a recipe (TOML) with --section.key=value overrides"),
+    "eval": ("clusterlm.eval.evaluate:main", "loss, perplexity and bits per byte of a checkpoint"),
+    "generate": ("clusterlm.generate.cli:generate_main", "sample text from a checkpoint"),
+    "chat": ("clusterlm.generate.cli:chat_main", "interactive chat with a checkpoint"),
+    "report": ("clusterlm.train.report:main", "plots and a markdown summary of a training run"),
+    "launch": ("clusterlm.parallel.launch:main", "run a recipe under torchrun or Slurm"),
+    "probe": ("clusterlm.cluster.probe:main", "inventory and benchmark the node this runs on"),
+    "cluster": ("clusterlm.cluster.spec:main", "show a cluster spec (TOML) as a tree"),
+    "plan": ("clusterlm.cluster.planner:main", "memory, FLOPs, step time and parallel layout for a run"),
+    "jobs": ("clusterlm.cluster.slurm:jobs_main", "list submitted Slurm runs and their state"),
+    "serve": ("clusterlm.serve.app:main", "OpenAI-compatible HTTP server for a checkpoint"),
+    "convert": ("clusterlm.models.convert:main", "import a Hugging Face model folder as a checkpoint"),
+    "export": ("clusterlm.models.convert:export_main", "export a checkpoint (Hugging Face format)"),
+    "quantize": ("clusterlm.optimize.quantize:main", "int8/int4 weight-only quantization of a checkpoint"),
+    "prune": ("clusterlm.optimize.prune:main", "magnitude or structured pruning of a checkpoint"),
+}
+
+# Exit codes (also in docs/cli.md).
+EXIT_OK = 0
+EXIT_FAILURE = 1  # unexpected error (a bug): traceback printed
+EXIT_USAGE = 2  # bad input: a one-line message says what is wrong and what would be valid
+EXIT_INTERRUPTED = 130  # Ctrl-C outside training
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [
+        "usage: clusterlm COMMAND [ARGS...]",
+        "",
+        "Language models from raw text to a served API, on one CPU or a Slurm cluster.",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `clusterlm COMMAND --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def _resolve(command: str):
+    target, _ = COMMANDS[command]
+    module_name, func_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("clusterlm"):
+            raise NotImplementedError(f"`clusterlm {command}` is not built yet ({module_name})") from e
+        raise
+    return getattr(module, func_name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return EXIT_OK
+    if argv[0] == "--version":
+        from clusterlm import __version__
+
+        print(f"clusterlm {__version__}")
+        return EXIT_OK
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        hint = f"; did you mean `{close[0]}`?" if close else ""
+        print(f"clusterlm: unknown command `{command}`{hint}\n\n{_usage()}", file=sys.stderr)
+        return EXIT_USAGE
+    if not logging.getLogger().handlers:
+        from clusterlm.log import setup_logging
+
+        setup_logging()
+    from clusterlm.errors import ClusterlmError
+
+    try:
+        return int(_resolve(command)(rest) or 0)
+    except (ClusterlmError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            IsADirectoryError, PermissionError, NotImplementedError) as e:
+        print(f"clusterlm {command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"clusterlm {command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

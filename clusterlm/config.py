@@ -1,0 +1,318 @@
+"""Run configuration: TOML recipes + `--section.key=value` overrides -> frozen, typed dataclasses.
+
+    clusterlm config show recipes/shakespeare_char_cpu.toml --train.max_steps=100
+
+Each component gets its own section (`data`, `model`, `train`, `optim`, `checkpoint`); nothing
+receives the whole run config. Unknown keys fail with a close-match suggestion; wrong types name
+the key, the value and the expected type. `[model]` may start from a named preset
+(`preset = "gpt2-124m"`) with the other keys overriding it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from clusterlm.errors import ConfigError
+from clusterlm.models.config import ModelConfig, preset_values
+
+
+# ---- sections -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DataConfig:
+    dir: str = "data/shakespeare_char"
+    """prepared data directory (meta.json + shards), as written by `clusterlm prepare`"""
+    source: str = ""
+    """if `dir` does not exist yet, prepare it from this: 'builtin:shakespeare', or a path/glob"""
+    tokenizer: str = "char"
+    """tokenizer used when preparing from `source`: byte, char, bpe or a tokenizer.json path"""
+    vocab_size: int = 0
+    """BPE vocabulary size when preparing from `source` (0 = the tokenizer's default)"""
+    val_fraction: float = 0.1
+    """fraction of documents held out for validation when preparing from `source`"""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out_dir: str = "runs/default"
+    """run directory: checkpoints, metrics.jsonl, TensorBoard events, plots"""
+    seed: int = 1337
+    seq_len: int = 256
+    """tokens per training sample (context length); at most model.max_seq_len"""
+    micro_batch_size: int = 12
+    """samples per forward/backward on one device"""
+    global_batch_tokens: int = 0
+    """tokens per optimizer step over all devices; 0 = micro_batch_size * seq_len * data-parallel size"""
+    max_steps: int = 2000
+    max_minutes: float = 0.0
+    """stop (and save) after this much wall time; 0 = no limit"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this; 0 = off"""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """autocast dtype: auto = bf16 on GPUs that support it, fp32 on CPU"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+    """torch.compile the model"""
+    threads: int = 0
+    """torch intra-op threads on CPU; 0 = torch's default"""
+    log_interval: int = 10
+    eval_interval: int = 250
+    """steps between evaluations on the val split; 0 = only at the end"""
+    eval_batches: int = 20
+    max_bad_steps: int = 5
+    """stop after this many consecutive NaN/Inf losses (each one skips its optimizer step)"""
+    resume: str = "none"
+    """none, auto (newest verified checkpoint in out_dir) or a checkpoint path"""
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "micro_batch_size", "max_steps", "log_interval", "eval_batches", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
+        for name in ("global_batch_tokens", "threads", "eval_interval", "max_minutes", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 6e-4
+    """peak learning rate"""
+    min_lr: float = 6e-5
+    """floor the schedule decays to"""
+    schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    """after warmup: cosine or linear decay to min_lr, warmup-stable-decay, or constant"""
+    warmup_steps: int = 100
+    decay_steps: int = 0
+    """steps over which the lr decays after warmup; 0 = until train.max_steps"""
+    wsd_decay_fraction: float = 0.2
+    """for schedule = wsd: the last fraction of steps that decay linearly to min_lr"""
+    weight_decay: float = 0.1
+    """decoupled (AdamW) decay on matrices only; norms, biases and embeddings do not decay"""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"optim.lr={self.lr}, optim.min_lr={self.min_lr}: need 0 <= min_lr <= lr and lr > 0")
+        if self.warmup_steps < 0 or self.decay_steps < 0:
+            raise ConfigError("optim.warmup_steps and optim.decay_steps must be >= 0")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise ConfigError(f"optim.beta1={self.beta1}, optim.beta2={self.beta2} must be in [0, 1)")
+        if not 0.0 < self.wsd_decay_fraction <= 1.0:
+            raise ConfigError(f"optim.wsd_decay_fraction={self.wsd_decay_fraction} must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    interval: int = 500
+    """steps between checkpoints (a final one is always written); 0 = final only"""
+    keep_last: int = 3
+    """checkpoints kept in out_dir/checkpoints; older ones are deleted"""
+
+    def __post_init__(self) -> None:
+        if self.interval < 0 or self.keep_last < 1:
+            raise ConfigError(f"checkpoint.interval={self.interval} must be >= 0, keep_last={self.keep_last} >= 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# ---- typed construction from plain dicts ---------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "None"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{key}={value!r} has type {type(value).__name__}; expected {_type_name(tp)}")
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}={value!r} is not one of {_type_name(tp)}{hint}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} has type {type(value).__name__}; expected a list")
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return from_dict(tp, value, key)
+    raise ConfigError(f"{key}={value!r} has type {type(value).__name__}; expected {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build the dataclass `cls` from `data`, checking every key and type."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{where}.{key}" if where else key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean '{(where + '.') if where else ''}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown key '{full}'{hint} (valid keys: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], full)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - from_dict checks names first
+        raise ConfigError(f"{where or cls.__name__}: {e}") from e
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Plain dict of a (nested) config dataclass, with None values left out (TOML has no null)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            out[f.name] = to_dict(v)
+        elif v is not None:
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def to_toml(cfg: Any) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(to_dict(cfg))
+
+
+# ---- recipes and overrides ---------------------------------------------------------------------
+def parse_override(arg: str) -> tuple[list[str], Any]:
+    """'--train.lr=3e-4' -> (['train', 'lr'], 0.0003). The value is read as TOML when it parses
+    (numbers, booleans, quoted strings, lists), else taken as a bare string."""
+    body = arg[2:] if arg.startswith("--") else arg
+    if "=" not in body:
+        raise ConfigError(f"override {arg!r} must look like --section.key=value")
+    key, raw = body.split("=", 1)
+    parts = key.split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override {arg!r}: the key must be section.key, e.g. --train.max_steps=100")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return parts, value
+
+
+def _merge(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {'.'.join(parts)}: '{p}' is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def resolve(tree: dict[str, Any], cls: type = RunConfig) -> Any:
+    """Build a run config from a parsed TOML tree (with a `[model] preset` expanded)."""
+    tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
+    model = tree.get("model")
+    if isinstance(model, dict) and "preset" in model:
+        name = model.pop("preset")
+        if not isinstance(name, str):
+            raise ConfigError(f"model.preset={name!r} has type {type(name).__name__}; expected str")
+        tree["model"] = {**preset_values(name), **model}
+    return from_dict(cls, tree)
+
+
+def load_tree(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} does not exist (see recipes/ for examples)")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from e
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = (), cls: type = RunConfig) -> Any:
+    """Read a recipe (or start from defaults when `path` is None) and apply overrides in order."""
+    tree = load_tree(path) if path is not None else {}
+    for arg in overrides:
+        parts, value = parse_override(arg)
+        _merge(tree, parts, value)
+    return resolve(tree, cls)
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate `--section.key=value` overrides from ordinary arguments."""
+    overrides = [a for a in argv if a.startswith("--") and "." in a.split("=", 1)[0]]
+    rest = [a for a in argv if a not in overrides]
+    return overrides, rest
+
+
+def main(argv: list[str]) -> int:
+    """`clusterlm config show RECIPE [--section.key=value ...]`."""
+    overrides, rest = split_overrides(argv)
+    parser = argparse.ArgumentParser(
+        prog="clusterlm config",
+        description="Show the resolved configuration of a recipe with --section.key=value overrides.",
+    )
+    sub = parser.add_subparsers(dest="action", required=True)
+    show = sub.add_parser("show", help="print the resolved config as TOML")
+    show.add_argument("recipe", nargs="?", help="recipe TOML file (defaults when omitted)")
+    args = parser.parse_args(rest)
+    cfg = load_run_config(args.recipe, overrides)
+    sys.stdout.write(to_toml(cfg))
+    return 0

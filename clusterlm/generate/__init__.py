@@ -1,0 +1,1 @@
+"""Generation over token ids: pure sampling functions and a KV-cache engine."""

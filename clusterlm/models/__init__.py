@@ -1,0 +1,1 @@
+"""Model definitions: math only (no devices, processes, environment reads or optimizers)."""

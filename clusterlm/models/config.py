@@ -1,0 +1,171 @@
+"""ModelConfig and named presets. Torch-free: the planner imports this on a login node.
+
+GPT-2 and Llama are the same Transformer with different config values (positions, norm, MLP,
+attention heads, tying, biases); LSTM and GRU language models share the same config type.
+
+    >>> from clusterlm.models.config import get_preset
+    >>> get_preset("gpt2-124m").num_params()
+    124439808
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from clusterlm.errors import ConfigError
+
+Arch = Literal["transformer", "lstm", "gru"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: Arch = "transformer"
+    """transformer, lstm or gru"""
+    vocab_size: int | None = None
+    """tokens in the vocabulary; None = taken from the data's tokenizer at train time"""
+    vocab_multiple: int = 1
+    """pad the embedding/output rows up to a multiple of this (64 suits tensor cores); 1 = none"""
+    n_layers: int = 4
+    dim: int = 128
+    """model width D (for LSTM/GRU: embedding and hidden size)"""
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    """key/value heads for grouped-query attention; None = n_heads (multi-head attention)"""
+    ffn_dim: int | None = None
+    """MLP hidden size; None = 4*dim for GELU, Llama's rule (8/3*dim rounded to ffn_multiple) for SwiGLU"""
+    ffn_multiple: int = 256
+    max_seq_len: int = 256
+    """longest context the model supports (learned position table size / rotary table size)"""
+    pos: Literal["learned", "rope", "none"] = "learned"
+    """learned absolute positions (GPT-2), rotary (Llama), or none (LSTM/GRU)"""
+    rope_theta: float = 10000.0
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    bias: bool = False
+    """biases in linear layers (and LayerNorm)"""
+    tie_embeddings: bool = True
+    """share the token embedding with the output projection"""
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ConfigError(f"model.vocab_size={self.vocab_size} must be >= 1 (or unset to take it from the data)")
+        for name in ("vocab_multiple", "n_layers", "dim", "n_heads", "max_seq_len", "ffn_multiple"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.arch == "transformer":
+            if self.dim % self.n_heads:
+                raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+            if self.n_heads % self.kv_heads:
+                raise ConfigError(
+                    f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.kv_heads}"
+                )
+            if self.pos == "rope" and self.head_dim % 2:
+                raise ConfigError(f"rotary positions need an even head dim; dim/n_heads = {self.head_dim}")
+            if self.pos == "none":
+                raise ConfigError("model.pos='none' is only for lstm/gru; use 'learned' or 'rope'")
+        elif self.arch not in ("lstm", "gru"):
+            raise ConfigError(f"model.arch={self.arch!r}; expected one of transformer, lstm, gru")
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """MLP hidden size F."""
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        if self.mlp == "gelu":
+            return 4 * self.dim
+        f = int(2 * 4 * self.dim / 3)  # SwiGLU keeps 3 matrices at ~the cost of a 4x GELU MLP
+        return self.ffn_multiple * ((f + self.ffn_multiple - 1) // self.ffn_multiple)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        if self.vocab_size is None:
+            raise ConfigError("model.vocab_size is unset; set it or build the model from a data directory")
+        m = self.vocab_multiple
+        return m * ((self.vocab_size + m - 1) // m)
+
+    def with_vocab(self, vocab_size: int) -> ModelConfig:
+        return dataclasses.replace(self, vocab_size=vocab_size)
+
+    # ---- parameter counts (exact; tests check them against the built modules) ---------------
+    def num_params(self, include_embeddings: bool = True) -> int:
+        """Exact parameter count. `include_embeddings=False` drops token and position tables
+        (and an untied output matrix is kept: it is a matmul in every step)."""
+        V, D, L = self.padded_vocab_size, self.dim, self.n_layers
+        if self.arch in ("lstm", "gru"):
+            gates = 4 if self.arch == "lstm" else 3
+            per_layer = gates * (2 * D * D + 2 * D)  # W_ih, W_hh, b_ih, b_hh (PyTorch layout)
+            out = (0 if self.tie_embeddings else V * D) + (V if self.bias else 0)
+            emb = V * D if include_embeddings else 0
+            return emb + L * per_layer + out
+        H, K, Hd, F = self.n_heads, self.kv_heads, self.head_dim, self.hidden_dim
+        b = 1 if self.bias else 0
+        attn = D * H * Hd + 2 * D * K * Hd + H * Hd * D + b * (H * Hd + 2 * K * Hd + D)
+        mlp = (3 if self.mlp == "swiglu" else 2) * D * F + b * ((2 if self.mlp == "swiglu" else 1) * F + D)
+        norm = D * (2 if (self.norm == "layernorm" and self.bias) else 1)
+        per_layer = attn + mlp + 2 * norm
+        total = L * per_layer + norm  # + final norm
+        if include_embeddings:
+            total += V * D + (self.max_seq_len * D if self.pos == "learned" else 0)
+        if not self.tie_embeddings:
+            total += V * D
+        return total
+
+
+_GPT2 = dict(arch="transformer", vocab_size=50257, max_seq_len=1024, pos="learned", norm="layernorm",
+             mlp="gelu", bias=True, tie_embeddings=True)
+_LLAMA3 = dict(arch="transformer", vocab_size=128256, max_seq_len=8192, pos="rope", rope_theta=500000.0,
+               norm="rmsnorm", mlp="swiglu", bias=False, ffn_multiple=256)
+_LLAMA_SMALL = dict(arch="transformer", pos="rope", norm="rmsnorm", mlp="swiglu", bias=False,
+                    tie_embeddings=True, ffn_multiple=64)
+
+# Published shapes. GPT-2: Radford et al. 2019 (124M/355M/774M/1.5B as counted with tied
+# embeddings and 50257 tokens). Llama: Meta's Llama 3.2 1B and Llama 3.1 8B/70B configs.
+PRESETS: dict[str, dict[str, Any]] = {
+    # small CPU presets (vocab from the data)
+    "gpt-nano": dict(n_layers=4, dim=128, n_heads=4, max_seq_len=64, bias=False, tie_embeddings=True),
+    "gpt-mini": dict(n_layers=6, dim=384, n_heads=6, max_seq_len=256, bias=False, tie_embeddings=True),
+    "llama-nano": dict(_LLAMA_SMALL, n_layers=4, dim=128, n_heads=4, n_kv_heads=2, max_seq_len=256),
+    "llama-mini": dict(_LLAMA_SMALL, n_layers=6, dim=384, n_heads=6, n_kv_heads=2, max_seq_len=512),
+    "lstm-small": dict(arch="lstm", n_layers=2, dim=512, pos="none", dropout=0.1, tie_embeddings=True, bias=True),
+    "gru-small": dict(arch="gru", n_layers=2, dim=512, pos="none", dropout=0.1, tie_embeddings=True, bias=True),
+    # GPT-2 family
+    "gpt2-124m": dict(_GPT2, n_layers=12, dim=768, n_heads=12),
+    "gpt2-350m": dict(_GPT2, n_layers=24, dim=1024, n_heads=16),
+    "gpt2-774m": dict(_GPT2, n_layers=36, dim=1280, n_heads=20),
+    "gpt2-1.5b": dict(_GPT2, n_layers=48, dim=1600, n_heads=25),
+    # Llama family
+    "llama-150m": dict(_LLAMA3, vocab_size=32000, n_layers=12, dim=768, n_heads=12, n_kv_heads=4,
+                       max_seq_len=2048, tie_embeddings=True),
+    "llama-1b": dict(_LLAMA3, n_layers=16, dim=2048, n_heads=32, n_kv_heads=8, ffn_dim=8192, tie_embeddings=True),
+    "llama-8b": dict(_LLAMA3, n_layers=32, dim=4096, n_heads=32, n_kv_heads=8, ffn_dim=14336, tie_embeddings=False),
+    "llama-70b": dict(_LLAMA3, n_layers=80, dim=8192, n_heads=64, n_kv_heads=8, ffn_dim=28672, tie_embeddings=False),
+}
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"unknown model preset {name!r}{hint}; known presets: {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+def get_preset(name: str, **overrides: Any) -> ModelConfig:
+    return ModelConfig(**{**preset_values(name), **overrides})

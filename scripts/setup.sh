@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Set up clusterlm in ./.venv: reuse an importable torch, else install torch==2.13.0 (CPU wheel
+# where the machine has one), then install clusterlm with its test and serve extras.
+#   bash scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    if "$PY" -c "import torch" >/dev/null 2>&1; then
+        echo "setup: reusing the torch of $PY"
+        "$PY" -m venv --system-site-packages .venv
+    else
+        "$PY" -m venv .venv
+    fi
+fi
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+    echo "setup: installing torch==2.13.0"
+    .venv/bin/pip install --quiet "torch==2.13.0"
+fi
+.venv/bin/pip install --quiet --disable-pip-version-check -e ".[test,serve]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import clusterlm, torch; print(f'setup: clusterlm {clusterlm.__version__}, torch {torch.__version__} in .venv')"
