@@ -267,6 +267,7 @@ def _merge(tree: dict[str, Any], parts: list[str], value: Any) -> None:
 def resolve(tree: dict[str, Any], cls: type = RunConfig) -> Any:
     """Build a run config from a parsed TOML tree (with a `[model] preset` expanded)."""
     tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
+    _check_sections(tree, cls)
     model = tree.get("model")
     if isinstance(model, dict) and "preset" in model:
         name = model.pop("preset")
@@ -274,6 +275,26 @@ def resolve(tree: dict[str, Any], cls: type = RunConfig) -> Any:
             raise ConfigError(f"model.preset={name!r} has type {type(name).__name__}; expected str")
         tree["model"] = {**preset_values(name), **model}
     return from_dict(cls, tree)
+
+
+def _check_sections(tree: dict[str, Any], cls: type) -> None:
+    """Unknown sections, and keys placed in the wrong section, get a pointed suggestion."""
+    sections = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for name, body in tree.items():
+        if name not in sections:
+            close = difflib.get_close_matches(name, sections, n=1)
+            hint = f"; did you mean [{close[0]}]?" if close else ""
+            raise ConfigError(f"unknown section [{name}]{hint} (valid sections: {', '.join(sections)})")
+        if not isinstance(body, dict):
+            raise ConfigError(f"'{name}' must be a section (a TOML table), got {body!r}")
+        own = {f.name for f in dataclasses.fields(hints[name])} | ({"preset"} if name == "model" else set())
+        for key in body:
+            if key in own:
+                continue
+            for other in sections:
+                if other != name and key in {f.name for f in dataclasses.fields(hints[other])}:
+                    raise ConfigError(f"unknown key '{name}.{key}'; did you mean '{other}.{key}'?")
 
 
 def load_tree(path: str | Path) -> dict[str, Any]:

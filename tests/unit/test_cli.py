@@ -1,0 +1,47 @@
+"""The `clusterlm` command: help text, lazy imports, exit codes."""
+
+import subprocess
+import sys
+
+from clusterlm.cli import COMMANDS
+
+BLOCK_TORCH = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def run(*args, code=""):
+    return subprocess.run([sys.executable, "-c", "import sys\n" + code + "\nfrom clusterlm.cli import main\nsys.exit(main(sys.argv[1:]))",
+                           *args], capture_output=True, text=True)
+
+
+def test_help_lists_every_command_without_torch():
+    """`clusterlm --help` lists each command with its one line, and never imports torch."""
+    r = run("--help", code=BLOCK_TORCH)
+    assert r.returncode == 0, r.stderr
+    for name, (_, help_) in COMMANDS.items():
+        assert f"  {name}" in r.stdout and help_ in r.stdout
+
+
+def test_every_command_has_help():
+    """Every command in the table answers --help with exit 0 and a usage line naming itself."""
+    for name in COMMANDS:
+        r = subprocess.run([sys.executable, "-m", "clusterlm", name, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0, f"{name}: {r.stderr[-2000:]}"
+        assert f"clusterlm {name}" in r.stdout, name
+
+
+def test_unknown_command_suggests():
+    r = run("preapre")
+    assert r.returncode == 2
+    assert "did you mean `prepare`" in r.stderr
+
+
+def test_module_entry_point_matches():
+    r = subprocess.run([sys.executable, "-m", "clusterlm", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("clusterlm ")

@@ -1,0 +1,140 @@
+"""Run configuration: TOML + overrides -> typed frozen dataclasses, with pointed errors."""
+
+import dataclasses
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from clusterlm.config import (
+    RunConfig,
+    load_run_config,
+    parse_override,
+    resolve,
+    to_toml,
+)
+from clusterlm.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def write(tmp_path, text):
+    p = tmp_path / "r.toml"
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_defaults_and_overrides_apply_in_order(tmp_path):
+    """Overrides are applied after the file, later ones win; values are parsed as TOML."""
+    p = write(tmp_path, """
+        [train]
+        max_steps = 10
+        [optim]
+        lr = 1e-3
+    """)
+    cfg = load_run_config(p, ["--train.max_steps=20", "--optim.lr=3e-4", "--train.max_steps=30",
+                              "--train.out_dir=runs/x", "--train.compile=true"])
+    assert cfg.train.max_steps == 30
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.train.out_dir == "runs/x"
+    assert cfg.train.compile is True
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.max_steps = 1  # type: ignore[misc]
+
+
+def test_unknown_key_suggests_close_match(tmp_path):
+    """A typo names the key and the close match."""
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.max_step'.*did you mean 'train\.max_steps'"):
+        load_run_config(None, ["--train.max_step=3"])
+
+
+def test_key_in_wrong_section_points_to_right_one():
+    """`train.lr` is a real key of another section: the message names `optim.lr`."""
+    with pytest.raises(ConfigError, match=r"did you mean 'optim\.lr'"):
+        load_run_config(None, ["--train.lr=1e-3"])
+
+
+def test_unknown_section():
+    with pytest.raises(ConfigError, match=r"unknown section \[trian\]; did you mean \[train\]"):
+        resolve({"trian": {"max_steps": 1}})
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("--train.max_steps=abc", "train.max_steps='abc' has type str; expected int"),
+        ("--train.max_steps=1.5", "train.max_steps=1.5 has type float; expected int"),
+        ("--train.compile=1", "train.compile=1 has type int; expected bool"),
+        ("--train.dtype=bf17", "train.dtype='bf17' is not one of"),
+        ("--model.n_kv_heads=x", "model.n_kv_heads='x' has type str; expected int | None"),
+    ],
+)
+def test_wrong_type_names_key_value_and_type(override, fragment):
+    """Type errors name the key, the value and the expected type."""
+    with pytest.raises(ConfigError) as e:
+        load_run_config(None, [override])
+    assert fragment in str(e.value)
+
+
+def test_int_accepted_for_float():
+    assert load_run_config(None, ["--optim.lr=1"]).optim.lr == 1.0
+
+
+def test_validation_message_has_the_arithmetic():
+    """ModelConfig validation shows the numbers (STYLE.md)."""
+    with pytest.raises(ConfigError, match=r"model.dim=130 is not divisible by model.n_heads=4"):
+        load_run_config(None, ["--model.dim=130"])
+
+
+def test_model_preset_with_overrides(tmp_path):
+    """`[model] preset = ...` starts from the preset; other keys override it."""
+    p = write(tmp_path, """
+        [model]
+        preset = "gpt2-124m"
+        n_layers = 2
+    """)
+    cfg = load_run_config(p)
+    assert (cfg.model.dim, cfg.model.n_heads, cfg.model.n_layers, cfg.model.vocab_size) == (768, 12, 2, 50257)
+    with pytest.raises(ConfigError, match="unknown model preset 'gpt2-125m'.*gpt2-124m"):
+        load_run_config(p, ["--model.preset=gpt2-125m"])
+
+
+def test_toml_round_trip():
+    """to_toml(cfg) read back gives the same config."""
+    cfg = load_run_config(None, ["--model.preset=llama-nano", "--model.vocab_size=100", "--train.seed=7"])
+    again = resolve(tomllib.loads(to_toml(cfg)))
+    assert again == cfg
+    assert isinstance(again, RunConfig)
+
+
+def test_parse_override_forms():
+    assert parse_override("--a.b=3") == (["a", "b"], 3)
+    assert parse_override("--a.b=hello world") == (["a", "b"], "hello world")
+    assert parse_override('--a.b="quoted"') == (["a", "b"], "quoted")
+    assert parse_override("--a.b=[1, 2]") == (["a", "b"], [1, 2])
+    with pytest.raises(ConfigError, match="must look like"):
+        parse_override("--a.b")
+    with pytest.raises(ConfigError, match="section.key"):
+        parse_override("--ab=1")
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="recipe .*nope.toml does not exist"):
+        load_run_config(tmp_path / "nope.toml")
+
+
+def test_config_show_cli(tmp_path):
+    """`clusterlm config show RECIPE --k=v` prints TOML that resolves to the same config; errors exit 2."""
+    p = write(tmp_path, "[train]\nmax_steps = 5\n")
+    out = subprocess.run([sys.executable, "-m", "clusterlm", "config", "show", str(p), "--optim.lr=0.002"],
+                         capture_output=True, text=True, check=True).stdout
+    tree = tomllib.loads(out)
+    assert tree["train"]["max_steps"] == 5 and tree["optim"]["lr"] == 0.002
+    bad = subprocess.run([sys.executable, "-m", "clusterlm", "config", "show", str(p), "--optim.lrr=1"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert "did you mean 'optim.lr'" in bad.stderr
