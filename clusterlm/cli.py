@@ -40,6 +40,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 EXIT_OK = 0
 EXIT_FAILURE = 1  # unexpected error (a bug): traceback printed
 EXIT_USAGE = 2  # bad input: a one-line message says what is wrong and what would be valid
+EXIT_DIVERGED = 3  # training stopped after train.max_bad_steps consecutive NaN/Inf losses (state saved)
+EXIT_PREEMPTED = 75  # SIGTERM/SIGINT/SIGUSR2 during training: step finished, checkpoint saved; resume with
+#                      --train.resume=auto (75 is EX_TEMPFAIL; Slurm requeue scripts key on it)
 EXIT_INTERRUPTED = 130  # Ctrl-C outside training
 
 

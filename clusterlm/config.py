@@ -297,10 +297,21 @@ def _check_sections(tree: dict[str, Any], cls: type) -> None:
                     raise ConfigError(f"unknown key '{name}.{key}'; did you mean '{other}.{key}'?")
 
 
+def bundled_recipes() -> dict[str, Path]:
+    """Recipes shipped inside the package (the repository's recipes/ folder), by stem."""
+    folder = Path(__file__).parent / "recipes"
+    return {p.stem: p for p in sorted(folder.glob("*.toml"))}
+
+
 def load_tree(path: str | Path) -> dict[str, Any]:
+    """Parse a recipe file; a bare name such as 'shakespeare_char_cpu' finds a bundled recipe."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"recipe {path} does not exist (see recipes/ for examples)")
+        bundled = bundled_recipes()
+        if path.stem in bundled and len(path.parts) == 1:
+            path = bundled[path.stem]
+        else:
+            raise FileNotFoundError(f"recipe {path} does not exist; bundled recipes: {', '.join(bundled)}")
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:

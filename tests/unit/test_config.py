@@ -123,7 +123,7 @@ def test_parse_override_forms():
 
 
 def test_missing_recipe_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="recipe .*nope.toml does not exist"):
+    with pytest.raises(FileNotFoundError, match="recipe .*nope.toml does not exist; bundled recipes: .*shakespeare_char_cpu"):
         load_run_config(tmp_path / "nope.toml")
 
 
