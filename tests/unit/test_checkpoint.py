@@ -1,0 +1,482 @@
+"""Checkpoint store: exact round trips, tied weights, RNG, corruption detection, crash safety, pruning.
+
+Run: .venv/bin/python -m pytest -q tests/unit/test_checkpoint.py
+
+The model is a tiny tied-embedding LM defined here (models/ is not needed); the optimizer is
+torch.optim.AdamW with two parameter groups, as the trainer builds it.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import safe_open
+from torch import nn
+
+import clusterlm.checkpoint.flatten as flatten_mod
+import clusterlm.checkpoint.store as store
+from clusterlm.checkpoint.flatten import flatten_state, unflatten_state
+from clusterlm.checkpoint.store import (
+    capture_rng_state,
+    find_latest_valid,
+    load_checkpoint,
+    load_model_weights,
+    resolve_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from clusterlm.errors import CheckpointError
+from clusterlm.fsutil import sha256_file
+
+V, D = 17, 8  # vocab, model dim
+
+
+class TinyLM(nn.Module):
+    def __init__(self, tie: bool = True) -> None:
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(V, D)
+        self.norm = nn.LayerNorm(D)
+        self.output = nn.Linear(D, V, bias=False)
+        if tie:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.output(self.norm(self.tok_embeddings(idx)))  # (B, T, V)
+
+
+def make_opt(model: nn.Module) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=1e-2, betas=(0.9, 0.99))
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, V, (4, 6), generator=g)
+    logits = model(idx[:, :-1])
+    loss = nn.functional.cross_entropy(logits.reshape(-1, V), idx[:, 1:].reshape(-1))
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def save_small(root: Path, step: int, value: float = 0.0, **kw) -> Path:
+    state = {"w": torch.full((3, 4), value), "b": torch.arange(5)}
+    return save_checkpoint(root, step, model_state=state, optimizer_state=None, train_state={"step": step},
+                           config_toml=f"# step {step}\n", **kw)
+
+
+def assert_same_structure(a, b) -> None:
+    """Tensors torch.equal with the same dtype; everything else equal with the same type."""
+    assert type(a) is type(b), (a, b)
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            assert_same_structure(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_structure(x, y)
+    elif isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b)
+    else:
+        assert a == b
+
+
+def hidden_entries(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith("."))
+
+
+# ---- round trips ------------------------------------------------------------------------------------------
+def test_round_trip_and_next_step_bit_exact(tmp_path):
+    """Loaded model and AdamW state equal the saved ones (torch.equal, same types), and one more step
+    after load_state_dict gives parameters torch.equal to the same step taken without save/load."""
+    torch.manual_seed(0)
+    model, opt = TinyLM(), None
+    opt = make_opt(model)
+    for s in range(3):
+        train_step(model, opt, s)
+    path = save_checkpoint(tmp_path / "ckpt", 3, model_state=model.state_dict(), optimizer_state=opt.state_dict(),
+                           train_state={"step": 3, "loader": {"epoch": 0, "pos": [5, 7]}, "loss": float("nan")},
+                           config_toml="[model]\ndim = 8\n")
+    assert path == tmp_path / "ckpt" / "step-00000003"
+    ck = load_checkpoint(path)
+    assert ck.step == 3 and ck.config_toml == "[model]\ndim = 8\n" and ck.tokenizer_path is None
+    assert ck.train_state["loader"] == {"epoch": 0, "pos": [5, 7]} and math.isnan(ck.train_state["loss"])
+    assert_same_structure(dict(model.state_dict()), ck.model_state)
+    assert_same_structure(opt.state_dict(), ck.optimizer_state)
+
+    model2 = TinyLM()
+    opt2 = make_opt(model2)
+    model2.load_state_dict(ck.model_state)
+    opt2.load_state_dict(ck.optimizer_state)
+    train_step(model, opt, 99)
+    train_step(model2, opt2, 99)
+    for (n, p), (n2, p2) in zip(model.named_parameters(), model2.named_parameters()):
+        assert n == n2 and torch.equal(p, p2), n
+    assert_same_structure(opt.state_dict(), opt2.state_dict())
+
+
+def test_tied_weights_stored_once_and_stay_tied(tmp_path):
+    """model.safetensors holds the tied matrix once (safetensors refuses shared tensors); loading maps
+    both names to one tensor, and a fresh tied model loaded from it still shares one Parameter."""
+    torch.manual_seed(1)
+    model = TinyLM(tie=True)
+    path = save_checkpoint(tmp_path, 0, model_state=model.state_dict(), optimizer_state=None, train_state={},
+                           config_toml="")
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        stored = set(f.keys())
+    assert stored == {"tok_embeddings.weight", "norm.weight", "norm.bias"}
+    sd = load_model_weights(path)
+    assert list(sd) == list(model.state_dict())  # caller's order, aliases included
+    assert sd["output.weight"] is sd["tok_embeddings.weight"]
+    model2 = TinyLM(tie=True)
+    model2.load_state_dict(sd)
+    assert model2.output.weight is model2.tok_embeddings.weight
+    assert torch.equal(model2.output.weight, model.output.weight)
+
+
+def test_views_dtypes_and_empty_tensors_round_trip(tmp_path):
+    """Non-contiguous views, slices sharing a buffer, bf16/int64/bool, 0-d and empty tensors come back
+    torch.equal with their dtype and shape."""
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    state = {"t": base.t(), "slice": base[1:3], "base": base, "bf16": torch.randn(5).bfloat16(),
+             "i64": torch.tensor([2**40, -3]), "mask": torch.tensor([True, False]), "scalar": torch.tensor(3.5),
+             "empty": torch.zeros(0, 4), "empty2": torch.zeros(0, dtype=torch.int32)}
+    path = save_checkpoint(tmp_path, 1, model_state=state, optimizer_state=None, train_state={}, config_toml="")
+    out = load_model_weights(path)
+    assert list(out) == list(state)
+    for k in state:
+        assert out[k].dtype == state[k].dtype and out[k].shape == state[k].shape and torch.equal(out[k], state[k]), k
+
+
+def test_flatten_round_trip_exotic_structures():
+    """unflatten_state(flatten_state(x)) equals x with the same types: int/float/None dict keys, tuples,
+    nan/inf, keys that look like markers; the skeleton survives json.dumps/loads."""
+    x = {1: (1.5, float("inf"), float("nan")), "__tensor__": "not a tensor", 2.5: "f", None: [None, True],
+         "a": [{"b": torch.ones(2)}, (torch.zeros(1, dtype=torch.int8),)], "s": {"__tuple__": [1]}, "e": {}}
+    skeleton, tensors = flatten_state(x)
+    assert set(tensors) == {"a.0.b", "a.1.0"}
+    back = unflatten_state(json.loads(json.dumps(skeleton)), tensors)
+    assert_same_structure(x, back)
+    with pytest.raises(TypeError, match=r"set at 'a\.q'"):
+        flatten_state({"a": {"q": {1, 2}}})
+    with pytest.raises(ValueError, match="'x' named in the JSON skeleton is missing"):
+        unflatten_state({"__tensor__": "x"}, {})
+
+
+def test_rng_capture_restore_reproduces_draws(tmp_path):
+    """After restore_rng_state, python random, numpy's global RNG and torch CPU give the same draws as
+    right after capture_rng_state (cached Gaussians included), also after a save/load round trip."""
+    random.gauss(0, 1)
+    np.random.standard_normal()  # leaves a cached Gaussian in both generators
+
+    def draws():
+        return (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.standard_normal(),
+                torch.rand(4).tolist(), torch.randint(0, 1000, (3,)).tolist())
+
+    state = capture_rng_state()
+    expected = draws()
+    restore_rng_state(state)
+    assert draws() == expected
+    path = save_checkpoint(tmp_path, 7, model_state={}, optimizer_state=None, train_state={}, config_toml="",
+                           rng=state)
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    ck = load_checkpoint(path)
+    assert_same_structure(state, ck.rng)
+    restore_rng_state(ck.rng)
+    assert draws() == expected
+    with pytest.raises(ValueError, match="unknown RNG state keys"):
+        restore_rng_state({"jax": 1})
+
+
+# ---- layout and manifest -------------------------------------------------------------------------------
+def test_layout_manifest_and_latest(tmp_path):
+    """The step folder holds the documented files; manifest sizes and sha256 equal those of the files
+    (fsutil.sha256_file); latest names the folder; the tokenizer is a byte copy."""
+    tok = tmp_path / "tok.json"
+    tok.write_text('{"kind": "char"}')
+    model = TinyLM()
+    opt = make_opt(model)
+    train_step(model, opt, 0)
+    root = tmp_path / "run" / "checkpoints"
+    path = save_checkpoint(root, 100, model_state=model.state_dict(), optimizer_state=opt.state_dict(),
+                           train_state={"step": 100}, config_toml="x = 1\n", tokenizer_path=tok)
+    names = sorted(p.name for p in path.iterdir())
+    assert names == ["config.toml", "manifest.json", "model.safetensors", "optimizer.json", "optimizer.safetensors",
+                     "rng.safetensors", "tokenizer.json", "train_state.json"]
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["format_version"] == 1 and m["step"] == 100 and m["clusterlm_version"]
+    assert datetime.fromisoformat(m["created"]).tzinfo is not None
+    assert sorted(m["files"]) == [n for n in names if n != "manifest.json"]
+    for name, info in m["files"].items():
+        assert info == {"sha256": sha256_file(path / name), "bytes": (path / name).stat().st_size}
+    assert (root / "latest").read_text() == "step-00000100\n"
+    assert (path / "tokenizer.json").read_bytes() == tok.read_bytes()
+    assert load_checkpoint(path).tokenizer_path == path / "tokenizer.json"
+    with safe_open(str(path / "optimizer.safetensors"), "pt") as f:
+        assert "state.0.exp_avg" in set(f.keys())
+    assert verify_checkpoint(path) == [] and hidden_entries(root) == []
+    assert resolve_checkpoint(str(tmp_path / "run")) == path == resolve_checkpoint(root) == resolve_checkpoint(path)
+
+
+def test_bad_arguments_leave_nothing_behind(tmp_path):
+    """Invalid step, keep_last, train_state (int keys, reserved 'rng', non-JSON) or tokenizer path raise
+    before anything is written; meta tensors raise a clear ValueError and the partial folder is removed."""
+    root = tmp_path / "c"
+    kw = {"model_state": {}, "optimizer_state": None, "config_toml": ""}
+    with pytest.raises(ValueError, match="step=-1"):
+        save_checkpoint(root, -1, train_state={}, **kw)
+    with pytest.raises(ValueError, match="keep_last=0"):
+        save_checkpoint(root, 1, train_state={}, keep_last=0, **kw)
+    with pytest.raises(ValueError, match="key 3"):
+        save_checkpoint(root, 1, train_state={"loader": {3: "x"}}, **kw)
+    with pytest.raises(ValueError, match="reserved key 'rng'"):
+        save_checkpoint(root, 1, train_state={"rng": 1}, **kw)
+    with pytest.raises(ValueError, match=r"train_state\['t'\] is a Tensor"):
+        save_checkpoint(root, 1, train_state={"t": torch.ones(1)}, **kw)
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        save_checkpoint(root, 1, train_state={}, tokenizer_path=tmp_path / "nope.json", **kw)
+    assert not root.exists()
+    with pytest.raises(ValueError, match=r"model_state\['w'\] is on the meta device"):
+        save_checkpoint(root, 1, train_state={}, **{**kw, "model_state": {"w": torch.empty(2, device="meta")}})
+    assert list(root.iterdir()) == []
+
+
+# ---- corruption --------------------------------------------------------------------------------------------
+def _flip(p: Path) -> None:
+    raw = bytearray(p.read_bytes())
+    raw[-3] ^= 0xFF
+    p.write_bytes(bytes(raw))
+
+
+CORRUPTIONS = {
+    "flipped byte": (lambda d: _flip(d / "model.safetensors"), "model.safetensors sha256"),
+    "truncated": (lambda d: (d / "rng.safetensors").write_bytes((d / "rng.safetensors").read_bytes()[:-10]),
+                  "rng.safetensors has"),
+    "missing manifest": (lambda d: (d / "manifest.json").unlink(), "manifest.json is missing"),
+    "unparsable manifest": (lambda d: (d / "manifest.json").write_text('{"format_version": 1, "st'),
+                            "manifest.json is unparsable"),
+    "missing file": (lambda d: (d / "config.toml").unlink(), "config.toml is missing"),
+}
+
+
+@pytest.mark.parametrize("kind", list(CORRUPTIONS))
+def test_corrupt_newest_is_skipped(tmp_path, caplog, kind):
+    """A damaged newest checkpoint: verify_checkpoint names the problem, find_latest_valid returns the
+    previous step and logs a warning naming the folder and the problem, load_checkpoint raises."""
+    run = tmp_path / "run"
+    root = run / "checkpoints"
+    first = save_small(root, 10, 1.0)
+    second = save_small(root, 20, 2.0)
+    corrupt, phrase = CORRUPTIONS[kind]
+    corrupt(second)
+    problems = verify_checkpoint(second)
+    assert len(problems) == 1 and phrase in problems[0]
+    with caplog.at_level(logging.WARNING, logger="clusterlm.checkpoint.store"):
+        assert find_latest_valid(root) == first
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("step-00000020" in w and phrase in w for w in warnings), warnings
+    assert resolve_checkpoint(run) == first
+    assert torch.equal(load_checkpoint(first).model_state["w"], torch.full((3, 4), 1.0))
+    with pytest.raises(CheckpointError, match="step-00000020 is not a valid checkpoint"):
+        load_checkpoint(second)
+
+
+def test_none_valid_raises_with_reasons(tmp_path):
+    """With every checkpoint corrupt, find_latest_valid is None and resolve_checkpoint's CheckpointError
+    lists each folder with its problem; an empty or absent folder gets its own clear message."""
+    root = tmp_path / "checkpoints"
+    a, b = save_small(root, 1), save_small(root, 2)
+    _flip(a / "model.safetensors")
+    (b / "manifest.json").unlink()
+    assert find_latest_valid(root) is None
+    with pytest.raises(CheckpointError) as e:
+        resolve_checkpoint(tmp_path)
+    msg = str(e.value)
+    assert "found 2, all rejected" in msg
+    assert "step-00000001: model.safetensors sha256" in msg and "step-00000002: manifest.json is missing" in msg
+    with pytest.raises(CheckpointError, match="is not a valid checkpoint: model.safetensors sha256"):
+        resolve_checkpoint(a)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no checkpoints in .*empty"):
+        resolve_checkpoint(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_checkpoint(tmp_path / "absent")
+    assert find_latest_valid(tmp_path / "absent") is None
+
+
+def test_load_model_weights_checks_only_the_model_file(tmp_path):
+    """load_model_weights ignores a damaged optimizer file (it is not read) but refuses a damaged
+    model.safetensors; load_checkpoint refuses both; verify=False skips hashing."""
+    model = TinyLM()
+    opt = make_opt(model)
+    train_step(model, opt, 0)
+    path = save_checkpoint(tmp_path, 5, model_state=model.state_dict(), optimizer_state=opt.state_dict(),
+                           train_state={}, config_toml="")
+    _flip(path / "optimizer.safetensors")
+    assert torch.equal(load_model_weights(path)["norm.weight"], model.norm.weight)
+    with pytest.raises(CheckpointError, match="optimizer.safetensors sha256"):
+        load_checkpoint(path)
+    assert load_checkpoint(path, verify=False).step == 5
+    _flip(path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="model.safetensors sha256"):
+        load_model_weights(path)
+
+
+# ---- crash safety ------------------------------------------------------------------------------------------
+def test_exception_mid_save_leaves_previous_state(tmp_path, monkeypatch):
+    """An exception while writing optimizer.json (new step, then re-save of an existing step) leaves the
+    step folders, their contents and `latest` as before, no hidden leftovers; the next save succeeds."""
+    root = tmp_path / "c"
+    save_small(root, 1, 1.0)
+    real = store._write_json
+
+    def failing(path, obj):
+        if path.name == "optimizer.json":
+            raise OSError("disk full (injected)")
+        return real(path, obj)
+
+    monkeypatch.setattr(store, "_write_json", failing)
+    model = TinyLM()
+    opt = make_opt(model)
+    train_step(model, opt, 0)
+    for step in (2, 1):
+        with pytest.raises(OSError, match="injected"):
+            save_checkpoint(root, step, model_state=model.state_dict(), optimizer_state=opt.state_dict(),
+                            train_state={}, config_toml="")
+        assert [p.name for p in store.step_folders(root)] == ["step-00000001"]
+        assert (root / "latest").read_text() == "step-00000001\n" and hidden_entries(root) == []
+        assert torch.equal(load_checkpoint(root / "step-00000001").model_state["w"], torch.full((3, 4), 1.0))
+    monkeypatch.setattr(store, "_write_json", real)
+    assert save_small(root, 2, 2.0) == find_latest_valid(root)
+
+
+CHILD = textwrap.dedent("""
+    import sys, time, torch
+    import clusterlm.checkpoint.store as store
+    root, stage = sys.argv[1], sys.argv[2]
+
+    def pause_after(fn, tag, when=lambda *a: True):
+        def wrapped(*a, **k):
+            out = fn(*a, **k)
+            if when(*a):
+                print(tag, flush=True)
+                time.sleep(120)
+            return out
+        return wrapped
+
+    if stage == "model":
+        store._write_tensors = pause_after(store._write_tensors, "model", lambda p, *a: p.name == "model.safetensors")
+    elif stage == "manifest":
+        store.write_manifest = pause_after(store.write_manifest, "manifest")
+    elif stage == "commit":
+        store.commit_folder = pause_after(store.commit_folder, "commit")
+    big = {"w": torch.randn(6_000_000), "b": torch.arange(5)}  # 24 MB
+    print("saving", flush=True)
+    store.save_checkpoint(root, 2, model_state=big, optimizer_state=None, train_state={"step": 2}, config_toml="")
+    print("done", flush=True)
+""")
+
+
+@pytest.mark.parametrize("stage", ["model", "manifest", "commit", "anytime"])
+def test_sigkill_during_save(tmp_path, stage, caplog):
+    """A process SIGKILLed during a save of a 24 MB tensor (after the model file, after the manifest,
+    after the rename but before `latest` moves, or at a random moment) leaves either no step-2 folder or
+    a complete verified one, `latest` still naming step-1 until the save completes, and the next save
+    succeeds and removes the leftovers."""
+    root = tmp_path / "c"
+    save_small(root, 1, 1.0)
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    proc = subprocess.Popen([sys.executable, str(script), str(root), stage], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for = "saving" if stage == "anytime" else stage
+    try:
+        while (line := proc.stdout.readline().strip()) != wait_for:
+            assert line, f"child exited early: {proc.stderr.read()}"
+        if stage == "anytime":
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+        proc.stdout.close()
+        proc.stderr.close()
+    step2 = root / "step-00000002"
+    latest = (root / "latest").read_text()
+    if stage in ("model", "manifest"):
+        assert not step2.exists() and latest == "step-00000001\n"
+        assert any(".partial-" in n for n in hidden_entries(root))
+        assert find_latest_valid(root) == root / "step-00000001"
+    elif stage == "commit":
+        assert verify_checkpoint(step2) == [] and latest == "step-00000001\n"
+        with caplog.at_level(logging.WARNING):
+            assert find_latest_valid(root) == step2  # newest valid wins; `latest` is only a hint
+        assert "latest names step-00000001" in caplog.text
+    else:
+        assert (not step2.exists() and latest == "step-00000001\n") or verify_checkpoint(step2) == []
+    assert save_small(root, 3, 3.0) == find_latest_valid(root)
+    assert hidden_entries(root) == [] and (root / "latest").read_text() == "step-00000003\n"
+
+
+# ---- retention and replacement -----------------------------------------------------------------------------
+def test_keep_last_prunes_and_earlier_step_drops_later_ones(tmp_path, caplog):
+    """keep_last=2 over steps 1..5 leaves steps 4 and 5; then saving step 3 (a run resumed from an earlier
+    checkpoint) removes the later steps 4 and 5 with a warning, so find_latest_valid returns step 3."""
+    root = tmp_path / "c"
+    for s in range(1, 6):
+        save_small(root, s, float(s), keep_last=2)
+    assert [p.name for p in store.step_folders(root)] == ["step-00000004", "step-00000005"]
+    with caplog.at_level(logging.WARNING):
+        save_small(root, 3, 3.0, keep_last=2)
+    assert [p.name for p in store.step_folders(root)] == ["step-00000003"]
+    assert "step-00000005: it is later than the step just saved (3)" in caplog.text
+    assert find_latest_valid(root) == root / "step-00000003" and hidden_entries(root) == []
+
+
+def test_resave_existing_step_replaces_it(tmp_path):
+    """Saving step 5 twice leaves one step-5 folder holding the second save's tensors, verified, with
+    no hidden leftovers and `latest` naming it."""
+    root = tmp_path / "c"
+    save_small(root, 5, 1.0)
+    path = save_small(root, 5, 2.0)
+    assert torch.equal(load_checkpoint(path).model_state["w"], torch.full((3, 4), 2.0))
+    assert [p.name for p in store.step_folders(root)] == ["step-00000005"] and hidden_entries(root) == []
+    assert verify_checkpoint(path) == [] and (root / "latest").read_text() == "step-00000005\n"
+
+
+def test_no_pickle_in_checkpoint_code():
+    """The checkpoint modules import no pickle-based module and never call torch.load / torch.save /
+    numpy.load (parsed with ast, so docstrings mentioning them do not count)."""
+    banned_modules = {"pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
+    for mod in (store, flatten_mod):
+        tree = ast.parse(Path(mod.__file__).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                assert not {a.name.split(".")[0] for a in node.names} & banned_modules, mod.__file__
+            if isinstance(node, ast.ImportFrom):
+                assert (node.module or "").split(".")[0] not in banned_modules, mod.__file__
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                assert (node.value.id, node.attr) not in {("torch", "load"), ("torch", "save"), ("np", "load")}, \
+                    f"{mod.__file__}:{node.lineno}"
