@@ -185,10 +185,19 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], what: str) -> N
     _fsync_file(path)
 
 
+def _open_safetensors(path: Path) -> Any:
+    # pread: tensors own their memory, so nothing depends on the file after loading (a later save may
+    # replace or prune the folder); older safetensors lack `backend` and memory-map (copy-on-write)
+    try:
+        return safe_open(str(path), framework="pt", device="cpu", backend="pread")
+    except TypeError:
+        return safe_open(str(path), framework="pt", device="cpu")
+
+
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Load a safetensors file on CPU, restoring aliases as the same tensor object and the saved order."""
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with _open_safetensors(path) as f:
             meta = f.metadata() or {}
             stored = {k: f.get_tensor(k) for k in f.keys()}
         aliases = json.loads(meta.get(ALIASES_META, "{}"))
