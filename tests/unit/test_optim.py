@@ -1,0 +1,198 @@
+"""lr schedules at their key steps, their monotonic shape, and which parameters decay in AdamW."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from clusterlm.config import OptimConfig
+from clusterlm.train.optim import build_optimizer, lr_at, param_groups, split_params
+
+LR, MIN = 1e-3, 1e-4
+
+
+def cfg(**kw) -> OptimConfig:
+    return OptimConfig(**{"lr": LR, "min_lr": MIN, "warmup_steps": 100, **kw})
+
+
+# ---- schedules -------------------------------------------------------------------------------------
+def test_warmup_values():
+    """Warmup is lr*(step+1)/W (nanoGPT): lr/W at step 0, lr at step W-1, lr at step W."""
+    c = cfg(schedule="cosine")
+    assert lr_at(0, c, 1100) == LR / 100
+    assert lr_at(49, c, 1100) == pytest.approx(LR * 50 / 100, rel=1e-15)
+    assert lr_at(99, c, 1100) == LR
+    assert lr_at(100, c, 1100) == LR
+
+
+def test_cosine_key_steps():
+    """Cosine from lr at step W to min_lr at step W+decay: the midpoint equals (lr+min_lr)/2 to one
+    ulp (cos(pi/2) is 6e-17, not 0), the end and beyond equal min_lr exactly."""
+    c = cfg(schedule="cosine")  # decay_steps=0: decays over max_steps - W = 1000 steps
+    assert lr_at(600, c, 1100) == pytest.approx((LR + MIN) / 2, rel=2e-16, abs=0)
+    assert lr_at(1100, c, 1100) == MIN
+    assert lr_at(5000, c, 1100) == MIN
+    # a quarter of the way: min + (lr-min)*(1+cos(pi/4))/2
+    assert lr_at(350, c, 1100) == pytest.approx(MIN + (LR - MIN) * (1 + math.sqrt(0.5)) / 2, rel=1e-14)
+
+
+def test_cosine_explicit_decay_steps():
+    """decay_steps=200 ends the cosine at step W+200 = 300 and holds min_lr after it."""
+    c = cfg(schedule="cosine", decay_steps=200)
+    assert lr_at(200, c, 10_000) == pytest.approx((LR + MIN) / 2, rel=2e-16, abs=0)
+    assert lr_at(300, c, 10_000) == MIN
+    assert lr_at(9_999, c, 10_000) == MIN
+
+
+def test_linear_key_steps():
+    """Linear: lr at W, (lr+min_lr)/2 at the midpoint, min_lr at the end and after."""
+    c = cfg(schedule="linear")
+    assert lr_at(100, c, 1100) == LR
+    assert lr_at(600, c, 1100) == pytest.approx((LR + MIN) / 2, rel=2e-16, abs=0)
+    assert lr_at(1100, c, 1100) == MIN
+    assert lr_at(2000, c, 1100) == MIN
+
+
+def test_wsd_plateau_and_decay():
+    """WSD, 1000 steps, 20% decay: warmup to step 99, lr until step 799, linear to min_lr at 1000."""
+    c = cfg(schedule="wsd", wsd_decay_fraction=0.2)
+    assert lr_at(0, c, 1000) == LR / 100
+    assert lr_at(100, c, 1000) == LR
+    assert lr_at(799, c, 1000) == LR
+    assert lr_at(800, c, 1000) == LR
+    assert lr_at(900, c, 1000) == pytest.approx((LR + MIN) / 2, rel=2e-16, abs=0)
+    assert lr_at(999, c, 1000) == pytest.approx(LR + (MIN - LR) * 199 / 200, rel=1e-14)
+    assert lr_at(1000, c, 1000) == MIN
+
+
+def test_constant_and_no_warmup():
+    """constant: lr after warmup at every step; warmup_steps=0 starts at lr at step 0."""
+    c = cfg(schedule="constant")
+    assert [lr_at(s, c, 500) for s in (100, 300, 499, 10_000)] == [LR] * 4
+    assert lr_at(0, cfg(schedule="cosine", warmup_steps=0), 100) == LR
+
+
+def test_bad_step_rejected():
+    """A negative step or max_steps < 1 is a ValueError naming the value."""
+    with pytest.raises(ValueError, match="step=-1"):
+        lr_at(-1, cfg(), 100)
+    with pytest.raises(ValueError, match="max_steps=0"):
+        lr_at(0, cfg(), 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(schedule=st.sampled_from(["cosine", "linear", "wsd", "constant"]),
+       warmup=st.integers(0, 50), max_steps=st.integers(1, 400), decay=st.integers(0, 300),
+       frac=st.floats(0.05, 1.0), lr=st.floats(1e-5, 1.0), ratio=st.floats(0.0, 1.0))
+def test_schedule_shape(schedule, warmup, max_steps, decay, frac, lr, ratio):
+    """For any config: the lr never decreases during warmup, never increases after it, and stays
+    within (0, lr] (>= min_lr after warmup) - checked step by step over the whole run and beyond."""
+    c = OptimConfig(lr=lr, min_lr=lr * ratio, schedule=schedule, warmup_steps=warmup, decay_steps=decay,
+                    wsd_decay_fraction=frac)
+    values = [lr_at(s, c, max_steps) for s in range(max_steps + 20)]
+    tol = 1e-12 * lr
+    for s in range(1, len(values)):
+        if s < warmup:
+            assert values[s] >= values[s - 1] - tol
+        elif s > warmup:
+            assert values[s] <= values[s - 1] + tol
+    assert all(0 < v <= lr + tol for v in values[:warmup])
+    assert all(c.min_lr - tol <= v <= lr + tol for v in values[warmup:])
+
+
+# ---- parameter groups ---------------------------------------------------------------------------------
+class Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(d)
+        self.attention = nn.ModuleDict({k: nn.Linear(d, d, bias=True) for k in ("wq", "wk", "wv", "wo")})
+        self.ffn_norm = nn.LayerNorm(d)
+        self.feed_forward = nn.ModuleDict({"w1": nn.Linear(d, 4 * d), "w2": nn.Linear(4 * d, d)})
+
+
+class TinyLM(nn.Module):
+    """STYLE.md names: tok_embeddings, pos_embeddings, layers.{i}..., norm, output."""
+
+    def __init__(self, tied: bool, v: int = 11, d: int = 8, t: int = 5, raw_pos: bool = False) -> None:
+        super().__init__()
+        if raw_pos:
+            self.output = nn.Linear(d, v, bias=False)  # registered before the table it is tied to
+        self.tok_embeddings = nn.Embedding(v, d)
+        self.pos_embeddings = nn.Parameter(torch.zeros(t, d)) if raw_pos else nn.Embedding(t, d)
+        self.layers = nn.ModuleDict({str(i): Block(d) for i in range(2)})
+        self.norm = nn.LayerNorm(d)
+        if not raw_pos:
+            self.output = nn.Linear(d, v, bias=False)
+        if tied:
+            self.output.weight = self.tok_embeddings.weight
+
+
+def _names(model: nn.Module) -> tuple[set[str], set[str]]:
+    decay, no_decay = split_params(model)
+    return {n for n, _ in decay}, {n for n, _ in no_decay}
+
+
+def test_groups_untied():
+    """Untied model: the 2 x 6 Linear matrices and the output decay; biases, norms and both
+    embedding tables do not; every parameter is in exactly one group."""
+    m = TinyLM(tied=False)
+    decay, no_decay = _names(m)
+    expected_decay = {f"layers.{i}.{blk}.weight" for i in range(2) for blk in
+                      ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1",
+                       "feed_forward.w2")} | {"output.weight"}
+    assert decay == expected_decay
+    assert {"tok_embeddings.weight", "pos_embeddings.weight", "norm.weight", "norm.bias",
+            "layers.0.attention_norm.weight", "layers.1.ffn_norm.bias", "layers.0.attention.wq.bias"} <= no_decay
+    assert decay.isdisjoint(no_decay)
+    assert len(decay) + len(no_decay) == len(list(m.parameters()))
+    groups = param_groups(m, 0.1)
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert sum(len(g["params"]) for g in groups) == len(list(m.parameters()))
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("raw_pos", [False, True])
+def test_groups_tied(raw_pos):
+    """Tied model: the shared output/embedding Parameter appears once, in no-decay, even when
+    `output` is registered first (so named_parameters reports it as output.weight); a bare
+    nn.Parameter named pos_embeddings does not decay."""
+    m = TinyLM(tied=True, raw_pos=raw_pos)
+    decay_named, no_decay_named = split_params(m)
+    all_ids = [id(p) for _, p in decay_named + no_decay_named]
+    assert len(all_ids) == len(set(all_ids)) == len(list(m.parameters()))
+    assert id(m.tok_embeddings.weight) in {id(p) for _, p in no_decay_named}
+    assert id(m.tok_embeddings.weight) not in {id(p) for _, p in decay_named}
+    assert id(m.pos_embeddings if raw_pos else m.pos_embeddings.weight) in {id(p) for _, p in no_decay_named}
+    assert len(decay_named) == 12  # the layer matrices only
+
+
+def test_lstm_weights_decay():
+    """LSTM matrices weight_ih/weight_hh (2-D) decay; their biases do not."""
+    m = nn.Module()
+    m.tok_embeddings = nn.Embedding(7, 4)
+    m.rnn = nn.LSTM(4, 4, num_layers=2)
+    decay, no_decay = _names(m)
+    assert decay == {f"rnn.weight_{k}_l{i}" for k in ("ih", "hh") for i in range(2)}
+    assert no_decay == {"tok_embeddings.weight"} | {f"rnn.bias_{k}_l{i}" for k in ("ih", "hh") for i in range(2)}
+
+
+def test_build_optimizer_decoupled_decay():
+    """AdamW step with zero gradients: a decayed matrix shrinks by exactly (1 - lr*wd) (decoupled
+    decay, Loshchilov & Hutter), a no-decay tensor does not move."""
+    m = TinyLM(tied=True)
+    opt = build_optimizer(m, OptimConfig(lr=0.1, min_lr=0.0, weight_decay=0.5))
+    assert isinstance(opt, torch.optim.AdamW)
+    assert (opt.defaults["betas"], opt.defaults["eps"]) == ((0.9, 0.95), 1e-8)
+    w = m.layers["0"].attention["wq"].weight
+    e = m.tok_embeddings.weight
+    w0, e0 = w.detach().clone(), e.detach().clone()
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    torch.testing.assert_close(w.detach(), w0 * (1 - 0.1 * 0.5), rtol=0, atol=1e-7)
+    assert torch.equal(e.detach(), e0)
