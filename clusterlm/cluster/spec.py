@@ -1,0 +1,490 @@
+"""ClusterSpec: what a cluster has (nodes, devices, links, storage, scheduler), as TOML. Torch-free.
+
+    clusterlm cluster show h100-sxm-8x                 # a bundled preset, as a tree
+    clusterlm cluster show node.toml                   # what `clusterlm probe --out node.toml` wrote
+    clusterlm cluster merge n1.toml n2.toml --out cluster.toml   # probe outputs of several nodes
+    clusterlm cluster presets
+
+A spec is written by the probe (measured figures) or by hand/presets (cited figures). Units are in
+the field names: GiB for memory (nvidia-smi's MiB / 1024), GB/s = 1e9 B/s for bandwidth, TFLOP/s =
+1e12 FLOP/s, microseconds for latency. Peaks are DENSE. A device's peak may be left out when the
+name is in clusterlm.cluster.hardware's table; a figure that is neither measured nor known stays
+unknown (the planner says so and never substitutes another device's peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from clusterlm.cluster import hardware
+from clusterlm.errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+DEVICE_KINDS = ("cuda", "rocm", "cpu")
+
+
+@dataclass(frozen=True)
+class CpuSpec:
+    model: str = "unknown"
+    sockets: int = 1
+    cores: int = 1
+    """physical cores on the node (all sockets)"""
+    threads: int = 1
+    """logical CPUs on the node"""
+    numa_nodes: int = 1
+    flags: tuple[str, ...] = ()
+    """ISA features relevant to matmul speed (avx2, avx512f, avx512_bf16, amx_bf16, ...)"""
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    name: str
+    """as nvidia-smi/torch print it, or the CPU model for kind='cpu'"""
+    kind: str = "cuda"
+    count: int = 1
+    memory_gib: float = 0.0
+    """memory per device (for kind='cpu': the node's memory)"""
+    memory_bandwidth_gbs: float | None = None
+    """peak memory bandwidth (cited)"""
+    measured_memory_bandwidth_gbs: float | None = None
+    """large-copy bandwidth measured by the probe (read + write bytes / time)"""
+    peak_tflops: dict[str, float] = field(default_factory=dict)
+    """dense peak TFLOP/s by dtype (cited); empty = take it from the hardware table if known"""
+    measured_tflops: dict[str, float] = field(default_factory=dict)
+    """dense matmul TFLOP/s measured by the probe"""
+    matmul_efficiency: dict[str, float] = field(default_factory=dict)
+    """measured matmul TFLOP/s / peak, when the measurement is known only as a fraction"""
+    train_efficiency: dict[str, float] = field(default_factory=dict)
+    """fraction of peak (or of measured matmul TFLOP/s when there is no peak) that training
+    steps reach: measured MFU; the planner uses it before any default"""
+    compute_capability: str = ""
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in DEVICE_KINDS:
+            raise ConfigError(f"device {self.name!r}: kind={self.kind!r}; expected one of {', '.join(DEVICE_KINDS)}")
+        if self.count < 1 or self.memory_gib < 0:
+            raise ConfigError(f"device {self.name!r}: count={self.count} must be >= 1, memory_gib >= 0")
+        for table in ("peak_tflops", "measured_tflops", "matmul_efficiency", "train_efficiency"):
+            bad = set(getattr(self, table)) - set(hardware.DTYPES)
+            if bad:
+                raise ConfigError(f"device {self.name!r}: {table} has unknown dtypes {sorted(bad)}; "
+                                  f"valid: {', '.join(hardware.DTYPES)}")
+
+    def peak(self, dtype: str) -> tuple[float | None, str]:
+        """(dense peak TFLOP/s or None, where it came from)."""
+        if dtype in self.peak_tflops:
+            return self.peak_tflops[dtype], "spec"
+        acc = hardware.lookup_accelerator(self.name) if self.kind != "cpu" else None
+        if acc and dtype in acc.peak_tflops:
+            return acc.peak_tflops[dtype], f"hardware table ({acc.key}: {acc.source})"
+        return None, "unknown"
+
+    def matmul_tflops(self, dtype: str) -> float | None:
+        """Measured matmul TFLOP/s, directly or as efficiency x peak."""
+        if dtype in self.measured_tflops:
+            return self.measured_tflops[dtype]
+        peak, _ = self.peak(dtype)
+        if dtype in self.matmul_efficiency and peak:
+            return self.matmul_efficiency[dtype] * peak
+        return None
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    name: str
+    bandwidth_gbs: float
+    """per direction, per device (intra-node) or per adapter (inter-node)"""
+    latency_us: float = 5.0
+    count: int = 1
+    """adapters per node (inter-node links)"""
+    achievable_fraction: float | None = None
+    """fraction of bandwidth_gbs that ring collectives reach; None = hardware table default"""
+    measured_busbw_gbs: float | None = None
+    """all-reduce bus bandwidth measured across the link"""
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.bandwidth_gbs <= 0 or self.latency_us < 0 or self.count < 1:
+            raise ConfigError(f"link {self.name!r}: bandwidth_gbs={self.bandwidth_gbs} must be > 0, "
+                              f"latency_us={self.latency_us} >= 0, count={self.count} >= 1")
+
+
+@dataclass(frozen=True)
+class NodeType:
+    name: str
+    count: int = 1
+    memory_gib: float = 0.0
+    cpu: CpuSpec = field(default_factory=CpuSpec)
+    device: DeviceSpec | None = None
+    """the accelerators (or, for CPU-only nodes, the CPU as one device)"""
+    intra_link: LinkSpec | None = None
+    """device-to-device link inside the node"""
+    hostnames: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ConfigError(f"node type {self.name!r}: count={self.count} must be >= 1")
+
+    @property
+    def devices_per_node(self) -> int:
+        return self.device.count if self.device else 0
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    path: str
+    fstype: str = "unknown"
+    source: str = ""
+    """device or server behind the mount"""
+    total_gb: float | None = None
+    free_gb: float | None = None
+    write_gbs: float | None = None
+    """measured: write + fsync"""
+    read_gbs: float | None = None
+    """measured: read after dropping the file from the page cache"""
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    name: str
+    default: bool = False
+    avail: str = "up"
+    timelimit: str = ""
+    nodes: int = 0
+    nodelist: str = ""
+    gres: str = ""
+    cpus: str = ""
+    memory_mb: str = ""
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    kind: str = "slurm"
+    version: str = ""
+    partitions: tuple[PartitionSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    name: str = "cluster"
+    description: str = ""
+    node_types: tuple[NodeType, ...] = ()
+    inter_node_link: LinkSpec | None = None
+    storage: tuple[StorageSpec, ...] = ()
+    scheduler: SchedulerSpec | None = None
+    notes: dict[str, str] = field(default_factory=dict)
+    """probe steps that failed soft: step -> 'unavailable: reason', and other remarks"""
+
+    def __post_init__(self) -> None:
+        names = [n.name for n in self.node_types]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"cluster {self.name!r}: node type names must be unique, got {names}")
+
+    def node_type(self, name: str | None = None) -> NodeType:
+        """The named node type, or (None) the one with most devices in total."""
+        if not self.node_types:
+            raise ConfigError(f"cluster {self.name!r} has no node types")
+        if name is None:
+            return max(self.node_types, key=lambda n: n.count * n.devices_per_node)
+        for n in self.node_types:
+            if n.name == name:
+                return n
+        raise ConfigError(f"cluster {self.name!r} has no node type {name!r}; "
+                          f"known: {', '.join(n.name for n in self.node_types)}")
+
+
+# ---- dicts <-> dataclasses ------------------------------------------------------------------------
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: expected a table")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: expected a table")
+        return _build(tp, value, key)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool) and isinstance(value, tp):
+        return value
+    if tp is str and isinstance(value, (int, float)):  # e.g. a version written as a number
+        return str(value)
+    raise ConfigError(f"{key}={value!r} has type {type(value).__name__}; expected {getattr(tp, '__name__', tp)}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown key '{where}.{key}'{hint} (valid: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def spec_from_dict(data: dict[str, Any], where: str = "spec") -> ClusterSpec:
+    return _build(ClusterSpec, data, where)
+
+
+def spec_to_dict(obj: Any) -> Any:
+    """Plain TOML-ready data: None, empty tables and empty lists left out."""
+    if dataclasses.is_dataclass(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            v = spec_to_dict(getattr(obj, f.name))
+            if v is None or v == {} or v == [] or v == ():
+                continue
+            out[f.name] = v
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [spec_to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: spec_to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def spec_to_toml(spec: ClusterSpec) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(spec_to_dict(spec))
+
+
+def save_spec(spec: ClusterSpec, path: str | Path) -> None:
+    from clusterlm.fsutil import atomic_write_text
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, spec_to_toml(spec))
+
+
+def presets() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(PRESET_DIR.glob("*.toml"))}
+
+
+def load_spec(path_or_preset: str | Path) -> ClusterSpec:
+    """Read a spec TOML file, or a bundled preset by name (see `presets()`)."""
+    path = Path(path_or_preset)
+    if not path.is_file():
+        known = presets()
+        if str(path_or_preset) in known:
+            path = known[str(path_or_preset)]
+        else:
+            close = difflib.get_close_matches(str(path_or_preset), known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise FileNotFoundError(f"cluster spec {path_or_preset} is neither a file nor a preset{hint}; "
+                                    f"presets: {', '.join(known)}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from e
+    return spec_from_dict(data, where=str(path))
+
+
+# ---- merging probe outputs ---------------------------------------------------------------------------
+def _signature(n: NodeType) -> tuple:
+    d = n.device
+    return (n.cpu.model, n.cpu.cores, round(n.memory_gib), d.name if d else "", d.count if d else 0,
+            round(d.memory_gib) if d else 0)
+
+
+def _min_dict(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: min(a[k], b[k]) if k in a and k in b else a.get(k, b.get(k)) for k in {**a, **b}}
+
+
+def _min_opt(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def merge_specs(specs: list[ClusterSpec], name: str = "cluster") -> ClusterSpec:
+    """Merge one-node specs (probe outputs) into one cluster: identical nodes become one node type
+    with a count; measured figures keep the slowest node's (synchronous training runs at its pace)."""
+    if not specs:
+        raise ConfigError("merge needs at least one spec")
+    groups: dict[tuple, NodeType] = {}
+    for spec in specs:
+        for n in spec.node_types:
+            sig = _signature(n)
+            if sig not in groups:
+                groups[sig] = n
+                continue
+            g = groups[sig]
+            dev = g.device
+            if dev and n.device:
+                dev = dataclasses.replace(
+                    dev, measured_tflops=_min_dict(dev.measured_tflops, n.device.measured_tflops),
+                    measured_memory_bandwidth_gbs=_min_opt(dev.measured_memory_bandwidth_gbs,
+                                                           n.device.measured_memory_bandwidth_gbs))
+            groups[sig] = dataclasses.replace(g, count=g.count + n.count, device=dev,
+                                              hostnames=g.hostnames + n.hostnames)
+    node_types = []
+    for i, n in enumerate(groups.values()):
+        node_types.append(dataclasses.replace(n, name=n.name if len(groups) == 1 else f"{n.name}-{i}"))
+    links = [s.inter_node_link for s in specs if s.inter_node_link]
+    inter = min(links, key=lambda l: l.bandwidth_gbs * l.count) if links else None
+    storage: dict[tuple[str, str], StorageSpec] = {}
+    for spec in specs:
+        for st in spec.storage:
+            key = (st.path, st.fstype)
+            old = storage.get(key)
+            storage[key] = st if old is None else dataclasses.replace(
+                old, write_gbs=_min_opt(old.write_gbs, st.write_gbs), read_gbs=_min_opt(old.read_gbs, st.read_gbs))
+    scheduler = next((s.scheduler for s in specs if s.scheduler), None)
+    notes = {}
+    for spec in specs:
+        host = spec.node_types[0].hostnames[0] if spec.node_types and spec.node_types[0].hostnames else spec.name
+        notes.update({f"{host}: {k}": v for k, v in spec.notes.items()})
+    return ClusterSpec(name=name, description=f"merged from {len(specs)} node spec(s)", node_types=tuple(node_types),
+                       inter_node_link=inter, storage=tuple(storage.values()), scheduler=scheduler, notes=notes)
+
+
+# ---- rendering ------------------------------------------------------------------------------------------
+def _tree(label: str, children: list[Any], prefix: str = "", last: bool = True, root: bool = True) -> list[str]:
+    """children: strings or (label, children) pairs. ASCII, so it survives any terminal and pipe."""
+    lines = [label] if root else [prefix + ("`-- " if last else "|-- ") + label]
+    inner = "" if root else prefix + ("    " if last else "|   ")
+    for i, child in enumerate(children):
+        is_last = i == len(children) - 1
+        if isinstance(child, tuple):
+            lines += _tree(child[0], child[1], inner, is_last, root=False)
+        else:
+            lines.append(inner + ("`-- " if is_last else "|-- ") + child)
+    return lines
+
+
+def _fmt_link(link: LinkSpec, per: str) -> str:
+    s = f"{link.name}: {link.bandwidth_gbs:g} GB/s per direction per {per}"
+    if link.count > 1:
+        s += f" x {link.count} = {link.bandwidth_gbs * link.count:g} GB/s per node"
+    s += f", ~{link.latency_us:g} us"
+    if link.measured_busbw_gbs:
+        s += f", measured all-reduce busbw {link.measured_busbw_gbs:g} GB/s"
+    return s
+
+
+def _device_children(d: DeviceSpec) -> list[Any]:
+    out: list[Any] = []
+    mem = f"memory: {d.memory_gib:g} GiB" + (" each" if d.count > 1 else "")
+    if d.memory_bandwidth_gbs:
+        mem += f", {d.memory_bandwidth_gbs:g} GB/s peak"
+    if d.measured_memory_bandwidth_gbs:
+        mem += f", {d.measured_memory_bandwidth_gbs:.1f} GB/s measured (copy)"
+    out.append(mem)
+    peaks = [(dt, *d.peak(dt)) for dt in hardware.DTYPES]
+    known = [(dt, v, src) for dt, v, src in peaks if v is not None]
+    if known:
+        src = known[0][2]
+        out.append("peak TFLOP/s (dense): " + ", ".join(f"{dt} {v:g}" for dt, v, _ in known) + f"  [{src}]")
+    else:
+        out.append("peak TFLOP/s: unknown (not in the hardware table; the probe's measurement is used)")
+    measured = [f"{dt} {d.matmul_tflops(dt):.3g}" + (f" ({d.matmul_tflops(dt) / d.peak(dt)[0]:.0%} of peak)"
+                                                     if d.peak(dt)[0] else "")
+                for dt in hardware.DTYPES if d.matmul_tflops(dt)]
+    out.append("measured matmul TFLOP/s: " + (", ".join(measured) if measured else "none (run clusterlm probe)"))
+    if d.train_efficiency:
+        out.append("training efficiency: " + ", ".join(f"{k} {v:.0%}" for k, v in d.train_efficiency.items()))
+    if d.source:
+        out.append(f"source: {d.source}")
+    return out
+
+
+def render_tree(spec: ClusterSpec) -> str:
+    total_nodes = sum(n.count for n in spec.node_types)
+    total_dev = sum(n.count * n.devices_per_node for n in spec.node_types)
+    node_children: list[Any] = []
+    for n in spec.node_types:
+        kids: list[Any] = []
+        c = n.cpu
+        kids.append(f"cpu: {c.model}, {c.sockets} socket(s), {c.cores} cores, {c.threads} threads, "
+                    f"{c.numa_nodes} NUMA node(s)" + (f"; {' '.join(c.flags)}" if c.flags else ""))
+        kids.append(f"memory: {n.memory_gib:g} GiB")
+        if n.device:
+            d = n.device
+            cc = f", compute capability {d.compute_capability}" if d.compute_capability else ""
+            kids.append((f"devices: {d.count} x {d.name} ({d.kind}{cc})", _device_children(d)))
+        else:
+            kids.append("devices: none")
+        kids.append("intra-node link: " + (_fmt_link(n.intra_link, "device") if n.intra_link else "none/unknown"))
+        hosts = f" [{', '.join(n.hostnames[:4])}{', ...' if len(n.hostnames) > 4 else ''}]" if n.hostnames else ""
+        node_children.append((f"{n.name}: {n.count} node(s){hosts}", kids))
+    top: list[Any] = [(f"compute nodes: {total_nodes} node(s), {total_dev} device(s)", node_children)]
+    top.append("network (inter-node): " + (_fmt_link(spec.inter_node_link, "adapter") if spec.inter_node_link
+                                           else "unknown (single node, or not probed)"))
+    st_children = []
+    for st in spec.storage:
+        parts = [f"{st.path}: {st.fstype}"]
+        if st.free_gb is not None:
+            parts.append(f"{st.free_gb:.0f} GB free" + (f" of {st.total_gb:.0f}" if st.total_gb else ""))
+        if st.write_gbs is not None:
+            parts.append(f"write {st.write_gbs:.2f} GB/s")
+        if st.read_gbs is not None:
+            parts.append(f"read {st.read_gbs:.2f} GB/s")
+        st_children.append(", ".join(parts))
+    top.append(("storage", st_children) if st_children else "storage: not described (run clusterlm probe on a node)")
+    if spec.scheduler:
+        s = spec.scheduler
+        parts = [f"{p.name}{'*' if p.default else ''}: {p.avail}, {p.nodes} node(s), limit {p.timelimit or '?'}"
+                 + (f", gres {p.gres}" if p.gres and p.gres != "(null)" else "") for p in s.partitions]
+        top.append((f"scheduler: {s.kind} {s.version}".rstrip(), parts or ["no partitions listed"]))
+    else:
+        top.append("scheduler: none found")
+    if spec.notes:
+        top.append(("notes", [f"{k}: {v}" for k, v in spec.notes.items()]))
+    title = f"cluster {spec.name}" + (f": {spec.description}" if spec.description else "")
+    return "\n".join(_tree(title, top))
+
+
+# ---- CLI --------------------------------------------------------------------------------------------------
+def main(argv: list[str]) -> int:
+    """`clusterlm cluster show SPEC | merge NODE.toml... --out SPEC | presets`."""
+    parser = argparse.ArgumentParser(prog="clusterlm cluster", description="Show, merge and list cluster specs.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    show = sub.add_parser("show", help="render a spec (file or preset name) as a tree")
+    show.add_argument("spec", help="spec TOML file or preset name")
+    merge = sub.add_parser("merge", help="merge node specs written by `clusterlm probe --out` into one")
+    merge.add_argument("nodes", nargs="+", help="node spec TOML files")
+    merge.add_argument("--out", required=True, help="merged spec to write")
+    merge.add_argument("--name", default="cluster", help="name of the merged cluster")
+    sub.add_parser("presets", help="list bundled presets")
+    args = parser.parse_args(argv)
+    if args.action == "show":
+        print(render_tree(load_spec(args.spec)))
+    elif args.action == "merge":
+        merged = merge_specs([load_spec(p) for p in args.nodes], name=args.name)
+        save_spec(merged, args.out)
+        print(render_tree(merged))
+        print(f"\nwrote {args.out}")
+    else:
+        for name, path in presets().items():
+            spec = load_spec(path)
+            print(f"{name:<22} {spec.description}")
+    return 0

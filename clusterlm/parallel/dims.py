@@ -1,0 +1,113 @@
+"""Parallel degrees of a run: data-parallel (replicate x shard), tensor, pipeline. Torch-free.
+
+    >>> from clusterlm.parallel.dims import ParallelDims
+    >>> dims = ParallelDims(dp_replicate=2, dp_shard=4)
+    >>> dims.world_size, dims.dp
+    (8, 8)
+    >>> dims.mesh_dims()          # (name, size) outer -> inner, size-1 dims left out
+    (('dp_replicate', 2), ('dp_shard', 4))
+
+dp_replicate replicates the model (DDP; across nodes in HSDP), dp_shard shards parameters,
+gradients and optimizer state (FSDP/ZeRO-3); dp = dp_replicate * dp_shard ranks see different
+data. tp splits each layer's matrices (Megatron column/row with sequence parallel), pp splits the
+layers into stages.
+
+The device mesh is laid out outer -> inner as MESH_DIM_NAMES = (pp, dp_replicate, dp_shard, tp),
+torchtitan's order: the innermost dimension gets consecutive ranks, so tp (a collective in every
+layer) stays inside a node, then FSDP's all-gathers, while replicas and pipeline stages (one
+collective per step, or point-to-point sends) may cross nodes. The mesh itself is built with
+torch in clusterlm.parallel, not here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from clusterlm.errors import ConfigError
+from clusterlm.models.config import ModelConfig
+
+MESH_DIM_NAMES: tuple[str, ...] = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp_replicate: int = 1
+    """model replicas (DDP; HSDP's replicate dimension)"""
+    dp_shard: int = 1
+    """ranks that shard parameters, gradients and optimizer state (FSDP)"""
+    tp: int = 1
+    """tensor-parallel degree (splits heads and MLP columns; sequence parallel for norms)"""
+    pp: int = 1
+    """pipeline stages (1F1B schedule)"""
+
+    def __post_init__(self) -> None:
+        for name in MESH_DIM_NAMES:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"parallel.{name}={value!r} must be an integer >= 1")
+
+    # ---- derived ------------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.tp * self.pp
+
+    @property
+    def dp(self) -> int:
+        """ranks that see different data: dp_replicate * dp_shard"""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def model_parallel(self) -> int:
+        """ranks that together hold one copy of the model: tp * pp"""
+        return self.tp * self.pp
+
+    def mesh_dims(self, include_trivial: bool = False) -> tuple[tuple[str, int], ...]:
+        """(name, size) in mesh order, outer -> inner; size-1 dimensions dropped unless asked for."""
+        return tuple((n, getattr(self, n)) for n in MESH_DIM_NAMES if include_trivial or getattr(self, n) > 1)
+
+    def describe(self) -> str:
+        return "*".join(f"{n}={getattr(self, n)}" for n in ("dp_replicate", "dp_shard", "tp", "pp"))
+
+    # ---- batch arithmetic ---------------------------------------------------------------------
+    def tokens_per_micro_step(self, micro_batch: int, seq_len: int) -> int:
+        """tokens that one forward/backward over all data-parallel ranks processes"""
+        return micro_batch * seq_len * self.dp
+
+    def grad_accum_steps(self, global_batch_tokens: int, micro_batch: int, seq_len: int) -> int:
+        """micro-batches per rank per optimizer step (0 tokens = one micro-batch, TrainConfig's rule)"""
+        per = self.tokens_per_micro_step(micro_batch, seq_len)
+        if global_batch_tokens == 0:
+            return 1
+        if global_batch_tokens % per:
+            raise ConfigError(self._batch_message(global_batch_tokens, micro_batch, seq_len))
+        return global_batch_tokens // per
+
+    def _batch_message(self, global_batch_tokens: int, micro_batch: int, seq_len: int) -> str:
+        per = self.tokens_per_micro_step(micro_batch, seq_len)
+        return (f"global_batch_tokens={global_batch_tokens} is not divisible by micro_batch*seq_len*dp = "
+                f"{micro_batch}*{seq_len}*{self.dp} = {per} (remainder {global_batch_tokens % per}); "
+                f"use a multiple of {per}, e.g. {max(per, global_batch_tokens // per * per)}")
+
+    # ---- validation ---------------------------------------------------------------------------
+    def validate(self, world_size: int, model: ModelConfig, global_batch_tokens: int,
+                 micro_batch: int, seq_len: int) -> None:
+        """Raise ConfigError, with the arithmetic, if this layout cannot run `model` on `world_size` ranks."""
+        if self.world_size != world_size:
+            raise ConfigError(
+                f"dp_replicate*dp_shard*tp*pp = {self.dp_replicate}*{self.dp_shard}*{self.tp}*{self.pp} = "
+                f"{self.world_size} != world size {world_size}")
+        if micro_batch < 1 or seq_len < 1 or global_batch_tokens < 0:
+            raise ConfigError(f"micro_batch={micro_batch} and seq_len={seq_len} must be >= 1, "
+                              f"global_batch_tokens={global_batch_tokens} >= 0")
+        if self.tp > 1:
+            if model.arch != "transformer":
+                raise ConfigError(f"tp={self.tp} needs a transformer; model.arch={model.arch!r} has no heads to split")
+            for name, heads in (("n_heads", model.n_heads), ("kv_heads", model.kv_heads)):
+                if heads % self.tp:
+                    raise ConfigError(f"tp={self.tp} must divide model.{name}={heads} "
+                                      f"({heads} % {self.tp} = {heads % self.tp})")
+        if self.pp > model.n_layers:
+            raise ConfigError(f"pp={self.pp} > model.n_layers={model.n_layers}: each stage needs at least one layer")
+        if seq_len > model.max_seq_len:
+            raise ConfigError(f"seq_len={seq_len} > model.max_seq_len={model.max_seq_len}")
+        self.grad_accum_steps(global_batch_tokens, micro_batch, seq_len)

@@ -1,0 +1,57 @@
+"""ParallelDims: degrees, mesh order, and validation messages that show the arithmetic."""
+
+import pytest
+
+from clusterlm.errors import ConfigError
+from clusterlm.models.config import get_preset
+from clusterlm.parallel.dims import MESH_DIM_NAMES, ParallelDims
+
+LLAMA8B = get_preset("llama-8b")  # 32 heads, 8 kv heads, 32 layers
+
+
+def test_sizes_and_mesh_order():
+    """world = 2*4*2*3 = 48, dp = 8; mesh dims outer->inner (pp, dp_replicate, dp_shard, tp)."""
+    d = ParallelDims(dp_replicate=2, dp_shard=4, tp=2, pp=3)
+    assert d.world_size == 48 and d.dp == 8 and d.model_parallel == 6
+    assert MESH_DIM_NAMES == ("pp", "dp_replicate", "dp_shard", "tp")
+    assert d.mesh_dims() == (("pp", 3), ("dp_replicate", 2), ("dp_shard", 4), ("tp", 2))
+    assert ParallelDims(dp_shard=8).mesh_dims() == (("dp_shard", 8),)
+    assert len(ParallelDims().mesh_dims(include_trivial=True)) == 4
+
+
+def test_world_size_mismatch_message():
+    """The message multiplies out the degrees: 1*2*3*1 = 6 != world size 4."""
+    with pytest.raises(ConfigError, match=r"dp_replicate\*dp_shard\*tp\*pp = 1\*2\*3\*1 = 6 != world size 4"):
+        ParallelDims(dp_shard=2, tp=3).validate(4, LLAMA8B, 0, 1, 128)
+
+
+def test_tp_must_divide_heads():
+    """tp=3 does not divide 32 heads (32 % 3 = 2); tp=16 divides 32 heads but not 8 kv heads (8 % 16 = 8)."""
+    with pytest.raises(ConfigError, match=r"tp=3 must divide model.n_heads=32 \(32 % 3 = 2\)"):
+        ParallelDims(tp=3).validate(3, LLAMA8B, 0, 1, 128)
+    with pytest.raises(ConfigError, match=r"tp=16 must divide model.kv_heads=8 \(8 % 16 = 8\)"):
+        ParallelDims(tp=16).validate(16, LLAMA8B, 0, 1, 128)
+
+
+def test_pp_at_most_layers():
+    """pp=64 > 32 layers."""
+    with pytest.raises(ConfigError, match=r"pp=64 > model.n_layers=32"):
+        ParallelDims(pp=64).validate(64, LLAMA8B, 0, 1, 128)
+
+
+def test_global_batch_divisibility():
+    """100000 tokens is not divisible by 4*1024*8 = 32768 (remainder 1696); 131072 = 4 accumulation steps."""
+    d = ParallelDims(dp_shard=8)
+    with pytest.raises(ConfigError, match=r"micro_batch\*seq_len\*dp = 4\*1024\*8 = 32768 \(remainder 1696\)"):
+        d.validate(8, LLAMA8B, 100000, 4, 1024)
+    d.validate(8, LLAMA8B, 131072, 4, 1024)
+    assert d.grad_accum_steps(131072, 4, 1024) == 4
+    assert d.grad_accum_steps(0, 4, 1024) == 1
+
+
+def test_bad_degrees_and_rnn_tp():
+    """Degrees must be integers >= 1; tp > 1 needs a transformer."""
+    with pytest.raises(ConfigError, match="parallel.tp=0"):
+        ParallelDims(tp=0)
+    with pytest.raises(ConfigError, match="needs a transformer"):
+        ParallelDims(tp=2).validate(2, get_preset("lstm-small", vocab_size=65), 0, 1, 64)
