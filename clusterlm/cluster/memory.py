@@ -1,0 +1,249 @@
+"""Per-device training memory: model state, activations by recompute mode, buffers. Torch-free.
+
+    >>> from clusterlm.models.config import get_preset
+    >>> from clusterlm.parallel.dims import ParallelDims
+    >>> from clusterlm.cluster.memory import estimate_memory
+    >>> est = estimate_memory(get_preset("llama-8b"), ParallelDims(dp_shard=8), micro_batch=1,
+    ...                       seq_len=8192, dtype="bf16", recompute="selective")
+    >>> print(est.explain())        # every piece by name, with its formula and numbers
+
+Sources and conventions (derivations in docs/planner.md):
+- Model state, bytes per parameter (Rajbhandari et al. 2020, ZeRO, sec. 3.1): mixed-precision
+  AdamW 2 (bf16 weights) + 2 (bf16 grads) + 4 (fp32 master) + 8 (Adam m, v) = 16; fp32 AdamW
+  4 + 4 + 8 = 16. (torch.autocast keeps fp32 weights and grads instead: 4 + 4 + 8, the same 16,
+  plus bf16 weight copies that autograd saves for backward: the `autocast_weight_copies` item.)
+  TP and PP divide the parameters a device holds; FSDP (dp_shard) divides all of the state.
+- Activations per Transformer layer (Korthikanti et al. 2022, sec. 4): the tensors autograd saves,
+  counted one by one, which for a GPT-3 layer in 16-bit with dropout and eager attention gives
+  s*b*h*(34 + 5*a*s/h) bytes; selective recomputation drops the a*s^2 terms (34*s*b*h); full
+  recomputation keeps only each layer's input (2*s*b*h) plus one layer's activations while it is
+  recomputed. Tensor parallel with sequence parallel divides all of it by t. In fp32 each tensor
+  element takes 4 bytes instead of 2 while dropout masks stay 1 byte.
+- Pipeline (1F1B): stage 0 holds the activations of up to pp micro-batches, the last stage one.
+- Logits and loss: B*T*V*(e + 4 + 4) bytes on the last stage (logits in the compute dtype, fp32
+  log-probabilities saved by log_softmax, fp32 gradient of the logits at the start of backward).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from clusterlm.models.config import ModelConfig
+from clusterlm.parallel.dims import ParallelDims
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+ATTENTION_KINDS = ("flash", "eager")
+GIB = 1024**3
+
+# bytes per parameter of model state (ZeRO paper's accounting)
+STATE_BYTES = {
+    "bf16": {"weights": 2, "gradients": 2, "master_weights": 4, "optimizer": 8},
+    "fp16": {"weights": 2, "gradients": 2, "master_weights": 4, "optimizer": 8},
+    "fp32": {"weights": 4, "gradients": 4, "master_weights": 0, "optimizer": 8},
+}
+ELEM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class MemoryItem:
+    name: str
+    bytes: float
+    formula: str
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    items: tuple[MemoryItem, ...]
+    peak_bytes: float
+    """state + max(forward/backward working memory, optimizer-step temporaries)"""
+    stage: str
+    """which pipeline stage this is (the one that needs most memory): only, first or last"""
+
+    def get(self, name: str) -> float:
+        for it in self.items:
+            if it.name == name:
+                return it.bytes
+        raise KeyError(f"no memory item {name!r}; items: {', '.join(i.name for i in self.items)}")
+
+    def as_dict(self) -> dict[str, float]:
+        return {it.name: it.bytes for it in self.items}
+
+    def explain(self) -> str:
+        width = max(len(it.name) for it in self.items)
+        lines = [f"  {it.name:<{width}}  {it.bytes / GIB:10.3f} GiB  {it.formula}" for it in self.items]
+        lines.append(f"  {'peak':<{width}}  {self.peak_bytes / GIB:10.3f} GiB  "
+                     f"state + max(activations + logits + buffers, optimizer step temporaries)"
+                     + (f"; worst pipeline stage: {self.stage}" if self.stage != "only" else ""))
+        return "\n".join(lines)
+
+
+# ---- parameters ------------------------------------------------------------------------------------
+def param_groups(model: ModelConfig) -> dict[str, int]:
+    """Parameters by where they live: embedding (token + position tables), per layer, head (final
+    norm + output projection when untied)."""
+    V, D, L = model.padded_vocab_size, model.dim, model.n_layers
+    total = model.num_params()
+    emb = V * D + (model.max_seq_len * D if model.pos == "learned" else 0)
+    head = 0 if model.tie_embeddings else V * D
+    layers_and_norm = total - emb - head
+    per_layer = layers_and_norm // L
+    head += layers_and_norm - per_layer * L  # final norm (and any remainder) sits with the head
+    return {"embedding": emb, "per_layer": per_layer, "head": head, "total": total}
+
+
+def stage_params(model: ModelConfig, pp: int, stage: str) -> tuple[int, int]:
+    """(parameters held by one pipeline stage before TP/FSDP sharding, layers in it).
+
+    Layers are split ceil(L/pp) per stage. The first stage holds the embedding, the last the head;
+    with pp > 1 a tied output matrix exists on both (the last stage keeps its own copy)."""
+    g = param_groups(model)
+    layers = math.ceil(model.n_layers / pp)
+    if pp == 1:
+        return g["total"], model.n_layers
+    n = layers * g["per_layer"]
+    if stage == "first":
+        return n + g["embedding"], layers
+    tied_copy = model.padded_vocab_size * model.dim if model.tie_embeddings else 0
+    return n + g["head"] + tied_copy, layers
+
+
+# ---- activations -------------------------------------------------------------------------------------
+def layer_activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int, *, dtype: str = "bf16",
+                           recompute: str = "none", attention: str = "flash", tp: int = 1) -> tuple[float, str]:
+    """Bytes one layer saves for backward for one micro-batch, and the formula with its numbers.
+
+    Per token, in tensor elements of e bytes (e = 2 for bf16/fp16, 4 for fp32), for a Transformer
+    layer (h = D, kv = K*Hd, F = MLP hidden, a = heads, s = seq_len):
+      norms: 2h (each norm's input); attention: qkv-projection input h, q h, k kv, v kv,
+      output-projection input h; MLP: first input h, GELU: 2F (GELU input, second input),
+      SwiGLU: 4F (w1 out, silu out, w3 out, product); eager attention: a*s softmax output
+      (+ a*s dropout output); dropout masks, 1 byte: 2h (+ a*s for eager attention probs);
+      flash attention: 4*a bytes (fp32 log-sum-exp) instead of the a*s terms.
+    LSTM/GRU: input h and gate pre-activations (4h / 3h) plus cell/hidden states 2h per layer.
+    """
+    if recompute not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute={recompute!r}; expected one of {', '.join(RECOMPUTE_MODES)}")
+    if attention not in ATTENTION_KINDS:
+        raise ValueError(f"attention={attention!r}; expected one of {', '.join(ATTENTION_KINDS)}")
+    e = ELEM_BYTES[dtype]
+    s, b, h = seq_len, micro_batch, model.dim
+    tokens = s * b
+    if recompute == "full":
+        return tokens * h * e / tp, f"full recompute: layer input s*b*h*e/t = {s}*{b}*{h}*{e}/{tp}"
+    if model.arch != "transformer":
+        gates = 4 if model.arch == "lstm" else 3
+        elems = h + gates * h + 2 * h
+        return tokens * elems * e, f"{model.arch}: s*b*(h + {gates}h + 2h)*e = {s}*{b}*{elems}*{e}"
+    a, kv, F = model.n_heads, model.kv_heads * model.head_dim, model.hidden_dim
+    dropout = model.dropout > 0
+    mlp_elems = 2 * F if model.mlp == "gelu" else 4 * F
+    elems = 2 * h + (3 * h + 2 * kv) + (h + mlp_elems)  # norms + attention + MLP, per token
+    mask_bytes = 2 * h if dropout else 0  # residual dropout masks, 1 byte each
+    square_elems = square_masks = 0.0  # the a*s terms of eager attention, per token
+    lse_bytes = 0.0
+    if attention == "eager" and recompute == "none":
+        square_elems = a * s * (2 if dropout else 1)
+        square_masks = a * s if dropout else 0
+    elif attention == "flash" and recompute == "none":
+        lse_bytes = 4 * a
+    per_token = elems * e + mask_bytes + square_elems * e + square_masks + lse_bytes
+    formula = (f"s*b*({elems}*{e} + {mask_bytes} masks"
+               + (f" + {square_elems:g}*{e} + {square_masks:g} eager a*s terms" if square_elems else "")
+               + (f" + {lse_bytes:g} flash lse" if lse_bytes else "")
+               + f")/t with s={s} b={b} t={tp}, {recompute} recompute")
+    return tokens * per_token / tp, formula
+
+
+def logits_bytes(model: ModelConfig, seq_len: int, micro_batch: int, dtype: str = "bf16", tp: int = 1) -> float:
+    """B*T*V*(e + 4 + 4): logits, fp32 log-probs saved by log_softmax, fp32 logits gradient."""
+    return micro_batch * seq_len * model.padded_vocab_size * (ELEM_BYTES[dtype] + 8) / tp
+
+
+def _largest_tensor(model: ModelConfig) -> int:
+    """Elements of the largest single parameter: the V x D table, an MLP or RNN gate matrix."""
+    D = model.dim
+    if model.arch != "transformer":
+        return max(model.padded_vocab_size * D, (4 if model.arch == "lstm" else 3) * D * D)
+    return max(model.padded_vocab_size * D, D * model.hidden_dim, D * model.n_heads * model.head_dim)
+
+
+# ---- the estimate --------------------------------------------------------------------------------------
+def estimate_memory(model: ModelConfig, dims: ParallelDims, *, micro_batch: int, seq_len: int,
+                    dtype: str = "bf16", recompute: str = "none", attention: str = "flash",
+                    grad_accum_steps: int = 1, device_kind: str = "cuda") -> MemoryEstimate:
+    """Peak bytes on the device that needs most (over pipeline stages), piece by piece."""
+    if dtype not in STATE_BYTES:
+        raise ValueError(f"dtype={dtype!r}; expected one of {', '.join(STATE_BYTES)}")
+    stages = ("only",) if dims.pp == 1 else ("first", "last")
+    estimates = [_stage(model, dims, st, micro_batch, seq_len, dtype, recompute, attention,
+                        grad_accum_steps, device_kind) for st in stages]
+    return max(estimates, key=lambda m: m.peak_bytes)
+
+
+def _stage(model: ModelConfig, dims: ParallelDims, stage: str, b: int, s: int, dtype: str, recompute: str,
+           attention: str, accum: int, device_kind: str) -> MemoryEstimate:
+    t, pp, fsdp = dims.tp, dims.pp, dims.dp_shard
+    e = ELEM_BYTES[dtype]
+    params, layers = stage_params(model, pp, stage)
+    per_dev = params / t  # parameters this device owns before FSDP sharding
+    items: list[MemoryItem] = []
+    shard = f"/(t*fsdp) = {params:,}/({t}*{fsdp})"
+    for name, nbytes in STATE_BYTES[dtype].items():
+        if nbytes:
+            items.append(MemoryItem(name, per_dev * nbytes / fsdp, f"{nbytes} B/param * params{shard}"))
+    state = sum(it.bytes for it in items)
+
+    # activations: in-flight micro-batches x layers in this stage x per-layer bytes
+    inflight = 1 if stage in ("only", "last") else min(pp, max(accum, 1))
+    per_layer, formula = layer_activation_bytes(model, s, b, dtype=dtype, recompute=recompute,
+                                                attention=attention, tp=t)
+    items.append(MemoryItem("activations", inflight * layers * per_layer,
+                            f"{inflight} in-flight micro-batch(es) * {layers} layers * {formula}"))
+    work = inflight * layers * per_layer
+    if recompute == "full":  # one layer's activations live again while it is recomputed
+        redo, f2 = layer_activation_bytes(model, s, b, dtype=dtype, recompute="none", attention=attention, tp=t)
+        items.append(MemoryItem("recompute_working_set", redo, f"one layer without recompute: {f2}"))
+        work += redo
+    # gradients flowing back through one layer: dL/d(MLP hidden) and a few h-sized tensors
+    F = model.hidden_dim if model.arch == "transformer" else 4 * model.dim
+    bwd = s * b * (2 * F + 4 * model.dim) * e / t
+    formula_bwd = f"s*b*(2F + 4h)*e/t = {s}*{b}*(2*{F} + 4*{model.dim})*{e}/{t}"
+    if model.arch == "transformer" and attention == "eager":
+        bwd += 2 * model.n_heads * s * s * b * e / t
+        formula_bwd += f" + 2*a*s^2*b*e/t (grads of the attention probabilities)"
+    items.append(MemoryItem("backward_transient", bwd, formula_bwd))
+    work += bwd
+    # stage outputs: final norm + head input on the last stage, and the logits/loss buffers
+    if stage in ("only", "last"):
+        lg = logits_bytes(model, s, b, dtype, t)
+        items.append(MemoryItem("logits", lg, f"B*T*V*(e+4+4)/t = {b}*{s}*{model.padded_vocab_size}*({e}+8)/{t}"))
+        work += lg
+    # temporary buffers of the data-parallel wrapper
+    g = param_groups(model)
+    layer_p = g["per_layer"] / t
+    if fsdp > 1:
+        buf = layer_p * (2 * e + STATE_BYTES[dtype]["gradients"])
+        items.append(MemoryItem("fsdp_buffers", buf, f"unsharded params of 2 layers (current + prefetch) + grads of "
+                                                     f"1 layer: {layer_p:,.0f}*(2*{e}+{STATE_BYTES[dtype]['gradients']})"))
+        work += buf
+    elif dims.dp_replicate > 1:
+        buf = per_dev * STATE_BYTES[dtype]["gradients"]
+        items.append(MemoryItem("ddp_buckets", buf, "DDP bucket copy of all gradients "
+                                                    "(gradient_as_bucket_view=False, PyTorch's default)"))
+        work += buf
+    if dtype != "fp32" and fsdp == 1:
+        copies = per_dev * e
+        items.append(MemoryItem("autocast_weight_copies", copies,
+                                f"{e} B/param bf16 copies saved for backward under autocast: {per_dev:,.0f}*{e}"))
+        work += copies
+    # optimizer step: foreach AdamW allocates one fp32 temporary of the sharded parameters on GPUs;
+    # on CPU PyTorch steps one tensor at a time (the largest tensor is the V x D matrix)
+    if device_kind == "cpu":
+        opt_tmp = 4 * _largest_tensor(model) / t
+        opt_formula = "4 B * largest tensor (per-tensor AdamW on CPU)"
+    else:
+        opt_tmp = 4 * per_dev / fsdp
+        opt_formula = "4 B/param * sharded params (foreach AdamW sqrt(v) temporary)"
+    items.append(MemoryItem("optimizer_step_temp", opt_tmp, opt_formula))
+    return MemoryEstimate(tuple(items), state + max(work, opt_tmp), stage)

@@ -1,0 +1,568 @@
+"""The planner: which parallel layout, micro-batch and recompute mode fit, and how fast each runs.
+
+    clusterlm plan --model llama-8b --cluster h100-sxm-8x --tokens 10B --seq-len 8192 --explain
+    clusterlm plan --model gpt-mini --vocab-size 65 --cluster node.toml --steps 2000 --out recipe.toml
+
+Torch-free: runs on a login node. For every layout dp_replicate x dp_shard x tp x pp that
+multiplies to the device count (tp inside a node), every micro-batch and every activation
+recompute mode (none/selective/full), it estimates per-device memory (clusterlm.cluster.memory)
+and keeps what fits; then it predicts the step time
+
+    step = compute + pipeline bubble + exposed communication + optimizer step
+    compute = (model + recompute FLOPs per step) / (devices * rate)
+    rate    = peak * measured training efficiency           (spec: device.train_efficiency)
+            | measured matmul TFLOP/s * DEFAULT_TRAIN_FRACTION_OF_MATMUL    (assumption, printed)
+            | peak * DEFAULT_TRAIN_FRACTION_OF_PEAK                           (assumption, printed)
+    bubble  = compute * (pp-1)/m  (1F1B; a fraction (pp-1)/(m+pp-1) of the pipelined time)
+    comm    = ring collectives: all-reduce 2(n-1)/n * S / busbw, all-gather and reduce-scatter
+              (n-1)/n * S / busbw, plus latency per ring step; DP/FSDP traffic overlaps the
+              backward (and FSDP's forward all-gather the forward), TP and PP traffic does not.
+
+and ranks candidates by predicted tokens/s. Every default that stands in for a measurement is
+printed as an ASSUMPTION; nothing is silently taken from another device. Arithmetic: docs/planner.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clusterlm.cluster import flops as flops_mod
+from clusterlm.cluster import hardware
+from clusterlm.cluster.memory import GIB, RECOMPUTE_MODES, MemoryEstimate, estimate_memory, param_groups, stage_params
+from clusterlm.cluster.spec import ClusterSpec, DeviceSpec, LinkSpec, NodeType, load_spec
+from clusterlm.errors import ConfigError
+from clusterlm.models.config import ModelConfig, preset_values
+from clusterlm.parallel.dims import ParallelDims
+
+# Stand-ins for measurements, always printed when used.
+DEFAULT_TRAIN_FRACTION_OF_PEAK = 0.40
+"""MFU of a tuned dense-Transformer run: PaLM 46.2% (Chowdhery et al. 2022, table 3), Megatron-LM
+52% on A100 for 530B (Narayanan et al. 2021); 0.40 leaves room for a less tuned stack."""
+DEFAULT_TRAIN_FRACTION_OF_MATMUL = 0.60
+"""training step FLOP/s over a large dense matmul's: attention, norms, elementwise ops and the
+loss run below matmul speed (about 0.45 MFU / 0.75 matmul efficiency on recent GPUs)."""
+DEFAULT_MEMORY_FRACTION = 0.90
+"""of device memory the planner fills: CUDA context, NCCL buffers, allocator fragmentation."""
+DEFAULT_GLOBAL_BATCH_TOKENS = 2**19  # 0.5M tokens: GPT-3 125M's batch (Brown et al. 2020, table 2.1)
+GRAD_REDUCE_BYTES = 4  # gradients are reduced in fp32 (DDP under autocast; FSDP2 reduce_dtype=fp32)
+ADAMW_BYTES_PER_PARAM = 28  # optimizer step traffic: read p, g, m, v (16) + write p, m, v (12), fp32
+MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class ComputeRate:
+    tflops: float | None
+    """FLOP/s / 1e12 one device sustains in training; None = unknown"""
+    how: str
+    assumed: bool
+
+
+@dataclass(frozen=True)
+class Candidate:
+    dims: ParallelDims
+    micro_batch: int
+    grad_accum_steps: int
+    recompute: str
+    memory: MemoryEstimate
+    memory_limit_bytes: float
+    step_time_s: float | None
+    """None when the device's compute rate is unknown"""
+    time_parts: dict[str, float] = field(default_factory=dict)
+    """seconds per step: compute, bubble, dp_comm, tp_comm, pp_comm, optimizer"""
+    formulas: dict[str, str] = field(default_factory=dict)
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+    steps: int | None = None
+    total_time_s: float | None = None
+    device_hours: float | None = None
+    assumptions: tuple[str, ...] = ()
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.peak_bytes <= self.memory_limit_bytes
+
+
+# ---- rates and links ---------------------------------------------------------------------------------
+def compute_rate(device: DeviceSpec, dtype: str) -> ComputeRate:
+    """The FLOP/s a training step sustains on `device`, and where the figure comes from."""
+    peak, peak_src = device.peak(dtype)
+    matmul = device.matmul_tflops(dtype)
+    if dtype in device.train_efficiency:
+        eff = device.train_efficiency[dtype]
+        if peak:
+            return ComputeRate(peak * eff, f"peak {peak:g} TFLOP/s ({peak_src}) x measured training efficiency "
+                                           f"{eff:.3f} (spec)", False)
+        if matmul:
+            return ComputeRate(matmul * eff, f"measured matmul {matmul:.4g} TFLOP/s x measured training "
+                                             f"efficiency {eff:.3f} (spec)", False)
+    if matmul:
+        f = DEFAULT_TRAIN_FRACTION_OF_MATMUL
+        return ComputeRate(matmul * f, f"measured matmul {matmul:.4g} TFLOP/s x {f} (ASSUMPTION: default fraction "
+                                       f"of matmul speed a training step reaches; set device.train_efficiency "
+                                       f"from a measured run to replace it)", True)
+    if peak:
+        f = DEFAULT_TRAIN_FRACTION_OF_PEAK
+        return ComputeRate(peak * f, f"peak {peak:g} TFLOP/s ({peak_src}) x {f} (ASSUMPTION: default training "
+                                     f"efficiency, no measured figure in the spec; run clusterlm probe or set "
+                                     f"device.train_efficiency)", True)
+    return ComputeRate(None, f"unknown: {device.name} has no peak or measured {dtype} TFLOP/s "
+                             f"(run `clusterlm probe --out node.toml` and plan with that file)", True)
+
+
+@dataclass(frozen=True)
+class _Net:
+    """Bus bandwidths (GB/s) and latencies (s) a collective sees, inside a node and across nodes."""
+    intra_busbw: float
+    intra_lat: float
+    inter_node_busbw: float  # whole-node network, shared by its devices
+    inter_lat: float
+    devices_per_node: int
+    notes: tuple[str, ...]
+
+
+def _busbw(link: LinkSpec, table_key: str | None) -> tuple[float, str | None]:
+    if link.measured_busbw_gbs:
+        return link.measured_busbw_gbs, None
+    frac = link.achievable_fraction
+    note = None
+    if frac is None:
+        frac = hardware.LINKS[table_key].achievable_fraction if table_key in hardware.LINKS else 0.7
+        note = f"ASSUMPTION: {link.name} reaches {frac:.0%} of {link.bandwidth_gbs:g} GB/s (no measured bus bandwidth)"
+    return link.bandwidth_gbs * frac, note
+
+
+def _network(spec: ClusterSpec, node: NodeType, nodes: int) -> _Net:
+    notes = []
+    g = node.devices_per_node
+    if node.intra_link:
+        intra, note = _busbw(node.intra_link, None)
+        lat = node.intra_link.latency_us * 1e-6
+    else:
+        fallback = hardware.LINKS["shared-memory" if node.device and node.device.kind == "cpu" else "pcie4-x16"]
+        intra, lat = fallback.bandwidth_gbs * fallback.achievable_fraction, fallback.latency_us * 1e-6
+        note = (f"ASSUMPTION: no intra-node link in the spec; using {fallback.name} "
+                f"({intra:g} GB/s bus bandwidth)") if g > 1 else None
+    if note:
+        notes.append(note)
+    inter, inter_lat = float("inf"), 0.0
+    if nodes > 1:
+        link = spec.inter_node_link
+        if link is None:
+            fallback = hardware.LINKS["eth-10g"]
+            link = LinkSpec(fallback.name, fallback.bandwidth_gbs, fallback.latency_us, 1, fallback.achievable_fraction)
+            notes.append(f"ASSUMPTION: no inter-node link in the spec; using {fallback.name}")
+        per, note = _busbw(link, None)
+        if note:
+            notes.append(note)
+        inter, inter_lat = per * link.count, link.latency_us * 1e-6
+    return _Net(intra, lat, inter, inter_lat, g, tuple(notes))
+
+
+def _group_bw(net: _Net, size: int, stride: int) -> tuple[float, float, str]:
+    """Bus bandwidth (GB/s), latency (s) and link name for a ring of `size` ranks `stride` apart."""
+    g = net.devices_per_node
+    if size * stride <= g:
+        return net.intra_busbw, net.intra_lat, "intra-node"
+    # The group spans nodes: its ranks on one node share the node's network with the other groups
+    # of the same dimension running at the same time (g / ranks_per_node of them).
+    ranks_per_node = max(1, min(size, g // stride)) if stride < g else 1
+    inter = net.inter_node_busbw * ranks_per_node / g
+    return min(net.intra_busbw, inter), max(net.intra_lat, net.inter_lat), "inter-node"
+
+
+def _ring(kind: str, nbytes: float, n: int, bw_gbs: float, lat: float) -> float:
+    """Seconds for a ring collective over n ranks of a `nbytes` buffer (the full, unsharded size)."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    steps = 2 * (n - 1) if kind == "all_reduce" else n - 1
+    return steps / n * nbytes / (bw_gbs * 1e9) + steps * lat
+
+
+# ---- one candidate ------------------------------------------------------------------------------------
+def _step_time(model: ModelConfig, dims: ParallelDims, mb: int, accum: int, recompute: str, seq_len: int,
+               gbt: int, dtype: str, rate: ComputeRate, net: _Net, device: DeviceSpec) -> tuple[dict, dict]:
+    parts: dict[str, float] = {}
+    formulas: dict[str, str] = {}
+    world = dims.world_size
+    fpt = flops_mod.training_flops_per_token(model, seq_len)
+    extra = flops_mod.recompute_flops(model, seq_len, recompute)
+    flops_step = (fpt.total + extra) * gbt
+    compute = flops_step / world / (rate.tflops * 1e12)
+    parts["compute"] = compute
+    formulas["compute"] = (f"({fpt.total:.4g} model + {extra:.4g} recompute FLOPs/token) * {gbt} tokens / "
+                           f"({world} devices * {rate.tflops:.4g} TFLOP/s)")
+    m = accum
+    t_fwd, t_bwd = compute / m / 3, compute / m * 2 / 3  # per micro-batch (backward = 2x forward)
+    if dims.pp > 1:
+        parts["bubble"] = compute * (dims.pp - 1) / m
+        formulas["bubble"] = (f"compute * (pp-1)/m = compute * {dims.pp - 1}/{m}: a fraction "
+                              f"(pp-1)/(m+pp-1) = {(dims.pp - 1) / (m + dims.pp - 1):.3f} of the pipelined time")
+    e = 2 if dtype in ("bf16", "fp16") else 4
+    per_dev = stage_params(model, dims.pp, "first")[0] / dims.tp  # parameters one rank holds unsharded
+    grad_bytes = per_dev * GRAD_REDUCE_BYTES
+    # strides in the mesh (pp, dp_replicate, dp_shard, tp): tp innermost
+    tp_bw = _group_bw(net, dims.tp, 1)
+    sh_bw = _group_bw(net, dims.dp_shard, dims.tp)
+    rep_bw = _group_bw(net, dims.dp_replicate, dims.tp * dims.dp_shard)
+    pp_bw = _group_bw(net, dims.pp, dims.tp * dims.dp_shard * dims.dp_replicate)
+    dp_comm = 0.0
+    dp_f = []
+    if dims.dp_shard > 1:
+        ag = _ring("all_gather", per_dev * e, dims.dp_shard, sh_bw[0], sh_bw[1])
+        rs = _ring("reduce_scatter", grad_bytes, dims.dp_shard, sh_bw[0], sh_bw[1])
+        exposed = max(0.0, ag - t_fwd) + max(0.0, ag + rs - t_bwd)
+        dp_comm += m * exposed
+        dp_f.append(f"FSDP per micro-batch: all-gather {per_dev * e / 1e9:.3g} GB fwd+bwd ({ag * 1e3:.3g} ms each) + "
+                    f"reduce-scatter {grad_bytes / 1e9:.3g} GB ({rs * 1e3:.3g} ms) over {dims.dp_shard} ranks "
+                    f"({sh_bw[2]}, {sh_bw[0]:.4g} GB/s), exposed beyond fwd {t_fwd * 1e3:.3g} ms / "
+                    f"bwd {t_bwd * 1e3:.3g} ms, x {m}")
+    if dims.dp_replicate > 1:
+        size = grad_bytes / dims.dp_shard
+        ar = _ring("all_reduce", size, dims.dp_replicate, rep_bw[0], rep_bw[1])
+        dp_comm += max(0.0, ar - t_bwd)
+        dp_f.append(f"all-reduce {size / 1e9:.3g} GB of gradients over {dims.dp_replicate} replicas "
+                    f"({rep_bw[2]}, {rep_bw[0]:.4g} GB/s) = {ar * 1e3:.3g} ms, overlapping the last backward "
+                    f"({t_bwd * 1e3:.3g} ms)")
+    if dp_f:
+        parts["dp_comm"] = dp_comm
+        formulas["dp_comm"] = "; ".join(dp_f)
+    if dims.tp > 1:
+        layers = math.ceil(model.n_layers / dims.pp)
+        act = mb * seq_len * model.dim * e
+        n_coll = 4 + (2 if recompute == "full" else 0)  # fwd 2 + bwd 2 (+2 replayed forward)
+        one = _ring("all_reduce", act, dims.tp, tp_bw[0], tp_bw[1])
+        parts["tp_comm"] = m * layers * n_coll * one
+        formulas["tp_comm"] = (f"{m} micro-batches * {layers} layers * {n_coll} all-reduce-sized collectives of "
+                               f"b*s*h*e = {act / 1e6:.3g} MB over tp={dims.tp} ({tp_bw[2]}, {tp_bw[0]:.4g} GB/s) "
+                               f"= {one * 1e6:.3g} us each, not overlapped")
+    if dims.pp > 1:
+        act = mb * seq_len * model.dim * e / dims.tp
+        one = act / (pp_bw[0] * 1e9) + pp_bw[1]
+        parts["pp_comm"] = 2 * (m + dims.pp - 1) * one
+        formulas["pp_comm"] = (f"2 * (m + pp - 1) = {2 * (m + dims.pp - 1)} sends of b*s*h*e/t = {act / 1e6:.3g} MB "
+                               f"({pp_bw[2]}, {pp_bw[0]:.4g} GB/s) on the critical path")
+    bw = device.measured_memory_bandwidth_gbs or device.memory_bandwidth_gbs
+    if bw:
+        sharded = per_dev / dims.dp_shard
+        parts["optimizer"] = sharded * ADAMW_BYTES_PER_PARAM / (bw * 1e9)
+        formulas["optimizer"] = (f"AdamW step, memory-bound: {sharded:,.0f} params * {ADAMW_BYTES_PER_PARAM} B / "
+                                 f"{bw:g} GB/s")
+    return parts, formulas
+
+
+def _dims_options(world: int, per_node: int, model: ModelConfig) -> list[ParallelDims]:
+    out = []
+    divisors = [d for d in range(1, world + 1) if world % d == 0]
+    for tp in divisors:
+        if tp > per_node or per_node % tp:
+            continue  # tensor parallel stays inside a node
+        if tp > 1 and (model.arch != "transformer" or model.n_heads % tp or model.kv_heads % tp):
+            continue
+        for pp in divisors:
+            if (world // tp) % pp or pp > model.n_layers:
+                continue
+            dp = world // (tp * pp)
+            for rep in [d for d in range(1, dp + 1) if dp % d == 0]:
+                out.append(ParallelDims(dp_replicate=rep, dp_shard=dp // rep, tp=tp, pp=pp))
+    return out
+
+
+def search(model: ModelConfig, spec: ClusterSpec, *, seq_len: int, global_batch_tokens: int,
+           tokens: int | None = None, steps: int | None = None, dtype: str = "bf16", node_type: str | None = None,
+           nodes: int | None = None, memory_fraction: float = DEFAULT_MEMORY_FRACTION, attention: str = "flash",
+           micro_batches: tuple[int, ...] = MICRO_BATCHES,
+           recompute_modes: tuple[str, ...] = RECOMPUTE_MODES) -> list[Candidate]:
+    """Every valid candidate, fitting or not, unsorted. See `plan`."""
+    if tokens is not None and steps is not None:
+        raise ConfigError("give tokens or steps, not both")
+    if dtype not in ("bf16", "fp16", "fp32"):
+        raise ConfigError(f"dtype={dtype!r}; expected bf16, fp16 or fp32")
+    if not 0 < memory_fraction <= 1:
+        raise ConfigError(f"memory_fraction={memory_fraction} must be in (0, 1]")
+    if global_batch_tokens < seq_len or global_batch_tokens % seq_len:
+        raise ConfigError(f"global_batch_tokens={global_batch_tokens} must be a positive multiple of "
+                          f"seq_len={seq_len} (samples per step = global_batch_tokens / seq_len)")
+    node = spec.node_type(node_type)
+    if node.device is None:
+        raise ConfigError(f"node type {node.name!r} of {spec.name!r} lists no device to train on")
+    n_nodes = node.count if nodes is None else nodes
+    if n_nodes < 1:
+        raise ConfigError(f"nodes={n_nodes} must be >= 1")
+    device = node.device
+    world = n_nodes * device.count
+    rate = compute_rate(device, dtype)  # fp32 means fp32 matmuls (PyTorch leaves TF32 off by default)
+    net = _network(spec, node, n_nodes)
+    limit = device.memory_gib * GIB * memory_fraction
+    peak, _ = device.peak(dtype)
+    fpt = flops_mod.training_flops_per_token(model, seq_len)
+    assumptions = [rate.how] if rate.assumed else []
+    assumptions.append(f"memory limit {memory_fraction:.2f} x {device.memory_gib:g} GiB"
+                       + (" (ASSUMPTION: default reserve for runtime buffers and fragmentation)"
+                          if memory_fraction == DEFAULT_MEMORY_FRACTION else ""))
+    assumptions += list(net.notes)
+    if steps is None and tokens is not None:
+        steps = math.ceil(tokens / global_batch_tokens)
+    out = []
+    for dims in _dims_options(world, device.count, model):
+        for mb in micro_batches:
+            try:
+                dims.validate(world, model, global_batch_tokens, mb, seq_len)
+            except ConfigError:
+                continue
+            accum = dims.grad_accum_steps(global_batch_tokens, mb, seq_len)
+            for rc in recompute_modes:
+                mem = estimate_memory(model, dims, micro_batch=mb, seq_len=seq_len, dtype=dtype, recompute=rc,
+                                      attention=attention, grad_accum_steps=accum, device_kind=device.kind)
+                step = tps = mfu = total = dev_h = None
+                parts: dict[str, float] = {}
+                formulas: dict[str, str] = {}
+                if rate.tflops:
+                    parts, formulas = _step_time(model, dims, mb, accum, rc, seq_len, global_batch_tokens, dtype,
+                                                 rate, net, device)
+                    step = sum(parts.values())
+                    tps = global_batch_tokens / step
+                    if peak:
+                        mfu = fpt.total * tps / (world * peak * 1e12)
+                    if steps is not None:
+                        total = steps * step
+                        dev_h = total * world / 3600
+                out.append(Candidate(dims, mb, accum, rc, mem, limit, step, parts, formulas, tps, mfu, steps,
+                                     total, dev_h, tuple(assumptions)))
+    return out
+
+
+def plan(model: ModelConfig, spec: ClusterSpec, *, seq_len: int, global_batch_tokens: int,
+         tokens: int | None = None, steps: int | None = None, dtype: str = "bf16", **kwargs: Any) -> list[Candidate]:
+    """Candidates that fit in memory, fastest first (by predicted tokens/s). Ties, and every
+    candidate when the device's speed is unknown, go to less recomputation, then a larger
+    micro-batch (the model does not credit larger matmuls with higher efficiency; real kernels
+    do), then less memory, then fewer model-parallel ranks.
+    kwargs: node_type, nodes, memory_fraction, attention ('flash'|'eager'), micro_batches, recompute_modes."""
+    cands = [c for c in search(model, spec, seq_len=seq_len, global_batch_tokens=global_batch_tokens, tokens=tokens,
+                               steps=steps, dtype=dtype, **kwargs) if c.fits]
+    order = {m: i for i, m in enumerate(RECOMPUTE_MODES)}
+    return sorted(cands, key=lambda c: (-(c.tokens_per_s or 0.0), order[c.recompute], -c.micro_batch,
+                                        c.memory.peak_bytes, c.dims.model_parallel))
+
+
+# ---- recipe -------------------------------------------------------------------------------------------
+def recipe_tree(model_tree: dict[str, Any], cand: Candidate, *, seq_len: int, global_batch_tokens: int,
+                dtype: str, device_kind: str, cluster: str) -> dict[str, Any]:
+    """A run file: [model]/[train]/[optim] in clusterlm.config's keys, plus [parallel] and [plan]."""
+    from clusterlm.config import OptimConfig, to_dict
+
+    steps = cand.steps or 2000
+    optim = to_dict(OptimConfig())
+    optim["warmup_steps"] = min(optim["warmup_steps"], max(1, steps // 10))
+    plan_section: dict[str, Any] = {"cluster": cluster, "predicted_memory_bytes": int(cand.memory.peak_bytes)}
+    if cand.step_time_s is not None:
+        plan_section["predicted_step_s"] = round(cand.step_time_s, 6)
+        plan_section["predicted_tokens_per_s"] = round(cand.tokens_per_s or 0.0, 1)
+    return {
+        "model": model_tree,
+        "train": {"seq_len": seq_len, "micro_batch_size": cand.micro_batch, "global_batch_tokens": global_batch_tokens,
+                  "max_steps": steps, "dtype": dtype, "device": "cpu" if device_kind == "cpu" else "cuda"},
+        "optim": optim,
+        "parallel": {"dp_replicate": cand.dims.dp_replicate, "dp_shard": cand.dims.dp_shard, "tp": cand.dims.tp,
+                     "pp": cand.dims.pp, "activation_checkpointing": cand.recompute},
+        "plan": plan_section,
+    }
+
+
+# ---- CLI ------------------------------------------------------------------------------------------------
+_SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def parse_count(text: str) -> int:
+    """'10B' -> 10_000_000_000, '2.5e9', '300M', '524288'."""
+    m = re.fullmatch(r"\s*([0-9.eE+_]+)\s*([kKmMbBgGtT]?)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count like 524288, 2.5e9, 300M or 10B")
+    try:
+        value = float(m.group(1).replace("_", "")) * _SUFFIX.get(m.group(2).lower(), 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count like 524288, 2.5e9, 300M or 10B") from None
+    if value <= 0 or value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive whole number")
+    return int(value)
+
+
+def load_model(arg: str, vocab_size: int | None) -> tuple[ModelConfig, dict[str, Any]]:
+    """A preset name or a TOML file (a recipe with [model], or bare model keys) -> (config, [model] tree)."""
+    from clusterlm.config import from_dict, load_tree
+
+    path = Path(arg)
+    if path.suffix == ".toml" or path.is_file():
+        tree = load_tree(path)
+        tree = dict(tree.get("model", tree))
+    else:
+        tree = {"preset": arg}
+    if vocab_size is not None:
+        tree["vocab_size"] = vocab_size
+    values = dict(tree)
+    if "preset" in values:
+        values = {**preset_values(values.pop("preset")), **values}
+    model = from_dict(ModelConfig, values, "model")
+    if model.vocab_size is None:
+        raise ConfigError(f"model {arg}: vocab_size is unset (it comes from the data at train time); "
+                          f"pass --vocab-size N")
+    return model, tree
+
+
+def _fmt_time(s: float | None) -> str:
+    if s is None:
+        return "?"
+    for unit, div in (("d", 86400), ("h", 3600), ("min", 60)):
+        if s >= div:
+            return f"{s / div:.1f}{unit}"
+    return f"{s:.3g}s"
+
+
+def _table(cands: list[Candidate]) -> str:
+    head = (f"{'#':>3} {'dp_rep':>6} {'dp_shard':>8} {'tp':>3} {'pp':>3} {'mb':>4} {'accum':>5} {'recompute':>9} "
+            f"{'mem GiB':>8} {'step':>8} {'tokens/s':>10} {'MFU':>6} {'total':>7} {'dev-h':>8}")
+    rows = [head]
+    for i, c in enumerate(cands, 1):
+        d = c.dims
+        rows.append(f"{i:>3} {d.dp_replicate:>6} {d.dp_shard:>8} {d.tp:>3} {d.pp:>3} {c.micro_batch:>4} "
+                    f"{c.grad_accum_steps:>5} {c.recompute:>9} {c.memory.peak_bytes / GIB:>8.2f} "
+                    f"{_fmt_time(c.step_time_s):>8} "
+                    f"{(f'{c.tokens_per_s:,.0f}' if c.tokens_per_s else '?'):>10} "
+                    f"{(f'{c.mfu:.1%}' if c.mfu is not None else '?'):>6} {_fmt_time(c.total_time_s):>7} "
+                    f"{(f'{c.device_hours:,.1f}' if c.device_hours is not None else '?'):>8}")
+    return "\n".join(rows)
+
+
+def explain(c: Candidate) -> str:
+    lines = [f"best: {c.dims.describe()}, micro-batch {c.micro_batch} x {c.grad_accum_steps} accumulation steps, "
+             f"recompute {c.recompute}", "", f"memory per device (limit {c.memory_limit_bytes / GIB:.2f} GiB):",
+             c.memory.explain(), ""]
+    if c.step_time_s is None:
+        lines.append("step time: unknown (no compute rate for this device)")
+    else:
+        lines.append(f"step time {c.step_time_s:.4g} s:")
+        width = max(len(k) for k in c.time_parts)
+        for k, v in c.time_parts.items():
+            lines.append(f"  {k:<{width}}  {v:10.4g} s  {c.formulas.get(k, '')}")
+    return "\n".join(lines)
+
+
+def _dry_run(c: Candidate) -> str:
+    """Build the planned DeviceMesh on a fake process group at the planned world size (needs torch)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dims = c.dims.mesh_dims() or (("dp_shard", 1),)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=c.dims.world_size)
+    try:
+        mesh = init_device_mesh("cpu", tuple(s for _, s in dims), mesh_dim_names=tuple(n for n, _ in dims))
+        return f"dry run: built {mesh} on a fake process group of {c.dims.world_size} ranks"
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="clusterlm plan", description="Plan a training run on a cluster: memory, "
+                                "FLOPs, step time and parallel layout. Torch-free.")
+    p.add_argument("--model", required=True, help="model preset name, or a TOML file (recipe with [model], or model keys)")
+    p.add_argument("--cluster", required=True, help="cluster spec TOML (from clusterlm probe) or preset name")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--tokens", type=parse_count, help="training tokens (e.g. 10B)")
+    budget.add_argument("--steps", type=parse_count, help="optimizer steps")
+    p.add_argument("--global-batch-tokens", type=parse_count, default=None,
+                   help=f"tokens per optimizer step (default {DEFAULT_GLOBAL_BATCH_TOKENS}, rounded to seq-len)")
+    p.add_argument("--seq-len", type=int, default=None, help="context length (default: the model's max_seq_len)")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="auto = bf16 where the device has a bf16 figure, else fp32")
+    p.add_argument("--vocab-size", type=int, default=None, help="vocabulary size when the model preset leaves it unset")
+    p.add_argument("--nodes", type=int, default=None, help="plan for this many nodes (default: all in the spec)")
+    p.add_argument("--node-type", default=None, help="node type to plan on (default: the one with most devices)")
+    p.add_argument("--memory-fraction", type=float, default=DEFAULT_MEMORY_FRACTION,
+                   help="fraction of device memory the plan may fill")
+    p.add_argument("--attention", choices=["flash", "eager"], default="flash",
+                   help="attention kernel: flash stores no T x T matrix (SDPA), eager does")
+    p.add_argument("--top", type=int, default=10, help="rows of the table")
+    p.add_argument("--out", default=None, help="write the best plan as a recipe TOML")
+    p.add_argument("--explain", action="store_true", help="print the arithmetic of the best candidate")
+    p.add_argument("--dry-run", action="store_true", help="build the planned device mesh on a fake process group "
+                   "(imports torch)")
+    args = p.parse_args(argv)
+
+    model, model_tree = load_model(args.model, args.vocab_size)
+    spec = load_spec(args.cluster)
+    node = spec.node_type(args.node_type)
+    device = node.device
+    if device is None:
+        raise ConfigError(f"node type {node.name!r} lists no device")
+    seq_len = args.seq_len or model.max_seq_len
+    gbt = args.global_batch_tokens or max(seq_len, DEFAULT_GLOBAL_BATCH_TOKENS // seq_len * seq_len)
+    dtype = args.dtype
+    if dtype == "auto":
+        has_bf16 = device.peak("bf16")[0] or device.matmul_tflops("bf16")
+        dtype = "bf16" if has_bf16 and device.kind != "cpu" else "fp32"
+    n_nodes = args.nodes or node.count
+    fpt = flops_mod.training_flops_per_token(model, seq_len)
+    kwargs = dict(seq_len=seq_len, global_batch_tokens=gbt, tokens=args.tokens, steps=args.steps, dtype=dtype,
+                  node_type=args.node_type, nodes=args.nodes, memory_fraction=args.memory_fraction,
+                  attention=args.attention)
+    everything = search(model, spec, **kwargs)
+    cands = plan(model, spec, **kwargs)
+    g = param_groups(model)
+    print(f"model: {args.model} ({g['total'] / 1e9:.3g}B parameters), seq_len {seq_len}, global batch {gbt:,} tokens "
+          f"({gbt // seq_len} samples), {dtype}")
+    print(f"cluster: {spec.name}: {n_nodes} x {node.name} node(s) x {device.count} {device.name} = "
+          f"{n_nodes * device.count} device(s)")
+    print(f"FLOPs: {fpt.total:.4g} per token; {fpt.convention}")
+    rate = compute_rate(device, dtype)
+    print(f"compute rate per device: " + (f"{rate.tflops:.4g} TFLOP/s = " if rate.tflops else "") + rate.how)
+    for line in (everything[0].assumptions if everything else ()):
+        if line != rate.how:
+            print(f"note: {line}")
+    if not everything:
+        raise ConfigError("no layout is valid for this model, batch and device count (check that the global batch "
+                          "divides into micro-batch x seq_len x data-parallel ranks)")
+    if not cands:
+        best = min(everything, key=lambda c: c.memory.peak_bytes)
+        print(f"\nnothing fits: the smallest candidate needs {best.memory.peak_bytes / GIB:.2f} GiB per device, "
+              f"the limit is {best.memory_limit_bytes / GIB:.2f} GiB. Closest:")
+        print(explain(best))
+        print("\nmore devices (--nodes), a shorter --seq-len or a smaller model would help")
+        return 1
+    print(f"\n{len(cands)} of {len(everything)} candidates fit; top {min(args.top, len(cands))}:")
+    print(_table(cands[: args.top]))
+    best = cands[0]
+    if best.step_time_s is None:
+        print(f"\nstep time unknown: {rate.how}")
+    if args.explain:
+        print()
+        print(explain(best))
+    if args.out:
+        import tomli_w
+
+        from clusterlm.fsutil import atomic_write_text
+
+        tree = recipe_tree(model_tree, best, seq_len=seq_len, global_batch_tokens=gbt, dtype=dtype,
+                           device_kind=device.kind, cluster=spec.name)
+        header = (f"# Planned by `clusterlm plan --model {args.model} --cluster {args.cluster}`.\n"
+                  f"# Add a [data] section (dir = your prepared data). [parallel] and [plan] are read by the\n"
+                  f"# distributed trainer; the predicted figures are compared with measured ones at run time.\n")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out, header + tomli_w.dumps(tree))
+        print(f"\nwrote {args.out}")
+    if args.dry_run:
+        try:
+            print(_dry_run(best))
+        except ImportError as e:
+            raise NotImplementedError(f"--dry-run needs torch ({e})") from e
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))

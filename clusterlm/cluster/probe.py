@@ -1,0 +1,357 @@
+"""`clusterlm probe`: inventory and benchmark the node this runs on; write a one-node ClusterSpec.
+
+    clusterlm probe                                  # print the node as a tree
+    clusterlm probe --out node.toml --quick          # write it (clusterlm plan --cluster node.toml)
+    clusterlm probe --out node.toml --checkpoint-dir /scratch/ckpt
+
+Inventory (no torch): CPU (lscpu, else /proc/cpuinfo), memory (/proc/meminfo), GPUs (nvidia-smi
+query and `topo -m`), network (/sys/class/net/*/speed, /sys/class/infiniband/*/ports/*/rate),
+storage of the working and checkpoint folders (df -PT, findmnt, /proc/mounts), Slurm (sinfo,
+scontrol --version). Measurements (torch, imported here only): dense matmul TFLOP/s per device
+(fp32, and bf16 where it is supported), large-copy memory bandwidth, and write+fsync / read
+bandwidth of the checkpoint folder. Each step fails soft: what could not be read or measured is
+recorded in the spec's [notes] as "unavailable: reason", never guessed. Text parsing lives in
+clusterlm.cluster.parsers; this file only runs things.
+
+All-reduce bus bandwidth across ranks (under torchrun/srun) belongs to the distributed launcher and
+is not measured here yet; docs/planner.md says how a measured figure enters a spec.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from clusterlm.cluster import hardware, parsers
+from clusterlm.cluster.spec import (ClusterSpec, CpuSpec, DeviceSpec, LinkSpec, NodeType, SchedulerSpec, StorageSpec,
+                                    render_tree, save_spec)
+
+log = logging.getLogger(__name__)
+GIB = 1024**3
+
+
+def _run(cmd: list[str], timeout: float = 20.0) -> str:
+    """Output of a command; raises RuntimeError with the reason when it is missing or fails."""
+    if shutil.which(cmd[0]) is None:
+        raise RuntimeError(f"{cmd[0]} not found")
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{' '.join(cmd)} timed out after {timeout:g} s") from None
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {r.returncode}: {(r.stderr or r.stdout).strip()[:200]}")
+    return r.stdout
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+class Probe:
+    """Runs steps, keeping each one's result or its failure reason."""
+
+    def __init__(self) -> None:
+        self.notes: dict[str, str] = {}
+
+    def step(self, name: str, fn: Callable[[], Any], default: Any = None) -> Any:
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - a probe step fails soft, by design, and says why
+            self.notes[name] = f"unavailable: {e}"
+            log.info("probe %s: unavailable: %s", name, e)
+            return default
+
+
+# ---- inventory -------------------------------------------------------------------------------------
+def probe_cpu() -> CpuSpec:
+    try:
+        return parsers.parse_lscpu(_run(["lscpu"]))
+    except RuntimeError:
+        return parsers.parse_cpuinfo(_read("/proc/cpuinfo"))
+
+
+def probe_gpus() -> list[parsers.GpuInfo]:
+    try:
+        out = _run(["nvidia-smi", "--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader"])
+    except RuntimeError as e:
+        if "not found" in str(e):
+            raise
+        # drivers before 510 do not know compute_cap
+        out = _run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"])
+    gpus = parsers.parse_nvidia_smi_gpus(out)
+    if not gpus:
+        raise RuntimeError("nvidia-smi listed no GPUs")
+    return gpus
+
+
+def probe_intra_link(gpu_name: str) -> LinkSpec | None:
+    topo = parsers.parse_nvidia_smi_topo(_run(["nvidia-smi", "topo", "-m"]))
+    if len(topo.gpus) < 2:
+        return None
+    n = topo.min_nvlinks()
+    if n:
+        link = hardware.nvlink_link(n, gpu_name)
+        return LinkSpec(f"NVLink NV{n}", link.bandwidth_gbs, link.latency_us, 1, link.achievable_fraction,
+                        source=f"nvidia-smi topo -m: every GPU pair NV{n} or more")
+    kinds = sorted(topo.gpu_links())
+    link = hardware.LINKS["pcie4-x16"]
+    return LinkSpec(f"PCIe ({'/'.join(kinds)})", link.bandwidth_gbs, link.latency_us, 1, link.achievable_fraction,
+                    source=f"nvidia-smi topo -m shows {', '.join(kinds)} between GPUs; PCIe 4 x16 assumed")
+
+
+def probe_network() -> LinkSpec | None:
+    """The inter-node link: InfiniBand adapters if any (all ports up at the top rate), else the
+    fastest Ethernet interface."""
+    rates = []
+    for path in sorted(glob.glob("/sys/class/infiniband/*/ports/*/rate")):
+        state = Path(path).with_name("state")
+        if state.exists() and "ACTIVE" not in _read(str(state)):
+            continue
+        r = parsers.parse_ib_rate(_read(path))
+        if r:
+            rates.append(r)
+    if rates:
+        top = max(g for g, _ in rates)
+        label = next(lbl for g, lbl in rates if g == top)
+        key = hardware.IB_RATE_LINKS.get(label.split()[-1] if label else "", "")
+        base = hardware.LINKS.get(key)
+        return LinkSpec(f"InfiniBand {top:g} Gb/s ({label})", top / 8, base.latency_us if base else 3.0,
+                        sum(1 for g, _ in rates if g == top), base.achievable_fraction if base else None,
+                        source="/sys/class/infiniband/*/ports/*/rate (active ports)")
+    speeds = []
+    for path in sorted(glob.glob("/sys/class/net/*/speed")):
+        iface = Path(path).parent.name
+        if iface == "lo":
+            continue
+        try:
+            s = parsers.parse_net_speed(_read(path))
+        except OSError:  # reading the speed of a down or virtual interface fails with EINVAL
+            continue
+        if s:
+            speeds.append((s, iface))
+    if not speeds:
+        raise RuntimeError("no InfiniBand port and no Ethernet interface with a known speed")
+    speed, iface = max(speeds)
+    link = hardware.ethernet_link(speed)
+    return LinkSpec(f"Ethernet {speed / 1000:g} Gb/s ({iface})", link.bandwidth_gbs, link.latency_us, 1,
+                    link.achievable_fraction, source=f"/sys/class/net/{iface}/speed = {speed} Mb/s")
+
+
+def probe_storage(path: str) -> StorageSpec:
+    """Filesystem type and space of `path` (or of its nearest existing parent, for a folder that a
+    run will create)."""
+    path = os.path.abspath(path)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    fstype = source = "unknown"
+    total = free = None
+    try:
+        rows = parsers.parse_df(_run(["df", "-PT", existing]))
+        if rows:
+            fstype, source = rows[0].fstype, rows[0].filesystem
+            total, free = rows[0].total_bytes / 1e9, rows[0].avail_bytes / 1e9
+    except RuntimeError:
+        found = parsers.fstype_from_mounts(_read("/proc/mounts"), existing)
+        if found:
+            _, fstype, source = found
+        st = os.statvfs(existing)
+        total, free = st.f_blocks * st.f_frsize / 1e9, st.f_bavail * st.f_frsize / 1e9
+    return StorageSpec(path=path, fstype=fstype, source=source, total_gb=total, free_gb=free)
+
+
+def probe_slurm() -> SchedulerSpec:
+    version = parsers.parse_scontrol_version(_run(["scontrol", "--version"])) or ""
+    parts = parsers.parse_sinfo(_run(["sinfo", "-h", "-o", parsers.SINFO_FORMAT]))
+    return SchedulerSpec("slurm", version, tuple(parts))
+
+
+# ---- measurements (torch) ----------------------------------------------------------------------------
+def _timed(fn: Callable[[], Any], sync: Callable[[], None], seconds: float) -> float:
+    """Seconds per call of fn, after a warm-up, repeating for about `seconds`."""
+    fn()
+    sync()
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        sync()
+        dt = time.perf_counter() - t0
+        if dt >= seconds:
+            return dt / n
+
+
+def measure_matmul_tflops(device: str, dtype: str, n: int, seconds: float) -> float:
+    """Dense n x n x n matmul TFLOP/s (2*n^3 FLOPs per product) on `device` ('cpu', 'cuda:0')."""
+    import torch
+
+    tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32}[dtype]
+    a = torch.randn(n, n, device=device, dtype=tdt)
+    b = torch.randn(n, n, device=device, dtype=tdt)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
+    try:
+        per = _timed(lambda: a @ b, sync, seconds)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    return 2 * n**3 / per / 1e12
+
+
+def measure_copy_bandwidth(device: str, nbytes: int, seconds: float) -> float:
+    """GB/s of a large tensor copy, counting read + write bytes."""
+    import torch
+
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
+    per = _timed(lambda: dst.copy_(src), sync, seconds)
+    return 2 * nbytes / per / 1e9
+
+
+def measure_storage(folder: str, nbytes: int) -> tuple[float, float]:
+    """(write GB/s including fsync, read GB/s after dropping the file from the page cache) for a
+    temporary file in `folder`, removed afterwards."""
+    os.makedirs(folder, exist_ok=True)
+    chunk = os.urandom(1 << 20) * 4  # 4 MiB of incompressible data
+    fd, path = tempfile.mkstemp(prefix=".clusterlm-probe-", dir=folder)
+    try:
+        t0 = time.perf_counter()
+        with os.fdopen(fd, "wb") as f:
+            written = 0
+            while written < nbytes:
+                f.write(chunk)
+                written += len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        write = written / (time.perf_counter() - t0) / 1e9
+        rfd = os.open(path, os.O_RDONLY)
+        try:
+            if hasattr(os, "posix_fadvise"):  # clean pages after fsync can be dropped: a cold read
+                os.posix_fadvise(rfd, 0, 0, os.POSIX_FADV_DONTNEED)
+            t0 = time.perf_counter()
+            while os.read(rfd, 16 << 20):
+                pass
+            read = written / (time.perf_counter() - t0) / 1e9
+        finally:
+            os.close(rfd)
+        return write, read
+    finally:
+        os.unlink(path)
+
+
+def _measure_device(probe: Probe, device: str, dtypes: list[str], quick: bool, cpu: bool) -> tuple[dict, float | None]:
+    seconds = 0.3 if quick else 1.5
+    if cpu:
+        sizes = {"fp32": 1024 if quick else 2048, "bf16": 512 if quick else 1024}
+    else:
+        sizes = {d: 4096 if quick else 8192 for d in dtypes}
+    measured = {}
+    for dt in dtypes:
+        v = probe.step(f"matmul_{dt}_{device}", lambda dt=dt: measure_matmul_tflops(device, dt, sizes.get(dt, 1024),
+                                                                                     seconds))
+        if v is not None:
+            measured[dt] = round(v, 4)
+    nbytes = (64 << 20 if quick else 256 << 20) if cpu else (256 << 20 if quick else 1 << 30)
+    bw = probe.step(f"memory_bandwidth_{device}", lambda: measure_copy_bandwidth(device, nbytes, seconds))
+    return measured, (round(bw, 2) if bw is not None else None)
+
+
+def _cpu_bf16_supported(cpu: CpuSpec) -> bool:
+    """bf16 matmul is only worth measuring where the ISA has it (else PyTorch emulates it slowly)."""
+    return any(f in cpu.flags for f in ("avx512_bf16", "amx_bf16", "bf16", "sve"))
+
+
+# ---- the node spec --------------------------------------------------------------------------------------
+def probe_node(*, quick: bool = False, checkpoint_dir: str = ".", measure: bool = True,
+               work_dir: str = ".") -> ClusterSpec:
+    """Probe this node; return it as a one-node ClusterSpec. Never raises for a missing tool."""
+    probe = Probe()
+    host = socket.gethostname()
+    cpu = probe.step("cpu", probe_cpu, CpuSpec(model=platform.processor() or "unknown"))
+    mem = probe.step("memory", lambda: parsers.parse_meminfo(_read("/proc/meminfo")), {})
+    memory_gib = round(mem.get("MemTotal", 0) / GIB, 2)
+    gpus = probe.step("gpus", probe_gpus, [])
+    intra = None
+    if gpus:
+        intra = probe.step("gpu_topology", lambda: probe_intra_link(gpus[0].name))
+    inter = probe.step("network", probe_network)
+    storage = []
+    for folder in dict.fromkeys([os.path.abspath(work_dir), os.path.abspath(checkpoint_dir)]):
+        st = probe.step(f"storage {folder}", lambda f=folder: probe_storage(f))
+        if st:
+            storage.append(st)
+    scheduler = probe.step("slurm", probe_slurm)
+
+    torch_ok = measure and probe.step("torch", lambda: __import__("torch") and True, False)
+    if gpus:
+        name = gpus[0].name
+        if len({g.name for g in gpus}) > 1:
+            probe.notes["gpus"] = f"mixed GPU models {sorted({g.name for g in gpus})}; described as {name}"
+        acc = hardware.lookup_accelerator(name)
+        measured, bw = {}, None
+        if torch_ok:
+            import torch
+
+            if torch.cuda.is_available():
+                dts = ["fp32", "tf32"] + (["bf16"] if torch.cuda.is_bf16_supported() else []) + ["fp16"]
+                measured, bw = _measure_device(probe, "cuda:0", dts, quick, cpu=False)
+            else:
+                probe.notes["gpu_measurement"] = "unavailable: torch sees no CUDA device"
+        device = DeviceSpec(name=name, kind="cuda", count=len(gpus), memory_gib=round(min(g.memory_mib for g in gpus)
+                                                                                         / 1024, 2),
+                            memory_bandwidth_gbs=acc.memory_bandwidth_gbs if acc else None,
+                            measured_memory_bandwidth_gbs=bw, measured_tflops=measured,
+                            compute_capability=gpus[0].compute_capability,
+                            source=(f"probe; peaks from hardware table {acc.key}" if acc else
+                                    "probe; not in the hardware table: peak unknown, measured figures only"))
+    else:
+        measured, bw = {}, None
+        if torch_ok:
+            dts = ["fp32"] + (["bf16"] if _cpu_bf16_supported(cpu) else [])
+            measured, bw = _measure_device(probe, "cpu", dts, quick, cpu=True)
+            import torch
+
+            probe.notes["cpu_threads"] = f"torch intra-op threads during the measurement: {torch.get_num_threads()}"
+        device = DeviceSpec(name=cpu.model, kind="cpu", count=1, memory_gib=memory_gib,
+                            measured_memory_bandwidth_gbs=bw, measured_tflops=measured,
+                            source="probe: CPU as one device; no cited peak (depends on cores, clocks, ISA)")
+    if measure and storage:
+        target = storage[-1]
+        nbytes = (32 << 20) if quick else (256 << 20)
+        wr = probe.step(f"storage_bandwidth {target.path}", lambda: measure_storage(target.path, nbytes))
+        if wr:
+            storage[-1] = StorageSpec(target.path, target.fstype, target.source, target.total_gb, target.free_gb,
+                                      round(wr[0], 3), round(wr[1], 3))
+    node = NodeType(name=host, count=1, memory_gib=memory_gib, cpu=cpu, device=device, intra_link=intra,
+                    hostnames=(host,))
+    return ClusterSpec(name=host, description=f"probed on {host} ({time.strftime('%Y-%m-%d')})"
+                       + (" --quick" if quick else ""), node_types=(node,), inter_node_link=inter,
+                       storage=tuple(storage), scheduler=scheduler, notes=probe.notes)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="clusterlm probe", description="Inventory and benchmark this node; write a "
+                                "one-node cluster spec that `clusterlm plan --cluster` reads.")
+    p.add_argument("--out", default=None, help="write the node spec (TOML) here")
+    p.add_argument("--quick", action="store_true", help="shorter measurements (seconds instead of tens of seconds)")
+    p.add_argument("--checkpoint-dir", default=".", help="folder whose write/read bandwidth is measured")
+    p.add_argument("--no-measure", action="store_true", help="inventory only: no matmul, memory or storage timing")
+    args = p.parse_args(argv)
+    spec = probe_node(quick=args.quick, checkpoint_dir=args.checkpoint_dir, measure=not args.no_measure)
+    print(render_tree(spec))
+    if args.out:
+        save_spec(spec, args.out)
+        print(f"\nwrote {args.out}")
+    return 0

@@ -1,0 +1,141 @@
+"""Memory and FLOPs accounting against published closed forms (ZeRO, Korthikanti et al., PaLM, nanoGPT)."""
+
+import math
+
+import pytest
+
+from clusterlm.cluster import flops, memory
+from clusterlm.cluster.memory import estimate_memory, layer_activation_bytes
+from clusterlm.models.config import ModelConfig, get_preset
+from clusterlm.parallel.dims import ParallelDims
+
+# GPT-3 175B layer shape (Brown et al. 2020; Korthikanti et al. 2022 table 3): h=12288, a=96, 4h GELU MLP,
+# dropout on, eager attention (the paper's accounting stores the a*s*s softmax).
+GPT3 = ModelConfig(vocab_size=51200, n_layers=96, dim=12288, n_heads=96, max_seq_len=2048, mlp="gelu", bias=True,
+                   dropout=0.1, tie_embeddings=True)
+S, B, H, A = 2048, 1, 12288, 96
+
+
+def test_mixed_precision_adamw_is_16_bytes_per_param():
+    """ZeRO (Rajbhandari et al. 2020) sec. 3.1: mixed-precision AdamW = 2 + 2 + 4 + 8 = 16 bytes/param;
+    fp32 AdamW 4 + 4 + 8 = 16; FSDP over 8 ranks divides it by 8."""
+    model = get_preset("llama-8b")
+    n = model.num_params()
+    state = ("weights", "gradients", "master_weights", "optimizer")
+    est = estimate_memory(model, ParallelDims(), micro_batch=1, seq_len=1024, dtype="bf16")
+    assert [est.get(k) / n for k in state] == [2, 2, 4, 8]
+    assert sum(est.get(k) for k in state) == pytest.approx(16 * n, rel=1e-9)
+    est32 = estimate_memory(model, ParallelDims(), micro_batch=1, seq_len=1024, dtype="fp32")
+    assert sum(v for k, v in est32.as_dict().items() if k in state) == pytest.approx(16 * n, rel=1e-9)
+    sharded = estimate_memory(model, ParallelDims(dp_shard=8), micro_batch=1, seq_len=1024, dtype="bf16")
+    assert sum(sharded.get(k) for k in state) == pytest.approx(16 * n / 8, rel=1e-9)
+
+
+def test_korthikanti_no_recompute():
+    """Korthikanti et al. 2022 eq. 1: one GPT-3 layer stores s*b*h*(34 + 5*a*s/h) bytes in 16-bit
+    (s=2048, b=1, h=12288, a=96): 34sbh + 5as^2b, within 5% (here exactly)."""
+    closed = 34 * S * B * H + 5 * A * S * S * B
+    got, _ = layer_activation_bytes(GPT3, S, B, dtype="bf16", recompute="none", attention="eager")
+    assert got == pytest.approx(closed, rel=0.05)
+    assert got == closed
+
+
+def test_korthikanti_selective_and_full():
+    """Selective recomputation: 34sbh (eq. 6 with t=1); full: the layer input 2sbh; TP+SP divides by t (eq. 5)."""
+    sel, _ = layer_activation_bytes(GPT3, S, B, dtype="bf16", recompute="selective", attention="eager")
+    assert sel == pytest.approx(34 * S * B * H, rel=0.05)
+    full, _ = layer_activation_bytes(GPT3, S, B, dtype="bf16", recompute="full", attention="eager")
+    assert full == 2 * S * B * H
+    t8, _ = layer_activation_bytes(GPT3, S, B, dtype="bf16", recompute="none", attention="eager", tp=8)
+    assert t8 == pytest.approx(S * B * H / 8 * (34 + 5 * A * S / H))
+
+
+def test_activation_variants():
+    """Derived variants (docs/planner.md): fp32 doubles the tensor part, masks stay 1 byte: 66sbh + 9as^2b;
+    no dropout: 32sbh + 2as^2b; flash attention keeps no s^2 term, only a 4-byte log-sum-exp per head."""
+    fp32, _ = layer_activation_bytes(GPT3, S, B, dtype="fp32", recompute="none", attention="eager")
+    assert fp32 == 66 * S * B * H + 9 * A * S * S * B
+    nodrop = GPT3.__class__(**{**GPT3.__dict__, "dropout": 0.0})
+    nd, _ = layer_activation_bytes(nodrop, S, B, dtype="bf16", recompute="none", attention="eager")
+    assert nd == 32 * S * B * H + 2 * A * S * S * B
+    fl, _ = layer_activation_bytes(nodrop, S, B, dtype="bf16", recompute="none", attention="flash")
+    assert fl == 32 * S * B * H + 4 * A * S * B
+
+
+def test_pipeline_stage0_holds_pp_microbatches():
+    """1F1B: stage 0 keeps pp=4 micro-batches of its ceil(32/4)=8 layers; the last stage one, plus logits."""
+    model = get_preset("llama-8b")
+    per_layer, _ = layer_activation_bytes(model, 4096, 1, dtype="bf16", recompute="selective")
+    est = estimate_memory(model, ParallelDims(pp=4), micro_batch=1, seq_len=4096, recompute="selective",
+                          grad_accum_steps=16)
+    first = memory._stage(model, ParallelDims(pp=4), "first", 1, 4096, "bf16", "selective", "flash", 16, "cuda")
+    last = memory._stage(model, ParallelDims(pp=4), "last", 1, 4096, "bf16", "selective", "flash", 16, "cuda")
+    assert first.get("activations") == 4 * 8 * per_layer
+    assert last.get("activations") == 1 * 8 * per_layer
+    assert last.get("logits") == 1 * 4096 * 128256 * (2 + 8)
+    assert est.peak_bytes == max(first.peak_bytes, last.peak_bytes)
+
+
+def test_stage_params_add_up():
+    """Stage parameters: the first stage holds the embedding, the last the head; stages sum to the total
+    (plus the tied copy kept on the last stage)."""
+    model = get_preset("llama-8b")
+    g = memory.param_groups(model)
+    assert g["embedding"] + 32 * g["per_layer"] + g["head"] == model.num_params()
+    first, n1 = memory.stage_params(model, 4, "first")
+    last, n2 = memory.stage_params(model, 4, "last")
+    assert (n1, n2) == (8, 8)
+    assert first + last + 2 * 8 * g["per_layer"] == model.num_params()
+
+
+def test_flops_match_nanogpt_and_palm():
+    """GPT-2 124M at T=1024: N = all parameters minus the position table (nanoGPT estimate_mfu's N),
+    6N + 12*L*D*T per token (PaLM appendix B); forward 2N + 4*L*D*T."""
+    model = get_preset("gpt2-124m")
+    n_nanogpt = model.num_params() - 1024 * 768
+    f = flops.training_flops_per_token(model, 1024)
+    assert f.matmul_params == n_nanogpt == 123_653_376
+    assert f.dense == 6 * n_nanogpt and f.attention == 12 * 12 * 768 * 1024
+    assert "PaLM convention" in f.convention and "6*N + 12*L*D*T" in f.convention
+    fw = flops.forward_flops_per_token(model, 1024)
+    assert fw.total == 2 * n_nanogpt + 4 * 12 * 768 * 1024
+    assert flops.training_flops_per_step(model, 1024, 524288) == f.total * 524288
+
+
+def test_untied_output_counted_once():
+    """Llama 8B (untied): N = non-embedding parameters (num_params(include_embeddings=False)), which
+    already include the 128256 x 4096 output matrix."""
+    model = get_preset("llama-8b")
+    n, layers, out = flops.matmul_params(model)
+    assert n == model.num_params(include_embeddings=False) and out == 128256 * 4096
+    assert n == model.num_params() - 128256 * 4096  # total minus the token embedding
+
+
+def test_recompute_flops():
+    """Full recompute adds one forward (2N_layers + 4LDT per token), selective only the attention core (4LDT)."""
+    model = get_preset("gpt2-124m")
+    _, layers, _ = flops.matmul_params(model)
+    assert flops.recompute_flops(model, 1024, "none") == 0
+    assert flops.recompute_flops(model, 1024, "selective") == 4 * 12 * 768 * 1024
+    assert flops.recompute_flops(model, 1024, "full") == 2 * layers + 4 * 12 * 768 * 1024
+
+
+def test_rnn_flops_and_memory():
+    """LSTM: 6N with N = 4 gates x (2*D*D + 2*D) per layer + the output matmul (+ its V biases, as
+    non-embedding parameters always include biases); no attention term."""
+    model = get_preset("lstm-small", vocab_size=65)
+    f = flops.training_flops_per_token(model, 128)
+    assert f.attention == 0 and f.matmul_params == 2 * 4 * (2 * 512 * 512 + 2 * 512) + 65 * 512 + 65
+    est = estimate_memory(model, ParallelDims(), micro_batch=4, seq_len=128, dtype="fp32", device_kind="cpu")
+    assert est.get("weights") == 4 * model.num_params()
+    assert math.isfinite(est.peak_bytes) and est.peak_bytes > 16 * model.num_params()
+
+
+def test_explain_names_every_piece():
+    """--explain prints each item by name with its GiB figure and the peak."""
+    est = estimate_memory(get_preset("llama-1b"), ParallelDims(dp_shard=4), micro_batch=2, seq_len=2048,
+                          recompute="full")
+    text = est.explain()
+    for name in ("weights", "gradients", "master_weights", "optimizer", "activations", "recompute_working_set",
+                 "logits", "fsdp_buffers", "optimizer_step_temp", "peak"):
+        assert name in text

@@ -1,0 +1,153 @@
+"""The planner: only fitting candidates, ranked by throughput; step-time arithmetic; no silent defaults."""
+
+import dataclasses
+
+import pytest
+
+from clusterlm.cluster import planner
+from clusterlm.cluster.flops import training_flops_per_token
+from clusterlm.cluster.memory import GIB
+from clusterlm.cluster.spec import load_spec
+from clusterlm.config import resolve
+from clusterlm.errors import ConfigError
+from clusterlm.models.config import get_preset
+
+H100 = load_spec("h100-sxm-8x")
+LLAMA70B = get_preset("llama-70b")
+LLAMA8B = get_preset("llama-8b")
+
+
+def one_gpu(spec):
+    node = spec.node_types[0]
+    return dataclasses.replace(spec, node_types=(dataclasses.replace(node, device=dataclasses.replace(node.device,
+                                                                                                      count=1)),))
+
+
+def with_efficiency(spec, eff):
+    node = spec.node_types[0]
+    dev = dataclasses.replace(node.device, train_efficiency={"bf16": eff})
+    return dataclasses.replace(spec, node_types=(dataclasses.replace(node, device=dev),))
+
+
+def test_only_fitting_sorted_by_throughput():
+    """Every returned candidate's peak memory is within the limit, and tokens/s never increases down the list;
+    the search itself also produced candidates that do not fit (they are filtered, not hidden by the search)."""
+    kw = dict(seq_len=8192, global_batch_tokens=2**19, tokens=10**10)
+    cands = planner.plan(LLAMA8B, H100, **kw)
+    everything = planner.search(LLAMA8B, H100, **kw)
+    assert cands and len(cands) < len(everything)
+    assert all(c.fits and c.memory.peak_bytes <= 0.9 * 79.65 * GIB for c in cands)
+    tps = [c.tokens_per_s for c in cands]
+    assert tps == sorted(tps, reverse=True)
+    assert any(not c.fits for c in everything)
+
+
+def test_70b_needs_more_than_one_node():
+    """Llama 70B: 16 B/param of model state is 1.13 TB: no plan on one 80 GB GPU, nor on one 8x H100 node
+    (141 GB/GPU of state alone with full sharding); on 4 nodes (32 GPUs) a sharded plan fits."""
+    kw = dict(seq_len=4096, global_batch_tokens=2**20)
+    assert planner.plan(LLAMA70B, one_gpu(H100), **kw) == []
+    assert planner.plan(LLAMA70B, H100, **kw) == []
+    smallest = min(planner.search(LLAMA70B, H100, **kw), key=lambda c: c.memory.peak_bytes)
+    state = sum(smallest.memory.get(k) for k in ("weights", "gradients", "master_weights", "optimizer"))
+    assert state == pytest.approx(16 * LLAMA70B.num_params() / 8, rel=1e-6) and state > 80 * GIB
+    cands = planner.plan(LLAMA70B, H100, nodes=4, **kw)
+    assert cands, "a 70B plan should exist on 32 H100s"
+    best = cands[0]
+    assert best.dims.world_size == 32 and best.dims.dp_shard * best.dims.tp * best.dims.pp > 1
+
+
+def test_8b_fits_on_8_gpus_with_sharding_not_on_one():
+    """Llama 8B: 128 GB of model state does not fit one H100; on 8 it fits, always with sharded state."""
+    kw = dict(seq_len=4096, global_batch_tokens=2**19)
+    assert planner.plan(LLAMA8B, one_gpu(H100), **kw) == []
+    cands = planner.plan(LLAMA8B, H100, **kw)
+    assert cands and all(c.dims.dp_shard * c.dims.tp * c.dims.pp > 1 for c in cands)
+
+
+def test_step_time_arithmetic_one_device():
+    """On one device the step is compute + optimizer: (6N + 12LDT) * tokens / (peak * efficiency), and
+    tokens/s = global batch / step; MFU equals the efficiency when nothing else costs time."""
+    spec = with_efficiency(one_gpu(H100), 0.5)
+    model = get_preset("gpt2-124m")
+    c = planner.plan(model, spec, seq_len=1024, global_batch_tokens=2**19, steps=100, recompute_modes=("none",))[0]
+    f = training_flops_per_token(model, 1024)
+    assert c.time_parts["compute"] == pytest.approx(f.total * 2**19 / (989.4e12 * 0.5))
+    assert set(c.time_parts) == {"compute", "optimizer"}
+    assert c.tokens_per_s == pytest.approx(2**19 / c.step_time_s)
+    assert c.total_time_s == pytest.approx(100 * c.step_time_s) and c.device_hours == pytest.approx(c.total_time_s / 3600)
+    assert c.mfu == pytest.approx(0.5 * c.time_parts["compute"] / c.step_time_s)
+    assert not any("ASSUMPTION" in a and "efficiency" in a for a in c.assumptions)
+
+
+def test_default_efficiency_is_an_announced_assumption():
+    """Without a measured efficiency the planner uses 0.40 of peak and says so in the candidate's assumptions."""
+    c = planner.plan(LLAMA8B, H100, seq_len=4096, global_batch_tokens=2**19)[0]
+    text = " ".join(c.assumptions)
+    assert "ASSUMPTION" in text and "0.4" in text and "989.4" in text
+    rate = planner.compute_rate(H100.node_types[0].device, "bf16")
+    assert rate.assumed and rate.tflops == pytest.approx(989.4 * planner.DEFAULT_TRAIN_FRACTION_OF_PEAK)
+
+
+def test_unknown_device_speed_stays_unknown():
+    """The laptop preset has no peak and no measurement: memory is planned, step time is None (not an A100's)."""
+    model = get_preset("gpt-mini", vocab_size=65)
+    cands = planner.plan(model, load_spec("laptop-cpu"), seq_len=256, global_batch_tokens=12288, dtype="fp32")
+    assert cands and all(c.step_time_s is None and c.tokens_per_s is None for c in cands)
+    assert "unknown" in cands[0].assumptions[0]
+    # without speeds the tie-breakers order them: least recomputation, then the largest micro-batch
+    assert cands[0].recompute == "none" and cands[0].micro_batch == max(c.micro_batch for c in cands)
+
+
+def test_pipeline_bubble_and_ring_formulas():
+    """Bubble = compute * (pp-1)/m; ring all-reduce = 2(n-1)/n * S / busbw + 2(n-1) * latency."""
+    cands = planner.search(LLAMA70B, H100, seq_len=4096, global_batch_tokens=2**20, nodes=4)
+    c = next(c for c in cands if c.dims.pp == 4 and c.micro_batch == 1)
+    assert c.time_parts["bubble"] == pytest.approx(c.time_parts["compute"] * 3 / c.grad_accum_steps)
+    assert planner._ring("all_reduce", 8e9, 8, 100.0, 1e-6) == pytest.approx(2 * 7 / 8 * 8e9 / 100e9 + 14e-6)
+    assert planner._ring("all_gather", 8e9, 8, 100.0, 0.0) == pytest.approx(7 / 8 * 8e9 / 100e9)
+    assert planner._ring("all_reduce", 8e9, 1, 100.0, 1e-6) == 0
+
+
+def test_groups_that_cross_nodes_use_the_network():
+    """tp=8 inside a node rides NVLink (369 GB/s busbw); a dp_replicate group across 4 nodes gets one NDR
+    adapter per rank (8 x 47 GB/s per node / 8 ranks)."""
+    net = planner._network(H100, H100.node_types[0], 4)
+    bw, _, where = planner._group_bw(net, 8, 1)
+    assert where == "intra-node" and bw == pytest.approx(450 * 0.82)
+    bw, _, where = planner._group_bw(net, 4, 8)
+    assert where == "inter-node" and bw == pytest.approx(50 * 0.94)
+
+
+def test_recipe_sections_load_with_the_run_config():
+    """--out's [model]/[train]/[optim] resolve through clusterlm.config to the planned values; [parallel]
+    and [plan] carry the layout and predictions."""
+    model = get_preset("gpt2-124m")
+    c = planner.plan(model, H100, seq_len=1024, global_batch_tokens=2**19, steps=500)[0]
+    tree = planner.recipe_tree({"preset": "gpt2-124m"}, c, seq_len=1024, global_batch_tokens=2**19, dtype="bf16",
+                               device_kind="cuda", cluster="h100-sxm-8x")
+    cfg = resolve({k: tree[k] for k in ("model", "train", "optim")})
+    assert cfg.model == model and cfg.train.micro_batch_size == c.micro_batch and cfg.train.max_steps == 500
+    assert cfg.train.global_batch_tokens == 2**19 and cfg.train.device == "cuda"
+    assert tree["parallel"] == {"dp_replicate": c.dims.dp_replicate, "dp_shard": c.dims.dp_shard, "tp": c.dims.tp,
+                                "pp": c.dims.pp, "activation_checkpointing": c.recompute}
+    assert tree["plan"]["predicted_step_s"] == pytest.approx(c.step_time_s, rel=1e-5)
+    assert tree["plan"]["predicted_memory_bytes"] == int(c.memory.peak_bytes)
+
+
+def test_bad_inputs():
+    """A global batch that is not a multiple of seq_len, and both tokens and steps, are refused."""
+    with pytest.raises(ConfigError, match="multiple of seq_len=1024"):
+        planner.plan(LLAMA8B, H100, seq_len=1024, global_batch_tokens=1000)
+    with pytest.raises(ConfigError, match="tokens or steps"):
+        planner.plan(LLAMA8B, H100, seq_len=1024, global_batch_tokens=2**19, tokens=10, steps=10)
+
+
+def test_parse_count():
+    """Budgets: 10B, 2.5e9, 300M, 524288."""
+    assert planner.parse_count("10B") == 10**10
+    assert planner.parse_count("2.5e9") == 2_500_000_000
+    assert planner.parse_count("300M") == 300_000_000
+    assert planner.parse_count("524288") == 524288
+    with pytest.raises(Exception):
+        planner.parse_count("lots")
