@@ -1,0 +1,97 @@
+"""`clusterlm report`: plots and summary.md from a synthetic metrics.jsonl with known numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from clusterlm.train.report import main, summarize, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TOKENS_PER_STEP = 768
+
+
+def _write_run(run_dir, steps: int = 100, with_mfu: bool = True) -> list[dict]:
+    """100 steps of 768 tokens at 0.05 s each (15,360 tokens/s, MFU 0.3), one NaN step at 50,
+    val every 25 steps (best at step 75), a checkpoint event and a predicted step time."""
+    recs: list[dict] = [{"kind": "event", "step": 0, "event": "start", "predicted_step_time_s": 0.04,
+                         "predicted_cpu_peak_rss_bytes": 1.0e9, "time": 1000.0}]
+    for s in range(1, steps + 1):
+        loss = None if s == 50 else 4.0 * math.exp(-s / 40) + 1.0
+        recs.append({"kind": "train", "step": s, "tokens": s * TOKENS_PER_STEP, "loss": loss, "lr": 1e-3,
+                     "skipped": s == 50, "step_time_s": 0.05, "tokens_per_s": 15_360.0,
+                     "mfu": 0.3 if with_mfu else None, "cpu_peak_rss_bytes": 5e8 + s, "time": 1000.0 + 0.05 * s})
+        if s % 25 == 0:
+            val = {25: 3.0, 50: 2.5, 75: 2.0, 100: 2.1}[s]
+            recs.append({"kind": "eval", "step": s, "tokens": s * TOKENS_PER_STEP, "val_loss": val,
+                         "time": 1000.0 + 0.05 * s})
+    recs.append({"kind": "event", "step": steps, "event": "checkpoint", "path": "ckpt/step-00000100",
+                 "time": 1006.0})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return recs
+
+
+def test_summary_numbers(tmp_path):
+    """Final/best losses, steps, tokens, wall time, tokens/s, MFU and predicted-vs-measured equal the
+    values the synthetic log was built from."""
+    recs = _write_run(tmp_path)
+    s = summarize(recs)
+    assert s["steps"] == 100 and s["tokens"] == 76_800
+    assert s["final_train_loss"] == pytest.approx(4.0 * math.exp(-100 / 40) + 1.0)
+    assert s["final_val_loss"] == 2.1
+    assert (s["best_val_loss"], s["best_val_step"]) == (2.0, 75)
+    assert s["skipped_steps"] == 1
+    assert s["train_seconds"] == pytest.approx(5.0)
+    assert s["elapsed_seconds"] == pytest.approx(6.0)
+    assert s["mean_tokens_per_s"] == pytest.approx(76_800 / 5.0)
+    assert s["mfu_mean"] == pytest.approx(0.3)
+    rows = {r["field"]: r for r in s["predicted_vs_measured"]}
+    assert rows["step_time_s"]["measured"] == pytest.approx(0.05)
+    assert rows["step_time_s"]["ratio"] == pytest.approx(1.25)
+    assert rows["cpu_peak_rss_bytes"]["measured"] == 5e8 + 100  # memory: the maximum, not the median
+    assert s["checkpoints"] == ["ckpt/step-00000100"]
+
+
+def test_summary_of_resumed_log_counts_logged_steps_only(tmp_path):
+    """A log starting at step 51 (earlier part truncated) counts 50 steps of tokens over 50 step times."""
+    recs = [r for r in _write_run(tmp_path) if r.get("kind") == "train" and r["step"] > 50]
+    s = summarize(recs)
+    assert s["mean_tokens_per_s"] == pytest.approx(50 * TOKENS_PER_STEP / 2.5)
+
+
+def test_write_report_files(tmp_path):
+    """write_report makes three non-empty PNGs (valid signature) and a summary.md holding the final
+    numbers, the MFU and links to the plots."""
+    _write_run(tmp_path)
+    paths = write_report(tmp_path)
+    assert set(paths) == {"loss_vs_step", "loss_vs_tokens", "throughput", "summary"}
+    for key in ("loss_vs_step", "loss_vs_tokens", "throughput"):
+        data = paths[key].read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 10_000
+        assert paths[key].parent == tmp_path / "plots"
+    md = paths["summary"].read_text()
+    assert "| steps | 100 |" in md and "| tokens | 76,800 |" in md
+    assert f"| final train loss | {4.0 * math.exp(-2.5) + 1.0:.4f} |" in md
+    assert "| final val loss | 2.1000 |" in md and "| best val loss | 2.0000 (step 75) |" in md
+    assert "| mean tokens/s | 15,360 |" in md and "| mean MFU | 30.0% |" in md
+    assert "| step_time_s | 0.04 | 0.05 | 1.250 |" in md
+    assert "![loss_vs_step](plots/loss_vs_step.png)" in md
+
+
+def test_unknown_mfu_and_cli(tmp_path, capsys):
+    """Without a known peak the summary says MFU is unknown; `clusterlm report` prints the summary."""
+    _write_run(tmp_path, with_mfu=False)
+    assert main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| mean MFU | unknown (device peak not known) |" in out
+    assert "summary.md" in out
+
+
+def test_missing_metrics_is_clear(tmp_path):
+    """A folder without metrics.jsonl: FileNotFoundError naming the file; no plots folder made."""
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl does not exist"):
+        write_report(tmp_path)
+    assert not (tmp_path / "plots").exists()
