@@ -1,0 +1,124 @@
+"""LSTM and GRU language models with the Transformer's call signature.
+
+Embedding -> dropout -> multi-layer nn.LSTM / nn.GRU (dropout between layers) -> dropout ->
+output projection (optionally tied to the embedding, as in Press & Wolf 2017). The same trainer,
+evaluator and generation engine serve these and the Transformer: forward(idx, cache) -> logits,
+make_cache(...) with a `pos`, init_weights(seed).
+
+    >>> import torch
+    >>> from clusterlm.models.config import get_preset
+    >>> model = RNNLM(get_preset("lstm-small", vocab_size=65)); model.init_weights(seed=0)
+    >>> model(torch.zeros(2, 8, dtype=torch.long)).shape
+    torch.Size([2, 8, 65])
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+from torch import nn
+
+from clusterlm.models.config import ModelConfig
+
+
+class RNNState:
+    """Recurrent state of `batch_size` sequences: h (and c for LSTM), each (n_layers, B, D).
+
+    `pos` counts the tokens consumed so far. An RNN has no context limit, so `max_len` is
+    recorded only for callers that budget by it.
+    """
+
+    def __init__(self, lstm: bool, n_layers: int, batch_size: int, dim: int, max_len: int, *,
+                 device: torch.device | str | None, dtype: torch.dtype) -> None:
+        if batch_size < 1:
+            raise ValueError(f"RNN state needs batch_size >= 1, got {batch_size}")
+        self._shape = (n_layers, batch_size, dim)  # (L, B, D)
+        self._lstm = lstm
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.h = torch.zeros(self._shape, device=device, dtype=dtype)
+        self.c = torch.zeros(self._shape, device=device, dtype=dtype) if lstm else None
+        self.pos = 0
+
+    def reset(self) -> None:
+        self.h = torch.zeros_like(self.h)
+        if self.c is not None:
+            self.c = torch.zeros_like(self.c)
+        self.pos = 0
+
+
+class RNNLM(nn.Module):
+    """Token ids (B, T) -> logits (B, T, padded V) in float32, for arch 'lstm' or 'gru'."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.arch not in ("lstm", "gru"):
+            raise ValueError(f"RNNLM needs model.arch 'lstm' or 'gru', got {cfg.arch!r}")
+        self.config = cfg
+        V, D = cfg.padded_vocab_size, cfg.dim
+        self.tok_embeddings = nn.Embedding(V, D)
+        rnn_cls = nn.LSTM if cfg.arch == "lstm" else nn.GRU
+        # PyTorch applies `dropout` to the outputs of every layer but the last
+        self.rnn = rnn_cls(D, D, num_layers=cfg.n_layers, batch_first=True,
+                           dropout=cfg.dropout if cfg.n_layers > 1 else 0.0)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.output = nn.Linear(D, V, bias=cfg.bias)
+        self._tie()
+
+    def _tie(self) -> None:
+        if self.config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        # moving off the meta device gives each module a new Parameter; keep the tie
+        super()._apply(fn, recurse)
+        self._tie()
+        return self
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Deterministic for a seed (None: drawn from torch's global RNG); each parameter from its
+        own CPU generator seeded by (seed, name). Embedding and untied output: Normal(0, init_std);
+        recurrent weights and biases: Uniform(+-1/sqrt(D)), PyTorch's own LSTM/GRU init; output
+        bias: zeros."""
+        cfg = self.config
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        bound = 1.0 / math.sqrt(cfg.dim)
+        for name, p in self.named_parameters():  # a tied output.weight is listed once, as tok_embeddings
+            if p.is_meta:
+                continue
+            g = torch.Generator(device="cpu")
+            g.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1))
+            w = torch.empty(p.shape, dtype=torch.float32)
+            if name.startswith("rnn."):
+                w.uniform_(-bound, bound, generator=g)
+            elif name == "output.bias":
+                w.zero_()
+            else:
+                w.normal_(0.0, cfg.init_std, generator=g)
+            p.copy_(w)
+        self._tie()
+
+    def make_cache(self, batch_size: int, max_len: int, *, device: torch.device | str | None,
+                   dtype: torch.dtype) -> RNNState:
+        cfg = self.config
+        return RNNState(cfg.arch == "lstm", cfg.n_layers, batch_size, cfg.dim, max_len, device=device, dtype=dtype)
+
+    def forward(self, idx: torch.Tensor, cache: RNNState | None = None) -> torch.Tensor:
+        """idx (B, T) token ids; with a cache, continue from its state and advance cache.pos by T."""
+        B, T = idx.shape
+        if cache is not None and B != cache.batch_size:
+            raise ValueError(f"batch of {B} sequences does not match the cache's batch_size={cache.batch_size}")
+        x = self.dropout(self.tok_embeddings(idx))  # (B, T, D)
+        if cache is None:
+            y, _ = self.rnn(x)  # (B, T, D)
+        elif cache.c is not None:
+            y, (cache.h, cache.c) = self.rnn(x, (cache.h, cache.c))  # (B, T, D); state (L, B, D)
+        else:
+            y, cache.h = self.rnn(x, cache.h)  # (B, T, D); state (L, B, D)
+        if cache is not None:
+            cache.pos += T
+        return self.output(self.dropout(y)).float()  # (B, T, V)

@@ -1,0 +1,280 @@
+"""The decoder-only Transformer: GPT-2 and Llama are this one module with different config values.
+
+GPT-2: learned positions, LayerNorm, GELU MLP (tanh approximation, GPT-2's `gelu_new`), biases,
+tied embeddings. Llama: rotary positions, RMSNorm, SwiGLU MLP, grouped-query attention, no biases.
+Attention is `F.scaled_dot_product_attention` (flash kernels on GPU, a fused kernel on CPU).
+
+Rotary convention: Hugging Face Llama's `rotate_half` (the head dim is split into two halves,
+frequency i pairs element i with element i + Hd/2), not Meta's interleaved pairs. So Hugging Face
+Llama checkpoints convert by copying weights, with no permutation of wq/wk.
+
+Parameter names follow STYLE.md: tok_embeddings, pos_embeddings (learned only),
+layers.{i}.attention.{wq,wk,wv,wo}, layers.{i}.feed_forward.{w1,w2,w3}, layers.{i}.attention_norm,
+layers.{i}.ffn_norm, norm, output. With tie_embeddings, output.weight IS tok_embeddings.weight.
+
+    >>> import torch
+    >>> from clusterlm.models.config import get_preset
+    >>> cfg = get_preset("gpt-nano", vocab_size=65)
+    >>> with torch.device("meta"):
+    ...     model = Transformer(cfg)
+    >>> model = model.to_empty(device="cpu"); model.init_weights(seed=0)
+    >>> model(torch.zeros(2, 8, dtype=torch.long)).shape
+    torch.Size([2, 8, 65])
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clusterlm.models.config import ModelConfig
+
+
+class KVCache:
+    """Keys and values of every layer for `batch_size` sequences of up to `max_len` tokens.
+
+    `pos` counts the tokens already stored; a forward pass with this cache consumes its T tokens
+    at positions pos .. pos+T-1 and advances pos by T.
+    """
+
+    def __init__(self, layer_keys: list[str], batch_size: int, max_len: int, kv_heads: int, head_dim: int, *,
+                 device: torch.device | str | None, dtype: torch.dtype) -> None:
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"KV cache needs batch_size >= 1 and max_len >= 1, got {batch_size} and {max_len}")
+        shape = (batch_size, kv_heads, max_len, head_dim)  # (B, K, S, Hd): the layout SDPA reads
+        self.k = {key: torch.zeros(shape, device=device, dtype=dtype) for key in layer_keys}
+        self.v = {key: torch.zeros(shape, device=device, dtype=dtype) for key in layer_keys}
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.pos = 0
+
+    def reset(self) -> None:
+        """Forget the stored tokens (entries past pos are never read, so nothing is cleared)."""
+        self.pos = 0
+
+
+def rotary_tables(head_dim: int, max_len: int, theta: float, device: torch.device | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (max_len, Hd), in float32, as Hugging Face Llama computes them:
+    inv_freq_i = theta^(-2i/Hd), angle = position * inv_freq, duplicated across the two halves."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    t = torch.arange(max_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)  # (S, Hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (S, Hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, T, H, Hd) by the angles in cos/sin (T, Hd): x*cos + rotate_half(x)*sin."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat((-x2, x1), dim=-1)  # (B, T, H, Hd)
+    cos = cos.to(x.dtype)[:, None, :]  # (T, 1, Hd)
+    sin = sin.to(x.dtype)[:, None, :]  # (T, 1, Hd)
+    return x * cos + rotated * sin
+
+
+def _dropout(p: float) -> nn.Module:
+    # nn.Identity when p == 0: skips a kernel per call in the common no-dropout case
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        D, H, K, Hd = cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.n_heads, self.kv_heads, self.head_dim = H, K, Hd
+        self.wq = nn.Linear(D, H * Hd, bias=cfg.bias)
+        self.wk = nn.Linear(D, K * Hd, bias=cfg.bias)
+        self.wv = nn.Linear(D, K * Hd, bias=cfg.bias)
+        self.wo = nn.Linear(H * Hd, D, bias=cfg.bias)
+        self.attn_dropout = cfg.dropout
+        self.resid_dropout = _dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                kv: tuple[torch.Tensor, torch.Tensor, int] | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, K, Hd = self.n_heads, self.kv_heads, self.head_dim
+        q = self.wq(x).view(B, T, H, Hd)  # (B, T, H, Hd)
+        k = self.wk(x).view(B, T, K, Hd)  # (B, T, K, Hd)
+        v = self.wv(x).view(B, T, K, Hd)  # (B, T, K, Hd)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, Hd)
+        mask, causal = None, True
+        if kv is not None:
+            k_cache, v_cache, pos = kv  # (B, K, S, Hd) each
+            k_cache[:, :, pos:pos + T] = k
+            v_cache[:, :, pos:pos + T] = v
+            k, v = k_cache[:, :, :pos + T], v_cache[:, :, :pos + T]  # (B, K, pos+T, Hd)
+            if T == 1:
+                causal = False  # one query may see every stored key
+            elif pos > 0:
+                # SDPA's is_causal aligns the mask top-left; queries here sit at pos .. pos+T-1
+                causal = False
+                q_pos = torch.arange(pos, pos + T, device=x.device)
+                mask = torch.arange(pos + T, device=x.device)[None, :] <= q_pos[:, None]  # (T, pos+T)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal,
+            dropout_p=self.attn_dropout if self.training else 0.0, enable_gqa=K != H,
+        )  # (B, H, T, Hd)
+        y = y.transpose(1, 2).reshape(B, T, H * Hd)  # (B, T, D)
+        return self.resid_dropout(self.wo(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        D, F_ = cfg.dim, cfg.hidden_dim
+        self.swiglu = cfg.mlp == "swiglu"
+        self.w1 = nn.Linear(D, F_, bias=cfg.bias)  # GELU: up projection; SwiGLU: gate
+        self.w2 = nn.Linear(F_, D, bias=cfg.bias)  # down projection
+        if self.swiglu:
+            self.w3 = nn.Linear(D, F_, bias=cfg.bias)  # SwiGLU: up projection
+        self.dropout = _dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            h = F.silu(self.w1(x)) * self.w3(x)
+        else:
+            h = F.gelu(self.w1(x), approximate="tanh")  # GPT-2's gelu_new
+        return self.dropout(self.w2(h))
+
+
+def _norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then x + feed_forward(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attention_norm = _norm(cfg)
+        self.attention = Attention(cfg)
+        self.ffn_norm = _norm(cfg)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                kv: tuple[torch.Tensor, torch.Tensor, int] | None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, kv)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """Token ids (B, T) -> logits (B, T, padded V) in float32. See the module docstring."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.arch != "transformer":
+            raise ValueError(f"Transformer needs model.arch='transformer', got {cfg.arch!r}")
+        self.config = cfg
+        V, D = cfg.padded_vocab_size, cfg.dim
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(V, D)
+        self.pos_embeddings = nn.Embedding(cfg.max_seq_len, D) if cfg.pos == "learned" else None
+        self.dropout = _dropout(cfg.dropout)
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.norm: nn.Module | None = _norm(cfg)
+        self.output: nn.Linear | None = nn.Linear(D, V, bias=False)
+        if cfg.pos == "rope":
+            cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            # not persistent: recomputed by init_weights (after to_empty), never checkpointed
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self._tie()
+
+    # ---- weights ------------------------------------------------------------------------------
+    def _tie(self) -> None:
+        if self.config.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
+            self.output.weight = self.tok_embeddings.weight
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        # to_empty()/to() give each module its own new Parameter when moving off the meta device,
+        # which would silently untie output from tok_embeddings; tie again afterwards
+        super()._apply(fn, recurse)
+        self._tie()
+        return self
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Fill every parameter deterministically from `seed` (None: drawn from torch's global RNG)
+        and recompute the rotary tables. Normal(0, init_std) for Linear and Embedding weights,
+        std init_std/sqrt(2*n_layers) for residual projections (GPT-2 paper, sec. 2.3), zeros for
+        biases, ones for norm weights. Each parameter gets its own generator seeded from (seed,
+        name) on the CPU, so values do not depend on the device or on which layers are present
+        (a pipeline stage holding layers 4-7 gets the same weights as the full model)."""
+        cfg = self.config
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        seen: set[int] = set()
+        for mod_name, mod in self.named_modules():
+            for p_name, p in mod.named_parameters(recurse=False):
+                if id(p) in seen:  # a tied weight is filled once, under its first name
+                    continue
+                seen.add(id(p))
+                if p_name == "bias":
+                    p.zero_()
+                elif isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
+                    p.fill_(1.0)
+                else:
+                    residual = mod_name.endswith(("attention.wo", "feed_forward.w2"))
+                    _normal_(p, resid_std if residual else cfg.init_std, seed, f"{mod_name}.{p_name}")
+        if cfg.pos == "rope":
+            cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+        self._tie()
+
+    # ---- forward --------------------------------------------------------------------------------
+    def make_cache(self, batch_size: int, max_len: int, *, device: torch.device | str | None,
+                   dtype: torch.dtype) -> KVCache:
+        """A KV cache for `batch_size` sequences of up to `max_len` tokens (<= config.max_seq_len)."""
+        if max_len > self.config.max_seq_len:
+            raise ValueError(f"cache max_len={max_len} exceeds model.max_seq_len={self.config.max_seq_len}")
+        cfg = self.config
+        return KVCache(list(self.layers.keys()), batch_size, max_len, cfg.kv_heads, cfg.head_dim,
+                       device=device, dtype=dtype)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """idx: token ids (B, T) (hidden states (B, T, D) on a pipeline stage without
+        tok_embeddings). With a cache, the tokens sit at positions cache.pos .. cache.pos+T-1."""
+        B, T = idx.shape[:2]
+        pos = 0 if cache is None else cache.pos
+        limit = self.config.max_seq_len if cache is None else cache.max_len
+        if pos + T > limit:
+            where = "model.max_seq_len" if cache is None else f"the cache (holding {pos} tokens); max_len"
+            raise ValueError(f"{T} tokens do not fit in {where}={limit}")
+        if cache is not None and B != cache.batch_size:
+            raise ValueError(f"batch of {B} sequences does not match the cache's batch_size={cache.batch_size}")
+
+        h = self.tok_embeddings(idx) if self.tok_embeddings is not None else idx  # (B, T, D)
+        if self.pos_embeddings is not None:
+            h = h + self.pos_embeddings.weight[pos:pos + T]  # (T, D) broadcast over B
+        h = self.dropout(h)
+        rope = (self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]) if self.config.pos == "rope" else None
+        for key, layer in self.layers.items():
+            kv = None if cache is None else (cache.k[key], cache.v[key], pos)
+            h = layer(h, rope, kv)
+        if cache is not None:
+            cache.pos = pos + T
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.output is None:
+            return h
+        return self.output(h).float()  # (B, T, V); float under autocast too, for a stable loss
+
+
+def _normal_(p: torch.Tensor, std: float, seed: int, name: str) -> None:
+    """p ~ Normal(0, std), drawn on the CPU from a generator seeded by (seed, name)."""
+    if p.is_meta:
+        return
+    g = torch.Generator(device="cpu")
+    g.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1))
+    p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=g))
