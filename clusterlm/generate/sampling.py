@@ -1,0 +1,73 @@
+"""Pure sampling functions on logits: temperature, top-k, nucleus (top-p), then a draw.
+
+Nothing here holds state; randomness comes only from the `generator` passed in, so a seeded
+generator reproduces a sample exactly.
+
+    >>> import torch
+    >>> logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    >>> sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
+    tensor([0])
+    >>> g = torch.Generator().manual_seed(0)
+    >>> sample_next(logits, temperature=0.8, top_k=3, top_p=0.9, generator=g).shape
+    torch.Size([1])
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise ValueError naming the bad value and the valid range."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} must be an integer >= 1, or None to keep every token")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p={top_p!r} must be in (0, 1], or None to keep every token")
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row (B, V); the rest become -inf. Exactly k survive
+    (ties at the k-th value are broken by torch.topk); k >= V keeps every token."""
+    check_sampling_args(1.0, k, None)
+    if k >= logits.shape[-1]:
+        return logits
+    values, indices = torch.topk(logits, k, dim=-1)  # (B, k)
+    return torch.full_like(logits, -math.inf).scatter(-1, indices, values)
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering (Holtzman et al. 2020): keep, per row (B, V), the smallest set of most
+    likely tokens whose total probability is >= p; the rest become -inf. The most likely token is
+    always kept; p = 1 keeps every token."""
+    check_sampling_args(1.0, None, p)
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the strictly better tokens
+    drop = mass_before >= p  # a token is needed while the better ones sum to less than p
+    sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
+    return torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)
+
+
+def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """One token id per row of logits (B, V) -> LongTensor (B,). temperature 0 = greedy (argmax;
+    top_k/top_p are then irrelevant). Otherwise softmax(logits / temperature) after top-k then
+    top-p filtering, drawn with `generator` (which must live on logits' device)."""
+    check_sampling_args(temperature, top_k, top_p)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (B, V), got shape {tuple(logits.shape)}")
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = apply_top_k(logits, top_k)
+    if top_p is not None:
+        logits = apply_top_p(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)  # (B, V)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
