@@ -1,0 +1,375 @@
+"""The training loop: one device (CPU or GPU), nanoGPT's shape with its parts named.
+
+    clusterlm train recipes/shakespeare_char_cpu.toml --train.max_steps=200
+    clusterlm train recipes/shakespeare_char_cpu.toml --train.resume=auto   # continue a run
+
+Per step: lr from a pure function of the step, micro-batches accumulated to the global batch,
+a NaN/Inf check (the optimizer step is skipped and counted), clip, step, log, maybe evaluate,
+maybe checkpoint. SIGTERM / SIGINT / SIGUSR2 finish the current step, save, and exit with
+EXIT_PREEMPTED (75); `--train.resume=auto` then continues bit-exactly on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clusterlm.cli import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED
+from clusterlm.config import DataConfig, RunConfig, TrainConfig, load_run_config, split_overrides, to_toml
+from clusterlm.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR2")
+
+
+@dataclass
+class RunState:
+    """Everything besides model/optimizer/loader/RNG that a resume needs (train_state.json)."""
+
+    step: int = 0  # optimizer steps taken (skipped NaN steps included: their batches are consumed)
+    tokens_seen: int = 0
+    bad_steps_total: int = 0
+    bad_streak: int = 0
+    best_val_loss: float | None = None
+    train_seconds: float = 0.0  # wall time spent in previous segments of this run
+
+
+@dataclass
+class TrainResult:
+    exit_code: int
+    step: int
+    out_dir: Path
+    final_train_loss: float | None
+    final_val_loss: float | None
+    checkpoint: Path | None
+    reason: str
+
+
+# ---- set-up helpers -------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def autocast_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """None = plain fp32. auto: bf16 on GPUs that support it (Ampere+), fp32 on CPU."""
+    if train.dtype == "fp32":
+        return None
+    if train.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if train.dtype == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            name = torch.cuda.get_device_name(device)
+            raise ConfigError(f"train.dtype='bf16' but {name} has no bf16 support; use 'fp16' or 'fp32'")
+        return torch.bfloat16
+    if device.type != "cuda":
+        raise ConfigError("train.dtype='fp16' needs a CUDA device; on CPU use 'fp32' or 'bf16'")
+    return torch.float16
+
+
+def ensure_data(data: DataConfig) -> Path:
+    """The prepared data directory; prepared from `data.source` first if it does not exist yet."""
+    data_dir = Path(data.dir)
+    if (data_dir / "meta.json").is_file():
+        return data_dir
+    if not data.source:
+        raise ConfigError(f"data.dir={str(data_dir)!r} is not a prepared data directory and data.source is empty; "
+                          "run `clusterlm prepare` first or set data.source (e.g. 'builtin:shakespeare')")
+    from clusterlm.data.prepare import prepare
+
+    log.info("preparing %s from %s (tokenizer %s)", data_dir, data.source, data.tokenizer)
+    prepare([data.source], data_dir, tokenizer=data.tokenizer, vocab_size=data.vocab_size or None,
+            val_fraction=data.val_fraction)
+    return data_dir
+
+
+def batch_plan(train: TrainConfig, dp_size: int = 1) -> tuple[int, int]:
+    """(accumulation steps, tokens per optimizer step) from the global batch in tokens."""
+    micro_tokens = train.micro_batch_size * train.seq_len * dp_size
+    if train.global_batch_tokens == 0:
+        return 1, micro_tokens
+    if train.global_batch_tokens % micro_tokens:
+        raise ConfigError(
+            f"train.global_batch_tokens={train.global_batch_tokens} is not a multiple of micro_batch_size*seq_len*dp"
+            f" = {train.micro_batch_size}*{train.seq_len}*{dp_size} = {micro_tokens}")
+    return train.global_batch_tokens // micro_tokens, train.global_batch_tokens
+
+
+def _install_stop_handlers(flag: dict[str, Any]) -> dict[int, Any]:
+    previous = {}
+
+    def handler(signum, frame):  # noqa: ARG001 - signal API
+        if flag.get("signal"):
+            return  # already stopping; finish the step
+        flag["signal"] = signal.Signals(signum).name
+        log.warning("%s received: finishing the current step, then saving and exiting", flag["signal"])
+
+    for name in STOP_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            with contextlib.suppress(ValueError):  # not in the main thread: leave handlers alone
+                previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+def _restore_handlers(previous: dict[int, Any]) -> None:
+    for sig, h in previous.items():
+        with contextlib.suppress(ValueError, TypeError):
+            signal.signal(sig, h)
+
+
+# ---- the loop -----------------------------------------------------------------------------------------
+def train(cfg: RunConfig) -> TrainResult:
+    """Run (or resume) training as configured; returns how it ended. Never calls exit()."""
+    from clusterlm.checkpoint.store import (
+        capture_rng_state,
+        find_latest_valid,
+        load_checkpoint,
+        restore_rng_state,
+        save_checkpoint,
+    )
+    from clusterlm.data.loader import TokenLoader, iter_eval_batches
+    from clusterlm.data.shards import read_meta
+    from clusterlm.eval.metrics import evaluate_loss, lm_loss
+    from clusterlm.models.build import build_model
+    from clusterlm.train.metrics import MetricsLogger, Throughput, device_peak_flops, flops_per_token, memory_stats, mfu
+    from clusterlm.train.optim import build_optimizer, lr_at
+
+    tc, oc = cfg.train, cfg.optim
+    out_dir = Path(tc.out_dir)
+    ckpt_root = out_dir / "checkpoints"
+    device = resolve_device(tc.device)
+    amp_dtype = autocast_dtype(tc, device)
+    if tc.threads and device.type == "cpu":
+        torch.set_num_threads(tc.threads)
+
+    # -- data and model config ----------------------------------------------------------------------
+    data_dir = ensure_data(cfg.data)
+    meta = read_meta(data_dir)
+    vocab = int(meta["tokenizer"]["vocab_size"])
+    mcfg = cfg.model
+    if mcfg.vocab_size is None:
+        mcfg = mcfg.with_vocab(vocab)
+    elif mcfg.vocab_size < vocab:
+        raise ConfigError(f"model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's {vocab} tokens "
+                          f"in {data_dir}; leave it unset to take the tokenizer's size")
+    if tc.seq_len > mcfg.max_seq_len:
+        raise ConfigError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={mcfg.max_seq_len}")
+    cfg = dataclasses.replace(cfg, model=mcfg, data=dataclasses.replace(cfg.data, dir=str(data_dir)))
+    accum, tokens_per_step = batch_plan(tc)
+
+    # -- resume point ------------------------------------------------------------------------------------
+    ckpt = None
+    if tc.resume == "auto":
+        path = find_latest_valid(ckpt_root)
+        if path is None:
+            log.info("resume=auto: no valid checkpoint in %s, starting fresh", ckpt_root)
+        else:
+            ckpt = load_checkpoint(path)
+    elif tc.resume != "none":
+        from clusterlm.checkpoint.store import resolve_checkpoint
+
+        ckpt = load_checkpoint(resolve_checkpoint(tc.resume))
+    if ckpt is None and ckpt_root.exists() and any(ckpt_root.glob("step-*")):
+        raise ConfigError(f"{out_dir} already has checkpoints; resume with --train.resume=auto "
+                          "or choose another --train.out_dir")
+
+    # -- model, optimizer, loader (built on meta, materialised, initialised) -----------------------------
+    torch.manual_seed(tc.seed)
+    with torch.device("meta"):
+        model = build_model(mcfg)
+    model.to_empty(device=device)
+    model.init_weights(tc.seed)
+    opt = build_optimizer(model, oc)
+    loader = TokenLoader(data_dir, "train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len, seed=tc.seed)
+    state = RunState()
+    if ckpt is not None:
+        model.load_state_dict(ckpt.model_state)
+        if ckpt.optimizer_state is not None:
+            opt.load_state_dict(ckpt.optimizer_state)
+        ts = ckpt.train_state
+        loader.load_state_dict(ts["loader"])
+        state = RunState(**ts["run"])
+        restore_rng_state(ckpt.rng)
+        log.info("resumed from %s at step %d (%d tokens seen)", ckpt.path, state.step, state.tokens_seen)
+    step_fn = torch.compile(model) if tc.compile else model
+
+    # -- derived numbers, printed once (llm.c style) -------------------------------------------------
+    n_params = mcfg.num_params()
+    fpt = flops_per_token(mcfg, tc.seq_len)
+    peak, peak_source = device_peak_flops(device, "bf16" if amp_dtype == torch.bfloat16 else "fp32")
+    log.info("model: %s, %s parameters (%s without embeddings)", mcfg.arch, f"{n_params:,}",
+             f"{mcfg.num_params(include_embeddings=False):,}")
+    log.info("batch: %d x %d tokens per micro-batch, %d accumulation steps, %s tokens per step",
+             tc.micro_batch_size, tc.seq_len, accum, f"{tokens_per_step:,}")
+    log.info("FLOPs/token: %.3g (%s)", fpt["total"], fpt["convention"])
+    log.info("device: %s, autocast %s, peak %s (%s), compile=%s", device, amp_dtype or "off (fp32)",
+             f"{peak / 1e12:.1f} TFLOP/s" if peak else "unknown", peak_source, tc.compile)
+    log.info("data: %s (%s train tokens, %d samples/epoch)", data_dir, f"{meta['splits']['train']['tokens']:,}",
+             loader.num_samples)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.toml").write_text(to_toml(cfg))
+    metrics = MetricsLogger(out_dir, tensorboard=tc.tensorboard)
+    metrics.truncate_after(state.step)
+    tokenizer_file = data_dir / meta["tokenizer"]["file"]
+    has_val = meta["splits"].get("val", {}).get("tokens", 0) > tc.seq_len
+
+    def autocast():
+        if amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+    def evaluate() -> float | None:
+        if not has_val:
+            return None
+        batches = iter_eval_batches(data_dir, "val", tc.micro_batch_size, tc.seq_len, max_batches=tc.eval_batches)
+        return float(evaluate_loss(model, batches, device=device, autocast_dtype=amp_dtype)["loss"])
+
+    def save(reason: str) -> Path:
+        train_state = {"run": dataclasses.asdict(state), "loader": loader.state_dict(), "reason": reason,
+                       "tokens_per_step": tokens_per_step}
+        path = save_checkpoint(ckpt_root, state.step, model_state=model.state_dict(), optimizer_state=opt.state_dict(),
+                               train_state=train_state, rng=capture_rng_state(), config_toml=to_toml(cfg),
+                               tokenizer_path=tokenizer_file, keep_last=cfg.checkpoint.keep_last)
+        metrics.log({"kind": "event", "step": state.step, "event": "checkpoint", "path": str(path), "reason": reason})
+        return path
+
+    stop: dict[str, Any] = {}
+    previous_handlers = _install_stop_handlers(stop)
+    throughput = Throughput()
+    t_start = time.perf_counter()
+    last_loss = last_val = None
+    last_ckpt: Path | None = None
+    exit_code, reason = EXIT_OK, "finished"
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=tc.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not sys.stderr.isatty(), leave=False)
+    try:
+        model.train()
+        while state.step < tc.max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(state.step, oc, tc.max_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(accum):
+                x, y = next(loader)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast():
+                    logits = step_fn(x)
+                loss = lm_loss(logits, y) / accum
+                loss.backward()
+                loss_sum += loss.detach()
+            loss_value = float(loss_sum)  # one host sync per step, needed for the NaN check and the log
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf")))
+            finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+            if finite:
+                opt.step()
+                state.bad_streak = 0
+            else:
+                state.bad_steps_total += 1
+                state.bad_streak += 1
+                log.warning("step %d: loss=%s grad_norm=%s is not finite: optimizer step skipped (%d in a row, "
+                            "limit %d)", state.step + 1, loss_value, grad_norm, state.bad_streak, tc.max_bad_steps)
+            opt.zero_grad(set_to_none=True)
+            state.step += 1
+            state.tokens_seen += tokens_per_step
+            dt = time.perf_counter() - t0
+            tps = throughput.update(tokens_per_step, dt)
+            record = {"kind": "train", "step": state.step, "tokens": state.tokens_seen, "loss": loss_value,
+                      "lr": lr, "grad_norm": grad_norm, "skipped": not finite, "step_time_s": dt, "tokens_per_s": tps,
+                      "mfu": mfu(tps, fpt["total"], peak)}
+            if state.step % tc.log_interval == 0 or state.step == tc.max_steps:
+                record.update(memory_stats(device))
+                log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.0f tok/s  %.1f ms/step",
+                         state.step, tc.max_steps, loss_value, lr, grad_norm, tps, dt * 1e3)
+            metrics.log(record, tensorboard=state.step % tc.log_interval == 0)
+            if finite:
+                last_loss = loss_value
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+
+            if state.bad_streak >= tc.max_bad_steps:
+                exit_code, reason = EXIT_DIVERGED, f"{state.bad_streak} consecutive non-finite losses"
+                log.error("stopping: %s (train.max_bad_steps=%d); the last good weights are saved", reason,
+                          tc.max_bad_steps)
+                last_ckpt = save("diverged")
+                break
+            if tc.eval_interval and state.step % tc.eval_interval == 0 and state.step < tc.max_steps:
+                last_val = evaluate()
+                if last_val is not None:
+                    _record_val(metrics, state, last_val)
+            if stop.get("signal"):
+                exit_code, reason = EXIT_PREEMPTED, f"stopped by {stop['signal']}"
+                last_ckpt = save("preempted")
+                break
+            elapsed = state.train_seconds + time.perf_counter() - t_start
+            if tc.max_minutes and elapsed >= tc.max_minutes * 60 and state.step < tc.max_steps:
+                reason = f"time limit of {tc.max_minutes} min reached"
+                log.info("%s at step %d", reason, state.step)
+                break
+            if cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0 and state.step < tc.max_steps:
+                state.train_seconds += time.perf_counter() - t_start
+                t_start = time.perf_counter()
+                last_ckpt = save("periodic")
+        else:
+            pass
+        if exit_code == EXIT_OK:
+            last_val = evaluate()
+            if last_val is not None:
+                _record_val(metrics, state, last_val)
+            state.train_seconds += time.perf_counter() - t_start
+            t_start = time.perf_counter()
+            last_ckpt = save("final")
+    finally:
+        bar.close()
+        _restore_handlers(previous_handlers)
+        metrics.close()
+    log.info("%s at step %d: train loss %s, val loss %s; checkpoint %s", reason, state.step,
+             f"{last_loss:.4f}" if last_loss is not None else "n/a",
+             f"{last_val:.4f}" if last_val is not None else "n/a", last_ckpt)
+    return TrainResult(exit_code, state.step, out_dir, last_loss, last_val, last_ckpt, reason)
+
+
+def _record_val(metrics, state: RunState, val_loss: float) -> None:
+    if state.best_val_loss is None or val_loss < state.best_val_loss:
+        state.best_val_loss = val_loss
+    metrics.log({"kind": "eval", "step": state.step, "tokens": state.tokens_seen, "val_loss": val_loss,
+                 "val_ppl": math.exp(min(val_loss, 50.0))})
+    log.info("step %d: val loss %.4f (best %.4f)", state.step, val_loss, state.best_val_loss)
+
+
+def main(argv: list[str]) -> int:
+    overrides, rest = split_overrides(argv)
+    parser = argparse.ArgumentParser(
+        prog="clusterlm train",
+        description="Train a model from a recipe. Any config key can be overridden as --section.key=value "
+                    "(see `clusterlm config show RECIPE`). Exit codes: 0 done, 2 bad input, 3 diverged "
+                    "(NaN/Inf), 75 stopped by a signal after saving (resume with --train.resume=auto).",
+    )
+    parser.add_argument("recipe", nargs="?", help="recipe TOML file or bundled recipe name, e.g. "
+                        "recipes/shakespeare_char_cpu.toml (omitted: defaults + overrides)")
+    parser.add_argument("--resume", choices=["auto", "none"], help="shortcut for --train.resume")
+    args = parser.parse_args(rest)
+    if args.resume:
+        overrides.append(f"--train.resume={args.resume}")
+    cfg = load_run_config(args.recipe, overrides)
+    sys.stderr.write("resolved config:\n" + to_toml(cfg) + "\n")
+    return train(cfg).exit_code

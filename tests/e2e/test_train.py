@@ -1,0 +1,165 @@
+"""Training end to end on a tiny corpus: resume bit-exactness, NaN handling, signals, corrupt checkpoints."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clusterlm.cli import EXIT_DIVERGED, EXIT_PREEMPTED
+from clusterlm.config import load_run_config
+
+TEXT = [
+    "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 8,
+    "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n" * 8,
+    "And by opposing end them. To die: to sleep;\nNo more; and by a sleep to say we end\n" * 8,
+    "The heart-ache and the thousand natural shocks\nThat flesh is heir to, 'tis a consummation\n" * 8,
+    "Devoutly to be wish'd. To die, to sleep;\nTo sleep: perchance to dream: ay, there's the rub;\n" * 8,
+]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    from clusterlm.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("corpus")
+    for i, t in enumerate(TEXT * 4):
+        (root / f"doc{i:02d}.txt").write_text(t + f"[{i}]\n")
+    out = root / "data"
+    prepare([str(root)], out, tokenizer="char", val_fraction=0.2)
+    return out
+
+
+def tiny_cfg(data_dir: Path, out: Path, *extra: str):
+    return load_run_config(None, _cli_args(data_dir, out) + list(extra))
+
+
+def losses(run: Path) -> dict[int, float]:
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r.get("kind") == "train":
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def test_resume_is_bit_exact(data_dir, tmp_path):
+    """100 steps straight equal (as floats) 50 steps + resume to 100: model, optimizer, schedule, loader, RNG.
+    (decay_steps is pinned so the cosine schedule does not depend on max_steps.)"""
+    from clusterlm.train.loop import train
+
+    straight = train(tiny_cfg(data_dir, tmp_path / "a", "--optim.decay_steps=90"))
+    assert straight.exit_code == 0 and straight.step == 100
+    first = train(tiny_cfg(data_dir, tmp_path / "b", "--optim.decay_steps=90", "--train.max_steps=50"))
+    assert first.step == 50
+    resumed = train(tiny_cfg(data_dir, tmp_path / "b", "--optim.decay_steps=90", "--train.resume=auto"))
+    assert resumed.step == 100
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(a) == sorted(b) == list(range(1, 101))
+    assert [a[s] for s in range(51, 101)] == [b[s] for s in range(51, 101)]
+    assert a[100] < a[1]  # it learned something
+    assert straight.final_val_loss == resumed.final_val_loss
+
+
+def test_existing_run_without_resume_is_refused(data_dir, tmp_path):
+    """A second run into the same out_dir must say how to resume instead of overwriting checkpoints."""
+    from clusterlm.errors import ConfigError
+    from clusterlm.train.loop import train
+
+    train(tiny_cfg(data_dir, tmp_path / "r", "--train.max_steps=5"))
+    with pytest.raises(ConfigError, match="resume=auto"):
+        train(tiny_cfg(data_dir, tmp_path / "r", "--train.max_steps=5"))
+
+
+def test_nan_skips_step_and_stops_after_limit(data_dir, tmp_path, monkeypatch):
+    """An injected NaN loss skips the optimizer step (weights unchanged) and is counted; N in a row stop
+    the run with EXIT_DIVERGED after saving the last good state."""
+    import torch
+
+    import clusterlm.eval.metrics as m
+    from clusterlm.checkpoint.store import load_checkpoint, resolve_checkpoint
+    from clusterlm.train.loop import train
+
+    real = m.lm_loss
+    calls = {"n": 0}
+    bad = {7, 8} | set(range(39, 100))  # micro-batch calls, 2 per step: step 4 is bad, then steps 20+
+
+    def flaky(logits, targets):
+        calls["n"] += 1
+        loss = real(logits, targets)
+        return loss * float("nan") if calls["n"] in bad else loss
+
+    monkeypatch.setattr(m, "lm_loss", flaky)
+    res = train(tiny_cfg(data_dir, tmp_path / "n", "--train.max_bad_steps=3"))
+    assert res.exit_code == EXIT_DIVERGED
+    assert res.step == 22  # steps 20, 21, 22 bad in a row -> stop
+    recs = [json.loads(x) for x in (tmp_path / "n" / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r["step"] for r in recs if r.get("kind") == "train" and r["skipped"]]
+    assert skipped == [4, 20, 21, 22]
+    ck = load_checkpoint(resolve_checkpoint(str(tmp_path / "n")))
+    assert ck.step == 22 and ck.train_state["run"]["bad_steps_total"] == 4
+    assert all(torch.isfinite(t).all() for t in ck.model_state.values())
+
+
+def test_corrupt_newest_checkpoint_falls_back(data_dir, tmp_path, caplog):
+    """resume=auto skips a checkpoint whose hashes fail and resumes from the previous one."""
+    from clusterlm.train.loop import train
+
+    run = tmp_path / "c"
+    train(tiny_cfg(data_dir, run, "--train.max_steps=100"))
+    newest = run / "checkpoints" / "step-00000100" / "model.safetensors"
+    raw = bytearray(newest.read_bytes())
+    raw[-5] ^= 0xFF
+    newest.write_bytes(bytes(raw))
+    with caplog.at_level("WARNING"):
+        res = train(tiny_cfg(data_dir, run, "--train.resume=auto", "--train.max_steps=100"))
+    assert "step-00000100" in caplog.text
+    assert res.step == 100
+    assert (run / "checkpoints" / "step-00000050").exists()
+
+
+def test_sigterm_saves_and_resume_continues_identically(data_dir, tmp_path):
+    """SIGTERM mid-run (CLI in a subprocess): the step finishes, a checkpoint is saved, exit code 75;
+    resuming gives the same per-step losses as an uninterrupted run (constant lr after warmup, so the
+    schedule does not depend on max_steps)."""
+    from clusterlm.train.loop import train
+
+    common = ["--optim.schedule=constant", "--model.n_layers=4", "--model.dim=64"]
+    run = tmp_path / "sig"
+    cfg_args = [a for a in _cli_args(data_dir, run)] + common + ["--train.max_steps=5000"]
+    proc = subprocess.Popen([sys.executable, "-m", "clusterlm", "train", *cfg_args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 15:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    stopped_at = max(losses(run))
+    assert 15 <= stopped_at < 5000
+    assert (run / "checkpoints" / f"step-{stopped_at:08d}").is_dir()
+    end = stopped_at + 10
+    res = train(tiny_cfg(data_dir, run, *common, f"--train.max_steps={end}", "--train.resume=auto"))
+    assert res.step == end
+    ref = tmp_path / "ref"
+    train(tiny_cfg(data_dir, ref, *common, f"--train.max_steps={end}"))
+    a, b = losses(ref), losses(run)
+    assert [a[s] for s in range(1, end + 1)] == [b[s] for s in range(1, end + 1)]
+
+
+def _cli_args(data_dir: Path, run: Path) -> list[str]:
+    return ["--data.dir=" + json.dumps(str(data_dir)), "--train.out_dir=" + json.dumps(str(run)),
+            "--model.n_layers=2", "--model.dim=32", "--model.n_heads=2", "--model.max_seq_len=32",
+            "--model.dropout=0.1", "--train.seq_len=32", "--train.micro_batch_size=4",
+            "--train.global_batch_tokens=256", "--train.max_steps=100", "--train.device=cpu",
+            "--train.eval_interval=40", "--train.eval_batches=2", "--train.log_interval=25",
+            "--train.tensorboard=false", "--checkpoint.interval=50", "--checkpoint.keep_last=5",
+            "--optim.warmup_steps=10", "--optim.lr=3e-3"]
