@@ -63,12 +63,23 @@ def mfu(tokens_per_s: float | None, flops_per_token: float, peak_flops: float | 
     return tokens_per_s * flops_per_token / peak_flops
 
 
+def _tf32_matmuls() -> bool:
+    """Whether fp32 CUDA matmuls may run in TF32 (set_float32_matmul_precision("high") or the
+    allow_tf32 / fp32_precision flags; reading the legacy flag raises after a mix of the two APIs)."""
+    mm = torch.backends.cuda.matmul
+    try:
+        precision = getattr(mm, "fp32_precision", None)
+        return precision == "tf32" if precision is not None else bool(mm.allow_tf32)
+    except RuntimeError:
+        return torch.get_float32_matmul_precision() != "highest"
+
+
 def device_peak_flops(device: torch.device | str, dtype: str, *,
                       measured_peak: float | None = None) -> tuple[float | None, str]:
     """(dense peak FLOP/s or None, where it comes from) for `device` computing in `dtype`.
 
     dtype: "fp32", "tf32", "bf16" or "fp16". On CUDA, "fp32" becomes "tf32" when torch lets fp32
-    matmuls use TF32 (torch.backends.cuda.matmul.allow_tf32), since that is the peak they run at.
+    matmuls use TF32 (`_tf32_matmuls`), since that is the peak they run at.
     `measured_peak` (e.g. from `clusterlm probe`) wins over any table.
     """
     device = torch.device(device)
@@ -79,7 +90,7 @@ def device_peak_flops(device: torch.device | str, dtype: str, *,
     if device.type != "cuda":
         return None, "unknown: run `clusterlm probe` to measure"
     name = torch.cuda.get_device_name(device)
-    if dtype == "fp32" and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == "fp32" and _tf32_matmuls():
         dtype = "tf32"
     try:
         from clusterlm.cluster.hardware import lookup_accelerator, peak_flops

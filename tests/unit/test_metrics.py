@@ -12,6 +12,7 @@ from torch import nn
 
 from clusterlm.eval.metrics import bits_per_byte, evaluate_loss, lm_loss, perplexity
 from clusterlm.models.config import get_preset
+from clusterlm.train import metrics as train_metrics
 from clusterlm.train.metrics import (
     MetricsLogger,
     Throughput,
@@ -67,6 +68,37 @@ def test_device_peak_cpu_unknown_unless_measured():
     assert device_peak_flops(torch.device("cpu"), "bf16", measured_peak=2.5e11) == (2.5e11, "measured (given)")
     with pytest.raises(ValueError, match="measured_peak"):
         device_peak_flops("cpu", "fp32", measured_peak=0.0)
+
+
+def test_device_peak_cuda_lookup(monkeypatch):
+    """CUDA: the device name is looked up in clusterlm.cluster.hardware (H100 SXM dense bf16 =
+    989.4 TFLOP/s); fp32 with TF32 matmuls allowed uses the tf32 peak; an unknown GPU gives None
+    with its name in the reason (no A100 fallback)."""
+    from clusterlm.cluster.hardware import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    peak, source = device_peak_flops("cuda", "bf16")
+    assert peak == peak_flops("NVIDIA H100 80GB HBM3", "bf16") == pytest.approx(989.4e12)
+    assert "H100" in source and "bf16" in source
+    monkeypatch.setattr(train_metrics, "_tf32_matmuls", lambda: True)
+    assert device_peak_flops("cuda", "fp32")[0] == peak_flops("NVIDIA H100 80GB HBM3", "tf32")
+    monkeypatch.setattr(train_metrics, "_tf32_matmuls", lambda: False)
+    assert device_peak_flops("cuda", "fp32")[0] == peak_flops("NVIDIA H100 80GB HBM3", "fp32")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    peak, source = device_peak_flops("cuda:0", "bf16")
+    assert peak is None and "Some Future GPU" in source
+
+
+def test_tf32_flag_follows_matmul_precision():
+    """_tf32_matmuls is True after set_float32_matmul_precision("high"), False after "highest"."""
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert train_metrics._tf32_matmuls() is True
+        torch.set_float32_matmul_precision("highest")
+        assert train_metrics._tf32_matmuls() is False
+    finally:
+        torch.set_float32_matmul_precision(saved)
 
 
 # ---- throughput and memory ------------------------------------------------------------------------------
