@@ -179,17 +179,20 @@ def probe_slurm() -> SchedulerSpec:
 
 # ---- measurements (torch) ----------------------------------------------------------------------------
 def _timed(fn: Callable[[], Any], sync: Callable[[], None], seconds: float) -> float:
-    """Seconds per call of fn, after a warm-up, repeating for about `seconds`."""
+    """Seconds per call of fn: the fastest of the calls made in about `seconds`, after a warm-up.
+    The minimum measures what the hardware can do; a mean would also measure whatever else shares
+    the machine (other processes on a login or CI node)."""
     fn()
     sync()
-    n, t0 = 0, time.perf_counter()
+    best, start = float("inf"), time.perf_counter()
     while True:
+        t0 = time.perf_counter()
         fn()
-        n += 1
         sync()
-        dt = time.perf_counter() - t0
-        if dt >= seconds:
-            return dt / n
+        t1 = time.perf_counter()
+        best = min(best, t1 - t0)
+        if t1 - start >= seconds:
+            return best
 
 
 def measure_matmul_tflops(device: str, dtype: str, n: int, seconds: float) -> float:
@@ -295,6 +298,11 @@ def probe_node(*, quick: bool = False, checkpoint_dir: str = ".", measure: bool 
     scheduler = probe.step("slurm", probe_slurm)
 
     torch_ok = measure and probe.step("torch", lambda: __import__("torch") and True, False)
+    if measure:  # other work on the node slows every measurement: say so beside the figures
+        load = probe.step("load", lambda: float(_read("/proc/loadavg").split()[0]))
+        if load is not None and load > 0.25 * max(cpu.threads, 1):
+            probe.notes["load"] = (f"1-minute load average {load:g} on {cpu.threads} logical CPUs when measuring: "
+                                   f"other processes shared the node, figures may be low")
     if gpus:
         name = gpus[0].name
         if len({g.name for g in gpus}) > 1:
