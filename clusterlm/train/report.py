@@ -113,6 +113,7 @@ def _predicted_vs_measured(records: list[dict[str, Any]], train: list[dict[str, 
 # ---- plots --------------------------------------------------------------------------------------------
 def _plot_loss(records: list[dict[str, Any]], x: str, xlabel: str, path: Path) -> None:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     tx, ty = _series(records, "train", x, "loss")
@@ -123,6 +124,8 @@ def _plot_loss(records: list[dict[str, Any]], x: str, xlabel: str, path: Path) -
     if vx:
         ax.plot(vx, vy, color="tab:orange", marker="o", markersize=3.5, linewidth=1.6, label="val")
     ax.set_xlabel(xlabel)
+    if x == "tokens":
+        ax.xaxis.set_major_formatter(EngFormatter())  # 200k, 1.5M, ... instead of 1500000
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(f"loss vs {xlabel.split(' ')[0]}")
     ax.grid(True, alpha=0.3)
@@ -135,6 +138,7 @@ def _plot_loss(records: list[dict[str, Any]], x: str, xlabel: str, path: Path) -
 
 def _plot_throughput(records: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     sx, sy = _series(records, "train", "step", "tokens_per_s")
@@ -144,6 +148,7 @@ def _plot_throughput(records: list[dict[str, Any]], path: Path) -> None:
         ax.axhline(med, color="tab:green", linestyle="--", linewidth=0.9, label=f"median {med:,.0f} tokens/s")
     ax.set_xlabel("step")
     ax.set_ylabel("tokens/s")
+    ax.yaxis.set_major_formatter(EngFormatter())
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     mx, my = _series(records, "train", "step", "mfu")
@@ -153,9 +158,9 @@ def _plot_throughput(records: list[dict[str, Any]], path: Path) -> None:
         ax2.set_ylabel("MFU (%)")
         ax2.set_ylim(bottom=0)
         lines = ax.get_lines() + ax2.get_lines()
-        ax.legend(lines, [ln.get_label() for ln in lines], loc="lower right")
+        ax.legend(lines, [ln.get_label() for ln in lines], loc="best")
     elif sy:
-        ax.legend(loc="lower right")
+        ax.legend(loc="best")
     ax.set_title("throughput")
     fig.tight_layout()
     fig.savefig(path)
