@@ -171,18 +171,18 @@ def _largest_tensor(model: ModelConfig) -> int:
 # ---- the estimate --------------------------------------------------------------------------------------
 def estimate_memory(model: ModelConfig, dims: ParallelDims, *, micro_batch: int, seq_len: int,
                     dtype: str = "bf16", recompute: str = "none", attention: str = "flash",
-                    grad_accum_steps: int = 1, device_kind: str = "cuda") -> MemoryEstimate:
+                    grad_accum_steps: int = 1, optimizer_impl: str = "fused") -> MemoryEstimate:
     """Peak bytes on the device that needs most (over pipeline stages), piece by piece."""
     if dtype not in STATE_BYTES:
         raise ValueError(f"dtype={dtype!r}; expected one of {', '.join(STATE_BYTES)}")
     stages = ("only",) if dims.pp == 1 else ("first", "last")
     estimates = [_stage(model, dims, st, micro_batch, seq_len, dtype, recompute, attention,
-                        grad_accum_steps, device_kind) for st in stages]
+                        grad_accum_steps, optimizer_impl) for st in stages]
     return max(estimates, key=lambda m: m.peak_bytes)
 
 
 def _stage(model: ModelConfig, dims: ParallelDims, stage: str, b: int, s: int, dtype: str, recompute: str,
-           attention: str, accum: int, device_kind: str) -> MemoryEstimate:
+           attention: str, accum: int, optimizer_impl: str) -> MemoryEstimate:
     t, pp, fsdp = dims.tp, dims.pp, dims.dp_shard
     e = ELEM_BYTES[dtype]
     params, layers = stage_params(model, pp, stage)
@@ -237,13 +237,18 @@ def _stage(model: ModelConfig, dims: ParallelDims, stage: str, b: int, s: int, d
         items.append(MemoryItem("autocast_weight_copies", copies,
                                 f"{e} B/param bf16 copies saved for backward under autocast: {per_dev:,.0f}*{e}"))
         work += copies
-    # optimizer step: foreach AdamW allocates one fp32 temporary of the sharded parameters on GPUs;
-    # on CPU PyTorch steps one tensor at a time (the largest tensor is the V x D matrix)
-    if device_kind == "cpu":
-        opt_tmp = 4 * _largest_tensor(model) / t
-        opt_formula = "4 B * largest tensor (per-tensor AdamW on CPU)"
-    else:
+    # optimizer step temporaries by AdamW implementation: fused (clusterlm's trainer on CPU and CUDA)
+    # updates in place; foreach allocates one fp32 tensor the size of the sharded parameters
+    # (sqrt of v); the single-tensor loop one tensor the size of the largest parameter
+    if optimizer_impl == "fused":
+        opt_tmp, opt_formula = 0.0, "fused AdamW updates in place: no step-sized temporaries"
+    elif optimizer_impl == "foreach":
         opt_tmp = 4 * per_dev / fsdp
         opt_formula = "4 B/param * sharded params (foreach AdamW sqrt(v) temporary)"
+    elif optimizer_impl == "per_tensor":
+        opt_tmp = 4 * _largest_tensor(model) / t
+        opt_formula = "4 B * largest tensor (single-tensor AdamW loop)"
+    else:
+        raise ValueError(f"optimizer_impl={optimizer_impl!r}; expected fused, foreach or per_tensor")
     items.append(MemoryItem("optimizer_step_temp", opt_tmp, opt_formula))
     return MemoryEstimate(tuple(items), state + max(work, opt_tmp), stage)

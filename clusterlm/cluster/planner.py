@@ -318,7 +318,7 @@ def search(model: ModelConfig, spec: ClusterSpec, *, seq_len: int, global_batch_
             accum = dims.grad_accum_steps(global_batch_tokens, mb, seq_len)
             for rc in recompute_modes:
                 mem = estimate_memory(model, dims, micro_batch=mb, seq_len=seq_len, dtype=dtype, recompute=rc,
-                                      attention=attention, grad_accum_steps=accum, device_kind=device.kind)
+                                      attention=attention, grad_accum_steps=accum)
                 step = tps = mfu = total = dev_h = None
                 parts: dict[str, float] = {}
                 formulas: dict[str, str] = {}

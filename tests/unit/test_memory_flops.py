@@ -68,8 +68,8 @@ def test_pipeline_stage0_holds_pp_microbatches():
     per_layer, _ = layer_activation_bytes(model, 4096, 1, dtype="bf16", recompute="selective")
     est = estimate_memory(model, ParallelDims(pp=4), micro_batch=1, seq_len=4096, recompute="selective",
                           grad_accum_steps=16)
-    first = memory._stage(model, ParallelDims(pp=4), "first", 1, 4096, "bf16", "selective", "flash", 16, "cuda")
-    last = memory._stage(model, ParallelDims(pp=4), "last", 1, 4096, "bf16", "selective", "flash", 16, "cuda")
+    first = memory._stage(model, ParallelDims(pp=4), "first", 1, 4096, "bf16", "selective", "flash", 16, "fused")
+    last = memory._stage(model, ParallelDims(pp=4), "last", 1, 4096, "bf16", "selective", "flash", 16, "fused")
     assert first.get("activations") == 4 * 8 * per_layer
     assert last.get("activations") == 1 * 8 * per_layer
     assert last.get("logits") == 1 * 4096 * 128256 * (2 + 8)
@@ -126,7 +126,7 @@ def test_rnn_flops_and_memory():
     model = get_preset("lstm-small", vocab_size=65)
     f = flops.training_flops_per_token(model, 128)
     assert f.attention == 0 and f.matmul_params == 2 * 4 * (2 * 512 * 512 + 2 * 512) + 65 * 512 + 65
-    est = estimate_memory(model, ParallelDims(), micro_batch=4, seq_len=128, dtype="fp32", device_kind="cpu")
+    est = estimate_memory(model, ParallelDims(), micro_batch=4, seq_len=128, dtype="fp32", optimizer_impl="per_tensor")
     assert est.get("weights") == 4 * model.num_params()
     assert math.isfinite(est.peak_bytes) and est.peak_bytes > 16 * model.num_params()
 
@@ -134,8 +134,20 @@ def test_rnn_flops_and_memory():
 def test_explain_names_every_piece():
     """--explain prints each item by name with its GiB figure and the peak."""
     est = estimate_memory(get_preset("llama-1b"), ParallelDims(dp_shard=4), micro_batch=2, seq_len=2048,
-                          recompute="full")
+                          recompute="full", optimizer_impl="foreach")
     text = est.explain()
     for name in ("weights", "gradients", "master_weights", "optimizer", "activations", "recompute_working_set",
                  "logits", "fsdp_buffers", "optimizer_step_temp", "peak"):
         assert name in text
+
+
+def test_optimizer_step_temporaries():
+    """Fused AdamW (the trainer's choice on CPU and CUDA) adds nothing; foreach adds 4 B per sharded
+    parameter; the single-tensor loop 4 B x the largest tensor (the 128256 x 2048 embedding of Llama 1B)."""
+    model, dims = get_preset("llama-1b"), ParallelDims(dp_shard=4)
+    kw = dict(micro_batch=1, seq_len=1024)
+    assert estimate_memory(model, dims, **kw).get("optimizer_step_temp") == 0
+    assert estimate_memory(model, dims, optimizer_impl="foreach", **kw).get("optimizer_step_temp") == pytest.approx(
+        4 * model.num_params() / 4)
+    assert estimate_memory(model, dims, optimizer_impl="per_tensor", **kw).get("optimizer_step_temp") == \
+        4 * 128256 * 2048
