@@ -42,7 +42,7 @@ import numpy as np
 
 from clusterlm.data import shards
 from clusterlm.data.sources import DocumentReader, Source, discover
-from clusterlm.errors import ConfigError, DataError
+from clusterlm.errors import ClusterlmError, ConfigError, DataError
 from clusterlm.fsutil import atomic_write_bytes, atomic_write_json, sha256_file, staging_dir
 
 log = logging.getLogger(__name__)
@@ -332,6 +332,11 @@ def _worker_init(parent: int) -> None:
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 
+def _worker_warmup() -> None:
+    """Import what tokenizing needs while the main process is still scanning."""
+    import clusterlm.tokenizer.kinds  # noqa: F401  (tokenizers, numpy)
+
+
 def _worker_encode(tokenizer_path: str, texts: list[str], val_mask: bytes, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     global _worker_tokenizer
     if _worker_tokenizer is None or _worker_tokenizer[0] != tokenizer_path:
@@ -415,12 +420,13 @@ def _chunks(sources: list[Source], opts: PrepareOptions, scan: _Scan, chunk_char
 
 
 def _tokenize(sources: list[Source], opts: PrepareOptions, scan: _Scan, tok: Any, tok_path: Path,
-              writers: dict[int, _ShardWriter], workers: int, progress: bool) -> None:
+              writers: dict[int, _ShardWriter], workers: int, pool: Any, progress: bool) -> None:
+    """Pass 3: every kept document's tokens + EOS into its split's shards, in input order."""
     from tqdm import tqdm
 
     dtype = writers[TRAIN].dtype.name
     chunk_chars = int(np.clip(scan.total_chars // (workers * 8), MIN_CHUNK_CHARS, MAX_CHUNK_CHARS))
-    in_process = workers == 1 or scan.total_chars <= chunk_chars
+    in_process = pool is None or scan.total_chars <= chunk_chars
 
     def write(result: tuple[np.ndarray, np.ndarray]) -> None:
         writers[TRAIN].add(result[0])
@@ -434,23 +440,58 @@ def _tokenize(sources: list[Source], opts: PrepareOptions, scan: _Scan, tok: Any
                 for texts, mask in chunks:
                     write(encode_chunk(tok, texts, mask, dtype))
             return
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
 
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_worker_init, initargs=(os.getpid(),))
+        pending: deque = deque()
         try:
-            pending: deque = deque()
             for texts, mask in chunks:
                 pending.append(pool.submit(_worker_encode, str(tok_path), texts, mask, dtype))
                 while len(pending) > 2 * workers:  # bounded memory; results written in input order
                     write(pending.popleft().result())
             while pending:
                 write(pending.popleft().result())
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        pool.shutdown(wait=True)
+        except BrokenProcessPool as e:
+            raise ClusterlmError(
+                f"a tokenizer worker process died ({e}). Workers are started with the 'spawn' method: a "
+                "script that calls prepare() with workers > 1 must do so under `if __name__ == "
+                "'__main__':`; otherwise retry with --workers 1 and check memory") from None
+
+
+@contextlib.contextmanager
+def _worker_pool(workers: int, start: bool) -> Iterator[Any]:
+    """A pool of `workers` spawned processes, started now so they boot while the main process
+    scans and trains (None when `start` is False). Cancelled on error or interrupt."""
+    if not start:
+        yield None
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init, initargs=(os.getpid(),))
+    for _ in range(workers):  # each submit spawns a process while none is idle
+        pool.submit(_worker_warmup)
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _estimated_chars(sources: list[Source]) -> int:
+    """Bytes of the inputs as stored (compressed files count as stored): enough to tell a tiny
+    input, for which spawning workers costs more than it saves."""
+    from clusterlm.data import builtin
+
+    total = 0
+    for s in sources:
+        if s.builtin is not None:
+            total += len(dict(builtin.builtin_files(s.builtin[0]))[s.builtin[1]])
+        else:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(s.name) * (4 if s.compression else 1)
+    return total
 
 
 # -- the whole job ------------------------------------------------------------------------------------------
@@ -499,7 +540,8 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
     n_workers = opts.workers or default_workers()
     t0 = time.perf_counter()
 
-    with staging_dir(out, overwrite=opts.overwrite) as tmp:
+    start_pool = n_workers > 1 and _estimated_chars(sources) > 2 * MIN_CHUNK_CHARS
+    with staging_dir(out, overwrite=opts.overwrite) as tmp, _worker_pool(n_workers, start_pool) as pool:
         scan = _scan(sources, opts, show)
         log.info("read %d documents from %d files: %d kept (%d train, %d val), %d empty, %d bad records, "
                  "%d duplicates", scan.counts["documents_read"], len(sources), scan.counts["kept"],
@@ -516,7 +558,7 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
             tok.save(tok_path)
         dtype = shards.dtype_for_vocab(tok.vocab_size)
         writers = {s: _ShardWriter(tmp, name, dtype, opts.shard_tokens) for s, name in ((TRAIN, "train"), (VAL, "val"))}
-        _tokenize(sources, opts, scan, tok, tok_path, writers, n_workers, show)
+        _tokenize(sources, opts, scan, tok, tok_path, writers, n_workers, pool, show)
 
         splits = {}
         for s, name in ((TRAIN, "train"), (VAL, "val")):

@@ -1,0 +1,151 @@
+"""Tokens/s of `clusterlm prepare` (BPE) on the Shakespeare corpus vs `tokenizers`' own encode_batch.
+
+    .venv/bin/python benchmarks/prepare_throughput.py            # 1 and 2 cores, best of 5 rounds
+    .venv/bin/python benchmarks/prepare_throughput.py --rounds 3 --cores 1 2 4
+
+The 42 bundled texts are written as .txt files to a temporary folder, and a BPE tokenizer
+(vocab 8192) is trained once on them. Then, for each core count c, in fresh processes:
+  raw      `tokenizers.Tokenizer.encode_batch(texts)` on the texts already in memory, with
+           RAYON_NUM_THREADS=c (the Rust thread pool `tokenizers` parallelises over);
+  prepare  `prepare([folder], out, tokenizer=tokenizer.json, workers=c)` end to end: discover and
+           read the files, clean and hash every document, tokenize in c processes, write shards
+           and meta.json (the in-process path for c = 1, on one core).
+Rounds alternate raw and prepare so load from other programs hits both alike; the best (fastest)
+of each is reported. Throughput counts text tokens (prepare's EOS tokens are left out).
+Goal (issue 2): prepare keeps >= 80% of raw throughput at equal cores.
+Writes benchmarks/results/prepare_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+GOAL = 0.8
+VOCAB = 8192
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def child_raw(folder: Path, tokenizer: Path) -> dict:
+    """Best-effort reference: the texts in memory, one encode_batch call, ids materialised by Rust."""
+    import tokenizers
+
+    texts = [p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.txt"))]
+    tok = tokenizers.Tokenizer.from_file(str(tokenizer))
+    tok.encode_batch(texts[:2], add_special_tokens=False)  # warm-up (thread pool start)
+    t0 = time.perf_counter()
+    encs = tok.encode_batch(texts, add_special_tokens=False)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "tokens": sum(len(e.ids) for e in encs)}
+
+
+def child_prepare(folder: Path, tokenizer: Path, workers: int) -> dict:
+    from clusterlm.data.prepare import prepare
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        meta = prepare([str(folder)], Path(tmp) / "data", tokenizer=str(tokenizer), workers=workers, progress=False)
+        seconds = time.perf_counter() - t0
+    docs = meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"]
+    tokens = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"] - docs  # minus one EOS per doc
+    return {"seconds": seconds, "tokens": tokens}
+
+
+def spawn(kind: str, folder: Path, tokenizer: Path, cores: int) -> dict:
+    env = dict(os.environ, RAYON_NUM_THREADS=str(cores))
+    env.pop("TOKENIZERS_PARALLELISM", None)
+    cmd = [sys.executable, __file__, "--child", kind, "--folder", str(folder), "--tokenizer", str(tokenizer),
+           "--cores", str(cores)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--cores", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--child", choices=["raw", "prepare"], help=argparse.SUPPRESS)
+    ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--tokenizer", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child == "raw":
+        print(json.dumps(child_raw(args.folder, args.tokenizer)))
+        return
+    if args.child == "prepare":
+        print(json.dumps(child_prepare(args.folder, args.tokenizer, args.cores[0])))
+        return
+
+    from clusterlm.data.builtin import builtin_files
+    from clusterlm.tokenizer.kinds import train_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "shakespeare"
+        folder.mkdir()
+        corpus = builtin_files("shakespeare")
+        for name, data in corpus:
+            (folder / name).write_bytes(data)
+        tokenizer = Path(tmp) / "tokenizer.json"
+        train_tokenizer("bpe", (d.decode() for _, d in corpus), VOCAB).save(tokenizer)
+
+        samples: dict[int, dict[str, list[dict]]] = {c: {"raw": [], "prepare": []} for c in args.cores}
+        for r in range(args.rounds):
+            for c in args.cores:
+                for kind in ("raw", "prepare"):
+                    res = spawn(kind, folder, tokenizer, c)
+                    samples[c][kind].append(res)
+                    print(f"round {r + 1}/{args.rounds} cores={c} {kind:7s} {res['seconds']:.3f} s "
+                          f"{res['tokens'] / res['seconds']:,.0f} tokens/s", file=sys.stderr)
+
+    results = {}
+    for c in args.cores:
+        raw, prep = samples[c]["raw"], samples[c]["prepare"]
+        assert len({s["tokens"] for s in raw + prep}) == 1, "raw and prepare must tokenize the same text"
+        tokens = raw[0]["tokens"]
+        best_raw = min(s["seconds"] for s in raw)
+        best_prep = min(s["seconds"] for s in prep)
+        results[str(c)] = {
+            "raw_encode_batch_tokens_per_s": round(tokens / best_raw),
+            "prepare_tokens_per_s": round(tokens / best_prep),
+            "ratio": round(best_raw / best_prep, 3),
+            "raw_seconds_best": round(best_raw, 4),
+            "prepare_seconds_best": round(best_prep, 4),
+            "raw_seconds_median": round(statistics.median(s["seconds"] for s in raw), 4),
+            "prepare_seconds_median": round(statistics.median(s["seconds"] for s in prep), 4),
+        }
+    report = {
+        "benchmark": "prepare_throughput",
+        "what": "BPE (vocab 8192) tokens/s: clusterlm prepare end to end vs tokenizers encode_batch, equal cores",
+        "corpus": {"name": "builtin:shakespeare as 42 .txt files", "documents": len(corpus),
+                   "bytes": sum(len(d) for _, d in corpus), "text_tokens": tokens},
+        "machine": {"cpu": cpu_model(), "usable_cpus": len(os.sched_getaffinity(0)), "python": platform.python_version()},
+        "rounds": args.rounds,
+        "statistic": "best of the rounds (rounds alternate raw and prepare)",
+        "goal_ratio": GOAL,
+        "goal_met": all(v["ratio"] >= GOAL for v in results.values()),
+        "by_cores": results,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "prepare_throughput.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
