@@ -2,7 +2,8 @@
 
     clusterlm config show recipes/shakespeare_char_cpu.toml --train.max_steps=100
 
-Each component gets its own section (`data`, `model`, `train`, `optim`, `checkpoint`); nothing
+Each component gets its own section (`data`, `model`, `train`, `optim`, `checkpoint`, `parallel`,
+`plan`); nothing
 receives the whole run config. Unknown keys fail with a close-match suggestion; wrong types name
 the key, the value and the expected type. `[model]` may start from a named preset
 (`preset = "gpt2-124m"`) with the other keys overriding it.
@@ -133,12 +134,44 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Parallel layout (see `clusterlm plan`): data-parallel replicas x FSDP shards x tensor x pipeline."""
+
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    pp: int = 1
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
+
+    def __post_init__(self) -> None:
+        for name in ("dp_replicate", "dp_shard", "tp", "pp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name}={getattr(self, name)} must be >= 1")
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.tp * self.pp
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """What `clusterlm plan` predicted for this recipe; training logs measured figures beside these."""
+
+    cluster: str = ""
+    predicted_step_s: float = 0.0
+    predicted_tokens_per_s: float = 0.0
+    predicted_memory_bytes: int = 0
+
+
+@dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 # ---- typed construction from plain dicts ---------------------------------------------------------

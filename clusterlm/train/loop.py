@@ -151,6 +151,11 @@ def train(cfg: RunConfig) -> TrainResult:
     from clusterlm.train.optim import build_optimizer, lr_at
 
     tc, oc = cfg.train, cfg.optim
+    if cfg.parallel.world_size != 1 or cfg.parallel.activation_checkpointing != "none":
+        raise ConfigError(
+            f"[parallel] asks for {cfg.parallel.world_size} processes (dp_replicate*dp_shard*tp*pp) with "
+            f"activation_checkpointing={cfg.parallel.activation_checkpointing!r}; this trainer runs one process "
+            "with no activation checkpointing (distributed layouts are not built yet): set them to 1 / 'none'")
     out_dir = Path(tc.out_dir)
     ckpt_root = out_dir / "checkpoints"
     device = resolve_device(tc.device)
@@ -296,10 +301,16 @@ def train(cfg: RunConfig) -> TrainResult:
             record = {"kind": "train", "step": state.step, "tokens": state.tokens_seen, "loss": loss_value,
                       "lr": lr, "grad_norm": grad_norm, "skipped": not finite, "step_time_s": dt, "tokens_per_s": tps,
                       "mfu": mfu(tps, fpt["total"], peak)}
+            if cfg.plan.predicted_step_s:
+                record["predicted_step_s"] = cfg.plan.predicted_step_s
             if state.step % tc.log_interval == 0 or state.step == tc.max_steps:
                 record.update(memory_stats(device))
-                log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.0f tok/s  %.1f ms/step",
-                         state.step, tc.max_steps, loss_value, lr, grad_norm, tps, dt * 1e3)
+                if cfg.plan.predicted_memory_bytes:
+                    record["predicted_memory_bytes"] = cfg.plan.predicted_memory_bytes
+                planned = (f"  (plan: {cfg.plan.predicted_step_s * 1e3:.1f} ms/step)"
+                           if cfg.plan.predicted_step_s else "")
+                log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.0f tok/s  %.1f ms/step%s",
+                         state.step, tc.max_steps, loss_value, lr, grad_norm, tps, dt * 1e3, planned)
             metrics.log(record, tensorboard=state.step % tc.log_interval == 0)
             if finite:
                 last_loss = loss_value
