@@ -11,10 +11,11 @@ works; the bundled corpus is cached in memory):
      exact duplicates (--dedup), choose its split (`is_val`), count everything;
   2. train the char or BPE tokenizer on the train split's documents, streamed (skipped for
      byte or a tokenizer file);
-  3. tokenize: chunks of documents go to worker processes (spawn context, one core each);
-     results come back in input order, each document followed by EOS, and fill the shards of its
-     split in order, so the output is byte-identical for any --workers. With --workers 1, or
-     when everything fits in one chunk, the calling process tokenizes on one core.
+  3. tokenize: --workers N processes encode chunks of documents with `encode_batch`, one core
+     each: this one and N-1 helpers (spawn context, started at the beginning so they boot
+     during pass 1). Results are used in input order, each document followed by EOS, and fill
+     the shards of its split in order, so the output is byte-identical for any --workers. With
+     --workers 1, or when everything fits in one chunk, no helper is started.
 Everything is written in a hidden staging folder beside DATA_DIR, meta.json last, and the folder
 is renamed to DATA_DIR at the end (fsutil.staging_dir). The format is in docs/data.md.
 """
@@ -68,7 +69,7 @@ class PrepareOptions:
     val_fraction: float = 0.1
     """expected fraction of documents in the val split, in [0, 1)"""
     workers: int | None = None
-    """tokenizer processes (None = usable CPUs, at most 8)"""
+    """processes that tokenize, this one included (None = usable CPUs, at most 8)"""
     text_field: str = "text"
     """field of a JSONL record that holds the document"""
     shard_tokens: int = DEFAULT_SHARD_TOKENS
@@ -421,35 +422,44 @@ def _chunks(sources: list[Source], opts: PrepareOptions, scan: _Scan, chunk_char
 
 def _tokenize(sources: list[Source], opts: PrepareOptions, scan: _Scan, tok: Any, tok_path: Path,
               writers: dict[int, _ShardWriter], workers: int, pool: Any, progress: bool) -> None:
-    """Pass 3: every kept document's tokens + EOS into its split's shards, in input order."""
+    """Pass 3: every kept document's tokens + EOS into its split's shards, in input order.
+
+    This process tokenizes too: each chunk goes to the pool of `workers - 1` spawned processes
+    while fewer than two chunks per helper are outstanding, else it is encoded here, so all
+    `workers` cores stay busy and no core waits for the helpers to boot."""
     from tqdm import tqdm
 
     dtype = writers[TRAIN].dtype.name
-    chunk_chars = int(np.clip(scan.total_chars // (workers * 8), MIN_CHUNK_CHARS, MAX_CHUNK_CHARS))
-    in_process = pool is None or scan.total_chars <= chunk_chars
+    chunk_chars = int(np.clip(scan.total_chars // (workers * 16), MIN_CHUNK_CHARS, MAX_CHUNK_CHARS))
+    if scan.total_chars <= chunk_chars:
+        pool = None
+    helpers = workers - 1
+    pending: deque = deque()  # futures and finished (train, val) results, in input order
 
-    def write(result: tuple[np.ndarray, np.ndarray]) -> None:
-        writers[TRAIN].add(result[0])
-        writers[VAL].add(result[1])
+    def write_ready(block_beyond: int) -> None:
+        while pending:
+            head = pending[0]
+            if not isinstance(head, tuple):
+                if len(pending) <= block_beyond and not head.done():
+                    return
+                head = head.result()
+            pending.popleft()
+            writers[TRAIN].add(head[0])
+            writers[VAL].add(head[1])
+
+    from concurrent.futures.process import BrokenProcessPool
 
     with tqdm(total=scan.total_chars, desc="tokenize", unit="char", unit_scale=True, disable=not progress,
-              leave=False) as bar:
-        chunks = _chunks(sources, opts, scan, chunk_chars, bar)
-        if in_process:
-            with _one_core():
-                for texts, mask in chunks:
-                    write(encode_chunk(tok, texts, mask, dtype))
-            return
-        from concurrent.futures.process import BrokenProcessPool
-
-        pending: deque = deque()
+              leave=False) as bar, _one_core():
         try:
-            for texts, mask in chunks:
-                pending.append(pool.submit(_worker_encode, str(tok_path), texts, mask, dtype))
-                while len(pending) > 2 * workers:  # bounded memory; results written in input order
-                    write(pending.popleft().result())
-            while pending:
-                write(pending.popleft().result())
+            for texts, mask in _chunks(sources, opts, scan, chunk_chars, bar):
+                busy = sum(1 for f in pending if not isinstance(f, tuple) and not f.done())
+                if pool is not None and busy < 2 * helpers:
+                    pending.append(pool.submit(_worker_encode, str(tok_path), texts, mask, dtype))
+                else:
+                    pending.append(encode_chunk(tok, texts, mask, dtype))
+                write_ready(block_beyond=4 * workers)  # bounded memory
+            write_ready(block_beyond=0)
         except BrokenProcessPool as e:
             raise ClusterlmError(
                 f"a tokenizer worker process died ({e}). Workers are started with the 'spawn' method: a "
@@ -459,7 +469,7 @@ def _tokenize(sources: list[Source], opts: PrepareOptions, scan: _Scan, tok: Any
 
 @contextlib.contextmanager
 def _worker_pool(workers: int, start: bool) -> Iterator[Any]:
-    """A pool of `workers` spawned processes, started now so they boot while the main process
+    """A pool of `workers` spawned helper processes, started now so they boot while this process
     scans and trains (None when `start` is False). Cancelled on error or interrupt."""
     if not start:
         yield None
@@ -541,7 +551,7 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
     t0 = time.perf_counter()
 
     start_pool = n_workers > 1 and _estimated_chars(sources) > 2 * MIN_CHUNK_CHARS
-    with staging_dir(out, overwrite=opts.overwrite) as tmp, _worker_pool(n_workers, start_pool) as pool:
+    with staging_dir(out, overwrite=opts.overwrite) as tmp, _worker_pool(n_workers - 1, start_pool) as pool:
         scan = _scan(sources, opts, show)
         log.info("read %d documents from %d files: %d kept (%d train, %d val), %d empty, %d bad records, "
                  "%d duplicates", scan.counts["documents_read"], len(sources), scan.counts["kept"],
@@ -624,7 +634,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help=f"expected fraction of documents held out for validation (default: {d.val_fraction})")
     p.add_argument("--workers", type=int, default=None,
-                   help=f"tokenizer processes (default: usable CPUs, at most {MAX_DEFAULT_WORKERS})")
+                   help=f"processes that tokenize, this one included (default: usable CPUs, at most "
+                        f"{MAX_DEFAULT_WORKERS})")
     p.add_argument("--text-field", default=d.text_field, help="JSONL field holding the text (default: text)")
     p.add_argument("--shard-tokens", type=int, default=d.shard_tokens,
                    help=f"tokens per shard file (default: 2**26 = {d.shard_tokens:,})")

@@ -118,7 +118,7 @@ def test_interrupted_prepare_leaves_nothing_complete(tmp_path: Path, sig: signal
         time.sleep(0.01)
     kids = _children(proc.pid)
     if workers > 1:
-        assert len(kids) >= workers  # the spawned pool (and multiprocessing's resource tracker)
+        assert len(kids) >= workers - 1  # the spawned helpers (and multiprocessing's resource tracker)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert not (tmp_path / "data").exists()
