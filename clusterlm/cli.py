@@ -13,7 +13,8 @@ import importlib
 import logging
 import sys
 
-# command -> ("module:function", one line of help). Keep sorted by the order a user meets them.
+# command -> ("module:function", one line of help), in the order a user meets them. A command is
+# listed only once its module exists (tests/unit/test_cli.py runs `--help` on every entry).
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("clusterlm.quickstart:main", "prepare Shakespeare, train a small model on CPU, evaluate, sample"),
     "prepare": ("clusterlm.data.prepare:main", "text/JSONL files -> tokenizer + token shards + meta.json"),
@@ -24,16 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("clusterlm.generate.cli:generate_main", "sample text from a checkpoint"),
     "chat": ("clusterlm.generate.cli:chat_main", "interactive chat with a checkpoint"),
     "report": ("clusterlm.train.report:main", "plots and a markdown summary of a training run"),
-    "launch": ("clusterlm.parallel.launch:main", "run a recipe under torchrun or Slurm"),
     "probe": ("clusterlm.cluster.probe:main", "inventory and benchmark the node this runs on"),
     "cluster": ("clusterlm.cluster.spec:main", "show a cluster spec (TOML) as a tree"),
     "plan": ("clusterlm.cluster.planner:main", "memory, FLOPs, step time and parallel layout for a run"),
-    "jobs": ("clusterlm.cluster.slurm:jobs_main", "list submitted Slurm runs and their state"),
-    "serve": ("clusterlm.serve.app:main", "OpenAI-compatible HTTP server for a checkpoint"),
-    "convert": ("clusterlm.models.convert:main", "import a Hugging Face model folder as a checkpoint"),
-    "export": ("clusterlm.models.convert:export_main", "export a checkpoint (Hugging Face format)"),
-    "quantize": ("clusterlm.optimize.quantize:main", "int8/int4 weight-only quantization of a checkpoint"),
-    "prune": ("clusterlm.optimize.prune:main", "magnitude or structured pruning of a checkpoint"),
 }
 
 # Exit codes (also in docs/cli.md).

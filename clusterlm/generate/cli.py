@@ -81,7 +81,7 @@ def stream_text(loaded, prompt: str, *, max_new_tokens: int, temperature: float,
     tok, model = loaded.tokenizer, loaded.model
     ids = prompt_ids(tok, prompt, _context(model), max_new_tokens)
     gen = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   seed=seed, eos_id=tok.eos_id)
+                   seed=seed, eos_id=tok.eos_id, sliding_window=True)
     ts = TextStream(tok)
     text = ""
     for step in gen:
@@ -110,7 +110,7 @@ def sample_texts(ckpt: str, *, prompt: str = "", num_samples: int = 1, max_new_t
     tok = loaded.tokenizer
     ids = prompt_ids(tok, prompt, _context(loaded.model), max_new_tokens)
     new, _ = complete(loaded.model, [ids] * num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-                      top_k=top_k, top_p=top_p, seed=seed, eos_id=tok.eos_id)
+                      top_k=top_k, top_p=top_p, seed=seed, eos_id=tok.eos_id, sliding_window=True)
     return [prompt + tok.decode(t) for t in new]
 
 

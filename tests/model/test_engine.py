@@ -166,3 +166,33 @@ def test_bad_requests_raise(prompt: list, kw: dict, match: str) -> None:
     """Each bad request raises ValueError naming the value and what would be valid."""
     with pytest.raises(ValueError, match=match):
         generate(make("gpt"), prompt, **({"max_new_tokens": 3} | kw))
+
+
+def test_sliding_window_continues_past_context_and_matches_within_it():
+    """sliding_window=True: inside the context the output equals the plain engine's; past it, generation
+    continues to max_new_tokens, and right after a restart the next token equals greedy over a full
+    forward of the last max_seq_len // 2 tokens."""
+    import torch
+
+    from clusterlm.generate.engine import complete, generate
+    from clusterlm.models.build import build_model
+    from clusterlm.models.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=50, n_layers=2, dim=32, n_heads=4, max_seq_len=16)
+    model = build_model(cfg)
+    model.init_weights(3)
+    prompt = [1, 2, 3, 4]
+    short_plain, _ = complete(model, prompt, max_new_tokens=10, temperature=0.0)
+    short_slide, _ = complete(model, prompt, max_new_tokens=10, temperature=0.0, sliding_window=True)
+    assert short_plain == short_slide
+    gen = generate(model, prompt, max_new_tokens=60, temperature=0.0, sliding_window=True)
+    steps = list(gen)
+    assert len(gen.tokens[0]) == 60 and gen.finish_reasons == ["length"]
+    history = prompt + gen.tokens[0]
+    # the 13th new token is the first after the first restart (4 prompt + 12 fed -> cache full at 16)
+    with torch.no_grad():
+        first_restart = len(prompt) + 13 - 1  # index in history of the token sampled after the restart
+        window = history[first_restart - 8:first_restart]
+        expect = int(model(torch.tensor([window]))[0, -1].argmax())
+    assert history[first_restart] == expect
+    assert len(steps) == 60
