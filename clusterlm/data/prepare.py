@@ -394,13 +394,20 @@ class _ShardWriter:
         self.buffered = int(rest.size)
 
 
-def _chunks(sources: list[Source], opts: PrepareOptions, scan: _Scan, chunk_chars: int,
+def _chunk_target(remaining: int, workers: int) -> int:
+    """Characters per chunk: a quarter of each worker's share of what is left, so chunks shrink
+    towards the end and every process finishes at about the same time."""
+    return int(np.clip(remaining // (workers * 4), MIN_CHUNK_CHARS, MAX_CHUNK_CHARS))
+
+
+def _chunks(sources: list[Source], opts: PrepareOptions, scan: _Scan, workers: int,
             bar: Any) -> Iterator[tuple[list[str], bytes]]:
-    """Kept documents of pass 3 in input order, grouped into chunks of about `chunk_chars`."""
+    """Kept documents of pass 3 in input order, grouped into chunks (whole documents)."""
     p = _Pass(sources, opts, False, "tokenize")
     texts: list[str] = []
     mask = bytearray()
-    size = 0
+    size = done = 0
+    target = _chunk_target(scan.total_chars, workers)
     for ordinal, text, _, _ in p:
         decision = scan.decisions[ordinal] if ordinal < len(scan.decisions) else None
         if decision is None:
@@ -410,9 +417,11 @@ def _chunks(sources: list[Source], opts: PrepareOptions, scan: _Scan, chunk_char
         texts.append(text)
         mask.append(decision == VAL)
         size += len(text)
-        if size >= chunk_chars:
+        if size >= target:
             yield texts, bytes(mask)
             bar.update(size)
+            done += size
+            target = _chunk_target(scan.total_chars - done, workers)
             texts, mask, size = [], bytearray(), 0
     _check_same(len(scan.decisions), p.count)
     if texts:
@@ -430,9 +439,8 @@ def _tokenize(sources: list[Source], opts: PrepareOptions, scan: _Scan, tok: Any
     from tqdm import tqdm
 
     dtype = writers[TRAIN].dtype.name
-    chunk_chars = int(np.clip(scan.total_chars // (workers * 16), MIN_CHUNK_CHARS, MAX_CHUNK_CHARS))
-    if scan.total_chars <= chunk_chars:
-        pool = None
+    if scan.total_chars <= _chunk_target(scan.total_chars, workers):
+        pool = None  # one chunk: nothing to share
     helpers = workers - 1
     pending: deque = deque()  # futures and finished (train, val) results, in input order
 
@@ -452,7 +460,7 @@ def _tokenize(sources: list[Source], opts: PrepareOptions, scan: _Scan, tok: Any
     with tqdm(total=scan.total_chars, desc="tokenize", unit="char", unit_scale=True, disable=not progress,
               leave=False) as bar, _one_core():
         try:
-            for texts, mask in _chunks(sources, opts, scan, chunk_chars, bar):
+            for texts, mask in _chunks(sources, opts, scan, workers, bar):
                 busy = sum(1 for f in pending if not isinstance(f, tuple) and not f.done())
                 if pool is not None and busy < 2 * helpers:
                     pending.append(pool.submit(_worker_encode, str(tok_path), texts, mask, dtype))
