@@ -329,7 +329,10 @@ def _worker_init(parent: int) -> None:
     # One core per worker: the pool supplies the parallelism (and no Rust thread pool is shared
     # across processes). Set here, in the worker, before its first encode.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent handles it
+    # Ctrl-C (and Slurm's scancel, SIGTERM) reach the whole process group: the parent handles them
+    # and cancels the pool, so a helper never dies half-way through a chunk because of them.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 
@@ -470,9 +473,10 @@ def _tokenize(sources: list[Source], opts: PrepareOptions, scan: _Scan, tok: Any
             write_ready(block_beyond=0)
         except BrokenProcessPool as e:
             raise ClusterlmError(
-                f"a tokenizer worker process died ({e}). Workers are started with the 'spawn' method: a "
-                "script that calls prepare() with workers > 1 must do so under `if __name__ == "
-                "'__main__':`; otherwise retry with --workers 1 and check memory") from None
+                f"a tokenizer helper process died ({e}): killed, out of memory, or started from a script "
+                "without `if __name__ == '__main__':` (helpers are started with the 'spawn' method, "
+                "which imports the main script again); retry with --workers 1 to tokenize in this "
+                "process") from None
 
 
 @contextlib.contextmanager
