@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("clusterlm.tokenizer.cli:main", "train or inspect a tokenizer (byte, char, bpe)"),
     "config": ("clusterlm.config:main", "show the resolved config of a recipe with overrides"),
     "train": ("clusterlm.train.loop:main", "train a model from a recipe (TOML) with --section.key=value overrides"),
+    "launch": ("clusterlm.parallel.launch:main", "run `clusterlm train` on N processes per node with torchrun"),
     "eval": ("clusterlm.eval.evaluate:main", "loss, perplexity and bits per byte of a checkpoint"),
     "generate": ("clusterlm.generate.cli:generate_main", "sample text from a checkpoint"),
     "chat": ("clusterlm.generate.cli:chat_main", "interactive chat with a checkpoint"),
@@ -28,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("clusterlm.cluster.probe:main", "inventory and benchmark the node this runs on"),
     "cluster": ("clusterlm.cluster.spec:main", "show a cluster spec (TOML) as a tree"),
     "plan": ("clusterlm.cluster.planner:main", "memory, FLOPs, step time and parallel layout for a run"),
+    "serve": ("clusterlm.serve.app:main", "serve a checkpoint over an OpenAI-compatible HTTP API"),
 }
 
 # Exit codes (also in docs/cli.md).

@@ -1,0 +1,207 @@
+"""Process-group start-up: the one place that reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* and SLURM_*.
+
+    clusterlm launch recipes/llama_shakespeare_cpu.toml --nproc-per-node 2 --train.max_steps=50
+    clusterlm launch RECIPE --nproc-per-node 8 --nnodes 2 --node-rank 0 --master-addr node01
+
+`launch` runs torchrun (`python -m torch.distributed.run`) for `clusterlm train`. `clusterlm train`
+started by torchrun directly, or by Slurm's `srun` without torchrun (one task per device), finds
+its rank here: torchrun's RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT first, then Slurm's
+SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID with the first host of SLURM_NODELIST as master address.
+Backend: NCCL when CUDA is available, gloo otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 29500  # torchrun's default
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job (from the environment; world_size=1 when not launched)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = DEFAULT_PORT
+    source: str = "none"  # "torchrun", "slurm" or "none"
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank={self.rank} must be in [0, world_size={self.world_size}) ({self.source})")
+        if self.local_rank < 0:
+            raise ValueError(f"local_rank={self.local_rank} must be >= 0 ({self.source})")
+
+    @property
+    def distributed(self) -> bool:
+        return self.source != "none"
+
+
+def _int(env: Mapping[str, str], key: str) -> int:
+    try:
+        return int(env[key])
+    except ValueError:
+        raise ValueError(f"environment variable {key}={env[key]!r} is not an integer") from None
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Slurm's compressed host list -> host names: "node[01-03,07],gpu5" -> node01 node02 node03 node07 gpu5.
+
+    Zero padding of a range is kept (width of its first bound). Several bracket groups in one name
+    ("r[1-2]n[1-2]") expand as a product, as `scontrol show hostnames` does.
+    """
+    hosts: list[str] = []
+    for item in _split_top(nodelist.strip()):
+        if item:
+            hosts.extend(_expand_one(item))
+    if not hosts:
+        raise ValueError(f"SLURM_NODELIST={nodelist!r} names no hosts")
+    return hosts
+
+
+def _split_top(s: str) -> list[str]:
+    """Split on commas outside brackets."""
+    parts, depth, cur = [], 0, ""
+    for ch in s:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced ']' in host list {s!r}")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if depth:
+        raise ValueError(f"unbalanced '[' in host list {s!r}")
+    parts.append(cur)
+    return parts
+
+
+def _expand_one(item: str) -> list[str]:
+    m = re.search(r"\[([^\]]*)\]", item)
+    if m is None:
+        return [item]
+    head, tail = item[: m.start()], item[m.end():]
+    out = []
+    for rng in m.group(1).split(","):
+        if "-" in rng:
+            lo, hi = rng.split("-", 1)
+            if not (lo.isdigit() and hi.isdigit()) or int(hi) < int(lo):
+                raise ValueError(f"bad range {rng!r} in host list item {item!r}")
+            values = [str(v).zfill(len(lo)) for v in range(int(lo), int(hi) + 1)]
+        else:
+            if not rng:
+                raise ValueError(f"empty range in host list item {item!r}")
+            values = [rng]
+        out.extend(head + v for v in values)
+    return [h + t for h in out for t in _expand_one(tail)]
+
+
+def read_env(env: Mapping[str, str] | None = None) -> DistEnv:
+    """This process's place in the job: torchrun's variables, else Slurm's, else a single process."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(rank=_int(env, "RANK"), world_size=_int(env, "WORLD_SIZE"),
+                       local_rank=_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+                       master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+                       master_port=_int(env, "MASTER_PORT") if "MASTER_PORT" in env else DEFAULT_PORT,
+                       source="torchrun")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        ntasks = _int(env, "SLURM_NTASKS")
+        if ntasks == 1:
+            return DistEnv()  # one task: plain single process, no process group needed
+        if "SLURM_NODELIST" not in env and "SLURM_JOB_NODELIST" not in env:
+            raise ValueError("SLURM_PROCID/SLURM_NTASKS are set but SLURM_NODELIST is not: cannot find the master")
+        nodelist = env.get("SLURM_NODELIST") or env["SLURM_JOB_NODELIST"]
+        port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else DEFAULT_PORT
+        return DistEnv(rank=_int(env, "SLURM_PROCID"), world_size=ntasks,
+                       local_rank=_int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
+                       master_addr=env.get("MASTER_ADDR") or expand_nodelist(nodelist)[0], master_port=port,
+                       source="slurm")
+    return DistEnv()
+
+
+def init_distributed(dist_env: DistEnv | None = None, *, timeout_s: float = 600.0):  # -> torch.device
+    """Start the default process group (NCCL on GPU, gloo on CPU) if launched; returns this rank's device.
+
+    Does nothing but pick the device when world_size is 1 or a group is already initialised.
+    """
+    import torch
+    import torch.distributed as dist
+
+    dist_env = read_env() if dist_env is None else dist_env
+    cuda = torch.cuda.is_available()
+    if cuda:
+        device = torch.device("cuda", dist_env.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist_env.distributed or dist.is_initialized():
+        return device
+    backend = "nccl" if cuda else "gloo"
+    dist.init_process_group(backend=backend, init_method=f"tcp://{dist_env.master_addr}:{dist_env.master_port}",
+                            rank=dist_env.rank, world_size=dist_env.world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s),
+                            device_id=device if cuda else None)
+    log.info("process group %s: rank %d of %d (%s, master %s:%d)", backend, dist_env.rank, dist_env.world_size,
+             dist_env.source, dist_env.master_addr, dist_env.master_port)
+    return device
+
+
+def torchrun_command(recipe: str, overrides: list[str], *, nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
+                     master_addr: str = "127.0.0.1", master_port: int = DEFAULT_PORT, max_restarts: int = 0,
+                     python: str | None = None) -> list[str]:
+    """The torchrun command line that runs `clusterlm train RECIPE OVERRIDES` on this node."""
+    for name, value, low in (("nproc_per_node", nproc_per_node, 1), ("nnodes", nnodes, 1),
+                             ("node_rank", node_rank, 0), ("max_restarts", max_restarts, 0)):
+        if value < low:
+            raise ValueError(f"--{name.replace('_', '-')}={value} must be >= {low}")
+    if node_rank >= nnodes:
+        raise ValueError(f"--node-rank={node_rank} must be < --nnodes={nnodes}")
+    cmd = [python or sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}",
+           f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--master-addr={master_addr}",
+           f"--master-port={master_port}", f"--max-restarts={max_restarts}"]
+    return cmd + ["-m", "clusterlm", "train", recipe, *overrides]
+
+
+def main(argv: list[str]) -> int:
+    from clusterlm.config import split_overrides
+
+    overrides, rest = split_overrides(argv)
+    parser = argparse.ArgumentParser(
+        prog="clusterlm launch",
+        description="Run `clusterlm train RECIPE` on N processes per node with torchrun. The parallel layout "
+                    "comes from the recipe's [parallel] section; dp_replicate*dp_shard*tp*pp must equal "
+                    "nnodes*nproc_per_node. Extra --section.key=value overrides go to train.")
+    parser.add_argument("recipe", help="recipe TOML file or bundled recipe name")
+    parser.add_argument("--nproc-per-node", type=int, required=True, help="processes on this node (one per GPU)")
+    parser.add_argument("--nnodes", type=int, default=1, help="number of nodes (run this command on each)")
+    parser.add_argument("--node-rank", type=int, default=0, help="this node's index in [0, nnodes)")
+    parser.add_argument("--master-addr", default="127.0.0.1", help="host name/address of node 0")
+    parser.add_argument("--master-port", type=int, default=DEFAULT_PORT, help="free TCP port on node 0")
+    parser.add_argument("--max-restarts", type=int, default=0,
+                        help="torchrun restarts of the whole group after a failure (resume with --train.resume=auto)")
+    parser.add_argument("--dry-run", action="store_true", help="print the torchrun command and exit")
+    args = parser.parse_args(rest)
+    cmd = torchrun_command(args.recipe, overrides, nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,
+                           node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
+                           max_restarts=args.max_restarts)
+    print(" ".join(cmd))
+    if args.dry_run:
+        return 0
+    return subprocess.call(cmd)
