@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from clusterlm.models.config import ModelConfig
+from clusterlm.models.transformer import SlotRows
 
 
 class RNNState:
@@ -47,6 +48,48 @@ class RNNState:
         if self.c is not None:
             self.c = torch.zeros_like(self.c)
         self.pos = 0
+
+
+class RNNSlotState:
+    """Recurrent state of `n_slots` independent sequences for continuous batching: h (and c for
+    LSTM), each (n_layers, n_slots, D), and `pos` (n_slots,) tokens consumed per slot. Same slot API
+    as the Transformer's SlotKVCache: alloc() (state zeroed), free(slot), rows(slots) for forward."""
+
+    def __init__(self, lstm: bool, n_layers: int, n_slots: int, dim: int, max_len: int, *,
+                 device: torch.device | str | None, dtype: torch.dtype) -> None:
+        if n_slots < 1:
+            raise ValueError(f"RNN slot state needs n_slots >= 1, got {n_slots}")
+        shape = (n_layers, n_slots, dim)  # (L, N, D)
+        self.n_slots = n_slots
+        self.max_len = max_len  # no context limit; recorded for callers that budget by it
+        self.h = torch.zeros(shape, device=device, dtype=dtype)
+        self.c = torch.zeros(shape, device=device, dtype=dtype) if lstm else None
+        self.pos = torch.zeros(n_slots, dtype=torch.long, device=device)  # (N,)
+        self._free = list(range(n_slots - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def alloc(self) -> int:
+        if not self._free:
+            raise ValueError(f"all {self.n_slots} state slots are in use; free one first")
+        slot = self._free.pop()
+        self.h[:, slot] = 0
+        if self.c is not None:
+            self.c[:, slot] = 0
+        self.pos[slot] = 0
+        return slot
+
+    def free(self, slot: int) -> None:
+        if not 0 <= slot < self.n_slots or slot in self._free:
+            raise ValueError(f"slot {slot} is not in use (slots 0..{self.n_slots - 1})")
+        self._free.append(slot)
+
+    def rows(self, slots: list[int]) -> SlotRows:
+        if len(set(slots)) != len(slots) or not slots:
+            raise ValueError(f"slots {slots} must be distinct and non-empty")
+        return SlotRows(self, torch.tensor(slots, dtype=torch.long, device=self.pos.device))
 
 
 class RNNLM(nn.Module):
@@ -107,9 +150,30 @@ class RNNLM(nn.Module):
         cfg = self.config
         return RNNState(cfg.arch == "lstm", cfg.n_layers, batch_size, cfg.dim, max_len, device=device, dtype=dtype)
 
-    def forward(self, idx: torch.Tensor, cache: RNNState | None = None) -> torch.Tensor:
-        """idx (B, T) token ids; with a cache, continue from its state and advance cache.pos by T."""
+    def make_slot_cache(self, n_slots: int, max_len: int, *, device: torch.device | str | None,
+                        dtype: torch.dtype) -> RNNSlotState:
+        """State for `n_slots` independent sequences (continuous batching): pass `state.rows(slots)`."""
+        cfg = self.config
+        return RNNSlotState(cfg.arch == "lstm", cfg.n_layers, n_slots, cfg.dim, max_len, device=device, dtype=dtype)
+
+    def forward(self, idx: torch.Tensor, cache: RNNState | SlotRows | None = None) -> torch.Tensor:
+        """idx (B, T) token ids; with a cache, continue from its state and advance cache.pos by T.
+        With `slot_state.rows(slots)`, row b continues slot slots[b]'s state."""
         B, T = idx.shape
+        if isinstance(cache, SlotRows):
+            state: RNNSlotState = cache.cache  # type: ignore[assignment]
+            if B != cache.batch_size:
+                raise ValueError(f"batch of {B} sequences does not match the {cache.batch_size} slots given")
+            s = cache.slots
+            x = self.dropout(self.tok_embeddings(idx))  # (B, T, D)
+            if state.c is not None:
+                y, (h, c) = self.rnn(x, (state.h[:, s], state.c[:, s]))  # state (L, B, D)
+                state.c[:, s] = c
+            else:
+                y, h = self.rnn(x, state.h[:, s])
+            state.h[:, s] = h
+            state.pos[s] += T
+            return self.output(self.dropout(y)).float()  # (B, T, V)
         if cache is not None and B != cache.batch_size:
             raise ValueError(f"batch of {B} sequences does not match the cache's batch_size={cache.batch_size}")
         x = self.dropout(self.tok_embeddings(idx))  # (B, T, D)

@@ -57,6 +57,60 @@ class KVCache:
         self.pos = 0
 
 
+class SlotKVCache:
+    """KV cache for continuous batching: `n_slots` independent sequences, each at its own position.
+
+    `pos` is a LongTensor (n_slots,) counting each slot's stored tokens. `alloc()` hands out a
+    free slot (its pos reset to 0) and `free(slot)` returns it. A forward pass takes
+    `cache.rows(slots)`: the T tokens of row b go to slot slots[b] at positions
+    pos[slot] .. pos[slot]+T-1, and each row attends only to its own slot's stored keys.
+    """
+
+    def __init__(self, layer_keys: list[str], n_slots: int, max_len: int, kv_heads: int, head_dim: int, *,
+                 device: torch.device | str | None, dtype: torch.dtype) -> None:
+        if n_slots < 1 or max_len < 1:
+            raise ValueError(f"slot KV cache needs n_slots >= 1 and max_len >= 1, got {n_slots} and {max_len}")
+        shape = (n_slots, kv_heads, max_len, head_dim)  # (N, K, S, Hd)
+        self.k = {key: torch.zeros(shape, device=device, dtype=dtype) for key in layer_keys}
+        self.v = {key: torch.zeros(shape, device=device, dtype=dtype) for key in layer_keys}
+        self.n_slots = n_slots
+        self.max_len = max_len
+        self.pos = torch.zeros(n_slots, dtype=torch.long, device=device)  # (N,)
+        self._free = list(range(n_slots - 1, -1, -1))  # a stack: lowest slot handed out first
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def alloc(self) -> int:
+        """A free slot with nothing stored; ValueError when all n_slots are in use."""
+        if not self._free:
+            raise ValueError(f"all {self.n_slots} cache slots are in use; free one first")
+        slot = self._free.pop()
+        self.pos[slot] = 0
+        return slot
+
+    def free(self, slot: int) -> None:
+        if not 0 <= slot < self.n_slots or slot in self._free:
+            raise ValueError(f"slot {slot} is not in use (slots 0..{self.n_slots - 1})")
+        self._free.append(slot)
+
+    def rows(self, slots: list[int]) -> SlotRows:
+        """The handle a forward pass takes: row b of the batch is slot slots[b]."""
+        if len(set(slots)) != len(slots) or not slots:
+            raise ValueError(f"slots {slots} must be distinct and non-empty")
+        return SlotRows(self, torch.tensor(slots, dtype=torch.long, device=self.pos.device))
+
+
+class SlotRows:
+    """A batch view of a SlotKVCache (or the RNN's slot state): row b -> slot `slots[b]`."""
+
+    def __init__(self, cache: object, slots: torch.Tensor) -> None:
+        self.cache = cache
+        self.slots = slots  # (B,) long
+        self.batch_size = int(slots.numel())
+
+
 def rotary_tables(head_dim: int, max_len: int, theta: float, device: torch.device | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, each (max_len, Hd), in float32, as Hugging Face Llama computes them:
@@ -69,12 +123,13 @@ def rotary_tables(head_dim: int, max_len: int, theta: float, device: torch.devic
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, T, H, Hd) by the angles in cos/sin (T, Hd): x*cos + rotate_half(x)*sin."""
+    """Rotate x (B, T, H, Hd) by the angles in cos/sin, (T, Hd) shared by the batch or (B, T, Hd)
+    per row: x*cos + rotate_half(x)*sin."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     rotated = torch.cat((-x2, x1), dim=-1)  # (B, T, H, Hd)
-    cos = cos.to(x.dtype)[:, None, :]  # (T, 1, Hd)
-    sin = sin.to(x.dtype)[:, None, :]  # (T, 1, Hd)
+    cos = cos.to(x.dtype).unsqueeze(-2)  # (T, 1, Hd) or (B, T, 1, Hd)
+    sin = sin.to(x.dtype).unsqueeze(-2)
     return x * cos + rotated * sin
 
 
@@ -96,7 +151,7 @@ class Attention(nn.Module):
         self.resid_dropout = _dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                kv: tuple[torch.Tensor, torch.Tensor, int] | None) -> torch.Tensor:
+                kv: tuple[torch.Tensor, torch.Tensor, int] | _SlotKV | None) -> torch.Tensor:
         B, T, _ = x.shape
         H, K, Hd = self.n_heads, self.kv_heads, self.head_dim
         q = self.wq(x).view(B, T, H, Hd)  # (B, T, H, Hd)
@@ -106,7 +161,10 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, Hd)
         mask, causal = None, True
-        if kv is not None:
+        if isinstance(kv, _SlotKV):
+            k, v, mask = kv.update(k, v)
+            causal = False
+        elif kv is not None:
             k_cache, v_cache, pos = kv  # (B, K, S, Hd) each
             k_cache[:, :, pos:pos + T] = k
             v_cache[:, :, pos:pos + T] = v
@@ -124,6 +182,32 @@ class Attention(nn.Module):
         )  # (B, H, T, Hd)
         y = y.transpose(1, 2).reshape(B, T, H * Hd)  # (B, T, D)
         return self.resid_dropout(self.wo(y))
+
+
+class _SlotKV:
+    """One layer's slot-cache write + read for a batch at per-row positions (see SlotKVCache)."""
+
+    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                 full: bool) -> None:
+        self.k_cache, self.v_cache = k_cache, v_cache  # (N, K, S, Hd)
+        self.slots, self.positions = slots, positions  # (B,), (B, T)
+        self.full = full  # slots == 0..N-1 in order: read the cache without a gather
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k, v (B, K, T, Hd) -> keys and values (B, K, L, Hd) of each row's slot, L = the longest
+        row's length after the write, and the boolean mask (B, 1, T, L): query t of row b sees key j
+        iff j <= positions[b, t] (its own past and itself; stale entries of shorter rows are hidden)."""
+        L = int(self.positions[:, -1].max()) + 1
+        # advanced indices around a slice put their dims first: the target is (B, T, K, Hd)
+        self.k_cache[self.slots[:, None], :, self.positions] = k.transpose(1, 2)
+        self.v_cache[self.slots[:, None], :, self.positions] = v.transpose(1, 2)
+        if self.full:
+            k_all, v_all = self.k_cache[:, :, :L], self.v_cache[:, :, :L]  # (B, K, L, Hd) views
+        else:
+            k_all, v_all = self.k_cache[self.slots, :, :L], self.v_cache[self.slots, :, :L]  # (B, K, L, Hd)
+        keys = torch.arange(L, device=k.device)
+        mask = keys[None, None, None, :] <= self.positions[:, None, :, None]  # (B, 1, T, L)
+        return k_all, v_all, mask
 
 
 class FeedForward(nn.Module):
@@ -162,7 +246,7 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                kv: tuple[torch.Tensor, torch.Tensor, int] | None) -> torch.Tensor:
+                kv: tuple[torch.Tensor, torch.Tensor, int] | _SlotKV | None) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), rope, kv)
         return x + self.feed_forward(self.ffn_norm(x))
 
@@ -242,9 +326,48 @@ class Transformer(nn.Module):
         return KVCache(list(self.layers.keys()), batch_size, max_len, cfg.kv_heads, cfg.head_dim,
                        device=device, dtype=dtype)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def make_slot_cache(self, n_slots: int, max_len: int, *, device: torch.device | str | None,
+                        dtype: torch.dtype) -> SlotKVCache:
+        """A cache of `n_slots` independent sequences of up to `max_len` tokens each, for continuous
+        batching: pass `cache.rows(slots)` to forward."""
+        if max_len > self.config.max_seq_len:
+            raise ValueError(f"cache max_len={max_len} exceeds model.max_seq_len={self.config.max_seq_len}")
+        cfg = self.config
+        return SlotKVCache(list(self.layers.keys()), n_slots, max_len, cfg.kv_heads, cfg.head_dim,
+                           device=device, dtype=dtype)
+
+    def _forward_slots(self, idx: torch.Tensor, rows: SlotRows) -> torch.Tensor:
+        """forward() over a slot cache: row b's T tokens sit at positions pos[slots[b]] + 0..T-1."""
+        cache: SlotKVCache = rows.cache  # type: ignore[assignment]
+        B, T = idx.shape[:2]
+        if B != rows.batch_size:
+            raise ValueError(f"batch of {B} sequences does not match the {rows.batch_size} slots given")
+        start = cache.pos[rows.slots]  # (B,)
+        if int(start.max()) + T > cache.max_len:
+            raise ValueError(f"{T} tokens do not fit in a cache slot holding {int(start.max())} tokens; "
+                             f"max_len={cache.max_len}")
+        positions = start[:, None] + torch.arange(T, device=start.device)  # (B, T)
+        h = self.tok_embeddings(idx) if self.tok_embeddings is not None else idx  # (B, T, D)
+        if self.pos_embeddings is not None:
+            h = h + self.pos_embeddings(positions)  # (B, T, D)
+        h = self.dropout(h)
+        rope = (self.rope_cos[positions], self.rope_sin[positions]) if self.config.pos == "rope" else None  # (B, T, Hd)
+        full = B == cache.n_slots and bool((rows.slots == torch.arange(B, device=start.device)).all())
+        for key, layer in self.layers.items():
+            h = layer(h, rope, _SlotKV(cache.k[key], cache.v[key], rows.slots, positions, full))
+        cache.pos[rows.slots] = start + T
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.output is None:
+            return h
+        return self.output(h).float()  # (B, T, V)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | SlotRows | None = None) -> torch.Tensor:
         """idx: token ids (B, T) (hidden states (B, T, D) on a pipeline stage without
-        tok_embeddings). With a cache, the tokens sit at positions cache.pos .. cache.pos+T-1."""
+        tok_embeddings). With a cache, the tokens sit at positions cache.pos .. cache.pos+T-1; with
+        `slot_cache.rows(slots)`, row b's tokens sit at slot_cache.pos[slots[b]] onwards."""
+        if isinstance(cache, SlotRows):
+            return self._forward_slots(idx, cache)
         B, T = idx.shape[:2]
         pos = 0 if cache is None else cache.pos
         limit = self.config.max_seq_len if cache is None else cache.max_len
