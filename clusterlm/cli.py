@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("clusterlm.cluster.probe:main", "inventory and benchmark the node this runs on"),
     "cluster": ("clusterlm.cluster.spec:main", "show a cluster spec (TOML) as a tree"),
     "plan": ("clusterlm.cluster.planner:main", "memory, FLOPs, step time and parallel layout for a run"),
+    "convert": ("clusterlm.models.convert:main", "Hugging Face GPT-2/Llama folder -> clusterlm checkpoint"),
+    "export": ("clusterlm.models.convert:export_main", "clusterlm checkpoint -> Hugging Face folder (--format hf)"),
     "serve": ("clusterlm.serve.app:main", "serve a checkpoint over an OpenAI-compatible HTTP API"),
 }
 
