@@ -4,10 +4,15 @@
 
 Accepts a run directory (newest verified checkpoint), a checkpoints folder or one step folder.
 Only safetensors and JSON/TOML are read: nothing is unpickled.
+
+A checkpoint written by `clusterlm quantize` has a "quantization" entry in train_state.json
+(method, group size, module names); its Linear layers are rebuilt as the quantized modules of
+clusterlm.optimize.quantize before the packed weights are loaded (docs/compression.md).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -35,15 +40,11 @@ class LoadedModel:
 
 def load_for_inference(arg: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     from clusterlm.checkpoint.store import load_model_weights, resolve_checkpoint
-    from clusterlm.config import resolve
     from clusterlm.models.build import build_model
     from clusterlm.tokenizer import load_tokenizer
 
     path = resolve_checkpoint(str(arg))
-    cfg_file = path / "config.toml"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{path} has no config.toml; it was not written by `clusterlm train`")
-    cfg = resolve(tomllib.loads(cfg_file.read_text(encoding="utf-8")))
+    cfg = read_checkpoint_config(path)
     tok_file = path / "tokenizer.json"
     if not tok_file.is_file():
         raise CheckpointError(f"{path} has no tokenizer.json")
@@ -52,6 +53,12 @@ def load_for_inference(arg: str | Path, device: str | torch.device = "cpu") -> L
         model = build_model(cfg.model)
     model.to_empty(device=device)
     model.init_weights(0)  # fills non-persistent buffers (rotary tables); weights are overwritten below
+    quant = read_quantization(path)
+    if quant is not None:
+        from clusterlm.optimize.quantize import quantize_model
+
+        quantize_model(model, quant["method"], group_size=quant["group_size"], modules=quant["modules"],
+                       empty=True)
     state = load_model_weights(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in _tied_names(model)]
@@ -61,6 +68,32 @@ def load_for_inference(arg: str | Path, device: str | torch.device = "cpu") -> L
     model.eval()
     log.info("loaded %s (%s parameters) on %s", path, f"{cfg.model.num_params():,}", device)
     return LoadedModel(model=model, tokenizer=tokenizer, config=cfg, path=path)
+
+
+def read_checkpoint_config(path: Path) -> object:
+    """The RunConfig saved in step folder `path` (config.toml)."""
+    from clusterlm.config import resolve
+
+    cfg_file = Path(path) / "config.toml"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path} has no config.toml; it was not written by clusterlm")
+    return resolve(tomllib.loads(cfg_file.read_text(encoding="utf-8")))
+
+
+def read_quantization(path: Path) -> dict | None:
+    """The "quantization" entry of train_state.json ({"method", "group_size", "modules"}), or None."""
+    f = Path(path) / "train_state.json"
+    if not f.is_file():
+        return None
+    try:
+        q = json.loads(f.read_text(encoding="utf-8")).get("quantization")
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f} is unparsable: {e}") from e
+    if q is None:
+        return None
+    if not (isinstance(q, dict) and q.get("method") in ("int8", "int4") and isinstance(q.get("modules"), list)):
+        raise CheckpointError(f"{f}: 'quantization' must hold method int8|int4 and a modules list, got {q!r}")
+    return q
 
 
 def _tied_names(model: torch.nn.Module) -> set[str]:

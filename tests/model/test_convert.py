@@ -1,0 +1,113 @@
+"""Hugging Face parity: tiny random-weight GPT2LMHeadModel / LlamaForCausalLM built locally (no
+downloads) -> `clusterlm convert` -> our logits; `clusterlm export` -> transformers from_pretrained.
+
+Run: .venv/bin/python -m pytest -q tests/model/test_convert.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from clusterlm.checkpoint.model_io import load_for_inference  # noqa: E402
+from clusterlm.errors import ClusterlmError  # noqa: E402
+from clusterlm.models.convert import export_main, hf_to_config, main  # noqa: E402
+from clusterlm.tokenizer.bpe import BPETokenizer  # noqa: E402
+
+V = 300
+
+
+def _tokenizer(folder) -> None:
+    tok = BPETokenizer.train(["the quick brown fox jumps over the lazy dog " * 50], vocab_size=V)
+    tok.save(folder / "tokenizer.json")
+
+
+def _gpt2(tie: bool = True):
+    cfg = transformers.GPT2Config(vocab_size=V, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                  tie_word_embeddings=tie, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _llama(tie: bool = False, kv: int = 2):
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=kv, max_position_embeddings=32,
+                                   rope_theta=5000.0, tie_word_embeddings=tie, rms_norm_eps=1e-6)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _randomize(model) -> None:
+    """transformers' init leaves norms at 1 and biases at 0; randomize all so every weight matters."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            centre = 1.0 if ("ln_" in name or "norm" in name) and name.endswith("weight") else 0.0
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + centre)
+
+
+@pytest.mark.parametrize("name,make", [
+    ("gpt2", lambda: _gpt2()), ("gpt2-untied", lambda: _gpt2(tie=False)),
+    ("llama-gqa", lambda: _llama()), ("llama-tied-mha", lambda: _llama(tie=True, kv=4)),
+])
+def test_roundtrip_logits(tmp_path, name, make):
+    """Our logits on converted weights equal transformers' logits (1e-4); the exported folder loads
+    with from_pretrained and gives the same logits again."""
+    torch.manual_seed(0)
+    hf = make().eval()
+    _randomize(hf)
+    src = tmp_path / "hf"
+    hf.save_pretrained(src)
+    _tokenizer(src)
+    assert main(["--from-hf", str(src), "--out", str(tmp_path / "run")]) == 0
+    loaded = load_for_inference(tmp_path / "run")
+    idx = torch.randint(0, V, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(idx).logits
+        got = loaded.model(idx)
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() < 1e-4
+    assert loaded.model.config.num_params() == sum(p.numel() for p in hf.parameters())
+
+    assert export_main([str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "exp")]) == 0
+    names = {p.name for p in (tmp_path / "exp").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= names
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exp").eval()
+    assert type(back) is type(hf)
+    with torch.no_grad():
+        again = back(idx).logits
+    assert (again - want).abs().max().item() < 1e-4
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "exp" / "tokenizer.json"))
+    assert fast.encode("the lazy fox") == loaded.tokenizer.encode("the lazy fox")
+
+
+def test_sharded_index_and_errors(tmp_path):
+    """A sharded safetensors folder (max_shard_size) converts to the same weights; an unsupported
+    model_type, a missing tokenizer.json and a pickle-only folder get clear errors."""
+    torch.manual_seed(0)
+    hf = _llama().eval()
+    src = tmp_path / "hf"
+    hf.save_pretrained(src, max_shard_size="20KB")
+    assert (src / "model.safetensors.index.json").is_file()
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        main(["--from-hf", str(src), "--out", str(tmp_path / "r0")])
+    _tokenizer(src)
+    assert main(["--from-hf", str(src), "--out", str(tmp_path / "run")]) == 0
+    idx = torch.arange(10)[None]
+    with torch.no_grad():
+        assert (load_for_inference(tmp_path / "run").model(idx) - hf(idx).logits).abs().max().item() < 1e-4
+
+    with pytest.raises(ClusterlmError, match="model_type='bert'.*gpt2, llama"):
+        hf_to_config({"model_type": "bert"})
+    with pytest.raises(ClusterlmError, match="rope scaling"):
+        hf_to_config({**json.loads((src / "config.json").read_text()),
+                      "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}})
+    pk = tmp_path / "pk"
+    pk.mkdir()
+    (pk / "config.json").write_text((src / "config.json").read_text())
+    (pk / "tokenizer.json").write_text((src / "tokenizer.json").read_text())
+    (pk / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(ClusterlmError, match="trust-pickle"):
+        main(["--from-hf", str(pk), "--out", str(tmp_path / "r2")])
