@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("clusterlm.cluster.planner:main", "memory, FLOPs, step time and parallel layout for a run"),
     "convert": ("clusterlm.models.convert:main", "Hugging Face GPT-2/Llama folder -> clusterlm checkpoint"),
     "export": ("clusterlm.models.convert:export_main", "clusterlm checkpoint -> Hugging Face folder (--format hf)"),
+    "quantize": ("clusterlm.optimize.quantize:main", "int8/int4 weight-only quantization of a checkpoint"),
     "serve": ("clusterlm.serve.app:main", "serve a checkpoint over an OpenAI-compatible HTTP API"),
 }
 
