@@ -1,0 +1,242 @@
+"""Apply a parallel layout to a model from outside it, in one order: pipeline split, TP,
+activation checkpointing, compile, FSDP/DDP; then materialise and initialise the local shards.
+
+    pm = build_parallel_model(model_cfg, parallel_cfg, mesh, device, seed=0, micro_batch=8)
+    loss = pm.forward_backward(x, y, scale=1 / accum, sync=is_last_micro_batch)  # this rank's share
+    norm = pm.clip_grad_norm_(1.0)                     # global norm over every shard and stage
+    pm.module                                          # the (sharded) nn.Module: optimizer, checkpoints
+
+Initialisation with sharded parameters: the model is built on the meta device and sharded there,
+so no rank ever holds the whole model. Each parameter is then filled by running the model's own
+`init_weights(seed)` on a meta "shadow" model in which only that one parameter is a real (full,
+CPU) tensor, and this rank's shard is cut from it (`distribute_tensor(..., src_data_rank=None)`:
+every rank draws the same full tensor, so no communication). Peak extra memory: one full
+parameter. The values are exactly the single-process ones (init_weights seeds a generator per
+parameter name), which is what the parity tests rely on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from clusterlm.config import ParallelConfig
+from clusterlm.models.config import ModelConfig
+from clusterlm.parallel.ac import apply_ac, clean_name
+from clusterlm.parallel.dims import ParallelDims
+from clusterlm.parallel.mesh import Coords
+
+log = logging.getLogger(__name__)
+
+
+def dims_of(pc: ParallelConfig) -> ParallelDims:
+    return ParallelDims(dp_replicate=pc.dp_replicate, dp_shard=pc.dp_shard, tp=pc.tp, pp=pc.pp)
+
+
+def _set_param(model: nn.Module, name: str, value: nn.Parameter) -> nn.Parameter:
+    mod_name, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    old = mod._parameters[leaf]
+    mod._parameters[leaf] = value
+    return old
+
+
+@torch.no_grad()
+def init_sharded(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
+    """Fill every (possibly DTensor) parameter and buffer of `model` with the values
+    build_model(cfg).init_weights(seed) gives the full model (see the module docstring)."""
+    from clusterlm.models.build import build_model
+
+    with torch.device("meta"):
+        shadow = build_model(cfg)
+    # buffers (rotary tables) are small: materialise all of them in the shadow once
+    for name, buf in list(shadow.named_buffers()):
+        mod_name, _, leaf = name.rpartition(".")
+        (shadow.get_submodule(mod_name) if mod_name else shadow)._buffers[leaf] = torch.empty_like(buf, device="cpu")
+    shadow_params = dict(shadow.named_parameters())
+    for name, p in model.named_parameters():
+        name = clean_name(name)
+        full = nn.Parameter(torch.empty(shadow_params[name].shape, dtype=torch.float32), requires_grad=False)
+        old = _set_param(shadow, name, full)
+        shadow.init_weights(seed)  # meta parameters are skipped; only `full` gets values
+        _set_param(shadow, name, old)
+        shadow._tie()
+        value = full.data.to(device=p.device, dtype=p.dtype)
+        if isinstance(p, DTensor):
+            p.copy_(distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None))
+        else:
+            p.copy_(value)
+    shadow_bufs = {clean_name(n): b for n, b in shadow.named_buffers()}
+    for name, b in model.named_buffers():
+        b.copy_(shadow_bufs[clean_name(name)])
+
+
+class ParallelModel:
+    """A model laid out over a DeviceMesh, with the few operations the training loop needs."""
+
+    def __init__(self, module: nn.Module, wrapped: nn.Module, coords: Coords, mesh: DeviceMesh | None,
+                 kind: str, schedule=None) -> None:
+        self.module = module  # parameters/state_dict live here (DDP's inner module when wrapped)
+        self.wrapped = wrapped  # what forward is called on
+        self.coords = coords
+        self.mesh = mesh
+        self.kind = kind  # "single", "ddp", "fsdp" or "none" (tp/pp without data-parallel wrapping)
+        self.schedule = schedule
+
+    # ---- one micro-batch -----------------------------------------------------------------------
+    def _sync_context(self, sync: bool):
+        if self.kind == "ddp" and not sync:
+            return self.wrapped.no_sync()
+        if self.kind == "fsdp":
+            self.module.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, *, scale: float, sync: bool = True,
+                         autocast=contextlib.nullcontext) -> torch.Tensor:
+        """Forward + backward of one micro-batch with loss*scale; returns the detached scaled loss
+        on ranks that own a loss (last stage, tp rank 0), zeros elsewhere."""
+        from clusterlm.eval.metrics import lm_loss
+
+        with self._sync_context(sync):
+            if self.schedule is not None:
+                losses: list[torch.Tensor] = []
+                n_mb = self.schedule._n_microbatches
+                self.schedule._loss_fn = lambda logits, tgt: lm_loss(logits, tgt) * (scale / n_mb)
+                with autocast():
+                    if self.coords.pp == 0:
+                        self.schedule.step(x)
+                    elif self.coords.is_last_stage:
+                        self.schedule.step(target=y, losses=losses)
+                    else:
+                        self.schedule.step()
+                loss = torch.stack(losses).sum().detach() if losses else torch.zeros((), device=x.device)
+            else:
+                with autocast():
+                    logits = self.wrapped(x)
+                loss = lm_loss(logits, y) * scale
+                loss.backward()
+                loss = loss.detach()
+        return loss if self.coords.owns_loss else torch.zeros_like(loss)
+
+    # ---- reductions across ranks ---------------------------------------------------------------
+    def mean_over_dp(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum over the loss-owning ranks / dp: the global mean of a per-rank mean (e.g. the loss)."""
+        if self.mesh is None:
+            return value
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        return value / self.coords.dims.dp
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Clip all gradients to a global L2 norm of max_norm (0 or inf: no clipping); returns the
+        norm before clipping. Same formula as torch.nn.utils.clip_grad_norm_ (coef =
+        max_norm / (norm + 1e-6), at most 1), over sharded (DTensor) and pipeline-split parameters."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if self.mesh is None:
+            return float(torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf")))
+        device = params[0].grad.device if params else torch.device("cpu")
+        sq = torch.zeros((), dtype=torch.float32, device=device)
+        for p in params:
+            g = p.grad
+            n = torch.linalg.vector_norm(g, dtype=torch.float32)
+            if isinstance(n, DTensor):
+                n = n.full_tensor()  # reduces the partial norms of the shards
+            sq += n.to(device) ** 2
+        # identical on every dp and tp rank of a stage: count each stage once, then sum the stages
+        c = self.coords
+        if c.dp_rank != 0 or c.tp != 0:
+            sq.zero_()
+        dist.all_reduce(sq)
+        norm = sq.sqrt()
+        if max_norm and math.isfinite(max_norm):
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for p in params:
+                p.grad.mul_(coef)
+        return float(norm)
+
+    def state_dict_module(self) -> nn.Module:
+        return self.module
+
+
+def validate_layout(pc: ParallelConfig, mcfg: ModelConfig, world_size: int, global_batch_tokens: int,
+                    micro_batch: int, seq_len: int) -> ParallelDims:
+    """ParallelDims.validate plus what this implementation supports; raises before any model is built."""
+    from clusterlm.errors import ConfigError
+
+    dims = dims_of(pc)
+    dims.validate(world_size, mcfg, global_batch_tokens, micro_batch, seq_len)
+    if mcfg.arch != "transformer" and (dims.dp_shard > 1 or dims.tp > 1 or dims.pp > 1):
+        raise ConfigError(f"model.arch={mcfg.arch!r} trains with data parallel replication only (DDP): "
+                          f"set parallel.dp_replicate={world_size} and dp_shard=tp=pp=1 (got {dims.describe()})")
+    if mcfg.arch != "transformer" and pc.activation_checkpointing != "none":
+        raise ConfigError(f"activation checkpointing works on transformer blocks; model.arch={mcfg.arch!r}")
+    if dims.pp > 1 and mcfg.tie_embeddings:
+        raise ConfigError(f"pp={dims.pp} with model.tie_embeddings=true: the tied embedding/output weight would "
+                          "live on the first and last stages; set model.tie_embeddings=false")
+    return dims
+
+
+def build_parallel_model(mcfg: ModelConfig, pc: ParallelConfig, mesh: DeviceMesh | None, device: torch.device, *,
+                         seed: int, micro_batch: int, param_dtype: torch.dtype | None = None,
+                         compile: bool = False, pp_schedule: str = "1f1b") -> ParallelModel:
+    """Build the model on meta, lay it out (pp split, TP, AC, compile, FSDP/DDP), materialise, init."""
+    from clusterlm.models.build import build_model
+
+    with torch.device("meta"):
+        model = build_model(mcfg)
+    coords = Coords.of(mesh, dims_of(pc))
+    dims = coords.dims
+    if mesh is None or dims.world_size == 1:
+        apply_ac(model, pc.activation_checkpointing)
+        model.to_empty(device=device)
+        model.init_weights(seed)
+        wrapped = torch.compile(model) if compile else model
+        return ParallelModel(model, wrapped, coords, mesh, "single")
+
+    if dims.pp > 1:
+        from clusterlm.parallel.pp import split_stage
+
+        split_stage(model, dims.pp, coords.pp)
+    if dims.tp > 1:
+        from clusterlm.parallel.tp import apply_tp
+
+        apply_tp(model, mesh["tp"])
+    apply_ac(model, pc.activation_checkpointing)
+    if compile:
+        for key, block in list(model.layers.items()):
+            model.layers[key] = torch.compile(block)
+    if dims.dp_replicate > 1 and dims.dp_shard == 1 and dims.tp == 1 and dims.pp == 1:
+        model.to_empty(device=device)
+        model.init_weights(seed)  # replicated: every rank holds the full model
+        from clusterlm.parallel.ddp import apply_ddp
+
+        wrapped = apply_ddp(model, mesh["dp_replicate"], device)
+        kind = "ddp"
+    else:
+        kind = "none"
+        if dims.dp > 1:
+            from clusterlm.parallel.fsdp import apply_fsdp
+
+            dp_mesh = mesh[("dp_replicate", "dp_shard")] if dims.dp_replicate > 1 else mesh["dp_shard"]
+            apply_fsdp(model, dp_mesh, param_dtype=param_dtype)
+            kind = "fsdp"
+        model.to_empty(device=device)
+        init_sharded(model, mcfg, seed)
+        wrapped = model
+    schedule = None
+    if dims.pp > 1:
+        from clusterlm.eval.metrics import lm_loss
+        from clusterlm.parallel.pp import build_schedule
+
+        schedule = build_schedule(model, mesh["pp"], device, micro_batch, lm_loss, pp_schedule)
+    log.info("layout %s: %s on this rank (pp stage %d, dp rank %d, tp rank %d)", dims.describe(), kind,
+             coords.pp, coords.dp_rank, coords.tp)
+    return ParallelModel(model, wrapped, coords, mesh, kind, schedule)
