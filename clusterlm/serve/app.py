@@ -1,0 +1,381 @@
+"""`clusterlm serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) over the batching scheduler.
+
+    clusterlm serve runs/shakespeare_char --api-key-file key.txt --port 8000
+    curl -H "Authorization: Bearer $(cat key.txt)" localhost:8000/v1/completions \\
+         -d '{"model": "shakespeare_char", "prompt": "ROMEO:", "max_tokens": 32, "stream": true}'
+
+Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (SSE with `stream: true`,
+ending in `data: [DONE]`), GET /health (alive), GET /ready (503 until loaded and warmed up),
+GET /metrics (Prometheus), GET / (chat page). Every route needs `Authorization: Bearer KEY`
+except the allow-list: /health, /ready, and the static chat page (/ and /static/*, which hold no
+data). Limits and error codes: docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import secrets
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+
+from clusterlm.serve.metrics import Metrics
+from clusterlm.serve.schemas import (ChatRequest, CompletionRequest, error_body, new_id, now, usage,
+                                     validation_message)
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+OPEN_PATHS = {"/health", "/ready", "/", "/favicon.ico"}  # no API key; /static/* too
+MAX_HEADER_BYTES = 16 * 1024
+
+
+class Settings:
+    def __init__(self, *, api_key: str, model_name: str, max_batch: int = 16, max_queue: int = 64,
+                 max_new_tokens_limit: int = 512, max_body_bytes: int = 1 << 20, device: str = "cpu") -> None:
+        for name, val, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
+                              ("max_new_tokens_limit", max_new_tokens_limit, 1), ("max_body_bytes", max_body_bytes, 1024)):
+            if val < lo:
+                raise ValueError(f"{name}={val} must be >= {lo}")
+        if not api_key:
+            raise ValueError("api_key is empty; give a non-empty key")
+        self.api_key, self.model_name = api_key, model_name
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_new_tokens_limit, self.max_body_bytes, self.device = max_new_tokens_limit, max_body_bytes, device
+
+
+def _err(status: int, message: str, *, param: str | None = None, type_: str = "invalid_request_error",
+         headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param), status_code=status, headers=headers)
+
+
+class _Reject(Exception):
+    def __init__(self, response: Response) -> None:
+        self.response = response
+
+
+class _Guard:
+    """ASGI middleware: header-size cap (431), API key (401), declared body size (413), and the
+    requests-by-status counter. Runs before routing, so unknown paths need a key too."""
+
+    def __init__(self, app, settings: Settings, metrics: Metrics) -> None:  # noqa: ANN001
+        self.app, self.settings, self.metrics = app, settings, metrics
+        self.key = settings.api_key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        route = path if path in ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics",
+                                 "/health", "/ready", "/") else "other"
+        status_seen: list[int] = []
+
+        async def send_counted(msg) -> None:  # noqa: ANN001
+            if msg["type"] == "http.response.start":
+                status_seen.append(msg["status"])
+                self.metrics.requests.labels(route, str(msg["status"])).inc()
+            await send(msg)
+
+        headers = scope["headers"]
+        resp: Response | None = None
+        if sum(len(k) + len(v) + 4 for k, v in headers) > MAX_HEADER_BYTES:
+            resp = _err(431, f"request headers exceed {MAX_HEADER_BYTES} bytes")
+        elif not (path in OPEN_PATHS or path.startswith("/static/")):
+            given = b""
+            for k, v in headers:
+                if k == b"authorization":
+                    given = v
+            scheme, _, token = given.partition(b" ")
+            # constant-time comparison; the key is never logged or echoed
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                resp = _err(401, "missing or invalid API key: send 'Authorization: Bearer KEY'",
+                            type_="authentication_error", headers={"WWW-Authenticate": "Bearer"})
+        if resp is None:
+            for k, v in headers:
+                if k == b"content-length":
+                    try:
+                        n = int(v)
+                    except ValueError:
+                        resp = _err(400, "Content-Length is not an integer")
+                        break
+                    if n > self.settings.max_body_bytes:
+                        resp = _err(413, f"request body of {n} bytes exceeds the limit of "
+                                         f"{self.settings.max_body_bytes} bytes")
+        if resp is not None:
+            return await resp(scope, receive, send_counted)
+        await self.app(scope, receive, send_counted)
+
+
+async def _read_json(request: Request, model: type[BaseModel], limit: int) -> BaseModel:
+    """Body -> validated model. 413 over `limit` bytes (counted as it arrives: chunked bodies too),
+    400 for invalid UTF-8 or JSON, 422 for a schema violation naming the field and range."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _Reject(_err(413, f"request body exceeds the limit of {limit} bytes"))
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _Reject(_err(400, f"request body is not valid UTF-8 (byte {e.start})")) from None
+    try:
+        json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise _Reject(_err(400, f"request body is not valid JSON: {str(e)[:120]}")) from None
+    try:
+        return model.model_validate_json(text)
+    except ValidationError as e:
+        msg, param = validation_message(model, e)
+        raise _Reject(_err(422, msg, param=param)) from None
+
+
+def create_app(load: Callable[[], object], settings: Settings) -> FastAPI:
+    """The app; `load()` returns a clusterlm LoadedModel and runs in a thread at start-up, so
+    /health answers at once and /ready turns 200 after loading and warm-up."""
+    from clusterlm.generate.cli import CHAT_STOP, render_chat
+    from clusterlm.serve.scheduler import Delta, Failed, Finished, QueueFull, SamplingParams, Scheduler
+
+    metrics = Metrics()
+    state: dict[str, object] = {}
+    ready = threading.Event()
+
+    def _startup() -> None:
+        try:
+            loaded = load()
+            sched = Scheduler(loaded.model, loaded.tokenizer, max_batch=settings.max_batch,
+                              max_queue=settings.max_queue, metrics=metrics, device=settings.device)
+            sched.start()
+            sched.warmup()
+            state.update(loaded=loaded, sched=sched, tokenizer=loaded.tokenizer,
+                         context=sched.context)
+            ready.set()
+            log.info("serving %s: max_batch=%d max_queue=%d", settings.model_name, settings.max_batch,
+                     settings.max_queue)
+        except Exception:
+            log.exception("loading the model failed")
+            state["error"] = "loading the model failed; see the server log"
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        t = threading.Thread(target=_startup, name="clusterlm-load", daemon=True)
+        t.start()
+        yield
+        if "sched" in state:
+            state["sched"].stop()  # type: ignore[attr-defined]
+
+    app = FastAPI(title="clusterlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.metrics = metrics
+    app.state.ready = ready
+    app.state.state = state
+
+    @app.exception_handler(_Reject)
+    async def _reject(request: Request, exc: _Reject) -> Response:
+        return exc.response
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready_route() -> Response:
+        if ready.is_set():
+            return JSONResponse({"status": "ready", "model": settings.model_name})
+        return _err(503, str(state.get("error", "loading")), type_="unavailable", headers={"Retry-After": "1"})
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/")
+    async def index() -> Response:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/static/{name}")
+    async def static(name: str) -> Response:
+        f = STATIC / name
+        if "/" in name or name.startswith(".") or not f.is_file():
+            return _err(404, f"no static file {name!r}")
+        return FileResponse(f)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
+                                            "owned_by": "clusterlm"}]}
+
+    def _check(req: CompletionRequest | ChatRequest, prompt: str) -> tuple[list[int], SamplingParams]:
+        if not ready.is_set():
+            raise _Reject(_err(503, "the model is still loading", type_="unavailable", headers={"Retry-After": "1"}))
+        if req.model != settings.model_name:
+            raise _Reject(_err(404, f"model {req.model!r} is not served here; this server serves "
+                                    f"{settings.model_name!r}", param="model"))
+        limit = settings.max_new_tokens_limit
+        if req.max_tokens is not None and req.max_tokens > limit:
+            raise _Reject(_err(400, f"max_tokens={req.max_tokens} is out of range; allowed [1, {limit}] "
+                                    "(the server's --max-new-tokens-limit)", param="max_tokens"))
+        if req.n > settings.max_batch:
+            raise _Reject(_err(400, f"n={req.n} is out of range; allowed [1, {settings.max_batch}] "
+                                    "(the server's --max-batch)", param="n"))
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _Reject(_err(400, "prompt contains unpaired surrogates; send valid Unicode text")) from None
+        tok = state["tokenizer"]
+        ids = [tok.eos_id] + tok.encode(prompt)  # EOS first: the document separator seen in training
+        context = state["context"]
+        if context is not None and len(ids) > context:
+            raise _Reject(_err(400, f"the prompt is {len(ids)} tokens (with the leading EOS); the model's "
+                                    f"context is {context} tokens", param="prompt"))
+        params = SamplingParams(max_tokens=req.max_tokens or limit, temperature=req.temperature,
+                                top_p=req.top_p, seed=req.seed, stops=tuple(req.stops))
+        return ids, params
+
+    async def _run(request: Request, ids: list[int], params: SamplingParams, n: int, chat: bool,
+                   stream: bool, include_usage: bool) -> Response:
+        try:
+            handle = state["sched"].submit(ids, n, params, asyncio.get_running_loop())  # type: ignore[attr-defined]
+        except QueueFull as e:
+            return _err(429, str(e), type_="rate_limit_error", headers={"Retry-After": str(e.retry_after)})
+        rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
+        obj = "chat.completion" if chat else "text_completion"
+        base = {"id": rid, "created": created, "model": settings.model_name}
+
+        if stream:
+            async def events() -> AsyncIterator[bytes]:
+                done, total = 0, 0
+                try:
+                    if chat:
+                        for i in range(n):
+                            yield _sse({**base, "object": "chat.completion.chunk", "choices": [
+                                {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+                    while done < n:
+                        ev = await handle.events.get()
+                        if isinstance(ev, Failed):
+                            yield _sse(error_body(ev.message, "server_error"))
+                            break
+                        if isinstance(ev, Delta):
+                            choice = ({"index": ev.index, "delta": {"content": ev.text}, "finish_reason": None}
+                                      if chat else {"index": ev.index, "text": ev.text, "logprobs": None,
+                                                    "finish_reason": None})
+                        else:
+                            done += 1
+                            total += ev.tokens
+                            choice = ({"index": ev.index, "delta": {}, "finish_reason": ev.reason} if chat else
+                                      {"index": ev.index, "text": "", "logprobs": None, "finish_reason": ev.reason})
+                        yield _sse({**base, "object": "chat.completion.chunk" if chat else obj, "choices": [choice]})
+                    if include_usage:
+                        yield _sse({**base, "object": "chat.completion.chunk" if chat else obj, "choices": [],
+                                    "usage": usage(len(ids), total)})
+                    yield b"data: [DONE]\n\n"
+                finally:
+                    handle.cancel()  # no-op when finished; frees the slots when the client went away
+
+            return StreamingResponse(events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        texts, reasons, total = [""] * n, [None] * n, 0
+        try:
+            done = 0
+            while done < n:
+                try:
+                    ev = await asyncio.wait_for(handle.events.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return Response(status_code=499)
+                    continue
+                if isinstance(ev, Failed):
+                    return _err(500, ev.message, type_="server_error")
+                if isinstance(ev, Delta):
+                    texts[ev.index] += ev.text
+                else:
+                    reasons[ev.index] = ev.reason
+                    total += ev.tokens
+                    done += 1
+        finally:
+            handle.cancel()
+        if chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                        "finish_reason": reasons[i]} for i in range(n)]
+        else:
+            choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": reasons[i]} for i in range(n)]
+        return JSONResponse({**base, "object": obj, "choices": choices, "usage": usage(len(ids), total)})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = await _read_json(request, CompletionRequest, settings.max_body_bytes)
+        ids, params = _check(req, req.prompt)
+        inc = bool(req.stream_options and req.stream_options.include_usage)
+        return await _run(request, ids, params, req.n, False, req.stream, inc)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = await _read_json(request, ChatRequest, settings.max_body_bytes)
+        prompt = render_chat([{"role": m.role, "content": m.content} for m in req.messages])
+        ids, params = _check(req, prompt)
+        stops = tuple(req.stops) + ((CHAT_STOP,) if len(req.stops) < 4 else ())  # the template's turn marker
+        params = SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+                                seed=params.seed, stops=stops)
+        inc = bool(req.stream_options and req.stream_options.include_usage)
+        return await _run(request, ids, params, req.n, True, req.stream, inc)
+
+    return _Guard(app, settings, metrics)  # type: ignore[return-value]
+
+
+def _sse(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="clusterlm serve",
+                                description="Serve a checkpoint over an OpenAI-compatible HTTP API.")
+    p.add_argument("checkpoint", help="run directory, checkpoints folder or step folder")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key-file", default=None,
+                   help="file holding the API key (first line); without it a random key is generated "
+                        "and printed once to stdout")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (cache slots)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    p.add_argument("--max-new-tokens-limit", type=int, default=512, help="upper bound on max_tokens")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--model-name", default=None, help="the id in /v1/models (default: the run folder's name)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    args = p.parse_args(argv)
+    import uvicorn
+
+    from clusterlm.checkpoint.model_io import load_for_inference
+
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port={args.port} must be in [1, 65535]")
+    if args.api_key_file:
+        lines = Path(args.api_key_file).read_text(encoding="utf-8").splitlines()
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise ValueError(f"--api-key-file {args.api_key_file} is empty; put the key on its first line")
+    else:
+        key = secrets.token_urlsafe(24)
+        print(f"API key (generated; pass --api-key-file to choose one): {key}", flush=True)
+    ckpt = Path(args.checkpoint)
+    if not ckpt.exists():
+        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
+    name = args.model_name or ckpt.resolve().name
+    settings = Settings(api_key=key, model_name=name, max_batch=args.max_batch, max_queue=args.max_queue,
+                        max_new_tokens_limit=args.max_new_tokens_limit, max_body_bytes=args.max_body_bytes,
+                        device=args.device)
+    app = create_app(lambda: load_for_inference(ckpt, device=args.device), settings)
+    config = uvicorn.Config(app, host=args.host, port=args.port, http="h11", lifespan="on",
+                            h11_max_incomplete_event_size=MAX_HEADER_BYTES, log_level="info",
+                            timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run()
+    return 0

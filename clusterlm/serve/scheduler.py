@@ -1,0 +1,319 @@
+"""Continuous batching: one background thread runs the decode loop over a slot cache.
+
+Requests wait in a bounded queue (`QueueFull` when it holds `max_queue`; the app answers 429 with
+Retry-After). At every token boundary the loop (1) drops cancelled sequences, freeing their slots,
+(2) admits waiting requests while slots are free (a request with n choices takes n slots and is
+prefilled as one batch of n rows), (3) runs ONE forward pass over every running sequence, each at
+its own position in its own slot, (4) samples per sequence (its own temperature, top_p and seeded
+generator), and streams text deltas to the request's asyncio queue. A sequence finishes with
+"stop" (EOS or a stop string; the stop string is not returned), "length" (max_tokens, or a
+Transformer's context full), or is dropped when its client disconnects ("cancelled").
+
+    sched = Scheduler(model, tokenizer, max_batch=16, max_queue=64, metrics=Metrics())
+    sched.start(); sched.warmup()
+    req = sched.submit(prompt_ids, n=1, params=SamplingParams(max_tokens=32), loop=asyncio.get_running_loop())
+    event = await req.events.get()   # Delta(index, text, tokens) ... Finished(index, reason, tokens)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from clusterlm.generate.cli import TextStream
+from clusterlm.generate.sampling import sample_next
+from clusterlm.serve.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The waiting queue holds max_queue requests; retry after `retry_after` seconds."""
+
+    def __init__(self, depth: int, retry_after: int) -> None:
+        super().__init__(f"the request queue is full ({depth} waiting); retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stops: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
+
+
+@dataclass
+class Delta:
+    index: int  # choice index
+    text: str
+    tokens: int  # tokens generated so far by this choice
+
+
+@dataclass
+class Finished:
+    index: int
+    reason: str  # "stop" | "length"
+    tokens: int  # completion tokens of this choice
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+class Request:
+    """One API request: n sequences sharing a prompt. Events arrive on `events` (an asyncio.Queue
+    of the submitting loop); `cancel()` may be called from any thread."""
+
+    def __init__(self, prompt_ids: list[int], n: int, params: SamplingParams, loop: asyncio.AbstractEventLoop) -> None:
+        self.prompt_ids, self.n, self.params = prompt_ids, n, params
+        self.events: asyncio.Queue = asyncio.Queue()
+        self._loop = loop
+        self.cancelled = threading.Event()
+        self.submitted = time.perf_counter()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def emit(self, event: Delta | Finished | Failed) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening
+            pass
+
+
+@dataclass
+class _Seq:
+    req: Request
+    index: int
+    slot: int
+    gen: torch.Generator
+    text: TextStream
+    last: int = 0  # token to feed next
+    n_tokens: int = 0
+    buf: str = ""  # text produced, not yet emitted (may be the start of a stop string)
+    all_text: str = ""
+    t_last: float = field(default_factory=time.perf_counter)
+
+
+def _holdback(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+class Scheduler:
+    def __init__(self, model: nn.Module, tokenizer, *, max_batch: int, max_queue: int,  # noqa: ANN001
+                 metrics: Metrics, device: torch.device | str = "cpu") -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"max_batch={max_batch} must be >= 1 and max_queue={max_queue} >= 0")
+        self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
+        self.max_batch, self.max_queue = max_batch, max_queue
+        cfg = model.config
+        self.vocab_size = cfg.vocab_size
+        self.context: int | None = cfg.max_seq_len if cfg.arch == "transformer" else None
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        self.cache = model.make_slot_cache(max_batch, self.context or 1, device=device, dtype=dtype)
+        self.device = torch.device(device)
+        self._waiting: deque[Request] = deque()
+        self._running: list[_Seq] = []
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.step_seconds = 0.05  # moving average of one decode step, for Retry-After
+
+    # ---- API used by the app (event-loop thread) -----------------------------------------------
+    def submit(self, prompt_ids: list[int], n: int, params: SamplingParams, loop: asyncio.AbstractEventLoop) -> Request:
+        if not 1 <= n <= self.max_batch:
+            raise ValueError(f"n={n} must be in [1, {self.max_batch}] (the server's --max-batch)")
+        req = Request(prompt_ids, n, params, loop)
+        with self._cond:
+            if len(self._waiting) >= self.max_queue:
+                # a rough wait: the queue ahead of it drains about max_batch sequences per max_tokens steps
+                retry = max(1, int(self.step_seconds * params.max_tokens * (1 + len(self._waiting) / self.max_batch)))
+                raise QueueFull(len(self._waiting), min(retry, 60))
+            self._waiting.append(req)
+            self.metrics.queue_depth.set(len(self._waiting))
+            self._cond.notify()
+        return req
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="clusterlm-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def warmup(self) -> None:
+        """One prefill and a few decode steps on a dummy prompt (first-call allocations, kernels)."""
+        with torch.inference_mode():
+            slots = [self.cache.alloc() for _ in range(min(2, self.max_batch))]
+            ids = torch.zeros(len(slots), 4, dtype=torch.long, device=self.device)
+            self.model(ids, self.cache.rows(slots))
+            for _ in range(3):
+                self.model(ids[:, :1], self.cache.rows(slots))
+            for s in slots:
+                self.cache.free(s)
+
+    # ---- the decode loop (scheduler thread) ----------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cond:
+                while not self._stop and not self._waiting and not self._running:
+                    self._cond.wait()
+                if self._stop:
+                    return
+            try:
+                with torch.inference_mode():
+                    self._step()
+            except Exception as e:  # a bug: fail every running request rather than hang them
+                log.exception("scheduler step failed")
+                for s in self._running:
+                    s.req.emit(Failed(f"internal error: {type(e).__name__}"))
+                    self.cache.free(s.slot)
+                self._running = []
+                self.metrics.running.set(0)
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        self._drop_cancelled()
+        self._admit()
+        if self._running:
+            rows = self.cache.rows([s.slot for s in self._running])
+            idx = torch.tensor([[s.last] for s in self._running], dtype=torch.long, device=self.device)  # (B, 1)
+            logits = self.model(idx, rows)[:, -1, : self.vocab_size]  # (B, V)
+            self._sample_and_emit(self._running, logits)
+            self.step_seconds = 0.9 * self.step_seconds + 0.1 * (time.perf_counter() - t0)
+        self.metrics.running.set(len(self._running))
+
+    def _drop_cancelled(self) -> None:
+        keep = []
+        for s in self._running:
+            if s.req.cancelled.is_set():
+                self.cache.free(s.slot)
+                self.metrics.finished.labels("cancelled").inc()
+            else:
+                keep.append(s)
+        self._running = keep
+
+    def _admit(self) -> None:
+        while True:
+            with self._cond:
+                if not self._waiting or self._waiting[0].n > self.cache.num_free:
+                    self.metrics.queue_depth.set(len(self._waiting))
+                    return
+                req = self._waiting.popleft()
+                self.metrics.queue_depth.set(len(self._waiting))
+            if req.cancelled.is_set():
+                self.metrics.finished.labels("cancelled").inc(req.n)
+                continue
+            seqs = []
+            base = req.params.seed if req.params.seed is not None else secrets.randbits(62)
+            for i in range(req.n):
+                g = torch.Generator(device=self.device).manual_seed((base + i) % (2**63 - 1))
+                seqs.append(_Seq(req, i, self.cache.alloc(), g, TextStream(self.tokenizer)))
+            ids = torch.tensor([req.prompt_ids] * req.n, dtype=torch.long, device=self.device)  # (n, P)
+            logits = self.model(ids, self.cache.rows([s.slot for s in seqs]))[:, -1, : self.vocab_size]  # (n, V)
+            self.metrics.prompt_tokens.inc(len(req.prompt_ids))
+            self._running.extend(seqs)
+            self._sample_and_emit(seqs, logits)
+
+    def _sample_and_emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        """Sample one token per row of logits (B, V) for seqs[b]; emit text; retire finished ones."""
+        greedy = torch.argmax(logits, dim=-1).tolist()
+        now = time.perf_counter()
+        done: set[int] = set()
+        for b, s in enumerate(seqs):
+            p = s.req.params
+            if p.temperature == 0:
+                tok = greedy[b]
+            else:
+                tok = int(sample_next(logits[b:b + 1], temperature=p.temperature, top_k=None,
+                                      top_p=p.top_p if p.top_p < 1 else None, generator=s.gen)[0])
+            if s.n_tokens == 0:
+                self.metrics.ttft.observe(now - s.req.submitted)
+            else:
+                self.metrics.itl.observe(now - s.t_last)
+            s.t_last = now
+            reason = self._advance(s, tok)
+            if reason is not None:
+                self._finish(s, reason)
+                done.add(id(s))
+        if done:
+            self._running = [s for s in self._running if id(s) not in done]
+
+    def _advance(self, s: _Seq, tok: int) -> str | None:
+        """Take token `tok` for sequence s; returns a finish reason or None to keep going."""
+        p = s.req.params
+        if tok == self.tokenizer.eos_id:
+            return "stop"
+        s.n_tokens += 1
+        s.last = tok
+        self.metrics.generated_tokens.inc()
+        piece = s.text.push(tok)
+        if piece:
+            s.buf += piece
+            if p.stops:
+                # a stop string may straddle pieces: search the emitted tail plus the new text
+                window = s.all_text[-64:] + s.buf
+                cuts = [window.find(x) for x in p.stops]
+                cuts = [c for c in cuts if c >= 0]
+                if cuts:
+                    cut = min(cuts) - (len(window) - len(s.buf))  # index into buf (>= 0: all_text had none)
+                    self._send(s, s.buf[:max(cut, 0)])
+                    s.buf = ""
+                    return "stop_string"
+                hold = _holdback(s.buf, p.stops)
+                self._send(s, s.buf[:len(s.buf) - hold])
+                s.buf = s.buf[len(s.buf) - hold:]
+            else:
+                self._send(s, s.buf)
+                s.buf = ""
+        if s.n_tokens >= p.max_tokens:
+            return "length"
+        if self.context is not None and int(self.cache.pos[s.slot]) >= self.context:
+            return "length"  # no room to feed the token back
+        return None
+
+    def _send(self, s: _Seq, text: str) -> None:
+        if text:
+            s.all_text += text
+            s.req.emit(Delta(s.index, text, s.n_tokens))
+
+    def _finish(self, s: _Seq, reason: str) -> None:
+        if reason == "stop_string":
+            reason = "stop"  # the stop string and anything after it are not returned
+        else:
+            self._send(s, s.buf + s.text.flush())  # held-back text was not a stop string after all
+        s.buf = ""
+        self.cache.free(s.slot)
+        self.metrics.finished.labels(reason).inc()
+        s.req.emit(Finished(s.index, reason, s.n_tokens))

@@ -1,0 +1,144 @@
+"""Request and response bodies of the OpenAI-compatible subset that `clusterlm serve` speaks.
+
+Requests are validated here (pydantic): every numeric field has bounds, and a value out of range
+is answered 422 with a message naming the field and the allowed range (`validation_message`).
+Limits that depend on the server (max_tokens against --max-new-tokens-limit, n against
+--max-batch, the prompt against the model's context) are checked by the app and answered 400.
+
+Unknown-field policy: a field this server does not know is REJECTED (422 naming it), so a client
+never believes an option took effect when it did not. Fields OpenAI defines that have no effect
+here are accepted only at their neutral value: `user` (any string, ignored), `stream_options`
+(`include_usage`), `presence_penalty`/`frequency_penalty` (0 only), `logprobs` (null/false only).
+
+    from clusterlm.serve.schemas import CompletionRequest
+    req = CompletionRequest.model_validate({"model": "m", "prompt": "Hi", "max_tokens": 8})
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MAX_STOP = 4  # OpenAI allows up to 4 stop sequences
+MAX_STOP_CHARS = 64
+MAX_N = 16  # upper bound on n before the server's own --max-batch check
+MAX_SEED = 2**63 - 1
+MAX_MESSAGES = 256
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    model: str = Field(max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1, le=2**31 - 1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(default=None, max_length=256)
+    presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
+    frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
+    logprobs: Literal[False] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        stops = [v] if isinstance(v, str) else v
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences, got {len(stops)}")
+        for s in stops:
+            if not 1 <= len(s) <= MAX_STOP_CHARS:
+                raise ValueError(f"each stop sequence must have 1..{MAX_STOP_CHARS} characters, got {len(s)}")
+        return stops
+
+    @property
+    def stops(self) -> list[str]:
+        return list(self.stop or [])  # type: ignore[arg-type]
+
+
+class CompletionRequest(_Sampling):
+    prompt: str = Field(max_length=1_000_000)
+    echo: Literal[False] = False
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=1_000_000)
+    name: str | None = Field(default=None, max_length=64)
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+
+
+# ---- responses (plain dicts: cheap to build per streamed token) ---------------------------------------
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _range_of(model: type[BaseModel], field: str) -> str | None:
+    """'[lo, hi]' / '(lo, hi]' for a bounded numeric field of `model`, else None."""
+    info = model.model_fields.get(field)
+    if info is None:
+        return None
+    lo = hi = None
+    lo_open = hi_open = False
+    for m in info.metadata:
+        for attr, is_lo, is_open in (("ge", True, False), ("gt", True, True), ("le", False, False), ("lt", False, True)):
+            val = getattr(m, attr, None)
+            if val is not None:
+                if is_lo:
+                    lo, lo_open = val, is_open
+                else:
+                    hi, hi_open = val, is_open
+    if lo is None and hi is None:
+        return None
+    return f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}{')' if hi_open else ']'}"
+
+
+def validation_message(model: type[BaseModel], err: ValidationError) -> tuple[str, str | None]:
+    """One readable line for a pydantic error: 'field: problem (allowed range [lo, hi])', and the
+    first offending field's name (OpenAI's `param`)."""
+    parts, first = [], None
+    for e in err.errors()[:5]:
+        loc = ".".join(str(x) for x in e["loc"]) or "body"
+        first = first or loc
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (this server rejects fields it does not implement; see docs/serving.md)"
+        rng = _range_of(model, str(e["loc"][0])) if e["loc"] else None
+        if rng is not None:
+            msg += f" (allowed range {rng})"
+        got = e.get("input")
+        got_s = repr(got)[:60] if not isinstance(got, (dict, list)) else type(got).__name__
+        parts.append(f"{loc}: {msg}; got {got_s}")
+    return "; ".join(parts), first
