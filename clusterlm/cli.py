@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("clusterlm.models.convert:main", "Hugging Face GPT-2/Llama folder -> clusterlm checkpoint"),
     "export": ("clusterlm.models.convert:export_main", "clusterlm checkpoint -> Hugging Face folder (--format hf)"),
     "quantize": ("clusterlm.optimize.quantize:main", "int8/int4 weight-only quantization of a checkpoint"),
+    "prune": ("clusterlm.optimize.prune:main", "magnitude or structured (heads/channels) pruning of a checkpoint"),
     "serve": ("clusterlm.serve.app:main", "serve a checkpoint over an OpenAI-compatible HTTP API"),
 }
 
