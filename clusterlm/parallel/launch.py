@@ -136,8 +136,10 @@ def read_env(env: Mapping[str, str] | None = None) -> DistEnv:
     return DistEnv()
 
 
-def init_distributed(dist_env: DistEnv | None = None, *, timeout_s: float = 600.0):  # -> torch.device
-    """Start the default process group (NCCL on GPU, gloo on CPU) if launched; returns this rank's device.
+def init_distributed(dist_env: DistEnv | None = None, *, device_type: str = "auto",
+                     timeout_s: float = 600.0):  # -> torch.device
+    """Start the default process group (NCCL on GPU, gloo on CPU) if launched; returns this rank's device
+    (cuda:LOCAL_RANK when CUDA is available and device_type is "auto" or "cuda", else cpu).
 
     Does nothing but pick the device when world_size is 1 or a group is already initialised.
     """
@@ -145,7 +147,9 @@ def init_distributed(dist_env: DistEnv | None = None, *, timeout_s: float = 600.
     import torch.distributed as dist
 
     dist_env = read_env() if dist_env is None else dist_env
-    cuda = torch.cuda.is_available()
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    cuda = torch.cuda.is_available() and device_type in ("auto", "cuda")
     if cuda:
         device = torch.device("cuda", dist_env.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
@@ -163,7 +167,7 @@ def init_distributed(dist_env: DistEnv | None = None, *, timeout_s: float = 600.
     return device
 
 
-def torchrun_command(recipe: str, overrides: list[str], *, nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
+def torchrun_command(recipe: str | None, overrides: list[str], *, nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
                      master_addr: str = "127.0.0.1", master_port: int = DEFAULT_PORT, max_restarts: int = 0,
                      python: str | None = None) -> list[str]:
     """The torchrun command line that runs `clusterlm train RECIPE OVERRIDES` on this node."""
@@ -176,7 +180,7 @@ def torchrun_command(recipe: str, overrides: list[str], *, nproc_per_node: int, 
     cmd = [python or sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}",
            f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--master-addr={master_addr}",
            f"--master-port={master_port}", f"--max-restarts={max_restarts}"]
-    return cmd + ["-m", "clusterlm", "train", recipe, *overrides]
+    return cmd + ["-m", "clusterlm", "train", *([recipe] if recipe else []), *overrides]
 
 
 def main(argv: list[str]) -> int:
@@ -188,7 +192,7 @@ def main(argv: list[str]) -> int:
         description="Run `clusterlm train RECIPE` on N processes per node with torchrun. The parallel layout "
                     "comes from the recipe's [parallel] section; dp_replicate*dp_shard*tp*pp must equal "
                     "nnodes*nproc_per_node. Extra --section.key=value overrides go to train.")
-    parser.add_argument("recipe", help="recipe TOML file or bundled recipe name")
+    parser.add_argument("recipe", nargs="?", help="recipe TOML file or bundled recipe name (omitted: defaults + overrides)")
     parser.add_argument("--nproc-per-node", type=int, required=True, help="processes on this node (one per GPU)")
     parser.add_argument("--nnodes", type=int, default=1, help="number of nodes (run this command on each)")
     parser.add_argument("--node-rank", type=int, default=0, help="this node's index in [0, nnodes)")

@@ -2,7 +2,7 @@
 activation checkpointing, compile, FSDP/DDP; then materialise and initialise the local shards.
 
     pm = build_parallel_model(model_cfg, parallel_cfg, mesh, device, seed=0, micro_batch=8)
-    loss = pm.forward_backward(x, y, scale=1 / accum, sync=is_last_micro_batch)  # this rank's share
+    loss = pm.forward_backward(x, y, accum=accum, sync=is_last_micro_batch)  # loss/accum, this rank
     norm = pm.clip_grad_norm_(1.0)                     # global norm over every shard and stage
     pm.module                                          # the (sharded) nn.Module: optimizer, checkpoints
 
@@ -98,17 +98,17 @@ class ParallelModel:
             self.module.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, *, scale: float, sync: bool = True,
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, *, accum: int = 1, sync: bool = True,
                          autocast=contextlib.nullcontext) -> torch.Tensor:
-        """Forward + backward of one micro-batch with loss*scale; returns the detached scaled loss
-        on ranks that own a loss (last stage, tp rank 0), zeros elsewhere."""
+        """Forward + backward of one micro-batch with loss/accum; returns the detached loss/accum on
+        ranks that own a loss (last stage, tp rank 0), zeros elsewhere."""
         from clusterlm.eval.metrics import lm_loss
 
         with self._sync_context(sync):
             if self.schedule is not None:
                 losses: list[torch.Tensor] = []
                 n_mb = self.schedule._n_microbatches
-                self.schedule._loss_fn = lambda logits, tgt: lm_loss(logits, tgt) * (scale / n_mb)
+                self.schedule._loss_fn = lambda logits, tgt: lm_loss(logits, tgt) / (accum * n_mb)
                 with autocast():
                     if self.coords.pp == 0:
                         self.schedule.step(x)
@@ -120,7 +120,7 @@ class ParallelModel:
             else:
                 with autocast():
                     logits = self.wrapped(x)
-                loss = lm_loss(logits, y) * scale
+                loss = lm_loss(logits, y) / accum
                 loss.backward()
                 loss = loss.detach()
         return loss if self.coords.owns_loss else torch.zeros_like(loss)

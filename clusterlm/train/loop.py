@@ -1,7 +1,15 @@
-"""The training loop: one device (CPU or GPU), nanoGPT's shape with its parts named.
+"""The training loop: one process, or many under torchrun/srun; nanoGPT's shape with its parts named.
 
     clusterlm train recipes/shakespeare_char_cpu.toml --train.max_steps=200
     clusterlm train recipes/shakespeare_char_cpu.toml --train.resume=auto   # continue a run
+    clusterlm launch recipes/llama_shakespeare_cpu.toml --nproc-per-node 2 --parallel.dp_shard=2
+
+Under torchrun or srun (clusterlm.parallel.launch reads the environment) the [parallel] layout is
+applied from outside the model (clusterlm.parallel.parallelize): each data-parallel rank reads its
+slice of every global batch, gradients sync on the last micro-batch only, the logged loss and
+gradient norm are global, rank 0 alone writes logs and metrics, checkpoints are DCP
+(clusterlm.checkpoint.distributed) and every stop decision (signal, NaN streak, time limit) is
+all-reduced so all ranks leave the loop at the same step.
 
 Per step: lr from a pure function of the step, micro-batches accumulated to the global batch,
 a NaN/Inf check (the optimizer step is skipped and counted), clip, step, log, maybe evaluate,
@@ -150,15 +158,25 @@ def train(cfg: RunConfig) -> TrainResult:
     from clusterlm.train.metrics import MetricsLogger, Throughput, device_peak_flops, flops_per_token, memory_stats, mfu
     from clusterlm.train.optim import build_optimizer, lr_at
 
+    from clusterlm.parallel.launch import init_distributed, read_env
+    from clusterlm.parallel.parallelize import validate_layout
+
     tc, oc = cfg.train, cfg.optim
-    if cfg.parallel.world_size != 1 or cfg.parallel.activation_checkpointing != "none":
-        raise ConfigError(
-            f"[parallel] asks for {cfg.parallel.world_size} processes (dp_replicate*dp_shard*tp*pp) with "
-            f"activation_checkpointing={cfg.parallel.activation_checkpointing!r}; this trainer runs one process "
-            "with no activation checkpointing (distributed layouts are not built yet): set them to 1 / 'none'")
+    denv = read_env()
+    distributed = denv.world_size > 1
     out_dir = Path(tc.out_dir)
     ckpt_root = out_dir / "checkpoints"
-    device = resolve_device(tc.device)
+    if distributed:
+        # layout arithmetic first: a wrong world size fails before a process group or model exists
+        _ = validate_layout(cfg.parallel, cfg.model, denv.world_size, tc.global_batch_tokens,
+                                tc.micro_batch_size, tc.seq_len) if cfg.model.vocab_size else None
+        device = init_distributed(denv, device_type=tc.device)
+        if denv.rank != 0:
+            from clusterlm.log import setup_logging
+
+            setup_logging(denv.rank)
+    else:
+        device = resolve_device(tc.device)
     amp_dtype = autocast_dtype(tc, device)
     if tc.threads and device.type == "cpu":
         torch.set_num_threads(tc.threads)
@@ -176,33 +194,54 @@ def train(cfg: RunConfig) -> TrainResult:
     if tc.seq_len > mcfg.max_seq_len:
         raise ConfigError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={mcfg.max_seq_len}")
     cfg = dataclasses.replace(cfg, model=mcfg, data=dataclasses.replace(cfg.data, dir=str(data_dir)))
-    accum, tokens_per_step = batch_plan(tc)
+    dims = validate_layout(cfg.parallel, mcfg, denv.world_size, tc.global_batch_tokens, tc.micro_batch_size,
+                           tc.seq_len)
+    accum, tokens_per_step = batch_plan(tc, dims.dp)
 
     # -- resume point ------------------------------------------------------------------------------------
-    ckpt = None
+    from clusterlm.checkpoint.distributed import find_latest_valid_any, is_distributed_checkpoint
+
+    ckpt = ckpt_path = None
     if tc.resume == "auto":
-        path = find_latest_valid(ckpt_root)
-        if path is None:
+        ckpt_path = find_latest_valid_any(ckpt_root)
+        if ckpt_path is None:
             log.info("resume=auto: no valid checkpoint in %s, starting fresh", ckpt_root)
-        else:
-            ckpt = load_checkpoint(path)
     elif tc.resume != "none":
         from clusterlm.checkpoint.store import resolve_checkpoint
 
-        ckpt = load_checkpoint(resolve_checkpoint(tc.resume))
-    if ckpt is None and ckpt_root.exists() and any(ckpt_root.glob("step-*")):
+        ckpt_path = resolve_checkpoint(tc.resume)
+    if distributed:
+        ckpt_path = _agree_on_path(ckpt_path, device)
+    if ckpt_path is not None and not is_distributed_checkpoint(ckpt_path):
+        if distributed:
+            raise ConfigError(f"{ckpt_path} is a single-process checkpoint; resuming it on {denv.world_size} ranks "
+                              "is not supported (distributed runs save DCP checkpoints, which load on any layout)")
+        ckpt = load_checkpoint(ckpt_path)
+    if ckpt_path is None and ckpt_root.exists() and any(ckpt_root.glob("step-*")):
         raise ConfigError(f"{out_dir} already has checkpoints; resume with --train.resume=auto "
                           "or choose another --train.out_dir")
 
-    # -- model, optimizer, loader (built on meta, materialised, initialised) -----------------------------
+    # -- model, optimizer, loader (built on meta, laid out, materialised, initialised) -------------------
+    from clusterlm.parallel.mesh import build_mesh
+    from clusterlm.parallel.parallelize import build_parallel_model
+
     torch.manual_seed(tc.seed)
-    with torch.device("meta"):
-        model = build_model(mcfg)
-    model.to_empty(device=device)
-    model.init_weights(tc.seed)
+    mesh = build_mesh(dims, device.type) if distributed else None
+    pm = build_parallel_model(mcfg, cfg.parallel, mesh, device, seed=tc.seed, micro_batch=tc.micro_batch_size,
+                              param_dtype=amp_dtype if distributed else None, compile=tc.compile)
+    model, coords = pm.module, pm.coords
+    rank0 = denv.rank == 0
     opt = build_optimizer(model, oc)
-    loader = TokenLoader(data_dir, "train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len, seed=tc.seed)
+    loader = TokenLoader(data_dir, "train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len, seed=tc.seed,
+                         rank=coords.dp_rank, world_size=dims.dp)
     state = RunState()
+    if ckpt_path is not None and ckpt is None:  # distributed checkpoint, any layout it was saved with
+        from clusterlm.checkpoint.distributed import load_distributed
+
+        ts = load_distributed(ckpt_path, model, opt)
+        loader.load_state_dict(ts["loader"])
+        state = RunState(**ts["run"])
+        log.info("resumed from %s at step %d (%d tokens seen)", ckpt_path, state.step, state.tokens_seen)
     if ckpt is not None:
         model.load_state_dict(ckpt.model_state)
         if ckpt.optimizer_state is not None:
@@ -212,7 +251,6 @@ def train(cfg: RunConfig) -> TrainResult:
         state = RunState(**ts["run"])
         restore_rng_state(ckpt.rng)
         log.info("resumed from %s at step %d (%d tokens seen)", ckpt.path, state.step, state.tokens_seen)
-    step_fn = torch.compile(model) if tc.compile else model
 
     # -- derived numbers, printed once (llm.c style) -------------------------------------------------
     n_params = mcfg.num_params()
@@ -223,14 +261,16 @@ def train(cfg: RunConfig) -> TrainResult:
     log.info("batch: %d x %d tokens per micro-batch, %d accumulation steps, %s tokens per step",
              tc.micro_batch_size, tc.seq_len, accum, f"{tokens_per_step:,}")
     log.info("FLOPs/token: %.3g (%s)", fpt["total"], fpt["convention"])
+    log.info("layout: %s on %d process(es) (%s)", dims.describe(), denv.world_size, pm.kind)
     log.info("device: %s, autocast %s, peak %s (%s), compile=%s", device, amp_dtype or "off (fp32)",
              f"{peak / 1e12:.1f} TFLOP/s" if peak else "unknown", peak_source, tc.compile)
     log.info("data: %s (%s train tokens, %d samples/epoch)", data_dir, f"{meta['splits']['train']['tokens']:,}",
              loader.num_samples)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.toml").write_text(to_toml(cfg))
-    metrics = MetricsLogger(out_dir, tensorboard=tc.tensorboard)
+    if rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.toml").write_text(to_toml(cfg))
+    metrics = MetricsLogger(out_dir, tensorboard=tc.tensorboard, enabled=rank0)
     metrics.truncate_after(state.step)
     tokenizer_file = data_dir / meta["tokenizer"]["file"]
     has_val = meta["splits"].get("val", {}).get("tokens", 0) > tc.seq_len
@@ -243,12 +283,24 @@ def train(cfg: RunConfig) -> TrainResult:
     def evaluate() -> float | None:
         if not has_val:
             return None
+        if dims.pp > 1:
+            return None  # a stage alone cannot run the model; see docs/distributed.md
+        # every rank evaluates the same batches (collectives of FSDP/TP stay in step)
         batches = iter_eval_batches(data_dir, "val", tc.micro_batch_size, tc.seq_len, max_batches=tc.eval_batches)
         return float(evaluate_loss(model, batches, device=device, autocast_dtype=amp_dtype)["loss"])
 
     def save(reason: str) -> Path:
         train_state = {"run": dataclasses.asdict(state), "loader": loader.state_dict(), "reason": reason,
                        "tokens_per_step": tokens_per_step}
+        if distributed:
+            from clusterlm.checkpoint.distributed import save_distributed
+
+            path = save_distributed(ckpt_root, state.step, model, opt, train_state=train_state,
+                                    config_toml=to_toml(cfg), tokenizer_path=tokenizer_file,
+                                    keep_last=cfg.checkpoint.keep_last, full_weights=dims.pp == 1)
+            metrics.log({"kind": "event", "step": state.step, "event": "checkpoint", "path": str(path),
+                         "reason": reason})
+            return path
         path = save_checkpoint(ckpt_root, state.step, model_state=model.state_dict(), optimizer_state=opt.state_dict(),
                                train_state=train_state, rng=capture_rng_state(), config_toml=to_toml(cfg),
                                tokenizer_path=tokenizer_file, keep_last=cfg.checkpoint.keep_last)
@@ -265,7 +317,7 @@ def train(cfg: RunConfig) -> TrainResult:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=tc.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not sys.stderr.isatty(), leave=False)
+               disable=not sys.stderr.isatty() or not rank0, leave=False)
     try:
         model.train()
         while state.step < tc.max_steps:
@@ -274,16 +326,13 @@ def train(cfg: RunConfig) -> TrainResult:
             for group in opt.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
-            for _ in range(accum):
+            for i in range(accum):
                 x, y = next(loader)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast():
-                    logits = step_fn(x)
-                loss = lm_loss(logits, y) / accum
-                loss.backward()
-                loss_sum += loss.detach()
-            loss_value = float(loss_sum)  # one host sync per step, needed for the NaN check and the log
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf")))
+                # gradients are reduced across data-parallel ranks on the last micro-batch only
+                loss_sum += pm.forward_backward(x, y, accum=accum, sync=i == accum - 1, autocast=autocast)
+            loss_value = float(pm.mean_over_dp(loss_sum))  # one host sync per step: NaN check and log
+            grad_norm = pm.clip_grad_norm_(tc.grad_clip)
             finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
             if finite:
                 opt.step()
@@ -317,6 +366,12 @@ def train(cfg: RunConfig) -> TrainResult:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
 
+            # stop decisions are agreed by all ranks (loss and grad norm are already global)
+            elapsed = state.train_seconds + time.perf_counter() - t_start
+            over_time = bool(tc.max_minutes and elapsed >= tc.max_minutes * 60 and state.step < tc.max_steps)
+            stop_signal, over_time = _agree(distributed, bool(stop.get("signal")), over_time, device=device)
+            if stop_signal and not stop.get("signal"):
+                stop["signal"] = "a signal on another rank"
             if state.bad_streak >= tc.max_bad_steps:
                 exit_code, reason = EXIT_DIVERGED, f"{state.bad_streak} consecutive non-finite losses"
                 log.error("stopping: %s (train.max_bad_steps=%d); the last good weights are saved", reason,
@@ -331,8 +386,7 @@ def train(cfg: RunConfig) -> TrainResult:
                 exit_code, reason = EXIT_PREEMPTED, f"stopped by {stop['signal']}"
                 last_ckpt = save("preempted")
                 break
-            elapsed = state.train_seconds + time.perf_counter() - t_start
-            if tc.max_minutes and elapsed >= tc.max_minutes * 60 and state.step < tc.max_steps:
+            if over_time:
                 reason = f"time limit of {tc.max_minutes} min reached"
                 log.info("%s at step %d", reason, state.step)
                 break
@@ -357,6 +411,34 @@ def train(cfg: RunConfig) -> TrainResult:
              f"{last_loss:.4f}" if last_loss is not None else "n/a",
              f"{last_val:.4f}" if last_val is not None else "n/a", last_ckpt)
     return TrainResult(exit_code, state.step, out_dir, last_loss, last_val, last_ckpt, reason)
+
+
+def _agree(distributed: bool, *flags: bool, device: torch.device) -> tuple[bool, ...]:
+    """Each flag true on any rank -> true on every rank (one all-reduce MAX), so no rank is left
+    waiting in a collective that the others skipped."""
+    if not distributed:
+        return flags
+    import torch.distributed as dist
+
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in t.tolist())
+
+
+def _agree_on_path(path: Path | None, device: torch.device) -> Path | None:
+    """Check that every rank chose the same checkpoint step (each scans the shared file system)."""
+    import torch.distributed as dist
+
+    from clusterlm.checkpoint.store import STEP_RE
+
+    m = STEP_RE.match(path.name) if path is not None else None
+    step = int(m[1]) if m else -1
+    t = torch.tensor([step, -step], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if int(t[0]) != -int(t[1]):
+        raise ConfigError(f"ranks disagree on the checkpoint to resume from (steps {-int(t[1])} to {int(t[0])}): "
+                          "is the checkpoint folder on a file system shared by all nodes?")
+    return path
 
 
 def _record_val(metrics, state: RunState, val_loss: float) -> None:

@@ -1,0 +1,162 @@
+"""Distributed checkpoints with torch.distributed.checkpoint (DCP): saved on N ranks, loaded on M.
+
+    path = save_distributed(ckpt_root, step, model, optimizer, train_state=..., config_toml=...)
+    train_state = load_distributed(path, model, optimizer)   # any layout, any world size (even 1)
+
+Layout of a step folder (same root, `latest` pointer, keep-K and manifest as the single-process
+store in clusterlm/checkpoint/store.py, whose helpers do the committing):
+
+    step-00000100/
+        dcp/                  DCP's files: .metadata plus one __R_0.distcp per writing rank.
+                              Keys "model.<fqn>" and "optim.state.<fqn>.<exp_avg|...>", ... (FQNs
+                              of the unsharded model), so any layout can read them back.
+        train_state.json      step, tokens, loader position (a global sample index: reshards freely)
+        config.toml, tokenizer.json
+        model.safetensors     full weights for eval/generate/export (written by rank 0; not with pp > 1)
+        manifest.json         written last by rank 0, over every file above
+
+Every rank writes its own shards into the same hidden `.step-N.partial-dist` folder (a shared file
+system is assumed, as for any multi-node checkpoint); rank 0 writes the rest after a barrier,
+hashes, renames into place, moves `latest` and prunes. A crash at any point leaves no visible
+step folder. RNG states are not saved (training draws no random numbers: dropout 0 in the
+presets); the single-process store keeps them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from clusterlm.checkpoint.store import (
+    REQUIRED_FILES,
+    commit_folder,
+    move_latest,
+    prune,
+    remove_stale,
+    step_folders,
+    step_name,
+    verify_checkpoint,
+    write_manifest,
+)
+from clusterlm.errors import CheckpointError
+from clusterlm.fsutil import atomic_write_text, fsync_dir
+
+log = logging.getLogger(__name__)
+
+DCP_DIR = "dcp"
+DIST_REQUIRED = ("train_state.json", "config.toml", f"{DCP_DIR}/.metadata")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def is_distributed_checkpoint(path: Path) -> bool:
+    return (Path(path) / DCP_DIR).is_dir()
+
+
+def save_distributed(ckpt_root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
+                     train_state: dict[str, Any], config_toml: str, tokenizer_path: Path | None = None,
+                     keep_last: int = 3, full_weights: bool = True) -> Path:
+    """Collective: every rank calls it with its shard of the model/optimizer; returns the step folder."""
+    root, name = Path(ckpt_root), step_name(step)
+    tmp = root / f".{name}.partial-dist"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_stale(root)  # includes an earlier crashed save's partial folder
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    try:
+        state = {"model": get_model_state_dict(model)}
+        if optimizer is not None:
+            state["optim"] = get_optimizer_state_dict(model, optimizer)
+        dcp.save(state, checkpoint_id=str(tmp / DCP_DIR))
+        full = None
+        if full_weights:  # collective too: every rank takes part in the gather
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        _barrier()
+        if _rank() == 0:
+            if full is not None:
+                from safetensors.torch import save_file
+
+                # tied weights are one tensor: keep the first name (as the single-process store does)
+                seen: dict[int, str] = {}
+                tensors = {}
+                for k, v in full.items():
+                    key = v.untyped_storage().data_ptr()
+                    if key not in seen:
+                        seen[key] = k
+                        tensors[k] = v.contiguous()
+                save_file(tensors, str(tmp / "model.safetensors"))
+            atomic_write_text(tmp / "train_state.json", json.dumps(train_state, indent=1))
+            atomic_write_text(tmp / "config.toml", config_toml)
+            if tokenizer_path is not None:
+                shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+            fsync_dir(tmp / DCP_DIR)
+            write_manifest(tmp, step)
+            commit_folder(tmp, root / name)
+            move_latest(root, name)
+            prune(root, keep_last, root / name)
+            log.info("saved distributed checkpoint %s", root / name)
+    except BaseException:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _barrier()
+    return root / name
+
+
+def load_distributed(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Collective: fill this rank's shards of model (and optimizer) from `path`; returns train_state."""
+    path = Path(path)
+    if not is_distributed_checkpoint(path):
+        raise CheckpointError(f"{path} has no {DCP_DIR}/ folder: not a distributed checkpoint")
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+    try:
+        return json.loads((path / "train_state.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path / 'train_state.json'}: {e}") from e
+
+
+def verify_any(path: Path) -> list[str]:
+    """Problems of a step folder in either format (distributed: dcp/ present; else the store's)."""
+    required = DIST_REQUIRED if is_distributed_checkpoint(path) else REQUIRED_FILES
+    return verify_checkpoint(path, required=required)
+
+
+def find_latest_valid_any(ckpt_root: Path) -> Path | None:
+    """Newest step folder, distributed or single-process, whose files match its manifest."""
+    for p in reversed(step_folders(Path(ckpt_root))):
+        problems = verify_any(p)
+        if not problems:
+            return p
+        log.warning("skipping corrupt checkpoint %s: %s", p, "; ".join(problems))
+    return None
