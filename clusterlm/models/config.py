@@ -34,6 +34,8 @@ class ModelConfig:
     n_heads: int = 4
     n_kv_heads: int | None = None
     """key/value heads for grouped-query attention; None = n_heads (multi-head attention)"""
+    head_size: int | None = None
+    """attention head size Hd; None = dim / n_heads (set when structured pruning removed heads)"""
     ffn_dim: int | None = None
     """MLP hidden size; None = 4*dim for GELU, Llama's rule (8/3*dim rounded to ffn_multiple) for SwiGLU"""
     ffn_multiple: int = 256
@@ -61,7 +63,9 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
         if self.arch == "transformer":
-            if self.dim % self.n_heads:
+            if self.head_size is not None and self.head_size < 1:
+                raise ConfigError(f"model.head_size={self.head_size} must be >= 1 (or unset for dim/n_heads)")
+            if self.head_size is None and self.dim % self.n_heads:
                 raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
             if self.n_heads % self.kv_heads:
                 raise ConfigError(
@@ -81,7 +85,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_size if self.head_size is not None else self.dim // self.n_heads
 
     @property
     def hidden_dim(self) -> int:

@@ -1,0 +1,231 @@
+"""Pruning: unstructured magnitude (zeros, saved dense) and structured (heads and MLP channels
+removed, so the matrices really shrink), with an optional short recovery fine-tune.
+
+    clusterlm prune runs/shakespeare_char --sparsity 0.5 --method magnitude --out runs/sc_mag50
+    clusterlm prune runs/shakespeare_char --sparsity 0.5 --method structured --finetune-steps 200 \\
+        --out runs/sc_struct50
+
+magnitude: in every Linear weight of the blocks (wq wk wv wo w1 w2 w3), the fraction `sparsity`
+of entries with the smallest |w| (per matrix) is set to zero. Embeddings, norms, biases and the
+output projection (tied to the embedding in GPT-style models) are kept. The checkpoint stays dense
+(same size on disk, same speed): the zeros are a starting point for sparse kernels or compression.
+
+structured: ModelConfig has one n_heads and one hidden_dim for all layers, so the same number of
+heads and MLP channels is removed in every layer (the least important ones of that layer):
+round(sparsity * n_heads) heads (whole key/value groups under grouped-query attention, so every kept
+query head keeps its key/value head) and round(sparsity * hidden_dim) channels. Importance is the
+weight magnitude a unit owns: for head h, |wq_h|^2 + |wk_h|^2 + |wv_h|^2 + |wo[:, h]|^2; for
+channel c, |w1_c| * |w2[:, c]| (times |w3_c| for SwiGLU). The new n_heads, n_kv_heads, head_size
+(unchanged Hd, which no longer equals dim / n_heads) and ffn_dim are written to the config.
+
+Fine-tune (--finetune-steps N): AdamW (clusterlm.train.optim.build_optimizer with the run's
+[optim] section, constant lr) on the run's training data (or --data DIR); magnitude masks are
+re-applied after each step so pruned weights stay zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+METHODS = ("magnitude", "structured")
+_BLOCK_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1",
+                  "feed_forward.w2", "feed_forward.w3")
+
+
+def _check_sparsity(sparsity: float) -> None:
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity={sparsity} must be in [0, 1)")
+
+
+def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The Linear layers inside the Transformer blocks, by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(_BLOCK_LINEARS)}
+
+
+@torch.no_grad()
+def magnitude_prune(model: nn.Module, sparsity: float) -> dict[str, torch.Tensor]:
+    """Zero the smallest-|w| fraction of each block Linear weight in place; returns the keep masks."""
+    _check_sparsity(sparsity)
+    masks = {}
+    for name, lin in block_linears(model).items():
+        w = lin.weight
+        k = int(round(sparsity * w.numel()))  # entries to zero
+        mask = torch.ones_like(w, dtype=torch.bool)
+        if k > 0:
+            idx = torch.topk(w.abs().flatten(), k, largest=False).indices
+            mask.view(-1)[idx] = False
+        w.mul_(mask)
+        masks[name] = mask
+    return masks
+
+
+def _keep(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Indices of the n_keep largest scores, in ascending order (keeps the original unit order)."""
+    return torch.topk(scores, n_keep).indices.sort().values
+
+
+@torch.no_grad()
+def structured_prune(model: nn.Module, sparsity: float) -> nn.Module:
+    """A new Transformer with round(sparsity * n_heads) heads and round(sparsity * hidden_dim) MLP
+    channels removed from every layer; `model` is left unchanged."""
+    from clusterlm.models.build import build_model
+
+    _check_sparsity(sparsity)
+    cfg = model.config
+    if cfg.arch != "transformer":
+        raise ValueError(f"structured pruning needs a Transformer, got model.arch={cfg.arch!r}")
+    H, K, Hd, F = cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.hidden_dim
+    rep = H // K  # query heads per key/value head
+    k_keep = max(1, K - int(round(sparsity * K))) if rep > 1 else max(1, H - int(round(sparsity * H)))
+    h_keep = k_keep * rep if rep > 1 else k_keep
+    f_keep = max(1, F - int(round(sparsity * F)))
+    new_cfg = dataclasses.replace(cfg, n_heads=h_keep, n_kv_heads=(k_keep if cfg.n_kv_heads is not None else None),
+                                  head_size=Hd, ffn_dim=f_keep)
+    old = {k: v for k, v in model.state_dict().items()}
+    new_state: dict[str, torch.Tensor] = {}
+    for key in model.layers.keys():
+        p = f"layers.{key}."
+        a, f = p + "attention.", p + "feed_forward."
+        wq = old[a + "wq.weight"].view(H, Hd, -1)  # (H, Hd, D)
+        wk = old[a + "wk.weight"].view(K, Hd, -1)  # (K, Hd, D)
+        wv = old[a + "wv.weight"].view(K, Hd, -1)
+        wo = old[a + "wo.weight"].view(-1, H, Hd)  # (D, H, Hd)
+        q_score = wq.pow(2).sum((1, 2)) + wo.pow(2).sum((0, 2))  # (H,)
+        kv_score = wk.pow(2).sum((1, 2)) + wv.pow(2).sum((1, 2))  # (K,)
+        if rep > 1:  # whole groups: a key/value head with the rep query heads that read it
+            groups = _keep(q_score.view(K, rep).sum(1) + kv_score, k_keep)  # (k_keep,)
+            heads = (groups[:, None] * rep + torch.arange(rep)).flatten()  # (h_keep,)
+            kv = groups
+        else:
+            heads = _keep(q_score + kv_score, h_keep)
+            kv = heads
+        new_state[a + "wq.weight"] = wq[heads].reshape(h_keep * Hd, -1)
+        new_state[a + "wk.weight"] = wk[kv].reshape(len(kv) * Hd, -1)
+        new_state[a + "wv.weight"] = wv[kv].reshape(len(kv) * Hd, -1)
+        new_state[a + "wo.weight"] = wo[:, heads].reshape(wo.shape[0], h_keep * Hd)
+        if cfg.bias:
+            new_state[a + "wq.bias"] = old[a + "wq.bias"].view(H, Hd)[heads].flatten()
+            new_state[a + "wk.bias"] = old[a + "wk.bias"].view(K, Hd)[kv].flatten()
+            new_state[a + "wv.bias"] = old[a + "wv.bias"].view(K, Hd)[kv].flatten()
+            new_state[a + "wo.bias"] = old[a + "wo.bias"]
+        w1, w2 = old[f + "w1.weight"], old[f + "w2.weight"]  # (F, D), (D, F)
+        c_score = w1.norm(dim=1) * w2.norm(dim=0)  # (F,)
+        if cfg.mlp == "swiglu":
+            c_score = c_score * old[f + "w3.weight"].norm(dim=1)
+        ch = _keep(c_score, f_keep)
+        new_state[f + "w1.weight"] = w1[ch]
+        new_state[f + "w2.weight"] = w2[:, ch]
+        if cfg.mlp == "swiglu":
+            new_state[f + "w3.weight"] = old[f + "w3.weight"][ch]
+        if cfg.bias:
+            new_state[f + "w1.bias"] = old[f + "w1.bias"][ch]
+            new_state[f + "w2.bias"] = old[f + "w2.bias"]
+            if cfg.mlp == "swiglu":
+                new_state[f + "w3.bias"] = old[f + "w3.bias"][ch]
+    for k, v in old.items():
+        new_state.setdefault(k, v)
+    with torch.device("meta"):
+        pruned = build_model(new_cfg)
+    pruned.to_empty(device=next(model.parameters()).device)
+    pruned.init_weights(0)  # rotary tables; every weight is overwritten next
+    pruned.load_state_dict({k: v.contiguous() for k, v in new_state.items()})
+    log.info("structured pruning: heads %d -> %d, kv heads %d -> %d, MLP channels %d -> %d per layer; "
+             "parameters %s -> %s", H, h_keep, K, new_cfg.kv_heads, F, f_keep, f"{cfg.num_params():,}",
+             f"{new_cfg.num_params():,}")
+    return pruned
+
+
+def finetune(model: nn.Module, run_cfg: object, steps: int, data_dir: str | Path, *, batch_size: int | None = None,
+             masks: dict[str, torch.Tensor] | None = None) -> list[float]:
+    """`steps` AdamW steps of next-token loss on data_dir's train split; returns the losses."""
+    from clusterlm.data.loader import TokenLoader
+    from clusterlm.eval.metrics import lm_loss
+    from clusterlm.train.optim import build_optimizer
+
+    tc = run_cfg.train
+    seq_len = min(tc.seq_len, model.config.max_seq_len)
+    loader = TokenLoader(data_dir, "train", batch_size=batch_size or tc.micro_batch_size, seq_len=seq_len,
+                         seed=tc.seed)
+    opt = build_optimizer(model, run_cfg.optim)
+    lin = block_linears(model)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        x, y = next(loader)
+        loss = lm_loss(model(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), getattr(tc, "grad_clip", 0.0) or 1e9)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if masks:
+            with torch.no_grad():
+                for name, mask in masks.items():
+                    lin[name].weight.mul_(mask)
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def prune_checkpoint(src: str | Path, out: str | Path, sparsity: float, method: str, *, finetune_steps: int = 0,
+                     data_dir: str | Path | None = None) -> Path:
+    """Write a pruned copy of checkpoint `src` as out/checkpoints/step-N; returns the step folder."""
+    from clusterlm.checkpoint.model_io import load_for_inference, read_quantization
+    from clusterlm.checkpoint.store import load_checkpoint, save_checkpoint
+    from clusterlm.config import to_toml
+
+    if method not in METHODS:
+        raise ValueError(f"pruning method {method!r}; expected one of {', '.join(METHODS)}")
+    _check_sparsity(sparsity)
+    out = Path(out)
+    if (out / "checkpoints").exists():
+        raise FileExistsError(f"{out}/checkpoints already exists; choose a new --out")
+    loaded = load_for_inference(src)
+    if read_quantization(loaded.path) is not None:
+        raise ValueError(f"{loaded.path} is quantized; prune the float checkpoint, then quantize")
+    run_cfg = loaded.config
+    masks = None
+    if method == "magnitude":
+        model = loaded.model
+        masks = magnitude_prune(model, sparsity)
+    else:
+        model = structured_prune(loaded.model, sparsity)
+        run_cfg = dataclasses.replace(run_cfg, model=model.config)
+    losses: list[float] = []
+    if finetune_steps > 0:
+        data = Path(data_dir) if data_dir is not None else Path(run_cfg.data.dir)
+        if not (data / "meta.json").is_file():
+            raise FileNotFoundError(f"fine-tune data {data} has no meta.json; pass --data DIR (a `clusterlm prepare` "
+                                    "output)")
+        losses = finetune(model, run_cfg, finetune_steps, data, masks=masks)
+    ck = load_checkpoint(loaded.path)
+    train_state = dict(ck.train_state)
+    train_state["pruning"] = {"method": method, "sparsity": sparsity, "finetune_steps": finetune_steps,
+                              "finetune_first_loss": losses[0] if losses else None,
+                              "finetune_last_loss": losses[-1] if losses else None, "source": str(loaded.path)}
+    path = save_checkpoint(out / "checkpoints", ck.step, model_state=model.state_dict(), optimizer_state=None,
+                           train_state=train_state, config_toml=to_toml(run_cfg), tokenizer_path=ck.tokenizer_path)
+    log.info("pruned %s (%s, sparsity %.2f) -> %s", loaded.path, method, sparsity, path)
+    return path
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="clusterlm prune", description="magnitude or structured pruning of a checkpoint")
+    ap.add_argument("ckpt", metavar="CKPT", help="run directory, checkpoints folder or step folder")
+    ap.add_argument("--sparsity", type=float, required=True, help="fraction of weights/heads/channels removed, [0, 1)")
+    ap.add_argument("--method", choices=METHODS, required=True)
+    ap.add_argument("--finetune-steps", type=int, default=0, help="recovery fine-tune steps after pruning (0 = none)")
+    ap.add_argument("--data", default=None, help="prepared data directory for the fine-tune (default: the run's)")
+    ap.add_argument("--out", required=True, metavar="CKPT", help="run directory to create")
+    args = ap.parse_args(argv)
+    path = prune_checkpoint(args.ckpt, args.out, args.sparsity, args.method, finetune_steps=args.finetune_steps,
+                            data_dir=args.data)
+    print(f"wrote {path}")
+    return 0
