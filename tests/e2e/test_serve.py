@@ -1,0 +1,354 @@
+"""`clusterlm serve` against a live uvicorn server on 127.0.0.1: the official `openai` client
+(completions, chat, streaming, n > 1, stop, usage), a malformed-request suite, disconnects, 429.
+
+A tiny byte-level Llama is trained once per module (clusterlm.train via the CLI, as in
+test_cli_flow.py); an LSTM checkpoint is served too.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from clusterlm.cli import main as cli
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx2")  # the HTTP client the openai package ships with
+
+TEXT = "\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog; hey diddle diddle." for i in range(300))
+KEY = "test-key-0123456789"
+
+
+def _train(root: Path, preset: str, extra: list[str]) -> Path:
+    corpus = root / "corpus"
+    corpus.mkdir(exist_ok=True)
+    (corpus / "a.txt").write_text(TEXT)
+    data = root / "data"
+    if not data.exists():
+        assert cli(["prepare", str(corpus), "--out", str(data), "--tokenizer", "byte", "--val-fraction", "0.2"]) == 0
+    run = root / f"run-{preset}"
+    rc = cli(["train", "--data.dir=" + json.dumps(str(data)), "--train.out_dir=" + json.dumps(str(run)),
+              f"--model.preset={preset}", "--train.seq_len=32", *extra,
+              "--train.micro_batch_size=8", "--train.max_steps=30", "--train.eval_interval=30",
+              "--train.eval_batches=2", "--train.device=cpu", "--optim.lr=3e-3", "--optim.warmup_steps=5"])
+    assert rc == 0
+    return run
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """uvicorn in a thread, serving `run` with create_app; stop() shuts it down."""
+
+    def __init__(self, run: Path, **settings) -> None:
+        import uvicorn
+
+        from clusterlm.checkpoint.model_io import load_for_inference
+        from clusterlm.serve.app import MAX_HEADER_BYTES, Settings, create_app
+
+        self.settings = Settings(api_key=KEY, model_name="tiny", **settings)
+        self.app = create_app(lambda: load_for_inference(run), self.settings)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cfg = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, http="h11", log_level="warning",
+                             h11_max_incomplete_event_size=MAX_HEADER_BYTES, lifespan="on")
+        self.server = uvicorn.Server(cfg)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                r = httpx.get(self.url + "/ready", timeout=1)
+                if r.status_code == 200:
+                    return
+                if "failed" in r.text:
+                    raise RuntimeError(r.text)
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("server did not become ready")
+
+    def metrics(self) -> dict[str, float]:
+        text = httpx.get(self.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, val = line.rsplit(" ", 1)
+                out[name] = float(val)
+        return out
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("serve")
+
+
+@pytest.fixture(scope="module")
+def llama_run(root) -> Path:
+    return _train(root, "llama-nano", ["--model.max_seq_len=64"])
+
+
+@pytest.fixture(scope="module")
+def server(llama_run):
+    srv = Server(llama_run, max_batch=8, max_queue=16, max_new_tokens_limit=64)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+
+
+def test_models_and_completion(client, server):
+    """/v1/models lists the served name; a greedy completion returns max_tokens bytes (byte tokenizer,
+    ASCII corpus) with usage = prompt bytes + 1 (leading EOS) and completion tokens = max_tokens,
+    unless it stopped at EOS; the same seed gives the same text."""
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    r = client.completions.create(model="tiny", prompt="Line 4", max_tokens=12, temperature=0)
+    assert r.usage.prompt_tokens == len("Line 4") + 1
+    c = r.choices[0]
+    assert c.finish_reason in ("length", "stop")
+    if c.finish_reason == "length":
+        assert r.usage.completion_tokens == 12 and len(c.text.encode()) == 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    a = client.completions.create(model="tiny", prompt="Line", max_tokens=16, temperature=1.0, seed=7)
+    b = client.completions.create(model="tiny", prompt="Line", max_tokens=16, temperature=1.0, seed=7)
+    assert a.choices[0].text == b.choices[0].text
+
+
+def test_streaming_equals_non_streaming(client):
+    """A greedy streamed completion concatenates to the non-streamed text; the finish reason arrives
+    in the last chunk; with include_usage the final chunk carries the same usage."""
+    ref = client.completions.create(model="tiny", prompt="Line 7", max_tokens=20, temperature=0)
+    chunks = list(client.completions.create(model="tiny", prompt="Line 7", max_tokens=20, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == ref.choices[0].text
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert reasons == [ref.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == ref.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == ref.usage.prompt_tokens
+
+
+def test_n_and_stop(client):
+    """n=3 returns 3 choices with indices 0..2 and usage summing their tokens; a stop string never
+    appears in the text and the choice finishes with 'stop'."""
+    r = client.completions.create(model="tiny", prompt="Line", max_tokens=24, temperature=1.0, n=3, seed=1)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    assert len({c.text for c in r.choices}) >= 2  # different seeds per choice
+    ref = client.completions.create(model="tiny", prompt="Line 1", max_tokens=40, temperature=0)
+    text = ref.choices[0].text
+    stop = text[5:7] if len(text) >= 7 else None
+    if stop:
+        r = client.completions.create(model="tiny", prompt="Line 1", max_tokens=40, temperature=0, stop=[stop])
+        assert r.choices[0].text == text[: text.find(stop)]
+        assert r.choices[0].finish_reason == "stop"
+        s = list(client.completions.create(model="tiny", prompt="Line 1", max_tokens=40, temperature=0,
+                                           stop=stop, stream=True))
+        assert "".join(c.choices[0].text for c in s if c.choices) == text[: text.find(stop)]
+
+
+def test_chat_streaming_and_not(client):
+    """Chat: the streamed deltas concatenate to the non-streamed message (greedy); role is assistant;
+    n=2 streams two choices; usage counts the rendered template's tokens."""
+    from clusterlm.generate.cli import render_chat
+
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Line 3?"}]
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=16, temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    assert r.usage.prompt_tokens == len(render_chat(msgs).encode()) + 1
+    s = list(client.chat.completions.create(model="tiny", messages=msgs, max_tokens=16, temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in s if c.choices) == r.choices[0].message.content
+    s2 = list(client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=1, n=2,
+                                             stream=True, seed=3))
+    finished = {c.choices[0].index for c in s2 if c.choices and c.choices[0].finish_reason}
+    assert finished == {0, 1}
+
+
+def _malformed_cases(server) -> list[tuple[str, str, dict, bytes]]:
+    """(method, path, headers, body) for requests that must all get a 4xx."""
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    good = {"model": "tiny", "prompt": "Hi", "max_tokens": 4}
+    cases = []
+    c = "/v1/completions"
+    chat = "/v1/chat/completions"
+    for body in [b"{", b"not json", b'{"model": "tiny", "prompt": "Hi"', b"", b"[]", b"null", b"123",
+                 b'{"model": "tiny", "prompt": "Hi", "max_tokens": 4}}', b"\xff\xfe\x00garbage",
+                 b'{"model": "tiny", "prompt": "\xc3\x28"}', b'{"model": "tiny", "prompt": "\\ud800"}',
+                 b"[" * 100_000]:
+        cases.append(("POST", c, auth, body))
+    wrong_types = [("prompt", 5), ("prompt", None), ("prompt", ["a", "b"]), ("max_tokens", "4"), ("max_tokens", 4.5),
+                   ("temperature", "hot"), ("temperature", True), ("n", [1]), ("stream", "yes"), ("stop", 3),
+                   ("seed", 1.5), ("model", 3), ("top_p", {}), ("stop", ["a"] * 5), ("stop", [""]),
+                   ("logprobs", 5), ("presence_penalty", 0.5), ("model", "other-model")]
+    numeric = {"max_tokens": [-1, 0, 65, 10**30, 1e308], "temperature": [-0.1, 2.01, 1e308, -1e308],
+               "top_p": [-1, 0, 1.01, 1e308], "n": [-1, 0, 9, 17, 10**12], "seed": [-1, 2**63, 10**40],
+               "presence_penalty": [-3, 3], "frequency_penalty": [-3, 3]}
+    for k, vals in numeric.items():
+        wrong_types += [(k, v) for v in vals]
+    for k, v in wrong_types:
+        for path in (c, chat):
+            body = dict(good) if path == c else {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}],
+                                                 "max_tokens": 4}
+            if k == "prompt" and path == chat:
+                continue
+            body[k] = v
+            cases.append(("POST", path, auth, json.dumps(body).encode()))
+    for extra in ({"foo": 1}, {"best_of": 2}, {"messages": []}):
+        cases.append(("POST", c, auth, json.dumps({**good, **extra}).encode()))
+    for msgs in ([], [{"role": "robot", "content": "x"}], [{"role": "user"}], [{"role": "user", "content": 5}],
+                 "hello", [{"role": "user", "content": "x", "extra": 1}]):
+        cases.append(("POST", chat, auth, json.dumps({"model": "tiny", "messages": msgs}).encode()))
+    cases.append(("POST", c, auth, json.dumps({**good, "prompt": "x" * 200}).encode()))  # > 64-token context
+    cases.append(("POST", c, auth, json.dumps({**good, "prompt": "x" * (10 << 20)}).encode()))  # 10 MB body
+    for h in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {KEY.upper()}"},
+              {"Authorization": f"bearer{KEY}"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"},
+              {"Authorization": f"Bearer {KEY}x"}, {"Authorization": f"Bearer {KEY[:-1]}"}):
+        for path in (c, chat, "/v1/models", "/metrics", "/nope"):
+            cases.append(("POST" if path.endswith("completions") else "GET", path,
+                          {**h, "Content-Type": "application/json"}, json.dumps(good).encode()))
+    cases.append(("GET", c, auth, b""))  # wrong method
+    cases.append(("POST", "/v1/nope", auth, b"{}"))
+    cases.append(("GET", "/v1/models", {**auth, "X-Big": "y" * 20_000}, b""))  # header cap
+    return cases
+
+
+def test_malformed_requests_all_get_4xx(server):
+    """Every malformed request gets a 4xx (none a 5xx), with an OpenAI-style error naming the
+    field and range where one is at fault; /health stays 200; a valid request afterwards succeeds."""
+    cases = _malformed_cases(server)
+    statuses = []
+    with httpx.Client(base_url=server.url, timeout=30) as h:
+        for method, path, headers, body in cases:
+            try:
+                r = h.request(method, path, headers=headers, content=body)
+                statuses.append((r.status_code, path, body[:80], r.text[:200]))
+            except httpx.HTTPError as e:  # the server may close the socket on an oversized header
+                statuses.append((400 if "X-Big" in headers else 599, path, body[:80], repr(e)))
+            assert h.get("/health").status_code == 200
+        bad = [s for s in statuses if not 400 <= s[0] < 500]
+        assert not bad, bad[:5]
+        assert len(statuses) == len(cases) > 140
+        r = h.post("/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": "tiny", "prompt": "x", "temperature": 5})
+        assert r.status_code == 422 and "temperature" in r.text and "[0.0, 2.0]" in r.text
+        r = h.post("/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": "tiny", "prompt": "x" * 200})
+        assert r.status_code == 400 and "201 tokens" in r.text and "64 tokens" in r.text
+        r = h.post("/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": "tiny", "prompt": "x", "max_tokens": 65})
+        assert r.status_code == 400 and "[1, 64]" in r.text
+        r = h.post("/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": "tiny", "prompt": "Line", "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4
+        assert h.get("/health").status_code == 200
+    m = server.metrics()
+    assert m.get('clusterlm_http_requests_total{route="/v1/completions",status="500"}', 0) == 0
+
+
+def test_disconnects_free_slots(server):
+    """20 streams closed after 5 tokens: the running-sequences gauge is 0 within 1 s, 20 sequences
+    are counted as cancelled, and the generated-token counter covers at least what the clients saw
+    (tokens sampled after a client left but before the server noticed are counted too: at most a
+    few per stream)."""
+    before = server.metrics()
+    seen = 0
+    body = {"model": "tiny", "prompt": "Line", "max_tokens": 60, "temperature": 1.0, "stream": True}
+
+    def one() -> int:
+        got = 0
+        with httpx.Client(timeout=30) as h:
+            with h.stream("POST", server.url + "/v1/completions", json=body,
+                          headers={"Authorization": f"Bearer {KEY}"}) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        got += len(json.loads(line[6:])["choices"][0]["text"].encode())
+                        if got >= 5:
+                            break  # leaving the block closes the connection
+        return got
+
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(one())) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seen = sum(results)
+    assert len(results) == 20 and all(r >= 5 for r in results)
+    t_closed = time.time()
+    while time.time() - t_closed < 1.0 and server.metrics()["clusterlm_running_sequences"] != 0:
+        time.sleep(0.02)
+    after = server.metrics()
+    assert after["clusterlm_running_sequences"] == 0
+    assert after["clusterlm_queue_depth"] == 0
+    key = 'clusterlm_sequences_finished_total{reason="cancelled"}'
+    assert after.get(key, 0) - before.get(key, 0) == 20
+    gen = after["clusterlm_generated_tokens_total"] - before["clusterlm_generated_tokens_total"]
+    assert seen <= gen <= 20 * 60
+
+
+def test_queue_full_answers_429(llama_run):
+    """With max_batch=1 and max_queue=1, 16 simultaneous requests: those beyond the running one and
+    the queued one get 429 with Retry-After >= 1 and a rate_limit_error; the rest complete with
+    64 tokens or EOS; the 429 counter equals the 429s the clients saw."""
+    srv = Server(llama_run, max_batch=1, max_queue=1, max_new_tokens_limit=64)
+    try:
+        body = {"model": "tiny", "prompt": "Line", "max_tokens": 64, "temperature": 1.0}
+        hdr = {"Authorization": f"Bearer {KEY}"}
+        out: list = []
+        go = threading.Event()
+
+        def one() -> None:
+            with httpx.Client(timeout=60) as h:
+                go.wait()
+                out.append(h.post(srv.url + "/v1/completions", json=body, headers=hdr))
+
+        threads = [threading.Thread(target=one) for _ in range(16)]
+        for t in threads:
+            t.start()
+        time.sleep(0.2)
+        go.set()
+        for t in threads:
+            t.join()
+        codes = sorted(r.status_code for r in out)
+        assert set(codes) == {200, 429} and codes.count(200) >= 2, codes
+        for r in out:
+            if r.status_code == 429:
+                assert int(r.headers["Retry-After"]) >= 1
+                assert r.json()["error"]["type"] == "rate_limit_error"
+            else:
+                assert r.json()["usage"]["completion_tokens"] >= 1
+        m = srv.metrics()
+        assert m['clusterlm_http_requests_total{route="/v1/completions",status="429"}'] == codes.count(429)
+    finally:
+        srv.stop()
+
+
+def test_lstm_checkpoint_serves(root):
+    """An LSTM checkpoint serves through the same scheduler: n=2 greedy choices are equal and match
+    a single greedy completion of the same prompt."""
+    run = _train(root, "lstm-small", ["--model.dim=64", "--model.n_layers=1"])
+    srv = Server(run, max_batch=4, max_queue=4, max_new_tokens_limit=32)
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+        r = c.completions.create(model="tiny", prompt="Line 2", max_tokens=20, temperature=0, n=2)
+        one = c.completions.create(model="tiny", prompt="Line 2", max_tokens=20, temperature=0)
+        assert r.choices[0].text == r.choices[1].text == one.choices[0].text
+        assert r.usage.completion_tokens == 2 * one.usage.completion_tokens
+    finally:
+        srv.stop()
