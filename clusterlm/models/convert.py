@@ -73,11 +73,10 @@ def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
             raise ConfigError(f"config.json attention_bias={attn_bias} and mlp_bias={mlp_bias} differ; clusterlm has "
                               "one bias flag for every linear layer")
         D, H = hf["hidden_size"], hf["num_attention_heads"]
-        if hf.get("head_dim") not in (None, D // H):
-            raise ConfigError(f"config.json head_dim={hf['head_dim']} != hidden_size/num_attention_heads={D // H}; "
-                              "clusterlm needs head_dim = dim / n_heads")
+        head_dim = hf.get("head_dim")  # may differ from D / H (e.g. after head pruning)
         return ModelConfig(arch="transformer", vocab_size=hf["vocab_size"], n_layers=hf["num_hidden_layers"], dim=D,
                            n_heads=H, n_kv_heads=hf.get("num_key_value_heads") or H,
+                           head_size=head_dim if head_dim not in (None, D // H) else None,
                            ffn_dim=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"], pos="rope",
                            rope_theta=_rope_theta(hf), norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                            mlp="swiglu", bias=attn_bias, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -91,6 +90,9 @@ def family(cfg: ModelConfig) -> str:
     if cfg.arch != "transformer":
         raise ConfigError(f"model.arch={cfg.arch!r} has no Hugging Face export; only transformers export")
     if cfg.pos == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu":
+        if cfg.head_dim * cfg.n_heads != cfg.dim:
+            raise ConfigError(f"GPT-2 needs n_heads * head_dim = dim; this model has {cfg.n_heads} x {cfg.head_dim} "
+                              f"!= {cfg.dim} (structurally pruned heads): no Hugging Face GPT-2 equivalent")
         return "gpt2"  # bias=False exports as zero biases: same function
     if cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
         return "llama"
