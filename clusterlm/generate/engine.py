@@ -17,11 +17,17 @@ with "stop" when it samples `eos_id`, and with "length" at `max_new_tokens` or w
 context (a Transformer's max_seq_len) is full, unless `sliding_window=True`, which restarts the
 cache from the last half of the context and keeps going. Padding rows of the output (ids >= vocab_size, from
 model.vocab_multiple) are never sampled.
+
+Speed: the KV cache is static (allocated once per generation for prompt + max_new_tokens, written in
+place). `compile=True` runs the one-token decode step through `torch.compile` (dynamic shapes, so
+the growing cache length does not recompile; compiled once per model and reused by later calls);
+the prefill stays eager. Figures: benchmarks/generate_speed.py, docs/compression.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -30,6 +36,18 @@ from torch import nn
 from clusterlm.generate.sampling import check_sampling_args, sample_next
 
 FinishReason = Literal["stop", "length"]
+
+# model -> its compiled forward, shared by every generation over that model
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, Callable] = weakref.WeakKeyDictionary()
+
+
+def compiled_step(model: nn.Module) -> Callable:
+    """`torch.compile(model)` (dynamic shapes), made once per model."""
+    fn = _COMPILED.get(model)
+    if fn is None:
+        fn = torch.compile(model, dynamic=True)
+        _COMPILED[model] = fn
+    return fn
 
 
 def _as_batch(prompt: Sequence[int] | Sequence[Sequence[int]], vocab_size: int | None) -> list[list[int]]:
@@ -59,7 +77,8 @@ class Generation(Iterator[list[int | None]]):
     def __init__(self, model: nn.Module, prompt: Sequence[int] | Sequence[Sequence[int]], *, max_new_tokens: int,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, eos_id: int | None = None,
-                 device: torch.device | str | None = None, sliding_window: bool = False) -> None:
+                 device: torch.device | str | None = None, sliding_window: bool = False,
+                 compile: bool = False) -> None:
         check_sampling_args(temperature, top_k, top_p)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
@@ -88,6 +107,7 @@ class Generation(Iterator[list[int | None]]):
         self._cache = None
         self._last: torch.Tensor | None = None  # (B, 1) tokens to feed next
         self._steps = 0
+        self._decode = compiled_step(model) if compile else model  # the one-token step
         if max_new_tokens == 0:
             self.finish_reasons = ["length"] * len(rows)
 
@@ -110,7 +130,7 @@ class Generation(Iterator[list[int | None]]):
             self._cache.reset()
             idx = torch.tensor([h[-keep:] for h in self._history], dtype=torch.long, device=self.device)  # (B, keep)
         else:
-            idx = self._last  # (B, 1)
+            return self._decode(self._last, self._cache)[:, -1, : self.vocab_size]  # (B, V) from (B, 1) tokens
         # rows past vocab_size are padding (vocab_multiple): never sample them
         return self.model(idx, self._cache)[:, -1, : self.vocab_size]  # (B, V)
 
@@ -156,14 +176,17 @@ class Generation(Iterator[list[int | None]]):
 def generate(model: nn.Module, prompt: Sequence[int] | Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, eos_id: int | None = None,
-             device: torch.device | str | None = None, sliding_window: bool = False) -> Generation:
+             device: torch.device | str | None = None, sliding_window: bool = False,
+             compile: bool = False) -> Generation:
     """Stream generation: returns a Generation; each iteration yields one token id (or None once
     finished) per sequence. `prompt` is one list of token ids or a batch of equal-length lists.
     temperature 0 = greedy. `seed` seeds a private generator (None: torch's global RNG).
     `device` defaults to the model's parameters' device. `sliding_window=True` lets a Transformer
-    generate past its context: when full, the cache restarts from the last max_seq_len // 2 tokens."""
+    generate past its context: when full, the cache restarts from the last max_seq_len // 2 tokens.
+    `compile=True` runs the decode step through torch.compile (see the module docstring)."""
     return Generation(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                      top_p=top_p, seed=seed, eos_id=eos_id, device=device, sliding_window=sliding_window)
+                      top_p=top_p, seed=seed, eos_id=eos_id, device=device, sliding_window=sliding_window,
+                      compile=compile)
 
 
 def complete(model: nn.Module, prompt: Sequence[int] | Sequence[Sequence[int]], **kwargs: object

@@ -196,3 +196,29 @@ def test_sliding_window_continues_past_context_and_matches_within_it():
         expect = int(model(torch.tensor([window]))[0, -1].argmax())
     assert history[first_restart] == expect
     assert len(steps) == 60
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_model_greedy_equals_naive_loop(method: str) -> None:
+    """A model whose Linears are int8/int4 modules (clusterlm.optimize.quantize) decodes through the
+    cache to the same greedy tokens as full recomputation of that same quantized model."""
+    from clusterlm.optimize.quantize import quantize_model
+
+    cfg = ModelConfig(vocab_size=37, n_layers=2, dim=64, n_heads=4, max_seq_len=24, bias=True)
+    model = build_model(cfg)
+    model.init_weights(0)
+    quantize_model(model.eval(), method, group_size=32)
+    prompt = [[3, 1, 4], [1, 5, 9]]
+    tokens, _ = complete(model, prompt, max_new_tokens=10, temperature=0.0)
+    assert tokens == naive(model, prompt, 10)
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_eager() -> None:
+    """generate(compile=True) (torch.compile'd decode step, dynamic shapes) gives the same greedy
+    tokens as the eager engine, for two calls of different prompt/output lengths on one model."""
+    model = make("llama")
+    for prompt, n in (([[1, 2, 3]] * 2, 12), ([[4, 5, 6, 7]] * 2, 16)):
+        want, _ = complete(model, prompt, max_new_tokens=n, temperature=0.0)
+        got, _ = complete(model, prompt, max_new_tokens=n, temperature=0.0, compile=True)
+        assert got == want
