@@ -139,7 +139,12 @@ def load_distributed(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
     dcp.load(state, checkpoint_id=str(path / DCP_DIR))
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
+        # fused/foreach are this process's kernel choice (the saving layout's may not work here:
+        # fused AdamW refuses TP's mix of DTensor and plain parameters), not state: keep ours
+        kernels = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
         set_optimizer_state_dict(model, optimizer, state["optim"])
+        for g, kv in zip(optimizer.param_groups, kernels):
+            g.update(kv)
     try:
         return json.loads((path / "train_state.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:

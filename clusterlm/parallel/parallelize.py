@@ -162,8 +162,12 @@ class ParallelModel:
                 p.grad.mul_(coef)
         return float(norm)
 
-    def state_dict_module(self) -> nn.Module:
-        return self.module
+    @property
+    def fused_optimizer_ok(self) -> bool:
+        """False when DTensor and plain parameters mix (TP without FSDP: norms stay plain tensors):
+        torch's fused AdamW kernel refuses mixed lists."""
+        kinds = {isinstance(p, DTensor) for p in self.module.parameters()}
+        return len(kinds) == 1
 
 
 def validate_layout(pc: ParallelConfig, mcfg: ModelConfig, world_size: int, global_batch_tokens: int,

@@ -231,7 +231,7 @@ def train(cfg: RunConfig) -> TrainResult:
                               param_dtype=amp_dtype if distributed else None, compile=tc.compile)
     model, coords = pm.module, pm.coords
     rank0 = denv.rank == 0
-    opt = build_optimizer(model, oc)
+    opt = build_optimizer(model, oc, fused=None if pm.fused_optimizer_ok else False)
     loader = TokenLoader(data_dir, "train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len, seed=tc.seed,
                          rank=coords.dp_rank, world_size=dims.dp)
     state = RunState()
