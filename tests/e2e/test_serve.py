@@ -1,6 +1,7 @@
 """`clusterlm serve` against a live uvicorn server on 127.0.0.1: the official `openai` client
 (completions, chat, streaming, n > 1, stop, usage), a malformed-request suite, disconnects, 429.
 
+The chat page at / is driven in headless Chromium (skipped without chromium).
 A tiny byte-level Llama is trained once per module (clusterlm.train via the CLI, as in
 test_cli_flow.py); an LSTM checkpoint is served too.
 """
@@ -8,7 +9,10 @@ test_cli_flow.py); an LSTM checkpoint is served too.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -104,6 +108,16 @@ def llama_run(root) -> Path:
 @pytest.fixture(scope="module")
 def server(llama_run):
     srv = Server(llama_run, max_batch=8, max_queue=16, max_new_tokens_limit=64)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def lstm_server(root):
+    """An LSTM (no context limit) allowing 4000-token completions: streams that cannot end on their
+    own within the tests, so every disconnect must be noticed by the server."""
+    run = _train(root, "lstm-small", ["--model.dim=64", "--model.n_layers=1"])
+    srv = Server(run, max_batch=20, max_queue=4, max_new_tokens_limit=4000)
     yield srv
     srv.stop()
 
@@ -260,14 +274,15 @@ def test_malformed_requests_all_get_4xx(server):
     assert m.get('clusterlm_http_requests_total{route="/v1/completions",status="500"}', 0) == 0
 
 
-def test_disconnects_free_slots(server):
-    """20 streams closed after 5 tokens: the running-sequences gauge is 0 within 1 s, 20 sequences
-    are counted as cancelled, and the generated-token counter covers at least what the clients saw
-    (tokens sampled after a client left but before the server noticed are counted too: at most a
-    few per stream)."""
+def test_disconnects_free_slots(lstm_server):
+    """20 concurrent streams of up to 4000 tokens closed after 5 tokens each: the running-sequences
+    gauge is 0 within 1 s, exactly 20 sequences are counted as cancelled (none finished on its
+    own), the 20 requests are counted as 200s, and the generated-token counter covers what the
+    clients saw (tokens sampled after a client left but before the server noticed count too)."""
+    server = lstm_server
     before = server.metrics()
     seen = 0
-    body = {"model": "tiny", "prompt": "Line", "max_tokens": 60, "temperature": 1.0, "stream": True}
+    body = {"model": "tiny", "prompt": "Line", "max_tokens": 4000, "temperature": 0.8, "seed": 5, "stream": True}
 
     def one() -> int:
         got = 0
@@ -298,8 +313,13 @@ def test_disconnects_free_slots(server):
     assert after["clusterlm_queue_depth"] == 0
     key = 'clusterlm_sequences_finished_total{reason="cancelled"}'
     assert after.get(key, 0) - before.get(key, 0) == 20
+    for reason in ("stop", "length"):
+        k = f'clusterlm_sequences_finished_total{{reason="{reason}"}}'
+        assert after.get(k, 0) == before.get(k, 0)
+    ok = 'clusterlm_http_requests_total{route="/v1/completions",status="200"}'
+    assert after[ok] - before.get(ok, 0) == 20
     gen = after["clusterlm_generated_tokens_total"] - before["clusterlm_generated_tokens_total"]
-    assert seen <= gen <= 20 * 60
+    assert seen <= gen < 20 * 4000
 
 
 def test_queue_full_answers_429(llama_run):
@@ -339,16 +359,114 @@ def test_queue_full_answers_429(llama_run):
         srv.stop()
 
 
-def test_lstm_checkpoint_serves(root):
+def test_lstm_checkpoint_serves(lstm_server):
     """An LSTM checkpoint serves through the same scheduler: n=2 greedy choices are equal and match
     a single greedy completion of the same prompt."""
-    run = _train(root, "lstm-small", ["--model.dim=64", "--model.n_layers=1"])
-    srv = Server(run, max_batch=4, max_queue=4, max_new_tokens_limit=32)
+    c = openai.OpenAI(base_url=lstm_server.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+    r = c.completions.create(model="tiny", prompt="Line 2", max_tokens=20, temperature=0, n=2)
+    one = c.completions.create(model="tiny", prompt="Line 2", max_tokens=20, temperature=0)
+    assert r.choices[0].text == r.choices[1].text == one.choices[0].text
+    assert r.usage.completion_tokens == 2 * one.usage.completion_tokens
+
+
+# ---- the chat page in headless Chromium --------------------------------------------------------------
+# Driven over the DevTools protocol on a pipe (--remote-debugging-pipe: NUL-separated JSON on fds 3/4),
+# so no extra packages; skipped when Debian's chromium is not installed.
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class DevTools:
+    """Chromium with the DevTools protocol on a pipe; `call` sends one command and waits for its reply."""
+
+    def __init__(self, profile: str) -> None:
+        to_chrome_r, self._w = os.pipe()
+        self._r, from_chrome_w = os.pipe()
+
+        def fds() -> None:  # child: the protocol pipe must be fds 3 (read) and 4 (write)
+            os.dup2(to_chrome_r, 3)
+            os.dup2(from_chrome_w, 4)
+
+        self.proc = subprocess.Popen(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+             f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank"],
+            preexec_fn=fds, pass_fds=(3, 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        self._buf = b""
+        self._id = 0
+        self.session: str | None = None
+
+    def call(self, method: str, params: dict | None = None, *, session: bool = True, timeout: float = 30) -> dict:
+        self._id += 1
+        msg = {"id": self._id, "method": method, "params": params or {}}
+        if session and self.session:
+            msg["sessionId"] = self.session
+        os.write(self._w, json.dumps(msg).encode() + b"\0")
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            while b"\0" in self._buf:
+                raw, self._buf = self._buf.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == self._id:
+                    if "error" in reply:
+                        raise RuntimeError(f"{method}: {reply['error']}")
+                    return reply["result"]
+            self._buf += os.read(self._r, 1 << 16)
+        raise TimeoutError(method)
+
+    def eval(self, expr: str):  # noqa: ANN201
+        r = self.call("Runtime.evaluate", {"expression": expr, "awaitPromise": True, "returnByValue": True})
+        if "exceptionDetails" in r:
+            raise RuntimeError(r["exceptionDetails"])
+        return r["result"].get("value")
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+        os.close(self._w)
+        os.close(self._r)
+
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_chat_page_streams_a_reply(server, tmp_path):
+    """The page loads without a key (static), lists the model once the key is typed, and a sent
+    message produces an assistant reply whose text the DOM shows growing over several updates,
+    ending with the [DONE] marker; the server counts one more 200 chat request."""
+    assert httpx.get(server.url + "/").status_code == 200
+    chat_ok = 'clusterlm_http_requests_total{route="/v1/chat/completions",status="200"}'
+    before = server.metrics().get(chat_ok, 0)
+    dt = DevTools(str(tmp_path / "profile"))
     try:
-        c = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
-        r = c.completions.create(model="tiny", prompt="Line 2", max_tokens=20, temperature=0, n=2)
-        one = c.completions.create(model="tiny", prompt="Line 2", max_tokens=20, temperature=0)
-        assert r.choices[0].text == r.choices[1].text == one.choices[0].text
-        assert r.usage.completion_tokens == 2 * one.usage.completion_tokens
+        target = dt.call("Target.createTarget", {"url": server.url + "/"}, session=False)["targetId"]
+        dt.session = dt.call("Target.attachToTarget", {"targetId": target, "flatten": True}, session=False)["sessionId"]
+        dt.call("Runtime.enable")
+        deadline = time.time() + 20
+        while dt.eval("document.readyState") != "complete" or not dt.eval("!!document.getElementById('send')"):
+            assert time.time() < deadline, "page did not load"
+            time.sleep(0.1)
+        models = dt.eval(f"(async () => {{ document.getElementById('key').value = {json.dumps(KEY)}; "
+                         "await loadModels(); return [...document.getElementById('model').options].map(o => o.value); })()")
+        assert models == ["tiny"]
+        dt.eval("""window.__seen = [];
+            new MutationObserver(() => { const r = document.getElementById('reply-1');
+              if (r) window.__seen.push(r.textContent); }).observe(document.getElementById('log'),
+              {subtree: true, childList: true, characterData: true});
+            document.getElementById('max').value = '48'; document.getElementById('temp').value = '0';
+            document.getElementById('msg').value = 'Line 5?';
+            document.getElementById('send').click(); true""")
+        deadline = time.time() + 30
+        while dt.eval("(document.getElementById('reply-1') || {dataset: {}}).dataset.done") != "1":
+            assert time.time() < deadline, dt.eval("document.getElementById('log').textContent")
+            time.sleep(0.1)
+        seen = dt.eval("window.__seen")
+        final = dt.eval("document.getElementById('reply-1').textContent")
+        cls = dt.eval("document.getElementById('reply-1').className")
     finally:
-        srv.stop()
+        dt.close()
+    assert cls == "assistant" and final.startswith("Assistant: ")
+    assert len(final) > len("Assistant: ")
+    grew = sorted({len(s) for s in seen if s.startswith("Assistant: ")})
+    assert len(grew) >= 3, seen  # several streamed updates, not one final write
+    assert server.metrics()[chat_ok] == before + 1

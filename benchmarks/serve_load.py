@@ -1,0 +1,175 @@
+"""Load test for `clusterlm serve`: N concurrent streaming clients for M seconds each.
+
+Starts a server in this process (uvicorn in a thread, 127.0.0.1, random port) on a checkpoint --
+or trains a tiny one if none is given -- then runs 1 and N clients, each sending streaming
+completions back to back. Per run: errors, streams ending in [DONE], TTFT p50/p99, inter-token
+latency p50/p99, aggregate generated tokens/s. The batching speed-up is tokens/s at N clients over
+tokens/s at 1 client. Writes benchmarks/results/serve_load.json.
+
+    .venv/bin/python benchmarks/serve_load.py                       # tiny model trained on the fly
+    .venv/bin/python benchmarks/serve_load.py --ckpt runs/x --clients 16 --seconds 20
+
+Counting: tokens per stream are usage.completion_tokens from the final chunk (include_usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx2 as httpx
+
+KEY = "bench-key"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny_checkpoint(root: Path, preset: str) -> Path:
+    from clusterlm.cli import main as cli
+
+    corpus = root / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(2000)))
+    data, run = root / "data", root / "run"
+    assert cli(["prepare", str(corpus), "--out", str(data), "--tokenizer", "byte"]) == 0
+    assert cli(["train", f"--data.dir={json.dumps(str(data))}", f"--train.out_dir={json.dumps(str(run))}",
+                f"--model.preset={preset}", "--train.seq_len=64", "--train.micro_batch_size=8",
+                "--train.max_steps=20", "--train.eval_interval=20", "--train.eval_batches=1",
+                "--train.device=cpu"]) == 0
+    return run
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+async def _client(url: str, seconds: float, max_tokens: int, out: dict) -> None:
+    body = {"model": "bench", "prompt": "Line 1", "max_tokens": max_tokens, "temperature": 1.0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    deadline = time.perf_counter() + seconds
+    async with httpx.AsyncClient(timeout=120) as h:
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            last, first, done, tokens = None, None, False, 0
+            try:
+                async with h.stream("POST", url + "/v1/completions", json=body,
+                                    headers={"Authorization": f"Bearer {KEY}"}) as r:
+                    if r.status_code != 200:
+                        out["errors"] += 1
+                        await r.aread()
+                        continue
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: "):
+                            continue
+                        if line == "data: [DONE]":
+                            done = True
+                            break
+                        chunk = json.loads(line[6:])
+                        if chunk.get("usage"):
+                            tokens = chunk["usage"]["completion_tokens"]
+                        if chunk["choices"] and chunk["choices"][0]["text"]:
+                            now = time.perf_counter()
+                            if first is None:
+                                first = now
+                                out["ttft"].append(now - t0)
+                            else:
+                                out["itl"].append(now - last)
+                            last = now
+            except httpx.HTTPError:
+                out["errors"] += 1
+                continue
+            out["streams"] += 1
+            out["done"] += int(done)
+            out["tokens"] += tokens
+
+
+async def _run(url: str, clients: int, seconds: float, max_tokens: int) -> dict:
+    out = {"errors": 0, "streams": 0, "done": 0, "tokens": 0, "ttft": [], "itl": []}
+    t0 = time.perf_counter()
+    await asyncio.gather(*[_client(url, seconds, max_tokens, out) for _ in range(clients)])
+    wall = time.perf_counter() - t0
+    return {"clients": clients, "wall_s": round(wall, 3), "errors": out["errors"], "streams": out["streams"],
+            "streams_with_done": out["done"], "generated_tokens": out["tokens"],
+            "tokens_per_s": round(out["tokens"] / wall, 1),
+            "ttft_p50_ms": _ms(_pct(out["ttft"], 0.5)), "ttft_p99_ms": _ms(_pct(out["ttft"], 0.99)),
+            "itl_p50_ms": _ms(_pct(out["itl"], 0.5)), "itl_p99_ms": _ms(_pct(out["itl"], 0.99)),
+            "itl_mean_ms": _ms(statistics.fmean(out["itl"]) if out["itl"] else None)}
+
+
+def _ms(x: float | None) -> float | None:
+    return None if x is None else round(1000 * x, 2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", default=None, help="checkpoint to serve (default: train a tiny one)")
+    p.add_argument("--preset", default="gpt-nano", help="preset of the tiny model when --ckpt is not given")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_load.json"))
+    args = p.parse_args(argv)
+
+    import torch
+    import uvicorn
+
+    from clusterlm.checkpoint.model_io import load_for_inference
+    from clusterlm.serve.app import Settings, create_app
+
+    tmp = tempfile.TemporaryDirectory()
+    ckpt = Path(args.ckpt) if args.ckpt else _tiny_checkpoint(Path(tmp.name), args.preset)
+    settings = Settings(api_key=KEY, model_name="bench", max_batch=max(16, args.clients), max_queue=256,
+                        max_new_tokens_limit=max(64, args.max_tokens))
+    app = create_app(lambda: load_for_inference(ckpt), settings)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http="h11", log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    runs = [asyncio.run(_run(url, n, args.seconds, args.max_tokens)) for n in (1, args.clients)]
+    server.should_exit = True
+    thread.join(timeout=10)
+    loaded = load_for_inference(ckpt)
+    result = {
+        "model": {"arch": loaded.config.model.arch, "params": loaded.config.model.num_params(),
+                  "max_seq_len": loaded.config.model.max_seq_len, "source": args.ckpt or f"tiny {args.preset}"},
+        "max_tokens": args.max_tokens, "seconds_per_run": args.seconds,
+        "runs": runs,
+        "speedup_tokens_per_s": round(runs[1]["tokens_per_s"] / max(runs[0]["tokens_per_s"], 1e-9), 2),
+        "goal_speedup": 4.0,
+        "machine": {"cpu_count": torch.get_num_threads(), "platform": platform.platform(),
+                    "torch": torch.__version__, "python": sys.version.split()[0]},
+        "note": "client and server share this machine's cores; the machine may be shared with other jobs",
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
