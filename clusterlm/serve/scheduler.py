@@ -1,7 +1,7 @@
 """Continuous batching: one background thread runs the decode loop over a slot cache.
 
-Requests wait in a bounded queue (`QueueFull` when it holds `max_queue`; the app answers 429 with
-Retry-After). At every token boundary the loop (1) drops cancelled sequences, freeing their slots,
+Requests wait in a bounded queue (`QueueFull` when it holds `max_queue` requests beyond the free
+slots; the app answers 429 with Retry-After). At every token boundary the loop (1) drops cancelled sequences, freeing their slots,
 (2) admits waiting requests while slots are free (a request with n choices takes n slots and is
 prefilled as one batch of n rows), (3) runs ONE forward pass over every running sequence, each at
 its own position in its own slot, (4) samples per sequence (its own temperature, top_p and seeded
@@ -147,7 +147,9 @@ class Scheduler:
             raise ValueError(f"n={n} must be in [1, {self.max_batch}] (the server's --max-batch)")
         req = Request(prompt_ids, n, params, loop)
         with self._cond:
-            if len(self._waiting) >= self.max_queue:
+            # free slots the loop has not handed out yet absorb requests beyond the queue's bound,
+            # so a burst arriving between two decode steps is not refused while slots sit idle
+            if len(self._waiting) >= self.max_queue + self.cache.num_free:
                 # a rough wait: the queue ahead of it drains about max_batch sequences per max_tokens steps
                 retry = max(1, int(self.step_seconds * params.max_tokens * (1 + len(self._waiting) / self.max_batch)))
                 raise QueueFull(len(self._waiting), min(retry, 60))

@@ -297,14 +297,21 @@ def test_disconnects_free_slots(lstm_server):
                             break  # leaving the block closes the connection
         return got
 
-    results: list[int] = []
-    threads = [threading.Thread(target=lambda: results.append(one())) for _ in range(20)]
+    results: list[int | BaseException] = []
+
+    def run_one() -> None:
+        try:
+            results.append(one())
+        except BaseException as e:  # reported by the asserts below, not lost in a thread
+            results.append(e)
+
+    threads = [threading.Thread(target=run_one) for _ in range(20)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert len(results) == 20 and all(isinstance(r, int) and r >= 5 for r in results), results
     seen = sum(results)
-    assert len(results) == 20 and all(r >= 5 for r in results)
     t_closed = time.time()
     while time.time() - t_closed < 1.0 and server.metrics()["clusterlm_running_sequences"] != 0:
         time.sleep(0.02)
