@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -374,6 +375,80 @@ def test_lstm_checkpoint_serves(lstm_server):
     one = c.completions.create(model="tiny", prompt="Line 2", max_tokens=20, temperature=0)
     assert r.choices[0].text == r.choices[1].text == one.choices[0].text
     assert r.usage.completion_tokens == 2 * one.usage.completion_tokens
+
+
+def test_ready_waits_for_load_and_cli_binds_loopback(llama_run, tmp_path):
+    """/health is 200 and /ready 503 (with Retry-After) while the model loads, /ready 200 after; and
+    `clusterlm serve` run as a command binds 127.0.0.1 by default, reads the key file, and answers
+    a completion (the key never appears in its output)."""
+    import uvicorn
+
+    from clusterlm.checkpoint.model_io import load_for_inference
+    from clusterlm.serve.app import Settings, create_app
+
+    gate = threading.Event()
+
+    def slow_load():  # noqa: ANN202
+        gate.wait(30)
+        return load_for_inference(llama_run)
+
+    port = _free_port()
+    app = create_app(slow_load, Settings(api_key=KEY, model_name="tiny"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http="h11", log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 20
+        while True:
+            try:
+                h = httpx.get(url + "/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                assert time.time() < deadline
+                time.sleep(0.05)
+        r = httpx.get(url + "/ready")
+        assert (h.status_code, r.status_code, r.headers["Retry-After"]) == (200, 503, "1")
+        c = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x"},
+                       headers={"Authorization": f"Bearer {KEY}"})
+        assert c.status_code == 503
+        gate.set()
+        deadline = time.time() + 30
+        while httpx.get(url + "/ready").status_code != 200:
+            assert time.time() < deadline
+            time.sleep(0.05)
+    finally:
+        gate.set()
+        server.should_exit = True
+        t.join(timeout=10)
+
+    key_file = tmp_path / "key"
+    key_file.write_text("cli-key-abcdef\n")
+    port = _free_port()
+    log_file = tmp_path / "serve.log"
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "clusterlm", "serve", str(llama_run), "--port", str(port),
+                                 "--api-key-file", str(key_file), "--model-name", "m"], stdout=log, stderr=log)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, log_file.read_text()[-2000:]
+            time.sleep(0.1)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", headers={"Authorization": "Bearer cli-key-abcdef"},
+                       json={"model": "m", "prompt": "Line", "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    out = log_file.read_text()
+    assert f"http://127.0.0.1:{port}" in out
+    assert "cli-key-abcdef" not in out
 
 
 # ---- the chat page in headless Chromium --------------------------------------------------------------
