@@ -158,7 +158,10 @@ def init_distributed(dist_env: DistEnv | None = None, *, device_type: str = "aut
     if not dist_env.distributed or dist.is_initialized():
         return device
     backend = "nccl" if cuda else "gloo"
-    dist.init_process_group(backend=backend, init_method=f"tcp://{dist_env.master_addr}:{dist_env.master_port}",
+    # under torchrun, env:// joins the agent's own store, whose keys are prefixed per restart round; a
+    # tcp:// store on the same port would hand a restarted group the dead round's addresses
+    init = "env://" if dist_env.source == "torchrun" else f"tcp://{dist_env.master_addr}:{dist_env.master_port}"
+    dist.init_process_group(backend=backend, init_method=init,
                             rank=dist_env.rank, world_size=dist_env.world_size,
                             timeout=datetime.timedelta(seconds=timeout_s),
                             device_id=device if cuda else None)
@@ -177,9 +180,11 @@ def torchrun_command(recipe: str | None, overrides: list[str], *, nproc_per_node
             raise ValueError(f"--{name.replace('_', '-')}={value} must be >= {low}")
     if node_rank >= nnodes:
         raise ValueError(f"--node-rank={node_rank} must be < --nnodes={nnodes}")
+    # c10d rendezvous (not the static --master-addr one): each restart round gets a fresh store, so a
+    # restarted group never reads the dead round's addresses (the static store keeps them)
     cmd = [python or sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}",
-           f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--master-addr={master_addr}",
-           f"--master-port={master_port}", f"--max-restarts={max_restarts}"]
+           f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint={master_addr}:{master_port}", "--rdzv-id=clusterlm", f"--max-restarts={max_restarts}"]
     return cmd + ["-m", "clusterlm", "train", *([recipe] if recipe else []), *overrides]
 
 

@@ -1,0 +1,90 @@
+"""Launch environment parsing and layout validation: no processes spawned, so these are fast."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from clusterlm.config import ParallelConfig
+from clusterlm.errors import ConfigError
+from clusterlm.models.config import get_preset
+from clusterlm.parallel.launch import DistEnv, expand_nodelist, read_env, torchrun_command
+from clusterlm.parallel.parallelize import validate_layout
+
+
+def test_expand_nodelist():
+    """Slurm's compressed host lists expand as `scontrol show hostnames` prints them."""
+    assert expand_nodelist("node[01-03,07]") == ["node01", "node02", "node03", "node07"]
+    assert expand_nodelist("gpu5,node[9-10],x") == ["gpu5", "node9", "node10", "x"]
+    assert expand_nodelist("r[1-2]n[08-09]") == ["r1n08", "r1n09", "r2n08", "r2n09"]
+    for bad in ("node[01-", "node[3-1]", ""):
+        with pytest.raises(ValueError):
+            expand_nodelist(bad)
+
+
+def test_read_env_torchrun_slurm_and_none():
+    """torchrun's variables win over Slurm's; srun alone gives rank/size/local rank and the first host
+    of the node list as master; no variables: one process."""
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h0", "MASTER_PORT": "1234",
+           "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_NODELIST": "n[1-2]"}
+    assert read_env(env) == DistEnv(3, 4, 1, "h0", 1234, "torchrun")
+    slurm = {k: v for k, v in env.items() if k.startswith("SLURM")} | {"SLURM_PROCID": "5", "SLURM_LOCALID": "1"}
+    assert read_env(slurm) == DistEnv(5, 8, 1, "n1", 29500, "slurm")
+    assert read_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == DistEnv()
+    assert read_env({}) == DistEnv() and not read_env({}).distributed
+    with pytest.raises(ValueError, match="rank=4"):
+        read_env({"RANK": "4", "WORLD_SIZE": "4"})
+    with pytest.raises(ValueError, match="RANK='x'"):
+        read_env({"RANK": "x", "WORLD_SIZE": "4"})
+
+
+def test_torchrun_command():
+    """`clusterlm launch` runs torchrun's module with the node layout, then `clusterlm train`."""
+    cmd = torchrun_command("r.toml", ["--train.max_steps=5"], nproc_per_node=4, nnodes=2, node_rank=1,
+                           master_addr="n01", master_port=2000, python="py")
+    assert cmd == ["py", "-m", "torch.distributed.run", "--nproc-per-node=4", "--nnodes=2", "--node-rank=1",
+                   "--rdzv-backend=c10d", "--rdzv-endpoint=n01:2000", "--rdzv-id=clusterlm", "--max-restarts=0",
+                   "-m", "clusterlm", "train",
+                   "r.toml", "--train.max_steps=5"]
+    with pytest.raises(ValueError, match="node-rank=2 must be < --nnodes=2"):
+        torchrun_command("r", [], nproc_per_node=1, nnodes=2, node_rank=2)
+
+
+LLAMA = get_preset("llama-nano", vocab_size=64)  # 4 layers, 4 heads, 2 kv heads, max_seq_len 256
+
+
+@pytest.mark.parametrize("layout, world, model, message", [
+    (dict(tp=3), 3, LLAMA, "tp=3 must divide model.n_heads=4 (4 % 3 = 1)"),
+    (dict(tp=4), 4, LLAMA, "tp=4 must divide model.kv_heads=2 (2 % 4 = 2)"),
+    (dict(dp_shard=2), 4, LLAMA, "dp_replicate*dp_shard*tp*pp = 1*2*1*1 = 2 != world size 4"),
+    (dict(pp=8), 8, dataclasses.replace(LLAMA, tie_embeddings=False), "pp=8 > model.n_layers=4"),
+    (dict(pp=2), 2, LLAMA, "pp=2 with model.tie_embeddings=true"),
+    (dict(dp_shard=2), 2, get_preset("lstm-small", vocab_size=64), "trains with data parallel replication only"),
+    (dict(dp_shard=3), 3, LLAMA, "global_batch_tokens=1024 is not divisible by micro_batch*seq_len*dp = 4*64*3 = 768"),
+])
+def test_invalid_layouts_fail_with_numbers(layout, world, model, message):
+    """Invalid layouts raise ConfigError whose message carries the arithmetic."""
+    with pytest.raises(ConfigError) as e:
+        validate_layout(ParallelConfig(**layout), model, world, global_batch_tokens=1024, micro_batch=4, seq_len=64)
+    assert message in str(e.value)
+
+
+def test_trainer_refuses_layout_before_building_a_model(tmp_path, monkeypatch):
+    """`clusterlm train` with [parallel] asking for 2 ranks, started as one process, fails with the numbers
+    before any model is built (build_model is made to explode)."""
+    import clusterlm.models.build as build
+    from clusterlm.config import load_run_config
+    from clusterlm.data.prepare import prepare
+    from clusterlm.train.loop import train
+
+    (tmp_path / "t.txt").write_text("to be or not to be\n" * 200)
+    prepare([str(tmp_path / "t.txt")], tmp_path / "data", tokenizer="char", val_fraction=0.1)
+    monkeypatch.setattr(build, "build_model", lambda *a, **k: pytest.fail("a model was built"))
+    for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(k, raising=False)
+    cfg = load_run_config(None, [f"--data.dir={tmp_path / 'data'}", f"--train.out_dir={tmp_path / 'run'}",
+                                 "--model.preset=llama-nano", "--parallel.dp_shard=2", "--train.device=cpu"])
+    with pytest.raises(ConfigError, match=r"= 2 != world size 1"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
