@@ -31,13 +31,17 @@ def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:, :-1], x[:, 1:]
 
 
-def build(pc: ParallelConfig, seed: int = 0, micro_batch: int = B, schedule: str = "1f1b"):
+def lstm_cfg():
+    return dataclasses.replace(get_preset("lstm-small", vocab_size=V), dim=64, dropout=0.0)
+
+
+def build(pc: ParallelConfig, seed: int = 0, micro_batch: int = B, schedule: str = "1f1b", mcfg=None):
     from clusterlm.parallel.mesh import build_mesh
     from clusterlm.parallel.parallelize import build_parallel_model, dims_of
 
     mesh = build_mesh(dims_of(pc), "cpu") if pc.world_size > 1 else None
-    return build_parallel_model(model_cfg(), pc, mesh, torch.device("cpu"), seed=seed, micro_batch=micro_batch,
-                                pp_schedule=schedule)
+    return build_parallel_model(mcfg or model_cfg(), pc, mesh, torch.device("cpu"), seed=seed,
+                                micro_batch=micro_batch, pp_schedule=schedule)
 
 
 def rows(pm, x: torch.Tensor) -> torch.Tensor:
@@ -46,10 +50,11 @@ def rows(pm, x: torch.Tensor) -> torch.Tensor:
     return x[pm.coords.dp_rank * b:(pm.coords.dp_rank + 1) * b]
 
 
-def one_step(pc: ParallelConfig, schedule: str = "1f1b") -> list[float]:
+def one_step(pc: ParallelConfig, schedule: str = "1f1b", lstm: bool = False) -> list[float]:
     """(loss, grad norm) of one forward/backward on the global batch"""
     x, y = batch()
-    pm = build(pc, micro_batch=B // (pc.dp_replicate * pc.dp_shard), schedule=schedule)
+    pm = build(pc, micro_batch=B // (pc.dp_replicate * pc.dp_shard), schedule=schedule,
+               mcfg=lstm_cfg() if lstm else None)
     loss = float(pm.mean_over_dp(pm.forward_backward(rows(pm, x), rows(pm, y))))
     return [loss, pm.clip_grad_norm_(1.0)]
 
@@ -114,7 +119,8 @@ def _two_ranks(rank: int, world: int, ckpt_root: str) -> dict:
         ("ddp", dict(dp_replicate=2), {}), ("fsdp", dict(dp_shard=2), {}), ("tp", dict(tp=2), {}),
         ("pp_1f1b", dict(pp=2), {"schedule": "1f1b"}), ("pp_gpipe", dict(pp=2), {"schedule": "gpipe"}),
         ("fsdp_selective_ac", dict(dp_shard=2, activation_checkpointing="selective"), {}),
-        ("tp_full_ac", dict(tp=2, activation_checkpointing="full"), {})]}
+        ("tp_full_ac", dict(tp=2, activation_checkpointing="full"), {}),
+        ("lstm_ddp", dict(dp_replicate=2), {"lstm": True})]}
     out["ddp_20"] = train_steps(ParallelConfig(dp_replicate=2), steps=20, accum=1)
 
     # checkpoint: saved under FSDP x2 after one step, loaded under TP x2 (and on one process by the test)
@@ -147,12 +153,15 @@ def two(tmp_path_factory):
 
 def test_one_step_matches_single_process(two):
     """One step's loss and gradient norm under DDP x2, FSDP x2, TP x2, PP x2 (1F1B and GPipe), with
-    selective/full activation checkpointing, equal one process on the whole batch (fp32, 1e-5)."""
+    selective/full activation checkpointing, and an LSTM under DDP x2, equal one process on the whole
+    batch (fp32, 1e-5)."""
     ref = one_step(ParallelConfig())
     _, results = two
+    lstm_ref = one_step(ParallelConfig(), lstm=True)
     for r in results:
         for name in ("ddp", "fsdp", "tp", "pp_1f1b", "pp_gpipe", "fsdp_selective_ac", "tp_full_ac"):
             assert r[name] == pytest.approx(ref, rel=TOL, abs=TOL), name
+        assert r["lstm_ddp"] == pytest.approx(lstm_ref, rel=TOL, abs=TOL)
     assert ref[0] == pytest.approx(4.1, abs=0.3)  # ~ln(64) = 4.16 at init: the model is really untrained
 
 
