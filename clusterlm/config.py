@@ -142,6 +142,8 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    pp_schedule: Literal["1f1b", "gpipe"] = "1f1b"
+    """pipeline schedule when pp > 1: 1f1b (activation memory of pp micro-batches) or gpipe"""
 
     def __post_init__(self) -> None:
         for name in ("dp_replicate", "dp_shard", "tp", "pp"):

@@ -228,7 +228,8 @@ def train(cfg: RunConfig) -> TrainResult:
     torch.manual_seed(tc.seed)
     mesh = build_mesh(dims, device.type) if distributed else None
     pm = build_parallel_model(mcfg, cfg.parallel, mesh, device, seed=tc.seed, micro_batch=tc.micro_batch_size,
-                              param_dtype=amp_dtype if distributed else None, compile=tc.compile)
+                              param_dtype=amp_dtype if distributed else None, compile=tc.compile,
+                              pp_schedule=cfg.parallel.pp_schedule)
     model, coords = pm.module, pm.coords
     rank0 = denv.rank == 0
     opt = build_optimizer(model, oc, fused=None if pm.fused_optimizer_ok else False)
