@@ -16,6 +16,8 @@ from clusterlm.config import OptimConfig, ParallelConfig
 from clusterlm.models.config import get_preset
 from tests.distributed.helpers import run_ranks
 
+pytestmark = pytest.mark.slow  # ~65 s on 2 cores: two spawns (2 and 4 ranks)
+
 B, T, V = 8, 16, 64  # global batch, sequence length, vocabulary
 TOL = 1e-5
 
