@@ -170,6 +170,14 @@ def init_distributed(dist_env: DistEnv | None = None, *, device_type: str = "aut
     return device
 
 
+def shutdown_distributed() -> None:
+    """Destroy the default process group if one exists (end of `clusterlm train`)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def torchrun_command(recipe: str | None, overrides: list[str], *, nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
                      master_addr: str = "127.0.0.1", master_port: int = DEFAULT_PORT, max_restarts: int = 0,
                      python: str | None = None) -> list[str]:

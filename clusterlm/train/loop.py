@@ -465,5 +465,12 @@ def main(argv: list[str]) -> int:
     if args.resume:
         overrides.append(f"--train.resume={args.resume}")
     cfg = load_run_config(args.recipe, overrides)
-    sys.stderr.write("resolved config:\n" + to_toml(cfg) + "\n")
-    return train(cfg).exit_code
+    from clusterlm.parallel.launch import read_env, shutdown_distributed
+
+    if read_env().rank == 0:
+        sys.stderr.write("resolved config:\n" + to_toml(cfg) + "\n")
+
+    try:
+        return train(cfg).exit_code
+    finally:
+        shutdown_distributed()  # the process group train() started under torchrun/srun, if any

@@ -1,0 +1,89 @@
+"""The trainer itself on 2 ranks (spawned; the rank's environment is set as torchrun would), and
+resuming its DCP checkpoint under another layout and on one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.distributed.helpers import run_ranks
+
+pytestmark = pytest.mark.slow  # ~30 s on 2 cores
+
+
+def _losses(run: Path) -> dict[int, float]:
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r.get("kind") == "train":
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def _args(data: Path, out: Path, micro: int, *extra: str) -> list[str]:
+    return [f"--data.dir={data}", f"--train.out_dir={out}", "--model.preset=llama-nano", "--model.max_seq_len=32",
+            "--train.seq_len=32", f"--train.micro_batch_size={micro}", "--train.global_batch_tokens=512",
+            "--train.max_steps=8", "--train.device=cpu", "--train.threads=1", "--train.eval_interval=0",
+            "--train.log_interval=1", "--checkpoint.interval=4", "--checkpoint.keep_last=2",
+            "--train.tensorboard=false", *extra]
+
+
+def _train_rank(rank: int, world: int, args: list[str]) -> dict:
+    """clusterlm train on this rank, with the environment torchrun would give it"""
+    from clusterlm.config import load_run_config
+    from clusterlm.train.loop import train
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    r = train(load_run_config(None, args))
+    return {"exit": r.exit_code, "step": r.step}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from clusterlm.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("d")
+    (root / "t.txt").write_text("".join(f"Whether 'tis nobler in the mind to suffer {i}\n" * 20 for i in range(20)))
+    prepare([str(root / "t.txt")], root / "data", tokenizer="char", val_fraction=0.1)
+    return root / "data"
+
+
+def test_fsdp_run_resumes_on_tp_and_on_one_process(data, tmp_path, monkeypatch):
+    """8 steps under FSDP x2 (2 micro-batches of 4 per rank) have one process's losses (8 x 2 rows per
+    step, 1e-5); its step-4 DCP checkpoint resumed under TP x2 (1 micro-batch of 16) and on one
+    process continues with the same losses for steps 5-8: model, optimizer and loader position reshard."""
+    from clusterlm.config import load_run_config
+    from clusterlm.train.loop import train
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(k, raising=False)
+    assert train(load_run_config(None, _args(data, tmp_path / "one", 8))).exit_code == 0
+    ref = _losses(tmp_path / "one")
+
+    fsdp = tmp_path / "fsdp"
+    res = run_ranks(2, _train_rank, _args(data, fsdp, 4, "--parallel.dp_shard=2"))
+    assert res == [{"exit": 0, "step": 8}] * 2
+    got = _losses(fsdp)
+    assert sorted(got) == list(range(1, 9))
+    for s in ref:
+        assert got[s] == pytest.approx(ref[s], abs=1e-5), s
+    ckpt = fsdp / "checkpoints" / "step-00000004"
+    assert (ckpt / "dcp" / ".metadata").is_file() and (ckpt / "manifest.json").is_file()
+
+    for name, world, micro, extra in (("tp", 2, 16, ["--parallel.tp=2"]), ("single", 1, 16, [])):
+        run = tmp_path / name
+        (run / "checkpoints").mkdir(parents=True)
+        shutil.copytree(ckpt, run / "checkpoints" / ckpt.name)
+        args = _args(data, run, micro, "--train.resume=auto", *extra)
+        if world == 2:
+            assert run_ranks(2, _train_rank, args) == [{"exit": 0, "step": 8}] * 2
+        else:
+            assert train(load_run_config(None, args)).exit_code == 0
+        resumed = _losses(run)
+        assert sorted(resumed) == [5, 6, 7, 8], name
+        for s in resumed:
+            assert resumed[s] == pytest.approx(ref[s], abs=1e-5), (name, s)
