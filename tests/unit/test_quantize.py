@@ -27,8 +27,8 @@ def test_kernels_match_dequantized_reference(n_out):
     torch.manual_seed(0)
     lin = nn.Linear(256, n_out)
     x = torch.randn(3, 5, 256)
-    for m, step in ((Int8Linear.from_linear(lin), None), (Int4Linear.from_linear(lin, 128), None),
-                    (Int4Linear.from_linear(lin, 32), None)):
+    for m in (Int8Linear.from_linear(lin, activation_int8=False), Int4Linear.from_linear(lin, 128),
+              Int4Linear.from_linear(lin, 32)):
         deq = m.dequantized()
         ref = x @ deq.T + lin.bias
         assert (m(x) - ref).abs().max().item() < 1e-4
@@ -50,11 +50,24 @@ def _checkpoint(tmp_path, cfg: ModelConfig):
     return model.eval()
 
 
+def test_int8_fbgemm_path_close_to_weight_only():
+    """The fbgemm path (int8 activations, dynamic scale) stays within 3% relative error of the
+    weight-only kernel on the same stored weights, and both store identical int8 values."""
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 96)
+    x = torch.randn(4, 256)
+    wo = Int8Linear.from_linear(lin, activation_int8=False)
+    fb = Int8Linear.from_linear(lin, activation_int8=True)
+    assert torch.equal(wo.weight_int8, fb.weight_int8)
+    ref = wo(x)
+    assert ((fb(x) - ref).norm() / ref.norm()).item() < 0.03
+
+
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantized_checkpoint_loads_and_generates(tmp_path, method):
     """`clusterlm quantize` writes a checkpoint that load_for_inference rebuilds with quantized
     modules (every Linear, tied output included); its logits stay close to the float model's
-    (relative error < 3% int8, < 25% int4), greedy generation runs, and model.safetensors shrinks."""
+    (relative error < 6% int8 with int8 activations, < 25% int4), greedy generation runs, and model.safetensors shrinks."""
     cfg = ModelConfig(vocab_size=259, n_layers=2, dim=128, n_heads=4, max_seq_len=64, bias=True)
     ref = _checkpoint(tmp_path, cfg)
     out = tmp_path / method
@@ -68,7 +81,7 @@ def test_quantized_checkpoint_loads_and_generates(tmp_path, method):
     with torch.no_grad():
         want, got = ref(idx), loaded.model(idx)
     rel = ((got - want).norm() / want.norm()).item()
-    assert rel < (0.03 if method == "int8" else 0.25)
+    assert rel < (0.06 if method == "int8" else 0.25)
     tokens, reasons = complete(loaded.model, [1, 2, 3], max_new_tokens=8, temperature=0.0)
     assert len(tokens[0]) == 8 and reasons == ["length"]
     fp_size = next((tmp_path / "run" / "checkpoints").glob("step-*/model.safetensors")).stat().st_size

@@ -1,0 +1,177 @@
+"""Batch-1 decode speed of the gpt2-124m architecture (random weights) against transformers'
+generate() on the same weights in the same run, and against the memory-bandwidth bound.
+
+    .venv/bin/python benchmarks/generate_speed.py            # writes benchmarks/results/generate_speed.json
+    .venv/bin/python benchmarks/generate_speed.py --new-tokens 32 --repeats 2   # quicker
+
+Decode tokens/s: the interval between consecutive new tokens, timed per token (clusterlm: each step
+of the stream; generate(): a streamer's put() calls), prefill and first token left out, greedy, no
+eos, pooled over `repeats` runs after a warm-up run. Reported as 1/median interval (typical) and
+1/min interval (least disturbed: the machine is shared with other jobs, so the median can be far
+off on a busy machine); ratios use the median unless --ratio best.
+
+Bound: bytes of weights read per decode token (every Linear in the blocks + the output projection;
+the embedding lookups read one row each) / bandwidth, where bandwidth is measured here with a
+50257 x 768 float32 matrix-vector product (the output projection's shape), best of 20.
+For int8/int4 the bytes are the quantized weights plus their scales (and zero points).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from clusterlm.generate.engine import generate
+from clusterlm.models.build import build_model
+from clusterlm.models.config import get_preset
+from clusterlm.models.convert import config_to_hf, state_to_hf
+from clusterlm.optimize.quantize import quantize_model
+
+OUT = Path(__file__).parent / "results" / "generate_speed.json"
+
+
+def bandwidth_gbs(repeats: int = 20) -> float:
+    """GB/s streamed by a (50257, 768) fp32 matrix-vector product, best of `repeats`."""
+    w = torch.randn(50257, 768)
+    x = torch.randn(768)
+    for _ in range(3):
+        torch.mv(w, x)
+    best = min(_timed(lambda: torch.mv(w, x)) for _ in range(repeats))
+    return w.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:  # type: ignore[no-untyped-def]
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes read per decode token: every parameter/buffer of the Linear-like modules (blocks + output)."""
+    total = 0
+    for name, mod in model.named_modules():
+        if name.startswith("layers.") or name == "output":
+            if name.count(".") == 3 or name == "output":  # layers.i.attention.wq etc.
+                total += sum(t.numel() * t.element_size() for t in mod.state_dict().values())
+    return total
+
+
+def _rates(intervals: list[float]) -> dict[str, float]:
+    """tokens/s from per-token decode intervals: median (typical) and best (least disturbed)."""
+    xs = sorted(intervals)
+    return {"median": 1.0 / xs[len(xs) // 2], "best": 1.0 / xs[0]}
+
+
+def ours_decode(model: torch.nn.Module, prompt: list[int], n: int, repeats: int, compile_: bool = False
+                ) -> dict[str, float]:
+    """Per-token intervals of clusterlm's engine (greedy); the first step (prefill) is left out."""
+    intervals: list[float] = []
+    for r in range(repeats + 1):  # run 0 warms up (and compiles)
+        stamps = []
+        for _ in generate(model, [prompt], max_new_tokens=n, temperature=0.0, compile=compile_):
+            stamps.append(time.perf_counter())
+        if r:
+            intervals += [b - a for a, b in zip(stamps, stamps[1:])]
+    return _rates(intervals)
+
+
+class _Stamps:
+    """A transformers streamer that records when each new token arrives."""
+
+    def __init__(self) -> None:
+        self.t: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.t.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def hf_decode(hf: torch.nn.Module, prompt: list[int], n: int, repeats: int) -> dict[str, float]:
+    """Per-token intervals of transformers' generate() (greedy, KV cache); prompt and first token left out."""
+    ids = torch.tensor([prompt])
+    intervals: list[float] = []
+    for r in range(repeats + 1):
+        st = _Stamps()
+        with torch.inference_mode():
+            out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, streamer=st)
+        assert out.shape[1] == len(prompt) + n
+        if r:  # st.t[0] is the prompt, st.t[1] the first new token (after prefill)
+            intervals += [b - a for a, b in zip(st.t[1:], st.t[2:])]
+    return _rates(intervals)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--ratio", choices=["median", "best"], default="median",
+                    help="which per-token rate the ratios and bound fractions use")
+    ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    cfg = get_preset("gpt2-124m")
+    model = build_model(cfg)
+    model.init_weights(0)
+    model.eval()
+    hf_cfg = transformers.GPT2Config(**{k: v for k, v in config_to_hf(cfg, 50256, 50256).items()
+                                        if k not in ("architectures", "model_type", "dtype")})
+    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    missing, unexpected = hf.load_state_dict(state_to_hf(model.state_dict(), cfg), strict=False)
+    assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
+    hf.tie_weights()
+    prompt = list(range(100, 116))
+    with torch.inference_mode():
+        idx = torch.tensor([prompt])
+        diff = (model(idx) - hf(idx).logits).abs().max().item()  # same weights: same logits
+    bw = bandwidth_gbs()
+    results: dict = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
+                     "torch": torch.__version__, "transformers": transformers.__version__,
+                     "new_tokens": args.new_tokens, "repeats": args.repeats, "bandwidth_gbs": round(bw, 2),
+                     "same_logits_max_abs_diff": diff, "rows": []}
+    hf_rates = hf_decode(hf, prompt, args.new_tokens, args.repeats)
+    hf_tps = hf_rates[args.ratio]
+    bytes_fp32 = weight_bytes(model)
+    results["ratio_basis"] = args.ratio
+    results["rows"].append({"name": "transformers generate() fp32", "tokens_per_s": round(hf_tps, 2),
+                            "tokens_per_s_median": round(hf_rates["median"], 2),
+                            "tokens_per_s_best": round(hf_rates["best"], 2),
+                            "weight_bytes_per_token": bytes_fp32, "bound_tokens_per_s": round(bw * 1e9 / bytes_fp32, 2)})
+    variants = [("clusterlm fp32", None, False)]
+    if args.compile:
+        variants.append(("clusterlm fp32 compiled", None, True))
+    variants += [("clusterlm int8", "int8", False), ("clusterlm int4 (group 128)", "int4", False)]
+    for name, method, comp in variants:
+        m = model
+        if method is not None:
+            m = build_model(cfg)
+            m.load_state_dict(model.state_dict())
+            m.eval()
+            quantize_model(m, method, group_size=128)
+        rates = ours_decode(m, prompt, args.new_tokens, args.repeats, compile_=comp)
+        tps = rates[args.ratio]
+        nbytes = weight_bytes(m)
+        bound = bw * 1e9 / nbytes
+        results["rows"].append({"name": name, "tokens_per_s": round(tps, 2),
+                                "tokens_per_s_median": round(rates["median"], 2),
+                                "tokens_per_s_best": round(rates["best"], 2), "weight_bytes_per_token": nbytes,
+                                "bound_tokens_per_s": round(bound, 2), "fraction_of_bound": round(tps / bound, 3),
+                                "vs_generate_fp32": round(tps / hf_tps, 2)})
+        print(json.dumps(results["rows"][-1]))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
