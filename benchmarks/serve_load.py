@@ -1,7 +1,7 @@
 """Load test for `clusterlm serve`: N concurrent streaming clients for M seconds each.
 
-Starts a server in this process (uvicorn in a thread, 127.0.0.1, random port) on a checkpoint --
-or trains a tiny one if none is given -- then runs 1 and N clients, each sending streaming
+Starts `clusterlm serve` in a child process (127.0.0.1, random port) on a checkpoint -- or on a
+tiny one trained on the fly -- then runs 1 and N clients, each sending streaming
 completions back to back. Per run: errors, streams ending in [DONE], TTFT p50/p99, inter-token
 latency p50/p99, aggregate generated tokens/s. The batching speed-up is tokens/s at N clients over
 tokens/s at 1 client. Writes benchmarks/results/serve_load.json.
@@ -20,9 +20,9 @@ import json
 import platform
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -123,46 +123,52 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--threads", type=int, default=1, help="the server's --threads")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_load.json"))
     args = p.parse_args(argv)
 
     import torch
-    import uvicorn
 
     from clusterlm.checkpoint.model_io import load_for_inference
-    from clusterlm.serve.app import Settings, create_app
 
     tmp = tempfile.TemporaryDirectory()
     ckpt = Path(args.ckpt) if args.ckpt else _tiny_checkpoint(Path(tmp.name), args.preset)
-    settings = Settings(api_key=KEY, model_name="bench", max_batch=max(16, args.clients), max_queue=256,
-                        max_new_tokens_limit=max(64, args.max_tokens))
-    app = create_app(lambda: load_for_inference(ckpt), settings)
+    key_file = Path(tmp.name) / "key"
+    key_file.write_text(KEY + "\n")
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http="h11", log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    # the server runs as `clusterlm serve` in its own process, as deployed (no GIL shared with clients)
+    server = subprocess.Popen([sys.executable, "-m", "clusterlm", "serve", str(ckpt), "--port", str(port),
+                               "--api-key-file", str(key_file), "--model-name", "bench",
+                               "--max-batch", str(max(16, args.clients)), "--max-queue", "256",
+                               "--max-new-tokens-limit", str(max(64, args.max_tokens)),
+                               "--threads", str(args.threads)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    while True:
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    runs = [asyncio.run(_run(url, n, args.seconds, args.max_tokens)) for n in (1, args.clients)]
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        while True:
+            try:
+                if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None:
+                raise RuntimeError(f"clusterlm serve exited with {server.returncode}")
+            time.sleep(0.1)
+        runs = [asyncio.run(_run(url, n, args.seconds, args.max_tokens)) for n in (1, args.clients)]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
     loaded = load_for_inference(ckpt)
     result = {
         "model": {"arch": loaded.config.model.arch, "params": loaded.config.model.num_params(),
                   "max_seq_len": loaded.config.model.max_seq_len, "source": args.ckpt or f"tiny {args.preset}"},
-        "max_tokens": args.max_tokens, "seconds_per_run": args.seconds,
+        "max_tokens": args.max_tokens, "seconds_per_run": args.seconds, "server_threads": args.threads,
         "runs": runs,
         "speedup_tokens_per_s": round(runs[1]["tokens_per_s"] / max(runs[0]["tokens_per_s"], 1e-9), 2),
         "goal_speedup": 4.0,
         "machine": {"cpu_count": torch.get_num_threads(), "platform": platform.platform(),
                     "torch": torch.__version__, "python": sys.version.split()[0]},
-        "note": "client and server share this machine's cores; the machine may be shared with other jobs",
+        "note": "clients (this process) and the server (a child process) share this machine's cores; the machine may be shared with other jobs",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

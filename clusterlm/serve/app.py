@@ -259,21 +259,30 @@ def create_app(load: Callable[[], object], settings: Settings) -> FastAPI:
                         for i in range(n):
                             yield _sse({**base, "object": "chat.completion.chunk", "choices": [
                                 {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
-                    while done < n:
-                        ev = await handle.events.get()
-                        if isinstance(ev, Failed):
-                            yield _sse(error_body(ev.message, "server_error"))
-                            break
-                        if isinstance(ev, Delta):
-                            choice = ({"index": ev.index, "delta": {"content": ev.text}, "finish_reason": None}
-                                      if chat else {"index": ev.index, "text": ev.text, "logprobs": None,
-                                                    "finish_reason": None})
-                        else:
-                            done += 1
-                            total += ev.tokens
-                            choice = ({"index": ev.index, "delta": {}, "finish_reason": ev.reason} if chat else
-                                      {"index": ev.index, "text": "", "logprobs": None, "finish_reason": ev.reason})
-                        yield _sse({**base, "object": "chat.completion.chunk" if chat else obj, "choices": [choice]})
+                    failed = False
+                    while done < n and not failed:
+                        evs = [await handle.events.get()]
+                        while not handle.events.empty():  # what arrived meanwhile goes out in one write
+                            evs.append(handle.events.get_nowait())
+                        out = []
+                        for ev in evs:
+                            if isinstance(ev, Failed):
+                                out.append(_sse(error_body(ev.message, "server_error")))
+                                failed = True
+                                break
+                            if isinstance(ev, Delta):
+                                choice = ({"index": ev.index, "delta": {"content": ev.text}, "finish_reason": None}
+                                          if chat else {"index": ev.index, "text": ev.text, "logprobs": None,
+                                                        "finish_reason": None})
+                            else:
+                                done += 1
+                                total += ev.tokens
+                                choice = ({"index": ev.index, "delta": {}, "finish_reason": ev.reason} if chat else
+                                          {"index": ev.index, "text": "", "logprobs": None,
+                                           "finish_reason": ev.reason})
+                            out.append(_sse({**base, "object": "chat.completion.chunk" if chat else obj,
+                                             "choices": [choice]}))
+                        yield b"".join(out)
                     if include_usage:
                         yield _sse({**base, "object": "chat.completion.chunk" if chat else obj, "choices": [],
                                     "usage": usage(len(ids), total)})
@@ -351,11 +360,21 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--model-name", default=None, help="the id in /v1/models (default: the run folder's name)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads on CPU (0 = torch's default). 1 is fastest for small models: "
+                        "the decode step's matmuls are too small to split, and idle OpenMP workers spin "
+                        "against the event loop and scheduler threads")
     args = p.parse_args(argv)
     import uvicorn
 
     from clusterlm.checkpoint.model_io import load_for_inference
 
+    if args.threads < 0:
+        raise ValueError(f"--threads={args.threads} must be >= 0 (0 = torch's default)")
+    if args.threads and args.device == "cpu":
+        import torch
+
+        torch.set_num_threads(args.threads)
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port={args.port} must be in [1, 65535]")
     if args.api_key_file:

@@ -2,8 +2,8 @@
 
 Requests wait in a bounded queue (`QueueFull` when it holds `max_queue` requests beyond the free
 slots; the app answers 429 with Retry-After). At every token boundary the loop (1) drops cancelled sequences, freeing their slots,
-(2) admits waiting requests while slots are free (a request with n choices takes n slots and is
-prefilled as one batch of n rows), (3) runs ONE forward pass over every running sequence, each at
+(2) admits waiting requests while slots are free (a request with n choices takes n slots; admitted
+prompts of equal length are prefilled together as one batch), (3) runs ONE forward pass over every running sequence, each at
 its own position in its own slot, (4) samples per sequence (its own temperature, top_p and seeded
 generator), and streams text deltas to the request's asyncio queue. A sequence finishes with
 "stop" (EOS or a stop string; the stop string is not returned), "length" (max_tokens, or a
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from clusterlm.generate.cli import TextStream
-from clusterlm.generate.sampling import sample_next
+from clusterlm.generate.sampling import apply_top_p
 from clusterlm.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -227,39 +227,38 @@ class Scheduler:
         self._running = keep
 
     def _admit(self) -> None:
-        while True:
-            with self._cond:
-                if not self._waiting or self._waiting[0].n > self.cache.num_free:
-                    self.metrics.queue_depth.set(len(self._waiting))
-                    return
+        """Move waiting requests into free slots (first come, first served) and prefill them: one
+        forward pass per distinct prompt length, over every admitted row of that length."""
+        groups: dict[int, list[_Seq]] = {}
+        free = self.cache.num_free
+        with self._cond:
+            while self._waiting and self._waiting[0].n <= free:
                 req = self._waiting.popleft()
-                self.metrics.queue_depth.set(len(self._waiting))
-            if req.cancelled.is_set():
-                self.metrics.finished.labels("cancelled").inc(req.n)
-                continue
-            seqs = []
-            base = req.params.seed if req.params.seed is not None else secrets.randbits(62)
-            for i in range(req.n):
-                g = torch.Generator(device=self.device).manual_seed((base + i) % (2**63 - 1))
-                seqs.append(_Seq(req, i, self.cache.alloc(), g, TextStream(self.tokenizer)))
-            ids = torch.tensor([req.prompt_ids] * req.n, dtype=torch.long, device=self.device)  # (n, P)
-            logits = self.model(ids, self.cache.rows([s.slot for s in seqs]))[:, -1, : self.vocab_size]  # (n, V)
-            self.metrics.prompt_tokens.inc(len(req.prompt_ids))
+                if req.cancelled.is_set():
+                    self.metrics.finished.labels("cancelled").inc(req.n)
+                    continue
+                free -= req.n
+                base = req.params.seed if req.params.seed is not None else secrets.randbits(62)
+                for i in range(req.n):
+                    g = torch.Generator(device=self.device).manual_seed((base + i) % (2**63 - 1))
+                    groups.setdefault(len(req.prompt_ids), []).append(
+                        _Seq(req, i, self.cache.alloc(), g, TextStream(self.tokenizer)))
+                self.metrics.prompt_tokens.inc(len(req.prompt_ids))
+            self.metrics.queue_depth.set(len(self._waiting))
+        for seqs in groups.values():
+            ids = torch.tensor([s.req.prompt_ids for s in seqs], dtype=torch.long, device=self.device)  # (R, P)
+            logits = self.model(ids, self.cache.rows([s.slot for s in seqs]))[:, -1, : self.vocab_size]  # (R, V)
             self._running.extend(seqs)
             self._sample_and_emit(seqs, logits)
 
     def _sample_and_emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         """Sample one token per row of logits (B, V) for seqs[b]; emit text; retire finished ones."""
-        greedy = torch.argmax(logits, dim=-1).tolist()
+        tokens = _sample_rows(logits, [s.req.params for s in seqs], [s.gen for s in seqs])
         now = time.perf_counter()
         done: set[int] = set()
+        self._outbox: list[tuple[Request, Delta | Finished]] = []
         for b, s in enumerate(seqs):
-            p = s.req.params
-            if p.temperature == 0:
-                tok = greedy[b]
-            else:
-                tok = int(sample_next(logits[b:b + 1], temperature=p.temperature, top_k=None,
-                                      top_p=p.top_p if p.top_p < 1 else None, generator=s.gen)[0])
+            tok = tokens[b]
             if s.n_tokens == 0:
                 self.metrics.ttft.observe(now - s.req.submitted)
             else:
@@ -271,6 +270,15 @@ class Scheduler:
                 done.add(id(s))
         if done:
             self._running = [s for s in self._running if id(s) not in done]
+        # one wake-up of each request's event loop per step, not one per token
+        by_loop: dict[int, tuple[asyncio.AbstractEventLoop, list]] = {}
+        for req, ev in self._outbox:
+            by_loop.setdefault(id(req._loop), (req._loop, []))[1].append((req.events, ev))
+        for loop, items in by_loop.values():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop is closed: nobody is listening
+                pass
 
     def _advance(self, s: _Seq, tok: int) -> str | None:
         """Take token `tok` for sequence s; returns a finish reason or None to keep going."""
@@ -308,7 +316,7 @@ class Scheduler:
     def _send(self, s: _Seq, text: str) -> None:
         if text:
             s.all_text += text
-            s.req.emit(Delta(s.index, text, s.n_tokens))
+            self._outbox.append((s.req, Delta(s.index, text, s.n_tokens)))
 
     def _finish(self, s: _Seq, reason: str) -> None:
         if reason == "stop_string":
@@ -318,4 +326,29 @@ class Scheduler:
         s.buf = ""
         self.cache.free(s.slot)
         self.metrics.finished.labels(reason).inc()
-        s.req.emit(Finished(s.index, reason, s.n_tokens))
+        self._outbox.append((s.req, Finished(s.index, reason, s.n_tokens)))
+
+
+def _deliver(items: list[tuple[asyncio.Queue, Delta | Finished]]) -> None:
+    for queue, ev in items:
+        queue.put_nowait(ev)
+
+
+def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator]) -> list[int]:
+    """One token per row of logits (B, V), each row with its own temperature, top_p and generator.
+    Greedy rows take the argmax; the others are drawn in one batch by inverse CDF, with a uniform
+    from each row's own generator (so a seeded row reproduces whatever else is in the batch)."""
+    out = torch.argmax(logits, dim=-1)  # (B,)
+    rows = [b for b, p in enumerate(params) if p.temperature > 0]
+    if rows:
+        idx = torch.tensor(rows, device=logits.device)
+        temps = torch.tensor([params[b].temperature for b in rows], device=logits.device)
+        x = logits[idx].float() / temps[:, None]  # (R, V)
+        for top_p in {params[b].top_p for b in rows} - {1.0}:  # nucleus filtering, per distinct top_p
+            sel = torch.tensor([i for i, b in enumerate(rows) if params[b].top_p == top_p], device=logits.device)
+            x[sel] = apply_top_p(x[sel], top_p)
+        cdf = torch.softmax(x, dim=-1).cumsum(-1)  # (R, V)
+        u = torch.stack([torch.rand((), generator=gens[b], device=logits.device) for b in rows])  # (R,)
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)  # (R,)
+        out[idx] = pick.clamp_(max=logits.shape[-1] - 1)
+    return out.tolist()
