@@ -552,3 +552,43 @@ def test_chat_page_streams_a_reply(server, tmp_path):
     grew = sorted({len(s) for s in seen if s.startswith("Assistant: ")})
     assert len(grew) >= 3, seen  # several streamed updates, not one final write
     assert server.metrics()[chat_ok] == before + 1
+
+
+# ---- scheduler pieces (pure) -------------------------------------------------------------------------
+def test_sample_rows_seeded_and_distributed():
+    """_sample_rows: a seeded row draws the same tokens whatever rows share its batch; greedy rows
+    take the argmax; over 4000 draws the frequencies match softmax(logits / T) within 0.03; top_p
+    keeps only the nucleus (the smallest set with mass >= p)."""
+    import torch
+
+    from clusterlm.serve.scheduler import SamplingParams, _sample_rows
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    p = SamplingParams(max_tokens=1, temperature=0.7)
+
+    def draws(batch_rows: int, seed: int) -> list[int]:
+        g = [torch.Generator().manual_seed(seed)] + [torch.Generator().manual_seed(99 + i) for i in range(batch_rows - 1)]
+        out = []
+        for _ in range(50):
+            x = torch.cat([logits, torch.randn(batch_rows - 1, 4)])
+            out.append(_sample_rows(x, [p] * batch_rows, g)[0])
+        return out
+
+    assert draws(1, 3) == draws(5, 3)
+    assert _sample_rows(torch.tensor([[0.0, 3.0, 1.0]]), [SamplingParams(max_tokens=1, temperature=0)], [None]) == [1]
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.tensor([_sample_rows(logits, [p], [g])[0] for _ in range(4000)]), minlength=4)
+    torch.testing.assert_close(counts / 4000, torch.softmax(logits[0] / 0.7, -1), atol=0.03, rtol=0)
+    nucleus = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.7)  # probs .64 .24 .09 .03 -> {0, 1}
+    seen = {_sample_rows(logits, [nucleus], [g])[0] for _ in range(300)}
+    assert seen == {0, 1}
+
+
+def test_holdback_of_stop_prefixes():
+    """_holdback returns the longest suffix of the text that is a proper prefix of a stop string."""
+    from clusterlm.serve.scheduler import _holdback
+
+    assert _holdback("hello wor", ("world",)) == 3
+    assert _holdback("hello", ("world",)) == 0
+    assert _holdback("abc\nUs", ("\nUser:", "cx")) == 3
+    assert _holdback("x", ("x",)) == 0  # a whole stop string is found by the search, not held back
