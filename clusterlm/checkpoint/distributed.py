@@ -1,6 +1,7 @@
 """Distributed checkpoints with torch.distributed.checkpoint (DCP): saved on N ranks, loaded on M.
 
     path = save_distributed(ckpt_root, step, model, optimizer, train_state=..., config_toml=...)
+    pending = save_distributed(..., async_save=True); ...train...; path = finish_save(pending)
     train_state = load_distributed(path, model, optimizer)   # any layout, any world size (even 1)
 
 Layout of a step folder (same root, `latest` pointer, keep-K and manifest as the single-process
@@ -27,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,10 +77,38 @@ def is_distributed_checkpoint(path: Path) -> bool:
     return (Path(path) / DCP_DIR).is_dir()
 
 
+@dataclass
+class PendingSave:
+    """An asynchronous save whose shards are still being written; `finish_save` commits it."""
+
+    future: Any
+    tmp: Path
+    root: Path
+    step: int
+    keep_last: int
+
+
+_CKPT_GROUP: list[Any] = []  # a gloo group of all ranks for background checkpoint collectives
+
+
+def _checkpoint_group():
+    # async saves run DCP's collectives in a background thread: on their own group, so they never
+    # interleave with the training loop's collectives on the default group (torch's recommendation)
+    if not _CKPT_GROUP:
+        _CKPT_GROUP.append(dist.new_group(backend="gloo") if dist.is_initialized() else None)
+    return _CKPT_GROUP[0]
+
+
 def save_distributed(ckpt_root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
                      train_state: dict[str, Any], config_toml: str, tokenizer_path: Path | None = None,
-                     keep_last: int = 3, full_weights: bool = True) -> Path:
-    """Collective: every rank calls it with its shard of the model/optimizer; returns the step folder."""
+                     keep_last: int = 3, full_weights: bool = True, async_save: bool = False) -> Path | PendingSave:
+    """Collective: every rank calls it with its shard of the model/optimizer; returns the step folder.
+
+    async_save=True: the state is copied to CPU memory, written by a background thread, and a
+    PendingSave is returned; every rank must later call `finish_save(pending)` (before the next save
+    and before exiting), which waits for the writes and commits the folder. Until then no step folder
+    is visible, so a crash in between loses only this checkpoint.
+    """
     root, name = Path(ckpt_root), step_name(step)
     tmp = root / f".{name}.partial-dist"
     if _rank() == 0:
@@ -92,7 +122,11 @@ def save_distributed(ckpt_root: Path, step: int, model: nn.Module, optimizer: to
         state = {"model": get_model_state_dict(model)}
         if optimizer is not None:
             state["optim"] = get_optimizer_state_dict(model, optimizer)
-        dcp.save(state, checkpoint_id=str(tmp / DCP_DIR))
+        if async_save:
+            future = dcp.async_save(state, checkpoint_id=str(tmp / DCP_DIR), process_group=_checkpoint_group())
+        else:
+            future = None
+            dcp.save(state, checkpoint_id=str(tmp / DCP_DIR))
         full = None
         if full_weights:  # collective too: every rank takes part in the gather
             full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -114,11 +148,29 @@ def save_distributed(ckpt_root: Path, step: int, model: nn.Module, optimizer: to
             atomic_write_text(tmp / "config.toml", config_toml)
             if tokenizer_path is not None:
                 shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+    except BaseException:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    pending = PendingSave(future, tmp, root, step, keep_last)
+    if async_save:
+        return pending
+    return finish_save(pending)
+
+
+def finish_save(pending: PendingSave) -> Path:
+    """Collective: wait for this rank's shard writes, then rank 0 hashes and commits the folder."""
+    tmp, root, name = pending.tmp, pending.root, step_name(pending.step)
+    try:
+        if pending.future is not None:
+            pending.future.result()
+        _barrier()
+        if _rank() == 0:
             fsync_dir(tmp / DCP_DIR)
-            write_manifest(tmp, step)
+            write_manifest(tmp, pending.step)
             commit_folder(tmp, root / name)
             move_latest(root, name)
-            prune(root, keep_last, root / name)
+            prune(root, pending.keep_last, root / name)
             log.info("saved distributed checkpoint %s", root / name)
     except BaseException:
         if _rank() == 0:

@@ -290,17 +290,32 @@ def train(cfg: RunConfig) -> TrainResult:
         batches = iter_eval_batches(data_dir, "val", tc.micro_batch_size, tc.seq_len, max_batches=tc.eval_batches)
         return float(evaluate_loss(model, batches, device=device, autocast_dtype=amp_dtype)["loss"])
 
+    pending: list = []  # at most one asynchronous distributed save not yet committed
+
     def save(reason: str) -> Path:
         train_state = {"run": dataclasses.asdict(state), "loader": loader.state_dict(), "reason": reason,
                        "tokens_per_step": tokens_per_step}
         if distributed:
-            from clusterlm.checkpoint.distributed import save_distributed
+            from clusterlm.checkpoint.distributed import PendingSave, finish_save, save_distributed
 
-            path = save_distributed(ckpt_root, state.step, model, opt, train_state=train_state,
-                                    config_toml=to_toml(cfg), tokenizer_path=tokenizer_file,
-                                    keep_last=cfg.checkpoint.keep_last, full_weights=dims.pp == 1)
+            if pending:  # the previous asynchronous save commits before the next one starts
+                finish_save(pending.pop())
+            # periodic saves may write in the background (checkpoint.async_save); every loop exit ends
+            # in a synchronous save, which commits a pending one first
+            async_ok = reason == "periodic" and getattr(cfg.checkpoint, "async_save", False)
+            result = save_distributed(ckpt_root, state.step, model, opt, train_state=train_state,
+                                      config_toml=to_toml(cfg), tokenizer_path=tokenizer_file,
+                                      keep_last=cfg.checkpoint.keep_last, full_weights=dims.pp == 1,
+                                      async_save=async_ok)
+            if isinstance(result, PendingSave):
+                pending.append(result)
+                from clusterlm.checkpoint.store import step_name
+
+                path = result.root / step_name(result.step)  # visible once committed
+            else:
+                path = result
             metrics.log({"kind": "event", "step": state.step, "event": "checkpoint", "path": str(path),
-                         "reason": reason})
+                         "reason": reason, "async": async_ok})
             return path
         path = save_checkpoint(ckpt_root, state.step, model_state=model.state_dict(), optimizer_state=opt.state_dict(),
                                train_state=train_state, rng=capture_rng_state(), config_toml=to_toml(cfg),

@@ -137,7 +137,13 @@ def _two_ranks(rank: int, world: int, ckpt_root: str) -> dict:
     opt = build_optimizer(pm.module, oc, fused=pm.fused_optimizer_ok and None)
     out["tp_state"] = load_distributed(path, pm.module, opt)
     out["tp_logits"] = logits_of(pm)
+    # an asynchronous save of the loaded TP model, committed after more work on the default group
+    from clusterlm.checkpoint.distributed import finish_save
+
+    pending = save_distributed(Path(ckpt_root) / "async", 1, pm.module, opt, train_state={"step": 1},
+                               config_toml="", async_save=True)
     out["tp_next_loss"] = next_loss(pm, opt)
+    finish_save(pending)
     return out
 
 
@@ -189,7 +195,8 @@ def test_ddp_20_steps_match_grad_accumulation(two):
 
 def test_fsdp_checkpoint_loads_on_tp_and_one_process(two):
     """A DCP checkpoint saved under FSDP x2 gives identical logits loaded under TP x2 and on one process
-    (no process group), and the resharded optimizer state gives the same next step as FSDP's own."""
+    (no process group), and the resharded optimizer state gives the same next step as FSDP's own; an
+    asynchronous save under TP x2, committed after further steps, holds the weights of its step."""
     from clusterlm.checkpoint.distributed import load_distributed
     from clusterlm.train.optim import build_optimizer
 
@@ -211,3 +218,12 @@ def test_fsdp_checkpoint_loads_on_tp_and_one_process(two):
     for k, v in pm.module.state_dict().items():
         torch.testing.assert_close(full[k], v, rtol=0, atol=0)
     assert next_loss(pm, opt) == pytest.approx(r0["fsdp_next_loss"], abs=TOL)
+
+    # the async save (TP x2, taken before next_loss's updates) verifies and holds the same model
+    from clusterlm.checkpoint.distributed import find_latest_valid_any
+
+    path = find_latest_valid_any(root / "async")
+    assert path is not None and path.name == "step-00000001"
+    pm = build(ParallelConfig(), seed=8)
+    load_distributed(path, pm.module, None)
+    torch.testing.assert_close(torch.tensor(logits_of(pm)), torch.tensor(r0["fsdp_logits"]), rtol=0, atol=1e-5)
