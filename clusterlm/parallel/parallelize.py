@@ -190,15 +190,20 @@ def validate_layout(pc: ParallelConfig, mcfg: ModelConfig, world_size: int, glob
 
 def build_parallel_model(mcfg: ModelConfig, pc: ParallelConfig, mesh: DeviceMesh | None, device: torch.device, *,
                          seed: int, micro_batch: int, param_dtype: torch.dtype | None = None,
-                         compile: bool = False, pp_schedule: str = "1f1b") -> ParallelModel:
-    """Build the model on meta, lay it out (pp split, TP, AC, compile, FSDP/DDP), materialise, init."""
+                         compile: bool = False, pp_schedule: str = "1f1b", wrap: str = "auto") -> ParallelModel:
+    """Build the model on meta, lay it out (pp split, TP, AC, compile, FSDP/DDP), materialise, init.
+
+    wrap: "auto" picks DDP for pure replication, FSDP2 when parameters are sharded, nothing on one
+    process; "ddp" or "fsdp" force that wrapper (e.g. to measure its overhead on one GPU)."""
+    if wrap not in ("auto", "ddp", "fsdp"):
+        raise ValueError(f"wrap={wrap!r}; expected auto, ddp or fsdp")
     from clusterlm.models.build import build_model
 
     with torch.device("meta"):
         model = build_model(mcfg)
     coords = Coords.of(mesh, dims_of(pc))
     dims = coords.dims
-    if mesh is None or dims.world_size == 1:
+    if mesh is None or (dims.world_size == 1 and wrap == "auto"):
         apply_ac(model, pc.activation_checkpointing)
         model.to_empty(device=device)
         model.init_weights(seed)
@@ -217,7 +222,8 @@ def build_parallel_model(mcfg: ModelConfig, pc: ParallelConfig, mesh: DeviceMesh
     if compile:
         for key, block in list(model.layers.items()):
             model.layers[key] = torch.compile(block)
-    if dims.dp_replicate > 1 and dims.dp_shard == 1 and dims.tp == 1 and dims.pp == 1:
+    pure_replication = dims.dp_replicate > 1 and dims.dp_shard == 1 and dims.tp == 1 and dims.pp == 1
+    if wrap == "ddp" or (wrap == "auto" and pure_replication):
         model.to_empty(device=device)
         model.init_weights(seed)  # replicated: every rank holds the full model
         from clusterlm.parallel.ddp import apply_ddp
@@ -226,7 +232,7 @@ def build_parallel_model(mcfg: ModelConfig, pc: ParallelConfig, mesh: DeviceMesh
         kind = "ddp"
     else:
         kind = "none"
-        if dims.dp > 1:
+        if dims.dp > 1 or wrap == "fsdp":
             from clusterlm.parallel.fsdp import apply_fsdp
 
             dp_mesh = mesh[("dp_replicate", "dp_shard")] if dims.dp_replicate > 1 else mesh["dp_shard"]
