@@ -170,11 +170,11 @@ def train(cfg: RunConfig) -> TrainResult:
         # layout arithmetic first: a wrong world size fails before a process group or model exists
         _ = validate_layout(cfg.parallel, cfg.model, denv.world_size, tc.global_batch_tokens,
                                 tc.micro_batch_size, tc.seq_len) if cfg.model.vocab_size else None
-        device = init_distributed(denv, device_type=tc.device)
         if denv.rank != 0:
             from clusterlm.log import setup_logging
 
-            setup_logging(denv.rank)
+            setup_logging(denv.rank)  # warnings and errors only, prefixed [rank N]
+        device = init_distributed(denv, device_type=tc.device)
     else:
         device = resolve_device(tc.device)
     amp_dtype = autocast_dtype(tc, device)

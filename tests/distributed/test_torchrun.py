@@ -1,6 +1,7 @@
-"""`clusterlm launch` under torchrun, as a user runs it: a rank killed mid-run, restart, resume.
+"""Multi-process training as a user starts it: `clusterlm launch` under torchrun (a rank killed
+mid-run, restart, resume) and `clusterlm train` started the way srun starts tasks.
 
-Slow-ish (two torchrun jobs of 2 ranks, ~30 s on 2 cores): marked slow.
+Slow-ish (~50 s on 2 cores): marked slow.
 """
 
 from __future__ import annotations
@@ -89,3 +90,35 @@ def test_killed_rank_restarts_and_resumes_identically(tmp_path):
     assert "resumed from" in log and "step-000000" in log
     assert _losses(run) == _losses(tmp_path / "ref")
     assert sorted(_losses(run)) == list(range(1, 41))
+
+
+def test_srun_without_torchrun(tmp_path, monkeypatch):
+    """`clusterlm train` started as srun starts tasks (SLURM_PROCID/NTASKS/LOCALID/NODELIST, no torchrun
+    variables) forms the group itself, with the node list's first host as master, and trains FSDP x2 with
+    one process's losses (1e-5)."""
+    from clusterlm.config import load_run_config
+    from clusterlm.data.prepare import prepare
+    from clusterlm.train.loop import train
+
+    (tmp_path / "t.txt").write_text("".join(f"Thou art more lovely and more temperate {i}\n" * 20 for i in range(20)))
+    prepare([str(tmp_path / "t.txt")], tmp_path / "data", tokenizer="char", val_fraction=0.1)
+    common = [f"--data.dir={tmp_path / 'data'}", "--model.preset=llama-nano", "--model.max_seq_len=32",
+              "--train.seq_len=32", "--train.global_batch_tokens=256", "--train.max_steps=5", "--train.device=cpu",
+              "--train.threads=1", "--train.eval_interval=0", "--train.log_interval=1", "--train.tensorboard=false"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER"))}
+    env.update(SLURM_NTASKS="2", SLURM_NODELIST="localhost", MASTER_PORT=str(_free_port()))
+    procs = [subprocess.Popen([sys.executable, "-m", "clusterlm", "train", *common, "--train.micro_batch_size=4",
+                               "--parallel.dp_shard=2", f"--train.out_dir={tmp_path / 'srun'}"],
+                              env=env | {"SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"rank{r}.log", "w"))
+             for r in range(2)]
+    assert [p.wait(timeout=240) for p in procs] == [0, 0], (tmp_path / "rank0.log").read_text()[-3000:]
+    assert "rank 0 of 2 (slurm, master localhost:" in (tmp_path / "rank0.log").read_text()
+    for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(k, raising=False)
+    assert train(load_run_config(None, [*common, "--train.micro_batch_size=8",
+                                        f"--train.out_dir={tmp_path / 'one'}"])).exit_code == 0
+    got, ref = _losses(tmp_path / "srun"), _losses(tmp_path / "one")
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    for s in ref:
+        assert got[s] == pytest.approx(ref[s], abs=1e-5), s
