@@ -44,7 +44,8 @@ def _tiny_checkpoint(root: Path, preset: str) -> Path:
 
     corpus = root / "corpus"
     corpus.mkdir()
-    (corpus / "a.txt").write_text("\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(2000)))
+    lines = (f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(2000))
+    (corpus / "a.txt").write_text("\n".join(lines))
     data, run = root / "data", root / "run"
     assert cli(["prepare", str(corpus), "--out", str(data), "--tokenizer", "byte"]) == 0
     assert cli(["train", f"--data.dir={json.dumps(str(data))}", f"--train.out_dir={json.dumps(str(run))}",
@@ -170,16 +171,19 @@ def main(argv: list[str] | None = None) -> int:
         "max_tokens": args.max_tokens, "seconds_per_run": args.seconds, "server_threads": args.threads,
         "runs": runs,
         "tokens_per_s_1_client_median": (one := statistics.median(r["tokens_per_s"] for r in runs[0::2])),
-        f"tokens_per_s_{args.clients}_clients_median": (many := statistics.median(r["tokens_per_s"] for r in runs[1::2])),
+        f"tokens_per_s_{args.clients}_clients_median":
+            (many := statistics.median(r["tokens_per_s"] for r in runs[1::2])),
         "speedup_tokens_per_s": round(many / max(one, 1e-9), 2),
         "speedup_per_repeat": [round(b["tokens_per_s"] / max(a["tokens_per_s"], 1e-9), 2)
                                for a, b in zip(runs[0::2], runs[1::2])],
         "errors_total": sum(r["errors"] for r in runs),
         "streams_without_done": sum(r["streams"] - r["streams_with_done"] for r in runs),
         "goal_speedup": 4.0,
-        "machine": {"cpu_count": os.cpu_count(), "load_average_1m_at_end": round(os.getloadavg()[0], 2), "platform": platform.platform(),
+        "machine": {"cpu_count": os.cpu_count(), "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+                    "platform": platform.platform(),
                     "torch": torch.__version__, "python": sys.version.split()[0]},
-        "note": "clients (this process) and the server (a child process) share this machine's cores; the machine may be shared with other jobs",
+        "note": "clients (this process) and the server (a child process) share this machine's cores; "
+                "the machine may be shared with other jobs",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -44,7 +44,8 @@ class Settings:
     def __init__(self, *, api_key: str, model_name: str, max_batch: int = 16, max_queue: int = 64,
                  max_new_tokens_limit: int = 512, max_body_bytes: int = 1 << 20, device: str = "cpu") -> None:
         for name, val, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
-                              ("max_new_tokens_limit", max_new_tokens_limit, 1), ("max_body_bytes", max_body_bytes, 1024)):
+                              ("max_new_tokens_limit", max_new_tokens_limit, 1),
+                              ("max_body_bytes", max_body_bytes, 1024)):
             if val < lo:
                 raise ValueError(f"{name}={val} must be >= {lo}")
         if not api_key:

@@ -1,13 +1,16 @@
 """Continuous batching: one background thread runs the decode loop over a slot cache.
 
 Requests wait in a bounded queue (`QueueFull` when it holds `max_queue` requests beyond the free
-slots; the app answers 429 with Retry-After). At every token boundary the loop (1) drops cancelled sequences, freeing their slots,
-(2) admits waiting requests while slots are free (a request with n choices takes n slots; admitted
-prompts of equal length are prefilled together as one batch), (3) runs ONE forward pass over every running sequence, each at
-its own position in its own slot, (4) samples per sequence (its own temperature, top_p and seeded
-generator), and streams text deltas to the request's asyncio queue. A sequence finishes with
-"stop" (EOS or a stop string; the stop string is not returned), "length" (max_tokens, or a
-Transformer's context full), or is dropped when its client disconnects ("cancelled").
+slots; the app answers 429 with Retry-After). At every token boundary the loop
+(1) drops cancelled sequences, freeing their slots;
+(2) admits waiting requests while slots are free (a request with n choices takes n slots;
+    admitted prompts of equal length are prefilled together as one batch);
+(3) runs ONE forward pass over every running sequence, each at its own position in its own slot;
+(4) samples per sequence (its own temperature, top_p and seeded generator) and streams text
+    deltas to the request's asyncio queue.
+A sequence finishes with "stop" (EOS or a stop string; the stop string is not returned),
+"length" (max_tokens, or a Transformer's context full), or is dropped when its client
+disconnects ("cancelled").
 
     sched = Scheduler(model, tokenizer, max_batch=16, max_queue=64, metrics=Metrics())
     sched.start(); sched.warmup()

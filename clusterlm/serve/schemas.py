@@ -113,7 +113,8 @@ def _range_of(model: type[BaseModel], field: str) -> str | None:
     lo = hi = None
     lo_open = hi_open = False
     for m in info.metadata:
-        for attr, is_lo, is_open in (("ge", True, False), ("gt", True, True), ("le", False, False), ("lt", False, True)):
+        for attr, is_lo, is_open in (("ge", True, False), ("gt", True, True),
+                                     ("le", False, False), ("lt", False, True)):
             val = getattr(m, attr, None)
             if val is not None:
                 if is_lo:
@@ -122,7 +123,9 @@ def _range_of(model: type[BaseModel], field: str) -> str | None:
                     hi, hi_open = val, is_open
     if lo is None and hi is None:
         return None
-    return f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}{')' if hi_open else ']'}"
+    lo_s = "-inf" if lo is None else lo
+    hi_s = "inf" if hi is None else hi
+    return f"{'(' if lo_open else '['}{lo_s}, {hi_s}{')' if hi_open else ']'}"
 
 
 def validation_message(model: type[BaseModel], err: ValidationError) -> tuple[str, str | None]:

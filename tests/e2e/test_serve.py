@@ -442,7 +442,8 @@ def test_ready_waits_for_load_and_cli_binds_loopback(llama_run, tmp_path):
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", headers={"Authorization": "Bearer cli-key-abcdef"},
                        json={"model": "m", "prompt": "Line", "max_tokens": 3, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
-        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+        bad = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer nope"})
+        assert bad.status_code == 401
     finally:
         proc.terminate()
         proc.wait(timeout=20)
@@ -529,7 +530,8 @@ def test_chat_page_streams_a_reply(server, tmp_path):
             assert time.time() < deadline, "page did not load"
             time.sleep(0.1)
         models = dt.eval(f"(async () => {{ document.getElementById('key').value = {json.dumps(KEY)}; "
-                         "await loadModels(); return [...document.getElementById('model').options].map(o => o.value); })()")
+                         "await loadModels(); "
+                         "return [...document.getElementById('model').options].map(o => o.value); })()")
         assert models == ["tiny"]
         dt.eval("""window.__seen = [];
             new MutationObserver(() => { const r = document.getElementById('reply-1');
@@ -567,7 +569,8 @@ def test_sample_rows_seeded_and_distributed():
     p = SamplingParams(max_tokens=1, temperature=0.7)
 
     def draws(batch_rows: int, seed: int) -> list[int]:
-        g = [torch.Generator().manual_seed(seed)] + [torch.Generator().manual_seed(99 + i) for i in range(batch_rows - 1)]
+        g = [torch.Generator().manual_seed(seed)]
+        g += [torch.Generator().manual_seed(99 + i) for i in range(batch_rows - 1)]
         out = []
         for _ in range(50):
             x = torch.cat([logits, torch.randn(batch_rows - 1, 4)])
