@@ -295,14 +295,18 @@ def create_app(load: Callable[[], object], settings: Settings) -> FastAPI:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
         texts, reasons, total = [""] * n, [None] * n, 0
+        loop = asyncio.get_running_loop()
         try:
-            done = 0
+            done, checked = 0, loop.time()
             while done < n:
-                try:
-                    ev = await asyncio.wait_for(handle.events.get(), timeout=0.25)
-                except asyncio.TimeoutError:
+                # events keep coming while it runs, so poll for a disconnect by the clock, not on idle
+                if loop.time() - checked > 0.1:
+                    checked = loop.time()
                     if await request.is_disconnected():
-                        return Response(status_code=499)
+                        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+                try:
+                    ev = await asyncio.wait_for(handle.events.get(), timeout=0.1)
+                except asyncio.TimeoutError:
                     continue
                 if isinstance(ev, Failed):
                     return _err(500, ev.message, type_="server_error")

@@ -279,7 +279,8 @@ def test_disconnects_free_slots(lstm_server):
     """20 concurrent streams of up to 4000 tokens closed after 5 tokens each: the running-sequences
     gauge is 0 within 1 s, exactly 20 sequences are counted as cancelled (none finished on its
     own), the 20 requests are counted as 200s, and the generated-token counter covers what the
-    clients saw (tokens sampled after a client left but before the server noticed count too)."""
+    clients saw (tokens sampled after a client left but before the server noticed count too).
+    Then one non-streaming client that times out: its sequence is cancelled within 1 s as well."""
     server = lstm_server
     before = server.metrics()
     seen = 0
@@ -328,6 +329,17 @@ def test_disconnects_free_slots(lstm_server):
     assert after[ok] - before.get(ok, 0) == 20
     gen = after["clusterlm_generated_tokens_total"] - before["clusterlm_generated_tokens_total"]
     assert seen <= gen < 20 * 4000
+
+    # a non-streaming client that gives up (read timeout) is noticed by polling: its slot is freed too
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", json={**body, "stream": False},
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3)
+    t_closed = time.time()
+    while time.time() - t_closed < 1.0 and server.metrics()["clusterlm_running_sequences"] != 0:
+        time.sleep(0.02)
+    final = server.metrics()
+    assert final["clusterlm_running_sequences"] == 0
+    assert final[key] - after[key] == 1
 
 
 def test_queue_full_answers_429(llama_run):
