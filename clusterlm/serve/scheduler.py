@@ -21,6 +21,7 @@ disconnects ("cancelled").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import threading
@@ -203,7 +204,8 @@ class Scheduler:
                 log.exception("scheduler step failed")
                 for s in self._running:
                     s.req.emit(Failed(f"internal error: {type(e).__name__}"))
-                    self.cache.free(s.slot)
+                    with contextlib.suppress(ValueError):  # a slot freed before the error
+                        self.cache.free(s.slot)
                 self._running = []
                 self.metrics.running.set(0)
 
@@ -244,14 +246,14 @@ class Scheduler:
                 base = req.params.seed if req.params.seed is not None else secrets.randbits(62)
                 for i in range(req.n):
                     g = torch.Generator(device=self.device).manual_seed((base + i) % (2**63 - 1))
-                    groups.setdefault(len(req.prompt_ids), []).append(
-                        _Seq(req, i, self.cache.alloc(), g, TextStream(self.tokenizer)))
+                    seq = _Seq(req, i, self.cache.alloc(), g, TextStream(self.tokenizer))
+                    groups.setdefault(len(req.prompt_ids), []).append(seq)
+                    self._running.append(seq)  # running from here on: an error below fails it, frees its slot
                 self.metrics.prompt_tokens.inc(len(req.prompt_ids))
             self.metrics.queue_depth.set(len(self._waiting))
         for seqs in groups.values():
             ids = torch.tensor([s.req.prompt_ids for s in seqs], dtype=torch.long, device=self.device)  # (R, P)
             logits = self.model(ids, self.cache.rows([s.slot for s in seqs]))[:, -1, : self.vocab_size]  # (R, V)
-            self._running.extend(seqs)
             self._sample_and_emit(seqs, logits)
 
     def _sample_and_emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:

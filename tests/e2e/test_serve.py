@@ -389,6 +389,29 @@ def test_lstm_checkpoint_serves(lstm_server):
     assert r.usage.completion_tokens == 2 * one.usage.completion_tokens
 
 
+def test_model_error_fails_requests_and_frees_slots(server, client):
+    """If the model raises inside the decode loop, the request gets a 500 server_error (not a hang),
+    the slots are freed (running gauge 0) and the next request succeeds."""
+    sched = server.app.app.state.state["sched"]
+    model = sched.model
+
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("boom")
+
+    sched.model = broken
+    try:
+        r = httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": "tiny", "prompt": "Line", "max_tokens": 8}, timeout=30)
+    finally:
+        sched.model = model
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert "boom" not in r.text  # internals stay in the server log
+    assert server.metrics()["clusterlm_running_sequences"] == 0
+    assert sched.cache.num_free == sched.max_batch
+    ok = client.completions.create(model="tiny", prompt="Line", max_tokens=4, temperature=0)
+    assert ok.usage.completion_tokens >= 1
+
+
 def test_ready_waits_for_load_and_cli_binds_loopback(llama_run, tmp_path):
     """/health is 200 and /ready 503 (with Retry-After) while the model loads, /ready 200 after; and
     `clusterlm serve` run as a command binds 127.0.0.1 by default, reads the key file, and answers
