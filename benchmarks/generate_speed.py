@@ -6,7 +6,8 @@ generate() on the same weights in the same run, and against the memory-bandwidth
 
 Decode tokens/s: the interval between consecutive new tokens, timed per token (clusterlm: each step
 of the stream; generate(): a streamer's put() calls), prefill and first token left out, greedy, no
-eos, pooled over `repeats` runs after a warm-up run. Reported as 1/median interval (typical) and
+eos, pooled over `repeats` runs after a warm-up run; the variants are interleaved (each repeat runs every
+variant once) so they share the machine's load. Reported as 1/median interval (typical) and
 1/min interval (least disturbed: the machine is shared with other jobs, so the median can be far
 off on a busy machine); ratios use the median unless --ratio best.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -67,17 +69,12 @@ def _rates(intervals: list[float]) -> dict[str, float]:
     return {"median": 1.0 / xs[len(xs) // 2], "best": 1.0 / xs[0]}
 
 
-def ours_decode(model: torch.nn.Module, prompt: list[int], n: int, repeats: int, compile_: bool = False
-                ) -> dict[str, float]:
-    """Per-token intervals of clusterlm's engine (greedy); the first step (prefill) is left out."""
-    intervals: list[float] = []
-    for r in range(repeats + 1):  # run 0 warms up (and compiles)
-        stamps = []
-        for _ in generate(model, [prompt], max_new_tokens=n, temperature=0.0, compile=compile_):
-            stamps.append(time.perf_counter())
-        if r:
-            intervals += [b - a for a, b in zip(stamps, stamps[1:])]
-    return _rates(intervals)
+def ours_run(model: torch.nn.Module, prompt: list[int], n: int, compile_: bool = False) -> list[float]:
+    """Per-token intervals of one greedy clusterlm generation; the first step (prefill) is left out."""
+    stamps = []
+    for _ in generate(model, [prompt], max_new_tokens=n, temperature=0.0, compile=compile_):
+        stamps.append(time.perf_counter())
+    return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
 class _Stamps:
@@ -93,18 +90,14 @@ class _Stamps:
         pass
 
 
-def hf_decode(hf: torch.nn.Module, prompt: list[int], n: int, repeats: int) -> dict[str, float]:
-    """Per-token intervals of transformers' generate() (greedy, KV cache); prompt and first token left out."""
-    ids = torch.tensor([prompt])
-    intervals: list[float] = []
-    for r in range(repeats + 1):
-        st = _Stamps()
-        with torch.inference_mode():
-            out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, streamer=st)
-        assert out.shape[1] == len(prompt) + n
-        if r:  # st.t[0] is the prompt, st.t[1] the first new token (after prefill)
-            intervals += [b - a for a, b in zip(st.t[1:], st.t[2:])]
-    return _rates(intervals)
+def hf_run(hf: torch.nn.Module, prompt: list[int], n: int) -> list[float]:
+    """Per-token intervals of one greedy transformers generate(); prompt and first token left out."""
+    st = _Stamps()
+    with torch.inference_mode():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          pad_token_id=0, streamer=st)
+    assert out.shape[1] == len(prompt) + n
+    return [b - a for a, b in zip(st.t[1:], st.t[2:])]  # st.t[0] is the prompt, st.t[1] the first token
 
 
 def main() -> None:
@@ -139,14 +132,9 @@ def main() -> None:
                      "torch": torch.__version__, "transformers": transformers.__version__,
                      "new_tokens": args.new_tokens, "repeats": args.repeats, "bandwidth_gbs": round(bw, 2),
                      "same_logits_max_abs_diff": diff, "rows": []}
-    hf_rates = hf_decode(hf, prompt, args.new_tokens, args.repeats)
-    hf_tps = hf_rates[args.ratio]
     bytes_fp32 = weight_bytes(model)
     results["ratio_basis"] = args.ratio
-    results["rows"].append({"name": "transformers generate() fp32", "tokens_per_s": round(hf_tps, 2),
-                            "tokens_per_s_median": round(hf_rates["median"], 2),
-                            "tokens_per_s_best": round(hf_rates["best"], 2),
-                            "weight_bytes_per_token": bytes_fp32, "bound_tokens_per_s": round(bw * 1e9 / bytes_fp32, 2)})
+    runners = {"transformers generate() fp32": (lambda: hf_run(hf, prompt, args.new_tokens), bytes_fp32)}
     variants = [("clusterlm fp32", None, False)]
     if args.compile:
         variants.append(("clusterlm fp32 compiled", None, True))
@@ -158,16 +146,27 @@ def main() -> None:
             m.load_state_dict(model.state_dict())
             m.eval()
             quantize_model(m, method, group_size=128)
-        rates = ours_decode(m, prompt, args.new_tokens, args.repeats, compile_=comp)
-        tps = rates[args.ratio]
-        nbytes = weight_bytes(m)
+        runners[name] = ((lambda m=m, comp=comp: ours_run(m, prompt, args.new_tokens, comp)), weight_bytes(m))
+    # interleaved: each repeat runs every variant once, so all of them see the same machine load
+    intervals: dict[str, list[float]] = {name: [] for name in runners}
+    for r in range(args.repeats + 1):  # repeat 0 warms up (and compiles)
+        for name, (fn, _) in runners.items():
+            got = fn()
+            if r:
+                intervals[name] += got
+    hf_tps = _rates(intervals["transformers generate() fp32"])[args.ratio]
+    for name, (_, nbytes) in runners.items():
+        rates = _rates(intervals[name])
         bound = bw * 1e9 / nbytes
-        results["rows"].append({"name": name, "tokens_per_s": round(tps, 2),
-                                "tokens_per_s_median": round(rates["median"], 2),
-                                "tokens_per_s_best": round(rates["best"], 2), "weight_bytes_per_token": nbytes,
-                                "bound_tokens_per_s": round(bound, 2), "fraction_of_bound": round(tps / bound, 3),
-                                "vs_generate_fp32": round(tps / hf_tps, 2)})
-        print(json.dumps(results["rows"][-1]))
+        row = {"name": name, "tokens_per_s": round(rates[args.ratio], 2),
+               "tokens_per_s_median": round(rates["median"], 2), "tokens_per_s_best": round(rates["best"], 2),
+               "weight_bytes_per_token": nbytes, "bound_tokens_per_s": round(bound, 2),
+               "fraction_of_bound": round(rates[args.ratio] / bound, 3),
+               "vs_generate_fp32": round(rates[args.ratio] / hf_tps, 2)}
+        results["rows"].append(row)
+        print(json.dumps(row))
+    results["bandwidth_gbs_after"] = round(bandwidth_gbs(), 2)
+    results["load_average_1_5_15_min"] = [round(x, 2) for x in os.getloadavg()]  # > threads: shared machine
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
