@@ -142,9 +142,10 @@ async def _read_json(request: Request, model: type[BaseModel], limit: int) -> Ba
         raise _Reject(_err(422, msg, param=param)) from None
 
 
-def create_app(load: Callable[[], object], settings: Settings) -> FastAPI:
-    """The app; `load()` returns a clusterlm LoadedModel and runs in a thread at start-up, so
-    /health answers at once and /ready turns 200 after loading and warm-up."""
+def create_app(load: Callable[[], object], settings: Settings) -> _Guard:
+    """The ASGI app to hand to uvicorn: FastAPI (as `.app`) inside the guard middleware. `load()`
+    returns a clusterlm LoadedModel and runs in a thread at start-up, so /health answers at once
+    and /ready turns 200 after loading and warm-up."""
     from clusterlm.generate.cli import CHAT_STOP, render_chat
     from clusterlm.serve.scheduler import Delta, Failed, Finished, QueueFull, SamplingParams, Scheduler
 
@@ -343,7 +344,7 @@ def create_app(load: Callable[[], object], settings: Settings) -> FastAPI:
         inc = bool(req.stream_options and req.stream_options.include_usage)
         return await _run(request, ids, params, req.n, True, req.stream, inc)
 
-    return _Guard(app, settings, metrics)  # type: ignore[return-value]
+    return _Guard(app, settings, metrics)
 
 
 def _sse(obj: dict) -> bytes:
