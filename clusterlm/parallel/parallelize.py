@@ -82,13 +82,14 @@ class ParallelModel:
     """A model laid out over a DeviceMesh, with the few operations the training loop needs."""
 
     def __init__(self, module: nn.Module, wrapped: nn.Module, coords: Coords, mesh: DeviceMesh | None,
-                 kind: str, schedule=None) -> None:
+                 kind: str, schedule=None, micro_batch: int = 0) -> None:
         self.module = module  # parameters/state_dict live here (DDP's inner module when wrapped)
         self.wrapped = wrapped  # what forward is called on
         self.coords = coords
         self.mesh = mesh
         self.kind = kind  # "single", "ddp", "fsdp" or "none" (tp/pp without data-parallel wrapping)
         self.schedule = schedule
+        self.micro_batch = micro_batch  # rows per rank micro-batch (the pipeline's fixed shape)
 
     # ---- one micro-batch -----------------------------------------------------------------------
     def _sync_context(self, sync: bool):
@@ -124,6 +125,44 @@ class ParallelModel:
                 loss.backward()
                 loss = loss.detach()
         return loss if self.coords.owns_loss else torch.zeros_like(loss)
+
+    @torch.no_grad()
+    def pipeline_eval_loss(self, batches, device: torch.device, autocast=contextlib.nullcontext) -> float | None:
+        """Mean token loss over `batches` through the pipeline (pp > 1), known on every rank.
+
+        Every rank must pass the same batches; batches with fewer rows than the training micro-batch
+        are skipped (the stages' buffers have its shape). None if no batch was full."""
+        from clusterlm.eval.metrics import lm_loss
+
+        assert self.schedule is not None, "pipeline_eval_loss needs pp > 1"
+        n_mb = self.schedule._n_microbatches
+        train_loss_fn = self.schedule._loss_fn
+        self.schedule._loss_fn = lm_loss
+        self.module.eval()
+        total, n = torch.zeros((), dtype=torch.float64, device=device), 0
+        try:
+            for x, y in batches:
+                if x.shape[0] != self.micro_batch:
+                    continue
+                x, y = x.to(device), y.to(device)
+                losses: list[torch.Tensor] = []
+                with autocast():
+                    if self.coords.pp == 0:
+                        self.schedule.eval(x)
+                    elif self.coords.is_last_stage:
+                        self.schedule.eval(target=y, losses=losses)
+                    else:
+                        self.schedule.eval()
+                if losses:
+                    total += torch.stack(losses).double().sum() / n_mb
+                n += 1
+        finally:
+            self.module.train()
+            self.schedule._loss_fn = train_loss_fn
+        if n == 0:
+            return None
+        mean = total / n if self.coords.owns_loss else torch.zeros_like(total)
+        return float(self.mean_over_dp(mean))
 
     # ---- reductions across ranks ---------------------------------------------------------------
     def mean_over_dp(self, value: torch.Tensor) -> torch.Tensor:
@@ -249,4 +288,4 @@ def build_parallel_model(mcfg: ModelConfig, pc: ParallelConfig, mesh: DeviceMesh
         schedule = build_schedule(model, mesh["pp"], device, micro_batch, lm_loss, pp_schedule)
     log.info("layout %s: %s on this rank (pp stage %d, dp rank %d, tp rank %d)", dims.describe(), kind,
              coords.pp, coords.dp_rank, coords.tp)
-    return ParallelModel(model, wrapped, coords, mesh, kind, schedule)
+    return ParallelModel(model, wrapped, coords, mesh, kind, schedule, micro_batch)

@@ -284,10 +284,10 @@ def train(cfg: RunConfig) -> TrainResult:
     def evaluate() -> float | None:
         if not has_val:
             return None
-        if dims.pp > 1:
-            return None  # a stage alone cannot run the model; see docs/distributed.md
-        # every rank evaluates the same batches (collectives of FSDP/TP stay in step)
+        # every rank evaluates the same batches (collectives of FSDP/TP/PP stay in step)
         batches = iter_eval_batches(data_dir, "val", tc.micro_batch_size, tc.seq_len, max_batches=tc.eval_batches)
+        if dims.pp > 1:
+            return pm.pipeline_eval_loss(batches, device, autocast)  # full batches only
         return float(evaluate_loss(model, batches, device=device, autocast_dtype=amp_dtype)["loss"])
 
     pending: list = []  # at most one asynchronous distributed save not yet committed

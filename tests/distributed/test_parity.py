@@ -123,6 +123,7 @@ def _two_ranks(rank: int, world: int, ckpt_root: str) -> dict:
         ("fsdp_selective_ac", dict(dp_shard=2, activation_checkpointing="selective"), {}),
         ("tp_full_ac", dict(tp=2, activation_checkpointing="full"), {}),
         ("lstm_ddp", dict(dp_replicate=2), {"lstm": True})]}
+    out["pp_eval"] = build(ParallelConfig(pp=2)).pipeline_eval_loss([batch()], torch.device("cpu"))
     out["ddp_20"] = train_steps(ParallelConfig(dp_replicate=2), steps=20, accum=1)
 
     # checkpoint: saved under FSDP x2 after one step, loaded under TP x2 (and on one process by the test)
@@ -162,7 +163,7 @@ def two(tmp_path_factory):
 def test_one_step_matches_single_process(two):
     """One step's loss and gradient norm under DDP x2, FSDP x2, TP x2, PP x2 (1F1B and GPipe), with
     selective/full activation checkpointing, and an LSTM under DDP x2, equal one process on the whole
-    batch (fp32, 1e-5)."""
+    batch (fp32, 1e-5); the forward-only pipeline evaluation gives the same loss on both ranks."""
     ref = one_step(ParallelConfig())
     _, results = two
     lstm_ref = one_step(ParallelConfig(), lstm=True)
@@ -170,6 +171,7 @@ def test_one_step_matches_single_process(two):
         for name in ("ddp", "fsdp", "tp", "pp_1f1b", "pp_gpipe", "fsdp_selective_ac", "tp_full_ac"):
             assert r[name] == pytest.approx(ref, rel=TOL, abs=TOL), name
         assert r["lstm_ddp"] == pytest.approx(lstm_ref, rel=TOL, abs=TOL)
+        assert r["pp_eval"] == pytest.approx(ref[0], rel=TOL, abs=TOL)  # forward-only pipeline, every rank
     assert ref[0] == pytest.approx(4.1, abs=0.3)  # ~ln(64) = 4.16 at init: the model is really untrained
 
 
