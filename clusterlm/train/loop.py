@@ -146,20 +146,17 @@ def train(cfg: RunConfig) -> TrainResult:
     """Run (or resume) training as configured; returns how it ended. Never calls exit()."""
     from clusterlm.checkpoint.store import (
         capture_rng_state,
-        find_latest_valid,
         load_checkpoint,
         restore_rng_state,
         save_checkpoint,
     )
     from clusterlm.data.loader import TokenLoader, iter_eval_batches
     from clusterlm.data.shards import read_meta
-    from clusterlm.eval.metrics import evaluate_loss, lm_loss
-    from clusterlm.models.build import build_model
-    from clusterlm.train.metrics import MetricsLogger, Throughput, device_peak_flops, flops_per_token, memory_stats, mfu
-    from clusterlm.train.optim import build_optimizer, lr_at
-
+    from clusterlm.eval.metrics import evaluate_loss
     from clusterlm.parallel.launch import init_distributed, read_env
     from clusterlm.parallel.parallelize import validate_layout
+    from clusterlm.train.metrics import MetricsLogger, Throughput, device_peak_flops, flops_per_token, memory_stats, mfu
+    from clusterlm.train.optim import build_optimizer, lr_at
 
     tc, oc = cfg.train, cfg.optim
     denv = read_env()
@@ -168,8 +165,9 @@ def train(cfg: RunConfig) -> TrainResult:
     ckpt_root = out_dir / "checkpoints"
     if distributed:
         # layout arithmetic first: a wrong world size fails before a process group or model exists
-        _ = validate_layout(cfg.parallel, cfg.model, denv.world_size, tc.global_batch_tokens,
-                                tc.micro_batch_size, tc.seq_len) if cfg.model.vocab_size else None
+        if cfg.model.vocab_size:  # else it comes from the data; checked again below either way
+            validate_layout(cfg.parallel, cfg.model, denv.world_size, tc.global_batch_tokens,
+                            tc.micro_batch_size, tc.seq_len)
         if denv.rank != 0:
             from clusterlm.log import setup_logging
 
