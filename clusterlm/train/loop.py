@@ -153,6 +153,7 @@ def train(cfg: RunConfig) -> TrainResult:
     from clusterlm.data.loader import TokenLoader, iter_eval_batches
     from clusterlm.data.shards import read_meta
     from clusterlm.eval.metrics import evaluate_loss
+    from clusterlm.parallel.agree import agree_any, agree_on_checkpoint
     from clusterlm.parallel.launch import init_distributed, read_env
     from clusterlm.parallel.parallelize import validate_layout
     from clusterlm.train.metrics import MetricsLogger, Throughput, device_peak_flops, flops_per_token, memory_stats, mfu
@@ -209,7 +210,7 @@ def train(cfg: RunConfig) -> TrainResult:
 
         ckpt_path = resolve_checkpoint(tc.resume)
     if distributed:
-        ckpt_path = _agree_on_path(ckpt_path, device)
+        ckpt_path = agree_on_checkpoint(ckpt_path, device)
     if ckpt_path is not None and not is_distributed_checkpoint(ckpt_path):
         if distributed:
             raise ConfigError(f"{ckpt_path} is a single-process checkpoint; resuming it on {denv.world_size} ranks "
@@ -383,7 +384,7 @@ def train(cfg: RunConfig) -> TrainResult:
             # stop decisions are agreed by all ranks (loss and grad norm are already global)
             elapsed = state.train_seconds + time.perf_counter() - t_start
             over_time = bool(tc.max_minutes and elapsed >= tc.max_minutes * 60 and state.step < tc.max_steps)
-            stop_signal, over_time = _agree(distributed, bool(stop.get("signal")), over_time, device=device)
+            stop_signal, over_time = agree_any(distributed, bool(stop.get("signal")), over_time, device=device)
             if stop_signal and not stop.get("signal"):
                 stop["signal"] = "a signal on another rank"
             if state.bad_streak >= tc.max_bad_steps:
@@ -425,34 +426,6 @@ def train(cfg: RunConfig) -> TrainResult:
              f"{last_loss:.4f}" if last_loss is not None else "n/a",
              f"{last_val:.4f}" if last_val is not None else "n/a", last_ckpt)
     return TrainResult(exit_code, state.step, out_dir, last_loss, last_val, last_ckpt, reason)
-
-
-def _agree(distributed: bool, *flags: bool, device: torch.device) -> tuple[bool, ...]:
-    """Each flag true on any rank -> true on every rank (one all-reduce MAX), so no rank is left
-    waiting in a collective that the others skipped."""
-    if not distributed:
-        return flags
-    import torch.distributed as dist
-
-    t = torch.tensor([float(f) for f in flags], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return tuple(bool(v) for v in t.tolist())
-
-
-def _agree_on_path(path: Path | None, device: torch.device) -> Path | None:
-    """Check that every rank chose the same checkpoint step (each scans the shared file system)."""
-    import torch.distributed as dist
-
-    from clusterlm.checkpoint.store import STEP_RE
-
-    m = STEP_RE.match(path.name) if path is not None else None
-    step = int(m[1]) if m else -1
-    t = torch.tensor([step, -step], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    if int(t[0]) != -int(t[1]):
-        raise ConfigError(f"ranks disagree on the checkpoint to resume from (steps {-int(t[1])} to {int(t[0])}): "
-                          "is the checkpoint folder on a file system shared by all nodes?")
-    return path
 
 
 def _record_val(metrics, state: RunState, val_loss: float) -> None:

@@ -149,9 +149,24 @@ def _two_ranks(rank: int, world: int, ckpt_root: str) -> dict:
 
 
 def _four_ranks(rank: int, world: int) -> dict:
-    return {"fsdp_tp": one_step(ParallelConfig(dp_shard=2, tp=2)),
-            "hsdp": one_step(ParallelConfig(dp_replicate=2, dp_shard=2)),
-            "fsdp_pp": one_step(ParallelConfig(dp_shard=2, pp=2))}
+    from pathlib import Path
+
+    from clusterlm.errors import ConfigError
+    from clusterlm.parallel.agree import agree_any, agree_on_checkpoint
+
+    out = {"fsdp_tp": one_step(ParallelConfig(dp_shard=2, tp=2)),
+           "hsdp": one_step(ParallelConfig(dp_replicate=2, dp_shard=2)),
+           "fsdp_pp": one_step(ParallelConfig(dp_shard=2, pp=2))}
+    # a flag raised on rank 3 only (a signal, a time limit) is seen by every rank
+    out["agree"] = list(agree_any(True, rank == 3, False, device=torch.device("cpu")))
+    same = agree_on_checkpoint(Path("/x/step-00000004"), torch.device("cpu"))
+    try:  # rank 2 sees another newest checkpoint: every rank refuses, none waits
+        agree_on_checkpoint(Path(f"/x/step-0000000{5 if rank == 2 else 4}"), torch.device("cpu"))
+        out["disagree"] = "no error"
+    except ConfigError as e:
+        out["disagree"] = str(e)
+    out["same"] = same.name
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -177,11 +192,15 @@ def test_one_step_matches_single_process(two):
 
 def test_four_rank_layouts_match_single_process():
     """FSDP x2 + TP x2, HSDP (2 replicas x 2 shards) and FSDP x2 + PP x2 on 4 ranks give one process's
-    loss and gradient norm for one step (fp32, 1e-5)."""
+    loss and gradient norm for one step (fp32, 1e-5). Agreement: a flag set on one rank is set on all;
+    ranks that found different checkpoints all refuse with both step numbers."""
     ref = one_step(ParallelConfig())
     for r in run_ranks(4, _four_ranks):
         for name in ("fsdp_tp", "hsdp", "fsdp_pp"):
             assert r[name] == pytest.approx(ref, rel=TOL, abs=TOL), name
+        assert r["agree"] == [True, False]
+        assert r["same"] == "step-00000004"
+        assert "ranks disagree on the checkpoint to resume from (steps 4 to 5)" in r["disagree"]
 
 
 def test_ddp_20_steps_match_grad_accumulation(two):
