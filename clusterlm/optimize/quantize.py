@@ -151,7 +151,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.zeros(in_features // group_size, out_features, 2,
                                                              device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
-        self._packed: tuple[torch.device, tuple[torch.Tensor, torch.Tensor]] | None = None  # kernel layout, made on first use
+        # kernel layout (weight, scales_and_zeros), made on first use for the device it runs on
+        self._packed: tuple[torch.device, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @classmethod
     @torch.no_grad()

@@ -67,7 +67,8 @@ def test_int8_fbgemm_path_close_to_weight_only():
 def test_quantized_checkpoint_loads_and_generates(tmp_path, method):
     """`clusterlm quantize` writes a checkpoint that load_for_inference rebuilds with quantized
     modules (every Linear, tied output included); its logits stay close to the float model's
-    (relative error < 6% int8 with int8 activations, < 25% int4), greedy generation runs, and model.safetensors shrinks."""
+    (relative error < 6% int8 with int8 activations, < 25% int4), greedy generation runs, and
+    model.safetensors shrinks."""
     cfg = ModelConfig(vocab_size=259, n_layers=2, dim=128, n_heads=4, max_seq_len=64, bias=True)
     ref = _checkpoint(tmp_path, cfg)
     out = tmp_path / method
