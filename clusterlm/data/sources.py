@@ -229,10 +229,11 @@ class DocumentReader:
         self.text_field = text_field
         self.stats = ReadStats()
 
-    def _clean(self, text: str, repaired: bool) -> str | None:
-        """Steps 1-5 of the policy on a decoded document; None when it is empty."""
+    def _clean(self, text: str, repaired: bool, from_json: bool = False) -> str | None:
+        """Steps 1-5 of the policy on a decoded document; None when it is empty. Only JSON
+        escapes can produce lone surrogates (decoded UTF-8 never holds one)."""
         st = self.stats
-        if _SURROGATE.search(text):
+        if from_json and _SURROGATE.search(text):
             text, repaired = _SURROGATE.sub(_REPLACEMENT, text), True
         st.repaired_utf8 += repaired
         if text.startswith(BOM):
@@ -323,6 +324,6 @@ class DocumentReader:
                 st.problem(f"{name}:{lineno}: field {key!r} is {_describe(text)}, expected a string")
                 continue
             del record, line
-            text = self._clean(text, repaired)
+            text = self._clean(text, repaired, from_json=True)
             if text is not None:
                 yield Document(text, index, lineno)
