@@ -158,13 +158,18 @@ def init_distributed(dist_env: DistEnv | None = None, *, device_type: str = "aut
     if not dist_env.distributed or dist.is_initialized():
         return device
     backend = "nccl" if cuda else "gloo"
-    # under torchrun, env:// joins the agent's own store, whose keys are prefixed per restart round; a
-    # tcp:// store on the same port would hand a restarted group the dead round's addresses
-    init = "env://" if dist_env.source == "torchrun" else f"tcp://{dist_env.master_addr}:{dist_env.master_port}"
-    dist.init_process_group(backend=backend, init_method=init,
-                            rank=dist_env.rank, world_size=dist_env.world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s),
-                            device_id=device if cuda else None)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # Our own store, keys prefixed by torchrun's restart round: a restarted group must never read the
+    # dead round's addresses from a store that outlived it (seen with torchrun's agent store: gloo then
+    # fails with "Connection refused"). Under torchrun the agent hosts the store; else rank 0 does.
+    use_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(dist_env.master_addr, dist_env.master_port, dist_env.world_size,
+                          is_master=not use_agent and dist_env.rank == 0, timeout=timeout,
+                          wait_for_workers=False)
+    store = dist.PrefixStore(f"clusterlm/round_{restart}", store)
+    dist.init_process_group(backend=backend, store=store, rank=dist_env.rank, world_size=dist_env.world_size,
+                            timeout=timeout, device_id=device if cuda else None)
     log.info("process group %s: rank %d of %d (%s, master %s:%d)", backend, dist_env.rank, dist_env.world_size,
              dist_env.source, dist_env.master_addr, dist_env.master_port)
     return device

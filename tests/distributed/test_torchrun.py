@@ -50,6 +50,14 @@ def _rank_pid(rank: int, marker: str) -> int | None:
     return None
 
 
+def _kill_workers(marker: str) -> None:
+    """SIGKILL the torchrun workers of a hung test run (found by their command line)"""
+    for rank in (0, 1):
+        while (pid := _rank_pid(rank, marker)) is not None:
+            os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+
+
 def _launch(data: Path, out: Path, max_restarts: int) -> subprocess.Popen:
     args = [sys.executable, "-m", "clusterlm", "launch", "--nproc-per-node=2", f"--master-port={_free_port()}",
             f"--max-restarts={max_restarts}", "--parallel.dp_shard=2", f"--data.dir={data}",
@@ -84,7 +92,13 @@ def test_killed_rank_restarts_and_resumes_identically(tmp_path):
             os.kill(pid, signal.SIGKILL)
             killed = pid
         time.sleep(0.02)
-    assert proc.wait(timeout=240) == 0, (tmp_path / "killed.log").read_text()[-3000:]
+    try:
+        rc = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _kill_workers(str(run))
+        raise
+    assert rc == 0, (tmp_path / "killed.log").read_text()[-3000:]
     log = (tmp_path / "killed.log").read_text()
     assert killed is not None, "the run finished before rank 1 could be killed"
     assert "resumed from" in log and "step-000000" in log
