@@ -127,6 +127,8 @@ class CheckpointConfig:
     """steps between checkpoints (a final one is always written); 0 = final only"""
     keep_last: int = 3
     """checkpoints kept in out_dir/checkpoints; older ones are deleted"""
+    async_save: bool = False
+    """distributed runs: write periodic checkpoints in the background (committed before the next save)"""
 
     def __post_init__(self) -> None:
         if self.interval < 0 or self.keep_last < 1:

@@ -143,7 +143,16 @@ def _restore_handlers(previous: dict[int, Any]) -> None:
 
 # ---- the loop -----------------------------------------------------------------------------------------
 def train(cfg: RunConfig) -> TrainResult:
-    """Run (or resume) training as configured; returns how it ended. Never calls exit()."""
+    """Run (or resume) training as configured; returns how it ended. Never calls exit().
+    The caller's torch thread count is restored afterwards (train.threads applies to this run only)."""
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: RunConfig) -> TrainResult:
     from clusterlm.checkpoint.store import (
         capture_rng_state,
         load_checkpoint,
@@ -301,7 +310,7 @@ def train(cfg: RunConfig) -> TrainResult:
                 finish_save(pending.pop())
             # periodic saves may write in the background (checkpoint.async_save); every loop exit ends
             # in a synchronous save, which commits a pending one first
-            async_ok = reason == "periodic" and getattr(cfg.checkpoint, "async_save", False)
+            async_ok = reason == "periodic" and cfg.checkpoint.async_save
             result = save_distributed(ckpt_root, state.step, model, opt, train_state=train_state,
                                       config_toml=to_toml(cfg), tokenizer_path=tokenizer_file,
                                       keep_last=cfg.checkpoint.keep_last, full_weights=dims.pp == 1,

@@ -128,4 +128,4 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, fused: bool | None = 
     log.info("AdamW%s: %s parameters in %d tensors decay (wd=%g), %s in %d tensors do not",
              " (fused)" if fused else "", f"{n_decay:,}", len(decay), cfg.weight_decay, f"{n_rest:,}", len(no_decay))
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps, fused=fused or None)
+                             eps=cfg.eps, fused=fused)
