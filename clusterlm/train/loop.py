@@ -162,7 +162,7 @@ def _train(cfg: RunConfig) -> TrainResult:
     from clusterlm.data.loader import TokenLoader, iter_eval_batches
     from clusterlm.data.shards import read_meta
     from clusterlm.eval.metrics import evaluate_loss
-    from clusterlm.parallel.agree import agree_any, agree_on_checkpoint
+    from clusterlm.parallel.agree import agree_any, agree_on_checkpoint, rank0_first
     from clusterlm.parallel.launch import init_distributed, read_env
     from clusterlm.parallel.parallelize import validate_layout
     from clusterlm.train.metrics import MetricsLogger, Throughput, device_peak_flops, flops_per_token, memory_stats, mfu
@@ -190,7 +190,9 @@ def _train(cfg: RunConfig) -> TrainResult:
         torch.set_num_threads(tc.threads)
 
     # -- data and model config ----------------------------------------------------------------------
-    data_dir = ensure_data(cfg.data)
+    # rank 0 prepares a missing data directory; the others wait and then read it
+    data_dir = rank0_first(distributed, denv.rank, lambda: ensure_data(cfg.data),
+                           what=f"preparing {cfg.data.dir}", device=device)
     meta = read_meta(data_dir)
     vocab = int(meta["tokenizer"]["vocab_size"])
     mcfg = cfg.model
