@@ -21,15 +21,6 @@ MODELS: dict[str, ModelConfig] = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and a 2-thread pool crawls when the cores are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make(name: str, seed: int = 0) -> torch.nn.Module:
     model = build_model(MODELS[name])
     model.init_weights(seed)

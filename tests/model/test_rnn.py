@@ -23,15 +23,6 @@ FAMILIES: dict[str, ModelConfig] = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and a 2-thread pool crawls when the cores are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
     model = build_model(cfg)
     model.init_weights(seed)
