@@ -47,7 +47,6 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 from clusterlm.data import builtin

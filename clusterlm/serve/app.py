@@ -147,7 +147,7 @@ def create_app(load: Callable[[], object], settings: Settings) -> _Guard:
     returns a clusterlm LoadedModel and runs in a thread at start-up, so /health answers at once
     and /ready turns 200 after loading and warm-up."""
     from clusterlm.generate.cli import CHAT_STOP, render_chat
-    from clusterlm.serve.scheduler import Delta, Failed, Finished, QueueFull, SamplingParams, Scheduler
+    from clusterlm.serve.scheduler import Delta, Failed, QueueFull, SamplingParams, Scheduler
 
     metrics = Metrics()
     state: dict[str, object] = {}

@@ -11,7 +11,6 @@ SIGTERM/SIGINT); /proc for the worker processes of the killed run.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
