@@ -81,6 +81,9 @@ class TrainConfig:
     resume: str = "none"
     """none, auto (newest verified checkpoint in out_dir) or a checkpoint path"""
     tensorboard: bool = True
+    probe_spec: str = ""
+    """node spec from `clusterlm probe --out`: its cited peak, else its measured matmul TFLOP/s, is
+    the MFU denominator; empty = the known-accelerator table on CUDA, unknown on CPU"""
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "micro_batch_size", "max_steps", "log_interval", "eval_batches", "max_bad_steps"):

@@ -106,6 +106,21 @@ def ensure_data(data: DataConfig) -> Path:
     return data_dir
 
 
+def _probed_peak(spec_file: str, dtype: str) -> float | None:
+    """FLOP/s of the first node type's device in a probed spec: its cited dense peak, else its
+    measured matmul rate (what `clusterlm probe` records for a CPU). None without a spec file."""
+    if not spec_file:
+        return None
+    from clusterlm.cluster.spec import load_spec
+
+    device = load_spec(spec_file).node_types[0].device
+    tflops = device.peak(dtype)[0] or device.matmul_tflops(dtype)
+    if not tflops:
+        raise ConfigError(f"train.probe_spec={spec_file!r} has no peak or measured {dtype} TFLOP/s for "
+                          f"{device.name}; re-run `clusterlm probe --out FILE` on this node")
+    return tflops * 1e12
+
+
 def batch_plan(train: TrainConfig, dp_size: int = 1) -> tuple[int, int]:
     """(accumulation steps, tokens per optimizer step) from the global batch in tokens."""
     micro_tokens = train.micro_batch_size * train.seq_len * dp_size
@@ -266,7 +281,10 @@ def _train(cfg: RunConfig) -> TrainResult:
     # -- derived numbers, printed once (llm.c style) -------------------------------------------------
     n_params = mcfg.num_params()
     fpt = flops_per_token(mcfg, tc.seq_len)
-    peak, peak_source = device_peak_flops(device, "bf16" if amp_dtype == torch.bfloat16 else "fp32")
+    peak_dtype = "bf16" if amp_dtype == torch.bfloat16 else "fp32"
+    peak, peak_source = device_peak_flops(device, peak_dtype, measured_peak=_probed_peak(tc.probe_spec, peak_dtype))
+    if tc.probe_spec and peak is not None:
+        peak_source = f"{tc.probe_spec}: {peak_source}"
     log.info("model: %s, %s parameters (%s without embeddings)", mcfg.arch, f"{n_params:,}",
              f"{mcfg.num_params(include_embeddings=False):,}")
     log.info("batch: %d x %d tokens per micro-batch, %d accumulation steps, %s tokens per step",

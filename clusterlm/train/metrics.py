@@ -86,7 +86,7 @@ def device_peak_flops(device: torch.device | str, dtype: str, *,
     if measured_peak is not None:
         if not measured_peak > 0:
             raise ValueError(f"measured_peak={measured_peak} must be > 0 FLOP/s")
-        return float(measured_peak), "measured (given)"
+        return float(measured_peak), "measured (probe or given figure)"
     if device.type != "cuda":
         return None, "unknown: run `clusterlm probe` to measure"
     name = torch.cuda.get_device_name(device)

@@ -65,7 +65,7 @@ def test_device_peak_cpu_unknown_unless_measured():
     """CPU: (None, 'unknown: run `clusterlm probe`...') unless a measured peak is passed."""
     peak, source = device_peak_flops("cpu", "fp32")
     assert peak is None and "clusterlm probe" in source
-    assert device_peak_flops(torch.device("cpu"), "bf16", measured_peak=2.5e11) == (2.5e11, "measured (given)")
+    assert device_peak_flops(torch.device("cpu"), "bf16", measured_peak=2.5e11) == (2.5e11, "measured (probe or given figure)")
     with pytest.raises(ValueError, match="measured_peak"):
         device_peak_flops("cpu", "fp32", measured_peak=0.0)
 
