@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     cal_cand = predict(spec, *cargs)
     fpt = training_flops_per_token(_model_cfg(cargs[0], cargs[1], cargs[2], cargs[4]), cargs[4]).total
     cal_flops = fpt * cargs[3] * cargs[4]
-    compute_s = cal_meas["median_s"] - cal_cand.time_parts.get("optimizer", 0.0)
+    # the matmul share of the measured step: what the planner's non-compute parts do not explain
+    compute_s = cal_meas["median_s"] - sum(v for k, v in cal_cand.time_parts.items() if k != "compute")
     efficiency = cal_flops / (compute_s * matmul * 1e12)
     cal_device = dataclasses.replace(device, train_efficiency={"fp32": round(efficiency, 4)})
     cal_spec = dataclasses.replace(spec, node_types=(dataclasses.replace(spec.node_types[0], device=cal_device),))

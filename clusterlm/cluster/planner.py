@@ -34,7 +34,8 @@ from typing import Any
 
 from clusterlm.cluster import flops as flops_mod
 from clusterlm.cluster import hardware
-from clusterlm.cluster.memory import GIB, RECOMPUTE_MODES, MemoryEstimate, estimate_memory, param_groups, stage_params
+from clusterlm.cluster.memory import (GIB, RECOMPUTE_MODES, MemoryEstimate, estimate_memory, layer_activation_bytes,
+                                      logits_bytes, param_groups, stage_params)
 from clusterlm.cluster.spec import ClusterSpec, DeviceSpec, LinkSpec, NodeType, load_spec
 from clusterlm.errors import ConfigError
 from clusterlm.models.config import ModelConfig, preset_values
@@ -51,6 +52,7 @@ DEFAULT_MEMORY_FRACTION = 0.90
 """of device memory the planner fills: CUDA context, NCCL buffers, allocator fragmentation."""
 DEFAULT_GLOBAL_BATCH_TOKENS = 2**19  # 0.5M tokens: GPT-3 125M's batch (Brown et al. 2020, table 2.1)
 GRAD_REDUCE_BYTES = 4  # gradients are reduced in fp32 (DDP under autocast; FSDP2 reduce_dtype=fp32)
+ACTIVATION_PASSES = 3  # CPU: activation bytes written (fwd), read and gradient written (bwd)
 ADAMW_BYTES_PER_PARAM = 28  # optimizer step traffic: read p, g, m, v (16) + write p, m, v (12), fp32
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -248,6 +250,19 @@ def _step_time(model: ModelConfig, dims: ParallelDims, mb: int, accum: int, reco
         formulas["pp_comm"] = (f"2 * (m + pp - 1) = {2 * (m + dims.pp - 1)} sends of b*s*h*e/t = {act / 1e6:.3g} MB "
                                f"({pp_bw[2]}, {pp_bw[0]:.4g} GB/s) on the critical path")
     bw = device.measured_memory_bandwidth_gbs or device.memory_bandwidth_gbs
+    if bw and device.kind == "cpu" and recompute == "none":
+        # On CPU the non-matmul work (norms, GELU, softmax/cross-entropy, residual adds and their
+        # gradients) is memory-bound and not hidden under the matmuls: each saved activation and
+        # logits byte is written in forward, read in backward and its gradient written: 3 passes.
+        # Without it the planner under-predicted a 1.3M-parameter model's step by 27-34% on the
+        # project's 2-core CPU (benchmarks/planner_accuracy.py). GPUs fold this into the measured
+        # training efficiency instead.
+        layers = math.ceil(model.n_layers / dims.pp)
+        act = layers * layer_activation_bytes(model, seq_len, mb, dtype=dtype, recompute="none", tp=dims.tp)[0]
+        act += logits_bytes(model, seq_len, mb, dtype, dims.tp)
+        parts["activation_traffic"] = m * ACTIVATION_PASSES * act / (bw * 1e9)
+        formulas["activation_traffic"] = (f"CPU: {m} micro-batches * {ACTIVATION_PASSES} passes * {act / 1e6:.4g} MB "
+                                          f"saved activations + logits buffers / {bw:g} GB/s")
     if bw:
         sharded = per_dev / dims.dp_shard
         parts["optimizer"] = sharded * ADAMW_BYTES_PER_PARAM / (bw * 1e9)
