@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from clusterlm.cluster.parsers import parse_cpuinfo  # torch-free
+
 RESULTS = Path(__file__).parent / "results"
 GOAL = 0.8
 RAW = ("encode_batch_fast", "encode_batch")
@@ -44,12 +46,9 @@ VOCAB = 8192
 
 def cpu_model() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        return parse_cpuinfo(Path("/proc/cpuinfo").read_text()).model
     except OSError:
-        pass
-    return platform.processor() or "unknown"
+        return platform.processor() or "unknown"
 
 
 def _cpu() -> float:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from clusterlm.cluster.parsers import parse_cpuinfo
 from clusterlm.config import bundled_recipes, load_run_config
 from clusterlm.eval.evaluate import evaluate_checkpoint
 from clusterlm.train.loop import train
@@ -32,12 +33,9 @@ REFERENCE_VAL = 1.90
 
 def cpu_model() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        return parse_cpuinfo(Path("/proc/cpuinfo").read_text()).model
     except OSError:
-        pass
-    return platform.processor() or "unknown"
+        return platform.processor() or "unknown"
 
 
 def run(recipe: str, out: Path, data: Path, *extra: str) -> dict:

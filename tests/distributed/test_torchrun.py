@@ -6,7 +6,6 @@ Slow-ish (~50 s on 2 cores): marked slow.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -16,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.helpers import train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -26,13 +26,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _losses(run: Path) -> dict[int, float]:
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r.get("kind") == "train":
-            out[r["step"]] = r["loss"]
-    return out
 
 
 def _rank_pid(rank: int, marker: str) -> int | None:
@@ -102,8 +95,8 @@ def test_killed_rank_restarts_and_resumes_identically(tmp_path):
     log = (tmp_path / "killed.log").read_text()
     assert killed is not None, "the run finished before rank 1 could be killed"
     assert "resumed from" in log and "step-000000" in log
-    assert _losses(run) == _losses(tmp_path / "ref")
-    assert sorted(_losses(run)) == list(range(1, 41))
+    assert train_losses(run) == train_losses(tmp_path / "ref")
+    assert sorted(train_losses(run)) == list(range(1, 41))
 
 
 def test_srun_without_torchrun(tmp_path, monkeypatch):
@@ -132,7 +125,7 @@ def test_srun_without_torchrun(tmp_path, monkeypatch):
         monkeypatch.delenv(k, raising=False)
     assert train(load_run_config(None, [*common, "--train.micro_batch_size=8",
                                         f"--train.out_dir={tmp_path / 'one'}"])).exit_code == 0
-    got, ref = _losses(tmp_path / "srun"), _losses(tmp_path / "one")
+    got, ref = train_losses(tmp_path / "srun"), train_losses(tmp_path / "one")
     assert sorted(got) == [1, 2, 3, 4, 5]
     for s in ref:
         assert got[s] == pytest.approx(ref[s], abs=1e-5), s

@@ -3,7 +3,6 @@ resuming its DCP checkpoint under another layout and on one process."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -11,17 +10,11 @@ from pathlib import Path
 import pytest
 
 from tests.distributed.helpers import run_ranks
+from tests.helpers import train_losses
 
 pytestmark = pytest.mark.slow  # ~30 s on 2 cores
 
 
-def _losses(run: Path) -> dict[int, float]:
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r.get("kind") == "train":
-            out[r["step"]] = r["loss"]
-    return out
 
 
 def _args(data: Path, out: Path, micro: int, *extra: str) -> list[str]:
@@ -62,12 +55,12 @@ def test_fsdp_run_resumes_on_tp_and_on_one_process(data, tmp_path, monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(k, raising=False)
     assert train(load_run_config(None, _args(data, tmp_path / "one", 8))).exit_code == 0
-    ref = _losses(tmp_path / "one")
+    ref = train_losses(tmp_path / "one")
 
     fsdp = tmp_path / "fsdp"
     res = run_ranks(2, _train_rank, _args(data, fsdp, 4, "--parallel.dp_shard=2"))
     assert res == [{"exit": 0, "step": 8}] * 2
-    got = _losses(fsdp)
+    got = train_losses(fsdp)
     assert sorted(got) == list(range(1, 9))
     for s in ref:
         assert got[s] == pytest.approx(ref[s], abs=1e-5), s
@@ -83,7 +76,7 @@ def test_fsdp_run_resumes_on_tp_and_on_one_process(data, tmp_path, monkeypatch):
             assert run_ranks(2, _train_rank, args) == [{"exit": 0, "step": 8}] * 2
         else:
             assert train(load_run_config(None, args)).exit_code == 0
-        resumed = _losses(run)
+        resumed = train_losses(run)
         assert sorted(resumed) == [5, 6, 7, 8], name
         for s in resumed:
             assert resumed[s] == pytest.approx(ref[s], abs=1e-5), (name, s)

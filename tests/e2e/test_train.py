@@ -13,6 +13,7 @@ import pytest
 
 from clusterlm.cli import EXIT_DIVERGED, EXIT_PREEMPTED
 from clusterlm.config import load_run_config
+from tests.helpers import train_losses
 
 TEXT = [
     "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 8,
@@ -39,13 +40,6 @@ def tiny_cfg(data_dir: Path, out: Path, *extra: str):
     return load_run_config(None, _cli_args(data_dir, out) + list(extra))
 
 
-def losses(run: Path) -> dict[int, float]:
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r.get("kind") == "train":
-            out[r["step"]] = r["loss"]
-    return out
 
 
 def test_resume_is_bit_exact(data_dir, tmp_path):
@@ -59,7 +53,7 @@ def test_resume_is_bit_exact(data_dir, tmp_path):
     assert first.step == 50
     resumed = train(tiny_cfg(data_dir, tmp_path / "b", "--optim.decay_steps=90", "--train.resume=auto"))
     assert resumed.step == 100
-    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
     assert sorted(a) == sorted(b) == list(range(1, 101))
     assert [a[s] for s in range(51, 101)] == [b[s] for s in range(51, 101)]
     assert a[100] < a[1]  # it learned something
@@ -143,7 +137,7 @@ def test_sigterm_saves_and_resume_continues_identically(data_dir, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
-    stopped_at = max(losses(run))
+    stopped_at = max(train_losses(run))
     assert 15 <= stopped_at < 5000
     assert (run / "checkpoints" / f"step-{stopped_at:08d}").is_dir()
     end = stopped_at + 10
@@ -151,7 +145,7 @@ def test_sigterm_saves_and_resume_continues_identically(data_dir, tmp_path):
     assert res.step == end
     ref = tmp_path / "ref"
     train(tiny_cfg(data_dir, ref, *common, f"--train.max_steps={end}"))
-    a, b = losses(ref), losses(run)
+    a, b = train_losses(ref), train_losses(run)
     assert [a[s] for s in range(1, end + 1)] == [b[s] for s in range(1, end + 1)]
 
 
