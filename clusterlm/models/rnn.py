@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from clusterlm.models.config import ModelConfig
-from clusterlm.models.transformer import SlotRows
+from clusterlm.models.transformer import SlotPool, SlotRows
 
 
 class RNNState:
@@ -50,7 +50,7 @@ class RNNState:
         self.pos = 0
 
 
-class RNNSlotState:
+class RNNSlotState(SlotPool):
     """Recurrent state of `n_slots` independent sequences for continuous batching: h (and c for
     LSTM), each (n_layers, n_slots, D), and `pos` (n_slots,) tokens consumed per slot. Same slot API
     as the Transformer's SlotKVCache: alloc() (state zeroed), free(slot), rows(slots) for forward."""
@@ -60,36 +60,14 @@ class RNNSlotState:
         if n_slots < 1:
             raise ValueError(f"RNN slot state needs n_slots >= 1, got {n_slots}")
         shape = (n_layers, n_slots, dim)  # (L, N, D)
-        self.n_slots = n_slots
-        self.max_len = max_len  # no context limit; recorded for callers that budget by it
+        super().__init__(n_slots, max_len, device)  # max_len: no context limit; kept for budgeting
         self.h = torch.zeros(shape, device=device, dtype=dtype)
         self.c = torch.zeros(shape, device=device, dtype=dtype) if lstm else None
-        self.pos = torch.zeros(n_slots, dtype=torch.long, device=device)  # (N,)
-        self._free = list(range(n_slots - 1, -1, -1))
 
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def alloc(self) -> int:
-        if not self._free:
-            raise ValueError(f"all {self.n_slots} state slots are in use; free one first")
-        slot = self._free.pop()
+    def _clear(self, slot: int) -> None:
         self.h[:, slot] = 0
         if self.c is not None:
             self.c[:, slot] = 0
-        self.pos[slot] = 0
-        return slot
-
-    def free(self, slot: int) -> None:
-        if not 0 <= slot < self.n_slots or slot in self._free:
-            raise ValueError(f"slot {slot} is not in use (slots 0..{self.n_slots - 1})")
-        self._free.append(slot)
-
-    def rows(self, slots: list[int]) -> SlotRows:
-        if len(set(slots)) != len(slots) or not slots:
-            raise ValueError(f"slots {slots} must be distinct and non-empty")
-        return SlotRows(self, torch.tensor(slots, dtype=torch.long, device=self.pos.device))
 
 
 class RNNLM(nn.Module):

@@ -57,22 +57,21 @@ class KVCache:
         self.pos = 0
 
 
-class SlotKVCache:
-    """KV cache for continuous batching: `n_slots` independent sequences, each at its own position.
+class SlotRows:
+    """A batch view of a SlotKVCache (or the RNN's slot state): row b -> slot `slots[b]`."""
 
-    `pos` is a LongTensor (n_slots,) counting each slot's stored tokens. `alloc()` hands out a
-    free slot (its pos reset to 0) and `free(slot)` returns it. A forward pass takes
-    `cache.rows(slots)`: the T tokens of row b go to slot slots[b] at positions
-    pos[slot] .. pos[slot]+T-1, and each row attends only to its own slot's stored keys.
-    """
+    def __init__(self, cache: object, slots: torch.Tensor) -> None:
+        self.cache = cache
+        self.slots = slots  # (B,) long
+        self.batch_size = int(slots.numel())
 
-    def __init__(self, layer_keys: list[str], n_slots: int, max_len: int, kv_heads: int, head_dim: int, *,
-                 device: torch.device | str | None, dtype: torch.dtype) -> None:
-        if n_slots < 1 or max_len < 1:
-            raise ValueError(f"slot KV cache needs n_slots >= 1 and max_len >= 1, got {n_slots} and {max_len}")
-        shape = (n_slots, kv_heads, max_len, head_dim)  # (N, K, S, Hd)
-        self.k = {key: torch.zeros(shape, device=device, dtype=dtype) for key in layer_keys}
-        self.v = {key: torch.zeros(shape, device=device, dtype=dtype) for key in layer_keys}
+
+class SlotPool:
+    """Slot bookkeeping shared by the continuous-batching caches (SlotKVCache, the RNN's
+    RNNSlotState): `pos` (n_slots,) tokens stored per slot, a stack of free slots, and `rows()`,
+    the handle a forward pass takes. Subclasses clear a slot's own tensors in `_clear`."""
+
+    def __init__(self, n_slots: int, max_len: int, device: torch.device | str | None) -> None:
         self.n_slots = n_slots
         self.max_len = max_len
         self.pos = torch.zeros(n_slots, dtype=torch.long, device=device)  # (N,)
@@ -82,11 +81,16 @@ class SlotKVCache:
     def num_free(self) -> int:
         return len(self._free)
 
+    def _clear(self, slot: int) -> None:
+        """Reset what the slot stores beyond its position (nothing for a KV cache: entries past
+        pos are never read)."""
+
     def alloc(self) -> int:
         """A free slot with nothing stored; ValueError when all n_slots are in use."""
         if not self._free:
             raise ValueError(f"all {self.n_slots} cache slots are in use; free one first")
         slot = self._free.pop()
+        self._clear(slot)
         self.pos[slot] = 0
         return slot
 
@@ -102,13 +106,23 @@ class SlotKVCache:
         return SlotRows(self, torch.tensor(slots, dtype=torch.long, device=self.pos.device))
 
 
-class SlotRows:
-    """A batch view of a SlotKVCache (or the RNN's slot state): row b -> slot `slots[b]`."""
+class SlotKVCache(SlotPool):
+    """KV cache for continuous batching: `n_slots` independent sequences, each at its own position.
 
-    def __init__(self, cache: object, slots: torch.Tensor) -> None:
-        self.cache = cache
-        self.slots = slots  # (B,) long
-        self.batch_size = int(slots.numel())
+    `pos` is a LongTensor (n_slots,) counting each slot's stored tokens. `alloc()` hands out a
+    free slot (its pos reset to 0) and `free(slot)` returns it. A forward pass takes
+    `cache.rows(slots)`: the T tokens of row b go to slot slots[b] at positions
+    pos[slot] .. pos[slot]+T-1, and each row attends only to its own slot's stored keys.
+    """
+
+    def __init__(self, layer_keys: list[str], n_slots: int, max_len: int, kv_heads: int, head_dim: int, *,
+                 device: torch.device | str | None, dtype: torch.dtype) -> None:
+        if n_slots < 1 or max_len < 1:
+            raise ValueError(f"slot KV cache needs n_slots >= 1 and max_len >= 1, got {n_slots} and {max_len}")
+        shape = (n_slots, kv_heads, max_len, head_dim)  # (N, K, S, Hd)
+        self.k = {key: torch.zeros(shape, device=device, dtype=dtype) for key in layer_keys}
+        self.v = {key: torch.zeros(shape, device=device, dtype=dtype) for key in layer_keys}
+        super().__init__(n_slots, max_len, device)
 
 
 def rotary_tables(head_dim: int, max_len: int, theta: float, device: torch.device | None = None
