@@ -14,13 +14,15 @@ store in clusterlm/checkpoint/store.py, whose helpers do the committing):
         train_state.json      step, tokens, loader position (a global sample index: reshards freely)
         config.toml, tokenizer.json
         model.safetensors     full weights for eval/generate/export (written by rank 0; not with pp > 1)
+        rng/rank-00000.{json,safetensors}   each rank's generators (python, numpy, torch CPU, CUDA)
         manifest.json         written last by rank 0, over every file above
 
 Every rank writes its own shards into the same hidden `.step-N.partial-dist` folder (a shared file
 system is assumed, as for any multi-node checkpoint); rank 0 writes the rest after a barrier,
 hashes, renames into place, moves `latest` and prunes. A crash at any point leaves no visible
-step folder. RNG states are not saved (training draws no random numbers: dropout 0 in the
-presets); the single-process store keeps them.
+step folder. Each rank's RNG state is saved beside the shards and restored on a resume at the same
+world size (dropout then resumes bit-exactly); at another world size the generators cannot be mapped
+onto the new ranks, so they start from the seed and a warning says so.
 """
 
 from __future__ import annotations
@@ -44,8 +46,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from clusterlm.checkpoint.flatten import flatten_state, unflatten_state
 from clusterlm.checkpoint.store import (
     REQUIRED_FILES,
+    _read_tensors,
+    _write_json,
+    _write_tensors,
+    capture_rng_state,
     commit_folder,
     move_latest,
     prune,
@@ -61,11 +68,51 @@ from clusterlm.fsutil import atomic_write_text, fsync_dir
 log = logging.getLogger(__name__)
 
 DCP_DIR = "dcp"
+RNG_DIR = "rng"
 DIST_REQUIRED = ("train_state.json", "config.toml", f"{DCP_DIR}/.metadata")
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _rng_files(folder: Path, rank: int) -> tuple[Path, Path]:
+    stem = folder / RNG_DIR / f"rank-{rank:05d}"
+    return stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+
+
+def _save_rank_rng(folder: Path) -> None:
+    """This rank's generators (captured now) -> rng/rank-NNNNN.{json,safetensors} in `folder`."""
+    skeleton, tensors = flatten_state(capture_rng_state())
+    meta_path, tensor_path = _rng_files(folder, _rank())
+    meta_path.parent.mkdir(exist_ok=True)
+    _write_tensors(tensor_path, tensors, "rng")
+    _write_json(meta_path, {"world_size": _world(), "rng": skeleton})
+
+
+def load_rank_rng(path: Path) -> dict[str, Any] | None:
+    """This rank's saved RNG state (for `restore_rng_state`), or None when the checkpoint holds none or was
+    saved at another world size (logged: the generators then stay as seeded)."""
+    meta_path, tensor_path = _rng_files(Path(path), _rank())
+    if not meta_path.exists():
+        log.warning("%s holds no RNG state for rank %d: generators stay as seeded", path, _rank())
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {meta_path}: {e}") from e
+    if meta.get("world_size") != _world():
+        log.warning("%s was saved on %s ranks, this run has %d: RNG states are not restored (generators stay "
+                    "as seeded; bit-exact resume needs the same world size)", path, meta.get("world_size"), _world())
+        return None
+    try:
+        return unflatten_state(meta["rng"], _read_tensors(tensor_path))
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{meta_path}: inconsistent RNG state: {e}") from e
 
 
 def _barrier() -> None:
@@ -127,6 +174,7 @@ def save_distributed(ckpt_root: Path, step: int, model: nn.Module, optimizer: to
         else:
             future = None
             dcp.save(state, checkpoint_id=str(tmp / DCP_DIR))
+        _save_rank_rng(tmp)  # before the barrier below, so rank 0's manifest covers every rank's file
         full = None
         if full_weights:  # collective too: every rank takes part in the gather
             full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -262,9 +262,12 @@ def _train(cfg: RunConfig) -> TrainResult:
                          rank=coords.dp_rank, world_size=dims.dp)
     state = RunState()
     if ckpt_path is not None and ckpt is None:  # distributed checkpoint, any layout it was saved with
-        from clusterlm.checkpoint.distributed import load_distributed
+        from clusterlm.checkpoint.distributed import load_distributed, load_rank_rng
 
         ts = load_distributed(ckpt_path, model, opt)
+        rng = load_rank_rng(ckpt_path)
+        if rng is not None:
+            restore_rng_state(rng)
         loader.load_state_dict(ts["loader"])
         state = RunState(**ts["run"])
         log.info("resumed from %s at step %d (%d tokens seen)", ckpt_path, state.step, state.tokens_seen)
