@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("clusterlm.config:main", "show the resolved config of a recipe with overrides"),
     "train": ("clusterlm.train.loop:main", "train a model from a recipe (TOML) with --section.key=value overrides"),
     "launch": ("clusterlm.parallel.launch:main", "run `clusterlm train` on N processes per node with torchrun"),
+    "jobs": ("clusterlm.cluster.slurm:jobs_main", "list runs submitted with `clusterlm launch --slurm` and their state"),
     "eval": ("clusterlm.eval.evaluate:main", "loss, perplexity and bits per byte of a checkpoint"),
     "generate": ("clusterlm.generate.cli:generate_main", "sample text from a checkpoint"),
     "chat": ("clusterlm.generate.cli:chat_main", "interactive chat with a checkpoint"),

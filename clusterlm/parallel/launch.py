@@ -2,6 +2,7 @@
 
     clusterlm launch recipes/llama_shakespeare_cpu.toml --nproc-per-node 2 --train.max_steps=50
     clusterlm launch RECIPE --nproc-per-node 8 --nnodes 2 --node-rank 0 --master-addr node01
+    clusterlm launch RECIPE --slurm --nodes 2 --gpus-per-node 8 --time 04:00:00 --parallel.dp_shard=16
 
 `launch` runs torchrun (`python -m torch.distributed.run`) for `clusterlm train`. `clusterlm train`
 started by torchrun directly, or by Slurm's `srun` without torchrun (one task per device), finds
@@ -207,19 +208,27 @@ def main(argv: list[str]) -> int:
     overrides, rest = split_overrides(argv)
     parser = argparse.ArgumentParser(
         prog="clusterlm launch",
-        description="Run `clusterlm train RECIPE` on N processes per node with torchrun. The parallel layout "
-                    "comes from the recipe's [parallel] section; dp_replicate*dp_shard*tp*pp must equal "
-                    "nnodes*nproc_per_node. Extra --section.key=value overrides go to train.")
+        description="Run `clusterlm train RECIPE` on N processes per node with torchrun, or with --slurm submit it "
+                    "as a Slurm batch job (srun, one task per device, requeued after preemption). The parallel "
+                    "layout comes from the recipe's [parallel] section; dp_replicate*dp_shard*tp*pp must equal "
+                    "the number of processes. Extra --section.key=value overrides go to train.")
     parser.add_argument("recipe", nargs="?", help="recipe TOML file or bundled recipe name (omitted: defaults + overrides)")
-    parser.add_argument("--nproc-per-node", type=int, required=True, help="processes on this node (one per GPU)")
+    parser.add_argument("--nproc-per-node", type=int, help="processes on this node (one per GPU); torchrun only")
     parser.add_argument("--nnodes", type=int, default=1, help="number of nodes (run this command on each)")
     parser.add_argument("--node-rank", type=int, default=0, help="this node's index in [0, nnodes)")
     parser.add_argument("--master-addr", default="127.0.0.1", help="host name/address of node 0")
     parser.add_argument("--master-port", type=int, default=DEFAULT_PORT, help="free TCP port on node 0")
     parser.add_argument("--max-restarts", type=int, default=0,
                         help="torchrun restarts of the whole group after a failure (resume with --train.resume=auto)")
-    parser.add_argument("--dry-run", action="store_true", help="print the torchrun command and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print the torchrun command (or sbatch script) and exit")
+    from clusterlm.cluster import slurm
+
+    slurm.add_arguments(parser)
     args = parser.parse_args(rest)
+    if args.slurm:
+        return slurm.submit(args, overrides)
+    if args.nproc_per_node is None:
+        parser.error("the following arguments are required: --nproc-per-node (or --slurm to submit to Slurm)")
     cmd = torchrun_command(args.recipe, overrides, nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,
                            node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
                            max_restarts=args.max_restarts)

@@ -1,0 +1,472 @@
+"""Slurm: render an sbatch script for `clusterlm train`, submit it, requeue on preemption, list jobs.
+
+    clusterlm launch recipes/gpt2_124m_1gpu.toml --slurm --nodes 2 --gpus-per-node 8 --time 04:00:00 \\
+        --partition gpu --parallel.dp_shard=16 --dry-run
+    clusterlm jobs            # runs submitted from here, with their Slurm state and requeue count
+
+The script asks Slurm for SIGUSR2 `signal_seconds` before the time limit (`--signal=USR2@120`, sent
+to the job steps, not the batch shell), starts one task per device with srun, and rendezvouses on
+the allocation's first node at a port derived from the job id. `clusterlm train` catches the
+signal, all ranks agree (all-reduce), finish the step, checkpoint and exit with EXIT_PREEMPTED
+(75); the script then runs `scontrol requeue`, and the requeued job resumes by itself
+(`--train.resume=auto`). Torch-free: this runs on a login node.
+
+Each submission is appended to a job registry (one JSON line per job: job id, recipe, script,
+submit time, working folder) in $CLUSTERLM_HOME/jobs.jsonl, else ~/.cache/clusterlm/jobs.jsonl.
+`clusterlm jobs` reads their state from sacct, falling back to squeue and then `scontrol show job`
+when the cluster keeps no accounting (sacct then fails), with the requeue count from
+`scontrol show job` (Restarts=) or from sacct's duplicate records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from clusterlm.errors import ClusterlmError, ConfigError
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # clusterlm.cli.EXIT_PREEMPTED (not imported: cli is the top of the import graph)
+REGISTRY_VERSION = 1
+_TIME_RE = re.compile(r"^(?:(\d+)-)?(\d{1,3}):(\d{2}):(\d{2})$")  # [D-]HH:MM:SS
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.,+\-]+$")  # job names, partitions, accounts: no spaces or quotes
+# Slurm job states that will not change any more (squeue/sacct/scontrol spell them the same)
+TERMINAL_STATES = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
+                             "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT", "REVOKED"})
+
+
+def parse_time_limit(value: str) -> int:
+    """Slurm time limit "[D-]HH:MM:SS" -> seconds; anything else raises with the valid forms."""
+    m = _TIME_RE.match(value.strip())
+    if m is None:
+        raise ConfigError(f"--time={value!r} is not a time limit; use HH:MM:SS or D-HH:MM:SS (e.g. 04:00:00, 1-12:00:00)")
+    days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())
+    if minutes >= 60 or seconds >= 60:
+        raise ConfigError(f"--time={value!r}: minutes and seconds must be < 60")
+    total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    if total == 0:
+        raise ConfigError(f"--time={value!r} is zero; give a positive time limit")
+    return total
+
+
+@dataclass(frozen=True)
+class SbatchOptions:
+    """What `clusterlm launch --slurm` asks Slurm for."""
+
+    nodes: int = 1
+    ntasks_per_node: int = 1
+    """tasks (training processes) per node: one per device"""
+    gpus_per_node: int = 0
+    """GPUs per node (--gpus-per-node); 0 = CPU-only, no GPU request"""
+    cpus_per_task: int = 1
+    time: str = ""
+    """time limit [D-]HH:MM:SS; empty = the partition's default"""
+    partition: str = ""
+    account: str = ""
+    job_name: str = "clusterlm"
+    signal_seconds: int = 120
+    """SIGUSR2 this many seconds before the time limit: time to finish a step and checkpoint"""
+    extra: tuple[str, ...] = ()
+    """further #SBATCH options, each one "--key=value" (e.g. --exclusive, --mem=0)"""
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "ntasks_per_node", "cpus_per_task"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')}={value} must be an integer >= 1")
+        if self.gpus_per_node < 0:
+            raise ConfigError(f"--gpus-per-node={self.gpus_per_node} must be >= 0 (0 = no GPUs)")
+        if not 1 <= self.signal_seconds <= 65535:  # Slurm stores the offset in 16 bits
+            raise ConfigError(f"--signal-seconds={self.signal_seconds} must be in [1, 65535]")
+        if self.time and parse_time_limit(self.time) <= self.signal_seconds:
+            raise ConfigError(f"--time={self.time} ({parse_time_limit(self.time)} s) must be longer than "
+                              f"--signal-seconds={self.signal_seconds}: the job would be told to stop as it starts")
+        for name in ("partition", "account", "job_name"):
+            value = getattr(self, name)
+            if value and not _NAME_RE.match(value):
+                raise ConfigError(f"--{name.replace('_', '-')}={value!r}: use letters, digits and _ . , + - only")
+        if not self.job_name:
+            raise ConfigError("--job-name must not be empty")
+        for arg in self.extra:
+            if not arg.startswith("--") or any(c in arg for c in "\n\r"):
+                raise ConfigError(f"--sbatch-arg={arg!r} must be one sbatch option starting with '--' (e.g. --exclusive)")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ntasks_per_node
+
+
+def render_sbatch(opts: SbatchOptions, recipe: str | None, overrides: list[str], *, output_dir: str | Path,
+                  workdir: str | Path, python: str | None = None) -> str:
+    """The batch script: #SBATCH header, rendezvous variables, srun of `clusterlm train`, requeue on 75.
+
+    `recipe` and `python` should be absolute (the job may start in another shell, on another node);
+    the train overrides start with --train.resume=auto so a requeued job continues where it stopped
+    (an explicit --train.resume in `overrides` comes later and wins).
+    """
+    python = python or sys.executable
+    q = shlex.quote
+    header = [f"--job-name={opts.job_name}", f"--nodes={opts.nodes}", f"--ntasks-per-node={opts.ntasks_per_node}",
+              f"--cpus-per-task={opts.cpus_per_task}"]
+    if opts.gpus_per_node:
+        header.append(f"--gpus-per-node={opts.gpus_per_node}")
+    if opts.time:
+        header.append(f"--time={opts.time}")
+    if opts.partition:
+        header.append(f"--partition={opts.partition}")
+    if opts.account:
+        header.append(f"--account={opts.account}")
+    header += [f"--signal=USR2@{opts.signal_seconds}", "--requeue", "--open-mode=append",
+               f"--output={Path(output_dir) / 'slurm-%j.out'}", f"--chdir={workdir}", *opts.extra]
+    train = [python, "-m", "clusterlm", "train", *([recipe] if recipe else []), "--train.resume=auto", *overrides]
+    srun = ["srun", f"--cpus-per-task={opts.cpus_per_task}", "--wait=120"]
+    lines = [
+        "#!/bin/bash",
+        f"# rendered by `clusterlm launch --slurm` for {recipe or '(defaults + overrides)'}",
+        *(f"#SBATCH {h}" for h in header),
+        "",
+        "set -uo pipefail",
+        "# rendezvous on the first node of the allocation; the port comes from the job id (and the restart",
+        "# count), so jobs sharing a node, and a requeued job's new round, do not collide",
+        'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"',
+        "export MASTER_PORT=$(( 20000 + (SLURM_JOB_ID * 8 + ${SLURM_RESTART_COUNT:-0} % 8) % 40000 ))",
+        'echo "clusterlm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST,'
+        ' $SLURM_NTASKS tasks, master $MASTER_ADDR:$MASTER_PORT, $(date -u +%FT%TZ)"',
+        "",
+        "# one task per device; srun reads SLURM_CPUS_PER_TASK no more (22.05), so it is passed again;",
+        "# --wait: when one task ends, the others get 120 s before srun stops them",
+        " ".join(q(a) for a in srun) + " \\",
+        "    " + " ".join(q(a) for a in train),
+        "rc=$?",
+        f"if [ \"$rc\" -eq {EXIT_PREEMPTED} ]; then",
+        "    # preempted (SIGUSR2 before the time limit, or scancel --signal=USR2): every rank finished its",
+        "    # step and the checkpoint is saved; put the job back in the queue, it resumes by itself",
+        f'    echo "clusterlm: exit {EXIT_PREEMPTED} (checkpoint saved): requeueing job $SLURM_JOB_ID"',
+        '    scontrol requeue "$SLURM_JOB_ID" && exit 0',
+        '    echo "clusterlm: scontrol requeue failed; resubmit this script to resume" >&2',
+        "fi",
+        'echo "clusterlm: srun exited with $rc"',
+        "exit $rc",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---- job registry -----------------------------------------------------------------------------
+def registry_path(env: dict[str, str] | None = None) -> Path:
+    """$CLUSTERLM_HOME/jobs.jsonl, else $XDG_CACHE_HOME/clusterlm/jobs.jsonl, else ~/.cache/clusterlm/jobs.jsonl."""
+    env = os.environ if env is None else env
+    if env.get("CLUSTERLM_HOME"):
+        return Path(env["CLUSTERLM_HOME"]) / "jobs.jsonl"
+    cache = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "clusterlm" / "jobs.jsonl"
+
+
+def record_job(path: Path, record: dict) -> None:
+    """Append one JSON line with a single O_APPEND write, then fsync: concurrent submitters never
+    interleave, and a reader sees whole lines (a torn last line after a crash is skipped on read)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps({"version": REGISTRY_VERSION, **record}, sort_keys=False) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_registry(path: Path) -> list[dict]:
+    """The registry's records in submit order; unreadable lines are skipped with a warning."""
+    if not path.is_file():
+        return []
+    records = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s:%d is not JSON (a torn write?): skipped", path, i)
+            continue
+        if isinstance(rec, dict) and "job_id" in rec:
+            records.append(rec)
+    return records
+
+
+# ---- job state: parsers of recorded outputs, then the runner ------------------------------------
+@dataclass
+class JobState:
+    job_id: str
+    state: str = "UNKNOWN"
+    restarts: int | None = None
+    exit_code: str = ""
+    elapsed: str = ""
+    nodes: str = ""
+    reason: str = ""
+    source: str = ""  # sacct, squeue or scontrol
+
+
+def parse_sacct(text: str) -> dict[str, JobState]:
+    """`sacct --noheader --parsable2 -X -D --format=JobID,State,ExitCode,Elapsed,NodeList` -> states.
+
+    With -D every requeued run of a job is its own line (State REQUEUED or PREEMPTED), so restarts =
+    lines - 1; the last line is the current run. "CANCELLED by 0" keeps only the state word.
+    """
+    out: dict[str, JobState] = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) < 5 or not parts[0]:
+            continue
+        job_id, state, exit_code, elapsed, nodes = parts[:5]
+        prev = out.get(job_id)
+        out[job_id] = JobState(job_id, state.split()[0] if state else "UNKNOWN",
+                               0 if prev is None else (prev.restarts or 0) + 1, exit_code, elapsed, nodes, "", "sacct")
+    return out
+
+
+def parse_squeue(text: str) -> dict[str, JobState]:
+    """`squeue --noheader --states=all --format=%i|%T|%M|%N|%r` -> states (no restart count in squeue)."""
+    out = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) < 5 or not parts[0]:
+            continue
+        job_id, state, elapsed, nodes, reason = parts[:5]
+        out[job_id] = JobState(job_id, state, None, "", elapsed, nodes, "" if reason == "None" else reason, "squeue")
+    return out
+
+
+def parse_scontrol_show_job(text: str) -> dict[str, JobState]:
+    """`scontrol show job [-o]` (one or many jobs, one line each or multi-line blocks) -> states."""
+    out = {}
+    for block in re.split(r"\n\s*\n", text.strip()):
+        fields = _key_values(block)
+        if "JobId" not in fields:
+            continue
+        restarts = fields.get("Restarts", "")
+        reason = fields.get("Reason", "")
+        out[fields["JobId"]] = JobState(fields["JobId"], fields.get("JobState", "UNKNOWN"),
+                                        int(restarts) if restarts.isdigit() else None, fields.get("ExitCode", ""),
+                                        fields.get("RunTime", ""), fields.get("NodeList", ""),
+                                        "" if reason == "None" else reason, "scontrol")
+    if not out and text.strip() and "JobId=" in text:
+        raise ValueError(f"cannot read `scontrol show job` output: {text[:200]!r}")
+    return out
+
+
+def _key_values(block: str) -> dict[str, str]:
+    """Key=Value tokens separated by white space; a token without '=' continues the previous value
+    (values such as Command= or Comment= may hold spaces)."""
+    fields: dict[str, str] = {}
+    last = None
+    for token in block.split():
+        key, eq, value = token.partition("=")
+        if eq and re.fullmatch(r"[A-Za-z][\w:/]*", key):
+            fields[key] = value
+            last = key
+        elif last is not None:
+            fields[last] += " " + token
+    return fields
+
+
+Runner = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    if shutil.which(cmd[0]) is None:
+        return subprocess.CompletedProcess(cmd, 127, "", f"{cmd[0]}: not found")
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(cmd, 124, "", f"{cmd[0]}: no answer in 30 s")
+
+
+def query_states(job_ids: Iterable[str], run: Runner = _run) -> dict[str, JobState]:
+    """State of each job: sacct first (it remembers finished jobs), then squeue, then `scontrol show job`
+    for the ones left; the restart count from scontrol (Restarts=) where it knows the job."""
+    ids = list(dict.fromkeys(str(j) for j in job_ids))
+    if not ids:
+        return {}
+    states: dict[str, JobState] = {}
+    r = run(["sacct", "--noheader", "--parsable2", "-X", "-D", f"--jobs={','.join(ids)}",
+             "--format=JobID,State,ExitCode,Elapsed,NodeList"])
+    if r.returncode == 0:  # fails with "Slurm accounting storage is disabled" without slurmdbd
+        states.update({k: v for k, v in parse_sacct(r.stdout).items() if k in ids})
+    else:
+        log.debug("sacct: %s", r.stderr.strip())
+    if len(states) < len(ids):
+        r = run(["squeue", "--noheader", "--states=all", "--format=%i|%T|%M|%N|%r"])
+        if r.returncode == 0:
+            states.update({k: v for k, v in parse_squeue(r.stdout).items() if k in ids and k not in states})
+    r = run(["scontrol", "show", "job", "-o"])  # every job slurmctld still holds (MinJobAge)
+    if r.returncode == 0:
+        for k, v in parse_scontrol_show_job(r.stdout).items():
+            if k not in ids:
+                continue
+            if k not in states:
+                states[k] = v
+            elif v.restarts is not None:
+                states[k].restarts = v.restarts
+    return {j: states.get(j, JobState(j, "UNKNOWN", source="")) for j in ids}
+
+
+# ---- commands ---------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `clusterlm launch --slurm` options (launch.py owns the parser)."""
+    g = parser.add_argument_group("Slurm (with --slurm: render an sbatch script, submit it, print the job id)")
+    g.add_argument("--slurm", action="store_true", help="submit to Slurm with sbatch instead of running torchrun here")
+    g.add_argument("--nodes", type=int, default=1, help="nodes to allocate")
+    g.add_argument("--ntasks-per-node", type=int, default=None,
+                   help="training processes per node (default: --gpus-per-node, else world size / nodes)")
+    g.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (0: CPU-only job)")
+    g.add_argument("--cpus-per-task", type=int, default=1, help="CPU cores per training process")
+    g.add_argument("--time", default="", help="time limit [D-]HH:MM:SS (default: the partition's)")
+    g.add_argument("--partition", default="", help="Slurm partition")
+    g.add_argument("--account", default="", help="Slurm account to charge")
+    g.add_argument("--job-name", default="clusterlm", help="Slurm job name")
+    g.add_argument("--output", default="", help="folder for the script and slurm-JOBID.out (default: train.out_dir)")
+    g.add_argument("--signal-seconds", type=int, default=120,
+                   help="SIGUSR2 this many seconds before the time limit (checkpoint, exit 75, requeue)")
+    g.add_argument("--sbatch-arg", action="append", default=[], metavar="--KEY=VALUE",
+                   help="one more #SBATCH option, repeatable (e.g. --sbatch-arg=--exclusive)")
+
+
+def resolve_recipe(recipe: str | None) -> str | None:
+    """Absolute path of a recipe file or of a bundled recipe named by stem."""
+    if recipe is None:
+        return None
+    from clusterlm.config import bundled_recipes
+
+    path = Path(recipe)
+    if path.is_file():
+        return str(path.resolve())
+    bundled = bundled_recipes()
+    if len(path.parts) == 1 and path.stem in bundled:
+        return str(bundled[path.stem].resolve())
+    raise FileNotFoundError(f"recipe {recipe} does not exist; bundled recipes: {', '.join(bundled)}")
+
+
+def submit(args: argparse.Namespace, overrides: list[str], run: Runner = _run) -> int:
+    """`clusterlm launch RECIPE --slurm ...`: validate, render, show, write, sbatch, record. Returns 0."""
+    from clusterlm.config import load_run_config
+    from clusterlm.fsutil import atomic_write_text
+
+    recipe = resolve_recipe(args.recipe)
+    cfg = load_run_config(recipe, overrides)  # bad overrides fail here, before anything is written
+    world = cfg.parallel.world_size
+    ntasks = args.ntasks_per_node
+    if ntasks is None:
+        ntasks = args.gpus_per_node or (world // args.nodes if args.nodes >= 1 and world % args.nodes == 0 else 1)
+    opts = SbatchOptions(nodes=args.nodes, ntasks_per_node=ntasks, gpus_per_node=args.gpus_per_node,
+                         cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition,
+                         account=args.account, job_name=args.job_name, signal_seconds=args.signal_seconds,
+                         extra=tuple(args.sbatch_arg))
+    if opts.world_size != world:
+        raise ConfigError(f"--nodes={opts.nodes} x --ntasks-per-node={opts.ntasks_per_node} = {opts.world_size} tasks, "
+                          f"but the recipe's [parallel] layout needs dp_replicate*dp_shard*tp*pp = "
+                          f"{cfg.parallel.dp_replicate}*{cfg.parallel.dp_shard}*{cfg.parallel.tp}*{cfg.parallel.pp} = "
+                          f"{world}; change the task counts or set e.g. --parallel.dp_shard={opts.world_size}")
+    if opts.gpus_per_node and opts.ntasks_per_node != opts.gpus_per_node:
+        log.warning("--ntasks-per-node=%d != --gpus-per-node=%d: clusterlm expects one task per GPU",
+                    opts.ntasks_per_node, opts.gpus_per_node)
+    out_dir = Path(args.output or cfg.train.out_dir).resolve()
+    workdir = Path.cwd()
+    script = render_sbatch(opts, recipe, overrides, output_dir=out_dir, workdir=workdir)
+    print(script, end="")
+    if args.dry_run:
+        return 0
+    if shutil.which("sbatch") is None:
+        raise ClusterlmError("Slurm is not installed here: `sbatch` is not on PATH. Run this on a Slurm login node, "
+                             "add --dry-run to only see the script, or use --nproc-per-node N to run with torchrun")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    script_path = out_dir / f"{opts.job_name}-{stamp}.sbatch"
+    atomic_write_text(script_path, script)
+    r = run(["sbatch", "--parsable", str(script_path)])
+    if r.returncode != 0:
+        raise ClusterlmError(f"sbatch {script_path} failed (exit {r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
+    job_id = r.stdout.strip().splitlines()[-1].split(";")[0].strip() if r.stdout.strip() else ""
+    if not job_id:
+        raise ClusterlmError(f"sbatch {script_path} printed no job id: {r.stdout!r} {r.stderr!r}")
+    record_job(registry_path(), {"job_id": job_id, "job_name": opts.job_name, "recipe": recipe,
+                                 "overrides": overrides, "script": str(script_path),
+                                 "log": str(out_dir / f"slurm-{job_id}.out"), "out_dir": str(cfg.train.out_dir),
+                                 "cwd": str(workdir), "submit_time": _now_iso(),
+                                 "slurm_conf": os.environ.get("SLURM_CONF", "")})
+    print(f"submitted batch job {job_id}  (script {script_path}; log {out_dir / f'slurm-{job_id}.out'}; "
+          f"watch with `clusterlm jobs`)")
+    return 0
+
+
+def _now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class JobRow:
+    record: dict
+    state: JobState = field(default_factory=lambda: JobState(""))
+
+    def as_dict(self) -> dict:
+        return {**self.record, **{k: v for k, v in asdict(self.state).items() if k != "job_id"}}
+
+
+def list_jobs(path: Path, show_all: bool = False, run: Runner = _run, recent: int = 10) -> list[JobRow]:
+    """Registry records with their Slurm state: unfinished jobs and the `recent` newest (all with show_all)."""
+    records = read_registry(path)
+    states = query_states([r["job_id"] for r in records], run) if records else {}
+    rows = [JobRow(r, states.get(str(r["job_id"]), JobState(str(r["job_id"])))) for r in records]
+    if show_all:
+        return rows
+    newest = {id(r) for r in rows[-recent:]}
+    return [r for r in rows if id(r) in newest or r.state.state not in TERMINAL_STATES]
+
+
+def format_table(rows: list[JobRow]) -> str:
+    header = ("JOBID", "STATE", "RESTARTS", "ELAPSED", "SUBMITTED", "NAME", "RECIPE", "LOG")
+    lines = [header]
+    for row in rows:
+        rec, st = row.record, row.state
+        recipe = Path(rec["recipe"]).name if rec.get("recipe") else "-"
+        lines.append((str(rec["job_id"]), st.state + (f" ({st.reason})" if st.reason else ""),
+                      "-" if st.restarts is None else str(st.restarts), st.elapsed or "-",
+                      str(rec.get("submit_time", "-"))[:19], rec.get("job_name", "-"), recipe, rec.get("log", "-")))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1] for line in lines)
+
+
+def jobs_main(argv: list[str]) -> int:
+    """`clusterlm jobs [--all] [--json]`."""
+    parser = argparse.ArgumentParser(
+        prog="clusterlm jobs",
+        description="List runs submitted with `clusterlm launch --slurm` (from the job registry) with their Slurm "
+                    "state (sacct, else squeue, else scontrol) and requeue count.")
+    parser.add_argument("--all", action="store_true", help="every recorded job (default: unfinished + 10 newest)")
+    parser.add_argument("--json", action="store_true", help="one JSON list instead of a table")
+    parser.add_argument("--registry", default=None, help=f"registry file (default: {registry_path()})")
+    args = parser.parse_args(argv)
+    path = Path(args.registry) if args.registry else registry_path()
+    if args.registry and not path.is_file():
+        raise FileNotFoundError(f"job registry {path} does not exist")
+    if shutil.which("squeue") is None and shutil.which("scontrol") is None:
+        log.warning("Slurm commands are not on PATH: job states are unknown")
+    rows = list_jobs(path, show_all=args.all)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+    elif not rows:
+        print(f"no jobs recorded in {path}; submit one with `clusterlm launch RECIPE --slurm`")
+    else:
+        print(format_table(rows))
+    return 0
