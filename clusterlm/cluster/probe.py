@@ -3,6 +3,8 @@
     clusterlm probe                                  # print the node as a tree
     clusterlm probe --out node.toml --quick          # write it (clusterlm plan --cluster node.toml)
     clusterlm probe --out node.toml --checkpoint-dir /scratch/ckpt
+    torchrun --nproc-per-node 8 -m clusterlm probe --out node.toml     # + all-reduce busbw over 8 ranks
+    clusterlm probe --all-nodes --out cluster.toml   # inside salloc/sbatch: every node (probe_all.py)
 
 Inventory (no torch): CPU (lscpu, else /proc/cpuinfo), memory (/proc/meminfo), GPUs (nvidia-smi
 query and `topo -m`), network (/sys/class/net/*/speed, /sys/class/infiniband/*/ports/*/rate),
@@ -13,13 +15,16 @@ bandwidth of the checkpoint folder. Each step fails soft: what could not be read
 recorded in the spec's [notes] as "unavailable: reason", never guessed. Text parsing lives in
 clusterlm.cluster.parsers; this file only runs things.
 
-All-reduce bus bandwidth across ranks (under torchrun/srun) belongs to the distributed launcher and
-is not measured here yet; docs/planner.md says how a measured figure enters a spec.
+Under torchrun or srun (world size > 1) every rank first joins an all-reduce sweep
+(clusterlm.parallel.collectives); rank 0 then probes its node alone and writes the spec with the
+measured bus bandwidth in the intra-node link (all ranks on one host) or the inter-node link.
+With --no-allreduce, local rank 0 of every node probes its node (what `--all-nodes` runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import logging
 import os
@@ -35,9 +40,23 @@ from typing import Any, Callable
 from clusterlm.cluster import hardware, parsers
 from clusterlm.cluster.spec import (ClusterSpec, CpuSpec, DeviceSpec, LinkSpec, NodeType, SchedulerSpec, StorageSpec,
                                     render_tree, save_spec)
+from clusterlm.errors import ClusterlmError
+from clusterlm.parallel.collectives import AllReduceResult, fmt_bytes
+from clusterlm.parallel.launch import read_env
 
 log = logging.getLogger(__name__)
 GIB = 1024**3
+
+
+class ProbeError(ClusterlmError):
+    """A probe that cannot run as asked (no Slurm allocation, srun missing, a node that failed)."""
+
+
+def node_name(env: dict[str, str] | None = None) -> str:
+    """This node's name: Slurm's own (SLURMD_NODENAME, set by srun in every task; the name its node
+    lists use) when running under srun, else the host name."""
+    env = os.environ if env is None else env
+    return env.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def _run(cmd: list[str], timeout: float = 20.0) -> str:
@@ -223,6 +242,117 @@ def measure_copy_bandwidth(device: str, nbytes: int, seconds: float) -> float:
     return 2 * nbytes / per / 1e9
 
 
+# ---- step primitives for the planner's per-op step model (docs/planner.md, "Step time") -----------------
+# GEMM shape grids (M, N, K) for the matmul sweep: M = tokens of a micro-batch (or a head's T), N and
+# K = model dimensions; the planner interpolates between them in log space. The CPU grid's largest
+# product is 69 GFLOP (0.2 s at 0.35 TFLOP/s); the GPU grid reaches the sizes where tensor cores
+# saturate.
+SWEEP_GRID_CPU = ((128, 512, 2048), (64, 256, 1024, 4096), (64, 256, 1024, 4096))
+SWEEP_GRID_GPU = ((512, 2048, 8192), (256, 1024, 4096, 16384), (256, 1024, 4096, 16384))
+ELEMENTWISE_ELEMS = tuple(4**i for i in range(6, 14))  # 4 Ki .. 64 Mi fp32 elements per operand
+ELEMENTWISE_ELEMS_QUICK = tuple(4**i for i in range(6, 13))
+
+
+def measure_matmul_sweep(device: str, dtype: str, grid: tuple[tuple[int, ...], ...],
+                         seconds: float) -> tuple[tuple[float, float, float, float], ...]:
+    """Rows (M, N, K, TFLOP/s) of C = A @ W^T with A (M, K) and W (N, K), nn.Linear's forward
+    layout, for every M, N, K of `grid`; `seconds` is the time budget of each shape (the fastest
+    of at least 3 calls)."""
+    import torch
+
+    tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
+    rows = []
+    for m in grid[0]:
+        for n in grid[1]:
+            for k in grid[2]:
+                a = torch.randn(m, k, device=device, dtype=tdt)
+                w = torch.randn(n, k, device=device, dtype=tdt)
+                a @ w.t()  # warm-up
+                sync()
+                best, calls, start = float("inf"), 0, time.perf_counter()
+                while calls < 3 or time.perf_counter() - start < seconds:  # fastest of >= 3 calls
+                    t0 = time.perf_counter()
+                    a @ w.t()
+                    sync()
+                    best, calls = min(best, time.perf_counter() - t0), calls + 1
+                rows.append((float(m), float(n), float(k), round(2 * m * n * k / best / 1e12, 5)))
+    return tuple(rows)
+
+
+def measure_elementwise_sweep(device: str, sizes: tuple[int, ...], seconds: float) -> tuple[tuple[float, float], ...]:
+    """Rows (bytes moved per call, GB/s) of c = a + b in fp32 at growing sizes: from caches to main
+    memory. Bytes moved = 12 per element (two reads, one write)."""
+    import torch
+
+    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
+    rows = []
+    for n in sizes:
+        a = torch.ones(n, device=device)
+        b = torch.ones(n, device=device)
+        c = torch.empty(n, device=device)
+        per = _timed(lambda: torch.add(a, b, out=c), sync, seconds)
+        rows.append((float(12 * n), round(12 * n / per / 1e9, 3)))
+    return tuple(rows)
+
+
+def measure_transcendental_rate(device: str, n: int, seconds: float) -> float:
+    """Giga-elements per second of exp and tanh (the slower of the two) on n fp32 elements that stay
+    in cache: what softmax, cross-entropy, GELU and SiLU pay per element beyond their memory traffic."""
+    import torch
+
+    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
+    a = torch.randn(n, device=device)
+    b = torch.empty(n, device=device)
+    per = max(_timed(lambda: torch.exp(a, out=b), sync, seconds), _timed(lambda: torch.tanh(a, out=b), sync, seconds))
+    return n / per / 1e9
+
+
+def measure_op_overhead(device: str, seconds: float, ops: int = 64) -> float:
+    """Microseconds per tiny autograd op, forward + backward: a chain of `ops` multiplies of an
+    8-element tensor that records the graph, then backward through it. The fixed cost (dispatch,
+    autograd bookkeeping, kernel launch on a GPU) that every op of a training step pays."""
+    import torch
+
+    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
+    x = torch.ones(8, device=device, requires_grad=True)
+
+    def chain() -> None:
+        y = x
+        for _ in range(ops):
+            y = y * 1.0001
+        y.sum().backward()
+
+    return _timed(chain, sync, seconds) / ops * 1e6
+
+
+def measure_step_primitives(probe: Probe, device: str, dtypes: list[str], quick: bool, cpu: bool) -> dict[str, Any]:
+    """The figures the planner's per-op step model reads (DeviceSpec fields of the same names); a
+    failed measurement is left out and noted, and the planner then says which figure is missing."""
+    grid = SWEEP_GRID_CPU if cpu else SWEEP_GRID_GPU
+    per_shape = 0.02 if quick else 0.1
+    out: dict[str, Any] = {"matmul_sweep": {}}
+    for dt in dtypes:
+        if dt not in ("fp32", "bf16", "fp16"):
+            continue
+        rows = probe.step(f"matmul_sweep_{dt}_{device}", lambda dt=dt: measure_matmul_sweep(device, dt, grid, per_shape))
+        if rows:
+            out["matmul_sweep"][dt] = rows
+    sizes = ELEMENTWISE_ELEMS_QUICK if quick else ELEMENTWISE_ELEMS
+    ew = probe.step(f"elementwise_sweep_{device}", lambda: measure_elementwise_sweep(device, sizes, 0.05 if quick
+                                                                                       else 0.2))
+    if ew:
+        out["elementwise_sweep"] = ew
+    tr = probe.step(f"transcendental_{device}", lambda: measure_transcendental_rate(device, 1 << 18 if cpu else 1 << 26,
+                                                                                    0.1 if quick else 0.3))
+    if tr is not None:
+        out["transcendental_gelem_s"] = round(tr, 4)
+    oh = probe.step(f"op_overhead_{device}", lambda: measure_op_overhead(device, 0.1 if quick else 0.3))
+    if oh is not None:
+        out["op_overhead_us"] = round(oh, 3)
+    return out
+
+
 def measure_storage(folder: str, nbytes: int) -> tuple[float, float]:
     """(write GB/s including fsync, read GB/s after dropping the file from the page cache) for a
     temporary file in `folder`, removed afterwards."""
@@ -278,10 +408,10 @@ def _cpu_bf16_supported(cpu: CpuSpec) -> bool:
 
 # ---- the node spec --------------------------------------------------------------------------------------
 def probe_node(*, quick: bool = False, checkpoint_dir: str = ".", measure: bool = True,
-               work_dir: str = ".") -> ClusterSpec:
+               work_dir: str = ".", hostname: str | None = None) -> ClusterSpec:
     """Probe this node; return it as a one-node ClusterSpec. Never raises for a missing tool."""
     probe = Probe()
-    host = socket.gethostname()
+    host = hostname or socket.gethostname()
     cpu = probe.step("cpu", probe_cpu, CpuSpec(model=platform.processor() or "unknown"))
     mem = probe.step("memory", lambda: parsers.parse_meminfo(_read("/proc/meminfo")), {})
     memory_gib = round(mem.get("MemTotal", 0) / GIB, 2)
@@ -308,32 +438,34 @@ def probe_node(*, quick: bool = False, checkpoint_dir: str = ".", measure: bool 
         if len({g.name for g in gpus}) > 1:
             probe.notes["gpus"] = f"mixed GPU models {sorted({g.name for g in gpus})}; described as {name}"
         acc = hardware.lookup_accelerator(name)
-        measured, bw = {}, None
+        measured, bw, prims = {}, None, {}
         if torch_ok:
             import torch
 
             if torch.cuda.is_available():
                 dts = ["fp32", "tf32"] + (["bf16"] if torch.cuda.is_bf16_supported() else []) + ["fp16"]
                 measured, bw = _measure_device(probe, "cuda:0", dts, quick, cpu=False)
+                prims = measure_step_primitives(probe, "cuda:0", dts, quick, cpu=False)
             else:
                 probe.notes["gpu_measurement"] = "unavailable: torch sees no CUDA device"
         device = DeviceSpec(name=name, kind="cuda", count=len(gpus), memory_gib=round(min(g.memory_mib for g in gpus)
                                                                                          / 1024, 2),
                             memory_bandwidth_gbs=acc.memory_bandwidth_gbs if acc else None,
-                            measured_memory_bandwidth_gbs=bw, measured_tflops=measured,
+                            measured_memory_bandwidth_gbs=bw, measured_tflops=measured, **prims,
                             compute_capability=gpus[0].compute_capability,
                             source=(f"probe; peaks from hardware table {acc.key}" if acc else
                                     "probe; not in the hardware table: peak unknown, measured figures only"))
     else:
-        measured, bw = {}, None
+        measured, bw, prims = {}, None, {}
         if torch_ok:
             dts = ["fp32"] + (["bf16"] if _cpu_bf16_supported(cpu) else [])
             measured, bw = _measure_device(probe, "cpu", dts, quick, cpu=True)
+            prims = measure_step_primitives(probe, "cpu", dts, quick, cpu=True)
             import torch
 
             probe.notes["cpu_threads"] = f"torch intra-op threads during the measurement: {torch.get_num_threads()}"
         device = DeviceSpec(name=cpu.model, kind="cpu", count=1, memory_gib=memory_gib,
-                            measured_memory_bandwidth_gbs=bw, measured_tflops=measured,
+                            measured_memory_bandwidth_gbs=bw, measured_tflops=measured, **prims,
                             source="probe: CPU as one device; no cited peak (depends on cores, clocks, ISA)")
     if measure and storage:
         target = storage[-1]
@@ -349,17 +481,98 @@ def probe_node(*, quick: bool = False, checkpoint_dir: str = ".", measure: bool 
                        storage=tuple(storage), scheduler=scheduler, notes=probe.notes)
 
 
+# ---- all-reduce bus bandwidth into the spec -------------------------------------------------------------
+def _with_measured(link: LinkSpec, busbw: float, what: str) -> LinkSpec:
+    source = f"{link.source}; measured_busbw_gbs: {what}" if link.source else f"measured_busbw_gbs: {what}"
+    return dataclasses.replace(link, measured_busbw_gbs=busbw, source=source)
+
+
+def with_allreduce(spec: ClusterSpec, result: AllReduceResult) -> ClusterSpec:
+    """`spec` with the measured all-reduce bus bandwidth in the link it crossed: the intra-node link of
+    the ranks' node type when they all ran on one host, else the inter-node link. A link the probe
+    could not describe is added: the intra-node one from the hardware table (shared memory between
+    CPU processes, PCIe between GPUs), the inter-node one with its nominal bandwidth unknown (set to
+    the measurement, and said so in its source)."""
+    busbw = round(result.busbw_gbs, 4)
+    top = result.headline_points
+    what = (f"{result.summary()}; best busbw of the {len(top)} largest messages "
+            f"({fmt_bytes(top[0].nbytes)}..{fmt_bytes(top[-1].nbytes)})")
+    notes = {**spec.notes, "allreduce": f"{result.summary()}; ranks on {', '.join(dict.fromkeys(result.hosts))}",
+             "allreduce_busbw_gbs": ", ".join(f"{fmt_bytes(p.nbytes)} {p.busbw_gbs:g}" for p in result.points)}
+    if result.intra_node:
+        host = result.hosts[0]
+        match = [n for n in spec.node_types if host in n.hostnames] or list(spec.node_types[:1])
+        if not match:
+            raise ValueError(f"spec {spec.name!r} has no node type to hold the intra-node all-reduce figure")
+        node = match[0]
+        link = node.intra_link
+        if link is None:
+            cpu = node.device is None or node.device.kind == "cpu"
+            t = hardware.LINKS["shared-memory" if cpu else "pcie4-x16"]
+            link = LinkSpec(t.name, t.bandwidth_gbs, t.latency_us, 1, t.achievable_fraction,
+                            source=f"hardware table {t.key}: {t.source}")
+        node = dataclasses.replace(node, intra_link=_with_measured(link, busbw, what))
+        types = tuple(node if n.name == node.name else n for n in spec.node_types)
+        return dataclasses.replace(spec, node_types=types, notes=notes)
+    link = spec.inter_node_link or LinkSpec(
+        "network (not identified by the probe)", busbw,
+        source="nominal bandwidth unknown: bandwidth_gbs is the measured bus bandwidth")
+    return dataclasses.replace(spec, inter_node_link=_with_measured(link, busbw, what), notes=notes)
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="clusterlm probe", description="Inventory and benchmark this node; write a "
-                                "one-node cluster spec that `clusterlm plan --cluster` reads.")
-    p.add_argument("--out", default=None, help="write the node spec (TOML) here")
+                                "one-node cluster spec that `clusterlm plan --cluster` reads. Under torchrun or "
+                                "srun (2+ ranks) also measure all-reduce bus bandwidth across the ranks.")
+    p.add_argument("--out", default=None, help="write the node spec (TOML) here; {host} is replaced by the node name")
     p.add_argument("--quick", action="store_true", help="shorter measurements (seconds instead of tens of seconds)")
     p.add_argument("--checkpoint-dir", default=".", help="folder whose write/read bandwidth is measured")
-    p.add_argument("--no-measure", action="store_true", help="inventory only: no matmul, memory or storage timing")
+    p.add_argument("--no-measure", action="store_true", help="inventory only: no matmul, memory or storage timing "
+                   "(the all-reduce sweep still runs under torchrun/srun; see --no-allreduce)")
+    p.add_argument("--no-allreduce", action="store_true", help="under torchrun/srun: no all-reduce sweep; local "
+                   "rank 0 of every node probes its node and writes --out (use {host} in it)")
+    p.add_argument("--all-nodes", action="store_true", help="inside a Slurm allocation: probe every node with srun "
+                   "and merge the results into one cluster spec (see --nodes)")
+    p.add_argument("--nodes", type=int, default=None, help="with --all-nodes: number of nodes (default: all of the "
+                   "allocation; outside one, srun allocates this many)")
+    p.add_argument("--nodes-dir", default=None, help="with --all-nodes: folder on a shared filesystem for the "
+                   "per-node specs and logs (default: next to --out)")
     args = p.parse_args(argv)
-    spec = probe_node(quick=args.quick, checkpoint_dir=args.checkpoint_dir, measure=not args.no_measure)
+    if args.all_nodes:
+        from clusterlm.cluster.probe_all import probe_all_nodes
+
+        spec = probe_all_nodes(out=args.out, quick=args.quick, measure=not args.no_measure,
+                               checkpoint_dir=args.checkpoint_dir, nodes=args.nodes, nodes_dir=args.nodes_dir,
+                               allreduce=not args.no_allreduce)
+        print(render_tree(spec))
+        if args.out:
+            print(f"\nwrote {args.out}")
+        return 0
+    if args.nodes is not None or args.nodes_dir is not None:
+        raise ValueError("--nodes and --nodes-dir go with --all-nodes")
+    env = read_env()
+    host = node_name()
+    result = None
+    if env.world_size > 1 and not args.no_allreduce:
+        from clusterlm.parallel.collectives import measure_allreduce
+
+        result = measure_allreduce(host, quick=args.quick)  # every rank; the group is gone afterwards
+        if env.rank != 0:
+            return 0  # rank 0 alone probes (the node is quiet now) and writes
+    elif env.local_rank != 0:
+        return 0  # one probe per node
+    spec = probe_node(quick=args.quick, checkpoint_dir=args.checkpoint_dir, measure=not args.no_measure,
+                      hostname=host)
+    if result is not None:
+        spec = with_allreduce(spec, result)
+    elif env.world_size == 1 and not args.no_allreduce:
+        spec = dataclasses.replace(spec, notes={**spec.notes, "allreduce": "unavailable: one process; run under "
+                                                "torchrun or srun with 2+ ranks to measure bus bandwidth"})
     print(render_tree(spec))
+    if result is not None:
+        print("\n" + result.table())
     if args.out:
-        save_spec(spec, args.out)
-        print(f"\nwrote {args.out}")
+        out = args.out.replace("{host}", host)
+        save_spec(spec, out)
+        print(f"\nwrote {out}")
     return 0

@@ -1,0 +1,175 @@
+"""`clusterlm probe --all-nodes` without Slurm: the srun command lines (pure functions), and the whole
+command against a fake `srun` on PATH that runs the real probe once per emulated node.
+
+The fake srun is a small Python script: it reads --nodes/--ntasks-per-node/--output/--export, names
+the nodes from SLURM_JOB_NODELIST (or FAKE_SRUN_HOSTS), and starts every task at once with the
+variables real srun sets (SLURMD_NODENAME, SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NODEID,
+SLURM_NODELIST), its output in the --output file with %N/%n/%t filled in. The emulated hosts do not
+resolve, so it also sets MASTER_ADDR=127.0.0.1 (all "nodes" are this machine). FAKE_SRUN_FAIL=host
+makes that node's task die the way slurmstepd reports it; every call is appended to FAKE_SRUN_CALLS.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from clusterlm.cli import main as cli_main
+from clusterlm.cluster.probe_all import srun_allreduce_command, srun_probe_command
+from clusterlm.cluster.spec import load_spec
+
+FAKE_SRUN = r'''#!PYTHON
+import json, os, subprocess, sys
+sys.path.insert(0, REPO)
+from clusterlm.parallel.launch import expand_nodelist
+
+args = sys.argv[1:]
+opts = {}
+while args and args[0].startswith("--"):
+    key, _, value = args.pop(0)[2:].partition("=")
+    opts[key] = value
+with open(os.environ["FAKE_SRUN_CALLS"], "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\n")
+nodes, per = int(opts["nodes"]), int(opts.get("ntasks-per-node", "1"))
+hosts = (os.environ.get("FAKE_SRUN_HOSTS") or ",".join(expand_nodelist(os.environ["SLURM_JOB_NODELIST"]))).split(",")
+hosts = hosts[:nodes]
+extra = dict(kv.split("=", 1) for kv in opts.get("export", "ALL").split(",")[1:])
+procs = []
+for i, host in enumerate(hosts):
+    for t in range(per):
+        rank = i * per + t
+        path = opts["output"].replace("%N", host).replace("%n", str(i)).replace("%t", str(rank))
+        out = open(path, "w")
+        if host == os.environ.get("FAKE_SRUN_FAIL"):
+            out.write(f"slurmstepd: error: Detected 1 oom_kill event in StepId=1.0 on {host}\n")
+            procs.append(subprocess.Popen(["false"], stdout=out))
+            continue
+        env = dict(os.environ, **extra, SLURMD_NODENAME=host, SLURM_NODEID=str(i), SLURM_PROCID=str(rank),
+                   SLURM_LOCALID=str(t), SLURM_NTASKS=str(nodes * per), SLURM_NODELIST=",".join(hosts),
+                   MASTER_ADDR="127.0.0.1")
+        procs.append(subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env))
+codes = [p.wait() for p in procs]
+if any(codes):
+    print(f"srun: error: {sum(1 for c in codes if c)} task(s) exited with a non-zero status", file=sys.stderr)
+sys.exit(max(codes))
+'''
+
+
+def install_fake_srun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Put the fake srun first on PATH; returns the file its calls are logged to."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    srun = bin_dir / "srun"
+    srun.write_text(FAKE_SRUN.replace("#!PYTHON", "#!" + sys.executable)
+                    .replace("REPO", repr(str(Path(__file__).resolve().parents[2]))))
+    srun.chmod(0o755)
+    calls = tmp_path / "srun_calls.jsonl"
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SRUN_CALLS", str(calls))
+    for key in [k for k in os.environ if k.startswith(("SLURM", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))]:
+        monkeypatch.delenv(key)
+    return calls
+
+
+def in_allocation(monkeypatch: pytest.MonkeyPatch, nodelist: str = "fake[1-2]", nodes: int = 2) -> None:
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", str(nodes))
+    monkeypatch.setenv("SLURM_JOB_NODELIST", nodelist)
+
+
+def test_srun_commands():
+    """Step 1 is one probe task per node writing node-{host}.toml, logs per node name (%N), no all-reduce;
+    step 2 is one task per device with the rendezvous port exported and rank 0 writing the target."""
+    cmd = srun_probe_command(4, "/shared/p", quick=True, measure=False, checkpoint_dir="/ckpt", python="py")
+    assert cmd == ["srun", "--nodes=4", "--ntasks=4", "--ntasks-per-node=1", "--kill-on-bad-exit=0",
+                   "--output=/shared/p/node-%N.log", "py", "-m", "clusterlm", "probe", "--no-allreduce",
+                   "--out", "/shared/p/node-{host}.toml", "--checkpoint-dir", "/ckpt", "--quick", "--no-measure"]
+    full = srun_probe_command(1, "d", quick=False, measure=True, checkpoint_dir=".", python="py")
+    assert "--quick" not in full and "--no-measure" not in full
+    cmd = srun_allreduce_command(2, 8, "/shared/p/allreduce.toml", quick=False, master_port=21234, python="py")
+    assert cmd == ["srun", "--nodes=2", "--ntasks=16", "--ntasks-per-node=8", "--kill-on-bad-exit=1",
+                   "--output=/shared/p/allreduce-%N-%t.log", "--export=ALL,MASTER_PORT=21234",
+                   "py", "-m", "clusterlm", "probe", "--no-measure", "--out", "/shared/p/allreduce.toml"]
+    with pytest.raises(ValueError, match="nodes=1 x tasks_per_node=1"):
+        srun_allreduce_command(1, 1, "x.toml", quick=True, master_port=1)
+    with pytest.raises(ValueError, match="--nodes=0 must be >= 1"):
+        srun_probe_command(0, "d", quick=True, measure=True, checkpoint_dir=".")
+
+
+def test_all_nodes_merges_two_nodes(tmp_path, monkeypatch, capsys):
+    """Two emulated nodes (fake1, fake2, the same hardware) probed through srun become one node type with
+    count 2 and both host names; per-node files land in the nodes folder; srun got --nodes=2."""
+    calls = install_fake_srun(tmp_path, monkeypatch)
+    in_allocation(monkeypatch)
+    out = tmp_path / "cluster.toml"
+    rc = cli_main(["probe", "--all-nodes", "--no-measure", "--no-allreduce", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    spec = load_spec(out)
+    assert [(n.count, n.hostnames) for n in spec.node_types] == [(2, ("fake1", "fake2"))]
+    assert spec.name == "slurm-4242" and "fake1, fake2" in spec.description
+    assert sorted(p.name for p in (tmp_path / "cluster-nodes").glob("node-*")) == [
+        "node-fake1.log", "node-fake1.toml", "node-fake2.log", "node-fake2.toml"]
+    assert all(k.startswith(("fake1: ", "fake2: ")) for k in spec.notes)  # per-node notes keep their node
+    assert "allreduce" not in tomllib.loads(out.read_text()).get("notes", {})
+    (argv,) = [line for line in calls.read_text().splitlines()]
+    assert '"--nodes=2"' in argv and '"--no-allreduce"' in argv
+    assert "compute nodes: 2 node(s)" in capsys.readouterr().out
+
+
+def test_all_nodes_names_the_failed_node(tmp_path, monkeypatch, capsys):
+    """A node whose task died: exit 2, the message names that node and quotes the end of its log,
+    and no merged spec is written."""
+    install_fake_srun(tmp_path, monkeypatch)
+    in_allocation(monkeypatch)
+    monkeypatch.setenv("FAKE_SRUN_FAIL", "fake2")
+    out = tmp_path / "cluster.toml"
+    rc = cli_main(["probe", "--all-nodes", "--no-measure", "--no-allreduce", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "probe failed on 1 of 2 node(s)" in err and "srun exited 1" in err
+    assert "fake2: no spec written" in err and "oom_kill event" in err and "fake1:" not in err
+    assert not out.exists()
+
+
+def test_all_nodes_outside_allocation_and_without_srun(tmp_path, monkeypatch, capsys):
+    """No SLURM_JOB_ID and no --nodes: exit 2 saying to use salloc/sbatch or --nodes; --nodes beyond the
+    allocation is refused with the valid range; srun missing from PATH: exit 2 naming srun. With --nodes
+    outside an allocation srun allocates: it gets --nodes=2 and both nodes are merged."""
+    install_fake_srun(tmp_path, monkeypatch)
+    assert cli_main(["probe", "--all-nodes"]) == 2
+    err = capsys.readouterr().err
+    assert "SLURM_JOB_ID is not set" in err and "salloc or sbatch" in err and "--nodes N" in err
+
+    monkeypatch.setenv("FAKE_SRUN_HOSTS", "a1,a2")
+    out = tmp_path / "c.toml"
+    assert cli_main(["probe", "--all-nodes", "--nodes", "2", "--no-measure", "--no-allreduce", "--out", str(out)]) == 0
+    assert load_spec(out).node_types[0].hostnames == ("a1", "a2")
+
+    in_allocation(monkeypatch)
+    assert cli_main(["probe", "--all-nodes", "--nodes", "3"]) == 2
+    assert "--nodes=3 but job 4242 has 2 node(s); valid: 1..2" in capsys.readouterr().err
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert cli_main(["probe", "--all-nodes"]) == 2
+    assert "srun not found on PATH" in capsys.readouterr().err
+
+
+def test_single_probe_has_no_busbw_and_nodes_flag_needs_all_nodes(tmp_path, monkeypatch, capsys):
+    """One process: the spec holds no measured bus bandwidth anywhere (unknown, not 0) and a note says how
+    to measure it; --nodes without --all-nodes is refused."""
+    install_fake_srun(tmp_path, monkeypatch)
+    out = tmp_path / "n.toml"
+    assert cli_main(["probe", "--no-measure", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "measured_busbw_gbs" not in text
+    assert tomllib.loads(text)["notes"]["allreduce"].startswith("unavailable: one process")
+    assert cli_main(["probe", "--nodes", "2"]) == 2
+    assert "--nodes and --nodes-dir go with --all-nodes" in capsys.readouterr().err
