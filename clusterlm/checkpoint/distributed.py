@@ -13,7 +13,8 @@ store in clusterlm/checkpoint/store.py, whose helpers do the committing):
                               of the unsharded model), so any layout can read them back.
         train_state.json      step, tokens, loader position (a global sample index: reshards freely)
         config.toml, tokenizer.json
-        model.safetensors     full weights for eval/generate/export (written by rank 0; not with pp > 1)
+        model.safetensors     full weights for eval/generate/export (written by rank 0; with pp > 1 the
+                              stages' weights are gathered to rank 0 first)
         rng/rank-00000.{json,safetensors}   each rank's generators (python, numpy, torch CPU, CUDA)
         manifest.json         written last by rank 0, over every file above
 
@@ -48,7 +49,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from clusterlm.checkpoint.flatten import flatten_state, unflatten_state
 from clusterlm.checkpoint.store import (
-    REQUIRED_FILES,
+    DCP_DIR,
     _read_tensors,
     _write_json,
     _write_tensors,
@@ -57,9 +58,7 @@ from clusterlm.checkpoint.store import (
     move_latest,
     prune,
     remove_stale,
-    step_folders,
     step_name,
-    verify_checkpoint,
     write_manifest,
 )
 from clusterlm.errors import CheckpointError
@@ -67,9 +66,7 @@ from clusterlm.fsutil import atomic_write_text, fsync_dir
 
 log = logging.getLogger(__name__)
 
-DCP_DIR = "dcp"
 RNG_DIR = "rng"
-DIST_REQUIRED = ("train_state.json", "config.toml", f"{DCP_DIR}/.metadata")
 
 
 def _rank() -> int:
@@ -148,13 +145,18 @@ def _checkpoint_group():
 
 def save_distributed(ckpt_root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
                      train_state: dict[str, Any], config_toml: str, tokenizer_path: Path | None = None,
-                     keep_last: int = 3, full_weights: bool = True, async_save: bool = False) -> Path | PendingSave:
+                     keep_last: int = 3, full_weights: bool = True, async_save: bool = False,
+                     pipeline_stage_source: bool | None = None) -> Path | PendingSave:
     """Collective: every rank calls it with its shard of the model/optimizer; returns the step folder.
 
     async_save=True: the state is copied to CPU memory, written by a background thread, and a
     PendingSave is returned; every rank must later call `finish_save(pending)` (before the next save
     and before exiting), which waits for the writes and commits the folder. Until then no step folder
     is visible, so a crash in between loses only this checkpoint.
+
+    pipeline_stage_source: None without pipeline parallel. With pp > 1 each rank holds only its stage's
+    layers: True on the one rank per stage that sends its stage's full weights to rank 0 (dp and tp
+    coordinate 0), False on the others; rank 0 merges them into model.safetensors.
     """
     root, name = Path(ckpt_root), step_name(step)
     tmp = root / f".{name}.partial-dist"
@@ -176,7 +178,9 @@ def save_distributed(ckpt_root: Path, step: int, model: nn.Module, optimizer: to
             dcp.save(state, checkpoint_id=str(tmp / DCP_DIR))
         _save_rank_rng(tmp)  # before the barrier below, so rank 0's manifest covers every rank's file
         full = None
-        if full_weights:  # collective too: every rank takes part in the gather
+        if full_weights and pipeline_stage_source is not None:
+            full = _gather_pipeline_weights(model, pipeline_stage_source)
+        elif full_weights:  # collective too: every rank takes part in the gather
             full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         _barrier()
         if _rank() == 0:
@@ -204,6 +208,29 @@ def save_distributed(ckpt_root: Path, step: int, model: nn.Module, optimizer: to
     if async_save:
         return pending
     return finish_save(pending)
+
+
+def _gather_pipeline_weights(model: nn.Module, source: bool) -> dict[str, torch.Tensor] | None:
+    """Collective: every stage's full (unsharded) weights, merged on rank 0 (None elsewhere).
+
+    The stage modules keep the unsplit model's names (clusterlm.parallel.pp), so the union of the
+    stages' state dicts is the whole model's. Within a stage, `full_state_dict` gathers the FSDP/TP
+    shards on every rank (no cpu_offload: that would keep them on global rank 0 only, which is in stage
+    0); one rank per stage then sends its copy."""
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    mine = {k: v.detach().cpu() for k, v in full.items()} if source else {}
+    del full
+    parts: list[Any] = [None] * dist.get_world_size() if _rank() == 0 else []
+    dist.gather_object(mine, parts if _rank() == 0 else None, dst=0)
+    if _rank() != 0:
+        return None
+    merged: dict[str, torch.Tensor] = {}
+    for part in parts:
+        for k, v in part.items():
+            if k in merged:
+                raise CheckpointError(f"pipeline stages both hold '{k}': the stage split overlaps")
+            merged[k] = v
+    return merged
 
 
 def finish_save(pending: PendingSave) -> Path:
@@ -250,18 +277,3 @@ def load_distributed(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {path / 'train_state.json'}: {e}") from e
 
-
-def verify_any(path: Path) -> list[str]:
-    """Problems of a step folder in either format (distributed: dcp/ present; else the store's)."""
-    required = DIST_REQUIRED if is_distributed_checkpoint(path) else REQUIRED_FILES
-    return verify_checkpoint(path, required=required)
-
-
-def find_latest_valid_any(ckpt_root: Path) -> Path | None:
-    """Newest step folder, distributed or single-process, whose files match its manifest."""
-    for p in reversed(step_folders(Path(ckpt_root))):
-        problems = verify_any(p)
-        if not problems:
-            return p
-        log.warning("skipping corrupt checkpoint %s: %s", p, "; ".join(problems))
-    return None

@@ -58,6 +58,9 @@ STEP_RE = re.compile(r"^step-(\d+)$")
 STALE_RE = re.compile(r"^\.(step-\d+\.(partial|old|deleting)-.+|latest\..*\.tmp)$")
 # files load_checkpoint needs; optimizer.* and tokenizer.json are optional
 REQUIRED_FILES = ("model.safetensors", "rng.safetensors", "train_state.json", "config.toml")
+# a distributed (DCP) step folder, clusterlm/checkpoint/distributed.py: its dcp/ shards instead
+DCP_DIR = "dcp"
+DIST_REQUIRED_FILES = ("train_state.json", "config.toml", f"{DCP_DIR}/.metadata")
 RNG_KEY = "rng"  # reserved key in train_state.json
 ALIASES_META = "clusterlm.aliases"  # safetensors header: JSON {alias name: stored name}
 ORDER_META = "clusterlm.keys"  # safetensors header: JSON list of all names in the caller's order
@@ -423,9 +426,17 @@ def _check_file(folder: Path, name: str, info: dict) -> str | None:
     return None
 
 
-def verify_checkpoint(path: Path | str, required: Iterable[str] = REQUIRED_FILES) -> list[str]:
-    """Problems found in a step folder (empty list: every file matches the manifest's size and sha256)."""
+def required_files(folder: Path) -> tuple[str, ...]:
+    """The files a step folder of its format must list: distributed (has dcp/) or single-process."""
+    return DIST_REQUIRED_FILES if (Path(folder) / DCP_DIR).is_dir() else REQUIRED_FILES
+
+
+def verify_checkpoint(path: Path | str, required: Iterable[str] | None = None) -> list[str]:
+    """Problems found in a step folder (empty list: every file matches the manifest's size and sha256).
+
+    `required` defaults to what the folder's format needs (`required_files`)."""
     folder = Path(path)
+    required = required_files(folder) if required is None else required
     m, problems = _read_manifest(folder)
     if m is None:
         return problems

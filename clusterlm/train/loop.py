@@ -224,11 +224,12 @@ def _train(cfg: RunConfig) -> TrainResult:
     accum, tokens_per_step = batch_plan(tc, dims.dp)
 
     # -- resume point ------------------------------------------------------------------------------------
-    from clusterlm.checkpoint.distributed import find_latest_valid_any, is_distributed_checkpoint
+    from clusterlm.checkpoint.distributed import is_distributed_checkpoint
+    from clusterlm.checkpoint.store import find_latest_valid
 
     ckpt = ckpt_path = None
     if tc.resume == "auto":
-        ckpt_path = find_latest_valid_any(ckpt_root)
+        ckpt_path = find_latest_valid(ckpt_root)
         if ckpt_path is None:
             log.info("resume=auto: no valid checkpoint in %s, starting fresh", ckpt_root)
     elif tc.resume != "none":
@@ -336,8 +337,9 @@ def _train(cfg: RunConfig) -> TrainResult:
             async_ok = reason == "periodic" and cfg.checkpoint.async_save
             result = save_distributed(ckpt_root, state.step, model, opt, train_state=train_state,
                                       config_toml=to_toml(cfg), tokenizer_path=tokenizer_file,
-                                      keep_last=cfg.checkpoint.keep_last, full_weights=dims.pp == 1,
-                                      async_save=async_ok)
+                                      keep_last=cfg.checkpoint.keep_last, async_save=async_ok,
+                                      pipeline_stage_source=(coords.dp_rank == 0 and coords.tp == 0)
+                                      if dims.pp > 1 else None)
             if isinstance(result, PendingSave):
                 pending.append(result)
                 from clusterlm.checkpoint.store import step_name

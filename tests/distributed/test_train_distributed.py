@@ -104,3 +104,29 @@ def test_ddp_resume_with_dropout_is_bit_exact(data, tmp_path):
     resumed = train_losses(run)
     assert sorted(resumed) == [5, 6, 7, 8]
     assert {s: resumed[s] for s in resumed} == {s: ref[s] for s in resumed}
+
+
+def test_pipeline_run_writes_full_model_weights(data, tmp_path, monkeypatch):
+    """With pp=2 each rank holds half the layers; the checkpoint's model.safetensors still has the whole
+    model (the stages' weights gathered to rank 0), equal to the DCP shards loaded on one process."""
+    import torch
+
+    from clusterlm.checkpoint.distributed import load_distributed
+    from clusterlm.checkpoint.model_io import load_for_inference
+    from clusterlm.models.build import build_model
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(k, raising=False)
+    run = tmp_path / "pp"
+    args = _args(data, run, 4, "--parallel.pp=2", "--model.tie_embeddings=false", "--train.max_steps=4")
+    assert run_ranks(2, _train_rank, args) == [{"exit": 0, "step": 4}] * 2
+    ckpt = run / "checkpoints" / "step-00000004"
+    assert (ckpt / "model.safetensors").is_file()
+
+    loaded = load_for_inference(ckpt)  # fails on a missing or partial model.safetensors
+    fresh = build_model(loaded.config.model)
+    load_distributed(ckpt, fresh, None)
+    want, got = fresh.state_dict(), loaded.model.state_dict()
+    assert sorted(got) == sorted(want) and any(k.startswith("layers.1.") for k in got)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
