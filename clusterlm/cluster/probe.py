@@ -68,7 +68,8 @@ def _run(cmd: list[str], timeout: float = 20.0) -> str:
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"{' '.join(cmd)} timed out after {timeout:g} s") from None
     if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {r.returncode}: {(r.stderr or r.stdout).strip()[:200]}")
+        why = " | ".join(line.strip() for line in (r.stderr or r.stdout).strip().splitlines())  # one line for [notes]
+        raise RuntimeError(f"{' '.join(cmd)} exited {r.returncode}: {why[:200]}")
     return r.stdout
 
 
