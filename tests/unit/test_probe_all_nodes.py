@@ -173,3 +173,62 @@ def test_single_probe_has_no_busbw_and_nodes_flag_needs_all_nodes(tmp_path, monk
     assert tomllib.loads(text)["notes"]["allreduce"].startswith("unavailable: one process")
     assert cli_main(["probe", "--nodes", "2"]) == 2
     assert "--nodes and --nodes-dir go with --all-nodes" in capsys.readouterr().err
+
+
+def _result(hosts: tuple[str, ...], busbw: tuple[float, ...] = (1.0, 5.0, 4.0, 3.0)):
+    from clusterlm.parallel.collectives import AllReduceResult, SizePoint
+
+    points = tuple(SizePoint(1 << (20 + 2 * i), 5, 1e-3, b, b) for i, b in enumerate(busbw))
+    return AllReduceResult("nccl", len(hosts), hosts, "fp32", points)
+
+
+def test_allreduce_figure_goes_to_the_link_it_crossed():
+    """Ranks on one host: the figure (best busbw of the 3 largest messages: 5.0, not the 1 MiB point's 1.0
+    nor the last one's 3.0) goes to that node type's intra-node link, nominal figures kept; ranks on 2 hosts:
+    the inter-node link; no link at all: the table's shared-memory link (CPU) or a network link marked as
+    nominal-unknown. The notes carry backend, world size and every size."""
+    from clusterlm.cluster.probe import with_allreduce
+    from clusterlm.cluster.spec import ClusterSpec, DeviceSpec, LinkSpec, NodeType
+
+    nvlink = LinkSpec("NVLink NV18", 450.0, 1.0, source="nvidia-smi topo -m")
+    ib = LinkSpec("InfiniBand 400 Gb/s", 50.0, 3.0, 8)
+    gpu = NodeType("g", device=DeviceSpec("NVIDIA H100 80GB HBM3", count=8), intra_link=nvlink, hostnames=("g1",))
+    spec = ClusterSpec("c", node_types=(gpu,), inter_node_link=ib)
+    one = with_allreduce(spec, _result(("g1",) * 8))
+    link = one.node_types[0].intra_link
+    assert (link.measured_busbw_gbs, link.bandwidth_gbs, link.name) == (5.0, 450.0, "NVLink NV18")
+    assert link.source.startswith("nvidia-smi topo -m; measured_busbw_gbs: all_reduce fp32 sum, nccl, 8 ranks on 1")
+    assert one.inter_node_link == ib
+    assert one.notes["allreduce_busbw_gbs"] == "1 MiB 1, 4 MiB 5, 16 MiB 4, 64 MiB 3"
+    two = with_allreduce(spec, _result(("g1",) * 8 + ("g2",) * 8))
+    assert two.inter_node_link.measured_busbw_gbs == 5.0 and two.inter_node_link.count == 8
+    assert two.node_types[0].intra_link == nvlink and "16 ranks on 2 host(s)" in two.notes["allreduce"]
+
+    cpu = ClusterSpec("c", node_types=(NodeType("h", device=DeviceSpec("cpu", kind="cpu"), hostnames=("h",)),))
+    shm = with_allreduce(cpu, _result(("h", "h"))).node_types[0].intra_link
+    assert shm.name == "one host, shared memory" and shm.measured_busbw_gbs == 5.0
+    net = with_allreduce(cpu, _result(("h", "k"))).inter_node_link
+    assert net.bandwidth_gbs == net.measured_busbw_gbs == 5.0 and "nominal bandwidth unknown" in net.source
+
+
+def test_step2_link_is_copied_into_the_merged_spec():
+    """--all-nodes step 2 on one 8-GPU node measured the intra-node link: the merged spec's node type with
+    that host gets it; on 2 nodes the measured inter-node figure joins the merged spec's own link (its
+    adapters count kept); a step-2 spec without a measured link leaves a note instead."""
+    import dataclasses
+
+    from clusterlm.cluster.probe import with_allreduce
+    from clusterlm.cluster.probe_all import _copy_allreduce
+    from clusterlm.cluster.spec import ClusterSpec, DeviceSpec, LinkSpec, NodeType
+
+    node = NodeType("g", count=2, device=DeviceSpec("NVIDIA H100 80GB HBM3", count=8), hostnames=("g1", "g2"))
+    merged = ClusterSpec("m", node_types=(node,), inter_node_link=LinkSpec("IB", 50.0, 3.0, 4))
+    one = dataclasses.replace(node, count=1, hostnames=("g1",))
+    measured = with_allreduce(ClusterSpec("s", node_types=(one,)), _result(("g1",) * 8))
+    out = _copy_allreduce(merged, measured)
+    assert out.node_types[0].intra_link.measured_busbw_gbs == 5.0 and out.inter_node_link.measured_busbw_gbs is None
+    assert "8 ranks on 1 host(s)" in out.notes["allreduce"]
+    measured = with_allreduce(ClusterSpec("s", node_types=(one,)), _result(("g1",) * 8 + ("g2",) * 8))
+    out = _copy_allreduce(merged, measured)
+    assert (out.inter_node_link.name, out.inter_node_link.count, out.inter_node_link.measured_busbw_gbs) == ("IB", 4, 5.0)
+    assert _copy_allreduce(merged, ClusterSpec("s", node_types=(one,))).notes["allreduce"].startswith("unavailable")
