@@ -232,3 +232,16 @@ def test_step2_link_is_copied_into_the_merged_spec():
     out = _copy_allreduce(merged, measured)
     assert (out.inter_node_link.name, out.inter_node_link.count, out.inter_node_link.measured_busbw_gbs) == ("IB", 4, 5.0)
     assert _copy_allreduce(merged, ClusterSpec("s", node_types=(one,))).notes["allreduce"].startswith("unavailable")
+
+
+def test_all_nodes_modules_import_without_torch():
+    """probe_all and parallel.collectives (whose torch runners import torch inside functions) import on a
+    login node without torch."""
+    import subprocess
+
+    code = ("import sys\nclass B:\n    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch' or name.startswith('torch.'):\n            raise ImportError('blocked')\n"
+            "sys.meta_path.insert(0, B())\nimport clusterlm.cluster.probe_all, clusterlm.parallel.collectives\n"
+            "assert 'torch' not in sys.modules\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
