@@ -25,6 +25,7 @@ layers.{i}.ffn_norm, norm, output. With tie_embeddings, output.weight IS tok_emb
 from __future__ import annotations
 
 import math
+import weakref
 import zlib
 
 import torch
@@ -147,6 +148,39 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+# owner module -> (weak refs to the source tensors, their (data_ptr, version), (fused weight, fused bias))
+_FUSED: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+
+
+def _fused_linear(owner: nn.Module, linears: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The weights (and biases) of `linears` concatenated along the output dim, for inference with
+    a KV cache: one matmul instead of len(linears) (wq|wk|wv; SwiGLU's w1|w3). Built once and
+    cached per `owner` module in _FUSED (not a buffer: the state dict is unchanged), rebuilt when
+    a source tensor is replaced, moved or modified in place (its data_ptr or version counter
+    changes). None when a module is not a plain nn.Linear over plain tensors (quantized modules,
+    DTensor shards under tensor parallel, inference tensors without a version counter): the
+    caller then runs the modules one by one."""
+    if torch.compiler.is_compiling():  # data_ptr and version counters are not traceable; inductor has the graph
+        return None
+    tensors: list[torch.Tensor] = []
+    for lin in linears:
+        if type(lin) is not nn.Linear:
+            return None
+        tensors += [lin.weight] if lin.bias is None else [lin.weight, lin.bias]
+    if any(type(t.data) is not torch.Tensor or t.is_inference() for t in tensors):
+        return None
+    key = tuple((t.data_ptr(), t._version) for t in tensors)
+    cached = _FUSED.get(owner)
+    # same tensor objects (weak references: a replaced parameter is not kept alive), same storage, same version
+    if cached is None or cached[1] != key or any(r() is not t for r, t in zip(cached[0], tensors)):
+        with torch.no_grad():
+            weight = torch.cat([lin.weight for lin in linears])  # (sum N, D)
+            bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
+        cached = ([weakref.ref(t) for t in tensors], key, (weight, bias))
+        _FUSED[owner] = cached
+    return cached[2]
+
+
 def _dropout(p: float) -> nn.Module:
     # nn.Identity when p == 0: skips a kernel per call in the common no-dropout case
     return nn.Dropout(p) if p > 0 else nn.Identity()
@@ -168,9 +202,16 @@ class Attention(nn.Module):
                 kv: tuple[torch.Tensor, torch.Tensor, int] | _SlotKV | None) -> torch.Tensor:
         B, T, _ = x.shape
         H, K, Hd = self.n_heads, self.kv_heads, self.head_dim
-        q = self.wq(x).view(B, T, H, Hd)  # (B, T, H, Hd)
-        k = self.wk(x).view(B, T, K, Hd)  # (B, T, K, Hd)
-        v = self.wv(x).view(B, T, K, Hd)  # (B, T, K, Hd)
+        fused = None
+        if kv is not None and not torch.is_grad_enabled():  # cached inference: one wq|wk|wv matmul
+            fused = _fused_linear(self, [self.wq, self.wk, self.wv])
+        if fused is not None:
+            q, k, v = F.linear(x, *fused).split([H * Hd, K * Hd, K * Hd], dim=-1)
+            q, k, v = q.view(B, T, H, Hd), k.view(B, T, K, Hd), v.view(B, T, K, Hd)  # (B, T, H|K, Hd)
+        else:
+            q = self.wq(x).view(B, T, H, Hd)  # (B, T, H, Hd)
+            k = self.wk(x).view(B, T, K, Hd)  # (B, T, K, Hd)
+            v = self.wv(x).view(B, T, K, Hd)  # (B, T, K, Hd)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, Hd)
@@ -235,9 +276,15 @@ class FeedForward(nn.Module):
             self.w3 = nn.Linear(D, F_, bias=cfg.bias)  # SwiGLU: up projection
         self.dropout = _dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cached: bool = False) -> torch.Tensor:
+        """`cached`: inference with a KV cache, where SwiGLU runs w1|w3 as one matmul (see _fused_linear)."""
         if self.swiglu:
-            h = F.silu(self.w1(x)) * self.w3(x)
+            fused = _fused_linear(self, [self.w1, self.w3]) if cached and not torch.is_grad_enabled() else None
+            if fused is not None:
+                gate, up = F.linear(x, *fused).chunk(2, dim=-1)  # (B, T, F) each
+                h = F.silu(gate) * up
+            else:
+                h = F.silu(self.w1(x)) * self.w3(x)
         else:
             h = F.gelu(self.w1(x), approximate="tanh")  # GPT-2's gelu_new
         return self.dropout(self.w2(h))
@@ -262,7 +309,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 kv: tuple[torch.Tensor, torch.Tensor, int] | _SlotKV | None) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), rope, kv)
-        return x + self.feed_forward(self.ffn_norm(x))
+        return x + self.feed_forward(self.ffn_norm(x), kv is not None)
 
 
 class Transformer(nn.Module):
