@@ -141,6 +141,9 @@ def render_sbatch(opts: SbatchOptions, recipe: str | None, overrides: list[str],
         "# rendezvous on the first node of the allocation; the port comes from the job id (and the restart",
         "# count), so jobs sharing a node, and a requeued job's new round, do not collide",
         'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"',
+        "# a host name that does not resolve here (bare containers): the address Slurm reaches the node at",
+        'getent hosts "$MASTER_ADDR" >/dev/null || MASTER_ADDR="$(scontrol show node "$MASTER_ADDR" '
+        '| sed -n \'s/.*NodeAddr=\\([^ ]*\\).*/\\1/p\')"',
         "export MASTER_PORT=$(( 20000 + (SLURM_JOB_ID * 8 + ${SLURM_RESTART_COUNT:-0} % 8) % 40000 ))",
         'echo "clusterlm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST,'
         ' $SLURM_NTASKS tasks, master $MASTER_ADDR:$MASTER_PORT, $(date -u +%FT%TZ)"',
@@ -249,9 +252,12 @@ def parse_squeue(text: str) -> dict[str, JobState]:
 
 
 def parse_scontrol_show_job(text: str) -> dict[str, JobState]:
-    """`scontrol show job [-o]` (one or many jobs, one line each or multi-line blocks) -> states."""
+    """`scontrol show job [-o]` (one or many jobs, one line each or multi-line blocks) -> states.
+
+    "No jobs in the system" and "slurm_load_jobs error: Invalid job id specified" give no states."""
     out = {}
-    for block in re.split(r"\n\s*\n", text.strip()):
+    # a job starts at "JobId=": one line each with -o, indented continuation lines without it
+    for block in re.split(r"(?m)^(?=\s*JobId=)", text.strip()):
         fields = _key_values(block)
         if "JobId" not in fields:
             continue
@@ -293,9 +299,10 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
         return subprocess.CompletedProcess(cmd, 124, "", f"{cmd[0]}: no answer in 30 s")
 
 
-def query_states(job_ids: Iterable[str], run: Runner = _run) -> dict[str, JobState]:
+def query_states(job_ids: Iterable[str], run: Runner | None = None) -> dict[str, JobState]:
     """State of each job: sacct first (it remembers finished jobs), then squeue, then `scontrol show job`
     for the ones left; the restart count from scontrol (Restarts=) where it knows the job."""
+    run = run or _run
     ids = list(dict.fromkeys(str(j) for j in job_ids))
     if not ids:
         return {}
@@ -351,14 +358,14 @@ def resolve_recipe(recipe: str | None) -> str | None:
 
     path = Path(recipe)
     if path.is_file():
-        return str(path.resolve())
+        return os.path.abspath(path)  # as the user named it (symbolic links kept)
     bundled = bundled_recipes()
     if len(path.parts) == 1 and path.stem in bundled:
-        return str(bundled[path.stem].resolve())
+        return os.path.abspath(bundled[path.stem])
     raise FileNotFoundError(f"recipe {recipe} does not exist; bundled recipes: {', '.join(bundled)}")
 
 
-def submit(args: argparse.Namespace, overrides: list[str], run: Runner = _run) -> int:
+def submit(args: argparse.Namespace, overrides: list[str], run: Runner | None = None) -> int:
     """`clusterlm launch RECIPE --slurm ...`: validate, render, show, write, sbatch, record. Returns 0."""
     from clusterlm.config import load_run_config
     from clusterlm.fsutil import atomic_write_text
@@ -381,7 +388,7 @@ def submit(args: argparse.Namespace, overrides: list[str], run: Runner = _run) -
     if opts.gpus_per_node and opts.ntasks_per_node != opts.gpus_per_node:
         log.warning("--ntasks-per-node=%d != --gpus-per-node=%d: clusterlm expects one task per GPU",
                     opts.ntasks_per_node, opts.gpus_per_node)
-    out_dir = Path(args.output or cfg.train.out_dir).resolve()
+    out_dir = Path(os.path.abspath(args.output or cfg.train.out_dir))
     workdir = Path.cwd()
     script = render_sbatch(opts, recipe, overrides, output_dir=out_dir, workdir=workdir)
     print(script, end="")
@@ -394,7 +401,7 @@ def submit(args: argparse.Namespace, overrides: list[str], run: Runner = _run) -
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     script_path = out_dir / f"{opts.job_name}-{stamp}.sbatch"
     atomic_write_text(script_path, script)
-    r = run(["sbatch", "--parsable", str(script_path)])
+    r = (run or _run)(["sbatch", "--parsable", str(script_path)])
     if r.returncode != 0:
         raise ClusterlmError(f"sbatch {script_path} failed (exit {r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
     job_id = r.stdout.strip().splitlines()[-1].split(";")[0].strip() if r.stdout.strip() else ""
@@ -423,7 +430,7 @@ class JobRow:
         return {**self.record, **{k: v for k, v in asdict(self.state).items() if k != "job_id"}}
 
 
-def list_jobs(path: Path, show_all: bool = False, run: Runner = _run, recent: int = 10) -> list[JobRow]:
+def list_jobs(path: Path, show_all: bool = False, run: Runner | None = None, recent: int = 10) -> list[JobRow]:
     """Registry records with their Slurm state: unfinished jobs and the `recent` newest (all with show_all)."""
     records = read_registry(path)
     states = query_states([r["job_id"] for r in records], run) if records else {}

@@ -1,0 +1,310 @@
+"""Slurm launch without a cluster: sbatch rendering (and the script's requeue logic run with fake srun and
+scontrol), option validation, submit with a fake sbatch, the job registry, and the sacct/squeue/scontrol
+parsers on outputs recorded from Debian's Slurm 22.05 (tests/unit/fixtures/slurm)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clusterlm.cluster import slurm
+from clusterlm.cluster.slurm import (JobState, SbatchOptions, parse_sacct, parse_scontrol_show_job, parse_squeue,
+                                     parse_time_limit, query_states, read_registry, record_job, registry_path,
+                                     render_sbatch)
+from clusterlm.errors import ClusterlmError, ConfigError
+
+FIXTURES = Path(__file__).parent / "fixtures" / "slurm"
+RECIPE = str(Path(__file__).resolve().parents[2] / "recipes" / "shakespeare_char_cpu.toml")
+
+
+def _sbatch_lines(script: str) -> list[str]:
+    return [line.removeprefix("#SBATCH ") for line in script.splitlines() if line.startswith("#SBATCH ")]
+
+
+def test_render_header_and_srun_line():
+    """The header asks for the nodes, tasks, CPUs, time, partition, account, USR2 120 s before the limit,
+    requeue and an appended log; the srun line runs the absolute python on the absolute recipe with
+    resume=auto before the user's overrides (quoted for the shell)."""
+    opts = SbatchOptions(nodes=2, ntasks_per_node=4, gpus_per_node=4, cpus_per_task=8, time="1-02:00:00",
+                         partition="gpu", account="proj1", job_name="gpt", extra=("--exclusive",))
+    script = render_sbatch(opts, "/abs/r.toml", ["--train.max_steps=10", "--data.dir=/d/my data"],
+                           output_dir="/runs/x", workdir="/home/u", python="/venv/bin/python")
+    assert _sbatch_lines(script) == [
+        "--job-name=gpt", "--nodes=2", "--ntasks-per-node=4", "--cpus-per-task=8", "--gpus-per-node=4",
+        "--time=1-02:00:00", "--partition=gpu", "--account=proj1", "--signal=USR2@120", "--requeue",
+        "--open-mode=append", "--output=/runs/x/slurm-%j.out", "--chdir=/home/u", "--exclusive"]
+    assert ("/venv/bin/python -m clusterlm train /abs/r.toml --train.resume=auto --train.max_steps=10 "
+            "'--data.dir=/d/my data'") in script
+    assert "srun --cpus-per-task=8" in script
+    assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1' in script
+    cpu = render_sbatch(SbatchOptions(time="", signal_seconds=300), None, [], output_dir="/o", workdir="/w")
+    lines = _sbatch_lines(cpu)
+    assert not any(x.startswith(("--gpus", "--gres", "--time", "--partition", "--account")) for x in lines)
+    assert "--signal=USR2@300" in lines
+    assert f"{sys.executable} -m clusterlm train --train.resume=auto" in cpu
+
+
+def _run_script(tmp_path: Path, srun_codes: list[int], job_id: str = "1234", restart: str = "0"):
+    """Run a rendered script under bash with fake srun/scontrol/getent that log their calls; srun exits
+    with srun_codes[i] on its i-th call."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir(exist_ok=True)
+    calls = tmp_path / "calls.log"
+    (tmp_path / "codes").write_text(" ".join(map(str, srun_codes)))
+    (bin_ / "srun").write_text(f"""#!/bin/bash
+echo "srun $* MASTER=$MASTER_ADDR:$MASTER_PORT" >> {calls}
+read -r -a codes < {tmp_path}/codes; exit "${{codes[0]}}"
+""")
+    (bin_ / "scontrol").write_text(f"""#!/bin/bash
+echo "scontrol $*" >> {calls}
+if [ "$1 $2" = "show hostnames" ]; then echo node07; echo node08; fi
+if [ "$1 $2" = "show node" ]; then echo "   NodeAddr=10.0.0.7 NodeHostName=node07"; fi
+exit 0
+""")
+    (bin_ / "getent").write_text("#!/bin/bash\nexit 2\n")  # node07 does not resolve: NodeAddr is used
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    script = render_sbatch(SbatchOptions(nodes=2, ntasks_per_node=2), "/r.toml", ["--train.max_steps=3"],
+                           output_dir=tmp_path, workdir=tmp_path, python="/py")
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    env = {"PATH": f"{bin_}:/usr/bin:/bin", "SLURM_JOB_ID": job_id, "SLURM_JOB_NODELIST": "node[07-08]",
+           "SLURM_NTASKS": "4", "SLURM_RESTART_COUNT": restart}
+    r = subprocess.run(["bash", str(path)], env=env, capture_output=True, text=True, timeout=30)
+    return r, calls.read_text() if calls.exists() else ""
+
+
+@pytest.mark.parametrize("srun_rc, script_rc, requeued", [(75, 0, True), (0, 0, False), (1, 1, False)])
+def test_script_requeues_only_on_exit_75(tmp_path, srun_rc, script_rc, requeued):
+    """Run as Slurm runs it (fake srun/scontrol): exit 75 from srun -> `scontrol requeue $SLURM_JOB_ID` and
+    exit 0; 0 and 1 pass through without a requeue. MASTER_ADDR is the first host's NodeAddr (the host
+    name does not resolve here) and MASTER_PORT = 20000 + (job id * 8 + restarts % 8) % 40000."""
+    r, calls = _run_script(tmp_path, [srun_rc], job_id="1234", restart="1")
+    assert r.returncode == script_rc, r.stderr
+    assert f"MASTER=10.0.0.7:{20000 + (1234 * 8 + 1) % 40000}" in calls
+    assert "srun --cpus-per-task=1 --wait=120 /py -m clusterlm train /r.toml --train.resume=auto" in calls
+    assert ("scontrol requeue 1234" in calls) == requeued
+
+
+def test_bash_syntax_of_rendered_script(tmp_path):
+    """`bash -n` accepts the script (quoting of odd override values included)."""
+    script = render_sbatch(SbatchOptions(), "/r.toml", ["--train.out_dir=it's here", '--data.dir="x"'],
+                           output_dir="/o", workdir="/w")
+    (tmp_path / "s.sh").write_text(script)
+    assert subprocess.run(["bash", "-n", str(tmp_path / "s.sh")]).returncode == 0
+
+
+def test_time_limits_and_option_errors():
+    """Time limits parse as [D-]HH:MM:SS; bad counts, names, times and extra options name the option and
+    what would be valid."""
+    assert parse_time_limit("04:00:00") == 14400
+    assert parse_time_limit("1-12:30:05") == 86400 + 12 * 3600 + 30 * 60 + 5
+    for bad in ("1:00", "4h", "00:61:00", "00:00:00", "-1:00:00"):
+        with pytest.raises(ConfigError, match="--time"):
+            parse_time_limit(bad)
+    cases = [(dict(nodes=0), "--nodes=0 must be an integer >= 1"),
+             (dict(ntasks_per_node=-1), "--ntasks-per-node=-1"),
+             (dict(gpus_per_node=-2), "--gpus-per-node=-2 must be >= 0"),
+             (dict(time="00:01:00"), "(60 s) must be longer than --signal-seconds=120"),
+             (dict(signal_seconds=0), "--signal-seconds=0 must be in [1, 65535]"),
+             (dict(partition="gpu debug"), "--partition='gpu debug'"),
+             (dict(job_name=""), "--job-name must not be empty"),
+             (dict(extra=("exclusive",)), "must be one sbatch option starting with '--'")]
+    for kwargs, message in cases:
+        with pytest.raises(ConfigError) as e:
+            SbatchOptions(**kwargs)
+        assert message in str(e.value), (kwargs, str(e.value))
+    assert SbatchOptions(nodes=2, ntasks_per_node=4).world_size == 8
+
+
+def _launch_args(*argv: str) -> tuple[argparse.Namespace, list[str]]:
+    """Parse `clusterlm launch` arguments with launch.py's own parser options."""
+    from clusterlm.config import split_overrides
+
+    overrides, rest = split_overrides(list(argv))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("recipe", nargs="?")
+    parser.add_argument("--dry-run", action="store_true")
+    slurm.add_arguments(parser)
+    return parser.parse_args(rest), overrides
+
+
+def test_world_size_must_match_the_recipe_layout(capsys):
+    """nodes * ntasks-per-node must equal the recipe's dp_replicate*dp_shard*tp*pp; the default task count
+    follows the layout (world / nodes)."""
+    args, ov = _launch_args(RECIPE, "--slurm", "--ntasks-per-node=2", "--dry-run")
+    with pytest.raises(ConfigError, match=r"= 2 tasks, but .* = 1\*1\*1\*1 = 1; .*--parallel.dp_shard=2"):
+        slurm.submit(args, ov)
+    args, ov = _launch_args(RECIPE, "--slurm", "--nodes=2", "--dry-run", "--parallel.dp_replicate=2",
+                            "--parallel.dp_shard=2")
+    assert slurm.submit(args, ov) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=2\n" in out
+    assert f"train {RECIPE} --train.resume=auto --parallel.dp_replicate=2 --parallel.dp_shard=2" in out
+
+
+def test_missing_sbatch_is_a_clear_error(tmp_path, monkeypatch):
+    """Without sbatch on PATH, submitting says Slurm is not installed (and writes no script); --dry-run
+    still shows the script."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    args, ov = _launch_args(RECIPE, "--slurm", f"--output={tmp_path / 'o'}")
+    with pytest.raises(ClusterlmError, match="Slurm is not installed here: `sbatch` is not on PATH"):
+        slurm.submit(args, ov)
+    assert not (tmp_path / "o").exists()
+
+
+def test_submit_with_fake_sbatch_writes_script_and_registry(tmp_path, monkeypatch, capsys):
+    """Submit: the script is written into --output, `sbatch --parsable SCRIPT` is called, its job id
+    ("42;cluster") printed and recorded in $CLUSTERLM_HOME/jobs.jsonl with recipe, script, time and cwd."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "sbatch").write_text(f'#!/bin/bash\necho "$@" > {tmp_path}/sbatch_args\necho "42;clusterlm"\n')
+    (bin_ / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}:{os.environ['PATH']}")
+    monkeypatch.setenv("CLUSTERLM_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    args, ov = _launch_args(RECIPE, "--slurm", "--output=out", "--job-name=sc", "--train.max_steps=7")
+    assert slurm.submit(args, ov) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("submitted batch job 42 ")
+    [script] = (tmp_path / "out").glob("sc-*.sbatch")
+    assert (tmp_path / "sbatch_args").read_text().split() == ["--parsable", str(script)]
+    assert f"--output={tmp_path / 'out' / 'slurm-%j.out'}" in script.read_text()
+    [rec] = read_registry(tmp_path / "home" / "jobs.jsonl")
+    assert rec["job_id"] == "42" and rec["recipe"] == RECIPE and rec["script"] == str(script)
+    assert rec["cwd"] == str(tmp_path) and rec["overrides"] == ["--train.max_steps=7"] and rec["submit_time"]
+    assert rec["log"] == str(tmp_path / "out" / "slurm-42.out")
+
+
+def test_registry_location_and_torn_lines(tmp_path):
+    """Registry path: $CLUSTERLM_HOME, else $XDG_CACHE_HOME/clusterlm, else ~/.cache/clusterlm; appended
+    records read back in order, and a torn (half-written) line is skipped."""
+    assert registry_path({"CLUSTERLM_HOME": "/h"}) == Path("/h/jobs.jsonl")
+    assert registry_path({"XDG_CACHE_HOME": "/c"}) == Path("/c/clusterlm/jobs.jsonl")
+    assert registry_path({}) == Path.home() / ".cache" / "clusterlm" / "jobs.jsonl"
+    path = tmp_path / "deep" / "jobs.jsonl"
+    record_job(path, {"job_id": "1"})
+    with open(path, "a") as f:
+        f.write('{"job_id": "2", "reci')
+    with open(path, "a") as f:
+        f.write("\n")
+    record_job(path, {"job_id": "3"})
+    assert [r["job_id"] for r in read_registry(path)] == ["1", "3"]
+    assert read_registry(tmp_path / "none.jsonl") == []
+
+
+def test_parse_scontrol_one_line_and_multi_line():
+    """`scontrol show job -o` (one job per line) and the multi-line form of a requeued pending job give
+    state, restart count, reason and run time; values with spaces stay whole."""
+    jobs = parse_scontrol_show_job((FIXTURES / "scontrol_show_job_o.txt").read_text())
+    assert {k: (v.state, v.restarts) for k, v in jobs.items()} == {
+        "1": ("COMPLETED", 1), "2": ("COMPLETED", 1), "3": ("COMPLETED", 1), "4": ("CANCELLED", 0),
+        "5": ("CANCELLED", 0), "6": ("PENDING", 1), "7": ("RUNNING", 0)}
+    assert jobs["3"].elapsed == "00:00:39" and jobs["3"].nodes == "vm" and jobs["6"].reason == "BeginTime"
+    [(job_id, job)] = parse_scontrol_show_job((FIXTURES / "scontrol_show_job_requeued.txt").read_text()).items()
+    assert (job_id, job.state, job.restarts, job.reason, job.source) == ("6", "PENDING", 1, "BeginTime", "scontrol")
+    assert parse_scontrol_show_job("No jobs in the system\n") == {}
+    spaced = parse_scontrol_show_job("JobId=9 JobName=a b JobState=RUNNING Reason=None Restarts=2")
+    assert spaced["9"].state == "RUNNING" and spaced["9"].restarts == 2
+
+
+def test_parse_squeue_and_sacct():
+    """squeue --states=all (recorded) gives states and reasons but no restart count; sacct -D lists each
+    requeued run of a job (REQUEUED/PREEMPTED) before the current one, so restarts = lines - 1."""
+    q = parse_squeue((FIXTURES / "squeue_states_all.txt").read_text())
+    assert (q["6"].state, q["6"].reason, q["6"].restarts) == ("PENDING", "BeginTime", None)
+    assert (q["3"].state, q["3"].elapsed, q["3"].nodes, q["3"].reason) == ("COMPLETED", "0:39", "vm", "")
+    assert len(q) == 7
+    # sacct's --parsable2 format (fields in --format order, '|' separated); written from sacct's manual,
+    # as this machine keeps no accounting (see sacct_disabled.txt)
+    text = ("100|REQUEUED|0:0|00:01:10|node[01-02]\n100|PREEMPTED|0:0|00:03:00|node[01-02]\n"
+            "100|RUNNING|0:0|00:00:20|node[03-04]\n101|CANCELLED by 0|0:15|00:00:02|node05\n102|COMPLETED|0:0|00:10:00|n1\n")
+    s = parse_sacct(text)
+    assert (s["100"].state, s["100"].restarts, s["100"].nodes) == ("RUNNING", 2, "node[03-04]")
+    assert (s["101"].state, s["101"].exit_code, s["101"].restarts) == ("CANCELLED", "0:15", 0)
+    assert s["102"].source == "sacct"
+
+
+def _fake_runner(outputs: dict[str, tuple[int, str]]):
+    calls = []
+
+    def run(cmd):
+        calls.append(cmd[0])
+        rc, text = outputs.get(cmd[0], (127, ""))
+        return subprocess.CompletedProcess(cmd, rc, text if rc == 0 else "", "" if rc == 0 else text)
+    return run, calls
+
+
+def test_query_states_falls_back_from_sacct_to_squeue_to_scontrol():
+    """Without accounting (sacct fails with the recorded message) states come from squeue and restart
+    counts from scontrol; a job only scontrol knows still gets its state; an unknown id is UNKNOWN.
+    With accounting, sacct's state wins and squeue is not asked."""
+    scontrol = (FIXTURES / "scontrol_show_job_o.txt").read_text()
+    run, calls = _fake_runner({"sacct": (1, (FIXTURES / "sacct_disabled.txt").read_text()),
+                               "squeue": (0, "3|COMPLETED|0:39|vm|None\n6|PENDING|0:00||BeginTime\n"),
+                               "scontrol": (0, scontrol)})
+    st = query_states(["3", "6", "7", "999"], run)
+    assert calls == ["sacct", "squeue", "scontrol"]
+    assert (st["3"].state, st["3"].restarts, st["3"].source) == ("COMPLETED", 1, "squeue")
+    assert (st["6"].state, st["6"].reason, st["6"].restarts) == ("PENDING", "BeginTime", 1)
+    assert (st["7"].state, st["7"].source) == ("RUNNING", "scontrol")
+    assert st["999"] == JobState("999", "UNKNOWN", source="")
+    run, calls = _fake_runner({"sacct": (0, "3|REQUEUED|0:0|00:00:10|vm\n3|COMPLETED|0:0|00:00:29|vm\n"),
+                               "scontrol": (1, "slurm_load_jobs error: Unable to contact slurm controller")})
+    st = query_states(["3"], run)
+    assert calls == ["sacct", "scontrol"] and (st["3"].state, st["3"].restarts, st["3"].source) == ("COMPLETED", 1, "sacct")
+    run, _ = _fake_runner({})
+    assert query_states(["5"], run)["5"].state == "UNKNOWN"  # no Slurm commands at all
+
+
+def test_jobs_command_lists_registry_with_states(tmp_path, monkeypatch, capsys):
+    """`clusterlm jobs` shows unfinished jobs and the 10 newest (--all: every one) with state and restarts;
+    --json gives the registry record merged with the state."""
+    reg = tmp_path / "jobs.jsonl"
+    for i in range(1, 14):
+        record_job(reg, {"job_id": str(i), "job_name": "j", "recipe": "/r/x.toml", "submit_time": "t",
+                         "log": f"/o/slurm-{i}.out"})
+    lines = "".join(f"{i}|{'RUNNING' if i == 2 else 'COMPLETED'}|0:10|vm|None\n" for i in range(1, 14))
+    run, _ = _fake_runner({"sacct": (1, "Slurm accounting storage is disabled"), "squeue": (0, lines),
+                           "scontrol": (0, "JobId=2 JobState=RUNNING Restarts=1 Reason=None")})
+    monkeypatch.setattr(slurm, "_run", run)
+    assert slurm.jobs_main(["--registry", str(reg)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["JOBID", "STATE", "RESTARTS", "ELAPSED", "SUBMITTED", "NAME", "RECIPE", "LOG"]
+    assert [line.split()[0] for line in table[1:]] == ["2"] + [str(i) for i in range(4, 14)]
+    assert table[1].split()[:3] == ["2", "RUNNING", "1"] and table[1].split()[-2:] == ["x.toml", "/o/slurm-2.out"]
+    assert slurm.jobs_main(["--registry", str(reg), "--all", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 13 and rows[1]["state"] == "RUNNING" and rows[1]["restarts"] == 1 and rows[0]["restarts"] is None
+    with pytest.raises(FileNotFoundError, match="job registry"):
+        slurm.jobs_main(["--registry", str(tmp_path / "missing.jsonl")])
+
+
+BLOCK_TORCH = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_launch_slurm_dry_run_without_torch(tmp_path):
+    """`clusterlm launch --slurm --dry-run` and `clusterlm jobs` run on a login node without torch."""
+    code = BLOCK_TORCH + "from clusterlm.cli import main\nsys.exit(main(sys.argv[1:]))"
+    env = os.environ | {"CLUSTERLM_HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code, "launch", RECIPE, "--slurm", "--dry-run", "--time=00:10:00"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "#SBATCH --time=00:10:00" in r.stdout and "--train.resume=auto" in r.stdout
+    r = subprocess.run([sys.executable, "-c", code, "jobs"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "no jobs recorded" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "-c", code, "launch", RECIPE, "--slurm", "--dry-run", "--time=5"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "--time='5' is not a time limit" in r.stderr
