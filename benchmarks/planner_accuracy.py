@@ -12,12 +12,17 @@ measured = VmHWM - baseline (bytes). glibc's malloc is told to mmap every block 
 tensor bytes instead of the allocator's free lists; the residue (oneDNN scratch, thread stacks,
 page rounding) is part of the measured figure and so of the error.
 
-Step time: the node is probed (clusterlm.cluster.probe.probe_node(quick=True): measured fp32
-matmul TFLOP/s and memory bandwidth), the planner plans each configuration for that one-node spec
-(dims all 1, the given micro-batch, no recompute), and the prediction is the candidate's
-step_time_s. The measurement is the median (and min) over timed steps of the same hand loop that
-clusterlm.train.loop runs per step in fp32 on CPU, after warm-up steps. The machine is shared:
-timings are noisy.
+Step time: the node is probed (clusterlm.cluster.probe.probe_node(quick=True): fp32 matmul
+TFLOP/s, a GEMM shape sweep, elementwise bandwidth by size, exp/tanh rate, per-op overhead, memory
+bandwidth), the planner plans each configuration for that one-node spec (dims all 1, the given
+micro-batch, no recompute), and the prediction is the candidate's step_time_s: the per-op model
+(docs/planner.md). Nothing is fitted to the measured steps. For comparison, the single-rate model
+(the same spec without the per-op figures: measured matmul rate x the default 0.6) is predicted too.
+The measurement is the median (and min) over timed steps of the same hand loop that
+clusterlm.train.loop runs per step in fp32 on CPU, after warm-up steps. The machine is shared, so
+the probe and the four configurations are measured --repeats times, one round after another (each
+round probes, then times every configuration), and the result per configuration is the median of
+the rounds' errors; every round's figures and the load average are in the JSON.
 """
 
 from __future__ import annotations
@@ -40,8 +45,7 @@ MEMORY_CONFIGS = [  # (name, dim, n_layers, n_heads, micro_batch, seq_len)
     ("d256-L4", 256, 4, 4, 8, 128),
     ("d512-L4", 512, 4, 8, 8, 128),
 ]
-TIME_CONFIGS = MEMORY_CONFIGS
-CALIBRATION_CONFIG = ("d384-L4", 384, 4, 6, 8, 128)  # sets train_efficiency; not one of the compared
+TIME_CONFIGS = MEMORY_CONFIGS + [("d384-L4", 384, 4, 6, 8, 128)]  # d384: the former held-out calibration run
 
 
 def _model_cfg(dim: int, layers: int, heads: int, seq_len: int):
@@ -120,7 +124,7 @@ def measure_memory(dim: int, layers: int, heads: int, mb: int, seq: int) -> dict
 
 
 def measure_step_time(dim: int, layers: int, heads: int, mb: int, seq: int, warmup: int = 3,
-                      timed: int = 15) -> dict:
+                      timed: int = 20) -> dict:
     import torch
 
     from clusterlm.config import OptimConfig
@@ -145,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/planner_accuracy.json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of (probe, time every configuration)")
+    ap.add_argument("--skip-memory", action="store_true", help="step time only (the JSON then has no memory rows)")
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child_memory(*json.loads(args.child))))
@@ -153,14 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from clusterlm.cluster.memory import estimate_memory
-    from clusterlm.cluster.flops import training_flops_per_token
     from clusterlm.cluster.planner import plan
     from clusterlm.cluster.probe import probe_node
     from clusterlm.parallel.dims import ParallelDims
 
     t_start = time.time()
     memory_rows = []
-    for name, dim, layers, heads, mb, seq in MEMORY_CONFIGS:
+    for name, dim, layers, heads, mb, seq in ([] if args.skip_memory else MEMORY_CONFIGS):
         cfg = _model_cfg(dim, layers, heads, seq)
         est = estimate_memory(cfg, ParallelDims(), micro_batch=mb, seq_len=seq, dtype="fp32", recompute="none")
         m = measure_memory(dim, layers, heads, mb, seq)
@@ -173,56 +178,66 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memory {name}: predicted {est.peak_bytes / 2**20:8.1f} MiB  measured "
               f"{m['measured_bytes'] / 2**20:8.1f} MiB  error {err:+.1%}", flush=True)
 
-    spec = probe_node(quick=True, measure=True)
-    device = spec.node_types[0].device
-    matmul = device.matmul_tflops("fp32")
-
     def predict(sp, dim: int, layers: int, heads: int, mb: int, seq: int):
         cfg = _model_cfg(dim, layers, heads, seq)
         cands = plan(cfg, sp, seq_len=seq, global_batch_tokens=mb * seq, dtype="fp32", micro_batches=(mb,),
                      recompute_modes=("none",))
         return next(c for c in cands if c.dims.world_size == 1)
 
-    # Calibration (held out from the three compared configs): one measured run sets
-    # device.train_efficiency, the spec field the planner documents for this purpose.
-    cname, *cargs = CALIBRATION_CONFIG
-    cal_meas = measure_step_time(*cargs)
-    cal_cand = predict(spec, *cargs)
-    fpt = training_flops_per_token(_model_cfg(cargs[0], cargs[1], cargs[2], cargs[4]), cargs[4]).total
-    cal_flops = fpt * cargs[3] * cargs[4]
-    # the matmul share of the measured step: what the planner's non-compute parts do not explain
-    compute_s = cal_meas["median_s"] - sum(v for k, v in cal_cand.time_parts.items() if k != "compute")
-    efficiency = cal_flops / (compute_s * matmul * 1e12)
-    cal_device = dataclasses.replace(device, train_efficiency={"fp32": round(efficiency, 4)})
-    cal_spec = dataclasses.replace(spec, node_types=(dataclasses.replace(spec.node_types[0], device=cal_device),))
-    calibration = {"config": cname, "measured_median_s": cal_meas["median_s"], "measurement": cal_meas,
-                   "flops_per_step": cal_flops, "probe_fp32_matmul_tflops": matmul,
-                   "train_efficiency_fp32": efficiency,
-                   "achieved_tflops": cal_flops / compute_s / 1e12}
-    print(f"calibration {cname}: median {cal_meas['median_s'] * 1e3:.1f} ms -> train_efficiency "
-          f"{efficiency:.3f} of the probe's {matmul:.4g} TFLOP/s", flush=True)
+    def without_op_figures(sp):
+        dev = dataclasses.replace(sp.node_types[0].device, matmul_sweep={}, elementwise_sweep=(),
+                                  transcendental_gelem_s=None, op_overhead_us=None)
+        return dataclasses.replace(sp, node_types=(dataclasses.replace(sp.node_types[0], device=dev),))
+
+    rounds = []
+    for r in range(args.repeats):
+        load0 = os.getloadavg()[0]
+        spec = probe_node(quick=True, measure=True)
+        device = spec.node_types[0].device
+        probe_fig = {"measured_tflops": dict(device.measured_tflops),
+                     "measured_memory_bandwidth_gbs": device.measured_memory_bandwidth_gbs,
+                     "matmul_sweep_fp32": [list(x) for x in device.matmul_sweep.get("fp32", ())],
+                     "elementwise_sweep": [list(x) for x in device.elementwise_sweep],
+                     "transcendental_gelem_s": device.transcendental_gelem_s, "op_overhead_us": device.op_overhead_us,
+                     "notes": {k: v for k, v in spec.notes.items() if k == "load" or "unavailable" in v}}
+        rows = []
+        for name, dim, layers, heads, mb, seq in TIME_CONFIGS:
+            cand = predict(spec, dim, layers, heads, mb, seq)
+            single = predict(without_op_figures(spec), dim, layers, heads, mb, seq)
+            meas = measure_step_time(dim, layers, heads, mb, seq)
+            err = (cand.step_time_s - meas["median_s"]) / meas["median_s"]
+            err_single = (single.step_time_s - meas["median_s"]) / meas["median_s"]
+            rows.append({"config": name, "dim": dim, "n_layers": layers, "n_heads": heads, "micro_batch": mb,
+                         "seq_len": seq, "dtype": "fp32", "held_out": name == "d384-L4",
+                         "predicted_step_s": cand.step_time_s, "predicted_parts_s": cand.time_parts,
+                         "predicted_formulas": cand.formulas, "relative_error": err,
+                         "relative_error_vs_min": (cand.step_time_s - meas["min_s"]) / meas["min_s"],
+                         "predicted_step_s_single_rate": single.step_time_s,
+                         "predicted_parts_s_single_rate": single.time_parts,
+                         "relative_error_single_rate": err_single,
+                         "measured_median_s": meas["median_s"], "measured_min_s": meas["min_s"], "measurement": meas})
+            print(f"round {r + 1} step {name}: predicted {cand.step_time_s * 1e3:7.1f} ms ({err:+.1%})  single-rate "
+                  f"{single.step_time_s * 1e3:7.1f} ms ({err_single:+.1%})  measured median "
+                  f"{meas['median_s'] * 1e3:7.1f} ms (min {meas['min_s'] * 1e3:.1f})", flush=True)
+        rounds.append({"round": r + 1, "load_avg_1m_start": load0, "load_avg_1m_end": os.getloadavg()[0],
+                       "probe": probe_fig, "step_time": rows})
 
     time_rows = []
-    for name, dim, layers, heads, mb, seq in TIME_CONFIGS:
-        cand = predict(spec, dim, layers, heads, mb, seq)
-        cal = predict(cal_spec, dim, layers, heads, mb, seq)
-        meas = measure_step_time(dim, layers, heads, mb, seq)
-        err = (cand.step_time_s - meas["median_s"]) / meas["median_s"]
-        err_cal = (cal.step_time_s - meas["median_s"]) / meas["median_s"]
-        time_rows.append({"config": name, "dim": dim, "n_layers": layers, "micro_batch": mb, "seq_len": seq,
-                          "dtype": "fp32",
-                          "predicted_step_s_probe_only": cand.step_time_s,
-                          "predicted_parts_s_probe_only": cand.time_parts,
-                          "predicted_formulas_probe_only": cand.formulas,
-                          "relative_error_probe_only": err, "within_15pct_probe_only": abs(err) <= 0.15,
-                          "predicted_step_s_calibrated": cal.step_time_s,
-                          "predicted_parts_s_calibrated": cal.time_parts,
-                          "relative_error_calibrated": err_cal, "within_15pct_calibrated": abs(err_cal) <= 0.15,
-                          "measured_median_s": meas["median_s"], "measured_min_s": meas["min_s"],
-                          "measurement": meas})
-        print(f"step   {name}: predicted {cand.step_time_s * 1e3:8.1f} ms (probe only, {err:+.1%})  "
-              f"{cal.step_time_s * 1e3:8.1f} ms (calibrated, {err_cal:+.1%})  measured median "
-              f"{meas['median_s'] * 1e3:8.1f} ms (min {meas['min_s'] * 1e3:.1f})", flush=True)
+    for i, (name, dim, layers, heads, mb, seq) in enumerate(TIME_CONFIGS):
+        per = [rd["step_time"][i] for rd in rounds]
+        err = statistics.median(x["relative_error"] for x in per)
+        err_single = statistics.median(x["relative_error_single_rate"] for x in per)
+        time_rows.append({"config": name, "dim": dim, "n_layers": layers, "n_heads": heads, "micro_batch": mb,
+                          "seq_len": seq, "dtype": "fp32", "held_out": name == "d384-L4",
+                          "relative_error_median_of_rounds": err, "within_15pct": abs(err) <= 0.15,
+                          "relative_errors_by_round": [x["relative_error"] for x in per],
+                          "predicted_step_s_by_round": [x["predicted_step_s"] for x in per],
+                          "measured_median_s_by_round": [x["measured_median_s"] for x in per],
+                          "relative_error_single_rate_median_of_rounds": err_single,
+                          "within_15pct_single_rate": abs(err_single) <= 0.15})
+        print(f"step {name}: per-op model error {err:+.1%} (rounds: "
+              f"{', '.join(f'{x:+.1%}' for x in time_rows[-1]['relative_errors_by_round'])}); single-rate "
+              f"{err_single:+.1%}", flush=True)
 
     result = {
         "benchmark": "planner_accuracy",
@@ -230,15 +245,14 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "cpu": spec.node_types[0].cpu.model if spec.node_types[0].cpu
                     else None, "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "load_avg_1m": os.getloadavg()[0]},
-        "probe": {"measured_tflops": dict(device.measured_tflops),
-                  "measured_memory_bandwidth_gbs": device.measured_memory_bandwidth_gbs},
         "memory_method": "fresh subprocess per config; VmHWM - VmRSS after imports (peak reset via "
                          "/proc/self/clear_refs), MALLOC_MMAP_THRESHOLD_=65536; 3 training steps",
-        "step_calibration": calibration,
-        "step_method": "median of 15 timed hand-loop steps (forward, lm_loss, backward, clip, fused AdamW "
-                       "step, zero_grad) after 3 warm-up steps; machine shared with other jobs",
+        "step_method": f"median of 20 timed hand-loop steps (forward, lm_loss, backward, clip, fused AdamW "
+                       f"step, zero_grad) after 3 warm-up steps; {args.repeats} rounds of (probe, then every "
+                       f"configuration); error per configuration = median over rounds; machine shared with other jobs",
         "memory": memory_rows,
         "step_time": time_rows,
+        "step_time_rounds": rounds,
         "wall_s": time.time() - t_start,
     }
     out = Path(args.out)

@@ -186,20 +186,185 @@ def _ring(kind: str, nbytes: float, n: int, bw_gbs: float, lat: float) -> float:
     return steps / n * nbytes / (bw_gbs * 1e9) + steps * lat
 
 
+# ---- the per-op step model (the probe's GEMM sweep, elementwise bandwidth, exp rate, op overhead) -----
+OP_MODEL_FIELDS = ("matmul_sweep", "elementwise_sweep", "transcendental_gelem_s", "op_overhead_us")
+
+
+def _log_bracket(axis: tuple[float, ...], x: float) -> tuple[int, int, float, float]:
+    """(i0, i1, weight of i1, scale) to interpolate at x on a sorted axis in log space. Below the
+    smallest measured size the rate scales with the size (a GEMM that small costs what the smallest
+    did: fixed per-call and per-output work), so scale = x / axis[0]; above the largest it stays."""
+    if x <= axis[0]:
+        return 0, 0, 0.0, x / axis[0]
+    if x >= axis[-1]:
+        return len(axis) - 1, len(axis) - 1, 0.0, 1.0
+    i = next(j for j in range(1, len(axis)) if axis[j] >= x)
+    w = (math.log(x) - math.log(axis[i - 1])) / (math.log(axis[i]) - math.log(axis[i - 1]))
+    return i - 1, i, w, 1.0
+
+
+@dataclass(frozen=True)
+class OpRates:
+    """A device's probed figures for the per-op step model, with interpolation."""
+    dtype: str
+    sweep: tuple[tuple[float, ...], ...]
+    elementwise: tuple[tuple[float, ...], ...]
+    transcendental_gelem_s: float
+    op_overhead_us: float
+
+    def __post_init__(self) -> None:
+        axes = [tuple(sorted({r[i] for r in self.sweep})) for i in range(3)]
+        have = {tuple(r[:3]) for r in self.sweep}
+        missing = [(m, n, k) for m in axes[0] for n in axes[1] for k in axes[2] if (m, n, k) not in have]
+        if missing:
+            raise ConfigError(f"device.matmul_sweep.{self.dtype} is not a full grid of its M x N x K values "
+                              f"{[list(map(int, a)) for a in axes]}: missing {missing[:4]}"
+                              + (" ..." if len(missing) > 4 else ""))
+
+    @property
+    def axes(self) -> tuple[tuple[float, ...], ...]:
+        return tuple(tuple(sorted({r[i] for r in self.sweep})) for i in range(3))
+
+    def gemm_tflops(self, m: float, n: float, k: float) -> float:
+        """TFLOP/s of an (m, n, k) GEMM: trilinear in log(size) and log(rate) between measured shapes."""
+        table = {tuple(r[:3]): r[3] for r in self.sweep}
+        axes = self.axes
+        br = [_log_bracket(a, x) for a, x in zip(axes, (m, n, k))]
+        log_rate = 0.0
+        for im, wm in ((br[0][0], 1 - br[0][2]), (br[0][1], br[0][2])):
+            for i_n, wn in ((br[1][0], 1 - br[1][2]), (br[1][1], br[1][2])):
+                for ik, wk in ((br[2][0], 1 - br[2][2]), (br[2][1], br[2][2])):
+                    if wm * wn * wk:
+                        log_rate += wm * wn * wk * math.log(table[(axes[0][im], axes[1][i_n], axes[2][ik])])
+        return math.exp(log_rate) * br[0][3] * br[1][3] * br[2][3]
+
+    def bandwidth_gbs(self, nbytes: float) -> float:
+        """GB/s of an elementwise op moving nbytes: interpolated in log(bytes) over the probe's sweep
+        (cache-resident sizes run faster than DRAM), the end values outside it."""
+        rows = sorted(self.elementwise)
+        i0, i1, w, _ = _log_bracket(tuple(r[0] for r in rows), nbytes)
+        return math.exp((1 - w) * math.log(rows[i0][1]) + w * math.log(rows[i1][1]))
+
+    def memop_s(self, op: flops_mod.MemOp) -> float:
+        return op.count * (op.bytes / (self.bandwidth_gbs(op.bytes) * 1e9)
+                           + op.transcendentals / (self.transcendental_gelem_s * 1e9))
+
+
+def op_rates(device: DeviceSpec, dtype: str) -> tuple[OpRates | None, list[str]]:
+    """The device's per-op figures for `dtype`, or None and the spec fields that are missing."""
+    missing = []
+    sweep = device.matmul_sweep.get(dtype)
+    if not sweep:
+        missing.append(f"device.matmul_sweep.{dtype}")
+    if not device.elementwise_sweep:
+        missing.append("device.elementwise_sweep")
+    if device.transcendental_gelem_s is None:
+        missing.append("device.transcendental_gelem_s")
+    if device.op_overhead_us is None:
+        missing.append("device.op_overhead_us")
+    if missing:
+        return None, missing
+    return OpRates(dtype, sweep, device.elementwise_sweep, device.transcendental_gelem_s, device.op_overhead_us), []
+
+
+def step_model(model: ModelConfig, device: DeviceSpec, dtype: str) -> tuple[OpRates | None, str | None]:
+    """(the per-op figures when the planner uses them, else None; why not, when that is worth saying).
+    A measured training efficiency (device.train_efficiency) comes from real steps and wins; the
+    per-op model needs all of OP_MODEL_FIELDS from the probe and a Transformer."""
+    rates, missing = op_rates(device, dtype)
+    if dtype in device.train_efficiency:
+        return None, (f"step time from the measured device.train_efficiency.{dtype} (it takes precedence over "
+                      f"the per-op model)" if rates else None)
+    if model.arch != "transformer":
+        return None, (f"per-op step model not used: it covers Transformers, model.arch={model.arch!r}; step time "
+                      f"from the FLOP rate" if rates else None)
+    if rates is None:
+        return None, (f"per-op step model not used: the spec lacks {', '.join(missing)} (measured by "
+                      f"`clusterlm probe --out node.toml`); step time from one FLOP rate instead")
+    return rates, None
+
+
+def _param_tensors(model: ModelConfig) -> int:
+    """Parameter tensors (what clip_grad_norm and the optimizer loop over)."""
+    b = 2 if model.bias else 1
+    per_layer = 2 * (b if model.norm == "layernorm" else 1) + (4 + (3 if model.mlp == "swiglu" else 2)) * b
+    return (model.n_layers * per_layer + 1 + (model.pos == "learned") + (b if model.norm == "layernorm" else 1)
+            + (not model.tie_embeddings))
+
+
+def _op_model_parts(model: ModelConfig, dims: ParallelDims, mb: int, m: int, recompute: str, seq_len: int,
+                    dtype: str, rates: OpRates) -> tuple[dict[str, float], dict[str, str]]:
+    """Seconds per step of the per-op model's parts (one rank; the pipeline's last stage, which has the
+    loss) and their formulas."""
+    layers = math.ceil(model.n_layers / dims.pp)
+    work = flops_mod.step_work(model, mb, seq_len, tp=dims.tp, recompute=recompute, dtype=dtype, layers=layers)
+    parts: dict[str, float] = {}
+    formulas: dict[str, str] = {}
+
+    def gemm_part(key: str, gemms: tuple[flops_mod.Gemm, ...], what: str) -> None:
+        times = [(g, g.flops / (rates.gemm_tflops(g.m, g.n, g.k) * 1e12)) for g in gemms]
+        total_f, total_t = sum(g.flops for g, _ in times), sum(t for _, t in times)
+        parts[key] = m * total_t
+        g_big, t_big = max(times, key=lambda x: x[1])
+        lo = min(g.flops / t for g, t in times) / 1e12
+        hi = max(g.flops / t for g, t in times) / 1e12
+        formulas[key] = (f"{m} micro-batches * sum of 2*M*N*K / rate(M,N,K) over {len(gemms)} {what}: "
+                         f"{total_f / 1e9:.4g} GFLOP at {total_f / total_t / 1e12:.4g} TFLOP/s overall "
+                         f"(interpolated in the probe's {dtype} GEMM sweep, {lo:.3g}-{hi:.3g}); slowest: {g_big.name} "
+                         f"({g_big.m}x{g_big.n}x{g_big.k}, x{g_big.count:g}) {t_big * 1e3:.3g} ms")
+
+    gemm_part("gemm", work.gemms, "GEMMs of the linear layers")
+    gemm_part("attention", work.attention, "attention-core GEMM shapes (per head, causal part)")
+    for key in ("memory_ops", "loss"):
+        ops = [o for o in work.memops if o.part == key]
+        if not ops:
+            continue
+        nbytes = sum(o.bytes * o.count for o in ops)
+        trans = sum(o.transcendentals * o.count for o in ops)
+        t_bw = sum(o.count * o.bytes / (rates.bandwidth_gbs(o.bytes) * 1e9) for o in ops)
+        parts[key] = m * sum(rates.memop_s(o) for o in ops)
+        what = ("norm/residual/activation/attention-io" if key == "memory_ops"
+                else "log_softmax/zero-fill over the vocabulary")
+        formulas[key] = (f"{m} micro-batches * ({nbytes / 1e6:.4g} MB moved by {sum(o.count for o in ops)} {what} ops "
+                         f"at {nbytes / t_bw / 1e9 if t_bw else 0:.4g} GB/s (the probe's elementwise sweep at each "
+                         f"op's size) + {trans / 1e6:.4g} M exp/tanh at {rates.transcendental_gelem_s:g} Gelem/s)")
+    n_ops = work.autograd_ops
+    tensors = _param_tensors(model)
+    parts["op_overhead"] = (m * n_ops + tensors) * rates.op_overhead_us * 1e-6
+    formulas["op_overhead"] = (f"({m} micro-batches * {n_ops} autograd ops + {tensors} parameter tensors in "
+                               f"clip/optimizer) * {rates.op_overhead_us:g} us (the probe's tiny-op loop, fwd + bwd)")
+    return parts, formulas
+
+
+def _op_model_optimizer(model: ModelConfig, per_dev: float, dims: ParallelDims, rates: OpRates
+                        ) -> tuple[float, str]:
+    ops = flops_mod.optimizer_work(per_dev / dims.dp_shard, _param_tensors(model))
+    t = sum(rates.memop_s(o) for o in ops)
+    desc = " + ".join(f"{o.name} {o.bytes / 1e6:.4g} MB at {rates.bandwidth_gbs(o.bytes):.4g} GB/s" for o in ops)
+    return t, f"memory-bound: {desc} (the probe's elementwise sweep at that size)"
+
+
 # ---- one candidate ------------------------------------------------------------------------------------
 def _step_time(model: ModelConfig, dims: ParallelDims, mb: int, accum: int, recompute: str, seq_len: int,
-               gbt: int, dtype: str, rate: ComputeRate, net: _Net, device: DeviceSpec) -> tuple[dict, dict]:
+               gbt: int, dtype: str, rate: ComputeRate, net: _Net, device: DeviceSpec,
+               ops: OpRates | None = None) -> tuple[dict, dict]:
     parts: dict[str, float] = {}
     formulas: dict[str, str] = {}
     world = dims.world_size
-    fpt = flops_mod.training_flops_per_token(model, seq_len)
-    extra = flops_mod.recompute_flops(model, seq_len, recompute)
-    flops_step = (fpt.total + extra) * gbt
-    compute = flops_step / world / (rate.tflops * 1e12)
-    parts["compute"] = compute
-    formulas["compute"] = (f"({fpt.total:.4g} model + {extra:.4g} recompute FLOPs/token) * {gbt} tokens / "
-                           f"({world} devices * {rate.tflops:.4g} TFLOP/s)")
     m = accum
+    if ops is not None:  # per-op model: GEMMs by shape, memory-bound ops, loss, fixed op costs
+        op_parts, op_formulas = _op_model_parts(model, dims, mb, m, recompute, seq_len, dtype, ops)
+        parts.update(op_parts)
+        formulas.update(op_formulas)
+        compute = sum(op_parts.values())
+    else:
+        fpt = flops_mod.training_flops_per_token(model, seq_len)
+        extra = flops_mod.recompute_flops(model, seq_len, recompute)
+        flops_step = (fpt.total + extra) * gbt
+        compute = flops_step / world / (rate.tflops * 1e12)
+        parts["compute"] = compute
+        formulas["compute"] = (f"({fpt.total:.4g} model + {extra:.4g} recompute FLOPs/token) * {gbt} tokens / "
+                               f"({world} devices * {rate.tflops:.4g} TFLOP/s)")
     t_fwd, t_bwd = compute / m / 3, compute / m * 2 / 3  # per micro-batch (backward = 2x forward)
     if dims.pp > 1:
         parts["bubble"] = compute * (dims.pp - 1) / m
@@ -250,7 +415,7 @@ def _step_time(model: ModelConfig, dims: ParallelDims, mb: int, accum: int, reco
         formulas["pp_comm"] = (f"2 * (m + pp - 1) = {2 * (m + dims.pp - 1)} sends of b*s*h*e/t = {act / 1e6:.3g} MB "
                                f"({pp_bw[2]}, {pp_bw[0]:.4g} GB/s) on the critical path")
     bw = device.measured_memory_bandwidth_gbs or device.memory_bandwidth_gbs
-    if bw and device.kind == "cpu" and recompute == "none":
+    if ops is None and bw and device.kind == "cpu" and recompute == "none":
         # On CPU the non-matmul work (norms, GELU, softmax/cross-entropy, residual adds and their
         # gradients) is memory-bound and not hidden under the matmuls: each saved activation and
         # logits byte is written in forward, read in backward and its gradient written: 3 passes.
@@ -263,7 +428,9 @@ def _step_time(model: ModelConfig, dims: ParallelDims, mb: int, accum: int, reco
         parts["activation_traffic"] = m * ACTIVATION_PASSES * act / (bw * 1e9)
         formulas["activation_traffic"] = (f"CPU: {m} micro-batches * {ACTIVATION_PASSES} passes * {act / 1e6:.4g} MB "
                                           f"saved activations + logits buffers / {bw:g} GB/s")
-    if bw:
+    if ops is not None:
+        parts["optimizer"], formulas["optimizer"] = _op_model_optimizer(model, per_dev, dims, ops)
+    elif bw:
         sharded = per_dev / dims.dp_shard
         parts["optimizer"] = sharded * ADAMW_BYTES_PER_PARAM / (bw * 1e9)
         formulas["optimizer"] = (f"AdamW step, memory-bound: {sharded:,.0f} params * {ADAMW_BYTES_PER_PARAM} B / "
@@ -316,7 +483,10 @@ def search(model: ModelConfig, spec: ClusterSpec, *, seq_len: int, global_batch_
     limit = device.memory_gib * GIB * memory_fraction
     peak, _ = device.peak(dtype)
     fpt = flops_mod.training_flops_per_token(model, seq_len)
-    assumptions = [rate.how] if rate.assumed else []
+    ops, why_not = step_model(model, device, dtype)
+    assumptions = [rate.how] if rate.assumed and ops is None else []
+    if why_not:
+        assumptions.append(why_not)
     assumptions.append(f"memory limit {memory_fraction:.2f} x {device.memory_gib:g} GiB"
                        + (" (ASSUMPTION: default reserve for runtime buffers and fragmentation)"
                           if memory_fraction == DEFAULT_MEMORY_FRACTION else ""))
@@ -337,9 +507,9 @@ def search(model: ModelConfig, spec: ClusterSpec, *, seq_len: int, global_batch_
                 step = tps = mfu = total = dev_h = None
                 parts: dict[str, float] = {}
                 formulas: dict[str, str] = {}
-                if rate.tflops:
+                if rate.tflops or ops is not None:
                     parts, formulas = _step_time(model, dims, mb, accum, rc, seq_len, global_batch_tokens, dtype,
-                                                 rate, net, device)
+                                                 rate, net, device, ops)
                     step = sum(parts.values())
                     tps = global_batch_tokens / step
                     if peak:
@@ -536,7 +706,14 @@ def main(argv: list[str]) -> int:
           f"{n_nodes * device.count} device(s)")
     print(f"FLOPs: {fpt.total:.4g} per token; {fpt.convention}")
     rate = compute_rate(device, dtype)
-    print(f"compute rate per device: " + (f"{rate.tflops:.4g} TFLOP/s = " if rate.tflops else "") + rate.how)
+    ops, _ = step_model(model, device, dtype)
+    if ops is not None:
+        print(f"step model: per op, from the probe's figures: measured matmul (GEMM) sweep over {len(ops.sweep)} "
+              f"{dtype} shapes ({min(r[3] for r in ops.sweep):.3g}-{max(r[3] for r in ops.sweep):.3g} TFLOP/s), "
+              f"elementwise bandwidth {min(r[1] for r in ops.elementwise):.3g}-{max(r[1] for r in ops.elementwise):.3g} GB/s by "
+              f"size, exp/tanh {ops.transcendental_gelem_s:g} Gelem/s, {ops.op_overhead_us:g} us per op")
+    else:
+        print(f"compute rate per device: " + (f"{rate.tflops:.4g} TFLOP/s = " if rate.tflops else "") + rate.how)
     for line in (everything[0].assumptions if everything else ()):
         if line != rate.how:
             print(f"note: {line}")

@@ -70,10 +70,28 @@ class DeviceSpec:
     train_efficiency: dict[str, float] = field(default_factory=dict)
     """fraction of peak (or of measured matmul TFLOP/s when there is no peak) that training
     steps reach: measured MFU; the planner uses it before any default"""
+    matmul_sweep: dict[str, tuple[tuple[float, ...], ...]] = field(default_factory=dict)
+    """probe: GEMM TFLOP/s by dtype over a grid of shapes, rows [M, N, K, TFLOP/s] for
+    C (M, N) = A (M, K) @ W^T (K, N); the planner interpolates each GEMM of a step in it"""
+    elementwise_sweep: tuple[tuple[float, ...], ...] = ()
+    """probe: fp32 c = a + b at growing sizes, rows [bytes moved per call, GB/s] (caches to DRAM)"""
+    transcendental_gelem_s: float | None = None
+    """probe: exp/tanh throughput, 1e9 elements/s (fp32, in cache)"""
+    op_overhead_us: float | None = None
+    """probe: microseconds per tiny autograd op, forward + backward (dispatch, bookkeeping, launch)"""
     compute_capability: str = ""
     source: str = ""
 
     def __post_init__(self) -> None:
+        for dt, rows in self.matmul_sweep.items():
+            bad = [r for r in rows if len(r) != 4 or min(r) <= 0]
+            if dt not in hardware.DTYPES or bad or not rows:
+                raise ConfigError(f"device {self.name!r}: matmul_sweep.{dt} needs a dtype in "
+                                  f"{', '.join(hardware.DTYPES)} and rows [M, N, K, TFLOP/s] of positive numbers; "
+                                  f"bad rows: {bad[:3]}")
+        if any(len(r) != 2 or min(r) <= 0 for r in self.elementwise_sweep):
+            raise ConfigError(f"device {self.name!r}: elementwise_sweep rows are [bytes, GB/s] > 0, "
+                              f"got {list(self.elementwise_sweep)[:3]}")
         if self.kind not in DEVICE_KINDS:
             raise ConfigError(f"device {self.name!r}: kind={self.kind!r}; expected one of {', '.join(DEVICE_KINDS)}")
         if self.count < 1 or self.memory_gib < 0:

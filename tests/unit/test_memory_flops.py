@@ -151,3 +151,29 @@ def test_optimizer_step_temporaries():
         4 * model.num_params() / 4)
     assert estimate_memory(model, dims, optimizer_impl="per_tensor", **kw).get("optimizer_step_temp") == \
         4 * 128256 * 2048
+
+
+def test_step_work_gemms_add_up_to_6n():
+    """The per-op inventory's linear GEMMs are 6 FLOPs per matmul weight per token (PaLM's 6N without the norm
+    weights and biases, which are elementwise); full recomputation adds one forward of the layers (2 N_layers); tp=2
+    halves them; the attention-core GEMMs are 7 per head (2 forward, 5 backward) over the causal part."""
+    m = get_preset("gpt2-124m")
+    n_tok = 2 * 1024
+    w = flops.step_work(m, 2, 1024)
+    norms = (2 * m.n_layers + 1) * 2 * m.dim  # LayerNorm weight + bias
+    norms += m.n_layers * (5 * m.dim + m.hidden_dim)  # Linear biases (q, k, v, o, w2: D; w1: F): added, not GEMM
+    assert sum(g.flops for g in w.gemms) == pytest.approx(6 * (flops.matmul_params(m)[0] - norms) * n_tok)
+    full = flops.step_work(m, 2, 1024, recompute="full")
+    layer_mm = flops.matmul_params(m)[1] - norms  # layer weights (N without the output projection), no norms
+    assert sum(g.flops for g in full.gemms) - sum(g.flops for g in w.gemms) == pytest.approx(2 * layer_mm * n_tok)
+    tp2 = flops.step_work(m, 2, 1024, tp=2)
+    assert sum(g.flops for g in tp2.gemms) == pytest.approx(sum(g.flops for g in w.gemms) / 2, rel=1e-5)  # V odd
+    T, Hd = 1024, m.head_dim
+    attn = 2 * m.n_heads * m.n_layers * (T + 1) / (2 * T) * 7 * 2 * T * T * Hd
+    assert sum(g.flops for g in w.attention) == pytest.approx(attn)
+    loss = [o for o in w.memops if o.part == "loss"]
+    lg = n_tok * m.padded_vocab_size
+    assert sum(o.bytes * o.count for o in loss) == pytest.approx(6 * lg * 4)
+    assert sum(o.transcendentals for o in loss) == pytest.approx(2 * lg)
+    with pytest.raises(ValueError, match="Transformers"):
+        flops.step_work(get_preset("lstm-small", vocab_size=65), 1, 8)

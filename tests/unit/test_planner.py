@@ -10,7 +10,7 @@ from clusterlm.cluster.memory import GIB
 from clusterlm.cluster.spec import load_spec
 from clusterlm.config import resolve
 from clusterlm.errors import ConfigError
-from clusterlm.models.config import get_preset
+from clusterlm.models.config import ModelConfig, get_preset
 
 H100 = load_spec("h100-sxm-8x")
 LLAMA70B = get_preset("llama-70b")
@@ -151,3 +151,111 @@ def test_parse_count():
     assert planner.parse_count("524288") == 524288
     with pytest.raises(Exception):
         planner.parse_count("lots")
+
+
+# ---- the per-op step model -------------------------------------------------------------------------------
+TINY = ModelConfig(vocab_size=16, n_layers=1, dim=8, n_heads=2, max_seq_len=4)
+
+
+def cpu_spec(**device_fields):
+    """A one-CPU spec (16 GiB) carrying the given probe figures."""
+    from clusterlm.cluster.spec import ClusterSpec, DeviceSpec, NodeType
+
+    dev = DeviceSpec(name="test CPU", kind="cpu", memory_gib=16.0, **device_fields)
+    return ClusterSpec(name="t", node_types=(NodeType(name="n", memory_gib=16.0, device=dev),))
+
+
+FLAT = dict(matmul_sweep={"fp32": ((1.0, 1.0, 1.0, 1.0),)}, elementwise_sweep=((1e3, 10.0), (1e9, 10.0)),
+            transcendental_gelem_s=1.0, op_overhead_us=2.0)
+
+
+def test_gemm_rate_interpolates_in_log_space():
+    """At grid points the measured rate; halfway in log(K) between K=64 (0.1) and K=256 (0.4) the geometric mean
+    0.2; below the smallest K the rate scales with K (K=16: a quarter of K=64's); above the largest it stays."""
+    rows = tuple((float(m), float(n), float(k), (0.1 if k == 64 else 0.4) * (2 if m == 1024 else 1))
+                 for m in (128, 1024) for n in (64, 256) for k in (64, 256))
+    r = planner.OpRates("fp32", rows, ((1e3, 10.0),), 1.0, 1.0)
+    assert r.gemm_tflops(128, 64, 64) == pytest.approx(0.1) and r.gemm_tflops(1024, 256, 256) == pytest.approx(0.8)
+    assert r.gemm_tflops(128, 64, 128) == pytest.approx(0.2)
+    assert r.gemm_tflops(128, 100, 128) == pytest.approx(0.2)  # N does not change the rate here
+    assert r.gemm_tflops(128, 64, 16) == pytest.approx(0.025)
+    assert r.gemm_tflops(4096, 4096, 4096) == pytest.approx(0.8)
+    assert r.gemm_tflops(128 * 2**0.5, 64, 64) == pytest.approx(0.1 * 2 ** (1 / 6))  # 1/6 of the way to 1024 in log
+
+
+def test_bandwidth_by_size_and_incomplete_grid():
+    """Elementwise GB/s: geometric interpolation in log(bytes) (1 KB at 100, 100 KB at 10 -> 10 KB at 31.6), end
+    values outside; a sweep that is not a full M x N x K grid is refused, naming a missing shape."""
+    r = planner.OpRates("fp32", ((64.0, 64.0, 64.0, 1.0),), ((1e3, 100.0), (1e5, 10.0)), 1.0, 1.0)
+    assert r.bandwidth_gbs(1e4) == pytest.approx(10**1.5)
+    assert r.bandwidth_gbs(10.0) == pytest.approx(100.0) and r.bandwidth_gbs(1e9) == pytest.approx(10.0)
+    with pytest.raises(ConfigError, match=r"not a full grid.*\(64.0, 128.0, 64.0\)"):
+        planner.OpRates("fp32", ((64.0, 64.0, 64.0, 1.0), (128.0, 128.0, 64.0, 1.0)), ((1e3, 1.0),), 1.0, 1.0)
+
+
+def test_op_model_arithmetic_tiny_model():
+    """With flat figures (1 TFLOP/s GEMMs, 10 GB/s, 1 Gelem/s exp, 2 us per op) each part is hand-computable for a
+    1-layer D=8, F=32, V=16 model, 2 x 4 tokens: linear GEMMs 6 * (4*64 + 2*256 + 16*8) FLOPs/token * 8 tokens;
+    attention 2 heads x 2 sequences x 5/8 causal x (3 + 4) GEMMs of 2*4*4*4 FLOPs; the loss 6 passes over 8 x 16
+    fp32 logits and 2 exp each; the optimizer 40 B/param; the fixed cost (ops + parameter tensors) x 2 us."""
+    spec = cpu_spec(**FLAT)
+    c = planner.plan(TINY, spec, seq_len=4, global_batch_tokens=8, dtype="fp32", micro_batches=(2,),
+                     recompute_modes=("none",))[0]
+    parts = c.time_parts
+    assert set(parts) == {"gemm", "attention", "memory_ops", "loss", "op_overhead", "optimizer"}
+    assert parts["gemm"] == pytest.approx(6 * (4 * 64 + 2 * 256 + 16 * 8) * 8 / 1e12)
+    assert parts["attention"] == pytest.approx(2 * 2 * 5 / 8 * 7 * 2 * 4 * 4 * 4 / 1e12)
+    assert parts["loss"] == pytest.approx(6 * 8 * 16 * 4 / 10e9 + 2 * 8 * 16 / 1e9)
+    n_params = TINY.num_params()
+    assert parts["optimizer"] == pytest.approx(40 * n_params / 10e9)
+    work = planner.flops_mod.step_work(TINY, 2, 4)
+    tensors = 1 + 1 + 1 + 2 + 6  # tok + pos embeddings, final norm, 2 layer norms, 6 linear weights
+    assert planner._param_tensors(TINY) == tensors
+    assert parts["op_overhead"] == pytest.approx((work.autograd_ops + tensors) * 2e-6)
+    assert parts["memory_ops"] == pytest.approx(sum(o.count * (o.bytes / 10e9 + o.transcendentals / 1e9)
+                                                   for o in work.memops if o.part == "memory_ops"))
+    assert c.step_time_s == pytest.approx(sum(parts.values()))
+    assert not any("ASSUMPTION" in a and "fraction" in a for a in c.assumptions)
+
+
+def test_op_model_grad_accumulation_and_explain():
+    """Two micro-batches per step double every per-micro-batch part but not the optimizer; --explain prints
+    each part with its formula."""
+    spec = cpu_spec(**FLAT)
+    kw = dict(seq_len=4, dtype="fp32", recompute_modes=("none",))
+    one = planner.plan(TINY, spec, global_batch_tokens=8, micro_batches=(2,), **kw)[0]
+    two = planner.plan(TINY, spec, global_batch_tokens=16, micro_batches=(2,), **kw)[0]
+    for k in ("gemm", "attention", "memory_ops", "loss"):
+        assert two.time_parts[k] == pytest.approx(2 * one.time_parts[k])
+    assert two.time_parts["optimizer"] == pytest.approx(one.time_parts["optimizer"])
+    text = planner.explain(one)
+    for k in ("gemm", "attention", "memory_ops", "loss", "op_overhead", "optimizer"):
+        assert f"  {k} " in text
+    assert "GEMM sweep" in text and "Gelem/s" in text and "us (the probe's tiny-op loop" in text
+
+
+def test_op_model_missing_figures_are_named():
+    """A spec with some of the probe's per-op figures says which are missing and falls back to the FLOP rate
+    (with its assumption printed); a measured train_efficiency takes precedence over the per-op model."""
+    partial = cpu_spec(measured_tflops={"fp32": 0.5}, matmul_sweep=FLAT["matmul_sweep"], op_overhead_us=2.0)
+    c = planner.plan(TINY, partial, seq_len=4, global_batch_tokens=8, dtype="fp32", micro_batches=(2,))[0]
+    text = " ".join(c.assumptions)
+    assert "device.elementwise_sweep" in text and "device.transcendental_gelem_s" in text
+    assert "device.op_overhead_us" not in text and "ASSUMPTION" in text and "compute" in c.time_parts
+    calibrated = cpu_spec(measured_tflops={"fp32": 0.5}, train_efficiency={"fp32": 0.5}, **FLAT)
+    c = planner.plan(TINY, calibrated, seq_len=4, global_batch_tokens=8, dtype="fp32", micro_batches=(2,))[0]
+    assert "compute" in c.time_parts and "gemm" not in c.time_parts
+    assert any("train_efficiency" in a and "precedence" in a for a in c.assumptions)
+
+
+def test_spec_with_probe_figures_round_trips(tmp_path):
+    """The probe's per-op figures survive save -> load; specs without them (presets) still load."""
+    from clusterlm.cluster.spec import save_spec
+
+    spec = cpu_spec(**FLAT)
+    save_spec(spec, tmp_path / "n.toml")
+    back = load_spec(str(tmp_path / "n.toml"))
+    assert back.node_types[0].device == spec.node_types[0].device
+    assert load_spec("laptop-cpu").node_types[0].device.matmul_sweep == {}
+    with pytest.raises(ConfigError, match="matmul_sweep"):
+        cpu_spec(matmul_sweep={"fp32": ((64.0, 64.0, 1.0),)})
