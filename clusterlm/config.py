@@ -149,6 +149,8 @@ class ParallelConfig:
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
     pp_schedule: Literal["1f1b", "gpipe"] = "1f1b"
     """pipeline schedule when pp > 1: 1f1b (activation memory of pp micro-batches) or gpipe"""
+    sequence_parallel: bool = True
+    """with tp > 1: split norms/residuals over the sequence and the loss over the vocabulary (docs/distributed.md)"""
 
     def __post_init__(self) -> None:
         for name in ("dp_replicate", "dp_shard", "tp", "pp"):

@@ -82,7 +82,7 @@ class ParallelModel:
     """A model laid out over a DeviceMesh, with the few operations the training loop needs."""
 
     def __init__(self, module: nn.Module, wrapped: nn.Module, coords: Coords, mesh: DeviceMesh | None,
-                 kind: str, schedule=None, micro_batch: int = 0) -> None:
+                 kind: str, schedule=None, micro_batch: int = 0, loss_parallel: bool = False) -> None:
         self.module = module  # parameters/state_dict live here (DDP's inner module when wrapped)
         self.wrapped = wrapped  # what forward is called on
         self.coords = coords
@@ -90,6 +90,18 @@ class ParallelModel:
         self.kind = kind  # "single", "ddp", "fsdp" or "none" (tp/pp without data-parallel wrapping)
         self.schedule = schedule
         self.micro_batch = micro_batch  # rows per rank micro-batch (the pipeline's fixed shape)
+        self.loss_parallel = loss_parallel  # logits are vocabulary-split DTensors (parallel/tp.py)
+
+    def loss_context(self):
+        """Where the loss of `wrapped`'s logits is computed (torch's loss_parallel under TP loss parallel)."""
+        from clusterlm.parallel.tp import loss_context
+
+        return loss_context(self.loss_parallel)
+
+    @property
+    def inference_module(self) -> nn.Module:
+        """`module` returning plain full (B, T, V) logits (for evaluation, which sums plain tensors)."""
+        return _FullLogits(self.module) if self.loss_parallel else self.module
 
     # ---- one micro-batch -----------------------------------------------------------------------
     def _sync_context(self, sync: bool):
@@ -121,9 +133,12 @@ class ParallelModel:
             else:
                 with autocast():
                     logits = self.wrapped(x)
-                loss = lm_loss(logits, y) / accum
-                loss.backward()
+                with self.loss_context():
+                    loss = lm_loss(logits, y) / accum
+                    loss.backward()
                 loss = loss.detach()
+                if isinstance(loss, DTensor):
+                    loss = loss.full_tensor()
         return loss if self.coords.owns_loss else torch.zeros_like(loss)
 
     @torch.no_grad()
@@ -253,10 +268,16 @@ def build_parallel_model(mcfg: ModelConfig, pc: ParallelConfig, mesh: DeviceMesh
         from clusterlm.parallel.pp import split_stage
 
         split_stage(model, dims.pp, coords.pp)
+    # sequence/loss parallel need the whole model on the stage: a later pipeline stage would receive a
+    # sequence slice and take its length for the full one (rotary positions)
+    seq_par = dims.tp > 1 and pc.sequence_parallel and dims.pp == 1
+    if dims.tp > 1 and pc.sequence_parallel and not seq_par:
+        log.info("tp=%d with pp=%d: sequence and loss parallel are off (supported without pipeline parallel)",
+                 dims.tp, dims.pp)
     if dims.tp > 1:
         from clusterlm.parallel.tp import apply_tp
 
-        apply_tp(model, mesh["tp"])
+        apply_tp(model, mesh["tp"], sequence_parallel=seq_par, loss_parallel=seq_par)
     apply_ac(model, pc.activation_checkpointing)
     if compile:
         for key, block in list(model.layers.items()):
@@ -288,4 +309,17 @@ def build_parallel_model(mcfg: ModelConfig, pc: ParallelConfig, mesh: DeviceMesh
         schedule = build_schedule(model, mesh["pp"], device, micro_batch, lm_loss, pp_schedule)
     log.info("layout %s: %s on this rank (pp stage %d, dp rank %d, tp rank %d)", dims.describe(), kind,
              coords.pp, coords.dp_rank, coords.tp)
-    return ParallelModel(model, wrapped, coords, mesh, kind, schedule, micro_batch)
+    return ParallelModel(model, wrapped, coords, mesh, kind, schedule, micro_batch, loss_parallel=seq_par)
+
+
+class _FullLogits(nn.Module):
+    """Calls the model and gathers vocabulary-split logits into a plain tensor."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        from clusterlm.parallel.tp import full_logits
+
+        return full_logits(self.model(*args, **kwargs))

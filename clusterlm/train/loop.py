@@ -320,7 +320,7 @@ def _train(cfg: RunConfig) -> TrainResult:
         batches = iter_eval_batches(data_dir, "val", tc.micro_batch_size, tc.seq_len, max_batches=tc.eval_batches)
         if dims.pp > 1:
             return pm.pipeline_eval_loss(batches, device, autocast)  # full batches only
-        return float(evaluate_loss(model, batches, device=device, autocast_dtype=amp_dtype)["loss"])
+        return float(evaluate_loss(pm.inference_module, batches, device=device, autocast_dtype=amp_dtype)["loss"])
 
     pending: list = []  # at most one asynchronous distributed save not yet committed
 

@@ -33,6 +33,11 @@ def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:, :-1], x[:, 1:]
 
 
+def gpt_cfg():
+    # GPT-2 family: learned positions, LayerNorm, GELU, tied embeddings (TP splits the tied table once)
+    return dataclasses.replace(get_preset("gpt-nano", vocab_size=V), max_seq_len=32)
+
+
 def lstm_cfg():
     return dataclasses.replace(get_preset("lstm-small", vocab_size=V), dim=64, dropout=0.0)
 
@@ -52,13 +57,32 @@ def rows(pm, x: torch.Tensor) -> torch.Tensor:
     return x[pm.coords.dp_rank * b:(pm.coords.dp_rank + 1) * b]
 
 
-def one_step(pc: ParallelConfig, schedule: str = "1f1b", lstm: bool = False) -> list[float]:
+def one_step(pc: ParallelConfig, schedule: str = "1f1b", lstm: bool = False, gpt: bool = False) -> list[float]:
     """(loss, grad norm) of one forward/backward on the global batch"""
     x, y = batch()
     pm = build(pc, micro_batch=B // (pc.dp_replicate * pc.dp_shard), schedule=schedule,
-               mcfg=lstm_cfg() if lstm else None)
+               mcfg=lstm_cfg() if lstm else gpt_cfg() if gpt else None)
     loss = float(pm.mean_over_dp(pm.forward_backward(rows(pm, x), rows(pm, y))))
     return [loss, pm.clip_grad_norm_(1.0)]
+
+
+def sequence_parallel_layout(pc: ParallelConfig) -> dict:
+    """What a rank holds under TP: the norm's output rows (sequence split or not) and the logits' type"""
+    from torch.distributed.tensor import DTensor
+
+    pm = build(pc)
+    seen = {}
+
+    def hook(module, inputs, out) -> None:
+        seen.setdefault("norm_rows", (out.to_local() if isinstance(out, DTensor) else out).shape[1])
+
+    pm.module.layers["0"].attention_norm.register_forward_hook(hook)
+    x, _ = batch()
+    with torch.no_grad():
+        logits = pm.wrapped(x)
+    seen["logits_split"] = isinstance(logits, DTensor) and logits.to_local().shape[-1] == logits.shape[-1] // 2
+    seen["full_logits"] = list(pm.inference_module(x).shape)
+    return seen
 
 
 def train_steps(pc: ParallelConfig, steps: int, accum: int) -> list[list[float]]:
@@ -87,7 +111,7 @@ def train_steps(pc: ParallelConfig, steps: int, accum: int) -> list[list[float]]
 def logits_of(pm) -> list:
     x, _ = batch(99)
     with torch.no_grad():
-        return pm.wrapped(x[:2]).tolist()  # (2, T, V), every rank the full batch
+        return pm.inference_module(x[:2]).tolist()  # (2, T, V), every rank the full batch
 
 
 def step_then_save(pm, opt, root) -> None:
@@ -122,9 +146,13 @@ def _two_ranks(rank: int, world: int, ckpt_root: str) -> dict:
         ("pp_1f1b", dict(pp=2), {"schedule": "1f1b"}), ("pp_gpipe", dict(pp=2), {"schedule": "gpipe"}),
         ("fsdp_selective_ac", dict(dp_shard=2, activation_checkpointing="selective"), {}),
         ("tp_full_ac", dict(tp=2, activation_checkpointing="full"), {}),
+        ("tp_no_sp", dict(tp=2, sequence_parallel=False), {}), ("gpt_tp", dict(tp=2), {"gpt": True}),
         ("lstm_ddp", dict(dp_replicate=2), {"lstm": True})]}
     out["pp_eval"] = build(ParallelConfig(pp=2)).pipeline_eval_loss([batch()], torch.device("cpu"))
     out["ddp_20"] = train_steps(ParallelConfig(dp_replicate=2), steps=20, accum=1)
+    out["tp_3"] = train_steps(ParallelConfig(tp=2), steps=3, accum=1)
+    out["sp_layout"] = sequence_parallel_layout(ParallelConfig(tp=2))
+    out["no_sp_layout"] = sequence_parallel_layout(ParallelConfig(tp=2, sequence_parallel=False))
 
     # checkpoint: saved under FSDP x2 after one step, loaded under TP x2 (and on one process by the test)
     oc = OptimConfig(lr=1e-2, weight_decay=0.1)
@@ -156,7 +184,8 @@ def _four_ranks(rank: int, world: int) -> dict:
 
     out = {"fsdp_tp": one_step(ParallelConfig(dp_shard=2, tp=2)),
            "hsdp": one_step(ParallelConfig(dp_replicate=2, dp_shard=2)),
-           "fsdp_pp": one_step(ParallelConfig(dp_shard=2, pp=2))}
+           "fsdp_pp": one_step(ParallelConfig(dp_shard=2, pp=2)),
+           "tp_pp": one_step(ParallelConfig(tp=2, pp=2))}
     # a flag raised on rank 3 only (a signal, a time limit) is seen by every rank
     out["agree"] = list(agree_any(True, rank == 3, False, device=torch.device("cpu")))
     same = agree_on_checkpoint(Path("/x/step-00000004"), torch.device("cpu"))
@@ -182,9 +211,14 @@ def test_one_step_matches_single_process(two):
     ref = one_step(ParallelConfig())
     _, results = two
     lstm_ref = one_step(ParallelConfig(), lstm=True)
+    gpt_ref = one_step(ParallelConfig(), gpt=True)
     for r in results:
-        for name in ("ddp", "fsdp", "tp", "pp_1f1b", "pp_gpipe", "fsdp_selective_ac", "tp_full_ac"):
+        for name in ("ddp", "fsdp", "tp", "pp_1f1b", "pp_gpipe", "fsdp_selective_ac", "tp_full_ac", "tp_no_sp"):
             assert r[name] == pytest.approx(ref, rel=TOL, abs=TOL), name
+        assert r["gpt_tp"] == pytest.approx(gpt_ref, rel=TOL, abs=TOL)
+        # sequence parallel (the default): the norm sees T/2 rows, logits stay split over the vocabulary
+        assert r["sp_layout"] == {"norm_rows": T // 2, "logits_split": True, "full_logits": [B, T, V]}
+        assert r["no_sp_layout"] == {"norm_rows": T, "logits_split": False, "full_logits": [B, T, V]}
         assert r["lstm_ddp"] == pytest.approx(lstm_ref, rel=TOL, abs=TOL)
         assert r["pp_eval"] == pytest.approx(ref[0], rel=TOL, abs=TOL)  # forward-only pipeline, every rank
     assert ref[0] == pytest.approx(4.1, abs=0.3)  # ~ln(64) = 4.16 at init: the model is really untrained
@@ -196,7 +230,7 @@ def test_four_rank_layouts_match_single_process():
     ranks that found different checkpoints all refuse with both step numbers."""
     ref = one_step(ParallelConfig())
     for r in run_ranks(4, _four_ranks):
-        for name in ("fsdp_tp", "hsdp", "fsdp_pp"):
+        for name in ("fsdp_tp", "hsdp", "fsdp_pp", "tp_pp"):
             assert r[name] == pytest.approx(ref, rel=TOL, abs=TOL), name
         assert r["agree"] == [True, False]
         assert r["same"] == "step-00000004"
@@ -212,6 +246,16 @@ def test_ddp_20_steps_match_grad_accumulation(two):
         for s, (got, want) in enumerate(zip(r["ddp_20"], ref)):
             assert got == pytest.approx(want, rel=TOL, abs=TOL), f"step {s + 1}"
     assert ref[-1][0] < ref[0][0] - 0.3, ref  # it learned: the steps are not trivially equal
+
+
+def test_tp_sequence_parallel_steps_match_single_process(two):
+    """3 AdamW steps under TP x2 with sequence and loss parallel (the default) equal one process, step by
+    step: the split norms, embedding and output are updated as the whole ones are."""
+    ref = train_steps(ParallelConfig(), steps=3, accum=1)
+    _, results = two
+    for r in results:
+        for s, (got, want) in enumerate(zip(r["tp_3"], ref)):
+            assert got == pytest.approx(want, rel=TOL, abs=TOL), f"step {s + 1}"
 
 
 def test_fsdp_checkpoint_loads_on_tp_and_one_process(two):
