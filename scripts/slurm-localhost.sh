@@ -14,6 +14,7 @@
 # Needs root for the daemons (SlurmdUser=root) and for apt-get; Debian 12 ships Slurm 22.05.
 # Ports: CLUSTERLM_SLURMCTLD_PORT (6817) and CLUSTERLM_SLURMD_PORT (6818).
 set -euo pipefail
+export PATH="$PATH:/usr/sbin:/sbin"  # slurmctld, slurmd, munged live in sbin
 
 STATE="${CLUSTERLM_SLURM_DIR:-/tmp/clusterlm-slurm}"
 CTLD_PORT="${CLUSTERLM_SLURMCTLD_PORT:-6817}"
@@ -34,18 +35,17 @@ install_packages() {
   command -v apt-get >/dev/null || die "no apt-get: install slurm-wlm and munge with your package manager"
   echo "slurm-localhost: installing ${missing[*]} (apt-get)" >&2
   export DEBIAN_FRONTEND=noninteractive
-  # the Debian packages start their daemons when a service manager exists; there is none in a
-  # container and their default configs are not ours, so keep them from starting
-  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d.clusterlm
-  local had_policy=0
-  [ -e /usr/sbin/policy-rc.d ] && had_policy=1
-  [ $had_policy -eq 1 ] || { cp /usr/sbin/policy-rc.d.clusterlm /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; }
-  rm -f /usr/sbin/policy-rc.d.clusterlm
-  (apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null 2>"$STATE/apt.log" ||
-     { apt-get update >/dev/null 2>>"$STATE/apt.log" &&
-       apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null 2>>"$STATE/apt.log"; }) ||
-    { [ $had_policy -eq 1 ] || rm -f /usr/sbin/policy-rc.d; die "apt-get install failed, see $STATE/apt.log"; }
-  [ $had_policy -eq 1 ] || rm -f /usr/sbin/policy-rc.d
+  # the Debian packages' postinst scripts start their daemons through invoke-rc.d, with Debian's
+  # default config, not ours (slurmd fails without a slurm.conf): a policy-rc.d that says 101 stops that
+  local policy=/usr/sbin/policy-rc.d ours=0 pkgs="slurmctld slurmd slurm-client munge"
+  if [ ! -e $policy ]; then printf '#!/bin/sh\nexit 101\n' > $policy; chmod +x $policy; ours=1; fi
+  local rc=0
+  # shellcheck disable=SC2086
+  apt-get install -y --no-install-recommends $pkgs >"$STATE/apt.log" 2>&1 ||
+    { apt-get update >>"$STATE/apt.log" 2>&1 && apt-get install -y --no-install-recommends $pkgs >>"$STATE/apt.log" 2>&1; } ||
+    rc=$?
+  [ $ours -eq 0 ] || rm -f $policy
+  [ $rc -eq 0 ] || die "apt-get install $pkgs failed (exit $rc), see $STATE/apt.log"
 }
 
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
