@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # clusterlm.cli.EXIT_PREEMPTED (not imported: cli is the top of the import graph)
 REGISTRY_VERSION = 1
+SIGNAL_RESOLUTION_S = 60  # sbatch(1), --signal: "may be sent up to 60 seconds earlier than specified"
 _TIME_RE = re.compile(r"^(?:(\d+)-)?(\d{1,3}):(\d{2}):(\d{2})$")  # [D-]HH:MM:SS
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.,+\-]+$")  # job names, partitions, accounts: no spaces or quotes
 # Slurm job states that will not change any more (squeue/sacct/scontrol spell them the same)
@@ -90,9 +91,12 @@ class SbatchOptions:
             raise ConfigError(f"--gpus-per-node={self.gpus_per_node} must be >= 0 (0 = no GPUs)")
         if not 1 <= self.signal_seconds <= 65535:  # Slurm stores the offset in 16 bits
             raise ConfigError(f"--signal-seconds={self.signal_seconds} must be in [1, 65535]")
-        if self.time and parse_time_limit(self.time) <= self.signal_seconds:
+        # Slurm checks time limits about once a minute and may send the signal up to 60 s early: a
+        # limit within signal + 60 s could signal (and requeue) every run as soon as it starts
+        if self.time and parse_time_limit(self.time) <= self.signal_seconds + SIGNAL_RESOLUTION_S:
             raise ConfigError(f"--time={self.time} ({parse_time_limit(self.time)} s) must be longer than "
-                              f"--signal-seconds={self.signal_seconds}: the job would be told to stop as it starts")
+                              f"--signal-seconds={self.signal_seconds} + {SIGNAL_RESOLUTION_S} s (Slurm may signal up "
+                              f"to {SIGNAL_RESOLUTION_S} s early): the job would be told to stop as it starts")
         for name in ("partition", "account", "job_name"):
             value = getattr(self, name)
             if value and not _NAME_RE.match(value):

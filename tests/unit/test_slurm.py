@@ -111,7 +111,7 @@ def test_time_limits_and_option_errors():
     cases = [(dict(nodes=0), "--nodes=0 must be an integer >= 1"),
              (dict(ntasks_per_node=-1), "--ntasks-per-node=-1"),
              (dict(gpus_per_node=-2), "--gpus-per-node=-2 must be >= 0"),
-             (dict(time="00:01:00"), "(60 s) must be longer than --signal-seconds=120"),
+             (dict(time="00:03:00"), "(180 s) must be longer than --signal-seconds=120 + 60 s"),
              (dict(signal_seconds=0), "--signal-seconds=0 must be in [1, 65535]"),
              (dict(partition="gpu debug"), "--partition='gpu debug'"),
              (dict(job_name=""), "--job-name must not be empty"),
@@ -121,6 +121,7 @@ def test_time_limits_and_option_errors():
             SbatchOptions(**kwargs)
         assert message in str(e.value), (kwargs, str(e.value))
     assert SbatchOptions(nodes=2, ntasks_per_node=4).world_size == 8
+    assert SbatchOptions(time="00:03:01").time == "00:03:01"
 
 
 def _launch_args(*argv: str) -> tuple[argparse.Namespace, list[str]]:
