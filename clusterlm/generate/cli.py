@@ -2,6 +2,7 @@
 
     clusterlm generate runs/shakespeare_char --prompt "ROMEO." --max-new-tokens 200 --temperature 0.8
     clusterlm generate runs/shakespeare_char --num-samples 3 --seed 1
+    clusterlm generate runs/shakespeare_char --compile     # torch.compile the decode step
     clusterlm chat runs/shakespeare_char
 
 The prompt is preceded by EOS, the document separator the model saw in training, so generation
@@ -74,14 +75,16 @@ def _context(model) -> int | None:  # noqa: ANN001
 
 
 def stream_text(loaded, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int | None,  # noqa: ANN001
-                top_p: float | None, seed: int | None, stop: str | None = None) -> Iterator[str]:
-    """Yield text pieces of one sample as they are generated; stops at EOS, the limit or `stop`."""
+                top_p: float | None, seed: int | None, stop: str | None = None,
+                compile: bool = False) -> Iterator[str]:
+    """Yield text pieces of one sample as they are generated; stops at EOS, the limit or `stop`.
+    `compile`: run the decode step through torch.compile (clusterlm.generate.engine)."""
     from clusterlm.generate.engine import generate
 
     tok, model = loaded.tokenizer, loaded.model
     ids = prompt_ids(tok, prompt, _context(model), max_new_tokens)
     gen = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   seed=seed, eos_id=tok.eos_id, sliding_window=True)
+                   seed=seed, eos_id=tok.eos_id, sliding_window=True, compile=compile)
     ts = TextStream(tok)
     text = ""
     for step in gen:
@@ -122,6 +125,9 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--compile", action="store_true",
+                   help="run the one-token decode step through torch.compile (compiled on first use: "
+                        "seconds to a minute; needs a C++ compiler on CPU)")
 
 
 def _load(args):  # noqa: ANN001, ANN202
@@ -151,7 +157,8 @@ def generate_main(argv: list[str], out: TextIO | None = None) -> int:
         out.write(args.prompt)
         seed = None if args.seed is None else args.seed + i
         for piece in stream_text(loaded, args.prompt, max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed):
+                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
+                                 compile=args.compile):
             out.write(piece)
             out.flush()
         out.write("\n")
@@ -182,7 +189,7 @@ def chat_main(argv: list[str], stdin: TextIO | None = None, out: TextIO | None =
         seed = None if args.seed is None else args.seed + turn
         for piece in stream_text(loaded, render_chat(messages), max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
-                                 stop=CHAT_STOP):
+                                 stop=CHAT_STOP, compile=args.compile):
             reply += piece
             out.write(piece)
             out.flush()

@@ -41,6 +41,24 @@ FinishReason = Literal["stop", "length"]
 _COMPILED: weakref.WeakKeyDictionary[nn.Module, Callable] = weakref.WeakKeyDictionary()
 
 
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why torch.compile cannot run a decode step on `device` here, or None when it can: inductor
+    generates C++ on CPU (needs g++ or clang++, or $CXX) and Triton kernels on CUDA."""
+    if device.type == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()
+        except Exception as e:  # noqa: BLE001 - any failure to find a compiler means no compile
+            return f"torch.compile on CPU needs a C++ compiler (g++ or clang++, or set $CXX): {e}"
+    elif device.type == "cuda":
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            return "torch.compile on CUDA needs the triton package (pip install triton)"
+    return None
+
+
 def compiled_step(model: nn.Module) -> Callable:
     """`torch.compile(model)` (dynamic shapes), made once per model."""
     fn = _COMPILED.get(model)
@@ -107,6 +125,10 @@ class Generation(Iterator[list[int | None]]):
         self._cache = None
         self._last: torch.Tensor | None = None  # (B, 1) tokens to feed next
         self._steps = 0
+        if compile:
+            problem = compile_unavailable(self.device)
+            if problem is not None:
+                raise ValueError(f"compile=True: {problem}; run without compile (eager decode)")
         self._decode = compiled_step(model) if compile else model  # the one-token step
         if max_new_tokens == 0:
             self.finish_reasons = ["length"] * len(rows)

@@ -204,12 +204,62 @@ def test_quantized_model_greedy_equals_naive_loop(method: str) -> None:
     assert tokens == naive(model, prompt, 10)
 
 
+def _skip_without_compile() -> None:
+    from clusterlm.generate.engine import compile_unavailable
+
+    problem = compile_unavailable(torch.device("cpu"))
+    if problem is not None:
+        pytest.skip(problem)
+
+
 @pytest.mark.slow
 def test_compiled_decode_equals_eager() -> None:
     """generate(compile=True) (torch.compile'd decode step, dynamic shapes) gives the same greedy
     tokens as the eager engine, for two calls of different prompt/output lengths on one model."""
+    _skip_without_compile()
     model = make("llama")
     for prompt, n in (([[1, 2, 3]] * 2, 12), ([[4, 5, 6, 7]] * 2, 16)):
         want, _ = complete(model, prompt, max_new_tokens=n, temperature=0.0)
         got, _ = complete(model, prompt, max_new_tokens=n, temperature=0.0, compile=True)
         assert got == want
+
+
+@pytest.mark.slow
+def test_cli_generate_compile_equals_eager(tmp_path) -> None:
+    """`clusterlm generate --compile` prints the same greedy text as without it (a tiny Llama
+    checkpoint with a byte tokenizer, 30 new tokens)."""
+    import io
+
+    from clusterlm.checkpoint.store import save_checkpoint
+    from clusterlm.config import RunConfig, to_toml
+    from clusterlm.generate.cli import generate_main
+    from clusterlm.tokenizer.kinds import make_tokenizer
+
+    _skip_without_compile()
+    tok = make_tokenizer("byte")
+    tok.save(tmp_path / "tokenizer.json")
+    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layers=2, dim=32, n_heads=4, n_kv_heads=2, max_seq_len=64,
+                      pos="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=False)
+    model = build_model(cfg)
+    model.init_weights(0)
+    save_checkpoint(tmp_path / "run" / "checkpoints", 0, model_state=model.state_dict(), optimizer_state=None,
+                    train_state={"step": 0}, config_toml=to_toml(RunConfig(model=cfg)),
+                    tokenizer_path=tmp_path / "tokenizer.json")
+    args = [str(tmp_path / "run"), "--prompt", "ab", "--temperature", "0", "--max-new-tokens", "30",
+            "--device", "cpu"]
+    eager, compiled = io.StringIO(), io.StringIO()
+    assert generate_main(args, out=eager) == 0
+    assert generate_main(args + ["--compile"], out=compiled) == 0
+    assert compiled.getvalue() == eager.getvalue()
+    assert eager.getvalue().startswith("ab") and len(eager.getvalue()) > len("ab\n")  # something was generated
+
+
+def test_compile_without_compiler_is_a_clear_error(monkeypatch) -> None:
+    """compile=True where torch.compile cannot run (inductor's C++ compiler search pointed at a path
+    that does not exist) raises ValueError naming the missing compiler and the eager alternative,
+    before any compilation starts."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/nonexistent/g++"))
+    with pytest.raises(ValueError, match=r"needs a C\+\+ compiler.*/nonexistent/g\+\+.*run without compile"):
+        generate(make("gpt"), [1, 2], max_new_tokens=3, compile=True)
