@@ -4,7 +4,7 @@ command against a fake `srun` on PATH that runs the real probe once per emulated
 The fake srun is a small Python script: it reads --nodes/--ntasks-per-node/--output/--export, names
 the nodes from SLURM_JOB_NODELIST (or FAKE_SRUN_HOSTS), and starts every task at once with the
 variables real srun sets (SLURMD_NODENAME, SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NODEID,
-SLURM_NODELIST), its output in the --output file with %N/%n/%t filled in. The emulated hosts do not
+SLURM_NODELIST, SLURM_STEP_ID), its output in the --output file with %N/%n/%t filled in. The emulated hosts do not
 resolve, so it also sets MASTER_ADDR=127.0.0.1 (all "nodes" are this machine). FAKE_SRUN_FAIL=host
 makes that node's task die the way slurmstepd reports it; every call is appended to FAKE_SRUN_CALLS.
 """
@@ -54,7 +54,7 @@ for i, host in enumerate(hosts):
             continue
         env = dict(os.environ, **extra, SLURMD_NODENAME=host, SLURM_NODEID=str(i), SLURM_PROCID=str(rank),
                    SLURM_LOCALID=str(t), SLURM_NTASKS=str(nodes * per), SLURM_NODELIST=",".join(hosts),
-                   MASTER_ADDR="127.0.0.1")
+                   SLURM_STEP_ID="0", MASTER_ADDR="127.0.0.1")
         procs.append(subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env))
 codes = [p.wait() for p in procs]
 if any(codes):
