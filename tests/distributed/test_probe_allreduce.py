@@ -72,6 +72,8 @@ def test_all_nodes_allreduce_fills_inter_node_link(tmp_path, monkeypatch, capsys
     merged spec's inter-node link; the per-node intra links stay unmeasured."""
     calls = install_fake_srun(tmp_path, monkeypatch)
     in_allocation(monkeypatch, nodelist="n[7-8]")
+    port = next(p for p in iter(_free_port, None) if 20000 <= p < 40000)  # step 2's port is 20000 + job id % 20000
+    monkeypatch.setenv("SLURM_JOB_ID", str(port - 20000))
     out = tmp_path / "cluster.toml"
     assert cli_main(["probe", "--all-nodes", "--quick", "--no-measure", "--out", str(out)]) == 0, \
         capsys.readouterr().err
@@ -83,5 +85,5 @@ def test_all_nodes_allreduce_fills_inter_node_link(tmp_path, monkeypatch, capsys
     assert "gloo, 2 ranks on 2 host(s)" in spec.notes["allreduce"] and "ranks on n7, n8" in spec.notes["allreduce"]
     assert tomllib.loads(out.read_text())["inter_node_link"]["measured_busbw_gbs"] == link.measured_busbw_gbs
     step2 = calls.read_text().splitlines()[1]
-    assert '"--ntasks=2"' in step2 and '"--export=ALL,MASTER_PORT=24242"' in step2
+    assert '"--ntasks=2"' in step2 and f'"--export=ALL,MASTER_PORT={port}"' in step2
     assert "measured all-reduce busbw" in capsys.readouterr().out
