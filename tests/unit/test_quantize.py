@@ -27,8 +27,8 @@ def test_kernels_match_dequantized_reference(n_out):
     torch.manual_seed(0)
     lin = nn.Linear(256, n_out)
     x = torch.randn(3, 5, 256)
-    for m in (Int8Linear.from_linear(lin, activation_int8=False), Int4Linear.from_linear(lin, 128),
-              Int4Linear.from_linear(lin, 32)):
+    for m in (Int8Linear.from_linear(lin, activation_int8=False), Int4Linear.from_linear(lin, 128, False),
+              Int4Linear.from_linear(lin, 32, False)):
         deq = m.dequantized()
         ref = x @ deq.T + lin.bias
         assert (m(x) - ref).abs().max().item() < 1e-4
@@ -37,6 +37,25 @@ def test_kernels_match_dequantized_reference(n_out):
         else:
             bound = m.scales_and_zeros[..., 0].t().repeat_interleave(m.group_size, 1) / 2
         assert bool(((deq - lin.weight).abs() <= bound + 1e-6).all())
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_int4_bf16_activation_path_close_to_exact(group_size):
+    """Int4Linear's default CPU path (bfloat16 activations and scales into the int4 kernel) stays
+    within 1% relative error of the exact float32-activation path on the same stored weights, for a
+    batch-1 row and a batch of rows, with an output width (65) that needs row padding."""
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 65)
+    fast = Int4Linear.from_linear(lin, group_size)
+    exact = Int4Linear.from_linear(lin, group_size, activation_bf16=False)
+    assert fast.activation_bf16 and torch.equal(fast.weight_int4, exact.weight_int4)
+    for x in (torch.randn(1, 1, 256), torch.randn(3, 7, 256)):
+        ref = exact(x)
+        got = fast(x)
+        assert got.dtype == torch.float32 and got.shape == ref.shape
+        assert ((got - ref).norm() / ref.norm()).item() < 0.01
+    fast.activation_bf16 = False  # the packed scales follow the switch
+    assert torch.equal(fast(x), exact(x))
 
 
 def _checkpoint(tmp_path, cfg: ModelConfig):
