@@ -57,7 +57,8 @@ def slurm_env():
     r = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=900)
     try:
         if r.returncode != 0:
-            logs = "".join(f"\n--- {p.name}\n" + p.read_text()[-1500:] for p in sorted((Path(state) / "log").glob("*.log")))
+            logs = "".join(f"\n--- {p.name}\n" + p.read_text(errors="replace")[-1500:]
+                           for p in [*Path(state).glob("apt.log"), *sorted((Path(state) / "log").glob("*.log"))])
             pytest.skip(f"the one-node Slurm cluster did not come up: {r.stderr.strip()[-1500:]}{logs}")
         yield env
     finally:
