@@ -122,7 +122,9 @@ def read_env(env: Mapping[str, str] | None = None) -> DistEnv:
                        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
                        master_port=_int(env, "MASTER_PORT") if "MASTER_PORT" in env else DEFAULT_PORT,
                        source="torchrun")
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    # srun's tasks have a step id; an sbatch batch script has SLURM_PROCID=0 and the job's SLURM_NTASKS
+    # too, but is one process: taking it for rank 0 of N would wait for ranks that never come
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env):
         ntasks = _int(env, "SLURM_NTASKS")
         if ntasks == 1:
             return DistEnv()  # one task: plain single process, no process group needed
@@ -202,6 +204,37 @@ def torchrun_command(recipe: str | None, overrides: list[str], *, nproc_per_node
     return cmd + ["-m", "clusterlm", "train", *([recipe] if recipe else []), *overrides]
 
 
+# torchrun reports any failed worker as exit 1; `clusterlm launch` passes this file's path to the workers
+# so that rank 0 can say why it stopped (75: preempted and saved, 3: diverged) and launch can exit so
+EXIT_FILE_ENV = "CLUSTERLM_EXIT_FILE"
+
+
+def record_exit_code(code: int, env: Mapping[str, str] | None = None) -> None:
+    """On rank 0 under `clusterlm launch`, note the trainer's exit code for the launcher (see above)."""
+    env = os.environ if env is None else env
+    path = env.get(EXIT_FILE_ENV)
+    if path and code != 0 and read_env(env).rank == 0:
+        from clusterlm.fsutil import atomic_write_text
+
+        atomic_write_text(path, f"{code}\n")
+
+
+def run_torchrun(cmd: list[str]) -> int:
+    """Run torchrun; its exit code, or the trainer's own (75, 3) when torchrun reports a failed worker."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="clusterlm-launch-") as tmp:
+        exit_file = os.path.join(tmp, "exit_code")
+        code = subprocess.call(cmd, env=os.environ | {EXIT_FILE_ENV: exit_file})
+        if code != 0 and os.path.exists(exit_file):
+            with open(exit_file, encoding="utf-8") as f:
+                recorded = f.read().strip()
+            if recorded.isdigit():
+                log.info("torchrun exited %d; the trainer's exit code was %s", code, recorded)
+                return int(recorded)
+    return code
+
+
 def main(argv: list[str]) -> int:
     from clusterlm.config import split_overrides
 
@@ -235,4 +268,4 @@ def main(argv: list[str]) -> int:
     print(" ".join(cmd))
     if args.dry_run:
         return 0
-    return subprocess.call(cmd)
+    return run_torchrun(cmd)

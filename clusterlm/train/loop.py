@@ -485,12 +485,14 @@ def main(argv: list[str]) -> int:
     if args.resume:
         overrides.append(f"--train.resume={args.resume}")
     cfg = load_run_config(args.recipe, overrides)
-    from clusterlm.parallel.launch import read_env, shutdown_distributed
+    from clusterlm.parallel.launch import read_env, record_exit_code, shutdown_distributed
 
     if read_env().rank == 0:
         sys.stderr.write("resolved config:\n" + to_toml(cfg) + "\n")
 
     try:
-        return train(cfg).exit_code
+        code = train(cfg).exit_code
+        record_exit_code(code)  # under `clusterlm launch`: torchrun itself would report 1
+        return code
     finally:
         shutdown_distributed()  # the process group train() started under torchrun/srun, if any

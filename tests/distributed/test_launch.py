@@ -27,11 +27,14 @@ def test_read_env_torchrun_slurm_and_none():
     """torchrun's variables win over Slurm's; srun alone gives rank/size/local rank and the first host
     of the node list as master; no variables: one process."""
     env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h0", "MASTER_PORT": "1234",
-           "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_NODELIST": "n[1-2]"}
+           "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_NODELIST": "n[1-2]", "SLURM_STEP_ID": "0"}
     assert read_env(env) == DistEnv(3, 4, 1, "h0", 1234, "torchrun")
     slurm = {k: v for k, v in env.items() if k.startswith("SLURM")} | {"SLURM_PROCID": "5", "SLURM_LOCALID": "1"}
     assert read_env(slurm) == DistEnv(5, 8, 1, "n1", 29500, "slurm")
-    assert read_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == DistEnv()
+    assert read_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_ID": "0"}) == DistEnv()
+    # an sbatch batch script: the job's SLURM_PROCID/NTASKS but no step id, one process (not rank 0 of 8)
+    batch = {k: v for k, v in slurm.items() if k != "SLURM_STEP_ID"}
+    assert read_env(batch) == DistEnv()
     assert read_env({}) == DistEnv() and not read_env({}).distributed
     with pytest.raises(ValueError, match="rank=4"):
         read_env({"RANK": "4", "WORLD_SIZE": "4"})

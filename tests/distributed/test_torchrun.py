@@ -98,6 +98,32 @@ def test_killed_rank_restarts_and_resumes_identically(tmp_path):
     assert train_losses(run) == train_losses(tmp_path / "ref")
     assert sorted(train_losses(run)) == list(range(1, 41))
 
+    # preemption: SIGUSR2 to rank 1 only; both ranks agree, save and exit 75, and `clusterlm launch`
+    # exits 75 too (torchrun alone would report 1), so a requeue script can tell preemption from failure
+    run = tmp_path / "preempted"
+    proc = _launch(tmp_path / "data", run, max_restarts=0)
+    signalled = False
+    deadline = time.time() + 240
+    while not signalled and time.time() < deadline and proc.poll() is None:
+        if (run / "checkpoints" / "step-00000005").is_dir() and (pid := _rank_pid(1, str(run))):
+            os.kill(pid, signal.SIGUSR2)
+            signalled = True
+        time.sleep(0.02)
+    try:
+        rc = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _kill_workers(str(run))
+        raise
+    log = (tmp_path / "preempted.log").read_text()
+    assert signalled, "the run finished before rank 1 could be signalled"
+    assert rc == 75, log[-3000:]
+    got = train_losses(run)
+    last = max(got)
+    assert 5 <= last < 40 and (run / "checkpoints" / f"step-{last:08d}").is_dir()
+    ref = train_losses(tmp_path / "ref")
+    assert got == {s: ref[s] for s in got}
+
 
 def test_srun_without_torchrun(tmp_path, monkeypatch):
     """`clusterlm train` started as srun starts tasks (SLURM_PROCID/NTASKS/LOCALID/NODELIST, no torchrun
@@ -113,7 +139,7 @@ def test_srun_without_torchrun(tmp_path, monkeypatch):
               "--train.seq_len=32", "--train.global_batch_tokens=256", "--train.max_steps=5", "--train.device=cpu",
               "--train.threads=1", "--train.eval_interval=0", "--train.log_interval=1", "--train.tensorboard=false"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER"))}
-    env.update(SLURM_NTASKS="2", SLURM_NODELIST="localhost", MASTER_PORT=str(_free_port()))
+    env.update(SLURM_NTASKS="2", SLURM_NODELIST="localhost", SLURM_STEP_ID="0", MASTER_PORT=str(_free_port()))
     procs = [subprocess.Popen([sys.executable, "-m", "clusterlm", "train", *common, "--train.micro_batch_size=4",
                                "--parallel.dp_shard=2", f"--train.out_dir={tmp_path / 'srun'}"],
                               env=env | {"SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
