@@ -139,3 +139,29 @@ def test_preempted_job_is_requeued_resumes_and_matches_uninterrupted_run(slurm_e
 
     assert sorted(train_losses(run)) == list(range(1, MAX_STEPS + 1))
     assert train_losses(run) == train_losses(tmp_path / "ref")
+
+
+def test_probe_all_nodes_and_allreduce_under_slurm(slurm_env, tmp_path):
+    """`clusterlm probe --all-nodes` inside a real allocation runs the probe on the node with srun and writes
+    the merged spec; `srun -n2 clusterlm probe` measures the all-reduce bus bandwidth across the 2 tasks
+    (gloo) and puts it in the intra-node link; the batch step itself (SLURM_PROCID=0, SLURM_NTASKS=2, no
+    step id) probes as one process instead of waiting for a rank 1 that never comes."""
+    import tomllib
+
+    py = f"{sys.executable} -m clusterlm probe --quick --no-measure"
+    script = tmp_path / "probe.sbatch"
+    script.write_text("#!/bin/bash\nset -e\n"
+                      f"{py} --all-nodes --out {tmp_path / 'cluster.toml'}\n"
+                      f"srun --ntasks=2 {py} --out {tmp_path / 'allreduce.toml'}\n"
+                      f"{py} --out {tmp_path / 'batch.toml'}\n")
+    r = subprocess.run(["sbatch", "--parsable", "--wait", "--ntasks=2", "--time=00:05:00",
+                        f"--output={tmp_path / 'probe.out'}", str(script)], env=slurm_env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    out = (tmp_path / "probe.out").read_text() if (tmp_path / "probe.out").exists() else ""
+    assert r.returncode == 0, r.stdout + r.stderr + out[-3000:]
+    cluster = tomllib.loads((tmp_path / "cluster.toml").read_text())
+    assert [nt["count"] for nt in cluster["node_types"]] == [1], cluster["node_types"]
+    allreduce = tomllib.loads((tmp_path / "allreduce.toml").read_text())
+    links = [nt.get("intra_link", {}) for nt in allreduce["node_types"]]
+    assert any(link.get("measured_busbw_gbs", 0) > 0 for link in links), links
+    assert "measured_busbw_gbs" not in (tmp_path / "batch.toml").read_text()  # one process: nothing to measure
