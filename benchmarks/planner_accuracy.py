@@ -12,9 +12,10 @@ measured = VmHWM - baseline (bytes). glibc's malloc is told to mmap every block 
 tensor bytes instead of the allocator's free lists; the residue (oneDNN scratch, thread stacks,
 page rounding) is part of the measured figure and so of the error.
 
-Step time: the node is probed (clusterlm.cluster.probe.probe_node(quick=True): fp32 matmul
-TFLOP/s, a GEMM shape sweep, elementwise bandwidth by size, exp/tanh rate, per-op overhead, memory
-bandwidth), the planner plans each configuration for that one-node spec (dims all 1, the given
+Step time: the node is probed (clusterlm.cluster.probe.probe_node(quick=False): fp32 matmul
+TFLOP/s, a GEMM shape sweep, a causal-attention sweep, forward + backward ns per element of the
+norm, activation and cross-entropy kernels and of a fused AdamW step, elementwise bandwidth by size,
+per-op overhead, memory bandwidth), the planner plans each configuration for that one-node spec (dims all 1, the given
 micro-batch, no recompute), and the prediction is the candidate's step_time_s: the per-op model
 (docs/planner.md). Nothing is fitted to the measured steps. For comparison, the single-rate model
 (the same spec without the per-op figures: measured matmul rate x the default 0.6) is predicted too.
@@ -46,6 +47,48 @@ MEMORY_CONFIGS = [  # (name, dim, n_layers, n_heads, micro_batch, seq_len)
     ("d512-L4", 512, 4, 8, 8, 128),
 ]
 TIME_CONFIGS = MEMORY_CONFIGS + [("d384-L4", 384, 4, 6, 8, 128)]  # d384: the former held-out calibration run
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
+    vals = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+    return sum(vals) - idle, sum(vals)
+
+
+def _foreign_load(seconds: float = 1.0) -> float:
+    """CPUs' worth of work done by other processes over `seconds` (this process sleeps meanwhile)."""
+    b0, t0 = _cpu_jiffies()
+    time.sleep(seconds)
+    b1, t1 = _cpu_jiffies()
+    return (b1 - b0) / max(t1 - t0, 1) * (os.cpu_count() or 1)
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float = 0.2) -> tuple[float, float]:
+    """Wait until other processes use less than `threshold` CPUs (up to max_wait_s); (load, waited s)."""
+    start = time.time()
+    load = _foreign_load()
+    while load > threshold and time.time() - start < max_wait_s:
+        time.sleep(2.0)
+        load = _foreign_load()
+    return load, time.time() - start
+
+
+class ForeignLoad:
+    """CPUs' worth of other processes' work while a block runs: all CPUs' busy time minus ours."""
+
+    def __enter__(self) -> "ForeignLoad":
+        self.b0, self.t0, self.own0, self.w0 = *_cpu_jiffies(), sum(os.times()[:2]), time.time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        b1, t1 = _cpu_jiffies()
+        hz = os.sysconf("SC_CLK_TCK")
+        ncpu = os.cpu_count() or 1
+        busy_s = (b1 - self.b0) / hz
+        own_s = sum(os.times()[:2]) - self.own0
+        self.cpus = max(0.0, busy_s - own_s) / max(time.time() - self.w0, 1e-9)
+        self.cpus = min(self.cpus, float(ncpu))
 
 
 def _model_cfg(dim: int, layers: int, heads: int, seq_len: int):
@@ -150,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/results/planner_accuracy.json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--repeats", type=int, default=3, help="rounds of (probe, time every configuration)")
+    ap.add_argument("--wait-quiet", type=float, default=900.0, help="before each round, wait up to this many "
+                    "seconds for other processes to use < 0.2 CPUs")
+    ap.add_argument("--max-foreign", type=float, default=0.3, help="a round during which other processes used "
+                    "more CPUs than this on average is marked disturbed")
     ap.add_argument("--skip-memory", action="store_true", help="step time only (the JSON then has no memory rows)")
     args = ap.parse_args(argv)
     if args.child:
@@ -185,20 +232,24 @@ def main(argv: list[str] | None = None) -> int:
         return next(c for c in cands if c.dims.world_size == 1)
 
     def without_op_figures(sp):
-        dev = dataclasses.replace(sp.node_types[0].device, matmul_sweep={}, elementwise_sweep=(),
-                                  transcendental_gelem_s=None, op_overhead_us=None)
+        dev = dataclasses.replace(sp.node_types[0].device, matmul_sweep={}, elementwise_sweep=(), kernel_sweep={},
+                                  attention_sweep=(), op_overhead_us=None)
         return dataclasses.replace(sp, node_types=(dataclasses.replace(sp.node_types[0], device=dev),))
 
     rounds = []
     for r in range(args.repeats):
         load0 = os.getloadavg()[0]
-        spec = probe_node(quick=True, measure=True)
+        quiet_before, waited = wait_for_quiet(args.wait_quiet)
+        fl = ForeignLoad().__enter__()
+        spec = probe_node(quick=False, measure=True)
         device = spec.node_types[0].device
         probe_fig = {"measured_tflops": dict(device.measured_tflops),
                      "measured_memory_bandwidth_gbs": device.measured_memory_bandwidth_gbs,
                      "matmul_sweep_fp32": [list(x) for x in device.matmul_sweep.get("fp32", ())],
                      "elementwise_sweep": [list(x) for x in device.elementwise_sweep],
-                     "transcendental_gelem_s": device.transcendental_gelem_s, "op_overhead_us": device.op_overhead_us,
+                     "attention_sweep": [list(x) for x in device.attention_sweep],
+                     "kernel_sweep": {k: [list(x) for x in v] for k, v in device.kernel_sweep.items()},
+                     "op_overhead_us": device.op_overhead_us,
                      "notes": {k: v for k, v in spec.notes.items() if k == "load" or "unavailable" in v}}
         rows = []
         for name, dim, layers, heads, mb, seq in TIME_CONFIGS:
@@ -219,12 +270,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {r + 1} step {name}: predicted {cand.step_time_s * 1e3:7.1f} ms ({err:+.1%})  single-rate "
                   f"{single.step_time_s * 1e3:7.1f} ms ({err_single:+.1%})  measured median "
                   f"{meas['median_s'] * 1e3:7.1f} ms (min {meas['min_s'] * 1e3:.1f})", flush=True)
+        fl.__exit__()
+        disturbed = fl.cpus > args.max_foreign
         rounds.append({"round": r + 1, "load_avg_1m_start": load0, "load_avg_1m_end": os.getloadavg()[0],
-                       "probe": probe_fig, "step_time": rows})
+                       "foreign_cpus_before": quiet_before, "waited_for_quiet_s": waited,
+                       "foreign_cpus_during": fl.cpus, "disturbed": disturbed, "probe": probe_fig, "step_time": rows})
+        print(f"round {r + 1}: other processes used {fl.cpus:.2f} CPUs on average during it"
+              + (" (DISTURBED: left out of the result when undisturbed rounds exist)" if disturbed else ""),
+              flush=True)
 
+    used = [rd for rd in rounds if not rd["disturbed"]] or rounds
     time_rows = []
     for i, (name, dim, layers, heads, mb, seq) in enumerate(TIME_CONFIGS):
-        per = [rd["step_time"][i] for rd in rounds]
+        per = [rd["step_time"][i] for rd in used]
         err = statistics.median(x["relative_error"] for x in per)
         err_single = statistics.median(x["relative_error_single_rate"] for x in per)
         time_rows.append({"config": name, "dim": dim, "n_layers": layers, "n_heads": heads, "micro_batch": mb,
@@ -235,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                           "measured_median_s_by_round": [x["measured_median_s"] for x in per],
                           "relative_error_single_rate_median_of_rounds": err_single,
                           "within_15pct_single_rate": abs(err_single) <= 0.15})
-        print(f"step {name}: per-op model error {err:+.1%} (rounds: "
+        print(f"step {name}: per-op model error {err:+.1%} over {len(used)} round(s) (rounds: "
               f"{', '.join(f'{x:+.1%}' for x in time_rows[-1]['relative_errors_by_round'])}); single-rate "
               f"{err_single:+.1%}", flush=True)
 
@@ -249,10 +307,13 @@ def main(argv: list[str] | None = None) -> int:
                          "/proc/self/clear_refs), MALLOC_MMAP_THRESHOLD_=65536; 3 training steps",
         "step_method": f"median of 20 timed hand-loop steps (forward, lm_loss, backward, clip, fused AdamW "
                        f"step, zero_grad) after 3 warm-up steps; {args.repeats} rounds of (probe, then every "
-                       f"configuration); error per configuration = median over rounds; machine shared with other jobs",
+                       f"configuration), each started when other processes used < 0.2 CPUs (waiting up to "
+                       f"{args.wait_quiet:g} s); error per configuration = median over the rounds during which other "
+                       f"processes used <= {args.max_foreign} CPUs (all rounds if none); machine shared with other jobs",
         "memory": memory_rows,
         "step_time": time_rows,
         "step_time_rounds": rounds,
+        "rounds_used": [rd["round"] for rd in used],
         "wall_s": time.time() - t_start,
     }
     out = Path(args.out)

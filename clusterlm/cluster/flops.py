@@ -108,11 +108,12 @@ def recompute_flops(model: ModelConfig, seq_len: int, mode: str) -> float:
 
 
 # ---- the step's work, op by op (the planner's per-op step model) ------------------------------------------
-# One Transformer training micro-batch as the ops PyTorch runs for it: every GEMM with its shape
+# One Transformer training micro-batch as the kernels PyTorch runs for it: every GEMM with its shape
 # (a Linear of in -> out over n tokens is a forward GEMM (n, out, in), an input-gradient GEMM
-# (n, in, out) and a weight-gradient GEMM (out, in, n)), the attention core's batched GEMMs at the
-# head's (T, T, Hd) shapes, and the memory-bound ops (norms, residual adds, activations, the loss
-# over the vocabulary, the embedding) as bytes moved and transcendental functions evaluated.
+# (n, in, out) and a weight-gradient GEMM (out, in, n)), the attention core (one fused kernel per
+# layer), the non-matmul kernels by their element counts (norms, activations, the cross-entropy over
+# the vocabulary: each costs what the probe measured per element, forward + backward), and the plain
+# memory ops (residual adds, copies, zero-fills) as bytes moved.
 ELEM_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -123,7 +124,7 @@ class Gemm:
     n: int
     k: int
     count: float
-    """how many per micro-batch (fractional for the causal half of the attention GEMMs)"""
+    """how many per micro-batch"""
 
     @property
     def flops(self) -> float:
@@ -131,22 +132,41 @@ class Gemm:
 
 
 @dataclass(frozen=True)
+class Attention:
+    """The attention core of `layers` layers: causal SDPA forward + backward (+ a replayed forward)."""
+    seq_len: int
+    head_dim: int
+    heads: float
+    """B*H/t per layer"""
+    layers: int
+    passes: float
+    """7 GEMM-equivalents forward + backward, 9 with the forward recomputed"""
+
+    @property
+    def flops(self) -> float:
+        T = self.seq_len
+        return self.heads * self.layers * self.passes * 2 * T * T * self.head_dim * (T + 1) / (2 * T)
+
+
+@dataclass(frozen=True)
 class MemOp:
     name: str
-    bytes: float
-    """bytes read + written by one call"""
+    bytes: float = 0.0
+    """bytes read + written by one call (plain memory ops, costed at the elementwise bandwidth)"""
     count: int = 1
     """calls per micro-batch"""
-    transcendentals: float = 0.0
-    """exp/tanh evaluations per call"""
+    kernel: str | None = None
+    """a measured kernel (forward + backward), costed per element: layernorm, rmsnorm, gelu_tanh, silu,
+    cross_entropy, adamw"""
+    elements: float = 0.0
     part: str = "memory_ops"
-    """the step-time part it is reported under: memory_ops, loss (over the vocabulary), optimizer"""
+    """the step-time part it is reported under: memory_ops, loss, optimizer"""
 
 
 @dataclass(frozen=True)
 class StepWork:
     gemms: tuple[Gemm, ...]
-    attention: tuple[Gemm, ...]
+    attention: Attention
     memops: tuple[MemOp, ...]
     autograd_ops: int
     """ops recorded per micro-batch (each has a forward and a backward): the fixed-cost count"""
@@ -160,27 +180,22 @@ def _linear(name: str, tokens: int, d_in: int, d_out: int, count: int, forward_a
 
 def step_work(model: ModelConfig, micro_batch: int, seq_len: int, *, tp: int = 1, recompute: str = "none",
               dtype: str = "fp32", layers: int | None = None, loss: bool = True) -> StepWork:
-    """The ops of one micro-batch's forward + backward on one rank (`layers` of the model, its
+    """The kernels of one micro-batch's forward + backward on one rank (`layers` of the model, its
     share 1/tp of every head, FFN column and vocabulary row; sequence parallel splits the rest).
 
-    Memory-bound ops, bytes per call with h = n*D/t, f = n*F/t, q = n*H*Hd/t, kv = n*K*Hd/t
-    elements (n = micro_batch*seq_len tokens) of e bytes:
-      per layer: 2 norms, forward 2h and backward 5h each (x, dy, dx; a second pass over x and dy
-      for the weight gradient); 2 residual adds 3h forward and 2 gradient sums 3h backward; the
-      attention output's transpose-to-contiguous copy 2q forward and backward; the attention core's
-      own traffic (q, k, v and output read/written, 2q + 2kv forward, 4q + 4kv backward with its
-      zero-filled gradient buffers); GELU 2f forward (f tanh), 3f backward (f tanh); SwiGLU adds
-      the gate product 3f forward, 6f backward and uses SiLU (exp) instead; rotary positions 13
-      passes over q + kv each way.
-      per micro-batch: embedding lookup 2h + position add 3h, final norm, the loss over the
-      vocabulary (lg = n*V/t logits, fp32): log_softmax 2lg forward (lg exp), the zero-filled
-      gradient lg, log_softmax backward 3lg (lg exp); the embedding gradient: V*D/t zeroed, 2h
-      scattered, and a tied output matrix's gradient summed (3 V*D/t).
-    The attention core's GEMMs run at (T, T, Hd) per head: forward Q.K^T and P.V, backward the
-    recomputed Q.K^T, dV, dP, dQ, dK (flash attention keeps no T x T matrix), each over the causal
-    fraction (T+1)/2T of the scores, with exp evaluated once forward and once backward per score.
-    recompute='full' runs every layer's forward GEMMs and memory ops once more; 'selective' the
-    attention core forward.
+    n = micro_batch*seq_len tokens; h = n*D/t, f = n*F/t, q = n*H*Hd/t, kv = n*K*Hd/t elements of e
+    bytes; lg = n*V/t logits (fp32).
+      measured kernels (forward + backward, per element): 2 norms per layer and the final norm over
+      h; GELU over f (SwiGLU: SiLU over f); the cross-entropy over lg.
+      memory ops (bytes): per layer 2 residual adds 3h forward and 2 gradient sums 3h backward, the
+      attention output's transpose-to-contiguous copy 2q each way; SwiGLU's gate product 3f forward,
+      6f backward; rotary positions 13 passes over q + kv each way; per micro-batch the embedding
+      lookup 2h (+ the position add 3h), the embedding gradient (V*D/t zero-filled, 2h scattered), a
+      tied output matrix's gradient sum 3 V*D/t (fp32), the logits upcast lg*(e+4) below fp32.
+      attention core: causal SDPA at (T, Hd), B*H/t heads per layer.
+    recompute='full' runs every layer's forward GEMMs, memory ops and attention forward once more
+    (the forward halves of the kernels are counted as a third of their forward + backward cost);
+    'selective' the attention core forward.
     """
     if model.arch != "transformer":
         raise ValueError(f"the per-op step model covers Transformers; model.arch={model.arch!r}")
@@ -206,40 +221,27 @@ def step_work(model: ModelConfig, micro_batch: int, seq_len: int, *, tp: int = 1
     gemms += _linear("feed_forward.w2", n, hf, D, L, full)
     if loss:
         gemms += _linear("output", n, D, V // tp, 1, False)
-    causal = (T + 1) / (2 * T)
-    heads = B * H / tp * causal * L
-    again = 1 if recompute != "none" else 0  # the forward core runs again in backward
-    attention = (Gemm("attention Q.K^T (fwd, recomputed in bwd, dP)", T, T, Hd, heads * (3 + again)),
-                 Gemm("attention P.V (fwd, dV, dQ, dK)", T, Hd, T, heads * (4 + again)))
-    scores = B * H / tp * T * T * causal
-    fwd_layer = [MemOp("norm fwd", 2 * h * e, 2), MemOp("residual add", 3 * h * e, 2),
-                 MemOp("attention output copy", 2 * q * e), MemOp("attention core io fwd", (2 * q + 2 * kv) * e, 1,
-                                                                  scores)]
-    bwd_layer = [MemOp("norm bwd", 5 * h * e, 2), MemOp("residual grad sum", 3 * h * e, 2),
-                 MemOp("attention output copy bwd", 2 * q * e),
-                 MemOp("attention core io bwd", (4 * q + 4 * kv) * e, 1, scores)]
+    attention = Attention(T, Hd, B * H / tp, L, 7 + (2 if recompute != "none" else 0))
+    norm = "rmsnorm" if model.norm == "rmsnorm" else "layernorm"
+    again = 4 / 3 if full else 1  # a replayed forward: a third of forward + backward
+    act = "silu" if model.mlp == "swiglu" else "gelu_tanh"
+    fwd_passes = 2 if full else 1
+    memops = [MemOp(f"{norm} fwd+bwd (x{2 * L})", count=2 * L, kernel=norm, elements=h * again),
+              MemOp(f"{act} fwd+bwd (x{L})", count=L, kernel=act, elements=f * again),
+              MemOp(f"residual add (x{2 * L * fwd_passes})", 3 * h * e, 2 * L * fwd_passes),
+              MemOp(f"residual grad sum (x{2 * L})", 3 * h * e, 2 * L),
+              MemOp(f"attention output copy fwd+bwd (x{L})", 2 * q * e, L * (1 + fwd_passes))]
     if model.mlp == "swiglu":
-        fwd_layer += [MemOp("silu fwd", 2 * f * e, 1, f), MemOp("gate product", 3 * f * e)]
-        bwd_layer += [MemOp("silu bwd", 3 * f * e, 1, f), MemOp("gate product bwd", 3 * f * e, 2)]
-    else:
-        fwd_layer += [MemOp("gelu fwd", 2 * f * e, 1, f)]
-        bwd_layer += [MemOp("gelu bwd", 3 * f * e, 1, f)]
+        memops += [MemOp(f"gate product fwd+bwd (x{L})", 3 * f * e, L * (2 + fwd_passes))]
     if model.pos == "rope":
-        fwd_layer += [MemOp("rotary", 13 * (q + kv) * e)]
-        bwd_layer += [MemOp("rotary bwd", 13 * (q + kv) * e)]
-    passes = 2 if full else 1
-    memops = [MemOp(f"{m.name} (x{L * passes} layers)", m.bytes, m.count * L * passes, m.transcendentals)
-              for m in fwd_layer]
-    memops += [MemOp(f"{m.name} (x{L} layers)", m.bytes, m.count * L, m.transcendentals) for m in bwd_layer]
+        memops += [MemOp(f"rotary fwd+bwd (x{L})", 13 * (q + kv) * e, L * (1 + fwd_passes))]
     per_layer_ops = 20 + (3 if model.mlp == "swiglu" else 0) + (10 if model.pos == "rope" else 0)
-    ops = per_layer_ops * L * passes
+    ops = per_layer_ops * L * fwd_passes
     if loss:
-        memops += [MemOp("embedding lookup", 2 * h * e), MemOp("final norm fwd", 2 * h * e),
-                   MemOp("final norm bwd", 5 * h * e),
-                   MemOp("log_softmax fwd (vocab)", 2 * lg * 4, 1, lg, part="loss"),
-                   MemOp("loss grad zero-fill (vocab)", lg * 4, part="loss"),
-                   MemOp("log_softmax bwd (vocab)", 3 * lg * 4, 1, lg, part="loss"),
-                   MemOp("embedding grad zero-fill", V * D / tp * 4), MemOp("embedding grad scatter", 2 * h * 4)]
+        memops += [MemOp("cross-entropy fwd+bwd (vocab)", kernel="cross_entropy", elements=lg, part="loss"),
+                   MemOp(f"final {norm} fwd+bwd", kernel=norm, elements=h),
+                   MemOp("embedding lookup", 2 * h * e), MemOp("embedding grad zero-fill", V * D / tp * 4),
+                   MemOp("embedding grad scatter", 2 * h * 4)]
         if model.pos == "learned":
             memops += [MemOp("position add", 3 * h * e)]
         if model.tie_embeddings:
@@ -252,9 +254,9 @@ def step_work(model: ModelConfig, micro_batch: int, seq_len: int, *, tp: int = 1
 
 def optimizer_work(params: float, tensors: int, *, clip: bool = True) -> tuple[MemOp, ...]:
     """One optimizer step over `params` fp32 parameters in `tensors` tensors: gradient clipping reads
-    every gradient for its norm and scales it in place (12 B/param), AdamW reads p, g, m, v and writes
-    p, m, v (28 B/param)."""
-    ops = [MemOp("AdamW (fused)", 28.0 * params, part="optimizer")]
+    every gradient for its norm and scales it in place (12 B/param, at the elementwise bandwidth),
+    then the fused AdamW step (the probe's measured kernel, per parameter)."""
+    ops = [MemOp("AdamW (fused)", kernel="adamw", elements=params, part="optimizer")]
     if clip:
         ops.insert(0, MemOp(f"clip_grad_norm ({tensors} tensors)", 12.0 * params, part="optimizer"))
     return tuple(ops)

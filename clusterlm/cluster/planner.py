@@ -186,16 +186,19 @@ def _ring(kind: str, nbytes: float, n: int, bw_gbs: float, lat: float) -> float:
     return steps / n * nbytes / (bw_gbs * 1e9) + steps * lat
 
 
-# ---- the per-op step model (the probe's GEMM sweep, elementwise bandwidth, exp rate, op overhead) -----
-OP_MODEL_FIELDS = ("matmul_sweep", "elementwise_sweep", "transcendental_gelem_s", "op_overhead_us")
+# ---- the per-op step model (the probe's GEMM, attention and kernel sweeps, bandwidth, op overhead) -------
+OP_MODEL_FIELDS = ("matmul_sweep", "attention_sweep", "kernel_sweep", "elementwise_sweep", "op_overhead_us")
+OP_KERNELS = ("layernorm", "rmsnorm", "gelu_tanh", "silu", "cross_entropy", "adamw")
+OPTIMIZER_OPS_PER_TENSOR = 3  # clip_grad_norm_: norm + scale; fused AdamW: one update per tensor
 
 
-def _log_bracket(axis: tuple[float, ...], x: float) -> tuple[int, int, float, float]:
-    """(i0, i1, weight of i1, scale) to interpolate at x on a sorted axis in log space. Below the
-    smallest measured size the rate scales with the size (a GEMM that small costs what the smallest
-    did: fixed per-call and per-output work), so scale = x / axis[0]; above the largest it stays."""
+def _log_bracket(axis: tuple[float, ...], x: float, scale_below: bool) -> tuple[int, int, float, float]:
+    """(i0, i1, weight of i1, scale) to interpolate at x on a sorted axis in log space. Outside the
+    axis the end value holds, except below the smallest GEMM size (scale_below), where the rate
+    scales with the size (a GEMM that small costs what the smallest one did: fixed per-call and
+    per-output work), so scale = x / axis[0]."""
     if x <= axis[0]:
-        return 0, 0, 0.0, x / axis[0]
+        return 0, 0, 0.0, (x / axis[0] if scale_below else 1.0)
     if x >= axis[-1]:
         return len(axis) - 1, len(axis) - 1, 0.0, 1.0
     i = next(j for j in range(1, len(axis)) if axis[j] >= x)
@@ -203,51 +206,71 @@ def _log_bracket(axis: tuple[float, ...], x: float) -> tuple[int, int, float, fl
     return i - 1, i, w, 1.0
 
 
+def _grid_axes(rows: tuple[tuple[float, ...], ...], dims: int, what: str) -> tuple[tuple[float, ...], ...]:
+    """The sorted axes of a full grid (rows: coordinates..., value); ConfigError naming a missing point."""
+    axes = tuple(tuple(sorted({r[i] for r in rows})) for i in range(dims))
+    have = {tuple(r[:dims]) for r in rows}
+    points = [()]
+    for a in axes:
+        points = [p + (x,) for p in points for x in a]
+    missing = [p for p in points if p not in have]
+    if missing:
+        raise ConfigError(f"{what} is not a full grid of its values {[list(map(int, a)) for a in axes]}: "
+                          f"missing {missing[:4]}" + (" ..." if len(missing) > 4 else ""))
+    return axes
+
+
+def _grid_interp(rows: tuple[tuple[float, ...], ...], point: tuple[float, ...], scale_below: bool) -> float:
+    """Multilinear interpolation of log(value) in log(coordinates) over a full grid."""
+    dims = len(point)
+    axes = tuple(tuple(sorted({r[i] for r in rows})) for i in range(dims))
+    table = {tuple(r[:dims]): r[dims] for r in rows}
+    br = [_log_bracket(a, x, scale_below) for a, x in zip(axes, point)]
+    corners = [((), 1.0)]
+    for d, (i0, i1, w, _) in enumerate(br):
+        corners = [(c + (axes[d][i],), cw * wi) for c, cw in corners for i, wi in ((i0, 1 - w), (i1, w)) if wi]
+    value = math.exp(sum(cw * math.log(table[c]) for c, cw in corners))
+    return value * math.prod(b[3] for b in br)
+
+
 @dataclass(frozen=True)
 class OpRates:
     """A device's probed figures for the per-op step model, with interpolation."""
     dtype: str
     sweep: tuple[tuple[float, ...], ...]
+    """GEMM rows (M, N, K, TFLOP/s)"""
+    attention: tuple[tuple[float, ...], ...]
+    """causal SDPA forward + backward rows (T, Hd, TFLOP/s)"""
+    kernels: dict[str, tuple[tuple[float, ...], ...]]
+    """kernel -> rows (elements, ns per element), forward + backward"""
     elementwise: tuple[tuple[float, ...], ...]
-    transcendental_gelem_s: float
+    """rows (bytes moved, GB/s)"""
     op_overhead_us: float
 
     def __post_init__(self) -> None:
-        axes = [tuple(sorted({r[i] for r in self.sweep})) for i in range(3)]
-        have = {tuple(r[:3]) for r in self.sweep}
-        missing = [(m, n, k) for m in axes[0] for n in axes[1] for k in axes[2] if (m, n, k) not in have]
-        if missing:
-            raise ConfigError(f"device.matmul_sweep.{self.dtype} is not a full grid of its M x N x K values "
-                              f"{[list(map(int, a)) for a in axes]}: missing {missing[:4]}"
-                              + (" ..." if len(missing) > 4 else ""))
-
-    @property
-    def axes(self) -> tuple[tuple[float, ...], ...]:
-        return tuple(tuple(sorted({r[i] for r in self.sweep})) for i in range(3))
+        _grid_axes(self.sweep, 3, f"device.matmul_sweep.{self.dtype}")
+        _grid_axes(self.attention, 2, "device.attention_sweep")
 
     def gemm_tflops(self, m: float, n: float, k: float) -> float:
         """TFLOP/s of an (m, n, k) GEMM: trilinear in log(size) and log(rate) between measured shapes."""
-        table = {tuple(r[:3]): r[3] for r in self.sweep}
-        axes = self.axes
-        br = [_log_bracket(a, x) for a, x in zip(axes, (m, n, k))]
-        log_rate = 0.0
-        for im, wm in ((br[0][0], 1 - br[0][2]), (br[0][1], br[0][2])):
-            for i_n, wn in ((br[1][0], 1 - br[1][2]), (br[1][1], br[1][2])):
-                for ik, wk in ((br[2][0], 1 - br[2][2]), (br[2][1], br[2][2])):
-                    if wm * wn * wk:
-                        log_rate += wm * wn * wk * math.log(table[(axes[0][im], axes[1][i_n], axes[2][ik])])
-        return math.exp(log_rate) * br[0][3] * br[1][3] * br[2][3]
+        return _grid_interp(self.sweep, (m, n, k), scale_below=True)
+
+    def attention_tflops(self, seq_len: float, head_dim: float) -> float:
+        return _grid_interp(self.attention, (seq_len, head_dim), scale_below=False)
+
+    def kernel_ns(self, kernel: str, elements: float) -> float:
+        """ns per element of a measured kernel at that size (log-interpolated; end values outside)."""
+        return _grid_interp(self.kernels[kernel], (elements,), scale_below=False)
 
     def bandwidth_gbs(self, nbytes: float) -> float:
         """GB/s of an elementwise op moving nbytes: interpolated in log(bytes) over the probe's sweep
         (cache-resident sizes run faster than DRAM), the end values outside it."""
-        rows = sorted(self.elementwise)
-        i0, i1, w, _ = _log_bracket(tuple(r[0] for r in rows), nbytes)
-        return math.exp((1 - w) * math.log(rows[i0][1]) + w * math.log(rows[i1][1]))
+        return _grid_interp(self.elementwise, (nbytes,), scale_below=False)
 
     def memop_s(self, op: flops_mod.MemOp) -> float:
-        return op.count * (op.bytes / (self.bandwidth_gbs(op.bytes) * 1e9)
-                           + op.transcendentals / (self.transcendental_gelem_s * 1e9))
+        if op.kernel is not None:
+            return op.count * op.elements * self.kernel_ns(op.kernel, op.elements) * 1e-9
+        return op.count * op.bytes / (self.bandwidth_gbs(op.bytes) * 1e9)
 
 
 def op_rates(device: DeviceSpec, dtype: str) -> tuple[OpRates | None, list[str]]:
@@ -256,15 +279,19 @@ def op_rates(device: DeviceSpec, dtype: str) -> tuple[OpRates | None, list[str]]
     sweep = device.matmul_sweep.get(dtype)
     if not sweep:
         missing.append(f"device.matmul_sweep.{dtype}")
+    if not device.attention_sweep:
+        missing.append("device.attention_sweep")
+    lacking = [k for k in OP_KERNELS if not device.kernel_sweep.get(k)]
+    if lacking:
+        missing.append(f"device.kernel_sweep ({', '.join(lacking)})")
     if not device.elementwise_sweep:
         missing.append("device.elementwise_sweep")
-    if device.transcendental_gelem_s is None:
-        missing.append("device.transcendental_gelem_s")
     if device.op_overhead_us is None:
         missing.append("device.op_overhead_us")
     if missing:
         return None, missing
-    return OpRates(dtype, sweep, device.elementwise_sweep, device.transcendental_gelem_s, device.op_overhead_us), []
+    return OpRates(dtype, sweep, device.attention_sweep, dict(device.kernel_sweep), device.elementwise_sweep,
+                   device.op_overhead_us), []
 
 
 def step_model(model: ModelConfig, device: DeviceSpec, dtype: str) -> tuple[OpRates | None, str | None]:
@@ -300,39 +327,43 @@ def _op_model_parts(model: ModelConfig, dims: ParallelDims, mb: int, m: int, rec
     work = flops_mod.step_work(model, mb, seq_len, tp=dims.tp, recompute=recompute, dtype=dtype, layers=layers)
     parts: dict[str, float] = {}
     formulas: dict[str, str] = {}
-
-    def gemm_part(key: str, gemms: tuple[flops_mod.Gemm, ...], what: str) -> None:
-        times = [(g, g.flops / (rates.gemm_tflops(g.m, g.n, g.k) * 1e12)) for g in gemms]
-        total_f, total_t = sum(g.flops for g, _ in times), sum(t for _, t in times)
-        parts[key] = m * total_t
-        g_big, t_big = max(times, key=lambda x: x[1])
-        lo = min(g.flops / t for g, t in times) / 1e12
-        hi = max(g.flops / t for g, t in times) / 1e12
-        formulas[key] = (f"{m} micro-batches * sum of 2*M*N*K / rate(M,N,K) over {len(gemms)} {what}: "
-                         f"{total_f / 1e9:.4g} GFLOP at {total_f / total_t / 1e12:.4g} TFLOP/s overall "
-                         f"(interpolated in the probe's {dtype} GEMM sweep, {lo:.3g}-{hi:.3g}); slowest: {g_big.name} "
-                         f"({g_big.m}x{g_big.n}x{g_big.k}, x{g_big.count:g}) {t_big * 1e3:.3g} ms")
-
-    gemm_part("gemm", work.gemms, "GEMMs of the linear layers")
-    gemm_part("attention", work.attention, "attention-core GEMM shapes (per head, causal part)")
+    times = [(g, g.flops / (rates.gemm_tflops(g.m, g.n, g.k) * 1e12)) for g in work.gemms]
+    total_f, total_t = sum(g.flops for g, _ in times), sum(t for _, t in times)
+    parts["gemm"] = m * total_t
+    g_big, t_big = max(times, key=lambda x: x[1])
+    lo, hi = min(g.flops / t for g, t in times) / 1e12, max(g.flops / t for g, t in times) / 1e12
+    formulas["gemm"] = (f"{m} micro-batches * sum of 2*M*N*K / rate(M,N,K) over {len(times)} GEMMs of the linear "
+                        f"layers: {total_f / 1e9:.4g} GFLOP at {total_f / total_t / 1e12:.4g} TFLOP/s overall "
+                        f"(interpolated in the probe's {dtype} GEMM sweep: {lo:.3g}-{hi:.3g}); slowest: {g_big.name} "
+                        f"({g_big.m}x{g_big.n}x{g_big.k}, x{g_big.count:g}) {t_big * 1e3:.3g} ms")
+    a = work.attention
+    rate = rates.attention_tflops(a.seq_len, a.head_dim)
+    parts["attention"] = m * a.flops / (rate * 1e12)
+    formulas["attention"] = (f"{m} micro-batches * {a.layers} layers * {a.heads:g} heads * {a.passes} GEMMs of "
+                             f"2*T*T*Hd (T={a.seq_len}, Hd={a.head_dim}) * causal (T+1)/2T = {a.flops / 1e9:.4g} GFLOP "
+                             f"at {rate:.4g} TFLOP/s (the probe's causal SDPA fwd+bwd sweep)")
     for key in ("memory_ops", "loss"):
         ops = [o for o in work.memops if o.part == key]
         if not ops:
             continue
-        nbytes = sum(o.bytes * o.count for o in ops)
-        trans = sum(o.transcendentals * o.count for o in ops)
-        t_bw = sum(o.count * o.bytes / (rates.bandwidth_gbs(o.bytes) * 1e9) for o in ops)
         parts[key] = m * sum(rates.memop_s(o) for o in ops)
-        what = ("norm/residual/activation/attention-io" if key == "memory_ops"
-                else "log_softmax/zero-fill over the vocabulary")
-        formulas[key] = (f"{m} micro-batches * ({nbytes / 1e6:.4g} MB moved by {sum(o.count for o in ops)} {what} ops "
-                         f"at {nbytes / t_bw / 1e9 if t_bw else 0:.4g} GB/s (the probe's elementwise sweep at each "
-                         f"op's size) + {trans / 1e6:.4g} M exp/tanh at {rates.transcendental_gelem_s:g} Gelem/s)")
+        kern = [f"{o.name} {o.count * o.elements / 1e6:.4g} M elem x {rates.kernel_ns(o.kernel, o.elements):.3g} ns"
+                for o in ops if o.kernel]
+        plain = [o for o in ops if not o.kernel]
+        nbytes = sum(o.bytes * o.count for o in plain)
+        t_bw = sum(rates.memop_s(o) for o in plain)
+        text = "; ".join(kern)
+        if plain:
+            text += (f"{'; ' if kern else ''}{len(plain)} memory ops ({', '.join(o.name for o in plain)}) "
+                     f"{nbytes / 1e6:.4g} MB at {nbytes / t_bw / 1e9:.4g} GB/s (elementwise sweep at each size)")
+        formulas[key] = f"{m} micro-batches * ({text}) [kernels: the probe's fwd+bwd ns per element at that size]"
     n_ops = work.autograd_ops
     tensors = _param_tensors(model)
-    parts["op_overhead"] = (m * n_ops + tensors) * rates.op_overhead_us * 1e-6
-    formulas["op_overhead"] = (f"({m} micro-batches * {n_ops} autograd ops + {tensors} parameter tensors in "
-                               f"clip/optimizer) * {rates.op_overhead_us:g} us (the probe's tiny-op loop, fwd + bwd)")
+    # clip_grad_norm_ runs a norm and a scale per parameter tensor, the fused AdamW one update each
+    parts["op_overhead"] = (m * n_ops + OPTIMIZER_OPS_PER_TENSOR * tensors) * rates.op_overhead_us * 1e-6
+    formulas["op_overhead"] = (f"({m} micro-batches * {n_ops} autograd ops + {OPTIMIZER_OPS_PER_TENSOR} x {tensors} "
+                               f"parameter tensors in clip/optimizer) * {rates.op_overhead_us:g} us (the probe's "
+                               f"fixed cost per op, fwd + bwd)")
     return parts, formulas
 
 
@@ -340,8 +371,10 @@ def _op_model_optimizer(model: ModelConfig, per_dev: float, dims: ParallelDims, 
                         ) -> tuple[float, str]:
     ops = flops_mod.optimizer_work(per_dev / dims.dp_shard, _param_tensors(model))
     t = sum(rates.memop_s(o) for o in ops)
-    desc = " + ".join(f"{o.name} {o.bytes / 1e6:.4g} MB at {rates.bandwidth_gbs(o.bytes):.4g} GB/s" for o in ops)
-    return t, f"memory-bound: {desc} (the probe's elementwise sweep at that size)"
+    desc = " + ".join(f"{o.name} {o.elements / 1e6:.4g} M params x {rates.kernel_ns(o.kernel, o.elements):.3g} ns "
+                      f"(the probe's fused AdamW step)" if o.kernel else
+                      f"{o.name} {o.bytes / 1e6:.4g} MB at {rates.bandwidth_gbs(o.bytes):.4g} GB/s" for o in ops)
+    return t, desc
 
 
 # ---- one candidate ------------------------------------------------------------------------------------
@@ -710,8 +743,9 @@ def main(argv: list[str]) -> int:
     if ops is not None:
         print(f"step model: per op, from the probe's figures: measured matmul (GEMM) sweep over {len(ops.sweep)} "
               f"{dtype} shapes ({min(r[3] for r in ops.sweep):.3g}-{max(r[3] for r in ops.sweep):.3g} TFLOP/s), "
-              f"elementwise bandwidth {min(r[1] for r in ops.elementwise):.3g}-{max(r[1] for r in ops.elementwise):.3g} GB/s by "
-              f"size, exp/tanh {ops.transcendental_gelem_s:g} Gelem/s, {ops.op_overhead_us:g} us per op")
+              f"causal attention sweep over {len(ops.attention)} (T, Hd), fwd+bwd ns per element of "
+              f"{', '.join(ops.kernels)}, elementwise bandwidth {min(r[1] for r in ops.elementwise):.3g}-"
+              f"{max(r[1] for r in ops.elementwise):.3g} GB/s by size, {ops.op_overhead_us:g} us per op")
     else:
         print(f"compute rate per device: " + (f"{rate.tflops:.4g} TFLOP/s = " if rate.tflops else "") + rate.how)
     for line in (everything[0].assumptions if everything else ()):

@@ -75,8 +75,11 @@ class DeviceSpec:
     C (M, N) = A (M, K) @ W^T (K, N); the planner interpolates each GEMM of a step in it"""
     elementwise_sweep: tuple[tuple[float, ...], ...] = ()
     """probe: fp32 c = a + b at growing sizes, rows [bytes moved per call, GB/s] (caches to DRAM)"""
-    transcendental_gelem_s: float | None = None
-    """probe: exp/tanh throughput, 1e9 elements/s (fp32, in cache)"""
+    kernel_sweep: dict[str, tuple[tuple[float, ...], ...]] = field(default_factory=dict)
+    """probe: fp32 forward + backward of layernorm, rmsnorm, gelu_tanh, silu, cross_entropy and one
+    fused AdamW step, rows [elements, ns per element] by size"""
+    attention_sweep: tuple[tuple[float, ...], ...] = ()
+    """probe: causal SDPA forward + backward, rows [T, Hd, TFLOP/s] (FLOPs as the planner counts them)"""
     op_overhead_us: float | None = None
     """probe: microseconds per tiny autograd op, forward + backward (dispatch, bookkeeping, launch)"""
     compute_capability: str = ""
@@ -89,9 +92,11 @@ class DeviceSpec:
                 raise ConfigError(f"device {self.name!r}: matmul_sweep.{dt} needs a dtype in "
                                   f"{', '.join(hardware.DTYPES)} and rows [M, N, K, TFLOP/s] of positive numbers; "
                                   f"bad rows: {bad[:3]}")
-        if any(len(r) != 2 or min(r) <= 0 for r in self.elementwise_sweep):
-            raise ConfigError(f"device {self.name!r}: elementwise_sweep rows are [bytes, GB/s] > 0, "
-                              f"got {list(self.elementwise_sweep)[:3]}")
+        for key, rows, n, what in [("elementwise_sweep", self.elementwise_sweep, 2, "[bytes, GB/s]"),
+                                   ("attention_sweep", self.attention_sweep, 3, "[T, Hd, TFLOP/s]")] + [
+                                      (f"kernel_sweep.{k}", v, 2, "[elements, ns]") for k, v in self.kernel_sweep.items()]:
+            if any(len(r) != n or min(r) <= 0 for r in rows):
+                raise ConfigError(f"device {self.name!r}: {key} rows are {what}, all > 0; got {list(rows)[:3]}")
         if self.kind not in DEVICE_KINDS:
             raise ConfigError(f"device {self.name!r}: kind={self.kind!r}; expected one of {', '.join(DEVICE_KINDS)}")
         if self.count < 1 or self.memory_gib < 0:

@@ -165,8 +165,10 @@ def cpu_spec(**device_fields):
     return ClusterSpec(name="t", node_types=(NodeType(name="n", memory_gib=16.0, device=dev),))
 
 
-FLAT = dict(matmul_sweep={"fp32": ((1.0, 1.0, 1.0, 1.0),)}, elementwise_sweep=((1e3, 10.0), (1e9, 10.0)),
-            transcendental_gelem_s=1.0, op_overhead_us=2.0)
+KERNEL_NS = {"layernorm": 0.5, "rmsnorm": 0.7, "gelu_tanh": 2.0, "silu": 1.5, "cross_entropy": 1.0, "adamw": 0.25}
+FLAT = dict(matmul_sweep={"fp32": ((1.0, 1.0, 1.0, 1.0),)}, attention_sweep=((1.0, 1.0, 0.5),),
+            kernel_sweep={k: ((1.0, v),) for k, v in KERNEL_NS.items()}, elementwise_sweep=((1e3, 10.0), (1e9, 10.0)),
+            op_overhead_us=2.0)
 
 
 def test_gemm_rate_interpolates_in_log_space():
@@ -174,7 +176,7 @@ def test_gemm_rate_interpolates_in_log_space():
     0.2; below the smallest K the rate scales with K (K=16: a quarter of K=64's); above the largest it stays."""
     rows = tuple((float(m), float(n), float(k), (0.1 if k == 64 else 0.4) * (2 if m == 1024 else 1))
                  for m in (128, 1024) for n in (64, 256) for k in (64, 256))
-    r = planner.OpRates("fp32", rows, ((1e3, 10.0),), 1.0, 1.0)
+    r = planner.OpRates("fp32", rows, ((1.0, 1.0, 1.0),), {}, ((1e3, 10.0),), 1.0)
     assert r.gemm_tflops(128, 64, 64) == pytest.approx(0.1) and r.gemm_tflops(1024, 256, 256) == pytest.approx(0.8)
     assert r.gemm_tflops(128, 64, 128) == pytest.approx(0.2)
     assert r.gemm_tflops(128, 100, 128) == pytest.approx(0.2)  # N does not change the rate here
@@ -186,34 +188,37 @@ def test_gemm_rate_interpolates_in_log_space():
 def test_bandwidth_by_size_and_incomplete_grid():
     """Elementwise GB/s: geometric interpolation in log(bytes) (1 KB at 100, 100 KB at 10 -> 10 KB at 31.6), end
     values outside; a sweep that is not a full M x N x K grid is refused, naming a missing shape."""
-    r = planner.OpRates("fp32", ((64.0, 64.0, 64.0, 1.0),), ((1e3, 100.0), (1e5, 10.0)), 1.0, 1.0)
+    r = planner.OpRates("fp32", ((64.0, 64.0, 64.0, 1.0),), ((1.0, 1.0, 1.0),), {}, ((1e3, 100.0), (1e5, 10.0)), 1.0)
     assert r.bandwidth_gbs(1e4) == pytest.approx(10**1.5)
     assert r.bandwidth_gbs(10.0) == pytest.approx(100.0) and r.bandwidth_gbs(1e9) == pytest.approx(10.0)
     with pytest.raises(ConfigError, match=r"not a full grid.*\(64.0, 128.0, 64.0\)"):
-        planner.OpRates("fp32", ((64.0, 64.0, 64.0, 1.0), (128.0, 128.0, 64.0, 1.0)), ((1e3, 1.0),), 1.0, 1.0)
+        planner.OpRates("fp32", ((64.0, 64.0, 64.0, 1.0), (128.0, 128.0, 64.0, 1.0)), ((1.0, 1.0, 1.0),), {},
+                        ((1e3, 1.0),), 1.0)
 
 
 def test_op_model_arithmetic_tiny_model():
-    """With flat figures (1 TFLOP/s GEMMs, 10 GB/s, 1 Gelem/s exp, 2 us per op) each part is hand-computable for a
-    1-layer D=8, F=32, V=16 model, 2 x 4 tokens: linear GEMMs 6 * (4*64 + 2*256 + 16*8) FLOPs/token * 8 tokens;
-    attention 2 heads x 2 sequences x 5/8 causal x (3 + 4) GEMMs of 2*4*4*4 FLOPs; the loss 6 passes over 8 x 16
-    fp32 logits and 2 exp each; the optimizer 40 B/param; the fixed cost (ops + parameter tensors) x 2 us."""
+    """With flat figures (1 TFLOP/s GEMMs, 0.5 TFLOP/s attention, 10 GB/s, fixed ns per element per kernel, 2 us
+    per op) each part is hand-computable for a 1-layer D=8, F=32, V=16 model, 2 x 4 tokens: linear GEMMs
+    6 * (4*64 + 2*256 + 16*8) FLOPs/token * 8 tokens; attention 2 heads x 2 sequences x 5/8 causal x 7 GEMMs of
+    2*4*4*4 FLOPs; the loss 8 x 16 logits x 1 ns; memory ops 3 norms x 64 elements x 0.5 ns + 32 x 8 GELU
+    elements x 2 ns + plain bytes / 10 GB/s; the optimizer 12 B/param at 10 GB/s + 0.25 ns/param; the fixed cost
+    (ops + 3 x parameter tensors) x 2 us."""
     spec = cpu_spec(**FLAT)
     c = planner.plan(TINY, spec, seq_len=4, global_batch_tokens=8, dtype="fp32", micro_batches=(2,),
                      recompute_modes=("none",))[0]
     parts = c.time_parts
     assert set(parts) == {"gemm", "attention", "memory_ops", "loss", "op_overhead", "optimizer"}
     assert parts["gemm"] == pytest.approx(6 * (4 * 64 + 2 * 256 + 16 * 8) * 8 / 1e12)
-    assert parts["attention"] == pytest.approx(2 * 2 * 5 / 8 * 7 * 2 * 4 * 4 * 4 / 1e12)
-    assert parts["loss"] == pytest.approx(6 * 8 * 16 * 4 / 10e9 + 2 * 8 * 16 / 1e9)
+    assert parts["attention"] == pytest.approx(2 * 2 * 5 / 8 * 7 * 2 * 4 * 4 * 4 / 0.5e12)
+    assert parts["loss"] == pytest.approx(8 * 16 * 1e-9)
     n_params = TINY.num_params()
-    assert parts["optimizer"] == pytest.approx(40 * n_params / 10e9)
+    assert parts["optimizer"] == pytest.approx(12 * n_params / 10e9 + 0.25e-9 * n_params)
     work = planner.flops_mod.step_work(TINY, 2, 4)
     tensors = 1 + 1 + 1 + 2 + 6  # tok + pos embeddings, final norm, 2 layer norms, 6 linear weights
     assert planner._param_tensors(TINY) == tensors
-    assert parts["op_overhead"] == pytest.approx((work.autograd_ops + tensors) * 2e-6)
-    assert parts["memory_ops"] == pytest.approx(sum(o.count * (o.bytes / 10e9 + o.transcendentals / 1e9)
-                                                   for o in work.memops if o.part == "memory_ops"))
+    assert parts["op_overhead"] == pytest.approx((work.autograd_ops + 3 * tensors) * 2e-6)
+    plain = sum(o.count * o.bytes for o in work.memops if o.part == "memory_ops" and not o.kernel)
+    assert parts["memory_ops"] == pytest.approx(3 * 64 * 0.5e-9 + 32 * 8 * 2e-9 + plain / 10e9)
     assert c.step_time_s == pytest.approx(sum(parts.values()))
     assert not any("ASSUMPTION" in a and "fraction" in a for a in c.assumptions)
 
@@ -231,7 +236,7 @@ def test_op_model_grad_accumulation_and_explain():
     text = planner.explain(one)
     for k in ("gemm", "attention", "memory_ops", "loss", "op_overhead", "optimizer"):
         assert f"  {k} " in text
-    assert "GEMM sweep" in text and "Gelem/s" in text and "us (the probe's tiny-op loop" in text
+    assert "GEMM sweep" in text and "ns per element" in text and "SDPA" in text and "fixed cost per op" in text
 
 
 def test_op_model_missing_figures_are_named():
@@ -240,7 +245,7 @@ def test_op_model_missing_figures_are_named():
     partial = cpu_spec(measured_tflops={"fp32": 0.5}, matmul_sweep=FLAT["matmul_sweep"], op_overhead_us=2.0)
     c = planner.plan(TINY, partial, seq_len=4, global_batch_tokens=8, dtype="fp32", micro_batches=(2,))[0]
     text = " ".join(c.assumptions)
-    assert "device.elementwise_sweep" in text and "device.transcendental_gelem_s" in text
+    assert "device.elementwise_sweep" in text and "device.attention_sweep" in text and "device.kernel_sweep" in text
     assert "device.op_overhead_us" not in text and "ASSUMPTION" in text and "compute" in c.time_parts
     calibrated = cpu_spec(measured_tflops={"fp32": 0.5}, train_efficiency={"fp32": 0.5}, **FLAT)
     c = planner.plan(TINY, calibrated, seq_len=4, global_batch_tokens=8, dtype="fp32", micro_batches=(2,))[0]
@@ -259,3 +264,5 @@ def test_spec_with_probe_figures_round_trips(tmp_path):
     assert load_spec("laptop-cpu").node_types[0].device.matmul_sweep == {}
     with pytest.raises(ConfigError, match="matmul_sweep"):
         cpu_spec(matmul_sweep={"fp32": ((64.0, 64.0, 1.0),)})
+    with pytest.raises(ConfigError, match="kernel_sweep.gelu_tanh"):
+        cpu_spec(kernel_sweep={"gelu_tanh": ((1.0, -2.0),)})
