@@ -258,22 +258,26 @@ EVICT_BYTES = 64 << 20  # more than any CPU's L2 or a GPU's L2 (50 MB on H100)
 
 
 def _timed_cold(fn: Callable[[], Any], sync: Callable[[], None], seconds: float, evict: Callable[[], Any],
-                min_calls: int = 3) -> float:
-    """Seconds of the fastest call of fn, each made after `evict` has streamed EVICT_BYTES through the
+                min_calls: int = 5) -> float:
+    """Median seconds of calls of fn, each made after `evict` has streamed EVICT_BYTES through the
     caches: in a training step an op's inputs were written long before (weights by the optimizer,
-    saved activations by the rest of the forward), so the probe times ops from a cold cache. At
-    least `min_calls` calls, more while the budget lasts."""
+    saved activations by the rest of the forward), so the probe times ops from a cold cache. The
+    median, not the fastest call: the planner adds these up to a typical step, which is what a run
+    sees (the fastest call of each op is about 10% below it). At least `min_calls` calls, more while
+    the budget lasts."""
     fn()
     sync()
-    best, calls, start = float("inf"), 0, time.perf_counter()
-    while calls < min_calls or time.perf_counter() - start < seconds:
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_calls or time.perf_counter() - start < seconds:
         evict()
         sync()
         t0 = time.perf_counter()
         fn()
         sync()
-        best, calls = min(best, time.perf_counter() - t0), calls + 1
-    return best
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
 
 
 def _evictor(device: str) -> Callable[[], Any]:
@@ -287,8 +291,8 @@ def measure_matmul_sweep(device: str, dtype: str, grid: tuple[tuple[int, ...], .
                          seconds: float) -> tuple[tuple[float, float, float, float], ...]:
     """Rows (M, N, K, TFLOP/s) of C = A @ W^T with A (M, K) and W (N, K), nn.Linear's forward
     layout (the backward's layouts run at the same rates on CPU), for every M, N, K of `grid`, from
-    a cold cache; `seconds` is the time budget of each shape (the fastest call; at least 3 calls
-    for shapes faster than 20 ms, else 1)."""
+    a cold cache; `seconds` is the time budget of each shape (the median call; at least 5 calls
+    for shapes under 5 GFLOP on a CPU, else 1)."""
     import torch
 
     tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -301,7 +305,7 @@ def measure_matmul_sweep(device: str, dtype: str, grid: tuple[tuple[int, ...], .
                 a = torch.randn(m, k, device=device, dtype=tdt)
                 w = torch.randn(n, k, device=device, dtype=tdt)
                 slow = 2 * m * n * k > 5e9 if not device.startswith("cuda") else False
-                best = _timed_cold(lambda: a @ w.t(), sync, seconds, evict, min_calls=1 if slow else 3)
+                best = _timed_cold(lambda: a @ w.t(), sync, seconds, evict, min_calls=1 if slow else 5)
                 rows.append((float(m), float(n), float(k), float(f"{2 * m * n * k / best / 1e12:.4g}")))
     return tuple(rows)
 
