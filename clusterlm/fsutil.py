@@ -50,6 +50,26 @@ def atomic_write_json(path: str | os.PathLike, obj: object) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The JSON objects of a JSON-lines file in order. A line that is not a JSON object (a write torn by a
+    crash, an append still in flight) is skipped with a warning, so readers never fail on a live file."""
+    import logging
+
+    path = Path(path)
+    records = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            logging.getLogger(__name__).warning("%s:%d is not valid JSON (a torn write?): skipped", path, i)
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -198,18 +198,9 @@ def read_registry(path: Path) -> list[dict]:
     """The registry's records in submit order; unreadable lines are skipped with a warning."""
     if not path.is_file():
         return []
-    records = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s:%d is not JSON (a torn write?): skipped", path, i)
-            continue
-        if isinstance(rec, dict) and "job_id" in rec:
-            records.append(rec)
-    return records
+    from clusterlm.fsutil import read_jsonl
+
+    return [rec for rec in read_jsonl(path) if "job_id" in rec]
 
 
 # ---- job state: parsers of recorded outputs, then the runner ------------------------------------

@@ -289,16 +289,6 @@ class MetricsLogger:
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Records of a metrics.jsonl file in order; unreadable lines are skipped with a warning."""
-    path = Path(path)
-    records = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s:%d: not valid JSON, skipped", path, i)
-            continue
-        if isinstance(rec, dict):
-            records.append(rec)
-    return records
+    from clusterlm.fsutil import read_jsonl
+
+    return read_jsonl(path)

@@ -63,6 +63,24 @@ def _launch(data: Path, out: Path, max_restarts: int) -> subprocess.Popen:
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
+def _signal_rank1(proc: subprocess.Popen, run: Path, after_step: int, sig: int) -> tuple[bool, int]:
+    """Send `sig` to the rank-1 worker of `run` once its step-`after_step` checkpoint exists; then wait for
+    the launch to end. Returns (whether the signal was sent, the launch's exit code)."""
+    sent = False
+    deadline = time.time() + 240
+    while not sent and time.time() < deadline and proc.poll() is None:
+        if (run / "checkpoints" / f"step-{after_step:08d}").is_dir() and (pid := _rank_pid(1, str(run))):
+            os.kill(pid, sig)
+            sent = True
+        time.sleep(0.02)
+    try:
+        return sent, proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _kill_workers(str(run))
+        raise
+
+
 def test_killed_rank_restarts_and_resumes_identically(tmp_path):
     """torchrun --max-restarts 1 with rank 1 SIGKILLed after the step-10 checkpoint: the group restarts,
     resumes from its last checkpoint and ends with per-step losses bit-identical to an uninterrupted run
@@ -77,23 +95,10 @@ def test_killed_rank_restarts_and_resumes_identically(tmp_path):
     assert ref.wait(timeout=240) == 0, (tmp_path / "ref.log").read_text()[-3000:]
 
     run = tmp_path / "killed"
-    proc = _launch(tmp_path / "data", run, max_restarts=1)
-    killed = None
-    deadline = time.time() + 240
-    while killed is None and time.time() < deadline and proc.poll() is None:
-        if (run / "checkpoints" / "step-00000010").is_dir() and (pid := _rank_pid(1, str(run))):
-            os.kill(pid, signal.SIGKILL)
-            killed = pid
-        time.sleep(0.02)
-    try:
-        rc = proc.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _kill_workers(str(run))
-        raise
+    killed, rc = _signal_rank1(_launch(tmp_path / "data", run, max_restarts=1), run, 10, signal.SIGKILL)
     assert rc == 0, (tmp_path / "killed.log").read_text()[-3000:]
     log = (tmp_path / "killed.log").read_text()
-    assert killed is not None, "the run finished before rank 1 could be killed"
+    assert killed, "the run finished before rank 1 could be killed"
     assert "resumed from" in log and "step-000000" in log
     assert train_losses(run) == train_losses(tmp_path / "ref")
     assert sorted(train_losses(run)) == list(range(1, 41))
@@ -101,20 +106,7 @@ def test_killed_rank_restarts_and_resumes_identically(tmp_path):
     # preemption: SIGUSR2 to rank 1 only; both ranks agree, save and exit 75, and `clusterlm launch`
     # exits 75 too (torchrun alone would report 1), so a requeue script can tell preemption from failure
     run = tmp_path / "preempted"
-    proc = _launch(tmp_path / "data", run, max_restarts=0)
-    signalled = False
-    deadline = time.time() + 240
-    while not signalled and time.time() < deadline and proc.poll() is None:
-        if (run / "checkpoints" / "step-00000005").is_dir() and (pid := _rank_pid(1, str(run))):
-            os.kill(pid, signal.SIGUSR2)
-            signalled = True
-        time.sleep(0.02)
-    try:
-        rc = proc.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _kill_workers(str(run))
-        raise
+    signalled, rc = _signal_rank1(_launch(tmp_path / "data", run, max_restarts=0), run, 5, signal.SIGUSR2)
     log = (tmp_path / "preempted.log").read_text()
     assert signalled, "the run finished before rank 1 could be signalled"
     assert rc == 75, log[-3000:]
