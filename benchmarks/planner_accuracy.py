@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                        f"step, zero_grad) after 3 warm-up steps; {args.repeats} rounds of (probe, then every "
                        f"configuration), each started when other processes used < 0.2 CPUs (waiting up to "
                        f"{args.wait_quiet:g} s); error per configuration = median over the rounds during which other "
-                       f"processes used <= {args.max_foreign} CPUs (all rounds if none); machine shared with other jobs",
+                       f"processes used <= {args.max_foreign} CPUs (all rounds if none); machine shared with "
+                       f"other jobs",
         "memory": memory_rows,
         "step_time": time_rows,
         "step_time_rounds": rounds,

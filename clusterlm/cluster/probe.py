@@ -358,7 +358,8 @@ def _kernel_fns(name: str, n: int, device: str) -> Callable[[], Any]:
 KERNELS = ("layernorm", "rmsnorm", "gelu_tanh", "silu", "cross_entropy", "adamw")
 
 
-def measure_kernel_sweep(device: str, sizes: tuple[int, ...], seconds: float) -> dict[str, tuple[tuple[float, float], ...]]:
+def measure_kernel_sweep(device: str, sizes: tuple[int, ...],
+                         seconds: float) -> dict[str, tuple[tuple[float, float], ...]]:
     """Rows (elements, ns per element) for each of KERNELS at each size: forward + backward of the
     norms, the activations (GELU's product with a weight vector: the rate of a layer's elementwise
     chain) and the cross-entropy, and the fused AdamW step (per parameter). On a CPU these kernels
@@ -435,7 +436,8 @@ def measure_step_primitives(probe: Probe, device: str, dtypes: list[str], quick:
     for dt in dtypes:
         if dt not in (("fp32",) if cpu else ("fp32", "bf16", "fp16")):  # CPUs train in fp32 (a shorter probe)
             continue
-        rows = probe.step(f"matmul_sweep_{dt}_{device}", lambda dt=dt: measure_matmul_sweep(device, dt, grid, per_shape))
+        rows = probe.step(f"matmul_sweep_{dt}_{device}",
+                          lambda dt=dt: measure_matmul_sweep(device, dt, grid, per_shape))
         if rows:
             out["matmul_sweep"][dt] = rows
     sizes = ELEMENTWISE_ELEMS_QUICK if quick else ELEMENTWISE_ELEMS

@@ -92,9 +92,10 @@ class DeviceSpec:
                 raise ConfigError(f"device {self.name!r}: matmul_sweep.{dt} needs a dtype in "
                                   f"{', '.join(hardware.DTYPES)} and rows [M, N, K, TFLOP/s] of positive numbers; "
                                   f"bad rows: {bad[:3]}")
-        for key, rows, n, what in [("elementwise_sweep", self.elementwise_sweep, 2, "[bytes, GB/s]"),
-                                   ("attention_sweep", self.attention_sweep, 3, "[T, Hd, TFLOP/s]")] + [
-                                      (f"kernel_sweep.{k}", v, 2, "[elements, ns]") for k, v in self.kernel_sweep.items()]:
+        tables = [("elementwise_sweep", self.elementwise_sweep, 2, "[bytes, GB/s]"),
+                  ("attention_sweep", self.attention_sweep, 3, "[T, Hd, TFLOP/s]")]
+        tables += [(f"kernel_sweep.{k}", v, 2, "[elements, ns]") for k, v in self.kernel_sweep.items()]
+        for key, rows, n, what in tables:
             if any(len(r) != n or min(r) <= 0 for r in rows):
                 raise ConfigError(f"device {self.name!r}: {key} rows are {what}, all > 0; got {list(rows)[:3]}")
         if self.kind not in DEVICE_KINDS:

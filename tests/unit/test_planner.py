@@ -266,3 +266,22 @@ def test_spec_with_probe_figures_round_trips(tmp_path):
         cpu_spec(matmul_sweep={"fp32": ((64.0, 64.0, 1.0),)})
     with pytest.raises(ConfigError, match="kernel_sweep.gelu_tanh"):
         cpu_spec(kernel_sweep={"gelu_tanh": ((1.0, -2.0),)})
+
+
+def test_probe_runners_feed_the_op_model():
+    """The probe's per-op runners, at tiny sizes, return rows of the spec's shape (a full GEMM grid, positive
+    rates) that load into a DeviceSpec and give a per-op plan; the fixed cost per op is a few microseconds."""
+    from clusterlm.cluster import probe
+
+    sweep = probe.measure_matmul_sweep("cpu", "fp32", ((16, 64), (8, 32), (16,)), 0.0)
+    assert [r[:3] for r in sweep] == [(16.0, 8.0, 16.0), (16.0, 32.0, 16.0), (64.0, 8.0, 16.0), (64.0, 32.0, 16.0)]
+    kernels = probe.measure_kernel_sweep("cpu", (8192,), 0.0)
+    assert set(kernels) == set(planner.OP_KERNELS) and all(r[0][1] > 0 for r in kernels.values())
+    attention = probe.measure_attention_sweep("cpu", (16,), (8,), 0.0)
+    elementwise = probe.measure_elementwise_sweep("cpu", (1024, 4096), 0.0)
+    overhead = probe.measure_op_overhead("cpu", 0.0, ops=8)
+    assert 0 < overhead < 10_000
+    spec = cpu_spec(matmul_sweep={"fp32": sweep}, kernel_sweep=kernels, attention_sweep=attention,
+                    elementwise_sweep=elementwise, op_overhead_us=overhead)
+    c = planner.plan(TINY, spec, seq_len=4, global_batch_tokens=8, dtype="fp32", micro_batches=(2,))[0]
+    assert "gemm" in c.time_parts and c.step_time_s > 0
