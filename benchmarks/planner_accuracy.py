@@ -188,10 +188,43 @@ def measure_step_time(dim: int, layers: int, heads: int, mb: int, seq: int, warm
             "all_s": [round(t, 5) for t in times]}
 
 
+def plot(result: dict, path: Path) -> None:
+    """Predicted against measured step time, every round of every configuration, per-op and single-rate
+    models, with the +-15% band (matplotlib, headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    used = set(result.get("rounds_used", []))
+    for rd in result["step_time_rounds"]:
+        if used and rd["round"] not in used:
+            continue
+        for i, row in enumerate(rd["step_time"]):
+            meas = row["measured_median_s"] * 1e3
+            ax.scatter(meas, row["predicted_step_s"] * 1e3, color=f"C{i}", marker="o",
+                       label=f"{row['config']} per-op" if rd["round"] == min(used or {1}) else None)
+            ax.scatter(meas, row["predicted_step_s_single_rate"] * 1e3, color=f"C{i}", marker="x", alpha=0.6,
+                       label=f"{row['config']} single-rate" if rd["round"] == min(used or {1}) else None)
+    lo, hi = 30, 600
+    xs = [lo, hi]
+    ax.plot(xs, xs, "k-", lw=0.8)
+    ax.fill_between(xs, [x * 0.85 for x in xs], [x * 1.15 for x in xs], color="grey", alpha=0.15, label="+-15%")
+    ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel="measured step (median), ms",
+           ylabel="predicted step, ms")
+    ax.set_title("planner step time on the 2-core CPU, from the probe alone", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/planner_accuracy.json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG next to --out from its JSON")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of (probe, time every configuration)")
     ap.add_argument("--wait-quiet", type=float, default=900.0, help="before each round, wait up to this many "
                     "seconds for other processes to use < 0.2 CPUs")
@@ -201,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child_memory(*json.loads(args.child))))
+        return 0
+    if args.plot_only:
+        plot(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
+        print(f"wrote {Path(args.out).with_suffix('.png')}")
         return 0
 
     import torch
@@ -322,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     from clusterlm.fsutil import atomic_write_text
 
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    plot(result, out.with_suffix(".png"))
     print(f"wrote {out}")
     return 0
 

@@ -436,6 +436,23 @@ def _device_children(d: DeviceSpec) -> list[Any]:
     out.append("measured matmul TFLOP/s: " + (", ".join(measured) if measured else "none (run clusterlm probe)"))
     if d.train_efficiency:
         out.append("training efficiency: " + ", ".join(f"{k} {v:.0%}" for k, v in d.train_efficiency.items()))
+    per_op = []
+    for dt, rows in d.matmul_sweep.items():
+        per_op.append(f"{dt} GEMM sweep {len(rows)} shapes {min(r[3] for r in rows):.3g}-{max(r[3] for r in rows):.3g} "
+                      f"TFLOP/s")
+    if d.attention_sweep:
+        per_op.append(f"causal attention {min(r[2] for r in d.attention_sweep):.3g}-"
+                      f"{max(r[2] for r in d.attention_sweep):.3g} TFLOP/s")
+    if d.kernel_sweep:
+        per_op.append("kernels (ns/element, fwd+bwd) " + ", ".join(
+            f"{k} {min(r[1] for r in v):.3g}-{max(r[1] for r in v):.3g}" for k, v in d.kernel_sweep.items()))
+    if d.elementwise_sweep:
+        per_op.append(f"elementwise {min(r[1] for r in d.elementwise_sweep):.3g}-"
+                      f"{max(r[1] for r in d.elementwise_sweep):.3g} GB/s by size")
+    if d.op_overhead_us is not None:
+        per_op.append(f"{d.op_overhead_us:g} us per op")
+    if per_op:
+        out.append("per-op figures (planner step model): " + "; ".join(per_op))
     if d.source:
         out.append(f"source: {d.source}")
     return out
