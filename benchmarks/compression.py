@@ -9,7 +9,8 @@ fine-tune) versions of a fully trained Shakespeare char model and of the gpt2-12
 
 Without --ckpt the script trains recipes/shakespeare_char_cpu.toml for its 2000 steps into
 --train-dir (about 2-3 minutes on a quiet 2-core machine; `clusterlm train` in a subprocess, the
-command is recorded in the JSON) and reuses a finished run found there on the next call.
+command is recorded in the JSON; --train-threads, default 1) and reuses a finished run found
+there on the next call.
 
 Every variant is made with the same library calls as `clusterlm quantize` / `clusterlm prune` and
 reloaded with load_for_inference. Val loss: mean over --eval-batches batches of the val split
@@ -156,6 +157,8 @@ def main() -> None:
     ap.add_argument("--ckpt", type=Path, default=None,
                     help="a trained Shakespeare char run (or step folder); omitted: train one into --train-dir")
     ap.add_argument("--train-dir", type=Path, default=ROOT / "runs" / "compression_shakespeare_char")
+    ap.add_argument("--train-threads", type=int, default=1,
+                    help="torch threads for training (1: steadier than 2 on a machine shared with other jobs)")
     ap.add_argument("--data", type=Path, default=ROOT / "data" / "shakespeare_char",
                     help="the model's prepared data directory (val split; fine-tune data)")
     ap.add_argument("--eval-batches", type=int, default=50)
@@ -171,7 +174,7 @@ def main() -> None:
                      "torch": torch.__version__, "threads": args.threads, "repeats": args.repeats,
                      "load_before": [round(x, 2) for x in os.getloadavg()], "models": {}}
     if args.ckpt is None:
-        src, cmd = train_shakespeare(args.train_dir, args.threads)
+        src, cmd = train_shakespeare(args.train_dir, args.train_threads)
     else:
         src, cmd = resolve_checkpoint(str(args.ckpt)), None
     run = load_checkpoint(src).train_state.get("run", {})
