@@ -14,7 +14,9 @@ off on a busy machine); ratios use the median unless --ratio best.
 Bound: bytes of weights read per decode token (every Linear in the blocks + the output projection;
 the embedding lookups read one row each) / bandwidth, where bandwidth is measured here with a
 50257 x 768 float32 matrix-vector product (the output projection's shape), best of 20.
-For int8/int4 the bytes are the quantized weights plus their scales (and zero points).
+For int8/int4 the bytes are the quantized weights plus their scales (and zero points). int8 runs
+fbgemm's int8 GEMM (activations rounded to int8 per call), int4 torch's int4 CPU kernel on bfloat16
+activations (clusterlm.optimize.quantize).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -127,8 +130,10 @@ def main() -> None:
     with torch.inference_mode():
         idx = torch.tensor([prompt])
         diff = (model(idx) - hf(idx).logits).abs().max().item()  # same weights: same logits
+    load_before = [round(x, 2) for x in os.getloadavg()]
     bw = bandwidth_gbs()
-    results: dict = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
+    results: dict = {"command": " ".join(["python", "benchmarks/generate_speed.py", *sys.argv[1:]]),
+                     "load_average_before_1_5_15_min": load_before, "machine": platform.processor() or platform.machine(), "threads": args.threads,
                      "torch": torch.__version__, "transformers": transformers.__version__,
                      "new_tokens": args.new_tokens, "repeats": args.repeats, "bandwidth_gbs": round(bw, 2),
                      "same_logits_max_abs_diff": diff, "rows": []}
