@@ -46,7 +46,21 @@ MEMORY_CONFIGS = [  # (name, dim, n_layers, n_heads, micro_batch, seq_len)
     ("d256-L4", 256, 4, 4, 8, 128),
     ("d512-L4", 512, 4, 8, 8, 128),
 ]
-TIME_CONFIGS = MEMORY_CONFIGS + [("d384-L4", 384, 4, 6, 8, 128)]  # d384: the former held-out calibration run
+
+
+def _kw(dim: int, layers: int, heads: int, seq: int, **extra: object) -> dict:
+    return dict(vocab_size=VOCAB, n_layers=layers, dim=dim, n_heads=heads, max_seq_len=seq, **extra)
+
+
+# (name, ModelConfig keys, micro_batch, seq_len, role): the three of issue 5's "Must show", the d384 run
+# that calibrated the former single-efficiency model, and other shapes and a Llama-style block
+TIME_CONFIGS = [(n, _kw(d, L, h, s), mb, s, "must-show") for n, d, L, h, mb, s in MEMORY_CONFIGS] + [
+    ("d384-L4", _kw(384, 4, 6, 128), 8, 128, "formerly held out"),
+    ("d256-L4-mb4-T256", _kw(256, 4, 4, 256), 4, 256, "extra"),
+    ("d256-L8-mb16-T64", _kw(256, 8, 8, 64), 16, 64, "extra"),
+    ("llama-d256-L4", _kw(256, 4, 4, 128, n_kv_heads=2, pos="rope", norm="rmsnorm", mlp="swiglu", ffn_dim=768), 8, 128,
+     "extra"),
+]
 
 
 def _cpu_jiffies() -> tuple[int, int]:
@@ -166,16 +180,17 @@ def measure_memory(dim: int, layers: int, heads: int, mb: int, seq: int) -> dict
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure_step_time(dim: int, layers: int, heads: int, mb: int, seq: int, warmup: int = 3,
-                      timed: int = 20) -> dict:
+def measure_step_time(model_kw: dict, mb: int, seq: int, warmup: int = 3, timed: int = 20) -> dict:
     import torch
 
     from clusterlm.config import OptimConfig
     from clusterlm.models.build import build_model
     from clusterlm.train.optim import build_optimizer
 
+    from clusterlm.models.config import ModelConfig
+
     torch.manual_seed(0)
-    model = build_model(_model_cfg(dim, layers, heads, seq))
+    model = build_model(ModelConfig(**model_kw))
     model.init_weights(0)
     model.train()
     opt = build_optimizer(model, OptimConfig())
@@ -204,9 +219,9 @@ def plot(result: dict, path: Path) -> None:
         for i, row in enumerate(rd["step_time"]):
             meas = row["measured_median_s"] * 1e3
             ax.scatter(meas, row["predicted_step_s"] * 1e3, color=f"C{i}", marker="o",
-                       label=f"{row['config']} per-op" if rd["round"] == min(used or {1}) else None)
+                       label=row["config"] if rd["round"] == min(used or {1}) else None)
             ax.scatter(meas, row["predicted_step_s_single_rate"] * 1e3, color=f"C{i}", marker="x", alpha=0.6,
-                       label=f"{row['config']} single-rate" if rd["round"] == min(used or {1}) else None)
+                       label="x: single-rate model" if rd["round"] == min(used or {1}) and i == 0 else None)
     lo, hi = 30, 600
     xs = [lo, hi]
     ax.plot(xs, xs, "k-", lw=0.8)
@@ -244,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from clusterlm.cluster.memory import estimate_memory
     from clusterlm.cluster.planner import plan
+    from clusterlm.models.config import ModelConfig
     from clusterlm.cluster.probe import probe_node
     from clusterlm.parallel.dims import ParallelDims
 
@@ -262,8 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memory {name}: predicted {est.peak_bytes / 2**20:8.1f} MiB  measured "
               f"{m['measured_bytes'] / 2**20:8.1f} MiB  error {err:+.1%}", flush=True)
 
-    def predict(sp, dim: int, layers: int, heads: int, mb: int, seq: int):
-        cfg = _model_cfg(dim, layers, heads, seq)
+    def predict(sp, model_kw: dict, mb: int, seq: int):
+        cfg = ModelConfig(**model_kw)
         cands = plan(cfg, sp, seq_len=seq, global_batch_tokens=mb * seq, dtype="fp32", micro_batches=(mb,),
                      recompute_modes=("none",))
         return next(c for c in cands if c.dims.world_size == 1)
@@ -289,14 +305,13 @@ def main(argv: list[str] | None = None) -> int:
                      "op_overhead_us": device.op_overhead_us,
                      "notes": {k: v for k, v in spec.notes.items() if k == "load" or "unavailable" in v}}
         rows = []
-        for name, dim, layers, heads, mb, seq in TIME_CONFIGS:
-            cand = predict(spec, dim, layers, heads, mb, seq)
-            single = predict(without_op_figures(spec), dim, layers, heads, mb, seq)
-            meas = measure_step_time(dim, layers, heads, mb, seq)
+        for name, kw, mb, seq, role in TIME_CONFIGS:
+            cand = predict(spec, kw, mb, seq)
+            single = predict(without_op_figures(spec), kw, mb, seq)
+            meas = measure_step_time(kw, mb, seq)
             err = (cand.step_time_s - meas["median_s"]) / meas["median_s"]
             err_single = (single.step_time_s - meas["median_s"]) / meas["median_s"]
-            rows.append({"config": name, "dim": dim, "n_layers": layers, "n_heads": heads, "micro_batch": mb,
-                         "seq_len": seq, "dtype": "fp32", "held_out": name == "d384-L4",
+            rows.append({"config": name, "model": kw, "micro_batch": mb, "seq_len": seq, "dtype": "fp32", "role": role,
                          "predicted_step_s": cand.step_time_s, "predicted_parts_s": cand.time_parts,
                          "predicted_formulas": cand.formulas, "relative_error": err,
                          "relative_error_vs_min": (cand.step_time_s - meas["min_s"]) / meas["min_s"],
@@ -318,12 +333,11 @@ def main(argv: list[str] | None = None) -> int:
 
     used = [rd for rd in rounds if not rd["disturbed"]] or rounds
     time_rows = []
-    for i, (name, dim, layers, heads, mb, seq) in enumerate(TIME_CONFIGS):
+    for i, (name, kw, mb, seq, role) in enumerate(TIME_CONFIGS):
         per = [rd["step_time"][i] for rd in used]
         err = statistics.median(x["relative_error"] for x in per)
         err_single = statistics.median(x["relative_error_single_rate"] for x in per)
-        time_rows.append({"config": name, "dim": dim, "n_layers": layers, "n_heads": heads, "micro_batch": mb,
-                          "seq_len": seq, "dtype": "fp32", "held_out": name == "d384-L4",
+        time_rows.append({"config": name, "model": kw, "micro_batch": mb, "seq_len": seq, "dtype": "fp32", "role": role,
                           "relative_error_median_of_rounds": err, "within_15pct": abs(err) <= 0.15,
                           "relative_errors_by_round": [x["relative_error"] for x in per],
                           "predicted_step_s_by_round": [x["predicted_step_s"] for x in per],
