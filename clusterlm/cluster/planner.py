@@ -520,6 +520,10 @@ def search(model: ModelConfig, spec: ClusterSpec, *, seq_len: int, global_batch_
     assumptions = [rate.how] if rate.assumed and ops is None else []
     if why_not:
         assumptions.append(why_not)
+    for key, note in spec.notes.items():  # the probe's figures were measured while the node was busy
+        if key == "load" or key.endswith(": load"):
+            assumptions.append(f"probe {key}: {note}; re-probe an idle node for step times (the per-op figures "
+                               f"are medians and grow with other work)")
     assumptions.append(f"memory limit {memory_fraction:.2f} x {device.memory_gib:g} GiB"
                        + (" (ASSUMPTION: default reserve for runtime buffers and fragmentation)"
                           if memory_fraction == DEFAULT_MEMORY_FRACTION else ""))

@@ -241,12 +241,16 @@ def test_op_model_grad_accumulation_and_explain():
 
 def test_op_model_missing_figures_are_named():
     """A spec with some of the probe's per-op figures says which are missing and falls back to the FLOP rate
-    (with its assumption printed); a measured train_efficiency takes precedence over the per-op model."""
+    (with its assumption printed); a probe made under load is flagged; a measured train_efficiency takes precedence
+    over the per-op model."""
     partial = cpu_spec(measured_tflops={"fp32": 0.5}, matmul_sweep=FLAT["matmul_sweep"], op_overhead_us=2.0)
     c = planner.plan(TINY, partial, seq_len=4, global_batch_tokens=8, dtype="fp32", micro_batches=(2,))[0]
     text = " ".join(c.assumptions)
     assert "device.elementwise_sweep" in text and "device.attention_sweep" in text and "device.kernel_sweep" in text
     assert "device.op_overhead_us" not in text and "ASSUMPTION" in text and "compute" in c.time_parts
+    busy = dataclasses.replace(cpu_spec(**FLAT), notes={"load": "1-minute load average 3.2 on 2 logical CPUs"})
+    c = planner.plan(TINY, busy, seq_len=4, global_batch_tokens=8, dtype="fp32", micro_batches=(2,))[0]
+    assert any("load average 3.2" in a and "idle node" in a for a in c.assumptions)
     calibrated = cpu_spec(measured_tflops={"fp32": 0.5}, train_efficiency={"fp32": 0.5}, **FLAT)
     c = planner.plan(TINY, calibrated, seq_len=4, global_batch_tokens=8, dtype="fp32", micro_batches=(2,))[0]
     assert "compute" in c.time_parts and "gemm" not in c.time_parts
