@@ -11,6 +11,9 @@ variant once) so they share the machine's load. Reported as 1/median interval (t
 1/min interval (least disturbed: the machine is shared with other jobs, so the median can be far
 off on a busy machine); ratios use the median unless --ratio best.
 
+GEMV chain: the fp32 model's matrix-vector products alone, back to back (no attention, norms or
+Python), timed in the same run: how close to the bound the matmuls themselves get.
+
 Bound: bytes of weights read per decode token (every Linear in the blocks + the output projection;
 the embedding lookups read one row each) / bandwidth, where bandwidth is measured here with a
 50257 x 768 float32 matrix-vector product (the output projection's shape), best of 20.
@@ -48,6 +51,23 @@ def bandwidth_gbs(repeats: int = 20) -> float:
         torch.mv(w, x)
     best = min(_timed(lambda: torch.mv(w, x)) for _ in range(repeats))
     return w.numel() * 4 / best / 1e9
+
+
+def gemv_chain_s(model: torch.nn.Module, repeats: int = 20) -> float:
+    """Seconds for one pass of torch.mv over every Linear weight of the model in decode order (the
+    blocks' wq wk wv wo w1 w2, then the output), nothing else: what a decode step would take if it
+    were only its matrix-vector products. Median of `repeats` passes after a warm-up pass."""
+    ws = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    xs = {w.shape[1]: torch.randn(w.shape[1]) for w in ws}
+
+    def chain() -> None:
+        for w in ws:
+            torch.mv(w, xs[w.shape[1]])
+
+    with torch.inference_mode():
+        chain()
+        times = sorted(_timed(chain) for _ in range(repeats))
+    return times[len(times) // 2]
 
 
 def _timed(fn) -> float:  # type: ignore[no-untyped-def]
@@ -170,6 +190,10 @@ def main() -> None:
                "vs_generate_fp32": round(rates[args.ratio] / hf_tps, 2)}
         results["rows"].append(row)
         print(json.dumps(row))
+    chain = gemv_chain_s(model)
+    results["gemv_chain"] = {"note": "torch.mv over the fp32 model's Linear weights alone, per token (median)",
+                             "ms": round(chain * 1e3, 2), "tokens_per_s": round(1 / chain, 2),
+                             "fraction_of_bound": round(1 / chain / (bw * 1e9 / bytes_fp32), 3)}
     results["bandwidth_gbs_after"] = round(bandwidth_gbs(), 2)
     results["load_average_1_5_15_min"] = [round(x, 2) for x in os.getloadavg()]  # > threads: shared machine
     args.out.parent.mkdir(parents=True, exist_ok=True)
