@@ -2,6 +2,8 @@
 built at run time (clusterlm.models.transformer._fused_linear): same logits as the separate
 matmuls, the state dict untouched, and the copy rebuilt whenever the weights change.
 
+Fusion is off on the CPU by default (FUSE_ON_CPU); these tests switch it on.
+
 Run: .venv/bin/python -m pytest -q tests/model/test_fused_decode.py
 """
 
@@ -20,6 +22,11 @@ MODELS: dict[str, ModelConfig] = {
     "gpt": ModelConfig(**_T, pos="learned", norm="layernorm", mlp="gelu", bias=True),
     "llama": ModelConfig(**_T, pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_heads=2, tie_embeddings=False),
 }
+
+
+@pytest.fixture(autouse=True)
+def _fuse_on_cpu(monkeypatch):
+    monkeypatch.setattr(T, "FUSE_ON_CPU", True)
 
 
 def make(name: str, seed: int = 0) -> torch.nn.Module:
@@ -116,4 +123,12 @@ def test_quantized_modules_are_not_fused() -> None:
     quantize_model(model, "int8")
     prompt = [5, 6, 7]
     assert complete(model, prompt, max_new_tokens=6, temperature=0.0)[0][0] == greedy_ref(model, prompt, 6)
+    assert not any(m in T._FUSED for m in model.modules())
+
+
+def test_cpu_does_not_fuse_by_default(monkeypatch) -> None:
+    """With FUSE_ON_CPU at its default (False) a CPU generation builds no fused copies."""
+    monkeypatch.setattr(T, "FUSE_ON_CPU", False)
+    model = make("llama")
+    complete(model, [1, 2, 3], max_new_tokens=4, temperature=0.0)
     assert not any(m in T._FUSED for m in model.modules())
