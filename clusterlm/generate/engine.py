@@ -153,8 +153,10 @@ class Generation(Iterator[list[int | None]]):
             idx = torch.tensor([h[-keep:] for h in self._history], dtype=torch.long, device=self.device)  # (B, keep)
         else:
             return self._decode(self._last, self._cache)[:, -1, : self.vocab_size]  # (B, V) from (B, 1) tokens
-        # rows past vocab_size are padding (vocab_multiple): never sample them
-        return self.model(idx, self._cache)[:, -1, : self.vocab_size]  # (B, V)
+        # rows past vocab_size are padding (vocab_multiple): never sample them; a Transformer's
+        # prefill computes logits for the last position only
+        kw = {"last_only": True} if self.context_len is not None else {}
+        return self.model(idx, self._cache, **kw)[:, -1, : self.vocab_size]  # (B, V)
 
     def __next__(self) -> list[int | None]:
         if self.done:

@@ -403,7 +403,7 @@ class Transformer(nn.Module):
         return SlotKVCache(list(self.layers.keys()), n_slots, max_len, cfg.kv_heads, cfg.head_dim,
                            device=device, dtype=dtype)
 
-    def _forward_slots(self, idx: torch.Tensor, rows: SlotRows) -> torch.Tensor:
+    def _forward_slots(self, idx: torch.Tensor, rows: SlotRows, last_only: bool = False) -> torch.Tensor:
         """forward() over a slot cache: row b's T tokens sit at positions pos[slots[b]] + 0..T-1."""
         cache: SlotKVCache = rows.cache  # type: ignore[assignment]
         B, T = idx.shape[:2]
@@ -423,18 +423,24 @@ class Transformer(nn.Module):
         for key, layer in self.layers.items():
             h = layer(h, rope, _SlotKV(cache.k[key], cache.v[key], rows.slots, positions, full))
         cache.pos[rows.slots] = start + T
+        if last_only:
+            h = h[:, -1:]  # (B, 1, D)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is None:
             return h
         return self.output(h).float()  # (B, T, V)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | SlotRows | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | SlotRows | None = None, *,
+                last_only: bool = False) -> torch.Tensor:
         """idx: token ids (B, T) (hidden states (B, T, D) on a pipeline stage without
         tok_embeddings). With a cache, the tokens sit at positions cache.pos .. cache.pos+T-1; with
-        `slot_cache.rows(slots)`, row b's tokens sit at slot_cache.pos[slots[b]] onwards."""
+        `slot_cache.rows(slots)`, row b's tokens sit at slot_cache.pos[slots[b]] onwards.
+        `last_only`: the final norm and output projection run on the last position only, giving
+        (B, 1, V): a prompt's prefill needs no logits for the other positions (with a 50k
+        vocabulary the output projection is the costliest matmul of a long prefill)."""
         if isinstance(cache, SlotRows):
-            return self._forward_slots(idx, cache)
+            return self._forward_slots(idx, cache, last_only)
         B, T = idx.shape[:2]
         pos = 0 if cache is None else cache.pos
         limit = self.config.max_seq_len if cache is None else cache.max_len
@@ -454,6 +460,8 @@ class Transformer(nn.Module):
             h = layer(h, rope, kv)
         if cache is not None:
             cache.pos = pos + T
+        if last_only:
+            h = h[:, -1:]  # (B, 1, D)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is None:

@@ -1,6 +1,7 @@
 """Cached inference runs wq|wk|wv (and SwiGLU's w1|w3) as one matmul over a fused copy of the weights
 built at run time (clusterlm.models.transformer._fused_linear): same logits as the separate
-matmuls, the state dict untouched, and the copy rebuilt whenever the weights change.
+matmuls, the state dict untouched, and the copy rebuilt whenever the weights change. Also the
+prefill shortcut: forward(..., last_only=True) computes logits for the last position only.
 
 Fusion is off on the CPU by default (FUSE_ON_CPU); these tests switch it on.
 
@@ -132,3 +133,21 @@ def test_cpu_does_not_fuse_by_default(monkeypatch) -> None:
     model = make("llama")
     complete(model, [1, 2, 3], max_new_tokens=4, temperature=0.0)
     assert not any(m in T._FUSED for m in model.modules())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_last_only_prefill_equals_last_position(name: str) -> None:
+    """forward(..., last_only=True) returns (B, 1, V): the full forward's last-position logits, with a
+    KV cache (whose position still advances by all T tokens), without one, and over a slot cache."""
+    model = make(name)
+    idx = torch.randint(0, 37, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(idx)[:, -1:]
+        assert model(idx, last_only=True).shape == (2, 1, 40)
+        torch.testing.assert_close(model(idx, last_only=True), want, atol=1e-5, rtol=1e-5)
+        cache = model.make_cache(2, 12, device="cpu", dtype=torch.float32)
+        torch.testing.assert_close(model(idx, cache, last_only=True), want, atol=1e-5, rtol=1e-5)
+        assert cache.pos == 9
+        slots = model.make_slot_cache(2, 12, device="cpu", dtype=torch.float32)
+        rows = slots.rows([slots.alloc(), slots.alloc()])
+        torch.testing.assert_close(model(idx, rows, last_only=True), want, atol=1e-5, rtol=1e-5)
