@@ -148,7 +148,8 @@ def markdown(results: dict) -> str:
         lines.append("")
     lines += ["Notes: params is the config's count (quantized variants keep the float count). Magnitude pruning "
               "is saved dense (zeros), so size and speed do not change. The gpt2-124m rows use random "
-              "weights: no loss. Fine-tunes use the run's training data and optimizer settings at constant lr.", ""]
+              "weights: no loss. Fine-tunes: `clusterlm prune --finetune-steps` on the run's training data "
+              "(warmup to 3x the run's min_lr, cosine down to min_lr).", ""]
     return "\n".join(lines)
 
 

@@ -19,8 +19,10 @@ channel c, |w1_c| * |w2[:, c]| (times |w3_c| for SwiGLU). The new n_heads, n_kv_
 (unchanged Hd, which no longer equals dim / n_heads) and ffn_dim are written to the config.
 
 Fine-tune (--finetune-steps N): AdamW (clusterlm.train.optim.build_optimizer with the run's
-[optim] section, constant lr) on the run's training data (or --data DIR); magnitude masks are
-re-applied after each step so pruned weights stay zero.
+[optim] section) on the run's training data (or --data DIR), the learning rate warmed up over the
+first 10% of the steps to --finetune-lr, then cosine-decayed to the run's min_lr (a trained model
+sits at the end of its schedule: its peak lr undoes more than the pruning took away); magnitude
+masks are re-applied after each step so pruned weights stay zero.
 """
 
 from __future__ import annotations
@@ -143,22 +145,37 @@ def structured_prune(model: nn.Module, sparsity: float) -> nn.Module:
     return pruned
 
 
+def finetune_optim(optim_cfg: object, steps: int, lr: float | None) -> object:
+    """The run's [optim] for a recovery fine-tune: warmup over 10% of `steps` to `lr` (default: the
+    run's min_lr x 3), cosine down to the run's min_lr (or to `lr` if that is lower)."""
+    peak = optim_cfg.min_lr * 3 if lr is None else lr
+    if not peak > 0:
+        raise ValueError(f"fine-tune lr {peak} must be > 0 (the run's optim.min_lr is {optim_cfg.min_lr}; pass "
+                         "--finetune-lr)")
+    return dataclasses.replace(optim_cfg, lr=peak, min_lr=min(optim_cfg.min_lr, peak), schedule="cosine",
+                               warmup_steps=max(1, steps // 10), decay_steps=0)
+
+
 def finetune(model: nn.Module, run_cfg: object, steps: int, data_dir: str | Path, *, batch_size: int | None = None,
-             masks: dict[str, torch.Tensor] | None = None) -> list[float]:
-    """`steps` AdamW steps of next-token loss on data_dir's train split; returns the losses."""
+             masks: dict[str, torch.Tensor] | None = None, lr: float | None = None) -> list[float]:
+    """`steps` AdamW steps of next-token loss on data_dir's train split (lr schedule: `finetune_optim`);
+    returns the losses."""
     from clusterlm.data.loader import TokenLoader
     from clusterlm.eval.metrics import lm_loss
-    from clusterlm.train.optim import build_optimizer
+    from clusterlm.train.optim import build_optimizer, lr_at
 
     tc = run_cfg.train
     seq_len = min(tc.seq_len, model.config.max_seq_len)
     loader = TokenLoader(data_dir, "train", batch_size=batch_size or tc.micro_batch_size, seq_len=seq_len,
                          seed=tc.seed)
-    opt = build_optimizer(model, run_cfg.optim)
+    oc = finetune_optim(run_cfg.optim, steps, lr)
+    opt = build_optimizer(model, oc)
     lin = block_linears(model)
     model.train()
     losses = []
-    for _ in range(steps):
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, oc, steps)
         x, y = next(loader)
         loss = lm_loss(model(x), y)
         loss.backward()
@@ -175,7 +192,7 @@ def finetune(model: nn.Module, run_cfg: object, steps: int, data_dir: str | Path
 
 
 def prune_checkpoint(src: str | Path, out: str | Path, sparsity: float, method: str, *, finetune_steps: int = 0,
-                     data_dir: str | Path | None = None) -> Path:
+                     data_dir: str | Path | None = None, finetune_lr: float | None = None) -> Path:
     """Write a pruned copy of checkpoint `src` as out/checkpoints/step-N; returns the step folder."""
     from clusterlm.checkpoint.model_io import load_for_inference, read_quantization
     from clusterlm.checkpoint.store import load_checkpoint, save_checkpoint
@@ -204,10 +221,12 @@ def prune_checkpoint(src: str | Path, out: str | Path, sparsity: float, method: 
         if not (data / "meta.json").is_file():
             raise FileNotFoundError(f"fine-tune data {data} has no meta.json; pass --data DIR (a `clusterlm prepare` "
                                     "output)")
-        losses = finetune(model, run_cfg, finetune_steps, data, masks=masks)
+        losses = finetune(model, run_cfg, finetune_steps, data, masks=masks, lr=finetune_lr)
     ck = load_checkpoint(loaded.path)
     train_state = dict(ck.train_state)
     train_state["pruning"] = {"method": method, "sparsity": sparsity, "finetune_steps": finetune_steps,
+                              "finetune_lr": finetune_optim(run_cfg.optim, finetune_steps, finetune_lr).lr
+                              if finetune_steps > 0 else None,
                               "finetune_first_loss": losses[0] if losses else None,
                               "finetune_last_loss": losses[-1] if losses else None, "source": str(loaded.path)}
     path = save_checkpoint(out / "checkpoints", ck.step, model_state=model.state_dict(), optimizer_state=None,
@@ -222,10 +241,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--sparsity", type=float, required=True, help="fraction of weights/heads/channels removed, [0, 1)")
     ap.add_argument("--method", choices=METHODS, required=True)
     ap.add_argument("--finetune-steps", type=int, default=0, help="recovery fine-tune steps after pruning (0 = none)")
+    ap.add_argument("--finetune-lr", type=float, default=None,
+                    help="peak fine-tune learning rate (default: 3x the run's optim.min_lr; warmup 10%%, cosine to min_lr)")
     ap.add_argument("--data", default=None, help="prepared data directory for the fine-tune (default: the run's)")
     ap.add_argument("--out", required=True, metavar="CKPT", help="run directory to create")
     args = ap.parse_args(argv)
     path = prune_checkpoint(args.ckpt, args.out, args.sparsity, args.method, finetune_steps=args.finetune_steps,
-                            data_dir=args.data)
+                            data_dir=args.data, finetune_lr=args.finetune_lr)
     print(f"wrote {path}")
     return 0

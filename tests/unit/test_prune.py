@@ -110,14 +110,34 @@ def test_prune_cli_with_finetune(tmp_path, method):
     save_checkpoint(tmp_path / "run" / "checkpoints", 5, model_state=model.state_dict(), optimizer_state=None,
                     train_state={"step": 5}, config_toml=to_toml(run), tokenizer_path=tmp_path / "tok.json")
     out = tmp_path / "pruned"
+    # an untrained model: a high peak lr (the default, 3x the run's min_lr, suits a trained one)
     assert main([str(tmp_path / "run"), "--sparsity", "0.5", "--method", method, "--finetune-steps", "30",
-                 "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
+                 "--finetune-lr", "3e-3", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
     loaded = load_for_inference(out)
     ts = json.loads(next((out / "checkpoints").glob("step-*/train_state.json")).read_text())
     assert ts["pruning"]["method"] == method and ts["pruning"]["finetune_steps"] == 30
+    assert ts["pruning"]["finetune_lr"] == 3e-3
     assert ts["pruning"]["finetune_last_loss"] < 0.8 * ts["pruning"]["finetune_first_loss"]
     if method == "magnitude":
         for lin in block_linears(loaded.model).values():
             assert int((lin.weight == 0).sum()) >= lin.weight.numel() // 2
     else:
         assert loaded.config.model.n_heads == 2 and loaded.config.model.hidden_dim == 64
+
+
+def test_finetune_schedule_warms_up_then_decays_to_the_runs_min_lr():
+    """The recovery fine-tune: warmup over 10% of the steps to the peak (default 3x the run's min_lr),
+    cosine down to the run's min_lr by the last step; a peak below min_lr decays nowhere."""
+    from clusterlm.config import OptimConfig
+    from clusterlm.optimize.prune import finetune_optim
+    from clusterlm.train.optim import lr_at
+
+    run = OptimConfig(lr=1e-3, min_lr=1e-4, schedule="constant", warmup_steps=100)
+    oc = finetune_optim(run, 200, None)
+    assert (oc.lr, oc.min_lr, oc.warmup_steps, oc.schedule) == (pytest.approx(3e-4), 1e-4, 20, "cosine")
+    lrs = [lr_at(s, oc, 200) for s in range(200)]
+    assert lrs[19] == pytest.approx(3e-4) and lrs[0] == pytest.approx(3e-4 / 20)
+    assert all(a >= b for a, b in zip(lrs[19:], lrs[20:])) and lrs[-1] == pytest.approx(1e-4, rel=1e-3)
+    assert finetune_optim(run, 200, 5e-5).min_lr == 5e-5
+    with pytest.raises(ValueError, match="fine-tune lr"):
+        finetune_optim(OptimConfig(lr=1e-3, min_lr=0.0), 10, None)
