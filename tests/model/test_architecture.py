@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import clusterlm.models
+from tests.helpers import BLOCK_TORCH
 
 MODELS_DIR = Path(clusterlm.models.__file__).parent
 SOURCES = sorted(MODELS_DIR.rglob("*.py"))
@@ -95,13 +96,7 @@ def test_model_config_imports_without_torch() -> None:
     """`import clusterlm.models.config` succeeds in a fresh interpreter whose import system raises on
     any `import torch` (a meta path finder), and get_preset('gpt2-124m').num_params() is 124,439,808."""
     code = (
-        "import sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'torch' or name.startswith('torch.'):\n"
-        "            raise ImportError('torch is blocked in this test')\n"
-        "        return None\n"
-        "sys.meta_path.insert(0, Block())\n"
+        BLOCK_TORCH +
         "from clusterlm.models.config import get_preset\n"
         "assert 'torch' not in sys.modules\n"
         "print(get_preset('gpt2-124m').num_params())\n"

@@ -4,15 +4,8 @@ import subprocess
 import sys
 
 from clusterlm.cli import COMMANDS
+from tests.helpers import BLOCK_TORCH
 
-BLOCK_TORCH = """
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked in this test")
-sys.meta_path.insert(0, Block())
-"""
 
 
 def run(*args, code=""):

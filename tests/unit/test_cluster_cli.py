@@ -10,14 +10,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from clusterlm.cluster.spec import load_spec, save_spec
-
-BLOCK_TORCH = """
-class _BlockTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked in this test")
-sys.meta_path.insert(0, _BlockTorch())
-"""
+from tests.helpers import BLOCK_TORCH
 
 
 def clusterlm(*args, block_torch=True, cwd=None):

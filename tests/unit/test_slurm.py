@@ -18,6 +18,7 @@ from clusterlm.cluster.slurm import (JobState, SbatchOptions, parse_sacct, parse
                                      parse_time_limit, query_states, read_registry, record_job, registry_path,
                                      render_sbatch)
 from clusterlm.errors import ClusterlmError, ConfigError
+from tests.helpers import BLOCK_TORCH
 
 FIXTURES = Path(__file__).parent / "fixtures" / "slurm"
 RECIPE = str(Path(__file__).resolve().parents[2] / "recipes" / "shakespeare_char_cpu.toml")
@@ -286,14 +287,6 @@ def test_jobs_command_lists_registry_with_states(tmp_path, monkeypatch, capsys):
         slurm.jobs_main(["--registry", str(tmp_path / "missing.jsonl")])
 
 
-BLOCK_TORCH = """
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked in this test")
-sys.meta_path.insert(0, Block())
-"""
 
 
 def test_launch_slurm_dry_run_without_torch(tmp_path):
