@@ -34,11 +34,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from clusterlm.cli import EXIT_PREEMPTED
 from clusterlm.errors import ClusterlmError, ConfigError
 
 log = logging.getLogger(__name__)
 
-EXIT_PREEMPTED = 75  # clusterlm.cli.EXIT_PREEMPTED (not imported: cli is the top of the import graph)
 REGISTRY_VERSION = 1
 SIGNAL_RESOLUTION_S = 60  # sbatch(1), --signal: "may be sent up to 60 seconds earlier than specified"
 _TIME_RE = re.compile(r"^(?:(\d+)-)?(\d{1,3}):(\d{2}):(\d{2})$")  # [D-]HH:MM:SS
