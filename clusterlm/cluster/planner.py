@@ -515,6 +515,15 @@ def search(model: ModelConfig, spec: ClusterSpec, *, seq_len: int, global_batch_
     net = _network(spec, node, n_nodes)
     limit = device.memory_gib * GIB * memory_fraction
     peak, _ = device.peak(dtype)
+    if peak is None and device.matmul_tflops(dtype):
+        # no cited peak (a CPU): MFU against the probe's measured matmul rate, as `clusterlm train
+        # --train.probe_spec` reports it, so the two columns compare
+        peak = device.matmul_tflops(dtype)
+        mfu_note = f"MFU against the measured {dtype} matmul rate {peak:g} TFLOP/s (no cited peak for {device.name})"
+    elif peak is None:
+        mfu_note = f"MFU unknown: no cited {dtype} peak and no measured matmul rate for {device.name}"
+    else:
+        mfu_note = ""
     fpt = flops_mod.training_flops_per_token(model, seq_len)
     ops, why_not = step_model(model, device, dtype)
     assumptions = [rate.how] if rate.assumed and ops is None else []
@@ -528,6 +537,8 @@ def search(model: ModelConfig, spec: ClusterSpec, *, seq_len: int, global_batch_
                        + (" (ASSUMPTION: default reserve for runtime buffers and fragmentation)"
                           if memory_fraction == DEFAULT_MEMORY_FRACTION else ""))
     assumptions += list(net.notes)
+    if mfu_note:
+        assumptions.append(mfu_note)
     if steps is None and tokens is not None:
         steps = math.ceil(tokens / global_batch_tokens)
     out = []

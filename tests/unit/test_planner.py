@@ -289,3 +289,17 @@ def test_probe_runners_feed_the_op_model():
                     elementwise_sweep=elementwise, op_overhead_us=overhead)
     c = planner.plan(TINY, spec, seq_len=4, global_batch_tokens=8, dtype="fp32", micro_batches=(2,))[0]
     assert "gemm" in c.time_parts and c.step_time_s > 0
+
+
+def test_cpu_mfu_is_against_the_measured_matmul_rate():
+    """A CPU has no cited peak: MFU is against the probe's measured matmul rate (as `clusterlm train
+    --train.probe_spec` computes it), said in a note; with no measurement either it stays unknown."""
+    spec = cpu_spec(measured_tflops={"fp32": 0.5}, **FLAT)
+    [c] = planner.plan(TINY, spec, seq_len=4, global_batch_tokens=8, dtype="fp32", micro_batches=(2,),
+                       recompute_modes=("none",))
+    fpt = training_flops_per_token(TINY, 4).total
+    assert c.mfu == pytest.approx(fpt * c.tokens_per_s / 0.5e12)
+    assert any("MFU against the measured fp32 matmul rate 0.5 TFLOP/s" in a for a in c.assumptions)
+    [u] = planner.plan(TINY, cpu_spec(), seq_len=4, global_batch_tokens=8, dtype="fp32", micro_batches=(2,),
+                       recompute_modes=("none",))
+    assert u.mfu is None and any(a.startswith("MFU unknown") for a in u.assumptions)
