@@ -192,7 +192,13 @@ def probe_storage(path: str) -> StorageSpec:
 
 
 def probe_slurm() -> SchedulerSpec:
-    version = parsers.parse_scontrol_version(_run(["scontrol", "--version"])) or ""
+    try:
+        version = parsers.parse_scontrol_version(_run(["scontrol", "--version"])) or ""
+    except RuntimeError as e:
+        if "fetch_config" in str(e):  # client installed, no slurm.conf and no DNS SRV record to find one
+            raise RuntimeError("Slurm's commands are installed but find no cluster configuration (no "
+                               "slurm.conf, SLURM_CONF unset, no DNS SRV record): not a Slurm node") from None
+        raise
     parts = parsers.parse_sinfo(_run(["sinfo", "-h", "-o", parsers.SINFO_FORMAT]))
     return SchedulerSpec("slurm", version, tuple(parts))
 

@@ -245,3 +245,18 @@ def test_all_nodes_modules_import_without_torch():
             "assert 'torch' not in sys.modules\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_slurm_client_without_configuration_is_named(tmp_path, monkeypatch):
+    """Slurm's client installed on a machine that is no Slurm node (no slurm.conf): the probe says so in one
+    line instead of relaying scontrol's DNS SRV errors."""
+    from clusterlm.cluster import probe
+
+    fake = tmp_path / "bin" / "scontrol"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'scontrol: error: resolve_ctls_from_dns_srv: res_nsearch error: Unknown host' >&2\n"
+                    "echo 'scontrol: error: fetch_config: DNS SRV lookup failed' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(RuntimeError, match="installed but find no cluster configuration"):
+        probe.probe_slurm()
