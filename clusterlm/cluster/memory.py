@@ -113,8 +113,15 @@ def stage_params(model: ModelConfig, pp: int, stage: str) -> tuple[int, int]:
 
 
 # ---- activations -------------------------------------------------------------------------------------
+def trainer_sequence_parallel(dims: ParallelDims) -> bool:
+    """Whether clusterlm's trainer splits activations over the sequence (and logits over the vocabulary)
+    with tp > 1: by default yes, except with pipeline parallel (clusterlm/parallel/parallelize.py)."""
+    return dims.pp == 1
+
+
 def layer_activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int, *, dtype: str = "bf16",
-                           recompute: str = "none", attention: str = "flash", tp: int = 1) -> tuple[float, str]:
+                           recompute: str = "none", attention: str = "flash", tp: int = 1,
+                           sequence_parallel: bool = True) -> tuple[float, str]:
     """Bytes one layer saves for backward for one micro-batch, and the formula with its numbers.
 
     Per token, in tensor elements of e bytes (e = 2 for bf16/fp16, 4 for fp32), for a Transformer
@@ -125,6 +132,9 @@ def layer_activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int, *
       (+ a*s dropout output); dropout masks, 1 byte: 2h (+ a*s for eager attention probs);
       flash attention: 4*a bytes (fp32 log-sum-exp) instead of the a*s terms.
     LSTM/GRU: input h and gate pre-activations (4h / 3h) plus cell/hidden states 2h per layer.
+    With tp > 1 and sequence parallel everything is divided by t; without it the norm inputs, the
+    projection/MLP inputs (4h) and the dropout masks are replicated on every tp rank (Korthikanti eq. 2:
+    10 of the 34 stay whole), and full recomputation's layer input too.
     """
     if recompute not in RECOMPUTE_MODES:
         raise ValueError(f"recompute={recompute!r}; expected one of {', '.join(RECOMPUTE_MODES)}")
@@ -133,8 +143,10 @@ def layer_activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int, *
     e = ELEM_BYTES[dtype]
     s, b, h = seq_len, micro_batch, model.dim
     tokens = s * b
+    sp = sequence_parallel or tp == 1
     if recompute == "full":
-        return tokens * h * e / tp, f"full recompute: layer input s*b*h*e/t = {s}*{b}*{h}*{e}/{tp}"
+        t_in = tp if sp else 1
+        return tokens * h * e / t_in, f"full recompute: layer input s*b*h*e/t = {s}*{b}*{h}*{e}/{t_in}"
     if model.arch != "transformer":
         gates = 4 if model.arch == "lstm" else 3
         elems = h + gates * h + 2 * h
@@ -156,12 +168,19 @@ def layer_activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int, *
                + (f" + {square_elems:g}*{e} + {square_masks:g} eager a*s terms" if square_elems else "")
                + (f" + {lse_bytes:g} flash lse" if lse_bytes else "")
                + f")/t with s={s} b={b} t={tp}, {recompute} recompute")
-    return tokens * per_token / tp, formula
+    if sp:
+        return tokens * per_token / tp, formula
+    whole = 4 * h * e + mask_bytes  # norm inputs, qkv and MLP inputs, dropout masks: on every tp rank
+    formula += f", but {4 * h}*{e} + {mask_bytes} of it whole on every rank (tp without sequence parallel)"
+    return tokens * (whole + (per_token - whole) / tp), formula
 
 
-def logits_bytes(model: ModelConfig, seq_len: int, micro_batch: int, dtype: str = "bf16", tp: int = 1) -> float:
-    """B*T*V*(e + 4 + 4): logits, fp32 log-probs saved by log_softmax, fp32 logits gradient."""
-    return micro_batch * seq_len * model.padded_vocab_size * (ELEM_BYTES[dtype] + 8) / tp
+def logits_bytes(model: ModelConfig, seq_len: int, micro_batch: int, dtype: str = "bf16", tp: int = 1,
+                 loss_parallel: bool = True) -> float:
+    """B*T*V*(e + 4 + 4): logits, fp32 log-probs saved by log_softmax, fp32 logits gradient; split over
+    the vocabulary by tp under loss parallel, whole on every rank without it."""
+    t = tp if loss_parallel else 1
+    return micro_batch * seq_len * model.padded_vocab_size * (ELEM_BYTES[dtype] + 8) / t
 
 
 def _largest_tensor(model: ModelConfig) -> int:
@@ -200,13 +219,15 @@ def _stage(model: ModelConfig, dims: ParallelDims, stage: str, b: int, s: int, d
 
     # activations: in-flight micro-batches x layers in this stage x per-layer bytes
     inflight = 1 if stage in ("only", "last") else min(pp, max(accum, 1))
+    sp = trainer_sequence_parallel(dims)
     per_layer, formula = layer_activation_bytes(model, s, b, dtype=dtype, recompute=recompute,
-                                                attention=attention, tp=t)
+                                                attention=attention, tp=t, sequence_parallel=sp)
     items.append(MemoryItem("activations", inflight * layers * per_layer,
                             f"{inflight} in-flight micro-batch(es) * {layers} layers * {formula}"))
     work = inflight * layers * per_layer
     if recompute == "full":  # one layer's activations live again while it is recomputed
-        redo, f2 = layer_activation_bytes(model, s, b, dtype=dtype, recompute="none", attention=attention, tp=t)
+        redo, f2 = layer_activation_bytes(model, s, b, dtype=dtype, recompute="none", attention=attention, tp=t,
+                                          sequence_parallel=sp)
         items.append(MemoryItem("recompute_working_set", redo, f"one layer without recompute: {f2}"))
         work += redo
     # gradients flowing back through one layer: dL/d(MLP hidden) and a few h-sized tensors
@@ -220,8 +241,10 @@ def _stage(model: ModelConfig, dims: ParallelDims, stage: str, b: int, s: int, d
     work += bwd
     # stage outputs: final norm + head input on the last stage, and the logits/loss buffers
     if stage in ("only", "last"):
-        lg = logits_bytes(model, s, b, dtype, t)
-        items.append(MemoryItem("logits", lg, f"B*T*V*(e+4+4)/t = {b}*{s}*{model.padded_vocab_size}*({e}+8)/{t}"))
+        lg = logits_bytes(model, s, b, dtype, t, loss_parallel=sp)
+        t_lg = t if sp else 1
+        items.append(MemoryItem("logits", lg, f"B*T*V*(e+4+4)/t = {b}*{s}*{model.padded_vocab_size}*({e}+8)/{t_lg}"
+                                + ("" if sp or t == 1 else " (no loss parallel with pp > 1)")))
         work += lg
     # temporary buffers of the data-parallel wrapper
     g = param_groups(model)

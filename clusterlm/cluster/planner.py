@@ -35,7 +35,7 @@ from typing import Any
 from clusterlm.cluster import flops as flops_mod
 from clusterlm.cluster import hardware
 from clusterlm.cluster.memory import (GIB, RECOMPUTE_MODES, MemoryEstimate, estimate_memory, layer_activation_bytes,
-                                      logits_bytes, param_groups, stage_params)
+                                      logits_bytes, param_groups, stage_params, trainer_sequence_parallel)
 from clusterlm.cluster.spec import ClusterSpec, DeviceSpec, LinkSpec, NodeType, load_spec
 from clusterlm.errors import ConfigError
 from clusterlm.models.config import ModelConfig, preset_values
@@ -456,8 +456,10 @@ def _step_time(model: ModelConfig, dims: ParallelDims, mb: int, accum: int, reco
         # project's 2-core CPU (benchmarks/planner_accuracy.py). GPUs fold this into the measured
         # training efficiency instead.
         layers = math.ceil(model.n_layers / dims.pp)
-        act = layers * layer_activation_bytes(model, seq_len, mb, dtype=dtype, recompute="none", tp=dims.tp)[0]
-        act += logits_bytes(model, seq_len, mb, dtype, dims.tp)
+        sp = trainer_sequence_parallel(dims)
+        act = layers * layer_activation_bytes(model, seq_len, mb, dtype=dtype, recompute="none", tp=dims.tp,
+                                              sequence_parallel=sp)[0]
+        act += logits_bytes(model, seq_len, mb, dtype, dims.tp, loss_parallel=sp)
         parts["activation_traffic"] = m * ACTIVATION_PASSES * act / (bw * 1e9)
         formulas["activation_traffic"] = (f"CPU: {m} micro-batches * {ACTIVATION_PASSES} passes * {act / 1e6:.4g} MB "
                                           f"saved activations + logits buffers / {bw:g} GB/s")

@@ -50,6 +50,23 @@ def test_korthikanti_selective_and_full():
     assert t8 == pytest.approx(S * B * H / 8 * (34 + 5 * A * S / H))
 
 
+def test_korthikanti_tensor_parallel_without_sequence_parallel():
+    """Korthikanti et al. 2022 eq. 2, TP without SP: s*b*h*(10 + 24/t + 5*a*s/(h*t)); the trainer runs TP that
+    way only under pipeline parallel, where the planner also keeps the logits whole (no loss parallel)."""
+    from clusterlm.cluster.memory import trainer_sequence_parallel
+
+    t8, _ = layer_activation_bytes(GPT3, S, B, dtype="bf16", recompute="none", attention="eager", tp=8,
+                                   sequence_parallel=False)
+    assert t8 == pytest.approx(S * B * H * (10 + 24 / 8 + 5 * A * S / (H * 8)))
+    full, _ = layer_activation_bytes(GPT3, S, B, dtype="bf16", recompute="full", tp=8, sequence_parallel=False)
+    assert full == 2 * S * B * H  # the layer input is whole on every rank
+    assert trainer_sequence_parallel(ParallelDims(tp=2)) and not trainer_sequence_parallel(ParallelDims(tp=2, pp=2))
+    small = get_preset("llama-nano", vocab_size=64)
+    sp = estimate_memory(small, ParallelDims(tp=2), micro_batch=2, seq_len=32, dtype="fp32").get("logits")
+    last_stage = memory._stage(small, ParallelDims(tp=2, pp=2), "last", 2, 32, "fp32", "none", "flash", 1, "fused")
+    assert last_stage.get("logits") == pytest.approx(2 * sp)
+
+
 def test_activation_variants():
     """Derived variants (docs/planner.md): fp32 doubles the tensor part, masks stay 1 byte: 66sbh + 9as^2b;
     no dropout: 32sbh + 2as^2b; flash attention keeps no s^2 term, only a 4-byte log-sum-exp per head."""
