@@ -43,6 +43,7 @@ def test_render_header_and_srun_line():
     assert ("/venv/bin/python -m clusterlm train /abs/r.toml --train.resume=auto --train.max_steps=10 "
             "'--data.dir=/d/my data'") in script
     assert "srun --cpus-per-task=8" in script
+    assert "export OMP_NUM_THREADS=8" in script  # torch's threads per task: its CPUs, not the node's
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1' in script
     cpu = render_sbatch(SbatchOptions(time="", signal_seconds=300), None, [], output_dir="/o", workdir="/w")
     lines = _sbatch_lines(cpu)
