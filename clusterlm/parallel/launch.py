@@ -219,13 +219,24 @@ def record_exit_code(code: int, env: Mapping[str, str] | None = None) -> None:
         atomic_write_text(path, f"{code}\n")
 
 
-def run_torchrun(cmd: list[str]) -> int:
+def threads_env(nproc_per_node: int, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """OMP_NUM_THREADS for the workers when the user set none: this machine's usable cores shared among
+    them (torchrun would set 1, leaving most cores of a CPU node idle). torch reads it for its intra-op
+    threads; `--train.threads` still overrides."""
+    env = os.environ if env is None else env
+    if "OMP_NUM_THREADS" in env:
+        return {}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return {"OMP_NUM_THREADS": str(max(1, cores // nproc_per_node))}
+
+
+def run_torchrun(cmd: list[str], extra_env: Mapping[str, str] | None = None) -> int:
     """Run torchrun; its exit code, or the trainer's own (75, 3) when torchrun reports a failed worker."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="clusterlm-launch-") as tmp:
         exit_file = os.path.join(tmp, "exit_code")
-        code = subprocess.call(cmd, env=os.environ | {EXIT_FILE_ENV: exit_file})
+        code = subprocess.call(cmd, env=os.environ | dict(extra_env or {}) | {EXIT_FILE_ENV: exit_file})
         if code != 0 and os.path.exists(exit_file):
             with open(exit_file, encoding="utf-8") as f:
                 recorded = f.read().strip()
@@ -265,7 +276,8 @@ def main(argv: list[str]) -> int:
     cmd = torchrun_command(args.recipe, overrides, nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,
                            node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
                            max_restarts=args.max_restarts)
-    print(" ".join(cmd))
+    extra = threads_env(args.nproc_per_node)
+    print(" ".join([*(f"{k}={v}" for k, v in extra.items()), *cmd]))
     if args.dry_run:
         return 0
-    return run_torchrun(cmd)
+    return run_torchrun(cmd, extra)

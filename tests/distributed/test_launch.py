@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 
@@ -40,6 +41,18 @@ def test_read_env_torchrun_slurm_and_none():
         read_env({"RANK": "4", "WORLD_SIZE": "4"})
     with pytest.raises(ValueError, match="RANK='x'"):
         read_env({"RANK": "x", "WORLD_SIZE": "4"})
+
+
+def test_threads_env_shares_the_cores_unless_set():
+    """`clusterlm launch` gives each of N workers cores/N intra-op threads (torchrun alone would give 1),
+    never fewer than 1, and leaves a user's OMP_NUM_THREADS alone."""
+    from clusterlm.parallel.launch import threads_env
+
+    cores = len(os.sched_getaffinity(0))
+    assert threads_env(1, {}) == {"OMP_NUM_THREADS": str(cores)}
+    assert threads_env(2, {}) == {"OMP_NUM_THREADS": str(max(1, cores // 2))}
+    assert threads_env(cores * 4, {}) == {"OMP_NUM_THREADS": "1"}
+    assert threads_env(2, {"OMP_NUM_THREADS": "3"}) == {}
 
 
 def test_torchrun_command():
