@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from clusterlm.models.config import ModelConfig
-from clusterlm.models.transformer import SlotPool, SlotRows
+from clusterlm.models.transformer import SlotPool, SlotRows, TiedOutputLM
 
 
 class RNNState:
@@ -70,7 +70,7 @@ class RNNSlotState(SlotPool):
             self.c[:, slot] = 0
 
 
-class RNNLM(nn.Module):
+class RNNLM(TiedOutputLM):
     """Token ids (B, T) -> logits (B, T, padded V) in float32, for arch 'lstm' or 'gru'."""
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -87,16 +87,6 @@ class RNNLM(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.output = nn.Linear(D, V, bias=cfg.bias)
         self._tie()
-
-    def _tie(self) -> None:
-        if self.config.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
-
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
-        # moving off the meta device gives each module a new Parameter; keep the tie
-        super()._apply(fn, recurse)
-        self._tie()
-        return self
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:

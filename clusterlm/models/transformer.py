@@ -318,7 +318,25 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x), kv is not None)
 
 
-class Transformer(nn.Module):
+class TiedOutputLM(nn.Module):
+    """Base of the language models: with config.tie_embeddings, output.weight IS tok_embeddings.weight,
+    and stays so across to_empty()/to() (which give each module a new Parameter)."""
+
+    config: ModelConfig
+
+    def _tie(self) -> None:
+        # a pipeline stage may hold only one end (the other is None)
+        if self.config.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
+            self.output.weight = self.tok_embeddings.weight
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        # moving off the meta device would silently untie output from tok_embeddings: tie again
+        super()._apply(fn, recurse)
+        self._tie()
+        return self
+
+
+class Transformer(TiedOutputLM):
     """Token ids (B, T) -> logits (B, T, padded V) in float32. See the module docstring."""
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -341,17 +359,6 @@ class Transformer(nn.Module):
         self._tie()
 
     # ---- weights ------------------------------------------------------------------------------
-    def _tie(self) -> None:
-        if self.config.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
-            self.output.weight = self.tok_embeddings.weight
-
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
-        # to_empty()/to() give each module its own new Parameter when moving off the meta device,
-        # which would silently untie output from tok_embeddings; tie again afterwards
-        super()._apply(fn, recurse)
-        self._tie()
-        return self
-
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
         """Fill every parameter deterministically from `seed` (None: drawn from torch's global RNG)

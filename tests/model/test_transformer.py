@@ -9,11 +9,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from clusterlm.models.build import build_model
 from clusterlm.models.config import PRESETS, ModelConfig, get_preset
 from clusterlm.models.transformer import Transformer, apply_rotary, rotary_tables
+from tests.helpers import overfit_loss
 
 _TINY = dict(vocab_size=37, vocab_multiple=8, n_layers=2, dim=32, n_heads=4, max_seq_len=24, ffn_multiple=16)
 
@@ -134,15 +134,7 @@ def test_tiny_batch_overfits() -> None:
     torch.manual_seed(0)
     cfg = FAMILIES["llama-gqa-untied"]
     model = make(cfg).train()
-    x = torch.randint(0, 37, (4, 17))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(300):
-        logits = model(x[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.05
+    assert overfit_loss(model) < 0.05
 
 
 @pytest.mark.parametrize("name", ["gpt-bias", "llama-gqa-untied"])
