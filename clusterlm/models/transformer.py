@@ -430,13 +430,18 @@ class Transformer(TiedOutputLM):
         for key, layer in self.layers.items():
             h = layer(h, rope, _SlotKV(cache.k[key], cache.v[key], rows.slots, positions, full))
         cache.pos[rows.slots] = start + T
+        return self._head(h, last_only)
+
+    def _head(self, h: torch.Tensor, last_only: bool) -> torch.Tensor:
+        """Final norm and output projection of hidden states (B, T, D) -> logits (B, T or 1, V), float32
+        under autocast too, for a stable loss (a pipeline stage without them returns h)."""
         if last_only:
             h = h[:, -1:]  # (B, 1, D)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is None:
             return h
-        return self.output(h).float()  # (B, T, V)
+        return self.output(h).float()
 
     def forward(self, idx: torch.Tensor, cache: KVCache | SlotRows | None = None, *,
                 last_only: bool = False) -> torch.Tensor:
@@ -467,13 +472,7 @@ class Transformer(TiedOutputLM):
             h = layer(h, rope, kv)
         if cache is not None:
             cache.pos = pos + T
-        if last_only:
-            h = h[:, -1:]  # (B, 1, D)
-        if self.norm is not None:
-            h = self.norm(h)
-        if self.output is None:
-            return h
-        return self.output(h).float()  # (B, T, V); float under autocast too, for a stable loss
+        return self._head(h, last_only)
 
 
 def _normal_(p: torch.Tensor, std: float, seed: int, name: str) -> None:
