@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from clusterlm.generate.cli import TextStream
-from clusterlm.generate.sampling import apply_top_p
+from clusterlm.generate.sampling import apply_top_p, greedy
 from clusterlm.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -343,7 +343,7 @@ def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], gens: list[
     """One token per row of logits (B, V), each row with its own temperature, top_p and generator.
     Greedy rows take the argmax; the others are drawn in one batch by inverse CDF, with a uniform
     from each row's own generator (so a seeded row reproduces whatever else is in the batch)."""
-    out = torch.argmax(logits, dim=-1)  # (B,)
+    out = greedy(logits)  # (B,)
     rows = [b for b, p in enumerate(params) if p.temperature > 0]
     if rows:
         idx = torch.tensor(rows, device=logits.device)

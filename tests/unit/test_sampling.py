@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from clusterlm.generate.sampling import apply_top_k, apply_top_p, sample_next
+from clusterlm.generate.sampling import apply_top_k, apply_top_p, greedy, sample_next
 
 
 def _logits_for(probs: list[float]) -> torch.Tensor:
@@ -24,6 +24,17 @@ def test_greedy_is_argmax() -> None:
     got = sample_next(logits, temperature=0.0, top_k=3, top_p=0.5, generator=None)
     assert got.tolist() == torch.argmax(logits, dim=-1).tolist()
     assert got.dtype == torch.long and got.shape == (5,)
+
+
+def test_greedy_ties_take_the_first_maximum() -> None:
+    """Ties go to the lowest index, as torch.argmax (a 50k row, the case greedy() is tuned for, and
+    a strided slice of a padded vocabulary)."""
+    logits = torch.zeros(3, 50304)
+    logits[0, [7, 40000]] = 1.0
+    logits[1, [49999, 50000]] = 2.0
+    logits[2] = -1.0
+    view = logits[:, :50257]  # padding rows cut off: not contiguous
+    assert greedy(view).tolist() == [7, 49999, 0] == torch.argmax(view, dim=-1).tolist()
 
 
 def test_top_k_keeps_exactly_the_k_largest() -> None:
