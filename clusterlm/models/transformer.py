@@ -170,9 +170,9 @@ def _fused_linear(owner: nn.Module, linears: list[nn.Module]) -> tuple[torch.Ten
     for lin in linears:
         if type(lin) is not nn.Linear:
             return None
+        if lin.weight.device.type == "cpu" and not FUSE_ON_CPU:
+            return None
         tensors += [lin.weight] if lin.bias is None else [lin.weight, lin.bias]
-    if tensors[0].device.type == "cpu" and not FUSE_ON_CPU:
-        return None
     if any(type(t.data) is not torch.Tensor or t.is_inference() for t in tensors):
         return None
     key = tuple((t.data_ptr(), t._version) for t in tensors)
@@ -204,20 +204,24 @@ class Attention(nn.Module):
         self.attn_dropout = cfg.dropout
         self.resid_dropout = _dropout(cfg.dropout)
 
+    def _qkv(self, x: torch.Tensor, cached: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The projections q (B, T, H*Hd), k and v (B, T, K*Hd); `cached` inference (a KV cache,
+        gradients off) runs them as one wq|wk|wv matmul where _fused_linear allows."""
+        fused = _fused_linear(self, [self.wq, self.wk, self.wv]) if cached and not torch.is_grad_enabled() else None
+        if fused is None:
+            return self.wq(x), self.wk(x), self.wv(x)
+        H, K, Hd = self.n_heads, self.kv_heads, self.head_dim
+        q, k, v = F.linear(x, *fused).split([H * Hd, K * Hd, K * Hd], dim=-1)
+        return q, k, v
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 kv: tuple[torch.Tensor, torch.Tensor, int] | _SlotKV | None) -> torch.Tensor:
         B, T, _ = x.shape
+        if T == 1 and type(kv) is tuple and not self.training:
+            return self._decode_step(x, rope, kv)
         H, K, Hd = self.n_heads, self.kv_heads, self.head_dim
-        fused = None
-        if kv is not None and not torch.is_grad_enabled():  # cached inference: one wq|wk|wv matmul
-            fused = _fused_linear(self, [self.wq, self.wk, self.wv])
-        if fused is not None:
-            q, k, v = F.linear(x, *fused).split([H * Hd, K * Hd, K * Hd], dim=-1)
-            q, k, v = q.view(B, T, H, Hd), k.view(B, T, K, Hd), v.view(B, T, K, Hd)  # (B, T, H|K, Hd)
-        else:
-            q = self.wq(x).view(B, T, H, Hd)  # (B, T, H, Hd)
-            k = self.wk(x).view(B, T, K, Hd)  # (B, T, K, Hd)
-            v = self.wv(x).view(B, T, K, Hd)  # (B, T, K, Hd)
+        q, k, v = self._qkv(x, kv is not None)
+        q, k, v = q.view(B, T, H, Hd), k.view(B, T, K, Hd), v.view(B, T, K, Hd)  # (B, T, H|K, Hd)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, Hd)
@@ -243,6 +247,27 @@ class Attention(nn.Module):
         )  # (B, H, T, Hd)
         y = y.transpose(1, 2).reshape(B, T, H * Hd)  # (B, T, D)
         return self.resid_dropout(self.wo(y))
+
+    def _decode_step(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                     kv: tuple[torch.Tensor, torch.Tensor, int]) -> torch.Tensor:
+        """forward() for one token per sequence (x: (B, 1, D)) on a KVCache in eval mode: the decode
+        hot path. The new key and value are written at pos and the query sees all pos+1 stored keys,
+        so there is no mask; with T = 1 the heads' layout (B, H, 1, Hd) is a view of the projection,
+        no transpose. Same math as forward()'s cached path, in ~5 fewer ops per layer: on a CPU a
+        decode step's weight stream evicts the interpreter and dispatcher from cache, and each op
+        then costs ~5 us (gpt2-124m, 2 threads: ~0.4 ms of a 21 ms step; docs/compression.md)."""
+        B = x.shape[0]
+        H, K, Hd = self.n_heads, self.kv_heads, self.head_dim
+        k_cache, v_cache, pos = kv  # (B, K, S, Hd) each
+        q, k, v = self._qkv(x, True)
+        q, k, v = q.view(B, H, 1, Hd), k.view(B, K, 1, Hd), v.view(B, K, 1, Hd)  # (B, H|K, 1, Hd)
+        if rope is not None:  # cos/sin (1, Hd) broadcast over the heads
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        k_cache[:, :, pos:pos + 1] = k
+        v_cache[:, :, pos:pos + 1] = v
+        y = F.scaled_dot_product_attention(q, k_cache[:, :, :pos + 1], v_cache[:, :, :pos + 1],
+                                           enable_gqa=K != H)  # (B, H, 1, Hd)
+        return self.resid_dropout(self.wo(y.view(B, 1, H * Hd)))
 
 
 class _SlotKV:
