@@ -271,19 +271,28 @@ class Attention(nn.Module):
 
 
 class _SlotKV:
-    """One layer's slot-cache write + read for a batch at per-row positions (see SlotKVCache)."""
+    """One layer's slot-cache write + read for a batch at per-row positions (see SlotKVCache).
+    `length` and `mask` are the same for every layer of a forward pass: made once by `for_batch`."""
 
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-                 full: bool) -> None:
+                 full: bool, length: int, mask: torch.Tensor) -> None:
         self.k_cache, self.v_cache = k_cache, v_cache  # (N, K, S, Hd)
         self.slots, self.positions = slots, positions  # (B,), (B, T)
         self.full = full  # slots == 0..N-1 in order: read the cache without a gather
+        self.length, self.mask = length, mask  # L, (B, 1, T, L)
+
+    @staticmethod
+    def for_batch(positions: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """L, the longest row's length after the write, and the boolean mask (B, 1, T, L): query t of
+        row b sees key j iff j <= positions[b, t] (its own past and itself; stale entries of shorter
+        rows are hidden)."""
+        L = int(positions[:, -1].max()) + 1
+        keys = torch.arange(L, device=positions.device)
+        return L, keys[None, None, None, :] <= positions[:, None, :, None]
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """k, v (B, K, T, Hd) -> keys and values (B, K, L, Hd) of each row's slot, L = the longest
-        row's length after the write, and the boolean mask (B, 1, T, L): query t of row b sees key j
-        iff j <= positions[b, t] (its own past and itself; stale entries of shorter rows are hidden)."""
-        L = int(self.positions[:, -1].max()) + 1
+        """k, v (B, K, T, Hd) -> keys and values (B, K, L, Hd) of each row's slot, and the mask."""
+        L = self.length
         # advanced indices around a slice put their dims first: the target is (B, T, K, Hd)
         self.k_cache[self.slots[:, None], :, self.positions] = k.transpose(1, 2)
         self.v_cache[self.slots[:, None], :, self.positions] = v.transpose(1, 2)
@@ -291,9 +300,7 @@ class _SlotKV:
             k_all, v_all = self.k_cache[:, :, :L], self.v_cache[:, :, :L]  # (B, K, L, Hd) views
         else:
             k_all, v_all = self.k_cache[self.slots, :, :L], self.v_cache[self.slots, :, :L]  # (B, K, L, Hd)
-        keys = torch.arange(L, device=k.device)
-        mask = keys[None, None, None, :] <= self.positions[:, None, :, None]  # (B, 1, T, L)
-        return k_all, v_all, mask
+        return k_all, v_all, self.mask
 
 
 class FeedForward(nn.Module):
@@ -452,8 +459,9 @@ class Transformer(TiedOutputLM):
         h = self.dropout(h)
         rope = (self.rope_cos[positions], self.rope_sin[positions]) if self.config.pos == "rope" else None  # (B, T, Hd)
         full = B == cache.n_slots and bool((rows.slots == torch.arange(B, device=start.device)).all())
+        length, mask = _SlotKV.for_batch(positions)
         for key, layer in self.layers.items():
-            h = layer(h, rope, _SlotKV(cache.k[key], cache.v[key], rows.slots, positions, full))
+            h = layer(h, rope, _SlotKV(cache.k[key], cache.v[key], rows.slots, positions, full, length, mask))
         cache.pos[rows.slots] = start + T
         return self._head(h, last_only)
 
