@@ -254,8 +254,8 @@ class Attention(nn.Module):
         hot path. The new key and value are written at pos and the query sees all pos+1 stored keys,
         so there is no mask; with T = 1 the heads' layout (B, H, 1, Hd) is a view of the projection,
         no transpose. Same math as forward()'s cached path, in ~5 fewer ops per layer: on a CPU a
-        decode step's weight stream evicts the interpreter and dispatcher from cache, and each op
-        then costs ~5 us (gpt2-124m, 2 threads: ~0.4 ms of a 21 ms step; docs/compression.md)."""
+        decode step's weight stream evicts what small ops touch, so each costs several times its
+        warm cost (gpt2-124m, 2 threads: ~0.15 ms saved of a 21 ms step; docs/compression.md)."""
         B = x.shape[0]
         H, K, Hd = self.n_heads, self.kv_heads, self.head_dim
         k_cache, v_cache, pos = kv  # (B, K, S, Hd) each
