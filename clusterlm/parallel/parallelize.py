@@ -123,12 +123,7 @@ class ParallelModel:
                 n_mb = self.schedule._n_microbatches
                 self.schedule._loss_fn = lambda logits, tgt: lm_loss(logits, tgt) / (accum * n_mb)
                 with autocast():
-                    if self.coords.pp == 0:
-                        self.schedule.step(x)
-                    elif self.coords.is_last_stage:
-                        self.schedule.step(target=y, losses=losses)
-                    else:
-                        self.schedule.step()
+                    self._run_schedule(self.schedule.step, x, y, losses)
                 loss = torch.stack(losses).sum().detach() if losses else torch.zeros((), device=x.device)
             else:
                 with autocast():
@@ -140,6 +135,16 @@ class ParallelModel:
                 if isinstance(loss, DTensor):
                     loss = loss.full_tensor()
         return loss if self.coords.owns_loss else torch.zeros_like(loss)
+
+    def _run_schedule(self, run, x: torch.Tensor, y: torch.Tensor, losses: list[torch.Tensor]) -> None:
+        """One pipeline-schedule call (`schedule.step` or `schedule.eval`) with this stage's part: the
+        first stage feeds the inputs, the last the targets (and collects the micro-batch losses)."""
+        if self.coords.pp == 0:
+            run(x)
+        elif self.coords.is_last_stage:
+            run(target=y, losses=losses)
+        else:
+            run()
 
     @torch.no_grad()
     def pipeline_eval_loss(self, batches, device: torch.device, autocast=contextlib.nullcontext) -> float | None:
@@ -162,12 +167,7 @@ class ParallelModel:
                 x, y = x.to(device), y.to(device)
                 losses: list[torch.Tensor] = []
                 with autocast():
-                    if self.coords.pp == 0:
-                        self.schedule.eval(x)
-                    elif self.coords.is_last_stage:
-                        self.schedule.eval(target=y, losses=losses)
-                    else:
-                        self.schedule.eval()
+                    self._run_schedule(self.schedule.eval, x, y, losses)
                 if losses:
                     total += torch.stack(losses).double().sum() / n_mb
                 n += 1
