@@ -37,14 +37,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("clusterlm.serve.app:main", "serve a checkpoint over an OpenAI-compatible HTTP API"),
 }
 
-# Exit codes (also in docs/cli.md).
-EXIT_OK = 0
-EXIT_FAILURE = 1  # unexpected error (a bug): traceback printed
-EXIT_USAGE = 2  # bad input: a one-line message says what is wrong and what would be valid
-EXIT_DIVERGED = 3  # training stopped after train.max_bad_steps consecutive NaN/Inf losses (state saved)
-EXIT_PREEMPTED = 75  # SIGTERM/SIGINT/SIGUSR2 during training: step finished, checkpoint saved; resume with
-#                      --train.resume=auto (75 is EX_TEMPFAIL; Slurm requeue scripts key on it)
-EXIT_INTERRUPTED = 130  # Ctrl-C outside training
+# Exit codes live in errors.py (also in docs/cli.md); re-exported here for callers and tests.
+from clusterlm.errors import (EXIT_DIVERGED, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_IO,  # noqa: E402,F401
+                              EXIT_OK, EXIT_PREEMPTED, EXIT_UNAVAILABLE, EXIT_USAGE)
 
 
 def _usage() -> str:
@@ -99,10 +94,24 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(_resolve(command)(rest) or 0)
-    except (ClusterlmError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+    except ClusterlmError as e:
+        print(f"clusterlm {command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
             IsADirectoryError, PermissionError, NotImplementedError) as e:
         print(f"clusterlm {command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # disk full, read-only file system, I/O error: the OS's words and the path
+        print(f"clusterlm {command}: error: {_os_message(e)}", file=sys.stderr)
+        return EXIT_IO
     except KeyboardInterrupt:
         print(f"clusterlm {command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _os_message(e: OSError) -> str:
+    import os
+
+    what = e.strerror or (os.strerror(e.errno) if e.errno else str(e))
+    path = f": {e.filename}" if e.filename else ""
+    return f"{what}{path} (nothing half-written was left; free space or fix permissions and rerun)"

@@ -1,12 +1,25 @@
-"""Exceptions that mean "the user asked for something invalid".
+"""Exceptions that mean "the user asked for something invalid", and the exit codes they map to.
 
-Library code raises these (or ValueError / FileNotFoundError); only `cli.py` turns them into a
-one-line message and an exit code.
+Library code raises these (or ValueError / FileNotFoundError / OSError); only `cli.py` turns them
+into a one-line message and an exit code. The table is also in docs/cli.md.
 """
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # unexpected error (a bug): traceback printed
+EXIT_USAGE = 2  # bad input: a one-line message says what is wrong and what would be valid
+EXIT_DIVERGED = 3  # training stopped after train.max_bad_steps consecutive NaN/Inf losses (state saved)
+EXIT_UNAVAILABLE = 69  # a resource the command needs is taken: serve's port is in use (EX_UNAVAILABLE)
+EXIT_IO = 74  # the operating system refused a read or write (disk full, read-only file system, I/O
+#               error); the message names the path, nothing half-written is left (EX_IOERR)
+EXIT_PREEMPTED = 75  # SIGTERM/SIGINT/SIGUSR2 during training: step finished, checkpoint saved; resume with
+#                      --train.resume=auto (75 is EX_TEMPFAIL; Slurm requeue scripts key on it)
+EXIT_INTERRUPTED = 130  # Ctrl-C (or SIGTERM outside training): stopped, partial output removed
 
 
 class ClusterlmError(Exception):
     """Base class: bad input, with a message that says what is wrong and what would be valid."""
+
+    exit_code = EXIT_USAGE
 
 
 class ConfigError(ClusterlmError, ValueError):
@@ -19,3 +32,9 @@ class DataError(ClusterlmError, ValueError):
 
 class CheckpointError(ClusterlmError, ValueError):
     """A missing, corrupt or incompatible checkpoint."""
+
+
+class ResourceBusyError(ClusterlmError):
+    """Something the command needs is held by another process (a port in use)."""
+
+    exit_code = EXIT_UNAVAILABLE

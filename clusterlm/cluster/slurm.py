@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from clusterlm.cli import EXIT_PREEMPTED
+from clusterlm.errors import EXIT_PREEMPTED
 from clusterlm.errors import ClusterlmError, ConfigError
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from clusterlm.cli import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED
+from clusterlm.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED
 from clusterlm.config import DataConfig, RunConfig, TrainConfig, load_run_config, split_overrides, to_toml
 from clusterlm.errors import ConfigError
 
