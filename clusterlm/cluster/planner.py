@@ -690,17 +690,9 @@ def explain(c: Candidate) -> str:
 
 def _dry_run(c: Candidate) -> str:
     """Build the planned DeviceMesh on a fake process group at the planned world size (needs torch)."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from clusterlm.parallel.mesh import dry_run_mesh
 
-    dims = c.dims.mesh_dims() or (("dp_shard", 1),)
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=c.dims.world_size)
-    try:
-        mesh = init_device_mesh("cpu", tuple(s for _, s in dims), mesh_dim_names=tuple(n for n, _ in dims))
-        return f"dry run: built {mesh} on a fake process group of {c.dims.world_size} ranks"
-    finally:
-        dist.destroy_process_group()
+    return f"dry run: built {dry_run_mesh(c.dims)} on a fake process group of {c.dims.world_size} ranks"
 
 
 def main(argv: list[str]) -> int:

@@ -29,6 +29,20 @@ def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
     return init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIM_NAMES)
 
 
+def dry_run_mesh(dims: ParallelDims, device_type: str = "cpu") -> str:
+    """Build the 4-D mesh of `dims` in this one process on torch's fake process group (the public
+    `fake` backend: every collective is a no-op), then tear it down: checks that a layout builds at
+    its full world size without the ranks. Returns the mesh's description."""
+    if dist.is_initialized():
+        raise RuntimeError("dry_run_mesh needs a process without a default process group")
+    # store=None: torch makes the fake backend's own store (passing one would need its internal module)
+    dist.init_process_group("fake", rank=0, world_size=dims.world_size)
+    try:
+        return str(build_mesh(dims, device_type))
+    finally:
+        dist.destroy_process_group()
+
+
 @dataclass(frozen=True)
 class Coords:
     """This rank's place: pp stage, data-parallel rank (replicate-major), tp rank."""
