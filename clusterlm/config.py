@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -31,6 +32,15 @@ from clusterlm.models.config import ModelConfig, preset_values
 
 
 # ---- sections -------------------------------------------------------------------------------
+def _check_finite(obj: Any, section: str) -> None:
+    """Reject inf/nan in any float field of a section built directly in Python (the TOML/override
+    loader, `_coerce`, already refuses them with the key named)."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{section}.{f.name}={v!r} is not a finite number; give a finite value")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     dir: str = "data/shakespeare_char"
@@ -45,8 +55,11 @@ class DataConfig:
     """fraction of documents held out for validation when preparing from `source`"""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "data")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
+        if self.vocab_size < 0:
+            raise ConfigError(f"data.vocab_size={self.vocab_size} must be >= 0 (0 = the tokenizer's default)")
 
 
 @dataclass(frozen=True)
@@ -86,10 +99,11 @@ class TrainConfig:
     the MFU denominator; empty = the known-accelerator table on CUDA, unknown on CPU"""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "train")
         for name in ("seq_len", "micro_batch_size", "max_steps", "log_interval", "eval_batches", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
-        for name in ("global_batch_tokens", "threads", "eval_interval", "max_minutes", "grad_clip"):
+        for name in ("seed", "global_batch_tokens", "threads", "eval_interval", "max_minutes", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
 
@@ -114,6 +128,7 @@ class OptimConfig:
     eps: float = 1e-8
 
     def __post_init__(self) -> None:
+        _check_finite(self, "optim")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(f"optim.lr={self.lr}, optim.min_lr={self.min_lr}: need 0 <= min_lr <= lr and lr > 0")
         if self.warmup_steps < 0 or self.decay_steps < 0:
@@ -122,6 +137,9 @@ class OptimConfig:
             raise ConfigError(f"optim.beta1={self.beta1}, optim.beta2={self.beta2} must be in [0, 1)")
         if not 0.0 < self.wsd_decay_fraction <= 1.0:
             raise ConfigError(f"optim.wsd_decay_fraction={self.wsd_decay_fraction} must be in (0, 1]")
+        for name in ("weight_decay", "eps"):  # torch.optim.AdamW refuses negatives, but only once built
+            if getattr(self, name) < 0:
+                raise ConfigError(f"optim.{name}={getattr(self, name)} must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -170,6 +188,12 @@ class PlanConfig:
     predicted_step_s: float = 0.0
     predicted_tokens_per_s: float = 0.0
     predicted_memory_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        _check_finite(self, "plan")
+        for name in ("predicted_step_s", "predicted_tokens_per_s", "predicted_memory_bytes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"plan.{name}={getattr(self, name)} must be >= 0 (0 = no prediction)")
 
 
 @dataclass(frozen=True)
@@ -232,6 +256,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # every float field of every section, current and future, and TOML's inf/nan literals:
+            # no config value means anything as inf or nan (a nan also slips past `x < 0` checks)
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}={value!r} is not a finite number; give a finite value")
             return float(value)
     elif tp is str:
         if isinstance(value, str):

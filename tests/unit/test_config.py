@@ -138,3 +138,58 @@ def test_config_show_cli(tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 2
     assert "did you mean 'optim.lr'" in bad.stderr
+
+
+def _float_keys() -> list[str]:
+    """Every float field of every section of RunConfig (model included), as section.key."""
+    import typing
+
+    keys = []
+    for section in dataclasses.fields(RunConfig):
+        cls = typing.get_type_hints(RunConfig)[section.name]
+        hints = typing.get_type_hints(cls)
+        keys += [f"{section.name}.{f.name}" for f in dataclasses.fields(cls) if hints[f.name] is float]
+    return keys
+
+
+@pytest.mark.parametrize("literal", ["inf", "-inf", "nan"])
+def test_every_float_field_rejects_non_finite_values(tmp_path, literal):
+    """Issue 12, failure 10: `--optim.lr=inf` trained and exited 3. Every float field of every section
+    refuses inf, -inf and nan, from an override and from a TOML file (TOML has inf/nan literals), and
+    the message names the key."""
+    keys = _float_keys()
+    assert {"optim.lr", "optim.eps", "train.grad_clip", "model.rope_theta", "data.val_fraction"} <= set(keys)
+    for key in keys:
+        with pytest.raises(ConfigError, match=rf"{key}=.*not a finite number"):
+            load_run_config(None, [f"--{key}={literal}"])
+        section, name = key.split(".")
+        p = write(tmp_path, f"[{section}]\n{name} = {literal}\n")
+        with pytest.raises(ConfigError, match=rf"{key}=.*not a finite number"):
+            load_run_config(p)
+
+
+def test_sections_built_in_python_reject_non_finite_values():
+    """The same check for configs built directly (the Python API), not through the loader."""
+    from clusterlm.config import OptimConfig, TrainConfig
+
+    with pytest.raises(ConfigError, match=r"optim.lr=inf is not a finite number"):
+        OptimConfig(lr=float("inf"))
+    with pytest.raises(ConfigError, match=r"train.grad_clip=nan is not a finite number"):
+        TrainConfig(grad_clip=float("nan"))
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("--train.seed=-1", "train.seed=-1 must be >= 0"),
+    ("--data.vocab_size=-5", "data.vocab_size=-5 must be >= 0"),
+    ("--optim.eps=-1e-8", "optim.eps=-1e-08 must be >= 0"),
+    ("--optim.weight_decay=-0.1", "optim.weight_decay=-0.1 must be >= 0"),
+    ("--plan.predicted_memory_bytes=-1", "plan.predicted_memory_bytes=-1 must be >= 0"),
+    ("--train.max_steps=0", "train.max_steps=0 must be >= 1"),
+    ("--train.micro_batch_size=0", "train.micro_batch_size=0 must be >= 1"),
+])
+def test_absurd_numbers_are_refused_with_the_key(override, fragment):
+    """Negative seeds, vocabularies, eps and weight decay failed late (numpy's or torch's own message,
+    after the model was built) or not at all; they are refused when the config is read."""
+    with pytest.raises(ConfigError) as e:
+        load_run_config(None, [override])
+    assert fragment in str(e.value)
