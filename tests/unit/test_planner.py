@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from clusterlm.cluster import planner
+from clusterlm.cluster import planner, steptime
 from clusterlm.cluster.flops import training_flops_per_token
 from clusterlm.cluster.memory import GIB
 from clusterlm.cluster.spec import load_spec
@@ -85,8 +85,8 @@ def test_default_efficiency_is_an_announced_assumption():
     c = planner.plan(LLAMA8B, H100, seq_len=4096, global_batch_tokens=2**19)[0]
     text = " ".join(c.assumptions)
     assert "ASSUMPTION" in text and "0.4" in text and "989.4" in text
-    rate = planner.compute_rate(H100.node_types[0].device, "bf16")
-    assert rate.assumed and rate.tflops == pytest.approx(989.4 * planner.DEFAULT_TRAIN_FRACTION_OF_PEAK)
+    rate = steptime.compute_rate(H100.node_types[0].device, "bf16")
+    assert rate.assumed and rate.tflops == pytest.approx(989.4 * steptime.DEFAULT_TRAIN_FRACTION_OF_PEAK)
 
 
 def test_unknown_device_speed_stays_unknown():
@@ -104,18 +104,18 @@ def test_pipeline_bubble_and_ring_formulas():
     cands = planner.search(LLAMA70B, H100, seq_len=4096, global_batch_tokens=2**20, nodes=4)
     c = next(c for c in cands if c.dims.pp == 4 and c.micro_batch == 1)
     assert c.time_parts["bubble"] == pytest.approx(c.time_parts["compute"] * 3 / c.grad_accum_steps)
-    assert planner._ring("all_reduce", 8e9, 8, 100.0, 1e-6) == pytest.approx(2 * 7 / 8 * 8e9 / 100e9 + 14e-6)
-    assert planner._ring("all_gather", 8e9, 8, 100.0, 0.0) == pytest.approx(7 / 8 * 8e9 / 100e9)
-    assert planner._ring("all_reduce", 8e9, 1, 100.0, 1e-6) == 0
+    assert steptime.ring("all_reduce", 8e9, 8, 100.0, 1e-6) == pytest.approx(2 * 7 / 8 * 8e9 / 100e9 + 14e-6)
+    assert steptime.ring("all_gather", 8e9, 8, 100.0, 0.0) == pytest.approx(7 / 8 * 8e9 / 100e9)
+    assert steptime.ring("all_reduce", 8e9, 1, 100.0, 1e-6) == 0
 
 
 def test_groups_that_cross_nodes_use_the_network():
     """tp=8 inside a node rides NVLink (369 GB/s busbw); a dp_replicate group across 4 nodes gets one NDR
     adapter per rank (8 x 47 GB/s per node / 8 ranks)."""
-    net = planner._network(H100, H100.node_types[0], 4)
-    bw, _, where = planner._group_bw(net, 8, 1)
+    net = steptime.network(H100, H100.node_types[0], 4)
+    bw, _, where = steptime.group_bw(net, 8, 1)
     assert where == "intra-node" and bw == pytest.approx(450 * 0.82)
-    bw, _, where = planner._group_bw(net, 4, 8)
+    bw, _, where = steptime.group_bw(net, 4, 8)
     assert where == "inter-node" and bw == pytest.approx(50 * 0.94)
 
 
@@ -176,7 +176,7 @@ def test_gemm_rate_interpolates_in_log_space():
     0.2; below the smallest K the rate scales with K (K=16: a quarter of K=64's); above the largest it stays."""
     rows = tuple((float(m), float(n), float(k), (0.1 if k == 64 else 0.4) * (2 if m == 1024 else 1))
                  for m in (128, 1024) for n in (64, 256) for k in (64, 256))
-    r = planner.OpRates("fp32", rows, ((1.0, 1.0, 1.0),), {}, ((1e3, 10.0),), 1.0)
+    r = steptime.OpRates("fp32", rows, ((1.0, 1.0, 1.0),), {}, ((1e3, 10.0),), 1.0)
     assert r.gemm_tflops(128, 64, 64) == pytest.approx(0.1) and r.gemm_tflops(1024, 256, 256) == pytest.approx(0.8)
     assert r.gemm_tflops(128, 64, 128) == pytest.approx(0.2)
     assert r.gemm_tflops(128, 100, 128) == pytest.approx(0.2)  # N does not change the rate here
@@ -188,11 +188,11 @@ def test_gemm_rate_interpolates_in_log_space():
 def test_bandwidth_by_size_and_incomplete_grid():
     """Elementwise GB/s: geometric interpolation in log(bytes) (1 KB at 100, 100 KB at 10 -> 10 KB at 31.6), end
     values outside; a sweep that is not a full M x N x K grid is refused, naming a missing shape."""
-    r = planner.OpRates("fp32", ((64.0, 64.0, 64.0, 1.0),), ((1.0, 1.0, 1.0),), {}, ((1e3, 100.0), (1e5, 10.0)), 1.0)
+    r = steptime.OpRates("fp32", ((64.0, 64.0, 64.0, 1.0),), ((1.0, 1.0, 1.0),), {}, ((1e3, 100.0), (1e5, 10.0)), 1.0)
     assert r.bandwidth_gbs(1e4) == pytest.approx(10**1.5)
     assert r.bandwidth_gbs(10.0) == pytest.approx(100.0) and r.bandwidth_gbs(1e9) == pytest.approx(10.0)
     with pytest.raises(ConfigError, match=r"not a full grid.*\(64.0, 128.0, 64.0\)"):
-        planner.OpRates("fp32", ((64.0, 64.0, 64.0, 1.0), (128.0, 128.0, 64.0, 1.0)), ((1.0, 1.0, 1.0),), {},
+        steptime.OpRates("fp32", ((64.0, 64.0, 64.0, 1.0), (128.0, 128.0, 64.0, 1.0)), ((1.0, 1.0, 1.0),), {},
                         ((1e3, 1.0),), 1.0)
 
 
@@ -215,7 +215,7 @@ def test_op_model_arithmetic_tiny_model():
     assert parts["optimizer"] == pytest.approx(12 * n_params / 10e9 + 0.25e-9 * n_params)
     work = planner.flops_mod.step_work(TINY, 2, 4)
     tensors = 1 + 1 + 1 + 2 + 6  # tok + pos embeddings, final norm, 2 layer norms, 6 linear weights
-    assert planner._param_tensors(TINY) == tensors
+    assert steptime.param_tensors(TINY) == tensors
     assert parts["op_overhead"] == pytest.approx((work.autograd_ops + 3 * tensors) * 2e-6)
     plain = sum(o.count * o.bytes for o in work.memops if o.part == "memory_ops" and not o.kernel)
     assert parts["memory_ops"] == pytest.approx(3 * 64 * 0.5e-9 + 32 * 8 * 2e-9 + plain / 10e9)
@@ -280,7 +280,7 @@ def test_probe_runners_feed_the_op_model():
     sweep = probe.measure_matmul_sweep("cpu", "fp32", ((16, 64), (8, 32), (16,)), 0.0)
     assert [r[:3] for r in sweep] == [(16.0, 8.0, 16.0), (16.0, 32.0, 16.0), (64.0, 8.0, 16.0), (64.0, 32.0, 16.0)]
     kernels = probe.measure_kernel_sweep("cpu", (8192,), 0.0)
-    assert set(kernels) == set(planner.OP_KERNELS) and all(r[0][1] > 0 for r in kernels.values())
+    assert set(kernels) == set(steptime.OP_KERNELS) and all(r[0][1] > 0 for r in kernels.values())
     attention = probe.measure_attention_sweep("cpu", (16,), (8,), 0.0)
     elementwise = probe.measure_elementwise_sweep("cpu", (1024, 4096), 0.0)
     overhead = probe.measure_op_overhead("cpu", 0.0, ops=8)
