@@ -275,7 +275,7 @@ def test_spec_with_probe_figures_round_trips(tmp_path):
 def test_probe_runners_feed_the_op_model():
     """The probe's per-op runners, at tiny sizes, return rows of the spec's shape (a full GEMM grid, positive
     rates) that load into a DeviceSpec and give a per-op plan; the fixed cost per op is a few microseconds."""
-    from clusterlm.cluster import probe
+    from clusterlm.cluster import microbench as probe
 
     sweep = probe.measure_matmul_sweep("cpu", "fp32", ((16, 64), (8, 32), (16,)), 0.0)
     assert [r[:3] for r in sweep] == [(16.0, 8.0, 16.0), (16.0, 32.0, 16.0), (64.0, 8.0, 16.0), (64.0, 32.0, 16.0)]
