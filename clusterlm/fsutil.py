@@ -1,13 +1,23 @@
 """Crash-safe file writing: write to a temporary name, fsync, rename, fsync the folder.
 
 A reader never sees a half-written file under its final name: either the old content or the new.
+An OSError raised here (disk full, read-only file system) always names the path it was about.
+
+Replacing a whole folder (`staging_dir(..., overwrite=True)`) swaps the new folder in with one
+atomic renameat2(RENAME_EXCHANGE) where the kernel and file system offer it (Linux >= 3.15; ext4,
+xfs, btrfs, tmpfs, ...). Elsewhere it renames the old folder aside to `.NAME.old-HOST-PID`, the new one
+in, then deletes the aside; a kill between those two renames leaves NAME missing, and the next
+`staging_dir` on NAME (the next `prepare`) restores the aside before anything else. See docs/data.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -15,6 +25,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 HASH_CHUNK = 1 << 20  # 1 MiB
+RENAME_EXCHANGE = 2  # renameat2 flag, <linux/fs.h>
+_AT_FDCWD = -100
+
+log = logging.getLogger(__name__)
+
+
+def _with_path(e: OSError, path: str | os.PathLike) -> OSError:
+    """`e` with `path` as its filename when the OS gave none (a write() on a full disk names no file)."""
+    if e.filename is not None:
+        return e
+    return OSError(e.errno, e.strerror or str(e), os.fspath(path))  # same errno -> same subclass
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -28,16 +49,21 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _with_path(e, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _with_path(e, path) from None
         raise
     fsync_dir(path.parent)
 
@@ -78,27 +104,122 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+@functools.cache
+def _renameat2():  # the libc function, or None (not Linux, or glibc < 2.28)
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+def exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Atomically swap the two existing paths `a` and `b`; False (nothing done) where the platform or
+    file system cannot (then use two renames)."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    import ctypes
+
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):  # kernel or file system lacks it
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(a), None, os.fspath(b))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _owner() -> str:
+    """Host and process that name an aside or staging folder: only the same host can tell whether
+    the process is gone (a data dir on shared storage is seen by many hosts)."""
+    import socket
+
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _dead_asides(final: Path) -> list[Path]:
+    """`.NAME.old-HOST-PID` folders beside `final` made on this host by a process that no longer runs."""
+    prefix = f".{final.name}.old-{_owner().rpartition('-')[0]}-"
+    return [p for p in final.parent.glob(f"{prefix}*")
+            if p.name[len(prefix):].isdigit() and not _pid_alive(int(p.name[len(prefix):]))]
+
+
+def recover_swap(final: str | os.PathLike) -> Path | None:
+    """Repair what a killed process left beside `final`: when `final` is missing and an aside of a
+    dead process exists (fallback path of `_swap_in`), rename it back (it was the complete old
+    folder); delete other such asides. Staging folders (`.NAME.*.partial`) are left alone: prepare
+    warns about them. Returns the folder restored, if any."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return None
+    asides = _dead_asides(final)
+    restored = None
+    if asides and not os.path.lexists(final):
+        restored = max(asides, key=lambda p: p.stat().st_mtime_ns)  # the most recent swap
+        os.replace(restored, final)
+        fsync_dir(final.parent)
+        asides.remove(restored)
+        log.warning("restored %s from %s, left by a run killed while replacing it", final, restored.name)
+    for p in asides:
+        shutil.rmtree(p, ignore_errors=True)
+    return restored
+
+
+def _swap_in(new: Path, final: Path) -> None:
+    """Replace the existing folder `final` by `new`, so that `final` exists at every instant (or, on
+    the fallback path, can be restored by `recover_swap`)."""
+    if exchange(new, final):
+        fsync_dir(final.parent)
+        shutil.rmtree(new, ignore_errors=True)  # `new` now holds the old content
+        return
+    aside = final.with_name(f".{final.name}.old-{_owner()}")
+    os.replace(final, aside)
+    try:
+        os.replace(new, final)
+    except BaseException:
+        os.replace(aside, final)
+        raise
+    fsync_dir(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def staging_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside `final`; on success it is renamed to `final`.
+    """Yield a fresh temporary folder beside `final`; on success it replaces `final`.
 
     On any exception (including KeyboardInterrupt) the temporary folder is removed and `final`
     is untouched. The temporary name starts with '.' and ends with '.partial', so nothing that
-    looks for `final` can mistake it for a complete result.
+    looks for `final` can mistake it for a complete result. An existing `final` (overwrite=True)
+    is swapped out atomically where possible (see the module docstring); a swap left half-done by
+    a killed run is repaired first (`recover_swap`).
     """
     final = Path(final)
+    recover_swap(final)
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists; pass --overwrite to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    except OSError as e:  # name what the user asked for, not the hidden staging name
+        raise OSError(e.errno, e.strerror or str(e), os.fspath(final)) from None
     try:
         yield tmp
         fsync_dir(tmp)
         if final.exists():
-            trash = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
+            _swap_in(tmp, final)
         else:
             os.replace(tmp, final)
         fsync_dir(final.parent)
