@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("clusterlm.generate.cli:chat_main", "interactive chat with a checkpoint"),
     "report": ("clusterlm.train.report:main", "plots and a markdown summary of a training run"),
     "probe": ("clusterlm.cluster.probe:main", "inventory and benchmark the node this runs on"),
-    "cluster": ("clusterlm.cluster.spec:main", "show a cluster spec (TOML) as a tree"),
+    "cluster": ("clusterlm.cluster.show:main", "show a cluster spec (TOML) as a tree"),
     "plan": ("clusterlm.cluster.planner:main", "memory, FLOPs, step time and parallel layout for a run"),
     "convert": ("clusterlm.models.convert:main", "Hugging Face GPT-2/Llama folder -> clusterlm checkpoint"),
     "export": ("clusterlm.models.convert:export_main", "clusterlm checkpoint -> Hugging Face folder (--format hf)"),

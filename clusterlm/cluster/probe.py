@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from clusterlm.cluster import hardware, parsers
+from clusterlm.cluster.show import render_tree
 from clusterlm.cluster.spec import (ClusterSpec, CpuSpec, DeviceSpec, LinkSpec, NodeType, SchedulerSpec, StorageSpec,
-                                    render_tree, save_spec)
+                                    save_spec)
 from clusterlm.cluster.microbench import (ATTENTION_HD, ATTENTION_T_CPU, ATTENTION_T_GPU, ELEMENTWISE_ELEMS,
                                           ELEMENTWISE_ELEMS_QUICK, KERNEL_ELEMS, SWEEP_GRID_CPU, SWEEP_GRID_GPU,
                                           measure_attention_sweep, measure_copy_bandwidth, measure_elementwise_sweep,
