@@ -237,28 +237,91 @@ def state_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
 def read_hf_weights(folder: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Every tensor of a Hugging Face model folder: model.safetensors, a sharded index, or (only
     with trust_pickle) pytorch_model.bin."""
-    from safetensors.torch import load_file
-
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file():
-        return load_file(single)
+        return _load_safetensors(single)
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index} has no 'weight_map' object")
         state: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):
-            if not (folder / shard).is_file():
+            if not isinstance(shard, str) or not (folder / shard).is_file():
                 raise FileNotFoundError(f"{index} names shard {shard}, which is missing from {folder}")
-            state.update(load_file(folder / shard))
+            state.update(_load_safetensors(folder / shard))
         return state
     pickled = folder / "pytorch_model.bin"
     if pickled.is_file():
         if not trust_pickle:
             raise CheckpointError(f"{folder} has only pytorch_model.bin, a pickle that can run code when loaded; "
                                   "convert it to safetensors, or pass --trust-pickle if you trust its source")
-        return torch.load(pickled, map_location="cpu", weights_only=True)
+        return _load_pickled_weights(pickled)
     raise FileNotFoundError(f"{folder} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except SafetensorError as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+
+
+def _load_pickled_weights(path: Path) -> dict[str, torch.Tensor]:
+    """torch.load(weights_only=True) of a state dict; anything else (a truncated file, a pickle of
+    another object, one that needs code to load) is refused naming the file."""
+    import pickle
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError,
+            ImportError, IndexError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a PyTorch state dict that loads with weights_only=True: "
+                              f"{first[:200]}") from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # a training checkpoint that wraps its weights
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of weights")
+    bad = [k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if bad:
+        raise CheckpointError(f"{path} is not a state dict of weights: entry {bad[0]!r} is a "
+                              f"{type(obj[bad[0]]).__name__}, not a tensor ({len(bad)} such entries)")
+    return obj
+
+
+def _check_shapes(state: dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> None:
+    """The converted tensors must have the shapes of the model config.json describes (built on the
+    meta device: no memory), else the checkpoint would be written and fail at every load."""
+    from clusterlm.models.build import build_model
+
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
+    for k, v in state.items():
+        if k in want and tuple(v.shape) != want[k]:
+            raise CheckpointError(f"{where}: weight for {k} has shape {list(v.shape)} but config.json describes "
+                                  f"{list(want[k])}; the weights and config.json are from different models")
+
+
+def find_tokenizer(folder: Path) -> Path | None:
+    """tokenizer.json (Hugging Face) or clusterlm_tokenizer.json (what `export` writes for a byte or
+    char tokenizer, which transformers cannot read)."""
+    for name in ("tokenizer.json", "clusterlm_tokenizer.json"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
 
 
 def convert_from_hf(src: str | Path, out: str | Path, *, trust_pickle: bool = False) -> Path:
@@ -269,17 +332,28 @@ def convert_from_hf(src: str | Path, out: str | Path, *, trust_pickle: bool = Fa
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise FileNotFoundError(f"--from-hf {src} is not a directory (a Hugging Face model folder)")
-    cfg_file, tok_file = src / "config.json", src / "tokenizer.json"
+    cfg_file, tok_file = src / "config.json", find_tokenizer(src)
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file} is missing; a Hugging Face model folder has config.json")
-    if not tok_file.is_file():
-        raise FileNotFoundError(f"{tok_file} is missing; clusterlm carries the tokenizer as tokenizer.json "
-                                "(save it with tokenizer.save_pretrained)")
+    if tok_file is None:
+        raise FileNotFoundError(f"{src / 'tokenizer.json'} is missing; clusterlm carries the tokenizer as "
+                                "tokenizer.json (save it with tokenizer.save_pretrained)")
     if (out / "checkpoints").exists():
         raise FileExistsError(f"{out}/checkpoints already exists; choose a new --out")
-    hf_cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-    cfg = hf_to_config(hf_cfg)
+    from clusterlm.tokenizer import load_tokenizer
+
+    load_tokenizer(tok_file)  # unreadable tokenizer: refused now, not at the first `generate`
+    hf_cfg = _read_json(cfg_file)
+    try:
+        cfg = hf_to_config(hf_cfg)
+    except KeyError as e:
+        raise ConfigError(f"{cfg_file} lacks {e.args[0]!r}, which a {hf_cfg.get('model_type')} config has") from e
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{cfg_file}: {e}") from e
     state = hf_to_state(read_hf_weights(src, trust_pickle), cfg, hf_cfg["model_type"], where=str(src))
+    _check_shapes(state, cfg, str(src))
     run = RunConfig(model=cfg, train=TrainConfig(out_dir=str(out), seq_len=min(256, cfg.max_seq_len)))
     path = save_checkpoint(out / "checkpoints", 0, model_state=state, optimizer_state=None,
                            train_state={"step": 0, "converted_from": str(src)}, config_toml=to_toml(run),

@@ -111,3 +111,91 @@ def test_sharded_index_and_errors(tmp_path):
     (pk / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(ClusterlmError, match="trust-pickle"):
         main(["--from-hf", str(pk), "--out", str(tmp_path / "r2")])
+
+
+@pytest.mark.parametrize("kind", ["byte", "char", "bpe"])
+def test_export_then_convert_round_trip_every_tokenizer(tmp_path, kind):
+    """Issue 12, 13b: `export` of a char model wrote clusterlm_tokenizer.json, which `convert` could not
+    read back. For byte, char and BPE tokenizers: checkpoint -> export -> convert gives the same token
+    ids and the same logits (1e-5) as the original checkpoint."""
+    from clusterlm.checkpoint.store import save_checkpoint
+    from clusterlm.config import RunConfig, to_toml
+    from clusterlm.models.build import build_model
+    from clusterlm.models.config import ModelConfig
+    from clusterlm.tokenizer.kinds import train_tokenizer
+
+    text = "the quick brown fox jumps over the lazy dog " * 40
+    tok = train_tokenizer(kind, [text], vocab_size=300 if kind == "bpe" else None)
+    tok.save(tmp_path / "tok.json")
+    cfg = ModelConfig(n_layers=2, dim=32, n_heads=4, max_seq_len=32, vocab_size=tok.vocab_size)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.init_weights(0)
+    save_checkpoint(tmp_path / "run" / "checkpoints", 0, model_state=model.state_dict(), optimizer_state=None,
+                    train_state={}, config_toml=to_toml(RunConfig(model=cfg)), tokenizer_path=tmp_path / "tok.json")
+    assert export_main([str(tmp_path / "run"), "--out", str(tmp_path / "exp")]) == 0
+    assert main(["--from-hf", str(tmp_path / "exp"), "--out", str(tmp_path / "back")]) == 0
+    a, b = load_for_inference(tmp_path / "run"), load_for_inference(tmp_path / "back")
+    ids = a.tokenizer.encode("the lazy fox")
+    assert ids and b.tokenizer.encode("the lazy fox") == ids
+    idx = torch.tensor([ids])
+    with torch.no_grad():
+        want, got = a.model(idx), b.model(idx)
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("payload, fragment", [
+    (b"this is not a pickle", "not a PyTorch state dict"),
+    ("list", "holds a list, not a state dict"),
+    ("mixed", "entry 'step' is a int, not a tensor"),
+    ("truncated", "not a PyTorch state dict"),
+])
+def test_trust_pickle_on_a_pickle_that_is_not_weights(tmp_path, payload, fragment):
+    """Issue 12, failure 8: `convert --trust-pickle` on a pickle that is not weights ended in an
+    UnpicklingError or AttributeError traceback (exit 1); now a CheckpointError naming the file."""
+    import io
+
+    from clusterlm.errors import CheckpointError
+
+    torch.manual_seed(0)
+    src = tmp_path / "hf"
+    _llama().save_pretrained(src)
+    _tokenizer(src)
+    (src / "model.safetensors").unlink()
+    pk = src / "pytorch_model.bin"
+    if payload == "list":
+        torch.save([1, 2, 3], pk)
+    elif payload == "mixed":
+        torch.save({"w": torch.zeros(2), "step": 3}, pk)
+    elif payload == "truncated":
+        buf = io.BytesIO()
+        torch.save({"w": torch.zeros(1000)}, buf)
+        pk.write_bytes(buf.getvalue()[:500])
+    else:
+        pk.write_bytes(payload)
+    with pytest.raises(CheckpointError) as e:
+        main(["--from-hf", str(src), "--out", str(tmp_path / "run"), "--trust-pickle"])
+    assert str(pk) in str(e.value) and fragment in str(e.value)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_convert_refuses_weights_that_disagree_with_config_json(tmp_path):
+    """Weights of another width than config.json says were converted and failed at every later load
+    (size-mismatch traceback); now refused at convert with both shapes, nothing written."""
+    from clusterlm.errors import CheckpointError
+
+    torch.manual_seed(0)
+    src = tmp_path / "hf"
+    _llama().save_pretrained(src)
+    _tokenizer(src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["intermediate_size"] = 64  # the weights have 48
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"shape \[48, 32\] but config.json describes \[64, 32\]"):
+        main(["--from-hf", str(src), "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+    (src / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"config.json is not valid JSON"):
+        main(["--from-hf", str(src), "--out", str(tmp_path / "run")])
