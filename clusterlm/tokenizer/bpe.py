@@ -6,8 +6,19 @@
     tok.decode(tok.encode(text)) == text         # for any valid Unicode str
 
 Pipeline: no normalizer (so decoding gives back the exact text), ByteLevel pre-tokenizer with the
-GPT-2 split regex and no added prefix space, BPE model, ByteLevel decoder. Training starts from
-all 256 byte symbols, so any text encodes without unknown tokens. Ids: 0 = <|bos|>,
+GPT-2 split regex and no added prefix space, then a Split that cuts any piece longer than
+MAX_PIECE_BYTES bytes into pieces of at most that many, BPE model, ByteLevel decoder. Training
+starts from all 256 byte symbols, so any text encodes without unknown tokens.
+
+Why the cap: the GPT-2 regex keeps a run of letters as one piece, and the trainer's time grows
+about quadratically with a piece's length, so space-free text (base64, minified code, DNA) took
+minutes per megabyte. Capped, training time is linear in the input. Ordinary words are far below
+the cap, so on normal text the cap changes nothing. The cap is part of the saved pre-tokenizer,
+so encoding splits exactly as training did.
+
+Training and `encode_batch` run in Rust, which does not return to Python (and so does not run
+signal handlers) until it is done; on the main thread they run on a helper thread while the main
+thread waits in short steps, so Ctrl-C and SIGTERM handlers run within a fraction of a second. Ids: 0 = <|bos|>,
 1 = <|eos|>, 2 = <|pad|>, 3..258 = the 256 bytes, then one id per learned merge.
 
 Special tokens are only ever produced by the caller (e.g. appending `eos_id`): text that happens
@@ -24,11 +35,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
 from clusterlm.errors import DataError
 from clusterlm.fsutil import atomic_write_text
@@ -40,6 +53,10 @@ log = logging.getLogger(__name__)
 DEFAULT_VOCAB_SIZE = 8192
 MIN_VOCAB_SIZE = 256 + 3 + 1  # 256 byte symbols + 3 specials + at least one merge
 MAX_VOCAB_SIZE = 2**32 - 1  # token ids are stored as uint32 at most (data/shards.py)
+# Longest pre-tokenization piece, in UTF-8 bytes; longer runs are cut (see the module docstring).
+# Above any word or whitespace run of ordinary text; numbers in docs/tokenizers.md.
+MAX_PIECE_BYTES = 256
+WAIT_STEP_S = 0.05  # how often the main thread wakes up to run signal handlers
 
 # Looked up in order in a tokenizer.json that did not come from clusterlm.
 BOS_NAMES = (BOS, "<s>", "<|begin_of_text|>", "<|endoftext|>", "[CLS]")
@@ -47,11 +64,65 @@ EOS_NAMES = (EOS, "</s>", "<|end_of_text|>", "<|endoftext|>", "[SEP]")
 PAD_NAMES = (PAD, "<pad>", "[PAD]", "<|padding|>")
 
 
-def _sanitized(texts: Iterable[str], counter: list[int]) -> Iterator[str]:
+T = TypeVar("T")
+
+
+class _Stopped(Exception):
+    """Raised inside the text iterator so the Rust trainer stops reading after an interrupt."""
+
+
+def _sanitized(texts: Iterable[str], counter: list[int], stop: threading.Event) -> Iterator[str]:
     """Yield `texts` with lone surrogates replaced; counter[0] accumulates their characters."""
     for t in texts:
+        if stop.is_set():
+            raise _Stopped
         counter[0] += len(t)
         yield replace_surrogates(t)
+
+
+def interruptible(fn: Callable[[], T], stop: threading.Event | None = None) -> T:
+    """`fn()`, run so that signal handlers (Ctrl-C, SIGTERM) still run while it does.
+
+    A long call into Rust holds the main thread until it returns, and Python runs signal handlers
+    only on the main thread, between bytecodes. On the main thread, `fn` therefore runs on a
+    daemon thread (it must release the GIL, as `tokenizers` training and batch encoding do) and
+    the main thread waits in WAIT_STEP_S steps. On an exception in the main thread (the handler's
+    KeyboardInterrupt) `stop` is set and the exception propagates at once; the abandoned thread
+    finishes in the background or dies with the process. Off the main thread, `fn` runs directly.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return fn()
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(fn())
+        except BaseException as e:  # re-raised on the caller's thread
+            error.append(e)
+
+    worker = threading.Thread(target=target, name="clusterlm-rust-call", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(WAIT_STEP_S)
+    except BaseException:
+        if stop is not None:
+            stop.set()
+        raise
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def pre_tokenizer(max_piece_bytes: int = MAX_PIECE_BYTES) -> pre_tokenizers.PreTokenizer:
+    """GPT-2 byte-level split, then pieces longer than `max_piece_bytes` bytes cut into pieces of
+    at most that many (after ByteLevel every byte is one symbol, none of them a newline, so `.`
+    counts bytes)."""
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        pre_tokenizers.Split(Regex(f".{{1,{int(max_piece_bytes)}}}"), behavior="isolated"),
+    ])
 
 
 class BPETokenizer:
@@ -96,13 +167,15 @@ class BPETokenizer:
             raise ValueError(f"bpe vocab_size={vocab_size} must be in [{MIN_VOCAB_SIZE}, "
                              f"{MAX_VOCAB_SIZE}]: 256 byte tokens + 3 specials + at least one merge")
         hf = tokenizers.Tokenizer(models.BPE())
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        hf.pre_tokenizer = pre_tokenizer()
         hf.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=int(vocab_size), special_tokens=[BOS, EOS, PAD],
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                       show_progress=False)
         n_chars = [0]
-        hf.train_from_iterator(_sanitized(texts, n_chars), trainer=trainer)
+        stop = threading.Event()
+        sanitized = _sanitized(texts, n_chars, stop)
+        interruptible(lambda: hf.train_from_iterator(sanitized, trainer=trainer), stop=stop)
         if n_chars[0] == 0:
             raise DataError("cannot train a bpe tokenizer: the training texts hold no characters")
         tok = cls(hf)
@@ -153,13 +226,13 @@ class BPETokenizer:
         """`encode` of each text, run in parallel by the Rust side."""
         texts = list(texts)
         try:
-            encs = self._hf.encode_batch_fast(texts, add_special_tokens=False)
+            encs = interruptible(lambda: self._hf.encode_batch_fast(texts, add_special_tokens=False))
         except TypeError:
             bad = next((type(t).__name__ for t in texts if not isinstance(t, str)), None)
             if bad is not None:
                 raise TypeError(f"bpe encode_batch takes a list of str, got a {bad}") from None
-            encs = self._hf.encode_batch_fast([replace_surrogates(t) for t in texts],
-                                              add_special_tokens=False)
+            clean = [replace_surrogates(t) for t in texts]
+            encs = interruptible(lambda: self._hf.encode_batch_fast(clean, add_special_tokens=False))
         return [e.ids for e in encs]
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:

@@ -10,7 +10,10 @@ A character not seen in training encodes to <|unk|>, which decodes to U+FFFD; th
 decode to nothing. Lone surrogates in training text are counted as U+FFFD.
 
 Encoding goes through numpy (code points from UTF-32, then a binary search in the sorted
-vocabulary), so megabytes of text encode in a fraction of a second.
+vocabulary), so megabytes of text encode in a fraction of a second. It works through the text in
+blocks of BLOCK_CHARS characters written into one output array (`encode_array`), so its memory is
+the output plus a few times the block, whatever the text's length; training reads each text
+without copying it (`set.update` iterates the str).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from clusterlm.tokenizer.base import BOS, EOS, PAD
 from clusterlm.tokenizer.byte import FORMAT_VERSION, REPLACEMENT, check_ids, check_version
 
 UNK = "<|unk|>"
+BLOCK_CHARS = 1 << 20  # characters encoded at once: ~25 bytes of temporaries per character
 
 
 def _code_points(text: str) -> np.ndarray:
@@ -90,21 +94,51 @@ class CharTokenizer:
     def unk_id(self) -> int:
         return len(self.chars) + 3
 
-    def _encode_array(self, text: str) -> np.ndarray:
-        x = _code_points(text)
-        idx = np.searchsorted(self._cps, x)
-        idx_c = np.minimum(idx, len(self._cps) - 1)
-        return np.where(self._cps[idx_c] == x, idx_c, self.unk_id)
+    def encode_array(self, text: str, dtype: np.dtype | str = np.int64,
+                     out: np.ndarray | None = None) -> np.ndarray:
+        """`encode(text)` as a (len(text),) array of `dtype`, or written into `out` (1-D, of
+        length len(text)) and returned. Memory: the result plus O(BLOCK_CHARS)."""
+        if out is None:
+            out = np.empty(len(text), dtype=dtype)
+        elif out.shape != (len(text),):
+            raise ValueError(f"char encode_array: out has shape {out.shape}, the text needs "
+                             f"({len(text)},)")
+        last = len(self._cps) - 1
+        for start in range(0, len(text), BLOCK_CHARS):
+            x = _code_points(text[start:start + BLOCK_CHARS])
+            idx = np.minimum(np.searchsorted(self._cps, x), last)
+            out[start:start + len(x)] = np.where(self._cps[idx] == x, idx, self.unk_id)
+        return out
 
     def encode(self, text: str) -> list[int]:
         """One id per character of `text` (<|unk|> for characters outside the vocabulary)."""
-        return self._encode_array(text).tolist()
+        return self.encode_array(text).tolist()
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        # one numpy pass over the concatenation, then cut at the texts' lengths
-        ids = self._encode_array("".join(texts))
-        ends = np.cumsum([len(t) for t in texts])
-        return [part.tolist() for part in np.split(ids, ends[:-1])] if texts else []
+        # short texts are joined into groups of about BLOCK_CHARS, one numpy pass per group (one
+        # pass per text would cost ~10 us each); long ones are encoded alone, not copied
+        out: list[list[int]] = []
+        group: list[str] = []
+        size = 0
+
+        def flush() -> None:
+            nonlocal group, size
+            if group:
+                ids = self.encode_array("".join(group))
+                out.extend(part.tolist() for part in np.split(ids, np.cumsum([len(t) for t in group])[:-1]))
+            group, size = [], 0
+
+        for t in texts:
+            if len(t) >= BLOCK_CHARS:
+                flush()
+                out.append(self.encode(t))
+            else:
+                group.append(t)
+                size += len(t)
+                if size >= BLOCK_CHARS:
+                    flush()
+        flush()
+        return out
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Text of `ids`: <|unk|> becomes U+FFFD, the other specials are dropped."""
