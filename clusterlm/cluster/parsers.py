@@ -15,8 +15,8 @@ values or spec dataclasses; none runs a command or reads a file.
     df -PT PATH                                   -> parse_df           -> [DfRow]
     findmnt -n -o TARGET,FSTYPE,SOURCE -T PATH    -> parse_findmnt      -> (target, fstype, source)
     /proc/mounts                                  -> fstype_from_mounts -> (mount point, fstype, source)
-    sinfo -h -o "%P|%a|%l|%D|%N|%G|%c|%m"         -> parse_sinfo        -> [PartitionSpec]
-    scontrol --version                            -> parse_scontrol_version -> "23.11.4"
+
+Slurm's outputs (sinfo, scontrol, sacct, squeue, host lists) are read in slurm_text.py.
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from clusterlm.cluster.spec import CpuSpec, PartitionSpec
+from clusterlm.cluster.spec import CpuSpec
 
-SINFO_FORMAT = "%P|%a|%l|%D|%N|%G|%c|%m"
 # CPU features that decide matmul speed, as /proc/cpuinfo and lscpu name them (x86 and Arm)
 MATMUL_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "asimd", "sve",
                 "sve2", "bf16")
@@ -235,70 +234,3 @@ def fstype_from_mounts(text: str, path: str) -> tuple[str, str, str] | None:
         if inside and (best is None or len(mnt) >= len(best[0])):
             best = (mnt, fstype, source)
     return best
-
-
-# ---- Slurm ----------------------------------------------------------------------------------------------
-def parse_sinfo(text: str) -> list[PartitionSpec]:
-    """`sinfo -h -o "%P|%a|%l|%D|%N|%G|%c|%m"`. A partition on several lines (node groups with
-    different GRES or CPUs) is merged: nodes added, other fields joined."""
-    parts: dict[str, dict] = {}
-    for line in text.strip().splitlines():
-        cols = line.split("|")
-        if len(cols) < 8:
-            continue
-        name, avail, limit, nodes, nodelist, gres, cpus, mem = (c.strip() for c in cols[:8])
-        default = name.endswith("*")
-        name = name.rstrip("*")
-        p = parts.setdefault(name, dict(name=name, default=default, avail=avail, timelimit=limit, nodes=0,
-                                        nodelist=[], gres=[], cpus=[], memory_mb=[]))
-        p["nodes"] += _int(nodes, 0)
-        for key, val in (("nodelist", nodelist), ("gres", gres), ("cpus", cpus), ("memory_mb", mem)):
-            if val not in p[key]:
-                p[key].append(val)
-    return [PartitionSpec(name=p["name"], default=p["default"], avail=p["avail"], timelimit=p["timelimit"],
-                          nodes=p["nodes"], nodelist=",".join(p["nodelist"]), gres=",".join(p["gres"]),
-                          cpus=",".join(p["cpus"]), memory_mb=",".join(p["memory_mb"])) for p in parts.values()]
-
-
-def parse_scontrol_version(text: str) -> str | None:
-    """`scontrol --version` -> 'slurm 23.11.4' -> '23.11.4'."""
-    m = re.search(r"slurm(?:-wlm)?\s+(\d+(?:\.\d+)+\S*)", text, re.IGNORECASE)
-    return m.group(1) if m else None
-
-
-def parse_slurm_time(text: str) -> int | None:
-    """Slurm time limits: 'MM', 'MM:SS', 'HH:MM:SS', 'D-HH', 'D-HH:MM', 'D-HH:MM:SS' -> seconds;
-    'infinite'/'UNLIMITED' -> None."""
-    t = text.strip()
-    if t.lower() in ("infinite", "unlimited", "n/a", ""):
-        return None
-    days = 0
-    if "-" in t:
-        d, t = t.split("-", 1)
-        days = int(d)
-        fields = [int(x) for x in t.split(":")]
-        fields += [0] * (3 - len(fields))  # D-HH -> D-HH:00:00
-        h, m, s = fields
-    else:
-        fields = [int(x) for x in t.split(":")]
-        if len(fields) == 1:
-            h, m, s = 0, fields[0], 0
-        elif len(fields) == 2:
-            h, (m, s) = 0, fields
-        else:
-            h, m, s = fields
-    return ((days * 24 + h) * 60 + m) * 60 + s
-
-
-def parse_gres(text: str) -> list[tuple[str, str, int]]:
-    """'gpu:h100:8(S:0-1),shard:4' -> [('gpu', 'h100', 8), ('shard', '', 4)]."""
-    out = []
-    for item in re.split(r",(?![^(]*\))", text.strip()):
-        item = re.sub(r"\(.*\)", "", item).strip()
-        if not item or item == "(null)":
-            continue
-        bits = item.split(":")
-        count = int(bits[-1]) if len(bits) > 1 and bits[-1].isdigit() else 1
-        kind = bits[1] if len(bits) == 3 or (len(bits) == 2 and not bits[1].isdigit()) else ""
-        out.append((bits[0], kind, count))
-    return out

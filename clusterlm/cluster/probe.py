@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from clusterlm.cluster import hardware, parsers
+from clusterlm.cluster import hardware, parsers, slurm_text
 from clusterlm.cluster.show import render_tree
 from clusterlm.cluster.spec import (ClusterSpec, CpuSpec, DeviceSpec, LinkSpec, NodeType, SchedulerSpec, StorageSpec,
                                     save_spec)
@@ -198,13 +198,13 @@ def probe_storage(path: str) -> StorageSpec:
 
 def probe_slurm() -> SchedulerSpec:
     try:
-        version = parsers.parse_scontrol_version(_run(["scontrol", "--version"])) or ""
+        version = slurm_text.parse_scontrol_version(_run(["scontrol", "--version"])) or ""
     except RuntimeError as e:
         if "fetch_config" in str(e):  # client installed, no slurm.conf and no DNS SRV record to find one
             raise RuntimeError("Slurm's commands are installed but find no cluster configuration (no "
                                "slurm.conf, SLURM_CONF unset, no DNS SRV record): not a Slurm node") from None
         raise
-    parts = parsers.parse_sinfo(_run(["sinfo", "-h", "-o", parsers.SINFO_FORMAT]))
+    parts = slurm_text.parse_sinfo(_run(["sinfo", "-h", "-o", slurm_text.SINFO_FORMAT]))
     return SchedulerSpec("slurm", version, tuple(parts))
 
 

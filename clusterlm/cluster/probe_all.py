@@ -34,7 +34,7 @@ from pathlib import Path
 from clusterlm.cluster.probe import ProbeError
 from clusterlm.cluster.spec import ClusterSpec, load_spec, merge_specs, save_spec
 from clusterlm.errors import ConfigError
-from clusterlm.parallel.launch import expand_nodelist
+from clusterlm.cluster.slurm_text import expand_nodelist
 
 log = logging.getLogger(__name__)
 

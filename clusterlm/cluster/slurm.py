@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from clusterlm.cluster.slurm_text import (TERMINAL_STATES, JobState, parse_sacct, parse_scontrol_show_job,
+                                         parse_squeue, parse_time_limit)
 from clusterlm.errors import EXIT_PREEMPTED
 from clusterlm.errors import ClusterlmError, ConfigError
 
@@ -41,25 +43,7 @@ log = logging.getLogger(__name__)
 
 REGISTRY_VERSION = 1
 SIGNAL_RESOLUTION_S = 60  # sbatch(1), --signal: "may be sent up to 60 seconds earlier than specified"
-_TIME_RE = re.compile(r"^(?:(\d+)-)?(\d{1,3}):(\d{2}):(\d{2})$")  # [D-]HH:MM:SS
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.,+\-]+$")  # job names, partitions, accounts: no spaces or quotes
-# Slurm job states that will not change any more (squeue/sacct/scontrol spell them the same)
-TERMINAL_STATES = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
-                             "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT", "REVOKED"})
-
-
-def parse_time_limit(value: str) -> int:
-    """Slurm time limit "[D-]HH:MM:SS" -> seconds; anything else raises with the valid forms."""
-    m = _TIME_RE.match(value.strip())
-    if m is None:
-        raise ConfigError(f"--time={value!r} is not a time limit; use HH:MM:SS or D-HH:MM:SS (e.g. 04:00:00, 1-12:00:00)")
-    days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())
-    if minutes >= 60 or seconds >= 60:
-        raise ConfigError(f"--time={value!r}: minutes and seconds must be < 60")
-    total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
-    if total == 0:
-        raise ConfigError(f"--time={value!r} is zero; give a positive time limit")
-    return total
 
 
 @dataclass(frozen=True)
@@ -206,85 +190,7 @@ def read_registry(path: Path) -> list[dict]:
     return [rec for rec in read_jsonl(path) if "job_id" in rec]
 
 
-# ---- job state: parsers of recorded outputs, then the runner ------------------------------------
-@dataclass
-class JobState:
-    job_id: str
-    state: str = "UNKNOWN"
-    restarts: int | None = None
-    exit_code: str = ""
-    elapsed: str = ""
-    nodes: str = ""
-    reason: str = ""
-    source: str = ""  # sacct, squeue or scontrol
-
-
-def parse_sacct(text: str) -> dict[str, JobState]:
-    """`sacct --noheader --parsable2 -X -D --format=JobID,State,ExitCode,Elapsed,NodeList` -> states.
-
-    With -D every requeued run of a job is its own line (State REQUEUED or PREEMPTED), so restarts =
-    lines - 1; the last line is the current run. "CANCELLED by 0" keeps only the state word.
-    """
-    out: dict[str, JobState] = {}
-    for line in text.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) < 5 or not parts[0]:
-            continue
-        job_id, state, exit_code, elapsed, nodes = parts[:5]
-        prev = out.get(job_id)
-        out[job_id] = JobState(job_id, state.split()[0] if state else "UNKNOWN",
-                               0 if prev is None else (prev.restarts or 0) + 1, exit_code, elapsed, nodes, "", "sacct")
-    return out
-
-
-def parse_squeue(text: str) -> dict[str, JobState]:
-    """`squeue --noheader --states=all --format=%i|%T|%M|%N|%r` -> states (no restart count in squeue)."""
-    out = {}
-    for line in text.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) < 5 or not parts[0]:
-            continue
-        job_id, state, elapsed, nodes, reason = parts[:5]
-        out[job_id] = JobState(job_id, state, None, "", elapsed, nodes, "" if reason == "None" else reason, "squeue")
-    return out
-
-
-def parse_scontrol_show_job(text: str) -> dict[str, JobState]:
-    """`scontrol show job [-o]` (one or many jobs, one line each or multi-line blocks) -> states.
-
-    "No jobs in the system" and "slurm_load_jobs error: Invalid job id specified" give no states."""
-    out = {}
-    # a job starts at "JobId=": one line each with -o, indented continuation lines without it
-    for block in re.split(r"(?m)^(?=\s*JobId=)", text.strip()):
-        fields = _key_values(block)
-        if "JobId" not in fields:
-            continue
-        restarts = fields.get("Restarts", "")
-        reason = fields.get("Reason", "")
-        out[fields["JobId"]] = JobState(fields["JobId"], fields.get("JobState", "UNKNOWN"),
-                                        int(restarts) if restarts.isdigit() else None, fields.get("ExitCode", ""),
-                                        fields.get("RunTime", ""), fields.get("NodeList", ""),
-                                        "" if reason == "None" else reason, "scontrol")
-    if not out and text.strip() and "JobId=" in text:
-        raise ValueError(f"cannot read `scontrol show job` output: {text[:200]!r}")
-    return out
-
-
-def _key_values(block: str) -> dict[str, str]:
-    """Key=Value tokens separated by white space; a token without '=' continues the previous value
-    (values such as Command= or Comment= may hold spaces)."""
-    fields: dict[str, str] = {}
-    last = None
-    for token in block.split():
-        key, eq, value = token.partition("=")
-        if eq and re.fullmatch(r"[A-Za-z][\w:/]*", key):
-            fields[key] = value
-            last = key
-        elif last is not None:
-            fields[last] += " " + token
-    return fields
-
-
+# ---- job state: the runner (parsers in slurm_text.py) ------------------------------------
 Runner = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
 
 

@@ -17,11 +17,12 @@ import argparse
 import datetime
 import logging
 import os
-import re
 import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from clusterlm.cluster.slurm_text import expand_nodelist
 
 log = logging.getLogger(__name__)
 
@@ -55,62 +56,6 @@ def _int(env: Mapping[str, str], key: str) -> int:
         return int(env[key])
     except ValueError:
         raise ValueError(f"environment variable {key}={env[key]!r} is not an integer") from None
-
-
-def expand_nodelist(nodelist: str) -> list[str]:
-    """Slurm's compressed host list -> host names: "node[01-03,07],gpu5" -> node01 node02 node03 node07 gpu5.
-
-    Zero padding of a range is kept (width of its first bound). Several bracket groups in one name
-    ("r[1-2]n[1-2]") expand as a product, as `scontrol show hostnames` does.
-    """
-    hosts: list[str] = []
-    for item in _split_top(nodelist.strip()):
-        if item:
-            hosts.extend(_expand_one(item))
-    if not hosts:
-        raise ValueError(f"SLURM_NODELIST={nodelist!r} names no hosts")
-    return hosts
-
-
-def _split_top(s: str) -> list[str]:
-    """Split on commas outside brackets."""
-    parts, depth, cur = [], 0, ""
-    for ch in s:
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth -= 1
-            if depth < 0:
-                raise ValueError(f"unbalanced ']' in host list {s!r}")
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    if depth:
-        raise ValueError(f"unbalanced '[' in host list {s!r}")
-    parts.append(cur)
-    return parts
-
-
-def _expand_one(item: str) -> list[str]:
-    m = re.search(r"\[([^\]]*)\]", item)
-    if m is None:
-        return [item]
-    head, tail = item[: m.start()], item[m.end():]
-    out = []
-    for rng in m.group(1).split(","):
-        if "-" in rng:
-            lo, hi = rng.split("-", 1)
-            if not (lo.isdigit() and hi.isdigit()) or int(hi) < int(lo):
-                raise ValueError(f"bad range {rng!r} in host list item {item!r}")
-            values = [str(v).zfill(len(lo)) for v in range(int(lo), int(hi) + 1)]
-        else:
-            if not rng:
-                raise ValueError(f"empty range in host list item {item!r}")
-            values = [rng]
-        out.extend(head + v for v in values)
-    return [h + t for h in out for t in _expand_one(tail)]
 
 
 def read_env(env: Mapping[str, str] | None = None) -> DistEnv:

@@ -10,7 +10,8 @@ import pytest
 from clusterlm.config import ParallelConfig
 from clusterlm.errors import ConfigError
 from clusterlm.models.config import get_preset
-from clusterlm.parallel.launch import DistEnv, expand_nodelist, read_env, torchrun_command
+from clusterlm.cluster.slurm_text import expand_nodelist
+from clusterlm.parallel.launch import DistEnv, read_env, torchrun_command
 from clusterlm.parallel.parallelize import validate_layout
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from clusterlm.cluster import parsers
+from clusterlm.cluster import parsers, slurm_text
 
 FIX = Path(__file__).parent / "fixtures" / "probe"
 
@@ -120,29 +120,23 @@ def test_findmnt_and_proc_mounts():
 
 def test_sinfo_merges_partition_lines():
     """Two 'gpu*' lines (30 + 2 nodes) merge into one default partition of 32 nodes; limits stay as printed."""
-    parts = {p.name: p for p in parsers.parse_sinfo(read("sinfo_gpu_cluster.txt"))}
+    parts = {p.name: p for p in slurm_text.parse_sinfo(read("sinfo_gpu_cluster.txt"))}
     assert list(parts) == ["gpu", "debug", "cpu", "preempt"]
     gpu = parts["gpu"]
     assert gpu.default and gpu.nodes == 32 and gpu.timelimit == "2-00:00:00"
     assert gpu.nodelist == "gpu[001-030],gpu[031-032]" and gpu.memory_mb == "2063000,1031000"
     assert not parts["debug"].default and parts["preempt"].avail == "down"
-    assert parsers.parse_gres(gpu.gres) == [("gpu", "h100", 8)]
+    assert slurm_text.parse_gres(gpu.gres) == [("gpu", "h100", 8)]
 
 
-def test_slurm_times_and_version():
-    """Slurm time formats -> seconds (2-00:00:00 = 172800, 30:00 = 1800, 1-12 = 129600); infinite -> None."""
-    assert parsers.parse_slurm_time("2-00:00:00") == 172800
-    assert parsers.parse_slurm_time("30:00") == 1800
-    assert parsers.parse_slurm_time("45") == 2700
-    assert parsers.parse_slurm_time("1-12") == 129600
-    assert parsers.parse_slurm_time("12:00:00") == 43200
-    assert parsers.parse_slurm_time("infinite") is None
-    assert parsers.parse_scontrol_version(read("scontrol_version.txt")) == "23.11.4"
-    assert parsers.parse_scontrol_version("no slurm here") is None
+def test_slurm_version():
+    """`scontrol --version` -> the version; text without one -> None."""
+    assert slurm_text.parse_scontrol_version(read("scontrol_version.txt")) == "23.11.4"
+    assert slurm_text.parse_scontrol_version("no slurm here") is None
 
 
 def test_gres():
     """GRES strings with types, socket bindings and several items."""
-    assert parsers.parse_gres("gpu:h100:8(S:0-1),shard:4") == [("gpu", "h100", 8), ("shard", "", 4)]
-    assert parsers.parse_gres("gpu:4") == [("gpu", "", 4)]
-    assert parsers.parse_gres("(null)") == []
+    assert slurm_text.parse_gres("gpu:h100:8(S:0-1),shard:4") == [("gpu", "h100", 8), ("shard", "", 4)]
+    assert slurm_text.parse_gres("gpu:4") == [("gpu", "", 4)]
+    assert slurm_text.parse_gres("(null)") == []

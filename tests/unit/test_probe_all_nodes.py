@@ -29,7 +29,7 @@ from clusterlm.cluster.spec import load_spec
 FAKE_SRUN = r'''#!PYTHON
 import json, os, subprocess, sys
 sys.path.insert(0, REPO)
-from clusterlm.parallel.launch import expand_nodelist
+from clusterlm.cluster.slurm_text import expand_nodelist
 
 args = sys.argv[1:]
 opts = {}

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from clusterlm.cluster import slurm
-from clusterlm.cluster.slurm import (JobState, SbatchOptions, parse_sacct, parse_scontrol_show_job, parse_squeue,
-                                     parse_time_limit, query_states, read_registry, record_job, registry_path,
-                                     render_sbatch)
+from clusterlm.cluster.slurm import SbatchOptions, query_states, read_registry, record_job, registry_path, render_sbatch
+from clusterlm.cluster.slurm_text import JobState, parse_sacct, parse_scontrol_show_job, parse_squeue, parse_time_limit
 from clusterlm.errors import ClusterlmError, ConfigError
 from tests.helpers import BLOCK_TORCH
 
