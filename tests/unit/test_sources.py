@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import tarfile
 from importlib.resources import files
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 import zstandard
 
 from clusterlm.data.builtin import builtin_files
-from clusterlm.data.sources import MAX_PROBLEMS, DocumentReader, Source, classify, discover
+from clusterlm.data.sources import MAX_PROBLEMS, DocumentReader, Source, check_zstd_frames, classify, discover
 from clusterlm.errors import DataError
 
 BIG_LINE_CHARS = 10_000_000
@@ -35,6 +36,8 @@ HOSTILE_COUNTS = {
     "removed_nul": 1,  # c_nul.md
     "crlf_normalized": 3,  # b_bom_crlf.txt, e_space.txt (then empty), g_records.jsonl:11
     "unreadable_files": 0,
+    "skipped_symlinks_outside": 0,
+    "skipped_symlinks_broken": 0,
 }
 HOSTILE_BAD_LINES = [2, 3, 4, 5, 10, 12]
 
@@ -134,6 +137,120 @@ def test_corrupt_compressed_file_is_reported(tmp_path: Path) -> None:
     assert 0 < len(docs) < 2000
     assert reader.stats.unreadable_files == 2
     assert {p.split(":")[0] for p in reader.stats.problems} == {f"{tmp_path}/cut.jsonl.gz", f"{tmp_path}/garbage.txt.gz"}
+
+
+def _zstd_blocks(frame: bytes) -> list[int]:
+    """Byte offsets where each block of a one-frame zstd file ends (RFC 8878 sec. 3.1.1), parsed
+    independently of sources.py: frame header size from zstandard itself."""
+    pos, ends = zstandard.frame_header_size(frame), []
+    while True:
+        h = int.from_bytes(frame[pos:pos + 3], "little")
+        pos += 3 + (1 if (h >> 1) & 3 == 1 else h >> 3)
+        ends.append(pos)
+        if h & 1:
+            return ends
+
+
+@pytest.mark.parametrize("checksum", [False, True])
+def test_zstd_cut_at_block_boundary_is_unreadable(tmp_path: Path, checksum: bool) -> None:
+    """A 10,000-record .zst (6 blocks) cut after its 3rd block decodes without error in zstandard's
+    stream reader (the bug: 5,000-ish records and unreadable_files 0); it must count as unreadable,
+    like a truncated .gz, keeping the records before the cut. The whole file and a two-frame file
+    read completely."""
+    payload = "".join(json.dumps({"text": f"record {i} " + "x" * 50}) + "\n" for i in range(10_000)).encode()
+    frame = zstandard.ZstdCompressor(level=3, write_checksum=checksum).compress(payload)
+    ends = _zstd_blocks(frame)
+    assert len(ends) >= 4 and ends[-1] + 4 * checksum == len(frame)
+    (tmp_path / "cut.jsonl.zst").write_bytes(frame[:ends[2]])
+    reader = DocumentReader()
+    docs = [d.text for d in reader.read(discover([str(tmp_path / "cut.jsonl.zst")]))]
+    assert 0 < len(docs) < 10_000 and docs == [f"record {i} " + "x" * 50 for i in range(len(docs))]
+    assert reader.stats.unreadable_files == 1
+    assert "zstd frame truncated" in reader.stats.problems[0]
+
+    two = frame + zstandard.ZstdCompressor().compress(b'{"text": "second frame"}\n')
+    (tmp_path / "two.jsonl.zst").write_bytes(two)
+    reader = DocumentReader()
+    docs = [d.text for d in reader.read(discover([str(tmp_path / "two.jsonl.zst")]))]
+    assert len(docs) == 10_001 and docs[-1] == "second frame"
+    assert reader.stats.unreadable_files == 0
+
+
+def test_zstd_frame_walk_at_every_cut(tmp_path: Path) -> None:
+    """check_zstd_frames accepts whole frames (also with a skippable frame between) and rejects
+    every shorter prefix, cut inside or between blocks, or inside the checksum."""
+    frame = zstandard.ZstdCompressor(level=1, write_checksum=True).compress(os.urandom(300_000))
+    skippable = (0x184D2A50).to_bytes(4, "little") + (5).to_bytes(4, "little") + b"hello"
+    path = tmp_path / "f.zst"
+    path.write_bytes(frame + skippable + frame)
+    check_zstd_frames(path)
+    cuts = sorted({1, 4, 5, 10, len(frame) - 4, len(frame) - 1, len(frame) + 3, len(frame) + 12}
+                  | set(_zstd_blocks(frame)[:-1]))
+    for cut in cuts:
+        path.write_bytes((frame + skippable + frame)[:cut])
+        with pytest.raises(EOFError):
+            check_zstd_frames(path)
+
+
+def _symlink_tree(tmp_path: Path) -> Path:
+    """in/a.txt; in/evil.txt -> ../outside.txt; in/dangling.txt -> nothing; in/loop1.txt <-> loop2.txt;
+    in/outdir -> tmp_path/elsewhere (a folder with b.txt); in/sub/up -> .. ; in/same.txt -> a.txt."""
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("inside")
+    (tmp_path / "outside.txt").write_text("SECRET")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "b.txt").write_text("far away")
+    os.symlink("../outside.txt", root / "evil.txt")
+    os.symlink("nothing.txt", root / "dangling.txt")
+    os.symlink("loop2.txt", root / "loop1.txt")
+    os.symlink("loop1.txt", root / "loop2.txt")
+    os.symlink(tmp_path / "elsewhere", root / "outdir")
+    os.symlink("..", root / "sub" / "up")
+    os.symlink("a.txt", root / "same.txt")
+    return root
+
+
+def test_symlink_policy(tmp_path: Path) -> None:
+    """Policy in the sources.py docstring: without follow_symlinks, the 2 links leaving the tree
+    (evil.txt, outdir) and the 3 broken ones (dangling, loop1, loop2) are skipped and counted,
+    nothing from outside is read, and a dangling link does not abort; with follow_symlinks, the
+    outside file and folder are read, and the link to a folder above (sub/up) is a counted loop."""
+    root = _symlink_tree(tmp_path)
+    reader = DocumentReader()
+    texts = [d.text for d in reader.read(discover([str(root)]))]
+    assert texts == ["inside"]  # same.txt is a.txt, read once
+    st = reader.stats
+    assert (st.skipped_symlinks_outside, st.skipped_symlinks_broken) == (2, 3)
+    assert sorted(p.split(": ")[0].rsplit("/", 1)[1] for p in st.problems) == [
+        "dangling.txt", "evil.txt", "loop1.txt", "loop2.txt", "outdir"]
+    assert any("dangling symlink" in p for p in st.problems) and any("symlink loop" in p for p in st.problems)
+    assert all("SECRET" not in t for t in texts)
+
+    reader = DocumentReader()
+    texts = [d.text for d in reader.read(discover([str(root)], follow_symlinks=True))]
+    assert sorted(texts) == ["SECRET", "far away", "inside"]
+    assert (reader.stats.skipped_symlinks_outside, reader.stats.skipped_symlinks_broken) == (0, 4)
+
+
+def test_symlink_policy_globs_and_explicit(tmp_path: Path) -> None:
+    """A glob's tree is its leading part without wildcards: in/*.txt skips evil.txt, in/**/*.txt
+    does not enter outdir; an input named explicitly is followed; an explicit dangling link is a
+    FileNotFoundError naming its target."""
+    root = _symlink_tree(tmp_path)
+    reader = DocumentReader()
+    assert [d.text for d in reader.read(discover([f"{root}/*.txt"]))] == ["inside"]
+    assert (reader.stats.skipped_symlinks_outside, reader.stats.skipped_symlinks_broken) == (1, 3)
+    reader = DocumentReader()
+    assert [d.text for d in reader.read(discover([f"{root}/**/*.txt"]))] == ["inside"]
+    assert reader.stats.skipped_symlinks_outside == 2  # evil.txt, and outdir/b.txt matched through the link
+    assert [d.text for d in DocumentReader().read(discover([str(root / "evil.txt")]))] == ["SECRET"]
+    with pytest.raises(FileNotFoundError, match="'nothing.txt', which does not exist"):
+        discover([str(root / "dangling.txt")])
+    (tmp_path / "only_links").mkdir()
+    os.symlink("../outside.txt", tmp_path / "only_links" / "x.txt")
+    with pytest.raises(DataError, match="holds no supported file"):
+        discover([str(tmp_path / "only_links")])
 
 
 def test_problem_list_is_capped(tmp_path: Path) -> None:
