@@ -45,16 +45,11 @@ from clusterlm.cluster.microbench import (ATTENTION_HD, ATTENTION_T_CPU, ATTENTI
                                           measure_attention_sweep, measure_copy_bandwidth, measure_elementwise_sweep,
                                           measure_kernel_sweep, measure_matmul_sweep, measure_matmul_tflops,
                                           measure_op_overhead, measure_storage)
-from clusterlm.errors import ClusterlmError
 from clusterlm.parallel.collectives import AllReduceResult, fmt_bytes
 from clusterlm.parallel.launch import read_env
 
 log = logging.getLogger(__name__)
 GIB = 1024**3
-
-
-class ProbeError(ClusterlmError):
-    """A probe that cannot run as asked (no Slurm allocation, srun missing, a node that failed)."""
 
 
 def node_name(env: dict[str, str] | None = None) -> str:

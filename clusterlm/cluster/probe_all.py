@@ -31,15 +31,18 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from clusterlm.cluster.probe import ProbeError
-from clusterlm.cluster.spec import ClusterSpec, load_spec, merge_specs, save_spec
-from clusterlm.errors import ConfigError
 from clusterlm.cluster.slurm_text import expand_nodelist
+from clusterlm.cluster.spec import ClusterSpec, load_spec, merge_specs, save_spec
+from clusterlm.errors import ClusterlmError, ConfigError
 
 log = logging.getLogger(__name__)
 
 Runner = Callable[[list[str], float], subprocess.CompletedProcess]
 STEP_TIMEOUT_S = 3600.0  # a full (not --quick) probe takes about a minute; srun may queue for a while
+
+
+class ProbeError(ClusterlmError):
+    """A probe that cannot run as asked (no Slurm allocation, srun missing, a node that failed)."""
 
 
 def srun_probe_command(nodes: int, nodes_dir: str, *, quick: bool, measure: bool, checkpoint_dir: str,
