@@ -52,6 +52,9 @@ KINDS = ("byte", "char", "bpe")
 DEFAULT_SHARD_TOKENS = 2**26
 MAX_DEFAULT_WORKERS = 8
 MIN_CHUNK_CHARS, MAX_CHUNK_CHARS = 1 << 16, 1 << 22  # characters of text sent to a worker at once
+# A chunk above this (one huge document) is encoded in this process: sending it to a helper would
+# hold its pickled text and pickled tokens in memory on both sides.
+MAX_SHIPPED_CHARS = 1 << 26
 DROP, TRAIN, VAL = 0, 1, 2  # per-document decision of the scan pass
 SPLIT_RULE = ("a document goes to val iff int(sha256(utf8(text)).hexdigest()[:16], 16) / 2**64 "
               "< val_fraction, text being the document after cleaning and PII redaction; if val "
@@ -300,18 +303,64 @@ def encode_chunk(tok: Any, texts: list[str], val_mask: bytes, dtype: str) -> tup
     """Tokens of `texts`, each followed by EOS, concatenated per split: (train tokens, val tokens).
 
     `val_mask[i]` is 1 when texts[i] belongs to val. Texts are already cleaned (no lone surrogates).
+    Each document's tokens are written straight into its split's output array (no per-document
+    arrays then a concatenation), so a huge document costs its text plus its tokens, once.
     """
+    char = tok.kind == "char" and hasattr(tok, "encode_array")
     if tok.kind == "byte" and tok.vocab_size == 259:  # fast path: the ids are the UTF-8 bytes
-        ids: list[Any] = [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
+        ids: list[Any] = [t.encode("utf-8") for t in texts]
+        sizes = [len(b) for b in ids]
+    elif char:
+        ids, sizes = [], [len(t) for t in texts]  # one id per str element
     else:
         ids = tok.encode_batch(texts)  # Rust, parallel unless TOKENIZERS_PARALLELISM=false, for BPE
-    eos = np.array([tok.eos_id], dtype=dtype)
-    parts: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
-    for doc, v in zip(ids, val_mask):
-        parts[v].append(np.asarray(doc, dtype=dtype))
-        parts[v].append(eos)
-    empty = np.zeros(0, dtype=dtype)
-    return tuple(np.concatenate(p) if p else empty for p in parts)  # type: ignore[return-value]
+        sizes = [len(x) for x in ids]
+    outs = tuple(np.empty(sum(n + 1 for n, m in zip(sizes, val_mask) if m == v), dtype=dtype) for v in (0, 1))
+    starts, ends = [], [[], []]  # start of each document in its split's output; EOS positions
+    at = [0, 0]
+    for n, v in zip(sizes, val_mask):
+        starts.append(at[v])
+        ends[v].append(at[v] + n)
+        at[v] += n + 1
+    if char:
+        _encode_char_into(tok, texts, val_mask, sizes, starts, outs)
+    for i, (doc, v) in enumerate(zip(ids, val_mask)):
+        dst = outs[v][starts[i]:starts[i] + sizes[i]]
+        dst[:] = np.frombuffer(doc, dtype=np.uint8) if isinstance(doc, bytes) else doc
+    for v in (0, 1):
+        outs[v][ends[v]] = tok.eos_id
+    return outs  # type: ignore[return-value]
+
+
+def _encode_char_into(tok: Any, texts: list[str], val_mask: bytes, sizes: list[int], starts: list[int],
+                      outs: tuple[np.ndarray, np.ndarray]) -> None:
+    """Char ids of `texts` into `outs` at `starts`. Consecutive short documents of a split are joined,
+    one separator character after each where its EOS goes (overwritten by the caller), and encoded in
+    one numpy pass: one pass per document would cost ~10 us each. Long ones are encoded in place."""
+    from clusterlm.tokenizer.char import BLOCK_CHARS
+
+    group: list[list[int]] = [[], []]  # per split: indices of short documents waiting
+
+    def flush(v: int) -> None:
+        if group[v]:
+            first, last = group[v][0], group[v][-1]
+            joined = "\n".join(texts[i] for i in group[v]) + "\n"
+            tok.encode_array(joined, out=outs[v][starts[first]:starts[last] + sizes[last] + 1])
+            group[v] = []
+
+    size = [0, 0]
+    for i, (text, v) in enumerate(zip(texts, val_mask)):
+        if sizes[i] >= BLOCK_CHARS:
+            flush(v)
+            tok.encode_array(text, out=outs[v][starts[i]:starts[i] + sizes[i]])
+            continue
+        group[v].append(i)
+        size[v] += sizes[i] + 1
+        if size[v] >= BLOCK_CHARS:
+            flush(v)
+            size[v] = 0
+    flush(0)
+    flush(1)
 
 
 _worker_tokenizer: tuple[str, Any] | None = None  # (path, tokenizer) loaded once per worker process
@@ -387,14 +436,24 @@ class _ShardWriter:
         return self.shards
 
     def _flush(self, n: int) -> None:
-        data = self.buf[0] if len(self.buf) == 1 else np.concatenate(self.buf)
-        head, rest = data[:n], data[n:]
+        # only the arrays that make up the first n tokens are copied (a huge array added last is
+        # sliced, not concatenated with what was buffered before it)
+        take, got = 0, 0
+        while got < n:
+            got += self.buf[take].size
+            take += 1
+        parts, tail = self.buf[:take], self.buf[take:]
+        cut = parts[-1].size - (got - n)  # tokens of the last part that go into this shard
+        if cut < parts[-1].size:
+            tail.insert(0, parts[-1][cut:])
+            parts[-1] = parts[-1][:cut]
+        head = parts[0] if len(parts) == 1 else np.concatenate(parts)
         name = f"{self.split}-{len(self.shards):05d}.bin"
         payload = shards.encode_shard(head, self.dtype)
         atomic_write_bytes(self.folder / name, payload)
         self.shards.append({"file": name, "tokens": int(n), "sha256": hashlib.sha256(payload).hexdigest()})
-        self.buf = [rest] if rest.size else []
-        self.buffered = int(rest.size)
+        self.buf = tail
+        self.buffered -= n
 
 
 def _chunk_target(remaining: int, workers: int) -> int:
@@ -465,7 +524,7 @@ def _tokenize(sources: list[Source], opts: PrepareOptions, scan: _Scan, tok: Any
         try:
             for texts, mask in _chunks(sources, opts, scan, workers, bar):
                 busy = sum(1 for f in pending if not isinstance(f, tuple) and not f.done())
-                if pool is not None and busy < 2 * helpers:
+                if pool is not None and busy < 2 * helpers and sum(map(len, texts)) <= MAX_SHIPPED_CHARS:
                     pending.append(pool.submit(_worker_encode, str(tok_path), texts, mask, dtype))
                 else:
                     pending.append(encode_chunk(tok, texts, mask, dtype))
