@@ -30,7 +30,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -159,7 +159,7 @@ def render_sbatch(opts: SbatchOptions, recipe: str | None, overrides: list[str],
 
 
 # ---- job registry -----------------------------------------------------------------------------
-def registry_path(env: dict[str, str] | None = None) -> Path:
+def registry_path(env: Mapping[str, str] | None = None) -> Path:
     """$CLUSTERLM_HOME/jobs.jsonl, else $XDG_CACHE_HOME/clusterlm/jobs.jsonl, else ~/.cache/clusterlm/jobs.jsonl."""
     env = os.environ if env is None else env
     if env.get("CLUSTERLM_HOME"):
@@ -269,8 +269,10 @@ def resolve_recipe(recipe: str | None) -> str | None:
     raise FileNotFoundError(f"recipe {recipe} does not exist; bundled recipes: {', '.join(bundled)}")
 
 
-def submit(args: argparse.Namespace, overrides: list[str], run: Runner | None = None) -> int:
-    """`clusterlm launch RECIPE --slurm ...`: validate, render, show, write, sbatch, record. Returns 0."""
+def submit(args: argparse.Namespace, overrides: list[str], run: Runner | None = None,
+           env: Mapping[str, str] | None = None) -> int:
+    """`clusterlm launch RECIPE --slurm ...`: validate, render, show, write, sbatch, record. Returns 0.
+    `env` (default: this process's environment) gives SLURM_CONF and the registry's location."""
     from clusterlm.config import load_run_config
     from clusterlm.fsutil import atomic_write_text
 
@@ -311,11 +313,12 @@ def submit(args: argparse.Namespace, overrides: list[str], run: Runner | None = 
     job_id = r.stdout.strip().splitlines()[-1].split(";")[0].strip() if r.stdout.strip() else ""
     if not job_id:
         raise ClusterlmError(f"sbatch {script_path} printed no job id: {r.stdout!r} {r.stderr!r}")
-    record_job(registry_path(), {"job_id": job_id, "job_name": opts.job_name, "recipe": recipe,
+    env = os.environ if env is None else env
+    record_job(registry_path(env), {"job_id": job_id, "job_name": opts.job_name, "recipe": recipe,
                                  "overrides": overrides, "script": str(script_path),
                                  "log": str(out_dir / f"slurm-{job_id}.out"), "out_dir": str(cfg.train.out_dir),
                                  "cwd": str(workdir), "submit_time": _now_iso(),
-                                 "slurm_conf": os.environ.get("SLURM_CONF", "")})
+                                 "slurm_conf": env.get("SLURM_CONF", "")})
     print(f"submitted batch job {job_id}  (script {script_path}; log {out_dir / f'slurm-{job_id}.out'}; "
           f"watch with `clusterlm jobs`)")
     return 0
