@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from clusterlm.data.shards import open_shard, read_header, read_meta
+from clusterlm.data.shards import open_shard, read_header, read_meta, verify_shards
 from clusterlm.errors import CheckpointError, DataError
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,9 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 class SplitWindows:
     """The windows (samples) of one split: shard layout, fingerprint, and gathering by sample index.
 
-    Reads meta.json, checks every shard header against it, and opens shards lazily as memmaps.
+    Reads meta.json, checks every shard header against it and every shard's content against its
+    sha256 and the vocabulary (`shards.verify_shards`, remembered across runs), and opens shards
+    lazily as memmaps.
     """
 
     def __init__(self, data_dir: str | os.PathLike, split: str, seq_len: int) -> None:
@@ -65,6 +67,10 @@ class SplitWindows:
         if not isinstance(shards, list):
             raise DataError(f"{meta_path}: splits.{split}.shards is missing or not a list")
         meta_dtype = meta.get("dtype")
+        vocab_size = (meta.get("tokenizer") or {}).get("vocab_size") if isinstance(meta.get("tokenizer"), dict) else None
+        if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1):
+            raise DataError(f"{meta_path}: tokenizer.vocab_size={vocab_size!r} must be an integer >= 1")
+        to_verify: list[tuple[str, str, str]] = []
 
         self.paths: list[Path] = []
         counts: list[int] = []
@@ -83,11 +89,17 @@ class SplitWindows:
                                 "the data directory is inconsistent; prepare it again")
             if meta_dtype is not None and header.dtype.name != meta_dtype:
                 raise DataError(f"shard {path} stores {header.dtype.name} but {meta_path} says dtype={meta_dtype!r}")
+            sha = entry["sha256"]
+            if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+                raise DataError(f"{where}: sha256={sha!r} must be 64 lowercase hex digits")
+            to_verify.append((name, sha, where))
             self.paths.append(path)
             counts.append(header.count)
             digest.update(f"{entry['sha256']} {header.count}\n".encode())
-        # Identifies the data a loader state belongs to (the hashes come from meta; the shards
-        # themselves are not re-hashed here, which would read every byte on every start-up).
+        # content == meta.json's hashes, ids < vocab_size; read once, then remembered by stat
+        verify_shards(self.data_dir, to_verify, vocab_size)
+        # Identifies the data a loader state belongs to (the hashes come from meta.json, which
+        # verify_shards has just checked the shards against).
         self.fingerprint = digest.hexdigest()[:32]
 
         self.counts = np.array(counts, dtype=np.int64)

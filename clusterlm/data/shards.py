@@ -11,13 +11,21 @@ A shard is a 32-byte little-endian header followed by the tokens:
 
 uint16 is used when every id fits (vocab_size <= 65536), else uint32. Files are read through
 `np.memmap`, so a loader touches only the pages it needs. See docs/formats.md.
+
+`verify_shards` checks each shard's whole file against the sha256 in meta.json and every id
+against the vocabulary, in one read; a shard that passed is remembered by (size, mtime, ctime)
+in DATA_DIR/.verified.json (and in memory when the folder is read-only), so only the first use
+after prepare, or after a file changes, pays for reading the shards (docs/data.md has the rate).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +33,14 @@ from typing import Any
 import numpy as np
 
 from clusterlm.errors import DataError
-from clusterlm.fsutil import atomic_write_bytes
+from clusterlm.fsutil import atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"CLMTOKS\0"
 SHARD_VERSION = 1
 META_VERSION = 1
-HEADER = struct.Struct("<8sIIQ8x")  # magic, version, bytes/token, count, reserved
+HEADER = struct.Struct("<8sIIQ8s")  # magic, version, bytes/token, count, reserved
 HEADER_SIZE = HEADER.size  # 32
 _DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 
@@ -59,7 +69,7 @@ def encode_shard(tokens: np.ndarray, dtype: np.dtype) -> bytes:
         raise DataError(f"a shard holds a 1-D token array, got shape {tokens.shape}")
     if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(dtype).max):
         raise DataError(f"token ids in [{tokens.min()}, {tokens.max()}] do not fit {dtype.name}")
-    header = HEADER.pack(MAGIC, SHARD_VERSION, dtype.itemsize, tokens.size)
+    header = HEADER.pack(MAGIC, SHARD_VERSION, dtype.itemsize, tokens.size, bytes(8))
     return header + tokens.astype(dtype, copy=False).tobytes()
 
 
@@ -77,11 +87,13 @@ def read_header(path: str | os.PathLike) -> ShardHeader:
         raise DataError(f"shard {path} is missing") from None
     if len(raw) < HEADER_SIZE:
         raise DataError(f"shard {path} is {len(raw)} bytes, shorter than the {HEADER_SIZE}-byte header")
-    magic, version, width, count = HEADER.unpack(raw)
+    magic, version, width, count, reserved = HEADER.unpack(raw)
     if magic != MAGIC:
         raise DataError(f"{path} is not a clusterlm token shard (magic {magic!r}, expected {MAGIC!r})")
     if version != SHARD_VERSION:
         raise DataError(f"shard {path} has format version {version}; this clusterlm reads version {SHARD_VERSION}")
+    if reserved != bytes(8):
+        raise DataError(f"shard {path}: header bytes 24-31 are {reserved.hex()}, expected zero: corrupt header")
     if width not in _DTYPES:
         raise DataError(f"shard {path} declares {width} bytes per token; valid: 2 (uint16) or 4 (uint32)")
     expected = HEADER_SIZE + width * count
@@ -98,6 +110,91 @@ def open_shard(path: str | os.PathLike) -> np.ndarray:
     if header.count == 0:
         return np.zeros(0, dtype=header.dtype)
     return np.memmap(path, dtype=header.dtype, mode="r", offset=HEADER_SIZE, shape=(header.count,))
+
+
+VERIFY_CACHE = ".verified.json"
+_VERIFY_CHUNK = 1 << 23  # 8 MiB per read: one sha256 update and one vectorized max
+_verified: dict[str, dict[str, Any]] = {}  # realpath -> cache entry, for data dirs nobody can write
+
+
+def _stamp(st: os.stat_result) -> dict[str, int]:
+    # ctime as well as mtime: `touch -r` can put an mtime back after an edit, nothing but the clock
+    # can set ctime; a copied data dir (new ctime) is verified once more
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+
+
+def hash_shard(path: str | os.PathLike, vocab_size: int | None = None) -> tuple[str, int]:
+    """(sha256 of the whole file, largest token id) in one read. With `vocab_size`, the first id
+    >= vocab_size raises DataError with its position."""
+    path = Path(path)
+    header = read_header(path)
+    width = header.dtype.itemsize
+    h = hashlib.sha256()
+    top, pos = -1, 0
+    with open(path, "rb") as f:
+        h.update(f.read(HEADER_SIZE))
+        while chunk := f.read(_VERIFY_CHUNK):
+            h.update(chunk)
+            ids = np.frombuffer(chunk, dtype=header.dtype, count=len(chunk) // width)
+            if ids.size:
+                m = int(ids.max())
+                if vocab_size is not None and m >= vocab_size:
+                    k = int(np.argmax(ids >= vocab_size))
+                    raise DataError(f"shard {path}: token id {int(ids[k])} at position {pos + k} (byte "
+                                    f"{HEADER_SIZE + (pos + k) * width}) is >= vocab_size={vocab_size} of "
+                                    "meta.json's tokenizer: the shard is corrupt or belongs to another "
+                                    "tokenizer; prepare the data again")
+                top = max(top, m)
+                pos += ids.size
+    return h.hexdigest(), top
+
+
+def verify_shards(data_dir: str | os.PathLike, shards: list[tuple[str, str, str]], vocab_size: int | None) -> None:
+    """Check every (file name, expected sha256, where meta.json lists it) of `data_dir` against its
+    content and `vocab_size`, skipping files verified before with the same size, mtime and ctime.
+    Raises DataError naming the first bad shard."""
+    data_dir = Path(data_dir)
+    cache_path = data_dir / VERIFY_CACHE
+    try:
+        cached = json.loads(cache_path.read_text(encoding="utf-8")).get("files", {})
+        cached = cached if isinstance(cached, dict) else {}
+    except (OSError, ValueError, AttributeError):
+        cached = {}
+    fresh: dict[str, dict[str, Any]] = {}
+    todo = []
+    for name, expected, where in shards:
+        path = data_dir / name
+        entry = {**_stamp(path.stat()), "sha256": expected}
+        known = cached.get(name) or _verified.get(os.path.realpath(path))
+        if isinstance(known, dict) and {k: known.get(k) for k in entry} == entry and isinstance(known.get("max_id"), int):
+            if vocab_size is not None and known["max_id"] >= vocab_size:
+                todo.append((name, expected, where, entry))  # read it again to name the position
+            else:
+                fresh[name] = known
+        else:
+            todo.append((name, expected, where, entry))
+    if not todo:
+        return
+    total = sum(e["size"] for *_, e in todo)
+    log.info("verifying %d shard(s) of %s (%.1f MB) against meta.json's sha256 (once; remembered in %s)",
+             len(todo), data_dir, total / 1e6, VERIFY_CACHE)
+    t0 = time.perf_counter()
+    for name, expected, where, entry in todo:
+        path = data_dir / name
+        digest, top = hash_shard(path, vocab_size)
+        if digest != expected:
+            raise DataError(f"shard {path} does not match meta.json: its sha256 is {digest}, {where}.sha256 "
+                            f"is {expected}: the file changed after prepare (corruption or an edit); restore it "
+                            "or prepare the data again")
+        if _stamp(path.stat()) != {k: entry[k] for k in ("size", "mtime_ns", "ctime_ns")}:
+            raise DataError(f"shard {path} changed while it was being verified; is something writing to {data_dir}?")
+        fresh[name] = _verified[os.path.realpath(path)] = {**entry, "max_id": top}
+    dt = time.perf_counter() - t0
+    log.debug("verified %.1f MB in %.2f s (%.0f MB/s)", total / 1e6, dt, total / 1e6 / max(dt, 1e-9))
+    try:  # keep entries of other splits' shards; a read-only data dir keeps the in-memory record only
+        atomic_write_json(cache_path, {"version": 1, "files": {**cached, **fresh}})
+    except OSError as e:
+        log.debug("cannot record verified shards in %s (%s); they are verified again next time", cache_path, e)
 
 
 def read_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
