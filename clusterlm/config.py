@@ -94,6 +94,9 @@ class TrainConfig:
     resume: str = "none"
     """none, auto (newest verified checkpoint in out_dir) or a checkpoint path"""
     tensorboard: bool = True
+    skip_memory_check: bool = False
+    """start even when the planner's predicted memory per device exceeds the memory available (the
+    check refuses such runs before allocating; docs/training.md)"""
     probe_spec: str = ""
     """node spec from `clusterlm probe --out`: its cited peak, else its measured matmul TFLOP/s, is
     the MFU denominator; empty = the known-accelerator table on CUDA, unknown on CPU"""

@@ -60,6 +60,9 @@ def load_for_inference(arg: str | Path, device: str | torch.device = "cpu") -> L
         quantize_model(model, quant["method"], group_size=quant["group_size"], modules=quant["modules"],
                        empty=True)
     state = load_model_weights(path)
+    from clusterlm.checkpoint.compat import check_state_shapes
+
+    check_state_shapes(state, model, path / "model.safetensors")  # one line, not load_state_dict's 20
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in _tied_names(model)]
     if missing or unexpected:
@@ -73,11 +76,15 @@ def load_for_inference(arg: str | Path, device: str | torch.device = "cpu") -> L
 def read_checkpoint_config(path: Path) -> object:
     """The RunConfig saved in step folder `path` (config.toml)."""
     from clusterlm.config import resolve
+    from clusterlm.errors import ConfigError
 
     cfg_file = Path(path) / "config.toml"
     if not cfg_file.is_file():
         raise CheckpointError(f"{path} has no config.toml; it was not written by clusterlm")
-    return resolve(tomllib.loads(cfg_file.read_text(encoding="utf-8")))
+    try:
+        return resolve(tomllib.loads(cfg_file.read_text(encoding="utf-8")))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, ConfigError) as e:
+        raise CheckpointError(f"{cfg_file} is not a usable run config: {e}") from e
 
 
 def read_quantization(path: Path) -> dict | None:

@@ -138,6 +138,23 @@ def _np_to_json(x: Any) -> Any:
 
 
 # ---- low-level writers (module-level so tests can inject crashes) ------------------------------------------
+OS_ERRNO_RE = re.compile(r"os error (\d+)")
+
+
+def _named_os_error(e: BaseException, path: Path) -> OSError | None:
+    """An OSError naming `path` for an I/O failure that lost its file name: `f.write` on a full disk
+    raises ENOSPC without one, safetensors wraps it as "I/O error: ... (os error 28)". None when `e`
+    is not an I/O failure (a bug, re-raised as it is)."""
+    if isinstance(e, OSError):
+        if e.filename is not None:
+            return None
+        return OSError(e.errno, e.strerror or str(e), str(path))
+    if isinstance(e, SafetensorError) and (m := OS_ERRNO_RE.search(str(e))):
+        errno_ = int(m[1])
+        return OSError(errno_, os.strerror(errno_), str(path))
+    return None
+
+
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -147,10 +164,15 @@ def _fsync_file(path: Path) -> None:
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if (named := _named_os_error(e, path)) is not None:
+            raise named from e
+        raise
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -184,7 +206,12 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], what: str) -> N
             storages.add(c.untyped_storage().data_ptr())
         out[name] = c
     meta = {"format": "pt", ALIASES_META: json.dumps(aliases), ORDER_META: json.dumps(list(tensors))}
-    save_file(out, str(path), metadata=meta)
+    try:
+        save_file(out, str(path), metadata=meta)
+    except (SafetensorError, OSError) as e:
+        if (named := _named_os_error(e, path)) is not None:
+            raise named from e
+        raise
     _fsync_file(path)
 
 
@@ -357,10 +384,17 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.
             _fsync_file(tmp / "tokenizer.json")
         write_manifest(tmp, step)
         commit_folder(tmp, root / name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written: no step folder without its manifest
+        if (named := _named_os_error(e, tmp)) is not None:
+            raise named from e
         raise
-    move_latest(root, name)
+    try:
+        move_latest(root, name)
+    except OSError as e:  # the step folder is committed and complete; `latest` keeps naming the previous one
+        if (named := _named_os_error(e, root / LATEST)) is not None:
+            raise named from e
+        raise
     prune(root, keep_last, root / name)
     log.info("saved checkpoint %s", root / name)
     return root / name
@@ -461,6 +495,20 @@ def _scan(ckpt_root: Path) -> tuple[Path | None, list[tuple[Path, list[str]]]]:
     return None, rejected
 
 
+def scan_checkpoints(ckpt_root: Path | str) -> tuple[Path | None, list[tuple[Path, list[str]]]]:
+    """(newest step folder that verifies or None, [(newer folder that failed, its problems), ...])."""
+    return _scan(Path(ckpt_root))
+
+
+def describe_rejected(rejected: list[tuple[Path, list[str]]]) -> str:
+    """One short line per rejected checkpoint: its folder name and its first problem."""
+    lines = []
+    for q, probs in rejected:
+        more = f" (and {len(probs) - 1} more problems)" if len(probs) > 1 else ""
+        lines.append(f"  {q.name}: {probs[0]}{more}")
+    return "\n".join(lines)
+
+
 def find_latest_valid(ckpt_root: Path | str) -> Path | None:
     """The step folder with the highest step whose files verify; corrupt ones are skipped with a warning.
 
@@ -495,8 +543,8 @@ def resolve_checkpoint(arg: str | Path) -> Path:
         return best
     if not rejected:
         raise CheckpointError(f"no checkpoints in {root} (no step-NNNNNNNN folders); {usage}")
-    details = "\n".join(f"  {q.name}: {'; '.join(probs)}" for q, probs in rejected)
-    raise CheckpointError(f"no valid checkpoint in {root}; found {len(rejected)}, all rejected:\n{details}")
+    raise CheckpointError(f"no valid checkpoint in {root}; found {len(rejected)}, all rejected:\n"
+                          f"{describe_rejected(rejected)}")
 
 
 # ---- load ------------------------------------------------------------------------------------------------

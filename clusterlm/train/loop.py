@@ -35,7 +35,7 @@ import torch
 
 from clusterlm.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED
 from clusterlm.config import DataConfig, RunConfig, TrainConfig, load_run_config, split_overrides, to_toml
-from clusterlm.errors import ConfigError
+from clusterlm.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,34 @@ def batch_plan(train: TrainConfig, dp_size: int = 1) -> tuple[int, int]:
     return train.global_batch_tokens // micro_tokens, train.global_batch_tokens
 
 
+def _check_run_memory(cfg: RunConfig, dims: Any, accum: int, device: torch.device,
+                      amp_dtype: torch.dtype | None, distributed: bool) -> None:
+    """Refuse (ConfigError) a run whose predicted peak memory per device exceeds what is available;
+    every rank agrees, so none is left waiting in a collective when another refuses."""
+    import os
+
+    from clusterlm.parallel.agree import agree_any
+    from clusterlm.train.memcheck import amp_name, check_memory, predicted_peak_bytes
+
+    tc = cfg.train
+    need = predicted_peak_bytes(cfg.model, dims, micro_batch=tc.micro_batch_size, seq_len=tc.seq_len,
+                                dtype=amp_name(amp_dtype), recompute=cfg.parallel.activation_checkpointing,
+                                accum=accum)
+    # the ranks on one node share its RAM on CPU (torchrun sets LOCAL_WORLD_SIZE); a GPU is per rank
+    pool = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if distributed and device.type == "cpu" else 1
+    problem = None
+    try:
+        check_memory(need, device, processes_per_pool=pool)
+    except ConfigError as e:
+        problem = e
+    (refused,) = agree_any(distributed, problem is not None, device=device)
+    if problem is not None:
+        raise problem
+    if refused:
+        raise ConfigError("the memory check failed on another rank (its message gives the numbers); "
+                          "--train.skip_memory_check=true starts anyway")
+
+
 def _install_stop_handlers(flag: dict[str, Any]) -> dict[int, Any]:
     previous = {}
 
@@ -222,14 +250,23 @@ def _train(cfg: RunConfig) -> TrainResult:
     dims = validate_layout(cfg.parallel, mcfg, denv.world_size, tc.global_batch_tokens, tc.micro_batch_size,
                            tc.seq_len)
     accum, tokens_per_step = batch_plan(tc, dims.dp)
+    if not tc.skip_memory_check:  # before any checkpoint or model memory is allocated
+        _check_run_memory(cfg, dims, accum, device, amp_dtype, distributed)
 
     # -- resume point ------------------------------------------------------------------------------------
+    from clusterlm.checkpoint.compat import check_resume
     from clusterlm.checkpoint.distributed import is_distributed_checkpoint
-    from clusterlm.checkpoint.store import find_latest_valid
+    from clusterlm.checkpoint.store import describe_rejected, scan_checkpoints
 
     ckpt = ckpt_path = None
     if tc.resume == "auto":
-        ckpt_path = find_latest_valid(ckpt_root)
+        ckpt_path, rejected = scan_checkpoints(ckpt_root)
+        if ckpt_path is None and rejected:
+            # resume=auto was given: saying "resume with --train.resume=auto" would help no one
+            raise CheckpointError(
+                f"--train.resume=auto: all {len(rejected)} checkpoints in {ckpt_root} failed verification:\n"
+                f"{describe_rejected(rejected)}\nto start fresh, give another --train.out_dir (or move "
+                f"{ckpt_root} aside); to continue this run, restore a checkpoint from a copy")
         if ckpt_path is None:
             log.info("resume=auto: no valid checkpoint in %s, starting fresh", ckpt_root)
     elif tc.resume != "none":
@@ -238,6 +275,8 @@ def _train(cfg: RunConfig) -> TrainResult:
         ckpt_path = resolve_checkpoint(tc.resume)
     if distributed:
         ckpt_path = agree_on_checkpoint(ckpt_path, device)
+    if ckpt_path is not None:  # a model of another shape or another tokenizer: one line, before any load
+        check_resume(ckpt_path, mcfg, data_dir, data_dir / meta["tokenizer"]["file"])
     if ckpt_path is not None and not is_distributed_checkpoint(ckpt_path):
         if distributed:
             raise ConfigError(f"{ckpt_path} is a single-process checkpoint; resuming it on {denv.world_size} ranks "
@@ -273,6 +312,9 @@ def _train(cfg: RunConfig) -> TrainResult:
         state = RunState(**ts["run"])
         log.info("resumed from %s at step %d (%d tokens seen)", ckpt_path, state.step, state.tokens_seen)
     if ckpt is not None:
+        from clusterlm.checkpoint.compat import check_state_shapes
+
+        check_state_shapes(ckpt.model_state, model, ckpt.path / "model.safetensors")
         model.load_state_dict(ckpt.model_state)
         if ckpt.optimizer_state is not None:
             opt.load_state_dict(ckpt.optimizer_state)

@@ -231,8 +231,13 @@ class MetricsLogger:
         rec = _jsonable(record)
         rec.setdefault("time", time.time())
         f = self._jsonl()
-        f.write(json.dumps(rec, allow_nan=False) + "\n")
-        f.flush()
+        try:
+            f.write(json.dumps(rec, allow_nan=False) + "\n")
+            f.flush()
+        except OSError as e:  # a full disk: f.write's error names no file; the CLI prints this one (exit 74)
+            if e.filename is not None:
+                raise
+            raise OSError(e.errno, e.strerror or str(e), str(self.path)) from e
         step = rec.get("step")
         if tensorboard and isinstance(step, int) and (writer := self._tb()) is not None:
             for key, value in rec.items():
@@ -271,8 +276,11 @@ class MetricsLogger:
 
     def _close_files(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            f, self._file = self._file, None
+            try:
+                f.close()
+            except OSError as e:  # its buffer could not be flushed (disk full): name the file
+                raise OSError(e.errno, e.strerror or str(e), str(self.path)) from e
         if self._writer is not None:
             self._writer.close()
             self._writer = None
