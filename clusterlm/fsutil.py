@@ -223,6 +223,11 @@ def staging_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[P
         else:
             os.replace(tmp, final)
         fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        name = e.filename if isinstance(e, OSError) and isinstance(e.filename, str) else ""
+        if name == str(tmp) or name.startswith(str(tmp) + os.sep):
+            # a write into the (now removed) staging folder failed: name the file as it would have
+            # been called under `final`, which is what the user asked for
+            raise OSError(e.errno, e.strerror or str(e), str(final) + name[len(str(tmp)):]) from None
         raise
