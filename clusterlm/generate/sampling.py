@@ -3,6 +3,11 @@
 Nothing here holds state; randomness comes only from the `generator` passed in, so a seeded
 generator reproduces a sample exactly.
 
+Every finite temperature >= 0 and every top_p in (0, 1] is well defined, down to 5e-324 and up to
+1.8e308: a temperature below GREEDY_TEMPERATURE is greedy, the logits are shifted to a maximum of 0
+before the division (so it cannot overflow to inf and turn the softmax into NaN), and the nucleus
+always keeps the most likely token (so a top_p that rounds to 0 in float32 keeps one token, not none).
+
     >>> import torch
     >>> logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
     >>> sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
@@ -18,14 +23,22 @@ import math
 
 import torch
 
+# Temperatures below this are greedy (argmax). As T -> 0 the distribution concentrates on the
+# argmax; below 1e-6 only logits within ~1e-5 of the maximum keep any mass, a few float32 ulps
+# for logits of magnitude ~10, i.e. rounding noise. It also keeps 1 / T inside float32's range.
+GREEDY_TEMPERATURE = 1e-6
+_F32_MAX = torch.finfo(torch.float32).max
+
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise ValueError naming the bad value and the valid range."""
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature)
+            or temperature < 0):
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (below "
+                         f"{GREEDY_TEMPERATURE:g} = greedy)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k={top_k!r} must be an integer >= 1, or None to keep every token")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p={top_p!r} must be in (0, 1], or None to keep every token")
 
 
@@ -50,8 +63,27 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     probs = torch.softmax(sorted_logits.float(), dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the strictly better tokens
     drop = mass_before >= p  # a token is needed while the better ones sum to less than p
+    # p below float32's smallest subnormal compares as 0 >= 0: keep the top token explicitly
+    drop[..., 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
     return torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)
+
+
+def scale_by_temperature(logits: torch.Tensor, temperature: float | list[float]) -> torch.Tensor:
+    """float32 logits (B, V) / temperature, shifted so each row's maximum is 0: softmax-ready and
+    finite wherever the logits are, for any temperature >= GREEDY_TEMPERATURE (one float, or one
+    per row). The shift leaves the softmax unchanged and means the division can only underflow
+    (to -inf, probability 0), never overflow; a temperature beyond float32's range is clamped to
+    its maximum (the distribution is then uniform over the finite logits, as in the limit)."""
+    temps = [temperature] if isinstance(temperature, (int, float)) else list(temperature)
+    if min(temps) < GREEDY_TEMPERATURE:
+        raise ValueError(f"temperature={min(temps)!r} is below {GREEDY_TEMPERATURE:g}: sample greedily instead")
+    x = logits.float()
+    x = x - x.max(dim=-1, keepdim=True).values  # (B, V), <= 0
+    if len(temps) == 1:
+        return x / min(float(temps[0]), _F32_MAX)
+    t = torch.tensor([min(float(v), _F32_MAX) for v in temps], dtype=torch.float32, device=x.device)  # (B,)
+    return x / t[:, None]
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
@@ -64,14 +96,15 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
 def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float | None,
                 generator: torch.Generator | None) -> torch.Tensor:
     """One token id per row of logits (B, V) -> LongTensor (B,). temperature 0 = greedy (argmax;
-    top_k/top_p are then irrelevant). Otherwise softmax(logits / temperature) after top-k then
-    top-p filtering, drawn with `generator` (which must live on logits' device)."""
+    top_k/top_p are then irrelevant), and so is any temperature below GREEDY_TEMPERATURE. Otherwise
+    softmax(logits / temperature) after top-k then top-p filtering, drawn with `generator` (which
+    must live on logits' device)."""
     check_sampling_args(temperature, top_k, top_p)
     if logits.dim() != 2:
         raise ValueError(f"logits must be (B, V), got shape {tuple(logits.shape)}")
-    if temperature == 0:
+    if temperature < GREEDY_TEMPERATURE:
         return greedy(logits)
-    logits = logits.float() / temperature
+    logits = scale_by_temperature(logits, temperature)
     if top_k is not None:
         logits = apply_top_k(logits, top_k)
     if top_p is not None:

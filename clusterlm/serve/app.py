@@ -28,9 +28,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from clusterlm.serve.metrics import Metrics
-from clusterlm.serve.schemas import (ChatRequest, CompletionRequest, error_body, new_id, now, usage,
+from clusterlm.serve.schemas import (MAX_N, ChatRequest, CompletionRequest, error_body, new_id, now, usage,
                                      validation_message)
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 OPEN_PATHS = {"/health", "/ready", "/", "/favicon.ico"}  # no API key; /static/* too
 MAX_HEADER_BYTES = 16 * 1024
+BACKLOG = 128  # listen() queue, and the most connections asyncio accepts in one event-loop tick
 
 
 class Settings:
@@ -117,39 +119,61 @@ class _Guard:
         await self.app(scope, receive, send_counted)
 
 
-async def _read_json(request: Request, model: type[BaseModel], limit: int) -> BaseModel:
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+async def _read_json(request: Request, model: type[BaseModel], limit: int,
+                     ranges: dict[str, str] | None = None) -> BaseModel:
     """Body -> validated model. 413 over `limit` bytes (counted as it arrives: chunked bodies too),
-    400 for invalid UTF-8 or JSON, 422 for a schema violation naming the field and range."""
+    400 for invalid UTF-8 or JSON (NaN/Infinity, an integer too long to convert, a lone surrogate
+    escape such as "\\ud800"), 422 for a schema violation naming the field and range (`ranges`:
+    the server's own ranges for max_tokens and n)."""
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _Reject(_err(413, f"request body exceeds the limit of {limit} bytes"))
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _Reject(_err(413, f"request body exceeds the limit of {limit} bytes"))
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone, or closed by the body deadline (guard.py): nobody reads an answer
+        raise _Reject(Response(status_code=499)) from None
     body = b"".join(chunks)
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
         raise _Reject(_err(400, f"request body is not valid UTF-8 (byte {e.start})")) from None
     try:
-        json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
+        # ValueError: also an integer of over 4300 digits (CPython's int-conversion limit)
+        json.loads(text, parse_constant=_not_json)
+    except (ValueError, RecursionError) as e:
         raise _Reject(_err(400, f"request body is not valid JSON: {str(e)[:120]}")) from None
     try:
         return model.model_validate_json(text)
     except ValidationError as e:
-        msg, param = validation_message(model, e)
+        bad_json = [x for x in e.errors() if x["type"] == "json_invalid"]
+        if bad_json:  # JSON that Python reads but pydantic's strict parser does not: lone surrogates, huge numbers
+            raise _Reject(_err(400, f"request body is not valid JSON text: {bad_json[0]['msg'][:120]} "
+                                    "(unpaired surrogate escapes are not Unicode text; numbers must fit a "
+                                    "64-bit float)")) from None
+        msg, param = validation_message(model, e, ranges)
         raise _Reject(_err(422, msg, param=param)) from None
 
 
-def create_app(load: Callable[[], object], settings: Settings) -> _Guard:
+def create_app(load: Callable[[], object], settings: Settings,
+               on_load_error: Callable[[Exception], None] | None = None) -> _Guard:
     """The ASGI app to hand to uvicorn: FastAPI (as `.app`) inside the guard middleware. `load()`
     returns a clusterlm LoadedModel and runs in a thread at start-up, so /health answers at once
-    and /ready turns 200 after loading and warm-up."""
+    and /ready turns 200 after loading and warm-up. If loading or warm-up fails, /ready answers 503
+    with the reason and `on_load_error(exc)` is called from that thread (`main` stops the server
+    with it and exits naming the file)."""
     from clusterlm.generate.cli import CHAT_STOP, render_chat
     from clusterlm.serve.scheduler import Delta, Failed, QueueFull, SamplingParams, Scheduler
 
     metrics = Metrics()
+    n_limit = min(MAX_N, settings.max_batch)
+    # ranges that are the server's, shown in 422 messages for values below them (400 above them)
+    ranges = {"max_tokens": f"[1, {settings.max_new_tokens_limit}]", "n": f"[1, {n_limit}]"}
     state: dict[str, object] = {}
     ready = threading.Event()
 
@@ -165,9 +189,15 @@ def create_app(load: Callable[[], object], settings: Settings) -> _Guard:
             ready.set()
             log.info("serving %s: max_batch=%d max_queue=%d", settings.model_name, settings.max_batch,
                      settings.max_queue)
-        except Exception:
-            log.exception("loading the model failed")
+        except Exception as e:
+            if on_load_error is None:
+                log.exception("loading the model failed")
+            else:
+                log.debug("loading the model failed", exc_info=True)
             state["error"] = "loading the model failed; see the server log"
+            state["load_error"] = e
+            if on_load_error is not None:
+                on_load_error(e)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -226,9 +256,9 @@ def create_app(load: Callable[[], object], settings: Settings) -> _Guard:
         if req.max_tokens is not None and req.max_tokens > limit:
             raise _Reject(_err(400, f"max_tokens={req.max_tokens} is out of range; allowed [1, {limit}] "
                                     "(the server's --max-new-tokens-limit)", param="max_tokens"))
-        if req.n > settings.max_batch:
-            raise _Reject(_err(400, f"n={req.n} is out of range; allowed [1, {settings.max_batch}] "
-                                    "(the server's --max-batch)", param="n"))
+        if req.n > n_limit:
+            raise _Reject(_err(400, f"n={req.n} is out of range; allowed [1, {n_limit}] "
+                                    f"(min({MAX_N}, the server's --max-batch))", param="n"))
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError:
@@ -328,14 +358,14 @@ def create_app(load: Callable[[], object], settings: Settings) -> _Guard:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req = await _read_json(request, CompletionRequest, settings.max_body_bytes)
+        req = await _read_json(request, CompletionRequest, settings.max_body_bytes, ranges)
         ids, params = _check(req, req.prompt)
         inc = bool(req.stream_options and req.stream_options.include_usage)
         return await _run(request, ids, params, req.n, False, req.stream, inc)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req = await _read_json(request, ChatRequest, settings.max_body_bytes)
+        req = await _read_json(request, ChatRequest, settings.max_body_bytes, ranges)
         prompt = render_chat([{"role": m.role, "content": m.content} for m in req.messages])
         ids, params = _check(req, prompt)
         stops = tuple(req.stops) + ((CHAT_STOP,) if len(req.stops) < 4 else ())  # the template's turn marker
@@ -351,6 +381,22 @@ def _sse(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
 
 
+def _read_key(path: str) -> str:
+    """The key on the first line of `path`; a warning when the file is readable by others."""
+    import os
+    import stat
+
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o077:
+        who = "everyone" if mode & 0o007 else "its group"
+        log.warning("API key file %s has mode %04o: readable by %s; run `chmod 600 %s`", path, mode, who, path)
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    key = lines[0].strip() if lines else ""
+    if not key:
+        raise ValueError(f"--api-key-file {path} is empty; put the key on its first line")
+    return key
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="clusterlm serve",
                                 description="Serve a checkpoint over an OpenAI-compatible HTTP API.")
@@ -364,6 +410,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     p.add_argument("--max-new-tokens-limit", type=int, default=512, help="upper bound on max_tokens")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--max-connections", type=int, default=1000,
+                   help="open connections at most; beyond it the oldest one without complete request headers "
+                        "is closed, or the new one is answered 503 when every connection is busy")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection has to send complete request headers (slow clients are closed)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds from complete headers to the end of the request body")
     p.add_argument("--model-name", default=None, help="the id in /v1/models (default: the run folder's name)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=1,
@@ -374,20 +427,17 @@ def main(argv: list[str]) -> int:
     import uvicorn
 
     from clusterlm.checkpoint.model_io import load_for_inference
+    from clusterlm.errors import CheckpointError, ClusterlmError
+    from clusterlm.serve.guard import ConnectionLimits, RateLimitFilter, bind, protocol_class, raise_open_file_limit
 
     if args.threads < 0:
         raise ValueError(f"--threads={args.threads} must be >= 0 (0 = torch's default)")
-    if args.threads and args.device == "cpu":
-        import torch
-
-        torch.set_num_threads(args.threads)
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port={args.port} must be in [1, 65535]")
+    limits = ConnectionLimits(max_connections=args.max_connections, header_timeout=args.header_timeout,
+                              body_timeout=args.body_timeout)
     if args.api_key_file:
-        lines = Path(args.api_key_file).read_text(encoding="utf-8").splitlines()
-        key = lines[0].strip() if lines else ""
-        if not key:
-            raise ValueError(f"--api-key-file {args.api_key_file} is empty; put the key on its first line")
+        key = _read_key(args.api_key_file)
     else:
         key = secrets.token_urlsafe(24)
         print(f"API key (generated; pass --api-key-file to choose one): {key}", flush=True)
@@ -398,9 +448,56 @@ def main(argv: list[str]) -> int:
     settings = Settings(api_key=key, model_name=name, max_batch=args.max_batch, max_queue=args.max_queue,
                         max_new_tokens_limit=args.max_new_tokens_limit, max_body_bytes=args.max_body_bytes,
                         device=args.device)
-    app = create_app(lambda: load_for_inference(ckpt, device=args.device), settings)
-    config = uvicorn.Config(app, host=args.host, port=args.port, http="h11", lifespan="on",
+    soft, _ = raise_open_file_limit()
+    # asyncio accepts up to `backlog` connections per event-loop tick before any protocol sees them
+    # (and may do so again before the evicted ones are closed), so the cap leaves 2 x BACKLOG
+    # descriptors spare, plus 64 for the model files, logs and the listener
+    if 0 < soft < limits.max_connections + 2 * BACKLOG + 64:
+        cap = max(1, soft - 2 * BACKLOG - 64)
+        log.warning("--max-connections=%d lowered to %d: the open-file limit is %d (raise `ulimit -Hn` for more)",
+                    limits.max_connections, cap, soft)
+        limits.max_connections = cap
+    # one line per kind of repeated message every 5 s: a flood of bad or refused connections (or
+    # accept() failing with "Too many open files") must not flood the log as well
+    flood = RateLimitFilter(period=5.0)
+    for name_ in ("asyncio", "uvicorn.error", "clusterlm.serve.guard"):
+        logging.getLogger(name_).addFilter(flood)
+    sock = bind(args.host, args.port, backlog=BACKLOG)  # the port first: a busy one fails before the model loads
+    if args.threads and args.device == "cpu":
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    def load() -> object:
+        try:
+            return load_for_inference(ckpt, device=args.device)
+        except ClusterlmError:
+            raise
+        except Exception as e:  # torch/safetensors errors on a truncated or foreign file: name the checkpoint
+            raise CheckpointError(f"checkpoint {ckpt} cannot be loaded: {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}") from e
+
+    failed: list[Exception] = []
+
+    def on_load_error(e: Exception) -> None:
+        failed.append(e)
+        server.should_exit = True  # uvicorn's main loop checks it every 0.1 s
+
+    app = create_app(load, settings, on_load_error)
+    config = uvicorn.Config(app, http=protocol_class(limits), ws="none", lifespan="on", backlog=BACKLOG,
                             h11_max_incomplete_event_size=MAX_HEADER_BYTES, log_level="info",
                             timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    log.info("listening on http://%s:%d (at most %d connections, header timeout %g s); loading %s", shown,
+             args.port, limits.max_connections, limits.header_timeout, ckpt)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if failed:
+        e = failed[0]
+        if isinstance(e, ClusterlmError):
+            raise e
+        raise CheckpointError(f"checkpoint {ckpt} cannot be served: {type(e).__name__}: {e}") from e
     return 0

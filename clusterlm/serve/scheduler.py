@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from clusterlm.generate.cli import TextStream
-from clusterlm.generate.sampling import apply_top_p, greedy
+from clusterlm.generate.sampling import (GREEDY_TEMPERATURE, apply_top_p, check_sampling_args, greedy,
+                                        scale_by_temperature)
 from clusterlm.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
+        check_sampling_args(self.temperature, None, self.top_p)
 
 
 @dataclass
@@ -341,14 +343,15 @@ def _deliver(items: list[tuple[asyncio.Queue, Delta | Finished]]) -> None:
 
 def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator]) -> list[int]:
     """One token per row of logits (B, V), each row with its own temperature, top_p and generator.
-    Greedy rows take the argmax; the others are drawn in one batch by inverse CDF, with a uniform
-    from each row's own generator (so a seeded row reproduces whatever else is in the batch)."""
+    Greedy rows (temperature below GREEDY_TEMPERATURE) take the argmax; the others are drawn in one
+    batch by inverse CDF, with a uniform from each row's own generator (so a seeded row reproduces
+    whatever else is in the batch). Temperature and top_p go through generate.sampling's functions,
+    which are well defined for every value the request schema admits."""
     out = greedy(logits)  # (B,)
-    rows = [b for b, p in enumerate(params) if p.temperature > 0]
+    rows = [b for b, p in enumerate(params) if p.temperature >= GREEDY_TEMPERATURE]
     if rows:
         idx = torch.tensor(rows, device=logits.device)
-        temps = torch.tensor([params[b].temperature for b in rows], device=logits.device)
-        x = logits[idx].float() / temps[:, None]  # (R, V)
+        x = scale_by_temperature(logits[idx], [params[b].temperature for b in rows])  # (R, V)
         for top_p in {params[b].top_p for b in rows} - {1.0}:  # nucleus filtering, per distinct top_p
             sel = torch.tensor([i for i, b in enumerate(rows) if params[b].top_p == top_p], device=logits.device)
             x[sel] = apply_top_p(x[sel], top_p)

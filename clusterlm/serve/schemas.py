@@ -2,8 +2,9 @@
 
 Requests are validated here (pydantic): every numeric field has bounds, and a value out of range
 is answered 422 with a message naming the field and the allowed range (`validation_message`).
-Limits that depend on the server (max_tokens against --max-new-tokens-limit, n against
---max-batch, the prompt against the model's context) are checked by the app and answered 400.
+Non-finite numbers (1e400 parses as inf) are rejected. Limits that depend on the server (max_tokens
+above --max-new-tokens-limit, n above min(16, --max-batch), the prompt against the model's context)
+are checked by the app and answered 400 naming the server's range, however large the value.
 
 Unknown-field policy: a field this server does not know is REJECTED (422 naming it), so a client
 never believes an option took effect when it did not. Fields OpenAI defines that have no effect
@@ -39,10 +40,10 @@ class StreamOptions(_Strict):
 
 class _Sampling(_Strict):
     model: str = Field(max_length=256)
-    max_tokens: int | None = Field(default=None, ge=1, le=2**31 - 1)
+    max_tokens: int | None = Field(default=None, ge=1)  # the upper bound is the server's: app.py, 400
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=MAX_N)
+    n: int = Field(default=1, ge=1)  # upper bound min(MAX_N, --max-batch): app.py, 400
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stream: bool = False
@@ -128,9 +129,11 @@ def _range_of(model: type[BaseModel], field: str) -> str | None:
     return f"{'(' if lo_open else '['}{lo_s}, {hi_s}{')' if hi_open else ']'}"
 
 
-def validation_message(model: type[BaseModel], err: ValidationError) -> tuple[str, str | None]:
+def validation_message(model: type[BaseModel], err: ValidationError,
+                       ranges: dict[str, str] | None = None) -> tuple[str, str | None]:
     """One readable line for a pydantic error: 'field: problem (allowed range [lo, hi])', and the
-    first offending field's name (OpenAI's `param`)."""
+    first offending field's name (OpenAI's `param`). `ranges` overrides the range shown for fields
+    whose bounds are the server's (max_tokens, n)."""
     parts, first = [], None
     for e in err.errors()[:5]:
         loc = ".".join(str(x) for x in e["loc"]) or "body"
@@ -138,7 +141,8 @@ def validation_message(model: type[BaseModel], err: ValidationError) -> tuple[st
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field (this server rejects fields it does not implement; see docs/serving.md)"
-        rng = _range_of(model, str(e["loc"][0])) if e["loc"] else None
+        top = str(e["loc"][0]) if e["loc"] else ""
+        rng = (ranges or {}).get(top) or (_range_of(model, top) if top else None)
         if rng is not None:
             msg += f" (allowed range {rng})"
         got = e.get("input")

@@ -120,3 +120,51 @@ def test_helpers_validate_and_shape() -> None:
         apply_top_p(torch.zeros(1, 4), 2)
     with pytest.raises(ValueError, match=r"\(B, V\)"):
         sample_next(torch.zeros(1, 2, 4), temperature=1.0, top_k=None, top_p=None, generator=None)
+
+
+# every temperature and top_p the CLI or the server's schema admits, at the edges of float32 and float64
+EDGE_TEMPERATURES = [5e-324, 1e-300, 1e-45, 1e-39, 1.1754943508222875e-38, 1e-7, 9.99e-7, 1e-6, 1e-3, 2.0,
+                     3.4028234663852886e38, 1e300, 1.7976931348623157e308]
+EDGE_TOP_P = [5e-324, 1e-300, 1e-46, 1e-45, 1e-39, 1e-8, 0.5, 1 - 1e-9, 1.0]
+
+
+@pytest.mark.parametrize("temperature", EDGE_TEMPERATURES)
+@pytest.mark.parametrize("top_p", [None, 1e-46, 0.9])
+def test_tiny_and_huge_temperatures_are_well_defined(temperature: float, top_p: float | None) -> None:
+    """Issue 12, failure 4: temperature 1e-39 or 1e-300 overflowed logits / T in float32 (NaN probabilities:
+    "probability tensor contains either inf, nan"). Below GREEDY_TEMPERATURE the draw is the argmax;
+    above it a draw is a valid id; at T >= float32's max every token is possible (uniform, the limit)."""
+    from clusterlm.generate.sampling import GREEDY_TEMPERATURE
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[3.0, 1.0, 40.0, -2.0], [1e30, -1e30, 0.0, 5.0]])  # (2, 4), a huge spread too
+    draws = torch.stack([sample_next(logits, temperature=temperature, top_k=None, top_p=top_p, generator=g)
+                         for _ in range(200)])  # (200, 2)
+    assert ((draws >= 0) & (draws < 4)).all()
+    if temperature < 1e-3 or top_p == 1e-46:
+        assert (draws == torch.tensor([2, 0])).all()  # the argmax, every time
+    if temperature < GREEDY_TEMPERATURE:
+        assert torch.equal(draws[0], greedy(logits))
+    if temperature >= 1e300 and top_p is None:
+        assert set(draws[:, 0].tolist()) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("top_p", EDGE_TOP_P)
+def test_top_p_never_empties_the_nucleus(top_p: float) -> None:
+    """Issue 12, failure 4: top_p=1e-46 rounds to 0 in float32 and the nucleus test `mass_before >= p`
+    dropped every token (all -inf, NaN after softmax). The top token survives every p in (0, 1]."""
+    logits = torch.tensor([[0.1, 2.0, -1.0, 0.5]])
+    out = apply_top_p(logits, top_p)
+    assert math.isfinite(out[0, 1].item())
+    probs = torch.softmax(out, dim=-1)
+    assert torch.isfinite(probs).all() and probs.sum().item() == pytest.approx(1.0)
+    if top_p < 0.4:
+        assert torch.isfinite(out).sum().item() == 1
+
+
+def test_temperature_rejects_bools_and_non_finite() -> None:
+    """A bool is not a temperature or top_p (True would silently mean 1); inf and NaN name the value."""
+    for kw in (dict(temperature=True), dict(temperature=float("inf")), dict(top_p=True), dict(top_p=float("nan"))):
+        args = dict(temperature=1.0, top_k=None, top_p=None) | kw
+        with pytest.raises(ValueError, match="temperature=|top_p="):
+            sample_next(torch.zeros(1, 4), **args, generator=None)

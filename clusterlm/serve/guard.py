@@ -1,0 +1,207 @@
+"""Connection-level defences of `clusterlm serve`: slow clients, too many connections, log floods.
+
+uvicorn's h11 protocol has no deadline for a request's headers (its keep-alive timer stops at the
+first byte), so a client that sends one header line every few seconds holds a connection and a
+file descriptor forever; a thousand of them exhaust the open-file limit and every accept() then
+fails (with an error logged each time). `protocol_class` closes that hole:
+
+- headers must be complete within `header_timeout` seconds of the connection opening (or of the
+  previous response on a keep-alive connection), the body within `body_timeout` seconds of the
+  headers; otherwise the connection is closed without an answer;
+- at most `max_connections` are open: a new one beyond the cap evicts the oldest connection that
+  has not sent complete headers yet (a slow client, or an idle keep-alive one), so real requests
+  still get in during a slow-client attack; when none is evictable it is answered 503 and closed.
+
+`raise_open_file_limit` lifts the soft RLIMIT_NOFILE to the hard limit, `RateLimitFilter` keeps
+repeated errors to one line per kind per period, and `bind` takes the port before the model loads.
+
+    limits = ConnectionLimits(max_connections=1000, header_timeout=10.0, body_timeout=30.0)
+    config = uvicorn.Config(app, http=protocol_class(limits), ...)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from clusterlm.errors import ClusterlmError, ResourceBusyError
+
+log = logging.getLogger(__name__)
+
+_BUSY_BODY = b'{"error": {"message": "too many open connections", "type": "unavailable", "param": null, "code": null}}'
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+         b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
+
+
+@dataclass
+class ConnectionLimits:
+    max_connections: int = 1000
+    header_timeout: float = 10.0  # seconds from connect (or the last response) to complete headers
+    body_timeout: float = 30.0  # seconds from complete headers to the end of the body
+    # connections still waiting for complete headers, oldest first: the ones a new connection evicts
+    waiting: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    evicted: int = 0
+    refused: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections={self.max_connections} must be >= 1")
+        for name in ("header_timeout", "body_timeout"):
+            v = getattr(self, name)
+            if not 0 < v <= 3600:
+                raise ValueError(f"{name}={v} must be in (0, 3600] seconds")
+
+
+def protocol_class(limits: ConnectionLimits) -> type[H11Protocol]:
+    """uvicorn's H11Protocol with the read deadlines and the connection cap of `limits`; pass it as
+    uvicorn.Config(http=...)."""
+
+    class GuardedH11Protocol(H11Protocol):
+        _limits = limits
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            self._deadline: asyncio.TimerHandle | None = None
+            self._phase = "headers"
+            super().connection_made(transport)
+            lim = self._limits
+            if len(self.connections) > lim.max_connections:
+                if lim.waiting:
+                    oldest, _ = lim.waiting.popitem(last=False)
+                    lim.evicted += 1
+                    log.warning("connection cap of %d reached: closed the oldest connection without complete "
+                                "request headers (%d so far)", lim.max_connections, lim.evicted)
+                    oldest._close()
+                else:
+                    lim.refused += 1
+                    log.warning("connection cap of %d reached, every connection busy: answered 503 (%d so far)",
+                                lim.max_connections, lim.refused)
+                    self.connections.discard(self)
+                    transport.write(_BUSY)
+                    transport.close()
+                    return
+            self._arm("headers")
+
+        def _arm(self, phase: str) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._phase = phase
+            if phase == "headers":
+                self._limits.waiting[self] = None
+                self._deadline = self.loop.call_later(self._limits.header_timeout, self._expire)
+            else:
+                self._limits.waiting.pop(self, None)
+                self._deadline = (self.loop.call_later(self._limits.body_timeout, self._expire)
+                                  if phase == "body" else None)
+
+        def _expire(self) -> None:
+            # the deadline passed while still reading this phase: the client is too slow, drop it
+            self._deadline = None
+            if self._phase in ("headers", "body"):
+                self._close()
+
+        def _close(self) -> None:
+            self._limits.waiting.pop(self, None)
+            if not self.transport.is_closing():
+                self.transport.close()  # connection_lost follows: the app sees a disconnect
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            # their_state moves IDLE -> SEND_BODY (headers parsed) -> DONE (body read)
+            state = self.conn.their_state
+            if self._phase == "headers" and state is not h11.IDLE:
+                self._arm("body" if state is h11.SEND_BODY else "idle")
+            if self._phase == "body" and state is not h11.SEND_BODY:
+                self._arm("idle")
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            # keep-alive: the next request's headers get their own deadline (a pipelined request may
+            # already have been parsed by the call above)
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self._arm("headers")
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._arm("closed")
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """Lift the soft RLIMIT_NOFILE to the hard limit (each connection holds one descriptor; the
+    usual soft default of 1024 is far below what the kernel allows). Returns (soft, hard) after."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return (-1, -1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:  # e.g. above fs.nr_open: keep the old soft limit
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, target, e)
+    return soft, hard
+
+
+class RateLimitFilter(logging.Filter):
+    """At most one record per kind (logger, level, first line of the message template) every
+    `period` seconds; the next one that passes says how many were suppressed. Added to a logger, it
+    sees the records logged on that logger (not its children)."""
+
+    def __init__(self, period: float = 5.0) -> None:
+        super().__init__()
+        self.period = period
+        self._last: dict[tuple, tuple[float, int]] = {}  # kind -> (time of the last emitted, suppressed since)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = (record.name, record.levelno, str(record.msg).split("\n", 1)[0][:100])
+        now = time.monotonic()
+        last, suppressed = self._last.get(kind, (-float("inf"), 0))
+        if now - last < self.period:
+            self._last[kind] = (last, suppressed + 1)
+            return False
+        if len(self._last) > 1000:  # many distinct kinds: forget the old ones rather than grow
+            self._last.clear()
+        self._last[kind] = (now, 0)
+        if suppressed:
+            record.msg = f"{record.msg} ({suppressed} more like this in the last {now - last:.0f} s, not logged)"
+        return True
+
+
+def bind(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening socket on host:port, taken before the model loads, so a port in use is reported
+    at once (ResourceBusyError) rather than after a load that may take minutes."""
+    try:
+        family, type_, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                           flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise ClusterlmError(f"--host {host!r} is not an address of this machine: {e.strerror}") from None
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    sock = socket.socket(family, type_, proto)
+    try:
+        # a restart may rebind while the last run's connections sit in TIME_WAIT; Linux still
+        # refuses a port another socket listens on
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(backlog)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ResourceBusyError(f"{shown} is already in use by another process; stop it or choose "
+                                    "another --port") from None
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise ClusterlmError(f"{shown}: permission denied (ports below 1024 need privileges); "
+                                 "choose --port 1024 or above") from None
+        raise ClusterlmError(f"cannot listen on {shown}: {e.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
