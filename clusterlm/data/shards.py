@@ -131,11 +131,13 @@ def hash_shard(path: str | os.PathLike, vocab_size: int | None = None) -> tuple[
     width = header.dtype.itemsize
     h = hashlib.sha256()
     top, pos = -1, 0
-    with open(path, "rb") as f:
+    buf = memoryview(bytearray(_VERIFY_CHUNK))  # reused: no allocation per read
+    with open(path, "rb", buffering=0) as f:
         h.update(f.read(HEADER_SIZE))
-        while chunk := f.read(_VERIFY_CHUNK):
+        while n := f.readinto(buf):
+            chunk = buf[:n]
             h.update(chunk)
-            ids = np.frombuffer(chunk, dtype=header.dtype, count=len(chunk) // width)
+            ids = np.frombuffer(chunk, dtype=header.dtype, count=n // width)
             if ids.size:
                 m = int(ids.max())
                 if vocab_size is not None and m >= vocab_size:
