@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 MAGIC = b"CLMTOKS\0"
 SHARD_VERSION = 1
 META_VERSION = 1
-HEADER = struct.Struct("<8sIIQ8s")  # magic, version, bytes/token, count, reserved
+HEADER = struct.Struct("<8sIIQ8x")  # magic, version, bytes/token, count, reserved (zero)
 HEADER_SIZE = HEADER.size  # 32
 _DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 
@@ -69,7 +69,7 @@ def encode_shard(tokens: np.ndarray, dtype: np.dtype) -> bytes:
         raise DataError(f"a shard holds a 1-D token array, got shape {tokens.shape}")
     if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(dtype).max):
         raise DataError(f"token ids in [{tokens.min()}, {tokens.max()}] do not fit {dtype.name}")
-    header = HEADER.pack(MAGIC, SHARD_VERSION, dtype.itemsize, tokens.size, bytes(8))
+    header = HEADER.pack(MAGIC, SHARD_VERSION, dtype.itemsize, tokens.size)
     return header + tokens.astype(dtype, copy=False).tobytes()
 
 
@@ -87,7 +87,8 @@ def read_header(path: str | os.PathLike) -> ShardHeader:
         raise DataError(f"shard {path} is missing") from None
     if len(raw) < HEADER_SIZE:
         raise DataError(f"shard {path} is {len(raw)} bytes, shorter than the {HEADER_SIZE}-byte header")
-    magic, version, width, count, reserved = HEADER.unpack(raw)
+    magic, version, width, count = HEADER.unpack(raw)
+    reserved = raw[24:HEADER_SIZE]
     if magic != MAGIC:
         raise DataError(f"{path} is not a clusterlm token shard (magic {magic!r}, expected {MAGIC!r})")
     if version != SHARD_VERSION:
