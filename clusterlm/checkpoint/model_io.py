@@ -49,6 +49,9 @@ def load_for_inference(arg: str | Path, device: str | torch.device = "cpu") -> L
     if not tok_file.is_file():
         raise CheckpointError(f"{path} has no tokenizer.json")
     tokenizer = load_tokenizer(tok_file)
+    if tokenizer.vocab_size > cfg.model.padded_vocab_size:  # its ids would index past the embedding
+        raise CheckpointError(f"{tok_file} has {tokenizer.vocab_size} tokens but the model in {path}/config.toml has "
+                              f"vocab_size={cfg.model.vocab_size}; the checkpoint's files disagree (was one replaced?)")
     with torch.device("meta"):
         model = build_model(cfg.model)
     model.to_empty(device=device)

@@ -282,6 +282,12 @@ def _train(cfg: RunConfig) -> TrainResult:
             raise ConfigError(f"{ckpt_path} is a single-process checkpoint; resuming it on {denv.world_size} ranks "
                               "is not supported (distributed runs save DCP checkpoints, which load on any layout)")
         ckpt = load_checkpoint(ckpt_path)
+        missing = [k for k in ("run", "loader") if k not in ckpt.train_state]
+        if missing or ckpt.optimizer_state is None:  # written by convert/quantize/prune: weights only
+            raise CheckpointError(f"{ckpt_path} holds weights without the training state a resume needs "
+                                  f"({', '.join(missing) or 'optimizer'} missing: written by convert, quantize or "
+                                  "prune?); it can be evaluated or served, not resumed; start fresh with another "
+                                  "--train.out_dir")
     if ckpt_path is None and ckpt_root.exists() and any(ckpt_root.glob("step-*")):
         raise ConfigError(f"{out_dir} already has checkpoints; resume with --train.resume=auto "
                           "or choose another --train.out_dir")

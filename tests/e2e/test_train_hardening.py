@@ -286,3 +286,38 @@ def test_all_checkpoints_corrupt_under_resume_auto(corpora, tmp_path):
     assert any(line.strip().startswith("step-00000002: manifest.json is missing") for line in lines)
     assert "another --train.out_dir" in lines[-1]
     assert "resume with --train.resume=auto" not in msg
+
+
+# ---- the same class elsewhere -------------------------------------------------------------------------
+def test_resume_from_weights_only_checkpoint_is_one_line(corpora, tmp_path):
+    """A checkpoint with weights only (as convert, quantize and prune write) resumed with
+    --train.resume=PATH was a KeyError traceback ('loader'); now one line saying why and what to do."""
+    from clusterlm.checkpoint.store import load_checkpoint, resolve_checkpoint, save_checkpoint
+    from clusterlm.train.loop import train
+
+    run = tmp_path / "r"
+    train(_cfg(corpora["base"], run, "--train.max_steps=2"))
+    ck = load_checkpoint(resolve_checkpoint(run))
+    save_checkpoint(tmp_path / "w" / "checkpoints", 0, model_state=ck.model_state, optimizer_state=None,
+                    train_state={"step": 0, "converted_from": "x"}, config_toml=ck.config_toml,
+                    tokenizer_path=ck.tokenizer_path)
+    with pytest.raises(CheckpointError, match=r"holds weights without the training state a resume needs"):
+        train(_cfg(corpora["base"], tmp_path / "new", f"--train.resume={json.dumps(str(tmp_path / 'w'))}"))
+
+
+def test_inference_refuses_a_tokenizer_larger_than_the_model(corpora, tmp_path):
+    """A tokenizer.json with more tokens than the model's vocabulary (files from two runs) would index
+    past the embedding at the first rare token; refused at load with both sizes."""
+    from clusterlm.checkpoint.model_io import load_for_inference
+    from clusterlm.checkpoint.store import MANIFEST, write_manifest
+    from clusterlm.train.loop import train
+
+    run = tmp_path / "r"
+    train(_cfg(corpora["base"], run, "--train.max_steps=2"))
+    step = run / "checkpoints" / "step-00000002"
+    shutil.copyfile(corpora["wider"] / json.loads((corpora["wider"] / "meta.json").read_text())["tokenizer"]["file"],
+                    step / "tokenizer.json")
+    (step / MANIFEST).unlink()
+    write_manifest(step, 2)
+    with pytest.raises(CheckpointError, match=r"tokenizer.json has \d+ tokens but the model in .* has vocab_size=\d+"):
+        load_for_inference(run)
