@@ -278,3 +278,86 @@ def test_builtin_shakespeare_char_as_the_trainer_calls_it(tmp_path: Path) -> Non
     assert len(train) == sp["train"]["documents"] and set(train) <= texts
     x, y = next(TokenLoader(out, "train", batch_size=2, seq_len=32, seed=0))
     assert tuple(x.shape) == (2, 32) and bool((x[:, 1:] == y[:, :-1]).all())
+
+
+# ---- memory and pathological documents --------------------------------------------------------------
+
+PEAK_RSS_CHILD = """
+import json, resource, sys
+from clusterlm.data.prepare import prepare
+import clusterlm.tokenizer.kinds  # noqa: F401  (imports are counted in the baseline)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+prepare([sys.argv[1]], sys.argv[2], tokenizer=sys.argv[3], workers=1)
+print(json.dumps({"base_kib": base, "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def write_one_document(path: Path, n_bytes: int, alphabet: bytes = b"abcdefghijklmnopqrstuvwxyz \n") -> None:
+    """One text file of `n_bytes` random characters from `alphabet` (seeded), written 1 MiB at a time."""
+    rng = np.random.default_rng(0)
+    table = np.frombuffer(alphabet, dtype=np.uint8)
+    with open(path, "wb") as f:
+        for start in range(0, n_bytes, 1 << 20):
+            f.write(table[rng.integers(0, table.size, min(1 << 20, n_bytes - start), dtype=np.uint8)].tobytes())
+
+
+@pytest.mark.parametrize("kind", ["char", "byte"])
+def test_one_large_document_peak_memory(tmp_path: Path, kind: str) -> None:
+    """Reference: the input's size. Preparing one 32 MB document (no newline-separated records,
+    --workers 1) raises the child's peak RSS (ru_maxrss) above its post-import baseline by less
+    than 8x the input: reading holds the bytes and the str, tokenizing the str and its uint16
+    tokens, shard writing a copy of a shard. The char tokenizer needed ~29x before it encoded
+    in blocks (916 MB for this input)."""
+    import subprocess
+    import sys
+
+    n = 32_000_000
+    write_one_document(tmp_path / "one.txt", n)
+    r = subprocess.run([sys.executable, "-c", PEAK_RSS_CHILD, str(tmp_path / "one.txt"), str(tmp_path / "out"), kind],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    extra = (got["peak_kib"] - got["base_kib"]) * 1024
+    assert extra < 8 * n, f"peak RSS grew by {extra / n:.1f}x the input"
+    meta = shards.read_meta(tmp_path / "out")
+    assert meta["splits"]["train"]["tokens"] == n + 1
+
+
+def test_encode_chunk_matches_per_document_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reference: each document encoded alone with `encode`, EOS appended, concatenated per split
+    (the layout prepare has always written). encode_chunk equals it for byte, char (8-character
+    blocks, so short documents are joined and long ones encoded in place) and bpe, with documents
+    of 0 to 40 characters, unknown characters and non-ASCII text in both splits."""
+    import clusterlm.tokenizer.char as char_module
+    from clusterlm.data.prepare import encode_chunk
+    from clusterlm.tokenizer.kinds import make_tokenizer, train_tokenizer
+
+    monkeypatch.setattr(char_module, "BLOCK_CHARS", 8, raising=False)
+    rng = np.random.default_rng(1)
+    alphabet = list("abcdé\n 🙂") + ["xyz"]
+    texts = ["".join(rng.choice(alphabet, size=int(k))) for k in rng.integers(0, 40, size=60)] + [""]
+    mask = bytes(int(v) for v in rng.integers(0, 2, size=len(texts)))
+    for tok in (make_tokenizer("byte"), train_tokenizer("char", ["abcdé\n "]),
+                train_tokenizer("bpe", texts * 3, vocab_size=280)):
+        want = ([], [])
+        for t, v in zip(texts, mask):
+            want[v].extend(tok.encode(t) + [tok.eos_id])
+        got = encode_chunk(tok, texts, mask, "uint16")
+        assert [g.dtype.name for g in got] == ["uint16", "uint16"]
+        assert [g.tolist() for g in got] == list(want), tok.kind
+
+
+def test_shard_writer_cuts_exactly(tmp_path: Path) -> None:
+    """Reference: the concatenation of everything added, cut every 7 tokens. Adds of 0, 1, 3, 7,
+    10 and 25 tokens (50 in all) give the same shards, the last one holding the last 1."""
+    from clusterlm.data.prepare import _ShardWriter
+
+    w = _ShardWriter(tmp_path, "train", np.dtype("uint16"), 7)
+    adds = [np.arange(k, dtype=np.uint16) + 100 * i for i, k in enumerate([3, 0, 10, 1, 25, 7, 4])]
+    for a in adds:
+        w.add(a)
+    files = w.close()
+    allt = np.concatenate(adds)
+    assert [f["tokens"] for f in files] == [7] * 7 + [1]
+    got = np.concatenate([np.asarray(shards.open_shard(tmp_path / f["file"])) for f in files])
+    assert got.tolist() == allt.tolist()

