@@ -141,3 +141,61 @@ def test_interrupted_prepare_leaves_nothing_complete(tmp_path: Path, sig: signal
     assert read_meta(tmp_path / "data")["counts"]["kept"] == 8
     if sig == signal.SIGKILL:
         assert "ignoring 1 staging folder(s) left by interrupted runs" in r.stderr
+
+
+# `clusterlm` whose BPE training is slow on purpose (the GPT-2 split without the piece cap, on
+# space-free text: quadratic) and which creates the file argv[1] once the trainer has read every
+# text, i.e. once it runs in Rust only, where no signal handler can run.
+SLOW_BPE_CLUSTERLM = """
+import sys
+from pathlib import Path
+import tokenizers
+import clusterlm.tokenizer.bpe as bpe
+marker = Path(sys.argv.pop(1))
+bpe.pre_tokenizer = lambda *a: tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+_sanitized = bpe._sanitized
+def sanitized(*args, **kwargs):
+    yield from _sanitized(*args, **kwargs)
+    marker.touch()
+bpe._sanitized = sanitized
+from clusterlm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig,workers", [(signal.SIGTERM, 2), (signal.SIGINT, 1)])
+def test_signal_during_bpe_training_ends_prepare_at_once(tmp_path: Path, sig: signal.Signals, workers: int) -> None:
+    """Reference: the time of the signal, sent 0.3 s after the trainer started its Rust-only phase
+    on one 150 kB space-free document (~10 s of training left). prepare exits 130 within 2 s of it,
+    says "interrupted", and leaves neither DATA_DIR nor a staging folder. Before training ran on a
+    helper thread, the signal waited for the trainer to return."""
+    import random
+
+    (tmp_path / "dna.txt").write_text("".join(random.Random(0).choices("acgtACGTnN", k=150_000)))
+    marker = tmp_path / "training"
+    cmd = [PY, "-c", SLOW_BPE_CLUSTERLM, str(marker), "prepare", "dna.txt", "--out", "data", "--tokenizer",
+           "bpe", "--vocab-size", "300", "--workers", str(workers)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None, f"prepare ended before training: {proc.communicate()}"
+            assert time.monotonic() < deadline, "training did not start within 60 s"
+            time.sleep(0.01)
+        time.sleep(0.3)
+        assert proc.poll() is None, "training ended before the signal: make the input larger"
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        try:
+            _, err = proc.communicate(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"prepare still running 2 s after {sig.name}")
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert elapsed < 2.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dna.txt", "training"]
