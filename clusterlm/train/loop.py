@@ -350,7 +350,14 @@ def _train(cfg: RunConfig) -> TrainResult:
 
     if rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.toml").write_text(to_toml(cfg))
+        from clusterlm.fsutil import atomic_write_text
+
+        try:  # atomic: a full disk leaves the previous config.toml, not half of the new one
+            atomic_write_text(out_dir / "config.toml", to_toml(cfg))
+        except OSError as e:
+            if e.filename is not None:
+                raise
+            raise OSError(e.errno, e.strerror or str(e), str(out_dir / "config.toml")) from e
     metrics = MetricsLogger(out_dir, tensorboard=tc.tensorboard, enabled=rank0)
     metrics.truncate_after(state.step)
     tokenizer_file = data_dir / meta["tokenizer"]["file"]
