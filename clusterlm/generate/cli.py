@@ -120,7 +120,8 @@ def sample_texts(ckpt: str, *, prompt: str = "", num_samples: int = 1, max_new_t
 def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="run directory, checkpoints folder or step folder")
     p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="0 = greedy, and so is any value below 1e-6 (sampling.GREEDY_TEMPERATURE)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
@@ -136,6 +137,9 @@ def _load(args):  # noqa: ANN001, ANN202
     from clusterlm.train.loop import resolve_device
 
     check_sampling_args(args.temperature, args.top_k, args.top_p)
+    # torch.Generator.manual_seed takes a signed or unsigned 64-bit integer; sample i uses seed + i
+    if args.seed is not None and not -(2**63) <= args.seed <= 2**63 - 1:
+        raise ValueError(f"--seed={args.seed} must be in [-2^63, 2^63 - 1]")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
     return load_for_inference(args.checkpoint, device=resolve_device(args.device))

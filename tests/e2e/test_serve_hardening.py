@@ -152,6 +152,8 @@ def test_generate_cli_tiny_temperature(run, capsys):
                   ["--temperature", "1", "--top-p", "1e-46"]):
         assert cli(base + extra) == 0, extra
         assert capsys.readouterr().out == want, extra
+    assert cli(base[:-1] + [str(2**64)]) == 2  # a seed torch cannot take: a message, not a traceback
+    assert "--seed=18446744073709551616 must be in" in capsys.readouterr().err
 
 
 # ---- 11: request fields answer the documented codes ----------------------------------------------------
