@@ -2,15 +2,14 @@
 tensor shapes before `load_state_dict` would fail with a 20-line size-mismatch traceback.
 
     check_resume(ckpt_path, run_model_cfg, data_dir, tokenizer_file)   # train --train.resume=...
-    check_state_shapes(state, model, where=path / "model.safetensors")   # eval, generate, serve, resume
 
+(`check_state_shapes`, for every load of weights into a model, lives in model_io.py.)
 Each raises CheckpointError with one line: the checkpoint, the two values (or shapes) and what to do.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,15 +82,3 @@ def check_resume(ckpt_path: Path, wanted: ModelConfig, data_dir: Path | None = N
                 f"checkpoint {ckpt_path} was trained with another tokenizer ({_tokenizer_summary(ckpt_tok)}) than "
                 f"the one of {data_dir or tokenizer_file} ({_tokenizer_summary(Path(tokenizer_file))}); resume with "
                 f"the data it was trained on (--data.dir={saved.data.dir}) {fresh}")
-
-
-def check_state_shapes(state: Mapping[str, Any], model: Any, where: str | Path) -> None:
-    """Every tensor of `state` that `model` also has must have the model's shape (names are checked
-    by load_state_dict itself). `model` is an nn.Module, possibly on the meta device."""
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    bad = [(k, tuple(v.shape), want[k]) for k, v in state.items() if k in want and tuple(v.shape) != want[k]]
-    if bad:
-        k, got, exp = bad[0]
-        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
-        raise CheckpointError(f"{where}: tensor {k} has shape {list(got)} but the model built from its config.toml "
-                              f"needs {list(exp)}{more}; the checkpoint's files disagree (was one replaced?)")

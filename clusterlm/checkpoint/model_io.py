@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -63,8 +65,6 @@ def load_for_inference(arg: str | Path, device: str | torch.device = "cpu") -> L
         quantize_model(model, quant["method"], group_size=quant["group_size"], modules=quant["modules"],
                        empty=True)
     state = load_model_weights(path)
-    from clusterlm.checkpoint.compat import check_state_shapes
-
     check_state_shapes(state, model, path / "model.safetensors")  # one line, not load_state_dict's 20
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in _tied_names(model)]
@@ -104,6 +104,18 @@ def read_quantization(path: Path) -> dict | None:
     if not (isinstance(q, dict) and q.get("method") in ("int8", "int4") and isinstance(q.get("modules"), list)):
         raise CheckpointError(f"{f}: 'quantization' must hold method int8|int4 and a modules list, got {q!r}")
     return q
+
+
+def check_state_shapes(state: Mapping[str, Any], model: Any, where: str | Path) -> None:
+    """Every tensor of `state` that `model` also has must have the model's shape (names are checked
+    by load_state_dict itself). `model` is an nn.Module, possibly on the meta device."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    bad = [(k, tuple(v.shape), want[k]) for k, v in state.items() if k in want and tuple(v.shape) != want[k]]
+    if bad:
+        k, got, exp = bad[0]
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise CheckpointError(f"{where}: tensor {k} has shape {list(got)} but the model built from its config.toml "
+                              f"needs {list(exp)}{more}; the checkpoint's files disagree (was one replaced?)")
 
 
 def _tied_names(model: torch.nn.Module) -> set[str]:

@@ -137,8 +137,6 @@ def _check_run_memory(cfg: RunConfig, dims: Any, accum: int, device: torch.devic
                       amp_dtype: torch.dtype | None, distributed: bool) -> None:
     """Refuse (ConfigError) a run whose predicted peak memory per device exceeds what is available;
     every rank agrees, so none is left waiting in a collective when another refuses."""
-    import os
-
     from clusterlm.parallel.agree import agree_any
     from clusterlm.train.memcheck import amp_name, check_memory, predicted_peak_bytes
 
@@ -146,11 +144,11 @@ def _check_run_memory(cfg: RunConfig, dims: Any, accum: int, device: torch.devic
     need = predicted_peak_bytes(cfg.model, dims, micro_batch=tc.micro_batch_size, seq_len=tc.seq_len,
                                 dtype=amp_name(amp_dtype), recompute=cfg.parallel.activation_checkpointing,
                                 accum=accum)
-    # the ranks on one node share its RAM on CPU (torchrun sets LOCAL_WORLD_SIZE); a GPU is per rank
-    pool = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if distributed and device.type == "cpu" else 1
+    # per rank: on CPU the ranks of one node share its RAM, but how many share it is known only to
+    # the launcher (parallel/), so a multi-rank CPU run is checked leniently, one rank's share
     problem = None
     try:
-        check_memory(need, device, processes_per_pool=pool)
+        check_memory(need, device)
     except ConfigError as e:
         problem = e
     (refused,) = agree_any(distributed, problem is not None, device=device)
@@ -318,7 +316,7 @@ def _train(cfg: RunConfig) -> TrainResult:
         state = RunState(**ts["run"])
         log.info("resumed from %s at step %d (%d tokens seen)", ckpt_path, state.step, state.tokens_seen)
     if ckpt is not None:
-        from clusterlm.checkpoint.compat import check_state_shapes
+        from clusterlm.checkpoint.model_io import check_state_shapes
 
         check_state_shapes(ckpt.model_state, model, ckpt.path / "model.safetensors")
         model.load_state_dict(ckpt.model_state)

@@ -2,7 +2,7 @@
 the memory this process may use.
 
     need = predicted_peak_bytes(mcfg, dims, micro_batch=12, seq_len=256, dtype="fp32", accum=1)
-    check_memory(need, device, processes_per_pool=1)   # raises ConfigError when it cannot fit
+    check_memory(need, device)   # raises ConfigError when it cannot fit
 
 Without the check a model too large for the machine (llama-70b in a 4 GB container) is killed by
 the kernel's OOM killer with exit 137 and no message, after the model has been allocated.
