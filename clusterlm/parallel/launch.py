@@ -17,6 +17,7 @@ import argparse
 import datetime
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -39,12 +40,17 @@ class DistEnv:
     master_addr: str = "127.0.0.1"
     master_port: int = DEFAULT_PORT
     source: str = "none"  # "torchrun", "slurm" or "none"
+    local_world_size: int = 1
+    """processes of this job on this node (they share its RAM and cores)"""
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank={self.rank} must be in [0, world_size={self.world_size}) ({self.source})")
         if self.local_rank < 0:
             raise ValueError(f"local_rank={self.local_rank} must be >= 0 ({self.source})")
+        if not 1 <= self.local_world_size <= self.world_size:
+            raise ValueError(f"local_world_size={self.local_world_size} must be in [1, world_size={self.world_size}] "
+                             f"({self.source})")
 
     @property
     def distributed(self) -> bool:
@@ -64,6 +70,7 @@ def read_env(env: Mapping[str, str] | None = None) -> DistEnv:
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistEnv(rank=_int(env, "RANK"), world_size=_int(env, "WORLD_SIZE"),
                        local_rank=_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+                       local_world_size=_int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else 1,
                        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
                        master_port=_int(env, "MASTER_PORT") if "MASTER_PORT" in env else DEFAULT_PORT,
                        source="torchrun")
@@ -79,9 +86,20 @@ def read_env(env: Mapping[str, str] | None = None) -> DistEnv:
         port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else DEFAULT_PORT
         return DistEnv(rank=_int(env, "SLURM_PROCID"), world_size=ntasks,
                        local_rank=_int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
+                       local_world_size=_slurm_tasks_on_node(env, ntasks),
                        master_addr=env.get("MASTER_ADDR") or expand_nodelist(nodelist)[0], master_port=port,
                        source="slurm")
     return DistEnv()
+
+
+def _slurm_tasks_on_node(env: Mapping[str, str], ntasks: int) -> int:
+    """Most tasks of this step on any one node, from SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE
+    ("2(x3),1" = 2 on each of 3 nodes, then 1), else 1. The largest count: what one node must hold."""
+    for key in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
+        counts = [int(c) for c in re.findall(r"(?:^|,)\s*(\d+)", env.get(key, ""))]
+        if counts:
+            return max(1, min(max(counts), ntasks))
+    return 1
 
 
 def init_distributed(dist_env: DistEnv | None = None, *, device_type: str = "auto",

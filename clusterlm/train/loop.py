@@ -134,7 +134,7 @@ def batch_plan(train: TrainConfig, dp_size: int = 1) -> tuple[int, int]:
 
 
 def _check_run_memory(cfg: RunConfig, dims: Any, accum: int, device: torch.device,
-                      amp_dtype: torch.dtype | None, distributed: bool) -> None:
+                      amp_dtype: torch.dtype | None, distributed: bool, ranks_on_node: int = 1) -> None:
     """Refuse (ConfigError) a run whose predicted peak memory per device exceeds what is available;
     every rank agrees, so none is left waiting in a collective when another refuses."""
     from clusterlm.parallel.agree import agree_any
@@ -144,11 +144,10 @@ def _check_run_memory(cfg: RunConfig, dims: Any, accum: int, device: torch.devic
     need = predicted_peak_bytes(cfg.model, dims, micro_batch=tc.micro_batch_size, seq_len=tc.seq_len,
                                 dtype=amp_name(amp_dtype), recompute=cfg.parallel.activation_checkpointing,
                                 accum=accum)
-    # per rank: on CPU the ranks of one node share its RAM, but how many share it is known only to
-    # the launcher (parallel/), so a multi-rank CPU run is checked leniently, one rank's share
+    # on CPU the ranks of one node share its RAM; each GPU has its own memory
     problem = None
     try:
-        check_memory(need, device)
+        check_memory(need, device, processes_per_pool=ranks_on_node if device.type == "cpu" else 1)
     except ConfigError as e:
         problem = e
     (refused,) = agree_any(distributed, problem is not None, device=device)
@@ -249,7 +248,7 @@ def _train(cfg: RunConfig) -> TrainResult:
                            tc.seq_len)
     accum, tokens_per_step = batch_plan(tc, dims.dp)
     if not tc.skip_memory_check:  # before any checkpoint or model memory is allocated
-        _check_run_memory(cfg, dims, accum, device, amp_dtype, distributed)
+        _check_run_memory(cfg, dims, accum, device, amp_dtype, distributed, denv.local_world_size)
 
     # -- resume point ------------------------------------------------------------------------------------
     from clusterlm.checkpoint.compat import check_resume

@@ -44,6 +44,18 @@ def test_read_env_torchrun_slurm_and_none():
         read_env({"RANK": "x", "WORLD_SIZE": "4"})
 
 
+def test_read_env_ranks_on_this_node():
+    """Processes sharing this node (its RAM, for the memory check): torchrun's LOCAL_WORLD_SIZE; under srun
+    the largest count of SLURM_STEP_TASKS_PER_NODE ("2(x2),3" = 2, 2, 3 -> 3); 1 when not said."""
+    assert read_env({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}).local_world_size == 2
+    srun = {"SLURM_PROCID": "1", "SLURM_NTASKS": "7", "SLURM_STEP_ID": "0", "SLURM_NODELIST": "n[1-3]"}
+    assert read_env(srun | {"SLURM_STEP_TASKS_PER_NODE": "2(x2),3"}).local_world_size == 3
+    assert read_env(srun | {"SLURM_TASKS_PER_NODE": "4"}).local_world_size == 4
+    assert read_env(srun).local_world_size == 1
+    with pytest.raises(ValueError, match="local_world_size=5"):
+        read_env({"RANK": "0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "5"})
+
+
 def test_threads_env_shares_the_cores_unless_set():
     """`clusterlm launch` gives each of N workers cores/N intra-op threads (torchrun alone would give 1),
     never fewer than 1, and leaves a user's OMP_NUM_THREADS alone."""
