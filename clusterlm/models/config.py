@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -60,8 +61,15 @@ class ModelConfig:
         for name in ("vocab_multiple", "n_layers", "dim", "n_heads", "max_seq_len", "ffn_multiple"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 1")
+        for name in ("rope_theta", "norm_eps", "dropout", "init_std"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be a finite number")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.rope_theta <= 0 or self.norm_eps <= 0:
+            raise ConfigError(f"model.rope_theta={self.rope_theta} and model.norm_eps={self.norm_eps} must be > 0")
+        if self.init_std < 0:
+            raise ConfigError(f"model.init_std={self.init_std} must be >= 0")
         if self.arch == "transformer":
             if self.head_size is not None and self.head_size < 1:
                 raise ConfigError(f"model.head_size={self.head_size} must be >= 1 (or unset for dim/n_heads)")

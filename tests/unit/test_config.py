@@ -176,6 +176,10 @@ def test_sections_built_in_python_reject_non_finite_values():
         OptimConfig(lr=float("inf"))
     with pytest.raises(ConfigError, match=r"train.grad_clip=nan is not a finite number"):
         TrainConfig(grad_clip=float("nan"))
+    from clusterlm.models.config import ModelConfig
+
+    with pytest.raises(ConfigError, match=r"model.rope_theta=inf must be a finite number"):
+        ModelConfig(rope_theta=float("inf"))
 
 
 @pytest.mark.parametrize("override, fragment", [
@@ -186,6 +190,9 @@ def test_sections_built_in_python_reject_non_finite_values():
     ("--plan.predicted_memory_bytes=-1", "plan.predicted_memory_bytes=-1 must be >= 0"),
     ("--train.max_steps=0", "train.max_steps=0 must be >= 1"),
     ("--train.micro_batch_size=0", "train.micro_batch_size=0 must be >= 1"),
+    ("--model.rope_theta=0", "model.rope_theta=0.0 and model.norm_eps=1e-05 must be > 0"),
+    ("--model.norm_eps=-1e-5", "must be > 0"),
+    ("--model.init_std=-0.02", "model.init_std=-0.02 must be >= 0"),
 ])
 def test_absurd_numbers_are_refused_with_the_key(override, fragment):
     """Negative seeds, vocabularies, eps and weight decay failed late (numpy's or torch's own message,
