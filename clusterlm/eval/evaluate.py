@@ -43,6 +43,12 @@ def evaluate_checkpoint(ckpt: str, *, data: str | None = None, split: str = "val
         raise DataError(f"{data_dir} was tokenized with {meta['tokenizer']['kind']} (vocab "
                         f"{meta['tokenizer']['vocab_size']}), the checkpoint uses {ckpt_tok.kind} (vocab "
                         f"{ckpt_tok.vocab_size}); prepare the data with the checkpoint's tokenizer.json")
+    if not _same_tokenizer(Path(loaded.path) / "tokenizer.json", data_dir / "tokenizer.json"):
+        # same kind and size, other tokens (another corpus's char set or merges): the ids would mean
+        # other text, and the loss would be reported as if they did not
+        raise DataError(f"{data_dir} was tokenized with another {ckpt_tok.kind} tokenizer of the same size "
+                        f"({ckpt_tok.vocab_size}) than checkpoint {loaded.path}; prepare the data with "
+                        f"--tokenizer {Path(loaded.path) / 'tokenizer.json'}")
     T = seq_len or cfg.train.seq_len
     batches = iter_eval_batches(data_dir, split, batch_size, T, max_batches=max_batches)
     amp = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None
@@ -61,6 +67,15 @@ def evaluate_checkpoint(ckpt: str, *, data: str | None = None, split: str = "val
         "bits_per_byte": bits_per_byte(res["loss"] * res["tokens"], n_bytes),
         "bytes_per_token": bytes_per_token,
     }
+
+
+def _same_tokenizer(a: Path, b: Path) -> bool:
+    """Both tokenizer files hold the same tokenizer (as parsed JSON); True when either is missing or
+    unreadable (the kind and size check above is then all there is)."""
+    try:
+        return json.loads(a.read_text(encoding="utf-8")) == json.loads(b.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return True
 
 
 def main(argv: list[str]) -> int:

@@ -51,6 +51,23 @@ def test_eval_reports_consistent_metrics(trained, tmp_path, capsys):
     assert res["tokens"] > 0
 
 
+def test_eval_refuses_data_of_another_tokenizer(trained, tmp_path, capsys):
+    """A data dir whose tokenizer has the checkpoint's kind and size but other contents (another corpus's
+    characters) is refused in one line naming both, exit 2; the ids would otherwise mean other text."""
+    import shutil
+
+    data, run = trained
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    tok["edited"] = True  # any change in content: the same kind and vocabulary size
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    capsys.readouterr()
+    assert cli(["eval", str(run), "--data", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another byte tokenizer of the same size" in err[0] and str(other) in err[0]
+
+
 def test_generate_is_seeded_and_streams(trained):
     """Same seed -> same text; the prompt is echoed; different seeds differ; greedy is deterministic."""
     from clusterlm.generate.cli import generate_main
