@@ -54,7 +54,8 @@ def run(tmp_path_factory) -> Path:
     model = build_model(cfg)
     model.init_weights(0)
     save_checkpoint(root / "run" / "checkpoints", 1, model_state=model.state_dict(), optimizer_state=None,
-                    train_state={"step": 1}, config_toml=to_toml(RunConfig(model=cfg)), tokenizer_path=root / "tok.json")
+                    train_state={"step": 1}, config_toml=to_toml(RunConfig(model=cfg)),
+                    tokenizer_path=root / "tok.json")
     return root / "run"
 
 
@@ -62,30 +63,34 @@ class _Serve:
     """`clusterlm serve` as a child process (its stderr is the server log) on a free port."""
 
     def __init__(self, run: Path, tmp: Path, *extra: str, nofile: tuple[int, int] | None = None) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         key = tmp / "key"
         key.write_text(KEY + "\n")
         key.chmod(0o600)
-        self.log_path = tmp / f"serve-{self.port}.log"
 
         def limit() -> None:  # in the child, before exec: the open-file limit the server starts with
             if nofile is not None:
                 resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
 
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "clusterlm", "serve", str(run), "--port", str(self.port),
-                                          "--api-key-file", str(key), "--model-name", "m", *extra],
-                                         stdout=log, stderr=log, preexec_fn=limit)
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            assert self.proc.poll() is None and time.time() < deadline, self.log()[-2000:]
-            time.sleep(0.1)
+        for _ in range(3):  # another process may take the free port before the child binds it (exit 69)
+            self.port = _free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            self.log_path = tmp / f"serve-{self.port}.log"
+            with open(self.log_path, "w") as log:
+                self.proc = subprocess.Popen([sys.executable, "-m", "clusterlm", "serve", str(run),
+                                              "--port", str(self.port), "--api-key-file", str(key),
+                                              "--model-name", "m", *extra],
+                                             stdout=log, stderr=log, preexec_fn=limit)
+            deadline = time.time() + 90
+            while self.proc.poll() is None:
+                try:
+                    if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                assert time.time() < deadline, self.log()[-2000:]
+                time.sleep(0.1)
+            assert self.proc.returncode == 69, self.log()[-2000:]
+        raise AssertionError(self.log()[-2000:])
 
     def log(self) -> str:
         return self.log_path.read_text()
