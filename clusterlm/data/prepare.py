@@ -312,6 +312,9 @@ def encode_chunk(tok: Any, texts: list[str], val_mask: bytes, dtype: str) -> tup
         sizes = [len(b) for b in ids]
     elif char:
         ids, sizes = [], [len(t) for t in texts]  # one id per str element
+    elif hasattr(tok, "encode_arrays"):  # BPE: long documents in slices, bounded batches (bpe.py)
+        ids = tok.encode_arrays(texts, dtype)
+        sizes = [a.size for a in ids]
     else:
         ids = tok.encode_batch(texts)  # Rust, parallel unless TOKENIZERS_PARALLELISM=false, for BPE
         sizes = [len(x) for x in ids]

@@ -16,6 +16,11 @@ minutes per megabyte. Capped, training time is linear in the input. Ordinary wor
 the cap, so on normal text the cap changes nothing. The cap is part of the saved pre-tokenizer,
 so encoding splits exactly as training did.
 
+A long document is handed to `tokenizers` in slices of about SLICE_CHARS characters, cut where the
+pre-tokenizer puts a piece boundary (`slices`), so the pieces, hence the training counts and the
+ids, are those of the whole document, while the memory `tokenizers` needs (about 100 bytes per
+byte of one text to train, and per token of one batch to encode) stays bounded.
+
 Training and `encode_batch` run in Rust, which does not return to Python (and so does not run
 signal handlers) until it is done; on the main thread they run on a helper thread while the main
 thread waits in short steps, so Ctrl-C and SIGTERM handlers run within a fraction of a second. Ids: 0 = <|bos|>,
@@ -33,8 +38,11 @@ are guaranteed to round-trip exactly.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
@@ -57,6 +65,11 @@ MAX_VOCAB_SIZE = 2**32 - 1  # token ids are stored as uint32 at most (data/shard
 # Above any word or whitespace run of ordinary text; numbers in docs/tokenizers.md.
 MAX_PIECE_BYTES = 256
 WAIT_STEP_S = 0.05  # how often the main thread wakes up to run signal handlers
+SLICE_CHARS = 1 << 16  # characters of one text handed to `tokenizers` at most (about; see slices)
+ENCODE_GROUP_CHARS = 1 << 20  # characters encoded per `encode_batch_fast` call by `encode_arrays`
+# a whitespace character after a non-whitespace one always starts a GPT-2 piece (checked for
+# every code point, tests/unit/test_tokenizers.py); Python's \s holds every character the Rust regex's does
+_WS_BOUNDARY = re.compile(r"\S[ \n]")
 
 # Looked up in order in a tokenizer.json that did not come from clusterlm.
 BOS_NAMES = (BOS, "<s>", "<|begin_of_text|>", "<|endoftext|>", "[CLS]")
@@ -71,13 +84,44 @@ class _Stopped(Exception):
     """Raised inside the text iterator so the Rust trainer stops reading after an interrupt."""
 
 
-def _sanitized(texts: Iterable[str], counter: list[int], stop: threading.Event) -> Iterator[str]:
-    """Yield `texts` with lone surrogates replaced; counter[0] accumulates their characters."""
+def slices(text: str, pre: pre_tokenizers.PreTokenizer, max_chars: int | None = None) -> Iterator[str]:
+    """Consecutive parts of `text` (all of it, in order), each cut where the byte-level
+    pre-tokenizer `pre` starts a piece, so pre-tokenizing the parts one by one gives the pieces of
+    the whole text. Parts have at most `max_chars` (None: SLICE_CHARS) characters where the text
+    allows. A cut is at a whitespace character after a non-whitespace one in the second half of the
+    window; failing that (space-free text), at a piece start that `pre` finds in the window, short
+    of its last piece (the last GPT-2 piece may be cut short by the window's end; the pieces before
+    it are as in the whole text, since the regex looks neither behind nor more than one character
+    ahead). A piece that starts inside a character (the byte cap cuts multi-byte characters) is not
+    a cut. A window with no cut is doubled until it has one (a file trained before MAX_PIECE_BYTES,
+    with one piece over the whole window, ends up as one part)."""
+    max_chars = SLICE_CHARS if max_chars is None else max_chars
+    start, n = 0, len(text)
+    while n - start > max_chars:
+        m = _WS_BOUNDARY.search(text, start + max_chars // 2, start + max_chars)
+        cut = m.start() + 1 if m is not None else None
+        window = max_chars
+        while cut is None and start + window < n:
+            pieces = pre.pre_tokenize_str(text[start:start + window])
+            cut = next((start + pieces[k][1][0] for k in range(len(pieces) - 2, 0, -1)
+                        if pieces[k][1][0] == pieces[k - 1][1][1] > 0), None)
+            window *= 2
+        if cut is None:
+            break
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def _sanitized(texts: Iterable[str], counter: list[int], stop: threading.Event,
+               pre: pre_tokenizers.PreTokenizer) -> Iterator[str]:
+    """Yield `texts` with lone surrogates replaced, long ones in `slices`; counter[0] accumulates
+    their characters."""
     for t in texts:
         if stop.is_set():
             raise _Stopped
         counter[0] += len(t)
-        yield replace_surrogates(t)
+        yield from slices(replace_surrogates(t), pre)
 
 
 def interruptible(fn: Callable[[], T], stop: threading.Event | None = None) -> T:
@@ -125,6 +169,13 @@ def pre_tokenizer(max_piece_bytes: int = MAX_PIECE_BYTES) -> pre_tokenizers.PreT
     ])
 
 
+@functools.cache
+def _sliceable_pre_tokenizers() -> tuple[dict, ...]:
+    """The saved form of the pre-tokenizers `slices` is exact for: ours, and the one before the cap."""
+    return tuple(json.loads(p.__getstate__()) for p in
+                 (pre_tokenizer(), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)))
+
+
 class BPETokenizer:
     """A `tokenizers.Tokenizer` behind the clusterlm protocol."""
 
@@ -152,6 +203,10 @@ class BPETokenizer:
         self._bos_id, self._eos_id = int(bos), int(eos)
         self._pad_id = int(pad) if pad is not None else self._eos_id
         model_type = type(hf.model).__name__
+        # slicing long texts keeps the ids only for the byte-level pipelines clusterlm trains
+        pre = json.loads(hf.pre_tokenizer.__getstate__()) if hf.pre_tokenizer is not None else None
+        self._sliceable = (model_type == "BPE" and hf.normalizer is None
+                           and pre in _sliceable_pre_tokenizers())
         if model_type != "BPE":
             log.warning("%s: a %s tokenizer, loaded as kind 'bpe'; exact round trips are only "
                         "guaranteed for tokenizers trained by clusterlm", source, model_type)
@@ -174,7 +229,7 @@ class BPETokenizer:
                                       show_progress=False)
         n_chars = [0]
         stop = threading.Event()
-        sanitized = _sanitized(texts, n_chars, stop)
+        sanitized = _sanitized(texts, n_chars, stop, hf.pre_tokenizer)
         interruptible(lambda: hf.train_from_iterator(sanitized, trainer=trainer), stop=stop)
         if n_chars[0] == 0:
             raise DataError("cannot train a bpe tokenizer: the training texts hold no characters")
@@ -225,6 +280,8 @@ class BPETokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """`encode` of each text, run in parallel by the Rust side."""
         texts = list(texts)
+        if self._sliceable and any(isinstance(t, str) and len(t) > SLICE_CHARS for t in texts):
+            return [a.tolist() for a in self.encode_arrays(texts)]
         try:
             encs = interruptible(lambda: self._hf.encode_batch_fast(texts, add_special_tokens=False))
         except TypeError:
@@ -234,6 +291,44 @@ class BPETokenizer:
             clean = [replace_surrogates(t) for t in texts]
             encs = interruptible(lambda: self._hf.encode_batch_fast(clean, add_special_tokens=False))
         return [e.ids for e in encs]
+
+    def encode_arrays(self, texts: Sequence[str], dtype: np.dtype | str = np.int64) -> list[np.ndarray]:
+        """`encode_batch(texts)` as one array of `dtype` per text. Long texts go in `slices` (when
+        that keeps the ids: tokenizers trained by clusterlm) and at most ENCODE_GROUP_CHARS
+        characters are encoded per call, so memory is the ids plus a bounded batch."""
+        out: list[list[np.ndarray]] = [[] for _ in texts]
+        group: list[str] = []
+        owners: list[int] = []
+        size = 0
+
+        def flush() -> None:
+            nonlocal group, owners, size
+            if not group:
+                return
+            batch = group
+            try:
+                encs = interruptible(lambda: self._hf.encode_batch_fast(batch, add_special_tokens=False))
+            except TypeError:
+                bad = next((type(t).__name__ for t in batch if not isinstance(t, str)), None)
+                if bad is not None:
+                    raise TypeError(f"bpe encode_arrays takes a list of str, got a {bad}") from None
+                clean = [replace_surrogates(t) for t in batch]
+                encs = interruptible(lambda: self._hf.encode_batch_fast(clean, add_special_tokens=False))
+            for i, e in zip(owners, encs):
+                out[i].append(np.asarray(e.ids, dtype=dtype))
+            group, owners, size = [], [], 0
+
+        pre = self._hf.pre_tokenizer
+        for i, text in enumerate(texts):
+            long = self._sliceable and isinstance(text, str) and len(text) > SLICE_CHARS
+            for part in slices(text, pre) if long else (text,):
+                group.append(part)
+                owners.append(i)
+                size += len(part) if isinstance(part, str) else 0
+                if size >= ENCODE_GROUP_CHARS:
+                    flush()
+        flush()
+        return [p[0] if len(p) == 1 else np.concatenate(p) for p in out]
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Text of `ids`; special tokens are dropped, invalid UTF-8 becomes U+FFFD."""

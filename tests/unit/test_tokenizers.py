@@ -218,6 +218,55 @@ def test_bpe_cap_changes_nothing_on_normal_text(corpus: list[str], monkeypatch: 
     assert capped.encode_batch(corpus) == plain.encode_batch(corpus)
 
 
+def hostile_long_text(seed: int = 0) -> str:
+    """About 30 K characters: prose, space-free runs (ASCII, 2-, 3- and 4-byte characters), long
+    whitespace runs, punctuation and digit runs, contractions at every position."""
+    rng = random.Random(seed)
+    parts = ["the quick brown fox's tail ", space_free(2000, seed), "é" * 700, "日本語" * 400, "🙂" * 300,
+             " " * 1500, "\n\n\t " * 100, "-" * 900, "9" * 700, "x'" * 400, "don't " * 50, "a1" * 600]
+    return "".join(rng.choice(parts) for _ in range(20))
+
+
+def test_slices_keep_the_pieces_of_the_whole_text():
+    """Reference: the pre-tokenization of the whole text. Cut into slices of about 600 (and 3000)
+    characters, the slices concatenate to the text, and their pieces (offsets shifted by
+    each slice's start) are exactly the whole text's pieces, for the capped pre-tokenizer; and
+    every non-whitespace character followed by a space or a newline is a piece boundary, which
+    the fast cut relies on (checked for every code point, alternating the two: ~3 s)."""
+    pre = bpe_module.pre_tokenizer()
+    for seed in range(3):
+        text = hostile_long_text(seed)
+        want = pre.pre_tokenize_str(text)
+        for max_chars in (600, 3000):
+            parts = list(bpe_module.slices(text, pre, max_chars))
+            assert "".join(parts) == text and max(map(len, parts)) <= 4 * max_chars and len(parts) > 5
+            got, at = [], 0
+            for part in parts:
+                got += [(p, (a + at, b + at)) for p, (a, b) in pre.pre_tokenize_str(part)]
+                at += len(part)
+            assert got == want
+    chars = [chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF and not chr(c).isspace()]
+    text = "".join(c + " \n"[i % 2] for i, c in enumerate(chars))  # each followed by a space or a newline
+    starts = {a for _, (a, _) in pre.pre_tokenize_str(text)}
+    assert all(i in starts for i in range(1, len(text), 2))
+
+
+def test_bpe_long_texts_train_and_encode_as_a_whole(monkeypatch: pytest.MonkeyPatch):
+    """Reference: training on and encoding each hostile text whole (SLICE_CHARS above every text).
+    With SLICE_CHARS = 700 the tokenizer file is byte-identical and encode_batch, encode_arrays
+    (uint16, 50-character encode groups) give the same ids."""
+    texts = [hostile_long_text(seed) for seed in range(2)] + ["short", ""]
+    whole = BPETokenizer.train(texts, vocab_size=400)
+    want = [whole.encode(t) for t in texts]
+    monkeypatch.setattr(bpe_module, "SLICE_CHARS", 700)
+    monkeypatch.setattr(bpe_module, "ENCODE_GROUP_CHARS", 50)
+    sliced = BPETokenizer.train(texts, vocab_size=400)
+    assert sliced.to_json_str() == whole.to_json_str()
+    assert sliced.encode_batch(texts) == want
+    arrays = sliced.encode_arrays(texts, dtype="uint16")
+    assert [a.dtype.name for a in arrays] == ["uint16"] * 4 and [a.tolist() for a in arrays] == want
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGINT") or os.name != "posix", reason="needs POSIX signals")
 def test_bpe_training_honours_ctrl_c(monkeypatch: pytest.MonkeyPatch):
     """Reference: SIGINT sent to this process 0.3 s into a training that takes ~4 s (the uncapped
