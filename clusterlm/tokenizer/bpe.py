@@ -21,10 +21,14 @@ pre-tokenizer puts a piece boundary (`slices`), so the pieces, hence the trainin
 ids, are those of the whole document, while the memory `tokenizers` needs (about 100 bytes per
 byte of one text to train, and per token of one batch to encode) stays bounded.
 
-Training and `encode_batch` run in Rust, which does not return to Python (and so does not run
-signal handlers) until it is done; on the main thread they run on a helper thread while the main
-thread waits in short steps, so Ctrl-C and SIGTERM handlers run within a fraction of a second. Ids: 0 = <|bos|>,
-1 = <|eos|>, 2 = <|pad|>, 3..258 = the 256 bytes, then one id per learned merge.
+Training runs in a child process (`python -c _TRAIN_CHILD`, which needs only `tokenizers`): Rust
+training does not return to Python, so no signal handler runs, until it ends, and a Python thread
+left inside Rust makes the interpreter abort at exit. This process streams the texts to the
+child's stdin and waits in WAIT_STEP_S steps, so Ctrl-C and SIGTERM handlers run at once; on any
+exception the child is killed. Encoding runs in this process, at most ENCODE_GROUP_CHARS
+characters per call into Rust (~0.5 s), so a signal waits at most that long.
+
+Ids: 0 = <|bos|>, 1 = <|eos|>, 2 = <|pad|>, 3..258 = the 256 bytes, then one id per learned merge.
 
 Special tokens are only ever produced by the caller (e.g. appending `eos_id`): text that happens
 to contain "<|eos|>" encodes as ordinary characters (`encode_special_tokens = True`, which
@@ -43,15 +47,18 @@ import json
 import logging
 import os
 import re
-import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TypeVar
+import struct
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import tokenizers
-from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, decoders, models, pre_tokenizers
 
-from clusterlm.errors import DataError
+from clusterlm.errors import ClusterlmError, DataError
 from clusterlm.fsutil import atomic_write_text
 from clusterlm.tokenizer.base import BOS, EOS, PAD
 from clusterlm.tokenizer.byte import check_ids, replace_surrogates
@@ -64,7 +71,7 @@ MAX_VOCAB_SIZE = 2**32 - 1  # token ids are stored as uint32 at most (data/shard
 # Longest pre-tokenization piece, in UTF-8 bytes; longer runs are cut (see the module docstring).
 # Above any word or whitespace run of ordinary text; numbers in docs/tokenizers.md.
 MAX_PIECE_BYTES = 256
-WAIT_STEP_S = 0.05  # how often the main thread wakes up to run signal handlers
+WAIT_STEP_S = 0.05  # how often this process wakes up, while the child trains, to run signal handlers
 SLICE_CHARS = 1 << 16  # characters of one text handed to `tokenizers` at most (about; see slices)
 ENCODE_GROUP_CHARS = 1 << 20  # characters encoded per `encode_batch_fast` call by `encode_arrays`
 # a whitespace character after a non-whitespace one always starts a GPT-2 piece (checked for
@@ -77,11 +84,38 @@ EOS_NAMES = (EOS, "</s>", "<|end_of_text|>", "<|endoftext|>", "[SEP]")
 PAD_NAMES = (PAD, "<pad>", "[PAD]", "<|padding|>")
 
 
-T = TypeVar("T")
-
-
-class _Stopped(Exception):
-    """Raised inside the text iterator so the Rust trainer stops reading after an interrupt."""
+_END = 2**64 - 1  # length field that ends the texts sent to the training child
+_LENGTH = struct.Struct("<Q")
+# The training child. It ignores SIGINT/SIGTERM (sent to the whole process group by Ctrl-C and
+# Slurm): the parent handles them and kills it. It exits if the parent dies (stdin ends, or its
+# parent id changes while it trains). argv: untrained tokenizer JSON, BpeTrainer kwargs, output.
+_TRAIN_CHILD = r"""
+import json, os, signal, struct, sys, threading, time
+import tokenizers
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+parent = os.getppid()
+def orphaned():
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+threading.Thread(target=orphaned, daemon=True).start()
+hf = tokenizers.Tokenizer.from_str(sys.argv[1])
+trainer = tokenizers.trainers.BpeTrainer(**json.loads(sys.argv[2]), show_progress=False,
+                                         initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+stdin, length = sys.stdin.buffer, struct.Struct("<Q")
+def texts():
+    while True:
+        head = stdin.read(length.size)
+        if len(head) < length.size:
+            sys.exit("bpe trainer: the parent process stopped sending texts")
+        (n,) = length.unpack(head)
+        if n == 2**64 - 1:
+            return
+        yield stdin.read(n).decode("utf-8")
+hf.train_from_iterator(texts(), trainer=trainer)
+hf.save(sys.argv[3])
+"""
 
 
 def slices(text: str, pre: pre_tokenizers.PreTokenizer, max_chars: int | None = None) -> Iterator[str]:
@@ -113,50 +147,47 @@ def slices(text: str, pre: pre_tokenizers.PreTokenizer, max_chars: int | None = 
     yield text[start:]
 
 
-def _sanitized(texts: Iterable[str], counter: list[int], stop: threading.Event,
-               pre: pre_tokenizers.PreTokenizer) -> Iterator[str]:
+def _sanitized(texts: Iterable[str], counter: list[int], pre: pre_tokenizers.PreTokenizer) -> Iterator[str]:
     """Yield `texts` with lone surrogates replaced, long ones in `slices`; counter[0] accumulates
     their characters."""
     for t in texts:
-        if stop.is_set():
-            raise _Stopped
         counter[0] += len(t)
         yield from slices(replace_surrogates(t), pre)
 
 
-def interruptible(fn: Callable[[], T], stop: threading.Event | None = None) -> T:
-    """`fn()`, run so that signal handlers (Ctrl-C, SIGTERM) still run while it does.
-
-    A long call into Rust holds the main thread until it returns, and Python runs signal handlers
-    only on the main thread, between bytecodes. On the main thread, `fn` therefore runs on a
-    daemon thread (it must release the GIL, as `tokenizers` training and batch encoding do) and
-    the main thread waits in WAIT_STEP_S steps. On an exception in the main thread (the handler's
-    KeyboardInterrupt) `stop` is set and the exception propagates at once; the abandoned thread
-    finishes in the background or dies with the process. Off the main thread, `fn` runs directly.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return fn()
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def target() -> None:
+def _train_in_child(hf: tokenizers.Tokenizer, trainer_kwargs: dict, texts: Iterable[str]) -> tokenizers.Tokenizer:
+    """`hf` trained on `texts` by a child process; see the module docstring for why."""
+    with tempfile.TemporaryDirectory(prefix="clusterlm-bpe-") as tmp:
+        out, err_path = Path(tmp) / "tokenizer.json", Path(tmp) / "stderr.txt"
+        with open(err_path, "wb") as err:
+            proc = subprocess.Popen([sys.executable, "-c", _TRAIN_CHILD, hf.to_str(), json.dumps(trainer_kwargs),
+                                     str(out)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
         try:
-            result.append(fn())
-        except BaseException as e:  # re-raised on the caller's thread
-            error.append(e)
-
-    worker = threading.Thread(target=target, name="clusterlm-rust-call", daemon=True)
-    worker.start()
-    try:
-        while worker.is_alive():
-            worker.join(WAIT_STEP_S)
-    except BaseException:
-        if stop is not None:
-            stop.set()
-        raise
-    if error:
-        raise error[0]
-    return result[0]
+            try:
+                for text in texts:
+                    data = text.encode("utf-8")
+                    proc.stdin.write(_LENGTH.pack(len(data)))  # type: ignore[union-attr]
+                    proc.stdin.write(data)  # type: ignore[union-attr]
+                proc.stdin.write(_LENGTH.pack(_END))  # type: ignore[union-attr]
+                proc.stdin.close()  # type: ignore[union-attr]
+            except BrokenPipeError:  # the child died: its exit status and stderr say why, below
+                pass
+            while True:
+                try:
+                    code = proc.wait(WAIT_STEP_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if code != 0:
+            why = err_path.read_text(errors="replace").strip().splitlines()[-3:]
+            killed = f"killed by signal {-code}" + (" (out of memory?)" if code == -9 else "") if code < 0 \
+                else f"exit code {code}"
+            raise ClusterlmError(f"the bpe training process failed ({killed})" + (f": {' / '.join(why)}" if why else ""))
+        return tokenizers.Tokenizer.from_file(str(out))
 
 
 def pre_tokenizer(max_piece_bytes: int = MAX_PIECE_BYTES) -> pre_tokenizers.PreTokenizer:
@@ -224,13 +255,9 @@ class BPETokenizer:
         hf = tokenizers.Tokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizer()
         hf.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=int(vocab_size), special_tokens=[BOS, EOS, PAD],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      show_progress=False)
         n_chars = [0]
-        stop = threading.Event()
-        sanitized = _sanitized(texts, n_chars, stop, hf.pre_tokenizer)
-        interruptible(lambda: hf.train_from_iterator(sanitized, trainer=trainer), stop=stop)
+        hf = _train_in_child(hf, {"vocab_size": int(vocab_size), "special_tokens": [BOS, EOS, PAD]},
+                             _sanitized(texts, n_chars, hf.pre_tokenizer))
         if n_chars[0] == 0:
             raise DataError("cannot train a bpe tokenizer: the training texts hold no characters")
         tok = cls(hf)
@@ -279,18 +306,7 @@ class BPETokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """`encode` of each text, run in parallel by the Rust side."""
-        texts = list(texts)
-        if self._sliceable and any(isinstance(t, str) and len(t) > SLICE_CHARS for t in texts):
-            return [a.tolist() for a in self.encode_arrays(texts)]
-        try:
-            encs = interruptible(lambda: self._hf.encode_batch_fast(texts, add_special_tokens=False))
-        except TypeError:
-            bad = next((type(t).__name__ for t in texts if not isinstance(t, str)), None)
-            if bad is not None:
-                raise TypeError(f"bpe encode_batch takes a list of str, got a {bad}") from None
-            clean = [replace_surrogates(t) for t in texts]
-            encs = interruptible(lambda: self._hf.encode_batch_fast(clean, add_special_tokens=False))
-        return [e.ids for e in encs]
+        return [a.tolist() for a in self.encode_arrays(list(texts))]
 
     def encode_arrays(self, texts: Sequence[str], dtype: np.dtype | str = np.int64) -> list[np.ndarray]:
         """`encode_batch(texts)` as one array of `dtype` per text. Long texts go in `slices` (when
@@ -305,15 +321,13 @@ class BPETokenizer:
             nonlocal group, owners, size
             if not group:
                 return
-            batch = group
             try:
-                encs = interruptible(lambda: self._hf.encode_batch_fast(batch, add_special_tokens=False))
-            except TypeError:
-                bad = next((type(t).__name__ for t in batch if not isinstance(t, str)), None)
+                encs = self._hf.encode_batch_fast(group, add_special_tokens=False)
+            except TypeError:  # pyo3 refuses str with lone surrogates
+                bad = next((type(t).__name__ for t in group if not isinstance(t, str)), None)
                 if bad is not None:
-                    raise TypeError(f"bpe encode_arrays takes a list of str, got a {bad}") from None
-                clean = [replace_surrogates(t) for t in batch]
-                encs = interruptible(lambda: self._hf.encode_batch_fast(clean, add_special_tokens=False))
+                    raise TypeError(f"bpe encode_batch takes a list of str, got a {bad}") from None
+                encs = self._hf.encode_batch_fast([replace_surrogates(t) for t in group], add_special_tokens=False)
             for i, e in zip(owners, encs):
                 out[i].append(np.asarray(e.ids, dtype=dtype))
             group, owners, size = [], [], 0

@@ -167,8 +167,9 @@ sys.exit(main(sys.argv[1:]))
 def test_signal_during_bpe_training_ends_prepare_at_once(tmp_path: Path, sig: signal.Signals, workers: int) -> None:
     """Reference: the time of the signal, sent 0.3 s after the trainer started its Rust-only phase
     on one 150 kB space-free document (~10 s of training left). prepare exits 130 within 2 s of it,
-    says "interrupted", and leaves neither DATA_DIR nor a staging folder. Before training ran on a
-    helper thread, the signal waited for the trainer to return."""
+    says "interrupted", leaves neither DATA_DIR nor a staging folder, and no child process of it
+    keeps running (training runs in a child process that prepare kills; before, the signal waited
+    for the Rust trainer to return)."""
     import random
 
     (tmp_path / "dna.txt").write_text("".join(random.Random(0).choices("acgtACGTnN", k=150_000)))
@@ -184,6 +185,7 @@ def test_signal_during_bpe_training_ends_prepare_at_once(tmp_path: Path, sig: si
             time.sleep(0.01)
         time.sleep(0.3)
         assert proc.poll() is None, "training ended before the signal: make the input larger"
+        kids = _children(proc.pid)  # the training child (and, with --workers 2, the helpers)
         t0 = time.monotonic()
         proc.send_signal(sig)
         try:
@@ -199,3 +201,7 @@ def test_signal_during_bpe_training_ends_prepare_at_once(tmp_path: Path, sig: si
     assert "interrupted" in err
     assert elapsed < 2.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dna.txt", "training"]
+    deadline = time.monotonic() + 10
+    while any(_alive(k) for k in kids):
+        assert time.monotonic() < deadline, "a child of the interrupted prepare is still running"
+        time.sleep(0.1)

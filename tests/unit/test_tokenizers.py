@@ -271,7 +271,7 @@ def test_bpe_long_texts_train_and_encode_as_a_whole(monkeypatch: pytest.MonkeyPa
 def test_bpe_training_honours_ctrl_c(monkeypatch: pytest.MonkeyPatch):
     """Reference: SIGINT sent to this process 0.3 s into a training that takes ~4 s (the uncapped
     GPT-2 split on 120 kB of space-free text, slow on purpose). KeyboardInterrupt reaches the
-    caller within 1.5 s of the signal, not when the Rust trainer returns."""
+    caller within 1.5 s of the signal (the training child is killed), not when training ends."""
     monkeypatch.setattr(bpe_module, "pre_tokenizer", uncapped_gpt2_split, raising=False)
     text = space_free(120_000, seed=1)
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
@@ -285,20 +285,14 @@ def test_bpe_training_honours_ctrl_c(monkeypatch: pytest.MonkeyPatch):
     assert time.perf_counter() - t0 < 0.3 + 1.5
 
 
-def test_interruptible_returns_and_raises():
-    """`interruptible` gives fn's result, or re-raises fn's own exception, on the main thread and
-    off it."""
-    def boom() -> None:
-        raise ValueError("from the helper thread")
+def test_bpe_training_child_failure_is_reported(monkeypatch: pytest.MonkeyPatch):
+    """Reference: a training child that exits 1 after printing a reason (a stand-in for a crash or
+    an out-of-memory kill). train raises ClusterlmError naming the exit code and the reason."""
+    from clusterlm.errors import ClusterlmError
 
-    assert bpe_module.interruptible(lambda: 42) == 42
-    with pytest.raises(ValueError, match="from the helper thread"):
-        bpe_module.interruptible(boom)
-    got: list[object] = []
-    th = threading.Thread(target=lambda: got.append(bpe_module.interruptible(lambda: threading.current_thread())))
-    th.start()
-    th.join()
-    assert got == [th]  # off the main thread: run directly, no helper thread
+    monkeypatch.setattr(bpe_module, "_TRAIN_CHILD", "import sys; sys.stdin.buffer.read(); sys.exit('no memory left, say')")
+    with pytest.raises(ClusterlmError, match=r"bpe training process failed \(exit code 1\): no memory left, say"):
+        BPETokenizer.train(["some text"], vocab_size=300)
 
 
 # ---- bpe ---------------------------------------------------------------------------------------
