@@ -297,6 +297,8 @@ class BPETokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (lone surrogates as U+FFFD), without BOS/EOS."""
+        if self._sliceable and isinstance(text, str) and len(text) > SLICE_CHARS:
+            return self.encode_arrays([text])[0].tolist()  # bounded memory, see encode_arrays
         try:
             return self._hf.encode(text, add_special_tokens=False).ids
         except TypeError:  # pyo3 refuses str with lone surrogates

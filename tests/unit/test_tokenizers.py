@@ -253,8 +253,8 @@ def test_slices_keep_the_pieces_of_the_whole_text():
 
 def test_bpe_long_texts_train_and_encode_as_a_whole(monkeypatch: pytest.MonkeyPatch):
     """Reference: training on and encoding each hostile text whole (SLICE_CHARS above every text).
-    With SLICE_CHARS = 700 the tokenizer file is byte-identical and encode_batch, encode_arrays
-    (uint16, 50-character encode groups) give the same ids."""
+    With SLICE_CHARS = 700 the tokenizer file is byte-identical and encode, encode_batch and
+    encode_arrays (uint16, 50-character encode groups) give the same ids."""
     texts = [hostile_long_text(seed) for seed in range(2)] + ["short", ""]
     whole = BPETokenizer.train(texts, vocab_size=400)
     want = [whole.encode(t) for t in texts]
@@ -263,6 +263,7 @@ def test_bpe_long_texts_train_and_encode_as_a_whole(monkeypatch: pytest.MonkeyPa
     sliced = BPETokenizer.train(texts, vocab_size=400)
     assert sliced.to_json_str() == whole.to_json_str()
     assert sliced.encode_batch(texts) == want
+    assert [sliced.encode(t) for t in texts] == want
     arrays = sliced.encode_arrays(texts, dtype="uint16")
     assert [a.dtype.name for a in arrays] == ["uint16"] * 4 and [a.tolist() for a in arrays] == want
 
