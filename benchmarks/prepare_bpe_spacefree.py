@@ -118,7 +118,8 @@ def main() -> None:
         "what": "prepare of one document of random letters a-j (no spaces): bpe vocab 300 and char, --workers 1",
         "command": "python -m clusterlm prepare FILE --out DIR --tokenizer bpe --vocab-size 300 --workers 1",
         "max_piece_bytes": MAX_PIECE_BYTES,
-        "machine": {"cpu": cpu_model(), "usable_cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+        "machine": {"cpu": cpu_model(), "usable_cpus": len(os.sched_getaffinity(0)),
+                    "python": platform.python_version(),
                     "tokenizers": tokenizers.__version__, "loadavg_before": list(os.getloadavg())},
         "bpe": [], "uncapped_bpe": [], "char": [],
         "before_fix_reported_in_issue_12": {"bpe_0.5mb_s": 45, "bpe_1mb_s": 452, "bpe_20mb": "not done after 6 min",
@@ -132,7 +133,8 @@ def main() -> None:
                 inp = tmp / f"doc_{mb:g}mb.txt"
                 write_document(inp, int(mb * MB), b"abcdefghij")
                 args = ["prepare", str(inp), "--out", f"out_{kind}_{mb:g}", "--workers", "1"]
-                args += ["--tokenizer", "char"] if kind == "char" else ["--tokenizer", "bpe", "--vocab-size", str(VOCAB)]
+                args += (["--tokenizer", "char"] if kind == "char"
+                         else ["--tokenizer", "bpe", "--vocab-size", str(VOCAB)])
                 r = {"mb": mb, **run_prepare(args, tmp, code)}
                 r["s_per_mb"] = round(r["wall_s"] / mb, 3)
                 r["peak_rss_per_input_byte"] = round(r["peak_rss_mb"] * 2**20 / (mb * MB), 2)

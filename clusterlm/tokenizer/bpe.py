@@ -42,6 +42,7 @@ are guaranteed to round-trip exactly.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -182,11 +183,15 @@ def _train_in_child(hf: tokenizers.Tokenizer, trainer_kwargs: dict, texts: Itera
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            with contextlib.suppress(OSError):  # data still buffered for a dead child
+                proc.stdin.close()  # type: ignore[union-attr]
         if code != 0:
             why = err_path.read_text(errors="replace").strip().splitlines()[-3:]
-            killed = f"killed by signal {-code}" + (" (out of memory?)" if code == -9 else "") if code < 0 \
-                else f"exit code {code}"
-            raise ClusterlmError(f"the bpe training process failed ({killed})" + (f": {' / '.join(why)}" if why else ""))
+            status = f"exit code {code}" if code > 0 else f"killed by signal {-code}"
+            if code == -9:
+                status += ", out of memory?"
+            raise ClusterlmError(f"the bpe training process failed ({status})"
+                                 + (f": {' / '.join(why)}" if why else ""))
         return tokenizers.Tokenizer.from_file(str(out))
 
 

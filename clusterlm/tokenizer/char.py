@@ -10,10 +10,10 @@ A character not seen in training encodes to <|unk|>, which decodes to U+FFFD; th
 decode to nothing. Lone surrogates in training text are counted as U+FFFD.
 
 Encoding goes through numpy (code points from UTF-32, then a lookup table indexed by code point,
-at most 0x110000 int32 entries = 4.4 MB), so megabytes of text encode in a fraction of a second. It works through the text in
-blocks of BLOCK_CHARS characters written into one output array (`encode_array`), so its memory is
-the output plus a few times the block, whatever the text's length; training reads each text
-without copying it (`set.update` iterates the str).
+at most 0x110000 int32 entries = 4.4 MB), so megabytes of text encode in a fraction of a second.
+It works through the text in blocks of BLOCK_CHARS characters written into one output array
+(`encode_array`), so its memory is the output plus a few times the block, whatever the text's
+length; training reads each text without copying it (`set.update` iterates the str).
 """
 
 from __future__ import annotations

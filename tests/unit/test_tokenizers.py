@@ -287,13 +287,19 @@ def test_bpe_training_honours_ctrl_c(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_bpe_training_child_failure_is_reported(monkeypatch: pytest.MonkeyPatch):
-    """Reference: a training child that exits 1 after printing a reason (a stand-in for a crash or
-    an out-of-memory kill). train raises ClusterlmError naming the exit code and the reason."""
+    """Reference: a training child that exits 1 after printing a reason, and one killed by SIGKILL
+    before reading its input (as the kernel's out-of-memory killer does). train raises
+    ClusterlmError naming the exit code and the reason, or the signal."""
     from clusterlm.errors import ClusterlmError
 
-    monkeypatch.setattr(bpe_module, "_TRAIN_CHILD", "import sys; sys.stdin.buffer.read(); sys.exit('no memory left, say')")
+    child = "import sys; sys.stdin.buffer.read(); sys.exit('no memory left, say')"
+    monkeypatch.setattr(bpe_module, "_TRAIN_CHILD", child)
     with pytest.raises(ClusterlmError, match=r"bpe training process failed \(exit code 1\): no memory left, say"):
         BPETokenizer.train(["some text"], vocab_size=300)
+    # killed before it read anything: writing the texts meets a broken pipe
+    monkeypatch.setattr(bpe_module, "_TRAIN_CHILD", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    with pytest.raises(ClusterlmError, match=r"failed \(killed by signal 9, out of memory\?\)$"):
+        BPETokenizer.train([space_free(3_000_000)], vocab_size=300)
 
 
 # ---- bpe ---------------------------------------------------------------------------------------
