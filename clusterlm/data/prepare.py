@@ -83,6 +83,9 @@ class PrepareOptions:
     """replace e-mail addresses, phone numbers, IPs and card numbers (data/pii.py)"""
     overwrite: bool = False
     """replace an existing data directory"""
+    follow_symlinks: bool = False
+    """read symlinks found in input folders/globs that lead outside them (dangling ones and loops are
+    always skipped); see docs/data.md"""
     progress: bool | None = None
     """tqdm progress bars (None = when stderr is a terminal)"""
 
@@ -607,7 +610,8 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "bpe",
             vocab_size: int | None = None, val_fraction: float = 0.1, workers: int | None = None,
             text_field: str = "text", shard_tokens: int = DEFAULT_SHARD_TOKENS, dedup: bool = False,
-            redact_pii: bool = False, overwrite: bool = False, progress: bool | None = None) -> dict[str, Any]:
+            redact_pii: bool = False, overwrite: bool = False, progress: bool | None = None,
+            follow_symlinks: bool = False) -> dict[str, Any]:
     """Prepare `inputs` (files, directories, globs, "builtin:shakespeare") into the data directory
     `out`; returns the meta.json written there. Options: see `PrepareOptions`."""
     from clusterlm import __version__
@@ -615,9 +619,11 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
 
     opts = PrepareOptions(tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
                           workers=workers, text_field=text_field, shard_tokens=shard_tokens, dedup=dedup,
-                          redact_pii=redact_pii, overwrite=overwrite, progress=progress)
+                          redact_pii=redact_pii, overwrite=overwrite, progress=progress,
+                          follow_symlinks=follow_symlinks)
     tok_file = _check_tokenizer_arg(opts.tokenizer, opts.vocab_size)
-    sources = discover([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs))
+    sources = discover([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs),
+                       follow_symlinks=opts.follow_symlinks)
     out = Path(out)
     _check_out(out, opts.overwrite)
     show = sys.stderr.isatty() if opts.progress is None else opts.progress
@@ -628,9 +634,12 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
     with staging_dir(out, overwrite=opts.overwrite) as tmp, _worker_pool(n_workers - 1, start_pool) as pool:
         scan = _scan(sources, opts, show)
         log.info("read %d documents from %d files: %d kept (%d train, %d val), %d empty, %d bad records, "
-                 "%d duplicates", scan.counts["documents_read"], len(sources), scan.counts["kept"],
+                 "%d duplicates, %d symlinks skipped (%d outside the inputs, %d dangling or loops)",
+                 scan.counts["documents_read"], len(sources), scan.counts["kept"],
                  scan.split_docs[TRAIN], scan.split_docs[VAL], scan.counts["skipped_empty"],
-                 scan.counts["skipped_bad_record"], scan.counts["deduplicated"])
+                 scan.counts["skipped_bad_record"], scan.counts["deduplicated"],
+                 scan.counts["skipped_symlinks_outside"] + scan.counts["skipped_symlinks_broken"],
+                 scan.counts["skipped_symlinks_outside"], scan.counts["skipped_symlinks_broken"])
         tok_path = tmp / "tokenizer.json"
         if tok_file is not None:
             tok = load_any(tok_file)
@@ -661,7 +670,8 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
             "val_fraction": opts.val_fraction,
             "split_rule": SPLIT_RULE,
             "shard_tokens": opts.shard_tokens,
-            "options": {"text_field": opts.text_field, "dedup": opts.dedup, "redact_pii": opts.redact_pii},
+            "options": {"text_field": opts.text_field, "dedup": opts.dedup, "redact_pii": opts.redact_pii,
+                        "follow_symlinks": opts.follow_symlinks},
             "sources": scan.sources,
             "counts": scan.counts,
             "problems": scan.problems,
@@ -717,6 +727,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redact-pii", action="store_true",
                    help="replace e-mail addresses, phone numbers, IP addresses and card numbers by placeholders")
     p.add_argument("--overwrite", action="store_true", help="replace DATA_DIR if it exists")
+    p.add_argument("--follow-symlinks", action="store_true",
+                   help="read symlinked files and folders that lead outside the input folders (default: skip "
+                        "and count them; dangling links and loops are always skipped and counted)")
     p.add_argument("--builtin", action="append", default=[], metavar="NAME",
                    help="add a bundled corpus (shakespeare)")
     return p
@@ -731,7 +744,7 @@ def main(argv: list[str]) -> int:
         meta = prepare(inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                        val_fraction=args.val_fraction, workers=args.workers, text_field=args.text_field,
                        shard_tokens=args.shard_tokens, dedup=args.dedup, redact_pii=args.redact_pii,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, follow_symlinks=args.follow_symlinks)
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, old)

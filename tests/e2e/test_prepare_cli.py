@@ -205,3 +205,28 @@ def test_signal_during_bpe_training_ends_prepare_at_once(tmp_path: Path, sig: si
     while any(_alive(k) for k in kids):
         assert time.monotonic() < deadline, "a child of the interrupted prepare is still running"
         time.sleep(0.1)
+
+
+def test_follow_symlinks_flag(tmp_path: Path) -> None:
+    """A symlink in the input folder that leads outside it is skipped and counted by default (its text
+    is in no shard), read with --follow-symlinks; a dangling link is counted either way, never fatal."""
+    corpus, outside = tmp_path / "corpus", tmp_path / "outside.txt"
+    corpus.mkdir()
+    (corpus / "inside.txt").write_text("inside text, kept in every run\n" * 40)
+    outside.write_text("ZZZZ outside secret ZZZZ\n" * 40)
+    (corpus / "link.txt").symlink_to(outside)
+    (corpus / "dangling.txt").symlink_to(tmp_path / "missing.txt")
+    for flag, outside_read in (((), False), (("--follow-symlinks",), True)):
+        out = tmp_path / f"data{len(flag)}"
+        r = run("prepare", "corpus", "--out", out.name, "--tokenizer", "byte", "--val-fraction", "0", *flag,
+                cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        meta = read_meta(out)
+        counts = meta["counts"]
+        assert counts["skipped_symlinks_broken"] == 1
+        assert counts["skipped_symlinks_outside"] == (0 if outside_read else 1)
+        assert counts["documents_read"] == (2 if outside_read else 1)
+        assert meta["options"]["follow_symlinks"] is outside_read
+        shard_bytes = b"".join(p.read_bytes() for p in out.glob("train-*.bin"))
+        # byte tokenizer: each id is the byte's value, stored as uint16 (little-endian)
+        assert ("ZZZZ outside".encode("utf-16-le") in shard_bytes) is outside_read
