@@ -23,15 +23,13 @@ from clusterlm.errors import DataError
 def evaluate_checkpoint(ckpt: str, *, data: str | None = None, split: str = "val", batch_size: int = 16,
                         seq_len: int | None = None, max_batches: int | None = None,
                         device: str = "auto") -> dict[str, Any]:
-    import torch
-
     from clusterlm.checkpoint.model_io import load_for_inference
     from clusterlm.data.loader import iter_eval_batches
     from clusterlm.data.shards import read_meta
     from clusterlm.eval.metrics import bits_per_byte, evaluate_loss
-    from clusterlm.train.loop import resolve_device
+    from clusterlm.device import autocast_dtype, resolve_device
 
-    dev = resolve_device(device)
+    dev = resolve_device(device, "--device")
     loaded = load_for_inference(ckpt, device=dev)
     cfg = loaded.config
     data_dir = Path(data or cfg.data.dir)
@@ -51,7 +49,7 @@ def evaluate_checkpoint(ckpt: str, *, data: str | None = None, split: str = "val
                         f"--tokenizer {Path(loaded.path) / 'tokenizer.json'}")
     T = seq_len or cfg.train.seq_len
     batches = iter_eval_batches(data_dir, split, batch_size, T, max_batches=max_batches)
-    amp = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    amp = autocast_dtype("auto", dev)
     res = evaluate_loss(loaded.model, batches, device=dev, autocast_dtype=amp)
     info = meta["splits"][split]
     bytes_per_token = info["bytes"] / info["tokens"]

@@ -134,7 +134,7 @@ def _common_args(p: argparse.ArgumentParser) -> None:
 def _load(args):  # noqa: ANN001, ANN202
     from clusterlm.checkpoint.model_io import load_for_inference
     from clusterlm.generate.sampling import check_sampling_args
-    from clusterlm.train.loop import resolve_device
+    from clusterlm.device import resolve_device
 
     check_sampling_args(args.temperature, args.top_k, args.top_p)
     # torch.Generator.manual_seed takes a signed or unsigned 64-bit integer; sample i uses seed + i
@@ -142,7 +142,7 @@ def _load(args):  # noqa: ANN001, ANN202
         raise ValueError(f"--seed={args.seed} must be in [-2^63, 2^63 - 1]")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
-    return load_for_inference(args.checkpoint, device=resolve_device(args.device))
+    return load_for_inference(args.checkpoint, device=resolve_device(args.device, "--device"))
 
 
 def generate_main(argv: list[str], out: TextIO | None = None) -> int:

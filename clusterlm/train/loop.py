@@ -33,9 +33,10 @@ from typing import Any
 
 import torch
 
-from clusterlm.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED
 from clusterlm.config import DataConfig, RunConfig, TrainConfig, load_run_config, split_overrides, to_toml
-from clusterlm.errors import CheckpointError, ConfigError
+from clusterlm.device import autocast as device_autocast
+from clusterlm.device import autocast_dtype, resolve_device
+from clusterlm.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -66,30 +67,6 @@ class TrainResult:
 
 
 # ---- set-up helpers -------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    return torch.device(name)
-
-
-def autocast_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """None = plain fp32. auto: bf16 on GPUs that support it (Ampere+), fp32 on CPU."""
-    if train.dtype == "fp32":
-        return None
-    if train.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    if train.dtype == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            name = torch.cuda.get_device_name(device)
-            raise ConfigError(f"train.dtype='bf16' but {name} has no bf16 support; use 'fp16' or 'fp32'")
-        return torch.bfloat16
-    if device.type != "cuda":
-        raise ConfigError("train.dtype='fp16' needs a CUDA device; on CPU use 'fp32' or 'bf16'")
-    return torch.float16
-
-
 def ensure_data(data: DataConfig) -> Path:
     """The prepared data directory; prepared from `data.source` first if it does not exist yet."""
     data_dir = Path(data.dir)
@@ -225,7 +202,7 @@ def _train(cfg: RunConfig) -> TrainResult:
         device = init_distributed(denv, device_type=tc.device)
     else:
         device = resolve_device(tc.device)
-    amp_dtype = autocast_dtype(tc, device)
+    amp_dtype = autocast_dtype(tc.dtype, device)
     if tc.threads and device.type == "cpu":
         torch.set_num_threads(tc.threads)
 
@@ -361,9 +338,7 @@ def _train(cfg: RunConfig) -> TrainResult:
     has_val = meta["splits"].get("val", {}).get("tokens", 0) > tc.seq_len
 
     def autocast():
-        if amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=amp_dtype)
+        return device_autocast(device, amp_dtype)
 
     def evaluate() -> float | None:
         if not has_val:
