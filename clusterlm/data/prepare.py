@@ -399,9 +399,9 @@ def _worker_warmup() -> None:
 def _worker_encode(tokenizer_path: str, texts: list[str], val_mask: bytes, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     global _worker_tokenizer
     if _worker_tokenizer is None or _worker_tokenizer[0] != tokenizer_path:
-        from clusterlm.tokenizer.kinds import load_any
+        from clusterlm.tokenizer.kinds import load_tokenizer
 
-        _worker_tokenizer = (tokenizer_path, load_any(tokenizer_path))
+        _worker_tokenizer = (tokenizer_path, load_tokenizer(tokenizer_path))
     return encode_chunk(_worker_tokenizer[1], texts, val_mask, dtype)
 
 
@@ -615,7 +615,7 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
     """Prepare `inputs` (files, directories, globs, "builtin:shakespeare") into the data directory
     `out`; returns the meta.json written there. Options: see `PrepareOptions`."""
     from clusterlm import __version__
-    from clusterlm.tokenizer.kinds import load_any, train_tokenizer
+    from clusterlm.tokenizer.kinds import load_tokenizer, train_tokenizer
 
     opts = PrepareOptions(tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
                           workers=workers, text_field=text_field, shard_tokens=shard_tokens, dedup=dedup,
@@ -642,7 +642,7 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
                  scan.counts["skipped_symlinks_outside"], scan.counts["skipped_symlinks_broken"])
         tok_path = tmp / "tokenizer.json"
         if tok_file is not None:
-            tok = load_any(tok_file)
+            tok = load_tokenizer(tok_file)
             shutil.copyfile(tok_file, tok_path)  # the user's file byte for byte
         else:
             if opts.tokenizer != "byte":

@@ -61,8 +61,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers
 
 from clusterlm.errors import ClusterlmError, DataError
 from clusterlm.fsutil import atomic_write_text
-from clusterlm.tokenizer.base import BOS, EOS, PAD
-from clusterlm.tokenizer.byte import check_ids, replace_surrogates
+from clusterlm.tokenizer.base import BOS, EOS, PAD, check_ids, replace_surrogates
 
 log = logging.getLogger(__name__)
 

@@ -10,16 +10,12 @@ training and no vocabulary: the saved file only names the kind. A Python str hol
 surrogate (U+D800..U+DFFF, not valid Unicode and not encodable as UTF-8) is encoded as if each
 surrogate were U+FFFD. Decoding drops special ids and turns byte sequences that are not valid
 UTF-8 (e.g. a sequence cut mid-character) into U+FFFD.
-
-This file also holds two helpers the char and BPE tokenizers share: `replace_surrogates` and
-`check_ids`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,33 +23,7 @@ import numpy as np
 
 from clusterlm.errors import DataError
 from clusterlm.fsutil import atomic_write_json
-from clusterlm.tokenizer.base import BOS, EOS, PAD
-
-FORMAT_VERSION = 1  # of the byte and char JSON files
-REPLACEMENT = "\ufffd"
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def replace_surrogates(text: str) -> str:
-    """`text` with every lone surrogate code point replaced by U+FFFD (valid text is unchanged)."""
-    return _SURROGATE.sub(REPLACEMENT, text)
-
-
-def check_ids(ids: Sequence[int] | np.ndarray, vocab_size: int, kind: str) -> np.ndarray:
-    """`ids` as a 1-D int64 array, after checking each is in [0, vocab_size)."""
-    arr = np.asarray(ids)
-    if arr.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if arr.ndim != 1 or arr.dtype.kind not in "iu":
-        raise ValueError(f"{kind} tokenizer: decode takes a flat sequence of integer ids, "
-                         f"got an array of shape {arr.shape} and dtype {arr.dtype}")
-    arr = arr.astype(np.int64, copy=False)
-    bad = (arr < 0) | (arr >= vocab_size)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise ValueError(f"{kind} tokenizer: id {int(arr[i])} at position {i} is outside the "
-                         f"vocabulary [0, {vocab_size})")
-    return arr
+from clusterlm.tokenizer.base import BOS, EOS, FORMAT_VERSION, PAD, check_ids, check_version, replace_surrogates
 
 
 class ByteTokenizer:
@@ -117,10 +87,3 @@ class ByteTokenizer:
     def __repr__(self) -> str:
         return "ByteTokenizer(vocab_size=259)"
 
-
-def check_version(obj: dict[str, Any], source: str) -> None:
-    """Raise DataError unless a byte/char tokenizer file has a version this code reads."""
-    version = obj.get("version")
-    if version != FORMAT_VERSION:
-        raise DataError(f"{source}: {obj.get('clusterlm_tokenizer')} tokenizer file has "
-                        f"version={version!r}; this clusterlm reads version {FORMAT_VERSION}")

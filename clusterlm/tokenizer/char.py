@@ -27,8 +27,7 @@ import numpy as np
 
 from clusterlm.errors import DataError
 from clusterlm.fsutil import atomic_write_text
-from clusterlm.tokenizer.base import BOS, EOS, PAD
-from clusterlm.tokenizer.byte import FORMAT_VERSION, REPLACEMENT, check_ids, check_version
+from clusterlm.tokenizer.base import BOS, EOS, FORMAT_VERSION, PAD, REPLACEMENT, check_ids, check_version
 
 UNK = "<|unk|>"
 BLOCK_CHARS = 1 << 20  # characters encoded at once: ~16 bytes of temporaries per character

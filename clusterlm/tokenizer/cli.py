@@ -85,9 +85,9 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.action == "train":
         return _train(args)
-    from clusterlm.tokenizer.kinds import load_any
+    from clusterlm.tokenizer.kinds import load_tokenizer
 
-    tok = load_any(args.file)
+    tok = load_tokenizer(args.file)
     if args.action == "show":
         info = describe(tok)
         if args.json:

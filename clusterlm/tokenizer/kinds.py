@@ -1,9 +1,9 @@
 """Make, train and load tokenizers of every kind by name: "byte", "char", "bpe".
 
-    from clusterlm.tokenizer.kinds import load_any, make_tokenizer, train_tokenizer
+    from clusterlm.tokenizer.kinds import load_tokenizer, make_tokenizer, train_tokenizer
     tok = train_tokenizer("bpe", texts, vocab_size=2048)   # or "char", or "byte" (no training)
     tok.save("data/tokenizer.json")
-    tok = load_any("data/tokenizer.json")                  # clusterlm.tokenizer.load_tokenizer
+    tok = load_tokenizer("data/tokenizer.json")   # also clusterlm.tokenizer.load_tokenizer
 
 A saved file is JSON. A "clusterlm_tokenizer" field names a byte or char tokenizer; a "model"
 field marks a Hugging Face tokenizer.json (ours for "bpe", or one made elsewhere). The formats
@@ -66,7 +66,7 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int | None = No
     return CharTokenizer.train(texts)
 
 
-def load_any(path: str | os.PathLike) -> Tokenizer:
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load a tokenizer file written by any kind's `save`, or any Hugging Face tokenizer.json."""
     path = Path(path)
     if not path.is_file():

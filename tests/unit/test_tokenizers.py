@@ -32,7 +32,7 @@ from clusterlm.tokenizer.base import BOS, EOS, PAD
 from clusterlm.tokenizer.bpe import BPETokenizer
 from clusterlm.tokenizer.byte import ByteTokenizer
 from clusterlm.tokenizer.char import CharTokenizer
-from clusterlm.tokenizer.kinds import load_any, make_tokenizer, train_tokenizer
+from clusterlm.tokenizer.kinds import make_tokenizer, train_tokenizer
 
 BPE_VOCAB = 600
 MIXED = [
@@ -413,27 +413,27 @@ def test_load_foreign_hf_files(tmp_path):
         return tmp_path / name, hf
 
     path, hf = hf_file("gpt2.json", ["<|endoftext|>"])
-    tok = load_any(path)
+    tok = load_tokenizer(path)
     eot = hf.token_to_id("<|endoftext|>")
     assert (tok.kind, tok.bos_id, tok.eos_id, tok.pad_id) == ("bpe", eot, eot, eot)
     assert tok.vocab_size == hf.get_vocab_size()
     assert tok.decode(tok.encode("hello <|endoftext|> world")) == "hello <|endoftext|> world"
 
     path, _ = hf_file("llama.json", ["<s>", "</s>"])
-    tok = load_any(path)
+    tok = load_tokenizer(path)
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 1)  # pad falls back to eos
 
     path, _ = hf_file("bare.json", [])
     with pytest.raises(DataError, match=r"bare\.json.*no token for BOS .* and EOS"):
-        load_any(path)
+        load_tokenizer(path)
 
 
 def test_load_errors(tmp_path, all_kinds: dict[str, Tokenizer]):
     """Missing file, bad JSON, unknown kind, wrong version and corrupt char vocabularies name the file."""
     with pytest.raises(FileNotFoundError, match="nope.json"):
-        load_any(tmp_path / "nope.json")
+        load_tokenizer(tmp_path / "nope.json")
     with pytest.raises(FileNotFoundError, match="directory"):
-        load_any(tmp_path)
+        load_tokenizer(tmp_path)
     cases = {
         "bad.json": ("{not json", "not UTF-8 JSON"),
         "latin1.json": (b"\xff\xfe{}", "not UTF-8 JSON"),
@@ -454,7 +454,7 @@ def test_load_errors(tmp_path, all_kinds: dict[str, Tokenizer]):
         p = tmp_path / name
         p.write_bytes(content if isinstance(content, bytes) else content.encode())
         with pytest.raises(DataError, match=msg) as e:
-            load_any(p)
+            load_tokenizer(p)
         assert name in str(e.value)
 
 
