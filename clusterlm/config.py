@@ -211,6 +211,9 @@ class RunConfig:
 
 
 # ---- typed construction from plain dicts ---------------------------------------------------------
+# The one typed loader: run configs (here) and cluster specs (cluster/spec.py) are both plain TOML
+# trees turned into frozen dataclasses by `from_dict`, with the same messages for unknown keys
+# (close-match suggestion), wrong types (the key, the value, the expected type) and inf/nan.
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -222,21 +225,25 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def _wrong_type(key: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(f"{key}={value!r} has type {type(value).__name__}; expected {expected}")
+
+
+def _coerce(value: Any, tp: Any, key: str, numbers_as_str: bool) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1 and isinstance(value, (dict, list, tuple)):
+            return _coerce(value, options[0], key, numbers_as_str)  # the error names the inner key
+        for a in options:
             try:
-                return _coerce(value, a, key)
-            except ConfigError as e:
-                errors.append(e)
-        raise ConfigError(f"{key}={value!r} has type {type(value).__name__}; expected {_type_name(tp)}")
+                return _coerce(value, a, key, numbers_as_str)
+            except ConfigError:
+                pass
+        raise _wrong_type(key, value, _type_name(tp))
     if origin is Literal:
         if value in args:
             return value
@@ -245,10 +252,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}={value!r} is not one of {_type_name(tp)}{hint}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r} has type {type(value).__name__}; expected a list")
+            raise _wrong_type(key, value, "a list")
         inner = args[0] if args else Any
-        items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        items = [_coerce(v, inner, f"{key}[{i}]", numbers_as_str) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _wrong_type(key, value, "a table")
+        inner = args[1] if args else Any
+        return {str(k): _coerce(v, inner, f"{key}.{k}", numbers_as_str) for k, v in value.items()}
     if tp is Any:
         return value
     if tp is bool:
@@ -267,14 +279,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+        if numbers_as_str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
     elif dataclasses.is_dataclass(tp):
         if isinstance(value, dict):
-            return from_dict(tp, value, key)
-    raise ConfigError(f"{key}={value!r} has type {type(value).__name__}; expected {_type_name(tp)}")
+            return from_dict(tp, value, key, numbers_as_str=numbers_as_str)
+        raise _wrong_type(key, value, "a table")
+    raise _wrong_type(key, value, _type_name(tp))
 
 
-def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
-    """Build the dataclass `cls` from `data`, checking every key and type."""
+def from_dict(cls: type, data: dict[str, Any], where: str = "", *, numbers_as_str: bool = False) -> Any:
+    """Build the dataclass `cls` from `data`, checking every key and type; `where` prefixes the
+    keys named in errors. `numbers_as_str` takes a number where a str is expected (hand-written
+    cluster specs write versions and sizes as bare numbers)."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -284,10 +301,10 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean '{(where + '.') if where else ''}{close[0]}'?" if close else ""
             raise ConfigError(f"unknown key '{full}'{hint} (valid keys: {', '.join(names)})")
-        kwargs[key] = _coerce(value, hints[key], full)
+        kwargs[key] = _coerce(value, hints[key], full, numbers_as_str)
     try:
         return cls(**kwargs)
-    except TypeError as e:  # pragma: no cover - from_dict checks names first
+    except TypeError as e:  # a required field left out (cluster specs have some)
         raise ConfigError(f"{where or cls.__name__}: {e}") from e
 
 

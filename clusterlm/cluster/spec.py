@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from clusterlm.cluster import hardware
+from clusterlm.config import from_dict
 from clusterlm.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -231,53 +230,10 @@ class ClusterSpec:
 
 
 # ---- dicts <-> dataclasses ------------------------------------------------------------------------
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            return None
-        return _coerce(value, next(a for a in args if a is not type(None)), key)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}={value!r}: expected a table")
-        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r}: expected a list")
-        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}={value!r}: expected a table")
-        return _build(tp, value, key)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if tp in (str, bool) and isinstance(value, tp):
-        return value
-    if tp is str and isinstance(value, (int, float)):  # e.g. a version written as a number
-        return str(value)
-    raise ConfigError(f"{key}={value!r} has type {type(value).__name__}; expected {getattr(tp, '__name__', tp)}")
-
-
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown key '{where}.{key}'{hint} (valid: {', '.join(names)})")
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"{where}: {e}") from e
-
-
 def spec_from_dict(data: dict[str, Any], where: str = "spec") -> ClusterSpec:
-    return _build(ClusterSpec, data, where)
+    """A ClusterSpec from a TOML tree, through the run config's typed loader (same messages for
+    unknown keys, wrong types and non-finite numbers); numbers are taken where text is expected."""
+    return from_dict(ClusterSpec, data, where, numbers_as_str=True)
 
 
 def spec_to_dict(obj: Any) -> Any:

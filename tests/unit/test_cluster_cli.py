@@ -126,3 +126,25 @@ def test_probe_steps_fail_soft():
     assert p.notes == {"boom": "unavailable: division by zero"}
     assert p.step("tool", lambda: probe._run(["clusterlm-no-such-tool-xyz"])) is None
     assert p.notes["tool"] == "unavailable: clusterlm-no-such-tool-xyz not found"
+
+
+def test_spec_files_load_through_the_run_config_loader(tmp_path):
+    """A cluster spec is read by config.from_dict, like a recipe: unknown keys get a close match,
+    wrong types name the key, inf/nan are refused, and a bare number is taken where text is expected."""
+    import pytest
+
+    from clusterlm.errors import ConfigError
+
+    cases = {
+        '[[node_types]]\nname = "a"\ncout = 2\n': r"unknown key '.*node_types\[0\]\.cout'; did you mean '.*node_types\[0\]\.count'",
+        '[[node_types]]\nname = "a"\n[node_types.device]\nname = "x"\nmemory_gib = "big"\n':
+            r"node_types\[0\]\.device\.memory_gib='big' has type str; expected float",
+        '[[node_types]]\nname = "a"\n[node_types.device]\nname = "x"\nmemory_gib = inf\n':
+            r"node_types\[0\]\.device\.memory_gib=inf is not a finite number",
+    }
+    for i, (text, message) in enumerate(cases.items()):
+        (tmp_path / f"{i}.toml").write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_spec(tmp_path / f"{i}.toml")
+    (tmp_path / "ok.toml").write_text('[scheduler]\nversion = 23\n')
+    assert load_spec(tmp_path / "ok.toml").scheduler.version == "23"
