@@ -5,7 +5,7 @@
     train_state = load_distributed(path, model, optimizer)   # any layout, any world size (even 1)
 
 Layout of a step folder (same root, `latest` pointer, keep-K and manifest as the single-process
-store in clusterlm/checkpoint/store.py, whose helpers do the committing):
+store; clusterlm/checkpoint/layout.py does the committing):
 
     step-00000100/
         dcp/                  DCP's files: .metadata plus one __R_0.distcp per writing rank.
@@ -47,20 +47,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from clusterlm.checkpoint.files import read_tensors, write_json, write_tensors
 from clusterlm.checkpoint.flatten import flatten_state, unflatten_state
-from clusterlm.checkpoint.store import (
-    DCP_DIR,
-    _read_tensors,
-    _write_json,
-    _write_tensors,
-    capture_rng_state,
-    commit_folder,
-    move_latest,
-    prune,
-    remove_stale,
-    step_name,
-    write_manifest,
-)
+from clusterlm.checkpoint.layout import commit_folder, move_latest, prune, remove_stale, step_name
+from clusterlm.checkpoint.rng import capture_rng_state
+from clusterlm.checkpoint.store import DCP_DIR, write_manifest
 from clusterlm.errors import CheckpointError
 from clusterlm.fsutil import atomic_write_text, fsync_dir
 
@@ -87,8 +78,8 @@ def _save_rank_rng(folder: Path) -> None:
     skeleton, tensors = flatten_state(capture_rng_state())
     meta_path, tensor_path = _rng_files(folder, _rank())
     meta_path.parent.mkdir(exist_ok=True)
-    _write_tensors(tensor_path, tensors, "rng")
-    _write_json(meta_path, {"world_size": _world(), "rng": skeleton})
+    write_tensors(tensor_path, tensors, "rng")
+    write_json(meta_path, {"world_size": _world(), "rng": skeleton})
 
 
 def load_rank_rng(path: Path) -> dict[str, Any] | None:
@@ -107,7 +98,7 @@ def load_rank_rng(path: Path) -> dict[str, Any] | None:
                     "as seeded; bit-exact resume needs the same world size)", path, meta.get("world_size"), _world())
         return None
     try:
-        return unflatten_state(meta["rng"], _read_tensors(tensor_path))
+        return unflatten_state(meta["rng"], read_tensors(tensor_path))
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{meta_path}: inconsistent RNG state: {e}") from e
 

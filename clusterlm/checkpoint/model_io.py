@@ -5,14 +5,15 @@
 Accepts a run directory (newest verified checkpoint), a checkpoints folder or one step folder.
 Only safetensors and JSON/TOML are read: nothing is unpickled.
 
-A checkpoint written by `clusterlm quantize` has a "quantization" entry in train_state.json
-(method, group size, module names); its Linear layers are rebuilt as the quantized modules of
-clusterlm.optimize.quantize before the packed weights are loaded (docs/compression.md).
+A checkpoint written by `clusterlm quantize` has a quantization.json (method, group size, module
+names; older ones: a "quantization" entry in train_state.json); its Linear layers are rebuilt as the
+quantized modules of clusterlm.optimize.qlinear before the packed weights are loaded
+(docs/compression.md). `LoadedModel.info` carries the folder's step, train_state and config text, so
+a command that writes a derived checkpoint (quantize, prune) reads the source once.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from clusterlm.checkpoint.store import CheckpointInfo, read_quantization
 from clusterlm.errors import CheckpointError
 
 if sys.version_info >= (3, 11):
@@ -38,10 +40,12 @@ class LoadedModel:
     tokenizer: object  # clusterlm.tokenizer.Tokenizer
     config: object  # clusterlm.config.RunConfig
     path: Path
+    info: CheckpointInfo | None = None  # step, train_state, config text, tokenizer path of `path`
+    quantization: dict | None = None  # what read_quantization(path) returned
 
 
 def load_for_inference(arg: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    from clusterlm.checkpoint.store import load_model_weights, resolve_checkpoint
+    from clusterlm.checkpoint.store import load_model_weights, read_info, resolve_checkpoint
     from clusterlm.models.build import build_model
     from clusterlm.tokenizer import load_tokenizer
 
@@ -60,7 +64,7 @@ def load_for_inference(arg: str | Path, device: str | torch.device = "cpu") -> L
     model.init_weights(0)  # fills non-persistent buffers (rotary tables); weights are overwritten below
     quant = read_quantization(path)
     if quant is not None:
-        from clusterlm.optimize.quantize import quantize_model
+        from clusterlm.optimize.qlinear import quantize_model
 
         quantize_model(model, quant["method"], group_size=quant["group_size"], modules=quant["modules"],
                        empty=True)
@@ -73,7 +77,8 @@ def load_for_inference(arg: str | Path, device: str | torch.device = "cpu") -> L
                               f"unexpected {unexpected[:5]}")
     model.eval()
     log.info("loaded %s (%s parameters) on %s", path, f"{cfg.model.num_params():,}", device)
-    return LoadedModel(model=model, tokenizer=tokenizer, config=cfg, path=path)
+    return LoadedModel(model=model, tokenizer=tokenizer, config=cfg, path=path, info=read_info(path),
+                       quantization=quant)
 
 
 def read_checkpoint_config(path: Path) -> object:
@@ -88,22 +93,6 @@ def read_checkpoint_config(path: Path) -> object:
         return resolve(tomllib.loads(cfg_file.read_text(encoding="utf-8")))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, ConfigError) as e:
         raise CheckpointError(f"{cfg_file} is not a usable run config: {e}") from e
-
-
-def read_quantization(path: Path) -> dict | None:
-    """The "quantization" entry of train_state.json ({"method", "group_size", "modules"}), or None."""
-    f = Path(path) / "train_state.json"
-    if not f.is_file():
-        return None
-    try:
-        q = json.loads(f.read_text(encoding="utf-8")).get("quantization")
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{f} is unparsable: {e}") from e
-    if q is None:
-        return None
-    if not (isinstance(q, dict) and q.get("method") in ("int8", "int4") and isinstance(q.get("modules"), list)):
-        raise CheckpointError(f"{f}: 'quantization' must hold method int8|int4 and a modules list, got {q!r}")
-    return q
 
 
 def check_state_shapes(state: Mapping[str, Any], model: Any, where: str | Path) -> None:

@@ -194,8 +194,8 @@ def finetune(model: nn.Module, run_cfg: object, steps: int, data_dir: str | Path
 def prune_checkpoint(src: str | Path, out: str | Path, sparsity: float, method: str, *, finetune_steps: int = 0,
                      data_dir: str | Path | None = None, finetune_lr: float | None = None) -> Path:
     """Write a pruned copy of checkpoint `src` as out/checkpoints/step-N; returns the step folder."""
-    from clusterlm.checkpoint.model_io import load_for_inference, read_quantization
-    from clusterlm.checkpoint.store import load_checkpoint, save_checkpoint
+    from clusterlm.checkpoint.model_io import load_for_inference
+    from clusterlm.checkpoint.store import save_checkpoint
     from clusterlm.config import to_toml
 
     if method not in METHODS:
@@ -204,8 +204,8 @@ def prune_checkpoint(src: str | Path, out: str | Path, sparsity: float, method: 
     out = Path(out)
     if (out / "checkpoints").exists():
         raise FileExistsError(f"{out}/checkpoints already exists; choose a new --out")
-    loaded = load_for_inference(src)
-    if read_quantization(loaded.path) is not None:
+    loaded = load_for_inference(src)  # the one read of the source checkpoint
+    if loaded.quantization is not None:
         raise ValueError(f"{loaded.path} is quantized; prune the float checkpoint, then quantize")
     run_cfg = loaded.config
     masks = None
@@ -222,15 +222,15 @@ def prune_checkpoint(src: str | Path, out: str | Path, sparsity: float, method: 
             raise FileNotFoundError(f"fine-tune data {data} has no meta.json; pass --data DIR (a `clusterlm prepare` "
                                     "output)")
         losses = finetune(model, run_cfg, finetune_steps, data, masks=masks, lr=finetune_lr)
-    ck = load_checkpoint(loaded.path)
-    train_state = dict(ck.train_state)
+    info = loaded.info
+    train_state = dict(info.train_state)
     train_state["pruning"] = {"method": method, "sparsity": sparsity, "finetune_steps": finetune_steps,
                               "finetune_lr": finetune_optim(run_cfg.optim, finetune_steps, finetune_lr).lr
                               if finetune_steps > 0 else None,
                               "finetune_first_loss": losses[0] if losses else None,
                               "finetune_last_loss": losses[-1] if losses else None, "source": str(loaded.path)}
-    path = save_checkpoint(out / "checkpoints", ck.step, model_state=model.state_dict(), optimizer_state=None,
-                           train_state=train_state, config_toml=to_toml(run_cfg), tokenizer_path=ck.tokenizer_path)
+    path = save_checkpoint(out / "checkpoints", info.step, model_state=model.state_dict(), optimizer_state=None,
+                           train_state=train_state, config_toml=to_toml(run_cfg), tokenizer_path=info.tokenizer_path)
     log.info("pruned %s (%s, sparsity %.2f) -> %s", loaded.path, method, sparsity, path)
     return path
 

@@ -1,308 +1,51 @@
-"""Weight-only quantization: nn.Linear -> Int8Linear (per output channel) or Int4Linear (group-wise).
+"""`clusterlm quantize`: a weight-only int8 or int4 copy of a float checkpoint.
 
     clusterlm quantize runs/shakespeare_char --method int8 --out runs/shakespeare_int8
     clusterlm quantize runs/shakespeare_char --method int4 --group-size 128 --out runs/shakespeare_int4
 
-The matmuls run on torch's low-precision kernels, never on a dequantized copy of the model:
-- int8: symmetric per-output-channel scales. On x86 CPUs fbgemm's int8 GEMM (activations rounded to
-  int8 per call with a dynamic scale: see Int8Linear); else `aten._weight_int8pack_mm(x, W_int8
-  (N, K), scales (N,))` with float activations (weight-only).
-- int4: asymmetric per-group (group of `group_size` input channels) scale and zero point, the
-  gpt-fast layout: q in [0, 15], w ~= (q - 8) * scale + zero; on CPU
-  `aten._weight_int4pack_mm_for_cpu` on the packed layout of `_convert_weight_to_int4pack_for_cpu`
-  with bfloat16 activations and scales (its vectorized path: torch 2.13 runs float32 inputs through
-  a scalar loop ~35x slower; see Int4Linear), on CUDA `aten._weight_int4pack_mm` (bf16
-  activations). Where no kernel applies (other devices), the layer dequantizes its own weight for
-  each call (one layer at a time, never the whole model).
-
-Every Linear in the blocks and the output projection are quantized; the token (and position)
-embeddings stay float32: a lookup reads one row per token, so quantizing them saves disk but no
-decode time. A tied output becomes an untied quantized copy (the embedding keeps the fp32 table).
-A Linear whose input width is not a multiple of the int4 group size stays float32 (logged).
-
-Checkpoint: safetensors holds the quantized buffers (`*.weight_int8` + `*.scales`, or
-`*.weight_int4` (nibbles, two per byte, plain row-major) + `*.scales_and_zeros`), and
-train_state.json a "quantization" entry that clusterlm.checkpoint.model_io reads to rebuild
-these modules before loading. The kernel-specific int4 packing is made at load time for the device.
+The layers and their format are in clusterlm.optimize.qlinear (re-exported here). The new step folder
+holds the quantized buffers in model.safetensors and quantization.json ({"method", "group_size",
+"modules", "source"}), which clusterlm.checkpoint.model_io reads to rebuild the quantized modules
+before loading (docs/compression.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+from clusterlm.optimize.qlinear import (  # noqa: F401  (re-exported: the public names of `quantize`)
+    GROUP_SIZES,
+    METHODS,
+    Int4Linear,
+    Int8Linear,
+    quantizable,
+    quantize_model,
+    quantized_state,
+)
 
 log = logging.getLogger(__name__)
-
-METHODS = ("int8", "int4")
-GROUP_SIZES = (32, 64, 128, 256)
-
-
-# ---- int8 ------------------------------------------------------------------------------------------------
-def _fbgemm_available() -> bool:
-    return "fbgemm" in torch.backends.quantized.supported_engines or "x86" in torch.backends.quantized.supported_engines
-
-
-class Int8Linear(nn.Module):
-    """y ~= x @ (W_int8 * scales[:, None]).T + b, with per-output-channel float32 scales.
-
-    Two CPU paths over the same stored weights (chosen per module by `activation_int8`):
-    - False (weight-only): `aten._weight_int8pack_mm`, float32 activations; exact up to float
-      rounding against the dequantized weight, but torch 2.13's CPU kernel is slower than the fp32
-      GEMV for batch-1 decode (benchmarks/generate_speed.py).
-    - True (default where fbgemm/x86 quantized kernels exist): fbgemm's int8 GEMM
-      (`quantized.linear_dynamic`), which also rounds each input row set to int8 with one dynamic
-      scale (reduce_range, 7-bit, as torch's dynamic quantization does on x86): about 1-2% relative
-      error per layer on top of the weight rounding, and ~4x faster than fp32 at batch 1.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, device: torch.device | str | None = None,
-                 activation_int8: bool | None = None) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.activation_int8 = _fbgemm_available() if activation_int8 is None else activation_int8
-        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32, device=device))
-        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
-        self._packed: object | None = None  # fbgemm packed weight, made on first use
-
-    @classmethod
-    @torch.no_grad()
-    def from_linear(cls, lin: nn.Linear, activation_int8: bool | None = None) -> Int8Linear:
-        w = lin.weight.detach().float()
-        m = cls(lin.in_features, lin.out_features, lin.bias is not None, device=w.device,
-                activation_int8=activation_int8)
-        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (N,)
-        m.weight_int8.copy_(torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
-        m.scales.copy_(scales)
-        if lin.bias is not None:
-            m.bias.copy_(lin.bias.detach().float())
-        return m
-
-    def dequantized(self) -> torch.Tensor:
-        return self.weight_int8.float() * self.scales[:, None]  # (N, K)
-
-    def _fbgemm_weight(self) -> object:
-        if self._packed is None:
-            import warnings
-
-            with warnings.catch_warnings():  # quantized tensor creation is marked deprecated in 2.13
-                warnings.simplefilter("ignore")
-                zeros = torch.zeros(self.out_features, dtype=torch.long)
-                qw = torch._make_per_channel_quantized_tensor(self.weight_int8.cpu(), self.scales.double().cpu(),
-                                                              zeros, 0)
-                b = self.bias.float().cpu() if self.bias is not None else None
-                self._packed = torch.ops.quantized.linear_prepack(qw, b)
-        return self._packed
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)  # (B*T, K)
-        dev = x2.device.type
-        if dev == "cpu" and self.activation_int8:
-            y = torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self._fbgemm_weight(), True)
-            return y.to(x.dtype).reshape(*shape[:-1], self.out_features)  # bias applied inside
-        if dev in ("cpu", "cuda"):
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(self.scales.dtype).contiguous(), self.weight_int8,
-                                                  self.scales)  # (B*T, N)
-        else:  # no kernel: this layer's weight only, dequantized per call
-            y = F.linear(x2.float(), self.dequantized())
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
-        self._packed = None
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        self._packed = None  # new weights: repack on next use
-        return super()._load_from_state_dict(*args, **kwargs)
-
-
-# ---- int4 ------------------------------------------------------------------------------------------------
-def _group_qparams(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q (N, K) int32 in [0, 15], scales_and_zeros (K/G, N, 2)) for w (N, K); gpt-fast's scheme."""
-    N, K = w.shape
-    g = w.reshape(N, K // group_size, group_size)  # (N, K/G, G)
-    lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
-    scale = ((hi - lo).clamp(min=1e-6) / 15.0)  # (N, K/G, 1)
-    q = torch.round((g - lo) / scale).clamp(0, 15).to(torch.int32).reshape(N, K)
-    zero = lo + 8.0 * scale  # w = (q - 8) * scale + zero
-    sz = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (K/G, N, 2)
-    return q, sz
-
-
-class Int4Linear(nn.Module):
-    """Group-wise asymmetric int4 weights (gpt-fast layout); see the module docstring.
-
-    `activation_bf16` (CPU; default True): run torch's int4 CPU kernel on bfloat16 activations and
-    bfloat16 scales/zeros, its AVX-512 path: measured here ~3x faster than the fp32 GEMV at batch 1
-    (107 us vs 343 us for 3072 x 768), at about 0.3-0.5% relative error per layer from rounding the
-    activations to bfloat16. False: float32 activations, exact against the dequantized weight, but
-    torch 2.13 runs that case through a scalar loop (3.8 ms for the same matrix, 10x slower than
-    fp32)."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int,
-                 device: torch.device | str | None = None, activation_bf16: bool = True) -> None:
-        super().__init__()
-        self.activation_bf16 = activation_bf16
-        if in_features % group_size or in_features % 2:
-            raise ValueError(f"int4: in_features={in_features} is not a multiple of group_size={group_size}")
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        # two 4-bit values per byte: low nibble = even input channel, high nibble = odd one
-        self.register_buffer("weight_int4", torch.zeros(out_features, in_features // 2, dtype=torch.uint8,
-                                                        device=device))
-        self.register_buffer("scales_and_zeros", torch.zeros(in_features // group_size, out_features, 2,
-                                                             device=device))
-        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
-        # kernel layout (weight, scales_and_zeros), made on first use for the device it runs on
-        self._packed: tuple[tuple[torch.device, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
-
-    @classmethod
-    @torch.no_grad()
-    def from_linear(cls, lin: nn.Linear, group_size: int, activation_bf16: bool = True) -> Int4Linear:
-        w = lin.weight.detach().float()
-        m = cls(lin.in_features, lin.out_features, lin.bias is not None, group_size, device=w.device,
-                activation_bf16=activation_bf16)
-        q, sz = _group_qparams(w, group_size)
-        m.weight_int4.copy_((q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8))
-        m.scales_and_zeros.copy_(sz)
-        if lin.bias is not None:
-            m.bias.copy_(lin.bias.detach().float())
-        return m
-
-    def _q(self) -> torch.Tensor:
-        b = self.weight_int4.to(torch.int32)
-        return torch.stack([b & 0xF, b >> 4], dim=-1).reshape(self.out_features, self.in_features)  # (N, K)
-
-    def dequantized(self) -> torch.Tensor:
-        scale = self.scales_and_zeros[..., 0].t().repeat_interleave(self.group_size, dim=1)  # (N, K)
-        zero = self.scales_and_zeros[..., 1].t().repeat_interleave(self.group_size, dim=1)
-        return (self._q().float() - 8.0) * scale + zero
-
-    def _kernel_weight(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(packed weight, scales_and_zeros), rows padded to a multiple of 16 as the CPU kernel needs."""
-        if self._packed is None or self._packed[0] != (device, self.activation_bf16):
-            q, sz = self._q(), self.scales_and_zeros
-            pad = -self.out_features % 16
-            if pad:  # padded rows: q = 8, scale 0, zero 0 -> weight 0; sliced off after the matmul
-                q = torch.cat([q, torch.full((pad, self.in_features), 8, dtype=q.dtype, device=q.device)])
-                sz = torch.cat([sz, torch.zeros(sz.shape[0], pad, 2, dtype=sz.dtype, device=sz.device)], dim=1)
-            if device.type == "cpu":
-                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
-                if self.activation_bf16:
-                    sz = sz.to(torch.bfloat16)
-            else:  # CUDA: uint8 (N, K/2) with the high nibble first, inner_k_tiles=8
-                u = ((q[:, 0::2] << 4) | q[:, 1::2]).to(torch.uint8)
-                packed = torch.ops.aten._convert_weight_to_int4pack(u.contiguous(), 8)
-                sz = sz.to(torch.bfloat16)
-            self._packed = ((device, self.activation_bf16), (packed, sz.contiguous()))
-        return self._packed[1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)  # (B*T, K)
-        dev = x2.device
-        if dev.type == "cpu":
-            w, sz = self._kernel_weight(dev)
-            x2 = x2.to(sz.dtype).contiguous()  # bfloat16 with activation_bf16, else float32
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, w, self.group_size, sz).float()
-        elif dev.type == "cuda":
-            w, sz = self._kernel_weight(dev)
-            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), w, self.group_size,
-                                                   sz).float()
-        else:
-            y = F.linear(x2.float(), self.dequantized())
-        y = y[:, : self.out_features]  # (B*T, N) without the padded rows
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
-        self._packed = None  # moved or converted: repack on next use
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        self._packed = None
-        return super()._load_from_state_dict(*args, **kwargs)
-
-
-# ---- whole models ------------------------------------------------------------------------------------------
-def quantizable(model: nn.Module, method: str, group_size: int, keep_output: bool = False) -> list[str]:
-    """Names of the Linear modules `quantize_model` would replace."""
-    names = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or (keep_output and name == "output"):
-            continue
-        if method == "int4" and mod.in_features % group_size:
-            log.info("int4: %s keeps float32 weights (in_features=%d is not a multiple of group_size=%d)",
-                     name, mod.in_features, group_size)
-            continue
-        names.append(name)
-    return names
-
-
-def quantize_model(model: nn.Module, method: str, *, group_size: int = 128, modules: list[str] | None = None,
-                   keep_output: bool = False, empty: bool = False) -> list[str]:
-    """Replace Linear modules of `model` in place; returns their names. `empty=True` builds the
-    quantized modules without computing their values (a checkpoint's state dict is loaded next)."""
-    if method not in METHODS:
-        raise ValueError(f"quantization method {method!r}; expected one of {', '.join(METHODS)}")
-    if method == "int4" and group_size not in GROUP_SIZES:
-        raise ValueError(f"int4 group_size={group_size}; the kernels support {', '.join(map(str, GROUP_SIZES))}")
-    names = quantizable(model, method, group_size, keep_output) if modules is None else list(modules)
-    for name in names:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        lin = getattr(parent, attr)
-        if not isinstance(lin, nn.Linear):
-            raise ValueError(f"module {name!r} is {type(lin).__name__}, not nn.Linear; cannot quantize it")
-        dev = lin.weight.device
-        if method == "int8":
-            new = Int8Linear(lin.in_features, lin.out_features, lin.bias is not None, dev) if empty \
-                else Int8Linear.from_linear(lin)
-        else:
-            new = Int4Linear(lin.in_features, lin.out_features, lin.bias is not None, group_size, dev) if empty \
-                else Int4Linear.from_linear(lin, group_size)
-        setattr(parent, attr, new)
-    cfg = getattr(model, "config", None)
-    if "output" in names and cfg is not None and getattr(cfg, "tie_embeddings", False):
-        # the output is now its own quantized copy; the model must not re-tie it on .to()/to_empty()
-        model.config = dataclasses.replace(cfg, tie_embeddings=False)
-    return names
-
-
-def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict to save: tensors on CPU, aliases of one tensor kept once by the store."""
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def quantize_checkpoint(src: str | Path, out: str | Path, method: str, group_size: int = 128,
                         keep_output: bool = False) -> Path:
     """Write a quantized copy of checkpoint `src` as out/checkpoints/step-N; returns the step folder."""
-    from clusterlm.checkpoint.model_io import load_for_inference, read_quantization
-    from clusterlm.checkpoint.store import load_checkpoint, save_checkpoint
+    from clusterlm.checkpoint.model_io import load_for_inference
+    from clusterlm.checkpoint.store import save_checkpoint
 
     out = Path(out)
     if (out / "checkpoints").exists():
         raise FileExistsError(f"{out}/checkpoints already exists; choose a new --out")
-    loaded = load_for_inference(src)
-    if read_quantization(loaded.path) is not None:
+    loaded = load_for_inference(src)  # the one read of the source checkpoint
+    if loaded.quantization is not None:
         raise ValueError(f"{loaded.path} is already quantized; quantize the float checkpoint")
     names = quantize_model(loaded.model, method, group_size=group_size, keep_output=keep_output)
-    ck = load_checkpoint(loaded.path)
-    train_state = {k: v for k, v in ck.train_state.items() if k != "quantization"}
-    train_state["quantization"] = {"method": method, "group_size": group_size, "modules": names,
-                                   "source": str(loaded.path)}
-    path = save_checkpoint(out / "checkpoints", ck.step, model_state=quantized_state(loaded.model),
-                           optimizer_state=None, train_state=train_state, config_toml=ck.config_toml,
-                           tokenizer_path=ck.tokenizer_path)
+    info = loaded.info
+    quantization = {"method": method, "group_size": group_size, "modules": names, "source": str(loaded.path)}
+    path = save_checkpoint(out / "checkpoints", info.step, model_state=quantized_state(loaded.model),
+                           optimizer_state=None, train_state=info.train_state, config_toml=info.config_toml,
+                           tokenizer_path=info.tokenizer_path, quantization=quantization)
     log.info("quantized %d Linear modules of %s to %s -> %s", len(names), loaded.path, method, path)
     return path
 

@@ -31,13 +31,12 @@ from torch import nn
 import clusterlm.checkpoint.flatten as flatten_mod
 import clusterlm.checkpoint.store as store
 from clusterlm.checkpoint.flatten import flatten_state, unflatten_state
+from clusterlm.checkpoint.rng import capture_rng_state, restore_rng_state
 from clusterlm.checkpoint.store import (
-    capture_rng_state,
     find_latest_valid,
     load_checkpoint,
     load_model_weights,
     resolve_checkpoint,
-    restore_rng_state,
     save_checkpoint,
     verify_checkpoint,
 )
@@ -351,14 +350,14 @@ def test_exception_mid_save_leaves_previous_state(tmp_path, monkeypatch):
     step folders, their contents and `latest` as before, no hidden leftovers; the next save succeeds."""
     root = tmp_path / "c"
     save_small(root, 1, 1.0)
-    real = store._write_json
+    real = store.write_json
 
     def failing(path, obj):
         if path.name == "optimizer.json":
             raise OSError("disk full (injected)")
         return real(path, obj)
 
-    monkeypatch.setattr(store, "_write_json", failing)
+    monkeypatch.setattr(store, "write_json", failing)
     model = TinyLM()
     opt = make_opt(model)
     train_step(model, opt, 0)
@@ -369,7 +368,7 @@ def test_exception_mid_save_leaves_previous_state(tmp_path, monkeypatch):
         assert [p.name for p in store.step_folders(root)] == ["step-00000001"]
         assert (root / "latest").read_text() == "step-00000001\n" and hidden_entries(root) == []
         assert torch.equal(load_checkpoint(root / "step-00000001").model_state["w"], torch.full((3, 4), 1.0))
-    monkeypatch.setattr(store, "_write_json", real)
+    monkeypatch.setattr(store, "write_json", real)
     assert save_small(root, 2, 2.0) == find_latest_valid(root)
 
 
@@ -388,7 +387,7 @@ CHILD = textwrap.dedent("""
         return wrapped
 
     if stage == "model":
-        store._write_tensors = pause_after(store._write_tensors, "model", lambda p, *a: p.name == "model.safetensors")
+        store.write_tensors = pause_after(store.write_tensors, "model", lambda p, *a: p.name == "model.safetensors")
     elif stage == "manifest":
         store.write_manifest = pause_after(store.write_manifest, "manifest")
     elif stage == "commit":
@@ -470,13 +469,15 @@ def test_no_pickle_in_checkpoint_code():
     """The checkpoint modules import no pickle-based module and never call torch.load / torch.save /
     numpy.load (parsed with ast, so docstrings mentioning them do not count)."""
     banned_modules = {"pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
-    for mod in (store, flatten_mod):
-        tree = ast.parse(Path(mod.__file__).read_text())
+    files = sorted(Path(store.__file__).parent.glob("*.py"))
+    assert Path(flatten_mod.__file__) in files and len(files) >= 8
+    for file in files:
+        tree = ast.parse(file.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                assert not {a.name.split(".")[0] for a in node.names} & banned_modules, mod.__file__
+                assert not {a.name.split(".")[0] for a in node.names} & banned_modules, file
             if isinstance(node, ast.ImportFrom):
-                assert (node.module or "").split(".")[0] not in banned_modules, mod.__file__
+                assert (node.module or "").split(".")[0] not in banned_modules, file
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
                 assert (node.value.id, node.attr) not in {("torch", "load"), ("torch", "save"), ("np", "load")}, \
-                    f"{mod.__file__}:{node.lineno}"
+                    f"{file}:{node.lineno}"

@@ -116,3 +116,37 @@ def test_quantize_rejects_bad_arguments():
         quantize_model(model, "int2")
     with pytest.raises(ValueError, match="32, 64, 128, 256"):
         quantize_model(model, "int4", group_size=100)
+
+
+def test_quantization_metadata_has_its_own_file_and_old_checkpoints_still_load(tmp_path):
+    """`clusterlm quantize` writes quantization.json (method, group size, the 13 module names, source)
+    and leaves train_state.json without a "quantization" entry; a checkpoint written before that file
+    existed (the entry in train_state.json, files re-hashed) loads to bit-identical logits."""
+    import json
+    import shutil
+
+    from clusterlm.checkpoint.store import MANIFEST, QUANTIZATION, write_manifest
+
+    cfg = ModelConfig(vocab_size=259, n_layers=2, dim=128, n_heads=4, max_seq_len=64)
+    _checkpoint(tmp_path, cfg)
+    out = tmp_path / "q"
+    assert main([str(tmp_path / "run"), "--method", "int4", "--group-size", "64", "--out", str(out)]) == 0
+    step = next((out / "checkpoints").glob("step-*"))
+    q = json.loads((step / QUANTIZATION).read_text())
+    assert q["method"] == "int4" and q["group_size"] == 64 and len(q["modules"]) == 13
+    assert q["source"].endswith("step-00000010")
+    train_state = json.loads((step / "train_state.json").read_text())
+    assert "quantization" not in train_state and train_state["step"] == 10
+    idx = torch.randint(0, 259, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = load_for_inference(out).model(idx)
+
+    old = tmp_path / "old" / "checkpoints" / step.name  # the earlier layout of the same checkpoint
+    shutil.copytree(step, old)
+    (old / QUANTIZATION).unlink()
+    (old / "train_state.json").write_text(json.dumps({**train_state, "quantization": q}))
+    (old / MANIFEST).unlink()
+    write_manifest(old, 10)
+    with torch.no_grad():
+        got = load_for_inference(old).model(idx)
+    assert torch.equal(got, want)
