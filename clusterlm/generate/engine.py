@@ -1,6 +1,10 @@
 """Generation over token ids: prefill the prompt into the model's cache, then decode one token at a
 time, streaming each step's new tokens. Works for every model family (the Transformer's KV cache,
-the RNN's recurrent state). `serve` and the CLI add text and scheduling on top.
+the RNN's recurrent state; clusterlm.models.cache). `Engine` is the one decode step that
+`generate` here and the server's continuous-batching scheduler (clusterlm.serve.scheduler) both
+drive: prefill/decode to next-token logits, the one sampler (generate.sampling.sample_rows), the
+finish rule, and `context_length`, the one rule for how many positions a model holds. The CLI and
+`serve` add text (generate.text) and scheduling on top.
 
     from clusterlm.generate.engine import complete, generate
 
@@ -21,7 +25,8 @@ model.vocab_multiple) are never sampled.
 Speed: the KV cache is static (allocated once per generation for prompt + max_new_tokens, written in
 place). `compile=True` runs the one-token decode step through `torch.compile` (dynamic shapes, so
 the growing cache length does not recompile; compiled once per model and reused by later calls);
-the prefill stays eager. Figures: benchmarks/generate_speed.py, docs/compression.md.
+the prefill stays eager. `fuse` chooses fused projections (models.transformer.fuse_for_inference):
+by default on accelerators only. Figures: benchmarks/generate_speed.py, docs/compression.md.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from clusterlm.generate.sampling import check_sampling_args, sample_next
+from clusterlm.generate.sampling import RowSampling, check_sampling_args, sample_rows
+from clusterlm.models.transformer import fuse_for_inference
 
 FinishReason = Literal["stop", "length"]
 
@@ -68,6 +74,75 @@ def compiled_step(model: nn.Module) -> Callable:
     return fn
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The one rule for a model's context: the positions its cache holds (a Transformer's
+    max_seq_len), or None when there is no limit (an RNN). `generate` slides its window past it
+    (sliding_window=True) or stops with "length"; the CLI trims a long prompt to fit
+    (generate.text.prompt_ids); the server refuses a prompt longer than it (serve/app.py)."""
+    cfg = model.config
+    return cfg.max_seq_len if cfg.arch == "transformer" else None
+
+
+def fuse_by_default(device: torch.device) -> bool:
+    """Whether the engine fuses projections on `device`: on accelerators, not on the CPU, where a
+    batch-1 decode step is bound by the weights' bytes, fusing measured no faster and the fused
+    copy costs memory (docs/compression.md, "Faster generation")."""
+    return device.type != "cpu"
+
+
+class Engine:
+    """One model's decode step, shared by `generate` (a KVCache per call) and the server's scheduler
+    (a SlotKVCache, `cache.rows(slots)`): next-token logits from a prefill or a one-token decode
+    step, the sampler, and the finish rule. Runs under the caller's inference_mode."""
+
+    def __init__(self, model: nn.Module, *, device: torch.device | str | None = None, compile: bool = False,
+                 fuse: bool | None = None) -> None:
+        self.model = model
+        self.vocab_size: int = model.config.vocab_size
+        self.context: int | None = context_length(model)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if compile:
+            problem = compile_unavailable(self.device)
+            if problem is not None:
+                raise ValueError(f"compile=True: {problem}; run without compile (eager decode)")
+        # a second call rebuilds only stale copies, so calling it per generation follows weight changes
+        fuse_for_inference(model, enable=fuse_by_default(self.device) if fuse is None else fuse)
+        self._decode = compiled_step(model) if compile else model  # the one-token step
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+
+    def prefill(self, idx: torch.Tensor, cache: object) -> torch.Tensor:
+        """Next-token logits (B, V) after the tokens idx (B, T) fed through the cache. A Transformer
+        computes logits for the last position only; rows past vocab_size are padding
+        (vocab_multiple) and are dropped, so they are never sampled."""
+        kw = {"last_only": True} if self.context is not None else {}
+        return self.model(idx, cache, **kw)[:, -1, : self.vocab_size]  # (B, V)
+
+    def decode(self, last: torch.Tensor, cache: object) -> torch.Tensor:
+        """Next-token logits (B, V) after one token per row, last (B, 1): compiled when asked."""
+        return self._decode(last, cache)[:, -1, : self.vocab_size]  # (B, V)
+
+    @staticmethod
+    def sample(logits: torch.Tensor, rows: list[RowSampling],
+               generator: torch.Generator | None | list[torch.Generator]) -> list[int]:
+        """One token per row (generate.sampling.sample_rows)."""
+        return sample_rows(logits, rows, generator).tolist()
+
+    def finish_reason(self, token: int, eos_id: int | None, n_tokens: int, max_tokens: int,
+                      cache_pos: int | None) -> FinishReason | None:
+        """After sampling `token` as a sequence's n_tokens-th new token (eos not counted), with
+        cache_pos tokens in its cache (None: the caller slides its window, no limit): "stop" at eos,
+        "length" at max_tokens or when the context is full (no room to feed the token back)."""
+        if eos_id is not None and token == eos_id:
+            return "stop"
+        if n_tokens >= max_tokens or (self.context is not None and cache_pos is not None
+                                      and cache_pos >= self.context):
+            return "length"
+        return None
+
+
 def _as_batch(prompt: Sequence[int] | Sequence[Sequence[int]], vocab_size: int | None) -> list[list[int]]:
     if len(prompt) == 0:
         raise ValueError("prompt is empty; give at least one token id")
@@ -96,24 +171,21 @@ class Generation(Iterator[list[int | None]]):
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, eos_id: int | None = None,
                  device: torch.device | str | None = None, sliding_window: bool = False,
-                 compile: bool = False) -> None:
+                 compile: bool = False, fuse: bool | None = None) -> None:
         check_sampling_args(temperature, top_k, top_p)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
-        cfg = model.config
-        rows = _as_batch(prompt, cfg.vocab_size)
-        self.vocab_size: int = cfg.vocab_size
-        param = next(model.parameters())
-        self.device = torch.device(device) if device is not None else param.device
-        # a Transformer holds at most max_seq_len positions; an RNN has no limit
-        self.context_len: int | None = cfg.max_seq_len if cfg.arch == "transformer" else None
+        rows = _as_batch(prompt, model.config.vocab_size)
+        self.engine = engine = Engine(model, device=device, compile=compile, fuse=fuse)
+        self.vocab_size, self.device, self.context_len = engine.vocab_size, engine.device, engine.context
         self.prompt_len = len(rows[0])
         if self.context_len is not None and self.prompt_len > self.context_len:
             raise ValueError(f"prompt of {self.prompt_len} tokens exceeds the model's context of "
                              f"{self.context_len} tokens (model.max_seq_len)")
         self.model = model
         self.max_new_tokens = max_new_tokens
-        self.temperature, self.top_k, self.top_p, self.eos_id = temperature, top_k, top_p, eos_id
+        self.eos_id = eos_id
+        self._rows = [RowSampling(temperature, top_k, top_p)] * len(rows)
         self.generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         self.tokens: list[list[int]] = [[] for _ in rows]
         self.finish_reasons: list[FinishReason | None] = [None] * len(rows)
@@ -125,11 +197,6 @@ class Generation(Iterator[list[int | None]]):
         self._cache = None
         self._last: torch.Tensor | None = None  # (B, 1) tokens to feed next
         self._steps = 0
-        if compile:
-            problem = compile_unavailable(self.device)
-            if problem is not None:
-                raise ValueError(f"compile=True: {problem}; run without compile (eager decode)")
-        self._decode = compiled_step(model) if compile else model  # the one-token step
         if max_new_tokens == 0:
             self.finish_reasons = ["length"] * len(rows)
 
@@ -144,77 +211,69 @@ class Generation(Iterator[list[int | None]]):
             # every prompt token and every generated token but the last is fed to the model
             need = P + self.max_new_tokens - 1
             max_len = need if self.context_len is None else min(need, self.context_len)
-            dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
-            self._cache = self.model.make_cache(B, max_len, device=self.device, dtype=dtype)
+            self._cache = self.model.make_cache(B, max_len, device=self.device, dtype=self.engine.dtype)
             idx = torch.tensor(self._prompt, dtype=torch.long, device=self.device)  # (B, P)
         elif self.sliding_window and self._cache.pos >= self.context_len:
             keep = max(1, self.context_len // 2)
             self._cache.reset()
             idx = torch.tensor([h[-keep:] for h in self._history], dtype=torch.long, device=self.device)  # (B, keep)
         else:
-            return self._decode(self._last, self._cache)[:, -1, : self.vocab_size]  # (B, V) from (B, 1) tokens
-        # rows past vocab_size are padding (vocab_multiple): never sample them; a Transformer's
-        # prefill computes logits for the last position only
-        kw = {"last_only": True} if self.context_len is not None else {}
-        return self.model(idx, self._cache, **kw)[:, -1, : self.vocab_size]  # (B, V)
+            return self.engine.decode(self._last, self._cache)  # (B, V) from (B, 1) tokens
+        return self.engine.prefill(idx, self._cache)  # (B, V)
 
     def __next__(self) -> list[int | None]:
         if self.done:
             raise StopIteration
         # a model in training mode is switched to eval for the step and back after it; eval() walks
-        # every module (~0.3 ms for gpt2-124m), so a model already in eval mode is left alone
+        # every module, which costs more than the rest of a small model's step, so a model already
+        # in eval mode is left alone
         training = self.model.training
         if training:
             self.model.eval()
         try:
             with torch.inference_mode():
                 logits = self._logits()
-                next_ids = sample_next(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                                       generator=self.generator)  # (B,)
+                next_ids = sample_rows(logits, self._rows, self.generator)  # (B,)
         finally:
             if training:
                 self.model.train()
         self._last = next_ids[:, None]  # (B, 1)
         self._steps += 1
+        ids = next_ids.tolist()
         if self.sliding_window:
-            for h, t in zip(self._history, next_ids.tolist()):
+            for h, t in zip(self._history, ids):
                 h.append(t)
+        pos = None if self.sliding_window else self._cache.pos
         out: list[int | None] = []
-        for i, t in enumerate(next_ids.tolist()):
+        for i, t in enumerate(ids):
             if self.finish_reasons[i] is not None:
                 out.append(None)
-            elif self.eos_id is not None and t == self.eos_id:
-                self.finish_reasons[i] = "stop"
-                out.append(None)
-            else:
+                continue
+            reason = self.engine.finish_reason(t, self.eos_id, self._steps, self.max_new_tokens, pos)
+            if reason != "stop":
                 self.tokens[i].append(t)
-                out.append(t)
-        context_full = (self.context_len is not None and not self.sliding_window
-                        and self._cache.pos >= self.context_len)
-        if self._steps >= self.max_new_tokens or context_full:  # context_full: no room to feed a token back
-            self._finish_running("length")
+            out.append(t if reason != "stop" else None)
+            self.finish_reasons[i] = reason
         if all(t is None for t in out):
             raise StopIteration  # the last running sequences all stopped at eos in this step
         return out
-
-    def _finish_running(self, reason: FinishReason) -> None:
-        self.finish_reasons = [r if r is not None else reason for r in self.finish_reasons]
 
 
 def generate(model: nn.Module, prompt: Sequence[int] | Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, eos_id: int | None = None,
              device: torch.device | str | None = None, sliding_window: bool = False,
-             compile: bool = False) -> Generation:
+             compile: bool = False, fuse: bool | None = None) -> Generation:
     """Stream generation: returns a Generation; each iteration yields one token id (or None once
     finished) per sequence. `prompt` is one list of token ids or a batch of equal-length lists.
     temperature 0 = greedy. `seed` seeds a private generator (None: torch's global RNG).
     `device` defaults to the model's parameters' device. `sliding_window=True` lets a Transformer
     generate past its context: when full, the cache restarts from the last max_seq_len // 2 tokens.
-    `compile=True` runs the decode step through torch.compile (see the module docstring)."""
+    `compile=True` runs the decode step through torch.compile (see the module docstring). `fuse`:
+    fused projections for the cached steps (None: on accelerators only; see fuse_by_default)."""
     return Generation(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                       top_p=top_p, seed=seed, eos_id=eos_id, device=device, sliding_window=sliding_window,
-                      compile=compile)
+                      compile=compile, fuse=fuse)
 
 
 def complete(model: nn.Module, prompt: Sequence[int] | Sequence[Sequence[int]], **kwargs: object

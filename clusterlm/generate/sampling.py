@@ -1,7 +1,11 @@
 """Pure sampling functions on logits: temperature, top-k, nucleus (top-p), then a draw.
 
-Nothing here holds state; randomness comes only from the `generator` passed in, so a seeded
-generator reproduces a sample exactly.
+Nothing here holds state; randomness comes only from the generator(s) passed in, so a seeded
+generator reproduces a sample exactly. `sample_rows` is the one sampler of the decode engine: each
+row has its own RowSampling (temperature, top_k, top_p), and either one generator serves the batch
+(`generate`: torch.multinomial over the rows) or each row has its own (`serve`: one uniform per row
+from its generator, so a seeded request draws the same tokens whatever else shares its batch).
+`sample_next` is sample_rows with one setting for every row.
 
 Every finite temperature >= 0 and every top_p in (0, 1] is well defined, down to 5e-324 and up to
 1.8e308: a temperature below GREEDY_TEMPERATURE is greedy, the logits are shifted to a maximum of 0
@@ -20,6 +24,8 @@ always keeps the most likely token (so a top_p that rounds to 0 in float32 keeps
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -88,26 +94,84 @@ def scale_by_temperature(logits: torch.Tensor, temperature: float | list[float])
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """argmax of each row of logits (B, V) -> LongTensor (B,), the first maximal index on ties.
-    max(dim).indices, which on the CPU is 3x faster than torch.argmax over a 50k vocabulary (22
-    against 66 us, a tenth of a decode step's non-matmul time for gpt2-124m)."""
+    max(dim).indices: on the CPU several times faster than torch.argmax over a 50k vocabulary, which
+    matters at a decode step's scale (figures: docs/compression.md, "Faster generation")."""
     return logits.max(dim=-1).indices
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """How one row is sampled: temperature (below GREEDY_TEMPERATURE: greedy), then top-k, then
+    top-p; None (or top_p 1) keeps every token."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        check_sampling_args(self.temperature, self.top_k, self.top_p)
+
+
+def _groups(values: list, skip: tuple) -> dict:
+    """value -> row indices holding it, for the values not in `skip` (no filtering)."""
+    out: dict = {}
+    for i, v in enumerate(values):
+        if v not in skip:
+            out.setdefault(v, []).append(i)
+    return out
+
+
+def sample_rows(logits: torch.Tensor, rows: Sequence[RowSampling],
+                generator: torch.Generator | None | Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One token id per row of logits (B, V) -> LongTensor (B,), row b sampled by rows[b]. Greedy rows
+    take the argmax. The others are filtered by their own temperature, top-k and top-p, then drawn:
+    with one `generator` (or None: torch's global RNG) by torch.multinomial over the batch; with a
+    sequence of generators, one per row, by inverse CDF with a uniform from that row's generator
+    (so a seeded row reproduces whatever rows share its batch). Generators live on logits' device."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (B, V), got shape {tuple(logits.shape)}")
+    B = logits.shape[0]
+    per_row = isinstance(generator, Sequence)
+    if len(rows) != B or (per_row and len(generator) != B):  # type: ignore[arg-type]
+        raise ValueError(f"{B} rows of logits need {B} sampling settings (and generators), got {len(rows)}")
+    out = greedy(logits)  # (B,)
+    drawn = [b for b, r in enumerate(rows) if r.temperature >= GREEDY_TEMPERATURE]
+    if not drawn:
+        return out
+    if not per_row and len(drawn) == B and len(set(rows)) == 1:  # one setting for the whole batch
+        r = rows[0]
+        x = scale_by_temperature(logits, r.temperature)  # (B, V)
+        if r.top_k is not None:
+            x = apply_top_k(x, r.top_k)
+        if r.top_p is not None:
+            x = apply_top_p(x, r.top_p)
+        return torch.multinomial(torch.softmax(x, dim=-1), num_samples=1, generator=generator).squeeze(-1)
+    idx = torch.tensor(drawn, device=logits.device)
+    sub = [rows[b] for b in drawn]
+    x = scale_by_temperature(logits[idx], [r.temperature for r in sub])  # (R, V)
+    for k, sel in _groups([r.top_k for r in sub], (None,)).items():  # top-k, then top-p, per distinct value
+        sel_t = torch.tensor(sel, device=logits.device)
+        x[sel_t] = apply_top_k(x[sel_t], k)
+    for p, sel in _groups([r.top_p for r in sub], (None, 1.0)).items():
+        sel_t = torch.tensor(sel, device=logits.device)
+        x[sel_t] = apply_top_p(x[sel_t], p)
+    if per_row:
+        cdf = torch.softmax(x, dim=-1).cumsum(-1)  # (R, V)
+        u = torch.stack([torch.rand((), generator=generator[b], device=logits.device) for b in drawn])  # (R,)
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)  # (R,)
+        out[idx] = pick.clamp_(max=logits.shape[-1] - 1)
+    else:
+        out[idx] = torch.multinomial(torch.softmax(x, dim=-1), num_samples=1, generator=generator).squeeze(-1)
+    return out
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float | None,
                 generator: torch.Generator | None) -> torch.Tensor:
-    """One token id per row of logits (B, V) -> LongTensor (B,). temperature 0 = greedy (argmax;
-    top_k/top_p are then irrelevant), and so is any temperature below GREEDY_TEMPERATURE. Otherwise
-    softmax(logits / temperature) after top-k then top-p filtering, drawn with `generator` (which
-    must live on logits' device)."""
+    """One token id per row of logits (B, V) -> LongTensor (B,), every row sampled alike (see
+    sample_rows): temperature 0 = greedy (argmax; top_k/top_p are then irrelevant), and so is any
+    temperature below GREEDY_TEMPERATURE. Otherwise softmax(logits / temperature) after top-k then
+    top-p filtering, drawn with `generator` (which must live on logits' device)."""
     check_sampling_args(temperature, top_k, top_p)
     if logits.dim() != 2:
         raise ValueError(f"logits must be (B, V), got shape {tuple(logits.shape)}")
-    if temperature < GREEDY_TEMPERATURE:
-        return greedy(logits)
-    logits = scale_by_temperature(logits, temperature)
-    if top_k is not None:
-        logits = apply_top_k(logits, top_k)
-    if top_p is not None:
-        logits = apply_top_p(logits, top_p)
-    probs = torch.softmax(logits, dim=-1)  # (B, V)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
+    return sample_rows(logits, [RowSampling(temperature, top_k, top_p)] * logits.shape[0], generator)

@@ -21,53 +21,8 @@ import torch
 from torch import nn
 
 from clusterlm.models.config import ModelConfig
-from clusterlm.models.transformer import SlotPool, SlotRows, TiedOutputLM
-
-
-class RNNState:
-    """Recurrent state of `batch_size` sequences: h (and c for LSTM), each (n_layers, B, D).
-
-    `pos` counts the tokens consumed so far. An RNN has no context limit, so `max_len` is
-    recorded only for callers that budget by it.
-    """
-
-    def __init__(self, lstm: bool, n_layers: int, batch_size: int, dim: int, max_len: int, *,
-                 device: torch.device | str | None, dtype: torch.dtype) -> None:
-        if batch_size < 1:
-            raise ValueError(f"RNN state needs batch_size >= 1, got {batch_size}")
-        self._shape = (n_layers, batch_size, dim)  # (L, B, D)
-        self._lstm = lstm
-        self.batch_size = batch_size
-        self.max_len = max_len
-        self.h = torch.zeros(self._shape, device=device, dtype=dtype)
-        self.c = torch.zeros(self._shape, device=device, dtype=dtype) if lstm else None
-        self.pos = 0
-
-    def reset(self) -> None:
-        self.h = torch.zeros_like(self.h)
-        if self.c is not None:
-            self.c = torch.zeros_like(self.c)
-        self.pos = 0
-
-
-class RNNSlotState(SlotPool):
-    """Recurrent state of `n_slots` independent sequences for continuous batching: h (and c for
-    LSTM), each (n_layers, n_slots, D), and `pos` (n_slots,) tokens consumed per slot. Same slot API
-    as the Transformer's SlotKVCache: alloc() (state zeroed), free(slot), rows(slots) for forward."""
-
-    def __init__(self, lstm: bool, n_layers: int, n_slots: int, dim: int, max_len: int, *,
-                 device: torch.device | str | None, dtype: torch.dtype) -> None:
-        if n_slots < 1:
-            raise ValueError(f"RNN slot state needs n_slots >= 1, got {n_slots}")
-        shape = (n_layers, n_slots, dim)  # (L, N, D)
-        super().__init__(n_slots, max_len, device)  # max_len: no context limit; kept for budgeting
-        self.h = torch.zeros(shape, device=device, dtype=dtype)
-        self.c = torch.zeros(shape, device=device, dtype=dtype) if lstm else None
-
-    def _clear(self, slot: int) -> None:
-        self.h[:, slot] = 0
-        if self.c is not None:
-            self.c[:, slot] = 0
+from clusterlm.models.cache import RNNSlotState, RNNState, SlotRows
+from clusterlm.models.transformer import TiedOutputLM
 
 
 class RNNLM(TiedOutputLM):

@@ -32,98 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clusterlm.models.cache import KVCache, SlotKV, SlotKVCache, SlotRows
 from clusterlm.models.config import ModelConfig
-
-
-class KVCache:
-    """Keys and values of every layer for `batch_size` sequences of up to `max_len` tokens.
-
-    `pos` counts the tokens already stored; a forward pass with this cache consumes its T tokens
-    at positions pos .. pos+T-1 and advances pos by T.
-    """
-
-    def __init__(self, layer_keys: list[str], batch_size: int, max_len: int, kv_heads: int, head_dim: int, *,
-                 device: torch.device | str | None, dtype: torch.dtype) -> None:
-        if batch_size < 1 or max_len < 1:
-            raise ValueError(f"KV cache needs batch_size >= 1 and max_len >= 1, got {batch_size} and {max_len}")
-        shape = (batch_size, kv_heads, max_len, head_dim)  # (B, K, S, Hd): the layout SDPA reads
-        self.k = {key: torch.zeros(shape, device=device, dtype=dtype) for key in layer_keys}
-        self.v = {key: torch.zeros(shape, device=device, dtype=dtype) for key in layer_keys}
-        self.batch_size = batch_size
-        self.max_len = max_len
-        self.pos = 0
-
-    def reset(self) -> None:
-        """Forget the stored tokens (entries past pos are never read, so nothing is cleared)."""
-        self.pos = 0
-
-
-class SlotRows:
-    """A batch view of a SlotKVCache (or the RNN's slot state): row b -> slot `slots[b]`."""
-
-    def __init__(self, cache: object, slots: torch.Tensor) -> None:
-        self.cache = cache
-        self.slots = slots  # (B,) long
-        self.batch_size = int(slots.numel())
-
-
-class SlotPool:
-    """Slot bookkeeping shared by the continuous-batching caches (SlotKVCache, the RNN's
-    RNNSlotState): `pos` (n_slots,) tokens stored per slot, a stack of free slots, and `rows()`,
-    the handle a forward pass takes. Subclasses clear a slot's own tensors in `_clear`."""
-
-    def __init__(self, n_slots: int, max_len: int, device: torch.device | str | None) -> None:
-        self.n_slots = n_slots
-        self.max_len = max_len
-        self.pos = torch.zeros(n_slots, dtype=torch.long, device=device)  # (N,)
-        self._free = list(range(n_slots - 1, -1, -1))  # a stack: lowest slot handed out first
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def _clear(self, slot: int) -> None:
-        """Reset what the slot stores beyond its position (nothing for a KV cache: entries past
-        pos are never read)."""
-
-    def alloc(self) -> int:
-        """A free slot with nothing stored; ValueError when all n_slots are in use."""
-        if not self._free:
-            raise ValueError(f"all {self.n_slots} cache slots are in use; free one first")
-        slot = self._free.pop()
-        self._clear(slot)
-        self.pos[slot] = 0
-        return slot
-
-    def free(self, slot: int) -> None:
-        if not 0 <= slot < self.n_slots or slot in self._free:
-            raise ValueError(f"slot {slot} is not in use (slots 0..{self.n_slots - 1})")
-        self._free.append(slot)
-
-    def rows(self, slots: list[int]) -> SlotRows:
-        """The handle a forward pass takes: row b of the batch is slot slots[b]."""
-        if len(set(slots)) != len(slots) or not slots:
-            raise ValueError(f"slots {slots} must be distinct and non-empty")
-        return SlotRows(self, torch.tensor(slots, dtype=torch.long, device=self.pos.device))
-
-
-class SlotKVCache(SlotPool):
-    """KV cache for continuous batching: `n_slots` independent sequences, each at its own position.
-
-    `pos` is a LongTensor (n_slots,) counting each slot's stored tokens. `alloc()` hands out a
-    free slot (its pos reset to 0) and `free(slot)` returns it. A forward pass takes
-    `cache.rows(slots)`: the T tokens of row b go to slot slots[b] at positions
-    pos[slot] .. pos[slot]+T-1, and each row attends only to its own slot's stored keys.
-    """
-
-    def __init__(self, layer_keys: list[str], n_slots: int, max_len: int, kv_heads: int, head_dim: int, *,
-                 device: torch.device | str | None, dtype: torch.dtype) -> None:
-        if n_slots < 1 or max_len < 1:
-            raise ValueError(f"slot KV cache needs n_slots >= 1 and max_len >= 1, got {n_slots} and {max_len}")
-        shape = (n_slots, kv_heads, max_len, head_dim)  # (N, K, S, Hd)
-        self.k = {key: torch.zeros(shape, device=device, dtype=dtype) for key in layer_keys}
-        self.v = {key: torch.zeros(shape, device=device, dtype=dtype) for key in layer_keys}
-        super().__init__(n_slots, max_len, device)
 
 
 def rotary_tables(head_dim: int, max_len: int, theta: float, device: torch.device | None = None
@@ -148,43 +58,47 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
-# owner module -> (weak refs to the source tensors, their (data_ptr, version), (fused weight, fused bias))
-_FUSED: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
-# cached inference fuses projections on accelerators only. On the CPU a batch-1 decode step is
-# bound by the weights' bytes, and fusing measured no faster (gpt2-124m and a Llama of the same
-# size, 1 and 2 threads: within +-3%) while the fused copy costs memory (docs/compression.md)
-FUSE_ON_CPU = False
-
-
-def _fused_linear(owner: nn.Module, linears: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """The weights (and biases) of `linears` concatenated along the output dim, for inference with
-    a KV cache: one matmul instead of len(linears) (wq|wk|wv; SwiGLU's w1|w3). Built once and
-    cached per `owner` module in _FUSED (not a buffer: the state dict is unchanged), rebuilt when
-    a source tensor is replaced, moved or modified in place (its data_ptr or version counter
-    changes). None when a module is not a plain nn.Linear over plain tensors (quantized modules,
-    DTensor shards under tensor parallel, inference tensors without a version counter): the
-    caller then runs the modules one by one; also on the CPU unless FUSE_ON_CPU."""
-    if torch.compiler.is_compiling():  # data_ptr and version counters are not traceable; inductor has the graph
-        return None
+def _fuse(owner: nn.Module, linears: list[nn.Module], enable: bool) -> bool:
+    """Set owner.fused to the weights (and biases) of `linears` concatenated along the output dim,
+    or to None. Kept only when every module is a plain nn.Linear over plain tensors: quantized
+    modules, DTensor shards under tensor parallel and inference tensors (no version counter) run
+    one by one. `owner._fused_src` remembers the source tensors, their storage and version, so a
+    second call rebuilds only when a weight was replaced, moved or modified in place."""
     tensors: list[torch.Tensor] = []
     for lin in linears:
         if type(lin) is not nn.Linear:
-            return None
-        if lin.weight.device.type == "cpu" and not FUSE_ON_CPU:
-            return None
+            enable = False
+            break
         tensors += [lin.weight] if lin.bias is None else [lin.weight, lin.bias]
-    if any(type(t.data) is not torch.Tensor or t.is_inference() for t in tensors):
-        return None
+    if not enable or any(type(t.data) is not torch.Tensor or t.is_inference() for t in tensors):
+        owner.fused, owner._fused_src = None, None
+        return False
     key = tuple((t.data_ptr(), t._version) for t in tensors)
-    cached = _FUSED.get(owner)
+    src = owner._fused_src
     # same tensor objects (weak references: a replaced parameter is not kept alive), same storage, same version
-    if cached is None or cached[1] != key or any(r() is not t for r, t in zip(cached[0], tensors)):
+    if owner.fused is None or src[1] != key or any(r() is not t for r, t in zip(src[0], tensors)):
         with torch.no_grad():
             weight = torch.cat([lin.weight for lin in linears])  # (sum N, D)
             bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
-        cached = ([weakref.ref(t) for t in tensors], key, (weight, bias))
-        _FUSED[owner] = cached
-    return cached[2]
+        owner.fused, owner._fused_src = (weight, bias), ([weakref.ref(t) for t in tensors], key)
+    return True
+
+
+def fuse_for_inference(model: nn.Module, enable: bool = True) -> int:
+    """Give cached inference one matmul where the model has several over the same input: wq|wk|wv in
+    every attention, w1|w3 in every SwiGLU feed-forward. The concatenated weights are plain
+    attributes (`module.fused`), not parameters or buffers, so the state dict is unchanged. Used
+    only by forward passes with a cache and gradients off. Call it again after changing the weights
+    (a cheap no-op when nothing changed; clusterlm.generate.engine calls it before every
+    generation); `enable=False` drops the copies. The caller decides where fusion pays (the engine:
+    accelerators only). Returns the number of fused modules (0 for a model without these layers)."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Attention):
+            n += _fuse(m, [m.wq, m.wk, m.wv], enable)
+        elif isinstance(m, FeedForward) and m.swiglu:
+            n += _fuse(m, [m.w1, m.w3], enable)
+    return n
 
 
 def _dropout(p: float) -> nn.Module:
@@ -203,11 +117,13 @@ class Attention(nn.Module):
         self.wo = nn.Linear(H * Hd, D, bias=cfg.bias)
         self.attn_dropout = cfg.dropout
         self.resid_dropout = _dropout(cfg.dropout)
+        self.fused: tuple[torch.Tensor, torch.Tensor | None] | None = None  # wq|wk|wv: fuse_for_inference
+        self._fused_src: tuple | None = None
 
     def _qkv(self, x: torch.Tensor, cached: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The projections q (B, T, H*Hd), k and v (B, T, K*Hd); `cached` inference (a KV cache,
-        gradients off) runs them as one wq|wk|wv matmul where _fused_linear allows."""
-        fused = _fused_linear(self, [self.wq, self.wk, self.wv]) if cached and not torch.is_grad_enabled() else None
+        gradients off) runs them as one wq|wk|wv matmul after fuse_for_inference."""
+        fused = self.fused if cached and not torch.is_grad_enabled() else None
         if fused is None:
             return self.wq(x), self.wk(x), self.wv(x)
         H, K, Hd = self.n_heads, self.kv_heads, self.head_dim
@@ -215,7 +131,7 @@ class Attention(nn.Module):
         return q, k, v
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                kv: tuple[torch.Tensor, torch.Tensor, int] | _SlotKV | None) -> torch.Tensor:
+                kv: tuple[torch.Tensor, torch.Tensor, int] | SlotKV | None) -> torch.Tensor:
         B, T, _ = x.shape
         if T == 1 and type(kv) is tuple and not self.training:
             return self._decode_step(x, rope, kv)
@@ -226,7 +142,7 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, Hd)
         mask, causal = None, True
-        if isinstance(kv, _SlotKV):
+        if isinstance(kv, SlotKV):
             k, v, mask = kv.update(k, v)
             causal = False
         elif kv is not None:
@@ -255,7 +171,7 @@ class Attention(nn.Module):
         so there is no mask; with T = 1 the heads' layout (B, H, 1, Hd) is a view of the projection,
         no transpose. Same math as forward()'s cached path, in ~5 fewer ops per layer: on a CPU a
         decode step's weight stream evicts what small ops touch, so each costs several times its
-        warm cost (gpt2-124m, 2 threads: ~0.15 ms saved of a 21 ms step; docs/compression.md)."""
+        warm cost (measured in docs/compression.md, "Decode step")."""
         B = x.shape[0]
         H, K, Hd = self.n_heads, self.kv_heads, self.head_dim
         k_cache, v_cache, pos = kv  # (B, K, S, Hd) each
@@ -270,39 +186,6 @@ class Attention(nn.Module):
         return self.resid_dropout(self.wo(y.view(B, 1, H * Hd)))
 
 
-class _SlotKV:
-    """One layer's slot-cache write + read for a batch at per-row positions (see SlotKVCache).
-    `length` and `mask` are the same for every layer of a forward pass: made once by `for_batch`."""
-
-    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-                 full: bool, length: int, mask: torch.Tensor) -> None:
-        self.k_cache, self.v_cache = k_cache, v_cache  # (N, K, S, Hd)
-        self.slots, self.positions = slots, positions  # (B,), (B, T)
-        self.full = full  # slots == 0..N-1 in order: read the cache without a gather
-        self.length, self.mask = length, mask  # L, (B, 1, T, L)
-
-    @staticmethod
-    def for_batch(positions: torch.Tensor) -> tuple[int, torch.Tensor]:
-        """L, the longest row's length after the write, and the boolean mask (B, 1, T, L): query t of
-        row b sees key j iff j <= positions[b, t] (its own past and itself; stale entries of shorter
-        rows are hidden)."""
-        L = int(positions[:, -1].max()) + 1
-        keys = torch.arange(L, device=positions.device)
-        return L, keys[None, None, None, :] <= positions[:, None, :, None]
-
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """k, v (B, K, T, Hd) -> keys and values (B, K, L, Hd) of each row's slot, and the mask."""
-        L = self.length
-        # advanced indices around a slice put their dims first: the target is (B, T, K, Hd)
-        self.k_cache[self.slots[:, None], :, self.positions] = k.transpose(1, 2)
-        self.v_cache[self.slots[:, None], :, self.positions] = v.transpose(1, 2)
-        if self.full:
-            k_all, v_all = self.k_cache[:, :, :L], self.v_cache[:, :, :L]  # (B, K, L, Hd) views
-        else:
-            k_all, v_all = self.k_cache[self.slots, :, :L], self.v_cache[self.slots, :, :L]  # (B, K, L, Hd)
-        return k_all, v_all, self.mask
-
-
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -313,11 +196,13 @@ class FeedForward(nn.Module):
         if self.swiglu:
             self.w3 = nn.Linear(D, F_, bias=cfg.bias)  # SwiGLU: up projection
         self.dropout = _dropout(cfg.dropout)
+        self.fused: tuple[torch.Tensor, torch.Tensor | None] | None = None  # w1|w3: fuse_for_inference
+        self._fused_src: tuple | None = None
 
     def forward(self, x: torch.Tensor, cached: bool = False) -> torch.Tensor:
-        """`cached`: inference with a KV cache, where SwiGLU runs w1|w3 as one matmul (see _fused_linear)."""
+        """`cached`: inference with a KV cache, where SwiGLU runs w1|w3 as one matmul after fuse_for_inference."""
         if self.swiglu:
-            fused = _fused_linear(self, [self.w1, self.w3]) if cached and not torch.is_grad_enabled() else None
+            fused = self.fused if cached and not torch.is_grad_enabled() else None
             if fused is not None:
                 gate, up = F.linear(x, *fused).chunk(2, dim=-1)  # (B, T, F) each
                 h = F.silu(gate) * up
@@ -345,7 +230,7 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                kv: tuple[torch.Tensor, torch.Tensor, int] | _SlotKV | None) -> torch.Tensor:
+                kv: tuple[torch.Tensor, torch.Tensor, int] | SlotKV | None) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), rope, kv)
         return x + self.feed_forward(self.ffn_norm(x), kv is not None)
 
@@ -459,9 +344,9 @@ class Transformer(TiedOutputLM):
         h = self.dropout(h)
         rope = (self.rope_cos[positions], self.rope_sin[positions]) if self.config.pos == "rope" else None  # (B, T, Hd)
         full = B == cache.n_slots and bool((rows.slots == torch.arange(B, device=start.device)).all())
-        length, mask = _SlotKV.for_batch(positions)
+        length, mask = SlotKV.for_batch(positions)
         for key, layer in self.layers.items():
-            h = layer(h, rope, _SlotKV(cache.k[key], cache.v[key], rows.slots, positions, full, length, mask))
+            h = layer(h, rope, SlotKV(cache.k[key], cache.v[key], rows.slots, positions, full, length, mask))
         cache.pos[rows.slots] = start + T
         return self._head(h, last_only)
 

@@ -1,9 +1,11 @@
 """Cached inference runs wq|wk|wv (and SwiGLU's w1|w3) as one matmul over a fused copy of the weights
-built at run time (clusterlm.models.transformer._fused_linear): same logits as the separate
-matmuls, the state dict untouched, and the copy rebuilt whenever the weights change. Also the
-prefill shortcut: forward(..., last_only=True) computes logits for the last position only.
+made by an explicit step (clusterlm.models.transformer.fuse_for_inference): same logits as the
+separate matmuls, the state dict untouched, and the copy rebuilt by the engine whenever the weights
+change. Also the prefill shortcut: forward(..., last_only=True) computes logits for the last
+position only.
 
-Fusion is off on the CPU by default (FUSE_ON_CPU); these tests switch it on.
+The engine fuses on accelerators only by default (engine.fuse_by_default); these tests pass
+fuse=True to run the fused path on the CPU.
 
 Run: .venv/bin/python -m pytest -q tests/model/test_fused_decode.py
 """
@@ -13,8 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clusterlm.generate.engine import complete
-from clusterlm.models import transformer as T
+from clusterlm.generate.engine import complete as _complete
+from clusterlm.models.transformer import fuse_for_inference
 from clusterlm.models.build import build_model
 from clusterlm.models.config import ModelConfig
 
@@ -25,9 +27,13 @@ MODELS: dict[str, ModelConfig] = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _fuse_on_cpu(monkeypatch):
-    monkeypatch.setattr(T, "FUSE_ON_CPU", True)
+def complete(model: torch.nn.Module, prompt: list[int], **kw) -> tuple:
+    """engine.complete with fused projections on the CPU too."""
+    return _complete(model, prompt, fuse=True, **kw)
+
+
+def fused_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if getattr(m, "fused", None) is not None]
 
 
 def make(name: str, seed: int = 0) -> torch.nn.Module:
@@ -57,14 +63,15 @@ def test_fused_cached_logits_equal_full_forward(name: str) -> None:
     """Prefill + one-token steps through the cache (fused matmuls) give the full forward's logits
     (separate matmuls) to 1e-5, and the fused path really ran (one entry per fused module)."""
     model = make(name)
+    n_swiglu = len(model.layers) if MODELS[name].mlp == "swiglu" else 0
+    assert fuse_for_inference(model) == len(model.layers) + n_swiglu
     idx = torch.randint(0, 37, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = model(idx)
         got = cached_logits(model, idx)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    fused_owners = [m for m in model.modules() if m in T._FUSED]
-    n_swiglu = len(model.layers) if MODELS[name].mlp == "swiglu" else 0
-    assert len(fused_owners) == len(model.layers) + n_swiglu
+    assert len(fused_modules(model)) == len(model.layers) + n_swiglu
+    assert fuse_for_inference(model, enable=False) == 0 and fused_modules(model) == []
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -103,16 +110,20 @@ def test_fused_copy_follows_weight_changes(name: str) -> None:
 
 
 def test_no_fusion_with_grad_or_without_cache() -> None:
-    """Training-shaped calls never build fused copies: a forward with gradients enabled (even with a
-    cache) and a no-grad forward without a cache both leave the fused-copy table empty."""
-    model = make("llama")
+    """Training-shaped calls never use the fused copies: with them made, a forward with gradients
+    enabled (even with a cache) still gives every projection its gradient, equal to the unfused
+    model's, and a no-grad forward without a cache equals the unfused one exactly."""
+    model, ref = make("llama"), make("llama")
+    fuse_for_inference(model)
     idx = torch.randint(0, 37, (1, 6), generator=torch.Generator().manual_seed(0))
-    cache = model.make_cache(1, 6, device="cpu", dtype=torch.float32)
-    model(idx, cache).sum().backward()
+    for m in (model, ref):
+        cache = m.make_cache(1, 6, device="cpu", dtype=torch.float32)
+        m(idx, cache).sum().backward()
+    for n in ("wq", "wk", "wv"):
+        got, want = (getattr(m.layers["0"].attention, n).weight.grad for m in (model, ref))
+        assert got is not None and torch.equal(got, want)
     with torch.no_grad():
-        model(idx)
-    assert not any(m in T._FUSED for m in model.modules())
-    assert model.layers["0"].attention.wq.weight.grad is not None
+        assert torch.equal(model(idx), ref(idx))
 
 
 def test_quantized_modules_are_not_fused() -> None:
@@ -121,18 +132,23 @@ def test_quantized_modules_are_not_fused() -> None:
     from clusterlm.optimize.quantize import quantize_model
 
     model = make("llama")
+    fuse_for_inference(model)  # fused before quantizing: the next generation drops the stale float copies
     quantize_model(model, "int8")
     prompt = [5, 6, 7]
     assert complete(model, prompt, max_new_tokens=6, temperature=0.0)[0][0] == greedy_ref(model, prompt, 6)
-    assert not any(m in T._FUSED for m in model.modules())
+    assert fused_modules(model) == []
 
 
-def test_cpu_does_not_fuse_by_default(monkeypatch) -> None:
-    """With FUSE_ON_CPU at its default (False) a CPU generation builds no fused copies."""
-    monkeypatch.setattr(T, "FUSE_ON_CPU", False)
+def test_cpu_does_not_fuse_by_default() -> None:
+    """engine.fuse_by_default: a CPU generation without `fuse` makes no fused copies (and drops any
+    made before); an accelerator device would fuse."""
+    from clusterlm.generate.engine import fuse_by_default
+
     model = make("llama")
-    complete(model, [1, 2, 3], max_new_tokens=4, temperature=0.0)
-    assert not any(m in T._FUSED for m in model.modules())
+    fuse_for_inference(model)
+    _complete(model, [1, 2, 3], max_new_tokens=4, temperature=0.0)
+    assert fused_modules(model) == []
+    assert not fuse_by_default(torch.device("cpu")) and fuse_by_default(torch.device("cuda"))
 
 
 @pytest.mark.parametrize("name", MODELS)
