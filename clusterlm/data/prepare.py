@@ -18,6 +18,9 @@ works; the bundled corpus is cached in memory):
      --workers 1, or when everything fits in one chunk, no helper is started.
 Everything is written in a hidden staging folder beside DATA_DIR, meta.json last, and the folder
 is renamed to DATA_DIR at the end (fsutil.staging_dir). The format is in docs/data.md.
+
+This file holds the passes and the job; the helper processes and signals are in workers.py, the
+chunk encoder they run in encode.py, and the shard files (ShardWriter) in shards.py.
 """
 
 from __future__ import annotations
@@ -29,9 +32,7 @@ import hashlib
 import logging
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -42,9 +43,11 @@ from typing import Any
 import numpy as np
 
 from clusterlm.data import shards
+from clusterlm.data.encode import encode_chunk, encode_chunk_from_file
 from clusterlm.data.sources import DocumentReader, Source, discover
+from clusterlm.data.workers import one_core, terminate_as_interrupt, worker_pool
 from clusterlm.errors import ClusterlmError, ConfigError, DataError
-from clusterlm.fsutil import atomic_write_bytes, atomic_write_json, sha256_file, staging_dir
+from clusterlm.fsutil import atomic_write_json, sha256_file, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -302,166 +305,6 @@ def _train_texts(sources: list[Source], opts: PrepareOptions, scan: _Scan) -> It
 # -- tokenizing -------------------------------------------------------------------------------------------
 
 
-def encode_chunk(tok: Any, texts: list[str], val_mask: bytes, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens of `texts`, each followed by EOS, concatenated per split: (train tokens, val tokens).
-
-    `val_mask[i]` is 1 when texts[i] belongs to val. Texts are already cleaned (no lone surrogates).
-    Each document's tokens are written straight into its split's output array (no per-document
-    arrays then a concatenation), so a huge document costs its text plus its tokens, once.
-    """
-    char = tok.kind == "char" and hasattr(tok, "encode_array")
-    if tok.kind == "byte" and tok.vocab_size == 259:  # fast path: the ids are the UTF-8 bytes
-        ids: list[Any] = [t.encode("utf-8") for t in texts]
-        sizes = [len(b) for b in ids]
-    elif char:
-        ids, sizes = [], [len(t) for t in texts]  # one id per str element
-    elif hasattr(tok, "encode_arrays"):  # BPE: long documents in slices, bounded batches (bpe.py)
-        ids = tok.encode_arrays(texts, dtype)
-        sizes = [a.size for a in ids]
-    else:
-        ids = tok.encode_batch(texts)  # Rust, parallel unless TOKENIZERS_PARALLELISM=false, for BPE
-        sizes = [len(x) for x in ids]
-    outs = tuple(np.empty(sum(n + 1 for n, m in zip(sizes, val_mask) if m == v), dtype=dtype) for v in (0, 1))
-    starts, ends = [], [[], []]  # start of each document in its split's output; EOS positions
-    at = [0, 0]
-    for n, v in zip(sizes, val_mask):
-        starts.append(at[v])
-        ends[v].append(at[v] + n)
-        at[v] += n + 1
-    if char:
-        _encode_char_into(tok, texts, val_mask, sizes, starts, outs)
-    for i, (doc, v) in enumerate(zip(ids, val_mask)):
-        dst = outs[v][starts[i]:starts[i] + sizes[i]]
-        dst[:] = np.frombuffer(doc, dtype=np.uint8) if isinstance(doc, bytes) else doc
-    for v in (0, 1):
-        outs[v][ends[v]] = tok.eos_id
-    return outs  # type: ignore[return-value]
-
-
-def _encode_char_into(tok: Any, texts: list[str], val_mask: bytes, sizes: list[int], starts: list[int],
-                      outs: tuple[np.ndarray, np.ndarray]) -> None:
-    """Char ids of `texts` into `outs` at `starts`. Consecutive short documents of a split are joined,
-    one separator character after each where its EOS goes (overwritten by the caller), and encoded in
-    one numpy pass: one pass per document would cost ~10 us each. Long ones are encoded in place."""
-    from clusterlm.tokenizer.char import BLOCK_CHARS
-
-    group: list[list[int]] = [[], []]  # per split: indices of short documents waiting
-
-    def flush(v: int) -> None:
-        if group[v]:
-            first, last = group[v][0], group[v][-1]
-            joined = "\n".join(texts[i] for i in group[v]) + "\n"
-            tok.encode_array(joined, out=outs[v][starts[first]:starts[last] + sizes[last] + 1])
-            group[v] = []
-
-    size = [0, 0]
-    for i, (text, v) in enumerate(zip(texts, val_mask)):
-        if sizes[i] >= BLOCK_CHARS:
-            flush(v)
-            tok.encode_array(text, out=outs[v][starts[i]:starts[i] + sizes[i]])
-            continue
-        group[v].append(i)
-        size[v] += sizes[i] + 1
-        if size[v] >= BLOCK_CHARS:
-            flush(v)
-            size[v] = 0
-    flush(0)
-    flush(1)
-
-
-_worker_tokenizer: tuple[str, Any] | None = None  # (path, tokenizer) loaded once per worker process
-
-
-def _exit_with_parent(parent: int) -> None:
-    """A worker whose parent died (e.g. SIGKILL) exits instead of waiting forever for work."""
-    while True:
-        time.sleep(0.5)
-        if os.getppid() != parent:
-            os._exit(1)
-
-
-def _worker_init(parent: int) -> None:
-    # One core per worker: the pool supplies the parallelism (and no Rust thread pool is shared
-    # across processes). Set here, in the worker, before its first encode.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    # Ctrl-C (and Slurm's scancel, SIGTERM) reach the whole process group: the parent handles them
-    # and cancels the pool, so a helper never dies half-way through a chunk because of them.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-
-
-def _worker_warmup() -> None:
-    """Import what tokenizing needs while the main process is still scanning."""
-    import clusterlm.tokenizer.kinds  # noqa: F401  (tokenizers, numpy)
-
-
-def _worker_encode(tokenizer_path: str, texts: list[str], val_mask: bytes, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    global _worker_tokenizer
-    if _worker_tokenizer is None or _worker_tokenizer[0] != tokenizer_path:
-        from clusterlm.tokenizer.kinds import load_tokenizer
-
-        _worker_tokenizer = (tokenizer_path, load_tokenizer(tokenizer_path))
-    return encode_chunk(_worker_tokenizer[1], texts, val_mask, dtype)
-
-
-@contextlib.contextmanager
-def _one_core() -> Iterator[None]:
-    """Run `tokenizers` sequentially in this process for the duration (it reads the variable per call)."""
-    old = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = old
-
-
-class _ShardWriter:
-    """Fills `{split}-NNNNN.bin` shards of exactly `shard_tokens` tokens (the last one: the rest)."""
-
-    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
-        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
-        self.buf: list[np.ndarray] = []
-        self.buffered = 0
-        self.shards: list[dict[str, Any]] = []
-
-    def add(self, tokens: np.ndarray) -> None:
-        if tokens.size == 0:
-            return
-        self.buf.append(tokens)
-        self.buffered += tokens.size
-        while self.buffered >= self.shard_tokens:
-            self._flush(self.shard_tokens)
-
-    def close(self) -> list[dict[str, Any]]:
-        if self.buffered:
-            self._flush(self.buffered)
-        return self.shards
-
-    def _flush(self, n: int) -> None:
-        # only the arrays that make up the first n tokens are copied (a huge array added last is
-        # sliced, not concatenated with what was buffered before it)
-        take, got = 0, 0
-        while got < n:
-            got += self.buf[take].size
-            take += 1
-        parts, tail = self.buf[:take], self.buf[take:]
-        cut = parts[-1].size - (got - n)  # tokens of the last part that go into this shard
-        if cut < parts[-1].size:
-            tail.insert(0, parts[-1][cut:])
-            parts[-1] = parts[-1][:cut]
-        head = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        name = f"{self.split}-{len(self.shards):05d}.bin"
-        payload = shards.encode_shard(head, self.dtype)
-        atomic_write_bytes(self.folder / name, payload)
-        self.shards.append({"file": name, "tokens": int(n), "sha256": hashlib.sha256(payload).hexdigest()})
-        self.buf = tail
-        self.buffered -= n
-
-
 def _chunk_target(remaining: int, workers: int) -> int:
     """Characters per chunk: a quarter of each worker's share of what is left, so chunks shrink
     towards the end and every process finishes at about the same time."""
@@ -498,7 +341,7 @@ def _chunks(sources: list[Source], opts: PrepareOptions, scan: _Scan, workers: i
 
 
 def _tokenize(sources: list[Source], opts: PrepareOptions, scan: _Scan, tok: Any, tok_path: Path,
-              writers: dict[int, _ShardWriter], workers: int, pool: Any, progress: bool) -> None:
+              writers: dict[int, shards.ShardWriter], workers: int, pool: Any, progress: bool) -> None:
     """Pass 3: every kept document's tokens + EOS into its split's shards, in input order.
 
     This process tokenizes too: each chunk goes to the pool of `workers - 1` spawned processes
@@ -526,12 +369,12 @@ def _tokenize(sources: list[Source], opts: PrepareOptions, scan: _Scan, tok: Any
     from concurrent.futures.process import BrokenProcessPool
 
     with tqdm(total=scan.total_chars, desc="tokenize", unit="char", unit_scale=True, disable=not progress,
-              leave=False) as bar, _one_core():
+              leave=False) as bar, one_core():
         try:
             for texts, mask in _chunks(sources, opts, scan, workers, bar):
                 busy = sum(1 for f in pending if not isinstance(f, tuple) and not f.done())
                 if pool is not None and busy < 2 * helpers and sum(map(len, texts)) <= MAX_SHIPPED_CHARS:
-                    pending.append(pool.submit(_worker_encode, str(tok_path), texts, mask, dtype))
+                    pending.append(pool.submit(encode_chunk_from_file, str(tok_path), texts, mask, dtype))
                 else:
                     pending.append(encode_chunk(tok, texts, mask, dtype))
                 write_ready(block_beyond=4 * workers)  # bounded memory
@@ -542,28 +385,6 @@ def _tokenize(sources: list[Source], opts: PrepareOptions, scan: _Scan, tok: Any
                 "without `if __name__ == '__main__':` (helpers are started with the 'spawn' method, "
                 "which imports the main script again); retry with --workers 1 to tokenize in this "
                 "process") from None
-
-
-@contextlib.contextmanager
-def _worker_pool(workers: int, start: bool) -> Iterator[Any]:
-    """A pool of `workers` spawned helper processes, started now so they boot while this process
-    scans and trains (None when `start` is False). Cancelled on error or interrupt."""
-    if not start:
-        yield None
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_worker_init, initargs=(os.getpid(),))
-    for _ in range(workers):  # each submit spawns a process while none is idle
-        pool.submit(_worker_warmup)
-    try:
-        yield pool
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
 
 
 def _estimated_chars(sources: list[Source]) -> int:
@@ -631,7 +452,8 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
     t0 = time.perf_counter()
 
     start_pool = n_workers > 1 and _estimated_chars(sources) > 2 * MIN_CHUNK_CHARS
-    with staging_dir(out, overwrite=opts.overwrite) as tmp, _worker_pool(n_workers - 1, start_pool) as pool:
+    pool_args = (n_workers - 1, start_pool, ("clusterlm.data.encode", "clusterlm.tokenizer.kinds"))
+    with staging_dir(out, overwrite=opts.overwrite) as tmp, worker_pool(*pool_args) as pool:
         scan = _scan(sources, opts, show)
         log.info("read %d documents from %d files: %d kept (%d train, %d val), %d empty, %d bad records, "
                  "%d duplicates, %d symlinks skipped (%d outside the inputs, %d dangling or loops)",
@@ -650,7 +472,7 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
             tok = train_tokenizer(opts.tokenizer, _train_texts(sources, opts, scan), opts.vocab_size)
             tok.save(tok_path)
         dtype = shards.dtype_for_vocab(tok.vocab_size)
-        writers = {s: _ShardWriter(tmp, name, dtype, opts.shard_tokens) for s, name in ((TRAIN, "train"), (VAL, "val"))}
+        writers = {s: shards.ShardWriter(tmp, name, dtype, opts.shard_tokens) for s, name in ((TRAIN, "train"), (VAL, "val"))}
         _tokenize(sources, opts, scan, tok, tok_path, writers, n_workers, pool, show)
 
         splits = {}
@@ -697,14 +519,6 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
 # -- command line -------------------------------------------------------------------------------------------
 
 
-class Terminated(KeyboardInterrupt):
-    """Raised by the SIGTERM handler, so the staging folder is cleaned up as on Ctrl-C."""
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated(f"signal {signum}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="clusterlm prepare", description=__doc__.split("\n")[0],
@@ -738,16 +552,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     inputs = list(args.inputs) + [f"builtin:{name}" for name in args.builtin]
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
-    try:
+    with terminate_as_interrupt():
         meta = prepare(inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                        val_fraction=args.val_fraction, workers=args.workers, text_field=args.text_field,
                        shard_tokens=args.shard_tokens, dedup=args.dedup, redact_pii=args.redact_pii,
                        overwrite=args.overwrite, follow_symlinks=args.follow_symlinks)
-    finally:
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, old)
     sp = meta["splits"]
     print(f"{args.out}: {meta['tokenizer']['kind']} tokenizer (vocab {meta['tokenizer']['vocab_size']}), "
           f"train {sp['train']['tokens']:,} tokens / {sp['train']['documents']} docs, "

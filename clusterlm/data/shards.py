@@ -12,6 +12,9 @@ A shard is a 32-byte little-endian header followed by the tokens:
 uint16 is used when every id fits (vocab_size <= 65536), else uint32. Files are read through
 `np.memmap`, so a loader touches only the pages it needs. See docs/formats.md.
 
+`write_shard` writes one file; `ShardWriter` (used by prepare.py) cuts a stream of token arrays
+into shards of a fixed size.
+
 `verify_shards` checks each shard's whole file against the sha256 in meta.json and every id
 against the vocabulary, in one read; a shard that passed is remembered by (size, mtime, ctime)
 in DATA_DIR/.verified.json (and in memory when the folder is read-only), so only the first use
@@ -33,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from clusterlm.errors import DataError
-from clusterlm.fsutil import atomic_write_bytes, atomic_write_json
+from clusterlm.fsutil import atomic_write_chunks, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +64,78 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
     return _DTYPES[2] if vocab_size <= 2**16 else _DTYPES[4]
 
 
-def encode_shard(tokens: np.ndarray, dtype: np.dtype) -> bytes:
-    """Header + tokens as bytes; ids must fit `dtype`."""
+WRITE_CHUNK = 1 << 23  # bytes hashed then written at once: 8 MiB, still in cache for the write
+
+
+def write_shard(path: str | os.PathLike, tokens: np.ndarray, dtype: np.dtype) -> str:
+    """Write a shard atomically (temporary file, fsync, rename); returns the file's sha256 (hex).
+
+    The header, then the tokens' own buffer in WRITE_CHUNK slices, each hashed and written: no
+    `header + tokens.tobytes()` copy of the whole shard (the tokens are converted only when they
+    are not already `dtype`). Ids must fit `dtype`."""
     dtype = np.dtype(dtype).newbyteorder("<")
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise DataError(f"a shard holds a 1-D token array, got shape {tokens.shape}")
     if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(dtype).max):
         raise DataError(f"token ids in [{tokens.min()}, {tokens.max()}] do not fit {dtype.name}")
-    header = HEADER.pack(MAGIC, SHARD_VERSION, dtype.itemsize, tokens.size)
-    return header + tokens.astype(dtype, copy=False).tobytes()
+    data = memoryview(np.ascontiguousarray(tokens.astype(dtype, copy=False)).view(np.uint8))
+    h = hashlib.sha256()
+
+    def chunks():
+        header = HEADER.pack(MAGIC, SHARD_VERSION, dtype.itemsize, tokens.size)
+        h.update(header)
+        yield header
+        for at in range(0, len(data), WRITE_CHUNK):
+            chunk = data[at:at + WRITE_CHUNK]
+            h.update(chunk)
+            yield chunk
+
+    atomic_write_chunks(path, chunks())
+    return h.hexdigest()
 
 
-def write_shard(path: str | os.PathLike, tokens: np.ndarray, dtype: np.dtype) -> None:
-    """Write a shard atomically (temporary file, fsync, rename)."""
-    atomic_write_bytes(path, encode_shard(tokens, dtype))
+class ShardWriter:
+    """Fills `{split}-NNNNN.bin` shards of exactly `shard_tokens` tokens (the last one: the rest)
+    in `folder`; `close()` returns meta.json's list of them (file, tokens, sha256)."""
+
+    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
+        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
+        self.buf: list[np.ndarray] = []
+        self.buffered = 0
+        self.shards: list[dict[str, Any]] = []
+
+    def add(self, tokens: np.ndarray) -> None:
+        if tokens.size == 0:
+            return
+        self.buf.append(tokens)
+        self.buffered += tokens.size
+        while self.buffered >= self.shard_tokens:
+            self._flush(self.shard_tokens)
+
+    def close(self) -> list[dict[str, Any]]:
+        if self.buffered:
+            self._flush(self.buffered)
+        return self.shards
+
+    def _flush(self, n: int) -> None:
+        # only the arrays that make up the first n tokens are copied (a huge array added last is
+        # sliced, not concatenated with what was buffered before it)
+        take, got = 0, 0
+        while got < n:
+            got += self.buf[take].size
+            take += 1
+        parts, tail = self.buf[:take], self.buf[take:]
+        cut = parts[-1].size - (got - n)  # tokens of the last part that go into this shard
+        if cut < parts[-1].size:
+            tail.insert(0, parts[-1][cut:])
+            parts[-1] = parts[-1][:cut]
+        head = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        name = f"{self.split}-{len(self.shards):05d}.bin"
+        digest = write_shard(self.folder / name, head, self.dtype)
+        self.shards.append({"file": name, "tokens": int(n), "sha256": digest})
+        self.buf = tail
+        self.buffered -= n
 
 
 def read_header(path: str | os.PathLike) -> ShardHeader:

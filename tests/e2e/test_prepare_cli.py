@@ -28,12 +28,12 @@ PY = sys.executable
 # started writing and long before it ends, whatever the machine's speed.
 SLOW_CLUSTERLM = """
 import sys, time
-import clusterlm.data.prepare as p
-_flush = p._ShardWriter._flush
+import clusterlm.data.shards as s
+_flush = s.ShardWriter._flush
 def slow_flush(self, n):
     _flush(self, n)
     time.sleep(0.25)
-p._ShardWriter._flush = slow_flush
+s.ShardWriter._flush = slow_flush
 from clusterlm.cli import main
 sys.exit(main(sys.argv[1:]))
 """

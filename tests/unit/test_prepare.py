@@ -245,12 +245,14 @@ def test_tokenizer_file_and_uint32(tmp_path: Path) -> None:
     assert [tok.decode(d) for d in split_docs(tmp_path / "d", "train", tok.eos_id)] == ["Héllo wörld, 世界\n"]
 
 
-def test_shard_dtype_choice() -> None:
+def test_shard_dtype_choice(tmp_path: Path) -> None:
     """uint16 while every id fits in 16 bits (vocab <= 65536), uint32 above; the header records it."""
     assert shards.dtype_for_vocab(259) == np.dtype("<u2")
     assert shards.dtype_for_vocab(65_536) == np.dtype("<u2")
     assert shards.dtype_for_vocab(65_537) == np.dtype("<u4")
-    raw = shards.encode_shard(np.array([0, 65_536, 70_000]), shards.dtype_for_vocab(70_001))
+    digest = shards.write_shard(tmp_path / "s.bin", np.array([0, 65_536, 70_000]), shards.dtype_for_vocab(70_001))
+    raw = (tmp_path / "s.bin").read_bytes()
+    assert digest == hashlib.sha256(raw).hexdigest() and len(raw) == shards.HEADER_SIZE + 3 * 4
     magic, version, width, count = shards.HEADER.unpack(raw[: shards.HEADER_SIZE])
     assert (magic, version, width, count) == (shards.MAGIC, 1, 4, 3)
     assert np.frombuffer(raw[shards.HEADER_SIZE:], "<u4").tolist() == [0, 65_536, 70_000]
@@ -329,7 +331,7 @@ def test_encode_chunk_matches_per_document_reference(monkeypatch: pytest.MonkeyP
     blocks, so short documents are joined and long ones encoded in place) and bpe, with documents
     of 0 to 40 characters, unknown characters and non-ASCII text in both splits."""
     import clusterlm.tokenizer.char as char_module
-    from clusterlm.data.prepare import encode_chunk
+    from clusterlm.data.encode import encode_chunk
     from clusterlm.tokenizer.kinds import make_tokenizer, train_tokenizer
 
     monkeypatch.setattr(char_module, "BLOCK_CHARS", 8, raising=False)
@@ -350,9 +352,7 @@ def test_encode_chunk_matches_per_document_reference(monkeypatch: pytest.MonkeyP
 def test_shard_writer_cuts_exactly(tmp_path: Path) -> None:
     """Reference: the concatenation of everything added, cut every 7 tokens. Adds of 0, 1, 3, 7,
     10 and 25 tokens (50 in all) give the same shards, the last one holding the last 1."""
-    from clusterlm.data.prepare import _ShardWriter
-
-    w = _ShardWriter(tmp_path, "train", np.dtype("uint16"), 7)
+    w = shards.ShardWriter(tmp_path, "train", np.dtype("uint16"), 7)
     adds = [np.arange(k, dtype=np.uint16) + 100 * i for i, k in enumerate([3, 0, 10, 1, 25, 7, 4])]
     for a in adds:
         w.add(a)
