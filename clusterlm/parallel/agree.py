@@ -1,11 +1,11 @@
 """Decisions every rank must take together (one all-reduce each), so no rank is left waiting in a
-collective that the others skipped: stop flags, and the checkpoint a run resumes from.
+collective that the others skipped: stop flags, and work rank 0 does first. (The checkpoint a run
+resumes from is agreed by the checkpointer: clusterlm.checkpoint.manager.agree_on_checkpoint.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -24,20 +24,6 @@ def agree_any(distributed: bool, *flags: bool, device: torch.device) -> tuple[bo
     t = torch.tensor([float(f) for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return tuple(bool(v) for v in t.tolist())
-
-
-def agree_on_checkpoint(path: Path | None, device: torch.device) -> Path | None:
-    """Check that every rank chose the same checkpoint step (each scans the shared file system)."""
-    from clusterlm.checkpoint.store import STEP_RE
-
-    m = STEP_RE.match(path.name) if path is not None else None
-    step = int(m[1]) if m else -1
-    t = torch.tensor([step, -step], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    if int(t[0]) != -int(t[1]):
-        raise ConfigError(f"ranks disagree on the checkpoint to resume from (steps {-int(t[1])} to {int(t[0])}): "
-                          "is the checkpoint folder on a file system shared by all nodes?")
-    return path
 
 
 def rank0_first(distributed: bool, rank: int, fn: Callable[[], T], *, what: str, device: torch.device) -> T:

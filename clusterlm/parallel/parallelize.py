@@ -1,7 +1,7 @@
 """Apply a parallel layout to a model from outside it, in one order: pipeline split, TP,
 activation checkpointing, compile, FSDP/DDP; then materialise and initialise the local shards.
 
-    pm = build_parallel_model(model_cfg, parallel_cfg, mesh, device, seed=0, micro_batch=8)
+    pm = build_parallel_model(model_cfg, parallel_cfg, mesh, device, seed=0, micro_batch=8, loss_fn=lm_loss)
     loss = pm.forward_backward(x, y, accum=accum, sync=is_last_micro_batch)  # loss/accum, this rank
     norm = pm.clip_grad_norm_(1.0)                     # global norm over every shard and stage
     pm.module                                          # the (sharded) nn.Module: optimizer, checkpoints
@@ -13,6 +13,10 @@ CPU) tensor, and this rank's shard is cut from it (`distribute_tensor(..., src_d
 every rank draws the same full tensor, so no communication). Peak extra memory: one full
 parameter. The values are exactly the single-process ones (init_weights seeds a generator per
 parameter name), which is what the parity tests rely on.
+
+The loss is the caller's (the trainer passes clusterlm.eval.metrics.lm_loss): `loss_fn(logits
+(B, T, V), targets (B, T)) -> mean token loss`; parallel/ computes it where the layout needs it (inside
+loss parallel, on the last pipeline stage).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -34,6 +39,8 @@ from clusterlm.parallel.dims import ParallelDims
 from clusterlm.parallel.mesh import Coords
 
 log = logging.getLogger(__name__)
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits (B, T, V), targets (B, T)) -> scalar
 
 
 def dims_of(pc: ParallelConfig) -> ParallelDims:
@@ -82,12 +89,14 @@ class ParallelModel:
     """A model laid out over a DeviceMesh, with the few operations the training loop needs."""
 
     def __init__(self, module: nn.Module, wrapped: nn.Module, coords: Coords, mesh: DeviceMesh | None,
-                 kind: str, schedule=None, micro_batch: int = 0, loss_parallel: bool = False) -> None:
+                 kind: str, loss_fn: LossFn, schedule=None, micro_batch: int = 0,
+                 loss_parallel: bool = False) -> None:
         self.module = module  # parameters/state_dict live here (DDP's inner module when wrapped)
         self.wrapped = wrapped  # what forward is called on
         self.coords = coords
         self.mesh = mesh
         self.kind = kind  # "single", "ddp", "fsdp" or "none" (tp/pp without data-parallel wrapping)
+        self.loss_fn = loss_fn
         self.schedule = schedule
         self.micro_batch = micro_batch  # rows per rank micro-batch (the pipeline's fixed shape)
         self.loss_parallel = loss_parallel  # logits are vocabulary-split DTensors (parallel/tp.py)
@@ -115,13 +124,11 @@ class ParallelModel:
                          autocast=contextlib.nullcontext) -> torch.Tensor:
         """Forward + backward of one micro-batch with loss/accum; returns the detached loss/accum on
         ranks that own a loss (last stage, tp rank 0), zeros elsewhere."""
-        from clusterlm.eval.metrics import lm_loss
-
         with self._sync_context(sync):
             if self.schedule is not None:
                 losses: list[torch.Tensor] = []
                 n_mb = self.schedule._n_microbatches
-                self.schedule._loss_fn = lambda logits, tgt: lm_loss(logits, tgt) / (accum * n_mb)
+                self.schedule._loss_fn = lambda logits, tgt: self.loss_fn(logits, tgt) / (accum * n_mb)
                 with autocast():
                     self._run_schedule(self.schedule.step, x, y, losses)
                 loss = torch.stack(losses).sum().detach() if losses else torch.zeros((), device=x.device)
@@ -129,7 +136,7 @@ class ParallelModel:
                 with autocast():
                     logits = self.wrapped(x)
                 with self.loss_context():
-                    loss = lm_loss(logits, y) / accum
+                    loss = self.loss_fn(logits, y) / accum
                     loss.backward()
                 loss = loss.detach()
                 if isinstance(loss, DTensor):
@@ -152,12 +159,10 @@ class ParallelModel:
 
         Every rank must pass the same batches; batches with fewer rows than the training micro-batch
         are skipped (the stages' buffers have its shape). None if no batch was full."""
-        from clusterlm.eval.metrics import lm_loss
-
         assert self.schedule is not None, "pipeline_eval_loss needs pp > 1"
         n_mb = self.schedule._n_microbatches
         train_loss_fn = self.schedule._loss_fn
-        self.schedule._loss_fn = lm_loss
+        self.schedule._loss_fn = self.loss_fn
         self.module.eval()
         total, n = torch.zeros((), dtype=torch.float64, device=device), 0
         try:
@@ -243,12 +248,13 @@ def validate_layout(pc: ParallelConfig, mcfg: ModelConfig, world_size: int, glob
 
 
 def build_parallel_model(mcfg: ModelConfig, pc: ParallelConfig, mesh: DeviceMesh | None, device: torch.device, *,
-                         seed: int, micro_batch: int, param_dtype: torch.dtype | None = None,
+                         seed: int, micro_batch: int, loss_fn: LossFn, param_dtype: torch.dtype | None = None,
                          compile: bool = False, pp_schedule: str = "1f1b", wrap: str = "auto") -> ParallelModel:
     """Build the model on meta, lay it out (pp split, TP, AC, compile, FSDP/DDP), materialise, init.
 
     wrap: "auto" picks DDP for pure replication, FSDP2 when parameters are sharded, nothing on one
-    process; "ddp" or "fsdp" force that wrapper (e.g. to measure its overhead on one GPU)."""
+    process; "ddp" or "fsdp" force that wrapper (e.g. to measure its overhead on one GPU). `loss_fn`:
+    the training loss (module docstring)."""
     if wrap not in ("auto", "ddp", "fsdp"):
         raise ValueError(f"wrap={wrap!r}; expected auto, ddp or fsdp")
     from clusterlm.models.build import build_model
@@ -262,7 +268,7 @@ def build_parallel_model(mcfg: ModelConfig, pc: ParallelConfig, mesh: DeviceMesh
         model.to_empty(device=device)
         model.init_weights(seed)
         wrapped = torch.compile(model) if compile else model
-        return ParallelModel(model, wrapped, coords, mesh, "single")
+        return ParallelModel(model, wrapped, coords, mesh, "single", loss_fn)
 
     if dims.pp > 1:
         from clusterlm.parallel.pp import split_stage
@@ -303,13 +309,12 @@ def build_parallel_model(mcfg: ModelConfig, pc: ParallelConfig, mesh: DeviceMesh
         wrapped = model
     schedule = None
     if dims.pp > 1:
-        from clusterlm.eval.metrics import lm_loss
         from clusterlm.parallel.pp import build_schedule
 
-        schedule = build_schedule(model, mesh["pp"], device, micro_batch, lm_loss, pp_schedule)
+        schedule = build_schedule(model, mesh["pp"], device, micro_batch, loss_fn, pp_schedule)
     log.info("layout %s: %s on this rank (pp stage %d, dp rank %d, tp rank %d)", dims.describe(), kind,
              coords.pp, coords.dp_rank, coords.tp)
-    return ParallelModel(model, wrapped, coords, mesh, kind, schedule, micro_batch, loss_parallel=seq_par)
+    return ParallelModel(model, wrapped, coords, mesh, kind, loss_fn, schedule, micro_batch, loss_parallel=seq_par)
 
 
 class _FullLogits(nn.Module):

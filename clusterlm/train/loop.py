@@ -36,23 +36,11 @@ import torch
 from clusterlm.config import DataConfig, RunConfig, TrainConfig, load_run_config, split_overrides, to_toml
 from clusterlm.device import autocast as device_autocast
 from clusterlm.device import autocast_dtype, resolve_device
-from clusterlm.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, CheckpointError, ConfigError
+from clusterlm.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, ConfigError
 
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR2")
-
-
-@dataclass
-class RunState:
-    """Everything besides model/optimizer/loader/RNG that a resume needs (train_state.json)."""
-
-    step: int = 0  # optimizer steps taken (skipped NaN steps included: their batches are consumed)
-    tokens_seen: int = 0
-    bad_steps_total: int = 0
-    bad_streak: int = 0
-    best_val_loss: float | None = None
-    train_seconds: float = 0.0  # wall time spent in previous segments of this run
 
 
 @dataclass
@@ -158,343 +146,321 @@ def _restore_handlers(previous: dict[int, Any]) -> None:
             signal.signal(sig, h)
 
 
-# ---- the loop -----------------------------------------------------------------------------------------
+# ---- the trainer ----------------------------------------------------------------------------------------
 def train(cfg: RunConfig) -> TrainResult:
     """Run (or resume) training as configured; returns how it ended. Never calls exit().
     The caller's torch thread count is restored afterwards (train.threads applies to this run only)."""
     threads = torch.get_num_threads()
     try:
-        return _train(cfg)
+        return Trainer(cfg).run()
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(cfg: RunConfig) -> TrainResult:
-    from clusterlm.checkpoint.store import (
-        capture_rng_state,
-        load_checkpoint,
-        restore_rng_state,
-        save_checkpoint,
-    )
-    from clusterlm.data.loader import TokenLoader, iter_eval_batches
-    from clusterlm.data.shards import read_meta
-    from clusterlm.eval.metrics import evaluate_loss
-    from clusterlm.parallel.agree import agree_any, agree_on_checkpoint, rank0_first
-    from clusterlm.parallel.launch import init_distributed, read_env
-    from clusterlm.parallel.parallelize import validate_layout
-    from clusterlm.train.metrics import MetricsLogger, Throughput, device_peak_flops, flops_per_token, memory_stats, mfu
-    from clusterlm.train.optim import build_optimizer, lr_at
+class Trainer:
+    """Set-up in __init__ (process group, data, model laid out, optimizer, loader, resume); `run` is
+    the loop, built from `train_step`, `log_step`, `maybe_eval` and `maybe_save`."""
 
-    tc, oc = cfg.train, cfg.optim
-    denv = read_env()
-    distributed = denv.world_size > 1
-    out_dir = Path(tc.out_dir)
-    ckpt_root = out_dir / "checkpoints"
-    if distributed:
-        # layout arithmetic first: a wrong world size fails before a process group or model exists
+    def __init__(self, cfg: RunConfig) -> None:
+        from clusterlm.checkpoint.manager import Checkpointer
+        from clusterlm.data.loader import TokenLoader
+        from clusterlm.eval.metrics import lm_loss
+        from clusterlm.parallel.launch import read_env
+        from clusterlm.parallel.mesh import build_mesh
+        from clusterlm.parallel.parallelize import build_parallel_model
+        from clusterlm.train.optim import build_optimizer
+
+        tc = self.tc = cfg.train
+        self.env = read_env()
+        self.distributed = self.env.world_size > 1
+        self.rank0 = self.env.rank == 0
+        self.out_dir = Path(tc.out_dir)
+        self.device = self._init_process(cfg)
+        self.amp_dtype = autocast_dtype(tc.dtype, self.device)
+        if tc.threads and self.device.type == "cpu":
+            torch.set_num_threads(tc.threads)
+        self.cfg = cfg = self._resolve_data(cfg)
+        mcfg, dims = cfg.model, self.dims
+        self.accum, self.tokens_per_step = batch_plan(tc, dims.dp)
+        if not tc.skip_memory_check:  # before any checkpoint or model memory is allocated
+            _check_run_memory(cfg, dims, self.accum, self.device, self.amp_dtype, self.distributed,
+                              self.env.local_world_size)
+
+        # model built on meta, laid out, materialised, initialised; then optimizer, loader, resume
+        torch.manual_seed(tc.seed)
+        mesh = build_mesh(dims, self.device.type) if self.distributed else None
+        self.pm = pm = build_parallel_model(
+            mcfg, cfg.parallel, mesh, self.device, seed=tc.seed, micro_batch=tc.micro_batch_size, loss_fn=lm_loss,
+            param_dtype=self.amp_dtype if self.distributed else None, compile=tc.compile,
+            pp_schedule=cfg.parallel.pp_schedule)
+        self.model = pm.module
+        self.optimizer = build_optimizer(self.model, cfg.optim, fused=None if pm.fused_optimizer_ok else False)
+        self.loader = TokenLoader(self.data_dir, "train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len,
+                                  seed=tc.seed, rank=pm.coords.dp_rank, world_size=dims.dp)
+        self.checkpointer = Checkpointer(
+            self.out_dir / "checkpoints", cfg.checkpoint, config_toml=to_toml(cfg), resume=tc.resume,
+            tokenizer_path=self.tokenizer_file, model_config=mcfg, data_dir=self.data_dir,
+            distributed=self.distributed, device=self.device,
+            pipeline_stage_source=(pm.coords.dp_rank == 0 and pm.coords.tp == 0) if dims.pp > 1 else None,
+            extra_state={"tokens_per_step": self.tokens_per_step})
+        self.state = self.checkpointer.load_into(self.model, self.optimizer, self.loader)
+        self._log_plan()
+        self._open_run_dir()
+        self.last_loss: float | None = None
+        self.last_val: float | None = None
+        self.last_ckpt: Path | None = None
+
+    # ---- set-up helpers --------------------------------------------------------------------------
+    def _init_process(self, cfg: RunConfig) -> torch.device:
+        """The device; under torchrun/srun the process group first (after a layout check, so a wrong
+        world size fails before any process group or model exists)."""
+        from clusterlm.parallel.launch import init_distributed
+        from clusterlm.parallel.parallelize import validate_layout
+
+        tc, env = cfg.train, self.env
+        if not self.distributed:
+            return resolve_device(tc.device)
         if cfg.model.vocab_size:  # else it comes from the data; checked again below either way
-            validate_layout(cfg.parallel, cfg.model, denv.world_size, tc.global_batch_tokens,
-                            tc.micro_batch_size, tc.seq_len)
-        if denv.rank != 0:
+            validate_layout(cfg.parallel, cfg.model, env.world_size, tc.global_batch_tokens, tc.micro_batch_size,
+                            tc.seq_len)
+        if env.rank != 0:
             from clusterlm.log import setup_logging
 
-            setup_logging(denv.rank)  # warnings and errors only, prefixed [rank N]
-        device = init_distributed(denv, device_type=tc.device)
-    else:
-        device = resolve_device(tc.device)
-    amp_dtype = autocast_dtype(tc.dtype, device)
-    if tc.threads and device.type == "cpu":
-        torch.set_num_threads(tc.threads)
+            setup_logging(env.rank)  # warnings and errors only, prefixed [rank N]
+        return init_distributed(env, device_type=tc.device)
 
-    # -- data and model config ----------------------------------------------------------------------
-    # rank 0 prepares a missing data directory; the others wait and then read it
-    data_dir = rank0_first(distributed, denv.rank, lambda: ensure_data(cfg.data),
-                           what=f"preparing {cfg.data.dir}", device=device)
-    meta = read_meta(data_dir)
-    vocab = int(meta["tokenizer"]["vocab_size"])
-    mcfg = cfg.model
-    if mcfg.vocab_size is None:
-        mcfg = mcfg.with_vocab(vocab)
-    elif mcfg.vocab_size < vocab:
-        raise ConfigError(f"model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's {vocab} tokens "
-                          f"in {data_dir}; leave it unset to take the tokenizer's size")
-    if tc.seq_len > mcfg.max_seq_len:
-        raise ConfigError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={mcfg.max_seq_len}")
-    cfg = dataclasses.replace(cfg, model=mcfg, data=dataclasses.replace(cfg.data, dir=str(data_dir)))
-    dims = validate_layout(cfg.parallel, mcfg, denv.world_size, tc.global_batch_tokens, tc.micro_batch_size,
-                           tc.seq_len)
-    accum, tokens_per_step = batch_plan(tc, dims.dp)
-    if not tc.skip_memory_check:  # before any checkpoint or model memory is allocated
-        _check_run_memory(cfg, dims, accum, device, amp_dtype, distributed, denv.local_world_size)
+    def _resolve_data(self, cfg: RunConfig) -> RunConfig:
+        """Prepare the data if needed (rank 0 first; the others then read it), take the vocabulary
+        size from its tokenizer, check the layout; returns the config with both filled in."""
+        from clusterlm.data.shards import read_meta
+        from clusterlm.parallel.agree import rank0_first
+        from clusterlm.parallel.parallelize import validate_layout
 
-    # -- resume point ------------------------------------------------------------------------------------
-    from clusterlm.checkpoint.compat import check_resume
-    from clusterlm.checkpoint.distributed import is_distributed_checkpoint
-    from clusterlm.checkpoint.store import describe_rejected, scan_checkpoints
+        tc = cfg.train
+        data_dir = rank0_first(self.distributed, self.env.rank, lambda: ensure_data(cfg.data),
+                               what=f"preparing {cfg.data.dir}", device=self.device)
+        self.meta = meta = read_meta(data_dir)
+        vocab = int(meta["tokenizer"]["vocab_size"])
+        mcfg = cfg.model
+        if mcfg.vocab_size is None:
+            mcfg = mcfg.with_vocab(vocab)
+        elif mcfg.vocab_size < vocab:
+            raise ConfigError(f"model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's {vocab} tokens "
+                              f"in {data_dir}; leave it unset to take the tokenizer's size")
+        if tc.seq_len > mcfg.max_seq_len:
+            raise ConfigError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={mcfg.max_seq_len}")
+        self.data_dir = data_dir
+        self.tokenizer_file = data_dir / meta["tokenizer"]["file"]
+        self.has_val = meta["splits"].get("val", {}).get("tokens", 0) > tc.seq_len
+        self.dims = validate_layout(cfg.parallel, mcfg, self.env.world_size, tc.global_batch_tokens,
+                                    tc.micro_batch_size, tc.seq_len)
+        return dataclasses.replace(cfg, model=mcfg, data=dataclasses.replace(cfg.data, dir=str(data_dir)))
 
-    ckpt = ckpt_path = None
-    if tc.resume == "auto":
-        ckpt_path, rejected = scan_checkpoints(ckpt_root)
-        if ckpt_path is None and rejected:
-            # resume=auto was given: saying "resume with --train.resume=auto" would help no one
-            raise CheckpointError(
-                f"--train.resume=auto: all {len(rejected)} checkpoints in {ckpt_root} failed verification:\n"
-                f"{describe_rejected(rejected)}\nto start fresh, give another --train.out_dir (or move "
-                f"{ckpt_root} aside); to continue this run, restore a checkpoint from a copy")
-        if ckpt_path is None:
-            log.info("resume=auto: no valid checkpoint in %s, starting fresh", ckpt_root)
-    elif tc.resume != "none":
-        from clusterlm.checkpoint.store import resolve_checkpoint
+    def _log_plan(self) -> None:
+        """The derived numbers, printed once (llm.c style)."""
+        from clusterlm.train.metrics import device_peak_flops, flops_per_token
 
-        ckpt_path = resolve_checkpoint(tc.resume)
-    if distributed:
-        ckpt_path = agree_on_checkpoint(ckpt_path, device)
-    if ckpt_path is not None:  # a model of another shape or another tokenizer: one line, before any load
-        check_resume(ckpt_path, mcfg, data_dir, data_dir / meta["tokenizer"]["file"])
-    if ckpt_path is not None and not is_distributed_checkpoint(ckpt_path):
-        if distributed:
-            raise ConfigError(f"{ckpt_path} is a single-process checkpoint; resuming it on {denv.world_size} ranks "
-                              "is not supported (distributed runs save DCP checkpoints, which load on any layout)")
-        ckpt = load_checkpoint(ckpt_path)
-        missing = [k for k in ("run", "loader") if k not in ckpt.train_state]
-        if missing or ckpt.optimizer_state is None:  # written by convert/quantize/prune: weights only
-            raise CheckpointError(f"{ckpt_path} holds weights without the training state a resume needs "
-                                  f"({', '.join(missing) or 'optimizer'} missing: written by convert, quantize or "
-                                  "prune?); it can be evaluated or served, not resumed; start fresh with another "
-                                  "--train.out_dir")
-    if ckpt_path is None and ckpt_root.exists() and any(ckpt_root.glob("step-*")):
-        raise ConfigError(f"{out_dir} already has checkpoints; resume with --train.resume=auto "
-                          "or choose another --train.out_dir")
+        tc, mcfg, device = self.tc, self.cfg.model, self.device
+        self.flops = flops_per_token(mcfg, tc.seq_len)
+        peak_dtype = "bf16" if self.amp_dtype == torch.bfloat16 else "fp32"
+        self.peak, peak_source = device_peak_flops(device, peak_dtype,
+                                                   measured_peak=_probed_peak(tc.probe_spec, peak_dtype))
+        if tc.probe_spec and self.peak is not None:
+            peak_source = f"{tc.probe_spec}: {peak_source}"
+        log.info("model: %s, %s parameters (%s without embeddings)", mcfg.arch, f"{mcfg.num_params():,}",
+                 f"{mcfg.num_params(include_embeddings=False):,}")
+        log.info("batch: %d x %d tokens per micro-batch, %d accumulation steps, %s tokens per step",
+                 tc.micro_batch_size, tc.seq_len, self.accum, f"{self.tokens_per_step:,}")
+        log.info("FLOPs/token: %.3g (%s)", self.flops["total"], self.flops["convention"])
+        log.info("layout: %s on %d process(es) (%s)", self.dims.describe(), self.env.world_size, self.pm.kind)
+        log.info("device: %s, autocast %s, peak %s (%s), compile=%s", device, self.amp_dtype or "off (fp32)",
+                 f"{self.peak / 1e12:.1f} TFLOP/s" if self.peak else "unknown", peak_source, tc.compile)
+        log.info("data: %s (%s train tokens, %d samples/epoch)", self.data_dir,
+                 f"{self.meta['splits']['train']['tokens']:,}", self.loader.num_samples)
 
-    # -- model, optimizer, loader (built on meta, laid out, materialised, initialised) -------------------
-    from clusterlm.parallel.mesh import build_mesh
-    from clusterlm.parallel.parallelize import build_parallel_model
-
-    torch.manual_seed(tc.seed)
-    mesh = build_mesh(dims, device.type) if distributed else None
-    pm = build_parallel_model(mcfg, cfg.parallel, mesh, device, seed=tc.seed, micro_batch=tc.micro_batch_size,
-                              param_dtype=amp_dtype if distributed else None, compile=tc.compile,
-                              pp_schedule=cfg.parallel.pp_schedule)
-    model, coords = pm.module, pm.coords
-    rank0 = denv.rank == 0
-    opt = build_optimizer(model, oc, fused=None if pm.fused_optimizer_ok else False)
-    loader = TokenLoader(data_dir, "train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len, seed=tc.seed,
-                         rank=coords.dp_rank, world_size=dims.dp)
-    state = RunState()
-    if ckpt_path is not None and ckpt is None:  # distributed checkpoint, any layout it was saved with
-        from clusterlm.checkpoint.distributed import load_distributed, load_rank_rng
-
-        ts = load_distributed(ckpt_path, model, opt)
-        rng = load_rank_rng(ckpt_path)
-        if rng is not None:
-            restore_rng_state(rng)
-        loader.load_state_dict(ts["loader"])
-        state = RunState(**ts["run"])
-        log.info("resumed from %s at step %d (%d tokens seen)", ckpt_path, state.step, state.tokens_seen)
-    if ckpt is not None:
-        from clusterlm.checkpoint.model_io import check_state_shapes
-
-        check_state_shapes(ckpt.model_state, model, ckpt.path / "model.safetensors")
-        model.load_state_dict(ckpt.model_state)
-        if ckpt.optimizer_state is not None:
-            opt.load_state_dict(ckpt.optimizer_state)
-        ts = ckpt.train_state
-        loader.load_state_dict(ts["loader"])
-        state = RunState(**ts["run"])
-        restore_rng_state(ckpt.rng)
-        log.info("resumed from %s at step %d (%d tokens seen)", ckpt.path, state.step, state.tokens_seen)
-
-    # -- derived numbers, printed once (llm.c style) -------------------------------------------------
-    n_params = mcfg.num_params()
-    fpt = flops_per_token(mcfg, tc.seq_len)
-    peak_dtype = "bf16" if amp_dtype == torch.bfloat16 else "fp32"
-    peak, peak_source = device_peak_flops(device, peak_dtype, measured_peak=_probed_peak(tc.probe_spec, peak_dtype))
-    if tc.probe_spec and peak is not None:
-        peak_source = f"{tc.probe_spec}: {peak_source}"
-    log.info("model: %s, %s parameters (%s without embeddings)", mcfg.arch, f"{n_params:,}",
-             f"{mcfg.num_params(include_embeddings=False):,}")
-    log.info("batch: %d x %d tokens per micro-batch, %d accumulation steps, %s tokens per step",
-             tc.micro_batch_size, tc.seq_len, accum, f"{tokens_per_step:,}")
-    log.info("FLOPs/token: %.3g (%s)", fpt["total"], fpt["convention"])
-    log.info("layout: %s on %d process(es) (%s)", dims.describe(), denv.world_size, pm.kind)
-    log.info("device: %s, autocast %s, peak %s (%s), compile=%s", device, amp_dtype or "off (fp32)",
-             f"{peak / 1e12:.1f} TFLOP/s" if peak else "unknown", peak_source, tc.compile)
-    log.info("data: %s (%s train tokens, %d samples/epoch)", data_dir, f"{meta['splits']['train']['tokens']:,}",
-             loader.num_samples)
-
-    if rank0:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    def _open_run_dir(self) -> None:
+        """config.toml (rank 0, atomic: a full disk leaves the previous one) and the metrics log,
+        cut back to the resumed step."""
         from clusterlm.fsutil import atomic_write_text
+        from clusterlm.train.metrics import MetricsLogger
 
-        try:  # atomic: a full disk leaves the previous config.toml, not half of the new one
-            atomic_write_text(out_dir / "config.toml", to_toml(cfg))
-        except OSError as e:
-            if e.filename is not None:
-                raise
-            raise OSError(e.errno, e.strerror or str(e), str(out_dir / "config.toml")) from e
-    metrics = MetricsLogger(out_dir, tensorboard=tc.tensorboard, enabled=rank0)
-    metrics.truncate_after(state.step)
-    tokenizer_file = data_dir / meta["tokenizer"]["file"]
-    has_val = meta["splits"].get("val", {}).get("tokens", 0) > tc.seq_len
+        if self.rank0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                atomic_write_text(self.out_dir / "config.toml", to_toml(self.cfg))
+            except OSError as e:
+                if e.filename is not None:
+                    raise
+                raise OSError(e.errno, e.strerror or str(e), str(self.out_dir / "config.toml")) from e
+        self.metrics = MetricsLogger(self.out_dir, tensorboard=self.tc.tensorboard, enabled=self.rank0)
+        self.metrics.truncate_after(self.state.step)
 
-    def autocast():
-        return device_autocast(device, amp_dtype)
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return device_autocast(self.device, self.amp_dtype)
 
-    def evaluate() -> float | None:
-        if not has_val:
-            return None
-        # every rank evaluates the same batches (collectives of FSDP/TP/PP stay in step)
-        batches = iter_eval_batches(data_dir, "val", tc.micro_batch_size, tc.seq_len, max_batches=tc.eval_batches)
-        if dims.pp > 1:
-            return pm.pipeline_eval_loss(batches, device, autocast)  # full batches only
-        return float(evaluate_loss(pm.inference_module, batches, device=device, autocast_dtype=amp_dtype)["loss"])
+    # ---- the loop --------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        from tqdm.auto import tqdm
 
-    pending: list = []  # at most one asynchronous distributed save not yet committed
+        from clusterlm.train.metrics import Throughput
 
-    def save(reason: str) -> Path:
-        train_state = {"run": dataclasses.asdict(state), "loader": loader.state_dict(), "reason": reason,
-                       "tokens_per_step": tokens_per_step}
-        if distributed:
-            from clusterlm.checkpoint.distributed import PendingSave, finish_save, save_distributed
+        tc, state = self.tc, self.state
+        stop: dict[str, Any] = {}
+        previous_handlers = _install_stop_handlers(stop)
+        self._t_start = time.perf_counter()  # this segment's wall time goes into RunState.train_seconds
+        self.throughput = Throughput()
+        exit_code, reason = EXIT_OK, "finished"
+        self.bar = tqdm(total=tc.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=not sys.stderr.isatty() or not self.rank0, leave=False)
+        try:
+            self.model.train()
+            while state.step < tc.max_steps:
+                t0 = time.perf_counter()
+                loss, grad_norm, lr = self.train_step()
+                self.log_step(loss, grad_norm, lr, time.perf_counter() - t0)
+                stop_signal, over_time = self.agree_stop(stop)  # the same answer on every rank
+                if state.bad_streak >= tc.max_bad_steps:
+                    exit_code, reason = EXIT_DIVERGED, f"{state.bad_streak} consecutive non-finite losses"
+                    log.error("stopping: %s (train.max_bad_steps=%d); the last good weights are saved", reason,
+                              tc.max_bad_steps)
+                    self.save("diverged")
+                    break
+                self.maybe_eval()
+                if stop_signal:
+                    exit_code, reason = EXIT_PREEMPTED, f"stopped by {stop_signal}"
+                    self.save("preempted")
+                    break
+                if over_time:
+                    reason = f"time limit of {tc.max_minutes} min reached"
+                    log.info("%s at step %d", reason, state.step)
+                    break
+                self.maybe_save()
+            if exit_code == EXIT_OK:  # finished or out of time: a last evaluation and checkpoint
+                self.evaluate()
+                self.save("final")
+        finally:
+            self.bar.close()
+            _restore_handlers(previous_handlers)
+            self.metrics.close()
+        log.info("%s at step %d: train loss %s, val loss %s; checkpoint %s", reason, state.step,
+                 f"{self.last_loss:.4f}" if self.last_loss is not None else "n/a",
+                 f"{self.last_val:.4f}" if self.last_val is not None else "n/a", self.last_ckpt)
+        return TrainResult(exit_code, state.step, self.out_dir, self.last_loss, self.last_val, self.last_ckpt,
+                           reason)
 
-            if pending:  # the previous asynchronous save commits before the next one starts
-                finish_save(pending.pop())
-            # periodic saves may write in the background (checkpoint.async_save); every loop exit ends
-            # in a synchronous save, which commits a pending one first
-            async_ok = reason == "periodic" and cfg.checkpoint.async_save
-            result = save_distributed(ckpt_root, state.step, model, opt, train_state=train_state,
-                                      config_toml=to_toml(cfg), tokenizer_path=tokenizer_file,
-                                      keep_last=cfg.checkpoint.keep_last, async_save=async_ok,
-                                      pipeline_stage_source=(coords.dp_rank == 0 and coords.tp == 0)
-                                      if dims.pp > 1 else None)
-            if isinstance(result, PendingSave):
-                pending.append(result)
-                from clusterlm.checkpoint.store import step_name
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimizer step over `accum` micro-batches; returns (loss, grad norm, lr), global over
+        ranks. A non-finite loss or gradient skips the optimizer step (counted in the RunState)."""
+        from clusterlm.train.optim import lr_at
 
-                path = result.root / step_name(result.step)  # visible once committed
-            else:
-                path = result
-            metrics.log({"kind": "event", "step": state.step, "event": "checkpoint", "path": str(path),
-                         "reason": reason, "async": async_ok})
-            return path
-        path = save_checkpoint(ckpt_root, state.step, model_state=model.state_dict(), optimizer_state=opt.state_dict(),
-                               train_state=train_state, rng=capture_rng_state(), config_toml=to_toml(cfg),
-                               tokenizer_path=tokenizer_file, keep_last=cfg.checkpoint.keep_last)
-        metrics.log({"kind": "event", "step": state.step, "event": "checkpoint", "path": str(path), "reason": reason})
-        return path
-
-    stop: dict[str, Any] = {}
-    previous_handlers = _install_stop_handlers(stop)
-    throughput = Throughput()
-    t_start = time.perf_counter()
-    last_loss = last_val = None
-    last_ckpt: Path | None = None
-    exit_code, reason = EXIT_OK, "finished"
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=tc.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not sys.stderr.isatty() or not rank0, leave=False)
-    try:
-        model.train()
-        while state.step < tc.max_steps:
-            t0 = time.perf_counter()
-            lr = lr_at(state.step, oc, tc.max_steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            for i in range(accum):
-                x, y = next(loader)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                # gradients are reduced across data-parallel ranks on the last micro-batch only
-                loss_sum += pm.forward_backward(x, y, accum=accum, sync=i == accum - 1, autocast=autocast)
-            loss_value = float(pm.mean_over_dp(loss_sum))  # one host sync per step: NaN check and log
-            grad_norm = pm.clip_grad_norm_(tc.grad_clip)
-            finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
-            if finite:
-                opt.step()
-                state.bad_streak = 0
-            else:
-                state.bad_steps_total += 1
-                state.bad_streak += 1
-                log.warning("step %d: loss=%s grad_norm=%s is not finite: optimizer step skipped (%d in a row, "
-                            "limit %d)", state.step + 1, loss_value, grad_norm, state.bad_streak, tc.max_bad_steps)
-            opt.zero_grad(set_to_none=True)
-            state.step += 1
-            state.tokens_seen += tokens_per_step
-            dt = time.perf_counter() - t0
-            tps = throughput.update(tokens_per_step, dt)
-            record = {"kind": "train", "step": state.step, "tokens": state.tokens_seen, "loss": loss_value,
-                      "lr": lr, "grad_norm": grad_norm, "skipped": not finite, "step_time_s": dt, "tokens_per_s": tps,
-                      "mfu": mfu(tps, fpt["total"], peak)}
-            if cfg.plan.predicted_step_s:
-                record["predicted_step_s"] = cfg.plan.predicted_step_s
-            if state.step % tc.log_interval == 0 or state.step == tc.max_steps:
-                record.update(memory_stats(device))
-                if cfg.plan.predicted_memory_bytes:
-                    record["predicted_memory_bytes"] = cfg.plan.predicted_memory_bytes
-                planned = (f"  (plan: {cfg.plan.predicted_step_s * 1e3:.1f} ms/step)"
-                           if cfg.plan.predicted_step_s else "")
-                log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.0f tok/s  %.1f ms/step%s",
-                         state.step, tc.max_steps, loss_value, lr, grad_norm, tps, dt * 1e3, planned)
-            metrics.log(record, tensorboard=state.step % tc.log_interval == 0)
-            if finite:
-                last_loss = loss_value
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-
-            # stop decisions are agreed by all ranks (loss and grad norm are already global)
-            elapsed = state.train_seconds + time.perf_counter() - t_start
-            over_time = bool(tc.max_minutes and elapsed >= tc.max_minutes * 60 and state.step < tc.max_steps)
-            stop_signal, over_time = agree_any(distributed, bool(stop.get("signal")), over_time, device=device)
-            if stop_signal and not stop.get("signal"):
-                stop["signal"] = "a signal on another rank"
-            if state.bad_streak >= tc.max_bad_steps:
-                exit_code, reason = EXIT_DIVERGED, f"{state.bad_streak} consecutive non-finite losses"
-                log.error("stopping: %s (train.max_bad_steps=%d); the last good weights are saved", reason,
-                          tc.max_bad_steps)
-                last_ckpt = save("diverged")
-                break
-            if tc.eval_interval and state.step % tc.eval_interval == 0 and state.step < tc.max_steps:
-                last_val = evaluate()
-                if last_val is not None:
-                    _record_val(metrics, state, last_val)
-            if stop.get("signal"):
-                exit_code, reason = EXIT_PREEMPTED, f"stopped by {stop['signal']}"
-                last_ckpt = save("preempted")
-                break
-            if over_time:
-                reason = f"time limit of {tc.max_minutes} min reached"
-                log.info("%s at step %d", reason, state.step)
-                break
-            if cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0 and state.step < tc.max_steps:
-                state.train_seconds += time.perf_counter() - t_start
-                t_start = time.perf_counter()
-                last_ckpt = save("periodic")
+        tc, state, opt, pm = self.tc, self.state, self.optimizer, self.pm
+        lr = lr_at(state.step, self.cfg.optim, tc.max_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        for i in range(self.accum):
+            x, y = next(self.loader)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            # gradients are reduced across data-parallel ranks on the last micro-batch only
+            loss_sum += pm.forward_backward(x, y, accum=self.accum, sync=i == self.accum - 1, autocast=self.autocast)
+        loss = float(pm.mean_over_dp(loss_sum))  # one host sync per step: NaN check and log
+        grad_norm = pm.clip_grad_norm_(tc.grad_clip)
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            opt.step()
+            state.bad_streak = 0
+            self.last_loss = loss
         else:
-            pass
-        if exit_code == EXIT_OK:
-            last_val = evaluate()
-            if last_val is not None:
-                _record_val(metrics, state, last_val)
-            state.train_seconds += time.perf_counter() - t_start
-            t_start = time.perf_counter()
-            last_ckpt = save("final")
-    finally:
-        bar.close()
-        _restore_handlers(previous_handlers)
-        metrics.close()
-    log.info("%s at step %d: train loss %s, val loss %s; checkpoint %s", reason, state.step,
-             f"{last_loss:.4f}" if last_loss is not None else "n/a",
-             f"{last_val:.4f}" if last_val is not None else "n/a", last_ckpt)
-    return TrainResult(exit_code, state.step, out_dir, last_loss, last_val, last_ckpt, reason)
+            state.bad_steps_total += 1
+            state.bad_streak += 1
+            log.warning("step %d: loss=%s grad_norm=%s is not finite: optimizer step skipped (%d in a row, "
+                        "limit %d)", state.step + 1, loss, grad_norm, state.bad_streak, tc.max_bad_steps)
+        opt.zero_grad(set_to_none=True)
+        state.step += 1
+        state.tokens_seen += self.tokens_per_step
+        return loss, grad_norm, lr
 
+    def log_step(self, loss: float, grad_norm: float, lr: float, dt: float) -> None:
+        """metrics.jsonl every step (TensorBoard and the console every log_interval steps), progress bar."""
+        from clusterlm.train.metrics import memory_stats, mfu
 
-def _record_val(metrics, state: RunState, val_loss: float) -> None:
-    if state.best_val_loss is None or val_loss < state.best_val_loss:
-        state.best_val_loss = val_loss
-    metrics.log({"kind": "eval", "step": state.step, "tokens": state.tokens_seen, "val_loss": val_loss,
-                 "val_ppl": math.exp(min(val_loss, 50.0))})
-    log.info("step %d: val loss %.4f (best %.4f)", state.step, val_loss, state.best_val_loss)
+        tc, state, plan = self.tc, self.state, self.cfg.plan
+        tps = self.throughput.update(self.tokens_per_step, dt)
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        record = {"kind": "train", "step": state.step, "tokens": state.tokens_seen, "loss": loss, "lr": lr,
+                  "grad_norm": grad_norm, "skipped": not finite, "step_time_s": dt, "tokens_per_s": tps,
+                  "mfu": mfu(tps, self.flops["total"], self.peak)}
+        if plan.predicted_step_s:
+            record["predicted_step_s"] = plan.predicted_step_s
+        if state.step % tc.log_interval == 0 or state.step == tc.max_steps:
+            record.update(memory_stats(self.device))
+            if plan.predicted_memory_bytes:
+                record["predicted_memory_bytes"] = plan.predicted_memory_bytes
+            planned = f"  (plan: {plan.predicted_step_s * 1e3:.1f} ms/step)" if plan.predicted_step_s else ""
+            log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.0f tok/s  %.1f ms/step%s",
+                     state.step, tc.max_steps, loss, lr, grad_norm, tps, dt * 1e3, planned)
+        self.metrics.log(record, tensorboard=state.step % tc.log_interval == 0)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def agree_stop(self, stop: dict[str, Any]) -> tuple[str | None, bool]:
+        """(the stop signal's name or None, time limit reached), agreed by all ranks (one all-reduce)."""
+        from clusterlm.parallel.agree import agree_any
+
+        tc, state = self.tc, self.state
+        elapsed = state.train_seconds + time.perf_counter() - self._t_start
+        over_time = bool(tc.max_minutes and elapsed >= tc.max_minutes * 60 and state.step < tc.max_steps)
+        stop_signal, over_time = agree_any(self.distributed, bool(stop.get("signal")), over_time, device=self.device)
+        if stop_signal and not stop.get("signal"):
+            stop["signal"] = "a signal on another rank"
+        return (stop["signal"] if stop_signal else None), over_time
+
+    def maybe_eval(self) -> None:
+        interval, step = self.tc.eval_interval, self.state.step
+        if interval and step % interval == 0 and step < self.tc.max_steps:
+            self.evaluate()
+
+    def maybe_save(self) -> None:
+        interval, step = self.cfg.checkpoint.interval, self.state.step
+        if interval and step % interval == 0 and step < self.tc.max_steps:
+            self.save("periodic")
+
+    def evaluate(self) -> None:
+        """Validation loss (every rank evaluates the same batches, so the collectives of FSDP/TP/PP
+        stay in step); logged and kept as last_val. Nothing without a validation split."""
+        from clusterlm.data.loader import iter_eval_batches
+        from clusterlm.eval.metrics import evaluate_loss
+
+        if not self.has_val:
+            self.last_val = None
+            return
+        tc, state = self.tc, self.state
+        batches = iter_eval_batches(self.data_dir, "val", tc.micro_batch_size, tc.seq_len, max_batches=tc.eval_batches)
+        if self.dims.pp > 1:
+            val = self.pm.pipeline_eval_loss(batches, self.device, self.autocast)  # full batches only
+        else:
+            val = float(evaluate_loss(self.pm.inference_module, batches, device=self.device,
+                                      autocast_dtype=self.amp_dtype)["loss"])
+        self.last_val = val
+        if val is None:
+            return
+        if state.best_val_loss is None or val < state.best_val_loss:
+            state.best_val_loss = val
+        self.metrics.log({"kind": "eval", "step": state.step, "tokens": state.tokens_seen, "val_loss": val,
+                          "val_ppl": math.exp(min(val, 50.0))})
+        log.info("step %d: val loss %.4f (best %.4f)", state.step, val, state.best_val_loss)
+
+    def save(self, reason: str) -> None:
+        """A checkpoint of this step (collective when distributed), with the wall time of this segment
+        added to the RunState first; logged as an event."""
+        now = time.perf_counter()
+        self.state.train_seconds += now - self._t_start
+        self._t_start = now
+        ckpt = self.checkpointer
+        self.last_ckpt = path = ckpt.save(self.state, self.model, self.optimizer, self.loader, reason=reason)
+        event = {"kind": "event", "step": self.state.step, "event": "checkpoint", "path": str(path), "reason": reason}
+        if ckpt.distributed:
+            event["async"] = ckpt.writes_async(reason)
+        self.metrics.log(event)
 
 
 def main(argv: list[str]) -> int:

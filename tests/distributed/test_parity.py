@@ -44,11 +44,12 @@ def lstm_cfg():
 
 def build(pc: ParallelConfig, seed: int = 0, micro_batch: int = B, schedule: str = "1f1b", mcfg=None):
     from clusterlm.parallel.mesh import build_mesh
+    from clusterlm.eval.metrics import lm_loss
     from clusterlm.parallel.parallelize import build_parallel_model, dims_of
 
     mesh = build_mesh(dims_of(pc), "cpu") if pc.world_size > 1 else None
     return build_parallel_model(mcfg or model_cfg(), pc, mesh, torch.device("cpu"), seed=seed,
-                                micro_batch=micro_batch, pp_schedule=schedule)
+                                micro_batch=micro_batch, loss_fn=lm_loss, pp_schedule=schedule)
 
 
 def rows(pm, x: torch.Tensor) -> torch.Tensor:
@@ -179,8 +180,9 @@ def _two_ranks(rank: int, world: int, ckpt_root: str) -> dict:
 def _four_ranks(rank: int, world: int) -> dict:
     from pathlib import Path
 
+    from clusterlm.checkpoint.manager import agree_on_checkpoint
     from clusterlm.errors import ConfigError
-    from clusterlm.parallel.agree import agree_any, agree_on_checkpoint
+    from clusterlm.parallel.agree import agree_any
 
     out = {"fsdp_tp": one_step(ParallelConfig(dp_shard=2, tp=2)),
            "hsdp": one_step(ParallelConfig(dp_replicate=2, dp_shard=2)),

@@ -1,0 +1,214 @@
+"""The checkpointer: the one object a training run calls to resume and to save.
+
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, resume="auto", config_toml=to_toml(cfg),
+                        tokenizer_path=tok, model_config=mcfg, data_dir=data_dir,
+                        distributed=world_size > 1, device=device)
+    state = ckpt.load_into(model, optimizer, loader)   # RunState() when the run starts fresh
+    ...
+    path = ckpt.save(state, model, optimizer, loader, reason="periodic")
+
+It hides three things from the trainer:
+- the two stores: a single process writes clusterlm.checkpoint.store folders, a distributed run DCP
+  folders (clusterlm.checkpoint.distributed, optionally written in the background); a resume reads
+  whichever the folder holds (a DCP folder on any layout, a single-process folder on one process);
+- the cross-rank agreement: every rank scans the shared checkpoints folder and they check, with one
+  all-reduce, that they chose the same step;
+- the RNG restore (python, numpy, torch; per rank for DCP), so the resumed run continues bit-exactly.
+
+What a resume needs besides model, optimizer, loader and RNG is a RunState, saved as train_state.json's
+"run" entry, beside "loader" (the loader's position), "reason" and the caller's `extra_state`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from clusterlm.checkpoint.layout import step_name, step_of
+from clusterlm.checkpoint.rng import capture_rng_state, restore_rng_state
+from clusterlm.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunState:
+    """Everything besides model/optimizer/loader/RNG that a resume needs (train_state.json "run")."""
+
+    step: int = 0  # optimizer steps taken (skipped NaN steps included: their batches are consumed)
+    tokens_seen: int = 0
+    bad_steps_total: int = 0
+    bad_streak: int = 0
+    best_val_loss: float | None = None
+    train_seconds: float = 0.0  # wall time spent in previous segments of this run
+
+
+class Stateful(Protocol):  # the data loader: its position is part of a checkpoint
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def agree_on_checkpoint(path: Path | None, device: torch.device) -> Path | None:
+    """Collective: check that every rank chose the same checkpoint step (each scans the shared file
+    system); ConfigError on every rank when they differ."""
+    import torch.distributed as dist
+
+    step = step_of(path) if path is not None else None
+    step = -1 if step is None else step
+    t = torch.tensor([step, -step], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if int(t[0]) != -int(t[1]):
+        raise ConfigError(f"ranks disagree on the checkpoint to resume from (steps {-int(t[1])} to {int(t[0])}): "
+                          "is the checkpoint folder on a file system shared by all nodes?")
+    return path
+
+
+class Checkpointer:
+    """Resume and save one run's checkpoints (see the module docstring).
+
+    resume: "none" (refuses a folder that already holds checkpoints), "auto" (the newest step folder
+    that verifies; none: start fresh) or a run directory / checkpoints folder / step folder.
+    model_config, data_dir: what the run asks for; a checkpoint of another model shape or tokenizer
+    is refused in one line before anything is loaded. extra_state: saved in every train_state.json.
+    pipeline_stage_source: with pp > 1, whether this rank sends its stage's weights for
+    model.safetensors (clusterlm.checkpoint.distributed.save_distributed); None otherwise.
+    """
+
+    def __init__(self, root: Path, cfg: Any, *, config_toml: str, resume: str = "none",
+                 tokenizer_path: Path | None = None, model_config: Any = None, data_dir: Path | None = None,
+                 distributed: bool = False, device: torch.device | None = None,
+                 pipeline_stage_source: bool | None = None, extra_state: dict[str, Any] | None = None) -> None:
+        self.root = Path(root)
+        self.cfg = cfg  # clusterlm.config.CheckpointConfig: keep_last, async_save
+        self.config_toml = config_toml
+        self.resume = resume
+        self.tokenizer_path = tokenizer_path
+        self.model_config = model_config
+        self.data_dir = data_dir
+        self.distributed = distributed
+        self.device = device or torch.device("cpu")
+        self.pipeline_stage_source = pipeline_stage_source
+        self.extra_state = extra_state or {}
+        self._pending: list[Any] = []  # at most one asynchronous distributed save not yet committed
+
+    # ---- find ------------------------------------------------------------------------------------
+    def latest(self) -> Path | None:
+        """The newest step folder whose files verify (corrupt newer ones skipped with a warning), or None."""
+        from clusterlm.checkpoint.store import find_latest_valid
+
+        return find_latest_valid(self.root)
+
+    def _resume_path(self) -> Path | None:
+        from clusterlm.checkpoint.store import describe_rejected, resolve_checkpoint, scan_checkpoints
+
+        path = None
+        if self.resume == "auto":
+            path, rejected = scan_checkpoints(self.root)
+            if path is None and rejected:
+                # resume=auto was given: saying "resume with --train.resume=auto" would help no one
+                raise CheckpointError(
+                    f"--train.resume=auto: all {len(rejected)} checkpoints in {self.root} failed verification:\n"
+                    f"{describe_rejected(rejected)}\nto start fresh, give another --train.out_dir (or move "
+                    f"{self.root} aside); to continue this run, restore a checkpoint from a copy")
+            if path is None:
+                log.info("resume=auto: no valid checkpoint in %s, starting fresh", self.root)
+        elif self.resume != "none":
+            path = resolve_checkpoint(self.resume)
+        if self.distributed:
+            path = agree_on_checkpoint(path, self.device)
+        if path is None and self.root.exists() and any(self.root.glob("step-*")):
+            raise ConfigError(f"{self.root.parent} already has checkpoints; resume with --train.resume=auto "
+                              "or choose another --train.out_dir")
+        return path
+
+    # ---- resume ----------------------------------------------------------------------------------
+    def load_into(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Stateful) -> RunState:
+        """Collective when distributed. Fill model, optimizer, loader and the RNGs from the checkpoint
+        `resume` names and return its RunState; a fresh RunState() when there is none."""
+        from clusterlm.checkpoint.compat import check_resume
+        from clusterlm.checkpoint.distributed import is_distributed_checkpoint
+
+        path = self._resume_path()
+        if path is None:
+            return RunState()
+        if self.model_config is not None:  # another shape or tokenizer: one line, before any load
+            check_resume(path, self.model_config, self.data_dir, self.tokenizer_path)
+        if is_distributed_checkpoint(path):  # any layout it was saved with
+            from clusterlm.checkpoint.distributed import load_distributed, load_rank_rng
+
+            train_state = load_distributed(path, model, optimizer)
+            rng = load_rank_rng(path)
+        else:
+            train_state, rng = self._load_single(path, model, optimizer)
+        loader.load_state_dict(train_state["loader"])  # the loader draws from its own seeded generators
+        state = RunState(**train_state["run"])
+        if rng is not None:
+            restore_rng_state(rng)
+        log.info("resumed from %s at step %d (%d tokens seen)", path, state.step, state.tokens_seen)
+        return state
+
+    def _load_single(self, path: Path, model: torch.nn.Module,
+                     optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+        from clusterlm.checkpoint.model_io import check_state_shapes
+        from clusterlm.checkpoint.store import load_checkpoint
+
+        if self.distributed:
+            import torch.distributed as dist
+
+            raise ConfigError(f"{path} is a single-process checkpoint; resuming it on {dist.get_world_size()} ranks "
+                              "is not supported (distributed runs save DCP checkpoints, which load on any layout)")
+        ckpt = load_checkpoint(path)
+        missing = [k for k in ("run", "loader") if k not in ckpt.train_state]
+        if missing or ckpt.optimizer_state is None:  # written by convert/quantize/prune: weights only
+            raise CheckpointError(f"{path} holds weights without the training state a resume needs "
+                                  f"({', '.join(missing) or 'optimizer'} missing: written by convert, quantize or "
+                                  "prune?); it can be evaluated or served, not resumed; start fresh with another "
+                                  "--train.out_dir")
+        check_state_shapes(ckpt.model_state, model, ckpt.path / "model.safetensors")
+        model.load_state_dict(ckpt.model_state)
+        optimizer.load_state_dict(ckpt.optimizer_state)
+        return ckpt.train_state, ckpt.rng
+
+    # ---- save ------------------------------------------------------------------------------------
+    def writes_async(self, reason: str) -> bool:
+        """Periodic distributed saves may write in the background (checkpoint.async_save); every other
+        save is synchronous and first commits a pending one, so a run never ends with one in flight."""
+        return self.distributed and reason == "periodic" and bool(self.cfg.async_save)
+
+    def save(self, state: RunState, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Stateful,
+             *, reason: str) -> Path:
+        """Collective when distributed. Save step `state.step`; returns its step folder (for an
+        asynchronous save: where it appears once committed, at the next save)."""
+        train_state = {"run": dataclasses.asdict(state), "loader": loader.state_dict(), "reason": reason,
+                       **self.extra_state}
+        if not self.distributed:
+            from clusterlm.checkpoint.store import save_checkpoint
+
+            return save_checkpoint(self.root, state.step, model_state=model.state_dict(),
+                                   optimizer_state=optimizer.state_dict(), train_state=train_state,
+                                   rng=capture_rng_state(), config_toml=self.config_toml,
+                                   tokenizer_path=self.tokenizer_path, keep_last=self.cfg.keep_last)
+        from clusterlm.checkpoint.distributed import PendingSave, save_distributed
+
+        self.wait()  # the previous asynchronous save commits before the next one starts
+        result = save_distributed(self.root, state.step, model, optimizer, train_state=train_state,
+                                  config_toml=self.config_toml, tokenizer_path=self.tokenizer_path,
+                                  keep_last=self.cfg.keep_last, async_save=self.writes_async(reason),
+                                  pipeline_stage_source=self.pipeline_stage_source)
+        if isinstance(result, PendingSave):
+            self._pending.append(result)
+            return result.root / step_name(result.step)
+        return result
+
+    def wait(self) -> None:
+        """Collective: commit a pending asynchronous save, if any."""
+        if self._pending:
+            from clusterlm.checkpoint.distributed import finish_save
+
+            finish_save(self._pending.pop())
