@@ -1,7 +1,10 @@
 """Hugging Face <-> clusterlm: configs, weight names and layouts for the GPT-2 and Llama families.
 
-    clusterlm convert --from-hf ./gpt2 --out runs/gpt2          # config.json + *.safetensors + tokenizer.json
-    clusterlm export runs/gpt2 --format hf --out ./gpt2-export  # loads with transformers' from_pretrained
+    cfg = hf_to_config(json.load(open("gpt2/config.json")))
+    state = hf_to_state(hf_state_dict, cfg, "gpt2")      # and back: state_to_hf(state, cfg)
+
+Reading and writing Hugging Face folders (config.json, safetensors, pickles, tokenizer files) and
+the `clusterlm convert` / `clusterlm export` commands are in clusterlm/interop/.
 
 GPT-2 (`model_type = "gpt2"`): HF's Conv1D stores weights as (in, out), so every matrix is
 transposed; `c_attn` is wq|wk|wv concatenated on the output axis and is split; lm_head is tied to
@@ -11,26 +14,18 @@ is the convention of our Transformer, so wq/wk copy without any permutation. GQA
 num_key_value_heads; RMSNorm; tied or untied output. Rope scaling (Llama 3.1+) is refused: our
 rotary tables have no scaling.
 
-Only safetensors and JSON are read. A pytorch_model.bin is a pickle and is loaded only with
---trust-pickle (and then with torch.load(weights_only=True)).
-Conversion of configs and state dicts only: no device, no training here (models/ stays math-only).
+Conversion of config dicts and state dicts only: no files, no device, no training here (models/
+stays math-only).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import shutil
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from clusterlm.errors import CheckpointError, ConfigError
 from clusterlm.models.config import ModelConfig
-
-log = logging.getLogger(__name__)
 
 SUPPORTED = ("gpt2", "llama")
 
@@ -231,199 +226,3 @@ def state_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = get("output.weight")
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}
-
-
-# ---- files ----------------------------------------------------------------------------------------
-def read_hf_weights(folder: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Every tensor of a Hugging Face model folder: model.safetensors, a sharded index, or (only
-    with trust_pickle) pytorch_model.bin."""
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    if single.is_file():
-        return _load_safetensors(single)
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index} has no 'weight_map' object")
-        state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            if not isinstance(shard, str) or not (folder / shard).is_file():
-                raise FileNotFoundError(f"{index} names shard {shard}, which is missing from {folder}")
-            state.update(_load_safetensors(folder / shard))
-        return state
-    pickled = folder / "pytorch_model.bin"
-    if pickled.is_file():
-        if not trust_pickle:
-            raise CheckpointError(f"{folder} has only pytorch_model.bin, a pickle that can run code when loaded; "
-                                  "convert it to safetensors, or pass --trust-pickle if you trust its source")
-        return _load_pickled_weights(pickled)
-    raise FileNotFoundError(f"{folder} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(obj).__name__}, not an object")
-    return obj
-
-
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path)
-    except SafetensorError as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
-
-
-def _load_pickled_weights(path: Path) -> dict[str, torch.Tensor]:
-    """torch.load(weights_only=True) of a state dict; anything else (a truncated file, a pickle of
-    another object, one that needs code to load) is refused naming the file."""
-    import pickle
-
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError,
-            ImportError, IndexError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a PyTorch state dict that loads with weights_only=True: "
-                              f"{first[:200]}") from e
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]  # a training checkpoint that wraps its weights
-    if not isinstance(obj, dict) or not obj:
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of weights")
-    bad = [k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
-    if bad:
-        raise CheckpointError(f"{path} is not a state dict of weights: entry {bad[0]!r} is a "
-                              f"{type(obj[bad[0]]).__name__}, not a tensor ({len(bad)} such entries)")
-    return obj
-
-
-def _check_shapes(state: dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> None:
-    """The converted tensors must have the shapes of the model config.json describes (built on the
-    meta device: no memory), else the checkpoint would be written and fail at every load."""
-    from clusterlm.models.build import build_model
-
-    with torch.device("meta"):
-        want = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
-    for k, v in state.items():
-        if k in want and tuple(v.shape) != want[k]:
-            raise CheckpointError(f"{where}: weight for {k} has shape {list(v.shape)} but config.json describes "
-                                  f"{list(want[k])}; the weights and config.json are from different models")
-
-
-def find_tokenizer(folder: Path) -> Path | None:
-    """tokenizer.json (Hugging Face) or clusterlm_tokenizer.json (what `export` writes for a byte or
-    char tokenizer, which transformers cannot read)."""
-    for name in ("tokenizer.json", "clusterlm_tokenizer.json"):
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
-def convert_from_hf(src: str | Path, out: str | Path, *, trust_pickle: bool = False) -> Path:
-    """Write a clusterlm checkpoint (out/checkpoints/step-00000000) from a Hugging Face folder."""
-    from clusterlm.checkpoint.store import save_checkpoint
-    from clusterlm.config import RunConfig, TrainConfig, to_toml
-
-    src, out = Path(src), Path(out)
-    if not src.is_dir():
-        raise FileNotFoundError(f"--from-hf {src} is not a directory (a Hugging Face model folder)")
-    cfg_file, tok_file = src / "config.json", find_tokenizer(src)
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} is missing; a Hugging Face model folder has config.json")
-    if tok_file is None:
-        raise FileNotFoundError(f"{src / 'tokenizer.json'} is missing; clusterlm carries the tokenizer as "
-                                "tokenizer.json (save it with tokenizer.save_pretrained)")
-    if (out / "checkpoints").exists():
-        raise FileExistsError(f"{out}/checkpoints already exists; choose a new --out")
-    from clusterlm.tokenizer import load_tokenizer
-
-    load_tokenizer(tok_file)  # unreadable tokenizer: refused now, not at the first `generate`
-    hf_cfg = _read_json(cfg_file)
-    try:
-        cfg = hf_to_config(hf_cfg)
-    except KeyError as e:
-        raise ConfigError(f"{cfg_file} lacks {e.args[0]!r}, which a {hf_cfg.get('model_type')} config has") from e
-    except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"{cfg_file}: {e}") from e
-    state = hf_to_state(read_hf_weights(src, trust_pickle), cfg, hf_cfg["model_type"], where=str(src))
-    _check_shapes(state, cfg, str(src))
-    run = RunConfig(model=cfg, train=TrainConfig(out_dir=str(out), seq_len=min(256, cfg.max_seq_len)))
-    path = save_checkpoint(out / "checkpoints", 0, model_state=state, optimizer_state=None,
-                           train_state={"step": 0, "converted_from": str(src)}, config_toml=to_toml(run),
-                           tokenizer_path=tok_file)
-    log.info("converted %s (%s, %s parameters) -> %s", src, hf_cfg["model_type"], f"{cfg.num_params():,}", path)
-    return path
-
-
-def export_to_hf(ckpt: str | Path, out: str | Path) -> Path:
-    """Write config.json, model.safetensors, tokenizer.json and generation_config.json for `ckpt`."""
-    from safetensors.torch import save_file
-
-    from clusterlm.checkpoint.model_io import read_checkpoint_config, read_quantization
-    from clusterlm.checkpoint.store import load_model_weights, resolve_checkpoint
-
-    path = resolve_checkpoint(str(ckpt))
-    run = read_checkpoint_config(path)
-    if read_quantization(path) is not None:
-        raise ConfigError(f"{path} is quantized; export the unquantized checkpoint it came from")
-    cfg = run.model
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"--out {out} exists and is not empty")
-    bos = eos = None
-    tok_src = path / "tokenizer.json"
-    if tok_src.is_file():
-        from clusterlm.tokenizer import load_tokenizer
-
-        tok = load_tokenizer(tok_src)
-        bos, eos = tok.bos_id, tok.eos_id
-    hf_state = state_to_hf(load_model_weights(path), cfg)
-    hf_cfg = config_to_hf(cfg, bos, eos)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(hf_state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n", encoding="utf-8")
-    gen = {"bos_token_id": bos, "eos_token_id": eos, "max_length": cfg.max_seq_len}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
-    if tok_src.is_file():
-        if "clusterlm_tokenizer" in json.loads(tok_src.read_text(encoding="utf-8")):
-            # byte/char tokenizers have our own JSON format, which transformers cannot read
-            shutil.copyfile(tok_src, out / "clusterlm_tokenizer.json")
-            log.warning("%s holds a clusterlm byte/char tokenizer; copied as clusterlm_tokenizer.json (no "
-                        "Hugging Face tokenizer.json written)", tok_src)
-        else:
-            shutil.copyfile(tok_src, out / "tokenizer.json")
-    log.info("exported %s as a Hugging Face %s folder: %s", path, hf_cfg["model_type"], out)
-    return out
-
-
-# ---- CLI ------------------------------------------------------------------------------------------
-def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="clusterlm convert",
-                                 description="Hugging Face GPT-2 / Llama folder -> clusterlm checkpoint")
-    ap.add_argument("--from-hf", required=True, metavar="DIR",
-                    help="folder with config.json, model.safetensors (or a sharded index) and tokenizer.json")
-    ap.add_argument("--out", required=True, metavar="CKPT", help="run directory to create (CKPT/checkpoints/...)")
-    ap.add_argument("--trust-pickle", action="store_true",
-                    help="allow reading pytorch_model.bin (a pickle) when there is no safetensors file")
-    args = ap.parse_args(argv)
-    path = convert_from_hf(args.from_hf, args.out, trust_pickle=args.trust_pickle)
-    print(f"wrote {path}")
-    return 0
-
-
-def export_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="clusterlm export", description="clusterlm checkpoint -> Hugging Face folder")
-    ap.add_argument("ckpt", metavar="CKPT", help="run directory, checkpoints folder or step folder")
-    ap.add_argument("--format", choices=["hf"], default="hf", help="output format (hf: transformers folder)")
-    ap.add_argument("--out", required=True, metavar="DIR", help="folder to write (must not exist or be empty)")
-    args = ap.parse_args(argv)
-    out = export_to_hf(args.ckpt, args.out)
-    print(f"wrote {out}")
-    return 0

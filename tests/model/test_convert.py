@@ -15,7 +15,8 @@ transformers = pytest.importorskip("transformers")
 
 from clusterlm.checkpoint.model_io import load_for_inference  # noqa: E402
 from clusterlm.errors import ClusterlmError  # noqa: E402
-from clusterlm.models.convert import export_main, hf_to_config, main  # noqa: E402
+from clusterlm.interop.cli import export_main, main  # noqa: E402
+from clusterlm.models.convert import hf_to_config  # noqa: E402
 from clusterlm.tokenizer.bpe import BPETokenizer  # noqa: E402
 
 V = 300
