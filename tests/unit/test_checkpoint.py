@@ -481,3 +481,52 @@ def test_no_pickle_in_checkpoint_code():
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
                 assert (node.value.id, node.attr) not in {("torch", "load"), ("torch", "save"), ("np", "load")}, \
                     f"{file}:{node.lineno}"
+
+
+# ---- the checkpointer ---------------------------------------------------------------------------------------
+class _Loader:
+    def __init__(self) -> None:
+        self.pos = 0
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = state["pos"]
+
+
+def test_checkpointer_saves_and_resumes_in_one_call_each(tmp_path):
+    """Checkpointer.save then load_into on a fresh model, optimizer and loader (what `train
+    --train.resume=auto` does) gives back equal weights and optimizer state, the loader position, the
+    RunState and the torch RNG as it was at the save; resume="none" refuses a folder with checkpoints,
+    and auto on an empty folder starts fresh."""
+    from clusterlm.checkpoint.manager import Checkpointer, RunState
+    from clusterlm.config import CheckpointConfig
+    from clusterlm.errors import ConfigError
+
+    root = tmp_path / "run" / "checkpoints"
+    assert Checkpointer(root, CheckpointConfig(), config_toml="", resume="auto").load_into(
+        TinyLM(), make_opt(TinyLM()), _Loader()) == RunState()
+    model, loader = TinyLM(), _Loader()
+    opt = make_opt(model)
+    train_step(model, opt, 0)
+    loader.pos = 7
+    state = RunState(step=3, tokens_seen=96, best_val_loss=2.5)
+    torch.manual_seed(11)
+    saver = Checkpointer(root, CheckpointConfig(keep_last=2), config_toml="# run\n", extra_state={"tokens_per_step": 32})
+    path = saver.save(state, model, opt, loader, reason="periodic")
+    assert path == root / "step-00000003" and saver.latest() == path
+    want_draw = torch.rand(3)
+
+    torch.manual_seed(99)
+    model2, loader2 = TinyLM(), _Loader()
+    opt2 = make_opt(model2)
+    got = Checkpointer(root, CheckpointConfig(), config_toml="", resume="auto").load_into(model2, opt2, loader2)
+    assert got == state and loader2.pos == 7
+    assert torch.equal(torch.rand(3), want_draw)
+    for k, v in model.state_dict().items():
+        assert torch.equal(model2.state_dict()[k], v)
+    assert_same_structure(opt2.state_dict(), opt.state_dict())
+    assert load_checkpoint(path).train_state["tokens_per_step"] == 32
+    with pytest.raises(ConfigError, match="already has checkpoints"):
+        Checkpointer(root, CheckpointConfig(), config_toml="", resume="none").load_into(model2, opt2, loader2)
