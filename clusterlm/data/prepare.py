@@ -48,10 +48,10 @@ from clusterlm.data.sources import DocumentReader, Source, discover
 from clusterlm.data.workers import one_core, terminate_as_interrupt, worker_pool
 from clusterlm.errors import ClusterlmError, ConfigError, DataError
 from clusterlm.fsutil import atomic_write_json, sha256_file, staging_dir
+from clusterlm.tokenizer.base import KINDS
 
 log = logging.getLogger(__name__)
 
-KINDS = ("byte", "char", "bpe")
 DEFAULT_SHARD_TOKENS = 2**26
 MAX_DEFAULT_WORKERS = 8
 MIN_CHUNK_CHARS, MAX_CHUNK_CHARS = 1 << 16, 1 << 22  # characters of text sent to a worker at once

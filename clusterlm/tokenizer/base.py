@@ -19,6 +19,7 @@ import numpy as np
 
 from clusterlm.errors import DataError
 
+KINDS = ("byte", "char", "bpe")
 BOS = "<|bos|>"
 EOS = "<|eos|>"
 PAD = "<|pad|>"
@@ -29,7 +30,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 @runtime_checkable
 class Tokenizer(Protocol):
-    kind: str  # "byte" | "char" | "bpe"
+    kind: str  # one of KINDS
 
     @property
     def vocab_size(self) -> int: ...

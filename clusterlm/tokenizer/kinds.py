@@ -19,12 +19,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from clusterlm.errors import ConfigError, DataError
-from clusterlm.tokenizer.base import Tokenizer
+from clusterlm.tokenizer.base import KINDS, Tokenizer
 from clusterlm.tokenizer.bpe import BPETokenizer
 from clusterlm.tokenizer.byte import ByteTokenizer
 from clusterlm.tokenizer.char import CharTokenizer
 
-KINDS = ("byte", "char", "bpe")
 _SAVED_KINDS = {"byte": ByteTokenizer, "char": CharTokenizer}  # kinds with our own JSON format
 
 
