@@ -308,16 +308,22 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "", *, numbers_as_st
         raise ConfigError(f"{where or cls.__name__}: {e}") from e
 
 
-def to_dict(obj: Any) -> dict[str, Any]:
-    """Plain dict of a (nested) config dataclass, with None values left out (TOML has no null)."""
-    out = {}
-    for f in dataclasses.fields(obj):
-        v = getattr(obj, f.name)
-        if dataclasses.is_dataclass(v):
-            out[f.name] = to_dict(v)
-        elif v is not None:
-            out[f.name] = list(v) if isinstance(v, tuple) else v
-    return out
+def to_dict(obj: Any, *, drop_empty: bool = False) -> Any:
+    """Plain TOML-ready data of a (nested) config dataclass: None values left out (TOML has no
+    null), tuples as lists, and with `drop_empty` empty tables and lists left out too."""
+    if dataclasses.is_dataclass(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            v = to_dict(getattr(obj, f.name), drop_empty=drop_empty)
+            if v is None or (drop_empty and v in ({}, [])):
+                continue
+            out[f.name] = v
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v, drop_empty=drop_empty) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v, drop_empty=drop_empty) for k, v in obj.items()}
+    return obj
 
 
 def to_toml(cfg: Any) -> str:

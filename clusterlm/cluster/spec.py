@@ -27,7 +27,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from clusterlm.cluster import hardware
-from clusterlm.config import from_dict
+from clusterlm.config import from_dict, to_dict
 from clusterlm.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -236,27 +236,11 @@ def spec_from_dict(data: dict[str, Any], where: str = "spec") -> ClusterSpec:
     return from_dict(ClusterSpec, data, where, numbers_as_str=True)
 
 
-def spec_to_dict(obj: Any) -> Any:
-    """Plain TOML-ready data: None, empty tables and empty lists left out."""
-    if dataclasses.is_dataclass(obj):
-        out = {}
-        for f in dataclasses.fields(obj):
-            v = spec_to_dict(getattr(obj, f.name))
-            if v is None or v == {} or v == [] or v == ():
-                continue
-            out[f.name] = v
-        return out
-    if isinstance(obj, (list, tuple)):
-        return [spec_to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: spec_to_dict(v) for k, v in obj.items()}
-    return obj
-
-
 def spec_to_toml(spec: ClusterSpec) -> str:
+    """The spec as TOML; None, empty tables and empty lists are left out."""
     import tomli_w
 
-    return tomli_w.dumps(spec_to_dict(spec))
+    return tomli_w.dumps(to_dict(spec, drop_empty=True))
 
 
 def save_spec(spec: ClusterSpec, path: str | Path) -> None:
