@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
 
     from clusterlm.config import bundled_recipes, load_run_config
     from clusterlm.eval.evaluate import evaluate_checkpoint
-    from clusterlm.generate.cli import sample_texts
+    from clusterlm.generate.text import sample_texts
     from clusterlm.train.loop import train
     from clusterlm.train.report import write_report
 

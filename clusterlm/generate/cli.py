@@ -8,7 +8,8 @@
 The prompt is preceded by EOS, the document separator the model saw in training, so generation
 starts as a fresh document. Chat uses the plain template in `render_chat` (models trained here
 have no chat template of their own): "User: ...\\n\\nAssistant: ..." turns, stopping at the next
-"User:" line or EOS.
+"User:" line or EOS. The text helpers live in clusterlm.generate.text (shared with `serve`); this
+module is the command line only.
 """
 
 from __future__ import annotations
@@ -16,105 +17,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Iterator
 from typing import TextIO
 
+from clusterlm.generate.text import CHAT_STOP, render_chat, stream_text
+
 log = logging.getLogger(__name__)
-
-USER, ASSISTANT = "User", "Assistant"
-CHAT_STOP = f"\n{USER}:"
-
-
-def render_chat(messages: list[dict[str, str]]) -> str:
-    """The documented fallback chat template: one 'Role: content' paragraph per message, then
-    'Assistant:' for the reply. Roles: system, user, assistant."""
-    names = {"system": "System", "user": USER, "assistant": ASSISTANT}
-    parts = []
-    for m in messages:
-        if m.get("role") not in names:
-            raise ValueError(f"chat message role {m.get('role')!r}; valid roles: {', '.join(names)}")
-        parts.append(f"{names[m['role']]}: {m['content'].strip()}\n\n")
-    return "".join(parts) + f"{ASSISTANT}:"
-
-
-class TextStream:
-    """Turns a growing list of token ids into newly completed text, holding back an incomplete
-    UTF-8 sequence (shown as U+FFFD by decode) until its last byte arrives."""
-
-    def __init__(self, tokenizer) -> None:  # noqa: ANN001 - clusterlm.tokenizer.Tokenizer
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.emitted = 0  # characters already returned
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        new, self.emitted = text[self.emitted:], len(text)
-        return new
-
-    def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        new, self.emitted = text[self.emitted:], len(text)
-        return new
-
-
-def prompt_ids(tokenizer, text: str, context: int | None, max_new_tokens: int) -> list[int]:  # noqa: ANN001
-    ids = [tokenizer.eos_id] + tokenizer.encode(text)
-    if context is not None and len(ids) + 1 > context:
-        keep = max(1, context - min(max_new_tokens, context // 2))
-        log.warning("prompt is %d tokens; the model's context is %d: keeping the last %d", len(ids), context, keep)
-        ids = ids[-keep:]
-    return ids
-
-
-def _context(model) -> int | None:  # noqa: ANN001
-    cfg = model.config
-    return cfg.max_seq_len if cfg.arch == "transformer" else None
-
-
-def stream_text(loaded, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int | None,  # noqa: ANN001
-                top_p: float | None, seed: int | None, stop: str | None = None,
-                compile: bool = False) -> Iterator[str]:
-    """Yield text pieces of one sample as they are generated; stops at EOS, the limit or `stop`.
-    `compile`: run the decode step through torch.compile (clusterlm.generate.engine)."""
-    from clusterlm.generate.engine import generate
-
-    tok, model = loaded.tokenizer, loaded.model
-    ids = prompt_ids(tok, prompt, _context(model), max_new_tokens)
-    gen = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   seed=seed, eos_id=tok.eos_id, sliding_window=True, compile=compile)
-    ts = TextStream(tok)
-    text = ""
-    for step in gen:
-        piece = ts.push(step[0]) if step[0] is not None else ""
-        if stop is not None and piece:
-            text += piece
-            cut = text.find(stop)
-            if cut >= 0:
-                yield piece[: len(piece) - (len(text) - cut)]
-                return
-        if piece:
-            yield piece
-    rest = ts.flush()
-    if rest:
-        yield rest
-
-
-def sample_texts(ckpt: str, *, prompt: str = "", num_samples: int = 1, max_new_tokens: int = 200,
-                 temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, device: str = "cpu") -> list[str]:
-    """Generate `num_samples` continuations of `prompt` in one batch; returns prompt + continuation."""
-    from clusterlm.checkpoint.model_io import load_for_inference
-    from clusterlm.generate.engine import complete
-
-    loaded = load_for_inference(ckpt, device=device)
-    tok = loaded.tokenizer
-    ids = prompt_ids(tok, prompt, _context(loaded.model), max_new_tokens)
-    new, _ = complete(loaded.model, [ids] * num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-                      top_k=top_k, top_p=top_p, seed=seed, eos_id=tok.eos_id, sliding_window=True)
-    return [prompt + tok.decode(t) for t in new]
 
 
 def _common_args(p: argparse.ArgumentParser) -> None:

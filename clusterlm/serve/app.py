@@ -167,7 +167,7 @@ def create_app(load: Callable[[], object], settings: Settings,
     and /ready turns 200 after loading and warm-up. If loading or warm-up fails, /ready answers 503
     with the reason and `on_load_error(exc)` is called from that thread (`main` stops the server
     with it and exits naming the file)."""
-    from clusterlm.generate.cli import CHAT_STOP, render_chat
+    from clusterlm.generate.text import CHAT_STOP, prompt_ids, render_chat
     from clusterlm.serve.scheduler import Delta, Failed, QueueFull, SamplingParams, Scheduler
 
     metrics = Metrics()
@@ -263,8 +263,9 @@ def create_app(load: Callable[[], object], settings: Settings,
             prompt.encode("utf-8")
         except UnicodeEncodeError:
             raise _Reject(_err(400, "prompt contains unpaired surrogates; send valid Unicode text")) from None
-        tok = state["tokenizer"]
-        ids = [tok.eos_id] + tok.encode(prompt)  # EOS first: the document separator seen in training
+        # EOS first: the document separator seen in training. A prompt longer than the model's
+        # context (engine.context_length) is refused here, where `generate` would trim it
+        ids = prompt_ids(state["tokenizer"], prompt, None, 0)
         context = state["context"]
         if context is not None and len(ids) > context:
             raise _Reject(_err(400, f"the prompt is {len(ids)} tokens (with the leading EOS); the model's "

@@ -8,6 +8,9 @@ slots; the app answers 429 with Retry-After). At every token boundary the loop
 (3) runs ONE forward pass over every running sequence, each at its own position in its own slot;
 (4) samples per sequence (its own temperature, top_p and seeded generator) and streams text
     deltas to the request's asyncio queue.
+Steps (2)-(4) are clusterlm.generate.engine's Engine, the decode step `generate` drives too:
+prefill/decode to logits, sampling.sample_rows, the finish rule and the context length. Text is
+clusterlm.generate.text's TextStream (linear detokenization) and StopStrings.
 A sequence finishes with "stop" (EOS or a stop string; the stop string is not returned),
 "length" (max_tokens, or a Transformer's context full), or is dropped when its client
 disconnects ("cancelled").
@@ -32,9 +35,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from clusterlm.generate.cli import TextStream
-from clusterlm.generate.sampling import (GREEDY_TEMPERATURE, apply_top_p, check_sampling_args, greedy,
-                                        scale_by_temperature)
+from clusterlm.generate.engine import Engine
+from clusterlm.generate.sampling import RowSampling, check_sampling_args
+from clusterlm.generate.text import StopStrings, TextStream
 from clusterlm.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,11 @@ class SamplingParams:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
         check_sampling_args(self.temperature, None, self.top_p)
+
+    @property
+    def row(self) -> RowSampling:
+        """How the engine's sampler draws this request's tokens."""
+        return RowSampling(self.temperature, None, self.top_p)
 
 
 @dataclass
@@ -109,22 +117,10 @@ class _Seq:
     slot: int
     gen: torch.Generator
     text: TextStream
+    stops: StopStrings
     last: int = 0  # token to feed next
     n_tokens: int = 0
-    buf: str = ""  # text produced, not yet emitted (may be the start of a stop string)
-    all_text: str = ""
     t_last: float = field(default_factory=time.perf_counter)
-
-
-def _holdback(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
 
 
 class Scheduler:
@@ -134,12 +130,10 @@ class Scheduler:
             raise ValueError(f"max_batch={max_batch} must be >= 1 and max_queue={max_queue} >= 0")
         self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
         self.max_batch, self.max_queue = max_batch, max_queue
-        cfg = model.config
-        self.vocab_size = cfg.vocab_size
-        self.context: int | None = cfg.max_seq_len if cfg.arch == "transformer" else None
-        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-        self.cache = model.make_slot_cache(max_batch, self.context or 1, device=device, dtype=dtype)
-        self.device = torch.device(device)
+        self.engine = Engine(model, device=device)
+        self.context = self.engine.context
+        self.cache = model.make_slot_cache(max_batch, self.context or 1, device=device, dtype=self.engine.dtype)
+        self.device = self.engine.device
         self._waiting: deque[Request] = deque()
         self._running: list[_Seq] = []
         self._cond = threading.Condition()
@@ -184,9 +178,9 @@ class Scheduler:
         with torch.inference_mode():
             slots = [self.cache.alloc() for _ in range(min(2, self.max_batch))]
             ids = torch.zeros(len(slots), 4, dtype=torch.long, device=self.device)
-            self.model(ids, self.cache.rows(slots))
+            self.engine.prefill(ids, self.cache.rows(slots))
             for _ in range(3):
-                self.model(ids[:, :1], self.cache.rows(slots))
+                self.engine.decode(ids[:, :1], self.cache.rows(slots))
             for s in slots:
                 self.cache.free(s)
 
@@ -218,7 +212,7 @@ class Scheduler:
         if self._running:
             rows = self.cache.rows([s.slot for s in self._running])
             idx = torch.tensor([[s.last] for s in self._running], dtype=torch.long, device=self.device)  # (B, 1)
-            logits = self.model(idx, rows)[:, -1, : self.vocab_size]  # (B, V)
+            logits = self.engine.decode(idx, rows)  # (B, V)
             self._sample_and_emit(self._running, logits)
             self.step_seconds = 0.9 * self.step_seconds + 0.1 * (time.perf_counter() - t0)
         self.metrics.running.set(len(self._running))
@@ -248,19 +242,20 @@ class Scheduler:
                 base = req.params.seed if req.params.seed is not None else secrets.randbits(62)
                 for i in range(req.n):
                     g = torch.Generator(device=self.device).manual_seed((base + i) % (2**63 - 1))
-                    seq = _Seq(req, i, self.cache.alloc(), g, TextStream(self.tokenizer))
+                    seq = _Seq(req, i, self.cache.alloc(), g, TextStream(self.tokenizer), StopStrings(req.params.stops))
                     groups.setdefault(len(req.prompt_ids), []).append(seq)
                     self._running.append(seq)  # running from here on: an error below fails it, frees its slot
                 self.metrics.prompt_tokens.inc(len(req.prompt_ids))
             self.metrics.queue_depth.set(len(self._waiting))
         for seqs in groups.values():
             ids = torch.tensor([s.req.prompt_ids for s in seqs], dtype=torch.long, device=self.device)  # (R, P)
-            logits = self.model(ids, self.cache.rows([s.slot for s in seqs]))[:, -1, : self.vocab_size]  # (R, V)
+            logits = self.engine.prefill(ids, self.cache.rows([s.slot for s in seqs]))  # (R, V)
             self._sample_and_emit(seqs, logits)
 
     def _sample_and_emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         """Sample one token per row of logits (B, V) for seqs[b]; emit text; retire finished ones."""
-        tokens = _sample_rows(logits, [s.req.params for s in seqs], [s.gen for s in seqs])
+        # one generator per row: a seeded request draws the same tokens whatever shares its batch
+        tokens = self.engine.sample(logits, [s.req.params.row for s in seqs], [s.gen for s in seqs])
         now = time.perf_counter()
         done: set[int] = set()
         self._outbox: list[tuple[Request, Delta | Finished]] = []
@@ -289,48 +284,26 @@ class Scheduler:
 
     def _advance(self, s: _Seq, tok: int) -> str | None:
         """Take token `tok` for sequence s; returns a finish reason or None to keep going."""
-        p = s.req.params
-        if tok == self.tokenizer.eos_id:
-            return "stop"
+        pos = int(self.cache.pos[s.slot]) if self.context is not None else None
+        reason = self.engine.finish_reason(tok, self.tokenizer.eos_id, s.n_tokens + 1, s.req.params.max_tokens, pos)
+        if reason == "stop":  # eos: not counted, nothing to show
+            return reason
         s.n_tokens += 1
         s.last = tok
         self.metrics.generated_tokens.inc()
-        piece = s.text.push(tok)
-        if piece:
-            s.buf += piece
-            if p.stops:
-                # a stop string may straddle pieces: search the emitted tail plus the new text
-                window = s.all_text[-64:] + s.buf
-                cuts = [window.find(x) for x in p.stops]
-                cuts = [c for c in cuts if c >= 0]
-                if cuts:
-                    cut = min(cuts) - (len(window) - len(s.buf))  # index into buf (>= 0: all_text had none)
-                    self._send(s, s.buf[:max(cut, 0)])
-                    s.buf = ""
-                    return "stop_string"
-                hold = _holdback(s.buf, p.stops)
-                self._send(s, s.buf[:len(s.buf) - hold])
-                s.buf = s.buf[len(s.buf) - hold:]
-            else:
-                self._send(s, s.buf)
-                s.buf = ""
-        if s.n_tokens >= p.max_tokens:
-            return "length"
-        if self.context is not None and int(self.cache.pos[s.slot]) >= self.context:
-            return "length"  # no room to feed the token back
-        return None
+        piece, stopped = s.stops.push(s.text.push(tok))
+        self._send(s, piece)
+        return "stop_string" if stopped else reason
 
     def _send(self, s: _Seq, text: str) -> None:
         if text:
-            s.all_text += text
             self._outbox.append((s.req, Delta(s.index, text, s.n_tokens)))
 
     def _finish(self, s: _Seq, reason: str) -> None:
         if reason == "stop_string":
             reason = "stop"  # the stop string and anything after it are not returned
         else:
-            self._send(s, s.buf + s.text.flush())  # held-back text was not a stop string after all
-        s.buf = ""
+            self._send(s, s.stops.flush(s.text.flush()))  # held-back text was not a stop string after all
         self.cache.free(s.slot)
         self.metrics.finished.labels(reason).inc()
         self._outbox.append((s.req, Finished(s.index, reason, s.n_tokens)))
@@ -339,24 +312,3 @@ class Scheduler:
 def _deliver(items: list[tuple[asyncio.Queue, Delta | Finished]]) -> None:
     for queue, ev in items:
         queue.put_nowait(ev)
-
-
-def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator]) -> list[int]:
-    """One token per row of logits (B, V), each row with its own temperature, top_p and generator.
-    Greedy rows (temperature below GREEDY_TEMPERATURE) take the argmax; the others are drawn in one
-    batch by inverse CDF, with a uniform from each row's own generator (so a seeded row reproduces
-    whatever else is in the batch). Temperature and top_p go through generate.sampling's functions,
-    which are well defined for every value the request schema admits."""
-    out = greedy(logits)  # (B,)
-    rows = [b for b, p in enumerate(params) if p.temperature >= GREEDY_TEMPERATURE]
-    if rows:
-        idx = torch.tensor(rows, device=logits.device)
-        x = scale_by_temperature(logits[idx], [params[b].temperature for b in rows])  # (R, V)
-        for top_p in {params[b].top_p for b in rows} - {1.0}:  # nucleus filtering, per distinct top_p
-            sel = torch.tensor([i for i, b in enumerate(rows) if params[b].top_p == top_p], device=logits.device)
-            x[sel] = apply_top_p(x[sel], top_p)
-        cdf = torch.softmax(x, dim=-1).cumsum(-1)  # (R, V)
-        u = torch.stack([torch.rand((), generator=gens[b], device=logits.device) for b in rows])  # (R,)
-        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)  # (R,)
-        out[idx] = pick.clamp_(max=logits.shape[-1] - 1)
-    return out.tolist()

@@ -180,7 +180,7 @@ def test_n_and_stop(client):
 def test_chat_streaming_and_not(client):
     """Chat: the streamed deltas concatenate to the non-streamed message (greedy); role is assistant;
     n=2 streams two choices; usage counts the rendered template's tokens."""
-    from clusterlm.generate.cli import render_chat
+    from clusterlm.generate.text import render_chat
 
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Line 3?"}]
     r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=16, temperature=0)
@@ -393,17 +393,16 @@ def test_model_error_fails_requests_and_frees_slots(server, client):
     """If the model raises inside the decode loop, the request gets a 500 server_error (not a hang),
     the slots are freed (running gauge 0) and the next request succeeds."""
     sched = server.app.app.state.state["sched"]
-    model = sched.model
 
     def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise RuntimeError("boom")
 
-    sched.model = broken
+    sched.engine.prefill = sched.engine.decode = broken  # the engine's forward passes (instance attributes)
     try:
         r = httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
                        json={"model": "tiny", "prompt": "Line", "max_tokens": 8}, timeout=30)
     finally:
-        sched.model = model
+        del sched.engine.prefill, sched.engine.decode
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     assert "boom" not in r.text  # internals stay in the server log
     assert server.metrics()["clusterlm_running_sequences"] == 0
@@ -593,12 +592,17 @@ def test_chat_page_streams_a_reply(server, tmp_path):
 
 # ---- scheduler pieces (pure) -------------------------------------------------------------------------
 def test_sample_rows_seeded_and_distributed():
-    """_sample_rows: a seeded row draws the same tokens whatever rows share its batch; greedy rows
-    take the argmax; over 4000 draws the frequencies match softmax(logits / T) within 0.03; top_p
-    keeps only the nucleus (the smallest set with mass >= p)."""
+    """The engine's sampler as the server drives it (sampling.sample_rows, one generator per row): a
+    seeded row draws the same tokens whatever rows share its batch; greedy rows take the argmax;
+    over 4000 draws the frequencies match softmax(logits / T) within 0.03; top_p keeps only the
+    nucleus (the smallest set with mass >= p)."""
     import torch
 
-    from clusterlm.serve.scheduler import SamplingParams, _sample_rows
+    from clusterlm.generate.sampling import sample_rows
+    from clusterlm.serve.scheduler import SamplingParams
+
+    def _sample_rows(x, params, gens):  # noqa: ANN001, ANN202
+        return sample_rows(x, [q.row for q in params], gens).tolist()
 
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     p = SamplingParams(max_tokens=1, temperature=0.7)
@@ -624,7 +628,7 @@ def test_sample_rows_seeded_and_distributed():
 
 def test_holdback_of_stop_prefixes():
     """_holdback returns the longest suffix of the text that is a proper prefix of a stop string."""
-    from clusterlm.serve.scheduler import _holdback
+    from clusterlm.generate.text import _holdback
 
     assert _holdback("hello wor", ("world",)) == 3
     assert _holdback("hello", ("world",)) == 0

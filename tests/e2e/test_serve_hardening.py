@@ -128,10 +128,14 @@ def test_server_tiny_temperature_and_top_p_are_greedy(served):
 
 
 def test_sample_rows_at_float_edges():
-    """The server's per-row sampler (scheduler._sample_rows) is well defined at the edges of float32
-    and float64: a tiny temperature or top_p gives the argmax in a batch next to ordinary rows, and
-    a SamplingParams outside the schema's ranges is refused naming the value."""
-    from clusterlm.serve.scheduler import SamplingParams, _sample_rows
+    """The server's per-row sampling (sampling.sample_rows with one generator per row) is well defined
+    at the edges of float32 and float64: a tiny temperature or top_p gives the argmax in a batch next
+    to ordinary rows, and a SamplingParams outside the schema's ranges is refused naming the value."""
+    from clusterlm.generate.sampling import sample_rows
+    from clusterlm.serve.scheduler import SamplingParams
+
+    def _sample_rows(x, params, gens):  # noqa: ANN001, ANN202
+        return sample_rows(x, [q.row for q in params], gens).tolist()
 
     logits = torch.tensor([[1.0, 9.0, 3.0, -4.0]] * 4)  # (4, V): argmax 1
     for t in TINY:
