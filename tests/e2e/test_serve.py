@@ -159,6 +159,35 @@ def test_streaming_equals_non_streaming(client):
     assert chunks[-1].usage.prompt_tokens == ref.usage.prompt_tokens
 
 
+@pytest.mark.parametrize("which", ["server", "lstm_server"])
+def test_serve_equals_generate_greedy(which, request):
+    """Serving and `generate` run one engine (generate.engine.Engine, sampling.sample_rows): on the
+    served model (a Llama and an LSTM), the server's greedy completion equals engine.complete's tokens
+    for the same prompt ids (byte tokenizer: the text is the token sequence; same count and finish
+    reason), whatever the seed; and a greedy chat reply equals the CLI's chat path (text.stream_text
+    with CHAT_STOP), the same text helpers cutting at the same stop string."""
+    from clusterlm.generate.engine import complete
+    from clusterlm.generate.text import CHAT_STOP, prompt_ids, render_chat, stream_text
+
+    srv = request.getfixturevalue(which)
+    loaded = srv.app.app.state.state["loaded"]
+    c = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+    tok = loaded.tokenizer
+    for prompt, seed in (("Line 3", 5), ("Line 1", 6), ("the quick", None)):  # 24 new tokens fit the context
+        r = c.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, seed=seed)
+        new, reasons = complete(loaded.model, prompt_ids(tok, prompt, None, 0), max_new_tokens=24,
+                                temperature=0.0, seed=seed, eos_id=tok.eos_id)
+        assert r.choices[0].text.encode() == bytes(new[0]), prompt
+        assert r.usage.completion_tokens == len(new[0]) and r.choices[0].finish_reason == reasons[0]
+    # within the context (64): past it the server stops with "length" where the CLI slides its window
+    msgs = [{"role": "user", "content": "Line 2: the quick"}]
+    served = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=20, temperature=0)
+    assert served.usage.prompt_tokens + 20 <= loaded.model.config.max_seq_len
+    local = "".join(stream_text(loaded, render_chat(msgs), max_new_tokens=20, temperature=0.0, top_k=None,
+                                top_p=None, seed=None, stop=CHAT_STOP))
+    assert served.choices[0].message.content == local
+
+
 def test_n_and_stop(client):
     """n=3 returns 3 choices with indices 0..2 and usage summing their tokens; a stop string never
     appears in the text and the choice finishes with 'stop'."""
