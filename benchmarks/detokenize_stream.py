@@ -96,9 +96,10 @@ def main() -> int:
         row["speedup"] = round(row["old_redecode_ms"] / row["new_textstream_ms"], 1)
         row["under_50_ms"] = row["new_textstream_ms"] < 50
         rows.append(row)
-        print(f"{kind:5s} {len(ids)} tokens: old {row['old_redecode_ms']:9.1f} ms  new {row['new_textstream_ms']:7.2f} ms"
-              f"  ({row['speedup']}x)")
-    out = {"command": f".venv/bin/python benchmarks/detokenize_stream.py --tokens {args.tokens} --repeats {args.repeats}",
+        print(f"{kind:5s} {len(ids)} tokens: old {row['old_redecode_ms']:9.1f} ms  "
+              f"new {row['new_textstream_ms']:7.2f} ms  ({row['speedup']}x)")
+    cmd = f".venv/bin/python benchmarks/detokenize_stream.py --tokens {args.tokens} --repeats {args.repeats}"
+    out = {"command": cmd,
            "cpu": _cpu_model(), "python": platform.python_version(), "tokenizers": tokenizers.__version__,
            "method": f"median of {args.repeats} runs: total seconds in push() for every id plus flush()",
            "results": rows}
