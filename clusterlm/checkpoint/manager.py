@@ -96,6 +96,7 @@ class Checkpointer:
         self.pipeline_stage_source = pipeline_stage_source
         self.extra_state = extra_state or {}
         self._pending: list[Any] = []  # at most one asynchronous distributed save not yet committed
+        self._resolved: tuple[Path | None] | None = None  # resolve()'s answer, once computed
 
     # ---- find ------------------------------------------------------------------------------------
     def latest(self) -> Path | None:
@@ -128,17 +129,28 @@ class Checkpointer:
         return path
 
     # ---- resume ----------------------------------------------------------------------------------
+    def resolve(self) -> Path | None:
+        """The checkpoint `resume` names (None: start fresh), agreed by every rank and checked against
+        the run's model shape and tokenizer; one line (CheckpointError) when it does not fit. Call it
+        before building the model, so a bad resume is refused before any memory is allocated;
+        collective when distributed; computed once."""
+        from clusterlm.checkpoint.compat import check_resume
+
+        if self._resolved is None:
+            path = self._resume_path()
+            if path is not None and self.model_config is not None:
+                check_resume(path, self.model_config, self.data_dir, self.tokenizer_path)
+            self._resolved = (path,)
+        return self._resolved[0]
+
     def load_into(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Stateful) -> RunState:
         """Collective when distributed. Fill model, optimizer, loader and the RNGs from the checkpoint
         `resume` names and return its RunState; a fresh RunState() when there is none."""
-        from clusterlm.checkpoint.compat import check_resume
         from clusterlm.checkpoint.distributed import is_distributed_checkpoint
 
-        path = self._resume_path()
+        path = self.resolve()
         if path is None:
             return RunState()
-        if self.model_config is not None:  # another shape or tokenizer: one line, before any load
-            check_resume(path, self.model_config, self.data_dir, self.tokenizer_path)
         if is_distributed_checkpoint(path):  # any layout it was saved with
             from clusterlm.checkpoint.distributed import load_distributed, load_rank_rng
 

@@ -166,7 +166,7 @@ class Trainer:
         from clusterlm.data.loader import TokenLoader
         from clusterlm.eval.metrics import lm_loss
         from clusterlm.parallel.launch import read_env
-        from clusterlm.parallel.mesh import build_mesh
+        from clusterlm.parallel.mesh import Coords, build_mesh
         from clusterlm.parallel.parallelize import build_parallel_model
         from clusterlm.train.optim import build_optimizer
 
@@ -186,9 +186,18 @@ class Trainer:
             _check_run_memory(cfg, dims, self.accum, self.device, self.amp_dtype, self.distributed,
                               self.env.local_world_size)
 
-        # model built on meta, laid out, materialised, initialised; then optimizer, loader, resume
-        torch.manual_seed(tc.seed)
+        # the checkpoint to resume from, checked against this run's model and tokenizer before any
+        # model memory exists; then the model built on meta, laid out, materialised, initialised
         mesh = build_mesh(dims, self.device.type) if self.distributed else None
+        coords = Coords.of(mesh, dims)
+        self.checkpointer = Checkpointer(
+            self.out_dir / "checkpoints", cfg.checkpoint, config_toml=to_toml(cfg), resume=tc.resume,
+            tokenizer_path=self.tokenizer_file, model_config=mcfg, data_dir=self.data_dir,
+            distributed=self.distributed, device=self.device,
+            pipeline_stage_source=(coords.dp_rank == 0 and coords.tp == 0) if dims.pp > 1 else None,
+            extra_state={"tokens_per_step": self.tokens_per_step})
+        self.checkpointer.resolve()
+        torch.manual_seed(tc.seed)
         self.pm = pm = build_parallel_model(
             mcfg, cfg.parallel, mesh, self.device, seed=tc.seed, micro_batch=tc.micro_batch_size, loss_fn=lm_loss,
             param_dtype=self.amp_dtype if self.distributed else None, compile=tc.compile,
@@ -197,12 +206,6 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim, fused=None if pm.fused_optimizer_ok else False)
         self.loader = TokenLoader(self.data_dir, "train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len,
                                   seed=tc.seed, rank=pm.coords.dp_rank, world_size=dims.dp)
-        self.checkpointer = Checkpointer(
-            self.out_dir / "checkpoints", cfg.checkpoint, config_toml=to_toml(cfg), resume=tc.resume,
-            tokenizer_path=self.tokenizer_file, model_config=mcfg, data_dir=self.data_dir,
-            distributed=self.distributed, device=self.device,
-            pipeline_stage_source=(pm.coords.dp_rank == 0 and pm.coords.tp == 0) if dims.pp > 1 else None,
-            extra_state={"tokens_per_step": self.tokens_per_step})
         self.state = self.checkpointer.load_into(self.model, self.optimizer, self.loader)
         self._log_plan()
         self._open_run_dir()

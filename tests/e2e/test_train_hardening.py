@@ -142,14 +142,17 @@ def test_skip_memory_check_lets_a_run_past_the_check(corpora, tmp_path, monkeypa
 
 
 # ---- 8: resume into another model or tokenizer ----------------------------------------------------
-def test_resume_with_another_dim_names_both_values(corpora, tmp_path):
+def test_resume_with_another_dim_names_both_values(corpora, tmp_path, monkeypatch):
     """Resuming with model.dim=64 a run saved at 32 was a load_state_dict size-mismatch traceback;
-    now one line with both values and what to do; the checkpoints are untouched."""
+    now one line with both values and what to do, before the model is built; the checkpoints are
+    untouched."""
+    import clusterlm.parallel.parallelize as par
     from clusterlm.train.loop import train
 
     run = tmp_path / "r"
     train(_cfg(corpora["base"], run))
     before = _visible_and_latest(run / "checkpoints")
+    monkeypatch.setattr(par, "build_parallel_model", _must_not_build)
     with pytest.raises(CheckpointError) as e:
         train(_cfg(corpora["base"], run, "--model.dim=64", "--train.resume=auto", "--train.max_steps=8"))
     msg = str(e.value)
