@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from clusterlm.config import OptimConfig, ParallelConfig
+from clusterlm.config import OptimConfig
 from clusterlm.eval.metrics import lm_loss
 from clusterlm.models.config import get_preset
 from clusterlm.parallel.dims import ParallelDims
@@ -39,7 +39,7 @@ def run(preset: str, wrap: str, device: torch.device, batch: int, seq_len: int, 
         mcfg = mcfg.with_vocab(50304)
     bf16 = device.type == "cuda"
     mesh = build_mesh(ParallelDims(), device.type)
-    pm = build_parallel_model(mcfg, ParallelConfig(), mesh, device, seed=0, micro_batch=batch, loss_fn=lm_loss,
+    pm = build_parallel_model(mcfg, ParallelDims(), mesh, device, seed=0, micro_batch=batch, loss_fn=lm_loss,
                               param_dtype=torch.bfloat16 if bf16 and wrap == "fsdp" else None, wrap=wrap)
     opt = build_optimizer(pm.module, OptimConfig())
     V = mcfg.vocab_size

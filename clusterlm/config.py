@@ -29,6 +29,7 @@ else:  # pragma: no cover
 
 from clusterlm.errors import ConfigError
 from clusterlm.models.config import ModelConfig, preset_values
+from clusterlm.parallel.dims import ParallelDims  # the [parallel] section (torch-free)
 
 
 # ---- sections -------------------------------------------------------------------------------
@@ -160,30 +161,6 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
-class ParallelConfig:
-    """Parallel layout (see `clusterlm plan`): data-parallel replicas x FSDP shards x tensor x pipeline."""
-
-    dp_replicate: int = 1
-    dp_shard: int = 1
-    tp: int = 1
-    pp: int = 1
-    activation_checkpointing: Literal["none", "selective", "full"] = "none"
-    pp_schedule: Literal["1f1b", "gpipe"] = "1f1b"
-    """pipeline schedule when pp > 1: 1f1b (activation memory of pp micro-batches) or gpipe"""
-    sequence_parallel: bool = True
-    """with tp > 1: split norms/residuals over the sequence and the loss over the vocabulary (docs/distributed.md)"""
-
-    def __post_init__(self) -> None:
-        for name in ("dp_replicate", "dp_shard", "tp", "pp"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"parallel.{name}={getattr(self, name)} must be >= 1")
-
-    @property
-    def world_size(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.tp * self.pp
-
-
-@dataclass(frozen=True)
 class PlanConfig:
     """What `clusterlm plan` predicted for this recipe; training logs measured figures beside these."""
 
@@ -206,7 +183,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    parallel: ParallelDims = field(default_factory=ParallelDims)
     plan: PlanConfig = field(default_factory=PlanConfig)
 
 

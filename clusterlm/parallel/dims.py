@@ -7,6 +7,10 @@
     >>> dims.mesh_dims()          # (name, size) outer -> inner, size-1 dims left out
     (('dp_replicate', 2), ('dp_shard', 4))
 
+It is also the run config's `[parallel]` section (`RunConfig.parallel`): the degrees, the
+activation recompute mode, the pipeline schedule and sequence parallel, with the batch
+arithmetic (`grad_accum_steps`) and the layout checks (`validate`) in one place.
+
 dp_replicate replicates the model (DDP; across nodes in HSDP), dp_shard shards parameters,
 gradients and optimizer state (FSDP/ZeRO-3); dp = dp_replicate * dp_shard ranks see different
 data. tp splits each layer's matrices (Megatron column/row with sequence parallel), pp splits the
@@ -22,6 +26,7 @@ torch in clusterlm.parallel, not here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from clusterlm.errors import ConfigError
 from clusterlm.models.config import ModelConfig
@@ -38,13 +43,23 @@ class ParallelDims:
     tp: int = 1
     """tensor-parallel degree (splits heads and MLP columns; sequence parallel for norms)"""
     pp: int = 1
-    """pipeline stages (1F1B schedule)"""
+    """pipeline stages"""
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    """none, selective (keep matmul/attention outputs, recompute the rest) or full (recompute each block)"""
+    pp_schedule: Literal["1f1b", "gpipe"] = "1f1b"
+    """pipeline schedule when pp > 1: 1f1b (activation memory of pp micro-batches) or gpipe"""
+    sequence_parallel: bool = True
+    """with tp > 1: split norms/residuals over the sequence and the loss over the vocabulary (docs/distributed.md)"""
 
     def __post_init__(self) -> None:
         for name in MESH_DIM_NAMES:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"parallel.{name}={value!r} must be an integer >= 1")
+        for name, allowed in (("activation_checkpointing", ("none", "selective", "full")),
+                              ("pp_schedule", ("1f1b", "gpipe"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"parallel.{name}={getattr(self, name)!r}; expected one of {', '.join(allowed)}")
 
     # ---- derived ------------------------------------------------------------------------------
     @property

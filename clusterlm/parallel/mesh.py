@@ -10,6 +10,7 @@ index `mesh["tp"]` without asking whether tp is used. Needs an initialised defau
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -60,7 +61,8 @@ class Coords:
         c = mesh.get_coordinate()
         assert c is not None, "this rank is not in the mesh"
         sizes = dict(zip(mesh.mesh_dim_names, mesh.mesh.shape))
-        dims = ParallelDims(**{n: int(sizes[n]) for n in MESH_DIM_NAMES})
+        degrees = {n: int(sizes[n]) for n in MESH_DIM_NAMES}  # the mesh's; the rest of the layout from `dims`
+        dims = dataclasses.replace(dims, **degrees) if dims is not None else ParallelDims(**degrees)
         return cls(*[int(v) for v in c], dims=dims)
 
     @property

@@ -32,7 +32,6 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from clusterlm.config import ParallelConfig
 from clusterlm.models.config import ModelConfig
 from clusterlm.parallel.ac import apply_ac, clean_name
 from clusterlm.parallel.dims import ParallelDims
@@ -41,10 +40,6 @@ from clusterlm.parallel.mesh import Coords
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits (B, T, V), targets (B, T)) -> scalar
-
-
-def dims_of(pc: ParallelConfig) -> ParallelDims:
-    return ParallelDims(dp_replicate=pc.dp_replicate, dp_shard=pc.dp_shard, tp=pc.tp, pp=pc.pp)
 
 
 def _set_param(model: nn.Module, name: str, value: nn.Parameter) -> nn.Parameter:
@@ -229,17 +224,16 @@ class ParallelModel:
         return len(kinds) == 1
 
 
-def validate_layout(pc: ParallelConfig, mcfg: ModelConfig, world_size: int, global_batch_tokens: int,
+def validate_layout(dims: ParallelDims, mcfg: ModelConfig, world_size: int, global_batch_tokens: int,
                     micro_batch: int, seq_len: int) -> ParallelDims:
     """ParallelDims.validate plus what this implementation supports; raises before any model is built."""
     from clusterlm.errors import ConfigError
 
-    dims = dims_of(pc)
     dims.validate(world_size, mcfg, global_batch_tokens, micro_batch, seq_len)
     if mcfg.arch != "transformer" and (dims.dp_shard > 1 or dims.tp > 1 or dims.pp > 1):
         raise ConfigError(f"model.arch={mcfg.arch!r} trains with data parallel replication only (DDP): "
                           f"set parallel.dp_replicate={world_size} and dp_shard=tp=pp=1 (got {dims.describe()})")
-    if mcfg.arch != "transformer" and pc.activation_checkpointing != "none":
+    if mcfg.arch != "transformer" and dims.activation_checkpointing != "none":
         raise ConfigError(f"activation checkpointing works on transformer blocks; model.arch={mcfg.arch!r}")
     if dims.pp > 1 and mcfg.tie_embeddings:
         raise ConfigError(f"pp={dims.pp} with model.tie_embeddings=true: the tied embedding/output weight would "
@@ -247,7 +241,7 @@ def validate_layout(pc: ParallelConfig, mcfg: ModelConfig, world_size: int, glob
     return dims
 
 
-def build_parallel_model(mcfg: ModelConfig, pc: ParallelConfig, mesh: DeviceMesh | None, device: torch.device, *,
+def build_parallel_model(mcfg: ModelConfig, pc: ParallelDims, mesh: DeviceMesh | None, device: torch.device, *,
                          seed: int, micro_batch: int, loss_fn: LossFn, param_dtype: torch.dtype | None = None,
                          compile: bool = False, pp_schedule: str = "1f1b", wrap: str = "auto") -> ParallelModel:
     """Build the model on meta, lay it out (pp split, TP, AC, compile, FSDP/DDP), materialise, init.
@@ -261,7 +255,7 @@ def build_parallel_model(mcfg: ModelConfig, pc: ParallelConfig, mesh: DeviceMesh
 
     with torch.device("meta"):
         model = build_model(mcfg)
-    coords = Coords.of(mesh, dims_of(pc))
+    coords = Coords.of(mesh, pc)
     dims = coords.dims
     if mesh is None or (dims.world_size == 1 and wrap == "auto"):
         apply_ac(model, pc.activation_checkpointing)

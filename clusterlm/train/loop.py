@@ -36,6 +36,7 @@ import torch
 from clusterlm.config import DataConfig, RunConfig, TrainConfig, load_run_config, split_overrides, to_toml
 from clusterlm.device import autocast as device_autocast
 from clusterlm.device import autocast_dtype, resolve_device
+from clusterlm.parallel.dims import ParallelDims
 from clusterlm.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, ConfigError
 
 log = logging.getLogger(__name__)
@@ -86,16 +87,11 @@ def _probed_peak(spec_file: str, dtype: str) -> float | None:
     return tflops * 1e12
 
 
-def batch_plan(train: TrainConfig, dp_size: int = 1) -> tuple[int, int]:
-    """(accumulation steps, tokens per optimizer step) from the global batch in tokens."""
-    micro_tokens = train.micro_batch_size * train.seq_len * dp_size
-    if train.global_batch_tokens == 0:
-        return 1, micro_tokens
-    if train.global_batch_tokens % micro_tokens:
-        raise ConfigError(
-            f"train.global_batch_tokens={train.global_batch_tokens} is not a multiple of micro_batch_size*seq_len*dp"
-            f" = {train.micro_batch_size}*{train.seq_len}*{dp_size} = {micro_tokens}")
-    return train.global_batch_tokens // micro_tokens, train.global_batch_tokens
+def batch_plan(train: TrainConfig, dims: ParallelDims) -> tuple[int, int]:
+    """(accumulation steps, tokens per optimizer step) from the global batch in tokens: ParallelDims's
+    arithmetic (a global batch that does not divide is refused there, by validate_layout)."""
+    accum = dims.grad_accum_steps(train.global_batch_tokens, train.micro_batch_size, train.seq_len)
+    return accum, accum * dims.tokens_per_micro_step(train.micro_batch_size, train.seq_len)
 
 
 def _check_run_memory(cfg: RunConfig, dims: Any, accum: int, device: torch.device,
@@ -181,7 +177,7 @@ class Trainer:
             torch.set_num_threads(tc.threads)
         self.cfg = cfg = self._resolve_data(cfg)
         mcfg, dims = cfg.model, self.dims
-        self.accum, self.tokens_per_step = batch_plan(tc, dims.dp)
+        self.accum, self.tokens_per_step = batch_plan(tc, dims)
         if not tc.skip_memory_check:  # before any checkpoint or model memory is allocated
             _check_run_memory(cfg, dims, self.accum, self.device, self.amp_dtype, self.distributed,
                               self.env.local_world_size)

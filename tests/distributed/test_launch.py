@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from clusterlm.config import ParallelConfig
+from clusterlm.parallel.dims import ParallelDims
 from clusterlm.errors import ConfigError
 from clusterlm.models.config import get_preset
 from clusterlm.cluster.slurm_text import expand_nodelist
@@ -95,7 +95,7 @@ LLAMA = get_preset("llama-nano", vocab_size=64)  # 4 layers, 4 heads, 2 kv heads
 def test_invalid_layouts_fail_with_numbers(layout, world, model, message):
     """Invalid layouts raise ConfigError whose message carries the arithmetic."""
     with pytest.raises(ConfigError) as e:
-        validate_layout(ParallelConfig(**layout), model, world, global_batch_tokens=1024, micro_batch=4, seq_len=64)
+        validate_layout(ParallelDims(**layout), model, world, global_batch_tokens=1024, micro_batch=4, seq_len=64)
     assert message in str(e.value)
 
 

@@ -12,7 +12,8 @@ import dataclasses
 import pytest
 import torch
 
-from clusterlm.config import OptimConfig, ParallelConfig
+from clusterlm.config import OptimConfig
+from clusterlm.parallel.dims import ParallelDims
 from clusterlm.models.config import get_preset
 from tests.distributed.helpers import run_ranks
 
@@ -42,12 +43,12 @@ def lstm_cfg():
     return dataclasses.replace(get_preset("lstm-small", vocab_size=V), dim=64, dropout=0.0)
 
 
-def build(pc: ParallelConfig, seed: int = 0, micro_batch: int = B, schedule: str = "1f1b", mcfg=None):
+def build(pc: ParallelDims, seed: int = 0, micro_batch: int = B, schedule: str = "1f1b", mcfg=None):
     from clusterlm.parallel.mesh import build_mesh
     from clusterlm.eval.metrics import lm_loss
-    from clusterlm.parallel.parallelize import build_parallel_model, dims_of
+    from clusterlm.parallel.parallelize import build_parallel_model
 
-    mesh = build_mesh(dims_of(pc), "cpu") if pc.world_size > 1 else None
+    mesh = build_mesh(pc, "cpu") if pc.world_size > 1 else None
     return build_parallel_model(mcfg or model_cfg(), pc, mesh, torch.device("cpu"), seed=seed,
                                 micro_batch=micro_batch, loss_fn=lm_loss, pp_schedule=schedule)
 
@@ -58,7 +59,7 @@ def rows(pm, x: torch.Tensor) -> torch.Tensor:
     return x[pm.coords.dp_rank * b:(pm.coords.dp_rank + 1) * b]
 
 
-def one_step(pc: ParallelConfig, schedule: str = "1f1b", lstm: bool = False, gpt: bool = False) -> list[float]:
+def one_step(pc: ParallelDims, schedule: str = "1f1b", lstm: bool = False, gpt: bool = False) -> list[float]:
     """(loss, grad norm) of one forward/backward on the global batch"""
     x, y = batch()
     pm = build(pc, micro_batch=B // (pc.dp_replicate * pc.dp_shard), schedule=schedule,
@@ -67,7 +68,7 @@ def one_step(pc: ParallelConfig, schedule: str = "1f1b", lstm: bool = False, gpt
     return [loss, pm.clip_grad_norm_(1.0)]
 
 
-def sequence_parallel_layout(pc: ParallelConfig) -> dict:
+def sequence_parallel_layout(pc: ParallelDims) -> dict:
     """What a rank holds under TP: the norm's output rows (sequence split or not) and the logits' type"""
     from torch.distributed.tensor import DTensor
 
@@ -86,7 +87,7 @@ def sequence_parallel_layout(pc: ParallelConfig) -> dict:
     return seen
 
 
-def train_steps(pc: ParallelConfig, steps: int, accum: int) -> list[list[float]]:
+def train_steps(pc: ParallelDims, steps: int, accum: int) -> list[list[float]]:
     """(loss, grad norm) of `steps` AdamW steps cycling over batches 0..3 (so the loss falls), each
     split into `accum` micro-batches"""
     from clusterlm.train.optim import build_optimizer
@@ -142,28 +143,28 @@ def _two_ranks(rank: int, world: int, ckpt_root: str) -> dict:
     from clusterlm.checkpoint.distributed import load_distributed, save_distributed
     from clusterlm.train.optim import build_optimizer
 
-    out = {name: one_step(ParallelConfig(**kw), **extra) for name, kw, extra in [
+    out = {name: one_step(ParallelDims(**kw), **extra) for name, kw, extra in [
         ("ddp", dict(dp_replicate=2), {}), ("fsdp", dict(dp_shard=2), {}), ("tp", dict(tp=2), {}),
         ("pp_1f1b", dict(pp=2), {"schedule": "1f1b"}), ("pp_gpipe", dict(pp=2), {"schedule": "gpipe"}),
         ("fsdp_selective_ac", dict(dp_shard=2, activation_checkpointing="selective"), {}),
         ("tp_full_ac", dict(tp=2, activation_checkpointing="full"), {}),
         ("tp_no_sp", dict(tp=2, sequence_parallel=False), {}), ("gpt_tp", dict(tp=2), {"gpt": True}),
         ("lstm_ddp", dict(dp_replicate=2), {"lstm": True})]}
-    out["pp_eval"] = build(ParallelConfig(pp=2)).pipeline_eval_loss([batch()], torch.device("cpu"))
-    out["ddp_20"] = train_steps(ParallelConfig(dp_replicate=2), steps=20, accum=1)
-    out["tp_3"] = train_steps(ParallelConfig(tp=2), steps=3, accum=1)
-    out["sp_layout"] = sequence_parallel_layout(ParallelConfig(tp=2))
-    out["no_sp_layout"] = sequence_parallel_layout(ParallelConfig(tp=2, sequence_parallel=False))
+    out["pp_eval"] = build(ParallelDims(pp=2)).pipeline_eval_loss([batch()], torch.device("cpu"))
+    out["ddp_20"] = train_steps(ParallelDims(dp_replicate=2), steps=20, accum=1)
+    out["tp_3"] = train_steps(ParallelDims(tp=2), steps=3, accum=1)
+    out["sp_layout"] = sequence_parallel_layout(ParallelDims(tp=2))
+    out["no_sp_layout"] = sequence_parallel_layout(ParallelDims(tp=2, sequence_parallel=False))
 
     # checkpoint: saved under FSDP x2 after one step, loaded under TP x2 (and on one process by the test)
     oc = OptimConfig(lr=1e-2, weight_decay=0.1)
-    pm = build(ParallelConfig(dp_shard=2))
+    pm = build(ParallelDims(dp_shard=2))
     opt = build_optimizer(pm.module, oc, fused=pm.fused_optimizer_ok and None)
     step_then_save(pm, opt, ckpt_root)
     path = save_distributed(Path(ckpt_root), 1, pm.module, opt, train_state={"step": 1}, config_toml="")
     out["fsdp_logits"] = logits_of(pm)
     out["fsdp_next_loss"] = next_loss(pm, opt)
-    pm = build(ParallelConfig(tp=2), seed=123)  # different init: everything must come from the checkpoint
+    pm = build(ParallelDims(tp=2), seed=123)  # different init: everything must come from the checkpoint
     opt = build_optimizer(pm.module, oc, fused=pm.fused_optimizer_ok and None)
     out["tp_state"] = load_distributed(path, pm.module, opt)
     out["tp_logits"] = logits_of(pm)
@@ -184,10 +185,10 @@ def _four_ranks(rank: int, world: int) -> dict:
     from clusterlm.errors import ConfigError
     from clusterlm.parallel.agree import agree_any
 
-    out = {"fsdp_tp": one_step(ParallelConfig(dp_shard=2, tp=2)),
-           "hsdp": one_step(ParallelConfig(dp_replicate=2, dp_shard=2)),
-           "fsdp_pp": one_step(ParallelConfig(dp_shard=2, pp=2)),
-           "tp_pp": one_step(ParallelConfig(tp=2, pp=2))}
+    out = {"fsdp_tp": one_step(ParallelDims(dp_shard=2, tp=2)),
+           "hsdp": one_step(ParallelDims(dp_replicate=2, dp_shard=2)),
+           "fsdp_pp": one_step(ParallelDims(dp_shard=2, pp=2)),
+           "tp_pp": one_step(ParallelDims(tp=2, pp=2))}
     # a flag raised on rank 3 only (a signal, a time limit) is seen by every rank
     out["agree"] = list(agree_any(True, rank == 3, False, device=torch.device("cpu")))
     same = agree_on_checkpoint(Path("/x/step-00000004"), torch.device("cpu"))
@@ -210,10 +211,10 @@ def test_one_step_matches_single_process(two):
     """One step's loss and gradient norm under DDP x2, FSDP x2, TP x2, PP x2 (1F1B and GPipe), with
     selective/full activation checkpointing, and an LSTM under DDP x2, equal one process on the whole
     batch (fp32, 1e-5); the forward-only pipeline evaluation gives the same loss on both ranks."""
-    ref = one_step(ParallelConfig())
+    ref = one_step(ParallelDims())
     _, results = two
-    lstm_ref = one_step(ParallelConfig(), lstm=True)
-    gpt_ref = one_step(ParallelConfig(), gpt=True)
+    lstm_ref = one_step(ParallelDims(), lstm=True)
+    gpt_ref = one_step(ParallelDims(), gpt=True)
     for r in results:
         for name in ("ddp", "fsdp", "tp", "pp_1f1b", "pp_gpipe", "fsdp_selective_ac", "tp_full_ac", "tp_no_sp"):
             assert r[name] == pytest.approx(ref, rel=TOL, abs=TOL), name
@@ -230,7 +231,7 @@ def test_four_rank_layouts_match_single_process():
     """FSDP x2 + TP x2, HSDP (2 replicas x 2 shards) and FSDP x2 + PP x2 on 4 ranks give one process's
     loss and gradient norm for one step (fp32, 1e-5). Agreement: a flag set on one rank is set on all;
     ranks that found different checkpoints all refuse with both step numbers."""
-    ref = one_step(ParallelConfig())
+    ref = one_step(ParallelDims())
     for r in run_ranks(4, _four_ranks):
         for name in ("fsdp_tp", "hsdp", "fsdp_pp", "tp_pp"):
             assert r[name] == pytest.approx(ref, rel=TOL, abs=TOL), name
@@ -242,7 +243,7 @@ def test_four_rank_layouts_match_single_process():
 def test_ddp_20_steps_match_grad_accumulation(two):
     """20 AdamW steps under DDP x2 equal one process with gradient accumulation 2 over the same
     global batches, step by step (loss and grad norm, 1e-5)."""
-    ref = train_steps(ParallelConfig(), steps=20, accum=2)
+    ref = train_steps(ParallelDims(), steps=20, accum=2)
     _, results = two
     for r in results:
         for s, (got, want) in enumerate(zip(r["ddp_20"], ref)):
@@ -253,7 +254,7 @@ def test_ddp_20_steps_match_grad_accumulation(two):
 def test_tp_sequence_parallel_steps_match_single_process(two):
     """3 AdamW steps under TP x2 with sequence and loss parallel (the default) equal one process, step by
     step: the split norms, embedding and output are updated as the whole ones are."""
-    ref = train_steps(ParallelConfig(), steps=3, accum=1)
+    ref = train_steps(ParallelDims(), steps=3, accum=1)
     _, results = two
     for r in results:
         for s, (got, want) in enumerate(zip(r["tp_3"], ref)):
@@ -273,7 +274,7 @@ def test_fsdp_checkpoint_loads_on_tp_and_one_process(two):
     torch.testing.assert_close(torch.tensor(r0["tp_logits"]), torch.tensor(r0["fsdp_logits"]), rtol=0, atol=1e-5)
     assert r0["tp_next_loss"] == pytest.approx(r0["fsdp_next_loss"], abs=TOL)
 
-    pm = build(ParallelConfig(), seed=7)
+    pm = build(ParallelDims(), seed=7)
     opt = build_optimizer(pm.module, OptimConfig(lr=1e-2, weight_decay=0.1), fused=pm.fused_optimizer_ok and None)
     load_distributed(root / "step-00000001", pm.module, opt)
     torch.testing.assert_close(torch.tensor(logits_of(pm)), torch.tensor(r0["fsdp_logits"]), rtol=0, atol=1e-5)
@@ -291,6 +292,6 @@ def test_fsdp_checkpoint_loads_on_tp_and_one_process(two):
 
     path = find_latest_valid(root / "async")
     assert path is not None and path.name == "step-00000001"
-    pm = build(ParallelConfig(), seed=8)
+    pm = build(ParallelDims(), seed=8)
     load_distributed(path, pm.module, None)
     torch.testing.assert_close(torch.tensor(logits_of(pm)), torch.tensor(r0["fsdp_logits"]), rtol=0, atol=1e-5)
