@@ -45,7 +45,7 @@ from clusterlm.cluster.microbench import (ATTENTION_HD, ATTENTION_T_CPU, ATTENTI
                                           measure_attention_sweep, measure_copy_bandwidth, measure_elementwise_sweep,
                                           measure_kernel_sweep, measure_matmul_sweep, measure_matmul_tflops,
                                           measure_op_overhead, measure_storage)
-from clusterlm.parallel.collectives import AllReduceResult, fmt_bytes
+from clusterlm.cluster.allreduce import AllReduceResult, fmt_bytes
 from clusterlm.parallel.launch import read_env
 
 log = logging.getLogger(__name__)

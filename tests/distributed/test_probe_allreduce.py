@@ -18,7 +18,7 @@ else:  # pragma: no cover
 
 from clusterlm.cli import main as cli_main
 from clusterlm.cluster.spec import load_spec
-from clusterlm.parallel.collectives import bus_bandwidth
+from clusterlm.cluster.allreduce import bus_bandwidth
 from tests.unit.test_probe_all_nodes import in_allocation, install_fake_srun
 
 

@@ -176,7 +176,7 @@ def test_single_probe_has_no_busbw_and_nodes_flag_needs_all_nodes(tmp_path, monk
 
 
 def _result(hosts: tuple[str, ...], busbw: tuple[float, ...] = (1.0, 5.0, 4.0, 3.0)):
-    from clusterlm.parallel.collectives import AllReduceResult, SizePoint
+    from clusterlm.cluster.allreduce import AllReduceResult, SizePoint
 
     points = tuple(SizePoint(1 << (20 + 2 * i), 5, 1e-3, b, b) for i, b in enumerate(busbw))
     return AllReduceResult("nccl", len(hosts), hosts, "fp32", points)
