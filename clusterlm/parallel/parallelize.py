@@ -36,6 +36,7 @@ from clusterlm.models.config import ModelConfig
 from clusterlm.parallel.ac import apply_ac, clean_name
 from clusterlm.parallel.dims import ParallelDims
 from clusterlm.parallel.mesh import Coords
+from clusterlm.parallel.pp import schedule_loss_fn, schedule_microbatches, set_schedule_loss_fn
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,8 @@ class ParallelModel:
         with self._sync_context(sync):
             if self.schedule is not None:
                 losses: list[torch.Tensor] = []
-                n_mb = self.schedule._n_microbatches
-                self.schedule._loss_fn = lambda logits, tgt: self.loss_fn(logits, tgt) / (accum * n_mb)
+                n_mb = schedule_microbatches(self.schedule)
+                set_schedule_loss_fn(self.schedule, lambda logits, tgt: self.loss_fn(logits, tgt) / (accum * n_mb))
                 with autocast():
                     self._run_schedule(self.schedule.step, x, y, losses)
                 loss = torch.stack(losses).sum().detach() if losses else torch.zeros((), device=x.device)
@@ -155,9 +156,9 @@ class ParallelModel:
         Every rank must pass the same batches; batches with fewer rows than the training micro-batch
         are skipped (the stages' buffers have its shape). None if no batch was full."""
         assert self.schedule is not None, "pipeline_eval_loss needs pp > 1"
-        n_mb = self.schedule._n_microbatches
-        train_loss_fn = self.schedule._loss_fn
-        self.schedule._loss_fn = self.loss_fn
+        n_mb = schedule_microbatches(self.schedule)
+        train_loss_fn = schedule_loss_fn(self.schedule)
+        set_schedule_loss_fn(self.schedule, self.loss_fn)
         self.module.eval()
         total, n = torch.zeros((), dtype=torch.float64, device=device), 0
         try:
@@ -173,7 +174,7 @@ class ParallelModel:
                 n += 1
         finally:
             self.module.train()
-            self.schedule._loss_fn = train_loss_fn
+            set_schedule_loss_fn(self.schedule, train_loss_fn)
         if n == 0:
             return None
         mean = total / n if self.coords.owns_loss else torch.zeros_like(total)

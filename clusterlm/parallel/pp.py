@@ -60,3 +60,34 @@ def build_schedule(stage_model: nn.Module, pp_mesh: DeviceMesh, device: torch.de
     stage = PipelineStage(stage_model, stage_idx, pp, device, group=pp_mesh.get_group())
     return SCHEDULES[schedule](stage, n_microbatches=n_microbatches(batch_size, pp), loss_fn=loss_fn,
                                scale_grads=False)
+
+
+# ---- the schedule's private attributes, named once --------------------------------------------------
+# torch.distributed.pipelining fixes a schedule's loss function and micro-batch count at construction
+# and has no public setter; the trainer swaps the loss per optimizer step (its 1/(accum * n_mb) scale)
+# and for evaluation. These two attributes of torch's _PipelineSchedule are the only private API
+# clusterlm uses; tests/unit/test_torch_private_api.py fails loudly when a torch release renames them.
+SCHEDULE_LOSS_ATTR = "_loss_fn"
+SCHEDULE_MICROBATCHES_ATTR = "_n_microbatches"
+
+
+def _private(schedule: object, name: str) -> object:
+    if not hasattr(schedule, name):
+        raise RuntimeError(f"torch {torch.__version__}: {type(schedule).__name__} has no attribute {name!r}; "
+                           "clusterlm's pipeline support (parallel/pp.py) needs updating for this torch")
+    return getattr(schedule, name)
+
+
+def schedule_microbatches(schedule: object) -> int:
+    """Pipeline micro-batches per schedule step."""
+    return int(_private(schedule, SCHEDULE_MICROBATCHES_ATTR))
+
+
+def schedule_loss_fn(schedule: object) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return _private(schedule, SCHEDULE_LOSS_ATTR)  # type: ignore[return-value]
+
+
+def set_schedule_loss_fn(schedule: object, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+    """Replace the loss the schedule's last stage computes (for the next step or eval)."""
+    _private(schedule, SCHEDULE_LOSS_ATTR)
+    setattr(schedule, SCHEDULE_LOSS_ATTR, loss_fn)

@@ -1,0 +1,42 @@
+"""The one private torch API clusterlm uses, checked against the installed torch: a real pipeline
+schedule (one stage, gloo on one process) carries the loss function and micro-batch count under the
+names clusterlm.parallel.pp reads and writes. When a torch release renames them this test fails,
+naming the attribute, instead of pipeline training breaking at run time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from clusterlm.parallel import pp
+
+
+@pytest.mark.parametrize("kind", sorted(pp.SCHEDULES))
+def test_pipeline_schedule_private_attributes(kind, tmp_path):
+    """schedule_microbatches/schedule_loss_fn read what the constructor was given; set_schedule_loss_fn
+    changes the loss the schedule computes (a one-stage step returns the new loss)."""
+    from torch.distributed.pipelining import PipelineStage
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        stage = PipelineStage(nn.Linear(4, 4), 0, 1, torch.device("cpu"))
+        schedule = pp.SCHEDULES[kind](stage, n_microbatches=2, loss_fn=torch.nn.functional.mse_loss)
+        for name in (pp.SCHEDULE_LOSS_ATTR, pp.SCHEDULE_MICROBATCHES_ATTR):
+            assert hasattr(schedule, name), f"torch {torch.__version__} renamed {type(schedule).__name__}.{name}"
+        assert pp.schedule_microbatches(schedule) == 2
+        assert pp.schedule_loss_fn(schedule) is torch.nn.functional.mse_loss
+        x, y = torch.randn(4, 4), torch.zeros(4, 4)
+        losses: list[torch.Tensor] = []
+        pp.set_schedule_loss_fn(schedule, lambda out, tgt: out.sum() * 0 + 7.0)
+        schedule.step(x, target=y, losses=losses)
+        assert [float(v.detach()) for v in losses] == [7.0, 7.0]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_missing_attribute_is_named():
+    """A schedule object without the attribute (a future torch) fails with torch's version and the name."""
+    with pytest.raises(RuntimeError, match=r"has no attribute '_n_microbatches'.*parallel/pp.py"):
+        pp.schedule_microbatches(object())
