@@ -256,7 +256,7 @@ def _label_set(labels: Sequence[str] | Mapping[str, str] | None, where: str) -> 
         return None
     if isinstance(labels, Mapping):
         pairs = [(str(k), str(v)) for k, v in labels.items()]
-    elif isinstance(labels, (list, tuple)) and all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in labels):
+    elif isinstance(labels, (list, tuple)) and all(type(x) in (str, int) for x in labels):  # bool is no label
         pairs = [(str(x), str(x)) for x in labels]
     else:
         raise DataError(f"{where}: labels must be a list of strings (or a mapping raw -> name), got {labels!r:.80}")
@@ -268,9 +268,10 @@ def _label_set(labels: Sequence[str] | Mapping[str, str] | None, where: str) -> 
 
 def _sorted_labels(found: set[str]) -> tuple[str, ...]:
     """Labels taken from the data: numeric order when all are integers ("2" before "10"), else text order."""
-    if all(x.lstrip("-").isdigit() for x in found):
+    try:
         return tuple(sorted(found, key=int))
-    return tuple(sorted(found))
+    except ValueError:
+        return tuple(sorted(found))
 
 
 def _build(path: Path, records: Iterator[tuple[int, dict]], kind: str | None, name: str,
@@ -285,7 +286,8 @@ def _build(path: Path, records: Iterator[tuple[int, dict]], kind: str | None, na
             if unknown:
                 raise DataError(f"{where}: header record has unknown keys {unknown}; valid: {', '.join(HEADER_KEYS)}")
             if rec.get("version", FORMAT_VERSION) != FORMAT_VERSION:
-                raise DataError(f"{where}: header version={rec['version']!r}; this clusterlm reads version {FORMAT_VERSION}")
+                raise DataError(f"{where}: header version={rec['version']!r}; "
+                                f"this clusterlm reads version {FORMAT_VERSION}")
             if rec["kind"] not in KINDS:
                 raise DataError(f"{where}: header kind={rec['kind']!r}; valid: {', '.join(KINDS)}")
             if kind is not None and kind != rec["kind"]:
@@ -419,7 +421,8 @@ def load_parallel(source: PathLike, target: PathLike, *, template: str = PARALLE
     if not examples:
         raise DataError(f"{src} and {tgt}: no examples (empty files, or every pair has an empty side)")
     if skipped:
-        log.warning("%s / %s: skipped %d pairs with an empty side (first at line %d)", src, tgt, len(skipped), skipped[0])
+        log.warning("%s / %s: skipped %d pairs with an empty side (first at line %d)",
+                    src, tgt, len(skipped), skipped[0])
     stem = _stem(src).removesuffix(f".{src_lang}")
     return Task(name=name or f"{stem}.{src_lang}-{tgt_lang}", kind="generate", examples=tuple(examples),
                 source=f"{src},{tgt}")

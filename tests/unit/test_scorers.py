@@ -154,7 +154,8 @@ def test_classify_prediction_outside_the_label_set():
     got = score_classify([" positive\n", "maybe", "positive"], ["positive", "negative", "negative"],
                          ["negative", "positive"])
     assert got["n_invalid"] == 1 and got["accuracy"] == pytest.approx(1 / 3)
-    assert got["confusion_matrix"] == {"labels": ["negative", "positive", INVALID], "matrix": [[0, 1, 1], [0, 1, 0], [0, 0, 0]]}
+    assert got["confusion_matrix"] == {"labels": ["negative", "positive", INVALID],
+                                       "matrix": [[0, 1, 1], [0, 1, 0], [0, 0, 0]]}
     assert got["per_class"]["negative"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 2}
     assert got["per_class"]["positive"]["precision"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="not in the label set"):
@@ -182,7 +183,7 @@ def test_score_task_dispatches_on_kind():
     """score_task over loaded fixture tasks == the per-kind scorer on the same outputs; the choice task
     uses each choice's len() in characters, as lm-eval's completion_len."""
     cloze = load_task(FIXTURES / "cloze.jsonl")
-    lls = [[(-10.0, 4, len(c)) if i == 0 else (-6.0, 2, len(c)) for i, c in enumerate(e.choices)] for e in cloze.examples]
+    lls = [[(-10.0 if i == 0 else -6.0, 2, len(c)) for i, c in enumerate(e.choices)] for e in cloze.examples]
     # ex 1: chars 20, 7, 8 -> raw picks 1, norm picks 0; ex 2: chars 10, 6 -> raw picks 1, norm 0 (gold 0, 0)
     assert score_task(cloze, lls) == {"n": 2, "acc": 0.0, "acc_norm": 1.0}
     with pytest.raises(ValueError, match="has 3 choices but 2 scores"):

@@ -1,0 +1,219 @@
+"""Task files and adapters (clusterlm/eval/tasks.py): JSONL of each kind, TSV in both column orders,
+parallel text plain and .gz, and one clear DataError line for each kind of bad input.
+
+    .venv/bin/python -m pytest -q tests/unit/test_tasks.py
+
+The reference is the format written down in docs/tasks.md; fixtures are in fixtures/tasks/.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from clusterlm.errors import DataError
+from clusterlm.eval.tasks import (PARALLEL_TEMPLATE, ChoiceExample, ClassifyExample, GenerateExample, Message,
+                                  load_jsonl, load_parallel, load_task, load_tsv)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "tasks"
+SST2 = [("it is a charming and often affecting journey . ", "1"), ("unflinchingly bleak and desperate ", "0"),
+        ("the acting , costumes , music , cinematography and sound are all astounding ", "1")]
+
+
+def _write(path: Path, lines: list, gz: bool = False) -> Path:
+    text = "".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines)
+    if gz:
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _gzip_copy(src: Path, dst: Path) -> Path:
+    with open(src, "rb") as f, gzip.open(dst, "wb") as g:
+        shutil.copyfileobj(f, g)
+    return dst
+
+
+# ------------------------------------------------------------------------------------------------
+# Adapters
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_parallel_pair_plain_and_gz(tmp_path, gz):
+    """news.en/news.fr (plain, and the same gzipped as news.en.gz/news.fr.gz): one generate example per
+    line pair, prompt = the default template, reference = the target line; the pair whose source line is
+    empty (line 3) is skipped; language codes come from the file names."""
+    src, tgt = FIXTURES / "news.en", FIXTURES / "news.fr"
+    if gz:
+        src, tgt = _gzip_copy(src, tmp_path / "news.en.gz"), _gzip_copy(tgt, tmp_path / "news.fr.gz")
+    task = load_task((src, tgt))
+    assert (task.name, task.kind, task.labels, len(task)) == ("news.en-fr", "generate", None, 3)
+    assert task.examples[0] == GenerateExample(references=("Le chat était assis sur le tapis.",),
+                                               prompt="en: The cat sat on the mat.\nfr:", line=1)
+    assert [e.line for e in task.examples] == [1, 2, 4]
+    assert task.examples[2].references == ("Le comité a approuvé le nouveau budget lundi.",)
+    assert load_task(f"{src},{tgt}") == task  # "SRC,TGT" names the same pair
+    assert PARALLEL_TEMPLATE == "{src_lang}: {source}\n{tgt_lang}:"
+
+
+def test_parallel_template_and_limit():
+    """A custom template replaces the default; limit keeps the first N examples; a template without
+    {source} or with an unknown placeholder is refused, naming the valid ones."""
+    task = load_parallel(FIXTURES / "news.en", FIXTURES / "news.fr", template="Translate to French: {source} =>",
+                         limit=2, name="mt")
+    assert task.name == "mt" and [e.prompt for e in task.examples] == [
+        "Translate to French: The cat sat on the mat. =>", "Translate to French: It is raining in Paris today. =>"]
+    for bad in ("no placeholder", "{source} {language}", "{source"):
+        with pytest.raises(ValueError, match="template"):
+            load_parallel(FIXTURES / "news.en", FIXTURES / "news.fr", template=bad)
+
+
+def test_parallel_files_of_different_lengths(tmp_path):
+    """Both line counts are named, also when limit would have stopped reading early."""
+    src = _write(tmp_path / "a.en", ["one", "two", "three"])
+    tgt = _write(tmp_path / "a.de", ["eins", "zwei"], gz=True)
+    tgt = tgt.rename(tmp_path / "a.de.gz")
+    with pytest.raises(DataError, match=r"a\.en has 3 lines, .*a\.de\.gz has 2"):
+        load_parallel(src, tgt, limit=1)
+
+
+@pytest.mark.parametrize("name", ["sst2_dev.tsv", "label_first.tsv"])
+def test_tsv_both_column_orders(name):
+    """sentence<TAB>label (SST-2) and label<TAB>sentence give the same examples: columns are found by
+    header name; with no label set given, it is the sorted labels found (numeric order)."""
+    task = load_task(FIXTURES / name)
+    assert task.kind == "classify" and task.labels == ("0", "1")
+    assert [(e.text, e.label) for e in task.examples] == SST2
+    assert [e.line for e in task.examples] == [2, 3, 4]
+
+
+def test_tsv_label_names_gz_and_renamed_column(tmp_path):
+    """labels={"0": "negative", ...} renames raw labels and fixes the set's order; .tsv.gz reads the same;
+    fields= points at a differently named column."""
+    gz = _gzip_copy(FIXTURES / "sst2_dev.tsv", tmp_path / "dev.tsv.gz")
+    task = load_task(gz, labels={"0": "negative", "1": "positive"}, limit=2)
+    assert task.labels == ("negative", "positive") and task.name == "dev"
+    assert [e.label for e in task.examples] == ["positive", "negative"]
+    review = _write(tmp_path / "r.tsv", ["stars\treview", "5\tgreat", "1\tawful"])
+    task = load_tsv(review, fields={"text": "review", "label": "stars"}, labels=["1", "5"])
+    assert task.examples == (ClassifyExample("great", "5", 2), ClassifyExample("awful", "1", 3))
+
+
+def test_jsonl_generate_with_header_prompts_and_messages():
+    """qa.jsonl: header (kind, name), references as a list or a string, chat messages; blank lines skip."""
+    task = load_jsonl(FIXTURES / "qa.jsonl")
+    assert (task.name, task.kind, len(task)) == ("tiny-qa", "generate", 3)
+    assert task.examples[0].references == ("Paris", "in Paris, France")
+    assert task.examples[1] == GenerateExample(references=("blue",), prompt="Q: What colour is the sky?\nA:", line=3)
+    assert task.examples[2].messages == (Message("system", "Answer briefly."), Message("user", "Capital of Italy?"))
+    assert task.examples[2].prompt is None and task.examples[2].line == 5
+
+
+def test_jsonl_classify_and_choice(tmp_path):
+    """Classify with the label set in the header (kept in header order); choice with no header (the kind
+    read from the fields); a .jsonl.gz reads the same; limit keeps the first N."""
+    senti = load_task(FIXTURES / "sentiment.jsonl", limit=3)
+    assert senti.labels == ("negative", "neutral", "positive") and len(senti) == 3
+    assert senti.examples[0] == ClassifyExample("I loved it.", "positive", 2)
+    cloze = load_task(FIXTURES / "cloze.jsonl")
+    assert cloze.kind == "choice" and cloze.name == "cloze"
+    assert cloze.examples[1] == ChoiceExample("Now is the winter of our", ("discontent", "summer"), 0, 2)
+    assert load_task(_gzip_copy(FIXTURES / "cloze.jsonl", tmp_path / "cloze.jsonl.gz")).examples == cloze.examples
+    ints = _write(tmp_path / "i.jsonl", [{"text": "x", "label": 1}, {"text": "y", "label": 0}])
+    assert load_task(ints, labels=["0", "1"]).examples[0].label == "1"  # integer labels read as strings
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: one DataError line naming the file, the line and the field
+
+
+def _fails(tmp_path, lines, match, **kw):
+    path = _write(tmp_path / "t.jsonl", lines)
+    with pytest.raises(DataError, match=match) as e:
+        load_task(path, **kw)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+    return str(e.value)
+
+
+def test_missing_field_names_field_line_and_file(tmp_path):
+    msg = _fails(tmp_path, [{"kind": "choice"}, {"context": "a", "choices": ["b", "c"], "gold": 0},
+                            {"context": "a", "choices": ["b", "c"]}], r"t\.jsonl:3: .*no field 'gold'")
+    assert "fields present: context, choices" in msg
+    _fails(tmp_path, [{"text": "hi", "label": "a"}, {"label": "a"}], r":2: the classify record has no field 'text'")
+    _fails(tmp_path, [{"kind": "generate"}, {"references": ["x"]}], r":2: .*no field 'prompt'.*'messages'")
+
+
+def test_unknown_label(tmp_path):
+    _fails(tmp_path, [{"kind": "classify", "labels": ["neg", "pos"]}, {"text": "a", "label": "pos"},
+                      {"text": "b", "label": "postive"}],
+           r":3: field 'label' has unknown label 'postive'; the label set is neg, pos")
+    # the loader's labels win over the header's
+    _fails(tmp_path, [{"kind": "classify", "labels": ["neg", "pos"]}, {"text": "a", "label": "pos"}],
+           "unknown label 'pos'", labels=["yes", "no"])
+    tsv = _write(tmp_path / "d.tsv", ["sentence\tlabel", "fine\t1", "bad\t2"])
+    with pytest.raises(DataError, match=r"d\.tsv:3: field 'label' has unknown label '2'"):
+        load_task(tsv, labels=["0", "1"])
+
+
+def test_references_missing_or_empty(tmp_path):
+    _fails(tmp_path, [{"prompt": "p", "references": ["r"]}, {"prompt": "q"}], r":2: .*no field 'references'")
+    _fails(tmp_path, [{"prompt": "p", "references": []}], r":1: field 'references' must be a non-empty")
+    _fails(tmp_path, [{"prompt": "p", "references": ["ok", " "]}], r":1: field 'references' must be")
+
+
+def test_empty_task_file(tmp_path):
+    for lines in ([], ["", "  "], [{"kind": "generate", "name": "x"}]):
+        _fails(tmp_path, lines, "empty task file: no examples")
+    with pytest.raises(DataError, match="empty TSV file"):
+        load_task(_write(tmp_path / "e.tsv", []))
+    with pytest.raises(DataError, match="no examples"):
+        load_parallel(_write(tmp_path / "e.en", []), _write(tmp_path / "e.fr", []))
+
+
+def test_gold_index_out_of_range(tmp_path):
+    _fails(tmp_path, [{"context": "c", "choices": ["a", "b", "c"], "gold": 3}],
+           r":1: field 'gold' is 3, out of range: .* 0 to 2")
+    _fails(tmp_path, [{"context": "c", "choices": ["a", "b"], "gold": True}], r":1: field 'gold' is True")
+    _fails(tmp_path, [{"context": "c", "choices": ["a"], "gold": 0}], r"'choices' must be a list of at least two")
+
+
+def test_other_bad_records(tmp_path):
+    """Invalid JSON, a non-object, prompt and messages both, a bad role, a bad header, a TSV row with the
+    wrong number of cells or a missing column: each one line with its place."""
+    _fails(tmp_path, [{"prompt": "p", "references": "r"}, "{not json"], r":2: invalid JSON")
+    _fails(tmp_path, [[1, 2]], r":1: a record must be a JSON object, got list")
+    _fails(tmp_path, [{"prompt": "p", "messages": [], "references": "r"}], r":1: .*both 'prompt' and 'messages'")
+    _fails(tmp_path, [{"messages": [{"role": "robot", "content": "x"}], "references": "r"}],
+           r":1: field 'messages' item 0 has role 'robot'; valid roles: system, user, assistant")
+    _fails(tmp_path, [{"kind": "ranking"}], r":1: header kind='ranking'; valid: generate, classify, choice")
+    _fails(tmp_path, [{"kind": "choice", "labels": ["a"]}], r"'labels' is only for classify")
+    _fails(tmp_path, [{"kind": "choice"}], r"kind='choice' but kind='generate' was asked for", kind="generate")
+    _fails(tmp_path, [{"foo": 1}], r":1: cannot tell the task's kind")
+    tsv = _write(tmp_path / "bad.tsv", ["sentence\tlabel", "ok\t1", "too\tmany\tcells"])
+    with pytest.raises(DataError, match=r"bad\.tsv:3: 3 tab-separated cells, but the header has 2"):
+        load_task(tsv)
+    with pytest.raises(DataError, match=r"test\.tsv:1: the header has no column 'label'.*columns: index, sentence"):
+        load_task(_write(tmp_path / "test.tsv", ["index\tsentence", "0\thello"]))
+    with pytest.raises(DataError, match="unsupported file"):
+        load_task(tmp_path / "x.csv")
+    with pytest.raises(ValueError, match="limit=0"):
+        load_task(FIXTURES / "cloze.jsonl", limit=0)
+
+
+def test_corrupt_gzip_and_bad_utf8(tmp_path):
+    """A truncated .gz and a file that is not UTF-8 are named, not a traceback."""
+    full = _gzip_copy(FIXTURES / "qa.jsonl", tmp_path / "full.jsonl.gz").read_bytes()
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(full[: len(full) - 12])
+    with pytest.raises(DataError, match=r"cut\.jsonl\.gz: corrupt or truncated gzip"):
+        load_task(cut)
+    latin = tmp_path / "latin.tsv"
+    latin.write_bytes("sentence\tlabel\ncaf\xe9\t1\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin\.tsv: not valid UTF-8"):
+        load_task(latin)
