@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 KINDS = ("generate", "classify", "choice")
 ROLES = ("system", "user", "assistant")
 HEADER_KEYS = ("kind", "name", "labels", "version")  # the keys a header record may have
+EXAMPLE_FIELDS = ("prompt", "messages", "references", "text", "label", "context", "choices", "gold")
 FORMAT_VERSION = 1
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 TSV_SUFFIXES = (".tsv", ".tsv.gz")
@@ -279,9 +280,10 @@ def _build(path: Path, records: Iterator[tuple[int, dict]], kind: str | None, na
            limit: int | None, header_ok: bool) -> Task:
     examples: list[Example] = []
     first, rename = True, None
+    example_fields = set(EXAMPLE_FIELDS) | set(fields.values())
     for n, rec in records:
         where = f"{path}:{n}"
-        if first and header_ok and "kind" in rec:  # the header record
+        if first and header_ok and "kind" in rec and not example_fields & set(rec):  # the header record
             unknown = sorted(set(rec) - set(HEADER_KEYS))
             if unknown:
                 raise DataError(f"{where}: header record has unknown keys {unknown}; valid: {', '.join(HEADER_KEYS)}")
@@ -304,6 +306,12 @@ def _build(path: Path, records: Iterator[tuple[int, dict]], kind: str | None, na
             first = False
             continue
         first = False
+        if header_ok and "kind" in rec:  # a record may also name its kind: one kind per task
+            if rec["kind"] not in KINDS:
+                raise DataError(f"{where}: kind={rec['kind']!r}; valid: {', '.join(KINDS)}")
+            if kind is not None and rec["kind"] != kind:
+                raise DataError(f"{where}: kind={rec['kind']!r} but the task is {kind!r} (one kind per task file)")
+            kind = rec["kind"]
         if kind is None:
             kind = _infer_kind(rec, fields, where)
         if kind == "classify" and rename is None and labels is not None:  # the header is read by now

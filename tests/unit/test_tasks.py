@@ -129,6 +129,17 @@ def test_jsonl_classify_and_choice(tmp_path):
     assert load_task(ints, labels=["0", "1"]).examples[0].label == "1"  # integer labels read as strings
 
 
+def test_kind_on_each_record(tmp_path):
+    """Instead of a header, each record may carry "kind" (the form of the bundled Shakespeare task); one
+    kind per file: a record of another kind is refused; a header with a misspelt key is named."""
+    rec = {"kind": "choice", "context": "c", "choices": ["a", "b"], "gold": 1}
+    task = load_task(_write(tmp_path / "k.jsonl", [rec, rec]))
+    assert task.kind == "choice" and task.examples[1] == ChoiceExample("c", ("a", "b"), 1, 2)
+    _fails(tmp_path, [rec, {"kind": "generate", "prompt": "p", "references": "r"}],
+           r":2: kind='generate' but the task is 'choice'")
+    _fails(tmp_path, [{"kind": "classify", "lables": ["a", "b"]}], r":1: header record has unknown keys \['lables'\]")
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input: one DataError line naming the file, the line and the field
 
