@@ -125,6 +125,9 @@ def test_jsonl_classify_and_choice(tmp_path):
     assert cloze.kind == "choice" and cloze.name == "cloze"
     assert cloze.examples[1] == ChoiceExample("Now is the winter of our", ("discontent", "summer"), 0, 2)
     assert load_task(_gzip_copy(FIXTURES / "cloze.jsonl", tmp_path / "cloze.jsonl.gz")).examples == cloze.examples
+    quiz = _write(tmp_path / "quiz.jsonl", [{"question": "2+2=", "options": ["3", "4"], "answer": "1"}])
+    task = load_task(quiz, kind="choice", fields={"context": "question", "choices": "options", "gold": "answer"})
+    assert task.examples == (ChoiceExample("2+2=", ("3", "4"), 1, 1),)  # renamed fields; "1" read as 1
     ints = _write(tmp_path / "i.jsonl", [{"text": "x", "label": 1}, {"text": "y", "label": 0}])
     assert load_task(ints, labels=["0", "1"]).examples[0].label == "1"  # integer labels read as strings
 
