@@ -5,7 +5,8 @@
 
 Prepares the bundled Shakespeare corpus at character level, trains the
 `shakespeare_char_cpu` recipe (4-layer GPT, 2000 steps or --minutes, whichever comes first),
-evaluates it on the held-out plays, prints samples, and writes plots. Running it again resumes
+evaluates it on the held-out plays (loss, and the bundled next-line choice task), prints samples,
+and writes plots and a summary with both. Running it again resumes
 the same run instead of starting over.
 """
 
@@ -17,6 +18,8 @@ import sys
 from pathlib import Path
 
 RECIPE = "shakespeare_char_cpu"
+TASKS = {"shakespeare_word_order": "the line as written among 3 shuffles of its words",
+         "shakespeare_next_line": "the true next line among 3 lines from other plays"}  # docs/tasks.md
 
 
 def main(argv: list[str]) -> int:
@@ -44,8 +47,8 @@ def main(argv: list[str]) -> int:
         "--train.resume=auto",
     ])
     say = print
-    say(f"[1/4] data: bundled Shakespeare (42 works), character level -> {cfg.data.dir}")
-    say(f"[2/4] training {RECIPE}: {cfg.model.n_layers} layers, dim {cfg.model.dim}, context {cfg.train.seq_len}, "
+    say(f"[1/5] data: bundled Shakespeare (42 works), character level -> {cfg.data.dir}")
+    say(f"[2/5] training {RECIPE}: {cfg.model.n_layers} layers, dim {cfg.model.dim}, context {cfg.train.seq_len}, "
         f"up to {cfg.train.max_steps} steps or {args.minutes:g} min on {cfg.train.device}")
     result = train(cfg)
     if result.exit_code != 0:
@@ -53,11 +56,21 @@ def main(argv: list[str]) -> int:
             f"run `clusterlm quickstart --out {out}` again to resume")
         return result.exit_code
 
-    say("[3/4] evaluating on the held-out plays")
+    say("[3/5] evaluating on the held-out plays")
     ev = evaluate_checkpoint(str(out), device="cpu")
     say(f"      val loss {ev['loss']:.4f}  perplexity {ev['perplexity']:.2f}  bits/byte {ev['bits_per_byte']:.3f} "
         f"over {ev['tokens']:,} tokens")
-    say("[4/4] samples (temperature 0.8, top-k 50):")
+    say("[4/5] choice tasks on held-out plays (4 options each, chance 0.25)")
+    from clusterlm.eval.evaluate import evaluate_tasks
+    from clusterlm.fsutil import atomic_write_text
+    from clusterlm.train.report import TASK_SCORES_FILE
+
+    scores = evaluate_tasks(str(out), list(TASKS), device="cpu")
+    atomic_write_text(out / TASK_SCORES_FILE, json.dumps(scores, indent=2) + "\n")
+    for name, what in TASKS.items():
+        t = scores["tasks"][name]
+        say(f"      {name:<22} accuracy {t['acc']:.3f} over {t['n']} examples: {what}")
+    say("[5/5] samples (temperature 0.8, top-k 50):")
     for i, text in enumerate(sample_texts(str(out), prompt="\n", num_samples=args.samples, max_new_tokens=300,
                                           temperature=0.8, top_k=50, seed=1337)):
         say(f"----- sample {i + 1} -----\n{text.strip()}\n")

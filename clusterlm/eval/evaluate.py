@@ -1,7 +1,11 @@
-"""`clusterlm eval CKPT`: loss, perplexity and bits per byte of a checkpoint on a data split.
+"""`clusterlm eval CKPT`: loss, perplexity and bits per byte of a checkpoint on a data split, or
+task scores (`--task`: BLEU, chrF, ROUGE, exact match/F1, accuracy/precision/recall/F1, multiple
+choice) on task files (docs/tasks.md).
 
     clusterlm eval runs/shakespeare_char --split val
     clusterlm eval runs/shakespeare_char --data data/other --max-batches 50 --out eval.json
+    clusterlm eval runs/shakespeare_char --task shakespeare_next_line --samples samples.jsonl
+    clusterlm eval runs/mt --task test.en.gz,test.fr.gz --limit 200 --max-new-tokens 48
 
 Bits per byte divide the summed loss (in bits) by the UTF-8 bytes of the evaluated text, so
 they compare models with different tokenizers. The data directory defaults to the one the model
@@ -76,6 +80,50 @@ def _same_tokenizer(a: Path, b: Path) -> bool:
         return True
 
 
+def evaluate_tasks(ckpt: str, tasks: list[str], *, limit: int | None = None, batch_size: int = 16,
+                   decode: Any = None, truncate: bool = False, labels: list[str] | None = None,
+                   device: str = "auto", samples_out: str | None = None) -> dict[str, Any]:
+    """Scores of a checkpoint on each task (a bundled name or a file), with the decoding settings;
+    per-example records to `samples_out` (JSONL, written atomically) when given."""
+    from clusterlm.checkpoint.model_io import load_for_inference
+    from clusterlm.device import resolve_device
+    from clusterlm.eval.harness import DecodeOptions, resolve_task, run_task
+
+    decode = decode or DecodeOptions()
+    loaded_tasks = [resolve_task(t, limit=limit, **({"labels": labels} if labels else {})) for t in tasks]
+    loaded = load_for_inference(ckpt, device=resolve_device(device, "--device"))
+    out: dict[str, Any] = {"checkpoint": str(loaded.path), "tasks": {}}
+    records: list[dict[str, Any]] = []
+    for spec, task in zip(tasks, loaded_tasks):
+        metrics, samples = run_task(loaded.model, loaded.tokenizer, task, batch_size=batch_size, decode=decode,
+                                    truncate=truncate)
+        out["tasks"][task.name or spec] = metrics
+        records += [{"task": task.name or spec, **r} for r in samples]
+    if samples_out:
+        from clusterlm.fsutil import atomic_write_text
+
+        atomic_write_text(samples_out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return out
+
+
+def _add_task_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("task evaluation (docs/tasks.md)")
+    g.add_argument("--task", action="append", default=[], metavar="TASK",
+                   help="a bundled task name, a task file (.jsonl, .tsv) or a parallel pair SRC,TGT; repeatable")
+    g.add_argument("--limit", type=int, help="first N examples of each task")
+    g.add_argument("--labels", help="classify: the label set, comma-separated (default: the file's)")
+    g.add_argument("--samples", metavar="JSONL", help="write one record per example (prediction, references, ...)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="generate tasks: tokens per answer (default 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="generate tasks: 0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (example i draws with seed + i)")
+    g.add_argument("--stop", action="append", default=None,
+                   help="stop string, repeatable (default: a newline when every reference is one line)")
+    g.add_argument("--truncate", action="store_true",
+                   help="left-truncate inputs longer than the model's context (default: refuse, naming how many)")
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="clusterlm eval", description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", help="run directory, checkpoints folder or step folder")
@@ -86,9 +134,23 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-batches", type=int, help="evaluate at most this many batches (default: the whole split)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", help="also write the JSON result to this file")
+    _add_task_args(p)
     args = p.parse_args(argv)
-    result = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, batch_size=args.batch_size,
-                                 seq_len=args.seq_len, max_batches=args.max_batches, device=args.device)
+    if args.task:
+        from clusterlm.eval.harness import DecodeOptions
+
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit={args.limit} must be >= 1")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size={args.batch_size} must be >= 1")
+        decode = DecodeOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                               top_k=args.top_k, seed=args.seed, stops=tuple(args.stop) if args.stop else None)
+        result = evaluate_tasks(args.checkpoint, args.task, limit=args.limit, batch_size=args.batch_size,
+                                decode=decode, truncate=args.truncate, device=args.device, samples_out=args.samples,
+                                labels=args.labels.split(",") if args.labels else None)
+    else:
+        result = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, batch_size=args.batch_size,
+                                     seq_len=args.seq_len, max_batches=args.max_batches, device=args.device)
     text = json.dumps(result, indent=2)
     if args.out:
         from clusterlm.fsutil import atomic_write_text

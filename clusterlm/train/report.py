@@ -207,11 +207,36 @@ def render_summary(run_dir: Path, s: dict[str, Any], plots: dict[str, Path]) -> 
         for r in s["predicted_vs_measured"]:
             lines.append(f"| {r['field']} | {r['predicted']:.4g} | {_fmt(r['measured'], '.4g')} | "
                          f"{_fmt(r['ratio'], '.3f')} |")
+    tasks = _task_scores(run_dir)
+    if tasks:
+        lines += ["", "## Task scores", "", f"From `{TASK_SCORES_FILE}` (`clusterlm eval --task`, docs/tasks.md).", "",
+                  "| task | kind | examples | metric | score |", "|---|---|---|---|---|"]
+        for name, m in tasks.items():
+            for key in TASK_HEADLINE.get(m.get("kind"), ()):
+                if isinstance(m.get(key), (int, float)):
+                    lines.append(f"| {name} | {m.get('kind')} | {m.get('n', '?')} | {key} | {m[key]:.4g} |")
     if s["checkpoints"]:
         lines += ["", f"Last checkpoint: `{s['checkpoints'][-1]}`"]
     lines += ["", "## Plots", ""]
     lines += [f"![{name}]({p.relative_to(run_dir).as_posix()})" for name, p in plots.items()]
     return "\n".join(lines) + "\n"
+
+
+TASK_SCORES_FILE = "task_scores.json"  # `clusterlm eval --task ... --out RUN/task_scores.json`; quickstart writes it
+TASK_HEADLINE = {"choice": ("acc", "acc_norm"), "classify": ("accuracy", "macro_f1"),
+                 "generate": ("bleu", "chrf", "rougeL", "exact_match")}
+
+
+def _task_scores(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """The run's task scores ({task: metrics}) when it has a task_scores.json; {} otherwise."""
+    import json
+
+    path = run_dir / TASK_SCORES_FILE
+    try:
+        tasks = json.loads(path.read_text(encoding="utf-8")).get("tasks", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return tasks if isinstance(tasks, dict) else {}
 
 
 def write_report(run_dir: str | Path) -> dict[str, Path]:

@@ -286,6 +286,24 @@ def test_shakespeare_task_file_is_valid_and_regenerates_byte_for_byte() -> None:
     assert mod.render(mod.build_records()) == data
 
 
+def test_word_order_task_is_valid_and_regenerates_byte_for_byte() -> None:
+    """shakespeare_word_order.jsonl: 400 records whose 4 distinct choices are the same words in other
+    orders (so the same characters: length normalisation cannot help), gold in range and spread,
+    within the quickstart model's 64 characters; the script's build gives the same bytes."""
+    path = TASK.with_name("shakespeare_word_order.jsonl")
+    data = path.read_bytes()
+    records = [json.loads(line) for line in data.decode("utf-8").splitlines()]
+    assert len(records) == 400
+    for r in records:
+        gold = r["choices"][r["gold"]]
+        assert len(set(r["choices"])) == 4 and len(gold.split(" ")) >= 5
+        assert all(sorted(c.split(" ")) == sorted(gold.split(" ")) for c in r["choices"])
+        assert all(len(r["context"]) + len(c) <= 64 for c in r["choices"])
+    assert min([r["gold"] for r in records].count(i) for i in range(4)) > 60
+    mod = _script()
+    assert mod.render(mod.build_word_order_records()) == data
+
+
 def test_shakespeare_task_fits_a_quickstart_shaped_model_without_truncation() -> None:
     """Every request of the task fits a character model with a 64-token context (no DataError
     without truncate) and gives a finite score; a random-weights model is near chance (25%)."""

@@ -1,0 +1,132 @@
+"""`clusterlm eval RUN --task ...` as a user runs it: task files of each kind in, JSON scores and a
+per-example JSONL out, bad input one line and exit 2.
+
+References: the scores recomputed from the per-example samples (choice: accuracy = mean(prediction ==
+gold); classify: accuracy and the confusion matrix from the samples' predictions) and the reference
+libraries called directly on the samples' predictions (sacrebleu for BLEU); the same task scored through
+the library (eval.harness.run_task) in this process.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from clusterlm.cli import main as cli
+
+TEXT = "\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(300))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A byte-level llama-nano (context 48) trained 30 steps on a tiny corpus."""
+    root = tmp_path_factory.mktemp("tasks")
+    (root / "corpus.txt").write_text(TEXT)
+    data, out = root / "data", root / "run"
+    assert cli(["prepare", str(root / "corpus.txt"), "--out", str(data), "--tokenizer", "byte",
+                "--val-fraction", "0"]) == 0
+    assert cli(["train", "--data.dir=" + json.dumps(str(data)), "--train.out_dir=" + json.dumps(str(out)),
+                "--model.preset=llama-nano", "--model.max_seq_len=48", "--train.seq_len=48",
+                "--train.micro_batch_size=8", "--train.max_steps=30", "--train.eval_interval=0",
+                "--train.device=cpu", "--optim.lr=3e-3", "--optim.warmup_steps=3"]) == 0
+    return out
+
+
+def _write(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _eval(capsys, *args: str) -> dict:
+    capsys.readouterr()
+    assert cli(["eval", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_choice_classify_and_generate_tasks(run, tmp_path, capsys):
+    """Three task kinds in one call: the JSON holds each task's metrics and n; the samples file has one
+    record per example, and the scores recomputed from it (and by sacrebleu directly) are the same."""
+    import sacrebleu
+
+    choice = _write(tmp_path / "choice.jsonl", [
+        {"kind": "choice", "context": f"Line {i}: the quick brown", "choices": [" fox", " cat", " lazy dog"],
+         "gold": 0} for i in range(6)])
+    classify = _write(tmp_path / "sent.jsonl", [{"kind": "classify", "labels": ["fox", "dog"]}] + [
+        {"text": f"Line {i}: the quick brown", "label": "fox" if i % 2 else "dog"} for i in range(6)])
+    gen = _write(tmp_path / "gen.jsonl", [
+        {"kind": "generate", "prompt": f"Line {i}: the quick", "references": [" brown fox jumps"]} for i in range(5)])
+    samples = tmp_path / "samples.jsonl"
+    res = _eval(capsys, str(run), "--task", str(choice), "--task", str(classify), "--task", str(gen),
+                "--batch-size", "4", "--max-new-tokens", "12", "--samples", str(samples))
+    tasks = res["tasks"]
+    assert set(tasks) == {"choice", "sent", "gen"}
+    recs = [json.loads(x) for x in samples.read_text().splitlines()]
+    assert len(recs) == 6 + 6 + 5
+    by = {name: [r for r in recs if r["task"] == name] for name in tasks}
+
+    c = tasks["choice"]
+    assert c["n"] == 6 and c["kind"] == "choice"
+    assert c["acc"] == pytest.approx(sum(r["prediction"] == r["gold"] for r in by["choice"]) / 6)
+    assert c["acc_norm"] == pytest.approx(sum(r["prediction_norm"] == r["gold"] for r in by["choice"]) / 6)
+
+    k = tasks["sent"]
+    assert k["accuracy"] == pytest.approx(sum(r["correct"] for r in by["sent"]) / 6)
+    assert sum(map(sum, k["confusion_matrix"]["matrix"])) == 6
+
+    g = tasks["gen"]
+    preds = [r["prediction"] for r in by["gen"]]
+    assert g["bleu"] == pytest.approx(sacrebleu.corpus_bleu(preds, [[r["references"][0] for r in by["gen"]]]).score)
+    assert g["decoding"]["temperature"] == 0.0 and g["decoding"]["max_new_tokens"] == 12
+    assert all(r["tokens"] <= 12 for r in by["gen"])
+
+
+def test_cli_equals_the_library(run, tmp_path, capsys):
+    """--limit keeps the first N; the CLI's scores equal eval.harness.run_task on the loaded checkpoint."""
+    from clusterlm.checkpoint.model_io import load_for_inference
+    from clusterlm.eval.harness import run_task
+    from clusterlm.eval.tasks import load_task
+
+    path = _write(tmp_path / "c.jsonl", [
+        {"kind": "choice", "context": f"Line {i}: the", "choices": [" quick", " slow", " red"], "gold": i % 3}
+        for i in range(9)])
+    res = _eval(capsys, str(run), "--task", str(path), "--limit", "5")
+    loaded = load_for_inference(str(run))
+    metrics, _ = run_task(loaded.model, loaded.tokenizer, load_task(path, limit=5))
+    assert res["tasks"]["c"]["n"] == 5
+    assert res["tasks"]["c"]["acc"] == metrics["acc"] and res["tasks"]["c"]["acc_norm"] == metrics["acc_norm"]
+
+
+@pytest.mark.parametrize("records, fragment", [
+    ([{"kind": "choice", "context": "a", "choices": ["b", "c"]}], "gold"),
+    ([], "empty"),
+    ([{"kind": "generate", "prompt": "x"}], "references"),
+])
+def test_bad_task_files_exit_2_in_one_line(run, tmp_path, capsys, records, fragment):
+    """A missing field (named, with its line), an empty task file, missing references: exit 2, one line."""
+    path = _write(tmp_path / "bad.jsonl", records)
+    capsys.readouterr()
+    assert cli(["eval", str(run), "--task", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0], err
+
+
+def test_too_long_inputs_are_refused_or_truncated(run, tmp_path, capsys):
+    """A context longer than the model's 48 tokens: exit 2 naming how many, unless --truncate."""
+    path = _write(tmp_path / "long.jsonl", [
+        {"kind": "choice", "context": "the quick brown fox " * 10, "choices": [" jumps", " sleeps"], "gold": 0},
+        {"kind": "choice", "context": "Line 1: the", "choices": [" quick", " slow"], "gold": 0}])
+    capsys.readouterr()
+    assert cli(["eval", str(run), "--task", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "2 of 4 requests" in err and "--truncate" in err
+    res = _eval(capsys, str(run), "--task", str(path), "--truncate")
+    assert res["tasks"]["long"]["n"] == 2
+
+
+def test_unknown_task_name_lists_the_bundled_ones(run, capsys):
+    capsys.readouterr()
+    assert cli(["eval", str(run), "--task", "no_such_task"]) == 2
+    err = capsys.readouterr().err
+    assert "shakespeare_next_line" in err and "no_such_task" in err
