@@ -6,6 +6,7 @@ choice) on task files (docs/tasks.md).
     clusterlm eval runs/shakespeare_char --data data/other --max-batches 50 --out eval.json
     clusterlm eval runs/shakespeare_char --task shakespeare_next_line --samples samples.jsonl
     clusterlm eval runs/mt --task test.en.gz,test.fr.gz --limit 200 --max-new-tokens 48
+    clusterlm eval runs/shakespeare_char --lm-eval my_task --lm-eval-include tasks/   # lm-evaluation-harness
 
 Bits per byte divide the summed loss (in bits) by the UTF-8 bytes of the evaluated text, so
 they compare models with different tokenizers. The data directory defaults to the one the model
@@ -106,6 +107,24 @@ def evaluate_tasks(ckpt: str, tasks: list[str], *, limit: int | None = None, bat
     return out
 
 
+def evaluate_lm_eval_tasks(ckpt: str, tasks: list[str], *, include: list[str] | None = None,
+                           num_fewshot: int | None = None, limit: int | None = None, batch_size: int = 16,
+                           truncate: bool = False, device: str = "auto") -> dict[str, Any]:
+    """lm-evaluation-harness tasks (names, or YAMLs under `include`) on a checkpoint through the
+    bridge (eval/lm_eval_bridge.py): lm-eval's results, n-shot, n-samples, versions and higher_is_better."""
+    try:
+        import lm_eval
+    except ImportError as e:
+        raise DataError(f"--lm-eval needs lm-evaluation-harness ({e}); install it with: pip install 'clusterlm[eval]'") from e
+    from clusterlm.eval.lm_eval_bridge import ClusterLM, evaluate_lm_eval
+
+    model = ClusterLM(checkpoint=ckpt, batch_size=batch_size, device=device, truncate=truncate)
+    res = evaluate_lm_eval(model, tasks, include=include or (), num_fewshot=num_fewshot, limit=limit)
+    keep = ("results", "groups", "n-shot", "n-samples", "versions", "higher_is_better")
+    return {"checkpoint": model.checkpoint, "lm_eval_version": lm_eval.__version__,
+            **{k: res[k] for k in keep if k in res}}
+
+
 def _add_task_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("task evaluation (docs/tasks.md)")
     g.add_argument("--task", action="append", default=[], metavar="TASK",
@@ -122,6 +141,13 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
                    help="stop string, repeatable (default: a newline when every reference is one line)")
     g.add_argument("--truncate", action="store_true",
                    help="left-truncate inputs longer than the model's context (default: refuse, naming how many)")
+    g = p.add_argument_group("lm-evaluation-harness tasks (pip install 'clusterlm[eval]'; docs/tasks.md)")
+    g.add_argument("--lm-eval", metavar="TASKS",
+                   help="lm-eval task names, comma-separated; run through lm_eval.simple_evaluate (also uses "
+                        "--limit, --batch-size, --truncate, --device)")
+    g.add_argument("--lm-eval-include", action="append", default=[], metavar="DIR",
+                   help="a folder of lm-eval task YAMLs to add to its task list; repeatable")
+    g.add_argument("--num-fewshot", type=int, default=None, help="lm-eval tasks: few-shot examples (default: the task's)")
 
 
 def main(argv: list[str]) -> int:
@@ -136,7 +162,16 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", help="also write the JSON result to this file")
     _add_task_args(p)
     args = p.parse_args(argv)
-    if args.task:
+    if args.lm_eval and args.task:
+        raise ValueError("give --task or --lm-eval, not both (they report in different shapes)")
+    if args.lm_eval:
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit={args.limit} must be >= 1")
+        result = evaluate_lm_eval_tasks(args.checkpoint, [t.strip() for t in args.lm_eval.split(",") if t.strip()],
+                                        include=args.lm_eval_include, num_fewshot=args.num_fewshot,
+                                        limit=args.limit, batch_size=args.batch_size, truncate=args.truncate,
+                                        device=args.device)
+    elif args.task:
         from clusterlm.eval.harness import DecodeOptions
 
         if args.limit is not None and args.limit < 1:
@@ -151,7 +186,7 @@ def main(argv: list[str]) -> int:
     else:
         result = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, batch_size=args.batch_size,
                                      seq_len=args.seq_len, max_batches=args.max_batches, device=args.device)
-    text = json.dumps(result, indent=2)
+    text = json.dumps(result, indent=2, default=str)  # default: lm-eval's results may hold numpy scalars
     if args.out:
         from clusterlm.fsutil import atomic_write_text
 
