@@ -3,7 +3,7 @@
     clusterlm config show recipes/shakespeare_char_cpu.toml --train.max_steps=100
 
 Each component gets its own section (`data`, `model`, `train`, `optim`, `checkpoint`, `parallel`,
-`plan`); nothing
+`plan`, `eval`); nothing
 receives the whole run config. Unknown keys fail with a close-match suggestion; wrong types name
 the key, the value and the expected type. `[model]` may start from a named preset
 (`preset = "gpt2-124m"`) with the other keys overriding it.
@@ -177,6 +177,49 @@ class PlanConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Task evaluation during training (docs/training.md, "Task scores during training")."""
+
+    tasks: tuple[str, ...] = ()
+    """tasks scored during training: bundled names (e.g. "shakespeare_word_order"), task files
+    (.jsonl, .tsv) or parallel pairs "SRC,TGT" (docs/tasks.md); empty = no task evaluation"""
+    every: int = 0
+    """steps between task evaluations; 0 = only at the end of training"""
+    limit: int = 0
+    """score the first N examples of each task; 0 = all"""
+    batch_size: int = 16
+    """requests (log-likelihood) or prompts (generation) per forward pass"""
+    max_new_tokens: int = 64
+    """generate tasks: the most tokens decoded per prompt"""
+    temperature: float = 0.0
+    """generate tasks: 0 = greedy (the default); above 0 samples, with `seed`"""
+    seed: int = 0
+    """generate tasks with temperature > 0: prompt i samples from a generator seeded with seed + i"""
+    truncate: bool = False
+    """left-truncate inputs longer than the model's context instead of refusing the run at start-up"""
+
+    def __post_init__(self) -> None:
+        _check_finite(self, "eval")
+        for i, t in enumerate(self.tasks):
+            if not isinstance(t, str) or not t.strip():
+                raise ConfigError(f"eval.tasks[{i}]={t!r} must be a task name or file")
+        dup = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+        if dup:
+            raise ConfigError(f"eval.tasks lists {', '.join(map(repr, dup))} more than once")
+        for name in ("every", "limit", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"eval.{name}={getattr(self, name)} must be >= 0")
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval.{name}={getattr(self, name)} must be >= 1")
+        if self.temperature < 0:
+            raise ConfigError(f"eval.temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.every and not self.tasks:
+            raise ConfigError(f"eval.every={self.every} but eval.tasks is empty: nothing to evaluate; "
+                              "list tasks, e.g. eval.tasks = [\"shakespeare_word_order\"]")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -185,6 +228,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelDims = field(default_factory=ParallelDims)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ---- typed construction from plain dicts ---------------------------------------------------------

@@ -22,6 +22,7 @@ refused in one line naming how many unless `truncate` (then left-truncated: eval
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -79,44 +80,76 @@ def _prompt(ex: Any) -> str:
     return render_chat([{"role": m.role, "content": m.content} for m in ex.messages])
 
 
-def run_task(model: nn.Module, tokenizer: Any, task: Task, *, batch_size: int = 16,
-             decode: DecodeOptions = DecodeOptions(), truncate: bool = False, device: Any = None,
-             progress: bool | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(metrics, one sample record per example) of `model` on `task`."""
-    from clusterlm.eval import lm
-    from clusterlm.eval.scorers import choice_predictions, score_task
+@dataclass(frozen=True)
+class Requests:
+    """What the model is asked for a task: log-likelihood requests (context, continuation), or
+    prompts to continue (generate tasks, with their stop strings). `options` lists each example's
+    labels or choices (its requests are consecutive, in that order)."""
 
+    kind: str  # "loglikelihood" or "generate"
+    items: list[Any]  # (context, continuation) pairs, or prompt strings
+    options: list[list[str]]
+    stops: tuple[str, ...] = ()
+
+
+def task_requests(task: Task, decode: DecodeOptions = DecodeOptions()) -> Requests:
+    """The model calls that score `task` (module docstring), independent of any model."""
     ex = task.examples
     if not ex:
         raise DataError(f"task {task.name!r} has no examples")
-    common = dict(batch_size=batch_size, device=device, truncate=truncate, progress=progress)
-    samples: list[dict[str, Any]] = []
     if task.kind == "generate":
-        prompts = [_prompt(e) for e in ex]
         stops = decode.stops
         if stops is None:
             stops = ("\n",) if all("\n" not in r.strip() for e in ex for r in e.references) else ()
-        done = lm.generate_completions(model, tokenizer, prompts, max_new_tokens=decode.max_new_tokens,
-                                       temperature=decode.temperature, top_p=decode.top_p, top_k=decode.top_k,
-                                       seed=decode.seed, stops=stops, **common)
-        preds = [c.text.strip() for c in done]
+        return Requests("generate", [_prompt(e) for e in ex], [], tuple(stops))
+    if task.kind == "classify":
+        contexts = [CLASSIFY_TEMPLATE.format(text=e.text) for e in ex]
+        options = [list(task.labels)] * len(ex)
+    else:
+        contexts = [e.context for e in ex]
+        options = [list(e.choices) for e in ex]
+    items = [(c, _delimiter(c) + o) for c, opts in zip(contexts, options) for o in opts]
+    return Requests("loglikelihood", items, options)
+
+
+def model_outputs(model: nn.Module, tokenizer: Any, req: Requests, items: list[Any] | None = None, *,
+                  batch_size: int = 16, decode: DecodeOptions = DecodeOptions(), truncate: bool = False,
+                  device: Any = None, progress: bool | None = None, seed_offset: int = 0) -> list[Any]:
+    """The model's answers to `items` (default: all of `req.items`): a LogLikelihood per request, or a
+    Completion per prompt. `seed_offset`: the index of items[0] in req.items, so that a sampled
+    prompt draws from seed + its index in the whole task, wherever it is run."""
+    from clusterlm.eval import lm
+
+    items = req.items if items is None else items
+    common = dict(batch_size=batch_size, device=device, truncate=truncate, progress=progress)
+    if req.kind == "loglikelihood":
+        return lm.loglikelihood(model, tokenizer, items, **common)
+    seed = None if decode.seed is None else decode.seed + seed_offset
+    return lm.generate_completions(model, tokenizer, items, max_new_tokens=decode.max_new_tokens,
+                                   temperature=decode.temperature, top_p=decode.top_p, top_k=decode.top_k,
+                                   seed=seed, stops=req.stops, **common)
+
+
+def score_outputs(task: Task, req: Requests, outputs: list[Any],
+                  decode: DecodeOptions = DecodeOptions()) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(metrics, one sample record per example) from the model's answers to every request of `req`."""
+    from clusterlm.eval.scorers import choice_predictions, score_task
+
+    ex = task.examples
+    assert len(outputs) == len(req.items), (len(outputs), len(req.items))
+    samples: list[dict[str, Any]] = []
+    if req.kind == "generate":
+        preds = [c.text.strip() for c in outputs]
         metrics = score_task(task, preds)
-        for i, (e, p, c) in enumerate(zip(ex, prompts, done)):
+        for i, (e, p, c) in enumerate(zip(ex, req.items, outputs)):
             samples.append({"index": i, "line": e.line, "prompt": p, "prediction": preds[i],
                             "references": list(e.references), "tokens": c.n_tokens, "finish_reason": c.finish_reason})
-        metrics["decoding"] = {**asdict(decode), "stops": list(stops)}
+        metrics["decoding"] = {**asdict(decode), "stops": list(req.stops)}
     else:
-        if task.kind == "classify":
-            contexts = [CLASSIFY_TEMPLATE.format(text=e.text) for e in ex]
-            options = [list(task.labels)] * len(ex)
-        else:
-            contexts = [e.context for e in ex]
-            options = [list(e.choices) for e in ex]
-        requests = [(c, _delimiter(c) + o) for c, opts in zip(contexts, options) for o in opts]
-        scores = lm.loglikelihood(model, tokenizer, requests, **common)
+        options = req.options
         per_example, k = [], 0
         for opts in options:
-            per_example.append([(s.logprob, s.n_tokens, len(o)) for s, o in zip(scores[k:k + len(opts)], opts)])
+            per_example.append([(s.logprob, s.n_tokens, len(o)) for s, o in zip(outputs[k:k + len(opts)], opts)])
             k += len(opts)
         if task.kind == "classify":
             preds = [opts[max(range(len(opts)), key=lambda j: sc[j][0])] for opts, sc in zip(options, per_example)]
@@ -134,3 +167,81 @@ def run_task(model: nn.Module, tokenizer: Any, task: Task, *, batch_size: int = 
                                 "logprobs": [round(s[0], 6) for s in per_example[i]]})
     metrics = {"task": task.name, "kind": task.kind, **metrics}
     return metrics, samples
+
+
+def run_task(model: nn.Module, tokenizer: Any, task: Task, *, batch_size: int = 16,
+             decode: DecodeOptions = DecodeOptions(), truncate: bool = False, device: Any = None,
+             progress: bool | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(metrics, one sample record per example) of `model` on `task`."""
+    req = task_requests(task, decode)
+    outputs = model_outputs(model, tokenizer, req, batch_size=batch_size, decode=decode, truncate=truncate,
+                            device=device, progress=progress)
+    return score_outputs(task, req, outputs, decode)
+
+
+# ---- split over ranks (eval during distributed training) -----------------------------------------
+def share(n: int, rank: int, world: int) -> range:
+    """Rank `rank`'s block of n items: contiguous, ceil(n / world) long (the last ones shorter or empty).
+    Contiguous, so a sampled prompt's seed (seed + its index in the task) is the one process's."""
+    size = -(-n // world)
+    return range(min(n, rank * size), min(n, (rank + 1) * size))
+
+
+def run_task_split(model: nn.Module, tokenizer: Any, task: Task, *, rank: int, world: int,
+                   gather: Callable[[Any], list[Any]], pad: bool = False, batch_size: int = 16,
+                   decode: DecodeOptions = DecodeOptions(), truncate: bool = False, device: Any = None,
+                   progress: bool | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """run_task with the model calls split over `world` workers: this one (`rank`) answers its block
+    of the requests (`share`), `gather(answers)` returns every worker's answers in rank order (an
+    all_gather of Python objects, parallel.gather), and every worker scores the whole task: the
+    metrics equal run_task's (log-likelihoods within float32 rounding: a request's batch mates change).
+
+    `pad`: every worker makes the same number of forward calls (FSDP gathers the parameters in each
+    forward, a collective): each block is padded with repeats of the task's first request to
+    ceil(n / world) requests, whose answers are dropped. Log-likelihood tasks only: a generation's
+    number of decode steps depends on its outputs."""
+    req = task_requests(task, decode)
+    if pad and req.kind != "loglikelihood":
+        raise ValueError(f"task {task.name!r} ({task.kind}): pad=True needs log-likelihood requests; a "
+                         "generation's number of forward calls depends on what it generates")
+    mine = share(len(req.items), rank, world)
+    items = [req.items[i] for i in mine]
+    size = len(share(len(req.items), 0, world))
+    if pad:
+        items += [req.items[0]] * (size - len(items))
+    outputs = model_outputs(model, tokenizer, req, items, batch_size=batch_size, decode=decode, truncate=truncate,
+                            device=device, progress=progress, seed_offset=mine.start)[:len(mine)]
+    gathered = gather(outputs)
+    if len(gathered) != world:
+        raise ValueError(f"gather returned {len(gathered)} answer lists for world={world}")
+    everything = [o for part in gathered for o in part]
+    return score_outputs(task, req, everything, decode)
+
+
+def check_fits(task: Task, tokenizer: Any, context: int | None, decode: DecodeOptions = DecodeOptions(),
+               truncate: bool = False) -> None:
+    """Raise the DataError that scoring `task` would raise for inputs longer than `context` tokens (a
+    model's max_seq_len; None = no limit), without a model: training checks its tasks at start-up
+    rather than failing at the first evaluation. Nothing to check with `truncate` (eval.lm truncates)
+    except a continuation that cannot fit either way."""
+    from clusterlm.eval.lm import encode_pair, fit_prompts
+
+    if context is None:
+        return
+    req = task_requests(task, decode)
+    if req.kind == "generate":
+        if not truncate:
+            fit_prompts([[tokenizer.eos_id] + tokenizer.encode(p) for p in req.items], context,
+                        decode.max_new_tokens, truncate)
+        return
+    pairs = [encode_pair(tokenizer, c, o) for c, o in req.items]
+    unscorable = [i for i, (_, cont) in enumerate(pairs) if len(cont) > context]
+    too_long = [i for i, (ctx, cont) in enumerate(pairs) if len(ctx) + len(cont) - 1 > context]
+    if unscorable or (too_long and not truncate):
+        bad = unscorable or too_long
+        longest = max(len(pairs[i][0]) + len(pairs[i][1]) - 1 for i in bad)
+        what = "have a continuation longer than" if unscorable else "do not fit"
+        raise DataError(f"task {task.name!r}: {len(bad)} of {len(pairs)} requests {what} the model's context of "
+                        f"{context} tokens (the longest needs {longest} inputs; first: request {bad[0]})"
+                        + ("" if unscorable else "; set eval.truncate = true (--truncate) to keep the last "
+                           f"{context} tokens of each"))

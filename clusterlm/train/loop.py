@@ -12,8 +12,9 @@ gradient norm are global, rank 0 alone writes logs and metrics, checkpoints are 
 all-reduced so all ranks leave the loop at the same step.
 
 Per step: lr from a pure function of the step, micro-batches accumulated to the global batch,
-a NaN/Inf check (the optimizer step is skipped and counted), clip, step, log, maybe evaluate,
-maybe checkpoint. SIGTERM / SIGINT / SIGUSR2 finish the current step, save, and exit with
+a NaN/Inf check (the optimizer step is skipped and counted), clip, step, log, maybe evaluate
+(val loss every train.eval_interval steps; the [eval] tasks every eval.every steps, their model
+calls split over the data-parallel ranks), maybe checkpoint. SIGTERM / SIGINT / SIGUSR2 finish the current step, save, and exit with
 EXIT_PREEMPTED (75); `--train.resume=auto` then continues bit-exactly on CPU.
 """
 
@@ -37,7 +38,7 @@ from clusterlm.config import DataConfig, RunConfig, TrainConfig, load_run_config
 from clusterlm.device import autocast as device_autocast
 from clusterlm.device import autocast_dtype, resolve_device
 from clusterlm.parallel.dims import ParallelDims
-from clusterlm.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, ConfigError
+from clusterlm.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,7 @@ class Trainer:
         self.cfg = cfg = self._resolve_data(cfg)
         mcfg, dims = cfg.model, self.dims
         self.accum, self.tokens_per_step = batch_plan(tc, dims)
+        self.tasks = self._load_tasks(cfg)  # a bad task fails here, before any model memory
         if not tc.skip_memory_check:  # before any checkpoint or model memory is allocated
             _check_run_memory(cfg, dims, self.accum, self.device, self.amp_dtype, self.distributed,
                               self.env.local_world_size)
@@ -254,6 +256,51 @@ class Trainer:
         self.dims = validate_layout(cfg.parallel, mcfg, self.env.world_size, tc.global_batch_tokens,
                                     tc.micro_batch_size, tc.seq_len)
         return dataclasses.replace(cfg, model=mcfg, data=dataclasses.replace(cfg.data, dir=str(data_dir)))
+
+    def _load_tasks(self, cfg: RunConfig) -> list:
+        """The [eval] tasks, loaded once and checked against the model's context (an unknown name, a
+        bad file or an input too long fails here, naming the task), on every rank together. Task eval
+        splits the model calls over the data-parallel ranks (DDP, FSDP); tensor and pipeline parallel
+        layouts are refused, and so are generate tasks under FSDP (docs/training.md)."""
+        ec = cfg.eval
+        if not ec.tasks:
+            return []
+        from clusterlm.eval.harness import DecodeOptions, check_fits, resolve_task
+        from clusterlm.parallel.agree import agree_any
+        from clusterlm.tokenizer import load_tokenizer
+
+        dims, mcfg = self.dims, cfg.model
+        self.task_decode = DecodeOptions(max_new_tokens=ec.max_new_tokens, temperature=ec.temperature, seed=ec.seed)
+        # FSDP gathers the parameters in every forward: every rank must make the same forward calls
+        self.task_pad = self.distributed and dims.dp_shard > 1
+        tasks, problem = [], None
+        try:
+            if dims.tp > 1 or dims.pp > 1:
+                raise ConfigError(f"eval.tasks: task evaluation during training runs under data parallelism only "
+                                  f"(DDP, FSDP), not tp={dims.tp} pp={dims.pp}; score the checkpoints with "
+                                  "`clusterlm eval RUN --task ...` instead")
+            self.task_tokenizer = tok = load_tokenizer(self.tokenizer_file)
+            context = mcfg.max_seq_len if mcfg.arch == "transformer" else None
+            for spec in ec.tasks:
+                task = resolve_task(spec, limit=ec.limit or None)
+                if self.task_pad and task.kind == "generate":
+                    raise ConfigError(f"eval.tasks: {spec!r} is a generate task; under FSDP (parallel.dp_shard="
+                                      f"{dims.dp_shard}) every rank must make the same forward calls and a "
+                                      "generation's number depends on its output: use choice/classify tasks, DDP, "
+                                      "or `clusterlm eval RUN --task ...` on the checkpoints")
+                check_fits(task, tok, context, self.task_decode, ec.truncate)
+                tasks.append(task)
+        except (ConfigError, DataError, OSError) as e:
+            problem = e
+        (failed,) = agree_any(self.distributed, problem is not None, device=self.device)
+        if problem is not None:
+            raise problem
+        if failed:
+            raise ConfigError("eval.tasks failed to load on another rank (its message names the task)")
+        log.info("eval tasks: %s, every %s", ", ".join(f"{t.name} ({t.kind}, {len(t.examples)} examples)"
+                                                        for t in tasks),
+                 f"{ec.every} steps and at the end" if ec.every else "run at the end")
+        return tasks
 
     def _log_plan(self) -> None:
         """The derived numbers, printed once (llm.c style)."""
@@ -336,6 +383,7 @@ class Trainer:
                 self.maybe_save()
             if exit_code == EXIT_OK:  # finished or out of time: a last evaluation and checkpoint
                 self.evaluate()
+                self.evaluate_tasks()
                 self.save("final")
         finally:
             self.bar.close()
@@ -417,6 +465,9 @@ class Trainer:
         interval, step = self.tc.eval_interval, self.state.step
         if interval and step % interval == 0 and step < self.tc.max_steps:
             self.evaluate()
+        every = self.cfg.eval.every
+        if self.tasks and every and step % every == 0 and step < self.tc.max_steps:
+            self.evaluate_tasks()
 
     def maybe_save(self) -> None:
         interval, step = self.cfg.checkpoint.interval, self.state.step
@@ -448,6 +499,39 @@ class Trainer:
                           "val_ppl": math.exp(min(val, 50.0))})
         log.info("step %d: val loss %.4f (best %.4f)", state.step, val, state.best_val_loss)
 
+    def evaluate_tasks(self) -> None:
+        """Score the [eval] tasks on the current weights: one "task" record per task in metrics.jsonl
+        (its scalars to TensorBoard as task/<name>/<metric>) and one line on rank 0. Each data-parallel
+        rank answers its block of the model calls, every rank scores the gathered answers
+        (eval.harness.run_task_split); under FSDP the blocks are padded to equal length. eval.lm puts the
+        model in eval mode under inference_mode and restores train mode; the RNG states are forked, so
+        training draws the same numbers (and has the same losses) with and without [eval]."""
+        if not self.tasks:
+            return
+        from clusterlm.eval.harness import run_task_split
+        from clusterlm.parallel.gather import gather_objects
+        from clusterlm.train.metrics import task_record
+
+        state, ec, rank = self.state, self.cfg.eval, self.pm.coords.dp_rank
+        wall = state.train_seconds + time.perf_counter() - self._t_start  # the weights' training wall time
+
+        def gather(answers: list) -> list[list]:
+            parts = gather_objects((rank, answers), self.distributed)
+            return [a for _, a in sorted(parts, key=lambda p: p[0])]
+
+        devices = [self.device] if self.device.type == "cuda" else []
+        for task in self.tasks:
+            t0 = time.perf_counter()
+            with torch.random.fork_rng(devices=devices):
+                metrics, _ = run_task_split(self.pm.module, self.task_tokenizer, task, rank=rank, world=self.dims.dp,
+                                            gather=gather, pad=self.task_pad, batch_size=ec.batch_size,
+                                            decode=self.task_decode, truncate=ec.truncate, device=self.device,
+                                            progress=False)
+            record = task_record(metrics, step=state.step, tokens=state.tokens_seen, wall_s=wall,
+                                 eval_s=time.perf_counter() - t0)
+            self.metrics.log(record)
+            log.info("step %d: task %s", state.step, _task_line(record))
+
     def save(self, reason: str) -> None:
         """A checkpoint of this step (collective when distributed), with the wall time of this segment
         added to the RunState first; logged as an event."""
@@ -460,6 +544,14 @@ class Trainer:
         if ckpt.distributed:
             event["async"] = ckpt.writes_async(reason)
         self.metrics.log(event)
+
+
+def _task_line(record: dict[str, Any]) -> str:
+    from clusterlm.train.metrics import TASK_HEADLINE
+
+    m = record["metrics"]
+    scores = "  ".join(f"{k} {m[k]:.4g}" for k in TASK_HEADLINE.get(record["task_kind"], m) if k in m)
+    return f"{record['task']} ({record['task_kind']}, {record['n']} examples, {record['eval_s']:.1f} s): {scores}"
 
 
 def main(argv: list[str]) -> int:

@@ -31,7 +31,10 @@ from clusterlm.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-KINDS = ("train", "eval", "event")
+KINDS = ("train", "eval", "event", "task")
+# the scores of a task kind shown on the console and in summary.md (docs/tasks.md has them all)
+TASK_HEADLINE = {"choice": ("acc", "acc_norm"), "classify": ("accuracy", "macro_f1"),
+                 "generate": ("bleu", "chrf", "rougeL", "exact_match")}
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
 
@@ -156,6 +159,17 @@ def memory_stats(device: torch.device | str) -> dict[str, int]:
     return {"cpu_peak_rss_bytes": int(rss if sys.platform == "darwin" else rss * 1024)}
 
 
+# ---- task records ----------------------------------------------------------------------------------------
+def task_record(metrics: dict[str, Any], *, step: int, tokens: int, wall_s: float, eval_s: float) -> dict[str, Any]:
+    """The metrics.jsonl record of one task evaluation during training, from eval.harness's metrics:
+    {"kind": "task", "step", "tokens", "wall_s" (training wall time of the weights), "eval_s", "task",
+    "task_kind", "n", "metrics": {every top-level number of the scores but n: acc, acc_norm, bleu, ...}}."""
+    scores = {k: v for k, v in metrics.items()
+              if k != "n" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {"kind": "task", "step": step, "tokens": tokens, "wall_s": wall_s, "eval_s": eval_s,
+            "task": metrics["task"], "task_kind": metrics["kind"], "n": metrics.get("n"), "metrics": scores}
+
+
 # ---- the log ----------------------------------------------------------------------------------------------
 def _jsonable(value: Any) -> Any:
     """Plain JSON values; non-finite floats become null (strict JSON has no NaN/Infinity)."""
@@ -178,7 +192,7 @@ class MetricsLogger:
     """One JSON object per line in RUN_DIR/metrics.jsonl (flushed per line), scalars mirrored to
     TensorBoard under RUN_DIR/tb/ as "<kind>/<key>".
 
-    Every record has "kind" ("train", "eval" or "event") and usually "step"; "time" (Unix seconds)
+    Every record has "kind" ("train", "eval", "event" or "task") and usually "step"; "time" (Unix seconds)
     is added when absent. Non-finite floats are written as null. `enabled=False` (ranks other than
     0) makes every method a no-op.
     """
@@ -240,6 +254,11 @@ class MetricsLogger:
             raise OSError(e.errno, e.strerror or str(e), str(self.path)) from e
         step = rec.get("step")
         if tensorboard and isinstance(step, int) and (writer := self._tb()) is not None:
+            if kind == "task":  # task/<name>/<metric>, one chart per score
+                for key, value in rec.get("metrics", {}).items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        writer.add_scalar(f"task/{rec['task']}/{key}", value, global_step=step)
+                return
             for key, value in rec.items():
                 if key in ("step", "time") or isinstance(value, bool) or not isinstance(value, (int, float)):
                     continue
