@@ -2,22 +2,25 @@
 
     clusterlm report runs/shakespeare_char
 
-writes RUN_DIR/plots/loss_vs_step.png, loss_vs_tokens.png, throughput.png and RUN_DIR/summary.md
-(final and best losses, steps, tokens, wall time, tokens/s, MFU when the peak was known, and
-predicted-vs-measured figures when the run logged `predicted_*` fields).
+writes RUN_DIR/plots/loss_vs_step.png, loss_vs_tokens.png, throughput.png, one task_<name>.png per
+task scored during training ([eval] in the recipe: score vs step and vs wall time) and
+RUN_DIR/summary.md (final and best losses, steps, tokens, wall time, tokens/s, MFU when the peak
+was known, predicted-vs-measured figures when the run logged `predicted_*` fields, the task scores
+of the last evaluation during training and those of `clusterlm eval --out RUN/task_scores.json`).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 from clusterlm.fsutil import atomic_write_text
-from clusterlm.train.metrics import METRICS_FILE, read_metrics
+from clusterlm.train.metrics import METRICS_FILE, TASK_HEADLINE, read_metrics
 
 PLOTS_DIR = "plots"
 SMOOTH = 0.9  # EMA factor for the smoothed train-loss curve (TensorBoard's default smoothing is 0.6-0.9)
@@ -67,6 +70,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "mfu_mean": statistics.fmean(mfus) if mfus else None,
         "checkpoints": [r["path"] for r in records if r.get("kind") == "event" and r.get("event") == "checkpoint"
                         and "path" in r],
+        "task_series": task_series(records),
     }
     # tokens/s over the run: tokens of the logged train steps / seconds spent in them
     out["mean_tokens_per_s"] = (_trained_tokens(train) / out["train_seconds"]) if out["train_seconds"] else None
@@ -167,6 +171,53 @@ def _plot_throughput(records: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def task_series(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The "task" records (eval during training) by task name, in step order; a step evaluated twice
+    (a resumed run) keeps its last record."""
+    by_task: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in records:
+        if r.get("kind") == "task" and isinstance(r.get("task"), str) and isinstance(r.get("metrics"), dict) \
+                and _num(r.get("step")) is not None:
+            by_task.setdefault(r["task"], {})[int(r["step"])] = r
+    return {name: [steps[k] for k in sorted(steps)] for name, steps in by_task.items()}
+
+
+def _headline(rec: dict[str, Any]) -> list[str]:
+    """The record's headline metrics (TASK_HEADLINE of its kind; all its metrics for an unknown kind)."""
+    m = rec["metrics"]
+    return [k for k in TASK_HEADLINE.get(rec.get("task_kind"), tuple(m)) if _num(m.get(k)) is not None]
+
+
+def _plot_task(name: str, recs: list[dict[str, Any]], path: Path) -> None:
+    """Each headline score of one task vs step (left) and vs the run's wall time (right)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120, sharey=True)
+    keys = list(dict.fromkeys(k for r in recs for k in _headline(r)))
+    for ax, x, xlabel in ((axes[0], "step", "step"), (axes[1], "wall_s", "wall time (minutes)")):
+        for key in keys:
+            pts = [(float(r[x]), float(r["metrics"][key])) for r in recs
+                   if _num(r.get(x)) is not None and _num(r["metrics"].get(key)) is not None]
+            if pts:
+                scale = 60.0 if x == "wall_s" else 1.0
+                ax.plot([p[0] / scale for p in pts], [p[1] for p in pts], marker="o", markersize=3.5,
+                        linewidth=1.4, label=key)
+        ax.set_xlabel(xlabel)
+        ax.grid(True, alpha=0.3)
+    kind = recs[-1].get("task_kind", "?")
+    axes[0].set_ylabel("score (0-100)" if kind == "generate" else "score (fraction)")
+    if keys:
+        axes[0].legend(loc="best")
+    fig.suptitle(f"task {name} ({kind}, {recs[-1].get('n', '?')} examples)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _task_plot_name(name: str) -> str:
+    return "task_" + re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
 # ---- summary --------------------------------------------------------------------------------------------
 def _fmt(x: float | None, spec: str = ".4f") -> str:
     return "n/a" if x is None else format(x, spec)
@@ -207,6 +258,18 @@ def render_summary(run_dir: Path, s: dict[str, Any], plots: dict[str, Path]) -> 
         for r in s["predicted_vs_measured"]:
             lines.append(f"| {r['field']} | {r['predicted']:.4g} | {_fmt(r['measured'], '.4g')} | "
                          f"{_fmt(r['ratio'], '.3f')} |")
+    during = s.get("task_series") or {}
+    if during:
+        lines += ["", "## Task scores during training", "",
+                  "The last evaluation of each task in metrics.jsonl ([eval] in the recipe), and its best.", "",
+                  "| task | kind | examples | step | metric | score | best (step) |", "|---|---|---|---|---|---|---|"]
+        for name, recs in during.items():
+            last = recs[-1]
+            for key in _headline(last):
+                scored = [(float(r["metrics"][key]), int(r["step"])) for r in recs if _num(r["metrics"].get(key)) is not None]
+                best, best_step = max(scored, key=lambda p: (p[0], -p[1]))
+                lines.append(f"| {name} | {last.get('task_kind')} | {last.get('n', '?')} | {int(last['step']):,} | "
+                             f"{key} | {float(last['metrics'][key]):.4g} | {best:.4g} ({best_step:,}) |")
     tasks = _task_scores(run_dir)
     if tasks:
         lines += ["", "## Task scores", "", f"From `{TASK_SCORES_FILE}` (`clusterlm eval --task`, docs/tasks.md).", "",
@@ -223,8 +286,6 @@ def render_summary(run_dir: Path, s: dict[str, Any], plots: dict[str, Path]) -> 
 
 
 TASK_SCORES_FILE = "task_scores.json"  # `clusterlm eval --task ... --out RUN/task_scores.json`; quickstart writes it
-TASK_HEADLINE = {"choice": ("acc", "acc_norm"), "classify": ("accuracy", "macro_f1"),
-                 "generate": ("bleu", "chrf", "rougeL", "exact_match")}
 
 
 def _task_scores(run_dir: Path) -> dict[str, dict[str, Any]]:
@@ -241,7 +302,7 @@ def _task_scores(run_dir: Path) -> dict[str, dict[str, Any]]:
 
 def write_report(run_dir: str | Path) -> dict[str, Path]:
     """Write the plots and summary.md of `run_dir`; returns {"loss_vs_step", "loss_vs_tokens",
-    "throughput", "summary"} -> path."""
+    "throughput", "task_<name>" (one per task scored during training), "summary"} -> path."""
     run_dir = Path(run_dir)
     metrics_path = run_dir / METRICS_FILE
     if not metrics_path.is_file():
@@ -260,6 +321,10 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
     _plot_loss(records, "step", "step", plots["loss_vs_step"])
     _plot_loss(records, "tokens", "tokens seen", plots["loss_vs_tokens"])
     _plot_throughput(records, plots["throughput"])
+    for name, recs in task_series(records).items():
+        key = _task_plot_name(name)
+        plots[key] = plots_dir / f"{key}.png"
+        _plot_task(name, recs, plots[key])
     summary = run_dir / "summary.md"
     atomic_write_text(summary, render_summary(run_dir, summarize(records), plots))
     return {**plots, "summary": summary}
