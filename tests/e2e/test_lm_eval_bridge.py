@@ -1,0 +1,173 @@
+"""The lm-evaluation-harness bridge (clusterlm/eval/lm_eval_bridge.py), offline, on a tiny trained model.
+
+References: the same local multiple-choice task scored by `clusterlm eval --task` (eval.harness) gives
+the same acc and acc_norm, and the same per-choice log-likelihoods, through lm-eval's simple_evaluate
+(a local task YAML over the same JSONL, tests/unit/fixtures/lm_eval/); generate_until and
+loglikelihood_rolling equal clusterlm.eval.lm called directly, and rolling equals lm-eval's
+definition for a text within the context (loglikelihood of the text after the separator).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+lm_eval = pytest.importorskip("lm_eval", reason="the eval extra: pip install -e '.[eval]' (scripts/setup.sh does)")
+
+from clusterlm.cli import main as cli  # noqa: E402
+
+FIXTURES = Path(__file__).resolve().parent.parent / "unit" / "fixtures" / "lm_eval"
+TASK = "clusterlm_choice_fixture"  # the task name in choice.yaml
+TEXT = "\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(300))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline(tmp_path_factory):
+    """No hub access: datasets and huggingface_hub offline, their caches in a temporary folder."""
+    cache = tmp_path_factory.mktemp("hf")
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(cache),
+                     "HF_DATASETS_CACHE": str(cache / "datasets")}.items():
+            mp.setenv(k, v)
+        import datasets.config  # read at its import; patched in case an earlier test imported it
+
+        mp.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        mp.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", cache / "datasets")
+        yield
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A byte-level llama-nano (context 64) trained 30 steps on a tiny corpus (as test_eval_tasks.py)."""
+    root = tmp_path_factory.mktemp("bridge")
+    (root / "corpus.txt").write_text(TEXT)
+    data, out = root / "data", root / "run"
+    assert cli(["prepare", str(root / "corpus.txt"), "--out", str(data), "--tokenizer", "byte",
+                "--val-fraction", "0"]) == 0
+    assert cli(["train", "--data.dir=" + json.dumps(str(data)), "--train.out_dir=" + json.dumps(str(out)),
+                "--model.preset=llama-nano", "--model.max_seq_len=64", "--train.seq_len=64",
+                "--train.micro_batch_size=8", "--train.max_steps=30", "--train.eval_interval=0",
+                "--train.device=cpu", "--optim.lr=3e-3", "--optim.warmup_steps=3"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def bridge(run):
+    from clusterlm.eval.lm_eval_bridge import ClusterLM
+
+    return ClusterLM(checkpoint=str(run), batch_size=4, device="cpu")
+
+
+def _instance(kind: str, args: tuple, i: int = 0):
+    from lm_eval.api.instance import Instance
+
+    return Instance(request_type=kind, doc={}, arguments=args, idx=i)
+
+
+def _eval(capsys, *args: str) -> dict:
+    capsys.readouterr()
+    assert cli(["eval", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_choice_task_same_scores_through_lm_eval(run, tmp_path, capsys, monkeypatch):
+    """choice.jsonl scored by `clusterlm eval --task` and choice.yaml (the same records) by lm-eval,
+    from the command line and through simple_evaluate(model="clusterlm"): equal acc and acc_norm, and
+    every choice's log-likelihood equal."""
+    from clusterlm.eval.lm_eval_bridge import register
+
+    samples = tmp_path / "samples.jsonl"
+    ours = _eval(capsys, str(run), "--task", str(FIXTURES / "choice.jsonl"), "--samples", str(samples),
+                 "--batch-size", "4")["tasks"]["choice"]
+    assert ours["n"] == 16
+    assert 0 < ours["acc"] < 1 and ours["acc"] != ours["acc_norm"]  # a task where the two metrics differ
+
+    monkeypatch.chdir(FIXTURES)  # the YAML's data_files is relative, datasets' rule
+    cli_res = _eval(capsys, str(run), "--lm-eval", TASK, "--lm-eval-include", str(FIXTURES), "--batch-size", "4")
+    theirs = cli_res["results"][TASK]
+    assert cli_res["n-samples"][TASK]["effective"] == 16
+    assert cli_res["lm_eval_version"] == lm_eval.__version__
+    assert theirs["acc,none"] == pytest.approx(ours["acc"], abs=1e-12)
+    assert theirs["acc_norm,none"] == pytest.approx(ours["acc_norm"], abs=1e-12)
+
+    register()
+    from lm_eval.tasks import TaskManager
+
+    res = lm_eval.simple_evaluate(model="clusterlm", model_args=f"checkpoint={run},batch_size=16,device=cpu",
+                                  tasks=[TASK], task_manager=TaskManager(include_path=str(FIXTURES)),
+                                  log_samples=True)
+    assert res["results"][TASK]["acc,none"] == pytest.approx(ours["acc"], abs=1e-12)
+    assert res["results"][TASK]["acc_norm,none"] == pytest.approx(ours["acc_norm"], abs=1e-12)
+    ours_ll = {r["line"]: r["logprobs"] for r in map(json.loads, samples.read_text().splitlines())}
+    for s in res["samples"][TASK]:
+        ll = [r[0][0] for r in s["resps"]]
+        assert ll == pytest.approx(ours_ll[s["doc_id"] + 1], abs=1e-5)
+
+
+def test_register_keeps_lm_eval_models():
+    """register() adds "clusterlm" and lm-eval's own models stay reachable (its registry is filled
+    only when found empty)."""
+    from lm_eval.api.registry import get_model, model_registry
+
+    from clusterlm.eval.lm_eval_bridge import ClusterLM, register
+
+    register()
+    register()  # idempotent
+    assert get_model("clusterlm") is ClusterLM
+    assert "hf" in model_registry and "dummy" in model_registry
+
+
+def _cut(text: str, stops: list[str]) -> str:
+    return text[:min([text.index(s) for s in stops if s in text], default=len(text))]
+
+
+def test_generate_until_honours_stop_strings(run, bridge):
+    """generate_until equals the stop-free greedy generation cut before the first of `until` (and
+    lm.generate_batch with the same stops), at most max_gen_toks tokens; requests with other settings
+    in the same call come back in input order."""
+    from clusterlm.eval import lm
+
+    prompts = [f"Line {i}: the quick" for i in (5, 17, 250)]
+    free = lm.generate_batch(bridge.model, bridge.tokenizer, prompts, max_new_tokens=30)
+    until = ["he t", "\n"]
+    assert any(_cut(f, until) != f for f in free)  # a stop string does cut the text
+    reqs = [_instance("generate_until", (p, {"until": until, "max_gen_toks": 30, "do_sample": False}), i)
+            for i, p in enumerate(prompts)]
+    reqs.insert(1, _instance("generate_until", (prompts[0], {"until": "\n", "max_gen_toks": 5}), 3))
+    out = bridge.generate_until(reqs)
+    assert out[0:1] + out[2:] == [_cut(f, until) for f in free]
+    assert out[0:1] + out[2:] == lm.generate_batch(bridge.model, bridge.tokenizer, prompts, max_new_tokens=30,
+                                                   stops=until)
+    assert out[1] == _cut(free[0][:5], ["\n"])  # byte tokenizer: 5 tokens are 5 characters here
+    assert all("he t" not in o for o in out[0:1] + out[2:]) and all("\n" not in o for o in out)
+
+
+def test_loglikelihood_rolling_and_loglikelihood(run, bridge):
+    """loglikelihood_rolling equals lm.loglikelihood_rolling (a text over the context of 64 tokens:
+    several windows); for a text within the context it equals loglikelihood(("", text)), lm-eval's
+    definition; loglikelihood returns (logprob, is_greedy) of lm.loglikelihood."""
+    from clusterlm.eval import lm
+
+    texts = ["Line 7: the quick brown fox.", TEXT[:200], "x"]
+    got = bridge.loglikelihood_rolling([_instance("loglikelihood_rolling", (t,), i) for i, t in enumerate(texts)])
+    ref = lm.loglikelihood_rolling(bridge.model, bridge.tokenizer, texts)
+    assert got == pytest.approx([r[0] for r in ref], abs=1e-6)
+    assert ref[1][1] == 200 and ref[1][1] > 64  # byte tokenizer: 200 tokens, 4 windows
+    whole = bridge.loglikelihood([_instance("loglikelihood", ("", texts[0]))])[0]
+    assert whole[0] == pytest.approx(got[0], abs=1e-4)
+
+    pairs = [("Line 3: the quick", " brown fox"), ("Line 3: the quick ", "brown fox"), ("", "Line")]
+    got = bridge.loglikelihood([_instance("loglikelihood", p, i) for i, p in enumerate(pairs)])
+    ref = lm.loglikelihood(bridge.model, bridge.tokenizer, pairs)
+    assert got == [(r.logprob, r.is_greedy) for r in ref]
+    assert got[0] == got[1]  # trailing white space of the context moves to the continuation (lm-eval's rule)
+
+
+def test_unknown_task_is_one_line(run, capsys):
+    """An unknown lm-eval task name: exit 2, one line naming it and a close match."""
+    assert cli(["eval", str(run), "--lm-eval", "clusterlm_choice_fixtur", "--lm-eval-include", str(FIXTURES)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "clusterlm_choice_fixtur'" in err[0] and TASK in err[0]
