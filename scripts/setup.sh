@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up clusterlm in ./.venv: reuse an importable torch, else install torch==2.13.0 (CPU wheel
-# where the machine has one), then install clusterlm with its test and serve extras.
+# where the machine has one), then install clusterlm with its test, serve and eval extras (eval:
+# lm-evaluation-harness for the bridge's tests; it needs no torch of its own, the installed one stays).
 #   bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,5 +18,5 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     echo "setup: installing torch==2.13.0"
     .venv/bin/pip install --quiet "torch==2.13.0"
 fi
-.venv/bin/pip install --quiet --disable-pip-version-check -e ".[test,serve]" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import clusterlm, torch; print(f'setup: clusterlm {clusterlm.__version__}, torch {torch.__version__} in .venv')"
+.venv/bin/pip install --quiet --disable-pip-version-check -e ".[test,serve,eval]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import clusterlm, torch, lm_eval; print(f'setup: clusterlm {clusterlm.__version__}, torch {torch.__version__}, lm-eval {lm_eval.__version__} in .venv')"
