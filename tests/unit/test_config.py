@@ -200,3 +200,33 @@ def test_absurd_numbers_are_refused_with_the_key(override, fragment):
     with pytest.raises(ConfigError) as e:
         load_run_config(None, [override])
     assert fragment in str(e.value)
+
+
+def test_eval_section(tmp_path):
+    """[eval] reads from a recipe and overrides into a typed, frozen section; it is off by default
+    and bad values are refused naming the key."""
+    from clusterlm.config import EvalConfig
+
+    assert load_run_config(None).eval == EvalConfig() and EvalConfig().tasks == ()
+    p = write(tmp_path, '[eval]\ntasks = ["shakespeare_word_order", "qa.jsonl"]\nevery = 250\nlimit = 100\n'
+                        'batch_size = 8\nmax_new_tokens = 32\n')
+    cfg = load_run_config(p, ["--eval.temperature=0.7", "--eval.seed=3"])
+    assert cfg.eval == EvalConfig(tasks=("shakespeare_word_order", "qa.jsonl"), every=250, limit=100, batch_size=8,
+                                  max_new_tokens=32, temperature=0.7, seed=3)
+    assert load_run_config(None, [f"--{k}" for k in ("eval.tasks=['a']", "eval.truncate=true")]).eval.truncate
+    for override, fragment in [
+        ("--eval.every=-1", "eval.every=-1 must be >= 0"),
+        ("--eval.limit=-2", "eval.limit=-2 must be >= 0"),
+        ("--eval.batch_size=0", "eval.batch_size=0 must be >= 1"),
+        ("--eval.max_new_tokens=0", "eval.max_new_tokens=0 must be >= 1"),
+        ("--eval.temperature=-0.5", "eval.temperature=-0.5 must be >= 0"),
+        ("--eval.temperature=nan", "eval.temperature=nan is not a finite number"),
+        ("--eval.tasks=['a', 'a']", "eval.tasks lists 'a' more than once"),
+        ("--eval.tasks=['']", "eval.tasks[0]='' must be a task name or file"),
+        ("--eval.tasks=[1]", "eval.tasks[0]=1 has type int"),
+        ("--eval.every=10", "eval.every=10 but eval.tasks is empty"),
+        ("--eval.evrey=10", "did you mean 'eval.every'"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            load_run_config(None, [override])
+        assert fragment in str(e.value), override

@@ -95,3 +95,33 @@ def test_missing_metrics_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="metrics.jsonl does not exist"):
         write_report(tmp_path)
     assert not (tmp_path / "plots").exists()
+
+
+def test_task_scores_during_training(tmp_path):
+    """"task" records (eval during training, a resumed step logged twice keeps its last record) give
+    one PNG per task (names made file-safe) and summary.md rows with the last evaluation's score and
+    the best with its step, per headline metric."""
+    from clusterlm.train.report import task_series
+
+    recs = _write_run(tmp_path)
+    for step, acc, wall in ((25, 0.30, 1.3), (50, 0.55, 2.6), (50, 0.50, 2.7), (100, 0.45, 5.2)):
+        recs.append({"kind": "task", "step": step, "tokens": step * TOKENS_PER_STEP, "wall_s": wall, "eval_s": 0.1,
+                     "task": "next line", "task_kind": "choice", "n": 400,
+                     "metrics": {"acc": acc, "acc_norm": acc - 0.1}, "time": 1000.0 + 0.05 * step})
+    recs.append({"kind": "task", "step": 100, "tokens": 76_800, "wall_s": 5.2, "eval_s": 2.0, "task": "qa",
+                 "task_kind": "generate", "n": 5, "metrics": {"bleu": 12.5, "chrf": 30.0, "rougeL": 20.0,
+                                                              "exact_match": 40.0, "f1": 55.0}})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    series = task_series(recs)
+    assert [r["step"] for r in series["next line"]] == [25, 50, 100]
+    assert series["next line"][1]["metrics"]["acc"] == 0.50
+    paths = write_report(tmp_path)
+    for key in ("task_next_line", "task_qa"):
+        data = paths[key].read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 10_000 and paths[key].name == f"{key}.png"
+    md = paths["summary"].read_text()
+    assert "| next line | choice | 400 | 100 | acc | 0.45 | 0.5 (50) |" in md
+    assert "| next line | choice | 400 | 100 | acc_norm | 0.35 | 0.4 (50) |" in md
+    assert "| qa | generate | 5 | 100 | bleu | 12.5 | 12.5 (100) |" in md
+    assert "| qa | generate | 5 | 100 | f1 |" not in md  # headline metrics only (TASK_HEADLINE)
+    assert "![task_next_line](plots/task_next_line.png)" in md
