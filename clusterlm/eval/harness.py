@@ -231,8 +231,12 @@ def check_fits(task: Task, tokenizer: Any, context: int | None, decode: DecodeOp
     req = task_requests(task, decode)
     if req.kind == "generate":
         if not truncate:
-            fit_prompts([[tokenizer.eos_id] + tokenizer.encode(p) for p in req.items], context,
-                        decode.max_new_tokens, truncate)
+            try:
+                fit_prompts([[tokenizer.eos_id] + tokenizer.encode(p) for p in req.items], context,
+                            decode.max_new_tokens, truncate)
+            except DataError as e:
+                why = str(e).replace("(--truncate)", "(eval.truncate, --truncate)")
+                raise DataError(f"task {task.name!r}: {why}") from e
         return
     pairs = [encode_pair(tokenizer, c, o) for c, o in req.items]
     unscorable = [i for i, (_, cont) in enumerate(pairs) if len(cont) > context]
@@ -243,5 +247,5 @@ def check_fits(task: Task, tokenizer: Any, context: int | None, decode: DecodeOp
         what = "have a continuation longer than" if unscorable else "do not fit"
         raise DataError(f"task {task.name!r}: {len(bad)} of {len(pairs)} requests {what} the model's context of "
                         f"{context} tokens (the longest needs {longest} inputs; first: request {bad[0]})"
-                        + ("" if unscorable else "; set eval.truncate = true (--truncate) to keep the last "
+                        + ("" if unscorable else "; pass truncate=True (eval.truncate, --truncate) to keep the last "
                            f"{context} tokens of each"))

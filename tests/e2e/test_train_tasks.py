@@ -132,9 +132,9 @@ def test_eval_during_training(corpus, tmp_path):
 
 
 def test_bad_tasks_are_refused_before_training(corpus, tmp_path):
-    """An unknown task name (the message lists the bundled ones) and a task longer than the model's
-    context (named, with the key that allows truncation) stop the run at start-up: no metrics, no
-    checkpoint."""
+    """An unknown task name (the message lists the bundled ones) and tasks longer than the model's
+    context (log-likelihood requests, prompts; named, with the key that allows truncation) stop the
+    run at start-up: no metrics, no checkpoint."""
     from clusterlm.errors import DataError
     from clusterlm.train.loop import train
 
@@ -144,8 +144,12 @@ def test_bad_tasks_are_refused_before_training(corpus, tmp_path):
     long = tmp_path / "long.jsonl"
     long.write_text(json.dumps({"context": "To be, or not to be, that is the question: " * 2,
                                 "choices": [" to", " be"], "gold": 0}) + "\n")
-    with pytest.raises(DataError, match=r"task 'long': 2 of 2 requests do not fit .* eval.truncate"):
+    with pytest.raises(DataError, match=r"task 'long': 2 of 2 requests do not fit .*\(eval.truncate, --truncate\)"):
         train(load_run_config(None, run_args(data, tmp_path / "b", f"--eval.tasks={json.dumps([str(long)])}")))
+    long_prompt = tmp_path / "long_gen.jsonl"
+    long_prompt.write_text(json.dumps({"prompt": "To be, or not to be, " * 3, "references": ["that"]}) + "\n")
+    with pytest.raises(DataError, match=r"task 'long_gen': 1 of 1 prompts do not fit .*\(eval.truncate, --truncate\)"):
+        train(load_run_config(None, run_args(data, tmp_path / "c", f"--eval.tasks={json.dumps([str(long_prompt)])}")))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "metrics.jsonl").exists()
     assert not (tmp_path / "b" / "checkpoints").exists()
 
