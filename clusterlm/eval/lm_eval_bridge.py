@@ -103,6 +103,10 @@ class ClusterLM(LM):
                  max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, max_batch_size: int | None = None, *,
                  model: Any = None, tokenizer: Any = None) -> None:
         super().__init__()
+        self.batch_size = _batch_size(batch_size)
+        self.truncate = _as_bool(truncate, "truncate")
+        self.max_gen_toks = int(max_gen_toks)
+        del max_batch_size  # lm-eval passes it for "auto" batch sizes; clusterlm uses batch_size as given
         if (checkpoint is None) == (model is None):
             raise ValueError("ClusterLM needs model_args checkpoint=PATH (or a loaded model and tokenizer)")
         if model is None:
@@ -118,10 +122,6 @@ class ClusterLM(LM):
             self.checkpoint = None
         self.model, self.tokenizer = model, tokenizer
         self._device = next(model.parameters()).device
-        self.batch_size = _batch_size(batch_size)
-        self.truncate = _as_bool(truncate, "truncate")
-        self.max_gen_toks = int(max_gen_toks)
-        del max_batch_size  # lm-eval passes it for "auto" batch sizes; clusterlm uses batch_size as given
 
     # ---- the three request types ---------------------------------------------------------------
 

@@ -171,3 +171,20 @@ def test_unknown_task_is_one_line(run, capsys):
     assert cli(["eval", str(run), "--lm-eval", "clusterlm_choice_fixtur", "--lm-eval-include", str(FIXTURES)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "clusterlm_choice_fixtur'" in err[0] and TASK in err[0]
+
+
+def test_generation_settings_follow_lm_eval():
+    """lm-eval's normalize_gen_kwargs rules: `until` a string or a list, max_gen_toks before its
+    aliases, do_sample false means greedy whatever the temperature; top_p/top_k only when sampling."""
+    from clusterlm.eval.lm_eval_bridge import ClusterLM, generation_settings
+
+    s = generation_settings({"until": "\n\n", "max_new_tokens": 7, "max_tokens": 9}, 256)
+    assert s == {"stops": ("\n\n",), "max_new_tokens": 7, "temperature": 0.0, "top_p": None, "top_k": None,
+                 "seed": None}
+    s = generation_settings({"until": ["Q:", "\n"], "max_gen_toks": 3, "max_new_tokens": 7, "do_sample": False,
+                             "temperature": 0.8, "top_k": 5}, 256)
+    assert (s["stops"], s["max_new_tokens"], s["temperature"], s["top_k"]) == (("Q:", "\n"), 3, 0.0, None)
+    s = generation_settings({"do_sample": True, "temperature": 0.7, "top_p": 0.9, "seed": 3}, 32)
+    assert (s["stops"], s["max_new_tokens"], s["temperature"], s["top_p"], s["seed"]) == ((), 32, 0.7, 0.9, 3)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        ClusterLM(model=object(), tokenizer=object(), batch_size=0)
