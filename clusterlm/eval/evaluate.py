@@ -165,6 +165,9 @@ def main(argv: list[str]) -> int:
     if args.lm_eval and args.task:
         raise ValueError("give --task or --lm-eval, not both (they report in different shapes)")
     if args.lm_eval:
+        if args.samples:
+            raise ValueError("--samples is for --task; for lm-eval's per-example records call "
+                             "lm_eval.simple_evaluate(..., log_samples=True) (docs/tasks.md)")
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit={args.limit} must be >= 1")
         result = evaluate_lm_eval_tasks(args.checkpoint, [t.strip() for t in args.lm_eval.split(",") if t.strip()],
