@@ -14,8 +14,9 @@ all-reduced so all ranks leave the loop at the same step.
 Per step: lr from a pure function of the step, micro-batches accumulated to the global batch,
 a NaN/Inf check (the optimizer step is skipped and counted), clip, step, log, maybe evaluate
 (val loss every train.eval_interval steps; the [eval] tasks every eval.every steps, their model
-calls split over the data-parallel ranks), maybe checkpoint. SIGTERM / SIGINT / SIGUSR2 finish the current step, save, and exit with
-EXIT_PREEMPTED (75); `--train.resume=auto` then continues bit-exactly on CPU.
+calls split over the data-parallel ranks), maybe checkpoint. SIGTERM / SIGINT / SIGUSR2 finish
+the current step, save, and exit with EXIT_PREEMPTED (75); `--train.resume=auto` then continues
+bit-exactly on CPU.
 """
 
 from __future__ import annotations
@@ -299,7 +300,7 @@ class Trainer:
             raise ConfigError("eval.tasks failed to load on another rank (its message names the task)")
         log.info("eval tasks: %s, every %s", ", ".join(f"{t.name} ({t.kind}, {len(t.examples)} examples)"
                                                         for t in tasks),
-                 f"{ec.every} steps and at the end" if ec.every else "run at the end")
+                 f"{ec.every} steps and at the end" if ec.every else "only at the end")
         return tasks
 
     def _log_plan(self) -> None:
