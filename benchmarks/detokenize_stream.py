@@ -26,6 +26,7 @@ from clusterlm.generate.text import TextStream
 from clusterlm.tokenizer.bpe import BPETokenizer
 from clusterlm.tokenizer.byte import ByteTokenizer
 from clusterlm.tokenizer.char import CharTokenizer
+from common import cpu_model  # benchmarks/common.py
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EXTRA = "héllo wörld, 日本語のテキスト 😀🎉 naïve café — “quotes”\n"
@@ -49,16 +50,6 @@ class OldTextStream:
         text = self.tokenizer.decode(self.ids)
         new, self.emitted = text[self.emitted:], len(text)
         return new
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _run(cls, tok, ids: list[int]) -> tuple[float, str]:  # noqa: ANN001
@@ -100,7 +91,7 @@ def main() -> int:
               f"new {row['new_textstream_ms']:7.2f} ms  ({row['speedup']}x)")
     cmd = f".venv/bin/python benchmarks/detokenize_stream.py --tokens {args.tokens} --repeats {args.repeats}"
     out = {"command": cmd,
-           "cpu": _cpu_model(), "python": platform.python_version(), "tokenizers": tokenizers.__version__,
+           "cpu": cpu_model(), "python": platform.python_version(), "tokenizers": tokenizers.__version__,
            "method": f"median of {args.repeats} runs: total seconds in push() for every id plus flush()",
            "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -35,20 +35,12 @@ from pathlib import Path
 
 import torch
 
+from common import cpu_model  # benchmarks/common.py
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "eval_throughput.json"
 TASK = ROOT / "clusterlm" / "data" / "tasks" / "shakespeare_next_line.jsonl"
 RECIPE = ROOT / "recipes" / "shakespeare_char_cpu.toml"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def quickstart_model(seed: int = 0) -> tuple[torch.nn.Module, object]:

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import cpu_model  # benchmarks/common.py
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_REF = "40ea07c"  # main before the hardening (issue 12) and refactor (issue 13) work
@@ -91,7 +93,7 @@ def main() -> int:
         "what": "per-step train losses of shakespeare_char_cpu, reference commit vs working tree, same machine",
         "reference": ref, "head": head, "working_tree_modified": dirty, "steps": args.steps,
         "threads": args.threads, "cpu": platform.processor() or platform.machine(),
-        "cpu_model": _cpu_model(), "identical": same, "first_differing_step": differ[0] if differ else None,
+        "cpu_model": cpu_model(), "identical": same, "first_differing_step": differ[0] if differ else None,
         "reference_losses": [ref_losses[s] for s in sorted(ref_losses)],
         "head_losses": [new_losses[s] for s in sorted(new_losses)],
         "date": time.strftime("%Y-%m-%d"),
@@ -106,16 +108,6 @@ def main() -> int:
     print(f"DIFFERENT: first at step {first}: {ref_losses.get(first)} vs {new_losses.get(first)}"
           if first else f"DIFFERENT: {len(ref_losses)} vs {len(new_losses)} steps logged")
     return 1
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common import cpu_model  # benchmarks/common.py
+
 RESULTS = Path(__file__).parent / "results"
 MB = 1_000_000
 VOCAB = 300
@@ -48,16 +50,6 @@ bpe.pre_tokenizer = lambda *a: tokenizers.pre_tokenizers.ByteLevel(add_prefix_sp
 from clusterlm.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def write_document(path: Path, n_bytes: int, alphabet: bytes, seed: int = 0) -> None:

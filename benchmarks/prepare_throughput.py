@@ -35,20 +35,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from clusterlm.cluster.parsers import parse_cpuinfo  # torch-free
+from common import cpu_model  # benchmarks/common.py
 
 RESULTS = Path(__file__).parent / "results"
 GOAL = 0.8
 RAW = ("encode_batch_fast", "encode_batch")
 KINDS = ("encode_batch_fast", "prepare", "encode_batch")  # the order within a round
 VOCAB = 8192
-
-
-def cpu_model() -> str:
-    try:
-        return parse_cpuinfo(Path("/proc/cpuinfo").read_text()).model
-    except OSError:
-        return platform.processor() or "unknown"
 
 
 def _cpu() -> float:

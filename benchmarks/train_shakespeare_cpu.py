@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -21,21 +20,14 @@ from pathlib import Path
 
 import torch
 
-from clusterlm.cluster.parsers import parse_cpuinfo
 from clusterlm.config import bundled_recipes, load_run_config
 from clusterlm.eval.evaluate import evaluate_checkpoint
 from clusterlm.train.loop import train
+from common import cpu_model  # benchmarks/common.py
 
 RESULTS = Path(__file__).parent / "results"
 REFERENCE_MS = 45.0  # nanoGPT, same configuration, this machine type (issue 3)
 REFERENCE_VAL = 1.90
-
-
-def cpu_model() -> str:
-    try:
-        return parse_cpuinfo(Path("/proc/cpuinfo").read_text()).model
-    except OSError:
-        return platform.processor() or "unknown"
 
 
 def run(recipe: str, out: Path, data: Path, *extra: str) -> dict:
