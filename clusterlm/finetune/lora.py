@@ -1,0 +1,336 @@
+"""LoRA: low-rank adapters on a model's Linear layers (Hu et al. 2021, "LoRA: Low-Rank Adaptation
+of Large Language Models"), native rather than through peft (docs/finetune.md says why).
+
+A targeted `nn.Linear` becomes a `LoRALinear` that keeps the base `weight` and `bias` Parameters
+themselves (same objects, frozen) and adds `lora_a` (r, in) and `lora_b` (out, r):
+
+    y = x W^T + b + (alpha / r) * dropout(x) A^T B^T
+
+State dict keys: the base keys do not move (`layers.0.attention.wq.weight`), the adapters sit beside
+them (`layers.0.attention.wq.lora_a`, `.lora_b`). So a base checkpoint loads into a LoRA model
+(`load_state_dict(sd, strict=False)`: only adapter keys are missing), and `merge_lora` gives back
+plain nn.Linear modules whose state dict is exactly the base model's.
+
+    names = apply_lora(model, rank=8, alpha=16)        # after the base weights are loaded
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ... train ...
+    save_adapters("runs/x/adapter", model)              # adapter.safetensors + adapter.json
+    load_adapters("runs/x/adapter", fresh_base_model)   # applies LoRA from adapter.json if needed
+    merge_lora(model)                                   # W += (alpha/r) B A; plain model again
+
+Order with the parallel wrappers: apply LoRA (and load adapters) on the unsharded model, then
+torch.compile / FSDP2 `fully_shard` (frozen base weights and adapters shard alike; FSDP2 reduces
+gradients only of parameters that require them). `lora_state_dict` gathers sharded adapters
+(a collective: call it on every rank). `merge_lora` and `load_adapters` need unsharded modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import zlib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clusterlm.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # attention and MLP projections
+ADAPTER_FILE = "adapter.safetensors"
+META_FILE = "adapter.json"
+FORMAT = "clusterlm-lora/1"
+# wrappers that insert themselves into parameter names (activation checkpointing, torch.compile)
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _clean(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update. Holds the base Linear's own `weight` and
+    `bias` Parameters (so their state dict keys and any tying are unchanged)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.alpha = rank, alpha
+        self.scale = alpha / rank
+        self.weight = base.weight
+        self.bias = base.bias
+        w = base.weight
+        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=w.device, dtype=w.dtype))
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @torch.no_grad()
+    def reset_adapter(self, seed: int, name: str) -> None:
+        """A ~ Kaiming-uniform (a=sqrt(5), nn.Linear's and peft's init), B = 0, so the update starts at
+        zero. Drawn on the CPU from a generator seeded by (seed, name): the same on every device."""
+        if self.lora_a.is_meta:
+            return
+        g = torch.Generator(device="cpu")
+        g.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1))
+        a = torch.empty(self.lora_a.shape, dtype=torch.float32)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
+        self.lora_a.copy_(a)
+        self.lora_b.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)  # (..., out)
+        h = F.linear(self.dropout(x), self.lora_a)  # (..., r)
+        return y + F.linear(h, self.lora_b) * self.scale
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"rank={self.rank}, alpha={self.alpha}")
+
+
+# ---- applying ------------------------------------------------------------------------------------
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, module)
+
+
+def _matches(name: str, targets: Iterable[str]) -> str | None:
+    clean = _clean(name)
+    for t in targets:
+        if clean == t or clean.endswith("." + t):
+            return t
+    return None
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """The LoRA layers of `model` by (clean) module name."""
+    return {_clean(n): m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def apply_lora(model: nn.Module, targets: Iterable[str] | None = None, rank: int = 8, alpha: float = 16.0,
+               dropout: float = 0.0, seed: int = 0) -> list[str]:
+    """Wrap every nn.Linear whose module name ends with one of `targets` ("wq" matches
+    `layers.3.attention.wq`; "attention.wq" also works) in a LoRALinear, and freeze every parameter
+    that is not an adapter. Returns the wrapped module names. Adapters are initialised from `seed`
+    (B = 0: the model's outputs do not change). Call after the base weights are in place and before
+    torch.compile or fully_shard. A target that matches no Linear raises ConfigError naming it and
+    the Linear names there are. targets=None: DEFAULT_TARGETS, those the model has (GPT-2's MLP has
+    no w3), at least one."""
+    strict = targets is not None
+    targets = tuple(DEFAULT_TARGETS if targets is None else targets)
+    if rank < 1:
+        raise ConfigError(f"lora rank={rank}; expected an integer >= 1")
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"lora dropout={dropout}; expected 0 <= dropout < 1")
+    if not targets:
+        raise ConfigError("lora targets is empty; name at least one Linear layer, e.g. wq")
+    if lora_modules(model):
+        raise ConfigError("the model already has LoRA adapters; merge_lora it first or load onto a fresh base")
+    linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
+    # a weight shared with another module (tied output/embedding) would change both when merged
+    counts: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    chosen: dict[str, nn.Linear] = {}
+    used: set[str] = set()
+    for name, lin in linears.items():
+        t = _matches(name, targets)
+        if t is None:
+            continue
+        if counts[id(lin.weight)] > 1:
+            raise ConfigError(f"lora target {_clean(name)!r} shares its weight with another layer (tied "
+                              "embeddings); untie them (model.tie_embeddings=false) or leave it out of the targets")
+        chosen[name] = lin
+        used.add(t)
+    unused = [t for t in targets if t not in used]
+    if unused and (strict or not used):
+        short = sorted({_clean(n).rsplit(".", 1)[-1] for n in linears})
+        raise ConfigError(f"lora targets {unused} match no nn.Linear in {type(model).__name__}; "
+                          f"Linear names there: {short or 'none'}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, lin in chosen.items():
+        wrapped = LoRALinear(lin, rank, alpha, dropout)
+        wrapped.reset_adapter(seed, _clean(name))
+        _set_module(model, name, wrapped)
+    return [_clean(n) for n in chosen]
+
+
+@torch.no_grad()
+def reset_adapters(model: nn.Module, seed: int = 0) -> None:
+    """Initialise every adapter again (A Kaiming-uniform from (seed, name), B = 0): for a model on which
+    LoRA was applied on the meta device, after `to_empty`."""
+    for name, m in lora_modules(model).items():
+        m.reset_adapter(seed, name)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, tied weights counted once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# ---- merging ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> int:
+    """Fold every adapter into its base weight, W <- W + (alpha/r) B A (computed in float32), and put
+    plain nn.Linear modules back holding the same weight and bias Parameters: the state dict then has
+    exactly the base model's keys, for export, quantization and serving. Every parameter is made
+    trainable again (as a freshly built model). Returns the number of merged layers. Needs unsharded
+    modules (merge before fully_shard, or on a model loaded in one process)."""
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    for name, m in mods.items():
+        if hasattr(m.weight, "device_mesh"):
+            raise ConfigError(f"merge_lora on {_clean(name)!r}: its weight is sharded (DTensor); merge in one "
+                              "process after gathering or loading the adapters onto an unsharded model")
+        delta = (m.lora_b.float() @ m.lora_a.float()) * m.scale  # (out, in)
+        m.weight.add_(delta.to(m.weight.dtype))
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        lin.weight = m.weight
+        lin.bias = m.bias
+        _set_module(model, name, lin)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return len(mods)
+
+
+# ---- adapters on disk ------------------------------------------------------------------------------
+def _full(t: torch.Tensor) -> torch.Tensor:
+    # DTensor (FSDP2 shard) -> the whole tensor; a collective, duck-typed so this module needs no
+    # torch.distributed import (docs/architecture.md)
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors only, {"layers.0.attention.wq.lora_a": (r, in), ...lora_b: (out, r)}, full
+    (unsharded) and detached on the CPU. Under FSDP2 this gathers: call it on every rank."""
+    out = {}
+    for name, m in lora_modules(model).items():
+        out[f"{name}.lora_a"] = _full(m.lora_a.detach()).cpu().contiguous()
+        out[f"{name}.lora_b"] = _full(m.lora_b.detach()).cpu().contiguous()
+    return out
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """A short hash of the base model: its config (a dataclass, `model.config`) where it has one,
+    else the names and shapes of its base parameters."""
+    cfg = getattr(model, "config", None)
+    if dataclasses.is_dataclass(cfg):
+        text = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    else:
+        text = json.dumps(sorted((_clean(n), list(p.shape)) for n, p in model.named_parameters()
+                                 if not n.endswith((".lora_a", ".lora_b"))))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _lora_settings(model: nn.Module) -> dict[str, Any]:
+    mods = lora_modules(model)
+    if not mods:
+        raise ConfigError(f"{type(model).__name__} has no LoRA adapters (apply_lora first)")
+    first = next(iter(mods.values()))
+    drop = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
+    return {"rank": first.rank, "alpha": first.alpha, "dropout": drop, "targets": sorted(mods)}
+
+
+def save_adapters(path: str | Path, model: nn.Module, meta: dict[str, Any] | None = None, *,
+                  overwrite: bool = False, write: bool = True) -> Path:
+    """Write the folder `path` with adapter.safetensors (the adapters only) and adapter.json (format,
+    rank, alpha, dropout, the wrapped module names, the base fingerprint, and `meta`: anything
+    JSON-serialisable the caller adds, e.g. the base checkpoint path). The folder appears whole or
+    not at all. Under FSDP2 call it on every rank (gathering is collective) with write=(rank == 0)."""
+    from safetensors.torch import save
+
+    from clusterlm.fsutil import staging_dir
+
+    info = {"format": FORMAT, **_lora_settings(model), "base_fingerprint": base_fingerprint(model),
+            "meta": meta or {}}
+    tensors = lora_state_dict(model)
+    path = Path(path)
+    if not write:
+        return path
+    data = save(tensors, metadata={"format": FORMAT})
+    with staging_dir(path, overwrite=overwrite) as tmp:
+        (tmp / ADAPTER_FILE).write_bytes(data)
+        (tmp / META_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def read_adapter_meta(path: str | Path) -> dict[str, Any]:
+    """adapter.json of an adapter folder, checked for the fields load_adapters needs."""
+    f = Path(path) / META_FILE
+    if not f.is_file():
+        raise CheckpointError(f"{path} is not a LoRA adapter folder: {META_FILE} is missing")
+    try:
+        info = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    missing = [k for k in ("format", "rank", "alpha", "targets") if k not in info]
+    if missing or info.get("format") != FORMAT:
+        raise CheckpointError(f"{f}: not a {FORMAT} adapter file (format={info.get('format')!r}, missing {missing})")
+    return info
+
+
+@torch.no_grad()
+def load_adapters(path: str | Path, model: nn.Module, seed: int = 0) -> list[str]:
+    """Load the adapters saved at `path` into `model` (a base model, or one that already has LoRA
+    layers of the same rank). A base without adapters gets them first, with the saved rank, alpha,
+    dropout and module names. Every saved tensor must exist in the model with the same shape, or a
+    CheckpointError names the tensor and both shapes. A different base fingerprint with fitting
+    shapes is logged as a warning (e.g. a config field that does not change shapes). Returns the
+    LoRA module names. Load before fully_shard."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    info = read_adapter_meta(path)
+    if not lora_modules(model):
+        # exact module names as targets: matching by suffix, a saved name is only its own module
+        _check_targets_exist(model, info["targets"], path)
+        apply_lora(model, info["targets"], rank=int(info["rank"]), alpha=float(info["alpha"]),
+                   dropout=float(info.get("dropout", 0.0)), seed=seed)
+    try:
+        saved = load_file(str(Path(path) / ADAPTER_FILE))
+    except (SafetensorError, FileNotFoundError, OSError) as e:
+        raise CheckpointError(f"{Path(path) / ADAPTER_FILE}: cannot read adapters ({e})") from None
+    params = {}
+    for name, m in lora_modules(model).items():
+        params[f"{name}.lora_a"], params[f"{name}.lora_b"] = m.lora_a, m.lora_b
+    missing = sorted(set(params) - set(saved))
+    unknown = sorted(set(saved) - set(params))
+    if unknown or missing:
+        what = f"{unknown[0]} is not in the model" if unknown else f"{missing[0]} is not in the file"
+        raise CheckpointError(f"adapters at {path} do not fit {type(model).__name__}: {what} "
+                              f"({len(unknown)} unknown, {len(missing)} missing tensors)")
+    for name, p in params.items():  # the model's order: the first mismatch named is the first layer's
+        t = saved[name]
+        if hasattr(p, "device_mesh"):
+            raise CheckpointError(f"load_adapters: {name} is sharded (DTensor); load adapters before fully_shard")
+        if tuple(t.shape) != tuple(p.shape):
+            raise CheckpointError(f"adapter tensor {name} has shape {tuple(t.shape)} in {path} but "
+                                  f"{tuple(p.shape)} in the model (a different base model or rank)")
+    for name, t in saved.items():
+        params[name].copy_(t.to(dtype=params[name].dtype))
+    fp = base_fingerprint(model)
+    if info.get("base_fingerprint") not in (None, fp):
+        log.warning("adapters at %s were trained on a base with fingerprint %s; this model's is %s "
+                    "(shapes fit, so they were loaded)", path, info["base_fingerprint"], fp)
+    return sorted(lora_modules(model))
+
+
+def _check_targets_exist(model: nn.Module, names: list[str], path: str | Path) -> None:
+    have = {_clean(n): m for n, m in model.named_modules()}
+    for name in names:
+        m = have.get(name)
+        if type(m) is not nn.Linear:
+            found = "no such module" if m is None else f"a {type(m).__name__}, not an nn.Linear"
+            raise CheckpointError(f"adapters at {path} were trained on {name!r}; in {type(model).__name__} "
+                                  f"that is {found} (a different base model)")

@@ -1,0 +1,201 @@
+"""LoRA adapters (clusterlm.finetune.lora) on the Transformer: parameter budget, exactness of a fresh
+adapter, training touches only adapters, merge parity, adapter files, and the one-line errors.
+
+    .venv/bin/python -m pytest -q tests/model/test_lora.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from clusterlm.errors import CheckpointError, ConfigError
+from clusterlm.eval.metrics import lm_loss
+from clusterlm.finetune.lora import (
+    ADAPTER_FILE,
+    LoRALinear,
+    apply_lora,
+    count_parameters,
+    load_adapters,
+    lora_state_dict,
+    merge_lora,
+    save_adapters,
+)
+from clusterlm.models.build import build_model
+from clusterlm.models.config import get_preset
+
+V, B, T = 64, 4, 16
+
+
+def llama_cfg(**kw):
+    return dataclasses.replace(get_preset("llama-nano", vocab_size=V), max_seq_len=32, **kw)
+
+
+def gpt_cfg():
+    return dataclasses.replace(get_preset("gpt-nano", vocab_size=V), max_seq_len=32, bias=True)
+
+
+def base(cfg, seed: int = 0) -> nn.Module:
+    m = build_model(cfg)
+    m.init_weights(seed)
+    return m
+
+
+def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, V, (B, T + 1), generator=g)
+    return x[:, :-1], x[:, 1:]
+
+
+def train(model: nn.Module, steps: int = 3, lr: float = 1e-2) -> list[float]:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    losses = []
+    for s in range(steps):
+        x, y = batch(s)
+        loss = lm_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@pytest.mark.parametrize("cfg", [llama_cfg(), gpt_cfg()], ids=["llama", "gpt2"])
+def test_fresh_adapters_give_the_base_logits_exactly(cfg):
+    """B = 0 at initialisation: LoRA model logits == base logits bit for bit."""
+    model = base(cfg)
+    x, _ = batch()
+    with torch.no_grad():
+        ref = model(x)
+    names = apply_lora(model)
+    per_layer = 7 if cfg.mlp == "swiglu" else 6  # wq wk wv wo w1 w2 (w3: SwiGLU only)
+    assert len(names) == per_layer * cfg.n_layers
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+
+
+def test_rank8_trains_under_5_percent_and_adapter_file_under_5_percent(tmp_path):
+    """llama-mini (dim 384, 6 layers) with a byte vocabulary (256): rank 8 on all seven projections
+    trains 3.3% of the parameters; the adapter file is under 5% of the model's float32 size."""
+    cfg = get_preset("llama-mini", vocab_size=256)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model.to_empty(device="cpu")  # values do not matter for sizes
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    apply_lora(model, rank=8, alpha=16)
+    trainable, total = count_parameters(model)
+    assert trainable == cfg.n_layers * 8 * sum(m.in_features + m.out_features
+                                               for m in model.layers["0"].modules() if isinstance(m, LoRALinear))
+    assert trainable / total < 0.05, (trainable, total)
+    save_adapters(tmp_path / "ad", model)
+    file_bytes = (tmp_path / "ad" / ADAPTER_FILE).stat().st_size
+    assert file_bytes / model_bytes < 0.05, (file_bytes, model_bytes)
+
+
+@pytest.mark.parametrize("cfg", [llama_cfg(), gpt_cfg()], ids=["llama", "gpt2"])
+def test_training_moves_only_adapters_and_merge_keeps_the_logits(cfg, tmp_path):
+    """After 3 AdamW steps: only lora_a/lora_b have gradients and changed, every base tensor is bit-identical;
+    merge_lora gives plain nn.Linear modules, the base model's state dict keys, and the LoRA model's
+    logits to 1e-5; saved adapters loaded onto a fresh base reproduce the logits."""
+    model = base(cfg)
+    base_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_lora(model, rank=8, alpha=16)
+    before = {k: v.clone() for k, v in lora_state_dict(model).items()}
+    x, y = batch(7)
+    lm_loss(model(x), y).backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad and all(n.endswith((".lora_a", ".lora_b")) for n in with_grad)
+    model.zero_grad(set_to_none=True)
+    train(model)
+    sd = model.state_dict()
+    for k, v in base_sd.items():
+        assert torch.equal(sd[k], v), k
+    after = lora_state_dict(model)
+    assert all(not torch.equal(after[k], before[k]) for k in after)  # B moved off zero, A moved
+    model.eval()
+    with torch.no_grad():
+        lora_logits = model(x)
+        assert (lora_logits - base(cfg)(x)).abs().max() > 1e-3  # the adapters do something
+
+    save_adapters(tmp_path / "ad", model, meta={"base": "test"})
+    fresh = base(cfg).eval()
+    load_adapters(tmp_path / "ad", fresh)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), lora_logits, rtol=0, atol=0)
+
+    assert merge_lora(model) == len(after) // 2
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert list(model.state_dict()) == list(base_sd)
+    assert all(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), lora_logits, rtol=0, atol=1e-5)
+    if cfg.tie_embeddings:
+        assert model.output.weight is model.tok_embeddings.weight
+
+
+def test_base_checkpoint_loads_into_a_lora_model():
+    """The base keys do not move: a base state dict loads with only adapter keys missing."""
+    src = base(llama_cfg(), seed=1)
+    model = base(llama_cfg(), seed=2)
+    apply_lora(model, targets=("wq", "wv"))
+    res = model.load_state_dict(src.state_dict(), strict=False)
+    assert not res.unexpected_keys
+    assert res.missing_keys and all(k.endswith((".lora_a", ".lora_b")) for k in res.missing_keys)
+    x, _ = batch()
+    with torch.no_grad():
+        assert torch.equal(model(x), src(x))
+
+
+def test_load_onto_a_mismatched_base_is_one_line(tmp_path):
+    """dim 128 adapters onto a dim 64 base: CheckpointError naming the tensor and both shapes."""
+    model = base(llama_cfg())
+    apply_lora(model)
+    save_adapters(tmp_path / "ad", model)
+    other = base(llama_cfg(dim=64))
+    with pytest.raises(CheckpointError) as e:
+        load_adapters(tmp_path / "ad", other)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "layers.0.attention.wq.lora_a" in msg and "(8, 128)" in msg and "(8, 64)" in msg
+    # a LoRA model of another rank: same kind of line
+    other = base(llama_cfg())
+    apply_lora(other, rank=4)
+    with pytest.raises(CheckpointError, match=r"lora_a has shape \(8, 128\) .* but \(4, 128\)"):
+        load_adapters(tmp_path / "ad", other)
+
+
+def test_targets_matching_nothing_is_one_line():
+    """Unknown targets: ConfigError naming them and the Linear names there are; nothing is wrapped."""
+    model = base(llama_cfg())
+    with pytest.raises(ConfigError) as e:
+        apply_lora(model, targets=("wq", "q_proj"))
+    msg = str(e.value)
+    assert "\n" not in msg and "q_proj" in msg and "wq" in msg and "output" in msg
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    # LSTM: the recurrent weights are not nn.Linear; only the output projection is
+    lstm = build_model(dataclasses.replace(get_preset("lstm-small", vocab_size=V), dim=32))
+    with pytest.raises(ConfigError, match=r"Linear names there: \['output'\]"):
+        apply_lora(lstm)
+
+
+def test_tied_output_is_refused():
+    """Merging into a tied output would change the embedding too: refused in one line."""
+    with pytest.raises(ConfigError, match="tied"):
+        apply_lora(base(gpt_cfg()), targets=("output",))
+
+
+def test_dropout_only_in_training():
+    """Adapter dropout acts in train mode only; eval is deterministic."""
+    model = base(llama_cfg())
+    apply_lora(model, dropout=0.5)
+    train(model, steps=1)
+    x, _ = batch()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+        model.train()
+        assert not torch.equal(model(x), model(x))
