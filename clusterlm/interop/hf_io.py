@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -109,9 +108,9 @@ def _check_shapes(state: dict[str, torch.Tensor], cfg: ModelConfig, where: str) 
 
 
 def find_tokenizer(folder: Path) -> Path | None:
-    """tokenizer.json (Hugging Face) or clusterlm_tokenizer.json (what `export` writes for a byte or
-    char tokenizer, which transformers cannot read)."""
-    for name in ("tokenizer.json", "clusterlm_tokenizer.json"):
+    """The tokenizer file `convert` reads: clusterlm_tokenizer.json first (what `export` writes next to
+    tokenizer.json for a byte or char tokenizer: the exact clusterlm kind), else tokenizer.json."""
+    for name in ("clusterlm_tokenizer.json", "tokenizer.json"):
         if (folder / name).is_file():
             return folder / name
     return None
@@ -156,7 +155,10 @@ def convert_from_hf(src: str | Path, out: str | Path, *, trust_pickle: bool = Fa
 
 
 def export_to_hf(ckpt: str | Path, out: str | Path) -> Path:
-    """Write config.json, model.safetensors, tokenizer.json and generation_config.json for `ckpt`."""
+    """Write config.json, model.safetensors, generation_config.json and the tokenizer files
+    (tokenizer.json, tokenizer_config.json, special_tokens_map.json; clusterlm_tokenizer.json too for
+    byte and char) for `ckpt`; transformers' AutoTokenizer loads them with clusterlm's ids
+    (tokenizer/hf_export.py)."""
     from safetensors.torch import save_file
 
     from clusterlm.checkpoint.model_io import read_checkpoint_config, read_quantization
@@ -170,27 +172,27 @@ def export_to_hf(ckpt: str | Path, out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} exists and is not empty")
-    bos = eos = None
+    bos = eos = pad = None
+    tok_files: dict[str, str] = {}
     tok_src = path / "tokenizer.json"
     if tok_src.is_file():
         from clusterlm.tokenizer import load_tokenizer
+        from clusterlm.tokenizer.hf_export import hf_tokenizer_files
 
         tok = load_tokenizer(tok_src)
-        bos, eos = tok.bos_id, tok.eos_id
+        bos, eos, pad = tok.bos_id, tok.eos_id, tok.pad_id
+        tok_files = hf_tokenizer_files(tok, cfg.max_seq_len)  # before anything is written
+        if tok.kind in ("byte", "char"):
+            # our own file too: `convert` reads it back as the same kind (tokenizer.json would load as bpe)
+            tok_files["clusterlm_tokenizer.json"] = tok_src.read_text(encoding="utf-8")
     hf_state = state_to_hf(load_model_weights(path), cfg)
     hf_cfg = config_to_hf(cfg, bos, eos)
     out.mkdir(parents=True, exist_ok=True)
     save_file(hf_state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n", encoding="utf-8")
-    gen = {"bos_token_id": bos, "eos_token_id": eos, "max_length": cfg.max_seq_len}
+    gen = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "max_length": cfg.max_seq_len}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
-    if tok_src.is_file():
-        if "clusterlm_tokenizer" in json.loads(tok_src.read_text(encoding="utf-8")):
-            # byte/char tokenizers have our own JSON format, which transformers cannot read
-            shutil.copyfile(tok_src, out / "clusterlm_tokenizer.json")
-            log.warning("%s holds a clusterlm byte/char tokenizer; copied as clusterlm_tokenizer.json (no "
-                        "Hugging Face tokenizer.json written)", tok_src)
-        else:
-            shutil.copyfile(tok_src, out / "tokenizer.json")
+    for name, text in tok_files.items():
+        (out / name).write_text(text, encoding="utf-8")
     log.info("exported %s as a Hugging Face %s folder: %s", path, hf_cfg["model_type"], out)
     return out
