@@ -2,6 +2,11 @@
 
     clusterlm convert --from-hf ./gpt2 --out runs/gpt2          # config.json + *.safetensors + tokenizer.json
     clusterlm export runs/gpt2 --format hf --out ./gpt2-export  # loads with transformers' from_pretrained
+
+`export` writes the tokenizer of every kind (byte, char, bpe) as tokenizer.json +
+tokenizer_config.json + special_tokens_map.json, which transformers' AutoTokenizer loads with the same
+ids (docs/interop.md lists what differs); byte and char also get clusterlm_tokenizer.json, which
+`convert` reads first.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="clusterlm convert",
                                  description="Hugging Face GPT-2 / Llama folder -> clusterlm checkpoint")
     ap.add_argument("--from-hf", required=True, metavar="DIR",
-                    help="folder with config.json, model.safetensors (or a sharded index) and tokenizer.json")
+                    help="folder with config.json, model.safetensors (or a sharded index) and tokenizer.json "
+                         "(or clusterlm_tokenizer.json, read first)")
     ap.add_argument("--out", required=True, metavar="CKPT", help="run directory to create (CKPT/checkpoints/...)")
     ap.add_argument("--trust-pickle", action="store_true",
                     help="allow reading pytorch_model.bin (a pickle) when there is no safetensors file")

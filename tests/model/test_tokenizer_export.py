@@ -146,3 +146,21 @@ def test_convert_reads_back_the_clusterlm_kind(tmp_path, kind):
     back = load_for_inference(tmp_path / "back").tokenizer
     assert back.kind == kind
     assert all(back.encode(s) == tok.encode(s) for s in STRINGS)
+
+
+@pytest.mark.parametrize("kind", ["byte", "char", "bpe"])
+def test_exported_tokenizer_and_model_give_clusterlm_logits(tmp_path, kind):
+    """Reference: the clusterlm checkpoint's logits on clusterlm's ids. transformers' AutoTokenizer +
+    AutoModelForCausalLM on the export, from text alone, give the same logits (1e-4, float32)."""
+    tok, exp = _export(tmp_path, kind)
+    loaded = load_for_inference(tmp_path / "run")
+    text = "héllo 中文\n  the lazy fox"
+    at = transformers.AutoTokenizer.from_pretrained(exp)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(exp).eval()
+    batch = at(text, add_special_tokens=False, return_tensors="pt")
+    ids = torch.tensor([tok.encode(text)[:CTX]])
+    with torch.no_grad():
+        want = loaded.model(ids)
+        got = hf(batch["input_ids"][:, :CTX]).logits
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() < 1e-4
