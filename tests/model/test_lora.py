@@ -199,3 +199,28 @@ def test_dropout_only_in_training():
         assert torch.equal(model(x), model(x))
         model.train()
         assert not torch.equal(model(x), model(x))
+
+
+@pytest.mark.slow  # ~25 s on 2 cores: inductor compiles forward and backward
+def test_torch_compile_matches_eager():
+    """torch.compile of a LoRA model (applied before compiling): loss and adapter gradients equal eager's (1e-5)."""
+    cfg = llama_cfg(n_layers=2)
+    eager = base(cfg)
+    apply_lora(eager)
+    train(eager, steps=1)  # B != 0
+    compiled_src = base(cfg)
+    apply_lora(compiled_src)
+    compiled_src.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_src)
+    x, y = batch(3)
+    losses = []
+    for m in (eager, compiled):
+        loss = lm_loss(m(x), y)
+        loss.backward()
+        losses.append(float(loss.detach()))
+    assert abs(losses[0] - losses[1]) < 1e-5
+    grads = {n: p.grad for n, p in compiled_src.named_parameters() if p.grad is not None}
+    assert grads and all(n.endswith((".lora_a", ".lora_b")) for n in grads)
+    for n, p in eager.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, rtol=0, atol=1e-5)
