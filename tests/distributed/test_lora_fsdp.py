@@ -1,4 +1,4 @@
-"""LoRA under FSDP2 x2 (gloo, one spawn of 2 ranks) against one process.
+"""LoRA under FSDP2 x2 and DDP x2 (gloo, one spawn of 2 ranks) against one process.
 
 LoRA is applied to the full base model, then `fully_shard` (clusterlm.parallel.fsdp.apply_fsdp:
 one unit per block, then the root) shards the frozen base weights and the adapters of each block
@@ -93,6 +93,13 @@ def _rank(rank: int, world: int, refs: dict, out_dir: str) -> dict:
             logits = model(batch(0)[0])
         out[name] = {"logits": logits.tolist(), "losses": losses, "sharded": sharded, "frozen_grads": frozen_grads,
                      "base_diff": base_diff, "adapter_diff": adapter_diff}
+    # DDP (llama): frozen parameters are left out of the gradient buckets
+    from clusterlm.parallel.ddp import apply_ddp
+
+    model = lora_model(configs()["llama"])
+    ddp = apply_ddp(model, mesh, torch.device("cpu"))
+    per = B // world
+    out["ddp"] = {"losses": run(ddp, slice(rank * per, (rank + 1) * per), mean)}
     return out
 
 
@@ -100,7 +107,7 @@ def test_lora_fsdp2_matches_one_process(tmp_path):
     """FSDP x2 LoRA losses == one process's over the same global batches (1e-5) for 10 steps, on a
     Llama and a GPT-2 config; adapters equal to 1e-5; base weights unchanged and without gradients;
     adapters saved under FSDP (rank 0 writes) load onto a fresh base and give the FSDP model's logits
-    (1e-5)."""
+    (1e-5). DDP x2 (llama) matches the same losses too."""
     from clusterlm.finetune.lora import load_adapters, lora_state_dict
     from clusterlm.models.build import build_model
 
@@ -128,3 +135,6 @@ def test_lora_fsdp2_matches_one_process(tmp_path):
         x, _ = batch(0)
         with torch.no_grad():
             torch.testing.assert_close(fresh.eval()(x), torch.tensor(results[0][name]["logits"]), rtol=0, atol=TOL)
+    for r in results:
+        diffs = [abs(a - b) for a, b in zip(r["ddp"]["losses"], refs["llama"]["losses"])]
+        assert max(diffs) < TOL, ("ddp", diffs)
