@@ -265,12 +265,15 @@ def test_cli_generate_compile_equals_eager(tmp_path) -> None:
     assert eager.getvalue().startswith("ab") and len(eager.getvalue()) > len("ab\n")  # something was generated
 
 
-def test_compile_without_compiler_is_a_clear_error(monkeypatch) -> None:
+def test_compile_without_compiler_is_a_clear_error() -> None:
     """compile=True where torch.compile cannot run (inductor's C++ compiler search pointed at a path
     that does not exist) raises ValueError naming the missing compiler and the eager alternative,
     before any compilation starts."""
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/nonexistent/g++"))
-    with pytest.raises(ValueError, match=r"needs a C\+\+ compiler.*/nonexistent/g\+\+.*run without compile"):
+    # inductor's own patch(), not monkeypatch: monkeypatch restores a class attribute it did not find in
+    # the class __dict__ by deleting it, which removed cpp.cxx for every later compile in the session
+    with inductor_config.patch({"cpp.cxx": (None, "/nonexistent/g++")}), \
+            pytest.raises(ValueError, match=r"needs a C\+\+ compiler.*/nonexistent/g\+\+.*run without compile"):
         generate(make("gpt"), [1, 2], max_new_tokens=3, compile=True)
+    assert inductor_config.cpp.cxx != (None, "/nonexistent/g++")
