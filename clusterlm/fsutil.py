@@ -202,6 +202,18 @@ def _swap_in(new: Path, final: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def replace_dir(new: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Move the complete folder `new` to `final` durably, replacing an existing `final` (an atomic
+    exchange where the file system has one, else the aside-and-restore swap of `_swap_in`)."""
+    new, final = Path(new), Path(final)
+    fsync_dir(new)
+    if final.exists():
+        _swap_in(new, final)
+    else:
+        os.replace(new, final)
+        fsync_dir(final.parent)
+
+
 @contextlib.contextmanager
 def staging_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `final`; on success it replaces `final`.
@@ -223,12 +235,7 @@ def staging_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[P
         raise OSError(e.errno, e.strerror or str(e), os.fspath(final)) from None
     try:
         yield tmp
-        fsync_dir(tmp)
-        if final.exists():
-            _swap_in(tmp, final)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(final.parent)
+        replace_dir(tmp, final)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         name = e.filename if isinstance(e, OSError) and isinstance(e.filename, str) else ""

@@ -39,3 +39,43 @@ def overfit_loss(model, vocab: int = 37, steps: int = 300) -> float:
         loss.backward()
         opt.step()
     return loss.item()
+
+
+def train_tiny_byte_run(root: Path, text: str, *, context: int, steps: int = 30) -> Path:
+    """A byte-level llama-nano (context `context`) prepared from `text` and trained `steps` steps with
+    the CLI under `root`; returns the run directory."""
+    import json
+
+    from clusterlm.cli import main as cli
+
+    (root / "corpus.txt").write_text(text)
+    data, out = root / "data", root / "run"
+    assert cli(["prepare", str(root / "corpus.txt"), "--out", str(data), "--tokenizer", "byte",
+                "--val-fraction", "0"]) == 0
+    assert cli(["train", "--data.dir=" + json.dumps(str(data)), "--train.out_dir=" + json.dumps(str(out)),
+                "--model.preset=llama-nano", f"--model.max_seq_len={context}", f"--train.seq_len={context}",
+                "--train.micro_batch_size=8", f"--train.max_steps={steps}", "--train.eval_interval=0",
+                "--train.device=cpu", "--optim.lr=3e-3", "--optim.warmup_steps=3"]) == 0
+    return out
+
+
+def random_checkpoint(tmp_path: Path, kind: str, text: str, *, bpe_vocab: int, n_layers: int, context: int) -> Path:
+    """A seeded random-weights Transformer with a `kind` tokenizer trained on `text`, saved as a checkpoint
+    under tmp_path/run (the tokenizer at tmp_path/tok.json); returns the run directory."""
+    import torch
+
+    from clusterlm.checkpoint.store import save_checkpoint
+    from clusterlm.config import RunConfig, to_toml
+    from clusterlm.models.build import build_model
+    from clusterlm.models.config import ModelConfig
+    from clusterlm.tokenizer.kinds import train_tokenizer
+
+    tok = train_tokenizer(kind, [text], vocab_size=bpe_vocab if kind == "bpe" else None)
+    tok.save(tmp_path / "tok.json")
+    cfg = ModelConfig(n_layers=n_layers, dim=32, n_heads=4, max_seq_len=context, vocab_size=tok.vocab_size)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.init_weights(0)
+    save_checkpoint(tmp_path / "run" / "checkpoints", 0, model_state=model.state_dict(), optimizer_state=None,
+                    train_state={}, config_toml=to_toml(RunConfig(model=cfg)), tokenizer_path=tmp_path / "tok.json")
+    return tmp_path / "run"

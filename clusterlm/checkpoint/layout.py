@@ -17,7 +17,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-from clusterlm.fsutil import atomic_write_text, fsync_dir
+from clusterlm.fsutil import atomic_write_text, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -69,27 +69,11 @@ def make_hidden_dir(parent: Path, prefix: str) -> Path:
 
 
 def commit_folder(tmp: Path, final: Path) -> None:
-    """Rename a complete `tmp` folder to `final` durably; an existing `final` is replaced.
-
-    Replacing: the old folder is renamed away to a hidden name, the new one renamed in, the old one
-    deleted. A crash between the two renames leaves no visible `final` (readers fall back to an older
-    step); it never leaves a half-written one.
-    """
-    tmp, final = Path(tmp), Path(final)
-    fsync_dir(tmp)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{secrets.token_hex(4)}")
-        os.rename(final, old)
-        try:
-            os.rename(tmp, final)
-        except BaseException:
-            os.rename(old, final)
-            raise
-        fsync_dir(final.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-        fsync_dir(final.parent)
+    """Rename a complete `tmp` folder to `final` durably; an existing `final` is replaced
+    (fsutil.replace_dir: an atomic exchange where possible; on the fallback path a crash between its
+    two renames leaves a hidden `.step-N.old-*` folder, which readers ignore and remove_stale deletes,
+    and never a half-written `final`)."""
+    replace_dir(tmp, final)
 
 
 def remove_stale(ckpt_root: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from clusterlm.cli import main as cli
+from tests.helpers import train_tiny_byte_run
 
 TEXT = "\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(300))
 
@@ -22,16 +23,7 @@ TEXT = "\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A byte-level llama-nano (context 48) trained 30 steps on a tiny corpus."""
-    root = tmp_path_factory.mktemp("tasks")
-    (root / "corpus.txt").write_text(TEXT)
-    data, out = root / "data", root / "run"
-    assert cli(["prepare", str(root / "corpus.txt"), "--out", str(data), "--tokenizer", "byte",
-                "--val-fraction", "0"]) == 0
-    assert cli(["train", "--data.dir=" + json.dumps(str(data)), "--train.out_dir=" + json.dumps(str(out)),
-                "--model.preset=llama-nano", "--model.max_seq_len=48", "--train.seq_len=48",
-                "--train.micro_batch_size=8", "--train.max_steps=30", "--train.eval_interval=0",
-                "--train.device=cpu", "--optim.lr=3e-3", "--optim.warmup_steps=3"]) == 0
-    return out
+    return train_tiny_byte_run(tmp_path_factory.mktemp("tasks"), TEXT, context=48)
 
 
 def _write(path: Path, records: list[dict]) -> Path:

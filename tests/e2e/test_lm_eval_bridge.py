@@ -17,6 +17,7 @@ import pytest
 lm_eval = pytest.importorskip("lm_eval", reason="the eval extra: pip install -e '.[eval]' (scripts/setup.sh does)")
 
 from clusterlm.cli import main as cli  # noqa: E402
+from tests.helpers import train_tiny_byte_run
 
 FIXTURES = Path(__file__).resolve().parent.parent / "unit" / "fixtures" / "lm_eval"
 TASK = "clusterlm_choice_fixture"  # the task name in choice.yaml
@@ -42,16 +43,7 @@ def offline(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A byte-level llama-nano (context 64) trained 30 steps on a tiny corpus (as test_eval_tasks.py)."""
-    root = tmp_path_factory.mktemp("bridge")
-    (root / "corpus.txt").write_text(TEXT)
-    data, out = root / "data", root / "run"
-    assert cli(["prepare", str(root / "corpus.txt"), "--out", str(data), "--tokenizer", "byte",
-                "--val-fraction", "0"]) == 0
-    assert cli(["train", "--data.dir=" + json.dumps(str(data)), "--train.out_dir=" + json.dumps(str(out)),
-                "--model.preset=llama-nano", "--model.max_seq_len=64", "--train.seq_len=64",
-                "--train.micro_batch_size=8", "--train.max_steps=30", "--train.eval_interval=0",
-                "--train.device=cpu", "--optim.lr=3e-3", "--optim.warmup_steps=3"]) == 0
-    return out
+    return train_tiny_byte_run(tmp_path_factory.mktemp("bridge"), TEXT, context=64)
 
 
 @pytest.fixture(scope="module")

@@ -119,21 +119,10 @@ def test_export_then_convert_round_trip_every_tokenizer(tmp_path, kind):
     """Issue 12, 13b: `export` of a char model wrote clusterlm_tokenizer.json, which `convert` could not
     read back. For byte, char and BPE tokenizers: checkpoint -> export -> convert gives the same token
     ids and the same logits (1e-5) as the original checkpoint."""
-    from clusterlm.checkpoint.store import save_checkpoint
-    from clusterlm.config import RunConfig, to_toml
-    from clusterlm.models.build import build_model
-    from clusterlm.models.config import ModelConfig
-    from clusterlm.tokenizer.kinds import train_tokenizer
+    from tests.helpers import random_checkpoint
 
-    text = "the quick brown fox jumps over the lazy dog " * 40
-    tok = train_tokenizer(kind, [text], vocab_size=300 if kind == "bpe" else None)
-    tok.save(tmp_path / "tok.json")
-    cfg = ModelConfig(n_layers=2, dim=32, n_heads=4, max_seq_len=32, vocab_size=tok.vocab_size)
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    model.init_weights(0)
-    save_checkpoint(tmp_path / "run" / "checkpoints", 0, model_state=model.state_dict(), optimizer_state=None,
-                    train_state={}, config_toml=to_toml(RunConfig(model=cfg)), tokenizer_path=tmp_path / "tok.json")
+    random_checkpoint(tmp_path, kind, "the quick brown fox jumps over the lazy dog " * 40, bpe_vocab=300,
+                      n_layers=2, context=32)
     assert export_main([str(tmp_path / "run"), "--out", str(tmp_path / "exp")]) == 0
     assert main(["--from-hf", str(tmp_path / "exp"), "--out", str(tmp_path / "back")]) == 0
     a, b = load_for_inference(tmp_path / "run"), load_for_inference(tmp_path / "back")

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from clusterlm.checkpoint.model_io import load_for_inference  # noqa: E402
 from clusterlm.interop.cli import export_main, main  # noqa: E402
 from clusterlm.tokenizer.bpe import SLICE_CHARS  # noqa: E402
-from clusterlm.tokenizer.kinds import train_tokenizer  # noqa: E402
+from tests.helpers import random_checkpoint  # noqa: E402
 
 CTX = 32
 CORPUS = ("The quick brown fox jumps over the lazy dog.\n  Two  spaces,\ttabs\r\n and   more.\n"
@@ -35,19 +35,7 @@ STRINGS = [
 def _export(tmp_path, kind: str):
     """A tiny random checkpoint with a `kind` tokenizer trained on CORPUS, exported with `clusterlm
     export`; returns (clusterlm tokenizer, export folder)."""
-    from clusterlm.checkpoint.store import save_checkpoint
-    from clusterlm.config import RunConfig, to_toml
-    from clusterlm.models.build import build_model
-    from clusterlm.models.config import ModelConfig
-
-    tok = train_tokenizer(kind, [CORPUS], vocab_size=400 if kind == "bpe" else None)
-    tok.save(tmp_path / "tok.json")
-    cfg = ModelConfig(n_layers=1, dim=32, n_heads=4, max_seq_len=CTX, vocab_size=tok.vocab_size)
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    model.init_weights(0)
-    save_checkpoint(tmp_path / "run" / "checkpoints", 0, model_state=model.state_dict(), optimizer_state=None,
-                    train_state={}, config_toml=to_toml(RunConfig(model=cfg)), tokenizer_path=tmp_path / "tok.json")
+    random_checkpoint(tmp_path, kind, CORPUS, bpe_vocab=400, n_layers=1, context=CTX)
     assert export_main([str(tmp_path / "run"), "--out", str(tmp_path / "exp")]) == 0
     return load_for_inference(tmp_path / "run").tokenizer, tmp_path / "exp"
 
