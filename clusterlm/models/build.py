@@ -1,4 +1,5 @@
-"""Build a model from a ModelConfig: Transformer for arch 'transformer', RNNLM for 'lstm'/'gru'.
+"""Build a model from a ModelConfig: Transformer for arch 'transformer', RNNLM for 'lstm'/'gru';
+with model.labels, a SequenceClassifier holding that language model as its backbone.
 
 Construction allocates on torch's current default device, so a model can be built without memory
 and materialised later:
@@ -23,6 +24,14 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     if cfg.vocab_size is None:
         raise ConfigError("model.vocab_size is unset; set it or take it from the data's tokenizer "
                           "(ModelConfig.with_vocab)")
+    if cfg.labels:
+        from clusterlm.models.classifier import SequenceClassifier
+
+        return SequenceClassifier(cfg, _language_model(cfg))
+    return _language_model(cfg)
+
+
+def _language_model(cfg: ModelConfig) -> nn.Module:
     if cfg.arch == "transformer":
         from clusterlm.models.transformer import Transformer
 

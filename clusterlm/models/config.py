@@ -54,6 +54,14 @@ class ModelConfig:
     """share the token embedding with the output projection"""
     dropout: float = 0.0
     init_std: float = 0.02
+    labels: tuple[str, ...] = ()
+    """non-empty: a sequence classifier with these class names, in this order (a head of
+    len(labels) x dim on the pooled final hidden state: models/classifier.py); empty = a language model"""
+    pool: Literal["auto", "last", "mean"] = "auto"
+    """classifier: the pooled state; auto = the last real token for transformers, the mean over
+    real tokens for lstm/gru"""
+    pad_id: int = -1
+    """classifier: the token id of right-padding in its inputs; -1 = no padding (every position is real)"""
 
     def __post_init__(self) -> None:
         if self.vocab_size is not None and self.vocab_size < 1:
@@ -85,6 +93,30 @@ class ModelConfig:
                 raise ConfigError("model.pos='none' is only for lstm/gru; use 'learned' or 'rope'")
         elif self.arch not in ("lstm", "gru"):
             raise ConfigError(f"model.arch={self.arch!r}; expected one of transformer, lstm, gru")
+        self._check_classifier()
+
+    def _check_classifier(self) -> None:
+        labels = self.labels
+        if not isinstance(labels, tuple) or any(not isinstance(x, str) for x in labels):
+            raise ConfigError(f"model.labels={labels!r} must be a tuple of strings (a list in TOML)")
+        if self.pool not in ("auto", "last", "mean"):
+            raise ConfigError(f"model.pool={self.pool!r}; expected one of auto, last, mean")
+        if isinstance(self.pad_id, bool) or not isinstance(self.pad_id, int) or self.pad_id < -1:
+            raise ConfigError(f"model.pad_id={self.pad_id!r} must be a token id >= 0, or -1 for no padding")
+        if not labels:
+            if self.pool != "auto" or self.pad_id != -1:
+                raise ConfigError(f"model.pool={self.pool!r} and model.pad_id={self.pad_id} are for classifiers; "
+                                  "set model.labels too (or leave them at 'auto' and -1)")
+            return
+        if len(labels) < 2:
+            raise ConfigError(f"model.labels={list(labels)!r}: a classifier needs at least 2 labels")
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup or any(not x for x in labels):
+            what = f"repeated {dup}" if dup else "an empty name"
+            raise ConfigError(f"model.labels={list(labels)!r} has {what}; labels must be distinct non-empty names")
+        if self.vocab_size is not None and self.pad_id >= self.padded_vocab_size:
+            raise ConfigError(f"model.pad_id={self.pad_id} is not a token id of the vocabulary "
+                              f"(padded vocab_size={self.padded_vocab_size})")
 
     # ---- derived values -------------------------------------------------------------------
     @property
@@ -112,13 +144,29 @@ class ModelConfig:
         m = self.vocab_multiple
         return m * ((self.vocab_size + m - 1) // m)
 
+    @property
+    def is_classifier(self) -> bool:
+        return bool(self.labels)
+
+    @property
+    def pooling(self) -> str:
+        """The pool actually used: 'last' or 'mean' (auto resolved by arch)."""
+        if self.pool != "auto":
+            return self.pool
+        return "last" if self.arch == "transformer" else "mean"
+
     def with_vocab(self, vocab_size: int) -> ModelConfig:
         return dataclasses.replace(self, vocab_size=vocab_size)
 
     # ---- parameter counts (exact; tests check them against the built modules) ---------------
     def num_params(self, include_embeddings: bool = True) -> int:
         """Exact parameter count. `include_embeddings=False` drops token and position tables
-        (and an untied output matrix is kept: it is a matmul in every step)."""
+        (and an untied output matrix is kept: it is a matmul in every step). A classifier adds its
+        head, len(labels) x dim; the language model's output layer is counted as before (it stays in
+        the state dict, frozen when untied: models/classifier.py)."""
+        return self._lm_params(include_embeddings) + len(self.labels) * self.dim
+
+    def _lm_params(self, include_embeddings: bool) -> int:
         V, D, L = self.padded_vocab_size, self.dim, self.n_layers
         if self.arch in ("lstm", "gru"):
             gates = 4 if self.arch == "lstm" else 3

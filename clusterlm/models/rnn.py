@@ -109,3 +109,9 @@ class RNNLM(TiedOutputLM):
         if cache is not None:
             cache.pos += T
         return self.output(self.dropout(y)).float()  # (B, T, V)
+
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> the last layer's outputs (B, T, D) after dropout, what the output
+        layer reads (no cache: a task head pools these, models/classifier.py)."""
+        y, _ = self.rnn(self.dropout(self.tok_embeddings(idx)))  # (B, T, D)
+        return self.dropout(y)

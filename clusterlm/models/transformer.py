@@ -392,6 +392,22 @@ class Transformer(TiedOutputLM):
             cache.pos = pos + T
         return self._head(h, last_only)
 
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> the final normed hidden states (B, T, D), what the output layer reads:
+        forward() without a cache and without the output projection (a task head pools these:
+        models/classifier.py)."""
+        T = idx.shape[1]
+        if T > self.config.max_seq_len:
+            raise ValueError(f"{T} tokens do not fit in model.max_seq_len={self.config.max_seq_len}")
+        h = self.tok_embeddings(idx)  # (B, T, D)
+        if self.pos_embeddings is not None:
+            h = h + self.pos_embeddings.weight[:T]  # (T, D) broadcast over B
+        h = self.dropout(h)
+        rope = (self.rope_cos[:T], self.rope_sin[:T]) if self.config.pos == "rope" else None
+        for layer in self.layers.values():
+            h = layer(h, rope, None)
+        return self.norm(h)  # (B, T, D)
+
 
 def _normal_(p: torch.Tensor, std: float, seed: int, name: str) -> None:
     """p ~ Normal(0, std), drawn on the CPU from a generator seeded by (seed, name)."""

@@ -13,6 +13,8 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from clusterlm.models.classifier import language_model
+
 WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "module.")
 
 # ops whose outputs selective AC keeps (the expensive ones); everything else is recomputed
@@ -37,12 +39,13 @@ def _selective_policy(ctx, op, *args, **kwargs):  # noqa: ARG001 - torch's polic
 
 
 def apply_ac(model: nn.Module, mode: str) -> None:
-    """Wrap every block of model.layers (a ModuleDict) in place; mode "none" does nothing."""
+    """Wrap every block of model.layers (a ModuleDict; a classifier's backbone.layers) in place; mode
+    "none" does nothing."""
     if mode == "none":
         return
     if mode not in ("full", "selective"):
         raise ValueError(f"parallel.activation_checkpointing={mode!r}; expected none, selective or full")
-    layers = getattr(model, "layers", None)
+    layers = getattr(language_model(model), "layers", None)
     if not isinstance(layers, nn.ModuleDict):
         raise ValueError(f"activation checkpointing needs a model with a `layers` ModuleDict; "
                          f"{type(model).__name__} has none")

@@ -231,6 +231,9 @@ def validate_layout(dims: ParallelDims, mcfg: ModelConfig, world_size: int, glob
     from clusterlm.errors import ConfigError
 
     dims.validate(world_size, mcfg, global_batch_tokens, micro_batch, seq_len)
+    if mcfg.labels and (dims.tp > 1 or dims.pp > 1):
+        raise ConfigError(f"a classifier (model.labels) trains with data parallel only (DDP or FSDP): set "
+                          f"parallel.tp=1 and parallel.pp=1 (got {dims.describe()})")
     if mcfg.arch != "transformer" and (dims.dp_shard > 1 or dims.tp > 1 or dims.pp > 1):
         raise ConfigError(f"model.arch={mcfg.arch!r} trains with data parallel replication only (DDP): "
                           f"set parallel.dp_replicate={world_size} and dp_shard=tp=pp=1 (got {dims.describe()})")
