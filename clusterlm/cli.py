@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("clusterlm.tokenizer.cli:main", "train or inspect a tokenizer (byte, char, bpe)"),
     "config": ("clusterlm.config:main", "show the resolved config of a recipe with overrides"),
     "train": ("clusterlm.train.loop:main", "train a model from a recipe (TOML) with --section.key=value overrides"),
+    "finetune": ("clusterlm.finetune.cli:main", "fine-tune a base model (SFT with chat templates, classification, LoRA)"),
     "launch": ("clusterlm.parallel.launch:main", "run `clusterlm train` on N processes per node with torchrun"),
     "jobs": ("clusterlm.cluster.slurm:jobs_main", "list runs submitted with `clusterlm launch --slurm` and their state"),
     "eval": ("clusterlm.eval.evaluate:main", "loss, perplexity and bits per byte of a checkpoint"),

@@ -3,7 +3,7 @@
     clusterlm config show recipes/shakespeare_char_cpu.toml --train.max_steps=100
 
 Each component gets its own section (`data`, `model`, `train`, `optim`, `checkpoint`, `parallel`,
-`plan`, `eval`); nothing
+`plan`, `eval`, `finetune`); nothing
 receives the whole run config. Unknown keys fail with a close-match suggestion; wrong types name
 the key, the value and the expected type. `[model]` may start from a named preset
 (`preset = "gpt2-124m"`) with the other keys overriding it.
@@ -220,6 +220,63 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning (docs/finetune.md): start from a base model, train on labelled records."""
+
+    task: Literal["lm", "sft", "classify"] = "lm"
+    """lm = pre-training on token shards (no fine-tuning); sft = supervised fine-tuning on
+    prompt/completion or chat records (loss on the responses only); classify = a classification head"""
+    init_from: str = ""
+    """the base: a clusterlm run, checkpoints folder or step folder, or a Hugging Face folder;
+    empty = from scratch (random weights, tokenizer trained on the records)"""
+    val_source: str = ""
+    """validation records (same forms as data.source); empty = hold out data.val_fraction of them"""
+    template: str = "auto"
+    """chat template: auto (the builtin 'clusterlm' template for chat records and a base that has
+    one, none for plain prompt/completion pairs), none, a builtin name, or a .jinja file"""
+    pack: bool = True
+    """sft: pack several examples into each row of seq_len tokens (no padding waste; attention
+    crosses example boundaries, as in most SFT packers); false = one example per row, padded"""
+    prompt_loss: bool = False
+    """sft: also train on the prompt tokens (default: the loss is on the responses only)"""
+    labels: tuple[str, ...] = ()
+    """classify: the label names in order; empty = the sorted labels found in the training records"""
+    class_weights: str = "none"
+    """classify: none, or balanced (weight of class c = n / (C * count_c), sklearn's rule)"""
+    pool: Literal["auto", "last", "mean"] = "auto"
+    """classify: auto = the last real token for transformers, the mean over real tokens for LSTM/GRU"""
+    freeze_embeddings: bool = False
+    """do not train the token (and position) embeddings"""
+    freeze_layers: int = 0
+    """do not train the first k blocks (transformer layers / recurrent layers)"""
+    lora_rank: int = 0
+    """LoRA rank on the attention and MLP projections; 0 = full fine-tuning (docs/finetune.md)"""
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ()
+    """module names LoRA wraps (the last part of a Linear's name, e.g. ["wq", "wv"]); empty = every
+    attention and MLP projection the model has (wq wk wv wo w1 w2, and w3 with SwiGLU)"""
+
+    def __post_init__(self) -> None:
+        _check_finite(self, "finetune")
+        if self.class_weights not in ("none", "balanced"):
+            raise ConfigError(f"finetune.class_weights={self.class_weights!r}; expected 'none' or 'balanced'")
+        if self.freeze_layers < 0 or self.lora_rank < 0:
+            raise ConfigError(f"finetune.freeze_layers={self.freeze_layers} and lora_rank={self.lora_rank} must be >= 0")
+        if self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"finetune.lora_alpha={self.lora_alpha} must be > 0 and lora_dropout="
+                              f"{self.lora_dropout} in [0, 1)")
+        dup = sorted({x for x in self.labels if self.labels.count(x) > 1})
+        if dup or any(not x for x in self.labels):
+            raise ConfigError(f"finetune.labels={list(self.labels)!r}: labels must be distinct non-empty names")
+        if self.labels and len(self.labels) < 2:
+            raise ConfigError(f"finetune.labels={list(self.labels)!r}: a classifier needs at least 2 labels")
+        if self.task == "lm" and (self.init_from or self.lora_rank):
+            raise ConfigError("finetune.init_from / lora_rank are set but finetune.task='lm'; set task = 'sft' "
+                              "or 'classify'")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -229,6 +286,7 @@ class RunConfig:
     parallel: ParallelDims = field(default_factory=ParallelDims)
     plan: PlanConfig = field(default_factory=PlanConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # ---- typed construction from plain dicts ---------------------------------------------------------

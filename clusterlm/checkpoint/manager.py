@@ -224,3 +224,35 @@ class Checkpointer:
             from clusterlm.checkpoint.distributed import finish_save
 
             finish_save(self._pending.pop())
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], *, distributed: bool,
+                 where: str) -> list[str]:
+    """Copy full (unsharded, CPU) tensors `state` into `model`, sharded (FSDP2/DTensor, collective:
+    every rank passes the same state) or not; names are the model's without wrapper prefixes
+    (activation checkpointing, torch.compile). Returns the model's keys `state` did not fill (the
+    caller decides which may be missing); a tensor `state` has that the model lacks, or one of the
+    wrong shape, is refused naming it and `where`."""
+    from clusterlm.checkpoint.model_io import check_state_shapes
+    from clusterlm.parallel.ac import clean_name
+
+    own = {clean_name(k): k for k in model.state_dict()}
+    unexpected = sorted(set(state) - set(own))
+    if unexpected:
+        raise CheckpointError(f"{where}: tensor {unexpected[0]} has no place in the model being trained "
+                              f"({len(unexpected)} such tensors; a base of another architecture?)")
+    if distributed:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        full = {k: v for k, v in state.items()}
+        want = {clean_name(k): tuple(v.shape) for k, v in model.state_dict().items()}
+        bad = [(k, tuple(v.shape), want[k]) for k, v in full.items() if tuple(v.shape) != want[k]]
+        if bad:
+            k, got, exp = bad[0]
+            raise CheckpointError(f"{where}: tensor {k} has shape {list(got)} but the model needs {list(exp)}")
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        renamed = {own[k]: v for k, v in state.items()}
+        check_state_shapes(renamed, model, where)
+        model.load_state_dict(renamed, strict=False)
+    return sorted(k for k in own if k not in state)

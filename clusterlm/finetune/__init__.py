@@ -1,4 +1,6 @@
-"""Fine-tuning. Built so far: LoRA adapters (clusterlm.finetune.lora; docs/finetune.md)."""
+"""Fine-tuning (docs/finetune.md): `clusterlm finetune RECIPE` trains with a [finetune] section.
+LoRA adapters (lora.py), the base model and the model transform (setup.py), the prepared data
+(data.py; the records and loader are clusterlm.data.sft), a classifier's validation (evaluate.py)."""
 
 from clusterlm.finetune.lora import (
     DEFAULT_TARGETS,

@@ -77,15 +77,17 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def reset_adapter(self, seed: int, name: str) -> None:
         """A ~ Kaiming-uniform (a=sqrt(5), nn.Linear's and peft's init), B = 0, so the update starts at
-        zero. Drawn on the CPU from a generator seeded by (seed, name): the same on every device."""
-        if self.lora_a.is_meta:
-            return
-        g = torch.Generator(device="cpu")
-        g.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1))
-        a = torch.empty(self.lora_a.shape, dtype=torch.float32)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
-        self.lora_a.copy_(a)
-        self.lora_b.zero_()
+        zero. Drawn on the CPU from a generator seeded by (seed, name): the same on every device.
+        A meta tensor is left alone (each of A and B on its own: parallel.init_sharded materialises
+        one parameter at a time)."""
+        if not self.lora_a.is_meta:
+            g = torch.Generator(device="cpu")
+            g.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1))
+            a = torch.empty(self.lora_a.shape, dtype=torch.float32)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
+            self.lora_a.copy_(a)
+        if not self.lora_b.is_meta:
+            self.lora_b.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)  # (..., out)

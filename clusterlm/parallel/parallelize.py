@@ -51,14 +51,28 @@ def _set_param(model: nn.Module, name: str, value: nn.Parameter) -> nn.Parameter
     return old
 
 
+Transform = Callable[[nn.Module], nn.Module]  # changes a freshly built model in place (LoRA, freezing)
+InitFn = Callable[[nn.Module, int], None]  # fills the parameters a transform added, after init_weights
+
+
+def _init(model: nn.Module, seed: int, init_extra: InitFn | None) -> None:
+    model.init_weights(seed)
+    if init_extra is not None:
+        init_extra(model, seed)
+
+
 @torch.no_grad()
-def init_sharded(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
+def init_sharded(model: nn.Module, cfg: ModelConfig, seed: int, transform: Transform | None = None,
+                 init_extra: InitFn | None = None) -> None:
     """Fill every (possibly DTensor) parameter and buffer of `model` with the values
-    build_model(cfg).init_weights(seed) gives the full model (see the module docstring)."""
+    build_model(cfg).init_weights(seed) gives the full model (see the module docstring); with a
+    `transform` (applied to the shadow too) and `init_extra` for the parameters it adds."""
     from clusterlm.models.build import build_model
 
     with torch.device("meta"):
         shadow = build_model(cfg)
+        if transform is not None:
+            shadow = transform(shadow)
     # buffers (rotary tables) are small: materialise all of them in the shadow once
     for name, buf in list(shadow.named_buffers()):
         mod_name, _, leaf = name.rpartition(".")
@@ -68,7 +82,7 @@ def init_sharded(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
         name = clean_name(name)
         full = nn.Parameter(torch.empty(shadow_params[name].shape, dtype=torch.float32), requires_grad=False)
         old = _set_param(shadow, name, full)
-        shadow.init_weights(seed)  # meta parameters are skipped; only `full` gets values
+        _init(shadow, seed, init_extra)  # meta parameters are skipped; only `full` gets values
         _set_param(shadow, name, old)
         shadow._tie()
         value = full.data.to(device=p.device, dtype=p.dtype)
@@ -247,24 +261,29 @@ def validate_layout(dims: ParallelDims, mcfg: ModelConfig, world_size: int, glob
 
 def build_parallel_model(mcfg: ModelConfig, pc: ParallelDims, mesh: DeviceMesh | None, device: torch.device, *,
                          seed: int, micro_batch: int, loss_fn: LossFn, param_dtype: torch.dtype | None = None,
-                         compile: bool = False, pp_schedule: str = "1f1b", wrap: str = "auto") -> ParallelModel:
+                         compile: bool = False, pp_schedule: str = "1f1b", wrap: str = "auto",
+                         transform: Transform | None = None, init_extra: InitFn | None = None) -> ParallelModel:
     """Build the model on meta, lay it out (pp split, TP, AC, compile, FSDP/DDP), materialise, init.
 
     wrap: "auto" picks DDP for pure replication, FSDP2 when parameters are sharded, nothing on one
     process; "ddp" or "fsdp" force that wrapper (e.g. to measure its overhead on one GPU). `loss_fn`:
-    the training loss (module docstring)."""
+    the training loss (module docstring). `transform` changes the model right after it is built on
+    meta, before any layout (fine-tuning: LoRA adapters, frozen parameters); `init_extra(model,
+    seed)` then fills what it added, after init_weights (both also run on init_sharded's shadow)."""
     if wrap not in ("auto", "ddp", "fsdp"):
         raise ValueError(f"wrap={wrap!r}; expected auto, ddp or fsdp")
     from clusterlm.models.build import build_model
 
     with torch.device("meta"):
         model = build_model(mcfg)
+        if transform is not None:
+            model = transform(model)
     coords = Coords.of(mesh, pc)
     dims = coords.dims
     if mesh is None or (dims.world_size == 1 and wrap == "auto"):
         apply_ac(model, pc.activation_checkpointing)
         model.to_empty(device=device)
-        model.init_weights(seed)
+        _init(model, seed, init_extra)
         wrapped = torch.compile(model) if compile else model
         return ParallelModel(model, wrapped, coords, mesh, "single", loss_fn)
 
@@ -289,7 +308,7 @@ def build_parallel_model(mcfg: ModelConfig, pc: ParallelDims, mesh: DeviceMesh |
     pure_replication = dims.dp_replicate > 1 and dims.dp_shard == 1 and dims.tp == 1 and dims.pp == 1
     if wrap == "ddp" or (wrap == "auto" and pure_replication):
         model.to_empty(device=device)
-        model.init_weights(seed)  # replicated: every rank holds the full model
+        _init(model, seed, init_extra)  # replicated: every rank holds the full model
         from clusterlm.parallel.ddp import apply_ddp
 
         wrapped = apply_ddp(model, mesh["dp_replicate"], device)
@@ -303,7 +322,7 @@ def build_parallel_model(mcfg: ModelConfig, pc: ParallelDims, mesh: DeviceMesh |
             apply_fsdp(model, dp_mesh, param_dtype=param_dtype)
             kind = "fsdp"
         model.to_empty(device=device)
-        init_sharded(model, mcfg, seed)
+        init_sharded(model, mcfg, seed, transform, init_extra)
         wrapped = model
     schedule = None
     if dims.pp > 1:

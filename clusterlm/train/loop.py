@@ -197,14 +197,31 @@ class Trainer:
             extra_state={"tokens_per_step": self.tokens_per_step})
         self.checkpointer.resolve()
         torch.manual_seed(tc.seed)
+        transform, init_extra = None, None
+        loss_fn = lm_loss
+        if cfg.finetune.task != "lm":
+            from clusterlm.finetune.setup import model_transform
+
+            transform, init_extra = model_transform(cfg.finetune, seed=tc.seed)
+            if mcfg.labels:
+                loss_fn = self._classify_loss()
         self.pm = pm = build_parallel_model(
-            mcfg, cfg.parallel, mesh, self.device, seed=tc.seed, micro_batch=tc.micro_batch_size, loss_fn=lm_loss,
+            mcfg, cfg.parallel, mesh, self.device, seed=tc.seed, micro_batch=tc.micro_batch_size, loss_fn=loss_fn,
             param_dtype=self.amp_dtype if self.distributed else None, compile=tc.compile,
-            pp_schedule=cfg.parallel.pp_schedule)
+            pp_schedule=cfg.parallel.pp_schedule, transform=transform, init_extra=init_extra)
         self.model = pm.module
+        if self.base is not None and self.checkpointer.resolve() is None:
+            self._load_base()
         self.optimizer = build_optimizer(self.model, cfg.optim, fused=None if pm.fused_optimizer_ok else False)
-        self.loader = TokenLoader(self.data_dir, "train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len,
-                                  seed=tc.seed, rank=pm.coords.dp_rank, world_size=dims.dp)
+        if self.examples:
+            from clusterlm.data.sft import ExampleLoader
+
+            self.loader = ExampleLoader(self.data_dir, "train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len,
+                                        seed=tc.seed, rank=pm.coords.dp_rank, world_size=dims.dp,
+                                        pack=cfg.finetune.pack, pad_id=self.pad_id)
+        else:
+            self.loader = TokenLoader(self.data_dir, "train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len,
+                                      seed=tc.seed, rank=pm.coords.dp_rank, world_size=dims.dp)
         self.state = self.checkpointer.load_into(self.model, self.optimizer, self.loader)
         self._log_plan()
         self._open_run_dir()
@@ -239,24 +256,74 @@ class Trainer:
         from clusterlm.parallel.parallelize import validate_layout
 
         tc = cfg.train
-        data_dir = rank0_first(self.distributed, self.env.rank, lambda: ensure_data(cfg.data),
-                               what=f"preparing {cfg.data.dir}", device=self.device)
-        self.meta = meta = read_meta(data_dir)
-        vocab = int(meta["tokenizer"]["vocab_size"])
-        mcfg = cfg.model
-        if mcfg.vocab_size is None:
-            mcfg = mcfg.with_vocab(vocab)
-        elif mcfg.vocab_size < vocab:
-            raise ConfigError(f"model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's {vocab} tokens "
-                              f"in {data_dir}; leave it unset to take the tokenizer's size")
+        self.base = None
+        if cfg.finetune.task != "lm":
+            from clusterlm.finetune.data import ensure_finetune_data
+
+            data_dir, self.base, mcfg = rank0_first(
+                self.distributed, self.env.rank, lambda: ensure_finetune_data(cfg), what=f"preparing {cfg.data.dir}",
+                device=self.device)
+            self.meta = meta = read_meta(data_dir)
+        else:
+            data_dir = rank0_first(self.distributed, self.env.rank, lambda: ensure_data(cfg.data),
+                                   what=f"preparing {cfg.data.dir}", device=self.device)
+            self.meta = meta = read_meta(data_dir)
+            if meta.get("layout") == "examples":
+                raise ConfigError(f"data.dir={str(data_dir)!r} holds fine-tuning examples ({meta.get('task')}); set "
+                                  f"finetune.task = {meta.get('task')!r} to train on them")
+            vocab = int(meta["tokenizer"]["vocab_size"])
+            mcfg = cfg.model
+            if mcfg.vocab_size is None:
+                mcfg = mcfg.with_vocab(vocab)
+            elif mcfg.vocab_size < vocab:
+                raise ConfigError(f"model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's {vocab} "
+                                  f"tokens in {data_dir}; leave it unset to take the tokenizer's size")
         if tc.seq_len > mcfg.max_seq_len:
             raise ConfigError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={mcfg.max_seq_len}")
         self.data_dir = data_dir
         self.tokenizer_file = data_dir / meta["tokenizer"]["file"]
-        self.has_val = meta["splits"].get("val", {}).get("tokens", 0) > tc.seq_len
+        self.examples = meta.get("layout") == "examples"
+        if self.examples:
+            self.has_val = meta["splits"].get("val", {}).get("examples", 0) > 0
+        else:
+            self.has_val = meta["splits"].get("val", {}).get("tokens", 0) > tc.seq_len
         self.dims = validate_layout(cfg.parallel, mcfg, self.env.world_size, tc.global_batch_tokens,
                                     tc.micro_batch_size, tc.seq_len)
         return dataclasses.replace(cfg, model=mcfg, data=dataclasses.replace(cfg.data, dir=str(data_dir)))
+
+    @property
+    def pad_id(self) -> int:
+        from clusterlm.tokenizer import load_tokenizer
+
+        if not hasattr(self, "_pad_id"):
+            self._pad_id = load_tokenizer(self.tokenizer_file).pad_id
+        return self._pad_id
+
+    def _classify_loss(self):  # noqa: ANN202 - a ClassifyLoss
+        """Cross-entropy over the labels, with finetune.class_weights from the training labels."""
+        from clusterlm.data.sft import ExampleSplit
+        from clusterlm.finetune.setup import ClassifyLoss, balanced_weights
+
+        weight = None
+        labels = self.cfg.model.labels
+        if self.cfg.finetune.class_weights == "balanced":
+            weight = balanced_weights(ExampleSplit(self.data_dir, "train").arrays["labels"], len(labels))
+            log.info("class weights (balanced): %s", ", ".join(f"{n} {w:.3f}" for n, w in zip(labels, weight.tolist())))
+        return ClassifyLoss(weight)
+
+    def _load_base(self) -> None:
+        """The base model's weights into the freshly built (possibly sharded) model."""
+        from clusterlm.checkpoint.manager import load_weights
+        from clusterlm.finetune.setup import base_state, expected_missing, trainable_summary
+
+        base = self.base
+        state = base_state(base, self.cfg.model)
+        missing = load_weights(self.model, state, distributed=self.distributed, where=str(base.path))
+        bad = expected_missing(self.model, missing)
+        if bad:
+            raise ConfigError(f"finetune.init_from={base.path} lacks {len(bad)} tensors the model needs "
+                              f"(first: {bad[0]}); is it a model of this architecture?")
+        log.info("fine-tuning %s from %s: %s", self.cfg.finetune.task, base.path, trainable_summary(self.model))
 
     def _load_tasks(self, cfg: RunConfig) -> list:
         """The [eval] tasks, loaded once and checked against the model's context (an unknown name, a
@@ -485,8 +552,22 @@ class Trainer:
             self.last_val = None
             return
         tc, state = self.tc, self.state
-        batches = iter_eval_batches(self.data_dir, "val", tc.micro_batch_size, tc.seq_len, max_batches=tc.eval_batches)
-        if self.dims.pp > 1:
+        extra: dict[str, Any] = {}
+        if self.examples:
+            from clusterlm.data.sft import iter_example_batches
+
+            batches = iter_example_batches(self.data_dir, "val", tc.micro_batch_size, tc.seq_len, pad_id=self.pad_id,
+                                           pack=self.cfg.finetune.pack, max_batches=tc.eval_batches)
+        else:
+            batches = iter_eval_batches(self.data_dir, "val", tc.micro_batch_size, tc.seq_len,
+                                        max_batches=tc.eval_batches)
+        if self.cfg.model.labels:
+            from clusterlm.finetune.evaluate import evaluate_classifier
+
+            extra = evaluate_classifier(self.pm.inference_module, batches, self.cfg.model.labels, self.pm.loss_fn,
+                                        device=self.device, autocast=self.autocast)
+            val = extra.pop("loss")
+        elif self.dims.pp > 1:
             val = self.pm.pipeline_eval_loss(batches, self.device, self.autocast)  # full batches only
         else:
             val = float(evaluate_loss(self.pm.inference_module, batches, device=self.device,
@@ -496,9 +577,14 @@ class Trainer:
             return
         if state.best_val_loss is None or val < state.best_val_loss:
             state.best_val_loss = val
-        self.metrics.log({"kind": "eval", "step": state.step, "tokens": state.tokens_seen, "val_loss": val,
-                          "val_ppl": math.exp(min(val, 50.0))})
-        log.info("step %d: val loss %.4f (best %.4f)", state.step, val, state.best_val_loss)
+        record = {"kind": "eval", "step": state.step, "tokens": state.tokens_seen, "val_loss": val}
+        if self.cfg.model.labels:
+            record.update({f"val_{k}": v for k, v in extra.items() if isinstance(v, (int, float))})
+        else:
+            record["val_ppl"] = math.exp(min(val, 50.0))
+        self.metrics.log(record)
+        scores = "".join(f", {k} {extra[k]:.4f}" for k in ("accuracy", "macro_f1") if k in extra)
+        log.info("step %d: val loss %.4f (best %.4f)%s", state.step, val, state.best_val_loss, scores)
 
     def evaluate_tasks(self) -> None:
         """Score the [eval] tasks on the current weights: one "task" record per task in metrics.jsonl
@@ -541,6 +627,13 @@ class Trainer:
         self._t_start = now
         ckpt = self.checkpointer
         self.last_ckpt = path = ckpt.save(self.state, self.model, self.optimizer, self.loader, reason=reason)
+        if reason == "final" and self.cfg.finetune.lora_rank:
+            from clusterlm.finetune.lora import save_adapters
+
+            # collective under FSDP (the adapters are gathered); rank 0 writes OUT_DIR/adapter
+            save_adapters(self.out_dir / "adapter", self.model, {"base": str(self.base.path) if self.base else None,
+                                                                  "checkpoint": str(path)},
+                          overwrite=True, write=self.rank0)
         event = {"kind": "event", "step": self.state.step, "event": "checkpoint", "path": str(path), "reason": reason}
         if ckpt.distributed:
             event["async"] = ckpt.writes_async(reason)
@@ -555,11 +648,14 @@ def _task_line(record: dict[str, Any]) -> str:
     return f"{record['task']} ({record['task_kind']}, {record['n']} examples, {record['eval_s']:.1f} s): {scores}"
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], *, finetune: bool = False) -> int:
+    """`clusterlm train` (and `clusterlm finetune`, which needs a recipe with [finetune] task sft or classify)."""
     overrides, rest = split_overrides(argv)
+    what = ("Fine-tune a base model from a recipe with a [finetune] section (task sft or classify; "
+            "docs/finetune.md)" if finetune else "Train a model from a recipe")
     parser = argparse.ArgumentParser(
-        prog="clusterlm train",
-        description="Train a model from a recipe. Any config key can be overridden as --section.key=value "
+        prog="clusterlm finetune" if finetune else "clusterlm train",
+        description=f"{what}. Any config key can be overridden as --section.key=value "
                     "(see `clusterlm config show RECIPE`). Exit codes: 0 done, 2 bad input, 3 diverged "
                     "(NaN/Inf), 75 stopped by a signal after saving (resume with --train.resume=auto).",
     )
@@ -570,6 +666,10 @@ def main(argv: list[str]) -> int:
     if args.resume:
         overrides.append(f"--train.resume={args.resume}")
     cfg = load_run_config(args.recipe, overrides)
+    if finetune and cfg.finetune.task == "lm":
+        raise ConfigError(f"clusterlm finetune: {args.recipe or 'the config'} has finetune.task = 'lm' (pre-training); "
+                          "set [finetune] task = 'sft' or 'classify' (and init_from = a base model), or use "
+                          "`clusterlm train`")
     from clusterlm.parallel.launch import read_env, record_exit_code, shutdown_distributed
 
     if read_env().rank == 0:

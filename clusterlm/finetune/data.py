@@ -1,0 +1,131 @@
+"""The fine-tuning run's data directory: prepared once from `data.source` with the base's tokenizer
+(plus the chat template's special tokens), or reused when it was made from the same inputs.
+
+    data_dir, base, model_cfg = ensure_finetune_data(cfg)     # cfg: a RunConfig with [finetune]
+
+Torch-light: the base's weights are not read here (finetune/setup.py `base_state` does that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from clusterlm.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_template(spec: str, task: str, base_template: Path | None, records: list) -> Any | None:
+    """The chat template for finetune.template = `spec` (auto, none, a builtin name or a .jinja file)."""
+    from clusterlm.generate.template import BUILTIN_TEMPLATES, load_template
+
+    if task == "classify" or spec == "none":
+        if task == "classify" and spec not in ("auto", "none"):
+            raise ConfigError(f"finetune.template={spec!r}: a classifier reads plain text; leave template unset")
+        return None
+    if spec == "auto":
+        if base_template is not None:
+            return load_template(str(base_template))
+        if any(getattr(r, "messages", None) is not None for r in records):
+            return load_template(next(iter(BUILTIN_TEMPLATES)))
+        return None
+    return load_template(spec)
+
+
+def _texts(records: list) -> list[str]:
+    out = []
+    for r in records:
+        if hasattr(r, "text"):
+            out.append(r.text)
+        elif r.messages is not None:
+            out += [c for _, c in r.messages]
+        else:
+            out += [r.prompt or "", r.completion or ""]
+    return out
+
+
+def _check_made_from(data_dir: Path, meta: dict, cfg: Any) -> None:
+    from clusterlm.data.sft import _source_stamp
+
+    ft, data = cfg.finetune, cfg.data
+    if meta.get("layout") != "examples":
+        raise ConfigError(f"data.dir={str(data_dir)!r} holds pre-training token shards; fine-tuning prepares its own "
+                          "examples: give a new data.dir (and data.source = the records)")
+    if meta.get("task") != ft.task:
+        raise ConfigError(f"data.dir={str(data_dir)!r} was prepared for finetune.task={meta.get('task')!r}, not "
+                          f"{ft.task!r}; give a new data.dir")
+    made = meta.get("made_from") or {}
+    if data.source:
+        try:
+            now = _source_stamp(data.source)
+        except OSError:
+            now = None
+        if now != made.get("source"):
+            was = ", ".join(s.get("path", "?") for s in made.get("source") or []) or "unknown records"
+            raise ConfigError(f"data.dir={str(data_dir)!r} was prepared from {was}, not from data.source="
+                              f"{data.source!r} as it is now (changed since?); delete {data_dir} or give a new data.dir")
+
+
+def ensure_finetune_data(cfg: Any) -> tuple[Path, Any, Any]:
+    """(data_dir, base or None, the fine-tuned model's ModelConfig) for a run with finetune.task sft or
+    classify; prepares data.dir from data.source if it has no meta.json yet."""
+    from clusterlm.data.shards import read_meta
+    from clusterlm.data.sft import prepare_examples, read_records
+    from clusterlm.finetune.setup import check_tokenizer_extends, finetune_model_config, resolve_base
+    from clusterlm.tokenizer import load_tokenizer
+
+    ft, data = cfg.finetune, cfg.data
+    base = resolve_base(ft.init_from, Path(cfg.train.out_dir)) if ft.init_from else None
+    base_tok = load_tokenizer(base.tokenizer_file) if base is not None else None
+    data_dir = Path(data.dir)
+    if (data_dir / "meta.json").is_file():
+        _check_made_from(data_dir, read_meta(data_dir), cfg)
+    else:
+        if not data.source:
+            raise ConfigError(f"data.dir={str(data_dir)!r} is not prepared and data.source is empty; set data.source "
+                              "to the training records (.jsonl, .tsv, or parallel files 'SRC,TGT')")
+        records = read_records(data.source, ft.task, ft.labels)
+        val_records = read_records(ft.val_source, ft.task, ft.labels) if ft.val_source else None
+        template = resolve_template(ft.template, ft.task, base.template_file if base else None,
+                                    records + (val_records or []))
+        if base_tok is not None:
+            tok = base_tok
+        else:
+            from clusterlm.tokenizer.kinds import make_tokenizer, train_tokenizer
+
+            texts = _texts(records) + (_texts(val_records or []) if data.tokenizer == "char" else [])
+            if data.tokenizer == "byte":
+                tok = make_tokenizer("byte")
+            elif data.tokenizer in ("char", "bpe"):
+                tok = train_tokenizer(data.tokenizer, texts, data.vocab_size or None)
+            else:
+                tok = load_tokenizer(data.tokenizer)
+        if template is not None:
+            tok = tok.with_special_tokens(template.special_tokens)
+        log.info("preparing %s: %s records from %s (template: %s, tokenizer: %s, %d tokens)", data_dir, ft.task,
+                 data.source, "none" if template is None else ft.template, tok.kind, tok.vocab_size)
+        prepare_examples(data_dir, task=ft.task, source=data.source, tokenizer=tok, val_source=ft.val_source,
+                         val_fraction=data.val_fraction, template=template, labels=ft.labels,
+                         prompt_loss=ft.prompt_loss, records=records, val_records=val_records)
+    meta = read_meta(data_dir)
+    tok = load_tokenizer(data_dir / meta["tokenizer"]["file"])
+    labels = tuple(meta.get("labels") or ()) if ft.task == "classify" else ()
+    if ft.labels and labels and tuple(ft.labels) != labels:
+        raise ConfigError(f"finetune.labels={list(ft.labels)} but {data_dir} was prepared with labels {list(labels)}; "
+                          "give a new data.dir")
+    if base is not None:
+        check_tokenizer_extends(base_tok, tok, f"data.dir={str(data_dir)!r}")
+        mcfg = finetune_model_config(base.config.model, cfg.model, vocab_size=tok.vocab_size, labels=labels,
+                                     pool=ft.pool, pad_id=tok.pad_id, where=f"finetune.init_from={str(base.path)!r}")
+    else:
+        mcfg = cfg.model
+        if mcfg.vocab_size is None:
+            mcfg = mcfg.with_vocab(tok.vocab_size)
+        elif mcfg.vocab_size < tok.vocab_size:
+            raise DataError(f"model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size} "
+                            f"tokens in {data_dir}; leave it unset")
+        mcfg = dataclasses.replace(mcfg, labels=labels, pool=ft.pool, pad_id=tok.pad_id if labels else mcfg.pad_id)
+    return data_dir, base, mcfg

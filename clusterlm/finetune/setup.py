@@ -1,0 +1,240 @@
+"""What fine-tuning adds to a training run: the base model, the fine-tuned model's config (its
+vocabulary grown by the chat tokens, a classification head), the data prepared with the base's
+tokenizer, LoRA and frozen parameters, and the base weights loaded into the (possibly sharded)
+model. The trainer (train/loop.py) calls these when `[finetune] task` is sft or classify.
+
+    base = resolve_base("runs/shakespeare_char", out_dir)          # a step folder, or an HF folder
+    mcfg = finetune_model_config(base.config.model, cfg.model, vocab_size=..., labels=..., pad_id=...)
+    transform, init_extra = model_transform(cfg.finetune)          # LoRA, freezing: before sharding
+    state = base_state(base, mcfg)                                  # full tensors, vocabulary grown
+    load_weights(model, state, distributed=...)                     # checkpoint/manager.py
+
+New vocabulary rows (the chat tokens appended to the base's tokenizer) start as the mean of the
+base's rows, in the token embedding and in an untied output layer (and its bias): the rule of
+transformers' `resize_token_embeddings(mean_resizing=True)` without the noise, so a new token's
+first logits are the average token's and the loss does not jump (docs/finetune.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from clusterlm.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+VOCAB_KEYS = ("tok_embeddings.weight", "output.weight", "output.bias")  # tensors with one row per token
+SHAPE_KEYS = ("arch", "n_layers", "dim", "n_heads", "n_kv_heads", "head_size", "ffn_dim", "ffn_multiple", "pos",
+              "norm", "mlp", "bias", "tie_embeddings", "vocab_multiple", "rope_theta")
+
+
+@dataclass(frozen=True)
+class Base:
+    """A base model on disk: a clusterlm step folder (an HF folder is converted into one first)."""
+
+    path: Path
+    config: Any  # its RunConfig
+    tokenizer_file: Path
+    template_file: Path | None  # chat_template.jinja beside its tokenizer, if it has one
+
+
+def resolve_base(init_from: str, out_dir: Path) -> Base:
+    """The base named by finetune.init_from: a run, checkpoints folder or step folder, or a Hugging
+    Face model folder (converted once into OUT_DIR/base)."""
+    from clusterlm.checkpoint.model_io import read_checkpoint_config
+    from clusterlm.checkpoint.store import read_quantization, resolve_checkpoint
+
+    src = Path(init_from)
+    if not src.exists():
+        raise ConfigError(f"finetune.init_from={init_from!r} does not exist; give a clusterlm run or checkpoint "
+                          "folder, or a Hugging Face model folder (config.json + model.safetensors + tokenizer.json)")
+    if (src / "config.json").is_file() and not (src / "config.toml").is_file():
+        converted = out_dir / "base"
+        if not (converted / "checkpoints").exists():
+            from clusterlm.interop.hf_io import convert_from_hf
+
+            log.info("finetune.init_from=%s is a Hugging Face folder: converting it into %s", src, converted)
+            convert_from_hf(src, converted)
+        src = converted
+    path = resolve_checkpoint(str(src))  # distributed checkpoints carry full weights too (model.safetensors)
+    if read_quantization(path) is not None:
+        raise ConfigError(f"finetune.init_from={path} is a quantized checkpoint; fine-tune the full-precision model "
+                          "(quantize the fine-tuned one afterwards)")
+    cfg = read_checkpoint_config(path)
+    tok = path / "tokenizer.json"
+    if not tok.is_file():
+        raise CheckpointError(f"{path} has no tokenizer.json; a base model for fine-tuning needs its tokenizer")
+    template = path / "chat_template.jinja"
+    return Base(path=path, config=cfg, tokenizer_file=tok, template_file=template if template.is_file() else None)
+
+
+def finetune_model_config(base: Any, recipe: Any, *, vocab_size: int, labels: tuple[str, ...] = (),
+                          pool: str = "auto", pad_id: int = -1, where: str = "the base") -> Any:
+    """The fine-tuned model's ModelConfig: the base's shape with the vocabulary of the data's
+    tokenizer (the base's plus the chat tokens), a head for `labels`, and the recipe's dropout. A
+    recipe [model] key that asks for another shape than the base's is refused, naming both."""
+    from clusterlm.models.config import ModelConfig
+
+    default = ModelConfig()
+    asked = [(k, getattr(base, k), getattr(recipe, k)) for k in SHAPE_KEYS + ("max_seq_len",)
+             if getattr(recipe, k) != getattr(default, k) and getattr(recipe, k) != getattr(base, k)]
+    if asked:
+        has = ", ".join(f"{k}={b!r}" for k, b, _ in asked)
+        want = ", ".join(f"{k}={r!r}" for k, _, r in asked)
+        raise ConfigError(f"{where} has {has} but the recipe's [model] asks for {want}; a fine-tuned model keeps its "
+                          "base's shape: remove those keys from [model]")
+    if base.vocab_size is not None and vocab_size < base.vocab_size:
+        raise ConfigError(f"the data's tokenizer has {vocab_size} tokens but {where} has vocab_size="
+                          f"{base.vocab_size}; fine-tuning data must be tokenized with the base's tokenizer")
+    dropout = recipe.dropout if recipe.dropout != default.dropout else base.dropout
+    return dataclasses.replace(base, vocab_size=vocab_size, labels=tuple(labels), pool=pool,
+                               pad_id=pad_id if labels else base.pad_id, dropout=dropout)
+
+
+def check_tokenizer_extends(base_tok: Any, tok: Any, where: str) -> None:
+    """`tok` must be `base_tok` with tokens appended: the same ids for every base token."""
+    if tok.kind != base_tok.kind or tok.vocab_size < base_tok.vocab_size:
+        raise ConfigError(f"{where}: the data's tokenizer ({tok.kind}, {tok.vocab_size} tokens) is not the base's "
+                          f"({base_tok.kind}, {base_tok.vocab_size} tokens) plus chat tokens; prepare the data again "
+                          "into a fresh data.dir")
+    probe = "The quick brown fox, 0123456789!\n"
+    if tok.encode(probe) != base_tok.encode(probe):
+        raise ConfigError(f"{where}: the data's tokenizer encodes text differently from the base's; prepare the data "
+                          "again into a fresh data.dir")
+
+
+# ---- the model ------------------------------------------------------------------------------------
+def _lm(model: nn.Module) -> nn.Module:
+    return getattr(model, "backbone", model)  # a SequenceClassifier holds its LM as `backbone`
+
+
+def freeze(model: nn.Module, *, embeddings: bool, layers: int) -> int:
+    """Stop training the token/position embeddings and the first `layers` blocks; returns the number
+    of parameters frozen. A tied output layer is the token embedding: frozen with it."""
+    lm = _lm(model)
+    n = 0
+    targets: list[nn.Parameter] = []
+    if embeddings:
+        for name in ("tok_embeddings", "pos_embeddings"):
+            mod = getattr(lm, name, None)
+            if mod is not None:
+                targets += list(mod.parameters())
+    if layers:
+        if hasattr(lm, "layers"):
+            blocks = list(lm.layers.values())
+            if layers > len(blocks):
+                raise ConfigError(f"finetune.freeze_layers={layers} but the model has {len(blocks)} layers")
+            for b in blocks[:layers]:
+                targets += list(b.parameters())
+        else:  # LSTM/GRU: per-layer parameters weight_ih_l{k}, weight_hh_l{k}, bias_*_l{k}
+            k_max = lm.config.n_layers
+            if layers > k_max:
+                raise ConfigError(f"finetune.freeze_layers={layers} but the model has {k_max} layers")
+            targets += [p for name, p in lm.rnn.named_parameters()
+                        if int(name.rsplit("_l", 1)[1].split("_")[0]) < layers]
+    for p in targets:
+        if p.requires_grad:
+            p.requires_grad_(False)
+            n += p.numel()
+    return n
+
+
+def model_transform(ft: Any, seed: int = 0) -> tuple[Callable[[nn.Module], nn.Module] | None,
+                                                     Callable[[nn.Module, int], None] | None]:
+    """(transform, init_extra) for parallel.parallelize.build_parallel_model: LoRA adapters on the
+    finetune.lora_targets projections (everything else frozen, a classification head excepted) and
+    the frozen embeddings/layers. (None, None) for plain full fine-tuning."""
+    if not (ft.lora_rank or ft.freeze_embeddings or ft.freeze_layers):
+        return None, None
+    from clusterlm.finetune.lora import apply_lora, reset_adapters
+
+    def transform(model: nn.Module) -> nn.Module:
+        if ft.lora_rank:
+            apply_lora(model, ft.lora_targets or None, rank=ft.lora_rank, alpha=ft.lora_alpha, dropout=ft.lora_dropout,
+                       seed=seed)
+            head = getattr(model, "score", None)
+            if head is not None:
+                head.requires_grad_(True)  # the task head is new: it trains with the adapters
+        freeze(model, embeddings=ft.freeze_embeddings, layers=ft.freeze_layers)
+        return model
+
+    def init_extra(model: nn.Module, s: int) -> None:
+        reset_adapters(model, s)
+
+    return transform, (init_extra if ft.lora_rank else None)
+
+
+def base_state(base: Base, mcfg: Any) -> dict[str, torch.Tensor]:
+    """The base's weights as full CPU tensors named as in the fine-tuned model: vocabulary rows grown
+    to `mcfg`'s padded size (new rows: the mean of the base's real rows) and, for a classifier, the
+    LM's names under `backbone.`."""
+    from clusterlm.checkpoint.store import load_model_weights
+
+    state = load_model_weights(base.path)
+    bm = base.config.model
+    v0, v1 = bm.vocab_size, mcfg.vocab_size
+    p1 = mcfg.padded_vocab_size
+    for key in VOCAB_KEYS:
+        t = state.get(key)
+        if t is None or (v1 == v0 and t.shape[0] == p1):
+            continue
+        grown = t.new_empty((p1,) + tuple(t.shape[1:]))
+        keep = min(t.shape[0], p1)
+        grown[:keep] = t[:keep]
+        grown[v0:] = t[:v0].float().mean(0).to(t.dtype)
+        state[key] = grown
+    if v1 > v0:
+        log.info("vocabulary %d -> %d tokens: %d new rows initialised to the mean of the base's rows", v0, v1, v1 - v0)
+    if mcfg.labels:
+        state = {f"backbone.{k}": v for k, v in state.items()}
+    return state
+
+
+def expected_missing(model: nn.Module, names: list[str]) -> list[str]:
+    """Of `names` (keys absent from the base), those that are not new parameters (a head, adapters)
+    or tied aliases: what a base that does not fit leaves unfilled."""
+    tied = set()
+    seen: dict[int, str] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(n)
+        seen.setdefault(id(p), n)
+    return [n for n in names if not (n.endswith((".lora_a", ".lora_b")) or n.startswith("score.") or n in tied)]
+
+
+def trainable_summary(model: nn.Module) -> str:
+    params = list(model.parameters())
+    train = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    return f"{train:,} of {total:,} parameters train ({100.0 * train / max(total, 1):.2f}%)"
+
+
+# ---- losses ---------------------------------------------------------------------------------------
+class ClassifyLoss:
+    """Cross-entropy of (B, C) logits against (B,) label ids, with optional class weights; the
+    trainer's `loss_fn` for classifiers (a class, so it pickles for the pipeline schedule)."""
+
+    def __init__(self, weight: torch.Tensor | None = None) -> None:
+        self.weight = weight
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        if logits.ndim != 2 or targets.shape != logits.shape[:1]:
+            raise ValueError(f"classify loss: logits {tuple(logits.shape)} must be (B, C) and targets "
+                             f"{tuple(targets.shape)} (B,)")
+        w = self.weight.to(logits.device) if self.weight is not None else None
+        return torch.nn.functional.cross_entropy(logits.float(), targets, weight=w, reduction=reduction)
+
+
+def balanced_weights(labels: Any, n_classes: int) -> torch.Tensor:
+    """scikit-learn's 'balanced' class weights: n / (C * count_c) (a class absent from training: 0)."""
+    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.int64), minlength=n_classes).double()
+    w = torch.where(counts > 0, counts.sum() / (n_classes * counts.clamp(min=1)), torch.zeros_like(counts))
+    return w.float()
