@@ -12,7 +12,7 @@ store; clusterlm/checkpoint/layout.py does the committing):
                               Keys "model.<fqn>" and "optim.state.<fqn>.<exp_avg|...>", ... (FQNs
                               of the unsharded model), so any layout can read them back.
         train_state.json      step, tokens, loader position (a global sample index: reshards freely)
-        config.toml, tokenizer.json
+        config.toml, tokenizer.json (and chat_template.jinja when the tokenizer file has one beside it)
         model.safetensors     full weights for eval/generate/export (written by rank 0; with pp > 1 the
                               stages' weights are gathered to rank 0 first)
         rng/rank-00000.{json,safetensors}   each rank's generators (python, numpy, torch CPU, CUDA)
@@ -51,7 +51,7 @@ from clusterlm.checkpoint.files import read_tensors, write_json, write_tensors
 from clusterlm.checkpoint.flatten import flatten_state, unflatten_state
 from clusterlm.checkpoint.layout import commit_folder, move_latest, prune, remove_stale, step_name
 from clusterlm.checkpoint.rng import capture_rng_state
-from clusterlm.checkpoint.store import DCP_DIR, write_manifest
+from clusterlm.checkpoint.store import DCP_DIR, copy_tokenizer_files, write_manifest
 from clusterlm.errors import CheckpointError
 from clusterlm.fsutil import atomic_write_text, fsync_dir
 
@@ -189,8 +189,7 @@ def save_distributed(ckpt_root: Path, step: int, model: nn.Module, optimizer: to
                 save_file(tensors, str(tmp / "model.safetensors"))
             atomic_write_text(tmp / "train_state.json", json.dumps(train_state, indent=1))
             atomic_write_text(tmp / "config.toml", config_toml)
-            if tokenizer_path is not None:
-                shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+            copy_tokenizer_files(tokenizer_path, tmp)  # and the chat template beside it, if any
     except BaseException:
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)

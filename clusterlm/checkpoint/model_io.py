@@ -8,7 +8,8 @@ Only safetensors and JSON/TOML are read: nothing is unpickled.
 A checkpoint written by `clusterlm quantize` has a quantization.json (method, group size, module
 names; older ones: a "quantization" entry in train_state.json); its Linear layers are rebuilt as the
 quantized modules of clusterlm.optimize.qlinear before the packed weights are loaded
-(docs/compression.md). `LoadedModel.info` carries the folder's step, train_state and config text, so
+(docs/compression.md). `LoadedModel.chat_template` is the checkpoint's chat_template.jinja (None
+without one; clusterlm.generate.template). `LoadedModel.info` carries the folder's step, train_state and config text, so
 a command that writes a derived checkpoint (quantize, prune) reads the source once.
 """
 
@@ -25,6 +26,7 @@ import torch
 
 from clusterlm.checkpoint.store import CheckpointInfo, read_quantization
 from clusterlm.errors import CheckpointError
+from clusterlm.generate.template import ChatTemplate, read_template
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -42,6 +44,7 @@ class LoadedModel:
     path: Path
     info: CheckpointInfo | None = None  # step, train_state, config text, tokenizer path of `path`
     quantization: dict | None = None  # what read_quantization(path) returned
+    chat_template: ChatTemplate | None = None  # the checkpoint's chat_template.jinja, if it has one
 
 
 def load_for_inference(arg: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
@@ -55,6 +58,7 @@ def load_for_inference(arg: str | Path, device: str | torch.device = "cpu") -> L
     if not tok_file.is_file():
         raise CheckpointError(f"{path} has no tokenizer.json")
     tokenizer = load_tokenizer(tok_file)
+    chat_template = read_template(path)  # before the weights: a broken template is refused at once
     if tokenizer.vocab_size > cfg.model.padded_vocab_size:  # its ids would index past the embedding
         raise CheckpointError(f"{tok_file} has {tokenizer.vocab_size} tokens but the model in {path}/config.toml has "
                               f"vocab_size={cfg.model.vocab_size}; the checkpoint's files disagree (was one replaced?)")
@@ -69,8 +73,17 @@ def load_for_inference(arg: str | Path, device: str | torch.device = "cpu") -> L
         quantize_model(model, quant["method"], group_size=quant["group_size"], modules=quant["modules"],
                        empty=True)
     state = load_model_weights(path)
+    lora = sorted({k[:-len(".lora_a")] for k in state if k.endswith(".lora_a")})
+    if lora:  # a LoRA fine-tuning checkpoint (base + adapters): merged into the weights for inference
+        from clusterlm.finetune.lora import apply_lora
+
+        apply_lora(model, lora, rank=int(state[lora[0] + ".lora_a"].shape[0]), alpha=cfg.finetune.lora_alpha)
     check_state_shapes(state, model, path / "model.safetensors")  # one line, not load_state_dict's 20
     missing, unexpected = model.load_state_dict(state, strict=False)
+    if lora:
+        from clusterlm.finetune.lora import merge_lora
+
+        merge_lora(model)
     missing = [k for k in missing if k not in _tied_names(model)]
     if missing or unexpected:
         raise CheckpointError(f"{path}/model.safetensors does not match model config: missing {missing[:5]}, "
@@ -78,7 +91,7 @@ def load_for_inference(arg: str | Path, device: str | torch.device = "cpu") -> L
     model.eval()
     log.info("loaded %s (%s parameters) on %s", path, f"{cfg.model.num_params():,}", device)
     return LoadedModel(model=model, tokenizer=tokenizer, config=cfg, path=path, info=read_info(path),
-                       quantization=quant)
+                       quantization=quant, chat_template=chat_template)
 
 
 def read_checkpoint_config(path: Path) -> object:

@@ -20,6 +20,8 @@ Layout of a step folder (format_version 1, described in docs/checkpoints.md):
         train_state.json       the caller's dict, plus "rng": python `random` and numpy states
         config.toml            the resolved run config (text given by the caller)
         tokenizer.json         copied from the caller's path (optional)
+        chat_template.jinja    the chat template, copied from beside that tokenizer file when it has
+                               one, or given as text (optional; clusterlm.generate.template)
         quantization.json      written by `clusterlm quantize` (optional; older checkpoints kept it
                                as a "quantization" entry of train_state.json, still read)
         manifest.json          written last: sha256 and size of every other file
@@ -60,6 +62,7 @@ from clusterlm.checkpoint.layout import (
 from clusterlm.checkpoint.rng import capture_rng_state
 from clusterlm.errors import CheckpointError
 from clusterlm.fsutil import fsync_dir, sha256_file
+from clusterlm.generate.template import TEMPLATE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +116,14 @@ def write_manifest(folder: Path, step: int) -> dict:
 def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.Tensor],
                     optimizer_state: dict | None, train_state: dict, config_toml: str,
                     tokenizer_path: Path | None = None, rng: dict | None = None, keep_last: int = 3,
-                    quantization: dict | None = None) -> Path:
+                    quantization: dict | None = None, chat_template: str | None = None) -> Path:
     """Write checkpoint `step` atomically under `ckpt_root`; returns the committed step folder.
 
     `rng` is what `capture_rng_state()` returned; when None it is captured here (call it at the
     point whose RNG state a resume should see). Tensors may be on any device; they are copied to CPU.
-    `quantization` (quantized weights only) is written to quantization.json.
+    `quantization` (quantized weights only) is written to quantization.json. The chat template
+    (chat_template.jinja) is `chat_template` (its source text) when given, else the file beside
+    `tokenizer_path` when there is one.
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step={step!r} must be an int >= 0")
@@ -153,9 +158,7 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.
         write_bytes(tmp / "config.toml", config_toml.encode("utf-8"))
         if quantization is not None:
             write_json(tmp / QUANTIZATION, quantization)
-        if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-            fsync_file(tmp / "tokenizer.json")
+        copy_tokenizer_files(tokenizer_path, tmp, chat_template)
         write_manifest(tmp, step)
         commit_folder(tmp, root / name)
     except BaseException as e:
@@ -172,6 +175,20 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.
     prune(root, keep_last, root / name)
     log.info("saved checkpoint %s", root / name)
     return root / name
+
+
+def copy_tokenizer_files(tokenizer_path: Path | None, folder: Path, chat_template: str | None = None) -> None:
+    """Copy `tokenizer_path` to folder/tokenizer.json and the chat template (`chat_template` text, or
+    TEMPLATE_FILE beside the tokenizer file) to folder/TEMPLATE_FILE, fsynced (the DCP saver too)."""
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, folder / "tokenizer.json")
+        fsync_file(folder / "tokenizer.json")
+        beside = Path(tokenizer_path).parent / TEMPLATE_FILE
+        if chat_template is None and beside.is_file():
+            shutil.copyfile(beside, folder / TEMPLATE_FILE)
+            fsync_file(folder / TEMPLATE_FILE)
+    if chat_template is not None:
+        write_bytes(folder / TEMPLATE_FILE, chat_template.encode("utf-8"))
 
 
 def _check_json(x: Any, where: str) -> None:

@@ -6,9 +6,11 @@
     clusterlm chat runs/shakespeare_char
 
 The prompt is preceded by EOS, the document separator the model saw in training, so generation
-starts as a fresh document. Chat uses the plain template in `render_chat` (models trained here
-have no chat template of their own): "User: ...\\n\\nAssistant: ..." turns, stopping at the next
-"User:" line or EOS. The text helpers live in clusterlm.generate.text (shared with `serve`); this
+starts as a fresh document. Chat (and `generate --chat`, which sends --prompt as one user message)
+renders the conversation with the checkpoint's own chat template (chat_template.jinja, written by
+fine-tuning; docs/chat_templates.md) and stops at its end-of-turn token or EOS. A model without
+one uses the plain template in `render_chat`: "User: ...\\n\\nAssistant: ..." turns, stopping at the
+next "User:" line or EOS. The text helpers live in clusterlm.generate.text (shared with `serve`); this
 module is the command line only.
 """
 
@@ -19,7 +21,7 @@ import logging
 import sys
 from typing import TextIO
 
-from clusterlm.generate.text import CHAT_STOP, render_chat, stream_text
+from clusterlm.generate.text import chat_format, stream_text
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +60,26 @@ def generate_main(argv: list[str], out: TextIO | None = None) -> int:
     _common_args(p)
     p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--chat", action="store_true",
+                   help="send --prompt as one user message through the model's chat template and print the reply")
     args = p.parse_args(argv)
     if args.num_samples < 1:
         raise ValueError(f"--num-samples={args.num_samples} must be >= 1")
     loaded = _load(args)
+    prompt, stops, stop_ids = args.prompt, (), ()
+    if args.chat:
+        fmt = chat_format(loaded.tokenizer, loaded.chat_template)
+        prompt = fmt.render([{"role": "user", "content": args.prompt}])
+        stops, stop_ids = fmt.stop_strings, fmt.stop_ids
     for i in range(args.num_samples):
         if args.num_samples > 1:
             out.write(f"----- sample {i + 1} -----\n")
-        out.write(args.prompt)
+        if not args.chat:
+            out.write(args.prompt)
         seed = None if args.seed is None else args.seed + i
-        for piece in stream_text(loaded, args.prompt, max_new_tokens=args.max_new_tokens,
+        for piece in stream_text(loaded, prompt, max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
-                                 compile=args.compile):
+                                 compile=args.compile, stop=stops, stop_ids=stop_ids):
             out.write(piece)
             out.flush()
         out.write("\n")
@@ -84,6 +94,7 @@ def chat_main(argv: list[str], stdin: TextIO | None = None, out: TextIO | None =
     p.add_argument("--system", default=None, help="a system message placed before the conversation")
     args = p.parse_args(argv)
     loaded = _load(args)
+    fmt = chat_format(loaded.tokenizer, loaded.chat_template)
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     interactive = stdin.isatty()
     turn = 0
@@ -98,9 +109,9 @@ def chat_main(argv: list[str], stdin: TextIO | None = None, out: TextIO | None =
         out.write("model> ")
         reply = ""
         seed = None if args.seed is None else args.seed + turn
-        for piece in stream_text(loaded, render_chat(messages), max_new_tokens=args.max_new_tokens,
+        for piece in stream_text(loaded, fmt.render(messages), max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
-                                 stop=CHAT_STOP, compile=args.compile):
+                                 stop=fmt.stop_strings, stop_ids=fmt.stop_ids, compile=args.compile):
             reply += piece
             out.write(piece)
             out.flush()

@@ -1,4 +1,4 @@
-"""Text around the token-id engine: prompts, the chat template, streamed detokenization, stop strings.
+"""Text around the token-id engine: prompts, chat formats, streamed detokenization, stop strings.
 
 Shared by `clusterlm generate|chat` (generate/cli.py) and the server (serve/), so that no library
 module needs a command-line module.
@@ -10,6 +10,13 @@ module needs a command-line module.
         ...
     text = stops.flush(stream.flush())         # the end: what was held back
 
+A model with a chat template (generate/template.py, carried by its checkpoint) is prompted with it
+and stops at its end-of-turn token; one without keeps the plain `render_chat` template and its
+CHAT_STOP string (`chat_format` chooses, and says so once in the log):
+
+    fmt = chat_format(tokenizer, loaded.chat_template)
+    ids = prompt_ids(tokenizer, fmt.render(messages), context, 64)   # stop: fmt.stop_ids, fmt.stop_strings
+
 TextStream costs O(1) per token for the byte, char and BPE tokenizers (a 4,096-token reply:
 benchmarks/detokenize_stream.py), and the concatenation of its pieces equals
 `tokenizer.decode(ids)`: an incomplete UTF-8 sequence is held back until its last byte arrives.
@@ -20,7 +27,10 @@ from __future__ import annotations
 import codecs
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 
+from clusterlm.errors import ConfigError
+from clusterlm.generate.template import ChatTemplate
 from clusterlm.tokenizer.base import REPLACEMENT, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -39,6 +49,39 @@ def render_chat(messages: list[dict[str, str]]) -> str:
             raise ValueError(f"chat message role {m.get('role')!r}; valid roles: {', '.join(names)}")
         parts.append(f"{names[m['role']]}: {m['content'].strip()}\n\n")
     return "".join(parts) + f"{ASSISTANT}:"
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How a model is prompted for chat: its own template, or the plain `render_chat` one."""
+
+    template: ChatTemplate | None  # None: render_chat
+    stop_ids: tuple[int, ...] = ()  # token ids that end a reply (besides EOS): the template's stop tokens
+    stop_strings: tuple[str, ...] = ()  # text that ends a reply: CHAT_STOP for the plain template
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text of `messages`, ending where the assistant's reply starts."""
+        if self.template is None:
+            return render_chat(messages)
+        return self.template.render(messages, add_generation_prompt=True)
+
+
+def chat_format(tokenizer: Tokenizer, template: ChatTemplate | None) -> ChatFormat:
+    """The chat format of a model with this tokenizer and template (None: the plain template, with a
+    log note). ConfigError when the tokenizer lacks a special token the template emits (it would be
+    encoded as plain text, which the model never saw in fine-tuning)."""
+    if template is None:
+        log.info("this model has no chat template (no chat_template.jinja in its checkpoint): chat uses the "
+                 "plain 'User: ... / Assistant:' template, which a base model was not trained on")
+        return ChatFormat(None, stop_strings=(CHAT_STOP,))
+    token_id = getattr(tokenizer, "token_id", None)
+    ids = {t: token_id(t) if token_id is not None else None for t in template.special_tokens}
+    missing = [t for t, i in ids.items() if i is None]
+    if missing:
+        raise ConfigError(f"chat template {template.name} emits {', '.join(missing)}, which the model's tokenizer "
+                          f"does not have as special tokens; fine-tune with this template, or use a template "
+                          f"made of the tokenizer's tokens")
+    return ChatFormat(template, stop_ids=tuple(ids[t] for t in template.stop_tokens))
 
 
 def prompt_ids(tokenizer: Tokenizer, text: str, context: int | None, max_new_tokens: int) -> list[int]:
@@ -76,6 +119,7 @@ class TextStream:
             from tokenizers.decoders import DecodeStream
 
             self._hf = tokenizer.hf_tokenizer  # type: ignore[attr-defined]
+            self._skip = getattr(tokenizer, "added_ids", frozenset())  # added special tokens: no text
             self._stream = DecodeStream(skip_special_tokens=True)
             self._push = self._push_bpe
         else:
@@ -99,6 +143,8 @@ class TextStream:
 
     def _push_bpe(self, token: int) -> str:
         self._check(token)
+        if token in self._skip:  # dropped by decode too (tokenizer/bpe.py), so the stream skips it
+            return ""
         piece = self._stream.step(self._hf, token)
         self._held = piece is None
         return piece or ""
@@ -179,22 +225,24 @@ class StopStrings:
 
 
 def stream_text(loaded, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int | None,  # noqa: ANN001
-                top_p: float | None, seed: int | None, stop: str | None = None,
-                compile: bool = False) -> Iterator[str]:
+                top_p: float | None, seed: int | None, stop: str | tuple[str, ...] | None = None,
+                compile: bool = False, stop_ids: tuple[int, ...] = ()) -> Iterator[str]:
     """Yield text pieces of one sample of `loaded` (a checkpoint.model_io LoadedModel) as they are
-    generated; stops at EOS, the limit or `stop` (not returned; see StopStrings). Past the model's
-    context the window slides (engine.generate's sliding_window). `compile`: run the decode step
-    through torch.compile."""
+    generated; stops at EOS, a token of `stop_ids`, the limit or `stop` (one string or several; not
+    returned, see StopStrings). Past the model's context the window slides (engine.generate's
+    sliding_window). `compile`: run the decode step through torch.compile."""
     from clusterlm.generate.engine import context_length, generate
 
     tok, model = loaded.tokenizer, loaded.model
     ids = prompt_ids(tok, prompt, context_length(model), max_new_tokens)
     gen = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    seed=seed, eos_id=tok.eos_id, sliding_window=True, compile=compile)
-    ts, stops = TextStream(tok), StopStrings((stop,) if stop else ())
+    ts, stops = TextStream(tok), StopStrings((stop,) if isinstance(stop, str) else tuple(stop or ()))
     for step in gen:
         if step[0] is None:
             continue
+        if step[0] in stop_ids:  # the end of the turn, like EOS: not shown
+            break
         piece, stopped = stops.push(ts.push(step[0]))
         if piece:
             yield piece

@@ -5,10 +5,13 @@
          -d '{"model": "shakespeare_char", "prompt": "ROMEO:", "max_tokens": 32, "stream": true}'
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (SSE with `stream: true`,
-ending in `data: [DONE]`), GET /health (alive), GET /ready (503 until loaded and warmed up),
+ending in `data: [DONE]`), POST /classify (a classifier: serve/classify.py), GET /health (alive),
+GET /ready (503 until loaded and warmed up),
 GET /metrics (Prometheus), GET / (chat page). Every route needs `Authorization: Bearer KEY`
 except the allow-list: /health, /ready, and the static chat page (/ and /static/*, which hold no
-data). Limits and error codes: docs/serving.md.
+data). Limits and error codes: docs/serving.md. /v1/chat/completions and the chat page render the
+messages with the checkpoint's own chat template and stop at its end-of-turn token (the plain
+"User:/Assistant:" template for a model without one; docs/chat_templates.md).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
+from clusterlm.serve.classify import NOT_GENERATIVE, model_card, register_classify, start_classifier
 from clusterlm.serve.metrics import Metrics
 from clusterlm.serve.schemas import (MAX_N, ChatRequest, CompletionRequest, error_body, new_id, now, usage,
                                      validation_message)
@@ -79,7 +83,7 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        route = path if path in ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics",
+        route = path if path in ("/v1/models", "/v1/completions", "/v1/chat/completions", "/classify", "/metrics",
                                  "/health", "/ready", "/") else "other"
         status_seen: list[int] = []
 
@@ -167,7 +171,7 @@ def create_app(load: Callable[[], object], settings: Settings,
     and /ready turns 200 after loading and warm-up. If loading or warm-up fails, /ready answers 503
     with the reason and `on_load_error(exc)` is called from that thread (`main` stops the server
     with it and exits naming the file)."""
-    from clusterlm.generate.text import CHAT_STOP, prompt_ids, render_chat
+    from clusterlm.generate.text import chat_format, prompt_ids
     from clusterlm.serve.scheduler import Delta, Failed, QueueFull, SamplingParams, Scheduler
 
     metrics = Metrics()
@@ -180,12 +184,16 @@ def create_app(load: Callable[[], object], settings: Settings,
     def _startup() -> None:
         try:
             loaded = load()
+            if start_classifier(loaded, state, settings):  # a classifier answers /classify: no decode scheduler
+                ready.set()
+                return
             sched = Scheduler(loaded.model, loaded.tokenizer, max_batch=settings.max_batch,
                               max_queue=settings.max_queue, metrics=metrics, device=settings.device)
             sched.start()
             sched.warmup()
             state.update(loaded=loaded, sched=sched, tokenizer=loaded.tokenizer,
-                         context=sched.context)
+                         context=sched.context,
+                         chat=chat_format(loaded.tokenizer, getattr(loaded, "chat_template", None)))
             ready.set()
             log.info("serving %s: max_batch=%d max_queue=%d", settings.model_name, settings.max_batch,
                      settings.max_queue)
@@ -244,11 +252,13 @@ def create_app(load: Callable[[], object], settings: Settings,
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
-                                            "owned_by": "clusterlm"}]}
+                                            "owned_by": "clusterlm", **model_card(state)}]}
 
     def _check(req: CompletionRequest | ChatRequest, prompt: str) -> tuple[list[int], SamplingParams]:
         if not ready.is_set():
             raise _Reject(_err(503, "the model is still loading", type_="unavailable", headers={"Retry-After": "1"}))
+        if "labels" in state:
+            raise _Reject(_err(400, NOT_GENERATIVE, param="model"))
         if req.model != settings.model_name:
             raise _Reject(_err(404, f"model {req.model!r} is not served here; this server serves "
                                     f"{settings.model_name!r}", param="model"))
@@ -367,14 +377,22 @@ def create_app(load: Callable[[], object], settings: Settings,
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         req = await _read_json(request, ChatRequest, settings.max_body_bytes, ranges)
-        prompt = render_chat([{"role": m.role, "content": m.content} for m in req.messages])
+        fmt = state.get("chat")
+        if fmt is None:  # still loading: _check answers 503
+            _check(req, "")
+        try:  # the model's own template (or the plain one), as loaded
+            prompt = fmt.render([{"role": m.role, "content": m.content} for m in req.messages])
+        except ValueError as e:  # the template refuses these messages (raise_exception, a role it lacks)
+            raise _Reject(_err(400, str(e), param="messages")) from None
         ids, params = _check(req, prompt)
-        stops = tuple(req.stops) + ((CHAT_STOP,) if len(req.stops) < 4 else ())  # the template's turn marker
+        # the template's turn marker: a stop string (plain template) or its end-of-turn token id
+        stops = tuple(req.stops) + tuple(fmt.stop_strings[:max(0, 4 - len(req.stops))])
         params = SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
-                                seed=params.seed, stops=stops)
+                                seed=params.seed, stops=stops, stop_ids=fmt.stop_ids)
         inc = bool(req.stream_options and req.stream_options.include_usage)
         return await _run(request, ids, params, req.n, True, req.stream, inc)
 
+    register_classify(app, settings, state, ready, metrics, _read_json, _err)  # POST /classify: serve/classify.py
     return _Guard(app, settings, metrics)
 
 

@@ -58,6 +58,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stops: tuple[str, ...] = ()
+    stop_ids: tuple[int, ...] = ()  # tokens that end the sequence like EOS (a chat template's end of turn)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -286,8 +287,8 @@ class Scheduler:
         """Take token `tok` for sequence s; returns a finish reason or None to keep going."""
         pos = int(self.cache.pos[s.slot]) if self.context is not None else None
         reason = self.engine.finish_reason(tok, self.tokenizer.eos_id, s.n_tokens + 1, s.req.params.max_tokens, pos)
-        if reason == "stop":  # eos: not counted, nothing to show
-            return reason
+        if reason == "stop" or tok in s.req.params.stop_ids:  # eos or end of turn: not counted, nothing to show
+            return "stop"
         s.n_tokens += 1
         s.last = tok
         self.metrics.generated_tokens.inc()

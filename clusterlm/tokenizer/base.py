@@ -4,6 +4,12 @@ A tokenizer is saved as one JSON file. BPE tokenizers are Hugging Face `tokenize
 (loadable by `tokenizers.Tokenizer.from_file` and by `transformers`); byte and char tokenizers
 are small JSON files with a "clusterlm_tokenizer" field naming the kind.
 
+Special tokens can be added to every kind (`with_special_tokens`, e.g. the chat roles of
+clusterlm.generate.template): they take the ids after the existing ones, and `encode` maps each
+occurrence of an added token's string in the text to its id. <|bos|>, <|eos|> and <|pad|> written
+in text stay text, so data without added tokens encodes exactly as before; `decode` drops added
+tokens like the other specials.
+
 Imports run downhill: byte.py, char.py and bpe.py import only this file; kinds.py dispatches to
 them by name and holds `load_tokenizer` (re-exported as `clusterlm.tokenizer.load_tokenizer`).
 """
@@ -12,7 +18,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -24,6 +30,10 @@ BOS = "<|bos|>"
 EOS = "<|eos|>"
 PAD = "<|pad|>"
 FORMAT_VERSION = 1  # of the byte and char JSON files
+ADDED_TOKENS_VERSION = 2  # the same, with an "added_tokens" list (written only when tokens were added)
+# an added token's string: <...> without whitespace inside, like the chat tokens "<|user|>"; the shape
+# lets a BPE tokenizer.json tell them from other added tokens (bpe.py) and keeps them out of words
+SPECIAL_SHAPE = re.compile(r"<[^\s<>]+>")
 REPLACEMENT = "\ufffd"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -49,6 +59,20 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`; special tokens are dropped."""
+        ...
+
+    @property
+    def added_tokens(self) -> tuple[str, ...]:
+        """The special tokens added with `with_special_tokens`, in id order (() for none)."""
+        ...
+
+    def token_id(self, token: str) -> int | None:
+        """Id of a special token string (<|bos|>, <|eos|>, <|pad|>, an added one), None if absent."""
+        ...
+
+    def with_special_tokens(self, tokens: Sequence[str]) -> Tokenizer:
+        """A new tokenizer of the same kind: this vocabulary plus `tokens` appended in order (tokens
+        already present keep their ids; no existing id changes)."""
         ...
 
     def save(self, path: str | os.PathLike) -> None:
@@ -79,9 +103,65 @@ def check_ids(ids: Sequence[int] | np.ndarray, vocab_size: int, kind: str) -> np
     return arr
 
 
-def check_version(obj: dict[str, Any], source: str) -> None:
-    """Raise DataError unless a byte/char tokenizer file has a version this code reads."""
+def check_version(obj: dict[str, Any], source: str) -> tuple[str, ...]:
+    """The added tokens of a byte/char tokenizer file (() for version 1); DataError unless it has a
+    version this code reads and, for version 2, a list of distinct token strings."""
     version = obj.get("version")
-    if version != FORMAT_VERSION:
+    if version not in (FORMAT_VERSION, ADDED_TOKENS_VERSION):
         raise DataError(f"{source}: {obj.get('clusterlm_tokenizer')} tokenizer file has "
-                        f"version={version!r}; this clusterlm reads version {FORMAT_VERSION}")
+                        f"version={version!r}; this clusterlm reads versions {FORMAT_VERSION} and "
+                        f"{ADDED_TOKENS_VERSION}")
+    if version == FORMAT_VERSION:
+        return ()
+    added = obj.get("added_tokens")
+    if not isinstance(added, list) or not all(isinstance(t, str) for t in added):
+        raise DataError(f"{source}: version {ADDED_TOKENS_VERSION} tokenizer file needs an 'added_tokens' "
+                        f"list of strings, got {added!r:.80}")
+    try:
+        return tuple(check_special_tokens(added))
+    except ValueError as e:
+        raise DataError(f"{source}: {e}") from None
+
+
+def check_special_tokens(tokens: Sequence[str]) -> list[str]:
+    """`tokens` as a list after checking each is a distinct <...> string without whitespace."""
+    if isinstance(tokens, str):
+        raise ValueError(f"special tokens must be a sequence of strings, got the string {tokens!r}")
+    out = list(tokens)
+    for t in out:
+        if not isinstance(t, str) or not SPECIAL_SHAPE.fullmatch(t):
+            raise ValueError(f"special token {t!r} must look like <...> with no whitespace or <> inside "
+                             f"(e.g. '<|user|>')")
+    dup = sorted({t for t in out if out.count(t) > 1})
+    if dup:
+        raise ValueError(f"special tokens {dup} are given more than once")
+    return out
+
+
+def new_tokens(tokens: Sequence[str], present: Callable[[str], int | None]) -> tuple[str, ...]:
+    """The checked `tokens` that `present` (a tokenizer's token_id) does not know yet, in order."""
+    return tuple(t for t in check_special_tokens(tokens) if present(t) is None)
+
+
+def added_pattern(tokens: Sequence[str]) -> re.Pattern | None:
+    """A regex matching any of `tokens` (longest first, so the leftmost-longest match wins, as the
+    added-token matcher of Hugging Face `tokenizers` does), or None for no tokens."""
+    if not tokens:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+
+
+def split_added(text: str, pattern: re.Pattern | None) -> list[tuple[str, bool]]:
+    """`text` as consecutive (part, is_added_token) pairs; empty parts are left out."""
+    if pattern is None:
+        return [(text, False)] if text else []
+    parts: list[tuple[str, bool]] = []
+    start = 0
+    for m in pattern.finditer(text):
+        if m.start() > start:
+            parts.append((text[start:m.start()], False))
+        parts.append((m.group(), True))
+        start = m.end()
+    if start < len(text):
+        parts.append((text[start:], False))
+    return parts

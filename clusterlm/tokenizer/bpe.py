@@ -35,6 +35,12 @@ to contain "<|eos|>" encodes as ordinary characters (`encode_special_tokens = Tr
 `tokenizers` does not save in the file, so it is set again on every load). The GPT-2 split regex
 also cuts "<|eos|>" into "<|", "eos", "|>", so no merge can rebuild a special token's string.
 
+Special tokens added with `with_special_tokens` (e.g. the chat roles) are Hugging Face added tokens
+with special=false, so `tokenizers` matches them in text even with `encode_special_tokens` (which
+only keeps special=true tokens, <|bos|> <|eos|> <|pad|>, as text). `added_tokens` are the
+special=false added tokens shaped <...> (base.check_special_tokens), which `decode` and the stream
+detokenizer drop like the other specials.
+
 Any Hugging Face tokenizer.json loads too (`from_str`); its BOS/EOS/PAD ids are looked up by the
 names in `BOS_NAMES`, `EOS_NAMES`, `PAD_NAMES` (PAD falls back to EOS). Only files trained here
 are guaranteed to round-trip exactly.
@@ -57,11 +63,21 @@ from pathlib import Path
 
 import numpy as np
 import tokenizers
-from tokenizers import Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from clusterlm.errors import ClusterlmError, DataError
 from clusterlm.fsutil import atomic_write_text
-from clusterlm.tokenizer.base import BOS, EOS, PAD, check_ids, replace_surrogates
+from clusterlm.tokenizer.base import (
+    SPECIAL_SHAPE,
+    BOS,
+    EOS,
+    PAD,
+    added_pattern,
+    check_ids,
+    new_tokens,
+    replace_surrogates,
+    split_added,
+)
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +253,15 @@ class BPETokenizer:
                             f"add them as special tokens or retrain with clusterlm")
         self._bos_id, self._eos_id = int(bos), int(eos)
         self._pad_id = int(pad) if pad is not None else self._eos_id
+        self._specials = {BOS: self._bos_id, EOS: self._eos_id, PAD: self._pad_id}
+        decoder = hf.get_added_tokens_decoder()  # id -> AddedToken, in id order
+        self._added_ids = {t.content: i for i, t in sorted(decoder.items())
+                           if not t.special and SPECIAL_SHAPE.fullmatch(t.content)
+                           and i not in (self._bos_id, self._eos_id, self._pad_id)}
+        self._added = tuple(self._added_ids)
+        self._added_id_array = np.array(sorted(self._added_ids.values()), dtype=np.int64)
+        self._pattern = added_pattern(self._added)
+        self._other_added = {t.content: i for i, t in decoder.items()}  # token_id of foreign specials
         model_type = type(hf.model).__name__
         # slicing long texts keeps the ids only for the byte-level pipelines clusterlm trains
         pre = json.loads(hf.pre_tokenizer.__getstate__()) if hf.pre_tokenizer is not None else None
@@ -282,6 +307,34 @@ class BPETokenizer:
     @property
     def hf_tokenizer(self) -> tokenizers.Tokenizer:
         return self._hf
+
+    @property
+    def added_tokens(self) -> tuple[str, ...]:
+        return self._added
+
+    @property
+    def added_ids(self) -> frozenset[int]:
+        """Ids of `added_tokens` (what decode and the stream detokenizer drop)."""
+        return frozenset(self._added_ids.values())
+
+    def token_id(self, token: str) -> int | None:
+        found = self._specials.get(token)
+        return found if found is not None else self._other_added.get(token)
+
+    def with_special_tokens(self, tokens: Sequence[str]) -> BPETokenizer:
+        """A BPE tokenizer with `tokens` appended as added tokens after this one's ids (present ones,
+        including any added token of a foreign file, keep theirs)."""
+        hf = tokenizers.Tokenizer.from_str(self._hf.to_str())
+        new = new_tokens(tokens, self.token_id)
+        if new:
+            first = self._vocab_size
+            hf.add_tokens([AddedToken(t, special=False, normalized=False) for t in new])
+            got = [hf.token_to_id(t) for t in new]
+            # the ids follow the vocabulary (a foreign file whose ids have holes might place them elsewhere)
+            if got != list(range(first, first + len(new))):
+                raise DataError(f"adding {list(new)} gave ids {got}, not {first}..{first + len(new) - 1}; "
+                                f"this tokenizer.json's ids are not contiguous")
+        return BPETokenizer(hf)
 
     @property
     def vocab_size(self) -> int:
@@ -339,9 +392,16 @@ class BPETokenizer:
             group, owners, size = [], [], 0
 
         pre = self._hf.pre_tokenizer
+
+        def parts(text: str) -> Iterator[str]:
+            # added tokens are matched before pre-tokenization, so cutting the text at them first
+            # keeps the ids, and no slice can cut one in two
+            for part, is_token in split_added(text, self._pattern):
+                yield from (part,) if is_token else slices(part, pre)
+
         for i, text in enumerate(texts):
             long = self._sliceable and isinstance(text, str) and len(text) > SLICE_CHARS
-            for part in slices(text, pre) if long else (text,):
+            for part in parts(text) if long else (text,):
                 group.append(part)
                 owners.append(i)
                 size += len(part) if isinstance(part, str) else 0
@@ -353,6 +413,8 @@ class BPETokenizer:
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Text of `ids`; special tokens are dropped, invalid UTF-8 becomes U+FFFD."""
         arr = check_ids(ids, self.vocab_size, self.kind)
+        if len(self._added_id_array):
+            arr = arr[~np.isin(arr, self._added_id_array)]
         return self._hf.decode(arr.tolist(), skip_special_tokens=True)
 
     def to_json_str(self) -> str:

@@ -5,8 +5,9 @@
     tok.encode("hé")              # [104, 195, 169]
     tok.decode(tok.encode(text)) == text      # for any valid Unicode str
 
-Ids: 0..255 = byte values, 256 = <|bos|>, 257 = <|eos|>, 258 = <|pad|>; vocab_size = 259. No
-training and no vocabulary: the saved file only names the kind. A Python str holding a lone
+Ids: 0..255 = byte values, 256 = <|bos|>, 257 = <|eos|>, 258 = <|pad|>; vocab_size = 259, plus
+any special tokens added with `with_special_tokens` (259, 260, ...; saved as an "added_tokens" list,
+file version 2). No training and no vocabulary: the saved file only names the kind. A Python str holding a lone
 surrogate (U+D800..U+DFFF, not valid Unicode and not encodable as UTF-8) is encoded as if each
 surrogate were U+FFFD. Decoding drops special ids and turns byte sequences that are not valid
 UTF-8 (e.g. a sequence cut mid-character) into U+FFFD.
@@ -23,7 +24,19 @@ import numpy as np
 
 from clusterlm.errors import DataError
 from clusterlm.fsutil import atomic_write_json
-from clusterlm.tokenizer.base import BOS, EOS, FORMAT_VERSION, PAD, check_ids, check_version, replace_surrogates
+from clusterlm.tokenizer.base import (
+    ADDED_TOKENS_VERSION,
+    BOS,
+    EOS,
+    FORMAT_VERSION,
+    PAD,
+    added_pattern,
+    check_ids,
+    check_version,
+    new_tokens,
+    replace_surrogates,
+    split_added,
+)
 
 
 class ByteTokenizer:
@@ -32,9 +45,26 @@ class ByteTokenizer:
     kind = "byte"
     _SPECIALS = {BOS: 256, EOS: 257, PAD: 258}
 
+    def __init__(self, added_tokens: Sequence[str] = ()) -> None:
+        """`added_tokens`: special tokens at ids 259, 260, ... (see with_special_tokens)."""
+        self._added = new_tokens(added_tokens, self._SPECIALS.get)
+        self._added_ids = {t: 259 + i for i, t in enumerate(self._added)}
+        self._pattern = added_pattern(self._added)
+
     @property
     def vocab_size(self) -> int:
-        return 259
+        return 259 + len(self._added)
+
+    @property
+    def added_tokens(self) -> tuple[str, ...]:
+        return self._added
+
+    def token_id(self, token: str) -> int | None:
+        return self._SPECIALS.get(token, self._added_ids.get(token))
+
+    def with_special_tokens(self, tokens: Sequence[str]) -> ByteTokenizer:
+        """A byte tokenizer with `tokens` appended after this one's ids (present ones keep theirs)."""
+        return ByteTokenizer(self._added + new_tokens(tokens, self.token_id))
 
     @property
     def bos_id(self) -> int:
@@ -49,7 +79,20 @@ class ByteTokenizer:
         return 258
 
     def encode(self, text: str) -> list[int]:
-        """The UTF-8 bytes of `text` (lone surrogates as U+FFFD), without BOS/EOS."""
+        """The UTF-8 bytes of `text` (lone surrogates as U+FFFD), without BOS/EOS; an added token's
+        string is its id."""
+        if self._pattern is not None:
+            ids: list[int] = []
+            for part, is_token in split_added(text, self._pattern):
+                if is_token:
+                    ids.append(self._added_ids[part])
+                else:
+                    ids += self._bytes(part)
+            return ids
+        return self._bytes(text)
+
+    @staticmethod
+    def _bytes(text: str) -> list[int]:
         try:
             return list(text.encode("utf-8"))
         except UnicodeEncodeError:
@@ -64,8 +107,11 @@ class ByteTokenizer:
         return arr[arr < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"clusterlm_tokenizer": self.kind, "version": FORMAT_VERSION,
-                "vocab_size": self.vocab_size, "special_tokens": dict(self._SPECIALS)}
+        obj = {"clusterlm_tokenizer": self.kind, "version": ADDED_TOKENS_VERSION if self._added else FORMAT_VERSION,
+               "vocab_size": self.vocab_size, "special_tokens": dict(self._SPECIALS)}
+        if self._added:  # a plain tokenizer's file stays as it was (version 1)
+            obj["added_tokens"] = list(self._added)
+        return obj
 
     def to_json_str(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -77,13 +123,15 @@ class ByteTokenizer:
     @classmethod
     def from_dict(cls, obj: dict[str, Any], source: str = "<dict>") -> ByteTokenizer:
         """Inverse of `to_dict`; `source` names the file in error messages."""
-        check_version(obj, source)
-        tok = cls()
+        added = check_version(obj, source)
+        if any(t in cls._SPECIALS for t in added):
+            raise DataError(f"{source}: added_tokens repeat a built-in special token ({', '.join(cls._SPECIALS)})")
+        tok = cls(added)
         if obj.get("vocab_size", tok.vocab_size) != tok.vocab_size:
             raise DataError(f"{source}: byte tokenizer with vocab_size={obj['vocab_size']}; "
-                            f"a byte tokenizer always has {tok.vocab_size}")
+                            f"a byte tokenizer with {len(added)} added tokens has {tok.vocab_size}")
         return tok
 
     def __repr__(self) -> str:
-        return "ByteTokenizer(vocab_size=259)"
+        return f"ByteTokenizer(vocab_size={self.vocab_size})"
 

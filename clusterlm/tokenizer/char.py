@@ -6,6 +6,8 @@
 
 Ids, for the n distinct characters of the training texts: 0..n-1 = the characters in code-point
 order, n = <|bos|>, n+1 = <|eos|>, n+2 = <|pad|>, n+3 = <|unk|>; vocab_size = n + 4.
+Special tokens added with `with_special_tokens` follow at n+4, n+5, ... (saved as an "added_tokens"
+list, file version 2); their strings in text encode to their ids.
 A character not seen in training encodes to <|unk|>, which decodes to U+FFFD; the other specials
 decode to nothing. Lone surrogates in training text are counted as U+FFFD.
 
@@ -27,7 +29,19 @@ import numpy as np
 
 from clusterlm.errors import DataError
 from clusterlm.fsutil import atomic_write_text
-from clusterlm.tokenizer.base import BOS, EOS, FORMAT_VERSION, PAD, REPLACEMENT, check_ids, check_version
+from clusterlm.tokenizer.base import (
+    ADDED_TOKENS_VERSION,
+    BOS,
+    EOS,
+    FORMAT_VERSION,
+    PAD,
+    REPLACEMENT,
+    added_pattern,
+    check_ids,
+    check_version,
+    new_tokens,
+    split_added,
+)
 
 UNK = "<|unk|>"
 BLOCK_CHARS = 1 << 20  # characters encoded at once: ~16 bytes of temporaries per character
@@ -43,8 +57,9 @@ class CharTokenizer:
 
     kind = "char"
 
-    def __init__(self, chars: str):
-        """`chars`: the vocabulary, distinct characters in increasing code-point order."""
+    def __init__(self, chars: str, added_tokens: Sequence[str] = ()):
+        """`chars`: the vocabulary, distinct characters in increasing code-point order;
+        `added_tokens`: special tokens at ids len(chars) + 4, ... (see with_special_tokens)."""
         if not chars:
             raise DataError("char tokenizer needs at least one character in its vocabulary")
         cps = _code_points(chars)
@@ -60,7 +75,11 @@ class CharTokenizer:
         self._encode_table = np.full(int(cps[-1]) + 2, self.unk_id, dtype=np.int32)
         self._encode_table[cps] = np.arange(len(cps), dtype=np.int32)
         # id -> code point for decode; -1 = emit nothing (bos, eos, pad)
-        self._decode_table = np.concatenate([cps.astype(np.int64), [-1, -1, -1, ord(REPLACEMENT)]])
+        self._added = new_tokens(added_tokens, self._builtin_id)
+        self._added_ids = {t: len(chars) + 4 + i for i, t in enumerate(self._added)}
+        self._pattern = added_pattern(self._added)
+        self._decode_table = np.concatenate([cps.astype(np.int64), [-1, -1, -1, ord(REPLACEMENT)],
+                                             np.full(len(self._added), -1)])
 
     @classmethod
     def train(cls, texts: Iterable[str]) -> CharTokenizer:
@@ -78,7 +97,23 @@ class CharTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return len(self.chars) + 4
+        return len(self.chars) + 4 + len(self._added)
+
+    @property
+    def added_tokens(self) -> tuple[str, ...]:
+        return self._added
+
+    def _builtin_id(self, token: str) -> int | None:
+        n = len(self.chars)
+        return {BOS: n, EOS: n + 1, PAD: n + 2, UNK: n + 3}.get(token)
+
+    def token_id(self, token: str) -> int | None:
+        found = self._builtin_id(token)
+        return found if found is not None else self._added_ids.get(token)
+
+    def with_special_tokens(self, tokens: Sequence[str]) -> CharTokenizer:
+        """A char tokenizer with `tokens` appended after this one's ids (present ones keep theirs)."""
+        return CharTokenizer(self.chars, self._added + new_tokens(tokens, self.token_id))
 
     @property
     def bos_id(self) -> int:
@@ -99,7 +134,18 @@ class CharTokenizer:
     def encode_array(self, text: str, dtype: np.dtype | str = np.int64,
                      out: np.ndarray | None = None) -> np.ndarray:
         """`encode(text)` as a (len(text),) array of `dtype`, or written into `out` (1-D, of
-        length len(text)) and returned. Memory: the result plus O(BLOCK_CHARS)."""
+        length len(text)) and returned. Memory: the result plus O(BLOCK_CHARS). With added tokens
+        in the text the array is shorter than the text (one id per added token)."""
+        if self._pattern is not None and self._pattern.search(text) is not None:
+            parts = [np.array([self._added_ids[p]]) if tok else self.encode_array(p)
+                     for p, tok in split_added(text, self._pattern)]
+            ids = np.concatenate(parts).astype(dtype if out is None else out.dtype)
+            if out is not None and out.shape != ids.shape:
+                raise ValueError(f"char encode_array: out has shape {out.shape}, the text needs {ids.shape}")
+            if out is None:
+                return ids
+            out[:] = ids
+            return out
         if out is None:
             out = np.empty(len(text), dtype=dtype)
         elif out.shape != (len(text),):
@@ -118,6 +164,8 @@ class CharTokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         # short texts are joined into groups of about BLOCK_CHARS, one numpy pass per group (one
         # pass per text would cost ~10 us each); long ones are encoded alone, not copied
+        if self._pattern is not None:  # a text's length is not its number of ids
+            return [self.encode(t) for t in texts]
         out: list[list[int]] = []
         group: list[str] = []
         size = 0
@@ -148,10 +196,13 @@ class CharTokenizer:
 
     def to_dict(self) -> dict[str, Any]:
         n = len(self.chars)
-        return {"clusterlm_tokenizer": self.kind, "version": FORMAT_VERSION,
-                "vocab_size": self.vocab_size,
-                "special_tokens": {BOS: n, EOS: n + 1, PAD: n + 2, UNK: n + 3},
-                "chars": self.chars}
+        obj = {"clusterlm_tokenizer": self.kind, "version": ADDED_TOKENS_VERSION if self._added else FORMAT_VERSION,
+               "vocab_size": self.vocab_size,
+               "special_tokens": {BOS: n, EOS: n + 1, PAD: n + 2, UNK: n + 3},
+               "chars": self.chars}
+        if self._added:  # a plain tokenizer's file stays as it was (version 1)
+            obj["added_tokens"] = list(self._added)
+        return obj
 
     def to_json_str(self) -> str:
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
@@ -163,18 +214,20 @@ class CharTokenizer:
     @classmethod
     def from_dict(cls, obj: dict[str, Any], source: str = "<dict>") -> CharTokenizer:
         """Inverse of `to_dict`; `source` names the file in error messages."""
-        check_version(obj, source)
+        added = check_version(obj, source)
         chars = obj.get("chars")
         if not isinstance(chars, str):
             raise DataError(f"{source}: char tokenizer file needs a string field 'chars', "
                             f"got {type(chars).__name__}")
         try:
-            tok = cls(chars)
+            tok = cls(chars, added)
         except DataError as e:
             raise DataError(f"{source}: {e}") from None
+        if len(tok.added_tokens) != len(added):
+            raise DataError(f"{source}: added_tokens repeat a built-in special token ({BOS}, {EOS}, {PAD}, {UNK})")
         if obj.get("vocab_size", tok.vocab_size) != tok.vocab_size:
             raise DataError(f"{source}: vocab_size={obj['vocab_size']} but {len(chars)} characters "
-                            f"+ 4 specials = {tok.vocab_size}")
+                            f"+ 4 specials + {len(added)} added tokens = {tok.vocab_size}")
         return tok
 
     def __repr__(self) -> str:

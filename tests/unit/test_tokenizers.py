@@ -440,7 +440,10 @@ def test_load_errors(tmp_path, all_kinds: dict[str, Tokenizer]):
         "list.json": ("[1, 2]", "JSON list"),
         "other.json": ('{"name": "x"}', "'clusterlm_tokenizer' field"),
         "kind.json": ('{"clusterlm_tokenizer": "wordpiece", "version": 1}', "byte, char"),
-        "version.json": ('{"clusterlm_tokenizer": "byte", "version": 2}', "version=2"),
+        "version.json": ('{"clusterlm_tokenizer": "byte", "version": 3}', "version=3"),
+        "noadded.json": ('{"clusterlm_tokenizer": "byte", "version": 2}', "'added_tokens' list"),
+        "badadded.json": ('{"clusterlm_tokenizer": "char", "version": 2, "chars": "ab", '
+                          '"added_tokens": ["user"]}', "must look like <...>"),
         "bytevocab.json": ('{"clusterlm_tokenizer": "byte", "version": 1, "vocab_size": 300}', "259"),
         "nochars.json": ('{"clusterlm_tokenizer": "char", "version": 1}', "'chars'"),
         "unsorted.json": ('{"clusterlm_tokenizer": "char", "version": 1, "chars": "ba"}', "increasing"),
