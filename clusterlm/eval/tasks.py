@@ -43,7 +43,7 @@ TSV_SUFFIXES = (".tsv", ".tsv.gz")
 # (the source line), {src_lang} and {tgt_lang} (language codes from the file names, train.en.gz -> en).
 PARALLEL_TEMPLATE = "{src_lang}: {source}\n{tgt_lang}:"
 TEMPLATE_FIELDS = ("source", "src_lang", "tgt_lang")
-TSV_TEXT_COLUMNS = ("text", "sentence")  # a TSV's text column, by header name (SST-2 uses `sentence`)
+TSV_TEXT_COLUMNS = ("text", "sentence", "content")  # a TSV's text column, by header name (GLUE SST-2: `sentence`)
 
 PathLike = Union[str, os.PathLike]
 
