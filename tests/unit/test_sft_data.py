@@ -1,0 +1,173 @@
+"""Fine-tuning data (clusterlm/data/sft.py): records, loss masks, the prepared directory and the
+packing loader's determinism, resume and rank split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clusterlm.data.sft import (IGNORE_INDEX, ExampleLoader, iter_example_batches, prepare_examples, read_records,
+                                segments)
+from clusterlm.errors import ConfigError, DataError
+from clusterlm.generate.template import load_template
+from clusterlm.tokenizer.kinds import train_tokenizer
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def pairs(n: int) -> list[dict]:
+    return [{"prompt": f"{i % 7}+{i % 5}=", "completion": str(i % 7 + i % 5) * (1 + i % 3)} for i in range(n)]
+
+
+@pytest.fixture
+def tok():
+    return train_tokenizer("char", ["0123456789+= abcdefghijklmnopqrstuvwxyz\n"])
+
+
+def test_records_of_every_form(tmp_path):
+    f = write_jsonl(tmp_path / "a.jsonl", [
+        {"prompt": "p", "completion": "c"},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        {"messages": [{"role": "user", "content": "q"}], "references": ["r", "r2"]},  # the harness's form
+        {"prompt": "p2", "references": "c2"}])
+    recs = read_records(str(f), "sft")
+    assert recs[0].prompt == "p" and recs[0].completion == "c"
+    assert recs[1].messages == (("user", "hi"), ("assistant", "yo"))
+    assert recs[2].messages[-1] == ("assistant", "r")
+    assert recs[3].completion == "c2"
+    src, tgt = tmp_path / "t.en", tmp_path / "t.fr"
+    src.write_text("a cat\nthe dog\n")
+    tgt.write_text("un chat\nle chien\n")
+    par = read_records(f"{src},{tgt}", "sft")
+    assert par[1].prompt == "en: the dog\nfr:" and par[1].completion == "le chien"
+    tsv = tmp_path / "c.tsv"
+    tsv.write_text("sentence\tlabel\ngood film\t1\nbad film\t0\n")
+    cls = read_records(str(tsv), "classify")
+    assert [(r.text, r.label) for r in cls] == [("good film", "1"), ("bad film", "0")]
+
+
+@pytest.mark.parametrize("record, needle", [
+    ({"prompt": "p"}, "a.jsonl:2: the record has no response field 'completion'"),
+    ({"messages": [{"role": "user", "content": "q"}]}, "a.jsonl:2: the record has no response"),
+    ({"completion": "c"}, "a.jsonl:2: the record has no 'prompt' field"),
+    ({"messages": [{"role": "bot", "content": "q"}]}, "a.jsonl:2: messages[0] has role 'bot'"),
+])
+def test_a_record_without_its_response_is_named_with_its_line(tmp_path, record, needle):
+    f = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "ok", "completion": "fine"}, record])
+    with pytest.raises(DataError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        read_records(str(f), "sft")
+
+
+def test_plain_pair_trains_on_the_completion_and_eos_only(tmp_path, tok):
+    f = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "ab=", "completion": "cd"}])
+    prepare_examples(tmp_path / "d", task="sft", source=str(f), tokenizer=tok, val_fraction=0.0)
+    toks = np.load(tmp_path / "d" / "train.tokens.npy")
+    mask = np.load(tmp_path / "d" / "train.mask.npy")
+    want = [tok.eos_id] + tok.encode("ab=") + tok.encode(" cd") + [tok.eos_id]
+    assert toks.tolist() == want
+    assert mask.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]  # " cd" and the final EOS
+
+
+def test_chat_template_masks_exactly_the_assistant_turns(tmp_path, tok):
+    template = load_template("clusterlm")
+    tok = tok.with_special_tokens(template.special_tokens)
+    rec = read_records(str(write_jsonl(tmp_path / "a.jsonl", [{"messages": [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"}, {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "ok"}]}])), "sft")[0]
+    pieces = segments(rec, template)
+    assert "".join(t for t, _ in pieces) == template.render(
+        [{"role": r, "content": c} for r, c in rec.messages])
+    assert [t for t, trained in pieces if trained] == ["yo<|end|>\n", "ok<|end|>\n"]
+    prepare_examples(tmp_path / "d", task="sft", source="", tokenizer=tok, val_fraction=0.0, template=template,
+                     records=[rec])
+    toks = np.load(tmp_path / "d" / "train.tokens.npy")
+    mask = np.load(tmp_path / "d" / "train.mask.npy").astype(bool)
+    assert tok.decode(toks[mask].tolist()) == "yo\nok\n"  # the <|end|> ids are trained too (decode drops them)
+    assert int(toks[mask].tolist().count(tok.token_id("<|end|>"))) == 2
+    assert (tmp_path / "d" / "chat_template.jinja").read_text() == template.source
+
+
+def test_labels_outside_the_label_set_are_refused(tmp_path, tok):
+    tsv = tmp_path / "c.tsv"
+    tsv.write_text("sentence\tlabel\ngood\tpos\nbad\tneg\nugly\tmeh\n")
+    with pytest.raises(DataError, match=r"c.tsv:4.*'meh'"):
+        read_records(str(tsv), "classify", labels=("pos", "neg"))
+    val = tmp_path / "v.tsv"
+    val.write_text("sentence\tlabel\nfine\tneutral\n")
+    tsv.write_text("sentence\tlabel\ngood\tpos\nbad\tneg\n")
+    with pytest.raises(DataError, match=r"label 'neutral' is not in the label set neg, pos"):
+        prepare_examples(tmp_path / "d", task="classify", source=str(tsv), val_source=str(val), tokenizer=tok)
+    assert not (tmp_path / "d").exists()  # nothing half-written
+
+
+def test_packing_loader_is_deterministic_resumable_and_splits_ranks(tmp_path, tok):
+    f = write_jsonl(tmp_path / "a.jsonl", pairs(50))
+    prepare_examples(tmp_path / "d", task="sft", source=str(f), tokenizer=tok, val_fraction=0.0)
+    kw = dict(seq_len=16, seed=3, pad_id=tok.pad_id)
+    one = ExampleLoader(tmp_path / "d", batch_size=4, **kw)
+    batches = [next(one) for _ in range(12)]  # past one epoch: 50 examples of ~8 tokens, ~2 a row
+    for x, y in batches:
+        assert x.shape == y.shape == (4, 16)
+        assert ((y == IGNORE_INDEX) | (y == torch.roll(x, -1, 1))).all()  # targets are the next token
+        assert (y != IGNORE_INDEX).any()
+    again = ExampleLoader(tmp_path / "d", batch_size=4, **kw)
+    for _ in range(5):
+        next(again)
+    resumed = ExampleLoader(tmp_path / "d", batch_size=4, **kw)
+    resumed.load_state_dict(again.state_dict())
+    for (x, y), (x2, y2) in zip(batches[5:], (next(resumed) for _ in range(7))):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    ranks = [ExampleLoader(tmp_path / "d", batch_size=2, rank=r, world_size=2, **kw) for r in range(2)]
+    for x, y in batches[:6]:
+        parts = [next(r) for r in ranks]
+        assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+
+
+def test_padding_loader_and_one_eval_pass(tmp_path, tok):
+    f = write_jsonl(tmp_path / "a.jsonl", pairs(10))
+    prepare_examples(tmp_path / "d", task="sft", source=str(f), tokenizer=tok, val_fraction=0.0)
+    loader = ExampleLoader(tmp_path / "d", batch_size=3, seq_len=32, seed=0, pad_id=tok.pad_id, pack=False)
+    x, y = next(loader)
+    assert x.shape[0] == 3 and x.shape[1] < 32  # padded to the longest of the batch only
+    batches = list(iter_example_batches(tmp_path / "d", "train", 3, 32, pad_id=tok.pad_id, pack=False))
+    assert [b[0].shape[0] for b in batches] == [3, 3, 3, 1]  # every example once, in file order
+    assert int((batches[0][0][:, 0] == tok.eos_id).sum()) == 3
+    packed = list(iter_example_batches(tmp_path / "d", "train", 2, 32, pad_id=tok.pad_id, pack=True))
+    trained = sum(int((y != IGNORE_INDEX).sum()) for _, y in packed)
+    assert trained == int(np.load(tmp_path / "d" / "train.mask.npy").sum())  # each trained token once
+
+
+def test_classify_batches_and_a_changed_file_is_refused(tmp_path, tok):
+    tsv = tmp_path / "c.tsv"
+    tsv.write_text("sentence\tlabel\n" + "".join(f"{'good' if i % 2 else 'bad'} {i}\t{i % 2}\n" for i in range(20)))
+    meta = prepare_examples(tmp_path / "d", task="classify", source=str(tsv), tokenizer=tok, val_fraction=0.2)
+    assert meta["labels"] == ["0", "1"] and meta["splits"]["val"]["examples"] == 4
+    x, y = next(ExampleLoader(tmp_path / "d", batch_size=5, seq_len=8, seed=0, pad_id=tok.pad_id))
+    assert x.shape[0] == 5 and x.shape[1] <= 8 and y.shape == (5,) and set(y.tolist()) <= {0, 1}
+    with open(tmp_path / "d" / "train.labels.npy", "r+b") as fh:
+        fh.seek(-1, 2)
+        fh.write(b"\x01")
+    with pytest.raises(DataError, match="does not match its SHA-256"):
+        ExampleLoader(tmp_path / "d", batch_size=5, seq_len=8, seed=0, pad_id=tok.pad_id)
+
+
+def test_a_template_that_is_not_prefix_stable_is_refused(tmp_path, tok):
+    class Reversed:  # renders the newest message first: the text before a reply changes with it
+        source, special_tokens = "", ()
+
+        def render(self, messages, add_generation_prompt=False):
+            return "".join(f"{m['role']}:{m['content']}\n" for m in reversed(messages)) + (
+                "assistant:" if add_generation_prompt else "")
+
+    rec = read_records(str(write_jsonl(tmp_path / "a.jsonl", [{"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}])), "sft")[0]
+    with pytest.raises(ConfigError, match="not prefix-stable"):
+        segments(rec, Reversed())
