@@ -37,6 +37,9 @@ def evaluate_checkpoint(ckpt: str, *, data: str | None = None, split: str = "val
     dev = resolve_device(device, "--device")
     loaded = load_for_inference(ckpt, device=dev)
     cfg = loaded.config
+    if cfg.model.labels:
+        raise DataError(f"{loaded.path} is a classifier (labels {', '.join(cfg.model.labels)}), not a language "
+                        "model: it has no loss on a data split; score it with --task FILE (a classify task)")
     data_dir = Path(data or cfg.data.dir)
     meta = read_meta(data_dir)
     if split not in meta["splits"] or meta["splits"][split]["tokens"] == 0:
@@ -88,11 +91,13 @@ def evaluate_tasks(ckpt: str, tasks: list[str], *, limit: int | None = None, bat
     per-example records to `samples_out` (JSONL, written atomically) when given."""
     from clusterlm.checkpoint.model_io import load_for_inference
     from clusterlm.device import resolve_device
-    from clusterlm.eval.harness import DecodeOptions, resolve_task, run_task
+    from clusterlm.eval.harness import DecodeOptions, model_labels, resolve_task, run_task, task_requests
 
     decode = decode or DecodeOptions()
     loaded_tasks = [resolve_task(t, limit=limit, **({"labels": labels} if labels else {})) for t in tasks]
     loaded = load_for_inference(ckpt, device=resolve_device(device, "--device"))
+    for task in loaded_tasks:  # a classifier answers classify tasks with its labels: refused before any scoring
+        task_requests(task, decode, model_labels(loaded.model))
     out: dict[str, Any] = {"checkpoint": str(loaded.path), "tasks": {}}
     records: list[dict[str, Any]] = []
     for spec, task in zip(tasks, loaded_tasks):
@@ -116,9 +121,14 @@ def evaluate_lm_eval_tasks(ckpt: str, tasks: list[str], *, include: list[str] | 
         import lm_eval
     except ImportError as e:
         raise DataError(f"--lm-eval needs lm-evaluation-harness ({e}); install it with: pip install 'clusterlm[eval]'") from e
+    from clusterlm.eval.harness import model_labels
     from clusterlm.eval.lm_eval_bridge import ClusterLM, evaluate_lm_eval
 
     model = ClusterLM(checkpoint=ckpt, batch_size=batch_size, device=device, truncate=truncate)
+    labels = model_labels(model.model)
+    if labels:
+        raise DataError(f"{model.checkpoint} is a classifier (labels {', '.join(labels)}): lm-eval asks a language "
+                        "model for log-likelihoods and generations; score it with --task FILE (a classify task)")
     res = evaluate_lm_eval(model, tasks, include=include or (), num_fewshot=num_fewshot, limit=limit)
     keep = ("results", "groups", "n-shot", "n-samples", "versions", "higher_is_better")
     return {"checkpoint": model.checkpoint, "lm_eval_version": lm_eval.__version__,

@@ -11,7 +11,10 @@ What the model is asked, by task kind (docs/tasks.md):
   stop: a newline when every reference is one line (a translation pair), none otherwise.
 - classify: zero-shot by log-likelihood: for each label, log p(" " + label | CLASSIFY_TEMPLATE
   with the text); the label with the highest sum wins (lm-eval's `acc` for multiple choice).
-  Fine-tuned classification heads are not used here.
+  A fine-tuned classifier (models/classifier.py, a checkpoint with model.labels) is asked its head
+  instead: [EOS] + the text's ids, the prediction is the argmax over the model's labels (the task's
+  labels must be among them; a prediction outside the task's set counts as wrong), batched
+  (eval.lm.classify). A classifier answers classify tasks only.
 - choice: log p(delimiter + choice | context) for every choice (lm-eval's multiple_choice); the
   delimiter is a space, or nothing when the context already ends in white space; scored as
   `acc` (sum) and `acc_norm` (sum / characters).
@@ -29,7 +32,7 @@ from typing import Any
 
 from torch import nn
 
-from clusterlm.errors import DataError
+from clusterlm.errors import ConfigError, DataError
 from clusterlm.eval.tasks import Task
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks"
@@ -80,23 +83,45 @@ def _prompt(ex: Any) -> str:
     return render_chat([{"role": m.role, "content": m.content} for m in ex.messages])
 
 
+def model_labels(model: nn.Module) -> tuple[str, ...] | None:
+    """A classifier's label names (its head's classes, in order), None for a language model (also
+    inside a DDP wrapper's `module`)."""
+    from clusterlm.models.classifier import SequenceClassifier
+
+    model = getattr(model, "module", model) if not isinstance(model, SequenceClassifier) else model
+    return tuple(model.labels) if isinstance(model, SequenceClassifier) else None
+
+
 @dataclass(frozen=True)
 class Requests:
-    """What the model is asked for a task: log-likelihood requests (context, continuation), or
-    prompts to continue (generate tasks, with their stop strings). `options` lists each example's
-    labels or choices (its requests are consecutive, in that order)."""
+    """What the model is asked for a task: log-likelihood requests (context, continuation), prompts
+    to continue (generate tasks, with their stop strings), or texts for a classifier's head.
+    `options` lists each example's labels or choices (its requests are consecutive, in that order;
+    a head's: the model's labels)."""
 
-    kind: str  # "loglikelihood" or "generate"
-    items: list[Any]  # (context, continuation) pairs, or prompt strings
+    kind: str  # "loglikelihood", "generate" or "head"
+    items: list[Any]  # (context, continuation) pairs, prompt strings, or texts
     options: list[list[str]]
     stops: tuple[str, ...] = ()
 
 
-def task_requests(task: Task, decode: DecodeOptions = DecodeOptions()) -> Requests:
-    """The model calls that score `task` (module docstring), independent of any model."""
+def task_requests(task: Task, decode: DecodeOptions = DecodeOptions(),
+                  labels: tuple[str, ...] | None = None) -> Requests:
+    """The model calls that score `task` (module docstring). `labels`: the model is a classifier with
+    these classes (model_labels), asked through its head; None: a language model."""
     ex = task.examples
     if not ex:
         raise DataError(f"task {task.name!r} has no examples")
+    if labels is not None:
+        if task.kind != "classify":
+            raise ConfigError(f"task {task.name!r} is a {task.kind} task, but the model is a classifier (labels "
+                              f"{', '.join(labels)}): it answers classify tasks only")
+        extra = [x for x in task.labels if x not in labels]
+        if extra:
+            raise ConfigError(f"task {task.name!r} has labels {list(task.labels)} but the classifier's are "
+                              f"{list(labels)}: {extra} are not among them (rename them with --labels, "
+                              "or use a task with the model's labels)")
+        return Requests("head", [e.text for e in ex], [list(labels)] * len(ex))
     if task.kind == "generate":
         stops = decode.stops
         if stops is None:
@@ -122,6 +147,8 @@ def model_outputs(model: nn.Module, tokenizer: Any, req: Requests, items: list[A
 
     items = req.items if items is None else items
     common = dict(batch_size=batch_size, device=device, truncate=truncate, progress=progress)
+    if req.kind == "head":
+        return lm.classify(model, tokenizer, items, **common)
     if req.kind == "loglikelihood":
         return lm.loglikelihood(model, tokenizer, items, **common)
     seed = None if decode.seed is None else decode.seed + seed_offset
@@ -145,6 +172,15 @@ def score_outputs(task: Task, req: Requests, outputs: list[Any],
             samples.append({"index": i, "line": e.line, "prompt": p, "prediction": preds[i],
                             "references": list(e.references), "tokens": c.n_tokens, "finish_reason": c.finish_reason})
         metrics["decoding"] = {**asdict(decode), "stops": list(req.stops)}
+    elif req.kind == "head":
+        labels = req.options[0]
+        preds = [c.label for c in outputs]
+        metrics = score_task(task, preds)
+        metrics["scored_by"] = "classifier head"
+        for i, (e, c) in enumerate(zip(ex, outputs)):
+            samples.append({"index": i, "line": e.line, "text": e.text, "prediction": c.label, "label": e.label,
+                            "correct": c.label == e.label, "tokens": c.n_tokens,
+                            "probs": {o: round(p, 6) for o, p in zip(labels, c.probs)}})
     else:
         options = req.options
         per_example, k = [], 0
@@ -172,8 +208,8 @@ def score_outputs(task: Task, req: Requests, outputs: list[Any],
 def run_task(model: nn.Module, tokenizer: Any, task: Task, *, batch_size: int = 16,
              decode: DecodeOptions = DecodeOptions(), truncate: bool = False, device: Any = None,
              progress: bool | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(metrics, one sample record per example) of `model` on `task`."""
-    req = task_requests(task, decode)
+    """(metrics, one sample record per example) of `model` on `task` (a classifier through its head)."""
+    req = task_requests(task, decode, model_labels(model))
     outputs = model_outputs(model, tokenizer, req, batch_size=batch_size, decode=decode, truncate=truncate,
                             device=device, progress=progress)
     return score_outputs(task, req, outputs, decode)
@@ -198,10 +234,13 @@ def run_task_split(model: nn.Module, tokenizer: Any, task: Task, *, rank: int, w
 
     `pad`: every worker makes the same number of forward calls (FSDP gathers the parameters in each
     forward, a collective): each block is padded with repeats of the task's first request to
-    ceil(n / world) requests, whose answers are dropped. Log-likelihood tasks only: a generation's
-    number of decode steps depends on its outputs."""
-    req = task_requests(task, decode)
-    if pad and req.kind != "loglikelihood":
+    ceil(n / world) requests, whose answers are dropped. Log-likelihood and classifier-head tasks
+    only: a generation's number of decode steps depends on its outputs. A classifier without a pad id
+    (model.pad_id -1) batches only inputs of equal length, so with `pad` it runs one input per call."""
+    req = task_requests(task, decode, model_labels(model))
+    if pad and req.kind == "head" and model.config.pad_id < 0:
+        batch_size = 1  # the same number of forward calls on every worker, whatever the lengths
+    if pad and req.kind == "generate":
         raise ValueError(f"task {task.name!r} ({task.kind}): pad=True needs log-likelihood requests; a "
                          "generation's number of forward calls depends on what it generates")
     mine = share(len(req.items), rank, world)
@@ -219,16 +258,28 @@ def run_task_split(model: nn.Module, tokenizer: Any, task: Task, *, rank: int, w
 
 
 def check_fits(task: Task, tokenizer: Any, context: int | None, decode: DecodeOptions = DecodeOptions(),
-               truncate: bool = False) -> None:
+               truncate: bool = False, labels: tuple[str, ...] | None = None) -> None:
     """Raise the DataError that scoring `task` would raise for inputs longer than `context` tokens (a
     model's max_seq_len; None = no limit), without a model: training checks its tasks at start-up
     rather than failing at the first evaluation. Nothing to check with `truncate` (eval.lm truncates)
-    except a continuation that cannot fit either way."""
-    from clusterlm.eval.lm import encode_pair, fit_prompts
+    except a continuation that cannot fit either way. `labels`: the model is a classifier with these
+    classes (task_requests; its label check runs even without a context)."""
+    from clusterlm.eval.lm import classifier_ids, encode_pair, fit_prompts
 
+    if context is None and labels is None:
+        return
+    req = task_requests(task, decode, labels)
     if context is None:
         return
-    req = task_requests(task, decode)
+    if req.kind == "head":
+        lengths = [len(classifier_ids(tokenizer, t)) for t in req.items]
+        bad = [i for i, n in enumerate(lengths) if n > context]
+        if bad and not truncate:
+            raise DataError(f"task {task.name!r}: {len(bad)} of {len(lengths)} texts do not fit the model's context "
+                            f"of {context} tokens (the longest is {max(lengths)} tokens with the EOS separator; "
+                            f"first: text {bad[0]}); pass truncate=True (eval.truncate, --truncate) to keep the "
+                            f"last {context} tokens of each")
+        return
     if req.kind == "generate":
         if not truncate:
             try:

@@ -21,6 +21,8 @@ generate.text.prompt_ids does for prompts.
 - loglikelihood_rolling(text): the text's ids cut into disjoint windows of the model's context
   (lm-eval's get_rolling_token_windows with context_len=1): the first window predicts its tokens
   after [EOS], each later one after the one token before it. An RNN has no context limit: one window.
+- classify(texts): a SequenceClassifier's label and label probabilities for [EOS] + encode(text)
+  (its head on the pooled final hidden state; no log-likelihoods).
 - generate_batch(prompts): continuation text of [EOS] + encode(prompt), cut at the first stop string
   (not returned) or EOS, greedy by default; at most max_new_tokens, and no further than the model's
   context holds (finish reason "length", as engine.generate without sliding_window).
@@ -68,6 +70,15 @@ class LogLikelihood(NamedTuple):
     logprob: float
     n_tokens: int
     is_greedy: bool
+
+
+class Classification(NamedTuple):
+    """A classifier's answer for one input: the argmax label, the softmax of the head's logits in the
+    model's label order, and the ids it read (after truncation)."""
+
+    label: str
+    probs: list[float]
+    n_tokens: int
 
 
 class Completion(NamedTuple):
@@ -259,6 +270,77 @@ def loglikelihood_rolling(model: nn.Module, tokenizer, texts: Sequence[str], *, 
         logprob[t] += s.logprob
         counts[t] += s.n_tokens
     return list(zip(logprob, counts))
+
+
+# ---- classification (a SequenceClassifier's head) ------------------------------------------------
+
+def classifier_ids(tokenizer, text: str) -> list[int]:  # noqa: ANN001 - the tokenizer protocol
+    """A classifier's input ids for `text`: [EOS] + encode(text), the document separator first as in
+    training (left-truncation to the model's context is classify_ids's)."""
+    return [tokenizer.eos_id] + tokenizer.encode(text)
+
+
+def classify_ids(model: nn.Module, ids: Sequence[Sequence[int]], *, batch_size: int = 16,
+                 device: torch.device | str | None = None, truncate: bool = False,
+                 autocast_dtype: torch.dtype | None = None, progress: bool | None = None,
+                 what: str = "inputs") -> list[Classification]:
+    """The head's answer for each id sequence, in input order (models/classifier.py). Longer than the
+    model's context: refused (DataError, all of them counted) or, with truncate=True, left-truncated
+    to the last `context` ids. Batches: longest first; with the model's pad_id (>= 0), up to
+    batch_size rows right-padded with it (ceil(N / batch_size) forward calls, whatever the lengths);
+    with pad_id -1 (no padding) only rows of equal length share a batch."""
+    _check_positive("batch_size", batch_size, 1)
+    cfg = model.config
+    labels = tuple(cfg.labels)
+    if not labels:
+        raise ValueError(f"{type(model).__name__} is not a classifier (model.labels is empty)")
+    if any(len(x) == 0 for x in ids):
+        raise ValueError("an input has no ids; a classifier reads at least one token ([EOS] first)")
+    C = context_length(model)
+    rows = [list(x) for x in ids]
+    too_long = [i for i, x in enumerate(rows) if C is not None and len(x) > C]
+    if too_long:
+        if not truncate:
+            raise DataError(f"{len(too_long)} of {len(rows)} {what} do not fit the model's context of {C} tokens "
+                            f"(the longest is {max(len(rows[i]) for i in too_long)} tokens with the EOS separator; "
+                            f"first: {what[:-1]} {too_long[0]}); pass truncate=True (--truncate) to keep the last "
+                            f"{C} tokens of each")
+        log.warning("%d of %d %s are longer than the model's context of %d tokens: keeping the last %d tokens of each",
+                    len(too_long), len(rows), what, C, C)
+        for i in too_long:
+            rows[i] = rows[i][-C:]  # type: ignore[index]
+    pad = cfg.pad_id
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < batch_size and (pad >= 0 or len(rows[batches[-1][0]]) == len(rows[i])):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    dev = _device(model, device)
+    out: list[Classification | None] = [None] * len(rows)
+    amp = (torch.autocast(device_type=dev.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    with _eval_mode(model), amp, _progress(len(rows), "classify", progress) as bar:
+        for batch in batches:
+            T = len(rows[batch[0]])  # the longest first
+            x = torch.full((len(batch), T), max(pad, 0), dtype=torch.long)  # (B, T), right-padded
+            for b, i in enumerate(batch):
+                x[b, :len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
+            probs = torch.softmax(model(x.to(dev)).float(), dim=-1).cpu()  # (B, C)
+            for i, p in zip(batch, probs):
+                out[i] = Classification(labels[int(p.argmax())], p.tolist(), len(rows[i]))
+            bar.update(len(batch))
+    return out  # type: ignore[return-value]
+
+
+def classify(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 16,  # noqa: ANN001
+             device: torch.device | str | None = None, truncate: bool = False,
+             autocast_dtype: torch.dtype | None = None, progress: bool | None = None) -> list[Classification]:
+    """The classifier's label and probabilities for each text ([EOS] + its ids: classifier_ids)."""
+    _check_vocab(model, tokenizer)
+    return classify_ids(model, [classifier_ids(tokenizer, t) for t in texts], batch_size=batch_size, device=device,
+                        truncate=truncate, autocast_dtype=autocast_dtype, progress=progress, what="texts")
 
 
 # ---- generation ----------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Names: clusterlm_http_requests_total{route,status}, clusterlm_sequences_finished_total{reason}
 (stop | length | cancelled), clusterlm_queue_depth, clusterlm_running_sequences,
 clusterlm_prompt_tokens_total, clusterlm_generated_tokens_total, clusterlm_time_to_first_token_seconds,
-clusterlm_inter_token_latency_seconds. Exposed at /metrics (API key required).
+clusterlm_inter_token_latency_seconds; for a classifier clusterlm_classified_inputs_total and
+clusterlm_classify_seconds (prompt tokens count in clusterlm_prompt_tokens_total). Exposed at /metrics (API key required).
 """
 
 from __future__ import annotations
@@ -27,5 +28,8 @@ class Metrics:
                                         registry=r)
         self.ttft = Histogram("clusterlm_time_to_first_token_seconds", "Submit to first sampled token",
                               buckets=_LATENCY_BUCKETS, registry=r)
+        self.classified = Counter("clusterlm_classified_inputs", "Texts answered by /classify", registry=r)
+        self.classify_time = Histogram("clusterlm_classify_seconds", "A /classify request's forward passes",
+                                       buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("clusterlm_inter_token_latency_seconds", "Time between a sequence's tokens",
                              buckets=_LATENCY_BUCKETS, registry=r)

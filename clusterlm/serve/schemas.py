@@ -28,6 +28,7 @@ MAX_STOP_CHARS = 64
 MAX_N = 16  # upper bound on n before the server's own --max-batch check
 MAX_SEED = 2**63 - 1
 MAX_MESSAGES = 256
+MAX_CLASSIFY_INPUTS = 1024  # texts in one /classify request
 
 
 class _Strict(BaseModel):
@@ -84,6 +85,27 @@ class ChatMessage(_Strict):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+
+
+class ClassifyRequest(_Strict):
+    """POST /classify, vLLM's classification API: one text or a list of them. truncate_prompt_tokens:
+    keep the last k tokens of each input (-1 or absent: the model's context)."""
+
+    model: str | None = Field(default=None, max_length=256)
+    input: str | list[str] = Field(max_length=1_000_000)
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
+    user: str | None = Field(default=None, max_length=256)
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not 1 <= len(v) <= MAX_CLASSIFY_INPUTS:
+            raise ValueError(f"a list of 1..{MAX_CLASSIFY_INPUTS} texts, got {len(v)}")
+        return v
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
 # ---- responses (plain dicts: cheap to build per streamed token) ---------------------------------------
