@@ -1,0 +1,166 @@
+"""`clusterlm finetune` end to end on a tiny base: SFT with the chat template (vocabulary grown,
+template carried, bit-exact resume), a classifier with LoRA (adapters on their own, merged at load),
+and bad input (one line, exit 2, nothing written).
+
+Run: .venv/bin/python -m pytest -q tests/e2e/test_finetune.py
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from clusterlm.cli import main as cli
+from clusterlm.errors import EXIT_USAGE
+from tests.helpers import train_losses
+
+TEXT = "".join(f"{a}+{b}={a + b}. the film was {'good' if a > b else 'bad'}.\n" for a in range(10) for b in range(10))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A char-level gpt-nano trained 30 steps on TEXT."""
+    root = tmp_path_factory.mktemp("base")
+    (root / "corpus.txt").write_text(TEXT * 3)
+    assert cli(["prepare", str(root / "corpus.txt"), "--out", str(root / "data"), "--tokenizer", "char",
+                "--val-fraction", "0"]) == 0
+    assert cli(["train", f"--data.dir={json.dumps(str(root / 'data'))}", f"--train.out_dir={json.dumps(str(root / 'run'))}",
+                "--model.preset=gpt-nano", "--model.max_seq_len=64", "--train.seq_len=64", "--train.micro_batch_size=8",
+                "--train.max_steps=30", "--train.eval_interval=0", "--optim.lr=3e-3", "--optim.warmup_steps=3",
+                "--train.tensorboard=false"]) == 0
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("records")
+    chat = root / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{a}+{b}"},
+                                                     {"role": "assistant", "content": str(a + b)}]}) + "\n"
+                            for a in range(10) for b in range(10)))
+    cls = root / "cls.tsv"
+    cls.write_text("sentence\tlabel\n" + "".join(f"the film was {'good' if (a + b) % 2 else 'bad'}.\t"
+                                                f"{'pos' if (a + b) % 2 else 'neg'}\n" for a in range(10) for b in range(8)))
+    return {"chat": chat, "cls": cls, "root": root}
+
+
+def _ft(base: Path, source: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["finetune", f"--finetune.init_from={json.dumps(str(base))}", f"--data.source={json.dumps(str(source))}",
+            f"--data.dir={json.dumps(str(data))}", f"--train.out_dir={json.dumps(str(out))}", "--train.seq_len=64",
+            "--train.micro_batch_size=8", "--train.eval_interval=0", "--optim.warmup_steps=2", "--optim.lr=1e-3",
+            "--train.tensorboard=false", "--train.threads=1", *extra]
+
+
+def test_sft_chat_grows_the_vocabulary_carries_the_template_and_resumes_bit_exactly(base, records, tmp_path):
+    from clusterlm.checkpoint.model_io import load_for_inference
+    from clusterlm.checkpoint.store import load_model_weights, resolve_checkpoint
+    from clusterlm.generate.template import CHAT_TOKENS
+
+    args = _ft(base, records["chat"], tmp_path / "data", tmp_path / "a", "--finetune.task=sft",
+               "--train.max_steps=12", "--checkpoint.interval=6")
+    assert cli(args) == 0
+    loaded = load_for_inference(tmp_path / "a")
+    base_tok = load_for_inference(base).tokenizer
+    assert loaded.chat_template is not None and loaded.chat_template.source == (
+        tmp_path / "data" / "chat_template.jinja").read_text()
+    assert loaded.tokenizer.vocab_size == base_tok.vocab_size + len(CHAT_TOKENS)
+    assert loaded.config.model.vocab_size == loaded.tokenizer.vocab_size
+    # the step-6 checkpoint: new rows moved away from their start, old ids kept their meaning
+    emb = load_model_weights(resolve_checkpoint(str(tmp_path / "a" / "checkpoints" / "step-00000006")))
+    assert emb["tok_embeddings.weight"].shape[0] == loaded.config.model.padded_vocab_size
+    # resume from the step-6 checkpoint (the run as a preempted job leaves it) == 12 straight
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-00000012")
+    assert cli(_ft(base, records["chat"], tmp_path / "data", tmp_path / "b", "--finetune.task=sft",
+                   "--train.max_steps=12", "--checkpoint.interval=6", "--train.resume=auto")) == 0
+    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
+    losses = train_losses(tmp_path / "a")
+    assert losses[12] < losses[1]
+
+
+def test_new_rows_start_at_the_mean_of_the_base_rows(base):
+    import dataclasses
+
+    from clusterlm.checkpoint.model_io import read_checkpoint_config
+    from clusterlm.checkpoint.store import load_model_weights
+    from clusterlm.finetune.setup import base_state, resolve_base
+
+    b = resolve_base(str(base), base)
+    v0 = b.config.model.vocab_size
+    mcfg = dataclasses.replace(read_checkpoint_config(b.path).model, vocab_size=v0 + 4)
+    state = base_state(b, mcfg)
+    old = load_model_weights(b.path)["tok_embeddings.weight"]
+    new = state["tok_embeddings.weight"]
+    assert torch.equal(new[:v0], old[:v0])
+    assert torch.allclose(new[v0:v0 + 4], old[:v0].mean(0).expand(4, -1))
+
+
+def test_lora_classifier_trains_few_parameters_saves_small_adapters_and_merges_at_load(base, records, tmp_path, caplog):
+    from clusterlm.checkpoint.model_io import load_for_inference
+
+    caplog.set_level("INFO")
+    out = tmp_path / "cls"
+    assert cli(_ft(base, records["cls"], tmp_path / "cdata", out, "--finetune.task=classify",
+                   "--finetune.lora_rank=2", "--finetune.class_weights=balanced", "--train.max_steps=20",
+                   "--optim.lr=3e-3", "--train.eval_interval=10", "--train.micro_batch_size=16")) == 0
+    line = next(r.getMessage() for r in caplog.records if "parameters train" in r.getMessage())
+    pct = float(line.rsplit("(", 1)[1].split("%")[0])
+    assert 0 < pct < 5, line
+    adapter = out / "adapter" / "adapter.safetensors"
+    model_file = next((out / "checkpoints").glob("step-*/model.safetensors"))
+    assert adapter.stat().st_size < 0.05 * model_file.stat().st_size
+    evals = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r["kind"] == "eval"]
+    assert evals and 0.0 <= evals[-1]["val_accuracy"] <= 1.0 and "val_macro_f1" in evals[-1]
+    loaded = load_for_inference(out)  # base + adapters merged: a plain classifier again
+    assert loaded.config.model.labels == ("neg", "pos")
+    assert not [k for k in loaded.model.state_dict() if "lora" in k]
+    tok = loaded.tokenizer
+    x = torch.tensor([[tok.eos_id] + tok.encode("the film was good.")])
+    assert loaded.model(x).shape == (1, 2)
+
+
+def _fails(args: list[str], capsys) -> str:
+    code = cli(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_USAGE, err
+    return err[-1]
+
+
+def test_bad_input_is_one_line_exit_2_and_nothing_written(base, records, tmp_path, capsys):
+    root = records["root"]
+    bad = root / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "1+1", "completion": "2"}) + "\n" + json.dumps({"prompt": "2+2"}) + "\n")
+    line = _fails(_ft(base, bad, tmp_path / "d1", tmp_path / "o1", "--finetune.task=sft", "--train.max_steps=2"),
+                  capsys)
+    assert "bad.jsonl:2" in line and "'completion'" in line
+    assert not (tmp_path / "d1").exists() and not (tmp_path / "o1" / "checkpoints").exists()
+
+    line = _fails(_ft(base, records["cls"], tmp_path / "d2", tmp_path / "o2", "--finetune.task=classify",
+                      '--finetune.labels=["pos", "meh"]', "--train.max_steps=2"), capsys)
+    assert "'neg'" in line and "label set" in line
+    assert not (tmp_path / "d2").exists()
+
+    broken = root / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m.content }")
+    line = _fails(_ft(base, records["chat"], tmp_path / "d3", tmp_path / "o3", "--finetune.task=sft",
+                      f"--finetune.template={json.dumps(str(broken))}", "--train.max_steps=2"), capsys)
+    assert "broken.jinja" in line
+    assert not (tmp_path / "d3").exists()
+
+    line = _fails(_ft(base, records["cls"], tmp_path / "d4", tmp_path / "o4", "--finetune.task=classify",
+                      "--finetune.lora_rank=2", '--finetune.lora_targets=["q_proj"]', "--train.max_steps=2"), capsys)
+    assert "q_proj" in line and "match no nn.Linear" in line
+    assert not (tmp_path / "o4" / "checkpoints").exists()
+
+    line = _fails(_ft(base, records["cls"], tmp_path / "d5", tmp_path / "o5", "--finetune.task=classify",
+                      "--model.dim=96", "--train.max_steps=2"), capsys)
+    assert "dim=" in line and "dim=96" in line and "base" in line
+    assert not (tmp_path / "o5" / "checkpoints").exists()
+
+    line = _fails(["finetune", f"--data.dir={json.dumps(str(tmp_path / 'x'))}"], capsys)
+    assert "finetune.task = 'lm'" in line
