@@ -8,6 +8,12 @@ A folder holds config.json, the weights (model.safetensors, a sharded index, or 
 pytorch_model.bin) and tokenizer.json. Only safetensors and JSON are read by default: a
 pytorch_model.bin is a pickle and is loaded only with trust_pickle (--trust-pickle), and then with
 torch.load(weights_only=True). The name and layout translation itself is models/convert.py.
+
+Chat templates travel both ways: `convert` keeps a folder's template (chat_template.jinja, else the
+`chat_template` of tokenizer_config.json) as the checkpoint's chat_template.jinja; `export` writes the
+checkpoint's template into tokenizer_config.json and chat_template.jinja (tokenizer/hf_export.py) and
+its end-of-turn id into generation_config.json's eos_token_id, so transformers' `generate` stops
+where clusterlm does.
 """
 
 from __future__ import annotations
@@ -116,6 +122,31 @@ def find_tokenizer(folder: Path) -> Path | None:
     return None
 
 
+def read_hf_template(folder: Path) -> str | None:
+    """The chat template source of a Hugging Face folder: chat_template.jinja, else tokenizer_config.json's
+    `chat_template` (a string, or a list of {"name", "template"} of which "default" is taken), without
+    the prefix a clusterlm export adds; None when it has none. ConfigError when it does not compile."""
+    from clusterlm.generate.template import TEMPLATE_FILE, ChatTemplate
+    from clusterlm.tokenizer.hf_export import template_from_hf
+
+    source, where = None, folder / TEMPLATE_FILE
+    if where.is_file():
+        source = where.read_text(encoding="utf-8")
+    elif (folder / "tokenizer_config.json").is_file():
+        where = folder / "tokenizer_config.json"
+        value = _read_json(where).get("chat_template")
+        if isinstance(value, list):  # named templates (transformers' multi-template form)
+            value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"), None)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{where}: chat_template is a {type(value).__name__}, not a Jinja2 string")
+        source = value
+    if source is None:
+        return None
+    source = template_from_hf(source)
+    ChatTemplate(source, name=str(where))  # compiles, or ConfigError naming the file
+    return source
+
+
 def convert_from_hf(src: str | Path, out: str | Path, *, trust_pickle: bool = False) -> Path:
     """Write a clusterlm checkpoint (out/checkpoints/step-00000000) from a Hugging Face folder."""
     from clusterlm.checkpoint.store import save_checkpoint
@@ -135,6 +166,7 @@ def convert_from_hf(src: str | Path, out: str | Path, *, trust_pickle: bool = Fa
     from clusterlm.tokenizer import load_tokenizer
 
     load_tokenizer(tok_file)  # unreadable tokenizer: refused now, not at the first `generate`
+    template = read_hf_template(src)
     hf_cfg = _read_json(cfg_file)
     try:
         cfg = hf_to_config(hf_cfg)
@@ -149,7 +181,7 @@ def convert_from_hf(src: str | Path, out: str | Path, *, trust_pickle: bool = Fa
     run = RunConfig(model=cfg, train=TrainConfig(out_dir=str(out), seq_len=min(256, cfg.max_seq_len)))
     path = save_checkpoint(out / "checkpoints", 0, model_state=state, optimizer_state=None,
                            train_state={"step": 0, "converted_from": str(src)}, config_toml=to_toml(run),
-                           tokenizer_path=tok_file)
+                           tokenizer_path=tok_file, chat_template=template)
     log.info("converted %s (%s, %s parameters) -> %s", src, hf_cfg["model_type"], f"{cfg.num_params():,}", path)
     return path
 
@@ -173,15 +205,21 @@ def export_to_hf(ckpt: str | Path, out: str | Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} exists and is not empty")
     bos = eos = pad = None
+    stop_ids: list[int] = []
     tok_files: dict[str, str] = {}
     tok_src = path / "tokenizer.json"
     if tok_src.is_file():
+        from clusterlm.generate.template import read_template
+        from clusterlm.generate.text import chat_format
         from clusterlm.tokenizer import load_tokenizer
         from clusterlm.tokenizer.hf_export import hf_tokenizer_files
 
         tok = load_tokenizer(tok_src)
         bos, eos, pad = tok.bos_id, tok.eos_id, tok.pad_id
-        tok_files = hf_tokenizer_files(tok, cfg.max_seq_len)  # before anything is written
+        template = read_template(path)
+        if template is not None:  # its tokens must be the tokenizer's; its end of turn stops generate
+            stop_ids = list(chat_format(tok, template).stop_ids)
+        tok_files = hf_tokenizer_files(tok, cfg.max_seq_len, template)  # before anything is written
         if tok.kind in ("byte", "char"):
             # our own file too: `convert` reads it back as the same kind (tokenizer.json would load as bpe)
             tok_files["clusterlm_tokenizer.json"] = tok_src.read_text(encoding="utf-8")
@@ -190,7 +228,8 @@ def export_to_hf(ckpt: str | Path, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_file(hf_state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n", encoding="utf-8")
-    gen = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "max_length": cfg.max_seq_len}
+    gen = {"bos_token_id": bos, "eos_token_id": [eos, *stop_ids] if stop_ids else eos, "pad_token_id": pad,
+           "max_length": cfg.max_seq_len}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
     for name, text in tok_files.items():
         (out / name).write_text(text, encoding="utf-8")

@@ -19,6 +19,25 @@ special_tokens_map.json. Per kind:
   (Fuse) with no spaces in between.
 - bpe: the tokenizer.json itself (clusterlm's BPE files already are Hugging Face files).
 
+Added special tokens (the chat roles, tokenizer/base.py) are added tokens with special=false, which
+`tokenizers` matches in text even under split_special_tokens (as clusterlm does), listed as
+additional_special_tokens; the decoder drops them (a Replace with "" per token, since transformers'
+skip_special_tokens only skips special=true tokens), so decoding matches clusterlm's.
+
+With a chat template (generate/template.py) tokenizer_config.json gets `chat_template` (and the folder
+chat_template.jinja): the template with EXPORT_PREFIX, "{{ eos_token }}", in front, because
+clusterlm starts every prompt with the EOS document separator (generate/text.py prompt_ids) and
+`apply_chat_template` tokenizes the rendered text with add_special_tokens=False. For that text to
+give the EOS id, such an export sets split_special_tokens = false (transformers 5 makes the named
+bos/eos/pad tokens special again on load, so special=false on <|eos|> alone does not survive): the one
+difference from clusterlm is that <|bos|>, <|eos|> and <|pad|> typed in a message encode as those
+special ids in transformers and as text in clusterlm (docs/chat_templates.md). Import
+(interop/hf_io.py) removes EXPORT_PREFIX again (`template_from_hf`).
+
+Before returning, `hf_tokenizer_files` encodes a probe text (the chat tokens, a rendered sample
+conversation, accents, CJK, emoji, newlines) with the built tokenizer and with clusterlm's; any
+difference refuses the export (ConfigError) rather than writing a tokenizer that disagrees.
+
 `split_special_tokens = true` in tokenizer_config.json: text that contains "<|eos|>" encodes as
 ordinary characters, as clusterlm does (`encode_special_tokens`, which `tokenizers` does not save).
 `clean_up_tokenization_spaces = false`: decoding gives back the exact text. No add_bos_token /
@@ -35,6 +54,8 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
+from clusterlm.errors import ConfigError
+from clusterlm.generate.template import CHAT_TOKENS, ChatTemplate
 from clusterlm.tokenizer.base import BOS, EOS, PAD, Tokenizer
 from clusterlm.tokenizer.bpe import BPETokenizer
 from clusterlm.tokenizer.byte import ByteTokenizer
@@ -42,6 +63,19 @@ from clusterlm.tokenizer.char import UNK, CharTokenizer
 
 # every code point, newlines included, as its own piece (Oniguruma, the regex engine of `tokenizers`)
 _ONE_CODE_POINT = r"[\s\S]"
+EXPORT_PREFIX = "{{ eos_token }}"  # put in front of an exported chat template (see the module docstring)
+_PROBE = ("The quick brown fox.\n  Two  spaces,\ttabs\r\n héllo e\u0301 中文 😀👍🏽 <|bos|> <|pad|> "
+          "<|user|><|end|><|assistant|>x<|system|>\n")
+
+
+def template_for_hf(source: str) -> str:
+    """The chat template as exported: EXPORT_PREFIX + `source`."""
+    return EXPORT_PREFIX + source
+
+
+def template_from_hf(source: str) -> str:
+    """An imported chat template without the EXPORT_PREFIX a clusterlm export put in front."""
+    return source[len(EXPORT_PREFIX):] if source.startswith(EXPORT_PREFIX) else source
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -68,7 +102,29 @@ def _byte(tok: ByteTokenizer) -> tokenizers.Tokenizer:
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     hf.decoder = decoders.ByteLevel()
     hf.add_special_tokens(_specials({BOS: tok.bos_id, EOS: tok.eos_id, PAD: tok.pad_id}))
+    _add(hf, tok)
     return hf
+
+
+def _add(hf: tokenizers.Tokenizer, tok: Tokenizer) -> None:
+    """Add `tok`'s added special tokens (special=false: matched in text, see the module docstring)."""
+    added = getattr(tok, "added_tokens", ())
+    hf.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
+    got = [hf.token_to_id(t) for t in added]
+    want = [tok.token_id(t) for t in added]  # type: ignore[attr-defined]
+    if got != want:  # cannot happen for files clusterlm wrote (the ids are contiguous); a guard
+        raise ConfigError(f"exporting {tok!r}: its added tokens {list(added)} would get ids {got}, not {want}")
+
+
+def _drop_in_decoder(hf: tokenizers.Tokenizer, tokens: list[str]) -> tokenizers.Tokenizer:
+    """`hf` with a decoder that turns each of `tokens` into "" (before its own decoder), from JSON
+    so that the original is untouched."""
+    obj = json.loads(hf.to_str())
+    drops = [{"type": "Replace", "pattern": {"String": t}, "content": ""} for t in tokens]
+    old = obj.get("decoder")
+    rest = [] if old is None else old["decoders"] if old.get("type") == "Sequence" else [old]
+    obj["decoder"] = {"type": "Sequence", "decoders": drops + rest}
+    return tokenizers.Tokenizer.from_str(json.dumps(obj))
 
 
 def _char(tok: CharTokenizer) -> tokenizers.Tokenizer:
@@ -81,6 +137,7 @@ def _char(tok: CharTokenizer) -> tokenizers.Tokenizer:
     # skip_special_tokens must not drop it
     hf.decoder = decoders.Sequence([decoders.Replace(UNK, "\ufffd"), decoders.Fuse()])
     hf.add_special_tokens(_specials({BOS: tok.bos_id, EOS: tok.eos_id, PAD: tok.pad_id}))
+    _add(hf, tok)
     return hf
 
 
@@ -96,19 +153,56 @@ def to_hf_tokenizer(tok: Tokenizer) -> tokenizers.Tokenizer:
     raise TypeError(f"no Hugging Face form for tokenizer {tok!r} (kind {getattr(tok, 'kind', '?')!r})")
 
 
-def hf_tokenizer_files(tok: Tokenizer, model_max_length: int) -> dict[str, str]:
-    """File name -> text: tokenizer.json, tokenizer_config.json, special_tokens_map.json."""
+def hf_tokenizer_files(tok: Tokenizer, model_max_length: int,
+                       chat_template: ChatTemplate | None = None) -> dict[str, str]:
+    """File name -> text: tokenizer.json, tokenizer_config.json, special_tokens_map.json, and with
+    a `chat_template` chat_template.jinja. ConfigError when the files would not encode a probe
+    text to `tok`'s ids."""
     hf = to_hf_tokenizer(tok)
     names = {key: hf.id_to_token(i) for key, i in
              (("bos_token", tok.bos_id), ("eos_token", tok.eos_id), ("pad_token", tok.pad_id))}
     assert all(names.values()), names  # every kind's special ids are in its vocabulary
+    # no unk_token for char: transformers would make <|unk|> special, and decoding would drop it
+    # instead of giving U+FFFD as clusterlm does (see _char)
+    added = list(getattr(tok, "added_tokens", ()))
+    if added:
+        hf = _drop_in_decoder(hf, added)
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **names,
         "model_max_length": int(model_max_length),
         "clean_up_tokenization_spaces": False,
-        "split_special_tokens": True,  # "<|eos|>" in text is text (see the module docstring)
+        # "<|eos|>" in text is text, except with a chat template, which emits it (see the module docstring)
+        "split_special_tokens": chat_template is None,
     }
+    special_map: dict[str, Any] = dict(names)
+    if added:
+        config["additional_special_tokens"] = special_map["additional_special_tokens"] = added
+    files = {}
+    if chat_template is not None:
+        config["chat_template"] = files["chat_template.jinja"] = template_for_hf(chat_template.source)
+    _check_same_ids(hf, tok, chat_template)
     return {"tokenizer.json": hf.to_str(pretty=True),
             "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
-            "special_tokens_map.json": json.dumps(names, indent=2, ensure_ascii=False) + "\n"}
+            "special_tokens_map.json": json.dumps(special_map, indent=2, ensure_ascii=False) + "\n", **files}
+
+
+def _check_same_ids(hf: tokenizers.Tokenizer, tok: Tokenizer, chat_template: ChatTemplate | None) -> None:
+    """ConfigError unless `hf` (as transformers runs it) encodes a probe text to `tok`'s ids."""
+    split = chat_template is None  # split_special_tokens in tokenizer_config.json
+    probe = _PROBE if split else _PROBE.replace(BOS, "").replace(PAD, "")  # the documented difference
+    if chat_template is not None:
+        try:
+            probe += chat_template.render([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+        except ValueError:
+            pass
+    probe += "".join(CHAT_TOKENS)  # present or not in `tok`: the same ids either way
+    hf.encode_special_tokens = split
+    got = hf.encode(probe, add_special_tokens=False).ids
+    want = tok.encode(probe)
+    if got != want:
+        i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        raise ConfigError(f"cannot export {tok!r} for transformers: the Hugging Face tokenizer built from it encodes "
+                          f"differently (first difference at token {i}: {got[i:i + 3]} vs clusterlm's "
+                          f"{want[i:i + 3]}); the checkpoint's tokenizer.json is not one clusterlm can export")
+    hf.encode_special_tokens = False
