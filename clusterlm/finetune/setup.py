@@ -218,6 +218,23 @@ def trainable_summary(model: nn.Module) -> str:
 
 
 # ---- losses ---------------------------------------------------------------------------------------
+class TokenSumLoss:
+    """The SFT loss: next-token cross-entropy summed over the trained tokens of a micro-batch, times
+    `scale`, which the trainer sets each step to accum * dp / (trained tokens of the whole step over
+    every rank). After the parallel wrappers' division by accum and dp, the gradient is that of the
+    mean over every trained token of the step, however the tokens fall into rows, micro-batches and
+    ranks (a mean per micro-batch would weight a short response's tokens more, and make the losses
+    depend on the layout)."""
+
+    def __init__(self) -> None:
+        self.scale = 1.0
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        from clusterlm.eval.metrics import lm_loss
+
+        return lm_loss(logits, targets, reduction="sum") * self.scale
+
+
 class ClassifyLoss:
     """Cross-entropy of (B, C) logits against (B,) label ids, with optional class weights; the
     trainer's `loss_fn` for classifiers (a class, so it pickles for the pipeline schedule)."""

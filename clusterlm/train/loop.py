@@ -205,6 +205,10 @@ class Trainer:
             transform, init_extra = model_transform(cfg.finetune, seed=tc.seed)
             if mcfg.labels:
                 loss_fn = self._classify_loss()
+            else:
+                from clusterlm.finetune.setup import TokenSumLoss
+
+                loss_fn = TokenSumLoss()  # its scale is set per step (train_step)
         self.pm = pm = build_parallel_model(
             mcfg, cfg.parallel, mesh, self.device, seed=tc.seed, micro_batch=tc.micro_batch_size, loss_fn=loss_fn,
             param_dtype=self.amp_dtype if self.distributed else None, compile=tc.compile,
@@ -289,6 +293,9 @@ class Trainer:
             self.has_val = meta["splits"].get("val", {}).get("tokens", 0) > tc.seq_len
         self.dims = validate_layout(cfg.parallel, mcfg, self.env.world_size, tc.global_batch_tokens,
                                     tc.micro_batch_size, tc.seq_len)
+        if cfg.finetune.task != "lm" and (self.dims.tp > 1 or self.dims.pp > 1):
+            raise ConfigError(f"fine-tuning runs under data parallelism (DDP, FSDP: parallel.dp_replicate, dp_shard), "
+                              f"not tp={self.dims.tp} pp={self.dims.pp}")
         return dataclasses.replace(cfg, model=mcfg, data=dataclasses.replace(cfg.data, dir=str(data_dir)))
 
     @property
@@ -473,8 +480,14 @@ class Trainer:
         for group in opt.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
-        for i in range(self.accum):
-            x, y = next(self.loader)
+        batches = [next(self.loader) for _ in range(self.accum)]
+        if hasattr(pm.loss_fn, "scale"):  # SFT: the mean over every trained token of the step, all ranks
+            from clusterlm.eval.metrics import IGNORE_INDEX
+
+            local = torch.tensor(float(sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)), device=self.device)
+            total = float(pm.mean_over_dp(local)) * self.dims.dp
+            pm.loss_fn.scale = self.accum * self.dims.dp / max(total, 1.0)
+        for i, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             # gradients are reduced across data-parallel ranks on the last micro-batch only
             loss_sum += pm.forward_backward(x, y, accum=self.accum, sync=i == self.accum - 1, autocast=self.autocast)
