@@ -164,3 +164,35 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(base, records, tmp_pat
 
     line = _fails(["finetune", f"--data.dir={json.dumps(str(tmp_path / 'x'))}"], capsys)
     assert "finetune.task = 'lm'" in line
+
+
+def test_finetune_from_a_hugging_face_base_and_export_the_chat_model(base, records, tmp_path):
+    """A base exported to transformers' files is a valid init_from; the fine-tuned chat model, exported,
+    gives the same greedy reply in transformers (apply_chat_template + generate) as in clusterlm."""
+    transformers = pytest.importorskip("transformers")
+    from clusterlm.checkpoint.model_io import load_for_inference
+    from clusterlm.generate.engine import complete, context_length
+    from clusterlm.generate.text import chat_format, prompt_ids
+    from clusterlm.interop.hf_io import export_to_hf
+
+    hf_base = export_to_hf(base, tmp_path / "hf_base")
+    out = tmp_path / "sft"
+    assert cli(_ft(hf_base, records["chat"], tmp_path / "data", out, "--finetune.task=sft", "--train.max_steps=40",
+                   "--optim.lr=3e-3")) == 0
+    assert (out / "base" / "checkpoints").is_dir()  # the HF folder, converted once
+    loaded = load_for_inference(out)
+    messages = [{"role": "user", "content": "3+4"}]
+    fmt = chat_format(loaded.tokenizer, loaded.chat_template)
+    ids = prompt_ids(loaded.tokenizer, fmt.render(messages), context_length(loaded.model), 8)
+    new, _ = complete(loaded.model, [ids], max_new_tokens=8, temperature=0.0, eos_id=None)
+    stops = {loaded.tokenizer.eos_id, *fmt.stop_ids}
+    want = new[0][:next((i + 1 for i, t in enumerate(new[0]) if t in stops), 8)]
+    exp = export_to_hf(out, tmp_path / "hf_sft")
+    at = transformers.AutoTokenizer.from_pretrained(exp)
+    hf_ids = at.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert list(hf_ids) == ids
+    hf = transformers.AutoModelForCausalLM.from_pretrained(exp).eval()
+    with torch.no_grad():
+        got = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                          attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    assert got[0, len(ids):len(ids) + len(want)].tolist() == want
