@@ -387,8 +387,14 @@ class ExampleSplit:
         self.lengths = np.diff(self.offsets)
 
     def example(self, i: int, cap: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Example i's tokens (and mask), at most `cap`: an SFT example keeps its start (a response
+        cut short still trains), a text to classify its end (as serving and eval.lm.classifier_ids
+        left-truncate)."""
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        b = min(b, a + cap)
+        if self.task == "classify":
+            a = max(a, b - cap)
+        else:
+            b = min(b, a + cap)
         mask = self.arrays.get("mask")
         return self.tokens[a:b], (mask[a:b] if mask is not None else None)
 

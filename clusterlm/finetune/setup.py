@@ -101,14 +101,13 @@ def finetune_model_config(base: Any, recipe: Any, *, vocab_size: int, labels: tu
 
 def check_tokenizer_extends(base_tok: Any, tok: Any, where: str) -> None:
     """`tok` must be `base_tok` with tokens appended: the same ids for every base token."""
-    if tok.kind != base_tok.kind or tok.vocab_size < base_tok.vocab_size:
+    probe = "The quick brown fox, 0123456789!\n"
+    if (tok.kind != base_tok.kind or tok.vocab_size < base_tok.vocab_size
+            or tok.vocab_size - len(tok.added_tokens) != base_tok.vocab_size - len(base_tok.added_tokens)
+            or tok.encode(probe) != base_tok.encode(probe)):
         raise ConfigError(f"{where}: the data's tokenizer ({tok.kind}, {tok.vocab_size} tokens) is not the base's "
                           f"({base_tok.kind}, {base_tok.vocab_size} tokens) plus chat tokens; prepare the data again "
                           "into a fresh data.dir")
-    probe = "The quick brown fox, 0123456789!\n"
-    if tok.encode(probe) != base_tok.encode(probe):
-        raise ConfigError(f"{where}: the data's tokenizer encodes text differently from the base's; prepare the data "
-                          "again into a fresh data.dir")
 
 
 # ---- the model ------------------------------------------------------------------------------------

@@ -51,7 +51,14 @@ def _load(args):  # noqa: ANN001, ANN202
         raise ValueError(f"--seed={args.seed} must be in [-2^63, 2^63 - 1]")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
-    return load_for_inference(args.checkpoint, device=resolve_device(args.device, "--device"))
+    loaded = load_for_inference(args.checkpoint, device=resolve_device(args.device, "--device"))
+    if loaded.config.model.labels:
+        from clusterlm.errors import ConfigError
+
+        raise ConfigError(f"{loaded.path} is a classifier (labels {', '.join(loaded.config.model.labels)}): it "
+                          "labels text, it does not generate; use `clusterlm eval RUN --task FILE` or `clusterlm "
+                          "serve` (POST /classify)")
+    return loaded
 
 
 def generate_main(argv: list[str], out: TextIO | None = None) -> int:

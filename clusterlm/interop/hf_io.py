@@ -201,6 +201,9 @@ def export_to_hf(ckpt: str | Path, out: str | Path) -> Path:
     if read_quantization(path) is not None:
         raise ConfigError(f"{path} is quantized; export the unquantized checkpoint it came from")
     cfg = run.model
+    if cfg.labels:
+        raise ConfigError(f"{path} is a classifier (labels {', '.join(cfg.labels)}); export writes causal language "
+                          "models for transformers; serve it with `clusterlm serve` (POST /classify) instead")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} exists and is not empty")

@@ -207,6 +207,8 @@ def prune_checkpoint(src: str | Path, out: str | Path, sparsity: float, method: 
     loaded = load_for_inference(src)  # the one read of the source checkpoint
     if loaded.quantization is not None:
         raise ValueError(f"{loaded.path} is quantized; prune the float checkpoint, then quantize")
+    if loaded.config.model.labels:
+        raise ValueError(f"{loaded.path} is a classifier; pruning (and its perplexity check) is for language models")
     run_cfg = loaded.config
     masks = None
     if method == "magnitude":

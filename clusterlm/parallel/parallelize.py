@@ -303,8 +303,11 @@ def build_parallel_model(mcfg: ModelConfig, pc: ParallelDims, mesh: DeviceMesh |
         apply_tp(model, mesh["tp"], sequence_parallel=seq_par, loss_parallel=seq_par)
     apply_ac(model, pc.activation_checkpointing)
     if compile:
-        for key, block in list(model.layers.items()):
-            model.layers[key] = torch.compile(block)
+        from clusterlm.models.classifier import language_model
+
+        layers = language_model(model).layers
+        for key, block in list(layers.items()):
+            layers[key] = torch.compile(block)
     pure_replication = dims.dp_replicate > 1 and dims.dp_shard == 1 and dims.tp == 1 and dims.pp == 1
     if wrap == "ddp" or (wrap == "auto" and pure_replication):
         model.to_empty(device=device)

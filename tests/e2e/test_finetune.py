@@ -122,6 +122,10 @@ def test_lora_classifier_trains_few_parameters_saves_small_adapters_and_merges_a
     tok = loaded.tokenizer
     x = torch.tensor([[tok.eos_id] + tok.encode("the film was good.")])
     assert loaded.model(x).shape == (1, 2)
+    # a classifier is not a causal LM: export and generate refuse it in one line
+    assert cli(["export", "--out", str(tmp_path / "hf"), str(out)]) == EXIT_USAGE
+    assert not (tmp_path / "hf").exists()
+    assert cli(["generate", str(out), "--prompt", "the film"]) == EXIT_USAGE
 
 
 def _fails(args: list[str], capsys) -> str:
@@ -161,6 +165,22 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(base, records, tmp_pat
                       "--model.dim=96", "--train.max_steps=2"), capsys)
     assert "dim=" in line and "dim=96" in line and "base" in line
     assert not (tmp_path / "o5" / "checkpoints").exists()
+
+    # data prepared for this base, used with a base whose tokenizer differs: refused naming both
+    assert cli(_ft(base, records["cls"], tmp_path / "d6", tmp_path / "o6", "--finetune.task=classify",
+                   "--train.max_steps=1")) == 0
+    capsys.readouterr()
+    other = tmp_path / "other"
+    (other / "c.txt").parent.mkdir()
+    (other / "c.txt").write_text("only a few letters here\n" * 50)
+    assert cli(["prepare", str(other / "c.txt"), "--out", str(other / "data"), "--tokenizer", "char"]) == 0
+    assert cli(["train", f"--data.dir={json.dumps(str(other / 'data'))}", f"--train.out_dir={json.dumps(str(other / 'run'))}",
+                "--model.preset=gpt-nano", "--model.max_seq_len=64", "--train.seq_len=16", "--train.max_steps=1",
+                "--train.eval_interval=0", "--train.tensorboard=false"]) == 0
+    capsys.readouterr()
+    line = _fails(_ft(other / "run", records["cls"], tmp_path / "d6", tmp_path / "o7", "--finetune.task=classify",
+                      "--train.max_steps=1"), capsys)
+    assert "is not the base's" in line and "tokens" in line
 
     line = _fails(["finetune", f"--data.dir={json.dumps(str(tmp_path / 'x'))}"], capsys)
     assert "finetune.task = 'lm'" in line
