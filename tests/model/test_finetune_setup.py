@@ -1,0 +1,74 @@
+"""Fine-tuning's model side (clusterlm/finetune/setup.py): freezing embeddings and the first k
+layers of Transformers and LSTMs, the LoRA transform applied on meta and initialised like the
+eager path, and the balanced class weights."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from clusterlm.config import FinetuneConfig
+from clusterlm.errors import ConfigError
+from clusterlm.finetune.setup import balanced_weights, freeze, model_transform
+from clusterlm.models.build import build_model
+from clusterlm.models.config import ModelConfig, get_preset
+
+
+def _model(cfg):
+    m = build_model(cfg)
+    m.init_weights(0)
+    return m
+
+
+def test_freeze_embeddings_and_first_layers_of_a_transformer():
+    m = _model(get_preset("gpt-nano", vocab_size=40))
+    freeze(m, embeddings=True, layers=2)
+    frozen = {n for n, p in m.named_parameters() if not p.requires_grad}
+    assert {"tok_embeddings.weight", "pos_embeddings.weight"} <= frozen
+    assert any(n.startswith("layers.1.") for n in frozen) and not any(n.startswith("layers.2.") for n in frozen)
+    with pytest.raises(ConfigError, match="freeze_layers=9 but the model has"):
+        freeze(_model(get_preset("gpt-nano", vocab_size=40)), embeddings=False, layers=9)
+
+
+def test_freeze_first_layer_of_an_lstm_classifier():
+    cfg = ModelConfig(arch="lstm", pos="none", n_layers=2, dim=16, vocab_size=30, labels=("a", "b"), pad_id=29)
+    m = _model(cfg)
+    freeze(m, embeddings=False, layers=1)
+    frozen = {n for n, p in m.named_parameters() if not p.requires_grad}
+    assert {"backbone.rnn.weight_ih_l0", "backbone.rnn.bias_hh_l0"} <= frozen
+    assert "backbone.rnn.weight_ih_l1" not in frozen and "score.weight" not in frozen
+
+
+def test_lora_transform_on_meta_then_init_equals_the_eager_model():
+    """build_parallel_model's order (build on meta, transform, to_empty, init_weights, init_extra)
+    gives the same tensors as LoRA applied to an initialised model: B = 0, A from (seed, name)."""
+    cfg = dataclasses.replace(get_preset("llama-nano", vocab_size=40), labels=("x", "y", "z"), pad_id=39)
+    ft = FinetuneConfig(task="classify", lora_rank=4)
+    transform, init_extra = model_transform(ft, seed=7)
+    with torch.device("meta"):
+        meta = transform(build_model(cfg))
+    meta.to_empty(device="cpu")
+    meta.init_weights(7)
+    init_extra(meta, 7)
+    eager = transform(_model_seed(cfg, 7))
+    a, b = meta.state_dict(), eager.state_dict()
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    lora_b = [v for k, v in a.items() if k.endswith("lora_b")]
+    assert lora_b and all(torch.count_nonzero(v) == 0 for v in lora_b)
+    train = {n for n, p in meta.named_parameters() if p.requires_grad}
+    assert "score.weight" in train and all(n.endswith(("lora_a", "lora_b")) or n == "score.weight" for n in train)
+
+
+def _model_seed(cfg, seed):
+    m = build_model(cfg)
+    m.init_weights(seed)
+    return m
+
+
+def test_balanced_class_weights_follow_sklearn():
+    w = balanced_weights([0, 0, 0, 1], 3)
+    assert torch.allclose(w, torch.tensor([4 / 9, 4 / 3, 0.0]))
