@@ -15,6 +15,11 @@ fails (with an error logged each time). `protocol_class` closes that hole:
 `raise_open_file_limit` lifts the soft RLIMIT_NOFILE to the hard limit, `RateLimitFilter` keeps
 repeated errors to one line per kind per period, and `bind` takes the port before the model loads.
 
+`Drain` is the replica's way out (docs/serving.md, "Replicas and drain"): on SIGTERM /ready answers
+503 and new generation requests 503 + Retry-After (an answer a load balancer retries elsewhere),
+running requests finish, then the server exits; past the deadline the remaining streams end with
+an error event. `check_instance_id` and `tag_logs` put the replica's id in every log line.
+
     limits = ConnectionLimits(max_connections=1000, header_timeout=10.0, body_timeout=30.0)
     config = uvicorn.Config(app, http=protocol_class(limits), ...)
 """
@@ -22,11 +27,14 @@ repeated errors to one line per kind per period, and `bind` takes the port befor
 from __future__ import annotations
 
 import asyncio
+import copy
 import errno
 import logging
+import re
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import h11
@@ -205,3 +213,97 @@ def bind(host: str, port: int, backlog: int) -> socket.socket:
         raise ClusterlmError(f"cannot listen on {shown}: {e.strerror}") from None
     sock.set_inheritable(True)
     return sock
+
+
+# ---- replicas: drain on SIGTERM, instance id ---------------------------------------------------
+
+DRAIN_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/classify"})  # refused while draining
+DRAIN_MESSAGE = "this replica is shutting down (draining); retry the request, another replica will answer it"
+ABORT_MESSAGE = "the server shut down before this request finished (drain deadline passed); retry it"
+_INSTANCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}")
+
+
+class Drain:
+    """Graceful drain. `request()` (from the SIGTERM handler: only flags are set there) starts it;
+    `watch()`, a task of the app's lifespan, then waits until no request on DRAIN_ROUTES is in
+    flight (counted by the app's guard middleware) or `timeout` seconds pass, calls `abort` with
+    ABORT_MESSAGE for what is left (streams end with an error event), and finally `on_done()`
+    (main() makes uvicorn exit there). A second `request()` skips the wait."""
+
+    def __init__(self, timeout: float = 30.0) -> None:
+        if not 0 <= timeout <= 3600:
+            raise ValueError(f"--drain-timeout={timeout} must be in [0, 3600] seconds")
+        self.timeout = timeout
+        self.requested = False
+        self.forced = False
+        self.inflight = 0  # requests on DRAIN_ROUTES inside the app; event-loop thread only
+        self.aborted = 0  # requests still running at the deadline
+        self.seconds: float | None = None  # how long the drain took
+        self.on_done: Callable[[], None] = lambda: None
+
+    def request(self) -> None:
+        if self.requested:
+            self.forced = True
+        self.requested = True
+
+    async def watch(self, abort: Callable[[str], None]) -> None:
+        while not self.requested:
+            await asyncio.sleep(0.05)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        log.info("draining: /ready answers 503 and new requests 503; %d request(s) in flight, waiting up to "
+                 "%g s (--drain-timeout)", self.inflight, self.timeout)
+        while self.inflight and not self.forced and loop.time() - t0 < self.timeout:
+            await asyncio.sleep(0.05)
+        if self.inflight:
+            self.aborted = self.inflight
+            log.warning("drain %s after %.1f s: ending %d request(s) with an error event",
+                        "forced by a second signal" if self.forced else "deadline passed", loop.time() - t0,
+                        self.aborted)
+            abort(ABORT_MESSAGE)
+            t1 = loop.time()
+            while self.inflight and loop.time() - t1 < 2.0:  # let the handlers write their error events
+                await asyncio.sleep(0.05)
+        self.seconds = loop.time() - t0
+        log.info("drained in %.1f s (%d request(s) ended early); exiting", self.seconds, self.aborted)
+        self.on_done()
+
+
+def check_instance_id(value: str) -> str:
+    """A replica's id as it appears in log lines, the info metric's label and a response header."""
+    if not _INSTANCE_ID.fullmatch(value):
+        raise ValueError(f"--instance-id {value!r} must be 1-64 characters of letters, digits and ._:@- "
+                         "(starting with a letter or digit)")
+    return value
+
+
+def default_instance_id(port: int) -> str:
+    """hostname:port (a pod's hostname is its name), else a short random id."""
+    import secrets
+
+    host = socket.gethostname().split(".")[0]
+    cand = f"{host}:{port}"
+    return cand if _INSTANCE_ID.fullmatch(cand) else f"replica-{secrets.token_hex(3)}"
+
+
+class _TaggedFormatter(logging.Formatter):
+    def __init__(self, inner: logging.Formatter, tag: str) -> None:
+        super().__init__()
+        self.inner, self.tag = inner, tag
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{self.tag} {self.inner.format(record)}"
+
+
+def tag_logs(instance_id: str, uvicorn_config: dict) -> dict:
+    """Prefix every line of the root logger's handlers with `[instance_id]`; returns a copy of
+    uvicorn's logging config (`uvicorn.config.LOGGING_CONFIG`) whose formats carry it too."""
+    tag = f"[{instance_id}]"
+    for h in logging.getLogger().handlers:
+        if not isinstance(h.formatter, _TaggedFormatter):
+            h.setFormatter(_TaggedFormatter(h.formatter or logging.Formatter(), tag))
+    cfg = copy.deepcopy(uvicorn_config)
+    for f in cfg.get("formatters", {}).values():
+        if "fmt" in f:
+            f["fmt"] = f"{tag} " + f["fmt"]
+    return cfg

@@ -59,6 +59,7 @@ class SamplingParams:
     seed: int | None = None
     stops: tuple[str, ...] = ()
     stop_ids: tuple[int, ...] = ()  # tokens that end the sequence like EOS (a chat template's end of turn)
+    logprobs: int | None = None  # per token: its logprob and this many most likely alternatives (None: off)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -71,11 +72,16 @@ class SamplingParams:
         return RowSampling(self.temperature, None, self.top_p)
 
 
+# (token id, its logprob, [(id, logprob) of the most likely tokens]): one per counted token, in order
+TokenLogprob = tuple[int, float, list[tuple[int, float]]]
+
+
 @dataclass
 class Delta:
     index: int  # choice index
     text: str
     tokens: int  # tokens generated so far by this choice
+    logprobs: list[TokenLogprob] | None = None  # the tokens sampled since the last event (params.logprobs)
 
 
 @dataclass
@@ -83,6 +89,7 @@ class Finished:
     index: int
     reason: str  # "stop" | "length"
     tokens: int  # completion tokens of this choice
+    logprobs: list[TokenLogprob] | None = None  # tokens not yet sent with a Delta (e.g. one ending in a stop string)
 
 
 @dataclass
@@ -100,6 +107,7 @@ class Request:
         self._loop = loop
         self.cancelled = threading.Event()
         self.submitted = time.perf_counter()
+        self.left, self.generated = n, 0  # choices still running; tokens of the finished ones
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -122,6 +130,7 @@ class _Seq:
     last: int = 0  # token to feed next
     n_tokens: int = 0
     t_last: float = field(default_factory=time.perf_counter)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # counted tokens not yet sent
 
 
 class Scheduler:
@@ -139,6 +148,7 @@ class Scheduler:
         self._running: list[_Seq] = []
         self._cond = threading.Condition()
         self._stop = False
+        self._abort: str | None = None  # set by abort(): fail everything at the next token boundary
         self._thread: threading.Thread | None = None
         self.step_seconds = 0.05  # moving average of one decode step, for Retry-After
 
@@ -174,6 +184,13 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
+    def abort(self, message: str) -> None:
+        """End every waiting and running request with Failed(message) at the next token boundary
+        (the drain deadline: streams get an error event, non-streaming requests a 500)."""
+        with self._cond:
+            self._abort = message
+            self._cond.notify()
+
     def warmup(self) -> None:
         """One prefill and a few decode steps on a dummy prompt (first-call allocations, kernels)."""
         with torch.inference_mode():
@@ -190,10 +207,13 @@ class Scheduler:
         torch.set_grad_enabled(False)
         while True:
             with self._cond:
-                while not self._stop and not self._waiting and not self._running:
+                while not self._stop and not self._waiting and not self._running and self._abort is None:
                     self._cond.wait()
                 if self._stop:
                     return
+                if self._abort is not None:
+                    self._fail_all(self._abort)
+                    continue
             try:
                 with torch.inference_mode():
                     self._step()
@@ -206,6 +226,22 @@ class Scheduler:
                 self._running = []
                 self.metrics.running.set(0)
 
+    def _fail_all(self, message: str) -> None:
+        """Under self._cond: Failed(message) to every request, waiting or running; slots freed."""
+        reqs = {id(r): r for r in self._waiting}
+        for s in self._running:
+            reqs[id(s.req)] = s.req
+            self.cache.free(s.slot)
+        for r in reqs.values():
+            r.emit(Failed(message))
+        self.metrics.aborted.inc(len(reqs))
+        self._waiting.clear()
+        self._running = []
+        self._abort = None
+        self.metrics.queue_depth.set(0)
+        self.metrics.running.set(0)
+        self.metrics.kv_used.set(0)
+
     def _step(self) -> None:
         t0 = time.perf_counter()
         self._drop_cancelled()
@@ -217,6 +253,7 @@ class Scheduler:
             self._sample_and_emit(self._running, logits)
             self.step_seconds = 0.9 * self.step_seconds + 0.1 * (time.perf_counter() - t0)
         self.metrics.running.set(len(self._running))
+        self.metrics.kv_used.set(self.max_batch - self.cache.num_free)
 
     def _drop_cancelled(self) -> None:
         keep = []
@@ -247,6 +284,8 @@ class Scheduler:
                     groups.setdefault(len(req.prompt_ids), []).append(seq)
                     self._running.append(seq)  # running from here on: an error below fails it, frees its slot
                 self.metrics.prompt_tokens.inc(len(req.prompt_ids))
+                self.metrics.prompt_len.observe(len(req.prompt_ids))
+                self.metrics.queue_time.observe(time.perf_counter() - req.submitted)
             self.metrics.queue_depth.set(len(self._waiting))
         for seqs in groups.values():
             ids = torch.tensor([s.req.prompt_ids for s in seqs], dtype=torch.long, device=self.device)  # (R, P)
@@ -257,6 +296,9 @@ class Scheduler:
         """Sample one token per row of logits (B, V) for seqs[b]; emit text; retire finished ones."""
         # one generator per row: a seeded request draws the same tokens whatever shares its batch
         tokens = self.engine.sample(logits, [s.req.params.row for s in seqs], [s.gen for s in seqs])
+        want = [b for b, s in enumerate(seqs) if s.req.params.logprobs is not None]  # only rows that asked
+        lps = dict(zip(want, self.engine.logprobs(
+            logits[want], [tokens[b] for b in want], max(seqs[b].req.params.logprobs for b in want)))) if want else {}
         now = time.perf_counter()
         done: set[int] = set()
         self._outbox: list[tuple[Request, Delta | Finished]] = []
@@ -267,7 +309,7 @@ class Scheduler:
             else:
                 self.metrics.itl.observe(now - s.t_last)
             s.t_last = now
-            reason = self._advance(s, tok)
+            reason = self._advance(s, tok, lps.get(b))
             if reason is not None:
                 self._finish(s, reason)
                 done.add(id(s))
@@ -283,13 +325,16 @@ class Scheduler:
             except RuntimeError:  # that loop is closed: nobody is listening
                 pass
 
-    def _advance(self, s: _Seq, tok: int) -> str | None:
-        """Take token `tok` for sequence s; returns a finish reason or None to keep going."""
+    def _advance(self, s: _Seq, tok: int, lp: tuple[float, list[tuple[int, float]]] | None = None) -> str | None:
+        """Take token `tok` (its logprob and the batch's top alternatives: `lp`) for sequence s; returns a
+        finish reason or None to keep going."""
         pos = int(self.cache.pos[s.slot]) if self.context is not None else None
         reason = self.engine.finish_reason(tok, self.tokenizer.eos_id, s.n_tokens + 1, s.req.params.max_tokens, pos)
         if reason == "stop" or tok in s.req.params.stop_ids:  # eos or end of turn: not counted, nothing to show
             return "stop"
         s.n_tokens += 1
+        if lp is not None:
+            s.logprobs.append((tok, lp[0], lp[1][:s.req.params.logprobs]))
         s.last = tok
         self.metrics.generated_tokens.inc()
         piece, stopped = s.stops.push(s.text.push(tok))
@@ -298,7 +343,8 @@ class Scheduler:
 
     def _send(self, s: _Seq, text: str) -> None:
         if text:
-            self._outbox.append((s.req, Delta(s.index, text, s.n_tokens)))
+            self._outbox.append((s.req, Delta(s.index, text, s.n_tokens, s.logprobs or None)))
+            s.logprobs = []
 
     def _finish(self, s: _Seq, reason: str) -> None:
         if reason == "stop_string":
@@ -307,7 +353,12 @@ class Scheduler:
             self._send(s, s.stops.flush(s.text.flush()))  # held-back text was not a stop string after all
         self.cache.free(s.slot)
         self.metrics.finished.labels(reason).inc()
-        self._outbox.append((s.req, Finished(s.index, reason, s.n_tokens)))
+        self._outbox.append((s.req, Finished(s.index, reason, s.n_tokens, s.logprobs or None)))
+        s.req.left -= 1
+        s.req.generated += s.n_tokens
+        if s.req.left == 0:  # the request's last choice: it is answered
+            self.metrics.latency.observe(time.perf_counter() - s.req.submitted)
+            self.metrics.generation_len.observe(s.req.generated)
 
 
 def _deliver(items: list[tuple[asyncio.Queue, Delta | Finished]]) -> None:
