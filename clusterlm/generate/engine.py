@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from clusterlm.generate.sampling import RowSampling, check_sampling_args, sample_rows
+from clusterlm.generate.sampling import RowSampling, check_sampling_args, sample_rows, token_logprobs
 from clusterlm.models.transformer import fuse_for_inference
 
 FinishReason = Literal["stop", "length"]
@@ -129,6 +129,13 @@ class Engine:
                generator: torch.Generator | None | list[torch.Generator]) -> list[int]:
         """One token per row (generate.sampling.sample_rows)."""
         return sample_rows(logits, rows, generator).tolist()
+
+    @staticmethod
+    def logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[tuple[float, list[tuple[int, float]]]]:
+        """Per row of logits (B, V): the sampled token's log-probability and the k most likely
+        (id, log-probability) pairs (generate.sampling.token_logprobs: the raw model distribution)."""
+        chosen, values, ids = token_logprobs(logits, torch.tensor(tokens, device=logits.device), k)
+        return [(c, list(zip(i, v))) for c, i, v in zip(chosen.tolist(), ids.tolist(), values.tolist())]
 
     def finish_reason(self, token: int, eos_id: int | None, n_tokens: int, max_tokens: int,
                       cache_pos: int | None) -> FinishReason | None:

@@ -165,6 +165,17 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[RowSampling],
     return out
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model's log-probabilities, log_softmax of the raw logits (B, V) in float32, before any
+    temperature or top-p (as vLLM reports them by default): of each row's sampled token (B,), and the
+    k most likely tokens of each row, (B, k) values and (B, k) ids, most likely first."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
+    chosen = lp.gather(-1, tokens[:, None]).squeeze(-1)  # (B,)
+    top = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)  # (B, k)
+    return chosen, top.values, top.indices
+
+
 def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float | None,
                 generator: torch.Generator | None) -> torch.Tensor:
     """One token id per row of logits (B, V) -> LongTensor (B,), every row sampled alike (see

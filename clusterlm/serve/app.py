@@ -177,7 +177,8 @@ def create_app(load: Callable[[], object], settings: Settings,
     metrics = Metrics()
     n_limit = min(MAX_N, settings.max_batch)
     # ranges that are the server's, shown in 422 messages for values below them (400 above them)
-    ranges = {"max_tokens": f"[1, {settings.max_new_tokens_limit}]", "n": f"[1, {n_limit}]"}
+    ranges = {"max_tokens": f"[1, {settings.max_new_tokens_limit}]", "n": f"[1, {n_limit}]",
+              "max_completion_tokens": f"[1, {settings.max_new_tokens_limit}]"}
     state: dict[str, object] = {}
     ready = threading.Event()
 
@@ -251,8 +252,10 @@ def create_app(load: Callable[[], object], settings: Settings,
 
     @app.get("/v1/models")
     async def models() -> dict:
+        # max_model_len (vLLM's name): the context in tokens, so a client (the chat page) can trim history
+        ctx = {"max_model_len": state["context"]} if state.get("context") is not None else {}
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
-                                            "owned_by": "clusterlm", **model_card(state)}]}
+                                            "owned_by": "clusterlm", **ctx, **model_card(state)}]}
 
     def _check(req: CompletionRequest | ChatRequest, prompt: str) -> tuple[list[int], SamplingParams]:
         if not ready.is_set():
@@ -263,9 +266,10 @@ def create_app(load: Callable[[], object], settings: Settings,
             raise _Reject(_err(404, f"model {req.model!r} is not served here; this server serves "
                                     f"{settings.model_name!r}", param="model"))
         limit = settings.max_new_tokens_limit
-        if req.max_tokens is not None and req.max_tokens > limit:
-            raise _Reject(_err(400, f"max_tokens={req.max_tokens} is out of range; allowed [1, {limit}] "
-                                    "(the server's --max-new-tokens-limit)", param="max_tokens"))
+        max_tokens, which = _max_tokens(req)
+        if max_tokens is not None and max_tokens > limit:
+            raise _Reject(_err(400, f"{which}={max_tokens} is out of range; allowed [1, {limit}] "
+                                    "(the server's --max-new-tokens-limit)", param=which))
         if req.n > n_limit:
             raise _Reject(_err(400, f"n={req.n} is out of range; allowed [1, {n_limit}] "
                                     f"(min({MAX_N}, the server's --max-batch))", param="n"))
@@ -280,8 +284,8 @@ def create_app(load: Callable[[], object], settings: Settings,
         if context is not None and len(ids) > context:
             raise _Reject(_err(400, f"the prompt is {len(ids)} tokens (with the leading EOS); the model's "
                                     f"context is {context} tokens", param="prompt"))
-        params = SamplingParams(max_tokens=req.max_tokens or limit, temperature=req.temperature,
-                                top_p=req.top_p, seed=req.seed, stops=tuple(req.stops))
+        params = SamplingParams(max_tokens=max_tokens or limit, temperature=req.temperature,
+                                top_p=req.top_p, seed=req.seed, stops=tuple(req.stops), logprobs=_top_logprobs(req))
         return ids, params
 
     async def _run(request: Request, ids: list[int], params: SamplingParams, n: int, chat: bool,
@@ -293,6 +297,7 @@ def create_app(load: Callable[[], object], settings: Settings,
         rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
         obj = "chat.completion" if chat else "text_completion"
         base = {"id": rid, "created": created, "model": settings.model_name}
+        lpf = _LogprobFormat(state, chat, n) if params.logprobs is not None else None
 
         if stream:
             async def events() -> AsyncIterator[bytes]:
@@ -313,16 +318,18 @@ def create_app(load: Callable[[], object], settings: Settings,
                                 out.append(_sse(error_body(ev.message, "server_error")))
                                 failed = True
                                 break
+                            lp = lpf.chunk(ev.index, ev.logprobs) if lpf is not None else None
                             if isinstance(ev, Delta):
-                                choice = ({"index": ev.index, "delta": {"content": ev.text}, "finish_reason": None}
-                                          if chat else {"index": ev.index, "text": ev.text, "logprobs": None,
+                                choice = ({"index": ev.index, "delta": {"content": ev.text}, "logprobs": lp,
+                                           "finish_reason": None}
+                                          if chat else {"index": ev.index, "text": ev.text, "logprobs": lp,
                                                         "finish_reason": None})
                             else:
                                 done += 1
                                 total += ev.tokens
-                                choice = ({"index": ev.index, "delta": {}, "finish_reason": ev.reason} if chat else
-                                          {"index": ev.index, "text": "", "logprobs": None,
-                                           "finish_reason": ev.reason})
+                                choice = ({"index": ev.index, "delta": {}, "logprobs": lp, "finish_reason": ev.reason}
+                                          if chat else {"index": ev.index, "text": "", "logprobs": lp,
+                                                        "finish_reason": ev.reason})
                             out.append(_sse({**base, "object": "chat.completion.chunk" if chat else obj,
                                              "choices": [choice]}))
                         yield b"".join(out)
@@ -352,6 +359,8 @@ def create_app(load: Callable[[], object], settings: Settings,
                     continue
                 if isinstance(ev, Failed):
                     return _err(500, ev.message, type_="server_error")
+                if lpf is not None:
+                    lpf.add(ev.index, ev.logprobs)
                 if isinstance(ev, Delta):
                     texts[ev.index] += ev.text
                 else:
@@ -360,11 +369,12 @@ def create_app(load: Callable[[], object], settings: Settings,
                     done += 1
         finally:
             handle.cancel()
+        lps = [lpf.whole(i) if lpf is not None else None for i in range(n)]
         if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": lps[i],
                         "finish_reason": reasons[i]} for i in range(n)]
         else:
-            choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": reasons[i]} for i in range(n)]
+            choices = [{"index": i, "text": texts[i], "logprobs": lps[i], "finish_reason": reasons[i]} for i in range(n)]
         return JSONResponse({**base, "object": obj, "choices": choices, "usage": usage(len(ids), total)})
 
     @app.post("/v1/completions")
@@ -380,20 +390,78 @@ def create_app(load: Callable[[], object], settings: Settings,
         fmt = state.get("chat")
         if fmt is None:  # still loading: _check answers 503
             _check(req, "")
-        try:  # the model's own template (or the plain one), as loaded
-            prompt = fmt.render([{"role": m.role, "content": m.content} for m in req.messages])
+        bad = req.unsupported_part()
+        if bad is not None:
+            raise _Reject(_err(400, f"{bad[0]} is a content part of type {bad[1]!r}; this server reads text parts "
+                                    "only ({\"type\": \"text\", \"text\": ...})", param="messages"))
+        try:  # the model's own template (or the plain one), as loaded; text parts joined, developer = system
+            prompt = fmt.render([{"role": m.template_role, "content": m.text} for m in req.messages])
         except ValueError as e:  # the template refuses these messages (raise_exception, a role it lacks)
             raise _Reject(_err(400, str(e), param="messages")) from None
         ids, params = _check(req, prompt)
         # the template's turn marker: a stop string (plain template) or its end-of-turn token id
         stops = tuple(req.stops) + tuple(fmt.stop_strings[:max(0, 4 - len(req.stops))])
         params = SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
-                                seed=params.seed, stops=stops, stop_ids=fmt.stop_ids)
+                                seed=params.seed, stops=stops, stop_ids=fmt.stop_ids, logprobs=params.logprobs)
         inc = bool(req.stream_options and req.stream_options.include_usage)
         return await _run(request, ids, params, req.n, True, req.stream, inc)
 
     register_classify(app, settings, state, ready, metrics, _read_json, _err)  # POST /classify: serve/classify.py
     return _Guard(app, settings, metrics)
+
+
+def _max_tokens(req: CompletionRequest | ChatRequest) -> tuple[int | None, str]:
+    """The request's token budget and the field that gave it. Chat's max_completion_tokens is
+    OpenAI's newer name for max_tokens; both given, they must agree (400), so that neither is
+    silently ignored."""
+    newer = getattr(req, "max_completion_tokens", None)
+    if newer is None:
+        return req.max_tokens, "max_tokens"
+    if req.max_tokens is not None and req.max_tokens != newer:
+        raise _Reject(_err(400, f"max_tokens={req.max_tokens} and max_completion_tokens={newer} disagree; "
+                                "give one of them (max_completion_tokens is the newer name)",
+                           param="max_completion_tokens"))
+    return newer, "max_completion_tokens"
+
+
+def _top_logprobs(req: CompletionRequest | ChatRequest) -> int | None:
+    """Alternatives per token the scheduler reports, or None for no logprobs: completions' `logprobs`
+    (an int), chat's `top_logprobs` when `logprobs` is true (0 when not given)."""
+    if isinstance(req, ChatRequest):
+        return (req.top_logprobs or 0) if req.logprobs else None
+    return req.top_logprobs
+
+
+class _LogprobFormat:
+    """A request's logprobs in OpenAI's shapes (serve/logprobs.py), per choice: `chunk` formats one
+    streamed event's tokens (None when it has none), `add` + `whole` collect a non-streaming reply."""
+
+    def __init__(self, state: dict, chat: bool, n: int) -> None:
+        from clusterlm.serve.logprobs import CompletionLogprobs, TokenNames
+
+        if "token_names" not in state:
+            state["token_names"] = TokenNames(state["tokenizer"])
+        self.names, self.is_chat = state["token_names"], chat
+        self.acc = [CompletionLogprobs(self.names) for _ in range(n)]
+        self.parts: list[list] = [[] for _ in range(n)]
+
+    def chunk(self, i: int, triples: list | None) -> dict | None:
+        from clusterlm.serve.logprobs import chat_logprobs
+
+        if not triples:
+            return None
+        return chat_logprobs(self.names, triples) if self.is_chat else self.acc[i].chunk(triples)
+
+    def add(self, i: int, triples: list | None) -> None:
+        if triples:
+            self.parts[i].append(self.chunk(i, triples))
+
+    def whole(self, i: int) -> dict:
+        from clusterlm.serve.logprobs import CompletionLogprobs
+
+        if self.is_chat:
+            return {"content": [e for p in self.parts[i] for e in p["content"]], "refusal": None}
+        return CompletionLogprobs.merge(self.parts[i])
 
 
 def _sse(obj: dict) -> bytes:

@@ -9,7 +9,12 @@ are checked by the app and answered 400 naming the server's range, however large
 Unknown-field policy: a field this server does not know is REJECTED (422 naming it), so a client
 never believes an option took effect when it did not. Fields OpenAI defines that have no effect
 here are accepted only at their neutral value: `user` (any string, ignored), `stream_options`
-(`include_usage`), `presence_penalty`/`frequency_penalty` (0 only), `logprobs` (null/false only).
+(`include_usage`), `presence_penalty`/`frequency_penalty` (0 only).
+
+Newer OpenAI forms (docs/serving.md, "OpenAI compatibility"): chat's `max_completion_tokens` (the
+newer name of `max_tokens`; both given must agree), message `content` as a list of text parts
+(other part types are answered 400 by the app, naming the type), the `developer` role (rendered as
+`system`), `logprobs`/`top_logprobs` on chat and `logprobs` (an int) on completions.
 
     from clusterlm.serve.schemas import CompletionRequest
     req = CompletionRequest.model_validate({"model": "m", "prompt": "Hi", "max_tokens": 8})
@@ -21,7 +26,7 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MAX_STOP = 4  # OpenAI allows up to 4 stop sequences
 MAX_STOP_CHARS = 64
@@ -29,6 +34,9 @@ MAX_N = 16  # upper bound on n before the server's own --max-batch check
 MAX_SEED = 2**63 - 1
 MAX_MESSAGES = 256
 MAX_CLASSIFY_INPUTS = 1024  # texts in one /classify request
+MAX_LOGPROBS = 5  # completions' `logprobs` (OpenAI's maximum)
+MAX_TOP_LOGPROBS = 20  # chat's `top_logprobs` (OpenAI's maximum)
+MAX_CONTENT_PARTS = 256
 
 
 class _Strict(BaseModel):
@@ -52,7 +60,6 @@ class _Sampling(_Strict):
     user: str | None = Field(default=None, max_length=256)
     presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
     frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
-    logprobs: Literal[False] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -75,16 +82,82 @@ class _Sampling(_Strict):
 class CompletionRequest(_Sampling):
     prompt: str = Field(max_length=1_000_000)
     echo: Literal[False] = False
+    # the sampled token's logprob and the `logprobs` most likely ones per token; false/null: none
+    logprobs: int | Literal[False] | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    @property
+    def top_logprobs(self) -> int | None:
+        """Alternatives per token (0: the sampled token only), or None for no logprobs."""
+        return None if self.logprobs is None or self.logprobs is False else self.logprobs
+
+
+class ContentPart(BaseModel):
+    """One part of a message's `content` list. Only `{"type": "text", "text": ...}` is read; any other
+    type is let through here so that the app can answer 400 naming it (`ChatRequest.unsupported_part`)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+    type: str = Field(max_length=64)
+    text: str | None = Field(default=None, max_length=1_000_000)
+
+    @model_validator(mode="after")
+    def _text_part(self) -> ContentPart:
+        if self.type == "text":
+            if self.text is None:
+                raise ValueError("a text part needs a 'text' string")
+            extra = sorted(self.model_extra or {})
+            if extra:
+                raise ValueError(f"unknown field {extra[0]!r} in a text part (this server rejects fields it "
+                                 "does not implement; see docs/serving.md)")
+        return self
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=1_000_000)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] = Field(max_length=1_000_000)
     name: str | None = Field(default=None, max_length=64)
+
+    @field_validator("content")
+    @classmethod
+    def _parts(cls, v: str | list[ContentPart]) -> str | list[ContentPart]:
+        if isinstance(v, list) and not 1 <= len(v) <= MAX_CONTENT_PARTS:
+            raise ValueError(f"a content list needs 1..{MAX_CONTENT_PARTS} parts, got {len(v)}")
+        return v
+
+    @property
+    def template_role(self) -> str:
+        """The role the chat template sees: OpenAI's `developer` (its newer name for system
+        instructions) is rendered as `system`."""
+        return "system" if self.role == "developer" else self.role
+
+    @property
+    def text(self) -> str:
+        """The content as one string: text parts joined with newlines (as vLLM does)."""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(p.text or "" for p in self.content)
 
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(default=None, ge=1)  # max_tokens' newer name; bound: app.py
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _logprobs(self) -> ChatRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def unsupported_part(self) -> tuple[str, str] | None:
+        """(where, type) of the first content part that is not text, e.g. ("messages[0].content[1]",
+        "image_url"); None when every part is text."""
+        for i, m in enumerate(self.messages):
+            if isinstance(m.content, list):
+                for j, p in enumerate(m.content):
+                    if p.type != "text":
+                        return f"messages[{i}].content[{j}]", p.type
+        return None
 
 
 class ClassifyRequest(_Strict):
