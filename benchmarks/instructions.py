@@ -165,13 +165,18 @@ def score(run: Path, heldout: list[dict], train_problems: set[str], max_tokens: 
         for rec in heldout:
             messages = [m for m in rec["messages"] if m["role"] != "assistant"]
             answer = next(m["content"] for m in rec["messages"] if m["role"] == "assistant")
-            r = client.chat.completions.create(model="instructions", messages=messages, temperature=0,
-                                               max_tokens=max_tokens)
+            row = {"task": rec["task"], "family": rec["family"], "user": messages[-1]["content"], "answer": answer,
+                   "novel_problem": rec["problem"] not in train_problems}
+            try:
+                r = client.chat.completions.create(model="instructions", messages=messages, temperature=0,
+                                                   max_tokens=max_tokens)
+            except openai.APIError as e:  # counted as wrong, and reported
+                rows.append({**row, "reply": None, "correct": False, "finish_reason": f"error: {e}"[:200],
+                             "template_tokens_match": False})
+                continue
             reply = r.choices[0].message.content or ""
             expected_prompt = 1 + len(tok.encode(template.render(messages, add_generation_prompt=True)))
-            rows.append({"task": rec["task"], "family": rec["family"], "user": messages[-1]["content"],
-                         "answer": answer, "reply": reply, "correct": reply.strip() == answer.strip(),
-                         "novel_problem": rec["problem"] not in train_problems,
+            rows.append({**row, "reply": reply, "correct": reply.strip() == answer.strip(),
                          "finish_reason": r.choices[0].finish_reason,
                          "template_tokens_match": r.usage.prompt_tokens == expected_prompt})
     finally:
