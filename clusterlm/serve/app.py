@@ -34,6 +34,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
 from clusterlm.serve.classify import NOT_GENERATIVE, model_card, register_classify, start_classifier
+from clusterlm.serve.guard import DRAIN_MESSAGE, DRAIN_ROUTES, Drain
 from clusterlm.serve.metrics import Metrics
 from clusterlm.serve.schemas import (MAX_N, ChatRequest, CompletionRequest, error_body, new_id, now, usage,
                                      validation_message)
@@ -73,10 +74,15 @@ class _Reject(Exception):
 
 class _Guard:
     """ASGI middleware: header-size cap (431), API key (401), declared body size (413), and the
-    requests-by-status counter. Runs before routing, so unknown paths need a key too."""
+    requests-by-status counter. Runs before routing, so unknown paths need a key too. Replicas: 503
+    on DRAIN_ROUTES while draining, the in-flight count the drain waits for, an X-Clusterlm-Instance
+    header, and on `metrics_port` (main() sets it) /metrics alone, without a key."""
 
-    def __init__(self, app, settings: Settings, metrics: Metrics) -> None:  # noqa: ANN001
+    def __init__(self, app, settings: Settings, metrics: Metrics, drain: Drain | None = None,  # noqa: ANN001
+                 instance_id: str = "") -> None:
         self.app, self.settings, self.metrics = app, settings, metrics
+        self.drain, self.instance = drain or Drain(), instance_id.encode()
+        self.metrics_port: int | None = None
         self.key = settings.api_key.encode()
 
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
@@ -91,12 +97,22 @@ class _Guard:
             if msg["type"] == "http.response.start":
                 status_seen.append(msg["status"])
                 self.metrics.requests.labels(route, str(msg["status"])).inc()
+                if self.instance:
+                    msg = {**msg, "headers": [*msg.get("headers", []), (b"x-clusterlm-instance", self.instance)]}
             await send(msg)
 
         headers = scope["headers"]
         resp: Response | None = None
+        on_metrics_port = self.metrics_port is not None and (scope.get("server") or (None, None))[1] == self.metrics_port
+        if on_metrics_port:  # the key-free listener of --metrics-port serves /metrics and nothing else
+            if path != "/metrics":
+                resp = _err(404, f"{path} is not served on the metrics port; only /metrics is")
+            return await (resp or self.app)(scope, receive, send_counted)
         if sum(len(k) + len(v) + 4 for k, v in headers) > MAX_HEADER_BYTES:
             resp = _err(431, f"request headers exceed {MAX_HEADER_BYTES} bytes")
+        elif self.drain.requested and path in DRAIN_ROUTES:
+            # an error a load balancer retries on another replica (HAProxy: retry-on 503)
+            resp = _err(503, DRAIN_MESSAGE, type_="unavailable", headers={"Retry-After": "1", "Connection": "close"})
         elif not (path in OPEN_PATHS or path.startswith("/static/")):
             given = b""
             for k, v in headers:
@@ -120,7 +136,13 @@ class _Guard:
                                          f"{self.settings.max_body_bytes} bytes")
         if resp is not None:
             return await resp(scope, receive, send_counted)
-        await self.app(scope, receive, send_counted)
+        if path not in DRAIN_ROUTES:
+            return await self.app(scope, receive, send_counted)
+        self.drain.inflight += 1  # a drain waits until this is 0
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            self.drain.inflight -= 1
 
 
 def _not_json(constant: str) -> None:
@@ -165,7 +187,8 @@ async def _read_json(request: Request, model: type[BaseModel], limit: int,
 
 
 def create_app(load: Callable[[], object], settings: Settings,
-               on_load_error: Callable[[Exception], None] | None = None) -> _Guard:
+               on_load_error: Callable[[Exception], None] | None = None, *, drain: Drain | None = None,
+               instance_id: str = "") -> _Guard:
     """The ASGI app to hand to uvicorn: FastAPI (as `.app`) inside the guard middleware. `load()`
     returns a clusterlm LoadedModel and runs in a thread at start-up, so /health answers at once
     and /ready turns 200 after loading and warm-up. If loading or warm-up fails, /ready answers 503
@@ -174,7 +197,10 @@ def create_app(load: Callable[[], object], settings: Settings,
     from clusterlm.generate.text import chat_format, prompt_ids
     from clusterlm.serve.scheduler import Delta, Failed, QueueFull, SamplingParams, Scheduler
 
-    metrics = Metrics()
+    # drain: SIGTERM handling (main() calls drain.request(); tests may too); instance_id: --instance-id
+    drain = drain or Drain()
+    metrics = Metrics(model=settings.model_name, instance_id=instance_id, max_batch=settings.max_batch,
+                      max_queue=settings.max_queue)
     n_limit = min(MAX_N, settings.max_batch)
     # ranges that are the server's, shown in 422 messages for values below them (400 above them)
     ranges = {"max_tokens": f"[1, {settings.max_new_tokens_limit}]", "n": f"[1, {n_limit}]",
@@ -212,7 +238,10 @@ def create_app(load: Callable[[], object], settings: Settings,
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         t = threading.Thread(target=_startup, name="clusterlm-load", daemon=True)
         t.start()
+        # the abort reaches the scheduler if there is one (a classifier's requests just get 2 s more)
+        watcher = asyncio.create_task(drain.watch(lambda msg: state["sched"].abort(msg) if "sched" in state else None))
         yield
+        watcher.cancel()
         if "sched" in state:
             state["sched"].stop()  # type: ignore[attr-defined]
 
@@ -220,6 +249,7 @@ def create_app(load: Callable[[], object], settings: Settings,
     app.state.metrics = metrics
     app.state.ready = ready
     app.state.state = state
+    app.state.drain = drain
 
     @app.exception_handler(_Reject)
     async def _reject(request: Request, exc: _Reject) -> Response:
@@ -231,12 +261,17 @@ def create_app(load: Callable[[], object], settings: Settings,
 
     @app.get("/ready")
     async def ready_route() -> Response:
+        if drain.requested:  # out of the load balancer's rotation at the next health check
+            return _err(503, "draining: this replica is shutting down", type_="unavailable",
+                        headers={"Retry-After": "1"})
         if ready.is_set():
             return JSONResponse({"status": "ready", "model": settings.model_name})
         return _err(503, str(state.get("error", "loading")), type_="unavailable", headers={"Retry-After": "1"})
 
     @app.get("/metrics")
     async def metrics_route() -> Response:
+        metrics.ready.set(ready.is_set() and not drain.requested)
+        metrics.draining.set(drain.requested)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/")
@@ -407,7 +442,7 @@ def create_app(load: Callable[[], object], settings: Settings,
         return await _run(request, ids, params, req.n, True, req.stream, inc)
 
     register_classify(app, settings, state, ready, metrics, _read_json, _err)  # POST /classify: serve/classify.py
-    return _Guard(app, settings, metrics)
+    return _Guard(app, settings, metrics, drain, instance_id)
 
 
 def _max_tokens(req: CompletionRequest | ChatRequest) -> tuple[int | None, str]:
@@ -493,6 +528,16 @@ def main(argv: list[str]) -> int:
     p.add_argument("--api-key-file", default=None,
                    help="file holding the API key (first line); without it a random key is generated "
                         "and printed once to stdout")
+    p.add_argument("--api-key-env", default=None, metavar="NAME",
+                   help="environment variable holding the API key (a container's secret); not with --api-key-file")
+    p.add_argument("--instance-id", default=None,
+                   help="this replica's id in every log line, the clusterlm_instance_info metric and the "
+                        "X-Clusterlm-Instance header (default: hostname:port)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds a SIGTERM drain waits for running requests; then they end with an error event "
+                        "and the server exits (75)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="also serve /metrics without the API key on this port (same --host), and nothing else")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (cache slots)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     p.add_argument("--max-new-tokens-limit", type=int, default=512, help="upper bound on max_tokens")
@@ -515,15 +560,31 @@ def main(argv: list[str]) -> int:
 
     from clusterlm.checkpoint.model_io import load_for_inference
     from clusterlm.errors import CheckpointError, ClusterlmError
-    from clusterlm.serve.guard import ConnectionLimits, RateLimitFilter, bind, protocol_class, raise_open_file_limit
+    from clusterlm.errors import EXIT_PREEMPTED
+    from clusterlm.serve.guard import (ConnectionLimits, RateLimitFilter, bind, check_instance_id, default_instance_id,
+                                       protocol_class, raise_open_file_limit, tag_logs)
 
     if args.threads < 0:
         raise ValueError(f"--threads={args.threads} must be >= 0 (0 = torch's default)")
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port={args.port} must be in [1, 65535]")
+    if args.metrics_port is not None and not (1 <= args.metrics_port <= 65535 and args.metrics_port != args.port):
+        raise ValueError(f"--metrics-port={args.metrics_port} must be in [1, 65535] and differ from --port")
+    if args.api_key_file and args.api_key_env:
+        raise ValueError("--api-key-file and --api-key-env both given; choose one")
+    instance_id = check_instance_id(args.instance_id) if args.instance_id else default_instance_id(args.port)
+    log_config = tag_logs(instance_id, uvicorn.config.LOGGING_CONFIG)  # "[id] ..." on every line from here on
+    drain = Drain(args.drain_timeout)
     limits = ConnectionLimits(max_connections=args.max_connections, header_timeout=args.header_timeout,
                               body_timeout=args.body_timeout)
-    if args.api_key_file:
+    if args.api_key_env:
+        import os
+
+        key = os.environ.get(args.api_key_env, "").strip()
+        if not key:
+            raise ValueError(f"--api-key-env {args.api_key_env}: the environment variable is "
+                             f"{'empty' if args.api_key_env in os.environ else 'not set'}; set it to the key")
+    elif args.api_key_file:
         key = _read_key(args.api_key_file)
     else:
         key = secrets.token_urlsafe(24)
@@ -550,6 +611,13 @@ def main(argv: list[str]) -> int:
     for name_ in ("asyncio", "uvicorn.error", "clusterlm.serve.guard"):
         logging.getLogger(name_).addFilter(flood)
     sock = bind(args.host, args.port, backlog=BACKLOG)  # the port first: a busy one fails before the model loads
+    sockets = [sock]
+    if args.metrics_port is not None:
+        try:
+            sockets.append(bind(args.host, args.metrics_port, backlog=BACKLOG))
+        except Exception:
+            sock.close()
+            raise
     if args.threads and args.device == "cpu":
         import torch
 
@@ -570,21 +638,38 @@ def main(argv: list[str]) -> int:
         failed.append(e)
         server.should_exit = True  # uvicorn's main loop checks it every 0.1 s
 
-    app = create_app(load, settings, on_load_error)
+    app = create_app(load, settings, on_load_error, drain=drain, instance_id=instance_id)
+    app.metrics_port = args.metrics_port
     config = uvicorn.Config(app, http=protocol_class(limits), ws="none", lifespan="on", backlog=BACKLOG,
                             h11_max_incomplete_event_size=MAX_HEADER_BYTES, log_level="info",
-                            timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=5, log_config=log_config)
+
+    class ReplicaServer(uvicorn.Server):
+        """uvicorn's server with SIGTERM/SIGINT as a drain: the first signal starts it (flags only:
+        this runs in a signal handler), the second ends the remaining streams at once, a third
+        exits without waiting. uvicorn's re-raise of the signal after exit is skipped (it would
+        replace our exit code with 143)."""
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            if drain.forced:
+                self.should_exit = self.force_exit = True
+            drain.request()
+
+    server = ReplicaServer(config)
+    drain.on_done = lambda: setattr(server, "should_exit", True)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     log.info("listening on http://%s:%d (at most %d connections, header timeout %g s); loading %s", shown,
              args.port, limits.max_connections, limits.header_timeout, ckpt)
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=sockets)
     finally:
-        sock.close()
+        for s in sockets:
+            s.close()
     if failed:
         e = failed[0]
         if isinstance(e, ClusterlmError):
             raise e
         raise CheckpointError(f"checkpoint {ckpt} cannot be served: {type(e).__name__}: {e}") from e
+    if drain.aborted:  # the drain deadline (or a second signal) ended requests with an error
+        return EXIT_PREEMPTED
     return 0
