@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
 # Best-effort system packages some tests use (Debian/Ubuntu, as root): Chromium for the chat-page
-# test. Tests that need a missing package skip with a reason, so this never fails the run.
+# test; docker.io (dockerd, containerd, runc) and debootstrap for the container-image test
+# (tests/e2e/test_container.py). This never fails the run: a test whose package is missing skips
+# with the reason; the container test fails instead in CI (CI=true), so a broken install there
+# cannot pass unnoticed.
 #   bash scripts/system-deps.sh
 set -uo pipefail
 [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null || { echo "system-deps: not root or no apt-get; skipping"; exit 0; }
-need=()
-command -v chromium >/dev/null || need+=(chromium)
-[ ${#need[@]} -eq 0 ] && exit 0
-echo "system-deps: installing ${need[*]}"
+groups=()
+command -v chromium >/dev/null || groups+=("chromium")
+{ command -v dockerd >/dev/null && command -v debootstrap >/dev/null; } || groups+=("docker.io debootstrap")
+[ ${#groups[@]} -eq 0 ] && exit 0
 timeout 600 apt-get update -qq >/dev/null 2>&1 || true
-DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq "${need[@]}" >/dev/null 2>&1 \
-    || echo "system-deps: could not install ${need[*]}; the tests that need them will skip"
+for g in "${groups[@]}"; do  # one apt-get per test's packages: one failure does not take the others down
+    echo "system-deps: installing $g"
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq $g >/dev/null 2>&1 \
+        || echo "system-deps: could not install $g; the tests that need it will skip (fail in CI)"
+done
 exit 0
