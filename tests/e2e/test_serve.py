@@ -238,7 +238,7 @@ def _malformed_cases(server) -> list[tuple[str, str, dict, bytes]]:
     wrong_types = [("prompt", 5), ("prompt", None), ("prompt", ["a", "b"]), ("max_tokens", "4"), ("max_tokens", 4.5),
                    ("temperature", "hot"), ("temperature", True), ("n", [1]), ("stream", "yes"), ("stop", 3),
                    ("seed", 1.5), ("model", 3), ("top_p", {}), ("stop", ["a"] * 5), ("stop", [""]),
-                   ("logprobs", 5), ("presence_penalty", 0.5), ("model", "other-model")]
+                   ("logprobs", 6), ("presence_penalty", 0.5), ("model", "other-model")]
     numeric = {"max_tokens": [-1, 0, 65, 10**30, 1e308], "temperature": [-0.1, 2.01, 1e308, -1e308],
                "top_p": [-1, 0, 1.01, 1e308], "n": [-1, 0, 9, 17, 10**12], "seed": [-1, 2**63, 10**40],
                "presence_penalty": [-3, 3], "frequency_penalty": [-3, 3]}
