@@ -155,7 +155,11 @@ async def client(i: int, url: str, stop_at: float, max_tokens: int, timeout: flo
                                 if line == "data: [DONE]":
                                     rec["outcome"] = "completed" if rec["outcome"] == "cut" else rec["outcome"]
                                     break
-                                ev = json.loads(line[6:])
+                                try:
+                                    ev = json.loads(line[6:])
+                                except ValueError:  # a line cut off by the killed replica
+                                    rec["error"] = f"partial SSE line: {line[:80]}"
+                                    break
                                 if "error" in ev:
                                     rec["outcome"] = "error_event"
                                 elif ev.get("usage"):
@@ -193,7 +197,7 @@ def first_down(states: list[tuple[float, dict]], name: str, after: float) -> flo
     return None
 
 
-async def run(args: argparse.Namespace, url: str, sock: Path, replicas: dict[str, Replica]) -> dict:
+async def drive(args: argparse.Namespace, url: str, sock: Path, replicas: dict[str, Replica]) -> dict:
     t_start = time.perf_counter()
     stop_at = t_start + args.seconds
     log: list[dict] = []
@@ -274,7 +278,7 @@ def main() -> None:
             for r in replicas.values():
                 r.wait_ready()
             lb, lb_port, sock = start_haproxy(tmp, {n: r.port for n, r in replicas.items()})
-            res = asyncio.run(run(args, f"http://127.0.0.1:{lb_port}", sock, replicas))
+            res = asyncio.run(drive(args, f"http://127.0.0.1:{lb_port}", sock, replicas))
             drain_log = [ln for ln in replicas["r2"].log.read_text().splitlines() if "drain" in ln]
         finally:
             for r in replicas.values():

@@ -8,11 +8,14 @@ EXIT_OK = 0
 EXIT_FAILURE = 1  # unexpected error (a bug): traceback printed
 EXIT_USAGE = 2  # bad input: a one-line message says what is wrong and what would be valid
 EXIT_DIVERGED = 3  # training stopped after train.max_bad_steps consecutive NaN/Inf losses (state saved)
-EXIT_UNAVAILABLE = 69  # a resource the command needs is taken: serve's port is in use (EX_UNAVAILABLE)
+EXIT_UNAVAILABLE = 69  # a resource the command needs is taken: serve's port or --metrics-port is in use
+#                        (EX_UNAVAILABLE)
 EXIT_IO = 74  # the operating system refused a read or write (disk full, read-only file system, I/O
 #               error); the message names the path, nothing half-written is left (EX_IOERR)
 EXIT_PREEMPTED = 75  # SIGTERM/SIGINT/SIGUSR2 during training: step finished, checkpoint saved; resume with
-#                      --train.resume=auto (75 is EX_TEMPFAIL; Slurm requeue scripts key on it)
+#                      --train.resume=auto (75 is EX_TEMPFAIL; Slurm requeue scripts key on it).
+#                      serve: a SIGTERM drain whose --drain-timeout (or a second signal) ended running
+#                      requests with an error event (a drain that finished them all exits 0)
 EXIT_INTERRUPTED = 130  # Ctrl-C (or SIGTERM outside training): stopped, partial output removed
 
 
