@@ -49,8 +49,8 @@ def cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def render(results: Path) -> tuple[str, list[str]]:
-    """The markdown, and the problems with inputs that were skipped."""
+def render(results: Path) -> tuple[str, list[str], int]:
+    """The markdown, the problems with inputs that were skipped, and the number of rows."""
     rows, problems, sources = [], [], []
     for path in sorted(results.glob("applications_*.json")):
         try:
@@ -73,7 +73,7 @@ def render(results: Path) -> tuple[str, list[str]]:
         lines += ["", "Curves: " + ", ".join(f"[{n}]({n})" for n in pngs)]
     if problems:
         lines += ["", "Skipped inputs:", *[f"- {p}" for p in problems]]
-    return "\n".join(lines) + "\n", problems
+    return "\n".join(lines) + "\n", problems, len(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,12 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="markdown file (default: RESULTS/applications.md)")
     args = p.parse_args(argv)
     results = Path(args.results)
-    text, problems = render(results)
+    text, problems, n = render(results)
     out = Path(args.out) if args.out else results / "applications.md"
     out.write_text(text, encoding="utf-8")
     for msg in problems:
         print(f"skipped: {msg}", file=sys.stderr)
-    print(f"wrote {out} ({text.count(chr(10)) - 7 - 3 * bool(problems) - len(problems)} lines of table and notes)")
+    print(f"wrote {out}: {n} rows" + (f", {len(problems)} input(s) skipped" if problems else ""))
     return 0
 
 
