@@ -42,7 +42,7 @@ machine is shared: each result records the load average before and after.
 
 Data (research use only; read in place, never copied into the repo): --data, default
 ../shared/data/multi30k and ../shared/data/sst2. Writes benchmarks/results/translation_*.json/png,
-sentiment_*.json and applications_{translation,sentiment}.json (rows for applications_report.py).
+sentiment_sst2_ARCH_Nmin.json and applications_{translation,sentiment}.json (rows for applications_report.py).
 """
 
 from __future__ import annotations
@@ -332,7 +332,7 @@ def sentiment(args: argparse.Namespace) -> None:
     out["env_after"] = {"loadavg": [round(x, 2) for x in os.getloadavg()]}
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "_".join(args.arch)
-    (RESULTS / f"sentiment_sst2_{name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    (RESULTS / f"sentiment_sst2_{name}_{args.minutes:g}min.json").write_text(json.dumps(out, indent=2) + "\n")
     write_rows("sentiment", rows)
     print(json.dumps({arch: {k: v["dev"] for k, v in arms.items()} for arch, arms in out["arms"].items()}, indent=1))
 
