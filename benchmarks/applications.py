@@ -20,6 +20,7 @@ sets it for the scoring after training, which --override=--train.threads=1 does 
     .venv/bin/python benchmarks/applications.py sentiment --minutes 4 --arch transformer --lora \
         --override=--train.threads=1
     .venv/bin/python benchmarks/applications.py sentiment --minutes 4 --arch lstm --override=--train.threads=1
+    .venv/bin/python benchmarks/applications.py sentiment --minutes 8 --arch lstm --threads 1
 
 translate: trains recipes/multi30k_en{fr,de}_cpu.toml (decoder-only SFT on the pairs, from scratch)
 for --minutes of wall time, scores greedy BLEU (sacrebleu, through the task harness as `clusterlm
