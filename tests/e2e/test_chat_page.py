@@ -32,11 +32,13 @@ LOG_TEXT = "document.getElementById('log').textContent"
 
 
 class Knobs:
-    """Set by the test, read by the model's forward: seconds of sleep per call, and a countdown of
-    calls after which it raises (a model error in the middle of a reply)."""
+    """Set by the test, read by the model's forward: seconds of sleep per call, a countdown of calls
+    after which it raises (a model error in the middle of a reply), and `endless`: EOS and newline
+    (so the plain template's "\nUser:" stop string too) never sampled, so a reply runs to its limit."""
 
     delay = 0.0
     fail_in: int | None = None
+    endless = False
 
 
 def _instrumented_load(run: Path, load_for_inference):  # noqa: ANN001, ANN202
@@ -51,7 +53,10 @@ def _instrumented_load(run: Path, load_for_inference):  # noqa: ANN001, ANN202
                 raise RuntimeError("injected fault")
         if Knobs.delay:
             time.sleep(Knobs.delay)
-        return forward(*args, **kwargs)
+        out = forward(*args, **kwargs)
+        if Knobs.endless:
+            out[..., [10, loaded.tokenizer.eos_id]] = float("-inf")  # byte tokenizer: 10 is "\n"
+        return out
 
     loaded.model.forward = slow_or_failing
     return loaded
@@ -186,23 +191,28 @@ def test_chat_page(server, tmp_path):
         assert again[CHAT_200] - after[CHAT_200] == 1
 
         # Stop mid-reply: the fetch is aborted, the server notices and frees the slot
-        Knobs.delay = 0.08
+        Knobs.delay, Knobs.endless = 0.15, True  # ~30 tokens to the context's end: >= 4.5 s, stopped first
         dt.eval("document.getElementById('max').value = '40'; true")
         base = server.metrics()
         _send(dt, "Go on")
         _wait(dt, "(document.getElementById('reply-5') || {textContent: ''}).textContent.length > 'Assistant: '.length",
               "reply 5 did not start")
         dt.eval("document.getElementById('stop').click(); true")
+        t_stop = time.time()
         _idle(dt)
         assert dt.eval("document.getElementById('reply-5').dataset.stopped") == "1"
         assert dt.eval("document.getElementById('reply-5').dataset.done") is None
-        deadline = time.time() + 3
-        while time.time() < deadline and server.metrics()["clusterlm_running_sequences"] != 0:
+        # the running gauge is set once per step (a step here is >= 0.15 s), so wait for the counter
+        deadline = time.time() + 5
+        while time.time() < deadline:
+            m = server.metrics()
+            if m.get(CANCELLED, 0) > base.get(CANCELLED, 0) and m["clusterlm_running_sequences"] == 0:
+                break
             time.sleep(0.05)
-        m = server.metrics()
         assert m["clusterlm_running_sequences"] == 0
-        assert m.get(CANCELLED, 0) - base.get(CANCELLED, 0) == 1
-        Knobs.delay = 0.02
+        assert m.get(CANCELLED, 0) - base.get(CANCELLED, 0) == 1  # the stopped reply's sequence, nothing else
+        assert time.time() - t_stop < 2  # noticed within a few steps of the click
+        Knobs.delay, Knobs.endless = 0.02, False
         dt.eval("document.getElementById('max').value = '12'; true")
 
         # a model error in the middle of the reply: the error event is shown
@@ -250,6 +260,6 @@ def test_chat_page(server, tmp_path):
         _wait(dt, "(document.getElementById('reply-8') || {dataset: {}}).dataset.done === '1'", "no reply 8")
         assert dt.eval("lastSent")["messages"] == [{"role": "user", "content": "Hello again"}]  # no system prompt now
     finally:
-        Knobs.delay, Knobs.fail_in = 0.0, None
+        Knobs.delay, Knobs.fail_in, Knobs.endless = 0.0, None, False
         dt.close()
     assert not [k for k in server.metrics() if 'status="5' in k and "/ready" not in k]  # no 5xx answered
