@@ -17,6 +17,8 @@ sets it for the scoring after training, which --override=--train.threads=1 does 
         --curve-limit 100 --override=--train.threads=1
     .venv/bin/python benchmarks/applications.py translate --pair de --minutes 8 --points 6 \
         --curve-limit 1000 --threads 1
+    .venv/bin/python benchmarks/applications.py translate --pair fr --minutes 15 --points 6 \
+        --curve-limit 1000 --threads 1
     .venv/bin/python benchmarks/applications.py sentiment --minutes 4 --arch transformer --lora \
         --override=--train.threads=1
     .venv/bin/python benchmarks/applications.py sentiment --minutes 4 --arch lstm --override=--train.threads=1
@@ -42,7 +44,7 @@ regardless. Wall times are the training calls' own (data preparation is timed se
 machine is shared: each result records the load average before and after.
 
 Data (research use only; read in place, never copied into the repo): --data, default
-../shared/data/multi30k and ../shared/data/sst2. Writes benchmarks/results/translation_*.json/png,
+../shared/data/multi30k and ../shared/data/sst2. Writes benchmarks/results/translation_multi30k_enXX_Nmin.json/png,
 sentiment_sst2_ARCH_Nmin.json and applications_{translation,sentiment}.json (rows for applications_report.py).
 """
 
@@ -199,7 +201,7 @@ def translate(args: argparse.Namespace) -> None:
            "meets_goal": bleu >= GOAL_BLEU[tgt], "how_far": gap,
            "final_train_loss": res.final_train_loss, "final_val_loss": res.final_val_loss}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"translation_multi30k_en{tgt}"
+    stem = RESULTS / f"translation_multi30k_en{tgt}_{args.minutes:g}min"
     stem.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
     plot_curve(curve, train_min, bleu, tgt, args, stem.with_suffix(".png"))
     write_rows("translation", [row(f"translation en->{tgt} (Multi30k)", "BLEU test_2016_flickr (greedy, sacrebleu)",
