@@ -6,19 +6,20 @@
 #   bash deploy/docker/build.sh                                   # clusterlm:cpu on python:3.11-slim-bookworm
 #   bash deploy/docker/build.sh --base clusterlm-base:bookworm --tag clusterlm:test
 #   bash deploy/docker/build.sh --wheelhouse-only                 # then carry build/wheelhouse to the air gap
+#   bash deploy/docker/build.sh --skip-wheelhouse                 # on the air-gapped side: the image only
 #   bash deploy/docker/build.sh --variant cuda --torch-index https://download.pytorch.org/whl/cu128 --tag clusterlm:cuda
 #
 # Options: --tag TAG (clusterlm:VARIANT), --base IMAGE (python:3.11-slim-bookworm; must be local or
 # pullable, and have python3 with venv), --variant cpu|cuda (cpu), --torch-index URL (an extra index
 # for torch; default: pip's configuration), --torch-version V (2.13.0), --python PY (the interpreter
 # that makes the wheels: its major.minor must be the base image's; default .venv/bin/python, else
-# python3), --wheelhouse-only. DOCKER (default docker) is the client; DOCKER_HOST is honoured.
+# python3), --wheelhouse-only, --skip-wheelhouse (use build/wheelhouse as it is). DOCKER (default docker) is the client; DOCKER_HOST is honoured.
 # The cpu variant refuses a torch that is not a +cpu build before downloading it: on Linux PyPI's
 # plain torch wheel is the CUDA one and pulls several GB of nvidia-* wheels.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-tag="" base="python:3.11-slim-bookworm" variant=cpu torch_index="" torch_version=2.13.0 only=0
+tag="" base="python:3.11-slim-bookworm" variant=cpu torch_index="" torch_version=2.13.0 only=0 skip=0
 py=""
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -29,6 +30,7 @@ while [ $# -gt 0 ]; do
         --torch-version) torch_version="$2"; shift 2 ;;
         --python) py="$2"; shift 2 ;;
         --wheelhouse-only) only=1; shift ;;
+        --skip-wheelhouse) skip=1; shift ;;
         -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "build.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -44,30 +46,34 @@ pyver=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 
 mkdir -p "$wheels"
 exec 9>build/wheelhouse.lock
-flock 9  # one build at a time fills the wheelhouse
+flock 9  # one build at a time fills (and reads) the wheelhouse
 
-# which torch wheel pip would take, without downloading it (the report has its URL)
-url=$("$py" -m pip install --dry-run --quiet --ignore-installed --no-deps --disable-pip-version-check \
-      "${index_args[@]}" --report - "torch==$torch_version" 2> >(grep -v "^WARNING: Location" >&2) \
-      | "$py" -c 'import json, sys, urllib.parse as u; print(u.unquote(json.load(sys.stdin)["install"][0]["download_info"]["url"]))')
-echo "build.sh: torch==$torch_version from ${url##*/}"
-if [ "$variant" = cpu ] && [[ "${url##*/}" != *+cpu* ]]; then
-    echo "build.sh: --variant cpu needs a +cpu torch wheel, pip would take ${url##*/}; add" \
-         "--torch-index https://download.pytorch.org/whl/cpu" >&2
-    exit 2
-fi
+make_wheelhouse() {
+    # which torch wheel pip would take, without downloading it (the report has its URL)
+    url=$("$py" -m pip install --dry-run --quiet --ignore-installed --no-deps --disable-pip-version-check \
+          "${index_args[@]}" --report - "torch==$torch_version" 2> >(grep -v "^WARNING: Location" >&2) \
+          | "$py" -c 'import json, sys, urllib.parse as u; print(u.unquote(json.load(sys.stdin)["install"][0]["download_info"]["url"]))')
+    echo "build.sh: torch==$torch_version from ${url##*/}"
+    if [ "$variant" = cpu ] && [[ "${url##*/}" != *+cpu* ]]; then
+        echo "build.sh: --variant cpu needs a +cpu torch wheel, pip would take ${url##*/}; add" \
+             "--torch-index https://download.pytorch.org/whl/cpu" >&2
+        exit 2
+    fi
 
-start=$(date +%s)
-rm -f "$wheels"/clusterlm-*.whl  # always the working tree's clusterlm
-"$py" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$wheels" --find-links "$wheels" \
-    "${index_args[@]}" "torch==$torch_version" ".[serve]" 2>&1 | grep -v "^WARNING: Location" || true
-ls "$wheels"/clusterlm-*.whl >/dev/null 2>&1 || { echo "build.sh: pip wheel failed (no clusterlm wheel in $wheels)" >&2; exit 1; }
-if [ "$variant" = cpu ] && ls "$wheels" | grep -q '^nvidia_'; then
-    echo "build.sh: nvidia-* wheels in $wheels (a CUDA torch?); remove them and rerun" >&2
-    exit 2
-fi
-echo "build.sh: wheelhouse $wheels ($(du -sh "$wheels" | cut -f1), Python $pyver) in $(( $(date +%s) - start )) s"
+    start=$(date +%s)
+    rm -f "$wheels"/clusterlm-*.whl  # always the working tree's clusterlm
+    "$py" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$wheels" --find-links "$wheels" \
+        "${index_args[@]}" "torch==$torch_version" ".[serve]" 2>&1 | { grep -v "^WARNING: Location" || true; }
+    ls "$wheels"/clusterlm-*.whl >/dev/null 2>&1 || { echo "build.sh: pip wheel failed (no clusterlm wheel in $wheels)" >&2; exit 1; }
+    if [ "$variant" = cpu ] && ls "$wheels" | grep -q '^nvidia_'; then
+        echo "build.sh: nvidia-* wheels in $wheels (a CUDA torch?); remove them and rerun" >&2
+        exit 2
+    fi
+    echo "build.sh: wheelhouse $wheels ($(du -sh "$wheels" | cut -f1), Python $pyver) in $(( $(date +%s) - start )) s"
+}
+[ "$skip" = 0 ] && make_wheelhouse
 [ "$only" = 1 ] && exit 0
+ls "$wheels"/clusterlm-*.whl >/dev/null 2>&1 || { echo "build.sh: no clusterlm wheel in $wheels; run without --skip-wheelhouse" >&2; exit 1; }
 
 # the wheels are for Python $pyver: the base image must run the same major.minor
 base_ver=$("$DOCKER" run --rm --network none --entrypoint python3 "$base" \
