@@ -33,9 +33,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
-from clusterlm.serve.classify import NOT_GENERATIVE, model_card, register_classify, start_classifier
+from clusterlm.serve.classify import NOT_GENERATIVE, register_classify, start_classifier
 from clusterlm.serve.guard import DRAIN_MESSAGE, DRAIN_ROUTES, Drain
 from clusterlm.serve.metrics import Metrics
+from clusterlm.serve.models import ModelSpec, Served
 from clusterlm.serve.schemas import (MAX_N, ChatRequest, CompletionRequest, error_body, new_id, now, usage,
                                      validation_message)
 
@@ -61,10 +62,18 @@ class Settings:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_new_tokens_limit, self.max_body_bytes, self.device = max_new_tokens_limit, max_body_bytes, device
 
+    def for_model(self, spec: ModelSpec) -> Settings:
+        """These settings with `spec`'s name and its own limits where it gives them."""
+        pick = lambda own, default: default if own is None else own  # noqa: E731
+        return Settings(api_key=self.api_key, model_name=spec.name, max_batch=pick(spec.max_batch, self.max_batch),
+                        max_queue=pick(spec.max_queue, self.max_queue),
+                        max_new_tokens_limit=pick(spec.max_new_tokens_limit, self.max_new_tokens_limit),
+                        max_body_bytes=self.max_body_bytes, device=self.device)
+
 
 def _err(status: int, message: str, *, param: str | None = None, type_: str = "invalid_request_error",
-         headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, param), status_code=status, headers=headers)
+         headers: dict[str, str] | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
 class _Reject(Exception):
@@ -186,70 +195,131 @@ async def _read_json(request: Request, model: type[BaseModel], limit: int,
         raise _Reject(_err(422, msg, param=param)) from None
 
 
-def create_app(load: Callable[[], object], settings: Settings,
+def create_app(load: Callable[..., object], settings: Settings,
                on_load_error: Callable[[Exception], None] | None = None, *, drain: Drain | None = None,
-               instance_id: str = "") -> _Guard:
-    """The ASGI app to hand to uvicorn: FastAPI (as `.app`) inside the guard middleware. `load()`
-    returns a clusterlm LoadedModel and runs in a thread at start-up, so /health answers at once
-    and /ready turns 200 after loading and warm-up. If loading or warm-up fails, /ready answers 503
-    with the reason and `on_load_error(exc)` is called from that thread (`main` stops the server
-    with it and exits naming the file)."""
+               instance_id: str = "", models: list[ModelSpec] | None = None) -> _Guard:
+    """The ASGI app to hand to uvicorn: FastAPI (as `.app`) inside the guard middleware.
+
+    One model (`models` None): `load()` returns a clusterlm LoadedModel, served as
+    `settings.model_name`. Several: `load(spec)` for each ModelSpec, one after another; each model
+    gets its own limits (Settings.for_model), scheduler (queue, KV slots, decode thread) and
+    `model` label in the metrics. Loading runs in a thread at start-up, so /health answers at once;
+    a model answers once it is loaded and warmed up, and /ready turns 200 when every model that
+    loaded is ready. A model that fails is logged by name and listed as failed (/health,
+    /v1/models); the others serve. If every model fails, /ready answers 503 with the reason and
+    `on_load_error(exc)` is called from that thread (`main` stops the server with it and exits
+    naming the file)."""
+    from clusterlm.errors import CheckpointError, ClusterlmError
     from clusterlm.generate.text import chat_format, prompt_ids
     from clusterlm.serve.scheduler import Delta, Failed, QueueFull, SamplingParams, Scheduler
 
+    if models is None:
+        models, load_one = [ModelSpec(settings.model_name)], lambda spec: load()
+    else:
+        load_one = load
+    if not models:
+        raise ValueError("create_app needs at least one model")
+    single = len(models) == 1
     # drain: SIGTERM handling (main() calls drain.request(); tests may too); instance_id: --instance-id
     drain = drain or Drain()
-    metrics = Metrics(model=settings.model_name, instance_id=instance_id, max_batch=settings.max_batch,
-                      max_queue=settings.max_queue)
-    n_limit = min(MAX_N, settings.max_batch)
+    metrics = Metrics(instance_id=instance_id)
+    served: dict[str, Served] = {}
+    for spec in models:
+        own = settings.for_model(spec)
+        served[spec.name] = Served(spec, own, metrics.model(spec.name, own.max_batch, own.max_queue))
+    names = ", ".join(repr(n) for n in served)
     # ranges that are the server's, shown in 422 messages for values below them (400 above them)
-    ranges = {"max_tokens": f"[1, {settings.max_new_tokens_limit}]", "n": f"[1, {n_limit}]",
+    ranges = {"max_tokens": f"[1, {settings.max_new_tokens_limit}]", "n": f"[1, {min(MAX_N, settings.max_batch)}]",
               "max_completion_tokens": f"[1, {settings.max_new_tokens_limit}]"}
-    state: dict[str, object] = {}
-    ready = threading.Event()
+    status: dict[str, str] = {}  # "error": why /ready is 503 after every model failed
+    ready = threading.Event()  # every model that loaded is ready (and at least one did)
+
+    def _start(sv: Served) -> None:
+        loaded = load_one(sv.spec)
+        sv.state["loaded"] = loaded
+        if start_classifier(loaded, sv.state, sv.settings):  # a classifier answers /classify: no decode scheduler
+            sv.measure()
+            sv.ready.set()
+            return
+        sched = Scheduler(loaded.model, loaded.tokenizer, max_batch=sv.settings.max_batch,
+                          max_queue=sv.settings.max_queue, metrics=sv.metrics, device=sv.settings.device)
+        sched.start()
+        try:
+            sched.warmup()
+        except Exception:
+            sched.stop()
+            raise
+        sv.state.update(sched=sched, tokenizer=loaded.tokenizer, context=sched.context,
+                        chat=chat_format(loaded.tokenizer, getattr(loaded, "chat_template", None)))
+        sv.measure()
+        sv.ready.set()
+        log.info("serving %s: max_batch=%d max_queue=%d, %.1f MB of parameters, %.1f MB of KV cache", sv.name,
+                 sv.settings.max_batch, sv.settings.max_queue, sv.memory["parameter_bytes"] / 1e6,
+                 sv.memory["kv_cache_bytes"] / 1e6)
 
     def _startup() -> None:
-        try:
-            loaded = load()
-            if start_classifier(loaded, state, settings):  # a classifier answers /classify: no decode scheduler
-                ready.set()
-                return
-            sched = Scheduler(loaded.model, loaded.tokenizer, max_batch=settings.max_batch,
-                              max_queue=settings.max_queue, metrics=metrics, device=settings.device)
-            sched.start()
-            sched.warmup()
-            state.update(loaded=loaded, sched=sched, tokenizer=loaded.tokenizer,
-                         context=sched.context,
-                         chat=chat_format(loaded.tokenizer, getattr(loaded, "chat_template", None)))
+        errors: list[Exception] = []
+        for sv in served.values():
+            try:
+                _start(sv)
+            except Exception as e:
+                errors.append(e)
+                sv.state.pop("loaded", None)
+                sv.error = f"{type(e).__name__}: {e}" if not isinstance(e, ClusterlmError) else str(e)
+                if not single:  # the others still serve: one line naming the model, the traceback at debug
+                    log.error("model %s (%s) failed to load: %s", sv.name, sv.spec.path, sv.error)
+                    log.debug("model %s failed to load", sv.name, exc_info=True)
+                elif on_load_error is None:
+                    log.exception("loading the model failed")
+                else:
+                    log.debug("loading the model failed", exc_info=True)
+        if len(errors) < len(served):
             ready.set()
-            log.info("serving %s: max_batch=%d max_queue=%d", settings.model_name, settings.max_batch,
-                     settings.max_queue)
-        except Exception as e:
-            if on_load_error is None:
-                log.exception("loading the model failed")
-            else:
-                log.debug("loading the model failed", exc_info=True)
-            state["error"] = "loading the model failed; see the server log"
-            state["load_error"] = e
-            if on_load_error is not None:
-                on_load_error(e)
+            return
+        status["error"] = ("loading the model failed; see the server log" if single
+                           else "every model failed to load; see the server log")
+        if on_load_error is not None:
+            on_load_error(errors[0] if single else CheckpointError(
+                "every model failed to load: " + "; ".join(f"{sv.name}: {sv.error}" for sv in served.values())))
+
+    def _scheds() -> list:
+        return [sv.state["sched"] for sv in served.values() if "sched" in sv.state]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         t = threading.Thread(target=_startup, name="clusterlm-load", daemon=True)
         t.start()
-        # the abort reaches the scheduler if there is one (a classifier's requests just get 2 s more)
-        watcher = asyncio.create_task(drain.watch(lambda msg: state["sched"].abort(msg) if "sched" in state else None))
+        # the abort reaches every scheduler (a classifier's requests just get 2 s more)
+        watcher = asyncio.create_task(drain.watch(lambda msg: [s.abort(msg) for s in _scheds()]))
         yield
         watcher.cancel()
-        if "sched" in state:
-            state["sched"].stop()  # type: ignore[attr-defined]
+        for sched in _scheds():
+            sched.stop()
 
     app = FastAPI(title="clusterlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.metrics = metrics
     app.state.ready = ready
-    app.state.state = state
+    app.state.served = served
+    app.state.state = next(iter(served.values())).state  # the first model's (tests of one model read it)
     app.state.drain = drain
+
+    def _pick(name: str | None, optional: bool = False) -> Served:
+        """The model a request names: 404 for a name not served (or one that failed to load), 400 for
+        none with several models; with one model, `optional` (/classify) lets it be left out."""
+        if name is None:
+            if len(served) == 1 and optional:
+                return next(iter(served.values()))
+            if len(served) == 1:  # as when `model` was a required field of the schema
+                raise _Reject(_err(422, "model: Field required", param="model"))
+            raise _Reject(_err(400, f"model is required: this server serves {names}", param="model"))
+        sv = served.get(name)
+        if sv is None:
+            raise _Reject(_err(404, f"model {name!r} is not served here; this server serves {names}",
+                               param="model", code="model_not_found"))
+        if sv.error is not None:
+            raise _Reject(_err(404, f"model {name!r} failed to load at start-up ({sv.error}); the others serve",
+                               param="model", code="model_not_found"))
+        return sv
 
     @app.exception_handler(_Reject)
     async def _reject(request: Request, exc: _Reject) -> Response:
@@ -257,7 +327,8 @@ def create_app(load: Callable[[], object], settings: Settings,
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok"}
+        failed = [sv.name for sv in served.values() if sv.error is not None]  # names only: this route has no key
+        return {"status": "ok", **({"failed": failed} if failed else {})}
 
     @app.get("/ready")
     async def ready_route() -> Response:
@@ -265,8 +336,13 @@ def create_app(load: Callable[[], object], settings: Settings,
             return _err(503, "draining: this replica is shutting down", type_="unavailable",
                         headers={"Retry-After": "1"})
         if ready.is_set():
-            return JSONResponse({"status": "ready", "model": settings.model_name})
-        return _err(503, str(state.get("error", "loading")), type_="unavailable", headers={"Retry-After": "1"})
+            up = [sv.name for sv in served.values() if sv.error is None]
+            failed = [sv.name for sv in served.values() if sv.error is not None]
+            return JSONResponse({"status": "ready", **({"model": up[0]} if single else {"models": up}),
+                                 **({"failed": failed} if failed else {})})
+        loading = [sv.name for sv in served.values() if not sv.ready.is_set() and sv.error is None]
+        msg = status.get("error") or ("loading" if single else f"loading {', '.join(loading)}")
+        return _err(503, msg, type_="unavailable", headers={"Retry-After": "1"})
 
     @app.get("/metrics")
     async def metrics_route() -> Response:
@@ -286,21 +362,19 @@ def create_app(load: Callable[[], object], settings: Settings,
         return FileResponse(f)
 
     @app.get("/v1/models")
-    async def models() -> dict:
-        # max_model_len (vLLM's name): the context in tokens, so a client (the chat page) can trim history
-        ctx = {"max_model_len": state["context"]} if state.get("context") is not None else {}
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
-                                            "owned_by": "clusterlm", **ctx, **model_card(state)}]}
+    async def list_models() -> dict:
+        failed = [{"id": sv.name, "path": sv.spec.path, "error": sv.error} for sv in served.values()
+                  if sv.error is not None]
+        return {"object": "list", "data": [sv.card() for sv in served.values() if sv.error is None],
+                **({"failed": failed} if failed else {})}
 
-    def _check(req: CompletionRequest | ChatRequest, prompt: str) -> tuple[list[int], SamplingParams]:
-        if not ready.is_set():
+    def _check(sv: Served, req: CompletionRequest | ChatRequest, prompt: str) -> tuple[list[int], SamplingParams]:
+        state, settings_ = sv.state, sv.settings
+        if not sv.ready.is_set():
             raise _Reject(_err(503, "the model is still loading", type_="unavailable", headers={"Retry-After": "1"}))
         if "labels" in state:
             raise _Reject(_err(400, NOT_GENERATIVE, param="model"))
-        if req.model != settings.model_name:
-            raise _Reject(_err(404, f"model {req.model!r} is not served here; this server serves "
-                                    f"{settings.model_name!r}", param="model"))
-        limit = settings.max_new_tokens_limit
+        limit, n_limit = settings_.max_new_tokens_limit, min(MAX_N, settings_.max_batch)
         max_tokens, which = _max_tokens(req)
         if max_tokens is not None and max_tokens > limit:
             raise _Reject(_err(400, f"{which}={max_tokens} is out of range; allowed [1, {limit}] "
@@ -323,15 +397,16 @@ def create_app(load: Callable[[], object], settings: Settings,
                                 top_p=req.top_p, seed=req.seed, stops=tuple(req.stops), logprobs=_top_logprobs(req))
         return ids, params
 
-    async def _run(request: Request, ids: list[int], params: SamplingParams, n: int, chat: bool,
+    async def _run(sv: Served, request: Request, ids: list[int], params: SamplingParams, n: int, chat: bool,
                    stream: bool, include_usage: bool) -> Response:
+        state = sv.state
         try:
             handle = state["sched"].submit(ids, n, params, asyncio.get_running_loop())  # type: ignore[attr-defined]
         except QueueFull as e:
             return _err(429, str(e), type_="rate_limit_error", headers={"Retry-After": str(e.retry_after)})
         rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
         obj = "chat.completion" if chat else "text_completion"
-        base = {"id": rid, "created": created, "model": settings.model_name}
+        base = {"id": rid, "created": created, "model": sv.name}
         lpf = _LogprobFormat(state, chat, n) if params.logprobs is not None else None
 
         if stream:
@@ -415,16 +490,18 @@ def create_app(load: Callable[[], object], settings: Settings,
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         req = await _read_json(request, CompletionRequest, settings.max_body_bytes, ranges)
-        ids, params = _check(req, req.prompt)
+        sv = _pick(req.model)
+        ids, params = _check(sv, req, req.prompt)
         inc = bool(req.stream_options and req.stream_options.include_usage)
-        return await _run(request, ids, params, req.n, False, req.stream, inc)
+        return await _run(sv, request, ids, params, req.n, False, req.stream, inc)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         req = await _read_json(request, ChatRequest, settings.max_body_bytes, ranges)
-        fmt = state.get("chat")
-        if fmt is None:  # still loading: _check answers 503
-            _check(req, "")
+        sv = _pick(req.model)
+        fmt = sv.state.get("chat")
+        if fmt is None:  # still loading (503) or a classifier (400): _check answers
+            _check(sv, req, "")
         bad = req.unsupported_part()
         if bad is not None:
             raise _Reject(_err(400, f"{bad[0]} is a content part of type {bad[1]!r}; this server reads text parts "
@@ -433,15 +510,16 @@ def create_app(load: Callable[[], object], settings: Settings,
             prompt = fmt.render([{"role": m.template_role, "content": m.text} for m in req.messages])
         except ValueError as e:  # the template refuses these messages (raise_exception, a role it lacks)
             raise _Reject(_err(400, str(e), param="messages")) from None
-        ids, params = _check(req, prompt)
+        ids, params = _check(sv, req, prompt)
         # the template's turn marker: a stop string (plain template) or its end-of-turn token id
         stops = tuple(req.stops) + tuple(fmt.stop_strings[:max(0, 4 - len(req.stops))])
         params = SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
                                 seed=params.seed, stops=stops, stop_ids=fmt.stop_ids, logprobs=params.logprobs)
         inc = bool(req.stream_options and req.stream_options.include_usage)
-        return await _run(request, ids, params, req.n, True, req.stream, inc)
+        return await _run(sv, request, ids, params, req.n, True, req.stream, inc)
 
-    register_classify(app, settings, state, ready, metrics, _read_json, _err)  # POST /classify: serve/classify.py
+    # POST /classify: serve/classify.py
+    register_classify(app, lambda name: _pick(name, optional=True), settings.max_body_bytes, _read_json, _err)
     return _Guard(app, settings, metrics, drain, instance_id)
 
 
@@ -522,7 +600,12 @@ def _read_key(path: str) -> str:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="clusterlm serve",
                                 description="Serve a checkpoint over an OpenAI-compatible HTTP API.")
-    p.add_argument("checkpoint", help="run directory, checkpoints folder or step folder")
+    p.add_argument("checkpoint", nargs="*", metavar="[NAME=]PATH",
+                   help="run directory, checkpoints folder, step folder, or LoRA adapter folder (RUN/adapter); "
+                        "several serve several models, each named NAME or after its run folder")
+    p.add_argument("--models", default=None, metavar="FILE",
+                   help="a TOML file with one [[model]] table per model: name, path, and optionally max_batch, "
+                        "max_queue, max_new_tokens_limit (docs/serving.md, 'Several models')")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key-file", default=None,
@@ -549,7 +632,8 @@ def main(argv: list[str]) -> int:
                    help="seconds a connection has to send complete request headers (slow clients are closed)")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds from complete headers to the end of the request body")
-    p.add_argument("--model-name", default=None, help="the id in /v1/models (default: the run folder's name)")
+    p.add_argument("--model-name", default=None,
+                   help="the id in /v1/models of a single model (default: the run folder's name; several: NAME=PATH)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads on CPU (0 = torch's default). 1 is fastest for small models: "
@@ -558,11 +642,11 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     import uvicorn
 
-    from clusterlm.checkpoint.model_io import load_for_inference
     from clusterlm.errors import CheckpointError, ClusterlmError
     from clusterlm.errors import EXIT_PREEMPTED
     from clusterlm.serve.guard import (ConnectionLimits, RateLimitFilter, bind, check_instance_id, default_instance_id,
                                        protocol_class, raise_open_file_limit, tag_logs)
+    from clusterlm.serve.models import load_model, model_specs
 
     if args.threads < 0:
         raise ValueError(f"--threads={args.threads} must be >= 0 (0 = torch's default)")
@@ -572,6 +656,7 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"--metrics-port={args.metrics_port} must be in [1, 65535] and differ from --port")
     if args.api_key_file and args.api_key_env:
         raise ValueError("--api-key-file and --api-key-env both given; choose one")
+    specs = model_specs(args.checkpoint, args.models, args.model_name)
     instance_id = check_instance_id(args.instance_id) if args.instance_id else default_instance_id(args.port)
     log_config = tag_logs(instance_id, uvicorn.config.LOGGING_CONFIG)  # "[id] ..." on every line from here on
     drain = Drain(args.drain_timeout)
@@ -589,13 +674,16 @@ def main(argv: list[str]) -> int:
     else:
         key = secrets.token_urlsafe(24)
         print(f"API key (generated; pass --api-key-file to choose one): {key}", flush=True)
-    ckpt = Path(args.checkpoint)
-    if not ckpt.exists():
+    ckpt = Path(specs[0].path)
+    if len(specs) == 1 and not ckpt.exists():  # one model: nothing to serve; several: the others serve
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
-    name = args.model_name or ckpt.resolve().name
-    settings = Settings(api_key=key, model_name=name, max_batch=args.max_batch, max_queue=args.max_queue,
+    settings = Settings(api_key=key, model_name=specs[0].name, max_batch=args.max_batch, max_queue=args.max_queue,
                         max_new_tokens_limit=args.max_new_tokens_limit, max_body_bytes=args.max_body_bytes,
                         device=args.device)
+    for spec in specs:  # each model's own limits are checked before anything binds or loads
+        settings.for_model(spec)
+    if len(specs) == 1:
+        settings = settings.for_model(specs[0])
     soft, _ = raise_open_file_limit()
     # asyncio accepts up to `backlog` connections per event-loop tick before any protocol sees them
     # (and may do so again before the evicted ones are closed), so the cap leaves 2 x BACKLOG
@@ -623,14 +711,8 @@ def main(argv: list[str]) -> int:
 
         torch.set_num_threads(args.threads)
 
-    def load() -> object:
-        try:
-            return load_for_inference(ckpt, device=args.device)
-        except ClusterlmError:
-            raise
-        except Exception as e:  # torch/safetensors errors on a truncated or foreign file: name the checkpoint
-            raise CheckpointError(f"checkpoint {ckpt} cannot be loaded: {type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    def load(spec: ModelSpec) -> object:
+        return load_model(spec.path, args.device)
 
     failed: list[Exception] = []
 
@@ -638,7 +720,7 @@ def main(argv: list[str]) -> int:
         failed.append(e)
         server.should_exit = True  # uvicorn's main loop checks it every 0.1 s
 
-    app = create_app(load, settings, on_load_error, drain=drain, instance_id=instance_id)
+    app = create_app(load, settings, on_load_error, drain=drain, instance_id=instance_id, models=specs)
     app.metrics_port = args.metrics_port
     config = uvicorn.Config(app, http=protocol_class(limits), ws="none", lifespan="on", backlog=BACKLOG,
                             h11_max_incomplete_event_size=MAX_HEADER_BYTES, log_level="info",
@@ -659,7 +741,8 @@ def main(argv: list[str]) -> int:
     drain.on_done = lambda: setattr(server, "should_exit", True)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     log.info("listening on http://%s:%d (at most %d connections, header timeout %g s); loading %s", shown,
-             args.port, limits.max_connections, limits.header_timeout, ckpt)
+             args.port, limits.max_connections, limits.header_timeout,
+             ", ".join(f"{s.name}={s.path}" if len(specs) > 1 else s.path for s in specs))
     try:
         server.run(sockets=sockets)
     finally:

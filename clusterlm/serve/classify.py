@@ -10,7 +10,8 @@ API shape, with the same API key, body limit and error shape as the other routes
 Each text is read as a classifier is trained on it: [EOS] + its ids (eval.lm.classifier_ids),
 left-truncated to the model's context, or to the last `truncate_prompt_tokens` ids when the
 request gives that (vLLM's field; -1 = the context). `probs` is the softmax of the head's logits in
-the model's label order (GET /v1/models lists it); `label` is the most probable one. A request's
+the model's label order (GET /v1/models lists it; with several models served, `model` names
+the classifier and is required); `label` is the most probable one. A request's
 texts go through the model in batches of up to --max-batch rows, in inference mode, in a worker
 thread (one request's forward passes at a time), so the event loop keeps answering; more than
 --max-queue requests waiting is answered 429.
@@ -62,32 +63,32 @@ def model_card(state: dict) -> dict:
     return {"labels": list(labels)} if labels else {}
 
 
-def register_classify(app: FastAPI, settings: Any, state: dict, ready: threading.Event, metrics: Any,
+def register_classify(app: FastAPI, pick: Callable[[str | None], Any], max_body_bytes: int,
                       read_json: Callable, err: Callable[..., Response]) -> None:
-    """Add POST /classify to `app` (create_app's `state`, readiness event and metrics; its body reader
-    and error response, so limits and error shapes are the other routes')."""
-    waiting = [0]  # requests admitted and not yet answered
+    """Add POST /classify to `app`. `pick(model)` is the app's: the served model (serve/models.py
+    Served: its settings, state, readiness and metrics) a request names, or an error it raises
+    (404 unknown, 400 none with several models); body reader and error response are the other
+    routes', so limits and error shapes are theirs."""
 
-    def run(ids: list[list[int]]) -> list:
+    def run(sv: Any, ids: list[list[int]]) -> list:
         from clusterlm.eval.lm import classify_ids
 
-        with state["classify_lock"]:  # type: ignore[union-attr]
+        with sv.state["classify_lock"]:
             t0 = time.perf_counter()
-            out = classify_ids(state["loaded"].model, ids, batch_size=settings.max_batch,  # type: ignore[union-attr]
-                               device=settings.device, truncate=True, progress=False)
-            metrics.classify_time.observe(time.perf_counter() - t0)
+            out = classify_ids(sv.state["loaded"].model, ids, batch_size=sv.settings.max_batch,
+                               device=sv.settings.device, truncate=True, progress=False)
+            sv.metrics.classify_time.observe(time.perf_counter() - t0)
         return out
 
     @app.post("/classify")
     async def classify(request: Request) -> Response:
         from clusterlm.eval.lm import classifier_ids
 
-        req = await read_json(request, ClassifyRequest, settings.max_body_bytes)
-        if not ready.is_set():
+        req = await read_json(request, ClassifyRequest, max_body_bytes)
+        sv = pick(req.model)
+        state, settings = sv.state, sv.settings
+        if not sv.ready.is_set():
             return err(503, "the model is still loading", type_="unavailable", headers={"Retry-After": "1"})
-        if req.model is not None and req.model != settings.model_name:
-            return err(404, f"model {req.model!r} is not served here; this server serves {settings.model_name!r}",
-                       param="model")
         labels = state.get("labels")
         if labels is None:
             arch = state["loaded"].config.model.arch  # type: ignore[union-attr]
@@ -105,23 +106,24 @@ def register_classify(app: FastAPI, settings: Any, state: dict, ready: threading
                        param="truncate_prompt_tokens")
         ids = [classifier_ids(state["tokenizer"], t) for t in texts]
         ids = [x[-keep:] if keep is not None else x for x in ids]
+        waiting = state.setdefault("classify_waiting", [0])  # requests admitted and not yet answered
         if waiting[0] >= settings.max_queue + 1:
             return err(429, f"{waiting[0]} classify requests are waiting (the server's --max-queue is "
                             f"{settings.max_queue}); retry later", type_="rate_limit_error", headers={"Retry-After": "1"})
         waiting[0] += 1
         try:
-            results = await asyncio.get_running_loop().run_in_executor(None, run, ids)
+            results = await asyncio.get_running_loop().run_in_executor(None, run, sv, ids)
         except Exception:
             log.exception("classifying %d inputs failed", len(ids))
             return err(500, "classifying the inputs failed; see the server log", type_="server_error")
         finally:
             waiting[0] -= 1
         n_tokens = sum(r.n_tokens for r in results)
-        metrics.classified.inc(len(results))
-        metrics.prompt_tokens.inc(n_tokens)
+        sv.metrics.classified.inc(len(results))
+        sv.metrics.prompt_tokens.inc(n_tokens)
         data = [{"index": i, "label": r.label, "probs": r.probs, "num_classes": len(labels)}
                 for i, r in enumerate(results)]
         return JSONResponse({"id": new_id("classify"), "object": "list", "created": now(),
-                             "model": settings.model_name, "data": data,
+                             "model": sv.name, "data": data,
                              "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens, "completion_tokens": 0,
                                        "prompt_tokens_details": None}})

@@ -2,12 +2,14 @@
 
 The table with units and the vLLM metric each one corresponds to is docs/monitoring.md; the
 names (`NAMES`) are what deploy/prometheus/alerts.yml and deploy/grafana/clusterlm.json may use
-(tests/unit/test_serve_metrics.py checks both against this list). Per-request figures carry a
-`model` label (the served model name), so dashboards compare models and replicas as they would
-vLLM's `model_name`. Exposed at /metrics (API key required), or key-free on `--metrics-port`.
+(tests/unit/test_serve_metrics.py checks both against this list). One set of metric families
+serves every model of the server: what a model's scheduler or /classify does carries its `model`
+label (the served model name), so dashboards compare models and replicas as they would vLLM's
+`model_name`. Exposed at /metrics (API key required), or key-free on `--metrics-port`.
 
-    m = Metrics(model="shakespeare", instance_id="node1:8000", max_batch=16, max_queue=64)
-    m.ttft.observe(0.012)                 # the `model` label is bound here
+    m = Metrics(instance_id="node1:8000")
+    a = m.model("shakespeare", max_batch=16, max_queue=64)   # the families with model="shakespeare" bound
+    a.ttft.observe(0.012)
     generate_latest(m.registry)
 """
 
@@ -32,66 +34,101 @@ NAMES = (
     "clusterlm_inter_token_latency_seconds", "clusterlm_request_latency_seconds",
     "clusterlm_request_queue_seconds", "clusterlm_request_prompt_tokens", "clusterlm_request_generation_tokens",
     "clusterlm_requests_aborted_total", "clusterlm_kv_slots_used", "clusterlm_kv_slots_total",
-    "clusterlm_classified_inputs_total", "clusterlm_classify_seconds", "clusterlm_instance_info",
-    "clusterlm_ready", "clusterlm_draining", "process_cpu_seconds_total", "process_resident_memory_bytes",
-    "process_open_fds", "process_start_time_seconds",
+    "clusterlm_classified_inputs_total", "clusterlm_classify_seconds", "clusterlm_model_memory_bytes",
+    "clusterlm_instance_info", "clusterlm_ready", "clusterlm_draining", "process_cpu_seconds_total",
+    "process_resident_memory_bytes", "process_open_fds", "process_start_time_seconds",
 )
 
 
 class Metrics:
-    def __init__(self, model: str = "default", instance_id: str = "", max_batch: int = 0, max_queue: int = 0,
-                 version: str | None = None) -> None:
+    """The server's registry: server-wide series (HTTP requests, ready, draining) and the labelled
+    families every model shares; `model(name, ...)` binds one model's label."""
+
+    def __init__(self, instance_id: str = "", version: str | None = None) -> None:
         if version is None:
             from clusterlm import __version__ as version
         r = self.registry = CollectorRegistry()
-        self.model = model
+        self.instance_id, self.version = instance_id, version
         # ---- server-wide (names and labels kept as before: tests and dashboards key on them) ----
         self.requests = Counter("clusterlm_http_requests", "HTTP requests by route and status code",
                                 ["route", "status"], registry=r)
-        self.finished = Counter("clusterlm_sequences_finished", "Generated sequences by finish reason",
-                                ["reason"], registry=r)
-        self.queue_depth = Gauge("clusterlm_queue_depth", "Requests waiting for a batch slot", registry=r)
-        self.queue_limit = Gauge("clusterlm_queue_limit", "--max-queue: waiting requests beyond the free slots "
-                                 "before 429", registry=r)
-        self.queue_limit.set(max_queue)
-        self.running = Gauge("clusterlm_running_sequences", "Sequences in the running batch", registry=r)
-        self.prompt_tokens = Counter("clusterlm_prompt_tokens", "Prompt tokens prefilled", registry=r)
-        self.generated_tokens = Counter("clusterlm_generated_tokens", "Tokens generated (EOS not counted)",
-                                        registry=r)
-        self.classified = Counter("clusterlm_classified_inputs", "Texts answered by /classify", registry=r)
-        self.classify_time = Histogram("clusterlm_classify_seconds", "A /classify request's forward passes",
-                                       buckets=_LATENCY_BUCKETS, registry=r)
         self.ready = Gauge("clusterlm_ready", "1 when /ready answers 200 (loaded, warmed up, not draining)",
                            registry=r)
         self.draining = Gauge("clusterlm_draining", "1 from SIGTERM until exit (/ready 503, new requests 503)",
                               registry=r)
+        self.info = Info("clusterlm_instance", "This replica: --instance-id, clusterlm version; one series per "
+                         "served model", ["model"], registry=r)
+        # ---- per model (vLLM: time_to_first_token_seconds, ... with model_name) ----
+        m = ["model"]
+        self.finished = Counter("clusterlm_sequences_finished", "Generated sequences by finish reason",
+                                ["model", "reason"], registry=r)
+        self.queue_depth = Gauge("clusterlm_queue_depth", "Requests waiting for a batch slot", m, registry=r)
+        self.queue_limit = Gauge("clusterlm_queue_limit", "--max-queue: waiting requests beyond the free slots "
+                                 "before 429", m, registry=r)
+        self.running = Gauge("clusterlm_running_sequences", "Sequences in the running batch", m, registry=r)
+        self.prompt_tokens = Counter("clusterlm_prompt_tokens", "Prompt tokens prefilled", m, registry=r)
+        self.generated_tokens = Counter("clusterlm_generated_tokens", "Tokens generated (EOS not counted)", m,
+                                        registry=r)
+        self.classified = Counter("clusterlm_classified_inputs", "Texts answered by /classify", m, registry=r)
+        self.classify_time = Histogram("clusterlm_classify_seconds", "A /classify request's forward passes", m,
+                                       buckets=_LATENCY_BUCKETS, registry=r)
         self.aborted = Counter("clusterlm_requests_aborted", "Requests ended with an error event when the drain "
-                               "deadline passed", registry=r)
-        info = Info("clusterlm_instance", "This replica: --instance-id, clusterlm version, served model",
-                    registry=r)
-        info.info({"instance_id": instance_id, "version": version, "model": model})
-        # ---- per request, with the model label bound (vLLM: time_to_first_token_seconds, ...) ----
-        m = [model]
-        self.ttft = Histogram("clusterlm_time_to_first_token_seconds", "Submit to first sampled token", ["model"],
-                              buckets=_LATENCY_BUCKETS, registry=r).labels(*m)
-        self.itl = Histogram("clusterlm_inter_token_latency_seconds", "Time between a sequence's tokens", ["model"],
-                             buckets=_LATENCY_BUCKETS, registry=r).labels(*m)
+                               "deadline passed", m, registry=r)
+        self.ttft = Histogram("clusterlm_time_to_first_token_seconds", "Submit to first sampled token", m,
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("clusterlm_inter_token_latency_seconds", "Time between a sequence's tokens", m,
+                             buckets=_LATENCY_BUCKETS, registry=r)
         self.latency = Histogram("clusterlm_request_latency_seconds", "Submit to the last choice finished "
-                                 "(end to end in the server: queue, prefill, decode)", ["model"],
-                                 buckets=_REQUEST_BUCKETS, registry=r).labels(*m)
+                                 "(end to end in the server: queue, prefill, decode)", m,
+                                 buckets=_REQUEST_BUCKETS, registry=r)
         self.queue_time = Histogram("clusterlm_request_queue_seconds", "Submit to admission into the batch",
-                                    ["model"], buckets=_LATENCY_BUCKETS + (60.0, 120.0), registry=r).labels(*m)
+                                    m, buckets=_LATENCY_BUCKETS + (60.0, 120.0), registry=r)
         self.prompt_len = Histogram("clusterlm_request_prompt_tokens", "Prompt tokens of a request (with the "
-                                    "leading EOS)", ["model"], buckets=_TOKEN_BUCKETS, registry=r).labels(*m)
+                                    "leading EOS)", m, buckets=_TOKEN_BUCKETS, registry=r)
         self.generation_len = Histogram("clusterlm_request_generation_tokens", "Tokens generated for a finished "
-                                        "request, summed over its n choices", ["model"], buckets=_TOKEN_BUCKETS,
-                                        registry=r).labels(*m)
+                                        "request, summed over its n choices", m, buckets=_TOKEN_BUCKETS, registry=r)
         self.kv_used = Gauge("clusterlm_kv_slots_used", "KV-cache (or RNN state) slots held by running sequences",
-                             ["model"], registry=r).labels(*m)
-        self.kv_total = Gauge("clusterlm_kv_slots_total", "KV-cache slots (--max-batch)", ["model"],
-                              registry=r).labels(*m)
-        self.kv_total.set(max_batch)
+                             m, registry=r)
+        self.kv_total = Gauge("clusterlm_kv_slots_total", "KV-cache slots (--max-batch)", m, registry=r)
+        self.memory = Gauge("clusterlm_model_memory_bytes", "Bytes a model holds on its device: kind=parameters "
+                            "(weights and buffers) or kv_cache (the slot cache, or RNN state slots)",
+                            ["model", "kind"], registry=r)
         # ---- the process: CPU seconds, resident memory, open files, start time; Python version ----
         if sys.platform.startswith("linux"):
             ProcessCollector(registry=r)
         PlatformCollector(registry=r)
+
+    def model(self, name: str, max_batch: int = 0, max_queue: int = 0) -> ModelMetrics:
+        """The families with `model=name` bound (what one model's scheduler and /classify record into);
+        its info series, queue limit and slot total are set here."""
+        self.info.labels(name).info({"instance_id": self.instance_id, "version": self.version})
+        return ModelMetrics(self, name, max_batch, max_queue)
+
+
+class _Labelled:
+    """A family with the model label bound and further labels still open: `.labels(reason)`."""
+
+    def __init__(self, family: Counter, model: str) -> None:
+        self.family, self.model = family, model
+
+    def labels(self, *values: str) -> Counter:
+        return self.family.labels(self.model, *values)
+
+
+class ModelMetrics:
+    """One model's children of the shared families, under the attribute names the scheduler uses."""
+
+    def __init__(self, m: Metrics, name: str, max_batch: int, max_queue: int) -> None:
+        self.name, self.registry = name, m.registry
+        for attr in ("queue_depth", "queue_limit", "running", "prompt_tokens", "generated_tokens", "classified",
+                     "classify_time", "aborted", "ttft", "itl", "latency", "queue_time", "prompt_len",
+                     "generation_len", "kv_used", "kv_total"):
+            setattr(self, attr, getattr(m, attr).labels(name))
+        self.finished = _Labelled(m.finished, name)
+        self._memory = m.memory
+        self.queue_limit.set(max_queue)
+        self.kv_total.set(max_batch)
+
+    def set_memory(self, parameters: int, kv_cache: int) -> None:
+        self._memory.labels(self.name, "parameters").set(parameters)
+        self._memory.labels(self.name, "kv_cache").set(kv_cache)

@@ -48,7 +48,9 @@ class StreamOptions(_Strict):
 
 
 class _Sampling(_Strict):
-    model: str = Field(max_length=256)
+    # optional here so that the app can answer by what it serves: 422 (required) with one model,
+    # 400 naming the models with several (app.py)
+    model: str | None = Field(default=None, max_length=256)
     max_tokens: int | None = Field(default=None, ge=1)  # the upper bound is the server's: app.py, 400
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)

@@ -9,6 +9,7 @@ test_cli_flow.py); an LSTM checkpoint is served too.
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import socket
@@ -83,11 +84,14 @@ class Server:
         raise RuntimeError("server did not become ready")
 
     def metrics(self) -> dict[str, float]:
+        """Series -> value, the one model's `model` label left out of the key (a per-model series
+        reads `clusterlm_running_sequences`, `clusterlm_sequences_finished_total{reason="stop"}`)."""
         text = httpx.get(self.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
         out = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):
                 name, val = line.rsplit(" ", 1)
+                name = re.sub(r'model="[^"]*",?', "", name).replace(",}", "}").replace("{}", "")
                 out[name] = float(val)
         return out
 

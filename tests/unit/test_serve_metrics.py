@@ -72,8 +72,8 @@ def test_request_histograms_count_what_the_requests_did(loaded):
     0 of 4; the info metric names the instance."""
     from clusterlm.serve.scheduler import Finished, Scheduler
 
-    m = Metrics(model="m", instance_id="r9", max_batch=4, max_queue=8)
-    sched = Scheduler(loaded.model, loaded.tokenizer, max_batch=4, max_queue=8, metrics=m)
+    m = Metrics(instance_id="r9")
+    sched = Scheduler(loaded.model, loaded.tokenizer, max_batch=4, max_queue=8, metrics=m.model("m", 4, 8))
     sched.start()
     try:
         a = _collect(sched, [0, 5, 6, 7], n=2, max_tokens=6)
@@ -86,12 +86,12 @@ def test_request_histograms_count_what_the_requests_did(loaded):
         assert _value(m, name + "_count") == 2, name
     assert _value(m, "clusterlm_request_prompt_tokens_sum") == 6
     assert _value(m, "clusterlm_request_generation_tokens_sum") == 15
-    assert m.registry.get_sample_value("clusterlm_generated_tokens_total") == 15
+    assert _value(m, "clusterlm_generated_tokens_total") == 15
     assert _value(m, "clusterlm_time_to_first_token_seconds_count") == 3  # one per choice
     assert _value(m, "clusterlm_kv_slots_used") == 0 and _value(m, "clusterlm_kv_slots_total") == 4
-    assert m.registry.get_sample_value("clusterlm_queue_limit") == 8
+    assert _value(m, "clusterlm_queue_limit") == 8
     text = generate_latest(m.registry).decode()
-    assert 'clusterlm_instance_info{instance_id="r9",model="m",version="' in text
+    assert re.search(r'clusterlm_instance_info\{(?=[^}]*instance_id="r9")(?=[^}]*model="m")[^}]*version="', text)
     assert "process_cpu_seconds_total" in text or not sys.platform.startswith("linux")
 
 
@@ -100,16 +100,16 @@ def test_abort_fails_running_requests_and_frees_slots(loaded):
     freed (kv used 0, running 0) and clusterlm_requests_aborted_total counts it."""
     from clusterlm.serve.scheduler import Failed, Scheduler
 
-    m = Metrics(model="m", max_batch=2)
-    sched = Scheduler(loaded.model, loaded.tokenizer, max_batch=2, max_queue=2, metrics=m)
+    m = Metrics()
+    sched = Scheduler(loaded.model, loaded.tokenizer, max_batch=2, max_queue=2, metrics=m.model("m", 2, 2))
     sched.start()
     try:
         events = _collect(sched, [0, 5], n=1, max_tokens=500, abort_after=3)
     finally:
         sched.stop()
     assert isinstance(events[-1], Failed) and events[-1].message == "stop"
-    assert m.registry.get_sample_value("clusterlm_requests_aborted_total") == 1
-    assert _value(m, "clusterlm_kv_slots_used") == 0 and m.registry.get_sample_value("clusterlm_running_sequences") == 0
+    assert _value(m, "clusterlm_requests_aborted_total") == 1
+    assert _value(m, "clusterlm_kv_slots_used") == 0 and _value(m, "clusterlm_running_sequences") == 0
 
 
 def _names_in(expr: str) -> set[str]:

@@ -1,0 +1,212 @@
+"""The models one `clusterlm serve` answers for: which ones (command line or a TOML file), how each
+is loaded (a checkpoint, or a LoRA adapter folder onto its base), and the bytes each one holds.
+
+    clusterlm serve runs/shakespeare_char tiny=runs/llama_mini sst2=runs/sst2_lora/adapter
+    clusterlm serve --models models.toml
+
+models.toml, one [[model]] table per model (paths relative to the file; limits default to the
+command line's --max-batch, --max-queue, --max-new-tokens-limit):
+
+    [[model]]
+    name = "shakespeare"
+    path = "runs/shakespeare_char"
+    max_batch = 8
+
+An adapter folder (RUN/adapter: adapter.safetensors + adapter.json, written by a LoRA fine-tune)
+is loaded onto its base checkpoint (adapter.json's meta.base) and merged: each adapter is a model
+of its own; the base is not yet shared between the adapters of one base (docs/serving.md).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import re
+import threading
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,255}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One served model: its id in requests' `model` field, the checkpoint or adapter folder it is
+    loaded from, and its own limits (None: the server's)."""
+
+    name: str
+    path: str = ""
+    max_batch: int | None = None
+    max_queue: int | None = None
+    max_new_tokens_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if not NAME_RE.fullmatch(self.name):
+            raise ValueError(f"model name {self.name!r} must be 1-256 characters of letters, digits and ._:/@+- "
+                             "starting with a letter or digit")
+        for f in ("max_batch", "max_queue", "max_new_tokens_limit"):
+            v = getattr(self, f)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < (0 if f == "max_queue" else 1)):
+                raise ValueError(f"model {self.name!r}: {f}={v!r} must be an integer >= "
+                                 f"{0 if f == 'max_queue' else 1}")
+
+
+def _spec_from_arg(arg: str) -> ModelSpec:
+    """`PATH` (named after the run folder, as a single `clusterlm serve PATH` is) or `NAME=PATH`."""
+    name, sep, path = arg.partition("=")
+    if not sep:
+        name, path = default_name(arg), arg
+    if not path:
+        raise ValueError(f"model argument {arg!r}: give PATH or NAME=PATH")
+    return ModelSpec(name=name, path=path)
+
+
+def default_name(path: str) -> str:
+    """The run folder's name; for an adapter folder (RUN/adapter), the run's name."""
+    p = Path(path).resolve()
+    return p.parent.name if (p / "adapter.json").is_file() else p.name
+
+
+def read_models_file(path: str | Path) -> list[ModelSpec]:
+    """The [[model]] tables of a TOML file; unknown keys fail with a close-match suggestion."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"--models {path}: cannot read it as TOML ({e})") from None
+    extra = sorted(set(data) - {"model"})
+    tables = data.get("model")
+    if extra or not isinstance(tables, list) or not tables:
+        raise ValueError(f"--models {path}: expected one [[model]] table per model (name, path, and optionally "
+                         f"max_batch, max_queue, max_new_tokens_limit){'; unknown ' + ', '.join(extra) if extra else ''}")
+    known = [f.name for f in fields(ModelSpec)]
+    specs = []
+    for i, t in enumerate(tables):
+        for k in t:
+            if k not in known:
+                close = difflib.get_close_matches(k, known, n=1)
+                raise ValueError(f"--models {path}: [[model]] #{i + 1} has unknown key {k!r}"
+                                 f"{f' (did you mean {close[0]!r}?)' if close else ''}; known: {', '.join(known)}")
+        if not isinstance(t.get("path"), str) or not t["path"]:
+            raise ValueError(f"--models {path}: [[model]] #{i + 1} needs path = \"RUN\" (a checkpoint or adapter folder)")
+        p = Path(t["path"]).expanduser()
+        p = p if p.is_absolute() else path.parent / p  # relative to the file, as compose files are
+        specs.append(ModelSpec(**{**t, "name": t.get("name") or default_name(str(p)), "path": str(p)}))
+    return specs
+
+
+def model_specs(args: list[str], models_file: str | None, model_name: str | None) -> list[ModelSpec]:
+    """The served models from the positional arguments, --models and --model-name; names must be unique."""
+    specs = [_spec_from_arg(a) for a in args] + (read_models_file(models_file) if models_file else [])
+    if not specs:
+        raise ValueError("no model to serve: give a checkpoint (PATH or NAME=PATH) or --models FILE")
+    if model_name is not None:
+        if len(specs) != 1:
+            raise ValueError(f"--model-name names a single model; with {len(specs)} models write NAME=PATH")
+        specs = [ModelSpec(model_name, specs[0].path, specs[0].max_batch, specs[0].max_queue,
+                           specs[0].max_new_tokens_limit)]
+    seen: dict[str, str] = {}
+    for s in specs:
+        if s.name in seen:
+            raise ValueError(f"model name {s.name!r} is given twice ({seen[s.name]} and {s.path}); "
+                             "name one of them with NAME=PATH")
+        seen[s.name] = s.path
+    return specs
+
+
+def load_model(path: str | Path, device: str) -> object:
+    """A LoadedModel from a checkpoint (run, checkpoints or step folder), or from a LoRA adapter
+    folder: its base checkpoint (adapter.json meta.base) with the adapters loaded and merged.
+    Errors name the path (CheckpointError)."""
+    from clusterlm.checkpoint.model_io import load_for_inference
+    from clusterlm.errors import CheckpointError, ClusterlmError
+
+    path = Path(path)
+    try:
+        if (path / "adapter.json").is_file():
+            return _load_adapter(path, device)
+        return load_for_inference(path, device=device)
+    except ClusterlmError:
+        raise
+    except Exception as e:  # torch/safetensors errors on a truncated or foreign file: name the checkpoint
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+def _load_adapter(path: Path, device: str) -> object:
+    from clusterlm.checkpoint.model_io import load_for_inference, read_checkpoint_config
+    from clusterlm.checkpoint.store import resolve_checkpoint
+    from clusterlm.errors import CheckpointError
+    from clusterlm.finetune.lora import load_adapters, merge_lora, read_adapter_meta
+
+    meta = read_adapter_meta(path).get("meta") or {}
+    if not meta.get("base"):
+        raise CheckpointError(f"{path}/adapter.json has no meta.base (the base checkpoint the adapters were "
+                              "trained on); serve the fine-tune's checkpoint instead")
+    ckpt = meta.get("checkpoint")
+    if ckpt and Path(ckpt).exists():
+        labels = read_checkpoint_config(resolve_checkpoint(ckpt)).model.labels
+        if labels:  # its head was trained with the adapters but is not in adapter.safetensors
+            raise CheckpointError(f"{path} holds the adapters of a classifier (labels {', '.join(labels)}); its head "
+                                  f"is only in the full checkpoint: serve {ckpt}")
+    loaded = load_for_inference(meta["base"], device=device)
+    load_adapters(path, loaded.model)
+    merge_lora(loaded.model)
+    loaded.model.eval()
+    loaded.path = path
+    return loaded
+
+
+def tensor_bytes(obj: object) -> int:
+    """Bytes of the distinct tensors of a module (parameters and buffers; tied weights once) or of a
+    cache object's attributes (tensors, and dicts, lists or tuples of them)."""
+    if isinstance(obj, nn.Module):
+        tensors = [*obj.parameters(), *obj.buffers()]
+    else:
+        tensors = []
+        for v in vars(obj).values():
+            items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else [v]
+            tensors += [t for t in items if isinstance(t, torch.Tensor)]
+    seen: dict[tuple[int, str], int] = {}
+    for t in tensors:
+        if t.device.type != "meta":
+            key = (t.untyped_storage().data_ptr(), str(t.device))
+            seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+    return sum(seen.values())
+
+
+class Served:
+    """One served model at run time: its spec, limits (app.Settings) and metrics (labelled with its
+    name), the `state` its routes read (loaded, sched or labels, tokenizer, context, chat), whether
+    it is ready, and why it failed to load (None while it has not)."""
+
+    def __init__(self, spec: ModelSpec, settings: object, metrics: object) -> None:
+        self.spec, self.name, self.settings, self.metrics = spec, spec.name, settings, metrics
+        self.state: dict = {}
+        self.ready = threading.Event()
+        self.error: str | None = None
+        self.memory: dict[str, int] = {}
+
+    def measure(self) -> None:
+        """Parameter and KV-cache bytes, into `memory` and the clusterlm_model_memory_bytes gauge."""
+        sched = self.state.get("sched")
+        self.memory = {"parameter_bytes": tensor_bytes(self.state["loaded"].model),
+                       "kv_cache_bytes": tensor_bytes(sched.cache) if sched is not None else 0}
+        self.metrics.set_memory(self.memory["parameter_bytes"], self.memory["kv_cache_bytes"])
+
+    def card(self) -> dict:
+        """The model's /v1/models entry. max_model_len (vLLM's name): the context in tokens, so a client
+        (the chat page) can trim history; labels: a classifier's, in the order of its `probs`."""
+        from clusterlm.serve.classify import model_card
+
+        ctx = self.state.get("context")
+        return {"id": self.name, "object": "model", "created": 0, "owned_by": "clusterlm",
+                **({"max_model_len": ctx} if ctx is not None else {}), **model_card(self.state),
+                "max_batch": self.settings.max_batch, **({"memory": self.memory} if self.memory else {}),
+                **({} if self.ready.is_set() else {"status": "loading"})}
