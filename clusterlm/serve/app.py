@@ -4,6 +4,9 @@
     curl -H "Authorization: Bearer $(cat key.txt)" localhost:8000/v1/completions \\
          -d '{"model": "shakespeare_char", "prompt": "ROMEO:", "max_tokens": 32, "stream": true}'
 
+Several models behind one endpoint: `clusterlm serve A name=B --models models.toml`, the request's
+`model` choosing one (serve/models.py; docs/serving.md, "Several models").
+
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (SSE with `stream: true`,
 ending in `data: [DONE]`), POST /classify (a classifier: serve/classify.py), GET /health (alive),
 GET /ready (503 until loaded and warmed up),

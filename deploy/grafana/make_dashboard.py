@@ -75,10 +75,12 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], int]]]] = [
            f"sum by (instance, model) (clusterlm_kv_slots_total{{{SEL}}})", "{{instance}} {{model}}"),
           (f"sum by (instance) (clusterlm_running_sequences{{{INST}}}) / "
            f"sum by (instance) (clusterlm_kv_slots_total{{{INST}}})", "running {{instance}}")], 8),
-        ("Process: CPU cores used, resident memory", "short",
+        ("Process: CPU cores used, resident memory; each model's parameters and KV cache", "short",
          [(f'sum by (instance) (rate(process_cpu_seconds_total{{job="clusterlm", {INST}}}{RI}))', "CPU {{instance}}"),
           (f'sum by (instance) (process_resident_memory_bytes{{job="clusterlm", {INST}}}) / 2^30',
-           "RSS GiB {{instance}}")], 8),
+           "RSS GiB {{instance}}"),
+          (f"sum by (instance, model, kind) (clusterlm_model_memory_bytes{{{SEL}}}) / 2^30",
+           "{{model}} {{kind}} GiB {{instance}}")], 8),
     ]),
 ]
 INFO_TABLE = ("Replicas: instance id, version, model",
