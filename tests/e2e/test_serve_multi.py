@@ -216,3 +216,49 @@ def test_model_specs_from_arguments_and_file(tmp_path):
     (tmp_path / "bad.toml").write_text('[[model]]\npath = "p"\nmax_bach = 2\n')
     with pytest.raises(ValueError, match="unknown key 'max_bach' \\(did you mean 'max_batch'\\?\\)"):
         read_models_file(tmp_path / "bad.toml")
+
+
+def test_classifier_and_lm_side_by_side(runs, tmp_path):
+    """A classifier and a language model in one app (in-process, starlette's TestClient): /classify by
+    the classifier's name gives its labels and probabilities (summing to 1) and counts under its
+    `model` label; the LM answers completions by name; each refuses the other's route (400); the
+    classifier's /v1/models entry has its labels and no KV cache."""
+    from starlette.testclient import TestClient
+
+    from clusterlm.checkpoint.store import save_checkpoint
+    from clusterlm.config import RunConfig, to_toml
+    from clusterlm.models.build import build_model
+    from clusterlm.models.config import get_preset
+    from clusterlm.serve.app import Settings, create_app
+    from clusterlm.serve.models import ModelSpec, load_model
+    from clusterlm.tokenizer.kinds import train_tokenizer
+
+    tok = train_tokenizer("byte", ["x"])
+    tok.save(tmp_path / "tok.json")
+    cfg = get_preset("llama-nano", n_layers=1, dim=32, n_heads=4, max_seq_len=32, vocab_size=tok.vocab_size,
+                     labels=("negative", "positive"), pad_id=tok.pad_id)
+    model = build_model(cfg)
+    model.init_weights(0)
+    save_checkpoint(tmp_path / "clf" / "checkpoints", 0, model_state=model.state_dict(), optimizer_state=None,
+                    train_state={}, config_toml=to_toml(RunConfig(model=cfg)), tokenizer_path=tmp_path / "tok.json")
+    app = create_app(lambda spec: load_model(spec.path, "cpu"), Settings(api_key=KEY, model_name="unused"),
+                     models=[ModelSpec("sst2", str(tmp_path / "clf")), ModelSpec("lm", str(runs["byte"]))])
+    h = {"Authorization": f"Bearer {KEY}"}
+    with TestClient(app) as tc:
+        deadline = time.time() + 60
+        while tc.get("/ready").status_code != 200:
+            assert time.time() < deadline, tc.get("/ready").text
+            time.sleep(0.05)
+        r = tc.post("/classify", json={"model": "sst2", "input": ["a gripping film", "dull"]}, headers=h)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == "sst2" and [d["label"] in ("negative", "positive") for d in body["data"]] == [True] * 2
+        assert all(abs(sum(d["probs"]) - 1) < 1e-5 for d in body["data"])
+        r = tc.post("/v1/completions", json={"model": "lm", "prompt": "Line", "max_tokens": 3}, headers=h)
+        assert r.status_code == 200 and r.json()["model"] == "lm", r.text
+        assert tc.post("/v1/completions", json={"model": "sst2", "prompt": "x"}, headers=h).status_code == 400
+        assert tc.post("/classify", json={"model": "lm", "input": "x"}, headers=h).status_code == 400
+        cards = {m["id"]: m for m in tc.get("/v1/models", headers=h).json()["data"]}
+        assert cards["sst2"]["labels"] == ["negative", "positive"] and cards["sst2"]["memory"]["kv_cache_bytes"] == 0
+        metrics = tc.get("/metrics", headers=h).text
+        assert 'clusterlm_classified_inputs_total{model="sst2"} 2.0' in metrics
