@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import re
 import threading
 import tomllib
 from dataclasses import dataclass, fields
@@ -31,8 +30,6 @@ import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
-
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,255}")
 
 
 @dataclass(frozen=True)
@@ -47,9 +44,9 @@ class ModelSpec:
     max_new_tokens_limit: int | None = None
 
     def __post_init__(self) -> None:
-        if not NAME_RE.fullmatch(self.name):
-            raise ValueError(f"model name {self.name!r} must be 1-256 characters of letters, digits and ._:/@+- "
-                             "starting with a letter or digit")
+        if not (0 < len(self.name) <= 256 and self.name.isprintable() and self.name == self.name.strip()):
+            raise ValueError(f"model name {self.name!r} must be 1-256 printable characters without leading or "
+                             "trailing spaces (the request's `model` field holds at most 256)")
         for f in ("max_batch", "max_queue", "max_new_tokens_limit"):
             v = getattr(self, f)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < (0 if f == "max_queue" else 1)):
@@ -58,9 +55,10 @@ class ModelSpec:
 
 
 def _spec_from_arg(arg: str) -> ModelSpec:
-    """`PATH` (named after the run folder, as a single `clusterlm serve PATH` is) or `NAME=PATH`."""
+    """`PATH` (named after the run folder, as a single `clusterlm serve PATH` is) or `NAME=PATH`; an
+    argument that exists as a path is a PATH even with a "=" in it (runs/lr=3e-4)."""
     name, sep, path = arg.partition("=")
-    if not sep:
+    if not sep or Path(arg).exists():
         name, path = default_name(arg), arg
     if not path:
         raise ValueError(f"model argument {arg!r}: give PATH or NAME=PATH")
