@@ -200,8 +200,10 @@ def test_image_serves_a_completion_as_non_root(image, tmp_path):
                 break
         except OSError:
             state = d.docker("inspect", "-f", "{{.State.Status}}", "clm").stdout.strip()
-            assert state == "running" and time.time() - t0 < 120, \
-                f"container {state}, not ready after {time.time() - t0:.0f} s:\n{d.docker('logs', 'clm').stderr[-3000:]}"
+            if state != "running" or time.time() - t0 > 120:
+                logs = d.docker("logs", "clm", check=False)
+                pytest.fail(f"container {state}, not ready after {time.time() - t0:.0f} s:\n"
+                            f"{(logs.stdout + logs.stderr)[-3000:]}")
             time.sleep(0.5)
     ready_s = time.time() - t0
 
