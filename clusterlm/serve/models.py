@@ -82,7 +82,8 @@ def read_models_file(path: str | Path) -> list[ModelSpec]:
     tables = data.get("model")
     if extra or not isinstance(tables, list) or not tables:
         raise ValueError(f"--models {path}: expected one [[model]] table per model (name, path, and optionally "
-                         f"max_batch, max_queue, max_new_tokens_limit){'; unknown ' + ', '.join(extra) if extra else ''}")
+                         "max_batch, max_queue, max_new_tokens_limit)"
+                         f"{'; unknown ' + ', '.join(extra) if extra else ''}")
     known = [f.name for f in fields(ModelSpec)]
     specs = []
     for i, t in enumerate(tables):
@@ -92,7 +93,8 @@ def read_models_file(path: str | Path) -> list[ModelSpec]:
                 raise ValueError(f"--models {path}: [[model]] #{i + 1} has unknown key {k!r}"
                                  f"{f' (did you mean {close[0]!r}?)' if close else ''}; known: {', '.join(known)}")
         if not isinstance(t.get("path"), str) or not t["path"]:
-            raise ValueError(f"--models {path}: [[model]] #{i + 1} needs path = \"RUN\" (a checkpoint or adapter folder)")
+            raise ValueError(f"--models {path}: [[model]] #{i + 1} needs path = \"RUN\" "
+                             "(a checkpoint or adapter folder)")
         p = Path(t["path"]).expanduser()
         p = p if p.is_absolute() else path.parent / p  # relative to the file, as compose files are
         specs.append(ModelSpec(**{**t, "name": t.get("name") or default_name(str(p)), "path": str(p)}))
