@@ -60,6 +60,6 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['CLUSTERLM_HEALTH_URL'], timeout=4)"]
 ENTRYPOINT ["clusterlm", "serve"]
 # 0.0.0.0 only inside the container: the host decides what is published (-p, a Service).
-# The key: a file mounted at this path (a Docker/Kubernetes secret). `clusterlm serve --api-key-env
-# NAME` (docs/serving.md) reads it from an environment variable instead, when your serve has it.
+# The key: a file mounted at this path (a Docker/Kubernetes secret); or replace the command and give
+# `--api-key-env NAME` to read it from an environment variable (docs/deploy.md).
 CMD ["/models", "--host", "0.0.0.0", "--port", "8000", "--api-key-file", "/run/secrets/clusterlm_api_key"]

@@ -20,7 +20,6 @@ import yaml  # PyYAML, a dependency of kubernetes-validate
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 K8S_VERSION = "1.33.0"  # pinned: a supported release (kubernetes-validate 1.37.0 carries 1.25 .. 1.37)
 CORE = ["deployment.yaml", "secret.yaml", "pvc.yaml", "service.yaml", "hpa.yaml"]
-DRAIN_S = 30  # serve's default drain deadline on SIGTERM (docs/serving.md); the grace period covers it
 
 
 def load(name: str) -> dict:
@@ -30,6 +29,11 @@ def load(name: str) -> dict:
 def container(dep: dict) -> dict:
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     return c
+
+
+def arg(c: dict, option: str) -> str:
+    """The value given to `option` in the container's args (serve's command line)."""
+    return c["args"][c["args"].index(option) + 1]
 
 
 def test_kustomization_lists_every_manifest():
@@ -79,8 +83,9 @@ def test_a_broken_manifest_fails(breakage, tmp_path):
 
 def test_deployment_matches_the_server_and_the_service():
     """The probes are GET routes the server has and answers without the API key (/ready for readiness,
-    /health for liveness); the Service's targetPort names the container port the server binds
-    (--port in args); selectors match the pod labels; the HPA targets this Deployment."""
+    /health for liveness) on the port serve binds (--port); the Service's targetPorts name the
+    container ports of --port and --metrics-port; selectors match the pod labels; the HPA targets
+    this Deployment on CPU, which the container requests."""
     from clusterlm.serve.app import OPEN_PATHS, Settings, create_app
 
     app = create_app(lambda: None, Settings(api_key="k", model_name="m")).app  # routes only: load never runs
@@ -91,12 +96,14 @@ def test_deployment_matches_the_server_and_the_service():
     assert (ready["path"], live["path"]) == ("/ready", "/health")
     assert {ready["path"], live["path"]} <= routes & OPEN_PATHS
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    args = c["args"]
-    assert ports[ready["port"]] == ports[live["port"]] == int(args[args.index("--port") + 1]) == 8000
-    assert args[args.index("--host") + 1] == "0.0.0.0"  # inside the pod; the Service decides who reaches it
-    (sp,) = svc["spec"]["ports"]
-    target = sp["targetPort"]
-    assert (ports[target] if isinstance(target, str) else target) == ports["http"]
+    assert ports[ready["port"]] == ports[live["port"]] == int(arg(c, "--port")) == 8000
+    assert ports["metrics"] == int(arg(c, "--metrics-port")) == 9100
+    assert arg(c, "--host") == "0.0.0.0"  # inside the pod; the Service decides who reaches it
+    svc_ports = {p["name"]: p for p in svc["spec"]["ports"]}
+    assert svc_ports.keys() == ports.keys() == {"http", "metrics"}
+    for name, sp in svc_ports.items():
+        target = sp["targetPort"]
+        assert (ports[target] if isinstance(target, str) else target) == ports[name]
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert svc["spec"]["selector"].items() <= labels.items()
@@ -107,14 +114,14 @@ def test_deployment_matches_the_server_and_the_service():
 
 
 def test_deployment_drain_security_and_volumes():
-    """The grace period covers the preStop sleep plus serve's drain deadline; the pod runs as the
+    """The grace period covers the preStop sleep plus serve's --drain-timeout; the pod runs as the
     image's non-root user with a read-only root (an emptyDir /tmp); the model PVC is mounted
     read-only; the key is the Secret's file, the path --api-key-file reads; requests and limits set."""
     dep, secret, pvc = load("deployment.yaml"), load("secret.yaml"), load("pvc.yaml")
     spec, c = dep["spec"]["template"]["spec"], container(dep)
     pre = c["lifecycle"]["preStop"]["exec"]["command"]
     assert pre[0] == "sleep"
-    assert spec["terminationGracePeriodSeconds"] > int(pre[1]) + DRAIN_S
+    assert spec["terminationGracePeriodSeconds"] > int(pre[1]) + float(arg(c, "--drain-timeout"))
     psc, csc = spec["securityContext"], c["securityContext"]
     assert psc["runAsNonRoot"] is True and psc["runAsUser"] == 10001 != 0
     assert csc == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
@@ -127,9 +134,8 @@ def test_deployment_drain_security_and_volumes():
     assert key_vol["secretName"] == secret["metadata"]["name"] and key_vol["defaultMode"] == 0o440
     (item,) = key_vol["items"]
     assert item["key"] in secret["stringData"]
-    args = c["args"]
-    assert args[args.index("--api-key-file") + 1] == f"/var/run/secrets/clusterlm/{item['path']}"
-    assert args[0] == "/models"
+    assert arg(c, "--api-key-file") == f"/var/run/secrets/clusterlm/{item['path']}"
+    assert c["args"][0] == "/models"
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= c["resources"][kind].keys()
     assert "CHANGE-ME" in secret["stringData"][item["key"]]  # a placeholder, never a real key in git
@@ -137,27 +143,28 @@ def test_deployment_drain_security_and_volumes():
 
 def test_servicemonitor_structure():
     """The ServiceMonitor (monitoring.coreos.com/v1; no schema in kubernetes-validate): its selector
-    matches the Service's labels, each endpoint names a port the Service has and scrapes /metrics
-    (a route the server has, behind the key) with the key from the Secret, and it uses only fields
-    of the Prometheus Operator's ServiceMonitor spec."""
-    from clusterlm.serve.app import OPEN_PATHS, Settings, create_app
+    matches the Service's labels, each endpoint names a Service port whose container port is serve's
+    --metrics-port (/metrics without the key) and scrapes /metrics, a route the server has, and it
+    uses only fields of the Prometheus Operator's ServiceMonitor spec."""
+    from clusterlm.serve.app import Settings, create_app
 
-    sm, svc, secret = load("servicemonitor.yaml"), load("service.yaml"), load("secret.yaml")
+    sm, svc, dep = load("servicemonitor.yaml"), load("service.yaml"), load("deployment.yaml")
     assert (sm["apiVersion"], sm["kind"]) == ("monitoring.coreos.com/v1", "ServiceMonitor")
     assert set(sm) == {"apiVersion", "kind", "metadata", "spec"} and set(sm["spec"]) <= {
         "selector", "endpoints", "namespaceSelector", "jobLabel", "targetLabels", "podTargetLabels", "sampleLimit"}
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
-    port_names = {p["name"] for p in svc["spec"]["ports"]}
+    svc_ports = {p["name"]: p for p in svc["spec"]["ports"]}
+    c = container(dep)
+    container_ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     routes = {r.path for r in create_app(lambda: None, Settings(api_key="k", model_name="m")).app.routes}
     endpoint_fields = {"port", "path", "interval", "scrapeTimeout", "scheme", "authorization", "honorLabels",
                        "relabelings", "metricRelabelings", "tlsConfig", "params"}
     assert sm["spec"]["endpoints"]
     for ep in sm["spec"]["endpoints"]:
         assert set(ep) <= endpoint_fields, set(ep) - endpoint_fields
-        assert ep["port"] in port_names
-        assert ep["path"] == "/metrics" and "/metrics" in routes and "/metrics" not in OPEN_PATHS
-        auth = ep["authorization"]
-        assert auth["type"] == "Bearer" and auth["credentials"]["name"] == secret["metadata"]["name"]
-        assert auth["credentials"]["key"] in secret["stringData"]
+        target = svc_ports[ep["port"]]["targetPort"]
+        assert container_ports[target] == int(arg(c, "--metrics-port"))
+        assert ep["path"] == "/metrics" and "/metrics" in routes
+        assert "authorization" not in ep  # the metrics port needs no key: Prometheus never holds it
         for t in ("interval", "scrapeTimeout"):
             assert isinstance(ep[t], str) and ep[t][:-1].isdigit() and ep[t][-1] in "sm", ep[t]
