@@ -13,13 +13,16 @@
 # pullable, and have python3 with venv), --variant cpu|cuda (cpu), --torch-index URL (an extra index
 # for torch; default: pip's configuration), --torch-version V (2.13.0), --python PY (the interpreter
 # that makes the wheels: its major.minor must be the base image's; default .venv/bin/python, else
-# python3), --wheelhouse-only, --skip-wheelhouse (use build/wheelhouse as it is). DOCKER (default docker) is the client; DOCKER_HOST is honoured.
+# python3), --wheelhouse-only, --skip-wheelhouse (use build/wheelhouse as it is). BASE_IMAGE and
+# TORCH_INDEX in the environment are the defaults of --base and --torch-index. DOCKER (default
+# docker) is the client; DOCKER_HOST is honoured.
 # The cpu variant refuses a torch that is not a +cpu build before downloading it: on Linux PyPI's
 # plain torch wheel is the CUDA one and pulls several GB of nvidia-* wheels.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-tag="" base="python:3.11-slim-bookworm" variant=cpu torch_index="" torch_version=2.13.0 only=0 skip=0
+tag="" base="${BASE_IMAGE:-python:3.11-slim-bookworm}" variant=cpu torch_index="${TORCH_INDEX:-}"
+torch_version=2.13.0 only=0 skip=0
 py=""
 while [ $# -gt 0 ]; do
     case "$1" in
