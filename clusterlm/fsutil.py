@@ -51,14 +51,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     atomic_write_chunks(path, [data])
 
 
+def umask() -> int:
+    """The process's file-creation mask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_chunks(path: str | os.PathLike, chunks: Iterable[bytes | memoryview]) -> None:
-    """Write the concatenation of `chunks` to `path` atomically, without joining them in memory."""
+    """Write the concatenation of `chunks` to `path` atomically, without joining them in memory.
+    The file gets the mode a plain open() would give it (0666 less the umask), not mkstemp's 0600,
+    so a checkpoint or data directory on shared storage (or mounted into a container running as
+    another user) stays readable."""
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise _with_path(e, path) from None
     try:
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
@@ -231,6 +242,7 @@ def staging_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would outlive the rename
     except OSError as e:  # name what the user asked for, not the hidden staging name
         raise OSError(e.errno, e.strerror or str(e), os.fspath(final)) from None
     try:

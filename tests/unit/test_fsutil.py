@@ -169,3 +169,23 @@ def test_staging_error_names_the_final_path(tmp_path: Path, monkeypatch: pytest.
     with pytest.raises(OSError) as info, staging_dir(tmp_path / "out"):
         pass
     assert info.value.errno == errno.EROFS and info.value.filename == str(tmp_path / "out")
+
+
+def test_atomic_writes_and_staged_folders_get_the_umask_modes(tmp_path):
+    """mkstemp/mkdtemp make 0600 files and 0700 folders; a checkpoint or data directory mounted into a
+    container running as another user (deploy/docker) must be readable like any file open() makes."""
+    import os
+    import stat
+
+    from clusterlm.fsutil import atomic_write_text, staging_dir
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        with staging_dir(tmp_path / "folder") as tmp:
+            atomic_write_text(tmp / "b.txt", "y")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "folder" / "b.txt").stat().st_mode) == 0o644
