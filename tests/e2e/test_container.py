@@ -179,7 +179,7 @@ def test_image_serves_a_completion_as_non_root(image, tmp_path):
     d, facts = image
     random_checkpoint(tmp_path, "char", TEXT, bpe_vocab=0, n_layers=2, context=64)
     run = tmp_path / "run"
-    # checkpoint files are written owner-only (0600) by clusterlm: the container's user must read them
+    # clusterlm writes checkpoint files with the umask's modes (0644); the chmod covers a restrictive umask
     subprocess.run(["chmod", "-R", "a+rX", str(run)], check=True)
     key = tmp_path / "key"
     key.write_text(KEY + "\n")
