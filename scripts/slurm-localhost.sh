@@ -13,6 +13,8 @@
 # idempotent (daemons already up are left alone) and waits until the node is idle.
 # Needs root for the daemons (SlurmdUser=root) and for apt-get; Debian 12 ships Slurm 22.05.
 # Ports: CLUSTERLM_SLURMCTLD_PORT (6817) and CLUSTERLM_SLURMD_PORT (6818).
+# scripts/testcluster.sh sources this file (nothing runs when sourced) and overrides the node hooks
+# (node_lines, start_slurmds, stop_slurmds) to run one slurmd per network namespace.
 set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"  # slurmctld, slurmd, munged live in sbin
 
@@ -22,7 +24,16 @@ SLURMD_PORT="${CLUSTERLM_SLURMD_PORT:-6818}"
 CONF="$STATE/slurm.conf"
 MUNGE_SOCKET="$STATE/munge/munge.socket"
 
-die() { echo "slurm-localhost: $*" >&2; exit 1; }
+ME="${ME:-slurm-localhost}"
+CTLD_HOST="${CTLD_HOST:-$(hostname -s)}"
+CTLD_ADDR="${CTLD_ADDR:-127.0.0.1}"
+# slurmd's files; %n is the node name (slurm.conf expands it in SlurmdSpoolDir/PidFile/LogFile)
+SLURMD_SPOOL="${SLURMD_SPOOL:-$STATE/spool}"
+SLURMD_PIDFILE="${SLURMD_PIDFILE:-$STATE/slurmd.pid}"
+SLURMD_LOG="${SLURMD_LOG:-$STATE/log/slurmd.log}"
+EXTRA_CONF="${EXTRA_CONF:-}"
+
+die() { echo "$ME: $*" >&2; exit 1; }
 
 install_packages() {
   local missing=()
@@ -33,7 +44,7 @@ install_packages() {
   [ ${#missing[@]} -eq 0 ] && return 0
   [ "$(id -u)" -eq 0 ] || die "not root and Slurm is not installed (missing: ${missing[*]}); run as root or apt-get install -y slurm-wlm munge"
   command -v apt-get >/dev/null || die "no apt-get: install slurm-wlm and munge with your package manager"
-  echo "slurm-localhost: installing ${missing[*]} (apt-get)" >&2
+  echo "$ME: installing ${missing[*]} (apt-get)" >&2
   export DEBIAN_FRONTEND=noninteractive
   # the Debian packages' postinst scripts start their daemons through invoke-rc.d, with Debian's
   # default config, not ours (slurmd fails without a slurm.conf): a policy-rc.d that says 101 stops that
@@ -61,8 +72,7 @@ write_config() {
     fi
     chmod 0600 "$STATE/munge/munge.key"
   fi
-  local host cpus mem
-  host="$(hostname -s)"
+  local cpus mem
   # CPUs and RealMemory as slurmd detects them (slurmd -C), so the node registers without a mismatch
   cpus="$(slurmd -C | sed -n 's/.*CPUs=\([0-9]*\).*/\1/p' | head -n1)"
   mem="$(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' | head -n1)"
@@ -70,9 +80,9 @@ write_config() {
   [ -n "$mem" ] || mem=1000
   local tmp="$CONF.tmp.$$"
   cat > "$tmp" <<EOF
-# written by scripts/slurm-localhost.sh: a one-node cluster on $host (state in $STATE)
+# written by scripts/$ME.sh (state in $STATE)
 ClusterName=clusterlm
-SlurmctldHost=$host(127.0.0.1)
+SlurmctldHost=$CTLD_HOST($CTLD_ADDR)
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 SlurmUser=root
@@ -82,11 +92,11 @@ CredType=cred/munge
 # cred_expire: a requeued job waits cred_expire+1 s before it may start again (Slurm's default 120)
 AuthInfo=socket=$MUNGE_SOCKET,cred_expire=5
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/spool
+SlurmdSpoolDir=$SLURMD_SPOOL
 SlurmctldPidFile=$STATE/slurmctld.pid
-SlurmdPidFile=$STATE/slurmd.pid
+SlurmdPidFile=$SLURMD_PIDFILE
 SlurmctldLogFile=$STATE/log/slurmctld.log
-SlurmdLogFile=$STATE/log/slurmd.log
+SlurmdLogFile=$SLURMD_LOG
 # containers have no usable cgroup tree: track processes through /proc, no task binding
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -105,10 +115,16 @@ ReturnToService=2
 MinJobAge=600
 KillWait=10
 InactiveLimit=0
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+$EXTRA_CONF
+$(node_lines "$cpus" "$mem")
 EOF
   mv "$tmp" "$CONF"
+}
+
+node_lines() {  # node_lines CPUS MEM: the NodeName and PartitionName lines (hook)
+  local host; host="$(hostname -s)"
+  echo "NodeName=$host NodeAddr=127.0.0.1 CPUs=$1 RealMemory=$2 State=UNKNOWN"
+  echo "PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP"
 }
 
 wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
@@ -118,12 +134,12 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
     sleep 0.5; t=$((t + 1))
     [ $t -lt $((limit * 2)) ] || return 1
   done
-  echo "slurm-localhost: $what" >&2
+  echo "$ME: $what" >&2
 }
 
 node_idle() { SLURM_CONF="$CONF" sinfo --noheader --format=%t | grep -Eq '^(idle|mix|alloc)'; }
 
-start() {
+start_shared() {  # munged and slurmctld, which every node shares
   mkdir -p "$STATE"
   install_packages
   [ "$(id -u)" -eq 0 ] || die "the daemons run as root (SlurmdUser=root): run this as root"
@@ -141,6 +157,9 @@ start() {
   fi
   wait_for 20 "slurmctld up" env SLURM_CONF="$CONF" scontrol ping ||
     die "slurmctld does not answer, see $STATE/log/slurmctld.log"
+}
+
+start_slurmds() {  # hook: the one slurmd of this host
   if ! pid_alive "$STATE/slurmd.pid"; then
     slurmd -f "$CONF" || die "slurmd did not start, see $STATE/log/slurmd.log"
   fi
@@ -148,6 +167,11 @@ start() {
     SLURM_CONF="$CONF" scontrol update nodename="$(hostname -s)" state=resume >/dev/null 2>&1 || true
     wait_for 10 "node resumed" node_idle || die "the node did not come up ($(SLURM_CONF="$CONF" sinfo --noheader -o '%t %E')), see $STATE/log/slurmd.log"
   fi
+}
+
+start() {
+  start_shared
+  start_slurmds
   echo "export SLURM_CONF=$CONF"
 }
 
@@ -159,14 +183,16 @@ stop_one() {  # stop_one NAME PIDFILE
   for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
   if kill -0 "$pid" 2>/dev/null; then kill -9 "$pid" 2>/dev/null || true; fi
   rm -f "$pidfile"
-  echo "slurm-localhost: $1 stopped" >&2
+  echo "$ME: $1 stopped" >&2
 }
+
+stop_slurmds() { stop_one slurmd "$STATE/slurmd.pid"; }  # hook
 
 stop() {
   if [ -f "$CONF" ] && pid_alive "$STATE/slurmctld.pid"; then
     SLURM_CONF="$CONF" scancel --full --quiet --user="$(id -un)" 2>/dev/null || true
   fi
-  stop_one slurmd "$STATE/slurmd.pid"
+  stop_slurmds
   stop_one slurmctld "$STATE/slurmctld.pid"
   stop_one munged "$STATE/munged.pid"
 }
@@ -180,6 +206,7 @@ status() {
   return $rc
 }
 
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0  # sourced (scripts/testcluster.sh): functions only
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
