@@ -18,6 +18,60 @@ import time
 from typing import Any, Callable
 
 
+# ---- was the machine quiet? (torch-free) ----------------------------------------------------------------
+DEFAULT_MAX_FOREIGN_CPUS = 0.25
+"""other processes' average CPU use above which a probe is marked disturbed: on a 2-core VM a probe
+that shared the CPUs with 0.35 CPUs' worth of other work predicted steps 2.4-9x too long"""
+DEFAULT_MAX_SPREAD = 0.5
+"""(p75 - p25) / median of a repeated micro-benchmark above which the probe is marked disturbed"""
+
+
+def cpu_busy_seconds(stat_text: str, hz: int) -> float:
+    """Busy CPU-seconds of all CPUs since boot from /proc/stat's first line (everything but idle and
+    iowait; guest time is already counted in user)."""
+    vals = [int(v) for v in stat_text.splitlines()[0].split()[1:]]
+    total = sum(vals[:8])  # user nice system idle iowait irq softirq steal
+    return (total - vals[3] - (vals[4] if len(vals) > 4 else 0)) / hz
+
+
+class ForeignCpu:
+    """CPU time other processes took while a block ran: the machine-wide busy time (/proc/stat) minus
+    this process's own user + system time (all its threads, and its waited-for children).
+
+        with ForeignCpu() as fc:
+            measure()
+        fc.foreign_cpus   # CPUs' worth of other work, averaged over the block
+    """
+
+    def __init__(self, stat_path: str = "/proc/stat") -> None:
+        self.stat_path = stat_path
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.available = os.path.exists(stat_path)
+        self.busy_s = self.own_s = self.wall_s = self.foreign_cpus = 0.0
+
+    def _busy(self) -> float:
+        with open(self.stat_path) as f:
+            return cpu_busy_seconds(f.read(), self.hz)
+
+    @staticmethod
+    def _own() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def __enter__(self) -> "ForeignCpu":
+        self._b0 = self._busy() if self.available else 0.0
+        self._o0, self._w0 = self._own(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall_s = time.perf_counter() - self._w0
+        self.own_s = self._own() - self._o0
+        if self.available:
+            self.busy_s = self._busy() - self._b0
+            # jiffy rounding makes tiny negatives; the foreign share cannot exceed the other CPUs
+            self.foreign_cpus = max(0.0, self.busy_s - self.own_s) / max(self.wall_s, 1e-9)
+
+
 # ---- measurements (torch) ----------------------------------------------------------------------------
 def _timed(fn: Callable[[], Any], sync: Callable[[], None], seconds: float) -> float:
     """Seconds per call of fn: the fastest of the calls made in about `seconds`, after a warm-up.
@@ -78,8 +132,18 @@ ELEMENTWISE_ELEMS_QUICK = tuple(4**i for i in range(6, 13))
 EVICT_BYTES = 64 << 20  # more than any CPU's L2 or a GPU's L2 (50 MB on H100)
 
 
+def spread(times: list[float]) -> float:
+    """(p75 - p25) / median of repeated timings: a robust spread, which other work on the machine
+    widens (it slows some calls and not others)."""
+    t = sorted(times)
+    n = len(t)
+    if n < 4:
+        return 0.0
+    return (t[(3 * n) // 4] - t[n // 4]) / t[n // 2]
+
+
 def _timed_cold(fn: Callable[[], Any], sync: Callable[[], None], seconds: float, evict: Callable[[], Any],
-                min_calls: int = 5) -> float:
+                min_calls: int = 5, spreads: list[float] | None = None) -> float:
     """Median seconds of calls of fn, each made after `evict` has streamed EVICT_BYTES through the
     caches: in a training step an op's inputs were written long before (weights by the optimizer,
     saved activations by the rest of the forward), so the probe times ops from a cold cache. The
@@ -97,6 +161,8 @@ def _timed_cold(fn: Callable[[], Any], sync: Callable[[], None], seconds: float,
         fn()
         sync()
         times.append(time.perf_counter() - t0)
+    if spreads is not None:
+        spreads.append(spread(times))
     times.sort()
     return times[len(times) // 2]
 
@@ -108,8 +174,8 @@ def _evictor(device: str) -> Callable[[], Any]:
     return lambda: buf.fill_(1.0)
 
 
-def measure_matmul_sweep(device: str, dtype: str, grid: tuple[tuple[int, ...], ...],
-                         seconds: float) -> tuple[tuple[float, float, float, float], ...]:
+def measure_matmul_sweep(device: str, dtype: str, grid: tuple[tuple[int, ...], ...], seconds: float,
+                         spreads: list[float] | None = None) -> tuple[tuple[float, float, float, float], ...]:
     """Rows (M, N, K, TFLOP/s) of C = A @ W^T with A (M, K) and W (N, K), nn.Linear's forward
     layout (the backward's layouts run at the same rates on CPU), for every M, N, K of `grid`, from
     a cold cache; `seconds` is the time budget of each shape (the median call; at least 5 calls
@@ -126,7 +192,8 @@ def measure_matmul_sweep(device: str, dtype: str, grid: tuple[tuple[int, ...], .
                 a = torch.randn(m, k, device=device, dtype=tdt)
                 w = torch.randn(n, k, device=device, dtype=tdt)
                 slow = 2 * m * n * k > 5e9 if not device.startswith("cuda") else False
-                best = _timed_cold(lambda: a @ w.t(), sync, seconds, evict, min_calls=1 if slow else 5)
+                best = _timed_cold(lambda: a @ w.t(), sync, seconds, evict, min_calls=1 if slow else 5,
+                                   spreads=None if slow else spreads)
                 rows.append((float(m), float(n), float(k), float(f"{2 * m * n * k / best / 1e12:.4g}")))
     return tuple(rows)
 
@@ -179,8 +246,8 @@ def _kernel_fns(name: str, n: int, device: str) -> Callable[[], Any]:
 KERNELS = ("layernorm", "rmsnorm", "gelu_tanh", "silu", "cross_entropy", "adamw")
 
 
-def measure_kernel_sweep(device: str, sizes: tuple[int, ...],
-                         seconds: float) -> dict[str, tuple[tuple[float, float], ...]]:
+def measure_kernel_sweep(device: str, sizes: tuple[int, ...], seconds: float,
+                         spreads: list[float] | None = None) -> dict[str, tuple[tuple[float, float], ...]]:
     """Rows (elements, ns per element) for each of KERNELS at each size: forward + backward of the
     norms, the activations (GELU's product with a weight vector: the rate of a layer's elementwise
     chain) and the cross-entropy, and the fused AdamW step (per parameter). On a CPU these kernels
@@ -194,14 +261,14 @@ def measure_kernel_sweep(device: str, sizes: tuple[int, ...],
     for name in KERNELS:
         rows = []
         for n in sizes:
-            per = _timed_cold(_kernel_fns(name, n, device), sync, seconds, evict)
+            per = _timed_cold(_kernel_fns(name, n, device), sync, seconds, evict, spreads=spreads)
             rows.append((float(n), float(f"{per / n * 1e9:.4g}")))
         out[name] = tuple(rows)
     return out
 
 
-def measure_attention_sweep(device: str, seq_lens: tuple[int, ...], head_dims: tuple[int, ...],
-                            seconds: float) -> tuple[tuple[float, float, float], ...]:
+def measure_attention_sweep(device: str, seq_lens: tuple[int, ...], head_dims: tuple[int, ...], seconds: float,
+                            spreads: list[float] | None = None) -> tuple[tuple[float, float, float], ...]:
     """Rows (T, Hd, TFLOP/s) of causal scaled_dot_product_attention forward + backward, counting the
     FLOPs the planner assigns it: 7 GEMMs of 2*T*T*Hd per head (Q.K^T, P.V; recomputed Q.K^T, dP,
     dV, dQ, dK) over the causal fraction (T+1)/2T."""
@@ -217,18 +284,19 @@ def measure_attention_sweep(device: str, seq_lens: tuple[int, ...], head_dims: t
             q, k, v = (torch.randn(1, heads, T, hd, device=device, requires_grad=True) for _ in range(3))
             go = torch.randn(1, heads, T, hd, device=device)
             fn = lambda: torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), go)
-            per = _timed_cold(fn, sync, seconds, evict)
+            per = _timed_cold(fn, sync, seconds, evict, spreads=spreads)
             flops = heads * 7 * 2 * T * T * hd * (T + 1) / (2 * T)
             rows.append((float(T), float(hd), float(f"{flops / per / 1e12:.4g}")))
     return tuple(rows)
 
 
-def measure_op_overhead(device: str, seconds: float, ops: int = 64) -> float:
+def measure_op_overhead(device: str, seconds: float, ops: int = 64, repeats: int = 5,
+                        spreads: list[float] | None = None) -> float:
     """Microseconds of fixed cost per autograd op, forward + backward (dispatch, autograd bookkeeping,
     output allocation, the thread pool's fork/join on a CPU, the launch on a GPU): a chain of `ops`
     multiplies that records the graph, then backward through it, timed on tensors of 32768 and 65536
     elements (ATen's grain size, from which elementwise CPU ops run on every thread, as a training
-    step's ops do) and extrapolated to zero elements: 2 t(32768) - t(65536)."""
+    step's ops do) and extrapolated to zero elements: 2 t(32768) - t(65536); `repeats` times, the median kept."""
     import torch
 
     sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
@@ -242,10 +310,106 @@ def measure_op_overhead(device: str, seconds: float, ops: int = 64) -> float:
                 y = y * 1.0001
             y.sum().backward()
 
-        return _timed(chain, sync, seconds) / ops * 1e6
+        return _timed(chain, sync, seconds / repeats) / ops * 1e6
 
-    small, large = per_op(1 << 15), per_op(1 << 16)
-    return max(2 * small - large, 0.5 * small)
+    # repeated, the median kept: one disturbed repetition does not move it
+    est = []
+    for _ in range(repeats):
+        small, large = per_op(1 << 15), per_op(1 << 16)
+        est.append(max(2 * small - large, 0.5 * small))
+    if spreads is not None:
+        spreads.append(spread(est))
+    return sorted(est)[len(est) // 2]
+
+
+# ---- fixed costs of a step that no op accounts for (what dominates a sub-1M-parameter model) -----------
+def _median_call(fn: Callable[[], Any], seconds: float, min_calls: int = 7) -> tuple[float, list[float]]:
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_calls or time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2], times
+
+
+def measure_optimizer_fixed(device: str, seconds: float, spreads: list[float] | None = None) -> tuple[float, float]:
+    """(us per parameter tensor, us per step) of the trainer's step outside forward/backward on tiny
+    tensors: clip_grad_norm_, the fused AdamW step, zero_grad(set_to_none=True), plus the loop's own
+    per-step Python (lr into the param groups, the loss's host sync, finiteness checks). Timed with 8
+    and 64 tensors of 64 elements; the slope is the per-tensor cost, the intercept the per-step cost."""
+    import math
+
+    import torch
+
+    def one(n: int) -> tuple[float, list[float]]:
+        params = [torch.nn.Parameter(torch.randn(64, device=device)) for _ in range(n)]
+        grads = [torch.randn(64, device=device) for _ in range(n)]
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+        loss = torch.zeros((), device=device)
+
+        def step() -> None:
+            for p, g in zip(params, grads):  # what backward leaves behind
+                p.grad = g
+            for group in opt.param_groups:
+                group["lr"] = 1e-4
+            value = float(loss + 1.0)
+            norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+            if math.isfinite(value) and math.isfinite(norm):
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return _median_call(step, seconds / 2)
+
+    (t8, s8), (t64, s64) = one(8), one(64)
+    if spreads is not None:
+        spreads += [spread(s8), spread(s64)]
+    per_tensor = max((t64 - t8) / 56, 0.0)
+    return per_tensor * 1e6, max(t8 - 8 * per_tensor, 0.0) * 1e6
+
+
+def measure_data_loading(batch: int, seq_len: int, seconds: float) -> float:
+    """us per micro-batch of the trainer's loader path: random windows of seq_len+1 tokens gathered
+    from a uint16 token memmap (one fancy-index read), cast to int64, split into x and y tensors."""
+    import numpy as np
+    import torch
+
+    n_tokens = 1 << 20
+    with tempfile.TemporaryDirectory(prefix="clusterlm-probe-") as tmp:
+        path = os.path.join(tmp, "tokens.bin")
+        np.arange(n_tokens, dtype=np.uint16).tofile(path)
+        mm = np.memmap(path, dtype=np.uint16, mode="r")
+        rng = np.random.default_rng(0)
+        span = np.arange(seq_len + 1)
+        n_windows = n_tokens // seq_len - 1
+
+        def load() -> None:
+            idx = rng.integers(0, n_windows, batch)
+            out = np.empty((batch, seq_len + 1), dtype=np.int64)
+            out[:] = mm[(idx * seq_len)[:, None] + span]
+            x = torch.from_numpy(np.ascontiguousarray(out[:, :-1]))  # (B, T)
+            y = torch.from_numpy(np.ascontiguousarray(out[:, 1:]))  # (B, T)
+            x.to("cpu"), y.to("cpu")
+
+        t, _ = _median_call(load, seconds)
+        del mm
+    return t * 1e6
+
+
+def measure_log_record(seconds: float) -> float:
+    """us to write one metrics record as a JSON line (the trainer's per-step metrics.jsonl write)."""
+    import json
+
+    record = {"kind": "train", "step": 1, "tokens": 768, "loss": 4.1234567, "lr": 1e-3, "grad_norm": 0.5,
+              "skipped": False, "step_time_s": 0.0412, "tokens_per_s": 18640.2, "mfu": 0.21, "predicted_step_s": 0.04}
+    with tempfile.TemporaryFile("w") as f:
+        def write() -> None:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+        t, _ = _median_call(write, seconds)
+    return t * 1e6
 
 
 def measure_storage(folder: str, nbytes: int) -> tuple[float, float]:

@@ -45,7 +45,31 @@ from clusterlm.parallel.dims import ParallelDims
 DEFAULT_MEMORY_FRACTION = 0.90
 """of device memory the planner fills: CUDA context, NCCL buffers, allocator fragmentation."""
 DEFAULT_GLOBAL_BATCH_TOKENS = 2**19  # 0.5M tokens: GPT-3 125M's batch (Brown et al. 2020, table 2.1)
-MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+MAX_MICRO_BATCHES = 64
+"""micro-batch sizes tried per layout at most: every divisor of the per-rank batch up to this many
+(a batch with more divisors keeps the powers of two, the largest ones and the recipe's own)"""
+
+
+def micro_batch_options(per_rank: int, recipe: int | None = None) -> tuple[int, ...]:
+    """Every micro-batch size that divides the per-rank batch (samples per data-parallel rank per
+    step), so that accumulation = per_rank / micro-batch is whole; the recipe's own size is always
+    kept. Above MAX_MICRO_BATCHES divisors: powers of two, the largest divisors and the recipe's."""
+    divs = [d for d in range(1, per_rank + 1) if per_rank % d == 0]
+    if len(divs) > MAX_MICRO_BATCHES:
+        keep = {d for d in divs if d & (d - 1) == 0} | set(divs[-MAX_MICRO_BATCHES // 2:])
+        divs = sorted(keep)
+    if recipe is not None and recipe not in divs:
+        divs.append(recipe)  # validated (and pruned with the reason) like any other
+    return tuple(sorted(divs))
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """A candidate the search left out, and why (printed by --explain)."""
+    layout: str
+    micro_batch: int | None
+    recompute: str | None
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -73,16 +97,24 @@ class Candidate:
         return self.memory.peak_bytes <= self.memory_limit_bytes
 
 
-def _dims_options(world: int, per_node: int, model: ModelConfig) -> list[ParallelDims]:
+def _dims_options(world: int, per_node: int, model: ModelConfig,
+                  pruned: list[Pruned] | None = None) -> list[ParallelDims]:
     out = []
     divisors = [d for d in range(1, world + 1) if world % d == 0]
+    why = pruned.append if pruned is not None else (lambda _: None)
     for tp in divisors:
         if tp > per_node or per_node % tp:
-            continue  # tensor parallel stays inside a node
+            why(Pruned(f"tp={tp}", None, None, f"tensor parallel stays inside a node of {per_node} device(s)"))
+            continue
         if tp > 1 and (model.arch != "transformer" or model.n_heads % tp or model.kv_heads % tp):
+            why(Pruned(f"tp={tp}", None, None, f"tp must divide n_heads={model.n_heads} and kv_heads="
+                       f"{model.kv_heads} of a Transformer (arch {model.arch})"))
             continue
         for pp in divisors:
-            if (world // tp) % pp or pp > model.n_layers:
+            if (world // tp) % pp:
+                continue
+            if pp > model.n_layers:
+                why(Pruned(f"tp={tp} pp={pp}", None, None, f"pp={pp} > n_layers={model.n_layers}"))
                 continue
             dp = world // (tp * pp)
             for rep in [d for d in range(1, dp + 1) if dp % d == 0]:
@@ -93,9 +125,12 @@ def _dims_options(world: int, per_node: int, model: ModelConfig) -> list[Paralle
 def search(model: ModelConfig, spec: ClusterSpec, *, seq_len: int, global_batch_tokens: int,
            tokens: int | None = None, steps: int | None = None, dtype: str = "bf16", node_type: str | None = None,
            nodes: int | None = None, memory_fraction: float = DEFAULT_MEMORY_FRACTION, attention: str = "flash",
-           micro_batches: tuple[int, ...] = MICRO_BATCHES,
-           recompute_modes: tuple[str, ...] = RECOMPUTE_MODES) -> list[Candidate]:
-    """Every valid candidate, fitting or not, unsorted. See `plan`."""
+           micro_batches: tuple[int, ...] | None = None, recipe_micro_batch: int | None = None,
+           recompute_modes: tuple[str, ...] = RECOMPUTE_MODES,
+           pruned: list[Pruned] | None = None) -> list[Candidate]:
+    """Every valid candidate, fitting or not, unsorted. See `plan`. micro_batches=None tries every
+    divisor of each layout's per-rank batch (micro_batch_options), plus recipe_micro_batch; the
+    layouts and micro-batches left out are appended to `pruned` with the reason."""
     if tokens is not None and steps is not None:
         raise ConfigError("give tokens or steps, not both")
     if dtype not in ("bf16", "fp16", "fp32"):
@@ -144,11 +179,23 @@ def search(model: ModelConfig, spec: ClusterSpec, *, seq_len: int, global_batch_
     if steps is None and tokens is not None:
         steps = math.ceil(tokens / global_batch_tokens)
     out = []
-    for dims in _dims_options(world, device.count, model):
-        for mb in micro_batches:
+    why = pruned.append if pruned is not None else (lambda _: None)
+    samples = global_batch_tokens // seq_len
+    for dims in _dims_options(world, device.count, model, pruned):
+        if micro_batches is None:
+            if samples % dims.dp:
+                why(Pruned(dims.describe(), None, None, f"{samples} samples per step do not split over dp={dims.dp} "
+                           f"data-parallel ranks"))
+                options: tuple[int, ...] = (recipe_micro_batch,) if recipe_micro_batch else ()
+            else:
+                options = micro_batch_options(samples // dims.dp, recipe_micro_batch)
+        else:
+            options = tuple(dict.fromkeys(micro_batches + ((recipe_micro_batch,) if recipe_micro_batch else ())))
+        for mb in options:
             try:
                 dims.validate(world, model, global_batch_tokens, mb, seq_len)
-            except ConfigError:
+            except ConfigError as e:
+                why(Pruned(dims.describe(), mb, None, str(e)))
                 continue
             accum = dims.grad_accum_steps(global_batch_tokens, mb, seq_len)
             for rc in recompute_modes:
@@ -178,7 +225,8 @@ def plan(model: ModelConfig, spec: ClusterSpec, *, seq_len: int, global_batch_to
     candidate when the device's speed is unknown, go to less recomputation, then a larger
     micro-batch (the model does not credit larger matmuls with higher efficiency; real kernels
     do), then less memory, then fewer model-parallel ranks.
-    kwargs: node_type, nodes, memory_fraction, attention ('flash'|'eager'), micro_batches, recompute_modes."""
+    kwargs: node_type, nodes, memory_fraction, attention ('flash'|'eager'), micro_batches (default: every
+    divisor of the per-rank batch), recipe_micro_batch (always a candidate), recompute_modes, pruned."""
     cands = [c for c in search(model, spec, seq_len=seq_len, global_batch_tokens=global_batch_tokens, tokens=tokens,
                                steps=steps, dtype=dtype, **kwargs) if c.fits]
     order = {m: i for i, m in enumerate(RECOMPUTE_MODES)}
@@ -288,6 +336,40 @@ def explain(c: Candidate) -> str:
     return "\n".join(lines)
 
 
+def explain_pruned(pruned: list[Pruned], unfit: list[Candidate], limit: int = 12) -> str:
+    """The candidates the search left out and why: invalid layouts or micro-batches, and those that
+    do not fit in memory (with their peak against the limit)."""
+    lines = [f"pruned: {len(pruned)} layout/micro-batch choice(s) invalid, {len(unfit)} candidate(s) over the "
+             f"memory limit"]
+    for p in pruned[:limit]:
+        what = p.layout + (f", micro-batch {p.micro_batch}" if p.micro_batch is not None else "")
+        lines.append(f"  {what}: {p.reason}")
+    if len(pruned) > limit:
+        lines.append(f"  ... and {len(pruned) - limit} more")
+    for c in sorted(unfit, key=lambda c: c.memory.peak_bytes)[:limit]:
+        lines.append(f"  {c.dims.describe()}, micro-batch {c.micro_batch} x {c.grad_accum_steps}, recompute "
+                     f"{c.recompute}: needs {c.memory.peak_bytes / GIB:.2f} GiB > limit "
+                     f"{c.memory_limit_bytes / GIB:.2f} GiB")
+    if len(unfit) > limit:
+        lines.append(f"  ... and {len(unfit) - limit} more over the memory limit")
+    return "\n".join(lines)
+
+
+def recipe_line(cands: list[Candidate], recipe_mb: int) -> str:
+    """Where the recipe's own layout (one device per rank as given, its micro-batch, no recompute) ranks."""
+    mine = [(i, c) for i, c in enumerate(cands, 1) if c.micro_batch == recipe_mb and c.recompute == "none"
+            and c.dims.model_parallel == 1 and c.dims.dp_shard == 1]
+    if not mine:
+        return f"recipe's layout (micro-batch {recipe_mb}): not among the fitting candidates (see pruned)"
+    i, c = mine[0]
+    best = cands[0]
+    if c.step_time_s is None or best.step_time_s is None:
+        return f"recipe's layout (micro-batch {recipe_mb} x {c.grad_accum_steps}): rank {i} of {len(cands)}"
+    return (f"recipe's layout (micro-batch {recipe_mb} x {c.grad_accum_steps}, recompute none): rank {i} of "
+            f"{len(cands)}, predicted {c.step_time_s * 1e3:.4g} ms/step; best {best.step_time_s * 1e3:.4g} ms/step "
+            f"({(best.step_time_s - c.step_time_s) / c.step_time_s:+.1%})")
+
+
 def _dry_run(c: Candidate) -> str:
     """Build the planned DeviceMesh on a fake process group at the planned world size (needs torch)."""
     from clusterlm.parallel.mesh import dry_run_mesh
@@ -315,6 +397,10 @@ def main(argv: list[str]) -> int:
                    help="fraction of device memory the plan may fill")
     p.add_argument("--attention", choices=["flash", "eager"], default="flash",
                    help="attention kernel: flash stores no T x T matrix (SDPA), eager does")
+    p.add_argument("--micro-batch", type=int, default=None, help="the recipe's own micro-batch size, always a "
+                   "candidate (default: [train] micro_batch_size of a --model recipe)")
+    p.add_argument("--force", action="store_true", help="plan from a probe marked disturbed (other processes took "
+                   "CPU time while it measured) instead of refusing")
     p.add_argument("--top", type=int, default=10, help="rows of the table")
     p.add_argument("--out", default=None, help="write the best plan as a recipe TOML")
     p.add_argument("--explain", action="store_true", help="print the arithmetic of the best candidate")
@@ -323,7 +409,17 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     model, model_tree = load_model(args.model, args.vocab_size)
+    recipe_mb = args.micro_batch
+    if recipe_mb is None and Path(args.model).is_file():
+        from clusterlm.config import load_tree
+
+        recipe_mb = load_tree(Path(args.model)).get("train", {}).get("micro_batch_size")
     spec = load_spec(args.cluster)
+    if spec.probe is not None and spec.probe.disturbed:
+        if not args.force:
+            raise ConfigError(f"{args.cluster}: the probe was disturbed ({spec.probe.summary()}); its step-time "
+                              f"figures are not this node's. Re-probe an idle node, or pass --force to plan anyway")
+        print(f"WARNING: planning from a disturbed probe (--force): {spec.probe.summary()}")
     node = spec.node_type(args.node_type)
     device = node.device
     if device is None:
@@ -338,8 +434,9 @@ def main(argv: list[str]) -> int:
     fpt = flops_mod.training_flops_per_token(model, seq_len)
     kwargs = dict(seq_len=seq_len, global_batch_tokens=gbt, tokens=args.tokens, steps=args.steps, dtype=dtype,
                   node_type=args.node_type, nodes=args.nodes, memory_fraction=args.memory_fraction,
-                  attention=args.attention)
-    everything = search(model, spec, **kwargs)
+                  attention=args.attention, recipe_micro_batch=recipe_mb)
+    pruned: list[Pruned] = []
+    everything = search(model, spec, pruned=pruned, **kwargs)
     cands = plan(model, spec, **kwargs)
     g = param_groups(model)
     print(f"model: {args.model} ({g['total'] / 1e9:.3g}B parameters), seq_len {seq_len}, global batch {gbt:,} tokens "
@@ -375,9 +472,13 @@ def main(argv: list[str]) -> int:
     best = cands[0]
     if best.step_time_s is None:
         print(f"\nstep time unknown: {rate.how}")
+    if recipe_mb:
+        print("\n" + recipe_line(cands, recipe_mb))
     if args.explain:
         print()
         print(explain(best))
+        print()
+        print(explain_pruned(pruned, [c for c in everything if not c.fits]))
     if args.out:
         import tomli_w
 

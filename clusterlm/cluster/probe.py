@@ -38,13 +38,15 @@ from typing import Any, Callable
 
 from clusterlm.cluster import hardware, parsers, slurm_text
 from clusterlm.cluster.show import render_tree
-from clusterlm.cluster.spec import (ClusterSpec, CpuSpec, DeviceSpec, LinkSpec, NodeType, SchedulerSpec, StorageSpec,
-                                    save_spec)
-from clusterlm.cluster.microbench import (ATTENTION_HD, ATTENTION_T_CPU, ATTENTION_T_GPU, ELEMENTWISE_ELEMS,
-                                          ELEMENTWISE_ELEMS_QUICK, KERNEL_ELEMS, SWEEP_GRID_CPU, SWEEP_GRID_GPU,
-                                          measure_attention_sweep, measure_copy_bandwidth, measure_elementwise_sweep,
-                                          measure_kernel_sweep, measure_matmul_sweep, measure_matmul_tflops,
-                                          measure_op_overhead, measure_storage)
+from clusterlm.cluster.spec import (ClusterSpec, CpuSpec, DeviceSpec, LinkSpec, NodeType, ProbeQuality, SchedulerSpec,
+                                    StorageSpec, save_spec)
+from clusterlm.cluster.microbench import (ATTENTION_HD, ATTENTION_T_CPU, ATTENTION_T_GPU, DEFAULT_MAX_FOREIGN_CPUS,
+                                          DEFAULT_MAX_SPREAD, ELEMENTWISE_ELEMS, ELEMENTWISE_ELEMS_QUICK, KERNEL_ELEMS,
+                                          SWEEP_GRID_CPU, SWEEP_GRID_GPU, ForeignCpu, measure_attention_sweep,
+                                          measure_copy_bandwidth, measure_data_loading, measure_elementwise_sweep,
+                                          measure_kernel_sweep, measure_log_record, measure_matmul_sweep,
+                                          measure_matmul_tflops, measure_op_overhead, measure_optimizer_fixed,
+                                          measure_storage)
 from clusterlm.cluster.allreduce import AllReduceResult, fmt_bytes
 from clusterlm.parallel.launch import read_env
 
@@ -203,9 +205,11 @@ def probe_slurm() -> SchedulerSpec:
     return SchedulerSpec("slurm", version, tuple(parts))
 
 
-def measure_step_primitives(probe: Probe, device: str, dtypes: list[str], quick: bool, cpu: bool) -> dict[str, Any]:
+def measure_step_primitives(probe: Probe, device: str, dtypes: list[str], quick: bool, cpu: bool,
+                            spreads: list[float] | None = None) -> dict[str, Any]:
     """The figures the planner's per-op step model reads (DeviceSpec fields of the same names); a
-    failed measurement is left out and noted, and the planner then says which figure is missing."""
+    failed measurement is left out and noted, and the planner then says which figure is missing.
+    The spread of every repeated timing is appended to `spreads`."""
     grid = SWEEP_GRID_CPU if cpu else SWEEP_GRID_GPU
     per_shape = 0.02 if quick else 0.1
     out: dict[str, Any] = {"matmul_sweep": {}}
@@ -213,7 +217,7 @@ def measure_step_primitives(probe: Probe, device: str, dtypes: list[str], quick:
         if dt not in (("fp32",) if cpu else ("fp32", "bf16", "fp16")):  # CPUs train in fp32 (a shorter probe)
             continue
         rows = probe.step(f"matmul_sweep_{dt}_{device}",
-                          lambda dt=dt: measure_matmul_sweep(device, dt, grid, per_shape))
+                          lambda dt=dt: measure_matmul_sweep(device, dt, grid, per_shape, spreads))
         if rows:
             out["matmul_sweep"][dt] = rows
     sizes = ELEMENTWISE_ELEMS_QUICK if quick else ELEMENTWISE_ELEMS
@@ -222,17 +226,50 @@ def measure_step_primitives(probe: Probe, device: str, dtypes: list[str], quick:
     if ew:
         out["elementwise_sweep"] = ew
     ks = probe.step(f"kernel_sweep_{device}", lambda: measure_kernel_sweep(
-        device, KERNEL_ELEMS if cpu else tuple(n * 64 for n in KERNEL_ELEMS), 0.05 if quick else 0.2))
+        device, KERNEL_ELEMS if cpu else tuple(n * 64 for n in KERNEL_ELEMS), 0.05 if quick else 0.2, spreads))
     if ks:
         out["kernel_sweep"] = ks
     att = probe.step(f"attention_sweep_{device}", lambda: measure_attention_sweep(
-        device, ATTENTION_T_CPU if cpu else ATTENTION_T_GPU, ATTENTION_HD, 0.05 if quick else 0.2))
+        device, ATTENTION_T_CPU if cpu else ATTENTION_T_GPU, ATTENTION_HD, 0.05 if quick else 0.2, spreads))
     if att:
         out["attention_sweep"] = att
-    oh = probe.step(f"op_overhead_{device}", lambda: measure_op_overhead(device, 0.1 if quick else 0.3))
+    oh = probe.step(f"op_overhead_{device}", lambda: measure_op_overhead(device, 0.2 if quick else 0.5,
+                                                                           spreads=spreads))
     if oh is not None:
         out["op_overhead_us"] = round(oh, 3)
+    # fixed costs of a step no op accounts for: they dominate a sub-1M-parameter model's step
+    fixed = probe.step(f"optimizer_fixed_{device}", lambda: measure_optimizer_fixed(device, 0.2 if quick else 0.5,
+                                                                                     spreads))
+    if fixed is not None:
+        out["optimizer_us_per_tensor"], out["step_fixed_us"] = round(fixed[0], 3), round(fixed[1], 2)
+    data = probe.step("data_loading", lambda: measure_data_loading(12, 64, 0.1 if quick else 0.3))
+    if data is not None:
+        out["data_us_per_batch"] = round(data, 2)
+    logrec = probe.step("log_record", lambda: measure_log_record(0.05 if quick else 0.1))
+    if logrec is not None:
+        out["log_us_per_step"] = round(logrec, 2)
     return out
+
+
+def probe_quality(fc: ForeignCpu, spreads: list[float], *, max_foreign_cpus: float = DEFAULT_MAX_FOREIGN_CPUS,
+                  max_spread: float = DEFAULT_MAX_SPREAD) -> ProbeQuality:
+    """The `[probe]` section: other processes' CPU use over the measurement and the largest spread of
+    the repeated micro-benchmarks (their median: single cold-cache calls of small ops vary by 50-100%
+    on a quiet machine, while other work widens the spread of most of them)."""
+    ordered = sorted(spreads)
+    sp = ordered[len(ordered) // 2] if ordered else 0.0
+    reasons = []
+    if not fc.available:
+        reasons.append("/proc/stat unreadable: other processes' CPU time unknown")
+    if fc.foreign_cpus > max_foreign_cpus:
+        reasons.append(f"other processes used {fc.foreign_cpus:.2f} CPUs (> {max_foreign_cpus:g})")
+    if sp > max_spread:
+        reasons.append(f"repeated micro-benchmarks spread {sp:.0%} (> {max_spread:.0%})")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return ProbeQuality(disturbed=fc.foreign_cpus > max_foreign_cpus or sp > max_spread, foreign_cpus=round(fc.foreign_cpus, 3),
+                        max_foreign_cpus=max_foreign_cpus, wall_s=round(fc.wall_s, 2), busy_cpu_s=round(fc.busy_s, 2),
+                        own_cpu_s=round(fc.own_s, 2), spread=round(sp, 3), max_spread=max_spread,
+                        load_avg_1m=round(load, 2), reasons=tuple(reasons))
 
 
 def _measure_device(probe: Probe, device: str, dtypes: list[str], quick: bool, cpu: bool) -> tuple[dict, float | None]:
@@ -284,6 +321,9 @@ def probe_node(*, quick: bool = False, checkpoint_dir: str = ".", measure: bool 
         if load is not None and load > 0.25 * max(cpu.threads, 1):
             probe.notes["load"] = (f"1-minute load average {load:g} on {cpu.threads} logical CPUs when measuring: "
                                    f"other processes shared the node, figures may be low")
+    fc, spreads = ForeignCpu(), []  # other processes' CPU time while the device is measured
+    if torch_ok:
+        fc.__enter__()
     if gpus:
         name = gpus[0].name
         if len({g.name for g in gpus}) > 1:
@@ -296,7 +336,7 @@ def probe_node(*, quick: bool = False, checkpoint_dir: str = ".", measure: bool 
             if torch.cuda.is_available():
                 dts = ["fp32", "tf32"] + (["bf16"] if torch.cuda.is_bf16_supported() else []) + ["fp16"]
                 measured, bw = _measure_device(probe, "cuda:0", dts, quick, cpu=False)
-                prims = measure_step_primitives(probe, "cuda:0", dts, quick, cpu=False)
+                prims = measure_step_primitives(probe, "cuda:0", dts, quick, cpu=False, spreads=spreads)
             else:
                 probe.notes["gpu_measurement"] = "unavailable: torch sees no CUDA device"
         device = DeviceSpec(name=name, kind="cuda", count=len(gpus), memory_gib=round(min(g.memory_mib for g in gpus)
@@ -311,13 +351,19 @@ def probe_node(*, quick: bool = False, checkpoint_dir: str = ".", measure: bool 
         if torch_ok:
             dts = ["fp32"] + (["bf16"] if _cpu_bf16_supported(cpu) else [])
             measured, bw = _measure_device(probe, "cpu", dts, quick, cpu=True)
-            prims = measure_step_primitives(probe, "cpu", dts, quick, cpu=True)
+            prims = measure_step_primitives(probe, "cpu", dts, quick, cpu=True, spreads=spreads)
             import torch
 
             probe.notes["cpu_threads"] = f"torch intra-op threads during the measurement: {torch.get_num_threads()}"
         device = DeviceSpec(name=cpu.model, kind="cpu", count=1, memory_gib=memory_gib,
                             measured_memory_bandwidth_gbs=bw, measured_tflops=measured, **prims,
                             source="probe: CPU as one device; no cited peak (depends on cores, clocks, ISA)")
+    quality = None
+    if torch_ok:
+        fc.__exit__(None, None, None)
+        quality = probe_quality(fc, spreads)
+        if quality.disturbed:
+            log.warning("probe disturbed: %s", quality.summary())
     if measure and storage:
         target = storage[-1]
         nbytes = (32 << 20) if quick else (256 << 20)
@@ -329,7 +375,7 @@ def probe_node(*, quick: bool = False, checkpoint_dir: str = ".", measure: bool 
                     hostnames=(host,))
     return ClusterSpec(name=host, description=f"probed on {host} ({time.strftime('%Y-%m-%d')})"
                        + (" --quick" if quick else ""), node_types=(node,), inter_node_link=inter,
-                       storage=tuple(storage), scheduler=scheduler, notes=probe.notes)
+                       storage=tuple(storage), scheduler=scheduler, notes=probe.notes, probe=quality)
 
 
 # ---- all-reduce bus bandwidth into the spec -------------------------------------------------------------

@@ -76,6 +76,13 @@ def _device_children(d: DeviceSpec) -> list[Any]:
                       f"{max(r[1] for r in d.elementwise_sweep):.3g} GB/s by size")
     if d.op_overhead_us is not None:
         per_op.append(f"{d.op_overhead_us:g} us per op")
+    if d.optimizer_us_per_tensor is not None:
+        per_op.append(f"optimizer {d.optimizer_us_per_tensor:g} us per parameter tensor + {d.step_fixed_us or 0:g} us "
+                      f"per step")
+    if d.data_us_per_batch is not None:
+        per_op.append(f"data {d.data_us_per_batch:g} us per micro-batch")
+    if d.log_us_per_step is not None:
+        per_op.append(f"metrics record {d.log_us_per_step:g} us")
     if per_op:
         out.append("per-op figures (planner step model): " + "; ".join(per_op))
     if d.source:
@@ -123,6 +130,9 @@ def render_tree(spec: ClusterSpec) -> str:
         top.append((f"scheduler: {s.kind} {s.version}".rstrip(), parts or ["no partitions listed"]))
     else:
         top.append("scheduler: none found")
+    if spec.probe is not None:
+        q = spec.probe
+        top.append(f"probe: {'DISTURBED' if q.disturbed else 'undisturbed'}: {q.summary()}")
     if spec.notes:
         top.append(("notes", [f"{k}: {v}" for k, v in spec.notes.items()]))
     title = f"cluster {spec.name}" + (f": {spec.description}" if spec.description else "")

@@ -80,6 +80,17 @@ class DeviceSpec:
     """probe: causal SDPA forward + backward, rows [T, Hd, TFLOP/s] (FLOPs as the planner counts them)"""
     op_overhead_us: float | None = None
     """probe: microseconds per tiny autograd op, forward + backward (dispatch, bookkeeping, launch)"""
+    optimizer_us_per_tensor: float | None = None
+    """probe: microseconds per parameter tensor of clip_grad_norm_ + fused AdamW step + zero_grad on
+    tiny tensors (the optimizer's per-tensor bookkeeping, beyond its per-element work)"""
+    step_fixed_us: float | None = None
+    """probe: microseconds per optimizer step that no op accounts for (the training loop's Python:
+    lr, loss sync, finiteness checks), the intercept of the per-tensor fit"""
+    data_us_per_batch: float | None = None
+    """probe: microseconds to cut one micro-batch of windows from a token memmap into (B, T) int64
+    tensors, as the trainer's loader does"""
+    log_us_per_step: float | None = None
+    """probe: microseconds to write one metrics record (JSON line), outside the timed step"""
     compute_capability: str = ""
     source: str = ""
 
@@ -201,6 +212,36 @@ class SchedulerSpec:
 
 
 @dataclass(frozen=True)
+class ProbeQuality:
+    """How undisturbed the probe's measurements were: the CPU time other processes took while it
+    measured (machine-wide busy time from /proc/stat minus the probe's own), and the spread of its
+    repeated micro-benchmarks. `disturbed` = foreign_cpus > max_foreign_cpus or spread > max_spread;
+    the planner refuses such a spec without --force."""
+    disturbed: bool = False
+    foreign_cpus: float = 0.0
+    """CPUs' worth of other processes' work, averaged over the measurement"""
+    max_foreign_cpus: float = 0.0
+    """the threshold used"""
+    wall_s: float = 0.0
+    busy_cpu_s: float = 0.0
+    """all CPUs' busy time over the measurement (/proc/stat)"""
+    own_cpu_s: float = 0.0
+    """the probe's own user + system time over the measurement (all its threads)"""
+    spread: float = 0.0
+    """largest (p75 - p25) / median over the repeated per-op micro-benchmarks"""
+    max_spread: float = 0.0
+    load_avg_1m: float = 0.0
+    """at the end of the measurement"""
+    reasons: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        return (f"other processes used {self.foreign_cpus:.2f} CPUs on average over {self.wall_s:.1f} s "
+                f"(busy {self.busy_cpu_s:.1f} CPU-s, the probe's own {self.own_cpu_s:.1f}; limit "
+                f"{self.max_foreign_cpus:g}), micro-benchmark spread {self.spread:.0%} (limit {self.max_spread:.0%}), "
+                f"load average {self.load_avg_1m:g}" + (f": {'; '.join(self.reasons)}" if self.reasons else ""))
+
+
+@dataclass(frozen=True)
 class ClusterSpec:
     name: str = "cluster"
     description: str = ""
@@ -210,6 +251,8 @@ class ClusterSpec:
     scheduler: SchedulerSpec | None = None
     notes: dict[str, str] = field(default_factory=dict)
     """probe steps that failed soft: step -> 'unavailable: reason', and other remarks"""
+    probe: ProbeQuality | None = None
+    """how undisturbed the probe's measurements were (None: hand-written or a preset)"""
 
     def __post_init__(self) -> None:
         names = [n.name for n in self.node_types]
@@ -326,5 +369,8 @@ def merge_specs(specs: list[ClusterSpec], name: str = "cluster") -> ClusterSpec:
     for spec in specs:
         host = spec.node_types[0].hostnames[0] if spec.node_types and spec.node_types[0].hostnames else spec.name
         notes.update({f"{host}: {k}": v for k, v in spec.notes.items()})
+    probes = [s.probe for s in specs if s.probe is not None]  # the most disturbed node's figures
+    probe = max(probes, key=lambda q: (q.disturbed, q.foreign_cpus)) if probes else None
     return ClusterSpec(name=name, description=f"merged from {len(specs)} node spec(s)", node_types=tuple(node_types),
-                       inter_node_link=inter, storage=tuple(storage.values()), scheduler=scheduler, notes=notes)
+                       inter_node_link=inter, storage=tuple(storage.values()), scheduler=scheduler, notes=notes,
+                       probe=probe)

@@ -203,6 +203,12 @@ class OpRates:
     elementwise: tuple[tuple[float, ...], ...]
     """rows (bytes moved, GB/s)"""
     op_overhead_us: float
+    optimizer_us_per_tensor: float | None = None
+    """clip + fused AdamW + zero_grad per parameter tensor (probe); None: 3 x op_overhead_us"""
+    step_fixed_us: float = 0.0
+    """the loop's fixed cost per step (probe)"""
+    data_us_per_batch: float = 0.0
+    """the loader's cost per micro-batch (probe)"""
 
     def __post_init__(self) -> None:
         _grid_axes(self.sweep, 3, f"device.matmul_sweep.{self.dtype}")
@@ -248,7 +254,8 @@ def op_rates(device: DeviceSpec, dtype: str) -> tuple[OpRates | None, list[str]]
     if missing:
         return None, missing
     return OpRates(dtype, sweep, device.attention_sweep, dict(device.kernel_sweep), device.elementwise_sweep,
-                   device.op_overhead_us), []
+                   device.op_overhead_us, device.optimizer_us_per_tensor, device.step_fixed_us or 0.0,
+                   device.data_us_per_batch or 0.0), []
 
 
 def step_model(model: ModelConfig, device: DeviceSpec, dtype: str) -> tuple[OpRates | None, str | None]:
@@ -316,12 +323,29 @@ def _op_model_parts(model: ModelConfig, dims: ParallelDims, mb: int, m: int, rec
         formulas[key] = f"{m} micro-batches * ({text}) [kernels: the probe's fwd+bwd ns per element at that size]"
     n_ops = work.autograd_ops
     tensors = param_tensors(model)
-    # clip_grad_norm_ runs a norm and a scale per parameter tensor, the fused AdamW one update each
-    parts["op_overhead"] = (m * n_ops + OPTIMIZER_OPS_PER_TENSOR * tensors) * rates.op_overhead_us * 1e-6
-    formulas["op_overhead"] = (f"({m} micro-batches * {n_ops} autograd ops + {OPTIMIZER_OPS_PER_TENSOR} x {tensors} "
-                               f"parameter tensors in clip/optimizer) * {rates.op_overhead_us:g} us (the probe's "
+    if rates.optimizer_us_per_tensor is None:  # a spec from before the fixed-cost figures
+        # clip_grad_norm_ runs a norm and a scale per parameter tensor, the fused AdamW one update each
+        parts["op_overhead"] = (m * n_ops + OPTIMIZER_OPS_PER_TENSOR * tensors) * rates.op_overhead_us * 1e-6
+        formulas["op_overhead"] = (f"({m} micro-batches * {n_ops} autograd ops + {OPTIMIZER_OPS_PER_TENSOR} x "
+                                   f"{tensors} parameter tensors in clip/optimizer) * {rates.op_overhead_us:g} us "
+                                   f"(the probe's fixed cost per op, fwd + bwd)")
+        return parts, formulas
+    parts["op_overhead"] = m * n_ops * rates.op_overhead_us * 1e-6
+    formulas["op_overhead"] = (f"{m} micro-batches * {n_ops} autograd ops * {rates.op_overhead_us:g} us (the probe's "
                                f"fixed cost per op, fwd + bwd)")
+    parts["step_fixed"], formulas["step_fixed"] = fixed_step_costs(tensors, m, rates.optimizer_us_per_tensor,
+                                                                   rates.step_fixed_us, rates.data_us_per_batch)
     return parts, formulas
+
+
+def fixed_step_costs(tensors: int, m: int, per_tensor_us: float, step_us: float, data_us: float
+                     ) -> tuple[float, str]:
+    """Seconds per step that no op accounts for, from the probe: the optimizer's bookkeeping per
+    parameter tensor (clip, fused AdamW, zero_grad), the loop's fixed cost, the loader per micro-batch."""
+    t = (tensors * per_tensor_us + step_us + m * data_us) * 1e-6
+    return t, (f"{tensors} parameter tensors * {per_tensor_us:g} us (clip + AdamW + zero_grad bookkeeping) + "
+               f"{step_us:g} us per step (loop) + {m} micro-batches * {data_us:g} us (loader) [the probe's fixed "
+               f"costs]")
 
 
 def _op_model_optimizer(model: ModelConfig, per_dev: float, dims: ParallelDims, rates: OpRates

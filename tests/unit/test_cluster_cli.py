@@ -100,8 +100,9 @@ def test_probe_writes_a_spec_that_plans(tmp_path):
     ckpt = [s for s in spec.storage if s.path.endswith("ckpt")]
     assert ckpt and ckpt[0].write_gbs > 0 and ckpt[0].read_gbs > 0 and ckpt[0].fstype != "unknown"
     assert not list((tmp_path / "ckpt").iterdir())  # the probe's test file is gone
+    assert spec.probe is not None and spec.probe.wall_s > 0  # disturbed or not: the machine is shared
     r = clusterlm("plan", "--model", "gpt-mini", "--vocab-size", "65", "--cluster", str(node), "--steps", "100",
-                  "--global-batch-tokens", "4096")
+                  "--global-batch-tokens", "4096", "--force")  # --force: a busy test machine marks it disturbed
     assert r.returncode == 0, r.stderr
     assert "measured matmul" in r.stdout and "  1 " in r.stdout
     row = next(l for l in r.stdout.splitlines() if l.startswith("  1 "))
