@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Best-effort system packages some tests use (Debian/Ubuntu, as root): Chromium for the chat-page
 # test; docker.io (dockerd, containerd, runc) and debootstrap for the container-image test
-# (tests/e2e/test_container.py). This never fails the run: a test whose package is missing skips
+# (tests/e2e/test_container.py); haproxy (tests/e2e/test_serve_replicas.py) and prometheus with
+# promtool (tests/e2e/test_prometheus.py, tests/unit/test_serve_metrics.py). This never fails the run: a test whose package is missing skips
 # with the reason; the container test fails instead in CI (CI=true), so a broken install there
 # cannot pass unnoticed.
 #   bash scripts/system-deps.sh
@@ -10,6 +11,8 @@ set -uo pipefail
 groups=()
 command -v chromium >/dev/null || groups+=("chromium")
 { command -v dockerd >/dev/null && command -v debootstrap >/dev/null; } || groups+=("docker.io debootstrap")
+command -v haproxy >/dev/null || groups+=("haproxy")
+{ command -v prometheus >/dev/null && command -v promtool >/dev/null; } || groups+=("prometheus")
 [ ${#groups[@]} -eq 0 ] && exit 0
 timeout 600 apt-get update -qq >/dev/null 2>&1 || true
 for g in "${groups[@]}"; do  # one apt-get per test's packages: one failure does not take the others down
