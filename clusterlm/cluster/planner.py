@@ -118,7 +118,12 @@ def _dims_options(world: int, per_node: int, model: ModelConfig,
                 continue
             dp = world // (tp * pp)
             for rep in [d for d in range(1, dp + 1) if dp % d == 0]:
-                out.append(ParallelDims(dp_replicate=rep, dp_shard=dp // rep, tp=tp, pp=pp))
+                dims = ParallelDims(dp_replicate=rep, dp_shard=dp // rep, tp=tp, pp=pp)
+                if model.arch != "transformer" and dims.model_parallel * dims.dp_shard > 1:
+                    why(Pruned(dims.describe(), None, None, f"model.arch={model.arch!r} trains with data-parallel "
+                               f"replication only (the trainer's rule)"))
+                    continue
+                out.append(dims)
     return out
 
 
@@ -166,6 +171,9 @@ def search(model: ModelConfig, spec: ClusterSpec, *, seq_len: int, global_batch_
     assumptions = [rate.how] if rate.assumed and ops is None else []
     if why_not:
         assumptions.append(why_not)
+    if spec.probe is not None and spec.probe.disturbed:
+        assumptions.append(f"probe DISTURBED: {spec.probe.summary()}; step times are not this node's (re-probe an "
+                           f"idle node)")
     for key, note in spec.notes.items():  # the probe's figures were measured while the node was busy
         if key == "load" or key.endswith(": load"):
             assumptions.append(f"probe {key}: {note}; re-probe an idle node for step times (the per-op figures "
@@ -199,6 +207,10 @@ def search(model: ModelConfig, spec: ClusterSpec, *, seq_len: int, global_batch_
                 continue
             accum = dims.grad_accum_steps(global_batch_tokens, mb, seq_len)
             for rc in recompute_modes:
+                if rc != "none" and model.arch != "transformer":
+                    why(Pruned(dims.describe(), mb, rc, f"activation checkpointing works on Transformer blocks "
+                               f"(the trainer's rule); model.arch={model.arch!r}"))
+                    continue
                 mem = estimate_memory(model, dims, micro_batch=mb, seq_len=seq_len, dtype=dtype, recompute=rc,
                                       attention=attention, grad_accum_steps=accum)
                 step = tps = mfu = total = dev_h = None
