@@ -1,6 +1,7 @@
 """Shared by the benchmark scripts: what machine a figure came from.
 
     from common import cpu_model      # benchmarks/ is the script's folder, so on sys.path
+    from common import machine        # {"cpu", "gpu", "cpus", "load_avg_1m"} for a result file
 """
 
 from __future__ import annotations
@@ -9,6 +10,24 @@ import platform
 from pathlib import Path
 
 from clusterlm.cluster.parsers import parse_cpuinfo
+
+
+def gpu_name() -> str | None:
+    """The first CUDA device's name as torch prints it, None without one (torch imported here only)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def machine() -> dict[str, object]:
+    """What every result file records so that figures from different machines are never compared as one:
+    the CPU model, the GPU name (None on a CPU-only machine), logical CPUs and the 1-minute load average."""
+    import os
+
+    return {"cpu": cpu_model(), "gpu": gpu_name(), "cpus": os.cpu_count(),
+            "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
 
 
 def cpu_model() -> str:

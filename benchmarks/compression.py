@@ -45,6 +45,7 @@ from clusterlm.models.config import get_preset
 from clusterlm.optimize.prune import prune_checkpoint
 from clusterlm.optimize.quantize import quantize_checkpoint
 from clusterlm.tokenizer.kinds import make_tokenizer
+from common import cpu_model, gpu_name  # benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -173,7 +174,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results: dict = {"command": shlex.join(["python", "benchmarks/compression.py", *sys.argv[1:]]),
                      "torch": torch.__version__, "threads": args.threads, "repeats": args.repeats,
-                     "load_before": [round(x, 2) for x in os.getloadavg()], "models": {}}
+                     "load_before": [round(x, 2) for x in os.getloadavg()], "models": {},
+                     "cpu": cpu_model(), "gpu": gpu_name()}
     if args.ckpt is None:
         src, cmd = train_shakespeare(args.train_dir, args.train_threads)
     else:

@@ -47,6 +47,7 @@ from clusterlm.models.build import build_model
 from clusterlm.models.config import get_preset
 from clusterlm.models.convert import config_to_hf, state_to_hf
 from clusterlm.optimize.quantize import quantize_model
+from common import cpu_model  # benchmarks/common.py
 
 OUT = Path(__file__).parent / "results" / "generate_speed.json"
 
@@ -185,7 +186,8 @@ def main() -> None:
     bw = bandwidth_gbs(STREAM_ROWS, repeats=5, device=dev, dtype=dtype)
     machine = torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or platform.machine()
     results: dict = {"command": " ".join(["python", "benchmarks/generate_speed.py", *sys.argv[1:]]),
-                     "load_average_before_1_5_15_min": load_before, "machine": machine, "threads": args.threads,
+                     "load_average_before_1_5_15_min": load_before, "machine": machine, "cpu": cpu_model(),
+                     "threads": args.threads,
                      "device": dev, "dtype": args.dtype,
                      "torch": torch.__version__, "transformers": transformers.__version__,
                      "new_tokens": args.new_tokens, "repeats": args.repeats, "bandwidth_gbs": round(bw, 2),

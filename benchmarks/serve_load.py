@@ -30,6 +30,8 @@ from pathlib import Path
 
 import httpx2 as httpx
 
+from common import cpu_model  # benchmarks/common.py
+
 KEY = "bench-key"
 
 
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "errors_total": sum(r["errors"] for r in runs),
         "streams_without_done": sum(r["streams"] - r["streams_with_done"] for r in runs),
         "goal_speedup": 4.0,
-        "machine": {"cpu_count": os.cpu_count(), "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+        "machine": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "load_average_1m_at_end": round(os.getloadavg()[0], 2),
                     "platform": platform.platform(),
                     "torch": torch.__version__, "python": sys.version.split()[0]},
         "note": "clients (this process) and the server (a child process) share this machine's cores; "

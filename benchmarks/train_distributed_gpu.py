@@ -29,6 +29,7 @@ from clusterlm.parallel.dims import ParallelDims
 from clusterlm.parallel.mesh import build_mesh
 from clusterlm.parallel.parallelize import build_parallel_model
 from clusterlm.train.optim import build_optimizer
+from common import cpu_model  # benchmarks/common.py
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -100,7 +101,7 @@ def main() -> None:
             results = [run(p, w, device, args.batch, args.seq_len, args.steps) for p in args.presets for w in args.wraps]
         finally:
             dist.destroy_process_group()
-    doc = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
+    doc = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "cpu": cpu_model(), "torch": torch.__version__,
            "world_size": 1, "backend": "nccl" if cuda else "gloo", "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
