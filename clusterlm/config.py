@@ -101,13 +101,17 @@ class TrainConfig:
     probe_spec: str = ""
     """node spec from `clusterlm probe --out`: its cited peak, else its measured matmul TFLOP/s, is
     the MFU denominator; empty = the known-accelerator table on CUDA, unknown on CPU"""
+    heartbeat_timeout: float = 60.0
+    """distributed runs: a rank silent this many seconds is named (rank, host) and the job exits 76
+    (docs/reliability.md); 0 = off (the process group's own 600 s timeout then applies)"""
 
     def __post_init__(self) -> None:
         _check_finite(self, "train")
         for name in ("seq_len", "micro_batch_size", "max_steps", "log_interval", "eval_batches", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
-        for name in ("seed", "global_batch_tokens", "threads", "eval_interval", "max_minutes", "grad_clip"):
+        for name in ("seed", "global_batch_tokens", "threads", "eval_interval", "max_minutes", "grad_clip",
+                     "heartbeat_timeout"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
 
@@ -154,6 +158,9 @@ class CheckpointConfig:
     """checkpoints kept in out_dir/checkpoints; older ones are deleted"""
     async_save: bool = False
     """distributed runs: write periodic checkpoints in the background (committed before the next save)"""
+    mirror: str = ""
+    """second folder each committed checkpoint is copied to in the background (keep_last applies
+    there too); resume falls back to it when out_dir's checkpoints are missing or corrupt; "" = off"""
 
     def __post_init__(self) -> None:
         if self.interval < 0 or self.keep_last < 1:

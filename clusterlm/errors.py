@@ -16,6 +16,9 @@ EXIT_PREEMPTED = 75  # SIGTERM/SIGINT/SIGUSR2 during training: step finished, ch
 #                      --train.resume=auto (75 is EX_TEMPFAIL; Slurm requeue scripts key on it).
 #                      serve: a SIGTERM drain whose --drain-timeout (or a second signal) ended running
 #                      requests with an error event (a drain that finished them all exits 0)
+EXIT_RANK_LOST = 76  # training: a rank sent no heartbeat for train.heartbeat_timeout seconds (stopped, dead,
+#                      link down); the rank and host are named, no checkpoint is written (the last
+#                      committed one is resumed with --train.resume=auto; `launch --slurm` requeues)
 EXIT_INTERRUPTED = 130  # Ctrl-C (or SIGTERM outside training): stopped, partial output removed
 
 

@@ -428,6 +428,7 @@ class Trainer:
         tc, state = self.tc, self.state
         stop: dict[str, Any] = {}
         previous_handlers = _install_stop_handlers(stop)
+        self.heartbeat = self._start_heartbeat()
         self._t_start = time.perf_counter()  # this segment's wall time goes into RunState.train_seconds
         self.throughput = Throughput()
         exit_code, reason = EXIT_OK, "finished"
@@ -439,6 +440,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 loss, grad_norm, lr = self.train_step()
                 self.log_step(loss, grad_norm, lr, time.perf_counter() - t0)
+                self.log_ranks(time.perf_counter() - t0)  # this rank's time before the closing all-reduce
                 stop_signal, over_time = self.agree_stop(stop)  # the same answer on every rank
                 if state.bad_streak >= tc.max_bad_steps:
                     exit_code, reason = EXIT_DIVERGED, f"{state.bad_streak} consecutive non-finite losses"
@@ -461,6 +463,8 @@ class Trainer:
                 self.evaluate_tasks()
                 self.save("final")
         finally:
+            if self.heartbeat is not None:
+                self.heartbeat.stop()
             self.bar.close()
             _restore_handlers(previous_handlers)
             self.metrics.close()
@@ -529,6 +533,35 @@ class Trainer:
         self.metrics.log(record, tensorboard=state.step % tc.log_interval == 0)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def _start_heartbeat(self):  # -> clusterlm.parallel.heartbeat.Heartbeat | None
+        """Distributed runs with train.heartbeat_timeout > 0: this rank's heartbeat thread (a silent rank
+        is named and the job exits EXIT_RANK_LOST) and rank 0's straggler check (docs/reliability.md)."""
+        if not self.distributed or not self.tc.heartbeat_timeout:
+            return None
+        from clusterlm.parallel.heartbeat import Heartbeat, Stragglers, exit_rank_lost
+
+        self.stragglers = Stragglers()
+        hb = Heartbeat.for_process_group(self.tc.heartbeat_timeout, on_lost=exit_rank_lost)
+        hb.start()
+        return hb
+
+    def log_ranks(self, busy_s: float) -> None:
+        """Publish this step's local time; every log_interval rank 0 logs each rank's mean ("ranks"
+        record) and names a straggler (>= 1.5x the median for 2 intervals in a row)."""
+        if self.heartbeat is None:
+            return
+        self.heartbeat.progress(self.state.step, busy_s)
+        if not self.rank0 or self.state.step % self.tc.log_interval:
+            return
+        beats = self.heartbeat.read_all()
+        means, lines = self.stragglers.update(beats)
+        for line in lines.values():
+            log.warning("step %d: %s", self.state.step, line)
+        if means:
+            self.metrics.log({"kind": "ranks", "step": self.state.step, "step_s": {str(r): means[r] for r in means},
+                              "hosts": {str(r): beats[r].host for r in means},
+                              "stragglers": sorted(lines)}, tensorboard=False)
 
     def agree_stop(self, stop: dict[str, Any]) -> tuple[str | None, bool]:
         """(the stop signal's name or None, time limit reached), agreed by all ranks (one all-reduce)."""

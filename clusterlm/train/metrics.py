@@ -31,7 +31,7 @@ from clusterlm.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-KINDS = ("train", "eval", "event", "task")
+KINDS = ("train", "eval", "event", "task", "ranks")  # ranks: per-rank step times (distributed)
 # the scores of a task kind shown on the console and in summary.md (docs/tasks.md has them all)
 TASK_HEADLINE = {"choice": ("acc", "acc_norm"), "classify": ("accuracy", "macro_f1"),
                  "generate": ("bleu", "chrf", "rougeL", "exact_match")}

@@ -1,0 +1,146 @@
+"""Hung and slow ranks (clusterlm.parallel.heartbeat): a SIGSTOPped rank is named with its host within
+the heartbeat deadline, far below gloo's 600 s, and the job exits 76; a rank slowed on purpose is
+reported as a straggler by rank 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.distributed.helpers import run_ranks
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# one rank of a 2-rank gloo job started as `clusterlm launch` would (RANK, MASTER_* in the environment):
+# the heartbeat on the process group's store, then all-reduces until killed
+WORKER = r"""
+import logging, sys, time, torch, torch.distributed as dist
+from clusterlm.parallel.launch import init_distributed
+from clusterlm.parallel.heartbeat import Heartbeat, exit_rank_lost
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+torch.set_num_threads(1)
+init_distributed(device_type="cpu")
+hb = Heartbeat.for_process_group(float(sys.argv[1]), on_lost=exit_rank_lost)
+hb.start()
+t = torch.ones(4)
+for step in range(1, 10**6):
+    dist.all_reduce(t)
+    hb.progress(step, 0.01)
+    if step == 40:  # a few beats published
+        print("ready", flush=True)
+    time.sleep(0.01)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_job(timeout_s: float) -> list[subprocess.Popen]:
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = os.environ | {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                            "MASTER_PORT": str(port), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(timeout_s)], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready", p.stderr.read()
+    return procs
+
+
+@pytest.mark.parametrize("stopped", [1, 0])
+def test_sigstopped_rank_is_named_within_the_deadline(stopped):
+    """SIGSTOP one rank of a running 2-rank job with heartbeat_timeout 3 s: the other rank exits 76
+    within 3 s (+2 s slack, -0.5 s: the last beat is up to 0.3 s old) (gloo alone would wait 600 s), its one error line naming the stopped rank
+    and this host (rank 1), or the store rank 0 hosts (rank 0, whose process holds the TCPStore)."""
+    timeout_s = 3.0
+    procs = _start_job(timeout_s)
+    other = procs[1 - stopped]
+    try:
+        t0 = time.monotonic()
+        os.kill(procs[stopped].pid, signal.SIGSTOP)
+        rc = other.wait(timeout=timeout_s + 20)
+        detect_s = time.monotonic() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()  # SIGKILL ends a stopped process too
+                p.wait()
+    err = other.stderr.read()
+    line = next((ln for ln in err.splitlines() if "hung rank" in ln), "")
+    assert rc == 76, err[-2000:]
+    assert timeout_s - 0.5 <= detect_s < timeout_s + 2.0, (detect_s, line)  # the last beat can be 0.3 s old
+    if stopped == 1:
+        assert f"rank 1 on host {socket.gethostname()}" in line, line
+    else:
+        assert "rank 0" in line and "did not answer" in line, line
+    print(f"rank {stopped} SIGSTOPped: named in {detect_s:.1f} s: {line}")
+
+
+def test_straggler_counts_windows():
+    """Stragglers: a rank at 2x the median in 2 log intervals in a row is named; once is not enough."""
+    from clusterlm.parallel.heartbeat import Beat, Stragglers
+
+    s = Stragglers(ratio=1.5, windows=2)
+
+    def beats(n: int, slow: float) -> dict:
+        return {r: Beat(r, n, n, f"h{r}", 1, n, n * (0.1 * slow if r == 2 else 0.1)) for r in range(3)}
+
+    assert s.update(beats(0, 2.0)) == ({}, {})
+    means, lines = s.update(beats(10, 2.0))
+    assert lines == {} and means[2] == pytest.approx(0.2)
+    means, lines = s.update(beats(20, 2.0))
+    assert list(lines) == [2] and "rank 2 on host h2" in lines[2] and "2.0x the median" in lines[2]
+    assert s.update(beats(30, 1.0))[1] == {}
+
+
+def _slow_rank(rank: int, world: int, args: list[str]) -> dict:
+    """`clusterlm train` on this rank; rank 1's host work (its logging step) takes 80 ms longer"""
+    from clusterlm.config import load_run_config
+    from clusterlm.train.loop import Trainer
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    if rank == 1:
+        log_step = Trainer.log_step
+
+        def slow(self, *a, **k):
+            time.sleep(0.08)
+            return log_step(self, *a, **k)
+
+        Trainer.log_step = slow
+    r = Trainer(load_run_config(None, args)).run()
+    return {"exit": r.exit_code}
+
+
+@pytest.mark.slow
+def test_straggler_is_reported_by_name(tmp_path):
+    """2 ranks under FSDP, rank 1 slowed by 80 ms a step: rank 0's "ranks" records give rank 1 >= 1.5x
+    rank 0's local step time and name it as a straggler (rank 0's log says so too)."""
+    from clusterlm.data.prepare import prepare
+
+    (tmp_path / "t.txt").write_text("".join(f"To be or not to be {i}\n" * 20 for i in range(20)))
+    prepare([str(tmp_path / "t.txt")], tmp_path / "data", tokenizer="char", val_fraction=0.1)
+    out = tmp_path / "run"
+    args = [f"--data.dir={tmp_path / 'data'}", f"--train.out_dir={out}", "--model.preset=llama-nano",
+            "--model.max_seq_len=32", "--train.seq_len=32", "--train.micro_batch_size=4", "--train.max_steps=24",
+            "--train.device=cpu", "--train.threads=1", "--train.eval_interval=0", "--train.log_interval=3",
+            "--checkpoint.interval=0", "--train.tensorboard=false", "--train.heartbeat_timeout=2",
+            "--parallel.dp_shard=2", "--train.skip_memory_check=true"]
+    assert run_ranks(2, _slow_rank, args) == [{"exit": 0}, {"exit": 0}]
+    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    ranks = [r for r in records if r["kind"] == "ranks"]
+    assert ranks and all(r["step_s"]["1"] >= 1.5 * r["step_s"]["0"] for r in ranks if len(r["step_s"]) == 2), ranks
+    assert any(r["stragglers"] == [1] for r in ranks), ranks
+    assert ranks[-1]["hosts"]["1"] == socket.gethostname()
