@@ -96,6 +96,11 @@ class Checkpointer:
         self.pipeline_stage_source = pipeline_stage_source
         self.extra_state = extra_state or {}
         self._pending: list[Any] = []  # at most one asynchronous distributed save not yet committed
+        self.mirror = None  # clusterlm.checkpoint.mirror.Mirror on the rank that commits, with checkpoint.mirror
+        if getattr(cfg, "mirror", "") and self._commits():
+            from clusterlm.checkpoint.mirror import Mirror
+
+            self.mirror = Mirror(Path(cfg.mirror), cfg.keep_last)
         self._resolved: tuple[Path | None] | None = None  # resolve()'s answer, once computed
 
     # ---- find ------------------------------------------------------------------------------------
@@ -111,6 +116,7 @@ class Checkpointer:
         path = None
         if self.resume == "auto":
             path, rejected = scan_checkpoints(self.root)
+            path, rejected = self._or_mirror(path, rejected)
             if path is None and rejected:
                 # resume=auto was given: saying "resume with --train.resume=auto" would help no one
                 raise CheckpointError(
@@ -127,6 +133,30 @@ class Checkpointer:
             raise ConfigError(f"{self.root.parent} already has checkpoints; resume with --train.resume=auto "
                               "or choose another --train.out_dir")
         return path
+
+    def _commits(self) -> bool:
+        """Whether this process commits the step folders (rank 0 of a distributed run, or the only one)."""
+        if not self.distributed:
+            return True
+        import torch.distributed as dist
+
+        return dist.get_rank() == 0
+
+    def _or_mirror(self, path: Path | None, rejected: list) -> tuple[Path | None, list]:
+        """The newer of the primary's and the mirror's newest valid checkpoints (primary on a tie),
+        logged when the mirror's is taken; (path, rejected) unchanged without a mirror."""
+        from clusterlm.checkpoint.store import scan_checkpoints
+
+        mirror = getattr(self.cfg, "mirror", "")
+        if not mirror:
+            return path, rejected
+        copy, rejected_copies = scan_checkpoints(Path(mirror))
+        if copy is None or (path is not None and step_of(path) >= step_of(copy)):
+            return path, rejected + rejected_copies if path is None else rejected
+        why = (f"newer than the primary's newest valid {path.name}" if path is not None else
+               f"{self.root} has no valid checkpoint" + (f" ({len(rejected)} rejected)" if rejected else ""))
+        log.warning("resume=auto: taking the mirror's copy %s (%s)", copy, why)
+        return copy, []
 
     # ---- resume ----------------------------------------------------------------------------------
     def resolve(self) -> Path | None:
@@ -199,13 +229,17 @@ class Checkpointer:
         asynchronous save: where it appears once committed, at the next save)."""
         train_state = {"run": dataclasses.asdict(state), "loader": loader.state_dict(), "reason": reason,
                        **self.extra_state}
+        if self.mirror is not None:
+            self.mirror.wait()  # the previous copy finishes before this save may prune its source
         if not self.distributed:
             from clusterlm.checkpoint.store import save_checkpoint
 
-            return save_checkpoint(self.root, state.step, model_state=model.state_dict(),
+            path = save_checkpoint(self.root, state.step, model_state=model.state_dict(),
                                    optimizer_state=optimizer.state_dict(), train_state=train_state,
                                    rng=capture_rng_state(), config_toml=self.config_toml,
                                    tokenizer_path=self.tokenizer_path, keep_last=self.cfg.keep_last)
+            self._mirror(path, reason)
+            return path
         from clusterlm.checkpoint.distributed import PendingSave, save_distributed
 
         self.wait()  # the previous asynchronous save commits before the next one starts
@@ -216,14 +250,23 @@ class Checkpointer:
         if isinstance(result, PendingSave):
             self._pending.append(result)
             return result.root / step_name(result.step)
+        self._mirror(result, reason)
         return result
 
+    def _mirror(self, path: Path, reason: str) -> None:
+        """Copy a just committed folder to checkpoint.mirror in the background; the last save of a run
+        (final, preempted, diverged) waits for its copy, so the process never exits with one in flight."""
+        if self.mirror is not None:
+            self.mirror.submit(path)
+            if reason != "periodic":
+                self.mirror.wait()
+
     def wait(self) -> None:
-        """Collective: commit a pending asynchronous save, if any."""
+        """Collective: commit a pending asynchronous save, if any (then mirror it)."""
         if self._pending:
             from clusterlm.checkpoint.distributed import finish_save
 
-            finish_save(self._pending.pop())
+            self._mirror(finish_save(self._pending.pop()), "periodic")
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], *, distributed: bool,
