@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from clusterlm.checkpoint.layout import read_latest, step_folders
-from clusterlm.checkpoint.manager import Checkpointer, RunState
+from clusterlm.checkpoint.manager import Checkpointer
 from clusterlm.checkpoint.store import verify_checkpoint
 from clusterlm.config import CheckpointConfig
 
