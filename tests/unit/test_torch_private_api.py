@@ -1,7 +1,9 @@
-"""The one private torch API clusterlm uses, checked against the installed torch: a real pipeline
+"""The private torch APIs clusterlm uses, checked against the installed torch: a real pipeline
 schedule (one stage, gloo on one process) carries the loss function and micro-batch count under the
-names clusterlm.parallel.pp reads and writes. When a torch release renames them this test fails,
-naming the attribute, instead of pipeline training breaking at run time."""
+names clusterlm.parallel.pp reads and writes; the default process group's store
+(`distributed_c10d._get_default_store`) can be cloned into a second connection that the heartbeat
+(clusterlm.parallel.heartbeat) writes through. When a torch release renames them this test fails,
+naming the attribute, instead of training breaking at run time."""
 
 from __future__ import annotations
 
@@ -40,3 +42,22 @@ def test_missing_attribute_is_named():
     """A schedule object without the attribute (a future torch) fails with torch's version and the name."""
     with pytest.raises(RuntimeError, match=r"has no attribute '_n_microbatches'.*parallel/pp.py"):
         pp.schedule_microbatches(object())
+
+
+def test_default_store_clones_into_a_second_connection(tmp_path):
+    """The heartbeat's store: a clone of the default group's TCPStore sees the original's keys."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", port, 1, True)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        get = getattr(dist.distributed_c10d, "_get_default_store", None)
+        assert get is not None, f"torch {torch.__version__} removed distributed_c10d._get_default_store (parallel/heartbeat.py)"
+        clone = get().clone()
+        clone.set("heartbeat/0", b"x")
+        assert get().get("heartbeat/0") == b"x"
+    finally:
+        dist.destroy_process_group()
