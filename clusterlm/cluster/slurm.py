@@ -51,6 +51,9 @@ class SbatchOptions:
     """What `clusterlm launch --slurm` asks Slurm for."""
 
     nodes: int = 1
+    min_nodes: int = 0
+    """elastic: start (or restart after a node loss) on as few as this many nodes (sbatch --nodes=MIN-MAX),
+    with dp_replicate = the allocated node count; 0 = exactly `nodes`"""
     ntasks_per_node: int = 1
     """tasks (training processes) per node: one per device"""
     gpus_per_node: int = 0
@@ -71,6 +74,8 @@ class SbatchOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}={value} must be an integer >= 1")
+        if self.min_nodes and not 1 <= self.min_nodes <= self.nodes:
+            raise ConfigError(f"--min-nodes={self.min_nodes} must be in [1, --nodes={self.nodes}]")
         if self.gpus_per_node < 0:
             raise ConfigError(f"--gpus-per-node={self.gpus_per_node} must be >= 0 (0 = no GPUs)")
         if not 1 <= self.signal_seconds <= 65535:  # Slurm stores the offset in 16 bits
@@ -106,7 +111,9 @@ def render_sbatch(opts: SbatchOptions, recipe: str | None, overrides: list[str],
     """
     python = python or sys.executable
     q = shlex.quote
-    header = [f"--job-name={opts.job_name}", f"--nodes={opts.nodes}", f"--ntasks-per-node={opts.ntasks_per_node}",
+    elastic = 0 < opts.min_nodes < opts.nodes
+    nodes = f"{opts.min_nodes}-{opts.nodes}" if elastic else str(opts.nodes)
+    header = [f"--job-name={opts.job_name}", f"--nodes={nodes}", f"--ntasks-per-node={opts.ntasks_per_node}",
               f"--cpus-per-task={opts.cpus_per_task}"]
     if opts.gpus_per_node:
         header.append(f"--gpus-per-node={opts.gpus_per_node}")
@@ -117,33 +124,80 @@ def render_sbatch(opts: SbatchOptions, recipe: str | None, overrides: list[str],
     if opts.account:
         header.append(f"--account={opts.account}")
     header += [f"--signal=USR2@{opts.signal_seconds}", "--requeue", "--open-mode=append",
-               f"--output={Path(output_dir) / 'slurm-%j.out'}", f"--chdir={workdir}", *opts.extra]
+               f"--output={Path(output_dir) / 'slurm-%j.out'}", f"--chdir={workdir}"]
+    if elastic:  # a failed node leaves the allocation instead of ending the job (sbatch(1), --no-kill)
+        header.append("--no-kill")
+    header += list(opts.extra)
     train = [python, "-m", "clusterlm", "train", *([recipe] if recipe else []), "--train.resume=auto", *overrides]
     srun = ["srun", f"--cpus-per-task={opts.cpus_per_task}", "--wait=120"]
+    master = [
+        "# a host name that does not resolve here (bare containers): the address Slurm reaches the node at",
+        'getent hosts "$MASTER_ADDR" >/dev/null || MASTER_ADDR="$(scontrol show node "$MASTER_ADDR" '
+        '| sed -n \'s/.*NodeAddr=\\([^ ]*\\).*/\\1/p\')"',
+    ]
+    threads = [
+        "# torch's intra-op threads per task: its CPUs (by default torch takes every core of the node, and",
+        "# several tasks on one node would fight over them); --train.threads overrides",
+        f"export OMP_NUM_THREADS={opts.cpus_per_task}",
+    ]
+    if not elastic:
+        run = [
+            "# rendezvous on the first node of the allocation; the port comes from the job id (and the restart",
+            "# count), so jobs sharing a node, and a requeued job's new round, do not collide",
+            'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"',
+            *master,
+            "export MASTER_PORT=$(( 20000 + (SLURM_JOB_ID * 8 + ${SLURM_RESTART_COUNT:-0} % 8) % 40000 ))",
+            'echo "clusterlm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST,'
+            ' $SLURM_NTASKS tasks, master $MASTER_ADDR:$MASTER_PORT, $(date -u +%FT%TZ)"',
+            "",
+            *threads,
+            "# one task per device; srun reads SLURM_CPUS_PER_TASK no more (22.05), so it is passed again;",
+            "# --wait: when one task ends, the others get 120 s before srun stops them",
+            " ".join(q(a) for a in srun) + " \\",
+            "    " + " ".join(q(a) for a in train),
+            "rc=$?",
+        ]
+    else:
+        k = opts.ntasks_per_node
+        run = [
+            *threads,
+            "# elastic (--nodes=MIN-MAX, --no-kill): one data-parallel replica per node (dp_replicate = nodes,",
+            "# the last override wins). When a node fails, Slurm takes it out of the allocation and srun ends;",
+            "# the next round runs on the nodes left (at least MIN) and resumes the last checkpoint at the new",
+            "# world size (DCP reshards; the trainer re-derives gradient accumulation from the global batch)",
+            'nodes="$SLURM_JOB_NODELIST"',
+            "round=0",
+            "while true; do",
+            '    n=$(scontrol show hostnames "$nodes" | wc -l)',
+            '    export MASTER_ADDR="$(scontrol show hostnames "$nodes" | head -n1)"',
+            *("    " + line for line in master),
+            "    # the port: from the job id, the requeue count and the round, so no round meets an older one's socket",
+            "    export MASTER_PORT=$(( 20000 + (SLURM_JOB_ID * 8 + (${SLURM_RESTART_COUNT:-0} + round) % 8) % 40000 ))",
+            '    echo "clusterlm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}, round $round) on $nodes,'
+            f' $((n * {k})) tasks, --parallel.dp_replicate=$n, master $MASTER_ADDR:$MASTER_PORT, $(date -u +%FT%TZ)"',
+            "    " + " ".join(q(a) for a in srun) + f' --nodes="$n" --ntasks=$((n * {k})) --nodelist="$nodes" \\',
+            "        " + " ".join(q(a) for a in train) + ' "--parallel.dp_replicate=$n"',
+            "    rc=$?",
+            f'    [ "$rc" -eq 0 ] || [ "$rc" -eq {EXIT_PREEMPTED} ] && break',
+            "    # the nodes still allocated (scontrol shows the allocation without the failed ones)",
+            '    left="$(scontrol show job "$SLURM_JOB_ID" | sed -n \'s/^ *NodeList=\\([^ ]*\\).*/\\1/p\')"',
+            '    nleft=$( [ -n "$left" ] && scontrol show hostnames "$left" | wc -l || echo 0)',
+            f'    if [ "$nleft" -ge {opts.min_nodes} ] && [ "$nleft" -lt "$n" ]; then',
+            '        lost="$(scontrol show hostnames "$nodes" | grep -vxF -f <(scontrol show hostnames "$left") | paste -sd, -)"',
+            '        echo "clusterlm: srun exited with $rc; node(s) lost: $lost; restarting on $left ($nleft node(s)),'
+            ' $(date -u +%FT%TZ)"',
+            '        nodes="$left"; round=$((round + 1)); continue',
+            "    fi",
+            "    break",
+            "done",
+        ]
     lines = [
         "#!/bin/bash",
         f"# rendered by `clusterlm launch --slurm` for {recipe or '(defaults + overrides)'}",
         *(f"#SBATCH {h}" for h in header),
         "",
         "set -uo pipefail",
-        "# rendezvous on the first node of the allocation; the port comes from the job id (and the restart",
-        "# count), so jobs sharing a node, and a requeued job's new round, do not collide",
-        'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"',
-        "# a host name that does not resolve here (bare containers): the address Slurm reaches the node at",
-        'getent hosts "$MASTER_ADDR" >/dev/null || MASTER_ADDR="$(scontrol show node "$MASTER_ADDR" '
-        '| sed -n \'s/.*NodeAddr=\\([^ ]*\\).*/\\1/p\')"',
-        "export MASTER_PORT=$(( 20000 + (SLURM_JOB_ID * 8 + ${SLURM_RESTART_COUNT:-0} % 8) % 40000 ))",
-        'echo "clusterlm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST,'
-        ' $SLURM_NTASKS tasks, master $MASTER_ADDR:$MASTER_PORT, $(date -u +%FT%TZ)"',
-        "",
-        "# torch's intra-op threads per task: its CPUs (by default torch takes every core of the node, and",
-        "# several tasks on one node would fight over them); --train.threads overrides",
-        f"export OMP_NUM_THREADS={opts.cpus_per_task}",
-        "# one task per device; srun reads SLURM_CPUS_PER_TASK no more (22.05), so it is passed again;",
-        "# --wait: when one task ends, the others get 120 s before srun stops them",
-        " ".join(q(a) for a in srun) + " \\",
-        "    " + " ".join(q(a) for a in train),
-        "rc=$?",
+        *run,
         f"if [ \"$rc\" -eq {EXIT_PREEMPTED} ]; then",
         "    # preempted (SIGUSR2 before the time limit, or scancel --signal=USR2): every rank finished its",
         "    # step and the checkpoint is saved; put the job back in the queue, it resumes by itself",
@@ -239,6 +293,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("Slurm (with --slurm: render an sbatch script, submit it, print the job id)")
     g.add_argument("--slurm", action="store_true", help="submit to Slurm with sbatch instead of running torchrun here")
     g.add_argument("--nodes", type=int, default=1, help="nodes to allocate")
+    g.add_argument("--min-nodes", type=int, default=0,
+                   help="elastic: run on as few as this many nodes (also after a node is lost and the job requeued); "
+                        "dp_replicate follows the node count, so the recipe's must equal --nodes")
     g.add_argument("--ntasks-per-node", type=int, default=None,
                    help="training processes per node (default: --gpus-per-node, else world size / nodes)")
     g.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (0: CPU-only job)")
@@ -282,7 +339,7 @@ def submit(args: argparse.Namespace, overrides: list[str], run: Runner | None = 
     ntasks = args.ntasks_per_node
     if ntasks is None:
         ntasks = args.gpus_per_node or (world // args.nodes if args.nodes >= 1 and world % args.nodes == 0 else 1)
-    opts = SbatchOptions(nodes=args.nodes, ntasks_per_node=ntasks, gpus_per_node=args.gpus_per_node,
+    opts = SbatchOptions(nodes=args.nodes, min_nodes=args.min_nodes, ntasks_per_node=ntasks, gpus_per_node=args.gpus_per_node,
                          cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition,
                          account=args.account, job_name=args.job_name, signal_seconds=args.signal_seconds,
                          extra=tuple(args.sbatch_arg))
@@ -291,6 +348,10 @@ def submit(args: argparse.Namespace, overrides: list[str], run: Runner | None = 
                           f"but the recipe's [parallel] layout needs dp_replicate*dp_shard*tp*pp = "
                           f"{cfg.parallel.dp_replicate}*{cfg.parallel.dp_shard}*{cfg.parallel.tp}*{cfg.parallel.pp} = "
                           f"{world}; change the task counts or set e.g. --parallel.dp_shard={opts.world_size}")
+    if 0 < opts.min_nodes < opts.nodes and cfg.parallel.dp_replicate != opts.nodes:
+        raise ConfigError(f"--min-nodes={opts.min_nodes}: an elastic job has one data-parallel replica per node, but "
+                          f"dp_replicate={cfg.parallel.dp_replicate} != --nodes={opts.nodes}; set "
+                          f"--parallel.dp_replicate={opts.nodes} --parallel.dp_shard={world // opts.nodes}")
     if opts.gpus_per_node and opts.ntasks_per_node != opts.gpus_per_node:
         log.warning("--ntasks-per-node=%d != --gpus-per-node=%d: clusterlm expects one task per GPU",
                     opts.ntasks_per_node, opts.gpus_per_node)

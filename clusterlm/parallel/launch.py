@@ -1,7 +1,7 @@
 """Process-group start-up: the one place that reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* and SLURM_*.
 
     clusterlm launch recipes/llama_shakespeare_cpu.toml --nproc-per-node 2 --train.max_steps=50
-    clusterlm launch RECIPE --nproc-per-node 8 --nnodes 2 --node-rank 0 --master-addr node01
+    clusterlm launch RECIPE --nproc-per-node 8 --nnodes 2 --node-rank 0 --rdzv-endpoint node01:29500  # on each node
     clusterlm launch RECIPE --slurm --nodes 2 --gpus-per-node 8 --time 04:00:00 --parallel.dp_shard=16
 
 `launch` runs torchrun (`python -m torch.distributed.run`) for `clusterlm train`. `clusterlm train`
@@ -28,6 +28,10 @@ from clusterlm.cluster.slurm_text import expand_nodelist
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 29500  # torchrun's default
+DEFAULT_TIMEOUT_S = 600.0  # torch's default for gloo collectives
+# the process group's timeout in seconds (a collective waiting longer raises): short in tests that cut
+# a node's link, where gloo would otherwise wait DEFAULT_TIMEOUT_S on the dead peer
+TIMEOUT_ENV = "CLUSTERLM_DIST_TIMEOUT_S"
 
 
 @dataclass(frozen=True)
@@ -102,12 +106,27 @@ def _slurm_tasks_on_node(env: Mapping[str, str], ntasks: int) -> int:
     return 1
 
 
+def dist_timeout_s(env: Mapping[str, str] | None = None) -> float:
+    """The process group's timeout: $CLUSTERLM_DIST_TIMEOUT_S, else DEFAULT_TIMEOUT_S."""
+    env = os.environ if env is None else env
+    if not env.get(TIMEOUT_ENV):
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(env[TIMEOUT_ENV])
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise ValueError(f"environment variable {TIMEOUT_ENV}={env[TIMEOUT_ENV]!r} must be a number of seconds > 0")
+    return value
+
+
 def init_distributed(dist_env: DistEnv | None = None, *, device_type: str = "auto",
-                     timeout_s: float = 600.0):  # -> torch.device
+                     timeout_s: float | None = None):  # -> torch.device
     """Start the default process group (NCCL on GPU, gloo on CPU) if launched; returns this rank's device
     (cuda:LOCAL_RANK when CUDA is available and device_type is "auto" or "cuda", else cpu).
 
     Does nothing but pick the device when world_size is 1 or a group is already initialised.
+    `timeout_s` None: dist_timeout_s() ($CLUSTERLM_DIST_TIMEOUT_S, else 600 s).
     """
     import torch
     import torch.distributed as dist
@@ -124,7 +143,7 @@ def init_distributed(dist_env: DistEnv | None = None, *, device_type: str = "aut
     if not dist_env.distributed or dist.is_initialized():
         return device
     backend = "nccl" if cuda else "gloo"
-    timeout = datetime.timedelta(seconds=timeout_s)
+    timeout = datetime.timedelta(seconds=dist_timeout_s() if timeout_s is None else timeout_s)
     # Our own store, keys prefixed by torchrun's restart round: a restarted group must never read the
     # dead round's addresses from a store that outlived it (seen with torchrun's agent store: gloo then
     # fails with "Connection refused"). Under torchrun the agent hosts the store; else rank 0 does.
@@ -136,8 +155,8 @@ def init_distributed(dist_env: DistEnv | None = None, *, device_type: str = "aut
     store = dist.PrefixStore(f"clusterlm/round_{restart}", store)
     dist.init_process_group(backend=backend, store=store, rank=dist_env.rank, world_size=dist_env.world_size,
                             timeout=timeout, device_id=device if cuda else None)
-    log.info("process group %s: rank %d of %d (%s, master %s:%d)", backend, dist_env.rank, dist_env.world_size,
-             dist_env.source, dist_env.master_addr, dist_env.master_port)
+    log.info("process group %s: rank %d of %d (%s, master %s:%d, timeout %.0f s)", backend, dist_env.rank,
+             dist_env.world_size, dist_env.source, dist_env.master_addr, dist_env.master_port, timeout.total_seconds())
     return device
 
 
@@ -225,6 +244,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--node-rank", type=int, default=0, help="this node's index in [0, nnodes)")
     parser.add_argument("--master-addr", default="127.0.0.1", help="host name/address of node 0")
     parser.add_argument("--master-port", type=int, default=DEFAULT_PORT, help="free TCP port on node 0")
+    parser.add_argument("--rdzv-endpoint", metavar="ADDR:PORT",
+                        help="c10d rendezvous endpoint, the same on every node (= --master-addr ADDR --master-port PORT)")
     parser.add_argument("--max-restarts", type=int, default=0,
                         help="torchrun restarts of the whole group after a failure (resume with --train.resume=auto)")
     parser.add_argument("--dry-run", action="store_true", help="print the torchrun command (or sbatch script) and exit")
@@ -236,6 +257,11 @@ def main(argv: list[str]) -> int:
         return slurm.submit(args, overrides)
     if args.nproc_per_node is None:
         parser.error("the following arguments are required: --nproc-per-node (or --slurm to submit to Slurm)")
+    if args.rdzv_endpoint:
+        addr, _, port = args.rdzv_endpoint.rpartition(":")
+        if not addr or not port.isdigit():
+            parser.error(f"--rdzv-endpoint={args.rdzv_endpoint!r} must be ADDR:PORT (e.g. 10.77.0.11:29500)")
+        args.master_addr, args.master_port = addr.strip("[]"), int(port)
     cmd = torchrun_command(args.recipe, overrides, nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,
                            node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
                            max_restarts=args.max_restarts)

@@ -1,0 +1,260 @@
+"""Multi-node runs for real: a Slurm cluster of two network-namespace "nodes" (scripts/testcluster.sh: each
+with its own address, host name and slurmd; munged and slurmctld shared), HSDP over gloo on TCP across
+them, with torchrun's c10d rendezvous too, and a node lost mid-run (its link cut).
+
+Root only (namespaces, links, Slurm daemons); installs slurm-wlm and munge with apt when missing, as
+tests/e2e/test_slurm.py does. Skips, saying why, only when the cluster cannot be had. The cluster lives in
+a fresh state folder, on free ports, a subnet and name prefix of its own, and is stopped (namespaces,
+links, daemons) at the end, also after a failure. About 3 min on 2 busy cores.
+"""
+
+from __future__ import annotations
+
+import calendar
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from tests.helpers import train_losses
+
+from clusterlm.cluster.slurm import TERMINAL_STATES, query_states
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "testcluster.sh"
+STEPS = 40
+CKPT_INTERVAL = 5
+CUT_AT_STEP = 12
+# gloo waits 600 s on a dead peer by default; here a collective gives up after 30 s (the trainer's
+# heartbeat, train.heartbeat_timeout, is the production answer). On the cut below Slurm is faster:
+# slurmctld marks the silent node DOWN (SlurmdTimeout=10 s on the test cluster) and srun ends the step.
+DIST_TIMEOUT_S = 30
+# the run every layout is compared with: a tiny Llama on the character-level corpus, CPU, fp32
+TRAIN = ["--data.dir={data}", "--model.preset=llama-nano", "--model.max_seq_len=32", "--train.seq_len=32",
+         "--train.micro_batch_size=2", "--train.global_batch_tokens=256", f"--train.max_steps={STEPS}",
+         "--train.device=cpu", "--train.threads=1", "--train.eval_interval=0", "--train.log_interval=1",
+         "--train.tensorboard=false"]
+HSDP = ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tc(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """(environment, node names, node addresses) of a freshly started 2-node namespaced Slurm cluster."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces, veth links and the Slurm daemons need root and this test is not root")
+    missing = [c for c in ("ip", "nsenter", "unshare") if shutil.which(c) is None]
+    if missing:
+        pytest.skip(f"missing {', '.join(missing)} (iproute2, util-linux)")
+    probe = f"clmprobe{os.getpid()}"
+    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, timeout=30)
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=30)
+    if r.returncode != 0:
+        pytest.skip(f"cannot create a network namespace here (no CAP_SYS_ADMIN/CAP_NET_ADMIN?): {r.stderr.strip()}")
+    if shutil.which("apt-get") is None and not all(shutil.which(c) for c in ("slurmctld", "slurmd", "sbatch", "munged")):
+        pytest.skip("Slurm is not installed and there is no apt-get to install slurm-wlm and munge")
+    # short path: munge's socket lives here and Unix socket paths are limited to 108 bytes
+    state = tempfile.mkdtemp(prefix="clusterlm-tc-")
+    tag = os.getpid() % 150
+    prefix = f"t{tag}n"  # node names t<tag>n1, t<tag>n2; bridge t<tag>nbr0 (interface names: 15 bytes at most)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_",
+                                "TORCHELASTIC_", "OMP_NUM_THREADS"))}
+    env.update(CLUSTERLM_TESTCLUSTER_DIR=state, CLUSTERLM_TC_PREFIX=prefix, CLUSTERLM_TC_NET=f"10.77.{100 + tag}",
+               CLUSTERLM_SLURMCTLD_PORT=str(_free_port()), CLUSTERLM_SLURMD_PORT=str(_free_port()),
+               CLUSTERLM_HOME=str(Path(state) / "home"), SLURM_CONF=str(Path(state) / "slurm.conf"),
+               CLUSTERLM_DIST_TIMEOUT_S=str(DIST_TIMEOUT_S))
+    try:
+        r = _tc(env, "start", "2", timeout=900)
+        if r.returncode != 0:
+            logs = "".join(f"\n--- {p.name}\n" + p.read_text(errors="replace")[-1500:]
+                           for p in [*Path(state).glob("apt.log"), *sorted((Path(state) / "log").glob("*.log"))])
+            pytest.skip(f"the namespaced Slurm cluster did not come up: {r.stderr.strip()[-1500:]}{logs}")
+        nodes = [f"{prefix}1", f"{prefix}2"]
+        yield env, nodes, [_tc(env, "addr", n).stdout.strip() for n in nodes]
+    finally:
+        _tc(env, "stop")
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from clusterlm.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "t.txt").write_text("".join(f"To be, or not to be, that is the question {i}\n" * 20 for i in range(20)))
+    prepare([str(root / "t.txt")], root / "data", tokenizer="char", val_fraction=0.1)
+    return root / "data"
+
+
+def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return [a.format(data=data) for a in TRAIN] + [f"--train.out_dir={out}", *extra]
+
+
+def _torchrun_here(env: dict[str, str], data: Path, out: Path, nproc: int, *extra: str,
+                   timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`clusterlm launch --nproc-per-node N` on this host (the root namespace), no Slurm."""
+    cmd = [sys.executable, "-m", "clusterlm", "launch", f"--nproc-per-node={nproc}", f"--master-port={_free_port()}",
+           *_train_args(data, out, *extra)]
+    return subprocess.run(cmd, env={k: v for k, v in env.items() if k != "SLURM_CONF"}, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _submit(env: dict[str, str], cwd: Path, name: str, *args: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "clusterlm", "launch", "--slurm", f"--job-name={name}",
+                        "--time=00:10:00", "--signal-seconds=60", *args], env=env, cwd=cwd, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = re.search(r"^submitted batch job (\d+) ", r.stdout, re.M)
+    assert m, r.stdout
+    return m.group(1)
+
+
+def _wait(env: dict[str, str], job: str, limit_s: float) -> str:
+    """The job's terminal state; scancel and fail after limit_s."""
+    saved = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = env["SLURM_CONF"]  # query_states runs scontrol/squeue in this process
+    try:
+        deadline = time.time() + limit_s
+        while time.time() < deadline:
+            state = query_states([job])[job]
+            if state.state in TERMINAL_STATES:
+                return state.state
+            time.sleep(1)
+    finally:
+        if saved is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = saved
+    subprocess.run(["scancel", job], env=env, capture_output=True, timeout=30)
+    pytest.fail(f"job {job} did not finish in {limit_s:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def one_host(cluster, data, tmp_path_factory) -> dict[int, float]:
+    """Per-step losses of the 2 x 2 HSDP layout as 4 processes on this one host."""
+    env, _, _ = cluster
+    out = tmp_path_factory.mktemp("one_host") / "run"
+    r = _torchrun_here(env, data, out, 4, *HSDP, "--checkpoint.interval=0")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    losses = train_losses(out)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    return losses
+
+
+def test_slurm_hsdp_across_two_namespaced_nodes_equals_one_host(cluster, data, one_host, tmp_path):
+    """`clusterlm launch --slurm --nodes 2 --ntasks-per-node 2` runs HSDP (dp_replicate=2 across the nodes,
+    dp_shard=2 within) over gloo on TCP between two network namespaces, rendezvousing at the first
+    node's own address; its 40 per-step losses equal, bit for bit, the same layout run as 4 processes on
+    one host."""
+    env, nodes, addrs = cluster
+    job = _submit(env, tmp_path, "hsdp", "--nodes=2", "--ntasks-per-node=2", *HSDP,
+                  *_train_args(data, tmp_path / "run", "--checkpoint.interval=0"))
+    assert _wait(env, job, 300) == "COMPLETED"
+    log = (tmp_path / "run" / f"slurm-{job}.out").read_text()
+    assert re.search(rf"clusterlm: job {job} \(restart 0\) on {nodes[0][:-1]}\[1-2\], 4 tasks, master {nodes[0]}:", log), log[:2000]
+    assert f"process group gloo: rank 0 of 4 (slurm, master {nodes[0]}:" in log
+    assert "layout: dp_replicate=2*dp_shard=2*tp=1*pp=1 on 4 process(es)" in log
+    assert train_losses(tmp_path / "run") == one_host
+
+
+def test_torchrun_c10d_across_two_namespaced_nodes_equals_one_host(cluster, data, one_host, tmp_path):
+    """Multi-node `clusterlm launch` without Slurm: one `clusterlm launch --nnodes 2 --node-rank K
+    --rdzv-endpoint NODE1_ADDR:PORT --nproc-per-node 2` per namespace (torchrun, c10d rendezvous); the
+    HSDP run's 40 per-step losses equal the one-host run's bit for bit."""
+    env, nodes, addrs = cluster
+    port = _free_port()
+    procs, logs = [], [open(tmp_path / f"node{k}.log", "w") for k in range(2)]
+    for k, node in enumerate(nodes):
+        cmd = ["bash", str(SCRIPT), "exec", node, sys.executable, "-m", "clusterlm", "launch", "--nnodes=2",
+               f"--node-rank={k}", f"--rdzv-endpoint={addrs[0]}:{port}", "--nproc-per-node=2", *HSDP,
+               *_train_args(data, tmp_path / "run", "--checkpoint.interval=0")]
+        procs.append(subprocess.Popen(cmd, env={k: v for k, v in env.items() if k != "SLURM_CONF"},
+                                      stdout=logs[k], stderr=subprocess.STDOUT, cwd=tmp_path))
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
+        for f in logs:
+            f.close()
+    logs = "\n".join((tmp_path / f"node{k}.log").read_text()[-2000:] for k in range(2))
+    assert codes == [0, 0], logs
+    assert "process group gloo: rank 0 of 4 (torchrun" in (tmp_path / "node0.log").read_text() + (tmp_path / "node1.log").read_text()
+    assert train_losses(tmp_path / "run") == one_host
+
+
+def test_node_cut_mid_run_restarts_on_survivor_and_matches_uninterrupted(cluster, data, tmp_path):
+    """An elastic job (`--nodes 2 --min-nodes 1`, HSDP 2 x 2, a checkpoint every 5 steps) loses node 2's link
+    at step 12 (`testcluster.sh cut`): within 90 s Slurm marks the node DOWN, srun stops and the script
+    names the lost node; it restarts on node 1 alone at world size 2 (dp_replicate=1, dp_shard=2, 2
+    accumulation steps for the same global batch) from the last committed checkpoint (DCP reshards 4 -> 2
+    ranks) and finishes. Its per-step losses from there equal, bit for bit, an uninterrupted world-size-2
+    run started from a copy of that checkpoint on this host."""
+    env, nodes, _ = cluster
+    run = tmp_path / "run"
+    train = _train_args(data, run, f"--checkpoint.interval={CKPT_INTERVAL}", "--checkpoint.keep_last=100")
+    job = _submit(env, tmp_path, "elastic", "--nodes=2", "--min-nodes=1", "--ntasks-per-node=2", *HSDP, *train)
+    cut_at = None
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                done = max(train_losses(run), default=0)
+            except (OSError, ValueError):  # not there yet, or a line half written
+                done = 0
+            if done >= CUT_AT_STEP:
+                break
+            time.sleep(0.05)
+        assert CUT_AT_STEP <= done < STEPS, f"job {job} at step {done} when the cut was due"
+        r = _tc(env, "cut", nodes[1])
+        assert r.returncode == 0, r.stderr
+        cut_at = time.time()
+        state = _wait(env, job, 300)
+    finally:
+        if cut_at is not None:
+            _tc(env, "restore", nodes[1])
+    log = (run / f"slurm-{job}.out").read_text()
+    assert state == "COMPLETED", log[-3000:]
+    m = re.search(rf"clusterlm: srun exited with \d+; node\(s\) lost: {nodes[1]}; restarting on {nodes[0]} "
+                  r"\(1 node\(s\)\), (\S+)Z", log)
+    assert m, log[-4000:]
+    stopped = calendar.timegm(time.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S"))
+    assert stopped - cut_at < 90, f"the job noticed the lost node {stopped - cut_at:.0f} s after the cut"
+    assert re.search(rf"round 1\) on {nodes[0]}, 2 tasks, --parallel.dp_replicate=1", log)
+    resumed = re.search(r"resumed from (\S+step-(\d+)) at step (\d+)", log)
+    assert resumed, log[-3000:]
+    step = int(resumed.group(3))
+    assert step % CKPT_INTERVAL == 0 and step <= CUT_AT_STEP + 1 and step > 0
+    assert "2 accumulation steps, 256 tokens per step" in log
+
+    # the reference: the same checkpoint, world size 2 on this host, never interrupted
+    ref = tmp_path / "ref"
+    (ref / "checkpoints").mkdir(parents=True)
+    name = Path(resumed.group(1)).name
+    shutil.copytree(resumed.group(1), ref / "checkpoints" / name)
+    (ref / "checkpoints" / "latest").write_text(name + "\n")
+    r = _torchrun_here(env, data, ref, 2, "--parallel.dp_replicate=1", "--parallel.dp_shard=2",
+                       f"--checkpoint.interval={CKPT_INTERVAL}", "--checkpoint.keep_last=100", "--train.resume=auto")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    after = {s: v for s, v in train_losses(run).items() if s > step}  # the restarted round's (later lines win)
+    assert sorted(after) == list(range(step + 1, STEPS + 1))
+    assert train_losses(ref) == after
