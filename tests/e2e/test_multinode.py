@@ -5,7 +5,8 @@ them, with torchrun's c10d rendezvous too, and a node lost mid-run (its link cut
 Root only (namespaces, links, Slurm daemons); installs slurm-wlm and munge with apt when missing, as
 tests/e2e/test_slurm.py does. Skips, saying why, only when the cluster cannot be had. The cluster lives in
 a fresh state folder, on free ports, a subnet and name prefix of its own, and is stopped (namespaces,
-links, daemons) at the end, also after a failure. About 3 min on 2 busy cores.
+links, daemons) at the end, also after a failure. About 3 min on 2 busy cores (the tests marked slow);
+the first tests check the rendered elastic script with stand-ins for srun and scontrol, in a second.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ import pytest
 from tests.helpers import train_losses
 
 from clusterlm.cluster.slurm import TERMINAL_STATES, query_states
-
-pytestmark = pytest.mark.slow
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "testcluster.sh"
 STEPS = 40
@@ -52,6 +51,73 @@ def _free_port() -> int:
 
 def _tc(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+FAKE_SRUN = """#!/bin/bash
+echo "$*" >> "$FAKE_DIR/srun.calls"
+n=$(wc -l < "$FAKE_DIR/srun.calls")
+[ "$n" -ge 2 ] && exit 0
+echo "srun: error: Node failure on n2" >&2
+exit 137
+"""
+FAKE_SCONTROL = """#!/bin/bash
+case "$1 $2" in
+  "show hostnames") case "$3" in "n[1-2]") printf 'n1\\nn2\\n' ;; *) echo "$3" ;; esac ;;
+  "show job") echo "   NodeList=n1 BatchHost=n1" ;;
+  "show node") echo "   NodeAddr=10.0.0.1" ;;
+esac
+"""
+
+
+def test_elastic_script_restarts_on_the_nodes_left(tmp_path):
+    """The script of `launch --slurm --nodes 2 --min-nodes 1` (with stand-ins for srun and scontrol: the
+    first srun fails with a node failure and scontrol then shows the allocation without n2) names the
+    lost node and runs srun again on n1 alone, 2 tasks, dp_replicate=1 given last, on a new port."""
+    from clusterlm.cluster.slurm import SbatchOptions, render_sbatch
+
+    script = render_sbatch(SbatchOptions(nodes=2, min_nodes=1, ntasks_per_node=2), None,
+                           ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"], output_dir=tmp_path, workdir=tmp_path,
+                           python="python")
+    assert "#SBATCH --nodes=1-2" in script and "#SBATCH --no-kill" in script
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o755)
+    (tmp_path / "job.sh").write_text(script)
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "FAKE_DIR": str(tmp_path), "SLURM_JOB_ID": "7",
+           "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_NUM_NODES": "2"}
+    r = subprocess.run(["bash", str(tmp_path / "job.sh")], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+    calls = (tmp_path / "srun.calls").read_text().splitlines()
+    assert len(calls) == 2
+    assert '--nodes=2 --ntasks=4 --nodelist=n[1-2]' in calls[0] and calls[0].endswith("--parallel.dp_replicate=2")
+    assert '--nodes=1 --ntasks=2 --nodelist=n1' in calls[1] and calls[1].endswith("--parallel.dp_replicate=1")
+    assert "srun exited with 137; node(s) lost: n2; restarting on n1 (1 node(s))" in r.stdout
+    ports = re.findall(r"master \S+:(\d+)", r.stdout)
+    assert len(ports) == 2 and ports[0] != ports[1], r.stdout
+
+
+def test_elastic_needs_one_replica_per_node(tmp_path):
+    """--min-nodes with a layout whose dp_replicate is not the node count is refused before anything is
+    written, with the fix in the message; so is --min-nodes > --nodes."""
+    base = [sys.executable, "-m", "clusterlm", "launch", "--slurm", "--dry-run", "--nodes=2", "--ntasks-per-node=2",
+            f"--train.out_dir={tmp_path / 'run'}"]
+    r = subprocess.run([*base, "--min-nodes=1", "--parallel.dp_shard=4"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--parallel.dp_replicate=2 --parallel.dp_shard=2" in r.stderr, r.stderr
+    r = subprocess.run([*base, "--min-nodes=3", "--parallel.dp_replicate=2", "--parallel.dp_shard=2"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--min-nodes=3 must be in [1, --nodes=2]" in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_dist_timeout_from_environment():
+    """CLUSTERLM_DIST_TIMEOUT_S sets the process group's timeout; unset means torch's 600 s; junk is refused."""
+    from clusterlm.parallel.launch import DEFAULT_TIMEOUT_S, dist_timeout_s
+
+    assert dist_timeout_s({}) == DEFAULT_TIMEOUT_S == 600
+    assert dist_timeout_s({"CLUSTERLM_DIST_TIMEOUT_S": "30"}) == 30
+    for bad in ("0", "-5", "soon"):
+        with pytest.raises(ValueError, match="CLUSTERLM_DIST_TIMEOUT_S"):
+            dist_timeout_s({"CLUSTERLM_DIST_TIMEOUT_S": bad})
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +224,7 @@ def one_host(cluster, data, tmp_path_factory) -> dict[int, float]:
     return losses
 
 
+@pytest.mark.slow
 def test_slurm_hsdp_across_two_namespaced_nodes_equals_one_host(cluster, data, one_host, tmp_path):
     """`clusterlm launch --slurm --nodes 2 --ntasks-per-node 2` runs HSDP (dp_replicate=2 across the nodes,
     dp_shard=2 within) over gloo on TCP between two network namespaces, rendezvousing at the first
@@ -174,6 +241,7 @@ def test_slurm_hsdp_across_two_namespaced_nodes_equals_one_host(cluster, data, o
     assert train_losses(tmp_path / "run") == one_host
 
 
+@pytest.mark.slow
 def test_torchrun_c10d_across_two_namespaced_nodes_equals_one_host(cluster, data, one_host, tmp_path):
     """Multi-node `clusterlm launch` without Slurm: one `clusterlm launch --nnodes 2 --node-rank K
     --rdzv-endpoint NODE1_ADDR:PORT --nproc-per-node 2` per namespace (torchrun, c10d rendezvous); the
@@ -202,6 +270,7 @@ def test_torchrun_c10d_across_two_namespaced_nodes_equals_one_host(cluster, data
     assert train_losses(tmp_path / "run") == one_host
 
 
+@pytest.mark.slow
 def test_node_cut_mid_run_restarts_on_survivor_and_matches_uninterrupted(cluster, data, tmp_path):
     """An elastic job (`--nodes 2 --min-nodes 1`, HSDP 2 x 2, a checkpoint every 5 steps) loses node 2's link
     at step 12 (`testcluster.sh cut`): within 90 s Slurm marks the node DOWN, srun stops and the script
