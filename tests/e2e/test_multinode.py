@@ -271,6 +271,26 @@ def test_torchrun_c10d_across_two_namespaced_nodes_equals_one_host(cluster, data
 
 
 @pytest.mark.slow
+def test_probe_all_nodes_measures_the_inter_node_link(cluster, tmp_path):
+    """`clusterlm probe --all-nodes` in a 2-node allocation probes each namespaced node (merged into one node
+    type of count 2) and measures the all-reduce bus bandwidth between them (gloo, one rank per node),
+    which becomes the spec's inter-node link (the planner's dp_comm uses it)."""
+    import tomllib
+
+    env, nodes, _ = cluster
+    r = subprocess.run(["sbatch", "--parsable", "--wait", "--nodes=2", "--ntasks-per-node=1", "--time=00:05:00",
+                        f"--output={tmp_path / 'probe.out'}", "--wrap",
+                        f"{sys.executable} -m clusterlm probe --all-nodes --quick --no-measure --out {tmp_path / 'c.toml'}"],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    out = (tmp_path / "probe.out").read_text() if (tmp_path / "probe.out").exists() else ""
+    assert r.returncode == 0, r.stdout + r.stderr + out[-3000:]
+    assert "2 ranks on 2 host(s)" in out and f"ranks on {nodes[0]}, {nodes[1]}" in out, out[-3000:]
+    spec = tomllib.loads((tmp_path / "c.toml").read_text())
+    assert [nt["count"] for nt in spec["node_types"]] == [2], spec["node_types"]
+    assert spec["inter_node_link"]["measured_busbw_gbs"] > 0, spec["inter_node_link"]
+
+
+@pytest.mark.slow
 def test_node_cut_mid_run_restarts_on_survivor_and_matches_uninterrupted(cluster, data, tmp_path):
     """An elastic job (`--nodes 2 --min-nodes 1`, HSDP 2 x 2, a checkpoint every 5 steps) loses node 2's link
     at step 12 (`testcluster.sh cut`): within 90 s Slurm marks the node DOWN, srun stops and the script
