@@ -36,12 +36,13 @@ from pathlib import Path
 
 from clusterlm.cluster.slurm_text import (TERMINAL_STATES, JobState, parse_sacct, parse_scontrol_show_job,
                                          parse_squeue, parse_time_limit)
-from clusterlm.errors import EXIT_PREEMPTED
+from clusterlm.errors import EXIT_PREEMPTED, EXIT_RANK_LOST
 from clusterlm.errors import ClusterlmError, ConfigError
 
 log = logging.getLogger(__name__)
 
 REGISTRY_VERSION = 1
+MAX_RANK_LOST_REQUEUES = 3  # a job whose ranks keep hanging is not requeued for ever
 SIGNAL_RESOLUTION_S = 60  # sbatch(1), --signal: "may be sent up to 60 seconds earlier than specified"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.,+\-]+$")  # job names, partitions, accounts: no spaces or quotes
 
@@ -204,6 +205,13 @@ def render_sbatch(opts: SbatchOptions, recipe: str | None, overrides: list[str],
         f'    echo "clusterlm: exit {EXIT_PREEMPTED} (checkpoint saved): requeueing job $SLURM_JOB_ID"',
         '    scontrol requeue "$SLURM_JOB_ID" && exit 0',
         '    echo "clusterlm: scontrol requeue failed; resubmit this script to resume" >&2',
+        "fi",
+        f'if [ "$rc" -eq {EXIT_RANK_LOST} ] && [ "${{SLURM_RESTART_COUNT:-0}}" -lt {MAX_RANK_LOST_REQUEUES} ]; then',
+        "    # a rank stopped making progress (its heartbeat went silent, named in the log above): requeue,",
+        "    # the run resumes from its last checkpoint",
+        f'    echo "clusterlm: exit {EXIT_RANK_LOST} (a rank was lost): requeueing job $SLURM_JOB_ID'
+        f' (restart $(( ${{SLURM_RESTART_COUNT:-0}} + 1 )) of at most {MAX_RANK_LOST_REQUEUES})"',
+        '    scontrol requeue "$SLURM_JOB_ID" && exit 0',
         "fi",
         'echo "clusterlm: srun exited with $rc"',
         "exit $rc",

@@ -56,6 +56,7 @@ def _tc(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.Com
 FAKE_SRUN = """#!/bin/bash
 echo "$*" >> "$FAKE_DIR/srun.calls"
 n=$(wc -l < "$FAKE_DIR/srun.calls")
+[ -n "${FAKE_RC:-}" ] && exit "$FAKE_RC"
 [ "$n" -ge 2 ] && exit 0
 echo "srun: error: Node failure on n2" >&2
 exit 137
@@ -65,6 +66,7 @@ case "$1 $2" in
   "show hostnames") case "$3" in "n[1-2]") printf 'n1\\nn2\\n' ;; *) echo "$3" ;; esac ;;
   "show job") echo "   NodeList=n1 BatchHost=n1" ;;
   "show node") echo "   NodeAddr=10.0.0.1" ;;
+  requeue*) echo "$*" >> "$FAKE_DIR/scontrol.calls" ;;
 esac
 """
 
@@ -94,6 +96,29 @@ def test_elastic_script_restarts_on_the_nodes_left(tmp_path):
     assert "srun exited with 137; node(s) lost: n2; restarting on n1 (1 node(s))" in r.stdout
     ports = re.findall(r"master \S+:(\d+)", r.stdout)
     assert len(ports) == 2 and ports[0] != ports[1], r.stdout
+
+
+@pytest.mark.parametrize("restarts, requeued", [(0, True), (3, False)])
+def test_rank_lost_exit_is_requeued_a_bounded_number_of_times(tmp_path, restarts, requeued):
+    """Exit 76 (EXIT_RANK_LOST: a rank's heartbeat went silent) makes the script requeue the job, unless it
+    has been requeued 3 times already (a job whose ranks keep hanging then ends with 76)."""
+    from clusterlm.cluster.slurm import SbatchOptions, render_sbatch
+
+    (tmp_path / "job.sh").write_text(render_sbatch(SbatchOptions(nodes=2, ntasks_per_node=2), None, [],
+                                                   output_dir=tmp_path, workdir=tmp_path, python="python"))
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o755)
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "FAKE_DIR": str(tmp_path), "FAKE_RC": "76",
+           "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NTASKS": "4",
+           "SLURM_RESTART_COUNT": str(restarts)}
+    r = subprocess.run(["bash", str(tmp_path / "job.sh")], env=env, capture_output=True, text=True, timeout=30)
+    calls = tmp_path / "scontrol.calls"
+    if requeued:
+        assert r.returncode == 0 and calls.read_text().split() == ["requeue", "7"], r.stdout + r.stderr
+        assert "exit 76 (a rank was lost): requeueing job 7 (restart 1 of at most 3)" in r.stdout
+    else:
+        assert r.returncode == 76 and not calls.exists(), r.stdout + r.stderr
 
 
 def test_elastic_needs_one_replica_per_node(tmp_path):
