@@ -412,6 +412,33 @@ def measure_log_record(seconds: float) -> float:
     return t * 1e6
 
 
+RNN_BATCH = (4, 16, 64)
+RNN_DIM = (128, 256, 512)
+RNN_STEPS = 32
+
+
+def measure_rnn_sweep(device: str, arch: str, batches: tuple[int, ...], dims: tuple[int, ...], seconds: float,
+                      spreads: list[float] | None = None) -> tuple[tuple[float, float, float], ...]:
+    """Rows (B, D, us per time step) of one nn.LSTM / nn.GRU layer (D -> D, batch_first) forward + backward
+    over RNN_STEPS steps, divided by the steps: the recurrence runs one step after another (oneDNN's fused
+    layer on a CPU), so a layer costs T x this at batch B. Timed from a cold cache, median of calls."""
+    import torch
+
+    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
+    evict = _evictor(device)
+    cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[arch]
+    rows = []
+    for b in batches:
+        for d in dims:
+            layer = cls(d, d, num_layers=1, batch_first=True).to(device)
+            x = torch.randn(b, RNN_STEPS, d, device=device, requires_grad=True)
+            g = torch.randn(b, RNN_STEPS, d, device=device)
+            fn = lambda: torch.autograd.grad(layer(x)[0], [x, *layer.parameters()], g)
+            per = _timed_cold(fn, sync, seconds, evict, spreads=spreads)
+            rows.append((float(b), float(d), float(f"{per / RNN_STEPS * 1e6:.4g}")))
+    return tuple(rows)
+
+
 def measure_storage(folder: str, nbytes: int) -> tuple[float, float]:
     """(write GB/s including fsync, read GB/s after dropping the file from the page cache) for a
     temporary file in `folder`, removed afterwards."""

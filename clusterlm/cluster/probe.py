@@ -46,7 +46,7 @@ from clusterlm.cluster.microbench import (ATTENTION_HD, ATTENTION_T_CPU, ATTENTI
                                           measure_copy_bandwidth, measure_data_loading, measure_elementwise_sweep,
                                           measure_kernel_sweep, measure_log_record, measure_matmul_sweep,
                                           measure_matmul_tflops, measure_op_overhead, measure_optimizer_fixed,
-                                          measure_storage)
+                                          measure_storage, measure_rnn_sweep, RNN_BATCH, RNN_DIM)
 from clusterlm.cluster.allreduce import AllReduceResult, fmt_bytes
 from clusterlm.parallel.launch import read_env
 
@@ -237,6 +237,14 @@ def measure_step_primitives(probe: Probe, device: str, dtypes: list[str], quick:
                                                                            spreads=spreads))
     if oh is not None:
         out["op_overhead_us"] = round(oh, 3)
+    rnn = {}
+    for arch in ("lstm", "gru"):
+        rows = probe.step(f"rnn_sweep_{arch}_{device}", lambda arch=arch: measure_rnn_sweep(
+            device, arch, RNN_BATCH, RNN_DIM, 0.03 if quick else 0.1, spreads))
+        if rows:
+            rnn[arch] = rows
+    if rnn:
+        out["rnn_sweep"] = rnn
     # fixed costs of a step no op accounts for: they dominate a sub-1M-parameter model's step
     fixed = probe.step(f"optimizer_fixed_{device}", lambda: measure_optimizer_fixed(device, 0.2 if quick else 0.5,
                                                                                      spreads))

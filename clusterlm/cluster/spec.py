@@ -80,6 +80,8 @@ class DeviceSpec:
     """probe: causal SDPA forward + backward, rows [T, Hd, TFLOP/s] (FLOPs as the planner counts them)"""
     op_overhead_us: float | None = None
     """probe: microseconds per tiny autograd op, forward + backward (dispatch, bookkeeping, launch)"""
+    rnn_sweep: dict[str, tuple[tuple[float, ...], ...]] = field(default_factory=dict)
+    """probe: one LSTM / GRU layer (D -> D) forward + backward, rows [B, D, us per time step] by arch"""
     optimizer_us_per_tensor: float | None = None
     """probe: microseconds per parameter tensor of clip_grad_norm_ + fused AdamW step + zero_grad on
     tiny tensors (the optimizer's per-tensor bookkeeping, beyond its per-element work)"""
@@ -104,6 +106,7 @@ class DeviceSpec:
         tables = [("elementwise_sweep", self.elementwise_sweep, 2, "[bytes, GB/s]"),
                   ("attention_sweep", self.attention_sweep, 3, "[T, Hd, TFLOP/s]")]
         tables += [(f"kernel_sweep.{k}", v, 2, "[elements, ns]") for k, v in self.kernel_sweep.items()]
+        tables += [(f"rnn_sweep.{k}", v, 3, "[B, D, us per step]") for k, v in self.rnn_sweep.items()]
         for key, rows, n, what in tables:
             if any(len(r) != n or min(r) <= 0 for r in rows):
                 raise ConfigError(f"device {self.name!r}: {key} rows are {what}, all > 0; got {list(rows)[:3]}")

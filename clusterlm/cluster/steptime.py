@@ -209,6 +209,12 @@ class OpRates:
     """the loop's fixed cost per step (probe)"""
     data_us_per_batch: float = 0.0
     """the loader's cost per micro-batch (probe)"""
+    rnn_sweep: tuple[tuple[tuple[str, tuple[tuple[float, ...], ...]], ...], ...] = ()
+    """(arch, rows [B, D, us per time step]) of one LSTM/GRU layer fwd + bwd (probe)"""
+
+    def rnn_step_us(self, arch: str, batch: float, dim: float) -> float:
+        """us per time step of one recurrent layer: log-interpolated in (B, D), end values outside."""
+        return _grid_interp(dict(self.rnn_sweep)[arch], (batch, dim), scale_below=False)
 
     def __post_init__(self) -> None:
         _grid_axes(self.sweep, 3, f"device.matmul_sweep.{self.dtype}")
@@ -255,7 +261,7 @@ def op_rates(device: DeviceSpec, dtype: str) -> tuple[OpRates | None, list[str]]
         return None, missing
     return OpRates(dtype, sweep, device.attention_sweep, dict(device.kernel_sweep), device.elementwise_sweep,
                    device.op_overhead_us, device.optimizer_us_per_tensor, device.step_fixed_us or 0.0,
-                   device.data_us_per_batch or 0.0), []
+                   device.data_us_per_batch or 0.0, tuple(device.rnn_sweep.items())), []
 
 
 def step_model(model: ModelConfig, device: DeviceSpec, dtype: str) -> tuple[OpRates | None, str | None]:
@@ -266,9 +272,9 @@ def step_model(model: ModelConfig, device: DeviceSpec, dtype: str) -> tuple[OpRa
     if dtype in device.train_efficiency:
         return None, (f"step time from the measured device.train_efficiency.{dtype} (it takes precedence over "
                       f"the per-op model)" if rates else None)
-    if model.arch != "transformer":
-        return None, (f"per-op step model not used: it covers Transformers, model.arch={model.arch!r}; step time "
-                      f"from the FLOP rate" if rates else None)
+    if model.arch != "transformer" and (rates is None or model.arch not in dict(rates.rnn_sweep)):
+        return None, (f"per-op step model not used: the spec has no rnn_sweep.{model.arch} (probe it again); step "
+                      f"time from the FLOP rate" if rates else None)
     if rates is None:
         return None, (f"per-op step model not used: the spec lacks {', '.join(missing)} (measured by "
                       f"`clusterlm probe --out node.toml`); step time from one FLOP rate instead")
@@ -277,6 +283,8 @@ def step_model(model: ModelConfig, device: DeviceSpec, dtype: str) -> tuple[OpRa
 
 def param_tensors(model: ModelConfig) -> int:
     """Parameter tensors (what clip_grad_norm and the optimizer loop over)."""
+    if model.arch != "transformer":  # embedding, per layer w_ih, w_hh, b_ih, b_hh (nn.LSTM's default), output bias
+        return 1 + model.n_layers * 4 + bool(model.bias) + (not model.tie_embeddings)
     b = 2 if model.bias else 1
     per_layer = 2 * (b if model.norm == "layernorm" else 1) + (4 + (3 if model.mlp == "swiglu" else 2)) * b
     return (model.n_layers * per_layer + 1 + (model.pos == "learned") + (b if model.norm == "layernorm" else 1)
@@ -338,6 +346,37 @@ def _op_model_parts(model: ModelConfig, dims: ParallelDims, mb: int, m: int, rec
     return parts, formulas
 
 
+RNN_OTHER_OPS = 12  # embedding, output Linear, loss and their backward: autograd ops besides the layers
+
+
+def _rnn_model_parts(model: ModelConfig, mb: int, m: int, seq_len: int, rates: OpRates
+                     ) -> tuple[dict[str, float], dict[str, str]]:
+    """Per-op model of an LSTM/GRU LM: its layers at the probe's per-time-step cost (the recurrence is
+    sequential), the output projection's GEMMs and the loss at their measured rates, fixed costs."""
+    parts: dict[str, float] = {}
+    formulas: dict[str, str] = {}
+    us = rates.rnn_step_us(model.arch, mb, model.dim)
+    parts["rnn_layers"] = m * model.n_layers * seq_len * us * 1e-6
+    formulas["rnn_layers"] = (f"{m} micro-batches * {model.n_layers} layers * {seq_len} time steps * {us:.4g} us "
+                              f"(the probe's {model.arch} layer fwd+bwd per step at B={mb}, D={model.dim})")
+    n, V, D = mb * seq_len, model.padded_vocab_size, model.dim
+    shapes = ((n, V, D), (n, D, V), (V, D, n))  # output projection: forward, input gradient, weight gradient
+    t = sum(2 * a * b * c / (rates.gemm_tflops(a, b, c) * 1e12) for a, b, c in shapes)
+    parts["gemm"] = m * t
+    formulas["gemm"] = (f"{m} micro-batches * output projection fwd + dX + dW GEMMs ({n}x{V}x{D}) at the probe's "
+                        f"sweep rates = {t * 1e3:.3g} ms each")
+    ce = rates.kernel_ns("cross_entropy", n * V)
+    parts["loss"] = m * n * V * ce * 1e-9
+    formulas["loss"] = f"{m} micro-batches * cross-entropy fwd+bwd {n * V / 1e6:.4g} M elem x {ce:.3g} ns"
+    ops = RNN_OTHER_OPS + 2 * model.n_layers
+    parts["op_overhead"] = m * ops * rates.op_overhead_us * 1e-6
+    formulas["op_overhead"] = f"{m} micro-batches * {ops} autograd ops * {rates.op_overhead_us:g} us"
+    if rates.optimizer_us_per_tensor is not None:
+        parts["step_fixed"], formulas["step_fixed"] = fixed_step_costs(
+            param_tensors(model), m, rates.optimizer_us_per_tensor, rates.step_fixed_us, rates.data_us_per_batch)
+    return parts, formulas
+
+
 def fixed_step_costs(tensors: int, m: int, per_tensor_us: float, step_us: float, data_us: float
                      ) -> tuple[float, str]:
     """Seconds per step that no op accounts for, from the probe: the optimizer's bookkeeping per
@@ -367,7 +406,8 @@ def step_time(model: ModelConfig, dims: ParallelDims, mb: int, accum: int, recom
     world = dims.world_size
     m = accum
     if ops is not None:  # per-op model: GEMMs by shape, memory-bound ops, loss, fixed op costs
-        op_parts, op_formulas = _op_model_parts(model, dims, mb, m, recompute, seq_len, dtype, ops)
+        op_parts, op_formulas = (_op_model_parts(model, dims, mb, m, recompute, seq_len, dtype, ops)
+                                 if model.arch == "transformer" else _rnn_model_parts(model, mb, m, seq_len, ops))
         parts.update(op_parts)
         formulas.update(op_formulas)
         compute = sum(op_parts.values())

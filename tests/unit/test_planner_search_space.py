@@ -106,3 +106,21 @@ def test_disturbed_probe_round_trips_and_is_announced(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "WARNING: planning from a disturbed probe" in out and "recipe's layout (micro-batch 12 x 1" in out
     assert "pruned:" in out
+
+
+def test_rnn_per_op_model_from_the_probes_layer_sweep():
+    """An LSTM with the probe's per-time-step layer cost (here 10 us at every B, D): rnn_layers = m * layers * T *
+    10 us, plus the output projection's GEMMs at 1 TFLOP/s, the loss and fixed costs; without an rnn_sweep the
+    FLOP-rate model is used and a note says why."""
+    rows = tuple((float(b), float(d), 10.0) for b in (4, 16) for d in (64, 128))
+    spec = cpu_spec(**FLAT, rnn_sweep={"lstm": rows}, optimizer_us_per_tensor=5.0, step_fixed_us=80.0,
+                    data_us_per_batch=12.0)
+    c = planner.plan(LSTM, spec, recompute_modes=("none",), micro_batches=(6,), **KW)[0]
+    assert c.time_parts["rnn_layers"] == pytest.approx(2 * 2 * 64 * 10e-6)
+    n, V, D = 6 * 64, LSTM.padded_vocab_size, 64
+    assert c.time_parts["gemm"] == pytest.approx(2 * 3 * 2 * n * V * D / 1e12)
+    assert steptime.param_tensors(LSTM) == 1 + 2 * 4  # embedding (tied output), 2 x (w_ih, w_hh, b_ih, b_hh)
+    assert c.time_parts["step_fixed"] == pytest.approx((9 * 5 + 80 + 2 * 12) * 1e-6)
+    plain = planner.plan(LSTM, cpu_spec(**FLAT, measured_tflops={"fp32": 0.1}), recompute_modes=("none",),
+                         micro_batches=(6,), **KW)[0]
+    assert "compute" in plain.time_parts and any("rnn_sweep.lstm" in a for a in plain.assumptions)
