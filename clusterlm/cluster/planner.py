@@ -4,8 +4,9 @@
     clusterlm plan --model gpt-mini --vocab-size 65 --cluster node.toml --steps 2000 --out recipe.toml
 
 Torch-free: runs on a login node. For every layout dp_replicate x dp_shard x tp x pp that
-multiplies to the device count (tp inside a node), every micro-batch and every activation
-recompute mode (none/selective/full), it estimates per-device memory (clusterlm.cluster.memory)
+multiplies to the device count (tp inside a node), every micro-batch that divides the per-rank
+batch (the recipe's own always tried; what is left out is listed with the reason by --explain)
+and every activation recompute mode (none/selective/full), it estimates per-device memory (clusterlm.cluster.memory)
 and keeps what fits; then it predicts the step time
 
     step = compute + pipeline bubble + exposed communication + optimizer step
