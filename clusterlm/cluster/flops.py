@@ -46,11 +46,15 @@ class FlopsPerToken:
 
 
 def matmul_params(model: ModelConfig) -> tuple[int, int, int]:
-    """(N, non-embedding parameters without the output projection, output projection V*D)."""
+    """(N, non-embedding parameters without the output projection, output projection V*D). A
+    classifier never runs the LM's output projection and its head runs once per sequence, not per
+    token: neither is counted (output = 0)."""
     V, D = model.padded_vocab_size, model.dim
     output = V * D
-    non_emb = model.num_params(include_embeddings=False)
+    non_emb = model.num_params(include_embeddings=False) - len(model.labels) * D  # the head, per sequence
     layers = non_emb - (0 if model.tie_embeddings else output)  # num_params keeps an untied output matrix
+    if model.labels:
+        output = 0
     return layers + output, layers, output
 
 

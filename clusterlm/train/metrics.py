@@ -160,14 +160,19 @@ def memory_stats(device: torch.device | str) -> dict[str, int]:
 
 
 # ---- task records ----------------------------------------------------------------------------------------
-def task_record(metrics: dict[str, Any], *, step: int, tokens: int, wall_s: float, eval_s: float) -> dict[str, Any]:
+def task_record(metrics: dict[str, Any], *, step: int, tokens: int, wall_s: float, eval_s: float,
+                scoring_s: float = 0.0) -> dict[str, Any]:
     """The metrics.jsonl record of one task evaluation during training, from eval.harness's metrics:
-    {"kind": "task", "step", "tokens", "wall_s" (training wall time of the weights), "eval_s", "task",
-    "task_kind", "n", "metrics": {every top-level number of the scores but n: acc, acc_norm, bleu, ...}}."""
+    {"kind": "task", "step", "tokens", "wall_s" (the run's wall time when these weights were reached:
+    training, validation, checkpoints and earlier task scoring included), "scoring_s" (the part of
+    wall_s spent scoring tasks: wall_s - scoring_s is the time a run without [eval] tasks would have
+    taken), "eval_s" (this scoring), "task", "task_kind", "n", "metrics": {every top-level number of
+    the scores but n: acc, acc_norm, bleu, ...}}."""
     scores = {k: v for k, v in metrics.items()
               if k != "n" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return {"kind": "task", "step": step, "tokens": tokens, "wall_s": wall_s, "eval_s": eval_s,
-            "task": metrics["task"], "task_kind": metrics["kind"], "n": metrics.get("n"), "metrics": scores}
+    return {"kind": "task", "step": step, "tokens": tokens, "wall_s": wall_s, "scoring_s": scoring_s,
+            "eval_s": eval_s, "task": metrics["task"], "task_kind": metrics["kind"], "n": metrics.get("n"),
+            "metrics": scores}
 
 
 # ---- the log ----------------------------------------------------------------------------------------------

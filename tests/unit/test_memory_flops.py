@@ -196,3 +196,19 @@ def test_step_work_gemms_add_up_to_6n():
     assert sum(o.count * o.elements for o in norms_) == (2 * m.n_layers + 1) * n_tok * m.dim
     with pytest.raises(ValueError, match="Transformers"):
         flops.step_work(get_preset("lstm-small", vocab_size=65), 1, 8)
+
+
+def test_a_classifier_counts_neither_the_lm_head_nor_its_own_head_per_token():
+    """A classifier never runs the LM's V x D output projection, and its C x D head runs once per
+    sequence: FLOPs per token are the layers' only."""
+    import dataclasses
+
+    from clusterlm.cluster.flops import matmul_params
+    from clusterlm.models.config import get_preset
+
+    lm = get_preset("gpt-nano", vocab_size=100)
+    clf = dataclasses.replace(lm, labels=("a", "b", "c"), pad_id=1)
+    n_lm, layers_lm, out_lm = matmul_params(lm)
+    n, layers, out = matmul_params(clf)
+    assert out_lm == lm.padded_vocab_size * lm.dim and out == 0
+    assert layers == layers_lm and n == layers
