@@ -42,6 +42,7 @@ from clusterlm.errors import ClusterlmError, ConfigError
 log = logging.getLogger(__name__)
 
 REGISTRY_VERSION = 1
+PROBE_S = 20  # elastic jobs: a node that cannot run a one-task step in this time is taken for lost
 MAX_RANK_LOST_REQUEUES = 3  # a job whose ranks keep hanging is not requeued for ever
 SIGNAL_RESOLUTION_S = 60  # sbatch(1), --signal: "may be sent up to 60 seconds earlier than specified"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.,+\-]+$")  # job names, partitions, accounts: no spaces or quotes
@@ -176,19 +177,30 @@ def render_sbatch(opts: SbatchOptions, recipe: str | None, overrides: list[str],
             "    export MASTER_PORT=$(( 20000 + (SLURM_JOB_ID * 8 + (${SLURM_RESTART_COUNT:-0} + round) % 8) % 40000 ))",
             '    echo "clusterlm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}, round $round) on $nodes,'
             f' $((n * {k})) tasks, --parallel.dp_replicate=$n, master $MASTER_ADDR:$MASTER_PORT, $(date -u +%FT%TZ)"',
-            "    " + " ".join(q(a) for a in srun) + f' --nodes="$n" --ntasks=$((n * {k})) --nodelist="$nodes" \\',
+            "    # --overlap after a loss: the lost round's step can linger on the survivors' CPUs until every node",
+            "    # of it reports back, which a dead node never does (\"step creation temporarily disabled\")",
+            '    overlap=""; [ "$round" -eq 0 ] || overlap="--overlap"',
+            "    " + " ".join(q(a) for a in srun) + f' $overlap --nodes="$n" --ntasks=$((n * {k})) --nodelist="$nodes" \\',
             "        " + " ".join(q(a) for a in train) + ' "--parallel.dp_replicate=$n"',
             "    rc=$?",
             f'    [ "$rc" -eq 0 ] || [ "$rc" -eq {EXIT_PREEMPTED} ] && break',
-            "    # the nodes still allocated (scontrol shows the allocation without the failed ones)",
-            '    left="$(scontrol show job "$SLURM_JOB_ID" | sed -n \'s/^ *NodeList=\\([^ ]*\\).*/\\1/p\')"',
-            '    nleft=$( [ -n "$left" ] && scontrol show hostnames "$left" | wc -l || echo 0)',
-            f'    if [ "$nleft" -ge {opts.min_nodes} ] && [ "$nleft" -lt "$n" ]; then',
-            '        lost="$(scontrol show hostnames "$nodes" | grep -vxF -f <(scontrol show hostnames "$left") | paste -sd, -)"',
+            "    # the nodes left: still in the allocation (Slurm takes a node it declared DOWN out of it) and",
+            f"    # running a one-task step within {PROBE_S} s (a node whose link is cut or whose slurmd died does not;",
+            "    # Slurm itself may take SlurmdTimeout, 300 s by default, to declare it DOWN)",
+            '    alloc="$(scontrol show job "$SLURM_JOB_ID" | sed -n \'s/^ *NodeList=\\([^ ]*\\).*/\\1/p\')"',
+            '    alive="$(for node in $(scontrol show hostnames "$alloc"); do',
+            f'        (timeout -k 5 {PROBE_S} srun --overlap --nodes=1 --ntasks=1 --nodelist="$node" true >/dev/null 2>&1 &&',
+            '         echo "$node") &',
+            '    done; wait)"',
+            '    left="$(scontrol show hostnames "$nodes" | grep -xF -f <(echo "$alive") | paste -sd, -)"',
+            '    lost="$(scontrol show hostnames "$nodes" | grep -vxF -f <(echo "$alive") | paste -sd, -)"',
+            '    nleft=$(echo "$left" | tr , "\\n" | grep -c .)',
+            f'    if [ -n "$lost" ] && [ "$nleft" -ge {opts.min_nodes} ]; then',
             '        echo "clusterlm: srun exited with $rc; node(s) lost: $lost; restarting on $left ($nleft node(s)),'
             ' $(date -u +%FT%TZ)"',
             '        nodes="$left"; round=$((round + 1)); continue',
             "    fi",
+            f'    [ -z "$lost" ] || echo "clusterlm: node(s) lost: $lost; $nleft left, fewer than --min-nodes={opts.min_nodes}"',
             "    break",
             "done",
         ]
