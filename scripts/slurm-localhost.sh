@@ -24,6 +24,8 @@ SLURMD_PORT="${CLUSTERLM_SLURMD_PORT:-6818}"
 CONF="$STATE/slurm.conf"
 MUNGE_SOCKET="$STATE/munge/munge.socket"
 
+# the hooks' settings below come from testcluster.sh when it sources this file, never from the environment
+[ "${BASH_SOURCE[0]}" != "$0" ] || unset ME CTLD_HOST CTLD_ADDR SLURMD_SPOOL SLURMD_PIDFILE SLURMD_LOG EXTRA_CONF
 ME="${ME:-slurm-localhost}"
 CTLD_HOST="${CTLD_HOST:-$(hostname -s)}"
 CTLD_ADDR="${CTLD_ADDR:-127.0.0.1}"
