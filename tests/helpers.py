@@ -79,3 +79,20 @@ def random_checkpoint(tmp_path: Path, kind: str, text: str, *, bpe_vocab: int, n
     save_checkpoint(tmp_path / "run" / "checkpoints", 0, model_state=model.state_dict(), optimizer_state=None,
                     train_state={}, config_toml=to_toml(RunConfig(model=cfg)), tokenizer_path=tmp_path / "tok.json")
     return tmp_path / "run"
+
+
+def require_binary(binary: str, package: str | None = None) -> str:
+    """The path of a system binary a test needs; skipped (with the reason) where it is missing, but a
+    failure in CI, whose setup (scripts/system-deps.sh) installs `package` (default: the binary's name)."""
+    import os
+    import shutil
+
+    import pytest
+
+    path = shutil.which(binary)
+    if path is None:
+        how = f"apt-get install -y {package or binary}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{binary} is not installed; CI must install it ({how})")
+        pytest.skip(f"{binary} is not installed ({how})")
+    return path

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from clusterlm.serve.metrics import NAMES
-from tests.helpers import random_checkpoint
+from tests.helpers import random_checkpoint, require_binary
 
 httpx = pytest.importorskip("httpx2")
 
@@ -37,12 +36,7 @@ def _free_port() -> int:
 
 
 def _require(binary: str) -> str:
-    path = shutil.which(binary)
-    if path is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{binary} is not installed; CI must install it (apt-get install -y {binary})")
-        pytest.skip(f"{binary} is not installed (apt-get install -y {binary})")
-    return path
+    return require_binary(binary)
 
 
 def dashboard_queries(model: str = ".*", instance: str = ".*", window: str = "30s") -> list[tuple[str, str]]:

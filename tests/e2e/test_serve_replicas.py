@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from clusterlm.errors import EXIT_PREEMPTED, EXIT_USAGE
-from tests.helpers import random_checkpoint
+from tests.helpers import random_checkpoint, require_binary
 
 httpx = pytest.importorskip("httpx2")
 
@@ -40,13 +39,7 @@ def _bench():
 
 
 def _require(binary: str) -> str:
-    """The binary's path; skipped where it is missing, but a failure in CI (the project's setup installs it)."""
-    path = shutil.which(binary)
-    if path is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{binary} is not installed; CI must install it (apt-get install -y {binary})")
-        pytest.skip(f"{binary} is not installed (apt-get install -y {binary})")
-    return path
+    return require_binary(binary)
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +15,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from clusterlm.serve.metrics import NAMES, Metrics
-from tests.helpers import random_checkpoint
+from tests.helpers import random_checkpoint, require_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM = ROOT / "deploy" / "prometheus"
@@ -25,12 +23,7 @@ DASH = ROOT / "deploy" / "grafana"
 
 
 def _require(binary: str) -> str:
-    path = shutil.which(binary)
-    if path is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{binary} is not installed; CI must install it (apt-get install -y prometheus)")
-        pytest.skip(f"{binary} is not installed (apt-get install -y prometheus)")
-    return path
+    return require_binary(binary, 'prometheus')
 
 
 def _value(m: Metrics, name: str) -> float:
