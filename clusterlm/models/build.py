@@ -1,4 +1,5 @@
-"""Build a model from a ModelConfig: Transformer for arch 'transformer', RNNLM for 'lstm'/'gru';
+"""Build a model from a ModelConfig: Transformer for arch 'transformer', RNNLM for 'lstm'/'gru',
+Encoder for 'encoder' and EncoderDecoder for 'encdec' (models/encdec.py);
 with model.labels, a SequenceClassifier holding that language model as its backbone.
 
 Construction allocates on torch's current default device, so a model can be built without memory
@@ -40,4 +41,12 @@ def _language_model(cfg: ModelConfig) -> nn.Module:
         from clusterlm.models.rnn import RNNLM
 
         return RNNLM(cfg)
-    raise ConfigError(f"model.arch={cfg.arch!r}; expected one of transformer, lstm, gru")
+    if cfg.arch == "encoder":
+        from clusterlm.models.encdec import Encoder
+
+        return Encoder(cfg)
+    if cfg.arch == "encdec":
+        from clusterlm.models.encdec import EncoderDecoder
+
+        return EncoderDecoder(cfg)
+    raise ConfigError(f"model.arch={cfg.arch!r}; expected one of transformer, lstm, gru, encoder, encdec")

@@ -49,14 +49,16 @@ class SequenceClassifier(nn.Module):
         self._freeze_unused_output()
 
     def _freeze_unused_output(self) -> None:
-        """requires_grad=False on the backbone's output parameters that only the LM head uses."""
-        output = getattr(self.backbone, "output", None)
-        if output is None:
-            return
-        shared = {id(p) for name, p in self.backbone.named_parameters() if not name.startswith("output.")}
-        for p in output.parameters():
-            if id(p) not in shared:  # a tied output.weight IS tok_embeddings.weight: it trains
-                p.requires_grad_(False)
+        """requires_grad=False on the backbone's parameters that only the LM head uses: `output`,
+        and a masked-LM encoder's `mlm_head` (the backbone's `lm_head_modules`)."""
+        heads = tuple(getattr(self.backbone, "lm_head_modules", ("output",)))
+        prefixes = tuple(f"{h}." for h in heads)
+        shared = {id(p) for name, p in self.backbone.named_parameters() if not name.startswith(prefixes)}
+        for head in heads:
+            module = getattr(self.backbone, head, None)
+            for p in () if module is None else module.parameters():
+                if id(p) not in shared:  # a tied output.weight IS tok_embeddings.weight: it trains
+                    p.requires_grad_(False)
 
     # ---- weights ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -18,18 +18,24 @@ from typing import Any, Literal
 
 from clusterlm.errors import ConfigError
 
-Arch = Literal["transformer", "lstm", "gru"]
+Arch = Literal["transformer", "lstm", "gru", "encoder", "encdec"]
+TRANSFORMER_ARCHS = ("transformer", "encoder", "encdec")
+"""the attention families: decoder-only, bidirectional encoder (masked LM), encoder-decoder"""
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     arch: Arch = "transformer"
-    """transformer, lstm or gru"""
+    """transformer (decoder-only), lstm, gru, encoder (bidirectional, masked-LM head: BERT's recipe) or
+    encdec (encoder-decoder with cross-attention: the original Transformer, T5, BART); models/encdec.py"""
     vocab_size: int | None = None
     """tokens in the vocabulary; None = taken from the data's tokenizer at train time"""
     vocab_multiple: int = 1
     """pad the embedding/output rows up to a multiple of this (64 suits tensor cores); 1 = none"""
     n_layers: int = 4
+    """blocks (for encdec: decoder blocks)"""
+    n_enc_layers: int | None = None
+    """encdec: encoder blocks; None = n_layers"""
     dim: int = 128
     """model width D (for LSTM/GRU: embedding and hidden size)"""
     n_heads: int = 4
@@ -42,8 +48,9 @@ class ModelConfig:
     ffn_multiple: int = 256
     max_seq_len: int = 256
     """longest context the model supports (learned position table size / rotary table size)"""
-    pos: Literal["learned", "rope", "none"] = "learned"
-    """learned absolute positions (GPT-2), rotary (Llama), or none (LSTM/GRU)"""
+    pos: Literal["learned", "sinusoidal", "rope", "none"] = "learned"
+    """learned absolute positions (GPT-2, BERT), fixed sinusoidal (Vaswani et al. 2017), rotary
+    (Llama), or none (LSTM/GRU)"""
     rope_theta: float = 10000.0
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
@@ -78,7 +85,10 @@ class ModelConfig:
             raise ConfigError(f"model.rope_theta={self.rope_theta} and model.norm_eps={self.norm_eps} must be > 0")
         if self.init_std < 0:
             raise ConfigError(f"model.init_std={self.init_std} must be >= 0")
-        if self.arch == "transformer":
+        if self.n_enc_layers is not None and (self.arch != "encdec" or self.n_enc_layers < 1):
+            raise ConfigError(f"model.n_enc_layers={self.n_enc_layers} is for arch 'encdec' (>= 1); "
+                              f"model.arch={self.arch!r}")
+        if self.arch in TRANSFORMER_ARCHS:
             if self.head_size is not None and self.head_size < 1:
                 raise ConfigError(f"model.head_size={self.head_size} must be >= 1 (or unset for dim/n_heads)")
             if self.head_size is None and self.dim % self.n_heads:
@@ -90,9 +100,16 @@ class ModelConfig:
             if self.pos == "rope" and self.head_dim % 2:
                 raise ConfigError(f"rotary positions need an even head dim; dim/n_heads = {self.head_dim}")
             if self.pos == "none":
-                raise ConfigError("model.pos='none' is only for lstm/gru; use 'learned' or 'rope'")
+                raise ConfigError("model.pos='none' is only for lstm/gru; use 'learned', 'sinusoidal' or 'rope'")
+            if self.pos == "sinusoidal" and self.dim % 2:
+                raise ConfigError(f"sinusoidal positions need an even model.dim, got {self.dim}")
+            if self.arch == "encdec" and self.labels:
+                raise ConfigError("model.labels (a classifier) needs arch 'transformer', 'encoder', 'lstm' or 'gru'; "
+                                  "an encdec model generates its answer instead")
         elif self.arch not in ("lstm", "gru"):
-            raise ConfigError(f"model.arch={self.arch!r}; expected one of transformer, lstm, gru")
+            raise ConfigError(f"model.arch={self.arch!r}; expected one of transformer, lstm, gru, encoder, encdec")
+        elif self.pos != "none" and self.pos != "learned":
+            raise ConfigError(f"model.pos={self.pos!r} is for the attention families; lstm/gru take 'none'")
         self._check_classifier()
 
     def _check_classifier(self) -> None:
@@ -150,10 +167,18 @@ class ModelConfig:
 
     @property
     def pooling(self) -> str:
-        """The pool actually used: 'last' or 'mean' (auto resolved by arch)."""
+        """The pool actually used: 'last' or 'mean' (auto: the last real token for the causal
+        decoder, the mean of the real tokens for lstm/gru and the bidirectional encoder)."""
         if self.pool != "auto":
             return self.pool
         return "last" if self.arch == "transformer" else "mean"
+
+    @property
+    def enc_layers(self) -> int:
+        """encdec: the encoder's blocks (n_enc_layers, or n_layers when unset); 0 for other archs."""
+        if self.arch != "encdec":
+            return 0
+        return self.n_enc_layers if self.n_enc_layers is not None else self.n_layers
 
     def with_vocab(self, vocab_size: int) -> ModelConfig:
         return dataclasses.replace(self, vocab_size=vocab_size)
@@ -180,9 +205,18 @@ class ModelConfig:
         mlp = (3 if self.mlp == "swiglu" else 2) * D * F + b * ((2 if self.mlp == "swiglu" else 1) * F + D)
         norm = D * (2 if (self.norm == "layernorm" and self.bias) else 1)
         per_layer = attn + mlp + 2 * norm
+        pos_table = self.max_seq_len * D if self.pos == "learned" else 0
         total = L * per_layer + norm  # + final norm
+        if self.arch == "encoder":
+            # embedding norm; masked-LM head: dense D x D, its norm, the output layer's bias
+            total += norm + D * D + b * D + norm + b * V
+        elif self.arch == "encdec":
+            # decoder blocks gain cross-attention and its norm; the encoder stack has its own blocks,
+            # final norm and position table; both stacks norm their embeddings
+            total += L * (attn + norm) + self.enc_layers * per_layer + norm + 2 * norm
+            pos_table *= 2
         if include_embeddings:
-            total += V * D + (self.max_seq_len * D if self.pos == "learned" else 0)
+            total += V * D + pos_table
         if not self.tie_embeddings:
             total += V * D
         return total

@@ -47,6 +47,14 @@ def rotary_tables(head_dim: int, max_len: int, theta: float, device: torch.devic
     return emb.cos(), emb.sin()
 
 
+def sinusoidal_table(max_len: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """The fixed position table (max_len, D) of Vaswani et al. 2017, float32:
+    PE[p, 2i] = sin(p / 10000^(2i/D)), PE[p, 2i+1] = cos(p / 10000^(2i/D)). Not a parameter."""
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+    angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv_freq)  # (S, D/2)
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1)  # (S, D): sin, cos interleaved
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, T, H, Hd) by the angles in cos/sin, (T, Hd) shared by the batch or (B, T, Hd)
     per row: x*cos + rotate_half(x)*sin."""
@@ -264,6 +272,8 @@ class Transformer(TiedOutputLM):
         V, D = cfg.padded_vocab_size, cfg.dim
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(V, D)
         self.pos_embeddings = nn.Embedding(cfg.max_seq_len, D) if cfg.pos == "learned" else None
+        if cfg.pos == "sinusoidal":  # not persistent: recomputed by init_weights, never checkpointed
+            self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, D), persistent=False)
         self.dropout = _dropout(cfg.dropout)
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
         self.norm: nn.Module | None = _norm(cfg)
@@ -284,30 +294,22 @@ class Transformer(TiedOutputLM):
         biases, ones for norm weights. Each parameter gets its own generator seeded from (seed,
         name) on the CPU, so values do not depend on the device or on which layers are present
         (a pipeline stage holding layers 4-7 gets the same weights as the full model)."""
-        cfg = self.config
-        if seed is None:
-            seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        seen: set[int] = set()
-        for mod_name, mod in self.named_modules():
-            for p_name, p in mod.named_parameters(recurse=False):
-                if id(p) in seen:  # a tied weight is filled once, under its first name
-                    continue
-                seen.add(id(p))
-                if p_name == "bias":
-                    p.zero_()
-                elif isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
-                    p.fill_(1.0)
-                else:
-                    residual = mod_name.endswith(("attention.wo", "feed_forward.w2"))
-                    _normal_(p, resid_std if residual else cfg.init_std, seed, f"{mod_name}.{p_name}")
-        if cfg.pos == "rope":
-            cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device)
-            self.rope_cos.copy_(cos)
-            self.rope_sin.copy_(sin)
+        init_parameters(self, self.config, seed, self.config.n_layers)
         self._tie()
 
     # ---- forward --------------------------------------------------------------------------------
+    def _positions(self, h: torch.Tensor, positions: torch.Tensor | slice) -> torch.Tensor:
+        """h (B, T, D) plus the absolute position vectors of `positions` (a slice shared by the batch,
+        or (B, T) per row): the learned table or the sinusoidal one; unchanged for rotary (applied in
+        attention) and on a pipeline stage that receives hidden states."""
+        if self.pos_embeddings is not None:
+            table = self.pos_embeddings.weight
+        elif self.config.pos == "sinusoidal" and self.tok_embeddings is not None:
+            table = self.pos_table
+        else:
+            return h
+        return h + table[positions].to(h.dtype)  # (T, D) broadcast over B, or (B, T, D)
+
     def make_cache(self, batch_size: int, max_len: int, *, device: torch.device | str | None,
                    dtype: torch.dtype) -> KVCache:
         """A KV cache for `batch_size` sequences of up to `max_len` tokens (<= config.max_seq_len)."""
@@ -339,9 +341,7 @@ class Transformer(TiedOutputLM):
                              f"max_len={cache.max_len}")
         positions = start[:, None] + torch.arange(T, device=start.device)  # (B, T)
         h = self.tok_embeddings(idx) if self.tok_embeddings is not None else idx  # (B, T, D)
-        if self.pos_embeddings is not None:
-            h = h + self.pos_embeddings(positions)  # (B, T, D)
-        h = self.dropout(h)
+        h = self.dropout(self._positions(h, positions))
         rope = (self.rope_cos[positions], self.rope_sin[positions]) if self.config.pos == "rope" else None  # (B, T, Hd)
         full = B == cache.n_slots and bool((rows.slots == torch.arange(B, device=start.device)).all())
         length, mask = SlotKV.for_batch(positions)
@@ -381,9 +381,7 @@ class Transformer(TiedOutputLM):
             raise ValueError(f"batch of {B} sequences does not match the cache's batch_size={cache.batch_size}")
 
         h = self.tok_embeddings(idx) if self.tok_embeddings is not None else idx  # (B, T, D)
-        if self.pos_embeddings is not None:
-            h = h + self.pos_embeddings.weight[pos:pos + T]  # (T, D) broadcast over B
-        h = self.dropout(h)
+        h = self.dropout(self._positions(h, slice(pos, pos + T)))
         rope = (self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]) if self.config.pos == "rope" else None
         for key, layer in self.layers.items():
             kv = None if cache is None else (cache.k[key], cache.v[key], pos)
@@ -399,14 +397,42 @@ class Transformer(TiedOutputLM):
         T = idx.shape[1]
         if T > self.config.max_seq_len:
             raise ValueError(f"{T} tokens do not fit in model.max_seq_len={self.config.max_seq_len}")
-        h = self.tok_embeddings(idx)  # (B, T, D)
-        if self.pos_embeddings is not None:
-            h = h + self.pos_embeddings.weight[:T]  # (T, D) broadcast over B
-        h = self.dropout(h)
+        h = self.dropout(self._positions(self.tok_embeddings(idx), slice(0, T)))  # (B, T, D)
         rope = (self.rope_cos[:T], self.rope_sin[:T]) if self.config.pos == "rope" else None
         for layer in self.layers.values():
             h = layer(h, rope, None)
         return self.norm(h)  # (B, T, D)
+
+
+def init_parameters(model: nn.Module, cfg: ModelConfig, seed: int | None, n_layers: int) -> None:
+    """The Transformer families' initialisation (Transformer.init_weights; models/encdec.py): each
+    parameter from its own CPU generator seeded by (seed, name); Normal(0, init_std) for Linear and
+    Embedding weights, init_std/sqrt(2*n_layers) for the residual projections (attention.wo,
+    cross_attention.wo, feed_forward.w2), zeros for biases, ones for norm weights; then the rotary
+    and sinusoidal tables recomputed (they are buffers, lost by to_empty())."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    resid_std = cfg.init_std / math.sqrt(2 * n_layers)
+    seen: set[int] = set()
+    with torch.no_grad():
+        for mod_name, mod in model.named_modules():
+            for p_name, p in mod.named_parameters(recurse=False):
+                if id(p) in seen:  # a tied weight is filled once, under its first name
+                    continue
+                seen.add(id(p))
+                if p_name == "bias":
+                    p.zero_()
+                elif isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
+                    p.fill_(1.0)
+                else:
+                    residual = mod_name.endswith(("attention.wo", "feed_forward.w2"))
+                    _normal_(p, resid_std if residual else cfg.init_std, seed, f"{mod_name}.{p_name}")
+            if getattr(mod, "rope_cos", None) is not None and not mod.rope_cos.is_meta:
+                cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=mod.rope_cos.device)
+                mod.rope_cos.copy_(cos)
+                mod.rope_sin.copy_(sin)
+            if getattr(mod, "pos_table", None) is not None and not mod.pos_table.is_meta:
+                mod.pos_table.copy_(sinusoidal_table(cfg.max_seq_len, cfg.dim, device=mod.pos_table.device))
 
 
 def _normal_(p: torch.Tensor, std: float, seed: int, name: str) -> None:

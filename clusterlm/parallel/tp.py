@@ -77,11 +77,11 @@ def _apply_ends(model: nn.Module, tp_mesh: DeviceMesh, loss_par: bool) -> None:
     """Embedding (vocab rows), final norm (sequence split) and output (vocab columns) of a stage that has them."""
     plan: dict[str, object] = {}
     if model.tok_embeddings is not None:
-        if getattr(model, "pos_embeddings", None) is None:
+        if getattr(model, "pos_embeddings", None) is None and getattr(model, "pos_table", None) is None:
             # token ids replicated in; partial sums reduce-scattered into the sequence split
             plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
         else:
-            # learned positions are added to the full sequence in Transformer.forward: all-reduce the
+            # learned or sinusoidal positions are added to the full sequence in forward: all-reduce the
             # embedding, then the first block takes its slice of the sequence (no communication)
             plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
             first = min(model.layers.keys(), key=int)
