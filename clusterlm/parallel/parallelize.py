@@ -130,7 +130,7 @@ class ParallelModel:
             self.module.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, *, accum: int = 1, sync: bool = True,
+    def forward_backward(self, x: torch.Tensor | tuple[torch.Tensor, ...], y: torch.Tensor, *, accum: int = 1, sync: bool = True,
                          autocast=contextlib.nullcontext) -> torch.Tensor:
         """Forward + backward of one micro-batch with loss/accum; returns the detached loss/accum on
         ranks that own a loss (last stage, tp rank 0), zeros elsewhere."""
@@ -144,7 +144,8 @@ class ParallelModel:
                 loss = torch.stack(losses).sum().detach() if losses else torch.zeros((), device=x.device)
             else:
                 with autocast():
-                    logits = self.wrapped(x)
+                    # a tuple is several model inputs: an encdec model's (source, source mask, target input)
+                    logits = self.wrapped(*x) if isinstance(x, tuple) else self.wrapped(x)
                 with self.loss_context():
                     loss = self.loss_fn(logits, y) / accum
                     loss.backward()
