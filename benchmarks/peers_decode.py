@@ -1,0 +1,277 @@
+"""clusterlm's decode against ctranslate2 on identical weights, side by side in one run, and the
+machine's real memory-bandwidth bound.
+
+    .venv/bin/pip install -e '.[bench]'                 # ctranslate2 (the optional benchmark extra)
+    .venv/bin/python benchmarks/peers_decode.py         # writes results/peers_decode.json and .md
+    .venv/bin/python benchmarks/peers_decode.py --repeats 2 --batches 1 16 --formats fp32   # quicker
+
+The model: the gpt2-124m preset with random weights (init_weights(0)), saved as a clusterlm
+checkpoint, exported through `clusterlm export` (clusterlm.interop.hf_io.export_to_hf), then
+converted by ctranslate2's TransformersConverter (what `ct2-transformers-converter` runs). Both
+engines read the same numbers; the first greedy tokens are compared as a check.
+
+Each engine variant generates `--new-tokens` tokens greedily after a `--prompt-len`-token prompt
+for every batch size in `--batches`, no eos (ctranslate2: min_length = max_length), and the
+variants are interleaved: each repeat runs every (engine, format, batch) once in turn, so they
+share the machine's load. tokens/s counts generated tokens of all rows: decode = B * (n - 1) over
+the span from the first to the last new token (prefill and first token left out); end to end =
+B * n over the whole call (prefill included). The ratio uses the median over repeats of the decode
+rate. clusterlm fp32 rows run `generate()` as the CLI and server do; "int8" is clusterlm's Int8Linear
+(fbgemm, dynamic int8 activations) against ctranslate2's compute_type="int8" (its own int8 GEMM,
+dynamic int8 activations too).
+
+Bandwidth: STREAM-style copy (a = b) and triad (a = b + s * c) over float32 arrays of
+`--stream-mib` MiB each (default 1024, beside this VM's 480 MiB L3: far larger), measured in
+every repeat between the engines' runs (other tenants share the host's memory bandwidth), best of
+all, counted as STREAM counts (copy 2 arrays, triad 3, no write-allocate), and a
+read-only pass (a sum over one array: a decode step only reads its weights);
+beside it torch's GEMV rate over a 1.07 GB matrix (generate_speed.py's yardstick). The bound
+for fp32 batch 1 is the highest of these rates / the fp32 weights' bytes read per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from clusterlm.checkpoint.model_io import load_for_inference
+from clusterlm.checkpoint.store import save_checkpoint
+from clusterlm.config import RunConfig, to_toml
+from clusterlm.generate.engine import generate
+from clusterlm.interop.hf_io import export_to_hf
+from clusterlm.models.build import build_model
+from clusterlm.models.config import get_preset
+from clusterlm.optimize.quantize import quantize_model
+from clusterlm.tokenizer.kinds import make_tokenizer
+from common import machine  # benchmarks/common.py
+from generate_speed import STREAM_ROWS, bandwidth_gbs, weight_bytes  # benchmarks/generate_speed.py
+
+RESULTS = Path(__file__).parent / "results"
+
+
+# ---- the bound -------------------------------------------------------------------------------------------
+def stream_gbs(mib: int, repeats: int) -> dict[str, float]:
+    """STREAM copy and triad (best of `repeats`) over float32 arrays of `mib` MiB each, torch's
+    intra-op threads; GB/s as STREAM counts bytes (copy: read b + write a; triad: read b, c + write a,
+    the write-allocate read not counted), and a read-only pass (a sum: what a decode step does to
+    its weights)."""
+    n = mib * 2**20 // 4
+    a, b, c = torch.empty(n), torch.rand(n), torch.rand(n)
+    a.copy_(b)  # touch every page first
+    copy, triad, read = [], [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        b.sum()
+        read.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        a.copy_(b)
+        copy.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        torch.add(b, c, alpha=3.0, out=a)
+        triad.append(time.perf_counter() - t0)
+    return {"copy": round(2 * 4 * n / min(copy) / 1e9, 2), "triad": round(3 * 4 * n / min(triad) / 1e9, 2),
+            "read": round(4 * n / min(read) / 1e9, 2)}
+
+
+# ---- the model in both engines ---------------------------------------------------------------------------
+def make_checkpoint(work: Path, preset: str) -> Path:
+    cfg = get_preset(preset)
+    model = build_model(cfg)
+    model.init_weights(0)
+    tok = make_tokenizer("byte")
+    tok.save(work / "tok.json")
+    return save_checkpoint(work / "run" / "checkpoints", 0, model_state=model.state_dict(), optimizer_state=None,
+                           train_state={"step": 0}, config_toml=to_toml(RunConfig(model=cfg)),
+                           tokenizer_path=work / "tok.json")
+
+
+def ct2_model(ckpt: Path, work: Path) -> tuple[Path, list[str]]:
+    """The checkpoint exported to Hugging Face, converted by ctranslate2 (float32 on disk; int8 is
+    chosen at load time by compute_type); and ctranslate2's vocabulary (id -> token string)."""
+    import ctranslate2
+    from ctranslate2.converters import transformers as ct2_hf
+
+    @ct2_hf.register_loader("GPT2Config")  # replaces ctranslate2's GPT-2 loader for this process
+    class PaddedGPT2Loader(ct2_hf.GPT2Loader):
+        """The byte tokenizer has 259 tokens, the gpt2-124m embedding 50257 rows: pad the vocabulary
+        with placeholder tokens, as ctranslate2's own T5 loader does ("<extra_id_N>")."""
+
+        def get_vocabulary(self, model, tokenizer):  # type: ignore[no-untyped-def]
+            tokens = super().get_vocabulary(model, tokenizer)
+            return tokens + [f"<extra_id_{i}>" for i in range(model.config.vocab_size - len(tokens))]
+
+        def set_config(self, config, model, tokenizer):  # type: ignore[no-untyped-def]
+            super().set_config(config, model, tokenizer)  # the byte tokenizer names no bos/eos/unk: placeholders
+            config.bos_token = config.bos_token or "<extra_id_0>"
+            config.eos_token = config.eos_token or "<extra_id_0>"
+            config.unk_token = config.unk_token or "<extra_id_0>"
+
+    hf = export_to_hf(ckpt, work / "hf")
+    out = work / "ct2"
+    ctranslate2.converters.TransformersConverter(str(hf)).convert(str(out), quantization=None, force=True)
+    vocab = json.loads((out / "vocabulary.json").read_text()) if (out / "vocabulary.json").is_file() else \
+        (out / "vocabulary.txt").read_text(encoding="utf-8").split("\n")
+    return out, vocab
+
+
+def ours_run(model: torch.nn.Module, prompts: list[list[int]], n: int) -> tuple[float, float, list[int]]:
+    """(decode tokens/s, end-to-end tokens/s, row 0's tokens) of one greedy clusterlm generation."""
+    t0 = time.perf_counter()
+    stamps = []
+    stream = generate(model, prompts, max_new_tokens=n, temperature=0.0)
+    for _ in stream:
+        stamps.append(time.perf_counter())
+    B = len(prompts)
+    assert all(len(t) == n for t in stream.tokens)
+    return B * (n - 1) / (stamps[-1] - stamps[0]), B * n / (stamps[-1] - t0), stream.tokens[0]
+
+
+def ct2_run(gen: object, prompts: list[list[str]], n: int) -> tuple[float, float, list[int]]:
+    """The same for a ctranslate2 Generator: the callback stamps each step (step index per row)."""
+    first: list[float] = []
+    last: list[float] = []
+
+    def cb(step: object) -> bool:
+        if step.step == 0 and not first:
+            first.append(time.perf_counter())
+        if step.step == n - 1:
+            last.append(time.perf_counter())
+        return False
+
+    t0 = time.perf_counter()
+    res = gen.generate_batch(prompts, max_length=n, min_length=n, sampling_topk=1, beam_size=1,
+                             include_prompt_in_result=False, callback=cb)
+    t1 = time.perf_counter()
+    B = len(prompts)
+    assert all(len(r.sequences_ids[0]) == n for r in res), [len(r.sequences_ids[0]) for r in res]
+    return B * (n - 1) / (max(last) - first[0]), B * n / (t1 - t0), list(res[0].sequences_ids[0])
+
+
+def markdown(res: dict) -> str:
+    lines = ["# clusterlm against ctranslate2: decode on CPU, side by side", "",
+             f"`{res['command']}`", "",
+             f"{res['machine']['cpu']}, {res['threads']} threads, torch {res['torch']}, ctranslate2 "
+             f"{res['ctranslate2']}; {res['preset']} shape, random weights, greedy, {res['prompt_len']}-token "
+             f"prompt, {res['new_tokens']} new tokens, {res['repeats']} interleaved repeats (medians; range "
+             f"in brackets). Load average (1, 5, 15 min) before {res['load_before']}, after {res['load_after']}.",
+             "", "| decode tokens/s | clusterlm | ctranslate2 | clusterlm / ctranslate2 |", "|---|---|---|---|"]
+    for r in res["rows"]:
+        o, c = r["clusterlm"], r["ctranslate2"]
+        lines.append(f"| {r['format']}, batch {r['batch']} | {o['decode_median']} ({o['decode_min']}-{o['decode_max']})"
+                     f" | {c['decode_median']} ({c['decode_min']}-{c['decode_max']}) | {r['ratio_decode']}x "
+                     f"(end to end {r['ratio_end_to_end']}x) |")
+    b = res["bandwidth"]
+    lines += ["", f"Memory bandwidth: STREAM copy {b['stream_copy_gbs']} GB/s, triad {b['stream_triad_gbs']} GB/s "
+              f"read-only (sum) {b['read_sum_gbs']} GB/s ({b['stream_mib']} MiB arrays, best of every repeat); torch GEMV over a 1.07 GB matrix "
+              f"{b['torch_gemv_gbs']} GB/s. fp32 weights read per token: {b['fp32_weight_bytes'] / 1e6:.0f} MB, so "
+              f"fp32 batch 1 is bound by {b['fp32_batch1_bound_tokens_per_s']} tokens/s (best of the STREAM-style rates) and "
+              f"{b['fp32_batch1_gemv_bound_tokens_per_s']} tokens/s (torch GEMV).", ""]
+    if res.get("first_tokens_equal") is not None:
+        lines.append(f"First greedy tokens equal between the engines (fp32, row 0): {res['first_tokens_equal']}.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="gpt2-124m")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--formats", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8"])
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--stream-mib", type=int, default=1024)
+    ap.add_argument("--stream-repeats", type=int, default=3, help="per measurement, one measurement per repeat")
+    ap.add_argument("--out", type=Path, default=RESULTS / "peers_decode.json")
+    args = ap.parse_args()
+    import ctranslate2
+
+    torch.set_num_threads(args.threads)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    work = Path(tempfile.mkdtemp(prefix="peers_decode_"))
+    ckpt = make_checkpoint(work, args.preset)
+    ct2_dir, vocab = ct2_model(ckpt, work)
+    fp32 = load_for_inference(ckpt).model.eval()
+    models = {"fp32": fp32}
+    if "int8" in args.formats:
+        m8 = load_for_inference(ckpt).model.eval()
+        quantize_model(m8, "int8")
+        models["int8"] = m8
+    gens = {f: ctranslate2.Generator(str(ct2_dir), device="cpu", compute_type={"fp32": "float32", "int8": "int8"}[f],
+                                     intra_threads=args.threads, inter_threads=1) for f in args.formats}
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (max(args.batches), args.prompt_len), generator=g).tolist()  # byte-token prompts
+    variants = [(eng, f, b) for f in args.formats for b in args.batches for eng in ("clusterlm", "ctranslate2")]
+    got: dict[tuple, list[tuple[float, float]]] = {v: [] for v in variants}
+    first_tokens: dict[tuple, list[int]] = {}
+    bw_runs: list[dict[str, float]] = []
+    for r in range(args.repeats + 1):  # repeat 0 warms up (packing, allocations)
+        for eng, f, b in variants:
+            prompts = ids[:b]
+            if eng == "clusterlm":
+                dec, e2e, toks = ours_run(models[f], prompts, args.new_tokens)
+            else:
+                dec, e2e, toks = ct2_run(gens[f], [[vocab[t] for t in p] for p in prompts], args.new_tokens)
+            first_tokens[(eng, f, b)] = toks
+            if r:
+                got[(eng, f, b)].append((dec, e2e))
+            print(f"repeat {r} {eng} {f} batch {b}: decode {dec:.1f} tokens/s, end to end {e2e:.1f}", flush=True)
+        # the bandwidth too, in every repeat: other tenants share the host's memory bandwidth (it
+        # measured 10-28 GB/s within minutes here), so the bound is the best seen while the engines ran
+        bw_runs.append({**stream_gbs(args.stream_mib, args.stream_repeats),
+                        "gemv": round(bandwidth_gbs(STREAM_ROWS, repeats=args.stream_repeats), 2)})
+        print(f"repeat {r} bandwidth GB/s: {bw_runs[-1]}", flush=True)
+    rows = []
+    for f in args.formats:
+        for b in args.batches:
+            row: dict = {"format": f, "batch": b}
+            for eng in ("clusterlm", "ctranslate2"):
+                dec = [x[0] for x in got[(eng, f, b)]]
+                e2e = [x[1] for x in got[(eng, f, b)]]
+                row[eng] = {"decode": [round(x, 1) for x in dec], "decode_median": round(statistics.median(dec), 1),
+                            "decode_min": round(min(dec), 1), "decode_max": round(max(dec), 1),
+                            "end_to_end_median": round(statistics.median(e2e), 1)}
+            row["ratio_decode"] = round(row["clusterlm"]["decode_median"] / row["ctranslate2"]["decode_median"], 2)
+            row["ratio_end_to_end"] = round(row["clusterlm"]["end_to_end_median"]
+                                            / row["ctranslate2"]["end_to_end_median"], 2)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    stream = {k: max(b[k] for b in bw_runs) for k in ("copy", "triad", "read")}
+    gemv = max(b["gemv"] for b in bw_runs)
+    nbytes = weight_bytes(fp32)
+    best_bw = max(stream.values())
+    b1 = next((r for r in rows if r["format"] == "fp32" and r["batch"] == 1), None)
+    res = {"command": " ".join(["python", "benchmarks/peers_decode.py", *sys.argv[1:]]),
+           "machine": machine(), "load_before": load_before, "threads": args.threads,
+           "torch": torch.__version__, "ctranslate2": ctranslate2.__version__, "preset": args.preset,
+           "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+           "first_tokens_equal": first_tokens.get(("clusterlm", "fp32", 1)) == first_tokens.get(("ctranslate2", "fp32", 1))
+           if "fp32" in args.formats and 1 in args.batches else None,
+           "rows": rows,
+           "bandwidth": {"stream_mib": args.stream_mib, "stream_repeats": args.stream_repeats,
+                         "stream_copy_gbs": stream["copy"], "stream_triad_gbs": stream["triad"],
+                         "read_sum_gbs": stream["read"], "per_repeat_gbs": bw_runs,
+                         "torch_gemv_gbs": round(gemv, 2), "fp32_weight_bytes": nbytes,
+                         "fp32_batch1_bound_tokens_per_s": round(best_bw * 1e9 / nbytes, 1),
+                         "fp32_batch1_gemv_bound_tokens_per_s": round(gemv * 1e9 / nbytes, 1),
+                         "clusterlm_fp32_batch1_of_stream_bound":
+                             round(b1["clusterlm"]["decode_median"] / (best_bw * 1e9 / nbytes), 3) if b1 else None,
+                         "ctranslate2_fp32_batch1_of_stream_bound":
+                             round(b1["ctranslate2"]["decode_median"] / (best_bw * 1e9 / nbytes), 3) if b1 else None},
+           "load_after": [round(x, 2) for x in os.getloadavg()]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
