@@ -17,6 +17,10 @@ Training: 6*N + 12*L*D*T per token.
     kernel skips half of it, so MFU from this convention is comparable to PaLM's, not to HFU).
 Forward only (inference, eval): 2*N + 4*L*D*T.
 LSTM/GRU layers have no attention term; their recurrent matrices count in N.
+Encoder (masked LM): as the decoder, plus the masked-LM head's dense D x D in N.
+Encoder-decoder: per target token with a source of the same length T (a translation pair of two
+T-token sides is T "tokens"): N = encoder layers + decoder layers (with cross-attention) + output;
+attention 12*(L_enc + 2*L_dec)*D*T (encoder self, decoder self, cross), all over the full square.
 Activation recomputation adds hardware FLOPs (HFU), never model FLOPs (MFU): see `recompute_flops`.
 """
 
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clusterlm.models.config import ModelConfig
+from clusterlm.models.config import TRANSFORMER_ARCHS, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -70,16 +74,26 @@ def flops_per_token(model: ModelConfig, seq_len: int, training: bool = True) -> 
     n, layers, output = matmul_params(model)
     k_dense, k_attn = (6, 12) if training else (2, 4)
     attn = 0.0
-    if model.arch == "transformer":
-        attn = float(k_attn * model.n_layers * model.n_heads * model.head_dim * seq_len)
+    if model.arch in TRANSFORMER_ARCHS:
+        attn = float(k_attn * _attention_layers(model) * model.n_heads * model.head_dim * seq_len)
     tied = "tied to the embedding, still a matmul" if model.tie_embeddings else "untied"
     conv = (f"PaLM convention: {k_dense}*N + {k_attn}*L*D*T per token ({'training' if training else 'forward'}), "
             f"N = {_fmt(n)} = {_fmt(layers)} layer weights + {_fmt(output)} output projection ({tied}); "
             f"embedding lookups not counted; attention over the full T x T (T={seq_len})")
-    if model.arch != "transformer":
+    if model.arch == "encdec":
+        conv = (f"PaLM convention per target token, source of the same length: {k_dense}*N + {k_attn}*(L_enc + "
+                f"2*L_dec)*D*T ({'training' if training else 'forward'}), N = {_fmt(n)} = {_fmt(layers)} encoder + "
+                f"decoder layer weights (cross-attention included) + {_fmt(output)} output projection ({tied}); "
+                f"embedding lookups not counted; every attention over the full T x T (T={seq_len})")
+    elif model.arch not in TRANSFORMER_ARCHS:
         conv = (f"{k_dense}*N per token ({'training' if training else 'forward'}), N = {_fmt(n)} = {_fmt(layers)} "
                 f"{model.arch.upper()} weights + {_fmt(output)} output projection ({tied}); no attention term")
     return FlopsPerToken(n, float(k_dense * n), attn, training, seq_len, conv)
+
+
+def _attention_layers(model: ModelConfig) -> int:
+    """Attention cores per token: one per layer; encdec's decoder layers have two (self, cross)."""
+    return model.enc_layers + 2 * model.n_layers if model.arch == "encdec" else model.n_layers
 
 
 def training_flops_per_token(model: ModelConfig, seq_len: int) -> FlopsPerToken:
@@ -103,7 +117,7 @@ def recompute_flops(model: ModelConfig, seq_len: int, mode: str) -> float:
     if mode == "none":
         return 0.0
     _, layers, _ = matmul_params(model)
-    attn = 4.0 * model.n_layers * model.dim * seq_len if model.arch == "transformer" else 0.0
+    attn = 4.0 * _attention_layers(model) * model.dim * seq_len if model.arch in TRANSFORMER_ARCHS else 0.0
     if mode == "selective":
         return attn
     if mode == "full":
@@ -137,7 +151,8 @@ class Gemm:
 
 @dataclass(frozen=True)
 class Attention:
-    """The attention core of `layers` layers: causal SDPA forward + backward (+ a replayed forward)."""
+    """The attention core of `layers` layers: SDPA forward + backward (+ a replayed forward), causal
+    (the decoders' self-attention) or over the full square (bidirectional encoder, cross-attention)."""
     seq_len: int
     head_dim: int
     heads: float
@@ -145,11 +160,14 @@ class Attention:
     layers: int
     passes: float
     """7 GEMM-equivalents forward + backward, 9 with the forward recomputed"""
+    causal: bool = True
+    name: str = "self-attention"
 
     @property
     def flops(self) -> float:
         T = self.seq_len
-        return self.heads * self.layers * self.passes * 2 * T * T * self.head_dim * (T + 1) / (2 * T)
+        part = (T + 1) / (2 * T) if self.causal else 1.0
+        return self.heads * self.layers * self.passes * 2 * T * T * self.head_dim * part
 
 
 @dataclass(frozen=True)
@@ -174,6 +192,12 @@ class StepWork:
     memops: tuple[MemOp, ...]
     autograd_ops: int
     """ops recorded per micro-batch (each has a forward and a backward): the fixed-cost count"""
+    extra_attention: tuple[Attention, ...] = ()
+    """encdec: the cross-attention cores and the encoder's bidirectional ones"""
+
+    @property
+    def attentions(self) -> tuple[Attention, ...]:
+        return (self.attention, *self.extra_attention)
 
 
 def _linear(name: str, tokens: int, d_in: int, d_out: int, count: int, forward_again: bool) -> list[Gemm]:
@@ -201,7 +225,7 @@ def step_work(model: ModelConfig, micro_batch: int, seq_len: int, *, tp: int = 1
     (the forward halves of the kernels are counted as a third of their forward + backward cost);
     'selective' the attention core forward.
     """
-    if model.arch != "transformer":
+    if model.arch not in TRANSFORMER_ARCHS:
         raise ValueError(f"the per-op step model covers Transformers; model.arch={model.arch!r}")
     if recompute not in ("none", "selective", "full"):
         raise ValueError(f"recompute mode {recompute!r}; expected none, selective or full")
@@ -225,7 +249,8 @@ def step_work(model: ModelConfig, micro_batch: int, seq_len: int, *, tp: int = 1
     gemms += _linear("feed_forward.w2", n, hf, D, L, full)
     if loss:
         gemms += _linear("output", n, D, V // tp, 1, False)
-    attention = Attention(T, Hd, B * H / tp, L, 7 + (2 if recompute != "none" else 0))
+    passes = 7 + (2 if recompute != "none" else 0)
+    attention = Attention(T, Hd, B * H / tp, L, passes, causal=model.arch != "encoder")
     norm = "rmsnorm" if model.norm == "rmsnorm" else "layernorm"
     again = 4 / 3 if full else 1  # a replayed forward: a third of forward + backward
     act = "silu" if model.mlp == "swiglu" else "gelu_tanh"
@@ -253,7 +278,36 @@ def step_work(model: ModelConfig, micro_batch: int, seq_len: int, *, tp: int = 1
         if e != 4:
             memops += [MemOp("logits upcast to fp32", lg * (e + 4), part="loss")]
         ops += 12
-    return StepWork(tuple(gemms), attention, tuple(memops), ops)
+    extra: list[Attention] = []
+    if model.arch in ("encoder", "encdec"):  # both stacks norm their embeddings (models/encdec.py)
+        memops += [MemOp(f"embedding {norm} fwd+bwd", kernel=norm, elements=h)]
+        ops += 2
+    if model.arch == "encoder" and loss:  # masked-LM head: dense D x D, exact GELU, norm
+        gemms += _linear("mlm_head.dense", n, D, D, 1, False)
+        memops += [MemOp("gelu (mlm head) fwd+bwd", kernel="gelu_tanh", elements=h),
+                   MemOp(f"{norm} (mlm head) fwd+bwd", kernel=norm, elements=h)]
+        ops += 4
+    if model.arch == "encdec":
+        # every decoder layer: cross-attention (queries from the target, keys/values from a source of the
+        # same length), its norm, residual add; then the whole encoder stack (bidirectional, no loss)
+        gemms += _linear("cross_attention.wq", n, D, hq, L, full)
+        gemms += _linear("cross_attention.wk", n, D, hkv, L, full)
+        gemms += _linear("cross_attention.wv", n, D, hkv, L, full)
+        gemms += _linear("cross_attention.wo", n, hq, D, L, full)
+        extra.append(Attention(T, Hd, B * H / tp, L, passes, causal=False, name="cross-attention"))
+        memops += [MemOp(f"cross {norm} fwd+bwd (x{L})", count=L, kernel=norm, elements=h * again),
+                   MemOp(f"cross residual add + grad sum (x{2 * L})", 3 * h * e, L * (1 + fwd_passes)),
+                   MemOp(f"cross-attention output copy fwd+bwd (x{L})", 2 * q * e, L * (1 + fwd_passes))]
+        ops += 10 * L * fwd_passes
+        import dataclasses
+
+        enc_cfg = dataclasses.replace(model, arch="encoder", n_layers=model.enc_layers, n_enc_layers=None)
+        enc = step_work(enc_cfg, micro_batch, seq_len, tp=tp, recompute=recompute, dtype=dtype, loss=False)
+        gemms += [dataclasses.replace(g, name=f"encoder.{g.name}") for g in enc.gemms]
+        extra.append(dataclasses.replace(enc.attention, name="encoder self-attention"))
+        memops += [dataclasses.replace(o, name=f"encoder {o.name}") for o in enc.memops]
+        ops += enc.autograd_ops
+    return StepWork(tuple(gemms), attention, tuple(memops), ops, tuple(extra))
 
 
 def optimizer_work(params: float, tensors: int, *, clip: bool = True) -> tuple[MemOp, ...]:

@@ -147,7 +147,7 @@ def layer_activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int, *
     if recompute == "full":
         t_in = tp if sp else 1
         return tokens * h * e / t_in, f"full recompute: layer input s*b*h*e/t = {s}*{b}*{h}*{e}/{t_in}"
-    if model.arch != "transformer":
+    if model.arch in ("lstm", "gru"):
         gates = 4 if model.arch == "lstm" else 3
         elems = h + gates * h + 2 * h
         return tokens * elems * e, f"{model.arch}: s*b*(h + {gates}h + 2h)*e = {s}*{b}*{elems}*{e}"
@@ -175,6 +175,33 @@ def layer_activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int, *
     return tokens * (whole + (per_token - whole) / tp), formula
 
 
+def _encdec_activations(model: ModelConfig, s: int, b: int, e: int, t: int, recompute: str,
+                        items: list[MemoryItem]) -> float:
+    """An encoder-decoder's activations beyond its decoder layers (counted as Transformer layers
+    above): the encoder's layers (the same per-layer bytes: bidirectional attention stores what causal
+    attention does) and, per decoder layer, its cross-attention: norm input h, query-projection
+    input h, q h, output h, keys and values of the source 2*kv (a source as long as the target), and
+    flash attention's fp32 log-sum-exp; the memory (s*b*h) once."""
+    enc, f_enc = layer_activation_bytes(model, s, b, dtype=_dtype_of(e), recompute=recompute, tp=t,
+                                        sequence_parallel=True)
+    kv = model.kv_heads * model.head_dim
+    h = model.dim
+    cross_elems = 4 * h + 2 * kv
+    cross = s * b * (cross_elems * e + 4 * model.n_heads) / t if recompute != "full" else 0.0
+    memory = s * b * h * e / t
+    L, Le = model.n_layers, model.enc_layers
+    items.append(MemoryItem("encoder_activations", Le * enc + memory,
+                            f"{Le} encoder layers * {f_enc} + the memory s*b*h*e/t"))
+    items.append(MemoryItem("cross_attention_activations", L * cross,
+                            f"{L} decoder layers * s*b*({cross_elems}*{e} + 4*{model.n_heads} lse)/t"
+                            + (" (full recompute: none kept)" if recompute == "full" else "")))
+    return Le * enc + memory + L * cross
+
+
+def _dtype_of(nbytes: int) -> str:
+    return {4: "fp32", 2: "bf16"}[nbytes]
+
+
 def logits_bytes(model: ModelConfig, seq_len: int, micro_batch: int, dtype: str = "bf16", tp: int = 1,
                  loss_parallel: bool = True) -> float:
     """B*T*V*(e + 4 + 4): logits, fp32 log-probs saved by log_softmax, fp32 logits gradient; split over
@@ -186,7 +213,7 @@ def logits_bytes(model: ModelConfig, seq_len: int, micro_batch: int, dtype: str 
 def _largest_tensor(model: ModelConfig) -> int:
     """Elements of the largest single parameter: the V x D table, an MLP or RNN gate matrix."""
     D = model.dim
-    if model.arch != "transformer":
+    if model.arch in ("lstm", "gru"):
         return max(model.padded_vocab_size * D, (4 if model.arch == "lstm" else 3) * D * D)
     return max(model.padded_vocab_size * D, D * model.hidden_dim, D * model.n_heads * model.head_dim)
 
@@ -225,16 +252,18 @@ def _stage(model: ModelConfig, dims: ParallelDims, stage: str, b: int, s: int, d
     items.append(MemoryItem("activations", inflight * layers * per_layer,
                             f"{inflight} in-flight micro-batch(es) * {layers} layers * {formula}"))
     work = inflight * layers * per_layer
+    if model.arch == "encdec":
+        work += _encdec_activations(model, s, b, e, t, recompute, items)
     if recompute == "full":  # one layer's activations live again while it is recomputed
         redo, f2 = layer_activation_bytes(model, s, b, dtype=dtype, recompute="none", attention=attention, tp=t,
                                           sequence_parallel=sp)
         items.append(MemoryItem("recompute_working_set", redo, f"one layer without recompute: {f2}"))
         work += redo
     # gradients flowing back through one layer: dL/d(MLP hidden) and a few h-sized tensors
-    F = model.hidden_dim if model.arch == "transformer" else 4 * model.dim
+    F = model.hidden_dim if model.arch not in ("lstm", "gru") else 4 * model.dim
     bwd = s * b * (2 * F + 4 * model.dim) * e / t
     formula_bwd = f"s*b*(2F + 4h)*e/t = {s}*{b}*(2*{F} + 4*{model.dim})*{e}/{t}"
-    if model.arch == "transformer" and attention == "eager":
+    if model.arch not in ("lstm", "gru") and attention == "eager":
         bwd += 2 * model.n_heads * s * s * b * e / t
         formula_bwd += f" + 2*a*s^2*b*e/t (grads of the attention probabilities)"
     items.append(MemoryItem("backward_transient", bwd, formula_bwd))

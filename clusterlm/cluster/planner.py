@@ -107,7 +107,7 @@ def _dims_options(world: int, per_node: int, model: ModelConfig,
         if tp > per_node or per_node % tp:
             why(Pruned(f"tp={tp}", None, None, f"tensor parallel stays inside a node of {per_node} device(s)"))
             continue
-        if tp > 1 and (model.arch != "transformer" or model.n_heads % tp or model.kv_heads % tp):
+        if tp > 1 and (model.arch in ("lstm", "gru") or model.n_heads % tp or model.kv_heads % tp):
             why(Pruned(f"tp={tp}", None, None, f"tp must divide n_heads={model.n_heads} and kv_heads="
                        f"{model.kv_heads} of a Transformer (arch {model.arch})"))
             continue
@@ -117,10 +117,14 @@ def _dims_options(world: int, per_node: int, model: ModelConfig,
             if pp > model.n_layers:
                 why(Pruned(f"tp={tp} pp={pp}", None, None, f"pp={pp} > n_layers={model.n_layers}"))
                 continue
+            if pp > 1 and model.arch in ("encoder", "encdec"):
+                why(Pruned(f"tp={tp} pp={pp}", None, None, f"pipeline parallel splits decoder-only stacks; "
+                           f"model.arch={model.arch!r} trains with DDP, FSDP and TP"))
+                continue
             dp = world // (tp * pp)
             for rep in [d for d in range(1, dp + 1) if dp % d == 0]:
                 dims = ParallelDims(dp_replicate=rep, dp_shard=dp // rep, tp=tp, pp=pp)
-                if model.arch != "transformer" and dims.model_parallel * dims.dp_shard > 1:
+                if model.arch in ("lstm", "gru") and dims.model_parallel * dims.dp_shard > 1:
                     why(Pruned(dims.describe(), None, None, f"model.arch={model.arch!r} trains with data-parallel "
                                f"replication only (the trainer's rule)"))
                     continue

@@ -272,7 +272,7 @@ def step_model(model: ModelConfig, device: DeviceSpec, dtype: str) -> tuple[OpRa
     if dtype in device.train_efficiency:
         return None, (f"step time from the measured device.train_efficiency.{dtype} (it takes precedence over "
                       f"the per-op model)" if rates else None)
-    if model.arch != "transformer" and (rates is None or model.arch not in dict(rates.rnn_sweep)):
+    if model.arch in ("lstm", "gru") and (rates is None or model.arch not in dict(rates.rnn_sweep)):
         return None, (f"per-op step model not used: the spec has no rnn_sweep.{model.arch} (probe it again); step "
                       f"time from the FLOP rate" if rates else None)
     if rates is None:
@@ -283,12 +283,18 @@ def step_model(model: ModelConfig, device: DeviceSpec, dtype: str) -> tuple[OpRa
 
 def param_tensors(model: ModelConfig) -> int:
     """Parameter tensors (what clip_grad_norm and the optimizer loop over)."""
-    if model.arch != "transformer":  # embedding, per layer w_ih, w_hh, b_ih, b_hh (nn.LSTM's default), output bias
+    if model.arch in ("lstm", "gru"):  # embedding, per layer w_ih, w_hh, b_ih, b_hh (nn.LSTM's default), output bias
         return 1 + model.n_layers * 4 + bool(model.bias) + (not model.tie_embeddings)
     b = 2 if model.bias else 1
-    per_layer = 2 * (b if model.norm == "layernorm" else 1) + (4 + (3 if model.mlp == "swiglu" else 2)) * b
-    return (model.n_layers * per_layer + 1 + (model.pos == "learned") + (b if model.norm == "layernorm" else 1)
-            + (not model.tie_embeddings))
+    norm = b if model.norm == "layernorm" else 1
+    per_layer = 2 * norm + (4 + (3 if model.mlp == "swiglu" else 2)) * b
+    total = (model.n_layers * per_layer + 1 + (model.pos == "learned") + norm + (not model.tie_embeddings))
+    if model.arch == "encoder":  # embedding norm, mlm_head dense + norm, output bias
+        total += norm + b + norm + (1 if model.bias else 0)
+    elif model.arch == "encdec":  # cross-attention + its norm per decoder layer; the encoder stack; embedding norms
+        total += model.n_layers * (4 * b + norm) + model.enc_layers * per_layer + norm + (model.pos == "learned")
+        total += 2 * norm
+    return total
 
 
 def _op_model_parts(model: ModelConfig, dims: ParallelDims, mb: int, m: int, recompute: str, seq_len: int,
@@ -308,12 +314,15 @@ def _op_model_parts(model: ModelConfig, dims: ParallelDims, mb: int, m: int, rec
                         f"layers: {total_f / 1e9:.4g} GFLOP at {total_f / total_t / 1e12:.4g} TFLOP/s overall "
                         f"(interpolated in the probe's {dtype} GEMM sweep: {lo:.3g}-{hi:.3g}); slowest: {g_big.name} "
                         f"({g_big.m}x{g_big.n}x{g_big.k}, x{g_big.count:g}) {t_big * 1e3:.3g} ms")
-    a = work.attention
-    rate = rates.attention_tflops(a.seq_len, a.head_dim)
-    parts["attention"] = m * a.flops / (rate * 1e12)
-    formulas["attention"] = (f"{m} micro-batches * {a.layers} layers * {a.heads:g} heads * {a.passes} GEMMs of "
-                             f"2*T*T*Hd (T={a.seq_len}, Hd={a.head_dim}) * causal (T+1)/2T = {a.flops / 1e9:.4g} GFLOP "
-                             f"at {rate:.4g} TFLOP/s (the probe's causal SDPA fwd+bwd sweep)")
+    parts["attention"], texts = 0.0, []
+    for a in work.attentions:  # encdec: decoder self, cross and encoder self-attention
+        rate = rates.attention_tflops(a.seq_len, a.head_dim)
+        parts["attention"] += m * a.flops / (rate * 1e12)
+        texts.append(f"{a.name}: {m} micro-batches * {a.layers} layers * {a.heads:g} heads * {a.passes} GEMMs of "
+                     f"2*T*T*Hd (T={a.seq_len}, Hd={a.head_dim})" + (" * causal (T+1)/2T" if a.causal else "")
+                     + f" = {a.flops / 1e9:.4g} GFLOP at {rate:.4g} TFLOP/s")
+    formulas["attention"] = ("; ".join(texts) + " (the probe's causal SDPA fwd+bwd sweep; a full-square core "
+                             "is taken at the same rate per FLOP)")
     for key in ("memory_ops", "loss"):
         ops = [o for o in work.memops if o.part == key]
         if not ops:
@@ -407,7 +416,7 @@ def step_time(model: ModelConfig, dims: ParallelDims, mb: int, accum: int, recom
     m = accum
     if ops is not None:  # per-op model: GEMMs by shape, memory-bound ops, loss, fixed op costs
         op_parts, op_formulas = (_op_model_parts(model, dims, mb, m, recompute, seq_len, dtype, ops)
-                                 if model.arch == "transformer" else _rnn_model_parts(model, mb, m, seq_len, ops))
+                                 if model.arch not in ("lstm", "gru") else _rnn_model_parts(model, mb, m, seq_len, ops))
         parts.update(op_parts)
         formulas.update(op_formulas)
         compute = sum(op_parts.values())
