@@ -441,6 +441,12 @@ def main(argv: list[str]) -> int:
     device = node.device
     if device is None:
         raise ConfigError(f"node type {node.name!r} lists no device")
+    if device.kind == "cpu":  # a CPU node's figures are its CPU's: say so when this machine has another
+        from clusterlm.cluster.probe import other_cpu_note
+
+        note = other_cpu_note(node, args.cluster)
+        if note:
+            print(f"NOTE: {note}")
     seq_len = args.seq_len or model.max_seq_len
     gbt = args.global_batch_tokens or max(seq_len, DEFAULT_GLOBAL_BATCH_TOKENS // seq_len * seq_len)
     dtype = args.dtype

@@ -103,6 +103,23 @@ def probe_cpu() -> CpuSpec:
         return parsers.parse_cpuinfo(_read("/proc/cpuinfo"))
 
 
+def other_cpu_note(node: NodeType, what: str) -> str | None:
+    """A warning when `node`'s figures were probed on a CPU other than this machine's (CPU nodes
+    only: a GPU node's CPU does not set its step times), naming both; None when they match or this
+    machine's CPU cannot be read. Figures from one CPU do not carry to another (issue 20)."""
+    if node.device is None or node.device.kind != "cpu":
+        return None
+    try:
+        here = probe_cpu().model
+    except (OSError, RuntimeError):
+        return None
+    there = node.cpu.model
+    if there in ("unknown", "") or here in ("unknown", "") or there == here:
+        return None
+    return (f"{what} was probed on CPU {there!r}; this machine is {here!r}: its step times and peaks are that "
+            f"CPU's, not this one's (re-probe here with `clusterlm probe --out FILE`)")
+
+
 def probe_gpus() -> list[parsers.GpuInfo]:
     try:
         out = _run(["nvidia-smi", "--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader"])

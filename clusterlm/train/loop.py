@@ -81,7 +81,14 @@ def _probed_peak(spec_file: str, dtype: str) -> float | None:
         return None
     from clusterlm.cluster.spec import load_spec
 
-    device = load_spec(spec_file).node_types[0].device
+    node = load_spec(spec_file).node_types[0]
+    device = node.device
+    if device is not None:
+        from clusterlm.cluster.probe import other_cpu_note
+
+        note = other_cpu_note(node, f"train.probe_spec={spec_file!r}")
+        if note:
+            log.warning("%s; MFU is computed against that CPU's peak", note)
     tflops = device.peak(dtype)[0] or device.matmul_tflops(dtype)
     if not tflops:
         raise ConfigError(f"train.probe_spec={spec_file!r} has no peak or measured {dtype} TFLOP/s for "
