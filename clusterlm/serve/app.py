@@ -714,8 +714,10 @@ def main(argv: list[str]) -> int:
 
         torch.set_num_threads(args.threads)
 
+    bases: dict = {}  # a checkpoint is loaded once: adapters on it (and the base) share its weights
+
     def load(spec: ModelSpec) -> object:
-        return load_model(spec.path, args.device)
+        return load_model(spec.path, args.device, bases)
 
     failed: list[Exception] = []
 

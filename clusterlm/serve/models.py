@@ -13,12 +13,17 @@ command line's --max-batch, --max-queue, --max-new-tokens-limit):
     max_batch = 8
 
 An adapter folder (RUN/adapter: adapter.safetensors + adapter.json, written by a LoRA fine-tune)
-is loaded onto its base checkpoint (adapter.json's meta.base) and merged: each adapter is a model
-of its own; the base is not yet shared between the adapters of one base (docs/serving.md).
+is loaded onto its base checkpoint (adapter.json's meta.base). `clusterlm serve` passes one
+`bases` dict for all its models, so a base checkpoint is loaded once: every adapter on it, and the
+base itself if it is served too, share the base's weight tensors, and each adapter adds only its
+LoRA matrices, applied unmerged (W x + (alpha/r) B A x, the way vLLM serves LoRA). Without `bases`
+(a single adapter loaded on its own) the adapters are merged into a private copy of the base.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import difflib
 import logging
 import threading
@@ -120,18 +125,22 @@ def model_specs(args: list[str], models_file: str | None, model_name: str | None
     return specs
 
 
-def load_model(path: str | Path, device: str) -> object:
+def load_model(path: str | Path, device: str, bases: dict | None = None) -> object:
     """A LoadedModel from a checkpoint (run, checkpoints or step folder), or from a LoRA adapter
-    folder: its base checkpoint (adapter.json meta.base) with the adapters loaded and merged.
-    Errors name the path (CheckpointError)."""
+    folder: its base checkpoint (adapter.json meta.base) with the adapters loaded. `bases`: the
+    checkpoints already loaded by this server, by resolved step folder and device (filled here): a
+    checkpoint is then loaded once and adapters share its weights (module docstring); None: each
+    call loads its own copy and adapters are merged. Errors name the path (CheckpointError)."""
     from clusterlm.checkpoint.model_io import load_for_inference
     from clusterlm.errors import CheckpointError, ClusterlmError
 
     path = Path(path)
     try:
         if (path / "adapter.json").is_file():
-            return _load_adapter(path, device)
-        return load_for_inference(path, device=device)
+            return _load_adapter(path, device, bases)
+        if bases is None:
+            return load_for_inference(path, device=device)
+        return _shared_checkpoint(path, device, bases)
     except ClusterlmError:
         raise
     except Exception as e:  # torch/safetensors errors on a truncated or foreign file: name the checkpoint
@@ -139,7 +148,41 @@ def load_model(path: str | Path, device: str) -> object:
                               f"{str(e).splitlines()[0] if str(e) else ''}") from e
 
 
-def _load_adapter(path: Path, device: str) -> object:
+def _shared_checkpoint(path: str | Path, device: str, bases: dict) -> object:
+    """The LoadedModel of checkpoint `path` from `bases`, loading it the first time."""
+    from clusterlm.checkpoint.model_io import load_for_inference
+    from clusterlm.checkpoint.store import resolve_checkpoint
+
+    key = (str(Path(resolve_checkpoint(str(path))).resolve()), str(device))
+    if key not in bases:
+        bases[key] = load_for_inference(path, device=device)
+    return bases[key]
+
+
+def share_weights(model: nn.Module) -> nn.Module:
+    """A new module tree with `model`'s structure whose parameters and buffers ARE `model`'s (no
+    copy): changing the copy's modules (wrapping a Linear in a LoRALinear) leaves `model` as it
+    was, and the weights are in memory once. Inference-only caches (`fused`) are not carried."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    clone = copy.deepcopy(model, memo)
+    for m in clone.modules():
+        if getattr(m, "fused", None) is not None:
+            m.fused, m._fused_src = None, None
+    object.__setattr__(clone, "_shared_base", model)  # not a submodule: only for the memory figures
+    return clone
+
+
+def own_tensor_bytes(model: nn.Module) -> int:
+    """tensor_bytes of `model` without the tensors it shares with its base (share_weights)."""
+    base = model.__dict__.get("_shared_base")
+    if base is None:
+        return tensor_bytes(model)
+    shared = {id(t) for t in (*base.parameters(), *base.buffers())}
+    own = nn.ParameterList([p for p in model.parameters() if id(p) not in shared])
+    return tensor_bytes(own)
+
+
+def _load_adapter(path: Path, device: str, bases: dict | None = None) -> object:
     from clusterlm.checkpoint.model_io import load_for_inference, read_checkpoint_config
     from clusterlm.checkpoint.store import resolve_checkpoint
     from clusterlm.errors import CheckpointError
@@ -155,6 +198,15 @@ def _load_adapter(path: Path, device: str) -> object:
         if labels:  # its head was trained with the adapters but is not in adapter.safetensors
             raise CheckpointError(f"{path} holds the adapters of a classifier (labels {', '.join(labels)}); its head "
                                   f"is only in the full checkpoint: serve {ckpt}")
+    if bases is not None:  # the base once per server: adapters share its weights, applied unmerged
+        base = _shared_checkpoint(meta["base"], device, bases)
+        if base.quantization:
+            raise CheckpointError(f"{path}: its base {meta['base']} is quantized ({base.quantization.get('method')}); "
+                                  "LoRA adapters apply to a full-precision base")
+        model = share_weights(base.model)
+        load_adapters(path, model)
+        model.eval()
+        return dataclasses.replace(base, model=model, path=path)
     loaded = load_for_inference(meta["base"], device=device)
     load_adapters(path, loaded.model)
     merge_lora(loaded.model)
@@ -196,8 +248,12 @@ class Served:
     def measure(self) -> None:
         """Parameter and KV-cache bytes, into `memory` and the clusterlm_model_memory_bytes gauge."""
         sched = self.state.get("sched")
-        self.memory = {"parameter_bytes": tensor_bytes(self.state["loaded"].model),
+        model = self.state["loaded"].model
+        # an adapter on a shared base counts its own LoRA matrices; the base's bytes once, under the base
+        self.memory = {"parameter_bytes": own_tensor_bytes(model),
                        "kv_cache_bytes": tensor_bytes(sched.cache) if sched is not None else 0}
+        if "_shared_base" in model.__dict__:
+            self.memory["shared_base_bytes"] = tensor_bytes(model.__dict__["_shared_base"])
         self.metrics.set_memory(self.memory["parameter_bytes"], self.memory["kv_cache_bytes"])
 
     def card(self) -> dict:
