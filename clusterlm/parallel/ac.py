@@ -2,6 +2,9 @@
 "selective" (keep matmul and attention outputs, recompute the cheap element-wise ops: the op-level
 policy of torchtitan). Applied per block, so parameter names gain `_checkpoint_wrapped_module.`;
 `clean_name` strips it (and torch.compile's `_orig_mod.`).
+
+`block_stacks(model)` lists every ModuleDict of blocks that parallel/ lays out per block: `layers`,
+and an encoder-decoder's `encoder.layers` too (models/encdec.py).
 """
 
 from __future__ import annotations
@@ -34,25 +37,39 @@ def clean_name(name: str) -> str:
     return name
 
 
+def block_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleDict]]:
+    """(name prefix, ModuleDict of blocks) of every stack in `model` (a classifier: its backbone's):
+    ("layers.", ...) and, for an encoder-decoder, ("encoder.layers.", ...) first."""
+    lm = language_model(model)
+    out = []
+    encoder = getattr(lm, "encoder", None)
+    if isinstance(getattr(encoder, "layers", None), nn.ModuleDict):
+        out.append(("encoder.layers.", encoder.layers))
+    if isinstance(getattr(lm, "layers", None), nn.ModuleDict):
+        out.append(("layers.", lm.layers))
+    return out
+
+
 def _selective_policy(ctx, op, *args, **kwargs):  # noqa: ARG001 - torch's policy signature
     return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def apply_ac(model: nn.Module, mode: str) -> None:
-    """Wrap every block of model.layers (a ModuleDict; a classifier's backbone.layers) in place; mode
-    "none" does nothing."""
+    """Wrap every block of model.layers (a ModuleDict; a classifier's backbone.layers; an encoder-decoder's
+    encoder.layers too) in place; mode "none" does nothing."""
     if mode == "none":
         return
     if mode not in ("full", "selective"):
         raise ValueError(f"parallel.activation_checkpointing={mode!r}; expected none, selective or full")
-    layers = getattr(language_model(model), "layers", None)
-    if not isinstance(layers, nn.ModuleDict):
+    stacks = block_stacks(model)
+    if not stacks:
         raise ValueError(f"activation checkpointing needs a model with a `layers` ModuleDict; "
                          f"{type(model).__name__} has none")
-    for key, block in list(layers.items()):
-        if mode == "full":
-            layers[key] = checkpoint_wrapper(block, preserve_rng_state=True)
-        else:
-            layers[key] = checkpoint_wrapper(block, preserve_rng_state=True,
-                                             context_fn=partial(create_selective_checkpoint_contexts,
-                                                                _selective_policy))
+    for _, layers in stacks:
+        for key, block in list(layers.items()):
+            if mode == "full":
+                layers[key] = checkpoint_wrapper(block, preserve_rng_state=True)
+            else:
+                layers[key] = checkpoint_wrapper(block, preserve_rng_state=True,
+                                                 context_fn=partial(create_selective_checkpoint_contexts,
+                                                                    _selective_policy))

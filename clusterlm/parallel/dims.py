@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from clusterlm.errors import ConfigError
-from clusterlm.models.config import ModelConfig
+from clusterlm.models.config import TRANSFORMER_ARCHS, ModelConfig
 
 MESH_DIM_NAMES: tuple[str, ...] = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -115,8 +115,9 @@ class ParallelDims:
             raise ConfigError(f"micro_batch={micro_batch} and seq_len={seq_len} must be >= 1, "
                               f"global_batch_tokens={global_batch_tokens} >= 0")
         if self.tp > 1:
-            if model.arch != "transformer":
-                raise ConfigError(f"tp={self.tp} needs a transformer; model.arch={model.arch!r} has no heads to split")
+            if model.arch not in TRANSFORMER_ARCHS:
+                raise ConfigError(f"tp={self.tp} needs a transformer (arch transformer, encoder or encdec); "
+                                  f"model.arch={model.arch!r} has no heads to split")
             for name, heads in (("n_heads", model.n_heads), ("kv_heads", model.kv_heads)):
                 if heads % self.tp:
                     raise ConfigError(f"tp={self.tp} must divide model.{name}={heads} "

@@ -32,7 +32,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from clusterlm.models.config import ModelConfig
+from clusterlm.models.config import TRANSFORMER_ARCHS, ModelConfig
 from clusterlm.parallel.ac import apply_ac, clean_name
 from clusterlm.parallel.dims import ParallelDims
 from clusterlm.parallel.mesh import Coords
@@ -249,11 +249,16 @@ def validate_layout(dims: ParallelDims, mcfg: ModelConfig, world_size: int, glob
     if mcfg.labels and (dims.tp > 1 or dims.pp > 1):
         raise ConfigError(f"a classifier (model.labels) trains with data parallel only (DDP or FSDP): set "
                           f"parallel.tp=1 and parallel.pp=1 (got {dims.describe()})")
-    if mcfg.arch != "transformer" and (dims.dp_shard > 1 or dims.tp > 1 or dims.pp > 1):
+    attention = mcfg.arch in TRANSFORMER_ARCHS
+    if not attention and (dims.dp_shard > 1 or dims.tp > 1 or dims.pp > 1):
         raise ConfigError(f"model.arch={mcfg.arch!r} trains with data parallel replication only (DDP): "
                           f"set parallel.dp_replicate={world_size} and dp_shard=tp=pp=1 (got {dims.describe()})")
-    if mcfg.arch != "transformer" and dims.activation_checkpointing != "none":
+    if not attention and dims.activation_checkpointing != "none":
         raise ConfigError(f"activation checkpointing works on transformer blocks; model.arch={mcfg.arch!r}")
+    if mcfg.arch in ("encoder", "encdec") and dims.pp > 1:
+        # the stages would have to pass the encoder's output (and the source mask) to every decoder stage
+        raise ConfigError(f"parallel.pp={dims.pp}: pipeline parallel splits the decoder-only transformer only; "
+                          f"model.arch={mcfg.arch!r} trains with parallel.pp=1 (DDP, FSDP and TP work)")
     if dims.pp > 1 and mcfg.tie_embeddings:
         raise ConfigError(f"pp={dims.pp} with model.tie_embeddings=true: the tied embedding/output weight would "
                           "live on the first and last stages; set model.tie_embeddings=false")
@@ -304,11 +309,11 @@ def build_parallel_model(mcfg: ModelConfig, pc: ParallelDims, mesh: DeviceMesh |
         apply_tp(model, mesh["tp"], sequence_parallel=seq_par, loss_parallel=seq_par)
     apply_ac(model, pc.activation_checkpointing)
     if compile:
-        from clusterlm.models.classifier import language_model
+        from clusterlm.parallel.ac import block_stacks
 
-        layers = language_model(model).layers
-        for key, block in list(layers.items()):
-            layers[key] = torch.compile(block)
+        for _, layers in block_stacks(model):
+            for key, block in list(layers.items()):
+                layers[key] = torch.compile(block)
     pure_replication = dims.dp_replicate > 1 and dims.dp_shard == 1 and dims.tp == 1 and dims.pp == 1
     if wrap == "ddp" or (wrap == "auto" and pure_replication):
         model.to_empty(device=device)
