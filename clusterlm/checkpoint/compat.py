@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from clusterlm.errors import CheckpointError
-from clusterlm.models.config import ModelConfig
+from clusterlm.models.config import TRANSFORMER_ARCHS, ModelConfig
 
 # ModelConfig values that fix the parameter shapes or the meaning of the weights; dropout, init_std
 # and (with rotary positions) max_seq_len may change between a run and its resume
@@ -30,7 +30,9 @@ def model_differences(saved: ModelConfig, wanted: ModelConfig) -> list[tuple[str
     primary = PRIMARY + (("max_seq_len",) if "learned" in (saved.pos, wanted.pos) else ())
     out = [(f"model.{f}", getattr(saved, f), getattr(wanted, f)) for f in primary
            if getattr(saved, f) != getattr(wanted, f)]
-    if out or saved.arch != "transformer":
+    if saved.arch == wanted.arch == "encdec" and saved.enc_layers != wanted.enc_layers:
+        out.append(("model.n_enc_layers", saved.enc_layers, wanted.enc_layers))  # None = n_layers: compare counts
+    if out or saved.arch not in TRANSFORMER_ARCHS:
         return out
     return [(f"model.{key}", getattr(saved, prop), getattr(wanted, prop)) for prop, key in DERIVED.items()
             if getattr(saved, prop) != getattr(wanted, prop)]

@@ -4,8 +4,9 @@ layout against one process, on CPU with gloo (run_ranks spawns the ranks).
 One spawn of 2 ranks runs 3 AdamW steps of each family under DDP x2, FSDP x2, TP x2 (sequence and
 loss parallel, the default), TP x2 without sequence parallel, and with activation checkpointing; a
 second configuration of each family (rotary or sinusoidal positions, RMSNorm, SwiGLU, grouped-query
-attention, untied output) under TP x2 and FSDP x2. The single-process references run in the test
-process. The batches hold padded sources (a key mask) and ignored label positions (-100), arranged so
+attention, untied output) under TP x2 and FSDP x2; sharded initialisation; the sequence-parallel
+layout; DCP checkpoints saved under one layout and loaded under another (and on one process). The
+single-process references run in the test process. The batches hold padded sources (a key mask) and ignored label positions (-100), arranged so
 that both data-parallel halves score the same number of tokens (the mean of the per-rank mean losses
 is then the global mean).
 """
@@ -65,14 +66,14 @@ def batch(arch: str, seed: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]
     return (ids.masked_fill(masked, 1),), labels  # id 1 stands for [MASK]
 
 
-def build(pc: ParallelDims, mcfg: ModelConfig, micro_batch: int = B):
+def build(pc: ParallelDims, mcfg: ModelConfig, micro_batch: int = B, seed: int = 0):
     from clusterlm.eval.metrics import lm_loss
     from clusterlm.parallel.mesh import build_mesh
     from clusterlm.parallel.parallelize import build_parallel_model, validate_layout
 
     validate_layout(pc, mcfg, max(pc.world_size, 1), B * T, micro_batch, T)
     mesh = build_mesh(pc, "cpu") if pc.world_size > 1 else None
-    return build_parallel_model(mcfg, pc, mesh, torch.device("cpu"), seed=0, micro_batch=micro_batch,
+    return build_parallel_model(mcfg, pc, mesh, torch.device("cpu"), seed=seed, micro_batch=micro_batch,
                                 loss_fn=lm_loss)
 
 
@@ -154,18 +155,52 @@ def sp_layout(name: str) -> dict:
     return seen
 
 
-def _two_ranks(rank: int, world: int) -> dict:
+def logits_of(pm, arch: str) -> list:
+    x, _ = batch(arch, 99)
+    with torch.no_grad():
+        return pm.inference_module(*(t[:2] for t in x)).tolist()  # (2, T, V), every rank the full batch
+
+
+def dcp_roundtrip(name: str, save_pc: ParallelDims, load_pc: ParallelDims, root: str) -> dict:
+    """A DCP checkpoint saved under one layout after one AdamW step, loaded under another into a model
+    initialised from another seed: the logits before the save and after the load"""
+    from pathlib import Path
+
+    from clusterlm.checkpoint.distributed import load_distributed, save_distributed
+    from clusterlm.train.optim import build_optimizer
+
+    mcfg = cfg_of(name)
+    oc = OptimConfig(lr=1e-2, weight_decay=0.1)
+    pm = build(save_pc, mcfg, micro_batch=B // save_pc.dp)
+    opt = build_optimizer(pm.module, oc, fused=pm.fused_optimizer_ok and None)
+    x, y = batch(mcfg.arch, 0)
+    pm.forward_backward(tuple(rows(pm, t) for t in x), rows(pm, y))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    path = save_distributed(Path(root) / name, 1, pm.module, opt, train_state={"step": 1}, config_toml="")
+    out = {"saved": logits_of(pm, mcfg.arch)}
+    pm = build(load_pc, mcfg, micro_batch=B // load_pc.dp, seed=123)
+    opt = build_optimizer(pm.module, oc, fused=pm.fused_optimizer_ok and None)
+    out["state"] = load_distributed(path, pm.module, opt)
+    out["loaded"] = logits_of(pm, mcfg.arch)
+    return out
+
+
+def _two_ranks(rank: int, world: int, ckpt_root: str) -> dict:
     out = {key: train_steps(name, ParallelDims(**kw)) for key, name, kw in LAYOUTS}
     out["sp_encdec"] = sp_layout("encdec")
     out["sp_encoder"] = sp_layout("encoder")
+    out["dcp_encdec"] = dcp_roundtrip("encdec", ParallelDims(tp=2), ParallelDims(dp_shard=2), ckpt_root)
+    out["dcp_encoder"] = dcp_roundtrip("encoder", ParallelDims(dp_shard=2), ParallelDims(tp=2), ckpt_root)
     out["init_encdec_tp"] = sharded_init("encdec", ParallelDims(tp=2))
     out["init_encoder_fsdp"] = sharded_init("encoder", ParallelDims(dp_shard=2))
     return out
 
 
 @pytest.fixture(scope="module")
-def two():
-    return run_ranks(2, _two_ranks)
+def two(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return root, run_ranks(2, _two_ranks, str(root))
 
 
 def test_steps_match_single_process(two):
@@ -173,7 +208,7 @@ def test_steps_match_single_process(two):
     and without sequence parallel) and with activation checkpointing give one process's loss and
     gradient norm at every step (fp32, 1e-5): the same forward, the same gradients, the same updates."""
     refs = {name: train_steps(name, ParallelDims()) for name in CONFIGS}
-    for r in two:
+    for r in two[1]:
         for key, name, _ in LAYOUTS:
             for s, (got, want) in enumerate(zip(r[key], refs[name])):
                 assert got == pytest.approx(want, rel=TOL, abs=TOL), f"{key} step {s + 1}"
@@ -186,7 +221,7 @@ def test_sequence_parallel_layout(two):
     """Under TP x2 with sequence parallel each rank's residual stream holds half the sequence in both
     stacks (and in the masked-LM head), the memory that cross-attention's wk/wv read is gathered once
     after the encoder's final norm (a Replicate DTensor), and the logits stay split over the vocabulary."""
-    for r in two:
+    for r in two[1]:
         assert r["sp_encdec"] == {"attention_norm": ["S(1)", T // 2], "encoder_attention_norm": ["S(1)", S // 2],
                                   "encoder_norm": ["R", S], "logits_split": True}
         assert r["sp_encoder"] == {"attention_norm": ["S(1)", S // 2], "mlm_head_norm": ["S(1)", S // 2],
@@ -203,10 +238,37 @@ def test_sharded_init_equals_single_process(two):
         model.init_weights(0)
         want = {n: [float(p.detach().double().sum()), float(p.detach().double().square().sum())]
                 for n, p in model.named_parameters()}
-        for r in two:
+        for r in two[1]:
             assert r[key].keys() == want.keys()
             for n, v in want.items():
                 assert r[key][n] == pytest.approx(v, rel=1e-6, abs=1e-6), n
+
+
+def test_dcp_checkpoint_across_layouts_and_one_process(two):
+    """A DCP checkpoint of an encdec model saved under TP x2 loads under FSDP x2, and one of an encoder
+    saved under FSDP x2 loads under TP x2, with the logits of the saved model (1e-5); both load on one
+    process too, and their model.safetensors (for eval/generate/export) holds the loaded weights."""
+    from safetensors.torch import load_file
+
+    from clusterlm.checkpoint.distributed import load_distributed
+    from clusterlm.models.build import build_model
+
+    root, results = two
+    for name, key in (("encdec", "dcp_encdec"), ("encoder", "dcp_encoder")):
+        r = results[0][key]
+        assert r["state"] == {"step": 1}
+        want = torch.tensor(r["saved"])
+        torch.testing.assert_close(torch.tensor(r["loaded"]), want, rtol=0, atol=TOL)
+        model = build_model(cfg_of(name))
+        model.init_weights(5)
+        load_distributed(root / name / "step-00000001", model, None)
+        x, _ = batch(cfg_of(name).arch, 99)
+        with torch.no_grad():
+            torch.testing.assert_close(model(*(t[:2] for t in x)), want, rtol=0, atol=TOL)
+        full = load_file(str(root / name / "step-00000001" / "model.safetensors"))
+        assert full.keys() == model.state_dict().keys()
+        for k, v in model.state_dict().items():
+            assert torch.equal(full[k], v), k
 
 
 def test_pipeline_parallel_is_refused():
