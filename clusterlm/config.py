@@ -230,9 +230,11 @@ class EvalConfig:
 class FinetuneConfig:
     """Fine-tuning (docs/finetune.md): start from a base model, train on labelled records."""
 
-    task: Literal["lm", "sft", "classify"] = "lm"
-    """lm = pre-training on token shards (no fine-tuning); sft = supervised fine-tuning on
-    prompt/completion or chat records (loss on the responses only); classify = a classification head"""
+    task: Literal["lm", "mlm", "sft", "classify", "seq2seq"] = "lm"
+    """lm = pre-training on token shards (no fine-tuning); mlm = masked-LM pre-training of an
+    encoder on token shards (BERT's recipe, data/mlm.py); sft = supervised fine-tuning on
+    prompt/completion or chat records (loss on the responses only); classify = a classification head;
+    seq2seq = an encoder-decoder on source/target pairs (prompt -> encoder, completion -> decoder)"""
     init_from: str = ""
     """the base: a clusterlm run, checkpoints folder or step folder, or a Hugging Face folder;
     empty = from scratch (random weights, tokenizer trained on the records)"""
@@ -260,6 +262,8 @@ class FinetuneConfig:
     """LoRA rank on the attention and MLP projections; 0 = full fine-tuning (docs/finetune.md)"""
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
+    mask_prob: float = 0.15
+    """mlm: the share of positions chosen (each then 80% <|mask|>, 10% a random token, 10% kept)"""
     lora_targets: tuple[str, ...] = ()
     """module names LoRA wraps (the last part of a Linear's name, e.g. ["wq", "wv"]); empty = every
     attention and MLP projection the model has (wq wk wv wo w1 w2, and w3 with SwiGLU)"""
@@ -278,8 +282,10 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.labels={list(self.labels)!r}: labels must be distinct non-empty names")
         if self.labels and len(self.labels) < 2:
             raise ConfigError(f"finetune.labels={list(self.labels)!r}: a classifier needs at least 2 labels")
-        if self.task == "lm" and (self.init_from or self.lora_rank):
-            raise ConfigError("finetune.init_from / lora_rank are set but finetune.task='lm'; set task = 'sft' "
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ConfigError(f"finetune.mask_prob={self.mask_prob} must be in (0, 1)")
+        if self.task in ("lm", "mlm") and (self.init_from or self.lora_rank):
+            raise ConfigError(f"finetune.init_from / lora_rank are set but finetune.task={self.task!r} (pre-training); set task = 'sft' "
                               "or 'classify'")
 
 

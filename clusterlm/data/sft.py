@@ -404,7 +404,7 @@ class ExampleLoader:
 
     def __init__(self, data_dir: str | os.PathLike, split: str = "train", *, batch_size: int, seq_len: int,
                  seed: int = 0, rank: int = 0, world_size: int = 1, pack: bool = True, pad_id: int,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, warn_cut: bool = True) -> None:
         if batch_size < 1 or seq_len < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"batch_size={batch_size}, seq_len={seq_len}, rank={rank}, world_size={world_size}")
         self.data = ExampleSplit(data_dir, split)
@@ -417,7 +417,7 @@ class ExampleLoader:
         self.cap = seq_len if self.classify else seq_len + 1  # tokens of an example that are used
         self.position = 0
         self._perms: dict[int, np.ndarray] = {}
-        cut = int((self.data.lengths > self.cap).sum())
+        cut = int((self.data.lengths > self.cap).sum()) if warn_cut else 0
         if cut:
             log.warning("%s/%s: %d of %d examples are longer than %d tokens and are cut (longest %d); raise "
                         "train.seq_len to keep them whole", data_dir, split, cut, self.data.n, self.cap,

@@ -146,6 +146,10 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=0.0, help="generate tasks: 0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--num-beams", type=int, default=1,
+                   help="generate tasks: beam search with this width (1 = greedy/sampling; docs/encdec.md)")
+    g.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam search: score = log-probability / length ** this (transformers' length_penalty)")
     g.add_argument("--seed", type=int, default=None, help="sampling seed (example i draws with seed + i)")
     g.add_argument("--stop", action="append", default=None,
                    help="stop string, repeatable (default: a newline when every reference is one line)")
@@ -192,7 +196,8 @@ def main(argv: list[str]) -> int:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size={args.batch_size} must be >= 1")
         decode = DecodeOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                               top_k=args.top_k, seed=args.seed, stops=tuple(args.stop) if args.stop else None)
+                               top_k=args.top_k, seed=args.seed, stops=tuple(args.stop) if args.stop else None,
+                               num_beams=args.num_beams, length_penalty=args.length_penalty)
         result = evaluate_tasks(args.checkpoint, args.task, limit=args.limit, batch_size=args.batch_size,
                                 decode=decode, truncate=args.truncate, device=args.device, samples_out=args.samples,
                                 labels=args.labels.split(",") if args.labels else None)

@@ -49,6 +49,8 @@ class DecodeOptions:
     top_k: int | None = None
     seed: int | None = None
     stops: tuple[str, ...] | None = None  # None: the kind's default (module docstring)
+    num_beams: int = 1  # > 1: beam search (generate/beam.py), deterministic
+    length_penalty: float = 1.0  # beam scores: log-probability / length ** length_penalty
 
 
 def builtin_tasks() -> dict[str, Path]:
@@ -154,7 +156,8 @@ def model_outputs(model: nn.Module, tokenizer: Any, req: Requests, items: list[A
     seed = None if decode.seed is None else decode.seed + seed_offset
     return lm.generate_completions(model, tokenizer, items, max_new_tokens=decode.max_new_tokens,
                                    temperature=decode.temperature, top_p=decode.top_p, top_k=decode.top_k,
-                                   seed=seed, stops=req.stops, **common)
+                                   seed=seed, stops=req.stops, num_beams=decode.num_beams,
+                                   length_penalty=decode.length_penalty, **common)
 
 
 def score_outputs(task: Task, req: Requests, outputs: list[Any],

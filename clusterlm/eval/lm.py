@@ -50,7 +50,7 @@ import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -382,9 +382,16 @@ def generate_completions(model: nn.Module, tokenizer, prompts: Sequence[str], *,
                          batch_size: int = 16, temperature: float = 0.0, top_p: float | None = None,
                          top_k: int | None = None, seed: int | None = None, stops: Sequence[str] = (),
                          device: torch.device | str | None = None, truncate: bool = False,
-                         progress: bool | None = None) -> list[Completion]:
-    """generate_batch with each prompt's token count and finish reason (see Completion)."""
+                         progress: bool | None = None, num_beams: int = 1,
+                         length_penalty: float = 1.0) -> list[Completion]:
+    """generate_batch with each prompt's token count and finish reason (see Completion). An
+    encoder-decoder (the prompt is its source), or num_beams > 1 (beam search): generate/seq2seq.py."""
     check_sampling_args(temperature, top_k, top_p)
+    if num_beams > 1 or getattr(model.config, "arch", None) == "encdec":
+        return _seq2seq_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                    temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stops=stops,
+                                    device=device, truncate=truncate, progress=progress, num_beams=num_beams,
+                                    length_penalty=length_penalty)
     _check_positive("max_new_tokens", max_new_tokens, 0)
     _check_positive("batch_size", batch_size, 1)
     if any(not s for s in stops):
@@ -450,6 +457,27 @@ def generate_completions(model: nn.Module, tokenizer, prompts: Sequence[str], *,
                 x = torch.tensor([[r.last] for r in running], dtype=torch.long, device=dev)  # (B, 1)
                 running = advance(running, engine.decode(x, cache.rows([r.slot for r in running])))
     return out  # type: ignore[return-value]
+
+
+def _seq2seq_completions(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,  # noqa: ANN001
+                         truncate: bool, progress: bool | None, num_beams: int, **kw: Any) -> list[Completion]:
+    """An encoder-decoder (the prompt is its source: generate.seq2seq.fit_sources) or beam search."""
+    from clusterlm.generate import seq2seq
+
+    _check_positive("max_new_tokens", max_new_tokens, 0)
+    _check_positive("num_beams", num_beams, 1)
+    if any(not s for s in kw.get("stops", ())):
+        raise ValueError(f"stops={list(kw['stops'])!r}: a stop string must not be empty")
+    _check_vocab(model, tokenizer)
+    if seq2seq.is_encdec(model):
+        ids = seq2seq.fit_sources(tokenizer, prompts, model.config.max_seq_len, truncate)
+    else:
+        ids = fit_prompts([[tokenizer.eos_id] + tokenizer.encode(p) for p in prompts], context_length(model),
+                          max_new_tokens, truncate)
+    with _eval_mode(model), _progress(len(ids), "generate", progress) as bar:
+        outs = seq2seq.completions(model, tokenizer, ids, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                   bar=bar, **kw)
+    return [Completion(*o) for o in outs]
 
 
 def generate_batch(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,  # noqa: ANN001

@@ -59,7 +59,8 @@ def bits_per_byte(total_loss_nats: float, total_bytes: float) -> float:
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
                   device: torch.device | str, autocast_dtype: torch.dtype | None = None) -> dict[str, float | int]:
-    """Mean next-token loss of `model` over `batches` of (x, y), each (B, T) token ids.
+    """Mean next-token loss of `model` over `batches` of (x, y), each (B, T) token ids (x may be a
+    tuple of inputs with a `.to`: data/seq2seq.py Inputs; y: labels, IGNORE_INDEX not scored).
 
     Returns {"loss": mean nats per scored token, "loss_sum": total nats, "tokens": scored tokens,
     "perplexity": exp(loss), "batches": n}. The sum is accumulated in fp64 on the device (one host
@@ -76,8 +77,8 @@ def evaluate_loss(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             amp = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
                    else contextlib.nullcontext())
-            with amp:
-                logits = model(x)  # (B, T, V)
+            with amp:  # a tuple x is several inputs: an encoder-decoder's (source, target input, source mask)
+                logits = model(*x) if isinstance(x, tuple) else model(x)  # (B, T, V)
             total += lm_loss(logits, y, reduction="sum").double()
             tokens += (y != IGNORE_INDEX).sum()
             n_batches += 1

@@ -78,19 +78,29 @@ def ensure_finetune_data(cfg: Any) -> tuple[Path, Any, Any]:
     from clusterlm.tokenizer import load_tokenizer
 
     ft, data = cfg.finetune, cfg.data
+    if ft.task == "mlm":
+        return _mlm_data(cfg)
     base = resolve_base(ft.init_from, Path(cfg.train.out_dir)) if ft.init_from else None
+    _check_arch(ft.task, base.config.model if base is not None else cfg.model)
     base_tok = load_tokenizer(base.tokenizer_file) if base is not None else None
     data_dir = Path(data.dir)
+    seq2seq = ft.task == "seq2seq"
     if (data_dir / "meta.json").is_file():
         _check_made_from(data_dir, read_meta(data_dir), cfg)
     else:
         if not data.source:
             raise ConfigError(f"data.dir={str(data_dir)!r} is not prepared and data.source is empty; set data.source "
                               "to the training records (.jsonl, .tsv, or parallel files 'SRC,TGT')")
-        records = read_records(data.source, ft.task, ft.labels)
-        val_records = read_records(ft.val_source, ft.task, ft.labels) if ft.val_source else None
-        template = resolve_template(ft.template, ft.task, base.template_file if base else None,
-                                    records + (val_records or []))
+        if seq2seq:
+            from clusterlm.data.seq2seq import read_pairs
+
+            records = read_pairs(data.source)
+            val_records = read_pairs(ft.val_source) if ft.val_source else None
+        else:
+            records = read_records(data.source, ft.task, ft.labels)
+            val_records = read_records(ft.val_source, ft.task, ft.labels) if ft.val_source else None
+        template = None if seq2seq else resolve_template(ft.template, ft.task, base.template_file if base else None,
+                                                         records + (val_records or []))
         if base_tok is not None:
             tok = base_tok
         else:
@@ -107,9 +117,17 @@ def ensure_finetune_data(cfg: Any) -> tuple[Path, Any, Any]:
             tok = tok.with_special_tokens(template.special_tokens)
         log.info("preparing %s: %s records from %s (template: %s, tokenizer: %s, %d tokens)", data_dir, ft.task,
                  data.source, "none" if template is None else ft.template, tok.kind, tok.vocab_size)
-        prepare_examples(data_dir, task=ft.task, source=data.source, tokenizer=tok, val_source=ft.val_source,
-                         val_fraction=data.val_fraction, template=template, labels=ft.labels,
-                         prompt_loss=ft.prompt_loss, records=records, val_records=val_records)
+        if seq2seq:
+            from clusterlm.data.seq2seq import prepare_pairs
+
+            context = (base.config.model if base is not None else cfg.model).max_seq_len
+            prepare_pairs(data_dir, source=data.source, tokenizer=tok, max_source_len=context,
+                          val_source=ft.val_source, val_fraction=data.val_fraction, records=records,
+                          val_records=val_records)
+        else:
+            prepare_examples(data_dir, task=ft.task, source=data.source, tokenizer=tok, val_source=ft.val_source,
+                             val_fraction=data.val_fraction, template=template, labels=ft.labels,
+                             prompt_loss=ft.prompt_loss, records=records, val_records=val_records)
     meta = read_meta(data_dir)
     tok = load_tokenizer(data_dir / meta["tokenizer"]["file"])
     labels = tuple(meta.get("labels") or ()) if ft.task == "classify" else ()
@@ -129,3 +147,42 @@ def ensure_finetune_data(cfg: Any) -> tuple[Path, Any, Any]:
                             f"tokens in {data_dir}; leave it unset")
         mcfg = dataclasses.replace(mcfg, labels=labels, pool=ft.pool, pad_id=tok.pad_id if labels else mcfg.pad_id)
     return data_dir, base, mcfg
+
+
+def _check_arch(task: str, mcfg: Any) -> None:
+    """An encoder-decoder trains on pairs (seq2seq) and only there; a masked-LM objective needs an encoder."""
+    if task == "seq2seq" and mcfg.arch != "encdec":
+        raise ConfigError(f"finetune.task='seq2seq' trains an encoder-decoder (model.arch='encdec'), but the model is "
+                          f"arch {mcfg.arch!r}; for a decoder-only model use finetune.task='sft' on the same records")
+    if mcfg.arch == "encdec" and task != "seq2seq":
+        raise ConfigError(f"finetune.task={task!r} with an encoder-decoder (model.arch='encdec'): use "
+                          "finetune.task='seq2seq' (the prompt goes to the encoder, the completion to the decoder)")
+
+
+def _mlm_data(cfg: Any) -> tuple[Path, None, Any]:
+    """Masked-LM pre-training: the prepared token shards (prepared from data.source first if needed)
+    read with the tokenizer plus <|mask|> (data/mlm.py mask_view); the model's vocabulary from it."""
+    from clusterlm.data.mlm import mask_view
+    from clusterlm.data.shards import read_meta
+
+    mcfg = cfg.model
+    if mcfg.arch != "encoder":
+        raise ConfigError(f"finetune.task='mlm' pre-trains a bidirectional encoder (model.arch='encoder'), but "
+                          f"model.arch={mcfg.arch!r}; causal models pre-train with finetune.task='lm'")
+    data, data_dir = cfg.data, Path(cfg.data.dir)
+    if not (data_dir / "meta.json").is_file():  # train/loop.py ensure_data's rule
+        if not data.source:
+            raise ConfigError(f"data.dir={str(data_dir)!r} is not a prepared data directory and data.source is empty; "
+                              "run `clusterlm prepare` first or set data.source")
+        from clusterlm.data.prepare import prepare
+
+        prepare([data.source], data_dir, tokenizer=data.tokenizer, vocab_size=data.vocab_size or None,
+                val_fraction=data.val_fraction)
+    data_dir = mask_view(data_dir, cfg.train.out_dir)
+    vocab = int(read_meta(data_dir)["tokenizer"]["vocab_size"])
+    if mcfg.vocab_size is None:
+        mcfg = mcfg.with_vocab(vocab)
+    elif mcfg.vocab_size < vocab:
+        raise ConfigError(f"model.vocab_size={mcfg.vocab_size} is smaller than the {vocab} tokens of {data_dir}'s "
+                          "tokenizer with <|mask|>; leave it unset")
+    return data_dir, None, mcfg

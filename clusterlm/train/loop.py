@@ -224,7 +224,11 @@ class Trainer:
         if self.base is not None and self.checkpointer.resolve() is None:
             self._load_base()
         self.optimizer = build_optimizer(self.model, cfg.optim, fused=None if pm.fused_optimizer_ok else False)
-        if self.examples:
+        if cfg.finetune.task in ("mlm", "seq2seq"):  # masked LM, encoder-decoder pairs: finetune/objectives.py
+            from clusterlm.finetune.objectives import train_loader
+
+            self.loader = train_loader(cfg, self.data_dir, self.tokenizer_file, rank=pm.coords.dp_rank, world=dims.dp)
+        elif self.examples:
             from clusterlm.data.sft import ExampleLoader
 
             self.loader = ExampleLoader(self.data_dir, "train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len,
@@ -606,7 +610,11 @@ class Trainer:
             return
         tc, state = self.tc, self.state
         extra: dict[str, Any] = {}
-        if self.examples:
+        if self.cfg.finetune.task in ("mlm", "seq2seq"):
+            from clusterlm.finetune.objectives import val_batches
+
+            batches = val_batches(self.cfg, self.data_dir, self.tokenizer_file)
+        elif self.examples:
             from clusterlm.data.sft import iter_example_batches
 
             batches = iter_example_batches(self.data_dir, "val", tc.micro_batch_size, tc.seq_len, pad_id=self.pad_id,

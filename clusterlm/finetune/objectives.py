@@ -1,0 +1,56 @@
+"""The trainer's loaders for the objectives other than next-token prediction: masked LM
+(finetune.task = "mlm", data/mlm.py) and sequence-to-sequence (finetune.task = "seq2seq",
+data/seq2seq.py). train/loop.py asks here for the training loader and the validation batches; the
+loss of both is fine-tuning's TokenSumLoss (the mean over every labelled token of a step, whatever
+the layout), since their labels carry IGNORE_INDEX where nothing is predicted.
+
+    loader = train_loader(cfg, data_dir, tokenizer_file, rank=0, world=1)
+    for x, y in val_batches(cfg, data_dir, tokenizer_file): ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+OBJECTIVES = ("mlm", "seq2seq")
+
+
+def _ids(tokenizer_file: Path) -> dict[str, int]:
+    from clusterlm.data.mlm import MASK
+    from clusterlm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_file)
+    mask = tok.token_id(MASK)
+    return {"pad": tok.pad_id, "bos": tok.bos_id, "eos": tok.eos_id, "mask": -1 if mask is None else mask,
+            "base_vocab": tok.vocab_size - len(tok.added_tokens)}
+
+
+def train_loader(cfg: Any, data_dir: Path, tokenizer_file: Path, *, rank: int, world: int) -> Any:
+    """The resumable training loader of finetune.task (mlm or seq2seq) for data-parallel rank `rank`."""
+    tc, ft, ids = cfg.train, cfg.finetune, _ids(tokenizer_file)
+    if ft.task == "mlm":
+        from clusterlm.data.mlm import MLMLoader
+
+        return MLMLoader(data_dir, "train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len, mask_id=ids["mask"],
+                         vocab=ids["base_vocab"], mask_prob=ft.mask_prob, seed=tc.seed, rank=rank, world_size=world)
+    from clusterlm.data.seq2seq import Seq2SeqLoader
+
+    return Seq2SeqLoader(data_dir, "train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len, seed=tc.seed,
+                         rank=rank, world_size=world, pad_id=ids["pad"], bos_id=ids["bos"], eos_id=ids["eos"])
+
+
+def val_batches(cfg: Any, data_dir: Path, tokenizer_file: Path) -> Iterator[Any]:
+    """The validation batches of finetune.task (the same ones at every evaluation)."""
+    tc, ft, ids = cfg.train, cfg.finetune, _ids(tokenizer_file)
+    if ft.task == "mlm":
+        from clusterlm.data.mlm import iter_mlm_eval_batches
+
+        return iter_mlm_eval_batches(data_dir, "val", tc.micro_batch_size, tc.seq_len, mask_id=ids["mask"],
+                                     vocab=ids["base_vocab"], mask_prob=ft.mask_prob, seed=tc.seed,
+                                     max_batches=tc.eval_batches)
+    from clusterlm.data.seq2seq import iter_seq2seq_batches
+
+    return iter_seq2seq_batches(data_dir, "val", tc.micro_batch_size, tc.seq_len, pad_id=ids["pad"], bos_id=ids["bos"],
+                                eos_id=ids["eos"], max_batches=tc.eval_batches)

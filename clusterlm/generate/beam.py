@@ -1,0 +1,224 @@
+"""Beam search over token ids, for decoder-only Transformers and encoder-decoders alike.
+
+    from clusterlm.generate.beam import beam_search
+    best = beam_search(encdec, sources=[[5, 6, 2]], num_beams=4, max_new_tokens=40, eos_id=2, bos_id=1)
+    best = beam_search(gpt, prompts=[[2, 5, 6]], num_beams=4, max_new_tokens=40, eos_id=2)
+    best[0].tokens, best[0].logprob, best[0].score, best[0].finished
+
+The search (transformers' `generate(num_beams=W)` without early stopping, `early_stopping=False`
+made exact): each of the B inputs keeps W running hypotheses; a step scores every continuation of
+every hypothesis, takes the 2W best per input, and of those an EOS among the first W closes a
+hypothesis (kept among the W best closed ones by score) while the best W others run on. The cache
+rows are reordered to follow their hypotheses (KVCache rows, EncDecCache.reorder). An input is done
+when it holds W closed hypotheses and no running one can still score above the worst of them
+(with `length_penalty` > 0 the bound divides the running log-probability by max_new_tokens ** lp,
+else by (t + 1) ** lp: exact, not transformers' heuristic); at max_new_tokens the running ones
+close as they are (finished=False).
+
+Scores: score = logprob / length ** length_penalty, logprob the sum of the token log-probabilities
+(EOS included for a finished hypothesis) and length the tokens generated (EOS counted) - the
+`length_penalty` of transformers (1.0 = the mean log-probability per token, 0 = the plain sum,
+> 0 favours longer outputs); GNMT's ((5 + |Y|) / 6) ** alpha is `length_penalty_kind="gnmt"`. Width 1
+with length_penalty 0 is greedy decoding token for token (tests/model/test_beam.py); with a length
+penalty a closed hypothesis may still lose to a longer one, which greedy never considers.
+
+Batching: sources of any lengths (right-padded, with a key mask); decoder-only prompts of equal
+length (one call per length, as generate/engine.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # generated ids (no prompt, no BOS, no EOS)
+    logprob: float  # sum of the token log-probabilities, EOS included when finished
+    score: float  # logprob / length_penalty(len)
+    finished: bool  # ended with EOS (False: cut at max_new_tokens)
+
+
+def _penalty(length: int, lp: float, kind: str) -> float:
+    if kind == "gnmt":
+        return ((5.0 + length) / 6.0) ** lp
+    return float(length) ** lp
+
+
+class _Stepper:
+    """Next-token logits (N, V) for N = B*W rows, with a cache whose rows can be reordered."""
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.model, self.device = model, device
+        self.vocab = model.config.vocab_size
+        self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        cache = self.cache
+        if hasattr(cache, "reorder"):
+            cache.reorder(rows)
+            return
+        cache.k = {key: t.index_select(0, rows) for key, t in cache.k.items()}  # KVCache: (N, K, max_len, Hd)
+        cache.v = {key: t.index_select(0, rows) for key, t in cache.v.items()}
+
+    def step(self, last: torch.Tensor) -> torch.Tensor:
+        return self._forward(last)[:, -1, :self.vocab]
+
+
+class _DecoderStepper(_Stepper):
+    def __init__(self, model: nn.Module, prompts: list[list[int]], W: int, max_new: int, device: torch.device) -> None:
+        super().__init__(model, device)
+        P = len(prompts[0])
+        ctx = model.config.max_seq_len if model.config.arch == "transformer" else None
+        need = P + max_new - 1
+        self.max_new = max_new if ctx is None else max(1, min(max_new, ctx - P + 1))
+        self.cache = model.make_cache(len(prompts) * W, need if ctx is None else min(need, ctx), device=device,
+                                      dtype=self.dtype)
+        self.first = torch.tensor(prompts, dtype=torch.long, device=device).repeat_interleave(W, 0)  # (N, P)
+
+    def _forward(self, idx: torch.Tensor) -> torch.Tensor:
+        kw = {"last_only": True} if self.model.config.arch == "transformer" else {}
+        return self.model(idx, self.cache, **kw)
+
+    def start(self) -> torch.Tensor:
+        return self.step(self.first)
+
+
+class _EncDecStepper(_Stepper):
+    def __init__(self, model: nn.Module, sources: list[list[int]], W: int, max_new: int, bos_id: int, pad_id: int,
+                 device: torch.device) -> None:
+        super().__init__(model, device)
+        src, mask = pad_sources(sources, pad_id, device)
+        src, mask = src.repeat_interleave(W, 0), mask.repeat_interleave(W, 0)  # (N, S)
+        self.max_new = min(max_new, model.config.max_seq_len)  # decoder positions: BOS + all but the last token
+        self.cache = model.make_cache(src.shape[0], self.max_new, device=device, dtype=self.dtype)
+        model.prime(src, self.cache, mask)
+        self.first = torch.full((src.shape[0], 1), bos_id, dtype=torch.long, device=device)
+
+    def _forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(None, idx, cache=self.cache, last_only=True)
+
+    def start(self) -> torch.Tensor:
+        return self.step(self.first)
+
+
+def pad_sources(sources: Sequence[Sequence[int]], pad_id: int, device: torch.device | str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded source ids (B, S) and their key mask (B, S) bool (True = a real token)."""
+    if not sources or any(len(s) == 0 for s in sources):
+        raise ValueError("every source needs at least one token id")
+    S = max(len(s) for s in sources)
+    src = torch.full((len(sources), S), max(pad_id, 0), dtype=torch.long)
+    mask = torch.zeros((len(sources), S), dtype=torch.bool)
+    for i, s in enumerate(sources):
+        src[i, :len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, :len(s)] = True
+    return src.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def beam_search(model: nn.Module, *, prompts: Sequence[Sequence[int]] | None = None,
+                sources: Sequence[Sequence[int]] | None = None, num_beams: int = 4, max_new_tokens: int = 64,
+                eos_id: int, bos_id: int | None = None, pad_id: int = 0, length_penalty: float = 1.0,
+                length_penalty_kind: Literal["transformers", "gnmt"] = "transformers",
+                num_return: int = 1, device: torch.device | str | None = None) -> list[list[Hypothesis]] | list[Hypothesis]:
+    """The best hypothesis per input (num_return > 1: the best num_return, a list per input), for a
+    decoder-only model (`prompts`, equal lengths) or an encoder-decoder (`sources`, and `bos_id`, the
+    decoder's first input). See the module docstring for the search and the scores."""
+    if num_beams < 1 or max_new_tokens < 1 or not 1 <= num_return <= num_beams:
+        raise ValueError(f"num_beams={num_beams} and max_new_tokens={max_new_tokens} must be >= 1, "
+                         f"num_return={num_return} in [1, num_beams]")
+    if length_penalty_kind not in ("transformers", "gnmt"):
+        raise ValueError(f"length_penalty_kind={length_penalty_kind!r}; expected 'transformers' or 'gnmt'")
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    W = num_beams
+    encdec = model.config.arch == "encdec"
+    if encdec:
+        if sources is None or bos_id is None:
+            raise ValueError("an encoder-decoder needs sources= and bos_id=")
+        stepper: _Stepper = _EncDecStepper(model, [list(s) for s in sources], W, max_new_tokens, bos_id, pad_id, dev)
+        B = len(sources)
+    else:
+        if prompts is None or len({len(p) for p in prompts}) != 1 or not prompts[0]:
+            raise ValueError("a decoder-only model needs prompts= of equal, non-zero lengths")
+        stepper = _DecoderStepper(model, [list(p) for p in prompts], W, max_new_tokens, dev)
+        B = len(prompts)
+    max_new = stepper.max_new
+    training = model.training
+    model.eval()
+    try:
+        return _search(stepper, B, W, max_new, eos_id, length_penalty, length_penalty_kind, num_return)
+    finally:
+        model.train(training)
+
+
+def _search(stepper: _Stepper, B: int, W: int, max_new: int, eos: int, lp: float, kind: str,
+            num_return: int) -> list[list[Hypothesis]] | list[Hypothesis]:
+    dev = stepper.device
+    scores = torch.full((B, W), -math.inf, dtype=torch.float64, device=dev)
+    scores[:, 0] = 0.0  # the W rows start identical: only the first may expand
+    seqs: list[list[list[int]]] = [[[] for _ in range(W)] for _ in range(B)]
+    closed: list[list[Hypothesis]] = [[] for _ in range(B)]
+    done = [False] * B
+    logits = stepper.start()
+    for t in range(1, max_new + 1):
+        V = logits.shape[-1]
+        logp = torch.log_softmax(logits.double(), dim=-1).view(B, W, V)
+        cand = (scores[:, :, None] + logp).view(B, W * V)
+        top_v, top_i = cand.topk(min(2 * W, W * V), dim=1)  # (B, 2W)
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+        rows, nxt, new_scores = [], [], []
+        new_seqs: list[list[list[int]]] = []
+        for b in range(B):
+            keep: list[tuple[int, int, float]] = []
+            if not done[b]:
+                for rank, (v, i) in enumerate(zip(top_v[b], top_i[b])):
+                    if v == -math.inf:
+                        break
+                    beam, tok = divmod(i, V)
+                    if tok == eos:
+                        if rank < W:
+                            _close(closed[b], Hypothesis(list(seqs[b][beam]), v, v / _penalty(t, lp, kind), True), W)
+                        continue
+                    keep.append((beam, tok, v))
+                    if len(keep) == W:
+                        break
+            while len(keep) < W:  # a done input (or too few candidates): inert rows
+                keep.append((0, eos, -math.inf))
+            new_seqs.append([seqs[b][beam] + [tok] for beam, tok, _ in keep])
+            rows += [b * W + beam for beam, _, _ in keep]
+            nxt += [tok for _, tok, _ in keep]
+            new_scores.append([v for _, _, v in keep])
+            if not done[b] and len(closed[b]) >= W:
+                best = max(v for _, _, v in keep)
+                bound = best / _penalty(max_new if lp > 0 else t + 1, lp, kind) if best > -math.inf else -math.inf
+                done[b] = bound <= closed[b][-1].score
+        seqs = new_seqs
+        scores = torch.tensor(new_scores, dtype=torch.float64, device=dev)
+        if all(done) or t == max_new:
+            break
+        stepper.reorder(torch.tensor(rows, dtype=torch.long, device=dev))
+        logits = stepper.step(torch.tensor(nxt, dtype=torch.long, device=dev)[:, None])
+    out = []
+    for b in range(B):
+        if not done[b]:  # cut at max_new_tokens: the running hypotheses close as they are
+            for beam in range(W):
+                v = float(scores[b, beam])
+                if v > -math.inf:
+                    _close(closed[b], Hypothesis(seqs[b][beam], v, v / _penalty(len(seqs[b][beam]), lp, kind),
+                                                 False), W)
+        out.append(closed[b][:num_return])
+    return [o[0] for o in out] if num_return == 1 else out
+
+
+def _close(closed: list[Hypothesis], h: Hypothesis, W: int) -> None:
+    """Add h to the closed hypotheses, keeping the W best by score (ties: the earlier first)."""
+    closed.append(h)
+    closed.sort(key=lambda x: -x.score)
+    del closed[W:]

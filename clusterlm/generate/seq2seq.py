@@ -1,0 +1,200 @@
+"""Generation for encoder-decoders (arch "encdec") and beam search as text: what `generate`,
+`eval --task` and `serve` call when the model is an encoder-decoder, or when beams are asked for.
+
+    from clusterlm.generate.seq2seq import Seq2SeqGeneration, completions
+    stream = Seq2SeqGeneration(model, [src_ids], max_new_tokens=40, temperature=0.0, bos_id=1, eos_id=2, pad_id=0)
+    for step in stream: ...              # one token id (or None once finished) per source, as engine.Generation
+    outs = completions(model, tok, [fit_sources(tok, ["en: A dog runs.\\nfr:"], 256, False)[0]], max_new_tokens=40,
+                       num_beams=4)             # [(text, new tokens, finish reason)]
+
+The encoder reads the prompt (data/seq2seq.py `source_ids`: its ids and EOS, as in training); the
+decoder starts from BOS and its output is the completion. The source is encoded once per call
+(EncoderDecoder.prime: every decoder layer's cross-attention keys and values are cached) and each
+step feeds one token through the decoder's KV cache. Greedy and sampling use the engine's sampler
+(generate.sampling.sample_rows: temperature, top-k, top-p, a generator per row seeded with seed + i,
+the same rule as eval.lm's generate_completions); beam search is generate/beam.py. A source longer
+than the encoder's context is refused (DataError) or, with truncate, cut to its first
+max_seq_len - 1 ids plus EOS. Decoding stops at EOS, at max_new_tokens, or when the decoder's
+max_seq_len positions are full ("length").
+
+This is a batch-per-call path, not the server's continuous batching (serve/scheduler.py drives the
+decoder-only engine): `serve` answers an encoder-decoder's requests one call at a time
+(docs/encdec.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from clusterlm.errors import DataError
+from clusterlm.generate.beam import beam_search, pad_sources
+from clusterlm.generate.sampling import GREEDY_TEMPERATURE, RowSampling, check_sampling_args, sample_rows
+
+
+def is_encdec(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "arch", None) == "encdec"
+
+
+def fit_sources(tokenizer: Any, texts: Sequence[str], context: int, truncate: bool) -> list[list[int]]:
+    """The encoder's ids of each text (its ids + EOS); longer than `context`: DataError naming how
+    many and the longest, or with truncate the first context - 1 ids + EOS."""
+    from clusterlm.data.seq2seq import source_ids
+
+    ids = [source_ids(tokenizer, t) for t in texts]
+    bad = [i for i, s in enumerate(ids) if len(s) > context]
+    if bad and not truncate:
+        raise DataError(f"{len(bad)} of {len(ids)} sources do not fit the encoder's context of {context} tokens (the "
+                        f"longest is {max(len(ids[i]) for i in bad)} tokens with EOS; first: source {bad[0]}); pass "
+                        f"truncate=True (--truncate) to keep the first {context - 1} tokens of each")
+    return [s if len(s) <= context else s[:context - 1] + [tokenizer.eos_id] for s in ids]
+
+
+class Seq2SeqGeneration(Iterator[list[int | None]]):
+    """A running encoder-decoder generation over a batch of sources, engine.Generation's shape:
+    iterate for one new token per sequence per step (None once it finished); `tokens` and
+    `finish_reasons` ("stop" at EOS, "length") as there."""
+
+    def __init__(self, model: nn.Module, sources: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 bos_id: int, eos_id: int | None, pad_id: int = 0, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, seeds: Sequence[int] | None = None,
+                 device: torch.device | str | None = None) -> None:
+        check_sampling_args(temperature, top_k, top_p)
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be >= 0")
+        self.model = model
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.max_new_tokens = min(max_new_tokens, model.config.max_seq_len)
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        B = len(sources)
+        self._rows = [RowSampling(temperature, top_k, top_p)] * B
+        if temperature < GREEDY_TEMPERATURE:
+            self.generator: Any = None
+        elif seeds is not None:
+            self.generator = [torch.Generator(device=self.device).manual_seed(s % (2**63 - 1)) for s in seeds]
+        else:
+            self.generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        self._sources = [list(s) for s in sources]
+        self.tokens: list[list[int]] = [[] for _ in range(B)]
+        self.finish_reasons: list[str | None] = [None] * B if self.max_new_tokens else ["length"] * B
+        self._cache = None
+        self._last: torch.Tensor | None = None
+
+    @property
+    def done(self) -> bool:
+        return all(r is not None for r in self.finish_reasons)
+
+    def _logits(self) -> torch.Tensor:
+        model = self.model
+        if self._cache is None:
+            dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+            src, mask = pad_sources(self._sources, self.pad_id, self.device)
+            # decoder positions: BOS and every new token but the last
+            self._cache = model.make_cache(src.shape[0], self.max_new_tokens, device=self.device, dtype=dtype)
+            model.prime(src, self._cache, mask)
+            self._last = torch.full((src.shape[0], 1), self.bos_id, dtype=torch.long, device=self.device)
+        return model(None, self._last, cache=self._cache, last_only=True)[:, -1, :model.config.vocab_size]
+
+    def __next__(self) -> list[int | None]:
+        if self.done:
+            raise StopIteration
+        training = self.model.training
+        if training:
+            self.model.eval()
+        try:
+            with torch.inference_mode():
+                next_ids = sample_rows(self._logits(), self._rows, self.generator)  # (B,)
+        finally:
+            if training:
+                self.model.train()
+        self._last = next_ids[:, None]
+        step = self._cache.pos  # tokens fed so far = new tokens sampled (BOS included, the new one not yet fed)
+        out: list[int | None] = []
+        for i, t in enumerate(next_ids.tolist()):
+            if self.finish_reasons[i] is not None:
+                out.append(None)
+                continue
+            if self.eos_id is not None and t == self.eos_id:
+                self.finish_reasons[i] = "stop"
+                out.append(None)
+                continue
+            self.tokens[i].append(t)
+            out.append(t)
+            if step >= self.max_new_tokens:
+                self.finish_reasons[i] = "length"
+        if all(t is None for t in out):
+            raise StopIteration
+        return out
+
+
+def completions(model: nn.Module, tokenizer: Any, ids: Sequence[Sequence[int]], *, max_new_tokens: int,
+                batch_size: int = 16, temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None,
+                seed: int | None = None, stops: Sequence[str] = (), device: torch.device | str | None = None,
+                num_beams: int = 1, length_penalty: float = 1.0, bar: Any = None) -> list[tuple[str, int, str]]:
+    """(text, new tokens, finish reason) per input, in order: `ids` are an encoder-decoder's sources
+    (fit_sources) or, with num_beams > 1, a decoder-only model's prompts ([EOS] + ids, fitted to its
+    context). Beam search is deterministic (temperature etc. do not apply); sampling draws input i
+    from a generator seeded with seed + i; the text is cut before the first of `stops`.
+    eval.lm.generate_completions calls this (and wraps the tuples as its Completion)."""
+    from clusterlm.generate.text import StopStrings, TextStream
+
+    check_sampling_args(temperature, top_k, top_p)
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    encdec = is_encdec(model)
+    eos = tokenizer.eos_id
+    if not ids or max_new_tokens == 0:
+        return [("", 0, "length") for _ in ids]
+
+    def text_of(tokens: list[int], reason: str) -> tuple[str, int, str]:
+        ts, st = TextStream(tokenizer), StopStrings(tuple(stops))
+        pieces = []
+        for n, tok in enumerate(tokens, 1):
+            piece, stopped = st.push(ts.push(tok))
+            pieces.append(piece)
+            if stopped:
+                return "".join(pieces), n, "stop"
+        pieces.append(st.flush(ts.flush()))
+        return "".join(pieces), len(tokens), reason
+
+    def done(n: int) -> None:
+        if bar is not None:
+            bar.update(n)
+
+    out: list[Any] = [None] * len(ids)
+    if num_beams > 1:
+        # decoder-only prompts in one call must have equal lengths: group them
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        groups: list[list[int]] = []
+        for i in order:
+            if groups and len(groups[-1]) < batch_size and (encdec or len(ids[groups[-1][0]]) == len(ids[i])):
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        for g in groups:
+            kw: dict[str, Any] = ({"sources": [ids[i] for i in g], "bos_id": tokenizer.bos_id} if encdec
+                                  else {"prompts": [ids[i] for i in g]})
+            hyps = beam_search(model, num_beams=num_beams, max_new_tokens=max_new_tokens, eos_id=eos,
+                               pad_id=max(tokenizer.pad_id, 0), length_penalty=length_penalty, device=dev, **kw)
+            for i, h in zip(g, hyps):
+                out[i] = text_of(h.tokens, "stop" if h.finished else "length")
+            done(len(g))
+        return out
+    if not encdec:
+        raise ValueError("seq2seq.completions samples encoder-decoders only; a decoder-only model's greedy and "
+                         "sampled generation is eval.lm's (the engine's continuous batching)")
+    base = seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
+    for a in range(0, len(ids), batch_size):
+        chunk = list(range(a, min(a + batch_size, len(ids))))
+        gen = Seq2SeqGeneration(model, [ids[i] for i in chunk], max_new_tokens=max_new_tokens,
+                                bos_id=tokenizer.bos_id, eos_id=eos, pad_id=max(tokenizer.pad_id, 0),
+                                temperature=temperature, top_k=top_k, top_p=top_p,
+                                seeds=[base + i for i in chunk], device=dev)
+        for _ in gen:
+            pass
+        for k, i in enumerate(chunk):
+            out[i] = text_of(gen.tokens[k], gen.finish_reasons[k] or "length")
+        done(len(chunk))
+    return out

@@ -1,0 +1,159 @@
+"""Training the other Transformer families end to end through `clusterlm train` / `finetune`:
+masked-LM pre-training of an encoder from token shards (the tokenizer grows <|mask|>) and seq2seq
+training of an encoder-decoder on parallel files, each resumed bit-exactly (N steps straight ==
+N/2, save, resume, N/2); then the encoder fine-tuned as a classifier, and bad input (one line, exit 2).
+
+Run: .venv/bin/python -m pytest -q tests/e2e/test_encdec_train.py
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from clusterlm.cli import main as cli
+from clusterlm.errors import EXIT_USAGE
+from tests.helpers import train_losses
+
+WORDS = ["a", "man", "woman", "dog", "red", "blue", "runs", "sits", "the", "big", "small", "cat"]
+FR = {"a": "un", "man": "homme", "woman": "femme", "dog": "chien", "red": "rouge", "blue": "bleu", "runs": "court",
+      "sits": "assis", "the": "le", "big": "grand", "small": "petit", "cat": "chat"}
+
+
+def sentences(n: int, seed: int = 0) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("encdec")
+    src = sentences(120)
+    (root / "train.en").write_text("".join(s + "\n" for s in src))
+    (root / "train.fr").write_text("".join(" ".join(FR[w] for w in s.split()) + "\n" for s in src))
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": s + "."}) + "\n" for s in sentences(600, 1)))
+    return {"root": root}
+
+
+def _mlm(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", f"--data.source={json.dumps(str(root / 'corpus.jsonl'))}", f"--data.dir={json.dumps(str(root / 'shards'))}",
+            "--data.tokenizer=char", "--data.val_fraction=0.1", "--finetune.task=mlm", "--model.arch=encoder",
+            "--model.n_layers=2", "--model.dim=32", "--model.n_heads=4", "--model.max_seq_len=32",
+            "--model.pos=sinusoidal", "--train.seq_len=32", "--train.micro_batch_size=8", "--train.eval_interval=4",
+            "--train.eval_batches=2", "--optim.lr=3e-3", "--optim.warmup_steps=2", "--train.tensorboard=false",
+            "--train.threads=1", f"--train.out_dir={json.dumps(str(out))}", *extra]
+
+
+def _s2s(root: Path, out: Path, *extra: str) -> list[str]:
+    src = f"{root / 'train.en'},{root / 'train.fr'}"
+    return ["finetune", f"--data.source={json.dumps(src)}", f"--data.dir={json.dumps(str(root / 's2s'))}",
+            "--data.tokenizer=char", "--data.val_fraction=0.1", "--finetune.task=seq2seq", "--model.arch=encdec",
+            "--model.n_layers=2", "--model.n_enc_layers=2", "--model.dim=32", "--model.n_heads=4",
+            "--model.max_seq_len=64", "--model.pos=sinusoidal", "--train.seq_len=48", "--train.micro_batch_size=8",
+            "--train.eval_interval=4", "--train.eval_batches=2", "--optim.lr=3e-3", "--optim.warmup_steps=2",
+            "--train.tensorboard=false", "--train.threads=1", f"--train.out_dir={json.dumps(str(out))}", *extra]
+
+
+def _resume_matches(args, out: Path, steps: int) -> dict[int, float]:
+    """Run `steps` straight into out/a; copy it, drop the last checkpoint, resume into out/b."""
+    a, b = out / "a", out / "b"
+    assert cli(args(a, f"--train.max_steps={steps}", f"--checkpoint.interval={steps // 2}")) == 0
+    shutil.copytree(a, b)
+    shutil.rmtree(b / "checkpoints" / f"step-{steps:08d}")
+    assert cli(args(b, f"--train.max_steps={steps}", f"--checkpoint.interval={steps // 2}",
+                    "--train.resume=auto")) == 0
+    la, lb = train_losses(a), train_losses(b)
+    assert len(la) == steps and la == lb
+    return la
+
+
+def _val_losses(run: Path) -> list[float]:
+    return [r["val_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r.get("kind") == "eval"]
+
+
+def test_mlm_pretraining_adds_the_mask_token_learns_and_resumes_bit_exactly(corpus, tmp_path):
+    """Reference: the same 8 steps without interruption (losses equal as floats)."""
+    from clusterlm.checkpoint.model_io import load_for_inference
+    from clusterlm.data.mlm import MASK
+
+    root = corpus["root"]
+    losses = _resume_matches(lambda out, *e: _mlm(root, out, *e), tmp_path, 8)
+    loaded = load_for_inference(tmp_path / "a")
+    plain = json.loads((root / "shards" / "meta.json").read_text())["tokenizer"]["vocab_size"]
+    assert loaded.tokenizer.token_id(MASK) == plain  # appended: no existing id moved
+    assert loaded.config.model.arch == "encoder" and loaded.config.model.vocab_size == plain + 1
+    vals = _val_losses(tmp_path / "a")
+    assert len(vals) >= 2 and vals[-1] < vals[0]
+    assert losses[8] < losses[1]
+
+
+def test_seq2seq_training_on_parallel_files_resumes_bit_exactly(corpus, tmp_path):
+    """Reference: the same 8 steps without interruption (losses equal as floats); val loss falls."""
+    root = corpus["root"]
+    losses = _resume_matches(lambda out, *e: _s2s(root, out, *e), tmp_path, 8)
+    meta = json.loads((root / "s2s" / "meta.json").read_text())
+    assert meta["task"] == "seq2seq" and meta["splits"]["train"]["examples"] == 108
+    assert losses[8] < losses[1]
+    vals = _val_losses(tmp_path / "a")
+    assert len(vals) >= 2 and vals[-1] < vals[0]
+
+
+def _one_line_exit_2(args: list[str], capsys, *needles: str) -> str:
+    code = cli(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_USAGE, err
+    last = err[-1]
+    for n in needles:
+        assert n in last, last
+    return last
+
+
+def test_bad_seq2seq_input_is_one_line_and_exit_2(corpus, tmp_path, capsys):
+    root = corpus["root"]
+    (tmp_path / "short.fr").write_text("un\ndeux\n")
+    (tmp_path / "long.en").write_text("a " * 40 + "\n")
+    (tmp_path / "long.fr").write_text("un\n")
+
+    def args(src: str, data: str) -> list[str]:
+        a = _s2s(root, tmp_path / "out", "--train.max_steps=1")
+        return [x if not x.startswith("--data.source=") else f"--data.source={json.dumps(src)}" for x in a
+                if not x.startswith("--data.dir=")] + [f"--data.dir={json.dumps(str(tmp_path / data))}"]
+
+    _one_line_exit_2(args(f"{root / 'train.en'},{tmp_path / 'short.fr'}", "d1"), capsys, "120 lines", "has 2")
+    _one_line_exit_2(args(str(tmp_path / "short.fr"), "d2"), capsys, "one side of a parallel corpus")
+    _one_line_exit_2(args(f"{tmp_path / 'long.en'},{tmp_path / 'long.fr'}", "d3"), capsys,
+                     "long.en:1", "88 tokens", "64 tokens")
+    for d in ("d1", "d2", "d3"):
+        assert not (tmp_path / d).exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_mlm_encoder_fine_tunes_as_a_classifier_and_scores_a_task(corpus, tmp_path, capsys):
+    """The MLM-pre-trained encoder as finetune.init_from of a classifier (mean pool); `eval --task`
+    scores it through its head; the data's tokenizer is the base's, <|mask|> included."""
+    from clusterlm.checkpoint.model_io import load_for_inference
+    from clusterlm.data.mlm import MASK
+
+    root = corpus["root"]
+    assert cli(_mlm(root, tmp_path / "mlm", "--train.max_steps=4", "--checkpoint.interval=0")) == 0
+    tsv = tmp_path / "cls.tsv"
+    rows = [(s, "dog" if "dog" in s.split() else "other") for s in sentences(200, 2)]
+    tsv.write_text("sentence\tlabel\n" + "".join(f"{s}\t{lab}\n" for s, lab in rows))
+    assert cli(["finetune", f"--finetune.init_from={json.dumps(str(tmp_path / 'mlm'))}", "--finetune.task=classify",
+                f"--data.source={json.dumps(str(tsv))}", f"--data.dir={json.dumps(str(tmp_path / 'cls'))}",
+                f"--train.out_dir={json.dumps(str(tmp_path / 'clf'))}", "--train.seq_len=32",
+                "--train.micro_batch_size=16", "--train.max_steps=30", "--train.eval_interval=0", "--optim.lr=3e-3",
+                "--optim.warmup_steps=2", "--train.tensorboard=false", "--train.threads=1"]) == 0
+    loaded = load_for_inference(tmp_path / "clf")
+    assert loaded.config.model.arch == "encoder" and loaded.config.model.pooling == "mean"
+    assert loaded.tokenizer.token_id(MASK) is not None
+    capsys.readouterr()
+    assert cli(["eval", str(tmp_path / "clf"), "--task", str(tsv)]) == 0
+    metrics = next(iter(json.loads(capsys.readouterr().out)["tasks"].values()))
+    assert metrics["n"] == 200 and metrics["accuracy"] > 0.6, metrics
