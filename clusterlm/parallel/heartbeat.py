@@ -20,9 +20,13 @@ The heartbeat is a liveness check of the process, not of its main thread: a main
 the process lives (a deadlock in Python) is left to the process group's own timeout.
 
 Stragglers: `busy_s` is the rank's own time in its steps up to the step's closing all-reduce (the
-time every rank then waits for the slowest is excluded), so a rank that is slow in its local work
-(data loading, optimizer step, host work) stands out; `Stragglers` reports a rank whose mean over a
-log interval is >= `ratio` x the median of all ranks for `windows` intervals in a row.
+time every rank then waits for the slowest there is excluded); `wait_s` is the part of it spent
+waiting in the gradient all-reduce after the rank's own backward pass ended (`GradSyncTimer`, a DDP
+comm hook). Inside that all-reduce every rank waits for the slowest, so the fast ranks wait long and
+the slow one hardly at all: `busy_s - wait_s` (compute) separates a rank slowed uniformly (a CPU hog
+on its core) by all of its extra time, not only by its local share. `Stragglers` reports a rank whose
+mean compute over a log interval is >= `ratio` x the median of the other ranks for `windows`
+intervals in a row. Under FSDP/TP/PP (no comm hook) wait_s is 0 and only local work separates the ranks.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 from clusterlm.errors import EXIT_RANK_LOST
@@ -62,7 +67,12 @@ class Beat:
     host: str
     pid: int
     steps: int  # steps timed so far (cumulative)
-    busy_s: float  # seconds of local step time over those steps (cumulative)
+    busy_s: float  # seconds of step time before the closing all-reduce, over those steps (cumulative)
+    wait_s: float = 0.0  # of busy_s, seconds spent waiting in the gradient all-reduce (cumulative)
+
+    @property
+    def compute_s(self) -> float:
+        return self.busy_s - self.wait_s
 
 
 class Heartbeat:
@@ -80,7 +90,7 @@ class Heartbeat:
         self.watched = list(range(world_size)) if rank == 0 else [(rank + 1) % world_size]
         self.watched = [r for r in self.watched if r != rank]
         self._seq = 0
-        self._step, self._steps, self._busy = 0, 0, 0.0
+        self._step, self._steps, self._busy, self._wait = 0, 0, 0.0, 0.0
         self._lock = threading.Lock()
         self._beats: dict[int, Beat] = {}
         self._stop = threading.Event()
@@ -100,10 +110,12 @@ class Heartbeat:
                    on_lost=on_lost, store_where=where)
 
     # ---- main thread -----------------------------------------------------------------------------
-    def progress(self, step: int, busy_s: float) -> None:
-        """Record a finished step and its local time (no store I/O: the thread publishes it)."""
+    def progress(self, step: int, busy_s: float, wait_s: float = 0.0) -> None:
+        """Record a finished step, its time before the closing all-reduce and the part of it spent waiting
+        in the gradient all-reduce (no store I/O: the thread publishes it)."""
         with self._lock:
-            self._step, self._steps, self._busy = step, self._steps + 1, self._busy + busy_s
+            self._step, self._steps = step, self._steps + 1
+            self._busy, self._wait = self._busy + busy_s, self._wait + min(wait_s, busy_s)
 
     def read_all(self) -> dict[int, Beat]:
         """The latest beats this rank has read (rank 0: every rank's, its own included)."""
@@ -132,7 +144,8 @@ class Heartbeat:
     def _beat(self) -> Beat:
         self._seq += 1
         with self._lock:
-            return Beat(self.rank, self._seq, self._step, self.host, os.getpid(), self._steps, self._busy)
+            return Beat(self.rank, self._seq, self._step, self.host, os.getpid(), self._steps, self._busy,
+                        self._wait)
 
     def _io(self) -> None:
         keys = [str(r) for r in self.watched]
@@ -211,31 +224,85 @@ def exit_rank_lost(line: str) -> None:
     os._exit(EXIT_RANK_LOST)
 
 
+class GradSyncTimer:
+    """Per step, the seconds this rank waits for DDP's gradient all-reduce once its own backward is done.
+
+    Installed as DDP's comm hook (`DistributedDataParallel.register_comm_hook`, before the first forward),
+    doing what DDP's built-in hook does (average: scale the bucket by 1/world size, all-reduce the sum)
+    and noting when each bucket is launched and when its all-reduce completes. The last bucket is
+    launched when the rank's backward has produced its last gradient; from then on it only waits, until
+    the last all-reduce completes, which is when the slowest rank has launched its last bucket too. So
+    wait = (last completion) - (last launch): long on a fast rank, about the transfer time on the
+    slowest. `take()` returns it for the step just done and starts the next."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._launched = self._done = None  # type: float | None
+
+    @classmethod
+    def install(cls, ddp: torch.nn.Module) -> GradSyncTimer:
+        timer = cls()
+        group = ddp.process_group
+        scale = 1.0 / group.size()
+
+        def hook(_state, bucket):  # noqa: ANN001, ANN202 - DDP checks real annotations; these would be strings
+            buf = bucket.buffer()
+            buf.mul_(scale)  # what DDP's own reducer does without a hook: grads * (1 / world size), then sum
+            with timer._lock:
+                timer._launched = timer.clock()
+            fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
+
+            def done(f: torch.futures.Future) -> torch.Tensor:
+                with timer._lock:
+                    now = timer.clock()
+                    timer._done = now if timer._done is None else max(timer._done, now)
+                return f.value()[0]
+
+            return fut.then(done)
+
+        ddp.register_comm_hook(None, hook)
+        return timer
+
+    def take(self) -> float:
+        """Seconds waited in this step's gradient all-reduce (0 for a step without one: no_sync, none yet)."""
+        with self._lock:
+            launched, done, self._launched, self._done = self._launched, self._done, None, None
+        return max(0.0, done - launched) if launched is not None and done is not None else 0.0
+
+
 class Stragglers:
-    """Rank 0's check, once per log interval, of the ranks' mean local step time over that interval."""
+    """Rank 0's check, once per log interval, of the ranks' mean compute time per step over that interval
+    (step time before the closing all-reduce less the wait in the gradient all-reduce)."""
 
     def __init__(self, ratio: float = 1.5, windows: int = 2) -> None:
         self.ratio, self.windows = ratio, windows
         self._prev: dict[int, Beat] = {}
         self._streak: dict[int, int] = {}
+        self.waits: dict[int, float] = {}  # the last interval's mean gradient all-reduce wait per rank
 
     def update(self, beats: dict[int, Beat]) -> tuple[dict[int, float], dict[int, str]]:
-        """({rank: mean local step seconds over the window}, {straggler's rank: a line naming it})."""
-        means = {}
+        """({rank: mean compute seconds per step over the window}, {straggler's rank: a line naming it})."""
+        means, self.waits = {}, {}
         for r, b in beats.items():
             p = self._prev.get(r)
             if p is not None and b.steps > p.steps:
-                means[r] = (b.busy_s - p.busy_s) / (b.steps - p.steps)
+                means[r] = (b.compute_s - p.compute_s) / (b.steps - p.steps)
+                self.waits[r] = (b.wait_s - p.wait_s) / (b.steps - p.steps)
         self._prev = dict(beats)
         if len(means) < 2:
             return means, {}
-        median = statistics.median(means.values())
         lines = {}
         for r, m in sorted(means.items()):
+            # against the others' median, not all ranks': with 2 ranks that would take a 3x gap to reach 1.5x
+            median = statistics.median(v for q, v in means.items() if q != r)
             slow = median > 0 and m >= self.ratio * median
             self._streak[r] = self._streak.get(r, 0) + 1 if slow else 0
             if slow and self._streak[r] >= self.windows:
-                lines[r] = (f"straggler: rank {r} on host {beats[r].host} takes {m * 1e3:.1f} ms/step, "
-                            f"{m / median:.1f}x the median {median * 1e3:.1f} ms over the ranks "
-                            f"({self._streak[r]} log intervals in a row)")
+                waited = (f"; it waits {self.waits[r] * 1e3:.1f} ms/step in the gradient all-reduce, the others "
+                          f"{statistics.median(w for q, w in self.waits.items() if q != r) * 1e3:.1f} ms"
+                          if any(self.waits.values()) else "")
+                lines[r] = (f"straggler: rank {r} on host {beats[r].host} computes {m * 1e3:.1f} ms/step, "
+                            f"{m / median:.1f}x the median {median * 1e3:.1f} ms of the other ranks "
+                            f"({self._streak[r]} log intervals in a row{waited})")
         return means, lines

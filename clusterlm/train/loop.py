@@ -550,19 +550,22 @@ class Trainer:
         is named and the job exits EXIT_RANK_LOST) and rank 0's straggler check (docs/reliability.md)."""
         if not self.distributed or not self.tc.heartbeat_timeout:
             return None
-        from clusterlm.parallel.heartbeat import Heartbeat, Stragglers, exit_rank_lost
+        from clusterlm.parallel.heartbeat import GradSyncTimer, Heartbeat, Stragglers, exit_rank_lost
 
         self.stragglers = Stragglers()
+        # DDP: time each rank's wait in the gradient all-reduce (a comm hook, before the first forward)
+        self.grad_sync = GradSyncTimer.install(self.pm.wrapped) if self.pm.kind == "ddp" else None
         hb = Heartbeat.for_process_group(self.tc.heartbeat_timeout, on_lost=exit_rank_lost)
         hb.start()
         return hb
 
     def log_ranks(self, busy_s: float) -> None:
-        """Publish this step's local time; every log_interval rank 0 logs each rank's mean ("ranks"
-        record) and names a straggler (>= 1.5x the median for 2 intervals in a row)."""
+        """Publish this step's time and its wait in the gradient all-reduce; every log_interval rank 0 logs
+        each rank's mean compute and wait ("ranks" record) and names a straggler (compute >= 1.5x the
+        other ranks' median for 2 intervals in a row)."""
         if self.heartbeat is None:
             return
-        self.heartbeat.progress(self.state.step, busy_s)
+        self.heartbeat.progress(self.state.step, busy_s, self.grad_sync.take() if self.grad_sync else 0.0)
         if not self.rank0 or self.state.step % self.tc.log_interval:
             return
         beats = self.heartbeat.read_all()
@@ -571,6 +574,7 @@ class Trainer:
             log.warning("step %d: %s", self.state.step, line)
         if means:
             self.metrics.log({"kind": "ranks", "step": self.state.step, "step_s": {str(r): means[r] for r in means},
+                              "wait_s": {str(r): w for r, w in self.stragglers.waits.items()},
                               "hosts": {str(r): beats[r].host for r in means},
                               "stragglers": sorted(lines)}, tensorboard=False)
 

@@ -4,6 +4,7 @@ reported as a straggler by rank 0."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -145,3 +146,110 @@ def test_straggler_is_reported_by_name(tmp_path):
     assert both and sum(r["step_s"]["1"] >= 1.5 * r["step_s"]["0"] for r in both) >= len(both) - 1, ranks
     assert any(r["stragglers"] == [1] for r in ranks), ranks
     assert ranks[-1]["hosts"]["1"] == socket.gethostname()
+
+
+def test_straggler_is_judged_on_compute_not_on_the_wait():
+    """Inside the gradient all-reduce the fast ranks wait for the slow one, so their step times (busy_s)
+    are alike; busy_s - wait_s (compute) tells them apart: rank 1 computes 3x the others' 20 ms and waits
+    ~0, the others wait 40 ms: rank 1 is named, with its wait and the others'."""
+    from clusterlm.parallel.heartbeat import Beat, Stragglers
+
+    s = Stragglers(ratio=1.5, windows=2)
+
+    def beats(n: int) -> dict:  # n steps of 60 ms each on every rank
+        return {r: Beat(r, n, n, f"h{r}", 1, n, n * 0.06, n * (0.0 if r == 1 else 0.04)) for r in range(3)}
+
+    s.update(beats(0))
+    assert s.update(beats(10))[1] == {}
+    means, lines = s.update(beats(20))
+    assert means == pytest.approx({0: 0.02, 1: 0.06, 2: 0.02}) and s.waits == pytest.approx({0: 0.04, 1: 0.0, 2: 0.04})
+    assert list(lines) == [1] and "rank 1 on host h1 computes 60.0 ms/step, 3.0x the median 20.0 ms of the other" in lines[1]
+    assert "waits 0.0 ms/step in the gradient all-reduce, the others 40.0 ms" in lines[1]
+
+
+def test_grad_sync_timer_measures_the_wait_for_the_slow_rank():
+    """GradSyncTimer as DDP's comm hook on 2 gloo ranks, rank 1 sleeping 300 ms before its backward: rank 0
+    waits >= 200 ms in the gradient all-reduce, rank 1 < 100 ms; the averaged gradients equal DDP's own
+    (grads of the two ranks' inputs, mean), bit for bit."""
+    assert run_ranks(2, _timer_rank) == [{"ok": True, "slow": False}, {"ok": True, "slow": True}]
+
+
+def _timer_rank(rank: int, world: int) -> dict:
+    """one DDP step with the timer installed; rank 1 is late by 300 ms"""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    from clusterlm.parallel.heartbeat import GradSyncTimer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    ref = DistributedDataParallel(torch.nn.Linear(8, 8))
+    ref.load_state_dict({f"module.{k}": v for k, v in model.state_dict().items()})
+    ddp = DistributedDataParallel(model)
+    timer = GradSyncTimer.install(ddp)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(rank))
+    ref(x).square().sum().backward()
+    loss = ddp(x).square().sum()
+    if rank == 1:
+        time.sleep(0.3)
+    loss.backward()
+    wait = timer.take()
+    same = all(torch.equal(a.grad, b.grad) for a, b in zip(ddp.parameters(), ref.parameters(), strict=True))
+    return {"ok": same and (wait < 0.1 if rank == 1 else wait >= 0.2) and timer.take() == 0.0, "slow": wait < 0.1}
+
+
+HOG = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
+
+
+def _hogged_rank(rank: int, world: int, args: list[str], cores: list[int]) -> dict:
+    """`clusterlm train` on this rank, every thread of its process pinned to cores[rank]; rank 1 starts 3
+    busy loops on its core once its trainer is built; rank 0 runs at nice -10 where allowed (root), so
+    that other work on this machine, which the scheduler moves off the hogged core onto rank 0's, does
+    not slow it as much"""
+    from clusterlm.config import load_run_config
+    from clusterlm.train.loop import Trainer
+
+    for tid in os.listdir("/proc/self/task"):  # gloo's threads were started before this function
+        os.sched_setaffinity(int(tid), {cores[rank]})
+    if rank == 0:
+        with contextlib.suppress(PermissionError):
+            os.nice(-10)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    trainer = Trainer(load_run_config(None, args))
+    hogs = [subprocess.Popen([sys.executable, "-c", HOG, str(cores[1])]) for _ in range(3 if rank == 1 else 0)]
+    try:
+        r = trainer.run()
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    return {"exit": r.exit_code}
+
+
+@pytest.mark.slow
+def test_cpu_hogged_rank_is_reported_by_name(tmp_path):
+    """2 DDP ranks pinned to one core each, 3 busy-loop processes pinned to rank 1's core (rank 1 gets about
+    1/4 of it): rank 0 waits in the gradient all-reduce, rank 1 hardly; rank 0's "ranks" records name
+    rank 1 (never rank 0) as the straggler, its compute >= 1.5x rank 0's in most log intervals. Ratios
+    only: the machine may be loaded by others."""
+    from clusterlm.data.prepare import prepare
+
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    if len(cores) < 2:
+        pytest.skip("needs 2 cores to pin the ranks apart")
+    (tmp_path / "t.txt").write_text("".join(f"To be or not to be {i}\n" * 20 for i in range(20)))
+    prepare([str(tmp_path / "t.txt")], tmp_path / "data", tokenizer="char", val_fraction=0.1)
+    out = tmp_path / "run"
+    args = [f"--data.dir={tmp_path / 'data'}", f"--train.out_dir={out}", "--model.preset=llama-nano",
+            "--model.max_seq_len=32", "--train.seq_len=32", "--train.micro_batch_size=4", "--train.max_steps=20",
+            "--train.device=cpu", "--train.threads=1", "--train.eval_interval=0", "--train.log_interval=4",
+            "--checkpoint.interval=0", "--train.tensorboard=false", "--train.heartbeat_timeout=2",
+            "--parallel.dp_replicate=2", "--train.skip_memory_check=true"]
+    assert run_ranks(2, _hogged_rank, args, cores) == [{"exit": 0}, {"exit": 0}]
+    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    both = [r for r in records if r["kind"] == "ranks" and len(r["step_s"]) == 2]
+    print("\n".join(f"step {r['step']}: compute {r['step_s']} wait {r['wait_s']}" for r in both))
+    assert both, records
+    assert sum(r["step_s"]["1"] >= 1.5 * r["step_s"]["0"] for r in both) > len(both) / 2, both
+    assert sum(r["wait_s"]["0"] > r["wait_s"]["1"] for r in both) > len(both) / 2, both
+    assert any(r["stragglers"] == [1] for r in both) and not any(0 in r["stragglers"] for r in both), both
