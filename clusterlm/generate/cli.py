@@ -4,6 +4,10 @@
     clusterlm generate runs/shakespeare_char --num-samples 3 --seed 1
     clusterlm generate runs/shakespeare_char --compile     # torch.compile the decode step
     clusterlm chat runs/shakespeare_char
+    clusterlm generate runs/multi30k_enfr_encdec --src "A dog runs." --num-beams 4 --max-new-tokens 60
+
+An encoder-decoder (arch "encdec") reads --src (or --prompt) with its encoder and prints the
+decoder's output only (generate/seq2seq.py; greedy, sampling or beam search).
 
 The prompt is preceded by EOS, the document separator the model saw in training, so generation
 starts as a fresh document. Chat (and `generate --chat`, which sends --prompt as one user message)
@@ -52,6 +56,11 @@ def _load(args):  # noqa: ANN001, ANN202
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
     loaded = load_for_inference(args.checkpoint, device=resolve_device(args.device, "--device"))
+    if loaded.config.model.arch == "encoder" and not loaded.config.model.labels:
+        from clusterlm.errors import ConfigError
+
+        raise ConfigError(f"{loaded.path} is a masked-LM encoder (arch 'encoder'): it fills in <|mask|> tokens, it "
+                          "does not generate; fine-tune it as a classifier (docs/encdec.md)")
     if loaded.config.model.labels:
         from clusterlm.errors import ConfigError
 
@@ -66,6 +75,11 @@ def generate_main(argv: list[str], out: TextIO | None = None) -> int:
     p = argparse.ArgumentParser(prog="clusterlm generate", description="Sample text from a checkpoint.")
     _common_args(p)
     p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    p.add_argument("--src", default=None,
+                   help="encoder-decoder: the source text for the encoder (same as --prompt; the output is the target)")
+    p.add_argument("--num-beams", type=int, default=1,
+                   help="encoder-decoder: beam search with this width (deterministic; docs/encdec.md)")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score = logprob / length ** this")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--chat", action="store_true",
                    help="send --prompt as one user message through the model's chat template and print the reply")
@@ -73,6 +87,14 @@ def generate_main(argv: list[str], out: TextIO | None = None) -> int:
     if args.num_samples < 1:
         raise ValueError(f"--num-samples={args.num_samples} must be >= 1")
     loaded = _load(args)
+    encdec = loaded.config.model.arch == "encdec"
+    if args.src is not None and not encdec:
+        raise ValueError(f"--src is for encoder-decoder models; {loaded.path} is arch {loaded.config.model.arch!r}: "
+                         "use --prompt")
+    if args.num_beams != 1 and (not encdec or args.num_beams < 1):
+        raise ValueError(f"--num-beams={args.num_beams}: beam search here is for encoder-decoder models (>= 1)")
+    if encdec and args.src is not None:
+        args.prompt = args.src
     prompt, stops, stop_ids = args.prompt, (), ()
     if args.chat:
         fmt = chat_format(loaded.tokenizer, loaded.chat_template)
@@ -81,12 +103,20 @@ def generate_main(argv: list[str], out: TextIO | None = None) -> int:
     for i in range(args.num_samples):
         if args.num_samples > 1:
             out.write(f"----- sample {i + 1} -----\n")
-        if not args.chat:
+        if not args.chat and not encdec:  # an encoder-decoder's output is the target alone
             out.write(args.prompt)
         seed = None if args.seed is None else args.seed + i
-        for piece in stream_text(loaded, prompt, max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
-                                 compile=args.compile, stop=stops, stop_ids=stop_ids):
+        if encdec:
+            from clusterlm.generate.seq2seq import stream_seq2seq
+
+            pieces = stream_seq2seq(loaded, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                    top_k=args.top_k, top_p=args.top_p, seed=seed, stop=stops, stop_ids=stop_ids,
+                                    num_beams=args.num_beams, length_penalty=args.length_penalty)
+        else:
+            pieces = stream_text(loaded, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 top_k=args.top_k, top_p=args.top_p, seed=seed, compile=args.compile, stop=stops,
+                                 stop_ids=stop_ids)
+        for piece in pieces:
             out.write(piece)
             out.flush()
         out.write("\n")

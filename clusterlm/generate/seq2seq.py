@@ -106,7 +106,8 @@ class Seq2SeqGeneration(Iterator[list[int | None]]):
             self.model.eval()
         try:
             with torch.inference_mode():
-                next_ids = sample_rows(self._logits(), self._rows, self.generator)  # (B,)
+                self.last_logits = self._logits()  # (B, V): what the step sampled from (serve's logprobs)
+                next_ids = sample_rows(self.last_logits, self._rows, self.generator)  # (B,)
         finally:
             if training:
                 self.model.train()
@@ -198,3 +199,38 @@ def completions(model: nn.Module, tokenizer: Any, ids: Sequence[Sequence[int]], 
             out[i] = text_of(gen.tokens[k], gen.finish_reasons[k] or "length")
         done(len(chunk))
     return out
+
+
+def stream_seq2seq(loaded: Any, source: str, *, max_new_tokens: int, temperature: float, top_k: int | None,
+                   top_p: float | None, seed: int | None, stop: str | tuple[str, ...] | None = None,
+                   stop_ids: tuple[int, ...] = (), num_beams: int = 1, length_penalty: float = 1.0,
+                   truncate: bool = True) -> Iterator[str]:
+    """generate.text.stream_text for an encoder-decoder (a checkpoint.model_io LoadedModel): `source`
+    to the encoder (too long: cut to its first max_seq_len - 1 ids + EOS unless truncate=False), the
+    target streamed as text; with num_beams > 1 the best beam, in one piece when the search ends."""
+    from clusterlm.generate.text import StopStrings, TextStream
+
+    tok, model = loaded.tokenizer, loaded.model
+    (src,) = fit_sources(tok, [source], model.config.max_seq_len, truncate)
+    if num_beams > 1:
+        (h,) = beam_search(model, sources=[src], num_beams=num_beams, max_new_tokens=max_new_tokens, eos_id=tok.eos_id,
+                           bos_id=tok.bos_id, pad_id=max(tok.pad_id, 0), length_penalty=length_penalty)
+        steps: Iterator[list[int | None]] = iter([[t] for t in h.tokens])
+    else:
+        steps = Seq2SeqGeneration(model, [src], max_new_tokens=max_new_tokens, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                                  pad_id=max(tok.pad_id, 0), temperature=temperature, top_k=top_k, top_p=top_p,
+                                  seed=seed)
+    ts, stops = TextStream(tok), StopStrings((stop,) if isinstance(stop, str) else tuple(stop or ()))
+    for step in steps:
+        if step[0] is None:
+            continue
+        if step[0] in stop_ids:
+            break
+        piece, stopped = stops.push(ts.push(step[0]))
+        if piece:
+            yield piece
+        if stopped:
+            return
+    rest = stops.flush(ts.flush())
+    if rest:
+        yield rest

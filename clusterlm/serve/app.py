@@ -244,7 +244,16 @@ def create_app(load: Callable[..., object], settings: Settings,
             sv.measure()
             sv.ready.set()
             return
-        sched = Scheduler(loaded.model, loaded.tokenizer, max_batch=sv.settings.max_batch,
+        sched_cls = Scheduler
+        arch = loaded.model.config.arch
+        if arch == "encoder":
+            from clusterlm.errors import ConfigError
+
+            raise ConfigError(f"{sv.spec.path} is a masked-LM encoder: it does not generate; serve a classifier "
+                              "fine-tuned from it (POST /classify)")
+        if arch == "encdec":  # the prompt to the encoder, one request at a time (serve/seq2seq.py)
+            from clusterlm.serve.seq2seq import Seq2SeqScheduler as sched_cls
+        sched = sched_cls(loaded.model, loaded.tokenizer, max_batch=sv.settings.max_batch,
                           max_queue=sv.settings.max_queue, metrics=sv.metrics, device=sv.settings.device)
         sched.start()
         try:

@@ -1,0 +1,173 @@
+"""The new families outside training: an encoder-decoder through `clusterlm generate --src`, `eval
+--task` (greedy and beam) and `serve` (completions and chat, streamed and not, with the official
+openai client), and an encoder classifier on POST /classify.
+
+References: the server's and the CLI's greedy text == generate/seq2seq.py's greedy decoding of the
+same source in-process (itself checked against uncached full forwards in tests/model/test_beam.py);
+/classify's label and probabilities == eval.lm.classify's through the head.
+Run: .venv/bin/python -m pytest -q tests/e2e/test_encdec_serve.py
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from clusterlm.cli import main as cli
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx2")  # the HTTP client the openai package ships with
+
+KEY = "test-key-encdec"
+PROMPTS = ["a dog runs", "the red cat sits on a mat", "hello"]
+
+
+def _save(root: Path, cfg, name: str) -> Path:
+    from clusterlm.checkpoint.store import save_checkpoint
+    from clusterlm.config import RunConfig, to_toml
+    from clusterlm.models.build import build_model
+
+    model = build_model(cfg)
+    model.init_weights(0)
+    save_checkpoint(root / name / "checkpoints", 0, model_state=model.state_dict(), optimizer_state=None,
+                    train_state={}, config_toml=to_toml(RunConfig(model=cfg)), tokenizer_path=root / "tok.json")
+    return root / name
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    from clusterlm.models.config import ModelConfig
+    from clusterlm.tokenizer.kinds import make_tokenizer
+
+    root = tmp_path_factory.mktemp("encdec_serve")
+    tok = make_tokenizer("byte")
+    tok.save(root / "tok.json")
+    encdec = ModelConfig(arch="encdec", vocab_size=tok.vocab_size, n_layers=2, n_enc_layers=1, dim=32, n_heads=4,
+                         max_seq_len=48, pos="sinusoidal", init_std=0.2)
+    clf = ModelConfig(arch="encoder", vocab_size=tok.vocab_size, n_layers=1, dim=32, n_heads=4, max_seq_len=48,
+                      labels=("neg", "pos"), pad_id=tok.pad_id)
+    return {"encdec": _save(root, encdec, "encdec"), "clf": _save(root, clf, "clf"), "root": root}
+
+
+def _greedy(run: Path, prompts: list[str], max_new: int = 20, **kw) -> list[str]:
+    from clusterlm.checkpoint.model_io import load_for_inference
+    from clusterlm.eval.lm import generate_batch
+
+    loaded = load_for_inference(run)
+    return generate_batch(loaded.model, loaded.tokenizer, prompts, max_new_tokens=max_new, **kw)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """uvicorn in a thread serving one checkpoint with create_app."""
+
+    def __init__(self, run: Path) -> None:
+        import uvicorn
+
+        from clusterlm.checkpoint.model_io import load_for_inference
+        from clusterlm.serve.app import Settings, create_app
+
+        app = create_app(lambda: load_for_inference(run), Settings(api_key=KEY, model_name="m", max_batch=4))
+        self.url = f"http://127.0.0.1:{_free_port()}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=int(self.url.rsplit(":", 1)[1]),
+                                                    log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                r = httpx.get(self.url + "/ready", timeout=1)
+                if r.status_code == 200:
+                    return
+                if "failed" in r.text:
+                    raise RuntimeError(r.text)
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("server did not become ready")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def encdec_server(runs):
+    s = Server(runs["encdec"])
+    yield s
+    s.stop()
+
+
+def test_serve_encdec_completions_and_chat_match_in_process_greedy(runs, encdec_server):
+    client = openai.OpenAI(base_url=encdec_server.url + "/v1", api_key=KEY, max_retries=0)
+    want = _greedy(runs["encdec"], PROMPTS)
+    assert any(want)  # random weights still emit some bytes before EOS or the limit
+    for prompt, ref in zip(PROMPTS, want):
+        r = client.completions.create(model="m", prompt=prompt, max_tokens=20, temperature=0.0)
+        assert r.choices[0].text == ref
+        assert r.choices[0].finish_reason in ("stop", "length")
+        assert r.usage.prompt_tokens == len(prompt.encode()) + 1  # the source: bytes + EOS
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            model="m", prompt=prompt, max_tokens=20, temperature=0.0, stream=True) if c.choices)
+        assert streamed == ref
+    # chat: the rendered conversation is the source; n=2 samples with a seed are reproducible
+    msgs = [{"role": "user", "content": "a dog runs"}]
+    a = client.chat.completions.create(model="m", messages=msgs, max_tokens=12, temperature=1.0, seed=3, n=2)
+    b = client.chat.completions.create(model="m", messages=msgs, max_tokens=12, temperature=1.0, seed=3, n=2)
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert all(c.finish_reason in ("stop", "length") for c in a.choices)
+
+
+def test_serve_encdec_refuses_a_source_longer_than_the_encoder(encdec_server):
+    r = httpx.post(encdec_server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": "m", "prompt": "x" * 60, "max_tokens": 4})
+    assert r.status_code == 400 and "context is 48 tokens" in r.json()["error"]["message"]
+
+
+def test_generate_src_and_eval_task_for_encdec(runs, tmp_path, capsys):
+    want = _greedy(runs["encdec"], ["a dog runs"], max_new=16)[0]
+    assert cli(["generate", str(runs["encdec"]), "--src", "a dog runs", "--temperature", "0",
+                "--max-new-tokens", "16"]) == 0
+    assert capsys.readouterr().out == want + "\n"
+    assert cli(["generate", str(runs["encdec"]), "--src", "a dog runs", "--num-beams", "3",
+                "--max-new-tokens", "16"]) == 0
+    capsys.readouterr()
+    (tmp_path / "t.en").write_text("a dog runs\nthe cat\n")
+    (tmp_path / "t.fr").write_text("un chien court\nle chat\n")
+    task = f"{tmp_path / 't.en'},{tmp_path / 't.fr'}"
+    for extra in ([], ["--num-beams", "3"]):
+        assert cli(["eval", str(runs["encdec"]), "--task", task, "--max-new-tokens", "16", *extra]) == 0
+        (m,) = json.loads(capsys.readouterr().out)["tasks"].values()
+        assert m["n"] == 2 and 0.0 <= m["bleu"] <= 100.0
+    # an MLM encoder does not generate: one line, exit 2
+    assert cli(["generate", str(runs["clf"]), "--prompt", "x"]) == 2
+
+
+def test_serve_encoder_classifier_on_classify_route(runs):
+    from clusterlm.checkpoint.model_io import load_for_inference
+    from clusterlm.eval.lm import classify
+
+    loaded = load_for_inference(runs["clf"])
+    texts = ["a gripping film", "dull"]
+    want = classify(loaded.model, loaded.tokenizer, texts)
+    s = Server(runs["clf"])
+    try:
+        r = httpx.post(s.url + "/classify", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": "m", "input": texts})
+        assert r.status_code == 200, r.text
+        data = r.json()["data"]
+        for d, w in zip(data, want):
+            assert d["label"] == w.label
+            assert d["probs"] == pytest.approx(w.probs, abs=1e-6)
+    finally:
+        s.stop()
