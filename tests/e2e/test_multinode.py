@@ -12,6 +12,7 @@ the first tests check the rendered elastic script with stand-ins for srun and sc
 from __future__ import annotations
 
 import calendar
+import contextlib
 import os
 import re
 import shutil
@@ -23,8 +24,9 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.helpers import train_losses
+from tests.helpers import read_metrics, train_losses
 
+from clusterlm.checkpoint.layout import read_latest
 from clusterlm.cluster.slurm import TERMINAL_STATES, query_states
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "testcluster.sh"
@@ -147,21 +149,28 @@ def test_dist_timeout_from_environment():
             dist_timeout_s({"CLUSTERLM_DIST_TIMEOUT_S": bad})
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """(environment, node names, node addresses) of a freshly started 2-node namespaced Slurm cluster."""
+class ClusterUnavailable(Exception):
+    """The namespaced Slurm cluster cannot be had here (not root, no namespaces, no Slurm): the reason."""
+
+
+@contextlib.contextmanager
+def testcluster(n: int = 2):
+    """(environment, node names, node addresses) of a freshly started n-node namespaced Slurm cluster,
+    stopped on exit; raises ClusterUnavailable before starting when it cannot be had.
+    benchmarks/faults.py uses it too (its node-loss rows)."""
     if os.geteuid() != 0:
-        pytest.skip("network namespaces, veth links and the Slurm daemons need root and this test is not root")
+        raise ClusterUnavailable("network namespaces, veth links and the Slurm daemons need root and this is not root")
     missing = [c for c in ("ip", "nsenter", "unshare") if shutil.which(c) is None]
     if missing:
-        pytest.skip(f"missing {', '.join(missing)} (iproute2, util-linux)")
+        raise ClusterUnavailable(f"missing {', '.join(missing)} (iproute2, util-linux)")
     probe = f"clmprobe{os.getpid()}"
     r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, timeout=30)
     subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=30)
     if r.returncode != 0:
-        pytest.skip(f"cannot create a network namespace here (no CAP_SYS_ADMIN/CAP_NET_ADMIN?): {r.stderr.strip()}")
+        raise ClusterUnavailable("cannot create a network namespace here (no CAP_SYS_ADMIN/CAP_NET_ADMIN?): "
+                                 f"{r.stderr.strip()}")
     if shutil.which("apt-get") is None and not all(shutil.which(c) for c in ("slurmctld", "slurmd", "sbatch", "munged")):
-        pytest.skip("Slurm is not installed and there is no apt-get to install slurm-wlm and munge")
+        raise ClusterUnavailable("Slurm is not installed and there is no apt-get to install slurm-wlm and munge")
     # short path: munge's socket lives here and Unix socket paths are limited to 108 bytes
     state = tempfile.mkdtemp(prefix="clusterlm-tc-")
     tag = os.getpid() % 150
@@ -173,16 +182,27 @@ def cluster():
                CLUSTERLM_SLURMCTLD_PORT=str(_free_port()), CLUSTERLM_SLURMD_PORT=str(_free_port()),
                CLUSTERLM_HOME=str(Path(state) / "home"), SLURM_CONF=str(Path(state) / "slurm.conf"))
     try:
-        r = _tc(env, "start", "2", timeout=900)
+        r = _tc(env, "start", str(n), timeout=900)
         if r.returncode != 0:
             logs = "".join(f"\n--- {p.name}\n" + p.read_text(errors="replace")[-1500:]
                            for p in [*Path(state).glob("apt.log"), *sorted((Path(state) / "log").glob("*.log"))])
-            pytest.skip(f"the namespaced Slurm cluster did not come up: {r.stderr.strip()[-1500:]}{logs}")
-        nodes = [f"{prefix}1", f"{prefix}2"]
-        yield env, nodes, [_tc(env, "addr", n).stdout.strip() for n in nodes]
+            raise ClusterUnavailable(f"the namespaced Slurm cluster did not come up: {r.stderr.strip()[-1500:]}"
+                                     f"{logs}")
+        nodes = [f"{prefix}{k}" for k in range(1, n + 1)]
+        yield env, nodes, [_tc(env, "addr", node).stdout.strip() for node in nodes]
     finally:
         _tc(env, "stop")
         shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """testcluster(2), or a skip saying why it cannot be had."""
+    try:
+        with testcluster(2) as c:
+            yield c
+    except ClusterUnavailable as e:
+        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")
@@ -330,16 +350,12 @@ def _wait_idle(env: dict[str, str], limit_s: float = 90) -> None:
     pytest.fail(f"the nodes are not idle after {limit_s:.0f} s: {r.stdout!r}")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("fault", ["cut", "kill"])
-def test_node_lost_mid_run_restarts_on_survivor_and_matches_uninterrupted(cluster, data, tmp_path, fault):
-    """An elastic job (`--nodes 2 --min-nodes 1`, HSDP 2 x 2, a checkpoint every 5 steps) loses node 2 at step
-    12: its link cut (`testcluster.sh cut`: packets vanish) or every process of it killed (`testcluster.sh
-    kill`: slurmd too). Within 90 s Slurm marks the node DOWN, srun stops and the script names the lost
-    node; it restarts on node 1 alone at world size 2 (dp_replicate=1, dp_shard=2, 2
-    accumulation steps for the same global batch) from the last committed checkpoint (DCP reshards 4 -> 2
-    ranks) and finishes. Its per-step losses from there equal, bit for bit, an uninterrupted world-size-2
-    run started from a copy of that checkpoint on this host."""
+def node_loss_trial(cluster, data: Path, tmp_path: Path, fault: str) -> dict:
+    """An elastic HSDP 2 x 2 job loses node 2 at step CUT_AT_STEP (`testcluster.sh cut|kill`); it is waited
+    for, then an uninterrupted world-size-2 run from the checkpoint it resumed is made on this host.
+    Returns what the test asserts and benchmarks/faults.py tabulates: state, log, the lost node, seconds
+    from the fault to the job's "node(s) lost" line (detect_s) and to the first step after the restart
+    (recover_s), the resumed step, and the losses after it beside the reference's."""
     env, nodes, _ = cluster
     _wait_idle(env)
     run = tmp_path / "run"
@@ -360,23 +376,27 @@ def test_node_lost_mid_run_restarts_on_survivor_and_matches_uninterrupted(cluste
         r = _tc(env, fault, nodes[1])
         assert r.returncode == 0, r.stderr
         cut_at = time.time()
+        committed = read_latest(run / "checkpoints")  # nothing commits without node 2's ranks
         state = _wait(env, job, 300)
     finally:
         if cut_at is not None:
             _tc(env, "restore", nodes[1])
     log = (run / f"slurm-{job}.out").read_text()
-    assert state == "COMPLETED", log[-3000:]
+    out = {"job": job, "state": state, "log": log, "lost": nodes[1], "detect_s": None, "recover_s": None,
+           "step": None, "after": {}, "reference": None, "at_step": done,
+           "committed": int(committed.split("-")[1]) if committed else 0}
     m = re.search(rf"clusterlm: srun exited with \d+; node\(s\) lost: {nodes[1]}; restarting on {nodes[0]} "
                   r"\(1 node\(s\)\), (\S+)Z", log)
-    assert m, log[-4000:]
-    stopped = calendar.timegm(time.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S"))
-    assert stopped - cut_at < 90, f"the job noticed the lost node {stopped - cut_at:.0f} s after the {fault}"
-    assert re.search(rf"round 1\) on {nodes[0]}, 2 tasks, --parallel.dp_replicate=1", log)
     resumed = re.search(r"resumed from (\S+step-(\d+)) at step (\d+)", log)
-    assert resumed, log[-3000:]
+    if not (state == "COMPLETED" and m and resumed):
+        return out
+    stopped = calendar.timegm(time.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S"))
     step = int(resumed.group(3))
-    assert step % CKPT_INTERVAL == 0 and step <= CUT_AT_STEP + 1 and step > 0
-    assert "2 accumulation steps, 256 tokens per step" in log
+    after = {s: v for s, v in train_losses(run).items() if s > step}  # the restarted round's (later lines win)
+    first = min((r["time"] for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "train"
+                 and r["step"] == step + 1 and r["time"] > cut_at), default=None)
+    out |= {"detect_s": stopped - cut_at, "recover_s": None if first is None else first - cut_at, "step": step,
+            "after": after}
 
     # the reference: the same checkpoint, world size 2 on this host, never interrupted
     ref = tmp_path / "ref"
@@ -387,6 +407,29 @@ def test_node_lost_mid_run_restarts_on_survivor_and_matches_uninterrupted(cluste
     r = _torchrun_here(env, data, ref, 2, "--parallel.dp_replicate=1", "--parallel.dp_shard=2",
                        f"--checkpoint.interval={CKPT_INTERVAL}", "--checkpoint.keep_last=100", "--train.resume=auto")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    after = {s: v for s, v in train_losses(run).items() if s > step}  # the restarted round's (later lines win)
-    assert sorted(after) == list(range(step + 1, STEPS + 1))
-    assert train_losses(ref) == after
+    return out | {"reference": train_losses(ref)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["cut", "kill"])
+def test_node_lost_mid_run_restarts_on_survivor_and_matches_uninterrupted(cluster, data, tmp_path, fault):
+    """An elastic job (`--nodes 2 --min-nodes 1`, HSDP 2 x 2, a checkpoint every 5 steps) loses node 2 at step
+    12: its link cut (`testcluster.sh cut`: packets vanish) or every process of it killed (`testcluster.sh
+    kill`: slurmd too). Within 90 s Slurm marks the node DOWN, srun stops and the script names the lost
+    node; it restarts on node 1 alone at world size 2 (dp_replicate=1, dp_shard=2, 2
+    accumulation steps for the same global batch) from the last committed checkpoint (DCP reshards 4 -> 2
+    ranks) and finishes. Its per-step losses from there equal, bit for bit, an uninterrupted world-size-2
+    run started from a copy of that checkpoint on this host."""
+    _, nodes, _ = cluster
+    r = node_loss_trial(cluster, data, tmp_path, fault)
+    log = r["log"]
+    assert r["state"] == "COMPLETED", log[-3000:]
+    assert r["detect_s"] is not None, log[-4000:]  # the "node(s) lost: NODE2; restarting on NODE1" line
+    assert r["detect_s"] < 90, f"the job noticed the lost node {r['detect_s']:.0f} s after the {fault}"
+    assert re.search(rf"round 1\) on {nodes[0]}, 2 tasks, --parallel.dp_replicate=1", log)
+    step = r["step"]
+    assert step % CKPT_INTERVAL == 0 and step <= CUT_AT_STEP + 1 and step > 0
+    assert step == r["committed"], r["committed"]  # the newest committed checkpoint at the fault
+    assert "2 accumulation steps, 256 tokens per step" in log
+    assert sorted(r["after"]) == list(range(step + 1, STEPS + 1))
+    assert r["reference"] == r["after"]
