@@ -230,11 +230,12 @@ class EvalConfig:
 class FinetuneConfig:
     """Fine-tuning (docs/finetune.md): start from a base model, train on labelled records."""
 
-    task: Literal["lm", "mlm", "sft", "classify", "seq2seq"] = "lm"
+    task: Literal["lm", "mlm", "span", "sft", "classify", "seq2seq"] = "lm"
     """lm = pre-training on token shards (no fine-tuning); mlm = masked-LM pre-training of an
     encoder on token shards (BERT's recipe, data/mlm.py); sft = supervised fine-tuning on
     prompt/completion or chat records (loss on the responses only); classify = a classification head;
-    seq2seq = an encoder-decoder on source/target pairs (prompt -> encoder, completion -> decoder)"""
+    seq2seq = an encoder-decoder on source/target pairs (prompt -> encoder, completion -> decoder);
+    span = T5's span-corruption pre-training of an encoder-decoder on token shards (data/mlm.py)"""
     init_from: str = ""
     """the base: a clusterlm run, checkpoints folder or step folder, or a Hugging Face folder;
     empty = from scratch (random weights, tokenizer trained on the records)"""
@@ -263,7 +264,10 @@ class FinetuneConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     mask_prob: float = 0.15
-    """mlm: the share of positions chosen (each then 80% <|mask|>, 10% a random token, 10% kept)"""
+    """mlm: the share of positions chosen (each then 80% <|mask|>, 10% a random token, 10% kept);
+    span: the share of tokens in the corrupted spans (T5's noise density)"""
+    mean_span: float = 3.0
+    """span: the mean length of a corrupted span (T5: 3)"""
     lora_targets: tuple[str, ...] = ()
     """module names LoRA wraps (the last part of a Linear's name, e.g. ["wq", "wv"]); empty = every
     attention and MLP projection the model has (wq wk wv wo w1 w2, and w3 with SwiGLU)"""
@@ -284,7 +288,9 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.labels={list(self.labels)!r}: a classifier needs at least 2 labels")
         if not 0.0 < self.mask_prob < 1.0:
             raise ConfigError(f"finetune.mask_prob={self.mask_prob} must be in (0, 1)")
-        if self.task in ("lm", "mlm") and (self.init_from or self.lora_rank):
+        if self.mean_span < 1.0:
+            raise ConfigError(f"finetune.mean_span={self.mean_span} must be >= 1")
+        if self.task in ("lm", "mlm", "span") and (self.init_from or self.lora_rank):
             raise ConfigError(f"finetune.init_from / lora_rank are set but finetune.task={self.task!r} (pre-training); set task = 'sft' "
                               "or 'classify'")
 

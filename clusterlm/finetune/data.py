@@ -78,7 +78,7 @@ def ensure_finetune_data(cfg: Any) -> tuple[Path, Any, Any]:
     from clusterlm.tokenizer import load_tokenizer
 
     ft, data = cfg.finetune, cfg.data
-    if ft.task == "mlm":
+    if ft.task in ("mlm", "span"):
         return _mlm_data(cfg)
     base = resolve_base(ft.init_from, Path(cfg.train.out_dir)) if ft.init_from else None
     _check_arch(ft.task, base.config.model if base is not None else cfg.model)
@@ -160,15 +160,25 @@ def _check_arch(task: str, mcfg: Any) -> None:
 
 
 def _mlm_data(cfg: Any) -> tuple[Path, None, Any]:
-    """Masked-LM pre-training: the prepared token shards (prepared from data.source first if needed)
-    read with the tokenizer plus <|mask|> (data/mlm.py mask_view); the model's vocabulary from it."""
+    """Masked-LM (or span-corruption) pre-training: the prepared token shards (prepared from
+    data.source first if needed) read with the tokenizer plus <|mask|> (or the span sentinels:
+    data/mlm.py mask_view); the model's vocabulary from it."""
     from clusterlm.data.mlm import mask_view
     from clusterlm.data.shards import read_meta
 
-    mcfg = cfg.model
-    if mcfg.arch != "encoder":
+    from clusterlm.data.mlm import MASK, SENTINELS, SPAN_VIEW, VIEW
+
+    mcfg, span = cfg.model, cfg.finetune.task == "span"
+    if not span and mcfg.arch != "encoder":
         raise ConfigError(f"finetune.task='mlm' pre-trains a bidirectional encoder (model.arch='encoder'), but "
                           f"model.arch={mcfg.arch!r}; causal models pre-train with finetune.task='lm'")
+    if span and mcfg.arch != "encdec":
+        raise ConfigError(f"finetune.task='span' (T5's span corruption) pre-trains an encoder-decoder "
+                          f"(model.arch='encdec'), but model.arch={mcfg.arch!r}")
+    if span and cfg.train.seq_len + 1 > mcfg.max_seq_len:
+        raise ConfigError(f"finetune.task='span': a corrupted window of train.seq_len={cfg.train.seq_len} tokens can "
+                          f"give a source of {cfg.train.seq_len + 1} (sentinels and EOS), more than "
+                          f"model.max_seq_len={mcfg.max_seq_len}; lower train.seq_len")
     data, data_dir = cfg.data, Path(cfg.data.dir)
     if not (data_dir / "meta.json").is_file():  # train/loop.py ensure_data's rule
         if not data.source:
@@ -178,7 +188,7 @@ def _mlm_data(cfg: Any) -> tuple[Path, None, Any]:
 
         prepare([data.source], data_dir, tokenizer=data.tokenizer, vocab_size=data.vocab_size or None,
                 val_fraction=data.val_fraction)
-    data_dir = mask_view(data_dir, cfg.train.out_dir)
+    data_dir = mask_view(data_dir, cfg.train.out_dir, SENTINELS if span else (MASK,), SPAN_VIEW if span else VIEW)
     vocab = int(read_meta(data_dir)["tokenizer"]["vocab_size"])
     if mcfg.vocab_size is None:
         mcfg = mcfg.with_vocab(vocab)

@@ -1,5 +1,6 @@
 """The trainer's loaders for the objectives other than next-token prediction: masked LM
-(finetune.task = "mlm", data/mlm.py) and sequence-to-sequence (finetune.task = "seq2seq",
+(finetune.task = "mlm", data/mlm.py), T5's span corruption (finetune.task = "span", data/mlm.py) and
+sequence-to-sequence (finetune.task = "seq2seq",
 data/seq2seq.py). train/loop.py asks here for the training loader and the validation batches; the
 loss of both is fine-tuning's TokenSumLoss (the mean over every labelled token of a step, whatever
 the layout), since their labels carry IGNORE_INDEX where nothing is predicted.
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-OBJECTIVES = ("mlm", "seq2seq")
+OBJECTIVES = ("mlm", "seq2seq", "span")
 
 
 def _ids(tokenizer_file: Path) -> dict[str, int]:
@@ -35,6 +36,11 @@ def train_loader(cfg: Any, data_dir: Path, tokenizer_file: Path, *, rank: int, w
 
         return MLMLoader(data_dir, "train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len, mask_id=ids["mask"],
                          vocab=ids["base_vocab"], mask_prob=ft.mask_prob, seed=tc.seed, rank=rank, world_size=world)
+    if ft.task == "span":
+        from clusterlm.data.mlm import SpanLoader
+
+        return SpanLoader(data_dir, "train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len, seed=tc.seed,
+                          rank=rank, world_size=world, **_span_kw(cfg, tokenizer_file))
     from clusterlm.data.seq2seq import Seq2SeqLoader
 
     return Seq2SeqLoader(data_dir, "train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len, seed=tc.seed,
@@ -50,7 +56,21 @@ def val_batches(cfg: Any, data_dir: Path, tokenizer_file: Path) -> Iterator[Any]
         return iter_mlm_eval_batches(data_dir, "val", tc.micro_batch_size, tc.seq_len, mask_id=ids["mask"],
                                      vocab=ids["base_vocab"], mask_prob=ft.mask_prob, seed=tc.seed,
                                      max_batches=tc.eval_batches)
+    if ft.task == "span":
+        from clusterlm.data.mlm import iter_span_eval_batches
+
+        return iter_span_eval_batches(data_dir, "val", tc.micro_batch_size, tc.seq_len, seed=tc.seed,
+                                      max_batches=tc.eval_batches, **_span_kw(cfg, tokenizer_file))
     from clusterlm.data.seq2seq import iter_seq2seq_batches
 
     return iter_seq2seq_batches(data_dir, "val", tc.micro_batch_size, tc.seq_len, pad_id=ids["pad"], bos_id=ids["bos"],
                                 eos_id=ids["eos"], max_batches=tc.eval_batches)
+
+
+def _span_kw(cfg: Any, tokenizer_file: Path) -> dict[str, Any]:
+    from clusterlm.data.mlm import SENTINELS
+    from clusterlm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_file)
+    return {"sentinel_ids": [tok.token_id(t) for t in SENTINELS], "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+            "pad_id": tok.pad_id, "density": cfg.finetune.mask_prob, "mean_span": cfg.finetune.mean_span}

@@ -224,7 +224,7 @@ class Trainer:
         if self.base is not None and self.checkpointer.resolve() is None:
             self._load_base()
         self.optimizer = build_optimizer(self.model, cfg.optim, fused=None if pm.fused_optimizer_ok else False)
-        if cfg.finetune.task in ("mlm", "seq2seq"):  # masked LM, encoder-decoder pairs: finetune/objectives.py
+        if cfg.finetune.task in ("mlm", "seq2seq", "span"):  # masked LM, pairs, span corruption: finetune/objectives.py
             from clusterlm.finetune.objectives import train_loader
 
             self.loader = train_loader(cfg, self.data_dir, self.tokenizer_file, rank=pm.coords.dp_rank, world=dims.dp)
@@ -614,7 +614,7 @@ class Trainer:
             return
         tc, state = self.tc, self.state
         extra: dict[str, Any] = {}
-        if self.cfg.finetune.task in ("mlm", "seq2seq"):
+        if self.cfg.finetune.task in ("mlm", "seq2seq", "span"):
             from clusterlm.finetune.objectives import val_batches
 
             batches = val_batches(self.cfg, self.data_dir, self.tokenizer_file)

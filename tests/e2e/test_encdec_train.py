@@ -93,6 +93,30 @@ def test_mlm_pretraining_adds_the_mask_token_learns_and_resumes_bit_exactly(corp
     assert losses[8] < losses[1]
 
 
+def test_span_corruption_pretraining_resumes_bit_exactly_and_fine_tunes(corpus, tmp_path):
+    """T5 span corruption of an encdec on token shards: 8 steps straight == 4 + resume + 4; the
+    tokenizer gains the 32 sentinels; then seq2seq fine-tuning starts from it (init_from)."""
+    from clusterlm.checkpoint.model_io import load_for_inference
+    from clusterlm.data.mlm import SENTINELS
+
+    root = corpus["root"]
+
+    def args(out, *e):
+        a = [x for x in _mlm(root, out, *e) if not x.startswith(("--finetune.task", "--model.arch"))]
+        return [*a, "--finetune.task=span", "--model.arch=encdec", "--model.n_enc_layers=2", "--model.max_seq_len=64"]
+
+    losses = _resume_matches(args, tmp_path, 8)
+    assert losses[8] < losses[1]
+    loaded = load_for_inference(tmp_path / "a")
+    plain = json.loads((root / "shards" / "meta.json").read_text())["tokenizer"]["vocab_size"]
+    assert [loaded.tokenizer.token_id(t) for t in SENTINELS] == list(range(plain, plain + len(SENTINELS)))
+    assert len(_val_losses(tmp_path / "a")) >= 2
+    ft = [x for x in _s2s(root, tmp_path / "ft", "--train.max_steps=4") if not x.startswith(("--model.", "--data.dir"))]
+    assert cli([*ft, f"--finetune.init_from={json.dumps(str(tmp_path / 'a'))}",
+                f"--data.dir={json.dumps(str(tmp_path / 's2s_from_span'))}", "--checkpoint.interval=0"]) == 0
+    assert load_for_inference(tmp_path / "ft").tokenizer.vocab_size == loaded.tokenizer.vocab_size
+
+
 def test_seq2seq_training_on_parallel_files_resumes_bit_exactly(corpus, tmp_path):
     """Reference: the same 8 steps without interruption (losses equal as floats); val loss falls."""
     root = corpus["root"]

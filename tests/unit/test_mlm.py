@@ -80,3 +80,27 @@ def test_masks_depend_on_the_stream_position_only(shards, tmp_path):
     v1 = [b[0] for b in iter_mlm_eval_batches(view, "val", 4, 16, mask_id=60, vocab=60, seed=3, max_batches=2)]
     v2 = [b[0] for b in iter_mlm_eval_batches(view, "val", 4, 16, mask_id=60, vocab=60, seed=3, max_batches=2)]
     assert all((a == b).all() for a, b in zip(v1, v2))
+
+
+def test_span_corruption_reconstructs_the_row_with_t5_proportions():
+    """T5's span corruption: the source with each sentinel replaced by its span in the target is the
+    row again; round(T * 0.15) noise tokens in round(noise / 3) spans."""
+    from clusterlm.data.mlm import span_corrupt
+
+    row = np.arange(100, 228)  # T = 128
+    sentinels = list(range(32))
+    for seed in range(5):
+        src, tgt = span_corrupt(row, np.random.default_rng(seed), sentinel_ids=sentinels, eos_id=99)
+        assert src[-1] == 99
+        spans = {}
+        cur = None
+        for t in tgt.tolist():
+            if t in sentinels:
+                cur = t
+                spans[cur] = []
+            else:
+                spans[cur].append(t)
+        assert len(spans) == round(19 / 3) and sum(map(len, spans.values())) == 19
+        assert all(spans.values())  # no empty span
+        rebuilt = [x for t in src[:-1].tolist() for x in (spans[t] if t in sentinels else [t])]
+        assert rebuilt == row.tolist()
