@@ -18,7 +18,8 @@ from clusterlm.interop.hf_io import convert_from_hf, export_to_hf
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="clusterlm convert",
-                                 description="Hugging Face GPT-2 / Llama folder -> clusterlm checkpoint")
+                                 description="Hugging Face GPT-2 / Llama / RoBERTa-PreLayerNorm (masked LM) / MBart folder "
+                                             "-> clusterlm checkpoint")
     ap.add_argument("--from-hf", required=True, metavar="DIR",
                     help="folder with config.json, model.safetensors (or a sharded index) and tokenizer.json "
                          "(or clusterlm_tokenizer.json, read first)")

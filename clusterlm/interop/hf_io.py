@@ -9,6 +9,9 @@ pytorch_model.bin) and tokenizer.json. Only safetensors and JSON are read by def
 pytorch_model.bin is a pickle and is loaded only with trust_pickle (--trust-pickle), and then with
 torch.load(weights_only=True). The name and layout translation itself is models/convert.py.
 
+The families: decoder-only GPT-2 and Llama, the masked-LM encoder as RobertaPreLayerNormForMaskedLM
+and the encoder-decoder as MBartForConditionalGeneration (models/convert.py, convert_encdec.py).
+
 Chat templates travel both ways: `convert` keeps a folder's template (chat_template.jinja, else the
 `chat_template` of tokenizer_config.json) as the checkpoint's chat_template.jinja; `export` writes the
 checkpoint's template into tokenizer_config.json and chat_template.jinja (tokenizer/hf_export.py) and
@@ -27,7 +30,7 @@ import torch
 
 from clusterlm.errors import CheckpointError, ConfigError
 from clusterlm.models.config import ModelConfig
-from clusterlm.models.convert import config_to_hf, hf_to_config, hf_to_state, state_to_hf
+from clusterlm.models.convert import config_to_hf, family, hf_to_config, hf_to_state, state_to_hf
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +204,11 @@ def export_to_hf(ckpt: str | Path, out: str | Path) -> Path:
     if read_quantization(path) is not None:
         raise ConfigError(f"{path} is quantized; export the unquantized checkpoint it came from")
     cfg = run.model
+    family(cfg)  # ConfigError naming what the target class cannot express, before anything is read or written
     if cfg.labels:
-        raise ConfigError(f"{path} is a classifier (labels {', '.join(cfg.labels)}); export writes causal language "
-                          "models for transformers; serve it with `clusterlm serve` (POST /classify) instead")
+        raise ConfigError(f"{path} is a classifier (labels {', '.join(cfg.labels)}); export writes language "
+                          "models for transformers (a classifier's pooled head has no transformers class); serve "
+                          "it with `clusterlm serve` (POST /classify) instead")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} exists and is not empty")
@@ -226,14 +231,17 @@ def export_to_hf(ckpt: str | Path, out: str | Path) -> Path:
         if tok.kind in ("byte", "char"):
             # our own file too: `convert` reads it back as the same kind (tokenizer.json would load as bpe)
             tok_files["clusterlm_tokenizer.json"] = tok_src.read_text(encoding="utf-8")
-    hf_state = state_to_hf(load_model_weights(path), cfg)
-    hf_cfg = config_to_hf(cfg, bos, eos)
+    hf_cfg = config_to_hf(cfg, bos, eos, pad)
+    hf_state = state_to_hf(load_model_weights(path), cfg, pad)
     out.mkdir(parents=True, exist_ok=True)
     save_file(hf_state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n", encoding="utf-8")
-    gen = {"bos_token_id": bos, "eos_token_id": [eos, *stop_ids] if stop_ids else eos, "pad_token_id": pad,
-           "max_length": cfg.max_seq_len}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+    if cfg.arch != "encoder":  # a masked-LM encoder does not generate
+        gen = {"bos_token_id": bos, "eos_token_id": [eos, *stop_ids] if stop_ids else eos, "pad_token_id": pad,
+               "max_length": cfg.max_seq_len}
+        if cfg.arch == "encdec":  # the decoder starts from BOS, as clusterlm's; no forced end token
+            gen.update(decoder_start_token_id=bos, forced_eos_token_id=None)
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
     for name, text in tok_files.items():
         (out / name).write_text(text, encoding="utf-8")
     log.info("exported %s as a Hugging Face %s folder: %s", path, hf_cfg["model_type"], out)

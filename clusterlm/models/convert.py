@@ -14,6 +14,9 @@ is the convention of our Transformer, so wq/wk copy without any permutation. GQA
 num_key_value_heads; RMSNorm; tied or untied output. Rope scaling (Llama 3.1+) is refused: our
 rotary tables have no scaling.
 
+The encoder families (arch "encoder" <-> RobertaPreLayerNormForMaskedLM, "encdec" <->
+MBartForConditionalGeneration) are in models/convert_encdec.py; the functions here dispatch to it.
+
 Conversion of config dicts and state dicts only: no files, no device, no training here (models/
 stays math-only).
 """
@@ -25,9 +28,11 @@ from typing import Any
 import torch
 
 from clusterlm.errors import CheckpointError, ConfigError
+from clusterlm.models import convert_encdec
 from clusterlm.models.config import ModelConfig
 
-SUPPORTED = ("gpt2", "llama")
+ENCODER_FAMILIES = (convert_encdec.ROBERTA, convert_encdec.MBART)
+SUPPORTED = ("gpt2", "llama", *ENCODER_FAMILIES)
 
 
 # ---- configs --------------------------------------------------------------------------------------
@@ -43,8 +48,10 @@ def _rope_theta(hf: dict[str, Any]) -> float:
 
 
 def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
-    """Our ModelConfig for a Hugging Face config.json dict (gpt2 or llama)."""
+    """Our ModelConfig for a Hugging Face config.json dict (gpt2, llama, roberta-prelayernorm or mbart)."""
     mt = hf.get("model_type")
+    if mt in ENCODER_FAMILIES:
+        return convert_encdec.hf_to_config(hf)
     if mt == "gpt2":
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -81,9 +88,13 @@ def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
 
 
 def family(cfg: ModelConfig) -> str:
-    """'gpt2' or 'llama': which Hugging Face architecture expresses `cfg` exactly."""
+    """'gpt2', 'llama', 'roberta-prelayernorm' or 'mbart': which Hugging Face model_type expresses `cfg`
+    exactly (ConfigError naming what none can express)."""
+    if cfg.arch in ("encoder", "encdec"):
+        return convert_encdec.check_exportable(cfg)
     if cfg.arch != "transformer":
-        raise ConfigError(f"model.arch={cfg.arch!r} has no Hugging Face export; only transformers export")
+        raise ConfigError(f"model.arch={cfg.arch!r} has no Hugging Face export; the attention families "
+                          "(transformer, encoder, encdec) export")
     if cfg.pos == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu":
         if cfg.head_dim * cfg.n_heads != cfg.dim:
             raise ConfigError(f"GPT-2 needs n_heads * head_dim = dim; this model has {cfg.n_heads} x {cfg.head_dim} "
@@ -95,8 +106,11 @@ def family(cfg: ModelConfig) -> str:
                       "exportable: GPT-2 (learned, layernorm, gelu) or Llama (rope, rmsnorm, swiglu)")
 
 
-def config_to_hf(cfg: ModelConfig, bos_id: int | None = None, eos_id: int | None = None) -> dict[str, Any]:
+def config_to_hf(cfg: ModelConfig, bos_id: int | None = None, eos_id: int | None = None,
+                 pad_id: int | None = None) -> dict[str, Any]:
     """A Hugging Face config.json dict for `cfg` (vocab_size = the padded vocabulary: all logits rows)."""
+    if family(cfg) in ENCODER_FAMILIES:
+        return convert_encdec.config_to_hf(cfg, bos_id, eos_id, pad_id)
     V = cfg.padded_vocab_size
     common = {"vocab_size": V, "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": bos_id,
               "eos_token_id": eos_id, "initializer_range": cfg.init_std, "dtype": "float32"}
@@ -130,7 +144,9 @@ def _take(state: dict[str, torch.Tensor], name: str, where: str) -> torch.Tensor
 
 def hf_to_state(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, kind: str,
                 where: str = "Hugging Face weights") -> dict[str, torch.Tensor]:
-    """Our state dict (float32, contiguous) from a Hugging Face state dict of `kind` ('gpt2' or 'llama')."""
+    """Our state dict (float32, contiguous) from a Hugging Face state dict of `kind` (a model_type of SUPPORTED)."""
+    if kind in ENCODER_FAMILIES:
+        return convert_encdec.hf_to_state(hf_state, cfg, kind, where)
     st = {k.removeprefix("module."): v for k, v in hf_state.items()}
     out: dict[str, torch.Tensor] = {}
     D = cfg.dim
@@ -182,10 +198,13 @@ def hf_to_state(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, kind: str,
     return {k: v.to(torch.float32).contiguous() for k, v in out.items()}
 
 
-def state_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def state_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, pad_id: int | None = None) -> dict[str, torch.Tensor]:
     """A Hugging Face state dict from ours (tied lm_head left out: transformers ties it on load;
-    biases our config leaves out are exported as zeros for GPT-2, which always has them)."""
+    biases our config leaves out are exported as zeros for GPT-2, which always has them). `pad_id`:
+    the tokenizer's padding id (RoBERTa's positions count from it)."""
     kind = family(cfg)
+    if kind in ENCODER_FAMILIES:
+        return convert_encdec.state_to_hf(state, cfg, pad_id)
     st = dict(state)
     out: dict[str, torch.Tensor] = {}
     D = cfg.dim

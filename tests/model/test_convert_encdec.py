@@ -1,0 +1,201 @@
+"""Hugging Face parity of the encoder families (models/convert_encdec.py), through the commands:
+a clusterlm "encoder" -> `clusterlm export` -> transformers' RobertaPreLayerNormForMaskedLM, an
+"encdec" -> MBartForConditionalGeneration (from_pretrained, logits 1e-4), and back with `clusterlm
+convert`; tiny random-weight transformers models built locally (no downloads) -> `clusterlm convert`
+-> our logits. Options the target classes cannot express are refused in one line.
+
+Run: .venv/bin/python -m pytest -q tests/model/test_convert_encdec.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from clusterlm.checkpoint.model_io import load_for_inference  # noqa: E402
+from clusterlm.errors import ConfigError  # noqa: E402
+from clusterlm.interop.cli import export_main, main  # noqa: E402
+from clusterlm.models.build import build_model  # noqa: E402
+from clusterlm.models.config import ModelConfig  # noqa: E402
+
+V = 259  # the byte tokenizer: 256 bytes, BOS 256, EOS 257, PAD 258
+PAD = 258
+ENCODER = ModelConfig(arch="encoder", vocab_size=V, n_layers=2, dim=32, n_heads=4, max_seq_len=16, bias=True)
+ENCDEC = ModelConfig(arch="encdec", vocab_size=V, n_layers=2, n_enc_layers=3, dim=32, n_heads=4, max_seq_len=16,
+                     bias=True)
+
+
+def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Every weight random (norm weights around 1), so that every mapped tensor matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            norm = any(k in name.lower() for k in ("norm", "layernorm")) and name.endswith("weight")
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if norm else 0.0))
+
+
+def _checkpoint(tmp_path, cfg: ModelConfig):
+    """A clusterlm run folder holding random weights of `cfg` and the byte tokenizer; the model"""
+    from clusterlm.checkpoint.store import save_checkpoint
+    from clusterlm.config import RunConfig, to_toml
+    from clusterlm.tokenizer.kinds import make_tokenizer
+
+    tok = tmp_path / "tokenizer.json"
+    make_tokenizer("byte").save(tok)
+    model = build_model(cfg)
+    model.init_weights(0)
+    _randomize(model)
+    save_checkpoint(tmp_path / "run" / "checkpoints", 0, model_state=model.state_dict(), optimizer_state=None,
+                    train_state={"step": 0}, config_toml=to_toml(RunConfig(model=cfg)), tokenizer_path=tok)
+    return model.eval()
+
+
+def _inputs(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (2, n) of byte tokens, right-padded with PAD in row 1; mask (2, n) bool, True = real)"""
+    ids = torch.randint(0, 256, (2, n), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(2, n, dtype=torch.bool)
+    mask[1, n - 4:] = False
+    return ids.masked_fill(~mask, PAD), mask
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    assert got.shape == want.shape
+    if mask is not None:  # padded positions' own outputs are not defined alike
+        got, want = got[mask], want[mask]
+    assert (got - want).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_encoder_export_and_back(tmp_path, tie):
+    """A clusterlm masked-LM encoder exported with `clusterlm export` loads as transformers'
+    RobertaPreLayerNormForMaskedLM (AutoModelForMaskedLM) with our logits at every real position of a
+    right-padded batch (1e-4), and `clusterlm convert` of that folder gives our logits back."""
+    cfg = dataclasses.replace(ENCODER, tie_embeddings=tie)
+    ours = _checkpoint(tmp_path, cfg)
+    assert export_main([str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "exp")]) == 0
+    hf_cfg = json.loads((tmp_path / "exp" / "config.json").read_text())
+    assert hf_cfg["architectures"] == ["RobertaPreLayerNormForMaskedLM"] and hf_cfg["pad_token_id"] == PAD
+    assert not (tmp_path / "exp" / "generation_config.json").exists()  # it does not generate
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "exp").eval()
+    assert type(hf).__name__ == "RobertaPreLayerNormForMaskedLM"
+    ids, mask = _inputs(16)  # the whole context
+    with torch.no_grad():
+        want = ours(ids, mask)
+        _close(hf(input_ids=ids, attention_mask=mask.long()).logits, want, mask)
+    assert main(["--from-hf", str(tmp_path / "exp"), "--out", str(tmp_path / "back")]) == 0
+    back = load_for_inference(tmp_path / "back")
+    assert back.config.model.max_seq_len == cfg.max_seq_len and back.config.model.tie_embeddings == tie
+    with torch.no_grad():
+        _close(back.model(ids, mask), want, mask)
+
+
+def test_encdec_export_and_back(tmp_path):
+    """A clusterlm encoder-decoder exported with `clusterlm export` loads as transformers'
+    MBartForConditionalGeneration (AutoModelForSeq2SeqLM) with our logits for a padded source batch
+    and a target prefix (1e-4), and `clusterlm convert` of that folder gives our logits back; the
+    generation config starts the decoder from BOS and forces no end token."""
+    ours = _checkpoint(tmp_path, ENCDEC)
+    assert export_main([str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "exp")]) == 0
+    gen = json.loads((tmp_path / "exp" / "generation_config.json").read_text())
+    assert gen["decoder_start_token_id"] == 256 and gen["forced_eos_token_id"] is None
+    hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "exp").eval()
+    assert type(hf).__name__ == "MBartForConditionalGeneration"
+    src, src_mask = _inputs(13)
+    tgt, _ = _inputs(16, seed=2)
+    tgt[:, 0] = 256  # BOS
+    with torch.no_grad():
+        want = ours(src, tgt, src_mask)
+        _close(hf(input_ids=src, attention_mask=src_mask.long(), decoder_input_ids=tgt).logits, want)
+    assert main(["--from-hf", str(tmp_path / "exp"), "--out", str(tmp_path / "back")]) == 0
+    back = load_for_inference(tmp_path / "back")
+    assert back.config.model.enc_layers == 3 and back.config.model.n_layers == 2
+    with torch.no_grad():
+        _close(back.model(src, tgt, src_mask), want)
+
+
+def _save_hf(tmp_path, hf) -> None:
+    from clusterlm.tokenizer.kinds import make_tokenizer
+
+    _randomize(hf, seed=3)
+    hf.save_pretrained(tmp_path / "hf")
+    make_tokenizer("byte").save(tmp_path / "hf" / "tokenizer.json")
+    assert main(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+
+
+def test_roberta_prelayernorm_import(tmp_path):
+    """A random RobertaPreLayerNormForMaskedLM (pad_token_id 1: positions from 2; two token types, of
+    which every token gets type 0) converted with `clusterlm convert` gives transformers' logits at
+    every real position (1e-4)."""
+    hf_cfg = transformers.RobertaPreLayerNormConfig(
+        vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        hidden_act="gelu_new", max_position_embeddings=20, type_vocab_size=2, pad_token_id=1, layer_norm_eps=1e-5,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, tie_word_embeddings=False)
+    hf = transformers.RobertaPreLayerNormForMaskedLM(hf_cfg).eval()
+    _save_hf(tmp_path, hf)
+    loaded = load_for_inference(tmp_path / "run")
+    assert loaded.config.model.max_seq_len == 18 and loaded.config.model.arch == "encoder"
+    ids, mask = _inputs(18, seed=4)
+    ids = ids.masked_fill(ids == 1, 3).masked_fill(~mask, 1)  # HF's padding id is 1 here
+    with torch.no_grad():
+        _close(loaded.model(ids, mask), hf(input_ids=ids, attention_mask=mask.long()).logits, mask)
+
+
+def test_mbart_import(tmp_path):
+    """A random MBartForConditionalGeneration (tied, gelu_new) converted with `clusterlm convert` gives
+    transformers' logits for a padded source batch (1e-4)."""
+    hf_cfg = transformers.MBartConfig(
+        vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=40, decoder_ffn_dim=40, activation_function="gelu_new",
+        max_position_embeddings=24, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=PAD,
+        bos_token_id=256, eos_token_id=257)
+    hf = transformers.MBartForConditionalGeneration(hf_cfg).eval()
+    _save_hf(tmp_path, hf)
+    loaded = load_for_inference(tmp_path / "run")
+    assert (loaded.config.model.enc_layers, loaded.config.model.n_layers, loaded.config.model.max_seq_len) == (2, 1, 24)
+    src, src_mask = _inputs(24)
+    tgt, _ = _inputs(11, seed=5)
+    with torch.no_grad():
+        _close(loaded.model(src, tgt, src_mask),
+               hf(input_ids=src, attention_mask=src_mask.long(), decoder_input_ids=tgt).logits)
+
+
+@pytest.mark.parametrize("arch,change,fragment", [
+    ("encoder", dict(pos="rope"), "model.pos='rope' (needs 'learned')"),
+    ("encoder", dict(pos="sinusoidal"), "model.pos='sinusoidal' (needs 'learned')"),
+    ("encoder", dict(norm="rmsnorm"), "model.norm='rmsnorm' (needs 'layernorm')"),
+    ("encdec", dict(mlp="swiglu"), "model.mlp='swiglu' (needs 'gelu')"),
+    ("encdec", dict(n_kv_heads=2), "model.n_kv_heads=2 (grouped-query attention"),
+    ("encdec", dict(norm_eps=1e-6), "model.norm_eps=1e-06 (MBart's LayerNorms use 1e-05)"),
+    ("encoder", dict(labels=("neg", "pos")), "RoBERTa's classification head reads the first token"),
+])
+def test_export_refuses_what_the_target_cannot_express(tmp_path, arch, change, fragment):
+    """`clusterlm export` of an option the transformers class cannot express fails with one line naming
+    the option and what would be valid, and writes nothing."""
+    from clusterlm.interop.hf_io import export_to_hf
+
+    cfg = dataclasses.replace(ENCODER if arch == "encoder" else ENCDEC, **change)
+    _checkpoint(tmp_path, cfg)
+    with pytest.raises(ConfigError) as e:
+        export_to_hf(tmp_path / "run", tmp_path / "exp")
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "exp").exists()
+
+
+@pytest.mark.parametrize("change,fragment", [
+    (dict(model_type="mbart", activation_function="gelu"), "activation_function='gelu'; clusterlm's MLP is GELU's tanh"),
+    (dict(model_type="mbart", activation_function="gelu_new", scale_embedding=True), "scale_embedding=true"),
+    (dict(model_type="roberta-prelayernorm", architectures=["RobertaPreLayerNormForSequenceClassification"]),
+     "its task head (dense + tanh on the first token"),
+])
+def test_convert_refuses_what_clusterlm_cannot_express(change, fragment):
+    """hf_to_config refuses, in one line naming the config key, an exact-erf GELU MLP, scaled
+    embeddings and a classification head (RoBERTa's first-token dense + tanh)."""
+    from clusterlm.models.convert import hf_to_config
+
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace("+", r"\+")):
+        hf_to_config(change)
