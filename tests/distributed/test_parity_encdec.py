@@ -66,7 +66,16 @@ def batch(arch: str, seed: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]
     return (ids.masked_fill(masked, 1),), labels  # id 1 stands for [MASK]
 
 
-def build(pc: ParallelDims, mcfg: ModelConfig, micro_batch: int = B, seed: int = 0):
+def token_sum_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The fine-tuning objectives' form of the loss (finetune/setup.py TokenSumLoss): a sum over the
+    scored tokens, scaled to the mean over the global batch's (both halves score the same number)"""
+    from clusterlm.eval.metrics import lm_loss
+
+    n = int((targets != IGNORE_INDEX).sum())
+    return lm_loss(logits, targets, reduction="sum") / n
+
+
+def build(pc: ParallelDims, mcfg: ModelConfig, micro_batch: int = B, seed: int = 0, loss_fn=None):
     from clusterlm.eval.metrics import lm_loss
     from clusterlm.parallel.mesh import build_mesh
     from clusterlm.parallel.parallelize import build_parallel_model, validate_layout
@@ -74,7 +83,7 @@ def build(pc: ParallelDims, mcfg: ModelConfig, micro_batch: int = B, seed: int =
     validate_layout(pc, mcfg, max(pc.world_size, 1), B * T, micro_batch, T)
     mesh = build_mesh(pc, "cpu") if pc.world_size > 1 else None
     return build_parallel_model(mcfg, pc, mesh, torch.device("cpu"), seed=seed, micro_batch=micro_batch,
-                                loss_fn=lm_loss)
+                                loss_fn=loss_fn or lm_loss)
 
 
 def rows(pm, t: torch.Tensor) -> torch.Tensor:
@@ -83,12 +92,12 @@ def rows(pm, t: torch.Tensor) -> torch.Tensor:
     return t[pm.coords.dp_rank * b:(pm.coords.dp_rank + 1) * b]
 
 
-def train_steps(name: str, pc: ParallelDims) -> list[list[float]]:
+def train_steps(name: str, pc: ParallelDims, loss_fn=None) -> list[list[float]]:
     """(loss, grad norm) of STEPS AdamW steps, each on a new batch"""
     from clusterlm.train.optim import build_optimizer
 
     mcfg = cfg_of(name)
-    pm = build(pc, mcfg, micro_batch=B // pc.dp)
+    pm = build(pc, mcfg, micro_batch=B // pc.dp, loss_fn=loss_fn)
     opt = build_optimizer(pm.module, OptimConfig(lr=3e-3, weight_decay=0.1), fused=pm.fused_optimizer_ok and None)
     out = []
     for s in range(STEPS):
@@ -188,6 +197,9 @@ def dcp_roundtrip(name: str, save_pc: ParallelDims, load_pc: ParallelDims, root:
 
 def _two_ranks(rank: int, world: int, ckpt_root: str) -> dict:
     out = {key: train_steps(name, ParallelDims(**kw)) for key, name, kw in LAYOUTS}
+    # a summed token loss (the fine-tuning objectives' form) under loss parallel
+    out["encdec_tp_token_sum"] = train_steps("encdec", ParallelDims(tp=2), token_sum_loss)
+    out["encoder_tp_token_sum"] = train_steps("encoder", ParallelDims(tp=2), token_sum_loss)
     out["sp_encdec"] = sp_layout("encdec")
     out["sp_encoder"] = sp_layout("encoder")
     out["dcp_encdec"] = dcp_roundtrip("encdec", ParallelDims(tp=2), ParallelDims(dp_shard=2), ckpt_root)
@@ -206,12 +218,16 @@ def two(tmp_path_factory):
 def test_steps_match_single_process(two):
     """3 AdamW steps of an encoder-decoder and of a masked-LM encoder under DDP x2, FSDP x2, TP x2 (with
     and without sequence parallel) and with activation checkpointing give one process's loss and
-    gradient norm at every step (fp32, 1e-5): the same forward, the same gradients, the same updates."""
+    gradient norm at every step (fp32, 1e-5): the same forward, the same gradients, the same updates;
+    so does a summed token loss (the fine-tuning objectives' form) under TP x2's loss parallel."""
     refs = {name: train_steps(name, ParallelDims()) for name in CONFIGS}
     for r in two[1]:
         for key, name, _ in LAYOUTS:
             for s, (got, want) in enumerate(zip(r[key], refs[name])):
                 assert got == pytest.approx(want, rel=TOL, abs=TOL), f"{key} step {s + 1}"
+        for name in ("encdec", "encoder"):  # a summed loss under TP x2's loss parallel: the same steps
+            for s, (got, want) in enumerate(zip(r[f"{name}_tp_token_sum"], refs[name])):
+                assert got == pytest.approx(want, rel=TOL, abs=TOL), f"{name} token sum step {s + 1}"
     for name, ref in refs.items():
         assert ref[0][0] == pytest.approx(4.16, abs=0.3), name  # ~ln(64) at init: really untrained
         assert ref[-1][0] != ref[0][0]
