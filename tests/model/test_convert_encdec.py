@@ -98,7 +98,8 @@ def test_encdec_export_and_back(tmp_path):
     """A clusterlm encoder-decoder exported with `clusterlm export` loads as transformers'
     MBartForConditionalGeneration (AutoModelForSeq2SeqLM) with our logits for a padded source batch
     and a target prefix (1e-4), and `clusterlm convert` of that folder gives our logits back; the
-    generation config starts the decoder from BOS and forces no end token."""
+    generation config starts the decoder from BOS and forces no end token, so transformers' greedy
+    generate() gives our cached greedy decoding token for token."""
     ours = _checkpoint(tmp_path, ENCDEC)
     assert export_main([str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "exp")]) == 0
     gen = json.loads((tmp_path / "exp" / "generation_config.json").read_text())
@@ -111,6 +112,18 @@ def test_encdec_export_and_back(tmp_path):
     with torch.no_grad():
         want = ours(src, tgt, src_mask)
         _close(hf(input_ids=src, attention_mask=src_mask.long(), decoder_input_ids=tgt).logits, want)
+        # greedy decoding: ours through the cross-attention cache, theirs through generate() and the
+        # exported generation_config.json (start from BOS, no forced end), token for token
+        cache = ours.make_cache(2, 9, device="cpu", dtype=torch.float32)
+        seq = torch.full((2, 1), 256)
+        for _ in range(8):
+            logits = ours(src, seq[:, -1:], src_mask, cache=cache)[:, -1]
+            logits[:, 257] = float("-inf")  # EOS: what min_new_tokens does on their side
+            nxt = logits.argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+        theirs = hf.generate(input_ids=src, attention_mask=src_mask.long(), max_new_tokens=8, min_new_tokens=8,
+                             do_sample=False, num_beams=1)
+    assert torch.equal(theirs, seq), (theirs, seq)
     assert main(["--from-hf", str(tmp_path / "exp"), "--out", str(tmp_path / "back")]) == 0
     back = load_for_inference(tmp_path / "back")
     assert back.config.model.enc_layers == 3 and back.config.model.n_layers == 2
