@@ -1,0 +1,136 @@
+"""Packed weights for CPU inference: the Linear layers of a model run oneDNN's inner product on
+weights reordered once into its blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, what
+inductor's freezing uses), instead of MKL's sgemm on the plain (N, K) layout.
+
+    from clusterlm.optimize.packed import pack_for_inference
+
+    pack_for_inference(model)              # fp32, exact precision: packed for calls of >= 4 rows
+    pack_for_inference(model, "bf16")      # bf16 weights, AMX/AVX512-BF16: every call, ~1e-2 relative error
+    pack_for_inference(model, None)        # back to plain nn.Linear modules
+
+Why (gpt2-124m's 73 weight matrices, one pass, 2 threads; docs/compression.md, "Decode step"):
+MKL's sgemm streams the weights at about half its one-row rate for 2-16 rows (18.6 ms for one
+row, 36.7 for 4, 66 for 16), oneDNN's packed inner product holds 24.7 / 24.7 / 39.7 ms, but is
+slower for one row (24.8 ms). So in "fp32" mode a call with fewer than `min_rows` rows (a batch-1
+decode step) keeps F.linear; batched decode steps, the server's slot-cache steps and prefills take
+the packed path. "bf16" keeps a bfloat16 packed copy and runs every call on it (13.2 ms for one
+row, 14.2 for 16 on this AMX CPU): half the bytes per token, at the accuracy cost measured in
+docs/compression.md; activations are rounded to bf16 at each Linear and the output returned in
+the input's dtype (norms, attention, residuals and logits stay fp32).
+
+Each module is replaced by a `PackedLinear` that holds the SAME Parameter objects (state dict
+keys and tied weights unchanged), computes exactly as nn.Linear when gradients are on, and
+repacks lazily when its weight is replaced or changed in place (storage pointer or version
+counter moved). The packed copy costs memory: a second copy of the weights in fp32 mode (494 MB
+for gpt2-124m), half a copy in bf16 mode.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODES = ("fp32", "bf16")
+MIN_ROWS = 4  # fp32: one to three rows run faster through F.linear's GEMV (measured, module docstring)
+
+
+def packing_unavailable() -> str | None:
+    """Why oneDNN packed linears cannot run here, or None when they can."""
+    if not torch.backends.mkldnn.is_available():
+        return "this torch build has no oneDNN (mkldnn)"
+    return None
+
+
+def bf16_unavailable() -> str | None:
+    """Why bf16 packing would be slow or unsupported here (no AVX512-BF16/AMX), or None."""
+    if packing_unavailable():
+        return packing_unavailable()
+    try:
+        flags = open("/proc/cpuinfo").read()  # noqa: SIM115 - a read of a small pseudo-file
+    except OSError:
+        return "cannot read /proc/cpuinfo to check for AVX512-BF16 or AMX"
+    if " avx512_bf16" not in flags and " amx_bf16" not in flags:
+        return "the CPU has neither AVX512-BF16 nor AMX-BF16; bf16 matmuls would be emulated"
+    return None
+
+
+class PackedLinear(nn.Linear):
+    """nn.Linear over the same parameters whose gradient-free CPU calls run oneDNN's packed
+    inner product (see the module docstring); `mode` "fp32" or "bf16"."""
+
+    def __init__(self, lin: nn.Linear, mode: str = "fp32", min_rows: int = MIN_ROWS) -> None:
+        nn.Module.__init__(self)
+        if mode not in MODES:
+            raise ValueError(f"packing mode {mode!r}; expected one of {', '.join(MODES)}")
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        self.weight = lin.weight  # the same Parameter: tied and shared weights stay so
+        self.bias = lin.bias
+        self.mode, self.min_rows = mode, (1 if mode == "bf16" else min_rows)
+        self._packed: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
+
+    def _key(self) -> tuple:
+        ts = [self.weight] if self.bias is None else [self.weight, self.bias]
+        # inference tensors have no version counter: their storage pointer alone identifies them
+        return tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in ts) + (self.mode,)
+
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(packed weight, bias) in the mode's dtype, rebuilt when the weights changed."""
+        key = self._key()
+        if self._packed is None or self._packed[0] != key:
+            dtype = torch.bfloat16 if self.mode == "bf16" else self.weight.dtype
+            with torch.no_grad():
+                w = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().to(dtype), None)
+                b = None if self.bias is None else self.bias.detach().to(dtype)
+            self._packed = (key, w, b)
+        return self._packed[1], self._packed[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (torch.is_grad_enabled() or x.device.type != "cpu" or x.numel() < self.min_rows * self.in_features
+                or type(self.weight.data) is not torch.Tensor):
+            return F.linear(x, self.weight, self.bias)
+        w, b = self.packed()
+        y = torch.ops.mkldnn._linear_pointwise(x.to(w.dtype), w, b, "none", [], "")
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, packed={self.mode}, min_rows={self.min_rows}"
+
+
+def _packable(mod: nn.Module) -> bool:
+    w = mod.weight
+    return (type(w.data) is torch.Tensor and w.device.type == "cpu"
+            and w.dtype in (torch.float32, torch.bfloat16))
+
+
+def pack_for_inference(model: nn.Module, mode: str | None = "fp32", min_rows: int = MIN_ROWS) -> int:
+    """Replace every plain nn.Linear of `model` on the CPU by a PackedLinear in `mode` over the same
+    parameters (None: back to nn.Linear). Quantized layers, DTensor shards and other devices are
+    left alone. A second call with the same mode is a cheap no-op. Returns the number of packed
+    modules. Raises ValueError where oneDNN is missing."""
+    if mode is not None:
+        if mode not in MODES:
+            raise ValueError(f"packing mode {mode!r}; expected one of {', '.join(MODES)} or None")
+        problem = packing_unavailable()
+        if problem:
+            raise ValueError(f"cannot pack weights: {problem}")
+    n = 0
+    for name, mod in list(model.named_modules()):
+        is_packed = type(mod) is PackedLinear
+        if not (is_packed or type(mod) is nn.Linear) or not _packable(mod):
+            continue
+        if mode is not None and is_packed and (mod.mode, mod.min_rows) == (mode, 1 if mode == "bf16" else min_rows):
+            n += 1
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if mode is None:
+            plain = nn.Linear.__new__(nn.Linear)
+            nn.Module.__init__(plain)
+            plain.in_features, plain.out_features, plain.weight, plain.bias = \
+                mod.in_features, mod.out_features, mod.weight, mod.bias
+            setattr(parent, attr, plain)
+        else:
+            setattr(parent, attr, PackedLinear(mod, mode, min_rows))
+            n += 1
+    return n
