@@ -41,6 +41,8 @@ def evaluate_checkpoint(ckpt: str, *, data: str | None = None, split: str = "val
         raise DataError(f"{loaded.path} is a classifier (labels {', '.join(cfg.model.labels)}), not a language "
                         "model: it has no loss on a data split; score it with --task FILE (a classify task)")
     data_dir = Path(data or cfg.data.dir)
+    if cfg.model.arch in ("encoder", "encdec"):
+        return _objective_loss(loaded, data_dir, split, batch_size, seq_len, max_batches, dev)
     meta = read_meta(data_dir)
     if split not in meta["splits"] or meta["splits"][split]["tokens"] == 0:
         raise DataError(f"{data_dir} has no tokens in split {split!r}; splits: {sorted(meta['splits'])}")
@@ -75,6 +77,35 @@ def evaluate_checkpoint(ckpt: str, *, data: str | None = None, split: str = "val
     }
 
 
+def _objective_loss(loaded: Any, data_dir: Path, split: str, batch_size: int, seq_len: int | None,
+                    max_batches: int | None, dev: Any) -> dict[str, Any]:
+    """The loss of a masked-LM encoder or an encoder-decoder on the held-out data of its own objective
+    (finetune.task mlm, span or seq2seq: finetune/objectives.py's validation batches; docs/encdec.md)."""
+    import dataclasses
+
+    from clusterlm.device import autocast_dtype
+    from clusterlm.eval.metrics import evaluate_loss
+    from clusterlm.finetune.objectives import OBJECTIVES, val_batches
+
+    cfg = loaded.config
+    task = cfg.finetune.task
+    if task not in OBJECTIVES:
+        raise DataError(f"{loaded.path} is an arch {cfg.model.arch!r} model trained with finetune.task={task!r}; "
+                        f"its loss is measured on the data of {', '.join(OBJECTIVES)}; score it with --task FILE")
+    if split != "val":
+        raise DataError(f"--split {split}: an {cfg.model.arch} model's loss is measured on its objective's 'val' split")
+    if not _same_tokenizer(Path(loaded.path) / "tokenizer.json", data_dir / "tokenizer.json"):
+        raise DataError(f"{data_dir} was not made with checkpoint {loaded.path}'s tokenizer; give --data the run's "
+                        "own data directory (for mlm/span: OUT_DIR/mlm_data or OUT_DIR/span_data)")
+    T = seq_len or cfg.train.seq_len
+    run = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=batch_size, seq_len=T,
+                                                             eval_batches=max_batches or 10**9))
+    res = evaluate_loss(loaded.model, val_batches(run, data_dir, Path(loaded.path) / "tokenizer.json"), device=dev,
+                        autocast_dtype=autocast_dtype("auto", dev))
+    return {"checkpoint": str(loaded.path), "data": str(data_dir), "split": split, "objective": task, "seq_len": T,
+            "tokens": res["tokens"], "loss": res["loss"], "perplexity": math.exp(min(res["loss"], 50.0))}
+
+
 def _same_tokenizer(a: Path, b: Path) -> bool:
     """Both tokenizer files hold the same tokenizer (as parsed JSON); True when either is missing or
     unreadable (the kind and size check above is then all there is)."""
@@ -91,13 +122,14 @@ def evaluate_tasks(ckpt: str, tasks: list[str], *, limit: int | None = None, bat
     per-example records to `samples_out` (JSONL, written atomically) when given."""
     from clusterlm.checkpoint.model_io import load_for_inference
     from clusterlm.device import resolve_device
-    from clusterlm.eval.harness import DecodeOptions, model_labels, resolve_task, run_task, task_requests
+    from clusterlm.eval.harness import (DecodeOptions, check_model_kind, model_labels, resolve_task, run_task,
+                                        task_requests)
 
     decode = decode or DecodeOptions()
     loaded_tasks = [resolve_task(t, limit=limit, **({"labels": labels} if labels else {})) for t in tasks]
     loaded = load_for_inference(ckpt, device=resolve_device(device, "--device"))
     for task in loaded_tasks:  # a classifier answers classify tasks with its labels: refused before any scoring
-        task_requests(task, decode, model_labels(loaded.model))
+        check_model_kind(loaded.model, task_requests(task, decode, model_labels(loaded.model)), f"task {task.name!r}")
     out: dict[str, Any] = {"checkpoint": str(loaded.path), "tasks": {}}
     records: list[dict[str, Any]] = []
     for spec, task in zip(tasks, loaded_tasks):

@@ -139,6 +139,18 @@ def task_requests(task: Task, decode: DecodeOptions = DecodeOptions(),
     return Requests("loglikelihood", items, options)
 
 
+def check_model_kind(model: nn.Module, req: Requests, name: str = "the task") -> None:
+    """Refuse (ConfigError) what a model family cannot answer: log-likelihood requests need a causal
+    LM (an encoder-decoder generates; a masked-LM encoder without a head answers nothing)."""
+    arch = getattr(getattr(getattr(model, "module", model), "config", None), "arch", None)
+    if req.kind == "loglikelihood" and arch in ("encdec", "encoder"):
+        raise ConfigError(f"{name} is scored by log-likelihoods of continuations, which need a causal language model; "
+                          f"the model is arch {arch!r}: score it on generate tasks (encdec) or classify tasks through "
+                          "a classifier head (encoder)")
+    if req.kind == "generate" and arch == "encoder":
+        raise ConfigError(f"{name} is a generate task; a masked-LM encoder (arch 'encoder') does not generate")
+
+
 def model_outputs(model: nn.Module, tokenizer: Any, req: Requests, items: list[Any] | None = None, *,
                   batch_size: int = 16, decode: DecodeOptions = DecodeOptions(), truncate: bool = False,
                   device: Any = None, progress: bool | None = None, seed_offset: int = 0) -> list[Any]:
@@ -147,6 +159,7 @@ def model_outputs(model: nn.Module, tokenizer: Any, req: Requests, items: list[A
     prompt draws from seed + its index in the whole task, wherever it is run."""
     from clusterlm.eval import lm
 
+    check_model_kind(model, req)
     items = req.items if items is None else items
     common = dict(batch_size=batch_size, device=device, truncate=truncate, progress=progress)
     if req.kind == "head":

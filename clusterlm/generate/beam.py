@@ -7,8 +7,12 @@
 
 The search (transformers' `generate(num_beams=W)` without early stopping, `early_stopping=False`
 made exact): each of the B inputs keeps W running hypotheses; a step scores every continuation of
-every hypothesis, takes the 2W best per input, and of those an EOS among the first W closes a
-hypothesis (kept among the W best closed ones by score) while the best W others run on. The cache
+every hypothesis, takes the 2W best non-EOS ones per input to run on (the best W), and closes
+hypotheses with EOS, keeping the W best closed ones by score. Which EOS continuations close: with
+W > 1 every running hypothesis's (transformers only takes an EOS ranked among the first W of the
+2W, so a hypothesis whose EOS ranks lower at the step it could end is lost, and beam search can end
+below greedy's log-probability: it did on 1 of 12 test sentences); with W = 1 transformers' rule,
+which is greedy decoding. The cache
 rows are reordered to follow their hypotheses (KVCache rows, EncDecCache.reorder). An input is done
 when it holds W closed hypotheses and no running one can still score above the worst of them
 (with `length_penalty` > 0 the bound divides the running log-probability by max_new_tokens ** lp,
@@ -173,17 +177,22 @@ def _search(stepper: _Stepper, B: int, W: int, max_new: int, eos: int, lp: float
         cand = (scores[:, :, None] + logp).view(B, W * V)
         top_v, top_i = cand.topk(min(2 * W, W * V), dim=1)  # (B, 2W)
         top_v, top_i = top_v.tolist(), top_i.tolist()
+        eos_v = cand.view(B, W, V)[:, :, eos].tolist() if W > 1 else None  # (B, W): each hypothesis ending here
         rows, nxt, new_scores = [], [], []
         new_seqs: list[list[list[int]]] = []
         for b in range(B):
             keep: list[tuple[int, int, float]] = []
             if not done[b]:
+                if eos_v is not None:  # W > 1: every running hypothesis may end here, whatever its EOS's rank
+                    for beam, v in enumerate(eos_v[b]):
+                        if v > -math.inf:
+                            _close(closed[b], Hypothesis(list(seqs[b][beam]), v, v / _penalty(t, lp, kind), True), W)
                 for rank, (v, i) in enumerate(zip(top_v[b], top_i[b])):
                     if v == -math.inf:
                         break
                     beam, tok = divmod(i, V)
                     if tok == eos:
-                        if rank < W:
+                        if rank < W and eos_v is None:
                             _close(closed[b], Hypothesis(list(seqs[b][beam]), v, v / _penalty(t, lp, kind), True), W)
                         continue
                     keep.append((beam, tok, v))

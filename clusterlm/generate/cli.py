@@ -146,9 +146,17 @@ def chat_main(argv: list[str], stdin: TextIO | None = None, out: TextIO | None =
         out.write("model> ")
         reply = ""
         seed = None if args.seed is None else args.seed + turn
-        for piece in stream_text(loaded, fmt.render(messages), max_new_tokens=args.max_new_tokens,
+        if loaded.config.model.arch == "encdec":  # the rendered conversation is the encoder's source
+            from clusterlm.generate.seq2seq import stream_seq2seq
+
+            pieces = stream_seq2seq(loaded, fmt.render(messages), max_new_tokens=args.max_new_tokens,
+                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
+                                    stop=fmt.stop_strings, stop_ids=fmt.stop_ids)
+        else:
+            pieces = stream_text(loaded, fmt.render(messages), max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
-                                 stop=fmt.stop_strings, stop_ids=fmt.stop_ids, compile=args.compile):
+                                 stop=fmt.stop_strings, stop_ids=fmt.stop_ids, compile=args.compile)
+        for piece in pieces:
             reply += piece
             out.write(piece)
             out.flush()

@@ -234,12 +234,6 @@ def stream_text(loaded, prompt: str, *, max_new_tokens: int, temperature: float,
     from clusterlm.generate.engine import context_length, generate
 
     tok, model = loaded.tokenizer, loaded.model
-    if model.config.arch == "encdec":  # the prompt is the encoder's source: generate/seq2seq.py
-        from clusterlm.generate.seq2seq import stream_seq2seq
-
-        yield from stream_seq2seq(loaded, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                  top_p=top_p, seed=seed, stop=stop, stop_ids=stop_ids)
-        return
     ids = prompt_ids(tok, prompt, context_length(model), max_new_tokens)
     gen = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    seed=seed, eos_id=tok.eos_id, sliding_window=True, compile=compile)
@@ -268,9 +262,6 @@ def sample_texts(ckpt: str, *, prompt: str = "", num_samples: int = 1, max_new_t
 
     loaded = load_for_inference(ckpt, device=device)
     tok = loaded.tokenizer
-    if loaded.model.config.arch == "encdec":
-        return ["".join(stream_text(loaded, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                    top_p=top_p, seed=None if seed is None else seed + i)) for i in range(num_samples)]
     ids = prompt_ids(tok, prompt, context_length(loaded.model), max_new_tokens)
     new, _ = complete(loaded.model, [ids] * num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
                       top_k=top_k, top_p=top_p, seed=seed, eos_id=tok.eos_id, sliding_window=True)

@@ -149,7 +149,9 @@ def test_generate_src_and_eval_task_for_encdec(runs, tmp_path, capsys):
         assert cli(["eval", str(runs["encdec"]), "--task", task, "--max-new-tokens", "16", *extra]) == 0
         (m,) = json.loads(capsys.readouterr().out)["tasks"].values()
         assert m["n"] == 2 and 0.0 <= m["bleu"] <= 100.0
-    # an MLM encoder does not generate: one line, exit 2
+    # log-likelihood (choice) tasks need a causal LM; a classifier does not generate: one line, exit 2
+    assert cli(["eval", str(runs["encdec"]), "--task", "shakespeare_word_order"]) == 2
+    assert "need a causal language model" in capsys.readouterr().err
     assert cli(["generate", str(runs["clf"]), "--prompt", "x"]) == 2
 
 

@@ -117,7 +117,7 @@ def test_span_corruption_pretraining_resumes_bit_exactly_and_fine_tunes(corpus, 
     assert load_for_inference(tmp_path / "ft").tokenizer.vocab_size == loaded.tokenizer.vocab_size
 
 
-def test_seq2seq_training_on_parallel_files_resumes_bit_exactly(corpus, tmp_path):
+def test_seq2seq_training_on_parallel_files_resumes_bit_exactly(corpus, tmp_path, capsys):
     """Reference: the same 8 steps without interruption (losses equal as floats); val loss falls."""
     root = corpus["root"]
     losses = _resume_matches(lambda out, *e: _s2s(root, out, *e), tmp_path, 8)
@@ -126,6 +126,10 @@ def test_seq2seq_training_on_parallel_files_resumes_bit_exactly(corpus, tmp_path
     assert losses[8] < losses[1]
     vals = _val_losses(tmp_path / "a")
     assert len(vals) >= 2 and vals[-1] < vals[0]
+    # `clusterlm eval RUN` measures the same validation loss on the run's own pairs
+    assert cli(["eval", str(tmp_path / "a"), "--batch-size", "8", "--max-batches", "2"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["objective"] == "seq2seq" and got["loss"] == pytest.approx(vals[-1], rel=1e-5)
 
 
 def _one_line_exit_2(args: list[str], capsys, *needles: str) -> str:

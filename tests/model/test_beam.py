@@ -27,23 +27,24 @@ def _sources(n: int, seed: int = 0) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def encdec():
-    """A tiny encdec trained 60 steps to copy its source (peaked but imperfect distributions)."""
+    """A tiny encdec trained 30 steps to copy its source: peaked but imperfect distributions, some
+    outputs ending at EOS and some running to the limit."""
     from clusterlm.models.encdec import EncoderDecoder
 
     torch.manual_seed(0)
-    cfg = ModelConfig(arch="encdec", vocab_size=V, n_layers=2, dim=32, n_heads=4, max_seq_len=16, pos="sinusoidal")
+    cfg = ModelConfig(arch="encdec", vocab_size=V, n_layers=2, dim=32, n_heads=4, max_seq_len=16, pos="learned")
     model = EncoderDecoder(cfg)
     model.init_weights(seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(60):
-        srcs = _sources(16, seed=100 + step)
-        tgts = [s[:-1] for s in srcs]
-        S, T = max(map(len, srcs)), max(map(len, tgts)) + 1
-        src = torch.full((16, S), PAD)
-        mask = torch.zeros((16, S), dtype=torch.bool)
-        tin = torch.full((16, T), PAD)
-        lab = torch.full((16, T), -100)
-        for i, (s, t) in enumerate(zip(srcs, tgts)):
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    for step in range(30):
+        srcs = _sources(8, seed=100 + step)
+        S, T = max(map(len, srcs)), max(map(len, srcs))
+        src = torch.full((8, S), PAD)
+        mask = torch.zeros((8, S), dtype=torch.bool)
+        tin = torch.full((8, T), PAD)
+        lab = torch.full((8, T), -100)
+        for i, s in enumerate(srcs):
+            t = s[:-1]
             src[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), True
             tin[i, :len(t) + 1] = torch.tensor([BOS] + t)
             lab[i, :len(t) + 1] = torch.tensor(t + [EOS])
@@ -103,7 +104,7 @@ def test_cached_batched_greedy_equals_uncached_full_forwards(encdec):
     ref = [_greedy_uncached(encdec, s) for s in srcs]
     assert gen.tokens == ref
     assert [r == "stop" for r in gen.finish_reasons] == [len(t) < MAX_NEW for t in ref]
-    assert "stop" in gen.finish_reasons  # it learned to end its output
+    assert "stop" in gen.finish_reasons  # EOS handling exercised (the copies end at EOS)
 
 
 def test_beam_width_1_equals_greedy(encdec, decoder):
