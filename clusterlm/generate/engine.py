@@ -37,6 +37,7 @@ Figures: benchmarks/generate_speed.py, benchmarks/peers_decode.py, docs/compress
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
@@ -54,6 +55,8 @@ FinishReason = Literal["stop", "length"]
 
 # model -> its compiled forward, shared by every generation over that model
 _COMPILED: weakref.WeakKeyDictionary[nn.Module, Callable] = weakref.WeakKeyDictionary()
+# model -> the thread count its CPU decode steps settled on, so a later generation starts there
+_THREADS: weakref.WeakKeyDictionary[nn.Module, "ThreadChooser"] = weakref.WeakKeyDictionary()
 
 
 def compile_unavailable(device: torch.device) -> str | None:
@@ -107,13 +110,68 @@ def fuse_by_default(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
+class ThreadChooser:
+    """The intra-op thread count for CPU decode steps, chosen by measurement while decoding.
+
+    On a machine shared with other jobs, a step with as many threads as cores waits at each of its
+    ~300 kernels' barriers for a thread the OS has descheduled: gpt2-124m on this 2-core VM with a
+    load average of 7 decoded 1.9 tokens/s at batch 1 with 2 threads and 11.6 with 1 (batch 16:
+    17-21 against 109-133), while on a quiet machine 2 threads are ~1.8x faster than 1. So every
+    `period` steps the chooser runs `probe` steps at a neighbouring count (half or double the current
+    one, within 1..max_threads), compares their mean time (the first trial step left out: threads
+    wake up) with the mean of the last steps at the current count, and moves when the neighbour is 5%
+    faster. A trial that loses doubles the period (up to `max_period`), so a quiet machine pays a
+    slower step about once every few hundred; a move resets it. Thread counts change the order of
+    some float sums (MKL's sgemm splits), not the precision."""
+
+    def __init__(self, max_threads: int, period: int = 16, probe: int = 3, max_period: int = 256) -> None:
+        self.max_threads, self.best = max_threads, max_threads
+        self.base_period, self.period, self.max_period, self.probe = period, period, max_period, probe
+        self.countdown = probe  # the first trial early: a generation may be short
+        self.recent: list[float] = []  # the last step times at `best`
+        self.trial: tuple[int, list[float]] | None = None
+        self._up = False  # alternate the direction of trials
+
+    def threads(self) -> int:
+        return self.trial[0] if self.trial is not None else self.best
+
+    def _neighbour(self) -> int | None:
+        down, up = max(1, self.best // 2), min(self.max_threads, self.best * 2)
+        order = (up, down) if self._up else (down, up)
+        self._up = not self._up
+        return next((n for n in order if n != self.best), None)
+
+    def record(self, seconds: float) -> None:
+        """The time of the step just run at threads()."""
+        if self.trial is not None:
+            n, times = self.trial
+            times.append(seconds)
+            if len(times) < self.probe:
+                return
+            trial_s, best_s = sum(times[1:]) / (len(times) - 1), sum(self.recent) / len(self.recent)
+            if trial_s < 0.95 * best_s:
+                self.best, self.period, self.recent = n, self.base_period, []
+            else:
+                self.period = min(2 * self.period, self.max_period)
+            self.trial, self.countdown = None, self.period
+            return
+        self.recent = (self.recent + [seconds])[-self.probe:]
+        self.countdown -= 1
+        if self.countdown <= 0 and len(self.recent) >= 2:
+            n = self._neighbour()
+            if n is None:  # one thread allowed: nothing to choose
+                self.countdown = self.max_period
+            else:
+                self.trial = (n, [])
+
+
 class Engine:
     """One model's decode step, shared by `generate` (a KVCache per call) and the server's scheduler
     (a SlotKVCache, `cache.rows(slots)`): next-token logits from a prefill or a one-token decode
     step, the sampler, and the finish rule. Runs under the caller's inference_mode."""
 
     def __init__(self, model: nn.Module, *, device: torch.device | str | None = None, compile: bool = False,
-                 fuse: bool | None = None, pack: Pack = None) -> None:
+                 fuse: bool | None = None, pack: Pack = None, adapt_threads: bool | None = None) -> None:
         self.model = model
         self.vocab_size: int = model.config.vocab_size
         self.context: int | None = context_length(model)
@@ -129,6 +187,16 @@ class Engine:
         if pack is not None and self.device.type == "cpu":  # replaces the Linear modules, same parameters
             pack_for_inference(model, pack)
         self.pack = pack
+        # CPU decode steps choose their thread count by measurement (ThreadChooser); None: when
+        # more than one thread is allowed
+        if adapt_threads is None:
+            adapt_threads = self.device.type == "cpu" and torch.get_num_threads() > 1
+        self.threads: ThreadChooser | None = None
+        if adapt_threads:
+            chooser = _THREADS.get(model)
+            if chooser is None or chooser.max_threads != torch.get_num_threads():
+                chooser = _THREADS[model] = ThreadChooser(torch.get_num_threads())
+            self.threads = chooser
         self._decode = compiled_step(model) if compile else model  # the one-token step
 
     @property
@@ -143,8 +211,21 @@ class Engine:
         return self.model(idx, cache, **kw)[:, -1, : self.vocab_size]  # (B, V)
 
     def decode(self, last: torch.Tensor, cache: object) -> torch.Tensor:
-        """Next-token logits (B, V) after one token per row, last (B, 1): compiled when asked."""
-        return self._decode(last, cache)[:, -1, : self.vocab_size]  # (B, V)
+        """Next-token logits (B, V) after one token per row, last (B, 1): compiled when asked; on the
+        CPU at the thread count the ThreadChooser picks (the caller's count is restored after)."""
+        if self.threads is None:
+            return self._decode(last, cache)[:, -1, : self.vocab_size]  # (B, V)
+        n, caller = self.threads.threads(), torch.get_num_threads()
+        if n != caller:
+            torch.set_num_threads(n)
+        try:
+            t0 = time.perf_counter()
+            logits = self._decode(last, cache)[:, -1, : self.vocab_size]  # (B, V)
+            self.threads.record(time.perf_counter() - t0)
+        finally:
+            if n != caller:
+                torch.set_num_threads(caller)
+        return logits
 
     @staticmethod
     def sample(logits: torch.Tensor, rows: list[RowSampling],
@@ -200,12 +281,14 @@ class Generation(Iterator[list[int | None]]):
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, eos_id: int | None = None,
                  device: torch.device | str | None = None, sliding_window: bool = False,
-                 compile: bool = False, fuse: bool | None = None, pack: Pack = "auto") -> None:
+                 compile: bool = False, fuse: bool | None = None, pack: Pack = "auto",
+                 adapt_threads: bool | None = None) -> None:
         check_sampling_args(temperature, top_k, top_p)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
         rows = _as_batch(prompt, model.config.vocab_size)
-        self.engine = engine = Engine(model, device=device, compile=compile, fuse=fuse, pack=pack)
+        self.engine = engine = Engine(model, device=device, compile=compile, fuse=fuse, pack=pack,
+                                      adapt_threads=adapt_threads)
         self.vocab_size, self.device, self.context_len = engine.vocab_size, engine.device, engine.context
         self.prompt_len = len(rows[0])
         if self.context_len is not None and self.prompt_len > self.context_len:
@@ -292,7 +375,8 @@ def generate(model: nn.Module, prompt: Sequence[int] | Sequence[Sequence[int]], 
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, eos_id: int | None = None,
              device: torch.device | str | None = None, sliding_window: bool = False,
-             compile: bool = False, fuse: bool | None = None, pack: Pack = "auto") -> Generation:
+             compile: bool = False, fuse: bool | None = None, pack: Pack = "auto",
+             adapt_threads: bool | None = None) -> Generation:
     """Stream generation: returns a Generation; each iteration yields one token id (or None once
     finished) per sequence. `prompt` is one list of token ids or a batch of equal-length lists.
     temperature 0 = greedy. `seed` seeds a private generator (None: torch's global RNG).
@@ -301,10 +385,11 @@ def generate(model: nn.Module, prompt: Sequence[int] | Sequence[Sequence[int]], 
     `compile=True` runs the decode step through torch.compile (see the module docstring). `fuse`:
     fused projections for the cached steps (None: on accelerators only; see fuse_by_default).
     `pack`: packed CPU weights, "fp32" | "bf16" | None (leave the model's modules as they are);
-    "auto": fp32 on the CPU for a model in eval mode (pack_by_default)."""
+    "auto": fp32 on the CPU for a model in eval mode (pack_by_default). `adapt_threads`: CPU decode
+    steps pick their thread count by measurement (ThreadChooser; None: on the CPU with > 1 thread)."""
     return Generation(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                       top_p=top_p, seed=seed, eos_id=eos_id, device=device, sliding_window=sliding_window,
-                      compile=compile, fuse=fuse, pack=pack)
+                      compile=compile, fuse=fuse, pack=pack, adapt_threads=adapt_threads)
 
 
 def complete(model: nn.Module, prompt: Sequence[int] | Sequence[Sequence[int]], **kwargs: object

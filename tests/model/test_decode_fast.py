@@ -138,3 +138,40 @@ def test_engine_packs_only_when_asked() -> None:
     assert not packed(model)
     Engine(model, pack="bf16" if bf16_unavailable() is None else "fp32")
     assert len(packed(model)) == 13
+
+
+def _drive(chooser, seconds_at: dict[int, float], steps: int) -> list[int]:
+    """Run `steps` synthetic decode steps whose time depends only on the thread count."""
+    used = []
+    for _ in range(steps):
+        n = chooser.threads()
+        used.append(n)
+        chooser.record(seconds_at[n])
+    return used
+
+
+def test_thread_chooser_moves_to_the_faster_count_and_backs_off() -> None:
+    """ThreadChooser: with 1 thread 5x faster (a busy machine) it moves to 1 after its first trial;
+    with 2 threads faster (a quiet one) it stays at 2, and its trials get rarer (the period doubles)."""
+    from clusterlm.generate.engine import ThreadChooser
+
+    busy = ThreadChooser(2)
+    used = _drive(busy, {1: 0.01, 2: 0.05}, 40)
+    assert busy.best == 1 and used[-10:].count(1) >= 9
+    quiet = ThreadChooser(2)
+    used = _drive(quiet, {1: 0.04, 2: 0.02}, 600)
+    assert quiet.best == 2 and quiet.period == quiet.max_period
+    assert used.count(1) <= 3 * 8  # a few trials of 3 steps each, not one every 16 steps
+    many = ThreadChooser(16)
+    _drive(many, {16: 0.05, 8: 0.03, 4: 0.01, 2: 0.02, 1: 0.04}, 400)
+    assert many.best == 4  # halving walks down to the fastest count
+
+
+def test_adaptive_threads_keep_tokens_and_restore_the_callers_count() -> None:
+    """Greedy tokens with the thread count chosen per step equal those with it fixed, and the
+    caller's torch thread count is what it was after every step."""
+    model = make("gpt")
+    before = torch.get_num_threads()
+    ref, _ = complete(model, [1, 2, 3], max_new_tokens=40, temperature=0.0, adapt_threads=False)
+    got, _ = complete(model, [1, 2, 3], max_new_tokens=40, temperature=0.0, adapt_threads=True)
+    assert got == ref and torch.get_num_threads() == before
