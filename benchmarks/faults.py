@@ -9,8 +9,8 @@ Columns: trials; detected (the fault was noticed, by the right rank or check); r
 from what was left loaded a valid checkpoint, or, for a hung rank, the job ended with the resumable
 exit code 76); data lost (committed checkpoints lost: must be 0); time to detect and to recover
 (median seconds). The same faults are asserted in tests/distributed/test_heartbeat.py,
-tests/unit/test_mirror.py and tests/e2e/test_faults.py (which also has the NaN-on-one-rank case and
-one SIGKILL trial).
+tests/unit/test_mirror.py, tests/e2e/test_faults.py (which also has the NaN-on-one-rank case),
+tests/e2e/test_multinode.py (node loss, root) and tests/distributed/test_torchrun.py (one SIGKILL).
 
 SIGKILL row: `clusterlm launch --nproc-per-node 2 --max-restarts 1 --train.resume=auto` of a tiny
 llama (gloo, DDP, a checkpoint every 2 steps); a seeded random rank is SIGKILLed at a random step plus
@@ -293,6 +293,31 @@ def node_loss_rows(trials: int) -> list[dict]:
     return rows
 
 
+# ---- a rank's core hogged: the straggler ---------------------------------------------------------------
+def cpu_hogged_rank(tmp: Path) -> dict:
+    """tests/distributed/test_heartbeat.py's run: 2 DDP ranks pinned to a core each, 3 busy loops on rank
+    1's; detected when rank 0's "ranks" records name rank 1 (and never rank 0), timed from the hogs' start
+    to the first record naming it (it takes 2 log intervals of 4 steps in a row)."""
+    from tests.distributed.helpers import run_ranks
+    from tests.distributed.test_heartbeat import _hogged_rank, hog_args
+
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    if len(cores) < 2:
+        return {"detected": False, "recovered": False, "lost": 0, "detect_s": None, "recover_s": None,
+                "note": "not run: needs 2 cores"}
+    out = tmp / "run"
+    results = run_ranks(2, _hogged_rank, hog_args(tiny_data(tmp), out), cores)
+    ranks = [r for r in train_records(out, kind="ranks") if len(r["step_s"]) == 2]
+    named = [r for r in ranks if r["stragglers"] == [1]]
+    wrong = any(0 in r["stragglers"] for r in ranks)
+    last = ranks[-1] if ranks else {"step_s": {}, "wait_s": {}}
+    ms = {k: {r: round(v * 1e3, 1) for r, v in last[k].items()} for k in ("step_s", "wait_s")}
+    return {"detected": bool(named) and not wrong, "recovered": all(r["exit"] == 0 for r in results), "lost": 0,
+            "detect_s": named[0]["time"] - results[1]["hogged_at"] if named else None, "recover_s": None,
+            "note": f"rank 1 named in {len(named)} of {len(ranks)} comparisons, rank 0 in none: {not wrong}; "
+                    f"last: compute ms/step {ms['step_s']}, gradient all-reduce wait ms/step {ms['wait_s']}"}
+
+
 # ---- SIGKILL of a random rank under torchrun ----------------------------------------------------------
 KILL_STEPS, KILL_CKPT_INTERVAL = 16, 2
 
@@ -361,12 +386,12 @@ def workers(launcher: int, restart: int = 0) -> dict[int, int]:
     return found
 
 
-def train_records(out: Path) -> list[dict]:
+def train_records(out: Path, kind: str = "train") -> list[dict]:
     path = out / "metrics.jsonl"
     if not path.exists():
         return []
     lines = path.read_text().splitlines()
-    return [r for r in (json.loads(ln) for ln in lines if ln.strip().endswith("}")) if r["kind"] == "train"]
+    return [r for r in (json.loads(ln) for ln in lines if ln.strip().endswith("}")) if r["kind"] == kind]
 
 
 def final_state(out: Path, steps: int) -> dict:
@@ -495,6 +520,7 @@ FAULTS: dict[str, Callable[[Path], dict]] = {
     "primary checkpoints folder deleted (mirror on)": primary_deleted,
     "corrupt mirror copy": corrupt_mirror_copy,
     "NaN loss on one rank only (FSDP x2)": nan_one_rank,
+    "a rank's core hogged by 3 busy loops (DDP x2): the straggler named": cpu_hogged_rank,
 }
 
 

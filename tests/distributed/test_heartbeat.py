@@ -217,13 +217,23 @@ def _hogged_rank(rank: int, world: int, args: list[str], cores: list[int]) -> di
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     trainer = Trainer(load_run_config(None, args))
     hogs = [subprocess.Popen([sys.executable, "-c", HOG, str(cores[1])]) for _ in range(3 if rank == 1 else 0)]
+    hogged_at = time.time()
     try:
         r = trainer.run()
     finally:
         for h in hogs:
             h.kill()
             h.wait()
-    return {"exit": r.exit_code}
+    return {"exit": r.exit_code, "hogged_at": hogged_at if hogs else None}
+
+
+def hog_args(data: Path, out: Path) -> list[str]:
+    """2 DDP ranks of a llama-nano, 20 steps, the ranks compared every 4 (benchmarks/faults.py uses it too)."""
+    return [f"--data.dir={data}", f"--train.out_dir={out}", "--model.preset=llama-nano", "--model.max_seq_len=32",
+            "--train.seq_len=32", "--train.micro_batch_size=4", "--train.max_steps=20", "--train.device=cpu",
+            "--train.threads=1", "--train.eval_interval=0", "--train.log_interval=4", "--checkpoint.interval=0",
+            "--train.tensorboard=false", "--train.heartbeat_timeout=2", "--parallel.dp_replicate=2",
+            "--train.skip_memory_check=true"]
 
 
 @pytest.mark.slow
@@ -240,12 +250,8 @@ def test_cpu_hogged_rank_is_reported_by_name(tmp_path):
     (tmp_path / "t.txt").write_text("".join(f"To be or not to be {i}\n" * 20 for i in range(20)))
     prepare([str(tmp_path / "t.txt")], tmp_path / "data", tokenizer="char", val_fraction=0.1)
     out = tmp_path / "run"
-    args = [f"--data.dir={tmp_path / 'data'}", f"--train.out_dir={out}", "--model.preset=llama-nano",
-            "--model.max_seq_len=32", "--train.seq_len=32", "--train.micro_batch_size=4", "--train.max_steps=20",
-            "--train.device=cpu", "--train.threads=1", "--train.eval_interval=0", "--train.log_interval=4",
-            "--checkpoint.interval=0", "--train.tensorboard=false", "--train.heartbeat_timeout=2",
-            "--parallel.dp_replicate=2", "--train.skip_memory_check=true"]
-    assert run_ranks(2, _hogged_rank, args, cores) == [{"exit": 0}, {"exit": 0}]
+    args = hog_args(tmp_path / "data", out)
+    assert [r["exit"] for r in run_ranks(2, _hogged_rank, args, cores)] == [0, 0]
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     both = [r for r in records if r["kind"] == "ranks" and len(r["step_s"]) == 2]
     print("\n".join(f"step {r['step']}: compute {r['step_s']} wait {r['wait_s']}" for r in both))

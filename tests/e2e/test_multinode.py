@@ -419,7 +419,8 @@ def test_node_lost_mid_run_restarts_on_survivor_and_matches_uninterrupted(cluste
     node; it restarts on node 1 alone at world size 2 (dp_replicate=1, dp_shard=2, 2
     accumulation steps for the same global batch) from the last committed checkpoint (DCP reshards 4 -> 2
     ranks) and finishes. Its per-step losses from there equal, bit for bit, an uninterrupted world-size-2
-    run started from a copy of that checkpoint on this host."""
+    run started from a copy of that checkpoint on this host. After the kill, once node 2 is back, a new
+    2-node job grows the run back to world size 4 (_grow_back)."""
     _, nodes, _ = cluster
     r = node_loss_trial(cluster, data, tmp_path, fault)
     log = r["log"]
@@ -433,3 +434,24 @@ def test_node_lost_mid_run_restarts_on_survivor_and_matches_uninterrupted(cluste
     assert "2 accumulation steps, 256 tokens per step" in log
     assert sorted(r["after"]) == list(range(step + 1, STEPS + 1))
     assert r["reference"] == r["after"]
+    if fault == "kill":  # once: the node is back, a new job grows the run back to 2 nodes x 2 ranks
+        _grow_back(cluster, data, tmp_path)
+
+
+def _grow_back(cluster, data: Path, tmp_path: Path) -> None:
+    """After the elastic job finished on one node and node 2 returned: a new `launch --slurm --nodes 2` job on
+    the same out_dir resumes the world-size-2 run's last checkpoint (step 40) at world size 4 (HSDP 2 x 2),
+    back to 1 accumulation step for the same 256 tokens per step, and trains steps 41-44."""
+    env, nodes, _ = cluster
+    _wait_idle(env)
+    run = tmp_path / "run"
+    job = _submit(env, tmp_path, "grow", "--nodes=2", "--ntasks-per-node=2", *HSDP,
+                  *_train_args(data, run, f"--checkpoint.interval={CKPT_INTERVAL}", "--checkpoint.keep_last=100",
+                               "--train.resume=auto"), f"--train.max_steps={STEPS + 4}")
+    state = _wait(env, job, 300)
+    log = (run / f"slurm-{job}.out").read_text()
+    assert state == "COMPLETED", log[-3000:]
+    assert f"resumed from {run / 'checkpoints'}/step-{STEPS:08d} at step {STEPS}" in log, log[-3000:]
+    assert "1 accumulation steps, 256 tokens per step" in log and "on 4 process(es)" in log, log[-3000:]
+    assert f"process group gloo: rank 0 of 4 (slurm, master {nodes[0]}:" in log
+    assert sorted(s for s in train_losses(run) if s > STEPS) == list(range(STEPS + 1, STEPS + 5))
