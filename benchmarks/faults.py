@@ -579,14 +579,16 @@ def main() -> None:
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
     rows = run(args.trials, args.only, args.kill_trials, args.seed, args.node_trials)
+    this_run = {"command": " ".join(["benchmarks/faults.py", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d %H:%M"),
+                "load_avg_1m_before": round(load_before, 2), "load_avg_1m_after": round(os.getloadavg()[0], 2)}
+    rows = [r | {"run": this_run} for r in rows]  # rows kept from an earlier --only run keep their own
     if args.only and RESULT.exists():  # replace the rows that ran, keep the others in their order
         new = {r["fault"].split(" (")[0]: r for r in rows}
         old = json.loads(RESULT.read_text())["rows"]
         kept = [new.pop(r["fault"].split(" (")[0], None) or r for r in old]
         rows = kept + list(new.values())
-    result = {"rows": rows, "machine": machine() | {"load_avg_1m_before": round(load_before, 2)},
-              "heartbeat_timeout_s": HEARTBEAT_TIMEOUT, "date": time.strftime("%Y-%m-%d"),
-              "command": " ".join(["benchmarks/faults.py", *sys.argv[1:]])}
+    result = {"rows": rows, "machine": machine(), "heartbeat_timeout_s": HEARTBEAT_TIMEOUT,
+              "date": time.strftime("%Y-%m-%d"), "last_command": this_run["command"]}
     RESULT.write_text(json.dumps(result, indent=1) + "\n")
     doc = DOC.read_text(encoding="utf-8")
     head, rest = doc.split(BEGIN)
