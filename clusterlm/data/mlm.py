@@ -297,7 +297,8 @@ class SpanLoader:
 
 
 def iter_span_eval_batches(data_dir: str | os.PathLike, split: str, batch_size: int, seq_len: int, *,
-                           seed: int = 0, max_batches: int | None = None, **kw: Any) -> Iterator[tuple[Any, torch.Tensor]]:
+                           seed: int = 0, max_batches: int | None = None,
+                           **kw: Any) -> Iterator[tuple[Any, torch.Tensor]]:
     """The first samples of `split` in order as span-corruption pairs, the same at every call."""
     windows = SplitWindows(data_dir, split, seq_len)
     n = windows.num_samples

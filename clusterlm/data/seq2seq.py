@@ -63,7 +63,8 @@ def read_pairs(spec: str) -> list[SFTRecord]:
     from clusterlm.data.sft import read_records
 
     paths = spec.split(",") if "," in spec and not Path(spec).exists() else [spec]
-    if len(paths) == 1 and not paths[0].endswith((".jsonl", ".jsonl.gz", ".tsv", ".tsv.gz")) and Path(paths[0]).is_file():
+    tabular = (".jsonl", ".jsonl.gz", ".tsv", ".tsv.gz")
+    if len(paths) == 1 and not paths[0].endswith(tabular) and Path(paths[0]).is_file():
         raise DataError(f"data.source={spec!r} is one text file, one side of a parallel corpus: a seq2seq run needs "
                         "the sources and the targets, as two parallel files 'SRC,TGT' (e.g. train.en.gz,train.fr.gz) "
                         "or a .jsonl/.tsv file of prompt/completion pairs")
@@ -84,8 +85,8 @@ def _encode(tokenizer: Any, records: Sequence[SFTRecord], max_source_len: int
         if len(s) + 1 > max_source_len:
             files, _, line = r.where.rpartition(":")
             where = f"{files.split(',')[0]}:{line}" if "," in files else r.where  # parallel files: the source side
-            raise DataError(f"{where}: the source is {len(s) + 1} tokens (the encoder's input {r.prompt[:40]!r}... with "
-                            f"EOS) but the encoder's context is {max_source_len} tokens (model.max_seq_len); shorten "
+            raise DataError(f"{where}: the source is {len(s) + 1} tokens (the encoder's input "
+                            f"{r.prompt[:40]!r}... with EOS) but the encoder's context is {max_source_len} tokens (model.max_seq_len); shorten "
                             "it or raise model.max_seq_len")
     src_flat = [np.asarray(s + [eos], dtype=np.int32) for s in srcs]
     tgt_flat = [np.asarray(t, dtype=np.int32) for t in tgts]

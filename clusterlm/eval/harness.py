@@ -140,13 +140,13 @@ def task_requests(task: Task, decode: DecodeOptions = DecodeOptions(),
 
 
 def check_model_kind(model: nn.Module, req: Requests, name: str = "the task") -> None:
-    """Refuse (ConfigError) what a model family cannot answer: log-likelihood requests need a causal
-    LM (an encoder-decoder generates; a masked-LM encoder without a head answers nothing)."""
+    """Refuse (ConfigError) what a model family cannot answer: a masked-LM encoder without a head
+    gives neither log-likelihoods nor generations (an encoder-decoder scores a continuation given the
+    context as its source: generate/seq2seq.py score_pairs)."""
     arch = getattr(getattr(getattr(model, "module", model), "config", None), "arch", None)
-    if req.kind == "loglikelihood" and arch in ("encdec", "encoder"):
-        raise ConfigError(f"{name} is scored by log-likelihoods of continuations, which need a causal language model; "
-                          f"the model is arch {arch!r}: score it on generate tasks (encdec) or classify tasks through "
-                          "a classifier head (encoder)")
+    if req.kind == "loglikelihood" and arch == "encoder":
+        raise ConfigError(f"{name} is scored by log-likelihoods of continuations, which a masked-LM encoder does not "
+                          "give; fine-tune it as a classifier and score classify tasks through its head")
     if req.kind == "generate" and arch == "encoder":
         raise ConfigError(f"{name} is a generate task; a masked-LM encoder (arch 'encoder') does not generate")
 

@@ -242,6 +242,12 @@ def loglikelihood(model: nn.Module, tokenizer, requests: Sequence[tuple[str, str
     context instead of raising DataError. `autocast_dtype`: run the forward under autocast (the
     logits are float32 either way). `progress`: a progress bar (None: when stderr is a terminal)."""
     _check_vocab(model, tokenizer)
+    if getattr(model.config, "arch", None) == "encdec":  # the context to the encoder: generate/seq2seq.py
+        from clusterlm.generate.seq2seq import score_pairs
+
+        with _eval_mode(model), _progress(len(requests), "loglikelihood", progress) as bar:
+            return [LogLikelihood(*r) for r in score_pairs(model, tokenizer, requests, batch_size=batch_size,
+                                                            device=_device(model, device), truncate=truncate, bar=bar)]
     pairs = [encode_pair(tokenizer, c, x) for c, x in requests]
     return score_tokens(model, pairs, batch_size=batch_size, device=device, truncate=truncate,
                         autocast_dtype=autocast_dtype, progress=progress)
@@ -256,6 +262,9 @@ def loglikelihood_rolling(model: nn.Module, tokenizer, texts: Sequence[str], *, 
     window of every text goes through one batched pass of score_tokens. lm-eval's
     loglikelihood_rolling returns the first element."""
     _check_vocab(model, tokenizer)
+    if getattr(model.config, "arch", None) == "encdec":
+        raise ValueError("loglikelihood_rolling scores whole texts with a causal language model; an encoder-decoder "
+                         "scores a continuation given a source (loglikelihood)")
     C = context_length(model)
     pairs: list[tuple[list[int], list[int]]] = []
     owner: list[int] = []

@@ -131,7 +131,8 @@ def beam_search(model: nn.Module, *, prompts: Sequence[Sequence[int]] | None = N
                 sources: Sequence[Sequence[int]] | None = None, num_beams: int = 4, max_new_tokens: int = 64,
                 eos_id: int, bos_id: int | None = None, pad_id: int = 0, length_penalty: float = 1.0,
                 length_penalty_kind: Literal["transformers", "gnmt"] = "transformers",
-                num_return: int = 1, device: torch.device | str | None = None) -> list[list[Hypothesis]] | list[Hypothesis]:
+                num_return: int = 1, device: torch.device | str | None = None
+                ) -> list[list[Hypothesis]] | list[Hypothesis]:
     """The best hypothesis per input (num_return > 1: the best num_return, a list per input), for a
     decoder-only model (`prompts`, equal lengths) or an encoder-decoder (`sources`, and `bos_id`, the
     decoder's first input). See the module docstring for the search and the scores."""

@@ -234,3 +234,45 @@ def stream_seq2seq(loaded: Any, source: str, *, max_new_tokens: int, temperature
     rest = stops.flush(ts.flush())
     if rest:
         yield rest
+
+
+@torch.inference_mode()
+def score_pairs(model: nn.Module, tokenizer: Any, requests: Sequence[tuple[str, str]], *, batch_size: int = 16,
+                device: torch.device | str | None = None, truncate: bool = False, bar: Any = None
+                ) -> list[tuple[float, int, bool]]:
+    """(log p(continuation | context), tokens, every token the argmax) per (context, continuation)
+    request for an encoder-decoder: the context is the source (fit_sources), the continuation the
+    target the decoder is scored on from BOS (its leading whitespace dropped: targets start without
+    one, as in data/seq2seq.py; no EOS scored), the log-likelihoods of choice tasks and lm-eval."""
+    enc = fit_sources(tokenizer, [c for c, _ in requests], model.config.max_seq_len, truncate)
+    L = model.config.max_seq_len
+    conts = [tokenizer.encode(x.lstrip()) for _, x in requests]
+    too_long = [i for i, t in enumerate(conts) if len(t) > L]
+    if too_long:
+        raise DataError(f"{len(too_long)} of {len(conts)} continuations are longer than the decoder's {L} positions "
+                        f"(first: request {too_long[0]}); they cannot be scored")
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    V = model.config.vocab_size
+    out: list[tuple[float, int, bool] | None] = [None] * len(requests)
+    order = sorted(range(len(requests)), key=lambda i: -(len(enc[i]) + len(conts[i])))
+    for a in range(0, len(order), batch_size):
+        batch = [i for i in order[a:a + batch_size]]
+        for i in [i for i in batch if not conts[i]]:
+            out[i] = (0.0, 0, True)
+        batch = [i for i in batch if conts[i]]
+        if not batch:
+            continue
+        src, mask = pad_sources([enc[i] for i in batch], max(tokenizer.pad_id, 0), dev)
+        T = max(len(conts[i]) for i in batch)
+        tin = torch.full((len(batch), T), max(tokenizer.pad_id, 0), dtype=torch.long)
+        for b, i in enumerate(batch):
+            tin[b, :len(conts[i])] = torch.tensor([tokenizer.bos_id] + conts[i][:-1], dtype=torch.long)
+        logp = torch.log_softmax(model(src, tin.to(dev), mask)[:, :, :V].double(), dim=-1)  # (B, T, V)
+        for b, i in enumerate(batch):
+            n = len(conts[i])
+            tgt = torch.tensor(conts[i], device=dev)
+            lp = logp[b, :n].gather(-1, tgt[:, None]).squeeze(-1)
+            out[i] = (float(lp.sum()), n, bool((logp[b, :n].argmax(-1) == tgt).all()))
+        if bar is not None:
+            bar.update(len(batch))
+    return out  # type: ignore[return-value]

@@ -64,7 +64,8 @@ class Seq2SeqScheduler:
         req = Request(source, n, params, loop)
         with self._cond:
             if len(self._waiting) >= self.max_queue + (0 if self._current is not None else 1):
-                raise QueueFull(len(self._waiting), min(60, max(1, int(self.request_seconds * (1 + len(self._waiting))))))
+                wait = int(self.request_seconds * (1 + len(self._waiting)))
+                raise QueueFull(len(self._waiting), min(60, max(1, wait)))
             self._waiting.append(req)
             self.metrics.queue_depth.set(len(self._waiting))
             self._cond.notify()
@@ -190,8 +191,8 @@ class Seq2SeqScheduler:
         log.debug("seq2seq request: %d choice(s), %.2f s", n, time.perf_counter() - t_first)
 
     def _logprobs(self, gen: Seq2SeqGeneration, step: list, k: int) -> list | None:
-        """Each row's sampled token's log-probability and the k most likely, from the step's logits
-        (recomputed from the cache's last position is not possible: the generation keeps them)."""
+        """Each row's sampled token, its log-probability and the k most likely (id, log-probability),
+        from the logits the step sampled from (Seq2SeqGeneration.last_logits)."""
         logits = getattr(gen, "last_logits", None)
         if logits is None:
             return None

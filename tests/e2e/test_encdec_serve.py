@@ -1,6 +1,6 @@
 """The new families outside training: an encoder-decoder through `clusterlm generate --src`, `eval
---task` (greedy and beam) and `serve` (completions and chat, streamed and not, with the official
-openai client), and an encoder classifier on POST /classify.
+--task` (generation greedy and beam; a choice task by log-likelihood) and `serve` (completions and
+chat, streamed and not, with the official openai client), and an encoder classifier on POST /classify.
 
 References: the server's and the CLI's greedy text == generate/seq2seq.py's greedy decoding of the
 same source in-process (itself checked against uncached full forwards in tests/model/test_beam.py);
@@ -149,9 +149,11 @@ def test_generate_src_and_eval_task_for_encdec(runs, tmp_path, capsys):
         assert cli(["eval", str(runs["encdec"]), "--task", task, "--max-new-tokens", "16", *extra]) == 0
         (m,) = json.loads(capsys.readouterr().out)["tasks"].values()
         assert m["n"] == 2 and 0.0 <= m["bleu"] <= 100.0
-    # log-likelihood (choice) tasks need a causal LM; a classifier does not generate: one line, exit 2
-    assert cli(["eval", str(runs["encdec"]), "--task", "shakespeare_word_order"]) == 2
-    assert "need a causal language model" in capsys.readouterr().err
+    # a choice task: each option scored as the target given the context as the source
+    assert cli(["eval", str(runs["encdec"]), "--task", "shakespeare_word_order", "--limit", "8"]) == 0
+    (m,) = json.loads(capsys.readouterr().out)["tasks"].values()
+    assert m["n"] == 8 and 0.0 <= m["acc"] <= 1.0
+    # a classifier does not generate: one line, exit 2
     assert cli(["generate", str(runs["clf"]), "--prompt", "x"]) == 2
 
 

@@ -41,7 +41,8 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
 
 
 def _mlm(root: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", f"--data.source={json.dumps(str(root / 'corpus.jsonl'))}", f"--data.dir={json.dumps(str(root / 'shards'))}",
+    return ["train", f"--data.source={json.dumps(str(root / 'corpus.jsonl'))}",
+            f"--data.dir={json.dumps(str(root / 'shards'))}",
             "--data.tokenizer=char", "--data.val_fraction=0.1", "--finetune.task=mlm", "--model.arch=encoder",
             "--model.n_layers=2", "--model.dim=32", "--model.n_heads=4", "--model.max_seq_len=32",
             "--model.pos=sinusoidal", "--train.seq_len=32", "--train.micro_batch_size=8", "--train.eval_interval=4",

@@ -157,3 +157,24 @@ def test_length_penalty_and_returned_hypotheses_are_ordered(encdec):
     for h in hyps:
         n = len(h.tokens) + (1 if h.finished else 0)
         assert h.score == pytest.approx(h.logprob / n)
+
+
+def test_encdec_loglikelihood_equals_the_beam_scorers_full_forward(encdec):
+    """generate/seq2seq.score_pairs (batched, padded sources and targets) == the unbatched full-forward
+    log-probability of the same target given the same source (1e-6)."""
+    from clusterlm.generate.seq2seq import score_pairs
+
+    class Tok:  # ids as text: "3 4 5" <-> [3, 4, 5]
+        eos_id, bos_id, pad_id = EOS, BOS, PAD
+
+        @staticmethod
+        def encode(text: str) -> list[int]:
+            return [int(x) for x in text.split()]
+
+    srcs = _sources(6, seed=5)
+    reqs = [(" ".join(map(str, s[:-1])), " " + " ".join(map(str, s[1:-1] or [7]))) for s in srcs]
+    got = score_pairs(encdec, Tok, reqs, batch_size=4)
+    for (ctx, cont), (lp, n, _) in zip(reqs, got):
+        src, out = Tok.encode(ctx) + [EOS], Tok.encode(cont)
+        assert n == len(out)
+        assert lp == pytest.approx(_logprob_encdec(encdec, src, out, finished=False), abs=1e-6)
