@@ -243,11 +243,12 @@ def nan_one_rank(tmp: Path) -> dict:
     r0, r1 = run_ranks(2, _nan_rank, args)
     same = r0["skipped"] == r1["skipped"] == [NAN_AT_STEP]
     detect = max(r0["seen"], r1["seen"]) - r1["made"] if same else None
-    ok = same and r0["exit"] == r1["exit"] == 0 and r0["step"] == r1["step"] == steps and r0["checksum"] == r1["checksum"]
+    equal = r0["checksum"] == r1["checksum"]
+    ok = same and r0["exit"] == r1["exit"] == 0 and r0["step"] == r1["step"] == steps and equal
     return {"detected": same, "recovered": ok, "lost": 0, "detect_s": detect, "recover_s": None,
             "note": f"NaN loss on rank 1 at step {NAN_AT_STEP}: skipped by both ranks at step(s) {r0['skipped']}/"
                     f"{r1['skipped']} (the loss is all-reduced before the check; 1 optimizer step skipped), "
-                    f"{steps} of {steps} steps done, the weights equal on both ranks: {r0['checksum'] == r1['checksum']}"}
+                    f"{steps} of {steps} steps done, the weights equal on both ranks: {equal}"}
 
 
 # ---- a node lost (namespaced Slurm cluster; root) ------------------------------------------------------
@@ -472,7 +473,8 @@ def kill_trial(tmp: Path, reference: tuple[dict[int, float], dict], rank: int, s
     recover = after[0]["time"] - wall_kill if after else None
     losses_equal = bool(records) and all(r["loss"] == ref_losses[r["step"]] for r in records)
     final_equal = rc == 0 and same_state(final_state(out, KILL_STEPS), ref_state)
-    return {"rank": rank, "step": step, "frac": round(frac, 3), "rc": rc, "detected": detected, "committed": committed_step,
+    return {"rank": rank, "step": step, "frac": round(frac, 3), "rc": rc, "detected": detected,
+            "committed": committed_step,
             "resumed_from": resumed_from, "losses_equal": losses_equal, "final_equal": final_equal,
             "records": len(records), "detect_s": round(detect, 3),
             "recover_s": None if recover is None else round(recover, 3),

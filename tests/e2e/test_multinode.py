@@ -169,7 +169,8 @@ def testcluster(n: int = 2):
     if r.returncode != 0:
         raise ClusterUnavailable("cannot create a network namespace here (no CAP_SYS_ADMIN/CAP_NET_ADMIN?): "
                                  f"{r.stderr.strip()}")
-    if shutil.which("apt-get") is None and not all(shutil.which(c) for c in ("slurmctld", "slurmd", "sbatch", "munged")):
+    daemons = ("slurmctld", "slurmd", "sbatch", "munged")
+    if shutil.which("apt-get") is None and not all(shutil.which(c) for c in daemons):
         raise ClusterUnavailable("Slurm is not installed and there is no apt-get to install slurm-wlm and munge")
     # short path: munge's socket lives here and Unix socket paths are limited to 108 bytes
     state = tempfile.mkdtemp(prefix="clusterlm-tc-")

@@ -70,7 +70,8 @@ def fuzz_server(tmp_path_factory):
 def _schema():
     from clusterlm.serve.app import Settings, create_app
 
-    return schemathesis.openapi.from_dict(openapi(create_app(lambda: None, Settings(api_key=KEY, model_name="tiny")).app))
+    guard = create_app(lambda: None, Settings(api_key=KEY, model_name="tiny"))  # the ASGI guard around the app
+    return schemathesis.openapi.from_dict(openapi(guard.app))
 
 
 schema = _schema()
