@@ -199,7 +199,11 @@ def _timer_rank(rank: int, world: int) -> dict:
     return {"ok": same and (wait < 0.1 if rank == 1 else wait >= 0.2) and timer.take() == 0.0, "slow": wait < 0.1}
 
 
-HOG = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
+# a busy loop on one core; it ends by itself when its parent is gone (a rank ended by os._exit runs no
+# finally) or after 120 s
+HOG = ("import os, sys, time\nos.sched_setaffinity(0, {int(sys.argv[1])})\n"
+       "parent, end = os.getppid(), time.monotonic() + 120\n"
+       "while os.getppid() == parent and time.monotonic() < end:\n    pass\n")
 
 
 def _hogged_rank(rank: int, world: int, args: list[str], cores: list[int]) -> dict:
