@@ -16,7 +16,9 @@ variants are interleaved: each repeat runs every (engine, format, batch) once in
 share the machine's load. tokens/s counts generated tokens of all rows: decode = B * (n - 1) over
 the span from the first to the last new token (prefill and first token left out); end to end =
 B * n over the whole call (prefill included). The ratio uses the median over repeats of the decode
-rate. clusterlm fp32 rows run `generate()` as the CLI and server do; "int8" is clusterlm's Int8Linear
+rate. clusterlm fp32 rows run `generate()` as the CLI and server do (fp32 packed weights for calls of
+4+ rows: optimize/packed.py); "bf16" is clusterlm's bf16 packed weights (AMX) against ctranslate2's
+float32 (ctranslate2 has no bf16 compute type on CPU: int8, int8_float32, int16, float32); "int8" is clusterlm's Int8Linear
 (fbgemm, dynamic int8 activations) against ctranslate2's compute_type="int8" (its own int8 GEMM,
 dynamic int8 activations too).
 
@@ -122,11 +124,11 @@ def ct2_model(ckpt: Path, work: Path) -> tuple[Path, list[str]]:
     return out, vocab
 
 
-def ours_run(model: torch.nn.Module, prompts: list[list[int]], n: int) -> tuple[float, float, list[int]]:
+def ours_run(model: torch.nn.Module, prompts: list[list[int]], n: int, pack: str) -> tuple[float, float, list[int]]:
     """(decode tokens/s, end-to-end tokens/s, row 0's tokens) of one greedy clusterlm generation."""
     t0 = time.perf_counter()
     stamps = []
-    stream = generate(model, prompts, max_new_tokens=n, temperature=0.0)
+    stream = generate(model, prompts, max_new_tokens=n, temperature=0.0, pack=pack)
     for _ in stream:
         stamps.append(time.perf_counter())
     B = len(prompts)
@@ -155,6 +157,53 @@ def ct2_run(gen: object, prompts: list[list[str]], n: int) -> tuple[float, float
     return B * (n - 1) / (max(last) - first[0]), B * n / (t1 - t0), list(res[0].sequences_ids[0])
 
 
+def accuracy_logits(ckpt: Path, prompts: list[list[int]]) -> dict[str, float]:
+    """Max |logit difference| against the plain fp32 path over the prompts' every position (the
+    gpt2-124m shape, random weights), for each packed format and int8; and the logits' max |value|."""
+    from clusterlm.optimize.packed import pack_for_inference
+
+    model = load_for_inference(ckpt).model.eval()
+    idx = torch.tensor(prompts)
+    with torch.inference_mode():
+        ref = model(idx)
+        out = {"max_abs_logit": round(ref.abs().max().item(), 4)}
+        for mode in ("fp32", "bf16"):
+            pack_for_inference(model, mode)
+            out[f"{mode}_packed_max_abs_diff"] = round((model(idx) - ref).abs().max().item(), 6)
+        pack_for_inference(model, None)
+        quantize_model(model, "int8")
+        out["int8_max_abs_diff"] = round((model(idx) - ref).abs().max().item(), 6)
+    return out
+
+
+def accuracy_val_loss(ckpt: Path, data: Path, batches: int) -> dict[str, float]:
+    """Val loss of a trained checkpoint (the Shakespeare recipe) over `batches` sequential val batches:
+    plain fp32, fp32 packed, bf16 packed, int8."""
+    from clusterlm.data.loader import iter_eval_batches
+    from clusterlm.eval.metrics import lm_loss
+    from clusterlm.optimize.packed import pack_for_inference
+
+    loaded = load_for_inference(ckpt)
+    model, T = loaded.model.eval(), loaded.config.train.seq_len
+
+    def val() -> float:
+        total = n = 0.0
+        with torch.inference_mode():
+            for x, y in iter_eval_batches(data, "val", 64, T, max_batches=batches):
+                total += lm_loss(model(x), y).item() * x.numel()
+                n += x.numel()
+        return round(total / n, 5)
+
+    out = {"fp32": val()}
+    for mode in ("fp32", "bf16"):
+        pack_for_inference(model, mode)
+        out[f"{mode}_packed"] = val()
+    pack_for_inference(model, None)
+    quantize_model(model, "int8")
+    out["int8"] = val()
+    return out
+
+
 def markdown(res: dict) -> str:
     lines = ["# clusterlm against ctranslate2: decode on CPU, side by side", "",
              f"`{res['command']}`", "",
@@ -165,7 +214,8 @@ def markdown(res: dict) -> str:
              "", "| decode tokens/s | clusterlm | ctranslate2 | clusterlm / ctranslate2 |", "|---|---|---|---|"]
     for r in res["rows"]:
         o, c = r["clusterlm"], r["ctranslate2"]
-        lines.append(f"| {r['format']}, batch {r['batch']} | {o['decode_median']} ({o['decode_min']}-{o['decode_max']})"
+        fmt = "bf16 (ctranslate2: float32)" if r["format"] == "bf16" else r["format"]
+        lines.append(f"| {fmt}, batch {r['batch']} | {o['decode_median']} ({o['decode_min']}-{o['decode_max']})"
                      f" | {c['decode_median']} ({c['decode_min']}-{c['decode_max']}) | {r['ratio_decode']}x "
                      f"(end to end {r['ratio_end_to_end']}x) |")
     b = res["bandwidth"]
@@ -174,6 +224,17 @@ def markdown(res: dict) -> str:
               f"{b['torch_gemv_gbs']} GB/s. fp32 weights read per token: {b['fp32_weight_bytes'] / 1e6:.0f} MB, so "
               f"fp32 batch 1 is bound by {b['fp32_batch1_bound_tokens_per_s']} tokens/s (best of the STREAM-style rates) and "
               f"{b['fp32_batch1_gemv_bound_tokens_per_s']} tokens/s (torch GEMV).", ""]
+    acc = res.get("accuracy", {})
+    if "gpt2_logits" in acc:
+        a = acc["gpt2_logits"]
+        lines.append(f"Accuracy, {res['preset']} logits against plain fp32 (max |diff|; logits up to {a['max_abs_logit']}): "
+                     f"fp32 packed {a['fp32_packed_max_abs_diff']}, bf16 packed {a['bf16_packed_max_abs_diff']}, "
+                     f"int8 {a['int8_max_abs_diff']}.")
+    if "val_loss" in acc:
+        v = acc["val_loss"]
+        lines.append(f"Val loss of `{acc['val_ckpt']}` ({acc['val_batches']} batches of 64): plain fp32 {v['fp32']}, "
+                     f"fp32 packed {v['fp32_packed']}, bf16 packed {v['bf16_packed']}, int8 {v['int8']}.")
+    lines.append("")
     if res.get("first_tokens_equal") is not None:
         lines.append(f"First greedy tokens equal between the engines (fp32, row 0): {res['first_tokens_equal']}.")
     return "\n".join(lines) + "\n"
@@ -183,7 +244,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="gpt2-124m")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--formats", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8"])
+    ap.add_argument("--formats", nargs="+", default=["fp32", "bf16", "int8"], choices=["fp32", "bf16", "int8"],
+                    help="bf16: clusterlm's bf16 packed weights against ctranslate2 float32 (it has no bf16 on CPU)")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
@@ -191,6 +253,10 @@ def main() -> None:
     ap.add_argument("--stream-mib", type=int, default=1024)
     ap.add_argument("--stream-repeats", type=int, default=3, help="per measurement, one measurement per repeat")
     ap.add_argument("--out", type=Path, default=RESULTS / "peers_decode.json")
+    ap.add_argument("--val-ckpt", type=Path, default=None,
+                    help="a trained checkpoint (recipes/shakespeare_char_cpu.toml) whose val loss is measured per format")
+    ap.add_argument("--val-data", type=Path, default=None, help="its prepared data directory")
+    ap.add_argument("--val-batches", type=int, default=50)
     args = ap.parse_args()
     import ctranslate2
 
@@ -201,11 +267,14 @@ def main() -> None:
     ct2_dir, vocab = ct2_model(ckpt, work)
     fp32 = load_for_inference(ckpt).model.eval()
     models = {"fp32": fp32}
+    if "bf16" in args.formats:
+        models["bf16"] = load_for_inference(ckpt).model.eval()
     if "int8" in args.formats:
         m8 = load_for_inference(ckpt).model.eval()
         quantize_model(m8, "int8")
         models["int8"] = m8
-    gens = {f: ctranslate2.Generator(str(ct2_dir), device="cpu", compute_type={"fp32": "float32", "int8": "int8"}[f],
+    ct2_type = {"fp32": "float32", "bf16": "float32", "int8": "int8"}
+    gens = {f: ctranslate2.Generator(str(ct2_dir), device="cpu", compute_type=ct2_type[f],
                                      intra_threads=args.threads, inter_threads=1) for f in args.formats}
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 256, (max(args.batches), args.prompt_len), generator=g).tolist()  # byte-token prompts
@@ -217,7 +286,7 @@ def main() -> None:
         for eng, f, b in variants:
             prompts = ids[:b]
             if eng == "clusterlm":
-                dec, e2e, toks = ours_run(models[f], prompts, args.new_tokens)
+                dec, e2e, toks = ours_run(models[f], prompts, args.new_tokens, pack={"int8": "auto"}.get(f, f))
             else:
                 dec, e2e, toks = ct2_run(gens[f], [[vocab[t] for t in p] for p in prompts], args.new_tokens)
             first_tokens[(eng, f, b)] = toks
@@ -232,7 +301,7 @@ def main() -> None:
     rows = []
     for f in args.formats:
         for b in args.batches:
-            row: dict = {"format": f, "batch": b}
+            row: dict = {"format": f, "batch": b, "ctranslate2_compute_type": ct2_type[f]}
             for eng in ("clusterlm", "ctranslate2"):
                 dec = [x[0] for x in got[(eng, f, b)]]
                 e2e = [x[1] for x in got[(eng, f, b)]]
@@ -244,6 +313,11 @@ def main() -> None:
                                             / row["ctranslate2"]["end_to_end_median"], 2)
             rows.append(row)
             print(json.dumps(row), flush=True)
+    accuracy: dict = {"gpt2_logits": accuracy_logits(ckpt, ids[:4])}
+    if args.val_ckpt is not None:
+        accuracy.update(val_ckpt=str(args.val_ckpt), val_batches=args.val_batches,
+                        val_loss=accuracy_val_loss(args.val_ckpt, args.val_data, args.val_batches))
+    print(json.dumps(accuracy), flush=True)
     stream = {k: max(b[k] for b in bw_runs) for k in ("copy", "triad", "read")}
     gemv = max(b["gemv"] for b in bw_runs)
     nbytes = weight_bytes(fp32)
@@ -255,7 +329,7 @@ def main() -> None:
            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
            "first_tokens_equal": first_tokens.get(("clusterlm", "fp32", 1)) == first_tokens.get(("ctranslate2", "fp32", 1))
            if "fp32" in args.formats and 1 in args.batches else None,
-           "rows": rows,
+           "rows": rows, "accuracy": accuracy,
            "bandwidth": {"stream_mib": args.stream_mib, "stream_repeats": args.stream_repeats,
                          "stream_copy_gbs": stream["copy"], "stream_triad_gbs": stream["triad"],
                          "read_sum_gbs": stream["read"], "per_repeat_gbs": bw_runs,
