@@ -221,7 +221,8 @@ def translate(args: argparse.Namespace) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"translation_multi30k_{tag}_{args.minutes:g}min"
     stem.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
-    plot_curve(curve, train_min, bleu, tgt, args, stem.with_suffix(".png"))
+    plot_curve(curve, train_min, bleu, tgt, args, stem.with_suffix(".png"),
+               goal=GOAL_ENCDEC_BLEU if encdec and tgt == "fr" else GOAL_BLEU[tgt])
     app = f"translation en->{tgt} (Multi30k{', encdec' if encdec else ''})"
     goal = GOAL_ENCDEC_BLEU if encdec and tgt == "fr" else GOAL_BLEU[tgt]
     rows = [row(app, "BLEU test_2016_flickr (greedy, sacrebleu)", bleu,
@@ -231,12 +232,51 @@ def translate(args: argparse.Namespace) -> None:
         rows.append(row(app, f"BLEU test_2016_flickr (beam {beam['num_beams']}, length_penalty "
                              f"{beam['length_penalty']:g})", beam["bleu"], f">= {goal:g} in 30 min", train_min,
                         f"the same weights; decoding {beam['eval_s']:.0f} s for the test set"))
+    if encdec:
+        rows += compare_translation(tgt, args.minutes, out)
     write_rows("translation", rows)
     print(json.dumps({k: out[k] for k in ("pair", "steps", "train_minutes_without_scoring", "final_test", "curve")},
                      indent=1))
 
 
-def plot_curve(curve: list[dict], minutes: float, bleu: float, tgt: str, args: argparse.Namespace, path: Path) -> None:
+def compare_translation(tgt: str, minutes: float, enc: dict) -> list[dict]:
+    """The side-by-side of issue 16: the encoder-decoder against the decoder-only model of the same
+    parameter count at the same wall-time budget (its results/translation_multi30k_enXX_Nmin.json)."""
+    path = RESULTS / f"translation_multi30k_en{tgt}_{minutes:g}min.json"
+    if not path.is_file():
+        log.info("no decoder-only run at %g min (%s): no side-by-side row", minutes, path.name)
+        return []
+    dec = json.loads(path.read_text())
+    b_enc, b_dec = enc["final_test"]["bleu"], dec["final_test"]["bleu"]
+    return [row(f"translation en->{tgt} (Multi30k)", f"encdec minus decoder-only BLEU, equal params and {minutes:g}-min "
+                "budget", round(b_enc - b_dec, 2), "encdec ahead", enc["train_minutes_without_scoring"],
+                f"encdec {b_enc:.2f} ({enc['params']:,} params, {enc['steps']} steps, {enc['epochs']:.2f} epochs, "
+                f"load {enc['env']['loadavg'][0]}) vs decoder-only {b_dec:.2f} ({dec['params']:,} params, "
+                f"{dec['steps']} steps, {dec['epochs']:.2f} epochs, load {dec['env']['loadavg'][0]}, run "
+                f"{dec['env']['date']}); greedy, all 1,000 test sentences; curves {path.stem}.png and "
+                f"translation_multi30k_en{tgt}_encdec_{minutes:g}min.png")]
+
+
+def compare_sentiment(minutes: float) -> list[dict]:
+    """Issue 16: dev accuracy of every SST-2 classifier run at the same budget (results/
+    sentiment_sst2_ARCH_Nmin.json), scratch and pre-trained, in one row."""
+    parts = []
+    for arch in ("encoder", "transformer", "lstm"):
+        path = RESULTS / f"sentiment_sst2_{arch}_{minutes:g}min.json"
+        if path.is_file():
+            d = json.loads(path.read_text())
+            for a in d["arms"].values():
+                parts.append(f"{arch}: scratch {a['scratch']['dev']['accuracy']}%, pre-trained + fine-tuned "
+                             f"{a['pretrained']['dev']['accuracy']}% (load {d['env']['loadavg'][0]})")
+    if len(parts) < 2:
+        return []
+    best = max((float(p.split('scratch ')[1].split('%')[0]), p.split(':')[0]) for p in parts)
+    return [row("sentiment SST-2 (encoder vs decoder-only vs LSTM)", f"best from-scratch dev accuracy %, {minutes:g} min",
+                best[0], "equal wall time", minutes, f"{best[1]} best; " + "; ".join(parts))]
+
+
+def plot_curve(curve: list[dict], minutes: float, bleu: float, tgt: str, args: argparse.Namespace, path: Path,
+               goal: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -246,10 +286,11 @@ def plot_curve(curve: list[dict], minutes: float, bleu: float, tgt: str, args: a
     ax.plot([c["train_minutes"] for c in curve], [c["bleu"] for c in curve], "o-",
             label=f"first {args.curve_limit} test sentences (during training)")
     ax.plot([minutes], [bleu], "s", color="C3", label=f"{args.test_limit or 'all 1,000'} test sentences (final): {bleu:.1f}")
-    ax.axhline(GOAL_BLEU[tgt], color="grey", ls="--", label=f"goal {GOAL_BLEU[tgt]:g} (30 min)")
+    goal = GOAL_BLEU[tgt] if goal is None else goal
+    ax.axhline(goal, color="grey", ls="--", label=f"goal {goal:g} (30 min)")
     ax.set_xlabel("training wall time (min, scoring excluded)")
     ax.set_ylabel("BLEU (greedy)")
-    ax.set_title(f"Multi30k en->{tgt} ({args.arch}), test_2016_flickr, {args.minutes:g}-min budget on a 2-core CPU",
+    ax.set_title(f"Multi30k en->{tgt} ({getattr(args, 'arch', 'decoder')}), test_2016_flickr, {args.minutes:g}-min budget on a 2-core CPU",
                  fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -363,6 +404,7 @@ def sentiment(args: argparse.Namespace) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "_".join(args.arch)
     (RESULTS / f"sentiment_sst2_{name}_{args.minutes:g}min.json").write_text(json.dumps(out, indent=2) + "\n")
+    rows += compare_sentiment(args.minutes)
     write_rows("sentiment", rows)
     print(json.dumps({arch: {k: v["dev"] for k, v in arms.items()} for arch, arms in out["arms"].items()}, indent=1))
 
