@@ -120,6 +120,12 @@ def test_serve_encdec_completions_and_chat_match_in_process_greedy(runs, encdec_
         streamed = "".join(c.choices[0].text for c in client.completions.create(
             model="m", prompt=prompt, max_tokens=20, temperature=0.0, stream=True) if c.choices)
         assert streamed == ref
+    # logprobs: one entry per generated token, the sampled token's log-probability among the top ones
+    r = client.completions.create(model="m", prompt=PROMPTS[0], max_tokens=8, temperature=0.0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == r.usage.completion_tokens
+    # greedy: the token is the most likely (the dicts are keyed by text: undecodable bytes collide)
+    assert all(len(t) <= 3 and x >= max(t.values()) - 1e-5 for t, x in zip(lp.top_logprobs, lp.token_logprobs))
     # chat: the rendered conversation is the source; n=2 samples with a seed are reproducible
     msgs = [{"role": "user", "content": "a dog runs"}]
     a = client.chat.completions.create(model="m", messages=msgs, max_tokens=12, temperature=1.0, seed=3, n=2)
