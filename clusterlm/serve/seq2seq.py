@@ -152,6 +152,10 @@ class Seq2SeqScheduler:
             if req.cancelled.is_set():
                 self.metrics.finished.labels("cancelled").inc(sum(live))
                 return
+            if self._abort is not None or self._stop:  # the drain deadline (or shutdown): at a token boundary
+                req.emit(Failed(self._abort or "the server is shutting down"))
+                self.metrics.aborted.inc()
+                return
             with torch.inference_mode():
                 step = next(gen, None)
             if step is None:
