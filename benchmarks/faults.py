@@ -1,6 +1,6 @@
 """The fault catalogue, run on purpose: each fault made N times, detected, recovered from, timed.
 
-    .venv/bin/python benchmarks/faults.py            # ~8 min on 2 cores; root mounts a real tmpfs
+    .venv/bin/python benchmarks/faults.py            # ~12 min on 2 busy cores; root: real tmpfs, node loss
     .venv/bin/python benchmarks/faults.py --trials 1 --kill-trials 2
     .venv/bin/python benchmarks/faults.py --only sigkill --seed 18   # one row, merged into the JSON
 
