@@ -9,6 +9,7 @@ jobs on a shared machine hits both alike). Writes benchmarks/results/serve_load.
 
     .venv/bin/python benchmarks/serve_load.py                       # tiny model trained on the fly
     .venv/bin/python benchmarks/serve_load.py --ckpt runs/x --clients 16 --seconds 20
+    .venv/bin/python benchmarks/serve_load.py --random-preset gpt2-124m --threads 2   # gpt2-124m shape, random weights
 
 Counting: tokens per stream are usage.completion_tokens from the final chunk (include_usage).
 """
@@ -55,6 +56,30 @@ def _tiny_checkpoint(root: Path, preset: str) -> Path:
                 "--train.max_steps=20", "--train.eval_interval=20", "--train.eval_batches=1",
                 "--train.device=cpu"]) == 0
     return run
+
+
+def _random_checkpoint(root: Path, preset: str) -> Path:
+    """A checkpoint of `preset` with random weights (init_weights(0)) and the byte tokenizer. The
+    vocabulary is the tokenizer's 259 ids padded to the preset's size (vocab_multiple), so the
+    embedding and output projection keep the preset's shape (gpt2-124m: 50257 x 768) while the
+    engine samples only ids the tokenizer can decode (it drops the padding rows)."""
+    from clusterlm.checkpoint.store import save_checkpoint
+    from clusterlm.config import RunConfig, to_toml
+    from clusterlm.models.build import build_model
+    from clusterlm.models.config import get_preset
+    from clusterlm.tokenizer.kinds import make_tokenizer
+
+    import dataclasses
+
+    tok = make_tokenizer("byte")
+    shape = get_preset(preset)
+    cfg = dataclasses.replace(shape, vocab_size=tok.vocab_size, vocab_multiple=shape.padded_vocab_size)
+    model = build_model(cfg)
+    model.init_weights(0)
+    tok.save(root / "tok.json")
+    return save_checkpoint(root / "random" / "checkpoints", 0, model_state=model.state_dict(), optimizer_state=None,
+                           train_state={"step": 0}, config_toml=to_toml(RunConfig(model=cfg)),
+                           tokenizer_path=root / "tok.json")
 
 
 def _pct(xs: list[float], q: float) -> float | None:
@@ -125,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", default=None, help="checkpoint to serve (default: train a tiny one)")
     p.add_argument("--preset", default="gpt-nano", help="preset of the tiny model when --ckpt is not given")
+    p.add_argument("--random-preset", default=None,
+                   help="serve a checkpoint of this preset with random weights instead (e.g. gpt2-124m)")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--max-tokens", type=int, default=48)
@@ -138,7 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     from clusterlm.checkpoint.model_io import load_for_inference
 
     tmp = tempfile.TemporaryDirectory()
-    ckpt = Path(args.ckpt) if args.ckpt else _tiny_checkpoint(Path(tmp.name), args.preset)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    if args.ckpt:
+        ckpt = Path(args.ckpt)
+    elif args.random_preset:
+        ckpt = _random_checkpoint(Path(tmp.name), args.random_preset)
+    else:
+        ckpt = _tiny_checkpoint(Path(tmp.name), args.preset)
     key_file = Path(tmp.name) / "key"
     key_file.write_text(KEY + "\n")
     port = _free_port()
@@ -169,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_for_inference(ckpt)
     result = {
         "model": {"arch": loaded.config.model.arch, "params": loaded.config.model.num_params(),
-                  "max_seq_len": loaded.config.model.max_seq_len, "source": args.ckpt or f"tiny {args.preset}"},
+                  "max_seq_len": loaded.config.model.max_seq_len,
+                  "source": args.ckpt or (f"{args.random_preset}, random weights" if args.random_preset
+                                          else f"tiny {args.preset}")},
+        "command": " ".join(["python", "benchmarks/serve_load.py", *(argv if argv is not None else sys.argv[1:])]),
+        "load_average_before_1_5_15_min": load_before,
+        "load_average_after_1_5_15_min": [round(x, 2) for x in os.getloadavg()],
         "max_tokens": args.max_tokens, "seconds_per_run": args.seconds, "server_threads": args.threads,
         "runs": runs,
         "tokens_per_s_1_client_median": (one := statistics.median(r["tokens_per_s"] for r in runs[0::2])),
