@@ -52,6 +52,7 @@ from clusterlm.models.transformer import (
     apply_rotary,
     init_parameters,
     rotary_tables,
+    sinusoidal_add,
     sinusoidal_table,
 )
 
@@ -178,8 +179,8 @@ class _Embedder(nn.Module):
         h, rope = tok, None
         if self.pos_kind == "learned":
             h = h + self.pos_embeddings.weight[start:start + T]
-        elif self.pos_kind == "sinusoidal":
-            h = h + self.pos_table[start:start + T].to(h.dtype)
+        elif self.pos_kind == "sinusoidal":  # tokens scaled by sqrt(D), as Vaswani et al.
+            h = sinusoidal_add(h, self.pos_table[start:start + T])
         elif self.pos_kind == "rope":
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         return self.dropout(self.emb_norm(h)), rope

@@ -133,3 +133,20 @@ def test_too_long_source_is_refused_with_the_limit():
     model = _model(_cfg("encdec"))
     with pytest.raises(ValueError, match="a source of 17 tokens does not fit in model.max_seq_len=16"):
         model(torch.zeros(1, 17, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long))
+
+
+def test_sinusoidal_positions_scale_the_token_vectors():
+    """Vaswani et al. sec. 3.4: the embedding is multiplied by sqrt(D) before the fixed table is added,
+    in every family (else a 0.02-std embedding is swamped by a table of +-1 entries)."""
+    from clusterlm.models.transformer import sinusoidal_table
+
+    for arch in ("transformer", "encoder", "encdec"):
+        model = _model(ModelConfig(arch=arch, vocab_size=50, n_layers=1, dim=32, n_heads=4, max_seq_len=16,
+                                   pos="sinusoidal"))
+        tok = model.tok_embeddings(torch.tensor([[3, 4, 5]]))
+        want = tok * 32 ** 0.5 + sinusoidal_table(16, 32)[:3]
+        if arch == "transformer":
+            torch.testing.assert_close(model._positions(tok, slice(0, 3)), want)
+        else:  # the encoder stacks norm the sum (emb_norm), then dropout (identity here)
+            stack = model.encoder if arch == "encdec" else model
+            torch.testing.assert_close(stack._embed(tok, 0, "x")[0], stack.emb_norm(want))
