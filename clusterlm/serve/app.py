@@ -337,6 +337,16 @@ def create_app(load: Callable[..., object], settings: Settings,
     async def _reject(request: Request, exc: _Reject) -> Response:
         return exc.response
 
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # routing's own errors (405 method not allowed, 404 no such route) in OpenAI's error shape
+        # too, keeping their headers (405's Allow)
+        return _err(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                    headers=dict(exc.headers) if exc.headers else None,
+                    type_="invalid_request_error" if exc.status_code < 500 else "server_error")
+
     @app.get("/health")
     async def health() -> dict:
         failed = [sv.name for sv in served.values() if sv.error is not None]  # names only: this route has no key
