@@ -32,6 +32,9 @@ the server's steps, prefills) through oneDNN's packed inner product, same precis
 faster than MKL's sgemm there; "bf16" runs every Linear on a bfloat16 packed copy (AMX), at a
 measured accuracy cost; `generate` packs fp32 by default on the CPU for a model in eval mode (the
 Engine itself packs only when asked: eval.lm drives it on a model that is being trained).
+On the CPU each decode step runs at the intra-op thread count a ThreadChooser settles on by
+timing the steps (on a machine shared with other jobs, fewer threads than cores can be several
+times faster: no thread waits at a kernel's barrier for a descheduled one).
 Figures: benchmarks/generate_speed.py, benchmarks/peers_decode.py, docs/compression.md.
 """
 
