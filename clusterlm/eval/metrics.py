@@ -32,7 +32,11 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
 
     The logits are upcast to fp32 first: a bf16 log-softmax over a large vocabulary loses digits.
     Targets equal to IGNORE_INDEX are skipped. `reduction` is "mean" (per scored token) or "sum".
+    Logits (1, N, V) of a model that computed them only at the N labelled positions (the masked-LM
+    encoder with `predict`, data/mlm.predicting) are scored against those targets, in row-major order.
     """
+    if logits.ndim == 3 and logits.shape[0] == 1 and targets.ndim == 2 and targets.shape != logits.shape[:2]:
+        targets = targets[targets != IGNORE_INDEX].unsqueeze(0)  # (1, N)
     if logits.ndim != 3 or targets.shape != logits.shape[:2]:
         raise ValueError(f"lm_loss: logits {tuple(logits.shape)} must be (B, T, V) and targets "
                          f"{tuple(targets.shape)} must be (B, T)")

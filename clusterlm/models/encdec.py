@@ -257,8 +257,15 @@ class Encoder(TiedOutputLM, _Embedder):
             h = layer(h, rope, attn_mask)
         return self.norm(h)
 
-    def forward(self, idx: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.output(self.mlm_head(self.hidden_states(idx, mask))).float()
+    def forward(self, idx: torch.Tensor, mask: torch.Tensor | None = None,
+                predict: torch.Tensor | None = None) -> torch.Tensor:
+        """Masked-LM logits (B, S, V); with `predict` (B, S) bool, only at those positions, in
+        row-major order, as (1, N, V): the masked-LM objective scores ~15% of the positions, and the
+        head and output layer over the rest were most of a training step (data/mlm.predicting)."""
+        h = self.hidden_states(idx, mask)
+        if predict is not None:
+            h = h[predict].unsqueeze(0)  # (1, N, D)
+        return self.output(self.mlm_head(h)).float()
 
 
 class EncDecCache:

@@ -150,3 +150,21 @@ def test_sinusoidal_positions_scale_the_token_vectors():
         else:  # the encoder stacks norm the sum (emb_norm), then dropout (identity here)
             stack = model.encoder if arch == "encdec" else model
             torch.testing.assert_close(stack._embed(tok, 0, "x")[0], stack.emb_norm(want))
+
+
+def test_mlm_logits_only_at_the_predicted_positions_give_the_same_loss():
+    """Encoder.forward(predict=...) computes the head at the labelled positions only; lm_loss scores
+    them against those targets: the same loss and gradients as the full logits."""
+    from clusterlm.eval.metrics import IGNORE_INDEX, lm_loss
+
+    model = _model(_cfg("encoder")).train()
+    idx = torch.randint(0, 50, (3, 10))
+    y = torch.full((3, 10), IGNORE_INDEX)
+    y[0, 2], y[1, 7], y[2, 0], y[2, 9] = 5, 6, 7, 8
+    full = lm_loss(model(idx), y, reduction="sum")
+    g_full = torch.autograd.grad(full, model.layers["0"].attention.wq.weight)[0]
+    part = lm_loss(model(idx, None, y != IGNORE_INDEX), y, reduction="sum")
+    g_part = torch.autograd.grad(part, model.layers["0"].attention.wq.weight)[0]
+    assert model(idx, None, y != IGNORE_INDEX).shape == (1, 4, 50)
+    torch.testing.assert_close(part, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_part, g_full, atol=1e-6, rtol=1e-4)

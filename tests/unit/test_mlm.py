@@ -67,18 +67,19 @@ def test_masks_depend_on_the_stream_position_only(shards, tmp_path):
     one = MLMLoader(view, batch_size=8, **kw)
     ranks = [MLMLoader(view, batch_size=4, rank=r, world_size=2, **kw) for r in range(2)]
     for _ in range(3):
-        x, y = next(one)
+        (x, _, predict), y = next(one)
+        assert (predict == (y != IGNORE_INDEX)).all()  # the encoder predicts only where labels are
         parts = [next(r) for r in ranks]
-        assert (np.concatenate([p[0] for p in parts]) == x.numpy()).all()
+        assert (np.concatenate([p[0][0] for p in parts]) == x.numpy()).all()
         assert (np.concatenate([p[1] for p in parts]) == y.numpy()).all()
     state = one.state_dict()
     want = [next(one) for _ in range(2)]
     fresh = MLMLoader(view, batch_size=8, **kw)
     fresh.load_state_dict(state)
     for (a, b), (c, d) in zip(want, (next(fresh) for _ in range(2))):
-        assert (a == c).all() and (b == d).all()
-    v1 = [b[0] for b in iter_mlm_eval_batches(view, "val", 4, 16, mask_id=60, vocab=60, seed=3, max_batches=2)]
-    v2 = [b[0] for b in iter_mlm_eval_batches(view, "val", 4, 16, mask_id=60, vocab=60, seed=3, max_batches=2)]
+        assert (a[0] == c[0]).all() and (b == d).all()
+    v1 = [b[0][0] for b in iter_mlm_eval_batches(view, "val", 4, 16, mask_id=60, vocab=60, seed=3, max_batches=2)]
+    v2 = [b[0][0] for b in iter_mlm_eval_batches(view, "val", 4, 16, mask_id=60, vocab=60, seed=3, max_batches=2)]
     assert all((a == b).all() for a, b in zip(v1, v2))
 
 
