@@ -93,6 +93,12 @@ class PackedLinear(nn.Linear):
         y = torch.ops.mkldnn._linear_pointwise(x.to(w.dtype), w, b, "none", [], "")
         return y.to(x.dtype)
 
+    def __getstate__(self) -> dict:
+        # the packed copy is an opaque oneDNN tensor (no storage): deepcopy and torch.save drop it,
+        # and the copy repacks on its first call
+        state = super().__getstate__()
+        return {**state, "_packed": None}
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, packed={self.mode}, min_rows={self.min_rows}"
 

@@ -175,3 +175,24 @@ def test_adaptive_threads_keep_tokens_and_restore_the_callers_count() -> None:
     ref, _ = complete(model, [1, 2, 3], max_new_tokens=40, temperature=0.0, adapt_threads=False)
     got, _ = complete(model, [1, 2, 3], max_new_tokens=40, temperature=0.0, adapt_threads=True)
     assert got == ref and torch.get_num_threads() == before
+
+
+def test_packed_model_deepcopies_and_saves() -> None:
+    """The packed copy is an opaque oneDNN tensor: copy.deepcopy and torch.save of a packed model
+    drop it (the copy repacks on first use) and give the same logits."""
+    import copy
+    import io
+
+    model = make("gpt")
+    pack_for_inference(model)
+    idx = torch.randint(0, 61, (4, 8), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        ref = model(idx)
+    twin = copy.deepcopy(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.inference_mode():
+        torch.testing.assert_close(twin(idx), ref)
+        torch.testing.assert_close(loaded(idx), ref)
