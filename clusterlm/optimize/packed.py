@@ -87,7 +87,7 @@ class PackedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (torch.is_grad_enabled() or x.device.type != "cpu" or x.numel() < self.min_rows * self.in_features
-                or type(self.weight.data) is not torch.Tensor):
+                or type(self.weight.data) is not torch.Tensor or self.weight.dtype not in _DTYPES):
             return F.linear(x, self.weight, self.bias)
         w, b = self.packed()
         y = torch.ops.mkldnn._linear_pointwise(x.to(w.dtype), w, b, "none", [], "")
@@ -103,10 +103,12 @@ class PackedLinear(nn.Linear):
         return f"{super().extra_repr()}, packed={self.mode}, min_rows={self.min_rows}"
 
 
+_DTYPES = (torch.float32, torch.bfloat16)  # what oneDNN's CPU inner product takes here
+
+
 def _packable(mod: nn.Module) -> bool:
     w = mod.weight
-    return (type(w.data) is torch.Tensor and w.device.type == "cpu"
-            and w.dtype in (torch.float32, torch.bfloat16))
+    return type(w.data) is torch.Tensor and w.device.type == "cpu" and w.dtype in _DTYPES
 
 
 def pack_for_inference(model: nn.Module, mode: str | None = "fp32", min_rows: int = MIN_ROWS) -> int:
