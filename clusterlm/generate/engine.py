@@ -174,7 +174,7 @@ class Engine:
     step, the sampler, and the finish rule. Runs under the caller's inference_mode."""
 
     def __init__(self, model: nn.Module, *, device: torch.device | str | None = None, compile: bool = False,
-                 fuse: bool | None = None, pack: Pack = None, adapt_threads: bool | None = None) -> None:
+                 fuse: bool | None = None, pack: Pack = None, adapt_threads: bool | None = False) -> None:
         self.model = model
         self.vocab_size: int = model.config.vocab_size
         self.context: int | None = context_length(model)
@@ -190,8 +190,9 @@ class Engine:
         if pack is not None and self.device.type == "cpu":  # replaces the Linear modules, same parameters
             pack_for_inference(model, pack)
         self.pack = pack
-        # CPU decode steps choose their thread count by measurement (ThreadChooser); None: when
-        # more than one thread is allowed
+        # CPU decode steps choose their thread count by measurement (ThreadChooser). None: on the CPU
+        # with more than one thread (generate, the server); the default False keeps eval.lm's scores
+        # reproducible (thread counts change the order of some float sums)
         if adapt_threads is None:
             adapt_threads = self.device.type == "cpu" and torch.get_num_threads() > 1
         self.threads: ThreadChooser | None = None

@@ -141,8 +141,9 @@ class Scheduler:
         self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
         self.max_batch, self.max_queue = max_batch, max_queue
         # the same engine and packed weights as `generate`: on the CPU the batched step runs oneDNN's
-        # packed inner product (generate.engine, optimize.packed), 1.5-1.7x MKL's sgemm for 4-16 rows
-        self.engine = Engine(model, device=device, pack=pack)
+        # packed inner product (generate.engine, optimize.packed), 1.5-1.7x MKL's sgemm for 4-16 rows,
+        # at the thread count its steps measure fastest (ThreadChooser)
+        self.engine = Engine(model, device=device, pack=pack, adapt_threads=None)
         self.context = self.engine.context
         self.cache = model.make_slot_cache(max_batch, self.context or 1, device=device, dtype=self.engine.dtype)
         self.device = self.engine.device

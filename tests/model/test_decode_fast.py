@@ -196,3 +196,22 @@ def test_packed_model_deepcopies_and_saves() -> None:
     with torch.inference_mode():
         torch.testing.assert_close(twin(idx), ref)
         torch.testing.assert_close(loaded(idx), ref)
+
+
+def test_thread_choice_is_on_for_generate_and_the_server_not_for_a_bare_engine() -> None:
+    """generate() and the scheduler adapt the thread count on a CPU with > 1 thread; a bare Engine
+    (eval.lm's task scoring) keeps the caller's count, so its scores stay reproducible."""
+    from clusterlm.generate.engine import generate
+    from clusterlm.serve.metrics import Metrics
+    from clusterlm.serve.scheduler import Scheduler
+
+    model = make("gpt")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert Engine(model).threads is None
+        assert generate(model, [1, 2], max_new_tokens=2).engine.threads is not None
+        sched = Scheduler(model, None, max_batch=2, max_queue=2, metrics=Metrics().model("m", 2, 2))
+        assert sched.engine.threads is not None
+    finally:
+        torch.set_num_threads(before)
