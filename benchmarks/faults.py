@@ -253,12 +253,14 @@ def nan_one_rank(tmp: Path) -> dict:
 
 # ---- a node lost (namespaced Slurm cluster; root) ------------------------------------------------------
 def node_loss_rows(trials: int) -> list[dict]:
-    """Rows for a cut link and a killed node of tests/e2e/test_multinode.py's elastic HSDP 2 x 2 job on
-    scripts/testcluster.sh's 2-node cluster; with no cluster to be had, rows of 0 trials saying why."""
+    """Rows for a cut link and a killed node of tests/e2e/test_multinode.py's elastic HSDP 2 x 2 job
+    (`--on-node-loss requeue`, the default) on scripts/testcluster.sh's 2-node cluster; with no cluster to
+    be had, rows of 0 trials saying why. Recovered: requeued once (Slurm's restart count 1), completed,
+    and the steps after the resumed checkpoint equal an uninterrupted world-size-2 run's."""
     from tests.e2e.test_multinode import ClusterUnavailable, node_loss_trial, testcluster
 
-    names = {"cut": "node lost: its link cut (Slurm HSDP 2x2, --min-nodes 1)",
-             "kill": "node lost: every process of it killed (Slurm HSDP 2x2, --min-nodes 1)"}
+    names = {"cut": "node lost: its link cut (Slurm HSDP 2x2, --min-nodes 1, requeued)",
+             "kill": "node lost: every process of it killed (Slurm HSDP 2x2, --min-nodes 1, requeued)"}
     rows = []
     try:
         with tempfile.TemporaryDirectory() as tmp, testcluster(2) as cluster:
@@ -273,16 +275,18 @@ def node_loss_rows(trials: int) -> list[dict]:
                     trial_dir = Path(tmp) / f"{fault}{i}"
                     trial_dir.mkdir()
                     try:
-                        r = node_loss_trial(cluster, Path(tmp) / "data", trial_dir, fault)
+                        r = node_loss_trial(cluster, Path(tmp) / "data", trial_dir, fault, "requeue")
                     except (AssertionError, Exception) as e:  # noqa: BLE001 - pytest.fail too: one failed trial
                         r = {"state": f"failed: {type(e).__name__}: {str(e)[:300]}", "detect_s": None,
                              "recover_s": None, "step": None, "committed": None, "after": {}, "reference": None,
-                             "lost": "?"}
-                    ok = r["state"] == "COMPLETED" and r["reference"] is not None and r["reference"] == r["after"]
+                             "lost": "?", "restarts": None}
+                    ok = (r["state"] == "COMPLETED" and r["restarts"] == 1 and r["reference"] is not None
+                          and r["reference"] == r["after"])
                     results.append({"detected": r["detect_s"] is not None, "recovered": ok,
                                     "lost": int(r["step"] is None or r["step"] < r["committed"]),
                                     "detect_s": r["detect_s"], "recover_s": r["recover_s"],
-                                    "note": f"node {r['lost']} lost at step {r.get('at_step')}: job {r['state']}, "
+                                    "note": f"node {r['lost']} lost at step {r.get('at_step')}: job {r['state']} "
+                                            f"after {r['restarts']} requeue(s), "
                                             f"resumed at world size 2 from step {r['step']} (committed: "
                                             f"{r['committed']}); steps after it equal an uninterrupted world-size-2 "
                                             f"run from that checkpoint: {ok}"})

@@ -7,7 +7,7 @@
 #   bash scripts/testcluster.sh status
 #   bash scripts/testcluster.sh exec tcn1 CMD...   # run CMD on node tcn1 (its network, its host name)
 #   bash scripts/testcluster.sh cut tcn2           # pull tcn2's cable (link down: no RST, packets vanish)
-#   bash scripts/testcluster.sh restore tcn2       # plug it back (and restart its slurmd if it was killed)
+#   bash scripts/testcluster.sh restore tcn2       # plug it back (its slurmd restarted if killed or if Slurm holds it DOWN)
 #   bash scripts/testcluster.sh kill tcn2          # SIGKILL every process of tcn2 (slurmd, tasks, ...)
 #   bash scripts/testcluster.sh run 2 CMD...       # start, run CMD, stop (also when CMD fails)
 #   bash scripts/testcluster.sh stop               # idempotent: jobs, daemons, namespaces, links, files
@@ -140,6 +140,17 @@ stop_slurmds() {  # hook of slurm-localhost.sh's stop: each node's slurmd, then 
   done
 }
 
+restore_node() {  # link up, and a slurmd that registers now
+  local n="$1" st
+  ip link set "${n}h" up
+  # slurmctld returns a node it holds DOWN to service (ReturnToService=2) when its slurmd registers; a
+  # slurmd that lived through the cut would be heard again only at slurmctld's next ping of non-responding
+  # nodes (measured: 80 s): restarted, it registers at once
+  st="$(SLURM_CONF="$CONF" sinfo --noheader --nodes="$n" --format=%t 2>/dev/null || true)"
+  case "$st" in down*|*\*) stop_one "slurmd $n" "$(slurmd_pidfile "$n")" ;; esac
+  start_slurmd "$n"
+}
+
 net_down() {
   local n
   for n in $(nodes); do
@@ -195,7 +206,7 @@ case "$cmd" in
   addr) known_node "$1"; addr_of "$1" ;;
   exec) known_node "$1"; in_node "$@" ;;
   cut) known_node "$1"; ip link set "${1}h" down; echo "$ME: $1 cut" >&2 ;;
-  restore) known_node "$1"; ip link set "${1}h" up; start_slurmd "$1"; echo "$ME: $1 restored" >&2 ;;
+  restore) known_node "$1"; restore_node "$1"; echo "$ME: $1 restored" >&2 ;;
   kill) known_node "$1"; kill_node "$1"; rm -f "$(slurmd_pidfile "$1")"; echo "$ME: every process of $1 killed" >&2 ;;
   run)
     [ $# -ge 2 ] || die "usage: $0 run N CMD..."

@@ -11,6 +11,12 @@ signal, all ranks agree (all-reduce), finish the step, checkpoint and exit with 
 (75); the script then runs `scontrol requeue`, and the requeued job resumes by itself
 (`--train.resume=auto`). Torch-free: this runs on a login node.
 
+Elastic jobs (`--min-nodes`, `#SBATCH --nodes=MIN-MAX --no-kill`): when a node fails, the script names
+it and, with `--on-node-loss requeue` (the default), sets it DOWN where Slurm has not yet and requeues
+the job, which Slurm starts again on the nodes that are up (at least MIN) and which resumes its last
+checkpoint at the new world size; with `--on-node-loss continue` it restarts in the same allocation
+on the nodes left instead (faster: no requeue, no new scheduling).
+
 Each submission is appended to a job registry (one JSON line per job: job id, recipe, script,
 submit time, working folder) in $CLUSTERLM_HOME/jobs.jsonl, else ~/.cache/clusterlm/jobs.jsonl.
 `clusterlm jobs` reads their state from sacct, falling back to squeue and then `scontrol show job`
@@ -43,7 +49,8 @@ log = logging.getLogger(__name__)
 
 REGISTRY_VERSION = 1
 PROBE_S = 20  # elastic jobs: a node that cannot run a one-task step in this time is taken for lost
-MAX_RANK_LOST_REQUEUES = 3  # a job whose ranks keep hanging is not requeued for ever
+MAX_RANK_LOST_REQUEUES = 3  # a job whose ranks (or nodes) keep getting lost is not requeued for ever
+ON_NODE_LOSS = ("requeue", "continue")  # elastic jobs: what the script does when a node is lost
 SIGNAL_RESOLUTION_S = 60  # sbatch(1), --signal: "may be sent up to 60 seconds earlier than specified"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.,+\-]+$")  # job names, partitions, accounts: no spaces or quotes
 
@@ -70,6 +77,10 @@ class SbatchOptions:
     """SIGUSR2 this many seconds before the time limit: time to finish a step and checkpoint"""
     extra: tuple[str, ...] = ()
     """further #SBATCH options, each one "--key=value" (e.g. --exclusive, --mem=0)"""
+    on_node_loss: str = "requeue"
+    """elastic jobs, after a node is lost: "requeue" (set the lost node DOWN if Slurm has not, `scontrol
+    requeue`: Slurm starts the job again on the nodes that are up, at most MAX_RANK_LOST_REQUEUES times)
+    or "continue" (restart at once in the same allocation on the nodes left)"""
 
     def __post_init__(self) -> None:
         for name in ("nodes", "ntasks_per_node", "cpus_per_task"):
@@ -78,6 +89,11 @@ class SbatchOptions:
                 raise ConfigError(f"--{name.replace('_', '-')}={value} must be an integer >= 1")
         if self.min_nodes and not 1 <= self.min_nodes <= self.nodes:
             raise ConfigError(f"--min-nodes={self.min_nodes} must be in [1, --nodes={self.nodes}]")
+        if self.on_node_loss not in ON_NODE_LOSS:
+            raise ConfigError(f"--on-node-loss={self.on_node_loss!r} must be one of {', '.join(ON_NODE_LOSS)}")
+        if self.on_node_loss == "continue" and not 0 < self.min_nodes < self.nodes:
+            raise ConfigError("--on-node-loss=continue needs an elastic job (--min-nodes below --nodes): a job of a "
+                              "fixed node count cannot go on without a node; Slurm requeues it (--requeue)")
         if self.gpus_per_node < 0:
             raise ConfigError(f"--gpus-per-node={self.gpus_per_node} must be >= 0 (0 = no GPUs)")
         if not 1 <= self.signal_seconds <= 65535:  # Slurm stores the offset in 16 bits
@@ -161,12 +177,16 @@ def render_sbatch(opts: SbatchOptions, recipe: str | None, overrides: list[str],
         ]
     else:
         k = opts.ntasks_per_node
+        on_loss = (_continue_lines(opts.min_nodes) if opts.on_node_loss == "continue"
+                   else _requeue_lines(opts.min_nodes, k))
         run = [
             *threads,
             "# elastic (--nodes=MIN-MAX, --no-kill): one data-parallel replica per node (dp_replicate = nodes,",
             "# the last override wins). When a node fails, Slurm takes it out of the allocation and srun ends;",
-            "# the next round runs on the nodes left (at least MIN) and resumes the last checkpoint at the new",
-            "# world size (DCP reshards; the trainer re-derives gradient accumulation from the global batch)",
+            "# " + ("the next round runs on the nodes left" if opts.on_node_loss == "continue" else
+                    "the job is requeued and Slurm starts it again on the nodes that are up"),
+            "# (at least MIN); it resumes the last checkpoint at the new world size (DCP reshards; the trainer",
+            "# re-derives gradient accumulation from the global batch)",
             'nodes="$SLURM_JOB_NODELIST"',
             "round=0",
             "while true; do",
@@ -195,11 +215,7 @@ def render_sbatch(opts: SbatchOptions, recipe: str | None, overrides: list[str],
             '    left="$(scontrol show hostnames "$nodes" | grep -xF -f <(echo "$alive") | paste -sd, -)"',
             '    lost="$(scontrol show hostnames "$nodes" | grep -vxF -f <(echo "$alive") | paste -sd, -)"',
             '    nleft=$(echo "$left" | tr , "\\n" | grep -c .)',
-            f'    if [ -n "$lost" ] && [ "$nleft" -ge {opts.min_nodes} ]; then',
-            '        echo "clusterlm: srun exited with $rc; node(s) lost: $lost; restarting on $left ($nleft node(s)),'
-            ' $(date -u +%FT%TZ)"',
-            '        nodes="$left"; round=$((round + 1)); continue',
-            "    fi",
+            *on_loss,
             f'    [ -z "$lost" ] || echo "clusterlm: node(s) lost: $lost; $nleft left, fewer than --min-nodes={opts.min_nodes}"',
             "    break",
             "done",
@@ -230,6 +246,76 @@ def render_sbatch(opts: SbatchOptions, recipe: str | None, overrides: list[str],
         "",
     ]
     return "\n".join(lines)
+
+
+def _continue_lines(min_nodes: int) -> list[str]:
+    """--on-node-loss=continue: the next round, at once, in the same allocation on the nodes left."""
+    return [
+        f'    if [ -n "$lost" ] && [ "$nleft" -ge {min_nodes} ]; then',
+        '        echo "clusterlm: srun exited with $rc; node(s) lost: $lost; restarting on $left ($nleft node(s)),'
+        ' $(date -u +%FT%TZ)"',
+        '        nodes="$left"; round=$((round + 1)); continue',
+        "    fi",
+    ]
+
+
+def _requeue_lines(min_nodes: int, k: int) -> list[str]:
+    """--on-node-loss=requeue: name the lost nodes, make sure Slurm will not hand them back (DOWN, else
+    excluded from the job), `scontrol requeue`, and reset the job's task count to MIN x k (a requeued job
+    keeps its last allocation's, nodes x k, and would wait for the lost node)."""
+    cap = MAX_RANK_LOST_REQUEUES
+    return [
+        f'    if [ -n "$lost" ] && [ "$nleft" -ge {min_nodes} ]; then',
+        '        echo "clusterlm: srun exited with $rc; node(s) lost: $lost; $nleft node(s) left ($left), $(date -u +%FT%TZ)"',
+        f'        if [ "${{SLURM_RESTART_COUNT:-0}}" -ge {cap} ]; then',
+        f'            echo "clusterlm: not requeueing job $SLURM_JOB_ID: requeued ${{SLURM_RESTART_COUNT:-0}} times already'
+        f' (at most {cap})"',
+        "            break",
+        "        fi",
+        "        # Slurm must not give a lost node back to the requeued job: slurmctld marks a silent node DOWN only",
+        "        # after SlurmdTimeout (300 s by default), and a requeued job given it would fail again. A node Slurm",
+        "        # already holds DOWN, DRAINED or FAILED is left as it is (its reason, and ReturnToService, kept);",
+        "        # any other is set DOWN (root or a Slurm operator may), else excluded from the requeued job",
+        '        exclude=""',
+        '        for node in $(echo "$lost" | tr , " "); do',
+        '            st="$(sinfo --noheader --nodes="$node" --format=%t 2>/dev/null | head -n1)"',
+        '            case "$st" in',
+        '                down*|drain*|fail*) echo "clusterlm: node $node is ${st} to Slurm already" ;;',
+        '                *) if scontrol update nodename="$node" state=down reason="clusterlm: lost by job $SLURM_JOB_ID"'
+        ' >/dev/null 2>&1; then',
+        '                       echo "clusterlm: set node $node DOWN (it was ${st:-unknown} to Slurm; reason: lost by job'
+        ' $SLURM_JOB_ID)"',
+        "                   else",
+        '                       echo "clusterlm: cannot set node $node DOWN (not a Slurm operator); excluding it from the'
+        ' requeued job"',
+        '                       exclude="${exclude:+$exclude,}$node"',
+        "                   fi ;;",
+        "            esac",
+        "        done",
+        f'        echo "clusterlm: requeueing job $SLURM_JOB_ID (restart $(( ${{SLURM_RESTART_COUNT:-0}} + 1 )) of at most'
+        f' {cap}): it resumes from its last checkpoint on the nodes Slurm gives it (at least {min_nodes}),'
+        ' $(date -u +%FT%TZ)"',
+        "        # A requeued job keeps its last allocation's task count (nodes x tasks per node), with which Slurm",
+        f"        # would wait for the lost node (ReqNodeNotAvail): it is set back to what sbatch asked, {min_nodes} x {k}.",
+        "        # Slurm takes that update only once the requeue is through, i.e. once every process of this run has",
+        "        # ended (SIGTERM now, SIGKILL KillWait s later), and holds each try up to 5 s waiting for it: this",
+        "        # shell ignores SIGTERM and keeps two tries in flight, staggered, so one is pending when it is killed",
+        "        trap '' TERM",
+        '        if scontrol requeue "$SLURM_JOB_ID"; then',
+        "            for delay in 0 2; do",
+        "                (sleep $delay; end=$((SECONDS + 120))",
+        f'                 until scontrol update jobid="$SLURM_JOB_ID" NumTasks={min_nodes * k} ${{exclude:+ExcNodeList=$exclude}}'
+        " 2>/dev/null; do",
+        "                     [ $SECONDS -lt $end ] || exit 1; sleep 0.1",
+        "                 done) &",
+        "            done",
+        "            wait",
+        "            exit 0",
+        "        fi",
+        '        echo "clusterlm: scontrol requeue failed; resubmit this script to resume" >&2',
+        "        break",
+        "    fi",
+    ]
 
 
 # ---- job registry -----------------------------------------------------------------------------
@@ -316,6 +402,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--min-nodes", type=int, default=0,
                    help="elastic: run on as few as this many nodes (also after a node is lost and the job requeued); "
                         "dp_replicate follows the node count, so the recipe's must equal --nodes")
+    g.add_argument("--on-node-loss", choices=ON_NODE_LOSS, default=None,
+                   help="elastic jobs (--min-nodes), when a node is lost: requeue (default: set it DOWN if Slurm has "
+                        "not, `scontrol requeue`; Slurm restarts the job on the nodes that are up, at most "
+                        f"{MAX_RANK_LOST_REQUEUES} times) or continue (restart at once in the same allocation on the "
+                        "nodes left)")
     g.add_argument("--ntasks-per-node", type=int, default=None,
                    help="training processes per node (default: --gpus-per-node, else world size / nodes)")
     g.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (0: CPU-only job)")
@@ -362,7 +453,7 @@ def submit(args: argparse.Namespace, overrides: list[str], run: Runner | None = 
     opts = SbatchOptions(nodes=args.nodes, min_nodes=args.min_nodes, ntasks_per_node=ntasks, gpus_per_node=args.gpus_per_node,
                          cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition,
                          account=args.account, job_name=args.job_name, signal_seconds=args.signal_seconds,
-                         extra=tuple(args.sbatch_arg))
+                         extra=tuple(args.sbatch_arg), on_node_loss=getattr(args, "on_node_loss", None) or "requeue")
     if opts.world_size != world:
         raise ConfigError(f"--nodes={opts.nodes} x --ntasks-per-node={opts.ntasks_per_node} = {opts.world_size} tasks, "
                           f"but the recipe's [parallel] layout needs dp_replicate*dp_shard*tp*pp = "

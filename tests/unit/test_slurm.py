@@ -302,3 +302,106 @@ def test_launch_slurm_dry_run_without_torch(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, "launch", RECIPE, "--slurm", "--dry-run", "--time=5"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "--time='5' is not a time limit" in r.stderr
+
+
+# ---- elastic jobs: --on-node-loss ------------------------------------------------------------------------
+def _run_elastic(tmp_path: Path, mode: str, node2_state: str = "idle", operator: bool = True, restarts: int = 0):
+    """The script of `--nodes 2 --min-nodes 1 --ntasks-per-node 2 --on-node-loss MODE` with stand-ins: the
+    first srun ends with a node failure, the probe step answers on n1 only, sinfo shows n2 in node2_state,
+    scontrol logs requeue and updates (a node update fails unless operator). Returns (result, calls)."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir(exist_ok=True)
+    calls = tmp_path / "calls.log"
+    (bin_ / "srun").write_text(f"""#!/bin/bash
+case "$*" in
+  *" true") case "$*" in *--nodelist=n1*) exit 0 ;; *) exit 1 ;; esac ;;  # the probe: n2 does not answer
+esac
+echo "srun $*" >> {calls}
+[ "$(grep -c '^srun' {calls})" -ge 2 ] && exit 0
+echo "srun: error: Node failure on n2" >&2; exit 137
+""")
+    (bin_ / "scontrol").write_text(f"""#!/bin/bash
+case "$1 $2" in
+  "show hostnames") case "$3" in "n[1-2]") printf 'n1\\nn2\\n' ;; *) echo "$3" | tr , '\\n' ;; esac ;;
+  "show job") echo "   NodeList=n[1-2] BatchHost=n1" ;;  # Slurm has not taken n2 out yet
+  "show node") echo "   NodeAddr=10.0.0.1" ;;
+  *) echo "scontrol $*" >> {calls}
+     case "$*" in update\\ nodename=*) exit {0 if operator else 1} ;; esac ;;
+esac
+""")
+    (bin_ / "sinfo").write_text(f"#!/bin/bash\necho '{node2_state}'\n")
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    script = render_sbatch(SbatchOptions(nodes=2, min_nodes=1, ntasks_per_node=2, on_node_loss=mode), None,
+                           ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"], output_dir=tmp_path,
+                           workdir=tmp_path, python="python")
+    (tmp_path / "job.sh").write_text(script)
+    env = {"PATH": f"{bin_}:/usr/bin:/bin", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n[1-2]",
+           "SLURM_RESTART_COUNT": str(restarts)}
+    r = subprocess.run(["bash", str(tmp_path / "job.sh")], env=env, capture_output=True, text=True, timeout=60)
+    return r, calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_node_loss_requeue_sets_the_node_down_and_requeues_at_the_submitted_task_count(tmp_path):
+    """--on-node-loss=requeue (the default): srun ends with n2's failure, the probe finds n2 silent while
+    Slurm still shows it idle: the script names it, sets it DOWN (so the requeued job is not given it),
+    requeues the job and sets its task count back to MIN x tasks per node (2), exit 0; no second srun."""
+    assert SbatchOptions(nodes=2, min_nodes=1).on_node_loss == "requeue"
+    r, calls = _run_elastic(tmp_path, "requeue")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [c for c in calls if c.startswith("srun")] == [calls[0]] and "--nodelist=n[1-2]" in calls[0]
+    rest = calls[1:]
+    assert rest[0] == 'scontrol update nodename=n2 state=down reason=clusterlm: lost by job 7'
+    assert rest[1] == "scontrol requeue 7"
+    assert set(rest[2:]) == {"scontrol update jobid=7 NumTasks=2"}, rest  # both staggered tries, as Slurm takes them
+    assert "clusterlm: srun exited with 137; node(s) lost: n2; 1 node(s) left (n1), " in r.stdout
+    assert "clusterlm: set node n2 DOWN (it was idle to Slurm; reason: lost by job 7)" in r.stdout
+    assert "clusterlm: requeueing job 7 (restart 1 of at most 3)" in r.stdout
+
+
+def test_node_loss_requeue_leaves_a_down_node_alone_and_excludes_when_not_operator(tmp_path):
+    """A node Slurm holds DOWN already keeps its state and reason (no node update); a user who may not set
+    nodes DOWN excludes the lost node from the requeued job instead (ExcNodeList)."""
+    (tmp_path / "a").mkdir()
+    r, calls = _run_elastic(tmp_path / "a", "requeue", node2_state="down*")
+    assert r.returncode == 0 and not any("nodename" in c for c in calls), calls
+    assert "clusterlm: node n2 is down* to Slurm already" in r.stdout
+    assert set(calls[2:]) == {"scontrol update jobid=7 NumTasks=2"}, calls
+    (tmp_path / "b").mkdir()
+    r, calls = _run_elastic(tmp_path / "b", "requeue", node2_state="alloc*", operator=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "cannot set node n2 DOWN (not a Slurm operator); excluding it from the requeued job" in r.stdout
+    assert set(calls[3:]) == {"scontrol update jobid=7 NumTasks=2 ExcNodeList=n2"}, calls
+
+
+def test_node_loss_requeue_is_capped(tmp_path):
+    """After MAX_RANK_LOST_REQUEUES requeues a lost node ends the job (srun's code) instead of another requeue."""
+    r, calls = _run_elastic(tmp_path, "requeue", restarts=slurm.MAX_RANK_LOST_REQUEUES)
+    assert r.returncode == 137, r.stdout + r.stderr
+    assert not any("requeue" in c or "update" in c for c in calls), calls
+    assert "not requeueing job 7: requeued 3 times already (at most 3)" in r.stdout
+
+
+def test_node_loss_continue_restarts_in_the_allocation(tmp_path):
+    """--on-node-loss=continue: no requeue, no node update; srun again on n1 alone (2 tasks, dp_replicate=1
+    last, --overlap) in the same allocation, and the job ends with that round's 0."""
+    r, calls = _run_elastic(tmp_path, "continue")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(calls) == 2 and all(c.startswith("srun") for c in calls), calls
+    assert "--overlap --nodes=1 --ntasks=2 --nodelist=n1" in calls[1] and calls[1].endswith("--parallel.dp_replicate=1")
+    assert "node(s) lost: n2; restarting on n1 (1 node(s))" in r.stdout
+
+
+def test_on_node_loss_option(tmp_path):
+    """Only requeue or continue; continue needs an elastic job; the CLI option reaches the script."""
+    with pytest.raises(ConfigError, match="--on-node-loss='later' must be one of requeue, continue"):
+        SbatchOptions(nodes=2, min_nodes=1, on_node_loss="later")
+    with pytest.raises(ConfigError, match="--on-node-loss=continue needs an elastic job"):
+        SbatchOptions(nodes=2, on_node_loss="continue")
+    base = [sys.executable, "-m", "clusterlm", "launch", "--slurm", "--dry-run", "--nodes=2", "--min-nodes=1",
+            "--ntasks-per-node=1", "--parallel.dp_replicate=2", f"--train.out_dir={tmp_path / 'run'}"]
+    r = subprocess.run([*base, "--on-node-loss=continue"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "restarting on $left" in r.stdout and "scontrol requeue" in r.stdout, r.stderr
+    assert "NumTasks=" not in r.stdout  # only the preemption/76 requeues
+    r = subprocess.run(base, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "NumTasks=1" in r.stdout and "restarting on $left" not in r.stdout, r.stderr
