@@ -93,17 +93,38 @@ class PackedLinear(nn.Linear):
         y = torch.ops.mkldnn._linear_pointwise(x.to(w.dtype), w, b, "none", [], "")
         return y.to(x.dtype)
 
-    def __getstate__(self) -> dict:
-        # the packed copy is an opaque oneDNN tensor (no storage): deepcopy and torch.save drop it,
-        # and the copy repacks on its first call
-        state = super().__getstate__()
-        return {**state, "_packed": None}
+    # The packed copy is per-process inference state (an opaque oneDNN tensor, no storage): a deep
+    # copy or a pickle (torch.save) of a packed model holds plain nn.Linear modules over copies of
+    # the parameters, which a LoRA adapter can wrap (the server clones its base model for one) and
+    # whose user packs again if wanted.
+    def __deepcopy__(self, memo: dict) -> nn.Linear:
+        import copy
+
+        return copy.deepcopy(_plain(self), memo)
+
+    def __reduce_ex__(self, protocol):  # type: ignore[no-untyped-def]
+        return _rebuild_linear, (self.in_features, self.out_features, self.weight, self.bias, self.training)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, packed={self.mode}, min_rows={self.min_rows}"
 
 
 _DTYPES = (torch.float32, torch.bfloat16)  # what oneDNN's CPU inner product takes here
+
+
+def _plain(mod: nn.Linear) -> nn.Linear:
+    """An nn.Linear over mod's parameters (the same Parameter objects), its hooks not carried."""
+    return _rebuild_linear(mod.in_features, mod.out_features, mod.weight, mod.bias, mod.training)
+
+
+def _rebuild_linear(in_features: int, out_features: int, weight: nn.Parameter, bias: nn.Parameter | None,
+                    training: bool) -> nn.Linear:
+    """Unpickling a PackedLinear: a plain nn.Linear over the unpickled parameters."""
+    plain = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(plain)
+    plain.in_features, plain.out_features, plain.weight, plain.bias = in_features, out_features, weight, bias
+    plain.train(training)
+    return plain
 
 
 def _packable(mod: nn.Module) -> bool:
@@ -133,11 +154,7 @@ def pack_for_inference(model: nn.Module, mode: str | None = "fp32", min_rows: in
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if mode is None:
-            plain = nn.Linear.__new__(nn.Linear)
-            nn.Module.__init__(plain)
-            plain.in_features, plain.out_features, plain.weight, plain.bias = \
-                mod.in_features, mod.out_features, mod.weight, mod.bias
-            setattr(parent, attr, plain)
+            setattr(parent, attr, _plain(mod))
         else:
             setattr(parent, attr, PackedLinear(mod, mode, min_rows))
             n += 1

@@ -179,7 +179,8 @@ def test_adaptive_threads_keep_tokens_and_restore_the_callers_count() -> None:
 
 def test_packed_model_deepcopies_and_saves() -> None:
     """The packed copy is an opaque oneDNN tensor: copy.deepcopy and torch.save of a packed model
-    drop it (the copy repacks on first use) and give the same logits."""
+    give plain nn.Linear modules (what a LoRA adapter wraps: the server clones its base for one)
+    with the same logits, the tied output still tied."""
     import copy
     import io
 
@@ -196,6 +197,9 @@ def test_packed_model_deepcopies_and_saves() -> None:
     with torch.inference_mode():
         torch.testing.assert_close(twin(idx), ref)
         torch.testing.assert_close(loaded(idx), ref)
+    for m in (twin, loaded):
+        assert not packed(m) and type(m.output) is nn.Linear and m.output.weight is m.tok_embeddings.weight
+    assert packed(model)  # the original keeps its packed modules
 
 
 def test_thread_choice_is_on_for_generate_and_the_server_not_for_a_bare_engine() -> None:
