@@ -42,6 +42,21 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="run the one-token decode step through torch.compile (compiled on first use: "
                         "seconds to a minute; needs a C++ compiler on CPU)")
+    p.add_argument("--pack", default="auto", choices=["auto", "fp32", "bf16", "none"],
+                   help="CPU weights: auto = fp32 packed for oneDNN (same precision), bf16 = bf16 packed (AMX; "
+                        "~1e-2 relative logits error, docs/compression.md), none = as loaded")
+
+
+def _pack(args) -> str | None:  # noqa: ANN001
+    """--pack as generate() takes it: "auto", "fp32", "bf16", or None for none. bf16 is refused on a
+    CPU without AVX512-BF16/AMX (its matmuls would be emulated: slower than fp32)."""
+    if args.pack == "bf16":
+        from clusterlm.optimize.packed import bf16_unavailable
+
+        problem = bf16_unavailable()
+        if problem:
+            raise ValueError(f"--pack bf16: {problem}; use --pack auto (fp32 packed) or none")
+    return None if args.pack == "none" else args.pack
 
 
 def _load(args):  # noqa: ANN001, ANN202
@@ -115,7 +130,7 @@ def generate_main(argv: list[str], out: TextIO | None = None) -> int:
         else:
             pieces = stream_text(loaded, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                  top_k=args.top_k, top_p=args.top_p, seed=seed, compile=args.compile, stop=stops,
-                                 stop_ids=stop_ids)
+                                 stop_ids=stop_ids, pack=_pack(args))
         for piece in pieces:
             out.write(piece)
             out.flush()
@@ -155,7 +170,7 @@ def chat_main(argv: list[str], stdin: TextIO | None = None, out: TextIO | None =
         else:
             pieces = stream_text(loaded, fmt.render(messages), max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
-                                 stop=fmt.stop_strings, stop_ids=fmt.stop_ids, compile=args.compile)
+                                 stop=fmt.stop_strings, stop_ids=fmt.stop_ids, compile=args.compile, pack=_pack(args))
         for piece in pieces:
             reply += piece
             out.write(piece)

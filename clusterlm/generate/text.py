@@ -226,17 +226,18 @@ class StopStrings:
 
 def stream_text(loaded, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int | None,  # noqa: ANN001
                 top_p: float | None, seed: int | None, stop: str | tuple[str, ...] | None = None,
-                compile: bool = False, stop_ids: tuple[int, ...] = ()) -> Iterator[str]:
+                compile: bool = False, stop_ids: tuple[int, ...] = (), pack: str | None = "auto") -> Iterator[str]:
     """Yield text pieces of one sample of `loaded` (a checkpoint.model_io LoadedModel) as they are
     generated; stops at EOS, a token of `stop_ids`, the limit or `stop` (one string or several; not
     returned, see StopStrings). Past the model's context the window slides (engine.generate's
-    sliding_window). `compile`: run the decode step through torch.compile."""
+    sliding_window). `compile`: run the decode step through torch.compile. `pack`: the CPU weights
+    (engine.generate's pack: "auto", "fp32", "bf16" or None)."""
     from clusterlm.generate.engine import context_length, generate
 
     tok, model = loaded.tokenizer, loaded.model
     ids = prompt_ids(tok, prompt, context_length(model), max_new_tokens)
     gen = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   seed=seed, eos_id=tok.eos_id, sliding_window=True, compile=compile)
+                   seed=seed, eos_id=tok.eos_id, sliding_window=True, compile=compile, pack=pack)
     ts, stops = TextStream(tok), StopStrings((stop,) if isinstance(stop, str) else tuple(stop or ()))
     for step in gen:
         if step[0] is None:

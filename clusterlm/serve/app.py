@@ -51,9 +51,13 @@ MAX_HEADER_BYTES = 16 * 1024
 BACKLOG = 128  # listen() queue, and the most connections asyncio accepts in one event-loop tick
 
 
+PACK_CHOICES = ("auto", "fp32", "bf16", "none")
+
+
 class Settings:
     def __init__(self, *, api_key: str, model_name: str, max_batch: int = 16, max_queue: int = 64,
-                 max_new_tokens_limit: int = 512, max_body_bytes: int = 1 << 20, device: str = "cpu") -> None:
+                 max_new_tokens_limit: int = 512, max_body_bytes: int = 1 << 20, device: str = "cpu",
+                 pack: str = "auto") -> None:
         for name, val, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
                               ("max_new_tokens_limit", max_new_tokens_limit, 1),
                               ("max_body_bytes", max_body_bytes, 1024)):
@@ -64,6 +68,9 @@ class Settings:
         self.api_key, self.model_name = api_key, model_name
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_new_tokens_limit, self.max_body_bytes, self.device = max_new_tokens_limit, max_body_bytes, device
+        if pack not in PACK_CHOICES:
+            raise ValueError(f"pack={pack!r}; expected one of {', '.join(PACK_CHOICES)}")
+        self.pack = pack  # the decode engine's packed CPU weights (generate.engine.Engine, optimize/packed.py)
 
     def for_model(self, spec: ModelSpec) -> Settings:
         """These settings with `spec`'s name and its own limits where it gives them."""
@@ -71,7 +78,7 @@ class Settings:
         return Settings(api_key=self.api_key, model_name=spec.name, max_batch=pick(spec.max_batch, self.max_batch),
                         max_queue=pick(spec.max_queue, self.max_queue),
                         max_new_tokens_limit=pick(spec.max_new_tokens_limit, self.max_new_tokens_limit),
-                        max_body_bytes=self.max_body_bytes, device=self.device)
+                        max_body_bytes=self.max_body_bytes, device=self.device, pack=self.pack)
 
 
 def _err(status: int, message: str, *, param: str | None = None, type_: str = "invalid_request_error",
@@ -253,8 +260,9 @@ def create_app(load: Callable[..., object], settings: Settings,
                               "fine-tuned from it (POST /classify)")
         if arch == "encdec":  # the prompt to the encoder, one request at a time (serve/seq2seq.py)
             from clusterlm.serve.seq2seq import Seq2SeqScheduler as sched_cls
+        pack = {} if arch == "encdec" else {"pack": None if sv.settings.pack == "none" else sv.settings.pack}
         sched = sched_cls(loaded.model, loaded.tokenizer, max_batch=sv.settings.max_batch,
-                          max_queue=sv.settings.max_queue, metrics=sv.metrics, device=sv.settings.device)
+                          max_queue=sv.settings.max_queue, metrics=sv.metrics, device=sv.settings.device, **pack)
         sched.start()
         try:
             sched.warmup()
@@ -657,6 +665,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--model-name", default=None,
                    help="the id in /v1/models of a single model (default: the run folder's name; several: NAME=PATH)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--pack", default="auto", choices=PACK_CHOICES,
+                   help="CPU weights for the decode steps: auto = fp32 packed for oneDNN (same precision), bf16 = "
+                        "bf16 packed (AMX; ~1e-2 relative logits error, docs/compression.md), none = as loaded")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads on CPU (0 = torch's default). 1 is fastest for small models: "
                         "the decode step's matmuls are too small to split, and idle OpenMP workers spin "
@@ -701,7 +712,12 @@ def main(argv: list[str]) -> int:
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
     settings = Settings(api_key=key, model_name=specs[0].name, max_batch=args.max_batch, max_queue=args.max_queue,
                         max_new_tokens_limit=args.max_new_tokens_limit, max_body_bytes=args.max_body_bytes,
-                        device=args.device)
+                        device=args.device, pack=args.pack)
+    if args.pack == "bf16" and args.device == "cpu":
+        from clusterlm.optimize.packed import bf16_unavailable
+
+        if bf16_unavailable():
+            raise ValueError(f"--pack bf16: {bf16_unavailable()}; use --pack auto (fp32 packed) or none")
     for spec in specs:  # each model's own limits are checked before anything binds or loads
         settings.for_model(spec)
     if len(specs) == 1:
