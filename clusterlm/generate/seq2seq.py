@@ -208,7 +208,7 @@ def stream_seq2seq(loaded: Any, source: str, *, max_new_tokens: int, temperature
     """generate.text.stream_text for an encoder-decoder (a checkpoint.model_io LoadedModel): `source`
     to the encoder (too long: cut to its first max_seq_len - 1 ids + EOS unless truncate=False), the
     target streamed as text; with num_beams > 1 the best beam, in one piece when the search ends."""
-    from clusterlm.generate.text import StopStrings, TextStream
+    from clusterlm.generate.text import stream_pieces
 
     tok, model = loaded.tokenizer, loaded.model
     (src,) = fit_sources(tok, [source], model.config.max_seq_len, truncate)
@@ -220,20 +220,7 @@ def stream_seq2seq(loaded: Any, source: str, *, max_new_tokens: int, temperature
         steps = Seq2SeqGeneration(model, [src], max_new_tokens=max_new_tokens, bos_id=tok.bos_id, eos_id=tok.eos_id,
                                   pad_id=max(tok.pad_id, 0), temperature=temperature, top_k=top_k, top_p=top_p,
                                   seed=seed)
-    ts, stops = TextStream(tok), StopStrings((stop,) if isinstance(stop, str) else tuple(stop or ()))
-    for step in steps:
-        if step[0] is None:
-            continue
-        if step[0] in stop_ids:
-            break
-        piece, stopped = stops.push(ts.push(step[0]))
-        if piece:
-            yield piece
-        if stopped:
-            return
-    rest = stops.flush(ts.flush())
-    if rest:
-        yield rest
+    yield from stream_pieces(steps, tok, stop, stop_ids)
 
 
 @torch.inference_mode()

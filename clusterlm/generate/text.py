@@ -238,11 +238,19 @@ def stream_text(loaded, prompt: str, *, max_new_tokens: int, temperature: float,
     ids = prompt_ids(tok, prompt, context_length(model), max_new_tokens)
     gen = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    seed=seed, eos_id=tok.eos_id, sliding_window=True, compile=compile, pack=pack)
+    yield from stream_pieces(gen, tok, stop, stop_ids)
+
+
+def stream_pieces(steps: Iterator[list[int | None]], tok, stop: str | tuple[str, ...] | None,  # noqa: ANN001
+                  stop_ids: tuple[int, ...]) -> Iterator[str]:
+    """Text pieces of the first sequence of a generation (one token per step, None once finished):
+    detokenized as they come, ended by a token of `stop_ids` (the end of a turn, like EOS: not
+    shown) or a stop string (not returned). stream_text and generate.seq2seq.stream_seq2seq."""
     ts, stops = TextStream(tok), StopStrings((stop,) if isinstance(stop, str) else tuple(stop or ()))
-    for step in gen:
+    for step in steps:
         if step[0] is None:
             continue
-        if step[0] in stop_ids:  # the end of the turn, like EOS: not shown
+        if step[0] in stop_ids:
             break
         piece, stopped = stops.push(ts.push(step[0]))
         if piece:
