@@ -26,6 +26,7 @@ Activation recomputation adds hardware FLOPs (HFU), never model FLOPs (MFU): see
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from clusterlm.models.config import TRANSFORMER_ARCHS, ModelConfig
@@ -299,8 +300,6 @@ def step_work(model: ModelConfig, micro_batch: int, seq_len: int, *, tp: int = 1
                    MemOp(f"cross residual add + grad sum (x{2 * L})", 3 * h * e, L * (1 + fwd_passes)),
                    MemOp(f"cross-attention output copy fwd+bwd (x{L})", 2 * q * e, L * (1 + fwd_passes))]
         ops += 10 * L * fwd_passes
-        import dataclasses
-
         enc_cfg = dataclasses.replace(model, arch="encoder", n_layers=model.enc_layers, n_enc_layers=None)
         enc = step_work(enc_cfg, micro_batch, seq_len, tp=tp, recompute=recompute, dtype=dtype, loss=False)
         gemms += [dataclasses.replace(g, name=f"encoder.{g.name}") for g in enc.gemms]
