@@ -414,28 +414,39 @@ def measure_log_record(seconds: float) -> float:
 
 RNN_BATCH = (4, 16, 64)
 RNN_DIM = (128, 256, 512)
-RNN_STEPS = 32
+RNN_STEPS = (16, 64)  # two sequence lengths: a call costs a fixed part (weight reorders) + T x a per-step part
 
 
 def measure_rnn_sweep(device: str, arch: str, batches: tuple[int, ...], dims: tuple[int, ...], seconds: float,
-                      spreads: list[float] | None = None) -> tuple[tuple[float, float, float], ...]:
-    """Rows (B, D, us per time step) of one nn.LSTM / nn.GRU layer (D -> D, batch_first) forward + backward
-    over RNN_STEPS steps, divided by the steps: the recurrence runs one step after another (oneDNN's fused
-    layer on a CPU), so a layer costs T x this at batch B. Timed from a cold cache, median of calls."""
+                      spreads: list[float] | None = None) -> tuple[tuple[float, float, float, float], ...]:
+    """Rows (B, D, us per call, us per time step) of one nn.LSTM / nn.GRU layer (D -> D, batch_first)
+    forward + backward. The recurrence runs one step after another (oneDNN's fused layer on a CPU),
+    and each call also pays a fixed cost that does not grow with T (oneDNN reorders the weights into
+    its own layout, forward and backward): timing two lengths, T1 < T2, separates them, so that a layer
+    costs (us per call) + T x (us per time step) at batch B. Timing one length and dividing by it
+    mispredicted a 2-layer, T=64 recipe by 23-35% (issue 20). Timed from a cold cache, median of calls."""
     import torch
 
     sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
     evict = _evictor(device)
     cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[arch]
+    t1, t2 = RNN_STEPS
     rows = []
     for b in batches:
         for d in dims:
             layer = cls(d, d, num_layers=1, batch_first=True).to(device)
-            x = torch.randn(b, RNN_STEPS, d, device=device, requires_grad=True)
-            g = torch.randn(b, RNN_STEPS, d, device=device)
-            fn = lambda: torch.autograd.grad(layer(x)[0], [x, *layer.parameters()], g)
-            per = _timed_cold(fn, sync, seconds, evict, spreads=spreads)
-            rows.append((float(b), float(d), float(f"{per / RNN_STEPS * 1e6:.4g}")))
+            per_len = []
+            for t in (t1, t2):
+                x = torch.randn(b, t, d, device=device, requires_grad=True)
+                g = torch.randn(b, t, d, device=device)
+                fn = lambda x=x, g=g: torch.autograd.grad(layer(x)[0], [x, *layer.parameters()], g)
+                per_len.append(_timed_cold(fn, sync, seconds, evict, spreads=spreads) * 1e6)
+            step = (per_len[1] - per_len[0]) / (t2 - t1)
+            if step <= 0:  # noise larger than the difference: no separable fixed part
+                step, fixed = per_len[1] / t2, 0.0
+            else:
+                fixed = max(per_len[0] - t1 * step, 0.0)
+            rows.append((float(b), float(d), float(f"{fixed:.4g}"), float(f"{step:.4g}")))
     return tuple(rows)
 
 

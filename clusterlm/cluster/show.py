@@ -77,7 +77,9 @@ def _device_children(d: DeviceSpec) -> list[Any]:
     if d.op_overhead_us is not None:
         per_op.append(f"{d.op_overhead_us:g} us per op")
     for arch, rows in d.rnn_sweep.items():
-        per_op.append(f"{arch} layer {min(r[2] for r in rows):.3g}-{max(r[2] for r in rows):.3g} us per time step")
+        per_op.append(f"{arch} layer {min(r[-1] for r in rows):.3g}-{max(r[-1] for r in rows):.3g} us per time step"
+                      + (f" + {min(r[2] for r in rows):.3g}-{max(r[2] for r in rows):.3g} us per call"
+                         if len(rows[0]) == 4 else ""))
     if d.optimizer_us_per_tensor is not None:
         per_op.append(f"optimizer {d.optimizer_us_per_tensor:g} us per parameter tensor + {d.step_fixed_us or 0:g} us "
                       f"per step")

@@ -81,7 +81,9 @@ class DeviceSpec:
     op_overhead_us: float | None = None
     """probe: microseconds per tiny autograd op, forward + backward (dispatch, bookkeeping, launch)"""
     rnn_sweep: dict[str, tuple[tuple[float, ...], ...]] = field(default_factory=dict)
-    """probe: one LSTM / GRU layer (D -> D) forward + backward, rows [B, D, us per time step] by arch"""
+    """probe: one LSTM / GRU layer (D -> D) forward + backward, rows [B, D, us per call, us per time step]
+    by arch (a layer of T steps costs us per call + T x us per time step); rows [B, D, us per time step]
+    from older probes are read with no per-call part"""
     optimizer_us_per_tensor: float | None = None
     """probe: microseconds per parameter tensor of clip_grad_norm_ + fused AdamW step + zero_grad on
     tiny tensors (the optimizer's per-tensor bookkeeping, beyond its per-element work)"""
@@ -106,10 +108,16 @@ class DeviceSpec:
         tables = [("elementwise_sweep", self.elementwise_sweep, 2, "[bytes, GB/s]"),
                   ("attention_sweep", self.attention_sweep, 3, "[T, Hd, TFLOP/s]")]
         tables += [(f"kernel_sweep.{k}", v, 2, "[elements, ns]") for k, v in self.kernel_sweep.items()]
-        tables += [(f"rnn_sweep.{k}", v, 3, "[B, D, us per step]") for k, v in self.rnn_sweep.items()]
         for key, rows, n, what in tables:
             if any(len(r) != n or min(r) <= 0 for r in rows):
                 raise ConfigError(f"device {self.name!r}: {key} rows are {what}, all > 0; got {list(rows)[:3]}")
+        for key, rows in self.rnn_sweep.items():
+            width = {len(r) for r in rows}
+            if not rows or len(width) != 1 or width - {3, 4} or any(min(r[:2]) <= 0 or r[-1] <= 0 or min(r) < 0
+                                                                     for r in rows):
+                raise ConfigError(f"device {self.name!r}: rnn_sweep.{key} rows are [B, D, us per call, us per time "
+                                  f"step] (B, D and the step > 0, the call >= 0; older probes: [B, D, us per time "
+                                  f"step]), all of one width; got {list(rows)[:3]}")
         if self.kind not in DEVICE_KINDS:
             raise ConfigError(f"device {self.name!r}: kind={self.kind!r}; expected one of {', '.join(DEVICE_KINDS)}")
         if self.count < 1 or self.memory_gib < 0:

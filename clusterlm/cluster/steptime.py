@@ -210,11 +210,20 @@ class OpRates:
     data_us_per_batch: float = 0.0
     """the loader's cost per micro-batch (probe)"""
     rnn_sweep: tuple[tuple[tuple[str, tuple[tuple[float, ...], ...]], ...], ...] = ()
-    """(arch, rows [B, D, us per time step]) of one LSTM/GRU layer fwd + bwd (probe)"""
+    """(arch, rows [B, D, us per call, us per time step]) of one LSTM/GRU layer fwd + bwd (probe); older
+    probes' rows [B, D, us per time step] have no per-call part"""
 
-    def rnn_step_us(self, arch: str, batch: float, dim: float) -> float:
-        """us per time step of one recurrent layer: log-interpolated in (B, D), end values outside."""
-        return _grid_interp(dict(self.rnn_sweep)[arch], (batch, dim), scale_below=False)
+    def rnn_layer_us(self, arch: str, batch: float, dim: float) -> tuple[float, float]:
+        """(us per call, us per time step) of one recurrent layer forward + backward: each log-interpolated
+        in (B, D), end values outside (a per-call part of 0 stays 0)."""
+        rows = dict(self.rnn_sweep)[arch]
+        step = _grid_interp(tuple((r[0], r[1], r[-1]) for r in rows), (batch, dim), scale_below=False)
+        if len(rows[0]) < 4 or any(r[2] <= 0 for r in rows):  # old probe, or a shape with no separable part
+            fixed = _grid_interp(tuple((r[0], r[1], r[2] + 1.0) for r in rows), (batch, dim), scale_below=False
+                                 ) - 1.0 if len(rows[0]) == 4 else 0.0
+        else:
+            fixed = _grid_interp(tuple((r[0], r[1], r[2]) for r in rows), (batch, dim), scale_below=False)
+        return max(fixed, 0.0), step
 
     def __post_init__(self) -> None:
         _grid_axes(self.sweep, 3, f"device.matmul_sweep.{self.dtype}")
@@ -364,10 +373,11 @@ def _rnn_model_parts(model: ModelConfig, mb: int, m: int, seq_len: int, rates: O
     sequential), the output projection's GEMMs and the loss at their measured rates, fixed costs."""
     parts: dict[str, float] = {}
     formulas: dict[str, str] = {}
-    us = rates.rnn_step_us(model.arch, mb, model.dim)
-    parts["rnn_layers"] = m * model.n_layers * seq_len * us * 1e-6
-    formulas["rnn_layers"] = (f"{m} micro-batches * {model.n_layers} layers * {seq_len} time steps * {us:.4g} us "
-                              f"(the probe's {model.arch} layer fwd+bwd per step at B={mb}, D={model.dim})")
+    call, us = rates.rnn_layer_us(model.arch, mb, model.dim)
+    parts["rnn_layers"] = m * model.n_layers * (call + seq_len * us) * 1e-6
+    formulas["rnn_layers"] = (f"{m} micro-batches * {model.n_layers} layers * ({call:.4g} us per call + {seq_len} "
+                              f"time steps * {us:.4g} us) (the probe's {model.arch} layer fwd+bwd at B={mb}, "
+                              f"D={model.dim}, timed at two lengths)")
     n, V, D = mb * seq_len, model.padded_vocab_size, model.dim
     shapes = ((n, V, D), (n, D, V), (V, D, n))  # output projection: forward, input gradient, weight gradient
     t = sum(2 * a * b * c / (rates.gemm_tflops(a, b, c) * 1e12) for a, b, c in shapes)

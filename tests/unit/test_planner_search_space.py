@@ -124,3 +124,19 @@ def test_rnn_per_op_model_from_the_probes_layer_sweep():
     plain = planner.plan(LSTM, cpu_spec(**FLAT, measured_tflops={"fp32": 0.1}), recompute_modes=("none",),
                          micro_batches=(6,), **KW)[0]
     assert "compute" in plain.time_parts and any("rnn_sweep.lstm" in a for a in plain.assumptions)
+
+
+def test_rnn_layer_cost_has_a_per_call_part_from_two_lengths():
+    """Issue 20: a probe row [B, D, us per call, us per time step] prices a layer of T steps at call + T * step
+    (oneDNN's weight reorders do not grow with T); a 3-column row from an older probe has no per-call part;
+    rows of mixed width or a non-positive step are refused naming the expected shape."""
+    rows = tuple((float(b), float(d), 500.0, 10.0) for b in (4, 16) for d in (64, 128))
+    spec = cpu_spec(**FLAT, rnn_sweep={"lstm": rows}, optimizer_us_per_tensor=5.0, step_fixed_us=80.0,
+                    data_us_per_batch=12.0)
+    c = planner.plan(LSTM, spec, recompute_modes=("none",), micro_batches=(6,), **KW)[0]
+    assert c.time_parts["rnn_layers"] == pytest.approx(2 * 2 * (500 + 64 * 10) * 1e-6)
+    assert "500 us per call" in c.formulas["rnn_layers"]
+    with pytest.raises(ConfigError, match=r"rnn_sweep.lstm rows are \[B, D, us per call, us per time step\]"):
+        cpu_spec(**FLAT, rnn_sweep={"lstm": rows[:2] + ((4.0, 64.0, 10.0),)})
+    with pytest.raises(ConfigError, match=r"rnn_sweep.gru rows"):
+        cpu_spec(**FLAT, rnn_sweep={"gru": ((4.0, 64.0, 5.0, 0.0),)})
