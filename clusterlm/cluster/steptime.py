@@ -218,11 +218,9 @@ class OpRates:
         in (B, D), end values outside (a per-call part of 0 stays 0)."""
         rows = dict(self.rnn_sweep)[arch]
         step = _grid_interp(tuple((r[0], r[1], r[-1]) for r in rows), (batch, dim), scale_below=False)
-        if len(rows[0]) < 4 or any(r[2] <= 0 for r in rows):  # old probe, or a shape with no separable part
-            fixed = _grid_interp(tuple((r[0], r[1], r[2] + 1.0) for r in rows), (batch, dim), scale_below=False
-                                 ) - 1.0 if len(rows[0]) == 4 else 0.0
-        else:
-            fixed = _grid_interp(tuple((r[0], r[1], r[2]) for r in rows), (batch, dim), scale_below=False)
+        fixed = 0.0  # older probes' 3-column rows have no per-call part; +1 us keeps log() defined at 0
+        if len(rows[0]) == 4:
+            fixed = _grid_interp(tuple((r[0], r[1], r[2] + 1.0) for r in rows), (batch, dim), scale_below=False) - 1.0
         return max(fixed, 0.0), step
 
     def __post_init__(self) -> None:
