@@ -267,7 +267,8 @@ def compare_sentiment(minutes: float) -> list[dict]:
             d = json.loads(path.read_text())
             for a in d["arms"].values():
                 parts.append(f"{arch}: scratch {a['scratch']['dev']['accuracy']}%, pre-trained + fine-tuned "
-                             f"{a['pretrained']['dev']['accuracy']}% (load {d['env']['loadavg'][0]})")
+                             f"{a['pretrained']['dev']['accuracy']}% ({d['env'].get('cpu', 'CPU not recorded')}, load "
+                             f"{d['env']['loadavg'][0]})")
     if len(parts) < 2:
         return []
     best = max((float(p.split('scratch ')[1].split('%')[0]), p.split(':')[0]) for p in parts)

@@ -92,6 +92,14 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _sigint_as_at_a_terminal() -> None:
+    """Run in the child before exec: SIGINT back to its default, so that Python turns it into
+    KeyboardInterrupt as it does at a terminal. A shell that starts the test run in the background
+    (`pytest &` in a script, as CI may) sets SIGINT to "ignore", and exec keeps an ignored signal
+    ignored, so without this the SIGINT cases would test nothing but that setting."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _alive(pid: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -109,7 +117,8 @@ def test_interrupted_prepare_leaves_nothing_complete(tmp_path: Path, sig: signal
     write_corpus(tmp_path / "corpus")
     cmd = [PY, "-c", SLOW_CLUSTERLM, "prepare", "corpus", "--out", "data", "--tokenizer", "byte",
            "--shard-tokens", "50000", "--workers", str(workers)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_at_a_terminal)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".data.*.partial/train-00000.bin")):
         assert proc.poll() is None, f"prepare ended before it was interrupted: {proc.communicate()}"
@@ -176,7 +185,8 @@ def test_signal_during_bpe_training_ends_prepare_at_once(tmp_path: Path, sig: si
     marker = tmp_path / "training"
     cmd = [PY, "-c", SLOW_BPE_CLUSTERLM, str(marker), "prepare", "dna.txt", "--out", "data", "--tokenizer",
            "bpe", "--vocab-size", "300", "--workers", str(workers)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_at_a_terminal)
     try:
         deadline = time.monotonic() + 60
         while not marker.exists():

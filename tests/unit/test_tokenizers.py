@@ -275,6 +275,8 @@ def test_bpe_training_honours_ctrl_c(monkeypatch: pytest.MonkeyPatch):
     caller within 1.5 s of the signal (the training child is killed), not when training ends."""
     monkeypatch.setattr(bpe_module, "pre_tokenizer", uncapped_gpt2_split, raising=False)
     text = space_free(120_000, seed=1)
+    # as at a terminal: a shell that started pytest in the background set SIGINT to "ignore"
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
     t0 = time.perf_counter()
     timer.start()
@@ -283,6 +285,7 @@ def test_bpe_training_honours_ctrl_c(monkeypatch: pytest.MonkeyPatch):
             BPETokenizer.train([text], vocab_size=300)
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert time.perf_counter() - t0 < 0.3 + 1.5
 
 
