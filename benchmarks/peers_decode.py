@@ -13,7 +13,8 @@ engines read the same numbers; the first greedy tokens are compared as a check.
 Each engine variant generates `--new-tokens` tokens greedily after a `--prompt-len`-token prompt
 for every batch size in `--batches`, no eos (ctranslate2: min_length = max_length), and the
 variants are interleaved: each repeat runs every (engine, format, batch) once in turn, so they
-share the machine's load. tokens/s counts generated tokens of all rows: decode = B * (n - 1) over
+share the machine's load. ctranslate2 runs in a worker process of its own (Ct2Process), driven one
+generation at a time: in one process the two engines slowed each other. tokens/s counts generated tokens of all rows: decode = B * (n - 1) over
 the span from the first to the last new token (prefill and first token left out); end to end =
 B * n over the whole call (prefill included). The ratio uses the median over repeats of the decode
 rate. clusterlm fp32 rows run `generate()` as the CLI and server do (fp32 packed weights for calls of
@@ -157,6 +158,49 @@ def ct2_run(gen: object, prompts: list[list[str]], n: int) -> tuple[float, float
     return B * (n - 1) / (max(last) - first[0]), B * n / (t1 - t0), list(res[0].sequences_ids[0])
 
 
+class Ct2Process:
+    """ctranslate2 in a process of its own (as a user runs it), driven one generation at a time over
+    pipes so the runs stay interleaved with clusterlm's. In one process the two engines slowed each
+    other: measured here, clusterlm's fp32 batch-1 decode fell from ~31 to ~24 tokens/s once a
+    ctranslate2 Generator had run in the same process, and stayed there (each engine brings its own
+    OpenMP runtime: torch's libgomp and ctranslate2's bundled copy)."""
+
+    def __init__(self, ct2_dir: Path, types: dict[str, str], threads: int) -> None:
+        import subprocess
+
+        self.proc = subprocess.Popen([sys.executable, __file__, "--ct2-worker", str(ct2_dir), "--threads", str(threads),
+                                      "--ct2-types", json.dumps(types)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        ready = self.proc.stdout.readline()
+        if ready.strip() != "ready":
+            raise RuntimeError(f"the ctranslate2 worker did not start (it said {ready!r})")
+
+    def run(self, fmt: str, prompts: list[list[str]], n: int) -> tuple[float, float, list[int]]:
+        self.proc.stdin.write(json.dumps({"format": fmt, "prompts": prompts, "n": n}) + "\n")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the ctranslate2 worker exited (code {self.proc.wait()})")
+        dec, e2e, toks = json.loads(line)
+        return dec, e2e, toks
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def ct2_worker(ct2_dir: str, types: dict[str, str], threads: int) -> None:
+    """The worker's side of Ct2Process: one Generator per format; a JSON request per stdin line, the
+    (decode, end to end, tokens) answer per stdout line."""
+    import ctranslate2
+
+    gens = {f: ctranslate2.Generator(ct2_dir, device="cpu", compute_type=t, intra_threads=threads, inter_threads=1)
+            for f, t in types.items()}
+    print("ready", flush=True)
+    for line in sys.stdin:
+        req = json.loads(line)
+        print(json.dumps(ct2_run(gens[req["format"]], req["prompts"], req["n"])), flush=True)
+
+
 def accuracy_logits(ckpt: Path, prompts: list[list[int]]) -> dict[str, float]:
     """Max |logit difference| against the plain fp32 path over the prompts' every position (the
     gpt2-124m shape, random weights), for each packed format and int8; and the logits' max |value|."""
@@ -257,7 +301,12 @@ def main() -> None:
                     help="a trained checkpoint (recipes/shakespeare_char_cpu.toml) whose val loss is measured per format")
     ap.add_argument("--val-data", type=Path, default=None, help="its prepared data directory")
     ap.add_argument("--val-batches", type=int, default=50)
+    ap.add_argument("--ct2-worker", default=None, help=argparse.SUPPRESS)  # Ct2Process's child
+    ap.add_argument("--ct2-types", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.ct2_worker:
+        torch.set_num_threads(args.threads)
+        return ct2_worker(args.ct2_worker, json.loads(args.ct2_types), args.threads)
     import ctranslate2
 
     torch.set_num_threads(args.threads)
@@ -274,8 +323,7 @@ def main() -> None:
         quantize_model(m8, "int8")
         models["int8"] = m8
     ct2_type = {"fp32": "float32", "bf16": "float32", "int8": "int8"}
-    gens = {f: ctranslate2.Generator(str(ct2_dir), device="cpu", compute_type=ct2_type[f],
-                                     intra_threads=args.threads, inter_threads=1) for f in args.formats}
+    ct2 = Ct2Process(ct2_dir, {f: ct2_type[f] for f in args.formats}, args.threads)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 256, (max(args.batches), args.prompt_len), generator=g).tolist()  # byte-token prompts
     variants = [(eng, f, b) for f in args.formats for b in args.batches for eng in ("clusterlm", "ctranslate2")]
@@ -288,7 +336,7 @@ def main() -> None:
             if eng == "clusterlm":
                 dec, e2e, toks = ours_run(models[f], prompts, args.new_tokens, pack={"int8": "auto"}.get(f, f))
             else:
-                dec, e2e, toks = ct2_run(gens[f], [[vocab[t] for t in p] for p in prompts], args.new_tokens)
+                dec, e2e, toks = ct2.run(f, [[vocab[t] for t in p] for p in prompts], args.new_tokens)
             first_tokens[(eng, f, b)] = toks
             if r:
                 got[(eng, f, b)].append((dec, e2e))
@@ -298,6 +346,7 @@ def main() -> None:
         bw_runs.append({**stream_gbs(args.stream_mib, args.stream_repeats),
                         "gemv": round(bandwidth_gbs(STREAM_ROWS, repeats=args.stream_repeats), 2)})
         print(f"repeat {r} bandwidth GB/s: {bw_runs[-1]}", flush=True)
+    ct2.close()
     rows = []
     for f in args.formats:
         for b in args.batches:
@@ -325,7 +374,8 @@ def main() -> None:
     b1 = next((r for r in rows if r["format"] == "fp32" and r["batch"] == 1), None)
     res = {"command": " ".join(["python", "benchmarks/peers_decode.py", *sys.argv[1:]]),
            "machine": machine(), "load_before": load_before, "threads": args.threads,
-           "torch": torch.__version__, "ctranslate2": ctranslate2.__version__, "preset": args.preset,
+           "torch": torch.__version__, "ctranslate2": ctranslate2.__version__, "ctranslate2_process": "its own",
+           "preset": args.preset,
            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
            "first_tokens_equal": first_tokens.get(("clusterlm", "fp32", 1)) == first_tokens.get(("ctranslate2", "fp32", 1))
            if "fp32" in args.formats and 1 in args.batches else None,

@@ -10,10 +10,13 @@ inductor's freezing uses), instead of MKL's sgemm on the plain (N, K) layout.
 
 Why (gpt2-124m's 73 weight matrices, one pass, 2 threads; docs/compression.md, "Decode step"):
 MKL's sgemm streams the weights at about half its one-row rate for 2-16 rows (18.6 ms for one
-row, 36.7 for 4, 66 for 16), oneDNN's packed inner product holds 24.7 / 24.7 / 39.7 ms, but is
-slower for one row (24.8 ms). So in "fp32" mode a call with fewer than `min_rows` rows (a batch-1
-decode step) keeps F.linear; batched decode steps, the server's slot-cache steps and prefills take
-the packed path. "bf16" keeps a bfloat16 packed copy and runs every call on it (13.2 ms for one
+row, 36.7 for 4, 66 for 16), oneDNN's packed inner product holds 24.7 / 24.7 / 39.7 ms. For one row
+it depends on the CPU: on that Intel Xeon MKL's GEMV won (18.6 against 24.8 ms), on an AMD EPYC
+(AVX-512) it streams at a third of the memory bandwidth and lost (44.7 against 24.0 ms). So in
+"fp32" mode the default `min_rows` is measured once per process (`one_row_min_rows`: one row
+through both paths on a gpt2-sized matrix; packed must win by 15%): 1 where packed wins, else 4, so
+that a batch-1 decode step takes the faster path; batched decode steps, the server's slot-cache
+steps and prefills always take the packed path. "bf16" keeps a bfloat16 packed copy and runs every call on it (13.2 ms for one
 row, 14.2 for 16 on this AMX CPU): half the bytes per token, at the accuracy cost measured in
 docs/compression.md; activations are rounded to bf16 at each Linear and the output returned in
 the input's dtype (norms, attention, residuals and logits stay fp32).
@@ -27,12 +30,41 @@ for gpt2-124m), half a copy in bf16 mode.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 MODES = ("fp32", "bf16")
-MIN_ROWS = 4  # fp32: one to three rows run faster through F.linear's GEMV (measured, module docstring)
+MIN_ROWS = 4  # fp32 where MKL's one-row GEMV wins: one to three rows run faster through F.linear
+PACKED_MARGIN = 0.85  # packed must take <= 85% of F.linear's one-row time to be used for one row
+
+
+@functools.cache
+def one_row_min_rows(threads: int) -> int:
+    """fp32 `min_rows` for this machine at `threads` intra-op threads: 1 when oneDNN's packed inner
+    product runs a one-row call in at most PACKED_MARGIN of F.linear's time (MKL's GEMV), else
+    MIN_ROWS. Measured once per process and thread count on a 3072 x 768 matrix (9.4 MB, past the
+    L2 cache as a decode step's weights are): best of 7 interleaved pairs of 4 calls, ~30 ms.
+    Both paths compute in fp32 (within ~1e-6 of each other); only the speed differs."""
+    import time
+
+    w = torch.randn(3072, 768) * 0.02
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+    x = torch.randn(1, 768)
+    plain_fn = lambda: F.linear(x, w)  # noqa: E731
+    packed_fn = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")  # noqa: E731
+    best = {plain_fn: float("inf"), packed_fn: float("inf")}
+    with torch.no_grad():
+        for _ in range(7):
+            for fn in best:
+                fn()
+                t0 = time.perf_counter()
+                for _ in range(4):
+                    fn()
+                best[fn] = min(best[fn], time.perf_counter() - t0)
+    return 1 if best[packed_fn] <= PACKED_MARGIN * best[plain_fn] else MIN_ROWS
 
 
 def packing_unavailable() -> str | None:
@@ -59,14 +91,14 @@ class PackedLinear(nn.Linear):
     """nn.Linear over the same parameters whose gradient-free CPU calls run oneDNN's packed
     inner product (see the module docstring); `mode` "fp32" or "bf16"."""
 
-    def __init__(self, lin: nn.Linear, mode: str = "fp32", min_rows: int = MIN_ROWS) -> None:
+    def __init__(self, lin: nn.Linear, mode: str = "fp32", min_rows: int | None = MIN_ROWS) -> None:
         nn.Module.__init__(self)
         if mode not in MODES:
             raise ValueError(f"packing mode {mode!r}; expected one of {', '.join(MODES)}")
         self.in_features, self.out_features = lin.in_features, lin.out_features
         self.weight = lin.weight  # the same Parameter: tied and shared weights stay so
         self.bias = lin.bias
-        self.mode, self.min_rows = mode, (1 if mode == "bf16" else min_rows)
+        self.mode, self.min_rows = mode, _min_rows(mode, min_rows)
         self._packed: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
 
     def _key(self) -> tuple:
@@ -132,11 +164,20 @@ def _packable(mod: nn.Module) -> bool:
     return type(w.data) is torch.Tensor and w.device.type == "cpu" and w.dtype in _DTYPES
 
 
-def pack_for_inference(model: nn.Module, mode: str | None = "fp32", min_rows: int = MIN_ROWS) -> int:
+def _min_rows(mode: str, min_rows: int | None) -> int:
+    """The row count from which a call takes the packed path: every call in bf16 mode; in fp32 mode
+    `min_rows`, or where None this machine's measured choice (one_row_min_rows)."""
+    if mode == "bf16":
+        return 1
+    return one_row_min_rows(torch.get_num_threads()) if min_rows is None else min_rows
+
+
+def pack_for_inference(model: nn.Module, mode: str | None = "fp32", min_rows: int | None = None) -> int:
     """Replace every plain nn.Linear of `model` on the CPU by a PackedLinear in `mode` over the same
-    parameters (None: back to nn.Linear). Quantized layers, DTensor shards and other devices are
-    left alone. A second call with the same mode is a cheap no-op. Returns the number of packed
-    modules. Raises ValueError where oneDNN is missing."""
+    parameters (None: back to nn.Linear). fp32 calls of fewer than `min_rows` rows keep F.linear;
+    None measures which path is faster for one row on this machine (one_row_min_rows). Quantized
+    layers, DTensor shards and other devices are left alone. A second call with the same mode is a
+    cheap no-op. Returns the number of packed modules. Raises ValueError where oneDNN is missing."""
     if mode is not None:
         if mode not in MODES:
             raise ValueError(f"packing mode {mode!r}; expected one of {', '.join(MODES)} or None")
@@ -148,7 +189,7 @@ def pack_for_inference(model: nn.Module, mode: str | None = "fp32", min_rows: in
         is_packed = type(mod) is PackedLinear
         if not (is_packed or type(mod) is nn.Linear) or not _packable(mod):
             continue
-        if mode is not None and is_packed and (mod.mode, mod.min_rows) == (mode, 1 if mode == "bf16" else min_rows):
+        if mode is not None and is_packed and (mod.mode, mod.min_rows) == (mode, _min_rows(mode, min_rows)):
             n += 1
             continue
         parent_name, _, attr = name.rpartition(".")

@@ -11,7 +11,8 @@ from torch import nn
 from clusterlm.generate.engine import Engine, complete, pack_by_default
 from clusterlm.models.build import build_model
 from clusterlm.models.config import ModelConfig
-from clusterlm.optimize.packed import PackedLinear, bf16_unavailable, pack_for_inference, packing_unavailable
+from clusterlm.optimize.packed import (MIN_ROWS, PackedLinear, bf16_unavailable, one_row_min_rows, pack_for_inference,
+                                       packing_unavailable)
 
 pytestmark = pytest.mark.skipif(packing_unavailable() is not None, reason=str(packing_unavailable()))
 
@@ -43,8 +44,8 @@ def cached_logits(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("name", MODELS)
 def test_fp32_packed_tokens_equal_plain(name: str) -> None:
     """Greedy tokens of generate() with fp32 packed weights equal the plain nn.Linear path's, for
-    batch 1 (GEMV rows stay on F.linear) and batch 5 (packed inner product), and the cached logits
-    agree to float32 rounding (1e-5)."""
+    batch 1 (F.linear or packed, whichever this machine measured faster for one row) and batch 5
+    (packed inner product), and the cached logits agree to float32 rounding (1e-5)."""
     model = make(name)
     prompts = torch.randint(0, 61, (5, 7), generator=torch.Generator().manual_seed(1))
     ref_logits = cached_logits(model, prompts)
@@ -56,6 +57,33 @@ def test_fp32_packed_tokens_equal_plain(name: str) -> None:
     got5, _ = complete(model, prompts.tolist(), max_new_tokens=30, temperature=0.0, pack="fp32")
     assert got1 == ref1 and got5 == ref5
     torch.testing.assert_close(cached_logits(model, prompts), ref_logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("min_rows", [1, MIN_ROWS])
+def test_one_row_calls_take_the_chosen_path(min_rows: int) -> None:
+    """Reference: F.linear for one row. With min_rows=1 a one-row call runs the packed inner product
+    (within 1e-5 of F.linear, not bit-equal in general), with MIN_ROWS it is F.linear exactly; the
+    measured default is one of the two and a repeat of the measurement gives the same answer (cached
+    per thread count), and a second pack_for_inference with it is a no-op."""
+    lin = nn.Linear(96, 80)
+    x = torch.randn(1, 96)
+    p = PackedLinear(lin, "fp32", min_rows)
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
+        got = p(x)
+    if min_rows == 1:
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        assert p._packed is not None  # the packed copy was made and used
+    else:
+        assert torch.equal(got, ref) and p._packed is None
+    chosen = one_row_min_rows(torch.get_num_threads())
+    assert chosen in (1, MIN_ROWS) and one_row_min_rows(torch.get_num_threads()) == chosen
+    model = make("gpt")
+    pack_for_inference(model)
+    assert {m.min_rows for m in packed(model)} == {chosen}
+    first = packed(model)
+    pack_for_inference(model)
+    assert packed(model) == first  # the same modules: nothing repacked
 
 
 def test_state_dict_and_tied_weights_unchanged() -> None:
