@@ -378,6 +378,8 @@ def sentiment(args: argparse.Namespace) -> None:
             cfg, res, wall = train_run(recipe, [*over, *b, f"--train.out_dir={q(str(work / name))}"])
             a = {"steps": res.step, "max_steps": steps, "wall_s": round(wall, 1), "stop_reason": res.reason,
                  "calibrated_step_s": round(step_s, 4), "lr": cfg.optim.lr}
+            if cfg.finetune.lora_rank:
+                a["lora_targets"] = list(cfg.finetune.lora_targets)
             a["trainable"], a["total"] = trainable(work / name)
             if cfg.finetune.task == "classify":
                 a["dev"] = dev_scores(work / name, dev)
@@ -438,7 +440,7 @@ def sentiment_rows(arch: str, arms: dict[str, Any], args: argparse.Namespace, en
                 ">= -1", lo["wall_s"] / 60, f"LoRA {lo['dev']['accuracy']}% vs full {p['dev']['accuracy']}%, both "
                 f"from the same LM for the same {lo['wall_s'] / 60:.1f} min; LoRA lr {lo['lr']:g}; {load}"),
             row(app, "LoRA r=8 trainable parameters %", round(frac, 2), "< 5", lo["wall_s"] / 60,
-                f"{lo['trainable']:,} of {lo['total']:,} (adapters on wq wk wv wo w1 w2 + the 2-class head); "
+                f"{lo['trainable']:,} of {lo['total']:,} (adapters on {' '.join(lo['lora_targets'])} + the 2-class head); "
                 f"adapter file {lo['adapter_bytes'] / 1e3:.0f} kB = {100 * lo['adapter_bytes'] / lo['model_bytes']:.1f}% "
                 f"of the model's {lo['model_bytes'] / 1e6:.1f} MB"),
         ]

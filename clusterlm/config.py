@@ -253,8 +253,9 @@ class FinetuneConfig:
     """classify: the label names in order; empty = the sorted labels found in the training records"""
     class_weights: str = "none"
     """classify: none, or balanced (weight of class c = n / (C * count_c), sklearn's rule)"""
-    pool: Literal["auto", "last", "mean"] = "auto"
-    """classify: auto = the last real token for transformers, the mean over real tokens for LSTM/GRU"""
+    pool: Literal["auto", "last", "mean", "max"] = "auto"
+    """classify: auto = the last real token for transformers, the mean over real tokens for LSTM/GRU;
+    max = each feature's largest value over the real tokens"""
     freeze_embeddings: bool = False
     """do not train the token (and position) embeddings"""
     freeze_layers: int = 0
@@ -269,8 +270,9 @@ class FinetuneConfig:
     mean_span: float = 3.0
     """span: the mean length of a corrupted span (T5: 3)"""
     lora_targets: tuple[str, ...] = ()
-    """module names LoRA wraps (the last part of a Linear's name, e.g. ["wq", "wv"]); empty = every
-    attention and MLP projection the model has (wq wk wv wo w1 w2, and w3 with SwiGLU)"""
+    """module names LoRA wraps (the last part of a Linear's or Embedding's name, e.g. ["wq", "wv",
+    "tok_embeddings"]); empty = every attention and MLP projection the model has (wq wk wv wo w1 w2,
+    and w3 with SwiGLU)"""
 
     def __post_init__(self) -> None:
         _check_finite(self, "finetune")

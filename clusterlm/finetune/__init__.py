@@ -4,6 +4,7 @@ LoRA adapters (lora.py), the base model and the model transform (setup.py), the 
 
 from clusterlm.finetune.lora import (
     DEFAULT_TARGETS,
+    LoRAEmbedding,
     LoRALinear,
     apply_lora,
     count_parameters,
@@ -14,5 +15,5 @@ from clusterlm.finetune.lora import (
     save_adapters,
 )
 
-__all__ = ["DEFAULT_TARGETS", "LoRALinear", "apply_lora", "count_parameters", "load_adapters", "lora_state_dict",
+__all__ = ["DEFAULT_TARGETS", "LoRAEmbedding", "LoRALinear", "apply_lora", "count_parameters", "load_adapters", "lora_state_dict",
            "merge_lora", "reset_adapters", "save_adapters"]

@@ -6,6 +6,11 @@ themselves (same objects, frozen) and adds `lora_a` (r, in) and `lora_b` (out, r
 
     y = x W^T + b + (alpha / r) * dropout(x) A^T B^T
 
+A targeted `nn.Embedding` (opt-in: name it, e.g. "tok_embeddings") becomes a `LoRAEmbedding`, peft's
+embedding LoRA: the lookup of a token's row gains (alpha / r) * (B A)^T[token], with `lora_a` (r, V)
+starting at zero and `lora_b` (D, r) Normal(0, 1). A classifier fine-tuned with LoRA on the projections
+only cannot move its word embeddings; on SST-2 that alone cost 13 points (docs/finetune.md).
+
 State dict keys: the base keys do not move (`layers.0.attention.wq.weight`), the adapters sit beside
 them (`layers.0.attention.wq.lora_a`, `.lora_b`). So a base checkpoint loads into a LoRA model
 (`load_state_dict(sd, strict=False)`: only adapter keys are missing), and `merge_lora` gives back
@@ -99,6 +104,55 @@ class LoRALinear(nn.Module):
                 f"rank={self.rank}, alpha={self.alpha}")
 
 
+class LoRAEmbedding(nn.Module):
+    """A frozen nn.Embedding plus a trainable low-rank update of its table, as peft's embedding LoRA:
+
+        y = W[ids] + (alpha / r) * A^T[ids] B^T        W (V, D), A = lora_a (r, V), B = lora_b (D, r)
+
+    so the table moves by (alpha / r) (B A)^T. A starts at zero (a token's update starts at zero and
+    only the rows of tokens seen get gradients through B), B ~ Normal(0, 1). Holds the base
+    Embedding's own `weight` Parameter. No dropout: the input is token ids."""
+
+    def __init__(self, base: nn.Embedding, rank: int, alpha: float) -> None:
+        super().__init__()
+        if base.padding_idx is not None or base.max_norm is not None or base.sparse:
+            raise ConfigError("lora on an nn.Embedding with padding_idx, max_norm or sparse is not supported")
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self.rank, self.alpha = rank, alpha
+        self.scale = alpha / rank
+        self.weight = base.weight
+        w = base.weight
+        self.lora_a = nn.Parameter(torch.zeros(rank, self.num_embeddings, device=w.device, dtype=w.dtype))
+        self.lora_b = nn.Parameter(torch.empty(self.embedding_dim, rank, device=w.device, dtype=w.dtype))
+        self.dropout = nn.Identity()
+
+    @torch.no_grad()
+    def reset_adapter(self, seed: int, name: str) -> None:
+        """A = 0, B ~ Normal(0, 1) from a CPU generator seeded by (seed, name) (peft's embedding init);
+        meta tensors are left alone, as LoRALinear.reset_adapter."""
+        if not self.lora_a.is_meta:
+            self.lora_a.zero_()
+        if not self.lora_b.is_meta:
+            g = torch.Generator(device="cpu")
+            g.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1))
+            self.lora_b.copy_(torch.empty(self.lora_b.shape, dtype=torch.float32).normal_(0.0, 1.0, generator=g))
+
+    def delta(self) -> torch.Tensor:
+        """The update of the whole table, (V, D) in float32."""
+        return (self.lora_b.float() @ self.lora_a.float()).t() * self.scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y = F.embedding(ids, self.weight)  # (..., D)
+        h = F.embedding(ids, self.lora_a.t())  # (..., r)
+        return y + F.linear(h, self.lora_b) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, alpha={self.alpha}"
+
+
+LORA_TYPES = (LoRALinear, LoRAEmbedding)
+
+
 # ---- applying ------------------------------------------------------------------------------------
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
@@ -114,19 +168,32 @@ def _matches(name: str, targets: Iterable[str]) -> str | None:
     return None
 
 
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear | LoRAEmbedding]:
     """The LoRA layers of `model` by (clean) module name."""
-    return {_clean(n): m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    return {_clean(n): m for n, m in model.named_modules() if isinstance(m, LORA_TYPES)}
+
+
+def _unused_heads(model: nn.Module) -> tuple[str, ...]:
+    """Name prefixes of the modules `model` keeps but never runs: a sequence classifier's backbone LM
+    head (models/classifier.py), whose weight may be tied to the embedding. Duck-typed (`score` and
+    `backbone`) so that this module does not import the models."""
+    backbone = getattr(model, "backbone", None)
+    if backbone is None or getattr(model, "score", None) is None:
+        return ()
+    heads = tuple(getattr(backbone, "lm_head_modules", ("output",)))
+    return tuple(f"backbone.{h}." for h in heads)
 
 
 def apply_lora(model: nn.Module, targets: Iterable[str] | None = None, rank: int = 8, alpha: float = 16.0,
                dropout: float = 0.0, seed: int = 0) -> list[str]:
     """Wrap every nn.Linear whose module name ends with one of `targets` ("wq" matches
-    `layers.3.attention.wq`; "attention.wq" also works) in a LoRALinear, and freeze every parameter
-    that is not an adapter. Returns the wrapped module names. Adapters are initialised from `seed`
-    (B = 0: the model's outputs do not change). Call after the base weights are in place and before
-    torch.compile or fully_shard. A target that matches no Linear raises ConfigError naming it and
-    the Linear names there are. targets=None: DEFAULT_TARGETS, those the model has (GPT-2's MLP has
+    `layers.3.attention.wq`; "attention.wq" also works) in a LoRALinear, every nn.Embedding named so
+    ("tok_embeddings") in a LoRAEmbedding, and freeze every parameter that is not an adapter. Returns
+    the wrapped module names. Adapters are initialised from `seed` (one factor zero: the model's
+    outputs do not change). Call after the base weights are in place and before torch.compile or
+    fully_shard. A target that matches no layer raises ConfigError naming it and the names there are.
+    A layer whose weight is tied to another that runs (an LM's output and embedding) is refused:
+    merging would change both. targets=None: DEFAULT_TARGETS, those the model has (GPT-2's MLP has
     no w3), at least one."""
     strict = targets is not None
     targets = tuple(DEFAULT_TARGETS if targets is None else targets)
@@ -138,31 +205,35 @@ def apply_lora(model: nn.Module, targets: Iterable[str] | None = None, rank: int
         raise ConfigError("lora targets is empty; name at least one Linear layer, e.g. wq")
     if lora_modules(model):
         raise ConfigError("the model already has LoRA adapters; merge_lora it first or load onto a fresh base")
-    linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
-    # a weight shared with another module (tied output/embedding) would change both when merged
-    counts: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        counts[id(p)] = counts.get(id(p), 0) + 1
-    chosen: dict[str, nn.Linear] = {}
+    layers = {n: m for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Embedding)}
+    # a weight shared with another module that runs (tied output/embedding) would change both when
+    # merged; a classifier's unused LM head does not count
+    skip = _unused_heads(model)
+    holders: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(p), []).append(_clean(n))
+    chosen: dict[str, nn.Linear | nn.Embedding] = {}
     used: set[str] = set()
-    for name, lin in linears.items():
+    for name, layer in layers.items():
         t = _matches(name, targets)
         if t is None:
             continue
-        if counts[id(lin.weight)] > 1:
-            raise ConfigError(f"lora target {_clean(name)!r} shares its weight with another layer (tied "
+        others = [h for h in holders[id(layer.weight)] if h != f"{_clean(name)}.weight" and not h.startswith(skip)]
+        if others:
+            raise ConfigError(f"lora target {_clean(name)!r} shares its weight with {others[0]!r} (tied "
                               "embeddings); untie them (model.tie_embeddings=false) or leave it out of the targets")
-        chosen[name] = lin
+        chosen[name] = layer
         used.add(t)
     unused = [t for t in targets if t not in used]
     if unused and (strict or not used):
-        short = sorted({_clean(n).rsplit(".", 1)[-1] for n in linears})
-        raise ConfigError(f"lora targets {unused} match no nn.Linear in {type(model).__name__}; "
-                          f"Linear names there: {short or 'none'}")
+        short = sorted({_clean(n).rsplit(".", 1)[-1] for n in layers})
+        raise ConfigError(f"lora targets {unused} match no nn.Linear or nn.Embedding in {type(model).__name__}; "
+                          f"names there: {short or 'none'}")
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, lin in chosen.items():
-        wrapped = LoRALinear(lin, rank, alpha, dropout)
+    for name, layer in chosen.items():
+        wrapped: nn.Module = (LoRALinear(layer, rank, alpha, dropout) if isinstance(layer, nn.Linear)
+                              else LoRAEmbedding(layer, rank, alpha))
         wrapped.reset_adapter(seed, _clean(name))
         _set_module(model, name, wrapped)
     return [_clean(n) for n in chosen]
@@ -170,8 +241,8 @@ def apply_lora(model: nn.Module, targets: Iterable[str] | None = None, rank: int
 
 @torch.no_grad()
 def reset_adapters(model: nn.Module, seed: int = 0) -> None:
-    """Initialise every adapter again (A Kaiming-uniform from (seed, name), B = 0): for a model on which
-    LoRA was applied on the meta device, after `to_empty`."""
+    """Initialise every adapter again (each layer's reset_adapter from (seed, name)): for a model on
+    which LoRA was applied on the meta device, after `to_empty`.""" 
     for name, m in lora_modules(model).items():
         m.reset_adapter(seed, name)
 
@@ -185,22 +256,28 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 # ---- merging ---------------------------------------------------------------------------------------
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> int:
-    """Fold every adapter into its base weight, W <- W + (alpha/r) B A (computed in float32), and put
-    plain nn.Linear modules back holding the same weight and bias Parameters: the state dict then has
+    """Fold every adapter into its base weight, W <- W + (alpha/r) B A (computed in float32; an
+    embedding's table gets the transpose), and put plain nn.Linear / nn.Embedding modules back holding
+    the same weight and bias Parameters: the state dict then has
     exactly the base model's keys, for export, quantization and serving. Every parameter is made
     trainable again (as a freshly built model). Returns the number of merged layers. Needs unsharded
     modules (merge before fully_shard, or on a model loaded in one process)."""
-    mods = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, LORA_TYPES)}
     for name, m in mods.items():
         if hasattr(m.weight, "device_mesh"):
             raise ConfigError(f"merge_lora on {_clean(name)!r}: its weight is sharded (DTensor); merge in one "
                               "process after gathering or loading the adapters onto an unsharded model")
-        delta = (m.lora_b.float() @ m.lora_a.float()) * m.scale  # (out, in)
-        m.weight.add_(delta.to(m.weight.dtype))
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-        lin.weight = m.weight
-        lin.bias = m.bias
-        _set_module(model, name, lin)
+        plain: nn.Module
+        if isinstance(m, LoRAEmbedding):
+            m.weight.add_(m.delta().to(m.weight.dtype))  # (V, D)
+            plain = nn.Embedding(m.num_embeddings, m.embedding_dim, device="meta")
+        else:
+            delta = (m.lora_b.float() @ m.lora_a.float()) * m.scale  # (out, in)
+            m.weight.add_(delta.to(m.weight.dtype))
+            plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            plain.bias = m.bias
+        plain.weight = m.weight
+        _set_module(model, name, plain)
     for p in model.parameters():
         p.requires_grad_(True)
     return len(mods)
@@ -240,7 +317,7 @@ def _lora_settings(model: nn.Module) -> dict[str, Any]:
     if not mods:
         raise ConfigError(f"{type(model).__name__} has no LoRA adapters (apply_lora first)")
     first = next(iter(mods.values()))
-    drop = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
+    drop = next((m.dropout.p for m in mods.values() if isinstance(m.dropout, nn.Dropout)), 0.0)  # embeddings have none
     return {"rank": first.rank, "alpha": first.alpha, "dropout": drop, "targets": sorted(mods)}
 
 
@@ -332,7 +409,7 @@ def _check_targets_exist(model: nn.Module, names: list[str], path: str | Path) -
     have = {_clean(n): m for n, m in model.named_modules()}
     for name in names:
         m = have.get(name)
-        if type(m) is not nn.Linear:
-            found = "no such module" if m is None else f"a {type(m).__name__}, not an nn.Linear"
+        if type(m) not in (nn.Linear, nn.Embedding):
+            found = "no such module" if m is None else f"a {type(m).__name__}, not an nn.Linear or nn.Embedding"
             raise CheckpointError(f"adapters at {path} were trained on {name!r}; in {type(model).__name__} "
                                   f"that is {found} (a different base model)")

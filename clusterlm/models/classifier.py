@@ -13,7 +13,8 @@ Pooling (config.pool; `auto` = `last` for the Transformer, `mean` for LSTM/GRU):
 row is real when idx[:, t] != pad_id (pad_id -1: every position), and padding is on the right.
 `last` reads the state of the last real token: a causal decoder's only state that has seen the
 whole input (transformers' *ForSequenceClassification does the same); `mean` averages the states of
-the real tokens (ULMFiT pools an LSTM's states; its concat pooling adds max and last). Padding after
+the real tokens (ULMFiT pools an LSTM's states; its concat pooling adds max and last); `max` takes
+each feature's largest value over the real tokens (the max-pooled BiLSTM of InferSent). Padding after
 a row's last real token cannot change the states of its real tokens (causal attention, recurrence
 from the left), so a padded batch gives each row the logits it gets alone.
 
@@ -92,6 +93,8 @@ class SequenceClassifier(nn.Module):
         if self.config.pooling == "last":
             # right padding: the last real token sits at n_real - 1
             return h[torch.arange(B, device=h.device), n_real - 1]  # (B, D)
+        if self.config.pooling == "max":  # each feature's largest value over the real tokens
+            return h.masked_fill(~real.unsqueeze(-1), float("-inf")).amax(dim=1)  # (B, D)
         mask = real.to(h.dtype).unsqueeze(-1)  # (B, T, 1)
         return (h * mask).sum(dim=1) / n_real.to(h.dtype).unsqueeze(-1)  # (B, D)
 

@@ -64,7 +64,7 @@ class ModelConfig:
     labels: tuple[str, ...] = ()
     """non-empty: a sequence classifier with these class names, in this order (a head of
     len(labels) x dim on the pooled final hidden state: models/classifier.py); empty = a language model"""
-    pool: Literal["auto", "last", "mean"] = "auto"
+    pool: Literal["auto", "last", "mean", "max"] = "auto"
     """classifier: the pooled state; auto = the last real token for transformers, the mean over
     real tokens for lstm/gru"""
     pad_id: int = -1
@@ -116,8 +116,8 @@ class ModelConfig:
         labels = self.labels
         if not isinstance(labels, tuple) or any(not isinstance(x, str) for x in labels):
             raise ConfigError(f"model.labels={labels!r} must be a tuple of strings (a list in TOML)")
-        if self.pool not in ("auto", "last", "mean"):
-            raise ConfigError(f"model.pool={self.pool!r}; expected one of auto, last, mean")
+        if self.pool not in ("auto", "last", "mean", "max"):
+            raise ConfigError(f"model.pool={self.pool!r}; expected one of auto, last, mean, max")
         if isinstance(self.pad_id, bool) or not isinstance(self.pad_id, int) or self.pad_id < -1:
             raise ConfigError(f"model.pad_id={self.pad_id!r} must be a token id >= 0, or -1 for no padding")
         if not labels:
@@ -167,7 +167,7 @@ class ModelConfig:
 
     @property
     def pooling(self) -> str:
-        """The pool actually used: 'last' or 'mean' (auto: the last real token for the causal
+        """The pool actually used: 'last', 'mean' or 'max' (auto: the last real token for the causal
         decoder, the mean of the real tokens for lstm/gru and the bidirectional encoder)."""
         if self.pool != "auto":
             return self.pool

@@ -59,7 +59,7 @@ def padded_batch() -> tuple[torch.Tensor, list[int]]:
     (dict(labels=("a", "b", "a")), "repeated ['a']"),
     (dict(labels=("a", "")), "empty name"),
     (dict(labels=["a", "b"]), "tuple of strings"),
-    (dict(labels=("a", "b"), pool="max"), "model.pool='max'"),
+    (dict(labels=("a", "b"), pool="sum"), "model.pool='sum'"),
     (dict(labels=("a", "b"), pad_id=-2), "model.pad_id=-2"),
     (dict(labels=("a", "b"), pad_id=V), f"model.pad_id={V} is not a token id"),
     (dict(pad_id=3), "are for classifiers"),
@@ -141,17 +141,24 @@ def test_hidden_states_are_what_the_lm_head_reads(name):
 
 
 @pytest.mark.parametrize("name", ["gpt", "llama-untied", "lstm", "gru-untied"])
-def test_pool_matches_hand_computation(name):
-    """last: the state at the last non-PAD position; mean: the average over non-PAD positions."""
-    model = built(configs()[name])
+@pytest.mark.parametrize("pool", ["auto", "max"])
+def test_pool_matches_hand_computation(name, pool):
+    """last: the state at the last non-PAD position; mean: the average over non-PAD positions; max:
+    each feature's maximum over non-PAD positions (padding after the last real token never wins)."""
+    model = built(dataclasses.replace(configs()[name], pool=pool))
     x, lengths = padded_batch()
     with torch.no_grad():
         h = model.backbone.hidden_states(x)
         if model.config.pooling == "last":
             want = torch.stack([h[b, n - 1] for b, n in enumerate(lengths)])
+        elif model.config.pooling == "max":
+            want = torch.stack([h[b, :n].amax(dim=0) for b, n in enumerate(lengths)])
         else:
             want = torch.stack([h[b, :n].mean(dim=0) for b, n in enumerate(lengths)])
         torch.testing.assert_close(model(x), model.score(want), rtol=1e-6, atol=1e-6)
+        if pool == "max":  # a padded batch gives each row what it gives alone
+            alone = torch.cat([model(x[b:b + 1, :n]) for b, n in enumerate(lengths)])
+            torch.testing.assert_close(model(x), alone, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["gpt", "llama-untied", "lstm", "gru-untied"])

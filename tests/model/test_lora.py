@@ -16,6 +16,7 @@ from clusterlm.errors import CheckpointError, ConfigError
 from clusterlm.eval.metrics import lm_loss
 from clusterlm.finetune.lora import (
     ADAPTER_FILE,
+    LoRAEmbedding,
     LoRALinear,
     apply_lora,
     count_parameters,
@@ -176,16 +177,72 @@ def test_targets_matching_nothing_is_one_line():
     assert "\n" not in msg and "q_proj" in msg and "wq" in msg and "output" in msg
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
-    # LSTM: the recurrent weights are not nn.Linear; only the output projection is
+    # LSTM: the recurrent weights are not nn.Linear; the output projection and the embedding are layers
     lstm = build_model(dataclasses.replace(get_preset("lstm-small", vocab_size=V), dim=32))
-    with pytest.raises(ConfigError, match=r"Linear names there: \['output'\]"):
+    with pytest.raises(ConfigError, match=r"names there: \['output', 'tok_embeddings'\]"):
         apply_lora(lstm)
 
 
 def test_tied_output_is_refused():
-    """Merging into a tied output would change the embedding too: refused in one line."""
+    """Merging into a tied output would change the embedding too (and the other way round): refused in
+    one line naming the other holder."""
     with pytest.raises(ConfigError, match="tied"):
         apply_lora(base(gpt_cfg()), targets=("output",))
+    with pytest.raises(ConfigError, match=r"'tok_embeddings' shares its weight with 'output.weight'"):
+        apply_lora(base(gpt_cfg()), targets=("wq", "tok_embeddings"))
+
+
+def classifier(seed: int = 0) -> nn.Module:
+    cfg = dataclasses.replace(gpt_cfg(), labels=("neg", "pos"), pad_id=0)
+    m = build_model(cfg)
+    m.init_weights(seed)
+    return m
+
+
+def test_embedding_lora_on_a_classifier_trains_merges_and_reloads(tmp_path):
+    """A classifier's tied embedding takes LoRA (its backbone's LM head never runs): a fresh adapter
+    gives the base logits exactly; after 3 AdamW steps only adapters and the head moved; merge gives
+    plain nn.Embedding/nn.Linear, the base keys and the same logits to 1e-5; saved adapters load onto
+    a fresh base and reproduce the unmerged logits."""
+    model = classifier()
+    x, _ = batch(3)
+    x = x.clamp(min=1)
+    with torch.no_grad():
+        ref = model(x)
+    names = apply_lora(model, targets=("wq", "wv", "tok_embeddings"), rank=4, alpha=8)
+    assert "backbone.tok_embeddings" in names
+    emb = model.backbone.tok_embeddings
+    assert isinstance(emb, LoRAEmbedding) and emb.lora_a.shape == (4, model.config.padded_vocab_size)
+    assert emb.lora_b.shape == (model.config.dim, 4) and not torch.any(emb.lora_a)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+    model.score.requires_grad_(True)
+    base_sd = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    labels = torch.tensor([0, 1, 0, 1])
+    for _ in range(3):
+        torch.nn.functional.cross_entropy(model(x), labels).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sd = model.state_dict()
+    assert [k for k, v in base_sd.items() if not torch.equal(sd[k], v)] == ["score.weight"]
+    assert torch.all(emb.lora_a[:, x.unique()].abs().sum(0) > 0) and not torch.any(emb.lora_a[:, 0])  # rows of unseen tokens stay 0
+    model.eval()
+    with torch.no_grad():
+        lora_logits = model(x)
+    assert (lora_logits - ref).abs().max() > 1e-3
+    save_adapters(tmp_path / "ad", model)
+    fresh = classifier().eval()
+    fresh.score.weight.data.copy_(model.score.weight)
+    load_adapters(tmp_path / "ad", fresh)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), lora_logits, rtol=0, atol=0)
+    merge_lora(model)
+    assert type(model.backbone.tok_embeddings) is nn.Embedding
+    assert list(model.state_dict()) == list(base_sd)
+    assert model.backbone.output.weight is model.backbone.tok_embeddings.weight
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), lora_logits, rtol=0, atol=1e-5)
 
 
 def test_dropout_only_in_training():
