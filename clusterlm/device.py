@@ -10,6 +10,9 @@ Library code takes a torch.device from here; models/ never decides a device (sha
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import os
 from typing import ContextManager
 
 import torch
@@ -51,3 +54,37 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# glibc's mallopt parameters (malloc.h) and the values keep_freed_memory sets
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+KEEP_FREED = {"M_TRIM_THRESHOLD": 1 << 30, "M_TOP_PAD": 64 << 20, "M_MMAP_THRESHOLD": 32 << 20}
+
+
+def keep_freed_memory() -> str | None:
+    """Tell glibc's malloc to keep the memory a CPU training step frees for the next step instead of
+    handing it back to the kernel (and faulting it in again, zeroed, a step later): free memory at
+    the top of the heap is returned only above 1 GiB, the heap grows 64 MiB at a time, and blocks
+    up to 32 MiB come from the heap rather than from mmap. What it buys, measured on a 2-core AMD
+    EPYC (`clusterlm train lstm_shakespeare_cpu`, 1 thread): ~64 ms a step against ~85-97 ms
+    (oneDNN's LSTM allocates and frees megabytes of workspace per call); the Transformer recipe did
+    not change. The cost: the process keeps its high-water mark of freed memory (at most 1 GiB
+    above what it uses), as PyTorch's CUDA caching allocator does on a GPU.
+
+    Left alone (returns None) where the allocator is not glibc's, where the user set any
+    MALLOC_*_ variable, or preloads another allocator (LD_PRELOAD: jemalloc, tcmalloc, ...).
+    Returns a one-line note of what was set."""
+    if any(k.startswith("MALLOC_") for k in os.environ) or os.environ.get("LD_PRELOAD"):
+        return None
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # noqa: B018  (glibc only: musl has no mallopt semantics to rely on)
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    params = {"M_TRIM_THRESHOLD": _M_TRIM_THRESHOLD, "M_TOP_PAD": _M_TOP_PAD, "M_MMAP_THRESHOLD": _M_MMAP_THRESHOLD}
+    if not all(mallopt(params[k], v) == 1 for k, v in KEEP_FREED.items()):
+        return None
+    return "glibc malloc keeps freed memory (" + ", ".join(f"{k}={v >> 20} MiB" for k, v in KEEP_FREED.items()) + ")"

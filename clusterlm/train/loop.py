@@ -37,7 +37,7 @@ import torch
 
 from clusterlm.config import DataConfig, RunConfig, TrainConfig, load_run_config, split_overrides, to_toml
 from clusterlm.device import autocast as device_autocast
-from clusterlm.device import autocast_dtype, resolve_device
+from clusterlm.device import autocast_dtype, keep_freed_memory, resolve_device
 from clusterlm.parallel.dims import ParallelDims
 from clusterlm.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, ConfigError, DataError
 
@@ -184,6 +184,8 @@ class Trainer:
         self.amp_dtype = autocast_dtype(tc.dtype, self.device)
         if tc.threads and self.device.type == "cpu":
             torch.set_num_threads(tc.threads)
+        if self.device.type == "cpu" and (note := keep_freed_memory()):
+            log.info("%s", note)
         self.cfg = cfg = self._resolve_data(cfg)
         mcfg, dims = cfg.model, self.dims
         self.accum, self.tokens_per_step = batch_plan(tc, dims)
