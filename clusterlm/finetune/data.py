@@ -137,7 +137,8 @@ def ensure_finetune_data(cfg: Any) -> tuple[Path, Any, Any]:
     if base is not None:
         check_tokenizer_extends(base_tok, tok, f"data.dir={str(data_dir)!r}")
         mcfg = finetune_model_config(base.config.model, cfg.model, vocab_size=tok.vocab_size, labels=labels,
-                                     pool=ft.pool, pad_id=tok.pad_id, where=f"finetune.init_from={str(base.path)!r}")
+                                     pool=ft.pool if labels else "auto", pad_id=tok.pad_id,
+                                     where=f"finetune.init_from={str(base.path)!r}")
     else:
         mcfg = cfg.model
         if mcfg.vocab_size is None:
@@ -145,7 +146,9 @@ def ensure_finetune_data(cfg: Any) -> tuple[Path, Any, Any]:
         elif mcfg.vocab_size < tok.vocab_size:
             raise DataError(f"model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size} "
                             f"tokens in {data_dir}; leave it unset")
-        mcfg = dataclasses.replace(mcfg, labels=labels, pool=ft.pool, pad_id=tok.pad_id if labels else mcfg.pad_id)
+        # finetune.pool is a classifier's: a recipe that sets it also pre-trains an LM (task = "lm")
+        mcfg = dataclasses.replace(mcfg, labels=labels, pool=ft.pool if labels else "auto",
+                                   pad_id=tok.pad_id if labels else mcfg.pad_id)
     return data_dir, base, mcfg
 
 

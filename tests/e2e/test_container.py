@@ -246,10 +246,20 @@ def test_image_serves_a_completion_as_non_root(image, tmp_path):
                  ready_seconds=round(ready_s, 1), user=f"{UID}:{UID}",
                  wheelhouse_mb=round(sum(f.stat().st_size for f in (REPO / "build" / "wheelhouse").glob("*.whl"))
                                      / 2**20),
-                 measured=time.strftime("%Y-%m-%d"), machine=f"{os.cpu_count()} cores, load average "
-                                                              f"{os.getloadavg()[0]:.1f}")
+                 measured=time.strftime("%Y-%m-%d"), cpu=_cpu_model(),
+                 machine=f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
     RESULT.write_text(json.dumps(facts, indent=2) + "\n")
     assert size < 3 * 2**30, f"image is {size / 2**30:.2f} GiB"
+
+
+def _cpu_model() -> str:
+    """The CPU's model name, as every result file records it (benchmarks/common.py does the same)."""
+    from clusterlm.cluster.parsers import parse_cpuinfo
+
+    try:
+        return parse_cpuinfo(Path("/proc/cpuinfo").read_text()).model
+    except OSError:
+        return "unknown"
 
 
 def test_image_configuration(image):
