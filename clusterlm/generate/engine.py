@@ -24,7 +24,9 @@ model.vocab_multiple) are never sampled.
 
 Speed: the KV cache is static (allocated once per generation for prompt + max_new_tokens, written in
 place). `compile=True` runs the one-token decode step through `torch.compile` (dynamic shapes, so
-the growing cache length does not recompile; compiled once per model and reused by later calls);
+the growing cache length does not recompile; compiled once per model and reused by later calls;
+on the CPU it decodes with plain nn.Linear weights, which inductor packs itself: an explicit `pack`
+with compile is refused, since inductor cannot lower oneDNN's packed weights);
 the prefill stays eager. `fuse` chooses fused projections (models.transformer.fuse_for_inference):
 by default on accelerators only. `pack` chooses packed weights on the CPU
 (optimize.packed.pack_for_inference): "fp32" runs calls of 4 or more rows (batched decode steps,
@@ -186,6 +188,14 @@ class Engine:
                 raise ValueError(f"compile=True: {problem}; run without compile (eager decode)")
         # a second call rebuilds only stale copies, so calling it per generation follows weight changes
         fuse_for_inference(model, enable=fuse_by_default(self.device) if fuse is None else fuse)
+        if compile and self.device.type == "cpu":
+            # inductor cannot lower oneDNN's opaque packed weights (mkldnn._linear_pointwise on a
+            # one-row call fails in lowering) and packs weights itself: compile the plain Linears
+            if pack not in (None, "auto"):
+                raise ValueError(f"compile=True with pack={pack!r}: torch.compile cannot lower oneDNN's packed "
+                                 "weights; use one or the other (pack='auto' or None with compile)")
+            pack_for_inference(model, None)  # a model an earlier generation packed gets its nn.Linears back
+            pack = None
         if pack == "auto":
             pack = pack_by_default(model, self.device)
         if pack is not None and self.device.type == "cpu":  # replaces the Linear modules, same parameters

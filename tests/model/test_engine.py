@@ -235,6 +235,15 @@ def test_compiled_decode_equals_eager() -> None:
         assert got == want
 
 
+def test_compile_with_explicit_packing_is_refused() -> None:
+    """compile=True with pack='fp32' on the CPU: one ValueError naming both (inductor cannot lower
+    oneDNN's packed weights); the model is left as it was."""
+    _skip_without_compile()
+    model = make("llama")
+    with pytest.raises(ValueError, match=r"compile=True with pack='fp32'"):
+        complete(model, [[1, 2, 3]], max_new_tokens=2, temperature=0.0, compile=True, pack="fp32")
+
+
 @pytest.mark.slow
 def test_cli_generate_compile_equals_eager(tmp_path) -> None:
     """`clusterlm generate --compile` prints the same greedy text as without it (a tiny Llama
