@@ -56,9 +56,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-# glibc's mallopt parameters (malloc.h) and the values keep_freed_memory sets
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+# the values keep_freed_memory sets, and glibc's mallopt parameter numbers (malloc.h)
 KEEP_FREED = {"M_TRIM_THRESHOLD": 1 << 30, "M_TOP_PAD": 64 << 20, "M_MMAP_THRESHOLD": 32 << 20}
+_MALLOPT_PARAM = {"M_TRIM_THRESHOLD": -1, "M_TOP_PAD": -2, "M_MMAP_THRESHOLD": -3}
 
 
 def keep_freed_memory() -> str | None:
@@ -84,7 +84,6 @@ def keep_freed_memory() -> str | None:
     except (OSError, AttributeError):
         return None
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    params = {"M_TRIM_THRESHOLD": _M_TRIM_THRESHOLD, "M_TOP_PAD": _M_TOP_PAD, "M_MMAP_THRESHOLD": _M_MMAP_THRESHOLD}
-    if not all(mallopt(params[k], v) == 1 for k, v in KEEP_FREED.items()):
+    if not all(mallopt(_MALLOPT_PARAM[k], v) == 1 for k, v in KEEP_FREED.items()):
         return None
     return "glibc malloc keeps freed memory (" + ", ".join(f"{k}={v >> 20} MiB" for k, v in KEEP_FREED.items()) + ")"

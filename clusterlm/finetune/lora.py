@@ -120,8 +120,7 @@ class LoRAEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
         self.rank, self.alpha = rank, alpha
         self.scale = alpha / rank
-        self.weight = base.weight
-        w = base.weight
+        self.weight = w = base.weight
         self.lora_a = nn.Parameter(torch.zeros(rank, self.num_embeddings, device=w.device, dtype=w.dtype))
         self.lora_b = nn.Parameter(torch.empty(self.embedding_dim, rank, device=w.device, dtype=w.dtype))
         self.dropout = nn.Identity()
@@ -175,13 +174,10 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear | LoRAEmbedding]:
 
 def _unused_heads(model: nn.Module) -> tuple[str, ...]:
     """Name prefixes of the modules `model` keeps but never runs: a sequence classifier's backbone LM
-    head (models/classifier.py), whose weight may be tied to the embedding. Duck-typed (`score` and
-    `backbone`) so that this module does not import the models."""
-    backbone = getattr(model, "backbone", None)
-    if backbone is None or getattr(model, "score", None) is None:
-        return ()
-    heads = tuple(getattr(backbone, "lm_head_modules", ("output",)))
-    return tuple(f"backbone.{h}." for h in heads)
+    head (SequenceClassifier.unused_heads), whose weight may be tied to the embedding. Duck-typed so
+    that this module does not import the models."""
+    unused = getattr(model, "unused_heads", None)
+    return tuple(f"backbone.{h}." for h in unused()) if callable(unused) else ()
 
 
 def apply_lora(model: nn.Module, targets: Iterable[str] | None = None, rank: int = 8, alpha: float = 16.0,

@@ -49,10 +49,14 @@ class SequenceClassifier(nn.Module):
         self.score = nn.Linear(cfg.dim, len(cfg.labels), bias=False)
         self._freeze_unused_output()
 
+    def unused_heads(self) -> tuple[str, ...]:
+        """The backbone's modules this classifier keeps but never runs: `output`, and a masked-LM
+        encoder's `mlm_head` (the backbone's `lm_head_modules`)."""
+        return tuple(getattr(self.backbone, "lm_head_modules", ("output",)))
+
     def _freeze_unused_output(self) -> None:
-        """requires_grad=False on the backbone's parameters that only the LM head uses: `output`,
-        and a masked-LM encoder's `mlm_head` (the backbone's `lm_head_modules`)."""
-        heads = tuple(getattr(self.backbone, "lm_head_modules", ("output",)))
+        """requires_grad=False on the backbone's parameters that only the unused LM head uses."""
+        heads = self.unused_heads()
         prefixes = tuple(f"{h}." for h in heads)
         shared = {id(p) for name, p in self.backbone.named_parameters() if not name.startswith(prefixes)}
         for head in heads:
