@@ -131,6 +131,8 @@ def gpt2_checkpoint(work: Path) -> Path:
 
 def markdown(results: dict) -> str:
     lines = ["# Compression: size, accuracy, speed", "",
+             f"CPU: {results.get('cpu') or 'unknown'}"
+             + (f", GPU: {results['gpu']}" if results.get("gpu") else "") + ". "
              f"torch {results['torch']}, {results['threads']} threads, batch-1 greedy decode, tokens/s = 1 / median "
              f"per-token interval over {results['repeats']} interleaved runs (best interval in brackets). "
              f"Load average (1, 5, 15 min) before: {results['load_before']}, after: {results['load_after']} "
