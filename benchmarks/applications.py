@@ -7,6 +7,7 @@ and scoring; run one at a time on an otherwise idle machine):
     .venv/bin/python benchmarks/applications.py translate --pair de --minutes 30
     .venv/bin/python benchmarks/applications.py sentiment --minutes 20 --arch transformer --lora
     .venv/bin/python benchmarks/applications.py sentiment --minutes 20 --arch lstm
+    .venv/bin/python benchmarks/applications.py translate-lora --pair fr --pretrain-minutes 10 --minutes 10
     .venv/bin/python benchmarks/applications_report.py                # -> results/applications.md
 
 The short runs whose figures are in benchmarks/results (a 2-core CPU shared with other jobs, load
@@ -29,6 +30,11 @@ for --minutes of wall time, scores greedy BLEU (sacrebleu, through the task harn
 eval RUN --task SRC,TGT`) on the first --curve-limit sentences of test_2016_flickr every ~1/--points
 of the run (the curve) and on all 1,000 at the end (the figure reported). Goals: en->fr >= 35, en->de
 >= 20 within 30 minutes; published GPU systems reach 55-60 / 35-40.
+
+translate-lora: a decoder LM (the translation recipe's model) pre-trained for --pretrain-minutes on
+the training sentences of both languages as separate documents, then fine-tuned on the pairs for
+--minutes twice from that base: full fine-tuning and LoRA rank 8 (lr x --lora-lr-scale); greedy BLEU
+on test_2016_flickr for both. Goal: LoRA within 2 BLEU of full, < 5% of the parameters trainable.
 
 sentiment: for each --arch, at equal total training wall time --minutes: (a) the classifier from
 scratch; (b) ULMFiT-style, an LM pre-trained on the unlabelled training sentences (`clusterlm
@@ -239,6 +245,90 @@ def translate(args: argparse.Namespace) -> None:
                      indent=1))
 
 
+def monolingual_jsonl(files: list[Path], out: Path) -> int:
+    """Every line of the gzipped text files (both sides of the training pairs) as its own JSONL
+    document: the base LM sees each language but never a pair."""
+    n = 0
+    with open(out, "w", encoding="utf-8") as f:
+        for path in files:
+            with gzip.open(path, "rt", encoding="utf-8") as src:
+                for line in src:
+                    if line.strip():
+                        f.write(json.dumps({"text": line.strip()}, ensure_ascii=False) + "\n")
+                        n += 1
+    return n
+
+
+def translate_lora(args: argparse.Namespace) -> None:
+    """LoRA against full fine-tuning for translation (issue 15): a decoder LM pre-trained on the
+    training sentences of both languages as separate documents (no pairs), then fine-tuned on the
+    pairs for the same --minutes twice from that base, full and LoRA rank 8; greedy BLEU on
+    test_2016_flickr for both. Goal: LoRA within 2 BLEU of full with < 5% trainable parameters."""
+    from clusterlm.data.prepare import prepare
+    from clusterlm.eval.evaluate import evaluate_tasks
+    from clusterlm.eval.harness import DecodeOptions
+
+    data, work = Path(args.data), Path(args.work)
+    tgt = args.pair
+    train_files = [data / "train.en.gz", data / f"train.{tgt}.gz"]
+    test_files = [data / "test_2016_flickr.en.gz", data / f"test_2016_flickr.{tgt}.gz"]
+    need(train_files + test_files, "Multi30k", "--data")
+    work.mkdir(parents=True, exist_ok=True)
+    recipe, test, env = f"multi30k_en{tgt}_cpu", ",".join(map(str, test_files)), env_info()
+    t0 = time.perf_counter()
+    lm_data, n_docs = work / "lm_data", None
+    if not (lm_data / "meta.json").is_file():
+        n_docs = monolingual_jsonl(train_files, work / "sentences.jsonl")
+        prepare([str(work / "sentences.jsonl")], str(lm_data), tokenizer="bpe", vocab_size=4096, val_fraction=0.02)
+    lm_prep_s = time.perf_counter() - t0
+    common = ["--train.tensorboard=false", "--checkpoint.interval=0", "--eval.every=0", "--eval.tasks=[]",
+              *args.override]
+    lm_over = [*common, "--finetune.task=lm", f"--data.dir={q(str(lm_data))}", '--data.source=""']
+    init = [f"--finetune.init_from={q(str(work / 'lm'))}"]
+    ft_over = [*common, *init, f"--data.source={q(','.join(map(str, train_files)))}",
+               f"--data.dir={q(str(work / 'pairs'))}"]  # prepared with the base's tokenizer
+    lm = run_arm(recipe, work / "lm", lm_over, args.pretrain_minutes, calibrate(recipe, lm_over, work / "calib_lm"))
+    arms: dict[str, Any] = {"lm": lm}
+    lr = load_run_config(bundled_recipes()[recipe], []).optim.lr
+    for name, over in (("full", ft_over),
+                       ("lora8", [*ft_over, "--finetune.lora_rank=8", f"--optim.lr={args.lora_lr_scale * lr}"])):
+        a = run_arm(recipe, work / name, over, args.minutes, calibrate(recipe, over, work / f"calib_{name}"), warmup=50)
+        t1 = time.perf_counter()
+        (m,) = evaluate_tasks(str(work / name), [test], batch_size=64, decode=DecodeOptions(max_new_tokens=64),
+                              device="cpu", limit=args.test_limit or None)["tasks"].values()
+        a["test"] = {k: m[k] for k in ("bleu", "chrf", "n") if k in m}
+        a["eval_s"] = round(time.perf_counter() - t1, 1)
+        arms[name] = a
+    full, lo = arms["full"], arms["lora8"]
+    model_file = next((work / "full" / "checkpoints").glob("step-*/model.safetensors"))
+    lo["model_bytes"] = model_file.stat().st_size
+    out = {"benchmark": "translation LoRA vs full", "pair": f"en-{tgt}", "recipe": recipe, "env": env,
+           "env_after": {"loadavg": [round(x, 2) for x in os.getloadavg()]}, "overrides": args.override,
+           "pretrain_minutes": args.pretrain_minutes, "finetune_minutes": args.minutes,
+           "lm_documents": n_docs, "lm_prepare_s": round(lm_prep_s, 1), "arms": arms,
+           "test_sentences": args.test_limit or 1000, "decoding": "greedy, max_new_tokens 64"}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"translation_multi30k_en{tgt}_lora_{args.minutes:g}min.json"
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    b_full, b_lo = full["test"]["bleu"], lo["test"]["bleu"]
+    frac = 100 * lo["trainable"] / lo["total"]
+    how = (f"base: decoder LM pre-trained {lm['steps']} steps ({lm['wall_s'] / 60:.1f} min) on both languages' "
+           f"training sentences as separate documents; then {args.minutes:g} min of fine-tuning on the pairs each; "
+           f"{env['cpu']}, load {env['loadavg'][0]}; {path.name}")
+    rows = [
+        row(f"translation en->{tgt} (Multi30k, LoRA)", "LoRA r=8 minus full fine-tuning, BLEU",
+            round(b_lo - b_full, 2), ">= -2", lo["wall_s"] / 60,
+            f"LoRA {b_lo:.2f} ({lo['steps']} steps, lr {lo['lr']:g}) vs full {b_full:.2f} ({full['steps']} steps, "
+            f"lr {full['lr']:g}), greedy, {out['test_sentences']} test sentences; " + how),
+        row(f"translation en->{tgt} (Multi30k, LoRA)", "LoRA r=8 trainable parameters %", round(frac, 2), "< 5",
+            lo["wall_s"] / 60, f"{lo['trainable']:,} of {lo['total']:,} (adapters on {lo['lora_targets']}); adapter file "
+            f"{lo.get('adapter_bytes', 0) / 1e3:.0f} kB = {100 * lo.get('adapter_bytes', 0) / lo['model_bytes']:.1f}% of the "
+            f"model's {lo['model_bytes'] / 1e6:.1f} MB"),
+    ]
+    write_rows("translation", rows)
+    print(json.dumps({k: {kk: v.get(kk) for kk in ("steps", "wall_s", "test")} for k, v in arms.items()}, indent=1))
+
+
 def compare_translation(tgt: str, minutes: float, enc: dict) -> list[dict]:
     """The side-by-side of issue 16: the encoder-decoder against the decoder-only model of the same
     parameter count at the same wall-time budget (its results/translation_multi30k_enXX_Nmin.json)."""
@@ -342,6 +432,23 @@ def trainable(run: Path) -> tuple[int, int]:
     return count_parameters(model)
 
 
+def run_arm(recipe: str, run: Path, over: list[str], minutes: float, step_s: float, warmup: int = 100) -> dict[str, Any]:
+    """Train one arm into `run` for `minutes` (max_steps from the calibrated `step_s`): steps, wall time,
+    lr, trainable/total parameters and, for LoRA, the adapter targets and file size."""
+    steps, b = budget_overrides(step_s, minutes, warmup)
+    cfg, res, wall = train_run(recipe, [*over, *b, f"--train.out_dir={q(str(run))}"])
+    a = {"steps": res.step, "max_steps": steps, "wall_s": round(wall, 1), "stop_reason": res.reason,
+         "calibrated_step_s": round(step_s, 4), "lr": cfg.optim.lr, "task": cfg.finetune.task}
+    if cfg.finetune.lora_rank:
+        a["lora_targets"] = list(cfg.finetune.lora_targets) or "every attention and MLP projection (the default)"
+        adapter = run / "adapter" / "adapter.safetensors"
+        if adapter.is_file():
+            a["adapter_bytes"] = adapter.stat().st_size
+    a["trainable"], a["total"] = trainable(run)
+    log.info("%s: %s", run.name, a)
+    return a
+
+
 def sentiment(args: argparse.Namespace) -> None:
     from clusterlm.data.prepare import prepare
 
@@ -374,16 +481,9 @@ def sentiment(args: argparse.Namespace) -> None:
         arms: dict[str, Any] = {}
 
         def arm(name: str, over: list[str], minutes: float, step_s: float, warmup: int = 100) -> dict[str, Any]:
-            steps, b = budget_overrides(step_s, minutes, warmup)
-            cfg, res, wall = train_run(recipe, [*over, *b, f"--train.out_dir={q(str(work / name))}"])
-            a = {"steps": res.step, "max_steps": steps, "wall_s": round(wall, 1), "stop_reason": res.reason,
-                 "calibrated_step_s": round(step_s, 4), "lr": cfg.optim.lr}
-            if cfg.finetune.lora_rank:
-                a["lora_targets"] = list(cfg.finetune.lora_targets)
-            a["trainable"], a["total"] = trainable(work / name)
-            if cfg.finetune.task == "classify":
+            a = run_arm(recipe, work / name, over, minutes, step_s, warmup)
+            if a["task"] == "classify":
                 a["dev"] = dev_scores(work / name, dev)
-            log.info("%s: %s", name, a)
             return a
 
         arms["scratch"] = arm(f"{arch}_scratch", cls_over, args.minutes, cls_step)
@@ -397,9 +497,8 @@ def sentiment(args: argparse.Namespace) -> None:
         if args.lora and arch == "transformer":
             lo = arm(f"{arch}_lora8", [*ft_over, *init, "--finetune.lora_rank=8", f"--optim.lr={2 * ft['lr']}"],
                      left, cls_step, warmup=50)
-            adapter = work / f"{arch}_lora8" / "adapter" / "adapter.safetensors"
             model_file = next((work / f"{arch}_pretrained" / "checkpoints").glob("step-*/model.safetensors"))
-            lo["adapter_bytes"], lo["model_bytes"] = adapter.stat().st_size, model_file.stat().st_size
+            lo["model_bytes"] = model_file.stat().st_size
             arms["lora8"] = lo
         out["arms"][arch] = arms
         rows += sentiment_rows(arch, arms, args, env)
@@ -461,6 +560,13 @@ def main() -> None:
                    help="decoder: multi30k_enXX_cpu (decoder-only SFT); encdec: multi30k_enXX_encdec_cpu (issue 16)")
     t.add_argument("--num-beams", type=int, default=1, help="also score the final weights with beam search")
     t.add_argument("--length-penalty", type=float, default=1.0, help="beam search length penalty")
+    tl = sub.add_parser("translate-lora", help="Multi30k: LoRA r=8 vs full fine-tuning from one pre-trained LM")
+    tl.add_argument("--pair", choices=["fr", "de"], default="fr", help="target language (source: en)")
+    tl.add_argument("--data", default=str(SHARED / "multi30k"), help="folder with train.*.gz and test_2016_flickr.*.gz")
+    tl.add_argument("--pretrain-minutes", type=float, default=10.0, help="LM pre-training wall time")
+    tl.add_argument("--minutes", type=float, default=10.0, help="fine-tuning wall time, each of full and LoRA")
+    tl.add_argument("--lora-lr-scale", type=float, default=2.0, help="LoRA's lr = this x the recipe's lr")
+    tl.add_argument("--test-limit", type=int, default=0, help="test sentences scored (0 = all 1,000)")
     s = sub.add_parser("sentiment", help="SST-2: scratch vs LM pre-training + fine-tuning, LoRA vs full")
     s.add_argument("--data", default=str(SHARED / "sst2"), help="folder with train.tsv.gz and dev.tsv")
     s.add_argument("--minutes", type=float, default=20.0, help="total training wall time per arm")
@@ -468,7 +574,7 @@ def main() -> None:
                    help="repeatable (default transformer); encoder: masked-LM pre-training (issue 16)")
     s.add_argument("--pretrain-share", type=float, default=0.6, help="fraction of the budget for LM pre-training")
     s.add_argument("--lora", action="store_true", help="also LoRA rank 8 fine-tuning (transformer)")
-    for x in (t, s):
+    for x in (t, tl, s):
         x.add_argument("--threads", type=int, default=0, help="torch threads for training and scoring (0 = torch's "
                        "default; 1 was faster than 2 on a 2-core machine loaded by other jobs)")
         x.add_argument("--work", default=None, help="scratch folder for data and runs (default: a fresh temp dir)")
@@ -489,7 +595,7 @@ def main() -> None:
 
     setup_logging(0)
     log.info("work folder %s", args.work)
-    (translate if args.cmd == "translate" else sentiment)(args)
+    {"translate": translate, "translate-lora": translate_lora, "sentiment": sentiment}[args.cmd](args)
 
 
 if __name__ == "__main__":
