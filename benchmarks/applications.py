@@ -65,6 +65,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from clusterlm.config import bundled_recipes, load_run_config
@@ -131,6 +132,19 @@ def budget_overrides(step_s: float, minutes: float, warmup: int, share: float = 
     steps = max(20, int(share * minutes * 60 / step_s))
     return steps, [f"--train.max_steps={steps}", f"--train.max_minutes={minutes}",
                    f"--optim.warmup_steps={min(warmup, steps // 10)}"]
+
+
+def lm_corpus(lm_data: Path, write_jsonl: Callable[[Path], int]) -> tuple[Path, int | None, float]:
+    """The unlabelled text for LM pre-training, prepared into `lm_data` (BPE, 4096 tokens) unless it is
+    there already: (lm_data, documents written or None when reused, seconds taken)."""
+    from clusterlm.data.prepare import prepare
+
+    t0, n = time.perf_counter(), None
+    if not (lm_data / "meta.json").is_file():
+        docs = lm_data.with_name(lm_data.name + ".jsonl")
+        n = write_jsonl(docs)
+        prepare([str(docs)], str(lm_data), tokenizer="bpe", vocab_size=4096, val_fraction=0.02)
+    return lm_data, n, time.perf_counter() - t0
 
 
 def write_rows(name: str, rows: list[dict]) -> Path:
@@ -264,7 +278,6 @@ def translate_lora(args: argparse.Namespace) -> None:
     training sentences of both languages as separate documents (no pairs), then fine-tuned on the
     pairs for the same --minutes twice from that base, full and LoRA rank 8; greedy BLEU on
     test_2016_flickr for both. Goal: LoRA within 2 BLEU of full with < 5% trainable parameters."""
-    from clusterlm.data.prepare import prepare
     from clusterlm.eval.evaluate import evaluate_tasks
     from clusterlm.eval.harness import DecodeOptions
 
@@ -275,12 +288,7 @@ def translate_lora(args: argparse.Namespace) -> None:
     need(train_files + test_files, "Multi30k", "--data")
     work.mkdir(parents=True, exist_ok=True)
     recipe, test, env = f"multi30k_en{tgt}_cpu", ",".join(map(str, test_files)), env_info()
-    t0 = time.perf_counter()
-    lm_data, n_docs = work / "lm_data", None
-    if not (lm_data / "meta.json").is_file():
-        n_docs = monolingual_jsonl(train_files, work / "sentences.jsonl")
-        prepare([str(work / "sentences.jsonl")], str(lm_data), tokenizer="bpe", vocab_size=4096, val_fraction=0.02)
-    lm_prep_s = time.perf_counter() - t0
+    lm_data, n_docs, lm_prep_s = lm_corpus(work / "lm_data", lambda out: monolingual_jsonl(train_files, out))
     common = ["--train.tensorboard=false", "--checkpoint.interval=0", "--eval.every=0", "--eval.tasks=[]",
               *args.override]
     lm_over = [*common, "--finetune.task=lm", f"--data.dir={q(str(lm_data))}", '--data.source=""']
@@ -450,7 +458,6 @@ def run_arm(recipe: str, run: Path, over: list[str], minutes: float, step_s: flo
 
 
 def sentiment(args: argparse.Namespace) -> None:
-    from clusterlm.data.prepare import prepare
 
     data, work = Path(args.data), Path(args.work)
     train_tsv, dev = data / "train.tsv.gz", data / "dev.tsv"
@@ -459,12 +466,7 @@ def sentiment(args: argparse.Namespace) -> None:
     env, budget_s = env_info(), args.minutes * 60
     common = [f"--data.source={q(str(train_tsv))}", f"--finetune.val_source={q(str(dev))}", "--train.tensorboard=false",
               *args.override]
-    t0 = time.perf_counter()
-    lm_data, n_sent = work / "sst2_lm", None
-    if not (lm_data / "meta.json").is_file():
-        n_sent = sentences_jsonl(train_tsv, work / "sst2_sentences.jsonl")
-        prepare([str(work / "sst2_sentences.jsonl")], str(lm_data), tokenizer="bpe", vocab_size=4096, val_fraction=0.02)
-    lm_prep_s = time.perf_counter() - t0
+    lm_data, n_sent, lm_prep_s = lm_corpus(work / "sst2_lm", lambda out: sentences_jsonl(train_tsv, out))
     out: dict[str, Any] = {"benchmark": "sentiment", "overrides": args.override, "env": env, "budget_minutes": args.minutes,
                            "pretrain_share": args.pretrain_share, "lm_prepare_s": round(lm_prep_s, 1),
                            "lm_sentences": n_sent, "arms": {}}
@@ -550,23 +552,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("translate", help="Multi30k en->fr / en->de: BLEU vs wall time")
-    t.add_argument("--pair", choices=["fr", "de"], default="fr", help="target language (source: en)")
-    t.add_argument("--data", default=str(SHARED / "multi30k"), help="folder with train.*.gz and test_2016_flickr.*.gz")
+    tl = sub.add_parser("translate-lora", help="Multi30k: LoRA r=8 vs full fine-tuning from one pre-trained LM")
+    for x in (t, tl):
+        x.add_argument("--pair", choices=["fr", "de"], default="fr", help="target language (source: en)")
+        x.add_argument("--data", default=str(SHARED / "multi30k"), help="folder with train.*.gz and test_2016_flickr.*.gz")
+        x.add_argument("--test-limit", type=int, default=0, help="test sentences scored at the end (0 = all 1,000)")
     t.add_argument("--minutes", type=float, default=30.0, help="training wall-time budget")
     t.add_argument("--points", type=int, default=6, help="BLEU measurements during training")
     t.add_argument("--curve-limit", type=int, default=200, help="test sentences scored for each curve point")
-    t.add_argument("--test-limit", type=int, default=0, help="test sentences scored at the end (0 = all 1,000)")
     t.add_argument("--arch", choices=["decoder", "encdec"], default="decoder",
                    help="decoder: multi30k_enXX_cpu (decoder-only SFT); encdec: multi30k_enXX_encdec_cpu (issue 16)")
     t.add_argument("--num-beams", type=int, default=1, help="also score the final weights with beam search")
     t.add_argument("--length-penalty", type=float, default=1.0, help="beam search length penalty")
-    tl = sub.add_parser("translate-lora", help="Multi30k: LoRA r=8 vs full fine-tuning from one pre-trained LM")
-    tl.add_argument("--pair", choices=["fr", "de"], default="fr", help="target language (source: en)")
-    tl.add_argument("--data", default=str(SHARED / "multi30k"), help="folder with train.*.gz and test_2016_flickr.*.gz")
     tl.add_argument("--pretrain-minutes", type=float, default=10.0, help="LM pre-training wall time")
     tl.add_argument("--minutes", type=float, default=10.0, help="fine-tuning wall time, each of full and LoRA")
     tl.add_argument("--lora-lr-scale", type=float, default=2.0, help="LoRA's lr = this x the recipe's lr")
-    tl.add_argument("--test-limit", type=int, default=0, help="test sentences scored (0 = all 1,000)")
     s = sub.add_parser("sentiment", help="SST-2: scratch vs LM pre-training + fine-tuning, LoRA vs full")
     s.add_argument("--data", default=str(SHARED / "sst2"), help="folder with train.tsv.gz and dev.tsv")
     s.add_argument("--minutes", type=float, default=20.0, help="total training wall time per arm")

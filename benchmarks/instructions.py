@@ -204,7 +204,16 @@ def score(run: Path, heldout: list[dict], train_problems: set[str], max_tokens: 
             "finish_reasons": dict(sorted({f: sum(x["finish_reason"] == f for x in rows)
                                            for f in {x["finish_reason"] for x in rows}}.items())),
             "eval_wall_s": round(wall, 1), "max_tokens": max_tokens,
-            "wrong_examples": [{k: x[k] for k in ("task", "user", "answer", "reply")} for x in rows if not x["correct"]][:20]}
+            "wrong_examples": wrong_examples(rows)}
+
+
+def wrong_examples(rows: list[dict], per_task: int = 3) -> list[dict]:
+    """Up to `per_task` wrong replies of every task, in held-out order: what each task gets wrong."""
+    out: list[dict] = []
+    for task in dict.fromkeys(x["task"] for x in rows):
+        out += [{k: x[k] for k in ("task", "user", "answer", "reply")}
+                for x in rows if x["task"] == task and not x["correct"]][:per_task]
+    return out
 
 
 def main() -> int:
