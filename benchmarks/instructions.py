@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/instructions.py --data DIR         # DIR/train.jsonl + DIR/heldout.jsonl
     .venv/bin/python benchmarks/instructions.py --run runs/x       # score an existing run, no training
 
-1. the set: scripts/make_instructions.py (20,000 train / 300 held-out chat records, seed 0), unless
+1. the set: scripts/make_instructions.py (200,000 train / 300 held-out chat records, seed 0), unless
    --data gives a folder with train.jsonl and heldout.jsonl;
 2. `clusterlm finetune recipes/instructions_cpu.toml` as a subprocess (--steps sets
    train.max_steps; --minutes sets train.max_minutes, a cap that stops the run early);
@@ -219,7 +219,7 @@ def wrong_examples(rows: list[dict], per_task: int = 3) -> list[dict]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="folder with train.jsonl and heldout.jsonl (default: generate)")
-    p.add_argument("--train-records", type=int, default=20000)
+    p.add_argument("--train-records", type=int, default=200000)
     p.add_argument("--heldout-records", type=int, default=300)
     p.add_argument("--seed", type=int, default=0, help="generator seed (with no --data)")
     p.add_argument("--steps", type=int, default=None, help="train.max_steps (default: the recipe's)")

@@ -2,7 +2,7 @@
 chat `messages` records written as train.jsonl and heldout.jsonl. No downloads; the same seed and
 sizes give byte-identical files.
 
-    .venv/bin/python scripts/make_instructions.py --out data/instructions            # 20000 / 300
+    .venv/bin/python scripts/make_instructions.py --out data/instructions            # 200000 / 300
     .venv/bin/python scripts/make_instructions.py --out /tmp/ins --train 2000 --heldout 100 --seed 1
 
 Each line is {"messages": [{"role", "content"}, ...], "task": NAME, "family": FAMILY}: an optional
@@ -153,7 +153,7 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     tmp.replace(path)
 
 
-def write_sets(out: str | Path, n_train: int = 20000, n_heldout: int = 300, seed: int = 0) -> tuple[Path, Path]:
+def write_sets(out: str | Path, n_train: int = 200000, n_heldout: int = 300, seed: int = 0) -> tuple[Path, Path]:
     """Write OUT/train.jsonl and OUT/heldout.jsonl; returns their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -167,7 +167,8 @@ def write_sets(out: str | Path, n_train: int = 20000, n_heldout: int = 300, seed
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for train.jsonl and heldout.jsonl")
-    p.add_argument("--train", type=int, default=20000, help="train records (default 20000)")
+    p.add_argument("--train", type=int, default=200000, help="train records (default 200000: fresh problems for a "
+                   "45-minute run, rather than many passes over few)")
     p.add_argument("--heldout", type=int, default=300, help="held-out records, stratified by task (default 300)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
