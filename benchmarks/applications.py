@@ -32,7 +32,8 @@ of the run (the curve) and on all 1,000 at the end (the figure reported). Goals:
 >= 20 within 30 minutes; published GPU systems reach 55-60 / 35-40.
 
 translate-lora: a decoder LM (the translation recipe's model) pre-trained for --pretrain-minutes on
-the training sentences of both languages as separate documents, then fine-tuned on the pairs for
+the training sentences of both languages as separate documents (with --base-pairs de also German and
+the en->de pairs: a base that translates, into another language), then fine-tuned on the pairs for
 --minutes twice from that base: full fine-tuning and LoRA rank 8 (lr x --lora-lr-scale); greedy BLEU
 on test_2016_flickr for both. Goal: LoRA within 2 BLEU of full, < 5% of the parameters trainable.
 
@@ -259,23 +260,26 @@ def translate(args: argparse.Namespace) -> None:
                      indent=1))
 
 
-def monolingual_jsonl(files: list[Path], out: Path) -> int:
-    """Every line of the gzipped text files (both sides of the training pairs) as its own JSONL
-    document: the base LM sees each language but never a pair."""
-    n = 0
-    with open(out, "w", encoding="utf-8") as f:
-        for path in files:
-            with gzip.open(path, "rt", encoding="utf-8") as src:
-                for line in src:
-                    if line.strip():
-                        f.write(json.dumps({"text": line.strip()}, ensure_ascii=False) + "\n")
-                        n += 1
-    return n
+def base_corpus_jsonl(files: list[Path], out: Path, pairs: tuple[Path, Path] | None = None) -> int:
+    """The base LM's documents: every line of the gzipped text files as its own JSONL document (each
+    language, never a pair), and with `pairs` (source, target files) each pair as one document
+    "source target", the layout of an SFT example without a template ([EOS] prompt, a space,
+    completion [EOS]): a base that already translates into that other target language."""
+    def lines(path: Path) -> list[str]:
+        with gzip.open(path, "rt", encoding="utf-8") as src:
+            return [x.strip() for x in src]
+
+    docs = [x for path in files for x in lines(path) if x]
+    if pairs:
+        docs += [f"{a} {b}" for a, b in zip(*map(lines, pairs)) if a and b]
+    out.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    return len(docs)
 
 
 def translate_lora(args: argparse.Namespace) -> None:
     """LoRA against full fine-tuning for translation (issue 15): a decoder LM pre-trained on the
-    training sentences of both languages as separate documents (no pairs), then fine-tuned on the
+    training sentences of both languages as separate documents (no pairs; --base-pairs adds a third
+    language and its pairs with English), then fine-tuned on the
     pairs for the same --minutes twice from that base, full and LoRA rank 8; greedy BLEU on
     test_2016_flickr for both. Goal: LoRA within 2 BLEU of full with < 5% trainable parameters."""
     from clusterlm.eval.evaluate import evaluate_tasks
@@ -288,7 +292,13 @@ def translate_lora(args: argparse.Namespace) -> None:
     need(train_files + test_files, "Multi30k", "--data")
     work.mkdir(parents=True, exist_ok=True)
     recipe, test, env = f"multi30k_en{tgt}_cpu", ",".join(map(str, test_files)), env_info()
-    lm_data, n_docs, lm_prep_s = lm_corpus(work / "lm_data", lambda out: monolingual_jsonl(train_files, out))
+    other = args.base_pairs
+    if other == tgt:
+        sys.exit(f"--base-pairs={other} is the target language itself; give the other one or leave it out")
+    base_files = train_files + ([data / f"train.{other}.gz"] if other else [])
+    base_pairs = (data / "train.en.gz", data / f"train.{other}.gz") if other else None
+    need(base_files, "Multi30k", "--data")
+    lm_data, n_docs, lm_prep_s = lm_corpus(work / "lm_data", lambda out: base_corpus_jsonl(base_files, out, base_pairs))
     common = ["--train.tensorboard=false", "--checkpoint.interval=0", "--eval.every=0", "--eval.tasks=[]",
               *args.override]
     lm_over = [*common, "--finetune.task=lm", f"--data.dir={q(str(lm_data))}", '--data.source=""']
@@ -310,25 +320,30 @@ def translate_lora(args: argparse.Namespace) -> None:
     full, lo = arms["full"], arms["lora8"]
     model_file = next((work / "full" / "checkpoints").glob("step-*/model.safetensors"))
     lo["model_bytes"] = model_file.stat().st_size
-    out = {"benchmark": "translation LoRA vs full", "pair": f"en-{tgt}", "recipe": recipe, "env": env,
+    out = {"benchmark": "translation LoRA vs full", "pair": f"en-{tgt}", "base_pairs": f"en-{other}" if other else None,
+           "recipe": recipe, "env": env,
            "env_after": {"loadavg": [round(x, 2) for x in os.getloadavg()]}, "overrides": args.override,
            "pretrain_minutes": args.pretrain_minutes, "finetune_minutes": args.minutes,
            "lm_documents": n_docs, "lm_prepare_s": round(lm_prep_s, 1), "arms": arms,
            "test_sentences": args.test_limit or 1000, "decoding": "greedy, max_new_tokens 64"}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"translation_multi30k_en{tgt}_lora_{args.minutes:g}min.json"
+    path = RESULTS / f"translation_multi30k_en{tgt}_lora{f'_from_en{other}' if other else ''}_{args.minutes:g}min.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     b_full, b_lo = full["test"]["bleu"], lo["test"]["bleu"]
     frac = 100 * lo["trainable"] / lo["total"]
-    how = (f"base: decoder LM pre-trained {lm['steps']} steps ({lm['wall_s'] / 60:.1f} min) on both languages' "
-           f"training sentences as separate documents; then {args.minutes:g} min of fine-tuning on the pairs each; "
+    base_name = f"base: en->{other} translator" if other else f"base: en+{tgt} LM"
+    langs = "en, " + tgt + (f" and {other}" if other else "")
+    how = (f"base: decoder LM pre-trained {lm['steps']} steps ({lm['wall_s'] / 60:.1f} min) on the {langs} training "
+           "sentences as separate documents" + (f" and the en->{other} pairs (a base that translates into {other})"
+                                                 if other else "") +
+           f"; then {args.minutes:g} min of fine-tuning on the en->{tgt} pairs each; "
            f"{env['cpu']}, load {env['loadavg'][0]}; {path.name}")
     rows = [
-        row(f"translation en->{tgt} (Multi30k, LoRA)", "LoRA r=8 minus full fine-tuning, BLEU",
+        row(f"translation en->{tgt} (Multi30k, LoRA)", f"LoRA r=8 minus full fine-tuning, BLEU ({base_name})",
             round(b_lo - b_full, 2), ">= -2", lo["wall_s"] / 60,
             f"LoRA {b_lo:.2f} ({lo['steps']} steps, lr {lo['lr']:g}) vs full {b_full:.2f} ({full['steps']} steps, "
             f"lr {full['lr']:g}), greedy, {out['test_sentences']} test sentences; " + how),
-        row(f"translation en->{tgt} (Multi30k, LoRA)", "LoRA r=8 trainable parameters %", round(frac, 2), "< 5",
+        row(f"translation en->{tgt} (Multi30k, LoRA)", f"LoRA r=8 trainable parameters % ({base_name})", round(frac, 2), "< 5",
             lo["wall_s"] / 60, f"{lo['trainable']:,} of {lo['total']:,} (adapters on {lo['lora_targets']}); adapter file "
             f"{lo.get('adapter_bytes', 0) / 1e3:.0f} kB = {100 * lo.get('adapter_bytes', 0) / lo['model_bytes']:.1f}% of the "
             f"model's {lo['model_bytes'] / 1e6:.1f} MB"),
@@ -566,6 +581,9 @@ def main() -> None:
     t.add_argument("--length-penalty", type=float, default=1.0, help="beam search length penalty")
     tl.add_argument("--pretrain-minutes", type=float, default=10.0, help="LM pre-training wall time")
     tl.add_argument("--minutes", type=float, default=10.0, help="fine-tuning wall time, each of full and LoRA")
+    tl.add_argument("--base-pairs", choices=["", "fr", "de"], default="",
+                    help="also pre-train the base on the en->X pairs (and X's sentences): LoRA then adapts a model "
+                         "that translates into X to the --pair language")
     tl.add_argument("--lora-lr-scale", type=float, default=2.0, help="LoRA's lr = this x the recipe's lr")
     s = sub.add_parser("sentiment", help="SST-2: scratch vs LM pre-training + fine-tuning, LoRA vs full")
     s.add_argument("--data", default=str(SHARED / "sst2"), help="folder with train.tsv.gz and dev.tsv")
