@@ -309,7 +309,8 @@ def translate_lora(args: argparse.Namespace) -> None:
     arms: dict[str, Any] = {"lm": lm}
     lr = load_run_config(bundled_recipes()[recipe], []).optim.lr
     for name, over in (("full", ft_over),
-                       ("lora8", [*ft_over, "--finetune.lora_rank=8", f"--optim.lr={args.lora_lr_scale * lr}"])):
+                       ("lora8", [*ft_over, "--finetune.lora_rank=8", f"--optim.lr={args.lora_lr_scale * lr}",
+                                  *([f"--finetune.lora_targets={q(args.lora_targets)}"] if args.lora_targets else [])])):
         a = run_arm(recipe, work / name, over, args.minutes, calibrate(recipe, over, work / f"calib_{name}"), warmup=50)
         t1 = time.perf_counter()
         (m,) = evaluate_tasks(str(work / name), [test], batch_size=64, decode=DecodeOptions(max_new_tokens=64),
@@ -327,11 +328,13 @@ def translate_lora(args: argparse.Namespace) -> None:
            "lm_documents": n_docs, "lm_prepare_s": round(lm_prep_s, 1), "arms": arms,
            "test_sentences": args.test_limit or 1000, "decoding": "greedy, max_new_tokens 64"}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"translation_multi30k_en{tgt}_lora{f'_from_en{other}' if other else ''}_{args.minutes:g}min.json"
+    emb = "_emb" if args.lora_targets and "tok_embeddings" in args.lora_targets else ""
+    path = RESULTS / f"translation_multi30k_en{tgt}_lora{emb}{f'_from_en{other}' if other else ''}_{args.minutes:g}min.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     b_full, b_lo = full["test"]["bleu"], lo["test"]["bleu"]
     frac = 100 * lo["trainable"] / lo["total"]
-    base_name = f"base: en->{other} translator" if other else f"base: en+{tgt} LM"
+    base_name = (f"base: en->{other} translator" if other else f"base: en+{tgt} LM") + \
+        (" + embedding adapter" if args.lora_targets and "tok_embeddings" in args.lora_targets else "")
     langs = "en, " + tgt + (f" and {other}" if other else "")
     how = (f"base: decoder LM pre-trained {lm['steps']} steps ({lm['wall_s'] / 60:.1f} min) on the {langs} training "
            "sentences as separate documents" + (f" and the en->{other} pairs (a base that translates into {other})"
@@ -584,6 +587,9 @@ def main() -> None:
     tl.add_argument("--base-pairs", choices=["", "fr", "de"], default="",
                     help="also pre-train the base on the en->X pairs (and X's sentences): LoRA then adapts a model "
                          "that translates into X to the --pair language")
+    tl.add_argument("--lora-targets", nargs="+", default=None,
+                    help="finetune.lora_targets (default: every attention and MLP projection); e.g. wq wk wv wo w1 w2 "
+                         "tok_embeddings (the tied embedding: its adapter applies to the output layer too)")
     tl.add_argument("--lora-lr-scale", type=float, default=2.0, help="LoRA's lr = this x the recipe's lr")
     s = sub.add_parser("sentiment", help="SST-2: scratch vs LM pre-training + fine-tuning, LoRA vs full")
     s.add_argument("--data", default=str(SHARED / "sst2"), help="folder with train.tsv.gz and dev.tsv")

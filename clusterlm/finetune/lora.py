@@ -9,7 +9,9 @@ themselves (same objects, frozen) and adds `lora_a` (r, in) and `lora_b` (out, r
 A targeted `nn.Embedding` (opt-in: name it, e.g. "tok_embeddings") becomes a `LoRAEmbedding`, peft's
 embedding LoRA: the lookup of a token's row gains (alpha / r) * (B A)^T[token], with `lora_a` (r, V)
 starting at zero and `lora_b` (D, r) Normal(0, 1). A classifier fine-tuned with LoRA on the projections
-only cannot move its word embeddings; on SST-2 that alone cost 13 points (docs/finetune.md).
+only cannot move its word embeddings; on SST-2 that alone cost 13 points (docs/finetune.md). In a
+language model with tied embeddings the output layer becomes a `TiedLoRAOutput` that applies the same
+update, (x B) A, so the adapted model and the merged one (whose shared table moves) agree.
 
 State dict keys: the base keys do not move (`layers.0.attention.wq.weight`), the adapters sit beside
 them (`layers.0.attention.wq.lora_a`, `.lora_b`). So a base checkpoint loads into a LoRA model
@@ -149,6 +151,34 @@ class LoRAEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, alpha={self.alpha}"
 
 
+class TiedLoRAOutput(nn.Module):
+    """The output projection of a language model whose weight IS a LoRA embedding's table (tied
+    embeddings). It applies the embedding's update too, so that the model with adapters and the
+    merged model (whose shared table holds W + delta) compute the same logits:
+
+        logits = x (W + (alpha / r) (B A)^T)^T + b = x W^T + b + (alpha / r) (x B) A
+
+    It holds the tied `weight` (and `bias`) Parameters and no adapter of its own: A and B are the
+    embedding's, referenced rather than registered, so they are saved, loaded and sharded once,
+    under the embedding's name."""
+
+    def __init__(self, base: nn.Linear, source: LoRAEmbedding) -> None:
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.__dict__["source"] = source  # not a submodule: the adapters stay registered once
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.source
+        y = F.linear(x, self.weight, self.bias)  # (..., V)
+        h = F.linear(x, s.lora_b.t())  # x B: (..., r)
+        return y + F.linear(h, s.lora_a.t()) * s.scale  # (x B) A
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, adapter of the tied embedding"
+
+
 LORA_TYPES = (LoRALinear, LoRAEmbedding)
 
 
@@ -188,8 +218,9 @@ def apply_lora(model: nn.Module, targets: Iterable[str] | None = None, rank: int
     the wrapped module names. Adapters are initialised from `seed` (one factor zero: the model's
     outputs do not change). Call after the base weights are in place and before torch.compile or
     fully_shard. A target that matches no layer raises ConfigError naming it and the names there are.
-    A layer whose weight is tied to another that runs (an LM's output and embedding) is refused:
-    merging would change both. targets=None: DEFAULT_TARGETS, those the model has (GPT-2's MLP has
+    An LM's embedding tied to its output layer takes LoRA on both uses: the output becomes a
+    TiedLoRAOutput applying the embedding's update, so merging (one shared table) stays exact. Naming
+    the tied output itself is refused (name the embedding). targets=None: DEFAULT_TARGETS, those the model has (GPT-2's MLP has
     no w3), at least one."""
     strict = targets is not None
     targets = tuple(DEFAULT_TARGETS if targets is None else targets)
@@ -209,17 +240,24 @@ def apply_lora(model: nn.Module, targets: Iterable[str] | None = None, rank: int
     for n, p in model.named_parameters(remove_duplicate=False):
         holders.setdefault(id(p), []).append(_clean(n))
     chosen: dict[str, nn.Linear | nn.Embedding] = {}
+    tied_outputs: dict[str, str] = {}  # a Linear tied to a chosen embedding -> that embedding's name
+    linears = {f"{_clean(n)}.weight": n for n, m in layers.items() if isinstance(m, nn.Linear)}
     used: set[str] = set()
     for name, layer in layers.items():
         t = _matches(name, targets)
         if t is None:
             continue
         others = [h for h in holders[id(layer.weight)] if h != f"{_clean(name)}.weight" and not h.startswith(skip)]
-        if others:
+        if others and isinstance(layer, nn.Embedding) and all(h in linears for h in others):
+            tied_outputs.update({linears[h]: name for h in others})  # the output gets the same update
+        elif others:
+            hint = ("name the embedding instead: its adapter applies to the tied output too"
+                    if isinstance(layer, nn.Linear) else "untie them (model.tie_embeddings=false)")
             raise ConfigError(f"lora target {_clean(name)!r} shares its weight with {others[0]!r} (tied "
-                              "embeddings); untie them (model.tie_embeddings=false) or leave it out of the targets")
+                              f"embeddings); {hint}, or leave it out of the targets")
         chosen[name] = layer
         used.add(t)
+    tied_outputs = {n: e for n, e in tied_outputs.items() if n not in chosen}
     unused = [t for t in targets if t not in used]
     if unused and (strict or not used):
         short = sorted({_clean(n).rsplit(".", 1)[-1] for n in layers})
@@ -232,6 +270,8 @@ def apply_lora(model: nn.Module, targets: Iterable[str] | None = None, rank: int
                               else LoRAEmbedding(layer, rank, alpha))
         wrapped.reset_adapter(seed, _clean(name))
         _set_module(model, name, wrapped)
+    for name, emb in tied_outputs.items():
+        _set_module(model, name, TiedLoRAOutput(layers[name], model.get_submodule(emb)))
     return [_clean(n) for n in chosen]
 
 
@@ -258,6 +298,10 @@ def merge_lora(model: nn.Module) -> int:
     exactly the base model's keys, for export, quantization and serving. Every parameter is made
     trainable again (as a freshly built model). Returns the number of merged layers. Needs unsharded
     modules (merge before fully_shard, or on a model loaded in one process)."""
+    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, TiedLoRAOutput)]:
+        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        plain.weight, plain.bias = m.weight, m.bias  # the shared table: its embedding's merge updates it
+        _set_module(model, name, plain)
     mods = {n: m for n, m in model.named_modules() if isinstance(m, LORA_TYPES)}
     for name, m in mods.items():
         if hasattr(m.weight, "device_mesh"):

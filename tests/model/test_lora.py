@@ -183,13 +183,56 @@ def test_targets_matching_nothing_is_one_line():
         apply_lora(lstm)
 
 
-def test_tied_output_is_refused():
-    """Merging into a tied output would change the embedding too (and the other way round): refused in
-    one line naming the other holder."""
-    with pytest.raises(ConfigError, match="tied"):
+def test_tied_output_named_directly_is_refused():
+    """An adapter on a tied output alone would change the embedding too once merged: refused in one
+    line naming the other holder and what to name instead."""
+    with pytest.raises(ConfigError, match=r"'output' shares its weight with 'tok_embeddings.weight' \(tied "
+                                          r"embeddings\); name the embedding instead"):
         apply_lora(base(gpt_cfg()), targets=("output",))
-    with pytest.raises(ConfigError, match=r"'tok_embeddings' shares its weight with 'output.weight'"):
-        apply_lora(base(gpt_cfg()), targets=("wq", "tok_embeddings"))
+
+
+def test_tied_embedding_lora_on_an_lm_adapts_both_uses(tmp_path):
+    """An LM's tied embedding takes LoRA on the lookup and on the output layer (TiedLoRAOutput, no
+    adapter of its own): fresh = the base logits exactly; 3 steps move only the adapters; the update
+    reaches the logits of tokens never in the input (through the output path); merge gives plain
+    modules, still tied, the base keys and the same logits to 1e-5; saved adapters (embedding keys
+    only) reload onto a fresh base and reproduce the unmerged logits."""
+    from clusterlm.finetune.lora import TiedLoRAOutput
+
+    model = base(gpt_cfg())
+    x, y = batch(4)
+    with torch.no_grad():
+        ref = model(x)
+    names = apply_lora(model, targets=("wq", "tok_embeddings"), rank=4, alpha=8)
+    assert "tok_embeddings" in names and all(n == "tok_embeddings" or n.endswith("attention.wq") for n in names)
+    assert isinstance(model.output, TiedLoRAOutput) and isinstance(model.tok_embeddings, LoRAEmbedding)
+    assert model.output.weight is model.tok_embeddings.weight
+    assert not any("output.lora" in k for k in model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+    base_sd = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    train(model, steps=3)
+    sd = model.state_dict()
+    assert [k for k, v in base_sd.items() if not torch.equal(sd[k], v)] == []
+    unseen = sorted(set(range(V)) - set(x.unique().tolist()))
+    assert unseen and torch.all(model.tok_embeddings.lora_a[:, unseen].abs().sum(0) > 0)  # via the output
+    model.eval()
+    with torch.no_grad():
+        lora_logits = model(x)
+    assert (lora_logits - ref).abs().max() > 1e-3
+    save_adapters(tmp_path / "ad", model)
+    assert set(lora_state_dict(model)) >= {"tok_embeddings.lora_a", "tok_embeddings.lora_b"}
+    fresh = base(gpt_cfg()).eval()
+    load_adapters(tmp_path / "ad", fresh)
+    assert isinstance(fresh.output, TiedLoRAOutput)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), lora_logits, rtol=0, atol=0)
+    merge_lora(model)
+    assert type(model.output) is nn.Linear and type(model.tok_embeddings) is nn.Embedding
+    assert model.output.weight is model.tok_embeddings.weight
+    assert set(model.state_dict()) == set(base_sd)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), lora_logits, rtol=0, atol=1e-5)
 
 
 def classifier(seed: int = 0) -> nn.Module:
