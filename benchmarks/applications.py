@@ -65,8 +65,8 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from clusterlm.config import bundled_recipes, load_run_config
@@ -328,13 +328,13 @@ def translate_lora(args: argparse.Namespace) -> None:
            "lm_documents": n_docs, "lm_prepare_s": round(lm_prep_s, 1), "arms": arms,
            "test_sentences": args.test_limit or 1000, "decoding": "greedy, max_new_tokens 64"}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    emb = "_emb" if args.lora_targets and "tok_embeddings" in args.lora_targets else ""
-    path = RESULTS / f"translation_multi30k_en{tgt}_lora{emb}{f'_from_en{other}' if other else ''}_{args.minutes:g}min.json"
+    emb_adapter = bool(args.lora_targets) and "tok_embeddings" in args.lora_targets
+    path = RESULTS / f"translation_multi30k_en{tgt}_lora{'_emb' if emb_adapter else ''}{f'_from_en{other}' if other else ''}_{args.minutes:g}min.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     b_full, b_lo = full["test"]["bleu"], lo["test"]["bleu"]
     frac = 100 * lo["trainable"] / lo["total"]
     base_name = (f"base: en->{other} translator" if other else f"base: en+{tgt} LM") + \
-        (" + embedding adapter" if args.lora_targets and "tok_embeddings" in args.lora_targets else "")
+        (" + embedding adapter" if emb_adapter else "")
     langs = "en, " + tgt + (f" and {other}" if other else "")
     how = (f"base: decoder LM pre-trained {lm['steps']} steps ({lm['wall_s'] / 60:.1f} min) on the {langs} training "
            "sentences as separate documents" + (f" and the en->{other} pairs (a base that translates into {other})"
@@ -476,7 +476,6 @@ def run_arm(recipe: str, run: Path, over: list[str], minutes: float, step_s: flo
 
 
 def sentiment(args: argparse.Namespace) -> None:
-
     data, work = Path(args.data), Path(args.work)
     train_tsv, dev = data / "train.tsv.gz", data / "dev.tsv"
     need([train_tsv, dev], "SST-2", "--data")

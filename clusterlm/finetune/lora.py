@@ -220,8 +220,8 @@ def apply_lora(model: nn.Module, targets: Iterable[str] | None = None, rank: int
     fully_shard. A target that matches no layer raises ConfigError naming it and the names there are.
     An LM's embedding tied to its output layer takes LoRA on both uses: the output becomes a
     TiedLoRAOutput applying the embedding's update, so merging (one shared table) stays exact. Naming
-    the tied output itself is refused (name the embedding). targets=None: DEFAULT_TARGETS, those the model has (GPT-2's MLP has
-    no w3), at least one."""
+    the tied output itself is refused (name the embedding). targets=None: DEFAULT_TARGETS, those the
+    model has (GPT-2's MLP has no w3), at least one."""
     strict = targets is not None
     targets = tuple(DEFAULT_TARGETS if targets is None else targets)
     if rank < 1:
@@ -257,7 +257,6 @@ def apply_lora(model: nn.Module, targets: Iterable[str] | None = None, rank: int
                               f"embeddings); {hint}, or leave it out of the targets")
         chosen[name] = layer
         used.add(t)
-    tied_outputs = {n: e for n, e in tied_outputs.items() if n not in chosen}
     unused = [t for t in targets if t not in used]
     if unused and (strict or not used):
         short = sorted({_clean(n).rsplit(".", 1)[-1] for n in layers})
@@ -298,11 +297,7 @@ def merge_lora(model: nn.Module) -> int:
     exactly the base model's keys, for export, quantization and serving. Every parameter is made
     trainable again (as a freshly built model). Returns the number of merged layers. Needs unsharded
     modules (merge before fully_shard, or on a model loaded in one process)."""
-    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, TiedLoRAOutput)]:
-        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-        plain.weight, plain.bias = m.weight, m.bias  # the shared table: its embedding's merge updates it
-        _set_module(model, name, plain)
-    mods = {n: m for n, m in model.named_modules() if isinstance(m, LORA_TYPES)}
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, (*LORA_TYPES, TiedLoRAOutput))}
     for name, m in mods.items():
         if hasattr(m.weight, "device_mesh"):
             raise ConfigError(f"merge_lora on {_clean(name)!r}: its weight is sharded (DTensor); merge in one "
@@ -312,15 +307,16 @@ def merge_lora(model: nn.Module) -> int:
             m.weight.add_(m.delta().to(m.weight.dtype))  # (V, D)
             plain = nn.Embedding(m.num_embeddings, m.embedding_dim, device="meta")
         else:
-            delta = (m.lora_b.float() @ m.lora_a.float()) * m.scale  # (out, in)
-            m.weight.add_(delta.to(m.weight.dtype))
+            if isinstance(m, LoRALinear):  # a TiedLoRAOutput adds nothing: its table is the embedding's
+                delta = (m.lora_b.float() @ m.lora_a.float()) * m.scale  # (out, in)
+                m.weight.add_(delta.to(m.weight.dtype))
             plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
             plain.bias = m.bias
         plain.weight = m.weight
         _set_module(model, name, plain)
     for p in model.parameters():
         p.requires_grad_(True)
-    return len(mods)
+    return sum(not isinstance(m, TiedLoRAOutput) for m in mods.values())
 
 
 # ---- adapters on disk ------------------------------------------------------------------------------
