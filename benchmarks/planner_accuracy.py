@@ -215,7 +215,8 @@ def _trainer_steps(recipe: Path, data_dir: Path, out_dir: Path, mb: int, gbt: in
     cmd = [sys.executable, "-m", "clusterlm", "train", str(recipe), f"--data.dir={json.dumps(str(data_dir))}",
            f"--train.out_dir={json.dumps(str(out_dir))}", f"--train.max_steps={steps}",
            f"--train.micro_batch_size={mb}", f"--train.global_batch_tokens={gbt}", "--train.eval_interval=100000",
-           "--train.eval_batches=1", "--checkpoint.interval=100000", f"--train.log_interval={steps}"]
+           "--train.eval_batches=1", "--checkpoint.interval=100000", f"--train.log_interval={steps}",
+           "--train.dtype=fp32"]  # what the plan is for (a recipe may ask for bf16 on AMX CPUs)
     if recompute != "none":
         cmd.append(f"--parallel.activation_checkpointing={recompute}")
     if has_eval:

@@ -10,7 +10,8 @@ process, and report the tokens/s ratio and val loss after 2,000 steps.
 Interleaving: clusterlm's Trainer (its own train_step, log_step, evaluation and checkpoint calls, as
 Trainer.run drives them) and the reference each run `--segment` steps in turn until both reach
 `--steps`, in the same process and threads, so machine load from other jobs hits both alike
-(`--compile-arm` adds clusterlm with train.compile as a third arm). Timed:
+(`--compile-arm` adds clusterlm with train.compile as another arm, `--fp32-arm` one with
+train.dtype = fp32: the recipe's "bf16-native" runs bf16 autocast on CPUs with AMX). Timed:
 the wall time of each side's training steps (batch fetch, forward, backward, clip, AdamW, the
 per-step logging each loop does), evaluations and checkpoints left out on both sides and reported
 apart. The reference is nanoGPT's model.py/train.py reduced to this configuration: GPT with
@@ -255,7 +256,8 @@ def side_by_side(recipe: str, tmp: Path, steps: int, segment: int, arms: dict[st
                      "ratio_per_segment_min_max": [round(min(seg_ratio), 3), round(max(seg_ratio), 3)],
                      "train_seconds": round(train_s[name], 2),
                      "eval_and_checkpoint_seconds": round(other_s[name], 2),
-                     "val_loss_full_split": round(ev["loss"], 4), "final_train_loss": t.last_loss}
+                     "val_loss_full_split": round(ev["loss"], 4), "final_train_loss": t.last_loss,
+                     "train_dtype": t.cfg.train.dtype, "autocast": str(t.amp_dtype or "off (fp32)")}
         res[name]["meets_goal"] = (res[name]["ratio_vs_reference"] >= 1.2
                                    and res[name]["val_loss_full_split"] <= REFERENCE_VAL)
     res.update(segments=segments, load_before=load_before, load_after=[round(x, 2) for x in os.getloadavg()])
@@ -301,6 +303,8 @@ def main() -> None:
     p.add_argument("--segment", type=int, default=50, help="steps per turn in the interleaving")
     p.add_argument("--compile-arm", action="store_true",
                    help="a third arm: clusterlm with --train.compile=true (compiled during its first steps)")
+    p.add_argument("--fp32-arm", action="store_true",
+                   help="an arm with --train.dtype=fp32 (the recipe's bf16-native is bf16 autocast on AMX CPUs)")
     p.add_argument("--keep", type=Path, default=None,
                    help="copy clusterlm's run (DIR/run) and the prepared data (DIR/data) here, e.g. for peers_decode.py --val-ckpt")
     p.add_argument("--threads", type=int, default=None, help="torch threads for every arm (default: torch's)")
@@ -322,6 +326,8 @@ def main() -> None:
             arms = {"clusterlm": list(args.extra)}
             if args.compile_arm:
                 arms["clusterlm_compiled"] = [*args.extra, "--train.compile=true"]
+            if args.fp32_arm:
+                arms["clusterlm_fp32"] = [*args.extra, "--train.dtype=fp32"]
             res = side_by_side("shakespeare_char_cpu", tmp, args.steps, args.segment, arms)
             res.update(goal={"val_loss_le": REFERENCE_VAL, "throughput_ratio_ge": 1.2}, env=env)
             args.out.write_text(json.dumps(res, indent=2) + "\n")

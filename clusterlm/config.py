@@ -79,8 +79,9 @@ class TrainConfig:
     """stop (and save) after this much wall time; 0 = no limit"""
     grad_clip: float = 1.0
     """clip the global gradient norm to this; 0 = off"""
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """autocast dtype: auto = bf16 on GPUs that support it, fp32 on CPU"""
+    dtype: Literal["auto", "bf16-native", "fp32", "bf16", "fp16"] = "auto"
+    """autocast dtype: auto = bf16 on GPUs that support it, fp32 on CPU; bf16-native = the same, and
+    bf16 on CPUs with AMX (faster there; fp32 on other CPUs)"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
     """torch.compile the model"""

@@ -2,6 +2,7 @@
 
     device = resolve_device("auto")                  # cuda when available, else cpu
     amp = autocast_dtype("auto", device)             # bf16 on GPUs that have it, None (fp32) on CPU
+    amp = autocast_dtype("bf16-native", device)      # ... and bf16 on CPUs with AMX too
     with autocast(device, amp): loss = model(x)      # a no-op context when amp is None
 
 Library code takes a torch.device from here; models/ never decides a device (shared ARCHITECTURE.md).
@@ -19,7 +20,7 @@ import torch
 
 from clusterlm.errors import ConfigError
 
-DTYPE_NAMES = ("auto", "fp32", "bf16", "fp16")
+DTYPE_NAMES = ("auto", "bf16-native", "fp32", "bf16", "fp16")
 
 
 def resolve_device(name: str, what: str = "train.device") -> torch.device:
@@ -31,13 +32,28 @@ def resolve_device(name: str, what: str = "train.device") -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU has AMX-BF16 tiles (Intel Sapphire Rapids and later), which oneDNN uses for
+    bf16 matmuls. False where /proc/cpuinfo cannot be read (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " amx_bf16" in f.read()
+    except OSError:
+        return False
+
+
 def autocast_dtype(dtype: str, device: torch.device, what: str = "train.dtype") -> torch.dtype | None:
-    """None = plain fp32. auto: bf16 on GPUs that support it (Ampere+), fp32 on CPU."""
+    """None = plain fp32. auto: bf16 on GPUs that support it (Ampere+), fp32 on CPU. bf16-native:
+    as auto, and bf16 on CPUs with AMX too, where it is measured faster than fp32 for training
+    (docs/training.md, "bf16 on a CPU"); fp32 on other CPUs, whose bf16 matmuls are slower or
+    emulated."""
     if dtype not in DTYPE_NAMES:
         raise ConfigError(f"{what}={dtype!r}; expected one of {', '.join(DTYPE_NAMES)}")
     if dtype == "fp32":
         return None
-    if dtype == "auto":
+    if dtype == "bf16-native" and device.type == "cpu":
+        return torch.bfloat16 if cpu_has_amx_bf16() else None
+    if dtype in ("auto", "bf16-native"):
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     if dtype == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():

@@ -52,6 +52,7 @@ from clusterlm.models.transformer import (
     apply_rotary,
     init_parameters,
     rotary_tables,
+    sdpa,
     sinusoidal_add,
     sinusoidal_table,
 )
@@ -79,8 +80,8 @@ class BidirectionalAttention(Attention):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, Hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0,
-                                           enable_gqa=K != H)  # (B, H, T, Hd)
+        y = sdpa(q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0,
+                 enable_gqa=K != H)  # (B, H, T, Hd)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, H * Hd)))
 
 
@@ -112,8 +113,8 @@ class CrossAttention(nn.Module):
         H, Hd = self.n_heads, self.head_dim
         q = self.wq(x).view(B, T, H, Hd).transpose(1, 2)  # (B, H, T, Hd)
         k, v = kv
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0,
-                                           enable_gqa=self.kv_heads != H)  # (B, H, T, Hd)
+        y = sdpa(q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0,
+                 enable_gqa=self.kv_heads != H)  # (B, H, T, Hd)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, H * Hd)))
 
 

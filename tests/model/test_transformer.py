@@ -260,3 +260,51 @@ def test_wrong_arch_raises() -> None:
     """Transformer refuses an lstm config with a message naming the arch."""
     with pytest.raises(ValueError, match="lstm"):
         Transformer(ModelConfig(arch="lstm", vocab_size=10, pos="none"))
+
+
+def test_attention_runs_in_fp32_under_cpu_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bf16 autocast on CPU, sdpa runs F.scaled_dot_product_attention on fp32 copies of its
+    inputs (torch's bf16 CPU flash-attention backward is ~8x slower than fp32's); outside autocast
+    it passes the inputs through untouched. A model step under autocast trains, attention in fp32."""
+    from clusterlm.models import transformer
+
+    seen: list[torch.dtype] = []
+    real = transformer.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):  # noqa: ANN001, ANN003
+        seen.append(q.dtype)
+        assert not torch.is_autocast_enabled("cpu")
+        return real(q, k, v, **kw)
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 8, 16, generator=g, dtype=torch.bfloat16) for _ in range(3))
+    monkeypatch.setattr(transformer.F, "scaled_dot_product_attention", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = transformer.sdpa(q, k, v, is_causal=True)
+    assert seen == [torch.float32] and y.dtype == torch.float32
+    assert torch.equal(y, real(q.float(), k.float(), v.float(), is_causal=True))
+    assert transformer.sdpa(q, k, v, is_causal=True).dtype == torch.bfloat16  # no autocast: as given
+
+    seen.clear()
+    model = make(FAMILIES["gpt-nobias"]).train()
+    x = torch.randint(0, 37, (2, 10), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    logits.float().logsumexp(-1).mean().backward()
+    assert seen == [torch.float32] * 2 and all(p.grad is not None for p in model.parameters())
+
+
+def test_bf16_native_dtype_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.dtype = "bf16-native": bf16 autocast on a CPU with AMX, fp32 (None) on one without;
+    "auto" stays fp32 on every CPU; an unknown name lists the valid ones."""
+    from clusterlm import device as dev
+    from clusterlm.errors import ConfigError
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(dev, "cpu_has_amx_bf16", lambda: True)
+    assert dev.autocast_dtype("bf16-native", cpu) == torch.bfloat16
+    assert dev.autocast_dtype("auto", cpu) is None
+    monkeypatch.setattr(dev, "cpu_has_amx_bf16", lambda: False)
+    assert dev.autocast_dtype("bf16-native", cpu) is None
+    with pytest.raises(ConfigError, match="bf16-native"):
+        dev.autocast_dtype("bf16_native", cpu)
