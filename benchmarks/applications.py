@@ -47,7 +47,9 @@ points, LoRA within 1 point of full fine-tuning with < 5% trainable parameters.
 
 Each training run's max_steps (and so its lr schedule) is set from the measured step time of a
 short calibration run, so the schedule ends near the time budget; train.max_minutes stops it
-regardless. Wall times are the training calls' own (data preparation is timed separately). The
+regardless. `--classifier-steps N` caps every classifier arm at N steps (a from-scratch SST-2
+classifier peaks near one epoch, ~2,100 steps of 32, and overfits after: a budget it cannot use is
+still its budget), and the LM pre-trains for the rest of the budget. Wall times are the training calls' own (data preparation is timed separately). The
 machine is shared: each result records the load average before and after.
 
 Data (research use only; read in place, never copied into the repo): --data, default
@@ -128,9 +130,13 @@ def calibrate(recipe: str, overrides: list[str], out: Path, steps: int = 12) -> 
     return statistics.median(times)
 
 
-def budget_overrides(step_s: float, minutes: float, warmup: int, share: float = 0.9) -> tuple[int, list[str]]:
-    """max_steps that fill `share` of the budget at `step_s` (evaluations and start-up take the rest)."""
+def budget_overrides(step_s: float, minutes: float, warmup: int, share: float = 0.9,
+                     cap: int = 0) -> tuple[int, list[str]]:
+    """max_steps that fill `share` of the budget at `step_s` (evaluations and start-up take the rest),
+    at most `cap` when it is set."""
     steps = max(20, int(share * minutes * 60 / step_s))
+    if cap:
+        steps = min(steps, cap)
     return steps, [f"--train.max_steps={steps}", f"--train.max_minutes={minutes}",
                    f"--optim.warmup_steps={min(warmup, steps // 10)}"]
 
@@ -458,10 +464,12 @@ def trainable(run: Path) -> tuple[int, int]:
     return count_parameters(model)
 
 
-def run_arm(recipe: str, run: Path, over: list[str], minutes: float, step_s: float, warmup: int = 100) -> dict[str, Any]:
-    """Train one arm into `run` for `minutes` (max_steps from the calibrated `step_s`): steps, wall time,
-    lr, trainable/total parameters and, for LoRA, the adapter targets and file size."""
-    steps, b = budget_overrides(step_s, minutes, warmup)
+def run_arm(recipe: str, run: Path, over: list[str], minutes: float, step_s: float, warmup: int = 100,
+            max_steps: int = 0) -> dict[str, Any]:
+    """Train one arm into `run` for `minutes` (max_steps from the calibrated `step_s`, at most
+    `max_steps` when that is set): steps, wall time, lr, trainable/total parameters and, for LoRA, the
+    adapter targets and file size."""
+    steps, b = budget_overrides(step_s, minutes, warmup, cap=max_steps)
     cfg, res, wall = train_run(recipe, [*over, *b, f"--train.out_dir={q(str(run))}"])
     a = {"steps": res.step, "max_steps": steps, "wall_s": round(wall, 1), "stop_reason": res.reason,
          "calibrated_step_s": round(step_s, 4), "lr": cfg.optim.lr, "task": cfg.finetune.task}
@@ -485,7 +493,8 @@ def sentiment(args: argparse.Namespace) -> None:
               *args.override]
     lm_data, n_sent, lm_prep_s = lm_corpus(work / "sst2_lm", lambda out: sentences_jsonl(train_tsv, out))
     out: dict[str, Any] = {"benchmark": "sentiment", "overrides": args.override, "env": env, "budget_minutes": args.minutes,
-                           "pretrain_share": args.pretrain_share, "lm_prepare_s": round(lm_prep_s, 1),
+                           "pretrain_share": args.pretrain_share, "classifier_steps": args.classifier_steps,
+                           "lm_prepare_s": round(lm_prep_s, 1),
                            "lm_sentences": n_sent, "arms": {}}
     rows = []
     for arch in args.arch:
@@ -499,23 +508,27 @@ def sentiment(args: argparse.Namespace) -> None:
         lm_step = calibrate(recipe, lm_over, work / f"calib_{arch}_lm")
         arms: dict[str, Any] = {}
 
-        def arm(name: str, over: list[str], minutes: float, step_s: float, warmup: int = 100) -> dict[str, Any]:
-            a = run_arm(recipe, work / name, over, minutes, step_s, warmup)
+        def arm(name: str, over: list[str], minutes: float, step_s: float, warmup: int = 100,
+                max_steps: int = 0) -> dict[str, Any]:
+            a = run_arm(recipe, work / name, over, minutes, step_s, warmup, max_steps)
             if a["task"] == "classify":
                 a["dev"] = dev_scores(work / name, dev)
             return a
 
-        arms["scratch"] = arm(f"{arch}_scratch", cls_over, args.minutes, cls_step)
-        lm = arm(f"{arch}_lm", lm_over, args.minutes * args.pretrain_share, lm_step)
+        cap = args.classifier_steps
+        arms["scratch"] = arm(f"{arch}_scratch", cls_over, args.minutes, cls_step, max_steps=cap)
+        # with a capped classifier the LM takes the time the classifier will not (at the calibrated step time)
+        lm_minutes = (args.minutes - cap * cls_step / (0.9 * 60)) if cap else args.minutes * args.pretrain_share
+        lm = arm(f"{arch}_lm", lm_over, max(0.5, lm_minutes), lm_step)
         left = max(0.5, (budget_s - lm["wall_s"]) / 60)
         init = [f"--finetune.init_from={q(str(work / f'{arch}_lm'))}"]
-        ft = arm(f"{arch}_pretrained", [*ft_over, *init], left, cls_step, warmup=50)
+        ft = arm(f"{arch}_pretrained", [*ft_over, *init], left, cls_step, warmup=50, max_steps=cap)
         ft["pretrain"] = lm
         ft["total_wall_s"] = round(lm["wall_s"] + ft["wall_s"], 1)
         arms["pretrained"] = ft
         if args.lora and arch == "transformer":
             lo = arm(f"{arch}_lora8", [*ft_over, *init, "--finetune.lora_rank=8", f"--optim.lr={2 * ft['lr']}"],
-                     left, cls_step, warmup=50)
+                     left, cls_step, warmup=50, max_steps=cap)
             model_file = next((work / f"{arch}_pretrained" / "checkpoints").glob("step-*/model.safetensors"))
             lo["model_bytes"] = model_file.stat().st_size
             arms["lora8"] = lo
@@ -533,7 +546,8 @@ def sentiment(args: argparse.Namespace) -> None:
 def sentiment_rows(arch: str, arms: dict[str, Any], args: argparse.Namespace, env: dict) -> list[dict]:
     s, p = arms["scratch"], arms["pretrained"]
     m = args.minutes
-    load = f"budget {m:g} min per arm, load {env['loadavg'][0]}"
+    cap = f", classifier at most {args.classifier_steps} steps" if args.classifier_steps else ""
+    load = f"budget {m:g} min per arm{cap}, load {env['loadavg'][0]}"
     app = f"sentiment SST-2 ({arch})"
     lm = "masked LM" if arch == "encoder" else "LM"
 
@@ -596,6 +610,9 @@ def main() -> None:
     s.add_argument("--arch", action="append", choices=["transformer", "lstm", "encoder"],
                    help="repeatable (default transformer); encoder: masked-LM pre-training (issue 16)")
     s.add_argument("--pretrain-share", type=float, default=0.6, help="fraction of the budget for LM pre-training")
+    s.add_argument("--classifier-steps", type=int, default=0,
+                   help="at most this many steps for each classifier arm (0 = fill the budget); the LM then "
+                        "pre-trains for the rest of the budget instead of --pretrain-share of it")
     s.add_argument("--lora", action="store_true", help="also LoRA rank 8 fine-tuning (transformer)")
     for x in (t, tl, s):
         x.add_argument("--threads", type=int, default=0, help="torch threads for training and scoring (0 = torch's "

@@ -257,6 +257,9 @@ class FinetuneConfig:
     pool: Literal["auto", "last", "mean", "max"] = "auto"
     """classify: auto = the last real token for transformers, the mean over real tokens for LSTM/GRU;
     max = each feature's largest value over the real tokens"""
+    bidirectional: bool = False
+    """classify, lstm/gru: a second backbone reads each text right to left and the head reads both
+    pooled states (a BiLSTM); with init_from both start from the base's weights"""
     freeze_embeddings: bool = False
     """do not train the token (and position) embeddings"""
     freeze_layers: int = 0

@@ -56,8 +56,9 @@ def matmul_params(model: ModelConfig) -> tuple[int, int, int]:
     token: neither is counted (output = 0)."""
     V, D = model.padded_vocab_size, model.dim
     output = V * D
-    non_emb = model.num_params(include_embeddings=False) - len(model.labels) * D  # the head, per sequence
-    layers = non_emb - (0 if model.tie_embeddings else output)  # num_params keeps an untied output matrix
+    readers = 2 if model.bidirectional else 1  # a bidirectional classifier runs two language models
+    non_emb = model.num_params(include_embeddings=False) - readers * len(model.labels) * D  # the head, per sequence
+    layers = non_emb - readers * (0 if model.tie_embeddings else output)  # num_params keeps an untied output matrix
     if model.labels:
         output = 0
     return layers + output, layers, output

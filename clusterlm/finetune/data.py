@@ -138,6 +138,7 @@ def ensure_finetune_data(cfg: Any) -> tuple[Path, Any, Any]:
         check_tokenizer_extends(base_tok, tok, f"data.dir={str(data_dir)!r}")
         mcfg = finetune_model_config(base.config.model, cfg.model, vocab_size=tok.vocab_size, labels=labels,
                                      pool=ft.pool if labels else "auto", pad_id=tok.pad_id,
+                                     bidirectional=ft.bidirectional and bool(labels),
                                      where=f"finetune.init_from={str(base.path)!r}")
     else:
         mcfg = cfg.model
@@ -146,9 +147,10 @@ def ensure_finetune_data(cfg: Any) -> tuple[Path, Any, Any]:
         elif mcfg.vocab_size < tok.vocab_size:
             raise DataError(f"model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size} "
                             f"tokens in {data_dir}; leave it unset")
-        # finetune.pool is a classifier's: a recipe that sets it also pre-trains an LM (task = "lm")
+        # finetune.pool and .bidirectional are a classifier's: a recipe that sets them also pre-trains an LM
         mcfg = dataclasses.replace(mcfg, labels=labels, pool=ft.pool if labels else "auto",
-                                   pad_id=tok.pad_id if labels else mcfg.pad_id)
+                                   pad_id=tok.pad_id if labels else mcfg.pad_id,
+                                   bidirectional=ft.bidirectional and bool(labels))
     return data_dir, base, mcfg
 
 

@@ -204,10 +204,12 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear | LoRAEmbedding]:
 
 def _unused_heads(model: nn.Module) -> tuple[str, ...]:
     """Name prefixes of the modules `model` keeps but never runs: a sequence classifier's backbone LM
-    head (SequenceClassifier.unused_heads), whose weight may be tied to the embedding. Duck-typed so
+    (and reverse LM) (SequenceClassifier.unused_heads), whose weight may be tied to the embedding. Duck-typed so
     that this module does not import the models."""
-    unused = getattr(model, "unused_heads", None)
-    return tuple(f"backbone.{h}." for h in unused()) if callable(unused) else ()
+    unused, readers = getattr(model, "unused_heads", None), getattr(model, "readers", None)
+    if not callable(unused):
+        return ()
+    return tuple(f"{r}.{h}." for r, _ in readers() for h in unused())
 
 
 def apply_lora(model: nn.Module, targets: Iterable[str] | None = None, rank: int = 8, alpha: float = 16.0,

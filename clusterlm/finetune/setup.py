@@ -77,7 +77,8 @@ def resolve_base(init_from: str, out_dir: Path) -> Base:
 
 
 def finetune_model_config(base: Any, recipe: Any, *, vocab_size: int, labels: tuple[str, ...] = (),
-                          pool: str = "auto", pad_id: int = -1, where: str = "the base") -> Any:
+                          pool: str = "auto", pad_id: int = -1, bidirectional: bool = False,
+                          where: str = "the base") -> Any:
     """The fine-tuned model's ModelConfig: the base's shape with the vocabulary of the data's
     tokenizer (the base's plus the chat tokens), a head for `labels`, and the recipe's dropout. A
     recipe [model] key that asks for another shape than the base's is refused, naming both."""
@@ -96,7 +97,7 @@ def finetune_model_config(base: Any, recipe: Any, *, vocab_size: int, labels: tu
                           f"{base.vocab_size}; fine-tuning data must be tokenized with the base's tokenizer")
     dropout = recipe.dropout if recipe.dropout != default.dropout else base.dropout
     return dataclasses.replace(base, vocab_size=vocab_size, labels=tuple(labels), pool=pool,
-                               pad_id=pad_id if labels else base.pad_id, dropout=dropout)
+                               pad_id=pad_id if labels else base.pad_id, dropout=dropout, bidirectional=bidirectional)
 
 
 def check_tokenizer_extends(base_tok: Any, tok: Any, where: str) -> None:
@@ -111,15 +112,28 @@ def check_tokenizer_extends(base_tok: Any, tok: Any, where: str) -> None:
 
 
 # ---- the model ------------------------------------------------------------------------------------
-def _lm(model: nn.Module) -> nn.Module:
-    return getattr(model, "backbone", model)  # a SequenceClassifier holds its LM as `backbone`
+def _lms(model: nn.Module) -> list[nn.Module]:
+    """The language models in `model`: a SequenceClassifier's `backbone` (and `reverse`), or `model`."""
+    readers = getattr(model, "readers", None)
+    return [lm for _, lm in readers()] if callable(readers) else [model]
 
 
 def freeze(model: nn.Module, *, embeddings: bool, layers: int) -> int:
     """Stop training the token/position embeddings and the first `layers` blocks; returns the number
-    of parameters frozen. A tied output layer is the token embedding: frozen with it."""
-    lm = _lm(model)
+    of parameters frozen. A tied output layer is the token embedding: frozen with it. A bidirectional
+    classifier's two readers are frozen alike."""
+    targets: list[nn.Parameter] = []
+    for lm in _lms(model):
+        targets += _freeze_targets(lm, embeddings=embeddings, layers=layers)
     n = 0
+    for p in targets:
+        if p.requires_grad:
+            p.requires_grad_(False)
+            n += p.numel()
+    return n
+
+
+def _freeze_targets(lm: nn.Module, *, embeddings: bool, layers: int) -> list[nn.Parameter]:
     targets: list[nn.Parameter] = []
     if embeddings:
         for name in ("tok_embeddings", "pos_embeddings"):
@@ -139,11 +153,7 @@ def freeze(model: nn.Module, *, embeddings: bool, layers: int) -> int:
                 raise ConfigError(f"finetune.freeze_layers={layers} but the model has {k_max} layers")
             targets += [p for name, p in lm.rnn.named_parameters()
                         if int(name.rsplit("_l", 1)[1].split("_")[0]) < layers]
-    for p in targets:
-        if p.requires_grad:
-            p.requires_grad_(False)
-            n += p.numel()
-    return n
+    return targets
 
 
 def model_transform(ft: Any, seed: int = 0) -> tuple[Callable[[nn.Module], nn.Module] | None,
@@ -174,7 +184,9 @@ def model_transform(ft: Any, seed: int = 0) -> tuple[Callable[[nn.Module], nn.Mo
 def base_state(base: Base, mcfg: Any) -> dict[str, torch.Tensor]:
     """The base's weights as full CPU tensors named as in the fine-tuned model: vocabulary rows grown
     to `mcfg`'s padded size (new rows: the mean of the base's real rows) and, for a classifier, the
-    LM's names under `backbone.`."""
+    LM's names under `backbone.` (and, bidirectional, the same weights again under `reverse.`: the
+    right-to-left reader starts from the base too, as ULMFiT's backward model starts from an LM)."""
+
     from clusterlm.checkpoint.store import load_model_weights
 
     state = load_model_weights(base.path)
@@ -193,7 +205,8 @@ def base_state(base: Base, mcfg: Any) -> dict[str, torch.Tensor]:
     if v1 > v0:
         log.info("vocabulary %d -> %d tokens: %d new rows initialised to the mean of the base's rows", v0, v1, v1 - v0)
     if mcfg.labels:
-        state = {f"backbone.{k}": v for k, v in state.items()}
+        readers = ("backbone", "reverse") if mcfg.bidirectional else ("backbone",)
+        state = {f"{r}.{k}": v for r in readers for k, v in state.items()}
     return state
 
 

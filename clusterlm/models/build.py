@@ -1,6 +1,7 @@
 """Build a model from a ModelConfig: Transformer for arch 'transformer', RNNLM for 'lstm'/'gru',
 Encoder for 'encoder' and EncoderDecoder for 'encdec' (models/encdec.py);
-with model.labels, a SequenceClassifier holding that language model as its backbone.
+with model.labels, a SequenceClassifier holding that language model as its backbone (and, with
+model.bidirectional, a second one that reads right to left).
 
 Construction allocates on torch's current default device, so a model can be built without memory
 and materialised later:
@@ -28,7 +29,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     if cfg.labels:
         from clusterlm.models.classifier import SequenceClassifier
 
-        return SequenceClassifier(cfg, _language_model(cfg))
+        return SequenceClassifier(cfg, _language_model(cfg), _language_model(cfg) if cfg.bidirectional else None)
     return _language_model(cfg)
 
 

@@ -18,6 +18,12 @@ each feature's largest value over the real tokens (the max-pooled BiLSTM of Infe
 a row's last real token cannot change the states of its real tokens (causal attention, recurrence
 from the left), so a padded batch gives each row the logits it gets alone.
 
+Bidirectional (config.bidirectional, LSTM/GRU): a second language model of the same shape,
+`reverse`, reads each row's real tokens right to left (padding stays on the right, so it still
+changes nothing), and the head reads [forward pooled, reverse pooled] (2 x dim): the BiLSTM that
+sentence classifiers use, as separate forward and backward models the way ULMFiT trains its two
+directions, so that each is a language model of its own and can start from one.
+
 Names: the language model is `backbone` (its own names inside, so a pre-trained LM's state dict
 loads with the prefix `backbone.`), the head is `score`, an nn.Linear(D, C) without bias (the name
 and shape of transformers' LlamaForSequenceClassification, so an export can map it later). The
@@ -39,15 +45,24 @@ from clusterlm.models.config import ModelConfig
 class SequenceClassifier(nn.Module):
     """Token ids (B, T) -> class logits (B, C) in float32, C = len(config.labels)."""
 
-    def __init__(self, cfg: ModelConfig, backbone: nn.Module) -> None:
+    def __init__(self, cfg: ModelConfig, backbone: nn.Module, reverse: nn.Module | None = None) -> None:
         super().__init__()
         if not cfg.labels:
             raise ValueError("SequenceClassifier needs model.labels (at least 2 class names)")
+        if (reverse is not None) != cfg.bidirectional:
+            raise ValueError(f"model.bidirectional={cfg.bidirectional} but a reverse backbone was "
+                             f"{'given' if reverse is not None else 'not given'}")
         self.config = cfg
         self.labels: tuple[str, ...] = tuple(cfg.labels)
         self.backbone = backbone
-        self.score = nn.Linear(cfg.dim, len(cfg.labels), bias=False)
+        self.reverse = reverse  # the right-to-left reader (config.bidirectional), or None
+        width = cfg.dim * (2 if reverse is not None else 1)
+        self.score = nn.Linear(width, len(cfg.labels), bias=False)
         self._freeze_unused_output()
+
+    def readers(self) -> list[tuple[str, nn.Module]]:
+        """(name, language model) of each backbone: `backbone`, and `reverse` when bidirectional."""
+        return [("backbone", self.backbone)] + ([("reverse", self.reverse)] if self.reverse is not None else [])
 
     def unused_heads(self) -> tuple[str, ...]:
         """The backbone's modules this classifier keeps but never runs: `output`, and a masked-LM
@@ -58,12 +73,13 @@ class SequenceClassifier(nn.Module):
         """requires_grad=False on the backbone's parameters that only the unused LM head uses."""
         heads = self.unused_heads()
         prefixes = tuple(f"{h}." for h in heads)
-        shared = {id(p) for name, p in self.backbone.named_parameters() if not name.startswith(prefixes)}
-        for head in heads:
-            module = getattr(self.backbone, head, None)
-            for p in () if module is None else module.parameters():
-                if id(p) not in shared:  # a tied output.weight IS tok_embeddings.weight: it trains
-                    p.requires_grad_(False)
+        for _, lm in self.readers():
+            shared = {id(p) for name, p in lm.named_parameters() if not name.startswith(prefixes)}
+            for head in heads:
+                module = getattr(lm, head, None)
+                for p in () if module is None else module.parameters():
+                    if id(p) not in shared:  # a tied output.weight IS tok_embeddings.weight: it trains
+                        p.requires_grad_(False)
 
     # ---- weights ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -71,10 +87,12 @@ class SequenceClassifier(nn.Module):
         """The backbone's own init_weights(seed) (the same values as the language model alone), and
         score.weight ~ Normal(0, init_std) from a CPU generator seeded by (seed, 'score.weight'), as
         the Transformer seeds each parameter. Meta parameters are skipped (parallel.init_sharded
-        fills one parameter at a time on a meta shadow)."""
+        fills one parameter at a time on a meta shadow). A reverse backbone draws from its own seed."""
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
         self.backbone.init_weights(seed)
+        if self.reverse is not None:  # its own draw: (seed, 'reverse') as the head's below
+            self.reverse.init_weights((seed * 1_000_003 + zlib.crc32(b"reverse")) % (2**31 - 1))
         w = self.score.weight
         if not w.is_meta:
             g = torch.Generator(device="cpu")
@@ -82,8 +100,9 @@ class SequenceClassifier(nn.Module):
             w.copy_(torch.empty(w.shape, dtype=torch.float32).normal_(0.0, self.config.init_std, generator=g))
 
     def _tie(self) -> None:
-        """Tie the backbone's output to its embedding again (parallel.init_sharded calls it)."""
-        self.backbone._tie()
+        """Tie each backbone's output to its embedding again (parallel.init_sharded calls it)."""
+        for _, lm in self.readers():
+            lm._tie()
 
     # ---- forward --------------------------------------------------------------------------------
     def pool(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -103,8 +122,20 @@ class SequenceClassifier(nn.Module):
         return (h * mask).sum(dim=1) / n_real.to(h.dtype).unsqueeze(-1)  # (B, D)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        h = self.backbone.hidden_states(idx)  # (B, T, D)
-        return self.score(self.pool(h, idx)).float()  # (B, C)
+        pooled = self.pool(self.backbone.hidden_states(idx), idx)  # (B, D)
+        if self.reverse is not None:
+            rev = reverse_real(idx, self.config.pad_id)
+            pooled = torch.cat([pooled, self.pool(self.reverse.hidden_states(rev), rev)], dim=-1)  # (B, 2D)
+        return self.score(pooled).float()  # (B, C)
+
+
+def reverse_real(idx: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Each row's real tokens in reverse order, its right-padding left where it was:
+    [[a, b, c, pad]] -> [[c, b, a, pad]] (pad_id -1: every position is real)."""
+    B, T = idx.shape
+    n = (idx != pad_id).sum(dim=1, keepdim=True) if pad_id >= 0 else torch.full((B, 1), T, device=idx.device)
+    j = torch.arange(T, device=idx.device).expand(B, T)
+    return idx.gather(1, torch.where(j < n, n - 1 - j, j))
 
 
 def language_model(model: nn.Module) -> nn.Module:

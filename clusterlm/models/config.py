@@ -69,6 +69,9 @@ class ModelConfig:
     real tokens for lstm/gru"""
     pad_id: int = -1
     """classifier: the token id of right-padding in its inputs; -1 = no padding (every position is real)"""
+    bidirectional: bool = False
+    """classifier on lstm/gru: a second backbone of the same shape (`reverse`) reads each row's real
+    tokens right to left, and the head reads both pooled states side by side (a BiLSTM/BiGRU)"""
 
     def __post_init__(self) -> None:
         if self.vocab_size is not None and self.vocab_size < 1:
@@ -120,6 +123,10 @@ class ModelConfig:
             raise ConfigError(f"model.pool={self.pool!r}; expected one of auto, last, mean, max")
         if isinstance(self.pad_id, bool) or not isinstance(self.pad_id, int) or self.pad_id < -1:
             raise ConfigError(f"model.pad_id={self.pad_id!r} must be a token id >= 0, or -1 for no padding")
+        if self.bidirectional and not (labels and self.arch in ("lstm", "gru")):
+            raise ConfigError(f"model.bidirectional=true (finetune.bidirectional) is for classifiers (model.labels) "
+                              f"on arch 'lstm' or 'gru'; "
+                              f"this model is arch {self.arch!r}{'' if labels else ' without labels'}")
         if not labels:
             if self.pool != "auto" or self.pad_id != -1:
                 raise ConfigError(f"model.pool={self.pool!r} and model.pad_id={self.pad_id} are for classifiers; "
@@ -188,8 +195,10 @@ class ModelConfig:
         """Exact parameter count. `include_embeddings=False` drops token and position tables
         (and an untied output matrix is kept: it is a matmul in every step). A classifier adds its
         head, len(labels) x dim; the language model's output layer is counted as before (it stays in
-        the state dict, frozen when untied: models/classifier.py)."""
-        return self._lm_params(include_embeddings) + len(self.labels) * self.dim
+        the state dict, frozen when untied: models/classifier.py). Bidirectional: two language models
+        and a head of len(labels) x 2 dim."""
+        readers = 2 if self.bidirectional else 1
+        return readers * (self._lm_params(include_embeddings) + len(self.labels) * self.dim)
 
     def _lm_params(self, include_embeddings: bool) -> int:
         V, D, L = self.padded_vocab_size, self.dim, self.n_layers

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from clusterlm.config import bundled_recipes, load_run_config
 from clusterlm.train.metrics import read_metrics
@@ -174,6 +175,34 @@ def test_lstm_classifier_from_scratch(sst):
     assert res.exit_code == 0
     check_classifier_evals(out)
     assert json.loads((sst["root"] / "records_lstm" / "meta.json").read_text())["labels"] == ["0", "1"]
+
+
+def test_bilstm_classifier_from_an_lstm_lm(sst):
+    """An LSTM LM pre-trained on the sentences, then a bidirectional classifier from it
+    (finetune.bidirectional): both readers start from the LM's weights, it trains and evaluates, and
+    the harness scores the saved checkpoint (which rebuilds the reverse reader from its config)."""
+    from clusterlm.checkpoint.store import load_model_weights
+    from clusterlm.eval.evaluate import evaluate_tasks
+
+    root = sst["root"]
+    lstm = [a for a in TINY_MODEL if not a.startswith("--model.n_heads")]
+    _, res = run("sst2_lstm_cpu", root / "lstm_lm", "--finetune.task=lm", '--finetune.val_source=""', '--data.source=""',
+                 f"--data.dir={q(str(root / 'lm_data'))}", "--train.max_steps=4", "--train.micro_batch_size=4",
+                 "--train.eval_interval=0", "--train.max_minutes=0", *lstm)
+    assert res.exit_code == 0
+    out = root / "bilstm"
+    args = [a for a in classify_args(sst, "records_bilstm") if not a.startswith("--model.n_heads")]
+    _, res = run("sst2_lstm_cpu", out, *args, f"--finetune.init_from={q(str(root / 'lstm_lm'))}",
+                 "--finetune.bidirectional=true")
+    assert res.exit_code == 0
+    last = check_classifier_evals(out)
+    weights = load_model_weights(next((out / "checkpoints").glob("step-*")))
+    lm = load_model_weights(next((root / "lstm_lm" / "checkpoints").glob("step-*")))
+    assert weights["score.weight"].shape[1] == 2 * lm["tok_embeddings.weight"].shape[1]
+    for k in ("rnn.weight_hh_l0", "rnn.weight_ih_l1"):  # trained from the same start, apart
+        assert not torch.equal(weights[f"backbone.{k}"], weights[f"reverse.{k}"])
+    (m,) = evaluate_tasks(str(out), [str(sst["dev"])], batch_size=8, device="cpu")["tasks"].values()
+    assert m["n"] == 24 and m["accuracy"] == pytest.approx(last["val_accuracy"], abs=1e-6)
 
 
 def test_applications_report(tmp_path):

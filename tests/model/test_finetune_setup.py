@@ -72,3 +72,29 @@ def _model_seed(cfg, seed):
 def test_balanced_class_weights_follow_sklearn():
     w = balanced_weights([0, 0, 0, 1], 3)
     assert torch.allclose(w, torch.tensor([4 / 9, 4 / 3, 0.0]))
+
+
+def test_bidirectional_classifier_starts_both_readers_from_the_base_and_freezes_both(monkeypatch):
+    """base_state gives a bidirectional LSTM classifier the base LM's weights under `backbone.` and
+    again under `reverse.` (every key the classifier has but the head); freeze acts on both readers."""
+    from types import SimpleNamespace
+
+    from clusterlm.checkpoint import store
+    from clusterlm.finetune.setup import base_state
+
+    lm_cfg = ModelConfig(arch="lstm", pos="none", n_layers=2, dim=16, vocab_size=30)
+    lm = _model(lm_cfg)
+    monkeypatch.setattr(store, "load_model_weights", lambda path: dict(lm.state_dict()))
+    cfg = dataclasses.replace(lm_cfg, labels=("a", "b"), pad_id=29, bidirectional=True)
+    base = SimpleNamespace(path="unused", config=SimpleNamespace(model=lm_cfg))
+    state = base_state(base, cfg)
+    m = build_model(cfg)
+    missing, unexpected = m.load_state_dict(state, strict=False)
+    assert missing == ["score.weight"] and unexpected == []
+    for k, v in lm.state_dict().items():
+        assert torch.equal(m.state_dict()[f"backbone.{k}"], v) and torch.equal(m.state_dict()[f"reverse.{k}"], v), k
+    freeze(m, embeddings=True, layers=1)
+    frozen = {n for n, p in m.named_parameters() if not p.requires_grad}
+    for r in ("backbone", "reverse"):
+        assert {f"{r}.tok_embeddings.weight", f"{r}.rnn.weight_ih_l0"} <= frozen
+        assert f"{r}.rnn.weight_ih_l1" not in frozen
