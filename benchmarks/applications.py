@@ -64,6 +64,7 @@ import gzip
 import json
 import logging
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -311,18 +312,35 @@ def translate_lora(args: argparse.Namespace) -> None:
     init = [f"--finetune.init_from={q(str(work / 'lm'))}"]
     ft_over = [*common, *init, f"--data.source={q(','.join(map(str, train_files)))}",
                f"--data.dir={q(str(work / 'pairs'))}"]  # prepared with the base's tokenizer
-    lm = run_arm(recipe, work / "lm", lm_over, args.pretrain_minutes, calibrate(recipe, lm_over, work / "calib_lm"))
+    def reused(name: str) -> dict[str, Any] | None:
+        """--reuse: the arm a run in this --work wrote before (NAME/arm.json), or None."""
+        path = work / name / "arm.json"
+        if args.reuse and path.is_file():
+            log.info("--reuse: %s from %s", name, path)
+            return json.loads(path.read_text())
+        return None
+
+    lm = reused("lm")
+    if lm is None:
+        lm = run_arm(recipe, work / "lm", lm_over, args.pretrain_minutes, calibrate(recipe, lm_over, work / "calib_lm"))
+        (work / "lm" / "arm.json").write_text(json.dumps(lm, indent=1))
     arms: dict[str, Any] = {"lm": lm}
     lr = load_run_config(bundled_recipes()[recipe], []).optim.lr
     for name, over in (("full", ft_over),
                        ("lora8", [*ft_over, "--finetune.lora_rank=8", f"--optim.lr={args.lora_lr_scale * lr}",
                                   *([f"--finetune.lora_targets={q(args.lora_targets)}"] if args.lora_targets else [])])):
-        a = run_arm(recipe, work / name, over, args.minutes, calibrate(recipe, over, work / f"calib_{name}"), warmup=50)
-        t1 = time.perf_counter()
-        (m,) = evaluate_tasks(str(work / name), [test], batch_size=64, decode=DecodeOptions(max_new_tokens=64),
-                              device="cpu", limit=args.test_limit or None)["tasks"].values()
-        a["test"] = {k: m[k] for k in ("bleu", "chrf", "n") if k in m}
-        a["eval_s"] = round(time.perf_counter() - t1, 1)
+        a = reused(name) if name == "full" else None  # LoRA's settings are what a --reuse run varies
+        if a is None:
+            if (work / name).exists():
+                shutil.rmtree(work / name)  # a LoRA run from before, with other settings
+            a = run_arm(recipe, work / name, over, args.minutes, calibrate(recipe, over, work / f"calib_{name}"),
+                        warmup=50)
+            t1 = time.perf_counter()
+            (m,) = evaluate_tasks(str(work / name), [test], batch_size=64, decode=DecodeOptions(max_new_tokens=64),
+                                  device="cpu", limit=args.test_limit or None)["tasks"].values()
+            a["test"] = {k: m[k] for k in ("bleu", "chrf", "n") if k in m}
+            a["eval_s"] = round(time.perf_counter() - t1, 1)
+            (work / name / "arm.json").write_text(json.dumps(a, indent=1))
         arms[name] = a
     full, lo = arms["full"], arms["lora8"]
     model_file = next((work / "full" / "checkpoints").glob("step-*/model.safetensors"))
@@ -335,12 +353,14 @@ def translate_lora(args: argparse.Namespace) -> None:
            "test_sentences": args.test_limit or 1000, "decoding": "greedy, max_new_tokens 64"}
     RESULTS.mkdir(parents=True, exist_ok=True)
     emb_adapter = bool(args.lora_targets) and "tok_embeddings" in args.lora_targets
-    path = RESULTS / f"translation_multi30k_en{tgt}_lora{'_emb' if emb_adapter else ''}{f'_from_en{other}' if other else ''}_{args.minutes:g}min.json"
+    lr_tag = f"_lr{args.lora_lr_scale:g}x" if args.lora_lr_scale != 2.0 else ""  # 2x: the first runs' names
+    path = RESULTS / (f"translation_multi30k_en{tgt}_lora{'_emb' if emb_adapter else ''}"
+                      f"{f'_from_en{other}' if other else ''}{lr_tag}_{args.minutes:g}min.json")
     path.write_text(json.dumps(out, indent=2) + "\n")
     b_full, b_lo = full["test"]["bleu"], lo["test"]["bleu"]
     frac = 100 * lo["trainable"] / lo["total"]
     base_name = (f"base: en->{other} translator" if other else f"base: en+{tgt} LM") + \
-        (" + embedding adapter" if emb_adapter else "")
+        (" + embedding adapter" if emb_adapter else "") + (f", LoRA lr {args.lora_lr_scale:g}x" if lr_tag else "")
     langs = "en, " + tgt + (f" and {other}" if other else "")
     how = (f"base: decoder LM pre-trained {lm['steps']} steps ({lm['wall_s'] / 60:.1f} min) on the {langs} training "
            "sentences as separate documents" + (f" and the en->{other} pairs (a base that translates into {other})"
@@ -604,6 +624,8 @@ def main() -> None:
                     help="finetune.lora_targets (default: every attention and MLP projection); e.g. wq wk wv wo w1 w2 "
                          "tok_embeddings (the tied embedding: its adapter applies to the output layer too)")
     tl.add_argument("--lora-lr-scale", type=float, default=2.0, help="LoRA's lr = this x the recipe's lr")
+    tl.add_argument("--reuse", action="store_true", help="reuse the base and the full fine-tuning a run in the "
+                    "same --work made (their arm.json): only LoRA trains again, e.g. to try another --lora-lr-scale")
     s = sub.add_parser("sentiment", help="SST-2: scratch vs LM pre-training + fine-tuning, LoRA vs full")
     s.add_argument("--data", default=str(SHARED / "sst2"), help="folder with train.tsv.gz and dev.tsv")
     s.add_argument("--minutes", type=float, default=20.0, help="total training wall time per arm")
