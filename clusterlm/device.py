@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 from typing import ContextManager
 
@@ -32,14 +33,23 @@ def resolve_device(name: str, what: str = "train.device") -> torch.device:
     return torch.device(name)
 
 
-def cpu_has_amx_bf16() -> bool:
-    """Whether this CPU has AMX-BF16 tiles (Intel Sapphire Rapids and later), which oneDNN uses for
-    bf16 matmuls. False where /proc/cpuinfo cannot be read (not Linux)."""
+@functools.cache
+def cpu_flags() -> frozenset[str] | None:
+    """This CPU's matmul features as the probe names them (cluster.parsers.MATMUL_FLAGS: avx512_bf16,
+    amx_bf16, ...), read once from /proc/cpuinfo; None where it cannot be read (not Linux)."""
+    from clusterlm.cluster.parsers import parse_cpuinfo
+
     try:
         with open("/proc/cpuinfo") as f:
-            return " amx_bf16" in f.read()
+            return frozenset(parse_cpuinfo(f.read()).flags)
     except OSError:
-        return False
+        return None
+
+
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU has AMX-BF16 tiles (Intel Sapphire Rapids and later), which oneDNN uses for
+    bf16 matmuls. False where /proc/cpuinfo cannot be read."""
+    return "amx_bf16" in (cpu_flags() or ())
 
 
 def autocast_dtype(dtype: str, device: torch.device, what: str = "train.dtype") -> torch.dtype | None:

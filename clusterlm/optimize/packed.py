@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clusterlm.device import cpu_flags
+
 MODES = ("fp32", "bf16")
 MIN_ROWS = 4  # fp32 where MKL's one-row GEMV wins: one to three rows run faster through F.linear
 PACKED_MARGIN = 0.85  # packed must take <= 85% of F.linear's one-row time to be used for one row
@@ -78,11 +80,10 @@ def bf16_unavailable() -> str | None:
     """Why bf16 packing would be slow or unsupported here (no AVX512-BF16/AMX), or None."""
     if packing_unavailable():
         return packing_unavailable()
-    try:
-        flags = open("/proc/cpuinfo").read()  # noqa: SIM115 - a read of a small pseudo-file
-    except OSError:
+    flags = cpu_flags()
+    if flags is None:
         return "cannot read /proc/cpuinfo to check for AVX512-BF16 or AMX"
-    if " avx512_bf16" not in flags and " amx_bf16" not in flags:
+    if not flags & {"avx512_bf16", "amx_bf16"}:
         return "the CPU has neither AVX512-BF16 nor AMX-BF16; bf16 matmuls would be emulated"
     return None
 
