@@ -267,18 +267,32 @@ def translate(args: argparse.Namespace) -> None:
                      indent=1))
 
 
-def base_corpus_jsonl(files: list[Path], out: Path, pairs: tuple[Path, Path] | None = None) -> int:
+def base_directions(specs: list[str], tgt: str) -> list[tuple[str, str]]:
+    """--base-pairs as (source, target) languages: "de" is en->de, "fr-en" is fr->en. The
+    fine-tuning direction itself (en->tgt) is refused: the base must not have seen the task."""
+    out = []
+    for spec in specs:
+        a, b = spec.split("-") if "-" in spec else ("en", spec)
+        if a == b or {a, b} - {"en", "fr", "de"}:
+            sys.exit(f"--base-pairs {spec}: give X (en->X) or X-Y with X, Y two of en, fr, de")
+        if (a, b) == ("en", tgt):
+            sys.exit(f"--base-pairs {spec} is the fine-tuning direction en->{tgt} itself; give another one")
+        out.append((a, b))
+    return out
+
+
+def base_corpus_jsonl(files: list[Path], out: Path, pairs: list[tuple[Path, Path]] = ()) -> int:
     """The base LM's documents: every line of the gzipped text files as its own JSONL document (each
-    language, never a pair), and with `pairs` (source, target files) each pair as one document
+    language, never a pair), and for each of `pairs` (source, target files) each pair as one document
     "source target", the layout of an SFT example without a template ([EOS] prompt, a space,
-    completion [EOS]): a base that already translates into that other target language."""
+    completion [EOS]): a base that already translates in that direction."""
     def lines(path: Path) -> list[str]:
         with gzip.open(path, "rt", encoding="utf-8") as src:
             return [x.strip() for x in src]
 
     docs = [x for path in files for x in lines(path) if x]
-    if pairs:
-        docs += [f"{a} {b}" for a, b in zip(*map(lines, pairs)) if a and b]
+    for src, dst in pairs:
+        docs += [f"{a} {b}" for a, b in zip(lines(src), lines(dst)) if a and b]
     out.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
     return len(docs)
 
@@ -299,11 +313,11 @@ def translate_lora(args: argparse.Namespace) -> None:
     need(train_files + test_files, "Multi30k", "--data")
     work.mkdir(parents=True, exist_ok=True)
     recipe, test, env = f"multi30k_en{tgt}_cpu", ",".join(map(str, test_files)), env_info()
-    other = args.base_pairs
-    if other == tgt:
-        sys.exit(f"--base-pairs={other} is the target language itself; give the other one or leave it out")
-    base_files = train_files + ([data / f"train.{other}.gz"] if other else [])
-    base_pairs = (data / "train.en.gz", data / f"train.{other}.gz") if other else None
+    directions = base_directions(args.base_pairs, tgt)
+    langs_in_base = ["en", tgt] + sorted({x for d in directions for x in d} - {"en", tgt})
+    base_files = [data / f"train.{x}.gz" for x in langs_in_base]
+    base_pairs = [(data / f"train.{a}.gz", data / f"train.{b}.gz") for a, b in directions]
+    other = "_".join(f"{a}{b}" if a != "en" else b for a, b in directions)  # names: "de", "de_fren"
     need(base_files, "Multi30k", "--data")
     lm_data, n_docs, lm_prep_s = lm_corpus(work / "lm_data", lambda out: base_corpus_jsonl(base_files, out, base_pairs))
     common = ["--train.tensorboard=false", "--checkpoint.interval=0", "--eval.every=0", "--eval.tasks=[]",
@@ -345,7 +359,8 @@ def translate_lora(args: argparse.Namespace) -> None:
     full, lo = arms["full"], arms["lora8"]
     model_file = next((work / "full" / "checkpoints").glob("step-*/model.safetensors"))
     lo["model_bytes"] = model_file.stat().st_size
-    out = {"benchmark": "translation LoRA vs full", "pair": f"en-{tgt}", "base_pairs": f"en-{other}" if other else None,
+    out = {"benchmark": "translation LoRA vs full", "pair": f"en-{tgt}",
+           "base_pairs": ", ".join(f"{a}-{b}" for a, b in directions) or None,
            "recipe": recipe, "env": env,
            "env_after": {"loadavg": [round(x, 2) for x in os.getloadavg()]}, "overrides": args.override,
            "pretrain_minutes": args.pretrain_minutes, "finetune_minutes": args.minutes,
@@ -359,11 +374,12 @@ def translate_lora(args: argparse.Namespace) -> None:
     path.write_text(json.dumps(out, indent=2) + "\n")
     b_full, b_lo = full["test"]["bleu"], lo["test"]["bleu"]
     frac = 100 * lo["trainable"] / lo["total"]
-    base_name = (f"base: en->{other} translator" if other else f"base: en+{tgt} LM") + \
+    dirs = " and ".join(f"{a}->{b}" for a, b in directions)
+    base_name = (f"base: {dirs} translator" if other else f"base: en+{tgt} LM") + \
         (" + embedding adapter" if emb_adapter else "") + (f", LoRA lr {args.lora_lr_scale:g}x" if lr_tag else "")
-    langs = "en, " + tgt + (f" and {other}" if other else "")
+    langs = ", ".join(langs_in_base)
     how = (f"base: decoder LM pre-trained {lm['steps']} steps ({lm['wall_s'] / 60:.1f} min) on the {langs} training "
-           "sentences as separate documents" + (f" and the en->{other} pairs (a base that translates into {other})"
+           "sentences as separate documents" + (f" and the {dirs} pairs (a base that translates {dirs})"
                                                  if other else "") +
            f"; then {args.minutes:g} min of fine-tuning on the en->{tgt} pairs each; "
            f"{env['cpu']}, load {env['loadavg'][0]}; {path.name}")
@@ -617,9 +633,10 @@ def main() -> None:
     t.add_argument("--length-penalty", type=float, default=1.0, help="beam search length penalty")
     tl.add_argument("--pretrain-minutes", type=float, default=10.0, help="LM pre-training wall time")
     tl.add_argument("--minutes", type=float, default=10.0, help="fine-tuning wall time, each of full and LoRA")
-    tl.add_argument("--base-pairs", choices=["", "fr", "de"], default="",
-                    help="also pre-train the base on the en->X pairs (and X's sentences): LoRA then adapts a model "
-                         "that translates into X to the --pair language")
+    tl.add_argument("--base-pairs", nargs="*", default=[], metavar="DIR",
+                    help="also pre-train the base on these translation directions' pairs (and their languages' "
+                         "sentences): X for en->X, X-Y for X->Y, e.g. de (LoRA then adapts a translator into German "
+                         "to the --pair language) or de fr-en (one that also reads French)")
     tl.add_argument("--lora-targets", nargs="+", default=None,
                     help="finetune.lora_targets (default: every attention and MLP projection); e.g. wq wk wv wo w1 w2 "
                          "tok_embeddings (the tied embedding: its adapter applies to the output layer too)")

@@ -135,9 +135,15 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+    ema_decay: float = 0.0
+    """> 0: keep an exponential moving average of the weights (e.g. 0.999, about the last 1,000 steps;
+    warmed up over the first steps); evaluation and checkpoints use it (train/ema.py); 0 = off"""
 
     def __post_init__(self) -> None:
         _check_finite(self, "optim")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"optim.ema_decay={self.ema_decay} must be in [0, 1): 0 turns the average off, "
+                              "0.999 averages about the last 1,000 steps")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(f"optim.lr={self.lr}, optim.min_lr={self.min_lr}: need 0 <= min_lr <= lr and lr > 0")
         if self.warmup_steps < 0 or self.decay_steps < 0:

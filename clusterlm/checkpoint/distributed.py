@@ -245,6 +245,23 @@ def finish_save(pending: PendingSave) -> Path:
     return root / name
 
 
+def _add_saved_state_keys(optim_state: dict[str, Any], dcp_dir: Path) -> None:
+    """DCP loads only the keys the destination state dict has, and a fresh optimizer's state has
+    AdamW's own (step, exp_avg, exp_avg_sq). A per-parameter tensor the saving run kept beside them
+    (train/ema.py's "ema" or "train_weights") gets a destination shaped, typed and sharded like the
+    parameter's exp_avg, so it is loaded instead of silently dropped."""
+    saved = dcp.FileSystemReader(str(dcp_dir)).read_metadata().state_dict_metadata
+    for fqn, st in optim_state.get("state", {}).items():
+        template = st.get("exp_avg")
+        if template is None:
+            continue
+        prefix = f"optim.state.{fqn}."
+        for key in saved:
+            name = key[len(prefix):]
+            if key.startswith(prefix) and "." not in name and name not in st:
+                st[name] = torch.empty_like(template)
+
+
 def load_distributed(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """Collective: fill this rank's shards of model (and optimizer) from `path`; returns train_state."""
     path = Path(path)
@@ -253,6 +270,7 @@ def load_distributed(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
+        _add_saved_state_keys(state["optim"], path / DCP_DIR)
     dcp.load(state, checkpoint_id=str(path / DCP_DIR))
     set_model_state_dict(model, state["model"])
     if optimizer is not None:

@@ -221,18 +221,19 @@ def _largest_tensor(model: ModelConfig) -> int:
 # ---- the estimate --------------------------------------------------------------------------------------
 def estimate_memory(model: ModelConfig, dims: ParallelDims, *, micro_batch: int, seq_len: int,
                     dtype: str = "bf16", recompute: str = "none", attention: str = "flash",
-                    grad_accum_steps: int = 1, optimizer_impl: str = "fused") -> MemoryEstimate:
-    """Peak bytes on the device that needs most (over pipeline stages), piece by piece."""
+                    grad_accum_steps: int = 1, optimizer_impl: str = "fused", ema: bool = False) -> MemoryEstimate:
+    """Peak bytes on the device that needs most (over pipeline stages), piece by piece. ema: the
+    trainer keeps an average of the weights (optim.ema_decay), one more fp32 copy of the state."""
     if dtype not in STATE_BYTES:
         raise ValueError(f"dtype={dtype!r}; expected one of {', '.join(STATE_BYTES)}")
     stages = ("only",) if dims.pp == 1 else ("first", "last")
     estimates = [_stage(model, dims, st, micro_batch, seq_len, dtype, recompute, attention,
-                        grad_accum_steps, optimizer_impl) for st in stages]
+                        grad_accum_steps, optimizer_impl, ema) for st in stages]
     return max(estimates, key=lambda m: m.peak_bytes)
 
 
 def _stage(model: ModelConfig, dims: ParallelDims, stage: str, b: int, s: int, dtype: str, recompute: str,
-           attention: str, accum: int, optimizer_impl: str) -> MemoryEstimate:
+           attention: str, accum: int, optimizer_impl: str, ema: bool = False) -> MemoryEstimate:
     t, pp, fsdp = dims.tp, dims.pp, dims.dp_shard
     e = ELEM_BYTES[dtype]
     params, layers = stage_params(model, pp, stage)
@@ -242,6 +243,8 @@ def _stage(model: ModelConfig, dims: ParallelDims, stage: str, b: int, s: int, d
     for name, nbytes in STATE_BYTES[dtype].items():
         if nbytes:
             items.append(MemoryItem(name, per_dev * nbytes / fsdp, f"{nbytes} B/param * params{shard}"))
+    if ema:
+        items.append(MemoryItem("ema_weights", per_dev * 4 / fsdp, f"4 B/param * params{shard} (optim.ema_decay)"))
     state = sum(it.bytes for it in items)
 
     # activations: in-flight micro-batches x layers in this stage x per-layer bytes

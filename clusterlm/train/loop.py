@@ -113,7 +113,7 @@ def _check_run_memory(cfg: RunConfig, dims: Any, accum: int, device: torch.devic
     tc = cfg.train
     need = predicted_peak_bytes(cfg.model, dims, micro_batch=tc.micro_batch_size, seq_len=tc.seq_len,
                                 dtype=amp_name(amp_dtype), recompute=cfg.parallel.activation_checkpointing,
-                                accum=accum)
+                                accum=accum, ema=cfg.optim.ema_decay > 0)
     # on CPU the ranks of one node share its RAM; each GPU has its own memory
     problem = None
     try:
@@ -240,6 +240,10 @@ class Trainer:
             self.loader = TokenLoader(self.data_dir, "train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len,
                                       seed=tc.seed, rank=pm.coords.dp_rank, world_size=dims.dp)
         self.state = self.checkpointer.load_into(self.model, self.optimizer, self.loader)
+        from clusterlm.train.ema import WeightEMA
+
+        self.ema = WeightEMA(self.optimizer, cfg.optim.ema_decay)
+        self.ema.restore_after_load()  # a checkpoint written with the average as its model
         self._log_plan()
         self._open_run_dir()
         self.last_loss: float | None = None
@@ -512,6 +516,7 @@ class Trainer:
         grad_norm = pm.clip_grad_norm_(tc.grad_clip)
         if math.isfinite(loss) and math.isfinite(grad_norm):
             opt.step()
+            self.ema.update(state.step - state.bad_steps_total)  # steps taken before this one
             state.bad_streak = 0
             self.last_loss = loss
         else:
@@ -607,7 +612,12 @@ class Trainer:
 
     def evaluate(self) -> None:
         """Validation loss (every rank evaluates the same batches, so the collectives of FSDP/TP/PP
-        stay in step); logged and kept as last_val. Nothing without a validation split."""
+        stay in step); logged and kept as last_val. Nothing without a validation split. With
+        optim.ema_decay, of the averaged weights."""
+        with self.ema.applied():
+            self._evaluate()
+
+    def _evaluate(self) -> None:
         from clusterlm.data.loader import iter_eval_batches
         from clusterlm.eval.metrics import evaluate_loss
 
@@ -675,18 +685,19 @@ class Trainer:
             return [a for _, a in sorted(parts, key=lambda p: p[0])]
 
         devices = [self.device] if self.device.type == "cuda" else []
-        for task in self.tasks:
-            t0 = time.perf_counter()
-            with torch.random.fork_rng(devices=devices):
-                metrics, _ = run_task_split(self.pm.module, self.task_tokenizer, task, rank=rank, world=self.dims.dp,
-                                            gather=gather, pad=self.task_pad, batch_size=ec.batch_size,
-                                            decode=self.task_decode, truncate=ec.truncate, device=self.device,
-                                            progress=False)
-            record = task_record(metrics, step=state.step, tokens=state.tokens_seen, wall_s=wall,
-                                 eval_s=time.perf_counter() - t0, scoring_s=self._scoring_s)
-            self._scoring_s += record["eval_s"]
-            self.metrics.log(record)
-            log.info("step %d: task %s", state.step, _task_line(record))
+        with self.ema.applied():
+            for task in self.tasks:
+                t0 = time.perf_counter()
+                with torch.random.fork_rng(devices=devices):
+                    metrics, _ = run_task_split(self.pm.module, self.task_tokenizer, task, rank=rank,
+                                                world=self.dims.dp, gather=gather, pad=self.task_pad,
+                                                batch_size=ec.batch_size, decode=self.task_decode,
+                                                truncate=ec.truncate, device=self.device, progress=False)
+                record = task_record(metrics, step=state.step, tokens=state.tokens_seen, wall_s=wall,
+                                     eval_s=time.perf_counter() - t0, scoring_s=self._scoring_s)
+                self._scoring_s += record["eval_s"]
+                self.metrics.log(record)
+                log.info("step %d: task %s", state.step, _task_line(record))
 
     def save(self, reason: str) -> None:
         """A checkpoint of this step (collective when distributed), with the wall time of this segment
@@ -695,14 +706,15 @@ class Trainer:
         self.state.train_seconds += now - self._t_start
         self._t_start = now
         ckpt = self.checkpointer
-        self.last_ckpt = path = ckpt.save(self.state, self.model, self.optimizer, self.loader, reason=reason)
-        if reason == "final" and self.cfg.finetune.lora_rank:
-            from clusterlm.finetune.lora import save_adapters
+        with self.ema.applied(for_checkpoint=True):  # with optim.ema_decay the model saved is the average
+            self.last_ckpt = path = ckpt.save(self.state, self.model, self.optimizer, self.loader, reason=reason)
+            if reason == "final" and self.cfg.finetune.lora_rank:
+                from clusterlm.finetune.lora import save_adapters
 
-            # collective under FSDP (the adapters are gathered); rank 0 writes OUT_DIR/adapter
-            save_adapters(self.out_dir / "adapter", self.model, {"base": str(self.base.path) if self.base else None,
-                                                                  "checkpoint": str(path)},
-                          overwrite=True, write=self.rank0)
+                # collective under FSDP (the adapters are gathered); rank 0 writes OUT_DIR/adapter
+                save_adapters(self.out_dir / "adapter", self.model,
+                              {"base": str(self.base.path) if self.base else None, "checkpoint": str(path)},
+                              overwrite=True, write=self.rank0)
         event = {"kind": "event", "step": self.state.step, "event": "checkpoint", "path": str(path), "reason": reason}
         if ckpt.distributed:
             event["async"] = ckpt.writes_async(reason)

@@ -79,10 +79,10 @@ def amp_name(amp_dtype: torch.dtype | None) -> str:
 
 
 def predicted_peak_bytes(model: ModelConfig, dims: ParallelDims, *, micro_batch: int, seq_len: int, dtype: str,
-                         recompute: str = "none", accum: int = 1) -> float:
+                         recompute: str = "none", accum: int = 1, ema: bool = False) -> float:
     """The planner's peak bytes per device for this run (fused AdamW, as the trainer builds it)."""
     return estimate_memory(model, dims, micro_batch=micro_batch, seq_len=seq_len, dtype=dtype, recompute=recompute,
-                           grad_accum_steps=accum, optimizer_impl="fused").peak_bytes
+                           grad_accum_steps=accum, optimizer_impl="fused", ema=ema).peak_bytes
 
 
 def check_memory(need_per_process: float, device: torch.device, *, processes_per_pool: int = 1,

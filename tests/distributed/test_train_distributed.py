@@ -48,17 +48,21 @@ def data(tmp_path_factory) -> Path:
 def test_fsdp_run_resumes_on_tp_and_on_one_process(data, tmp_path, monkeypatch):
     """8 steps under FSDP x2 (2 micro-batches of 4 per rank) have one process's losses (8 x 2 rows per
     step, 1e-5); its step-4 DCP checkpoint resumed under TP x2 (1 micro-batch of 16) and on one
-    process continues with the same losses for steps 5-8: model, optimizer and loader position reshard."""
+    process continues with the same losses for steps 5-8: model, optimizer and loader position reshard.
+    Every run keeps a weight average (optim.ema_decay): the checkpoint's model is the average and the
+    trained weights ride in the optimizer state ("train_weights", loaded though a fresh optimizer has
+    no such key), so a resume that lost them would continue from the average and its losses differ."""
     from clusterlm.config import load_run_config
     from clusterlm.train.loop import train
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(k, raising=False)
-    assert train(load_run_config(None, _args(data, tmp_path / "one", 8))).exit_code == 0
+    ema = "--optim.ema_decay=0.5"
+    assert train(load_run_config(None, _args(data, tmp_path / "one", 8, ema))).exit_code == 0
     ref = train_losses(tmp_path / "one")
 
     fsdp = tmp_path / "fsdp"
-    res = run_ranks(2, _train_rank, _args(data, fsdp, 4, "--parallel.dp_shard=2"))
+    res = run_ranks(2, _train_rank, _args(data, fsdp, 4, "--parallel.dp_shard=2", ema))
     assert res == [{"exit": 0, "step": 8}] * 2
     got = train_losses(fsdp)
     assert sorted(got) == list(range(1, 9))
@@ -71,7 +75,7 @@ def test_fsdp_run_resumes_on_tp_and_on_one_process(data, tmp_path, monkeypatch):
         run = tmp_path / name
         (run / "checkpoints").mkdir(parents=True)
         shutil.copytree(ckpt, run / "checkpoints" / ckpt.name)
-        args = _args(data, run, micro, "--train.resume=auto", *extra)
+        args = _args(data, run, micro, "--train.resume=auto", ema, *extra)
         if world == 2:
             assert run_ranks(2, _train_rank, args) == [{"exit": 0, "step": 8}] * 2
         else:

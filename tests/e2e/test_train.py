@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from clusterlm.cli import EXIT_DIVERGED, EXIT_PREEMPTED
 from clusterlm.config import load_run_config
@@ -58,6 +59,30 @@ def test_resume_is_bit_exact(data_dir, tmp_path):
     assert [a[s] for s in range(51, 101)] == [b[s] for s in range(51, 101)]
     assert a[100] < a[1]  # it learned something
     assert straight.final_val_loss == resumed.final_val_loss
+
+
+def test_ema_checkpoints_hold_the_average_and_resume_bit_exact(data_dir, tmp_path):
+    """optim.ema_decay: 100 steps straight equal 50 + resume to 100 (the step-50 checkpoint holds the
+    average as its model and the trained weights in the optimizer state, swapped back on resume); the
+    final model is the average (its val loss is the run's), not the trained weights."""
+    from clusterlm.checkpoint.store import load_checkpoint
+    from clusterlm.train.loop import train
+
+    ema = ["--optim.decay_steps=90", "--optim.ema_decay=0.9"]
+    straight = train(tiny_cfg(data_dir, tmp_path / "a", *ema))
+    assert train(tiny_cfg(data_dir, tmp_path / "b", *ema, "--train.max_steps=50")).step == 50
+    resumed = train(tiny_cfg(data_dir, tmp_path / "b", *ema, "--train.resume=auto"))
+    a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    assert [a[s] for s in range(51, 101)] == [b[s] for s in range(51, 101)]
+    assert straight.final_val_loss == resumed.final_val_loss
+
+    ckpt = load_checkpoint(straight.checkpoint)
+    states = ckpt.optimizer_state["state"].values()
+    assert states and all("train_weights" in st and "ema" not in st for st in states)
+    model = list(ckpt.model_state.values())
+    for st in states:  # each trained tensor differs from the model's tensors of its shape (the averages)
+        same_shape = [t for t in model if t.shape == st["train_weights"].shape]
+        assert same_shape and not any(torch.equal(t, st["train_weights"]) for t in same_shape)
 
 
 def test_existing_run_without_resume_is_refused(data_dir, tmp_path):

@@ -29,6 +29,10 @@ def test_mixed_precision_adamw_is_16_bytes_per_param():
     assert sum(v for k, v in est32.as_dict().items() if k in state) == pytest.approx(16 * n, rel=1e-9)
     sharded = estimate_memory(model, ParallelDims(dp_shard=8), micro_batch=1, seq_len=1024, dtype="bf16")
     assert sum(sharded.get(k) for k in state) == pytest.approx(16 * n / 8, rel=1e-9)
+    # optim.ema_decay keeps one more fp32 copy of the (sharded) weights, and the peak grows by it
+    ema = estimate_memory(model, ParallelDims(dp_shard=8), micro_batch=1, seq_len=1024, dtype="bf16", ema=True)
+    assert ema.get("ema_weights") == pytest.approx(4 * n / 8, rel=1e-9)
+    assert ema.peak_bytes - sharded.peak_bytes == pytest.approx(4 * n / 8, rel=1e-9)
 
 
 def test_korthikanti_no_recompute():
