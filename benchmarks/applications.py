@@ -340,8 +340,9 @@ def translate_lora(args: argparse.Namespace) -> None:
         (work / "lm" / "arm.json").write_text(json.dumps(lm, indent=1))
     arms: dict[str, Any] = {"lm": lm}
     lr = load_run_config(bundled_recipes()[recipe], []).optim.lr
+    r = args.lora_rank
     for name, over in (("full", ft_over),
-                       ("lora8", [*ft_over, "--finetune.lora_rank=8", f"--optim.lr={args.lora_lr_scale * lr}",
+                       (f"lora{r}", [*ft_over, f"--finetune.lora_rank={r}", f"--optim.lr={args.lora_lr_scale * lr}",
                                   *([f"--finetune.lora_targets={q(args.lora_targets)}"] if args.lora_targets else [])])):
         a = reused(name) if name == "full" else None  # LoRA's settings are what a --reuse run varies
         if a is None:
@@ -356,7 +357,7 @@ def translate_lora(args: argparse.Namespace) -> None:
             a["eval_s"] = round(time.perf_counter() - t1, 1)
             (work / name / "arm.json").write_text(json.dumps(a, indent=1))
         arms[name] = a
-    full, lo = arms["full"], arms["lora8"]
+    full, lo = arms["full"], arms[f"lora{r}"]
     model_file = next((work / "full" / "checkpoints").glob("step-*/model.safetensors"))
     lo["model_bytes"] = model_file.stat().st_size
     out = {"benchmark": "translation LoRA vs full", "pair": f"en-{tgt}",
@@ -369,6 +370,7 @@ def translate_lora(args: argparse.Namespace) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     emb_adapter = bool(args.lora_targets) and "tok_embeddings" in args.lora_targets
     lr_tag = f"_lr{args.lora_lr_scale:g}x" if args.lora_lr_scale != 2.0 else ""  # 2x: the first runs' names
+    lr_tag += f"_r{r}" if r != 8 else ""
     path = RESULTS / (f"translation_multi30k_en{tgt}_lora{'_emb' if emb_adapter else ''}"
                       f"{f'_from_en{other}' if other else ''}{lr_tag}_{args.minutes:g}min.json")
     path.write_text(json.dumps(out, indent=2) + "\n")
@@ -376,7 +378,8 @@ def translate_lora(args: argparse.Namespace) -> None:
     frac = 100 * lo["trainable"] / lo["total"]
     dirs = " and ".join(f"{a}->{b}" for a, b in directions)
     base_name = (f"base: {dirs} translator" if other else f"base: en+{tgt} LM") + \
-        (" + embedding adapter" if emb_adapter else "") + (f", LoRA lr {args.lora_lr_scale:g}x" if lr_tag else "")
+        (" + embedding adapter" if emb_adapter else "") + \
+        (f", LoRA lr {args.lora_lr_scale:g}x" if args.lora_lr_scale != 2.0 else "")
     langs = ", ".join(langs_in_base)
     how = (f"base: decoder LM pre-trained {lm['steps']} steps ({lm['wall_s'] / 60:.1f} min) on the {langs} training "
            "sentences as separate documents" + (f" and the {dirs} pairs (a base that translates {dirs})"
@@ -384,11 +387,12 @@ def translate_lora(args: argparse.Namespace) -> None:
            f"; then {args.minutes:g} min of fine-tuning on the en->{tgt} pairs each; "
            f"{env['cpu']}, load {env['loadavg'][0]}; {path.name}")
     rows = [
-        row(f"translation en->{tgt} (Multi30k, LoRA)", f"LoRA r=8 minus full fine-tuning, BLEU ({base_name})",
+        row(f"translation en->{tgt} (Multi30k, LoRA)", f"LoRA r={r} minus full fine-tuning, BLEU ({base_name})",
             round(b_lo - b_full, 2), ">= -2", lo["wall_s"] / 60,
             f"LoRA {b_lo:.2f} ({lo['steps']} steps, lr {lo['lr']:g}) vs full {b_full:.2f} ({full['steps']} steps, "
             f"lr {full['lr']:g}), greedy, {out['test_sentences']} test sentences; " + how),
-        row(f"translation en->{tgt} (Multi30k, LoRA)", f"LoRA r=8 trainable parameters % ({base_name})", round(frac, 2), "< 5",
+        row(f"translation en->{tgt} (Multi30k, LoRA)", f"LoRA r={r} trainable parameters % ({base_name})",
+            round(frac, 2), "< 5",
             lo["wall_s"] / 60, f"{lo['trainable']:,} of {lo['total']:,} (adapters on {lo['lora_targets']}); adapter file "
             f"{lo.get('adapter_bytes', 0) / 1e3:.0f} kB = {100 * lo.get('adapter_bytes', 0) / lo['model_bytes']:.1f}% of the "
             f"model's {lo['model_bytes'] / 1e6:.1f} MB"),
@@ -641,6 +645,8 @@ def main() -> None:
                     help="finetune.lora_targets (default: every attention and MLP projection); e.g. wq wk wv wo w1 w2 "
                          "tok_embeddings (the tied embedding: its adapter applies to the output layer too)")
     tl.add_argument("--lora-lr-scale", type=float, default=2.0, help="LoRA's lr = this x the recipe's lr")
+    tl.add_argument("--lora-rank", type=int, default=8, help="the LoRA arm's rank (the goal is about 8; a higher "
+                    "one tells whether the rank is what holds LoRA back)")
     tl.add_argument("--reuse", action="store_true", help="reuse the base and the full fine-tuning a run in the "
                     "same --work made (their arm.json): only LoRA trains again, e.g. to try another --lora-lr-scale")
     s = sub.add_parser("sentiment", help="SST-2: scratch vs LM pre-training + fine-tuning, LoRA vs full")

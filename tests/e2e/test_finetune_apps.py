@@ -226,3 +226,30 @@ def test_applications_report(tmp_path):
                          "| translation en->fr | BLEU | 12.35 | >= 35 | 8 | budget 8 min \\| shared CPU |"]
     assert "applications_broken.json: rows[0] lacks metric, value, goal, train_minutes, notes" in text
     assert "applications_broken.json" in proc.stderr
+
+
+def test_translate_lora_base_corpus_directions(tmp_path):
+    """translate-lora --base-pairs: "de" is en->de, "fr-en" is fr->en; the fine-tuning direction itself
+    and unknown languages are refused; each pair becomes one "source target" document after every
+    language's sentences."""
+    import gzip
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from applications import base_corpus_jsonl, base_directions
+    finally:
+        sys.path.pop(0)
+    assert base_directions(["de", "fr-en"], "fr") == [("en", "de"), ("fr", "en")]
+    for bad, says in ((["fr"], "the fine-tuning direction en->fr itself"), (["en-fr"], "en->fr itself"),
+                      (["xx-en"], "two of en, fr, de"), (["de-de"], "two of en, fr, de")):
+        with pytest.raises(SystemExit, match=says):
+            base_directions(bad, "fr")
+    files = {}
+    for lang, lines in (("en", ["a dog", "a cat"]), ("fr", ["un chien", "un chat"])):
+        files[lang] = tmp_path / f"train.{lang}.gz"
+        with gzip.open(files[lang], "wt", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+    out = tmp_path / "docs.jsonl"
+    n = base_corpus_jsonl([files["en"], files["fr"]], out, [(files["fr"], files["en"])])
+    docs = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    assert n == 6 and docs == ["a dog", "a cat", "un chien", "un chat", "un chien a dog", "un chat a cat"]
