@@ -533,6 +533,7 @@ def sentiment(args: argparse.Namespace) -> None:
               *args.override]
     lm_data, n_sent, lm_prep_s = lm_corpus(work / "sst2_lm", lambda out: sentences_jsonl(train_tsv, out))
     out: dict[str, Any] = {"benchmark": "sentiment", "overrides": args.override, "env": env, "budget_minutes": args.minutes,
+                           "finetune_overrides": args.finetune_override, "tag": args.tag,
                            "pretrain_share": args.pretrain_share, "classifier_steps": args.classifier_steps,
                            "lm_prepare_s": round(lm_prep_s, 1),
                            "lm_sentences": n_sent, "arms": {}}
@@ -562,12 +563,13 @@ def sentiment(args: argparse.Namespace) -> None:
         lm = arm(f"{arch}_lm", lm_over, max(0.5, lm_minutes), lm_step)
         left = max(0.5, (budget_s - lm["wall_s"]) / 60)
         init = [f"--finetune.init_from={q(str(work / f'{arch}_lm'))}"]
-        ft = arm(f"{arch}_pretrained", [*ft_over, *init], left, cls_step, warmup=50, max_steps=cap)
+        ft_extra = args.finetune_override  # e.g. ULMFiT's discriminative lr for the arms that start from the LM
+        ft = arm(f"{arch}_pretrained", [*ft_over, *init, *ft_extra], left, cls_step, warmup=50, max_steps=cap)
         ft["pretrain"] = lm
         ft["total_wall_s"] = round(lm["wall_s"] + ft["wall_s"], 1)
         arms["pretrained"] = ft
         if args.lora and arch == "transformer":
-            lo = arm(f"{arch}_lora8", [*ft_over, *init, "--finetune.lora_rank=8", f"--optim.lr={2 * ft['lr']}"],
+            lo = arm(f"{arch}_lora8", [*ft_over, *init, *ft_extra, "--finetune.lora_rank=8", f"--optim.lr={2 * ft['lr']}"],
                      left, cls_step, warmup=50, max_steps=cap)
             model_file = next((work / f"{arch}_pretrained" / "checkpoints").glob("step-*/model.safetensors"))
             lo["model_bytes"] = model_file.stat().st_size
@@ -577,7 +579,8 @@ def sentiment(args: argparse.Namespace) -> None:
     out["env_after"] = {"loadavg": [round(x, 2) for x in os.getloadavg()]}
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "_".join(args.arch)
-    (RESULTS / f"sentiment_sst2_{name}_{args.minutes:g}min.json").write_text(json.dumps(out, indent=2) + "\n")
+    tag = f"_{args.tag}" if args.tag else ""
+    (RESULTS / f"sentiment_sst2_{name}_{args.minutes:g}min{tag}.json").write_text(json.dumps(out, indent=2) + "\n")
     rows += compare_sentiment(args.minutes)
     write_rows("sentiment", rows)
     print(json.dumps({arch: {k: v["dev"] for k, v in arms.items()} for arch, arms in out["arms"].items()}, indent=1))
@@ -588,7 +591,7 @@ def sentiment_rows(arch: str, arms: dict[str, Any], args: argparse.Namespace, en
     m = args.minutes
     cap = f", classifier at most {args.classifier_steps} steps" if args.classifier_steps else ""
     load = f"budget {m:g} min per arm{cap}, load {env['loadavg'][0]}"
-    app = f"sentiment SST-2 ({arch})"
+    app = f"sentiment SST-2 ({arch}{', ' + args.tag if args.tag else ''})"
     lm = "masked LM" if arch == "encoder" else "LM"
 
     def prf(d: dict) -> str:
@@ -659,6 +662,10 @@ def main() -> None:
                    help="at most this many steps for each classifier arm (0 = fill the budget); the LM then "
                         "pre-trains for the rest of the budget instead of --pretrain-share of it")
     s.add_argument("--lora", action="store_true", help="also LoRA rank 8 fine-tuning (transformer)")
+    s.add_argument("--finetune-override", action="append", default=[],
+                   help="extra --section.key=value for the arms that start from the LM only, e.g. "
+                        "--finetune-override=--optim.layer_lr_decay=0.385 (ULMFiT's discriminative fine-tuning)")
+    s.add_argument("--tag", default="", help="names a variant: in the result file name and the rows' application")
     for x in (t, tl, s):
         x.add_argument("--threads", type=int, default=0, help="torch threads for training and scoring (0 = torch's "
                        "default; 1 was faster than 2 on a 2-core machine loaded by other jobs)")

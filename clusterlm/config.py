@@ -135,12 +135,18 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+    layer_lr_decay: float = 1.0
+    """< 1: each layer's lr is this times the lr of the layer above; the head keeps optim.lr, the
+    embeddings get the least (ULMFiT's discriminative fine-tuning uses 1/2.6); 1 = one lr for all"""
     ema_decay: float = 0.0
     """> 0: keep an exponential moving average of the weights (e.g. 0.999, about the last 1,000 steps;
     warmed up over the first steps); evaluation and checkpoints use it (train/ema.py); 0 = off"""
 
     def __post_init__(self) -> None:
         _check_finite(self, "optim")
+        if not 0.0 < self.layer_lr_decay <= 1.0:
+            raise ConfigError(f"optim.layer_lr_decay={self.layer_lr_decay} must be in (0, 1]: 1 gives every layer "
+                              "optim.lr, 0.385 (1/2.6) is ULMFiT's discriminative fine-tuning")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"optim.ema_decay={self.ema_decay} must be in [0, 1): 0 turns the average off, "
                               "0.999 averages about the last 1,000 steps")

@@ -214,7 +214,10 @@ class Checkpointer:
                                   "--train.out_dir")
         check_state_shapes(ckpt.model_state, model, ckpt.path / "model.safetensors")
         model.load_state_dict(ckpt.model_state)
-        optimizer.load_state_dict(ckpt.optimizer_state)
+        try:
+            optimizer.load_state_dict(ckpt.optimizer_state)
+        except ValueError as e:  # torch: "loaded state dict has a different number of parameter groups", ...
+            raise CheckpointError(optimizer_mismatch(path, ckpt.optimizer_state, optimizer, e)) from e
         return ckpt.train_state, ckpt.rng
 
     # ---- save ------------------------------------------------------------------------------------
@@ -267,6 +270,16 @@ class Checkpointer:
             from clusterlm.checkpoint.distributed import finish_save
 
             self._mirror(finish_save(self._pending.pop()), "periodic")
+
+
+def optimizer_mismatch(path: Path, saved: dict, optimizer: torch.optim.Optimizer, err: Exception) -> str:
+    """The one line for a checkpoint whose optimizer state does not fit this run's parameter groups."""
+    have = [len(g["params"]) for g in saved.get("param_groups", [])]
+    want = [len(g["params"]) for g in optimizer.param_groups]
+    return (f"cannot resume {path}: its optimizer has parameter groups of {have} tensors, this run's {want} ({err}); "
+            "optim.weight_decay (0 or not), optim.layer_lr_decay (1 or not) or the trainable parameters "
+            "(finetune.freeze_*, lora_*) changed since it was saved: set them as in its config.toml, or "
+            "start fresh with another --train.out_dir")
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], *, distributed: bool,

@@ -239,6 +239,8 @@ class Trainer:
         else:
             self.loader = TokenLoader(self.data_dir, "train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len,
                                       seed=tc.seed, rank=pm.coords.dp_rank, world_size=dims.dp)
+        # this run's optim.layer_lr_decay scales: load_state_dict puts back the saved groups' values
+        self.lr_scales = [g.get("lr_scale", 1.0) for g in self.optimizer.param_groups]
         self.state = self.checkpointer.load_into(self.model, self.optimizer, self.loader)
         from clusterlm.train.ema import WeightEMA
 
@@ -498,8 +500,10 @@ class Trainer:
 
         tc, state, opt, pm = self.tc, self.state, self.optimizer, self.pm
         lr = lr_at(state.step, self.cfg.optim, tc.max_steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        for group, scale in zip(opt.param_groups, self.lr_scales):
+            group["lr"] = lr * scale  # optim.layer_lr_decay's per-layer scale (1.0 without)
+            if "lr_scale" in group:
+                group["lr_scale"] = scale
         loss_sum = torch.zeros((), device=self.device)
         batches = [next(self.loader) for _ in range(self.accum)]
         if hasattr(pm.loss_fn, "scale"):  # SFT: the mean over every trained token of the step, all ranks

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 
 import torch
 from torch import nn
@@ -93,14 +94,51 @@ def split_params(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list
     return decay, no_decay
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # Transformer blocks: layers.3.attention.wq.weight
+_RNN_LAYER = re.compile(r"_l(\d+)(?:_reverse)?$")   # nn.LSTM / nn.GRU: rnn.weight_ih_l1, ..._l0_reverse
+
+
+def layer_depth(name: str) -> int | None:
+    """0 for embedding tables, i + 1 for Transformer block i or recurrent layer i, None for what sits
+    above the last layer (final norm, output, a classifier's head): `layer_lr_scales` puts it on top.
+    Encoder and decoder blocks with the same index share a depth."""
+    parts = name.split(".")
+    if any(part in EMBEDDING_NAMES for part in parts):
+        return 0
+    if m := _LAYER.search(name):
+        return int(m.group(1)) + 1
+    if m := _RNN_LAYER.search(parts[-1]):
+        return int(m.group(1)) + 1
+    return None
+
+
+def layer_lr_scales(names: list[str], decay: float) -> dict[str, float]:
+    """Layer-wise learning-rate decay (ULMFiT's discriminative fine-tuning, ELECTRA's layer-wise
+    decay): the top (head, final norm) keeps the lr, each layer below it gets `decay` times the one
+    above, the embeddings the least: decay ** (top - depth)."""
+    depths = {n: layer_depth(n) for n in names}
+    top = max((d for d in depths.values() if d is not None), default=0) + 1
+    return {n: decay ** (top - (top if d is None else d)) for n, d in depths.items()}
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_lr_decay: float = 1.0) -> list[dict]:
     """Optimizer groups: [{"params": matrices, "weight_decay": weight_decay},
-    {"params": the rest, "weight_decay": 0.0}]; an empty group is left out."""
+    {"params": the rest, "weight_decay": 0.0}]; an empty group is left out. With layer_lr_decay < 1
+    each of the two splits by layer, and every group carries "lr_scale" (the loop sets
+    lr = schedule * lr_scale): `layer_lr_scales`."""
     if weight_decay < 0:
         raise ValueError(f"weight_decay={weight_decay} must be >= 0")
     decay, no_decay = split_params(model)
-    groups = [{"params": [p for _, p in decay], "weight_decay": weight_decay},
-              {"params": [p for _, p in no_decay], "weight_decay": 0.0}]
+    if layer_lr_decay == 1.0:
+        groups = [{"params": [p for _, p in decay], "weight_decay": weight_decay},
+                  {"params": [p for _, p in no_decay], "weight_decay": 0.0}]
+    else:
+        scales = layer_lr_scales([n for n, _ in decay + no_decay], layer_lr_decay)
+        groups = []
+        for named, wd in ((decay, weight_decay), (no_decay, 0.0)):
+            for scale in sorted({scales[n] for n, _ in named}, reverse=True):
+                groups.append({"params": [p for n, p in named if scales[n] == scale], "weight_decay": wd,
+                               "lr_scale": scale})
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError(f"{type(model).__name__} has no trainable parameters")
@@ -126,5 +164,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, fused: bool | None = 
     n_rest = sum(p.numel() for _, p in no_decay)
     log.info("AdamW%s: %s parameters in %d tensors decay (wd=%g), %s in %d tensors do not",
              " (fused)" if fused else "", f"{n_decay:,}", len(decay), cfg.weight_decay, f"{n_rest:,}", len(no_decay))
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps, fused=fused)
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_lr_decay)
+    if cfg.layer_lr_decay != 1.0:
+        log.info("layer-wise lr decay %g: lr x %s (from the top down to the embeddings)", cfg.layer_lr_decay,
+                 ", ".join(f"{s:.3g}" for s in sorted({g["lr_scale"] for g in groups}, reverse=True)))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)

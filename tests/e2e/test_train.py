@@ -85,6 +85,30 @@ def test_ema_checkpoints_hold_the_average_and_resume_bit_exact(data_dir, tmp_pat
         assert same_shape and not any(torch.equal(t, st["train_weights"]) for t in same_shape)
 
 
+def test_layer_lr_decay_scales_each_group_and_a_regrouped_resume_is_refused(data_dir, tmp_path):
+    """optim.layer_lr_decay=0.5 on the 2-layer model: the checkpoint's groups have lr = schedule x
+    0.5 ** (3 - depth); resuming it with another decay that keeps the groups uses the new scales, one
+    that regroups the parameters (1.0: two groups) is one CheckpointError naming the settings."""
+    from clusterlm.checkpoint.store import load_checkpoint
+    from clusterlm.config import load_run_config
+    from clusterlm.errors import CheckpointError
+    from clusterlm.train.loop import train
+    from clusterlm.train.optim import lr_at
+
+    run = tmp_path / "r"
+    res = train(tiny_cfg(data_dir, run, "--optim.layer_lr_decay=0.5", "--train.max_steps=20"))
+    groups = load_checkpoint(res.checkpoint).optimizer_state["param_groups"]
+    last = lr_at(19, load_run_config(None, _cli_args(data_dir, run)).optim, 20)
+    assert sorted(g["lr_scale"] for g in groups) == [0.125, 0.25, 0.25, 0.5, 0.5, 1.0]
+    for g in groups:
+        assert g["lr"] == pytest.approx(last * g["lr_scale"], rel=1e-12)
+    res = train(tiny_cfg(data_dir, run, "--optim.layer_lr_decay=0.8", "--train.max_steps=21", "--train.resume=auto"))
+    groups = load_checkpoint(res.checkpoint).optimizer_state["param_groups"]
+    assert sorted(g["lr_scale"] for g in groups) == pytest.approx([0.512, 0.64, 0.64, 0.8, 0.8, 1.0])
+    with pytest.raises(CheckpointError, match=r"parameter groups of \[.*optim.layer_lr_decay \(1 or not\)"):
+        train(tiny_cfg(data_dir, run, "--train.max_steps=22", "--train.resume=auto"))
+
+
 def test_existing_run_without_resume_is_refused(data_dir, tmp_path):
     """A second run into the same out_dir must say how to resume instead of overwriting checkpoints."""
     from clusterlm.errors import ConfigError

@@ -218,3 +218,31 @@ def test_fused_on_cpu_matches_reference_adamw():
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=name)
     assert build_optimizer(a, c, fused=False).defaults["fused"] is False  # an explicit False reaches torch
+
+
+def test_layer_lr_decay_groups():
+    """optim.layer_lr_decay: the head and final norm keep the lr, each layer below gets decay x the one
+    above, embeddings the least; LSTM layers by their _lN suffix (a bidirectional reader's reverse
+    stack by its own); each (weight decay, scale) pair is one group; 1.0 gives today's two groups."""
+    from clusterlm.config import OptimConfig
+    from clusterlm.errors import ConfigError
+    from clusterlm.train.optim import layer_depth, layer_lr_scales
+
+    assert [layer_depth(n) for n in ("backbone.tok_embeddings.weight", "layers.0.attention.wq.lora_a",
+                                     "_orig_mod.layers.11.ffn_norm.weight", "decoder.layers.2.cross.wq.weight",
+                                     "rnn.weight_hh_l1", "reverse.rnn.bias_ih_l0_reverse", "norm.weight",
+                                     "score.weight")] == [0, 1, 12, 3, 2, 1, None, None]
+    names = ["tok_embeddings.weight", "layers.0.attention.wq.weight", "layers.1.attention.wq.weight", "norm.weight"]
+    assert layer_lr_scales(names, 0.5) == {names[0]: 0.125, names[1]: 0.25, names[2]: 0.5, names[3]: 1.0}
+
+    m = TinyLM(tied=False)
+    groups = param_groups(m, 0.1, layer_lr_decay=0.5)
+    by_scale = {(g["weight_decay"], g["lr_scale"]): g["params"] for g in groups}
+    assert sorted(by_scale) == [(0.0, 0.125), (0.0, 0.25), (0.0, 0.5), (0.0, 1.0), (0.1, 0.25), (0.1, 0.5),
+                                (0.1, 1.0)]
+    assert by_scale[(0.1, 1.0)] == [m.output.weight]
+    assert {id(p) for p in by_scale[(0.0, 0.125)]} == {id(m.tok_embeddings.weight), id(m.pos_embeddings.weight)}
+    assert sum(len(g["params"]) for g in groups) == len(list(m.parameters()))
+    assert [g["weight_decay"] for g in param_groups(m, 0.1)] == [0.1, 0.0]
+    with pytest.raises(ConfigError, match=r"optim.layer_lr_decay=0 must be in \(0, 1\]"):
+        OptimConfig(layer_lr_decay=0)
