@@ -239,9 +239,11 @@ class Trainer:
         else:
             self.loader = TokenLoader(self.data_dir, "train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len,
                                       seed=tc.seed, rank=pm.coords.dp_rank, world_size=dims.dp)
-        # this run's optim.layer_lr_decay scales: load_state_dict puts back the saved groups' values
-        self.lr_scales = [g.get("lr_scale", 1.0) for g in self.optimizer.param_groups]
+        scales = [g.get("lr_scale") for g in self.optimizer.param_groups]  # this run's optim.layer_lr_decay
         self.state = self.checkpointer.load_into(self.model, self.optimizer, self.loader)
+        for group, scale in zip(self.optimizer.param_groups, scales):  # load_state_dict put the saved ones back
+            if scale is not None:
+                group["lr_scale"] = scale
         from clusterlm.train.ema import WeightEMA
 
         self.ema = WeightEMA(self.optimizer, cfg.optim.ema_decay)
@@ -500,10 +502,8 @@ class Trainer:
 
         tc, state, opt, pm = self.tc, self.state, self.optimizer, self.pm
         lr = lr_at(state.step, self.cfg.optim, tc.max_steps)
-        for group, scale in zip(opt.param_groups, self.lr_scales):
-            group["lr"] = lr * scale  # optim.layer_lr_decay's per-layer scale (1.0 without)
-            if "lr_scale" in group:
-                group["lr_scale"] = scale
+        for group in opt.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # optim.layer_lr_decay's per-layer scale
         loss_sum = torch.zeros((), device=self.device)
         batches = [next(self.loader) for _ in range(self.accum)]
         if hasattr(pm.loss_fn, "scale"):  # SFT: the mean over every trained token of the step, all ranks
