@@ -28,6 +28,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -158,7 +159,7 @@ async def client(i: int, url: str, stop_at: float, max_tokens: int, timeout: flo
                                 try:
                                     ev = json.loads(line[6:])
                                 except ValueError:  # a line cut off by the killed replica
-                                    rec["error"] = f"partial SSE line: {line[:80]}"
+                                    rec["error"] = f"partial SSE line: {line[:60]} ... {line[-60:]}"
                                     break
                                 if "error" in ev:
                                     rec["outcome"] = "error_event"
@@ -261,6 +262,7 @@ def main() -> None:
     p.add_argument("--client-timeout", type=float, default=30.0, help="no byte for this long = a hung request")
     p.add_argument("--drain-timeout", type=float, default=30.0)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_failover.json")
+    p.add_argument("--logs", type=Path, default=None, help="copy the replicas' and HAProxy's logs into this folder")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
     from common import cpu_model
@@ -288,6 +290,10 @@ def main() -> None:
             if lb is not None:
                 lb.terminate()
                 lb.wait()
+            if args.logs is not None:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                for log in tmp.glob("*.log"):
+                    shutil.copy(log, args.logs / log.name)
     out = {"benchmark": "serve_failover", "cpu": cpu_model(), "cores": os.cpu_count(),
            "load_average_1m": round(os.getloadavg()[0], 2), "seconds": args.seconds, "clients": args.clients,
            "replicas": 3, "max_tokens": args.max_tokens, "client_timeout_s": args.client_timeout,

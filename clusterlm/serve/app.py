@@ -607,8 +607,13 @@ class _LogprobFormat:
         return CompletionLogprobs.merge(self.parts[i])
 
 
+# characters Python's str.splitlines (and so httpx's `aiter_lines`) and some JavaScript parsers take
+# for line ends, which JSON leaves unescaped: escaped so a generated one cannot split an event
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _sse(obj: dict) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+    return b"data: " + json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKS).encode() + b"\n\n"
 
 
 def _read_key(path: str) -> str:

@@ -667,3 +667,16 @@ def test_holdback_of_stop_prefixes():
     assert _holdback("hello", ("world",)) == 0
     assert _holdback("abc\nUs", ("\nUser:", "cx")) == 3
     assert _holdback("x", ("x",)) == 0  # a whole stop string is found by the search, not held back
+
+
+def test_sse_events_survive_line_splitting_clients():
+    """Generated text may hold U+0085, U+2028 or U+2029, which JSON leaves raw but str.splitlines
+    (httpx's aiter_lines) and some JavaScript parsers take for line ends: _sse escapes them, so each
+    event stays one line and decodes to the same text (one cut stream in benchmarks/serve_failover.py
+    was such a split line, not a cut)."""
+    from clusterlm.serve.app import _sse
+
+    text = "a\x85b\u2028c\u2029d \u00e9\t\n\x1c"
+    lines = _sse({"text": text}).decode().splitlines()
+    assert lines[1:] == [""] and lines[0].startswith("data: ")
+    assert json.loads(lines[0][6:]) == {"text": text}
