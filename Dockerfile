@@ -14,6 +14,8 @@
 #               the host's driver comes in through the NVIDIA container toolkit (`--gpus all`).
 #   VARIANT     cpu or cuda: only a label; which torch is installed is decided by the wheelhouse
 #               (build.sh --torch-index, e.g. https://download.pytorch.org/whl/cu128).
+#   WHEELHOUSE  the wheelhouse folder in the build context (build/wheelhouse; build.sh gives
+#               build/wheelhouse-cuda for the cuda variant).
 #   UID         the user the server runs as (not root).
 #
 # Run (the model is a run directory mounted read-only at /models; the key a file at
@@ -27,7 +29,9 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 # ---- stage 1: a virtual environment from the wheelhouse ---------------------------------------------
 FROM ${BASE_IMAGE} AS build
-COPY build/wheelhouse/ /tmp/wheelhouse/
+# build.sh passes build/wheelhouse-cuda for the cuda variant
+ARG WHEELHOUSE=build/wheelhouse
+COPY ${WHEELHOUSE}/ /tmp/wheelhouse/
 # --no-index: only the wheelhouse; a missing wheel fails here instead of reaching out
 RUN python3 -m venv /opt/clusterlm \
  && /opt/clusterlm/bin/pip install --no-index --find-links /tmp/wheelhouse --no-cache-dir \

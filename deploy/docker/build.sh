@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the clusterlm serve image offline: `pip wheel` clusterlm[serve] and its dependencies (torch
-# pinned) into build/wheelhouse, then `docker build --network none` from the repository root, so
+# pinned) into build/wheelhouse (build/wheelhouse-cuda for --variant cuda), then `docker build --network none` from the repository root, so
 # the Dockerfile installs with `pip install --no-index` (docs/deploy.md).
 #
 #   bash deploy/docker/build.sh                                   # clusterlm:cpu on python:3.11-slim-bookworm
@@ -42,7 +42,10 @@ case "$variant" in cpu|cuda) ;; *) echo "build.sh: --variant must be cpu or cuda
 tag="${tag:-clusterlm:$variant}"
 if [ -z "$py" ]; then if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi; fi
 DOCKER="${DOCKER:-docker}"
+# one wheelhouse per variant: both torches are 2.13.0 (+cpu sorts higher), so a shared one would
+# install whichever came first
 wheels=build/wheelhouse
+[ "$variant" = cuda ] && wheels=build/wheelhouse-cuda
 index_args=()
 [ -n "$torch_index" ] && index_args=(--extra-index-url "$torch_index")
 pyver=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
@@ -60,6 +63,12 @@ make_wheelhouse() {
     if [ "$variant" = cpu ] && [[ "${url##*/}" != *+cpu* ]]; then
         echo "build.sh: --variant cpu needs a +cpu torch wheel, pip would take ${url##*/}; add" \
              "--torch-index https://download.pytorch.org/whl/cpu" >&2
+        exit 2
+    fi
+    if [ "$variant" = cuda ] && [[ "${url##*/}" == *+cpu* ]]; then
+        echo "build.sh: --variant cuda needs a CUDA torch wheel, pip would take ${url##*/} (from ${url%/*});" \
+             "give --torch-index https://download.pytorch.org/whl/cu128, or keep a local +cpu wheel out of" \
+             "pip's find-links (PIP_FIND_LINKS, pip.conf)" >&2
         exit 2
     fi
 
@@ -88,5 +97,6 @@ if [ "$base_ver" != "$pyver" ]; then
 fi
 start=$(date +%s)
 # --network none: the build cannot download anything, whatever the Dockerfile says
-"$DOCKER" build --network none --build-arg "BASE_IMAGE=$base" --build-arg "VARIANT=$variant" -t "$tag" -f Dockerfile .
+"$DOCKER" build --network none --build-arg "BASE_IMAGE=$base" --build-arg "VARIANT=$variant" \
+    --build-arg "WHEELHOUSE=$wheels" -t "$tag" -f Dockerfile .
 echo "build.sh: built $tag on $base in $(( $(date +%s) - start )) s"

@@ -130,8 +130,8 @@ def _run(cmd: list[str], env: dict, timeout: float) -> tuple[float, str]:
 
 
 @pytest.fixture(scope="module")
-def image():
-    """(the daemon, facts about the build): the base imported, the image built on it."""
+def daemon():
+    """(a private dockerd, facts): the Debian base imported into it."""
     if os.geteuid() != 0:
         _missing("the container test starts its own dockerd and needs root", "run CI as root")
     client = _docker_client()
@@ -151,16 +151,21 @@ def image():
     try:
         base_cached = cache.is_file()
         base_s, _ = _run(["bash", "deploy/docker/debian-base.sh", "--tag", BASE, "--cache", str(cache)], d.env, 900)
-        wheels_s, _ = _run(["bash", "deploy/docker/build.sh", "--wheelhouse-only"], d.env, 900)
-        build_s, _ = _run(["bash", "deploy/docker/build.sh", "--skip-wheelhouse", "--base", BASE, "--tag", IMAGE],
-                          d.env, 1200)
-        facts = {"base": BASE, "base_from": f"debootstrap --variant=minbase --include=python3,python3-venv "
+        yield d, {"base": BASE, "base_from": f"debootstrap --variant=minbase --include=python3,python3-venv "
                                               f"bookworm {mirror}, docker import",
-                 "base_cached": base_cached, "base_seconds": round(base_s, 1),
-                 "wheelhouse_seconds": round(wheels_s, 1), "build_seconds": round(build_s, 1)}
-        yield d, facts
+                  "base_cached": base_cached, "base_seconds": round(base_s, 1)}
     finally:
         d.close()
+
+
+@pytest.fixture(scope="module")
+def image(daemon):
+    """(the daemon, facts about the build): the CPU image built on the base."""
+    d, base_facts = daemon
+    wheels_s, _ = _run(["bash", "deploy/docker/build.sh", "--wheelhouse-only"], d.env, 900)
+    build_s, _ = _run(["bash", "deploy/docker/build.sh", "--skip-wheelhouse", "--base", BASE, "--tag", IMAGE],
+                      d.env, 1200)
+    return d, {**base_facts, "wheelhouse_seconds": round(wheels_s, 1), "build_seconds": round(build_s, 1)}
 
 
 def test_image_serves_a_completion_as_non_root(image, tmp_path):
@@ -169,6 +174,52 @@ def test_image_serves_a_completion_as_non_root(image, tmp_path):
     a wrong key gets 401, and a seeded completion (temperature 1, 24 tokens) through the official
     openai client equals the same request to the server code in this process (same checkpoint, same
     torch). The server's uid is not 0. Image size and build times -> container_image.json."""
+    import torch
+
+    d, facts = image
+    facts = {**facts, **_serves_a_completion_as_non_root(d, IMAGE, tmp_path)}
+    facts.update(torch=torch.__version__,
+                 wheelhouse_mb=round(sum(f.stat().st_size for f in (REPO / "build" / "wheelhouse").glob("*.whl"))
+                                     / 2**20))
+    RESULT.write_text(json.dumps(facts, indent=2) + "\n")
+    assert facts["image_bytes"] < 3 * 2**30, f"image is {facts['image_bytes'] / 2**30:.2f} GiB"
+
+
+CUDA_WHEELS = REPO / "build" / "wheelhouse-cuda"
+CUDA_RESULT = REPO / "benchmarks" / "results" / "container_image_cuda.json"
+
+
+@pytest.mark.skipif(os.environ.get("CLUSTERLM_TEST_CUDA_IMAGE") != "1",
+                    reason="opt-in (CLUSTERLM_TEST_CUDA_IMAGE=1): the CUDA wheelhouse is ~2.7 GB and the image "
+                           "~6 GB; make the wheelhouse first with deploy/docker/build.sh --variant cuda "
+                           "--wheelhouse-only (docs/deploy.md)")
+def test_cuda_image_builds_offline_and_serves(daemon, tmp_path):
+    """The CUDA variant (VARIANT=cuda, build/wheelhouse-cuda: PyPI's CUDA torch wheel and its nvidia-*
+    wheels) built offline on the same Debian base: its torch is a CUDA build, and without a GPU it
+    serves on the CPU exactly as the CPU image does (the same checks). Facts ->
+    container_image_cuda.json. On a GPU host with the NVIDIA container toolkit, `--gpus all` gives it
+    the driver; no such host has run it yet."""
+    if not any(CUDA_WHEELS.glob("torch-*.whl")):
+        pytest.skip(f"no torch wheel in {CUDA_WHEELS}: run deploy/docker/build.sh --variant cuda --wheelhouse-only")
+    d, facts = daemon
+    tag = "clusterlm:cuda-test"
+    build_s, _ = _run(["bash", "deploy/docker/build.sh", "--variant", "cuda", "--skip-wheelhouse", "--base", BASE,
+                       "--tag", tag], d.env, 2400)
+    probe = d.docker("run", "--rm", "--network", "none", "--entrypoint", "python3", tag, "-c",
+                     "import json, torch; print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda, "
+                     "'cudnn': torch.backends.cudnn.version(), 'cuda_available': torch.cuda.is_available(), "
+                     "'nccl': '.'.join(map(str, torch.cuda.nccl.version()))}))", timeout=300).stdout
+    torch_facts = json.loads(probe.strip().splitlines()[-1])
+    assert torch_facts["cuda"] and "+cpu" not in torch_facts["torch"], torch_facts
+    facts = {**facts, "variant": "cuda", "build_seconds": round(build_s, 1), **torch_facts,
+             "wheelhouse_mb": round(sum(f.stat().st_size for f in CUDA_WHEELS.glob("*.whl")) / 2**20),
+             **_serves_a_completion_as_non_root(d, tag, tmp_path)}
+    CUDA_RESULT.write_text(json.dumps(facts, indent=2) + "\n")
+
+
+def _serves_a_completion_as_non_root(d: Dockerd, tag: str, tmp_path: Path) -> dict:
+    """The checks of test_image_serves_a_completion_as_non_root on image `tag`; its facts (size,
+    largest packages, time to ready)."""
     import openai
     import torch
     from starlette.testclient import TestClient
@@ -176,7 +227,6 @@ def test_image_serves_a_completion_as_non_root(image, tmp_path):
     from clusterlm.checkpoint.model_io import load_for_inference
     from clusterlm.serve.app import Settings, create_app
 
-    d, facts = image
     random_checkpoint(tmp_path, "char", TEXT, bpe_vocab=0, n_layers=2, context=64)
     run = tmp_path / "run"
     # clusterlm writes checkpoint files with the umask's modes (0644); the chmod covers a restrictive umask
@@ -190,7 +240,7 @@ def test_image_serves_a_completion_as_non_root(image, tmp_path):
     d.docker("run", "-d", "--name", "clm", "--network", "host", "--read-only", "--tmpfs", "/tmp",
              "-v", f"{run}:/models:ro", "-v", f"{key}:/run/secrets/clusterlm_api_key:ro",
              "-e", f"CLUSTERLM_HEALTH_URL={health}", "--health-interval", "2s", "--health-start-period", "1s",
-             IMAGE, "/models", "--host", "127.0.0.1", "--port", str(port),
+             tag, "/models", "--host", "127.0.0.1", "--port", str(port),
              "--api-key-file", "/run/secrets/clusterlm_api_key", "--model-name", "tiny")
     t0 = time.time()
     while True:
@@ -235,21 +285,18 @@ def test_image_serves_a_completion_as_non_root(image, tmp_path):
         assert h == "starting" and time.time() < deadline, f"health {h}"
         time.sleep(1)
 
-    size = int(d.docker("image", "inspect", "-f", "{{.Size}}", IMAGE).stdout)
+    d.docker("rm", "-f", "clm")
+    size = int(d.docker("image", "inspect", "-f", "{{.Size}}", tag).stdout)
     base_size = int(d.docker("image", "inspect", "-f", "{{.Size}}", BASE).stdout)
     version = d.docker("version", "-f", "{{.Server.Version}}").stdout.strip()
-    du = d.docker("run", "--rm", "--network", "none", "--entrypoint", "sh", IMAGE, "-c",
+    du = d.docker("run", "--rm", "--network", "none", "--entrypoint", "sh", tag, "-c",
                   "du -sm /opt/clusterlm/lib/python3*/site-packages/* | sort -rn | head -8").stdout
     largest = {Path(p).name: int(mb) for mb, p in (line.split("\t") for line in du.splitlines())}
-    facts.update(image=IMAGE, image_bytes=size, image_mb=round(size / 2**20), base_bytes=base_size,
-                 base_mb=round(base_size / 2**20), largest_packages_mb=largest, torch=torch.__version__, docker=version,
-                 ready_seconds=round(ready_s, 1), user=f"{UID}:{UID}",
-                 wheelhouse_mb=round(sum(f.stat().st_size for f in (REPO / "build" / "wheelhouse").glob("*.whl"))
-                                     / 2**20),
-                 measured=time.strftime("%Y-%m-%d"), cpu=_cpu_model(),
-                 machine=f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
-    RESULT.write_text(json.dumps(facts, indent=2) + "\n")
-    assert size < 3 * 2**30, f"image is {size / 2**30:.2f} GiB"
+    return dict(image=tag, image_bytes=size, image_mb=round(size / 2**20), base_bytes=base_size,
+                base_mb=round(base_size / 2**20), largest_packages_mb=largest, docker=version,
+                ready_seconds=round(ready_s, 1), user=f"{UID}:{UID}",
+                measured=time.strftime("%Y-%m-%d"), cpu=_cpu_model(),
+                machine=f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
 
 
 def _cpu_model() -> str:
