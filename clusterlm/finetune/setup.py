@@ -80,7 +80,8 @@ def finetune_model_config(base: Any, recipe: Any, *, vocab_size: int, labels: tu
                           pool: str = "auto", pad_id: int = -1, bidirectional: bool = False,
                           where: str = "the base") -> Any:
     """The fine-tuned model's ModelConfig: the base's shape with the vocabulary of the data's
-    tokenizer (the base's plus the chat tokens), a head for `labels`, and the recipe's dropout. A
+    tokenizer (the base's plus the chat tokens), a head for `labels`, and the recipe's dropout and
+    embedding dropout (the base's where the recipe leaves them at their defaults). A
     recipe [model] key that asks for another shape than the base's is refused, naming both."""
     from clusterlm.models.config import ModelConfig
 
@@ -96,8 +97,10 @@ def finetune_model_config(base: Any, recipe: Any, *, vocab_size: int, labels: tu
         raise ConfigError(f"the data's tokenizer has {vocab_size} tokens but {where} has vocab_size="
                           f"{base.vocab_size}; fine-tuning data must be tokenized with the base's tokenizer")
     dropout = recipe.dropout if recipe.dropout != default.dropout else base.dropout
+    embed_dropout = recipe.embed_dropout if recipe.embed_dropout != default.embed_dropout else base.embed_dropout
     return dataclasses.replace(base, vocab_size=vocab_size, labels=tuple(labels), pool=pool,
-                               pad_id=pad_id if labels else base.pad_id, dropout=dropout, bidirectional=bidirectional)
+                               pad_id=pad_id if labels else base.pad_id, dropout=dropout,
+                               embed_dropout=embed_dropout, bidirectional=bidirectional)
 
 
 def check_tokenizer_extends(base_tok: Any, tok: Any, where: str) -> None:

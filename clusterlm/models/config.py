@@ -60,6 +60,10 @@ class ModelConfig:
     tie_embeddings: bool = True
     """share the token embedding with the output projection"""
     dropout: float = 0.0
+    embed_dropout: float = 0.0
+    """lstm/gru, training only: each step drops this fraction of the vocabulary's words, every
+    occurrence of a dropped word reading a zero vector, the rest scaled by 1/(1-p) (AWD-LSTM's
+    embedding dropout, Merity et al. 2018; the word dropout of Iyyer et al. 2015)"""
     init_std: float = 0.02
     labels: tuple[str, ...] = ()
     """non-empty: a sequence classifier with these class names, in this order (a head of
@@ -79,11 +83,16 @@ class ModelConfig:
         for name in ("vocab_multiple", "n_layers", "dim", "n_heads", "max_seq_len", "ffn_multiple"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 1")
-        for name in ("rope_theta", "norm_eps", "dropout", "init_std"):
+        for name in ("rope_theta", "norm_eps", "dropout", "embed_dropout", "init_std"):
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be a finite number")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if not 0.0 <= self.embed_dropout < 1.0:
+            raise ConfigError(f"model.embed_dropout={self.embed_dropout} must be in [0, 1)")
+        if self.embed_dropout and self.arch not in ("lstm", "gru"):
+            raise ConfigError(f"model.embed_dropout={self.embed_dropout} is for arch 'lstm' or 'gru'; "
+                              f"model.arch={self.arch!r} (use model.dropout)")
         if self.rope_theta <= 0 or self.norm_eps <= 0:
             raise ConfigError(f"model.rope_theta={self.rope_theta} and model.norm_eps={self.norm_eps} must be > 0")
         if self.init_std < 0:

@@ -1,7 +1,7 @@
 """LSTM and GRU language models with the Transformer's call signature.
 
-Embedding -> dropout -> multi-layer nn.LSTM / nn.GRU (dropout between layers) -> dropout ->
-output projection (optionally tied to the embedding, as in Press & Wolf 2017). The same trainer,
+Embedding (-> embedding dropout, training only) -> dropout -> multi-layer nn.LSTM / nn.GRU
+(dropout between layers) -> dropout -> output projection (optionally tied to the embedding, as in Press & Wolf 2017). The same trainer,
 evaluator and generation engine serve these and the Transformer: forward(idx, cache) -> logits,
 make_cache(...) with a `pos`, init_weights(seed).
 
@@ -88,7 +88,7 @@ class RNNLM(TiedOutputLM):
             if B != cache.batch_size:
                 raise ValueError(f"batch of {B} sequences does not match the {cache.batch_size} slots given")
             s = cache.slots
-            x = self.dropout(self.tok_embeddings(idx))  # (B, T, D)
+            x = self._embed(idx)  # (B, T, D)
             if state.c is not None:
                 y, (h, c) = self.rnn(x, (state.h[:, s], state.c[:, s]))  # state (L, B, D)
                 state.c[:, s] = c
@@ -99,7 +99,7 @@ class RNNLM(TiedOutputLM):
             return self.output(self.dropout(y)).float()  # (B, T, V)
         if cache is not None and B != cache.batch_size:
             raise ValueError(f"batch of {B} sequences does not match the cache's batch_size={cache.batch_size}")
-        x = self.dropout(self.tok_embeddings(idx))  # (B, T, D)
+        x = self._embed(idx)  # (B, T, D)
         if cache is None:
             y, _ = self.rnn(x)  # (B, T, D)
         elif cache.c is not None:
@@ -113,5 +113,17 @@ class RNNLM(TiedOutputLM):
     def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) -> the last layer's outputs (B, T, D) after dropout, what the output
         layer reads (no cache: a task head pools these, models/classifier.py)."""
-        y, _ = self.rnn(self.dropout(self.tok_embeddings(idx)))  # (B, T, D)
+        y, _ = self.rnn(self._embed(idx))  # (B, T, D)
         return self.dropout(y)
+
+    def _embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> embeddings (B, T, D) after embedding dropout and dropout. Embedding
+        dropout masks word types, not positions: one draw per vocabulary entry per call, so every
+        occurrence of a dropped word in the batch reads zeros (applied to the looked-up vectors, so a
+        LoRA embedding adapter is masked with its base)."""
+        x = self.tok_embeddings(idx)
+        p = self.config.embed_dropout
+        if self.training and p > 0:
+            keep = torch.empty(self.config.padded_vocab_size, device=idx.device).bernoulli_(1.0 - p) / (1.0 - p)
+            x = x * keep[idx].unsqueeze(-1).to(x.dtype)
+        return self.dropout(x)

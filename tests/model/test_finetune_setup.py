@@ -98,3 +98,19 @@ def test_bidirectional_classifier_starts_both_readers_from_the_base_and_freezes_
     for r in ("backbone", "reverse"):
         assert {f"{r}.tok_embeddings.weight", f"{r}.rnn.weight_ih_l0"} <= frozen
         assert f"{r}.rnn.weight_ih_l1" not in frozen
+
+
+def test_finetune_model_config_keeps_the_base_shape_and_takes_the_recipes_dropouts():
+    """The fine-tuned config is the base's shape with the data's vocabulary and a head; the recipe's
+    dropout and embedding dropout apply where set, else the base's; a recipe asking another shape is
+    refused naming both (embedding dropout on a transformer: tests/model/test_rnn.py)."""
+    from clusterlm.finetune.setup import finetune_model_config
+
+    base = ModelConfig(arch="lstm", vocab_size=40, n_layers=2, dim=32, pos="none", dropout=0.1, embed_dropout=0.05)
+    cfg = finetune_model_config(base, ModelConfig(), vocab_size=42, labels=("neg", "pos"), pad_id=41)
+    assert (cfg.dim, cfg.n_layers, cfg.vocab_size, cfg.labels) == (32, 2, 42, ("neg", "pos"))
+    assert (cfg.dropout, cfg.embed_dropout) == (0.1, 0.05)
+    cfg = finetune_model_config(base, ModelConfig(arch="lstm", pos="none", dropout=0.4, embed_dropout=0.2), vocab_size=40)
+    assert (cfg.dropout, cfg.embed_dropout) == (0.4, 0.2)
+    with pytest.raises(ConfigError, match="dim=32.*dim=64"):
+        finetune_model_config(base, ModelConfig(dim=64), vocab_size=40)

@@ -111,6 +111,31 @@ def test_dropout_only_in_training() -> None:
     assert not torch.equal(model(x), model(x))
 
 
+def test_embed_dropout_masks_word_types_in_training_only() -> None:
+    """model.embed_dropout drops word types: in training every occurrence of a dropped word reads
+    zeros and the kept ones are scaled by 1/(1-p), so the expected embedding is unchanged; eval is
+    the plain lookup. Refused for a transformer and outside [0, 1)."""
+    from clusterlm.errors import ConfigError
+
+    model = make(ModelConfig(arch="lstm", **{**_TINY, "embed_dropout": 0.5}))
+    idx = torch.tensor([[3, 5, 3, 7, 5, 3, 9, 11]] * 4)
+    assert torch.equal(model._embed(idx), model.tok_embeddings(idx))
+    model.train()
+    torch.manual_seed(0)
+    for _ in range(20):
+        x, e = model._embed(idx), model.tok_embeddings(idx)
+        dropped = x.abs().sum(-1) == 0  # (B, T)
+        for tok in (3, 5):  # the same word is dropped everywhere in the batch or nowhere
+            assert dropped[idx == tok].all() or not dropped[idx == tok].any()
+        torch.testing.assert_close(x[~dropped], 2.0 * e[~dropped])
+    sums = torch.stack([model._embed(idx)[0, 0] for _ in range(4000)]).mean(0)
+    torch.testing.assert_close(sums, model.tok_embeddings(idx)[0, 0], atol=0.003, rtol=0.0)
+    with pytest.raises(ConfigError, match="embed_dropout"):
+        ModelConfig(vocab_size=10, embed_dropout=0.1)
+    with pytest.raises(ConfigError, match=r"\[0, 1\)"):
+        ModelConfig(arch="lstm", **{**_TINY, "embed_dropout": 1.0})
+
+
 def test_wrong_arch_raises() -> None:
     """RNNLM refuses a transformer config with a message naming the arch."""
     with pytest.raises(ValueError, match="transformer"):
