@@ -29,7 +29,6 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 # ---- stage 1: a virtual environment from the wheelhouse ---------------------------------------------
 FROM ${BASE_IMAGE} AS build
-# build.sh passes build/wheelhouse-cuda for the cuda variant
 ARG WHEELHOUSE=build/wheelhouse
 COPY ${WHEELHOUSE}/ /tmp/wheelhouse/
 # --no-index: only the wheelhouse; a missing wheel fails here instead of reaching out

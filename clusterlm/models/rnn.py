@@ -1,9 +1,9 @@
 """LSTM and GRU language models with the Transformer's call signature.
 
 Embedding (-> embedding dropout, training only) -> dropout -> multi-layer nn.LSTM / nn.GRU
-(dropout between layers) -> dropout -> output projection (optionally tied to the embedding, as in Press & Wolf 2017). The same trainer,
-evaluator and generation engine serve these and the Transformer: forward(idx, cache) -> logits,
-make_cache(...) with a `pos`, init_weights(seed).
+(dropout between layers) -> dropout -> output projection (optionally tied to the embedding, as in
+Press & Wolf 2017). The same trainer, evaluator and generation engine serve these and the
+Transformer: forward(idx, cache) -> logits, make_cache(...) with a `pos`, init_weights(seed).
 
     >>> import torch
     >>> from clusterlm.models.config import get_preset

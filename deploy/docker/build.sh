@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the clusterlm serve image offline: `pip wheel` clusterlm[serve] and its dependencies (torch
-# pinned) into build/wheelhouse (build/wheelhouse-cuda for --variant cuda), then `docker build --network none` from the repository root, so
-# the Dockerfile installs with `pip install --no-index` (docs/deploy.md).
+# pinned) into build/wheelhouse (build/wheelhouse-cuda for --variant cuda), then `docker build
+# --network none` from the repository root, so the Dockerfile installs with `pip install --no-index`
+# (docs/deploy.md).
 #
 #   bash deploy/docker/build.sh                                   # clusterlm:cpu on python:3.11-slim-bookworm
 #   bash deploy/docker/build.sh --base clusterlm-base:bookworm --tag clusterlm:test

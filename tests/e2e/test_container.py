@@ -179,8 +179,7 @@ def test_image_serves_a_completion_as_non_root(image, tmp_path):
     d, facts = image
     facts = {**facts, **_serves_a_completion_as_non_root(d, IMAGE, tmp_path)}
     facts.update(torch=torch.__version__,
-                 wheelhouse_mb=round(sum(f.stat().st_size for f in (REPO / "build" / "wheelhouse").glob("*.whl"))
-                                     / 2**20))
+                 wheelhouse_mb=_wheelhouse_mb(REPO / "build" / "wheelhouse"))
     RESULT.write_text(json.dumps(facts, indent=2) + "\n")
     assert facts["image_bytes"] < 3 * 2**30, f"image is {facts['image_bytes'] / 2**30:.2f} GiB"
 
@@ -212,7 +211,7 @@ def test_cuda_image_builds_offline_and_serves(daemon, tmp_path):
     torch_facts = json.loads(probe.strip().splitlines()[-1])
     assert torch_facts["cuda"] and "+cpu" not in torch_facts["torch"], torch_facts
     facts = {**facts, "variant": "cuda", "build_seconds": round(build_s, 1), **torch_facts,
-             "wheelhouse_mb": round(sum(f.stat().st_size for f in CUDA_WHEELS.glob("*.whl")) / 2**20),
+             "wheelhouse_mb": _wheelhouse_mb(CUDA_WHEELS),
              **_serves_a_completion_as_non_root(d, tag, tmp_path)}
     CUDA_RESULT.write_text(json.dumps(facts, indent=2) + "\n")
 
@@ -297,6 +296,10 @@ def _serves_a_completion_as_non_root(d: Dockerd, tag: str, tmp_path: Path) -> di
                 ready_seconds=round(ready_s, 1), user=f"{UID}:{UID}",
                 measured=time.strftime("%Y-%m-%d"), cpu=_cpu_model(),
                 machine=f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+
+
+def _wheelhouse_mb(folder: Path) -> int:
+    return round(sum(f.stat().st_size for f in folder.glob("*.whl")) / 2**20)
 
 
 def _cpu_model() -> str:
