@@ -289,6 +289,13 @@ class FinetuneConfig:
     """module names LoRA wraps (the last part of a Linear's or Embedding's name, e.g. ["wq", "wv",
     "tok_embeddings"]); empty = every attention and MLP projection the model has (wq wk wv wo w1 w2,
     and w3 with SwiGLU)"""
+    distill_from: tuple[str, ...] = ()
+    """classify: teacher classifiers (clusterlm runs or checkpoints with the data's labels and
+    tokenizer); each training text's target becomes (1 - distill_weight) * its label +
+    distill_weight * the teachers' averaged probabilities (knowledge distillation: one model
+    trained to answer like an ensemble; docs/finetune.md)"""
+    distill_weight: float = 0.5
+    """classify with distill_from: the share of the target given to the teachers, in (0, 1]"""
 
     def __post_init__(self) -> None:
         _check_finite(self, "finetune")
@@ -308,6 +315,14 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.mask_prob={self.mask_prob} must be in (0, 1)")
         if self.mean_span < 1.0:
             raise ConfigError(f"finetune.mean_span={self.mean_span} must be >= 1")
+        if self.distill_from and self.task != "classify":
+            raise ConfigError(f"finetune.distill_from is set but finetune.task={self.task!r}; distillation trains a "
+                              "classifier (task = 'classify') on its teachers' probabilities")
+        if not 0.0 < self.distill_weight <= 1.0:
+            raise ConfigError(f"finetune.distill_weight={self.distill_weight} must be in (0, 1] (the teachers' share "
+                              "of each target; 1 = the teachers' probabilities alone)")
+        if any(not t for t in self.distill_from):
+            raise ConfigError(f"finetune.distill_from={list(self.distill_from)!r}: a teacher path is empty")
         if self.task in ("lm", "mlm", "span") and (self.init_from or self.lora_rank):
             raise ConfigError(f"finetune.init_from / lora_rank are set but finetune.task={self.task!r} (pre-training); set task = 'sft' "
                               "or 'classify'")

@@ -404,7 +404,8 @@ class ExampleLoader:
 
     def __init__(self, data_dir: str | os.PathLike, split: str = "train", *, batch_size: int, seq_len: int,
                  seed: int = 0, rank: int = 0, world_size: int = 1, pack: bool = True, pad_id: int,
-                 shuffle: bool = True, warn_cut: bool = True) -> None:
+                 shuffle: bool = True, warn_cut: bool = True, soft_targets: np.ndarray | None = None,
+                 soft_weight: float = 0.0) -> None:
         if batch_size < 1 or seq_len < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"batch_size={batch_size}, seq_len={seq_len}, rank={rank}, world_size={world_size}")
         self.data = ExampleSplit(data_dir, split)
@@ -412,6 +413,11 @@ class ExampleLoader:
             raise DataError(f"{data_dir}: split {split!r} has no examples")
         self.B, self.T, self.seed, self.rank, self.W = batch_size, seq_len, seed, rank, world_size
         self.classify = self.data.task == "classify"
+        # distillation (finetune/distill.py): a classifier's targets become label distributions
+        if soft_targets is not None and (not self.classify or soft_targets.shape != (self.data.n, len(self.data.labels))):
+            raise ValueError(f"soft_targets {getattr(soft_targets, 'shape', None)} must be (examples, labels) = "
+                             f"({self.data.n}, {len(self.data.labels)}) of a classification split")
+        self.soft, self.soft_weight = soft_targets, soft_weight
         self.pack = pack and not self.classify
         self.pad_id, self.shuffle = pad_id, shuffle
         self.cap = seq_len if self.classify else seq_len + 1  # tokens of an example that are used
@@ -480,7 +486,12 @@ class ExampleLoader:
             x = np.full((len(rows), width), self.pad_id, dtype=np.int64)
             for k, s in enumerate(seqs):
                 x[k, :len(s)] = s
-            labels = self.data.arrays["labels"][[r[0] for r in rows]]
+            idx = [r[0] for r in rows]
+            labels = self.data.arrays["labels"][idx]
+            if self.soft is not None:  # (B, C): (1 - w) * one-hot(label) + w * the teachers' probabilities
+                onehot = np.eye(len(self.data.labels), dtype=np.float32)[labels]
+                dist = (1.0 - self.soft_weight) * onehot + self.soft_weight * self.soft[idx]
+                return torch.from_numpy(x), torch.from_numpy(dist.astype(np.float32))
             return torch.from_numpy(x), torch.from_numpy(labels.astype(np.int64))
         parts = [[self.data.example(i, self.cap) for i in r] for r in rows]
         width = self.T + 1 if self.pack else max(sum(len(t) for t, _ in p) for p in parts)

@@ -251,16 +251,17 @@ class TokenSumLoss:
 
 
 class ClassifyLoss:
-    """Cross-entropy of (B, C) logits against (B,) label ids, with optional class weights; the
-    trainer's `loss_fn` for classifiers (a class, so it pickles for the pipeline schedule)."""
+    """Cross-entropy of (B, C) logits against (B,) label ids, or against (B, C) label distributions
+    (distillation's targets: finetune/distill.py), with optional class weights; the trainer's
+    `loss_fn` for classifiers (a class, so it pickles for the pipeline schedule)."""
 
     def __init__(self, weight: torch.Tensor | None = None) -> None:
         self.weight = weight
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        if logits.ndim != 2 or targets.shape != logits.shape[:1]:
+        if logits.ndim != 2 or targets.shape not in (logits.shape[:1], logits.shape):
             raise ValueError(f"classify loss: logits {tuple(logits.shape)} must be (B, C) and targets "
-                             f"{tuple(targets.shape)} (B,)")
+                             f"{tuple(targets.shape)} (B,) label ids or (B, C) label distributions")
         w = self.weight.to(logits.device) if self.weight is not None else None
         return torch.nn.functional.cross_entropy(logits.float(), targets, weight=w, reduction=reduction)
 

@@ -235,7 +235,7 @@ class Trainer:
 
             self.loader = ExampleLoader(self.data_dir, "train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len,
                                         seed=tc.seed, rank=pm.coords.dp_rank, world_size=dims.dp,
-                                        pack=cfg.finetune.pack, pad_id=self.pad_id)
+                                        pack=cfg.finetune.pack, pad_id=self.pad_id, **self._distill_targets())
         else:
             self.loader = TokenLoader(self.data_dir, "train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len,
                                       seed=tc.seed, rank=pm.coords.dp_rank, world_size=dims.dp)
@@ -338,6 +338,21 @@ class Trainer:
             weight = balanced_weights(ExampleSplit(self.data_dir, "train").arrays["labels"], len(labels))
             log.info("class weights (balanced): %s", ", ".join(f"{n} {w:.3f}" for n, w in zip(labels, weight.tolist())))
         return ClassifyLoss(weight)
+
+    def _distill_targets(self) -> dict:
+        """finetune.distill_from: the loader's soft_targets (the teachers' averaged probabilities on
+        the training split, scored by rank 0 into the run folder, then read by the others) and weight."""
+        ft = self.cfg.finetune
+        if not ft.distill_from:
+            return {}
+        from clusterlm.finetune.distill import teacher_probs
+        from clusterlm.parallel.agree import rank0_first
+
+        probs = rank0_first(self.distributed, self.env.rank,
+                            lambda: teacher_probs(ft.distill_from, self.data_dir, self.out_dir, seq_len=self.tc.seq_len,
+                                                  device=self.device),
+                            what="scoring the training examples with the teachers", device=self.device)
+        return {"soft_targets": probs, "soft_weight": ft.distill_weight}
 
     def _load_base(self) -> None:
         """The base model's weights into the freshly built (possibly sharded) model."""
