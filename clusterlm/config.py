@@ -296,6 +296,9 @@ class FinetuneConfig:
     trained to answer like an ensemble; docs/finetune.md)"""
     distill_weight: float = 0.5
     """classify with distill_from: the share of the target given to the teachers, in (0, 1]"""
+    augment: int = 0
+    """classify with distill_from: K augmented copies of each training text (words swapped, n-grams
+    cut: data/augment.py) that only the teachers' probabilities label; 0 = none"""
 
     def __post_init__(self) -> None:
         _check_finite(self, "finetune")
@@ -321,6 +324,9 @@ class FinetuneConfig:
         if not 0.0 < self.distill_weight <= 1.0:
             raise ConfigError(f"finetune.distill_weight={self.distill_weight} must be in (0, 1] (the teachers' share "
                               "of each target; 1 = the teachers' probabilities alone)")
+        if self.augment < 0 or (self.augment and not self.distill_from):
+            raise ConfigError(f"finetune.augment={self.augment}: augmented copies have no label a classifier can "
+                              "trust; they need teachers to label them (finetune.distill_from), and K >= 0")
         if any(not t for t in self.distill_from):
             raise ConfigError(f"finetune.distill_from={list(self.distill_from)!r}: a teacher path is empty")
         if self.task in ("lm", "mlm", "span") and (self.init_from or self.lora_rank):

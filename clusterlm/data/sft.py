@@ -279,10 +279,12 @@ def describe_source(task: str, source: str, val_source: str, template_source: st
 def prepare_examples(out_dir: str | os.PathLike, *, task: str, source: str, tokenizer: Any, val_source: str = "",
                      val_fraction: float = 0.1, template: Any | None = None, labels: Sequence[str] = (),
                      prompt_loss: bool = False, records: list | None = None,
-                     val_records: list | None = None) -> dict[str, Any]:
+                     val_records: list | None = None, augment: int = 0) -> dict[str, Any]:
     """Write the prepared directory `out_dir` (module docstring) and return its meta.json.
     `tokenizer` must already hold the template's special tokens. `records`/`val_records`: the
-    already-read records (else read from `source`/`val_source`)."""
+    already-read records (else read from `source`/`val_source`). `augment` (classify): that many
+    augmented copies of each training text (data/augment.py) after the originals, flagged in the
+    train split's `augmented` array."""
     from clusterlm.data.shards import META_VERSION
     from clusterlm.fsutil import atomic_write_json, atomic_write_text, staging_dir
 
@@ -301,6 +303,13 @@ def prepare_examples(out_dir: str | os.PathLike, *, task: str, source: str, toke
         splits = {"train": list(recs), "val": list(val_records)}
     if not splits["train"]:
         raise DataError(f"data.source={source!r}: no training records left after holding out validation")
+    n_real = len(splits["train"])
+    if augment and task == "classify":  # after the hold-out: no copy of a validation text trains
+        from clusterlm.data.augment import augment_texts
+
+        train = splits["train"]
+        splits["train"] = train + [ClassifyRecord(text, train[i].label, f"{train[i].where} (augmented)")
+                                   for i, text in augment_texts([r.text for r in train], augment)]
     label_names: tuple[str, ...] = ()
     if task == "classify":
         label_names = tuple(labels) or tuple(sorted({r.label for r in splits["train"]}))
@@ -324,6 +333,8 @@ def prepare_examples(out_dir: str | os.PathLike, *, task: str, source: str, toke
                 tokens, _, offsets = _encode_pieces(tokenizer, [[(r.text, False)] for r in rs], False, False)
                 arrays = {"tokens": tokens, "offsets": offsets,
                           "labels": np.asarray([index[r.label] for r in rs], dtype=np.int64)}
+                if augment and split == "train":
+                    arrays["augmented"] = (np.arange(len(rs)) >= n_real).astype(np.uint8)
             else:
                 pieces = [segments(r, template) for r in rs]
                 tokens, mask, offsets = _encode_pieces(tokenizer, pieces, prompt_loss, final_eos=template is None)
@@ -338,7 +349,7 @@ def prepare_examples(out_dir: str | os.PathLike, *, task: str, source: str, toke
         meta = {"format_version": META_VERSION, "layout": LAYOUT, "task": task,
                 "tokenizer": {"file": "tokenizer.json", "kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
                 "chat_template": "chat_template.jinja" if template is not None else None,
-                "labels": list(label_names), "prompt_loss": prompt_loss, "splits": meta_splits,
+                "labels": list(label_names), "prompt_loss": prompt_loss, "augment": augment, "splits": meta_splits,
                 "made_from": describe_source(task, source, val_source, template.source if template else None,
                                              tmp / "tokenizer.json")}
         atomic_write_json(tmp / "meta.json", meta)
@@ -490,7 +501,11 @@ class ExampleLoader:
             labels = self.data.arrays["labels"][idx]
             if self.soft is not None:  # (B, C): (1 - w) * one-hot(label) + w * the teachers' probabilities
                 onehot = np.eye(len(self.data.labels), dtype=np.float32)[labels]
-                dist = (1.0 - self.soft_weight) * onehot + self.soft_weight * self.soft[idx]
+                w = np.full((len(idx), 1), self.soft_weight, dtype=np.float32)
+                aug = self.data.arrays.get("augmented")
+                if aug is not None:  # an augmented copy: the teachers' probabilities alone
+                    w[aug[idx] == 1] = 1.0
+                dist = (1.0 - w) * onehot + w * self.soft[idx]
                 return torch.from_numpy(x), torch.from_numpy(dist.astype(np.float32))
             return torch.from_numpy(x), torch.from_numpy(labels.astype(np.int64))
         parts = [[self.data.example(i, self.cap) for i in r] for r in rows]

@@ -57,6 +57,9 @@ def _check_made_from(data_dir: Path, meta: dict, cfg: Any) -> None:
     if meta.get("task") != ft.task:
         raise ConfigError(f"data.dir={str(data_dir)!r} was prepared for finetune.task={meta.get('task')!r}, not "
                           f"{ft.task!r}; give a new data.dir")
+    if int(meta.get("augment") or 0) != ft.augment:
+        raise ConfigError(f"data.dir={str(data_dir)!r} was prepared with finetune.augment={meta.get('augment') or 0}, "
+                          f"not {ft.augment}; give a new data.dir")
     made = meta.get("made_from") or {}
     if data.source:
         try:
@@ -127,7 +130,8 @@ def ensure_finetune_data(cfg: Any) -> tuple[Path, Any, Any]:
         else:
             prepare_examples(data_dir, task=ft.task, source=data.source, tokenizer=tok, val_source=ft.val_source,
                              val_fraction=data.val_fraction, template=template, labels=ft.labels,
-                             prompt_loss=ft.prompt_loss, records=records, val_records=val_records)
+                             prompt_loss=ft.prompt_loss, records=records, val_records=val_records,
+                             augment=ft.augment)
     meta = read_meta(data_dir)
     tok = load_tokenizer(data_dir / meta["tokenizer"]["file"])
     labels = tuple(meta.get("labels") or ()) if ft.task == "classify" else ()

@@ -148,7 +148,57 @@ def test_bad_teachers_and_settings_are_one_line_exit_2_and_nothing_written(root,
     assert "distill_weight=0" in line and "(0, 1]" in line
     line = refused("o5", f"--finetune.distill_from={json.dumps([str(root / 't1')])}", "--finetune.task=sft")
     assert "distill_from" in line and "'sft'" in line
-    # a teacher that learned nothing still trains a student: its losses are finite
-    assert cli(_args(root, tmp_path / "ok", "--train.max_steps=3",
-                     f"--finetune.distill_from={json.dumps([str(root / 't1')])}", "--finetune.distill_weight=1")) == 0
+    # what the refusal advises: the student's data prepared anew with the teacher's tokenizer file
+    tok = next((root / "t1" / "checkpoints").glob("step-*/tokenizer.json"))
+    assert cli(_args(root, tmp_path / "ok", "--train.max_steps=3", f"--data.dir={_q(tmp_path / 'tdata')}",
+                     f"--data.tokenizer={_q(tok)}", f"--finetune.distill_from={json.dumps([str(root / 't1')])}",
+                     "--finetune.distill_weight=1")) == 0
     assert all(np.isfinite(v) for v in train_losses(tmp_path / "ok").values())
+
+
+def test_augment_texts_follows_its_rules_and_is_seeded():
+    from clusterlm.data.augment import MAX_NGRAM, augment_texts
+
+    texts = [f"the film was {w} and {v} one" for w in POS + NEG for v in ("long", "short")]
+    out = augment_texts(texts, copies=3)
+    assert out == augment_texts(texts, copies=3) and out != augment_texts(texts, copies=3, seed=1)
+    vocab = {w for t in texts for w in t.split()}
+    copies = [c for _, c in out]
+    assert len(set(copies)) == len(copies) and not set(copies) & set(texts)  # no repeats, no originals
+    assert all(set(c.split()) <= vocab for c in copies)
+    cut = [c for c in copies if len(c.split()) < 7]
+    assert cut and all(len(c.split()) <= MAX_NGRAM for c in cut)  # a shorter copy is an n-gram of <= 5 words
+    whole = [(i, c) for i, c in out if len(c.split()) == 7]  # uncut: word i matches its source's or was swapped
+    swaps = sum(a != b for i, c in whole for a, b in zip(c.split(), texts[i].split()))
+    assert whole and 0.02 < swaps / (7 * len(whole)) < 0.25  # P_SWAP = 0.1 (a swap may draw the same word)
+    assert augment_texts(texts, 0) == [] and augment_texts([], 2) == []
+
+
+def test_augmented_copies_train_on_the_teachers_alone_and_never_leak_into_validation(root, tmp_path, capsys):
+    from clusterlm.data.sft import ExampleLoader, ExampleSplit
+
+    teachers = json.dumps([str(root / "t1"), str(root / "t2")])
+    out, data = tmp_path / "aug", tmp_path / "augdata"
+    assert cli(_args(root, out, "--train.max_steps=4", f"--data.dir={_q(data)}", f"--finetune.distill_from={teachers}",
+                     "--finetune.distill_weight=0.25", "--finetune.augment=2")) == 0
+    plain, train = ExampleSplit(root / "data", "val"), ExampleSplit(data, "train")
+    val = ExampleSplit(data, "val")
+    assert np.array_equal(val.tokens, plain.tokens) and "augmented" not in val.arrays  # same hold-out, no copies
+    aug = train.arrays["augmented"]
+    n_real = int((aug == 0).sum())
+    assert n_real == ExampleSplit(root / "data", "train").n and aug[:n_real].sum() == 0 and n_real < train.n
+    [cache] = (out / "distill").glob("teachers-*.npy")
+    soft = np.load(cache)
+    assert soft.shape == (train.n, 2)
+    loader = ExampleLoader(data, "train", batch_size=train.n, seq_len=32, pad_id=0, shuffle=False,
+                           soft_targets=soft, soft_weight=0.25)
+    _, dist = next(loader)
+    onehot = np.eye(2)[train.arrays["labels"]]
+    want = np.where(aug[:, None] == 1, soft, 0.75 * onehot + 0.25 * soft)
+    assert np.abs(dist.numpy() - want).max() < 1e-6
+    # the folder was made with augment=2: reused with another setting, or augment without teachers, refused
+    line = _fails(_args(root, tmp_path / "o1", "--train.max_steps=1", f"--data.dir={_q(data)}",
+                        f"--finetune.distill_from={teachers}", "--finetune.augment=1"), capsys)
+    assert "augment=2" in line and "not 1" in line
+    line = _fails(_args(root, tmp_path / "o2", "--train.max_steps=1", "--finetune.augment=2"), capsys)
+    assert "finetune.augment=2" in line and "distill_from" in line
