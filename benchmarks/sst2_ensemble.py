@@ -30,25 +30,38 @@ SHARED = ROOT.parent / "shared" / "data"
 CLI = [sys.executable, "-m", "clusterlm"]
 
 
-def train(seed: int, data: Path, work: Path, steps: int) -> dict:
-    run = work / "runs" / f"seed{seed}"
-    log = work / f"seed{seed}.log"
+def train(seed: int, data: Path, work: Path, steps: int, extra: tuple[str, ...] = (), name: str = "seed") -> dict:
+    """One `sst2_lstm_cpu` run (seed, steps, `extra` overrides) in WORK/runs/NAME{seed}, scored on
+    the dev set: {"seed", "run", "train_s", "rows" (eval --samples records), "scores" (eval's metrics)}."""
+    tag = f"{name}{seed}"
+    run = work / "runs" / tag
+    log = work / f"{tag}.log"
     t0 = time.time()
     with open(log, "w") as f:
         r = subprocess.run([*CLI, "finetune", "sst2_lstm_cpu", f"--train.seed={seed}", "--train.threads=1",
                             f"--train.max_steps={steps}", f"--data.dir={json.dumps(str(work / 'data'))}",
                             f"--data.source={json.dumps(str(data / 'train.tsv.gz'))}",
                             f"--finetune.val_source={json.dumps(str(data / 'dev.tsv'))}",
-                            f"--train.out_dir={json.dumps(str(run))}", "--train.tensorboard=false"],
+                            f"--train.out_dir={json.dumps(str(run))}", "--train.tensorboard=false", *extra],
                            cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     if r.returncode != 0:
-        sys.exit(f"seed {seed}: clusterlm finetune exited {r.returncode}; see {log}")
+        sys.exit(f"{tag}: clusterlm finetune exited {r.returncode}; see {log}")
     train_s = time.time() - t0
-    samples = work / f"seed{seed}.jsonl"
-    subprocess.run([*CLI, "eval", str(run), "--task", str(data / "dev.tsv"), "--samples", str(samples)],
-                   cwd=ROOT, check=True, capture_output=True)
+    samples = work / f"{tag}.jsonl"
+    ev = subprocess.run([*CLI, "eval", str(run), "--task", str(data / "dev.tsv"), "--samples", str(samples)],
+                        cwd=ROOT, check=True, capture_output=True, text=True)
     rows = [json.loads(x) for x in samples.read_text().splitlines() if x.strip()]
-    return {"seed": seed, "train_s": round(train_s, 1), "rows": rows}
+    return {"seed": seed, "run": run, "train_s": round(train_s, 1), "rows": rows, "scores": _scores(ev.stdout)}
+
+
+def _scores(stdout: str) -> dict:
+    """The task's metrics from `clusterlm eval --task`'s JSON report (empty if it printed none)."""
+    try:
+        report = json.loads(stdout)
+    except json.JSONDecodeError:
+        return {}
+    tasks = report.get("tasks") or {}
+    return next(iter(tasks.values()), {}) if isinstance(tasks, dict) else {}
 
 
 def accuracy(members: list[list[dict]]) -> float:

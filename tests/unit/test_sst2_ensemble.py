@@ -1,8 +1,9 @@
-"""benchmarks/sst2_ensemble.py: the probability averaging it scores, and its refusal without data."""
+"""benchmarks/sst2_ensemble.py and sst2_distill.py: the probability averaging, and their refusal without data."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,31 @@ def test_missing_data_is_named():
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert "/nonexistent/sst2/train.tsv.gz" in r.stderr and "--data" in r.stderr
+
+
+def test_distill_benchmark_names_missing_data():
+    """benchmarks/sst2_distill.py (teachers, then students distilled from them) refuses the same way."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sst2_distill.py"), "--data", "/nonexistent/sst2"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "/nonexistent/sst2/train.tsv.gz" in r.stderr and "--data" in r.stderr
+
+
+def test_distill_rows_fit_the_applications_report(tmp_path):
+    """The rows sst2_distill.py adds to the applications table: one per student, and the paired gain."""
+    spec = importlib.util.spec_from_file_location("sst2_distill", ROOT / "benchmarks" / "sst2_distill.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    student = {"seed": 11, "accuracy": 83.03, "positive": {"precision": 0.8, "recall": 0.9, "f1": 0.85}}
+    out = {"teachers": [{}] * 4, "teacher_ensemble": 83.6, "teacher_mean": 82.43, "augment": 1,
+           "distill_weight": 1.0, "one_student_path_s": 1080.0, "teachers_wall_s": 660.0, "machine": {"cpu": "x"},
+           "students": [student, {**student, "seed": 12, "accuracy": 82.8}], "student_mean": 82.92,
+           "scratch": [{"accuracy": 80.28}, {"accuracy": 82.0}], "scratch_mean": 81.14}
+    rows = mod._rows(out)
+    assert [r["value"] for r in rows] == [83.03, 82.8, 1.78]
+    assert rows[0]["train_minutes"] == 18.0 and "P 80.0 / R 90.0" in rows[0]["notes"]
+    (tmp_path / "applications_x.json").write_text(json.dumps({"rows": rows}))
+    report = importlib.util.spec_from_file_location("report", ROOT / "benchmarks" / "applications_report.py")
+    rep = importlib.util.module_from_spec(report)
+    report.loader.exec_module(rep)
+    assert rep.read_rows(tmp_path / "applications_x.json") == rows

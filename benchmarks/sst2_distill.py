@@ -1,0 +1,136 @@
+"""SST-2: one LSTM distilled from an ensemble of the same recipe, against the ensemble and its members.
+
+Trains `sst2_lstm_cpu` from scratch at each --teachers seed (2,200 steps, 1 thread each, `--parallel`
+at a time, as benchmarks/sst2_ensemble.py), then a student per --students seed: the same recipe
+with `finetune.distill_from` = the teachers and `finetune.augment` = K augmented copies of each
+training sentence (clusterlm/finetune/distill.py, data/augment.py): the teachers' averaged
+probabilities on every sentence and copy, mixed with the label at `--weight` on the originals.
+With --baseline (the default) the same seeds also train without teachers, so each student has a
+paired from-scratch run. Every model is scored on the dev set with `clusterlm eval --task dev.tsv
+--samples`. The student is one ordinary classifier checkpoint: `clusterlm serve` answers
+/classify with it.
+
+The wall time that counts for the goal ("83% within 20 minutes of CPU training") is one student's
+whole path on this machine: the teachers (two at a time on the 2 cores) plus the student's own run
+(preparing its data, the teachers scoring it, training), both recorded.
+
+    .venv/bin/python benchmarks/sst2_distill.py                   # teachers 1337 2 3 4; students 11 12 13 14
+    .venv/bin/python benchmarks/sst2_distill.py --augment 0 --weight 0.5 --data ../shared/data/sst2
+
+Writes benchmarks/results/sst2_lstm_distill.json. The data (research use) is read from --data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from sst2_ensemble import SHARED, accuracy, train  # noqa: E402
+
+
+def _summary(m: dict) -> dict:
+    """Dev accuracy (%), macro F1 and the positive class's precision / recall / F1, train time."""
+    s = m["scores"]
+    pos = (s.get("per_class") or {}).get("1", {})
+    return {"seed": m["seed"], "accuracy": accuracy([m["rows"]]), "macro_f1": s.get("macro_f1"),
+            "positive": {k: pos.get(k) for k in ("precision", "recall", "f1")}, "train_s": m["train_s"]}
+
+
+def _mean(models: list[dict]) -> float:
+    return round(sum(accuracy([m["rows"]]) for m in models) / len(models), 2)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teachers", type=int, nargs="+", default=[1337, 2, 3, 4], help="the teachers' seeds")
+    p.add_argument("--students", type=int, nargs="+", default=[11, 12, 13, 14], help="the students' seeds")
+    p.add_argument("--weight", type=float, default=1.0, help="finetune.distill_weight (the teachers' share)")
+    p.add_argument("--augment", type=int, default=1, help="finetune.augment (copies of each training sentence)")
+    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                   help="also train each student seed without teachers (paired from-scratch runs)")
+    p.add_argument("--parallel", type=int, default=2, help="runs at a time (1 thread each)")
+    p.add_argument("--steps", type=int, default=2200, help="training steps per model (the recipe's)")
+    p.add_argument("--data", type=Path, default=SHARED / "sst2", help="folder with train.tsv.gz and dev.tsv")
+    p.add_argument("--work", type=Path, default=None, help="runs and samples (default: a temporary folder)")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "sst2_lstm_distill.json")
+    args = p.parse_args()
+    missing = [str(f) for f in (args.data / "train.tsv.gz", args.data / "dev.tsv") if not f.is_file()]
+    if missing:
+        sys.exit(f"SST-2 not found: {', '.join(missing)}; pass --data DIR (research-use data, not bundled)")
+    from common import machine
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="sst2-distill-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with ThreadPoolExecutor(args.parallel) as pool:
+        # the first run prepares the shared data folder; the others start once it is there
+        first = pool.submit(train, args.teachers[0], args.data, work, args.steps)
+        while not (work / "data" / "meta.json").is_file() and not first.done():
+            time.sleep(1)
+        rest = [pool.submit(train, s, args.data, work, args.steps) for s in args.teachers[1:]]
+        teachers = [f.result() for f in (first, *rest)]
+    teachers_wall = time.time() - t0
+    # the students' data: the sentences and their copies, with the teachers' tokenizer
+    extra = (f"--finetune.distill_from={json.dumps([str(t['run']) for t in teachers])}",
+             f"--finetune.distill_weight={args.weight}", f"--finetune.augment={args.augment}",
+             f"--data.dir={json.dumps(str(work / f'data_augment{args.augment}'))}",
+             f"--data.tokenizer={json.dumps(str(work / 'data' / 'tokenizer.json'))}")
+    t1 = time.time()
+    with ThreadPoolExecutor(args.parallel) as pool:
+        first = pool.submit(train, args.students[0], args.data, work, args.steps, extra, "student")
+        while not (work / f"data_augment{args.augment}" / "meta.json").is_file() and not first.done():
+            time.sleep(1)
+        rest = [pool.submit(train, s, args.data, work, args.steps, extra, "student") for s in args.students[1:]]
+        students = [f.result() for f in (first, *rest)]
+        students_wall = time.time() - t1
+        scratch = list(pool.map(lambda s: train(s, args.data, work, args.steps), args.students)) if args.baseline else []
+    out = {"benchmark": "sst2_lstm_distill", "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
+           "recipe": "sst2_lstm_cpu", "steps": args.steps, "distill_weight": args.weight, "augment": args.augment,
+           "parallel": args.parallel, "threads_per_run": 1, "dev_sentences": len(teachers[0]["rows"]),
+           "teachers": [_summary(t) for t in teachers],
+           "teacher_mean": _mean(teachers), "teacher_ensemble": accuracy([t["rows"] for t in teachers]),
+           "students": [_summary(s) for s in students], "student_mean": _mean(students),
+           "student_min": min(accuracy([s["rows"]]) for s in students),
+           "scratch": [_summary(s) for s in scratch], "scratch_mean": _mean(scratch) if scratch else None,
+           "teachers_wall_s": round(teachers_wall, 1), "students_wall_s": round(students_wall, 1),
+           "one_student_path_s": round(teachers_wall + max(s["train_s"] for s in students), 1)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    (args.out.parent / "applications_sentiment_distill.json").write_text(json.dumps({"rows": _rows(out)}, indent=2)
+                                                                          + "\n")
+    print(json.dumps(out, indent=2))
+
+
+def _rows(out: dict) -> list[dict]:
+    """benchmarks/applications_report.py's rows: each student seed, and the students against scratch."""
+    minutes = round(out["one_student_path_s"] / 60, 2)
+    what = (f"one LSTM (sst2_lstm_cpu, 2,200 steps) distilled from {len(out['teachers'])} of the same recipe "
+            f"(ensemble {out['teacher_ensemble']}%, members mean {out['teacher_mean']}%), augment "
+            f"{out['augment']}, weight {out['distill_weight']}; {minutes} min = the teachers two at a time "
+            f"({out['teachers_wall_s'] / 60:.1f} min) + the student; {out['machine'].get('cpu', '')}")
+    rows = []
+    for s in out["students"]:
+        pos = s["positive"]
+        f = {k: round(100 * v, 2) if isinstance(v, float) else v for k, v in pos.items()}
+        rows.append({"application": "sentiment SST-2 (lstm, distilled)", "metric": f"dev accuracy %, student seed "
+                     f"{s['seed']}", "value": s["accuracy"], "goal": ">= 83 in 20 min", "train_minutes": minutes,
+                     "notes": f"P {f['precision']} / R {f['recall']} / F1 {f['f1']} (positive class); {what}"})
+    if out["scratch"]:
+        rows.append({"application": "sentiment SST-2 (lstm, distilled)", "metric": "students minus scratch at "
+                     "the same seeds, mean points", "value": round(out["student_mean"] - out["scratch_mean"], 2),
+                     "goal": "> 0", "train_minutes": minutes,
+                     "notes": f"students {[s['accuracy'] for s in out['students']]} (mean {out['student_mean']}), "
+                              f"scratch {[s['accuracy'] for s in out['scratch']]} (mean {out['scratch_mean']})"})
+    return rows
+
+
+if __name__ == "__main__":
+    main()
