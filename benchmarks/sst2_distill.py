@@ -2,9 +2,9 @@
 
 Trains `sst2_lstm_cpu` from scratch at each --teachers seed (2,200 steps, 1 thread each, `--parallel`
 at a time, as benchmarks/sst2_ensemble.py), then a student per --students seed: the same recipe
-with `finetune.distill_from` = the teachers and `finetune.augment` = K augmented copies of each
-training sentence (clusterlm/finetune/distill.py, data/augment.py): the teachers' averaged
-probabilities on every sentence and copy, mixed with the label at `--weight` on the originals.
+with `finetune.distill_from` = the teachers (clusterlm/finetune/distill.py): their averaged
+probabilities on every training sentence, mixed with the label at `--weight` (and with --augment K,
+K augmented copies of each sentence that the teachers alone label: data/augment.py).
 With --baseline (the default) the same seeds also train without teachers, so each student has a
 paired from-scratch run. Every model is scored on the dev set with `clusterlm eval --task dev.tsv
 --samples`. The student is one ordinary classifier checkpoint: `clusterlm serve` answers
@@ -15,7 +15,7 @@ whole path on this machine: the teachers (two at a time on the 2 cores) plus the
 (preparing its data, the teachers scoring it, training), both recorded.
 
     .venv/bin/python benchmarks/sst2_distill.py                   # teachers 1337 2 3 4; students 11 12 13 14
-    .venv/bin/python benchmarks/sst2_distill.py --augment 0 --weight 0.5 --data ../shared/data/sst2
+    .venv/bin/python benchmarks/sst2_distill.py --augment 1 --weight 0.5 --data ../shared/data/sst2
 
 Writes benchmarks/results/sst2_lstm_distill.json. The data (research use) is read from --data.
 """
@@ -53,7 +53,7 @@ def main() -> None:
     p.add_argument("--teachers", type=int, nargs="+", default=[1337, 2, 3, 4], help="the teachers' seeds")
     p.add_argument("--students", type=int, nargs="+", default=[11, 12, 13, 14], help="the students' seeds")
     p.add_argument("--weight", type=float, default=1.0, help="finetune.distill_weight (the teachers' share)")
-    p.add_argument("--augment", type=int, default=1, help="finetune.augment (copies of each training sentence)")
+    p.add_argument("--augment", type=int, default=0, help="finetune.augment (copies of each training sentence)")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also train each student seed without teachers (paired from-scratch runs)")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time (1 thread each)")
@@ -78,15 +78,17 @@ def main() -> None:
         rest = [pool.submit(train, s, args.data, work, args.steps) for s in args.teachers[1:]]
         teachers = [f.result() for f in (first, *rest)]
     teachers_wall = time.time() - t0
-    # the students' data: the sentences and their copies, with the teachers' tokenizer
-    extra = (f"--finetune.distill_from={json.dumps([str(t['run']) for t in teachers])}",
-             f"--finetune.distill_weight={args.weight}", f"--finetune.augment={args.augment}",
-             f"--data.dir={json.dumps(str(work / f'data_augment{args.augment}'))}",
-             f"--data.tokenizer={json.dumps(str(work / 'data' / 'tokenizer.json'))}")
+    extra: tuple[str, ...] = (f"--finetune.distill_from={json.dumps([str(t['run']) for t in teachers])}",
+                              f"--finetune.distill_weight={args.weight}")
+    student_data = work / "data"
+    if args.augment:  # the students' own data: the sentences and their copies, with the teachers' tokenizer
+        student_data = work / f"data_augment{args.augment}"
+        extra += (f"--finetune.augment={args.augment}", f"--data.dir={json.dumps(str(student_data))}",
+                  f"--data.tokenizer={json.dumps(str(work / 'data' / 'tokenizer.json'))}")
     t1 = time.time()
     with ThreadPoolExecutor(args.parallel) as pool:
         first = pool.submit(train, args.students[0], args.data, work, args.steps, extra, "student")
-        while not (work / f"data_augment{args.augment}" / "meta.json").is_file() and not first.done():
+        while not (student_data / "meta.json").is_file() and not first.done():
             time.sleep(1)
         rest = [pool.submit(train, s, args.data, work, args.steps, extra, "student") for s in args.students[1:]]
         students = [f.result() for f in (first, *rest)]
