@@ -10,7 +10,9 @@ plus the teachers' (their KL divergence to the student, up to a constant).
 Each teacher reads the same token ids the student does (the training split's examples, cut to
 train.seq_len from the left as the loader cuts them), so it must share the data's tokenizer and
 labels: train the teachers on the same data.dir, or prepare the student's data with a teacher's
-tokenizer (data.tokenizer = TEACHER/tokenizer.json). docs/finetune.md has the SST-2 figures.
+tokenizer (data.tokenizer = TEACHER/tokenizer.json). Augmented copies (finetune.augment,
+data/augment.py) are training examples like the others here; the loader gives them the teachers'
+probabilities alone. docs/finetune.md has the SST-2 figures.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""`clusterlm finetune` with LoRA under FSDP2 x2 (gloo, one spawn of 2 ranks) against one process:
-the base is loaded into the sharded model (vocabulary grown for the chat tokens), only the adapters
-train, and ten steps give one process's losses to 1e-5 (issue 15, "LoRA under FSDP x2").
+"""`clusterlm finetune` under data parallelism against one process (gloo, one spawn of 2 ranks each):
+LoRA under FSDP2 x2, where the base is loaded into the sharded model (vocabulary grown for the chat
+tokens), only the adapters train, and ten steps give one process's losses to 1e-5 (issue 15, "LoRA
+under FSDP x2"); and a classifier distilled from a teacher under DDP x2, the same.
 
     .venv/bin/python -m pytest -q tests/distributed/test_finetune_distributed.py
 """
@@ -66,3 +67,43 @@ def test_lora_finetune_under_fsdp_matches_one_process(tmp_path, monkeypatch):
     assert sorted(a) == sorted(b) and len(a) == 2 * 6 * 2  # 2 layers x (wq wk wv wo w1 w2) x (A, B)
     for k in a:  # AdamW's 1/sqrt(v) amplifies summation-order differences: 2e-4 (tests/distributed/test_lora_fsdp.py)
         assert (a[k] - b[k]).abs().max() < 2e-4, k
+
+
+def _cls_args(root: Path, out: Path, micro: int, *extra: str) -> list[str]:
+    return ["--finetune.task=classify", f"--data.source={json.dumps(str(root / 'cls.tsv'))}",
+            f"--data.dir={json.dumps(str(root / 'data'))}", "--data.tokenizer=char", "--model.arch=lstm",
+            "--model.n_layers=1", "--model.dim=32", "--model.pos=none", "--model.dropout=0",
+            f"--train.out_dir={json.dumps(str(out))}", "--train.seq_len=24", f"--train.micro_batch_size={micro}",
+            "--train.global_batch_tokens=192", "--train.device=cpu", "--train.threads=1", "--train.eval_interval=0",
+            "--train.log_interval=1", "--train.tensorboard=false", "--optim.lr=1e-2", "--optim.warmup_steps=0",
+            *extra]
+
+
+def test_distilled_classifier_under_ddp_matches_one_process(tmp_path, monkeypatch):
+    """finetune.distill_from under DDP x2: rank 0 scores the training texts with the teacher once
+    (one file in the run folder, read by rank 1), and ten steps give one process's losses (1e-5)."""
+    import numpy as np
+
+    from clusterlm.config import load_run_config
+    from clusterlm.train.loop import train
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(k, raising=False)
+    (tmp_path / "cls.tsv").write_text("sentence\tlabel\n" + "".join(
+        f"the film was {w} {i}\t{'pos' if w in ('good', 'fine') else 'neg'}\n"
+        for i in range(30) for w in ("good", "bad", "fine", "dull")))
+    teacher = tmp_path / "teacher"
+    assert train(load_run_config(None, _cls_args(tmp_path, teacher, 8, "--train.max_steps=20"))).exit_code == 0
+    extra = (f"--finetune.distill_from={json.dumps([str(teacher)])}", "--finetune.distill_weight=0.7",
+             "--train.max_steps=10")
+    one = tmp_path / "one"
+    assert train(load_run_config(None, _cls_args(tmp_path, one, 8, *extra))).exit_code == 0
+    ddp = tmp_path / "ddp"
+    res = run_ranks(2, _finetune_rank, _cls_args(tmp_path, ddp, 4, "--parallel.dp_replicate=2", *extra))
+    assert res == [{"exit": 0, "step": 10}] * 2
+    [a], [b] = (list((run / "distill").glob("teachers-*.npy")) for run in (one, ddp))
+    assert np.array_equal(np.load(a), np.load(b))
+    ref, got = train_losses(one), train_losses(ddp)
+    assert sorted(got) == list(range(1, 11)) and ref[10] < ref[1]
+    for s in ref:
+        assert got[s] == pytest.approx(ref[s], abs=1e-5), s
