@@ -60,8 +60,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2200, help="training steps per model (the recipe's)")
     p.add_argument("--data", type=Path, default=SHARED / "sst2", help="folder with train.tsv.gz and dev.tsv")
     p.add_argument("--work", type=Path, default=None, help="runs and samples (default: a temporary folder)")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "sst2_lstm_distill.json")
+    p.add_argument("--tag", default="", help="suffix of the result files (sst2_lstm_distill_TAG.json, ...)")
+    p.add_argument("--out", type=Path, default=None, help="the JSON (default: benchmarks/results/sst2_lstm_distill"
+                   "[_TAG].json); the applications report's rows go beside it")
     args = p.parse_args()
+    suffix = f"_{args.tag}" if args.tag else ""
+    args.out = args.out or ROOT / "benchmarks" / "results" / f"sst2_lstm_distill{suffix}.json"
     missing = [str(f) for f in (args.data / "train.tsv.gz", args.data / "dev.tsv") if not f.is_file()]
     if missing:
         sys.exit(f"SST-2 not found: {', '.join(missing)}; pass --data DIR (research-use data, not bundled)")
@@ -106,7 +110,7 @@ def main() -> None:
            "one_student_path_s": round(teachers_wall + max(s["train_s"] for s in students), 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
-    (args.out.parent / "applications_sentiment_distill.json").write_text(json.dumps({"rows": _rows(out)}, indent=2)
+    (args.out.parent / f"applications_sentiment_distill{suffix}.json").write_text(json.dumps({"rows": _rows(out)}, indent=2)
                                                                           + "\n")
     print(json.dumps(out, indent=2))
 
