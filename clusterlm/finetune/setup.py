@@ -263,6 +263,8 @@ class ClassifyLoss:
             raise ValueError(f"classify loss: logits {tuple(logits.shape)} must be (B, C) and targets "
                              f"{tuple(targets.shape)} (B,) label ids or (B, C) label distributions")
         w = self.weight.to(logits.device) if self.weight is not None else None
+        # with class weights, 'mean' divides label ids' losses by the sum of their weights but
+        # distributions' by B (torch's rule): the two scales differ, each consistent within a run
         return torch.nn.functional.cross_entropy(logits.float(), targets, weight=w, reduction=reduction)
 
 
