@@ -242,12 +242,38 @@ def _encode_pieces(tokenizer: Any, pieces: list[list[tuple[str, bool]]], prompt_
 
 
 # ---- preparing -----------------------------------------------------------------------------------
-def _source_stamp(spec: str) -> list[dict[str, Any]]:
+def _source_stamp(spec: str, *, content: bool = True) -> list[dict[str, Any]]:
+    """Each file of a data.source spec: resolved path, size, mtime and (with `content`) its sha256, so
+    that a copy with a new mtime but the same bytes still matches (source_differs)."""
     out = []
     for p in (spec.split(",") if "," in spec and not Path(spec).exists() else [spec]):
         st = Path(p).stat()
-        out.append({"path": str(Path(p).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+        entry = {"path": str(Path(p).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        if content and Path(p).is_file():
+            entry["sha256"] = _hash(Path(p))
+        out.append(entry)
     return out
+
+
+def source_differs(made: list[dict[str, Any]], spec: str) -> str | None:
+    """None when data.source `spec` is what a directory was made from (`made`, its _source_stamp),
+    else what differs, in words. Same path and size with another mtime counts as the same when the
+    content's sha256 matches (a copy, a `touch`); the hash is read only then."""
+    try:
+        now = _source_stamp(spec, content=False)
+    except OSError as e:
+        return f"{spec!r} cannot be read ({e.strerror})"
+    if [m.get("path") for m in made] != [n["path"] for n in now]:
+        return f"it was made from {', '.join(str(m.get('path')) for m in made) or 'unknown records'}"
+    for m, n in zip(made, now):
+        if m.get("size") != n["size"]:
+            return f"{n['path']} is now {n['size']:,} bytes, was {m.get('size', 0):,}"
+        if m.get("mtime_ns") != n["mtime_ns"]:
+            if m.get("sha256") is None or not Path(n["path"]).is_file():
+                return f"{n['path']} was modified since (and the folder kept no content hash to compare)"
+            if _hash(Path(n["path"])) != m["sha256"]:
+                return f"{n['path']}'s content changed since (same size, another sha256)"
+    return None
 
 
 def _hash(path: Path) -> str:

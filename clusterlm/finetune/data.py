@@ -48,7 +48,7 @@ def _texts(records: list) -> list[str]:
 
 
 def _check_made_from(data_dir: Path, meta: dict, cfg: Any) -> None:
-    from clusterlm.data.sft import _source_stamp
+    from clusterlm.data.sft import source_differs
 
     ft, data = cfg.finetune, cfg.data
     if meta.get("layout") != "examples":
@@ -62,14 +62,10 @@ def _check_made_from(data_dir: Path, meta: dict, cfg: Any) -> None:
                           f"not {ft.augment}; give a new data.dir")
     made = meta.get("made_from") or {}
     if data.source:
-        try:
-            now = _source_stamp(data.source)
-        except OSError:
-            now = None
-        if now != made.get("source"):
-            was = ", ".join(s.get("path", "?") for s in made.get("source") or []) or "unknown records"
-            raise ConfigError(f"data.dir={str(data_dir)!r} was prepared from {was}, not from data.source="
-                              f"{data.source!r} as it is now (changed since?); delete {data_dir} or give a new data.dir")
+        why = source_differs(made.get("source") or [], data.source)
+        if why:
+            raise ConfigError(f"data.dir={str(data_dir)!r} was not prepared from data.source={data.source!r} as it "
+                              f"is now: {why}; delete {data_dir} or give a new data.dir")
 
 
 def ensure_finetune_data(cfg: Any) -> tuple[Path, Any, Any]:

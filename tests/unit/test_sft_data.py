@@ -171,3 +171,32 @@ def test_a_template_that_is_not_prefix_stable_is_refused(tmp_path, tok):
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}])), "sft")[0]
     with pytest.raises(ConfigError, match="not prefix-stable"):
         segments(rec, Reversed())
+
+
+def test_a_prepared_folder_knows_its_source_by_content_not_by_mtime(tmp_path, tok):
+    """A copy of the same records (new mtime, same bytes) still matches the prepared folder; an edit of
+    the same size, another size, or another file is named."""
+    import os
+
+    from clusterlm.data.sft import source_differs
+
+    tsv = tmp_path / "c.tsv"
+    tsv.write_text("sentence\tlabel\n" + "".join(f"{'good' if i % 2 else 'bad'} {i}\t{i % 2}\n" for i in range(20)))
+    made = prepare_examples(tmp_path / "d", task="classify", source=str(tsv), tokenizer=tok,
+                            val_fraction=0.2)["made_from"]["source"]
+    assert source_differs(made, str(tsv)) is None
+    st = tsv.stat()
+    os.utime(tsv, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched, or copied without keeping times
+    assert source_differs(made, str(tsv)) is None
+    tsv.write_text(tsv.read_text().replace("good 1\t", "gold 1\t"))  # same size, other content
+    assert "content changed" in source_differs(made, str(tsv))
+    original = tsv.read_text().replace("gold 1\t", "good 1\t")
+    tsv.write_text(original + "fine 99\t1\n")
+    assert "bytes, was" in source_differs(made, str(tsv))
+    other = tmp_path / "other.tsv"
+    other.write_text("sentence\tlabel\n")
+    assert f"made from {tsv.resolve()}" in source_differs(made, str(other))
+    tsv.write_text(original)  # the same bytes again, a new mtime: fine, but not for a folder without the hash
+    assert source_differs(made, str(tsv)) is None
+    old = [{k: v for k, v in m.items() if k != "sha256"} for m in made]
+    assert "kept no content hash" in source_differs(old, str(tsv))
