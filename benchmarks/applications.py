@@ -281,18 +281,33 @@ def base_directions(specs: list[str], tgt: str) -> list[tuple[str, str]]:
     return out
 
 
-def base_corpus_jsonl(files: list[Path], out: Path, pairs: list[tuple[Path, Path]] = ()) -> int:
+def base_corpus_jsonl(files: list[Path], out: Path, pairs: list[tuple[Path, Path]] = (), *,
+                      layout: str = "plain", disjoint: bool = False) -> int:
     """The base LM's documents: every line of the gzipped text files as its own JSONL document (each
-    language, never a pair), and for each of `pairs` (source, target files) each pair as one document
-    "source target", the layout of an SFT example without a template ([EOS] prompt, a space,
-    completion [EOS]): a base that already translates in that direction."""
+    language, never a pair), and for each of `pairs` (source, target files) each pair as one document.
+    layout "plain": "source target" ([EOS] prompt, a space, completion [EOS]: an SFT example without
+    the harness's prompt, so the base learns "after English comes German"); "prompt": the harness's
+    parallel-text prompt and its completion, "en: source\nde: target" (files named train.LANG.gz),
+    the layout fine-tuning uses, so the target language is named as multilingual translators
+    (Johnson et al. 2017) name it. `disjoint`: Multi30k is one set of sentences in three languages, so
+    direction k of n takes only sentences i with i % n == k: no sentence is seen in two directions, and
+    a base trained on en->de and de->fr never saw an English sentence beside its French translation."""
     def lines(path: Path) -> list[str]:
         with gzip.open(path, "rt", encoding="utf-8") as src:
             return [x.strip() for x in src]
 
+    from clusterlm.eval.tasks import PARALLEL_TEMPLATE, _lang
+
     docs = [x for path in files for x in lines(path) if x]
-    for src, dst in pairs:
-        docs += [f"{a} {b}" for a, b in zip(lines(src), lines(dst)) if a and b]
+    for k, (src, dst) in enumerate(pairs):
+        both = list(zip(lines(src), lines(dst)))
+        if disjoint:
+            both = both[k::len(pairs)]
+        if layout == "prompt":
+            docs += [f"{PARALLEL_TEMPLATE.format(src_lang=_lang(src), source=a, tgt_lang=_lang(dst))} {b}"
+                     for a, b in both if a and b]
+        else:
+            docs += [f"{a} {b}" for a, b in both if a and b]
     out.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
     return len(docs)
 
@@ -319,7 +334,10 @@ def translate_lora(args: argparse.Namespace) -> None:
     base_pairs = [(data / f"train.{a}.gz", data / f"train.{b}.gz") for a, b in directions]
     other = "_".join(f"{a}{b}" if a != "en" else b for a, b in directions)  # names: "de", "de_fren"
     need(base_files, "Multi30k", "--data")
-    lm_data, n_docs, lm_prep_s = lm_corpus(work / "lm_data", lambda out: base_corpus_jsonl(base_files, out, base_pairs))
+    if args.base_layout != "plain" or args.disjoint:
+        other += f"_{args.base_layout}" + ("_disjoint" if args.disjoint else "")
+    lm_data, n_docs, lm_prep_s = lm_corpus(work / "lm_data", lambda out: base_corpus_jsonl(
+        base_files, out, base_pairs, layout=args.base_layout, disjoint=args.disjoint))
     common = ["--train.tensorboard=false", "--checkpoint.interval=0", "--eval.every=0", "--eval.tasks=[]",
               *args.override]
     lm_over = [*common, "--finetune.task=lm", f"--data.dir={q(str(lm_data))}", '--data.source=""']
@@ -337,6 +355,12 @@ def translate_lora(args: argparse.Namespace) -> None:
     lm = reused("lm")
     if lm is None:
         lm = run_arm(recipe, work / "lm", lm_over, args.pretrain_minutes, calibrate(recipe, lm_over, work / "calib_lm"))
+    if "test" not in lm:  # the base as it is, prompted "en: ...\nfr:" (zero-shot when it never saw en->fr)
+        t1 = time.perf_counter()
+        (m,) = evaluate_tasks(str(work / "lm"), [test], batch_size=64, decode=DecodeOptions(max_new_tokens=64),
+                              device="cpu", limit=args.test_limit or None)["tasks"].values()
+        lm["test"] = {k: m[k] for k in ("bleu", "chrf", "n") if k in m}
+        lm["eval_s"] = round(time.perf_counter() - t1, 1)
         (work / "lm" / "arm.json").write_text(json.dumps(lm, indent=1))
     arms: dict[str, Any] = {"lm": lm}
     lr = load_run_config(bundled_recipes()[recipe], []).optim.lr
@@ -362,6 +386,7 @@ def translate_lora(args: argparse.Namespace) -> None:
     lo["model_bytes"] = model_file.stat().st_size
     out = {"benchmark": "translation LoRA vs full", "pair": f"en-{tgt}",
            "base_pairs": ", ".join(f"{a}-{b}" for a, b in directions) or None,
+           "base_layout": args.base_layout, "base_disjoint": args.disjoint,
            "recipe": recipe, "env": env,
            "env_after": {"loadavg": [round(x, 2) for x in os.getloadavg()]}, "overrides": args.override,
            "pretrain_minutes": args.pretrain_minutes, "finetune_minutes": args.minutes,
@@ -377,13 +402,16 @@ def translate_lora(args: argparse.Namespace) -> None:
     b_full, b_lo = full["test"]["bleu"], lo["test"]["bleu"]
     frac = 100 * lo["trainable"] / lo["total"]
     dirs = " and ".join(f"{a}->{b}" for a, b in directions)
-    base_name = (f"base: {dirs} translator" if other else f"base: en+{tgt} LM") + \
+    base_name = (f"base: {dirs} translator" if directions else f"base: en+{tgt} LM") + \
+        (", tagged 'X: ...\\nY:'" if args.base_layout == "prompt" else "") + \
+        (", disjoint sentences" if args.disjoint else "") + \
         (" + embedding adapter" if emb_adapter else "") + \
         (f", LoRA lr {args.lora_lr_scale:g}x" if args.lora_lr_scale != 2.0 else "")
     langs = ", ".join(langs_in_base)
     how = (f"base: decoder LM pre-trained {lm['steps']} steps ({lm['wall_s'] / 60:.1f} min) on the {langs} training "
            "sentences as separate documents" + (f" and the {dirs} pairs (a base that translates {dirs})"
-                                                 if other else "") +
+                                                 if directions else "") +
+           (f"; the base itself, prompted en->{tgt}: {lm['test']['bleu']:.2f} BLEU" if "test" in lm else "") +
            f"; then {args.minutes:g} min of fine-tuning on the en->{tgt} pairs each; "
            f"{env['cpu']}, load {env['loadavg'][0]}; {path.name}")
     rows = [
@@ -644,6 +672,11 @@ def main() -> None:
                     help="also pre-train the base on these translation directions' pairs (and their languages' "
                          "sentences): X for en->X, X-Y for X->Y, e.g. de (LoRA then adapts a translator into German "
                          "to the --pair language) or de fr-en (one that also reads French)")
+    tl.add_argument("--base-layout", choices=["plain", "prompt"], default="plain",
+                    help="how the base's pairs are written: plain 'source target', or prompt 'en: source\\nde: "
+                         "target' (the harness's prompt, naming the target language, as fine-tuning does)")
+    tl.add_argument("--disjoint", action="store_true",
+                    help="each --base-pairs direction on its own share of the (three-way parallel) sentences")
     tl.add_argument("--lora-targets", nargs="+", default=None,
                     help="finetune.lora_targets (default: every attention and MLP projection); e.g. wq wk wv wo w1 w2 "
                          "tok_embeddings (the tied embedding: its adapter applies to the output layer too)")

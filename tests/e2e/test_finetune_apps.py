@@ -253,3 +253,25 @@ def test_translate_lora_base_corpus_directions(tmp_path):
     n = base_corpus_jsonl([files["en"], files["fr"]], out, [(files["fr"], files["en"])])
     docs = [json.loads(line)["text"] for line in out.read_text().splitlines()]
     assert n == 6 and docs == ["a dog", "a cat", "un chien", "un chat", "un chien a dog", "un chat a cat"]
+
+
+def test_translate_lora_base_documents_prompt_layout_and_disjoint_directions(tmp_path):
+    """translate-lora's base corpus: --base-layout prompt writes each pair as the harness's prompt and
+    its completion; --disjoint gives each direction its own share of the three-way parallel sentences."""
+    import gzip
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from applications import base_corpus_jsonl
+
+    for lang, w in (("en", "a"), ("de", "b"), ("fr", "c")):
+        with gzip.open(tmp_path / f"train.{lang}.gz", "wt") as f:
+            f.write("".join(f"{w}{i}\n" for i in range(6)))
+    files = [tmp_path / f"train.{x}.gz" for x in ("en", "fr", "de")]
+    pairs = [(tmp_path / "train.en.gz", tmp_path / "train.de.gz"), (tmp_path / "train.de.gz", tmp_path / "train.fr.gz")]
+    n = base_corpus_jsonl(files, tmp_path / "o.jsonl", pairs, layout="prompt", disjoint=True)
+    docs = [json.loads(x)["text"] for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert n == len(docs) == 18 + 6
+    assert docs[18:] == ["en: a0\nde: b0", "en: a2\nde: b2", "en: a4\nde: b4",
+                         "de: b1\nfr: c1", "de: b3\nfr: c3", "de: b5\nfr: c5"]
+    base_corpus_jsonl(files, tmp_path / "p.jsonl", pairs[:1])
+    assert (tmp_path / "p.jsonl").read_text().splitlines()[-1] == json.dumps({"text": "a5 b5"})
