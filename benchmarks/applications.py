@@ -367,6 +367,7 @@ def translate_lora(args: argparse.Namespace) -> None:
     r = args.lora_rank
     for name, over in (("full", ft_over),
                        (f"lora{r}", [*ft_over, f"--finetune.lora_rank={r}", f"--optim.lr={args.lora_lr_scale * lr}",
+                                  f"--finetune.lora_plus_ratio={args.lora_plus_ratio}",
                                   *([f"--finetune.lora_targets={q(args.lora_targets)}"] if args.lora_targets else [])])):
         a = reused(name) if name == "full" else None  # LoRA's settings are what a --reuse run varies
         if a is None:
@@ -396,6 +397,7 @@ def translate_lora(args: argparse.Namespace) -> None:
     emb_adapter = bool(args.lora_targets) and "tok_embeddings" in args.lora_targets
     lr_tag = f"_lr{args.lora_lr_scale:g}x" if args.lora_lr_scale != 2.0 else ""  # 2x: the first runs' names
     lr_tag += f"_r{r}" if r != 8 else ""
+    lr_tag += f"_plus{args.lora_plus_ratio:g}" if args.lora_plus_ratio != 1.0 else ""
     path = RESULTS / (f"translation_multi30k_en{tgt}_lora{'_emb' if emb_adapter else ''}"
                       f"{f'_from_en{other}' if other else ''}{lr_tag}_{args.minutes:g}min.json")
     path.write_text(json.dumps(out, indent=2) + "\n")
@@ -406,7 +408,8 @@ def translate_lora(args: argparse.Namespace) -> None:
         (", tagged 'X: ...\\nY:'" if args.base_layout == "prompt" else "") + \
         (", disjoint sentences" if args.disjoint else "") + \
         (" + embedding adapter" if emb_adapter else "") + \
-        (f", LoRA lr {args.lora_lr_scale:g}x" if args.lora_lr_scale != 2.0 else "")
+        (f", LoRA lr {args.lora_lr_scale:g}x" if args.lora_lr_scale != 2.0 else "") + \
+        (f", LoRA+ B lr x{args.lora_plus_ratio:g}" if args.lora_plus_ratio != 1.0 else "")
     langs = ", ".join(langs_in_base)
     how = (f"base: decoder LM pre-trained {lm['steps']} steps ({lm['wall_s'] / 60:.1f} min) on the {langs} training "
            "sentences as separate documents" + (f" and the {dirs} pairs (a base that translates {dirs})"
@@ -681,6 +684,8 @@ def main() -> None:
                     help="finetune.lora_targets (default: every attention and MLP projection); e.g. wq wk wv wo w1 w2 "
                          "tok_embeddings (the tied embedding: its adapter applies to the output layer too)")
     tl.add_argument("--lora-lr-scale", type=float, default=2.0, help="LoRA's lr = this x the recipe's lr")
+    tl.add_argument("--lora-plus-ratio", type=float, default=1.0, help="finetune.lora_plus_ratio for the LoRA arm: "
+                    "its B factors at this x its lr (LoRA+, Hayou et al. 2024, suggest 16); 1 = plain LoRA")
     tl.add_argument("--lora-rank", type=int, default=8, help="the LoRA arm's rank (the goal is about 8; a higher "
                     "one tells whether the rank is what holds LoRA back)")
     tl.add_argument("--reuse", action="store_true", help="reuse the base and the full fine-tuning a run in the "

@@ -280,6 +280,9 @@ class FinetuneConfig:
     """LoRA rank on the attention and MLP projections; 0 = full fine-tuning (docs/finetune.md)"""
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
+    lora_plus_ratio: float = 1.0
+    """LoRA+ (Hayou et al. 2024): the B factors (output side, zero at the start) train at this many
+    times the lr of the A factors and the rest; 1 = plain LoRA, the paper suggests about 16"""
     mask_prob: float = 0.15
     """mlm: the share of positions chosen (each then 80% <|mask|>, 10% a random token, 10% kept);
     span: the share of tokens in the corrupted spans (T5's noise density)"""
@@ -306,6 +309,9 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.class_weights={self.class_weights!r}; expected 'none' or 'balanced'")
         if self.freeze_layers < 0 or self.lora_rank < 0:
             raise ConfigError(f"finetune.freeze_layers={self.freeze_layers} and lora_rank={self.lora_rank} must be >= 0")
+        if self.lora_plus_ratio <= 0:
+            raise ConfigError(f"finetune.lora_plus_ratio={self.lora_plus_ratio} must be > 0 (1 = plain LoRA, LoRA+ "
+                              "suggests 16)")
         if self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"finetune.lora_alpha={self.lora_alpha} must be > 0 and lora_dropout="
                               f"{self.lora_dropout} in [0, 1)")

@@ -225,7 +225,8 @@ class Trainer:
         self.model = pm.module
         if self.base is not None and self.checkpointer.resolve() is None:
             self._load_base()
-        self.optimizer = build_optimizer(self.model, cfg.optim, fused=None if pm.fused_optimizer_ok else False)
+        self.optimizer = build_optimizer(self.model, cfg.optim, fused=None if pm.fused_optimizer_ok else False,
+                                         lora_plus_ratio=cfg.finetune.lora_plus_ratio if cfg.finetune.lora_rank else 1.0)
         if cfg.finetune.task in ("mlm", "seq2seq", "span"):  # masked LM, pairs, span corruption: finetune/objectives.py
             from clusterlm.finetune.objectives import train_loader
 

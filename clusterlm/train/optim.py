@@ -121,19 +121,34 @@ def layer_lr_scales(names: list[str], decay: float) -> dict[str, float]:
     return {n: decay ** (top - (top if d is None else d)) for n, d in depths.items()}
 
 
-def param_groups(model: nn.Module, weight_decay: float, layer_lr_decay: float = 1.0) -> list[dict]:
+def lora_b_ids(model: nn.Module) -> set[int]:
+    """ids of the output-side LoRA factors (`lora_b`, out x r, zero at the start) of the model's
+    LoRALinear adapters: the parameters LoRA+ (Hayou et al. 2024) trains at a higher lr. An embedding
+    adapter (LoRAEmbedding) is left out: its zero factor is lora_a, on the input side."""
+    from clusterlm.finetune.lora import LoRALinear
+
+    return {id(m.lora_b) for m in model.modules() if isinstance(m, LoRALinear)}
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_lr_decay: float = 1.0,
+                 lora_plus_ratio: float = 1.0) -> list[dict]:
     """Optimizer groups: [{"params": matrices, "weight_decay": weight_decay},
     {"params": the rest, "weight_decay": 0.0}]; an empty group is left out. With layer_lr_decay < 1
-    each of the two splits by layer, and every group carries "lr_scale" (the loop sets
-    lr = schedule * lr_scale): `layer_lr_scales`."""
+    each of the two splits by layer, with lora_plus_ratio != 1 the LoRA B factors get a group of their
+    own, and every group carries "lr_scale" (the loop sets lr = schedule * lr_scale):
+    `layer_lr_scales` times lora_plus_ratio for a LoRA B factor (LoRA+)."""
     if weight_decay < 0:
         raise ValueError(f"weight_decay={weight_decay} must be >= 0")
+    if lora_plus_ratio <= 0:
+        raise ValueError(f"lora_plus_ratio={lora_plus_ratio} must be > 0")
     decay, no_decay = split_params(model)
-    if layer_lr_decay == 1.0:
+    if layer_lr_decay == 1.0 and lora_plus_ratio == 1.0:
         groups = [{"params": [p for _, p in decay], "weight_decay": weight_decay},
                   {"params": [p for _, p in no_decay], "weight_decay": 0.0}]
     else:
-        scales = layer_lr_scales([n for n, _ in decay + no_decay], layer_lr_decay)
+        layer = layer_lr_scales([n for n, _ in decay + no_decay], layer_lr_decay)
+        b_ids = lora_b_ids(model) if lora_plus_ratio != 1.0 else set()
+        scales = {n: layer[n] * (lora_plus_ratio if id(p) in b_ids else 1.0) for n, p in decay + no_decay}
         groups = []
         for named, wd in ((decay, weight_decay), (no_decay, 0.0)):
             for scale in sorted({scales[n] for n, _ in named}, reverse=True):
@@ -148,13 +163,15 @@ def param_groups(model: nn.Module, weight_decay: float, layer_lr_decay: float = 
 FUSED_DEVICES = ("cpu", "cuda")
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, *, fused: bool | None = None) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, *, fused: bool | None = None,
+                    lora_plus_ratio: float = 1.0) -> torch.optim.AdamW:
     """AdamW (decoupled weight decay, Loshchilov & Hutter 2019) over `param_groups`.
 
     fused=None (auto) uses torch's fused AdamW kernel when every parameter is a floating-point
     tensor on CPU or CUDA: one kernel over all tensors instead of a loop per tensor, several times
     faster per optimizer step (measurements: docs/training.md). Results differ from the foreach path in the last bits, so a run and its
     resume must use the same setting (they do: the choice depends only on the devices).
+    lora_plus_ratio: the LoRA B factors' lr over the rest's (finetune.lora_plus_ratio, LoRA+).
     """
     decay, no_decay = split_params(model)
     params = [p for _, p in decay + no_decay]
@@ -164,7 +181,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, fused: bool | None = 
     n_rest = sum(p.numel() for _, p in no_decay)
     log.info("AdamW%s: %s parameters in %d tensors decay (wd=%g), %s in %d tensors do not",
              " (fused)" if fused else "", f"{n_decay:,}", len(decay), cfg.weight_decay, f"{n_rest:,}", len(no_decay))
-    groups = param_groups(model, cfg.weight_decay, cfg.layer_lr_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_lr_decay, lora_plus_ratio)
+    if lora_plus_ratio != 1.0:
+        log.info("LoRA+: the LoRA B factors (%d tensors) at %g x the lr", len(lora_b_ids(model)), lora_plus_ratio)
     if cfg.layer_lr_decay != 1.0:
         log.info("layer-wise lr decay %g: lr x %s (from the top down to the embeddings)", cfg.layer_lr_decay,
                  ", ".join(f"{s:.3g}" for s in sorted({g["lr_scale"] for g in groups}, reverse=True)))

@@ -324,3 +324,39 @@ def test_torch_compile_matches_eager():
     for n, p in eager.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(grads[n], p.grad, rtol=0, atol=1e-5)
+
+
+def test_lora_plus_gives_the_b_factors_their_own_lr():
+    """finetune.lora_plus_ratio (LoRA+): every LoRALinear's lora_b in one group at ratio x the lr, the
+    A factors and an embedding adapter (whose zero factor is lora_a) at the lr; ratio 1 keeps plain
+    LoRA's two groups; the loop's lr = schedule x lr_scale then moves B by ratio x A's first Adam step."""
+    from clusterlm.config import FinetuneConfig, OptimConfig
+    from clusterlm.train.optim import build_optimizer, param_groups
+
+    model = base(gpt_cfg())
+    apply_lora(model, targets=("wq", "w1", "tok_embeddings"), rank=4, alpha=8)
+    linears = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    groups = param_groups(model, 0.1, lora_plus_ratio=16.0)
+    by_scale = {(g["weight_decay"], g["lr_scale"]): {id(p) for p in g["params"]} for g in groups}
+    assert by_scale[(0.1, 16.0)] == {id(m.lora_b) for m in linears}
+    assert {id(m.lora_a) for m in linears} <= by_scale[(0.1, 1.0)]
+    emb = model.tok_embeddings
+    assert {id(emb.lora_a), id(emb.lora_b)} <= by_scale[(0.0, 1.0)] | by_scale[(0.1, 1.0)]
+    assert [g.get("lr_scale") for g in param_groups(model, 0.1)] == [None, None]
+
+    opt = build_optimizer(model, OptimConfig(lr=1e-3, weight_decay=0.0), fused=False, lora_plus_ratio=16.0)
+    for g in opt.param_groups:  # what Trainer does each step
+        g["lr"] = 1e-3 * g.get("lr_scale", 1.0)
+    with torch.no_grad():
+        for m in linears:  # B = 0 gives A no gradient; start both away from zero
+            m.lora_b.fill_(0.01)
+    before = {id(p): p.detach().clone() for m in linears for p in (m.lora_a, m.lora_b)}
+    x, y = batch(1)
+    lm_loss(model(x), y).backward()
+    opt.step()
+    step = lambda p: (p.detach() - before[id(p)]).abs().max().item()  # noqa: E731
+    for m in linears:  # Adam's first step is lr x sign(grad) on every element with a gradient
+        assert step(m.lora_b) == pytest.approx(16e-3, rel=1e-3)
+        assert step(m.lora_a) == pytest.approx(1e-3, rel=1e-3)
+    with pytest.raises(ConfigError, match="finetune.lora_plus_ratio=0"):
+        FinetuneConfig(lora_plus_ratio=0)
