@@ -267,18 +267,40 @@ def translate(args: argparse.Namespace) -> None:
                      indent=1))
 
 
-def base_directions(specs: list[str], tgt: str) -> list[tuple[str, str]]:
+def base_directions(specs: list[str], tgt: str, task_in_base: bool = False) -> list[tuple[str, str]]:
     """--base-pairs as (source, target) languages: "de" is en->de, "fr-en" is fr->en. The
-    fine-tuning direction itself (en->tgt) is refused: the base must not have seen the task."""
+    fine-tuning direction itself (en->tgt) is refused (the base must not have seen the task) unless
+    `task_in_base` (--task-in-base: the base translates en->tgt on its own share of the sentences,
+    fine-tuning gets the rest), which needs at least one other direction to share them with."""
     out = []
     for spec in specs:
         a, b = spec.split("-") if "-" in spec else ("en", spec)
         if a == b or {a, b} - {"en", "fr", "de"}:
             sys.exit(f"--base-pairs {spec}: give X (en->X) or X-Y with X, Y two of en, fr, de")
-        if (a, b) == ("en", tgt):
-            sys.exit(f"--base-pairs {spec} is the fine-tuning direction en->{tgt} itself; give another one")
+        if (a, b) == ("en", tgt) and not task_in_base:
+            sys.exit(f"--base-pairs {spec} is the fine-tuning direction en->{tgt} itself; give another one "
+                     "(or --task-in-base with --disjoint: a base that already translates it on other sentences)")
         out.append((a, b))
+    if task_in_base and (("en", tgt) not in out or len(out) < 2):
+        sys.exit(f"--task-in-base: --base-pairs must name en->{tgt} ({tgt}) and at least one other direction, "
+                 f"so that fine-tuning keeps sentences the base never saw in en->{tgt}; got {specs}")
     return out
+
+
+def held_out_pairs(src: Path, dst: Path, out_dir: Path, k: int, n: int) -> list[Path]:
+    """The pairs of (src, dst) that --disjoint did not give to base direction k of n (line i with
+    i % n != k), written as out_dir/train.LANG.gz (the harness reads the language from the name)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outs = []
+    for path in (src, dst):
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            kept = [x for i, x in enumerate(f) if i % n != k]
+        tmp = out_dir / f".{path.name}.tmp"
+        with gzip.open(tmp, "wt", encoding="utf-8") as f:
+            f.writelines(kept)
+        tmp.replace(out_dir / path.name)
+        outs.append(out_dir / path.name)
+    return outs
 
 
 def base_corpus_jsonl(files: list[Path], out: Path, pairs: list[tuple[Path, Path]] = (), *,
@@ -328,7 +350,12 @@ def translate_lora(args: argparse.Namespace) -> None:
     need(train_files + test_files, "Multi30k", "--data")
     work.mkdir(parents=True, exist_ok=True)
     recipe, test, env = f"multi30k_en{tgt}_cpu", ",".join(map(str, test_files)), env_info()
-    directions = base_directions(args.base_pairs, tgt)
+    if args.task_in_base and not args.disjoint:
+        sys.exit("--task-in-base needs --disjoint: otherwise the base sees every fine-tuning pair")
+    directions = base_directions(args.base_pairs, tgt, args.task_in_base)
+    if args.task_in_base:  # fine-tune on the en->tgt pairs the base did not see
+        k = directions.index(("en", tgt))
+        train_files = held_out_pairs(*train_files, work / "pairs_held_out", k, len(directions))
     langs_in_base = ["en", tgt] + sorted({x for d in directions for x in d} - {"en", tgt})
     base_files = [data / f"train.{x}.gz" for x in langs_in_base]
     base_pairs = [(data / f"train.{a}.gz", data / f"train.{b}.gz") for a, b in directions]
@@ -371,8 +398,9 @@ def translate_lora(args: argparse.Namespace) -> None:
                                   *([f"--finetune.lora_targets={q(args.lora_targets)}"] if args.lora_targets else [])])):
         a = reused(name) if name == "full" else None  # LoRA's settings are what a --reuse run varies
         if a is None:
-            if (work / name).exists():
-                shutil.rmtree(work / name)  # a LoRA run from before, with other settings
+            for old in (work / name, work / f"calib_{name}"):  # a LoRA run from before, with other settings
+                if old.exists():
+                    shutil.rmtree(old)
             a = run_arm(recipe, work / name, over, args.minutes, calibrate(recipe, over, work / f"calib_{name}"),
                         warmup=50)
             t1 = time.perf_counter()
@@ -405,6 +433,7 @@ def translate_lora(args: argparse.Namespace) -> None:
     frac = 100 * lo["trainable"] / lo["total"]
     dirs = " and ".join(f"{a}->{b}" for a, b in directions)
     base_name = (f"base: {dirs} translator" if directions else f"base: en+{tgt} LM") + \
+        (f", fine-tuned on the en->{tgt} pairs it did not see" if args.task_in_base else "") + \
         (", tagged 'X: ...\\nY:'" if args.base_layout == "prompt" else "") + \
         (", disjoint sentences" if args.disjoint else "") + \
         (" + embedding adapter" if emb_adapter else "") + \
@@ -688,6 +717,10 @@ def main() -> None:
                     "its B factors at this x its lr (LoRA+, Hayou et al. 2024, suggest 16); 1 = plain LoRA")
     tl.add_argument("--lora-rank", type=int, default=8, help="the LoRA arm's rank (the goal is about 8; a higher "
                     "one tells whether the rank is what holds LoRA back)")
+    tl.add_argument("--task-in-base", action="store_true",
+                    help="with --disjoint and --base-pairs naming the fine-tuning direction (e.g. fr de): the base "
+                         "already translates en->--pair on its share of the sentences, fine-tuning gets the other "
+                         "shares' pairs (LoRA adapting a capable base rather than teaching it a new direction)")
     tl.add_argument("--reuse", action="store_true", help="reuse the base and the full fine-tuning a run in the "
                     "same --work made (their arm.json): only LoRA trains again, e.g. to try another --lora-lr-scale")
     s = sub.add_parser("sentiment", help="SST-2: scratch vs LM pre-training + fine-tuning, LoRA vs full")

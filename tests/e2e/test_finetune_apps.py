@@ -275,3 +275,28 @@ def test_translate_lora_base_documents_prompt_layout_and_disjoint_directions(tmp
                          "de: b1\nfr: c1", "de: b3\nfr: c3", "de: b5\nfr: c5"]
     base_corpus_jsonl(files, tmp_path / "p.jsonl", pairs[:1])
     assert (tmp_path / "p.jsonl").read_text().splitlines()[-1] == json.dumps({"text": "a5 b5"})
+
+
+def test_translate_lora_task_in_base_fine_tunes_on_the_pairs_the_base_did_not_see(tmp_path):
+    """--task-in-base: en->fr may be a base direction only beside another one (it needs sentences to
+    leave for fine-tuning), and held_out_pairs keeps exactly the lines --disjoint gave the others."""
+    import gzip
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from applications import base_corpus_jsonl, base_directions, held_out_pairs
+
+    assert base_directions(["fr", "de"], "fr", task_in_base=True) == [("en", "fr"), ("en", "de")]
+    for bad in (["fr"], ["de", "de-fr"]):
+        with pytest.raises(SystemExit, match="must name en->fr"):
+            base_directions(bad, "fr", task_in_base=True)
+    for lang, w in (("en", "a"), ("fr", "c"), ("de", "b")):
+        with gzip.open(tmp_path / f"train.{lang}.gz", "wt") as f:
+            f.write("".join(f"{w}{i}\n" for i in range(6)))
+    en, fr, de = (tmp_path / f"train.{x}.gz" for x in ("en", "fr", "de"))
+    base_corpus_jsonl([en, fr, de], tmp_path / "o.jsonl", [(en, fr), (en, de)], layout="prompt", disjoint=True)
+    base_docs = [json.loads(x)["text"] for x in (tmp_path / "o.jsonl").read_text().splitlines()][18:]
+    assert base_docs[:3] == ["en: a0\nfr: c0", "en: a2\nfr: c2", "en: a4\nfr: c4"]
+    out = held_out_pairs(en, fr, tmp_path / "held", 0, 2)
+    assert [p.name for p in out] == ["train.en.gz", "train.fr.gz"]
+    assert [gzip.open(p, "rt").read().split() for p in out] == [["a1", "a3", "a5"], ["c1", "c3", "c5"]]
+    assert not list((tmp_path / "held").glob(".*"))  # no temporary file left
