@@ -363,8 +363,12 @@ def translate_lora(args: argparse.Namespace) -> None:
     need(base_files, "Multi30k", "--data")
     if args.base_layout != "plain" or args.disjoint:
         other += f"_{args.base_layout}" + ("_disjoint" if args.disjoint else "")
+    if args.pairs_only:
+        if not directions:
+            sys.exit("--pairs-only needs --base-pairs: a base of no documents")
+        other += "_pairsonly"
     lm_data, n_docs, lm_prep_s = lm_corpus(work / "lm_data", lambda out: base_corpus_jsonl(
-        base_files, out, base_pairs, layout=args.base_layout, disjoint=args.disjoint))
+        [] if args.pairs_only else base_files, out, base_pairs, layout=args.base_layout, disjoint=args.disjoint))
     common = ["--train.tensorboard=false", "--checkpoint.interval=0", "--eval.every=0", "--eval.tasks=[]",
               *args.override]
     lm_over = [*common, "--finetune.task=lm", f"--data.dir={q(str(lm_data))}", '--data.source=""']
@@ -415,7 +419,8 @@ def translate_lora(args: argparse.Namespace) -> None:
     lo["model_bytes"] = model_file.stat().st_size
     out = {"benchmark": "translation LoRA vs full", "pair": f"en-{tgt}",
            "base_pairs": ", ".join(f"{a}-{b}" for a, b in directions) or None,
-           "base_layout": args.base_layout, "base_disjoint": args.disjoint,
+           "base_layout": args.base_layout, "base_disjoint": args.disjoint, "base_pairs_only": args.pairs_only,
+           "task_in_base": args.task_in_base,
            "recipe": recipe, "env": env,
            "env_after": {"loadavg": [round(x, 2) for x in os.getloadavg()]}, "overrides": args.override,
            "pretrain_minutes": args.pretrain_minutes, "finetune_minutes": args.minutes,
@@ -434,15 +439,16 @@ def translate_lora(args: argparse.Namespace) -> None:
     dirs = " and ".join(f"{a}->{b}" for a, b in directions)
     base_name = (f"base: {dirs} translator" if directions else f"base: en+{tgt} LM") + \
         (f", fine-tuned on the en->{tgt} pairs it did not see" if args.task_in_base else "") + \
+        (", pairs only" if args.pairs_only else "") + \
         (", tagged 'X: ...\\nY:'" if args.base_layout == "prompt" else "") + \
         (", disjoint sentences" if args.disjoint else "") + \
         (" + embedding adapter" if emb_adapter else "") + \
         (f", LoRA lr {args.lora_lr_scale:g}x" if args.lora_lr_scale != 2.0 else "") + \
         (f", LoRA+ B lr x{args.lora_plus_ratio:g}" if args.lora_plus_ratio != 1.0 else "")
     langs = ", ".join(langs_in_base)
-    how = (f"base: decoder LM pre-trained {lm['steps']} steps ({lm['wall_s'] / 60:.1f} min) on the {langs} training "
-           "sentences as separate documents" + (f" and the {dirs} pairs (a base that translates {dirs})"
-                                                 if directions else "") +
+    how = (f"base: decoder LM pre-trained {lm['steps']} steps ({lm['wall_s'] / 60:.1f} min) on " +
+           (f"the {dirs} pairs alone" if args.pairs_only else f"the {langs} training sentences as separate documents"
+            + (f" and the {dirs} pairs (a base that translates {dirs})" if directions else "")) +
            (f"; the base itself, prompted en->{tgt}: {lm['test']['bleu']:.2f} BLEU" if "test" in lm else "") +
            f"; then {args.minutes:g} min of fine-tuning on the en->{tgt} pairs each; "
            f"{env['cpu']}, load {env['loadavg'][0]}; {path.name}")
@@ -721,6 +727,9 @@ def main() -> None:
                     help="with --disjoint and --base-pairs naming the fine-tuning direction (e.g. fr de): the base "
                          "already translates en->--pair on its share of the sentences, fine-tuning gets the other "
                          "shares' pairs (LoRA adapting a capable base rather than teaching it a new direction)")
+    tl.add_argument("--pairs-only", action="store_true",
+                    help="the base reads only its --base-pairs, not every language's sentences as documents (all "
+                         "of its steps go to translating)")
     tl.add_argument("--reuse", action="store_true", help="reuse the base and the full fine-tuning a run in the "
                     "same --work made (their arm.json): only LoRA trains again, e.g. to try another --lora-lr-scale")
     s = sub.add_parser("sentiment", help="SST-2: scratch vs LM pre-training + fine-tuning, LoRA vs full")
