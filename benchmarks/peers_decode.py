@@ -17,7 +17,10 @@ share the machine's load. ctranslate2 runs in a worker process of its own (Ct2Pr
 generation at a time: in one process the two engines slowed each other. tokens/s counts generated tokens of all rows: decode = B * (n - 1) over
 the span from the first to the last new token (prefill and first token left out); end to end =
 B * n over the whole call (prefill included). The ratio uses the median over repeats of the decode
-rate. clusterlm fp32 rows run `generate()` as the CLI and server do (fp32 packed weights for calls of
+rate. "fp32-compile" runs `generate(compile=True)` (`clusterlm generate --compile`): one-row steps
+compiled, their Linears as inductor's fused reduction where that beats MKL's GEMV on this CPU,
+batched steps eager on packed weights (clusterlm/generate/engine.py); its compile happens in the
+warm-up repeat, reported beside the table. clusterlm fp32 rows run `generate()` as the CLI and server do (fp32 packed weights for calls of
 4+ rows: optimize/packed.py); "bf16" is clusterlm's bf16 packed weights (AMX) against ctranslate2's
 float32 (ctranslate2 has no bf16 compute type on CPU: int8, int8_float32, int16, float32); "int8" is clusterlm's Int8Linear
 (fbgemm, dynamic int8 activations) against ctranslate2's compute_type="int8" (its own int8 GEMM,
@@ -58,6 +61,7 @@ from common import machine  # benchmarks/common.py
 from generate_speed import STREAM_ROWS, bandwidth_gbs, weight_bytes  # benchmarks/generate_speed.py
 
 RESULTS = Path(__file__).parent / "results"
+FORMATS = ["fp32", "fp32-compile", "bf16", "int8"]
 
 
 # ---- the bound -------------------------------------------------------------------------------------------
@@ -125,11 +129,12 @@ def ct2_model(ckpt: Path, work: Path) -> tuple[Path, list[str]]:
     return out, vocab
 
 
-def ours_run(model: torch.nn.Module, prompts: list[list[int]], n: int, pack: str) -> tuple[float, float, list[int]]:
+def ours_run(model: torch.nn.Module, prompts: list[list[int]], n: int, pack: str,
+             compile: bool = False) -> tuple[float, float, list[int]]:
     """(decode tokens/s, end-to-end tokens/s, row 0's tokens) of one greedy clusterlm generation."""
     t0 = time.perf_counter()
     stamps = []
-    stream = generate(model, prompts, max_new_tokens=n, temperature=0.0, pack=pack)
+    stream = generate(model, prompts, max_new_tokens=n, temperature=0.0, pack=pack, compile=compile)
     for _ in stream:
         stamps.append(time.perf_counter())
     B = len(prompts)
@@ -204,7 +209,7 @@ def ct2_worker(ct2_dir: str, types: dict[str, str], threads: int) -> None:
 def accuracy_logits(ckpt: Path, prompts: list[list[int]]) -> dict[str, float]:
     """Max |logit difference| against the plain fp32 path over the prompts' every position (the
     gpt2-124m shape, random weights), for each packed format and int8; and the logits' max |value|."""
-    from clusterlm.optimize.packed import pack_for_inference
+    from clusterlm.optimize.packed import pack_for_inference, set_compiled_one_row
 
     model = load_for_inference(ckpt).model.eval()
     idx = torch.tensor(prompts)
@@ -214,6 +219,15 @@ def accuracy_logits(ckpt: Path, prompts: list[list[int]]) -> dict[str, float]:
         for mode in ("fp32", "bf16"):
             pack_for_inference(model, mode)
             out[f"{mode}_packed_max_abs_diff"] = round((model(idx) - ref).abs().max().item(), 6)
+        # compile=True's one-row path: every Linear as inductor's fused reduction (reduce_linear) on
+        # one-token rows, the way a compiled batch-1 decode step calls them
+        pack_for_inference(model, "fp32")
+        set_compiled_one_row(model, True)
+        step = torch.compile(model, dynamic=False)
+        one = idx[:, :1]
+        rows = [step(one[i:i + 1]) for i in range(len(one))]
+        out["fp32_compiled_reduction_max_abs_diff"] = round(
+            (torch.cat(rows) - model(one)).abs().max().item(), 6)  # against eager fp32 on the same rows
         pack_for_inference(model, None)
         quantize_model(model, "int8")
         out["int8_max_abs_diff"] = round((model(idx) - ref).abs().max().item(), 6)
@@ -258,7 +272,7 @@ def markdown(res: dict) -> str:
              "", "| decode tokens/s | clusterlm | ctranslate2 | clusterlm / ctranslate2 |", "|---|---|---|---|"]
     for r in res["rows"]:
         o, c = r["clusterlm"], r["ctranslate2"]
-        fmt = "bf16 (ctranslate2: float32)" if r["format"] == "bf16" else r["format"]
+        fmt = {"bf16": "bf16 (ctranslate2: float32)", "fp32-compile": "fp32, compile=True"}.get(r["format"], r["format"])
         lines.append(f"| {fmt}, batch {r['batch']} | {o['decode_median']} ({o['decode_min']}-{o['decode_max']})"
                      f" | {c['decode_median']} ({c['decode_min']}-{c['decode_max']}) | {r['ratio_decode']}x "
                      f"(end to end {r['ratio_end_to_end']}x) |")
@@ -273,7 +287,8 @@ def markdown(res: dict) -> str:
         a = acc["gpt2_logits"]
         lines.append(f"Accuracy, {res['preset']} logits against plain fp32 (max |diff|; logits up to {a['max_abs_logit']}): "
                      f"fp32 packed {a['fp32_packed_max_abs_diff']}, bf16 packed {a['bf16_packed_max_abs_diff']}, "
-                     f"int8 {a['int8_max_abs_diff']}.")
+                     f"int8 {a['int8_max_abs_diff']}; the compiled one-row reduction against eager fp32 on one-token "
+                     f"rows {a.get('fp32_compiled_reduction_max_abs_diff')}.")
     if "val_loss" in acc:
         v = acc["val_loss"]
         lines.append(f"Val loss of `{acc['val_ckpt']}` ({acc['val_batches']} batches of 64): plain fp32 {v['fp32']}, "
@@ -281,6 +296,12 @@ def markdown(res: dict) -> str:
     lines.append("")
     if res.get("first_tokens_equal") is not None:
         lines.append(f"First greedy tokens equal between the engines (fp32, row 0): {res['first_tokens_equal']}.")
+    if res.get("first_tokens_equal_compiled") is not None:
+        lines.append(f"First greedy tokens equal between the engines (fp32, compile=True, row 0): "
+                     f"{res['first_tokens_equal_compiled']}.")
+    warm = {f"{r['format']} b{r['batch']}": r.get("clusterlm_warmup_call_s") for r in res["rows"]}
+    lines.append(f"clusterlm's warm-up call (repeat 0, not timed in the table: packing, and the compile of "
+                 f"fp32-compile), seconds: {warm}.")
     return "\n".join(lines) + "\n"
 
 
@@ -288,8 +309,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="gpt2-124m")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--formats", nargs="+", default=["fp32", "bf16", "int8"], choices=["fp32", "bf16", "int8"],
-                    help="bf16: clusterlm's bf16 packed weights against ctranslate2 float32 (it has no bf16 on CPU)")
+    ap.add_argument("--formats", nargs="+", default=["fp32", "fp32-compile", "bf16", "int8"], choices=FORMATS,
+                    help="bf16: clusterlm's bf16 packed weights against ctranslate2 float32 (it has no bf16 on CPU); "
+                         "fp32-compile: generate(compile=True) against ctranslate2 float32")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
@@ -318,23 +340,31 @@ def main() -> None:
     models = {"fp32": fp32}
     if "bf16" in args.formats:
         models["bf16"] = load_for_inference(ckpt).model.eval()
+    if "fp32-compile" in args.formats:  # a model of its own: the compiled step is cached per model
+        models["fp32-compile"] = load_for_inference(ckpt).model.eval()
     if "int8" in args.formats:
         m8 = load_for_inference(ckpt).model.eval()
         quantize_model(m8, "int8")
         models["int8"] = m8
-    ct2_type = {"fp32": "float32", "bf16": "float32", "int8": "int8"}
+    ct2_type = {"fp32": "float32", "fp32-compile": "float32", "bf16": "float32", "int8": "int8"}
     ct2 = Ct2Process(ct2_dir, {f: ct2_type[f] for f in args.formats}, args.threads)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 256, (max(args.batches), args.prompt_len), generator=g).tolist()  # byte-token prompts
     variants = [(eng, f, b) for f in args.formats for b in args.batches for eng in ("clusterlm", "ctranslate2")]
     got: dict[tuple, list[tuple[float, float]]] = {v: [] for v in variants}
     first_tokens: dict[tuple, list[int]] = {}
+    first_call_s: dict[tuple, float] = {}  # repeat 0 (warm-up): packing, the compile of fp32-compile
     bw_runs: list[dict[str, float]] = []
     for r in range(args.repeats + 1):  # repeat 0 warms up (packing, allocations)
         for eng, f, b in variants:
             prompts = ids[:b]
             if eng == "clusterlm":
-                dec, e2e, toks = ours_run(models[f], prompts, args.new_tokens, pack={"int8": "auto"}.get(f, f))
+                t0 = time.perf_counter()
+                dec, e2e, toks = ours_run(models[f], prompts, args.new_tokens,
+                                          pack={"int8": "auto", "fp32-compile": "fp32"}.get(f, f),
+                                          compile=f == "fp32-compile")
+                if r == 0:
+                    first_call_s[(f, b)] = round(time.perf_counter() - t0, 1)
             else:
                 dec, e2e, toks = ct2.run(f, [[vocab[t] for t in p] for p in prompts], args.new_tokens)
             first_tokens[(eng, f, b)] = toks
@@ -350,7 +380,8 @@ def main() -> None:
     rows = []
     for f in args.formats:
         for b in args.batches:
-            row: dict = {"format": f, "batch": b, "ctranslate2_compute_type": ct2_type[f]}
+            row: dict = {"format": f, "batch": b, "ctranslate2_compute_type": ct2_type[f],
+                         "clusterlm_warmup_call_s": first_call_s[(f, b)]}
             for eng in ("clusterlm", "ctranslate2"):
                 dec = [x[0] for x in got[(eng, f, b)]]
                 e2e = [x[1] for x in got[(eng, f, b)]]
@@ -379,6 +410,9 @@ def main() -> None:
            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
            "first_tokens_equal": first_tokens.get(("clusterlm", "fp32", 1)) == first_tokens.get(("ctranslate2", "fp32", 1))
            if "fp32" in args.formats and 1 in args.batches else None,
+           "first_tokens_equal_compiled": first_tokens.get(("clusterlm", "fp32-compile", 1))
+           == first_tokens.get(("ctranslate2", "fp32-compile", 1)) if "fp32-compile" in args.formats and 1 in args.batches
+           else None,
            "rows": rows, "accuracy": accuracy,
            "bandwidth": {"stream_mib": args.stream_mib, "stream_repeats": args.stream_repeats,
                          "stream_copy_gbs": stream["copy"], "stream_triad_gbs": stream["triad"],

@@ -24,10 +24,12 @@ model.vocab_multiple) are never sampled.
 
 Speed: the KV cache is static (allocated once per generation for prompt + max_new_tokens, written in
 place). `compile=True` runs the one-token decode step through `torch.compile` (dynamic shapes, so
-the growing cache length does not recompile; compiled once per model and reused by later calls;
-on the CPU it decodes with plain nn.Linear weights, which inductor packs itself: an explicit `pack`
-with compile is refused, since inductor cannot lower oneDNN's packed weights);
-the prefill stays eager. `fuse` chooses fused projections (models.transformer.fuse_for_inference):
+the growing cache length does not recompile; compiled once per model and reused by later calls);
+the prefill stays eager. On the CPU only one-row steps (batch 1) are compiled, in fp32 on the plain
+weights: their Linears run as inductor's fused multiply-and-sum where that beats MKL's GEMV on this
+machine (optimize.packed.compiled_reduction_wins; gpt2-124m on an AMD EPYC, 2 threads: ~50 against
+~35 tokens/s eager), and batched steps stay eager on the packed weights (2x faster than compiled
+there); compile with pack="bf16" is refused (the compiled step would compute in fp32). `fuse` chooses fused projections (models.transformer.fuse_for_inference):
 by default on accelerators only. `pack` chooses packed weights on the CPU
 (optimize.packed.pack_for_inference): "fp32" runs calls of 4 or more rows (batched decode steps,
 the server's steps, prefills) through oneDNN's packed inner product, same precision, 1.5-1.7x
@@ -53,7 +55,8 @@ from torch import nn
 
 from clusterlm.generate.sampling import RowSampling, check_sampling_args, sample_rows, token_logprobs
 from clusterlm.models.transformer import fuse_for_inference
-from clusterlm.optimize.packed import pack_for_inference, packing_unavailable
+from clusterlm.optimize.packed import (compiled_reduction_wins, pack_for_inference, packing_unavailable,
+                                       set_compiled_one_row)
 
 Pack = Literal["auto", "fp32", "bf16"] | None
 
@@ -188,19 +191,18 @@ class Engine:
                 raise ValueError(f"compile=True: {problem}; run without compile (eager decode)")
         # a second call rebuilds only stale copies, so calling it per generation follows weight changes
         fuse_for_inference(model, enable=fuse_by_default(self.device) if fuse is None else fuse)
-        if compile and self.device.type == "cpu":
-            # inductor cannot lower oneDNN's opaque packed weights (mkldnn._linear_pointwise on a
-            # one-row call fails in lowering) and packs weights itself: compile the plain Linears
-            if pack not in (None, "auto"):
-                raise ValueError(f"compile=True with pack={pack!r}: torch.compile cannot lower oneDNN's packed "
-                                 "weights; use one or the other (pack='auto' or None with compile)")
-            pack_for_inference(model, None)  # a model an earlier generation packed gets its nn.Linears back
-            pack = None
+        if compile and self.device.type == "cpu" and pack == "bf16":
+            # compiled steps compute in fp32 on the weights (inductor cannot lower oneDNN's packed copy)
+            raise ValueError("compile=True with pack='bf16': the compiled step computes in fp32 (torch.compile "
+                             "cannot lower oneDNN's bf16 packed weights); use one or the other")
         if pack == "auto":
             pack = pack_by_default(model, self.device)
         if pack is not None and self.device.type == "cpu":  # replaces the Linear modules, same parameters
             pack_for_inference(model, pack)
         self.pack = pack
+        if compile and self.device.type == "cpu" and pack == "fp32":
+            # one-row compiled steps: inductor's fused reduction where it beats MKL's GEMV here
+            set_compiled_one_row(model, compiled_reduction_wins(torch.get_num_threads()))
         # CPU decode steps choose their thread count by measurement (ThreadChooser). None: on the CPU
         # with more than one thread (generate, the server); the default False keeps eval.lm's scores
         # reproducible (thread counts change the order of some float sums)
@@ -212,7 +214,9 @@ class Engine:
             if chooser is None or chooser.max_threads != torch.get_num_threads():
                 chooser = _THREADS[model] = ThreadChooser(torch.get_num_threads())
             self.threads = chooser
-        self._decode = compiled_step(model) if compile else model  # the one-token step
+        # the compiled one-token step; on the CPU for one-row steps only: batched steps stay eager, where
+        # oneDNN's packed weights ran gpt2-124m at batch 16 ~2x faster than the compiled step (MKL's sgemm)
+        self._compiled = compiled_step(model) if compile else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -228,14 +232,17 @@ class Engine:
     def decode(self, last: torch.Tensor, cache: object) -> torch.Tensor:
         """Next-token logits (B, V) after one token per row, last (B, 1): compiled when asked; on the
         CPU at the thread count the ThreadChooser picks (the caller's count is restored after)."""
+        step = self.model
+        if self._compiled is not None and (self.device.type != "cpu" or last.shape[0] == 1):
+            step = self._compiled
         if self.threads is None:
-            return self._decode(last, cache)[:, -1, : self.vocab_size]  # (B, V)
+            return step(last, cache)[:, -1, : self.vocab_size]  # (B, V)
         n, caller = self.threads.threads(), torch.get_num_threads()
         if n != caller:
             torch.set_num_threads(n)
         try:
             t0 = time.perf_counter()
-            logits = self._decode(last, cache)[:, -1, : self.vocab_size]  # (B, V)
+            logits = step(last, cache)[:, -1, : self.vocab_size]  # (B, V)
             self.threads.record(time.perf_counter() - t0)
         finally:
             if n != caller:

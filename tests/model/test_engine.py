@@ -235,13 +235,41 @@ def test_compiled_decode_equals_eager() -> None:
         assert got == want
 
 
-def test_compile_with_explicit_packing_is_refused() -> None:
-    """compile=True with pack='fp32' on the CPU: one ValueError naming both (inductor cannot lower
-    oneDNN's packed weights); the model is left as it was."""
+def test_compile_with_bf16_packing_is_refused() -> None:
+    """compile=True with pack='bf16' on the CPU: one ValueError naming both (the compiled step would
+    compute in fp32: inductor cannot lower oneDNN's packed weights); nothing is packed."""
+    from clusterlm.optimize.packed import PackedLinear
+
     _skip_without_compile()
     model = make("llama")
-    with pytest.raises(ValueError, match=r"compile=True with pack='fp32'"):
-        complete(model, [[1, 2, 3]], max_new_tokens=2, temperature=0.0, compile=True, pack="fp32")
+    with pytest.raises(ValueError, match=r"compile=True with pack='bf16'.*fp32"):
+        complete(model, [[1, 2, 3]], max_new_tokens=2, temperature=0.0, compile=True, pack="bf16")
+    assert not any(type(m) is PackedLinear for m in model.modules())
+
+
+@pytest.mark.slow
+def test_compiled_one_row_reduction_equals_eager(monkeypatch) -> None:
+    """The compiled one-row step with every Linear as inductor's multiply-and-sum (reduce_linear,
+    forced on whatever this CPU measured) gives the eager engine's greedy tokens for batch 1, and a
+    batch-2 call of the same compiled engine runs eager (packed); the reduction is F.linear to 1e-5."""
+    import torch.nn.functional as F
+
+    import clusterlm.generate.engine as engine_mod
+    from clusterlm.optimize.packed import PackedLinear, reduce_linear
+
+    _skip_without_compile()
+    x, w, b = torch.randn(1, 1, 48), torch.randn(40, 48), torch.randn(40)
+    kernel = torch.compile(reduce_linear, dynamic=False)
+    torch.testing.assert_close(kernel(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    model = make("gpt")
+    want1, _ = complete(model, [[1, 2, 3]], max_new_tokens=12, temperature=0.0, pack="fp32")
+    want2, _ = complete(model, [[4, 5, 6]] * 2, max_new_tokens=8, temperature=0.0, pack="fp32")
+    monkeypatch.setattr(engine_mod, "compiled_reduction_wins", lambda threads: True)
+    got1, _ = complete(model, [[1, 2, 3]], max_new_tokens=12, temperature=0.0, compile=True, pack="fp32")
+    got2, _ = complete(model, [[4, 5, 6]] * 2, max_new_tokens=8, temperature=0.0, compile=True, pack="fp32")
+    assert got1 == want1 and got2 == want2
+    linears = [m for m in model.modules() if type(m) is PackedLinear]
+    assert linears and all(m.reduce_when_compiled for m in linears)
 
 
 @pytest.mark.slow
