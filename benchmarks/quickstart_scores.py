@@ -5,8 +5,9 @@ what it reports (steps, val loss, the two bundled choice tasks) with the machine
     .venv/bin/python benchmarks/quickstart_scores.py --minutes 3 --out /tmp/qs
 
 docs/tasks.md quotes these figures. The recipe's 2000 steps are deterministic, so the scores should
-not depend on the machine once all 2000 steps ran, except that a CPU with AMX trains the recipe in
-bf16 (train.dtype = "bf16-native"; results/quickstart_task_scores_xeon_amx.json); `--minutes` caps the training time (a slow or
+not depend on the machine once all 2000 steps ran, except that a CPU with AMX or AVX512-BF16 trains
+the recipe in bf16 (train.dtype = "bf16-native"; results/quickstart_task_scores_xeon_amx.json, and the
+default JSON, from an AMD EPYC with AVX512-BF16); `--minutes` caps the training time (a slow or
 busy machine may stop earlier, and the JSON then says how many steps ran).
 """
 

@@ -11,7 +11,7 @@ Interleaving: clusterlm's Trainer (its own train_step, log_step, evaluation and 
 Trainer.run drives them) and the reference each run `--segment` steps in turn until both reach
 `--steps`, in the same process and threads, so machine load from other jobs hits both alike
 (`--compile-arm` adds clusterlm with train.compile as another arm, `--fp32-arm` one with
-train.dtype = fp32: the recipe's "bf16-native" runs bf16 autocast on CPUs with AMX). Timed:
+train.dtype = fp32: the recipe's "bf16-native" runs bf16 autocast on CPUs with AMX or AVX512-BF16). Timed:
 the wall time of each side's training steps (batch fetch, forward, backward, clip, AdamW, the
 per-step logging each loop does), evaluations and checkpoints left out on both sides and reported
 apart. The reference is nanoGPT's model.py/train.py reduced to this configuration: GPT with
@@ -304,7 +304,7 @@ def main() -> None:
     p.add_argument("--compile-arm", action="store_true",
                    help="a third arm: clusterlm with --train.compile=true (compiled during its first steps)")
     p.add_argument("--fp32-arm", action="store_true",
-                   help="an arm with --train.dtype=fp32 (the recipe's bf16-native is bf16 autocast on AMX CPUs)")
+                   help="an arm with --train.dtype=fp32 (the recipe's bf16-native is bf16 autocast on CPUs with AMX or AVX512-BF16)")
     p.add_argument("--keep", type=Path, default=None,
                    help="copy clusterlm's run (DIR/run) and the prepared data (DIR/data) here, e.g. for peers_decode.py --val-ckpt")
     p.add_argument("--threads", type=int, default=None, help="torch threads for every arm (default: torch's)")

@@ -81,7 +81,7 @@ class TrainConfig:
     """clip the global gradient norm to this; 0 = off"""
     dtype: Literal["auto", "bf16-native", "fp32", "bf16", "fp16"] = "auto"
     """autocast dtype: auto = bf16 on GPUs that support it, fp32 on CPU; bf16-native = the same, and
-    bf16 on CPUs with AMX (faster there; fp32 on other CPUs)"""
+    bf16 on CPUs with AMX or AVX512-BF16 (faster there; fp32 on other CPUs)"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
     """torch.compile the model"""

@@ -2,7 +2,7 @@
 
     device = resolve_device("auto")                  # cuda when available, else cpu
     amp = autocast_dtype("auto", device)             # bf16 on GPUs that have it, None (fp32) on CPU
-    amp = autocast_dtype("bf16-native", device)      # ... and bf16 on CPUs with AMX too
+    amp = autocast_dtype("bf16-native", device)      # ... and bf16 on CPUs with AMX or AVX512-BF16 too
     with autocast(device, amp): loss = model(x)      # a no-op context when amp is None
 
 Library code takes a torch.device from here; models/ never decides a device (shared ARCHITECTURE.md).
@@ -46,23 +46,24 @@ def cpu_flags() -> frozenset[str] | None:
         return None
 
 
-def cpu_has_amx_bf16() -> bool:
-    """Whether this CPU has AMX-BF16 tiles (Intel Sapphire Rapids and later), which oneDNN uses for
-    bf16 matmuls. False where /proc/cpuinfo cannot be read."""
-    return "amx_bf16" in (cpu_flags() or ())
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls in hardware: AMX-BF16 tiles (Intel Sapphire Rapids
+    and later) or AVX512-BF16 dot products (AMD Zen 4 and later, Intel Cooper Lake). False where
+    /proc/cpuinfo cannot be read."""
+    return bool({"amx_bf16", "avx512_bf16"} & (cpu_flags() or frozenset()))
 
 
 def autocast_dtype(dtype: str, device: torch.device, what: str = "train.dtype") -> torch.dtype | None:
     """None = plain fp32. auto: bf16 on GPUs that support it (Ampere+), fp32 on CPU. bf16-native:
-    as auto, and bf16 on CPUs with AMX too, where it is measured faster than fp32 for training
-    (docs/training.md, "bf16 on a CPU"); fp32 on other CPUs, whose bf16 matmuls are slower or
-    emulated."""
+    as auto, and bf16 on CPUs with AMX or AVX512-BF16 too, where it is measured faster than fp32 for
+    training (docs/training.md, "bf16 on a CPU": 1.41x on a Xeon with AMX, 1.46x on an AMD EPYC
+    with AVX512-BF16); fp32 on other CPUs, whose bf16 matmuls are emulated."""
     if dtype not in DTYPE_NAMES:
         raise ConfigError(f"{what}={dtype!r}; expected one of {', '.join(DTYPE_NAMES)}")
     if dtype == "fp32":
         return None
     if dtype == "bf16-native" and device.type == "cpu":
-        return torch.bfloat16 if cpu_has_amx_bf16() else None
+        return torch.bfloat16 if cpu_has_native_bf16() else None
     if dtype in ("auto", "bf16-native"):
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     if dtype == "bf16":

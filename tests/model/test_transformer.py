@@ -295,16 +295,17 @@ def test_attention_runs_in_fp32_under_cpu_autocast(monkeypatch: pytest.MonkeyPat
 
 
 def test_bf16_native_dtype_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """train.dtype = "bf16-native": bf16 autocast on a CPU with AMX, fp32 (None) on one without;
-    "auto" stays fp32 on every CPU; an unknown name lists the valid ones."""
+    """train.dtype = "bf16-native": bf16 autocast on a CPU with AMX-BF16 or AVX512-BF16, fp32 (None)
+    on one with neither or whose flags cannot be read; "auto" stays fp32 on every CPU; an unknown
+    name lists the valid ones."""
     from clusterlm import device as dev
     from clusterlm.errors import ConfigError
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(dev, "cpu_has_amx_bf16", lambda: True)
-    assert dev.autocast_dtype("bf16-native", cpu) == torch.bfloat16
-    assert dev.autocast_dtype("auto", cpu) is None
-    monkeypatch.setattr(dev, "cpu_has_amx_bf16", lambda: False)
-    assert dev.autocast_dtype("bf16-native", cpu) is None
+    for flags, want in (({"amx_bf16", "avx512_bf16"}, torch.bfloat16), ({"avx512_bf16", "avx512f"}, torch.bfloat16),
+                        ({"avx512f", "avx2"}, None), (None, None)):
+        monkeypatch.setattr(dev, "cpu_flags", lambda flags=flags: None if flags is None else frozenset(flags))
+        assert dev.autocast_dtype("bf16-native", cpu) == want, flags
+        assert dev.autocast_dtype("auto", cpu) is None
     with pytest.raises(ConfigError, match="bf16-native"):
         dev.autocast_dtype("bf16_native", cpu)
