@@ -56,23 +56,30 @@ def one_row_min_rows(threads: int) -> int:
     MIN_ROWS. Measured once per process and thread count on a 3072 x 768 matrix (9.4 MB, past the
     L2 cache as a decode step's weights are): best of 7 interleaved pairs of 4 calls, ~30 ms.
     Both paths compute in fp32 (within ~1e-6 of each other); only the speed differs."""
-    import time
-
     w = torch.randn(3072, 768) * 0.02
     packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
     x = torch.randn(1, 768)
-    plain_fn = lambda: F.linear(x, w)  # noqa: E731
-    packed_fn = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")  # noqa: E731
-    best = {plain_fn: float("inf"), packed_fn: float("inf")}
+    plain_s, packed_s = _best_times(
+        [lambda: F.linear(x, w), lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")],
+        repeats=7, calls=4)
+    return 1 if packed_s <= PACKED_MARGIN * plain_s else MIN_ROWS
+
+
+def _best_times(fns: list, repeats: int, calls: int) -> list[float]:
+    """Each function's best time for `calls` calls in a row, over `repeats` interleaved rounds (each
+    timed batch after one untimed call), without gradients: the two measurements above."""
+    import time
+
+    best = [float("inf")] * len(fns)
     with torch.no_grad():
-        for _ in range(7):
-            for fn in best:
+        for _ in range(repeats):
+            for i, fn in enumerate(fns):
                 fn()
                 t0 = time.perf_counter()
-                for _ in range(4):
+                for _ in range(calls):
                     fn()
-                best[fn] = min(best[fn], time.perf_counter() - t0)
-    return 1 if best[packed_fn] <= PACKED_MARGIN * best[plain_fn] else MIN_ROWS
+                best[i] = min(best[i], time.perf_counter() - t0)
+    return best
 
 
 def reduce_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -92,27 +99,17 @@ def compiled_reduction_wins(threads: int) -> bool:
     weights are), best of 5 interleaved pairs; compiling the kernel takes a few seconds (cached on
     disk by inductor), so only `generate(compile=True)` asks. Measured: an AMD EPYC (2 threads)
     12.5 against 23.1 ms, so True there."""
-    import time
-
     kernel = torch.compile(reduce_linear, dynamic=False)
     ws = [torch.randn(3072, 768) * 0.02 for _ in range(12)]
     x = torch.randn(1, 768)
     caller = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with torch.no_grad():
-            compiled_fn = lambda: [kernel(x, w, None) for w in ws]  # noqa: E731
-            plain_fn = lambda: [F.linear(x, w) for w in ws]  # noqa: E731
-            best = {compiled_fn: float("inf"), plain_fn: float("inf")}
-            for _ in range(5):
-                for fn in best:
-                    fn()
-                    t0 = time.perf_counter()
-                    fn()
-                    best[fn] = min(best[fn], time.perf_counter() - t0)
+        compiled_s, plain_s = _best_times([lambda: [kernel(x, w, None) for w in ws],
+                                           lambda: [F.linear(x, w) for w in ws]], repeats=5, calls=1)
     finally:
         torch.set_num_threads(caller)
-    return best[compiled_fn] <= PACKED_MARGIN * best[plain_fn]
+    return compiled_s <= PACKED_MARGIN * plain_s
 
 
 def set_compiled_one_row(model: nn.Module, reduce: bool) -> int:
