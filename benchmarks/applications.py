@@ -431,6 +431,7 @@ def translate_lora(args: argparse.Namespace) -> None:
     lr_tag = f"_lr{args.lora_lr_scale:g}x" if args.lora_lr_scale != 2.0 else ""  # 2x: the first runs' names
     lr_tag += f"_r{r}" if r != 8 else ""
     lr_tag += f"_plus{args.lora_plus_ratio:g}" if args.lora_plus_ratio != 1.0 else ""
+    lr_tag += f"_base{args.pretrain_minutes:g}min" if args.pretrain_minutes != 10 else ""  # 10: the earlier runs
     path = RESULTS / (f"translation_multi30k_en{tgt}_lora{'_emb' if emb_adapter else ''}"
                       f"{f'_from_en{other}' if other else ''}{lr_tag}_{args.minutes:g}min.json")
     path.write_text(json.dumps(out, indent=2) + "\n")

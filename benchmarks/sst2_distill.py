@@ -34,18 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from sst2_ensemble import SHARED, accuracy, train  # noqa: E402
-
-
-def _summary(m: dict) -> dict:
-    """Dev accuracy (%), macro F1 and the positive class's precision / recall / F1, train time."""
-    s = m["scores"]
-    pos = (s.get("per_class") or {}).get("1", {})
-    return {"seed": m["seed"], "accuracy": accuracy([m["rows"]]), "macro_f1": s.get("macro_f1"),
-            "positive": {k: pos.get(k) for k in ("precision", "recall", "f1")}, "train_s": m["train_s"]}
-
-
-def _mean(models: list[dict]) -> float:
-    return round(sum(accuracy([m["rows"]]) for m in models) / len(models), 2)
+from sst2_ensemble import mean_accuracy as _mean  # noqa: E402
+from sst2_ensemble import summary as _summary  # noqa: E402
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("clusterlm.cluster.planner:main", "memory, FLOPs, step time and parallel layout for a run"),
     "convert": ("clusterlm.interop.cli:main", "Hugging Face GPT-2/Llama folder -> clusterlm checkpoint"),
     "export": ("clusterlm.interop.cli:export_main", "clusterlm checkpoint -> Hugging Face folder (--format hf)"),
+    "ensemble": ("clusterlm.finetune.ensemble:main", "combine classifiers of one recipe into one that averages them"),
     "quantize": ("clusterlm.optimize.quantize:main", "int8/int4 weight-only quantization of a checkpoint"),
     "prune": ("clusterlm.optimize.prune:main", "magnitude or structured (heads/channels) pruning of a checkpoint"),
     "serve": ("clusterlm.serve.app:main", "serve a checkpoint over an OpenAI-compatible HTTP API"),

@@ -209,8 +209,8 @@ class Checkpointer:
         missing = [k for k in ("run", "loader") if k not in ckpt.train_state]
         if missing or ckpt.optimizer_state is None:  # written by convert/quantize/prune: weights only
             raise CheckpointError(f"{path} holds weights without the training state a resume needs "
-                                  f"({', '.join(missing) or 'optimizer'} missing: written by convert, quantize or "
-                                  "prune?); it can be evaluated or served, not resumed; start fresh with another "
+                                  f"({', '.join(missing) or 'optimizer'} missing: written by convert, quantize, "
+                                  "prune or ensemble?); it can be evaluated or served, not resumed; start fresh with another "
                                   "--train.out_dir")
         check_state_shapes(ckpt.model_state, model, ckpt.path / "model.safetensors")
         model.load_state_dict(ckpt.model_state)

@@ -8,7 +8,9 @@ Only safetensors and JSON/TOML are read: nothing is unpickled.
 A checkpoint written by `clusterlm quantize` has a quantization.json (method, group size, module
 names; older ones: a "quantization" entry in train_state.json); its Linear layers are rebuilt as the
 quantized modules of clusterlm.optimize.qlinear before the packed weights are loaded
-(docs/compression.md). `LoadedModel.chat_template` is the checkpoint's chat_template.jinja (None
+(docs/compression.md). A checkpoint written by `clusterlm ensemble` has an ensemble.json: its
+weights are N classifiers of config.toml's shape, loaded as one ClassifierEnsemble
+(clusterlm.models.ensemble). `LoadedModel.chat_template` is the checkpoint's chat_template.jinja (None
 without one; clusterlm.generate.template). `LoadedModel.info` carries the folder's step, train_state and config text, so
 a command that writes a derived checkpoint (quantize, prune) reads the source once.
 """
@@ -45,10 +47,11 @@ class LoadedModel:
     info: CheckpointInfo | None = None  # step, train_state, config text, tokenizer path of `path`
     quantization: dict | None = None  # what read_quantization(path) returned
     chat_template: ChatTemplate | None = None  # the checkpoint's chat_template.jinja, if it has one
+    ensemble: dict | None = None  # what read_ensemble(path) returned: N classifiers answering as one
 
 
 def load_for_inference(arg: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    from clusterlm.checkpoint.store import load_model_weights, read_info, resolve_checkpoint
+    from clusterlm.checkpoint.store import load_model_weights, read_ensemble, read_info, resolve_checkpoint
     from clusterlm.models.build import build_model
     from clusterlm.tokenizer import load_tokenizer
 
@@ -62,10 +65,21 @@ def load_for_inference(arg: str | Path, device: str | torch.device = "cpu") -> L
     if tokenizer.vocab_size > cfg.model.padded_vocab_size:  # its ids would index past the embedding
         raise CheckpointError(f"{tok_file} has {tokenizer.vocab_size} tokens but the model in {path}/config.toml has "
                               f"vocab_size={cfg.model.vocab_size}; the checkpoint's files disagree (was one replaced?)")
+    ensemble = read_ensemble(path)
+    if ensemble is not None and not cfg.model.labels:
+        raise CheckpointError(f"{path}/ensemble.json names {ensemble['members']} members, but config.toml is not a "
+                              "classifier's (no model.labels); only classifiers are combined")
     with torch.device("meta"):
-        model = build_model(cfg.model)
-    model.to_empty(device=device)
-    model.init_weights(0)  # fills non-persistent buffers (rotary tables); weights are overwritten below
+        members = [build_model(cfg.model) for _ in range(ensemble["members"] if ensemble else 1)]
+    for m in members:
+        m.to_empty(device=device)
+        m.init_weights(0)  # fills non-persistent buffers (rotary tables); weights are overwritten below
+    if ensemble is not None:
+        from clusterlm.models.ensemble import ClassifierEnsemble
+
+        model = ClassifierEnsemble(members)
+    else:
+        model = members[0]
     quant = read_quantization(path)
     if quant is not None:
         from clusterlm.optimize.qlinear import quantize_model
@@ -89,9 +103,10 @@ def load_for_inference(arg: str | Path, device: str | torch.device = "cpu") -> L
         raise CheckpointError(f"{path}/model.safetensors does not match model config: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
     model.eval()
-    log.info("loaded %s (%s parameters) on %s", path, f"{cfg.model.num_params():,}", device)
+    log.info("loaded %s (%s parameters%s) on %s", path, f"{cfg.model.num_params() * len(members):,}",
+             f": {len(members)} classifiers averaged" if ensemble else "", device)
     return LoadedModel(model=model, tokenizer=tokenizer, config=cfg, path=path, info=read_info(path),
-                       quantization=quant, chat_template=chat_template)
+                       quantization=quant, chat_template=chat_template, ensemble=ensemble)
 
 
 def read_checkpoint_config(path: Path) -> object:

@@ -24,6 +24,8 @@ Layout of a step folder (format_version 1, described in docs/checkpoints.md):
                                one, or given as text (optional; clusterlm.generate.template)
         quantization.json      written by `clusterlm quantize` (optional; older checkpoints kept it
                                as a "quantization" entry of train_state.json, still read)
+        ensemble.json          written by `clusterlm ensemble` (optional): the weights are N classifiers
+                               of config.toml's shape, `members.i.*` (clusterlm.models.ensemble)
         manifest.json          written last: sha256 and size of every other file
 
 A save writes into a hidden `.step-N.partial-XXXX` folder, fsyncs each file, writes the manifest,
@@ -75,6 +77,7 @@ DCP_DIR = "dcp"
 DIST_REQUIRED_FILES = ("train_state.json", "config.toml", f"{DCP_DIR}/.metadata")
 RNG_KEY = "rng"  # reserved key in train_state.json
 QUANTIZATION = "quantization.json"  # {"method", "group_size", "modules", "source"} (clusterlm.optimize.quantize)
+ENSEMBLE = "ensemble.json"  # {"members": N, "combine", "sources"} (clusterlm.finetune.ensemble)
 
 
 @dataclass(frozen=True)
@@ -116,12 +119,14 @@ def write_manifest(folder: Path, step: int) -> dict:
 def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.Tensor],
                     optimizer_state: dict | None, train_state: dict, config_toml: str,
                     tokenizer_path: Path | None = None, rng: dict | None = None, keep_last: int = 3,
-                    quantization: dict | None = None, chat_template: str | None = None) -> Path:
+                    quantization: dict | None = None, chat_template: str | None = None,
+                    ensemble: dict | None = None) -> Path:
     """Write checkpoint `step` atomically under `ckpt_root`; returns the committed step folder.
 
     `rng` is what `capture_rng_state()` returned; when None it is captured here (call it at the
     point whose RNG state a resume should see). Tensors may be on any device; they are copied to CPU.
-    `quantization` (quantized weights only) is written to quantization.json. The chat template
+    `quantization` (quantized weights only) is written to quantization.json, `ensemble` (several
+    classifiers' weights, `members.i.*`) to ensemble.json. The chat template
     (chat_template.jinja) is `chat_template` (its source text) when given, else the file beside
     `tokenizer_path` when there is one.
     """
@@ -134,6 +139,8 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.
     _check_json(train_state, "train_state")
     if quantization is not None:
         _check_json(quantization, "quantization")
+    if ensemble is not None:
+        _check_json(ensemble, "ensemble")
     if tokenizer_path is not None and not Path(tokenizer_path).is_file():
         raise FileNotFoundError(f"tokenizer_path={tokenizer_path} is not a file")
     if rng is None:
@@ -158,6 +165,8 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.
         write_bytes(tmp / "config.toml", config_toml.encode("utf-8"))
         if quantization is not None:
             write_json(tmp / QUANTIZATION, quantization)
+        if ensemble is not None:
+            write_json(tmp / ENSEMBLE, ensemble)
         copy_tokenizer_files(tokenizer_path, tmp, chat_template)
         write_manifest(tmp, step)
         commit_folder(tmp, root / name)
@@ -378,6 +387,22 @@ def read_quantization(path: Path | str) -> dict | None:
     if not (isinstance(q, dict) and q.get("method") in ("int8", "int4") and isinstance(q.get("modules"), list)):
         raise CheckpointError(f"{f}: 'quantization' must hold method int8|int4 and a modules list, got {q!r}")
     return q
+
+
+def read_ensemble(path: Path | str) -> dict | None:
+    """What ensemble.json of a step folder says ({"members": N, ...}: the weights are N classifiers,
+    `members.i.*`), or None for one model."""
+    f = Path(path) / ENSEMBLE
+    if not f.is_file():
+        return None
+    try:
+        e = json.loads(f.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{f} is unparsable: {err}") from err
+    n = e.get("members") if isinstance(e, dict) else None
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise CheckpointError(f"{f}: 'members' must be the number of classifiers (>= 2), got {e!r}")
+    return e
 
 
 def load_checkpoint(path: Path | str, *, verify: bool = True) -> Checkpoint:

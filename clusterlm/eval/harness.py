@@ -87,11 +87,13 @@ def _prompt(ex: Any) -> str:
 
 def model_labels(model: nn.Module) -> tuple[str, ...] | None:
     """A classifier's label names (its head's classes, in order), None for a language model (also
-    inside a DDP wrapper's `module`)."""
+    inside a DDP wrapper's `module`). An ensemble of classifiers (models/ensemble.py) is one."""
     from clusterlm.models.classifier import SequenceClassifier
+    from clusterlm.models.ensemble import ClassifierEnsemble
 
-    model = getattr(model, "module", model) if not isinstance(model, SequenceClassifier) else model
-    return tuple(model.labels) if isinstance(model, SequenceClassifier) else None
+    kinds = (SequenceClassifier, ClassifierEnsemble)
+    model = getattr(model, "module", model) if not isinstance(model, kinds) else model
+    return tuple(model.labels) if isinstance(model, kinds) else None
 
 
 @dataclass(frozen=True)

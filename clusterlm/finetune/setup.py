@@ -50,7 +50,7 @@ def resolve_base(init_from: str, out_dir: Path) -> Base:
     """The base named by finetune.init_from: a run, checkpoints folder or step folder, or a Hugging
     Face model folder (converted once into OUT_DIR/base)."""
     from clusterlm.checkpoint.model_io import read_checkpoint_config
-    from clusterlm.checkpoint.store import read_quantization, resolve_checkpoint
+    from clusterlm.checkpoint.store import read_ensemble, read_quantization, resolve_checkpoint
 
     src = Path(init_from)
     if not src.exists():
@@ -68,6 +68,11 @@ def resolve_base(init_from: str, out_dir: Path) -> Base:
     if read_quantization(path) is not None:
         raise ConfigError(f"finetune.init_from={path} is a quantized checkpoint; fine-tune the full-precision model "
                           "(quantize the fine-tuned one afterwards)")
+    if (ens := read_ensemble(path)) is not None:
+        raise ConfigError(f"finetune.init_from={path} is an ensemble of {ens['members']} classifiers (clusterlm "
+                          "ensemble), which is only for inference; fine-tune from one of its members "
+                          f"({', '.join(map(str, ens.get('sources', [])[:2]))}...) or use it as a teacher "
+                          "(finetune.distill_from)")
     cfg = read_checkpoint_config(path)
     tok = path / "tokenizer.json"
     if not tok.is_file():

@@ -40,6 +40,9 @@ def quantize_checkpoint(src: str | Path, out: str | Path, method: str, group_siz
     loaded = load_for_inference(src)  # the one read of the source checkpoint
     if loaded.quantization is not None:
         raise ValueError(f"{loaded.path} is already quantized; quantize the float checkpoint")
+    if loaded.ensemble is not None:
+        raise ValueError(f"{loaded.path} is an ensemble of {loaded.ensemble['members']} classifiers (clusterlm "
+                         "ensemble); quantization writes one model's weights: serve the float ensemble")
     names = quantize_model(loaded.model, method, group_size=group_size, keep_output=keep_output)
     info = loaded.info
     quantization = {"method": method, "group_size": group_size, "modules": names, "source": str(loaded.path)}

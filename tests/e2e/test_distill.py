@@ -202,3 +202,14 @@ def test_augmented_copies_train_on_the_teachers_alone_and_never_leak_into_valida
     assert "augment=2" in line and "not 1" in line
     line = _fails(_args(root, tmp_path / "o2", "--train.max_steps=1", "--finetune.augment=2"), capsys)
     assert "finetune.augment=2" in line and "distill_from" in line
+
+
+def test_an_ensemble_checkpoint_teaches_what_its_members_teach_together(root, tmp_path):
+    """`clusterlm ensemble t1 t2` as the one teacher gives each example the probabilities the two give as
+    two teachers (their mean), to float32 rounding."""
+    from clusterlm.finetune.distill import teacher_probs
+
+    assert cli(["ensemble", str(root / "t1"), str(root / "t2"), "--out", str(tmp_path / "ens")]) == 0
+    one = teacher_probs([str(tmp_path / "ens")], root / "data", tmp_path / "a", seq_len=32)
+    two = teacher_probs([str(root / "t1"), str(root / "t2")], root / "data", tmp_path / "b", seq_len=32)
+    np.testing.assert_allclose(one, two, rtol=0, atol=1e-6)
