@@ -27,13 +27,12 @@ import json
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from sst2_ensemble import SHARED, accuracy, train  # noqa: E402
+from sst2_ensemble import SHARED, accuracy, train_all  # noqa: E402
 from sst2_ensemble import mean_accuracy as _mean  # noqa: E402
 from sst2_ensemble import summary as _summary  # noqa: E402
 
@@ -64,13 +63,7 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="sst2-distill-"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    with ThreadPoolExecutor(args.parallel) as pool:
-        # the first run prepares the shared data folder; the others start once it is there
-        first = pool.submit(train, args.teachers[0], args.data, work, args.steps)
-        while not (work / "data" / "meta.json").is_file() and not first.done():
-            time.sleep(1)
-        rest = [pool.submit(train, s, args.data, work, args.steps) for s in args.teachers[1:]]
-        teachers = [f.result() for f in (first, *rest)]
+    teachers = train_all(args.teachers, args.data, work, args.steps, args.parallel)
     teachers_wall = time.time() - t0
     extra: tuple[str, ...] = (f"--finetune.distill_from={json.dumps([str(t['run']) for t in teachers])}",
                               f"--finetune.distill_weight={args.weight}")
@@ -80,14 +73,9 @@ def main() -> None:
         extra += (f"--finetune.augment={args.augment}", f"--data.dir={json.dumps(str(student_data))}",
                   f"--data.tokenizer={json.dumps(str(work / 'data' / 'tokenizer.json'))}")
     t1 = time.time()
-    with ThreadPoolExecutor(args.parallel) as pool:
-        first = pool.submit(train, args.students[0], args.data, work, args.steps, extra, "student")
-        while not (student_data / "meta.json").is_file() and not first.done():
-            time.sleep(1)
-        rest = [pool.submit(train, s, args.data, work, args.steps, extra, "student") for s in args.students[1:]]
-        students = [f.result() for f in (first, *rest)]
-        students_wall = time.time() - t1
-        scratch = list(pool.map(lambda s: train(s, args.data, work, args.steps), args.students)) if args.baseline else []
+    students = train_all(args.students, args.data, work, args.steps, args.parallel, extra, "student", student_data)
+    students_wall = time.time() - t1
+    scratch = train_all(args.students, args.data, work, args.steps, args.parallel) if args.baseline else []
     out = {"benchmark": "sst2_lstm_distill", "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
            "recipe": "sst2_lstm_cpu", "steps": args.steps, "distill_weight": args.weight, "augment": args.augment,
            "parallel": args.parallel, "threads_per_run": 1, "dev_sentences": len(teachers[0]["rows"]),

@@ -72,6 +72,19 @@ def _scores(stdout: str) -> dict:
     return next(iter(tasks.values()), {}) if isinstance(tasks, dict) else {}
 
 
+def train_all(seeds: list[int], data: Path, work: Path, steps: int, parallel: int, extra: tuple[str, ...] = (),
+              name: str = "seed", data_dir: Path | None = None) -> list[dict]:
+    """train() at every seed, `parallel` at a time: the first prepares the shared data folder
+    (`data_dir`, default WORK/data), the others start once its meta.json is there."""
+    data_dir = data_dir or work / "data"
+    with ThreadPoolExecutor(parallel) as pool:
+        first = pool.submit(train, seeds[0], data, work, steps, extra, name)
+        while not (data_dir / "meta.json").is_file() and not first.done():
+            time.sleep(1)
+        rest = [pool.submit(train, s, data, work, steps, extra, name) for s in seeds[1:]]
+        return [f.result() for f in (first, *rest)]
+
+
 def summary(m: dict) -> dict:
     """Dev accuracy (%), macro F1 and the positive class's precision / recall / F1, train time."""
     s = m["scores"]
@@ -118,13 +131,7 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="sst2-ensemble-"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    with ThreadPoolExecutor(args.parallel) as pool:
-        # the first run prepares the shared data folder; the others start once it is there
-        first = pool.submit(train, args.seeds[0], args.data, work, args.steps)
-        while not (work / "data" / "meta.json").is_file() and not first.done():
-            time.sleep(1)
-        rest = [pool.submit(train, s, args.data, work, args.steps) for s in args.seeds[1:]]
-        models = [f.result() for f in (first, *rest)]
+    models = train_all(args.seeds, args.data, work, args.steps, args.parallel)
     train_wall = time.time() - t0
     served = combine(models, args.data, work)
     wall = time.time() - t0
