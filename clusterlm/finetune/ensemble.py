@@ -57,6 +57,19 @@ def _differences(a: object, b: object) -> list[str]:
     return [f"model.{k}={da[k]!r} vs {db[k]!r}" for k in da if da[k] != db[k]]
 
 
+def _check_same(first: object, m: object) -> None:
+    """Refuse member `m` unless it has `first`'s model config and tokenizer."""
+    from clusterlm.fsutil import sha256_file
+
+    diffs = _differences(first.config.model, m.config.model)
+    if diffs:
+        raise ConfigError(f"{m.path} is not the same model as {first.path}: {'; '.join(diffs[:4])}; an "
+                          "ensemble's members share one model config (the same recipe at other seeds)")
+    if sha256_file(m.path / "tokenizer.json") != sha256_file(first.path / "tokenizer.json"):
+        raise ConfigError(f"{m.path} was trained with another tokenizer than {first.path}; the members read the "
+                          "same token ids: train them on the same data.dir (or data.tokenizer)")
+
+
 def write_ensemble(members: list[str], out: str | Path) -> Path:
     """Combine classifier checkpoints `members` into out/checkpoints/step-N; returns the step folder."""
     from clusterlm.checkpoint.store import MANIFEST, save_checkpoint
@@ -68,23 +81,15 @@ def write_ensemble(members: list[str], out: str | Path) -> Path:
     out = Path(out)
     if (out / "checkpoints").exists():
         raise ConfigError(f"{out}/checkpoints already exists; choose a new --out")
-    loaded = []
-    first = None
+    loaded: list = []
     for arg in members:
         m = _member(arg)
-        if first is None:
-            first = m
-        else:
-            diffs = _differences(first.config.model, m.config.model)
-            if diffs:
-                raise ConfigError(f"{m.path} is not the same model as {first.path}: {'; '.join(diffs[:4])}; an "
-                                  "ensemble's members share one model config (the same recipe at other seeds)")
-            if sha256_file(m.path / "tokenizer.json") != sha256_file(first.path / "tokenizer.json"):
-                raise ConfigError(f"{m.path} was trained with another tokenizer than {first.path}; the members read the "
-                                  "same token ids: train them on the same data.dir (or data.tokenizer)")
         if any(m.path.resolve() == x.path.resolve() for x in loaded):
             raise ConfigError(f"{m.path} is given twice; each member is another training run")
+        if loaded:
+            _check_same(loaded[0], m)
         loaded.append(m)
+    first = loaded[0]
     model = ClassifierEnsemble([m.model for m in loaded])
     info = first.info
     ensemble = {"members": len(loaded), "combine": "mean of the members' class probabilities",
