@@ -530,14 +530,20 @@ def plot_curve(curve: list[dict], minutes: float, bleu: float, tgt: str, args: a
 
 
 # ---- sentiment ----------------------------------------------------------------------------------
-def sentences_jsonl(train_tsv: Path, out: Path) -> int:
-    """The unlabelled training sentences (unique, in file order) as JSONL documents for `prepare`."""
+def sentences_jsonl(train_tsv: Path, out: Path, extra: list[Path] = ()) -> int:
+    """The unlabelled training sentences (unique, in file order) as JSONL documents for `prepare`,
+    then the lines of each `extra` text file (plain or .gz, a sentence a line; lowercased, as SST-2
+    is), e.g. other English for a more general LM (ULMFiT's first stage)."""
     seen: dict[str, None] = {}
     with gzip.open(train_tsv, "rt", encoding="utf-8") as f:
         header = f.readline().rstrip("\n").split("\t")
         col = next(i for i, c in enumerate(header) if c in ("sentence", "text", "content"))
         for line in f:
             seen.setdefault(line.rstrip("\n").split("\t")[col].strip(), None)
+    for path in extra:
+        with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
+            for line in f:
+                seen.setdefault(line.strip().lower(), None)
     out.write_text("".join(json.dumps({"text": s}) + "\n" for s in seen if s))
     return len(seen)
 
@@ -598,12 +604,16 @@ def sentiment(args: argparse.Namespace) -> None:
     env, budget_s = env_info(), args.minutes * 60
     common = [f"--data.source={q(str(train_tsv))}", f"--finetune.val_source={q(str(dev))}", "--train.tensorboard=false",
               *args.override]
-    lm_data, n_sent, lm_prep_s = lm_corpus(work / "sst2_lm", lambda out: sentences_jsonl(train_tsv, out))
+    extra = [Path(x) for x in args.lm_extra]
+    if missing := [str(x) for x in extra if not x.is_file()]:
+        sys.exit(f"--lm-extra: no such file {', '.join(missing)}; give text files, a sentence a line (.gz ok)")
+    lm_name = "sst2_lm" + "".join(f"_{x.parent.name}_{x.name.split('.')[0]}" for x in extra)  # another corpus, another folder
+    lm_data, n_sent, lm_prep_s = lm_corpus(work / lm_name, lambda out: sentences_jsonl(train_tsv, out, extra))
     out: dict[str, Any] = {"benchmark": "sentiment", "overrides": args.override, "env": env, "budget_minutes": args.minutes,
                            "finetune_overrides": args.finetune_override, "tag": args.tag,
                            "pretrain_share": args.pretrain_share, "classifier_steps": args.classifier_steps,
                            "lm_prepare_s": round(lm_prep_s, 1),
-                           "lm_sentences": n_sent, "arms": {}}
+                           "lm_sentences": n_sent, "lm_extra": [str(x) for x in extra], "arms": {}}
     rows = []
     for arch in args.arch:
         recipe = f"sst2_{arch}_cpu"
@@ -746,6 +756,9 @@ def main() -> None:
     s.add_argument("--finetune-override", action="append", default=[],
                    help="extra --section.key=value for the arms that start from the LM only, e.g. "
                         "--finetune-override=--optim.layer_lr_decay=0.385 (ULMFiT's discriminative fine-tuning)")
+    s.add_argument("--lm-extra", action="append", default=[], metavar="FILE",
+                   help="more unlabelled text for the LM (a sentence a line, .gz ok), after SST-2's sentences; "
+                        "repeatable, e.g. ../shared/data/multi30k/train.en.gz")
     s.add_argument("--tag", default="", help="names a variant: in the result file name and the rows' application")
     for x in (t, tl, s):
         x.add_argument("--threads", type=int, default=0, help="torch threads for training and scoring (0 = torch's "

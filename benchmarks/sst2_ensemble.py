@@ -114,12 +114,22 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2200, help="training steps per model (the recipe's)")
     p.add_argument("--data", type=Path, default=SHARED / "sst2", help="folder with train.tsv.gz and dev.tsv")
     p.add_argument("--work", type=Path, default=None, help="runs and samples (default: a temporary folder)")
+    p.add_argument("--override", action="append", default=[], help="extra --section.key=value for every run, "
+                   "e.g. --override=--model.arch=gru (name it with --tag)")
+    p.add_argument("--mix", nargs="+", metavar="GROUP=GLOB", default=None,
+                   help="train nothing: score random draws from `eval --samples` files of earlier runs, e.g. "
+                        "lstm='W/seed*.jsonl' gru='W2/seed*.jsonl' (see --draw)")
+    p.add_argument("--draw", nargs="+", metavar="GROUP:K", default=None,
+                   help="with --mix, one draw: K members from each GROUP, e.g. lstm:3 gru:3 (repeat --draw sets "
+                        "with ';' between them: 'lstm:6' 'lstm:3;gru:3')")
     p.add_argument("--tag", default="", help="suffix of the result files (sst2_lstm_ensemble_TAG.json, ...)")
     p.add_argument("--out", type=Path, default=None, help="the JSON (default: benchmarks/results/sst2_lstm_ensemble"
                    "[_TAG].json); the applications report's rows go beside it")
     args = p.parse_args()
     suffix = f"_{args.tag}" if args.tag else ""
     args.out = args.out or ROOT / "benchmarks" / "results" / f"sst2_lstm_ensemble{suffix}.json"
+    if args.mix:
+        return mix(args)
     if len(args.seeds) < 2 or len(set(args.seeds)) != len(args.seeds):
         sys.exit(f"--seeds {args.seeds}: give at least 2 different seeds")
     missing = [str(f) for f in (args.data / "train.tsv.gz", args.data / "dev.tsv") if not f.is_file()]
@@ -131,7 +141,7 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="sst2-ensemble-"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    models = train_all(args.seeds, args.data, work, args.steps, args.parallel)
+    models = train_all(args.seeds, args.data, work, args.steps, args.parallel, tuple(args.override))
     train_wall = time.time() - t0
     served = combine(models, args.data, work)
     wall = time.time() - t0
@@ -146,7 +156,7 @@ def main() -> None:
         table.append({"models": k, "subsets": len(accs), "mean": round(sum(accs) / len(accs), 2),
                       "worst": min(accs), "best": max(accs)})
     out = {"benchmark": "sst2_lstm_ensemble", "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
-           "recipe": "sst2_lstm_cpu", "steps": args.steps, "parallel": args.parallel, "threads_per_run": 1,
+           "recipe": "sst2_lstm_cpu", "overrides": args.override, "steps": args.steps, "parallel": args.parallel, "threads_per_run": 1,
            "dev_sentences": len(models[0]["rows"]), "single_accuracy": singles,
            "single_mean": round(sum(singles.values()) / len(singles), 2),
            "members": [summary(m) for m in models],
@@ -156,6 +166,34 @@ def main() -> None:
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     (args.out.parent / f"applications_sentiment_ensemble{suffix}.json").write_text(
         json.dumps({"rows": _rows(out)}, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+def mix(args: argparse.Namespace) -> None:
+    """--mix: accuracy of random draws (200 per recipe, seed 0) of members from groups of earlier runs'
+    samples files, e.g. six LSTMs against three LSTMs and three GRUs; writes sst2_ensemble_mix[_TAG].json."""
+    import glob
+    import random
+
+    groups: dict[str, list[list[dict]]] = {}
+    for spec in args.mix:
+        name, _, pattern = spec.partition("=")
+        files = sorted(glob.glob(pattern))
+        if not name or not files:
+            sys.exit(f"--mix {spec!r}: give GROUP=GLOB matching `clusterlm eval --samples` files")
+        groups[name] = [[json.loads(x) for x in Path(f).read_text().splitlines() if x.strip()] for f in files]
+    rng, out = random.Random(0), {"benchmark": "sst2_ensemble_mix", "mix": args.mix, "groups": {g: [accuracy([r]) for r in runs] for g, runs in groups.items()},
+                                  "draws": []}
+    for spec in args.draw or [";".join(f"{g}:{len(r)}" for g, r in groups.items())]:
+        want = {g: int(k) for g, _, k in (part.partition(":") for part in spec.split(";"))}
+        bad = [g for g, k in want.items() if g not in groups or not 0 < k <= len(groups[g])]
+        if bad:
+            sys.exit(f"--draw {spec!r}: {bad} is not a --mix group with that many runs ({ {g: len(r) for g, r in groups.items()} })")
+        accs = [accuracy([r for g, k in want.items() for r in rng.sample(groups[g], k)]) for _ in range(200)]
+        out["draws"].append({"draw": spec, "mean": round(sum(accs) / len(accs), 2), "worst": min(accs), "best": max(accs)})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    path = args.out.with_name(f"sst2_ensemble_mix{'_' + args.tag if args.tag else ''}.json")
+    path.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
 
