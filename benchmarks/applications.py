@@ -543,7 +543,8 @@ def sentences_jsonl(train_tsv: Path, out: Path, extra: list[Path] = ()) -> int:
     for path in extra:
         with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
             for line in f:
-                seen.setdefault(line.strip().lower(), None)
+                if line.strip():
+                    seen.setdefault(line.strip().lower(), None)
     out.write_text("".join(json.dumps({"text": s}) + "\n" for s in seen if s))
     return len(seen)
 
