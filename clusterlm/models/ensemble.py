@@ -4,8 +4,8 @@
     model(idx)   # (B, C) float32: log of the members' mean probabilities
 
 Seed-to-seed spread of a small classifier is often as large as any setting's effect (SST-2 with the
-`sst2_lstm_cpu` recipe: 81.7-83.0% over six seeds); averaging the probabilities of a few removes it
-(the six: 84.17%, docs/finetune.md). `clusterlm ensemble RUN RUN ... --out DIR` (finetune/ensemble.py)
+`sst2_lstm_cpu` recipe: 80.4-83.0% over eighteen seeds); averaging the probabilities of six adds 1.0
+to 2.0 points to their mean (docs/finetune.md). `clusterlm ensemble RUN RUN ... --out DIR` (finetune/ensemble.py)
 writes such a model as one checkpoint, which `eval`, `serve` (/classify) and `finetune.distill_from`
 load like any classifier.
 
