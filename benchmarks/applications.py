@@ -296,8 +296,10 @@ def held_out_pairs(src: Path, dst: Path, out_dir: Path, k: int, n: int) -> list[
         with gzip.open(path, "rt", encoding="utf-8") as f:
             kept = [x for i, x in enumerate(f) if i % n != k]
         tmp = out_dir / f".{path.name}.tmp"
-        with gzip.open(tmp, "wt", encoding="utf-8") as f:
-            f.writelines(kept)
+        # mtime=0 and no name in the header: the same lines give the same bytes, so a --reuse run's
+        # rewrite matches the SHA-256 that the prepared data.dir recorded
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+            gz.write("".join(kept).encode("utf-8"))
         tmp.replace(out_dir / path.name)
         outs.append(out_dir / path.name)
     return outs

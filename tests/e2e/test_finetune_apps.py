@@ -11,6 +11,7 @@ import math
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -300,3 +301,8 @@ def test_translate_lora_task_in_base_fine_tunes_on_the_pairs_the_base_did_not_se
     assert [p.name for p in out] == ["train.en.gz", "train.fr.gz"]
     assert [gzip.open(p, "rt").read().split() for p in out] == [["a1", "a3", "a5"], ["c1", "c3", "c5"]]
     assert not list((tmp_path / "held").glob(".*"))  # no temporary file left
+    # written again (translate-lora --reuse does), the files are the same bytes: the prepared pairs'
+    # data.dir recorded their SHA-256 and refuses a source whose bytes changed
+    before = [p.read_bytes() for p in out]
+    time.sleep(1.1)  # gzip's header holds a time in seconds unless it is pinned
+    assert [p.read_bytes() for p in held_out_pairs(en, fr, tmp_path / "held", 0, 2)] == before
