@@ -547,8 +547,9 @@ def sentences_jsonl(train_tsv: Path, out: Path, extra: list[Path] = ()) -> int:
             for line in f:
                 if line.strip():
                     seen.setdefault(line.strip().lower(), None)
-    out.write_text("".join(json.dumps({"text": s}) + "\n" for s in seen if s))
-    return len(seen)
+    texts = [s for s in seen if s]
+    out.write_text("".join(json.dumps({"text": s}) + "\n" for s in texts))
+    return len(texts)
 
 
 def dev_scores(run: Path, dev: Path) -> dict[str, Any]:
