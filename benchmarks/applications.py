@@ -545,8 +545,7 @@ def sentences_jsonl(train_tsv: Path, out: Path, extra: list[Path] = ()) -> int:
     for path in extra:
         with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
             for line in f:
-                if line.strip():
-                    seen.setdefault(line.strip().lower(), None)
+                seen.setdefault(line.strip().lower(), None)
     texts = [s for s in seen if s]
     out.write_text("".join(json.dumps({"text": s}) + "\n" for s in texts))
     return len(texts)

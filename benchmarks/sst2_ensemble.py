@@ -58,7 +58,7 @@ def train(seed: int, data: Path, work: Path, steps: int, extra: tuple[str, ...] 
     samples = work / f"{tag}.jsonl"
     ev = subprocess.run([*CLI, "eval", str(run), "--task", str(data / "dev.tsv"), "--samples", str(samples)],
                         cwd=ROOT, check=True, capture_output=True, text=True)
-    rows = [json.loads(x) for x in samples.read_text().splitlines() if x.strip()]
+    rows = read_samples(samples)
     return {"seed": seed, "run": run, "train_s": round(train_s, 1), "rows": rows, "scores": _scores(ev.stdout)}
 
 
@@ -83,6 +83,11 @@ def train_all(seeds: list[int], data: Path, work: Path, steps: int, parallel: in
             time.sleep(1)
         rest = [pool.submit(train, s, data, work, steps, extra, name) for s in seeds[1:]]
         return [f.result() for f in (first, *rest)]
+
+
+def read_samples(path: Path) -> list[dict]:
+    """The records of a `clusterlm eval --task ... --samples` file (one JSON object a line)."""
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
 
 
 def summary(m: dict) -> dict:
@@ -120,8 +125,8 @@ def main() -> None:
                    help="train nothing: score random draws from `eval --samples` files of earlier runs, e.g. "
                         "lstm='W/seed*.jsonl' gru='W2/seed*.jsonl' (see --draw)")
     p.add_argument("--draw", nargs="+", metavar="GROUP:K", default=None,
-                   help="with --mix, one draw: K members from each GROUP, e.g. lstm:3 gru:3 (repeat --draw sets "
-                        "with ';' between them: 'lstm:6' 'lstm:3;gru:3')")
+                   help="with --mix, the draws to score, each GROUP:K parts joined by ';' (K members from each "
+                        "GROUP), e.g. lstm:6 'lstm:3;gru:3'; default: every run of every group")
     p.add_argument("--tag", default="", help="suffix of the result files (sst2_lstm_ensemble_TAG.json, ...)")
     p.add_argument("--out", type=Path, default=None, help="the JSON (default: benchmarks/results/sst2_lstm_ensemble"
                    "[_TAG].json); the applications report's rows go beside it")
@@ -129,7 +134,7 @@ def main() -> None:
     suffix = f"_{args.tag}" if args.tag else ""
     args.out = args.out or ROOT / "benchmarks" / "results" / f"sst2_lstm_ensemble{suffix}.json"
     if args.mix:
-        return mix(args)
+        return mix(args, suffix)
     if len(args.seeds) < 2 or len(set(args.seeds)) != len(args.seeds):
         sys.exit(f"--seeds {args.seeds}: give at least 2 different seeds")
     missing = [str(f) for f in (args.data / "train.tsv.gz", args.data / "dev.tsv") if not f.is_file()]
@@ -156,7 +161,8 @@ def main() -> None:
         table.append({"models": k, "subsets": len(accs), "mean": round(sum(accs) / len(accs), 2),
                       "worst": min(accs), "best": max(accs)})
     out = {"benchmark": "sst2_lstm_ensemble", "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
-           "recipe": "sst2_lstm_cpu", "overrides": args.override, "steps": args.steps, "parallel": args.parallel, "threads_per_run": 1,
+           "recipe": "sst2_lstm_cpu", "overrides": args.override, "steps": args.steps, "parallel": args.parallel,
+           "threads_per_run": 1,
            "dev_sentences": len(models[0]["rows"]), "single_accuracy": singles,
            "single_mean": round(sum(singles.values()) / len(singles), 2),
            "members": [summary(m) for m in models],
@@ -169,8 +175,8 @@ def main() -> None:
     print(json.dumps(out, indent=2))
 
 
-def mix(args: argparse.Namespace) -> None:
-    """--mix: accuracy of random draws (200 per recipe, seed 0) of members from groups of earlier runs'
+def mix(args: argparse.Namespace, suffix: str) -> None:
+    """--mix: accuracy of random draws (200 per --draw, seed 0) of members from groups of earlier runs'
     samples files, e.g. six LSTMs against three LSTMs and three GRUs; writes sst2_ensemble_mix[_TAG].json."""
     import glob
     import random
@@ -181,18 +187,20 @@ def mix(args: argparse.Namespace) -> None:
         files = sorted(glob.glob(pattern))
         if not name or not files:
             sys.exit(f"--mix {spec!r}: give GROUP=GLOB matching `clusterlm eval --samples` files")
-        groups[name] = [[json.loads(x) for x in Path(f).read_text().splitlines() if x.strip()] for f in files]
-    rng, out = random.Random(0), {"benchmark": "sst2_ensemble_mix", "mix": args.mix, "groups": {g: [accuracy([r]) for r in runs] for g, runs in groups.items()},
-                                  "draws": []}
-    for spec in args.draw or [";".join(f"{g}:{len(r)}" for g, r in groups.items())]:
-        want = {g: int(k) for g, _, k in (part.partition(":") for part in spec.split(";"))}
-        bad = [g for g, k in want.items() if g not in groups or not 0 < k <= len(groups[g])]
-        if bad:
-            sys.exit(f"--draw {spec!r}: {bad} is not a --mix group with that many runs ({ {g: len(r) for g, r in groups.items()} })")
-        accs = [accuracy([r for g, k in want.items() for r in rng.sample(groups[g], k)]) for _ in range(200)]
-        out["draws"].append({"draw": spec, "mean": round(sum(accs) / len(accs), 2), "worst": min(accs), "best": max(accs)})
+        groups[name] = [read_samples(f) for f in files]
+    sizes = {g: len(runs) for g, runs in groups.items()}
+    out = {"benchmark": "sst2_ensemble_mix", "mix": args.mix,
+           "groups": {g: [accuracy([r]) for r in runs] for g, runs in groups.items()}, "draws": []}
+    rng = random.Random(0)
+    for spec in args.draw or [";".join(f"{g}:{n}" for g, n in sizes.items())]:
+        want = {g: k for g, _, k in (part.partition(":") for part in spec.split(";"))}
+        if any(g not in groups or not k.isdigit() or not 0 < int(k) <= sizes[g] for g, k in want.items()):
+            sys.exit(f"--draw {spec!r}: give GROUP:K parts joined by ';', K at most the group's runs {sizes}")
+        accs = [accuracy([r for g, k in want.items() for r in rng.sample(groups[g], int(k))]) for _ in range(200)]
+        out["draws"].append({"draw": spec, "mean": round(sum(accs) / len(accs), 2), "worst": min(accs),
+                             "best": max(accs)})
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    path = args.out.with_name(f"sst2_ensemble_mix{'_' + args.tag if args.tag else ''}.json")
+    path = args.out.with_name(f"sst2_ensemble_mix{suffix}.json")
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
@@ -208,7 +216,7 @@ def combine(models: list[dict], data: Path, work: Path) -> dict:
     samples = work / "ensemble.jsonl"
     ev = subprocess.run([*CLI, "eval", str(ens), "--task", str(data / "dev.tsv"), "--samples", str(samples)],
                         cwd=ROOT, check=True, capture_output=True, text=True)
-    rows = [json.loads(x) for x in samples.read_text().splitlines() if x.strip()]
+    rows = read_samples(samples)
     s = summary({"seed": None, "rows": rows, "scores": _scores(ev.stdout), "train_s": None})
     weights = next((ens / "checkpoints").glob("step-*/model.safetensors"))
     return {"accuracy": s["accuracy"], "macro_f1": s["macro_f1"], "positive": s["positive"],
