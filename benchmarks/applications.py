@@ -401,6 +401,7 @@ def translate_lora(args: argparse.Namespace) -> None:
     for name, over in (("full", ft_over),
                        (f"lora{r}", [*ft_over, f"--finetune.lora_rank={r}", f"--optim.lr={args.lora_lr_scale * lr}",
                                   f"--finetune.lora_plus_ratio={args.lora_plus_ratio}",
+                                  *(["--finetune.lora_dora=true"] if args.dora else []),
                                   *([f"--finetune.lora_targets={q(args.lora_targets)}"] if args.lora_targets else [])])):
         a = reused(name) if name == "full" else None  # LoRA's settings are what a --reuse run varies
         if a is None:
@@ -433,6 +434,7 @@ def translate_lora(args: argparse.Namespace) -> None:
     lr_tag = f"_lr{args.lora_lr_scale:g}x" if args.lora_lr_scale != 2.0 else ""  # 2x: the first runs' names
     lr_tag += f"_r{r}" if r != 8 else ""
     lr_tag += f"_plus{args.lora_plus_ratio:g}" if args.lora_plus_ratio != 1.0 else ""
+    lr_tag += "_dora" if args.dora else ""
     lr_tag += f"_base{args.pretrain_minutes:g}min" if args.pretrain_minutes != 10 else ""  # 10: the earlier runs
     path = RESULTS / (f"translation_multi30k_en{tgt}_lora{'_emb' if emb_adapter else ''}"
                       f"{f'_from_en{other}' if other else ''}{lr_tag}_{args.minutes:g}min.json")
@@ -447,7 +449,8 @@ def translate_lora(args: argparse.Namespace) -> None:
         (", disjoint sentences" if args.disjoint else "") + \
         (" + embedding adapter" if emb_adapter else "") + \
         (f", LoRA lr {args.lora_lr_scale:g}x" if args.lora_lr_scale != 2.0 else "") + \
-        (f", LoRA+ B lr x{args.lora_plus_ratio:g}" if args.lora_plus_ratio != 1.0 else "")
+        (f", LoRA+ B lr x{args.lora_plus_ratio:g}" if args.lora_plus_ratio != 1.0 else "") + \
+        (", DoRA" if args.dora else "")
     langs = ", ".join(langs_in_base)
     how = (f"base: decoder LM pre-trained {lm['steps']} steps ({lm['wall_s'] / 60:.1f} min) on " +
            (f"the {dirs} pairs alone" if args.pairs_only else f"the {langs} training sentences as separate documents"
@@ -591,6 +594,7 @@ def run_arm(recipe: str, run: Path, over: list[str], minutes: float, step_s: flo
          "calibrated_step_s": round(step_s, 4), "lr": cfg.optim.lr, "task": cfg.finetune.task}
     if cfg.finetune.lora_rank:
         a["lora_targets"] = list(cfg.finetune.lora_targets) or "every attention and MLP projection (the default)"
+        a["dora"] = cfg.finetune.lora_dora
         adapter = run / "adapter" / "adapter.safetensors"
         if adapter.is_file():
             a["adapter_bytes"] = adapter.stat().st_size
@@ -733,6 +737,8 @@ def main() -> None:
                     help="finetune.lora_targets (default: every attention and MLP projection); e.g. wq wk wv wo w1 w2 "
                          "tok_embeddings (the tied embedding: its adapter applies to the output layer too)")
     tl.add_argument("--lora-lr-scale", type=float, default=2.0, help="LoRA's lr = this x the recipe's lr")
+    tl.add_argument("--dora", action="store_true", help="the LoRA arm is DoRA (finetune.lora_dora: rank-r direction "
+                    "update plus one trainable magnitude per output row)")
     tl.add_argument("--lora-plus-ratio", type=float, default=1.0, help="finetune.lora_plus_ratio for the LoRA arm: "
                     "its B factors at this x its lr (LoRA+, Hayou et al. 2024, suggest 16); 1 = plain LoRA")
     tl.add_argument("--lora-rank", type=int, default=8, help="the LoRA arm's rank (the goal is about 8; a higher "

@@ -283,6 +283,10 @@ class FinetuneConfig:
     lora_plus_ratio: float = 1.0
     """LoRA+ (Hayou et al. 2024): the B factors (output side, zero at the start) train at this many
     times the lr of the A factors and the rest; 1 = plain LoRA, the paper suggests about 16"""
+    lora_dora: bool = False
+    """DoRA (Liu et al. 2024; peft's use_dora): each adapted Linear also learns its output rows'
+    magnitudes (one number per row), its low-rank update changing their direction only
+    (docs/finetune.md); an embedding adapter stays plain LoRA"""
     mask_prob: float = 0.15
     """mlm: the share of positions chosen (each then 80% <|mask|>, 10% a random token, 10% kept);
     span: the share of tokens in the corrupted spans (T5's noise density)"""
@@ -312,6 +316,9 @@ class FinetuneConfig:
         if self.lora_plus_ratio <= 0:
             raise ConfigError(f"finetune.lora_plus_ratio={self.lora_plus_ratio} must be > 0 (1 = plain LoRA, LoRA+ "
                               "suggests 16)")
+        if self.lora_dora and not self.lora_rank:
+            raise ConfigError("finetune.lora_dora=true needs finetune.lora_rank >= 1 (DoRA is a kind of LoRA adapter; "
+                              "lora_rank=0 is full fine-tuning)")
         if self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"finetune.lora_alpha={self.lora_alpha} must be > 0 and lora_dropout="
                               f"{self.lora_dropout} in [0, 1)")

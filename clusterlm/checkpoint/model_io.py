@@ -91,7 +91,8 @@ def load_for_inference(arg: str | Path, device: str | torch.device = "cpu") -> L
     if lora:  # a LoRA fine-tuning checkpoint (base + adapters): merged into the weights for inference
         from clusterlm.finetune.lora import apply_lora
 
-        apply_lora(model, lora, rank=int(state[lora[0] + ".lora_a"].shape[0]), alpha=cfg.finetune.lora_alpha)
+        apply_lora(model, lora, rank=int(state[lora[0] + ".lora_a"].shape[0]), alpha=cfg.finetune.lora_alpha,
+                   dora=any(k.endswith(".lora_magnitude") for k in state))
     check_state_shapes(state, model, path / "model.safetensors")  # one line, not load_state_dict's 20
     missing, unexpected = model.load_state_dict(state, strict=False)
     if lora:

@@ -6,6 +6,18 @@ themselves (same objects, frozen) and adds `lora_a` (r, in) and `lora_b` (out, r
 
     y = x W^T + b + (alpha / r) * dropout(x) A^T B^T
 
+With `dora=True` a LoRALinear is DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank
+Adaptation"; peft's `use_dora`): the adapted weight W + (alpha / r) B A is split into each output
+row's direction and a trainable magnitude m, so that besides the low-rank direction change every row's
+length moves freely:
+
+    y = m / ||W + (alpha / r) B A||_row * (x W^T + (alpha / r) dropout(x) A^T B^T) + b
+
+m is stored as its change from the base's row norms, `lora_magnitude` = m - ||W||_row (out,), zero at
+the start, so a fresh adapter gives the base's outputs whatever order the base weights arrive in
+(a sharded model is initialised before the base is loaded). The norm is a constant for the gradient
+(detached), as the paper's section 4.3 and peft do.
+
 A targeted `nn.Embedding` (opt-in: name it, e.g. "tok_embeddings") becomes a `LoRAEmbedding`, peft's
 embedding LoRA: the lookup of a token's row gains (alpha / r) * (B A)^T[token], with `lora_a` (r, V)
 starting at zero and `lora_b` (D, r) Normal(0, 1). A classifier fine-tuned with LoRA on the projections
@@ -18,12 +30,12 @@ them (`layers.0.attention.wq.lora_a`, `.lora_b`). So a base checkpoint loads int
 (`load_state_dict(sd, strict=False)`: only adapter keys are missing), and `merge_lora` gives back
 plain nn.Linear modules whose state dict is exactly the base model's.
 
-    names = apply_lora(model, rank=8, alpha=16)        # after the base weights are loaded
+    names = apply_lora(model, rank=8, alpha=16)        # after the base weights are loaded (dora=True: DoRA)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     ... train ...
     save_adapters("runs/x/adapter", model)              # adapter.safetensors + adapter.json
     load_adapters("runs/x/adapter", fresh_base_model)   # applies LoRA from adapter.json if needed
-    merge_lora(model)                                   # W += (alpha/r) B A; plain model again
+    merge_lora(model)                                   # W += (alpha/r) B A (DoRA: then rows rescaled)
 
 Order with the parallel wrappers: apply LoRA (and load adapters) on the unsharded model, then
 torch.compile / FSDP2 `fully_shard` (frozen base weights and adapters shard alike; FSDP2 reduces
@@ -55,6 +67,7 @@ DEFAULT_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # attention and ML
 ADAPTER_FILE = "adapter.safetensors"
 META_FILE = "adapter.json"
 FORMAT = "clusterlm-lora/1"
+ADAPTER_SUFFIXES = (".lora_a", ".lora_b", ".lora_magnitude")  # state dict keys of adapter tensors
 # wrappers that insert themselves into parameter names (activation checkpointing, torch.compile)
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
@@ -69,17 +82,26 @@ class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank update. Holds the base Linear's own `weight` and
     `bias` Parameters (so their state dict keys and any tying are unchanged)."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, dora: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.rank, self.alpha = rank, alpha
+        self.rank, self.alpha, self.dora = rank, alpha, dora
         self.scale = alpha / rank
         self.weight = base.weight
         self.bias = base.bias
         w = base.weight
         self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=w.device, dtype=w.dtype))
         self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
+        if dora:  # m - ||W||_row (module docstring)
+            self.lora_magnitude = nn.Parameter(torch.zeros(self.out_features, device=w.device, dtype=w.dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """The trainable tensors by their state dict suffix: lora_a, lora_b (and lora_magnitude for DoRA)."""
+        out = {"lora_a": self.lora_a, "lora_b": self.lora_b}
+        if self.dora:
+            out["lora_magnitude"] = self.lora_magnitude
+        return out
 
     @torch.no_grad()
     def reset_adapter(self, seed: int, name: str) -> None:
@@ -95,15 +117,30 @@ class LoRALinear(nn.Module):
             self.lora_a.copy_(a)
         if not self.lora_b.is_meta:
             self.lora_b.zero_()
+        if self.dora and not self.lora_magnitude.is_meta:
+            self.lora_magnitude.zero_()
+
+    def delta(self) -> torch.Tensor:
+        """(alpha / r) B A, (out, in) in float32."""
+        return (self.lora_b.float() @ self.lora_a.float()) * self.scale
+
+    def magnitude_scale(self) -> torch.Tensor:
+        """DoRA: m / ||W + (alpha / r) B A||_row, (out,) in float32, the norm detached (module docstring).
+        Exactly 1 for a fresh adapter (B = 0 and lora_magnitude = 0)."""
+        w = self.weight.float()
+        norm = (w + self.delta()).norm(dim=1).detach()
+        return (w.norm(dim=1) + self.lora_magnitude.float()) / norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # (..., out)
         h = F.linear(self.dropout(x), self.lora_a)  # (..., r)
-        return y + F.linear(h, self.lora_b) * self.scale
+        if not self.dora:
+            return F.linear(x, self.weight, self.bias) + F.linear(h, self.lora_b) * self.scale  # (..., out)
+        y = (F.linear(x, self.weight) + F.linear(h, self.lora_b) * self.scale) * self.magnitude_scale().to(x.dtype)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"rank={self.rank}, alpha={self.alpha}")
+                f"rank={self.rank}, alpha={self.alpha}" + (", dora=True" if self.dora else ""))
 
 
 class LoRAEmbedding(nn.Module):
@@ -137,6 +174,10 @@ class LoRAEmbedding(nn.Module):
             g = torch.Generator(device="cpu")
             g.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1))
             self.lora_b.copy_(torch.empty(self.lora_b.shape, dtype=torch.float32).normal_(0.0, 1.0, generator=g))
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """The trainable tensors by their state dict suffix."""
+        return {"lora_a": self.lora_a, "lora_b": self.lora_b}
 
     def delta(self) -> torch.Tensor:
         """The update of the whole table, (V, D) in float32."""
@@ -213,7 +254,7 @@ def _unused_heads(model: nn.Module) -> tuple[str, ...]:
 
 
 def apply_lora(model: nn.Module, targets: Iterable[str] | None = None, rank: int = 8, alpha: float = 16.0,
-               dropout: float = 0.0, seed: int = 0) -> list[str]:
+               dropout: float = 0.0, seed: int = 0, dora: bool = False) -> list[str]:
     """Wrap every nn.Linear whose module name ends with one of `targets` ("wq" matches
     `layers.3.attention.wq`; "attention.wq" also works) in a LoRALinear, every nn.Embedding named so
     ("tok_embeddings") in a LoRAEmbedding, and freeze every parameter that is not an adapter. Returns
@@ -223,7 +264,8 @@ def apply_lora(model: nn.Module, targets: Iterable[str] | None = None, rank: int
     An LM's embedding tied to its output layer takes LoRA on both uses: the output becomes a
     TiedLoRAOutput applying the embedding's update, so merging (one shared table) stays exact. Naming
     the tied output itself is refused (name the embedding). targets=None: DEFAULT_TARGETS, those the
-    model has (GPT-2's MLP has no w3), at least one."""
+    model has (GPT-2's MLP has no w3), at least one. dora=True makes the Linear adapters DoRA (module
+    docstring); an embedding adapter stays plain LoRA."""
     strict = targets is not None
     targets = tuple(DEFAULT_TARGETS if targets is None else targets)
     if rank < 1:
@@ -267,7 +309,7 @@ def apply_lora(model: nn.Module, targets: Iterable[str] | None = None, rank: int
     for p in model.parameters():
         p.requires_grad_(False)
     for name, layer in chosen.items():
-        wrapped: nn.Module = (LoRALinear(layer, rank, alpha, dropout) if isinstance(layer, nn.Linear)
+        wrapped: nn.Module = (LoRALinear(layer, rank, alpha, dropout, dora) if isinstance(layer, nn.Linear)
                               else LoRAEmbedding(layer, rank, alpha))
         wrapped.reset_adapter(seed, _clean(name))
         _set_module(model, name, wrapped)
@@ -294,7 +336,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> int:
     """Fold every adapter into its base weight, W <- W + (alpha/r) B A (computed in float32; an
-    embedding's table gets the transpose), and put plain nn.Linear / nn.Embedding modules back holding
+    embedding's table gets the transpose; DoRA then scales each row i by m_i / ||row i||), and put plain nn.Linear / nn.Embedding modules back holding
     the same weight and bias Parameters: the state dict then has
     exactly the base model's keys, for export, quantization and serving. Every parameter is made
     trainable again (as a freshly built model). Returns the number of merged layers. Needs unsharded
@@ -310,8 +352,11 @@ def merge_lora(model: nn.Module) -> int:
             plain = nn.Embedding(m.num_embeddings, m.embedding_dim, device="meta")
         else:
             if isinstance(m, LoRALinear):  # a TiedLoRAOutput adds nothing: its table is the embedding's
-                delta = (m.lora_b.float() @ m.lora_a.float()) * m.scale  # (out, in)
-                m.weight.add_(delta.to(m.weight.dtype))
+                if m.dora:  # each row rescaled to its magnitude; the bias is outside the scaling
+                    merged = (m.weight.float() + m.delta()) * m.magnitude_scale()[:, None]  # (out, in)
+                    m.weight.copy_(merged.to(m.weight.dtype))
+                else:
+                    m.weight.add_(m.delta().to(m.weight.dtype))
             plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
             plain.bias = m.bias
         plain.weight = m.weight
@@ -329,12 +374,13 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors only, {"layers.0.attention.wq.lora_a": (r, in), ...lora_b: (out, r)}, full
-    (unsharded) and detached on the CPU. Under FSDP2 this gathers: call it on every rank."""
+    """The adapter tensors only, {"layers.0.attention.wq.lora_a": (r, in), ...lora_b: (out, r), and
+    for DoRA ...lora_magnitude: (out,)}, full (unsharded) and detached on the CPU. Under FSDP2 this
+    gathers: call it on every rank."""
     out = {}
     for name, m in lora_modules(model).items():
-        out[f"{name}.lora_a"] = _full(m.lora_a.detach()).cpu().contiguous()
-        out[f"{name}.lora_b"] = _full(m.lora_b.detach()).cpu().contiguous()
+        for suffix, p in m.adapter_params().items():
+            out[f"{name}.{suffix}"] = _full(p.detach()).cpu().contiguous()
     return out
 
 
@@ -346,7 +392,7 @@ def base_fingerprint(model: nn.Module) -> str:
         text = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
     else:
         text = json.dumps(sorted((_clean(n), list(p.shape)) for n, p in model.named_parameters()
-                                 if not n.endswith((".lora_a", ".lora_b"))))
+                                 if not n.endswith(ADAPTER_SUFFIXES)))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -356,13 +402,14 @@ def _lora_settings(model: nn.Module) -> dict[str, Any]:
         raise ConfigError(f"{type(model).__name__} has no LoRA adapters (apply_lora first)")
     first = next(iter(mods.values()))
     drop = next((m.dropout.p for m in mods.values() if isinstance(m.dropout, nn.Dropout)), 0.0)  # embeddings have none
-    return {"rank": first.rank, "alpha": first.alpha, "dropout": drop, "targets": sorted(mods)}
+    dora = any(getattr(m, "dora", False) for m in mods.values())
+    return {"rank": first.rank, "alpha": first.alpha, "dropout": drop, "dora": dora, "targets": sorted(mods)}
 
 
 def save_adapters(path: str | Path, model: nn.Module, meta: dict[str, Any] | None = None, *,
                   overwrite: bool = False, write: bool = True) -> Path:
     """Write the folder `path` with adapter.safetensors (the adapters only) and adapter.json (format,
-    rank, alpha, dropout, the wrapped module names, the base fingerprint, and `meta`: anything
+    rank, alpha, dropout, dora, the wrapped module names, the base fingerprint, and `meta`: anything
     JSON-serialisable the caller adds, e.g. the base checkpoint path). The folder appears whole or
     not at all. Under FSDP2 call it on every rank (gathering is collective) with write=(rank == 0)."""
     from safetensors.torch import save
@@ -400,8 +447,8 @@ def read_adapter_meta(path: str | Path) -> dict[str, Any]:
 @torch.no_grad()
 def load_adapters(path: str | Path, model: nn.Module, seed: int = 0) -> list[str]:
     """Load the adapters saved at `path` into `model` (a base model, or one that already has LoRA
-    layers of the same rank). A base without adapters gets them first, with the saved rank, alpha,
-    dropout and module names. Every saved tensor must exist in the model with the same shape, or a
+    layers of the same rank and kind). A base without adapters gets them first, with the saved rank,
+    alpha, dropout, DoRA or not, and module names. Every saved tensor must exist in the model with the same shape, or a
     CheckpointError names the tensor and both shapes. A different base fingerprint with fitting
     shapes is logged as a warning (e.g. a config field that does not change shapes). Returns the
     LoRA module names. Load before fully_shard."""
@@ -413,14 +460,12 @@ def load_adapters(path: str | Path, model: nn.Module, seed: int = 0) -> list[str
         # exact module names as targets: matching by suffix, a saved name is only its own module
         _check_targets_exist(model, info["targets"], path)
         apply_lora(model, info["targets"], rank=int(info["rank"]), alpha=float(info["alpha"]),
-                   dropout=float(info.get("dropout", 0.0)), seed=seed)
+                   dropout=float(info.get("dropout", 0.0)), seed=seed, dora=bool(info.get("dora", False)))
     try:
         saved = load_file(str(Path(path) / ADAPTER_FILE))
     except (SafetensorError, FileNotFoundError, OSError) as e:
         raise CheckpointError(f"{Path(path) / ADAPTER_FILE}: cannot read adapters ({e})") from None
-    params = {}
-    for name, m in lora_modules(model).items():
-        params[f"{name}.lora_a"], params[f"{name}.lora_b"] = m.lora_a, m.lora_b
+    params = {f"{name}.{suffix}": p for name, m in lora_modules(model).items() for suffix, p in m.adapter_params().items()}
     missing = sorted(set(params) - set(saved))
     unknown = sorted(set(saved) - set(params))
     if unknown or missing:

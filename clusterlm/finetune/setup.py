@@ -176,7 +176,7 @@ def model_transform(ft: Any, seed: int = 0) -> tuple[Callable[[nn.Module], nn.Mo
     def transform(model: nn.Module) -> nn.Module:
         if ft.lora_rank:
             apply_lora(model, ft.lora_targets or None, rank=ft.lora_rank, alpha=ft.lora_alpha, dropout=ft.lora_dropout,
-                       seed=seed)
+                       seed=seed, dora=ft.lora_dora)
             head = getattr(model, "score", None)
             if head is not None:
                 head.requires_grad_(True)  # the task head is new: it trains with the adapters
@@ -227,7 +227,9 @@ def expected_missing(model: nn.Module, names: list[str]) -> list[str]:
         if id(p) in seen:
             tied.add(n)
         seen.setdefault(id(p), n)
-    return [n for n in names if not (n.endswith((".lora_a", ".lora_b")) or n.startswith("score.") or n in tied)]
+    from clusterlm.finetune.lora import ADAPTER_SUFFIXES
+
+    return [n for n in names if not (n.endswith(ADAPTER_SUFFIXES) or n.startswith("score.") or n in tied)]
 
 
 def trainable_summary(model: nn.Module) -> str:

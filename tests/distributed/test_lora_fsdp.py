@@ -2,7 +2,7 @@
 
 LoRA is applied to the full base model, then `fully_shard` (clusterlm.parallel.fsdp.apply_fsdp:
 one unit per block, then the root) shards the frozen base weights and the adapters of each block
-together. Ten AdamW steps on half the global batch per rank must give the single-process losses
+together (DoRA: its magnitudes too). Ten AdamW steps on half the global batch per rank must give the single-process losses
 over the whole batch to 1e-5, the same adapter values, and unchanged base weights.
 
     .venv/bin/python -m pytest -q tests/distributed/test_lora_fsdp.py
@@ -25,8 +25,11 @@ ADAPTER_TOL = 2e-4
 
 
 def configs() -> dict:
-    return {"llama": dataclasses.replace(get_preset("llama-nano", vocab_size=V), max_seq_len=32),
-            "gpt2": dataclasses.replace(get_preset("gpt-nano", vocab_size=V), max_seq_len=32, bias=True)}
+    """name -> (model config, DoRA or plain LoRA)"""
+    llama = dataclasses.replace(get_preset("llama-nano", vocab_size=V), max_seq_len=32)
+    return {"llama": (llama, False),
+            "gpt2": (dataclasses.replace(get_preset("gpt-nano", vocab_size=V), max_seq_len=32, bias=True), False),
+            "llama_dora": (llama, True)}
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,13 +38,13 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:, :-1], x[:, 1:]
 
 
-def lora_model(cfg):
+def lora_model(cfg, dora: bool = False):
     from clusterlm.finetune.lora import apply_lora
     from clusterlm.models.build import build_model
 
     model = build_model(cfg)
     model.init_weights(0)
-    apply_lora(model, rank=8, alpha=16, seed=0)
+    apply_lora(model, rank=8, alpha=16, seed=0, dora=dora)
     return model
 
 
@@ -75,8 +78,8 @@ def _rank(rank: int, world: int, refs: dict, out_dir: str) -> dict:
 
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp_shard",))
     out = {}
-    for name, cfg in configs().items():
-        model = lora_model(cfg)
+    for name, (cfg, dora) in configs().items():
+        model = lora_model(cfg, dora)
         base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
         apply_fsdp(model, mesh)
         sharded = all(hasattr(p, "device_mesh") for p in model.parameters())
@@ -96,7 +99,7 @@ def _rank(rank: int, world: int, refs: dict, out_dir: str) -> dict:
     # DDP (llama): frozen parameters are left out of the gradient buckets
     from clusterlm.parallel.ddp import apply_ddp
 
-    model = lora_model(configs()["llama"])
+    model = lora_model(configs()["llama"][0])
     ddp = apply_ddp(model, mesh, torch.device("cpu"))
     per = B // world
     out["ddp"] = {"losses": run(ddp, slice(rank * per, (rank + 1) * per), mean)}
@@ -105,7 +108,7 @@ def _rank(rank: int, world: int, refs: dict, out_dir: str) -> dict:
 
 def test_lora_fsdp2_matches_one_process(tmp_path):
     """FSDP x2 LoRA losses == one process's over the same global batches (1e-5) for 10 steps, on a
-    Llama and a GPT-2 config; adapters equal to 1e-5; base weights unchanged and without gradients;
+    Llama and a GPT-2 config and DoRA on the Llama (magnitudes shard with their rows); adapters equal to 1e-5; base weights unchanged and without gradients;
     adapters saved under FSDP (rank 0 writes) load onto a fresh base and give the FSDP model's logits
     (1e-5). DDP x2 (llama) matches the same losses too."""
     from clusterlm.finetune.lora import load_adapters, lora_state_dict
@@ -113,12 +116,12 @@ def test_lora_fsdp2_matches_one_process(tmp_path):
 
     torch.set_num_threads(1)
     refs = {}
-    for name, cfg in configs().items():
-        model = lora_model(cfg)
+    for name, (cfg, dora) in configs().items():
+        model = lora_model(cfg, dora)
         losses = run(model, slice(None), float)
         refs[name] = {"losses": losses, "adapters": lora_state_dict(model)}
     results = run_ranks(2, _rank, refs, str(tmp_path))
-    for name, cfg in configs().items():
+    for name, (cfg, _) in configs().items():
         for r in results:
             got = r[name]
             assert got["sharded"]

@@ -1,5 +1,6 @@
 """`clusterlm finetune` end to end on a tiny base: SFT with the chat template (vocabulary grown,
 template carried, bit-exact resume), a classifier with LoRA (adapters on their own, merged at load),
+DoRA through the CLI (resume, merged at load),
 and bad input (one line, exit 2, nothing written).
 
 Run: .venv/bin/python -m pytest -q tests/e2e/test_finetune.py
@@ -126,6 +127,38 @@ def test_lora_classifier_trains_few_parameters_saves_small_adapters_and_merges_a
     assert cli(["export", "--out", str(tmp_path / "hf"), str(out)]) == EXIT_USAGE
     assert not (tmp_path / "hf").exists()
     assert cli(["generate", str(out), "--prompt", "the film"]) == EXIT_USAGE
+
+
+def test_dora_sft_resumes_bit_exactly_and_merges_at_load(base, records, tmp_path):
+    """--finetune.lora_dora=true through the CLI: the adapter folder and checkpoint carry the
+    magnitudes, a resume from the middle gives the same losses, and load_for_inference recognises
+    DoRA in the checkpoint and merges it: the plain model's logits equal the DoRA model's (1e-5)."""
+    from clusterlm.checkpoint.model_io import load_for_inference, read_checkpoint_config
+    from clusterlm.checkpoint.store import load_model_weights, resolve_checkpoint
+    from clusterlm.finetune.lora import apply_lora
+    from clusterlm.models.build import build_model
+
+    args = ["--finetune.task=sft", "--finetune.lora_rank=2", "--finetune.lora_dora=true", "--train.max_steps=6",
+            "--checkpoint.interval=3", "--optim.lr=1e-2"]
+    assert cli(_ft(base, records["chat"], tmp_path / "data", tmp_path / "a", *args)) == 0
+    assert json.loads((tmp_path / "a" / "adapter" / "adapter.json").read_text())["dora"] is True
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-00000006")
+    assert cli(_ft(base, records["chat"], tmp_path / "data", tmp_path / "b", *args, "--train.resume=auto")) == 0
+    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
+
+    ckpt = resolve_checkpoint(str(tmp_path / "a"))
+    state = load_model_weights(ckpt)
+    mags = [k for k in state if k.endswith(".lora_magnitude")]
+    assert mags and any(state[k].abs().max() > 0 for k in mags)
+    unmerged = build_model(read_checkpoint_config(ckpt).model)
+    apply_lora(unmerged, sorted(k[:-len(".lora_a")] for k in state if k.endswith(".lora_a")), rank=2, dora=True)
+    unmerged.load_state_dict(state)
+    loaded = load_for_inference(tmp_path / "a")
+    assert not [k for k in loaded.model.state_dict() if "lora" in k]
+    x = torch.tensor([loaded.tokenizer.encode("3+4=7. the film was good.")])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), unmerged.eval()(x), rtol=0, atol=1e-5)
 
 
 def _fails(args: list[str], capsys) -> str:

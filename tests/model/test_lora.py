@@ -7,6 +7,7 @@ adapter, training touches only adapters, merge parity, adapter files, and the on
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -360,3 +361,68 @@ def test_lora_plus_gives_the_b_factors_their_own_lr():
         assert step(m.lora_a) == pytest.approx(1e-3, rel=1e-3)
     with pytest.raises(ConfigError, match="finetune.lora_plus_ratio=0"):
         FinetuneConfig(lora_plus_ratio=0)
+
+
+@pytest.mark.parametrize("cfg", [llama_cfg(), gpt_cfg()], ids=["llama", "gpt2"])
+def test_dora_starts_at_the_base_trains_magnitudes_and_merges(cfg, tmp_path):
+    """DoRA (dora=True): a fresh adapter gives the base's logits (its row scale is exactly 1); after 3
+    AdamW steps the magnitudes, A and B moved and every base tensor is unchanged; merge_lora (rows
+    rescaled) gives the DoRA model's logits to 1e-5 and the base's state dict keys; the adapter folder
+    records dora and loads onto a fresh base as DoRA, reproducing the logits; the same steps with plain
+    LoRA give other logits."""
+    model = base(cfg)
+    base_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = batch(7)
+    with torch.no_grad():
+        base_logits = model.eval()(x)
+    names = apply_lora(model, rank=4, alpha=8, dora=True)
+    linears = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert linears and all(m.dora and m.lora_magnitude.shape == (m.out_features,) for m in linears)
+    assert all(torch.equal(m.magnitude_scale(), torch.ones(m.out_features)) for m in linears)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), base_logits, rtol=0, atol=1e-6)
+    model.train()
+    train(model)
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in base_sd.items())
+    adapters = lora_state_dict(model)
+    assert {k.rsplit(".", 1)[1] for k in adapters} == {"lora_a", "lora_b", "lora_magnitude"}
+    assert all(adapters[f"{n}.lora_magnitude"].abs().max() > 0 for n in names)
+    model.eval()
+    with torch.no_grad():
+        dora_logits = model(x)
+
+    save_adapters(tmp_path / "ad", model)
+    assert json.loads((tmp_path / "ad" / "adapter.json").read_text())["dora"] is True
+    fresh = base(cfg).eval()
+    load_adapters(tmp_path / "ad", fresh)
+    assert all(m.dora for m in fresh.modules() if isinstance(m, LoRALinear))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), dora_logits, rtol=0, atol=0)
+
+    plain = base(cfg)
+    apply_lora(plain, rank=4, alpha=8)
+    train(plain.train())
+    with torch.no_grad():
+        assert (plain.eval()(x) - dora_logits).abs().max() > 1e-4
+
+    assert merge_lora(model) == len(names)
+    assert list(model.state_dict()) == list(base_sd)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), dora_logits, rtol=0, atol=1e-5)
+
+
+def test_dora_needs_lora_and_a_plain_adapter_folder_does_not_fit_a_dora_model(tmp_path):
+    """finetune.lora_dora without lora_rank is one ConfigError; plain adapters loaded onto a model that
+    already has DoRA adapters fail naming the missing magnitude."""
+    from clusterlm.config import FinetuneConfig
+
+    with pytest.raises(ConfigError, match="lora_dora=true needs finetune.lora_rank"):
+        FinetuneConfig(lora_dora=True)
+    plain = base(llama_cfg())
+    apply_lora(plain, targets=("wq",), rank=2)
+    save_adapters(tmp_path / "plain", plain)
+    dora = base(llama_cfg())
+    apply_lora(dora, targets=("wq",), rank=2, dora=True)
+    with pytest.raises(CheckpointError, match=r"lora_magnitude is not in the file"):
+        load_adapters(tmp_path / "plain", dora)
