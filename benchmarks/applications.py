@@ -373,7 +373,7 @@ def translate_lora(args: argparse.Namespace) -> None:
         [] if args.pairs_only else base_files, out, base_pairs, layout=args.base_layout, disjoint=args.disjoint))
     common = ["--train.tensorboard=false", "--checkpoint.interval=0", "--eval.every=0", "--eval.tasks=[]",
               *args.override]
-    lm_over = [*common, "--finetune.task=lm", f"--data.dir={q(str(lm_data))}", '--data.source=""']
+    lm_over = [*common, "--finetune.task=lm", f"--data.dir={q(str(lm_data))}", '--data.source=""', *args.base_override]
     init = [f"--finetune.init_from={q(str(work / 'lm'))}"]
     ft_over = [*common, *init, f"--data.source={q(','.join(map(str, train_files)))}",
                f"--data.dir={q(str(work / 'pairs'))}"]  # prepared with the base's tokenizer
@@ -426,6 +426,7 @@ def translate_lora(args: argparse.Namespace) -> None:
            "task_in_base": args.task_in_base,
            "recipe": recipe, "env": env,
            "env_after": {"loadavg": [round(x, 2) for x in os.getloadavg()]}, "overrides": args.override,
+           "base_overrides": args.base_override,
            "pretrain_minutes": args.pretrain_minutes, "finetune_minutes": args.minutes,
            "lm_documents": n_docs, "lm_prepare_s": round(lm_prep_s, 1), "arms": arms,
            "test_sentences": args.test_limit or 1000, "decoding": "greedy, max_new_tokens 64"}
@@ -436,6 +437,7 @@ def translate_lora(args: argparse.Namespace) -> None:
     lr_tag += f"_plus{args.lora_plus_ratio:g}" if args.lora_plus_ratio != 1.0 else ""
     lr_tag += "_dora" if args.dora else ""
     lr_tag += f"_base{args.pretrain_minutes:g}min" if args.pretrain_minutes != 10 else ""  # 10: the earlier runs
+    lr_tag += "_" + args.base_tag if args.base_tag else ""
     path = RESULTS / (f"translation_multi30k_en{tgt}_lora{'_emb' if emb_adapter else ''}"
                       f"{f'_from_en{other}' if other else ''}{lr_tag}_{args.minutes:g}min.json")
     path.write_text(json.dumps(out, indent=2) + "\n")
@@ -737,6 +739,11 @@ def main() -> None:
                     help="finetune.lora_targets (default: every attention and MLP projection); e.g. wq wk wv wo w1 w2 "
                          "tok_embeddings (the tied embedding: its adapter applies to the output layer too)")
     tl.add_argument("--lora-lr-scale", type=float, default=2.0, help="LoRA's lr = this x the recipe's lr")
+    tl.add_argument("--base-override", action="append", default=[],
+                    help="extra --section.key=value for the base (pre-training) run only, e.g. --base-override="
+                         "--model.dropout=0.1 (the fine-tuning arms start from the base's model and take --override)")
+    tl.add_argument("--base-tag", default="", help="a word for the results file name telling this base apart "
+                    "(e.g. drop01 with --base-override=--model.dropout=0.1)")
     tl.add_argument("--dora", action="store_true", help="the LoRA arm is DoRA (finetune.lora_dora: rank-r direction "
                     "update plus one trainable magnitude per output row)")
     tl.add_argument("--lora-plus-ratio", type=float, default=1.0, help="finetune.lora_plus_ratio for the LoRA arm: "
