@@ -452,7 +452,8 @@ def translate_lora(args: argparse.Namespace) -> None:
         (" + embedding adapter" if emb_adapter else "") + \
         (f", LoRA lr {args.lora_lr_scale:g}x" if args.lora_lr_scale != 2.0 else "") + \
         (f", LoRA+ B lr x{args.lora_plus_ratio:g}" if args.lora_plus_ratio != 1.0 else "") + \
-        (", DoRA" if args.dora else "")
+        (", DoRA" if args.dora else "") + \
+        "".join(f", base {o.lstrip('-')}" for o in args.base_override)  # rows of another base keep their own names
     langs = ", ".join(langs_in_base)
     how = (f"base: decoder LM pre-trained {lm['steps']} steps ({lm['wall_s'] / 60:.1f} min) on " +
            (f"the {dirs} pairs alone" if args.pairs_only else f"the {langs} training sentences as separate documents"
