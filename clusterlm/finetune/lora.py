@@ -336,11 +336,11 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> int:
     """Fold every adapter into its base weight, W <- W + (alpha/r) B A (computed in float32; an
-    embedding's table gets the transpose; DoRA then scales each row i by m_i / ||row i||), and put plain nn.Linear / nn.Embedding modules back holding
-    the same weight and bias Parameters: the state dict then has
-    exactly the base model's keys, for export, quantization and serving. Every parameter is made
-    trainable again (as a freshly built model). Returns the number of merged layers. Needs unsharded
-    modules (merge before fully_shard, or on a model loaded in one process)."""
+    embedding's table gets the transpose; DoRA then scales each row i by m_i / ||row i||), and put
+    plain nn.Linear / nn.Embedding modules back holding the same weight and bias Parameters: the
+    state dict then has exactly the base model's keys, for export, quantization and serving. Every
+    parameter is made trainable again (as a freshly built model). Returns the number of merged
+    layers. Needs unsharded modules (merge before fully_shard, or on a model loaded in one process)."""
     mods = {n: m for n, m in model.named_modules() if isinstance(m, (*LORA_TYPES, TiedLoRAOutput))}
     for name, m in mods.items():
         if hasattr(m.weight, "device_mesh"):
