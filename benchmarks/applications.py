@@ -376,7 +376,7 @@ def translate_lora(args: argparse.Namespace) -> None:
     lm_over = [*common, "--finetune.task=lm", f"--data.dir={q(str(lm_data))}", '--data.source=""', *args.base_override]
     init = [f"--finetune.init_from={q(str(work / 'lm'))}"]
     ft_over = [*common, *init, f"--data.source={q(','.join(map(str, train_files)))}",
-               f"--data.dir={q(str(work / 'pairs'))}"]  # prepared with the base's tokenizer
+               f"--data.dir={q(str(work / 'pairs'))}", *args.ft_override]  # prepared with the base's tokenizer
     def reused(name: str) -> dict[str, Any] | None:
         """--reuse: the arm a run in this --work wrote before (NAME/arm.json), or None."""
         path = work / name / "arm.json"
@@ -404,6 +404,8 @@ def translate_lora(args: argparse.Namespace) -> None:
                                   *(["--finetune.lora_dora=true"] if args.dora else []),
                                   *([f"--finetune.lora_targets={q(args.lora_targets)}"] if args.lora_targets else [])])):
         a = reused(name) if name == "full" else None  # LoRA's settings are what a --reuse run varies
+        if a is not None and a.get("ft_overrides", []) != args.ft_override:
+            a = None  # a full arm fine-tuned with other --ft-override settings
         if a is None:
             for old in (work / name, work / f"calib_{name}"):  # a LoRA run from before, with other settings
                 if old.exists():
@@ -415,6 +417,7 @@ def translate_lora(args: argparse.Namespace) -> None:
                                   device="cpu", limit=args.test_limit or None)["tasks"].values()
             a["test"] = {k: m[k] for k in ("bleu", "chrf", "n") if k in m}
             a["eval_s"] = round(time.perf_counter() - t1, 1)
+            a["ft_overrides"] = args.ft_override
             (work / name / "arm.json").write_text(json.dumps(a, indent=1))
         arms[name] = a
     full, lo = arms["full"], arms[f"lora{r}"]
@@ -426,7 +429,7 @@ def translate_lora(args: argparse.Namespace) -> None:
            "task_in_base": args.task_in_base,
            "recipe": recipe, "env": env,
            "env_after": {"loadavg": [round(x, 2) for x in os.getloadavg()]}, "overrides": args.override,
-           "base_overrides": args.base_override,
+           "base_overrides": args.base_override, "ft_overrides": args.ft_override,
            "pretrain_minutes": args.pretrain_minutes, "finetune_minutes": args.minutes,
            "lm_documents": n_docs, "lm_prepare_s": round(lm_prep_s, 1), "arms": arms,
            "test_sentences": args.test_limit or 1000, "decoding": "greedy, max_new_tokens 64"}
@@ -453,7 +456,8 @@ def translate_lora(args: argparse.Namespace) -> None:
         (f", LoRA lr {args.lora_lr_scale:g}x" if args.lora_lr_scale != 2.0 else "") + \
         (f", LoRA+ B lr x{args.lora_plus_ratio:g}" if args.lora_plus_ratio != 1.0 else "") + \
         (", DoRA" if args.dora else "") + \
-        "".join(f", base {o.lstrip('-')}" for o in args.base_override)  # rows of another base keep their own names
+        "".join(f", base {o.lstrip('-')}" for o in args.base_override) + \
+        "".join(f", fine-tuning {o.lstrip('-')}" for o in args.ft_override)  # other settings keep their own rows
     langs = ", ".join(langs_in_base)
     how = (f"base: decoder LM pre-trained {lm['steps']} steps ({lm['wall_s'] / 60:.1f} min) on " +
            (f"the {dirs} pairs alone" if args.pairs_only else f"the {langs} training sentences as separate documents"
@@ -743,6 +747,10 @@ def main() -> None:
     tl.add_argument("--base-override", action="append", default=[],
                     help="extra --section.key=value for the base (pre-training) run only, e.g. --base-override="
                          "--model.dropout=0.1 (the fine-tuning arms start from the base's model and take --override)")
+    tl.add_argument("--ft-override", action="append", default=[],
+                    help="extra --section.key=value for the two fine-tuning arms only, e.g. --ft-override="
+                         "--finetune.inherit_dropout=false (fine-tune at the recipe's dropout 0 a base pre-trained "
+                         "with --base-override=--model.dropout=0.1); name the result with --base-tag")
     tl.add_argument("--base-tag", default="", help="a word for the results file name telling this base apart "
                     "(e.g. drop01 with --base-override=--model.dropout=0.1)")
     tl.add_argument("--dora", action="store_true", help="the LoRA arm is DoRA (finetune.lora_dora: rank-r direction "

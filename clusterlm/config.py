@@ -272,6 +272,9 @@ class FinetuneConfig:
     bidirectional: bool = False
     """classify, lstm/gru: a second backbone reads each text right to left and the head reads both
     pooled states (a BiLSTM); with init_from both start from the base's weights"""
+    inherit_dropout: bool = True
+    """take the base's model.dropout and embed_dropout where [model] leaves them at their defaults
+    (0); false = [model]'s values as given, e.g. fine-tune at dropout 0 a base pre-trained at 0.1"""
     freeze_embeddings: bool = False
     """do not train the token (and position) embeddings"""
     freeze_layers: int = 0

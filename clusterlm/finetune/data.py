@@ -139,7 +139,7 @@ def ensure_finetune_data(cfg: Any) -> tuple[Path, Any, Any]:
         mcfg = finetune_model_config(base.config.model, cfg.model, vocab_size=tok.vocab_size, labels=labels,
                                      pool=ft.pool if labels else "auto", pad_id=tok.pad_id,
                                      bidirectional=ft.bidirectional and bool(labels),
-                                     where=f"finetune.init_from={str(base.path)!r}")
+                                     inherit_dropout=ft.inherit_dropout, where=f"finetune.init_from={str(base.path)!r}")
     else:
         mcfg = cfg.model
         if mcfg.vocab_size is None:

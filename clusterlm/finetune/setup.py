@@ -83,10 +83,11 @@ def resolve_base(init_from: str, out_dir: Path) -> Base:
 
 def finetune_model_config(base: Any, recipe: Any, *, vocab_size: int, labels: tuple[str, ...] = (),
                           pool: str = "auto", pad_id: int = -1, bidirectional: bool = False,
-                          where: str = "the base") -> Any:
+                          inherit_dropout: bool = True, where: str = "the base") -> Any:
     """The fine-tuned model's ModelConfig: the base's shape with the vocabulary of the data's
     tokenizer (the base's plus the chat tokens), a head for `labels`, and the recipe's dropout and
-    embedding dropout (the base's where the recipe leaves them at their defaults). A
+    embedding dropout (with `inherit_dropout`, the base's where the recipe leaves them at their
+    defaults; without, the recipe's as given). A
     recipe [model] key that asks for another shape than the base's is refused, naming both."""
     from clusterlm.models.config import ModelConfig
 
@@ -101,8 +102,10 @@ def finetune_model_config(base: Any, recipe: Any, *, vocab_size: int, labels: tu
     if base.vocab_size is not None and vocab_size < base.vocab_size:
         raise ConfigError(f"the data's tokenizer has {vocab_size} tokens but {where} has vocab_size="
                           f"{base.vocab_size}; fine-tuning data must be tokenized with the base's tokenizer")
-    dropout = recipe.dropout if recipe.dropout != default.dropout else base.dropout
-    embed_dropout = recipe.embed_dropout if recipe.embed_dropout != default.embed_dropout else base.embed_dropout
+    dropout, embed_dropout = recipe.dropout, recipe.embed_dropout
+    if inherit_dropout:
+        dropout = dropout if dropout != default.dropout else base.dropout
+        embed_dropout = embed_dropout if embed_dropout != default.embed_dropout else base.embed_dropout
     return dataclasses.replace(base, vocab_size=vocab_size, labels=tuple(labels), pool=pool,
                                pad_id=pad_id if labels else base.pad_id, dropout=dropout,
                                embed_dropout=embed_dropout, bidirectional=bidirectional)

@@ -102,7 +102,8 @@ def test_bidirectional_classifier_starts_both_readers_from_the_base_and_freezes_
 
 def test_finetune_model_config_keeps_the_base_shape_and_takes_the_recipes_dropouts():
     """The fine-tuned config is the base's shape with the data's vocabulary and a head; the recipe's
-    dropout and embedding dropout apply where set, else the base's; a recipe asking another shape is
+    dropout and embedding dropout apply where set, else the base's (all of the recipe's with
+    inherit_dropout=False); a recipe asking another shape is
     refused naming both (embedding dropout on a transformer: tests/model/test_rnn.py)."""
     from clusterlm.finetune.setup import finetune_model_config
 
@@ -112,5 +113,8 @@ def test_finetune_model_config_keeps_the_base_shape_and_takes_the_recipes_dropou
     assert (cfg.dropout, cfg.embed_dropout) == (0.1, 0.05)
     cfg = finetune_model_config(base, ModelConfig(arch="lstm", pos="none", dropout=0.4, embed_dropout=0.2), vocab_size=40)
     assert (cfg.dropout, cfg.embed_dropout) == (0.4, 0.2)
+    # finetune.inherit_dropout = false: the recipe's values as given, 0 included (no dropout)
+    cfg = finetune_model_config(base, ModelConfig(), vocab_size=42, inherit_dropout=False)
+    assert (cfg.dropout, cfg.embed_dropout) == (0.0, 0.0)
     with pytest.raises(ConfigError, match="dim=32.*dim=64"):
         finetune_model_config(base, ModelConfig(dim=64), vocab_size=40)
