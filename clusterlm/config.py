@@ -174,6 +174,10 @@ class CheckpointConfig:
     mirror: str = ""
     """second folder each committed checkpoint is copied to in the background (keep_last applies
     there too); resume falls back to it when out_dir's checkpoints are missing or corrupt; "" = off"""
+    keep_best: bool = False
+    """also keep the checkpoint saved at the lowest validation loss so far, beside the keep_last
+    newest, named in checkpoints/best (pass RUN/checkpoints/best wherever a checkpoint is read);
+    needs interval to be a multiple of train.eval_interval (docs/checkpoints.md)"""
 
     def __post_init__(self) -> None:
         if self.interval < 0 or self.keep_last < 1:
@@ -361,6 +365,13 @@ class RunConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def __post_init__(self) -> None:
+        ck, tc = self.checkpoint, self.train
+        if ck.keep_best and (tc.eval_interval <= 0 or ck.interval % tc.eval_interval):
+            raise ConfigError(f"checkpoint.keep_best needs a validation loss at every save: checkpoint.interval="
+                              f"{ck.interval} must be a multiple of train.eval_interval={tc.eval_interval} (> 0; "
+                              "interval 0 saves only at the end)")
 
 
 # ---- typed construction from plain dicts ---------------------------------------------------------

@@ -2,6 +2,8 @@
 committing a finished folder, pruning to the last K, and removing what crashed saves left.
 
     RUN_DIR/checkpoints/latest                  text: name of the newest committed folder
+    RUN_DIR/checkpoints/best                    text: the folder saved at the lowest val loss
+                                                (checkpoint.keep_best only; pruning keeps it)
     RUN_DIR/checkpoints/step-00000100/          one committed save (contents: checkpoint/store.py)
     RUN_DIR/checkpoints/.step-00000100.partial-XXXX   a save in progress (hidden; removed if stale)
 
@@ -22,8 +24,9 @@ from clusterlm.fsutil import atomic_write_text, replace_dir
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
+BEST = "best"
 STEP_RE = re.compile(r"^step-(\d+)$")
-STALE_RE = re.compile(r"^\.(step-\d+\.(partial|old|deleting)-.+|latest\..*\.tmp)$")
+STALE_RE = re.compile(r"^\.(step-\d+\.(partial|old|deleting)-.+|(latest|best)\..*\.tmp)$")
 
 
 def step_name(step: int) -> str:
@@ -36,16 +39,17 @@ def step_of(folder: Path | str) -> int | None:
     return int(m[1]) if m else None
 
 
-def read_latest(ckpt_root: Path) -> str | None:
+def read_latest(ckpt_root: Path, pointer: str = LATEST) -> str | None:
+    """The folder name in `ckpt_root/latest` (or another pointer file, e.g. BEST), or None."""
     try:
-        return (Path(ckpt_root) / LATEST).read_text(encoding="utf-8").strip() or None
+        return (Path(ckpt_root) / pointer).read_text(encoding="utf-8").strip() or None
     except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
         return None
 
 
-def move_latest(ckpt_root: Path, name: str) -> None:
-    """Point `ckpt_root/latest` at folder `name` (atomic replace of a one-line text file)."""
-    atomic_write_text(Path(ckpt_root) / LATEST, name + "\n")
+def move_latest(ckpt_root: Path, name: str, pointer: str = LATEST) -> None:
+    """Point `ckpt_root/latest` (or `pointer`) at folder `name` (atomic replace of a one-line text file)."""
+    atomic_write_text(Path(ckpt_root) / pointer, name + "\n")
 
 
 def step_folders(ckpt_root: Path) -> list[Path]:
@@ -77,7 +81,7 @@ def commit_folder(tmp: Path, final: Path) -> None:
 
 
 def remove_stale(ckpt_root: Path) -> None:
-    """Delete leftovers of interrupted saves (hidden .partial/.old/.deleting folders, latest temp files)."""
+    """Delete leftovers of interrupted saves (hidden .partial/.old/.deleting folders, pointer temp files)."""
     for p in Path(ckpt_root).iterdir():
         if STALE_RE.match(p.name):
             log.info("removing %s left by an interrupted save", p)
@@ -101,6 +105,7 @@ def prune(ckpt_root: Path, keep_last: int, just_saved: Path) -> None:
     earlier checkpoint; left in place it would be picked as the newest checkpoint instead of the new one.
     """
     saved = step_of(just_saved)
+    best = read_latest(ckpt_root, BEST)  # checkpoint.keep_best: kept whatever its age
     kept = []
     for p in step_folders(ckpt_root):
         if step_of(p) > saved:
@@ -110,5 +115,9 @@ def prune(ckpt_root: Path, keep_last: int, just_saved: Path) -> None:
         else:
             kept.append(p)
     for p in kept[: max(len(kept) - keep_last, 0)]:
+        if p.name == best:
+            continue
         log.info("removing old checkpoint %s (keep_last=%d)", p, keep_last)
         _delete_folder(p)
+    if best is not None and not (Path(ckpt_root) / best).is_dir():  # it was later than the step just saved
+        (Path(ckpt_root) / BEST).unlink(missing_ok=True)

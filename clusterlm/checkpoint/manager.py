@@ -45,6 +45,7 @@ class RunState:
     bad_steps_total: int = 0
     bad_streak: int = 0
     best_val_loss: float | None = None
+    best_saved_val_loss: float | None = None  # checkpoint.keep_best: the lowest val loss at a saved step
     train_seconds: float = 0.0  # wall time spent in previous segments of this run
 
 
@@ -96,6 +97,7 @@ class Checkpointer:
         self.pipeline_stage_source = pipeline_stage_source
         self.extra_state = extra_state or {}
         self._pending: list[Any] = []  # at most one asynchronous distributed save not yet committed
+        self._best_steps: set[int] = set()  # saved at the lowest val loss, checkpoints/best not yet moved
         self.mirror = None  # clusterlm.checkpoint.mirror.Mirror on the rank that commits, with checkpoint.mirror
         if getattr(cfg, "mirror", "") and self._commits():
             from clusterlm.checkpoint.mirror import Mirror
@@ -227,9 +229,13 @@ class Checkpointer:
         return self.distributed and reason == "periodic" and bool(self.cfg.async_save)
 
     def save(self, state: RunState, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Stateful,
-             *, reason: str) -> Path:
+             *, reason: str, best: bool = False) -> Path:
         """Collective when distributed. Save step `state.step`; returns its step folder (for an
-        asynchronous save: where it appears once committed, at the next save)."""
+        asynchronous save: where it appears once committed, at the next save). `best`: this step's
+        validation loss is the lowest so far; with checkpoint.keep_best, checkpoints/best names the
+        folder once it is committed and pruning keeps it."""
+        if best and getattr(self.cfg, "keep_best", False):
+            self._best_steps.add(state.step)
         train_state = {"run": dataclasses.asdict(state), "loader": loader.state_dict(), "reason": reason,
                        **self.extra_state}
         if self.mirror is not None:
@@ -241,6 +247,7 @@ class Checkpointer:
                                    optimizer_state=optimizer.state_dict(), train_state=train_state,
                                    rng=capture_rng_state(), config_toml=self.config_toml,
                                    tokenizer_path=self.tokenizer_path, keep_last=self.cfg.keep_last)
+            self._mark_best(path)
             self._mirror(path, reason)
             return path
         from clusterlm.checkpoint.distributed import PendingSave, save_distributed
@@ -253,8 +260,22 @@ class Checkpointer:
         if isinstance(result, PendingSave):
             self._pending.append(result)
             return result.root / step_name(result.step)
+        self._mark_best(result)
         self._mirror(result, reason)
         return result
+
+    def _mark_best(self, path: Path) -> None:
+        """Point checkpoints/best at committed folder `path` when its step was saved as the best, then
+        prune again: the previous best is an ordinary checkpoint now (keep_last decides)."""
+        if step_of(path) not in self._best_steps:
+            return
+        self._best_steps.discard(step_of(path))
+        if self._commits():
+            from clusterlm.checkpoint.layout import BEST, move_latest, prune
+
+            move_latest(self.root, path.name, BEST)
+            prune(self.root, self.cfg.keep_last, path)
+            log.info("checkpoint %s has the lowest validation loss so far: %s", path.name, self.root / BEST)
 
     def _mirror(self, path: Path, reason: str) -> None:
         """Copy a just committed folder to checkpoint.mirror in the background; the last save of a run
@@ -269,7 +290,9 @@ class Checkpointer:
         if self._pending:
             from clusterlm.checkpoint.distributed import finish_save
 
-            self._mirror(finish_save(self._pending.pop()), "periodic")
+            path = finish_save(self._pending.pop())
+            self._mark_best(path)
+            self._mirror(path, "periodic")
 
 
 def optimizer_mismatch(path: Path, saved: dict, optimizer: torch.optim.Optimizer, err: Exception) -> str:

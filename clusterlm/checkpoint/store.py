@@ -49,6 +49,7 @@ import torch
 from clusterlm.checkpoint.files import fsync_file, named_os_error, read_tensors, write_bytes, write_json, write_tensors
 from clusterlm.checkpoint.flatten import flatten_state, unflatten_state
 from clusterlm.checkpoint.layout import (
+    BEST,
     LATEST,
     STEP_RE,
     commit_folder,
@@ -315,9 +316,15 @@ def find_latest_valid(ckpt_root: Path | str) -> Path | None:
 
 
 def resolve_checkpoint(arg: str | Path) -> Path:
-    """A step folder from a run directory, a checkpoints folder or a step folder (verified)."""
+    """A step folder from a run directory, a checkpoints folder, a step folder or the `best`
+    pointer of a checkpoints folder (checkpoint.keep_best), verified."""
     p = Path(arg).expanduser()
-    usage = "pass a run directory, its checkpoints/ folder or a step-NNNNNNNN folder"
+    usage = "pass a run directory, its checkpoints/ folder, a step-NNNNNNNN folder or checkpoints/best"
+    if p.name == BEST and p.is_file():
+        name = read_latest(p.parent, BEST)
+        if name is None or not STEP_RE.match(name) or not (p.parent / name).is_dir():
+            raise CheckpointError(f"{p} names {name!r}, which is not a step folder in {p.parent}; {usage}")
+        p = p.parent / name
     if not p.exists():
         raise CheckpointError(f"{p} does not exist; {usage}")
     if not p.is_dir():

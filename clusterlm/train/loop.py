@@ -253,6 +253,7 @@ class Trainer:
         self._open_run_dir()
         self.last_loss: float | None = None
         self.last_val: float | None = None
+        self._val_at: tuple[int, float] | None = None  # (step, val loss) of the last evaluation
         self.last_ckpt: Path | None = None
 
     # ---- set-up helpers --------------------------------------------------------------------------
@@ -313,6 +314,10 @@ class Trainer:
             self.has_val = meta["splits"].get("val", {}).get("examples", 0) > 0
         else:
             self.has_val = meta["splits"].get("val", {}).get("tokens", 0) > tc.seq_len
+        if cfg.checkpoint.keep_best and not self.has_val:
+            raise ConfigError(f"checkpoint.keep_best needs a validation loss, but {data_dir} has no validation split; "
+                              "prepare it with a val fraction > 0 (data.val_fraction, prepare --val-fraction) or "
+                              "set checkpoint.keep_best = false")
         self.dims = validate_layout(cfg.parallel, mcfg, self.env.world_size, tc.global_batch_tokens,
                                     tc.micro_batch_size, tc.seq_len)
         if cfg.finetune.task != "lm" and (self.dims.tp > 1 or self.dims.pp > 1):
@@ -672,6 +677,7 @@ class Trainer:
         self.last_val = val
         if val is None:
             return
+        self._val_at = (state.step, val)  # checkpoint.keep_best: a save at this step is scored by it
         if state.best_val_loss is None or val < state.best_val_loss:
             state.best_val_loss = val
         record = {"kind": "eval", "step": state.step, "tokens": state.tokens_seen, "val_loss": val}
@@ -725,9 +731,13 @@ class Trainer:
         now = time.perf_counter()
         self.state.train_seconds += now - self._t_start
         self._t_start = now
-        ckpt = self.checkpointer
+        ckpt, state, best = self.checkpointer, self.state, False
+        if self.cfg.checkpoint.keep_best and self._val_at is not None and self._val_at[0] == state.step:
+            val = self._val_at[1]  # the lowest among saved steps (an evaluation between saves keeps nothing)
+            if state.best_saved_val_loss is None or val < state.best_saved_val_loss:
+                state.best_saved_val_loss, best = val, True
         with self.ema.applied(for_checkpoint=True):  # with optim.ema_decay the model saved is the average
-            self.last_ckpt = path = ckpt.save(self.state, self.model, self.optimizer, self.loader, reason=reason)
+            self.last_ckpt = path = ckpt.save(state, self.model, self.optimizer, self.loader, reason=reason, best=best)
             if reason == "final" and self.cfg.finetune.lora_rank:
                 from clusterlm.finetune.lora import save_adapters
 

@@ -40,8 +40,9 @@ def data(tmp_path_factory) -> Path:
     from clusterlm.data.prepare import prepare
 
     root = tmp_path_factory.mktemp("d")
-    (root / "t.txt").write_text("".join(f"Whether 'tis nobler in the mind to suffer {i}\n" * 20 for i in range(20)))
-    prepare([str(root / "t.txt")], root / "data", tokenizer="char", val_fraction=0.1)
+    for i in range(20):  # 20 documents: 2 of them the validation split
+        (root / f"t{i:02d}.txt").write_text(f"Whether 'tis nobler in the mind to suffer {i}\n" * 20)
+    prepare([str(root)], root / "data", tokenizer="char", val_fraction=0.1)
     return root / "data"
 
 
@@ -89,13 +90,27 @@ def test_fsdp_run_resumes_on_tp_and_on_one_process(data, tmp_path, monkeypatch):
 def test_ddp_resume_with_dropout_is_bit_exact(data, tmp_path):
     """Dropout draws random numbers every step: a DDP x2 run resumed from its step-4 DCP checkpoint gives
     exactly the losses of steps 5-8 of the uninterrupted run only because each rank's RNG state was saved
-    (rng/rank-NNNNN.*, covered by the manifest) and restored."""
+    (rng/rank-NNNNN.*, covered by the manifest) and restored. The runs keep their best checkpoint
+    (checkpoint.keep_best, asynchronous saves): the final one and the better-scored of steps 4 and 8."""
     import json
 
     straight = tmp_path / "straight"
-    args = ["--parallel.dp_replicate=2", "--model.dropout=0.2"]
+    # checkpoint.keep_best with asynchronous DCP saves (best moves when the step-4 save commits, at step 8)
+    args = ["--parallel.dp_replicate=2", "--model.dropout=0.2", "--train.eval_interval=2", "--train.eval_batches=2",
+            "--checkpoint.keep_best=true", "--checkpoint.async_save=true", "--checkpoint.keep_last=1"]
     assert run_ranks(2, _train_rank, _args(data, straight, 4, *args)) == [{"exit": 0, "step": 8}] * 2
     ref = train_losses(straight)
+    evals = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    saved = {r["step"]: r["val_loss"] for r in evals if r["kind"] == "eval" and r["step"] in (4, 8)}
+    best = 8 if saved[8] < saved[4] else 4
+    assert sorted(p.name for p in (straight / "checkpoints").glob("step-*")) == sorted({f"step-{best:08d}",
+                                                                                        "step-00000008"})
+    assert (straight / "checkpoints" / "best").read_text() == f"step-{best:08d}\n"
+    if best == 8:  # the step-4 folder is gone: resume from a copy of it kept aside by a second run
+        keep = tmp_path / "keep"
+        assert run_ranks(2, _train_rank, _args(data, keep, 4, *args, "--train.max_steps=4")) == \
+            [{"exit": 0, "step": 4}] * 2
+        straight = keep
     ckpt = straight / "checkpoints" / "step-00000004"
     files = json.loads((ckpt / "manifest.json").read_text())["files"]
     for r in (0, 1):

@@ -109,6 +109,30 @@ def test_layer_lr_decay_scales_each_group_and_a_regrouped_resume_is_refused(data
         train(tiny_cfg(data_dir, run, "--train.max_steps=22", "--train.resume=auto"))
 
 
+def test_keep_best_keeps_the_lowest_val_loss_checkpoint_through_a_resume(data_dir, tmp_path):
+    """checkpoint.keep_best with keep_last=1 and a save at every evaluation: the run keeps its final
+    checkpoint and the one at its lowest val loss (metrics.jsonl's), named in checkpoints/best; a run
+    stopped at step 30 and resumed to 60 ends with the same folders and pointer (the best loss so far
+    is part of the resumed state). An interval that is not a multiple of eval_interval is refused."""
+    from clusterlm.config import ConfigError
+    from clusterlm.train.loop import train
+
+    extra = ("--train.eval_interval=10", "--checkpoint.interval=10", "--checkpoint.keep_last=1",
+             "--checkpoint.keep_best=true", "--optim.lr=2e-2", "--optim.decay_steps=60", "--train.max_steps=60")
+    train(tiny_cfg(data_dir, tmp_path / "a", *extra))
+    train(tiny_cfg(data_dir, tmp_path / "b", *extra, "--train.max_steps=30"))
+    train(tiny_cfg(data_dir, tmp_path / "b", *extra, "--train.resume=auto"))
+    evals = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["val_loss"], r["step"]) for r in evals if r["kind"] == "eval"]
+    best = min(evals)[1]
+    for run in ("a", "b"):
+        ckpts = tmp_path / run / "checkpoints"
+        assert sorted(p.name for p in ckpts.glob("step-*")) == sorted({f"step-{best:08d}", "step-00000060"})
+        assert (ckpts / "best").read_text() == f"step-{best:08d}\n"
+    with pytest.raises(ConfigError, match="checkpoint.interval=50 must be a multiple of train.eval_interval=40"):
+        tiny_cfg(data_dir, tmp_path / "c", "--checkpoint.keep_best=true")
+
+
 def test_existing_run_without_resume_is_refused(data_dir, tmp_path):
     """A second run into the same out_dir must say how to resume instead of overwriting checkpoints."""
     from clusterlm.errors import ConfigError

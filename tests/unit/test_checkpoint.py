@@ -530,3 +530,41 @@ def test_checkpointer_saves_and_resumes_in_one_call_each(tmp_path):
     assert load_checkpoint(path).train_state["tokens_per_step"] == 32
     with pytest.raises(ConfigError, match="already has checkpoints"):
         Checkpointer(root, CheckpointConfig(), config_toml="", resume="none").load_into(model2, opt2, loader2)
+
+
+def test_keep_best_keeps_the_lowest_val_loss_checkpoint_beside_the_newest(tmp_path, caplog):
+    """checkpoint.keep_best with keep_last=1: saves at steps 1..5 where steps 2 and 4 were the best so
+    far; after each save the newest and the best are the folders left, checkpoints/best names the best
+    (resolve_checkpoint reads it), and an earlier best is pruned once a later one replaces it. Resaving
+    an earlier step (a resumed run) removes a later best and its pointer; saves without keep_best ignore
+    `best`. A `best` pointer naming nothing is refused with the path in the message."""
+    from clusterlm.checkpoint.manager import Checkpointer, RunState
+    from clusterlm.config import CheckpointConfig
+
+    root = tmp_path / "run" / "checkpoints"
+    model, loader = TinyLM(), _Loader()
+    opt = make_opt(model)
+    saver = Checkpointer(root, CheckpointConfig(keep_last=1, keep_best=True), config_toml="")
+    names = lambda: [p.name for p in store.step_folders(root)]  # noqa: E731
+    want = {1: ["step-00000001"], 2: ["step-00000002"], 3: ["step-00000002", "step-00000003"],
+            4: ["step-00000004"], 5: ["step-00000004", "step-00000005"]}
+    for step in range(1, 6):
+        with caplog.at_level(logging.INFO):
+            saver.save(RunState(step=step), model, opt, loader, reason="periodic", best=step in (1, 2, 4))
+        assert names() == want[step], step
+        assert (root / "best").read_text() == f"step-{max(s for s in (1, 2, 4) if s <= step):08d}\n"
+        assert (root / "latest").read_text() == f"step-{step:08d}\n"
+    assert resolve_checkpoint(root / "best") == root / "step-00000004" and hidden_entries(root) == []
+    assert "step-00000004 has the lowest validation loss so far" in caplog.text
+    # a run resumed from step 3 saves step 3 again: the later best (4) belonged to the abandoned run
+    save_small(root, 3, keep_last=1)
+    assert names() == ["step-00000003"] and not (root / "best").exists()
+    # without keep_best a best save is an ordinary one
+    plain = Checkpointer(tmp_path / "p", CheckpointConfig(keep_last=1), config_toml="")
+    for step in (1, 2):
+        plain.save(RunState(step=step), model, opt, loader, reason="periodic", best=step == 1)
+    assert [p.name for p in store.step_folders(tmp_path / "p")] == ["step-00000002"]
+    assert not (tmp_path / "p" / "best").exists()
+    (root / "best").write_text("step-00000009\n")
+    with pytest.raises(CheckpointError, match="best names 'step-00000009', which is not a step folder"):
+        resolve_checkpoint(root / "best")
