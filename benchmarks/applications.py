@@ -172,6 +172,7 @@ def row(application: str, metric: str, value: Any, goal: str, minutes: float, no
 
 # ---- translation --------------------------------------------------------------------------------
 def translate(args: argparse.Namespace) -> None:
+    from clusterlm.checkpoint.store import resolve_checkpoint
     from clusterlm.eval.evaluate import evaluate_tasks
     from clusterlm.eval.harness import DecodeOptions
 
@@ -374,7 +375,11 @@ def translate_lora(args: argparse.Namespace) -> None:
     common = ["--train.tensorboard=false", "--checkpoint.interval=0", "--eval.every=0", "--eval.tasks=[]",
               *args.override]
     lm_over = [*common, "--finetune.task=lm", f"--data.dir={q(str(lm_data))}", '--data.source=""', *args.base_override]
-    init = [f"--finetune.init_from={q(str(work / 'lm'))}"]
+    base = work / "lm"
+    if args.base_best:  # the base's checkpoint at its lowest held-out loss (saved every 500 steps, evaluated every 250)
+        lm_over += ["--checkpoint.interval=500", "--checkpoint.keep_last=1", "--checkpoint.keep_best=true"]
+        base = work / "lm" / "checkpoints" / "best"
+    init = [f"--finetune.init_from={q(str(base))}"]
     ft_over = [*common, *init, f"--data.source={q(','.join(map(str, train_files)))}",
                f"--data.dir={q(str(work / 'pairs'))}", *args.ft_override]  # prepared with the base's tokenizer
     def reused(name: str) -> dict[str, Any] | None:
@@ -388,11 +393,14 @@ def translate_lora(args: argparse.Namespace) -> None:
     lm = reused("lm")
     if lm is None:
         lm = run_arm(recipe, work / "lm", lm_over, args.pretrain_minutes, calibrate(recipe, lm_over, work / "calib_lm"))
-    if "test" not in lm:  # the base as it is, prompted "en: ...\nfr:" (zero-shot when it never saw en->fr)
+    base_ckpt = resolve_checkpoint(base).name
+    if "test" not in lm or lm.get("test_checkpoint", base_ckpt) != base_ckpt:
+        # the base as it is, prompted "en: ...\nfr:" (zero-shot when it never saw en->fr)
         t1 = time.perf_counter()
-        (m,) = evaluate_tasks(str(work / "lm"), [test], batch_size=64, decode=DecodeOptions(max_new_tokens=64),
+        (m,) = evaluate_tasks(str(base), [test], batch_size=64, decode=DecodeOptions(max_new_tokens=64),
                               device="cpu", limit=args.test_limit or None)["tasks"].values()
         lm["test"] = {k: m[k] for k in ("bleu", "chrf", "n") if k in m}
+        lm["test_checkpoint"] = base_ckpt
         lm["eval_s"] = round(time.perf_counter() - t1, 1)
         (work / "lm" / "arm.json").write_text(json.dumps(lm, indent=1))
     arms: dict[str, Any] = {"lm": lm}
@@ -430,6 +438,7 @@ def translate_lora(args: argparse.Namespace) -> None:
            "recipe": recipe, "env": env,
            "env_after": {"loadavg": [round(x, 2) for x in os.getloadavg()]}, "overrides": args.override,
            "base_overrides": args.base_override, "ft_overrides": args.ft_override,
+           "base_checkpoint": base_ckpt + (" (lowest held-out loss, --base-best)" if args.base_best else " (last)"),
            "pretrain_minutes": args.pretrain_minutes, "finetune_minutes": args.minutes,
            "lm_documents": n_docs, "lm_prepare_s": round(lm_prep_s, 1), "arms": arms,
            "test_sentences": args.test_limit or 1000, "decoding": "greedy, max_new_tokens 64"}
@@ -457,9 +466,11 @@ def translate_lora(args: argparse.Namespace) -> None:
         (f", LoRA+ B lr x{args.lora_plus_ratio:g}" if args.lora_plus_ratio != 1.0 else "") + \
         (", DoRA" if args.dora else "") + \
         "".join(f", base {o.lstrip('-')}" for o in args.base_override) + \
-        "".join(f", fine-tuning {o.lstrip('-')}" for o in args.ft_override)  # other settings keep their own rows
+        "".join(f", fine-tuning {o.lstrip('-')}" for o in args.ft_override) + \
+        (", base at its lowest held-out loss" if args.base_best else "")  # other settings keep their own rows
     langs = ", ".join(langs_in_base)
-    how = (f"base: decoder LM pre-trained {lm['steps']} steps ({lm['wall_s'] / 60:.1f} min) on " +
+    how = (f"base: decoder LM pre-trained {lm['steps']} steps ({lm['wall_s'] / 60:.1f} min" +
+           (f"; fine-tuned from its lowest held-out loss, {base_ckpt}" if args.base_best else "") + ") on " +
            (f"the {dirs} pairs alone" if args.pairs_only else f"the {langs} training sentences as separate documents"
             + (f" and the {dirs} pairs (a base that translates {dirs})" if directions else "")) +
            (f"; the base itself, prompted en->{tgt}: {lm['test']['bleu']:.2f} BLEU" if "test" in lm else "") +
@@ -751,6 +762,9 @@ def main() -> None:
                     help="extra --section.key=value for the two fine-tuning arms only, e.g. --ft-override="
                          "--finetune.inherit_dropout=false (fine-tune at the recipe's dropout 0 a base pre-trained "
                          "with --base-override=--model.dropout=0.1); name the result with --base-tag")
+    tl.add_argument("--base-best", action="store_true",
+                    help="fine-tune (and score) the base's checkpoint at its lowest held-out loss "
+                         "(checkpoint.keep_best; evaluated every 250 steps, saved every 500) instead of its last")
     tl.add_argument("--base-tag", default="", help="a word for the results file name telling this base apart "
                     "(e.g. drop01 with --base-override=--model.dropout=0.1)")
     tl.add_argument("--dora", action="store_true", help="the LoRA arm is DoRA (finetune.lora_dora: rank-r direction "
