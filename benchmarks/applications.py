@@ -172,7 +172,6 @@ def row(application: str, metric: str, value: Any, goal: str, minutes: float, no
 
 # ---- translation --------------------------------------------------------------------------------
 def translate(args: argparse.Namespace) -> None:
-    from clusterlm.checkpoint.store import resolve_checkpoint
     from clusterlm.eval.evaluate import evaluate_tasks
     from clusterlm.eval.harness import DecodeOptions
 
@@ -343,6 +342,7 @@ def translate_lora(args: argparse.Namespace) -> None:
     language and its pairs with English), then fine-tuned on the
     pairs for the same --minutes twice from that base, full and LoRA rank 8; greedy BLEU on
     test_2016_flickr for both. Goal: LoRA within 2 BLEU of full with < 5% trainable parameters."""
+    from clusterlm.checkpoint.store import resolve_checkpoint
     from clusterlm.eval.evaluate import evaluate_tasks
     from clusterlm.eval.harness import DecodeOptions
 
@@ -467,7 +467,9 @@ def translate_lora(args: argparse.Namespace) -> None:
         (", DoRA" if args.dora else "") + \
         "".join(f", base {o.lstrip('-')}" for o in args.base_override) + \
         "".join(f", fine-tuning {o.lstrip('-')}" for o in args.ft_override) + \
-        (", base at its lowest held-out loss" if args.base_best else "")  # other settings keep their own rows
+        (", base at its lowest held-out loss" if args.base_best else "") + \
+        (f", LoRA on {' '.join(args.lora_targets)}" if args.lora_targets and set(args.lora_targets) - {
+            "wq", "wv", "w1", "w2", "tok_embeddings"} else "")  # other settings keep their own rows
     langs = ", ".join(langs_in_base)
     how = (f"base: decoder LM pre-trained {lm['steps']} steps ({lm['wall_s'] / 60:.1f} min" +
            (f"; fine-tuned from its lowest held-out loss, {base_ckpt}" if args.base_best else "") + ") on " +
