@@ -78,6 +78,19 @@ def _clean(name: str) -> str:
     return name
 
 
+def add_low_rank(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """y += scale * h b^T for y (n, out), h (n, r), b (out, r), as ONE matrix multiply that
+    accumulates into y in place (addmm_, alpha=scale): the scale lands on the small factors and there
+    is no separate multiply, add or copy pass over the out-sized activations. y must be a fresh
+    2-D result no autograd node saved and no view (a Linear's or an Embedding's output on flattened
+    rows: their backward keeps their inputs; in place on a view would make autograd copy the whole
+    gradient back through it); under autocast (which leaves in-place ops alone) b takes
+    h's dtype. Those passes cost more than the adapter's
+    own GEMMs on a CPU (on multi30k_enfr_cpu's shape, 8 x 256 tokens into a 4096-word tied output,
+    they took about 45 ms of a 345 ms step; docs/finetune.md "Step time")."""
+    return y.addmm_(h, b.t().to(h.dtype), alpha=scale)
+
+
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank update. Holds the base Linear's own `weight` and
     `bias` Parameters (so their state dict keys and any tying are unchanged)."""
@@ -132,11 +145,13 @@ class LoRALinear(nn.Module):
         return (w.norm(dim=1) + self.lora_magnitude.float()) / norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(self.dropout(x), self.lora_a)  # (..., r)
+        shape = (*x.shape[:-1], self.out_features)
+        x = x.reshape(-1, self.in_features)  # rows: add_low_rank works on 2-D results
+        h = F.linear(self.dropout(x), self.lora_a)  # (n, r)
         if not self.dora:
-            return F.linear(x, self.weight, self.bias) + F.linear(h, self.lora_b) * self.scale  # (..., out)
-        y = (F.linear(x, self.weight) + F.linear(h, self.lora_b) * self.scale) * self.magnitude_scale().to(x.dtype)
-        return y if self.bias is None else y + self.bias
+            return add_low_rank(F.linear(x, self.weight, self.bias), h, self.lora_b, self.scale).view(shape)
+        y = add_low_rank(F.linear(x, self.weight), h, self.lora_b, self.scale) * self.magnitude_scale().to(x.dtype)
+        return (y if self.bias is None else y + self.bias).view(shape)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -184,9 +199,10 @@ class LoRAEmbedding(nn.Module):
         return (self.lora_b.float() @ self.lora_a.float()).t() * self.scale
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        y = F.embedding(ids, self.weight)  # (..., D)
-        h = F.embedding(ids, self.lora_a.t())  # (..., r)
-        return y + F.linear(h, self.lora_b) * self.scale
+        flat = ids.reshape(-1)
+        y = F.embedding(flat, self.weight)  # (n, D)
+        h = F.embedding(flat, self.lora_a.t())  # (n, r)
+        return add_low_rank(y, h, self.lora_b, self.scale).view(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, alpha={self.alpha}"
@@ -212,9 +228,11 @@ class TiedLoRAOutput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.source
-        y = F.linear(x, self.weight, self.bias)  # (..., V)
-        h = F.linear(x, s.lora_b.t())  # x B: (..., r)
-        return y + F.linear(h, s.lora_a.t()) * s.scale  # (x B) A
+        shape = (*x.shape[:-1], self.out_features)
+        x = x.reshape(-1, self.in_features)
+        y = F.linear(x, self.weight, self.bias)  # (n, V)
+        h = F.linear(x, s.lora_b.t())  # x B: (n, r)
+        return add_low_rank(y, h, s.lora_a.t(), s.scale).view(shape)  # + (x B) A
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, adapter of the tied embedding"
