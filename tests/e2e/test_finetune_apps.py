@@ -284,7 +284,7 @@ def test_translate_lora_task_in_base_fine_tunes_on_the_pairs_the_base_did_not_se
     import gzip
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from applications import base_corpus_jsonl, base_directions, held_out_pairs
+    from applications import base_corpus_jsonl, base_directions, first_pairs, held_out_pairs
 
     assert base_directions(["fr", "de"], "fr", task_in_base=True) == [("en", "fr"), ("en", "de")]
     for bad in (["fr"], ["de", "de-fr"]):
@@ -306,3 +306,6 @@ def test_translate_lora_task_in_base_fine_tunes_on_the_pairs_the_base_did_not_se
     before = [p.read_bytes() for p in out]
     time.sleep(1.1)  # gzip's header holds a time in seconds unless it is pinned
     assert [p.read_bytes() for p in held_out_pairs(en, fr, tmp_path / "held", 0, 2)] == before
+    # --ft-pairs N: the first N of those, as the same pair of files
+    few = first_pairs(*out, tmp_path / "few", 2)
+    assert [gzip.open(p, "rt").read().split() for p in few] == [["a1", "a3"], ["c1", "c3"]]
