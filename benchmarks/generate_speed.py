@@ -201,17 +201,22 @@ def main() -> None:
     if args.compile:
         variants.append((f"clusterlm {label} compiled", None, True))
     variants += [("clusterlm int8", "int8", False), ("clusterlm int4 (group 128)", "int4", False)]
+    errors: dict[str, str] = {}
     for name, method, comp in variants:
         m = model
         if method is not None:
             m = build_model(cfg)
             m.load_state_dict(model.state_dict())
             m.to(dev).eval()  # quantized from float32 weights: the int8/int4 rows do not depend on --dtype
-            quantize_model(m, method, group_size=128)
+            try:
+                quantize_model(m, method, group_size=128)
+            except (RuntimeError, NotImplementedError, ValueError) as e:  # a format this device has no kernel for
+                errors[name] = f"{type(e).__name__}: {e}"[:500]
+                print(f"{name}: skipped, {errors[name]}", file=sys.stderr)
+                continue
         runners[name] = ((lambda m=m, comp=comp: ours_run(m, prompt, args.new_tokens, comp)), weight_bytes(m))
     # interleaved: each repeat runs every variant once, so all of them see the same machine load
     intervals: dict[str, list[float]] = {name: [] for name in runners}
-    errors: dict[str, str] = {}
     for r in range(args.repeats + 1):  # repeat 0 warms up (and compiles)
         for name, (fn, _) in list(runners.items()):
             try:

@@ -95,19 +95,29 @@ def main() -> None:
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{tmp}/rdzv", rank=0, world_size=1)
-        try:
-            results = [run(p, w, device, args.batch, args.seq_len, args.steps) for p in args.presets for w in args.wraps]
-        finally:
-            dist.destroy_process_group()
+    results: list[dict] = []
     doc = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "cpu": cpu_model(), "torch": torch.__version__,
            "world_size": 1, "backend": "nccl" if cuda else "gloo", "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
-    for r in results:
-        mem = f"{r['peak_memory_bytes'] / 2**30:.1f} GiB" if "peak_memory_bytes" in r else "n/a"
-        print(f"{r['preset']:>10} {r['wrap']:>4}: {r['tokens_per_s']:,.0f} tok/s, peak {mem}")
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{tmp}/rdzv", rank=0, world_size=1)
+        try:
+            for p in args.presets:
+                for w in args.wraps:
+                    try:
+                        r = run(p, w, device, args.batch, args.seq_len, args.steps)
+                    except (RuntimeError, ValueError, NotImplementedError) as e:  # e.g. out of memory: the others still run
+                        r = {"preset": p, "wrap": w, "error": f"{type(e).__name__}: {e}"[:1000]}
+                        if cuda:
+                            torch.cuda.empty_cache()
+                    results.append(r)
+                    # written after every configuration: a later one that hangs or is killed loses nothing
+                    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+                    mem = f"{r['peak_memory_bytes'] / 2**30:.1f} GiB" if "peak_memory_bytes" in r else "n/a"
+                    print(f"{p:>10} {w:>4}: " + (f"{r['tokens_per_s']:,.0f} tok/s, peak {mem}" if "error" not in r
+                                                 else r["error"]), flush=True)
+        finally:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
