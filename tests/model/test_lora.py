@@ -302,6 +302,35 @@ def test_dropout_only_in_training():
         assert not torch.equal(model(x), model(x))
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_bf16_autocast_trains_the_fp32_adapters(dora):
+    """Under CPU bf16 autocast the update is accumulated in place into the base layer's bf16 output
+    (lora.add_low_rank; autocast leaves in-place ops alone, so B is cast to h's dtype there): the
+    logits match fp32's to bf16 precision and every adapter gets an fp32 gradient close to fp32's."""
+    cfg = dataclasses.replace(get_preset("gpt-nano", vocab_size=V), max_seq_len=32, bias=True, tie_embeddings=True)
+    model = base(cfg)
+    apply_lora(model, ["wq", "wv", "w1", "w2", "tok_embeddings"], rank=4, alpha=8.0, dora=dora)
+    with torch.no_grad():  # non-zero adapters, so the update matters
+        for m in model.modules():
+            if isinstance(m, (LoRALinear, LoRAEmbedding)):
+                m.lora_a.normal_(0, 0.3)
+                m.lora_b.normal_(0, 0.3)
+    x, y = batch()
+    grads = {}
+    for amp in (False, True):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+        lm_loss(logits.float(), y).backward()
+        grads[amp] = (logits.float().detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    (ref, g32), (low, g16) = grads[False], grads[True]
+    assert (low - ref).abs().max() < 0.05 * ref.abs().max()
+    assert g16.keys() == g32.keys() and g16
+    for n, g in g16.items():
+        assert g is not None and g.dtype == torch.float32, n
+        assert torch.nn.functional.cosine_similarity(g.flatten(), g32[n].flatten(), dim=0) > 0.95, n
+
+
 @pytest.mark.slow  # ~25 s on 2 cores: inductor compiles forward and backward
 def test_torch_compile_matches_eager():
     """torch.compile of a LoRA model (applied before compiling): loss and adapter gradients equal eager's (1e-5)."""
