@@ -15,7 +15,9 @@ on test_2016_flickr. Rows:
                           (what LoRA on these matrices could reach with unlimited rank);
   targets, rank r         the same with each update truncated to rank r (an adapter of rank r that
                           learned exactly full fine-tuning's top directions);
-  all matrices, rank r    every 2-D parameter truncated to rank r, vectors (norms) moved in full.
+  all matrices, rank r    every 2-D parameter truncated to rank r, vectors (norms) moved in full;
+  all but GROUP           full fine-tuning's whole update except one group of parameters (GROUPS),
+                          left at the base's: how much of the gain that group carries.
 Also the share of each update's energy (sum of squared singular values) in its top r directions.
 If "targets, rank 8" scores near the LoRA arm, the rank is what caps LoRA, not its training; if far
 above, a better-trained rank-8 adapter could do more. (The truncation is not the best rank-r update
@@ -37,6 +39,9 @@ from common import machine
 from clusterlm.checkpoint.model_io import load_for_inference
 from clusterlm.eval.harness import DecodeOptions, resolve_task, run_task
 
+GROUPS = {"wq wk wv": ["wq", "wk", "wv"], "wo": ["wo"], "w1 w2 (MLP)": ["w1", "w2", "w3"],
+          "embeddings (token + tied output, positions)": ["tok_embeddings", "pos_embeddings"],
+          "norms": ["attention_norm", "ffn_norm", "norm"]}
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
 OUT = Path(__file__).parent / "results" / "lora_rank_ceiling.json"
 
@@ -101,6 +106,10 @@ def main() -> None:
     score("base", b_sd)
     score("full", f_sd)
     score("targets, full rank", {**b_sd, **{k: f_sd[k] for k in target_mats}})
+    # which parameters carry the gain: full fine-tuning's update with one group left at the base's
+    for group, leaves in GROUPS.items():
+        kept = {k: f_sd[k] for k in names if not is_target(k, leaves)}
+        score(f"all but {group}", {**b_sd, **kept})
     energy: dict[str, dict[str, float]] = {}
     for r in args.ranks:
         cut = {k: truncate(f_sd[k] - b_sd[k], r) for k in mats}
