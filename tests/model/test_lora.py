@@ -310,6 +310,7 @@ def test_bf16_autocast_trains_the_fp32_adapters(dora):
     cfg = dataclasses.replace(get_preset("gpt-nano", vocab_size=V), max_seq_len=32, bias=True, tie_embeddings=True)
     model = base(cfg)
     apply_lora(model, ["wq", "wv", "w1", "w2", "tok_embeddings"], rank=4, alpha=8.0, dora=dora)
+    torch.manual_seed(0)  # the adapters' draws below: the same whatever ran before
     with torch.no_grad():  # non-zero adapters, so the update matters
         for m in model.modules():
             if isinstance(m, (LoRALinear, LoRAEmbedding)):
@@ -324,7 +325,7 @@ def test_bf16_autocast_trains_the_fp32_adapters(dora):
         lm_loss(logits.float(), y).backward()
         grads[amp] = (logits.float().detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     (ref, g32), (low, g16) = grads[False], grads[True]
-    assert (low - ref).abs().max() < 0.05 * ref.abs().max()
+    assert (low - ref).norm() < 0.03 * ref.norm()  # bf16 keeps 8 bits of mantissa: about 1% here
     assert g16.keys() == g32.keys() and g16
     for n, g in g16.items():
         assert g is not None and g.dtype == torch.float32, n
