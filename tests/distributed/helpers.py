@@ -12,9 +12,12 @@ import torch.multiprocessing as mp
 
 
 def _entry(rank: int, n: int, init_file: str, out_dir: str, fn, args) -> None:
+    import faulthandler
+
     import torch
     import torch.distributed as dist
 
+    faulthandler.enable()  # a native crash (SIGSEGV) prints each thread's Python stack to the captured stderr
     torch.set_num_threads(1)
     os.environ.pop("RANK", None)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=n)
