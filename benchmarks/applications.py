@@ -372,7 +372,8 @@ def translate_lora(args: argparse.Namespace) -> None:
         train_files = held_out_pairs(*train_files, work / "pairs_held_out", k, len(directions))
     pairs_dir = work / "pairs"
     if args.ft_pairs:  # the first N of them: LoRA's gap against the amount of task data
-        n_avail = sum(1 for _ in gzip.open(train_files[0], "rt", encoding="utf-8"))
+        with gzip.open(train_files[0], "rt", encoding="utf-8") as f:
+            n_avail = sum(1 for _ in f)
         if args.ft_pairs > n_avail:
             sys.exit(f"--ft-pairs {args.ft_pairs}: only {n_avail} fine-tuning pairs ({train_files[0]})")
         train_files = first_pairs(*train_files, work / f"pairs_first{args.ft_pairs}", args.ft_pairs)
@@ -437,25 +438,25 @@ def translate_lora(args: argparse.Namespace) -> None:
                                   f"--finetune.lora_plus_ratio={args.lora_plus_ratio}",
                                   *(["--finetune.lora_dora=true"] if args.dora else []),
                                   *([f"--finetune.lora_targets={q(args.lora_targets)}"] if args.lora_targets else [])])):
-        a = reused(name + arm_tag) if name == "full" else None  # LoRA's settings are what a --reuse run varies
+        run_dir = work / (name + arm_tag)
+        a = reused(run_dir.name) if name == "full" else None  # LoRA's settings are what a --reuse run varies
         if a is not None and {k: a.get(k, type(v)()) for k, v in ft_settings.items()} != ft_settings:
             a = None  # a full arm fine-tuned with other --ft-override, --ft-pairs or --ft-best settings
         if a is None:
-            # a LoRA run from before, with other settings
-            for old in (work / (name + arm_tag), work / f"calib_{name}{arm_tag}"):
+            calib_dir = work / f"calib_{run_dir.name}"
+            for old in (run_dir, calib_dir):  # a LoRA run from before, with other settings
                 if old.exists():
                     shutil.rmtree(old)
-            a = run_arm(recipe, work / (name + arm_tag), over, args.minutes,
-                        calibrate(recipe, over, work / f"calib_{name}{arm_tag}"), warmup=50)
+            a = run_arm(recipe, run_dir, over, args.minutes, calibrate(recipe, over, calib_dir), warmup=50)
             t1 = time.perf_counter()
-            scored = work / (name + arm_tag) / ("checkpoints/best" if args.ft_best else "")
+            scored = run_dir / ("checkpoints/best" if args.ft_best else "")
             (m,) = evaluate_tasks(str(scored), [test], batch_size=64, decode=DecodeOptions(max_new_tokens=64),
                                   device="cpu", limit=args.test_limit or None)["tasks"].values()
             a["test"] = {k: m[k] for k in ("bleu", "chrf", "n") if k in m}
             a["test_checkpoint"] = resolve_checkpoint(scored).name
             a["eval_s"] = round(time.perf_counter() - t1, 1)
             a.update(ft_settings)
-            (work / (name + arm_tag) / "arm.json").write_text(json.dumps(a, indent=1))
+            (run_dir / "arm.json").write_text(json.dumps(a, indent=1))
         arms[name] = a
     full, lo = arms["full"], arms[f"lora{r}"]
     model_file = next((work / f"full{arm_tag}" / "checkpoints").glob("step-*/model.safetensors"))

@@ -111,11 +111,11 @@ def main() -> None:
         kept = {k: f_sd[k] for k in names if not is_target(k, leaves)}
         score(f"all but {group}", {**b_sd, **kept})
     energy: dict[str, dict[str, float]] = {}
+    vectors = {k: f_sd[k] for k in names if f_sd[k].dim() != 2}  # norms: moved in full in the "all matrices" rows
     for r in args.ranks:
         cut = {k: truncate(f_sd[k] - b_sd[k], r) for k in mats}
         energy[str(r)] = {k: round(v[1], 4) for k, v in cut.items()}
         score(f"targets, rank {r}", {**b_sd, **{k: b_sd[k] + cut[k][0] for k in target_mats}})
-        vectors = {k: f_sd[k] for k in names if f_sd[k].dim() != 2}
         score(f"all matrices, rank {r}", {**b_sd, **vectors, **{k: b_sd[k] + cut[k][0] for k in mats}})
     doc = {"benchmark": "lora_rank_ceiling", "machine": machine(), "base": str(base.path), "full": str(full.path),
            "pair": f"en-{args.pair}",

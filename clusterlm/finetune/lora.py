@@ -81,13 +81,13 @@ def _clean(name: str) -> str:
 def add_low_rank(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """y += scale * h b^T for y (n, out), h (n, r), b (out, r), as ONE matrix multiply that
     accumulates into y in place (addmm_, alpha=scale): the scale lands on the small factors and there
-    is no separate multiply, add or copy pass over the out-sized activations. y must be a fresh
-    2-D result no autograd node saved and no view (a Linear's or an Embedding's output on flattened
-    rows: their backward keeps their inputs; in place on a view would make autograd copy the whole
-    gradient back through it); under autocast (which leaves in-place ops alone) b takes
-    h's dtype. Those passes cost more than the adapter's
-    own GEMMs on a CPU (on multi30k_enfr_cpu's shape, 8 x 256 tokens into a 4096-word tied output,
-    they took about 45 ms of a 345 ms step; docs/finetune.md "Step time")."""
+    is no separate multiply, add or copy pass over the out-sized activations. Those passes cost more
+    than the adapter's own GEMMs on a CPU (on multi30k_enfr_cpu's shape, 8 x 256 tokens into a
+    4096-word tied output, about 45 ms of a 345 ms step; docs/finetune.md "Step time").
+    y must be a fresh 2-D result that no autograd node saved and not a view (a Linear's or an
+    Embedding's output on flattened rows: their backward keeps their inputs; in place on a view,
+    autograd would copy the whole gradient back through it). Autocast leaves in-place ops alone, so
+    b is cast to h's dtype here."""
     return y.addmm_(h, b.t().to(h.dtype), alpha=scale)
 
 
