@@ -156,11 +156,13 @@ class ParallelModel:
 
     def _run_schedule(self, run, x: torch.Tensor, y: torch.Tensor, losses: list[torch.Tensor]) -> None:
         """One pipeline-schedule call (`schedule.step` or `schedule.eval`) with this stage's part: the
-        first stage feeds the inputs, the last the targets (and collects the micro-batch losses)."""
+        first stage feeds the inputs, the last the targets (and collects the micro-batch losses).
+        Both go in contiguous: torch 2.11's stage checks (2.13 no longer) compare strides with those it
+        recorded, and refuse a row slice such as tokens[:, :-1] ("stride mismatch")."""
         if self.coords.pp == 0:
-            run(x)
+            run(x.contiguous())
         elif self.coords.is_last_stage:
-            run(target=y, losses=losses)
+            run(target=y.contiguous(), losses=losses)
         else:
             run()
 

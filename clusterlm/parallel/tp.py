@@ -30,8 +30,9 @@ sequence split; it is all-gathered once there (a Replicate DTensor, whose gradie
 reduce-scatters once) and every decoder layer's wk/wv read it. Both stacks embed (tokens + learned or
 sinusoidal positions, or rotary tables sized by the token count) and norm (`emb_norm`) the full
 sequence, so their embedding is all-reduced and each stack's first block takes its slice. An encoder's
-masked-LM head (dense -> GELU -> norm, each position on its own) runs on the sequence split with
-replicated weights, like a norm; the tied output layer after it is split by vocabulary as above.
+masked-LM head (dense -> GELU -> norm, each position on its own): the dense layer split by columns
+(the sequence gathered in, the output split by sequence again), the norm on the sequence split; the
+tied output layer after it is split by vocabulary as above.
 """
 
 from __future__ import annotations
@@ -143,8 +144,10 @@ def _apply_ends(model: nn.Module, tp_mesh: DeviceMesh, loss_par: bool) -> None:
         plan["norm"] = SequenceParallel()
     if arch == "encdec":
         plan["encoder.norm"] = SequenceParallel()
-    if getattr(model, "mlm_head", None) is not None:  # position-wise: replicated weights on the sequence split
-        plan["mlm_head.dense"] = SequenceParallel()
+    if getattr(model, "mlm_head", None) is not None:
+        # not replicated weights on the sequence split, as for a norm: torch 2.11's DTensor cannot run a
+        # Linear that way ("Attempted to flatten multiple dimensions, with dimension 1 being sharded")
+        plan["mlm_head.dense"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(1), use_local_output=False)
         plan["mlm_head.norm"] = SequenceParallel()
     if model.output is not None:
         plan["output"] = ColwiseParallel(input_layouts=Shard(1),
