@@ -91,7 +91,9 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true", help="gloo on CPU (a smoke run of this script)")
     ap.add_argument("--out", default=str(RESULTS / "train_distributed_gpu.json"))
     args = ap.parse_args()
-    cuda = torch.cuda.is_available() and not args.cpu
+    if not args.cpu and not torch.cuda.is_available():
+        ap.error("no CUDA device is visible to torch here; --cpu runs the script on gloo as a smoke test")
+    cuda = not args.cpu
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
