@@ -28,15 +28,15 @@ def _model(cfg: ModelConfig) -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("arch,pos,opts", itertools.product(("encoder", "encdec"), ("learned", "sinusoidal", "rope"),
-                                                             range(len(OPTIONS))))
+@pytest.mark.parametrize("arch,pos,opts", list(itertools.product(("encoder", "encdec"), ("learned", "sinusoidal", "rope"),
+                                                                  range(len(OPTIONS)))))
 def test_parameter_count_is_exact(arch, pos, opts):
     cfg = _cfg(arch, pos, **OPTIONS[opts])
     model = build_model(cfg)
     assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
 
 
-@pytest.mark.parametrize("pos,opts", itertools.product(("learned", "sinusoidal", "rope"), range(len(OPTIONS))))
+@pytest.mark.parametrize("pos,opts", list(itertools.product(("learned", "sinusoidal", "rope"), range(len(OPTIONS)))))
 def test_cached_decoding_equals_full_forward(pos, opts):
     model = _model(_cfg("encdec", pos, **OPTIONS[opts]))
     g = torch.Generator().manual_seed(1)
