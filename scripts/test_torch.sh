@@ -11,13 +11,6 @@ cd "$(dirname "$0")/.."
 version=${1:?usage: bash scripts/test_torch.sh TORCH_VERSION [pytest args...]}
 shift
 venv=".venv-torch-$version"
-PY="${PYTHON:-python3}"
-[ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
-if ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$version')" 2>/dev/null; then
-    echo "test_torch: installing torch==$version into $venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check "torch==$version" 2>&1 | { grep -v "^WARNING: Location" || true; }
-fi
-"$venv/bin/pip" install --quiet --disable-pip-version-check -e ".[test,serve,eval]" 2>&1 | grep -v "^WARNING: Location" || true
-"$venv/bin/python" -c "import torch; print(f'test_torch: torch {torch.__version__} in $venv')"
+VENV="$venv" TORCH="$version" bash scripts/setup.sh
 # the CLI the tests start as a subprocess is this venv's
 PATH="$PWD/$venv/bin:$PATH" exec "$venv/bin/python" -m pytest "$@"
