@@ -185,7 +185,13 @@ class Heartbeat:
                            f"{store_silent:.0f} s, seen from rank {self.rank} on {self.host} ({why}): rank 0 or "
                            "the store's host is hung or unreachable")
             elif stale:
-                self._lost("; ".join(self._describe(*s) for s in stale))
+                line = "; ".join(self._describe(*s) for s in stale)
+                if store_silent >= 2 * self.interval_s:  # rank 0 stopped just before its next beat: the store
+                    # it hosts went quiet a little after its last beat, so the beat deadline passes first
+                    why = getattr(self, "_store_error", "no answer")
+                    line += (f"; {self.store_where} (hosted by rank 0{host0}) did not answer for the last "
+                             f"{store_silent:.0f} s either ({why})")
+                self._lost(line)
             if self._stop.is_set():
                 return
 
