@@ -138,6 +138,11 @@ class OptimConfig:
     layer_lr_decay: float = 1.0
     """< 1: each layer's lr is this times the lr of the layer above; the head keeps optim.lr, the
     embeddings get the least (ULMFiT's discriminative fine-tuning uses 1/2.6); 1 = one lr for all"""
+    unfreeze_every: int = 0
+    """> 0: ULMFiT's gradual unfreezing: the head (and final norm) train from the first step, and every
+    this many steps the next layer down joins, the embeddings last (each group's lr is 0 until then;
+    its gradients and Adam moments are still computed, so it works the same under DDP and FSDP);
+    0 = every layer from the start"""
     ema_decay: float = 0.0
     """> 0: keep an exponential moving average of the weights (e.g. 0.999, about the last 1,000 steps;
     warmed up over the first steps); evaluation and checkpoints use it (train/ema.py); 0 = off"""
@@ -147,6 +152,9 @@ class OptimConfig:
         if not 0.0 < self.layer_lr_decay <= 1.0:
             raise ConfigError(f"optim.layer_lr_decay={self.layer_lr_decay} must be in (0, 1]: 1 gives every layer "
                               "optim.lr, 0.385 (1/2.6) is ULMFiT's discriminative fine-tuning")
+        if self.unfreeze_every < 0:
+            raise ConfigError(f"optim.unfreeze_every={self.unfreeze_every} must be >= 0: 0 trains every layer from "
+                              "the first step, N unfreezes one more layer from the top every N steps")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"optim.ema_decay={self.ema_decay} must be in [0, 1): 0 turns the average off, "
                               "0.999 averages about the last 1,000 steps")

@@ -300,7 +300,8 @@ def optimizer_mismatch(path: Path, saved: dict, optimizer: torch.optim.Optimizer
     have = [len(g["params"]) for g in saved.get("param_groups", [])]
     want = [len(g["params"]) for g in optimizer.param_groups]
     return (f"cannot resume {path}: its optimizer has parameter groups of {have} tensors, this run's {want} ({err}); "
-            "optim.weight_decay (0 or not), optim.layer_lr_decay (1 or not) or the trainable parameters "
+            "optim.weight_decay (0 or not), optim.layer_lr_decay (1 or not), optim.unfreeze_every (0 or not) or the "
+            "trainable parameters "
             "(finetune.freeze_*, lora_*) changed since it was saved: set them as in its config.toml, or "
             "start fresh with another --train.out_dir")
 

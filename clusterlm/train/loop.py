@@ -240,11 +240,11 @@ class Trainer:
         else:
             self.loader = TokenLoader(self.data_dir, "train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len,
                                       seed=tc.seed, rank=pm.coords.dp_rank, world_size=dims.dp)
-        scales = [g.get("lr_scale") for g in self.optimizer.param_groups]  # this run's optim.layer_lr_decay
+        # this run's optim.layer_lr_decay / unfreeze_every: load_state_dict puts the saved groups' keys back
+        mine = [{k: g[k] for k in ("lr_scale", "unfreeze_at") if k in g} for g in self.optimizer.param_groups]
         self.state = self.checkpointer.load_into(self.model, self.optimizer, self.loader)
-        for group, scale in zip(self.optimizer.param_groups, scales):  # load_state_dict put the saved ones back
-            if scale is not None:
-                group["lr_scale"] = scale
+        for group, keys in zip(self.optimizer.param_groups, mine):
+            group.update(keys)
         from clusterlm.train.ema import WeightEMA
 
         self.ema = WeightEMA(self.optimizer, cfg.optim.ema_decay)
@@ -519,12 +519,11 @@ class Trainer:
     def train_step(self) -> tuple[float, float, float]:
         """One optimizer step over `accum` micro-batches; returns (loss, grad norm, lr), global over
         ranks. A non-finite loss or gradient skips the optimizer step (counted in the RunState)."""
-        from clusterlm.train.optim import lr_at
+        from clusterlm.train.optim import lr_at, set_lr
 
         tc, state, opt, pm = self.tc, self.state, self.optimizer, self.pm
         lr = lr_at(state.step, self.cfg.optim, tc.max_steps)
-        for group in opt.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)  # optim.layer_lr_decay's per-layer scale
+        set_lr(opt, lr, state.step)  # times each group's layer scale; 0 for a group not yet unfrozen
         loss_sum = torch.zeros((), device=self.device)
         batches = [next(self.loader) for _ in range(self.accum)]
         if hasattr(pm.loss_fn, "scale"):  # SFT: the mean over every trained token of the step, all ranks

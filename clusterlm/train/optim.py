@@ -112,13 +112,26 @@ def layer_depth(name: str) -> int | None:
     return None
 
 
+def layers_from_top(names: list[str]) -> dict[str, int]:
+    """How many layers below the top each parameter sits: 0 for the head and final norm, 1 for the
+    last block or recurrent layer, ..., the most for the embeddings."""
+    depths = {n: layer_depth(n) for n in names}
+    top = max((d for d in depths.values() if d is not None), default=0) + 1
+    return {n: top - (top if d is None else d) for n, d in depths.items()}
+
+
 def layer_lr_scales(names: list[str], decay: float) -> dict[str, float]:
     """Layer-wise learning-rate decay (ULMFiT's discriminative fine-tuning, ELECTRA's layer-wise
     decay): the top (head, final norm) keeps the lr, each layer below it gets `decay` times the one
     above, the embeddings the least: decay ** (top - depth)."""
-    depths = {n: layer_depth(n) for n in names}
-    top = max((d for d in depths.values() if d is not None), default=0) + 1
-    return {n: decay ** (top - (top if d is None else d)) for n, d in depths.items()}
+    return {n: decay ** k for n, k in layers_from_top(names).items()}
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, step: int) -> None:
+    """Give every group the schedule's `lr` for optimizer step `step`, times its "lr_scale"
+    (optim.layer_lr_decay, LoRA+), or 0 before its "unfreeze_at" step (optim.unfreeze_every)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0) if step >= group.get("unfreeze_at", 0) else 0.0
 
 
 def lora_b_ids(model: nn.Module) -> set[int]:
@@ -131,29 +144,38 @@ def lora_b_ids(model: nn.Module) -> set[int]:
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_lr_decay: float = 1.0,
-                 lora_plus_ratio: float = 1.0) -> list[dict]:
+                 lora_plus_ratio: float = 1.0, unfreeze_every: int = 0) -> list[dict]:
     """Optimizer groups: [{"params": matrices, "weight_decay": weight_decay},
     {"params": the rest, "weight_decay": 0.0}]; an empty group is left out. With layer_lr_decay < 1
-    each of the two splits by layer, with lora_plus_ratio != 1 the LoRA B factors get a group of their
-    own, and every group carries "lr_scale" (the loop sets lr = schedule * lr_scale):
-    `layer_lr_scales` times lora_plus_ratio for a LoRA B factor (LoRA+)."""
+    or unfreeze_every > 0 each of the two splits by layer, with lora_plus_ratio != 1 the LoRA B
+    factors get a group of their own, and every group carries "lr_scale" (`set_lr` gives it
+    schedule * lr_scale): `layer_lr_scales` times lora_plus_ratio for a LoRA B factor (LoRA+); and
+    with unfreeze_every > 0, "unfreeze_at": the step from which it trains, unfreeze_every times its
+    `layers_from_top` (ULMFiT's gradual unfreezing: the head first, the embeddings last)."""
     if weight_decay < 0:
         raise ValueError(f"weight_decay={weight_decay} must be >= 0")
     if lora_plus_ratio <= 0:
         raise ValueError(f"lora_plus_ratio={lora_plus_ratio} must be > 0")
+    if unfreeze_every < 0:
+        raise ValueError(f"unfreeze_every={unfreeze_every} must be >= 0")
     decay, no_decay = split_params(model)
-    if layer_lr_decay == 1.0 and lora_plus_ratio == 1.0:
+    if layer_lr_decay == 1.0 and lora_plus_ratio == 1.0 and not unfreeze_every:
         groups = [{"params": [p for _, p in decay], "weight_decay": weight_decay},
                   {"params": [p for _, p in no_decay], "weight_decay": 0.0}]
     else:
-        layer = layer_lr_scales([n for n, _ in decay + no_decay], layer_lr_decay)
+        names = [n for n, _ in decay + no_decay]
+        layer = layer_lr_scales(names, layer_lr_decay)
+        start = {n: k * unfreeze_every for n, k in layers_from_top(names).items()}
         b_ids = lora_b_ids(model) if lora_plus_ratio != 1.0 else set()
-        scales = {n: layer[n] * (lora_plus_ratio if id(p) in b_ids else 1.0) for n, p in decay + no_decay}
+        keys = {n: (layer[n] * (lora_plus_ratio if id(p) in b_ids else 1.0), start[n]) for n, p in decay + no_decay}
         groups = []
         for named, wd in ((decay, weight_decay), (no_decay, 0.0)):
-            for scale in sorted({scales[n] for n, _ in named}, reverse=True):
-                groups.append({"params": [p for n, p in named if scales[n] == scale], "weight_decay": wd,
-                               "lr_scale": scale})
+            for scale, at in sorted({keys[n] for n, _ in named}, key=lambda k: (-k[0], k[1])):
+                group = {"params": [p for n, p in named if keys[n] == (scale, at)], "weight_decay": wd,
+                         "lr_scale": scale}
+                if unfreeze_every:
+                    group["unfreeze_at"] = at
+                groups.append(group)
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError(f"{type(model).__name__} has no trainable parameters")
@@ -181,10 +203,15 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, fused: bool | None = 
     n_rest = sum(p.numel() for _, p in no_decay)
     log.info("AdamW%s: %s parameters in %d tensors decay (wd=%g), %s in %d tensors do not",
              " (fused)" if fused else "", f"{n_decay:,}", len(decay), cfg.weight_decay, f"{n_rest:,}", len(no_decay))
-    groups = param_groups(model, cfg.weight_decay, cfg.layer_lr_decay, lora_plus_ratio)
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_lr_decay, lora_plus_ratio, cfg.unfreeze_every)
     if lora_plus_ratio != 1.0:
         log.info("LoRA+: the LoRA B factors (%d tensors) at %g x the lr", len(lora_b_ids(model)), lora_plus_ratio)
     if cfg.layer_lr_decay != 1.0:
         log.info("layer-wise lr decay %g: lr x %s (from the top down to the embeddings)", cfg.layer_lr_decay,
                  ", ".join(f"{s:.3g}" for s in sorted({g["lr_scale"] for g in groups}, reverse=True)))
+    if cfg.unfreeze_every:
+        starts = sorted({g["unfreeze_at"] for g in groups})
+        log.info("gradual unfreezing every %d steps: %d layer groups, from the top down, start training at steps %s "
+                 "(lr 0 before: their gradients and Adam moments are still computed)", cfg.unfreeze_every,
+                 len(starts), ", ".join(map(str, starts)))
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)

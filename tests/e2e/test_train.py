@@ -109,6 +109,25 @@ def test_layer_lr_decay_scales_each_group_and_a_regrouped_resume_is_refused(data
         train(tiny_cfg(data_dir, run, "--train.max_steps=22", "--train.resume=auto"))
 
 
+def test_gradual_unfreezing_resumes_bit_exact_across_an_unfreeze(data_dir, tmp_path):
+    """optim.unfreeze_every=30: 100 steps straight equal 50 + resume to 100 with groups unfrozen at 0,
+    30, 60 and 90 (two of them after the resume); the checkpoint's groups carry their start steps,
+    and the embeddings' group still has lr 0 in the step-50 checkpoint."""
+    from clusterlm.checkpoint.store import load_checkpoint
+    from clusterlm.train.loop import train
+
+    unfreeze = ["--optim.decay_steps=90", "--optim.unfreeze_every=30"]
+    straight = train(tiny_cfg(data_dir, tmp_path / "a", *unfreeze))
+    half = train(tiny_cfg(data_dir, tmp_path / "b", *unfreeze, "--train.max_steps=50"))
+    groups = load_checkpoint(half.checkpoint).optimizer_state["param_groups"]
+    assert sorted({g["unfreeze_at"] for g in groups}) == [0, 30, 60, 90]
+    assert all((g["lr"] == 0.0) == (g["unfreeze_at"] > 49) for g in groups)
+    resumed = train(tiny_cfg(data_dir, tmp_path / "b", *unfreeze, "--train.resume=auto"))
+    a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    assert [a[s] for s in range(51, 101)] == [b[s] for s in range(51, 101)]
+    assert straight.final_val_loss == resumed.final_val_loss and a[100] < a[1]
+
+
 def test_keep_best_keeps_the_lowest_val_loss_checkpoint_through_a_resume(data_dir, tmp_path):
     """checkpoint.keep_best with keep_last=1 and a save at every evaluation: the run keeps its final
     checkpoint and the one at its lowest val loss (metrics.jsonl's), named in checkpoints/best; a run

@@ -246,3 +246,38 @@ def test_layer_lr_decay_groups():
     assert [g["weight_decay"] for g in param_groups(m, 0.1)] == [0.1, 0.0]
     with pytest.raises(ConfigError, match=r"optim.layer_lr_decay=0 must be in \(0, 1\]"):
         OptimConfig(layer_lr_decay=0)
+
+
+def test_gradual_unfreezing_trains_each_layer_from_its_step():
+    """optim.unfreeze_every=10 on the 2-layer model: the head and final norm train from step 0, block 1
+    from step 10, block 0 from 20, the embeddings from 30 (each group's lr 0 before, so AdamW leaves
+    it bit for bit, weight decay included); with layer_lr_decay the two combine per group."""
+    from clusterlm.errors import ConfigError
+    from clusterlm.train.optim import set_lr
+
+    torch.manual_seed(0)
+    m = TinyLM(tied=False)
+    opt = build_optimizer(m, OptimConfig(lr=1e-2, min_lr=0.0, weight_decay=0.1, unfreeze_every=10))
+    starts = {id(p): g["unfreeze_at"] for g in opt.param_groups for p in g["params"]}
+    assert sorted({g["unfreeze_at"] for g in opt.param_groups}) == [0, 10, 20, 30]
+    watched = {"output.weight": 0, "norm.weight": 0, "layers.1.attention.wq.weight": 10,
+               "layers.0.feed_forward.w2.weight": 20, "tok_embeddings.weight": 30, "pos_embeddings.weight": 30}
+    params = dict(m.named_parameters())
+    assert {n: starts[id(params[n])] for n in watched} == watched
+    g = torch.Generator().manual_seed(1)
+    for step in range(35):
+        before = {n: params[n].detach().clone() for n in watched}
+        set_lr(opt, 1e-2, step)
+        for p in m.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+        for n, at in watched.items():
+            assert torch.equal(params[n], before[n]) == (step < at), (n, step)
+
+    groups = param_groups(m, 0.1, layer_lr_decay=0.5, unfreeze_every=7)
+    keys = {(g["weight_decay"], g["lr_scale"], g["unfreeze_at"]) for g in groups}
+    assert keys == {(0.1, 1.0, 0), (0.1, 0.5, 7), (0.1, 0.25, 14), (0.0, 1.0, 0), (0.0, 0.5, 7), (0.0, 0.25, 14),
+                    (0.0, 0.125, 21)}
+    assert "unfreeze_at" not in param_groups(m, 0.1, layer_lr_decay=0.5)[0]
+    with pytest.raises(ConfigError, match=r"optim.unfreeze_every=-1 must be >= 0"):
+        OptimConfig(unfreeze_every=-1)
