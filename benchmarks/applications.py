@@ -410,12 +410,7 @@ def translate_lora(args: argparse.Namespace) -> None:
     ft_settings = {"ft_overrides": args.ft_override, "ft_pairs": args.ft_pairs,
                    "ft_best": args.ft_eval_interval if args.ft_best else 0}
     def reused(name: str) -> dict[str, Any] | None:
-        """--reuse: the arm a run in this --work wrote before (NAME/arm.json), or None."""
-        path = work / name / "arm.json"
-        if args.reuse and path.is_file():
-            log.info("--reuse: %s from %s", name, path)
-            return json.loads(path.read_text())
-        return None
+        return reused_arm(work, name, args.reuse)
 
     lm = reused("lm")
     if lm is None:
@@ -643,6 +638,15 @@ def trainable(run: Path) -> tuple[int, int]:
     return count_parameters(model)
 
 
+def reused_arm(work: Path, name: str, reuse: bool) -> dict[str, Any] | None:
+    """--reuse: the arm a run in this --work wrote before (NAME/arm.json), or None."""
+    path = work / name / "arm.json"
+    if reuse and path.is_file():
+        log.info("--reuse: %s from %s", name, path)
+        return json.loads(path.read_text())
+    return None
+
+
 def run_arm(recipe: str, run: Path, over: list[str], minutes: float, step_s: float, warmup: int = 100,
             max_steps: int = 0) -> dict[str, Any]:
     """Train one arm into `run` for `minutes` (max_steps from the calibrated `step_s`, at most
@@ -680,7 +684,7 @@ def sentiment(args: argparse.Namespace) -> None:
                            "finetune_overrides": args.finetune_override, "tag": args.tag,
                            "pretrain_share": args.pretrain_share, "classifier_steps": args.classifier_steps,
                            "lm_prepare_s": round(lm_prep_s, 1),
-                           "lm_sentences": n_sent, "lm_extra": [str(x) for x in extra], "arms": {}}
+                           "lm_sentences": n_sent, "lm_extra": [str(x) for x in extra], "reuse": args.reuse, "arms": {}}
     rows = []
     for arch in args.arch:
         recipe = f"sst2_{arch}_cpu"
@@ -689,22 +693,28 @@ def sentiment(args: argparse.Namespace) -> None:
                    '--data.source=""', "--train.micro_batch_size=32", "--train.eval_interval=0"]
         cls_over = [*common, f"--data.dir={q(str(work / f'records_{arch}'))}"]
         ft_over = [*common, f"--data.dir={q(str(work / f'records_{arch}_ft'))}"]
-        cls_step = calibrate(recipe, cls_over, work / f"calib_{arch}_cls")
-        lm_step = calibrate(recipe, lm_over, work / f"calib_{arch}_lm")
         arms: dict[str, Any] = {}
 
         def arm(name: str, over: list[str], minutes: float, step_s: float, warmup: int = 100,
                 max_steps: int = 0) -> dict[str, Any]:
+            if (work / name).exists():  # an arm from an earlier run in this --work: trained again
+                shutil.rmtree(work / name)
             a = run_arm(recipe, work / name, over, minutes, step_s, warmup, max_steps)
             if a["task"] == "classify":
                 a["dev"] = dev_scores(work / name, dev)
+            (work / name / "arm.json").write_text(json.dumps(a, indent=1))
             return a
 
         cap = args.classifier_steps
-        arms["scratch"] = arm(f"{arch}_scratch", cls_over, args.minutes, cls_step, max_steps=cap)
+        # --reuse: the scratch arm and the LM from an earlier run in this --work; the arms that start from
+        # the LM train again (they are what --finetune-override varies)
+        scratch = reused_arm(work, f"{arch}_scratch", args.reuse)
+        cls_step = scratch["calibrated_step_s"] if scratch else calibrate(recipe, cls_over, work / f"calib_{arch}_cls")
+        arms["scratch"] = scratch or arm(f"{arch}_scratch", cls_over, args.minutes, cls_step, max_steps=cap)
         # with a capped classifier the LM takes the time the classifier will not (at the calibrated step time)
         lm_minutes = (args.minutes - cap * cls_step / (0.9 * 60)) if cap else args.minutes * args.pretrain_share
-        lm = arm(f"{arch}_lm", lm_over, max(0.5, lm_minutes), lm_step)
+        lm = reused_arm(work, f"{arch}_lm", args.reuse) or arm(
+            f"{arch}_lm", lm_over, max(0.5, lm_minutes), calibrate(recipe, lm_over, work / f"calib_{arch}_lm"))
         left = max(0.5, (budget_s - lm["wall_s"]) / 60)
         init = [f"--finetune.init_from={q(str(work / f'{arch}_lm'))}"]
         ft_extra = args.finetune_override  # e.g. ULMFiT's discriminative lr for the arms that start from the LM
@@ -850,6 +860,9 @@ def main() -> None:
                    help="more unlabelled text for the LM (a sentence a line, .gz ok), after SST-2's sentences; "
                         "repeatable, e.g. ../shared/data/multi30k/train.en.gz")
     s.add_argument("--tag", default="", help="names a variant: in the result file name and the rows' application")
+    s.add_argument("--reuse", action="store_true", help="reuse the scratch arm and the LM a run in the same --work "
+                   "made (their arm.json): only the arms that start from the LM train again, e.g. to try another "
+                   "--finetune-override")
     for x in (t, tl, s):
         x.add_argument("--threads", type=int, default=0, help="torch threads for training and scoring (0 = torch's "
                        "default; 1 was faster than 2 on a 2-core machine loaded by other jobs)")

@@ -52,18 +52,20 @@ def test_fsdp_run_resumes_on_tp_and_on_one_process(data, tmp_path, monkeypatch):
     process continues with the same losses for steps 5-8: model, optimizer and loader position reshard.
     Every run keeps a weight average (optim.ema_decay): the checkpoint's model is the average and the
     trained weights ride in the optimizer state ("train_weights", loaded though a fresh optimizer has
-    no such key), so a resume that lost them would continue from the average and its losses differ."""
+    no such key), so a resume that lost them would continue from the average and its losses differ.
+    And every run unfreezes gradually (optim.unfreeze_every=1 on 4 layers: the head from step 0, the embeddings from
+    step 5), so the frozen groups' lr 0 holds under FSDP and TP and across the resume."""
     from clusterlm.config import load_run_config
     from clusterlm.train.loop import train
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(k, raising=False)
-    ema = "--optim.ema_decay=0.5"
-    assert train(load_run_config(None, _args(data, tmp_path / "one", 8, ema))).exit_code == 0
+    ema = ["--optim.ema_decay=0.5", "--optim.unfreeze_every=1"]
+    assert train(load_run_config(None, _args(data, tmp_path / "one", 8, *ema))).exit_code == 0
     ref = train_losses(tmp_path / "one")
 
     fsdp = tmp_path / "fsdp"
-    res = run_ranks(2, _train_rank, _args(data, fsdp, 4, "--parallel.dp_shard=2", ema))
+    res = run_ranks(2, _train_rank, _args(data, fsdp, 4, "--parallel.dp_shard=2", *ema))
     assert res == [{"exit": 0, "step": 8}] * 2
     got = train_losses(fsdp)
     assert sorted(got) == list(range(1, 9))
@@ -76,7 +78,7 @@ def test_fsdp_run_resumes_on_tp_and_on_one_process(data, tmp_path, monkeypatch):
         run = tmp_path / name
         (run / "checkpoints").mkdir(parents=True)
         shutil.copytree(ckpt, run / "checkpoints" / ckpt.name)
-        args = _args(data, run, micro, "--train.resume=auto", ema, *extra)
+        args = _args(data, run, micro, "--train.resume=auto", *ema, *extra)
         if world == 2:
             assert run_ranks(2, _train_rank, args) == [{"exit": 0, "step": 8}] * 2
         else:
