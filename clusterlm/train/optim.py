@@ -5,8 +5,9 @@
     >>> lr_at(0, cfg, max_steps=2000), lr_at(99, cfg, max_steps=2000), lr_at(2000, cfg, max_steps=2000)
     (1e-05, 0.001, 0.0001)
 
-The loop sets the lr each step (`for g in opt.param_groups: g["lr"] = lr_at(step, ...)`), so the
-schedule has no state: resuming at step s gives the same lr as an uninterrupted run at step s.
+The loop sets the lr each step (`set_lr(opt, lr_at(step, ...), step)`: each group gets lr times its
+"lr_scale", or 0 before its "unfreeze_at" step), so the schedule has no state: resuming at step s
+gives the same lr as an uninterrupted run at step s.
 
 Schedules (step counts from 0 = the first optimizer step; W = warmup_steps):
   warmup     lr * (step + 1) / W for step < W (nanoGPT's shape: never 0, reaches lr at step W-1)
