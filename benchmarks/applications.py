@@ -681,7 +681,8 @@ def sentiment(args: argparse.Namespace) -> None:
     lm_name = "sst2_lm" + "".join(f"_{x.parent.name}_{x.name.split('.')[0]}" for x in extra)  # another corpus, another folder
     lm_data, n_sent, lm_prep_s = lm_corpus(work / lm_name, lambda out: sentences_jsonl(train_tsv, out, extra))
     out: dict[str, Any] = {"benchmark": "sentiment", "overrides": args.override, "env": env, "budget_minutes": args.minutes,
-                           "finetune_overrides": args.finetune_override, "tag": args.tag,
+                           "finetune_overrides": args.finetune_override, "lm_overrides": args.lm_override,
+                           "tag": args.tag,
                            "pretrain_share": args.pretrain_share, "classifier_steps": args.classifier_steps,
                            "lm_prepare_s": round(lm_prep_s, 1),
                            "lm_sentences": n_sent, "lm_extra": [str(x) for x in extra], "reuse": args.reuse, "arms": {}}
@@ -690,16 +691,16 @@ def sentiment(args: argparse.Namespace) -> None:
         recipe = f"sst2_{arch}_cpu"
         objective = "mlm" if arch == "encoder" else "lm"  # an encoder pre-trains by masked LM (data/mlm.py)
         lm_over = [*common, f"--finetune.task={objective}", '--finetune.val_source=""', f"--data.dir={q(str(lm_data))}",
-                   '--data.source=""', "--train.micro_batch_size=32", "--train.eval_interval=0"]
+                   '--data.source=""', "--train.micro_batch_size=32", "--train.eval_interval=0", *args.lm_override]
         cls_over = [*common, f"--data.dir={q(str(work / f'records_{arch}'))}"]
         ft_over = [*common, f"--data.dir={q(str(work / f'records_{arch}_ft'))}"]
         arms: dict[str, Any] = {}
 
         def arm(name: str, over: list[str], minutes: float, step_s: float, warmup: int = 100,
-                max_steps: int = 0) -> dict[str, Any]:
+                max_steps: int = 0, **note: Any) -> dict[str, Any]:
             if (work / name).exists():  # an arm from an earlier run in this --work: trained again
                 shutil.rmtree(work / name)
-            a = run_arm(recipe, work / name, over, minutes, step_s, warmup, max_steps)
+            a = {**run_arm(recipe, work / name, over, minutes, step_s, warmup, max_steps), **note}
             if a["task"] == "classify":
                 a["dev"] = dev_scores(work / name, dev)
             (work / name / "arm.json").write_text(json.dumps(a, indent=1))
@@ -714,7 +715,8 @@ def sentiment(args: argparse.Namespace) -> None:
         # with a capped classifier the LM takes the time the classifier will not (at the calibrated step time)
         lm_minutes = (args.minutes - cap * cls_step / (0.9 * 60)) if cap else args.minutes * args.pretrain_share
         lm = reused_arm(work, f"{arch}_lm", args.reuse) or arm(
-            f"{arch}_lm", lm_over, max(0.5, lm_minutes), calibrate(recipe, lm_over, work / f"calib_{arch}_lm"))
+            f"{arch}_lm", lm_over, max(0.5, lm_minutes), calibrate(recipe, lm_over, work / f"calib_{arch}_lm"),
+            overrides=args.lm_override)  # a reused LM keeps the overrides it was trained with
         left = max(0.5, (budget_s - lm["wall_s"]) / 60)
         init = [f"--finetune.init_from={q(str(work / f'{arch}_lm'))}"]
         ft_extra = args.finetune_override  # e.g. ULMFiT's discriminative lr for the arms that start from the LM
@@ -755,7 +757,8 @@ def sentiment_rows(arch: str, arms: dict[str, Any], args: argparse.Namespace, en
         row(app, "dev accuracy %, from scratch", s["dev"]["accuracy"], ">= 83 in 20 min", s["wall_s"] / 60,
             f"{s['steps']} steps; {prf(s['dev'])}; {load}"),
         row(app, f"dev accuracy %, {lm} pre-trained + fine-tuned", p["dev"]["accuracy"], ">= 83 in 20 min",
-            p["total_wall_s"] / 60, f"{lm} {p['pretrain']['steps']} steps ({p['pretrain']['wall_s'] / 60:.1f} min) + "
+            p["total_wall_s"] / 60, f"{lm} {p['pretrain']['steps']} steps ({p['pretrain']['wall_s'] / 60:.1f} min"
+            f"{''.join(' ' + o for o in p['pretrain'].get('overrides', []))}) + "
             f"classifier {p['steps']} steps ({p['wall_s'] / 60:.1f} min); {prf(p['dev'])}; {load}"),
         row(app, "pre-trained minus scratch, points", round(p["dev"]["accuracy"] - s["dev"]["accuracy"], 2),
             ">= +2 at equal total wall time", p["total_wall_s"] / 60,
@@ -856,6 +859,9 @@ def main() -> None:
     s.add_argument("--finetune-override", action="append", default=[],
                    help="extra --section.key=value for the arms that start from the LM only, e.g. "
                         "--finetune-override=--optim.layer_lr_decay=0.385 (ULMFiT's discriminative fine-tuning)")
+    s.add_argument("--lm-override", action="append", default=[],
+                   help="extra --section.key=value for the language-model pre-training run only, e.g. "
+                        "--lm-override=--model.dropout=0.1 (the classifier arms keep the recipe's)")
     s.add_argument("--lm-extra", action="append", default=[], metavar="FILE",
                    help="more unlabelled text for the LM (a sentence a line, .gz ok), after SST-2's sentences; "
                         "repeatable, e.g. ../shared/data/multi30k/train.en.gz")
