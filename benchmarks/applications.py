@@ -714,9 +714,15 @@ def sentiment(args: argparse.Namespace) -> None:
         arms["scratch"] = scratch or arm(f"{arch}_scratch", cls_over, args.minutes, cls_step, max_steps=cap)
         # with a capped classifier the LM takes the time the classifier will not (at the calibrated step time)
         lm_minutes = (args.minutes - cap * cls_step / (0.9 * 60)) if cap else args.minutes * args.pretrain_share
-        lm = reused_arm(work, f"{arch}_lm", args.reuse) or arm(
-            f"{arch}_lm", lm_over, max(0.5, lm_minutes), calibrate(recipe, lm_over, work / f"calib_{arch}_lm"),
-            overrides=args.lm_override)  # a reused LM keeps the overrides it was trained with
+        lm = reused_arm(work, f"{arch}_lm", args.reuse)
+        if lm is not None and lm.get("overrides", []) != args.lm_override:  # another LM asked for: train it
+            log.info("--reuse: %s_lm was trained with --lm-override %s, not %s: training it again",
+                     arch, lm.get("overrides", []), args.lm_override)
+            lm = None
+        if lm is None:
+            shutil.rmtree(work / f"calib_{arch}_lm", ignore_errors=True)  # its metrics.jsonl would be appended to
+            lm = arm(f"{arch}_lm", lm_over, max(0.5, lm_minutes), calibrate(recipe, lm_over, work / f"calib_{arch}_lm"),
+                     overrides=args.lm_override)
         left = max(0.5, (budget_s - lm["wall_s"]) / 60)
         init = [f"--finetune.init_from={q(str(work / f'{arch}_lm'))}"]
         ft_extra = args.finetune_override  # e.g. ULMFiT's discriminative lr for the arms that start from the LM
@@ -861,7 +867,8 @@ def main() -> None:
                         "--finetune-override=--optim.layer_lr_decay=0.385 (ULMFiT's discriminative fine-tuning)")
     s.add_argument("--lm-override", action="append", default=[],
                    help="extra --section.key=value for the language-model pre-training run only, e.g. "
-                        "--lm-override=--model.dropout=0.1 (the classifier arms keep the recipe's)")
+                        "--lm-override=--model.init_std=0.1 (the classifier arms keep the recipe's); with --reuse, "
+                        "an LM trained with other overrides is trained again")
     s.add_argument("--lm-extra", action="append", default=[], metavar="FILE",
                    help="more unlabelled text for the LM (a sentence a line, .gz ok), after SST-2's sentences; "
                         "repeatable, e.g. ../shared/data/multi30k/train.en.gz")

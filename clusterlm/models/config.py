@@ -65,6 +65,10 @@ class ModelConfig:
     occurrence of a dropped word reading a zero vector, the rest scaled by 1/(1-p) (AWD-LSTM's
     embedding dropout, Merity et al. 2018; the word dropout of Iyyer et al. 2015)"""
     init_std: float = 0.02
+    """std of the Normal init of embeddings and linear weights (GPT-2's 0.02 for the attention families).
+    An LSTM/GRU reads its embeddings directly, with no norm to rescale them: at 0.02 a language model
+    with tied embeddings sits at the unigram loss for hundreds of steps, so the lstm/gru presets take
+    0.1 (lstm_shakespeare_cpu, 2,000 steps: val loss 1.98 at 0.02, 1.63 at 0.1; docs/training.md)"""
     labels: tuple[str, ...] = ()
     """non-empty: a sequence classifier with these class names, in this order (a head of
     len(labels) x dim on the pooled final hidden state: models/classifier.py); empty = a language model"""
@@ -255,8 +259,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt-mini": dict(n_layers=6, dim=384, n_heads=6, max_seq_len=256, bias=False, tie_embeddings=True),
     "llama-nano": dict(_LLAMA_SMALL, n_layers=4, dim=128, n_heads=4, n_kv_heads=2, max_seq_len=256),
     "llama-mini": dict(_LLAMA_SMALL, n_layers=6, dim=384, n_heads=6, n_kv_heads=2, max_seq_len=512),
-    "lstm-small": dict(arch="lstm", n_layers=2, dim=512, pos="none", dropout=0.1, tie_embeddings=True, bias=True),
-    "gru-small": dict(arch="gru", n_layers=2, dim=512, pos="none", dropout=0.1, tie_embeddings=True, bias=True),
+    "lstm-small": dict(arch="lstm", n_layers=2, dim=512, pos="none", dropout=0.1, tie_embeddings=True, bias=True,
+                       init_std=0.1),
+    "gru-small": dict(arch="gru", n_layers=2, dim=512, pos="none", dropout=0.1, tie_embeddings=True, bias=True,
+                      init_std=0.1),
     # GPT-2 family
     "gpt2-124m": dict(_GPT2, n_layers=12, dim=768, n_heads=12),
     "gpt2-350m": dict(_GPT2, n_layers=24, dim=1024, n_heads=16),

@@ -48,7 +48,9 @@ class RNNLM(TiedOutputLM):
         """Deterministic for a seed (None: drawn from torch's global RNG); each parameter from its
         own CPU generator seeded by (seed, name). Embedding and untied output: Normal(0, init_std);
         recurrent weights and biases: Uniform(+-1/sqrt(D)), PyTorch's own LSTM/GRU init; output
-        bias: zeros."""
+        bias: zeros. The lstm/gru presets set init_std = 0.1 (AWD-LSTM and PyTorch's word-language-
+        model example draw embeddings from Uniform(+-0.1)): with the Transformer's 0.02 the inputs are
+        too small for the gates to respond and a tied LM stays at the unigram loss for hundreds of steps."""
         cfg = self.config
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())

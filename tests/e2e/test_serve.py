@@ -327,7 +327,9 @@ def test_disconnects_free_slots(lstm_server):
                 assert r.status_code == 200
                 for line in r.iter_lines():
                     if line.startswith("data: ") and line != "data: [DONE]":
-                        got += len(json.loads(line[6:])["choices"][0]["text"].encode())
+                        # characters, not UTF-8 bytes: each came from at least one token (a stray
+                        # byte >= 0x80 arrives as one U+FFFD, three bytes in UTF-8)
+                        got += len(json.loads(line[6:])["choices"][0]["text"])
                         if got >= 5:
                             break  # leaving the block closes the connection
         return got
