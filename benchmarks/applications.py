@@ -123,7 +123,9 @@ def train_run(recipe: str, overrides: list[str]) -> tuple[Any, Any, float]:
 
 
 def calibrate(recipe: str, overrides: list[str], out: Path, steps: int = 12) -> float:
-    """Median seconds per optimizer step over a short run (its first 3 steps are warm-up)."""
+    """Median seconds per optimizer step over a short run into `out` (its first 3 steps are warm-up).
+    `out` is emptied first: an earlier calibration's metrics.jsonl would be appended to and read back."""
+    shutil.rmtree(out, ignore_errors=True)
     train_run(recipe, [*overrides, f"--train.out_dir={q(str(out))}", f"--train.max_steps={steps}",
                        "--train.max_minutes=0", "--train.eval_interval=0", "--eval.every=0", "--eval.tasks=[]",
                        "--checkpoint.interval=0", "--checkpoint.keep_best=false"])
@@ -720,7 +722,6 @@ def sentiment(args: argparse.Namespace) -> None:
                      arch, lm.get("overrides", []), args.lm_override)
             lm = None
         if lm is None:
-            shutil.rmtree(work / f"calib_{arch}_lm", ignore_errors=True)  # its metrics.jsonl would be appended to
             lm = arm(f"{arch}_lm", lm_over, max(0.5, lm_minutes), calibrate(recipe, lm_over, work / f"calib_{arch}_lm"),
                      overrides=args.lm_override)
         left = max(0.5, (budget_s - lm["wall_s"]) / 60)

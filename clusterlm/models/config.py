@@ -250,6 +250,8 @@ _LLAMA3 = dict(arch="transformer", vocab_size=128256, max_seq_len=8192, pos="rop
                norm="rmsnorm", mlp="swiglu", bias=False, ffn_multiple=256)
 _LLAMA_SMALL = dict(arch="transformer", pos="rope", norm="rmsnorm", mlp="swiglu", bias=False,
                     tie_embeddings=True, ffn_multiple=64)
+# init_std 0.1: at the Transformer's 0.02 a tied LSTM/GRU LM stalls at the unigram loss (ModelConfig.init_std)
+_RNN_SMALL = dict(n_layers=2, dim=512, pos="none", dropout=0.1, tie_embeddings=True, bias=True, init_std=0.1)
 
 # Published shapes. GPT-2: Radford et al. 2019 (124M/355M/774M/1.5B as counted with tied
 # embeddings and 50257 tokens). Llama: Meta's Llama 3.2 1B and Llama 3.1 8B/70B configs.
@@ -259,10 +261,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt-mini": dict(n_layers=6, dim=384, n_heads=6, max_seq_len=256, bias=False, tie_embeddings=True),
     "llama-nano": dict(_LLAMA_SMALL, n_layers=4, dim=128, n_heads=4, n_kv_heads=2, max_seq_len=256),
     "llama-mini": dict(_LLAMA_SMALL, n_layers=6, dim=384, n_heads=6, n_kv_heads=2, max_seq_len=512),
-    "lstm-small": dict(arch="lstm", n_layers=2, dim=512, pos="none", dropout=0.1, tie_embeddings=True, bias=True,
-                       init_std=0.1),
-    "gru-small": dict(arch="gru", n_layers=2, dim=512, pos="none", dropout=0.1, tie_embeddings=True, bias=True,
-                      init_std=0.1),
+    "lstm-small": dict(_RNN_SMALL, arch="lstm"),
+    "gru-small": dict(_RNN_SMALL, arch="gru"),
     # GPT-2 family
     "gpt2-124m": dict(_GPT2, n_layers=12, dim=768, n_heads=12),
     "gpt2-350m": dict(_GPT2, n_layers=24, dim=1024, n_heads=16),
