@@ -110,6 +110,20 @@ def load_for_inference(arg: str | Path, device: str | torch.device = "cpu") -> L
                        quantization=quant, chat_template=chat_template, ensemble=ensemble)
 
 
+def plain_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model weights of step folder `path` as a model without adapters holds them: a LoRA
+    fine-tune's adapters (and DoRA magnitudes) folded into their weights as load_for_inference does,
+    the adapter tensors gone; any other checkpoint's weights as saved. For what reads a checkpoint's
+    weights without building it for inference: HF export, and a fine-tune's base."""
+    from clusterlm.checkpoint.store import load_model_weights
+
+    state = load_model_weights(path)
+    if not any(k.endswith(".lora_a") for k in state):
+        return state
+    merged = load_for_inference(path).model.state_dict()
+    return {k: merged[k] for k in state if k in merged}
+
+
 def read_checkpoint_config(path: Path) -> object:
     """The RunConfig saved in step folder `path` (config.toml)."""
     from clusterlm.config import resolve

@@ -198,9 +198,9 @@ def base_state(base: Base, mcfg: Any) -> dict[str, torch.Tensor]:
     LM's names under `backbone.` (and, bidirectional, the same weights again under `reverse.`: the
     right-to-left reader starts from the base too, as ULMFiT's backward model starts from an LM)."""
 
-    from clusterlm.checkpoint.store import load_model_weights
+    from clusterlm.checkpoint.model_io import plain_weights
 
-    state = load_model_weights(base.path)
+    state = plain_weights(base.path)  # a LoRA fine-tune as the base: its adapters merged, as it answers
     bm = base.config.model
     v0, v1 = bm.vocab_size, mcfg.vocab_size
     p1 = mcfg.padded_vocab_size

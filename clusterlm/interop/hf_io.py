@@ -196,8 +196,8 @@ def export_to_hf(ckpt: str | Path, out: str | Path) -> Path:
     (tokenizer/hf_export.py)."""
     from safetensors.torch import save_file
 
-    from clusterlm.checkpoint.model_io import read_checkpoint_config, read_quantization
-    from clusterlm.checkpoint.store import load_model_weights, resolve_checkpoint
+    from clusterlm.checkpoint.model_io import plain_weights, read_checkpoint_config, read_quantization
+    from clusterlm.checkpoint.store import resolve_checkpoint
 
     path = resolve_checkpoint(str(ckpt))
     run = read_checkpoint_config(path)
@@ -232,7 +232,7 @@ def export_to_hf(ckpt: str | Path, out: str | Path) -> Path:
             # our own file too: `convert` reads it back as the same kind (tokenizer.json would load as bpe)
             tok_files["clusterlm_tokenizer.json"] = tok_src.read_text(encoding="utf-8")
     hf_cfg = config_to_hf(cfg, bos, eos, pad)
-    hf_state = state_to_hf(load_model_weights(path), cfg, pad)
+    hf_state = state_to_hf(plain_weights(path), cfg, pad)  # a LoRA fine-tune's adapters merged
     out.mkdir(parents=True, exist_ok=True)
     save_file(hf_state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n", encoding="utf-8")

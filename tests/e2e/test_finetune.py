@@ -160,6 +160,21 @@ def test_dora_sft_resumes_bit_exactly_and_merges_at_load(base, records, tmp_path
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x), unmerged.eval()(x), rtol=0, atol=1e-5)
 
+    # what reads the weights without building the model for inference gets them merged too: HF export
+    # (transformers answers with the fine-tune's logits, not the base's) and a fine-tune's base
+    from clusterlm.checkpoint.model_io import plain_weights
+
+    plain = plain_weights(ckpt)
+    assert set(plain) == {k for k in state if "lora" not in k}
+    assert all(torch.equal(plain[k], loaded.model.state_dict()[k]) for k in plain)
+    transformers = pytest.importorskip("transformers")
+    from clusterlm.interop.hf_io import export_to_hf
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export_to_hf(tmp_path / "a", tmp_path / "hf")).eval()
+    with torch.no_grad():
+        want = loaded.model(x)
+        torch.testing.assert_close(hf(x).logits[..., :want.shape[-1]], want, rtol=0, atol=1e-5)
+
 
 def _fails(args: list[str], capsys) -> str:
     code = cli(args)
