@@ -17,6 +17,7 @@ a command that writes a derived checkpoint (quantize, prune) reads the source on
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from collections.abc import Mapping
@@ -50,13 +51,24 @@ class LoadedModel:
     ensemble: dict | None = None  # what read_ensemble(path) returned: N classifiers answering as one
 
 
-def load_for_inference(arg: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+def load_for_inference(arg: str | Path, device: str | torch.device = "cpu", *,
+                       grow_vocab: int | None = None) -> LoadedModel:
+    """The checkpoint `arg` (a run, checkpoints or step folder) built for inference on `device`, a
+    LoRA fine-tune's adapters merged. `grow_vocab`: build it with that many tokens, the rows beyond
+    its own vocabulary the mean of its rows, as a fine-tune grows its base (finetune/setup.py): the
+    base of a LoRA fine-tune that added chat tokens, for its adapters (serve/models.py)."""
     from clusterlm.checkpoint.store import load_model_weights, read_ensemble, read_info, resolve_checkpoint
     from clusterlm.models.build import build_model
     from clusterlm.tokenizer import load_tokenizer
 
     path = resolve_checkpoint(str(arg))
     cfg = read_checkpoint_config(path)
+    v0 = cfg.model.vocab_size
+    if grow_vocab is not None and grow_vocab != v0:
+        if grow_vocab < v0 or cfg.model.labels:
+            raise CheckpointError(f"{path}: cannot grow a {v0}-token {'classifier' if cfg.model.labels else 'model'} "
+                                  f"to {grow_vocab} tokens")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=grow_vocab))
     tok_file = path / "tokenizer.json"
     if not tok_file.is_file():
         raise CheckpointError(f"{path} has no tokenizer.json")
@@ -87,6 +99,10 @@ def load_for_inference(arg: str | Path, device: str | torch.device = "cpu") -> L
         quantize_model(model, quant["method"], group_size=quant["group_size"], modules=quant["modules"],
                        empty=True)
     state = load_model_weights(path)
+    if cfg.model.vocab_size != v0:
+        from clusterlm.finetune.setup import grow_vocab_rows
+
+        grow_vocab_rows(state, v0, cfg.model)
     lora = sorted({k[:-len(".lora_a")] for k in state if k.endswith(".lora_a")})
     if lora:  # a LoRA fine-tuning checkpoint (base + adapters): merged into the weights for inference
         from clusterlm.finetune.lora import apply_lora

@@ -425,13 +425,17 @@ def _lora_settings(model: nn.Module) -> dict[str, Any]:
 
 
 def save_adapters(path: str | Path, model: nn.Module, meta: dict[str, Any] | None = None, *,
-                  overwrite: bool = False, write: bool = True) -> Path:
+                  overwrite: bool = False, write: bool = True, tokenizer_path: Path | None = None) -> Path:
     """Write the folder `path` with adapter.safetensors (the adapters only) and adapter.json (format,
     rank, alpha, dropout, dora, the wrapped module names, the base fingerprint, and `meta`: anything
-    JSON-serialisable the caller adds, e.g. the base checkpoint path). The folder appears whole or
-    not at all. Under FSDP2 call it on every rank (gathering is collective) with write=(rank == 0)."""
+    JSON-serialisable the caller adds; a fine-tune writes "base" and "checkpoint", paths relative to
+    this folder, and "vocab_size", its model's). `tokenizer_path`: the fine-tune's tokenizer.json,
+    copied in with the chat template beside it, so that a server answers with the fine-tune's tokens
+    and template rather than the base's. The folder appears whole or not at all. Under FSDP2 call it
+    on every rank (gathering is collective) with write=(rank == 0)."""
     from safetensors.torch import save
 
+    from clusterlm.checkpoint.store import copy_tokenizer_files
     from clusterlm.fsutil import staging_dir
 
     info = {"format": FORMAT, **_lora_settings(model), "base_fingerprint": base_fingerprint(model),
@@ -444,7 +448,26 @@ def save_adapters(path: str | Path, model: nn.Module, meta: dict[str, Any] | Non
     with staging_dir(path, overwrite=overwrite) as tmp:
         (tmp / ADAPTER_FILE).write_bytes(data)
         (tmp / META_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        if tokenizer_path is not None:
+            copy_tokenizer_files(tokenizer_path, tmp)
     return path
+
+
+def adapter_source(path: str | Path, key: str = "base") -> Path | None:
+    """adapter.json's meta[key] of adapter folder `path` ("base": the checkpoint the adapters were
+    trained on; "checkpoint": the fine-tune's last checkpoint) as a path that exists. A relative path
+    is relative to the adapter folder (written so since 2026-12-06) or, in older files, to the
+    directory the fine-tune ran in (tried as given). None when meta has no such key; a
+    CheckpointError naming adapter.json when the path is in neither place."""
+    given = (read_adapter_meta(path).get("meta") or {}).get(key)
+    if not given:
+        return None
+    for cand in (Path(path) / given, Path(given)):
+        if cand.exists():
+            return cand
+    raise CheckpointError(f"{Path(path) / META_FILE}: its meta.{key} {given!r} does not exist (relative to "
+                          f"{path} or to this directory); move the adapter folder back beside its run, or edit "
+                          f"meta.{key} to the {'base checkpoint' if key == 'base' else 'fine-tune'} folder")
 
 
 def read_adapter_meta(path: str | Path) -> dict[str, Any]:

@@ -201,9 +201,18 @@ def base_state(base: Base, mcfg: Any) -> dict[str, torch.Tensor]:
     from clusterlm.checkpoint.model_io import plain_weights
 
     state = plain_weights(base.path)  # a LoRA fine-tune as the base: its adapters merged, as it answers
-    bm = base.config.model
-    v0, v1 = bm.vocab_size, mcfg.vocab_size
-    p1 = mcfg.padded_vocab_size
+    grow_vocab_rows(state, base.config.model.vocab_size, mcfg)
+    if mcfg.labels:
+        readers = ("backbone", "reverse") if mcfg.bidirectional else ("backbone",)
+        state = {f"{r}.{k}": v for r in readers for k, v in state.items()}
+    return state
+
+
+def grow_vocab_rows(state: dict[str, torch.Tensor], v0: int, mcfg: Any) -> None:
+    """Grow, in `state`, the tensors with a row per token (VOCAB_KEYS) from a `v0`-token vocabulary
+    to `mcfg`'s padded size; the new rows (from v0 on) are the mean of the first v0. The same rule
+    rebuilds a LoRA fine-tune's base wherever its adapters are loaded (serve/models.py)."""
+    v1, p1 = mcfg.vocab_size, mcfg.padded_vocab_size
     for key in VOCAB_KEYS:
         t = state.get(key)
         if t is None or (v1 == v0 and t.shape[0] == p1):
@@ -215,10 +224,6 @@ def base_state(base: Base, mcfg: Any) -> dict[str, torch.Tensor]:
         state[key] = grown
     if v1 > v0:
         log.info("vocabulary %d -> %d tokens: %d new rows initialised to the mean of the base's rows", v0, v1, v1 - v0)
-    if mcfg.labels:
-        readers = ("backbone", "reverse") if mcfg.bidirectional else ("backbone",)
-        state = {f"{r}.{k}": v for r in readers for k, v in state.items()}
-    return state
 
 
 def expected_missing(model: nn.Module, names: list[str]) -> list[str]:

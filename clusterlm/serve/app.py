@@ -715,6 +715,10 @@ def main(argv: list[str]) -> int:
     ckpt = Path(specs[0].path)
     if len(specs) == 1 and not ckpt.exists():  # one model: nothing to serve; several: the others serve
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
+    if len(specs) == 1 and (ckpt / "adapter.json").is_file():  # an adapter folder whose base has moved
+        from clusterlm.finetune.lora import adapter_source
+
+        adapter_source(ckpt, "base")
     settings = Settings(api_key=key, model_name=specs[0].name, max_batch=args.max_batch, max_queue=args.max_queue,
                         max_new_tokens_limit=args.max_new_tokens_limit, max_body_bytes=args.max_body_bytes,
                         device=args.device, pack=args.pack)

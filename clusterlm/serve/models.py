@@ -148,14 +148,18 @@ def load_model(path: str | Path, device: str, bases: dict | None = None) -> obje
                               f"{str(e).splitlines()[0] if str(e) else ''}") from e
 
 
-def _shared_checkpoint(path: str | Path, device: str, bases: dict) -> object:
-    """The LoadedModel of checkpoint `path` from `bases`, loading it the first time."""
-    from clusterlm.checkpoint.model_io import load_for_inference
+def _shared_checkpoint(path: str | Path, device: str, bases: dict, grow_vocab: int | None = None) -> object:
+    """The LoadedModel of checkpoint `path` from `bases`, loading it the first time; with
+    `grow_vocab`, the checkpoint grown to that many tokens (load_for_inference), a base of its own."""
+    from clusterlm.checkpoint.model_io import load_for_inference, read_checkpoint_config
     from clusterlm.checkpoint.store import resolve_checkpoint
 
-    key = (str(Path(resolve_checkpoint(str(path))).resolve()), str(device))
+    step = resolve_checkpoint(str(path))
+    if grow_vocab == read_checkpoint_config(step).model.vocab_size:
+        grow_vocab = None  # the base as it is: shared with the base served by name
+    key = (str(Path(step).resolve()), str(device), grow_vocab)
     if key not in bases:
-        bases[key] = load_for_inference(path, device=device)
+        bases[key] = load_for_inference(path, device=device, grow_vocab=grow_vocab)
     return bases[key]
 
 
@@ -186,33 +190,55 @@ def _load_adapter(path: Path, device: str, bases: dict | None = None) -> object:
     from clusterlm.checkpoint.model_io import load_for_inference, read_checkpoint_config
     from clusterlm.checkpoint.store import resolve_checkpoint
     from clusterlm.errors import CheckpointError
-    from clusterlm.finetune.lora import load_adapters, merge_lora, read_adapter_meta
+    from clusterlm.finetune.lora import adapter_source, load_adapters, merge_lora, read_adapter_meta
+    from clusterlm.generate.template import read_template
+    from clusterlm.tokenizer import load_tokenizer
 
     meta = read_adapter_meta(path).get("meta") or {}
-    if not meta.get("base"):
+    base_path = adapter_source(path, "base")
+    if base_path is None:
         raise CheckpointError(f"{path}/adapter.json has no meta.base (the base checkpoint the adapters were "
                               "trained on); serve the fine-tune's checkpoint instead")
-    ckpt = meta.get("checkpoint")
-    if ckpt and Path(ckpt).exists():
-        labels = read_checkpoint_config(resolve_checkpoint(ckpt)).model.labels
+    ckpt = _optional_source(path, "checkpoint")
+    if ckpt is not None:
+        labels = read_checkpoint_config(resolve_checkpoint(str(ckpt))).model.labels
         if labels:  # its head was trained with the adapters but is not in adapter.safetensors
             raise CheckpointError(f"{path} holds the adapters of a classifier (labels {', '.join(labels)}); its head "
                                   f"is only in the full checkpoint: serve {ckpt}")
+    # the fine-tune's tokenizer and template (written beside the adapters since 2026-12-06): its chat
+    # tokens grew the base's vocabulary, new rows at the mean of the base's (finetune/setup.py), so the
+    # base is rebuilt the same way; older folders answer with the base's own tokenizer and template
+    own_tok = path / "tokenizer.json"
+    grow = int(meta["vocab_size"]) if own_tok.is_file() and meta.get("vocab_size") else None
     if bases is not None:  # the base once per server: adapters share its weights, applied unmerged
-        base = _shared_checkpoint(meta["base"], device, bases)
+        base = _shared_checkpoint(base_path, device, bases, grow)
         if base.quantization:
-            raise CheckpointError(f"{path}: its base {meta['base']} is quantized ({base.quantization.get('method')}); "
+            raise CheckpointError(f"{path}: its base {base_path} is quantized ({base.quantization.get('method')}); "
                                   "LoRA adapters apply to a full-precision base")
         model = share_weights(base.model)
         load_adapters(path, model)
         model.eval()
-        return dataclasses.replace(base, model=model, path=path)
-    loaded = load_for_inference(meta["base"], device=device)
-    load_adapters(path, loaded.model)
-    merge_lora(loaded.model)
-    loaded.model.eval()
-    loaded.path = path
+        loaded = dataclasses.replace(base, model=model, path=path)
+    else:
+        loaded = load_for_inference(base_path, device=device, grow_vocab=grow)
+        load_adapters(path, loaded.model)
+        merge_lora(loaded.model)
+        loaded.model.eval()
+        loaded.path = path
+    if own_tok.is_file():
+        loaded = dataclasses.replace(loaded, tokenizer=load_tokenizer(own_tok), chat_template=read_template(path))
     return loaded
+
+
+def _optional_source(path: Path, key: str) -> Path | None:
+    """adapter_source, or None where the path no longer exists (only the base is needed to serve)."""
+    from clusterlm.errors import CheckpointError
+    from clusterlm.finetune.lora import adapter_source
+
+    try:
+        return adapter_source(path, key)
+    except CheckpointError:
+        return None
 
 
 def tensor_bytes(obj: object) -> int:

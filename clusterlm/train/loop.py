@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -740,10 +741,15 @@ class Trainer:
             if reason == "final" and self.cfg.finetune.lora_rank:
                 from clusterlm.finetune.lora import save_adapters
 
-                # collective under FSDP (the adapters are gathered); rank 0 writes OUT_DIR/adapter
+                # collective under FSDP (the adapters are gathered); rank 0 writes OUT_DIR/adapter with
+                # the paths relative to it (the run folder can move) and the fine-tune's tokenizer and
+                # template (its chat tokens grew the base's vocabulary: a server grows it the same way)
+                where = (self.out_dir / "adapter").resolve()
+                rel = lambda p: os.path.relpath(Path(p).resolve(), where)  # noqa: E731
                 save_adapters(self.out_dir / "adapter", self.model,
-                              {"base": str(self.base.path) if self.base else None, "checkpoint": str(path)},
-                              overwrite=True, write=self.rank0)
+                              {"base": rel(self.base.path) if self.base else None, "checkpoint": rel(path),
+                               "vocab_size": self.cfg.model.vocab_size},
+                              overwrite=True, write=self.rank0, tokenizer_path=self.tokenizer_file)
         event = {"kind": "event", "step": self.state.step, "event": "checkpoint", "path": str(path), "reason": reason}
         if ckpt.distributed:
             event["async"] = ckpt.writes_async(reason)

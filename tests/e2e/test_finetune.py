@@ -176,6 +176,47 @@ def test_dora_sft_resumes_bit_exactly_and_merges_at_load(base, records, tmp_path
         torch.testing.assert_close(hf(x).logits[..., :want.shape[-1]], want, rtol=0, atol=1e-5)
 
 
+def test_a_chat_lora_adapter_folder_serves_as_its_fine_tune_wherever_it_moves(base, records, tmp_path, monkeypatch):
+    """A LoRA chat fine-tune grows its base's vocabulary by the chat tokens and adds a template; its
+    adapter folder carries the fine-tune's tokenizer and template and the grown vocabulary size, and
+    names its base relative to itself: loaded from another directory after the runs moved, on its own
+    (merged) or on a shared base (unmerged), it answers with the fine-tune's logits, new tokens
+    included, and its template. An adapter folder whose base is gone is refused naming adapter.json."""
+    from clusterlm.checkpoint.model_io import load_for_inference
+    from clusterlm.errors import CheckpointError
+    from clusterlm.serve.models import load_model
+
+    runs = tmp_path / "runs"
+    shutil.copytree(base, runs / "base")
+    monkeypatch.chdir(tmp_path)  # the fine-tune names its base relative to where it runs, as a user does
+    assert cli(_ft(Path("runs/base"), records["chat"], Path("data"), Path("runs/lora"), "--finetune.task=sft",
+                   "--finetune.lora_rank=2", "--train.max_steps=6", "--optim.lr=1e-2",
+                   '--finetune.lora_targets=["wq","wv","w1","tok_embeddings"]')) == 0
+    meta = json.loads((runs / "lora" / "adapter" / "adapter.json").read_text())["meta"]
+    assert not Path(meta["base"]).is_absolute() and meta["vocab_size"] > read_vocab(runs / "base")
+    shutil.move(runs, tmp_path / "moved")
+    monkeypatch.chdir(records["root"])
+    full = load_for_inference(tmp_path / "moved" / "lora")
+    v = full.tokenizer.vocab_size
+    x = torch.tensor([list(range(v - 6, v)) + full.tokenizer.encode("3+4")])  # the chat tokens among them
+    with torch.no_grad():
+        want = full.model(x)
+        for bases in (None, {}):
+            ad = load_model(tmp_path / "moved" / "lora" / "adapter", "cpu", bases)
+            torch.testing.assert_close(ad.model(x), want, rtol=0, atol=1e-5)
+            assert ad.tokenizer.vocab_size == v and ad.chat_template.source == full.chat_template.source
+    lone = shutil.copytree(tmp_path / "moved" / "lora" / "adapter", tmp_path / "lone")
+    with pytest.raises(CheckpointError, match="adapter.json: its meta.base"):
+        load_model(lone, "cpu", {})
+
+
+def read_vocab(run: Path) -> int:
+    from clusterlm.checkpoint.model_io import read_checkpoint_config
+    from clusterlm.checkpoint.store import resolve_checkpoint
+
+    return read_checkpoint_config(resolve_checkpoint(str(run))).model.vocab_size
+
+
 def _fails(args: list[str], capsys) -> str:
     code = cli(args)
     err = capsys.readouterr().err.strip().splitlines()
