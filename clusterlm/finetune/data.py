@@ -73,7 +73,7 @@ def ensure_finetune_data(cfg: Any) -> tuple[Path, Any, Any]:
     classify; prepares data.dir from data.source if it has no meta.json yet."""
     from clusterlm.data.shards import read_meta
     from clusterlm.data.sft import prepare_examples, read_records
-    from clusterlm.finetune.setup import check_tokenizer_extends, finetune_model_config, resolve_base
+    from clusterlm.finetune.setup import check_tokenizer_extends, finetune_model_config, preflight, resolve_base
     from clusterlm.tokenizer import load_tokenizer
 
     ft, data = cfg.finetune, cfg.data
@@ -82,6 +82,8 @@ def ensure_finetune_data(cfg: Any) -> tuple[Path, Any, Any]:
     base = resolve_base(ft.init_from, Path(cfg.train.out_dir)) if ft.init_from else None
     _check_arch(ft.task, base.config.model if base is not None else cfg.model)
     base_tok = load_tokenizer(base.tokenizer_file) if base is not None else None
+    if base is not None:
+        preflight(ft, cfg.model, base)  # shape, LoRA targets, frozen layers: refused before data is written
     data_dir = Path(data.dir)
     seq2seq = ft.task == "seq2seq"
     if (data_dir / "meta.json").is_file():

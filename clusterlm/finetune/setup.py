@@ -192,6 +192,23 @@ def model_transform(ft: Any, seed: int = 0) -> tuple[Callable[[nn.Module], nn.Mo
     return transform, (init_extra if ft.lora_rank else None)
 
 
+def preflight(ft: Any, recipe_model: Any, base: Base) -> None:
+    """The refusals that need only the base, made before any data is prepared, so that a refused run
+    writes nothing: a recipe [model] shape other than the base's, LoRA targets that match nothing,
+    more frozen layers than the model has. Checked on a model built on the meta device (no memory)."""
+    from clusterlm.models.build import build_model
+
+    labels = tuple(ft.labels) or (("a", "b") if ft.task == "classify" else ())  # the real ones come with the data
+    mcfg = finetune_model_config(base.config.model, recipe_model, vocab_size=base.config.model.vocab_size,
+                                 labels=labels, pool=ft.pool if labels else "auto",
+                                 bidirectional=ft.bidirectional and bool(labels), inherit_dropout=ft.inherit_dropout,
+                                 where=f"finetune.init_from={str(base.path)!r}")
+    transform, _ = model_transform(ft)
+    if transform is not None:
+        with torch.device("meta"):
+            transform(build_model(mcfg))
+
+
 def base_state(base: Base, mcfg: Any) -> dict[str, torch.Tensor]:
     """The base's weights as full CPU tensors named as in the fine-tuned model: vocabulary rows grown
     to `mcfg`'s padded size (new rows: the mean of the base's real rows) and, for a classifier, the

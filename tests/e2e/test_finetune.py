@@ -248,12 +248,16 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(base, records, tmp_pat
     line = _fails(_ft(base, records["cls"], tmp_path / "d4", tmp_path / "o4", "--finetune.task=classify",
                       "--finetune.lora_rank=2", '--finetune.lora_targets=["q_proj"]', "--train.max_steps=2"), capsys)
     assert "q_proj" in line and "match no nn.Linear" in line
-    assert not (tmp_path / "o4" / "checkpoints").exists()
+    assert not (tmp_path / "o4").exists() and not (tmp_path / "d4").exists()  # refused before the data
+
+    line = _fails(_ft(base, records["chat"], tmp_path / "d4b", tmp_path / "o4b", "--finetune.task=sft",
+                      "--finetune.freeze_layers=9", "--train.max_steps=2"), capsys)
+    assert "freeze_layers=9" in line and not (tmp_path / "d4b").exists()
 
     line = _fails(_ft(base, records["cls"], tmp_path / "d5", tmp_path / "o5", "--finetune.task=classify",
                       "--model.dim=96", "--train.max_steps=2"), capsys)
     assert "dim=" in line and "dim=96" in line and "base" in line
-    assert not (tmp_path / "o5" / "checkpoints").exists()
+    assert not (tmp_path / "o5").exists() and not (tmp_path / "d5").exists()
 
     # data prepared for this base, used with a base whose tokenizer differs: refused naming both
     assert cli(_ft(base, records["cls"], tmp_path / "d6", tmp_path / "o6", "--finetune.task=classify",
