@@ -58,8 +58,17 @@ def evaluate_checkpoint(ckpt: str, *, data: str | None = None, split: str = "val
                         f"({ckpt_tok.vocab_size}) than checkpoint {loaded.path}; prepare the data with "
                         f"--tokenizer {Path(loaded.path) / 'tokenizer.json'}")
     T = seq_len or cfg.train.seq_len
-    batches = iter_eval_batches(data_dir, split, batch_size, T, max_batches=max_batches)
     amp = autocast_dtype("auto", dev)
+    if meta.get("layout") == "examples":  # SFT data: the loss on the trained (response) tokens, as in training
+        from clusterlm.data.sft import iter_example_batches
+
+        batches = iter_example_batches(data_dir, split, batch_size, T, pad_id=ckpt_tok.pad_id,
+                                       pack=cfg.finetune.pack, max_batches=max_batches)
+        res = evaluate_loss(loaded.model, batches, device=dev, autocast_dtype=amp)
+        return {"checkpoint": str(loaded.path), "data": str(data_dir), "split": split, "objective": "sft responses",
+                "seq_len": T, "examples": meta["splits"][split].get("examples"), "tokens": res["tokens"],
+                "loss": res["loss"], "perplexity": math.exp(min(res["loss"], 50.0))}
+    batches = iter_eval_batches(data_dir, split, batch_size, T, max_batches=max_batches)
     res = evaluate_loss(loaded.model, batches, device=dev, autocast_dtype=amp)
     info = meta["splits"][split]
     bytes_per_token = info["bytes"] / info["tokens"]

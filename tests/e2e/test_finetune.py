@@ -81,6 +81,13 @@ def test_sft_chat_grows_the_vocabulary_carries_the_template_and_resumes_bit_exac
     assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
     losses = train_losses(tmp_path / "a")
     assert losses[12] < losses[1]
+    # `clusterlm eval RUN` of an SFT run: the loss on the held-out responses' tokens, as training scores it
+    from clusterlm.eval.evaluate import evaluate_checkpoint
+
+    res = evaluate_checkpoint(str(tmp_path / "a"), device="cpu")
+    val = json.loads((tmp_path / "data" / "meta.json").read_text())["splits"]["val"]
+    assert res["objective"] == "sft responses" and res["tokens"] == val["trained_tokens"] > 0
+    assert 0 < res["loss"] < 10
 
 
 def test_new_rows_start_at_the_mean_of_the_base_rows(base):
