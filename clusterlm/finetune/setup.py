@@ -167,18 +167,38 @@ def _freeze_targets(lm: nn.Module, *, embeddings: bool, layers: int) -> list[nn.
     return targets
 
 
-def model_transform(ft: Any, seed: int = 0) -> tuple[Callable[[nn.Module], nn.Module] | None,
-                                                     Callable[[nn.Module, int], None] | None]:
+def model_transform(ft: Any, seed: int = 0, new_rows: int = 0) -> tuple[Callable[[nn.Module], nn.Module] | None,
+                                                                       Callable[[nn.Module, int], None] | None]:
     """(transform, init_extra) for parallel.parallelize.build_parallel_model: LoRA adapters on the
     finetune.lora_targets projections (everything else frozen, a classification head excepted) and
-    the frozen embeddings/layers. (None, None) for plain full fine-tuning."""
+    the frozen embeddings/layers. (None, None) for plain full fine-tuning. `new_rows`: tokens the
+    fine-tune added to the base's vocabulary (the chat tokens). They start as one identical row, so
+    with the default targets the token embedding (and an untied output layer) take adapters too:
+    otherwise the new tokens could never differ, and a tied output could not tell <|end|> from
+    <|user|>. Named targets are used as given (a warning when they leave the new rows frozen)."""
     if not (ft.lora_rank or ft.freeze_embeddings or ft.freeze_layers):
         return None, None
-    from clusterlm.finetune.lora import apply_lora, reset_adapters
+    from clusterlm.finetune.lora import DEFAULT_TARGETS, apply_lora, reset_adapters
+
+    def lora_targets(model: nn.Module) -> list[str] | None:
+        if not new_rows:
+            return list(ft.lora_targets) or None
+        untied = any(not lm.config.tie_embeddings for lm in _lms(model))
+        rows = ["tok_embeddings"] + (["output"] if untied else [])
+        if ft.lora_targets:
+            if not set(rows) <= set(ft.lora_targets):
+                log.warning("the vocabulary grew by %d tokens whose rows start identical, but "
+                            "finetune.lora_targets=%s leaves them frozen: the new tokens stay alike; add %s",
+                            new_rows, list(ft.lora_targets), " and ".join(rows))
+            return list(ft.lora_targets)
+        present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        log.info("the vocabulary grew by %d tokens: LoRA adapters on %s too, so that their rows can differ",
+                 new_rows, " and ".join(rows))
+        return [t for t in DEFAULT_TARGETS if t in present] + rows
 
     def transform(model: nn.Module) -> nn.Module:
         if ft.lora_rank:
-            apply_lora(model, ft.lora_targets or None, rank=ft.lora_rank, alpha=ft.lora_alpha, dropout=ft.lora_dropout,
+            apply_lora(model, lora_targets(model), rank=ft.lora_rank, alpha=ft.lora_alpha, dropout=ft.lora_dropout,
                        seed=seed, dora=ft.lora_dora)
             head = getattr(model, "score", None)
             if head is not None:

@@ -212,7 +212,8 @@ class Trainer:
         if cfg.finetune.task != "lm":
             from clusterlm.finetune.setup import model_transform
 
-            transform, init_extra = model_transform(cfg.finetune, seed=tc.seed)
+            grown = mcfg.vocab_size - self.base.config.model.vocab_size if self.base and not mcfg.labels else 0
+            transform, init_extra = model_transform(cfg.finetune, seed=tc.seed, new_rows=grown)
             if mcfg.labels:
                 loss_fn = self._classify_loss()
             else:

@@ -217,6 +217,28 @@ def test_a_chat_lora_adapter_folder_serves_as_its_fine_tune_wherever_it_moves(ba
         load_model(lone, "cpu", {})
 
 
+def test_a_lora_chat_fine_tune_that_adds_tokens_trains_their_rows(base, records, tmp_path, caplog):
+    """The chat tokens a fine-tune adds start as one identical row; with LoRA's default targets the
+    token embedding takes an adapter too, so that they come apart (a frozen table would leave a tied
+    output unable to tell <|end|> from <|user|>: such a run never ended a reply, docs/finetune.md).
+    Named targets without it are used as given, with a warning."""
+    from clusterlm.checkpoint.model_io import load_for_inference
+
+    caplog.set_level("INFO")
+    assert cli(_ft(base, records["chat"], tmp_path / "data", tmp_path / "a", "--finetune.task=sft",
+                   "--finetune.lora_rank=2", "--train.max_steps=6", "--optim.lr=1e-2")) == 0
+    targets = json.loads((tmp_path / "a" / "adapter" / "adapter.json").read_text())["targets"]
+    assert "tok_embeddings" in targets and "layers.0.attention.wq" in targets
+    v0 = read_vocab(base)
+    rows = load_for_inference(tmp_path / "a").model.tok_embeddings.weight[v0:v0 + 4]
+    assert (rows[1:] - rows[0]).abs().max() > 0  # the new tokens differ now
+    assert cli(_ft(base, records["chat"], tmp_path / "data", tmp_path / "b", "--finetune.task=sft",
+                   "--finetune.lora_rank=2", "--train.max_steps=1", '--finetune.lora_targets=["wq"]')) == 0
+    assert any("leaves them frozen" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    targets = json.loads((tmp_path / "b" / "adapter" / "adapter.json").read_text())["targets"]
+    assert not [t for t in targets if "tok_embeddings" in t]
+
+
 def read_vocab(run: Path) -> int:
     from clusterlm.checkpoint.model_io import read_checkpoint_config
     from clusterlm.checkpoint.store import resolve_checkpoint
