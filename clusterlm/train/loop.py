@@ -242,11 +242,18 @@ class Trainer:
         else:
             self.loader = TokenLoader(self.data_dir, "train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len,
                                       seed=tc.seed, rank=pm.coords.dp_rank, world_size=dims.dp)
-        # this run's optim.layer_lr_decay / unfreeze_every: load_state_dict puts the saved groups' keys back
-        mine = [{k: g[k] for k in ("lr_scale", "unfreeze_at") if k in g} for g in self.optimizer.param_groups]
+        # this run's optim settings (weight_decay, beta1/beta2, eps, layer_lr_decay, unfreeze_every):
+        # load_state_dict puts the saved groups' values back, so a resume that changes them would keep
+        # training with the old ones while config.toml and the log say the new
+        keys = ("lr_scale", "unfreeze_at", "weight_decay", "betas", "eps")
+        mine = [{k: g[k] for k in keys if k in g} for g in self.optimizer.param_groups]
         self.state = self.checkpointer.load_into(self.model, self.optimizer, self.loader)
-        for group, keys in zip(self.optimizer.param_groups, mine):
-            group.update(keys)
+        changed = sorted({k for group, own in zip(self.optimizer.param_groups, mine) for k in own
+                          if k in group and _as_tuple(group[k]) != _as_tuple(own[k])})
+        if changed and self.state.step:
+            log.info("resumed with this run's optimizer %s (the checkpoint's differed)", ", ".join(changed))
+        for group, own in zip(self.optimizer.param_groups, mine):
+            group.update(own)
         from clusterlm.train.ema import WeightEMA
 
         self.ema = WeightEMA(self.optimizer, cfg.optim.ema_decay)
@@ -755,6 +762,11 @@ class Trainer:
         if ckpt.distributed:
             event["async"] = ckpt.writes_async(reason)
         self.metrics.log(event)
+
+
+def _as_tuple(v: Any) -> tuple:
+    """A param-group value as a tuple, for comparing (betas is a pair, the rest numbers)."""
+    return tuple(v) if isinstance(v, (list, tuple)) else (v,)
 
 
 def _task_line(record: dict[str, Any]) -> str:

@@ -102,9 +102,13 @@ def test_layer_lr_decay_scales_each_group_and_a_regrouped_resume_is_refused(data
     assert sorted(g["lr_scale"] for g in groups) == [0.125, 0.25, 0.25, 0.5, 0.5, 1.0]
     for g in groups:
         assert g["lr"] == pytest.approx(last * g["lr_scale"], rel=1e-12)
-    res = train(tiny_cfg(data_dir, run, "--optim.layer_lr_decay=0.8", "--train.max_steps=21", "--train.resume=auto"))
+    res = train(tiny_cfg(data_dir, run, "--optim.layer_lr_decay=0.8", "--train.max_steps=21", "--train.resume=auto",
+                         "--optim.weight_decay=0.03", "--optim.beta2=0.9", "--optim.eps=1e-6"))
     groups = load_checkpoint(res.checkpoint).optimizer_state["param_groups"]
     assert sorted(g["lr_scale"] for g in groups) == pytest.approx([0.512, 0.64, 0.64, 0.8, 0.8, 1.0])
+    # the other settings the resume changed are the ones it trained with, as its config.toml says
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.03}
+    assert all(tuple(g["betas"]) == (0.9, 0.9) and g["eps"] == 1e-6 for g in groups)
     with pytest.raises(CheckpointError, match=r"parameter groups of \[.*optim.layer_lr_decay \(1 or not\)"):
         train(tiny_cfg(data_dir, run, "--train.max_steps=22", "--train.resume=auto"))
 
