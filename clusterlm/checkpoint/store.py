@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -117,6 +118,19 @@ def write_manifest(folder: Path, step: int) -> dict:
 
 
 # ---- save ------------------------------------------------------------------------------------------------
+def check_new_run_dir(out: str | Path) -> Path:
+    """`out` for a command that writes a new run (convert, quantize, prune, ensemble): refused when
+    its checkpoints folder already holds a checkpoint. An empty one (what a failed earlier attempt,
+    e.g. on a full disk, leaves) does not block the retry."""
+    out = Path(out)
+    if str(out) in ("", "."):
+        raise FileExistsError("--out is empty; give a new run directory")
+    ckpts = out / "checkpoints"
+    if ckpts.exists() and (not ckpts.is_dir() or any(not c.name.startswith(".") for c in ckpts.iterdir())):
+        raise FileExistsError(f"{ckpts} already exists; choose a new --out")
+    return out
+
+
 def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.Tensor],
                     optimizer_state: dict | None, train_state: dict, config_toml: str,
                     tokenizer_path: Path | None = None, rng: dict | None = None, keep_last: int = 3,
@@ -173,7 +187,11 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.
         commit_folder(tmp, root / name)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written: no step folder without its manifest
-        if (named := named_os_error(e, tmp)) is not None:
+        named = named_os_error(e, root / name)
+        if named is None and isinstance(e, OSError) and str(e.filename or "").startswith(str(tmp) + os.sep):
+            # a file of the hidden staging folder: named as it would have been in the step folder
+            named = OSError(e.errno, e.strerror or str(e), str(root / name) + str(e.filename)[len(str(tmp)):])
+        if named is not None:
             raise named from e
         raise
     try:

@@ -276,3 +276,27 @@ def read_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
     if version != META_VERSION:
         raise DataError(f"{path} has format_version={version!r}; this clusterlm reads {META_VERSION}")
     return meta
+
+
+def same_tokenizer(a: Path, b: Path) -> bool:
+    """Both tokenizer files hold the same tokenizer (as parsed JSON); True when either is missing or
+    unreadable (a kind and size check is then all there is)."""
+    try:
+        return json.loads(a.read_text(encoding="utf-8")) == json.loads(b.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return True
+
+
+def check_data_tokenizer(data_dir: Path, meta: dict[str, Any], ckpt: Path, tok: Any) -> None:
+    """The data in `data_dir` (its `meta`) must have been tokenized with checkpoint folder `ckpt`'s
+    tokenizer `tok`: the same kind and size, and the same tokens (another corpus's char set or
+    merges of the same size would make the ids mean other text). A DataError naming both otherwise."""
+    data_dir, ckpt = Path(data_dir), Path(ckpt)
+    if meta["tokenizer"]["vocab_size"] != tok.vocab_size or meta["tokenizer"]["kind"] != tok.kind:
+        raise DataError(f"{data_dir} was tokenized with {meta['tokenizer']['kind']} (vocab "
+                        f"{meta['tokenizer']['vocab_size']}), the checkpoint uses {tok.kind} (vocab "
+                        f"{tok.vocab_size}); prepare the data with the checkpoint's tokenizer.json")
+    if not same_tokenizer(ckpt / "tokenizer.json", data_dir / "tokenizer.json"):
+        raise DataError(f"{data_dir} was tokenized with another {tok.kind} tokenizer of the same size "
+                        f"({tok.vocab_size}) than checkpoint {ckpt}; prepare the data with "
+                        f"--tokenizer {ckpt / 'tokenizer.json'}")

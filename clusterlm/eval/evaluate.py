@@ -30,7 +30,7 @@ def evaluate_checkpoint(ckpt: str, *, data: str | None = None, split: str = "val
                         device: str = "auto") -> dict[str, Any]:
     from clusterlm.checkpoint.model_io import load_for_inference
     from clusterlm.data.loader import iter_eval_batches
-    from clusterlm.data.shards import read_meta
+    from clusterlm.data.shards import check_data_tokenizer, read_meta
     from clusterlm.eval.metrics import bits_per_byte, evaluate_loss
     from clusterlm.device import autocast_dtype, resolve_device
 
@@ -47,16 +47,7 @@ def evaluate_checkpoint(ckpt: str, *, data: str | None = None, split: str = "val
     if split not in meta["splits"] or meta["splits"][split]["tokens"] == 0:
         raise DataError(f"{data_dir} has no tokens in split {split!r}; splits: {sorted(meta['splits'])}")
     ckpt_tok = loaded.tokenizer
-    if meta["tokenizer"]["vocab_size"] != ckpt_tok.vocab_size or meta["tokenizer"]["kind"] != ckpt_tok.kind:
-        raise DataError(f"{data_dir} was tokenized with {meta['tokenizer']['kind']} (vocab "
-                        f"{meta['tokenizer']['vocab_size']}), the checkpoint uses {ckpt_tok.kind} (vocab "
-                        f"{ckpt_tok.vocab_size}); prepare the data with the checkpoint's tokenizer.json")
-    if not _same_tokenizer(Path(loaded.path) / "tokenizer.json", data_dir / "tokenizer.json"):
-        # same kind and size, other tokens (another corpus's char set or merges): the ids would mean
-        # other text, and the loss would be reported as if they did not
-        raise DataError(f"{data_dir} was tokenized with another {ckpt_tok.kind} tokenizer of the same size "
-                        f"({ckpt_tok.vocab_size}) than checkpoint {loaded.path}; prepare the data with "
-                        f"--tokenizer {Path(loaded.path) / 'tokenizer.json'}")
+    check_data_tokenizer(data_dir, meta, loaded.path, ckpt_tok)
     T = seq_len or cfg.train.seq_len
     amp = autocast_dtype("auto", dev)
     if meta.get("layout") == "examples":  # SFT data: the loss on the trained (response) tokens, as in training
@@ -103,7 +94,9 @@ def _objective_loss(loaded: Any, data_dir: Path, split: str, batch_size: int, se
                         f"its loss is measured on the data of {', '.join(OBJECTIVES)}; score it with --task FILE")
     if split != "val":
         raise DataError(f"--split {split}: an {cfg.model.arch} model's loss is measured on its objective's 'val' split")
-    if not _same_tokenizer(Path(loaded.path) / "tokenizer.json", data_dir / "tokenizer.json"):
+    from clusterlm.data.shards import same_tokenizer
+
+    if not same_tokenizer(Path(loaded.path) / "tokenizer.json", data_dir / "tokenizer.json"):
         raise DataError(f"{data_dir} was not made with checkpoint {loaded.path}'s tokenizer; give --data the run's "
                         "own data directory (for mlm/span: OUT_DIR/mlm_data or OUT_DIR/span_data)")
     T = seq_len or cfg.train.seq_len
@@ -113,15 +106,6 @@ def _objective_loss(loaded: Any, data_dir: Path, split: str, batch_size: int, se
                         autocast_dtype=autocast_dtype("auto", dev))
     return {"checkpoint": str(loaded.path), "data": str(data_dir), "split": split, "objective": task, "seq_len": T,
             "tokens": res["tokens"], "loss": res["loss"], "perplexity": math.exp(min(res["loss"], 50.0))}
-
-
-def _same_tokenizer(a: Path, b: Path) -> bool:
-    """Both tokenizer files hold the same tokenizer (as parsed JSON); True when either is missing or
-    unreadable (the kind and size check above is then all there is)."""
-    try:
-        return json.loads(a.read_text(encoding="utf-8")) == json.loads(b.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return True
 
 
 def evaluate_tasks(ckpt: str, tasks: list[str], *, limit: int | None = None, batch_size: int = 16,

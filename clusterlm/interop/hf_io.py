@@ -152,7 +152,7 @@ def read_hf_template(folder: Path) -> str | None:
 
 def convert_from_hf(src: str | Path, out: str | Path, *, trust_pickle: bool = False) -> Path:
     """Write a clusterlm checkpoint (out/checkpoints/step-00000000) from a Hugging Face folder."""
-    from clusterlm.checkpoint.store import save_checkpoint
+    from clusterlm.checkpoint.store import check_new_run_dir, save_checkpoint
     from clusterlm.config import RunConfig, TrainConfig, to_toml
 
     src, out = Path(src), Path(out)
@@ -164,8 +164,7 @@ def convert_from_hf(src: str | Path, out: str | Path, *, trust_pickle: bool = Fa
     if tok_file is None:
         raise FileNotFoundError(f"{src / 'tokenizer.json'} is missing; clusterlm carries the tokenizer as "
                                 "tokenizer.json (save it with tokenizer.save_pretrained)")
-    if (out / "checkpoints").exists():
-        raise FileExistsError(f"{out}/checkpoints already exists; choose a new --out")
+    check_new_run_dir(out)
     from clusterlm.tokenizer import load_tokenizer
 
     load_tokenizer(tok_file)  # unreadable tokenizer: refused now, not at the first `generate`
@@ -194,10 +193,13 @@ def export_to_hf(ckpt: str | Path, out: str | Path) -> Path:
     (tokenizer.json, tokenizer_config.json, special_tokens_map.json; clusterlm_tokenizer.json too for
     byte and char) for `ckpt`; transformers' AutoTokenizer loads them with clusterlm's ids
     (tokenizer/hf_export.py)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    from clusterlm.checkpoint.files import named_os_error
     from clusterlm.checkpoint.model_io import plain_weights, read_checkpoint_config, read_quantization
     from clusterlm.checkpoint.store import resolve_checkpoint
+    from clusterlm.fsutil import staging_dir
 
     path = resolve_checkpoint(str(ckpt))
     run = read_checkpoint_config(path)
@@ -210,8 +212,10 @@ def export_to_hf(ckpt: str | Path, out: str | Path) -> Path:
                           "models for transformers (a classifier's pooled head has no transformers class); serve "
                           "it with `clusterlm serve` (POST /classify) instead")
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"--out {out} exists and is not empty")
+    if str(out) in ("", "."):
+        raise FileExistsError("--out is empty; give a new folder for the Hugging Face files")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"--out {out} exists and is not an empty folder")
     bos = eos = pad = None
     stop_ids: list[int] = []
     tok_files: dict[str, str] = {}
@@ -233,16 +237,24 @@ def export_to_hf(ckpt: str | Path, out: str | Path) -> Path:
             tok_files["clusterlm_tokenizer.json"] = tok_src.read_text(encoding="utf-8")
     hf_cfg = config_to_hf(cfg, bos, eos, pad)
     hf_state = state_to_hf(plain_weights(path), cfg, pad)  # a LoRA fine-tune's adapters merged
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(hf_state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n", encoding="utf-8")
+    files = {"config.json": json.dumps(hf_cfg, indent=2) + "\n"}
     if cfg.arch != "encoder":  # a masked-LM encoder does not generate
         gen = {"bos_token_id": bos, "eos_token_id": [eos, *stop_ids] if stop_ids else eos, "pad_token_id": pad,
                "max_length": cfg.max_seq_len}
         if cfg.arch == "encdec":  # the decoder starts from BOS, as clusterlm's; no forced end token
             gen.update(decoder_start_token_id=bos, forced_eos_token_id=None)
-        (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
-    for name, text in tok_files.items():
-        (out / name).write_text(text, encoding="utf-8")
+        files["generation_config.json"] = json.dumps(gen, indent=2) + "\n"
+    files.update(tok_files)
+    # the folder appears whole or not at all (a full disk leaves nothing to mistake for an export);
+    # an empty --out (made by the user, or left by an earlier failure) is replaced
+    with staging_dir(out, overwrite=out.exists()) as tmp:
+        try:
+            save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        except SafetensorError as e:  # its I/O errors (a full disk) as the OSError they are: exit 74, one line
+            if (named := named_os_error(e, out / "model.safetensors")) is not None:
+                raise named from None
+            raise
+        for name, text in files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
     log.info("exported %s as a Hugging Face %s folder: %s", path, hf_cfg["model_type"], out)
     return out

@@ -195,15 +195,16 @@ def prune_checkpoint(src: str | Path, out: str | Path, sparsity: float, method: 
                      data_dir: str | Path | None = None, finetune_lr: float | None = None) -> Path:
     """Write a pruned copy of checkpoint `src` as out/checkpoints/step-N; returns the step folder."""
     from clusterlm.checkpoint.model_io import load_for_inference
-    from clusterlm.checkpoint.store import save_checkpoint
+    from clusterlm.checkpoint.store import check_new_run_dir, save_checkpoint
     from clusterlm.config import to_toml
 
     if method not in METHODS:
         raise ValueError(f"pruning method {method!r}; expected one of {', '.join(METHODS)}")
     _check_sparsity(sparsity)
+    if finetune_steps < 0:
+        raise ValueError(f"--finetune-steps {finetune_steps}; expected 0 (no fine-tune) or more")
     out = Path(out)
-    if (out / "checkpoints").exists():
-        raise FileExistsError(f"{out}/checkpoints already exists; choose a new --out")
+    check_new_run_dir(out)
     loaded = load_for_inference(src)  # the one read of the source checkpoint
     if loaded.quantization is not None:
         raise ValueError(f"{loaded.path} is quantized; prune the float checkpoint, then quantize")
@@ -223,6 +224,9 @@ def prune_checkpoint(src: str | Path, out: str | Path, sparsity: float, method: 
         if not (data / "meta.json").is_file():
             raise FileNotFoundError(f"fine-tune data {data} has no meta.json; pass --data DIR (a `clusterlm prepare` "
                                     "output)")
+        from clusterlm.data.shards import check_data_tokenizer, read_meta
+
+        check_data_tokenizer(data, read_meta(data), loaded.path, loaded.tokenizer)  # its ids must be the model's
         losses = finetune(model, run_cfg, finetune_steps, data, masks=masks, lr=finetune_lr)
     info = loaded.info
     train_state = dict(info.train_state)

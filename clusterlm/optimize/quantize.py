@@ -32,11 +32,10 @@ def quantize_checkpoint(src: str | Path, out: str | Path, method: str, group_siz
                         keep_output: bool = False) -> Path:
     """Write a quantized copy of checkpoint `src` as out/checkpoints/step-N; returns the step folder."""
     from clusterlm.checkpoint.model_io import load_for_inference
-    from clusterlm.checkpoint.store import save_checkpoint
+    from clusterlm.checkpoint.store import check_new_run_dir, save_checkpoint
 
     out = Path(out)
-    if (out / "checkpoints").exists():
-        raise FileExistsError(f"{out}/checkpoints already exists; choose a new --out")
+    check_new_run_dir(out)
     loaded = load_for_inference(src)  # the one read of the source checkpoint
     if loaded.quantization is not None:
         raise ValueError(f"{loaded.path} is already quantized; quantize the float checkpoint")
