@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import difflib
 import math
 import sys
@@ -57,6 +58,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_finite(self, "data")
+        if not self.dir.strip() or self.dir.strip() == ".":
+            raise ConfigError(f"data.dir={self.dir!r}: give the prepared data's own folder, e.g. data/my_corpus")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
         if self.vocab_size < 0:
@@ -108,6 +111,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_finite(self, "train")
+        if not self.out_dir.strip() or self.out_dir.strip() == ".":
+            raise ConfigError(f"train.out_dir={self.out_dir!r}: give the run its own folder, e.g. runs/my_run (its "
+                              "checkpoints, config.toml and metrics.jsonl go there)")
         for name in ("seq_len", "micro_batch_size", "max_steps", "log_interval", "eval_batches", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
@@ -453,6 +459,10 @@ def _coerce(value: Any, tp: Any, key: str, numbers_as_str: bool) -> Any:
             return value
         if numbers_as_str and isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
+        if isinstance(value, (int, float)):  # a text that TOML reads as a number or boolean
+            text = str(value).lower() if isinstance(value, bool) else value
+            raise ConfigError(f"{key}={value!r} has type {type(value).__name__}; expected str (text that reads as a "
+                              f"number or boolean is quoted: --{key}='\"{text}\"' on the command line)")
     elif dataclasses.is_dataclass(tp):
         if isinstance(value, dict):
             return from_dict(tp, value, key, numbers_as_str=numbers_as_str)
@@ -518,6 +528,8 @@ def parse_override(arg: str) -> tuple[list[str], Any]:
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
+        value = raw
+    if isinstance(value, (datetime.date, datetime.time)):  # no key takes a date: 2024-06-01 is a name
         value = raw
     return parts, value
 

@@ -100,8 +100,6 @@ def load_for_inference(arg: str | Path, device: str | torch.device = "cpu", *,
                        empty=True)
     state = load_model_weights(path)
     if cfg.model.vocab_size != v0:
-        from clusterlm.finetune.setup import grow_vocab_rows
-
         grow_vocab_rows(state, v0, cfg.model)
     lora = sorted({k[:-len(".lora_a")] for k in state if k.endswith(".lora_a")})
     if lora:  # a LoRA fine-tuning checkpoint (base + adapters): merged into the weights for inference
@@ -138,6 +136,28 @@ def plain_weights(path: str | Path) -> dict[str, torch.Tensor]:
         return state
     merged = load_for_inference(path).model.state_dict()
     return {k: merged[k] for k in state if k in merged}
+
+
+VOCAB_KEYS = ("tok_embeddings.weight", "output.weight", "output.bias")  # tensors with one row per token
+
+
+def grow_vocab_rows(state: dict[str, torch.Tensor], v0: int, mcfg: Any) -> None:
+    """Grow, in `state`, the tensors with a row per token (VOCAB_KEYS) from a `v0`-token vocabulary
+    to `mcfg`'s padded size; the new rows (from v0 on) are the mean of the first v0. A fine-tune grows
+    its base so (finetune/setup.py), and a LoRA fine-tune's base is rebuilt so wherever its adapters
+    are loaded (load_for_inference's grow_vocab)."""
+    v1, p1 = mcfg.vocab_size, mcfg.padded_vocab_size
+    for key in VOCAB_KEYS:
+        t = state.get(key)
+        if t is None or (v1 == v0 and t.shape[0] == p1):
+            continue
+        grown = t.new_empty((p1,) + tuple(t.shape[1:]))
+        keep = min(t.shape[0], p1)
+        grown[:keep] = t[:keep]
+        grown[v0:] = t[:v0].float().mean(0).to(t.dtype)
+        state[key] = grown
+    if v1 > v0:
+        log.info("vocabulary %d -> %d tokens: %d new rows initialised to the mean of the base's rows", v0, v1, v1 - v0)
 
 
 def read_checkpoint_config(path: Path) -> object:

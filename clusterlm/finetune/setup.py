@@ -31,7 +31,6 @@ from clusterlm.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
-VOCAB_KEYS = ("tok_embeddings.weight", "output.weight", "output.bias")  # tensors with one row per token
 SHAPE_KEYS = ("arch", "n_layers", "dim", "n_heads", "n_kv_heads", "head_size", "ffn_dim", "ffn_multiple", "pos",
               "norm", "mlp", "bias", "tie_embeddings", "vocab_multiple", "rope_theta")
 
@@ -235,7 +234,7 @@ def base_state(base: Base, mcfg: Any) -> dict[str, torch.Tensor]:
     LM's names under `backbone.` (and, bidirectional, the same weights again under `reverse.`: the
     right-to-left reader starts from the base too, as ULMFiT's backward model starts from an LM)."""
 
-    from clusterlm.checkpoint.model_io import plain_weights
+    from clusterlm.checkpoint.model_io import grow_vocab_rows, plain_weights
 
     state = plain_weights(base.path)  # a LoRA fine-tune as the base: its adapters merged, as it answers
     grow_vocab_rows(state, base.config.model.vocab_size, mcfg)
@@ -243,24 +242,6 @@ def base_state(base: Base, mcfg: Any) -> dict[str, torch.Tensor]:
         readers = ("backbone", "reverse") if mcfg.bidirectional else ("backbone",)
         state = {f"{r}.{k}": v for r in readers for k, v in state.items()}
     return state
-
-
-def grow_vocab_rows(state: dict[str, torch.Tensor], v0: int, mcfg: Any) -> None:
-    """Grow, in `state`, the tensors with a row per token (VOCAB_KEYS) from a `v0`-token vocabulary
-    to `mcfg`'s padded size; the new rows (from v0 on) are the mean of the first v0. The same rule
-    rebuilds a LoRA fine-tune's base wherever its adapters are loaded (serve/models.py)."""
-    v1, p1 = mcfg.vocab_size, mcfg.padded_vocab_size
-    for key in VOCAB_KEYS:
-        t = state.get(key)
-        if t is None or (v1 == v0 and t.shape[0] == p1):
-            continue
-        grown = t.new_empty((p1,) + tuple(t.shape[1:]))
-        keep = min(t.shape[0], p1)
-        grown[:keep] = t[:keep]
-        grown[v0:] = t[:v0].float().mean(0).to(t.dtype)
-        state[key] = grown
-    if v1 > v0:
-        log.info("vocabulary %d -> %d tokens: %d new rows initialised to the mean of the base's rows", v0, v1, v1 - v0)
 
 
 def expected_missing(model: nn.Module, names: list[str]) -> list[str]:

@@ -318,6 +318,9 @@ class Trainer:
             raise ConfigError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={mcfg.max_seq_len}")
         self.data_dir = data_dir
         self.tokenizer_file = data_dir / meta["tokenizer"]["file"]
+        if not self.tokenizer_file.is_file():  # every checkpoint carries it: refused now, not at the first save
+            raise DataError(f"{self.tokenizer_file} is missing: {data_dir}/meta.json names it as the data's tokenizer; "
+                            "prepare the data again (clusterlm prepare) or put the tokenizer file back")
         self.examples = meta.get("layout") == "examples"
         if self.examples:
             self.has_val = meta["splits"].get("val", {}).get("examples", 0) > 0

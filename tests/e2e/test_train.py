@@ -43,6 +43,21 @@ def tiny_cfg(data_dir: Path, out: Path, *extra: str):
 
 
 
+def test_a_data_dir_without_its_tokenizer_is_refused_before_training(data_dir, tmp_path):
+    """Every checkpoint carries the data's tokenizer: a data dir that lost it is refused at once (it
+    used to train every step and fail at the first save), and the run folder is not created."""
+    import shutil
+
+    from clusterlm.errors import DataError
+    from clusterlm.train.loop import train
+
+    broken = shutil.copytree(data_dir, tmp_path / "data")
+    (broken / "tokenizer.json").unlink()
+    with pytest.raises(DataError, match="tokenizer.json is missing"):
+        train(tiny_cfg(broken, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_is_bit_exact(data_dir, tmp_path):
     """100 steps straight equal (as floats) 50 steps + resume to 100: model, optimizer, schedule, loader, RNG.
     (decay_steps is pinned so the cosine schedule does not depend on max_steps.)"""

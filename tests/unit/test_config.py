@@ -71,6 +71,11 @@ def test_unknown_section():
         ("--train.compile=1", "train.compile=1 has type int; expected bool"),
         ("--train.dtype=bf17", "train.dtype='bf17' is not one of"),
         ("--model.n_kv_heads=x", "model.n_kv_heads='x' has type str; expected int | None"),
+        # a folder named like a number or boolean: how to quote it
+        ("--train.out_dir=5", """expected str (text that reads as a number or boolean is quoted: --train.out_dir='"5"'"""),
+        ("--data.dir=true", """--data.dir='"true"' on the command line"""),
+        ("--train.out_dir=", "train.out_dir='': give the run its own folder"),
+        ("--data.dir=.", "data.dir='.': give the prepared data's own folder"),
     ],
 )
 def test_wrong_type_names_key_value_and_type(override, fragment):
@@ -116,6 +121,8 @@ def test_parse_override_forms():
     assert parse_override("--a.b=hello world") == (["a", "b"], "hello world")
     assert parse_override('--a.b="quoted"') == (["a", "b"], "quoted")
     assert parse_override("--a.b=[1, 2]") == (["a", "b"], [1, 2])
+    assert parse_override("--a.b=2024-06-01") == (["a", "b"], "2024-06-01")  # TOML dates are names here
+    assert parse_override("--a.b=12:30:00") == (["a", "b"], "12:30:00")
     with pytest.raises(ConfigError, match="must look like"):
         parse_override("--a.b")
     with pytest.raises(ConfigError, match="section.key"):
