@@ -85,9 +85,24 @@ def worker_pool(workers: int, start: bool, warm: tuple[str, ...] = ()) -> Iterat
     try:
         yield pool
     except BaseException:
+        _kill_helpers(pool)  # before shutdown, which forgets the processes
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
+
+
+def _kill_helpers(pool: Any) -> None:
+    """End the helpers now: cancelling leaves each running chunk to finish (a long BPE encode: many
+    seconds), and the interpreter joins them at exit, so Ctrl-C would wait for them. Their partial
+    work is discarded with the staging folder anyway. SIGKILL, since they ignore SIGINT/SIGTERM.
+    ProcessPoolExecutor.kill_workers (Python 3.14) where it exists, else its process table."""
+    kill = getattr(pool, "kill_workers", None)
+    if kill is not None:
+        kill()
+        return
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            proc.kill()
 
 
 @contextlib.contextmanager

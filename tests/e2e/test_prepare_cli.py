@@ -240,3 +240,54 @@ def test_follow_symlinks_flag(tmp_path: Path) -> None:
         shard_bytes = b"".join(p.read_bytes() for p in out.glob("train-*.bin"))
         # byte tokenizer: each id is the byte's value, stored as uint16 (little-endian)
         assert ("ZZZZ outside".encode("utf-16-le") in shard_bytes) is outside_read
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_while_a_helper_encodes_ends_prepare_at_once(tmp_path: Path, sig: signal.Signals) -> None:
+    """--workers 2 on one 12 MB document with a BPE tokenizer file: the encode runs for seconds in
+    Rust, in a spawned helper that ignores signals. Signalled 1 s into the tokenize pass, prepare
+    exits 130 within 2 s and leaves nothing; before, cancelling left the helper's chunk running and
+    the interpreter waited for it at exit (about 15 s on the 2-core VM for 25 MB)."""
+    import random
+
+    words = "the of and to in a is that for it as was with be by on at from this which".split()
+    rng = random.Random(0)
+    (tmp_path / "big").mkdir()
+    with open(tmp_path / "big" / "one.txt", "w") as f:
+        for _ in range(60):
+            f.write(" ".join(rng.choices(words, k=40_000)) + "\n")
+    (tmp_path / "sample.txt").write_text((tmp_path / "big" / "one.txt").read_text()[:200_000])
+    r = run("tokenizer", "train", "sample.txt", "--kind", "bpe", "--vocab-size", "512", "--out", "tok.json",
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    cmd = [PY, "-m", "clusterlm", "prepare", "big", "--out", "data", "--tokenizer", "tok.json", "--workers", "2",
+           "--val-fraction", "0"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_at_a_terminal)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".data.*.partial")):
+            assert proc.poll() is None, f"prepare ended before it was interrupted: {proc.communicate()}"
+            assert time.monotonic() < deadline, "prepare did not start within 60 s"
+            time.sleep(0.01)
+        time.sleep(1.0)
+        assert proc.poll() is None, "prepare ended before the signal: make the input larger"
+        kids = _children(proc.pid)
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        try:
+            _, err = proc.communicate(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"prepare still running 2 s after {sig.name}")
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "sample.txt", "tok.json"]
+    deadline = time.monotonic() + 10
+    while any(_alive(k) for k in kids):
+        assert time.monotonic() < deadline, "a helper of the interrupted prepare is still running"
+        time.sleep(0.1)
