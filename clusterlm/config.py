@@ -563,6 +563,11 @@ def _check_sections(tree: dict[str, Any], cls: type) -> None:
     hints = typing.get_type_hints(cls)
     for name, body in tree.items():
         if name not in sections:
+            if not isinstance(body, dict):  # a key above every [section] header
+                homes = [o for o in sections if name in {f.name for f in dataclasses.fields(hints[o])}]
+                where = f"; it belongs under [{homes[0]}]" if homes else ""
+                raise ConfigError(f"'{name} = {body!r}' stands outside any section{where} (every key goes under a "
+                                  f"[section] header: {', '.join(sections)})")
             close = difflib.get_close_matches(name, sections, n=1)
             hint = f"; did you mean [{close[0]}]?" if close else ""
             raise ConfigError(f"unknown section [{name}]{hint} (valid sections: {', '.join(sections)})")

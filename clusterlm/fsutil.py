@@ -32,8 +32,10 @@ log = logging.getLogger(__name__)
 
 
 def _with_path(e: OSError, path: str | os.PathLike) -> OSError:
-    """`e` with `path` as its filename when the OS gave none (a write() on a full disk names no file)."""
-    if e.filename is not None:
+    """`e` with `path` as its filename when the OS gave none (a write() on a full disk names no file)
+    or named the hidden temporary file beside `path` (".NAME.xxxx.tmp"): the user asked for `path`."""
+    name = e.filename if isinstance(e.filename, str) else None
+    if e.filename is not None and not (name and os.path.basename(name).startswith(f".{Path(path).name}.")):
         return e
     return OSError(e.errno, e.strerror or str(e), os.fspath(path))  # same errno -> same subclass
 
@@ -100,13 +102,13 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
     path = Path(path)
     records = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+    for i, raw in enumerate(path.read_bytes().splitlines(), 1):
+        if not raw.strip():
             continue
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            logging.getLogger(__name__).warning("%s:%d is not valid JSON (a torn write?): skipped", path, i)
+            rec = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            logging.getLogger(__name__).warning("%s:%d is not valid UTF-8 JSON (a torn write?): skipped", path, i)
             continue
         if isinstance(rec, dict):
             records.append(rec)

@@ -255,8 +255,8 @@ def _scan(sources: list[Source], opts: PrepareOptions, progress: bool) -> _Scan:
     if kept == 0:
         raise DataError(f"no documents left to prepare: {st.documents_read} read, {st.skipped_empty} empty, "
                         f"{st.skipped_bad_record} bad JSONL records, {deduplicated} duplicates"
-                        + (f" (is --text-field {opts.text_field!r} right? first problem: {st.problems[0]})"
-                           if st.problems else ""))
+                        + (f" ({'is --text-field ' + repr(opts.text_field) + ' right? ' if st.skipped_bad_record else ''}"
+                           f"first problem: {st.problems[0]})" if st.problems else ""))
 
     def move(group: list[tuple[int, int]], src_split: int, dst_split: int) -> None:
         for ordinal, n in group:

@@ -45,7 +45,9 @@ def evaluate_checkpoint(ckpt: str, *, data: str | None = None, split: str = "val
         return _objective_loss(loaded, data_dir, split, batch_size, seq_len, max_batches, dev)
     meta = read_meta(data_dir)
     if split not in meta["splits"] or meta["splits"][split]["tokens"] == 0:
-        raise DataError(f"{data_dir} has no tokens in split {split!r}; splits: {sorted(meta['splits'])}")
+        have = [k for k, v in meta["splits"].items() if v.get("tokens")]
+        raise DataError(f"{data_dir} has no tokens in split {split!r}; splits with tokens: {have} (--split NAME; a "
+                        "val split needs a val fraction > 0 when preparing: prepare --val-fraction)")
     ckpt_tok = loaded.tokenizer
     check_data_tokenizer(data_dir, meta, loaded.path, ckpt_tok)
     T = seq_len or cfg.train.seq_len
@@ -189,14 +191,26 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-fewshot", type=int, default=None, help="lm-eval tasks: few-shot examples (default: the task's)")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (0 batches or a 0-token context would score nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="clusterlm eval", description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", help="run directory, checkpoints folder or step folder")
     p.add_argument("--data", help="prepared data directory (default: the one in the checkpoint's config)")
     p.add_argument("--split", default="val", help="split to evaluate (default: val)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, help="context length (default: the training seq_len)")
-    p.add_argument("--max-batches", type=int, help="evaluate at most this many batches (default: the whole split)")
+    p.add_argument("--seq-len", type=positive_int, help="context length (default: the training seq_len)")
+    p.add_argument("--max-batches", type=positive_int,
+                   help="evaluate at most this many batches (default: the whole split)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", help="also write the JSON result to this file")
     _add_task_args(p)

@@ -57,10 +57,14 @@ def main(argv: list[str]) -> int:
                                  description="weight-only int8 (per channel) or int4 (group-wise) quantization")
     ap.add_argument("ckpt", metavar="CKPT", help="run directory, checkpoints folder or step folder")
     ap.add_argument("--method", choices=METHODS, required=True)
-    ap.add_argument("--group-size", type=int, default=128, help=f"int4 group size ({', '.join(map(str, GROUP_SIZES))})")
+    ap.add_argument("--group-size", type=int, default=None,
+                    help=f"int4 group size ({', '.join(map(str, GROUP_SIZES))}; default 128)")
     ap.add_argument("--keep-output", action="store_true", help="keep the output projection in float32")
     ap.add_argument("--out", required=True, metavar="CKPT", help="run directory to create")
     args = ap.parse_args(argv)
-    path = quantize_checkpoint(args.ckpt, args.out, args.method, args.group_size, args.keep_output)
+    if args.group_size is not None and args.method != "int4":
+        ap.error(f"--group-size is for --method int4 (groups of input channels); {args.method} scales each output "
+                 "channel: leave it out")
+    path = quantize_checkpoint(args.ckpt, args.out, args.method, args.group_size or 128, args.keep_output)
     print(f"wrote {path}")
     return 0

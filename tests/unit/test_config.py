@@ -58,6 +58,11 @@ def test_key_in_wrong_section_points_to_right_one():
         load_run_config(None, ["--train.lr=1e-3"])
 
 
+def test_a_key_above_every_section_names_its_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"'max_steps = 5' stands outside any section; it belongs under \[train\]"):
+        load_run_config(write(tmp_path, "max_steps = 5\n[train]\nseq_len = 8\n"), [])
+
+
 def test_unknown_section():
     with pytest.raises(ConfigError, match=r"unknown section \[trian\]; did you mean \[train\]"):
         resolve({"trian": {"max_steps": 1}})

@@ -189,3 +189,24 @@ def test_atomic_writes_and_staged_folders_get_the_umask_modes(tmp_path):
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "folder" / "b.txt").stat().st_mode) == 0o644
+
+
+def test_read_jsonl_skips_torn_and_non_utf8_lines(tmp_path, caplog):
+    from clusterlm.fsutil import read_jsonl
+
+    f = tmp_path / "metrics.jsonl"
+    f.write_bytes(b'{"a": 1}\n{"b": \xe3\x81}\n{"tor\n\n{"c": "\xe2\x80\xa8 ok"}\n')
+    assert read_jsonl(f) == [{"a": 1}, {"c": "\u2028 ok"}]
+    assert [r.getMessage().split(" is ")[0] for r in caplog.records] == [f"{f}:2", f"{f}:3"]
+
+
+def test_a_failed_atomic_write_names_the_file_asked_for_not_the_temporary(tmp_path):
+    from clusterlm.fsutil import atomic_write_text
+
+    with pytest.raises(FileNotFoundError) as e:
+        atomic_write_text(tmp_path / "missing" / "x.json", "{}")
+    assert e.value.filename == str(tmp_path / "missing" / "x.json")
+    (tmp_path / "d").mkdir()
+    with pytest.raises(IsADirectoryError) as e:
+        atomic_write_text(tmp_path / "d", "{}")
+    assert e.value.filename == str(tmp_path / "d") and sorted(p.name for p in tmp_path.iterdir()) == ["d"]
