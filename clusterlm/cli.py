@@ -40,8 +40,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 # Exit codes live in errors.py (also in docs/cli.md); re-exported here for callers and tests.
-from clusterlm.errors import (EXIT_DIVERGED, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_IO,  # noqa: E402,F401
-                              EXIT_OK, EXIT_PREEMPTED, EXIT_UNAVAILABLE, EXIT_USAGE)
+from clusterlm.errors import (EXIT_BROKEN_PIPE, EXIT_DIVERGED, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_IO,  # noqa: E402,F401
+                              EXIT_OK, EXIT_PREEMPTED, EXIT_UNAVAILABLE, EXIT_USAGE, USAGE_ERRORS)
 
 
 def _usage() -> str:
@@ -99,10 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     except ClusterlmError as e:
         print(f"clusterlm {command}: error: {e}", file=sys.stderr)
         return e.exit_code
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            IsADirectoryError, PermissionError, NotImplementedError) as e:
+    except USAGE_ERRORS as e:
         print(f"clusterlm {command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): nothing to report
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush is quiet
+        return EXIT_BROKEN_PIPE
     except OSError as e:  # disk full, read-only file system, I/O error: the OS's words and the path
         print(f"clusterlm {command}: error: {_os_message(e)}", file=sys.stderr)
         return EXIT_IO

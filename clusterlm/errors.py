@@ -20,6 +20,26 @@ EXIT_RANK_LOST = 76  # training: a rank sent no heartbeat for train.heartbeat_ti
 #                      link down); the rank and host are named, no checkpoint is written (the last
 #                      committed one is resumed with --train.resume=auto; `launch --slurm` requeues)
 EXIT_INTERRUPTED = 130  # Ctrl-C (or SIGTERM outside training): stopped, partial output removed
+EXIT_BROKEN_PIPE = 141  # stdout closed by its reader (`clusterlm plan | head`): quiet, as a tool killed by SIGPIPE
+
+# what cli.py reports as bad input (EXIT_USAGE) besides ClusterlmError
+USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+                NotImplementedError)
+
+
+def exit_code_of(e: BaseException) -> int:
+    """The exit code cli.py gives an exception that ends a command (the table above)."""
+    if isinstance(e, ClusterlmError):
+        return e.exit_code
+    if isinstance(e, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(e, BrokenPipeError):
+        return EXIT_BROKEN_PIPE
+    if isinstance(e, USAGE_ERRORS):
+        return EXIT_USAGE
+    if isinstance(e, OSError):
+        return EXIT_IO
+    return EXIT_FAILURE
 
 
 class ClusterlmError(Exception):

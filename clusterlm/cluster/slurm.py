@@ -27,6 +27,7 @@ when the cluster keeps no accounting (sacct then fails), with the requeue count 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -475,13 +476,19 @@ def submit(args: argparse.Namespace, overrides: list[str], run: Runner | None = 
     if shutil.which("sbatch") is None:
         raise ClusterlmError("Slurm is not installed here: `sbatch` is not on PATH. Run this on a Slurm login node, "
                              "add --dry-run to only see the script, or use --nproc-per-node N to run with torchrun")
+    made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     script_path = out_dir / f"{opts.job_name}-{stamp}.sbatch"
     atomic_write_text(script_path, script)
     r = (run or _run)(["sbatch", "--parsable", str(script_path)])
-    if r.returncode != 0:
-        raise ClusterlmError(f"sbatch {script_path} failed (exit {r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
+    if r.returncode != 0:  # nothing was submitted: nothing of it is left either (the script, a new run folder)
+        script_path.unlink(missing_ok=True)
+        if made:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        said = " ".join((r.stderr.strip() or r.stdout.strip()).split()) or "no message"
+        raise ClusterlmError(f"sbatch failed (exit {r.returncode}), nothing was submitted: {said}")
     job_id = r.stdout.strip().splitlines()[-1].split(";")[0].strip() if r.stdout.strip() else ""
     if not job_id:
         raise ClusterlmError(f"sbatch {script_path} printed no job id: {r.stdout!r} {r.stderr!r}")

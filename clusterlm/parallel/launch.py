@@ -14,7 +14,9 @@ Backend: NCCL when CUDA is available, gloo otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import errno
 import logging
 import os
 import re
@@ -213,12 +215,35 @@ def threads_env(nproc_per_node: int, env: Mapping[str, str] | None = None) -> di
 
 
 def run_torchrun(cmd: list[str], extra_env: Mapping[str, str] | None = None) -> int:
-    """Run torchrun; its exit code, or the trainer's own (75, 3) when torchrun reports a failed worker."""
+    """Run torchrun; its exit code, or the trainer's own (75, 3, 2) when torchrun reports a failed
+    worker. SIGINT and SIGTERM sent to this process go to torchrun, which passes them to the workers
+    (they finish the step, save and exit 75); this process waits for them all, so that neither a
+    worker nor torchrun outlives it and the workers' exit code comes back (a terminal's Ctrl-C
+    reaches every process of the group: the workers then see it twice, and stop once)."""
+    import signal
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="clusterlm-launch-") as tmp:
         exit_file = os.path.join(tmp, "exit_code")
-        code = subprocess.call(cmd, env=os.environ | dict(extra_env or {}) | {EXIT_FILE_ENV: exit_file})
+        proc = subprocess.Popen(cmd, env=os.environ | dict(extra_env or {}) | {EXIT_FILE_ENV: exit_file})
+
+        def forward(signum: int, frame: object) -> None:  # noqa: ARG001 - signal API
+            log.warning("%s received: passed to torchrun; waiting for the workers to save and exit",
+                        signal.Signals(signum).name)
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, forward)
+            except ValueError:  # not the main thread: leave the handlers alone
+                pass
+        try:
+            code = proc.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         if code != 0 and os.path.exists(exit_file):
             with open(exit_file, encoding="utf-8") as f:
                 recorded = f.read().strip()
@@ -226,6 +251,60 @@ def run_torchrun(cmd: list[str], extra_env: Mapping[str, str] | None = None) -> 
                 log.info("torchrun exited %d; the trainer's exit code was %s", code, recorded)
                 return int(recorded)
     return code
+
+
+def check_layout(recipe: str | None, overrides: list[str], world: int) -> list[str]:
+    """The run's config and [parallel] layout checked for `world` processes before torchrun starts
+    (bad input then ends here with one line and exit 2, not once per rank after the spawn). A recipe
+    that names no layout (every size 1) on several processes gets data parallel replication (DDP):
+    --parallel.dp_replicate=WORLD is added to the returned overrides."""
+    import dataclasses
+
+    from clusterlm.cluster.slurm import resolve_recipe
+    from clusterlm.config import load_run_config
+    from clusterlm.errors import ConfigError
+    from clusterlm.parallel.parallelize import validate_layout
+
+    path = resolve_recipe(recipe)
+    cfg = load_run_config(path, overrides)
+    if cfg.parallel.world_size == 1 and world > 1:
+        overrides = [*overrides, f"--parallel.dp_replicate={world}"]
+        cfg = load_run_config(path, overrides)
+        log.info("no [parallel] layout for %d processes: data parallel replication (DDP), "
+                 "--parallel.dp_replicate=%d", world, world)
+    p = cfg.parallel
+    if p.world_size != world:
+        raise ConfigError(f"{world} processes, but the [parallel] layout needs dp_replicate*dp_shard*tp*pp = "
+                          f"{p.dp_replicate}*{p.dp_shard}*{p.tp}*{p.pp} = {p.world_size}; change --nproc-per-node or "
+                          f"the layout, e.g. --parallel.dp_shard={world} (FSDP) or --parallel.dp_replicate={world} (DDP)")
+    mcfg = cfg.model
+    if mcfg.vocab_size is None:  # from the prepared data when it is there; the trainer checks again
+        from clusterlm.data.shards import read_meta
+
+        with contextlib.suppress(Exception):
+            mcfg = dataclasses.replace(mcfg, vocab_size=int(read_meta(cfg.data.dir)["tokenizer"]["vocab_size"]))
+    if mcfg.vocab_size is not None:
+        tc = cfg.train
+        validate_layout(p, mcfg, world, tc.global_batch_tokens, tc.micro_batch_size, tc.seq_len)
+    return overrides
+
+
+def check_port_free(addr: str, port: int) -> None:
+    """The rendezvous port must be free on this node: another job's store there would take this
+    launch's workers into its own group (they wait silently, then fail with a stack dump)."""
+    import socket
+
+    from clusterlm.errors import ResourceBusyError
+
+    with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the store binds: a past run's TIME_WAIT is fine
+        try:
+            s.bind((addr, port))
+        except OSError as e:
+            if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise ResourceBusyError(f"port {port} on {addr} is in use (another `clusterlm launch` or torchrun "
+                                        f"job on this node?); pass a free one with --master-port") from None
+            # not an address of this node (or no such name): the rendezvous reports that itself
 
 
 def main(argv: list[str]) -> int:
@@ -262,6 +341,13 @@ def main(argv: list[str]) -> int:
         if not addr or not port.isdigit():
             parser.error(f"--rdzv-endpoint={args.rdzv_endpoint!r} must be ADDR:PORT (e.g. 10.77.0.11:29500)")
         args.master_addr, args.master_port = addr.strip("[]"), int(port)
+    if args.nproc_per_node < 1 or args.nnodes < 1:
+        parser.error("--nproc-per-node and --nnodes must be >= 1")
+    if not 0 < args.master_port < 65536:
+        parser.error(f"--master-port={args.master_port} must be in 1..65535")
+    overrides = check_layout(args.recipe, overrides, args.nproc_per_node * args.nnodes)
+    if args.nnodes == 1 and not args.dry_run:
+        check_port_free(args.master_addr, args.master_port)
     cmd = torchrun_command(args.recipe, overrides, nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,
                            node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
                            max_restarts=args.max_restarts)

@@ -811,5 +811,11 @@ def main(argv: list[str], *, finetune: bool = False) -> int:
         code = train(cfg).exit_code
         record_exit_code(code)  # under `clusterlm launch`: torchrun itself would report 1
         return code
+    except BaseException as e:  # bad input found on the ranks (a resume refused): launch exits 2, not 1
+        from clusterlm.errors import exit_code_of
+
+        with contextlib.suppress(Exception):
+            record_exit_code(exit_code_of(e))
+        raise
     finally:
         shutdown_distributed()  # the process group train() started under torchrun/srun, if any

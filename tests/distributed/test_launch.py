@@ -117,3 +117,32 @@ def test_trainer_refuses_layout_before_building_a_model(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"= 2 != world size 1"):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_launch_checks_the_layout_before_torchrun_and_defaults_to_ddp(tmp_path):
+    """`clusterlm launch` validates the run for its process count before torchrun starts (one line,
+    exit 2, not an error per rank and torchrun's traceback), gives a recipe without a [parallel]
+    layout data parallel replication, and refuses a rendezvous port that is taken (exit 69)."""
+    import socket
+
+    from clusterlm.errors import ResourceBusyError
+    from clusterlm.parallel.launch import check_layout, check_port_free
+
+    model = ["--model.preset=llama-nano", "--model.vocab_size=64"]
+    assert check_layout(None, model, 2) == [*model, "--parallel.dp_replicate=2"]
+    assert check_layout(None, [*model, "--parallel.dp_shard=2"], 2) == [*model, "--parallel.dp_shard=2"]
+    with pytest.raises(ConfigError, match=r"2 processes, but .* = 1\*4\*1\*1 = 4; .*--parallel.dp_shard=2"):
+        check_layout(None, [*model, "--parallel.dp_shard=4"], 2)
+    with pytest.raises(ConfigError, match="tp=3 must divide"):
+        check_layout(None, [*model, "--parallel.tp=3"], 3)
+    with pytest.raises(FileNotFoundError, match="bundled recipes"):
+        check_layout("no_such_recipe", [], 2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(ResourceBusyError, match=f"port {s.getsockname()[1]} on 127.0.0.1 is in use"):
+            check_port_free("127.0.0.1", s.getsockname()[1])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    check_port_free("127.0.0.1", free)

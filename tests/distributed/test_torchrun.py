@@ -116,6 +116,27 @@ def test_killed_rank_restarts_and_resumes_identically(tmp_path):
     ref = train_losses(tmp_path / "ref")
     assert got == {s: ref[s] for s in got}
 
+    # SIGTERM to `clusterlm launch` alone (a wrapper or `kill PID`): passed to torchrun and on to the
+    # workers, which save; launch waits for them and exits 75, and no worker outlives it (before, it
+    # exited 143 at once and left torchrun and the workers training, orphaned)
+    run = tmp_path / "launcher"
+    proc = _launch(tmp_path / "data", run, max_restarts=0)
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / "step-00000005").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before the launcher could be signalled"
+    proc.send_signal(signal.SIGTERM)
+    try:
+        rc = proc.wait(timeout=120)
+    finally:
+        _kill_workers(str(run))
+    log = (tmp_path / "launcher.log").read_text()
+    assert rc == 75, log[-3000:]
+    assert "SIGTERM received: passed to torchrun" in log
+    assert _rank_pid(0, str(run)) is None and _rank_pid(1, str(run)) is None
+    last = max(train_losses(run))
+    assert (run / "checkpoints" / f"step-{last:08d}").is_dir()
+
 
 def test_srun_without_torchrun(tmp_path, monkeypatch):
     """`clusterlm train` started as srun starts tasks (SLURM_PROCID/NTASKS/LOCALID/NODELIST, no torchrun

@@ -38,3 +38,15 @@ def test_unknown_command_suggests():
 def test_module_entry_point_matches():
     r = subprocess.run([sys.executable, "-m", "clusterlm", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("clusterlm ")
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`clusterlm plan ... | head -2`: the reader leaves early; exit 141 (as a tool killed by SIGPIPE)
+    with nothing on stderr, not exit 74 with advice about disk space."""
+    cmd = [sys.executable, "-m", "clusterlm", "plan", "--model", "llama-nano", "--vocab-size", "87", "--cluster",
+           "h100-sxm-8x", "--tokens", "10M", "--top", "400"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader gone before the first write (imports take far longer than this)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert "error" not in err and "Traceback" not in err

@@ -161,6 +161,23 @@ def test_missing_sbatch_is_a_clear_error(tmp_path, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_failed_sbatch_leaves_nothing_and_says_so_in_one_line(tmp_path, monkeypatch):
+    """sbatch refusing the job (no controller here): one line with its words, and neither the script
+    nor the run folder made for it is left."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "sbatch").write_text('#!/bin/bash\necho "sbatch: error: Batch job submission failed:" >&2\n'
+                                 'echo "  Unable to contact slurm controller (connect failure)" >&2\nexit 1\n')
+    (bin_ / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}:{os.environ['PATH']}")
+    args, ov = _launch_args(RECIPE, "--slurm", f"--output={tmp_path / 'out'}")
+    with pytest.raises(ClusterlmError) as e:
+        slurm.submit(args, ov)
+    assert "\n" not in str(e.value) and "nothing was submitted" in str(e.value)
+    assert "Unable to contact slurm controller" in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_submit_with_fake_sbatch_writes_script_and_registry(tmp_path, monkeypatch, capsys):
     """Submit: the script is written into --output, `sbatch --parsable SCRIPT` is called, its job id
     ("42;cluster") printed and recorded in $CLUSTERLM_HOME/jobs.jsonl with recipe, script, time and cwd."""
