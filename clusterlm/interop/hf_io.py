@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,12 @@ def _load_pickled_weights(path: Path) -> dict[str, torch.Tensor]:
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise  # the file itself cannot be read: the OS's words (exit 74)
+        # a truncated zip archive reads as EINVAL from torch's reader: the file is bad, not the disk
+        raise CheckpointError(f"{path} is not a PyTorch state dict that loads with weights_only=True: "
+                              f"{e.strerror or e} (a truncated or damaged file?)") from e
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError,
             ImportError, IndexError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -174,7 +181,7 @@ def convert_from_hf(src: str | Path, out: str | Path, *, trust_pickle: bool = Fa
         cfg = hf_to_config(hf_cfg)
     except KeyError as e:
         raise ConfigError(f"{cfg_file} lacks {e.args[0]!r}, which a {hf_cfg.get('model_type')} config has") from e
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ZeroDivisionError) as e:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"{cfg_file}: {e}") from e

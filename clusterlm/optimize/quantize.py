@@ -65,6 +65,7 @@ def main(argv: list[str]) -> int:
     if args.group_size is not None and args.method != "int4":
         ap.error(f"--group-size is for --method int4 (groups of input channels); {args.method} scales each output "
                  "channel: leave it out")
-    path = quantize_checkpoint(args.ckpt, args.out, args.method, args.group_size or 128, args.keep_output)
+    path = quantize_checkpoint(args.ckpt, args.out, args.method, 128 if args.group_size is None else args.group_size,
+                               args.keep_output)
     print(f"wrote {path}")
     return 0

@@ -695,7 +695,8 @@ def main(argv: list[str]) -> int:
     if args.api_key_file and args.api_key_env:
         raise ValueError("--api-key-file and --api-key-env both given; choose one")
     specs = model_specs(args.checkpoint, args.models, args.model_name)
-    instance_id = check_instance_id(args.instance_id) if args.instance_id else default_instance_id(args.port)
+    instance_id = (check_instance_id(args.instance_id) if args.instance_id is not None  # "" is refused too
+                   else default_instance_id(args.port))
     log_config = tag_logs(instance_id, uvicorn.config.LOGGING_CONFIG)  # "[id] ..." on every line from here on
     drain = Drain(args.drain_timeout)
     limits = ConnectionLimits(max_connections=args.max_connections, header_timeout=args.header_timeout,
@@ -749,7 +750,7 @@ def main(argv: list[str]) -> int:
     sockets = [sock]
     if args.metrics_port is not None:
         try:
-            sockets.append(bind(args.host, args.metrics_port, backlog=BACKLOG))
+            sockets.append(bind(args.host, args.metrics_port, backlog=BACKLOG, flag="--metrics-port"))
         except Exception:
             sock.close()
             raise

@@ -186,7 +186,7 @@ class RateLimitFilter(logging.Filter):
         return True
 
 
-def bind(host: str, port: int, backlog: int) -> socket.socket:
+def bind(host: str, port: int, backlog: int, flag: str = "--port") -> socket.socket:
     """A listening socket on host:port, taken before the model loads, so a port in use is reported
     at once (ResourceBusyError) rather than after a load that may take minutes."""
     try:
@@ -206,10 +206,10 @@ def bind(host: str, port: int, backlog: int) -> socket.socket:
         sock.close()
         if e.errno == errno.EADDRINUSE:
             raise ResourceBusyError(f"{shown} is already in use by another process; stop it or choose "
-                                    "another --port") from None
+                                    f"another {flag}") from None
         if e.errno in (errno.EACCES, errno.EPERM):
             raise ClusterlmError(f"{shown}: permission denied (ports below 1024 need privileges); "
-                                 "choose --port 1024 or above") from None
+                                 f"choose {flag} 1024 or above") from None
         raise ClusterlmError(f"cannot listen on {shown}: {e.strerror}") from None
     sock.set_inheritable(True)
     return sock

@@ -176,7 +176,7 @@ def test_api_key_options_refused_with_a_clear_message(run, tmp_path, capsys, mon
     cases = [(["--api-key-file", str(key), "--api-key-env", "CLUSTERLM_TEST_KEY"], "choose one"),
              (["--api-key-env", "CLUSTERLM_NO_SUCH_VARIABLE"], "not set"),
              (["--api-key-env", "CLUSTERLM_TEST_EMPTY"], "empty"),
-             (["--instance-id", "bad id!"], "--instance-id")]
+             (["--instance-id", "bad id!"], "--instance-id"), (["--instance-id", ""], "--instance-id '' must be")]
     try:
         for extra, fragment in cases:
             assert cli(["serve", str(run), "--port", "1", *extra]) == EXIT_USAGE

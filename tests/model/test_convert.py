@@ -140,6 +140,7 @@ def test_export_then_convert_round_trip_every_tokenizer(tmp_path, kind):
     ("list", "holds a list, not a state dict"),
     ("mixed", "entry 'step' is a int, not a tensor"),
     ("truncated", "not a PyTorch state dict"),
+    ("truncated_data", "a truncated or damaged file?"),  # torch's reader says EINVAL: was exit 74, "free space"
 ])
 def test_trust_pickle_on_a_pickle_that_is_not_weights(tmp_path, payload, fragment):
     """Issue 12, failure 8: `convert --trust-pickle` on a pickle that is not weights ended in an
@@ -162,6 +163,10 @@ def test_trust_pickle_on_a_pickle_that_is_not_weights(tmp_path, payload, fragmen
         buf = io.BytesIO()
         torch.save({"w": torch.zeros(1000)}, buf)
         pk.write_bytes(buf.getvalue()[:500])
+    elif payload == "truncated_data":
+        buf = io.BytesIO()
+        torch.save(_llama().state_dict(), buf)
+        pk.write_bytes(buf.getvalue()[:5000])
     else:
         pk.write_bytes(payload)
     with pytest.raises(CheckpointError) as e:
@@ -189,3 +194,23 @@ def test_convert_refuses_weights_that_disagree_with_config_json(tmp_path):
     (src / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"config.json is not valid JSON"):
         main(["--from-hf", str(src), "--out", str(tmp_path / "run")])
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"num_attention_heads": 0}, "num_attention_heads=0 must be a whole number >= 1"),
+    ({"num_hidden_layers": 2.5}, "num_hidden_layers=2.5 must be a whole number >= 1"),
+    ({"hidden_size": "32"}, "hidden_size='32' must be a whole number >= 1"),
+    ({"max_position_embeddings": 10**12}, "at most 1,048,576"),
+    ({"rope_theta": "big"}, "rope_theta='big' must be a number > 0"),
+])
+def test_config_json_sizes_are_checked_before_use(change, fragment):
+    """A config.json with a zero, fractional or text size, or a context whose position tables could
+    not be allocated, is one ConfigError naming the key (it was a ZeroDivisionError or TypeError
+    traceback, or a checkpoint that no command could load)."""
+    from clusterlm.errors import ConfigError
+
+    hf = {"model_type": "llama", "vocab_size": 300, "hidden_size": 32, "intermediate_size": 64,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+    assert hf_to_config(hf).n_heads == 4 and hf_to_config(hf | {"rope_theta": None}).rope_theta == 10000.0
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace("?", r"\?")):
+        hf_to_config(hf | change)

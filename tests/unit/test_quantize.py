@@ -117,6 +117,8 @@ def test_quantize_rejects_bad_arguments():
         quantize_model(model, "int2")
     with pytest.raises(ValueError, match="32, 64, 128, 256"):
         quantize_model(model, "int4", group_size=100)
+    with pytest.raises(ValueError, match="32, 64, 128, 256"):
+        quantize_model(model, "int4", group_size=0)  # `--group-size 0` once fell back to 128 silently
 
 
 def test_quantization_metadata_has_its_own_file_and_old_checkpoints_still_load(tmp_path):
