@@ -77,7 +77,9 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, small_d
     with pytest.raises(OSError) as err:
         _steps(ckpt, model, opt, state, loader, 1)
     line = str(err.value)
-    assert "\n" not in line and "No space left on device" in line and ".step-00000002.partial-" in line, line
+    # named as the file of the step folder it would have been, not the hidden staging folder's
+    assert "\n" not in line and "No space left on device" in line and "checkpoints/step-00000002/" in line, line
+    assert ".partial-" not in line, line
     assert [p.name for p in step_folders(root)] == ["step-00000001"] and read_latest(root) == "step-00000001"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000001"]
     assert verify_checkpoint(root / "step-00000001") == []
