@@ -172,6 +172,33 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def _signal_once_running(proc: subprocess.Popen, started, settle: float, sig: signal.Signals,
+                         what: str) -> tuple[str, float, list[int]]:
+    """Wait (60 s at most) until `started()`, then `settle` seconds more, send `sig` to prepare and
+    give it 2 s to exit. Returns (its stderr, seconds from the signal to its exit, the child pids it
+    had when signalled); kills it if it is still running."""
+    try:
+        deadline = time.monotonic() + 60
+        while not started():
+            assert proc.poll() is None, f"prepare ended before {what} started: {proc.communicate()}"
+            assert time.monotonic() < deadline, f"{what} did not start within 60 s"
+            time.sleep(0.01)
+        time.sleep(settle)
+        assert proc.poll() is None, f"{what} ended before the signal: make the input larger"
+        kids = _children(proc.pid)
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        try:
+            _, err = proc.communicate(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"prepare still running 2 s after {sig.name}")
+        return err, time.monotonic() - t0, kids
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 @pytest.mark.parametrize("sig,workers", [(signal.SIGTERM, 2), (signal.SIGINT, 1)])
 def test_signal_during_bpe_training_ends_prepare_at_once(tmp_path: Path, sig: signal.Signals, workers: int) -> None:
     """Reference: the time of the signal, sent 0.3 s after the trainer started its Rust-only phase
@@ -187,26 +214,8 @@ def test_signal_during_bpe_training_ends_prepare_at_once(tmp_path: Path, sig: si
            "bpe", "--vocab-size", "300", "--workers", str(workers)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=_sigint_as_at_a_terminal)
-    try:
-        deadline = time.monotonic() + 60
-        while not marker.exists():
-            assert proc.poll() is None, f"prepare ended before training: {proc.communicate()}"
-            assert time.monotonic() < deadline, "training did not start within 60 s"
-            time.sleep(0.01)
-        time.sleep(0.3)
-        assert proc.poll() is None, "training ended before the signal: make the input larger"
-        kids = _children(proc.pid)  # the training child (and, with --workers 2, the helpers)
-        t0 = time.monotonic()
-        proc.send_signal(sig)
-        try:
-            _, err = proc.communicate(timeout=2.0)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"prepare still running 2 s after {sig.name}")
-        elapsed = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    # the training child (and, with --workers 2, the helpers) are among `kids`
+    err, elapsed, kids = _signal_once_running(proc, marker.exists, 0.3, sig, "training")
     assert proc.returncode == 130, err
     assert "interrupted" in err
     assert elapsed < 2.0
@@ -265,26 +274,9 @@ def test_signal_while_a_helper_encodes_ends_prepare_at_once(tmp_path: Path, sig:
            "--val-fraction", "0"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=_sigint_as_at_a_terminal)
-    try:
-        deadline = time.monotonic() + 60
-        while not list(tmp_path.glob(".data.*.partial")):
-            assert proc.poll() is None, f"prepare ended before it was interrupted: {proc.communicate()}"
-            assert time.monotonic() < deadline, "prepare did not start within 60 s"
-            time.sleep(0.01)
-        time.sleep(1.0)
-        assert proc.poll() is None, "prepare ended before the signal: make the input larger"
-        kids = _children(proc.pid)
-        t0 = time.monotonic()
-        proc.send_signal(sig)
-        try:
-            _, err = proc.communicate(timeout=2.0)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"prepare still running 2 s after {sig.name}")
-        assert time.monotonic() - t0 < 2.0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    err, elapsed, kids = _signal_once_running(proc, lambda: bool(list(tmp_path.glob(".data.*.partial"))), 1.0, sig,
+                                              "the tokenize pass")
+    assert elapsed < 2.0
     assert proc.returncode == 130, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "sample.txt", "tok.json"]
     deadline = time.monotonic() + 10
