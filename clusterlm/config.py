@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import difflib
 import math
+import os
 import sys
 import types
 import typing
@@ -586,6 +587,19 @@ def bundled_recipes() -> dict[str, Path]:
     """Recipes shipped inside the package (the repository's recipes/ folder), by stem."""
     folder = Path(__file__).parent / "recipes"
     return {p.stem: p for p in sorted(folder.glob("*.toml"))}
+
+
+def resolve_recipe(recipe: str | None) -> str | None:
+    """Absolute path of a recipe file or of a bundled recipe named by stem."""
+    if recipe is None:
+        return None
+    path = Path(recipe)
+    if path.is_file():
+        return os.path.abspath(path)  # as the user named it (symbolic links kept)
+    bundled = bundled_recipes()
+    if len(path.parts) == 1 and path.stem in bundled:
+        return os.path.abspath(bundled[path.stem])
+    raise FileNotFoundError(f"recipe {recipe} does not exist; bundled recipes: {', '.join(bundled)}")
 
 
 def load_tree(path: str | Path) -> dict[str, Any]:

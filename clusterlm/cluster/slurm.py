@@ -423,27 +423,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="one more #SBATCH option, repeatable (e.g. --sbatch-arg=--exclusive)")
 
 
-def resolve_recipe(recipe: str | None) -> str | None:
-    """Absolute path of a recipe file or of a bundled recipe named by stem."""
-    if recipe is None:
-        return None
-    from clusterlm.config import bundled_recipes
-
-    path = Path(recipe)
-    if path.is_file():
-        return os.path.abspath(path)  # as the user named it (symbolic links kept)
-    bundled = bundled_recipes()
-    if len(path.parts) == 1 and path.stem in bundled:
-        return os.path.abspath(bundled[path.stem])
-    raise FileNotFoundError(f"recipe {recipe} does not exist; bundled recipes: {', '.join(bundled)}")
-
-
 def submit(args: argparse.Namespace, overrides: list[str], run: Runner | None = None,
            env: Mapping[str, str] | None = None) -> int:
     """`clusterlm launch RECIPE --slurm ...`: validate, render, show, write, sbatch, record. Returns 0.
     `env` (default: this process's environment) gives SLURM_CONF and the registry's location."""
-    from clusterlm.config import load_run_config
+    from clusterlm.config import load_run_config, resolve_recipe
     from clusterlm.fsutil import atomic_write_text
+    from clusterlm.parallel.layout import check_layout
 
     recipe = resolve_recipe(args.recipe)
     cfg = load_run_config(recipe, overrides)  # bad overrides fail here, before anything is written
@@ -455,15 +441,14 @@ def submit(args: argparse.Namespace, overrides: list[str], run: Runner | None = 
                          cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition,
                          account=args.account, job_name=args.job_name, signal_seconds=args.signal_seconds,
                          extra=tuple(args.sbatch_arg), on_node_loss=getattr(args, "on_node_loss", None) or "requeue")
-    if opts.world_size != world:
-        raise ConfigError(f"--nodes={opts.nodes} x --ntasks-per-node={opts.ntasks_per_node} = {opts.world_size} tasks, "
-                          f"but the recipe's [parallel] layout needs dp_replicate*dp_shard*tp*pp = "
-                          f"{cfg.parallel.dp_replicate}*{cfg.parallel.dp_shard}*{cfg.parallel.tp}*{cfg.parallel.pp} = "
-                          f"{world}; change the task counts or set e.g. --parallel.dp_shard={opts.world_size}")
+    overrides = check_layout(args.recipe, overrides, opts.world_size, change="the task counts",
+                             counts=f"--nodes={opts.nodes} x --ntasks-per-node={opts.ntasks_per_node} = "
+                                    f"{opts.world_size} tasks")
+    cfg = load_run_config(recipe, overrides)
     if 0 < opts.min_nodes < opts.nodes and cfg.parallel.dp_replicate != opts.nodes:
         raise ConfigError(f"--min-nodes={opts.min_nodes}: an elastic job has one data-parallel replica per node, but "
                           f"dp_replicate={cfg.parallel.dp_replicate} != --nodes={opts.nodes}; set "
-                          f"--parallel.dp_replicate={opts.nodes} --parallel.dp_shard={world // opts.nodes}")
+                          f"--parallel.dp_replicate={opts.nodes} --parallel.dp_shard={opts.world_size // opts.nodes}")
     if opts.gpus_per_node and opts.ntasks_per_node != opts.gpus_per_node:
         log.warning("--ntasks-per-node=%d != --gpus-per-node=%d: clusterlm expects one task per GPU",
                     opts.ntasks_per_node, opts.gpus_per_node)

@@ -14,7 +14,6 @@ Backend: NCCL when CUDA is available, gloo otherwise.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import errno
 import logging
@@ -253,42 +252,6 @@ def run_torchrun(cmd: list[str], extra_env: Mapping[str, str] | None = None) -> 
     return code
 
 
-def check_layout(recipe: str | None, overrides: list[str], world: int) -> list[str]:
-    """The run's config and [parallel] layout checked for `world` processes before torchrun starts
-    (bad input then ends here with one line and exit 2, not once per rank after the spawn). A recipe
-    that names no layout (every size 1) on several processes gets data parallel replication (DDP):
-    --parallel.dp_replicate=WORLD is added to the returned overrides."""
-    import dataclasses
-
-    from clusterlm.cluster.slurm import resolve_recipe
-    from clusterlm.config import load_run_config
-    from clusterlm.errors import ConfigError
-    from clusterlm.parallel.parallelize import validate_layout
-
-    path = resolve_recipe(recipe)
-    cfg = load_run_config(path, overrides)
-    if cfg.parallel.world_size == 1 and world > 1:
-        overrides = [*overrides, f"--parallel.dp_replicate={world}"]
-        cfg = load_run_config(path, overrides)
-        log.info("no [parallel] layout for %d processes: data parallel replication (DDP), "
-                 "--parallel.dp_replicate=%d", world, world)
-    p = cfg.parallel
-    if p.world_size != world:
-        raise ConfigError(f"{world} processes, but the [parallel] layout needs dp_replicate*dp_shard*tp*pp = "
-                          f"{p.dp_replicate}*{p.dp_shard}*{p.tp}*{p.pp} = {p.world_size}; change --nproc-per-node or "
-                          f"the layout, e.g. --parallel.dp_shard={world} (FSDP) or --parallel.dp_replicate={world} (DDP)")
-    mcfg = cfg.model
-    if mcfg.vocab_size is None:  # from the prepared data when it is there; the trainer checks again
-        from clusterlm.data.shards import read_meta
-
-        with contextlib.suppress(Exception):
-            mcfg = dataclasses.replace(mcfg, vocab_size=int(read_meta(cfg.data.dir)["tokenizer"]["vocab_size"]))
-    if mcfg.vocab_size is not None:
-        tc = cfg.train
-        validate_layout(p, mcfg, world, tc.global_batch_tokens, tc.micro_batch_size, tc.seq_len)
-    return overrides
-
-
 def check_port_free(addr: str, port: int) -> None:
     """The rendezvous port must be free on this node: another job's store there would take this
     launch's workers into its own group (they wait silently, then fail with a stack dump)."""
@@ -345,6 +308,8 @@ def main(argv: list[str]) -> int:
         parser.error("--nproc-per-node and --nnodes must be >= 1")
     if not 0 < args.master_port < 65536:
         parser.error(f"--master-port={args.master_port} must be in 1..65535")
+    from clusterlm.parallel.layout import check_layout
+
     overrides = check_layout(args.recipe, overrides, args.nproc_per_node * args.nnodes)
     if args.nnodes == 1 and not args.dry_run:
         check_port_free(args.master_addr, args.master_port)

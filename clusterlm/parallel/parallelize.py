@@ -32,7 +32,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from clusterlm.models.config import TRANSFORMER_ARCHS, ModelConfig
+from clusterlm.models.config import ModelConfig
 from clusterlm.parallel.ac import apply_ac, clean_name
 from clusterlm.parallel.dims import ParallelDims
 from clusterlm.parallel.mesh import Coords
@@ -240,31 +240,6 @@ class ParallelModel:
         torch's fused AdamW kernel refuses mixed lists."""
         kinds = {isinstance(p, DTensor) for p in self.module.parameters()}
         return len(kinds) == 1
-
-
-def validate_layout(dims: ParallelDims, mcfg: ModelConfig, world_size: int, global_batch_tokens: int,
-                    micro_batch: int, seq_len: int) -> ParallelDims:
-    """ParallelDims.validate plus what this implementation supports; raises before any model is built."""
-    from clusterlm.errors import ConfigError
-
-    dims.validate(world_size, mcfg, global_batch_tokens, micro_batch, seq_len)
-    if mcfg.labels and (dims.tp > 1 or dims.pp > 1):
-        raise ConfigError(f"a classifier (model.labels) trains with data parallel only (DDP or FSDP): set "
-                          f"parallel.tp=1 and parallel.pp=1 (got {dims.describe()})")
-    attention = mcfg.arch in TRANSFORMER_ARCHS
-    if not attention and (dims.dp_shard > 1 or dims.tp > 1 or dims.pp > 1):
-        raise ConfigError(f"model.arch={mcfg.arch!r} trains with data parallel replication only (DDP): "
-                          f"set parallel.dp_replicate={world_size} and dp_shard=tp=pp=1 (got {dims.describe()})")
-    if not attention and dims.activation_checkpointing != "none":
-        raise ConfigError(f"activation checkpointing works on transformer blocks; model.arch={mcfg.arch!r}")
-    if mcfg.arch in ("encoder", "encdec") and dims.pp > 1:
-        # the stages would have to pass the encoder's output (and the source mask) to every decoder stage
-        raise ConfigError(f"parallel.pp={dims.pp}: pipeline parallel splits the decoder-only transformer only; "
-                          f"model.arch={mcfg.arch!r} trains with parallel.pp=1 (DDP, FSDP and TP work)")
-    if dims.pp > 1 and mcfg.tie_embeddings:
-        raise ConfigError(f"pp={dims.pp} with model.tie_embeddings=true: the tied embedding/output weight would "
-                          "live on the first and last stages; set model.tie_embeddings=false")
-    return dims
 
 
 def build_parallel_model(mcfg: ModelConfig, pc: ParallelDims, mesh: DeviceMesh | None, device: torch.device, *,

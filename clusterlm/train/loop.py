@@ -270,7 +270,7 @@ class Trainer:
         """The device; under torchrun/srun the process group first (after a layout check, so a wrong
         world size fails before any process group or model exists)."""
         from clusterlm.parallel.launch import init_distributed
-        from clusterlm.parallel.parallelize import validate_layout
+        from clusterlm.parallel.dims import validate_layout
 
         tc, env = cfg.train, self.env
         if not self.distributed:
@@ -289,7 +289,7 @@ class Trainer:
         size from its tokenizer, check the layout; returns the config with both filled in."""
         from clusterlm.data.shards import read_meta
         from clusterlm.parallel.agree import rank0_first
-        from clusterlm.parallel.parallelize import validate_layout
+        from clusterlm.parallel.dims import validate_layout
 
         tc = cfg.train
         self.base = None

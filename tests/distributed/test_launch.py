@@ -12,7 +12,7 @@ from clusterlm.errors import ConfigError
 from clusterlm.models.config import get_preset
 from clusterlm.cluster.slurm_text import expand_nodelist
 from clusterlm.parallel.launch import DistEnv, read_env, torchrun_command
-from clusterlm.parallel.parallelize import validate_layout
+from clusterlm.parallel.dims import validate_layout
 
 
 def test_expand_nodelist():
@@ -126,7 +126,8 @@ def test_launch_checks_the_layout_before_torchrun_and_defaults_to_ddp(tmp_path):
     import socket
 
     from clusterlm.errors import ResourceBusyError
-    from clusterlm.parallel.launch import check_layout, check_port_free
+    from clusterlm.parallel.launch import check_port_free
+    from clusterlm.parallel.layout import check_layout
 
     model = ["--model.preset=llama-nano", "--model.vocab_size=64"]
     assert check_layout(None, model, 2) == [*model, "--parallel.dp_replicate=2"]

@@ -78,7 +78,8 @@ def token_sum_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def build(pc: ParallelDims, mcfg: ModelConfig, micro_batch: int = B, seed: int = 0, loss_fn=None):
     from clusterlm.eval.metrics import lm_loss
     from clusterlm.parallel.mesh import build_mesh
-    from clusterlm.parallel.parallelize import build_parallel_model, validate_layout
+    from clusterlm.parallel.dims import validate_layout
+    from clusterlm.parallel.parallelize import build_parallel_model
 
     validate_layout(pc, mcfg, max(pc.world_size, 1), B * T, micro_batch, T)
     mesh = build_mesh(pc, "cpu") if pc.world_size > 1 else None
@@ -290,7 +291,7 @@ def test_dcp_checkpoint_across_layouts_and_one_process(two):
 def test_pipeline_parallel_is_refused():
     """pp > 1 for the encoder families is a ConfigError naming the option (no model is built)."""
     from clusterlm.errors import ConfigError
-    from clusterlm.parallel.parallelize import validate_layout
+    from clusterlm.parallel.dims import validate_layout
 
     for name in ("encdec", "encoder"):
         with pytest.raises(ConfigError, match=r"parallel.pp=2: pipeline parallel .* model.arch="):

@@ -269,7 +269,7 @@ def test_classifier_learns_a_separable_task(name):
 def test_refused_layouts():
     """tp > 1 or pp > 1 with a classifier: one ConfigError naming the layout."""
     from clusterlm.parallel.dims import ParallelDims
-    from clusterlm.parallel.parallelize import validate_layout
+    from clusterlm.parallel.dims import validate_layout
 
     cfg = configs()["gpt"]
     for dims in (ParallelDims(tp=2), ParallelDims(pp=2)):

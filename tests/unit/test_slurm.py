@@ -138,10 +138,20 @@ def _launch_args(*argv: str) -> tuple[argparse.Namespace, list[str]]:
 
 
 def test_world_size_must_match_the_recipe_layout(capsys):
-    """nodes * ntasks-per-node must equal the recipe's dp_replicate*dp_shard*tp*pp; the default task count
-    follows the layout (world / nodes)."""
+    """nodes * ntasks-per-node must equal the recipe's dp_replicate*dp_shard*tp*pp (checked as `launch`
+    checks it, before anything is queued); a recipe without a layout gets DDP over the tasks, the
+    default task count follows the layout (world / nodes), and a layout the model cannot take (tp not
+    dividing the heads) is refused here, not hours later on every rank of the allocation."""
+    args, ov = _launch_args(RECIPE, "--slurm", "--ntasks-per-node=2", "--dry-run", "--parallel.dp_shard=4")
+    with pytest.raises(ConfigError, match=r"--nodes=1 x --ntasks-per-node=2 = 2 tasks, but .* = 1\*4\*1\*1 = 4; "
+                                          r"change the task counts or .*--parallel.dp_shard=2"):
+        slurm.submit(args, ov)
     args, ov = _launch_args(RECIPE, "--slurm", "--ntasks-per-node=2", "--dry-run")
-    with pytest.raises(ConfigError, match=r"= 2 tasks, but .* = 1\*1\*1\*1 = 1; .*--parallel.dp_shard=2"):
+    assert slurm.submit(args, ov) == 0
+    assert f"train {RECIPE} --train.resume=auto --parallel.dp_replicate=2\n" in capsys.readouterr().out
+    args, ov = _launch_args(RECIPE, "--slurm", "--ntasks-per-node=3", "--dry-run", "--parallel.tp=3",
+                            "--model.vocab_size=65")
+    with pytest.raises(ConfigError, match="tp=3 must divide"):
         slurm.submit(args, ov)
     args, ov = _launch_args(RECIPE, "--slurm", "--nodes=2", "--dry-run", "--parallel.dp_replicate=2",
                             "--parallel.dp_shard=2")

@@ -1,0 +1,51 @@
+"""A run's [parallel] layout checked for a process count before any process starts.
+
+`clusterlm launch` (torchrun) and `clusterlm launch --slurm` (sbatch) both call `check_layout` with the
+number of processes they are about to start, so a layout the model or the batch cannot take ends in
+one line and exit 2 on the launching node, not in an error per rank after the spawn, or hours later
+when the queued job finally runs. Torch-free: a Slurm login node need not have torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def check_layout(recipe: str | None, overrides: list[str], world: int, *, counts: str | None = None,
+                 change: str = "--nproc-per-node") -> list[str]:
+    """The run's config and [parallel] layout checked for `world` processes before torchrun starts or
+    sbatch queues the job (bad input then ends here with one line and exit 2, not once per rank after
+    the spawn or hours later on the allocation). A recipe that names no layout (every size 1) on
+    several processes gets data parallel replication (DDP): --parallel.dp_replicate=WORLD is added to
+    the returned overrides. `counts` says where `world` came from in the error (default "N processes")
+    and `change` what to change instead of the layout."""
+    from clusterlm.config import load_run_config, resolve_recipe
+    from clusterlm.errors import ConfigError
+    from clusterlm.parallel.dims import validate_layout
+
+    path = resolve_recipe(recipe)
+    cfg = load_run_config(path, overrides)
+    if cfg.parallel.world_size == 1 and world > 1:
+        overrides = [*overrides, f"--parallel.dp_replicate={world}"]
+        cfg = load_run_config(path, overrides)
+        log.info("no [parallel] layout for %d processes: data parallel replication (DDP), "
+                 "--parallel.dp_replicate=%d", world, world)
+    p = cfg.parallel
+    if p.world_size != world:
+        raise ConfigError(f"{counts or f'{world} processes'}, but the [parallel] layout needs dp_replicate*dp_shard*tp*pp"
+                          f" = {p.dp_replicate}*{p.dp_shard}*{p.tp}*{p.pp} = {p.world_size}; change {change} or "
+                          f"the layout, e.g. --parallel.dp_shard={world} (FSDP) or --parallel.dp_replicate={world} (DDP)")
+    mcfg = cfg.model
+    if mcfg.vocab_size is None:  # from the prepared data when it is there; the trainer checks again
+        from clusterlm.data.shards import read_meta
+
+        with contextlib.suppress(Exception):
+            mcfg = dataclasses.replace(mcfg, vocab_size=int(read_meta(cfg.data.dir)["tokenizer"]["vocab_size"]))
+    if mcfg.vocab_size is not None:
+        tc = cfg.train
+        validate_layout(p, mcfg, world, tc.global_batch_tokens, tc.micro_batch_size, tc.seq_len)
+    return overrides
