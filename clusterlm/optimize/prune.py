@@ -5,9 +5,11 @@ removed, so the matrices really shrink), with an optional short recovery fine-tu
     clusterlm prune runs/shakespeare_char --sparsity 0.5 --method structured --finetune-steps 200 \\
         --out runs/sc_struct50
 
-magnitude: in every Linear weight of the blocks (wq wk wv wo w1 w2 w3), the fraction `sparsity`
-of entries with the smallest |w| (per matrix) is set to zero. Embeddings, norms, biases and the
-output projection (tied to the embedding in GPT-style models) are kept. The checkpoint stays dense
+magnitude: in every Linear weight of the blocks (wq wk wv wo w1 w2 w3), and in an LSTM/GRU in every
+layer's input-to-hidden and hidden-to-hidden matrix (weight_ih_l*, weight_hh_l*), the fraction
+`sparsity` of entries with the smallest |w| (per matrix) is set to zero. Embeddings, norms, biases
+and the output projection (tied to the embedding in GPT-style models) are kept. A model with no
+such matrix, or a sparsity that zeroes no entry, is refused before anything is written. The checkpoint stays dense
 (same size on disk, same speed): the zeros are a starting point for sparse kernels or compression.
 
 structured: ModelConfig has one n_heads and one hidden_dim for all layers, so the same number of
@@ -52,13 +54,36 @@ def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(_BLOCK_LINEARS)}
 
 
+def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The weight matrices magnitude pruning zeroes, by parameter name: the block Linears of a
+    Transformer (encoder, decoder) and the input-to-hidden and hidden-to-hidden matrices of every
+    LSTM/GRU layer (weight_ih_l*, weight_hh_l*: the recurrent model's counterpart of the blocks)."""
+    weights = {f"{n}.weight": m.weight for n, m in block_linears(model).items()}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.RNNBase):
+            prefix = f"{name}." if name else ""
+            weights.update({prefix + p: w for p, w in mod.named_parameters(recurse=False)
+                            if p.startswith(("weight_ih_l", "weight_hh_l"))})
+    return weights
+
+
 @torch.no_grad()
 def magnitude_prune(model: nn.Module, sparsity: float) -> dict[str, torch.Tensor]:
-    """Zero the smallest-|w| fraction of each block Linear weight in place; returns the keep masks."""
+    """Zero the smallest-|w| fraction of each prunable weight matrix in place; returns the keep masks
+    by parameter name. Refused when nothing would be zeroed: a checkpoint written as "pruned" that
+    equals its source is worse than an error."""
     _check_sparsity(sparsity)
+    weights = prunable_weights(model)
+    arch = getattr(getattr(model, "config", None), "arch", type(model).__name__)
+    if not weights:
+        raise ValueError(f"magnitude pruning found no weight matrix to prune in this model (arch {arch!r}); it "
+                         "prunes Transformer block Linears and LSTM/GRU recurrent weights")
+    if sparsity > 0 and all(round(sparsity * w.numel()) == 0 for w in weights.values()):
+        raise ValueError(f"sparsity={sparsity} zeroes no entry of any of the {len(weights)} weight matrices "
+                         f"(the largest has {max(w.numel() for w in weights.values())} entries); use a larger "
+                         "--sparsity")
     masks = {}
-    for name, lin in block_linears(model).items():
-        w = lin.weight
+    for name, w in weights.items():
         k = int(round(sparsity * w.numel()))  # entries to zero
         mask = torch.ones_like(w, dtype=torch.bool)
         if k > 0:
@@ -170,7 +195,7 @@ def finetune(model: nn.Module, run_cfg: object, steps: int, data_dir: str | Path
                          seed=tc.seed)
     oc = finetune_optim(run_cfg.optim, steps, lr)
     opt = build_optimizer(model, oc)
-    lin = block_linears(model)
+    params = dict(model.named_parameters())
     model.train()
     losses = []
     for step in range(steps):
@@ -185,7 +210,7 @@ def finetune(model: nn.Module, run_cfg: object, steps: int, data_dir: str | Path
         if masks:
             with torch.no_grad():
                 for name, mask in masks.items():
-                    lin[name].weight.mul_(mask)
+                    params[name].mul_(mask)
         losses.append(loss.item())
     model.eval()
     return losses

@@ -19,7 +19,7 @@ from clusterlm.data import shards
 from clusterlm.fsutil import sha256_file
 from clusterlm.models.build import build_model
 from clusterlm.models.config import ModelConfig
-from clusterlm.optimize.prune import block_linears, magnitude_prune, main, structured_prune
+from clusterlm.optimize.prune import block_linears, magnitude_prune, main, prunable_weights, structured_prune
 from clusterlm.tokenizer.kinds import make_tokenizer
 
 GPT = ModelConfig(vocab_size=64, n_layers=2, dim=32, n_heads=4, max_seq_len=32, bias=True)
@@ -40,9 +40,9 @@ def test_magnitude_zeroes_smallest_fraction():
     before = {n: m.weight.clone() for n, m in block_linears(model).items()}
     emb = model.tok_embeddings.weight.clone()
     masks = magnitude_prune(model, 0.5)
-    assert set(masks) == set(before) and len(masks) == 2 * 6
+    assert set(masks) == {f"{n}.weight" for n in before} and len(masks) == 2 * 6
     for name, lin in block_linears(model).items():
-        w0, m = before[name], masks[name]
+        w0, m = before[name], masks[f"{name}.weight"]
         assert int((~m).sum()) == round(0.5 * w0.numel())
         assert int((lin.weight == 0).sum()) >= round(0.5 * w0.numel())
         assert w0[~m].abs().max() <= w0[m].abs().min()
@@ -79,6 +79,39 @@ def test_structured_equals_masked_original(cfg):
     idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (pruned(idx) - masked(idx)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["lstm", "gru"])
+def test_magnitude_prunes_recurrent_weights(arch):
+    """An LSTM/GRU: each layer's weight_ih/weight_hh gets exactly round(S * numel) zeros (the
+    smallest |w|), so the logits change; the embedding (tied output) is untouched. Before the fix
+    nothing was pruned and the model came back unchanged."""
+    cfg = ModelConfig(arch=arch, vocab_size=64, n_layers=2, dim=16, max_seq_len=32, pos="none")
+    model = _model(cfg)
+    idx = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before_logits = model(idx)
+    before = {n: w.clone() for n, w in prunable_weights(model).items()}
+    emb = model.tok_embeddings.weight.clone()
+    masks = magnitude_prune(model, 0.5)
+    assert sorted(masks) == sorted(f"rnn.weight_{k}_l{i}" for k in ("ih", "hh") for i in range(2))
+    weights = dict(model.named_parameters())
+    for name, m in masks.items():
+        w0 = before[name]
+        assert int((~m).sum()) == round(0.5 * w0.numel()) and int((weights[name] == 0).sum()) >= int((~m).sum())
+        assert w0[~m].abs().max() <= w0[m].abs().min()
+    assert torch.equal(model.tok_embeddings.weight, emb)
+    with torch.no_grad():
+        assert (model(idx) - before_logits).abs().max().item() > 1e-3
+
+
+def test_magnitude_refuses_when_nothing_would_be_pruned():
+    """No prunable matrix, or a sparsity that rounds to zero entries everywhere: a clear ValueError
+    (the CLI's exit 2), not a "pruned" copy equal to its source."""
+    with pytest.raises(ValueError, match="no weight matrix to prune"):
+        magnitude_prune(torch.nn.Sequential(torch.nn.Embedding(8, 4)), 0.5)
+    with pytest.raises(ValueError, match="zeroes no entry"):
+        magnitude_prune(_model(GPT), 1e-6)
 
 
 def _data(path, n: int = 8192) -> None:
@@ -141,3 +174,25 @@ def test_finetune_schedule_warms_up_then_decays_to_the_runs_min_lr():
     assert finetune_optim(run, 200, 5e-5).min_lr == 5e-5
     with pytest.raises(ValueError, match="fine-tune lr"):
         finetune_optim(OptimConfig(lr=1e-3, min_lr=0.0), 10, None)
+
+
+def test_prune_cli_lstm_finetune_keeps_recurrent_zeros(tmp_path):
+    """`clusterlm prune` of an LSTM run with --finetune-steps: the written checkpoint has half of every
+    weight_ih/weight_hh zero (the masks survive AdamW), and the fine-tune lowers the loss."""
+    cfg = ModelConfig(arch="lstm", vocab_size=259, n_layers=2, dim=32, max_seq_len=32, pos="none")
+    _data(tmp_path / "data")
+    tok = make_tokenizer("byte")
+    tok.save(tmp_path / "tok.json")
+    run = RunConfig(model=cfg, train=TrainConfig(seq_len=32, micro_batch_size=8))
+    save_checkpoint(tmp_path / "run" / "checkpoints", 5, model_state=_model(cfg).state_dict(), optimizer_state=None,
+                    train_state={"step": 5}, config_toml=to_toml(run), tokenizer_path=tmp_path / "tok.json")
+    out = tmp_path / "pruned"
+    assert main([str(tmp_path / "run"), "--sparsity", "0.5", "--method", "magnitude", "--finetune-steps", "20",
+                 "--finetune-lr", "1e-2", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
+    loaded = load_for_inference(out)
+    weights = prunable_weights(loaded.model)
+    assert len(weights) == 4
+    for w in weights.values():
+        assert int((w == 0).sum()) >= w.numel() // 2
+    ts = json.loads(next((out / "checkpoints").glob("step-*/train_state.json")).read_text())
+    assert ts["pruning"]["finetune_last_loss"] < ts["pruning"]["finetune_first_loss"]
