@@ -8,8 +8,9 @@ Several models behind one endpoint: `clusterlm serve A name=B --models models.to
 `model` choosing one (serve/models.py; docs/serving.md, "Several models").
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (SSE with `stream: true`,
-ending in `data: [DONE]`), POST /classify (a classifier: serve/classify.py), GET /health (alive),
-GET /ready (503 until loaded and warmed up),
+ending in `data: [DONE]`), POST /classify (a classifier: serve/classify.py), POST /tokenize (a prompt's
+or chat's token count and the context, vLLM's route), GET /health (alive), GET /ready (503 until loaded
+and warmed up; both answer HEAD too, as some load balancers check with HEAD),
 GET /metrics (Prometheus), GET / (chat page). Every route needs `Authorization: Bearer KEY`
 except the allow-list: /health, /ready, and the static chat page (/ and /static/*, which hold no
 data). Limits and error codes: docs/serving.md. /v1/chat/completions and the chat page render the
@@ -40,8 +41,8 @@ from clusterlm.serve.classify import NOT_GENERATIVE, register_classify, start_cl
 from clusterlm.serve.guard import DRAIN_MESSAGE, DRAIN_ROUTES, Drain
 from clusterlm.serve.metrics import Metrics
 from clusterlm.serve.models import ModelSpec, Served
-from clusterlm.serve.schemas import (MAX_N, ChatRequest, CompletionRequest, error_body, new_id, now, usage,
-                                     validation_message)
+from clusterlm.serve.schemas import (MAX_N, ChatRequest, CompletionRequest, TokenizeRequest, error_body, new_id, now,
+                                     unsupported_part, usage, validation_message)
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,8 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        route = path if path in ("/v1/models", "/v1/completions", "/v1/chat/completions", "/classify", "/metrics",
-                                 "/health", "/ready", "/") else "other"
+        route = path if path in ("/v1/models", "/v1/completions", "/v1/chat/completions", "/classify", "/tokenize",
+                                 "/metrics", "/health", "/ready", "/") else "other"
         status_seen: list[int] = []
 
         async def send_counted(msg) -> None:  # noqa: ANN001
@@ -169,11 +170,11 @@ def _not_json(constant: str) -> None:
 
 
 async def _read_json(request: Request, model: type[BaseModel], limit: int,
-                     ranges: dict[str, str] | None = None) -> BaseModel:
+                     ranges: Callable[[object], dict[str, str]] | None = None) -> BaseModel:
     """Body -> validated model. 413 over `limit` bytes (counted as it arrives: chunked bodies too),
     400 for invalid UTF-8 or JSON (NaN/Infinity, an integer too long to convert, a lone surrogate
-    escape such as "\\ud800"), 422 for a schema violation naming the field and range (`ranges`:
-    the server's own ranges for max_tokens and n)."""
+    escape such as "\\ud800"), 422 for a schema violation naming the field and range (`ranges(name)`:
+    the own ranges for max_tokens and n of the model the body names)."""
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
@@ -190,7 +191,7 @@ async def _read_json(request: Request, model: type[BaseModel], limit: int,
         raise _Reject(_err(400, f"request body is not valid UTF-8 (byte {e.start})")) from None
     try:
         # ValueError: also an integer of over 4300 digits (CPython's int-conversion limit)
-        json.loads(text, parse_constant=_not_json)
+        raw = json.loads(text, parse_constant=_not_json)
     except (ValueError, RecursionError) as e:
         raise _Reject(_err(400, f"request body is not valid JSON: {str(e)[:120]}")) from None
     try:
@@ -201,7 +202,8 @@ async def _read_json(request: Request, model: type[BaseModel], limit: int,
             raise _Reject(_err(400, f"request body is not valid JSON text: {bad_json[0]['msg'][:120]} "
                                     "(unpaired surrogate escapes are not Unicode text; numbers must fit a "
                                     "64-bit float)")) from None
-        msg, param = validation_message(model, e, ranges)
+        name = raw.get("model") if isinstance(raw, dict) else None
+        msg, param = validation_message(model, e, ranges(name) if ranges is not None else None)
         raise _Reject(_err(422, msg, param=param)) from None
 
 
@@ -237,10 +239,16 @@ def create_app(load: Callable[..., object], settings: Settings,
     for spec in models:
         own = settings.for_model(spec)
         served[spec.name] = Served(spec, own, metrics.model(spec.name, own.max_batch, own.max_queue))
-    names = ", ".join(repr(n) for n in served)
-    # ranges that are the server's, shown in 422 messages for values below them (400 above them)
-    ranges = {"max_tokens": f"[1, {settings.max_new_tokens_limit}]", "n": f"[1, {min(MAX_N, settings.max_batch)}]",
-              "max_completion_tokens": f"[1, {settings.max_new_tokens_limit}]"}
+
+    def names() -> str:  # the models that answer (a model that failed to load is not among them)
+        return ", ".join(repr(n) for n, sv in served.items() if sv.error is None)
+
+    def ranges(name: object) -> dict[str, str]:
+        """The ranges shown in 422 messages for values below them (400 above them): the named model's
+        own limits (a models file may set them), else the first model's."""
+        sv = served.get(name) if isinstance(name, str) else None
+        return (sv or next(iter(served.values()))).ranges()
+
     status: dict[str, str] = {}  # "error": why /ready is 503 after every model failed
     ready = threading.Event()  # every model that loaded is ready (and at least one did)
 
@@ -331,10 +339,10 @@ def create_app(load: Callable[..., object], settings: Settings,
                 return next(iter(served.values()))
             if len(served) == 1:  # as when `model` was a required field of the schema
                 raise _Reject(_err(422, "model: Field required", param="model"))
-            raise _Reject(_err(400, f"model is required: this server serves {names}", param="model"))
+            raise _Reject(_err(400, f"model is required: this server serves {names()}", param="model"))
         sv = served.get(name)
         if sv is None:
-            raise _Reject(_err(404, f"model {name!r} is not served here; this server serves {names}",
+            raise _Reject(_err(404, f"model {name!r} is not served here; this server serves {names()}",
                                param="model", code="model_not_found"))
         if sv.error is not None:
             raise _Reject(_err(404, f"model {name!r} failed to load at start-up ({sv.error}); the others serve",
@@ -355,12 +363,12 @@ def create_app(load: Callable[..., object], settings: Settings,
                     headers=dict(exc.headers) if exc.headers else None,
                     type_="invalid_request_error" if exc.status_code < 500 else "server_error")
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict:
         failed = [sv.name for sv in served.values() if sv.error is not None]  # names only: this route has no key
         return {"status": "ok", **({"failed": failed} if failed else {})}
 
-    @app.get("/ready")
+    @app.api_route("/ready", methods=["GET", "HEAD"])
     async def ready_route() -> Response:
         if drain.requested:  # out of the load balancer's rotation at the next health check
             return _err(503, "draining: this replica is shutting down", type_="unavailable",
@@ -380,7 +388,7 @@ def create_app(load: Callable[..., object], settings: Settings,
         metrics.draining.set(drain.requested)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/")
+    @app.api_route("/", methods=["GET", "HEAD"])
     async def index() -> Response:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
@@ -398,20 +406,37 @@ def create_app(load: Callable[..., object], settings: Settings,
         return {"object": "list", "data": [sv.card() for sv in served.values() if sv.error is None],
                 **({"failed": failed} if failed else {})}
 
-    def _check(sv: Served, req: CompletionRequest | ChatRequest, prompt: str) -> tuple[list[int], SamplingParams]:
-        state, settings_ = sv.state, sv.settings
+    def _generative(sv: Served) -> None:
+        """503 while `sv` loads, 400 for a classifier (it answers /classify only)."""
         if not sv.ready.is_set():
             raise _Reject(_err(503, "the model is still loading", type_="unavailable", headers={"Retry-After": "1"}))
-        if "labels" in state:
+        if "labels" in sv.state:
             raise _Reject(_err(400, NOT_GENERATIVE, param="model"))
+
+    def _chat_prompt(sv: Served, messages: list) -> str:
+        """The prompt text of chat `messages` in the model's own template (or the plain one), as loaded;
+        text parts joined, developer = system. 400 for a non-text part or messages the template refuses."""
+        _generative(sv)
+        bad = unsupported_part(messages)
+        if bad is not None:
+            raise _Reject(_err(400, f"{bad[0]} is a content part of type {bad[1]!r}; this server reads text parts "
+                                    "only ({\"type\": \"text\", \"text\": ...})", param="messages"))
+        try:
+            return sv.state["chat"].render([{"role": m.template_role, "content": m.text} for m in messages])
+        except ValueError as e:  # the template refuses these messages (raise_exception, a role it lacks)
+            raise _Reject(_err(400, str(e), param="messages")) from None
+
+    def _check(sv: Served, req: CompletionRequest | ChatRequest, prompt: str) -> tuple[list[int], SamplingParams]:
+        state, settings_ = sv.state, sv.settings
+        _generative(sv)
         limit, n_limit = settings_.max_new_tokens_limit, min(MAX_N, settings_.max_batch)
         max_tokens, which = _max_tokens(req)
         if max_tokens is not None and max_tokens > limit:
             raise _Reject(_err(400, f"{which}={max_tokens} is out of range; allowed [1, {limit}] "
-                                    "(the server's --max-new-tokens-limit)", param=which))
+                                    f"({sv.source('max_new_tokens_limit')})", param=which))
         if req.n > n_limit:
             raise _Reject(_err(400, f"n={req.n} is out of range; allowed [1, {n_limit}] "
-                                    f"(min({MAX_N}, the server's --max-batch))", param="n"))
+                                    f"(min({MAX_N}, {sv.source('max_batch')}))", param="n"))
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError:
@@ -529,17 +554,8 @@ def create_app(load: Callable[..., object], settings: Settings,
     async def chat_completions(request: Request) -> Response:
         req = await _read_json(request, ChatRequest, settings.max_body_bytes, ranges)
         sv = _pick(req.model)
-        fmt = sv.state.get("chat")
-        if fmt is None:  # still loading (503) or a classifier (400): _check answers
-            _check(sv, req, "")
-        bad = req.unsupported_part()
-        if bad is not None:
-            raise _Reject(_err(400, f"{bad[0]} is a content part of type {bad[1]!r}; this server reads text parts "
-                                    "only ({\"type\": \"text\", \"text\": ...})", param="messages"))
-        try:  # the model's own template (or the plain one), as loaded; text parts joined, developer = system
-            prompt = fmt.render([{"role": m.template_role, "content": m.text} for m in req.messages])
-        except ValueError as e:  # the template refuses these messages (raise_exception, a role it lacks)
-            raise _Reject(_err(400, str(e), param="messages")) from None
+        prompt = _chat_prompt(sv, req.messages)
+        fmt = sv.state["chat"]
         ids, params = _check(sv, req, prompt)
         # the template's turn marker: a stop string (plain template) or its end-of-turn token id
         stops = tuple(req.stops) + tuple(fmt.stop_strings[:max(0, 4 - len(req.stops))])
@@ -547,6 +563,17 @@ def create_app(load: Callable[..., object], settings: Settings,
                                 seed=params.seed, stops=stops, stop_ids=fmt.stop_ids, logprobs=params.logprobs)
         inc = bool(req.stream_options and req.stream_options.include_usage)
         return await _run(sv, request, ids, params, req.n, True, req.stream, inc)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        """vLLM's /tokenize: the ids the model would be given for a prompt or chat messages (the
+        leading EOS included, as `usage.prompt_tokens` counts them) and its context (max_model_len)."""
+        req = await _read_json(request, TokenizeRequest, settings.max_body_bytes)
+        sv = _pick(req.model)
+        text = _chat_prompt(sv, req.messages) if req.messages is not None else req.prompt
+        _generative(sv)
+        ids = prompt_ids(sv.state["tokenizer"], text, None, 0)
+        return {"count": len(ids), "max_model_len": sv.state["context"], "tokens": ids}
 
     # POST /classify: serve/classify.py
     register_classify(app, lambda name: _pick(name, optional=True), settings.max_body_bytes, _read_json, _err)

@@ -8,7 +8,9 @@
 A token's `bytes` are the UTF-8 bytes it adds to the text (a byte tokenizer's id is one byte, possibly
 part of a character), and `token` is those bytes decoded with U+FFFD for an incomplete character, so
 concatenating `bytes` over a reply gives its text exactly. Special tokens (EOS, a chat template's
-tokens) add no text: `token` is their name ("<|eos|>") and `bytes` is null. Shapes:
+tokens) add no text: `token` is their name ("<|eos|>") and `bytes` is null. In the legacy completions
+shape, which has no `bytes`, a token that is not whole characters is named "bytes:\\xNN..." (OpenAI's
+form), so distinct tokens stay distinct keys of `top_logprobs`. Shapes:
 openai.types.chat.ChatCompletionTokenLogprob and openai.types.completion_choice.Logprobs.
 """
 
@@ -82,29 +84,49 @@ def chat_logprobs(names: TokenNames, triples: list[TokenLogprob]) -> dict:
                         for i, lp, top in triples], "refusal": None}
 
 
+def legacy_name(token: str, b: bytes | None) -> str:
+    """A token's name in the legacy completions shape, where names are the keys of `top_logprobs`:
+    bytes that are not whole UTF-8 characters are written as OpenAI writes them, "bytes:\\xe2\\x80"
+    (every such byte token would otherwise be "\ufffd", and the dict would keep one of them)."""
+    if b is None:
+        return token
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{x:02x}" for x in b)
+
+
 class CompletionLogprobs:
     """A completion choice's `logprobs` in the legacy shape, chunk by chunk: text_offset is the
     character offset in the completion's text where each token's bytes start to count (a token that
-    completes no character shares the offset of the next character)."""
+    completes no character shares the offset of the next character; a token after an incomplete
+    character that it breaks starts after that character's U+FFFD)."""
 
     def __init__(self, names: TokenNames) -> None:
         self.names = names
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.chars = 0
 
+    def _name(self, i: int) -> str:
+        return legacy_name(*self.names(i))
+
     def chunk(self, triples: list[TokenLogprob]) -> dict:
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for i, lp, top in triples:
-            token, b = self.names(i)
+            token, b = self._name(i), self.names(i)[1]
             out["tokens"].append(token)
             out["token_logprobs"].append(lp)
             # OpenAI: the `logprobs` most likely tokens and the sampled one (so up to logprobs + 1)
-            alts = {self.names(j)[0]: v for j, v in top}
-            alts.setdefault(token, lp)
+            alts = {self._name(j): v for j, v in top}
+            alts[token] = lp
             out["top_logprobs"].append(alts)
-            out["text_offset"].append(self.chars)
+            offset = self.chars
             if b:
+                pending = self._utf8.getstate()[0]  # the bytes of an incomplete character held back
+                if pending and not 0x80 <= b[0] <= 0xBF:  # not a continuation: that character becomes U+FFFD
+                    offset += len(pending.decode("utf-8", errors="replace"))
                 self.chars += len(self._utf8.decode(b))
+            out["text_offset"].append(offset)
         return out
 
     @staticmethod

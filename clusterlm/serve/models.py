@@ -282,6 +282,21 @@ class Served:
             self.memory["shared_base_bytes"] = tensor_bytes(model.__dict__["_shared_base"])
         self.metrics.set_memory(self.memory["parameter_bytes"], self.memory["kv_cache_bytes"])
 
+    def source(self, field: str) -> str:
+        """Where this model's limit `field` (max_batch, max_new_tokens_limit) comes from, for messages:
+        the models file when it gives one for this model, else the server's command-line flag."""
+        if getattr(self.spec, field) is not None:
+            return f"model {self.name!r}'s {field} in the models file"
+        return "the server's --" + field.replace("_", "-")
+
+    def ranges(self) -> dict[str, str]:
+        """This model's own ranges for the fields whose bounds are the server's (422 messages)."""
+        from clusterlm.serve.schemas import MAX_N
+
+        limit = f"[1, {self.settings.max_new_tokens_limit}]"
+        return {"max_tokens": limit, "max_completion_tokens": limit,
+                "n": f"[1, {min(MAX_N, self.settings.max_batch)}]"}
+
     def card(self) -> dict:
         """The model's /v1/models entry. max_model_len (vLLM's name): the context in tokens, so a client
         (the chat page) can trim history; labels: a classifier's, in the order of its `probs`."""

@@ -8,8 +8,9 @@ are checked by the app and answered 400 naming the server's range, however large
 
 Unknown-field policy: a field this server does not know is REJECTED (422 naming it), so a client
 never believes an option took effect when it did not. Fields OpenAI defines that have no effect
-here are accepted only at their neutral value: `user` (any string, ignored), `stream_options`
-(`include_usage`), `presence_penalty`/`frequency_penalty` (0 only).
+here are accepted only at their neutral value: `user` (any string, ignored), a message's `name`
+(ignored: the chat templates here have no participant names), `presence_penalty`/`frequency_penalty`
+(0 only). `stream_options` (`include_usage`) needs `stream: true`, as OpenAI answers.
 
 Newer OpenAI forms (docs/serving.md, "OpenAI compatibility"): chat's `max_completion_tokens` (the
 newer name of `max_tokens`; both given must agree), message `content` as a list of text parts
@@ -63,6 +64,12 @@ class _Sampling(_Strict):
     presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
     frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
 
+    @model_validator(mode="after")
+    def _stream_options(self) -> _Sampling:
+        if self.stream_options is not None and not self.stream:  # as OpenAI answers: it would do nothing
+            raise ValueError("stream_options is only allowed with stream: true")
+        return self
+
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> list[str] | None:
@@ -95,7 +102,7 @@ class CompletionRequest(_Sampling):
 
 class ContentPart(BaseModel):
     """One part of a message's `content` list. Only `{"type": "text", "text": ...}` is read; any other
-    type is let through here so that the app can answer 400 naming it (`ChatRequest.unsupported_part`)."""
+    type is let through here so that the app can answer 400 naming it (`unsupported_part`)."""
 
     model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
     type: str = Field(max_length=64)
@@ -151,15 +158,33 @@ class ChatRequest(_Sampling):
             raise ValueError("top_logprobs needs logprobs: true")
         return self
 
-    def unsupported_part(self) -> tuple[str, str] | None:
-        """(where, type) of the first content part that is not text, e.g. ("messages[0].content[1]",
-        "image_url"); None when every part is text."""
-        for i, m in enumerate(self.messages):
-            if isinstance(m.content, list):
-                for j, p in enumerate(m.content):
-                    if p.type != "text":
-                        return f"messages[{i}].content[{j}]", p.type
-        return None
+
+def unsupported_part(messages: list[ChatMessage]) -> tuple[str, str] | None:
+    """(where, type) of the first content part that is not text, e.g. ("messages[0].content[1]",
+    "image_url"); None when every part is text."""
+    for i, m in enumerate(messages):
+        if isinstance(m.content, list):
+            for j, p in enumerate(m.content):
+                if p.type != "text":
+                    return f"messages[{i}].content[{j}]", p.type
+    return None
+
+
+class TokenizeRequest(_Strict):
+    """POST /tokenize, vLLM's route: a `prompt` (as /v1/completions reads it) or chat `messages` (as
+    /v1/chat/completions renders them with the model's template), exactly one of the two. The answer
+    counts the tokens the model would be given, the leading EOS included, so that a client (the chat
+    page) fits a conversation into the context exactly instead of guessing from characters."""
+
+    model: str | None = Field(default=None, max_length=256)
+    prompt: str | None = Field(default=None, max_length=1_000_000)
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=MAX_MESSAGES)
+
+    @model_validator(mode="after")
+    def _one(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
 
 
 class ClassifyRequest(_Strict):
@@ -240,7 +265,7 @@ def validation_message(model: type[BaseModel], err: ValidationError,
             msg = "unknown field (this server rejects fields it does not implement; see docs/serving.md)"
         top = str(e["loc"][0]) if e["loc"] else ""
         rng = (ranges or {}).get(top) or (_range_of(model, top) if top else None)
-        if rng is not None:
+        if rng is not None and e["type"] != "extra_forbidden":  # no range for a field that is not there
             msg += f" (allowed range {rng})"
         got = e.get("input")
         got_s = repr(got)[:60] if not isinstance(got, (dict, list)) else type(got).__name__

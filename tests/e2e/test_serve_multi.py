@@ -65,7 +65,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def server(runs, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
-    (tmp / "models.toml").write_text(f'[[model]]\nname = "bpe"\npath = "{runs["bpe"]}"\nmax_batch = 2\n')
+    (tmp / "models.toml").write_text(f'[[model]]\nname = "bpe"\npath = "{runs["bpe"]}"\nmax_batch = 2\n'
+                                    'max_new_tokens_limit = 16\n')
     port = _free_port()
     log_path = tmp / "serve.log"
     with open(log_path, "w") as log:
@@ -152,14 +153,53 @@ def test_unknown_model_404_and_omitted_model_400(server):
         _client(url).chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
     err = e.value.body
     assert err["code"] == "model_not_found" and err["param"] == "model"
-    assert "'gpt-4' is not served here" in err["message"] and "'byte', 'bad', 'tuned', 'bpe'" in err["message"]
+    assert "'gpt-4' is not served here" in err["message"] and "serves 'byte', 'tuned', 'bpe'" in err["message"]
     h = {"Authorization": f"Bearer {KEY}"}
     for path, body in (("/v1/completions", {"prompt": "x", "max_tokens": 2}), ("/classify", {"input": "x"})):
         r = httpx.post(url + path, json=body, headers=h, timeout=10)
         assert r.status_code == 400, r.text
-        assert r.json()["error"]["message"] == "model is required: this server serves 'byte', 'bad', 'tuned', 'bpe'"
+        assert r.json()["error"]["message"] == "model is required: this server serves 'byte', 'tuned', 'bpe'"
     r = httpx.post(url + "/classify", json={"model": "bpe", "input": "x"}, headers=h, timeout=10)
     assert r.status_code == 400 and "not a classifier" in r.json()["error"]["message"]
+
+
+def test_each_model_s_limits_in_messages_and_tokenize(server):
+    """422 and 400 messages give the named model's own ranges and say where the limit comes from (bpe's
+    max_new_tokens_limit 16 and max_batch 2 from the models file, byte's from the flags); an unknown
+    field has no range; /tokenize counts a chat's tokens (leading EOS included) as the completion's
+    usage does and gives the context; HEAD /health and /ready answer 200 (load balancers check so)."""
+    url, _ = server
+    h = {"Authorization": f"Bearer {KEY}"}
+
+    def err(path: str, body: dict) -> tuple[int, str]:
+        r = httpx.post(url + path, json=body, headers=h, timeout=10)
+        return r.status_code, r.json()["error"]["message"]
+
+    assert err("/v1/completions", {"model": "bpe", "prompt": "x", "max_tokens": 0}) == (
+        422, "max_tokens: Input should be greater than or equal to 1 (allowed range [1, 16]); got 0")
+    assert err("/v1/completions", {"model": "byte", "prompt": "x", "max_tokens": 0})[1].endswith("[1, 64]); got 0")
+    assert err("/v1/completions", {"model": "bpe", "prompt": "x", "n": 0})[1].endswith("(allowed range [1, 2]); got 0")
+    assert err("/v1/completions", {"model": "bpe", "prompt": "x", "max_tokens": 17}) == (
+        400, "max_tokens=17 is out of range; allowed [1, 16] (model 'bpe''s max_new_tokens_limit in the models file)")
+    assert err("/v1/completions", {"model": "byte", "prompt": "x", "max_tokens": 65})[1].endswith(
+        "(the server's --max-new-tokens-limit)")
+    status, msg = err("/v1/completions", {"model": "bpe", "prompt": "x", "max_completion_tokens": 3})
+    assert status == 422 and "unknown field" in msg and "range" not in msg
+    status, msg = err("/v1/completions", {"model": "bpe", "prompt": "x", "stream_options": {"include_usage": True}})
+    assert status == 422 and "stream_options is only allowed with stream: true" in msg
+
+    msgs = [{"role": "user", "content": "Line 1"}]
+    r = httpx.post(url + "/tokenize", json={"model": "tuned", "messages": msgs}, headers=h, timeout=10)
+    assert r.status_code == 200, r.text
+    tok = r.json()
+    done = _client(url).chat.completions.create(model="tuned", messages=msgs, max_tokens=1)
+    assert tok["count"] == len(tok["tokens"]) == done.usage.prompt_tokens and tok["max_model_len"] == CONTEXT
+    r = httpx.post(url + "/tokenize", json={"model": "byte", "prompt": "ab"}, headers=h, timeout=10)
+    assert r.json()["count"] == 3  # EOS + two bytes
+    assert err("/tokenize", {"model": "byte"}) == (422, "body: Value error, give exactly one of prompt or messages; "
+                                                        "got dict")
+    for path in ("/health", "/ready"):
+        assert httpx.head(url + path, timeout=10).status_code == 200
 
 
 def test_memory_is_reported_per_model(server, runs):

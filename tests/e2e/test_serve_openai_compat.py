@@ -222,6 +222,24 @@ def test_completion_logprobs(client, run):
     assert "[0, 5]" in str(e.value)
 
 
+def test_completion_logprobs_of_partial_characters(run):
+    """Byte tokens that are parts of characters: in the legacy shape each is named "bytes:\\xNN" (as
+    OpenAI does), so that k alternatives are k distinct keys and the sampled token's value is its own
+    (every such token was "\ufffd" before: the dict kept one entry, with another token's logprob); and
+    a token after an incomplete character it breaks starts after that character's U+FFFD."""
+    from clusterlm.checkpoint.model_io import load_for_inference
+    from clusterlm.serve.logprobs import CompletionLogprobs, TokenNames
+
+    acc = CompletionLogprobs(TokenNames(load_for_inference(run).tokenizer))
+    out = acc.chunk([(0xE2, -5.7, [(ord("i"), -5.0), (0xF0, -5.2), (0x9F, -5.3)]),  # sampled: not in the top 3
+                     (ord("H"), -5.1, [(0x80, -5.29), (ord("H"), -5.1)]),
+                     (0xC3, -1.0, []), (0xA9, -0.5, [])])  # "é" in two tokens: both at its offset
+    assert out["tokens"] == ["bytes:\\xe2", "H", "bytes:\\xc3", "bytes:\\xa9"]
+    assert out["top_logprobs"][0] == {"i": -5.0, "bytes:\\xf0": -5.2, "bytes:\\x9f": -5.3, "bytes:\\xe2": -5.7}
+    assert out["top_logprobs"][1] == {"bytes:\\x80": -5.29, "H": -5.1}
+    assert out["text_offset"] == [0, 1, 2, 2]  # the text is "\ufffdHé"
+
+
 def test_unsupported_fields_still_rejected(server):
     """The documented unknown-field policy holds for what is still not implemented: 422 naming it."""
     for path, extra in (("/v1/chat/completions", {"tools": []}), ("/v1/chat/completions", {"logit_bias": {"1": 2}}),
