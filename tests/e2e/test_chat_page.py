@@ -176,19 +176,27 @@ def test_chat_page(server, tmp_path):
             assert sent["messages"][1]["role"] == "user" and sent["messages"][-1] == {"role": "user", "content": text}
             assert len(sent["messages"]) < 2 * i  # not the whole history (system + 2 (i - 1) + 1 messages)
         notes = dt.eval("[...document.querySelectorAll('#log .note')].map(n => n.textContent)")
-        assert notes and all("left out to fit the model's 64-token context" in n for n in notes), notes
+        trims = [n for n in notes if "left out" in n]
+        assert trims and all("left out to fit the model's 64-token context" in n for n in trims), notes
         assert dt.eval("document.querySelectorAll('#log .left-out').length") >= 2
         after = server.metrics()
         assert after[CHAT_200] - before.get(CHAT_200, 0) == 2
 
-        # the estimate made wrong on purpose: the page sends too much, gets 400 'too long', trims, retries
-        dt.eval("tokensPerChar = 0.01; true")
+        # trimmed exactly (POST /tokenize): the prompt sent leaves the reserved 12 tokens for the reply
+        count = httpx.post(server.url + "/tokenize", json={"model": "tiny", "messages": sent["messages"]},
+                           headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()["count"]
+        assert count + 12 <= 64, (count, sent)
+
+        # without /tokenize (a server or proxy that lacks it) and with the estimate made wrong on purpose:
+        # the page sends too much, gets 400 'too long', trims, retries
+        dt.eval("exactCounts = false; tokensPerChar = 0.01; true")
         _send(dt, "Ok.")
         _wait(dt, "(document.getElementById('reply-4') || {dataset: {}}).dataset.done === '1'", "no reply 4")
         _idle(dt)
         again = server.metrics()
         assert again.get(CHAT_400, 0) - after.get(CHAT_400, 0) >= 1
         assert again[CHAT_200] - after[CHAT_200] == 1
+        dt.eval("exactCounts = true; true")
 
         # Stop mid-reply: the fetch is aborted, the server notices and frees the slot
         Knobs.delay, Knobs.endless = 0.15, True  # ~30 tokens to the context's end: >= 4.5 s, stopped first
@@ -263,3 +271,70 @@ def test_chat_page(server, tmp_path):
         Knobs.delay, Knobs.fail_in, Knobs.endless = 0.0, None, False
         dt.close()
     assert not [k for k in server.metrics() if 'status="5' in k and "/ready" not in k]  # no 5xx answered
+
+
+def test_chat_page_edges(server, tmp_path):
+    """What a user found by hand: Stop before the first token leaves no unanswered message in the
+    history (a template that needs alternating roles would refuse every later turn); a message
+    refused with 400 after a good turn is greyed like the first; a key a browser cannot send (curly
+    quotes from a paste) is named instead of failing silently; a page that listed the model while it
+    was loading (no context yet) learns the context from /tokenize and never says "null-token"; a
+    reply cut at max tokens says so."""
+    dt = _browser(tmp_path)
+    h = {"Authorization": f"Bearer {KEY}"}
+    try:
+        _open(dt, server.url + "/")
+        dt.eval("document.getElementById('key').focus(); true")
+        dt.call("Input.insertText", {"text": "\u201c" + KEY + "\u201d"})
+        _send(dt, "Hi")
+        _wait(dt, "[...document.querySelectorAll('#log .error')].some(e => e.textContent.includes('curly quotes'))",
+              "an unsendable key was not named")
+        _idle(dt)
+        dt.eval(f"document.getElementById('key').value = {KEY!r}; sessionStorage.clear(); true")
+        dt.eval("document.getElementById('log').innerHTML = ''; document.getElementById('msg').value = ''; true")
+        dt.eval("document.getElementById('max').value = '8'; document.getElementById('temp').value = '0'; true")
+
+        # as if listed while loading: no context known; the first send learns it
+        _send(dt, "Hi")
+        _wait(dt, "(document.getElementById('reply-1') || {dataset: {}}).dataset.done === '1'", "no reply 1")
+        _idle(dt)
+        dt.eval("context = null; document.getElementById('model').selectedOptions[0].dataset.context = ''; "
+                "document.getElementById('ctx').textContent = ''; true")
+        for i in (2, 3):
+            _send(dt, "Tell me more about it")
+            _wait(dt, f"(document.getElementById('reply-{i}') || {{dataset: {{}}}}).dataset.done === '1'", f"no reply {i}")
+            _idle(dt)
+        assert dt.eval("context") == 64 and "64 tokens" in dt.eval("document.getElementById('ctx').textContent")
+        assert "null" not in dt.eval(LOG_TEXT)
+        assert dt.eval("document.getElementById('reply-3').dataset.cut") == "1"  # 8 tokens, no EOS: cut
+        assert "the reply was cut off: it reached max tokens (8)" in dt.eval(LOG_TEXT)
+
+        # Stop before the first token: nothing of that exchange stays in the history
+        n_turns = dt.eval("turns.length")
+        Knobs.delay = 1.5
+        _send(dt, "Slow?")
+        _wait(dt, "!!document.getElementById('reply-4')", "the reply did not start")
+        dt.eval("document.getElementById('stop').click(); true")
+        _idle(dt)
+        Knobs.delay = 0.0
+        assert dt.eval("document.getElementById('reply-4').dataset.stopped") == "1"
+        assert dt.eval("turns.length") == n_turns and "stopped before the reply started" in dt.eval(LOG_TEXT)
+        assert dt.eval("[...document.querySelectorAll('#log .user')].pop().classList.contains('left-out')")
+        _send(dt, "Again")
+        _wait(dt, "(document.getElementById('reply-5') || {dataset: {}}).dataset.done === '1'", "no reply 5")
+        _idle(dt)
+        roles = [m["role"] for m in dt.eval("lastSent")["messages"]]
+        assert all(a != b for a, b in zip(roles, roles[1:])), roles  # user and assistant alternate
+
+        # a 400 after good turns: the refused message is greyed and not sent again
+        dt.eval("document.getElementById('max').value = '100'; true")  # over the server's limit of 64
+        _send(dt, "Too much")
+        _wait(dt, "[...document.querySelectorAll('#log .error')].some(e => e.textContent.includes('max_tokens=100'))",
+              "the 400 was not shown")
+        _idle(dt)
+        assert dt.eval("[...document.querySelectorAll('#log .user')].pop().classList.contains('left-out')")
+        assert dt.eval("turns.every(t => t.content !== 'Too much')")
+    finally:
+        Knobs.delay, Knobs.fail_in, Knobs.endless = 0.0, None, False
+        dt.close()
+    assert httpx.get(server.url + "/v1/models", headers=h, timeout=10).status_code == 200
