@@ -21,7 +21,9 @@ channel c, |w1_c| * |w2[:, c]| (times |w3_c| for SwiGLU). The new n_heads, n_kv_
 (unchanged Hd, which no longer equals dim / n_heads) and ffn_dim are written to the config.
 
 Fine-tune (--finetune-steps N): AdamW (clusterlm.train.optim.build_optimizer with the run's
-[optim] section) on the run's training data (or --data DIR), the learning rate warmed up over the
+[optim] section) on the run's training data (or --data DIR) with the model's own objective (next
+token; an encoder's masked LM; an encoder-decoder's source/target pairs or span corruption), the
+learning rate warmed up over the
 first 10% of the steps to --finetune-lr, then cosine-decayed to the run's min_lr (a trained model
 sits at the end of its schedule: its peak lr undoes more than the pruning took away); magnitude
 masks are re-applied after each step so pruned weights stay zero.
@@ -181,18 +183,69 @@ def finetune_optim(optim_cfg: object, steps: int, lr: float | None) -> object:
                                warmup_steps=max(1, steps // 10), decay_steps=0)
 
 
+def finetune_objective(run_cfg: object) -> str:
+    """The loss a recovery fine-tune trains: the run's own objective (mlm, span, seq2seq), else the
+    one the architecture trains with (an encoder masked LM, an encoder-decoder pairs), else next-token
+    "lm". A bidirectional encoder given the next-token loss sees its targets and learns to copy them:
+    its masked-LM loss gets worse while the fine-tune loss falls."""
+    from clusterlm.finetune.objectives import OBJECTIVES
+
+    task = run_cfg.finetune.task
+    if task in OBJECTIVES:
+        return task
+    return {"encoder": "mlm", "encdec": "seq2seq"}.get(run_cfg.model.arch, "lm")
+
+
+def check_finetune_data(data: Path, objective: str) -> dict:
+    """`data` must be a prepared directory of the kind `objective` reads: source/target pairs for
+    seq2seq, token shards for the others; returns its meta. A DataError naming both otherwise."""
+    from clusterlm.data.shards import read_meta
+    from clusterlm.errors import DataError
+
+    if not (data / "meta.json").is_file():
+        raise DataError(f"fine-tune data {data} has no meta.json; pass --data DIR (a `clusterlm prepare` output)")
+    meta = read_meta(data)
+    held = f"examples of task {meta.get('task')!r}" if meta.get("layout") == "examples" else "token shards"
+    if objective == "seq2seq" and meta.get("task") != "seq2seq":
+        raise DataError(f"fine-tuning an encoder-decoder reads source/target pairs, but {data} holds {held}; pass "
+                        "--data DIR of pairs prepared for a finetune.task='seq2seq' run (e.g. the run's data.dir)")
+    if objective != "seq2seq" and meta.get("layout") == "examples":
+        raise DataError(f"the {objective} fine-tune reads token shards, but {data} holds {held}; pass --data DIR "
+                        "made by `clusterlm prepare` with the checkpoint's tokenizer")
+    return meta
+
+
+def _train_batches(run_cfg: object, objective: str, data_dir: Path, tokenizer_file: Path | None) -> object:
+    """The training loader of `objective` on data_dir's train split (run_cfg.train: batch, seq_len, seed)."""
+    tc = run_cfg.train
+    if objective == "lm":
+        from clusterlm.data.loader import TokenLoader
+
+        return TokenLoader(data_dir, "train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len, seed=tc.seed)
+    from clusterlm.data.mlm import MASK
+    from clusterlm.finetune.objectives import train_loader
+    from clusterlm.tokenizer import load_tokenizer
+
+    if objective == "mlm" and (tokenizer_file is None or load_tokenizer(tokenizer_file).token_id(MASK) is None):
+        raise ValueError(f"the masked-LM fine-tune needs the checkpoint's tokenizer to have {MASK}; it has none")
+    cfg = dataclasses.replace(run_cfg, finetune=dataclasses.replace(run_cfg.finetune, task=objective))
+    return train_loader(cfg, data_dir, tokenizer_file, rank=0, world=1)
+
+
 def finetune(model: nn.Module, run_cfg: object, steps: int, data_dir: str | Path, *, batch_size: int | None = None,
-             masks: dict[str, torch.Tensor] | None = None, lr: float | None = None) -> list[float]:
-    """`steps` AdamW steps of next-token loss on data_dir's train split (lr schedule: `finetune_optim`);
-    returns the losses."""
-    from clusterlm.data.loader import TokenLoader
+             masks: dict[str, torch.Tensor] | None = None, lr: float | None = None,
+             tokenizer_file: Path | None = None) -> list[float]:
+    """`steps` AdamW steps of the model's own objective (`finetune_objective`: next-token, masked LM,
+    span corruption or pairs) on data_dir's train split (lr schedule: `finetune_optim`); returns the
+    losses. `tokenizer_file`: the checkpoint's, for the mask/sentinel/pad ids of the other objectives."""
     from clusterlm.eval.metrics import lm_loss
     from clusterlm.train.optim import build_optimizer, lr_at
 
     tc = run_cfg.train
-    seq_len = min(tc.seq_len, model.config.max_seq_len)
-    loader = TokenLoader(data_dir, "train", batch_size=batch_size or tc.micro_batch_size, seq_len=seq_len,
-                         seed=tc.seed)
+    tc = dataclasses.replace(tc, seq_len=min(tc.seq_len, model.config.max_seq_len),
+                             micro_batch_size=batch_size or tc.micro_batch_size)
+    loader = _train_batches(dataclasses.replace(run_cfg, train=tc), finetune_objective(run_cfg), Path(data_dir),
+                            tokenizer_file)
     oc = finetune_optim(run_cfg.optim, steps, lr)
     opt = build_optimizer(model, oc)
     params = dict(model.named_parameters())
@@ -202,7 +255,8 @@ def finetune(model: nn.Module, run_cfg: object, steps: int, data_dir: str | Path
         for group in opt.param_groups:
             group["lr"] = lr_at(step, oc, steps)
         x, y = next(loader)
-        loss = lm_loss(model(x), y)
+        # a tuple is several model inputs (data/seq2seq.Inputs): a pair's, or a masked-LM batch's
+        loss = lm_loss(model(*x) if isinstance(x, tuple) else model(x), y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), getattr(tc, "grad_clip", 0.0) or 1e9)
         opt.step()
@@ -236,6 +290,13 @@ def prune_checkpoint(src: str | Path, out: str | Path, sparsity: float, method: 
     if loaded.config.model.labels:
         raise ValueError(f"{loaded.path} is a classifier; pruning (and its perplexity check) is for language models")
     run_cfg = loaded.config
+    data = None
+    if finetune_steps > 0:  # the data is checked before the pruning: a wrong --data fails fast
+        from clusterlm.data.shards import check_data_tokenizer
+
+        data = Path(data_dir) if data_dir is not None else Path(run_cfg.data.dir)
+        meta = check_finetune_data(data, finetune_objective(run_cfg))
+        check_data_tokenizer(data, meta, loaded.path, loaded.tokenizer)  # its ids must be the model's
     masks = None
     if method == "magnitude":
         model = loaded.model
@@ -245,14 +306,8 @@ def prune_checkpoint(src: str | Path, out: str | Path, sparsity: float, method: 
         run_cfg = dataclasses.replace(run_cfg, model=model.config)
     losses: list[float] = []
     if finetune_steps > 0:
-        data = Path(data_dir) if data_dir is not None else Path(run_cfg.data.dir)
-        if not (data / "meta.json").is_file():
-            raise FileNotFoundError(f"fine-tune data {data} has no meta.json; pass --data DIR (a `clusterlm prepare` "
-                                    "output)")
-        from clusterlm.data.shards import check_data_tokenizer, read_meta
-
-        check_data_tokenizer(data, read_meta(data), loaded.path, loaded.tokenizer)  # its ids must be the model's
-        losses = finetune(model, run_cfg, finetune_steps, data, masks=masks, lr=finetune_lr)
+        losses = finetune(model, run_cfg, finetune_steps, data, masks=masks, lr=finetune_lr,
+                          tokenizer_file=loaded.path / "tokenizer.json")
     info = loaded.info
     train_state = dict(info.train_state)
     train_state["pruning"] = {"method": method, "sparsity": sparsity, "finetune_steps": finetune_steps,
