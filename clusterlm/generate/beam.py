@@ -1,4 +1,4 @@
-"""Beam search over token ids, for decoder-only Transformers and encoder-decoders alike.
+"""Beam search over token ids, for decoder-only models (Transformer, LSTM, GRU) and encoder-decoders alike.
 
     from clusterlm.generate.beam import beam_search
     best = beam_search(encdec, sources=[[5, 6, 2]], num_beams=4, max_new_tokens=40, eos_id=2, bos_id=1)
@@ -13,7 +13,7 @@ W > 1 every running hypothesis's (transformers only takes an EOS ranked among th
 2W, so a hypothesis whose EOS ranks lower at the step it could end is lost, and beam search can end
 below greedy's log-probability: it did on 1 of 12 test sentences); with W = 1 transformers' rule,
 which is greedy decoding. The cache
-rows are reordered to follow their hypotheses (KVCache rows, EncDecCache.reorder). An input is done
+rows are reordered to follow their hypotheses (KVCache rows, EncDecCache.reorder, RNNState.reorder). An input is done
 when it holds W closed hypotheses and no running one can still score above the worst of them
 (with `length_penalty` > 0 the bound divides the running log-probability by max_new_tokens ** lp,
 else by (t + 1) ** lp: exact, not transformers' heuristic); at max_new_tokens the running ones
@@ -39,6 +39,8 @@ from typing import Literal
 
 import torch
 from torch import nn
+
+BEAM_ARCHS = ("transformer", "lstm", "gru", "encdec")  # decoder-only (prompts=) and encoder-decoders (sources=)
 
 
 @dataclass
@@ -141,9 +143,12 @@ def beam_search(model: nn.Module, *, prompts: Sequence[Sequence[int]] | None = N
                          f"num_return={num_return} in [1, num_beams]")
     if length_penalty_kind not in ("transformers", "gnmt"):
         raise ValueError(f"length_penalty_kind={length_penalty_kind!r}; expected 'transformers' or 'gnmt'")
+    arch = model.config.arch
+    if arch not in BEAM_ARCHS:
+        raise ValueError(f"beam search is for arch {', '.join(BEAM_ARCHS)}; this model is arch {arch!r}")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     W = num_beams
-    encdec = model.config.arch == "encdec"
+    encdec = arch == "encdec"
     if encdec:
         if sources is None or bos_id is None:
             raise ValueError("an encoder-decoder needs sources= and bos_id=")

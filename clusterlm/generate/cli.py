@@ -93,7 +93,8 @@ def generate_main(argv: list[str], out: TextIO | None = None) -> int:
     p.add_argument("--src", default=None,
                    help="encoder-decoder: the source text for the encoder (same as --prompt; the output is the target)")
     p.add_argument("--num-beams", type=int, default=1,
-                   help="encoder-decoder: beam search with this width (deterministic; docs/encdec.md)")
+                   help="encoder-decoder: beam search with this width (deterministic; docs/encdec.md). Decoder-only "
+                        "models beam-search in `clusterlm eval --task`")
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score = logprob / length ** this")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--chat", action="store_true",
@@ -106,8 +107,12 @@ def generate_main(argv: list[str], out: TextIO | None = None) -> int:
     if args.src is not None and not encdec:
         raise ValueError(f"--src is for encoder-decoder models; {loaded.path} is arch {loaded.config.model.arch!r}: "
                          "use --prompt")
-    if args.num_beams != 1 and (not encdec or args.num_beams < 1):
-        raise ValueError(f"--num-beams={args.num_beams}: beam search here is for encoder-decoder models (>= 1)")
+    if args.num_beams < 1:
+        raise ValueError(f"--num-beams={args.num_beams} must be >= 1 (1 = no beam search)")
+    if args.num_beams != 1 and not encdec:
+        raise ValueError(f"--num-beams={args.num_beams}: `clusterlm generate` beam-searches encoder-decoder models "
+                         f"only, and {loaded.path} is arch {loaded.config.model.arch!r}; a decoder-only model "
+                         "beam-searches in `clusterlm eval --task ... --num-beams N`")
     if encdec and args.src is not None:
         args.prompt = args.src
     prompt, stops, stop_ids = args.prompt, (), ()

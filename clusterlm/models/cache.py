@@ -166,6 +166,12 @@ class RNNState:
             self.c = torch.zeros_like(self.c)
         self.pos = 0
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row b takes the state of row rows[b] (beam search follows its hypotheses, generate/beam.py)."""
+        self.h = self.h.index_select(1, rows)  # (L, B, D)
+        if self.c is not None:
+            self.c = self.c.index_select(1, rows)
+
 
 class RNNSlotState(SlotPool):
     """Recurrent state of `n_slots` independent sequences for continuous batching: h (and c for

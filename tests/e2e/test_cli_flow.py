@@ -126,6 +126,8 @@ def test_bad_inputs_exit_2_with_message(trained, tmp_path):
     for args, fragment in [
         (["eval", str(tmp_path / "nope")], "nope"),
         (["generate", str(run), "--temperature", "-1"], "temperature"),
+        (["generate", str(run), "--num-beams", "0"], "--num-beams=0 must be >= 1"),
+        (["generate", str(run), "--num-beams", "2"], "clusterlm eval --task ... --num-beams"),
         (["train", "--train.max_steps=0"], "train.max_steps=0"),
         (["prepare", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "d")], "missing.txt"),
     ]:
