@@ -30,6 +30,7 @@ import argparse
 import math
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -353,6 +354,17 @@ def explain(c: Candidate) -> str:
     return "\n".join(lines)
 
 
+def no_valid_layout(pruned: list[Pruned], limit: int = 3) -> str:
+    """The error when the search kept no candidate: the reasons it left them out, the most frequent
+    first (a generic "check the batch" hid e.g. a seq_len longer than the model's context)."""
+    counts = Counter(p.reason for p in pruned)
+    if not counts:
+        return "no layout is valid for this model, batch and device count (the search found no layout to try)"
+    parts = [f"{reason} ({n} of {len(pruned)} choices)" for reason, n in counts.most_common(limit)]
+    more = f"; and {len(counts) - limit} other reason(s)" if len(counts) > limit else ""
+    return "no layout is valid for this model, batch and device count: " + "; ".join(parts) + more
+
+
 def explain_pruned(pruned: list[Pruned], unfit: list[Candidate], limit: int = 12) -> str:
     """The candidates the search left out and why: invalid layouts or micro-batches, and those that
     do not fit in memory (with their peak against the limit)."""
@@ -424,6 +436,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--dry-run", action="store_true", help="build the planned device mesh on a fake process group "
                    "(imports torch)")
     args = p.parse_args(argv)
+    for flag, value in (("--micro-batch", args.micro_batch), ("--top", args.top)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value} must be >= 1")
 
     model, model_tree = load_model(args.model, args.vocab_size)
     recipe_mb = args.micro_batch
@@ -481,8 +496,7 @@ def main(argv: list[str]) -> int:
         if line != rate.how:
             print(f"note: {line}")
     if not everything:
-        raise ConfigError("no layout is valid for this model, batch and device count (check that the global batch "
-                          "divides into micro-batch x seq_len x data-parallel ranks)")
+        raise ConfigError(no_valid_layout(pruned))
     if not cands:
         best = min(everything, key=lambda c: c.memory.peak_bytes)
         print(f"\nnothing fits: the smallest candidate needs {best.memory.peak_bytes / GIB:.2f} GiB per device, "

@@ -303,3 +303,16 @@ def test_cpu_mfu_is_against_the_measured_matmul_rate():
     [u] = planner.plan(TINY, cpu_spec(), seq_len=4, global_batch_tokens=8, dtype="fp32", micro_batches=(2,),
                        recompute_modes=("none",))
     assert u.mfu is None and any(a.startswith("MFU unknown") for a in u.assumptions)
+
+
+def test_no_valid_layout_names_the_reason():
+    """`plan --seq-len 2048` for GPT-2 (context 1024): the error names seq_len > max_seq_len, the reason
+    every layout was left out (it said "check that the global batch divides ..."); --micro-batch 0 and
+    --top 0 are refused (they were accepted: an empty table, rc 0)."""
+    argv = ["--model", "gpt2-124m", "--cluster", "a100-80gb-8x-hdr", "--tokens", "1B"]
+    with pytest.raises(ConfigError, match=r"no layout is valid .*: seq_len=2048 > model.max_seq_len=1024 \(\d+ of"):
+        planner.main(argv + ["--seq-len", "2048"])
+    for flag in ("--micro-batch", "--top"):
+        with pytest.raises(ConfigError, match=f"{flag} 0 must be >= 1"):
+            planner.main(argv + [flag, "0"])
+    assert "search found no layout" in planner.no_valid_layout([])
