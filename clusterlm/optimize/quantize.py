@@ -28,6 +28,30 @@ from clusterlm.optimize.qlinear import (  # noqa: F401  (re-exported: the public
 log = logging.getLogger(__name__)
 
 
+def _modules_to_quantize(loaded: object, method: str, group_size: int, keep_output: bool) -> list[str]:
+    """The Linear modules `quantize` replaces; refused when there are none (a "quantized" checkpoint
+    that is the float model), a warning when the output projection is the only one (an LSTM/GRU:
+    its recurrent weights are not Linears and stay float32; a tied output becomes an untied copy, so
+    the file grows)."""
+    if method not in METHODS:
+        raise ValueError(f"quantization method {method!r}; expected one of {', '.join(METHODS)}")
+    if method == "int4" and group_size not in GROUP_SIZES:
+        raise ValueError(f"int4 group_size={group_size}; the kernels support {', '.join(map(str, GROUP_SIZES))}")
+    names = quantizable(loaded.model, method, group_size, keep_output)
+    arch = loaded.config.model.arch
+    if not names:
+        hint = (" (an LSTM/GRU's recurrent weights stay float32; its only Linear is the output projection, which "
+                "--keep-output keeps)" if arch in ("lstm", "gru") else "")
+        raise ValueError(f"{loaded.path} (arch {arch!r}) has no Linear module that {method} can quantize"
+                         f"{' with --keep-output' if keep_output else ''}{hint}; nothing written")
+    if names == ["output"]:
+        log.warning("only the output projection of %s (arch %r) is quantized: %s; a tied output becomes its own "
+                    "quantized copy beside the float embedding, so the checkpoint can be larger than the float one",
+                    loaded.path, arch, "the LSTM/GRU recurrent weights stay float32" if arch in ("lstm", "gru")
+                    else "no other Linear qualifies")
+    return names
+
+
 def quantize_checkpoint(src: str | Path, out: str | Path, method: str, group_size: int = 128,
                         keep_output: bool = False) -> Path:
     """Write a quantized copy of checkpoint `src` as out/checkpoints/step-N; returns the step folder."""
@@ -42,7 +66,8 @@ def quantize_checkpoint(src: str | Path, out: str | Path, method: str, group_siz
     if loaded.ensemble is not None:
         raise ValueError(f"{loaded.path} is an ensemble of {loaded.ensemble['members']} classifiers (clusterlm "
                          "ensemble); quantization writes one model's weights: serve the float ensemble")
-    names = quantize_model(loaded.model, method, group_size=group_size, keep_output=keep_output)
+    names = _modules_to_quantize(loaded, method, group_size, keep_output)
+    quantize_model(loaded.model, method, group_size=group_size, modules=names)
     info = loaded.info
     quantization = {"method": method, "group_size": group_size, "modules": names, "source": str(loaded.path)}
     path = save_checkpoint(out / "checkpoints", info.step, model_state=quantized_state(loaded.model),

@@ -153,3 +153,22 @@ def test_quantization_metadata_has_its_own_file_and_old_checkpoints_still_load(t
     with torch.no_grad():
         got = load_for_inference(old).model(idx)
     assert torch.equal(got, want)
+
+
+def test_lstm_with_keep_output_is_refused_and_output_only_warns(tmp_path, caplog):
+    """An LSTM's only Linear is its output projection: with --keep-output nothing qualifies, so the
+    command is refused and writes nothing (it wrote the float model as "quantized", rc 0); without it
+    the output alone is quantized (1 module) and a warning says the recurrent weights stay float32."""
+    import json
+    import logging
+
+    _checkpoint(tmp_path, ModelConfig(arch="lstm", vocab_size=259, n_layers=1, dim=64, max_seq_len=16, pos="none"))
+    with pytest.raises(ValueError, match=r"arch 'lstm'\) has no Linear module that int8 can quantize with "
+                                         r"--keep-output .*nothing written"):
+        main([str(tmp_path / "run"), "--method", "int8", "--keep-output", "--out", str(tmp_path / "q0")])
+    assert not (tmp_path / "q0").exists()
+    with caplog.at_level(logging.WARNING, logger="clusterlm.optimize.quantize"):
+        assert main([str(tmp_path / "run"), "--method", "int8", "--out", str(tmp_path / "q1")]) == 0
+    assert "recurrent weights stay float32" in caplog.text
+    q = json.loads(next((tmp_path / "q1" / "checkpoints").glob("step-*/quantization.json")).read_text())
+    assert q["modules"] == ["output"]
