@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -60,12 +61,34 @@ def umask() -> int:
     return mask
 
 
+def plain_mode(path: str | os.PathLike) -> None:
+    """Give `path` the mode a plain open() would have given it (0666 less the umask). For files made by
+    a library that creates them owner-only (safetensors' save_file: 0600), so that a checkpoint read
+    by another user (a container running as uid 10001, a shared project folder) stays readable."""
+    os.chmod(path, 0o666 & ~umask())
+
+
 def atomic_write_chunks(path: str | os.PathLike, chunks: Iterable[bytes | memoryview]) -> None:
     """Write the concatenation of `chunks` to `path` atomically, without joining them in memory.
     The file gets the mode a plain open() would give it (0666 less the umask), not mkstemp's 0600,
     so a checkpoint or data directory on shared storage (or mounted into a container running as
-    another user) stays readable."""
+    another user) stays readable. A `path` that exists and is not a regular file (/dev/null,
+    /dev/stdout, a named pipe) is written in place: renaming over it would replace the device."""
     path = Path(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, f"{path} is a directory; give a file name", str(path))
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        try:
+            with open(path, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+        except OSError as e:
+            raise _with_path(e, path) from None
+        return
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:

@@ -53,7 +53,7 @@ from clusterlm.checkpoint.layout import commit_folder, move_latest, prune, remov
 from clusterlm.checkpoint.rng import capture_rng_state
 from clusterlm.checkpoint.store import DCP_DIR, copy_tokenizer_files, write_manifest
 from clusterlm.errors import CheckpointError
-from clusterlm.fsutil import atomic_write_text, fsync_dir
+from clusterlm.fsutil import atomic_write_text, fsync_dir, plain_mode
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,7 @@ def save_distributed(ckpt_root: Path, step: int, model: nn.Module, optimizer: to
                         seen[key] = k
                         tensors[k] = v.contiguous()
                 save_file(tensors, str(tmp / "model.safetensors"))
+                plain_mode(tmp / "model.safetensors")  # safetensors creates it 0600
             atomic_write_text(tmp / "train_state.json", json.dumps(train_state, indent=1))
             atomic_write_text(tmp / "config.toml", config_toml)
             copy_tokenizer_files(tokenizer_path, tmp)  # and the chat template beside it, if any

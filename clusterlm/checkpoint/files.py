@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
 from clusterlm.errors import CheckpointError
+from clusterlm.fsutil import plain_mode
 
 ALIASES_META = "clusterlm.aliases"  # safetensors header: JSON {alias name: stored name}
 ORDER_META = "clusterlm.keys"  # safetensors header: JSON list of all names in the caller's order
@@ -96,6 +97,7 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], what: str) -> No
     meta = {"format": "pt", ALIASES_META: json.dumps(aliases), ORDER_META: json.dumps(list(tensors))}
     try:
         save_file(out, str(path), metadata=meta)
+        plain_mode(path)  # safetensors creates it 0600: a container's or a colleague's reader needs 0644
     except (SafetensorError, OSError) as e:
         if (named := named_os_error(e, path)) is not None:
             raise named from e

@@ -206,7 +206,7 @@ def export_to_hf(ckpt: str | Path, out: str | Path) -> Path:
     from clusterlm.checkpoint.files import named_os_error
     from clusterlm.checkpoint.model_io import plain_weights, read_checkpoint_config, read_quantization
     from clusterlm.checkpoint.store import resolve_checkpoint
-    from clusterlm.fsutil import staging_dir
+    from clusterlm.fsutil import plain_mode, staging_dir
 
     path = resolve_checkpoint(str(ckpt))
     run = read_checkpoint_config(path)
@@ -257,6 +257,7 @@ def export_to_hf(ckpt: str | Path, out: str | Path) -> Path:
     with staging_dir(out, overwrite=out.exists()) as tmp:
         try:
             save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            plain_mode(tmp / "model.safetensors")  # safetensors creates it 0600
         except SafetensorError as e:  # its I/O errors (a full disk) as the OSError they are: exit 74, one line
             if (named := named_os_error(e, out / "model.safetensors")) is not None:
                 raise named from None

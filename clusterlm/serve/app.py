@@ -125,9 +125,10 @@ class _Guard:
         resp: Response | None = None
         on_metrics_port = self.metrics_port is not None and (scope.get("server") or (None, None))[1] == self.metrics_port
         if on_metrics_port:  # the key-free listener of --metrics-port serves /metrics and nothing else
-            if path != "/metrics":
-                resp = _err(404, f"{path} is not served on the metrics port; only /metrics is")
-            return await (resp or self.app)(scope, receive, send_counted)
+            if path != "/metrics":  # not counted: it would show as the main port's route with a 404
+                return await _err(404, f"{path} is not served on the metrics port; only /metrics is")(
+                    scope, receive, send)
+            return await self.app(scope, receive, send_counted)
         if sum(len(k) + len(v) + 4 for k, v in headers) > MAX_HEADER_BYTES:
             resp = _err(431, f"request headers exceed {MAX_HEADER_BYTES} bytes")
         elif self.drain.requested and path in DRAIN_ROUTES:
@@ -254,6 +255,8 @@ def create_app(load: Callable[..., object], settings: Settings,
 
     def _start(sv: Served) -> None:
         loaded = load_one(sv.spec)
+        if closing.is_set():  # a SIGTERM while this loaded: nothing to start
+            return
         sv.state["loaded"] = loaded
         if start_classifier(loaded, sv.state, sv.settings):  # a classifier answers /classify: no decode scheduler
             sv.measure()
@@ -285,9 +288,13 @@ def create_app(load: Callable[..., object], settings: Settings,
                  sv.settings.max_batch, sv.settings.max_queue, sv.memory["parameter_bytes"] / 1e6,
                  sv.memory["kv_cache_bytes"] / 1e6)
 
+    closing = threading.Event()  # shutdown began: the loader starts no further model or scheduler
+
     def _startup() -> None:
         errors: list[Exception] = []
         for sv in served.values():
+            if closing.is_set():
+                return
             try:
                 _start(sv)
             except Exception as e:
@@ -321,6 +328,13 @@ def create_app(load: Callable[..., object], settings: Settings,
         watcher = asyncio.create_task(drain.watch(lambda msg: [s.abort(msg) for s in _scheds()]))
         yield
         watcher.cancel()
+        # a SIGTERM while a model loads: the loader finishes that checkpoint (torch cannot be stopped
+        # inside a read) and starts nothing more; leaving it running as the interpreter exits aborts
+        # the process ("terminate called without an active exception", exit 134)
+        closing.set()
+        if t.is_alive():
+            log.info("waiting for the model being loaded before exiting")
+            await asyncio.to_thread(t.join)
         for sched in _scheds():
             sched.stop()
 
@@ -382,7 +396,7 @@ def create_app(load: Callable[..., object], settings: Settings,
         msg = status.get("error") or ("loading" if single else f"loading {', '.join(loading)}")
         return _err(503, msg, type_="unavailable", headers={"Retry-After": "1"})
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics_route() -> Response:
         metrics.ready.set(ready.is_set() and not drain.requested)
         metrics.draining.set(drain.requested)
@@ -643,6 +657,17 @@ def _sse(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKS).encode() + b"\n\n"
 
 
+PLACEHOLDER_KEY_PREFIX = "CHANGE-ME"  # deploy/k8s/secret.yaml's value, published with the repository
+
+
+def _check_key(key: str, source: str) -> str:
+    """A key that is the shipped placeholder is refused: anyone who has read the repository has it."""
+    if key.upper().startswith(PLACEHOLDER_KEY_PREFIX):
+        raise ValueError(f"{source}: the API key is the placeholder shipped in deploy/k8s/secret.yaml, which anyone "
+                         "can read; make a real one, e.g. `openssl rand -base64 32`")
+    return key
+
+
 def _read_key(path: str) -> str:
     """The key on the first line of `path`; a warning when the file is readable by others."""
     import os
@@ -656,7 +681,7 @@ def _read_key(path: str) -> str:
     key = lines[0].strip() if lines else ""
     if not key:
         raise ValueError(f"--api-key-file {path} is empty; put the key on its first line")
-    return key
+    return _check_key(key, f"--api-key-file {path}")
 
 
 def main(argv: list[str]) -> int:
@@ -700,6 +725,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--pack", default="auto", choices=PACK_CHOICES,
                    help="CPU weights for the decode steps: auto = fp32 packed for oneDNN (same precision), bf16 = "
                         "bf16 packed (AMX; ~1e-2 relative logits error, docs/compression.md), none = as loaded")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="the server's and uvicorn's log level")
+    p.add_argument("--access-log", default="requests", choices=("requests", "all", "none"),
+                   help="uvicorn's line per request: requests = all but successful health checks and scrapes "
+                        "(GET/HEAD /health, /ready, /metrics below 400: a load balancer's checks every 0.5 s "
+                        "would be most of the log), all, or none")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads on CPU (0 = torch's default). 1 is fastest for small models: "
                         "the decode step's matmuls are too small to split, and idle OpenMP workers spin "
@@ -709,8 +740,8 @@ def main(argv: list[str]) -> int:
 
     from clusterlm.errors import CheckpointError, ClusterlmError
     from clusterlm.errors import EXIT_PREEMPTED
-    from clusterlm.serve.guard import (ConnectionLimits, RateLimitFilter, bind, check_instance_id, default_instance_id,
-                                       protocol_class, raise_open_file_limit, tag_logs)
+    from clusterlm.serve.guard import (ConnectionLimits, ProbeFilter, RateLimitFilter, bind, check_instance_id,
+                                       default_instance_id, protocol_class, raise_open_file_limit, tag_logs)
     from clusterlm.serve.models import load_model, model_specs
 
     if args.threads < 0:
@@ -724,7 +755,11 @@ def main(argv: list[str]) -> int:
     specs = model_specs(args.checkpoint, args.models, args.model_name)
     instance_id = (check_instance_id(args.instance_id) if args.instance_id is not None  # "" is refused too
                    else default_instance_id(args.port))
-    log_config = tag_logs(instance_id, uvicorn.config.LOGGING_CONFIG)  # "[id] ..." on every line from here on
+    # "[id] HH:MM:SS ..." on every line from here on, uvicorn's too
+    log_config = tag_logs(instance_id, uvicorn.config.LOGGING_CONFIG, timestamps=True)
+    logging.getLogger().setLevel(args.log_level.upper())
+    if args.access_log == "requests":
+        logging.getLogger("uvicorn.access").addFilter(ProbeFilter())
     drain = Drain(args.drain_timeout)
     limits = ConnectionLimits(max_connections=args.max_connections, header_timeout=args.header_timeout,
                               body_timeout=args.body_timeout)
@@ -735,6 +770,7 @@ def main(argv: list[str]) -> int:
         if not key:
             raise ValueError(f"--api-key-env {args.api_key_env}: the environment variable is "
                              f"{'empty' if args.api_key_env in os.environ else 'not set'}; set it to the key")
+        _check_key(key, f"--api-key-env {args.api_key_env}")
     elif args.api_key_file:
         key = _read_key(args.api_key_file)
     else:
@@ -800,7 +836,8 @@ def main(argv: list[str]) -> int:
     app = create_app(load, settings, on_load_error, drain=drain, instance_id=instance_id, models=specs)
     app.metrics_port = args.metrics_port
     config = uvicorn.Config(app, http=protocol_class(limits), ws="none", lifespan="on", backlog=BACKLOG,
-                            h11_max_incomplete_event_size=MAX_HEADER_BYTES, log_level="info",
+                            h11_max_incomplete_event_size=MAX_HEADER_BYTES, log_level=args.log_level,
+                            access_log=args.access_log != "none",
                             timeout_graceful_shutdown=5, log_config=log_config)
 
     class ReplicaServer(uvicorn.Server):

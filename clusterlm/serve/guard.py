@@ -295,9 +295,10 @@ class _TaggedFormatter(logging.Formatter):
         return f"{self.tag} {self.inner.format(record)}"
 
 
-def tag_logs(instance_id: str, uvicorn_config: dict) -> dict:
+def tag_logs(instance_id: str, uvicorn_config: dict, timestamps: bool = False) -> dict:
     """Prefix every line of the root logger's handlers with `[instance_id]`; returns a copy of
-    uvicorn's logging config (`uvicorn.config.LOGGING_CONFIG`) whose formats carry it too."""
+    uvicorn's logging config (`uvicorn.config.LOGGING_CONFIG`) whose formats carry it too, and with
+    `timestamps` the time as clusterlm's own lines show it (uvicorn's default has none)."""
     tag = f"[{instance_id}]"
     for h in logging.getLogger().handlers:
         if not isinstance(h.formatter, _TaggedFormatter):
@@ -305,5 +306,24 @@ def tag_logs(instance_id: str, uvicorn_config: dict) -> dict:
     cfg = copy.deepcopy(uvicorn_config)
     for f in cfg.get("formatters", {}).values():
         if "fmt" in f:
-            f["fmt"] = f"{tag} " + f["fmt"]
+            f["fmt"] = f"{tag} " + ("%(asctime)s " if timestamps else "") + f["fmt"]
+            if timestamps:
+                f["datefmt"] = "%H:%M:%S"
     return cfg
+
+
+PROBE_PATHS = ("/health", "/ready", "/metrics")
+
+
+class ProbeFilter(logging.Filter):
+    """Drops uvicorn's access lines for successful health checks and scrapes (GET or HEAD of
+    PROBE_PATHS with a status below 400): HAProxy checks every 0.5 s and Prometheus scrapes every
+    15 s, which were most of a replica's log. Failed probes and every other request stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if not (isinstance(args, tuple) and len(args) == 5):  # uvicorn: (client, method, path, http, status)
+            return True
+        _, method, path, _, status = args
+        path = str(path).split("?", 1)[0]
+        return not (method in ("GET", "HEAD") and path in PROBE_PATHS and isinstance(status, int) and status < 400)

@@ -25,17 +25,18 @@ cd "$(dirname "$0")/../.."
 tag="" base="${BASE_IMAGE:-python:3.11-slim-bookworm}" variant=cpu torch_index="${TORCH_INDEX:-}"
 torch_version=2.13.0 only=0 skip=0
 py=""
+need() { [ $# -ge 2 ] || { echo "build.sh: $1 needs a value (see --help)" >&2; exit 2; }; }
 while [ $# -gt 0 ]; do
     case "$1" in
-        --tag) tag="$2"; shift 2 ;;
-        --base) base="$2"; shift 2 ;;
-        --variant) variant="$2"; shift 2 ;;
-        --torch-index) torch_index="$2"; shift 2 ;;
-        --torch-version) torch_version="$2"; shift 2 ;;
-        --python) py="$2"; shift 2 ;;
+        --tag) need "$@"; tag="$2"; shift 2 ;;
+        --base) need "$@"; base="$2"; shift 2 ;;
+        --variant) need "$@"; variant="$2"; shift 2 ;;
+        --torch-index) need "$@"; torch_index="$2"; shift 2 ;;
+        --torch-version) need "$@"; torch_version="$2"; shift 2 ;;
+        --python) need "$@"; py="$2"; shift 2 ;;
         --wheelhouse-only) only=1; shift ;;
         --skip-wheelhouse) skip=1; shift ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; exit 0 ;;
         *) echo "build.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done

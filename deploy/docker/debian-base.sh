@@ -14,13 +14,14 @@
 set -euo pipefail
 
 suite=bookworm tag="" cache="" import=1
+need() { [ $# -ge 2 ] || { echo "debian-base.sh: $1 needs a value (see --help)" >&2; exit 2; }; }
 while [ $# -gt 0 ]; do
     case "$1" in
-        --tag) tag="$2"; shift 2 ;;
-        --suite) suite="$2"; shift 2 ;;
-        --cache) cache="$2"; shift 2 ;;
+        --tag) need "$@"; tag="$2"; shift 2 ;;
+        --suite) need "$@"; suite="$2"; shift 2 ;;
+        --cache) need "$@"; cache="$2"; shift 2 ;;
         --no-import) import=0; shift ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        -h|--help) awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; exit 0 ;;
         *) echo "debian-base.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done

@@ -226,10 +226,12 @@ def _serves_a_completion_as_non_root(d: Dockerd, tag: str, tmp_path: Path) -> di
     from clusterlm.checkpoint.model_io import load_for_inference
     from clusterlm.serve.app import Settings, create_app
 
-    random_checkpoint(tmp_path, "char", TEXT, bpe_vocab=0, n_layers=2, context=64)
+    old_umask = os.umask(0o022)  # the common default: a run mounts as it was written, no chmod (deploy.md)
+    try:
+        random_checkpoint(tmp_path, "char", TEXT, bpe_vocab=0, n_layers=2, context=64)
+    finally:
+        os.umask(old_umask)
     run = tmp_path / "run"
-    # clusterlm writes checkpoint files with the umask's modes (0644); the chmod covers a restrictive umask
-    subprocess.run(["chmod", "-R", "a+rX", str(run)], check=True)
     key = tmp_path / "key"
     key.write_text(KEY + "\n")
     key.chmod(0o600)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,6 +114,7 @@ def test_sigterm_drains_a_running_stream_then_exits_0(run, tmp_path):
     m = httpx.get(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=5)
     assert m.status_code == 200 and 'clusterlm_instance_info{instance_id="test-r1",model="m"' in m.text
     assert httpx.get(f"http://127.0.0.1:{srv.metrics_port}/v1/models", timeout=5).status_code == 404
+    assert httpx.head(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=5).status_code == 200
     assert httpx.get(srv.url + "/metrics", timeout=5).status_code == 401
     assert httpx.get(srv.url + "/v1/models", headers=hdr, timeout=5).headers["x-clusterlm-instance"] == "test-r1"
 
@@ -142,6 +144,52 @@ def test_sigterm_drains_a_running_stream_then_exits_0(run, tmp_path):
     lines = [ln for ln in log.splitlines() if ln.strip() and not ln.startswith((" ", "Traceback"))]
     assert all(ln.startswith("[test-r1] ") for ln in lines), [ln for ln in lines if not ln.startswith("[test-r1]")]
     assert "draining" in log and "drained in" in log
+    # uvicorn's lines carry the time too; successful probes (/ready was polled ~every 0.1 s) are not
+    # logged, the refused ones and the requests are; the metrics port's 404 is not counted as /v1/models'
+    access = [ln for ln in lines if '"GET ' in ln or '"POST ' in ln or '"HEAD ' in ln]
+    assert all(re.match(r"\[test-r1\] \d\d:\d\d:\d\d ", ln) for ln in access), access[:3]
+    assert not [ln for ln in access if "/ready" in ln and '" 200' in ln], access
+    assert [ln for ln in access if "/ready" in ln and '" 503' in ln] and [ln for ln in access if "POST /v1/completions" in ln]
+    assert '"GET /metrics HTTP/1.1" 401' in log
+    assert 'route="/v1/models",status="404"' not in m.text
+
+
+def test_sigterm_while_the_model_loads_exits_0(run, tmp_path):
+    """SIGTERM while the checkpoint is loading (a rollout catching a pod early): the loader finishes
+    that checkpoint and the process exits 0 after its drain, as documented; it used to exit while
+    the loader thread was inside torch, and the runtime aborted (exit 134, "terminate called without
+    an active exception"). The load is made slow with real torch work in the loader thread."""
+    port = _bench().free_port()
+    code = ("import sys, time, torch, clusterlm.serve.models as m\n"
+            "real = m.load_model\n"
+            "def slow(*a, **k):\n"
+            "    end = time.time() + 4\n"
+            "    x = torch.randn(400, 400)\n"
+            "    while time.time() < end:\n"
+            "        x = torch.tanh(x @ x)\n"
+            "    return real(*a, **k)\n"
+            "m.load_model = slow\n"
+            "from clusterlm.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", code, "serve", str(run), "--port", str(port),
+                                 "--api-key-env", "CLUSTERLM_TEST_KEY"], stdout=log, stderr=log,
+                                env={**os.environ, "CLUSTERLM_TEST_KEY": KEY})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:  # listening, still loading
+        assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-2000:]
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 503:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, log_path.read_text()[-2000:]
+    text = log_path.read_text()
+    assert "waiting for the model being loaded" in text and "terminate called" not in text
 
 
 def test_drain_deadline_ends_streams_with_an_error_event(run, tmp_path):
@@ -170,12 +218,14 @@ def test_api_key_options_refused_with_a_clear_message(run, tmp_path, capsys, mon
     key.write_text(KEY)
     key.chmod(0o600)
     monkeypatch.setenv("CLUSTERLM_TEST_EMPTY", "")
+    monkeypatch.setenv("CLUSTERLM_TEST_PLACEHOLDER", "CHANGE-ME-placeholder-not-a-secret")  # deploy/k8s/secret.yaml
     monkeypatch.setenv("CLUSTERLM_TEST_KEY", KEY)
     monkeypatch.delenv("CLUSTERLM_NO_SUCH_VARIABLE", raising=False)
     formatters = [(h, h.formatter) for h in logging.getLogger().handlers]  # serve tags them with the id
     cases = [(["--api-key-file", str(key), "--api-key-env", "CLUSTERLM_TEST_KEY"], "choose one"),
              (["--api-key-env", "CLUSTERLM_NO_SUCH_VARIABLE"], "not set"),
              (["--api-key-env", "CLUSTERLM_TEST_EMPTY"], "empty"),
+             (["--api-key-env", "CLUSTERLM_TEST_PLACEHOLDER"], "the placeholder shipped in deploy/k8s/secret.yaml"),
              (["--instance-id", "bad id!"], "--instance-id"), (["--instance-id", ""], "--instance-id '' must be")]
     try:
         for extra, fragment in cases:

@@ -191,6 +191,49 @@ def test_atomic_writes_and_staged_folders_get_the_umask_modes(tmp_path):
     assert stat.S_IMODE((tmp_path / "folder" / "b.txt").stat().st_mode) == 0o644
 
 
+def test_a_saved_checkpoint_is_readable_by_other_users(tmp_path):
+    """safetensors' save_file creates files 0600: a fresh checkpoint served by the container (uid
+    10001) or a pod failed with PermissionError on model.safetensors. Every file of a step folder has
+    the umask's mode, as the docs say (deploy.md)."""
+    import os
+    import stat
+
+    from tests.helpers import random_checkpoint
+
+    old = os.umask(0o022)
+    try:
+        run = random_checkpoint(tmp_path, "byte", "some text " * 30, bpe_vocab=0, n_layers=1, context=16)
+    finally:
+        os.umask(old)
+    files = [p for p in Path(run).rglob("*") if p.is_file()]
+    assert any(p.name == "model.safetensors" for p in files)
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files if stat.S_IMODE(p.stat().st_mode) != 0o644} == {}
+
+
+def test_atomic_write_onto_a_device_or_pipe_writes_in_place(tmp_path):
+    """`eval --out /dev/null` (or /dev/stdout, a named pipe) must write to the device, not rename a
+    temporary file over it: run as root, that replaced /dev/null with a regular file for every
+    process on the machine. A directory is refused naming it."""
+    import os
+    import stat
+    import threading
+
+    from clusterlm.fsutil import atomic_write_text
+
+    atomic_write_text("/dev/null", "scores")
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    atomic_write_text(fifo, "through the pipe")
+    reader.join(timeout=10)
+    assert got == ["through the pipe"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    with pytest.raises(IsADirectoryError, match="is a directory; give a file name"):
+        atomic_write_text(tmp_path, "x")
+
+
 def test_read_jsonl_skips_torn_and_non_utf8_lines(tmp_path, caplog):
     from clusterlm.fsutil import read_jsonl
 
