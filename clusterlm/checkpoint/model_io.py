@@ -11,8 +11,11 @@ quantized modules of clusterlm.optimize.qlinear before the packed weights are lo
 (docs/compression.md). A checkpoint written by `clusterlm ensemble` has an ensemble.json: its
 weights are N classifiers of config.toml's shape, loaded as one ClassifierEnsemble
 (clusterlm.models.ensemble). `LoadedModel.chat_template` is the checkpoint's chat_template.jinja (None
-without one; clusterlm.generate.template). `LoadedModel.info` carries the folder's step, train_state and config text, so
-a command that writes a derived checkpoint (quantize, prune) reads the source once.
+without one; clusterlm.generate.template), also attached to the tokenizer as `tokenizer.chat_template`
+(where transformers keeps it) so that code handed only the model and tokenizer, such as the task
+harness (eval/harness.py), prompts a chat model as it was trained. `LoadedModel.info` carries the
+folder's step, train_state and config text, so a command that writes a derived checkpoint (quantize,
+prune) reads the source once.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ def load_for_inference(arg: str | Path, device: str | torch.device = "cpu", *,
         raise CheckpointError(f"{path} has no tokenizer.json")
     tokenizer = load_tokenizer(tok_file)
     chat_template = read_template(path)  # before the weights: a broken template is refused at once
+    tokenizer.chat_template = chat_template
     if tokenizer.vocab_size > cfg.model.padded_vocab_size:  # its ids would index past the embedding
         raise CheckpointError(f"{tok_file} has {tokenizer.vocab_size} tokens but the model in {path}/config.toml has "
                               f"vocab_size={cfg.model.vocab_size}; the checkpoint's files disagree (was one replaced?)")

@@ -5,10 +5,12 @@
     metrics, samples = run_task(loaded.model, loaded.tokenizer, task, batch_size=16)
 
 What the model is asked, by task kind (docs/tasks.md):
-- generate: the prompt (or the chat messages through generate.text.render_chat), decoded by the
-  one engine (eval.lm.generate_completions; greedy unless DecodeOptions says otherwise); the
-  continuation, stripped of surrounding white space, is scored against the references. Default
-  stop: a newline when every reference is one line (a translation pair), none otherwise.
+- generate: the prompt, or the chat messages rendered as the model is chatted with
+  (generate.text.chat_format: its own chat template, the checkpoint's chat_template.jinja, else the
+  plain render_chat one), decoded by the one engine (eval.lm.generate_completions; greedy unless
+  DecodeOptions says otherwise); the continuation, stripped of surrounding white space, is scored
+  against the references. Default stop: a newline when every reference is one line (a translation
+  pair), none otherwise; a model with a template also stops at its end-of-turn token (`<|end|>`).
 - classify: zero-shot by log-likelihood: for each label, log p(" " + label | CLASSIFY_TEMPLATE
   with the text); the label with the highest sum wins (lm-eval's `acc` for multiple choice).
   A fine-tuned classifier (models/classifier.py, a checkpoint with model.labels) is asked its head
@@ -28,12 +30,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from clusterlm.errors import ConfigError, DataError
 from clusterlm.eval.tasks import Task
+
+if TYPE_CHECKING:
+    from clusterlm.generate.template import ChatTemplate
+    from clusterlm.generate.text import ChatFormat
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks"
 CLASSIFY_TEMPLATE = "{text}\nLabel:"
@@ -77,12 +83,30 @@ def _delimiter(context: str) -> str:
     return "" if not context or context[-1].isspace() else " "
 
 
-def _prompt(ex: Any) -> str:
+def _prompt(ex: Any, chat: ChatFormat | None) -> str:
+    """The text the model continues: the prompt as written, or the messages rendered in `chat`'s
+    format (None: the plain render_chat template)."""
     if ex.prompt is not None:
         return ex.prompt
     from clusterlm.generate.text import render_chat
 
-    return render_chat([{"role": m.role, "content": m.content} for m in ex.messages])
+    messages = [{"role": m.role, "content": m.content} for m in ex.messages]
+    return chat.render(messages) if chat is not None else render_chat(messages)
+
+
+def task_chat_format(task: Task, tokenizer: Any, chat_template: ChatTemplate | None = None) -> ChatFormat | None:
+    """How a generate task's model is chatted with, as `clusterlm chat` and `serve` do it: the chat
+    template given, else the one its tokenizer carries (load_for_inference attaches the checkpoint's
+    chat_template.jinja as `tokenizer.chat_template`), rendered and stopped at its end-of-turn token;
+    None (the plain template, no stop token) for a model without one and for other task kinds. A chat
+    model prompted in the plain format it never saw answers garbage, and without its end-of-turn stop
+    it runs on past its reply: both score a right answer as wrong."""
+    template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
+    if task.kind != "generate" or template is None:
+        return None
+    from clusterlm.generate.text import chat_format
+
+    return chat_format(tokenizer, template)
 
 
 def model_labels(model: nn.Module) -> tuple[str, ...] | None:
@@ -107,12 +131,14 @@ class Requests:
     items: list[Any]  # (context, continuation) pairs, prompt strings, or texts
     options: list[list[str]]
     stops: tuple[str, ...] = ()
+    stop_ids: tuple[int, ...] = ()  # token ids that end a generation like EOS (a chat template's end of turn)
 
 
 def task_requests(task: Task, decode: DecodeOptions = DecodeOptions(),
-                  labels: tuple[str, ...] | None = None) -> Requests:
+                  labels: tuple[str, ...] | None = None, chat: ChatFormat | None = None) -> Requests:
     """The model calls that score `task` (module docstring). `labels`: the model is a classifier with
-    these classes (model_labels), asked through its head; None: a language model."""
+    these classes (model_labels), asked through its head; None: a language model. `chat`: the model's
+    chat format (task_chat_format) for generate tasks; None: the plain template."""
     ex = task.examples
     if not ex:
         raise DataError(f"task {task.name!r} has no examples")
@@ -130,7 +156,8 @@ def task_requests(task: Task, decode: DecodeOptions = DecodeOptions(),
         stops = decode.stops
         if stops is None:
             stops = ("\n",) if all("\n" not in r.strip() for e in ex for r in e.references) else ()
-        return Requests("generate", [_prompt(e) for e in ex], [], tuple(stops))
+        stop_ids = chat.stop_ids if chat is not None else ()
+        return Requests("generate", [_prompt(e, chat) for e in ex], [], tuple(stops), tuple(stop_ids))
     if task.kind == "classify":
         contexts = [CLASSIFY_TEMPLATE.format(text=e.text) for e in ex]
         options = [list(task.labels)] * len(ex)
@@ -139,6 +166,14 @@ def task_requests(task: Task, decode: DecodeOptions = DecodeOptions(),
         options = [list(e.choices) for e in ex]
     items = [(c, _delimiter(c) + o) for c, opts in zip(contexts, options) for o in opts]
     return Requests("loglikelihood", items, options)
+
+
+def _model_requests(model: nn.Module, tokenizer: Any, task: Task, decode: DecodeOptions,
+                    chat_template: ChatTemplate | None) -> Requests:
+    """task_requests for this model: a classifier's labels, else a language model's chat format."""
+    labels = model_labels(model)
+    chat = None if labels is not None else task_chat_format(task, tokenizer, chat_template)
+    return task_requests(task, decode, labels, chat)
 
 
 def check_model_kind(model: nn.Module, req: Requests, name: str = "the task") -> None:
@@ -171,7 +206,7 @@ def model_outputs(model: nn.Module, tokenizer: Any, req: Requests, items: list[A
     seed = None if decode.seed is None else decode.seed + seed_offset
     return lm.generate_completions(model, tokenizer, items, max_new_tokens=decode.max_new_tokens,
                                    temperature=decode.temperature, top_p=decode.top_p, top_k=decode.top_k,
-                                   seed=seed, stops=req.stops, num_beams=decode.num_beams,
+                                   seed=seed, stops=req.stops, stop_ids=req.stop_ids, num_beams=decode.num_beams,
                                    length_penalty=decode.length_penalty, **common)
 
 
@@ -189,7 +224,7 @@ def score_outputs(task: Task, req: Requests, outputs: list[Any],
         for i, (e, p, c) in enumerate(zip(ex, req.items, outputs)):
             samples.append({"index": i, "line": e.line, "prompt": p, "prediction": preds[i],
                             "references": list(e.references), "tokens": c.n_tokens, "finish_reason": c.finish_reason})
-        metrics["decoding"] = {**asdict(decode), "stops": list(req.stops)}
+        metrics["decoding"] = {**asdict(decode), "stops": list(req.stops), "stop_ids": list(req.stop_ids)}
     elif req.kind == "head":
         labels = req.options[0]
         preds = [c.label for c in outputs]
@@ -225,9 +260,11 @@ def score_outputs(task: Task, req: Requests, outputs: list[Any],
 
 def run_task(model: nn.Module, tokenizer: Any, task: Task, *, batch_size: int = 16,
              decode: DecodeOptions = DecodeOptions(), truncate: bool = False, device: Any = None,
-             progress: bool | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(metrics, one sample record per example) of `model` on `task` (a classifier through its head)."""
-    req = task_requests(task, decode, model_labels(model))
+             progress: bool | None = None,
+             chat_template: ChatTemplate | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(metrics, one sample record per example) of `model` on `task` (a classifier through its head).
+    `chat_template`: the model's (default: the tokenizer's, task_chat_format)."""
+    req = _model_requests(model, tokenizer, task, decode, chat_template)
     outputs = model_outputs(model, tokenizer, req, batch_size=batch_size, decode=decode, truncate=truncate,
                             device=device, progress=progress)
     return score_outputs(task, req, outputs, decode)
@@ -244,7 +281,8 @@ def share(n: int, rank: int, world: int) -> range:
 def run_task_split(model: nn.Module, tokenizer: Any, task: Task, *, rank: int, world: int,
                    gather: Callable[[Any], list[Any]], pad: bool = False, batch_size: int = 16,
                    decode: DecodeOptions = DecodeOptions(), truncate: bool = False, device: Any = None,
-                   progress: bool | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                   progress: bool | None = None,
+                   chat_template: ChatTemplate | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """run_task with the model calls split over `world` workers: this one (`rank`) answers its block
     of the requests (`share`), `gather(answers)` returns every worker's answers in rank order (an
     all_gather of Python objects, parallel.gather), and every worker scores the whole task: the
@@ -255,7 +293,7 @@ def run_task_split(model: nn.Module, tokenizer: Any, task: Task, *, rank: int, w
     ceil(n / world) requests, whose answers are dropped. Log-likelihood and classifier-head tasks
     only: a generation's number of decode steps depends on its outputs. A classifier without a pad id
     (model.pad_id -1) batches only inputs of equal length, so with `pad` it runs one input per call."""
-    req = task_requests(task, decode, model_labels(model))
+    req = _model_requests(model, tokenizer, task, decode, chat_template)
     if pad and req.kind == "head" and model.config.pad_id < 0:
         batch_size = 1  # the same number of forward calls on every worker, whatever the lengths
     if pad and req.kind == "generate":
@@ -276,17 +314,20 @@ def run_task_split(model: nn.Module, tokenizer: Any, task: Task, *, rank: int, w
 
 
 def check_fits(task: Task, tokenizer: Any, context: int | None, decode: DecodeOptions = DecodeOptions(),
-               truncate: bool = False, labels: tuple[str, ...] | None = None) -> None:
+               truncate: bool = False, labels: tuple[str, ...] | None = None,
+               chat_template: ChatTemplate | None = None) -> None:
     """Raise the DataError that scoring `task` would raise for inputs longer than `context` tokens (a
     model's max_seq_len; None = no limit), without a model: training checks its tasks at start-up
     rather than failing at the first evaluation. Nothing to check with `truncate` (eval.lm truncates)
     except a continuation that cannot fit either way. `labels`: the model is a classifier with these
-    classes (task_requests; its label check runs even without a context)."""
+    classes (task_requests; its label check runs even without a context). `chat_template`: the
+    model's, which renders chat messages (task_chat_format)."""
     from clusterlm.eval.lm import classifier_ids, encode_pair, fit_prompts
 
     if context is None and labels is None:
         return
-    req = task_requests(task, decode, labels)
+    req = task_requests(task, decode, labels, None if labels is not None else task_chat_format(task, tokenizer,
+                                                                                                chat_template))
     if context is None:
         return
     if req.kind == "head":

@@ -392,20 +392,22 @@ def generate_completions(model: nn.Module, tokenizer, prompts: Sequence[str], *,
                          top_k: int | None = None, seed: int | None = None, stops: Sequence[str] = (),
                          device: torch.device | str | None = None, truncate: bool = False,
                          progress: bool | None = None, num_beams: int = 1,
-                         length_penalty: float = 1.0) -> list[Completion]:
-    """generate_batch with each prompt's token count and finish reason (see Completion). An
+                         length_penalty: float = 1.0, stop_ids: Sequence[int] = ()) -> list[Completion]:
+    """generate_batch with each prompt's token count and finish reason (see Completion). A token of
+    `stop_ids` (a chat template's end of turn) ends a text as EOS does: not counted, not shown. An
     encoder-decoder (the prompt is its source), or num_beams > 1 (beam search): generate/seq2seq.py."""
     check_sampling_args(temperature, top_k, top_p)
     if num_beams > 1 or getattr(model.config, "arch", None) == "encdec":
         return _seq2seq_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                     temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stops=stops,
                                     device=device, truncate=truncate, progress=progress, num_beams=num_beams,
-                                    length_penalty=length_penalty)
+                                    length_penalty=length_penalty, stop_ids=tuple(stop_ids))
     _check_positive("max_new_tokens", max_new_tokens, 0)
     _check_positive("batch_size", batch_size, 1)
     if any(not s for s in stops):
         raise ValueError(f"stops={list(stops)!r}: a stop string must not be empty")
     _check_vocab(model, tokenizer)
+    stop_ids = frozenset(stop_ids)
     engine = Engine(model, device=_device(model, device))
     C, dev, eos = engine.context, engine.device, tokenizer.eos_id
     ids = fit_prompts([[eos] + tokenizer.encode(p) for p in prompts], C, max_new_tokens, truncate)
@@ -437,7 +439,7 @@ def generate_completions(model: nn.Module, tokenizer, prompts: Sequence[str], *,
         for r, tok in zip(rs, tokens):
             pos = int(cache.pos[r.slot]) if C is not None else None
             reason = engine.finish_reason(tok, eos, r.n_tokens + 1, max_new_tokens, pos)
-            if reason == "stop":  # EOS: not counted, not shown
+            if reason == "stop" or tok in stop_ids:  # EOS or an end of turn: not counted, not shown
                 finish(r, "stop", flush=True)
                 continue
             r.n_tokens, r.last = r.n_tokens + 1, tok

@@ -134,11 +134,13 @@ class Seq2SeqGeneration(Iterator[list[int | None]]):
 def completions(model: nn.Module, tokenizer: Any, ids: Sequence[Sequence[int]], *, max_new_tokens: int,
                 batch_size: int = 16, temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None,
                 seed: int | None = None, stops: Sequence[str] = (), device: torch.device | str | None = None,
-                num_beams: int = 1, length_penalty: float = 1.0, bar: Any = None) -> list[tuple[str, int, str]]:
+                num_beams: int = 1, length_penalty: float = 1.0, bar: Any = None,
+                stop_ids: Sequence[int] = ()) -> list[tuple[str, int, str]]:
     """(text, new tokens, finish reason) per input, in order: `ids` are an encoder-decoder's sources
     (fit_sources) or, with num_beams > 1, a decoder-only model's prompts ([EOS] + ids, fitted to its
     context). Beam search is deterministic (temperature etc. do not apply); sampling draws input i
-    from a generator seeded with seed + i; the text is cut before the first of `stops`.
+    from a generator seeded with seed + i; the text is cut before the first of `stops` or of the
+    tokens `stop_ids` (a chat template's end of turn, which ends a text as EOS does: not counted).
     eval.lm.generate_completions calls this (and wraps the tuples as its Completion)."""
     from clusterlm.generate.text import StopStrings, TextStream
 
@@ -153,6 +155,9 @@ def completions(model: nn.Module, tokenizer: Any, ids: Sequence[Sequence[int]], 
         ts, st = TextStream(tokenizer), StopStrings(tuple(stops))
         pieces = []
         for n, tok in enumerate(tokens, 1):
+            if tok in stop_ids:
+                pieces.append(st.flush(ts.flush()))
+                return "".join(pieces), n - 1, "stop"
             piece, stopped = st.push(ts.push(tok))
             pieces.append(piece)
             if stopped:

@@ -395,6 +395,7 @@ class Trainer:
         if not ec.tasks:
             return []
         from clusterlm.eval.harness import DecodeOptions, check_fits, resolve_task
+        from clusterlm.generate.template import read_template
         from clusterlm.parallel.agree import agree_any
         from clusterlm.tokenizer import load_tokenizer
 
@@ -409,6 +410,8 @@ class Trainer:
                                   f"(DDP, FSDP), not tp={dims.tp} pp={dims.pp}; score the checkpoints with "
                                   "`clusterlm eval RUN --task ...` instead")
             self.task_tokenizer = tok = load_tokenizer(self.tokenizer_file)
+            # a chat fine-tune's tasks are asked in its own template (chat_template.jinja beside the tokenizer)
+            tok.chat_template = read_template(self.tokenizer_file.parent)
             context = mcfg.max_seq_len if mcfg.arch == "transformer" else None
             for spec in ec.tasks:
                 task = resolve_task(spec, limit=ec.limit or None)
