@@ -36,6 +36,7 @@ def resolve_template(spec: str, task: str, base_template: Path | None, records: 
 
 
 def _texts(records: list) -> list[str]:
+    """The records' own contents (a BPE tokenizer's training text: byte-level, it encodes any text)."""
     out = []
     for r in records:
         if hasattr(r, "text"):
@@ -44,6 +45,25 @@ def _texts(records: list) -> list[str]:
             out += [c for _, c in r.messages]
         else:
             out += [r.prompt or "", r.completion or ""]
+    return out
+
+
+def _encoded_texts(records: list, template: Any | None) -> list[str]:
+    """The text of each record as it will be encoded (data/sft.py segments: the rendered template, the
+    space between prompt and completion), the template's special tokens left out (they are added as
+    tokens of their own). A char tokenizer knows only the characters it was trained on, so trained on
+    the contents alone it maps the newlines and spaces clusterlm itself inserts to <|unk|>."""
+    from clusterlm.data.sft import segments
+
+    out = []
+    for r in records:
+        if hasattr(r, "text"):
+            out.append(r.text)
+            continue
+        text = "".join(t for t, _ in segments(r, template))
+        for tok in getattr(template, "special_tokens", ()):
+            text = text.replace(tok, "")
+        out.append(text)
     return out
 
 
@@ -107,11 +127,13 @@ def ensure_finetune_data(cfg: Any) -> tuple[Path, Any, Any]:
         else:
             from clusterlm.tokenizer.kinds import make_tokenizer, train_tokenizer
 
-            texts = _texts(records) + (_texts(val_records or []) if data.tokenizer == "char" else [])
             if data.tokenizer == "byte":
                 tok = make_tokenizer("byte")
-            elif data.tokenizer in ("char", "bpe"):
-                tok = train_tokenizer(data.tokenizer, texts, data.vocab_size or None)
+            elif data.tokenizer == "char":  # every character the examples hold, validation's too
+                tok = train_tokenizer("char", _encoded_texts(records + (val_records or []), template),
+                                      data.vocab_size or None)
+            elif data.tokenizer == "bpe":
+                tok = train_tokenizer("bpe", _texts(records), data.vocab_size or None)
             else:
                 tok = load_tokenizer(data.tokenizer)
         if template is not None:

@@ -200,3 +200,33 @@ def test_a_prepared_folder_knows_its_source_by_content_not_by_mtime(tmp_path, to
     assert source_differs(made, str(tsv)) is None
     old = [{k: v for k, v in m.items() if k != "sha256"} for m in made]
     assert "kept no content hash" in source_differs(old, str(tsv))
+
+
+def _sft_cfg(tmp_path: Path, source: Path, **finetune):
+    """A from-scratch SFT RunConfig (char tokenizer trained on the records) over `source`."""
+    from clusterlm.config import DataConfig, FinetuneConfig, RunConfig, TrainConfig
+
+    return RunConfig(data=DataConfig(dir=str(tmp_path / "data"), source=str(source), tokenizer="char",
+                                     val_fraction=0.25),
+                     finetune=FinetuneConfig(task="sft", **finetune), train=TrainConfig(out_dir=str(tmp_path / "run")))
+
+
+@pytest.mark.parametrize("records", [
+    [{"prompt": "2+2?", "completion": "4"}, {"prompt": "3+3?", "completion": "6"}] * 2,
+    [{"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"},
+                   {"role": "assistant", "content": "4"}]}] * 4,
+])
+def test_a_char_tokenizer_from_scratch_has_every_character_it_encodes(tmp_path, records):
+    """Reference: the prepared examples decode back to the text clusterlm renders (segments): no
+    <|unk|>. Before, the char tokenizer was trained on the records' contents only, so the space
+    between prompt and completion and the template's newlines were <|unk|> (U+FFFD when decoded)."""
+    from clusterlm.finetune.data import ensure_finetune_data
+    from clusterlm.tokenizer import load_tokenizer
+
+    src = write_jsonl(tmp_path / "r.jsonl", records)
+    data_dir, _, _ = ensure_finetune_data(_sft_cfg(tmp_path, src))
+    tok = load_tokenizer(data_dir / "tokenizer.json")
+    tokens = np.load(data_dir / "train.tokens.npy")
+    assert tok.unk_id not in set(tokens.tolist())
+    assert "\ufffd" not in tok.decode(tokens.tolist())
+    assert tok.encode(" ") != [tok.unk_id] and (records[0].get("messages") is None or tok.encode("\n") != [tok.unk_id])
