@@ -4,8 +4,8 @@
     clusterlm launch RECIPE --nproc-per-node 8 --nnodes 2 --node-rank 0 --rdzv-endpoint node01:29500  # on each node
     clusterlm launch RECIPE --slurm --nodes 2 --gpus-per-node 8 --time 04:00:00 --parallel.dp_shard=16
 
-`launch` runs torchrun (`python -m torch.distributed.run`) for `clusterlm train`. `clusterlm train`
-started by torchrun directly, or by Slurm's `srun` without torchrun (one task per device), finds
+`launch` runs torchrun (`python -m clusterlm.parallel.torchrun`: torchrun without a traceback when
+stopped) for `clusterlm train`. `clusterlm train` started by torchrun directly, or by Slurm's `srun` without torchrun (one task per device), finds
 its rank here: torchrun's RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT first, then Slurm's
 SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID with the first host of SLURM_NODELIST as master address.
 Backend: NCCL when CUDA is available, gloo otherwise.
@@ -181,7 +181,8 @@ def torchrun_command(recipe: str | None, overrides: list[str], *, nproc_per_node
         raise ValueError(f"--node-rank={node_rank} must be < --nnodes={nnodes}")
     # c10d rendezvous (not the static --master-addr one): each restart round gets a fresh store, so a
     # restarted group never reads the dead round's addresses (the static store keeps them)
-    cmd = [python or sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}",
+    # clusterlm.parallel.torchrun: torchrun itself, without a traceback when it is stopped by a signal
+    cmd = [python or sys.executable, "-m", "clusterlm.parallel.torchrun", f"--nproc-per-node={nproc_per_node}",
            f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
            f"--rdzv-endpoint={master_addr}:{master_port}", "--rdzv-id=clusterlm", f"--max-restarts={max_restarts}"]
     return cmd + ["-m", "clusterlm", "train", *([recipe] if recipe else []), *overrides]

@@ -72,7 +72,7 @@ def test_torchrun_command():
     """`clusterlm launch` runs torchrun's module with the node layout, then `clusterlm train`."""
     cmd = torchrun_command("r.toml", ["--train.max_steps=5"], nproc_per_node=4, nnodes=2, node_rank=1,
                            master_addr="n01", master_port=2000, python="py")
-    assert cmd == ["py", "-m", "torch.distributed.run", "--nproc-per-node=4", "--nnodes=2", "--node-rank=1",
+    assert cmd == ["py", "-m", "clusterlm.parallel.torchrun", "--nproc-per-node=4", "--nnodes=2", "--node-rank=1",
                    "--rdzv-backend=c10d", "--rdzv-endpoint=n01:2000", "--rdzv-id=clusterlm", "--max-restarts=0",
                    "-m", "clusterlm", "train",
                    "r.toml", "--train.max_steps=5"]

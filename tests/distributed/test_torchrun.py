@@ -133,6 +133,7 @@ def test_killed_rank_restarts_and_resumes_identically(tmp_path):
     log = (tmp_path / "launcher.log").read_text()
     assert rc == 75, log[-3000:]
     assert "SIGTERM received: passed to torchrun" in log
+    assert "torchrun: stopped by SIGTERM" in log and "SignalException" not in log  # one line, no traceback
     assert _rank_pid(0, str(run)) is None and _rank_pid(1, str(run)) is None
     last = max(train_losses(run))
     assert (run / "checkpoints" / f"step-{last:08d}").is_dir()
