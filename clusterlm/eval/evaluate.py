@@ -82,18 +82,20 @@ def evaluate_checkpoint(ckpt: str, *, data: str | None = None, split: str = "val
 def _objective_loss(loaded: Any, data_dir: Path, split: str, batch_size: int, seq_len: int | None,
                     max_batches: int | None, dev: Any) -> dict[str, Any]:
     """The loss of a masked-LM encoder or an encoder-decoder on the held-out data of its own objective
-    (finetune.task mlm, span or seq2seq: finetune/objectives.py's validation batches; docs/encdec.md)."""
+    (finetune.task mlm, span or seq2seq, or the architecture's for a converted checkpoint, whose config
+    says 'lm': finetune/objectives.py's validation batches; docs/encdec.md)."""
     import dataclasses
 
     from clusterlm.device import autocast_dtype
     from clusterlm.eval.metrics import evaluate_loss
-    from clusterlm.finetune.objectives import OBJECTIVES, val_batches
+    from clusterlm.finetune.objectives import check_objective_data, objective_of, val_batches
 
     cfg = loaded.config
-    task = cfg.finetune.task
-    if task not in OBJECTIVES:
-        raise DataError(f"{loaded.path} is an arch {cfg.model.arch!r} model trained with finetune.task={task!r}; "
-                        f"its loss is measured on the data of {', '.join(OBJECTIVES)}; score it with --task FILE")
+    task = objective_of(cfg)  # a converted checkpoint's config says 'lm': the architecture's objective
+    check_objective_data(data_dir, task)
+    if task == "mlm" and loaded.tokenizer.token_id("<|mask|>") is None:
+        raise DataError(f"{loaded.path} is a masked-LM encoder whose tokenizer has no <|mask|> token, so its masked-LM "
+                        "loss cannot be measured; score it with --task FILE")
     if split != "val":
         raise DataError(f"--split {split}: an {cfg.model.arch} model's loss is measured on its objective's 'val' split")
     from clusterlm.data.shards import same_tokenizer
@@ -103,7 +105,8 @@ def _objective_loss(loaded: Any, data_dir: Path, split: str, batch_size: int, se
                         "own data directory (for mlm/span: OUT_DIR/mlm_data or OUT_DIR/span_data)")
     T = seq_len or cfg.train.seq_len
     run = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=batch_size, seq_len=T,
-                                                             eval_batches=max_batches or 10**9))
+                                                             eval_batches=max_batches or 10**9),
+                              finetune=dataclasses.replace(cfg.finetune, task=task))
     res = evaluate_loss(loaded.model, val_batches(run, data_dir, Path(loaded.path) / "tokenizer.json"), device=dev,
                         autocast_dtype=autocast_dtype("auto", dev))
     return {"checkpoint": str(loaded.path), "data": str(data_dir), "split": split, "objective": task, "seq_len": T,

@@ -18,6 +18,35 @@ from typing import Any
 OBJECTIVES = ("mlm", "seq2seq", "span")
 
 
+def objective_of(cfg: Any) -> str:
+    """The objective a model's loss is measured with: the run's own (finetune.task mlm, span or
+    seq2seq), else its architecture's (an encoder: masked LM; an encoder-decoder: source/target
+    pairs; a checkpoint converted from Hugging Face says task 'lm', which neither trains with), else
+    next-token "lm"."""
+    task = cfg.finetune.task
+    if task in OBJECTIVES:
+        return task
+    return {"encoder": "mlm", "encdec": "seq2seq"}.get(cfg.model.arch, "lm")
+
+
+def check_objective_data(data_dir: Path, objective: str) -> dict[str, Any]:
+    """`data_dir` must be a prepared directory of the kind `objective` reads: source/target pairs for
+    seq2seq, token shards for the others; returns its meta.json. A DataError naming both otherwise."""
+    from clusterlm.data.shards import read_meta
+    from clusterlm.errors import DataError
+
+    meta = read_meta(data_dir)
+    held = f"examples of task {meta.get('task')!r}" if meta.get("layout") == "examples" else "token shards"
+    if objective == "seq2seq" and meta.get("task") != "seq2seq":
+        raise DataError(f"an encoder-decoder's seq2seq loss reads source/target pairs, but {data_dir} holds {held}; "
+                        "give --data a pairs directory prepared for a finetune.task='seq2seq' run (e.g. that run's "
+                        "data.dir)")
+    if objective != "seq2seq" and meta.get("layout") == "examples":
+        raise DataError(f"the {objective} loss reads token shards, but {data_dir} holds {held}; give --data a "
+                        "directory made by `clusterlm prepare` with the checkpoint's tokenizer")
+    return meta
+
+
 def _ids(tokenizer_file: Path) -> dict[str, int]:
     from clusterlm.data.mlm import MASK
     from clusterlm.tokenizer import load_tokenizer

@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clusterlm.finetune.objectives import objective_of
+
 log = logging.getLogger(__name__)
 
 METHODS = ("magnitude", "structured")
@@ -183,36 +185,15 @@ def finetune_optim(optim_cfg: object, steps: int, lr: float | None) -> object:
                                warmup_steps=max(1, steps // 10), decay_steps=0)
 
 
-def finetune_objective(run_cfg: object) -> str:
-    """The loss a recovery fine-tune trains: the run's own objective (mlm, span, seq2seq), else the
-    one the architecture trains with (an encoder masked LM, an encoder-decoder pairs), else next-token
-    "lm". A bidirectional encoder given the next-token loss sees its targets and learns to copy them:
-    its masked-LM loss gets worse while the fine-tune loss falls."""
-    from clusterlm.finetune.objectives import OBJECTIVES
-
-    task = run_cfg.finetune.task
-    if task in OBJECTIVES:
-        return task
-    return {"encoder": "mlm", "encdec": "seq2seq"}.get(run_cfg.model.arch, "lm")
-
-
 def check_finetune_data(data: Path, objective: str) -> dict:
-    """`data` must be a prepared directory of the kind `objective` reads: source/target pairs for
-    seq2seq, token shards for the others; returns its meta. A DataError naming both otherwise."""
-    from clusterlm.data.shards import read_meta
+    """`data` must be a prepared directory of the kind `objective` reads (token shards, or pairs for
+    seq2seq: finetune.objectives.check_objective_data); returns its meta."""
     from clusterlm.errors import DataError
+    from clusterlm.finetune.objectives import check_objective_data
 
     if not (data / "meta.json").is_file():
         raise DataError(f"fine-tune data {data} has no meta.json; pass --data DIR (a `clusterlm prepare` output)")
-    meta = read_meta(data)
-    held = f"examples of task {meta.get('task')!r}" if meta.get("layout") == "examples" else "token shards"
-    if objective == "seq2seq" and meta.get("task") != "seq2seq":
-        raise DataError(f"fine-tuning an encoder-decoder reads source/target pairs, but {data} holds {held}; pass "
-                        "--data DIR of pairs prepared for a finetune.task='seq2seq' run (e.g. the run's data.dir)")
-    if objective != "seq2seq" and meta.get("layout") == "examples":
-        raise DataError(f"the {objective} fine-tune reads token shards, but {data} holds {held}; pass --data DIR "
-                        "made by `clusterlm prepare` with the checkpoint's tokenizer")
-    return meta
+    return check_objective_data(data, objective)
 
 
 def _train_batches(run_cfg: object, objective: str, data_dir: Path, tokenizer_file: Path | None) -> object:
@@ -235,8 +216,9 @@ def _train_batches(run_cfg: object, objective: str, data_dir: Path, tokenizer_fi
 def finetune(model: nn.Module, run_cfg: object, steps: int, data_dir: str | Path, *, batch_size: int | None = None,
              masks: dict[str, torch.Tensor] | None = None, lr: float | None = None,
              tokenizer_file: Path | None = None) -> list[float]:
-    """`steps` AdamW steps of the model's own objective (`finetune_objective`: next-token, masked LM,
-    span corruption or pairs) on data_dir's train split (lr schedule: `finetune_optim`); returns the
+    """`steps` AdamW steps of the model's own objective (finetune.objectives.objective_of: next-token,
+    masked LM, span corruption or pairs; a bidirectional encoder given the next-token loss sees its
+    targets and learns to copy them) on data_dir's train split (lr schedule: `finetune_optim`); returns the
     losses. `tokenizer_file`: the checkpoint's, for the mask/sentinel/pad ids of the other objectives."""
     from clusterlm.eval.metrics import lm_loss
     from clusterlm.train.optim import build_optimizer, lr_at
@@ -244,7 +226,7 @@ def finetune(model: nn.Module, run_cfg: object, steps: int, data_dir: str | Path
     tc = run_cfg.train
     tc = dataclasses.replace(tc, seq_len=min(tc.seq_len, model.config.max_seq_len),
                              micro_batch_size=batch_size or tc.micro_batch_size)
-    loader = _train_batches(dataclasses.replace(run_cfg, train=tc), finetune_objective(run_cfg), Path(data_dir),
+    loader = _train_batches(dataclasses.replace(run_cfg, train=tc), objective_of(run_cfg), Path(data_dir),
                             tokenizer_file)
     oc = finetune_optim(run_cfg.optim, steps, lr)
     opt = build_optimizer(model, oc)
@@ -295,7 +277,7 @@ def prune_checkpoint(src: str | Path, out: str | Path, sparsity: float, method: 
         from clusterlm.data.shards import check_data_tokenizer
 
         data = Path(data_dir) if data_dir is not None else Path(run_cfg.data.dir)
-        meta = check_finetune_data(data, finetune_objective(run_cfg))
+        meta = check_finetune_data(data, objective_of(run_cfg))
         check_data_tokenizer(data, meta, loaded.path, loaded.tokenizer)  # its ids must be the model's
     masks = None
     if method == "magnitude":

@@ -212,3 +212,35 @@ def test_convert_refuses_what_clusterlm_cannot_express(change, fragment):
 
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace("+", r"\+")):
         hf_to_config(change)
+
+
+def test_converted_encdec_gets_its_seq2seq_loss_from_eval(tmp_path, capsys):
+    """`clusterlm eval BACK --data PAIRS` of an encoder-decoder converted back from Hugging Face (its
+    config says finetune.task 'lm', which no encdec trains with) measures the seq2seq loss, equal to
+    the source run's (1e-5); it was refused as "trained with finetune.task='lm'". Token shards given
+    as --data are refused in one line naming the pairs it needs."""
+    from clusterlm.cli import main as cli
+    from clusterlm.data.seq2seq import prepare_pairs
+    from clusterlm.errors import DataError
+    from clusterlm.eval.evaluate import evaluate_checkpoint
+    from clusterlm.tokenizer.kinds import make_tokenizer
+
+    _checkpoint(tmp_path, ENCDEC)
+    assert export_main([str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "exp")]) == 0
+    assert main(["--from-hf", str(tmp_path / "exp"), "--out", str(tmp_path / "back")]) == 0
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"prompt": f"a{i}", "completion": f"b{i}"}) + "\n"
+                                                  for i in range(40)))
+    prepare_pairs(tmp_path / "pairs", source=str(tmp_path / "pairs.jsonl"), tokenizer=make_tokenizer("byte"),
+                  max_source_len=8, val_fraction=0.5)
+    capsys.readouterr()  # export's and convert's lines
+    losses = []
+    for run in ("run", "back"):
+        assert cli(["eval", str(tmp_path / run), "--data", str(tmp_path / "pairs")]) == 0
+        got = json.loads(capsys.readouterr().out)
+        assert got["objective"] == "seq2seq"
+        losses.append(got["loss"])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "meta.json").write_text(json.dumps({"format_version": 1, "splits": {}}))
+    with pytest.raises(DataError, match="reads source/target pairs, but .* holds token shards"):
+        evaluate_checkpoint(str(tmp_path / "back"), data=str(tmp_path / "lm"))
