@@ -277,6 +277,12 @@ class TokenSumLoss:
     def __init__(self) -> None:
         self.scale = 1.0
 
+    def denominator(self, targets: torch.Tensor) -> float:
+        """This micro-batch's part of the step's denominator: its trained tokens."""
+        from clusterlm.eval.metrics import IGNORE_INDEX
+
+        return float((targets != IGNORE_INDEX).sum())
+
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         from clusterlm.eval.metrics import lm_loss
 
@@ -286,18 +292,33 @@ class TokenSumLoss:
 class ClassifyLoss:
     """Cross-entropy of (B, C) logits against (B,) label ids, or against (B, C) label distributions
     (distillation's targets: finetune/distill.py), with optional class weights; the trainer's
-    `loss_fn` for classifiers (a class, so it pickles for the pipeline schedule)."""
+    `loss_fn` for classifiers (a class, so it pickles for the pipeline schedule).
+
+    In training the trainer sets `scale` each step (as TokenSumLoss's) to accum * dp / (the step's
+    denominator over every rank), and 'mean' is the summed loss times it: one mean over the whole
+    step. With class weights torch's per-micro-batch mean divides by that micro-batch's sum of
+    weights, so a mean of those means would depend on how the step is split into micro-batches and
+    ranks. `scale` None (outside training): torch's mean of this call."""
 
     def __init__(self, weight: torch.Tensor | None = None) -> None:
         self.weight = weight
+        self.scale: float | None = None
+
+    def denominator(self, targets: torch.Tensor) -> float:
+        """This micro-batch's part of the step's denominator, torch's 'mean' rule: the sum of its
+        labels' weights for label ids, its rows for label distributions or without weights. (With
+        class weights the two rules' scales differ, each consistent within a run.)"""
+        if self.weight is not None and targets.ndim == 1:
+            return float(self.weight.to(targets.device)[targets].double().sum())
+        return float(targets.shape[0])
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         if logits.ndim != 2 or targets.shape not in (logits.shape[:1], logits.shape):
             raise ValueError(f"classify loss: logits {tuple(logits.shape)} must be (B, C) and targets "
                              f"{tuple(targets.shape)} (B,) label ids or (B, C) label distributions")
         w = self.weight.to(logits.device) if self.weight is not None else None
-        # with class weights, 'mean' divides label ids' losses by the sum of their weights but
-        # distributions' by B (torch's rule): the two scales differ, each consistent within a run
+        if reduction == "mean" and self.scale is not None:
+            return torch.nn.functional.cross_entropy(logits.float(), targets, weight=w, reduction="sum") * self.scale
         return torch.nn.functional.cross_entropy(logits.float(), targets, weight=w, reduction=reduction)
 
 

@@ -541,12 +541,10 @@ class Trainer:
         set_lr(opt, lr, state.step)  # times each group's layer scale; 0 for a group not yet unfrozen
         loss_sum = torch.zeros((), device=self.device)
         batches = [next(self.loader) for _ in range(self.accum)]
-        if hasattr(pm.loss_fn, "scale"):  # SFT: the mean over every trained token of the step, all ranks
-            from clusterlm.eval.metrics import IGNORE_INDEX
-
-            local = torch.tensor(float(sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)), device=self.device)
-            total = float(pm.mean_over_dp(local)) * self.dims.dp
-            pm.loss_fn.scale = self.accum * self.dims.dp / max(total, 1.0)
+        if hasattr(pm.loss_fn, "denominator"):  # SFT, classify: one mean over the whole step, all ranks
+            local = torch.tensor(sum(pm.loss_fn.denominator(y) for _, y in batches), device=self.device)
+            total = float(pm.mean_over_dp(local)) * self.dims.dp  # trained tokens, or (weighted) examples
+            pm.loss_fn.scale = self.accum * self.dims.dp / (total if total > 0 else 1.0)
         for i, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             # gradients are reduced across data-parallel ranks on the last micro-batch only

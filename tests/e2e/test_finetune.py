@@ -338,3 +338,27 @@ def test_finetune_from_a_hugging_face_base_and_export_the_chat_model(base, recor
         got = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
                           attention_mask=torch.ones(1, len(ids), dtype=torch.long))
     assert got[0, len(ids):len(ids) + len(want)].tolist() == want
+
+
+def test_balanced_class_weights_give_one_mean_over_the_step_whatever_the_micro_batches(tmp_path):
+    """Reference: sum of w_y * nll / sum of w_y over the step's 16 examples (torch's weighted mean of
+    the whole batch). A from-scratch classifier with balanced weights on 3:1 labels, one micro-batch of
+    16 against two of 8 (gradient accumulation): the same step-1 loss (1e-6) and, the gradients being
+    the same, step-2 loss. Before, each micro-batch was a weighted mean of its own and the step the
+    plain mean of those, which depends on how the classes fall into the micro-batches."""
+    tsv = tmp_path / "c.tsv"
+    tsv.write_text("sentence\tlabel\n" + "".join(f"the film was {'good' if i % 4 == 0 else 'bad'} {i}.\t"
+                                                f"{'pos' if i % 4 == 0 else 'neg'}\n" for i in range(64)))
+    common = ["finetune", "--finetune.task=classify", "--finetune.class_weights=balanced",
+              f"--data.source={json.dumps(str(tsv))}", f"--data.dir={json.dumps(str(tmp_path / 'data'))}",
+              "--data.tokenizer=char", "--data.val_fraction=0", "--model.preset=gpt-nano", "--model.n_layers=1",
+              "--model.dim=32", "--model.n_heads=2", "--model.max_seq_len=32", "--train.seq_len=32",
+              "--train.max_steps=2", "--train.eval_interval=0", "--train.tensorboard=false", "--train.threads=1",
+              "--optim.warmup_steps=0", "--optim.lr=1e-2"]
+    one = tmp_path / "one"
+    assert cli([*common, f"--train.out_dir={json.dumps(str(one))}", "--train.micro_batch_size=16"]) == 0
+    two = tmp_path / "two"
+    assert cli([*common, f"--train.out_dir={json.dumps(str(two))}", "--train.micro_batch_size=8",
+                "--train.global_batch_tokens=512"]) == 0
+    a, b = train_losses(one), train_losses(two)
+    assert abs(a[1] - b[1]) < 1e-6 and abs(a[2] - b[2]) < 1e-5, (a, b)
