@@ -305,12 +305,14 @@ def describe_source(task: str, source: str, val_source: str, template_source: st
 def prepare_examples(out_dir: str | os.PathLike, *, task: str, source: str, tokenizer: Any, val_source: str = "",
                      val_fraction: float = 0.1, template: Any | None = None, labels: Sequence[str] = (),
                      prompt_loss: bool = False, records: list | None = None,
-                     val_records: list | None = None, augment: int = 0) -> dict[str, Any]:
+                     val_records: list | None = None, augment: int = 0,
+                     options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the prepared directory `out_dir` (module docstring) and return its meta.json.
     `tokenizer` must already hold the template's special tokens. `records`/`val_records`: the
     already-read records (else read from `source`/`val_source`). `augment` (classify): that many
     augmented copies of each training text (data/augment.py) after the originals, flagged in the
-    train split's `augmented` array."""
+    train split's `augmented` array. `options`: the settings it was made with, kept in meta.json's
+    made_from["options"] (finetune/data.py compares them when the directory is reused)."""
     from clusterlm.data.shards import META_VERSION
     from clusterlm.fsutil import atomic_write_json, atomic_write_text, staging_dir
 
@@ -376,8 +378,8 @@ def prepare_examples(out_dir: str | os.PathLike, *, task: str, source: str, toke
                 "tokenizer": {"file": "tokenizer.json", "kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
                 "chat_template": "chat_template.jinja" if template is not None else None,
                 "labels": list(label_names), "prompt_loss": prompt_loss, "augment": augment, "splits": meta_splits,
-                "made_from": describe_source(task, source, val_source, template.source if template else None,
-                                             tmp / "tokenizer.json")}
+                "made_from": {**describe_source(task, source, val_source, template.source if template else None,
+                                                tmp / "tokenizer.json"), **({"options": options} if options else {})}}
         atomic_write_json(tmp / "meta.json", meta)
     log.info("prepared %s: %s", out_dir, ", ".join(f"{s} {m['examples']:,} examples ({m['tokens']:,} tokens)"
                                                    for s, m in meta_splits.items()))

@@ -86,6 +86,53 @@ def _check_made_from(data_dir: Path, meta: dict, cfg: Any) -> None:
         if why:
             raise ConfigError(f"data.dir={str(data_dir)!r} was not prepared from data.source={data.source!r} as it "
                               f"is now: {why}; delete {data_dir} or give a new data.dir")
+    if ft.task in ("sft", "classify"):
+        _check_options(data_dir, meta, prepare_options(cfg))
+    if ft.task == "sft":
+        _check_template(data_dir, made.get("template_sha256"), ft.template)
+
+
+def prepare_options(cfg: Any) -> dict[str, Any]:
+    """The options that shape a prepared directory's examples besides its records, kept in meta.json's
+    made_from (a directory made with others is refused, not silently reused): the tokenizer trained
+    from scratch, the validation hold-out, and for SFT what the loss is on and the template."""
+    ft, data = cfg.finetune, cfg.data
+    out = {"data.tokenizer": None if ft.init_from else data.tokenizer,  # a base brings its own
+           "data.val_fraction": None if ft.val_source else data.val_fraction,  # val_source replaces it
+           "finetune.val_source": ft.val_source}
+    if ft.task == "sft":
+        out.update({"finetune.prompt_loss": ft.prompt_loss, "finetune.template": ft.template})
+    return out
+
+
+def _check_options(data_dir: Path, meta: dict, now: dict[str, Any]) -> None:
+    """Refuse a directory prepared with other prepare_options (one from before they were kept in
+    meta.json has only prompt_loss to compare)."""
+    made = (meta.get("made_from") or {}).get("options")
+    if made is None:
+        made = {"finetune.prompt_loss": bool(meta.get("prompt_loss"))} if meta.get("task") == "sft" else {}
+    for key, new in now.items():
+        if key in made and made[key] != new:
+            raise ConfigError(f"data.dir={str(data_dir)!r} was prepared with {key}={made[key]!r}, not {new!r}; give "
+                              f"another data.dir, or delete {data_dir} to prepare it again")
+
+
+def _check_template(data_dir: Path, made_sha: str | None, spec: str) -> None:
+    """Refuse a directory prepared with another template than finetune.template names now (a .jinja
+    file edited since, or a directory from before the options were kept). 'auto' depends on the base
+    and the records, which the other checks cover."""
+    if spec == "auto":
+        return
+    import hashlib
+
+    from clusterlm.generate.template import load_template
+
+    sha = None if spec == "none" else hashlib.sha256(load_template(spec).source.encode()).hexdigest()
+    if sha != made_sha:
+        had = "no chat template" if made_sha is None else f"a chat template of sha256 {made_sha[:12]}"
+        now = "none" if sha is None else f"sha256 {sha[:12]}"
+        raise ConfigError(f"data.dir={str(data_dir)!r} was prepared with {had}, but finetune.template={spec!r} is "
+                          f"{now}; give another data.dir, or delete {data_dir} to prepare it again")
 
 
 def ensure_finetune_data(cfg: Any) -> tuple[Path, Any, Any]:
@@ -151,7 +198,7 @@ def ensure_finetune_data(cfg: Any) -> tuple[Path, Any, Any]:
             prepare_examples(data_dir, task=ft.task, source=data.source, tokenizer=tok, val_source=ft.val_source,
                              val_fraction=data.val_fraction, template=template, labels=ft.labels,
                              prompt_loss=ft.prompt_loss, records=records, val_records=val_records,
-                             augment=ft.augment)
+                             augment=ft.augment, options=prepare_options(cfg))
     meta = read_meta(data_dir)
     tok = load_tokenizer(data_dir / meta["tokenizer"]["file"])
     labels = tuple(meta.get("labels") or ()) if ft.task == "classify" else ()

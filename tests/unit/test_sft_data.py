@@ -230,3 +230,34 @@ def test_a_char_tokenizer_from_scratch_has_every_character_it_encodes(tmp_path, 
     assert tok.unk_id not in set(tokens.tolist())
     assert "\ufffd" not in tok.decode(tokens.tolist())
     assert tok.encode(" ") != [tok.unk_id] and (records[0].get("messages") is None or tok.encode("\n") != [tok.unk_id])
+
+
+def test_a_prepared_folder_made_with_other_options_is_refused_naming_the_option(tmp_path):
+    """Reference: the options the folder was prepared with (meta.json made_from.options). Reusing it
+    with another prompt_loss, template, data.tokenizer or val_fraction, or after its .jinja file was
+    edited, is one ConfigError naming the option and both values; the same options reuse it. Before,
+    the folder was reused silently with the old objective."""
+    import dataclasses
+
+    from clusterlm.finetune.data import ensure_finetune_data
+    from clusterlm.generate.template import DEFAULT_TEMPLATE
+
+    src = write_jsonl(tmp_path / "r.jsonl", pairs(8))
+    jinja = tmp_path / "t.jinja"
+    jinja.write_text(DEFAULT_TEMPLATE)
+    cfg = _sft_cfg(tmp_path, src, template=str(jinja))
+    ensure_finetune_data(cfg)
+    meta = (tmp_path / "data" / "meta.json").read_text()
+    ensure_finetune_data(cfg)  # the same options: reused
+    changes = {"finetune.prompt_loss=False, not True": dict(finetune=dataclasses.replace(cfg.finetune, prompt_loss=True)),
+               "finetune.template=": dict(finetune=dataclasses.replace(cfg.finetune, template="auto")),
+               "data.tokenizer='char', not 'byte'": dict(data=dataclasses.replace(cfg.data, tokenizer="byte")),
+               "data.val_fraction=0.25, not 0.5": dict(data=dataclasses.replace(cfg.data, val_fraction=0.5))}
+    for needle, change in changes.items():
+        with pytest.raises(ConfigError, match="delete") as e:
+            ensure_finetune_data(dataclasses.replace(cfg, **change))
+        assert needle in str(e.value) and "\n" not in str(e.value)
+    jinja.write_text(DEFAULT_TEMPLATE.replace("<|end|>", "<|end|><|end|>", 1))
+    with pytest.raises(ConfigError, match=r"was prepared with a chat template of sha256 .* is sha256"):
+        ensure_finetune_data(cfg)
+    assert (tmp_path / "data" / "meta.json").read_text() == meta
