@@ -2,11 +2,13 @@
 
     clusterlm report runs/shakespeare_char
 
-writes RUN_DIR/plots/loss_vs_step.png, loss_vs_tokens.png, throughput.png, one task_<name>.png per
-task scored during training ([eval] in the recipe: score vs step and vs wall time) and
-RUN_DIR/summary.md (final and best losses, steps, tokens, wall time, tokens/s, MFU when the peak
-was known, predicted-vs-measured figures when the run logged `predicted_*` fields, the task scores
-of the last evaluation during training and those of `clusterlm eval --out RUN/task_scores.json`).
+writes RUN_DIR/plots/loss_vs_step.png, loss_vs_tokens.png, throughput.png, val_scores.png (a
+classifier's validation accuracy and macro-F1), one task_<name>.png per task scored during training
+([eval] in the recipe: score vs step and vs wall time) and RUN_DIR/summary.md (final and best
+losses, a classifier's final and best validation accuracy and macro-F1, steps, tokens, wall time,
+tokens/s, MFU when the peak was known, predicted-vs-measured figures when the run logged
+`predicted_*` fields, the task scores of the last evaluation during training and those of
+`clusterlm eval --out RUN/task_scores.json`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from clusterlm.fsutil import atomic_write_text
 from clusterlm.train.metrics import METRICS_FILE, TASK_HEADLINE, read_metrics
 
 PLOTS_DIR = "plots"
+VAL_SCORES = {"val_accuracy": "val accuracy", "val_macro_f1": "val macro-F1"}  # a classifier's, higher is better
 SMOOTH = 0.9  # EMA factor for the smoothed train-loss curve (TensorBoard's default smoothing is 0.6-0.9)
 
 
@@ -75,6 +78,19 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     # tokens/s over the run: tokens of the logged train steps / seconds spent in them
     out["mean_tokens_per_s"] = (_trained_tokens(train) / out["train_seconds"]) if out["train_seconds"] else None
     out["predicted_vs_measured"] = _predicted_vs_measured(records, train)
+    out["val_scores"] = val_scores(evals)
+    return out
+
+
+def val_scores(evals: list[dict[str, Any]]) -> dict[str, dict[str, float | int]]:
+    """A classifier's validation scores (VAL_SCORES) that the eval records carry: {key: {"final",
+    "best", "best_step"}}, best = the highest (the earliest step on ties); {} for a language model."""
+    out: dict[str, dict[str, float | int]] = {}
+    for key in VAL_SCORES:
+        pts = [(v, int(r.get("step", 0))) for r in evals if (v := _num(r.get(key))) is not None]
+        if pts:
+            best, step = max(pts, key=lambda p: (p[0], -p[1]))
+            out[key] = {"final": pts[-1][0], "best": best, "best_step": step}
     return out
 
 
@@ -135,6 +151,25 @@ def _plot_loss(records: list[dict[str, Any]], x: str, xlabel: str, path: Path) -
     ax.grid(True, alpha=0.3)
     if tx or vx:
         ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_val_scores(records: list[dict[str, Any]], path: Path) -> None:
+    """A classifier's validation accuracy and macro-F1 against the step."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for key, label in VAL_SCORES.items():
+        xs, ys = _series(records, "eval", "step", key)
+        if xs:
+            ax.plot(xs, ys, marker="o", markersize=3.5, linewidth=1.6, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("score")
+    ax.set_title("validation scores vs step")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -231,6 +266,15 @@ def _duration(seconds: float | None) -> str:
     return f"{h}h {m:02d}m {s:04.1f}s" if h else f"{m}m {s:04.1f}s"
 
 
+def _val_score_rows(scores: dict[str, dict[str, float | int]]) -> list[str]:
+    """summary.md rows of a classifier's final and best validation scores (`val_scores`)."""
+    rows = []
+    for key, v in scores.items():
+        rows += [f"| final {VAL_SCORES[key]} | {v['final']:.4f} |",
+                 f"| best {VAL_SCORES[key]} | {v['best']:.4f} (step {v['best_step']:,}) |"]
+    return rows
+
+
 def render_summary(run_dir: Path, s: dict[str, Any], plots: dict[str, Path]) -> str:
     mfu = "unknown (device peak not known)" if s["mfu_mean"] is None else f"{100 * s['mfu_mean']:.1f}%"
     lines = [
@@ -244,6 +288,7 @@ def render_summary(run_dir: Path, s: dict[str, Any], plots: dict[str, Path]) -> 
         f"| final val loss | {_fmt(s['final_val_loss'])} |",
         f"| best val loss | {_fmt(s['best_val_loss'])}"
         + (f" (step {s['best_val_step']:,})" if s["best_val_step"] is not None else "") + " |",
+        *_val_score_rows(s.get("val_scores", {})),
         f"| wall time in training steps | {_duration(s['train_seconds'])} |",
         f"| elapsed (first to last record) | {_duration(s['elapsed_seconds'])} |",
         f"| median step time | {_fmt(None if s['median_step_time_s'] is None else s['median_step_time_s'] * 1e3, '.1f')}"
@@ -302,7 +347,8 @@ def _task_scores(run_dir: Path) -> dict[str, dict[str, Any]]:
 
 def write_report(run_dir: str | Path) -> dict[str, Path]:
     """Write the plots and summary.md of `run_dir`; returns {"loss_vs_step", "loss_vs_tokens",
-    "throughput", "task_<name>" (one per task scored during training), "summary"} -> path."""
+    "throughput", "val_scores" (a classifier's), "task_<name>" (one per task scored during training),
+    "summary"} -> path."""
     run_dir = Path(run_dir)
     metrics_path = run_dir / METRICS_FILE
     if not metrics_path.is_file():
@@ -321,6 +367,9 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
     _plot_loss(records, "step", "step", plots["loss_vs_step"])
     _plot_loss(records, "tokens", "tokens seen", plots["loss_vs_tokens"])
     _plot_throughput(records, plots["throughput"])
+    if any(_series(records, "eval", "step", key)[0] for key in VAL_SCORES):  # a classifier's run
+        plots["val_scores"] = plots_dir / "val_scores.png"
+        _plot_val_scores(records, plots["val_scores"])
     for name, recs in task_series(records).items():
         key = _task_plot_name(name)
         plots[key] = plots_dir / f"{key}.png"

@@ -125,3 +125,27 @@ def test_task_scores_during_training(tmp_path):
     assert "| qa | generate | 5 | 100 | bleu | 12.5 | 12.5 (100) |" in md
     assert "| qa | generate | 5 | 100 | f1 |" not in md  # headline metrics only (TASK_HEADLINE)
     assert "![task_next_line](plots/task_next_line.png)" in md
+
+
+def test_classifier_val_accuracy_and_macro_f1_in_summary_and_plot(tmp_path):
+    """A classifier's eval records carry val_accuracy and val_macro_f1: summary.md has the final and
+    the best (highest, with its step) of each, and plots/val_scores.png is written; a language
+    model's report has neither (they were left out of the classifier's summary)."""
+    recs = _write_run(tmp_path / "cls")
+    scores = {25: (0.60, 0.55), 50: (0.80, 0.78), 75: (0.75, 0.79), 100: (0.70, 0.65)}
+    for r in recs:
+        if r.get("kind") == "eval":
+            r["val_accuracy"], r["val_macro_f1"] = scores[r["step"]]
+    (tmp_path / "cls" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    s = summarize(recs)
+    assert s["val_scores"] == {"val_accuracy": {"final": 0.70, "best": 0.80, "best_step": 50},
+                               "val_macro_f1": {"final": 0.65, "best": 0.79, "best_step": 75}}
+    paths = write_report(tmp_path / "cls")
+    md = paths["summary"].read_text()
+    for row in ("| final val accuracy | 0.7000 |", "| best val accuracy | 0.8000 (step 50) |",
+                "| final val macro-F1 | 0.6500 |", "| best val macro-F1 | 0.7900 (step 75) |"):
+        assert row in md
+    assert paths["val_scores"].read_bytes()[:8] == PNG_MAGIC and "val_scores.png" in md
+    _write_run(tmp_path / "lm")
+    lm = write_report(tmp_path / "lm")
+    assert "val_scores" not in lm and "val accuracy" not in lm["summary"].read_text()
