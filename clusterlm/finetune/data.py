@@ -28,11 +28,32 @@ def resolve_template(spec: str, task: str, base_template: Path | None, records: 
         return None
     if spec == "auto":
         if base_template is not None:
-            return load_template(str(base_template))
+            return _check_renders_replies(load_template(str(base_template)), spec)
         if any(getattr(r, "messages", None) is not None for r in records):
             return load_template(next(iter(BUILTIN_TEMPLATES)))
         return None
-    return load_template(spec)
+    return _check_renders_replies(load_template(spec), spec)
+
+
+REPLY_PROBE = "q7Zx reply"  # an assistant content no template writes by itself
+
+
+def _check_renders_replies(template: Any, spec: str) -> Any:
+    """`template`, if it writes the assistant's content: SFT trains on exactly that text, so a template
+    that leaves it out (static text, a typo in `message['content']`) would prepare examples with
+    nothing to train and a run whose loss is 0."""
+    turns = [{"role": "user", "content": "q7Zx question"}, {"role": "assistant", "content": REPLY_PROBE}]
+    rendered = []
+    for sample in (turns, [{"role": "system", "content": "q7Zx system"}] + turns):
+        try:
+            rendered.append(template.render(sample))
+        except ValueError:  # a template without a system role (or one that requires it): load_template's rule
+            pass
+    if not any(REPLY_PROBE in text for text in rendered):
+        raise ConfigError(f"finetune.template={spec!r}: chat template {template.name} does not render the assistant's "
+                          "content (a sample reply is not in its output), so there would be nothing to train; use a "
+                          "template that writes each message's content")
+    return template
 
 
 def _texts(records: list) -> list[str]:

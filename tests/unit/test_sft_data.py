@@ -261,3 +261,19 @@ def test_a_prepared_folder_made_with_other_options_is_refused_naming_the_option(
     with pytest.raises(ConfigError, match=r"was prepared with a chat template of sha256 .* is sha256"):
         ensure_finetune_data(cfg)
     assert (tmp_path / "data" / "meta.json").read_text() == meta
+
+
+def test_a_template_that_does_not_render_the_replies_is_refused_before_anything_is_written(tmp_path):
+    """Reference: the template's output for a sample conversation. A template of static text writes no
+    assistant content, so SFT would train on nothing (trained_tokens 0, loss 0); it is refused in one
+    line naming the template, and data.dir is not created. Before, the data was prepared and the run
+    trained on nothing."""
+    from clusterlm.finetune.data import ensure_finetune_data
+
+    src = write_jsonl(tmp_path / "r.jsonl", pairs(8))
+    static = tmp_path / "static.jinja"
+    static.write_text("static text only")
+    with pytest.raises(ConfigError, match="does not render the assistant's content") as e:
+        ensure_finetune_data(_sft_cfg(tmp_path, src, template=str(static)))
+    assert str(static) in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "data").exists()
