@@ -104,6 +104,9 @@ def _sft_jsonl(path: Path) -> list[SFTRecord]:
             raise DataError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
         if "kind" in rec and not ({"prompt", "messages", "completion"} & rec.keys()):
             continue  # a task file's header record
+        if "messages" in rec and "prompt" in rec:
+            raise DataError(f"{where}: the record has both 'prompt' and 'messages'; give one of them (a prompt + "
+                            "'completion', or chat 'messages')")
         if "messages" in rec:
             raw = rec["messages"]
             if not isinstance(raw, list) or not raw:
@@ -114,6 +117,9 @@ def _sft_jsonl(path: Path) -> list[SFTRecord]:
                     raise DataError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
                 if m["role"] not in ROLES:
                     raise DataError(f"{where}: messages[{i}] has role {m['role']!r}; valid roles: {', '.join(ROLES)}")
+                if m["role"] == "assistant" and not m["content"].strip():
+                    raise DataError(f"{where}: messages[{i}] is an assistant turn with empty content; a response "
+                                    "must be a non-empty string (as 'completion' must)")
                 msgs.append((m["role"], m["content"]))
             refs = rec.get("references", rec.get("completion"))
             if refs is not None:  # the harness's form: the reply is the first reference

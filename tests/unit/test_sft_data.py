@@ -58,8 +58,16 @@ def test_records_of_every_form(tmp_path):
     ({"messages": [{"role": "user", "content": "q"}]}, "a.jsonl:2: the record has no response"),
     ({"completion": "c"}, "a.jsonl:2: the record has no 'prompt' field"),
     ({"messages": [{"role": "bot", "content": "q"}]}, "a.jsonl:2: messages[0] has role 'bot'"),
+    # both forms at once (the prompt was dropped), and an empty reply (as an empty completion is refused)
+    ({"prompt": "p", "completion": "c", "messages": [{"role": "user", "content": "q"},
+                                                     {"role": "assistant", "content": "a"}]},
+     "a.jsonl:2: the record has both 'prompt' and 'messages'"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]},
+     "a.jsonl:2: messages[1] is an assistant turn with empty content"),
+    ({"prompt": "p", "completion": ""}, "a.jsonl:2: 'prompt' must be a string and 'completion' a non-empty string"),
 ])
 def test_a_record_without_its_response_is_named_with_its_line(tmp_path, record, needle):
+    """Reference: docs/finetune.md "Records" and docs/tasks.md (prompt and messages both is an error)."""
     f = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "ok", "completion": "fine"}, record])
     with pytest.raises(DataError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         read_records(str(f), "sft")
