@@ -108,9 +108,11 @@ class Task:
 
 
 def _open_text(path: Path) -> IO[str]:
+    """UTF-8, a leading byte order mark dropped (utf-8-sig: Windows editors and Excel write one, and it
+    would otherwise be part of the first JSON record or the first TSV column's name)."""
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:

@@ -231,3 +231,28 @@ def test_corrupt_gzip_and_bad_utf8(tmp_path):
     latin.write_bytes("sentence\tlabel\ncaf\xe9\t1\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin\.tsv: not valid UTF-8"):
         load_task(latin)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_leading_byte_order_mark_is_ignored(tmp_path, gz):
+    """Reference: the same files without the BOM. A UTF-8 BOM (Windows editors, Excel) at the start of
+    a task JSONL, a TSV, a parallel pair and SFT JSONL reads as if absent; before, the JSONL's first
+    line was invalid JSON and the TSV's first column was named '\\ufeffsentence' (header refused)."""
+    from clusterlm.data.sft import read_records
+
+    def write(name: str, text: str) -> Path:
+        path = tmp_path / (name + (".gz" if gz else ""))
+        data = ("\ufeff" + text).encode("utf-8")
+        path.write_bytes(gzip.compress(data) if gz else data)
+        return path
+
+    jsonl = write("qa.jsonl", '{"prompt": "Q", "references": ["A"]}\n')
+    assert load_task(jsonl).examples[0].prompt == "Q"
+    tsv = write("dev.tsv", "sentence\tlabel\nfine .\t1\nbad .\t0\n")
+    assert [e.text for e in load_task(tsv).examples] == ["fine .", "bad ."]
+    src, tgt = write("t.en", "Hello\n"), write("t.fr", "Bonjour\n")
+    assert load_task((src, tgt)).examples[0].references == ("Bonjour",)
+    assert "\ufeff" not in load_task((src, tgt)).examples[0].prompt
+    sft = write("sft.jsonl", '{"prompt": "p", "completion": "c"}\n')
+    assert read_records(str(sft), "sft")[0].prompt == "p"
+    assert read_records(str(tsv), "classify")[0].text == "fine ."
