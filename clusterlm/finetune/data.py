@@ -159,19 +159,31 @@ def _check_template(data_dir: Path, made_sha: str | None, spec: str) -> None:
 def ensure_finetune_data(cfg: Any) -> tuple[Path, Any, Any]:
     """(data_dir, base or None, the fine-tuned model's ModelConfig) for a run with finetune.task sft or
     classify; prepares data.dir from data.source if it has no meta.json yet."""
-    from clusterlm.data.shards import read_meta
-    from clusterlm.data.sft import prepare_examples, read_records
-    from clusterlm.finetune.setup import check_tokenizer_extends, finetune_model_config, preflight, resolve_base
-    from clusterlm.tokenizer import load_tokenizer
+    from clusterlm.errors import CheckpointError
+    from clusterlm.finetune.setup import discard_made, resolve_base
 
-    ft, data = cfg.finetune, cfg.data
+    ft = cfg.finetune
     if ft.task in ("mlm", "span"):
         return _mlm_data(cfg)
     base = resolve_base(ft.init_from, Path(cfg.train.out_dir)) if ft.init_from else None
+    try:
+        return _finetune_data(cfg, base)
+    except (ConfigError, DataError, CheckpointError):
+        discard_made(base)  # a Hugging Face base converted for a refused run is not left behind
+        raise
+
+
+def _finetune_data(cfg: Any, base: Any | None) -> tuple[Path, Any, Any]:
+    """ensure_finetune_data with the base resolved."""
+    from clusterlm.data.shards import read_meta
+    from clusterlm.data.sft import prepare_examples, read_records
+    from clusterlm.finetune.setup import check_tokenizer_extends, finetune_model_config, preflight
+    from clusterlm.tokenizer import load_tokenizer
+
+    ft, data = cfg.finetune, cfg.data
     _check_arch(ft.task, base.config.model if base is not None else cfg.model)
     base_tok = load_tokenizer(base.tokenizer_file) if base is not None else None
-    if base is not None:
-        preflight(ft, cfg.model, base)  # shape, LoRA targets, frozen layers: refused before data is written
+    preflight(ft, cfg.model, base)  # shape, LoRA targets, frozen layers: refused before data is written
     data_dir = Path(data.dir)
     seq2seq = ft.task == "seq2seq"
     if (data_dir / "meta.json").is_file():
@@ -231,7 +243,7 @@ def ensure_finetune_data(cfg: Any) -> tuple[Path, Any, Any]:
         mcfg = finetune_model_config(base.config.model, cfg.model, vocab_size=tok.vocab_size, labels=labels,
                                      pool=ft.pool if labels else "auto", pad_id=tok.pad_id,
                                      bidirectional=ft.bidirectional and bool(labels),
-                                     inherit_dropout=ft.inherit_dropout, where=f"finetune.init_from={str(base.path)!r}")
+                                     inherit_dropout=ft.inherit_dropout, where=base.where)
     else:
         mcfg = cfg.model
         if mcfg.vocab_size is None:

@@ -43,26 +43,62 @@ class Base:
     config: Any  # its RunConfig
     tokenizer_file: Path
     template_file: Path | None  # chat_template.jinja beside its tokenizer, if it has one
+    made: tuple[Path, ...] = ()  # folders resolve_base created (OUT_DIR/base, then OUT_DIR and parents it made)
+    hf_folder: Path | None = None  # the Hugging Face folder `path` was converted from
+
+    @property
+    def where(self) -> str:
+        """The base as messages name it: as the user gave it (an HF folder, not its conversion)."""
+        return f"finetune.init_from={str(self.hf_folder or self.path)!r}"
+
+
+def discard_made(base: Base | None) -> None:
+    """Remove what resolve_base wrote for `base` (an HF folder's conversion into OUT_DIR/base, and
+    OUT_DIR and its parents where this run created them and they hold nothing else): a run refused
+    before it trains leaves nothing behind."""
+    import shutil
+
+    if base is None or not base.made:
+        return
+    converted, *created = base.made
+    shutil.rmtree(converted, ignore_errors=True)
+    for folder in created:  # deepest first
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def resolve_base(init_from: str, out_dir: Path) -> Base:
     """The base named by finetune.init_from: a run, checkpoints folder or step folder, or a Hugging
-    Face model folder (converted once into OUT_DIR/base)."""
-    from clusterlm.checkpoint.model_io import read_checkpoint_config
-    from clusterlm.checkpoint.store import read_ensemble, read_quantization, resolve_checkpoint
-
+    Face model folder (converted once into OUT_DIR/base; removed again by discard_made when the run is
+    refused before it trains)."""
     src = Path(init_from)
     if not src.exists():
         raise ConfigError(f"finetune.init_from={init_from!r} does not exist; give a clusterlm run or checkpoint "
                           "folder, or a Hugging Face model folder (config.json + model.safetensors + tokenizer.json)")
+    made: tuple[Path, ...] = ()
+    hf_folder = None
     if (src / "config.json").is_file() and not (src / "config.toml").is_file():
+        hf_folder = src
         converted = out_dir / "base"
         if not (converted / "checkpoints").exists():
             from clusterlm.interop.hf_io import convert_from_hf
 
+            made = (converted,) + tuple(d for d in (out_dir, *out_dir.parents) if not d.exists())
             log.info("finetune.init_from=%s is a Hugging Face folder: converting it into %s", src, converted)
             convert_from_hf(src, converted)
         src = converted
+    try:
+        return dataclasses.replace(_read_base(src, made), hf_folder=hf_folder)
+    except (ConfigError, CheckpointError):
+        discard_made(Base(src, None, src, None, made))
+        raise
+
+
+def _read_base(src: Path, made: tuple[Path, ...]) -> Base:
+    """The Base of run/checkpoint folder `src`, refusing what cannot be fine-tuned."""
+    from clusterlm.checkpoint.model_io import read_checkpoint_config
+    from clusterlm.checkpoint.store import read_ensemble, read_quantization, resolve_checkpoint
+
     path = resolve_checkpoint(str(src))  # distributed checkpoints carry full weights too (model.safetensors)
     if read_quantization(path) is not None:
         raise ConfigError(f"finetune.init_from={path} is a quantized checkpoint; fine-tune the full-precision model "
@@ -77,7 +113,8 @@ def resolve_base(init_from: str, out_dir: Path) -> Base:
     if not tok.is_file():
         raise CheckpointError(f"{path} has no tokenizer.json; a base model for fine-tuning needs its tokenizer")
     template = path / "chat_template.jinja"
-    return Base(path=path, config=cfg, tokenizer_file=tok, template_file=template if template.is_file() else None)
+    return Base(path=path, config=cfg, tokenizer_file=tok, template_file=template if template.is_file() else None,
+                made=made)
 
 
 def finetune_model_config(base: Any, recipe: Any, *, vocab_size: int, labels: tuple[str, ...] = (),
@@ -211,17 +248,23 @@ def model_transform(ft: Any, seed: int = 0, new_rows: int = 0) -> tuple[Callable
     return transform, (init_extra if ft.lora_rank else None)
 
 
-def preflight(ft: Any, recipe_model: Any, base: Base) -> None:
-    """The refusals that need only the base, made before any data is prepared, so that a refused run
-    writes nothing: a recipe [model] shape other than the base's, LoRA targets that match nothing,
-    more frozen layers than the model has. Checked on a model built on the meta device (no memory)."""
+def preflight(ft: Any, recipe_model: Any, base: Base | None) -> None:
+    """The refusals that need only the base (or, from scratch, the recipe's [model]), made before any
+    data is prepared, so that a refused run writes nothing: a recipe [model] shape other than the
+    base's, LoRA targets that match nothing, more frozen layers than the model has. Checked on a
+    model built on the meta device (no memory)."""
     from clusterlm.models.build import build_model
 
     labels = tuple(ft.labels) or (("a", "b") if ft.task == "classify" else ())  # the real ones come with the data
-    mcfg = finetune_model_config(base.config.model, recipe_model, vocab_size=base.config.model.vocab_size,
-                                 labels=labels, pool=ft.pool if labels else "auto",
-                                 bidirectional=ft.bidirectional and bool(labels), inherit_dropout=ft.inherit_dropout,
-                                 where=f"finetune.init_from={str(base.path)!r}")
+    if base is not None:
+        mcfg = finetune_model_config(base.config.model, recipe_model, vocab_size=base.config.model.vocab_size,
+                                     labels=labels, pool=ft.pool if labels else "auto",
+                                     bidirectional=ft.bidirectional and bool(labels),
+                                     inherit_dropout=ft.inherit_dropout, where=base.where)
+    else:  # the vocabulary comes with the tokenizer trained on the records: any size builds the same layers
+        mcfg = recipe_model if recipe_model.vocab_size is not None else recipe_model.with_vocab(256)
+        mcfg = dataclasses.replace(mcfg, labels=labels, pool=ft.pool if labels else "auto",
+                                   bidirectional=ft.bidirectional and bool(labels))
     transform, _ = model_transform(ft)
     if transform is not None:
         with torch.device("meta"):

@@ -362,3 +362,38 @@ def test_balanced_class_weights_give_one_mean_over_the_step_whatever_the_micro_b
                 "--train.global_batch_tokens=512"]) == 0
     a, b = train_losses(one), train_losses(two)
     assert abs(a[1] - b[1]) < 1e-6 and abs(a[2] - b[2]) < 1e-5, (a, b)
+
+
+def test_refusals_after_the_base_is_read_leave_no_output(records, tmp_path, capsys):
+    """Reference: the file system before the run. From scratch, more frozen layers than the recipe's
+    model has is refused before data.dir is written (before, after preparing it); a Hugging Face base
+    whose shape the recipe contradicts is refused naming the HF folder, and its conversion into
+    OUT_DIR/base (and OUT_DIR) is removed again (before, OUT_DIR/base stayed)."""
+    pytest.importorskip("transformers")
+    from clusterlm.checkpoint.store import save_checkpoint
+    from clusterlm.config import RunConfig, to_toml
+    from clusterlm.interop.hf_io import export_to_hf
+    from clusterlm.models.build import build_model
+    from clusterlm.models.config import get_preset
+    from clusterlm.tokenizer.kinds import train_tokenizer
+
+    scratch = ["finetune", "--finetune.task=sft", f"--data.source={json.dumps(str(records['chat']))}",
+               f"--data.dir={json.dumps(str(tmp_path / 'd1'))}", f"--train.out_dir={json.dumps(str(tmp_path / 'o1'))}",
+               "--model.preset=gpt-nano", "--model.n_layers=2", "--train.seq_len=64", "--finetune.freeze_layers=5",
+               "--train.max_steps=1"]
+    line = _fails(scratch, capsys)
+    assert "freeze_layers=5" in line and "2 layers" in line
+    assert not (tmp_path / "d1").exists() and not (tmp_path / "o1").exists()
+
+    tok = train_tokenizer("char", [TEXT])
+    tok.save(tmp_path / "tok.json")
+    cfg = get_preset("gpt-nano", n_layers=1, dim=32, n_heads=2, max_seq_len=64, vocab_size=tok.vocab_size)
+    model = build_model(cfg)
+    model.init_weights(0)
+    save_checkpoint(tmp_path / "run" / "checkpoints", 0, model_state=model.state_dict(), optimizer_state=None,
+                    train_state={}, config_toml=to_toml(RunConfig(model=cfg)), tokenizer_path=tmp_path / "tok.json")
+    hf = export_to_hf(tmp_path / "run", tmp_path / "hf")
+    line = _fails(_ft(hf, records["chat"], tmp_path / "d2", tmp_path / "out" / "o2", "--finetune.task=sft",
+                      "--model.dim=64", "--train.max_steps=1"), capsys)
+    assert f"finetune.init_from={str(hf)!r} has dim=32" in line and "dim=64" in line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "d2").exists()
