@@ -81,7 +81,8 @@ class ClassifyRecord:
 def _open_lines(path: Path) -> Iterator[tuple[int, str]]:
     try:
         # utf-8-sig: a leading byte order mark is dropped, as task files' (eval/tasks.py _open_text)
-        f = gzip.open(path, "rt", encoding="utf-8-sig") if path.name.endswith(".gz") else open(path, encoding="utf-8-sig")
+        gz = path.name.endswith(".gz")
+        f = gzip.open(path, "rt", encoding="utf-8-sig") if gz else open(path, encoding="utf-8-sig")
         with f:
             for n, line in enumerate(f, 1):
                 yield n, line

@@ -257,8 +257,9 @@ def test_a_prepared_folder_made_with_other_options_is_refused_naming_the_option(
     ensure_finetune_data(cfg)
     meta = (tmp_path / "data" / "meta.json").read_text()
     ensure_finetune_data(cfg)  # the same options: reused
-    changes = {"finetune.prompt_loss=False, not True": dict(finetune=dataclasses.replace(cfg.finetune, prompt_loss=True)),
-               "finetune.template=": dict(finetune=dataclasses.replace(cfg.finetune, template="auto")),
+    ft = cfg.finetune
+    changes = {"finetune.prompt_loss=False, not True": dict(finetune=dataclasses.replace(ft, prompt_loss=True)),
+               "finetune.template=": dict(finetune=dataclasses.replace(ft, template="auto")),
                "data.tokenizer='char', not 'byte'": dict(data=dataclasses.replace(cfg.data, tokenizer="byte")),
                "data.val_fraction=0.25, not 0.5": dict(data=dataclasses.replace(cfg.data, val_fraction=0.5))}
     for needle, change in changes.items():
