@@ -110,6 +110,22 @@ def atomic_write_chunks(path: str | os.PathLike, chunks: Iterable[bytes | memory
     fsync_dir(path.parent)
 
 
+def check_output_file(path: str | os.PathLike, flag: str) -> None:
+    """Before a long computation whose result goes to `path`: refuse (ValueError naming `flag`) a path
+    that is a directory or whose folder is missing or not writable, so that the work is not done for
+    nothing and its result lost at the end. A device or pipe (/dev/null, /dev/stdout) is fine."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; give a file name")
+    if p.exists() and not p.is_file():
+        return
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: the folder {parent} does not exist; create it or choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: the folder {parent} is not writable by this user")
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

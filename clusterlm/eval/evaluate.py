@@ -218,6 +218,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", help="also write the JSON result to this file")
     _add_task_args(p)
     args = p.parse_args(argv)
+    from clusterlm.fsutil import atomic_write_text, check_output_file
+
+    for flag, path in (("--out", args.out), ("--samples", args.samples)):
+        if path:  # checked now: an evaluation can take minutes, and its result would be lost at the end
+            check_output_file(path, flag)
     if args.lm_eval and args.task:
         raise ValueError("give --task or --lm-eval, not both (they report in different shapes)")
     if args.lm_eval:
@@ -247,9 +252,8 @@ def main(argv: list[str]) -> int:
         result = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, batch_size=args.batch_size,
                                      seq_len=args.seq_len, max_batches=args.max_batches, device=args.device)
     text = json.dumps(result, indent=2, default=str)  # default: lm-eval's results may hold numpy scalars
+    sys.stdout.write(text + "\n")  # first: the scores are shown even if writing --out fails
+    sys.stdout.flush()
     if args.out:
-        from clusterlm.fsutil import atomic_write_text
-
         atomic_write_text(args.out, text + "\n")
-    sys.stdout.write(text + "\n")
     return 0

@@ -125,6 +125,10 @@ def test_bad_inputs_exit_2_with_message(trained, tmp_path):
     _, run = trained
     for args, fragment in [
         (["eval", str(tmp_path / "nope")], "nope"),
+        # output paths are checked before the evaluation runs (its scores were lost at the end)
+        (["eval", str(run), "--out", str(tmp_path / "no" / "dir" / "s.json")], "--out"),
+        (["eval", str(run), "--out", str(tmp_path)], "is a directory; give a file name"),
+        (["eval", str(run), "--task", "x.jsonl", "--samples", str(tmp_path / "no" / "s.jsonl")], "the folder"),
         (["generate", str(run), "--temperature", "-1"], "temperature"),
         (["generate", str(run), "--num-beams", "0"], "--num-beams=0 must be >= 1"),
         (["generate", str(run), "--num-beams", "2"], "clusterlm eval --task ... --num-beams"),
