@@ -366,7 +366,8 @@ def test_balanced_class_weights_give_one_mean_over_the_step_whatever_the_micro_b
 
 def test_refusals_after_the_base_is_read_leave_no_output(records, tmp_path, capsys):
     """Reference: the file system before the run. From scratch, more frozen layers than the recipe's
-    model has is refused before data.dir is written (before, after preparing it); a Hugging Face base
+    model has, or a train.seq_len over its context, is refused before data.dir is written (before,
+    after preparing it); a Hugging Face base
     whose shape the recipe contradicts is refused naming the HF folder, and its conversion into
     OUT_DIR/base (and OUT_DIR) is removed again (before, OUT_DIR/base stayed)."""
     pytest.importorskip("transformers")
@@ -383,6 +384,9 @@ def test_refusals_after_the_base_is_read_leave_no_output(records, tmp_path, caps
                "--train.max_steps=1"]
     line = _fails(scratch, capsys)
     assert "freeze_layers=5" in line and "2 layers" in line
+    assert not (tmp_path / "d1").exists() and not (tmp_path / "o1").exists()
+    line = _fails([a for a in scratch if "freeze_layers" not in a and "seq_len" not in a], capsys)
+    assert "train.seq_len=256 exceeds model.max_seq_len=64" in line  # gpt-nano's context
     assert not (tmp_path / "d1").exists() and not (tmp_path / "o1").exists()
 
     tok = train_tokenizer("char", [TEXT])
