@@ -96,3 +96,21 @@ def require_binary(binary: str, package: str | None = None) -> str:
             pytest.fail(f"{binary} is not installed; CI must install it ({how})")
         pytest.skip(f"{binary} is not installed ({how})")
     return path
+
+
+def wait_for_ready(proc, url: str, log_path: Path, *, status: int = 200, timeout: float = 60) -> None:  # noqa: ANN001
+    """Poll `url`/ready of the `clusterlm serve` child `proc` until it answers `status` (200: loaded;
+    503: listening, still loading); fails with the end of its log if it exits or `timeout` passes."""
+    import time
+
+    import httpx2 as httpx  # the HTTP client the openai package ships with
+
+    deadline = time.time() + timeout
+    while True:
+        assert proc.poll() is None and time.time() < deadline, Path(log_path).read_text()[-3000:]
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == status:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)

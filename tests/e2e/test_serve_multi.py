@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from clusterlm.errors import EXIT_USAGE
-from tests.helpers import random_checkpoint
+from tests.helpers import random_checkpoint, wait_for_ready
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx2")  # the HTTP client the openai package ships with
@@ -76,16 +76,8 @@ def server(runs, tmp_path_factory):
              "--api-key-env", "CLUSTERLM_TEST_KEY", "--max-batch", "4", "--max-new-tokens-limit", "64"],
             stdout=log, stderr=log, env={**os.environ, "CLUSTERLM_TEST_KEY": KEY})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
     try:
-        while True:
-            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
-            try:
-                if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        wait_for_ready(proc, url, log_path)
         yield url, log_path
     finally:
         proc.terminate()

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from clusterlm.errors import EXIT_PREEMPTED, EXIT_USAGE
-from tests.helpers import random_checkpoint, require_binary
+from tests.helpers import random_checkpoint, require_binary, wait_for_ready
 
 httpx = pytest.importorskip("httpx2")
 
@@ -62,15 +62,7 @@ class _Proc:
                  "--api-key-env", "CLUSTERLM_TEST_KEY", "--model-name", "m", "--metrics-port", str(self.metrics_port),
                  "--max-new-tokens-limit", "2000", *extra],
                 stdout=log, stderr=log, env={**os.environ, "CLUSTERLM_TEST_KEY": KEY})
-        deadline = time.time() + 90
-        while True:
-            assert self.proc.poll() is None and time.time() < deadline, self.log()[-3000:]
-            try:
-                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        wait_for_ready(self.proc, self.url, self.log_path, timeout=90)
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -176,16 +168,7 @@ def test_sigterm_while_the_model_loads_exits_0(run, tmp_path):
         proc = subprocess.Popen([sys.executable, "-c", code, "serve", str(run), "--port", str(port),
                                  "--api-key-env", "CLUSTERLM_TEST_KEY"], stdout=log, stderr=log,
                                 env={**os.environ, "CLUSTERLM_TEST_KEY": KEY})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while True:  # listening, still loading
-        assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-2000:]
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 503:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
+    wait_for_ready(proc, f"http://127.0.0.1:{port}", log_path, status=503, timeout=30)  # listening, still loading
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0, log_path.read_text()[-2000:]
     text = log_path.read_text()
