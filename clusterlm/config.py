@@ -255,7 +255,8 @@ class EvalConfig:
             raise ConfigError(f"eval.temperature={self.temperature} must be >= 0 (0 = greedy)")
         if self.every and not self.tasks:
             raise ConfigError(f"eval.every={self.every} but eval.tasks is empty: nothing to evaluate; "
-                              "list tasks, e.g. eval.tasks = [\"shakespeare_word_order\"]")
+                              "list tasks, e.g. eval.tasks = [\"shakespeare_word_order\"], or set eval.every=0 "
+                              "to evaluate no task")
 
 
 @dataclass(frozen=True)
@@ -405,7 +406,8 @@ def _type_name(tp: Any) -> str:
 
 
 def _wrong_type(key: str, value: Any, expected: str) -> ConfigError:
-    return ConfigError(f"{key}={value!r} has type {type(value).__name__}; expected {expected}")
+    shown = str(value).lower() if isinstance(value, bool) else repr(value)  # as TOML writes it: true, not True
+    return ConfigError(f"{key}={shown} has type {type(value).__name__}; expected {expected}")
 
 
 def _coerce(value: Any, tp: Any, key: str, numbers_as_str: bool) -> Any:
@@ -462,8 +464,10 @@ def _coerce(value: Any, tp: Any, key: str, numbers_as_str: bool) -> Any:
             return str(value)
         if isinstance(value, (int, float)):  # a text that TOML reads as a number or boolean
             text = str(value).lower() if isinstance(value, bool) else value
+            # a list element (key "eval.tasks[0]") is quoted inside the list: there is no --a.b[0]=... override
+            quoted = (f"--{key.split('[', 1)[0]}='[\"{text}\", ...]'" if "[" in key else f"--{key}='\"{text}\"'")
             raise ConfigError(f"{key}={value!r} has type {type(value).__name__}; expected str (text that reads as a "
-                              f"number or boolean is quoted: --{key}='\"{text}\"' on the command line)")
+                              f"number or boolean is quoted: {quoted} on the command line)")
     elif dataclasses.is_dataclass(tp):
         if isinstance(value, dict):
             return from_dict(tp, value, key, numbers_as_str=numbers_as_str)
@@ -589,6 +593,11 @@ def bundled_recipes() -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.glob("*.toml"))}
 
 
+def _no_recipe(path: Path, bundled: dict[str, Path]) -> str:
+    what = "is a directory, not a recipe file" if path.is_dir() else "does not exist"
+    return f"recipe {path} {what}; give a .toml file or a bundled recipe: {', '.join(bundled)}"
+
+
 def resolve_recipe(recipe: str | None) -> str | None:
     """Absolute path of a recipe file or of a bundled recipe named by stem."""
     if recipe is None:
@@ -599,7 +608,7 @@ def resolve_recipe(recipe: str | None) -> str | None:
     bundled = bundled_recipes()
     if len(path.parts) == 1 and path.stem in bundled:
         return os.path.abspath(bundled[path.stem])
-    raise FileNotFoundError(f"recipe {recipe} does not exist; bundled recipes: {', '.join(bundled)}")
+    raise FileNotFoundError(_no_recipe(path, bundled))
 
 
 def load_tree(path: str | Path) -> dict[str, Any]:
@@ -610,7 +619,7 @@ def load_tree(path: str | Path) -> dict[str, Any]:
         if path.stem in bundled and len(path.parts) == 1:
             path = bundled[path.stem]
         else:
-            raise FileNotFoundError(f"recipe {path} does not exist; bundled recipes: {', '.join(bundled)}")
+            raise FileNotFoundError(_no_recipe(path, bundled))
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:

@@ -44,7 +44,8 @@ PLACEHOLDERS: dict[str, str] = {
 KINDS = tuple(PLACEHOLDERS)  # also the order in which they are applied
 
 _EMAIL = re.compile(
-    r"(?<![\w.%+-])[A-Za-z0-9](?:[A-Za-z0-9._%+-]{0,63})@"  # local part
+    # local part: Unicode letters too (RFC 6531), so "jöhn@..." is replaced whole, not from "hn@" on
+    r"(?u:(?<![\w.%+-])[^\W_](?:[\w.%+-]{0,63}))@"
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![\w-])", re.ASCII)
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)", re.ASCII)
@@ -56,7 +57,9 @@ _IPV6 = re.compile(r"(?<![\w:.])(?=[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}:)[0-9A-Fa-f
 _CARD = re.compile(r"(?<![\w+-])(?<!\d[ -])\d(?:[ -]?\d){12,18}(?![\w-]|[ -]\d)", re.ASCII)
 _PHONE = re.compile(
     r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){1,6}(?!\w)"  # +CC then digit groups
-    r"|(?<![\w(+-])(?:\(\d{3}\) ?|\d{3}[ .-])\d{3}[ .-]\d{4}(?![\w-])", re.ASCII)  # NANP 3-3-4
+    # NANP 3-3-4, with an optional leading "1-" and a trailing extension ("x123", "ext. 12")
+    r"|(?<![\w(+-])(?:1[ .-])?(?:\(\d{3}\) ?|\d{3}[ .-])\d{3}[ .-]\d{4}(?:[ ]?(?:x|ext\.?)[ ]?\d{1,6})?(?![\w-])",
+    re.ASCII)
 _DIGIT = re.compile(r"\d", re.ASCII)
 
 
@@ -87,9 +90,12 @@ def _is_card(s: str) -> bool:
     return 13 <= len(digits) <= 19 and luhn_ok(digits)
 
 
+_EXTENSION = re.compile(r"[ ]?(?:x|ext\.?)[ ]?\d{1,6}$", re.ASCII)
+
+
 def _is_phone(s: str) -> bool:
-    n = sum(c.isdigit() for c in s)
-    return 7 <= n <= 15 if s.startswith("+") else n == 10
+    n = sum(c.isdigit() for c in _EXTENSION.sub("", s))  # the extension's digits are not the number's
+    return 7 <= n <= 15 if s.startswith("+") else n == 10 or (n == 11 and s.startswith("1"))
 
 
 # kind -> (pattern, validator of a match or None, cheap test that the text may hold one at all)

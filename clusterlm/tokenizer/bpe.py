@@ -83,7 +83,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_VOCAB_SIZE = 8192
 MIN_VOCAB_SIZE = 256 + 3 + 1  # 256 byte symbols + 3 specials + at least one merge
-MAX_VOCAB_SIZE = 2**32 - 1  # token ids are stored as uint32 at most (data/shards.py)
+# 2**24: far above any language model's vocabulary (the largest are ~256k), and below what `tokenizers`'
+# BpeTrainer can allocate: it reserves tables sized to the vocabulary up front (1e9 asked for 70 GB and
+# the training process aborted). Token ids are stored as uint32 at most (data/shards.py).
+MAX_VOCAB_SIZE = 2**24
 # Longest pre-tokenization piece, in UTF-8 bytes; longer runs are cut (see the module docstring).
 # Above any word or whitespace run of ordinary text; numbers in docs/tokenizers.md.
 MAX_PIECE_BYTES = 256
@@ -201,7 +204,9 @@ def _train_in_child(hf: tokenizers.Tokenizer, trainer_kwargs: dict, texts: Itera
             with contextlib.suppress(OSError):  # data still buffered for a dead child
                 proc.stdin.close()  # type: ignore[union-attr]
         if code != 0:
-            why = err_path.read_text(errors="replace").strip().splitlines()[-3:]
+            lines = err_path.read_text(errors="replace").strip().splitlines()
+            # the cause, where the Rust runtime said it (a backtrace follows it), else the last lines
+            why = [ln for ln in lines if "memory allocation" in ln][:1] or lines[-3:]
             status = f"exit code {code}" if code > 0 else f"killed by signal {-code}"
             if code == -9:
                 status += ", out of memory?"

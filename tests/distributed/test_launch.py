@@ -136,7 +136,7 @@ def test_launch_checks_the_layout_before_torchrun_and_defaults_to_ddp(tmp_path):
         check_layout(None, [*model, "--parallel.dp_shard=4"], 2)
     with pytest.raises(ConfigError, match="tp=3 must divide"):
         check_layout(None, [*model, "--parallel.tp=3"], 3)
-    with pytest.raises(FileNotFoundError, match="bundled recipes"):
+    with pytest.raises(FileNotFoundError, match="bundled recipe: "):
         check_layout("no_such_recipe", [], 2)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -79,6 +79,10 @@ def test_unknown_section():
         # a folder named like a number or boolean: how to quote it
         ("--train.out_dir=5", """expected str (text that reads as a number or boolean is quoted: --train.out_dir='"5"'"""),
         ("--data.dir=true", """--data.dir='"true"' on the command line"""),
+        # a list's element: quoted inside the list (there is no --eval.tasks[0]=... override)
+        ("--eval.tasks=[1,2]", """eval.tasks[0]=1 has type int; expected str (text that reads as a number or boolean """
+                               """is quoted: --eval.tasks='["1", ...]' on the command line)"""),
+        ("--train.max_steps=true", "train.max_steps=true has type bool; expected int"),  # TOML's spelling
         ("--train.out_dir=", "train.out_dir='': give the run its own folder"),
         ("--data.dir=.", "data.dir='.': give the prepared data's own folder"),
     ],
@@ -135,8 +139,11 @@ def test_parse_override_forms():
 
 
 def test_missing_recipe_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="recipe .*nope.toml does not exist; bundled recipes: .*shakespeare_char_cpu"):
+    with pytest.raises(FileNotFoundError, match="recipe .*nope.toml does not exist; give a .toml file or a bundled "
+                                                "recipe: .*shakespeare_char_cpu"):
         load_run_config(tmp_path / "nope.toml")
+    with pytest.raises(FileNotFoundError, match="is a directory, not a recipe file"):
+        load_run_config(tmp_path)
 
 
 def test_config_show_cli(tmp_path):

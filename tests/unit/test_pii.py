@@ -21,6 +21,9 @@ POSITIVE = [
     ("tel +44 20 7946 0958.", "tel <PHONE>.", "phone"),
     ("office 415-555-0100 or (415) 555 0100", "office <PHONE> or <PHONE>", "phone"),
     ("dial 415.555.0100", "dial <PHONE>", "phone"),
+    ("call 1-415-555-0100 now", "call <PHONE> now", "phone"),  # the US "1-" prefix (was missed whole)
+    ("desk 415-555-0100x123, 415-555-0100 ext. 7", "desk <PHONE>, <PHONE>", "phone"),  # extensions
+    ("jöhn.doe@example.com wrote", "<EMAIL> wrote", "email"),  # non-ASCII local part: whole, not "jö<EMAIL>"
     ("host 192.168.0.1, gateway 10.0.0.254.", "host <IPV4>, gateway <IPV4>.", "ipv4"),
     ("from 255.255.255.255", "from <IPV4>", "ipv4"),
     ("v6 2001:db8:85a3::8a2e:370:7334 up", "v6 <IPV6> up", "ipv6"),
@@ -39,6 +42,7 @@ NEGATIVE = [
     "loopback ::1 and fe80::1",  # < 3 hex groups: not personal
     "version v1.2.3.4.5 and 10.0.0.256 and 1.2.3",  # too many parts, octet > 255, too few parts
     "years 1999-2005, date 2024-01-15, order 1234567890",  # not phone-shaped
+    "part 2-415-555-0100 and v1.2.3-415-555-0100",  # a prefix other than "1" is not a phone's
     "4111 1111 1111 1112",  # fails Luhn
     "1234567890123456789012",  # 22 digits: longer than any card
     "GET /index.html HTTP/1.1",

@@ -210,6 +210,9 @@ def test_errors(tmp_path: Path) -> None:
         prepare(a, out, tokenizer=str(tmp_path / "nope.json"))
     with pytest.raises(ConfigError, match=r"vocab_size=100 is outside \[260"):
         prepare(a, out, tokenizer="bpe", vocab_size=100)
+    # a size in the old range [260, 2**32-1] made the tokenizers trainer allocate 70 GB and abort
+    with pytest.raises(ConfigError, match=r"vocab_size=1000000000 is outside \[260, 16777216\]"):
+        prepare(a, out, tokenizer="bpe", vocab_size=10**9)
     with pytest.raises(ConfigError, match="char tokenizer"):
         prepare(a, out, tokenizer="char", vocab_size=50)
     with pytest.raises(ConfigError, match="val_fraction=1.0"):
