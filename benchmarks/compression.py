@@ -52,6 +52,19 @@ RESULTS = Path(__file__).parent / "results"
 RECIPE = "recipes/shakespeare_char_cpu.toml"
 
 
+def check_data(data: Path, ckpt: Path) -> None:
+    """Exit with one line unless `data` is prepared data tokenized with `ckpt`'s tokenizer (checked
+    before any variant is made: data of another tokenizer gave val losses of the wrong text)."""
+    from clusterlm.data.shards import check_data_tokenizer, read_meta
+    from clusterlm.errors import ClusterlmError
+    from clusterlm.tokenizer import load_tokenizer
+
+    try:
+        check_data_tokenizer(data, read_meta(data), ckpt, load_tokenizer(ckpt / "tokenizer.json"))
+    except (ClusterlmError, OSError) as e:
+        sys.exit(f"--data {data}: {e}")
+
+
 def train_shakespeare(out_dir: Path, threads: int) -> tuple[Path, list[str]]:
     """Train the recipe for its full 2000 steps into out_dir (reused when already finished there)."""
     cmd = [sys.executable, "-m", "clusterlm", "train", RECIPE, f"--train.out_dir={json.dumps(str(out_dir))}",
@@ -140,7 +153,8 @@ def markdown(results: dict) -> str:
              f"Command: `{results['command']}`", ""]
     t = results["training"]
     how = f"trained with `{t['command']}`" if t["command"] else f"checkpoint {t['checkpoint']}"
-    lines += [f"Shakespeare model: {how} (step {t['step']}, best val loss in training {t['val_loss']}).", ""]
+    best = "n/a" if t["val_loss"] is None else t["val_loss"]
+    lines += [f"Shakespeare model: {how} (step {t['step']}, best val loss in training {best}).", ""]
     for model, rows in results["models"].items():
         lines += [f"## {model}", "", "| variant | model.safetensors | params | val loss | perplexity | decode tok/s |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -182,9 +196,11 @@ def main() -> None:
         src, cmd = train_shakespeare(args.train_dir, args.train_threads)
     else:
         src, cmd = resolve_checkpoint(str(args.ckpt)), None
+    check_data(args.data, Path(src))
     run = load_checkpoint(src).train_state.get("run", {})
+    best = run.get("best_val_loss")  # None for a converted checkpoint: null in the JSON (NaN is not JSON)
     results["training"] = {"checkpoint": str(src), "command": shlex.join(["clusterlm", *cmd[3:]]) if cmd else None,
-                           "step": load_checkpoint(src).step, "val_loss": round(run.get("best_val_loss", float("nan")), 4)}
+                           "step": load_checkpoint(src).step, "val_loss": None if best is None else round(best, 4)}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         (work / "sc").mkdir()
@@ -197,7 +213,7 @@ def main() -> None:
             results["models"]["gpt2-124m architecture (random weights)"] = rows
     results["load_after"] = [round(x, 2) for x in os.getloadavg()]
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "compression.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out_dir / "compression.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     (args.out_dir / "compression.md").write_text(markdown(results))
     print(markdown(results))
 

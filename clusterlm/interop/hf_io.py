@@ -174,7 +174,7 @@ def convert_from_hf(src: str | Path, out: str | Path, *, trust_pickle: bool = Fa
     check_new_run_dir(out)
     from clusterlm.tokenizer import load_tokenizer
 
-    load_tokenizer(tok_file)  # unreadable tokenizer: refused now, not at the first `generate`
+    tokenizer = load_tokenizer(tok_file)  # unreadable tokenizer: refused now, not at the first `generate`
     template = read_hf_template(src)
     hf_cfg = _read_json(cfg_file)
     try:
@@ -185,6 +185,10 @@ def convert_from_hf(src: str | Path, out: str | Path, *, trust_pickle: bool = Fa
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"{cfg_file}: {e}") from e
+    if tokenizer.vocab_size > cfg.padded_vocab_size:  # its ids would index past the embedding: every load refuses
+        raise ConfigError(f"{tok_file} has {tokenizer.vocab_size} tokens but {cfg_file} has vocab_size="
+                          f"{cfg.vocab_size}: the tokenizer's ids would index past the embedding; use the model's "
+                          "own tokenizer (or resize its embeddings with transformers' resize_token_embeddings)")
     state = hf_to_state(read_hf_weights(src, trust_pickle), cfg, hf_cfg["model_type"], where=str(src))
     _check_shapes(state, cfg, str(src))
     run = RunConfig(model=cfg, train=TrainConfig(out_dir=str(out), seq_len=min(256, cfg.max_seq_len)))

@@ -40,6 +40,8 @@ def _rope_theta(hf: dict[str, Any]) -> float:
     """rope_theta from a transformers 4.x (top-level) or 5.x (`rope_parameters`) config."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling")
+    if isinstance(scaling, dict) and (scaling.get("rope_type") or scaling.get("type")) == "default":
+        scaling = None  # {"rope_type": "default"} is transformers' spelling of no scaling
     rope_type = (params.get("rope_type") or params.get("type") or "default") if params else "default"
     if scaling or rope_type != "default":
         raise ConfigError(f"config.json uses rope scaling ({scaling or params}); clusterlm's rotary tables have "

@@ -140,6 +140,20 @@ def test_bad_inputs_exit_2_with_message(trained, tmp_path):
         assert fragment in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
+def test_a_refused_pack_prints_nothing_on_stdout(trained):
+    """--pack bf16 on a CPU without bf16 matmuls: the refusal comes before a sample's header or the
+    chat prompt is printed (stdout had '----- sample 1 -----' and the prompt, then the error)."""
+    from clusterlm.optimize.packed import bf16_unavailable
+
+    if bf16_unavailable() is None:
+        pytest.skip("this CPU has bf16 matmuls: --pack bf16 is accepted here")
+    _, run = trained
+    for args in (["generate", str(run), "--prompt", "the", "--max-new-tokens", "3", "--pack", "bf16"],
+                 ["chat", str(run), "--pack", "bf16"]):
+        r = subprocess.run([sys.executable, "-m", "clusterlm", *args], capture_output=True, text=True, input="hi\n")
+        assert r.returncode == 2 and r.stdout == "" and "--pack bf16" in r.stderr, (args, r.stdout, r.stderr[-500:])
+
+
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end(tmp_path):
     """The README's first command, shortened: prepare the bundled corpus, train, evaluate, sample, report."""

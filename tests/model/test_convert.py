@@ -105,6 +105,18 @@ def test_sharded_index_and_errors(tmp_path):
     with pytest.raises(ClusterlmError, match="rope scaling"):
         hf_to_config({**json.loads((src / "config.json").read_text()),
                       "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}})
+    # {"rope_type": "default"} is transformers' spelling of no scaling (it was refused as scaling)
+    plain = hf_to_config({**json.loads((src / "config.json").read_text()), "rope_scaling": {"rope_type": "default"}})
+    assert plain == hf_to_config(json.loads((src / "config.json").read_text()))
+    # a tokenizer with more ids than the embedding has rows: refused before anything is written (the
+    # checkpoint it wrote could never be loaded)
+    big = tmp_path / "big"
+    hf.config.vocab_size = 100
+    transformers.LlamaForCausalLM(hf.config).save_pretrained(big)
+    _tokenizer(big)
+    with pytest.raises(ClusterlmError, match=r"has \d+ tokens but .*config.json has vocab_size=100"):
+        main(["--from-hf", str(big), "--out", str(tmp_path / "r3")])
+    assert not (tmp_path / "r3").exists()
     pk = tmp_path / "pk"
     pk.mkdir()
     (pk / "config.json").write_text((src / "config.json").read_text())
