@@ -59,6 +59,19 @@ def _pack(args) -> str | None:  # noqa: ANN001
     return None if args.pack == "none" else args.pack
 
 
+def warn_unknown_chars(tokenizer, text: str, what: str) -> None:  # noqa: ANN001
+    """A char tokenizer reads characters it never saw as <|unk|>: say so, with examples, instead of
+    letting the model continue text it was not given (byte and BPE tokenizers encode any text)."""
+    unk = getattr(tokenizer, "unk_id", None)
+    if unk is None or not text:
+        return
+    unknown = sorted({c for c in text if tokenizer.encode(c) == [unk]})
+    if unknown:
+        shown = "".join(unknown[:10]) + ("..." if len(unknown) > 10 else "")
+        log.warning("%d distinct character(s) of %s are not in the model's character vocabulary and are read as "
+                    "<|unk|>: %r", len(unknown), what, shown)
+
+
 def _load(args):  # noqa: ANN001, ANN202
     from clusterlm.checkpoint.model_io import load_for_inference
     from clusterlm.generate.sampling import check_sampling_args
@@ -121,6 +134,7 @@ def generate_main(argv: list[str], out: TextIO | None = None) -> int:
         fmt = chat_format(loaded.tokenizer, loaded.chat_template)
         prompt = fmt.render([{"role": "user", "content": args.prompt}])
         stops, stop_ids = fmt.stop_strings, fmt.stop_ids
+    warn_unknown_chars(loaded.tokenizer, prompt, "the prompt" + (" as the chat template renders it" if args.chat else ""))
     for i in range(args.num_samples):
         if args.num_samples > 1:
             out.write(f"----- sample {i + 1} -----\n")
@@ -164,6 +178,9 @@ def chat_main(argv: list[str], stdin: TextIO | None = None, out: TextIO | None =
         if not line or not line.strip():
             break
         messages.append({"role": "user", "content": line.strip()})
+        # the first turn checks the template's own text (role names) too; later ones the new message
+        warn_unknown_chars(loaded.tokenizer, fmt.render(messages) if turn == 0 else line.strip(),
+                           "the conversation as the chat template renders it" if turn == 0 else "your message")
         out.write("model> ")
         reply = ""
         seed = None if args.seed is None else args.seed + turn

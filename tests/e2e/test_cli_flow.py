@@ -140,6 +140,19 @@ def test_bad_inputs_exit_2_with_message(trained, tmp_path):
         assert fragment in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
+def test_characters_outside_a_char_vocabulary_are_named(tmp_path):
+    """A char model reads characters it never saw as <|unk|>: generate says which, instead of letting
+    the model continue text it was not given (this vocabulary has no '€' or '@')."""
+    from tests.helpers import random_checkpoint
+
+    run = random_checkpoint(tmp_path, "char", "the quick brown fox " * 20, bpe_vocab=0, n_layers=1, context=16)
+    r = subprocess.run([sys.executable, "-m", "clusterlm", "generate", str(run), "--prompt", "the€@",
+                        "--max-new-tokens", "2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 distinct character(s) of the prompt are not in the model's character vocabulary" in r.stderr
+    assert "'@€'" in r.stderr
+
+
 def test_a_refused_pack_prints_nothing_on_stdout(trained):
     """--pack bf16 on a CPU without bf16 matmuls: the refusal comes before a sample's header or the
     chat prompt is printed (stdout had '----- sample 1 -----' and the prompt, then the error)."""
