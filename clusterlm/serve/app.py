@@ -584,8 +584,11 @@ def create_app(load: Callable[..., object], settings: Settings,
         leading EOS included, as `usage.prompt_tokens` counts them) and its context (max_model_len)."""
         req = await _read_json(request, TokenizeRequest, settings.max_body_bytes)
         sv = _pick(req.model)
-        text = _chat_prompt(sv, req.messages) if req.messages is not None else req.prompt
-        _generative(sv)
+        if req.messages is not None:
+            text = _chat_prompt(sv, req.messages)  # checks the model can chat (loaded, not a classifier)
+        else:
+            _generative(sv)
+            text = req.prompt
         ids = prompt_ids(sv.state["tokenizer"], text, None, 0)
         return {"count": len(ids), "max_model_len": sv.state["context"], "tokens": ids}
 
