@@ -114,3 +114,25 @@ def wait_for_ready(proc, url: str, log_path: Path, *, status: int = 200, timeout
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
+
+
+def token_masked(model, token_id: int):  # noqa: ANN001, ANN201 - a model in, a wrapping nn.Module out
+    """`model` with token `token_id` impossible (its logit -inf in every forward; cache, config and
+    parameters are the model's): the reference for a search whose only end token is another one, e.g.
+    beam search ending at an end-of-turn token and not at EOS."""
+    import torch
+
+    class TokenMasked(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.config = model, model.config
+
+        def make_cache(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            return self.inner.make_cache(*args, **kwargs)
+
+        def forward(self, *args, **kwargs) -> torch.Tensor:  # noqa: ANN002, ANN003
+            logits = self.inner(*args, **kwargs).clone()
+            logits[..., token_id] = -torch.inf
+            return logits
+
+    return TokenMasked()

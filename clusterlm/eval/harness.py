@@ -10,7 +10,8 @@ What the model is asked, by task kind (docs/tasks.md):
   plain render_chat one), decoded by the one engine (eval.lm.generate_completions; greedy unless
   DecodeOptions says otherwise); the continuation, stripped of surrounding white space, is scored
   against the references. Default stop: a newline when every reference is one line (a translation
-  pair), none otherwise; a model with a template also stops at its end-of-turn token (`<|end|>`).
+  pair), none otherwise; a model with a template also stops at its end-of-turn token (`<|end|>`; a
+  beam ends there too: generate/beam.py stop_ids).
 - classify: zero-shot by log-likelihood: for each label, log p(" " + label | CLASSIFY_TEMPLATE
   with the text); the label with the highest sum wins (lm-eval's `acc` for multiple choice).
   A fine-tuned classifier (models/classifier.py, a checkpoint with model.labels) is asked its head

@@ -3,6 +3,7 @@
     from clusterlm.generate.beam import beam_search
     best = beam_search(encdec, sources=[[5, 6, 2]], num_beams=4, max_new_tokens=40, eos_id=2, bos_id=1)
     best = beam_search(gpt, prompts=[[2, 5, 6]], num_beams=4, max_new_tokens=40, eos_id=2)
+    best = beam_search(chat, prompts=[[2, 5, 6]], num_beams=4, max_new_tokens=40, eos_id=2, stop_ids=[9])  # <|end|>
     best[0].tokens, best[0].logprob, best[0].score, best[0].finished
 
 The search (transformers' `generate(num_beams=W)` without early stopping, `early_stopping=False`
@@ -19,12 +20,18 @@ when it holds W closed hypotheses and no running one can still score above the w
 else by (t + 1) ** lp: exact, not transformers' heuristic); at max_new_tokens the running ones
 close as they are (finished=False).
 
+End tokens: EOS and the tokens of `stop_ids` (a chat template's end of turn, `<|end|>`) end a
+hypothesis alike, as they end greedy decoding (eval/lm.py): a hypothesis closes with the likeliest
+of them (one closed hypothesis per running one and step, so no two returned differ only in their
+end token), and no hypothesis runs on past one.
+
 Scores: score = logprob / length ** length_penalty, logprob the sum of the token log-probabilities
-(EOS included for a finished hypothesis) and length the tokens generated (EOS counted) - the
-`length_penalty` of transformers (1.0 = the mean log-probability per token, 0 = the plain sum,
-> 0 favours longer outputs); GNMT's ((5 + |Y|) / 6) ** alpha is `length_penalty_kind="gnmt"`. Width 1
-with length_penalty 0 is greedy decoding token for token (tests/model/test_beam.py); with a length
-penalty a closed hypothesis may still lose to a longer one, which greedy never considers.
+(the end token's included for a finished hypothesis) and length the tokens generated (the end
+token counted) - the `length_penalty` of transformers (1.0 = the mean log-probability per token,
+0 = the plain sum, > 0 favours longer outputs); GNMT's ((5 + |Y|) / 6) ** alpha is
+`length_penalty_kind="gnmt"`. Width 1 with length_penalty 0 is greedy decoding token for token
+(tests/model/test_beam.py); with a length penalty a closed hypothesis may still lose to a longer one,
+which greedy never considers.
 
 Batching: sources of any lengths (right-padded, with a key mask); decoder-only prompts of equal
 length (one call per length, as generate/engine.py).
@@ -45,10 +52,10 @@ BEAM_ARCHS = ("transformer", "lstm", "gru", "encdec")  # decoder-only (prompts=)
 
 @dataclass
 class Hypothesis:
-    tokens: list[int]  # generated ids (no prompt, no BOS, no EOS)
-    logprob: float  # sum of the token log-probabilities, EOS included when finished
+    tokens: list[int]  # generated ids (no prompt, no BOS, no end token: EOS or one of stop_ids)
+    logprob: float  # sum of the token log-probabilities, the end token's included when finished
     score: float  # logprob / length_penalty(len)
-    finished: bool  # ended with EOS (False: cut at max_new_tokens)
+    finished: bool  # ended with an end token (False: cut at max_new_tokens)
 
 
 def _penalty(length: int, lp: float, kind: str) -> float:
@@ -133,11 +140,12 @@ def beam_search(model: nn.Module, *, prompts: Sequence[Sequence[int]] | None = N
                 sources: Sequence[Sequence[int]] | None = None, num_beams: int = 4, max_new_tokens: int = 64,
                 eos_id: int, bos_id: int | None = None, pad_id: int = 0, length_penalty: float = 1.0,
                 length_penalty_kind: Literal["transformers", "gnmt"] = "transformers",
-                num_return: int = 1, device: torch.device | str | None = None
+                num_return: int = 1, device: torch.device | str | None = None, stop_ids: Sequence[int] = ()
                 ) -> list[list[Hypothesis]] | list[Hypothesis]:
     """The best hypothesis per input (num_return > 1: the best num_return, a list per input), for a
     decoder-only model (`prompts`, equal lengths) or an encoder-decoder (`sources`, and `bos_id`, the
-    decoder's first input). See the module docstring for the search and the scores."""
+    decoder's first input). `stop_ids`: tokens that end a hypothesis as EOS does (a chat template's
+    end of turn). See the module docstring for the search and the scores."""
     if num_beams < 1 or max_new_tokens < 1 or not 1 <= num_return <= num_beams:
         raise ValueError(f"num_beams={num_beams} and max_new_tokens={max_new_tokens} must be >= 1, "
                          f"num_return={num_return} in [1, num_beams]")
@@ -146,6 +154,10 @@ def beam_search(model: nn.Module, *, prompts: Sequence[Sequence[int]] | None = N
     arch = model.config.arch
     if arch not in BEAM_ARCHS:
         raise ValueError(f"beam search is for arch {', '.join(BEAM_ARCHS)}; this model is arch {arch!r}")
+    ends = sorted({eos_id, *stop_ids})
+    if ends[0] < 0 or ends[-1] >= model.config.vocab_size:
+        raise ValueError(f"end tokens eos_id={eos_id}, stop_ids={list(stop_ids)} must be ids in "
+                         f"[0, {model.config.vocab_size}) (the model's vocab_size)")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     W = num_beams
     encdec = arch == "encdec"
@@ -163,14 +175,15 @@ def beam_search(model: nn.Module, *, prompts: Sequence[Sequence[int]] | None = N
     training = model.training
     model.eval()
     try:
-        return _search(stepper, B, W, max_new, eos_id, length_penalty, length_penalty_kind, num_return)
+        return _search(stepper, B, W, max_new, ends, length_penalty, length_penalty_kind, num_return)
     finally:
         model.train(training)
 
 
-def _search(stepper: _Stepper, B: int, W: int, max_new: int, eos: int, lp: float, kind: str,
+def _search(stepper: _Stepper, B: int, W: int, max_new: int, ends: list[int], lp: float, kind: str,
             num_return: int) -> list[list[Hypothesis]] | list[Hypothesis]:
     dev = stepper.device
+    end_set, end_idx = set(ends), torch.tensor(ends, dtype=torch.long, device=dev)
     scores = torch.full((B, W), -math.inf, dtype=torch.float64, device=dev)
     scores[:, 0] = 0.0  # the W rows start identical: only the first may expand
     seqs: list[list[list[int]]] = [[[] for _ in range(W)] for _ in range(B)]
@@ -181,9 +194,11 @@ def _search(stepper: _Stepper, B: int, W: int, max_new: int, eos: int, lp: float
         V = logits.shape[-1]
         logp = torch.log_softmax(logits.double(), dim=-1).view(B, W, V)
         cand = (scores[:, :, None] + logp).view(B, W * V)
-        top_v, top_i = cand.topk(min(2 * W, W * V), dim=1)  # (B, 2W)
+        # each hypothesis has at most len(ends) end candidates: (len(ends) + 1) * W hold W that run on
+        top_v, top_i = cand.topk(min((len(ends) + 1) * W, W * V), dim=1)  # (B, (E + 1) W)
         top_v, top_i = top_v.tolist(), top_i.tolist()
-        eos_v = cand.view(B, W, V)[:, :, eos].tolist() if W > 1 else None  # (B, W): each hypothesis ending here
+        # (B, W): each hypothesis ending here, with its likeliest end token
+        eos_v = cand.view(B, W, V)[:, :, end_idx].amax(dim=-1).tolist() if W > 1 else None
         rows, nxt, new_scores = [], [], []
         new_seqs: list[list[list[int]]] = []
         for b in range(B):
@@ -197,7 +212,7 @@ def _search(stepper: _Stepper, B: int, W: int, max_new: int, eos: int, lp: float
                     if v == -math.inf:
                         break
                     beam, tok = divmod(i, V)
-                    if tok == eos:
+                    if tok in end_set:
                         if rank < W and eos_v is None:
                             _close(closed[b], Hypothesis(list(seqs[b][beam]), v, v / _penalty(t, lp, kind), True), W)
                         continue
@@ -205,7 +220,7 @@ def _search(stepper: _Stepper, B: int, W: int, max_new: int, eos: int, lp: float
                     if len(keep) == W:
                         break
             while len(keep) < W:  # a done input (or too few candidates): inert rows
-                keep.append((0, eos, -math.inf))
+                keep.append((0, ends[0], -math.inf))
             new_seqs.append([seqs[b][beam] + [tok] for beam, tok, _ in keep])
             rows += [b * W + beam for beam, _, _ in keep]
             nxt += [tok for _, tok, _ in keep]

@@ -138,7 +138,8 @@ def completions(model: nn.Module, tokenizer: Any, ids: Sequence[Sequence[int]], 
                 stop_ids: Sequence[int] = ()) -> list[tuple[str, int, str]]:
     """(text, new tokens, finish reason) per input, in order: `ids` are an encoder-decoder's sources
     (fit_sources) or, with num_beams > 1, a decoder-only model's prompts ([EOS] + ids, fitted to its
-    context). Beam search is deterministic (temperature etc. do not apply); sampling draws input i
+    context). Beam search is deterministic (temperature etc. do not apply) and ends a beam at EOS or a
+    token of `stop_ids`, so the best beam is chosen among replies that end there; sampling draws input i
     from a generator seeded with seed + i; the text is cut before the first of `stops` or of the
     tokens `stop_ids` (a chat template's end of turn, which ends a text as EOS does: not counted).
     eval.lm.generate_completions calls this (and wraps the tuples as its Completion)."""
@@ -183,7 +184,8 @@ def completions(model: nn.Module, tokenizer: Any, ids: Sequence[Sequence[int]], 
             kw: dict[str, Any] = ({"sources": [ids[i] for i in g], "bos_id": tokenizer.bos_id} if encdec
                                   else {"prompts": [ids[i] for i in g]})
             hyps = beam_search(model, num_beams=num_beams, max_new_tokens=max_new_tokens, eos_id=eos,
-                               pad_id=max(tokenizer.pad_id, 0), length_penalty=length_penalty, device=dev, **kw)
+                               stop_ids=stop_ids, pad_id=max(tokenizer.pad_id, 0), length_penalty=length_penalty,
+                               device=dev, **kw)
             for i, h in zip(g, hyps):
                 out[i] = text_of(h.tokens, "stop" if h.finished else "length")
             done(len(g))
@@ -219,7 +221,8 @@ def stream_seq2seq(loaded: Any, source: str, *, max_new_tokens: int, temperature
     (src,) = fit_sources(tok, [source], model.config.max_seq_len, truncate)
     if num_beams > 1:
         (h,) = beam_search(model, sources=[src], num_beams=num_beams, max_new_tokens=max_new_tokens, eos_id=tok.eos_id,
-                           bos_id=tok.bos_id, pad_id=max(tok.pad_id, 0), length_penalty=length_penalty)
+                           stop_ids=stop_ids, bos_id=tok.bos_id, pad_id=max(tok.pad_id, 0),
+                           length_penalty=length_penalty)
         steps: Iterator[list[int | None]] = iter([[t] for t in h.tokens])
     else:
         steps = Seq2SeqGeneration(model, [src], max_new_tokens=max_new_tokens, bos_id=tok.bos_id, eos_id=tok.eos_id,

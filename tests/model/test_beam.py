@@ -159,6 +159,37 @@ def test_length_penalty_and_returned_hypotheses_are_ordered(encdec):
         assert h.score == pytest.approx(h.logprob / n)
 
 
+def test_stop_ids_end_hypotheses_as_eos_does(decoder):
+    """An end-of-turn token in `stop_ids` (3, the token this model writes most) ends a hypothesis as
+    EOS does. Reference: the same search with that token as its EOS, on the model with its real EOS
+    made impossible (one end token in both): the 4 hypotheses (tokens, log-probability, score,
+    finished) are equal, bit for bit. With EOS possible too, a finished hypothesis ends with the
+    likelier of the two: its log-probability is the full forward's over its tokens plus that end
+    token's (1e-4), and no hypothesis holds either end token."""
+    from tests.helpers import token_masked
+
+    eot = 3
+    masked = token_masked(decoder, EOS)
+    prompts = [[EOS] + s[:4] for s in _sources(8, seed=7)]
+    finished = 0
+    for p in prompts:
+        (got,) = beam_search(masked, prompts=[p], num_beams=4, num_return=4, max_new_tokens=MAX_NEW, eos_id=EOS,
+                             stop_ids=[eot])
+        (ref,) = beam_search(masked, prompts=[p], num_beams=4, num_return=4, max_new_tokens=MAX_NEW, eos_id=eot)
+        assert [(h.tokens, h.logprob, h.score, h.finished) for h in got] == \
+            [(h.tokens, h.logprob, h.score, h.finished) for h in ref]
+        finished += sum(h.finished for h in got)
+        for h in beam_search(decoder, prompts=[p], num_beams=4, num_return=4, max_new_tokens=MAX_NEW, eos_id=EOS,
+                             stop_ids=[eot])[0]:
+            assert EOS not in h.tokens and eot not in h.tokens
+            if h.finished:
+                with torch.no_grad():
+                    logp = torch.log_softmax(decoder(torch.tensor([p + h.tokens]))[0, -1, :V].double(), -1)
+                want = _logprob_decoder(decoder, p, h.tokens, False) + float(logp[[EOS, eot]].max())
+                assert h.logprob == pytest.approx(want, abs=1e-4)
+    assert finished >= 4  # hypotheses ended at the end-of-turn token
+
+
 def test_encdec_loglikelihood_equals_the_beam_scorers_full_forward(encdec):
     """generate/seq2seq.score_pairs (batched, padded sources and targets) == the unbatched full-forward
     log-probability of the same target given the same source (1e-6)."""

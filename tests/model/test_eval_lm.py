@@ -232,6 +232,31 @@ def test_stop_strings_are_honoured(name: str) -> None:
             assert c.finish_reason == "stop"
 
 
+def test_beam_search_ends_at_the_end_of_turn_token() -> None:
+    """A chat model's end-of-turn token (`stop_ids`, here a character the model writes often) ends a
+    beam as EOS does. Reference: the best beam of a search whose EOS is that token (beam_search with
+    eos_id=it, on the model with its real EOS made impossible so the two searches have one end token),
+    as text, token count and finish reason. These 3 cases differed when the search ran on past the
+    token and the text was cut there afterwards: the chosen beam was the best of beams that did not
+    end at it. Width 1 (length_penalty 0) equals greedy decoding stopped at the token."""
+    from clusterlm.generate.beam import beam_search
+    from tests.helpers import token_masked
+
+    model = make("llama")
+    masked = token_masked(model, TOK.eos_id)
+    for end, prompt in (("e", "nobler in "), ("t", "nobler in "), ("o", "To be, ")):
+        (eot,) = ids(end)
+        (ref,) = beam_search(masked, prompts=[[TOK.eos_id] + ids(prompt)], num_beams=4, max_new_tokens=10, eos_id=eot)
+        (got,) = generate_completions(masked, TOK, [prompt], max_new_tokens=10, num_beams=4, stop_ids=(eot,))
+        assert eot not in ref.tokens
+        assert (got.text, got.n_tokens, got.finish_reason) == (TOK.decode(ref.tokens), len(ref.tokens),
+                                                                "stop" if ref.finished else "length")
+        (greedy,) = generate_completions(model, TOK, [prompt], max_new_tokens=10, stop_ids=(eot,))
+        (width1,) = beam_search(model, prompts=[[TOK.eos_id] + ids(prompt)], num_beams=1, max_new_tokens=10,
+                                eos_id=TOK.eos_id, stop_ids=[eot], length_penalty=0.0)
+        assert (TOK.decode(width1.tokens), width1.finished) == (greedy.text, greedy.finish_reason == "stop")
+
+
 def test_seeded_sampling_does_not_depend_on_batch_size() -> None:
     """Sampled rows draw from their own generator (seed + prompt index): batch 1, 3 and 8 give the
     same texts, the same seed repeats them and another seed changes them."""
