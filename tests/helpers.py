@@ -81,6 +81,47 @@ def random_checkpoint(tmp_path: Path, kind: str, text: str, *, bpe_vocab: int, n
     return tmp_path / "run"
 
 
+def chat_run(tmp_path: Path, messages: list[dict[str, str]], reply: str, template: bool = True) -> Path:
+    """A char-tokenizer chat checkpoint (CHAT_TOKENS added, the built-in template beside it when
+    `template`) trained until it answers the conversation `messages` with `reply` and <|end|> in that
+    template, as `clusterlm finetune` leaves an SFT chat model."""
+    import torch
+
+    from clusterlm.checkpoint.store import save_checkpoint
+    from clusterlm.config import RunConfig, to_toml
+    from clusterlm.generate.template import CHAT_TOKENS, DEFAULT_TEMPLATE, TEMPLATE_FILE, ChatTemplate
+    from clusterlm.models.build import build_model
+    from clusterlm.models.config import ModelConfig
+    from clusterlm.tokenizer.kinds import train_tokenizer
+
+    text = ChatTemplate(DEFAULT_TEMPLATE).render(messages + [{"role": "assistant", "content": reply}])
+    tok = train_tokenizer("char", [text + "System: User: Assistant:"]).with_special_tokens(CHAT_TOKENS)
+    data = tmp_path / "data"
+    data.mkdir(parents=True)
+    tok.save(data / "tokenizer.json")
+    if template:
+        (data / TEMPLATE_FILE).write_text(DEFAULT_TEMPLATE, encoding="utf-8")
+    cfg = ModelConfig(n_layers=2, dim=32, n_heads=4, max_seq_len=64, vocab_size=tok.vocab_size)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.init_weights(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    seq = torch.tensor([[tok.eos_id] + tok.encode(text)])  # (1, T)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 28k-parameter model: more threads only contend
+    try:
+        for _ in range(25):
+            loss = torch.nn.functional.cross_entropy(model(seq[:, :-1])[0, :, :tok.vocab_size], seq[0, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    save_checkpoint(tmp_path / "run" / "checkpoints", 0, model_state=model.state_dict(), optimizer_state=None,
+                    train_state={}, config_toml=to_toml(RunConfig(model=cfg)), tokenizer_path=data / "tokenizer.json")
+    return tmp_path / "run"
+
+
 def require_binary(binary: str, package: str | None = None) -> str:
     """The path of a system binary a test needs; skipped (with the reason) where it is missing, but a
     failure in CI, whose setup (scripts/system-deps.sh) installs `package` (default: the binary's name)."""

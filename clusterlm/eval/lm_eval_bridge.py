@@ -18,6 +18,12 @@ clusterlm's EOS document separator in place of a BOS; `generate_until` decodes t
 with continuous batching, one call per distinct set of generation settings (`until` stop strings,
 `max_gen_toks`, `do_sample`/`temperature`, `top_p`, `top_k`), greedy unless the task samples.
 
+A chat model (a checkpoint with a chat_template.jinja, e.g. an SFT fine-tune) is asked as `clusterlm
+chat` and `clusterlm eval --task` ask it: `simple_evaluate(..., apply_chat_template=True)` renders
+the prompts with the checkpoint's own template (generate.text.ChatFormat; a model without one keeps
+the plain 'User:/Assistant:' template), and its generations end at the template's end-of-turn token
+(`<|end|>`) as at EOS, whatever the prompt format.
+
 lm-eval 0.4.13 finds models only in its own table (lm_eval.models.MODEL_MAPPING): it has no
 plug-in entry points, so the `lm_eval` command cannot reach "clusterlm"; `register()` adds it to
 this process's registry, and `clusterlm eval --lm-eval` is the command line.
@@ -35,6 +41,8 @@ from typing import Any
 from lm_eval.api.model import LM
 
 from clusterlm.eval import lm
+from clusterlm.generate.template import ChatTemplate
+from clusterlm.generate.text import ChatFormat, chat_format
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +104,13 @@ class ClusterLM(LM):
     """A clusterlm checkpoint as an lm-eval model. `model_args`: checkpoint (a run directory,
     checkpoints folder or step folder), batch_size (default 16), device (auto, cpu, cuda),
     truncate (left-truncate over-long inputs instead of refusing them), max_gen_toks (default for
-    tasks that set none, 256). Or pass a loaded `model` and `tokenizer` instead of a checkpoint."""
+    tasks that set none, 256). Or pass a loaded `model` and `tokenizer` instead of a checkpoint, and
+    the model's `chat_template` (default: the tokenizer's, which load_for_inference attaches)."""
 
     def __init__(self, checkpoint: str | None = None, batch_size: int | str = DEFAULT_BATCH_SIZE,
                  device: str | None = None, truncate: bool | str = False,
                  max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, max_batch_size: int | None = None, *,
-                 model: Any = None, tokenizer: Any = None) -> None:
+                 model: Any = None, tokenizer: Any = None, chat_template: ChatTemplate | None = None) -> None:
         super().__init__()
         self.batch_size = _batch_size(batch_size)
         self.truncate = _as_bool(truncate, "truncate")
@@ -114,13 +123,18 @@ class ClusterLM(LM):
             from clusterlm.device import resolve_device
 
             loaded = load_for_inference(str(checkpoint), device=resolve_device(device or "auto", "device"))
-            model, tokenizer = loaded.model, loaded.tokenizer
+            model, tokenizer, chat_template = loaded.model, loaded.tokenizer, loaded.chat_template
             self.checkpoint = str(loaded.path)
         elif tokenizer is None:
             raise ValueError("ClusterLM(model=...) needs the model's tokenizer too")
         else:
             self.checkpoint = None
+            if chat_template is None:
+                chat_template = getattr(tokenizer, "chat_template", None)
         self.model, self.tokenizer = model, tokenizer
+        # how the model is chatted with: its template and end-of-turn stop (ConfigError when the
+        # tokenizer lacks the template's tokens), or the plain template
+        self.chat = chat_format(tokenizer, chat_template) if chat_template is not None else ChatFormat(None)
         self._device = next(model.parameters()).device
 
     # ---- the three request types ---------------------------------------------------------------
@@ -147,7 +161,8 @@ class ClusterLM(LM):
 
     def generate_until(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[str]:
         """The continuation of each request's `args` (context, gen_kwargs), cut before the first of
-        `until`; requests with the same settings decode together, results in input order."""
+        `until` or a chat model's end of turn; requests with the same settings decode together,
+        results in input order."""
         groups: dict[tuple, list[int]] = {}
         settings: dict[tuple, dict[str, Any]] = {}
         for i, r in enumerate(requests):
@@ -157,12 +172,13 @@ class ClusterLM(LM):
             groups.setdefault(key, []).append(i)
         out: list[str] = [""] * len(requests)
         for key, idx in groups.items():
-            texts = lm.generate_batch(self.model, self.tokenizer, [requests[i].args[0] for i in idx],
-                                      batch_size=self.batch_size, truncate=self.truncate,
-                                      progress=False if disable_tqdm else None, **settings[key])
-            for i, t in zip(idx, texts):
-                out[i] = t
-                self.cache_hook.add_partial("generate_until", requests[i].args, t)
+            done = lm.generate_completions(self.model, self.tokenizer, [requests[i].args[0] for i in idx],
+                                           batch_size=self.batch_size, truncate=self.truncate,
+                                           progress=False if disable_tqdm else None, stop_ids=self.chat.stop_ids,
+                                           **settings[key])
+            for i, c in zip(idx, done):
+                out[i] = c.text
+                self.cache_hook.add_partial("generate_until", requests[i].args, c.text)
         return out
 
     # ---- chat (lm-eval's --apply_chat_template) ------------------------------------------------
@@ -172,14 +188,16 @@ class ClusterLM(LM):
         return f"clusterlm-{self.tokenizer.kind}-{self.tokenizer.vocab_size}"
 
     def chat_template(self, chat_template: bool | str = False) -> str:
+        """The template lm-eval records in its results: the checkpoint's Jinja source, or the plain one's name."""
+        if self.chat.template is not None:
+            return self.chat.template.source
         return "clusterlm plain: 'Role: content' paragraphs, then 'Assistant:'"
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """generate.text.render_chat, the template `clusterlm chat` uses."""
-        from clusterlm.generate.text import render_chat
-
-        text = render_chat(chat_history)
-        return text if add_generation_prompt else text.removesuffix("Assistant:")
+        """The prompt `clusterlm chat` gives this model (its checkpoint's chat template, else the plain
+        one). add_generation_prompt=False: lm-eval's gen_prefix ends the history as an assistant
+        message, which the model continues (ChatFormat.render's continue_final)."""
+        return self.chat.render(chat_history, continue_final=not add_generation_prompt)
 
 
 def register() -> None:

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 USER, ASSISTANT = "User", "Assistant"
 CHAT_STOP = f"\n{USER}:"  # the next user turn of render_chat's template: where a reply ends
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' (utils/chat_template_utils.py)
 
 
 def render_chat(messages: list[dict[str, str]]) -> str:
@@ -59,11 +60,25 @@ class ChatFormat:
     stop_ids: tuple[int, ...] = ()  # token ids that end a reply (besides EOS): the template's stop tokens
     stop_strings: tuple[str, ...] = ()  # text that ends a reply: CHAT_STOP for the plain template
 
-    def render(self, messages: list[dict[str, str]]) -> str:
-        """The prompt text of `messages`, ending where the assistant's reply starts."""
-        if self.template is None:
-            return render_chat(messages)
-        return self.template.render(messages, add_generation_prompt=True)
+    def render(self, messages: list[dict[str, str]], continue_final: bool = False) -> str:
+        """The prompt text of `messages`, ending where the assistant's reply starts. `continue_final`:
+        the last message is a reply begun (lm-eval's gen_prefix, "Answer:"), and the text ends right
+        after it for the model to continue: transformers' continue_final_message (a tag appended to
+        that message, the conversation rendered, the text cut at the tag; its trailing white space
+        kept where the template keeps it)."""
+        if not continue_final:
+            return render_chat(messages) if self.template is None else self.template.render(
+                messages, add_generation_prompt=True)
+        if not messages:
+            raise ValueError("continue_final needs a last message (the reply to continue); got no messages")
+        tagged = messages[:-1] + [{**messages[-1], "content": messages[-1]["content"] + _CONTINUE_TAG}]
+        text = render_chat(tagged) if self.template is None else self.template.render(tagged)
+        at = text.rfind(_CONTINUE_TAG.strip())
+        if at < 0:
+            where = "the plain template" if self.template is None else f"chat template {self.template.name}"
+            raise ValueError(f"{where} does not write the last message's content as given, so the reply cannot "
+                             "be continued after it")
+        return text[:at] if text.startswith(_CONTINUE_TAG, at) else text[:at].rstrip()
 
 
 def chat_format(tokenizer: Tokenizer, template: ChatTemplate | None) -> ChatFormat:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from clusterlm.cli import main as cli
-from tests.helpers import train_tiny_byte_run
+from tests.helpers import chat_run, train_tiny_byte_run
 
 TEXT = "\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(300))
 
@@ -124,47 +124,6 @@ def test_unknown_task_name_lists_the_bundled_ones(run, capsys):
     assert "shakespeare_next_line" in err and "no_such_task" in err
 
 
-def _chat_run(tmp_path: Path, reply: str, template: bool = True) -> Path:
-    """A char-tokenizer chat checkpoint (CHAT_TOKENS added, the built-in template beside it when
-    `template`) trained until it answers CHAT's conversation with `reply` and <|end|> in that
-    template, as `clusterlm finetune` leaves an SFT chat model."""
-    import torch
-
-    from clusterlm.checkpoint.store import save_checkpoint
-    from clusterlm.config import RunConfig, to_toml
-    from clusterlm.generate.template import CHAT_TOKENS, DEFAULT_TEMPLATE, TEMPLATE_FILE, ChatTemplate
-    from clusterlm.models.build import build_model
-    from clusterlm.models.config import ModelConfig
-    from clusterlm.tokenizer.kinds import train_tokenizer
-
-    text = ChatTemplate(DEFAULT_TEMPLATE).render(CHAT + [{"role": "assistant", "content": reply}])
-    tok = train_tokenizer("char", [text + "System: User: Assistant:"]).with_special_tokens(CHAT_TOKENS)
-    data = tmp_path / "data"
-    data.mkdir(parents=True)
-    tok.save(data / "tokenizer.json")
-    if template:
-        (data / TEMPLATE_FILE).write_text(DEFAULT_TEMPLATE, encoding="utf-8")
-    cfg = ModelConfig(n_layers=2, dim=32, n_heads=4, max_seq_len=64, vocab_size=tok.vocab_size)
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    model.init_weights(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
-    seq = torch.tensor([[tok.eos_id] + tok.encode(text)])  # (1, T)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 28k-parameter model: more threads only contend
-    try:
-        for _ in range(25):
-            loss = torch.nn.functional.cross_entropy(model(seq[:, :-1])[0, :, :tok.vocab_size], seq[0, 1:])
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-    finally:
-        torch.set_num_threads(threads)
-    save_checkpoint(tmp_path / "run" / "checkpoints", 0, model_state=model.state_dict(), optimizer_state=None,
-                    train_state={}, config_toml=to_toml(RunConfig(model=cfg)), tokenizer_path=data / "tokenizer.json")
-    return tmp_path / "run"
-
-
 CHAT = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"}]
 
 
@@ -175,12 +134,12 @@ def test_chat_task_uses_the_checkpoints_template_and_end_of_turn(tmp_path, capsy
     asked in the plain 'User:/Assistant:' format and read on past the end of turn. A checkpoint
     without a template keeps the plain format."""
     task = _write(tmp_path / "chat.jsonl", [{"messages": CHAT, "references": ["4"]}])
-    run = _chat_run(tmp_path / "tpl", "4")
+    run = chat_run(tmp_path / "tpl", CHAT, "4")
     out = _eval(capsys, str(run), "--task", str(task), "--max-new-tokens", "8", "--samples", str(tmp_path / "s.jsonl"))
     sample = json.loads((tmp_path / "s.jsonl").read_text())
     assert sample["prompt"] == "<|system|>\nBe terse.<|end|>\n<|user|>\n2+2?<|end|>\n<|assistant|>\n"
     assert (sample["prediction"], sample["tokens"], sample["finish_reason"]) == ("4", 1, "stop")
     assert out["tasks"]["chat"]["exact_match"] == 100.0 and len(out["tasks"]["chat"]["decoding"]["stop_ids"]) == 1
-    plain = _chat_run(tmp_path / "plain", "4", template=False)
+    plain = chat_run(tmp_path / "plain", CHAT, "4", template=False)
     _eval(capsys, str(plain), "--task", str(task), "--max-new-tokens", "8", "--samples", str(tmp_path / "p.jsonl"))
     assert json.loads((tmp_path / "p.jsonl").read_text())["prompt"] == "System: Be terse.\n\nUser: 2+2?\n\nAssistant:"

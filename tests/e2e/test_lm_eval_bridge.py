@@ -180,3 +180,35 @@ def test_generation_settings_follow_lm_eval():
     assert (s["stops"], s["max_new_tokens"], s["temperature"], s["top_p"], s["seed"]) == ((), 32, 0.7, 0.9, 3)
     with pytest.raises(ValueError, match="batch_size=0"):
         ClusterLM(model=object(), tokenizer=object(), batch_size=0)
+
+
+CHAT = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"}]
+
+
+def test_chat_model_is_asked_in_its_template_and_stops_at_end_of_turn(tmp_path, monkeypatch):
+    """Reference: `clusterlm eval --task`'s prompt and answer for the same chat checkpoint (its template;
+    "4", ending at <|end|>: tests/e2e/test_eval_tasks.py). The bridge's apply_chat_template renders the
+    checkpoint's template, also inside lm-eval's simple_evaluate(apply_chat_template=True), and leaves
+    a gen_prefix open for the model to continue; generate_until ends the reply at <|end|>. Before, the
+    bridge used the plain 'User:/Assistant:' template and read on past the end of turn."""
+    from lm_eval.tasks import TaskManager
+
+    from clusterlm.eval.lm_eval_bridge import ClusterLM
+    from tests.helpers import chat_run
+
+    bridge = ClusterLM(checkpoint=str(chat_run(tmp_path, CHAT, "4")), batch_size=2, device="cpu")
+    prompt = bridge.apply_chat_template(CHAT)
+    assert prompt == "<|system|>\nBe terse.<|end|>\n<|user|>\n2+2?<|end|>\n<|assistant|>\n"
+    begun = CHAT + [{"role": "assistant", "content": "Answer:"}]
+    assert bridge.apply_chat_template(begun, add_generation_prompt=False) == prompt + "Answer:"
+    assert bridge.chat_template(True) == (Path(bridge.checkpoint) / "chat_template.jinja").read_text()
+    gen = {"until": [], "max_gen_toks": 8}  # no stop string: only <|end|> ends the reply (it read on: '4\n\n\n')
+    assert bridge.generate_until([_instance("generate_until", (prompt, gen))]) == ["4"]
+
+    monkeypatch.chdir(FIXTURES)  # the YAML's data_files is relative, datasets' rule
+    manager = TaskManager(include_path=str(FIXTURES), include_defaults=False)  # not lm-eval's own tasks: 20 s
+    res = lm_eval.simple_evaluate(model=bridge, tasks=[TASK], task_manager=manager, apply_chat_template=True, limit=2,
+                                  log_samples=True)
+    contexts = {ctx for s in res["samples"][TASK] for ctx, _ in s["arguments"]}  # (context, choice) pairs
+    docs = [json.loads(line) for line in (FIXTURES / "choice.jsonl").read_text().splitlines()[:2]]
+    assert contexts == {f"<|user|>\n{d['context']}<|end|>\n<|assistant|>\n" for d in docs}

@@ -113,6 +113,25 @@ def test_chat_format_checks_the_tokenizer(caplog):
     assert fallback.render(MESSAGES) == render_chat(MESSAGES) and fallback.stop_strings == (CHAT_STOP,)
 
 
+def test_continue_final_leaves_the_reply_open():
+    """ChatFormat.render(continue_final=True), what lm-eval's gen_prefix asks for (apply_chat_template
+    with add_generation_prompt=False). Reference: transformers' render_jinja_template with
+    continue_final_message=True on the same template (its trailing space kept where the template keeps
+    it). The plain template ends at the begun reply as 'Assistant: Answer:' (it strips content)."""
+    chat_template_utils = pytest.importorskip("transformers.utils.chat_template_utils")
+    tok = CharTokenizer("".join(sorted(set("abc ?+2HiBet.rsAnw:\n")))).with_special_tokens(CHAT_TOKENS)
+    fmt = chat_format(tok, load_template("clusterlm"))
+    for begun in ("Answer:", "Answer: "):
+        messages = MESSAGES + [{"role": "assistant", "content": begun}]
+        (want,), _ = chat_template_utils.render_jinja_template([messages], chat_template=DEFAULT_TEMPLATE,
+                                                               continue_final_message=True)
+        assert fmt.render(messages, continue_final=True) == want
+        assert want.endswith("<|user|>\n2+2?<|end|>\n<|assistant|>\n" + begun)
+        plain = chat_format(tok, None).render(messages, continue_final=True)
+        assert plain == render_chat(MESSAGES).removesuffix("Assistant:") + "Assistant: Answer:"
+    assert fmt.render(MESSAGES, continue_final=False) == fmt.render(MESSAGES)
+
+
 def _chat_checkpoint(tmp_path, template: str | None):
     """A random tiny Transformer with a char tokenizer + CHAT_TOKENS, saved through save_checkpoint from
     a tokenizer file with `template` beside it (as a data dir or fine-tuning run has it)."""
