@@ -116,8 +116,10 @@ def _objective_loss(loaded: Any, data_dir: Path, split: str, batch_size: int, se
 def evaluate_tasks(ckpt: str, tasks: list[str], *, limit: int | None = None, batch_size: int = 16,
                    decode: Any = None, truncate: bool = False, labels: list[str] | None = None,
                    device: str = "auto", samples_out: str | None = None) -> dict[str, Any]:
-    """Scores of a checkpoint on each task (a bundled name or a file), with the decoding settings;
-    per-example records to `samples_out` (JSONL, written atomically) when given."""
+    """Scores of a checkpoint on each task (a bundled name or a file), with the decoding settings; a
+    chat model is prompted with its checkpoint's chat template and stopped at its end of turn
+    (eval.harness.task_chat_format). Per-example records to `samples_out` (JSONL, written atomically)
+    when given."""
     from clusterlm.checkpoint.model_io import load_for_inference
     from clusterlm.device import resolve_device
     from clusterlm.eval.harness import (DecodeOptions, check_model_kind, model_labels, resolve_task, run_task,
@@ -132,7 +134,7 @@ def evaluate_tasks(ckpt: str, tasks: list[str], *, limit: int | None = None, bat
     records: list[dict[str, Any]] = []
     for spec, task in zip(tasks, loaded_tasks):
         metrics, samples = run_task(loaded.model, loaded.tokenizer, task, batch_size=batch_size, decode=decode,
-                                    truncate=truncate)
+                                    truncate=truncate, chat_template=loaded.chat_template)
         out["tasks"][task.name or spec] = metrics
         records += [{"task": task.name or spec, **r} for r in samples]
     if samples_out:

@@ -143,3 +143,31 @@ def test_chat_task_uses_the_checkpoints_template_and_end_of_turn(tmp_path, capsy
     plain = chat_run(tmp_path / "plain", CHAT, "4", template=False)
     _eval(capsys, str(plain), "--task", str(task), "--max-new-tokens", "8", "--samples", str(tmp_path / "p.jsonl"))
     assert json.loads((tmp_path / "p.jsonl").read_text())["prompt"] == "System: Be terse.\n\nUser: 2+2?\n\nAssistant:"
+
+
+def test_evaluate_tasks_takes_the_template_from_the_checkpoint(tmp_path, monkeypatch):
+    """Reference: the prompt and answer of the test above (the checkpoint's template, "4" ending at
+    <|end|>). evaluate_tasks hands the harness the loaded checkpoint's template (LoadedModel.chat_template)
+    itself: with a tokenizer that does not carry it (tokenizer.chat_template None) the chat model is
+    still asked in its template; before, the harness read it off the tokenizer only and asked in the
+    plain format."""
+    import clusterlm.checkpoint.model_io as model_io
+    from clusterlm.eval.evaluate import evaluate_tasks
+    from clusterlm.eval.harness import DecodeOptions
+
+    load = model_io.load_for_inference
+
+    def load_bare_tokenizer(*args, **kwargs):
+        loaded = load(*args, **kwargs)
+        loaded.tokenizer.chat_template = None
+        return loaded
+
+    monkeypatch.setattr(model_io, "load_for_inference", load_bare_tokenizer)
+    task = _write(tmp_path / "chat.jsonl", [{"messages": CHAT, "references": ["4"]}])
+    run = chat_run(tmp_path / "tpl", CHAT, "4")
+    out = evaluate_tasks(str(run), [str(task)], decode=DecodeOptions(max_new_tokens=8), device="cpu",
+                         samples_out=str(tmp_path / "s.jsonl"))
+    sample = json.loads((tmp_path / "s.jsonl").read_text())
+    assert sample["prompt"] == "<|system|>\nBe terse.<|end|>\n<|user|>\n2+2?<|end|>\n<|assistant|>\n"
+    assert (sample["prediction"], sample["finish_reason"]) == ("4", "stop")
+    assert out["tasks"]["chat"]["exact_match"] == 100.0
