@@ -171,18 +171,22 @@ def _check_template(data_dir: Path, made_sha: str | None, spec: str, base: Any |
 
 def ensure_finetune_data(cfg: Any) -> tuple[Path, Any, Any]:
     """(data_dir, base or None, the fine-tuned model's ModelConfig) for a run with finetune.task sft or
-    classify; prepares data.dir from data.source if it has no meta.json yet."""
+    classify; prepares data.dir from data.source if it has no meta.json yet. Refused, it removes the
+    data.dir it created (train/loop.py does the same for refusals after it returns)."""
     from clusterlm.errors import CheckpointError
-    from clusterlm.finetune.setup import discard_made, resolve_base
+    from clusterlm.finetune.setup import discard_made, new_folders, resolve_base
 
     ft = cfg.finetune
-    if ft.task in ("mlm", "span"):
-        return _mlm_data(cfg)
-    base = resolve_base(ft.init_from, Path(cfg.train.out_dir)) if ft.init_from else None
+    made = new_folders(Path(cfg.data.dir))  # () when data.dir exists: then it is never removed
+    base = None
     try:
+        if ft.task in ("mlm", "span"):
+            return _mlm_data(cfg)
+        base = resolve_base(ft.init_from, Path(cfg.train.out_dir)) if ft.init_from else None
         return _finetune_data(cfg, base)
     except (ConfigError, DataError, CheckpointError):
-        discard_made(base)  # a Hugging Face base converted for a refused run is not left behind
+        discard_made(made)
+        discard_made(base.made if base is not None else ())  # a Hugging Face base converted for this run
         raise
 
 

@@ -336,3 +336,37 @@ def test_template_auto_refuses_a_folder_rendered_with_another_base_template(tmp_
         ensure_finetune_data(dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, init_from=str(other))))
     assert (tmp_path / "data" / "meta.json").read_text() == meta
 
+
+@pytest.mark.parametrize("refusal, needle", [
+    (["--checkpoint.keep_best=true", "--data.val_fraction=0"], "checkpoint.keep_best needs a validation loss"),
+    (["--parallel.dp_shard=2"], "!= world size 1"),
+    (["--train.micro_batch_size=100000000"], "the run needs about"),
+    (["--model.vocab_size=8"], "model.vocab_size=8 is smaller than the tokenizer's"),  # finetune/data.py's own
+])
+def test_a_fine_tune_refused_after_preparing_its_data_leaves_no_data_dir(tmp_path, capsys, refusal, needle):
+    """Reference: the file system before the run. A refusal in the trainer's set-up after data.dir
+    was prepared (keep_best without a validation split, the parallel layout, the memory check), or in
+    ensure_finetune_data after preparing it (a model vocabulary too small for the data's tokenizer),
+    is exit 2 and removes the data.dir this run created, with the parent folder it made for it; a
+    data.dir that was there before the run is kept. Before, the prepared folder stayed, for the next
+    run to reuse."""
+    import json
+
+    from clusterlm.cli import main as cli
+    from clusterlm.config import load_run_config
+    from clusterlm.errors import EXIT_USAGE
+    from clusterlm.finetune.data import ensure_finetune_data
+
+    src = write_jsonl(tmp_path / "r.jsonl", pairs(16))
+    data, out = tmp_path / "new" / "data", tmp_path / "run"
+    args = ["--finetune.task=sft", f"--data.source={json.dumps(str(src))}", "--data.tokenizer=char",
+            f"--data.dir={json.dumps(str(data))}", f"--train.out_dir={json.dumps(str(out))}", "--model.preset=gpt-nano",
+            "--model.n_layers=1", "--model.dim=32", "--model.n_heads=2", "--model.max_seq_len=32", "--train.seq_len=32",
+            "--train.max_steps=1", "--train.device=cpu", "--train.tensorboard=false", *refusal]
+    assert cli(["finetune", *args]) == EXIT_USAGE
+    assert needle in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "new").exists() and not out.exists()
+    ensure_finetune_data(load_run_config(None, [a for a in args if a not in refusal]))  # there before the run: kept
+    meta = (data / "meta.json").read_text()
+    assert cli(["finetune", *args]) == EXIT_USAGE
+    assert (data / "meta.json").read_text() == meta
