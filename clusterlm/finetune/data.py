@@ -88,7 +88,7 @@ def _encoded_texts(records: list, template: Any | None) -> list[str]:
     return out
 
 
-def _check_made_from(data_dir: Path, meta: dict, cfg: Any) -> None:
+def _check_made_from(data_dir: Path, meta: dict, cfg: Any, base: Any | None) -> None:
     from clusterlm.data.sft import source_differs
 
     ft, data = cfg.finetune, cfg.data
@@ -110,7 +110,7 @@ def _check_made_from(data_dir: Path, meta: dict, cfg: Any) -> None:
     if ft.task in ("sft", "classify"):
         _check_options(data_dir, meta, prepare_options(cfg))
     if ft.task == "sft":
-        _check_template(data_dir, made.get("template_sha256"), ft.template)
+        _check_template(data_dir, made.get("template_sha256"), ft.template, base)
 
 
 def prepare_options(cfg: Any) -> dict[str, Any]:
@@ -138,38 +138,55 @@ def _check_options(data_dir: Path, meta: dict, now: dict[str, Any]) -> None:
                               f"another data.dir, or delete {data_dir} to prepare it again")
 
 
-def _check_template(data_dir: Path, made_sha: str | None, spec: str) -> None:
-    """Refuse a directory prepared with another template than finetune.template names now (a .jinja
-    file edited since, or a directory from before the options were kept). 'auto' depends on the base
-    and the records, which the other checks cover."""
-    if spec == "auto":
-        return
+def _check_template(data_dir: Path, made_sha: str | None, spec: str, base: Any | None) -> None:
+    """Refuse a directory prepared with another template than finetune.template gives now: a .jinja
+    file edited since, a directory from before the options were kept, or for 'auto' a base whose own
+    chat_template.jinja differs (another init_from, the base re-exported): the option reads 'auto'
+    either way, so the hash of the template that rendered the examples is what is compared."""
     import hashlib
 
-    from clusterlm.generate.template import load_template
+    from clusterlm.generate.template import BUILTIN_TEMPLATES, load_template
 
-    sha = None if spec == "none" else hashlib.sha256(load_template(spec).source.encode()).hexdigest()
+    def sha256(name: str) -> str:
+        return hashlib.sha256(load_template(name).source.encode()).hexdigest()
+
+    base_template = base.template_file if base is not None else None
+    if spec == "none":
+        sha, now = None, "none"
+    elif spec != "auto":
+        sha = sha256(spec)
+        now = f"sha256 {sha[:12]}"
+    elif base_template is not None:
+        sha = sha256(str(base_template))
+        now = f"the chat template of {base.where}, of sha256 {sha[:12]}"
+    else:  # the builtin template if the records have messages, else none: the records are checked above
+        builtin = sha256(next(iter(BUILTIN_TEMPLATES)))
+        sha = made_sha if made_sha in (None, builtin) else builtin
+        now = f"the builtin template (sha256 {builtin[:12]}) or none, there being no base chat_template.jinja"
     if sha != made_sha:
         had = "no chat template" if made_sha is None else f"a chat template of sha256 {made_sha[:12]}"
-        now = "none" if sha is None else f"sha256 {sha[:12]}"
         raise ConfigError(f"data.dir={str(data_dir)!r} was prepared with {had}, but finetune.template={spec!r} is "
                           f"{now}; give another data.dir, or delete {data_dir} to prepare it again")
 
 
 def ensure_finetune_data(cfg: Any) -> tuple[Path, Any, Any]:
     """(data_dir, base or None, the fine-tuned model's ModelConfig) for a run with finetune.task sft or
-    classify; prepares data.dir from data.source if it has no meta.json yet."""
+    classify; prepares data.dir from data.source if it has no meta.json yet. Refused, it removes the
+    data.dir it created (train/loop.py does the same for refusals after it returns)."""
     from clusterlm.errors import CheckpointError
-    from clusterlm.finetune.setup import discard_made, resolve_base
+    from clusterlm.finetune.setup import discard_made, new_folders, resolve_base
 
     ft = cfg.finetune
-    if ft.task in ("mlm", "span"):
-        return _mlm_data(cfg)
-    base = resolve_base(ft.init_from, Path(cfg.train.out_dir)) if ft.init_from else None
+    made = new_folders(Path(cfg.data.dir))  # () when data.dir exists: then it is never removed
+    base = None
     try:
+        if ft.task in ("mlm", "span"):
+            return _mlm_data(cfg)
+        base = resolve_base(ft.init_from, Path(cfg.train.out_dir)) if ft.init_from else None
         return _finetune_data(cfg, base)
     except (ConfigError, DataError, CheckpointError):
-        discard_made(base)  # a Hugging Face base converted for a refused run is not left behind
+        discard_made(made)
+        discard_made(base.made if base is not None else ())  # a Hugging Face base converted for this run
         raise
 
 
@@ -190,7 +207,7 @@ def _finetune_data(cfg: Any, base: Any | None) -> tuple[Path, Any, Any]:
     data_dir = Path(data.dir)
     seq2seq = ft.task == "seq2seq"
     if (data_dir / "meta.json").is_file():
-        _check_made_from(data_dir, read_meta(data_dir), cfg)
+        _check_made_from(data_dir, read_meta(data_dir), cfg, base)
     else:
         if not data.source:
             raise ConfigError(f"data.dir={str(data_dir)!r} is not prepared and data.source is empty; set data.source "

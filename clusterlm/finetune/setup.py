@@ -52,19 +52,25 @@ class Base:
         return f"finetune.init_from={str(self.hf_folder or self.path)!r}"
 
 
-def discard_made(base: Base | None) -> None:
-    """Remove what resolve_base wrote for `base` (an HF folder's conversion into OUT_DIR/base, and
-    OUT_DIR and its parents where this run created them and they hold nothing else): a run refused
-    before it trains leaves nothing behind."""
+def new_folders(folder: Path) -> tuple[Path, ...]:
+    """`folder` and those of its parents that do not exist yet, deepest first: what a run that writes
+    `folder` creates, and discard_made removes again if the run is refused before it trains."""
+    return tuple(d for d in (folder, *folder.parents) if not d.exists())
+
+
+def discard_made(made: tuple[Path, ...]) -> None:
+    """Remove what a run refused before it trains wrote, so that it leaves nothing behind: `made` is a
+    folder it created (removed with its contents), then the parents it created for it (deepest first,
+    removed where they hold nothing else), as in Base.made and new_folders."""
     import shutil
 
-    if base is None or not base.made:
+    if not made:
         return
-    converted, *created = base.made
-    shutil.rmtree(converted, ignore_errors=True)
-    for folder in created:  # deepest first
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
+    folder, *created = made
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in created:
+        if parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
 
 
 def resolve_base(init_from: str, out_dir: Path) -> Base:
@@ -83,14 +89,14 @@ def resolve_base(init_from: str, out_dir: Path) -> Base:
         if not (converted / "checkpoints").exists():
             from clusterlm.interop.hf_io import convert_from_hf
 
-            made = (converted,) + tuple(d for d in (out_dir, *out_dir.parents) if not d.exists())
+            made = (converted, *new_folders(out_dir))
             log.info("finetune.init_from=%s is a Hugging Face folder: converting it into %s", src, converted)
             convert_from_hf(src, converted)
         src = converted
     try:
         return dataclasses.replace(_read_base(src, made), hf_folder=hf_folder)
     except (ConfigError, CheckpointError):
-        discard_made(Base(src, None, src, None, made))
+        discard_made(made)
         raise
 
 

@@ -40,7 +40,7 @@ from clusterlm.config import DataConfig, RunConfig, TrainConfig, load_run_config
 from clusterlm.device import autocast as device_autocast
 from clusterlm.device import autocast_dtype, keep_freed_memory, resolve_device
 from clusterlm.parallel.dims import ParallelDims
-from clusterlm.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, ConfigError, DataError
+from clusterlm.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, ConfigError, DataError, exit_code_of
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,21 @@ class Trainer:
     the loop, built from `train_step`, `log_step`, `maybe_eval` and `maybe_save`."""
 
     def __init__(self, cfg: RunConfig) -> None:
+        # what set-up wrote for a fine-tune (its data.dir, a converted Hugging Face base), as
+        # finetune/setup.py new_folders gives them: a run refused before it trains removes them again,
+        # so the next run does not reuse data prepared for this one's options
+        self.made: list[tuple[Path, ...]] = []
+        try:
+            self._set_up(cfg)
+        except Exception as e:
+            from clusterlm.finetune.setup import discard_made
+
+            if exit_code_of(e) == EXIT_USAGE:  # refused (bad input), not a crash
+                for made in self.made:
+                    discard_made(made)
+            raise
+
+    def _set_up(self, cfg: RunConfig) -> None:
         from clusterlm.checkpoint.manager import Checkpointer
         from clusterlm.data.loader import TokenLoader
         from clusterlm.eval.metrics import lm_loss
@@ -295,10 +310,13 @@ class Trainer:
         self.base = None
         if cfg.finetune.task != "lm":
             from clusterlm.finetune.data import ensure_finetune_data
+            from clusterlm.finetune.setup import new_folders
 
+            made = new_folders(Path(cfg.data.dir)) if self.rank0 else ()  # rank 0 prepares it
             data_dir, self.base, mcfg = rank0_first(
                 self.distributed, self.env.rank, lambda: ensure_finetune_data(cfg), what=f"preparing {cfg.data.dir}",
                 device=self.device)
+            self.made += [made, self.base.made if self.base is not None else ()]
             self.meta = meta = read_meta(data_dir)
         else:
             data_dir = rank0_first(self.distributed, self.env.rank, lambda: ensure_data(cfg.data),

@@ -286,3 +286,87 @@ def test_a_template_that_does_not_render_the_replies_is_refused_before_anything_
         ensure_finetune_data(_sft_cfg(tmp_path, src, template=str(static)))
     assert str(static) in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "data").exists()
+
+
+def _chat_base(root: Path, template: str | None) -> Path:
+    """A random char-level base under `root` whose step folder holds `template` as its
+    chat_template.jinja (none when None); returns the run folder."""
+    from clusterlm.checkpoint.store import resolve_checkpoint
+    from tests.helpers import random_checkpoint
+
+    root.mkdir()
+    run = random_checkpoint(root, "char", "0123456789+= abcdefghijklmnopqrstuvwxyz\n", bpe_vocab=0, n_layers=1,
+                            context=64)
+    if template is not None:
+        (resolve_checkpoint(str(run)) / "chat_template.jinja").write_text(template)
+    return run
+
+
+def test_template_auto_refuses_a_folder_rendered_with_another_base_template(tmp_path):
+    """Reference: the sha256 of the template that rendered the examples (meta.json made_from). With
+    finetune.template = 'auto' the option reads the same whatever the base, so a base whose own
+    chat_template.jinja changed (re-exported with another template, or another init_from, here one
+    with no template, whose 'auto' is the builtin one) is refused in one line naming both hashes; the
+    same base reuses the folder. Before, the examples rendered with the old template were reused."""
+    import dataclasses
+
+    from clusterlm.checkpoint.store import resolve_checkpoint
+    from clusterlm.config import TrainConfig
+    from clusterlm.finetune.data import ensure_finetune_data
+    from clusterlm.generate.template import DEFAULT_TEMPLATE
+
+    own = DEFAULT_TEMPLATE.replace("<|end|>", "<|end|>\n", 1)  # not the builtin: 'auto' without it differs
+    base = _chat_base(tmp_path / "base", own)
+    src = write_jsonl(tmp_path / "r.jsonl", [{"messages": [{"role": "user", "content": f"{i}+{i}"},
+                                                            {"role": "assistant", "content": str(2 * i)}]}
+                                             for i in range(8)])
+    cfg = _sft_cfg(tmp_path, src, init_from=str(base))
+    cfg = dataclasses.replace(cfg, train=TrainConfig(out_dir=str(tmp_path / "run"), seq_len=64))
+    ensure_finetune_data(cfg)
+    meta = (tmp_path / "data" / "meta.json").read_text()
+    ensure_finetune_data(cfg)  # the same base template: reused
+    (resolve_checkpoint(str(base)) / "chat_template.jinja").write_text(DEFAULT_TEMPLATE)  # base re-exported
+    with pytest.raises(ConfigError, match=r"was prepared with a chat template of sha256 [0-9a-f]{12}, but "
+                                          r"finetune.template='auto' is the chat template of finetune.init_from=.*, "
+                                          r"of sha256 [0-9a-f]{12}; give another data.dir") as e:
+        ensure_finetune_data(cfg)
+    assert "\n" not in str(e.value)
+    other = _chat_base(tmp_path / "other", None)
+    with pytest.raises(ConfigError, match=r"finetune.template='auto' is the builtin template \(sha256 .*\) or none"):
+        ensure_finetune_data(dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, init_from=str(other))))
+    assert (tmp_path / "data" / "meta.json").read_text() == meta
+
+
+@pytest.mark.parametrize("refusal, needle", [
+    (["--checkpoint.keep_best=true", "--data.val_fraction=0"], "checkpoint.keep_best needs a validation loss"),
+    (["--parallel.dp_shard=2"], "!= world size 1"),
+    (["--train.micro_batch_size=100000000"], "the run needs about"),
+    (["--model.vocab_size=8"], "model.vocab_size=8 is smaller than the tokenizer's"),  # finetune/data.py's own
+])
+def test_a_fine_tune_refused_after_preparing_its_data_leaves_no_data_dir(tmp_path, capsys, refusal, needle):
+    """Reference: the file system before the run. A refusal in the trainer's set-up after data.dir
+    was prepared (keep_best without a validation split, the parallel layout, the memory check), or in
+    ensure_finetune_data after preparing it (a model vocabulary too small for the data's tokenizer),
+    is exit 2 and removes the data.dir this run created, with the parent folder it made for it; a
+    data.dir that was there before the run is kept. Before, the prepared folder stayed, for the next
+    run to reuse."""
+    import json
+
+    from clusterlm.cli import main as cli
+    from clusterlm.config import load_run_config
+    from clusterlm.errors import EXIT_USAGE
+    from clusterlm.finetune.data import ensure_finetune_data
+
+    src = write_jsonl(tmp_path / "r.jsonl", pairs(16))
+    data, out = tmp_path / "new" / "data", tmp_path / "run"
+    args = ["--finetune.task=sft", f"--data.source={json.dumps(str(src))}", "--data.tokenizer=char",
+            f"--data.dir={json.dumps(str(data))}", f"--train.out_dir={json.dumps(str(out))}", "--model.preset=gpt-nano",
+            "--model.n_layers=1", "--model.dim=32", "--model.n_heads=2", "--model.max_seq_len=32", "--train.seq_len=32",
+            "--train.max_steps=1", "--train.device=cpu", "--train.tensorboard=false", *refusal]
+    assert cli(["finetune", *args]) == EXIT_USAGE
+    assert needle in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "new").exists() and not out.exists()
+    ensure_finetune_data(load_run_config(None, [a for a in args if a not in refusal]))  # there before the run: kept
+    meta = (data / "meta.json").read_text()
+    assert cli(["finetune", *args]) == EXIT_USAGE
+    assert (data / "meta.json").read_text() == meta
