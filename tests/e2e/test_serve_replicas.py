@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from clusterlm.errors import EXIT_PREEMPTED, EXIT_USAGE
-from tests.helpers import random_checkpoint, require_binary, wait_for_ready
+from tests.helpers import console_script, random_checkpoint, require_binary, signal_on_import, wait_for_ready
 
 httpx = pytest.importorskip("httpx2")
 
@@ -173,6 +173,38 @@ def test_sigterm_while_the_model_loads_exits_0(run, tmp_path):
     assert proc.wait(timeout=60) == 0, log_path.read_text()[-2000:]
     text = log_path.read_text()
     assert "waiting for the model being loaded" in text and "terminate called" not in text
+
+
+# after `bind` returns: the port is taken, the imports are done, uvicorn has not taken over the signals yet
+_SIGTERM_AFTER_BIND = """
+import signal, clusterlm.serve.guard as g
+real = g.bind
+def bind(*a, **k):
+    sock = real(*a, **k)
+    signal.raise_signal(signal.SIGTERM)
+    return sock
+g.bind = bind
+"""
+
+
+@pytest.mark.parametrize("phase", ["importing the cli", "importing torch", "port bound"])
+def test_sigterm_before_the_server_runs_exits_0(run, phase):
+    """SIGTERM in serve's first seconds, before uvicorn installs its handlers (a rollout or scale-down
+    catching a pod that is still importing torch): exit 0 with one line saying so, and no traceback; it
+    used to die by the signal (143). The signal lands at a set point of the start-up (not on a timer):
+    as the CLI starts importing, as torch starts importing, and just after the port is bound."""
+    code = {"importing the cli": signal_on_import("SIGTERM", "clusterlm.cli"),
+            "importing torch": signal_on_import("SIGTERM", "torch"), "port bound": _SIGTERM_AFTER_BIND}[phase]
+    port = _bench().free_port()
+    r = subprocess.run([*console_script(code), "serve", str(run), "--port", str(port),
+                        "--api-key-env", "CLUSTERLM_TEST_KEY"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "CLUSTERLM_TEST_KEY": KEY})
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln for ln in r.stderr.splitlines() if "SIGTERM" in ln]
+    assert len(lines) == 1 and "stopped by SIGTERM before the server was ready" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    if phase == "port bound":  # the log is set up by then, and tagged with the instance id
+        assert re.match(r"\[[^]]+\] \d\d:\d\d:\d\d INFO clusterlm.serve: ", lines[0]), lines
 
 
 def test_drain_deadline_ends_streams_with_an_error_event(run, tmp_path):
