@@ -222,6 +222,56 @@ def test_drain_deadline_ends_streams_with_an_error_event(run, tmp_path):
     assert srv.proc.wait(timeout=20) == EXIT_PREEMPTED
 
 
+def test_log_format_json_is_one_object_per_line(run, tmp_path):
+    """--log-format json (for Loki, Elasticsearch, Cloud Logging): every line of the log, clusterlm's,
+    uvicorn's start-up lines and its access lines, is one JSON object with an ISO 8601 UTC time, the
+    level, --instance-id, the logger and the message; access lines also carry method, path, status,
+    client and duration_ms, which for a stream spans the whole stream as the client saw it (uvicorn
+    itself writes the line when the response starts). Successful probes stay out (--access-log
+    requests). A traceback is a field of its record, which stays one line."""
+    import logging
+
+    from clusterlm.serve.guard import JsonFormatter
+
+    srv = _Proc(run, tmp_path, "--log-format", "json", "--instance-id", "test-json")
+    hdr = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.get(srv.url + "/v1/models", headers=hdr, timeout=5).status_code == 200
+    assert httpx.get(srv.url + "/v1/nowhere", timeout=5).status_code == 401
+    out: dict = {}
+    t_start = time.time()
+    srv.stream(60, out)
+    assert out["done"] and len(out["events"]) >= 60
+    client_ms = (out["t_end"] - t_start) * 1000  # the client's view: request sent to the last event read
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.proc.wait(timeout=30) == 0
+
+    lines = srv.log().splitlines()
+    recs = [json.loads(ln) for ln in lines]  # every line, or this fails naming it
+    for r in recs:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", r["time"]), r
+        assert r["level"] in ("DEBUG", "INFO", "WARNING", "ERROR") and r["instance_id"] == "test-json", r
+        assert isinstance(r["logger"], str) and isinstance(r["message"], str), r
+    loggers = {r["logger"] for r in recs}
+    assert {"clusterlm.serve.app", "clusterlm.serve.guard", "uvicorn.error", "uvicorn.access"} <= loggers, loggers
+    access = [r for r in recs if r["logger"] == "uvicorn.access"]
+    for r in access:
+        assert set(r) >= {"method", "path", "status", "duration_ms", "client"}, r
+        assert r["client"].startswith("127.0.0.1:") and r["duration_ms"] >= 0, r
+    assert [(r["method"], r["path"], r["status"]) for r in access if r["path"] != "/ready"] == [
+        ("GET", "/v1/models", 200), ("GET", "/v1/nowhere", 401), ("POST", "/v1/completions", 200)]
+    assert not [r for r in access if r["path"] == "/ready" and r["status"] == 200]
+    assert access[-1]["duration_ms"] >= 0.5 * client_ms > 0, (access[-1], client_ms)
+    assert any("drained in" in r["message"] for r in recs)
+
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        rec = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed: %s", ("it",), sys.exc_info())
+    line = JsonFormatter("r1").format(rec)
+    assert "\n" not in line and json.loads(line)["message"] == "failed: it"
+    assert "RuntimeError: boom" in json.loads(line)["traceback"]
+
+
 def test_api_key_options_refused_with_a_clear_message(run, tmp_path, capsys, monkeypatch):
     """--api-key-file with --api-key-env, an unset or empty variable, a bad --instance-id: exit 2
     and one line naming the option, before anything is bound or loaded (in-process CLI)."""
