@@ -19,6 +19,38 @@ sys.meta_path.insert(0, _BlockTorch())
 """
 
 
+def signal_on_import(sig: str, module: str) -> str:
+    """Python source that sends this process `sig` ("SIGINT", "SIGTERM") as `module` starts importing:
+    prepend it to `python -c` code to land a signal while a command is still importing, at a set
+    point (a timer would race the imports). raise_signal runs the handler before it returns."""
+    return f"""
+import signal, sys
+class _SignalOnImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            sys.meta_path.remove(self)
+            signal.raise_signal(signal.{sig})
+        return None
+sys.meta_path.insert(0, _SignalOnImport())
+"""
+
+
+def console_script(code: str = "") -> list[str]:
+    """argv that runs the `clusterlm` console script as pip's wrapper does (`from MODULE import FUNC;
+    sys.exit(FUNC())`, MODULE:FUNC from pyproject.toml's [project.scripts]) after `code`: the entry point
+    of this tree, whatever entry the installed script was generated from."""
+    import sys
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    module, func = tomllib.loads(pyproject.read_text())["project"]["scripts"]["clusterlm"].split(":")
+    return [sys.executable, "-c", f"import sys\n{code}\nfrom {module} import {func}\nsys.exit({func}())"]
+
+
 def train_losses(run: Path) -> dict[int, float]:
     """Per-step training loss of a run directory, from its metrics.jsonl."""
     return {r["step"]: r["loss"] for r in read_metrics(Path(run) / "metrics.jsonl") if r.get("kind") == "train"}

@@ -28,6 +28,7 @@ import json
 import logging
 import secrets
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
 from clusterlm.serve.classify import NOT_GENERATIVE, register_classify, start_classifier
-from clusterlm.serve.guard import DRAIN_MESSAGE, DRAIN_ROUTES, Drain
+from clusterlm.serve.guard import DRAIN_MESSAGE, DRAIN_ROUTES, Drain, log_access
 from clusterlm.serve.metrics import Metrics
 from clusterlm.serve.models import ModelSpec, Served
 from clusterlm.serve.schemas import (MAX_N, ChatRequest, CompletionRequest, TokenizeRequest, error_body, new_id, now,
@@ -96,16 +97,33 @@ class _Guard:
     """ASGI middleware: header-size cap (431), API key (401), declared body size (413), and the
     requests-by-status counter. Runs before routing, so unknown paths need a key too. Replicas: 503
     on DRAIN_ROUTES while draining, the in-flight count the drain waits for, an X-Clusterlm-Instance
-    header, and on `metrics_port` (main() sets it) /metrics alone, without a key."""
+    header, and on `metrics_port` (main() sets it) /metrics alone, without a key. With `access_log`
+    (main() sets it) uvicorn's access line for each request, written when its response ends."""
 
     def __init__(self, app, settings: Settings, metrics: Metrics, drain: Drain | None = None,  # noqa: ANN001
                  instance_id: str = "") -> None:
         self.app, self.settings, self.metrics = app, settings, metrics
         self.drain, self.instance = drain or Drain(), instance_id.encode()
         self.metrics_port: int | None = None
+        self.access_log = False
         self.key = settings.api_key.encode()
 
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] != "http" or not self.access_log:
+            return await self._guard(scope, receive, send)
+        t0, status = time.perf_counter(), []
+
+        async def send_seen(msg) -> None:  # noqa: ANN001
+            if msg["type"] == "http.response.start":
+                status.append(msg["status"])
+            await send(msg)
+
+        try:
+            await self._guard(scope, receive, send_seen)
+        finally:  # no response started: the app raised or sent nothing, and uvicorn answers 500
+            log_access(scope, status[0] if status else 500, time.perf_counter() - t0)
+
+    async def _guard(self, scope, receive, send) -> None:  # noqa: ANN001
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
@@ -734,6 +752,11 @@ def main(argv: list[str]) -> int:
                    help="uvicorn's line per request: requests = all but successful health checks and scrapes "
                         "(GET/HEAD /health, /ready, /metrics below 400: a load balancer's checks every 0.5 s "
                         "would be most of the log), all, or none")
+    p.add_argument("--log-format", default="text", choices=("text", "json"),
+                   help="text: lines that start '[instance-id] HH:MM:SS'; json: one JSON object per line "
+                        "(time in ISO 8601 UTC, level, instance_id, logger, message; access lines add method, "
+                        "path, status, duration_ms and client) for log aggregators such as Loki, Elasticsearch "
+                        "or Cloud Logging, uvicorn's lines included")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads on CPU (0 = torch's default). 1 is fastest for small models: "
                         "the decode step's matmuls are too small to split, and idle OpenMP workers spin "
@@ -744,7 +767,8 @@ def main(argv: list[str]) -> int:
     from clusterlm.errors import CheckpointError, ClusterlmError
     from clusterlm.errors import EXIT_PREEMPTED
     from clusterlm.serve.guard import (ConnectionLimits, ProbeFilter, RateLimitFilter, bind, check_instance_id,
-                                       default_instance_id, protocol_class, raise_open_file_limit, tag_logs)
+                                       default_instance_id, json_logs, protocol_class, raise_open_file_limit,
+                                       tag_logs)
     from clusterlm.serve.models import load_model, model_specs
 
     if args.threads < 0:
@@ -758,8 +782,12 @@ def main(argv: list[str]) -> int:
     specs = model_specs(args.checkpoint, args.models, args.model_name)
     instance_id = (check_instance_id(args.instance_id) if args.instance_id is not None  # "" is refused too
                    else default_instance_id(args.port))
-    # "[id] HH:MM:SS ..." on every line from here on, uvicorn's too
-    log_config = tag_logs(instance_id, uvicorn.config.LOGGING_CONFIG, timestamps=True)
+    # "[id] HH:MM:SS ..." (or a JSON object with the id) on every line from here on, uvicorn's too
+    if args.log_format == "json":
+        log_config = json_logs(instance_id, uvicorn.config.LOGGING_CONFIG)
+        logging.captureWarnings(True)  # Python's warnings (torch's included) as JSON lines too
+    else:
+        log_config = tag_logs(instance_id, uvicorn.config.LOGGING_CONFIG, timestamps=True)
     logging.getLogger().setLevel(args.log_level.upper())
     if args.access_log == "requests":
         logging.getLogger("uvicorn.access").addFilter(ProbeFilter())
@@ -838,6 +866,7 @@ def main(argv: list[str]) -> int:
 
     app = create_app(load, settings, on_load_error, drain=drain, instance_id=instance_id, models=specs)
     app.metrics_port = args.metrics_port
+    app.access_log = args.access_log != "none"
     config = uvicorn.Config(app, http=protocol_class(limits), ws="none", lifespan="on", backlog=BACKLOG,
                             h11_max_incomplete_event_size=MAX_HEADER_BYTES, log_level=args.log_level,
                             access_log=args.access_log != "none",

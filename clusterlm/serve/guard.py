@@ -18,7 +18,9 @@ repeated errors to one line per kind per period, and `bind` takes the port befor
 `Drain` is the replica's way out (docs/serving.md, "Replicas and drain"): on SIGTERM /ready answers
 503 and new generation requests 503 + Retry-After (an answer a load balancer retries elsewhere),
 running requests finish, then the server exits; past the deadline the remaining streams end with
-an error event. `check_instance_id` and `tag_logs` put the replica's id in every log line.
+an error event. `check_instance_id` and `tag_logs` put the replica's id in every log line;
+`json_logs` writes every line as one JSON object instead (--log-format json), and `log_access` is
+the access line, written when a response ends so that it can carry the request's duration.
 
     limits = ConnectionLimits(max_connections=1000, header_timeout=10.0, body_timeout=30.0)
     config = uvicorn.Config(app, http=protocol_class(limits), ...)
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import errno
+import json
 import logging
 import re
 import socket
@@ -36,9 +39,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 from clusterlm.errors import ClusterlmError, ResourceBusyError
 
@@ -70,10 +75,15 @@ class ConnectionLimits:
 
 def protocol_class(limits: ConnectionLimits) -> type[H11Protocol]:
     """uvicorn's H11Protocol with the read deadlines and the connection cap of `limits`; pass it as
-    uvicorn.Config(http=...)."""
+    uvicorn.Config(http=...). uvicorn's own access line is off: serve's app writes it when the
+    response ends (`log_access`)."""
 
     class GuardedH11Protocol(H11Protocol):
         _limits = limits
+
+        def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+            super().__init__(*args, **kwargs)
+            self.access_log = False  # uvicorn writes it when the response starts: a stream's would lack its duration
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             self._deadline: asyncio.TimerHandle | None = None
@@ -309,6 +319,48 @@ def tag_logs(instance_id: str, uvicorn_config: dict, timestamps: bool = False) -
             f["fmt"] = f"{tag} " + ("%(asctime)s " if timestamps else "") + f["fmt"]
             if timestamps:
                 f["datefmt"] = "%H:%M:%S"
+    return cfg
+
+
+def log_access(scope: dict, status: int, seconds: float) -> None:
+    """uvicorn's access line for a request whose response has ended: the same logger, arguments and
+    text (so uvicorn's formatter and ProbeFilter apply), plus `duration_ms` (request start to the
+    response's last byte, a stream's whole length included) for JsonFormatter."""
+    logging.getLogger("uvicorn.access").info(
+        '%s - "%s %s HTTP/%s" %d', get_client_addr(scope), scope["method"], get_path_with_query_string(scope),
+        scope["http_version"], status, extra={"duration_ms": round(seconds * 1000, 1)})
+
+
+class JsonFormatter(logging.Formatter):
+    """--log-format json: one JSON object per line for log aggregators (Loki, Elasticsearch, Cloud
+    Logging): time (ISO 8601, UTC), level, instance_id, logger, message; access lines add method,
+    path, status, duration_ms and client; a traceback is one more string field, so that a record
+    stays one line. ASCII only (json escapes the rest), so no character can split a line."""
+
+    def __init__(self, instance_id: str) -> None:
+        super().__init__()
+        self.instance_id = instance_id
+
+    def format(self, record: logging.LogRecord) -> str:
+        t = datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
+        out = {"time": t.replace("+00:00", "Z"), "level": record.levelname, "instance_id": self.instance_id,
+               "logger": record.name, "message": record.getMessage()}
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
+            client, method, path, _, status = record.args  # log_access's (and uvicorn's) arguments
+            out.update(method=method, path=path, status=status, duration_ms=getattr(record, "duration_ms", None),
+                       client=client)
+        if record.exc_info:
+            out["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def json_logs(instance_id: str, uvicorn_config: dict) -> dict:
+    """`tag_logs` for --log-format json: the root logger's handlers write JsonFormatter lines; returns a
+    copy of uvicorn's logging config (`uvicorn.config.LOGGING_CONFIG`) whose formatters do too."""
+    for h in logging.getLogger().handlers:
+        h.setFormatter(JsonFormatter(instance_id))
+    cfg = copy.deepcopy(uvicorn_config)
+    cfg["formatters"] = {name: {"()": JsonFormatter, "instance_id": instance_id} for name in cfg.get("formatters", {})}
     return cfg
 
 

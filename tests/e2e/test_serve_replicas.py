@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from clusterlm.errors import EXIT_PREEMPTED, EXIT_USAGE
-from tests.helpers import random_checkpoint, require_binary, wait_for_ready
+from tests.helpers import console_script, random_checkpoint, require_binary, signal_on_import, wait_for_ready
 
 httpx = pytest.importorskip("httpx2")
 
@@ -175,6 +175,38 @@ def test_sigterm_while_the_model_loads_exits_0(run, tmp_path):
     assert "waiting for the model being loaded" in text and "terminate called" not in text
 
 
+# after `bind` returns: the port is taken, the imports are done, uvicorn has not taken over the signals yet
+_SIGTERM_AFTER_BIND = """
+import signal, clusterlm.serve.guard as g
+real = g.bind
+def bind(*a, **k):
+    sock = real(*a, **k)
+    signal.raise_signal(signal.SIGTERM)
+    return sock
+g.bind = bind
+"""
+
+
+@pytest.mark.parametrize("phase", ["importing the cli", "importing torch", "port bound"])
+def test_sigterm_before_the_server_runs_exits_0(run, phase):
+    """SIGTERM in serve's first seconds, before uvicorn installs its handlers (a rollout or scale-down
+    catching a pod that is still importing torch): exit 0 with one line saying so, and no traceback; it
+    used to die by the signal (143). The signal lands at a set point of the start-up (not on a timer):
+    as the CLI starts importing, as torch starts importing, and just after the port is bound."""
+    code = {"importing the cli": signal_on_import("SIGTERM", "clusterlm.cli"),
+            "importing torch": signal_on_import("SIGTERM", "torch"), "port bound": _SIGTERM_AFTER_BIND}[phase]
+    port = _bench().free_port()
+    r = subprocess.run([*console_script(code), "serve", str(run), "--port", str(port),
+                        "--api-key-env", "CLUSTERLM_TEST_KEY"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "CLUSTERLM_TEST_KEY": KEY})
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln for ln in r.stderr.splitlines() if "SIGTERM" in ln]
+    assert len(lines) == 1 and "stopped by SIGTERM before the server was ready" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    if phase == "port bound":  # the log is set up by then, and tagged with the instance id
+        assert re.match(r"\[[^]]+\] \d\d:\d\d:\d\d INFO clusterlm.serve: ", lines[0]), lines
+
+
 def test_drain_deadline_ends_streams_with_an_error_event(run, tmp_path):
     """--drain-timeout 1 with a stream of 2000 greedy tokens running: after about 1 s the stream gets
     an explicit error event and then [DONE] (no hang), the process exits 75 (docs/cli.md)."""
@@ -188,6 +220,56 @@ def test_drain_deadline_ends_streams_with_an_error_event(run, tmp_path):
     assert len(errors) == 1 and "drain deadline" in errors[0]["message"], out["events"][-3:]
     assert 0.9 < out["t_end"] - t_term < 10
     assert srv.proc.wait(timeout=20) == EXIT_PREEMPTED
+
+
+def test_log_format_json_is_one_object_per_line(run, tmp_path):
+    """--log-format json (for Loki, Elasticsearch, Cloud Logging): every line of the log, clusterlm's,
+    uvicorn's start-up lines and its access lines, is one JSON object with an ISO 8601 UTC time, the
+    level, --instance-id, the logger and the message; access lines also carry method, path, status,
+    client and duration_ms, which for a stream spans the whole stream as the client saw it (uvicorn
+    itself writes the line when the response starts). Successful probes stay out (--access-log
+    requests). A traceback is a field of its record, which stays one line."""
+    import logging
+
+    from clusterlm.serve.guard import JsonFormatter
+
+    srv = _Proc(run, tmp_path, "--log-format", "json", "--instance-id", "test-json")
+    hdr = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.get(srv.url + "/v1/models", headers=hdr, timeout=5).status_code == 200
+    assert httpx.get(srv.url + "/v1/nowhere", timeout=5).status_code == 401
+    out: dict = {}
+    t_start = time.time()
+    srv.stream(60, out)
+    assert out["done"] and len(out["events"]) >= 60
+    client_ms = (out["t_end"] - t_start) * 1000  # the client's view: request sent to the last event read
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.proc.wait(timeout=30) == 0
+
+    lines = srv.log().splitlines()
+    recs = [json.loads(ln) for ln in lines]  # every line, or this fails naming it
+    for r in recs:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", r["time"]), r
+        assert r["level"] in ("DEBUG", "INFO", "WARNING", "ERROR") and r["instance_id"] == "test-json", r
+        assert isinstance(r["logger"], str) and isinstance(r["message"], str), r
+    loggers = {r["logger"] for r in recs}
+    assert {"clusterlm.serve.app", "clusterlm.serve.guard", "uvicorn.error", "uvicorn.access"} <= loggers, loggers
+    access = [r for r in recs if r["logger"] == "uvicorn.access"]
+    for r in access:
+        assert set(r) >= {"method", "path", "status", "duration_ms", "client"}, r
+        assert r["client"].startswith("127.0.0.1:") and r["duration_ms"] >= 0, r
+    assert [(r["method"], r["path"], r["status"]) for r in access if r["path"] != "/ready"] == [
+        ("GET", "/v1/models", 200), ("GET", "/v1/nowhere", 401), ("POST", "/v1/completions", 200)]
+    assert not [r for r in access if r["path"] == "/ready" and r["status"] == 200]
+    assert access[-1]["duration_ms"] >= 0.5 * client_ms > 0, (access[-1], client_ms)
+    assert any("drained in" in r["message"] for r in recs)
+
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        rec = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed: %s", ("it",), sys.exc_info())
+    line = JsonFormatter("r1").format(rec)
+    assert "\n" not in line and json.loads(line)["message"] == "failed: it"
+    assert "RuntimeError: boom" in json.loads(line)["traceback"]
 
 
 def test_api_key_options_refused_with_a_clear_message(run, tmp_path, capsys, monkeypatch):

@@ -3,8 +3,11 @@
 import subprocess
 import sys
 
+import pytest
+
 from clusterlm.cli import COMMANDS
-from tests.helpers import BLOCK_TORCH
+from clusterlm.errors import EXIT_INTERRUPTED
+from tests.helpers import BLOCK_TORCH, console_script, signal_on_import
 
 
 
@@ -50,3 +53,16 @@ def test_a_closed_pipe_ends_quietly():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141, err
     assert "error" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, module, name", [(["prepare", "--help"], "clusterlm.cli", "clusterlm prepare"),
+                                                 (["serve", "--help"], "clusterlm.errors", "clusterlm serve"),
+                                                 (["--version"], "clusterlm.cli", "clusterlm")])
+def test_ctrl_c_while_the_cli_imports_is_one_line_and_130(args, module, name):
+    """Ctrl-C in a command's first ~30 ms, while the console script is still importing the CLI (before
+    cli.main's own handler): one line `NAME: interrupted` and exit 130, as a Ctrl-C later gives
+    (docs/cli.md), not a KeyboardInterrupt traceback. The SIGINT lands as `module` starts importing."""
+    r = subprocess.run([*console_script(signal_on_import("SIGINT", module)), *args], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == EXIT_INTERRUPTED, r.stderr
+    assert r.stderr == f"{name}: interrupted\n" and r.stdout == ""
