@@ -125,6 +125,8 @@ def measure_copy_bandwidth(device: str, nbytes: int, seconds: float) -> float:
 # the GPU grid reaches the sizes where tensor cores saturate.
 SWEEP_GRID_CPU = ((128, 1024, 4096), (32, 128, 512, 2048, 4096), (32, 128, 512, 2048, 4096))
 SWEEP_GRID_GPU = ((512, 2048, 8192), (256, 1024, 4096, 16384), (256, 1024, 4096, 16384))
+# `probe --quick` on a CPU: the same ends, fewer points between them (27 shapes instead of 75)
+SWEEP_GRID_CPU_QUICK = ((128, 1024, 4096), (32, 512, 4096), (32, 512, 4096))
 ELEMENTWISE_ELEMS = tuple(4**i for i in range(6, 14))  # 4 Ki .. 64 Mi fp32 elements per operand
 ELEMENTWISE_ELEMS_QUICK = tuple(4**i for i in range(6, 13))
 
@@ -217,6 +219,7 @@ def measure_elementwise_sweep(device: str, sizes: tuple[int, ...], seconds: floa
 KERNEL_ELEMS = (1 << 16, 1 << 19, 1 << 22)  # 256 KiB (cache) .. 16 MiB (memory) of fp32 per tensor
 ATTENTION_T_CPU, ATTENTION_T_GPU = (128, 512, 2048), (512, 2048, 8192)
 ATTENTION_HD = (32, 64, 128)
+ATTENTION_HD_QUICK = (32, 128)
 
 
 def _kernel_fns(name: str, n: int, device: str) -> Callable[[], Any]:
@@ -414,6 +417,7 @@ def measure_log_record(seconds: float) -> float:
 
 RNN_BATCH = (4, 16, 64)
 RNN_DIM = (128, 256, 512)
+RNN_BATCH_QUICK, RNN_DIM_QUICK = (4, 64), (128, 512)  # `probe --quick`: the corners of the grid
 RNN_STEPS = (16, 64)  # two sequence lengths: a call costs a fixed part (weight reorders) + T x a per-step part
 
 
