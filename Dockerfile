@@ -31,10 +31,15 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE} AS build
 ARG WHEELHOUSE=build/wheelhouse
 COPY ${WHEELHOUSE}/ /tmp/wheelhouse/
-# --no-index: only the wheelhouse; a missing wheel fails here instead of reaching out
+COPY deploy/docker/requirements-serve.txt /tmp/
+# --no-index: only the wheelhouse; a missing wheel fails here instead of reaching out. clusterlm
+# without its dependencies, then what serving needs: training, report and metric packages
+# (matplotlib, tensorboard, scikit-learn, scipy, ...) are not in the image.
 RUN python3 -m venv /opt/clusterlm \
  && /opt/clusterlm/bin/pip install --no-index --find-links /tmp/wheelhouse --no-cache-dir \
-        --disable-pip-version-check --quiet "clusterlm[serve]" \
+        --disable-pip-version-check --quiet --no-deps clusterlm \
+ && /opt/clusterlm/bin/pip install --no-index --find-links /tmp/wheelhouse --no-cache-dir \
+        --disable-pip-version-check --quiet -r /tmp/requirements-serve.txt \
  && /opt/clusterlm/bin/pip uninstall --yes --quiet pip \
  && /opt/clusterlm/bin/python -c "import clusterlm.serve.app, torch; print('torch', torch.__version__)"
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build the clusterlm serve image offline: `pip wheel` clusterlm[serve] and its dependencies (torch
-# pinned) into build/wheelhouse (build/wheelhouse-cuda for --variant cuda), then `docker build
+# Build the clusterlm serve image offline: `pip wheel` clusterlm and what serving needs
+# (deploy/docker/requirements-serve.txt; torch pinned) into build/wheelhouse (build/wheelhouse-cuda for --variant cuda), then `docker build
 # --network none` from the repository root, so the Dockerfile installs with `pip install --no-index`
 # (docs/deploy.md).
 #
@@ -76,8 +76,13 @@ make_wheelhouse() {
 
     start=$(date +%s)
     rm -f "$wheels"/clusterlm-*.whl  # always the working tree's clusterlm
+    # clusterlm itself without its dependencies, then what serving needs (deploy/docker/requirements-serve.txt):
+    # training, report and metric packages (matplotlib, tensorboard, scikit-learn, scipy, ...) stay out
+    "$py" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$wheels" --no-deps . 2>&1 \
+        | { grep -v "^WARNING: Location" || true; }
     "$py" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$wheels" --find-links "$wheels" \
-        "${index_args[@]}" "torch==$torch_version" ".[serve]" 2>&1 | { grep -v "^WARNING: Location" || true; }
+        "${index_args[@]}" "torch==$torch_version" -r deploy/docker/requirements-serve.txt 2>&1 \
+        | { grep -v "^WARNING: Location" || true; }
     ls "$wheels"/clusterlm-*.whl >/dev/null 2>&1 || { echo "build.sh: pip wheel failed (no clusterlm wheel in $wheels)" >&2; exit 1; }
     if [ "$variant" = cpu ] && ls "$wheels" | grep -q '^nvidia_'; then
         echo "build.sh: nvidia-* wheels in $wheels (a CUDA torch?); remove them and rerun" >&2

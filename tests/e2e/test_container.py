@@ -330,3 +330,9 @@ def test_image_configuration(image):
     r = d.docker("run", "--rm", "--network", "none", "--entrypoint", "sh", IMAGE, "-c",
                  "ls /tmp/wheelhouse 2>&1; command -v pip || echo no-pip")
     assert "No such file" in r.stdout and "no-pip" in r.stdout
+    # a serving image: what training, reports and task metrics need is not installed
+    # (deploy/docker/requirements-serve.txt)
+    r = d.docker("run", "--rm", "--network", "none", "--entrypoint", "python3", IMAGE, "-c",
+                 "import importlib.util as u; print([m for m in ('matplotlib', 'tensorboard', 'sklearn', 'scipy', "
+                 "'sacrebleu', 'rouge_score') if u.find_spec(m)])")
+    assert r.stdout.strip() == "[]", r.stdout
