@@ -31,7 +31,7 @@ from clusterlm.checkpoint.layout import read_latest
 from clusterlm.cluster.slurm import TERMINAL_STATES, query_states
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "testcluster.sh"
-STEPS = 40
+STEPS = 24  # a step is cheap; each run pays its start-up and (HSDP 2 x 2) 4 ranks over veth links
 CKPT_INTERVAL = 5
 CUT_AT_STEP = 12
 # A rank blocked on a dead link is not freed by gloo's timeout (measured: still blocked 188 s after a
@@ -284,7 +284,7 @@ def one_host(cluster, data, tmp_path_factory) -> dict[int, float]:
 def test_slurm_hsdp_across_two_namespaced_nodes_equals_one_host(cluster, data, one_host, tmp_path):
     """`clusterlm launch --slurm --nodes 2 --ntasks-per-node 2` runs HSDP (dp_replicate=2 across the nodes,
     dp_shard=2 within) over gloo on TCP between two network namespaces, rendezvousing at the first
-    node's own address; its 40 per-step losses equal, bit for bit, the same layout run as 4 processes on
+    node's own address; its 24 per-step losses equal, bit for bit, the same layout run as 4 processes on
     one host."""
     env, nodes, addrs = cluster
     job = _submit(env, tmp_path, "hsdp", "--nodes=2", "--ntasks-per-node=2", *HSDP,
@@ -302,7 +302,7 @@ def test_slurm_hsdp_across_two_namespaced_nodes_equals_one_host(cluster, data, o
 def test_torchrun_c10d_across_two_namespaced_nodes_equals_one_host(cluster, data, one_host, tmp_path):
     """Multi-node `clusterlm launch` without Slurm: one `clusterlm launch --nnodes 2 --node-rank K
     --rdzv-endpoint NODE1_ADDR:PORT --nproc-per-node 2` per namespace (torchrun, c10d rendezvous); the
-    HSDP run's 40 per-step losses equal the one-host run's bit for bit."""
+    HSDP run's 24 per-step losses equal the one-host run's bit for bit."""
     env, nodes, addrs = cluster
     port = _free_port()
     procs, logs = [], [open(tmp_path / f"node{k}.log", "w") for k in range(2)]
@@ -461,8 +461,8 @@ def test_node_lost_mid_run_is_requeued_on_survivor_and_matches_uninterrupted(clu
 
 def _grow_back(cluster, data: Path, tmp_path: Path) -> None:
     """After the elastic job finished on one node and node 2 returned: a new `launch --slurm --nodes 2` job on
-    the same out_dir resumes the world-size-2 run's last checkpoint (step 40) at world size 4 (HSDP 2 x 2),
-    back to 1 accumulation step for the same 256 tokens per step, and trains steps 41-44."""
+    the same out_dir resumes the world-size-2 run's last checkpoint (step 24) at world size 4 (HSDP 2 x 2),
+    back to 1 accumulation step for the same 256 tokens per step, and trains steps 25-28."""
     env, nodes, _ = cluster
     _wait_idle(env)
     run = tmp_path / "run"
