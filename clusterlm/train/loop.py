@@ -60,9 +60,13 @@ class TrainResult:
 
 # ---- set-up helpers -------------------------------------------------------------------------------
 def ensure_data(data: DataConfig) -> Path:
-    """The prepared data directory; prepared from `data.source` first if it does not exist yet."""
+    """The prepared data directory; prepared from `data.source` first if it does not exist yet. One
+    prepared from a source with another tokenizer kind or validation fraction than `data` asks for is
+    refused: the run would train silently on data its options do not describe."""
     data_dir = Path(data.dir)
     if (data_dir / "meta.json").is_file():
+        if data.source:
+            _check_prepared_as_asked(data, data_dir)
         return data_dir
     if not data.source:
         raise ConfigError(f"data.dir={str(data_dir)!r} is not a prepared data directory and data.source is empty; "
@@ -73,6 +77,25 @@ def ensure_data(data: DataConfig) -> Path:
     prepare([data.source], data_dir, tokenizer=data.tokenizer, vocab_size=data.vocab_size or None,
             val_fraction=data.val_fraction)
     return data_dir
+
+
+def _check_prepared_as_asked(data: DataConfig, data_dir: Path) -> None:
+    """ConfigError when data.dir's meta.json records another tokenizer kind or val_fraction than
+    `data` (a tokenizer.json path, or a folder `clusterlm prepare` did not write, is not compared)."""
+    import json
+
+    try:
+        meta = json.loads((data_dir / "meta.json").read_text())
+        kind, val_fraction = meta["tokenizer"]["kind"], float(meta["val_fraction"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not prepare's meta.json: the loader names what is wrong with it
+    again = f"give another data.dir, or delete {data_dir} to prepare it again from data.source={data.source!r}"
+    if data.tokenizer in ("byte", "char", "bpe") and kind != data.tokenizer:
+        raise ConfigError(f"data.dir={str(data_dir)!r} was prepared with the {kind} tokenizer, but "
+                          f"data.tokenizer={data.tokenizer!r}; {again}")
+    if abs(val_fraction - data.val_fraction) > 1e-9:
+        raise ConfigError(f"data.dir={str(data_dir)!r} was prepared with val_fraction {val_fraction:g}, but "
+                          f"data.val_fraction={data.val_fraction:g}; {again}")
 
 
 def _probed_peak(spec_file: str, dtype: str) -> float | None:

@@ -292,3 +292,27 @@ def test_coverage_property(sizes, T, B, W, seed):
     assert got == reference_stream(n, seed, steps * W * B).tolist()
     for e in range(2):
         assert sorted(got[e * n:(e + 1) * n]) == list(range(n))
+
+
+def test_a_data_dir_prepared_otherwise_than_asked_is_refused(tmp_path):
+    """train's data.dir already prepared from data.source, but with another tokenizer kind or
+    val_fraction than the run asks for: refused, naming both, not trained on silently; the same
+    options (or no data.source: a folder from `clusterlm prepare`) use it as it is."""
+    from clusterlm.config import DataConfig
+    from clusterlm.data.prepare import prepare
+    from clusterlm.errors import ConfigError
+    from clusterlm.train.loop import ensure_data
+
+    src = tmp_path / "a.txt"
+    src.write_text("".join(f"To be, or not to be {i}: that is the question.\n\n" for i in range(40)))
+    d = tmp_path / "d"
+    prepare([str(src)], d, tokenizer="char", val_fraction=0.2)
+    before = (d / "meta.json").read_bytes()
+    assert ensure_data(DataConfig(dir=str(d), source=str(src), tokenizer="char", val_fraction=0.2)) == d
+    assert ensure_data(DataConfig(dir=str(d), tokenizer="bpe")) == d  # no source: as prepared
+    with pytest.raises(ConfigError, match=r"prepared with the char tokenizer, but data.tokenizer='bpe'; give "
+                                          r"another data.dir, or delete"):
+        ensure_data(DataConfig(dir=str(d), source=str(src), tokenizer="bpe", val_fraction=0.2))
+    with pytest.raises(ConfigError, match=r"prepared with val_fraction 0.2, but data.val_fraction=0.1"):
+        ensure_data(DataConfig(dir=str(d), source=str(src), tokenizer="char", val_fraction=0.1))
+    assert (d / "meta.json").read_bytes() == before
