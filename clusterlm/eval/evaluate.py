@@ -146,9 +146,12 @@ def evaluate_tasks(ckpt: str, tasks: list[str], *, limit: int | None = None, bat
 
 def evaluate_lm_eval_tasks(ckpt: str, tasks: list[str], *, include: list[str] | None = None,
                            num_fewshot: int | None = None, limit: int | None = None, batch_size: int = 16,
-                           truncate: bool = False, device: str = "auto") -> dict[str, Any]:
+                           truncate: bool = False, device: str = "auto",
+                           apply_chat_template: bool = False) -> dict[str, Any]:
     """lm-evaluation-harness tasks (names, or YAMLs under `include`) on a checkpoint through the
-    bridge (eval/lm_eval_bridge.py): lm-eval's results, n-shot, n-samples, versions and higher_is_better."""
+    bridge (eval/lm_eval_bridge.py): lm-eval's results, n-shot, n-samples, versions and higher_is_better.
+    apply_chat_template: lm-eval renders each prompt as a user turn in the checkpoint's chat template
+    (the plain 'User:/Assistant:' one for a model without its own), as its --apply_chat_template does."""
     try:
         import lm_eval
     except ImportError as e:
@@ -161,10 +164,16 @@ def evaluate_lm_eval_tasks(ckpt: str, tasks: list[str], *, include: list[str] | 
     if labels:
         raise DataError(f"{model.checkpoint} is a classifier (labels {', '.join(labels)}): lm-eval asks a language "
                         "model for log-likelihoods and generations; score it with --task FILE (a classify task)")
-    res = evaluate_lm_eval(model, tasks, include=include or (), num_fewshot=num_fewshot, limit=limit)
+    res = evaluate_lm_eval(model, tasks, include=include or (), num_fewshot=num_fewshot, limit=limit,
+                           apply_chat_template=apply_chat_template)
     keep = ("results", "groups", "n-shot", "n-samples", "versions", "higher_is_better")
-    return {"checkpoint": model.checkpoint, "lm_eval_version": lm_eval.__version__,
-            **{k: res[k] for k in keep if k in res}}
+    out = {"checkpoint": model.checkpoint, "lm_eval_version": lm_eval.__version__,
+           **{k: res[k] for k in keep if k in res}}
+    if apply_chat_template:  # which template asked, as lm-eval's tracker records it (chat_template_sha)
+        import hashlib
+
+        out["chat_template_sha256"] = hashlib.sha256(model.chat_template(True).encode()).hexdigest()
+    return out
 
 
 def _add_task_args(p: argparse.ArgumentParser) -> None:
@@ -194,6 +203,9 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lm-eval-include", action="append", default=[], metavar="DIR",
                    help="a folder of lm-eval task YAMLs to add to its task list; repeatable")
     g.add_argument("--num-fewshot", type=int, default=None, help="lm-eval tasks: few-shot examples (default: the task's)")
+    g.add_argument("--apply-chat-template", action="store_true",
+                   help="lm-eval tasks: ask each prompt as a user turn in the checkpoint's own chat template "
+                        "(lm-eval's --apply_chat_template; for chat fine-tunes). Default: the raw prompt")
 
 
 def positive_int(text: str) -> int:
@@ -227,6 +239,9 @@ def main(argv: list[str]) -> int:
             check_output_file(path, flag)
     if args.lm_eval and args.task:
         raise ValueError("give --task or --lm-eval, not both (they report in different shapes)")
+    if args.apply_chat_template and not args.lm_eval:
+        raise ValueError("--apply-chat-template is for --lm-eval tasks; --task asks a chat checkpoint in its own "
+                         "template already (a task's `chat` field)")
     if args.lm_eval:
         if args.samples:
             raise ValueError("--samples is for --task; for lm-eval's per-example records call "
@@ -236,7 +251,7 @@ def main(argv: list[str]) -> int:
         result = evaluate_lm_eval_tasks(args.checkpoint, [t.strip() for t in args.lm_eval.split(",") if t.strip()],
                                         include=args.lm_eval_include, num_fewshot=args.num_fewshot,
                                         limit=args.limit, batch_size=args.batch_size, truncate=args.truncate,
-                                        device=args.device)
+                                        device=args.device, apply_chat_template=args.apply_chat_template)
     elif args.task:
         from clusterlm.eval.harness import DecodeOptions
 

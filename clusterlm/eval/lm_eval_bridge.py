@@ -212,9 +212,10 @@ def register() -> None:
 
 def evaluate_lm_eval(lm_model: ClusterLM, tasks: Sequence[str], *, include: Sequence[str] = (),
                      num_fewshot: int | None = None, limit: int | None = None,
-                     log_samples: bool = False) -> dict[str, Any]:
+                     log_samples: bool = False, apply_chat_template: bool = False) -> dict[str, Any]:
     """lm_eval.simple_evaluate of `lm_model` on lm-eval task names (with task YAMLs under `include`
-    too); its result dict (results, n-shot, n-samples, versions, configs, ...)."""
+    too), prompts in the checkpoint's chat template with apply_chat_template; its result dict
+    (results, n-shot, n-samples, versions, configs, ...)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -232,4 +233,4 @@ def evaluate_lm_eval(lm_model: ClusterLM, tasks: Sequence[str], *, include: Sequ
             f"{t!r}" + (f" (close: {', '.join(h)})" if h else "") for t, h in hints.items())
             + f"{where}; `lm-eval ls tasks` lists them, or give a folder of task YAMLs with --lm-eval-include")
     return lm_eval.simple_evaluate(model=lm_model, tasks=list(tasks), task_manager=manager, num_fewshot=num_fewshot,
-                                   limit=limit, log_samples=log_samples)
+                                   limit=limit, log_samples=log_samples, apply_chat_template=apply_chat_template)

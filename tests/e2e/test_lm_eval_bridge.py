@@ -212,3 +212,35 @@ def test_chat_model_is_asked_in_its_template_and_stops_at_end_of_turn(tmp_path, 
     contexts = {ctx for s in res["samples"][TASK] for ctx, _ in s["arguments"]}  # (context, choice) pairs
     docs = [json.loads(line) for line in (FIXTURES / "choice.jsonl").read_text().splitlines()[:2]]
     assert contexts == {f"<|user|>\n{d['context']}<|end|>\n<|assistant|>\n" for d in docs}
+
+
+def test_apply_chat_template_from_the_command_line(tmp_path, capsys, monkeypatch):
+    """`clusterlm eval --lm-eval T --apply-chat-template` on a chat checkpoint: lm-eval renders the
+    prompts with the checkpoint's template (its sha256 in the result, as lm-eval's tracker records it) and the
+    scores equal simple_evaluate(apply_chat_template=True) on the bridge; without a chat template
+    run the same prompts score otherwise. --apply-chat-template without --lm-eval is refused (exit 2)."""
+    import functools
+    import hashlib
+
+    import lm_eval.tasks
+
+    from clusterlm.eval.lm_eval_bridge import ClusterLM
+    from tests.helpers import chat_run
+
+    run = chat_run(tmp_path, CHAT, "4")
+    monkeypatch.chdir(FIXTURES)  # the YAML's data_files is relative, datasets' rule
+    # only the fixture task, not lm-eval's own (20 s to index), for the command's TaskManager too
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager",
+                        functools.partial(lm_eval.tasks.TaskManager, include_defaults=False))
+    args = [str(run), "--lm-eval", TASK, "--lm-eval-include", str(FIXTURES), "--limit", "4", "--batch-size", "4"]
+    chat = _eval(capsys, *args, "--apply-chat-template")
+    bridge = ClusterLM(checkpoint=str(run), batch_size=4, device="cpu")
+    assert "<|assistant|>" in bridge.chat_template(True)  # the checkpoint's own, not the plain one
+    assert chat["chat_template_sha256"] == hashlib.sha256(bridge.chat_template(True).encode()).hexdigest()
+    direct = lm_eval.simple_evaluate(model=bridge, tasks=[TASK], task_manager=lm_eval.tasks.TaskManager(
+        include_path=str(FIXTURES)), apply_chat_template=True, limit=4)
+    assert chat["results"][TASK] == direct["results"][TASK]
+    plain = _eval(capsys, *args)
+    assert "chat_template_sha256" not in plain and plain["results"][TASK] != chat["results"][TASK]
+    assert cli(["eval", str(run), "--task", str(FIXTURES / "choice.jsonl"), "--apply-chat-template"]) == 2
+    assert "--apply-chat-template is for --lm-eval" in capsys.readouterr().err
