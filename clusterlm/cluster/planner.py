@@ -41,7 +41,7 @@ from clusterlm.cluster.spec import ClusterSpec, load_spec
 from clusterlm.cluster.steptime import compute_rate, network, step_model, step_time
 from clusterlm.errors import ConfigError
 from clusterlm.models.config import ModelConfig, preset_values
-from clusterlm.parallel.dims import ParallelDims
+from clusterlm.parallel.dims import ParallelDims, validate_layout
 
 # Stand-ins for measurements, always printed when used (the step-time ones are in steptime.py).
 DEFAULT_MEMORY_FRACTION = 0.90
@@ -207,7 +207,8 @@ def search(model: ModelConfig, spec: ClusterSpec, *, seq_len: int, global_batch_
             options = tuple(dict.fromkeys(micro_batches + ((recipe_micro_batch,) if recipe_micro_batch else ())))
         for mb in options:
             try:
-                dims.validate(world, model, global_batch_tokens, mb, seq_len)
+                # the trainer's own checks (launch runs them too): a layout it refuses is no candidate
+                validate_layout(dims, model, world, global_batch_tokens, mb, seq_len)
             except ConfigError as e:
                 why(Pruned(dims.describe(), mb, None, str(e)))
                 continue
