@@ -43,6 +43,7 @@ STATE_BYTES = {
     "fp32": {"weights": 4, "gradients": 4, "master_weights": 0, "optimizer": 8},
 }
 ELEM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+DDP_GRAD_BYTES = 4  # DDP trains under torch.autocast: fp32 parameters, so fp32 gradients and buckets
 
 
 @dataclass(frozen=True)
@@ -287,9 +288,11 @@ def _stage(model: ModelConfig, dims: ParallelDims, stage: str, b: int, s: int, d
                                                      f"1 layer: {layer_p:,.0f}*(2*{e}+{STATE_BYTES[dtype]['gradients']})"))
         work += buf
     elif dims.dp_replicate > 1:
-        buf = per_dev * STATE_BYTES[dtype]["gradients"]
-        items.append(MemoryItem("ddp_buckets", buf, "DDP bucket copy of all gradients "
-                                                    "(gradient_as_bucket_view=False, PyTorch's default)"))
+        # DDP runs under torch.autocast: parameters and gradients stay fp32 whatever the compute dtype
+        # (the ZeRO items above count 2 B/param of gradients for bf16; the buckets hold the real fp32 ones)
+        buf = per_dev * DDP_GRAD_BYTES
+        items.append(MemoryItem("ddp_buckets", buf, f"DDP bucket copy of all gradients, fp32: {DDP_GRAD_BYTES} B/param "
+                                                    f"* {per_dev:,.0f} (gradient_as_bucket_view=False, PyTorch's default)"))
         work += buf
     if dtype != "fp32" and fsdp == 1:
         copies = per_dev * e
