@@ -437,7 +437,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--dry-run", action="store_true", help="build the planned device mesh on a fake process group "
                    "(imports torch)")
     args = p.parse_args(argv)
-    for flag, value in (("--micro-batch", args.micro_batch), ("--top", args.top)):
+    for flag, value in (("--micro-batch", args.micro_batch), ("--top", args.top), ("--seq-len", args.seq_len)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} {value} must be >= 1")
 
@@ -463,7 +463,7 @@ def main(argv: list[str]) -> int:
         note = other_cpu_note(node, args.cluster)
         if note:
             print(f"NOTE: {note}")
-    seq_len = args.seq_len or model.max_seq_len
+    seq_len = model.max_seq_len if args.seq_len is None else args.seq_len
     gbt = args.global_batch_tokens or max(seq_len, DEFAULT_GLOBAL_BATCH_TOKENS // seq_len * seq_len)
     dtype = args.dtype
     if dtype == "auto":

@@ -316,3 +316,12 @@ def test_no_valid_layout_names_the_reason():
         with pytest.raises(ConfigError, match=f"{flag} 0 must be >= 1"):
             planner.main(argv + [flag, "0"])
     assert "search found no layout" in planner.no_valid_layout([])
+
+
+def test_seq_len_zero_or_negative_is_refused():
+    """`plan --seq-len 0` planned silently at the model's max_seq_len (8192 for llama-8b: 0 read as "unset")
+    and `--seq-len -5` failed with "-104858 samples per step do not split over dp=4"; both name the flag."""
+    argv = ["--model", "llama-8b", "--cluster", "h100-sxm-8x"]
+    for value in ("0", "-5"):
+        with pytest.raises(ConfigError, match=f"--seq-len {value} must be >= 1"):
+            planner.main(argv + ["--seq-len", value])
