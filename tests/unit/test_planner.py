@@ -325,3 +325,24 @@ def test_seq_len_zero_or_negative_is_refused():
     for value in ("0", "-5"):
         with pytest.raises(ConfigError, match=f"--seq-len {value} must be >= 1"):
             planner.main(argv + ["--seq-len", value])
+
+
+def test_a_recipe_plans_its_own_batch(tmp_path, capsys):
+    """`plan --model RECIPE` plans the recipe's [train] seq_len and global batch (12 x 64 tokens for
+    llama_shakespeare_cpu, whose global_batch_tokens is 0: micro-batch x seq_len), as the recipe's
+    micro-batch already was; it planned 524,288 tokens (8192 samples) and then reported the recipe's own
+    layout "not among the fitting candidates". Flags still win; a mistyped [train] value is exit 2."""
+    from pathlib import Path
+
+    recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "llama_shakespeare_cpu.toml")
+    argv = ["--model", recipe, "--cluster", "laptop-cpu", "--vocab-size", "65"]
+    assert planner.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "seq_len 64, global batch 768 tokens (12 samples) (the recipe's [train])" in out
+    assert "recipe's layout (micro-batch 12 x 1): rank 1 of" in out
+    assert planner.main(argv + ["--global-batch-tokens", "1536"]) == 0
+    assert "global batch 1,536 tokens (24 samples), fp32" in capsys.readouterr().out
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[model]\npreset = "llama-nano"\nvocab_size = 65\n[train]\nglobal_batch_tokens = "x"\n')
+    with pytest.raises(ConfigError, match="train.global_batch_tokens='x'"):
+        planner.main(["--model", str(bad), "--cluster", "laptop-cpu"])
