@@ -62,6 +62,8 @@ class MemoryEstimate:
     state + optimizer temporaries), since set_to_none gradients appear as activations are freed"""
     stage: str
     """which pipeline stage this is (the one that needs most memory): only, first or last"""
+    one_backward: bool = False
+    """accumulation 1 and no pipeline: gradients and activations were not counted together"""
 
     def get(self, name: str) -> float:
         for it in self.items:
@@ -76,9 +78,9 @@ class MemoryEstimate:
         width = max(len(it.name) for it in self.items)
         lines = [f"  {it.name:<{width}}  {it.bytes / GIB:10.3f} GiB  {it.formula}" for it in self.items]
         lines.append(f"  {'peak':<{width}}  {self.peak_bytes / GIB:10.3f} GiB  "
-                     f"state + max(activations + logits + buffers, optimizer step temporaries); with one "
-                     f"micro-batch per step and no pipeline, gradients (allocated during backward) and "
-                     f"activations (freed during it) are not counted together"
+                     f"state + max(activations + logits + buffers, optimizer step temporaries)"
+                     + ("; one micro-batch per step and no pipeline: gradients (allocated during backward) and "
+                        "activations (freed during it) are not counted together" if self.one_backward else "")
                      + (f"; worst pipeline stage: {self.stage}" if self.stage != "only" else ""))
         return "\n".join(lines)
 
@@ -324,4 +326,4 @@ def _stage(model: ModelConfig, dims: ParallelDims, stage: str, b: int, s: int, d
         peak = max(state - grads + work, state + bwd, state + opt_tmp)
     else:
         peak = state + max(work, opt_tmp)
-    return MemoryEstimate(tuple(items), peak, stage)
+    return MemoryEstimate(tuple(items), peak, stage, one_backward=accum == 1 and pp == 1)
