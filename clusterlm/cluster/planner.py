@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from clusterlm.cluster import flops as flops_mod
+from clusterlm.cluster import hardware
 from clusterlm.cluster.memory import GIB, RECOMPUTE_MODES, MemoryEstimate, estimate_memory, param_groups
 from clusterlm.cluster.spec import ClusterSpec, load_spec
 from clusterlm.cluster.steptime import compute_rate, network, step_model, step_time
@@ -158,6 +159,15 @@ def search(model: ModelConfig, spec: ClusterSpec, *, seq_len: int, global_batch_
     if n_nodes < 1:
         raise ConfigError(f"nodes={n_nodes} must be >= 1")
     device = node.device
+    # a dtype the device's generation lacks (bf16 on a V100) is refused by the trainer (device.py): no plan
+    acc = hardware.lookup_accelerator(device.name) if device.kind != "cpu" else None
+    if acc is not None and dtype not in acc.peak_tflops and dtype not in device.peak_tflops \
+            and not device.matmul_tflops(dtype):
+        valid = [d for d in ("bf16", "fp16", "fp32") if d in acc.peak_tflops]
+        raise ConfigError(f"dtype={dtype}: {device.name} has no {dtype} support (hardware table {acc.key}); "
+                          f"the trainer refuses it: plan with {' or '.join(valid)}")
+    if device.kind == "cpu" and dtype == "fp16":
+        raise ConfigError("dtype=fp16 needs a GPU (the trainer refuses it on a CPU): plan a CPU node with fp32 or bf16")
     world = n_nodes * device.count
     rate = compute_rate(device, dtype)  # fp32 means fp32 matmuls (PyTorch leaves TF32 off by default)
     net = network(spec, node, n_nodes)

@@ -346,3 +346,18 @@ def test_a_recipe_plans_its_own_batch(tmp_path, capsys):
     bad.write_text('[model]\npreset = "llama-nano"\nvocab_size = 65\n[train]\nglobal_batch_tokens = "x"\n')
     with pytest.raises(ConfigError, match="train.global_batch_tokens='x'"):
         planner.main(["--model", str(bad), "--cluster", "laptop-cpu"])
+
+
+def test_a_dtype_the_device_lacks_is_refused(tmp_path):
+    """bf16 on a V100 (FIELD_NOTES 7, gpt-fast #49): the trainer refuses it (clusterlm/device.py), and the
+    planner planned it anyway, with step time "?" and "run clusterlm probe" as the advice; it now exits 2
+    naming the dtypes the device has. fp16 plans; fp16 on a CPU node (refused by the trainer) is exit 2 too."""
+    spec = tmp_path / "v100.toml"
+    spec.write_text('name = "v"\n[[node_types]]\nname = "n"\ncount = 1\nmemory_gib = 100.0\n[node_types.device]\n'
+                    'name = "Tesla V100-SXM2-32GB"\nkind = "cuda"\ncount = 8\nmemory_gib = 32.0\n')
+    argv = ["--model", "llama-1b", "--cluster", str(spec), "--seq-len", "2048"]
+    with pytest.raises(ConfigError, match="dtype=bf16: Tesla V100-SXM2-32GB has no bf16 support .* fp16 or fp32"):
+        planner.main(argv + ["--dtype", "bf16"])
+    assert planner.main(argv + ["--dtype", "fp16"]) == 0
+    with pytest.raises(ConfigError, match="dtype=fp16 needs a GPU"):
+        planner.main(["--model", "llama-nano", "--vocab-size", "65", "--cluster", "laptop-cpu", "--dtype", "fp16"])
