@@ -43,6 +43,7 @@ STATE_BYTES = {
     "fp32": {"weights": 4, "gradients": 4, "master_weights": 0, "optimizer": 8},
 }
 ELEM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+DDP_GRAD_BYTES = 4  # DDP trains under torch.autocast: fp32 parameters, so fp32 gradients and buckets
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class MemoryEstimate:
     state + optimizer temporaries), since set_to_none gradients appear as activations are freed"""
     stage: str
     """which pipeline stage this is (the one that needs most memory): only, first or last"""
+    one_backward: bool = False
+    """accumulation 1 and no pipeline: gradients and activations were not counted together"""
 
     def get(self, name: str) -> float:
         for it in self.items:
@@ -75,9 +78,9 @@ class MemoryEstimate:
         width = max(len(it.name) for it in self.items)
         lines = [f"  {it.name:<{width}}  {it.bytes / GIB:10.3f} GiB  {it.formula}" for it in self.items]
         lines.append(f"  {'peak':<{width}}  {self.peak_bytes / GIB:10.3f} GiB  "
-                     f"state + max(activations + logits + buffers, optimizer step temporaries); with one "
-                     f"micro-batch per step and no pipeline, gradients (allocated during backward) and "
-                     f"activations (freed during it) are not counted together"
+                     f"state + max(activations + logits + buffers, optimizer step temporaries)"
+                     + ("; one micro-batch per step and no pipeline: gradients (allocated during backward) and "
+                        "activations (freed during it) are not counted together" if self.one_backward else "")
                      + (f"; worst pipeline stage: {self.stage}" if self.stage != "only" else ""))
         return "\n".join(lines)
 
@@ -287,9 +290,11 @@ def _stage(model: ModelConfig, dims: ParallelDims, stage: str, b: int, s: int, d
                                                      f"1 layer: {layer_p:,.0f}*(2*{e}+{STATE_BYTES[dtype]['gradients']})"))
         work += buf
     elif dims.dp_replicate > 1:
-        buf = per_dev * STATE_BYTES[dtype]["gradients"]
-        items.append(MemoryItem("ddp_buckets", buf, "DDP bucket copy of all gradients "
-                                                    "(gradient_as_bucket_view=False, PyTorch's default)"))
+        # DDP runs under torch.autocast: parameters and gradients stay fp32 whatever the compute dtype
+        # (the ZeRO items above count 2 B/param of gradients for bf16; the buckets hold the real fp32 ones)
+        buf = per_dev * DDP_GRAD_BYTES
+        items.append(MemoryItem("ddp_buckets", buf, f"DDP bucket copy of all gradients, fp32: {DDP_GRAD_BYTES} B/param "
+                                                    f"* {per_dev:,.0f} (gradient_as_bucket_view=False, PyTorch's default)"))
         work += buf
     if dtype != "fp32" and fsdp == 1:
         copies = per_dev * e
@@ -321,4 +326,4 @@ def _stage(model: ModelConfig, dims: ParallelDims, stage: str, b: int, s: int, d
         peak = max(state - grads + work, state + bwd, state + opt_tmp)
     else:
         peak = state + max(work, opt_tmp)
-    return MemoryEstimate(tuple(items), peak, stage)
+    return MemoryEstimate(tuple(items), peak, stage, one_backward=accum == 1 and pp == 1)

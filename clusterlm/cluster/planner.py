@@ -36,12 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from clusterlm.cluster import flops as flops_mod
+from clusterlm.cluster import hardware
 from clusterlm.cluster.memory import GIB, RECOMPUTE_MODES, MemoryEstimate, estimate_memory, param_groups
 from clusterlm.cluster.spec import ClusterSpec, load_spec
 from clusterlm.cluster.steptime import compute_rate, network, step_model, step_time
 from clusterlm.errors import ConfigError
 from clusterlm.models.config import ModelConfig, preset_values
-from clusterlm.parallel.dims import ParallelDims
+from clusterlm.parallel.dims import ParallelDims, validate_layout
 
 # Stand-ins for measurements, always printed when used (the step-time ones are in steptime.py).
 DEFAULT_MEMORY_FRACTION = 0.90
@@ -158,6 +159,15 @@ def search(model: ModelConfig, spec: ClusterSpec, *, seq_len: int, global_batch_
     if n_nodes < 1:
         raise ConfigError(f"nodes={n_nodes} must be >= 1")
     device = node.device
+    # a dtype the device's generation lacks (bf16 on a V100) is refused by the trainer (device.py): no plan
+    acc = hardware.lookup_accelerator(device.name) if device.kind != "cpu" else None
+    if acc is not None and dtype not in acc.peak_tflops and dtype not in device.peak_tflops \
+            and not device.matmul_tflops(dtype):
+        valid = [d for d in ("bf16", "fp16", "fp32") if d in acc.peak_tflops]
+        raise ConfigError(f"dtype={dtype}: {device.name} has no {dtype} support (hardware table {acc.key}); "
+                          f"the trainer refuses it: plan with {' or '.join(valid)}")
+    if device.kind == "cpu" and dtype == "fp16":
+        raise ConfigError("dtype=fp16 needs a GPU (the trainer refuses it on a CPU): plan a CPU node with fp32 or bf16")
     world = n_nodes * device.count
     rate = compute_rate(device, dtype)  # fp32 means fp32 matmuls (PyTorch leaves TF32 off by default)
     net = network(spec, node, n_nodes)
@@ -207,7 +217,8 @@ def search(model: ModelConfig, spec: ClusterSpec, *, seq_len: int, global_batch_
             options = tuple(dict.fromkeys(micro_batches + ((recipe_micro_batch,) if recipe_micro_batch else ())))
         for mb in options:
             try:
-                dims.validate(world, model, global_batch_tokens, mb, seq_len)
+                # the trainer's own checks (launch runs them too): a layout it refuses is no candidate
+                validate_layout(dims, model, world, global_batch_tokens, mb, seq_len)
             except ConfigError as e:
                 why(Pruned(dims.describe(), mb, None, str(e)))
                 continue
@@ -415,8 +426,10 @@ def main(argv: list[str]) -> int:
     budget.add_argument("--tokens", type=parse_count, help="training tokens (e.g. 10B)")
     budget.add_argument("--steps", type=parse_count, help="optimizer steps")
     p.add_argument("--global-batch-tokens", type=parse_count, default=None,
-                   help=f"tokens per optimizer step (default {DEFAULT_GLOBAL_BATCH_TOKENS}, rounded to seq-len)")
-    p.add_argument("--seq-len", type=int, default=None, help="context length (default: the model's max_seq_len)")
+                   help=f"tokens per optimizer step (default: a --model recipe's [train] global_batch_tokens, "
+                        f"else micro_batch_size x seq_len; else {DEFAULT_GLOBAL_BATCH_TOKENS}, rounded to seq-len)")
+    p.add_argument("--seq-len", type=int, default=None, help="context length (default: a --model recipe's [train] "
+                   "seq_len, else the model's max_seq_len)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="auto = bf16 where the device has a bf16 figure, else fp32")
     p.add_argument("--vocab-size", type=int, default=None, help="vocabulary size when the model preset leaves it unset")
@@ -436,16 +449,19 @@ def main(argv: list[str]) -> int:
     p.add_argument("--dry-run", action="store_true", help="build the planned device mesh on a fake process group "
                    "(imports torch)")
     args = p.parse_args(argv)
-    for flag, value in (("--micro-batch", args.micro_batch), ("--top", args.top)):
+    for flag, value in (("--micro-batch", args.micro_batch), ("--top", args.top), ("--seq-len", args.seq_len)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} {value} must be >= 1")
 
     model, model_tree = load_model(args.model, args.vocab_size)
-    recipe_mb = args.micro_batch
-    if recipe_mb is None and Path(args.model).is_file():
-        from clusterlm.config import load_tree
+    train_tree: dict[str, Any] = {}  # a --model recipe's [train]: its batch is the one to plan, unless flags say
+    if Path(args.model).is_file():
+        from clusterlm.config import TrainConfig, from_dict, load_tree
 
-        recipe_mb = load_tree(Path(args.model)).get("train", {}).get("micro_batch_size")
+        train_tree = load_tree(Path(args.model)).get("train", {})
+        tc = from_dict(TrainConfig, train_tree, "train")  # typed and checked, as train would read it
+        train_tree = {k: getattr(tc, k) for k in train_tree}
+    recipe_mb = args.micro_batch if args.micro_batch is not None else train_tree.get("micro_batch_size")
     spec = load_spec(args.cluster)
     if spec.probe is not None and spec.probe.disturbed:
         if not args.force:
@@ -462,8 +478,12 @@ def main(argv: list[str]) -> int:
         note = other_cpu_note(node, args.cluster)
         if note:
             print(f"NOTE: {note}")
-    seq_len = args.seq_len or model.max_seq_len
-    gbt = args.global_batch_tokens or max(seq_len, DEFAULT_GLOBAL_BATCH_TOKENS // seq_len * seq_len)
+    seq_len = args.seq_len if args.seq_len is not None else train_tree.get("seq_len") or model.max_seq_len
+    # the recipe's global batch; its 0 (= micro-batch x seq_len x dp) is planned as one device's batch
+    recipe_gbt = train_tree.get("global_batch_tokens") or (recipe_mb * seq_len if "micro_batch_size" in train_tree
+                                                           else None)
+    gbt = (args.global_batch_tokens or recipe_gbt
+           or max(seq_len, DEFAULT_GLOBAL_BATCH_TOKENS // seq_len * seq_len))
     dtype = args.dtype
     if dtype == "auto":
         has_bf16 = device.peak("bf16")[0] or device.matmul_tflops("bf16")
@@ -477,8 +497,9 @@ def main(argv: list[str]) -> int:
     everything = search(model, spec, pruned=pruned, **kwargs)
     cands = plan(model, spec, **kwargs)
     g = param_groups(model)
+    from_recipe = " (the recipe's [train])" if train_tree and not args.global_batch_tokens and recipe_gbt else ""
     print(f"model: {args.model} ({g['total'] / 1e9:.3g}B parameters), seq_len {seq_len}, global batch {gbt:,} tokens "
-          f"({gbt // seq_len} samples), {dtype}")
+          f"({gbt // seq_len} samples){from_recipe}, {dtype}")
     print(f"cluster: {spec.name}: {n_nodes} x {node.name} node(s) x {device.count} {device.name} = "
           f"{n_nodes * device.count} device(s)")
     print(f"FLOPs: {fpt.total:.4g} per token; {fpt.convention}")

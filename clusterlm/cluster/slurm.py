@@ -120,6 +120,17 @@ class SbatchOptions:
         return self.nodes * self.ntasks_per_node
 
 
+def sbatch_directive(option: str) -> str:
+    """One `#SBATCH` line. sbatch splits a directive line at whitespace and ends it at an unquoted `#`
+    (its own parser, not the shell's): `--output=/my runs/slurm-%j.out` was refused ("Invalid directive
+    found in batch script: runs/slurm-%j.out") and `/runs/a#b` cut to `/runs/a`. A value holding either,
+    or a quote or backslash, is double-quoted with `"` and `\\` escaped, which sbatch reads back verbatim."""
+    key, eq, value = option.partition("=")
+    if eq and re.search(r"[\s#'\"\\]", value):
+        value = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"#SBATCH {key}{eq}{value}"
+
+
 def render_sbatch(opts: SbatchOptions, recipe: str | None, overrides: list[str], *, output_dir: str | Path,
                   workdir: str | Path, python: str | None = None) -> str:
     """The batch script: #SBATCH header, rendezvous variables, srun of `clusterlm train`, requeue on 75.
@@ -224,7 +235,7 @@ def render_sbatch(opts: SbatchOptions, recipe: str | None, overrides: list[str],
     lines = [
         "#!/bin/bash",
         f"# rendered by `clusterlm launch --slurm` for {recipe or '(defaults + overrides)'}",
-        *(f"#SBATCH {h}" for h in header),
+        *(sbatch_directive(h) for h in header),
         "",
         "set -uo pipefail",
         *run,

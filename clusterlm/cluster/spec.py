@@ -120,8 +120,10 @@ class DeviceSpec:
                                   f"step]), all of one width; got {list(rows)[:3]}")
         if self.kind not in DEVICE_KINDS:
             raise ConfigError(f"device {self.name!r}: kind={self.kind!r}; expected one of {', '.join(DEVICE_KINDS)}")
-        if self.count < 1 or self.memory_gib < 0:
-            raise ConfigError(f"device {self.name!r}: count={self.count} must be >= 1, memory_gib >= 0")
+        if self.count < 1:
+            raise ConfigError(f"device {self.name!r}: count={self.count} must be >= 1")
+        if self.memory_gib < 0:
+            raise ConfigError(f"device {self.name!r}: memory_gib={self.memory_gib:g} must be >= 0")
         for table in ("peak_tflops", "measured_tflops", "matmul_efficiency", "train_efficiency"):
             bad = set(getattr(self, table)) - set(hardware.DTYPES)
             if bad:

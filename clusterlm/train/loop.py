@@ -477,7 +477,7 @@ class Trainer:
 
     def _log_plan(self) -> None:
         """The derived numbers, printed once (llm.c style)."""
-        from clusterlm.train.metrics import device_peak_flops, flops_per_token
+        from clusterlm.train.metrics import device_peak_flops, flops_per_token, mfu_devices
 
         tc, mcfg, device = self.tc, self.cfg.model, self.device
         self.flops = flops_per_token(mcfg, tc.seq_len)
@@ -486,6 +486,10 @@ class Trainer:
                                                    measured_peak=_probed_peak(tc.probe_spec, peak_dtype))
         if tc.probe_spec and self.peak is not None:
             peak_source = f"{tc.probe_spec}: {peak_source}"
+        # MFU is against every device's peak: tokens/s counts all data-parallel ranks' tokens
+        self.mfu_devices = mfu_devices(device.type, self.env.world_size, self.env.local_world_size)
+        if self.mfu_devices > 1 and self.peak is not None:
+            peak_source += f"; MFU against {self.mfu_devices} x this peak ({self.mfu_devices} devices)"
         log.info("model: %s, %s parameters (%s without embeddings)", mcfg.arch, f"{mcfg.num_params():,}",
                  f"{mcfg.num_params(include_embeddings=False):,}")
         log.info("batch: %d x %d tokens per micro-batch, %d accumulation steps, %s tokens per step",
@@ -616,7 +620,7 @@ class Trainer:
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         record = {"kind": "train", "step": state.step, "tokens": state.tokens_seen, "loss": loss, "lr": lr,
                   "grad_norm": grad_norm, "skipped": not finite, "step_time_s": dt, "tokens_per_s": tps,
-                  "mfu": mfu(tps, self.flops["total"], self.peak)}
+                  "mfu": mfu(tps, self.flops["total"], self.peak and self.peak * self.mfu_devices)}
         if plan.predicted_step_s:
             record["predicted_step_s"] = plan.predicted_step_s
         if state.step % tc.log_interval == 0 or state.step == tc.max_steps:

@@ -66,6 +66,16 @@ def mfu(tokens_per_s: float | None, flops_per_token: float, peak_flops: float | 
     return tokens_per_s * flops_per_token / peak_flops
 
 
+def mfu_devices(device_type: str, world_size: int, local_world_size: int) -> int:
+    """How many device peaks the run's MFU is against. Tokens per second count every data-parallel
+    rank's tokens, so the peak is one device's x the devices in use (the planner's `world * peak`):
+    a GPU rank has a device of its own; the ranks on one CPU host share its CPU, which the probe
+    measures as one device, so a CPU run counts hosts."""
+    if device_type == "cpu":
+        return max(1, world_size // max(1, local_world_size))
+    return world_size
+
+
 def _tf32_matmuls() -> bool:
     """Whether fp32 CUDA matmuls may run in TF32 (set_float32_matmul_precision("high") or the
     allow_tf32 / fp32_precision flags; reading the legacy flag raises after a mix of the two APIs)."""

@@ -149,3 +149,18 @@ def test_spec_files_load_through_the_run_config_loader(tmp_path):
             load_spec(tmp_path / f"{i}.toml")
     (tmp_path / "ok.toml").write_text('[scheduler]\nversion = 23\n')
     assert load_spec(tmp_path / "ok.toml").scheduler.version == "23"
+
+
+def test_device_count_and_memory_errors_name_the_bad_value(tmp_path):
+    """A negative device memory named the (valid) count: "count=8 must be >= 1, memory_gib >= 0"; each
+    check now names its own field and value."""
+    import pytest
+
+    from clusterlm.errors import ConfigError
+
+    head = '[[node_types]]\nname = "a"\n[node_types.device]\nname = "x"\n'
+    for body, message in (("count = 8\nmemory_gib = -80.0\n", r"device 'x': memory_gib=-80 must be >= 0$"),
+                          ("count = 0\nmemory_gib = 80.0\n", r"device 'x': count=0 must be >= 1$")):
+        (tmp_path / "s.toml").write_text(head + body)
+        with pytest.raises(ConfigError, match=message):
+            load_spec(tmp_path / "s.toml")

@@ -286,3 +286,17 @@ def test_truncate_after_purges_tensorboard(tmp_path):
     ea.Reload()
     assert [(e.step, e.value) for e in ea.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 104.0),
                                                                       (5, 105.0)]
+
+
+def test_mfu_is_against_every_device_of_the_run():
+    """The trainer's tokens/s counts every data-parallel rank's tokens (tokens per step = accum x micro-batch x
+    seq_len x dp), so MFU divides by one device's peak x the devices, as the planner's `world * peak` does:
+    8 GPU ranks at 8 x 100k tokens/s of 6e9 FLOPs each on 989.4-TFLOP/s H100s are 60.6% MFU, not 485%
+    (the trainer divided by one GPU's peak). Ranks on one CPU host share the CPU the probe measured as one
+    device: 2 ranks on 1 host count 1 device, 4 ranks on 2 hosts 2."""
+    from clusterlm.train.metrics import mfu_devices
+
+    assert mfu_devices("cuda", 8, 8) == 8 and mfu_devices("cuda", 16, 8) == 16
+    assert mfu_devices("cpu", 2, 2) == 1 and mfu_devices("cpu", 4, 2) == 2 and mfu_devices("cpu", 1, 1) == 1
+    peak = 989.4e12
+    assert mfu(8 * 100_000.0, 6e9, peak * mfu_devices("cuda", 8, 8)) == pytest.approx(0.6064, abs=1e-4)

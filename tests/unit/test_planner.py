@@ -316,3 +316,48 @@ def test_no_valid_layout_names_the_reason():
         with pytest.raises(ConfigError, match=f"{flag} 0 must be >= 1"):
             planner.main(argv + [flag, "0"])
     assert "search found no layout" in planner.no_valid_layout([])
+
+
+def test_seq_len_zero_or_negative_is_refused():
+    """`plan --seq-len 0` planned silently at the model's max_seq_len (8192 for llama-8b: 0 read as "unset")
+    and `--seq-len -5` failed with "-104858 samples per step do not split over dp=4"; both name the flag."""
+    argv = ["--model", "llama-8b", "--cluster", "h100-sxm-8x"]
+    for value in ("0", "-5"):
+        with pytest.raises(ConfigError, match=f"--seq-len {value} must be >= 1"):
+            planner.main(argv + ["--seq-len", value])
+
+
+def test_a_recipe_plans_its_own_batch(tmp_path, capsys):
+    """`plan --model RECIPE` plans the recipe's [train] seq_len and global batch (12 x 64 tokens for
+    llama_shakespeare_cpu, whose global_batch_tokens is 0: micro-batch x seq_len), as the recipe's
+    micro-batch already was; it planned 524,288 tokens (8192 samples) and then reported the recipe's own
+    layout "not among the fitting candidates". Flags still win; a mistyped [train] value is exit 2."""
+    from pathlib import Path
+
+    recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "llama_shakespeare_cpu.toml")
+    argv = ["--model", recipe, "--cluster", "laptop-cpu", "--vocab-size", "65"]
+    assert planner.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "seq_len 64, global batch 768 tokens (12 samples) (the recipe's [train])" in out
+    assert "recipe's layout (micro-batch 12 x 1): rank 1 of" in out
+    assert planner.main(argv + ["--global-batch-tokens", "1536"]) == 0
+    assert "global batch 1,536 tokens (24 samples), fp32" in capsys.readouterr().out
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[model]\npreset = "llama-nano"\nvocab_size = 65\n[train]\nglobal_batch_tokens = "x"\n')
+    with pytest.raises(ConfigError, match="train.global_batch_tokens='x'"):
+        planner.main(["--model", str(bad), "--cluster", "laptop-cpu"])
+
+
+def test_a_dtype_the_device_lacks_is_refused(tmp_path):
+    """bf16 on a V100 (FIELD_NOTES 7, gpt-fast #49): the trainer refuses it (clusterlm/device.py), and the
+    planner planned it anyway, with step time "?" and "run clusterlm probe" as the advice; it now exits 2
+    naming the dtypes the device has. fp16 plans; fp16 on a CPU node (refused by the trainer) is exit 2 too."""
+    spec = tmp_path / "v100.toml"
+    spec.write_text('name = "v"\n[[node_types]]\nname = "n"\ncount = 1\nmemory_gib = 100.0\n[node_types.device]\n'
+                    'name = "Tesla V100-SXM2-32GB"\nkind = "cuda"\ncount = 8\nmemory_gib = 32.0\n')
+    argv = ["--model", "llama-1b", "--cluster", str(spec), "--seq-len", "2048"]
+    with pytest.raises(ConfigError, match="dtype=bf16: Tesla V100-SXM2-32GB has no bf16 support .* fp16 or fp32"):
+        planner.main(argv + ["--dtype", "bf16"])
+    assert planner.main(argv + ["--dtype", "fp16"]) == 0
+    with pytest.raises(ConfigError, match="dtype=fp16 needs a GPU"):
+        planner.main(["--model", "llama-nano", "--vocab-size", "65", "--cluster", "laptop-cpu", "--dtype", "fp16"])

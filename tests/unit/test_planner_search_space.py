@@ -140,3 +140,20 @@ def test_rnn_layer_cost_has_a_per_call_part_from_two_lengths():
         cpu_spec(**FLAT, rnn_sweep={"lstm": rows[:2] + ((4.0, 64.0, 10.0),)})
     with pytest.raises(ConfigError, match=r"rnn_sweep.gru rows"):
         cpu_spec(**FLAT, rnn_sweep={"gru": ((4.0, 64.0, 5.0, 0.0),)})
+
+
+def test_no_layout_the_trainer_refuses():
+    """GPT-2 ties its embedding and output: the trainer and `launch` refuse pp > 1 for it
+    (dims.validate_layout), so the planner offers no pipeline layout and --explain says why (before, a
+    pp=2 layout ranked 29th for gpt2-124m on a100-80gb-8x-hdr and `--out` could write a recipe that
+    `clusterlm train` refuses)."""
+    from clusterlm.cluster.spec import load_spec
+    from clusterlm.models.config import get_preset
+
+    model = get_preset("gpt2-124m")
+    assert model.tie_embeddings
+    pruned: list[planner.Pruned] = []
+    cands = planner.search(model, load_spec("a100-80gb-8x-hdr"), seq_len=1024, global_batch_tokens=2**19,
+                           recompute_modes=("none",), pruned=pruned)
+    assert cands and all(c.dims.pp == 1 for c in cands)
+    assert any("tie_embeddings" in p.reason and "pp=2" in p.layout for p in pruned)

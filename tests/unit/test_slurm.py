@@ -51,6 +51,21 @@ def test_render_header_and_srun_line():
     assert f"{sys.executable} -m clusterlm train --train.resume=auto" in cpu
 
 
+def test_directive_values_with_spaces_hash_or_quotes_are_quoted_for_sbatch():
+    """sbatch reads `#SBATCH` lines with its own parser (src/sbatch/opt.c, _get_argument): whitespace splits
+    arguments and an unquoted `#` starts a comment. Checked with Debian's sbatch 22.05 (`sbatch -v` against
+    an unreachable controller): an unquoted `--output=/tmp/my dir/...` is refused with "Invalid directive
+    found in batch script: dir/slurm-%j.out", `/tmp/a#b/...` becomes `/tmp/a`; the double-quoted forms
+    below read back verbatim (`it"s` included)."""
+    opts = SbatchOptions(extra=('--comment=it"s a \\ b', "--exclusive"))
+    script = render_sbatch(opts, "/r.toml", [], output_dir="/runs/a#b/my runs", workdir="/home/u/my dir")
+    assert _sbatch_lines(script)[-4:] == [
+        '--output="/runs/a#b/my runs/slurm-%j.out"', '--chdir="/home/u/my dir"', '--comment="it\\"s a \\\\ b"',
+        "--exclusive"]
+    assert "--output=/runs/x/slurm-%j.out" in _sbatch_lines(render_sbatch(SbatchOptions(), None, [],
+                                                                          output_dir="/runs/x", workdir="/w"))
+
+
 def _run_script(tmp_path: Path, srun_codes: list[int], job_id: str = "1234", restart: str = "0"):
     """Run a rendered script under bash with fake srun/scontrol/getent that log their calls; srun exits
     with srun_codes[i] on its i-th call."""
