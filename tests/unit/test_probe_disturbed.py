@@ -56,13 +56,13 @@ def test_probe_under_a_cpu_hog_is_flagged_and_the_plan_refuses(tmp_path, monkeyp
     """The real probe_node (its sweeps cut to a few shapes to stay within seconds) while a hog spins one core:
     the spec's [probe] is disturbed with the hog's CPU time in foreign_cpus; the spec round-trips through TOML;
     `clusterlm plan` refuses it, naming the figures, and with --force warns and plans."""
-    monkeypatch.setattr(probe, "SWEEP_GRID_CPU", ((128,), (32, 128), (32, 128)))
+    monkeypatch.setattr(probe, "SWEEP_GRID_CPU_QUICK", ((128,), (32, 128), (32, 128)))
     monkeypatch.setattr(probe, "KERNEL_ELEMS", (1 << 14, 1 << 16))
     monkeypatch.setattr(probe, "ATTENTION_T_CPU", (128,))
-    monkeypatch.setattr(probe, "ATTENTION_HD", (32,))
+    monkeypatch.setattr(probe, "ATTENTION_HD_QUICK", (32,))
     monkeypatch.setattr(probe, "ELEMENTWISE_ELEMS_QUICK", (4096, 65536))
-    monkeypatch.setattr(probe, "RNN_BATCH", (4,))
-    monkeypatch.setattr(probe, "RNN_DIM", (64,))
+    monkeypatch.setattr(probe, "RNN_BATCH_QUICK", (4,))
+    monkeypatch.setattr(probe, "RNN_DIM_QUICK", (64,))
     hog = start_hog()
     try:
         spec = probe.probe_node(quick=True, measure=True, work_dir=str(tmp_path), checkpoint_dir=str(tmp_path))
