@@ -308,6 +308,25 @@ def test_resume_from_weights_only_checkpoint_is_one_line(corpora, tmp_path):
         train(_cfg(corpora["base"], tmp_path / "new", f"--train.resume={json.dumps(str(tmp_path / 'w'))}"))
 
 
+def test_resume_from_a_pruned_checkpoint_says_weights_only_not_the_shape(corpora, tmp_path):
+    """`prune --method structured` writes weights only with fewer heads: resuming it named
+    model.n_heads and suggested --model.n_heads=1, after which the run failed on being weights-only;
+    the weights-only line comes first, so the advice given is one that can work."""
+    from clusterlm.checkpoint.store import load_checkpoint, resolve_checkpoint, save_checkpoint
+    from clusterlm.train.loop import train
+
+    run = tmp_path / "r"
+    train(_cfg(corpora["base"], run, "--train.max_steps=2"))
+    ck = load_checkpoint(resolve_checkpoint(run))
+    narrower = ck.config_toml.replace("n_heads = 2", "n_heads = 1")
+    assert narrower != ck.config_toml
+    save_checkpoint(tmp_path / "p" / "checkpoints", 2, model_state=ck.model_state, optimizer_state=None,
+                    train_state={"step": 2, "pruning": {}}, config_toml=narrower, tokenizer_path=ck.tokenizer_path)
+    with pytest.raises(CheckpointError, match=r"holds weights without the training state") as e:
+        train(_cfg(corpora["base"], tmp_path / "new", f"--train.resume={json.dumps(str(tmp_path / 'p'))}"))
+    assert "n_heads" not in str(e.value)
+
+
 def test_inference_refuses_a_tokenizer_larger_than_the_model(corpora, tmp_path):
     """A tokenizer.json with more tokens than the model's vocabulary (files from two runs) would index
     past the embedding at the first rare token; refused at load with both sizes."""
