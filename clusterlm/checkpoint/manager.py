@@ -192,7 +192,10 @@ class Checkpointer:
             rng = load_rank_rng(path)
         else:
             train_state, rng = self._load_single(path, model, optimizer)
-        loader.load_state_dict(train_state["loader"])  # the loader draws from its own seeded generators
+        try:  # the loader draws from its own seeded generators
+            loader.load_state_dict(train_state["loader"])
+        except CheckpointError as e:  # name the checkpoint: the loader's message knows only its fields
+            raise CheckpointError(f"{path}: {e}") from e
         state = RunState(**train_state["run"])
         if rng is not None:
             restore_rng_state(rng)

@@ -327,6 +327,20 @@ def test_resume_from_a_pruned_checkpoint_says_weights_only_not_the_shape(corpora
     assert "n_heads" not in str(e.value)
 
 
+def test_resume_with_another_seq_len_names_the_checkpoint_and_the_value(corpora, tmp_path):
+    """--train.resume=auto with another --train.seq_len was refused as "loader state seq_len: saved 32,
+    current 16" without the checkpoint or the option that would resume; both are named now."""
+    from clusterlm.train.loop import train
+
+    run = tmp_path / "r"
+    train(_cfg(corpora["base"], run, "--train.max_steps=2"))
+    with pytest.raises(CheckpointError) as e:
+        train(_cfg(corpora["base"], run, "--train.resume=auto", "--train.seq_len=16"))
+    msg = str(e.value)
+    assert "step-00000002" in msg and "saved 32, current 16" in msg
+    assert "--train.seq_len=32" in msg and "--train.out_dir" in msg
+
+
 def test_inference_refuses_a_tokenizer_larger_than_the_model(corpora, tmp_path):
     """A tokenizer.json with more tokens than the model's vocabulary (files from two runs) would index
     past the embedding at the first rare token; refused at load with both sizes."""
