@@ -341,6 +341,20 @@ def test_resume_with_another_seq_len_names_the_checkpoint_and_the_value(corpora,
     assert "--train.seq_len=32" in msg and "--train.out_dir" in msg
 
 
+def test_resume_past_max_steps_warns_that_nothing_is_trained(corpora, tmp_path, caplog):
+    """Resuming a step-4 checkpoint with --train.max_steps=2 "finished at step 4" with no word that the
+    requested steps were already passed; a warning now names both numbers."""
+    import logging
+
+    from clusterlm.train.loop import train
+
+    run = tmp_path / "r"
+    train(_cfg(corpora["base"], run))
+    with caplog.at_level(logging.WARNING):
+        train(_cfg(corpora["base"], run, "--train.resume=auto", "--train.max_steps=2"))
+    assert any("resumed at step 4, not below train.max_steps=2" in r.getMessage() for r in caplog.records)
+
+
 def test_inference_refuses_a_tokenizer_larger_than_the_model(corpora, tmp_path):
     """A tokenizer.json with more tokens than the model's vocabulary (files from two runs) would index
     past the embedding at the first rare token; refused at load with both sizes."""
