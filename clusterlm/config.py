@@ -195,8 +195,11 @@ class CheckpointConfig:
     needs interval to be a multiple of train.eval_interval (docs/checkpoints.md)"""
 
     def __post_init__(self) -> None:
-        if self.interval < 0 or self.keep_last < 1:
-            raise ConfigError(f"checkpoint.interval={self.interval} must be >= 0, keep_last={self.keep_last} >= 1")
+        if self.interval < 0:
+            raise ConfigError(f"checkpoint.interval={self.interval} must be >= 0 (0 saves only at the end)")
+        if self.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last={self.keep_last} must be >= 1 (the newest checkpoint is "
+                              "always kept)")
 
 
 @dataclass(frozen=True)

@@ -170,6 +170,8 @@ class Checkpointer:
 
         if self._resolved is None:
             path = self._resume_path()
+            if path is not None:  # weights-only first: a pruned copy's other shape is not what to fix
+                _refuse_weights_only(path)
             if path is not None and self.model_config is not None:
                 check_resume(path, self.model_config, self.data_dir, self.tokenizer_path)
             self._resolved = (path,)
@@ -190,7 +192,10 @@ class Checkpointer:
             rng = load_rank_rng(path)
         else:
             train_state, rng = self._load_single(path, model, optimizer)
-        loader.load_state_dict(train_state["loader"])  # the loader draws from its own seeded generators
+        try:  # the loader draws from its own seeded generators
+            loader.load_state_dict(train_state["loader"])
+        except CheckpointError as e:  # name the checkpoint: the loader's message knows only its fields
+            raise CheckpointError(f"{path}: {e}") from e
         state = RunState(**train_state["run"])
         if rng is not None:
             restore_rng_state(rng)
@@ -208,12 +213,7 @@ class Checkpointer:
             raise ConfigError(f"{path} is a single-process checkpoint; resuming it on {dist.get_world_size()} ranks "
                               "is not supported (distributed runs save DCP checkpoints, which load on any layout)")
         ckpt = load_checkpoint(path)
-        missing = [k for k in ("run", "loader") if k not in ckpt.train_state]
-        if missing or ckpt.optimizer_state is None:  # written by convert/quantize/prune: weights only
-            raise CheckpointError(f"{path} holds weights without the training state a resume needs "
-                                  f"({', '.join(missing) or 'optimizer'} missing: written by convert, quantize, "
-                                  "prune or ensemble?); it can be evaluated or served, not resumed; start fresh with another "
-                                  "--train.out_dir")
+        _refuse_weights_only(path, ckpt.train_state, ckpt.optimizer_state is not None)
         check_state_shapes(ckpt.model_state, model, ckpt.path / "model.safetensors")
         model.load_state_dict(ckpt.model_state)
         try:
@@ -293,6 +293,25 @@ class Checkpointer:
             path = finish_save(self._pending.pop())
             self._mark_best(path)
             self._mirror(path, "periodic")
+
+
+def _refuse_weights_only(path: Path, train_state: dict | None = None, has_optimizer: bool | None = None) -> None:
+    """CheckpointError when `path` holds weights only (convert, quantize, prune, ensemble write no
+    optimizer, run or loader state). Read from the folder when not given; a DCP folder always has them."""
+    from clusterlm.checkpoint.distributed import is_distributed_checkpoint
+    from clusterlm.checkpoint.store import read_info
+
+    if train_state is None:
+        if is_distributed_checkpoint(path):
+            return
+        train_state = read_info(path).train_state
+        has_optimizer = (path / "optimizer.safetensors").is_file()
+    missing = [k for k in ("run", "loader") if k not in train_state]
+    if missing or not has_optimizer:
+        raise CheckpointError(f"{path} holds weights without the training state a resume needs "
+                              f"({', '.join(missing) or 'optimizer'} missing: written by convert, quantize, "
+                              "prune or ensemble?); it can be evaluated or served, not resumed; start fresh with another "
+                              "--train.out_dir")
 
 
 def optimizer_mismatch(path: Path, saved: dict, optimizer: torch.optim.Optimizer, err: Exception) -> str:

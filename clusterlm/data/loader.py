@@ -256,10 +256,13 @@ class TokenLoader:
                "split": "it indexes another split", "shuffle": "the sample order would differ",
                "fingerprint": "the data directory's shards differ (meta.json hashes)",
                "num_samples": "the split has a different number of samples"}
+        option = {"seq_len": "train.seq_len", "seed": "train.seed"}  # the run options these fields come from
         for field, reason in why.items():
             if state[field] != mine[field]:
+                fix = (f"; resume with --{option[field]}={state[field]!r} or start fresh with another --train.out_dir"
+                       if field in option else "")
                 raise CheckpointError(f"loader state {field}: saved {state[field]!r}, current {mine[field]!r}; "
-                                      f"cannot resume because {reason}")
+                                      f"cannot resume because {reason}{fix}")
         position = state["position"]
         if isinstance(position, bool) or not isinstance(position, int) or position < 0:
             raise CheckpointError(f"loader state position={position!r} must be an integer >= 0")

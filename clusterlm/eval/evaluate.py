@@ -41,6 +41,9 @@ def evaluate_checkpoint(ckpt: str, *, data: str | None = None, split: str = "val
         raise DataError(f"{loaded.path} is a classifier (labels {', '.join(cfg.model.labels)}), not a language "
                         "model: it has no loss on a data split; score it with --task FILE (a classify task)")
     data_dir = Path(data or cfg.data.dir)
+    if data is None and not data_dir.exists():  # a converted checkpoint's default, or a run from another cwd
+        raise DataError(f"{data_dir} (data.dir in {loaded.path}/config.toml, the default of --data) does not exist "
+                        "here; pass --data DIR, a directory `clusterlm prepare` made with this checkpoint's tokenizer")
     if cfg.model.arch in ("encoder", "encdec"):
         return _objective_loss(loaded, data_dir, split, batch_size, seq_len, max_batches, dev)
     meta = read_meta(data_dir)

@@ -290,6 +290,10 @@ class Trainer:
                           if k in group and _as_tuple(group[k]) != _as_tuple(own[k])})
         if changed and self.state.step:
             log.info("resumed with this run's optimizer %s (the checkpoint's differed)", ", ".join(changed))
+        if self.state.step and self.state.step >= self.tc.max_steps:  # the loop body will not run
+            log.warning("resumed at step %d, not below train.max_steps=%d: nothing to train, only a last "
+                        "evaluation and checkpoint; pass a larger --train.max_steps to continue",
+                        self.state.step, self.tc.max_steps)
         for group, own in zip(self.optimizer.param_groups, mine):
             group.update(own)
         from clusterlm.train.ema import WeightEMA

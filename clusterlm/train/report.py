@@ -291,8 +291,8 @@ def render_summary(run_dir: Path, s: dict[str, Any], plots: dict[str, Path]) -> 
         *_val_score_rows(s.get("val_scores", {})),
         f"| wall time in training steps | {_duration(s['train_seconds'])} |",
         f"| elapsed (first to last record) | {_duration(s['elapsed_seconds'])} |",
-        f"| median step time | {_fmt(None if s['median_step_time_s'] is None else s['median_step_time_s'] * 1e3, '.1f')}"
-        " ms |",
+        "| median step time | " + ("n/a" if s["median_step_time_s"] is None else
+                                   f"{s['median_step_time_s'] * 1e3:.1f} ms") + " |",
         f"| mean tokens/s | {_fmt(s['mean_tokens_per_s'], ',.0f')} |",
         f"| mean MFU | {mfu} |",
         f"| skipped (non-finite) steps | {s['skipped_steps']} |",

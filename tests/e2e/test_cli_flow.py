@@ -51,6 +51,20 @@ def test_eval_reports_consistent_metrics(trained, tmp_path, capsys):
     assert res["tokens"] > 0
 
 
+def test_eval_without_data_of_a_checkpoint_whose_data_dir_is_absent(tmp_path, monkeypatch, capsys):
+    """A checkpoint made by convert (or a run evaluated from another cwd) has a data.dir that does not
+    exist here: eval said "data/shakespeare_char is not a prepared data directory", a folder the user
+    never named; now one line says it is the checkpoint's default and to pass --data."""
+    from tests.helpers import random_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    run = random_checkpoint(tmp_path, "byte", "hello world", bpe_vocab=0, n_layers=1, context=16)
+    capsys.readouterr()
+    assert cli(["eval", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.dir in" in err[0] and "pass --data DIR" in err[0]
+
+
 def test_eval_refuses_data_of_another_tokenizer(trained, tmp_path, capsys):
     """A data dir whose tokenizer has the checkpoint's kind and size but other contents (another corpus's
     characters) is refused in one line naming both, exit 2; the ids would otherwise mean other text."""

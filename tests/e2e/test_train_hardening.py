@@ -308,6 +308,53 @@ def test_resume_from_weights_only_checkpoint_is_one_line(corpora, tmp_path):
         train(_cfg(corpora["base"], tmp_path / "new", f"--train.resume={json.dumps(str(tmp_path / 'w'))}"))
 
 
+def test_resume_from_a_pruned_checkpoint_says_weights_only_not_the_shape(corpora, tmp_path):
+    """`prune --method structured` writes weights only with fewer heads: resuming it named
+    model.n_heads and suggested --model.n_heads=1, after which the run failed on being weights-only;
+    the weights-only line comes first, so the advice given is one that can work."""
+    from clusterlm.checkpoint.store import load_checkpoint, resolve_checkpoint, save_checkpoint
+    from clusterlm.train.loop import train
+
+    run = tmp_path / "r"
+    train(_cfg(corpora["base"], run, "--train.max_steps=2"))
+    ck = load_checkpoint(resolve_checkpoint(run))
+    narrower = ck.config_toml.replace("n_heads = 2", "n_heads = 1")
+    assert narrower != ck.config_toml
+    save_checkpoint(tmp_path / "p" / "checkpoints", 2, model_state=ck.model_state, optimizer_state=None,
+                    train_state={"step": 2, "pruning": {}}, config_toml=narrower, tokenizer_path=ck.tokenizer_path)
+    with pytest.raises(CheckpointError, match=r"holds weights without the training state") as e:
+        train(_cfg(corpora["base"], tmp_path / "new", f"--train.resume={json.dumps(str(tmp_path / 'p'))}"))
+    assert "n_heads" not in str(e.value)
+
+
+def test_resume_with_another_seq_len_names_the_checkpoint_and_the_value(corpora, tmp_path):
+    """--train.resume=auto with another --train.seq_len was refused as "loader state seq_len: saved 32,
+    current 16" without the checkpoint or the option that would resume; both are named now."""
+    from clusterlm.train.loop import train
+
+    run = tmp_path / "r"
+    train(_cfg(corpora["base"], run, "--train.max_steps=2"))
+    with pytest.raises(CheckpointError) as e:
+        train(_cfg(corpora["base"], run, "--train.resume=auto", "--train.seq_len=16"))
+    msg = str(e.value)
+    assert "step-00000002" in msg and "saved 32, current 16" in msg
+    assert "--train.seq_len=32" in msg and "--train.out_dir" in msg
+
+
+def test_resume_past_max_steps_warns_that_nothing_is_trained(corpora, tmp_path, caplog):
+    """Resuming a step-4 checkpoint with --train.max_steps=2 "finished at step 4" with no word that the
+    requested steps were already passed; a warning now names both numbers."""
+    import logging
+
+    from clusterlm.train.loop import train
+
+    run = tmp_path / "r"
+    train(_cfg(corpora["base"], run))
+    with caplog.at_level(logging.WARNING):
+        train(_cfg(corpora["base"], run, "--train.resume=auto", "--train.max_steps=2"))
+    assert any("resumed at step 4, not below train.max_steps=2" in r.getMessage() for r in caplog.records)
+
+
 def test_inference_refuses_a_tokenizer_larger_than_the_model(corpora, tmp_path):
     """A tokenizer.json with more tokens than the model's vocabulary (files from two runs) would index
     past the embedding at the first rare token; refused at load with both sizes."""

@@ -104,6 +104,16 @@ def test_validation_message_has_the_arithmetic():
         load_run_config(None, ["--model.dim=130"])
 
 
+def test_checkpoint_validation_names_only_the_wrong_key():
+    """--checkpoint.keep_last=0 said "checkpoint.interval=500 must be >= 0, keep_last=0 >= 1", naming
+    the valid interval first; each key is now refused on its own, with what would be valid."""
+    with pytest.raises(ConfigError) as e:
+        load_run_config(None, ["--checkpoint.keep_last=0"])
+    assert str(e.value).startswith("checkpoint.keep_last=0 must be >= 1") and "interval" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"^checkpoint.interval=-1 must be >= 0 \(0 saves only at the end\)$"):
+        load_run_config(None, ["--checkpoint.interval=-1"])
+
+
 def test_model_preset_with_overrides(tmp_path):
     """`[model] preset = ...` starts from the preset; other keys override it."""
     p = write(tmp_path, """

@@ -90,6 +90,14 @@ def test_unknown_mfu_and_cli(tmp_path, capsys):
     assert "summary.md" in out
 
 
+def test_summary_of_a_log_without_train_records_says_n_a(tmp_path):
+    """A metrics.jsonl with eval records only (the train lines lost) gave "| median step time | n/a ms |"."""
+    recs = [r for r in _write_run(tmp_path) if r["kind"] != "train"]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    md = write_report(tmp_path)["summary"].read_text()
+    assert "| median step time | n/a |" in md and "| final val loss | 2.1000 |" in md
+
+
 def test_missing_metrics_is_clear(tmp_path):
     """A folder without metrics.jsonl: FileNotFoundError naming the file; no plots folder made."""
     with pytest.raises(FileNotFoundError, match="metrics.jsonl does not exist"):
