@@ -552,11 +552,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     inputs = list(args.inputs) + [f"builtin:{name}" for name in args.builtin]
-    with terminate_as_interrupt():
-        meta = prepare(inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                       val_fraction=args.val_fraction, workers=args.workers, text_field=args.text_field,
-                       shard_tokens=args.shard_tokens, dedup=args.dedup, redact_pii=args.redact_pii,
-                       overwrite=args.overwrite, follow_symlinks=args.follow_symlinks)
+    try:
+        with terminate_as_interrupt():
+            meta = prepare(inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                           val_fraction=args.val_fraction, workers=args.workers, text_field=args.text_field,
+                           shard_tokens=args.shard_tokens, dedup=args.dedup, redact_pii=args.redact_pii,
+                           overwrite=args.overwrite, follow_symlinks=args.follow_symlinks)
+    except KeyboardInterrupt:
+        # Ctrl-C or SIGTERM: prepare has removed its staging folder and killed its helper processes by
+        # now. concurrent.futures joins the pool's manager thread at interpreter exit, and once the
+        # helpers were killed mid-call that join can hang (seen in CI: still alive 60 s after the
+        # "interrupted" line), so end here, as the CLI would, without the interpreter's teardown.
+        from clusterlm.errors import EXIT_INTERRUPTED
+
+        print("clusterlm prepare: interrupted", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
     sp = meta["splits"]
     print(f"{args.out}: {meta['tokenizer']['kind']} tokenizer (vocab {meta['tokenizer']['vocab_size']}), "
           f"train {sp['train']['tokens']:,} tokens / {sp['train']['documents']} docs, "
