@@ -81,14 +81,11 @@ def ensure_data(data: DataConfig) -> Path:
 
 def _check_prepared_as_asked(data: DataConfig, data_dir: Path) -> None:
     """ConfigError when data.dir's meta.json records another tokenizer kind or val_fraction than
-    `data` (a tokenizer.json path, or a folder `clusterlm prepare` did not write, is not compared)."""
-    import json
+    `data` (a data.tokenizer that is a tokenizer.json path is not compared)."""
+    from clusterlm.data.shards import read_meta
 
-    try:
-        meta = json.loads((data_dir / "meta.json").read_text())
-        kind, val_fraction = meta["tokenizer"]["kind"], float(meta["val_fraction"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # not prepare's meta.json: the loader names what is wrong with it
+    meta = read_meta(data_dir)  # checked as the loader checks it (DataError naming what is wrong)
+    kind, val_fraction = meta["tokenizer"]["kind"], float(meta["val_fraction"])
     again = f"give another data.dir, or delete {data_dir} to prepare it again from data.source={data.source!r}"
     if data.tokenizer in ("byte", "char", "bpe") and kind != data.tokenizer:
         raise ConfigError(f"data.dir={str(data_dir)!r} was prepared with the {kind} tokenizer, but "
