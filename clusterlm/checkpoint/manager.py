@@ -113,11 +113,14 @@ class Checkpointer:
         return find_latest_valid(self.root)
 
     def _resume_path(self) -> Path | None:
-        from clusterlm.checkpoint.store import describe_rejected, resolve_checkpoint, scan_checkpoints
+        from clusterlm.checkpoint.store import (describe_rejected, resolve_checkpoint, scan_checkpoints,
+                                                warn_if_latest_differs)
 
         path = None
         if self.resume == "auto":
             path, rejected = scan_checkpoints(self.root)
+            if self._commits():  # one warning, not one per rank
+                warn_if_latest_differs(self.root, path)
             path, rejected = self._or_mirror(path, rejected)
             if path is None and rejected:
                 # resume=auto was given: saying "resume with --train.resume=auto" would help no one

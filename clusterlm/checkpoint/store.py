@@ -326,11 +326,18 @@ def find_latest_valid(ckpt_root: Path | str) -> Path | None:
     """
     root = Path(ckpt_root)
     best, _ = _scan(root)
-    hint = read_latest(root)
-    if best is not None and hint is not None and hint != best.name:
-        log.warning("%s/latest names %s but the newest valid checkpoint is %s; using %s", root, hint, best.name,
-                    best.name)
+    warn_if_latest_differs(root, best)
     return best
+
+
+def warn_if_latest_differs(root: Path, newest: Path | None) -> None:
+    """Warn when `root/latest` names another folder than `newest`, the newest valid one that is used
+    (a crash between commit and pointer move, a folder deleted or damaged by hand)."""
+    hint = read_latest(root)
+    if newest is None or hint is None or hint == newest.name:
+        return
+    why = "which does not exist" if not (root / hint).is_dir() else "which is older or failed verification"
+    log.warning("%s/latest names %s, %s; using the newest valid checkpoint, %s", root, hint, why, newest.name)
 
 
 def resolve_checkpoint(arg: str | Path) -> Path:
@@ -355,6 +362,7 @@ def resolve_checkpoint(arg: str | Path) -> Path:
     root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
     best, rejected = _scan(root)
     if best is not None:
+        warn_if_latest_differs(root, best)
         return best
     if not rejected:
         raise CheckpointError(f"no checkpoints in {root} (no step-NNNNNNNN folders); {usage}")

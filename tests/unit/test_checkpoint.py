@@ -303,6 +303,28 @@ def test_corrupt_newest_is_skipped(tmp_path, caplog, kind):
         load_checkpoint(second)
 
 
+def test_latest_naming_a_missing_folder_is_warned_where_a_run_is_opened(tmp_path, caplog):
+    """`latest` naming a step folder that was deleted by hand: resolve_checkpoint (eval, generate,
+    serve, export) and find_latest_valid use the newest valid folder and say that the pointer names a
+    folder that does not exist."""
+    run = tmp_path / "run"
+    root = run / "checkpoints"
+    first = save_small(root, 10, 1.0)
+    second = save_small(root, 20, 2.0)
+    import shutil
+
+    shutil.rmtree(second)
+    with caplog.at_level(logging.WARNING, logger="clusterlm.checkpoint.store"):
+        assert resolve_checkpoint(run) == first
+    assert "latest names step-00000020, which does not exist; using the newest valid checkpoint, " \
+           "step-00000010" in caplog.text
+    caplog.clear()
+    save_small(root, 30, 3.0)  # a new save moves the pointer: nothing to say
+    with caplog.at_level(logging.WARNING, logger="clusterlm.checkpoint.store"):
+        assert resolve_checkpoint(run).name == "step-00000030"
+    assert "latest names" not in caplog.text
+
+
 def test_none_valid_raises_with_reasons(tmp_path):
     """With every checkpoint corrupt, find_latest_valid is None and resolve_checkpoint's CheckpointError
     lists each folder with its problem; an empty or absent folder gets its own clear message."""
