@@ -27,6 +27,7 @@ steptime.py. Arithmetic: docs/planner.md.
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import re
 import sys
@@ -305,6 +306,19 @@ def parse_count(text: str) -> int:
     return int(value)
 
 
+def _recipe_path(arg: str) -> Path | None:
+    """The recipe file `--model` names: a file, or a bundled recipe's name that is not also a preset."""
+    from clusterlm.config import bundled_recipes
+    from clusterlm.models.config import PRESETS
+
+    if Path(arg).is_file():
+        return Path(arg)
+    bundled = bundled_recipes()
+    if arg not in PRESETS and arg in bundled:
+        return bundled[arg]
+    return None
+
+
 def load_model(arg: str, vocab_size: int | None) -> tuple[ModelConfig, dict[str, Any]]:
     """A preset name or a TOML file (a recipe with [model], or bare model keys) -> (config, [model] tree)."""
     from clusterlm.config import from_dict, load_tree
@@ -314,6 +328,14 @@ def load_model(arg: str, vocab_size: int | None) -> tuple[ModelConfig, dict[str,
         tree = load_tree(path)
         tree = dict(tree.get("model", tree))
     else:
+        from clusterlm.config import bundled_recipes
+        from clusterlm.models.config import PRESETS
+
+        if arg not in PRESETS and arg not in bundled_recipes():
+            close = difflib.get_close_matches(arg, [*PRESETS, *bundled_recipes()], n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"--model {arg!r} is not a model preset, a bundled recipe or a TOML file{hint}; "
+                              f"presets: {', '.join(PRESETS)}; bundled recipes: {', '.join(bundled_recipes())}")
         tree = {"preset": arg}
     if vocab_size is not None:
         tree["vocab_size"] = vocab_size
@@ -453,12 +475,13 @@ def main(argv: list[str]) -> int:
         if value is not None and value < 1:
             raise ConfigError(f"{flag} {value} must be >= 1")
 
-    model, model_tree = load_model(args.model, args.vocab_size)
+    recipe = _recipe_path(args.model)  # a TOML file or a bundled recipe's name; None for a preset
+    model, model_tree = load_model(str(recipe or args.model), args.vocab_size)
     train_tree: dict[str, Any] = {}  # a --model recipe's [train]: its batch is the one to plan, unless flags say
-    if Path(args.model).is_file():
+    if recipe is not None:
         from clusterlm.config import TrainConfig, from_dict, load_tree
 
-        train_tree = load_tree(Path(args.model)).get("train", {})
+        train_tree = load_tree(recipe).get("train", {})
         tc = from_dict(TrainConfig, train_tree, "train")  # typed and checked, as train would read it
         train_tree = {k: getattr(tc, k) for k in train_tree}
     recipe_mb = args.micro_batch if args.micro_batch is not None else train_tree.get("micro_batch_size")

@@ -57,7 +57,8 @@ def test_plan_nothing_fits_exits_1():
 def test_plan_bad_model_is_a_usage_error():
     """An unknown preset is exit 2 with the known names."""
     r = clusterlm("plan", "--model", "llama-9b", "--cluster", "h100-sxm-8x")
-    assert r.returncode == 2 and "unknown model preset 'llama-9b'" in r.stderr
+    assert r.returncode == 2 and "--model 'llama-9b' is not a model preset, a bundled recipe" in r.stderr
+    assert "llama-8b" in r.stderr and "sst2_lstm_cpu" in r.stderr  # the names it takes
 
 
 def test_cluster_show_and_merge_without_torch(tmp_path):

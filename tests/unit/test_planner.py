@@ -342,6 +342,12 @@ def test_a_recipe_plans_its_own_batch(tmp_path, capsys):
     assert "recipe's layout (micro-batch 12 x 1): rank 1 of" in out
     assert planner.main(argv + ["--global-batch-tokens", "1536"]) == 0
     assert "global batch 1,536 tokens (24 samples), fp32" in capsys.readouterr().out
+    # a bundled recipe by name, as train and launch take it; a near miss names presets and recipes
+    assert planner.main(["--model", "llama_shakespeare_cpu", "--cluster", "laptop-cpu", "--vocab-size", "65"]) == 0
+    assert "seq_len 64, global batch 768 tokens (12 samples) (the recipe's [train])" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="'llama_shakespeare' is not a model preset, a bundled recipe or a TOML "
+                                          "file \\(did you mean llama_shakespeare_cpu"):
+        planner.main(["--model", "llama_shakespeare", "--cluster", "laptop-cpu"])
     bad = tmp_path / "bad.toml"
     bad.write_text('[model]\npreset = "llama-nano"\nvocab_size = 65\n[train]\nglobal_batch_tokens = "x"\n')
     with pytest.raises(ConfigError, match="train.global_batch_tokens='x'"):
