@@ -284,19 +284,20 @@ def _stage(model: ModelConfig, dims: ParallelDims, stage: str, b: int, s: int, d
     # temporary buffers of the data-parallel wrapper
     g = param_groups(model)
     layer_p = g["per_layer"] / t
-    if fsdp > 1:
+    wrapper = dims.dp_wrapper  # the trainer's: DDP for pure replication, else FSDP2 whenever dp > 1
+    if wrapper == "fsdp":
         buf = layer_p * (2 * e + STATE_BYTES[dtype]["gradients"])
         items.append(MemoryItem("fsdp_buffers", buf, f"unsharded params of 2 layers (current + prefetch) + grads of "
                                                      f"1 layer: {layer_p:,.0f}*(2*{e}+{STATE_BYTES[dtype]['gradients']})"))
         work += buf
-    elif dims.dp_replicate > 1:
+    elif wrapper == "ddp":
         # DDP runs under torch.autocast: parameters and gradients stay fp32 whatever the compute dtype
         # (the ZeRO items above count 2 B/param of gradients for bf16; the buckets hold the real fp32 ones)
         buf = per_dev * DDP_GRAD_BYTES
         items.append(MemoryItem("ddp_buckets", buf, f"DDP bucket copy of all gradients, fp32: {DDP_GRAD_BYTES} B/param "
                                                     f"* {per_dev:,.0f} (gradient_as_bucket_view=False, PyTorch's default)"))
         work += buf
-    if dtype != "fp32" and fsdp == 1:
+    if dtype != "fp32" and wrapper != "fsdp":
         copies = per_dev * e
         items.append(MemoryItem("autocast_weight_copies", copies,
                                 f"{e} B/param bf16 copies saved for backward under autocast: {per_dev:,.0f}*{e}"))

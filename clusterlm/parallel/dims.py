@@ -76,6 +76,15 @@ class ParallelDims:
         """ranks that together hold one copy of the model: tp * pp"""
         return self.tp * self.pp
 
+    @property
+    def dp_wrapper(self) -> str:
+        """The data-parallel wrapper the trainer puts on the model (parallel/parallelize.py; the planner's
+        memory estimate follows it): "ddp" for pure replication, "fsdp" (FSDP2 on a replicate x shard mesh)
+        wherever data parallel meets sharding, tp or pp, even with dp_shard = 1; "none" without data parallel."""
+        if self.dp == 1:
+            return "none"
+        return "ddp" if self.dp_shard == 1 and self.model_parallel == 1 else "fsdp"
+
     def mesh_dims(self, include_trivial: bool = False) -> tuple[tuple[str, int], ...]:
         """(name, size) in mesh order, outer -> inner; size-1 dimensions dropped unless asked for."""
         return tuple((n, getattr(self, n)) for n in MESH_DIM_NAMES if include_trivial or getattr(self, n) > 1)

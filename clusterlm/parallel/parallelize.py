@@ -291,8 +291,7 @@ def build_parallel_model(mcfg: ModelConfig, pc: ParallelDims, mesh: DeviceMesh |
         for _, layers in block_stacks(model):
             for key, block in list(layers.items()):
                 layers[key] = torch.compile(block)
-    pure_replication = dims.dp_replicate > 1 and dims.dp_shard == 1 and dims.tp == 1 and dims.pp == 1
-    if wrap == "ddp" or (wrap == "auto" and pure_replication):
+    if wrap == "ddp" or (wrap == "auto" and dims.dp_wrapper == "ddp"):
         model.to_empty(device=device)
         _init(model, seed, init_extra)  # replicated: every rank holds the full model
         from clusterlm.parallel.ddp import apply_ddp

@@ -229,6 +229,20 @@ def test_ddp_buckets_hold_fp32_gradients_under_bf16():
         assert est.get("ddp_buckets") == 4 * n
 
 
+def test_replication_with_tp_or_pp_is_planned_as_the_fsdp2_the_trainer_builds():
+    """dp_replicate > 1 with dp_shard = 1 and tp or pp > 1: the trainer wraps FSDP2 on a replicate x shard
+    mesh (parallelize.py, ParallelDims.dp_wrapper), not DDP; the estimate counted DDP's bucket copy of
+    every gradient and autocast weight copies instead of FSDP2's per-layer buffers."""
+    assert ParallelDims(dp_replicate=8).dp_wrapper == "ddp"
+    assert ParallelDims(tp=2, pp=2).dp_wrapper == "none"
+    for dims in (ParallelDims(dp_replicate=2, tp=2), ParallelDims(dp_replicate=2, pp=2),
+                 ParallelDims(dp_replicate=2, dp_shard=2)):
+        assert dims.dp_wrapper == "fsdp"
+        est = estimate_memory(get_preset("llama-1b"), dims, micro_batch=1, seq_len=2048, dtype="bf16")
+        names = {it.name for it in est.items}
+        assert "fsdp_buffers" in names and not names & {"ddp_buckets", "autocast_weight_copies"}, names
+
+
 def test_peak_line_states_the_gradient_rule_only_where_it_applies():
     """--explain's peak line said "with one micro-batch per step and no pipeline, gradients ... are not counted
     together" also for llama-70b at 32 accumulation steps, where they are (state + working memory); the clause
