@@ -44,6 +44,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+# fields OpenAI's API reference types "... or null": null means the default (as OpenAI and vLLM read
+# it), for clients that send every field and an unset one as null
+NULL_IS_DEFAULT = ("temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty", "echo")
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
 
@@ -63,6 +68,14 @@ class _Sampling(_Strict):
     user: str | None = Field(default=None, max_length=256)
     presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
     frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: object) -> object:
+        if isinstance(data, dict):
+            nullable = set(NULL_IS_DEFAULT) & set(cls.model_fields)
+            return {k: v for k, v in data.items() if not (v is None and k in nullable)}
+        return data
 
     @model_validator(mode="after")
     def _stream_options(self) -> _Sampling:

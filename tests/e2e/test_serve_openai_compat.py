@@ -2,7 +2,8 @@
 uvicorn server (tests/e2e/test_serve.py's Server) over a seeded random-weights byte-level Llama with a
 64-token context (tests/helpers.py random_checkpoint): max_completion_tokens, content given as text
 parts, the developer role, logprobs/top_logprobs on chat and logprobs on completions (streaming too),
-checked against the model's own log-softmax, and the unknown-field policy for what stays unsupported.
+checked against the model's own log-softmax, null as a field's default, and the unknown-field policy
+for what stays unsupported.
 """
 
 from __future__ import annotations
@@ -253,3 +254,18 @@ def test_unsupported_fields_still_rejected(server):
     r = _post(server, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "tool", "content": "x"}]})
     assert r.status_code == 422 and "developer" in r.text  # the allowed roles are listed
     assert json.loads(r.text)["error"]["param"].startswith("messages")
+
+
+def test_null_means_the_default(server):
+    """OpenAI's API reference types the sampling fields "... or null" (temperature, top_p, n, stream,
+    penalties, echo): a client that sends them as null gets the defaults, the same seeded text as
+    without them, not a 422."""
+    nulls = {k: None for k in ("temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty")}
+    for path, body in (("/v1/chat/completions", {"messages": HI}), ("/v1/completions", {"prompt": "Hi"})):
+        base = {"model": "tiny", "max_tokens": 6, "seed": 7, **body}
+        plain = _post(server, path, base)
+        r = _post(server, path, {**base, **nulls, **({"echo": None} if "prompt" in body else {})})
+        assert plain.status_code == r.status_code == 200, r.text
+        assert len(r.json()["choices"]) == 1 and r.json()["choices"] == plain.json()["choices"]
+    r = _post(server, "/v1/chat/completions", {"model": "tiny", "messages": HI, "echo": None})
+    assert r.status_code == 422 and "echo" in r.text  # not a chat field: still unknown
