@@ -777,6 +777,11 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"--port={args.port} must be in [1, 65535]")
     if args.metrics_port is not None and not (1 <= args.metrics_port <= 65535 and args.metrics_port != args.port):
         raise ValueError(f"--metrics-port={args.metrics_port} must be in [1, 65535] and differ from --port")
+    for flag, val, lo in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
+                          ("--max-new-tokens-limit", args.max_new_tokens_limit, 1),
+                          ("--max-body-bytes", args.max_body_bytes, 1024)):  # Settings' bounds, by option
+        if val < lo:
+            raise ValueError(f"{flag}={val} must be >= {lo}")
     if args.api_key_file and args.api_key_env:
         raise ValueError("--api-key-file and --api-key-env both given; choose one")
     specs = model_specs(args.checkpoint, args.models, args.model_name)
@@ -805,8 +810,7 @@ def main(argv: list[str]) -> int:
     elif args.api_key_file:
         key = _read_key(args.api_key_file)
     else:
-        key = secrets.token_urlsafe(24)
-        print(f"API key (generated; pass --api-key-file to choose one): {key}", flush=True)
+        key = secrets.token_urlsafe(24)  # printed once the port is bound: a server that does not start has none
     ckpt = Path(specs[0].path)
     if len(specs) == 1 and not ckpt.exists():  # one model: nothing to serve; several: the others serve
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
@@ -848,6 +852,8 @@ def main(argv: list[str]) -> int:
         except Exception:
             sock.close()
             raise
+    if not (args.api_key_env or args.api_key_file):
+        print(f"API key (generated; pass --api-key-file to choose one): {key}", flush=True)
     if args.threads and args.device == "cpu":
         import torch
 
