@@ -269,3 +269,21 @@ def test_null_means_the_default(server):
         assert len(r.json()["choices"]) == 1 and r.json()["choices"] == plain.json()["choices"]
     r = _post(server, "/v1/chat/completions", {"model": "tiny", "messages": HI, "echo": None})
     assert r.status_code == 422 and "echo" in r.text  # not a chat field: still unknown
+
+
+def test_union_field_errors_name_the_field(server):
+    """A value refused by a field that takes several types (content: a string or parts; completions
+    logprobs: an int or false; stop) was reported per pydantic union member: param
+    'messages.0.content.str', and a text part without its text led with 'Input should be a valid
+    string; got list'. Now param is the field as sent, and only the member the value's type fits speaks."""
+    cases = (("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+              "messages.0.content.0", "a text part needs a 'text' string"),
+             ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": None}]},
+              "messages.0.content", "valid string or Input should be a valid array; got None"),
+             ("/v1/completions", {"prompt": "x", "logprobs": True}, "logprobs", "valid integer"),
+             ("/v1/completions", {"prompt": "x", "stop": ["a", 5]}, "stop.1", "valid string; got 5"))
+    for path, body, param, says in cases:
+        r = _post(server, path, {"model": "tiny", "max_tokens": 2, **body})
+        err = r.json()["error"]
+        assert r.status_code == 422 and err["param"] == param and says in err["message"], r.text
+        assert "[" not in err["param"] and "valid string; got list" not in err["message"], r.text
