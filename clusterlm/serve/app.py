@@ -784,6 +784,10 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"{flag}={val} must be >= {lo}")
     if args.api_key_file and args.api_key_env:
         raise ValueError("--api-key-file and --api-key-env both given; choose one")
+    if args.device == "cuda":  # refused here, not by the model's load once the server runs
+        from clusterlm.device import resolve_device
+
+        resolve_device(args.device, "--device")
     specs = model_specs(args.checkpoint, args.models, args.model_name)
     instance_id = (check_instance_id(args.instance_id) if args.instance_id is not None  # "" is refused too
                    else default_instance_id(args.port))

@@ -269,6 +269,16 @@ def test_bad_limits_name_their_option_and_a_refused_start_prints_no_key(tmp_path
     assert r.returncode == EXIT_UNAVAILABLE and "API key" not in r.stdout, (r.stdout, r.stderr)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_refused_before_binding(run):
+    """`serve --device cuda` without CUDA bound the port, started uvicorn, then exited 2 with the load's
+    'AssertionError: Torch not compiled with CUDA enabled'; now it is refused as an option (exit 2,
+    as `generate --device cuda` is), before the port is bound or a key printed."""
+    r = _serve_cli([str(run), "--port", str(_free_port()), "--device", "cuda"])
+    assert r.returncode == 2 and "error: --device='cuda' but no CUDA device is available" in r.stderr, r.stderr
+    assert "listening" not in r.stderr and "API key" not in r.stdout, (r.stdout, r.stderr)
+
+
 # ---- 1: slow clients ----------------------------------------------------------------------------------
 def test_guard_deadlines_and_cap_in_process():
     """guard.protocol_class on a bare ASGI app: a connection without complete headers is closed after
