@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clusterlm.checkpoint.layout import BEST, STEP_RE
+
 log = logging.getLogger(__name__)
 
 
@@ -71,9 +73,14 @@ def _spec_from_arg(arg: str) -> ModelSpec:
 
 
 def default_name(path: str) -> str:
-    """The run folder's name; for an adapter folder (RUN/adapter), the run's name."""
+    """The run folder's name: RUN's for RUN, RUN/adapter, RUN/checkpoints, RUN/checkpoints/step-N and
+    RUN/checkpoints/best (a folder with no run above it keeps its own name)."""
     p = Path(path).resolve()
-    return p.parent.name if (p / "adapter.json").is_file() else p.name
+    if (p / "adapter.json").is_file():
+        return p.parent.name
+    run = p.parent if STEP_RE.match(p.name) or p.name == BEST else p
+    run = run.parent if run.name == "checkpoints" else run
+    return run.name or p.name
 
 
 def read_models_file(path: str | Path) -> list[ModelSpec]:

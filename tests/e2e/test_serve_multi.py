@@ -234,8 +234,14 @@ def test_every_model_failing_exits_2(tmp_path):
 
 def test_model_specs_from_arguments_and_file(tmp_path):
     """NAME=PATH and bare PATH (named after the run folder; RUN/adapter after the run), a TOML file
-    (paths relative to it), duplicate names refused, unknown keys refused with a close match."""
+    (paths relative to it), duplicate names refused, unknown keys refused with a close match. A step
+    folder, checkpoints/ or checkpoints/best is named after its run too: serving
+    runs/x/checkpoints/best listed the model as 'best', and a step folder as 'step-00000030'."""
     from clusterlm.serve.models import model_specs, read_models_file
+
+    for tail in ("", "/checkpoints", "/checkpoints/step-00000030", "/checkpoints/best", "/checkpoints/step-00000030/"):
+        assert [s.name for s in model_specs([f"/r/sc{tail}"], None, None)] == ["sc"], tail
+    assert [s.name for s in model_specs(["/step-00000001"], None, None)] == ["step-00000001"]  # no run above it
 
     (tmp_path / "m.toml").write_text('[[model]]\nname = "x"\npath = "runs/x"\nmax_queue = 3\n')
     specs = model_specs(["a=/r/one", "/r/two"], str(tmp_path / "m.toml"), None)
