@@ -779,9 +779,13 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"--metrics-port={args.metrics_port} must be in [1, 65535] and differ from --port")
     for flag, val, lo in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
                           ("--max-new-tokens-limit", args.max_new_tokens_limit, 1),
-                          ("--max-body-bytes", args.max_body_bytes, 1024)):  # Settings' bounds, by option
+                          ("--max-body-bytes", args.max_body_bytes, 1024),
+                          ("--max-connections", args.max_connections, 1)):  # Settings' bounds, by option
         if val < lo:
             raise ValueError(f"{flag}={val} must be >= {lo}")
+    for flag, val in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
+        if not 0 < val <= 3600:  # ConnectionLimits' bounds, by option
+            raise ValueError(f"{flag}={val} must be in (0, 3600] seconds")
     if args.api_key_file and args.api_key_env:
         raise ValueError("--api-key-file and --api-key-env both given; choose one")
     if args.device == "cuda":  # refused here, not by the model's load once the server runs
