@@ -121,6 +121,9 @@ def model_specs(args: list[str], models_file: str | None, model_name: str | None
     if model_name is not None:
         if len(specs) != 1:
             raise ValueError(f"--model-name names a single model; with {len(specs)} models write NAME=PATH")
+        if specs[0].name != default_name(specs[0].path):  # NAME=PATH, or a models file's name
+            raise ValueError(f"--model-name {model_name!r} and the name {specs[0].name!r} given with "
+                             f"{specs[0].path} both name the model; keep one")
         specs = [ModelSpec(model_name, specs[0].path, specs[0].max_batch, specs[0].max_queue,
                            specs[0].max_new_tokens_limit)]
     seen: dict[str, str] = {}
