@@ -777,8 +777,21 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"--port={args.port} must be in [1, 65535]")
     if args.metrics_port is not None and not (1 <= args.metrics_port <= 65535 and args.metrics_port != args.port):
         raise ValueError(f"--metrics-port={args.metrics_port} must be in [1, 65535] and differ from --port")
+    for flag, val, lo in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
+                          ("--max-new-tokens-limit", args.max_new_tokens_limit, 1),
+                          ("--max-body-bytes", args.max_body_bytes, 1024),
+                          ("--max-connections", args.max_connections, 1)):  # Settings' bounds, by option
+        if val < lo:
+            raise ValueError(f"{flag}={val} must be >= {lo}")
+    for flag, val in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
+        if not 0 < val <= 3600:  # ConnectionLimits' bounds, by option
+            raise ValueError(f"{flag}={val} must be in (0, 3600] seconds")
     if args.api_key_file and args.api_key_env:
         raise ValueError("--api-key-file and --api-key-env both given; choose one")
+    if args.device == "cuda":  # refused here, not by the model's load once the server runs
+        from clusterlm.device import resolve_device
+
+        resolve_device(args.device, "--device")
     specs = model_specs(args.checkpoint, args.models, args.model_name)
     instance_id = (check_instance_id(args.instance_id) if args.instance_id is not None  # "" is refused too
                    else default_instance_id(args.port))
@@ -805,8 +818,7 @@ def main(argv: list[str]) -> int:
     elif args.api_key_file:
         key = _read_key(args.api_key_file)
     else:
-        key = secrets.token_urlsafe(24)
-        print(f"API key (generated; pass --api-key-file to choose one): {key}", flush=True)
+        key = secrets.token_urlsafe(24)  # printed once the port is bound: a server that does not start has none
     ckpt = Path(specs[0].path)
     if len(specs) == 1 and not ckpt.exists():  # one model: nothing to serve; several: the others serve
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
@@ -848,6 +860,8 @@ def main(argv: list[str]) -> int:
         except Exception:
             sock.close()
             raise
+    if not (args.api_key_env or args.api_key_file):
+        print(f"API key (generated; pass --api-key-file to choose one): {key}", flush=True)
     if args.threads and args.device == "cpu":
         import torch
 

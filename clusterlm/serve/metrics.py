@@ -24,6 +24,8 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 # whole requests: queueing plus hundreds of decode steps (vLLM's e2e buckets stop at 7680 s too)
 _REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
 _TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+# queue waits reach HAProxy's `timeout server` (120 s); time to first token includes the wait
+_QUEUE_BUCKETS = _LATENCY_BUCKETS + (60.0, 120.0)
 
 # every series name the server exports (histograms as their base name); process_* come from
 # prometheus_client's process collector (Linux only)
@@ -75,14 +77,14 @@ class Metrics:
         self.aborted = Counter("clusterlm_requests_aborted", "Requests ended with an error event when the drain "
                                "deadline passed", m, registry=r)
         self.ttft = Histogram("clusterlm_time_to_first_token_seconds", "Submit to first sampled token", m,
-                              buckets=_LATENCY_BUCKETS, registry=r)
+                              buckets=_QUEUE_BUCKETS, registry=r)
         self.itl = Histogram("clusterlm_inter_token_latency_seconds", "Time between a sequence's tokens", m,
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.latency = Histogram("clusterlm_request_latency_seconds", "Submit to the last choice finished "
                                  "(end to end in the server: queue, prefill, decode)", m,
                                  buckets=_REQUEST_BUCKETS, registry=r)
         self.queue_time = Histogram("clusterlm_request_queue_seconds", "Submit to admission into the batch",
-                                    m, buckets=_LATENCY_BUCKETS + (60.0, 120.0), registry=r)
+                                    m, buckets=_QUEUE_BUCKETS, registry=r)
         self.prompt_len = Histogram("clusterlm_request_prompt_tokens", "Prompt tokens of a request (with the "
                                     "leading EOS)", m, buckets=_TOKEN_BUCKETS, registry=r)
         self.generation_len = Histogram("clusterlm_request_generation_tokens", "Tokens generated for a finished "

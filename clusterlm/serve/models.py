@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clusterlm.checkpoint.layout import BEST, STEP_RE
+
 log = logging.getLogger(__name__)
 
 
@@ -71,9 +73,14 @@ def _spec_from_arg(arg: str) -> ModelSpec:
 
 
 def default_name(path: str) -> str:
-    """The run folder's name; for an adapter folder (RUN/adapter), the run's name."""
+    """The run folder's name: RUN's for RUN, RUN/adapter, RUN/checkpoints, RUN/checkpoints/step-N and
+    RUN/checkpoints/best (a folder with no run above it keeps its own name)."""
     p = Path(path).resolve()
-    return p.parent.name if (p / "adapter.json").is_file() else p.name
+    if (p / "adapter.json").is_file():
+        return p.parent.name
+    run = p.parent if STEP_RE.match(p.name) or p.name == BEST else p
+    run = run.parent if run.name == "checkpoints" else run
+    return run.name or p.name
 
 
 def read_models_file(path: str | Path) -> list[ModelSpec]:
@@ -114,6 +121,9 @@ def model_specs(args: list[str], models_file: str | None, model_name: str | None
     if model_name is not None:
         if len(specs) != 1:
             raise ValueError(f"--model-name names a single model; with {len(specs)} models write NAME=PATH")
+        if specs[0].name != default_name(specs[0].path):  # NAME=PATH, or a models file's name
+            raise ValueError(f"--model-name {model_name!r} and the name {specs[0].name!r} given with "
+                             f"{specs[0].path} both name the model; keep one")
         specs = [ModelSpec(model_name, specs[0].path, specs[0].max_batch, specs[0].max_queue,
                            specs[0].max_new_tokens_limit)]
     seen: dict[str, str] = {}

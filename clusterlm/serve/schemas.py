@@ -44,6 +44,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+# fields OpenAI's API reference types "... or null": null means the default (as OpenAI and vLLM read
+# it), for clients that send every field and an unset one as null
+NULL_IS_DEFAULT = ("temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty", "echo")
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
 
@@ -63,6 +68,14 @@ class _Sampling(_Strict):
     user: str | None = Field(default=None, max_length=256)
     presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
     frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: object) -> object:
+        if isinstance(data, dict):
+            nullable = set(NULL_IS_DEFAULT) & set(cls.model_fields)
+            return {k: v for k, v in data.items() if not (v is None and k in nullable)}
+        return data
 
     @model_validator(mode="after")
     def _stream_options(self) -> _Sampling:
@@ -251,23 +264,45 @@ def _range_of(model: type[BaseModel], field: str) -> str | None:
     return f"{'(' if lo_open else '['}{lo_s}, {hi_s}{')' if hi_open else ']'}"
 
 
+def _union_member(x: object) -> bool:
+    """Whether an error's loc element is pydantic's name for a member of a union field (`str`, `int`,
+    `list[str]`, `literal[False]`, ...) rather than a field name or list index."""
+    return isinstance(x, str) and (x in ("str", "int", "float", "bool") or "[" in x)
+
+
+def _without_union_noise(errors: list[dict]) -> list[dict]:
+    """pydantic reports every member of a union that refused a value (`content` null: not a string,
+    not a list). Where one member accepted the value's type and failed inside it (a text part without
+    its text), the others' "wrong type" errors only mislead: they are dropped. The members' names
+    are dropped from every loc, so that it is the field as the client wrote it (OpenAI's `param`)."""
+    inside = {e["loc"][:i] for e in errors
+              for i, x in enumerate(e["loc"]) if _union_member(x) and i + 1 < len(e["loc"])}
+    kept = [e for e in errors if not (e["loc"] and _union_member(e["loc"][-1]) and e["loc"][:-1] in inside)]
+    return [{**e, "loc": tuple(x for x in e["loc"] if not _union_member(x))} for e in kept]
+
+
 def validation_message(model: type[BaseModel], err: ValidationError,
                        ranges: dict[str, str] | None = None) -> tuple[str, str | None]:
     """One readable line for a pydantic error: 'field: problem (allowed range [lo, hi])', and the
     first offending field's name (OpenAI's `param`). `ranges` overrides the range shown for fields
-    whose bounds are the server's (max_tokens, n)."""
+    whose bounds are the server's (max_tokens, n). A union field's members that refused the value
+    are one entry: 'stop: Input should be a valid string or Input should be a valid array; got 5'."""
+    by_loc: dict[tuple, list[dict]] = {}
+    for e in _without_union_noise(err.errors()):
+        by_loc.setdefault(e["loc"], []).append(e)
     parts, first = [], None
-    for e in err.errors()[:5]:
-        loc = ".".join(str(x) for x in e["loc"]) or "body"
+    for loc_t, errs in list(by_loc.items())[:5]:
+        loc = ".".join(str(x) for x in loc_t) or "body"
         first = first or loc
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
+        msg = " or ".join(dict.fromkeys(e["msg"] for e in errs))
+        extra = errs[0]["type"] == "extra_forbidden"
+        if extra:
             msg = "unknown field (this server rejects fields it does not implement; see docs/serving.md)"
-        top = str(e["loc"][0]) if e["loc"] else ""
+        top = str(loc_t[0]) if loc_t else ""
         rng = (ranges or {}).get(top) or (_range_of(model, top) if top else None)
-        if rng is not None and e["type"] != "extra_forbidden":  # no range for a field that is not there
+        if rng is not None and not extra:  # no range for a field that is not there
             msg += f" (allowed range {rng})"
-        got = e.get("input")
+        got = errs[0].get("input")
         got_s = repr(got)[:60] if not isinstance(got, (dict, list)) else type(got).__name__
         parts.append(f"{loc}: {msg}; got {got_s}")
     return "; ".join(parts), first

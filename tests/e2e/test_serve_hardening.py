@@ -250,6 +250,37 @@ def test_busy_port_exits_69_before_loading_and_open_key_file_warns(tmp_path):
             assert ("chmod 600" in r.stderr and f"{mode:04o}" in r.stderr and str(key) in r.stderr) == warned, r.stderr
 
 
+def test_bad_limits_name_their_option_and_a_refused_start_prints_no_key(tmp_path):
+    """`--max-batch 0` was refused as 'max_batch=0' (a name the user never typed; `--header-timeout 0` as
+    'header_timeout=0.0'), and after a generated API key had been printed, as it was before a busy port's
+    exit 69: a key for a server that never ran. Now a limit is refused naming its option, and the
+    generated key is printed only once the port is bound."""
+    from clusterlm.errors import EXIT_UNAVAILABLE
+
+    (tmp_path / "ckpt").mkdir()
+    for flag, val in (("--max-batch", "0"), ("--max-queue", "-1"), ("--max-new-tokens-limit", "0"),
+                      ("--max-body-bytes", "10"), ("--max-connections", "0"), ("--header-timeout", "0.0"),
+                      ("--body-timeout", "nan")):
+        r = _serve_cli([str(tmp_path / "ckpt"), "--port", str(_free_port()), flag, val])
+        assert r.returncode == 2 and f"error: {flag}={val} must be " in r.stderr, r.stderr
+        assert "API key" not in r.stdout, r.stdout
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = _serve_cli([str(tmp_path / "ckpt"), "--port", str(s.getsockname()[1])])
+    assert r.returncode == EXIT_UNAVAILABLE and "API key" not in r.stdout, (r.stdout, r.stderr)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_refused_before_binding(run):
+    """`serve --device cuda` without CUDA bound the port, started uvicorn, then exited 2 with the load's
+    'AssertionError: Torch not compiled with CUDA enabled'; now it is refused as an option (exit 2,
+    as `generate --device cuda` is), before the port is bound or a key printed."""
+    r = _serve_cli([str(run), "--port", str(_free_port()), "--device", "cuda"])
+    assert r.returncode == 2 and "error: --device='cuda' but no CUDA device is available" in r.stderr, r.stderr
+    assert "listening" not in r.stderr and "API key" not in r.stdout, (r.stdout, r.stderr)
+
+
 # ---- 1: slow clients ----------------------------------------------------------------------------------
 def test_guard_deadlines_and_cap_in_process():
     """guard.protocol_class on a bare ASGI app: a connection without complete headers is closed after

@@ -234,8 +234,15 @@ def test_every_model_failing_exits_2(tmp_path):
 
 def test_model_specs_from_arguments_and_file(tmp_path):
     """NAME=PATH and bare PATH (named after the run folder; RUN/adapter after the run), a TOML file
-    (paths relative to it), duplicate names refused, unknown keys refused with a close match."""
+    (paths relative to it), duplicate names refused, unknown keys refused with a close match. A step
+    folder, checkpoints/ or checkpoints/best is named after its run too: serving
+    runs/x/checkpoints/best listed the model as 'best', and a step folder as 'step-00000030'. NAME=PATH
+    with --model-name is refused (the NAME was dropped)."""
     from clusterlm.serve.models import model_specs, read_models_file
+
+    for tail in ("", "/checkpoints", "/checkpoints/step-00000030", "/checkpoints/best", "/checkpoints/step-00000030/"):
+        assert [s.name for s in model_specs([f"/r/sc{tail}"], None, None)] == ["sc"], tail
+    assert [s.name for s in model_specs(["/step-00000001"], None, None)] == ["step-00000001"]  # no run above it
 
     (tmp_path / "m.toml").write_text('[[model]]\nname = "x"\npath = "runs/x"\nmax_queue = 3\n')
     specs = model_specs(["a=/r/one", "/r/two"], str(tmp_path / "m.toml"), None)
@@ -245,6 +252,9 @@ def test_model_specs_from_arguments_and_file(tmp_path):
         model_specs(["/r/two", "/s/two"], None, None)
     with pytest.raises(ValueError, match="--model-name names a single model"):
         model_specs(["/r/a", "/r/b"], None, "m")
+    assert [s.name for s in model_specs(["/r/a"], None, "m")] == ["m"]
+    with pytest.raises(ValueError, match="--model-name 'm' and the name 'x' given with /r/a both name the model"):
+        model_specs(["x=/r/a"], None, "m")  # was served as 'm', 'x' silently dropped
     (tmp_path / "bad.toml").write_text('[[model]]\npath = "p"\nmax_bach = 2\n')
     with pytest.raises(ValueError, match="unknown key 'max_bach' \\(did you mean 'max_batch'\\?\\)"):
         read_models_file(tmp_path / "bad.toml")

@@ -2,7 +2,8 @@
 uvicorn server (tests/e2e/test_serve.py's Server) over a seeded random-weights byte-level Llama with a
 64-token context (tests/helpers.py random_checkpoint): max_completion_tokens, content given as text
 parts, the developer role, logprobs/top_logprobs on chat and logprobs on completions (streaming too),
-checked against the model's own log-softmax, and the unknown-field policy for what stays unsupported.
+checked against the model's own log-softmax, null as a field's default, and the unknown-field policy
+for what stays unsupported.
 """
 
 from __future__ import annotations
@@ -253,3 +254,36 @@ def test_unsupported_fields_still_rejected(server):
     r = _post(server, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "tool", "content": "x"}]})
     assert r.status_code == 422 and "developer" in r.text  # the allowed roles are listed
     assert json.loads(r.text)["error"]["param"].startswith("messages")
+
+
+def test_null_means_the_default(server):
+    """OpenAI's API reference types the sampling fields "... or null" (temperature, top_p, n, stream,
+    penalties, echo): a client that sends them as null gets the defaults, the same seeded text as
+    without them, not a 422."""
+    nulls = {k: None for k in ("temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty")}
+    for path, body in (("/v1/chat/completions", {"messages": HI}), ("/v1/completions", {"prompt": "Hi"})):
+        base = {"model": "tiny", "max_tokens": 6, "seed": 7, **body}
+        plain = _post(server, path, base)
+        r = _post(server, path, {**base, **nulls, **({"echo": None} if "prompt" in body else {})})
+        assert plain.status_code == r.status_code == 200, r.text
+        assert len(r.json()["choices"]) == 1 and r.json()["choices"] == plain.json()["choices"]
+    r = _post(server, "/v1/chat/completions", {"model": "tiny", "messages": HI, "echo": None})
+    assert r.status_code == 422 and "echo" in r.text  # not a chat field: still unknown
+
+
+def test_union_field_errors_name_the_field(server):
+    """A value refused by a field that takes several types (content: a string or parts; completions
+    logprobs: an int or false; stop) was reported per pydantic union member: param
+    'messages.0.content.str', and a text part without its text led with 'Input should be a valid
+    string; got list'. Now param is the field as sent, and only the member the value's type fits speaks."""
+    cases = (("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+              "messages.0.content.0", "a text part needs a 'text' string"),
+             ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": None}]},
+              "messages.0.content", "valid string or Input should be a valid array; got None"),
+             ("/v1/completions", {"prompt": "x", "logprobs": True}, "logprobs", "valid integer"),
+             ("/v1/completions", {"prompt": "x", "stop": ["a", 5]}, "stop.1", "valid string; got 5"))
+    for path, body, param, says in cases:
+        r = _post(server, path, {"model": "tiny", "max_tokens": 2, **body})
+        err = r.json()["error"]
+        assert r.status_code == 422 and err["param"] == param and says in err["message"], r.text
+        assert "[" not in err["param"] and "valid string; got list" not in err["message"], r.text

@@ -141,6 +141,18 @@ def test_deployment_drain_security_and_volumes():
     assert "CHANGE-ME" in secret["stringData"][item["key"]]  # a placeholder, never a real key in git
 
 
+def test_docs_give_the_pods_command():
+    """docs/deploy.md's deployment.yaml row names every option the pods run serve with, and the model id
+    clients must send: it left out `--model-name clusterlm`, so a reader who followed the image's
+    section ("clients send "model": "models"") got 404 model_not_found from the pods."""
+    c = container(load("deployment.yaml"))
+    doc = (K8S.parents[1] / "docs" / "deploy.md").read_text()
+    row = next(line for line in doc.splitlines() if line.startswith("| `deployment.yaml`"))
+    for option in (a for a in c["args"] if a.startswith("--") and a != "--api-key-file"):
+        assert f"{option} {arg(c, option)}" in row, option
+    assert f'"model": "{arg(c, "--model-name")}"' in row
+
+
 def test_servicemonitor_structure():
     """The ServiceMonitor (monitoring.coreos.com/v1; no schema in kubernetes-validate): its selector
     matches the Service's labels, each endpoint names a Service port whose container port is serve's

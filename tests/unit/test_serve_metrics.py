@@ -156,3 +156,21 @@ def test_every_exported_name_is_documented():
     """docs/monitoring.md's table lists every name in metrics.NAMES."""
     doc = (ROOT / "docs" / "monitoring.md").read_text()
     assert [n for n in NAMES if f"`{n}`" not in doc] == []
+
+
+def test_time_to_first_token_buckets_reach_as_far_as_queue_time():
+    """TTFT is queue time plus prefill, so its buckets must reach at least as far as queue time's
+    (120 s, HAProxy's `timeout server`): they stopped at 30 s, so a TTFT of 40-120 s fell in +Inf and
+    the dashboard's p95 (histogram_quantile) showed 30 s while queue time showed the real wait."""
+    m = Metrics()
+    sm = m.model("m", 4, 8)
+    sm.queue_time.observe(45.0)
+    sm.ttft.observe(45.5)
+
+    def top(name: str) -> float:
+        return max(float(s.labels["le"]) for f in m.registry.collect() for s in f.samples
+                   if s.name == name + "_bucket" and s.labels["le"] != "+Inf")
+
+    assert top("clusterlm_time_to_first_token_seconds") >= top("clusterlm_request_queue_seconds") == 120
+    le60 = {"model": "m", "le": "60.0"}
+    assert m.registry.get_sample_value("clusterlm_time_to_first_token_seconds_bucket", le60) == 1
