@@ -129,6 +129,8 @@ class _Guard:
         path = scope["path"]
         route = path if path in ("/v1/models", "/v1/completions", "/v1/chat/completions", "/classify", "/tokenize",
                                  "/metrics", "/health", "/ready", "/") else "other"
+        if path.startswith("/v1/models/"):  # one model's card: a label per route, not per model id
+            route = "/v1/models/{id}"
         status_seen: list[int] = []
 
         async def send_counted(msg) -> None:  # noqa: ANN001
@@ -438,6 +440,11 @@ def create_app(load: Callable[..., object], settings: Settings,
         return {"object": "list", "data": [sv.card() for sv in served.values() if sv.error is None],
                 **({"failed": failed} if failed else {})}
 
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> dict:
+        """One model's card (the openai client's models.retrieve); 404 as a request naming it gets."""
+        return _pick(model_id).card()
+
     def _generative(sv: Served) -> None:
         """503 while `sv` loads, 400 for a classifier (it answers /classify only)."""
         if not sv.ready.is_set():
@@ -694,11 +701,22 @@ def _read_key(path: str) -> str:
     import os
     import stat
 
-    mode = stat.S_IMODE(os.stat(path).st_mode)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ValueError(f"--api-key-file {path}: {e.strerror}; give a file holding the key on its first line "
+                         "(or --api-key-env NAME)") from None
+    if not stat.S_ISREG(st.st_mode):  # Docker makes a directory where a bind-mounted file is missing
+        raise ValueError(f"--api-key-file {path} is a directory, not a file; give a file holding the key on its "
+                         "first line (a missing bind-mount source becomes an empty directory in a container)")
+    mode = stat.S_IMODE(st.st_mode)
     if mode & 0o077:
         who = "everyone" if mode & 0o007 else "its group"
         log.warning("API key file %s has mode %04o: readable by %s; run `chmod 600 %s`", path, mode, who, path)
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--api-key-file {path} cannot be read: {getattr(e, 'strerror', None) or e}") from None
     key = lines[0].strip() if lines else ""
     if not key:
         raise ValueError(f"--api-key-file {path} is empty; put the key on its first line")

@@ -103,9 +103,17 @@ class _Sampling(_Strict):
 
 class CompletionRequest(_Sampling):
     prompt: str = Field(max_length=1_000_000)
-    echo: Literal[False] = False
+    echo: Literal[False] = False  # true (the prompt returned before the completion) is not implemented
     # the sampled token's logprob and the `logprobs` most likely ones per token; false/null: none
     logprobs: int | Literal[False] | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    @field_validator("echo", mode="before")
+    @classmethod
+    def _echo(cls, v: object) -> object:
+        if v is True:  # say what is missing, not pydantic's "Input should be False"
+            raise ValueError("echo: true (the prompt returned before the completion, with its logprobs) is not "
+                             "supported by this server; omit echo or send false")
+        return v
 
     @property
     def top_logprobs(self) -> int | None:

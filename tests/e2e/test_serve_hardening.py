@@ -271,6 +271,19 @@ def test_bad_limits_name_their_option_and_a_refused_start_prints_no_key(tmp_path
     assert r.returncode == EXIT_UNAVAILABLE and "API key" not in r.stdout, (r.stdout, r.stderr)
 
 
+def test_a_missing_or_directory_key_file_is_named_as_the_option(tmp_path):
+    """`--api-key-file` naming nothing, or a directory (Docker makes one where a bind-mounted secret file is
+    missing), ended in a raw "[Errno 2] ... '/run/secrets/...'" / "[Errno 21]" without the option; now one
+    line names --api-key-file and what to give, exit 2."""
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "secret").mkdir()
+    for path, said in ((tmp_path / "nokey", "No such file or directory; give a file holding the key"),
+                       (tmp_path / "secret", "is a directory, not a file")):
+        r = _serve_cli([str(tmp_path / "ckpt"), "--port", str(_free_port()), "--api-key-file", str(path)])
+        assert r.returncode == 2 and f"error: --api-key-file {path}" in r.stderr and said in r.stderr, r.stderr
+        assert "Errno" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without CUDA")
 def test_device_cuda_without_a_gpu_is_refused_before_binding(run):
     """`serve --device cuda` without CUDA bound the port, started uvicorn, then exited 2 with the load's

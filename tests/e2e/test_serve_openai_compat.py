@@ -66,10 +66,15 @@ def _chat_prompt_ids(run, messages: list[dict]) -> list[int]:
     return prompt_ids(tok, chat_format(tok, None).render(messages), None, 0)
 
 
-def test_models_reports_the_context(server):
-    """/v1/models gives the context as vLLM does (max_model_len), for clients that trim history."""
+def test_models_reports_the_context(server, client):
+    """/v1/models gives the context as vLLM does (max_model_len), for clients that trim history; the
+    client's models.retrieve reads one model's card (GET /v1/models/{id}: it was 404 for every id)."""
     r = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
     assert r.json()["data"][0]["max_model_len"] == 64
+    card = client.models.retrieve("tiny")
+    assert card.id == "tiny" and card.model_dump()["max_model_len"] == 64
+    with pytest.raises(openai.NotFoundError, match="model 'nope' is not served here; this server serves 'tiny'"):
+        client.models.retrieve("nope")
 
 
 def test_max_completion_tokens(client, server):
@@ -251,6 +256,9 @@ def test_unsupported_fields_still_rejected(server):
         r = _post(server, path, body)
         assert r.status_code == 422, (path, extra, r.text)
         assert next(iter(extra)) in r.json()["error"]["message"] and "unknown field" in r.text
+    r = _post(server, "/v1/completions", {"model": "tiny", "prompt": "x", "echo": True})
+    assert r.status_code == 422 and "echo: true (the prompt returned before the completion" in r.text, r.text
+    assert "not supported" in r.text and json.loads(r.text)["error"]["param"] == "echo"
     r = _post(server, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "tool", "content": "x"}]})
     assert r.status_code == 422 and "developer" in r.text  # the allowed roles are listed
     assert json.loads(r.text)["error"]["param"].startswith("messages")
