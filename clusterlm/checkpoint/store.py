@@ -125,6 +125,8 @@ def check_new_run_dir(out: str | Path) -> Path:
     out = Path(out)
     if str(out) in ("", "."):
         raise FileExistsError("--out is empty; give a new run directory")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder; give a new run directory")
     ckpts = out / "checkpoints"
     if ckpts.exists() and (not ckpts.is_dir() or any(not c.name.startswith(".") for c in ckpts.iterdir())):
         raise FileExistsError(f"{ckpts} already exists; choose a new --out")
