@@ -416,9 +416,10 @@ def _share_like_umask(folder: Path) -> None:
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and overwrite:
+    if out.exists():  # checked with or without --overwrite, which would not help here
         if not out.is_dir():
-            raise DataError(f"--out {out} exists and is not a directory; refusing to replace it")
+            raise DataError(f"--out {out} exists and is not a directory; refusing to replace it even with "
+                            "--overwrite: choose another --out or delete it")
         if any(out.iterdir()) and not (out / "meta.json").is_file():
             raise DataError(f"--out {out} exists and is not a prepared data directory (no meta.json); "
                             "refusing to replace it even with --overwrite: choose another --out or delete it")
