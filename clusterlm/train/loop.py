@@ -79,6 +79,22 @@ def ensure_data(data: DataConfig) -> Path:
     return data_dir
 
 
+def why_no_val(meta: dict[str, Any], data_dir: Path, seq_len: int) -> str | None:
+    """Why the val split of `data_dir` (its meta.json `meta`) gives no validation loss at train.seq_len
+    `seq_len`, with what to do; None when it gives one."""
+    val = meta["splits"].get("val", {})
+    prepare_val = "prepare it with a val fraction > 0 (data.val_fraction, prepare --val-fraction)"
+    if meta.get("layout") == "examples":
+        return None if val.get("examples", 0) > 0 else f"{data_dir} has no validation examples; {prepare_val}"
+    tokens = val.get("tokens", 0)
+    if tokens > seq_len:  # one window of seq_len + 1 tokens
+        return None
+    if not tokens:
+        return f"{data_dir} has no validation split; {prepare_val}"
+    return (f"the val split of {data_dir} has {tokens} tokens, fewer than train.seq_len+1 = {seq_len + 1}; use a "
+            "smaller train.seq_len or prepare a larger val split (data.val_fraction, prepare --val-fraction)")
+
+
 def _check_prepared_as_asked(data: DataConfig, data_dir: Path) -> None:
     """ConfigError when data.dir's meta.json records another tokenizer kind or val_fraction than
     `data` (a data.tokenizer that is a tokenizer.json path is not compared)."""
@@ -364,14 +380,13 @@ class Trainer:
             raise DataError(f"{self.tokenizer_file} is missing: {data_dir}/meta.json names it as the data's tokenizer; "
                             "prepare the data again (clusterlm prepare) or put the tokenizer file back")
         self.examples = meta.get("layout") == "examples"
-        if self.examples:
-            self.has_val = meta["splits"].get("val", {}).get("examples", 0) > 0
-        else:
-            self.has_val = meta["splits"].get("val", {}).get("tokens", 0) > tc.seq_len
-        if cfg.checkpoint.keep_best and not self.has_val:
-            raise ConfigError(f"checkpoint.keep_best needs a validation loss, but {data_dir} has no validation split; "
-                              "prepare it with a val fraction > 0 (data.val_fraction, prepare --val-fraction) or "
-                              "set checkpoint.keep_best = false")
+        no_val = why_no_val(meta, data_dir, tc.seq_len)
+        self.has_val = no_val is None
+        if cfg.checkpoint.keep_best and no_val:
+            raise ConfigError(f"checkpoint.keep_best needs a validation loss, but {no_val}; or set "
+                              "checkpoint.keep_best = false")
+        if no_val:
+            log.warning("no validation loss in this run: %s", no_val)
         self.dims = validate_layout(cfg.parallel, mcfg, self.env.world_size, tc.global_batch_tokens,
                                     tc.micro_batch_size, tc.seq_len)
         if cfg.finetune.task != "lm" and (self.dims.tp > 1 or self.dims.pp > 1):

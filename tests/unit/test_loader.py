@@ -316,3 +316,27 @@ def test_a_data_dir_prepared_otherwise_than_asked_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"prepared with val_fraction 0.2, but data.val_fraction=0.1"):
         ensure_data(DataConfig(dir=str(d), source=str(src), tokenizer="char", val_fraction=0.1))
     assert (d / "meta.json").read_bytes() == before
+
+
+def test_why_no_val_names_a_missing_or_too_short_val_split(tmp_path):
+    """A val split shorter than one window (seq_len + 1 tokens) gives no validation loss: the
+    trainer logs why (it said only 'val loss n/a' at the end) and keep_best is refused with the
+    token counts, not as 'no validation split'; none at all is named as such."""
+    from clusterlm.data.prepare import prepare
+    from clusterlm.data.shards import read_meta
+    from clusterlm.train.loop import why_no_val
+
+    for i, text in enumerate(["first document, a longer one " * 4, "second", "third one here " * 3]):
+        (tmp_path / f"{i}.txt").write_text(text)
+    d = tmp_path / "d"
+    prepare([str(tmp_path / "*.txt")], d, tokenizer="byte", val_fraction=0.5)
+    meta = read_meta(d)
+    val = meta["splits"]["val"]["tokens"]
+    assert 0 < val
+    assert why_no_val(meta, d, val - 1) is None
+    assert why_no_val(meta, d, val) == (
+        f"the val split of {d} has {val} tokens, fewer than train.seq_len+1 = {val + 1}; use a smaller "
+        "train.seq_len or prepare a larger val split (data.val_fraction, prepare --val-fraction)")
+    prepare([str(tmp_path / "*.txt")], d, tokenizer="byte", val_fraction=0.0, overwrite=True)
+    assert why_no_val(read_meta(d), d, 8) == (f"{d} has no validation split; prepare it with a val fraction > 0 "
+                                              "(data.val_fraction, prepare --val-fraction)")
