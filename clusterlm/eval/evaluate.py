@@ -54,6 +54,9 @@ def evaluate_checkpoint(ckpt: str, *, data: str | None = None, split: str = "val
     ckpt_tok = loaded.tokenizer
     check_data_tokenizer(data_dir, meta, loaded.path, ckpt_tok)
     T = seq_len or cfg.train.seq_len
+    if cfg.model.arch == "transformer" and T > cfg.model.max_seq_len:  # a recurrent model has no context limit
+        raise ValueError(f"--seq-len {T} exceeds the model's context, model.max_seq_len={cfg.model.max_seq_len}; "
+                         f"give --seq-len {cfg.model.max_seq_len} or less")
     amp = autocast_dtype("auto", dev)
     if meta.get("layout") == "examples":  # SFT data: the loss on the trained (response) tokens, as in training
         from clusterlm.data.sft import iter_example_batches

@@ -65,6 +65,22 @@ def test_eval_without_data_of_a_checkpoint_whose_data_dir_is_absent(tmp_path, mo
     assert len(err) == 1 and "data.dir in" in err[0] and "pass --data DIR" in err[0]
 
 
+def test_eval_seq_len_beyond_the_context_names_the_option(tmp_path, capsys):
+    """eval --seq-len above model.max_seq_len: one line naming --seq-len and the largest valid value
+    (it said "40 tokens do not fit in model.max_seq_len=16", from the model's forward)."""
+    from tests.helpers import random_checkpoint
+
+    run = random_checkpoint(tmp_path, "byte", "hello world", bpe_vocab=0, n_layers=1, context=16)
+    (tmp_path / "a.txt").write_text("hello world, " * 40)
+    assert cli(["prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "d"), "--tokenizer", "byte",
+                "--val-fraction", "0"]) == 0
+    capsys.readouterr()
+    assert cli(["eval", str(run), "--data", str(tmp_path / "d"), "--split", "train", "--seq-len", "40"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("clusterlm eval: error: --seq-len 40 exceeds the model's context, model.max_seq_len=16; "
+                       "give --seq-len 16 or less")
+
+
 def test_eval_refuses_data_of_another_tokenizer(trained, tmp_path, capsys):
     """A data dir whose tokenizer has the checkpoint's kind and size but other contents (another corpus's
     characters) is refused in one line naming both, exit 2; the ids would otherwise mean other text."""
