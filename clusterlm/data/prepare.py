@@ -437,6 +437,7 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
     """Prepare `inputs` (files, directories, globs, "builtin:shakespeare") into the data directory
     `out`; returns the meta.json written there. Options: see `PrepareOptions`."""
     from clusterlm import __version__
+    from clusterlm.tokenizer.bpe import DEFAULT_VOCAB_SIZE
     from clusterlm.tokenizer.kinds import load_tokenizer, train_tokenizer
 
     opts = PrepareOptions(tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
@@ -494,7 +495,9 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
             "split_rule": SPLIT_RULE,
             "shard_tokens": opts.shard_tokens,
             "options": {"text_field": opts.text_field, "dedup": opts.dedup, "redact_pii": opts.redact_pii,
-                        "follow_symlinks": opts.follow_symlinks},
+                        "follow_symlinks": opts.follow_symlinks,
+                        # the BPE size asked for (a small corpus may give fewer: tokenizer.vocab_size)
+                        "vocab_size": (opts.vocab_size or DEFAULT_VOCAB_SIZE) if opts.tokenizer == "bpe" else None},
             "sources": scan.sources,
             "counts": scan.counts,
             "problems": scan.problems,

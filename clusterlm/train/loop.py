@@ -96,9 +96,10 @@ def why_no_val(meta: dict[str, Any], data_dir: Path, seq_len: int) -> str | None
 
 
 def _check_prepared_as_asked(data: DataConfig, data_dir: Path) -> None:
-    """ConfigError when data.dir's meta.json records another tokenizer kind or val_fraction than
-    `data` (a data.tokenizer that is a tokenizer.json path is not compared)."""
+    """ConfigError when data.dir's meta.json records another tokenizer kind, val_fraction or BPE size
+    asked for than `data` (a data.tokenizer that is a tokenizer.json path is not compared)."""
     from clusterlm.data.shards import read_meta
+    from clusterlm.tokenizer.bpe import DEFAULT_VOCAB_SIZE as DEFAULT_BPE_VOCAB
 
     meta = read_meta(data_dir)  # checked as the loader checks it (DataError naming what is wrong)
     kind, val_fraction = meta["tokenizer"]["kind"], float(meta["val_fraction"])
@@ -109,6 +110,11 @@ def _check_prepared_as_asked(data: DataConfig, data_dir: Path) -> None:
     if abs(val_fraction - data.val_fraction) > 1e-9:
         raise ConfigError(f"data.dir={str(data_dir)!r} was prepared with val_fraction {val_fraction:g}, but "
                           f"data.val_fraction={data.val_fraction:g}; {again}")
+    asked = meta.get("options", {}).get("vocab_size")  # BPE only; absent in data dirs made before it was recorded
+    if data.tokenizer == "bpe" and asked is not None and asked != (data.vocab_size or DEFAULT_BPE_VOCAB):
+        raise ConfigError(f"data.dir={str(data_dir)!r} was prepared with a BPE vocabulary of {asked}, but "
+                          f"data.vocab_size={data.vocab_size}"
+                          + (f" (the default, {DEFAULT_BPE_VOCAB})" if not data.vocab_size else "") + f"; {again}")
 
 
 def _probed_peak(spec_file: str, dtype: str) -> float | None:

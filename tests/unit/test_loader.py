@@ -9,6 +9,7 @@ uint32, so every window is unique and a sample's identity is recovered from its 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -340,3 +341,33 @@ def test_why_no_val_names_a_missing_or_too_short_val_split(tmp_path):
     prepare([str(tmp_path / "*.txt")], d, tokenizer="byte", val_fraction=0.0, overwrite=True)
     assert why_no_val(read_meta(d), d, 8) == (f"{d} has no validation split; prepare it with a val fraction > 0 "
                                               "(data.val_fraction, prepare --val-fraction)")
+
+
+def test_a_bpe_data_dir_prepared_with_another_vocab_size_is_refused(tmp_path):
+    """train's data.dir prepared from data.source as BPE of one size, the run asking another
+    (--data.vocab_size=4096 on shakespeare_bpe_cpu's 2048 folder): refused naming both sizes; it was
+    trained on silently. The size asked is what counts, not the one a small corpus gave; a data dir
+    whose meta.json does not record it (made before it was) is used as it is."""
+    import json
+
+    from clusterlm.config import DataConfig
+    from clusterlm.data.prepare import prepare
+    from clusterlm.errors import ConfigError
+    from clusterlm.train.loop import ensure_data
+
+    src = tmp_path / "a.txt"
+    src.write_text("".join(f"To be, or not to be {i}: that is the question.\n\n" for i in range(40)))
+    d = tmp_path / "d"
+    meta = prepare([str(src)], d, tokenizer="bpe", vocab_size=4000, val_fraction=0.2)
+    assert meta["options"]["vocab_size"] == 4000 and meta["tokenizer"]["vocab_size"] < 4000  # a small corpus
+    asked = DataConfig(dir=str(d), source=str(src), tokenizer="bpe", vocab_size=4000, val_fraction=0.2)
+    assert ensure_data(asked) == d
+    with pytest.raises(ConfigError, match=r"prepared with a BPE vocabulary of 4000, but data.vocab_size=300; give "
+                                          r"another data.dir, or delete"):
+        ensure_data(dataclasses.replace(asked, vocab_size=300))
+    with pytest.raises(ConfigError, match=r"BPE vocabulary of 4000, but data.vocab_size=0 \(the default, 8192\)"):
+        ensure_data(dataclasses.replace(asked, vocab_size=0))
+    old = json.loads((d / "meta.json").read_text())
+    del old["options"]["vocab_size"]
+    (d / "meta.json").write_text(json.dumps(old))
+    assert ensure_data(dataclasses.replace(asked, vocab_size=300)) == d
