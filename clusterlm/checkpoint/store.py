@@ -346,6 +346,9 @@ def resolve_checkpoint(arg: str | Path) -> Path:
             raise CheckpointError(f"{p} names {name!r}, which is not a step folder in {p.parent}; {usage}")
         p = p.parent / name
     if not p.exists():
+        if p.name == BEST and p.parent.is_dir():  # the user named the pointer; the usage line would name it back
+            raise CheckpointError(f"{p} does not exist: a run writes checkpoints/best only with checkpoint.keep_best = "
+                                  f"true; pass {p.parent} for its newest checkpoint or a step-NNNNNNNN folder")
         raise CheckpointError(f"{p} does not exist; {usage}")
     if not p.is_dir():
         raise CheckpointError(f"{p} is a file; {usage}")
