@@ -207,3 +207,32 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert "val loss" in r.stdout and "sample 1" in r.stdout
     assert (tmp_path / "qs" / "checkpoints" / "step-00000040" / "manifest.json").is_file()
     assert (tmp_path / "qs" / "summary.md").is_file()
+
+
+def test_quickstart_checks_its_options_first_and_samples_0_prints_none(tmp_path, monkeypatch, capsys):
+    """Reference: what the user asked for. A bad --minutes, --steps or --samples is refused before
+    anything is written, naming only that option (it named both --minutes and --steps); --samples 0
+    prints no sample (it failed with 'prompt is empty' after training and evaluating)."""
+    from types import SimpleNamespace
+
+    import clusterlm.eval.evaluate as evaluate
+    import clusterlm.generate.text as text
+    import clusterlm.train.loop as loop
+    import clusterlm.train.report as report
+    from clusterlm.quickstart import main
+
+    for args, msg in ([["--steps", "0"], "--steps=0 must be >= 1"], [["--minutes", "nan"], "--minutes=nan must be > 0"],
+                      [["--samples", "-1"], r"--samples=-1 must be >= 0 \(0: print none\)"]):
+        with pytest.raises(ValueError, match=f"^{msg}$"):
+            main(["--out", str(tmp_path / "qs"), *args])
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(loop, "train", lambda cfg: SimpleNamespace(exit_code=0, checkpoint="ck"))
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint",
+                        lambda *a, **k: {"loss": 1.0, "perplexity": 2.7, "bits_per_byte": 1.4, "tokens": 10})
+    monkeypatch.setattr(evaluate, "evaluate_tasks",
+                        lambda out, names, **k: {"tasks": {n: {"acc": 0.5, "n": 4} for n in names}})
+    monkeypatch.setattr(text, "sample_texts", lambda *a, **k: pytest.fail("no sample was asked for"))
+    monkeypatch.setattr(report, "write_report", lambda out: {})
+    (tmp_path / "qs").mkdir()
+    assert main(["--out", str(tmp_path / "qs"), "--samples", "0"]) == 0
+    assert "[5/5] samples: none (--samples 0)" in capsys.readouterr().out
