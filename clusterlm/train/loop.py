@@ -238,6 +238,10 @@ class Trainer:
         self.distributed = self.env.world_size > 1
         self.rank0 = self.env.rank == 0
         self.out_dir = Path(tc.out_dir)
+        existing = next(p for p in (self.out_dir, *self.out_dir.parents) if p.exists())
+        if not existing.is_dir():  # at once: it was "[Errno 17] File exists" once the model was set up
+            raise ConfigError(f"train.out_dir={tc.out_dir!r}: {existing} is a file; give the run its own folder, "
+                              "e.g. runs/my_run")
         self.device = self._init_process(cfg)
         self.amp_dtype = autocast_dtype(tc.dtype, self.device)
         if tc.threads and self.device.type == "cpu":
