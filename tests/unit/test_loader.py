@@ -371,3 +371,26 @@ def test_a_bpe_data_dir_prepared_with_another_vocab_size_is_refused(tmp_path):
     del old["options"]["vocab_size"]
     (d / "meta.json").write_text(json.dumps(old))
     assert ensure_data(dataclasses.replace(asked, vocab_size=300)) == d
+
+
+def test_a_data_dir_that_is_not_data_is_refused_naming_data_dir(tmp_path):
+    """train's data.dir with data.source set, where data.dir is a file or a folder of other things:
+    refused naming data.dir (prepare's refusal named its --out and --overwrite, which train does not
+    have); an empty folder the user made is prepared into."""
+    from clusterlm.config import DataConfig
+    from clusterlm.errors import ConfigError
+    from clusterlm.train.loop import ensure_data
+
+    src = tmp_path / "a.txt"
+    src.write_text("To be, or not to be: that is the question.\n")
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("mine")
+    for d in (tmp_path / "file", tmp_path / "other"):
+        with pytest.raises(ConfigError, match=r"data.dir='.*' exists and is not a prepared data directory \(no "
+                                              r"meta.json\): not prepared there from data.source=.*; give another"):
+            ensure_data(DataConfig(dir=str(d), source=str(src), tokenizer="byte", val_fraction=0.0))
+    assert (tmp_path / "file").read_text() == (tmp_path / "other" / "keep.txt").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    d = ensure_data(DataConfig(dir=str(tmp_path / "empty"), source=str(src), tokenizer="byte", val_fraction=0.0))
+    assert (d / "meta.json").is_file()
