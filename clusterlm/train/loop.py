@@ -246,6 +246,9 @@ class Trainer:
         if not existing.is_dir():  # at once: it was "[Errno 17] File exists" once the model was set up
             raise ConfigError(f"train.out_dir={tc.out_dir!r}: {existing} is a file; give the run its own folder, "
                               "e.g. runs/my_run")
+        if (self.out_dir / "meta.json").is_file():  # `prepare --overwrite` there would delete the run's checkpoints
+            raise ConfigError(f"train.out_dir={tc.out_dir!r} is a prepared data directory (it has meta.json); give the "
+                              "run its own folder, e.g. runs/my_run")
         self.device = self._init_process(cfg)
         self.amp_dtype = autocast_dtype(tc.dtype, self.device)
         if tc.threads and self.device.type == "cpu":
