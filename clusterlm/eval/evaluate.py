@@ -230,7 +230,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("checkpoint", help="run directory, checkpoints folder or step folder")
     p.add_argument("--data", help="prepared data directory (default: the one in the checkpoint's config)")
     p.add_argument("--split", default="val", help="split to evaluate (default: val)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--seq-len", type=positive_int, help="context length (default: the training seq_len)")
     p.add_argument("--max-batches", type=positive_int,
                    help="evaluate at most this many batches (default: the whole split)")

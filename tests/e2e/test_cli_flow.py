@@ -236,3 +236,13 @@ def test_quickstart_checks_its_options_first_and_samples_0_prints_none(tmp_path,
     (tmp_path / "qs").mkdir()
     assert main(["--out", str(tmp_path / "qs"), "--samples", "0"]) == 0
     assert "[5/5] samples: none (--samples 0)" in capsys.readouterr().out
+
+
+def test_eval_batch_size_below_1_is_refused_by_the_parser(tmp_path, capsys):
+    """--batch-size 0 is refused as --max-batches 0 and --seq-len 0 are, before a checkpoint is read
+    (it was refused only after loading the model and verifying the data's shards)."""
+    with pytest.raises(SystemExit) as e:  # argparse's own exit, as from the command line
+        cli(["eval", str(tmp_path / "no_run"), "--batch-size", "0"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "clusterlm eval: error: argument --batch-size: '0' is not a whole number >= 1")
