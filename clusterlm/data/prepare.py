@@ -415,6 +415,17 @@ def _share_like_umask(folder: Path) -> None:
     os.chmod(folder, 0o777 & ~mask)
 
 
+def check_unprepared_data_dir(data_dir: Path, source: str) -> bool:
+    """Before `train`/`finetune` prepares data.dir (no meta.json) from data.source: ConfigError naming
+    data.dir when it is a file or a folder of other files (never replaced); True when it is an empty
+    folder, which may be filled (prepare's overwrite=True)."""
+    empty = data_dir.is_dir() and not any(data_dir.iterdir())
+    if data_dir.exists() and not empty:
+        raise ConfigError(f"data.dir={str(data_dir)!r} exists and is not a prepared data directory (no meta.json): "
+                          f"not prepared there from data.source={source!r}; give another data.dir or delete it")
+    return empty
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists():  # checked with or without --overwrite, which would not help here
         if not out.is_dir():

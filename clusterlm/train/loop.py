@@ -71,12 +71,9 @@ def ensure_data(data: DataConfig) -> Path:
     if not data.source:
         raise ConfigError(f"data.dir={str(data_dir)!r} is not a prepared data directory and data.source is empty; "
                           "run `clusterlm prepare` first or set data.source (e.g. 'builtin:shakespeare')")
-    from clusterlm.data.prepare import prepare
+    from clusterlm.data.prepare import check_unprepared_data_dir, prepare
 
-    empty = data_dir.is_dir() and not any(data_dir.iterdir())
-    if data_dir.exists() and not empty:  # prepare's own refusal would name its --out and --overwrite
-        raise ConfigError(f"data.dir={str(data_dir)!r} exists and is not a prepared data directory (no meta.json): "
-                          f"not prepared there from data.source={data.source!r}; give another data.dir or delete it")
+    empty = check_unprepared_data_dir(data_dir, data.source)  # prepare's refusal would name its --out, --overwrite
     log.info("preparing %s from %s (tokenizer %s)", data_dir, data.source, data.tokenizer)
     prepare([data.source], data_dir, tokenizer=data.tokenizer, vocab_size=data.vocab_size or None,
             val_fraction=data.val_fraction, overwrite=empty)  # an empty folder (made by the user) is filled
