@@ -115,6 +115,8 @@ class TrainConfig:
         if not self.out_dir.strip() or self.out_dir.strip() == ".":
             raise ConfigError(f"train.out_dir={self.out_dir!r}: give the run its own folder, e.g. runs/my_run (its "
                               "checkpoints, config.toml and metrics.jsonl go there)")
+        if not self.resume.strip():  # read as the path "." it said "no checkpoints in ."
+            raise ConfigError(f"train.resume={self.resume!r}: give none, auto or a checkpoint path")
         for name in ("seq_len", "micro_batch_size", "max_steps", "log_interval", "eval_batches", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -29,8 +30,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, default=2000, help="training steps (default: 2000)")
     p.add_argument("--samples", type=int, default=2, help="samples to print at the end (default: 2)")
     args = p.parse_args(argv)
-    if args.minutes <= 0 or args.steps < 1:
-        raise ValueError(f"--minutes={args.minutes} must be > 0 and --steps={args.steps} >= 1")
+    for flag, value, ok, valid in (("--minutes", args.minutes, math.isfinite(args.minutes) and args.minutes > 0, "> 0"),
+                                   ("--steps", args.steps, args.steps >= 1, ">= 1"),
+                                   ("--samples", args.samples, args.samples >= 0, ">= 0 (0: print none)")):
+        if not ok:  # before minutes of training, not after
+            raise ValueError(f"{flag}={value} must be {valid}")
 
     from clusterlm.config import bundled_recipes, load_run_config
     from clusterlm.eval.evaluate import evaluate_checkpoint
@@ -70,9 +74,10 @@ def main(argv: list[str]) -> int:
     for name, what in TASKS.items():
         t = scores["tasks"][name]
         say(f"      {name:<22} accuracy {t['acc']:.3f} over {t['n']} examples: {what}")
-    say("[5/5] samples (temperature 0.8, top-k 50):")
-    for i, text in enumerate(sample_texts(str(out), prompt="\n", num_samples=args.samples, max_new_tokens=300,
-                                          temperature=0.8, top_k=50, seed=1337)):
+    say("[5/5] samples (temperature 0.8, top-k 50):" if args.samples else "[5/5] samples: none (--samples 0)")
+    texts = sample_texts(str(out), prompt="\n", num_samples=args.samples, max_new_tokens=300, temperature=0.8,
+                         top_k=50, seed=1337) if args.samples else []
+    for i, text in enumerate(texts):
         say(f"----- sample {i + 1} -----\n{text.strip()}\n")
     paths = write_report(out)
     say("done.")

@@ -125,6 +125,8 @@ def check_new_run_dir(out: str | Path) -> Path:
     out = Path(out)
     if str(out) in ("", "."):
         raise FileExistsError("--out is empty; give a new run directory")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder; give a new run directory")
     ckpts = out / "checkpoints"
     if ckpts.exists() and (not ckpts.is_dir() or any(not c.name.startswith(".") for c in ckpts.iterdir())):
         raise FileExistsError(f"{ckpts} already exists; choose a new --out")
@@ -351,6 +353,9 @@ def resolve_checkpoint(arg: str | Path) -> Path:
             raise CheckpointError(f"{p} names {name!r}, which is not a step folder in {p.parent}; {usage}")
         p = p.parent / name
     if not p.exists():
+        if p.name == BEST and p.parent.is_dir():  # the user named the pointer; the usage line would name it back
+            raise CheckpointError(f"{p} does not exist: a run writes checkpoints/best only with checkpoint.keep_best = "
+                                  f"true; pass {p.parent} for its newest checkpoint or a step-NNNNNNNN folder")
         raise CheckpointError(f"{p} does not exist; {usage}")
     if not p.is_dir():
         raise CheckpointError(f"{p} is a file; {usage}")

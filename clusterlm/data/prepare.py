@@ -415,10 +415,22 @@ def _share_like_umask(folder: Path) -> None:
     os.chmod(folder, 0o777 & ~mask)
 
 
+def check_unprepared_data_dir(data_dir: Path, source: str) -> bool:
+    """Before `train`/`finetune` prepares data.dir (no meta.json) from data.source: ConfigError naming
+    data.dir when it is a file or a folder of other files (never replaced); True when it is an empty
+    folder, which may be filled (prepare's overwrite=True)."""
+    empty = data_dir.is_dir() and not any(data_dir.iterdir())
+    if data_dir.exists() and not empty:
+        raise ConfigError(f"data.dir={str(data_dir)!r} exists and is not a prepared data directory (no meta.json): "
+                          f"not prepared there from data.source={source!r}; give another data.dir or delete it")
+    return empty
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and overwrite:
+    if out.exists():  # checked with or without --overwrite, which would not help here
         if not out.is_dir():
-            raise DataError(f"--out {out} exists and is not a directory; refusing to replace it")
+            raise DataError(f"--out {out} exists and is not a directory; refusing to replace it even with "
+                            "--overwrite: choose another --out or delete it")
         if any(out.iterdir()) and not (out / "meta.json").is_file():
             raise DataError(f"--out {out} exists and is not a prepared data directory (no meta.json); "
                             "refusing to replace it even with --overwrite: choose another --out or delete it")
@@ -436,6 +448,7 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
     """Prepare `inputs` (files, directories, globs, "builtin:shakespeare") into the data directory
     `out`; returns the meta.json written there. Options: see `PrepareOptions`."""
     from clusterlm import __version__
+    from clusterlm.tokenizer.bpe import DEFAULT_VOCAB_SIZE
     from clusterlm.tokenizer.kinds import load_tokenizer, train_tokenizer
 
     opts = PrepareOptions(tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
@@ -493,7 +506,9 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
             "split_rule": SPLIT_RULE,
             "shard_tokens": opts.shard_tokens,
             "options": {"text_field": opts.text_field, "dedup": opts.dedup, "redact_pii": opts.redact_pii,
-                        "follow_symlinks": opts.follow_symlinks},
+                        "follow_symlinks": opts.follow_symlinks,
+                        # the BPE size asked for (a small corpus may give fewer: tokenizer.vocab_size)
+                        "vocab_size": (opts.vocab_size or DEFAULT_VOCAB_SIZE) if opts.tokenizer == "bpe" else None},
             "sources": scan.sources,
             "counts": scan.counts,
             "problems": scan.problems,

@@ -54,6 +54,9 @@ def evaluate_checkpoint(ckpt: str, *, data: str | None = None, split: str = "val
     ckpt_tok = loaded.tokenizer
     check_data_tokenizer(data_dir, meta, loaded.path, ckpt_tok)
     T = seq_len or cfg.train.seq_len
+    if cfg.model.arch == "transformer" and T > cfg.model.max_seq_len:  # a recurrent model has no context limit
+        raise ValueError(f"--seq-len {T} exceeds the model's context, model.max_seq_len={cfg.model.max_seq_len}; "
+                         f"give --seq-len {cfg.model.max_seq_len} or less")
     amp = autocast_dtype("auto", dev)
     if meta.get("layout") == "examples":  # SFT data: the loss on the trained (response) tokens, as in training
         from clusterlm.data.sft import iter_example_batches
@@ -227,7 +230,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("checkpoint", help="run directory, checkpoints folder or step folder")
     p.add_argument("--data", help="prepared data directory (default: the one in the checkpoint's config)")
     p.add_argument("--split", default="val", help="split to evaluate (default: val)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--seq-len", type=positive_int, help="context length (default: the training seq_len)")
     p.add_argument("--max-batches", type=positive_int,
                    help="evaluate at most this many batches (default: the whole split)")

@@ -212,6 +212,9 @@ def _finetune_data(cfg: Any, base: Any | None) -> tuple[Path, Any, Any]:
         if not data.source:
             raise ConfigError(f"data.dir={str(data_dir)!r} is not prepared and data.source is empty; set data.source "
                               "to the training records (.jsonl, .tsv, or parallel files 'SRC,TGT')")
+        from clusterlm.data.prepare import check_unprepared_data_dir
+
+        check_unprepared_data_dir(data_dir, data.source)  # a folder of the user's files was replaced
         if seq2seq:
             from clusterlm.data.seq2seq import read_pairs
 
@@ -313,10 +316,11 @@ def _mlm_data(cfg: Any) -> tuple[Path, None, Any]:
         if not data.source:
             raise ConfigError(f"data.dir={str(data_dir)!r} is not a prepared data directory and data.source is empty; "
                               "run `clusterlm prepare` first or set data.source")
-        from clusterlm.data.prepare import prepare
+        from clusterlm.data.prepare import check_unprepared_data_dir, prepare
 
+        empty = check_unprepared_data_dir(data_dir, data.source)
         prepare([data.source], data_dir, tokenizer=data.tokenizer, vocab_size=data.vocab_size or None,
-                val_fraction=data.val_fraction)
+                val_fraction=data.val_fraction, overwrite=empty)
     data_dir = mask_view(data_dir, cfg.train.out_dir, SENTINELS if span else (MASK,), SPAN_VIEW if span else VIEW)
     vocab = int(read_meta(data_dir)["tokenizer"]["vocab_size"])
     if mcfg.vocab_size is None:

@@ -54,10 +54,10 @@ def _train(args: argparse.Namespace) -> int:
     from clusterlm.tokenizer.kinds import train_tokenizer
 
     out = Path(args.out)
+    if out.is_dir():  # before the exists check: --overwrite would not help
+        raise ConfigError(f"--out {out} is a directory; give the path of a .json file")
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    if out.is_dir():
-        raise ConfigError(f"--out {out} is a directory; give the path of a .json file")
     sources = discover(list(args.inputs) + [f"builtin:{n}" for n in args.builtin])
     reader = DocumentReader(args.text_field)
     tok = train_tokenizer(args.kind, (doc.text for doc in reader.read(sources)), args.vocab_size)

@@ -71,18 +71,36 @@ def ensure_data(data: DataConfig) -> Path:
     if not data.source:
         raise ConfigError(f"data.dir={str(data_dir)!r} is not a prepared data directory and data.source is empty; "
                           "run `clusterlm prepare` first or set data.source (e.g. 'builtin:shakespeare')")
-    from clusterlm.data.prepare import prepare
+    from clusterlm.data.prepare import check_unprepared_data_dir, prepare
 
+    empty = check_unprepared_data_dir(data_dir, data.source)  # prepare's refusal would name its --out, --overwrite
     log.info("preparing %s from %s (tokenizer %s)", data_dir, data.source, data.tokenizer)
     prepare([data.source], data_dir, tokenizer=data.tokenizer, vocab_size=data.vocab_size or None,
-            val_fraction=data.val_fraction)
+            val_fraction=data.val_fraction, overwrite=empty)  # an empty folder (made by the user) is filled
     return data_dir
 
 
+def why_no_val(meta: dict[str, Any], data_dir: Path, seq_len: int) -> str | None:
+    """Why the val split of `data_dir` (its meta.json `meta`) gives no validation loss at train.seq_len
+    `seq_len`, with what to do; None when it gives one."""
+    val = meta["splits"].get("val", {})
+    prepare_val = "prepare it with a val fraction > 0 (data.val_fraction, prepare --val-fraction)"
+    if meta.get("layout") == "examples":
+        return None if val.get("examples", 0) > 0 else f"{data_dir} has no validation examples; {prepare_val}"
+    tokens = val.get("tokens", 0)
+    if tokens > seq_len:  # one window of seq_len + 1 tokens
+        return None
+    if not tokens:
+        return f"{data_dir} has no validation split; {prepare_val}"
+    return (f"the val split of {data_dir} has {tokens} tokens, fewer than train.seq_len+1 = {seq_len + 1}; use a "
+            "smaller train.seq_len or prepare a larger val split (data.val_fraction, prepare --val-fraction)")
+
+
 def _check_prepared_as_asked(data: DataConfig, data_dir: Path) -> None:
-    """ConfigError when data.dir's meta.json records another tokenizer kind or val_fraction than
-    `data` (a data.tokenizer that is a tokenizer.json path is not compared)."""
+    """ConfigError when data.dir's meta.json records another tokenizer kind, val_fraction or BPE size
+    asked for than `data` (a data.tokenizer that is a tokenizer.json path is not compared)."""
     from clusterlm.data.shards import read_meta
+    from clusterlm.tokenizer.bpe import DEFAULT_VOCAB_SIZE as DEFAULT_BPE_VOCAB
 
     meta = read_meta(data_dir)  # checked as the loader checks it (DataError naming what is wrong)
     kind, val_fraction = meta["tokenizer"]["kind"], float(meta["val_fraction"])
@@ -93,6 +111,11 @@ def _check_prepared_as_asked(data: DataConfig, data_dir: Path) -> None:
     if abs(val_fraction - data.val_fraction) > 1e-9:
         raise ConfigError(f"data.dir={str(data_dir)!r} was prepared with val_fraction {val_fraction:g}, but "
                           f"data.val_fraction={data.val_fraction:g}; {again}")
+    asked = meta.get("options", {}).get("vocab_size")  # BPE only; absent in data dirs made before it was recorded
+    if data.tokenizer == "bpe" and asked is not None and asked != (data.vocab_size or DEFAULT_BPE_VOCAB):
+        raise ConfigError(f"data.dir={str(data_dir)!r} was prepared with a BPE vocabulary of {asked}, but "
+                          f"data.vocab_size={data.vocab_size}"
+                          + (f" (the default, {DEFAULT_BPE_VOCAB})" if not data.vocab_size else "") + f"; {again}")
 
 
 def _probed_peak(spec_file: str, dtype: str) -> float | None:
@@ -216,6 +239,13 @@ class Trainer:
         self.distributed = self.env.world_size > 1
         self.rank0 = self.env.rank == 0
         self.out_dir = Path(tc.out_dir)
+        existing = next(p for p in (self.out_dir, *self.out_dir.parents) if p.exists())
+        if not existing.is_dir():  # at once: it was "[Errno 17] File exists" once the model was set up
+            raise ConfigError(f"train.out_dir={tc.out_dir!r}: {existing} is a file; give the run its own folder, "
+                              "e.g. runs/my_run")
+        if (self.out_dir / "meta.json").is_file():  # `prepare --overwrite` there would delete the run's checkpoints
+            raise ConfigError(f"train.out_dir={tc.out_dir!r} is a prepared data directory (it has meta.json); give the "
+                              "run its own folder, e.g. runs/my_run")
         self.device = self._init_process(cfg)
         self.amp_dtype = autocast_dtype(tc.dtype, self.device)
         if tc.threads and self.device.type == "cpu":
@@ -364,14 +394,13 @@ class Trainer:
             raise DataError(f"{self.tokenizer_file} is missing: {data_dir}/meta.json names it as the data's tokenizer; "
                             "prepare the data again (clusterlm prepare) or put the tokenizer file back")
         self.examples = meta.get("layout") == "examples"
-        if self.examples:
-            self.has_val = meta["splits"].get("val", {}).get("examples", 0) > 0
-        else:
-            self.has_val = meta["splits"].get("val", {}).get("tokens", 0) > tc.seq_len
-        if cfg.checkpoint.keep_best and not self.has_val:
-            raise ConfigError(f"checkpoint.keep_best needs a validation loss, but {data_dir} has no validation split; "
-                              "prepare it with a val fraction > 0 (data.val_fraction, prepare --val-fraction) or "
-                              "set checkpoint.keep_best = false")
+        no_val = why_no_val(meta, data_dir, tc.seq_len)
+        self.has_val = no_val is None
+        if cfg.checkpoint.keep_best and no_val:
+            raise ConfigError(f"checkpoint.keep_best needs a validation loss, but {no_val}; or set "
+                              "checkpoint.keep_best = false")
+        if no_val:
+            log.warning("no validation loss in this run: %s", no_val)
         self.dims = validate_layout(cfg.parallel, mcfg, self.env.world_size, tc.global_batch_tokens,
                                     tc.micro_batch_size, tc.seq_len)
         if cfg.finetune.task != "lm" and (self.dims.tp > 1 or self.dims.pp > 1):

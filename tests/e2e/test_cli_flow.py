@@ -65,6 +65,22 @@ def test_eval_without_data_of_a_checkpoint_whose_data_dir_is_absent(tmp_path, mo
     assert len(err) == 1 and "data.dir in" in err[0] and "pass --data DIR" in err[0]
 
 
+def test_eval_seq_len_beyond_the_context_names_the_option(tmp_path, capsys):
+    """eval --seq-len above model.max_seq_len: one line naming --seq-len and the largest valid value
+    (it said "40 tokens do not fit in model.max_seq_len=16", from the model's forward)."""
+    from tests.helpers import random_checkpoint
+
+    run = random_checkpoint(tmp_path, "byte", "hello world", bpe_vocab=0, n_layers=1, context=16)
+    (tmp_path / "a.txt").write_text("hello world, " * 40)
+    assert cli(["prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "d"), "--tokenizer", "byte",
+                "--val-fraction", "0"]) == 0
+    capsys.readouterr()
+    assert cli(["eval", str(run), "--data", str(tmp_path / "d"), "--split", "train", "--seq-len", "40"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("clusterlm eval: error: --seq-len 40 exceeds the model's context, model.max_seq_len=16; "
+                       "give --seq-len 16 or less")
+
+
 def test_eval_refuses_data_of_another_tokenizer(trained, tmp_path, capsys):
     """A data dir whose tokenizer has the checkpoint's kind and size but other contents (another corpus's
     characters) is refused in one line naming both, exit 2; the ids would otherwise mean other text."""
@@ -191,3 +207,42 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert "val loss" in r.stdout and "sample 1" in r.stdout
     assert (tmp_path / "qs" / "checkpoints" / "step-00000040" / "manifest.json").is_file()
     assert (tmp_path / "qs" / "summary.md").is_file()
+
+
+def test_quickstart_checks_its_options_first_and_samples_0_prints_none(tmp_path, monkeypatch, capsys):
+    """Reference: what the user asked for. A bad --minutes, --steps or --samples is refused before
+    anything is written, naming only that option (it named both --minutes and --steps); --samples 0
+    prints no sample (it failed with 'prompt is empty' after training and evaluating)."""
+    from types import SimpleNamespace
+
+    import clusterlm.eval.evaluate as evaluate
+    import clusterlm.generate.text as text
+    import clusterlm.train.loop as loop
+    import clusterlm.train.report as report
+    from clusterlm.quickstart import main
+
+    for args, msg in ([["--steps", "0"], "--steps=0 must be >= 1"], [["--minutes", "nan"], "--minutes=nan must be > 0"],
+                      [["--samples", "-1"], r"--samples=-1 must be >= 0 \(0: print none\)"]):
+        with pytest.raises(ValueError, match=f"^{msg}$"):
+            main(["--out", str(tmp_path / "qs"), *args])
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(loop, "train", lambda cfg: SimpleNamespace(exit_code=0, checkpoint="ck"))
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint",
+                        lambda *a, **k: {"loss": 1.0, "perplexity": 2.7, "bits_per_byte": 1.4, "tokens": 10})
+    monkeypatch.setattr(evaluate, "evaluate_tasks",
+                        lambda out, names, **k: {"tasks": {n: {"acc": 0.5, "n": 4} for n in names}})
+    monkeypatch.setattr(text, "sample_texts", lambda *a, **k: pytest.fail("no sample was asked for"))
+    monkeypatch.setattr(report, "write_report", lambda out: {})
+    (tmp_path / "qs").mkdir()
+    assert main(["--out", str(tmp_path / "qs"), "--samples", "0"]) == 0
+    assert "[5/5] samples: none (--samples 0)" in capsys.readouterr().out
+
+
+def test_eval_batch_size_below_1_is_refused_by_the_parser(tmp_path, capsys):
+    """--batch-size 0 is refused as --max-batches 0 and --seq-len 0 are, before a checkpoint is read
+    (it was refused only after loading the model and verifying the data's shards)."""
+    with pytest.raises(SystemExit) as e:  # argparse's own exit, as from the command line
+        cli(["eval", str(tmp_path / "no_run"), "--batch-size", "0"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "clusterlm eval: error: argument --batch-size: '0' is not a whole number >= 1")

@@ -171,6 +171,25 @@ def test_keep_best_keeps_the_lowest_val_loss_checkpoint_through_a_resume(data_di
         tiny_cfg(data_dir, tmp_path / "c", "--checkpoint.keep_best=true")
 
 
+def test_an_out_dir_that_is_a_file_is_refused_at_once(data_dir, tmp_path):
+    """train.out_dir naming a file, or a folder under one: one line naming it, before the data, the
+    model or the checkpointer are set up (it was "[Errno 17] File exists" after all of that); the
+    file is untouched. A prepared data directory is refused too (a run there was accepted)."""
+    from clusterlm.errors import ConfigError
+    from clusterlm.train.loop import train
+
+    (tmp_path / "f").write_text("mine")
+    for out in (tmp_path / "f", tmp_path / "f" / "run"):
+        with pytest.raises(ConfigError, match=f"train.out_dir='{out}': {tmp_path / 'f'} is a file; give the run"):
+            train(tiny_cfg(tmp_path / "no_data_here", out))
+    assert (tmp_path / "f").read_text() == "mine"
+    # nor the data directory itself: re-preparing it with --overwrite would delete the checkpoints
+    before = sorted(p.name for p in data_dir.iterdir())
+    with pytest.raises(ConfigError, match=f"train.out_dir='{data_dir}' is a prepared data directory"):
+        train(tiny_cfg(data_dir, data_dir))
+    assert sorted(p.name for p in data_dir.iterdir()) == before
+
+
 def test_existing_run_without_resume_is_refused(data_dir, tmp_path):
     """A second run into the same out_dir must say how to resume instead of overwriting checkpoints."""
     from clusterlm.errors import ConfigError

@@ -53,3 +53,14 @@ def test_an_empty_checkpoints_folder_does_not_block_a_rerun(run, tmp_path):
         check_new_run_dir(tmp_path / "q")
     with pytest.raises(FileExistsError, match="--out is empty"):
         check_new_run_dir("")
+
+
+def test_an_out_that_is_a_file_is_refused_in_one_line(tmp_path):
+    """--out naming an existing file: one line saying so (it was '[Errno 20] Not a directory:
+    OUT/checkpoints', raised after the source checkpoint was loaded), the file untouched."""
+    from clusterlm.checkpoint.store import check_new_run_dir
+
+    (tmp_path / "f").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"--out .*f is a file, not a folder; give a new run directory"):
+        check_new_run_dir(tmp_path / "f")
+    assert (tmp_path / "f").read_text() == "mine"

@@ -590,3 +590,7 @@ def test_keep_best_keeps_the_lowest_val_loss_checkpoint_beside_the_newest(tmp_pa
     (root / "best").write_text("step-00000009\n")
     with pytest.raises(CheckpointError, match="best names 'step-00000009', which is not a step folder"):
         resolve_checkpoint(root / "best")
+    # a run without keep_best has no `best`: say so, not "does not exist; pass ... or checkpoints/best"
+    with pytest.raises(CheckpointError, match=r"p/best does not exist: a run writes checkpoints/best only with "
+                                              r"checkpoint.keep_best = true; pass .*p for its newest checkpoint"):
+        resolve_checkpoint(tmp_path / "p" / "best")

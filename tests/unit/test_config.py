@@ -85,6 +85,7 @@ def test_unknown_section():
         ("--train.max_steps=true", "train.max_steps=true has type bool; expected int"),  # TOML's spelling
         ("--train.out_dir=", "train.out_dir='': give the run its own folder"),
         ("--data.dir=.", "data.dir='.': give the prepared data's own folder"),
+        ("--train.resume=", "train.resume='': give none, auto or a checkpoint path"),
     ],
 )
 def test_wrong_type_names_key_value_and_type(override, fragment):

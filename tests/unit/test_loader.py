@@ -9,6 +9,7 @@ uint32, so every window is unique and a sample's identity is recovered from its 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -316,3 +317,80 @@ def test_a_data_dir_prepared_otherwise_than_asked_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"prepared with val_fraction 0.2, but data.val_fraction=0.1"):
         ensure_data(DataConfig(dir=str(d), source=str(src), tokenizer="char", val_fraction=0.1))
     assert (d / "meta.json").read_bytes() == before
+
+
+def test_why_no_val_names_a_missing_or_too_short_val_split(tmp_path):
+    """A val split shorter than one window (seq_len + 1 tokens) gives no validation loss: the
+    trainer logs why (it said only 'val loss n/a' at the end) and keep_best is refused with the
+    token counts, not as 'no validation split'; none at all is named as such."""
+    from clusterlm.data.prepare import prepare
+    from clusterlm.data.shards import read_meta
+    from clusterlm.train.loop import why_no_val
+
+    for i, text in enumerate(["first document, a longer one " * 4, "second", "third one here " * 3]):
+        (tmp_path / f"{i}.txt").write_text(text)
+    d = tmp_path / "d"
+    prepare([str(tmp_path / "*.txt")], d, tokenizer="byte", val_fraction=0.5)
+    meta = read_meta(d)
+    val = meta["splits"]["val"]["tokens"]
+    assert 0 < val
+    assert why_no_val(meta, d, val - 1) is None
+    assert why_no_val(meta, d, val) == (
+        f"the val split of {d} has {val} tokens, fewer than train.seq_len+1 = {val + 1}; use a smaller "
+        "train.seq_len or prepare a larger val split (data.val_fraction, prepare --val-fraction)")
+    prepare([str(tmp_path / "*.txt")], d, tokenizer="byte", val_fraction=0.0, overwrite=True)
+    assert why_no_val(read_meta(d), d, 8) == (f"{d} has no validation split; prepare it with a val fraction > 0 "
+                                              "(data.val_fraction, prepare --val-fraction)")
+
+
+def test_a_bpe_data_dir_prepared_with_another_vocab_size_is_refused(tmp_path):
+    """train's data.dir prepared from data.source as BPE of one size, the run asking another
+    (--data.vocab_size=4096 on shakespeare_bpe_cpu's 2048 folder): refused naming both sizes; it was
+    trained on silently. The size asked is what counts, not the one a small corpus gave; a data dir
+    whose meta.json does not record it (made before it was) is used as it is."""
+    import json
+
+    from clusterlm.config import DataConfig
+    from clusterlm.data.prepare import prepare
+    from clusterlm.errors import ConfigError
+    from clusterlm.train.loop import ensure_data
+
+    src = tmp_path / "a.txt"
+    src.write_text("".join(f"To be, or not to be {i}: that is the question.\n\n" for i in range(40)))
+    d = tmp_path / "d"
+    meta = prepare([str(src)], d, tokenizer="bpe", vocab_size=4000, val_fraction=0.2)
+    assert meta["options"]["vocab_size"] == 4000 and meta["tokenizer"]["vocab_size"] < 4000  # a small corpus
+    asked = DataConfig(dir=str(d), source=str(src), tokenizer="bpe", vocab_size=4000, val_fraction=0.2)
+    assert ensure_data(asked) == d
+    with pytest.raises(ConfigError, match=r"prepared with a BPE vocabulary of 4000, but data.vocab_size=300; give "
+                                          r"another data.dir, or delete"):
+        ensure_data(dataclasses.replace(asked, vocab_size=300))
+    with pytest.raises(ConfigError, match=r"BPE vocabulary of 4000, but data.vocab_size=0 \(the default, 8192\)"):
+        ensure_data(dataclasses.replace(asked, vocab_size=0))
+    old = json.loads((d / "meta.json").read_text())
+    del old["options"]["vocab_size"]
+    (d / "meta.json").write_text(json.dumps(old))
+    assert ensure_data(dataclasses.replace(asked, vocab_size=300)) == d
+
+
+def test_a_data_dir_that_is_not_data_is_refused_naming_data_dir(tmp_path):
+    """train's data.dir with data.source set, where data.dir is a file or a folder of other things:
+    refused naming data.dir (prepare's refusal named its --out and --overwrite, which train does not
+    have); an empty folder the user made is prepared into."""
+    from clusterlm.config import DataConfig
+    from clusterlm.errors import ConfigError
+    from clusterlm.train.loop import ensure_data
+
+    src = tmp_path / "a.txt"
+    src.write_text("To be, or not to be: that is the question.\n")
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("mine")
+    for d in (tmp_path / "file", tmp_path / "other"):
+        with pytest.raises(ConfigError, match=r"data.dir='.*' exists and is not a prepared data directory \(no "
+                                              r"meta.json\): not prepared there from data.source=.*; give another"):
+            ensure_data(DataConfig(dir=str(d), source=str(src), tokenizer="byte", val_fraction=0.0))
+    assert (tmp_path / "file").read_text() == (tmp_path / "other" / "keep.txt").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    d = ensure_data(DataConfig(dir=str(tmp_path / "empty"), source=str(src), tokenizer="byte", val_fraction=0.0))
+    assert (d / "meta.json").is_file()

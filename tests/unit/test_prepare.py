@@ -195,6 +195,12 @@ def test_overwrite_and_stale_partials(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not a prepared data directory"):
         prepare([str(tmp_path / "a.txt")], tmp_path / "home", tokenizer="byte", overwrite=True)
     assert (tmp_path / "home" / "precious.txt").read_text() == "keep me"
+    # without --overwrite the refusal does not suggest it, since it would not help (it did)
+    for unrelated in (tmp_path / "home", tmp_path / "a.txt"):
+        with pytest.raises(DataError, match="refusing to replace it even with --overwrite: choose another --out"):
+            prepare([str(tmp_path / "a.txt")], unrelated, tokenizer="byte")
+    assert (tmp_path / "home" / "precious.txt").read_text() == "keep me"
+    assert (tmp_path / "a.txt").read_text() == "some text"
 
 
 def test_errors(tmp_path: Path) -> None:

@@ -103,6 +103,9 @@ def test_magnitude_prunes_recurrent_weights(arch):
     assert torch.equal(model.tok_embeddings.weight, emb)
     with torch.no_grad():
         assert (model(idx) - before_logits).abs().max().item() > 1e-3
+    # structured pruning has no heads or channels to remove here: the refusal names what works
+    with pytest.raises(ValueError, match=f"got model.arch='{arch}'; prune it with --method magnitude"):
+        structured_prune(_model(cfg), 0.5)
 
 
 def test_magnitude_refuses_when_nothing_would_be_pruned():

@@ -370,3 +370,29 @@ def test_a_fine_tune_refused_after_preparing_its_data_leaves_no_data_dir(tmp_pat
     meta = (data / "meta.json").read_text()
     assert cli(["finetune", *args]) == EXIT_USAGE
     assert (data / "meta.json").read_text() == meta
+
+
+def test_a_data_dir_of_other_files_is_refused_not_replaced(tmp_path):
+    """Reference: the user's folder before the run. finetune's data.dir with data.source set, where
+    data.dir is a folder of the user's files (no meta.json) or a file: refused naming data.dir, the
+    files untouched. Before, the prepared examples replaced the folder and its files were lost. An
+    empty folder is prepared into."""
+    import dataclasses
+
+    from clusterlm.finetune.data import ensure_finetune_data
+
+    src = write_jsonl(tmp_path / "r.jsonl", pairs(16))
+    cfg = _sft_cfg(tmp_path, src)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    (tmp_path / "file").write_text("keep me too")
+    for d in (tmp_path / "mine", tmp_path / "file"):
+        with pytest.raises(ConfigError, match=r"data.dir='.*' exists and is not a prepared data directory \(no "
+                                              r"meta.json\): not prepared there from data.source="):
+            ensure_finetune_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(d))))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert (tmp_path / "file").read_text() == "keep me too"
+    (tmp_path / "empty").mkdir()
+    data_dir, _, _ = ensure_finetune_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
+                                                                                             dir=str(tmp_path / "empty"))))
+    assert (data_dir / "meta.json").is_file()

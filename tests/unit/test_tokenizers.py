@@ -480,3 +480,14 @@ def test_kind_errors(corpus: list[str]):
     with pytest.raises(DataError, match="no characters"):
         train_tokenizer("char", ["", ""])
     assert train_tokenizer("bpe", corpus, vocab_size=300).vocab_size == 300
+
+
+def test_train_cli_out_a_folder_is_refused_without_suggesting_overwrite(tmp_path):
+    """`tokenizer train --out FOLDER` says the folder is not a file whether or not --overwrite is
+    given (it said 'already exists; pass --overwrite', which then failed with this message)."""
+    from clusterlm.tokenizer.cli import main
+
+    (tmp_path / "a.txt").write_text("hello world\n")
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(ConfigError, match=r"--out .* is a directory; give the path of a \.json file"):
+            main(["train", str(tmp_path / "a.txt"), "--kind", "char", "--out", str(tmp_path), *extra])
