@@ -216,10 +216,10 @@ def _finetune_data(cfg: Any, base: Any | None) -> tuple[Path, Any, Any]:
             from clusterlm.data.seq2seq import read_pairs
 
             records = read_pairs(data.source)
-            val_records = read_pairs(ft.val_source) if ft.val_source else None
+            val_records = read_pairs(ft.val_source, "finetune.val_source") if ft.val_source else None
         else:
             records = read_records(data.source, ft.task, ft.labels)
-            val_records = read_records(ft.val_source, ft.task, ft.labels) if ft.val_source else None
+            val_records = read_records(ft.val_source, ft.task, ft.labels, "finetune.val_source") if ft.val_source else None
         template = None if seq2seq else resolve_template(ft.template, ft.task, base.template_file if base else None,
                                                          records + (val_records or []))
         if base_tok is not None:

@@ -370,3 +370,20 @@ def test_a_fine_tune_refused_after_preparing_its_data_leaves_no_data_dir(tmp_pat
     meta = (data / "meta.json").read_text()
     assert cli(["finetune", *args]) == EXIT_USAGE
     assert (data / "meta.json").read_text() == meta
+
+
+def test_a_missing_val_source_is_named_as_finetune_val_source(tmp_path):
+    """Reference: the option the user set. A finetune.val_source that does not exist was refused as
+    "data.source='...': no such file", naming the option that was fine; the seq2seq reader too."""
+    from clusterlm.data.seq2seq import read_pairs
+    from clusterlm.finetune.data import ensure_finetune_data
+
+    src = write_jsonl(tmp_path / "r.jsonl", pairs(8))
+    missing = tmp_path / "val.jsonl"
+    with pytest.raises(DataError, match=rf"^finetune.val_source='{missing}': no such file {missing}; give a .jsonl"):
+        ensure_finetune_data(_sft_cfg(tmp_path, src, val_source=str(missing)))
+    assert not (tmp_path / "data").exists()
+    with pytest.raises(DataError, match=r"^finetune.val_source='.*val.jsonl': no such file"):
+        read_pairs(str(missing), "finetune.val_source")
+    with pytest.raises(DataError, match=r"^data.source='.*val.jsonl': no such file"):
+        read_records(str(missing), "sft")
