@@ -462,7 +462,8 @@ class Trainer:
                                       f"{dims.dp_shard}) every rank must make the same forward calls and a "
                                       "generation's number depends on its output: use choice/classify tasks, DDP, "
                                       "or `clusterlm eval RUN --task ...` on the checkpoints")
-                check_fits(task, tok, context, self.task_decode, ec.truncate)
+                # a classifier answers classify tasks with its own labels: checked now, not after the last step
+                check_fits(task, tok, context, self.task_decode, ec.truncate, labels=tuple(mcfg.labels) or None)
                 tasks.append(task)
         except (ConfigError, DataError, OSError) as e:
             problem = e

@@ -323,13 +323,13 @@ def test_serve_lstm_classifier(runs):
 
 
 def test_eval_labels_rename_a_tasks_labels_to_the_models(runs, tmp_path, capsys):
-    """The refusal of a task with other labels says "rename them with --labels": `--labels RAW=NAME,...`
-    does (load_task's labels mapping), and the scores equal those of the task written with the
+    """The refusal of a task with other labels says to rename them with `--labels RAW=NAME,...`; that
+    renames them (load_task's labels mapping), and the scores equal those of the task written with the
     model's labels. Before, --labels took only a label set, so `--labels negative,...` on a 0/1/2 file
     was refused again ("unknown label '0'")."""
     raw = _task(tmp_path / "raw.jsonl", labels=("0", "1", "2"))
     line = _refused(capsys, str(runs["llama"]), "--task", str(raw))
-    assert "rename them with --labels" in line
+    assert "clusterlm eval --labels RAW=NAME,..." in line
     want = _eval(capsys, str(runs["llama"]), "--task", str(_task(tmp_path / "named.jsonl")))
     got = _eval(capsys, str(runs["llama"]), "--task", str(raw), "--labels", "0=negative,1=neutral,2=positive")
     assert got["tasks"]["raw"]["accuracy"] == want["tasks"]["named"]["accuracy"]

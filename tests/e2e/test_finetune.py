@@ -308,6 +308,23 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(base, records, tmp_pat
     assert "finetune.task = 'lm'" in line
 
 
+def test_eval_tasks_a_classifier_cannot_answer_are_refused_before_it_trains(base, records, tmp_path, capsys):
+    """Reference: the start-up check of [eval] tasks (train/loop.py, docs/tasks.md "During training").
+    A classify task with labels other than the classifier's, or a generate task, is exit 2 before the
+    first step, with nothing in the output folder; before, the run trained every step and then failed
+    at the final evaluation without saving a checkpoint."""
+    raw = tmp_path / "dev01.tsv"
+    raw.write_text("sentence\tlabel\nthe film was good.\t1\nthe film was bad.\t0\n")
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text(json.dumps({"prompt": "1+1", "references": ["2"]}) + "\n")
+    for i, (task, needle) in enumerate([(raw, "has labels ['0', '1'] but the classifier's are ['neg', 'pos']"),
+                                        (gen, "is a generate task, but the model is a classifier")]):
+        line = _fails(_ft(base, records["cls"], tmp_path / "d", tmp_path / f"o{i}", "--finetune.task=classify",
+                          "--train.max_steps=2", f"--eval.tasks={json.dumps([str(task)])}"), capsys)
+        assert needle in line
+        assert not (tmp_path / f"o{i}").exists()
+
+
 def test_finetune_from_a_hugging_face_base_and_export_the_chat_model(base, records, tmp_path):
     """A base exported to transformers' files is a valid init_from; the fine-tuned chat model, exported,
     gives the same greedy reply in transformers (apply_chat_template + generate) as in clusterlm."""
