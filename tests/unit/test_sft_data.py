@@ -387,3 +387,19 @@ def test_a_missing_val_source_is_named_as_finetune_val_source(tmp_path):
         read_pairs(str(missing), "finetune.val_source")
     with pytest.raises(DataError, match=r"^data.source='.*val.jsonl': no such file"):
         read_records(str(missing), "sft")
+
+
+def test_a_tsv_of_prompt_completion_pairs_is_read_for_sft_and_seq2seq(tmp_path):
+    """Reference: the JSONL's field names, and docs/encdec.md ("a .jsonl/.tsv file of prompt/completion
+    pairs"). A TSV with `prompt` and `completion` columns was refused ("no field 'references'")."""
+    from clusterlm.data.seq2seq import read_pairs
+
+    f = tmp_path / "p.tsv"
+    f.write_text("prompt\tcompletion\n1+1=\t2\n2+2=\t4\n")
+    for recs in (read_records(str(f), "sft"), read_pairs(str(f))):
+        assert [(r.prompt, r.completion) for r in recs] == [("1+1=", "2"), ("2+2=", "4")]
+    f.write_text("prompt\tcompletion\n1+1=\t2\n2+2=\t \n")
+    with pytest.raises(DataError, match=r"p.tsv:3: field 'completion' must be a non-empty string"):
+        read_records(str(f), "sft")
+    f.write_text("completion\tprompt\treferences\n2\t1+1=\ttwo\n")  # the harness's column wins
+    assert read_records(str(f), "sft")[0].completion == "two"
