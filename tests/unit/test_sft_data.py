@@ -403,3 +403,37 @@ def test_a_tsv_of_prompt_completion_pairs_is_read_for_sft_and_seq2seq(tmp_path):
         read_records(str(f), "sft")
     f.write_text("completion\tprompt\treferences\n2\t1+1=\ttwo\n")  # the harness's column wins
     assert read_records(str(f), "sft")[0].completion == "two"
+
+
+def test_characters_a_char_base_lacks_are_named_when_the_data_is_prepared(tmp_path, caplog):
+    """Reference: the base's character vocabulary. Characters of the examples as encoded (contents and
+    the template's text, its special tokens aside) that a char base lacks train as <|unk|>: one warning
+    names them (here 'Ü'; the ChatML-style template's role names are known to this base, while one
+    trained on digits alone would read them as <|unk|> too). Before, nothing said so."""
+    import dataclasses
+    import logging
+
+    from clusterlm.config import TrainConfig
+    from clusterlm.finetune.data import ensure_finetune_data
+
+    base = _chat_base(tmp_path / "base", None)  # characters: digits, + =, space, a-z, newline
+    chatml = tmp_path / "chatml.jinja"
+    chatml.write_text("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                      "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    src = write_jsonl(tmp_path / "r.jsonl", [{"messages": [{"role": "user", "content": f"{i}+{i} Ü"},
+                                                            {"role": "assistant", "content": str(2 * i)}]}
+                                             for i in range(8)])
+    cfg = _sft_cfg(tmp_path, src, init_from=str(base), template=str(chatml))
+    cfg = dataclasses.replace(cfg, train=TrainConfig(out_dir=str(tmp_path / "run"), seq_len=64))
+    with caplog.at_level(logging.WARNING, logger="clusterlm.finetune.data"):
+        ensure_finetune_data(cfg)
+    assert [r.getMessage() for r in caplog.records] == [
+        "1 distinct character(s) of the examples (as they are encoded, template included) are not in the base's "
+        "character vocabulary and train as <|unk|>: 'Ü'"]
+    caplog.clear()
+    plain = write_jsonl(tmp_path / "p.jsonl", pairs(8))
+    with caplog.at_level(logging.WARNING, logger="clusterlm.finetune.data"):
+        ensure_finetune_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=str(plain),
+                                                                                dir=str(tmp_path / "d2")),
+                                                 finetune=dataclasses.replace(cfg.finetune, template="auto")))
+    assert not caplog.records
