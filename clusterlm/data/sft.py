@@ -350,13 +350,15 @@ def prepare_examples(out_dir: str | os.PathLike, *, task: str, source: str, toke
                                    for i, text in augment_texts([r.text for r in train], augment)]
     label_names: tuple[str, ...] = ()
     if task == "classify":
-        label_names = tuple(labels) or tuple(sorted({r.label for r in splits["train"]}))
+        # data.source's labels, its held-out share included: a rare class drawn wholly into validation
+        # is still a class (its weight under class_weights = "balanced" is 0), not a refused record
+        label_names = tuple(labels) or tuple(sorted({r.label for r in recs}))
         index = {name: i for i, name in enumerate(label_names)}
         for split, rs in splits.items():
             for r in rs:
                 if r.label not in index:
                     raise DataError(f"{r.where}: label {r.label!r} is not in the label set "
-                                    f"{', '.join(label_names)} (finetune.labels, else the training labels)")
+                                    f"{', '.join(label_names)} (finetune.labels, else data.source's labels)")
         if len(label_names) < 2:
             raise DataError(f"data.source={source!r}: the training records have {len(label_names)} distinct label(s); "
                             "a classifier needs at least 2")

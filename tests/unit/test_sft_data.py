@@ -116,6 +116,23 @@ def test_labels_outside_the_label_set_are_refused(tmp_path, tok):
     assert not (tmp_path / "d").exists()  # nothing half-written
 
 
+def test_a_class_drawn_only_into_the_held_out_share_is_in_the_label_set(tmp_path, tok):
+    """Reference: data.source's labels (docs/finetune.md "Classification"). With data.val_fraction the
+    validation records come from data.source too; a label whose every record was drawn into them was
+    refused as "c.tsv:N: label 'rare' is not in the label set ..." though line N is in data.source."""
+    from clusterlm.data.sft import _split_val
+
+    held = _split_val(20, 0.1)
+    rows = [f"text {i}\t{'rare' if held[i] else ('pos' if i % 2 else 'neg')}\n" for i in range(20)]
+    tsv = tmp_path / "c.tsv"
+    tsv.write_text("sentence\tlabel\n" + "".join(rows))
+    prepare_examples(tmp_path / "d", task="classify", source=str(tsv), val_fraction=0.1, tokenizer=tok)
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    assert meta["labels"] == ["neg", "pos", "rare"]
+    assert np.load(tmp_path / "d" / "val.labels.npy").tolist() == [2] * int(held.sum())
+    assert 2 not in np.load(tmp_path / "d" / "train.labels.npy").tolist()
+
+
 def test_packing_loader_is_deterministic_resumable_and_splits_ranks(tmp_path, tok):
     f = write_jsonl(tmp_path / "a.jsonl", pairs(50))
     prepare_examples(tmp_path / "d", task="sft", source=str(f), tokenizer=tok, val_fraction=0.0)
