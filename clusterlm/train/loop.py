@@ -239,7 +239,7 @@ class Trainer:
             tokenizer_path=self.tokenizer_file, model_config=mcfg, data_dir=self.data_dir,
             distributed=self.distributed, device=self.device,
             pipeline_stage_source=(coords.dp_rank == 0 and coords.tp == 0) if dims.pp > 1 else None,
-            extra_state={"tokens_per_step": self.tokens_per_step})
+            extra_state={"tokens_per_step": self.tokens_per_step}, finetune=cfg.finetune)
         self.checkpointer.resolve()
         torch.manual_seed(tc.seed)
         transform, init_extra = None, None

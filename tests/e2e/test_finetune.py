@@ -448,3 +448,20 @@ def test_a_classifier_as_init_from_is_refused_naming_its_base(records, tmp_path,
                       "--train.max_steps=1"), capsys)
     assert "is a classifier (labels neg, pos)" in line and "(this one's: runs/lm)" in line
     assert not (tmp_path / "d").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_resume_with_other_lora_adapters_is_refused_naming_the_option(base, records, tmp_path, capsys):
+    """Reference: the checkpoint's config.toml. Resuming a LoRA fine-tune with another lora_rank (or
+    targets) is one line naming the option, both values and the flag that resumes; before, it was
+    "tensor tok_embeddings.lora_a has shape [2, 37] but the model built from its config.toml needs
+    [4, 37]; the checkpoint's files disagree (was one replaced?)", blaming the files."""
+    args = _ft(base, records["chat"], tmp_path / "d", tmp_path / "o", "--finetune.task=sft", "--train.max_steps=2",
+               "--finetune.lora_rank=2")
+    assert cli(args) == 0
+    capsys.readouterr()
+    line = _fails([*args, "--finetune.lora_rank=4", "--train.max_steps=3", "--train.resume=auto"], capsys)
+    assert ("has finetune.lora_rank=2 but the run asks for finetune.lora_rank=4; resume with the checkpoint's "
+            "settings (--finetune.lora_rank=2)") in line
+    line = _fails([*args, '--finetune.lora_targets=["wq"]', "--train.max_steps=3", "--train.resume=auto"], capsys)
+    assert "has finetune.lora_targets=() but the run asks for finetune.lora_targets=('wq',)" in line
+    assert cli([*args, "--train.max_steps=3", "--train.resume=auto"]) == 0  # as saved: resumes
