@@ -52,15 +52,23 @@ def _tokenizer_summary(path: Path) -> str:
     return f"{kind}, vocab {size}"
 
 
+# FinetuneConfig values that fix which adapter tensors a LoRA fine-tune's checkpoint holds, and their shapes
+LORA_SHAPE = ("lora_rank", "lora_targets", "lora_dora")
+
+
 def check_resume(ckpt_path: Path, wanted: ModelConfig, data_dir: Path | None = None,
-                 tokenizer_file: Path | None = None) -> None:
-    """Refuse to resume `ckpt_path` into a model of another shape or with another tokenizer."""
+                 tokenizer_file: Path | None = None, finetune: Any = None) -> None:
+    """Refuse to resume `ckpt_path` into a model of another shape (`finetune`, the run's
+    FinetuneConfig: other LoRA adapters) or with another tokenizer."""
     from clusterlm.checkpoint.model_io import read_checkpoint_config
 
     ckpt_path = Path(ckpt_path)
     saved = read_checkpoint_config(ckpt_path)
     diffs = model_differences(saved.model, wanted)
     fresh = "or start fresh with another --train.out_dir"
+    if finetune is not None and not diffs:
+        diffs = [(f"finetune.{f}", getattr(saved.finetune, f), getattr(finetune, f)) for f in LORA_SHAPE
+                 if getattr(saved.finetune, f) != getattr(finetune, f)]
     if diffs:
         vocab_note = ""
         if any(k == "model.vocab_size" for k, _, _ in diffs) and data_dir is not None:

@@ -75,8 +75,8 @@ class Checkpointer:
 
     resume: "none" (refuses a folder that already holds checkpoints), "auto" (the newest step folder
     that verifies; none: start fresh) or a run directory / checkpoints folder / step folder.
-    model_config, data_dir: what the run asks for; a checkpoint of another model shape or tokenizer
-    is refused in one line before anything is loaded. extra_state: saved in every train_state.json.
+    model_config, data_dir, finetune: what the run asks for; a checkpoint of another model shape,
+    tokenizer or LoRA adapters (rank, targets, DoRA) is refused in one line before anything is loaded. extra_state: saved in every train_state.json.
     pipeline_stage_source: with pp > 1, whether this rank sends its stage's weights for
     model.safetensors (clusterlm.checkpoint.distributed.save_distributed); None otherwise.
     """
@@ -84,13 +84,15 @@ class Checkpointer:
     def __init__(self, root: Path, cfg: Any, *, config_toml: str, resume: str = "none",
                  tokenizer_path: Path | None = None, model_config: Any = None, data_dir: Path | None = None,
                  distributed: bool = False, device: torch.device | None = None,
-                 pipeline_stage_source: bool | None = None, extra_state: dict[str, Any] | None = None) -> None:
+                 pipeline_stage_source: bool | None = None, extra_state: dict[str, Any] | None = None,
+                 finetune: Any = None) -> None:
         self.root = Path(root)
         self.cfg = cfg  # clusterlm.config.CheckpointConfig: keep_last, async_save
         self.config_toml = config_toml
         self.resume = resume
         self.tokenizer_path = tokenizer_path
         self.model_config = model_config
+        self.finetune = finetune  # clusterlm.config.FinetuneConfig: a resume with other LoRA adapters is refused
         self.data_dir = data_dir
         self.distributed = distributed
         self.device = device or torch.device("cpu")
@@ -176,7 +178,7 @@ class Checkpointer:
             if path is not None:  # weights-only first: a pruned copy's other shape is not what to fix
                 _refuse_weights_only(path)
             if path is not None and self.model_config is not None:
-                check_resume(path, self.model_config, self.data_dir, self.tokenizer_path)
+                check_resume(path, self.model_config, self.data_dir, self.tokenizer_path, self.finetune)
             self._resolved = (path,)
         return self._resolved[0]
 

@@ -369,6 +369,10 @@ def resolve_checkpoint(arg: str | Path) -> Path:
     if best is not None:
         warn_if_latest_differs(root, best)
         return best
+    if not rejected and (p / "adapter.json").is_file():  # a LoRA fine-tune's RUN/adapter folder
+        raise CheckpointError(f"{p} is a LoRA adapter folder (adapter.json), not a checkpoint: pass the fine-tune's run "
+                              f"directory ({p.parent}, adapters merged at load), or serve the adapter on its base "
+                              f"with `clusterlm serve NAME={p}`")
     if not rejected:
         raise CheckpointError(f"no checkpoints in {root} (no step-NNNNNNNN folders); {usage}")
     raise CheckpointError(f"no valid checkpoint in {root}; found {len(rejected)}, all rejected:\n"

@@ -58,17 +58,17 @@ def source_ids(tokenizer: Any, text: str) -> list[int]:
     return tokenizer.encode(text) + [tokenizer.eos_id]
 
 
-def read_pairs(spec: str) -> list[SFTRecord]:
+def read_pairs(spec: str, field: str = "data.source") -> list[SFTRecord]:
     """(prompt, completion) records of `spec` for a seq2seq run (module docstring)."""
     from clusterlm.data.sft import read_records
 
     paths = spec.split(",") if "," in spec and not Path(spec).exists() else [spec]
     tabular = (".jsonl", ".jsonl.gz", ".tsv", ".tsv.gz")
     if len(paths) == 1 and not paths[0].endswith(tabular) and Path(paths[0]).is_file():
-        raise DataError(f"data.source={spec!r} is one text file, one side of a parallel corpus: a seq2seq run needs "
+        raise DataError(f"{field}={spec!r} is one text file, one side of a parallel corpus: a seq2seq run needs "
                         "the sources and the targets, as two parallel files 'SRC,TGT' (e.g. train.en.gz,train.fr.gz) "
                         "or a .jsonl/.tsv file of prompt/completion pairs")
-    records = read_records(spec, "sft")
+    records = read_records(spec, "sft", field=field)
     for r in records:
         if r.messages is not None:
             raise DataError(f"{r.where}: a chat record ('messages'); a seq2seq run reads prompt/completion pairs "
@@ -112,7 +112,7 @@ def prepare_pairs(out_dir: str | os.PathLike, *, source: str, tokenizer: Any, ma
     out_dir = Path(out_dir)
     recs = records if records is not None else read_pairs(source)
     if val_records is None and val_source:
-        val_records = read_pairs(val_source)
+        val_records = read_pairs(val_source, "finetune.val_source")
     if val_records is None:
         held = _split_val(len(recs), val_fraction)
         splits = {"train": [r for r, h in zip(recs, held) if not h], "val": [r for r, h in zip(recs, held) if h]}

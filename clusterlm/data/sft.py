@@ -153,8 +153,10 @@ def _sft_jsonl(path: Path) -> list[SFTRecord]:
     return out
 
 
-def read_records(spec: str, task: str, labels: Sequence[str] = ()) -> list[SFTRecord] | list[ClassifyRecord]:
-    """The records of `spec` (a .jsonl/.tsv file, or "SRC,TGT" parallel files) for `task`."""
+def read_records(spec: str, task: str, labels: Sequence[str] = (), field: str = "data.source"
+                 ) -> list[SFTRecord] | list[ClassifyRecord]:
+    """The records of `spec` (a .jsonl/.tsv file, or "SRC,TGT" parallel files) for `task`; `field` is the
+    option that named `spec`, for the messages."""
     from clusterlm.eval.tasks import load_task
 
     if task not in TASKS:
@@ -162,11 +164,11 @@ def read_records(spec: str, task: str, labels: Sequence[str] = ()) -> list[SFTRe
     paths = [Path(p) for p in spec.split(",")] if "," in spec and not Path(spec).exists() else [Path(spec)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise DataError(f"data.source={spec!r}: no such file {', '.join(missing)}; give a .jsonl or .tsv file or two "
+        raise DataError(f"{field}={spec!r}: no such file {', '.join(missing)}; give a .jsonl or .tsv file or two "
                         "parallel text files as 'SRC,TGT'")
     if task == "classify":
         if len(paths) != 1:
-            raise DataError(f"data.source={spec!r}: classification reads one .jsonl or .tsv file of text and label")
+            raise DataError(f"{field}={spec!r}: classification reads one .jsonl or .tsv file of text and label")
         t = load_task(paths[0], kind="classify", labels=list(labels) or None)
         return [ClassifyRecord(e.text, e.label, f"{paths[0]}:{e.line}") for e in t.examples]
     if len(paths) == 1 and paths[0].name.endswith((".jsonl", ".jsonl.gz")):
@@ -331,7 +333,7 @@ def prepare_examples(out_dir: str | os.PathLike, *, task: str, source: str, toke
             raise ConfigError(f"the tokenizer lacks the chat template's special tokens {', '.join(missing)}")
     recs = records if records is not None else read_records(source, task, labels)
     if val_records is None and val_source:
-        val_records = read_records(val_source, task, labels)
+        val_records = read_records(val_source, task, labels, field="finetune.val_source")
     if val_records is None:
         held = _split_val(len(recs), val_fraction)
         splits = {"train": [r for r, h in zip(recs, held) if not h], "val": [r for r, h in zip(recs, held) if h]}
@@ -348,13 +350,15 @@ def prepare_examples(out_dir: str | os.PathLike, *, task: str, source: str, toke
                                    for i, text in augment_texts([r.text for r in train], augment)]
     label_names: tuple[str, ...] = ()
     if task == "classify":
-        label_names = tuple(labels) or tuple(sorted({r.label for r in splits["train"]}))
+        # data.source's labels, its held-out share included: a rare class drawn wholly into validation
+        # is still a class (its weight under class_weights = "balanced" is 0), not a refused record
+        label_names = tuple(labels) or tuple(sorted({r.label for r in recs}))
         index = {name: i for i, name in enumerate(label_names)}
         for split, rs in splits.items():
             for r in rs:
                 if r.label not in index:
                     raise DataError(f"{r.where}: label {r.label!r} is not in the label set "
-                                    f"{', '.join(label_names)} (finetune.labels, else the training labels)")
+                                    f"{', '.join(label_names)} (finetune.labels, else data.source's labels)")
         if len(label_names) < 2:
             raise DataError(f"data.source={source!r}: the training records have {len(label_names)} distinct label(s); "
                             "a classifier needs at least 2")

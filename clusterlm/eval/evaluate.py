@@ -119,8 +119,20 @@ def _objective_loss(loaded: Any, data_dir: Path, split: str, batch_size: int, se
             "tokens": res["tokens"], "loss": res["loss"], "perplexity": math.exp(min(res["loss"], 50.0))}
 
 
+def _labels_arg(text: str) -> list[str] | dict[str, str]:
+    """--labels: "a,b" is the label set; "0=a,1=b" renames the file's labels (eval.tasks.load_task)."""
+    items = [x.strip() for x in text.split(",")]
+    if not any("=" in x for x in items):
+        return items
+    bad = [x for x in items if x.count("=") != 1 or not all(x.partition("=")[::2])]
+    if bad:
+        raise ValueError(f"--labels={text!r}: {bad[0]!r} is not RAW=NAME; give the label set (negative,positive) or "
+                         "every label renamed (0=negative,1=positive)")
+    return dict(x.split("=") for x in items)
+
+
 def evaluate_tasks(ckpt: str, tasks: list[str], *, limit: int | None = None, batch_size: int = 16,
-                   decode: Any = None, truncate: bool = False, labels: list[str] | None = None,
+                   decode: Any = None, truncate: bool = False, labels: list[str] | dict[str, str] | None = None,
                    device: str = "auto", samples_out: str | None = None) -> dict[str, Any]:
     """Scores of a checkpoint on each task (a bundled name or a file), with the decoding settings; a
     chat model is prompted with its checkpoint's chat template and stopped at its end of turn
@@ -187,7 +199,8 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--task", action="append", default=[], metavar="TASK",
                    help="a bundled task name, a task file (.jsonl, .tsv) or a parallel pair SRC,TGT; repeatable")
     g.add_argument("--limit", type=int, help="first N examples of each task")
-    g.add_argument("--labels", help="classify: the label set, comma-separated (default: the file's)")
+    g.add_argument("--labels", help="classify: the label set, comma-separated (default: the file's), or the file's "
+                                    "labels renamed, RAW=NAME,... (0=negative,1=positive)")
     g.add_argument("--samples", metavar="JSONL", help="write one record per example (prediction, references, ...)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="generate tasks: tokens per answer (default 64)")
     g.add_argument("--temperature", type=float, default=0.0, help="generate tasks: 0 = greedy (default)")
@@ -270,7 +283,7 @@ def main(argv: list[str]) -> int:
                                num_beams=args.num_beams, length_penalty=args.length_penalty)
         result = evaluate_tasks(args.checkpoint, args.task, limit=args.limit, batch_size=args.batch_size,
                                 decode=decode, truncate=args.truncate, device=args.device, samples_out=args.samples,
-                                labels=args.labels.split(",") if args.labels else None)
+                                labels=_labels_arg(args.labels) if args.labels else None)
     else:
         result = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, batch_size=args.batch_size,
                                      seq_len=args.seq_len, max_batches=args.max_batches, device=args.device)

@@ -150,8 +150,8 @@ def task_requests(task: Task, decode: DecodeOptions = DecodeOptions(),
         extra = [x for x in task.labels if x not in labels]
         if extra:
             raise ConfigError(f"task {task.name!r} has labels {list(task.labels)} but the classifier's are "
-                              f"{list(labels)}: {extra} are not among them (rename them with --labels, "
-                              "or use a task with the model's labels)")
+                              f"{list(labels)}: {extra} are not among them (rename them: `clusterlm eval --labels RAW=NAME,...`, "
+                              "or a JSONL header's labels mapping; or use a task with the model's labels)")
         return Requests("head", [e.text for e in ex], [list(labels)] * len(ex))
     if task.kind == "generate":
         stops = decode.stops

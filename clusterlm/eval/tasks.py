@@ -370,7 +370,8 @@ def load_tsv(path: PathLike, *, kind: str = "classify", name: str | None = None,
              labels: Sequence[str] | Mapping[str, str] | None = None,
              fields: Mapping[str, str] | None = None, limit: int | None = None) -> Task:
     """A TSV file with a header line; columns are found by name in any order. For a classify task the
-    text column is `text` or `sentence` (SST-2) and the label column `label`; `fields` renames."""
+    text column is `text` or `sentence` (SST-2) and the label column `label`; for a generate task
+    `prompt` and `references` (or `completion`); `fields` renames."""
     _check_limit(limit)
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {KINDS}")
@@ -378,6 +379,8 @@ def load_tsv(path: PathLike, *, kind: str = "classify", name: str | None = None,
     columns, rows = _tsv_records(path)
     given = dict(fields or {})
     fields = {"text": next((c for c in TSV_TEXT_COLUMNS if c in columns), "text"), **given}
+    if kind == "generate" and "references" not in columns and "completion" in columns:
+        fields.setdefault("references", "completion")  # fine-tuning's prompt/completion pairs, as in its JSONL
     if kind == "classify":
         for ours in ("text", "label"):
             if fields.get(ours, ours) not in columns:

@@ -88,6 +88,20 @@ def _encoded_texts(records: list, template: Any | None) -> list[str]:
     return out
 
 
+def _warn_unknown_chars(tok: Any, texts: list[str]) -> None:
+    """A char base reads characters it never saw as <|unk|>, and only special tokens can be added to it:
+    say which characters of the examples train as <|unk|> (a chat template's role names, a new script),
+    as `generate` does for a prompt, rather than train on them silently."""
+    unk = getattr(tok, "unk_id", None)
+    if unk is None:  # byte and BPE tokenizers encode any text
+        return
+    unknown = sorted(c for c in set().union(*map(set, texts)) if tok.encode(c) == [unk])
+    if unknown:
+        shown = "".join(unknown[:10]) + ("..." if len(unknown) > 10 else "")
+        log.warning("%d distinct character(s) of the examples (as they are encoded, template included) are not in "
+                    "the base's character vocabulary and train as <|unk|>: %r", len(unknown), shown)
+
+
 def _check_made_from(data_dir: Path, meta: dict, cfg: Any, base: Any | None) -> None:
     from clusterlm.data.sft import source_differs
 
@@ -219,10 +233,10 @@ def _finetune_data(cfg: Any, base: Any | None) -> tuple[Path, Any, Any]:
             from clusterlm.data.seq2seq import read_pairs
 
             records = read_pairs(data.source)
-            val_records = read_pairs(ft.val_source) if ft.val_source else None
+            val_records = read_pairs(ft.val_source, "finetune.val_source") if ft.val_source else None
         else:
             records = read_records(data.source, ft.task, ft.labels)
-            val_records = read_records(ft.val_source, ft.task, ft.labels) if ft.val_source else None
+            val_records = read_records(ft.val_source, ft.task, ft.labels, "finetune.val_source") if ft.val_source else None
         template = None if seq2seq else resolve_template(ft.template, ft.task, base.template_file if base else None,
                                                          records + (val_records or []))
         if base_tok is not None:
@@ -241,6 +255,8 @@ def _finetune_data(cfg: Any, base: Any | None) -> tuple[Path, Any, Any]:
                 tok = load_tokenizer(data.tokenizer)
         if template is not None:
             tok = tok.with_special_tokens(template.special_tokens)
+        if base_tok is not None:
+            _warn_unknown_chars(tok, _encoded_texts(records + (val_records or []), template))
         log.info("preparing %s: %s records from %s (template: %s, tokenizer: %s, %d tokens)", data_dir, ft.task,
                  data.source, "none" if template is None else ft.template, tok.kind, tok.vocab_size)
         if seq2seq:

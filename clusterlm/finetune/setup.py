@@ -115,6 +115,11 @@ def _read_base(src: Path, made: tuple[Path, ...]) -> Base:
                           f"({', '.join(map(str, ens.get('sources', [])[:2]))}...) or use it as a teacher "
                           "(finetune.distill_from)")
     cfg = read_checkpoint_config(path)
+    if cfg.model.labels:  # its weights sit under a head's backbone: no model being fine-tuned has their places
+        source = f" (this one's: {cfg.finetune.init_from})" if cfg.finetune.init_from else ""
+        raise ConfigError(f"finetune.init_from={path} is a classifier (labels {', '.join(cfg.model.labels)}); "
+                          f"fine-tuning starts from a language model: give the base it was fine-tuned from{source}, "
+                          "or use it as a teacher (finetune.distill_from)")
     tok = path / "tokenizer.json"
     if not tok.is_file():
         raise CheckpointError(f"{path} has no tokenizer.json; a base model for fine-tuning needs its tokenizer")

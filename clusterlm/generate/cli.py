@@ -65,6 +65,8 @@ def warn_unknown_chars(tokenizer, text: str, what: str) -> None:  # noqa: ANN001
     unk = getattr(tokenizer, "unk_id", None)
     if unk is None or not text:
         return
+    for special in getattr(tokenizer, "added_tokens", ()):  # a chat token encodes as its own id, not its characters
+        text = text.replace(special, "")
     unknown = sorted({c for c in text if tokenizer.encode(c) == [unk]})
     if unknown:
         shown = "".join(unknown[:10]) + ("..." if len(unknown) > 10 else "")

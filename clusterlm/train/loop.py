@@ -269,7 +269,7 @@ class Trainer:
             tokenizer_path=self.tokenizer_file, model_config=mcfg, data_dir=self.data_dir,
             distributed=self.distributed, device=self.device,
             pipeline_stage_source=(coords.dp_rank == 0 and coords.tp == 0) if dims.pp > 1 else None,
-            extra_state={"tokens_per_step": self.tokens_per_step})
+            extra_state={"tokens_per_step": self.tokens_per_step}, finetune=cfg.finetune)
         self.checkpointer.resolve()
         torch.manual_seed(tc.seed)
         transform, init_extra = None, None
@@ -491,7 +491,8 @@ class Trainer:
                                       f"{dims.dp_shard}) every rank must make the same forward calls and a "
                                       "generation's number depends on its output: use choice/classify tasks, DDP, "
                                       "or `clusterlm eval RUN --task ...` on the checkpoints")
-                check_fits(task, tok, context, self.task_decode, ec.truncate)
+                # a classifier answers classify tasks with its own labels: checked now, not after the last step
+                check_fits(task, tok, context, self.task_decode, ec.truncate, labels=tuple(mcfg.labels) or None)
                 tasks.append(task)
         except (ConfigError, DataError, OSError) as e:
             problem = e

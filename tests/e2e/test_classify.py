@@ -320,3 +320,19 @@ def test_serve_lstm_classifier(runs):
     want = direct(runs["lstm"], TEXTS)
     for d, w in zip(body["data"], want):
         assert d["probs"] == pytest.approx(w.tolist(), abs=1e-5)
+
+
+def test_eval_labels_rename_a_tasks_labels_to_the_models(runs, tmp_path, capsys):
+    """The refusal of a task with other labels says to rename them with `--labels RAW=NAME,...`; that
+    renames them (load_task's labels mapping), and the scores equal those of the task written with the
+    model's labels. Before, --labels took only a label set, so `--labels negative,...` on a 0/1/2 file
+    was refused again ("unknown label '0'")."""
+    raw = _task(tmp_path / "raw.jsonl", labels=("0", "1", "2"))
+    line = _refused(capsys, str(runs["llama"]), "--task", str(raw))
+    assert "clusterlm eval --labels RAW=NAME,..." in line
+    want = _eval(capsys, str(runs["llama"]), "--task", str(_task(tmp_path / "named.jsonl")))
+    got = _eval(capsys, str(runs["llama"]), "--task", str(raw), "--labels", "0=negative,1=neutral,2=positive")
+    assert got["tasks"]["raw"]["accuracy"] == want["tasks"]["named"]["accuracy"]
+    assert got["tasks"]["raw"]["confusion_matrix"] == want["tasks"]["named"]["confusion_matrix"]
+    assert "'1=neutral=x' is not RAW=NAME" in _refused(capsys, str(runs["llama"]), "--task", str(raw),
+                                                        "--labels", "0=negative,1=neutral=x")

@@ -246,3 +246,21 @@ def test_eval_batch_size_below_1_is_refused_by_the_parser(tmp_path, capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "clusterlm eval: error: argument --batch-size: '0' is not a whole number >= 1")
+
+
+def test_chat_tokens_are_not_named_as_unknown_characters(caplog):
+    """A chat fine-tune of a char model renders '<|user|>' etc. into the prompt: those are added tokens
+    with ids of their own, so only the characters outside them are checked (generate --chat warned
+    that '<>nru|' were <|unk|> for a base that had never seen them)."""
+    import logging
+
+    from clusterlm.generate.cli import warn_unknown_chars
+    from clusterlm.generate.template import CHAT_TOKENS
+    from clusterlm.tokenizer.char import CharTokenizer
+
+    tok = CharTokenizer.train(["3+4=7\n"]).with_special_tokens(CHAT_TOKENS)
+    with caplog.at_level(logging.WARNING, logger="clusterlm.generate.cli"):
+        warn_unknown_chars(tok, "<|user|>\n3+4<|end|>\n<|assistant|>\n", "the prompt")
+        assert not caplog.records
+        warn_unknown_chars(tok, "<|user|>\n3+4€<|end|>\n", "the prompt")
+    assert len(caplog.records) == 1 and "1 distinct character(s)" in caplog.text and "'€'" in caplog.text

@@ -308,6 +308,23 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(base, records, tmp_pat
     assert "finetune.task = 'lm'" in line
 
 
+def test_eval_tasks_a_classifier_cannot_answer_are_refused_before_it_trains(base, records, tmp_path, capsys):
+    """Reference: the start-up check of [eval] tasks (train/loop.py, docs/tasks.md "During training").
+    A classify task with labels other than the classifier's, or a generate task, is exit 2 before the
+    first step, with nothing in the output folder; before, the run trained every step and then failed
+    at the final evaluation without saving a checkpoint."""
+    raw = tmp_path / "dev01.tsv"
+    raw.write_text("sentence\tlabel\nthe film was good.\t1\nthe film was bad.\t0\n")
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text(json.dumps({"prompt": "1+1", "references": ["2"]}) + "\n")
+    for i, (task, needle) in enumerate([(raw, "has labels ['0', '1'] but the classifier's are ['neg', 'pos']"),
+                                        (gen, "is a generate task, but the model is a classifier")]):
+        line = _fails(_ft(base, records["cls"], tmp_path / "d", tmp_path / f"o{i}", "--finetune.task=classify",
+                          "--train.max_steps=2", f"--eval.tasks={json.dumps([str(task)])}"), capsys)
+        assert needle in line
+        assert not (tmp_path / f"o{i}").exists()
+
+
 def test_finetune_from_a_hugging_face_base_and_export_the_chat_model(base, records, tmp_path):
     """A base exported to transformers' files is a valid init_from; the fine-tuned chat model, exported,
     gives the same greedy reply in transformers (apply_chat_template + generate) as in clusterlm."""
@@ -401,3 +418,50 @@ def test_refusals_after_the_base_is_read_leave_no_output(records, tmp_path, caps
                       "--model.dim=64", "--train.max_steps=1"), capsys)
     assert f"finetune.init_from={str(hf)!r} has dim=32" in line and "dim=64" in line
     assert not (tmp_path / "out").exists() and not (tmp_path / "d2").exists()
+
+
+@pytest.mark.parametrize("task", ["classify", "sft"])
+def test_a_classifier_as_init_from_is_refused_naming_its_base(records, tmp_path, capsys, task):
+    """Reference: what init_from takes (docs/finetune.md "The base": a language model). A classifier's
+    weights sit under its head's `backbone.`: as the base of a classify run it failed at the weight load
+    with "tensor backbone.backbone.layers.0... has no place in the model being trained", as an SFT base
+    with "model.pool='auto' and model.pad_id=... are for classifiers". Now one line says what it is and
+    names the base it was fine-tuned from, before any data is prepared."""
+    from clusterlm.checkpoint.store import save_checkpoint
+    from clusterlm.config import FinetuneConfig, RunConfig, to_toml
+    from clusterlm.models.build import build_model
+    from clusterlm.models.config import get_preset
+    from clusterlm.tokenizer.kinds import train_tokenizer
+
+    tok = train_tokenizer("char", [TEXT])
+    tok.save(tmp_path / "tok.json")
+    cfg = get_preset("gpt-nano", n_layers=1, dim=32, n_heads=2, max_seq_len=64, vocab_size=tok.vocab_size,
+                     labels=("neg", "pos"), pad_id=tok.pad_id)
+    model = build_model(cfg)
+    model.init_weights(0)
+    save_checkpoint(tmp_path / "clf" / "checkpoints", 0, model_state=model.state_dict(), optimizer_state=None,
+                    train_state={}, tokenizer_path=tmp_path / "tok.json",
+                    config_toml=to_toml(RunConfig(model=cfg, finetune=FinetuneConfig(task="classify",
+                                                                                     init_from="runs/lm"))))
+    source = records["cls"] if task == "classify" else records["chat"]
+    line = _fails(_ft(tmp_path / "clf", source, tmp_path / "d", tmp_path / "o", f"--finetune.task={task}",
+                      "--train.max_steps=1"), capsys)
+    assert "is a classifier (labels neg, pos)" in line and "(this one's: runs/lm)" in line
+    assert not (tmp_path / "d").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_resume_with_other_lora_adapters_is_refused_naming_the_option(base, records, tmp_path, capsys):
+    """Reference: the checkpoint's config.toml. Resuming a LoRA fine-tune with another lora_rank (or
+    targets) is one line naming the option, both values and the flag that resumes; before, it was
+    "tensor tok_embeddings.lora_a has shape [2, 37] but the model built from its config.toml needs
+    [4, 37]; the checkpoint's files disagree (was one replaced?)", blaming the files."""
+    args = _ft(base, records["chat"], tmp_path / "d", tmp_path / "o", "--finetune.task=sft", "--train.max_steps=2",
+               "--finetune.lora_rank=2")
+    assert cli(args) == 0
+    capsys.readouterr()
+    line = _fails([*args, "--finetune.lora_rank=4", "--train.max_steps=3", "--train.resume=auto"], capsys)
+    assert ("has finetune.lora_rank=2 but the run asks for finetune.lora_rank=4; resume with the checkpoint's "
+            "settings (--finetune.lora_rank=2)") in line
+    line = _fails([*args, '--finetune.lora_targets=["wq"]', "--train.max_steps=3", "--train.resume=auto"], capsys)
+    assert "has finetune.lora_targets=() but the run asks for finetune.lora_targets=('wq',)" in line
+    assert cli([*args, "--train.max_steps=3", "--train.resume=auto"]) == 0  # as saved: resumes

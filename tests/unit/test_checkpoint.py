@@ -348,6 +348,18 @@ def test_none_valid_raises_with_reasons(tmp_path):
     assert find_latest_valid(tmp_path / "absent") is None
 
 
+def test_a_lora_adapter_folder_is_named_as_one(tmp_path):
+    """RUN/adapter (adapter.json, a LoRA fine-tune's adapters alone) given to eval, generate or export:
+    one line says what it is and points to the run directory and to `serve`, where the generic "no
+    checkpoints in RUN/adapter (no step-NNNNNNNN folders)" left the user to guess why."""
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=rf"^{adapter} is a LoRA adapter folder \(adapter.json\), not a "
+                                              rf"checkpoint: pass the fine-tune's run directory \({adapter.parent},"):
+        resolve_checkpoint(adapter)
+
+
 def test_load_model_weights_checks_only_the_model_file(tmp_path):
     """load_model_weights ignores a damaged optimizer file (it is not read) but refuses a damaged
     model.safetensors; load_checkpoint refuses both; verify=False skips hashing."""

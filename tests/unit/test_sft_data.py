@@ -116,6 +116,23 @@ def test_labels_outside_the_label_set_are_refused(tmp_path, tok):
     assert not (tmp_path / "d").exists()  # nothing half-written
 
 
+def test_a_class_drawn_only_into_the_held_out_share_is_in_the_label_set(tmp_path, tok):
+    """Reference: data.source's labels (docs/finetune.md "Classification"). With data.val_fraction the
+    validation records come from data.source too; a label whose every record was drawn into them was
+    refused as "c.tsv:N: label 'rare' is not in the label set ..." though line N is in data.source."""
+    from clusterlm.data.sft import _split_val
+
+    held = _split_val(20, 0.1)
+    rows = [f"text {i}\t{'rare' if held[i] else ('pos' if i % 2 else 'neg')}\n" for i in range(20)]
+    tsv = tmp_path / "c.tsv"
+    tsv.write_text("sentence\tlabel\n" + "".join(rows))
+    prepare_examples(tmp_path / "d", task="classify", source=str(tsv), val_fraction=0.1, tokenizer=tok)
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    assert meta["labels"] == ["neg", "pos", "rare"]
+    assert np.load(tmp_path / "d" / "val.labels.npy").tolist() == [2] * int(held.sum())
+    assert 2 not in np.load(tmp_path / "d" / "train.labels.npy").tolist()
+
+
 def test_packing_loader_is_deterministic_resumable_and_splits_ranks(tmp_path, tok):
     f = write_jsonl(tmp_path / "a.jsonl", pairs(50))
     prepare_examples(tmp_path / "d", task="sft", source=str(f), tokenizer=tok, val_fraction=0.0)
@@ -396,3 +413,70 @@ def test_a_data_dir_of_other_files_is_refused_not_replaced(tmp_path):
     data_dir, _, _ = ensure_finetune_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
                                                                                              dir=str(tmp_path / "empty"))))
     assert (data_dir / "meta.json").is_file()
+
+
+def test_a_missing_val_source_is_named_as_finetune_val_source(tmp_path):
+    """Reference: the option the user set. A finetune.val_source that does not exist was refused as
+    "data.source='...': no such file", naming the option that was fine; the seq2seq reader too."""
+    from clusterlm.data.seq2seq import read_pairs
+    from clusterlm.finetune.data import ensure_finetune_data
+
+    src = write_jsonl(tmp_path / "r.jsonl", pairs(8))
+    missing = tmp_path / "val.jsonl"
+    with pytest.raises(DataError, match=rf"^finetune.val_source='{missing}': no such file {missing}; give a .jsonl"):
+        ensure_finetune_data(_sft_cfg(tmp_path, src, val_source=str(missing)))
+    assert not (tmp_path / "data").exists()
+    with pytest.raises(DataError, match=r"^finetune.val_source='.*val.jsonl': no such file"):
+        read_pairs(str(missing), "finetune.val_source")
+    with pytest.raises(DataError, match=r"^data.source='.*val.jsonl': no such file"):
+        read_records(str(missing), "sft")
+
+
+def test_a_tsv_of_prompt_completion_pairs_is_read_for_sft_and_seq2seq(tmp_path):
+    """Reference: the JSONL's field names, and docs/encdec.md ("a .jsonl/.tsv file of prompt/completion
+    pairs"). A TSV with `prompt` and `completion` columns was refused ("no field 'references'")."""
+    from clusterlm.data.seq2seq import read_pairs
+
+    f = tmp_path / "p.tsv"
+    f.write_text("prompt\tcompletion\n1+1=\t2\n2+2=\t4\n")
+    for recs in (read_records(str(f), "sft"), read_pairs(str(f))):
+        assert [(r.prompt, r.completion) for r in recs] == [("1+1=", "2"), ("2+2=", "4")]
+    f.write_text("prompt\tcompletion\n1+1=\t2\n2+2=\t \n")
+    with pytest.raises(DataError, match=r"p.tsv:3: field 'completion' must be a non-empty string"):
+        read_records(str(f), "sft")
+    f.write_text("completion\tprompt\treferences\n2\t1+1=\ttwo\n")  # the harness's column wins
+    assert read_records(str(f), "sft")[0].completion == "two"
+
+
+def test_characters_a_char_base_lacks_are_named_when_the_data_is_prepared(tmp_path, caplog):
+    """Reference: the base's character vocabulary. Characters of the examples as encoded (contents and
+    the template's text, its special tokens aside) that a char base lacks train as <|unk|>: one warning
+    names them (here 'Ü'; the ChatML-style template's role names are known to this base, while one
+    trained on digits alone would read them as <|unk|> too). Before, nothing said so."""
+    import dataclasses
+    import logging
+
+    from clusterlm.config import TrainConfig
+    from clusterlm.finetune.data import ensure_finetune_data
+
+    base = _chat_base(tmp_path / "base", None)  # characters: digits, + =, space, a-z, newline
+    chatml = tmp_path / "chatml.jinja"
+    chatml.write_text("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                      "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    src = write_jsonl(tmp_path / "r.jsonl", [{"messages": [{"role": "user", "content": f"{i}+{i} Ü"},
+                                                            {"role": "assistant", "content": str(2 * i)}]}
+                                             for i in range(8)])
+    cfg = _sft_cfg(tmp_path, src, init_from=str(base), template=str(chatml))
+    cfg = dataclasses.replace(cfg, train=TrainConfig(out_dir=str(tmp_path / "run"), seq_len=64))
+    with caplog.at_level(logging.WARNING, logger="clusterlm.finetune.data"):
+        ensure_finetune_data(cfg)
+    assert [r.getMessage() for r in caplog.records] == [
+        "1 distinct character(s) of the examples (as they are encoded, template included) are not in the base's "
+        "character vocabulary and train as <|unk|>: 'Ü'"]
+    caplog.clear()
+    plain = write_jsonl(tmp_path / "p.jsonl", pairs(8))
+    with caplog.at_level(logging.WARNING, logger="clusterlm.finetune.data"):
+        ensure_finetune_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=str(plain),
+                                                                                dir=str(tmp_path / "d2")),
+                                                 finetune=dataclasses.replace(cfg.finetune, template="auto")))
+    assert not caplog.records
