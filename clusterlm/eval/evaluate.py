@@ -145,6 +145,11 @@ def evaluate_tasks(ckpt: str, tasks: list[str], *, limit: int | None = None, bat
 
     decode = decode or DecodeOptions()
     loaded_tasks = [resolve_task(t, limit=limit, **({"labels": labels} if labels else {})) for t in tasks]
+    if labels:  # a label set or renaming means nothing to other kinds: say so instead of ignoring it
+        other = [f"{t.name!r} ({t.kind})" for t in loaded_tasks if t.kind != "classify"]
+        if other:
+            raise DataError(f"--labels applies to classify tasks; {', '.join(other)} "
+                            f"{'is' if len(other) == 1 else 'are'} not one: leave --labels out")
     loaded = load_for_inference(ckpt, device=resolve_device(device, "--device"))
     for task in loaded_tasks:  # a classifier answers classify tasks with its labels: refused before any scoring
         check_model_kind(loaded.model, task_requests(task, decode, model_labels(loaded.model)), f"task {task.name!r}")

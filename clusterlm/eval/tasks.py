@@ -381,6 +381,10 @@ def load_tsv(path: PathLike, *, kind: str = "classify", name: str | None = None,
     fields = {"text": next((c for c in TSV_TEXT_COLUMNS if c in columns), "text"), **given}
     if kind == "generate" and "references" not in columns and "completion" in columns:
         fields.setdefault("references", "completion")  # fine-tuning's prompt/completion pairs, as in its JSONL
+    if kind == "generate" and fields.get("references", "references") not in columns:
+        want = fields["references"] if "references" in given else "references' or 'completion"
+        raise DataError(f"{path}:1: the header has no column '{want}' (the response of a generate task or an "
+                        f"SFT pair; fields= renames); columns: {', '.join(columns)}")
     if kind == "classify":
         for ours in ("text", "label"):
             if fields.get(ours, ours) not in columns:

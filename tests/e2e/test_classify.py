@@ -336,3 +336,7 @@ def test_eval_labels_rename_a_tasks_labels_to_the_models(runs, tmp_path, capsys)
     assert got["tasks"]["raw"]["confusion_matrix"] == want["tasks"]["named"]["confusion_matrix"]
     assert "'1=neutral=x' is not RAW=NAME" in _refused(capsys, str(runs["llama"]), "--task", str(raw),
                                                         "--labels", "0=negative,1=neutral=x")
+    gen = tmp_path / "gen.jsonl"  # --labels on a task without labels was ignored without a word
+    gen.write_text('{"prompt": "a b", "references": ["c"]}\n')
+    line = _refused(capsys, str(runs["llama"]), "--task", str(gen), "--labels", "a,b")
+    assert "--labels applies to classify tasks; 'gen' (generate) is not one" in line, line

@@ -446,6 +446,10 @@ def test_a_tsv_of_prompt_completion_pairs_is_read_for_sft_and_seq2seq(tmp_path):
         read_records(str(f), "sft")
     f.write_text("completion\tprompt\treferences\n2\t1+1=\ttwo\n")  # the harness's column wins
     assert read_records(str(f), "sft")[0].completion == "two"
+    f.write_text("prompt\tanswer\n1+1=\t2\n")  # neither column: the header is named, with both names
+    with pytest.raises(DataError, match=r"p.tsv:1: the header has no column 'references' or 'completion' .*"
+                                        r"columns: prompt, answer"):
+        read_records(str(f), "sft")
 
 
 def test_characters_a_char_base_lacks_are_named_when_the_data_is_prepared(tmp_path, caplog):
