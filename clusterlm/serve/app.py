@@ -840,6 +840,10 @@ def main(argv: list[str]) -> int:
     ckpt = Path(specs[0].path)
     if len(specs) == 1 and not ckpt.exists():  # one model: nothing to serve; several: the others serve
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
+    if len(specs) == 1 and (ckpt / "adapter.json").is_file():  # refused before the port is bound
+        from clusterlm.serve.models import refuse_classifier_adapter
+
+        refuse_classifier_adapter(ckpt)
     if len(specs) == 1 and (ckpt / "adapter.json").is_file():  # an adapter folder whose base has moved
         from clusterlm.finetune.lora import adapter_source
 

@@ -196,9 +196,27 @@ def own_tensor_bytes(model: nn.Module) -> int:
     return tensor_bytes(own)
 
 
-def _load_adapter(path: Path, device: str, bases: dict | None = None) -> object:
-    from clusterlm.checkpoint.model_io import load_for_inference, read_checkpoint_config
+def refuse_classifier_adapter(path: Path) -> None:
+    """A CheckpointError when adapter folder `path` belongs to a classifier fine-tune: its head was
+    trained with the adapters but is not in adapter.safetensors, so the full checkpoint is what serves.
+    Reads configs only (serve calls it before binding its port)."""
+    import os
+
+    from clusterlm.checkpoint.model_io import read_checkpoint_config
     from clusterlm.checkpoint.store import resolve_checkpoint
+    from clusterlm.errors import CheckpointError
+
+    ckpt = _optional_source(path, "checkpoint")
+    if ckpt is None:
+        return
+    labels = read_checkpoint_config(resolve_checkpoint(str(ckpt))).model.labels
+    if labels:
+        raise CheckpointError(f"{path} holds the adapters of a classifier (labels {', '.join(labels)}); its head "
+                              f"is only in the full checkpoint: serve {os.path.normpath(ckpt)}")
+
+
+def _load_adapter(path: Path, device: str, bases: dict | None = None) -> object:
+    from clusterlm.checkpoint.model_io import load_for_inference
     from clusterlm.errors import CheckpointError
     from clusterlm.finetune.lora import adapter_source, load_adapters, merge_lora, read_adapter_meta
     from clusterlm.generate.template import read_template
@@ -209,12 +227,7 @@ def _load_adapter(path: Path, device: str, bases: dict | None = None) -> object:
     if base_path is None:
         raise CheckpointError(f"{path}/adapter.json has no meta.base (the base checkpoint the adapters were "
                               "trained on); serve the fine-tune's checkpoint instead")
-    ckpt = _optional_source(path, "checkpoint")
-    if ckpt is not None:
-        labels = read_checkpoint_config(resolve_checkpoint(str(ckpt))).model.labels
-        if labels:  # its head was trained with the adapters but is not in adapter.safetensors
-            raise CheckpointError(f"{path} holds the adapters of a classifier (labels {', '.join(labels)}); its head "
-                                  f"is only in the full checkpoint: serve {ckpt}")
+    refuse_classifier_adapter(path)
     # the fine-tune's tokenizer and template (written beside the adapters since 2026-12-06): its chat
     # tokens grew the base's vocabulary, new rows at the mean of the base's (finetune/setup.py), so the
     # base is rebuilt the same way; older folders answer with the base's own tokenizer and template

@@ -134,6 +134,20 @@ def test_lora_classifier_trains_few_parameters_saves_small_adapters_and_merges_a
     assert cli(["export", "--out", str(tmp_path / "hf"), str(out)]) == EXIT_USAGE
     assert not (tmp_path / "hf").exists()
     assert cli(["generate", str(out), "--prompt", "the film"]) == EXIT_USAGE
+    # serving its adapter folder alone (the head is not in it) is refused before the port is bound,
+    # naming the checkpoint to serve as a plain path (it was RUN/adapter/../checkpoints/step-N, after binding)
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "clusterlm", "serve", str(out / "adapter"), "--port", str(port)],
+                       capture_output=True, text=True, timeout=120)
+    step = next((out / "checkpoints").glob("step-*"))
+    assert r.returncode == EXIT_USAGE and f"its head is only in the full checkpoint: serve {step}" in r.stderr, r.stderr
+    assert "Uvicorn running" not in r.stderr and "API key" not in r.stdout, (r.stdout, r.stderr)
 
 
 def test_dora_sft_resumes_bit_exactly_and_merges_at_load(base, records, tmp_path):
