@@ -206,6 +206,20 @@ def test_lone_surrogates_and_non_json_numbers_are_400(served):
 
 
 # ---- 7 and 11: start-up failures name the problem and exit with their code -------------------------------
+def _serve_here(args: list[str], capsys) -> tuple[int, str, str]:  # noqa: ANN001
+    """`clusterlm serve ARGS` in this process, for refusals that come before the port is bound (a
+    subprocess costs seconds of imports each): (exit code, stdout, stderr). serve sets the root logger's
+    level; it is put back, so later tests' log capture is not changed."""
+    root = logging.getLogger()
+    level = root.level
+    try:
+        code = cli(["serve", *args])
+    finally:
+        root.setLevel(level)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def _serve_cli(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "clusterlm", "serve", *args], capture_output=True, text=True,
                           timeout=timeout)
@@ -250,7 +264,7 @@ def test_busy_port_exits_69_before_loading_and_open_key_file_warns(tmp_path):
             assert ("chmod 600" in r.stderr and f"{mode:04o}" in r.stderr and str(key) in r.stderr) == warned, r.stderr
 
 
-def test_bad_limits_name_their_option_and_a_refused_start_prints_no_key(tmp_path):
+def test_bad_limits_name_their_option_and_a_refused_start_prints_no_key(tmp_path, capsys):
     """`--max-batch 0` was refused as 'max_batch=0' (a name the user never typed; `--header-timeout 0` as
     'header_timeout=0.0'), and after a generated API key had been printed, as it was before a busy port's
     exit 69: a key for a server that never ran. Now a limit is refused naming its option, and the
@@ -261,9 +275,9 @@ def test_bad_limits_name_their_option_and_a_refused_start_prints_no_key(tmp_path
     for flag, val in (("--max-batch", "0"), ("--max-queue", "-1"), ("--max-new-tokens-limit", "0"),
                       ("--max-body-bytes", "10"), ("--max-connections", "0"), ("--header-timeout", "0.0"),
                       ("--body-timeout", "nan")):
-        r = _serve_cli([str(tmp_path / "ckpt"), "--port", str(_free_port()), flag, val])
-        assert r.returncode == 2 and f"error: {flag}={val} must be " in r.stderr, r.stderr
-        assert "API key" not in r.stdout, r.stdout
+        code, out, err = _serve_here([str(tmp_path / "ckpt"), "--port", str(_free_port()), flag, val], capsys)
+        assert code == 2 and f"error: {flag}={val} must be " in err, err
+        assert "API key" not in out, out
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -271,7 +285,7 @@ def test_bad_limits_name_their_option_and_a_refused_start_prints_no_key(tmp_path
     assert r.returncode == EXIT_UNAVAILABLE and "API key" not in r.stdout, (r.stdout, r.stderr)
 
 
-def test_a_missing_or_directory_key_file_is_named_as_the_option(tmp_path):
+def test_a_missing_or_directory_key_file_is_named_as_the_option(tmp_path, capsys):
     """`--api-key-file` naming nothing, or a directory (Docker makes one where a bind-mounted secret file is
     missing), ended in a raw "[Errno 2] ... '/run/secrets/...'" / "[Errno 21]" without the option; now one
     line names --api-key-file and what to give, exit 2."""
@@ -279,9 +293,10 @@ def test_a_missing_or_directory_key_file_is_named_as_the_option(tmp_path):
     (tmp_path / "secret").mkdir()
     for path, said in ((tmp_path / "nokey", "No such file or directory; give a file holding the key"),
                        (tmp_path / "secret", "is a directory, not a file")):
-        r = _serve_cli([str(tmp_path / "ckpt"), "--port", str(_free_port()), "--api-key-file", str(path)])
-        assert r.returncode == 2 and f"error: --api-key-file {path}" in r.stderr and said in r.stderr, r.stderr
-        assert "Errno" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+        code, _, err = _serve_here([str(tmp_path / "ckpt"), "--port", str(_free_port()), "--api-key-file",
+                                    str(path)], capsys)
+        assert code == 2 and f"error: --api-key-file {path}" in err and said in err, err
+        assert "Errno" not in err and "Traceback" not in err, err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without CUDA")
