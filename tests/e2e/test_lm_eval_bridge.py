@@ -89,7 +89,8 @@ def test_choice_task_same_scores_through_lm_eval(run, tmp_path, capsys, monkeypa
     from lm_eval.tasks import TaskManager
 
     res = lm_eval.simple_evaluate(model="clusterlm", model_args=f"checkpoint={run},batch_size=16,device=cpu",
-                                  tasks=[TASK], task_manager=TaskManager(include_path=str(FIXTURES)),
+                                  tasks=[TASK], task_manager=TaskManager(include_path=str(FIXTURES),
+                                                                         include_defaults=False),
                                   log_samples=True)
     assert res["results"][TASK]["acc,none"] == pytest.approx(ours["acc"], abs=1e-12)
     assert res["results"][TASK]["acc_norm,none"] == pytest.approx(ours["acc_norm"], abs=1e-12)
@@ -97,6 +98,32 @@ def test_choice_task_same_scores_through_lm_eval(run, tmp_path, capsys, monkeypa
     for s in res["samples"][TASK]:
         ll = [r[0][0] for r in s["resps"]]
         assert ll == pytest.approx(ours_ll[s["doc_id"] + 1], abs=1e-5)
+
+
+def test_a_task_in_the_include_folder_is_found_without_indexing_lm_evals_own():
+    """--lm-eval-include DIR with plain tasks that are all in DIR: lm-eval's TaskManager indexes DIR
+    alone (its thousands of bundled YAMLs took ~18 s of every such eval); a task not there, or a group
+    (it may name bundled tasks), indexes both."""
+    from lm_eval.tasks import TaskManager
+
+    from clusterlm.eval.lm_eval_bridge import _task_manager
+
+    made = []
+
+    class Recording(TaskManager):
+        def __init__(self, **kw) -> None:
+            made.append(kw.get("include_defaults", True))
+            if kw.get("include_defaults", True):  # stand-in for the full index: DIR's tasks only, quickly
+                kw = {**kw, "include_defaults": False}
+            super().__init__(**kw)
+
+    assert _task_manager(Recording, [TASK], [str(FIXTURES)]).all_tasks == [TASK] and made == [False]
+    made.clear()
+    _task_manager(Recording, [TASK, "hellaswag"], [str(FIXTURES)])
+    assert made == [False, True]
+    made.clear()
+    _task_manager(Recording, ["hellaswag"], [])
+    assert made == [True]
 
 
 def test_register_keeps_lm_eval_models():
