@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from clusterlm.train.metrics import read_metrics
 
@@ -111,6 +112,29 @@ def random_checkpoint(tmp_path: Path, kind: str, text: str, *, bpe_vocab: int, n
     save_checkpoint(tmp_path / "run" / "checkpoints", 0, model_state=model.state_dict(), optimizer_state=None,
                     train_state={}, config_toml=to_toml(RunConfig(model=cfg)), tokenizer_path=tmp_path / "tok.json")
     return tmp_path / "run"
+
+
+def random_classifier(out: Path, kind: str, text: str, preset: str, labels: tuple[str, ...], *, n_heads: int,
+                      context: int, finetune: Any = None) -> Path:
+    """A random-weights classifier checkpoint of a 1-layer, 32-wide `preset` (labels, the tokenizer's pad id) with a
+    `kind` tokenizer trained on `text`, saved under out/checkpoints (tokenizer at out.parent/tok.json),
+    `finetune` (a FinetuneConfig) in its config; returns `out`."""
+    from clusterlm.checkpoint.store import save_checkpoint
+    from clusterlm.config import RunConfig, to_toml
+    from clusterlm.models.build import build_model
+    from clusterlm.models.config import get_preset
+    from clusterlm.tokenizer.kinds import train_tokenizer
+
+    tok = train_tokenizer(kind, [text])
+    tok.save(out.parent / "tok.json")
+    cfg = get_preset(preset, n_layers=1, dim=32, n_heads=n_heads, max_seq_len=context, vocab_size=tok.vocab_size,
+                     labels=labels, pad_id=tok.pad_id)
+    model = build_model(cfg)
+    model.init_weights(0)
+    run = RunConfig(model=cfg) if finetune is None else RunConfig(model=cfg, finetune=finetune)
+    save_checkpoint(out / "checkpoints", 0, model_state=model.state_dict(), optimizer_state=None, train_state={},
+                    config_toml=to_toml(run), tokenizer_path=out.parent / "tok.json")
+    return out
 
 
 def chat_run(tmp_path: Path, messages: list[dict[str, str]], reply: str, template: bool = True) -> Path:

@@ -441,22 +441,11 @@ def test_a_classifier_as_init_from_is_refused_naming_its_base(records, tmp_path,
     with "tensor backbone.backbone.layers.0... has no place in the model being trained", as an SFT base
     with "model.pool='auto' and model.pad_id=... are for classifiers". Now one line says what it is and
     names the base it was fine-tuned from, before any data is prepared."""
-    from clusterlm.checkpoint.store import save_checkpoint
-    from clusterlm.config import FinetuneConfig, RunConfig, to_toml
-    from clusterlm.models.build import build_model
-    from clusterlm.models.config import get_preset
-    from clusterlm.tokenizer.kinds import train_tokenizer
+    from clusterlm.config import FinetuneConfig
+    from tests.helpers import random_classifier
 
-    tok = train_tokenizer("char", [TEXT])
-    tok.save(tmp_path / "tok.json")
-    cfg = get_preset("gpt-nano", n_layers=1, dim=32, n_heads=2, max_seq_len=64, vocab_size=tok.vocab_size,
-                     labels=("neg", "pos"), pad_id=tok.pad_id)
-    model = build_model(cfg)
-    model.init_weights(0)
-    save_checkpoint(tmp_path / "clf" / "checkpoints", 0, model_state=model.state_dict(), optimizer_state=None,
-                    train_state={}, tokenizer_path=tmp_path / "tok.json",
-                    config_toml=to_toml(RunConfig(model=cfg, finetune=FinetuneConfig(task="classify",
-                                                                                     init_from="runs/lm"))))
+    random_classifier(tmp_path / "clf", "char", TEXT, "gpt-nano", ("neg", "pos"), n_heads=2, context=64,
+                      finetune=FinetuneConfig(task="classify", init_from="runs/lm"))
     source = records["cls"] if task == "classify" else records["chat"]
     line = _fails(_ft(tmp_path / "clf", source, tmp_path / "d", tmp_path / "o", f"--finetune.task={task}",
                       "--train.max_steps=1"), capsys)

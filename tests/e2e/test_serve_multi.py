@@ -267,22 +267,11 @@ def test_classifier_and_lm_side_by_side(runs, tmp_path):
     classifier's /v1/models entry has its labels and no KV cache."""
     from starlette.testclient import TestClient
 
-    from clusterlm.checkpoint.store import save_checkpoint
-    from clusterlm.config import RunConfig, to_toml
-    from clusterlm.models.build import build_model
-    from clusterlm.models.config import get_preset
     from clusterlm.serve.app import Settings, create_app
     from clusterlm.serve.models import ModelSpec, load_model
-    from clusterlm.tokenizer.kinds import train_tokenizer
+    from tests.helpers import random_classifier
 
-    tok = train_tokenizer("byte", ["x"])
-    tok.save(tmp_path / "tok.json")
-    cfg = get_preset("llama-nano", n_layers=1, dim=32, n_heads=4, max_seq_len=32, vocab_size=tok.vocab_size,
-                     labels=("negative", "positive"), pad_id=tok.pad_id)
-    model = build_model(cfg)
-    model.init_weights(0)
-    save_checkpoint(tmp_path / "clf" / "checkpoints", 0, model_state=model.state_dict(), optimizer_state=None,
-                    train_state={}, config_toml=to_toml(RunConfig(model=cfg)), tokenizer_path=tmp_path / "tok.json")
+    random_classifier(tmp_path / "clf", "byte", "x", "llama-nano", ("negative", "positive"), n_heads=4, context=32)
     app = create_app(lambda spec: load_model(spec.path, "cpu"), Settings(api_key=KEY, model_name="unused"),
                      models=[ModelSpec("sst2", str(tmp_path / "clf")), ModelSpec("lm", str(runs["byte"]))])
     h = {"Authorization": f"Bearer {KEY}"}
