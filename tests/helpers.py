@@ -26,6 +26,10 @@ def signal_on_import(sig: str, module: str) -> str:
     point (a timer would race the imports). raise_signal runs the handler before it returns."""
     return f"""
 import signal, sys
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    # a shell that starts the tests in the background (`pytest &`) ignores SIGINT, and exec keeps it
+    # ignored: put back what Python installs at a terminal, or the SIGINT cases test nothing
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 class _SignalOnImport:
     def find_spec(self, name, path=None, target=None):
         if name == {module!r}:

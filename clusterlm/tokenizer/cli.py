@@ -66,6 +66,10 @@ def _train(args: argparse.Namespace) -> int:
     st = reader.stats
     for p in st.problems[:10]:
         log.warning("%s", p)
+    if tok.kind == "byte":  # the 256 bytes and the specials: the inputs are not read
+        print(f"{out}: byte tokenizer, vocab {tok.vocab_size} (fixed: every UTF-8 byte and the special "
+              f"tokens; it needs no training, so the {len(sources)} input file(s) were not read)")
+        return 0
     print(f"{out}: {tok.kind} tokenizer, vocab {tok.vocab_size}, trained on "
           f"{st.documents_read - st.skipped_empty} documents from {len(sources)} files "
           f"({st.skipped_empty} empty, {st.skipped_bad_record} bad records skipped)")

@@ -491,3 +491,15 @@ def test_train_cli_out_a_folder_is_refused_without_suggesting_overwrite(tmp_path
     for extra in ([], ["--overwrite"]):
         with pytest.raises(ConfigError, match=r"--out .* is a directory; give the path of a \.json file"):
             main(["train", str(tmp_path / "a.txt"), "--kind", "char", "--out", str(tmp_path), *extra])
+
+
+def test_train_cli_byte_says_it_read_nothing(tmp_path, capsys):
+    """`tokenizer train --kind byte` writes the fixed byte tokenizer without reading its inputs, and says
+    so (it printed "trained on 0 documents", as if the files had been empty)."""
+    from clusterlm.tokenizer.cli import main
+
+    (tmp_path / "a.txt").write_text("hello world\n" * 5)
+    assert main(["train", str(tmp_path / "a.txt"), "--kind", "byte", "--out", str(tmp_path / "t.json")]) == 0
+    out = capsys.readouterr().out
+    assert "vocab 259" in out and "needs no training" in out and "0 documents" not in out
+    assert load_tokenizer(tmp_path / "t.json").kind == "byte"
