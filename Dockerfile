@@ -2,6 +2,7 @@
 #
 #   bash deploy/docker/build.sh                  # fills build/wheelhouse, then builds clusterlm:cpu
 #   docker build --network none -t clusterlm:cpu .   # the same build by hand, once the wheelhouse is there
+#                                                    # (BuildKit: Docker 23+; DOCKER_BUILDKIT=1 on 20.10)
 #
 # Nothing is downloaded while building: every Python package comes from build/wheelhouse
 # (`pip install --no-index`), made beforehand by deploy/docker/build.sh with `pip wheel`, the way
@@ -27,31 +28,34 @@
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
-# ---- stage 1: a virtual environment from the wheelhouse ---------------------------------------------
-FROM ${BASE_IMAGE} AS build
+# ---- stage 1: the wheelhouse and the list of what serving needs, on their own --------------------------
+# Never part of the image: the install below bind-mounts this stage on /mnt (BuildKit's RUN --mount; /mnt
+# is in every Debian base, so not even a mount point is left behind), so no layer holds the wheels, and the 1 GB environment is installed where it runs instead of copied between stages
+# (the COPY --from of the venv took 41 s of a 100 s build on 2 cores).
+FROM scratch AS wheels
 ARG WHEELHOUSE=build/wheelhouse
-COPY ${WHEELHOUSE}/ /tmp/wheelhouse/
-COPY deploy/docker/requirements-serve.txt /tmp/
-# --no-index: only the wheelhouse; a missing wheel fails here instead of reaching out. clusterlm
-# without its dependencies, then what serving needs: training, report and metric packages
-# (matplotlib, tensorboard, scikit-learn, scipy, ...) are not in the image.
-RUN python3 -m venv /opt/clusterlm \
- && /opt/clusterlm/bin/pip install --no-index --find-links /tmp/wheelhouse --no-cache-dir \
-        --disable-pip-version-check --quiet --no-deps clusterlm \
- && /opt/clusterlm/bin/pip install --no-index --find-links /tmp/wheelhouse --no-cache-dir \
-        --disable-pip-version-check --quiet -r /tmp/requirements-serve.txt \
- && /opt/clusterlm/bin/pip uninstall --yes --quiet pip \
- && /opt/clusterlm/bin/python -c "import clusterlm.serve.app, torch; print('torch', torch.__version__)"
+COPY ${WHEELHOUSE}/ /wheelhouse/
+COPY deploy/docker/requirements-serve.txt /wheelhouse/
 
-# ---- stage 2: the runtime: the base, the venv, a non-root user ---------------------------------------
+# ---- stage 2: the runtime: the base, a virtual environment from the wheelhouse, a non-root user ---------
 FROM ${BASE_IMAGE}
 ARG VARIANT=cpu
 ARG UID=10001
 LABEL org.opencontainers.image.title="clusterlm" \
       org.opencontainers.image.description="clusterlm serve: an OpenAI-compatible API over a checkpoint (${VARIANT})"
-RUN useradd --uid ${UID} --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin clusterlm \
+# --no-index: only the wheelhouse; a missing wheel fails here instead of reaching out. clusterlm
+# without its dependencies, then what serving needs: training, report and metric packages
+# (matplotlib, tensorboard, scikit-learn, scipy, ...) are not in the image. pip itself is removed.
+RUN --mount=type=bind,from=wheels,source=/wheelhouse,target=/mnt \
+    python3 -m venv /opt/clusterlm \
+ && /opt/clusterlm/bin/pip install --no-index --find-links /mnt --no-cache-dir \
+        --disable-pip-version-check --quiet --no-deps clusterlm \
+ && /opt/clusterlm/bin/pip install --no-index --find-links /mnt --no-cache-dir \
+        --disable-pip-version-check --quiet -r /mnt/requirements-serve.txt \
+ && /opt/clusterlm/bin/pip uninstall --yes --quiet pip \
+ && /opt/clusterlm/bin/python -c "import clusterlm.serve.app, torch; print('torch', torch.__version__)" \
+ && useradd --uid ${UID} --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin clusterlm \
  && mkdir -p /models && chown root:root /models
-COPY --from=build /opt/clusterlm /opt/clusterlm
 # HOME=/tmp: the only place that must be writable, so the root filesystem can be read-only
 # (docker run --read-only --tmpfs /tmp; readOnlyRootFilesystem in deploy/k8s/deployment.yaml)
 ENV PATH=/opt/clusterlm/bin:${PATH} \

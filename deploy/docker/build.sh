@@ -104,6 +104,8 @@ if [ "$base_ver" != "$pyver" ]; then
 fi
 start=$(date +%s)
 # --network none: the build cannot download anything, whatever the Dockerfile says
-"$DOCKER" build --network none --build-arg "BASE_IMAGE=$base" --build-arg "VARIANT=$variant" \
+# BuildKit (the default from Docker 23; 20.10, Debian bookworm's docker.io, needs it asked for): the
+# Dockerfile bind-mounts the wheelhouse stage with RUN --mount
+DOCKER_BUILDKIT=1 "$DOCKER" build --progress=plain --network none --build-arg "BASE_IMAGE=$base" --build-arg "VARIANT=$variant" \
     --build-arg "WHEELHOUSE=$wheels" -t "$tag" -f Dockerfile .
 echo "build.sh: built $tag on $base in $(( $(date +%s) - start )) s"
