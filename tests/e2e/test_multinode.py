@@ -17,6 +17,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -224,13 +225,50 @@ def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
     return [a.format(data=data) for a in TRAIN] + [f"--train.out_dir={out}", *extra]
 
 
+def _torchrun_cmd(data: Path, out: Path, nproc: int, *extra: str) -> list[str]:
+    """`clusterlm launch --nproc-per-node N` on this host (the root namespace), no Slurm."""
+    return [sys.executable, "-m", "clusterlm", "launch", f"--nproc-per-node={nproc}", f"--master-port={_free_port()}",
+            *_train_args(data, out, *extra)]
+
+
+def _here_env(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k != "SLURM_CONF"}
+
+
 def _torchrun_here(env: dict[str, str], data: Path, out: Path, nproc: int, *extra: str,
                    timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """`clusterlm launch --nproc-per-node N` on this host (the root namespace), no Slurm."""
-    cmd = [sys.executable, "-m", "clusterlm", "launch", f"--nproc-per-node={nproc}", f"--master-port={_free_port()}",
-           *_train_args(data, out, *extra)]
-    return subprocess.run(cmd, env={k: v for k, v in env.items() if k != "SLURM_CONF"}, capture_output=True,
+    return subprocess.run(_torchrun_cmd(data, out, nproc, *extra), env=_here_env(env), capture_output=True,
                           text=True, timeout=timeout)
+
+
+# the uninterrupted world-size-2 run a node-loss trial's resumed run is compared with
+REF_WS2 = ("--parallel.dp_replicate=1", "--parallel.dp_shard=2", f"--checkpoint.interval={CKPT_INTERVAL}",
+           "--checkpoint.keep_last=100", "--train.resume=auto")
+
+
+def _start_reference(env: dict[str, str], data: Path, ckpt: Path, ref: Path) -> subprocess.Popen:
+    """REF_WS2 on this host from a copy of the step folder `ckpt` in ref/checkpoints; output in ref.log."""
+    (ref / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpt, ref / "checkpoints" / ckpt.name)
+    (ref / "checkpoints" / "latest").write_text(ckpt.name + "\n")
+    with open(ref.parent / f"{ref.name}.log", "wb") as log:
+        return subprocess.Popen(_torchrun_cmd(data, ref, 2, *REF_WS2), env=_here_env(env), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill_reference(proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)  # launch, torchrun and its ranks
+        proc.wait()
+
+
+def _finish_reference(proc: subprocess.Popen, ref: Path, timeout: float = 300) -> dict[int, float]:
+    try:
+        rc = proc.wait(timeout)
+    finally:
+        _kill_reference(proc)
+    assert rc == 0, (ref.parent / f"{ref.name}.log").read_text()[-4000:]
+    return train_losses(ref)
 
 
 def _submit(env: dict[str, str], cwd: Path, name: str, *args: str) -> str:
@@ -373,7 +411,7 @@ def node_loss_trial(cluster, data: Path, tmp_path: Path, fault: str, mode: str =
     train = _train_args(data, run, f"--checkpoint.interval={CKPT_INTERVAL}", "--checkpoint.keep_last=100")
     job = _submit(env, tmp_path, "elastic", "--nodes=2", "--min-nodes=1", "--ntasks-per-node=2",
                   f"--on-node-loss={mode}", *HSDP, *train)
-    cut_at = None
+    cut_at = ref_proc = None
     try:
         deadline = time.time() + 180
         while time.time() < deadline:
@@ -389,7 +427,13 @@ def node_loss_trial(cluster, data: Path, tmp_path: Path, fault: str, mode: str =
         assert r.returncode == 0, r.stderr
         cut_at = time.time()
         committed = read_latest(run / "checkpoints")  # nothing commits without node 2's ranks
+        if committed:  # the checkpoint the job should resume from: its reference runs while Slurm notices
+            # the loss (node 1's ranks wait on node 2's, so the CPUs are idle for ~25 s)
+            ref_proc = _start_reference(env, data, run / "checkpoints" / committed, tmp_path / "ref")
         state = _wait(env, job, 300)
+    except BaseException:
+        _kill_reference(ref_proc)
+        raise
     finally:
         if cut_at is not None:
             _tc(env, "restore", nodes[1])
@@ -402,6 +446,7 @@ def node_loss_trial(cluster, data: Path, tmp_path: Path, fault: str, mode: str =
     m = re.search(rf"clusterlm: srun exited with \d+; node\(s\) lost: {nodes[1]}; {left}, (\S+)Z", log)
     resumed = re.search(r"resumed from (\S+step-(\d+)) at step (\d+)", log)
     if not (state == "COMPLETED" and m and resumed):
+        _kill_reference(ref_proc)
         return out
     stopped = calendar.timegm(time.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S"))
     step = int(resumed.group(3))
@@ -411,16 +456,15 @@ def node_loss_trial(cluster, data: Path, tmp_path: Path, fault: str, mode: str =
     out |= {"detect_s": stopped - cut_at, "recover_s": None if first is None else first - cut_at, "step": step,
             "after": after}
 
-    # the reference: the same checkpoint, world size 2 on this host, never interrupted
+    # the reference: the same checkpoint, world size 2 on this host, never interrupted (started at the cut
+    # from the newest committed checkpoint; again here if the job resumed from another one)
     ref = tmp_path / "ref"
-    (ref / "checkpoints").mkdir(parents=True)
-    name = Path(resumed.group(1)).name
-    shutil.copytree(resumed.group(1), ref / "checkpoints" / name)
-    (ref / "checkpoints" / "latest").write_text(name + "\n")
-    r = _torchrun_here(env, data, ref, 2, "--parallel.dp_replicate=1", "--parallel.dp_shard=2",
-                       f"--checkpoint.interval={CKPT_INTERVAL}", "--checkpoint.keep_last=100", "--train.resume=auto")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return out | {"reference": train_losses(ref)}
+    if ref_proc is not None and Path(resumed.group(1)).name != committed:
+        _kill_reference(ref_proc)
+        ref, ref_proc = tmp_path / "ref2", None
+    if ref_proc is None:
+        ref_proc = _start_reference(env, data, Path(resumed.group(1)), ref)
+    return out | {"reference": _finish_reference(ref_proc, ref)}
 
 
 @pytest.mark.slow
