@@ -10,8 +10,8 @@ benchmarks/results/container_image.json.
 
 Needs root, Debian's docker.io and debootstrap (scripts/system-deps.sh installs them in CI) and,
 the first time, a Debian mirror. Outside CI a missing part skips with the reason; in CI (CI=true)
-it fails, so the image is never silently untested there. About 4-6 min on 2 busy cores (the
-docker build is most of it; debootstrap adds ~1.5 min when the base tar is not cached).
+it fails, so the image is never silently untested there. About 1.5-2 min on 2 cores (wheelhouse
+17-20 s, docker build 49-69 s with BuildKit; debootstrap adds ~1 min when the base tar is not cached).
 """
 
 from __future__ import annotations
