@@ -447,3 +447,17 @@ def test_on_node_loss_option(tmp_path):
     assert "NumTasks=" not in r.stdout  # only the preemption/76 requeues
     r = subprocess.run(base, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "NumTasks=1" in r.stdout and "restarting on $left" not in r.stdout, r.stderr
+
+
+def test_docs_multi_node_example_passes_the_checks(tmp_path):
+    """The first command of docs/slurm.md (2 nodes x 8 GPUs, FSDP over 16 ranks), run with --dry-run as
+    written, renders its script: the recipe's global batch must split over the 16 ranks."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "slurm.md").read_text()
+    start = doc.index("clusterlm launch recipes/gpt2_124m_1gpu.toml --slurm")
+    argv = doc[start:].replace("\\\n", " ").split("\n", 1)[0].split()[1:]
+    assert argv[:2] == ["launch", "recipes/gpt2_124m_1gpu.toml"] and "--parallel.dp_shard=16" in argv
+    code = BLOCK_TORCH + "from clusterlm.cli import main\nsys.exit(main(sys.argv[1:]))"
+    r = subprocess.run([sys.executable, "-c", code, *argv, "--dry-run"], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[2], env=os.environ | {"CLUSTERLM_HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert "#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=8\n" in r.stdout and "--parallel.dp_shard=16" in r.stdout
