@@ -528,10 +528,11 @@ def format_table(rows: list[JobRow]) -> str:
     lines = [header]
     for row in rows:
         rec, st = row.record, row.state
-        recipe = Path(rec["recipe"]).name if rec.get("recipe") else "-"
+        recipe = Path(str(rec["recipe"])).name if rec.get("recipe") else "-"
         lines.append((str(rec["job_id"]), st.state + (f" ({st.reason})" if st.reason else ""),
                       "-" if st.restarts is None else str(st.restarts), st.elapsed or "-",
-                      str(rec.get("submit_time", "-"))[:19], rec.get("job_name", "-"), recipe, rec.get("log", "-")))
+                      str(rec.get("submit_time", "-"))[:19], str(rec.get("job_name", "-")), recipe,
+                      str(rec.get("log") or "-")))  # str(): a hand-edited record's number or null too
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1] for line in lines)
 
@@ -547,6 +548,8 @@ def jobs_main(argv: list[str]) -> int:
     parser.add_argument("--registry", default=None, help=f"registry file (default: {registry_path()})")
     args = parser.parse_args(argv)
     path = Path(args.registry) if args.registry else registry_path()
+    if args.registry and path.is_dir():
+        raise IsADirectoryError(f"job registry {path} is a directory; give the jobs.jsonl file")
     if args.registry and not path.is_file():
         raise FileNotFoundError(f"job registry {path} does not exist")
     if shutil.which("squeue") is None and shutil.which("scontrol") is None:

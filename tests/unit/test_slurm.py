@@ -329,6 +329,19 @@ def test_jobs_command_lists_registry_with_states(tmp_path, monkeypatch, capsys):
         slurm.jobs_main(["--registry", str(tmp_path / "missing.jsonl")])
 
 
+def test_jobs_table_takes_hand_edited_records(tmp_path, monkeypatch, capsys):
+    """A registry line whose fields are not text (hand-edited: a number, null) is shown, not a TypeError
+    traceback (exit 1); --registry naming a folder says so instead of "does not exist"."""
+    reg = tmp_path / "jobs.jsonl"
+    reg.write_text('{"version": 1, "job_id": 7, "job_name": 3, "recipe": 5, "submit_time": 5, "log": null}\n')
+    run, _ = _fake_runner({})
+    monkeypatch.setattr(slurm, "_run", run)
+    assert slurm.jobs_main(["--registry", str(reg)]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split() == ["7", "UNKNOWN", "-", "-", "5", "3", "5", "-"]
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        slurm.jobs_main(["--registry", str(tmp_path)])
+
+
 
 
 def test_launch_slurm_dry_run_without_torch(tmp_path):
