@@ -447,7 +447,8 @@ def submit(args: argparse.Namespace, overrides: list[str], run: Runner | None = 
     world = cfg.parallel.world_size
     ntasks = args.ntasks_per_node
     if ntasks is None:
-        ntasks = args.gpus_per_node or (world // args.nodes if args.nodes >= 1 and world % args.nodes == 0 else 1)
+        ntasks = (args.gpus_per_node if args.gpus_per_node > 0  # a negative count is refused below, by its name
+                  else world // args.nodes if args.nodes >= 1 and world % args.nodes == 0 else 1)
     opts = SbatchOptions(nodes=args.nodes, min_nodes=args.min_nodes, ntasks_per_node=ntasks, gpus_per_node=args.gpus_per_node,
                          cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition,
                          account=args.account, job_name=args.job_name, signal_seconds=args.signal_seconds,

@@ -176,6 +176,14 @@ def test_world_size_must_match_the_recipe_layout(capsys):
     assert f"train {RECIPE} --train.resume=auto --parallel.dp_replicate=2 --parallel.dp_shard=2" in out
 
 
+def test_negative_gpus_per_node_is_named():
+    """--gpus-per-node=-1 is refused naming --gpus-per-node (it became the default --ntasks-per-node and the
+    message named that option, which was not given)."""
+    args, ov = _launch_args(RECIPE, "--slurm", "--gpus-per-node=-1", "--dry-run")
+    with pytest.raises(ConfigError, match=r"^--gpus-per-node=-1 must be >= 0"):
+        slurm.submit(args, ov)
+
+
 def test_missing_sbatch_is_a_clear_error(tmp_path, monkeypatch):
     """Without sbatch on PATH, submitting says Slurm is not installed (and writes no script); --dry-run
     still shows the script."""
