@@ -406,6 +406,11 @@ def query_states(job_ids: Iterable[str], run: Runner | None = None) -> dict[str,
 
 
 # ---- commands ---------------------------------------------------------------------------------
+SLURM_OPTIONS = ("nodes", "min_nodes", "on_node_loss", "ntasks_per_node", "gpus_per_node", "cpus_per_task", "time",
+                 "partition", "account", "job_name", "output", "signal_seconds", "sbatch_arg")
+"""the destinations of add_arguments' options but --slurm itself: `launch` refuses them without --slurm"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `clusterlm launch --slurm` options (launch.py owns the parser)."""
     g = parser.add_argument_group("Slurm (with --slurm: render an sbatch script, submit it, print the job id)")

@@ -271,6 +271,10 @@ def check_port_free(addr: str, port: int) -> None:
             # not an address of this node (or no such name): the rendezvous reports that itself
 
 
+TORCHRUN_OPTIONS = ("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port", "rdzv_endpoint",
+                    "max_restarts")
+
+
 def main(argv: list[str]) -> int:
     from clusterlm.config import split_overrides
 
@@ -296,6 +300,14 @@ def main(argv: list[str]) -> int:
 
     slurm.add_arguments(parser)
     args = parser.parse_args(rest)
+    # an option of the other mode would be ignored without a word (`--nodes 2` without --slurm ran on one node)
+    given = [f"--{d.replace('_', '-')}" for d in (TORCHRUN_OPTIONS if args.slurm else slurm.SLURM_OPTIONS)
+             if getattr(args, d) != parser.get_default(d)]
+    if given and args.slurm:
+        parser.error(f"{', '.join(given)}: torchrun's, not used with --slurm (Slurm's counts: --nodes, "
+                     f"--ntasks-per-node)")
+    if given:
+        parser.error(f"{', '.join(given)}: used with --slurm only (torchrun's counts: --nnodes, --nproc-per-node)")
     if args.slurm:
         return slurm.submit(args, overrides)
     if args.nproc_per_node is None:

@@ -147,3 +147,25 @@ def test_launch_checks_the_layout_before_torchrun_and_defaults_to_ddp(tmp_path):
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]
     check_port_free("127.0.0.1", free)
+
+
+def test_launch_refuses_the_other_modes_options(capsys):
+    """An option of the mode not chosen is exit 2 naming it, not ignored: `--nodes 2` without --slurm ran
+    torchrun on this one node, `--slurm --nproc-per-node 2` submitted one task per node."""
+    import argparse
+
+    from clusterlm.cluster import slurm
+    from clusterlm.parallel.launch import main
+
+    group = argparse.ArgumentParser()
+    slurm.add_arguments(group)
+    assert {a.dest for a in group._actions} - {"help", "slurm"} == set(slurm.SLURM_OPTIONS)
+    for argv, said in ((["--nproc-per-node=2", "--nodes=2", "--time=01:00:00"],
+                        "--nodes, --time: used with --slurm only"),
+                       (["--slurm", "--nproc-per-node=2", "--max-restarts=1"],
+                        "--nproc-per-node, --max-restarts: torchrun's, not used with --slurm")):
+        with pytest.raises(SystemExit) as e:
+            main(["llama_shakespeare_cpu", *argv, "--dry-run"])
+        assert e.value.code == 2 and said in capsys.readouterr().err
+    assert main(["llama_shakespeare_cpu", "--nproc-per-node=2", "--dry-run"]) == 0
+    assert main(["llama_shakespeare_cpu", "--slurm", "--nodes=2", "--dry-run"]) == 0
