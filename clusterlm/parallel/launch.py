@@ -289,7 +289,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--nproc-per-node", type=int, help="processes on this node (one per GPU); torchrun only")
     parser.add_argument("--nnodes", type=int, default=1, help="number of nodes (run this command on each)")
     parser.add_argument("--node-rank", type=int, default=0, help="this node's index in [0, nnodes)")
-    parser.add_argument("--master-addr", default="127.0.0.1", help="host name/address of node 0")
+    parser.add_argument("--master-addr", default=None,
+                        help="host name/address of node 0 (default 127.0.0.1: one node; needed with --nnodes > 1)")
     parser.add_argument("--master-port", type=int, default=DEFAULT_PORT, help="free TCP port on node 0")
     parser.add_argument("--rdzv-endpoint", metavar="ADDR:PORT",
                         help="c10d rendezvous endpoint, the same on every node (= --master-addr ADDR --master-port PORT)")
@@ -319,6 +320,10 @@ def main(argv: list[str]) -> int:
         args.master_addr, args.master_port = addr.strip("[]"), int(port)
     if args.nproc_per_node < 1 or args.nnodes < 1:
         parser.error("--nproc-per-node and --nnodes must be >= 1")
+    if args.master_addr is None and args.nnodes > 1:  # every node would wait on its own loopback
+        parser.error(f"--nnodes={args.nnodes} needs node 0's address, the same on every node: --master-addr ADDR "
+                     f"(or --rdzv-endpoint ADDR:PORT)")
+    args.master_addr = args.master_addr or "127.0.0.1"
     if not 0 < args.master_port < 65536:
         parser.error(f"--master-port={args.master_port} must be in 1..65535")
     from clusterlm.parallel.layout import check_layout

@@ -169,3 +169,18 @@ def test_launch_refuses_the_other_modes_options(capsys):
         assert e.value.code == 2 and said in capsys.readouterr().err
     assert main(["llama_shakespeare_cpu", "--nproc-per-node=2", "--dry-run"]) == 0
     assert main(["llama_shakespeare_cpu", "--slurm", "--nodes=2", "--dry-run"]) == 0
+
+
+def test_launch_on_several_nodes_needs_the_master_address(capsys):
+    """--nnodes 2 without --master-addr or --rdzv-endpoint is exit 2 (it rendezvoused at 127.0.0.1, so the
+    other node waited on its own loopback); one node keeps the 127.0.0.1 default."""
+    from clusterlm.parallel.launch import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["llama_shakespeare_cpu", "--nproc-per-node=2", "--nnodes=2", "--node-rank=1", "--dry-run"])
+    assert e.value.code == 2 and "--nnodes=2 needs node 0's address" in capsys.readouterr().err
+    assert main(["llama_shakespeare_cpu", "--nproc-per-node=2", "--nnodes=2", "--node-rank=1", "--master-addr=n01",
+                 "--dry-run"]) == 0
+    assert "--rdzv-endpoint=n01:29500 " in capsys.readouterr().out
+    assert main(["llama_shakespeare_cpu", "--nproc-per-node=2", "--dry-run"]) == 0
+    assert "--rdzv-endpoint=127.0.0.1:29500 " in capsys.readouterr().out
