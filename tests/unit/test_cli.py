@@ -88,3 +88,21 @@ def test_ctrl_c_while_the_cli_imports_is_one_line_and_130(args, module, name):
                        text=True, timeout=60)
     assert r.returncode == EXIT_INTERRUPTED, r.stderr
     assert r.stderr == f"{name}: interrupted\n" and r.stdout == ""
+
+
+def test_a_bad_path_is_said_without_errno(tmp_path, capsys):
+    """An OSError that means bad input (exit 2) is said in words and the path, without Python's
+    "[Errno 21] ...: '/path'" (it was that for `plan --out FOLDER`, `cluster merge --out FOLDER`)."""
+    from clusterlm.cli import main
+
+    assert main(["plan", "--model", "gpt-nano", "--vocab-size", "65", "--cluster", "h100-sxm-8x", "--top", "1",
+                 "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"clusterlm plan: error: {tmp_path} is a directory; "
+                                                         f"give a file name")
+    assert main(["cluster", "merge", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "c.toml")]) == 2
+    assert "Errno" not in capsys.readouterr().err
+    (tmp_path / "f").write_text("")
+    assert main(["plan", "--model", "gpt-nano", "--vocab-size", "65", "--cluster", "h100-sxm-8x", "--top", "1",
+                 "--out", str(tmp_path / "f" / "r.toml")]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "Errno" not in err and str(tmp_path / "f") in err, err
