@@ -482,6 +482,9 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.out:
         check_out(args.out.replace("{host}", node_name()))
+    if os.path.exists(args.checkpoint_dir) and not os.path.isdir(args.checkpoint_dir):
+        raise ValueError(f"--checkpoint-dir {args.checkpoint_dir} is not a folder (its write and read bandwidth "
+                         f"is measured with a file written there)")
     if args.all_nodes:
         from clusterlm.cluster.probe_all import probe_all_nodes
 

@@ -192,6 +192,18 @@ def test_unwritable_out_is_refused_before_probing(tmp_path, monkeypatch, capsys)
     assert "is a directory" in capsys.readouterr().err and not calls.exists()
 
 
+def test_checkpoint_dir_that_is_a_file_is_refused_before_probing(tmp_path, monkeypatch, capsys):
+    """--checkpoint-dir naming a file is exit 2 at once (the probe ran, then noted the storage bandwidth
+    'unavailable: [Errno 17] File exists')."""
+    from clusterlm.cluster import probe
+
+    install_fake_srun(tmp_path, monkeypatch)
+    monkeypatch.setattr(probe, "probe_node", lambda **kw: pytest.fail("probed before --checkpoint-dir was checked"))
+    (tmp_path / "f").write_text("")
+    assert cli_main(["probe", "--checkpoint-dir", str(tmp_path / "f"), "--out", str(tmp_path / "n.toml")]) == 2
+    assert f"--checkpoint-dir {tmp_path / 'f'} is not a folder" in capsys.readouterr().err
+
+
 def _result(hosts: tuple[str, ...], busbw: tuple[float, ...] = (1.0, 5.0, 4.0, 3.0)):
     from clusterlm.cluster.allreduce import AllReduceResult, SizePoint
 
