@@ -485,6 +485,8 @@ def main(argv: list[str]) -> int:
     if os.path.exists(args.checkpoint_dir) and not os.path.isdir(args.checkpoint_dir):
         raise ValueError(f"--checkpoint-dir {args.checkpoint_dir} is not a folder (its write and read bandwidth "
                          f"is measured with a file written there)")
+    if args.nodes_dir and os.path.exists(args.nodes_dir) and not os.path.isdir(args.nodes_dir):
+        raise ValueError(f"--nodes-dir {args.nodes_dir} is not a folder (the per-node specs and logs go there)")
     if args.all_nodes:
         from clusterlm.cluster.probe_all import probe_all_nodes
 

@@ -192,7 +192,7 @@ def test_unwritable_out_is_refused_before_probing(tmp_path, monkeypatch, capsys)
     assert "is a directory" in capsys.readouterr().err and not calls.exists()
 
 
-def test_checkpoint_dir_that_is_a_file_is_refused_before_probing(tmp_path, monkeypatch, capsys):
+def test_checkpoint_or_nodes_dir_that_is_a_file_is_refused_before_probing(tmp_path, monkeypatch, capsys):
     """--checkpoint-dir naming a file is exit 2 at once (the probe ran, then noted the storage bandwidth
     'unavailable: [Errno 17] File exists')."""
     from clusterlm.cluster import probe
@@ -202,6 +202,9 @@ def test_checkpoint_dir_that_is_a_file_is_refused_before_probing(tmp_path, monke
     (tmp_path / "f").write_text("")
     assert cli_main(["probe", "--checkpoint-dir", str(tmp_path / "f"), "--out", str(tmp_path / "n.toml")]) == 2
     assert f"--checkpoint-dir {tmp_path / 'f'} is not a folder" in capsys.readouterr().err
+    in_allocation(monkeypatch)
+    assert cli_main(["probe", "--all-nodes", "--nodes-dir", str(tmp_path / "f"), "--out", str(tmp_path / "c.toml")]) == 2
+    assert f"--nodes-dir {tmp_path / 'f'} is not a folder" in capsys.readouterr().err  # was "File exists: ..."
 
 
 def _result(hosts: tuple[str, ...], busbw: tuple[float, ...] = (1.0, 5.0, 4.0, 3.0)):
