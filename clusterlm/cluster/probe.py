@@ -49,6 +49,7 @@ from clusterlm.cluster.microbench import (ATTENTION_HD, ATTENTION_HD_QUICK, ATTE
                                           measure_storage, measure_rnn_sweep, RNN_BATCH, RNN_BATCH_QUICK, RNN_DIM,
                                           RNN_DIM_QUICK)
 from clusterlm.cluster.allreduce import AllReduceResult, fmt_bytes
+from clusterlm.fsutil import check_output_path
 from clusterlm.parallel.launch import read_env
 
 log = logging.getLogger(__name__)
@@ -445,22 +446,6 @@ def with_allreduce(spec: ClusterSpec, result: AllReduceResult) -> ClusterSpec:
     return dataclasses.replace(spec, inter_node_link=_with_measured(link, busbw, what), notes=notes)
 
 
-def check_out(out: str) -> None:
-    """Refuse an --out the spec cannot be written to before probing (a minute of measurements; with
-    --all-nodes, srun steps on every node), not after: a directory, a file where a folder should be, a
-    folder this user cannot write to. Missing folders are fine: save_spec creates them."""
-    path = Path(out)
-    if path.is_dir():
-        raise ValueError(f"--out {out} is a directory; give a file name")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"--out {out}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: the folder {parent} is not writable by this user")
-
-
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="clusterlm probe", description="Inventory and benchmark this node; write a "
                                 "one-node cluster spec that `clusterlm plan --cluster` reads. Under torchrun or "
@@ -481,7 +466,7 @@ def main(argv: list[str]) -> int:
                    "per-node specs and logs (default: next to --out)")
     args = p.parse_args(argv)
     if args.out:
-        check_out(args.out.replace("{host}", node_name()))
+        check_output_path(args.out.replace("{host}", node_name()), "--out")
     if os.path.exists(args.checkpoint_dir) and not os.path.isdir(args.checkpoint_dir):
         raise ValueError(f"--checkpoint-dir {args.checkpoint_dir} is not a folder (its write and read bandwidth "
                          f"is measured with a file written there)")
