@@ -470,6 +470,9 @@ def submit(args: argparse.Namespace, overrides: list[str], run: Runner | None = 
         log.warning("--ntasks-per-node=%d != --gpus-per-node=%d: clusterlm expects one task per GPU",
                     opts.ntasks_per_node, opts.gpus_per_node)
     out_dir = Path(os.path.abspath(args.output or cfg.train.out_dir))
+    if out_dir.exists() and not out_dir.is_dir():  # mkdir said only "File exists"
+        raise ConfigError(f"{'--output' if args.output else 'train.out_dir'} {out_dir} is a file; the script and "
+                          f"slurm-JOBID.out go in a folder")
     workdir = Path.cwd()
     script = render_sbatch(opts, recipe, overrides, output_dir=out_dir, workdir=workdir)
     print(script, end="")

@@ -184,6 +184,17 @@ def test_negative_gpus_per_node_is_named():
         slurm.submit(args, ov)
 
 
+def test_output_folder_that_is_a_file_is_named(tmp_path):
+    """--output (or train.out_dir) naming a file is refused naming the option (it was "File exists: PATH")."""
+    (tmp_path / "f").write_text("")
+    args, ov = _launch_args(RECIPE, "--slurm", f"--output={tmp_path / 'f'}", "--dry-run")
+    with pytest.raises(ConfigError, match=r"^--output .*/f is a file; the script and slurm-JOBID.out go in a folder"):
+        slurm.submit(args, ov)
+    args, ov = _launch_args(RECIPE, "--slurm", f"--train.out_dir={tmp_path / 'f'}", "--dry-run")
+    with pytest.raises(ConfigError, match=r"^train.out_dir .*/f is a file"):
+        slurm.submit(args, ov)
+
+
 def test_missing_sbatch_is_a_clear_error(tmp_path, monkeypatch):
     """Without sbatch on PATH, submitting says Slurm is not installed (and writes no script); --dry-run
     still shows the script."""
