@@ -184,3 +184,17 @@ def test_launch_on_several_nodes_needs_the_master_address(capsys):
     assert "--rdzv-endpoint=n01:29500 " in capsys.readouterr().out
     assert main(["llama_shakespeare_cpu", "--nproc-per-node=2", "--dry-run"]) == 0
     assert "--rdzv-endpoint=127.0.0.1:29500 " in capsys.readouterr().out
+
+
+def test_layout_is_checked_before_the_data_is_prepared(tmp_path):
+    """With no prepared data (vocab_size unknown, as on a first run) the model's layout rules still apply
+    before any process starts: an LSTM recipe under FSDP and a tp that does not divide the heads were let
+    through to fail on every rank."""
+    from clusterlm.parallel.layout import check_layout
+
+    nodata = [f"--data.dir={tmp_path / 'none'}"]
+    with pytest.raises(ConfigError, match="model.arch='lstm' trains with data parallel replication only"):
+        check_layout("lstm_shakespeare_cpu", [*nodata, "--parallel.dp_shard=2"], 2)
+    with pytest.raises(ConfigError, match="tp=3 must divide model.n_heads=4"):
+        check_layout("llama_shakespeare_cpu", [*nodata, "--parallel.tp=3"], 3)
+    assert check_layout("llama_shakespeare_cpu", nodata, 2) == [*nodata, "--parallel.dp_replicate=2"]
