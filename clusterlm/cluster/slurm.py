@@ -478,6 +478,10 @@ def submit(args: argparse.Namespace, overrides: list[str], run: Runner | None = 
     print(script, end="")
     if args.dry_run:
         return 0
+    env = os.environ if env is None else env
+    from clusterlm.fsutil import check_output_path
+
+    check_output_path(registry_path(env), "job registry")  # now: a job queued but not recorded would be lost
     if shutil.which("sbatch") is None:
         raise ClusterlmError("Slurm is not installed here: `sbatch` is not on PATH. Run this on a Slurm login node, "
                              "add --dry-run to only see the script, or use --nproc-per-node N to run with torchrun")
@@ -497,7 +501,6 @@ def submit(args: argparse.Namespace, overrides: list[str], run: Runner | None = 
     job_id = r.stdout.strip().splitlines()[-1].split(";")[0].strip() if r.stdout.strip() else ""
     if not job_id:
         raise ClusterlmError(f"sbatch {script_path} printed no job id: {r.stdout!r} {r.stderr!r}")
-    env = os.environ if env is None else env
     record_job(registry_path(env), {"job_id": job_id, "job_name": opts.job_name, "recipe": recipe,
                                  "overrides": overrides, "script": str(script_path),
                                  "log": str(out_dir / f"slurm-{job_id}.out"), "out_dir": str(cfg.train.out_dir),

@@ -222,6 +222,21 @@ def test_a_failed_sbatch_leaves_nothing_and_says_so_in_one_line(tmp_path, monkey
     assert not (tmp_path / "out").exists()
 
 
+def test_unwritable_registry_is_refused_before_sbatch(tmp_path, monkeypatch):
+    """A job registry that cannot be written ($CLUSTERLM_HOME a file) is exit 2 before sbatch: the job was
+    queued, then recording it failed ("File exists"), so `clusterlm jobs` never knew it."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "sbatch").write_text(f'#!/bin/bash\ntouch {tmp_path}/submitted\necho "42;clusterlm"\n')
+    (bin_ / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}:{os.environ['PATH']}")
+    (tmp_path / "home").write_text("")
+    args, ov = _launch_args(RECIPE, "--slurm", f"--output={tmp_path / 'out'}")
+    with pytest.raises(ValueError, match=f"job registry {tmp_path / 'home' / 'jobs.jsonl'}: .*home is not a folder"):
+        slurm.submit(args, ov, env={"CLUSTERLM_HOME": str(tmp_path / "home")})
+    assert not (tmp_path / "submitted").exists()
+
+
 def test_submit_with_fake_sbatch_writes_script_and_registry(tmp_path, monkeypatch, capsys):
     """Submit: the script is written into --output, `sbatch --parsable SCRIPT` is called, its job id
     ("42;cluster") printed and recorded in $CLUSTERLM_HOME/jobs.jsonl with recipe, script, time and cwd."""
