@@ -560,7 +560,7 @@ def jobs_main(argv: list[str]) -> int:
     parser.add_argument("--registry", default=None, help=f"registry file (default: {registry_path()})")
     args = parser.parse_args(argv)
     path = Path(args.registry) if args.registry else registry_path()
-    if args.registry and path.is_dir():
+    if path.is_dir():
         raise IsADirectoryError(f"job registry {path} is a directory; give the jobs.jsonl file")
     if args.registry and not path.is_file():
         raise FileNotFoundError(f"job registry {path} does not exist")

@@ -374,6 +374,10 @@ def test_jobs_table_takes_hand_edited_records(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.splitlines()[1].split() == ["7", "UNKNOWN", "-", "-", "5", "3", "5", "-"]
     with pytest.raises(IsADirectoryError, match="is a directory"):
         slurm.jobs_main(["--registry", str(tmp_path)])
+    (tmp_path / "home" / "jobs.jsonl").mkdir(parents=True)  # the default path too ("no jobs recorded" before)
+    monkeypatch.setenv("CLUSTERLM_HOME", str(tmp_path / "home"))
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        slurm.jobs_main([])
 
 
 
