@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clusterlm {command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except USAGE_ERRORS as e:
-        print(f"clusterlm {command}: error: {e}", file=sys.stderr)
+        print(f"clusterlm {command}: error: {_usage_message(e)}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # the reader of stdout went away (`| head`): nothing to report
         import os
@@ -113,6 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"clusterlm {command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _usage_message(e: Exception) -> str:
+    """The message of a bad-input error; an OSError's without Python's "[Errno N] ...: 'path'" dress."""
+    if isinstance(e, OSError) and e.strerror:
+        path = f": {e.filename}" if e.filename and str(e.filename) not in e.strerror else ""
+        return f"{e.strerror}{path}"
+    return str(e)
 
 
 def _os_message(e: OSError) -> str:

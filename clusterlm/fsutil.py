@@ -126,6 +126,22 @@ def check_output_file(path: str | os.PathLike, flag: str) -> None:
         raise ValueError(f"{flag} {path}: the folder {parent} is not writable by this user")
 
 
+def check_output_path(path: str | os.PathLike, flag: str) -> None:
+    """As check_output_file, for a writer that creates missing folders (probe, plan and cluster merge
+    --out): refuse (ValueError naming `flag`) a directory, a file where a folder should be, or a folder
+    this user cannot write to, before the work rather than after it."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; give a file name")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: the folder {parent} is not writable by this user")
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

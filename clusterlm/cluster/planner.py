@@ -474,6 +474,10 @@ def main(argv: list[str]) -> int:
     for flag, value in (("--micro-batch", args.micro_batch), ("--top", args.top), ("--seq-len", args.seq_len)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} {value} must be >= 1")
+    if args.out:
+        from clusterlm.fsutil import check_output_path
+
+        check_output_path(args.out, "--out")  # before the search (and --dry-run's torch), not after
 
     recipe = _recipe_path(args.model)  # a TOML file or a bundled recipe's name; None for a preset
     model, model_tree = load_model(str(recipe or args.model), args.vocab_size)

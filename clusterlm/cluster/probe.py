@@ -49,6 +49,7 @@ from clusterlm.cluster.microbench import (ATTENTION_HD, ATTENTION_HD_QUICK, ATTE
                                           measure_storage, measure_rnn_sweep, RNN_BATCH, RNN_BATCH_QUICK, RNN_DIM,
                                           RNN_DIM_QUICK)
 from clusterlm.cluster.allreduce import AllReduceResult, fmt_bytes
+from clusterlm.fsutil import check_output_path
 from clusterlm.parallel.launch import read_env
 
 log = logging.getLogger(__name__)
@@ -464,6 +465,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--nodes-dir", default=None, help="with --all-nodes: folder on a shared filesystem for the "
                    "per-node specs and logs (default: next to --out)")
     args = p.parse_args(argv)
+    if args.out:
+        check_output_path(args.out.replace("{host}", node_name()), "--out")
+    if os.path.exists(args.checkpoint_dir) and not os.path.isdir(args.checkpoint_dir):
+        raise ValueError(f"--checkpoint-dir {args.checkpoint_dir} is not a folder (its write and read bandwidth "
+                         f"is measured with a file written there)")
+    if args.nodes_dir and os.path.exists(args.nodes_dir) and not os.path.isdir(args.nodes_dir):
+        raise ValueError(f"--nodes-dir {args.nodes_dir} is not a folder (the per-node specs and logs go there)")
     if args.all_nodes:
         from clusterlm.cluster.probe_all import probe_all_nodes
 

@@ -159,6 +159,9 @@ def main(argv: list[str]) -> int:
     if args.action == "show":
         print(render_tree(load_spec(args.spec)))
     elif args.action == "merge":
+        from clusterlm.fsutil import check_output_path
+
+        check_output_path(args.out, "--out")
         merged = merge_specs([load_spec(p) for p in args.nodes], name=args.name)
         save_spec(merged, args.out)
         print(render_tree(merged))

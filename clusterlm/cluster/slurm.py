@@ -406,6 +406,11 @@ def query_states(job_ids: Iterable[str], run: Runner | None = None) -> dict[str,
 
 
 # ---- commands ---------------------------------------------------------------------------------
+SLURM_OPTIONS = ("nodes", "min_nodes", "on_node_loss", "ntasks_per_node", "gpus_per_node", "cpus_per_task", "time",
+                 "partition", "account", "job_name", "output", "signal_seconds", "sbatch_arg")
+"""the destinations of add_arguments' options but --slurm itself: `launch` refuses them without --slurm"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `clusterlm launch --slurm` options (launch.py owns the parser)."""
     g = parser.add_argument_group("Slurm (with --slurm: render an sbatch script, submit it, print the job id)")
@@ -447,7 +452,8 @@ def submit(args: argparse.Namespace, overrides: list[str], run: Runner | None = 
     world = cfg.parallel.world_size
     ntasks = args.ntasks_per_node
     if ntasks is None:
-        ntasks = args.gpus_per_node or (world // args.nodes if args.nodes >= 1 and world % args.nodes == 0 else 1)
+        ntasks = (args.gpus_per_node if args.gpus_per_node > 0  # a negative count is refused below, by its name
+                  else world // args.nodes if args.nodes >= 1 and world % args.nodes == 0 else 1)
     opts = SbatchOptions(nodes=args.nodes, min_nodes=args.min_nodes, ntasks_per_node=ntasks, gpus_per_node=args.gpus_per_node,
                          cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition,
                          account=args.account, job_name=args.job_name, signal_seconds=args.signal_seconds,
@@ -464,11 +470,18 @@ def submit(args: argparse.Namespace, overrides: list[str], run: Runner | None = 
         log.warning("--ntasks-per-node=%d != --gpus-per-node=%d: clusterlm expects one task per GPU",
                     opts.ntasks_per_node, opts.gpus_per_node)
     out_dir = Path(os.path.abspath(args.output or cfg.train.out_dir))
+    if out_dir.exists() and not out_dir.is_dir():  # mkdir said only "File exists"
+        raise ConfigError(f"{'--output' if args.output else 'train.out_dir'} {out_dir} is a file; the script and "
+                          f"slurm-JOBID.out go in a folder")
     workdir = Path.cwd()
     script = render_sbatch(opts, recipe, overrides, output_dir=out_dir, workdir=workdir)
     print(script, end="")
     if args.dry_run:
         return 0
+    env = os.environ if env is None else env
+    from clusterlm.fsutil import check_output_path
+
+    check_output_path(registry_path(env), "job registry")  # now: a job queued but not recorded would be lost
     if shutil.which("sbatch") is None:
         raise ClusterlmError("Slurm is not installed here: `sbatch` is not on PATH. Run this on a Slurm login node, "
                              "add --dry-run to only see the script, or use --nproc-per-node N to run with torchrun")
@@ -488,7 +501,6 @@ def submit(args: argparse.Namespace, overrides: list[str], run: Runner | None = 
     job_id = r.stdout.strip().splitlines()[-1].split(";")[0].strip() if r.stdout.strip() else ""
     if not job_id:
         raise ClusterlmError(f"sbatch {script_path} printed no job id: {r.stdout!r} {r.stderr!r}")
-    env = os.environ if env is None else env
     record_job(registry_path(env), {"job_id": job_id, "job_name": opts.job_name, "recipe": recipe,
                                  "overrides": overrides, "script": str(script_path),
                                  "log": str(out_dir / f"slurm-{job_id}.out"), "out_dir": str(cfg.train.out_dir),
@@ -528,10 +540,11 @@ def format_table(rows: list[JobRow]) -> str:
     lines = [header]
     for row in rows:
         rec, st = row.record, row.state
-        recipe = Path(rec["recipe"]).name if rec.get("recipe") else "-"
+        recipe = Path(str(rec["recipe"])).name if rec.get("recipe") else "-"
         lines.append((str(rec["job_id"]), st.state + (f" ({st.reason})" if st.reason else ""),
                       "-" if st.restarts is None else str(st.restarts), st.elapsed or "-",
-                      str(rec.get("submit_time", "-"))[:19], rec.get("job_name", "-"), recipe, rec.get("log", "-")))
+                      str(rec.get("submit_time", "-"))[:19], str(rec.get("job_name", "-")), recipe,
+                      str(rec.get("log") or "-")))  # str(): a hand-edited record's number or null too
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1] for line in lines)
 
@@ -547,6 +560,8 @@ def jobs_main(argv: list[str]) -> int:
     parser.add_argument("--registry", default=None, help=f"registry file (default: {registry_path()})")
     args = parser.parse_args(argv)
     path = Path(args.registry) if args.registry else registry_path()
+    if path.is_dir():
+        raise IsADirectoryError(f"job registry {path} is a directory; give the jobs.jsonl file")
     if args.registry and not path.is_file():
         raise FileNotFoundError(f"job registry {path} does not exist")
     if shutil.which("squeue") is None and shutil.which("scontrol") is None:

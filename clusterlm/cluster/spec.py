@@ -349,6 +349,10 @@ def merge_specs(specs: list[ClusterSpec], name: str = "cluster") -> ClusterSpec:
     with a count; measured figures keep the slowest node's (synchronous training runs at its pace)."""
     if not specs:
         raise ConfigError("merge needs at least one spec")
+    hosts = [h for spec in specs for n in spec.node_types for h in n.hostnames]
+    twice = sorted({h for h in hosts if hosts.count(h) > 1})
+    if twice:  # two probes of one node would be counted as two nodes (and an inter-node link assumed)
+        raise ConfigError(f"host(s) {', '.join(twice)} appear in more than one spec: merge one probe per node")
     groups: dict[tuple, NodeType] = {}
     for spec in specs:
         for n in spec.node_types:

@@ -271,6 +271,10 @@ def check_port_free(addr: str, port: int) -> None:
             # not an address of this node (or no such name): the rendezvous reports that itself
 
 
+TORCHRUN_OPTIONS = ("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port", "rdzv_endpoint",
+                    "max_restarts")
+
+
 def main(argv: list[str]) -> int:
     from clusterlm.config import split_overrides
 
@@ -285,7 +289,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--nproc-per-node", type=int, help="processes on this node (one per GPU); torchrun only")
     parser.add_argument("--nnodes", type=int, default=1, help="number of nodes (run this command on each)")
     parser.add_argument("--node-rank", type=int, default=0, help="this node's index in [0, nnodes)")
-    parser.add_argument("--master-addr", default="127.0.0.1", help="host name/address of node 0")
+    parser.add_argument("--master-addr", default=None,
+                        help="host name/address of node 0 (default 127.0.0.1: one node; needed with --nnodes > 1)")
     parser.add_argument("--master-port", type=int, default=DEFAULT_PORT, help="free TCP port on node 0")
     parser.add_argument("--rdzv-endpoint", metavar="ADDR:PORT",
                         help="c10d rendezvous endpoint, the same on every node (= --master-addr ADDR --master-port PORT)")
@@ -296,6 +301,14 @@ def main(argv: list[str]) -> int:
 
     slurm.add_arguments(parser)
     args = parser.parse_args(rest)
+    # an option of the other mode would be ignored without a word (`--nodes 2` without --slurm ran on one node)
+    given = [f"--{d.replace('_', '-')}" for d in (TORCHRUN_OPTIONS if args.slurm else slurm.SLURM_OPTIONS)
+             if getattr(args, d) != parser.get_default(d)]
+    if given and args.slurm:
+        parser.error(f"{', '.join(given)}: torchrun's, not used with --slurm (Slurm's counts: --nodes, "
+                     f"--ntasks-per-node)")
+    if given:
+        parser.error(f"{', '.join(given)}: used with --slurm only (torchrun's counts: --nnodes, --nproc-per-node)")
     if args.slurm:
         return slurm.submit(args, overrides)
     if args.nproc_per_node is None:
@@ -307,6 +320,10 @@ def main(argv: list[str]) -> int:
         args.master_addr, args.master_port = addr.strip("[]"), int(port)
     if args.nproc_per_node < 1 or args.nnodes < 1:
         parser.error("--nproc-per-node and --nnodes must be >= 1")
+    if args.master_addr is None and args.nnodes > 1:  # every node would wait on its own loopback
+        parser.error(f"--nnodes={args.nnodes} needs node 0's address, the same on every node: --master-addr ADDR "
+                     f"(or --rdzv-endpoint ADDR:PORT)")
+    args.master_addr = args.master_addr or "127.0.0.1"
     if not 0 < args.master_port < 65536:
         parser.error(f"--master-port={args.master_port} must be in 1..65535")
     from clusterlm.parallel.layout import check_layout

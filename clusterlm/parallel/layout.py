@@ -8,8 +8,6 @@ when the queued job finally runs. Torch-free: a Slurm login node need not have t
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import logging
 
 log = logging.getLogger(__name__)
@@ -39,13 +37,7 @@ def check_layout(recipe: str | None, overrides: list[str], world: int, *, counts
         raise ConfigError(f"{counts or f'{world} processes'}, but the [parallel] layout needs dp_replicate*dp_shard*tp*pp"
                           f" = {p.dp_replicate}*{p.dp_shard}*{p.tp}*{p.pp} = {p.world_size}; change {change} or "
                           f"the layout, e.g. --parallel.dp_shard={world} (FSDP) or --parallel.dp_replicate={world} (DDP)")
-    mcfg = cfg.model
-    if mcfg.vocab_size is None:  # from the prepared data when it is there; the trainer checks again
-        from clusterlm.data.shards import read_meta
-
-        with contextlib.suppress(Exception):
-            mcfg = dataclasses.replace(mcfg, vocab_size=int(read_meta(cfg.data.dir)["tokenizer"]["vocab_size"]))
-    if mcfg.vocab_size is not None:
-        tc = cfg.train
-        validate_layout(p, mcfg, world, tc.global_batch_tokens, tc.micro_batch_size, tc.seq_len)
+    # the vocabulary (unset until the data is prepared, as on a first run) takes no part in these checks
+    tc = cfg.train
+    validate_layout(p, cfg.model, world, tc.global_batch_tokens, tc.micro_batch_size, tc.seq_len)
     return overrides

@@ -147,3 +147,54 @@ def test_launch_checks_the_layout_before_torchrun_and_defaults_to_ddp(tmp_path):
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]
     check_port_free("127.0.0.1", free)
+
+
+def test_launch_refuses_the_other_modes_options(capsys):
+    """An option of the mode not chosen is exit 2 naming it, not ignored: `--nodes 2` without --slurm ran
+    torchrun on this one node, `--slurm --nproc-per-node 2` submitted one task per node."""
+    import argparse
+
+    from clusterlm.cluster import slurm
+    from clusterlm.parallel.launch import main
+
+    group = argparse.ArgumentParser()
+    slurm.add_arguments(group)
+    assert {a.dest for a in group._actions} - {"help", "slurm"} == set(slurm.SLURM_OPTIONS)
+    for argv, said in ((["--nproc-per-node=2", "--nodes=2", "--time=01:00:00"],
+                        "--nodes, --time: used with --slurm only"),
+                       (["--slurm", "--nproc-per-node=2", "--max-restarts=1"],
+                        "--nproc-per-node, --max-restarts: torchrun's, not used with --slurm")):
+        with pytest.raises(SystemExit) as e:
+            main(["llama_shakespeare_cpu", *argv, "--dry-run"])
+        assert e.value.code == 2 and said in capsys.readouterr().err
+    assert main(["llama_shakespeare_cpu", "--nproc-per-node=2", "--dry-run"]) == 0
+    assert main(["llama_shakespeare_cpu", "--slurm", "--nodes=2", "--dry-run"]) == 0
+
+
+def test_launch_on_several_nodes_needs_the_master_address(capsys):
+    """--nnodes 2 without --master-addr or --rdzv-endpoint is exit 2 (it rendezvoused at 127.0.0.1, so the
+    other node waited on its own loopback); one node keeps the 127.0.0.1 default."""
+    from clusterlm.parallel.launch import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["llama_shakespeare_cpu", "--nproc-per-node=2", "--nnodes=2", "--node-rank=1", "--dry-run"])
+    assert e.value.code == 2 and "--nnodes=2 needs node 0's address" in capsys.readouterr().err
+    assert main(["llama_shakespeare_cpu", "--nproc-per-node=2", "--nnodes=2", "--node-rank=1", "--master-addr=n01",
+                 "--dry-run"]) == 0
+    assert "--rdzv-endpoint=n01:29500 " in capsys.readouterr().out
+    assert main(["llama_shakespeare_cpu", "--nproc-per-node=2", "--dry-run"]) == 0
+    assert "--rdzv-endpoint=127.0.0.1:29500 " in capsys.readouterr().out
+
+
+def test_layout_is_checked_before_the_data_is_prepared(tmp_path):
+    """With no prepared data (vocab_size unknown, as on a first run) the model's layout rules still apply
+    before any process starts: an LSTM recipe under FSDP and a tp that does not divide the heads were let
+    through to fail on every rank."""
+    from clusterlm.parallel.layout import check_layout
+
+    nodata = [f"--data.dir={tmp_path / 'none'}"]
+    with pytest.raises(ConfigError, match="model.arch='lstm' trains with data parallel replication only"):
+        check_layout("lstm_shakespeare_cpu", [*nodata, "--parallel.dp_shard=2"], 2)
+    with pytest.raises(ConfigError, match="tp=3 must divide model.n_heads=4"):
+        check_layout("llama_shakespeare_cpu", [*nodata, "--parallel.tp=3"], 3)
+    assert check_layout("llama_shakespeare_cpu", nodata, 2) == [*nodata, "--parallel.dp_replicate=2"]

@@ -88,3 +88,42 @@ def test_ctrl_c_while_the_cli_imports_is_one_line_and_130(args, module, name):
                        text=True, timeout=60)
     assert r.returncode == EXIT_INTERRUPTED, r.stderr
     assert r.stderr == f"{name}: interrupted\n" and r.stdout == ""
+
+
+def test_a_bad_path_is_said_without_errno(tmp_path, capsys):
+    """An OSError that means bad input (exit 2) is said in words and the path, without Python's
+    "[Errno 21] ...: '/path'" (it was that for `plan --out FOLDER`, `cluster merge --out FOLDER`)."""
+    from clusterlm.cli import main
+
+    assert main(["plan", "--model", "gpt-nano", "--vocab-size", "65", "--cluster", "h100-sxm-8x", "--top", "1",
+                 "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"clusterlm plan: error: --out {tmp_path} is a directory; "
+                                                         f"give a file name")
+    assert main(["cluster", "merge", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "c.toml")]) == 2
+    assert "Errno" not in capsys.readouterr().err
+    from clusterlm.cli import _usage_message
+
+    assert _usage_message(PermissionError(13, "Permission denied", "/p")) == "Permission denied: /p"
+    assert _usage_message(IsADirectoryError(21, "/d is a directory; give a file name", "/d")) == \
+        "/d is a directory; give a file name"
+    (tmp_path / "f").write_text("")
+    assert main(["plan", "--model", "gpt-nano", "--vocab-size", "65", "--cluster", "h100-sxm-8x", "--top", "1",
+                 "--out", str(tmp_path / "f" / "r.toml")]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "Errno" not in err and str(tmp_path / "f") in err, err
+
+
+def test_plan_and_merge_check_out_before_the_work(tmp_path, capsys):
+    """`plan --out` and `cluster merge --out` under a file: exit 2 naming --out and the file, before the plan
+    is printed (it was "File exists: PATH" after the table); a folder still to be made is created."""
+    from clusterlm.cli import main
+
+    (tmp_path / "f").write_text("")
+    assert main(["plan", "--model", "gpt-nano", "--vocab-size", "65", "--cluster", "h100-sxm-8x", "--top", "1",
+                 "--out", str(tmp_path / "f" / "r.toml")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and f"error: --out {tmp_path / 'f' / 'r.toml'}: {tmp_path / 'f'} is not a folder" in err
+    assert main(["cluster", "merge", "h100-sxm-8x", "--out", str(tmp_path / "f" / "c.toml")]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert main(["cluster", "merge", "h100-sxm-8x", "--out", str(tmp_path / "new" / "c.toml")]) == 0
+    assert (tmp_path / "new" / "c.toml").is_file()

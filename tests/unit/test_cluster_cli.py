@@ -83,6 +83,10 @@ def test_cluster_show_and_merge_without_torch(tmp_path):
     assert len(merged.node_types) == 1 and merged.node_types[0].count == 2
     assert merged.node_types[0].hostnames == ("n1", "n2")
     assert merged.node_types[0].device.measured_tflops == {"bf16": 650.0}
+    r = clusterlm("cluster", "merge", str(tmp_path / "n1.toml"), str(tmp_path / "n1.toml"), "--out",
+                  str(tmp_path / "twice.toml"))  # one node probed twice is not two nodes
+    assert r.returncode == 2 and "host(s) n1 appear in more than one spec" in r.stderr, r.stderr
+    assert not (tmp_path / "twice.toml").exists()
 
 
 def test_probe_writes_a_spec_that_plans(tmp_path):

@@ -175,6 +175,38 @@ def test_single_probe_has_no_busbw_and_nodes_flag_needs_all_nodes(tmp_path, monk
     assert "--nodes and --nodes-dir go with --all-nodes" in capsys.readouterr().err
 
 
+def test_unwritable_out_is_refused_before_probing(tmp_path, monkeypatch, capsys):
+    """--out that is a folder, or under a file, is exit 2 before any measurement or srun step (it used to
+    fail after the minute of measuring, the whole probe lost)."""
+    from clusterlm.cluster import probe
+
+    calls = install_fake_srun(tmp_path, monkeypatch)
+    in_allocation(monkeypatch)
+    monkeypatch.setattr(probe, "probe_node", lambda **kw: pytest.fail("probed before --out was checked"))
+    assert cli_main(["probe", "--no-measure", "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is a directory; give a file name" in capsys.readouterr().err
+    (tmp_path / "f").write_text("")
+    assert cli_main(["probe", "--no-measure", "--out", str(tmp_path / "f" / "n.toml")]) == 2
+    assert f"{tmp_path / 'f'} is not a folder" in capsys.readouterr().err
+    assert cli_main(["probe", "--all-nodes", "--no-measure", "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err and not calls.exists()
+
+
+def test_checkpoint_or_nodes_dir_that_is_a_file_is_refused_before_probing(tmp_path, monkeypatch, capsys):
+    """--checkpoint-dir naming a file is exit 2 at once (the probe ran, then noted the storage bandwidth
+    'unavailable: [Errno 17] File exists')."""
+    from clusterlm.cluster import probe
+
+    install_fake_srun(tmp_path, monkeypatch)
+    monkeypatch.setattr(probe, "probe_node", lambda **kw: pytest.fail("probed before --checkpoint-dir was checked"))
+    (tmp_path / "f").write_text("")
+    assert cli_main(["probe", "--checkpoint-dir", str(tmp_path / "f"), "--out", str(tmp_path / "n.toml")]) == 2
+    assert f"--checkpoint-dir {tmp_path / 'f'} is not a folder" in capsys.readouterr().err
+    in_allocation(monkeypatch)
+    assert cli_main(["probe", "--all-nodes", "--nodes-dir", str(tmp_path / "f"), "--out", str(tmp_path / "c.toml")]) == 2
+    assert f"--nodes-dir {tmp_path / 'f'} is not a folder" in capsys.readouterr().err  # was "File exists: ..."
+
+
 def _result(hosts: tuple[str, ...], busbw: tuple[float, ...] = (1.0, 5.0, 4.0, 3.0)):
     from clusterlm.cluster.allreduce import AllReduceResult, SizePoint
 

@@ -176,6 +176,25 @@ def test_world_size_must_match_the_recipe_layout(capsys):
     assert f"train {RECIPE} --train.resume=auto --parallel.dp_replicate=2 --parallel.dp_shard=2" in out
 
 
+def test_negative_gpus_per_node_is_named():
+    """--gpus-per-node=-1 is refused naming --gpus-per-node (it became the default --ntasks-per-node and the
+    message named that option, which was not given)."""
+    args, ov = _launch_args(RECIPE, "--slurm", "--gpus-per-node=-1", "--dry-run")
+    with pytest.raises(ConfigError, match=r"^--gpus-per-node=-1 must be >= 0"):
+        slurm.submit(args, ov)
+
+
+def test_output_folder_that_is_a_file_is_named(tmp_path):
+    """--output (or train.out_dir) naming a file is refused naming the option (it was "File exists: PATH")."""
+    (tmp_path / "f").write_text("")
+    args, ov = _launch_args(RECIPE, "--slurm", f"--output={tmp_path / 'f'}", "--dry-run")
+    with pytest.raises(ConfigError, match=r"^--output .*/f is a file; the script and slurm-JOBID.out go in a folder"):
+        slurm.submit(args, ov)
+    args, ov = _launch_args(RECIPE, "--slurm", f"--train.out_dir={tmp_path / 'f'}", "--dry-run")
+    with pytest.raises(ConfigError, match=r"^train.out_dir .*/f is a file"):
+        slurm.submit(args, ov)
+
+
 def test_missing_sbatch_is_a_clear_error(tmp_path, monkeypatch):
     """Without sbatch on PATH, submitting says Slurm is not installed (and writes no script); --dry-run
     still shows the script."""
@@ -201,6 +220,21 @@ def test_a_failed_sbatch_leaves_nothing_and_says_so_in_one_line(tmp_path, monkey
     assert "\n" not in str(e.value) and "nothing was submitted" in str(e.value)
     assert "Unable to contact slurm controller" in str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_registry_is_refused_before_sbatch(tmp_path, monkeypatch):
+    """A job registry that cannot be written ($CLUSTERLM_HOME a file) is exit 2 before sbatch: the job was
+    queued, then recording it failed ("File exists"), so `clusterlm jobs` never knew it."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "sbatch").write_text(f'#!/bin/bash\ntouch {tmp_path}/submitted\necho "42;clusterlm"\n')
+    (bin_ / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}:{os.environ['PATH']}")
+    (tmp_path / "home").write_text("")
+    args, ov = _launch_args(RECIPE, "--slurm", f"--output={tmp_path / 'out'}")
+    with pytest.raises(ValueError, match=f"job registry {tmp_path / 'home' / 'jobs.jsonl'}: .*home is not a folder"):
+        slurm.submit(args, ov, env={"CLUSTERLM_HOME": str(tmp_path / "home")})
+    assert not (tmp_path / "submitted").exists()
 
 
 def test_submit_with_fake_sbatch_writes_script_and_registry(tmp_path, monkeypatch, capsys):
@@ -329,6 +363,23 @@ def test_jobs_command_lists_registry_with_states(tmp_path, monkeypatch, capsys):
         slurm.jobs_main(["--registry", str(tmp_path / "missing.jsonl")])
 
 
+def test_jobs_table_takes_hand_edited_records(tmp_path, monkeypatch, capsys):
+    """A registry line whose fields are not text (hand-edited: a number, null) is shown, not a TypeError
+    traceback (exit 1); --registry naming a folder says so instead of "does not exist"."""
+    reg = tmp_path / "jobs.jsonl"
+    reg.write_text('{"version": 1, "job_id": 7, "job_name": 3, "recipe": 5, "submit_time": 5, "log": null}\n')
+    run, _ = _fake_runner({})
+    monkeypatch.setattr(slurm, "_run", run)
+    assert slurm.jobs_main(["--registry", str(reg)]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split() == ["7", "UNKNOWN", "-", "-", "5", "3", "5", "-"]
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        slurm.jobs_main(["--registry", str(tmp_path)])
+    (tmp_path / "home" / "jobs.jsonl").mkdir(parents=True)  # the default path too ("no jobs recorded" before)
+    monkeypatch.setenv("CLUSTERLM_HOME", str(tmp_path / "home"))
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        slurm.jobs_main([])
+
+
 
 
 def test_launch_slurm_dry_run_without_torch(tmp_path):
@@ -447,3 +498,17 @@ def test_on_node_loss_option(tmp_path):
     assert "NumTasks=" not in r.stdout  # only the preemption/76 requeues
     r = subprocess.run(base, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "NumTasks=1" in r.stdout and "restarting on $left" not in r.stdout, r.stderr
+
+
+def test_docs_multi_node_example_passes_the_checks(tmp_path):
+    """The first command of docs/slurm.md (2 nodes x 8 GPUs, FSDP over 16 ranks), run with --dry-run as
+    written, renders its script: the recipe's global batch must split over the 16 ranks."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "slurm.md").read_text()
+    start = doc.index("clusterlm launch recipes/gpt2_124m_1gpu.toml --slurm")
+    argv = doc[start:].replace("\\\n", " ").split("\n", 1)[0].split()[1:]
+    assert argv[:2] == ["launch", "recipes/gpt2_124m_1gpu.toml"] and "--parallel.dp_shard=16" in argv
+    code = BLOCK_TORCH + "from clusterlm.cli import main\nsys.exit(main(sys.argv[1:]))"
+    r = subprocess.run([sys.executable, "-c", code, *argv, "--dry-run"], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[2], env=os.environ | {"CLUSTERLM_HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert "#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=8\n" in r.stdout and "--parallel.dp_shard=16" in r.stdout
