@@ -315,6 +315,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--data", default=None, help="prepared data directory for the fine-tune (default: the run's)")
     ap.add_argument("--out", required=True, metavar="CKPT", help="run directory to create")
     args = ap.parse_args(argv)
+    unused = [opt for opt, v in (("--finetune-lr", args.finetune_lr), ("--data", args.data)) if v is not None]
+    if unused and args.finetune_steps == 0:
+        ap.error(f"{' and '.join(unused)} set the recovery fine-tune, which runs only with --finetune-steps N "
+                 "(N >= 1): add it, or leave them out")
     path = prune_checkpoint(args.ckpt, args.out, args.sparsity, args.method, finetune_steps=args.finetune_steps,
                             data_dir=args.data, finetune_lr=args.finetune_lr)
     print(f"wrote {path}")
