@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from typing import TextIO
 
@@ -118,6 +119,11 @@ def generate_main(argv: list[str], out: TextIO | None = None) -> int:
     args = p.parse_args(argv)
     if args.num_samples < 1:
         raise ValueError(f"--num-samples={args.num_samples} must be >= 1")
+    if not math.isfinite(args.length_penalty):
+        raise ValueError(f"--length-penalty={args.length_penalty} must be a finite number")
+    if args.length_penalty != 1.0 and args.num_beams == 1:
+        raise ValueError(f"--length-penalty={args.length_penalty} scores beam search only: add --num-beams N (N >= 2, "
+                         "an encoder-decoder model) or leave it out")
     loaded = _load(args)
     encdec = loaded.config.model.arch == "encdec"
     if args.src is not None and not encdec:
