@@ -265,6 +265,9 @@ def prune_checkpoint(src: str | Path, out: str | Path, sparsity: float, method: 
     _check_sparsity(sparsity)
     if finetune_steps < 0:
         raise ValueError(f"--finetune-steps {finetune_steps}; expected 0 (no fine-tune) or more")
+    if sparsity == 0 and finetune_steps == 0:  # the copy would equal its source
+        raise ValueError("sparsity=0 removes nothing, and without --finetune-steps the \"pruned\" copy would equal "
+                         "its source; use a sparsity in (0, 1)")
     out = Path(out)
     check_new_run_dir(out)
     loaded = load_for_inference(src)  # the one read of the source checkpoint
@@ -286,6 +289,11 @@ def prune_checkpoint(src: str | Path, out: str | Path, sparsity: float, method: 
         masks = magnitude_prune(model, sparsity)
     else:
         model = structured_prune(loaded.model, sparsity)
+        before, after = loaded.model.config, model.config
+        if finetune_steps == 0 and (after.n_heads, after.hidden_dim) == (before.n_heads, before.hidden_dim):
+            raise ValueError(f"sparsity={sparsity} removes no head (of {before.n_heads}) and no MLP channel (of "
+                             f"{before.hidden_dim}) per layer: the \"pruned\" copy would equal its source; use a "
+                             "larger --sparsity")
         run_cfg = dataclasses.replace(run_cfg, model=model.config)
     losses: list[float] = []
     if finetune_steps > 0:
