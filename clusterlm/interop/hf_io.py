@@ -254,6 +254,8 @@ def export_to_hf(ckpt: str | Path, out: str | Path) -> Path:
                "max_length": cfg.max_seq_len}
         if cfg.arch == "encdec":  # the decoder starts from BOS, as clusterlm's; no forced end token
             gen.update(decoder_start_token_id=bos, forced_eos_token_id=None)
+        if cfg.padded_vocab_size > cfg.vocab_size:  # clusterlm never samples the padding rows; neither may generate()
+            gen["suppress_tokens"] = list(range(cfg.vocab_size, cfg.padded_vocab_size))
         files["generation_config.json"] = json.dumps(gen, indent=2) + "\n"
     files.update(tok_files)
     # the folder appears whole or not at all (a full disk leaves nothing to mistake for an export);
