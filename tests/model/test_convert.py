@@ -255,3 +255,29 @@ def test_export_of_a_padded_vocabulary_never_generates_padding_ids(tmp_path):
     out = hf.generate(torch.tensor([[104, 105]]), max_new_tokens=40, do_sample=True, top_k=0, temperature=1.0,
                       eos_token_id=None)
     assert out.shape[1] == 42 and out.max().item() < tok.vocab_size
+
+
+def test_convert_of_a_vocabulary_larger_than_its_tokenizer_samples_only_token_ids(tmp_path, capsys):
+    """config.json's vocab_size above the tokenizer's (padded embeddings, as many published models
+    have): the extra rows were taken as vocabulary, so `generate` sampled them and failed mid-output
+    with 'token id ... is outside the vocabulary'. They become padding rows: same logits, never sampled."""
+    from clusterlm.cli import main as cli
+    from clusterlm.tokenizer import load_tokenizer
+
+    model = _llama()
+    _randomize(model)
+    model.save_pretrained(tmp_path / "hf")
+    _tokenizer(tmp_path / "hf")
+    n_tok = load_tokenizer(tmp_path / "hf" / "tokenizer.json").vocab_size
+    assert n_tok < V
+    assert main(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    loaded = load_for_inference(tmp_path / "run")
+    assert (loaded.config.model.vocab_size, loaded.config.model.padded_vocab_size) == (n_tok, V)
+    idx = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert (loaded.model(idx) - model(idx).logits).abs().max().item() < 1e-4
+    capsys.readouterr()
+    for seed in range(3):
+        assert cli(["generate", str(tmp_path / "run"), "--prompt", "the", "--max-new-tokens", "30",
+                    "--temperature", "1.0", "--seed", str(seed)]) == 0
+    assert "outside the vocabulary" not in capsys.readouterr().err
