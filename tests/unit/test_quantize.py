@@ -184,3 +184,14 @@ def test_lstm_with_keep_output_is_refused_and_output_only_warns(tmp_path, caplog
     assert "recurrent weights stay float32" in caplog.text
     q = json.loads(next((tmp_path / "q1" / "checkpoints").glob("step-*/quantization.json")).read_text())
     assert q["modules"] == ["output"]
+
+
+def test_int4_with_no_linear_on_the_group_size_names_the_group_size(tmp_path):
+    """An LSTM of width 64 under int4's default group size 128: no Linear qualifies. The refusal said
+    the output projection was kept by --keep-output, which was not given; it now names the group size."""
+    _checkpoint(tmp_path, ModelConfig(arch="lstm", vocab_size=259, n_layers=1, dim=64, max_seq_len=16, pos="none"))
+    with pytest.raises(ValueError, match="multiple of --group-size 128") as e:
+        main([str(tmp_path / "run"), "--method", "int4", "--out", str(tmp_path / "q")])
+    assert "--keep-output" not in str(e.value)
+    assert not (tmp_path / "q").exists()
+    assert main([str(tmp_path / "run"), "--method", "int4", "--group-size", "64", "--out", str(tmp_path / "q")]) == 0
