@@ -351,6 +351,9 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
     "summary"} -> path."""
     run_dir = Path(run_dir)
     metrics_path = run_dir / METRICS_FILE
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"{run_dir} is a file: RUN_DIR must be the train.out_dir of a `clusterlm train` "
+                                 "run (the folder that holds metrics.jsonl)")
     if metrics_path.is_dir():
         raise IsADirectoryError(f"{metrics_path} is a folder, not the JSON-lines file a `clusterlm train` run "
                                 "writes: RUN_DIR must be the train.out_dir of a run (it holds metrics.jsonl)")

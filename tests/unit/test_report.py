@@ -117,6 +117,9 @@ def test_metrics_folder_and_plots_file_are_named(tmp_path):
         write_report(tmp_path / "b")
     assert "Errno" not in str(e.value)
     assert not (tmp_path / "b" / "summary.md").exists()
+    (tmp_path / "c").write_text("a file")  # was "c/metrics.jsonl does not exist"
+    with pytest.raises(NotADirectoryError, match="c is a file: RUN_DIR must be"):
+        write_report(tmp_path / "c")
 
 
 def test_task_scores_during_training(tmp_path):
