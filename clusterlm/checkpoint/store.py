@@ -127,6 +127,11 @@ def check_new_run_dir(out: str | Path) -> Path:
         raise FileExistsError("--out is empty; give a new run directory")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a folder; give a new run directory")
+    if out.is_dir() and ((out / "manifest.json").exists() or any(out.glob("step-*"))):
+        # the new run would nest inside a checkpoint (or a checkpoints folder), where resolving that
+        # folder then finds the nested copy instead of its own steps
+        raise FileExistsError(f"--out {out} is a checkpoint or a checkpoints folder, not a run directory; give a new "
+                              "run directory")
     ckpts = out / "checkpoints"
     if ckpts.exists() and (not ckpts.is_dir() or any(not c.name.startswith(".") for c in ckpts.iterdir())):
         raise FileExistsError(f"{ckpts} already exists; choose a new --out")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from typing import TextIO
 
@@ -92,6 +93,9 @@ def _load(args):  # noqa: ANN001, ANN202
 
         raise ConfigError(f"{loaded.path} is a masked-LM encoder (arch 'encoder'): it fills in <|mask|> tokens, it "
                           "does not generate; fine-tune it as a classifier (docs/encdec.md)")
+    if loaded.config.model.arch == "encdec" and args.compile:
+        raise ValueError(f"--compile compiles a decoder-only model's decode step; {loaded.path} is an encoder-decoder "
+                         "(arch 'encdec'), which decodes eagerly: leave --compile out")
     if loaded.config.model.labels:
         from clusterlm.errors import ConfigError
 
@@ -118,6 +122,11 @@ def generate_main(argv: list[str], out: TextIO | None = None) -> int:
     args = p.parse_args(argv)
     if args.num_samples < 1:
         raise ValueError(f"--num-samples={args.num_samples} must be >= 1")
+    if not math.isfinite(args.length_penalty):
+        raise ValueError(f"--length-penalty={args.length_penalty} must be a finite number")
+    if args.length_penalty != 1.0 and args.num_beams == 1:
+        raise ValueError(f"--length-penalty={args.length_penalty} scores beam search only: add --num-beams N (N >= 2, "
+                         "an encoder-decoder model) or leave it out")
     loaded = _load(args)
     encdec = loaded.config.model.arch == "encdec"
     if args.src is not None and not encdec:
@@ -130,6 +139,8 @@ def generate_main(argv: list[str], out: TextIO | None = None) -> int:
                          f"only, and {loaded.path} is arch {loaded.config.model.arch!r}; a decoder-only model "
                          "beam-searches in `clusterlm eval --task ... --num-beams N`")
     if encdec and args.src is not None:
+        if args.prompt:
+            raise ValueError("--src and --prompt both give an encoder-decoder its source text; pass one of them")
         args.prompt = args.src
     prompt, stops, stop_ids = args.prompt, (), ()
     if args.chat:

@@ -21,6 +21,7 @@ where clusterlm does.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -189,6 +190,10 @@ def convert_from_hf(src: str | Path, out: str | Path, *, trust_pickle: bool = Fa
         raise ConfigError(f"{tok_file} has {tokenizer.vocab_size} tokens but {cfg_file} has vocab_size="
                           f"{cfg.vocab_size}: the tokenizer's ids would index past the embedding; use the model's "
                           "own tokenizer (or resize its embeddings with transformers' resize_token_embeddings)")
+    if tokenizer.vocab_size < cfg.vocab_size:
+        # the rows past the tokenizer's ids become padding rows (kept: same logits, same export), which
+        # clusterlm never samples; as vocabulary they were sampled and then failed to decode
+        cfg = dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size, vocab_multiple=cfg.padded_vocab_size)
     state = hf_to_state(read_hf_weights(src, trust_pickle), cfg, hf_cfg["model_type"], where=str(src))
     _check_shapes(state, cfg, str(src))
     run = RunConfig(model=cfg, train=TrainConfig(out_dir=str(out), seq_len=min(256, cfg.max_seq_len)))
@@ -254,6 +259,8 @@ def export_to_hf(ckpt: str | Path, out: str | Path) -> Path:
                "max_length": cfg.max_seq_len}
         if cfg.arch == "encdec":  # the decoder starts from BOS, as clusterlm's; no forced end token
             gen.update(decoder_start_token_id=bos, forced_eos_token_id=None)
+        if cfg.padded_vocab_size > cfg.vocab_size:  # clusterlm never samples the padding rows; neither may generate()
+            gen["suppress_tokens"] = list(range(cfg.vocab_size, cfg.padded_vocab_size))
         files["generation_config.json"] = json.dumps(gen, indent=2) + "\n"
     files.update(tok_files)
     # the folder appears whole or not at all (a full disk leaves nothing to mistake for an export);

@@ -265,6 +265,9 @@ def prune_checkpoint(src: str | Path, out: str | Path, sparsity: float, method: 
     _check_sparsity(sparsity)
     if finetune_steps < 0:
         raise ValueError(f"--finetune-steps {finetune_steps}; expected 0 (no fine-tune) or more")
+    if sparsity == 0 and finetune_steps == 0:  # the copy would equal its source
+        raise ValueError("sparsity=0 removes nothing, and without --finetune-steps the \"pruned\" copy would equal "
+                         "its source; use a sparsity in (0, 1)")
     out = Path(out)
     check_new_run_dir(out)
     loaded = load_for_inference(src)  # the one read of the source checkpoint
@@ -286,6 +289,11 @@ def prune_checkpoint(src: str | Path, out: str | Path, sparsity: float, method: 
         masks = magnitude_prune(model, sparsity)
     else:
         model = structured_prune(loaded.model, sparsity)
+        before, after = loaded.model.config, model.config
+        if finetune_steps == 0 and (after.n_heads, after.hidden_dim) == (before.n_heads, before.hidden_dim):
+            raise ValueError(f"sparsity={sparsity} removes no head (of {before.n_heads}) and no MLP channel (of "
+                             f"{before.hidden_dim}) per layer: the \"pruned\" copy would equal its source; use a "
+                             "larger --sparsity")
         run_cfg = dataclasses.replace(run_cfg, model=model.config)
     losses: list[float] = []
     if finetune_steps > 0:
@@ -315,6 +323,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--data", default=None, help="prepared data directory for the fine-tune (default: the run's)")
     ap.add_argument("--out", required=True, metavar="CKPT", help="run directory to create")
     args = ap.parse_args(argv)
+    unused = [opt for opt, v in (("--finetune-lr", args.finetune_lr), ("--data", args.data)) if v is not None]
+    if unused and args.finetune_steps == 0:
+        ap.error(f"{' and '.join(unused)} set the recovery fine-tune, which runs only with --finetune-steps N "
+                 "(N >= 1): add it, or leave them out")
     path = prune_checkpoint(args.ckpt, args.out, args.sparsity, args.method, finetune_steps=args.finetune_steps,
                             data_dir=args.data, finetune_lr=args.finetune_lr)
     print(f"wrote {path}")

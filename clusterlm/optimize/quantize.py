@@ -41,7 +41,11 @@ def _modules_to_quantize(loaded: object, method: str, group_size: int, keep_outp
     arch = loaded.config.model.arch
     if not names:
         hint = (" (an LSTM/GRU's recurrent weights stay float32; its only Linear is the output projection, which "
-                "--keep-output keeps)" if arch in ("lstm", "gru") else "")
+                "--keep-output keeps)" if arch in ("lstm", "gru") and keep_output else "")
+        if not keep_output and method == "int4":  # every Linear's input width is off the group size
+            hint = (f" (int4 needs a Linear's input width to be a multiple of --group-size {group_size}, and none "
+                    "is" + ("; an LSTM/GRU's recurrent weights stay float32" if arch in ("lstm", "gru") else "")
+                    + f": try a smaller --group-size, or --method int8)")
         raise ValueError(f"{loaded.path} (arch {arch!r}) has no Linear module that {method} can quantize"
                          f"{' with --keep-output' if keep_output else ''}{hint}; nothing written")
     if names == ["output"]:

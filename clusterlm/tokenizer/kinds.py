@@ -68,9 +68,11 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int | None = No
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load a tokenizer file written by any kind's `save`, or any Hugging Face tokenizer.json."""
     path = Path(path)
+    if path.is_dir():  # FileNotFoundError still: callers treat it as "no tokenizer file there"
+        raise FileNotFoundError(f"{path} is a directory, not a tokenizer file; give the tokenizer's .json file "
+                                "(a checkpoint holds it as tokenizer.json)")
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file {path} does not exist"
-                                + (" (it is a directory)" if path.is_dir() else ""))
+        raise FileNotFoundError(f"tokenizer file {path} does not exist")
     try:
         text = path.read_text(encoding="utf-8")
         obj = json.loads(text)

@@ -351,6 +351,12 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
     "summary"} -> path."""
     run_dir = Path(run_dir)
     metrics_path = run_dir / METRICS_FILE
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"{run_dir} is a file: RUN_DIR must be the train.out_dir of a `clusterlm train` "
+                                 "run (the folder that holds metrics.jsonl)")
+    if metrics_path.is_dir():
+        raise IsADirectoryError(f"{metrics_path} is a folder, not the JSON-lines file a `clusterlm train` run "
+                                "writes: RUN_DIR must be the train.out_dir of a run (it holds metrics.jsonl)")
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{metrics_path} does not exist: RUN_DIR must be the train.out_dir of a "
                                 "`clusterlm train` run (it holds metrics.jsonl)")
@@ -361,6 +367,9 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
 
     matplotlib.use("Agg")  # files only, no display; set here so importing this module changes nothing
     plots_dir = run_dir / PLOTS_DIR
+    if plots_dir.exists() and not plots_dir.is_dir():
+        raise FileExistsError(f"{plots_dir} is a file, and the report writes its plots into a folder of that "
+                              "name: move or remove the file and rerun")
     plots_dir.mkdir(parents=True, exist_ok=True)
     plots = {"loss_vs_step": plots_dir / "loss_vs_step.png", "loss_vs_tokens": plots_dir / "loss_vs_tokens.png",
              "throughput": plots_dir / "throughput.png"}

@@ -170,6 +170,17 @@ def test_bad_inputs_exit_2_with_message(trained, tmp_path):
         assert fragment in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.parametrize("extra, fragment", [
+    (["--length-penalty", "2"], "--length-penalty=2.0 scores beam search only"),
+    (["--length-penalty", "nan", "--num-beams", "2"], "--length-penalty=nan must be a finite number"),
+])
+def test_generate_length_penalty_without_beams_is_refused(tmp_path, capsys, extra, fragment):
+    """--length-penalty without --num-beams was accepted and ignored (sampling has no length score);
+    a non-finite one went on to the beam search. Both are refused before the checkpoint is read."""
+    assert cli(["generate", str(tmp_path / "no-run"), "--prompt", "x", *extra]) == 2
+    assert fragment in capsys.readouterr().err
+
+
 def test_characters_outside_a_char_vocabulary_are_named(tmp_path):
     """A char model reads characters it never saw as <|unk|>: generate says which, instead of letting
     the model continue text it was not given (this vocabulary has no '€' or '@')."""

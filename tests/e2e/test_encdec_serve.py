@@ -163,6 +163,22 @@ def test_generate_src_and_eval_task_for_encdec(runs, tmp_path, capsys):
     assert cli(["generate", str(runs["clf"]), "--prompt", "x"]) == 2
 
 
+@pytest.mark.parametrize("command, extra, fragment", [
+    ("generate", ["--src", "a dog runs", "--prompt", "the cat"], "--src and --prompt both give"),
+    ("generate", ["--src", "a dog runs", "--compile"], "--compile compiles a decoder-only model's decode step"),
+    ("chat", ["--compile"], "--compile compiles a decoder-only model's decode step"),
+])
+def test_generate_options_an_encdec_would_ignore_are_refused(runs, capsys, monkeypatch, command, extra, fragment):
+    """An encoder-decoder ignored --prompt when --src was given too, and --compile (its decode runs
+    eagerly), answering exit 0 as if they had applied; each is refused in one line (exit 2)."""
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    assert cli([command, str(runs["encdec"]), "--max-new-tokens", "4", *extra]) == 2
+    captured = capsys.readouterr()
+    assert fragment in captured.err and captured.out == ""
+
+
 def test_serve_encoder_classifier_on_classify_route(runs):
     from clusterlm.checkpoint.model_io import load_for_inference
     from clusterlm.eval.lm import classify

@@ -257,3 +257,28 @@ def test_prune_finetune_of_an_encdec_trains_on_pairs_and_refuses_token_shards(tm
     assert main([*args, "--data", str(tmp_path / "pairs"), "--out", str(tmp_path / "pruned")]) == 0
     ts = json.loads(next((tmp_path / "pruned" / "checkpoints").glob("step-*/train_state.json")).read_text())
     assert ts["pruning"]["finetune_last_loss"] < ts["pruning"]["finetune_first_loss"]
+
+
+@pytest.mark.parametrize("extra", [["--finetune-lr", "0.1"], ["--data", "some/dir"]])
+def test_prune_cli_refuses_finetune_options_without_finetune_steps(tmp_path, capsys, extra):
+    """--finetune-lr or --data without --finetune-steps was silently ignored (no fine-tune ran, exit 0);
+    it is refused as a usage error (exit 2) before the checkpoint is read or anything written."""
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "no-run"), "--sparsity", "0.5", "--method", "magnitude", *extra,
+              "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    assert "runs only with --finetune-steps" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method, sparsity", [("magnitude", "0"), ("structured", "0"), ("structured", "0.001")])
+def test_prune_cli_refuses_a_copy_equal_to_its_source(tmp_path, method, sparsity):
+    """--sparsity 0 (or a structured sparsity that rounds to no head and no channel) with no fine-tune
+    wrote a "pruned" checkpoint equal to its source, exit 0; refused, nothing written."""
+    tok = make_tokenizer("byte")
+    tok.save(tmp_path / "tok.json")
+    _save_run(tmp_path, ModelConfig(vocab_size=tok.vocab_size, n_layers=1, dim=32, n_heads=4, max_seq_len=32,
+                                    ffn_dim=64), tmp_path / "tok.json")
+    with pytest.raises(ValueError, match="would equal its source"):
+        main([str(tmp_path / "run"), "--sparsity", sparsity, "--method", method, "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

@@ -110,6 +110,18 @@ def test_quantized_checkpoint_loads_and_generates(tmp_path, method):
     assert q_size < fp_size  # embedding stays fp32, so not 4x/8x on this tiny model
 
 
+@pytest.mark.parametrize("inside", ["checkpoints", "checkpoints/step-00000010"])
+def test_quantize_out_inside_a_checkpoint_is_refused(tmp_path, inside):
+    """--out RUN/checkpoints (or a step folder) wrote the quantized run inside the source's checkpoints,
+    after which `clusterlm generate RUN/checkpoints` loaded the nested quantized copy instead of the
+    float checkpoint; refused before anything is written."""
+    _checkpoint(tmp_path, ModelConfig(vocab_size=259, n_layers=1, dim=64, n_heads=2, max_seq_len=16))
+    out = tmp_path / "run" / inside
+    with pytest.raises(FileExistsError, match="is a checkpoint or a checkpoints folder, not a run directory"):
+        main([str(tmp_path / "run"), "--method", "int8", "--out", str(out)])
+    assert not (out / "checkpoints").exists()
+
+
 def test_quantize_rejects_bad_arguments():
     """Unknown method and unsupported int4 group sizes are refused with the valid values named."""
     model = build_model(ModelConfig(vocab_size=50, n_layers=1, dim=64, n_heads=2, max_seq_len=16))
@@ -172,3 +184,14 @@ def test_lstm_with_keep_output_is_refused_and_output_only_warns(tmp_path, caplog
     assert "recurrent weights stay float32" in caplog.text
     q = json.loads(next((tmp_path / "q1" / "checkpoints").glob("step-*/quantization.json")).read_text())
     assert q["modules"] == ["output"]
+
+
+def test_int4_with_no_linear_on_the_group_size_names_the_group_size(tmp_path):
+    """An LSTM of width 64 under int4's default group size 128: no Linear qualifies. The refusal said
+    the output projection was kept by --keep-output, which was not given; it now names the group size."""
+    _checkpoint(tmp_path, ModelConfig(arch="lstm", vocab_size=259, n_layers=1, dim=64, max_seq_len=16, pos="none"))
+    with pytest.raises(ValueError, match="multiple of --group-size 128") as e:
+        main([str(tmp_path / "run"), "--method", "int4", "--out", str(tmp_path / "q")])
+    assert "--keep-output" not in str(e.value)
+    assert not (tmp_path / "q").exists()
+    assert main([str(tmp_path / "run"), "--method", "int4", "--group-size", "64", "--out", str(tmp_path / "q")]) == 0

@@ -105,6 +105,23 @@ def test_missing_metrics_is_clear(tmp_path):
     assert not (tmp_path / "plots").exists()
 
 
+def test_metrics_folder_and_plots_file_are_named(tmp_path):
+    """metrics.jsonl as a folder was reported as missing; a file named plots gave the raw
+    "[Errno 17] File exists: 'plots'". Each now says what is wrong, before anything is written."""
+    (tmp_path / "a" / "metrics.jsonl").mkdir(parents=True)
+    with pytest.raises(IsADirectoryError, match="metrics.jsonl is a folder"):
+        write_report(tmp_path / "a")
+    _write_run(tmp_path / "b")
+    (tmp_path / "b" / "plots").write_text("not a folder")
+    with pytest.raises(FileExistsError, match="plots is a file") as e:
+        write_report(tmp_path / "b")
+    assert "Errno" not in str(e.value)
+    assert not (tmp_path / "b" / "summary.md").exists()
+    (tmp_path / "c").write_text("a file")  # was "c/metrics.jsonl does not exist"
+    with pytest.raises(NotADirectoryError, match="c is a file: RUN_DIR must be"):
+        write_report(tmp_path / "c")
+
+
 def test_task_scores_during_training(tmp_path):
     """"task" records (eval during training, a resumed step logged twice keeps its last record) give
     one PNG per task (names made file-safe) and summary.md rows with the last evaluation's score and
