@@ -344,6 +344,26 @@ def _min_opt(a: float | None, b: float | None) -> float | None:
     return b if a is None else a if b is None else min(a, b)
 
 
+def _slower(a: DeviceSpec | None, b: DeviceSpec | None) -> bool:
+    """Whether device `a` measured a lower matmul rate than `b` (fp32 where both have it, else the
+    first dtype both have); False when either has no measured figure."""
+    if a is None or b is None:
+        return False
+    common = [k for k in a.measured_tflops if k in b.measured_tflops]
+    if not common:
+        return False
+    k = "fp32" if "fp32" in common else common[0]
+    return a.measured_tflops[k] < b.measured_tflops[k]
+
+
+def _slower_link(a: LinkSpec | None, b: LinkSpec | None) -> LinkSpec | None:
+    """The link with the lower measured bus bandwidth (else the lower rated one); either when one is missing."""
+    if a is None or b is None:
+        return a or b
+    return min((a, b), key=lambda l: (l.measured_busbw_gbs if l.measured_busbw_gbs is not None
+                                      else float("inf"), l.bandwidth_gbs * l.count))
+
+
 def merge_specs(specs: list[ClusterSpec], name: str = "cluster") -> ClusterSpec:
     """Merge one-node specs (probe outputs) into one cluster: identical nodes become one node type
     with a count; measured figures keep the slowest node's (synchronous training runs at its pace)."""
@@ -361,13 +381,17 @@ def merge_specs(specs: list[ClusterSpec], name: str = "cluster") -> ClusterSpec:
                 groups[sig] = n
                 continue
             g = groups[sig]
-            dev = g.device
-            if dev and n.device:
+            # the slower node's device: its per-op figures (sweeps, overheads) are the ones the planner
+            # uses; the headline matmul and memory figures are each the lower of the two
+            slow, fast = (n.device, g.device) if _slower(n.device, g.device) else (g.device, n.device)
+            dev = slow
+            if slow and fast:
                 dev = dataclasses.replace(
-                    dev, measured_tflops=_min_dict(dev.measured_tflops, n.device.measured_tflops),
-                    measured_memory_bandwidth_gbs=_min_opt(dev.measured_memory_bandwidth_gbs,
-                                                           n.device.measured_memory_bandwidth_gbs))
-            groups[sig] = dataclasses.replace(g, count=g.count + n.count, device=dev,
+                    slow, measured_tflops=_min_dict(slow.measured_tflops, fast.measured_tflops),
+                    measured_memory_bandwidth_gbs=_min_opt(slow.measured_memory_bandwidth_gbs,
+                                                           fast.measured_memory_bandwidth_gbs))
+            groups[sig] = dataclasses.replace(g, count=g.count + n.count, device=dev or fast,
+                                              intra_link=_slower_link(g.intra_link, n.intra_link),
                                               hostnames=g.hostnames + n.hostnames)
     node_types = []
     for i, n in enumerate(groups.values()):

@@ -169,3 +169,26 @@ def test_device_count_and_memory_errors_name_the_bad_value(tmp_path):
         (tmp_path / "s.toml").write_text(head + body)
         with pytest.raises(ConfigError, match=message):
             load_spec(tmp_path / "s.toml")
+
+
+def test_merge_keeps_the_slower_nodes_per_op_figures_and_the_intra_node_link():
+    """Two probes of one node model: the merged node type takes the slower node's per-op figures (what the
+    planner's step time uses), not the first file's, and an intra-node link measured on one of them is kept
+    (it was dropped when the first file had none)."""
+    import dataclasses
+
+    from clusterlm.cluster.spec import LinkSpec, merge_specs
+
+    base = load_spec("h100-sxm-8x")
+    node = base.node_types[0]
+    link = LinkSpec(name="gloo", bandwidth_gbs=10.0, measured_busbw_gbs=4.2)
+    specs = []
+    for host, tf, overhead, intra in (("n1", 700.0, 15.0, None), ("n2", 650.0, 999.0, link)):
+        dev = dataclasses.replace(node.device, measured_tflops={"bf16": tf}, op_overhead_us=overhead)
+        specs.append(dataclasses.replace(base, name=host, node_types=(dataclasses.replace(
+            node, name="gpu", device=dev, intra_link=intra, hostnames=(host,)),)))
+    for order in (specs, specs[::-1]):
+        merged = merge_specs(order).node_types[0]
+        assert merged.count == 2 and merged.device.measured_tflops == {"bf16": 650.0}
+        assert merged.device.op_overhead_us == 999.0  # n2's: the slower node
+        assert merged.intra_link == link
