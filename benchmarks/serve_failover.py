@@ -51,22 +51,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def render_haproxy(text: str, lb_port: int, stats_port: int, sock: Path, servers: dict[str, int]) -> str:
-    """deploy/haproxy/haproxy.cfg with its frontend and stats ports, stats socket and `server`
-    lines replaced; everything else (checks, retries, timeouts) is the documented file's."""
-    out, done = [], False
+def render_haproxy(text: str, lb_port: int, stats_port: int, sock: Path, servers: dict[str, int],
+                   inner_port: int = 8010, guard_port: int | None = None) -> str:
+    """deploy/haproxy/haproxy.cfg with its frontends' and stats ports, stats socket and `server`
+    lines replaced: the replicas' backend gets `servers`, the stream guard's backend one guard on
+    `guard_port` (none without it: streams then go straight to the replicas). Everything else
+    (checks, retries, timeouts, the stream routing) is the documented file's."""
+    out, section, placed = [], "", set()
     for line in text.splitlines():
         s = line.strip()
+        if line[:1].isalpha():
+            section = s
         if s.startswith("server "):
-            if not done:
-                out += [f"    server {name} 127.0.0.1:{port}" for name, port in servers.items()]
-                done = True
+            if section not in placed:
+                placed.add(section)
+                if section == "backend clusterlm_replicas":
+                    out += [f"    server {name} 127.0.0.1:{port}" for name, port in servers.items()]
+                elif section == "backend clusterlm_stream_guard" and guard_port is not None:
+                    out.append(f"    server g1 127.0.0.1:{guard_port}")
             continue
         line = line.replace("bind 127.0.0.1:8000", f"bind 127.0.0.1:{lb_port}")
+        line = line.replace("bind 127.0.0.1:8010", f"bind 127.0.0.1:{inner_port}")
         line = line.replace("bind 127.0.0.1:8404", f"bind 127.0.0.1:{stats_port}")
         line = re.sub(r"stats socket \S+", f"stats socket {sock}", line)
         out.append(line)
-    assert done, "no server lines in the HAProxy config"
+    assert placed == {"backend clusterlm_replicas", "backend clusterlm_stream_guard"}, placed
     return "\n".join(out) + "\n"
 
 
@@ -114,22 +123,43 @@ class Replica:
         raise TimeoutError(f"{self.name} not ready: {self.log.read_text()[-2000:]}")
 
 
-def start_haproxy(tmp: Path, servers: dict[str, int]) -> tuple[subprocess.Popen, int, Path]:
+class Guard:
+    """`clusterlm stream-guard` relaying to HAProxy's inner frontend on `inner_port`."""
+
+    def __init__(self, inner_port: int, log_dir: Path) -> None:
+        self.port, self.inner_port = free_port(), inner_port
+        self.log = log_dir / "stream-guard.log"
+        with open(self.log, "w") as f:
+            self.proc = subprocess.Popen([sys.executable, "-m", "clusterlm", "stream-guard", "--upstream",
+                                          f"http://127.0.0.1:{inner_port}", "--port", str(self.port)],
+                                         stdout=f, stderr=f)
+
+
+def start_haproxy(tmp: Path, servers: dict[str, int], guard: Guard | None = None,
+                  inner_port: int | None = None) -> tuple[subprocess.Popen, int, Path]:
+    """HAProxy on free ports in front of `servers` (and `guard`), once every one of them is UP."""
     lb_port, stats_port, sock = free_port(), free_port(), tmp / "haproxy.sock"
+    inner_port = guard.inner_port if guard is not None else (inner_port or free_port())
     cfg = tmp / "haproxy.cfg"
-    cfg.write_text(render_haproxy(HAPROXY_CFG.read_text(), lb_port, stats_port, sock, servers))
+    cfg.write_text(render_haproxy(HAPROXY_CFG.read_text(), lb_port, stats_port, sock, servers, inner_port,
+                                  None if guard is None else guard.port))
     log = open(tmp / "haproxy.log", "w")  # noqa: SIM115 (lives as long as the process)
     proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=log, stderr=log)
-    deadline = time.time() + 20
+    deadline = time.time() + 30
     while time.time() < deadline:
         assert proc.poll() is None, (tmp / "haproxy.log").read_text()
+        if guard is not None:
+            assert guard.proc.poll() is None, guard.log.read_text()
         try:
-            if all(v == "UP" for v in haproxy_status(sock).values()):
+            states = list(haproxy_status(sock).values())
+            if guard is not None:
+                states += list(haproxy_status(sock, "clusterlm_stream_guard").values())
+            if states and all(v == "UP" for v in states):
                 return proc, lb_port, sock
         except OSError:
             pass
         time.sleep(0.1)
-    raise TimeoutError("haproxy did not report every replica UP")
+    raise TimeoutError("haproxy did not report every replica (and the stream guard) UP")
 
 
 async def client(i: int, url: str, stop_at: float, max_tokens: int, timeout: float, log: list[dict]) -> None:
@@ -263,6 +293,9 @@ def main() -> None:
     p.add_argument("--drain-timeout", type=float, default=30.0)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_failover.json")
     p.add_argument("--logs", type=Path, default=None, help="copy the replicas' and HAProxy's logs into this folder")
+    p.add_argument("--no-guard", action="store_true",
+                   help="streams straight to the replicas, without `clusterlm stream-guard` (a SIGKILLed "
+                        "replica's streams are then cut instead of ending with an error event)")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
     from common import cpu_model
@@ -275,11 +308,12 @@ def main() -> None:
         run = random_checkpoint(tmp, "byte", text, bpe_vocab=0, n_layers=2, context=256)
         replicas = {n: Replica(run, n, tmp, "--drain-timeout", str(args.drain_timeout), "--max-new-tokens-limit", "256")
                     for n in ("r1", "r2", "r3")}
-        lb = None
+        lb = guard = None
         try:
+            guard = None if args.no_guard else Guard(free_port(), tmp)
             for r in replicas.values():
                 r.wait_ready()
-            lb, lb_port, sock = start_haproxy(tmp, {n: r.port for n, r in replicas.items()})
+            lb, lb_port, sock = start_haproxy(tmp, {n: r.port for n, r in replicas.items()}, guard)
             res = asyncio.run(drive(args, f"http://127.0.0.1:{lb_port}", sock, replicas))
             drain_log = [ln for ln in replicas["r2"].log.read_text().splitlines() if "drain" in ln]
         finally:
@@ -287,16 +321,17 @@ def main() -> None:
                 if r.proc.poll() is None:
                     r.proc.kill()
                     r.proc.wait()
-            if lb is not None:
-                lb.terminate()
-                lb.wait()
+            for p_ in (lb, guard and guard.proc):
+                if p_ is not None:
+                    p_.terminate()
+                    p_.wait()
             if args.logs is not None:
                 args.logs.mkdir(parents=True, exist_ok=True)
                 for log in tmp.glob("*.log"):
                     shutil.copy(log, args.logs / log.name)
     out = {"benchmark": "serve_failover", "cpu": cpu_model(), "cores": os.cpu_count(),
            "load_average_1m": round(os.getloadavg()[0], 2), "seconds": args.seconds, "clients": args.clients,
-           "replicas": 3, "max_tokens": args.max_tokens, "client_timeout_s": args.client_timeout,
+           "replicas": 3, "stream_guard": not args.no_guard, "max_tokens": args.max_tokens, "client_timeout_s": args.client_timeout,
            "haproxy": subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.splitlines()[0],
            **res, "drain_log": drain_log}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quantize": ("clusterlm.optimize.quantize:main", "int8/int4 weight-only quantization of a checkpoint"),
     "prune": ("clusterlm.optimize.prune:main", "magnitude or structured (heads/channels) pruning of a checkpoint"),
     "serve": ("clusterlm.serve.app:main", "serve a checkpoint over an OpenAI-compatible HTTP API"),
+    "stream-guard": ("clusterlm.serve.relay:main", "relay streams to replicas; a lost replica's streams end with an error event"),
 }
 
 # Exit codes live in errors.py (also in docs/cli.md); re-exported here for callers and tests.

@@ -302,13 +302,21 @@ def test_api_key_options_refused_with_a_clear_message(run, tmp_path, capsys, mon
             h.setFormatter(f)
 
 
-def test_haproxy_config_is_valid():
+def test_haproxy_config_is_valid(tmp_path):
     """The documented deploy/haproxy/haproxy.cfg, and the copy the failover benchmark renders from it,
     pass `haproxy -c` (Debian's haproxy 2.6)."""
     haproxy = _require("haproxy")
-    r = subprocess.run([haproxy, "-c", "-f", str(ROOT / "deploy" / "haproxy" / "haproxy.cfg")],
-                       capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0 and "Configuration file is valid" in r.stdout + r.stderr, r.stdout + r.stderr
+    cfg = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
+    bench = _bench()
+    for path, guard_port in ((cfg, None), (tmp_path / "guard.cfg", 18020), (tmp_path / "no-guard.cfg", None)):
+        if path != cfg:
+            path.write_text(bench.render_haproxy(cfg.read_text(), 18000, 18404, tmp_path / "s.sock",
+                                                 {"r1": 18001, "r2": 18002}, 18010, guard_port))
+            text = path.read_text()
+            assert "server r1 127.0.0.1:18001" in text and "server r3" not in text
+            assert ("server g1 127.0.0.1:18020" in text) == (guard_port is not None)
+        r = subprocess.run([haproxy, "-c", "-f", str(path)], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and "Configuration file is valid" in r.stdout + r.stderr, r.stdout + r.stderr
 
 
 def test_haproxy_failover_two_replicas_one_killed(run, tmp_path):
@@ -363,3 +371,113 @@ def test_haproxy_failover_two_replicas_one_killed(run, tmp_path):
     assert {i for t, _, i in results if t < t_kill} == {"r1", "r2"}
     assert {i for t, _, i in results if t > t_kill + 0.5} == {"r2"}
     assert t_down is not None and t_down - t_kill <= 2.0, t_down and t_down - t_kill
+
+
+def _metric(url: str, name: str, headers: dict | None = None) -> float:
+    """The sum of a Prometheus series `name` (every label set) at url/metrics."""
+    text = httpx.get(url + "/metrics", headers=headers or {}, timeout=5).text
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+               if ln.startswith(name) and (ln[len(name)] in " {"))
+
+
+def test_stream_guard_ends_a_killed_replicas_streams_with_an_error_event(run, tmp_path):
+    """Two replicas behind HAProxy with `clusterlm stream-guard` (deploy/haproxy/haproxy.cfg's
+    stream routing): whole streams and non-streaming requests pass; a client that leaves mid-stream
+    makes the replica stop generating; a stream whose replica is SIGKILLed mid-reply ends with the
+    guard's error event (code replica_lost) and [DONE], every event before it whole JSON; and the
+    `openai` client then raises APIError with the guard's message (not APIConnectionError, as for a
+    cut connection). The guard's /metrics counts each outcome."""
+    _require("haproxy")
+    openai = pytest.importorskip("openai")
+    bench = _bench()
+    replicas = {n: bench.Replica(run, n, tmp_path, "--max-new-tokens-limit", "2000") for n in ("r1", "r2")}
+    guard = bench.Guard(bench.free_port(), tmp_path)
+    guard_url = f"http://127.0.0.1:{guard.port}"
+    lb = None
+    hdr = {"Authorization": f"Bearer {bench.KEY}"}
+    # greedy: a random-weights model never meets EOS, so the stream runs for max_tokens
+    body = {"model": bench.MODEL, "prompt": "hi", "max_tokens": 2000, "temperature": 0, "stream": True}
+
+    def outcomes() -> dict[str, float]:
+        text = httpx.get(guard_url + "/metrics", timeout=5).text
+        return {m[1]: float(m[2]) for m in re.finditer(r'clusterlm_guard_streams_total\{outcome="(\w+)"\} (\S+)',
+                                                       text)}
+
+    try:
+        for r in replicas.values():
+            r.wait_ready()
+        lb, lb_port, sock = bench.start_haproxy(tmp_path, {n: r.port for n, r in replicas.items()}, guard)
+        url = f"http://127.0.0.1:{lb_port}"
+
+        # 1. a whole stream through the guard; a non-streaming request goes past it
+        r = httpx.post(url + "/v1/completions", json={**body, "max_tokens": 8}, headers=hdr, timeout=30)
+        assert r.text.endswith("data: [DONE]\n\n") and '"error"' not in r.text, r.text[-300:]
+        r = httpx.post(url + "/v1/completions", json={**body, "max_tokens": 8, "stream": False}, headers=hdr,
+                       timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+        assert outcomes() == {"completed": 1, "replica_lost": 0, "upstream_timeout": 0, "client_gone": 0}
+
+        # 2. a client that leaves mid-stream: the guard closes its upstream, the replica stops
+        with httpx.stream("POST", url + "/v1/completions", json=body, headers=hdr, timeout=30) as resp:
+            serving = replicas[resp.headers["x-clusterlm-instance"]]
+            n = 0
+            for line in resp.iter_lines():
+                n += line.startswith("data: ")
+                if n == 3:
+                    break
+        deadline = time.time() + 5
+        while time.time() < deadline and _metric(serving.url, "clusterlm_running_sequences", hdr) > 0:
+            time.sleep(0.1)
+        assert _metric(serving.url, "clusterlm_running_sequences", hdr) == 0
+        assert outcomes()["client_gone"] == 1
+
+        # 3. raw SSE: a few events, SIGKILL the replica that serves it, read to the end
+        events = []
+        with httpx.stream("POST", url + "/v1/completions", json=body, headers=hdr, timeout=30) as resp:
+            assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+            victim = replicas[resp.headers["x-clusterlm-instance"]]
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if len(events) == 5:
+                        victim.proc.send_signal(signal.SIGKILL)
+        assert events[-1] == "[DONE]", events[-3:]
+        err = json.loads(events[-2])["error"]
+        assert err["code"] == "replica_lost" and err["type"] == "server_error", err
+        assert "retry the request" in err["message"]
+        assert all("choices" in json.loads(e) for e in events[:-2])  # whole events only, none cut in half
+        assert 5 <= len(events) - 2 < 2000
+        assert outcomes()["replica_lost"] == 1
+
+        # 4. the openai client on a stream whose replica (the last one) dies: APIError, the guard's words
+        client = openai.OpenAI(base_url=url + "/v1", api_key=bench.KEY, max_retries=0, timeout=30)
+        raw = client.completions.with_raw_response.create(model=bench.MODEL, prompt="hi", max_tokens=2000,
+                                                           temperature=0, stream=True)
+        victim = replicas[raw.headers["x-clusterlm-instance"]]
+        assert victim.proc.poll() is None
+        chunks = 0
+        with pytest.raises(openai.APIError) as e:
+            for _ in raw.parse():
+                chunks += 1
+                if chunks == 5:
+                    victim.proc.send_signal(signal.SIGKILL)
+        assert not isinstance(e.value, openai.APIConnectionError)
+        assert "replica serving this stream was lost" in str(e.value), e.value
+        assert outcomes() == {"completed": 1, "replica_lost": 2, "upstream_timeout": 0, "client_gone": 1}
+    finally:
+        for p in [r.proc for r in replicas.values()] + [guard.proc] + ([lb] if lb is not None else []):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert "ended with an error event" in guard.log.read_text()
+
+
+def test_stream_guard_refuses_bad_options(capsys):
+    from clusterlm.cli import main
+
+    for argv, words in ((["--upstream", "127.0.0.1:8010"], "not a base URL"),
+                        (["--upstream", "http://127.0.0.1:8010/v1"], "not a base URL"),
+                        (["--upstream", "http://127.0.0.1:99999"], "port"),
+                        (["--upstream", "http://h:1", "--read-timeout", "0"], "--read-timeout=0.0 must be in")):
+        assert main(["stream-guard", *argv]) == EXIT_USAGE
+        assert words in capsys.readouterr().err

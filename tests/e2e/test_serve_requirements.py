@@ -3,7 +3,7 @@ clusterlm with --no-deps and then only these, so `clusterlm serve` must run with
 clusterlm's dependencies absent. Here a real `serve` process (python -S) sees only the distributions
 `pip install -r requirements-serve.txt` would install, through a folder of links to them, and the
 routes a deployment uses answer: a model and a LoRA adapter on it, completions (plain, streamed, with
-logprobs), chat, /tokenize, /metrics.
+logprobs), chat, /tokenize, /metrics; and `clusterlm stream-guard` relays a stream to it.
 The container test (tests/e2e/test_container.py) builds the image itself where dockerd runs.
 """
 
@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import subprocess
+import time
 import tomllib
 from pathlib import Path
 
@@ -103,7 +104,7 @@ def test_serve_runs_with_only_the_serving_requirements(tmp_path):
     adapter = save_adapters(tmp_path / "adapter", model, meta={"base": str(run)})
 
     port = _free_port()
-    log_path = tmp_path / "serve.log"
+    log_path, guard_log, guard = tmp_path / "serve.log", tmp_path / "guard.log", None
     site = _serving_site(tmp_path / "site")
     entry = console_script()  # [python, -c, the console script's code]
     with open(log_path, "w") as log:
@@ -135,8 +136,27 @@ def test_serve_runs_with_only_the_serving_requirements(tmp_path):
         assert r.status_code == 200 and r.json()["count"] >= 5, r.text
         metrics = httpx.get(f"{url}/metrics", headers=auth, timeout=10).text
         assert 'clusterlm_generated_tokens_total{model="tuned"} 8.0' in metrics, metrics[-2000:]
+        # the stream guard (in the image too) with the same restricted site, relaying to the server
+        guard_port = _free_port()
+        with open(guard_log, "w") as log:
+            guard = subprocess.Popen([entry[0], "-S", *entry[1:], "stream-guard", "--upstream", url,
+                                      "--port", str(guard_port)], stdout=log, stderr=log, cwd=tmp_path,
+                                     env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{site}"})
+        for _ in range(300):
+            assert guard.poll() is None, guard_log.read_text()
+            try:
+                httpx.get(f"http://127.0.0.1:{guard_port}/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        r = httpx.post(f"http://127.0.0.1:{guard_port}/v1/completions", headers=auth, timeout=30, json={
+            "model": "base", "prompt": "To be", "max_tokens": 4, "stream": True})
+        assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n") and '"error"' not in r.text, r.text
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    text = log_path.read_text()
-    assert "Traceback" not in text and "Error" not in text, text[-3000:]
+        for p in (proc, guard):
+            if p is not None:
+                p.terminate()
+                p.wait(timeout=30)
+    for path in (log_path, guard_log):
+        text = path.read_text()
+        assert "Traceback" not in text and "Error" not in text, text[-3000:]
