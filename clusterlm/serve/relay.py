@@ -69,7 +69,6 @@ def create_app(upstream: str, connect_timeout: float = 2.0, read_timeout: float 
     from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
     from prometheus_client.exposition import CONTENT_TYPE_LATEST
     from starlette.applications import Starlette
-    from starlette.background import BackgroundTask
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
@@ -90,30 +89,42 @@ def create_app(upstream: str, connect_timeout: float = 2.0, read_timeout: float 
                                timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
                                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
 
-    async def relay_events(resp: httpx.Response) -> AsyncIterator[bytes]:
-        buf, done, outcome = b"", False, "client_gone"  # until the loop below ends on its own
-        active.inc()
+    async def relay_events(resp: httpx.Response, result: dict[str, str]) -> AsyncIterator[bytes]:
+        buf, done = b"", False
         try:
+            async for chunk in resp.aiter_bytes():
+                whole, buf = split_events(buf + chunk)
+                if whole:
+                    done = done or _DONE.search(whole) is not None
+                    yield whole
+            outcome = "completed" if done else "replica_lost"
+            why = "its response ended before [DONE]"
+        except httpx.ReadTimeout:
+            outcome, why = "upstream_timeout", f"no byte from it for {read_timeout:g} s"
+        except httpx.TransportError as e:  # "incomplete chunked read": the replica's connection died
+            outcome, why = "replica_lost", f"{type(e).__name__}: {e}"
+        if not done:
+            log.warning("stream %s: %s; ended with an error event", outcome, why)
+            yield lost_event("the replica serving this stream was lost before it finished (" + why + "); the "
+                             "text so far is incomplete: retry the request", outcome)
+        result["outcome"] = outcome  # set once the last byte was handed over
+
+    class Relayed(StreamingResponse):
+        """A relayed response that closes its upstream however it ends: finished, or the client
+        gone (a failed send, or a disconnect before the first byte), so the replica stops too."""
+
+        def __init__(self, content: AsyncIterator[bytes], upstream: httpx.Response, on_close=None, **kw) -> None:
+            super().__init__(content, **kw)
+            self.upstream, self.on_close = upstream, on_close
+
+        async def __call__(self, scope, receive, send) -> None:
             try:
-                async for chunk in resp.aiter_bytes():
-                    whole, buf = split_events(buf + chunk)
-                    if whole:
-                        done = done or _DONE.search(whole) is not None
-                        yield whole
-                outcome = "completed" if done else "replica_lost"
-                why = "its response ended before [DONE]"
-            except httpx.ReadTimeout:
-                outcome, why = "upstream_timeout", f"no byte from it for {read_timeout:g} s"
-            except httpx.TransportError as e:  # "incomplete chunked read": the replica's connection died
-                outcome, why = "replica_lost", f"{type(e).__name__}: {e}"
-            if not done:
-                log.warning("stream %s: %s; ended with an error event", outcome, why)
-                yield lost_event("the replica serving this stream was lost before it finished (" + why + "); the "
-                                 "text so far is incomplete: retry the request", outcome)
-        finally:
-            active.dec()
-            streams.labels(outcome).inc()
-            await resp.aclose()  # a client gone: closes the upstream connection, the replica stops
+                await super().__call__(scope, receive, send)
+            finally:
+                await self.body_iterator.aclose()
+                await self.upstream.aclose()
+                if self.on_close is not None:
+                    self.on_close()
 
     async def relay(request: Request) -> Response:
         # read whole, to send on; capped (a replica's own default limit is 1 MiB, --max-body-bytes)
@@ -138,9 +149,15 @@ def create_app(upstream: str, connect_timeout: float = 2.0, read_timeout: float 
         out = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP}
         if resp.status_code == 200 and resp.headers.get("content-type", "").startswith("text/event-stream"):
             out.pop("content-encoding", None)  # aiter_bytes decodes
-            return StreamingResponse(relay_events(resp), status_code=200, headers=out)
-        return StreamingResponse(resp.aiter_raw(), status_code=resp.status_code, headers=out,
-                                 background=BackgroundTask(resp.aclose))
+            result: dict[str, str] = {}
+            active.inc()
+
+            def counted() -> None:
+                active.dec()
+                streams.labels(result.get("outcome", "client_gone")).inc()
+
+            return Relayed(relay_events(resp, result), resp, counted, status_code=200, headers=out)
+        return Relayed(resp.aiter_raw(), resp, status_code=resp.status_code, headers=out)
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "upstream": upstream})
@@ -203,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     from clusterlm.serve.guard import bind
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("httpx2", "httpcore2"):  # a line per relayed request otherwise
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
     sock = bind(args.host, args.port, backlog=2048)
     app = create_app(upstream, args.connect_timeout, args.read_timeout)
     config = uvicorn.Config(app, ws="none", lifespan="on", log_level=args.log_level, access_log=False,
