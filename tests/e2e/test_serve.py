@@ -574,8 +574,14 @@ class DevTools:
         return r["result"].get("value")
 
     def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait(timeout=10)
+        """Browser.close, so that Chromium removes its /tmp/org.chromium.Chromium.* singleton folder
+        (a SIGKILL leaves one behind per run); killed if it has not exited within 10 s."""
+        try:
+            os.write(self._w, json.dumps({"id": self._id + 1, "method": "Browser.close"}).encode() + b"\0")
+            self.proc.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait(timeout=10)
         os.close(self._w)
         os.close(self._r)
 
