@@ -147,6 +147,13 @@ def generate_main(argv: list[str], out: TextIO | None = None) -> int:
         fmt = chat_format(loaded.tokenizer, loaded.chat_template)
         prompt = fmt.render([{"role": "user", "content": args.prompt}])
         stops, stop_ids = fmt.stop_strings, fmt.stop_ids
+    if args.num_beams > 1:  # refused before any output: too wide for the vocabulary or the memory (docs/encdec.md)
+        from clusterlm.generate.beam import check_beam_width
+        from clusterlm.generate.seq2seq import fit_sources
+
+        (src,) = fit_sources(loaded.tokenizer, [prompt], loaded.config.model.max_seq_len, True)
+        check_beam_width(loaded.model, args.num_beams, max_new_tokens=args.max_new_tokens, input_len=len(src),
+                         name="--num-beams")
     warn_unknown_chars(loaded.tokenizer, prompt, "the prompt" + (" as the chat template renders it" if args.chat else ""))
     for i in range(args.num_samples):
         if args.num_samples > 1:

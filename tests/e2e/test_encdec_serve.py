@@ -167,6 +167,8 @@ def test_generate_src_and_eval_task_for_encdec(runs, tmp_path, capsys):
     ("generate", ["--src", "a dog runs", "--prompt", "the cat"], "--src and --prompt both give"),
     ("generate", ["--src", "a dog runs", "--compile"], "--compile compiles a decoder-only model's decode step"),
     ("chat", ["--compile"], "--compile compiles a decoder-only model's decode step"),
+    ("generate", ["--src", "a dog runs", "--num-beams", "100000"],
+     "--num-beams=100000 is wider than the model's vocabulary (259 tokens)"),
 ])
 def test_generate_options_an_encdec_would_ignore_are_refused(runs, capsys, monkeypatch, command, extra, fragment):
     """An encoder-decoder ignored --prompt when --src was given too, and --compile (its decode runs
