@@ -208,7 +208,7 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
                                     "labels renamed, RAW=NAME,... (0=negative,1=positive)")
     g.add_argument("--samples", metavar="JSONL", help="write one record per example (prediction, references, ...)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="generate tasks: tokens per answer (default 64)")
-    g.add_argument("--temperature", type=float, default=0.0, help="generate tasks: 0 = greedy (default)")
+    g.add_argument("--temperature", type=float, default=None, help="generate tasks: 0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--num-beams", type=int, default=1,
@@ -283,7 +283,15 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--limit={args.limit} must be >= 1")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size={args.batch_size} must be >= 1")
-        decode = DecodeOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        if args.num_beams > 1:  # beam search is deterministic: these would be ignored
+            given = [f for f, v in (("--temperature", args.temperature), ("--top-k", args.top_k),
+                                    ("--top-p", args.top_p), ("--seed", args.seed)) if v is not None]
+            if given:
+                raise ValueError(f"--num-beams={args.num_beams} is beam search, which is deterministic: "
+                                 f"{', '.join(given)} only apply to sampling; leave them out, or drop --num-beams "
+                                 "to sample")
+        temperature = 0.0 if args.temperature is None else args.temperature
+        decode = DecodeOptions(max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=args.top_p,
                                top_k=args.top_k, seed=args.seed, stops=tuple(args.stop) if args.stop else None,
                                num_beams=args.num_beams, length_penalty=args.length_penalty)
         result = evaluate_tasks(args.checkpoint, args.task, limit=args.limit, batch_size=args.batch_size,

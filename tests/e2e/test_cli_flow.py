@@ -181,6 +181,23 @@ def test_generate_length_penalty_without_beams_is_refused(tmp_path, capsys, extr
     assert fragment in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command, extra, fragment", [
+    ("generate", ["--temperature", "1.5", "--top-k", "5"], "--temperature, --top-k only apply to sampling"),
+    ("generate", ["--temperature", "0", "--top-p", "0.9", "--seed", "1"],
+     "--temperature, --top-p, --seed only apply to sampling"),
+    ("generate", ["--num-samples", "3"], "--num-samples only apply to sampling"),
+    ("eval", ["--task", "x.jsonl", "--temperature", "0.7", "--seed", "1"], "--temperature, --seed only apply to sampling"),
+])
+def test_sampling_options_with_beam_search_are_refused(tmp_path, capsys, command, extra, fragment):
+    """Beam search is deterministic: with --num-beams > 1, --temperature, --top-k, --top-p, --seed (and
+    generate's --num-samples, which printed the same beam N times) were accepted and silently ignored,
+    exit 0. They are refused (exit 2) naming both options, before the checkpoint is read, as
+    --length-penalty without --num-beams is."""
+    assert cli([command, str(tmp_path / "no-run"), "--num-beams", "2", *extra]) == 2
+    err = capsys.readouterr().err
+    assert "--num-beams=2 is beam search, which is deterministic: " + fragment in err, err
+
+
 def test_characters_outside_a_char_vocabulary_are_named(tmp_path):
     """A char model reads characters it never saw as <|unk|>: generate says which, instead of letting
     the model continue text it was not given (this vocabulary has no '€' or '@')."""
