@@ -230,8 +230,12 @@ def export_to_hf(ckpt: str | Path, out: str | Path) -> Path:
     out = Path(out)
     if str(out) in ("", "."):
         raise FileExistsError("--out is empty; give a new folder for the Hugging Face files")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"--out {out} exists and is not an empty folder")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder; give a folder to create (or an empty folder) "
+                              "for the Hugging Face files")
+    if out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"--out {out} is a folder that is not empty; give a folder to create (or an empty "
+                              "folder) for the Hugging Face files")
     bos = eos = pad = None
     stop_ids: list[int] = []
     tok_files: dict[str, str] = {}
