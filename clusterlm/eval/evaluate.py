@@ -283,6 +283,15 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--limit={args.limit} must be >= 1")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size={args.batch_size} must be >= 1")
+        if args.max_new_tokens < 1:  # 0 scored every answer as empty
+            raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be >= 1 (the tokens of each answer)")
+        if args.num_beams < 1:  # it decoded greedily
+            raise ValueError(f"--num-beams={args.num_beams} must be >= 1 (1 = no beam search)")
+        if not math.isfinite(args.length_penalty):  # nan scored every beam nan
+            raise ValueError(f"--length-penalty={args.length_penalty} must be a finite number")
+        if args.length_penalty != 1.0 and args.num_beams == 1:  # greedy and sampling have no length score
+            raise ValueError(f"--length-penalty={args.length_penalty} scores beam search only: add --num-beams N "
+                             "(N >= 2) or leave it out")
         if args.num_beams > 1:  # beam search is deterministic: these would be ignored
             given = [f for f, v in (("--temperature", args.temperature), ("--top-k", args.top_k),
                                     ("--top-p", args.top_p), ("--seed", args.seed)) if v is not None]

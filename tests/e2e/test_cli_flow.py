@@ -198,6 +198,20 @@ def test_sampling_options_with_beam_search_are_refused(tmp_path, capsys, command
     assert "--num-beams=2 is beam search, which is deterministic: " + fragment in err, err
 
 
+@pytest.mark.parametrize("extra, fragment", [
+    (["--num-beams", "0"], "--num-beams=0 must be >= 1 (1 = no beam search)"),
+    (["--length-penalty", "2"], "--length-penalty=2.0 scores beam search only: add --num-beams N"),
+    (["--length-penalty", "nan", "--num-beams", "2"], "--length-penalty=nan must be a finite number"),
+    (["--max-new-tokens", "0"], "--max-new-tokens=0 must be >= 1"),
+])
+def test_eval_task_decoding_options_are_checked_as_generate_checks_them(tmp_path, capsys, extra, fragment):
+    """`eval --task` decoded greedily with --num-beams 0, ignored --length-penalty without beams, ran
+    beam search with a nan length penalty (every score nan) and scored empty answers with
+    --max-new-tokens 0, all exit 0; each is refused (exit 2) before the checkpoint is read."""
+    assert cli(["eval", str(tmp_path / "no-run"), "--task", "x.jsonl", *extra]) == 2
+    assert fragment in capsys.readouterr().err
+
+
 def test_characters_outside_a_char_vocabulary_are_named(tmp_path):
     """A char model reads characters it never saw as <|unk|>: generate says which, instead of letting
     the model continue text it was not given (this vocabulary has no '€' or '@')."""
