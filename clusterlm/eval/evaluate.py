@@ -232,6 +232,33 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
                         "(lm-eval's --apply_chat_template; for chat fine-tunes). Default: the raw prompt")
 
 
+# options that only one or two of eval's modes read (the others: --batch-size, --device, --out, all modes);
+# "loss" is a data split's loss (no --task, no --lm-eval)
+MODE_OPTIONS = {
+    "--data": ("loss",), "--split": ("loss",), "--seq-len": ("loss",), "--max-batches": ("loss",),
+    "--labels": ("task",), "--samples": ("task",), "--max-new-tokens": ("task",), "--temperature": ("task",),
+    "--top-p": ("task",), "--top-k": ("task",), "--num-beams": ("task",), "--length-penalty": ("task",),
+    "--seed": ("task",), "--stop": ("task",), "--limit": ("task", "lm-eval"), "--truncate": ("task", "lm-eval"),
+    "--lm-eval-include": ("lm-eval",), "--num-fewshot": ("lm-eval",),
+}
+MODE_NAMES = {"loss": "the loss on a data split (no --task or --lm-eval given)", "task": "--task",
+              "lm-eval": "--lm-eval"}
+
+
+def refuse_unused_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Options given (not at their defaults) that the chosen mode does not read: a ValueError naming
+    them and the mode each is for (they were ignored, e.g. --samples without --task wrote no file)."""
+    mode = "lm-eval" if args.lm_eval else "task" if args.task else "loss"
+    unused = []
+    for opt, modes in MODE_OPTIONS.items():
+        dest = opt[2:].replace("-", "_")
+        if mode not in modes and getattr(args, dest) != p.get_default(dest):
+            unused.append(f"{opt} (for {' or '.join('a data split' if m == 'loss' else '--' + m for m in modes)})")
+    if unused:
+        raise ValueError(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used by "
+                         f"{MODE_NAMES[mode]}: leave {'it' if len(unused) == 1 else 'them'} out")
+
+
 def positive_int(text: str) -> int:
     """argparse type: a whole number >= 1 (0 batches or a 0-token context would score nothing)."""
     try:
@@ -266,6 +293,8 @@ def main(argv: list[str]) -> int:
     if args.apply_chat_template and not args.lm_eval:
         raise ValueError("--apply-chat-template is for --lm-eval tasks; --task asks a chat checkpoint in its own "
                          "template already (a task's `chat` field)")
+    if not (args.lm_eval and args.samples):  # said below, with what to use instead
+        refuse_unused_options(p, args)
     if args.lm_eval:
         if args.samples:
             raise ValueError("--samples is for --task; for lm-eval's per-example records call "

@@ -212,6 +212,29 @@ def test_eval_task_decoding_options_are_checked_as_generate_checks_them(tmp_path
     assert fragment in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, fragment", [
+    (["--temperature", "0.5", "--num-beams", "4"],
+     "--temperature (for --task), --num-beams (for --task) are not used by the loss on a data split"),
+    (["--samples", "S"], "--samples (for --task) is not used by the loss on a data split (no --task or --lm-eval "
+                         "given): leave it out"),
+    (["--limit", "3", "--truncate"], "--limit (for --task or --lm-eval), --truncate (for --task or --lm-eval) are "
+                                     "not used by the loss"),
+    (["--task", "x.jsonl", "--data", "D", "--max-batches", "2"],
+     "--data (for a data split), --max-batches (for a data split) are not used by --task: leave them out"),
+    (["--task", "x.jsonl", "--num-fewshot", "3"], "--num-fewshot (for --lm-eval) is not used by --task"),
+    (["--lm-eval", "t", "--seed", "1", "--seq-len", "32"],
+     "--seq-len (for a data split), --seed (for --task) are not used by --lm-eval"),
+])
+def test_eval_options_of_another_mode_are_refused(tmp_path, capsys, extra, fragment):
+    """eval's loss on a split, --task and --lm-eval each read some options; the others were ignored,
+    exit 0 (--samples without --task wrote no file, --temperature and --num-beams decoded nothing,
+    --data with --task was never opened). Options of another mode are refused (exit 2) naming each
+    and its mode, before the checkpoint is read."""
+    extra = [str(tmp_path / a) if a in ("S", "D") else a for a in extra]
+    assert cli(["eval", str(tmp_path / "no-run"), *extra]) == 2
+    assert fragment in capsys.readouterr().err
+
+
 def test_characters_outside_a_char_vocabulary_are_named(tmp_path):
     """A char model reads characters it never saw as <|unk|>: generate says which, instead of letting
     the model continue text it was not given (this vocabulary has no '€' or '@')."""
