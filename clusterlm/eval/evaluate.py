@@ -259,6 +259,28 @@ def refuse_unused_options(p: argparse.ArgumentParser, args: argparse.Namespace) 
                          f"{MODE_NAMES[mode]}: leave {'it' if len(unused) == 1 else 'them'} out")
 
 
+def _refuse_outputs_over_inputs(args: argparse.Namespace) -> None:
+    """--out or --samples naming a --task file (it was overwritten with the scores) or each other (one
+    file held whichever was written last): a ValueError naming both options."""
+    from clusterlm.eval.harness import builtin_tasks
+
+    def same(a: str, b: str) -> bool:
+        pa, pb = Path(a), Path(b)
+        if pa.exists() and not pa.is_file():  # a device or pipe (/dev/null) takes both
+            return False
+        try:
+            return pa.exists() and pb.exists() and pa.samefile(pb) or pa.resolve() == pb.resolve()
+        except OSError:
+            return False
+
+    inputs = [("--task", f) for spec in args.task if spec not in builtin_tasks() for f in spec.split(",")]
+    for flag, out in (("--out", args.out), ("--samples", args.samples)):
+        for what, path in inputs + ([("--samples", args.samples)] if flag == "--out" and args.samples else []):
+            if out and same(out, path):
+                raise ValueError(f"{flag} {out} is the file {what} {path} names: it would be overwritten; give "
+                                 f"{flag} another file")
+
+
 def positive_int(text: str) -> int:
     """argparse type: a whole number >= 1 (0 batches or a 0-token context would score nothing)."""
     try:
@@ -288,6 +310,7 @@ def main(argv: list[str]) -> int:
     for flag, path in (("--out", args.out), ("--samples", args.samples)):
         if path:  # checked now: an evaluation can take minutes, and its result would be lost at the end
             check_output_file(path, flag)
+    _refuse_outputs_over_inputs(args)
     if args.lm_eval and args.task:
         raise ValueError("give --task or --lm-eval, not both (they report in different shapes)")
     if args.apply_chat_template and not args.lm_eval:

@@ -235,6 +235,27 @@ def test_eval_options_of_another_mode_are_refused(tmp_path, capsys, extra, fragm
     assert fragment in capsys.readouterr().err
 
 
+def test_eval_outputs_that_name_an_input_are_refused(tmp_path, capsys):
+    """`eval --task t.jsonl --out t.jsonl` overwrote the task file with the scores (and --samples and
+    --out naming one file kept only the last written). Refused (exit 2) naming both options, before
+    the checkpoint is read; the task file is untouched; /dev/null still takes both."""
+    task = tmp_path / "t.jsonl"
+    task.write_text('{"prompt": "a", "references": "b"}\n')
+    run = str(tmp_path / "no-run")
+    for extra, fragment in [
+        (["--task", str(task), "--out", str(task)], f"--out {task} is the file --task {task} names"),
+        (["--task", f"{tmp_path / 'a.en'},{tmp_path / '.' / 't.jsonl'}", "--samples", str(task)],
+         f"--samples {task} is the file --task {tmp_path / '.' / 't.jsonl'} names"),
+        (["--task", str(task), "--out", str(tmp_path / "o"), "--samples", str(tmp_path / "o")],
+         f"--out {tmp_path / 'o'} is the file --samples {tmp_path / 'o'} names: it would be overwritten"),
+    ]:
+        assert cli(["eval", run, *extra]) == 2
+        assert fragment in capsys.readouterr().err
+    assert task.read_text() == '{"prompt": "a", "references": "b"}\n'
+    assert cli(["eval", run, "--task", str(task), "--out", "/dev/null", "--samples", "/dev/null"]) == 2
+    assert "is the file" not in capsys.readouterr().err  # refused for the missing checkpoint only
+
+
 def test_characters_outside_a_char_vocabulary_are_named(tmp_path):
     """A char model reads characters it never saw as <|unk|>: generate says which, instead of letting
     the model continue text it was not given (this vocabulary has no '€' or '@')."""
