@@ -145,6 +145,15 @@ def evaluate_tasks(ckpt: str, tasks: list[str], *, limit: int | None = None, bat
 
     decode = decode or DecodeOptions()
     loaded_tasks = [resolve_task(t, limit=limit, **({"labels": labels} if labels else {})) for t in tasks]
+    first: dict[str, str] = {}
+    for spec, task in zip(tasks, loaded_tasks):  # the scores are keyed by name: a second one replaced the first
+        name = task.name or spec
+        if name in first:
+            raise DataError(f"task {spec!r} is given twice" if first[name] == spec else
+                            f"tasks {first[name]!r} and {spec!r} are both named {name!r}, and their scores would "
+                            "share one entry: give one a \"name\" in a header record (docs/tasks.md) or rename "
+                            "its file")
+        first[name] = spec
     if labels:  # a label set or renaming means nothing to other kinds: say so instead of ignoring it
         other = [f"{t.name!r} ({t.kind})" for t in loaded_tasks if t.kind != "classify"]
         if other:

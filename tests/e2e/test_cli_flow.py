@@ -256,6 +256,24 @@ def test_eval_outputs_that_name_an_input_are_refused(tmp_path, capsys):
     assert "is the file" not in capsys.readouterr().err  # refused for the missing checkpoint only
 
 
+def test_eval_tasks_of_one_name_are_refused(tmp_path, capsys):
+    """Two task files of one name (a/t.jsonl, b/t.jsonl) gave one entry in the scores: the second
+    replaced the first, exit 0. Refused (exit 2) naming both and how to tell them apart, before the
+    checkpoint is read; a task given twice is named as such; a header "name" tells them apart."""
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "t.jsonl").write_text('{"prompt": "a", "references": "b"}\n')
+    a, b = str(tmp_path / "a" / "t.jsonl"), str(tmp_path / "b" / "t.jsonl")
+    run = str(tmp_path / "no-run")
+    assert cli(["eval", run, "--task", a, "--task", b]) == 2
+    assert f"tasks {a!r} and {b!r} are both named 't', and their scores would share one entry" in capsys.readouterr().err
+    assert cli(["eval", run, "--task", a, "--task", a]) == 2
+    assert f"task {a!r} is given twice" in capsys.readouterr().err
+    (tmp_path / "b" / "t.jsonl").write_text('{"kind": "generate", "name": "t2"}\n{"prompt": "a", "references": "b"}\n')
+    assert cli(["eval", run, "--task", a, "--task", b]) == 2
+    assert "no-run" in capsys.readouterr().err  # past the names, to the missing checkpoint
+
+
 def test_characters_outside_a_char_vocabulary_are_named(tmp_path):
     """A char model reads characters it never saw as <|unk|>: generate says which, instead of letting
     the model continue text it was not given (this vocabulary has no '€' or '@')."""
