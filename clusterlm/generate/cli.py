@@ -101,6 +101,9 @@ def _load(args):  # noqa: ANN001, ANN202
     if loaded.config.model.arch == "encdec" and args.compile:
         raise ValueError(f"--compile compiles a decoder-only model's decode step; {loaded.path} is an encoder-decoder "
                          "(arch 'encdec'), which decodes eagerly: leave --compile out")
+    if loaded.config.model.arch == "encdec" and args.pack != "auto":  # it was ignored
+        raise ValueError(f"--pack {args.pack} packs a decoder-only model's CPU weights; {loaded.path} is an "
+                         "encoder-decoder (arch 'encdec'), which decodes with its weights as loaded: leave --pack out")
     if loaded.config.model.labels:
         from clusterlm.errors import ConfigError
 
