@@ -283,19 +283,21 @@ def replace_dir(new: str | os.PathLike, final: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def staging_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def staging_dir(final: str | os.PathLike, overwrite: bool = False,
+                overwrite_hint: str = "pass --overwrite to replace it") -> Iterator[Path]:
     """Yield a fresh temporary folder beside `final`; on success it replaces `final`.
 
     On any exception (including KeyboardInterrupt) the temporary folder is removed and `final`
     is untouched. The temporary name starts with '.' and ends with '.partial', so nothing that
     looks for `final` can mistake it for a complete result. An existing `final` (overwrite=True)
     is swapped out atomically where possible (see the module docstring); a swap left half-done by
-    a killed run is repaired first (`recover_swap`).
+    a killed run is repaired first (`recover_swap`). `overwrite_hint` ends the message that refuses
+    an existing `final`: what the caller's user can do (a CLI flag, or a library function's argument).
     """
     final = Path(final)
     recover_swap(final)
     if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} already exists; pass --overwrite to replace it")
+        raise FileExistsError(f"{final} already exists; {overwrite_hint}")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))

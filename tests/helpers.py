@@ -118,6 +118,29 @@ def random_checkpoint(tmp_path: Path, kind: str, text: str, *, bpe_vocab: int, n
     return tmp_path / "run"
 
 
+def byte_llama_checkpoint(root: Path, **model: Any) -> tuple[Path, Any]:
+    """A random-weights (init_weights(0)) Llama-style Transformer (rope, rmsnorm, swiglu, untied output;
+    dim 32, 4 heads, context 64; `model` sets these or other ModelConfig fields) with the byte
+    tokenizer, saved as step 0 under root/run (the tokenizer at root/tokenizer.json); returns (the run
+    directory, its ModelConfig)."""
+    from clusterlm.checkpoint.store import save_checkpoint
+    from clusterlm.config import RunConfig, to_toml
+    from clusterlm.models.build import build_model
+    from clusterlm.models.config import ModelConfig
+    from clusterlm.tokenizer.kinds import make_tokenizer
+
+    tok = make_tokenizer("byte")
+    tok.save(root / "tokenizer.json")
+    cfg = ModelConfig(**{"vocab_size": tok.vocab_size, "dim": 32, "n_heads": 4, "max_seq_len": 64, "pos": "rope",
+                         "norm": "rmsnorm", "mlp": "swiglu", "tie_embeddings": False, **model})
+    net = build_model(cfg)
+    net.init_weights(0)
+    save_checkpoint(root / "run" / "checkpoints", 0, model_state=net.state_dict(), optimizer_state=None,
+                    train_state={"step": 0}, config_toml=to_toml(RunConfig(model=cfg)),
+                    tokenizer_path=root / "tokenizer.json")
+    return root / "run", cfg
+
+
 def random_classifier(out: Path, kind: str, text: str, preset: str, labels: tuple[str, ...], *, n_heads: int,
                       context: int, finetune: Any = None) -> Path:
     """A random-weights classifier checkpoint of a 1-layer, 32-wide `preset` (labels, the tokenizer's pad id) with a

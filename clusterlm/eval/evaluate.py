@@ -145,6 +145,15 @@ def evaluate_tasks(ckpt: str, tasks: list[str], *, limit: int | None = None, bat
 
     decode = decode or DecodeOptions()
     loaded_tasks = [resolve_task(t, limit=limit, **({"labels": labels} if labels else {})) for t in tasks]
+    first: dict[str, str] = {}
+    for spec, task in zip(tasks, loaded_tasks):  # the scores are keyed by name: a second one replaced the first
+        name = task.name or spec
+        if name in first:
+            raise DataError(f"task {spec!r} is given twice" if first[name] == spec else
+                            f"tasks {first[name]!r} and {spec!r} are both named {name!r}, and their scores would "
+                            "share one entry: give one a \"name\" in a header record (docs/tasks.md) or rename "
+                            "its file")
+        first[name] = spec
     if labels:  # a label set or renaming means nothing to other kinds: say so instead of ignoring it
         other = [f"{t.name!r} ({t.kind})" for t in loaded_tasks if t.kind != "classify"]
         if other:
@@ -208,7 +217,7 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
                                     "labels renamed, RAW=NAME,... (0=negative,1=positive)")
     g.add_argument("--samples", metavar="JSONL", help="write one record per example (prediction, references, ...)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="generate tasks: tokens per answer (default 64)")
-    g.add_argument("--temperature", type=float, default=0.0, help="generate tasks: 0 = greedy (default)")
+    g.add_argument("--temperature", type=float, default=None, help="generate tasks: 0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--num-beams", type=int, default=1,
@@ -230,6 +239,55 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--apply-chat-template", action="store_true",
                    help="lm-eval tasks: ask each prompt as a user turn in the checkpoint's own chat template "
                         "(lm-eval's --apply_chat_template; for chat fine-tunes). Default: the raw prompt")
+
+
+# options that only one or two of eval's modes read (the others: --batch-size, --device, --out, all modes);
+# "loss" is a data split's loss (no --task, no --lm-eval)
+MODE_OPTIONS = {
+    "--data": ("loss",), "--split": ("loss",), "--seq-len": ("loss",), "--max-batches": ("loss",),
+    "--labels": ("task",), "--samples": ("task",), "--max-new-tokens": ("task",), "--temperature": ("task",),
+    "--top-p": ("task",), "--top-k": ("task",), "--num-beams": ("task",), "--length-penalty": ("task",),
+    "--seed": ("task",), "--stop": ("task",), "--limit": ("task", "lm-eval"), "--truncate": ("task", "lm-eval"),
+    "--lm-eval-include": ("lm-eval",), "--num-fewshot": ("lm-eval",),
+}
+MODE_NAMES = {"loss": "the loss on a data split (no --task or --lm-eval given)", "task": "--task",
+              "lm-eval": "--lm-eval"}
+
+
+def refuse_unused_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Options given (not at their defaults) that the chosen mode does not read: a ValueError naming
+    them and the mode each is for (they were ignored, e.g. --samples without --task wrote no file)."""
+    mode = "lm-eval" if args.lm_eval else "task" if args.task else "loss"
+    unused = []
+    for opt, modes in MODE_OPTIONS.items():
+        dest = opt[2:].replace("-", "_")
+        if mode not in modes and getattr(args, dest) != p.get_default(dest):
+            unused.append(f"{opt} (for {' or '.join('a data split' if m == 'loss' else '--' + m for m in modes)})")
+    if unused:
+        raise ValueError(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used by "
+                         f"{MODE_NAMES[mode]}: leave {'it' if len(unused) == 1 else 'them'} out")
+
+
+def _refuse_outputs_over_inputs(args: argparse.Namespace) -> None:
+    """--out or --samples naming a --task file (it was overwritten with the scores) or each other (one
+    file held whichever was written last): a ValueError naming both options."""
+    from clusterlm.eval.harness import builtin_tasks
+
+    def same(a: str, b: str) -> bool:
+        pa, pb = Path(a), Path(b)
+        if pa.exists() and not pa.is_file():  # a device or pipe (/dev/null) takes both
+            return False
+        try:
+            return pa.exists() and pb.exists() and pa.samefile(pb) or pa.resolve() == pb.resolve()
+        except OSError:
+            return False
+
+    inputs = [("--task", f) for spec in args.task if spec not in builtin_tasks() for f in spec.split(",")]
+    for flag, out in (("--out", args.out), ("--samples", args.samples)):
+        for what, path in inputs + ([("--samples", args.samples)] if flag == "--out" and args.samples else []):
+            if out and same(out, path):
+                raise ValueError(f"{flag} {out} is the file {what} {path} names: it would be overwritten; give "
+                                 f"{flag} another file")
 
 
 def positive_int(text: str) -> int:
@@ -261,11 +319,14 @@ def main(argv: list[str]) -> int:
     for flag, path in (("--out", args.out), ("--samples", args.samples)):
         if path:  # checked now: an evaluation can take minutes, and its result would be lost at the end
             check_output_file(path, flag)
+    _refuse_outputs_over_inputs(args)
     if args.lm_eval and args.task:
         raise ValueError("give --task or --lm-eval, not both (they report in different shapes)")
     if args.apply_chat_template and not args.lm_eval:
         raise ValueError("--apply-chat-template is for --lm-eval tasks; --task asks a chat checkpoint in its own "
                          "template already (a task's `chat` field)")
+    if not (args.lm_eval and args.samples):  # said below, with what to use instead
+        refuse_unused_options(p, args)
     if args.lm_eval:
         if args.samples:
             raise ValueError("--samples is for --task; for lm-eval's per-example records call "
@@ -283,7 +344,24 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--limit={args.limit} must be >= 1")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size={args.batch_size} must be >= 1")
-        decode = DecodeOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        if args.max_new_tokens < 1:  # 0 scored every answer as empty
+            raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be >= 1 (the tokens of each answer)")
+        if args.num_beams < 1:  # it decoded greedily
+            raise ValueError(f"--num-beams={args.num_beams} must be >= 1 (1 = no beam search)")
+        if not math.isfinite(args.length_penalty):  # nan scored every beam nan
+            raise ValueError(f"--length-penalty={args.length_penalty} must be a finite number")
+        if args.length_penalty != 1.0 and args.num_beams == 1:  # greedy and sampling have no length score
+            raise ValueError(f"--length-penalty={args.length_penalty} scores beam search only: add --num-beams N "
+                             "(N >= 2) or leave it out")
+        if args.num_beams > 1:  # beam search is deterministic: these would be ignored
+            given = [f for f, v in (("--temperature", args.temperature), ("--top-k", args.top_k),
+                                    ("--top-p", args.top_p), ("--seed", args.seed)) if v is not None]
+            if given:
+                raise ValueError(f"--num-beams={args.num_beams} is beam search, which is deterministic: "
+                                 f"{', '.join(given)} only apply to sampling; leave them out, or drop --num-beams "
+                                 "to sample")
+        temperature = 0.0 if args.temperature is None else args.temperature
+        decode = DecodeOptions(max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=args.top_p,
                                top_k=args.top_k, seed=args.seed, stops=tuple(args.stop) if args.stop else None,
                                num_beams=args.num_beams, length_penalty=args.length_penalty)
         result = evaluate_tasks(args.checkpoint, args.task, limit=args.limit, batch_size=args.batch_size,

@@ -445,7 +445,8 @@ def save_adapters(path: str | Path, model: nn.Module, meta: dict[str, Any] | Non
     if not write:
         return path
     data = save(tensors, metadata={"format": FORMAT})
-    with staging_dir(path, overwrite=overwrite) as tmp:
+    hint = "pass overwrite=True to save_adapters to replace it, or choose another folder"
+    with staging_dir(path, overwrite=overwrite, overwrite_hint=hint) as tmp:
         (tmp / ADAPTER_FILE).write_bytes(data)
         (tmp / META_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         if tokenizer_path is not None:

@@ -58,6 +58,66 @@ class Hypothesis:
     finished: bool  # ended with an end token (False: cut at max_new_tokens)
 
 
+def beam_row_bytes(model: nn.Module, max_new_tokens: int, input_len: int) -> int:
+    """Estimated bytes one beam (one row of the search) holds: its cache for the `input_len`-token
+    prompt and the new tokens, twice (a reorder copies the rows before the old ones are freed), an
+    encoder-decoder's cross-attention keys and values of its `input_len`-token source, and one step's
+    logits in the model's dtype plus two float64 copies (log-probabilities and candidate scores)."""
+    cfg = model.config
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    elem = torch.empty((), dtype=dtype).element_size()
+    encdec = cfg.arch == "encdec"
+    max_len = max_new_tokens if encdec else input_len + max_new_tokens - 1  # as the steppers size their caches
+    max_len = max(1, min(max_len, cfg.max_seq_len)) if cfg.arch in ("transformer", "encdec") else max_len
+    cache = model.make_cache(1, max_len, device="meta", dtype=dtype)
+    cache = getattr(cache, "self_kv", cache)  # EncDecCache: its self-attention KVCache
+    tensors: list[torch.Tensor] = []
+    for v in vars(cache).values():
+        items = v.values() if isinstance(v, dict) else [v]
+        tensors += [t for t in items if isinstance(t, torch.Tensor)]
+    per_row = 2 * sum(t.numel() for t in tensors) * elem
+    if encdec:
+        per_row += 2 * cfg.n_layers * cfg.kv_heads * cfg.head_dim * input_len * elem  # cross K and V
+    return per_row + cfg.vocab_size * (elem + 2 * 8)
+
+
+def check_beam_width(model: nn.Module, num_beams: int, *, rows: int = 1, max_new_tokens: int, input_len: int,
+                     device: torch.device | str | None = None, available: int | None = None,
+                     name: str = "num_beams") -> None:
+    """Refuse a beam width the search cannot use or cannot hold (ValueError; `name` is how the caller's
+    user spells the option). Wider than the vocabulary: the first step has at most vocab_size
+    continuations to keep, so such a width is never filled, and widths past a few dozen rarely help
+    (usual: 4-10). Needing more than the memory available on `device` (train.memcheck's figure;
+    `available` replaces it): `rows` inputs (sources or prompts of up to `input_len` tokens) of
+    `num_beams` rows each, beam_row_bytes per row. A width
+    of 100,000 ran 10 minutes on a 54k-parameter model before the check."""
+    from clusterlm.train.memcheck import available_memory
+
+    V = model.config.vocab_size
+    if num_beams > V:
+        raise ValueError(f"{name}={num_beams} is wider than the model's vocabulary ({V} tokens): the first step has "
+                         f"at most {V} continuations to keep; use a width in [1, {V}] (4-10 is usual)")
+    if available is None:
+        dev = torch.device(device) if device is not None else next(model.parameters()).device
+        available, _ = available_memory(dev)
+        if available is None:
+            return
+    per_row = beam_row_bytes(model, max_new_tokens, input_len)
+    need = rows * num_beams * per_row
+    if need > available:
+        widest = max(0, available // (rows * per_row))
+        hint = f"use {name} <= {widest}" if widest >= 1 else "use a shorter output or source"
+        raise ValueError(f"{name}={num_beams} needs about {_size(need)} for {rows * num_beams} beam rows (caches and "
+                         f"logits, {_size(per_row)} each) but {_size(available)} is available; {hint}")
+
+
+def _size(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
 def _penalty(length: int, lp: float, kind: str) -> float:
     if kind == "gnmt":
         return ((5.0 + length) / 6.0) ** lp
@@ -161,6 +221,10 @@ def beam_search(model: nn.Module, *, prompts: Sequence[Sequence[int]] | None = N
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     W = num_beams
     encdec = arch == "encdec"
+    inputs = sources if encdec else prompts
+    if inputs:
+        check_beam_width(model, W, rows=len(inputs), max_new_tokens=max_new_tokens,
+                         input_len=max(len(s) for s in inputs), device=dev)
     if encdec:
         if sources is None or bos_id is None:
             raise ValueError("an encoder-decoder needs sources= and bos_id=")

@@ -29,13 +29,16 @@ from typing import TextIO
 from clusterlm.generate.text import chat_format, stream_text
 
 log = logging.getLogger(__name__)
+DEFAULT_TEMPERATURE = 0.8
 
 
 def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="run directory, checkpoints folder or step folder")
     p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8,
-                   help="0 = greedy, and so is any value below 1e-6 (sampling.GREEDY_TEMPERATURE)")
+    # None when not given (then DEFAULT_TEMPERATURE), so that beam search can refuse one that was given
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"default {DEFAULT_TEMPERATURE}; 0 = greedy, and so is any value below 1e-6 "
+                        "(sampling.GREEDY_TEMPERATURE)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
@@ -80,6 +83,8 @@ def _load(args):  # noqa: ANN001, ANN202
     from clusterlm.generate.sampling import check_sampling_args
     from clusterlm.device import resolve_device
 
+    if args.temperature is None:
+        args.temperature = DEFAULT_TEMPERATURE
     check_sampling_args(args.temperature, args.top_k, args.top_p)
     _pack(args)  # refused here, before anything is printed (a sample's header was left on stdout)
     # torch.Generator.manual_seed takes a signed or unsigned 64-bit integer; sample i uses seed + i
@@ -96,6 +101,9 @@ def _load(args):  # noqa: ANN001, ANN202
     if loaded.config.model.arch == "encdec" and args.compile:
         raise ValueError(f"--compile compiles a decoder-only model's decode step; {loaded.path} is an encoder-decoder "
                          "(arch 'encdec'), which decodes eagerly: leave --compile out")
+    if loaded.config.model.arch == "encdec" and args.pack != "auto":  # it was ignored
+        raise ValueError(f"--pack {args.pack} packs a decoder-only model's CPU weights; {loaded.path} is an "
+                         "encoder-decoder (arch 'encdec'), which decodes with its weights as loaded: leave --pack out")
     if loaded.config.model.labels:
         from clusterlm.errors import ConfigError
 
@@ -127,6 +135,13 @@ def generate_main(argv: list[str], out: TextIO | None = None) -> int:
     if args.length_penalty != 1.0 and args.num_beams == 1:
         raise ValueError(f"--length-penalty={args.length_penalty} scores beam search only: add --num-beams N (N >= 2, "
                          "an encoder-decoder model) or leave it out")
+    if args.num_beams > 1:  # beam search is deterministic: these would be ignored
+        given = [f for f, v in (("--temperature", args.temperature), ("--top-k", args.top_k), ("--top-p", args.top_p),
+                                ("--seed", args.seed)) if v is not None]
+        given += ["--num-samples"] if args.num_samples > 1 else []
+        if given:
+            raise ValueError(f"--num-beams={args.num_beams} is beam search, which is deterministic: {', '.join(given)} "
+                             "only apply to sampling; leave them out, or drop --num-beams to sample")
     loaded = _load(args)
     encdec = loaded.config.model.arch == "encdec"
     if args.src is not None and not encdec:
@@ -147,6 +162,13 @@ def generate_main(argv: list[str], out: TextIO | None = None) -> int:
         fmt = chat_format(loaded.tokenizer, loaded.chat_template)
         prompt = fmt.render([{"role": "user", "content": args.prompt}])
         stops, stop_ids = fmt.stop_strings, fmt.stop_ids
+    if args.num_beams > 1:  # refused before any output: too wide for the vocabulary or the memory (docs/encdec.md)
+        from clusterlm.generate.beam import check_beam_width
+        from clusterlm.generate.seq2seq import fit_sources
+
+        (src,) = fit_sources(loaded.tokenizer, [prompt], loaded.config.model.max_seq_len, True)
+        check_beam_width(loaded.model, args.num_beams, max_new_tokens=args.max_new_tokens, input_len=len(src),
+                         name="--num-beams")
     warn_unknown_chars(loaded.tokenizer, prompt, "the prompt" + (" as the chat template renders it" if args.chat else ""))
     for i in range(args.num_samples):
         if args.num_samples > 1:

@@ -126,10 +126,18 @@ def _check_shapes(state: dict[str, torch.Tensor], cfg: ModelConfig, where: str) 
 
 def find_tokenizer(folder: Path) -> Path | None:
     """The tokenizer file `convert` reads: clusterlm_tokenizer.json first (what `export` writes next to
-    tokenizer.json for a byte or char tokenizer: the exact clusterlm kind), else tokenizer.json."""
+    tokenizer.json for a byte or char tokenizer: the exact clusterlm kind), else tokenizer.json. One of
+    those names that exists but is not a file (a folder) is refused: falling back to tokenizer.json
+    would read a byte or char tokenizer as BPE, silently."""
     for name in ("clusterlm_tokenizer.json", "tokenizer.json"):
-        if (folder / name).is_file():
-            return folder / name
+        path = folder / name
+        if path.is_file():
+            return path
+        if path.exists():
+            fix = ("put the file `clusterlm export` writes there, or remove it to read tokenizer.json"
+                   if name != "tokenizer.json" else "put the file tokenizer.save_pretrained writes there")
+            raise IsADirectoryError(f"{path} is {'a folder' if path.is_dir() else 'not a regular file'}, not the "
+                                    f"tokenizer file `convert` reads: {fix}")
     return None
 
 
@@ -230,8 +238,12 @@ def export_to_hf(ckpt: str | Path, out: str | Path) -> Path:
     out = Path(out)
     if str(out) in ("", "."):
         raise FileExistsError("--out is empty; give a new folder for the Hugging Face files")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"--out {out} exists and is not an empty folder")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder; give a folder to create (or an empty folder) "
+                              "for the Hugging Face files")
+    if out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"--out {out} is a folder that is not empty; give a folder to create (or an empty "
+                              "folder) for the Hugging Face files")
     bos = eos = pad = None
     stop_ids: list[int] = []
     tok_files: dict[str, str] = {}

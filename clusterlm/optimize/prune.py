@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -178,10 +179,12 @@ def structured_prune(model: nn.Module, sparsity: float) -> nn.Module:
 def finetune_optim(optim_cfg: object, steps: int, lr: float | None) -> object:
     """The run's [optim] for a recovery fine-tune: warmup over 10% of `steps` to `lr` (default: the
     run's min_lr x 3), cosine down to the run's min_lr (or to `lr` if that is lower)."""
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"--finetune-lr={lr} must be a finite number > 0")
     peak = optim_cfg.min_lr * 3 if lr is None else lr
     if not peak > 0:
-        raise ValueError(f"fine-tune lr {peak} must be > 0 (the run's optim.min_lr is {optim_cfg.min_lr}; pass "
-                         "--finetune-lr)")
+        raise ValueError(f"the default fine-tune lr, 3 x the run's optim.min_lr={optim_cfg.min_lr}, is {peak}; pass "
+                         "--finetune-lr (a number > 0)")
     return dataclasses.replace(optim_cfg, lr=peak, min_lr=min(optim_cfg.min_lr, peak), schedule="cosine",
                                warmup_steps=max(1, steps // 10), decay_steps=0)
 
@@ -327,6 +330,9 @@ def main(argv: list[str]) -> int:
     if unused and args.finetune_steps == 0:
         ap.error(f"{' and '.join(unused)} set the recovery fine-tune, which runs only with --finetune-steps N "
                  "(N >= 1): add it, or leave them out")
+    if args.finetune_lr is not None and not (math.isfinite(args.finetune_lr) and args.finetune_lr > 0):
+        # before the checkpoint and data are read (it was found after; inf was called optim.lr)
+        raise ValueError(f"--finetune-lr={args.finetune_lr} must be a finite number > 0")
     path = prune_checkpoint(args.ckpt, args.out, args.sparsity, args.method, finetune_steps=args.finetune_steps,
                             data_dir=args.data, finetune_lr=args.finetune_lr)
     print(f"wrote {path}")

@@ -484,8 +484,14 @@ class Trainer:
             # a chat fine-tune's tasks are asked in its own template (chat_template.jinja beside the tokenizer)
             tok.chat_template = read_template(self.tokenizer_file.parent)
             context = mcfg.max_seq_len if mcfg.arch == "transformer" else None
+            named: dict[str, str] = {}
             for spec in ec.tasks:
                 task = resolve_task(spec, limit=ec.limit or None)
+                if task.name in named:  # metrics.jsonl keys task records by name: two would be one series
+                    raise ConfigError(f"eval.tasks: {named[task.name]!r} and {spec!r} are both named {task.name!r}, "
+                                      "and their scores would be logged as one task: give one a \"name\" in a "
+                                      "header record (docs/tasks.md) or rename its file")
+                named[task.name] = spec
                 if self.task_pad and task.kind == "generate":
                     raise ConfigError(f"eval.tasks: {spec!r} is a generate task; under FSDP (parallel.dp_shard="
                                       f"{dims.dp_shard}) every rank must make the same forward calls and a "

@@ -14,6 +14,7 @@ tokens/s, MFU when the peak was known, predicted-vs-measured figures when the ru
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import re
 import statistics
@@ -23,6 +24,8 @@ from typing import Any
 
 from clusterlm.fsutil import atomic_write_text
 from clusterlm.train.metrics import METRICS_FILE, TASK_HEADLINE, read_metrics
+
+log = logging.getLogger(__name__)
 
 PLOTS_DIR = "plots"
 VAL_SCORES = {"val_accuracy": "val accuracy", "val_macro_f1": "val macro-F1"}  # a classifier's, higher is better
@@ -334,15 +337,25 @@ TASK_SCORES_FILE = "task_scores.json"  # `clusterlm eval --task ... --out RUN/ta
 
 
 def _task_scores(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """The run's task scores ({task: metrics}) when it has a task_scores.json; {} otherwise."""
+    """The run's task scores ({task: metrics}) when it has a task_scores.json; {} otherwise. One that
+    cannot be read or parsed, or is not `clusterlm eval --task` JSON, is named in a warning (the rest
+    of the report is written without its section)."""
     import json
 
     path = run_dir / TASK_SCORES_FILE
-    try:
-        tasks = json.loads(path.read_text(encoding="utf-8")).get("tasks", {})
-    except (OSError, ValueError, AttributeError):
+    if not path.exists():
         return {}
-    return tasks if isinstance(tasks, dict) else {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        log.warning("%s is unreadable (%s); the report leaves out its task scores", path, e)
+        return {}
+    tasks = data.get("tasks", {}) if isinstance(data, dict) else None
+    if not isinstance(tasks, dict):
+        log.warning("%s is not the JSON `clusterlm eval --task ... --out` writes (an object with a \"tasks\" "
+                    "object); the report leaves out its task scores", path)
+        return {}
+    return tasks
 
 
 def write_report(run_dir: str | Path) -> dict[str, Path]:

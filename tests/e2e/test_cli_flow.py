@@ -181,6 +181,99 @@ def test_generate_length_penalty_without_beams_is_refused(tmp_path, capsys, extr
     assert fragment in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command, extra, fragment", [
+    ("generate", ["--temperature", "1.5", "--top-k", "5"], "--temperature, --top-k only apply to sampling"),
+    ("generate", ["--temperature", "0", "--top-p", "0.9", "--seed", "1"],
+     "--temperature, --top-p, --seed only apply to sampling"),
+    ("generate", ["--num-samples", "3"], "--num-samples only apply to sampling"),
+    ("eval", ["--task", "x.jsonl", "--temperature", "0.7", "--seed", "1"], "--temperature, --seed only apply to sampling"),
+])
+def test_sampling_options_with_beam_search_are_refused(tmp_path, capsys, command, extra, fragment):
+    """Beam search is deterministic: with --num-beams > 1, --temperature, --top-k, --top-p, --seed (and
+    generate's --num-samples, which printed the same beam N times) were accepted and silently ignored,
+    exit 0. They are refused (exit 2) naming both options, before the checkpoint is read, as
+    --length-penalty without --num-beams is."""
+    assert cli([command, str(tmp_path / "no-run"), "--num-beams", "2", *extra]) == 2
+    err = capsys.readouterr().err
+    assert "--num-beams=2 is beam search, which is deterministic: " + fragment in err, err
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--num-beams", "0"], "--num-beams=0 must be >= 1 (1 = no beam search)"),
+    (["--length-penalty", "2"], "--length-penalty=2.0 scores beam search only: add --num-beams N"),
+    (["--length-penalty", "nan", "--num-beams", "2"], "--length-penalty=nan must be a finite number"),
+    (["--max-new-tokens", "0"], "--max-new-tokens=0 must be >= 1"),
+])
+def test_eval_task_decoding_options_are_checked_as_generate_checks_them(tmp_path, capsys, extra, fragment):
+    """`eval --task` decoded greedily with --num-beams 0, ignored --length-penalty without beams, ran
+    beam search with a nan length penalty (every score nan) and scored empty answers with
+    --max-new-tokens 0, all exit 0; each is refused (exit 2) before the checkpoint is read."""
+    assert cli(["eval", str(tmp_path / "no-run"), "--task", "x.jsonl", *extra]) == 2
+    assert fragment in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--temperature", "0.5", "--num-beams", "4"],
+     "--temperature (for --task), --num-beams (for --task) are not used by the loss on a data split"),
+    (["--samples", "S"], "--samples (for --task) is not used by the loss on a data split (no --task or --lm-eval "
+                         "given): leave it out"),
+    (["--limit", "3", "--truncate"], "--limit (for --task or --lm-eval), --truncate (for --task or --lm-eval) are "
+                                     "not used by the loss"),
+    (["--task", "x.jsonl", "--data", "D", "--max-batches", "2"],
+     "--data (for a data split), --max-batches (for a data split) are not used by --task: leave them out"),
+    (["--task", "x.jsonl", "--num-fewshot", "3"], "--num-fewshot (for --lm-eval) is not used by --task"),
+    (["--lm-eval", "t", "--seed", "1", "--seq-len", "32"],
+     "--seq-len (for a data split), --seed (for --task) are not used by --lm-eval"),
+])
+def test_eval_options_of_another_mode_are_refused(tmp_path, capsys, extra, fragment):
+    """eval's loss on a split, --task and --lm-eval each read some options; the others were ignored,
+    exit 0 (--samples without --task wrote no file, --temperature and --num-beams decoded nothing,
+    --data with --task was never opened). Options of another mode are refused (exit 2) naming each
+    and its mode, before the checkpoint is read."""
+    extra = [str(tmp_path / a) if a in ("S", "D") else a for a in extra]
+    assert cli(["eval", str(tmp_path / "no-run"), *extra]) == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_eval_outputs_that_name_an_input_are_refused(tmp_path, capsys):
+    """`eval --task t.jsonl --out t.jsonl` overwrote the task file with the scores (and --samples and
+    --out naming one file kept only the last written). Refused (exit 2) naming both options, before
+    the checkpoint is read; the task file is untouched; /dev/null still takes both."""
+    task = tmp_path / "t.jsonl"
+    task.write_text('{"prompt": "a", "references": "b"}\n')
+    run = str(tmp_path / "no-run")
+    for extra, fragment in [
+        (["--task", str(task), "--out", str(task)], f"--out {task} is the file --task {task} names"),
+        (["--task", f"{tmp_path / 'a.en'},{tmp_path / '.' / 't.jsonl'}", "--samples", str(task)],
+         f"--samples {task} is the file --task {tmp_path / '.' / 't.jsonl'} names"),
+        (["--task", str(task), "--out", str(tmp_path / "o"), "--samples", str(tmp_path / "o")],
+         f"--out {tmp_path / 'o'} is the file --samples {tmp_path / 'o'} names: it would be overwritten"),
+    ]:
+        assert cli(["eval", run, *extra]) == 2
+        assert fragment in capsys.readouterr().err
+    assert task.read_text() == '{"prompt": "a", "references": "b"}\n'
+    assert cli(["eval", run, "--task", str(task), "--out", "/dev/null", "--samples", "/dev/null"]) == 2
+    assert "is the file" not in capsys.readouterr().err  # refused for the missing checkpoint only
+
+
+def test_eval_tasks_of_one_name_are_refused(tmp_path, capsys):
+    """Two task files of one name (a/t.jsonl, b/t.jsonl) gave one entry in the scores: the second
+    replaced the first, exit 0. Refused (exit 2) naming both and how to tell them apart, before the
+    checkpoint is read; a task given twice is named as such; a header "name" tells them apart."""
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "t.jsonl").write_text('{"prompt": "a", "references": "b"}\n')
+    a, b = str(tmp_path / "a" / "t.jsonl"), str(tmp_path / "b" / "t.jsonl")
+    run = str(tmp_path / "no-run")
+    assert cli(["eval", run, "--task", a, "--task", b]) == 2
+    assert f"tasks {a!r} and {b!r} are both named 't', and their scores would share one entry" in capsys.readouterr().err
+    assert cli(["eval", run, "--task", a, "--task", a]) == 2
+    assert f"task {a!r} is given twice" in capsys.readouterr().err
+    (tmp_path / "b" / "t.jsonl").write_text('{"kind": "generate", "name": "t2"}\n{"prompt": "a", "references": "b"}\n')
+    assert cli(["eval", run, "--task", a, "--task", b]) == 2
+    assert "no-run" in capsys.readouterr().err  # past the names, to the missing checkpoint
+
+
 def test_characters_outside_a_char_vocabulary_are_named(tmp_path):
     """A char model reads characters it never saw as <|unk|>: generate says which, instead of letting
     the model continue text it was not given (this vocabulary has no '€' or '@')."""

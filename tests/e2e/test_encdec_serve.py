@@ -167,10 +167,15 @@ def test_generate_src_and_eval_task_for_encdec(runs, tmp_path, capsys):
     ("generate", ["--src", "a dog runs", "--prompt", "the cat"], "--src and --prompt both give"),
     ("generate", ["--src", "a dog runs", "--compile"], "--compile compiles a decoder-only model's decode step"),
     ("chat", ["--compile"], "--compile compiles a decoder-only model's decode step"),
+    ("generate", ["--src", "a dog runs", "--pack", "none"], "--pack none packs a decoder-only model's CPU weights"),
+    ("chat", ["--pack", "fp32"], "--pack fp32 packs a decoder-only model's CPU weights"),
+    ("generate", ["--src", "a dog runs", "--num-beams", "100000"],
+     "--num-beams=100000 is wider than the model's vocabulary (259 tokens)"),
 ])
 def test_generate_options_an_encdec_would_ignore_are_refused(runs, capsys, monkeypatch, command, extra, fragment):
-    """An encoder-decoder ignored --prompt when --src was given too, and --compile (its decode runs
-    eagerly), answering exit 0 as if they had applied; each is refused in one line (exit 2)."""
+    """An encoder-decoder ignored --prompt when --src was given too, --compile (its decode runs
+    eagerly) and --pack (its weights are used as loaded), answering exit 0 as if they had applied; each
+    is refused in one line (exit 2)."""
     import io
 
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))

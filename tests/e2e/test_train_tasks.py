@@ -135,7 +135,7 @@ def test_bad_tasks_are_refused_before_training(corpus, tmp_path):
     """An unknown task name (the message lists the bundled ones) and tasks longer than the model's
     context (log-likelihood requests, prompts; named, with the key that allows truncation) stop the
     run at start-up: no metrics, no checkpoint."""
-    from clusterlm.errors import DataError
+    from clusterlm.errors import ConfigError, DataError
     from clusterlm.train.loop import train
 
     data, _ = corpus
@@ -152,6 +152,14 @@ def test_bad_tasks_are_refused_before_training(corpus, tmp_path):
         train(load_run_config(None, run_args(data, tmp_path / "c", f"--eval.tasks={json.dumps([str(long_prompt)])}")))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "metrics.jsonl").exists()
     assert not (tmp_path / "b" / "checkpoints").exists()
+    # two files of one name: their records were logged as one task (one series, one plot)
+    for d in ("x", "y"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "t.jsonl").write_text(json.dumps({"context": "To be", "choices": [" a", " b"], "gold": 0}))
+    both = json.dumps([str(tmp_path / "x" / "t.jsonl"), str(tmp_path / "y" / "t.jsonl")])
+    with pytest.raises(ConfigError, match=r"eval.tasks: '.*x/t.jsonl' and '.*y/t.jsonl' are both named 't'"):
+        train(load_run_config(None, run_args(data, tmp_path / "d", f"--eval.tasks={both}")))
+    assert not (tmp_path / "d" / "metrics.jsonl").exists()
 
 
 @pytest.mark.parametrize("kind,pad,temperature", [("choice", False, 0.0), ("choice", True, 0.0),

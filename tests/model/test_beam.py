@@ -242,3 +242,33 @@ def test_beam_search_refuses_an_encoder():
     model.init_weights(seed=0)
     with pytest.raises(ValueError, match="beam search is for arch transformer, lstm, gru, encdec; .* 'encoder'"):
         beam_search(model, prompts=[[EOS, 3]], num_beams=2, max_new_tokens=4, eos_id=EOS)
+
+
+def test_beam_widths_past_the_vocabulary_or_the_memory_are_refused(encdec, decoder):
+    """A width of 100,000 ran 10 minutes (2 GB) on a 54k-parameter model. Wider than the vocabulary is
+    refused (the first step has V continuations); so is a width whose rows (beam_row_bytes each: the
+    cache twice, an encdec's cross-attention keys and values, one step's logits in fp32 and two in
+    fp64, as counted here from real caches) need more than the available memory."""
+    from clusterlm.generate.beam import beam_row_bytes, check_beam_width
+
+    with pytest.raises(ValueError, match=rf"num_beams={V + 1} is wider than the model's vocabulary \({V} tokens\)"):
+        beam_search(encdec, sources=[[3, 4, EOS]], num_beams=V + 1, max_new_tokens=4, eos_id=EOS, bos_id=BOS)
+    with pytest.raises(ValueError, match=rf"num_beams={V + 1} is wider"):
+        beam_search(decoder, prompts=[[EOS, 3]], num_beams=V + 1, max_new_tokens=4, eos_id=EOS)
+
+    def cache_bytes(cache) -> int:  # noqa: ANN001
+        return sum(t.numel() * t.element_size() for t in [*cache.k.values(), *cache.v.values()])
+
+    logits = V * (4 + 2 * 8)
+    cache = decoder.make_cache(1, 3 + MAX_NEW - 1, device="cpu", dtype=torch.float32)  # a 3-token prompt
+    assert beam_row_bytes(decoder, MAX_NEW, 3) == 2 * cache_bytes(cache) + logits
+    cache = encdec.make_cache(1, MAX_NEW, device="cpu", dtype=torch.float32)
+    encdec.prime(torch.tensor([[3, 4, 5, 6, EOS]]), cache)  # a 5-token source
+    cross = sum(t.numel() * t.element_size() for kv in cache.cross.values() for t in kv)
+    assert beam_row_bytes(encdec, MAX_NEW, 5) == 2 * cache_bytes(cache.self_kv) + cross + logits
+
+    per_row = beam_row_bytes(encdec, MAX_NEW, 5)
+    check_beam_width(encdec, 5, rows=2, max_new_tokens=MAX_NEW, input_len=5, available=10 * per_row)
+    with pytest.raises(ValueError, match=r"--num-beams=6 needs about .* for 12 beam rows .* use --num-beams <= 5$"):
+        check_beam_width(encdec, 6, rows=2, max_new_tokens=MAX_NEW, input_len=5, available=10 * per_row,
+                         name="--num-beams")

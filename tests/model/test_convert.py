@@ -232,29 +232,17 @@ def test_export_of_a_padded_vocabulary_never_generates_padding_ids(tmp_path):
     """A model with vocab_multiple exports its padding rows (all logits, vocab_size = the padded size);
     clusterlm never samples them, but transformers' generate() did (ids the tokenizer cannot decode,
     about 1 token in 5 here). generation_config.json now suppresses them."""
-    from clusterlm.checkpoint.store import save_checkpoint
-    from clusterlm.config import RunConfig, to_toml
-    from clusterlm.models.build import build_model
-    from clusterlm.models.config import ModelConfig
-    from clusterlm.tokenizer.kinds import make_tokenizer
+    from tests.helpers import byte_llama_checkpoint
 
-    tok = make_tokenizer("byte")
-    tok.save(tmp_path / "tok.json")
-    cfg = ModelConfig(vocab_size=tok.vocab_size, vocab_multiple=64, n_layers=1, dim=32, n_heads=4, max_seq_len=64,
-                      pos="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=False)
-    model = build_model(cfg)
-    model.init_weights(0)
-    save_checkpoint(tmp_path / "run" / "checkpoints", 0, model_state=model.state_dict(), optimizer_state=None,
-                    train_state={"step": 0}, config_toml=to_toml(RunConfig(model=cfg)),
-                    tokenizer_path=tmp_path / "tok.json")
-    assert export_main([str(tmp_path / "run"), "--out", str(tmp_path / "exp")]) == 0
+    run, cfg = byte_llama_checkpoint(tmp_path, vocab_multiple=64, n_layers=1)
+    assert export_main([str(run), "--out", str(tmp_path / "exp")]) == 0
     gen = json.loads((tmp_path / "exp" / "generation_config.json").read_text())
-    assert gen["suppress_tokens"] == list(range(tok.vocab_size, cfg.padded_vocab_size))
+    assert gen["suppress_tokens"] == list(range(cfg.vocab_size, cfg.padded_vocab_size))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exp").eval()
     torch.manual_seed(0)
     out = hf.generate(torch.tensor([[104, 105]]), max_new_tokens=40, do_sample=True, top_k=0, temperature=1.0,
                       eos_token_id=None)
-    assert out.shape[1] == 42 and out.max().item() < tok.vocab_size
+    assert out.shape[1] == 42 and out.max().item() < cfg.vocab_size
 
 
 def test_convert_of_a_vocabulary_larger_than_its_tokenizer_samples_only_token_ids(tmp_path, capsys):

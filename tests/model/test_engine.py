@@ -278,23 +278,12 @@ def test_cli_generate_compile_equals_eager(tmp_path) -> None:
     checkpoint with a byte tokenizer, 30 new tokens)."""
     import io
 
-    from clusterlm.checkpoint.store import save_checkpoint
-    from clusterlm.config import RunConfig, to_toml
     from clusterlm.generate.cli import generate_main
-    from clusterlm.tokenizer.kinds import make_tokenizer
+    from tests.helpers import byte_llama_checkpoint
 
     _skip_without_compile()
-    tok = make_tokenizer("byte")
-    tok.save(tmp_path / "tokenizer.json")
-    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layers=2, dim=32, n_heads=4, n_kv_heads=2, max_seq_len=64,
-                      pos="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=False)
-    model = build_model(cfg)
-    model.init_weights(0)
-    save_checkpoint(tmp_path / "run" / "checkpoints", 0, model_state=model.state_dict(), optimizer_state=None,
-                    train_state={"step": 0}, config_toml=to_toml(RunConfig(model=cfg)),
-                    tokenizer_path=tmp_path / "tokenizer.json")
-    args = [str(tmp_path / "run"), "--prompt", "ab", "--temperature", "0", "--max-new-tokens", "30",
-            "--device", "cpu"]
+    run, _ = byte_llama_checkpoint(tmp_path, n_layers=2, n_kv_heads=2)
+    args = [str(run), "--prompt", "ab", "--temperature", "0", "--max-new-tokens", "30", "--device", "cpu"]
     eager, compiled = io.StringIO(), io.StringIO()
     assert generate_main(args, out=eager) == 0
     assert generate_main(args + ["--compile"], out=compiled) == 0

@@ -151,6 +151,22 @@ def test_base_checkpoint_loads_into_a_lora_model():
         assert torch.equal(model(x), src(x))
 
 
+def test_save_over_an_existing_folder_names_the_functions_own_argument(tmp_path):
+    """save_adapters is a Python function: refusing an existing folder, it said 'pass --overwrite', a
+    flag no caller has. It names its own overwrite=True, the folder untouched; with it the folder is
+    replaced."""
+    model = base(llama_cfg())
+    apply_lora(model)
+    save_adapters(tmp_path / "ad", model, meta={"n": 1})
+    with pytest.raises(FileExistsError, match=r"ad already exists; pass overwrite=True to save_adapters to replace "
+                                              r"it, or choose another folder$") as e:
+        save_adapters(tmp_path / "ad", model, meta={"n": 2})
+    assert "--overwrite" not in str(e.value)
+    assert json.loads((tmp_path / "ad" / "adapter.json").read_text())["meta"] == {"n": 1}
+    save_adapters(tmp_path / "ad", model, meta={"n": 2}, overwrite=True)
+    assert json.loads((tmp_path / "ad" / "adapter.json").read_text())["meta"] == {"n": 2}
+
+
 def test_load_onto_a_mismatched_base_is_one_line(tmp_path):
     """dim 128 adapters onto a dim 64 base: CheckpointError naming the tensor and both shapes."""
     model = base(llama_cfg())

@@ -37,7 +37,8 @@ def test_a_full_disk_during_export_leaves_nothing_and_names_the_file(run, tmp_pa
     monkeypatch.undo()
     (tmp_path / "hf").mkdir()  # an empty folder (the user's, or a crash's) is filled
     assert (export_to_hf(run, tmp_path / "hf") / "model.safetensors").is_file()
-    with pytest.raises(FileExistsError, match="not an empty folder"):
+    with pytest.raises(FileExistsError, match=r"hf is a folder that is not empty; give a folder to create \(or an "
+                                              r"empty folder\)"):
         export_to_hf(run, tmp_path / "hf")
 
 
@@ -63,4 +64,16 @@ def test_an_out_that_is_a_file_is_refused_in_one_line(tmp_path):
     (tmp_path / "f").write_text("mine")
     with pytest.raises(FileExistsError, match=r"--out .*f is a file, not a folder; give a new run directory"):
         check_new_run_dir(tmp_path / "f")
+    assert (tmp_path / "f").read_text() == "mine"
+
+
+def test_export_to_a_file_says_it_is_a_file(run, tmp_path, capsys):
+    """`clusterlm export RUN --out FILE` with FILE an existing file said only '--out FILE exists and is
+    not an empty folder'; it now says FILE is a file and what --out wants (exit 2), the file untouched."""
+    from clusterlm.cli import main as cli
+
+    (tmp_path / "f").write_text("mine")
+    assert cli(["export", str(run), "--out", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path / 'f'} is a file, not a folder; give a folder to create (or an empty folder)" in err, err
     assert (tmp_path / "f").read_text() == "mine"

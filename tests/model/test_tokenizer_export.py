@@ -136,6 +136,24 @@ def test_convert_reads_back_the_clusterlm_kind(tmp_path, kind):
     assert all(back.encode(s) == tok.encode(s) for s in STRINGS)
 
 
+@pytest.mark.parametrize("kind, name, fragment", [
+    ("byte", "clusterlm_tokenizer.json", "put the file `clusterlm export` writes there, or remove it to read tokenizer.json"),
+    ("bpe", "tokenizer.json", "put the file tokenizer.save_pretrained writes there"),
+])
+def test_convert_refuses_a_tokenizer_name_that_is_a_folder(tmp_path, capsys, kind, name, fragment):
+    """clusterlm_tokenizer.json a folder: `convert` fell back to tokenizer.json and read a byte tokenizer
+    as 'bpe' (exit 0, no word); tokenizer.json a folder was called missing. Both are refused (exit 2)
+    naming the path, and no run directory is written."""
+    _, exp = _export(tmp_path, kind)
+    (exp / name).unlink()
+    (exp / name).mkdir()
+    from clusterlm.cli import main as cli
+
+    assert cli(["convert", "--from-hf", str(exp), "--out", str(tmp_path / "back")]) == 2
+    assert f"{exp / name} is a folder, not the tokenizer file `convert` reads: {fragment}" in capsys.readouterr().err
+    assert not (tmp_path / "back").exists()
+
+
 @pytest.mark.parametrize("kind", ["byte", "char", "bpe"])
 def test_exported_tokenizer_and_model_give_clusterlm_logits(tmp_path, kind):
     """Reference: the clusterlm checkpoint's logits on clusterlm's ids. transformers' AutoTokenizer +

@@ -175,8 +175,24 @@ def test_finetune_schedule_warms_up_then_decays_to_the_runs_min_lr():
     assert lrs[19] == pytest.approx(3e-4) and lrs[0] == pytest.approx(3e-4 / 20)
     assert all(a >= b for a, b in zip(lrs[19:], lrs[20:])) and lrs[-1] == pytest.approx(1e-4, rel=1e-3)
     assert finetune_optim(run, 200, 5e-5).min_lr == 5e-5
-    with pytest.raises(ValueError, match="fine-tune lr"):
+    with pytest.raises(ValueError, match=r"the default fine-tune lr, 3 x the run's optim.min_lr=0.0, is 0.0; pass "
+                                         r"--finetune-lr \(a number > 0\)"):
         finetune_optim(OptimConfig(lr=1e-3, min_lr=0.0), 10, None)
+    with pytest.raises(ValueError, match=r"--finetune-lr=-1.0 must be a finite number > 0"):
+        finetune_optim(run, 10, -1.0)
+
+
+@pytest.mark.parametrize("lr", ["-1", "0", "nan", "inf"])
+def test_prune_cli_refuses_a_bad_finetune_lr_before_reading_anything(tmp_path, capsys, lr):
+    """--finetune-lr -1 was refused after the checkpoint and data were read, saying 'pass
+    --finetune-lr' to a user who had; inf got as far as 'optim.lr=inf is not a finite number'. Each
+    is refused first, naming --finetune-lr and what is valid (exit 2)."""
+    from clusterlm.cli import main as cli
+
+    assert cli(["prune", str(tmp_path / "no-run"), "--sparsity", "0.5", "--method", "magnitude",
+                "--finetune-steps", "2", "--finetune-lr", lr, "--out", str(tmp_path / "out")]) == 2
+    assert f"--finetune-lr={float(lr)} must be a finite number > 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_prune_cli_lstm_finetune_keeps_recurrent_zeros(tmp_path):

@@ -174,3 +174,29 @@ def test_classifier_val_accuracy_and_macro_f1_in_summary_and_plot(tmp_path):
     _write_run(tmp_path / "lm")
     lm = write_report(tmp_path / "lm")
     assert "val_scores" not in lm and "val accuracy" not in lm["summary"].read_text()
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ('{"tasks": {"t": {"kind": "generate", "bleu": 1', "is unreadable (Expecting"),
+    (b"\xff\xfe not utf-8", "is unreadable ("),
+    ('["not", "an", "object"]', "is not the JSON `clusterlm eval --task ... --out` writes"),
+    ('{"tasks": [1, 2]}', "is not the JSON `clusterlm eval --task ... --out` writes"),
+])
+def test_a_corrupt_task_scores_file_is_named_and_the_report_goes_on(tmp_path, caplog, content, fragment):
+    """A task_scores.json that does not parse (a truncated write), is not UTF-8 or is not eval's shape
+    was skipped silently: the summary lacked its section with no word why. A warning names the file and
+    the error; plots and summary.md are written as without the file. A valid one is still read."""
+    import logging
+
+    _write_run(tmp_path)
+    path = tmp_path / "task_scores.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with caplog.at_level(logging.WARNING, logger="clusterlm.train.report"):
+        out = write_report(tmp_path)
+    assert [r.getMessage() for r in caplog.records if fragment in r.getMessage() and str(path) in r.getMessage()]
+    summary = out["summary"].read_text()
+    assert "## Task scores" not in summary and "| final val loss | 2.1" in summary
+    path.write_text(json.dumps({"tasks": {"t": {"kind": "generate", "n": 3, "bleu": 12.5}}}))
+    caplog.clear()
+    assert "| t | generate | 3 | bleu | 12.5 |" in write_report(tmp_path)["summary"].read_text()
+    assert not caplog.records
