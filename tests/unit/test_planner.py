@@ -318,6 +318,29 @@ def test_no_valid_layout_names_the_reason():
     assert "search found no layout" in planner.no_valid_layout([])
 
 
+def test_no_valid_layout_counts_every_reason_of_every_choice():
+    """A global batch of 3 sequences of 2048 tokens on 8 GPUs for GPT-2: seq_len > max_seq_len refuses every
+    choice but the one tp prunes first, so it is counted for 22 of 23 (it was counted only where it came
+    first: 6 of 23, behind "3 samples do not split over dp=4" and "... dp=2"); reasons that differ only in
+    a layout size are one reason with the sizes (dp=2/4/8: 16 of 23); --explain lists each choice's reasons."""
+
+    argv = ["--model", "gpt2-124m", "--cluster", "h100-sxm-8x", "--seq-len", "2048", "--global-batch-tokens", "6144"]
+    with pytest.raises(ConfigError) as e:
+        planner.main(argv)
+    msg = str(e.value)
+    assert msg.startswith("no layout is valid for this model, batch and device count: seq_len=2048 > "
+                          "model.max_seq_len=1024 (22 of 23 choices); 3 samples per step do not split over "
+                          "dp=2/4/8 data-parallel ranks (16 of 23 choices); pp=2/4/8 with model.tie_embeddings"), msg
+    pruned: list[planner.Pruned] = []
+    planner.search(get_preset("gpt2-124m"), H100, seq_len=2048, global_batch_tokens=6144,
+                   pruned=pruned)
+    [p] = [p for p in pruned if p.layout == "dp_replicate=1*dp_shard=1*tp=2*pp=4" and p.micro_batch == 3]
+    assert p.reasons == ("seq_len=2048 > model.max_seq_len=1024", "pp=4 with model.tie_embeddings=true: the tied "
+                         "embedding/output weight would live on the first and last stages; set "
+                         "model.tie_embeddings=false")
+    assert "seq_len=2048 > model.max_seq_len=1024; pp=4 with" in planner.explain_pruned([p], [])
+
+
 def test_seq_len_zero_or_negative_is_refused():
     """`plan --seq-len 0` planned silently at the model's max_seq_len (8192 for llama-8b: 0 read as "unset")
     and `--seq-len -5` failed with "-104858 samples per step do not split over dp=4"; both name the flag."""
