@@ -274,22 +274,33 @@ def plan(model: ModelConfig, spec: ClusterSpec, *, seq_len: int, global_batch_to
 
 # ---- recipe -------------------------------------------------------------------------------------------
 def recipe_tree(model_tree: dict[str, Any], cand: Candidate, *, seq_len: int, global_batch_tokens: int,
-                dtype: str, device_kind: str, cluster: str) -> dict[str, Any]:
-    """A run file: [model]/[train]/[optim] in clusterlm.config's keys, plus [parallel] and [plan]."""
+                dtype: str, device_kind: str, cluster: str, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A run file: [model]/[train]/[optim] in clusterlm.config's keys, plus [parallel] and [plan].
+    `base`, the --model recipe's own tree: its sections ([data], [optim], [checkpoint], ...) and [train]
+    keys are kept, the planned [train] keys, [parallel] and [plan] replace its own; without one (a
+    preset), [optim] is clusterlm.config's defaults with the warm-up capped at a tenth of the steps."""
     from clusterlm.config import OptimConfig, to_dict
 
-    steps = cand.steps or 2000
-    optim = to_dict(OptimConfig())
-    optim["warmup_steps"] = min(optim["warmup_steps"], max(1, steps // 10))
+    base = base or {}
+    steps = cand.steps or base.get("train", {}).get("max_steps") or 2000
+    if "optim" in base:
+        optim = dict(base["optim"])
+    else:
+        optim = to_dict(OptimConfig())
+        optim["warmup_steps"] = min(optim["warmup_steps"], max(1, steps // 10))
     plan_section: dict[str, Any] = {"cluster": cluster, "predicted_memory_bytes": int(cand.memory.peak_bytes)}
     if cand.step_time_s is not None:
         plan_section["predicted_step_s"] = round(cand.step_time_s, 6)
         plan_section["predicted_tokens_per_s"] = round(cand.tokens_per_s or 0.0, 1)
+    planned_train = {"seq_len": seq_len, "micro_batch_size": cand.micro_batch, "global_batch_tokens": global_batch_tokens,
+                     "max_steps": steps, "dtype": dtype, "device": "cpu" if device_kind == "cpu" else "cuda"}
+    tree = {k: v for k, v in base.items() if k not in ("model", "train", "optim", "parallel", "plan")}
     return {
+        **({"data": tree["data"]} if "data" in tree else {}),
         "model": model_tree,
-        "train": {"seq_len": seq_len, "micro_batch_size": cand.micro_batch, "global_batch_tokens": global_batch_tokens,
-                  "max_steps": steps, "dtype": dtype, "device": "cpu" if device_kind == "cpu" else "cuda"},
+        "train": {**base.get("train", {}), **planned_train},
         "optim": optim,
+        **{k: v for k, v in tree.items() if k != "data"},
         "parallel": {"dp_replicate": cand.dims.dp_replicate, "dp_shard": cand.dims.dp_shard, "tp": cand.dims.tp,
                      "pp": cand.dims.pp, "activation_checkpointing": cand.recompute},
         "plan": plan_section,
@@ -509,10 +520,13 @@ def main(argv: list[str]) -> int:
     recipe = _recipe_path(args.model)  # a TOML file or a bundled recipe's name; None for a preset
     model, model_tree = load_model(str(recipe or args.model), args.vocab_size)
     train_tree: dict[str, Any] = {}  # a --model recipe's [train]: its batch is the one to plan, unless flags say
+    recipe_full: dict[str, Any] | None = None  # a --model recipe (with [model]): its other sections go to --out
     if recipe is not None:
         from clusterlm.config import TrainConfig, from_dict, load_tree
 
-        train_tree = load_tree(recipe).get("train", {})
+        recipe_full = load_tree(recipe)
+        recipe_full = recipe_full if "model" in recipe_full else None
+        train_tree = (recipe_full or {}).get("train", {})
         tc = from_dict(TrainConfig, train_tree, "train")  # typed and checked, as train would read it
         train_tree = {k: getattr(tc, k) for k in train_tree}
     recipe_mb = args.micro_batch if args.micro_batch is not None else train_tree.get("micro_batch_size")
@@ -597,10 +611,13 @@ def main(argv: list[str]) -> int:
         from clusterlm.fsutil import atomic_write_text
 
         tree = recipe_tree(model_tree, best, seq_len=seq_len, global_batch_tokens=gbt, dtype=dtype,
-                           device_kind=device.kind, cluster=spec.name)
-        header = (f"# Planned by `clusterlm plan --model {args.model} --cluster {args.cluster}`.\n"
-                  f"# Add a [data] section (dir = your prepared data). [parallel] and [plan] are read by the\n"
-                  f"# distributed trainer; the predicted figures are compared with measured ones at run time.\n")
+                           device_kind=device.kind, cluster=spec.name, base=recipe_full)
+        kept = (f"# Its other sections and [train] keys are {args.model}'s; [parallel], [plan] and the planned\n"
+                f"# [train] keys replace its own.\n" if recipe_full else "")
+        header = (f"# Planned by `clusterlm plan --model {args.model} --cluster {args.cluster}`.\n" + kept
+                  + ("" if "data" in tree else "# Add a [data] section (dir = your prepared data).\n")
+                  + "# [parallel] and [plan] are read by the distributed trainer; the predicted figures are compared\n"
+                  "# with measured ones at run time.\n")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out, header + tomli_w.dumps(tree))
         print(f"\nwrote {args.out}")

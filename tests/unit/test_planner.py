@@ -135,6 +135,26 @@ def test_recipe_sections_load_with_the_run_config():
     assert tree["plan"]["predicted_memory_bytes"] == int(c.memory.peak_bytes)
 
 
+def test_out_keeps_a_recipe_models_other_sections(tmp_path, capsys):
+    """`plan --model RECIPE --out F`: F resolves to the recipe's [optim] (lr 1e-3, beta2 0.99: it was
+    replaced by the defaults, lr 6e-4), [data], [checkpoint], [eval] and unplanned [train] keys, with the
+    planned [train] keys (max_steps from --steps), [parallel] and [plan]; a preset still gets the
+    default [optim] with the warm-up capped at a tenth of the steps."""
+    from clusterlm.config import load_run_config, resolve_recipe
+
+    out = tmp_path / "p.toml"
+    assert planner.main(["--model", "shakespeare_char_cpu", "--cluster", "laptop-cpu", "--vocab-size", "65",
+                         "--steps", "300", "--out", str(out)]) == 0
+    cfg, src = load_run_config(out), load_run_config(resolve_recipe("shakespeare_char_cpu"))
+    assert cfg.optim == src.optim and cfg.optim.lr == 1e-3
+    assert (cfg.data, cfg.checkpoint, cfg.eval) == (src.data, src.checkpoint, src.eval)
+    assert (cfg.train.out_dir, cfg.train.eval_interval, cfg.train.max_steps) == (src.train.out_dir, 250, 300)
+    assert cfg.plan.cluster == "laptop-cpu" and "Add a [data] section" not in out.read_text()
+    assert planner.main(["--model", "gpt2-124m", "--cluster", "laptop-cpu", "--steps", "300", "--out", str(out)]) == 0
+    cfg = load_run_config(out)
+    assert cfg.optim.lr == 6e-4 and cfg.optim.warmup_steps == 30 and "Add a [data] section" in out.read_text()
+
+
 def test_bad_inputs():
     """A global batch that is not a multiple of seq_len, and both tokens and steps, are refused."""
     with pytest.raises(ConfigError, match="multiple of seq_len=1024"):
