@@ -301,7 +301,8 @@ def recipe_tree(model_tree: dict[str, Any], cand: Candidate, *, seq_len: int, gl
         "train": {**base.get("train", {}), **planned_train},
         "optim": optim,
         **{k: v for k, v in tree.items() if k != "data"},
-        "parallel": {"dp_replicate": cand.dims.dp_replicate, "dp_shard": cand.dims.dp_shard, "tp": cand.dims.tp,
+        "parallel": {**base.get("parallel", {}),  # its pp_schedule, sequence_parallel
+                     "dp_replicate": cand.dims.dp_replicate, "dp_shard": cand.dims.dp_shard, "tp": cand.dims.tp,
                      "pp": cand.dims.pp, "activation_checkpointing": cand.recompute},
         "plan": plan_section,
     }
