@@ -317,10 +317,13 @@ class Trainer:
                           if k in group and _as_tuple(group[k]) != _as_tuple(own[k])})
         if changed and self.state.step:
             log.info("resumed with this run's optimizer %s (the checkpoint's differed)", ", ".join(changed))
-        if self.state.step and self.state.step >= self.tc.max_steps:  # the loop body will not run
-            log.warning("resumed at step %d, not below train.max_steps=%d: nothing to train, only a last "
-                        "evaluation and checkpoint; pass a larger --train.max_steps to continue",
-                        self.state.step, self.tc.max_steps)
+        # resumed with nothing left to train: run() returns at once; the checkpoint and the run folder
+        # (config.toml, metrics.jsonl, tb/) stay as they are (a re-save rewrote the step folder)
+        self.nothing_to_train = bool(self.state.step) and self.state.step >= self.tc.max_steps
+        if self.nothing_to_train:
+            log.warning("resumed at step %d, not below train.max_steps=%d: nothing to train; %s and the run folder "
+                        "are left as they are (no evaluation, no checkpoint); pass a larger --train.max_steps "
+                        "to continue", self.state.step, self.tc.max_steps, self.checkpointer.resolve())
         for group, own in zip(self.optimizer.param_groups, mine):
             group.update(own)
         from clusterlm.train.ema import WeightEMA
@@ -328,7 +331,8 @@ class Trainer:
         self.ema = WeightEMA(self.optimizer, cfg.optim.ema_decay)
         self.ema.restore_after_load()  # a checkpoint written with the average as its model
         self._log_plan()
-        self._open_run_dir()
+        if not self.nothing_to_train:
+            self._open_run_dir()
         self.last_loss: float | None = None
         self.last_val: float | None = None
         self._val_at: tuple[int, float] | None = None  # (step, val loss) of the last evaluation
@@ -559,6 +563,9 @@ class Trainer:
         from clusterlm.train.metrics import Throughput
 
         tc, state = self.tc, self.state
+        if self.nothing_to_train:  # warned at set-up: nothing is written
+            return TrainResult(EXIT_OK, state.step, self.out_dir, None, None, self.checkpointer.resolve(),
+                               f"nothing to train (resumed at step {state.step}, train.max_steps={tc.max_steps})")
         stop: dict[str, Any] = {}
         previous_handlers = _install_stop_handlers(stop)
         self.heartbeat = self._start_heartbeat()

@@ -343,16 +343,31 @@ def test_resume_with_another_seq_len_names_the_checkpoint_and_the_value(corpora,
 
 def test_resume_past_max_steps_warns_that_nothing_is_trained(corpora, tmp_path, caplog):
     """Resuming a step-4 checkpoint with --train.max_steps=2 "finished at step 4" with no word that the
-    requested steps were already passed; a warning now names both numbers."""
+    requested steps were already passed; a warning now names both numbers. Nothing is written, at
+    max_steps or past it: no evaluation or checkpoint line appended to metrics.jsonl, no re-save of
+    step-00000004 (its files and mtimes were rewritten), no new TensorBoard file, config.toml as it was."""
     import logging
 
     from clusterlm.train.loop import train
 
     run = tmp_path / "r"
     train(_cfg(corpora["base"], run))
-    with caplog.at_level(logging.WARNING):
-        train(_cfg(corpora["base"], run, "--train.resume=auto", "--train.max_steps=2"))
-    assert any("resumed at step 4, not below train.max_steps=2" in r.getMessage() for r in caplog.records)
+
+    def files() -> dict[str, tuple[bytes, int]]:
+        return {str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.rglob("*"))
+                if p.is_file()}
+
+    before = files()
+    for steps in ("2", "4"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            result = train(_cfg(corpora["base"], run, "--train.resume=auto", f"--train.max_steps={steps}",
+                                "--train.log_interval=3"))
+        assert any(f"resumed at step 4, not below train.max_steps={steps}" in r.getMessage() and
+                   "no evaluation, no checkpoint" in r.getMessage() for r in caplog.records)
+        assert (result.exit_code, result.step, result.checkpoint.name) == (0, 4, "step-00000004")
+        assert result.reason.startswith("nothing to train")
+        assert files() == before
 
 
 def test_inference_refuses_a_tokenizer_larger_than_the_model(corpora, tmp_path):
