@@ -254,6 +254,39 @@ def test_tokenizer_file_and_uint32(tmp_path: Path) -> None:
     assert [tok.decode(d) for d in split_docs(tmp_path / "d", "train", tok.eos_id)] == ["Héllo wörld, 世界\n"]
 
 
+def test_char_tokenizer_file_from_other_text_is_counted_and_warned(tmp_path: Path, caplog, capsys) -> None:
+    """--tokenizer FILE, a char tokenizer learned from "hello", on text of other characters: the <|unk|>
+    tokens are counted per split in meta.json's counts and a warning names the share and the file (75% of
+    Shakespeare became <|unk|> in silence); a char tokenizer learned here counts val-only characters
+    without a warning; byte and BPE data get no such count."""
+    import logging
+
+    from clusterlm.data.prepare import main
+    from clusterlm.tokenizer.kinds import train_tokenizer
+
+    train_tokenizer("char", ["hello"]).save(tmp_path / "hello.json")
+    (tmp_path / "a.txt").write_text("hello world\n")
+    with caplog.at_level(logging.INFO):
+        assert main([str(tmp_path / "a.txt"), "--out", str(tmp_path / "d"), "--tokenizer", str(tmp_path / "hello.json"),
+                     "--val-fraction", "0", "--workers", "1"]) == 0
+    meta = shards.read_meta(tmp_path / "d")
+    assert meta["counts"]["unknown_tokens"] == {"train": 5, "val": 0}  # the space, w, r, d and the newline
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(m.startswith("5 of 13 train tokens (38.46%), 0 of 0 val tokens (0.00%) are <|unk|>") and
+               "hello.json, which was learned from other text" in m for m in warned), warned
+    assert capsys.readouterr().out.rstrip().endswith("; 5 train tokens are <|unk|> (see the warning above)")
+    caplog.clear()
+    docs = [tmp_path / "b" / f"{i}.txt" for i in range(8)]
+    docs[0].parent.mkdir()
+    for i, p in enumerate(docs):
+        p.write_text("a" * (i + 1) + " b" + ("é" if i == 0 else "") + "\n")
+    assert is_val(hashlib.sha256(docs[0].read_bytes()).digest(), 0.5)  # "a bé\n" goes to val
+    meta = prepare([str(docs[0].parent)], tmp_path / "e", tokenizer="char", val_fraction=0.5, workers=1)
+    assert meta["counts"]["unknown_tokens"] == {"train": 0, "val": 1}
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "<|unk|>" in r.getMessage()]
+    assert "unknown_tokens" not in prepare([str(tmp_path / "a.txt")], tmp_path / "f", tokenizer="byte")["counts"]
+
+
 def test_shard_dtype_choice(tmp_path: Path) -> None:
     """uint16 while every id fits in 16 bits (vocab <= 65536), uint32 above; the header records it."""
     assert shards.dtype_for_vocab(259) == np.dtype("<u2")
