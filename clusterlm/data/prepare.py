@@ -441,6 +441,11 @@ def _check_out(out: Path, overwrite: bool) -> None:
         if any(out.iterdir()) and not (out / "meta.json").is_file():
             raise DataError(f"--out {out} exists and is not a prepared data directory (no meta.json); "
                             "refusing to replace it even with --overwrite: choose another --out or delete it")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():  # it said "File exists: FILE/out"
+        raise DataError(f"--out {out}: {parent} is a file, not a folder; choose another --out")
     stale = sorted(out.parent.glob(f".{out.name}.*.partial")) if out.parent.is_dir() else []
     if stale:
         log.warning("ignoring %d staging folder(s) left by interrupted runs (safe to delete once no prepare "

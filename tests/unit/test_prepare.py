@@ -177,7 +177,8 @@ def test_split_fallbacks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> No
 
 def test_overwrite_and_stale_partials(tmp_path: Path) -> None:
     """An existing DATA_DIR is refused without overwrite and replaced with it; a folder that is not
-    a data directory is never replaced; a stale .NAME.*.partial folder is ignored and left alone."""
+    a data directory is never replaced; a stale .NAME.*.partial folder is ignored and left alone; an --out
+    under a file is named as one."""
     (tmp_path / "a.txt").write_text("some text")
     out = tmp_path / "d"
     stale = tmp_path / ".d.abc123.partial"
@@ -201,6 +202,9 @@ def test_overwrite_and_stale_partials(tmp_path: Path) -> None:
             prepare([str(tmp_path / "a.txt")], unrelated, tokenizer="byte")
     assert (tmp_path / "home" / "precious.txt").read_text() == "keep me"
     assert (tmp_path / "a.txt").read_text() == "some text"
+    # --out under a file: named as such (it said "File exists: .../a.txt/x/y")
+    with pytest.raises(DataError, match=r"--out .*a\.txt/x/y: .*a\.txt is a file, not a folder; choose another --out"):
+        prepare([str(tmp_path / "a.txt")], tmp_path / "a.txt" / "x" / "y", tokenizer="byte")
 
 
 def test_errors(tmp_path: Path) -> None:
