@@ -426,6 +426,11 @@ def check_unprepared_data_dir(data_dir: Path, source: str) -> bool:
     """Before `train`/`finetune` prepares data.dir (no meta.json) from data.source: ConfigError naming
     data.dir when it is a file or a folder of other files (never replaced); True when it is an empty
     folder, which may be filled (prepare's overwrite=True)."""
+    parent = data_dir.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"data.dir={str(data_dir)!r}: {parent} is a file, not a folder; give another data.dir")
     empty = data_dir.is_dir() and not any(data_dir.iterdir())
     if data_dir.exists() and not empty:
         raise ConfigError(f"data.dir={str(data_dir)!r} exists and is not a prepared data directory (no meta.json): "
