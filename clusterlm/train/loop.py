@@ -319,11 +319,19 @@ class Trainer:
             log.info("resumed with this run's optimizer %s (the checkpoint's differed)", ", ".join(changed))
         # resumed with nothing left to train: run() returns at once; the checkpoint and the run folder
         # (config.toml, metrics.jsonl, tb/) stay as they are (a re-save rewrote the step folder)
-        self.nothing_to_train = bool(self.state.step) and self.state.step >= self.tc.max_steps
-        if self.nothing_to_train:
-            log.warning("resumed at step %d, not below train.max_steps=%d: nothing to train; %s and the run folder "
-                        "are left as they are (no evaluation, no checkpoint); pass a larger --train.max_steps "
-                        "to continue", self.state.step, self.tc.max_steps, self.checkpointer.resolve())
+        spent_min = self.state.train_seconds / 60  # train.max_minutes counts every segment of the run
+        if self.state.step and self.state.step >= tc.max_steps:
+            why = f"not below train.max_steps={tc.max_steps}", "--train.max_steps"
+        elif self.state.step and tc.max_minutes and spent_min >= tc.max_minutes:
+            why = (f"after {spent_min:.2f} min of training, not below train.max_minutes={tc.max_minutes:g}",
+                   "--train.max_minutes (or 0: no limit)")
+        else:
+            why = None
+        self.nothing_to_train = why is not None
+        if why is not None:
+            log.warning("resumed at step %d, %s: nothing to train; %s and the run folder are left as they are (no "
+                        "evaluation, no checkpoint); pass a larger %s to continue", self.state.step, why[0],
+                        self.checkpointer.resolve(), why[1])
         for group, own in zip(self.optimizer.param_groups, mine):
             group.update(own)
         from clusterlm.train.ema import WeightEMA
@@ -564,8 +572,11 @@ class Trainer:
 
         tc, state = self.tc, self.state
         if self.nothing_to_train:  # warned at set-up: nothing is written
+            log.warning("nothing trained or written: resumed at step %d, at train.max_steps or train.max_minutes "
+                        "(see above); checkpoint %s", state.step, self.checkpointer.resolve())
             return TrainResult(EXIT_OK, state.step, self.out_dir, None, None, self.checkpointer.resolve(),
-                               f"nothing to train (resumed at step {state.step}, train.max_steps={tc.max_steps})")
+                               f"nothing to train (resumed at step {state.step}: train.max_steps={tc.max_steps}, "
+                               f"train.max_minutes={tc.max_minutes:g})")
         stop: dict[str, Any] = {}
         previous_handlers = _install_stop_handlers(stop)
         self.heartbeat = self._start_heartbeat()

@@ -345,7 +345,8 @@ def test_resume_past_max_steps_warns_that_nothing_is_trained(corpora, tmp_path, 
     """Resuming a step-4 checkpoint with --train.max_steps=2 "finished at step 4" with no word that the
     requested steps were already passed; a warning now names both numbers. Nothing is written, at
     max_steps or past it: no evaluation or checkpoint line appended to metrics.jsonl, no re-save of
-    step-00000004 (its files and mtimes were rewritten), no new TensorBoard file, config.toml as it was."""
+    step-00000004 (its files and mtimes were rewritten), no new TensorBoard file, config.toml as it was;
+    likewise with train.max_minutes already spent by the earlier segments."""
     import logging
 
     from clusterlm.train.loop import train
@@ -368,6 +369,16 @@ def test_resume_past_max_steps_warns_that_nothing_is_trained(corpora, tmp_path, 
         assert (result.exit_code, result.step, result.checkpoint.name) == (0, 4, "step-00000004")
         assert result.reason.startswith("nothing to train")
         assert files() == before
+    # the same with the run's time budget spent (train.max_minutes counts every segment): it trained one
+    # more step, evaluated and saved at each resume
+    spent = json.loads((run / "checkpoints" / "step-00000004" / "train_state.json").read_text())["run"]["train_seconds"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        result = train(_cfg(corpora["base"], run, "--train.resume=auto", "--train.max_steps=10",
+                            f"--train.max_minutes={spent / 60 / 2}"))
+    assert (result.exit_code, result.step) == (0, 4) and files() == before
+    assert any("not below train.max_minutes=" in r.getMessage() and "--train.max_minutes (or 0: no limit)" in
+               r.getMessage() for r in caplog.records)
 
 
 def test_inference_refuses_a_tokenizer_larger_than_the_model(corpora, tmp_path):
