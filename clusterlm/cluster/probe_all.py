@@ -97,11 +97,13 @@ def collect_node_specs(nodes_dir: Path, nodes: int, expected_hosts: list[str] | 
             failed.append(f"{host}: no spec written; its log {logs[host]} ends: {_tail(logs[host].read_text())}")
         else:
             failed.append(f"{host}: no task ran there (no log)")
-    if not failed and len(specs) < nodes:
-        failed.append(f"{nodes - len(specs)} of {nodes} node(s) wrote no spec and no log")
+    n_failed = len(failed)
+    if not failed and len(specs) < nodes:  # no host names to go by (srun allocated, or did not start)
+        n_failed = nodes - len(specs)
+        failed.append(f"{n_failed} of {nodes} node(s) wrote no spec and no log")
     if failed:
         srun_msg = f"srun exited {srun.returncode}: {_tail(srun.stderr or srun.stdout, 3)}"
-        raise ProbeError(f"probe failed on {len(failed)} of {nodes} node(s) ({srun_msg}):\n  " + "\n  ".join(failed)
+        raise ProbeError(f"probe failed on {n_failed} of {nodes} node(s) ({srun_msg}):\n  " + "\n  ".join(failed)
                          + f"\nnode specs and logs are in {nodes_dir}")
     out = []
     for host, path in sorted(specs.items()):

@@ -315,3 +315,18 @@ def test_nodes_beyond_the_partition_are_refused_before_srun(tmp_path, monkeypatc
     out = tmp_path / "c.toml"
     assert cli_main(["probe", "--all-nodes", "--nodes", "3", "--no-measure", "--no-allreduce", "--out", str(out)]) == 0
     assert load_spec(out).node_types[0].count == 3
+
+
+def test_srun_that_ran_no_task_counts_every_node(tmp_path):
+    """srun that started no task (no Slurm configuration here, or refused at once) on a 500-node request:
+    "probe failed on 500 of 500 node(s)", not "on 1 of 500" (the one line standing for all of them)."""
+    import subprocess
+
+    from clusterlm.cluster.probe_all import ProbeError, collect_node_specs
+
+    srun = subprocess.CompletedProcess(["srun"], 1, "", "srun: fatal: Could not establish a configuration source\n")
+    with pytest.raises(ProbeError) as e:
+        collect_node_specs(tmp_path, 500, None, srun)
+    msg = str(e.value)
+    assert msg.startswith("probe failed on 500 of 500 node(s) (srun exited 1: srun: fatal: Could not establish")
+    assert "500 of 500 node(s) wrote no spec and no log" in msg
