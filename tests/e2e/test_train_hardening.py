@@ -381,6 +381,29 @@ def test_resume_past_max_steps_warns_that_nothing_is_trained(corpora, tmp_path, 
                r.getMessage() for r in caplog.records)
 
 
+def test_a_second_run_in_the_same_out_dir_is_refused_while_the_first_holds_it(corpora, tmp_path):
+    """Two `clusterlm train` in one train.out_dir at once (a command started twice, a resume while the run
+    still goes on) both wrote checkpoints there, pruning each other's step folders; the second is now
+    refused at start-up (exit 69, naming the folder) whether the folder existed (resume) or the first
+    run made it, and runs once the first has ended. The refused run writes nothing."""
+    from clusterlm.errors import ResourceBusyError, exit_code_of
+    from clusterlm.train.loop import Trainer, train
+
+    run = tmp_path / "r"
+    first = Trainer(_cfg(corpora["base"], run, "--train.max_steps=2"))  # made the folder; holds it
+    with pytest.raises(ResourceBusyError, match=rf"train.out_dir='{run}' is in use by another clusterlm run") as e:
+        train(_cfg(corpora["base"], run, "--train.max_steps=2"))
+    assert exit_code_of(e.value) == 69
+    assert first.run().exit_code == 0
+    listing = sorted(p.name for p in run.iterdir())
+    resumed = Trainer(_cfg(corpora["base"], run, "--train.resume=auto", "--train.max_steps=4"))
+    with pytest.raises(ResourceBusyError):
+        train(_cfg(corpora["base"], run, "--train.resume=auto", "--train.max_steps=4"))
+    assert sorted(p.name for p in run.iterdir()) == listing
+    assert resumed.run().step == 4
+    assert train(_cfg(corpora["base"], run, "--train.resume=auto", "--train.max_steps=6")).step == 6
+
+
 def test_inference_refuses_a_tokenizer_larger_than_the_model(corpora, tmp_path):
     """A tokenizer.json with more tokens than the model's vocabulary (files from two runs) would index
     past the embedding at the first rare token; refused at load with both sizes."""
