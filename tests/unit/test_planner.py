@@ -1,6 +1,7 @@
 """The planner: only fitting candidates, ranked by throughput; step-time arithmetic; no silent defaults."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -153,6 +154,13 @@ def test_out_keeps_a_recipe_models_other_sections(tmp_path, capsys):
     assert planner.main(["--model", "gpt2-124m", "--cluster", "laptop-cpu", "--steps", "300", "--out", str(out)]) == 0
     cfg = load_run_config(out)
     assert cfg.optim.lr == 6e-4 and cfg.optim.warmup_steps == 30 and "Add a [data] section" in out.read_text()
+    # the recipe's own [parallel] keys the planner does not choose stay; the layout is the plan's
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(Path(resolve_recipe("shakespeare_char_cpu")).read_text() + '\n[parallel]\npp_schedule = "gpipe"\n'
+                      'sequence_parallel = false\ndp_shard = 4\n')
+    assert planner.main(["--model", str(recipe), "--cluster", "laptop-cpu", "--vocab-size", "65", "--out", str(out)]) == 0
+    cfg = load_run_config(out)
+    assert (cfg.parallel.pp_schedule, cfg.parallel.sequence_parallel, cfg.parallel.dp_shard) == ("gpipe", False, 1)
 
 
 def test_bad_inputs():
