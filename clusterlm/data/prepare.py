@@ -147,7 +147,7 @@ def _check_tokenizer_arg(tokenizer: str, vocab_size: int | None) -> Path | None:
     if os.sep in tokenizer or "/" in tokenizer or tokenizer.endswith(".json"):
         raise FileNotFoundError(f"tokenizer file {tokenizer!r} does not exist; --tokenizer takes byte, char, "
                                 "bpe or the path of a tokenizer.json")
-    close = difflib.get_close_matches(tokenizer, KINDS, n=1)
+    close = difflib.get_close_matches(tokenizer.lower(), KINDS, n=1)  # "BPE" -> "bpe" too
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ConfigError(f"unknown tokenizer {tokenizer!r}{hint}; valid: {', '.join(KINDS)} or the path of a "
                       "tokenizer.json")

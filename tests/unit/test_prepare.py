@@ -214,8 +214,9 @@ def test_errors(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("text")
     out = tmp_path / "d"
     a = [str(tmp_path / "a.txt")]
-    with pytest.raises(ConfigError, match="did you mean 'bpe'"):
-        prepare(a, out, tokenizer="bep")
+    for name in ("bep", "BPE"):  # a case slip got no suggestion
+        with pytest.raises(ConfigError, match="did you mean 'bpe'"):
+            prepare(a, out, tokenizer=name)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         prepare(a, out, tokenizer=str(tmp_path / "nope.json"))
     with pytest.raises(ConfigError, match=r"vocab_size=100 is outside \[260"):
