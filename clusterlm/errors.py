@@ -61,6 +61,6 @@ class CheckpointError(ClusterlmError, ValueError):
 
 
 class ResourceBusyError(ClusterlmError):
-    """Something the command needs is held by another process (a port in use)."""
+    """Something the command needs is held by another process (a port in use, a run folder in use)."""
 
     exit_code = EXIT_UNAVAILABLE

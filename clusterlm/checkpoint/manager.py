@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import torch
 
-from clusterlm.checkpoint.layout import step_name, step_of
+from clusterlm.checkpoint.layout import step_folders, step_name, step_of
 from clusterlm.checkpoint.rng import capture_rng_state, restore_rng_state
 from clusterlm.errors import CheckpointError, ConfigError
 
@@ -139,7 +139,30 @@ class Checkpointer:
         if path is None and self.root.exists() and any(self.root.glob("step-*")):
             raise ConfigError(f"{self.root.parent} already has checkpoints; resume with --train.resume=auto "
                               "or choose another --train.out_dir")
+        if path is not None:
+            self._check_timeline(path)
         return path
+
+    def _check_timeline(self, path: Path) -> None:
+        """At start-up, not at the first save: a resume from a checkpoint outside this run's folder (another
+        run's, or a copy) into a folder that already holds step folders would mix two runs there (the first
+        save deleted the later ones as "left by a run resumed from an earlier checkpoint" and kept the
+        earlier ones beside the new steps): refused. A resume from an earlier step of this folder is a
+        branch: the later step folders go at the first save, said now."""
+        here = step_folders(self.root)
+        if not here:
+            return
+        where = path.resolve().parent
+        mirror = getattr(self.cfg, "mirror", "")
+        if where != self.root.resolve() and not (mirror and where == Path(mirror).resolve()):
+            names = ", ".join(p.name for p in here[-3:]) + (f" and {len(here) - 3} more" if len(here) > 3 else "")
+            raise ConfigError(f"--train.resume={path} is outside {self.root}, which already holds checkpoints of "
+                              f"another run ({names}); the two would mix there: give the resumed run its own "
+                              f"--train.out_dir, or move {self.root} aside")
+        later = [p.name for p in here if (step_of(p) or 0) > (step_of(path) or 0)]
+        if later and self._commits():
+            log.warning("resuming from %s: the later checkpoints %s of %s will be deleted at this run's first save "
+                        "(they belong to the timeline it branches from)", path.name, ", ".join(later), self.root)
 
     def _commits(self) -> bool:
         """Whether this process commits the step folders (rank 0 of a distributed run, or the only one)."""

@@ -43,7 +43,7 @@ from clusterlm.cluster.spec import ClusterSpec, load_spec
 from clusterlm.cluster.steptime import compute_rate, network, step_model, step_time
 from clusterlm.errors import ConfigError
 from clusterlm.models.config import ModelConfig, preset_values
-from clusterlm.parallel.dims import ParallelDims, validate_layout
+from clusterlm.parallel.dims import ParallelDims, layout_problems
 
 # Stand-ins for measurements, always printed when used (the step-time ones are in steptime.py).
 DEFAULT_MEMORY_FRACTION = 0.90
@@ -69,11 +69,17 @@ def micro_batch_options(per_rank: int, recipe: int | None = None) -> tuple[int, 
 
 @dataclass(frozen=True)
 class Pruned:
-    """A candidate the search left out, and why (printed by --explain)."""
+    """A candidate the search left out, and why (printed by --explain): `reason`, the first found, and
+    `more`, the others that would refuse it too (counted by no_valid_layout)."""
     layout: str
     micro_batch: int | None
     recompute: str | None
     reason: str
+    more: tuple[str, ...] = ()
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        return (self.reason, *self.more)
 
 
 @dataclass(frozen=True)
@@ -209,19 +215,21 @@ def search(model: ModelConfig, spec: ClusterSpec, *, seq_len: int, global_batch_
     for dims in _dims_options(world, device.count, model, pruned):
         if micro_batches is None:
             if samples % dims.dp:
+                # with the layout's other problems (a seq_len past the model's context refuses every layout)
                 why(Pruned(dims.describe(), None, None, f"{samples} samples per step do not split over dp={dims.dp} "
-                           f"data-parallel ranks"))
+                           f"data-parallel ranks", tuple(layout_problems(dims, model, world, global_batch_tokens,
+                                                                         None, seq_len))))
                 options: tuple[int, ...] = (recipe_micro_batch,) if recipe_micro_batch else ()
             else:
                 options = micro_batch_options(samples // dims.dp, recipe_micro_batch)
         else:
             options = tuple(dict.fromkeys(micro_batches + ((recipe_micro_batch,) if recipe_micro_batch else ())))
         for mb in options:
-            try:
-                # the trainer's own checks (launch runs them too): a layout it refuses is no candidate
-                validate_layout(dims, model, world, global_batch_tokens, mb, seq_len)
-            except ConfigError as e:
-                why(Pruned(dims.describe(), mb, None, str(e)))
+            # the trainer's own checks (validate_layout; launch runs them too): a layout it refuses is no
+            # candidate, and every reason it has is kept for the summary
+            problems = layout_problems(dims, model, world, global_batch_tokens, mb, seq_len)
+            if problems:
+                why(Pruned(dims.describe(), mb, None, problems[0], tuple(problems[1:])))
                 continue
             accum = dims.grad_accum_steps(global_batch_tokens, mb, seq_len)
             for rc in recompute_modes:
@@ -266,23 +274,35 @@ def plan(model: ModelConfig, spec: ClusterSpec, *, seq_len: int, global_batch_to
 
 # ---- recipe -------------------------------------------------------------------------------------------
 def recipe_tree(model_tree: dict[str, Any], cand: Candidate, *, seq_len: int, global_batch_tokens: int,
-                dtype: str, device_kind: str, cluster: str) -> dict[str, Any]:
-    """A run file: [model]/[train]/[optim] in clusterlm.config's keys, plus [parallel] and [plan]."""
+                dtype: str, device_kind: str, cluster: str, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A run file: [model]/[train]/[optim] in clusterlm.config's keys, plus [parallel] and [plan].
+    `base`, the --model recipe's own tree: its sections ([data], [optim], [checkpoint], ...) and [train]
+    keys are kept, the planned [train] keys, [parallel] and [plan] replace its own; without one (a
+    preset), [optim] is clusterlm.config's defaults with the warm-up capped at a tenth of the steps."""
     from clusterlm.config import OptimConfig, to_dict
 
-    steps = cand.steps or 2000
-    optim = to_dict(OptimConfig())
-    optim["warmup_steps"] = min(optim["warmup_steps"], max(1, steps // 10))
+    base = base or {}
+    steps = cand.steps or base.get("train", {}).get("max_steps") or 2000
+    if "optim" in base:
+        optim = dict(base["optim"])
+    else:
+        optim = to_dict(OptimConfig())
+        optim["warmup_steps"] = min(optim["warmup_steps"], max(1, steps // 10))
     plan_section: dict[str, Any] = {"cluster": cluster, "predicted_memory_bytes": int(cand.memory.peak_bytes)}
     if cand.step_time_s is not None:
         plan_section["predicted_step_s"] = round(cand.step_time_s, 6)
         plan_section["predicted_tokens_per_s"] = round(cand.tokens_per_s or 0.0, 1)
+    planned_train = {"seq_len": seq_len, "micro_batch_size": cand.micro_batch, "global_batch_tokens": global_batch_tokens,
+                     "max_steps": steps, "dtype": dtype, "device": "cpu" if device_kind == "cpu" else "cuda"}
+    tree = {k: v for k, v in base.items() if k not in ("model", "train", "optim", "parallel", "plan")}
     return {
+        **({"data": tree["data"]} if "data" in tree else {}),
         "model": model_tree,
-        "train": {"seq_len": seq_len, "micro_batch_size": cand.micro_batch, "global_batch_tokens": global_batch_tokens,
-                  "max_steps": steps, "dtype": dtype, "device": "cpu" if device_kind == "cpu" else "cuda"},
+        "train": {**base.get("train", {}), **planned_train},
         "optim": optim,
-        "parallel": {"dp_replicate": cand.dims.dp_replicate, "dp_shard": cand.dims.dp_shard, "tp": cand.dims.tp,
+        **{k: v for k, v in tree.items() if k != "data"},
+        "parallel": {**base.get("parallel", {}),  # its pp_schedule, sequence_parallel
+                     "dp_replicate": cand.dims.dp_replicate, "dp_shard": cand.dims.dp_shard, "tp": cand.dims.tp,
                      "pp": cand.dims.pp, "activation_checkpointing": cand.recompute},
         "plan": plan_section,
     }
@@ -387,13 +407,32 @@ def explain(c: Candidate) -> str:
     return "\n".join(lines)
 
 
+_LAYOUT_SIZE = re.compile(r"\b(dp|tp|pp)=(\d+)\b")
+
+
 def no_valid_layout(pruned: list[Pruned], limit: int = 3) -> str:
-    """The error when the search kept no candidate: the reasons it left them out, the most frequent
-    first (a generic "check the batch" hid e.g. a seq_len longer than the model's context)."""
-    counts = Counter(p.reason for p in pruned)
+    """The error when the search kept no candidate: the reasons it left them out, each counted over every
+    choice it refuses (not only those where it was found first), the most frequent first (a generic
+    "check the batch" hid e.g. a seq_len longer than the model's context). A reason that differs only
+    in a layout size ("... over dp=2 ...", "... over dp=4 ...") is counted once, with the sizes."""
+    counts: Counter[str] = Counter()
+    sizes: dict[str, dict[str, set[int]]] = {}
+    for p in pruned:
+        keys = {}
+        for r in p.reasons:
+            key = _LAYOUT_SIZE.sub(lambda m: f"{m.group(1)}=*", r)
+            for dim, n in _LAYOUT_SIZE.findall(r):
+                sizes.setdefault(key, {}).setdefault(dim, set()).add(int(n))
+            keys[key] = None
+        counts.update(list(keys))  # once per choice
     if not counts:
         return "no layout is valid for this model, batch and device count (the search found no layout to try)"
-    parts = [f"{reason} ({n} of {len(pruned)} choices)" for reason, n in counts.most_common(limit)]
+
+    def text(key: str) -> str:  # the sizes back in: "dp=2/4/8"
+        return re.sub(r"\b(dp|tp|pp)=\*", lambda m: f"{m.group(1)}=" + "/".join(map(str, sorted(sizes[key][m.group(1)]))),
+                      key)
+
+    parts = [f"{text(key)} ({n} of {len(pruned)} choices)" for key, n in counts.most_common(limit)]
     more = f"; and {len(counts) - limit} other reason(s)" if len(counts) > limit else ""
     return "no layout is valid for this model, batch and device count: " + "; ".join(parts) + more
 
@@ -405,7 +444,7 @@ def explain_pruned(pruned: list[Pruned], unfit: list[Candidate], limit: int = 12
              f"memory limit"]
     for p in pruned[:limit]:
         what = p.layout + (f", micro-batch {p.micro_batch}" if p.micro_batch is not None else "")
-        lines.append(f"  {what}: {p.reason}")
+        lines.append(f"  {what}: {'; '.join(p.reasons)}")
     if len(pruned) > limit:
         lines.append(f"  ... and {len(pruned) - limit} more")
     for c in sorted(unfit, key=lambda c: c.memory.peak_bytes)[:limit]:
@@ -482,10 +521,13 @@ def main(argv: list[str]) -> int:
     recipe = _recipe_path(args.model)  # a TOML file or a bundled recipe's name; None for a preset
     model, model_tree = load_model(str(recipe or args.model), args.vocab_size)
     train_tree: dict[str, Any] = {}  # a --model recipe's [train]: its batch is the one to plan, unless flags say
+    recipe_full: dict[str, Any] | None = None  # a --model recipe (with [model]): its other sections go to --out
     if recipe is not None:
         from clusterlm.config import TrainConfig, from_dict, load_tree
 
-        train_tree = load_tree(recipe).get("train", {})
+        recipe_full = load_tree(recipe)
+        recipe_full = recipe_full if "model" in recipe_full else None
+        train_tree = (recipe_full or {}).get("train", {})
         tc = from_dict(TrainConfig, train_tree, "train")  # typed and checked, as train would read it
         train_tree = {k: getattr(tc, k) for k in train_tree}
     recipe_mb = args.micro_batch if args.micro_batch is not None else train_tree.get("micro_batch_size")
@@ -570,10 +612,13 @@ def main(argv: list[str]) -> int:
         from clusterlm.fsutil import atomic_write_text
 
         tree = recipe_tree(model_tree, best, seq_len=seq_len, global_batch_tokens=gbt, dtype=dtype,
-                           device_kind=device.kind, cluster=spec.name)
-        header = (f"# Planned by `clusterlm plan --model {args.model} --cluster {args.cluster}`.\n"
-                  f"# Add a [data] section (dir = your prepared data). [parallel] and [plan] are read by the\n"
-                  f"# distributed trainer; the predicted figures are compared with measured ones at run time.\n")
+                           device_kind=device.kind, cluster=spec.name, base=recipe_full)
+        kept = (f"# Its other sections and [train] keys are {args.model}'s; [parallel], [plan] and the planned\n"
+                f"# [train] keys replace its own.\n" if recipe_full else "")
+        header = (f"# Planned by `clusterlm plan --model {args.model} --cluster {args.cluster}`.\n" + kept
+                  + ("" if "data" in tree else "# Add a [data] section (dir = your prepared data).\n")
+                  + "# [parallel] and [plan] are read by the distributed trainer; the predicted figures are compared\n"
+                  "# with measured ones at run time.\n")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out, header + tomli_w.dumps(tree))
         print(f"\nwrote {args.out}")

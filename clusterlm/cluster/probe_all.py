@@ -31,7 +31,7 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from clusterlm.cluster.slurm_text import expand_nodelist
+from clusterlm.cluster.slurm_text import SINFO_FORMAT, expand_nodelist, parse_sinfo
 from clusterlm.cluster.spec import ClusterSpec, load_spec, merge_specs, save_spec
 from clusterlm.errors import ClusterlmError, ConfigError
 
@@ -97,11 +97,13 @@ def collect_node_specs(nodes_dir: Path, nodes: int, expected_hosts: list[str] | 
             failed.append(f"{host}: no spec written; its log {logs[host]} ends: {_tail(logs[host].read_text())}")
         else:
             failed.append(f"{host}: no task ran there (no log)")
-    if not failed and len(specs) < nodes:
-        failed.append(f"{nodes - len(specs)} of {nodes} node(s) wrote no spec and no log")
+    n_failed = len(failed)
+    if not failed and len(specs) < nodes:  # no host names to go by (srun allocated, or did not start)
+        n_failed = nodes - len(specs)
+        failed.append(f"{n_failed} of {nodes} node(s) wrote no spec and no log")
     if failed:
         srun_msg = f"srun exited {srun.returncode}: {_tail(srun.stderr or srun.stdout, 3)}"
-        raise ProbeError(f"probe failed on {len(failed)} of {nodes} node(s) ({srun_msg}):\n  " + "\n  ".join(failed)
+        raise ProbeError(f"probe failed on {n_failed} of {nodes} node(s) ({srun_msg}):\n  " + "\n  ".join(failed)
                          + f"\nnode specs and logs are in {nodes_dir}")
     out = []
     for host, path in sorted(specs.items()):
@@ -132,6 +134,37 @@ def _allocation(env: Mapping[str, str], nodes: int | None) -> tuple[int, list[st
     return n, (hosts if hosts and len(hosts) == n else None)
 
 
+def run_sinfo() -> str | None:
+    """`sinfo -h -o SINFO_FORMAT`, or None when sinfo is missing, fails or does not answer in 30 s."""
+    if shutil.which("sinfo") is None:
+        return None
+    try:
+        r = subprocess.run(["sinfo", "-h", "-o", SINFO_FORMAT], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+def check_partition_size(nodes: int, env: Mapping[str, str], sinfo_text: str | None) -> None:
+    """Outside an allocation srun allocates `nodes` nodes from SLURM_PARTITION (or the default partition);
+    more nodes than that partition has would queue until STEP_TIMEOUT_S, so refuse them now. Nothing is
+    checked when sinfo gave no answer or the partition is not in it (srun then speaks for itself)."""
+    if not sinfo_text:
+        return
+    parts = parse_sinfo(sinfo_text)
+    wanted = [p.strip() for p in env.get("SLURM_PARTITION", "").split(",") if p.strip()]
+    chosen = [p for p in parts if p.name in wanted] if wanted else [p for p in parts if p.default]
+    if not chosen:
+        return
+    best = max(chosen, key=lambda p: p.nodes)
+    if nodes > best.nodes:
+        which = " or ".join(p.name for p in chosen) if wanted else f"{best.name} (the default partition)"
+        sizes = ", ".join(f"{p.name}: {p.nodes}" for p in sorted(parts, key=lambda p: -p.nodes))
+        raise ProbeError(f"--nodes={nodes} but partition {which} has {best.nodes} node(s) (sinfo); valid: "
+                         f"1..{best.nodes} (srun would queue for up to {STEP_TIMEOUT_S:g} s); partitions: {sizes}; "
+                         "set SLURM_PARTITION to pick another")
+
+
 def _master_port(env: Mapping[str, str]) -> int:
     """A port for step 2's rendezvous on its first node: derived from the job id inside an allocation
     (the common sbatch idiom, so concurrent jobs differ), random outside one."""
@@ -157,7 +190,8 @@ def _copy_allreduce(merged: ClusterSpec, measured: ClusterSpec) -> ClusterSpec:
 
 def probe_all_nodes(*, out: str | None, quick: bool = False, measure: bool = True, checkpoint_dir: str = ".",
                     nodes: int | None = None, nodes_dir: str | None = None, allreduce: bool = True,
-                    env: Mapping[str, str] | None = None, runner: Runner = run_srun) -> ClusterSpec:
+                    env: Mapping[str, str] | None = None, runner: Runner = run_srun,
+                    sinfo: Callable[[], str | None] = run_sinfo) -> ClusterSpec:
     """Probe every node with srun, merge, measure all-reduce across nodes; write `out` if given."""
     env = os.environ if env is None else env
     n, hosts = _allocation(env, nodes)
@@ -165,6 +199,8 @@ def probe_all_nodes(*, out: str | None, quick: bool = False, measure: bool = Tru
         raise ProbeError("srun not found on PATH: --all-nodes needs Slurm's srun (Debian/Ubuntu package "
                          "slurm-client); without Slurm, run `clusterlm probe --out node-X.toml` on each node and "
                          "`clusterlm cluster merge node-*.toml --out cluster.toml`")
+    if "SLURM_JOB_ID" not in env:
+        check_partition_size(n, env, sinfo())
     if nodes_dir is None:
         nodes_dir = f"{Path(out).with_suffix('')}-nodes" if out else f"probe-nodes-{env.get('SLURM_JOB_ID', 'srun')}"
     folder = Path(nodes_dir).resolve()

@@ -147,7 +147,7 @@ def _check_tokenizer_arg(tokenizer: str, vocab_size: int | None) -> Path | None:
     if os.sep in tokenizer or "/" in tokenizer or tokenizer.endswith(".json"):
         raise FileNotFoundError(f"tokenizer file {tokenizer!r} does not exist; --tokenizer takes byte, char, "
                                 "bpe or the path of a tokenizer.json")
-    close = difflib.get_close_matches(tokenizer, KINDS, n=1)
+    close = difflib.get_close_matches(tokenizer.lower(), KINDS, n=1)  # "BPE" -> "bpe" too
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ConfigError(f"unknown tokenizer {tokenizer!r}{hint}; valid: {', '.join(KINDS)} or the path of a "
                       "tokenizer.json")
@@ -341,8 +341,9 @@ def _chunks(sources: list[Source], opts: PrepareOptions, scan: _Scan, workers: i
 
 
 def _tokenize(sources: list[Source], opts: PrepareOptions, scan: _Scan, tok: Any, tok_path: Path,
-              writers: dict[int, shards.ShardWriter], workers: int, pool: Any, progress: bool) -> None:
-    """Pass 3: every kept document's tokens + EOS into its split's shards, in input order.
+              writers: dict[int, shards.ShardWriter], workers: int, pool: Any, progress: bool) -> dict[int, int]:
+    """Pass 3: every kept document's tokens + EOS into its split's shards, in input order. Returns the
+    <|unk|> tokens per split (a char tokenizer's characters it never saw; {} for byte and BPE).
 
     This process tokenizes too: each chunk goes to the pool of `workers - 1` spawned processes
     while fewer than two chunks per helper are outstanding, else it is encoded here, so all
@@ -354,6 +355,8 @@ def _tokenize(sources: list[Source], opts: PrepareOptions, scan: _Scan, tok: Any
         pool = None  # one chunk: nothing to share
     helpers = workers - 1
     pending: deque = deque()  # futures and finished (train, val) results, in input order
+    unk = getattr(tok, "unk_id", None)
+    unknown = {TRAIN: 0, VAL: 0}
 
     def write_ready(block_beyond: int) -> None:
         while pending:
@@ -365,6 +368,9 @@ def _tokenize(sources: list[Source], opts: PrepareOptions, scan: _Scan, tok: Any
             pending.popleft()
             writers[TRAIN].add(head[0])
             writers[VAL].add(head[1])
+            if unk is not None:
+                unknown[TRAIN] += int(np.count_nonzero(head[0] == unk))
+                unknown[VAL] += int(np.count_nonzero(head[1] == unk))
 
     from concurrent.futures.process import BrokenProcessPool
 
@@ -385,6 +391,7 @@ def _tokenize(sources: list[Source], opts: PrepareOptions, scan: _Scan, tok: Any
                 "without `if __name__ == '__main__':` (helpers are started with the 'spawn' method, "
                 "which imports the main script again); retry with --workers 1 to tokenize in this "
                 "process") from None
+    return unknown if unk is not None else {}
 
 
 def _estimated_chars(sources: list[Source]) -> int:
@@ -419,6 +426,11 @@ def check_unprepared_data_dir(data_dir: Path, source: str) -> bool:
     """Before `train`/`finetune` prepares data.dir (no meta.json) from data.source: ConfigError naming
     data.dir when it is a file or a folder of other files (never replaced); True when it is an empty
     folder, which may be filled (prepare's overwrite=True)."""
+    parent = data_dir.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"data.dir={str(data_dir)!r}: {parent} is a file, not a folder; give another data.dir")
     empty = data_dir.is_dir() and not any(data_dir.iterdir())
     if data_dir.exists() and not empty:
         raise ConfigError(f"data.dir={str(data_dir)!r} exists and is not a prepared data directory (no meta.json): "
@@ -434,6 +446,11 @@ def _check_out(out: Path, overwrite: bool) -> None:
         if any(out.iterdir()) and not (out / "meta.json").is_file():
             raise DataError(f"--out {out} exists and is not a prepared data directory (no meta.json); "
                             "refusing to replace it even with --overwrite: choose another --out or delete it")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():  # it said "File exists: FILE/out"
+        raise DataError(f"--out {out}: {parent} is a file, not a folder; choose another --out")
     stale = sorted(out.parent.glob(f".{out.name}.*.partial")) if out.parent.is_dir() else []
     if stale:
         log.warning("ignoring %d staging folder(s) left by interrupted runs (safe to delete once no prepare "
@@ -486,7 +503,9 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
             tok.save(tok_path)
         dtype = shards.dtype_for_vocab(tok.vocab_size)
         writers = {s: shards.ShardWriter(tmp, name, dtype, opts.shard_tokens) for s, name in ((TRAIN, "train"), (VAL, "val"))}
-        _tokenize(sources, opts, scan, tok, tok_path, writers, n_workers, pool, show)
+        unknown = _tokenize(sources, opts, scan, tok, tok_path, writers, n_workers, pool, show)
+        if unknown:  # a char tokenizer: what it could not encode, per split
+            scan.counts["unknown_tokens"] = {"train": unknown[TRAIN], "val": unknown[VAL]}
 
         splits = {}
         for s, name in ((TRAIN, "train"), (VAL, "val")):
@@ -519,6 +538,7 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
 
     for p in scan.problems[:10]:
         log.warning("%s", p)
+    _report_unknown(scan.counts.get("unknown_tokens"), splits, tok_file)
     more = len(scan.problems) - 10 + scan.problems_not_listed
     if more > 0:
         log.warning("... and %d more problems (listed in %s)", more, out / "meta.json")
@@ -529,6 +549,22 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
              len(splits["train"]["shards"]), len(splits["val"]["shards"]), dt, f"{total / max(dt, 1e-9):,.0f}",
              n_workers, "" if n_workers == 1 else "s")
     return meta
+
+
+def _report_unknown(unknown: dict[str, int] | None, splits: dict[str, Any], tok_file: Path | None) -> None:
+    """Say how much text became <|unk|>: a warning with a tokenizer file (learned from other text, the
+    model would learn <|unk|> in place of those characters), a line otherwise (a char vocabulary
+    learned here from train lacks only characters seen in val documents alone)."""
+    if not unknown or not (unknown["train"] or unknown["val"]):
+        return
+    line = ", ".join(f"{unknown[k]:,} of {splits[k]['tokens']:,} {k} tokens ({unknown[k] / max(splits[k]['tokens'], 1):.2%})"
+                     for k in ("train", "val"))
+    if tok_file is not None:
+        log.warning("%s are <|unk|>: characters outside the char vocabulary of %s, which was learned from other "
+                    "text; train one on these inputs (clusterlm tokenizer train --kind char ...) or use "
+                    "--tokenizer char", line, tok_file)
+    else:
+        log.info("%s are <|unk|>: characters seen only in val documents", line)
 
 
 # -- command line -------------------------------------------------------------------------------------------
@@ -587,5 +623,7 @@ def main(argv: list[str]) -> int:
     sp = meta["splits"]
     print(f"{args.out}: {meta['tokenizer']['kind']} tokenizer (vocab {meta['tokenizer']['vocab_size']}), "
           f"train {sp['train']['tokens']:,} tokens / {sp['train']['documents']} docs, "
-          f"val {sp['val']['tokens']:,} tokens / {sp['val']['documents']} docs")
+          f"val {sp['val']['tokens']:,} tokens / {sp['val']['documents']} docs"
+          + (f"; {unk['train']:,} train tokens are <|unk|> (see the warning above)"
+             if (unk := meta["counts"].get("unknown_tokens")) and unk["train"] else ""))
     return 0

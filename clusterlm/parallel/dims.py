@@ -116,47 +116,71 @@ class ParallelDims:
     def validate(self, world_size: int, model: ModelConfig, global_batch_tokens: int,
                  micro_batch: int, seq_len: int) -> None:
         """Raise ConfigError, with the arithmetic, if this layout cannot run `model` on `world_size` ranks."""
+        found = self.problems(world_size, model, global_batch_tokens, micro_batch, seq_len)
+        if found:
+            raise ConfigError(found[0])
+
+    def problems(self, world_size: int, model: ModelConfig, global_batch_tokens: int,
+                 micro_batch: int | None, seq_len: int) -> list[str]:
+        """Every reason, with the arithmetic, this layout cannot run `model` on `world_size` ranks (the
+        first is what `validate` raises; the planner counts them all). micro_batch=None: the layout
+        alone, no batch arithmetic."""
+        out = []
         if self.world_size != world_size:
-            raise ConfigError(
-                f"dp_replicate*dp_shard*tp*pp = {self.dp_replicate}*{self.dp_shard}*{self.tp}*{self.pp} = "
-                f"{self.world_size} != world size {world_size}")
-        if micro_batch < 1 or seq_len < 1 or global_batch_tokens < 0:
-            raise ConfigError(f"micro_batch={micro_batch} and seq_len={seq_len} must be >= 1, "
-                              f"global_batch_tokens={global_batch_tokens} >= 0")
+            out.append(f"dp_replicate*dp_shard*tp*pp = {self.dp_replicate}*{self.dp_shard}*{self.tp}*{self.pp} = "
+                       f"{self.world_size} != world size {world_size}")
+        batch_ok = micro_batch is not None and micro_batch >= 1 and seq_len >= 1 and global_batch_tokens >= 0
+        if micro_batch is not None and not batch_ok:
+            out.append(f"micro_batch={micro_batch} and seq_len={seq_len} must be >= 1, "
+                       f"global_batch_tokens={global_batch_tokens} >= 0")
         if self.tp > 1:
             if model.arch not in TRANSFORMER_ARCHS:
-                raise ConfigError(f"tp={self.tp} needs a transformer (arch transformer, encoder or encdec); "
-                                  f"model.arch={model.arch!r} has no heads to split")
-            for name, heads in (("n_heads", model.n_heads), ("kv_heads", model.kv_heads)):
-                if heads % self.tp:
-                    raise ConfigError(f"tp={self.tp} must divide model.{name}={heads} "
-                                      f"({heads} % {self.tp} = {heads % self.tp})")
+                out.append(f"tp={self.tp} needs a transformer (arch transformer, encoder or encdec); "
+                           f"model.arch={model.arch!r} has no heads to split")
+            else:
+                for name, heads in (("n_heads", model.n_heads), ("kv_heads", model.kv_heads)):
+                    if heads % self.tp:
+                        out.append(f"tp={self.tp} must divide model.{name}={heads} "
+                                   f"({heads} % {self.tp} = {heads % self.tp})")
+                        break
         if self.pp > model.n_layers:
-            raise ConfigError(f"pp={self.pp} > model.n_layers={model.n_layers}: each stage needs at least one layer")
+            out.append(f"pp={self.pp} > model.n_layers={model.n_layers}: each stage needs at least one layer")
         if seq_len > model.max_seq_len:
-            raise ConfigError(f"seq_len={seq_len} > model.max_seq_len={model.max_seq_len}")
-        self.grad_accum_steps(global_batch_tokens, micro_batch, seq_len)
+            out.append(f"seq_len={seq_len} > model.max_seq_len={model.max_seq_len}")
+        if batch_ok and global_batch_tokens % self.tokens_per_micro_step(micro_batch, seq_len):
+            out.append(self._batch_message(global_batch_tokens, micro_batch, seq_len))
+        return out
 
 
 def validate_layout(dims: ParallelDims, mcfg: ModelConfig, world_size: int, global_batch_tokens: int,
                     micro_batch: int, seq_len: int) -> ParallelDims:
     """ParallelDims.validate plus what this implementation supports; raises before any model is built
     (torch-free, so `launch --slurm` checks a layout on a login node without torch)."""
-    dims.validate(world_size, mcfg, global_batch_tokens, micro_batch, seq_len)
+    found = layout_problems(dims, mcfg, world_size, global_batch_tokens, micro_batch, seq_len)
+    if found:
+        raise ConfigError(found[0])
+    return dims
+
+
+def layout_problems(dims: ParallelDims, mcfg: ModelConfig, world_size: int, global_batch_tokens: int,
+                    micro_batch: int | None, seq_len: int) -> list[str]:
+    """Every reason validate_layout would refuse this layout, in its order (it raises the first);
+    micro_batch=None leaves the batch arithmetic out."""
+    out = dims.problems(world_size, mcfg, global_batch_tokens, micro_batch, seq_len)
     if mcfg.labels and (dims.tp > 1 or dims.pp > 1):
-        raise ConfigError(f"a classifier (model.labels) trains with data parallel only (DDP or FSDP): set "
-                          f"parallel.tp=1 and parallel.pp=1 (got {dims.describe()})")
+        out.append(f"a classifier (model.labels) trains with data parallel only (DDP or FSDP): set "
+                   f"parallel.tp=1 and parallel.pp=1 (got {dims.describe()})")
     attention = mcfg.arch in TRANSFORMER_ARCHS
     if not attention and (dims.dp_shard > 1 or dims.tp > 1 or dims.pp > 1):
-        raise ConfigError(f"model.arch={mcfg.arch!r} trains with data parallel replication only (DDP): "
-                          f"set parallel.dp_replicate={world_size} and dp_shard=tp=pp=1 (got {dims.describe()})")
+        out.append(f"model.arch={mcfg.arch!r} trains with data parallel replication only (DDP): "
+                   f"set parallel.dp_replicate={world_size} and dp_shard=tp=pp=1 (got {dims.describe()})")
     if not attention and dims.activation_checkpointing != "none":
-        raise ConfigError(f"activation checkpointing works on transformer blocks; model.arch={mcfg.arch!r}")
+        out.append(f"activation checkpointing works on transformer blocks; model.arch={mcfg.arch!r}")
     if mcfg.arch in ("encoder", "encdec") and dims.pp > 1:
         # the stages would have to pass the encoder's output (and the source mask) to every decoder stage
-        raise ConfigError(f"parallel.pp={dims.pp}: pipeline parallel splits the decoder-only transformer only; "
-                          f"model.arch={mcfg.arch!r} trains with parallel.pp=1 (DDP, FSDP and TP work)")
+        out.append(f"parallel.pp={dims.pp}: pipeline parallel splits the decoder-only transformer only; "
+                   f"model.arch={mcfg.arch!r} trains with parallel.pp=1 (DDP, FSDP and TP work)")
     if dims.pp > 1 and mcfg.tie_embeddings:
-        raise ConfigError(f"pp={dims.pp} with model.tie_embeddings=true: the tied embedding/output weight would "
-                          "live on the first and last stages; set model.tie_embeddings=false")
-    return dims
+        out.append(f"pp={dims.pp} with model.tie_embeddings=true: the tied embedding/output weight would "
+                   "live on the first and last stages; set model.tie_embeddings=false")
+    return out

@@ -271,6 +271,18 @@ def check_port_free(addr: str, port: int) -> None:
             # not an address of this node (or no such name): the rendezvous reports that itself
 
 
+def check_device(recipe: str | None, overrides: list[str]) -> None:
+    """train.device='cuda' on a node without a usable GPU is refused here, before torchrun starts: each
+    rank used to print the error, and torchrun's failure report then buried it."""
+    from clusterlm.config import load_run_config, resolve_recipe
+
+    if load_run_config(resolve_recipe(recipe), overrides).train.device != "cuda":
+        return
+    from clusterlm.device import resolve_device
+
+    resolve_device("cuda", "train.device")  # ConfigError naming the field and the valid values
+
+
 TORCHRUN_OPTIONS = ("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port", "rdzv_endpoint",
                     "max_restarts")
 
@@ -329,6 +341,8 @@ def main(argv: list[str]) -> int:
     from clusterlm.parallel.layout import check_layout
 
     overrides = check_layout(args.recipe, overrides, args.nproc_per_node * args.nnodes)
+    if not args.dry_run:  # a dry run may print the command for other (GPU) nodes
+        check_device(args.recipe, overrides)
     if args.nnodes == 1 and not args.dry_run:
         check_port_free(args.master_addr, args.master_port)
     cmd = torchrun_command(args.recipe, overrides, nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,

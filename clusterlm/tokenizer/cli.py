@@ -53,12 +53,17 @@ def _train(args: argparse.Namespace) -> int:
     from clusterlm.data.sources import DocumentReader, discover
     from clusterlm.tokenizer.kinds import train_tokenizer
 
+    from clusterlm.fsutil import check_output_path
+
     out = Path(args.out)
     if out.is_dir():  # before the exists check: --overwrite would not help
         raise ConfigError(f"--out {out} is a directory; give the path of a .json file")
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    sources = discover(list(args.inputs) + [f"builtin:{n}" for n in args.builtin])
+    check_output_path(out, "--out")  # a file where a folder should be: before training, not after ("File exists")
+    inputs = list(args.inputs) + [f"builtin:{n}" for n in args.builtin]
+    # the byte tokenizer is fixed (every UTF-8 byte + the specials): it needs no text to learn from
+    sources = discover(inputs) if inputs or args.kind != "byte" else []
     reader = DocumentReader(args.text_field)
     tok = train_tokenizer(args.kind, (doc.text for doc in reader.read(sources)), args.vocab_size)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +73,8 @@ def _train(args: argparse.Namespace) -> int:
         log.warning("%s", p)
     if tok.kind == "byte":  # the 256 bytes and the specials: the inputs are not read
         print(f"{out}: byte tokenizer, vocab {tok.vocab_size} (fixed: every UTF-8 byte and the special "
-              f"tokens; it needs no training, so the {len(sources)} input file(s) were not read)")
+              f"tokens; it needs no training" + (f", so the {len(sources)} input file(s) were not read)" if sources
+                                                 else " and no inputs)"))
         return 0
     print(f"{out}: {tok.kind} tokenizer, vocab {tok.vocab_size}, trained on "
           f"{st.documents_read - st.skipped_empty} documents from {len(sources)} files "

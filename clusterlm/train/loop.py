@@ -215,15 +215,58 @@ class Trainer:
         # finetune/setup.py new_folders gives them: a run refused before it trains removes them again,
         # so the next run does not reuse data prepared for this one's options
         self.made: list[tuple[Path, ...]] = []
+        self._lock: Any = None  # OUT_DIR/.clusterlm.lock, held by rank 0 while this run uses the folder
         try:
             self._set_up(cfg)
         except Exception as e:
             from clusterlm.finetune.setup import discard_made
 
+            self._release_lock()
             if exit_code_of(e) == EXIT_USAGE:  # refused (bad input), not a crash
                 for made in self.made:
                     discard_made(made)
             raise
+
+    def _lock_out_dir(self) -> None:
+        """One run per train.out_dir: rank 0 holds an exclusive flock on OUT_DIR/.clusterlm.lock, so a second
+        `clusterlm train` there (the same command started twice, a resume while the run still goes on) is
+        refused at once instead of both writing checkpoints, pruning each other's step folders and
+        interleaving metrics.jsonl. Taken at start-up when the folder exists, else when it is created
+        (_open_run_dir); the lock goes with the process. A folder that cannot hold the file or a file
+        system without locks is not locked (the writes that follow report their own errors)."""
+        import errno
+        import fcntl
+
+        from clusterlm.errors import ResourceBusyError
+        from clusterlm.parallel.agree import rank0_first
+
+        def take() -> None:
+            if not self.rank0 or self._lock is not None or not self.out_dir.is_dir():
+                return
+            path = self.out_dir / ".clusterlm.lock"
+            try:
+                f = open(path, "a")  # noqa: SIM115 - held open for the run
+            except OSError:
+                return
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                f.close()
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise ResourceBusyError(f"train.out_dir={str(self.out_dir)!r} is in use by another clusterlm run "
+                                            f"(it holds {path}); wait for it to end or stop it, or give this run "
+                                            "another --train.out_dir") from None
+                log.info("%s: no file lock on this file system (%s); one run per train.out_dir is not enforced",
+                         path, e.strerror)
+                return
+            self._lock = f
+
+        rank0_first(self.distributed, self.env.rank, take, what="the train.out_dir lock", device=self.device)
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file drops the flock
+            self._lock = None
 
     def _set_up(self, cfg: RunConfig) -> None:
         from clusterlm.checkpoint.manager import Checkpointer
@@ -247,6 +290,7 @@ class Trainer:
             raise ConfigError(f"train.out_dir={tc.out_dir!r} is a prepared data directory (it has meta.json); give the "
                               "run its own folder, e.g. runs/my_run")
         self.device = self._init_process(cfg)
+        self._lock_out_dir()  # before anything is read from or written to the folder
         self.amp_dtype = autocast_dtype(tc.dtype, self.device)
         if tc.threads and self.device.type == "cpu":
             torch.set_num_threads(tc.threads)
@@ -317,10 +361,21 @@ class Trainer:
                           if k in group and _as_tuple(group[k]) != _as_tuple(own[k])})
         if changed and self.state.step:
             log.info("resumed with this run's optimizer %s (the checkpoint's differed)", ", ".join(changed))
-        if self.state.step and self.state.step >= self.tc.max_steps:  # the loop body will not run
-            log.warning("resumed at step %d, not below train.max_steps=%d: nothing to train, only a last "
-                        "evaluation and checkpoint; pass a larger --train.max_steps to continue",
-                        self.state.step, self.tc.max_steps)
+        # resumed with nothing left to train: run() returns at once; the checkpoint and the run folder
+        # (config.toml, metrics.jsonl, tb/) stay as they are (a re-save rewrote the step folder)
+        spent_min = self.state.train_seconds / 60  # train.max_minutes counts every segment of the run
+        if self.state.step and self.state.step >= tc.max_steps:
+            why = f"not below train.max_steps={tc.max_steps}", "--train.max_steps"
+        elif self.state.step and tc.max_minutes and spent_min >= tc.max_minutes:
+            why = (f"after {spent_min:.2f} min of training, not below train.max_minutes={tc.max_minutes:g}",
+                   "--train.max_minutes (or 0: no limit)")
+        else:
+            why = None
+        self.nothing_to_train = why is not None
+        if why is not None:
+            log.warning("resumed at step %d, %s: nothing to train; %s and the run folder are left as they are (no "
+                        "evaluation, no checkpoint); pass a larger %s to continue", self.state.step, why[0],
+                        self.checkpointer.resolve(), why[1])
         for group, own in zip(self.optimizer.param_groups, mine):
             group.update(own)
         from clusterlm.train.ema import WeightEMA
@@ -328,7 +383,8 @@ class Trainer:
         self.ema = WeightEMA(self.optimizer, cfg.optim.ema_decay)
         self.ema.restore_after_load()  # a checkpoint written with the average as its model
         self._log_plan()
-        self._open_run_dir()
+        if not self.nothing_to_train:
+            self._open_run_dir()
         self.last_loss: float | None = None
         self.last_val: float | None = None
         self._val_at: tuple[int, float] | None = None  # (step, val loss) of the last evaluation
@@ -546,6 +602,8 @@ class Trainer:
 
         if self.rank0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_out_dir()  # a folder made just now (a second run started at the same time is refused here)
+        if self.rank0:
             try:
                 atomic_write_text(self.out_dir / "config.toml", to_toml(self.cfg))
             except OSError as e:
@@ -565,6 +623,13 @@ class Trainer:
         from clusterlm.train.metrics import Throughput
 
         tc, state = self.tc, self.state
+        if self.nothing_to_train:  # warned at set-up: nothing is written
+            self._release_lock()
+            log.warning("nothing trained or written: resumed at step %d, at train.max_steps or train.max_minutes "
+                        "(see above); checkpoint %s", state.step, self.checkpointer.resolve())
+            return TrainResult(EXIT_OK, state.step, self.out_dir, None, None, self.checkpointer.resolve(),
+                               f"nothing to train (resumed at step {state.step}: train.max_steps={tc.max_steps}, "
+                               f"train.max_minutes={tc.max_minutes:g})")
         stop: dict[str, Any] = {}
         previous_handlers = _install_stop_handlers(stop)
         self.heartbeat = self._start_heartbeat()
@@ -607,6 +672,7 @@ class Trainer:
             self.bar.close()
             _restore_handlers(previous_handlers)
             self.metrics.close()
+            self._release_lock()
         log.info("%s at step %d: train loss %s, val loss %s; checkpoint %s", reason, state.step,
                  f"{self.last_loss:.4f}" if self.last_loss is not None else "n/a",
                  f"{self.last_val:.4f}" if self.last_val is not None else "n/a", self.last_ckpt)

@@ -198,3 +198,25 @@ def test_layout_is_checked_before_the_data_is_prepared(tmp_path):
     with pytest.raises(ConfigError, match="tp=3 must divide model.n_heads=4"):
         check_layout("llama_shakespeare_cpu", [*nodata, "--parallel.tp=3"], 3)
     assert check_layout("llama_shakespeare_cpu", nodata, 2) == [*nodata, "--parallel.dp_replicate=2"]
+
+
+def test_launch_refuses_cuda_without_a_gpu_before_torchrun(monkeypatch, capsys):
+    """--train.device=cuda on a node where torch sees no GPU is exit 2 with that one line last, before
+    torchrun starts (every rank printed it, then torchrun's failure report buried it); cpu goes on to
+    torchrun, and a dry run (which may print the command for GPU nodes) is not refused."""
+    import torch
+
+    from clusterlm import cli
+    from clusterlm.parallel import launch
+
+    started = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(launch, "check_port_free", lambda addr, port: None)
+    monkeypatch.setattr(launch, "run_torchrun", lambda cmd, extra=None: started.append(cmd) or 0)
+    argv = ["launch", "llama_shakespeare_cpu", "--nproc-per-node=2"]
+    assert cli.main([*argv, "--train.device=cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "clusterlm launch: error: train.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'"
+    assert started == []
+    assert cli.main([*argv, "--train.device=cuda", "--dry-run"]) == 0 and started == []
+    assert cli.main([*argv, "--train.device=cpu"]) == 0 and len(started) == 1

@@ -343,16 +343,65 @@ def test_resume_with_another_seq_len_names_the_checkpoint_and_the_value(corpora,
 
 def test_resume_past_max_steps_warns_that_nothing_is_trained(corpora, tmp_path, caplog):
     """Resuming a step-4 checkpoint with --train.max_steps=2 "finished at step 4" with no word that the
-    requested steps were already passed; a warning now names both numbers."""
+    requested steps were already passed; a warning now names both numbers. Nothing is written, at
+    max_steps or past it: no evaluation or checkpoint line appended to metrics.jsonl, no re-save of
+    step-00000004 (its files and mtimes were rewritten), no new TensorBoard file, config.toml as it was;
+    likewise with train.max_minutes already spent by the earlier segments."""
     import logging
 
     from clusterlm.train.loop import train
 
     run = tmp_path / "r"
     train(_cfg(corpora["base"], run))
+
+    def files() -> dict[str, tuple[bytes, int]]:
+        return {str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.rglob("*"))
+                if p.is_file()}
+
+    before = files()
+    for steps in ("2", "4"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            result = train(_cfg(corpora["base"], run, "--train.resume=auto", f"--train.max_steps={steps}",
+                                "--train.log_interval=3"))
+        assert any(f"resumed at step 4, not below train.max_steps={steps}" in r.getMessage() and
+                   "no evaluation, no checkpoint" in r.getMessage() for r in caplog.records)
+        assert (result.exit_code, result.step, result.checkpoint.name) == (0, 4, "step-00000004")
+        assert result.reason.startswith("nothing to train")
+        assert files() == before
+    # the same with the run's time budget spent (train.max_minutes counts every segment): it trained one
+    # more step, evaluated and saved at each resume
+    spent = json.loads((run / "checkpoints" / "step-00000004" / "train_state.json").read_text())["run"]["train_seconds"]
+    caplog.clear()
     with caplog.at_level(logging.WARNING):
-        train(_cfg(corpora["base"], run, "--train.resume=auto", "--train.max_steps=2"))
-    assert any("resumed at step 4, not below train.max_steps=2" in r.getMessage() for r in caplog.records)
+        result = train(_cfg(corpora["base"], run, "--train.resume=auto", "--train.max_steps=10",
+                            f"--train.max_minutes={spent / 60 / 2}"))
+    assert (result.exit_code, result.step) == (0, 4) and files() == before
+    assert any("not below train.max_minutes=" in r.getMessage() and "--train.max_minutes (or 0: no limit)" in
+               r.getMessage() for r in caplog.records)
+
+
+def test_a_second_run_in_the_same_out_dir_is_refused_while_the_first_holds_it(corpora, tmp_path):
+    """Two `clusterlm train` in one train.out_dir at once (a command started twice, a resume while the run
+    still goes on) both wrote checkpoints there, pruning each other's step folders; the second is now
+    refused at start-up (exit 69, naming the folder) whether the folder existed (resume) or the first
+    run made it, and runs once the first has ended. The refused run writes nothing."""
+    from clusterlm.errors import ResourceBusyError, exit_code_of
+    from clusterlm.train.loop import Trainer, train
+
+    run = tmp_path / "r"
+    first = Trainer(_cfg(corpora["base"], run, "--train.max_steps=2"))  # made the folder; holds it
+    with pytest.raises(ResourceBusyError, match=rf"train.out_dir='{run}' is in use by another clusterlm run") as e:
+        train(_cfg(corpora["base"], run, "--train.max_steps=2"))
+    assert exit_code_of(e.value) == 69
+    assert first.run().exit_code == 0
+    listing = sorted(p.name for p in run.iterdir())
+    resumed = Trainer(_cfg(corpora["base"], run, "--train.resume=auto", "--train.max_steps=4"))
+    with pytest.raises(ResourceBusyError):
+        train(_cfg(corpora["base"], run, "--train.resume=auto", "--train.max_steps=4"))
+    assert sorted(p.name for p in run.iterdir()) == listing
+    assert resumed.run().step == 4
+    assert train(_cfg(corpora["base"], run, "--train.resume=auto", "--train.max_steps=6")).step == 6
 
 
 def test_inference_refuses_a_tokenizer_larger_than_the_model(corpora, tmp_path):

@@ -566,6 +566,36 @@ def test_checkpointer_saves_and_resumes_in_one_call_each(tmp_path):
         Checkpointer(root, CheckpointConfig(), config_toml="", resume="none").load_into(model2, opt2, loader2)
 
 
+def test_resume_into_a_folder_of_another_run_is_refused_at_start_up(tmp_path, caplog):
+    """--train.resume=OTHER_RUN/step-3 with an out_dir already holding steps 2 and 6 of another run: refused
+    when the checkpoint is resolved (start-up, before any model), naming the folders (the first save used to
+    delete step 6 as "left by a run resumed from an earlier checkpoint" and keep step 2 beside the new
+    steps). Resuming this folder's own step 2 is a branch: allowed, with a warning now that step 6 goes at
+    the first save; the folder is unchanged until then."""
+    from clusterlm.checkpoint.manager import Checkpointer, RunState
+    from clusterlm.config import CheckpointConfig
+    from clusterlm.errors import ConfigError
+
+    def save(root: Path, step: int) -> Path:
+        model = TinyLM()
+        return Checkpointer(root, CheckpointConfig(keep_last=5), config_toml="").save(
+            RunState(step=step), model, make_opt(model), _Loader(), reason="periodic")
+
+    mine, other = tmp_path / "b" / "checkpoints", tmp_path / "a" / "checkpoints"
+    save(mine, 2), save(mine, 6)
+    foreign = save(other, 3)
+    with pytest.raises(ConfigError, match=r"--train.resume=.*a/checkpoints/step-00000003 is outside .*b/checkpoints, "
+                       r"which already holds checkpoints of another run \(step-00000002, step-00000006\)"):
+        Checkpointer(mine, CheckpointConfig(), config_toml="", resume=str(foreign)).resolve()
+    with caplog.at_level(logging.WARNING):
+        got = Checkpointer(mine, CheckpointConfig(), config_toml="", resume=str(mine / "step-00000002")).resolve()
+    assert got == mine / "step-00000002"
+    assert "the later checkpoints step-00000006 of" in caplog.text and "deleted at this run's first save" in caplog.text
+    assert [p.name for p in store.step_folders(mine)] == ["step-00000002", "step-00000006"]
+    assert Checkpointer(tmp_path / "c" / "checkpoints", CheckpointConfig(), config_toml="",
+                        resume=str(foreign)).resolve() == foreign  # a new folder: nothing to mix with
+
+
 def test_keep_best_keeps_the_lowest_val_loss_checkpoint_beside_the_newest(tmp_path, caplog):
     """checkpoint.keep_best with keep_last=1: saves at steps 1..5 where steps 2 and 4 were the best so
     far; after each save the newest and the best are the folders left, checkpoints/best names the best

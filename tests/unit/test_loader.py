@@ -317,6 +317,9 @@ def test_a_data_dir_prepared_otherwise_than_asked_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"prepared with val_fraction 0.2, but data.val_fraction=0.1"):
         ensure_data(DataConfig(dir=str(d), source=str(src), tokenizer="char", val_fraction=0.1))
     assert (d / "meta.json").read_bytes() == before
+    # a data.dir under a file is named as data.dir (prepare's refusal named --out, which train has not)
+    with pytest.raises(ConfigError, match=r"data.dir='.*a\.txt/x': .*a\.txt is a file, not a folder; give another data.dir"):
+        ensure_data(DataConfig(dir=str(src / "x"), source=str(src), tokenizer="char"))
 
 
 def test_why_no_val_names_a_missing_or_too_short_val_split(tmp_path):

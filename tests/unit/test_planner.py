@@ -1,6 +1,7 @@
 """The planner: only fitting candidates, ranked by throughput; step-time arithmetic; no silent defaults."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -133,6 +134,33 @@ def test_recipe_sections_load_with_the_run_config():
                                 "pp": c.dims.pp, "activation_checkpointing": c.recompute}
     assert tree["plan"]["predicted_step_s"] == pytest.approx(c.step_time_s, rel=1e-5)
     assert tree["plan"]["predicted_memory_bytes"] == int(c.memory.peak_bytes)
+
+
+def test_out_keeps_a_recipe_models_other_sections(tmp_path, capsys):
+    """`plan --model RECIPE --out F`: F resolves to the recipe's [optim] (lr 1e-3, beta2 0.99: it was
+    replaced by the defaults, lr 6e-4), [data], [checkpoint], [eval] and unplanned [train] keys, with the
+    planned [train] keys (max_steps from --steps), [parallel] and [plan]; a preset still gets the
+    default [optim] with the warm-up capped at a tenth of the steps."""
+    from clusterlm.config import load_run_config, resolve_recipe
+
+    out = tmp_path / "p.toml"
+    assert planner.main(["--model", "shakespeare_char_cpu", "--cluster", "laptop-cpu", "--vocab-size", "65",
+                         "--steps", "300", "--out", str(out)]) == 0
+    cfg, src = load_run_config(out), load_run_config(resolve_recipe("shakespeare_char_cpu"))
+    assert cfg.optim == src.optim and cfg.optim.lr == 1e-3
+    assert (cfg.data, cfg.checkpoint, cfg.eval) == (src.data, src.checkpoint, src.eval)
+    assert (cfg.train.out_dir, cfg.train.eval_interval, cfg.train.max_steps) == (src.train.out_dir, 250, 300)
+    assert cfg.plan.cluster == "laptop-cpu" and "Add a [data] section" not in out.read_text()
+    assert planner.main(["--model", "gpt2-124m", "--cluster", "laptop-cpu", "--steps", "300", "--out", str(out)]) == 0
+    cfg = load_run_config(out)
+    assert cfg.optim.lr == 6e-4 and cfg.optim.warmup_steps == 30 and "Add a [data] section" in out.read_text()
+    # the recipe's own [parallel] keys the planner does not choose stay; the layout is the plan's
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(Path(resolve_recipe("shakespeare_char_cpu")).read_text() + '\n[parallel]\npp_schedule = "gpipe"\n'
+                      'sequence_parallel = false\ndp_shard = 4\n')
+    assert planner.main(["--model", str(recipe), "--cluster", "laptop-cpu", "--vocab-size", "65", "--out", str(out)]) == 0
+    cfg = load_run_config(out)
+    assert (cfg.parallel.pp_schedule, cfg.parallel.sequence_parallel, cfg.parallel.dp_shard) == ("gpipe", False, 1)
 
 
 def test_bad_inputs():
@@ -316,6 +344,29 @@ def test_no_valid_layout_names_the_reason():
         with pytest.raises(ConfigError, match=f"{flag} 0 must be >= 1"):
             planner.main(argv + [flag, "0"])
     assert "search found no layout" in planner.no_valid_layout([])
+
+
+def test_no_valid_layout_counts_every_reason_of_every_choice():
+    """A global batch of 3 sequences of 2048 tokens on 8 GPUs for GPT-2: seq_len > max_seq_len refuses every
+    choice but the one tp prunes first, so it is counted for 22 of 23 (it was counted only where it came
+    first: 6 of 23, behind "3 samples do not split over dp=4" and "... dp=2"); reasons that differ only in
+    a layout size are one reason with the sizes (dp=2/4/8: 16 of 23); --explain lists each choice's reasons."""
+
+    argv = ["--model", "gpt2-124m", "--cluster", "h100-sxm-8x", "--seq-len", "2048", "--global-batch-tokens", "6144"]
+    with pytest.raises(ConfigError) as e:
+        planner.main(argv)
+    msg = str(e.value)
+    assert msg.startswith("no layout is valid for this model, batch and device count: seq_len=2048 > "
+                          "model.max_seq_len=1024 (22 of 23 choices); 3 samples per step do not split over "
+                          "dp=2/4/8 data-parallel ranks (16 of 23 choices); pp=2/4/8 with model.tie_embeddings"), msg
+    pruned: list[planner.Pruned] = []
+    planner.search(get_preset("gpt2-124m"), H100, seq_len=2048, global_batch_tokens=6144,
+                   pruned=pruned)
+    [p] = [p for p in pruned if p.layout == "dp_replicate=1*dp_shard=1*tp=2*pp=4" and p.micro_batch == 3]
+    assert p.reasons == ("seq_len=2048 > model.max_seq_len=1024", "pp=4 with model.tie_embeddings=true: the tied "
+                         "embedding/output weight would live on the first and last stages; set "
+                         "model.tie_embeddings=false")
+    assert "seq_len=2048 > model.max_seq_len=1024; pp=4 with" in planner.explain_pruned([p], [])
 
 
 def test_seq_len_zero_or_negative_is_refused():

@@ -177,7 +177,8 @@ def test_split_fallbacks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> No
 
 def test_overwrite_and_stale_partials(tmp_path: Path) -> None:
     """An existing DATA_DIR is refused without overwrite and replaced with it; a folder that is not
-    a data directory is never replaced; a stale .NAME.*.partial folder is ignored and left alone."""
+    a data directory is never replaced; a stale .NAME.*.partial folder is ignored and left alone; an --out
+    under a file is named as one."""
     (tmp_path / "a.txt").write_text("some text")
     out = tmp_path / "d"
     stale = tmp_path / ".d.abc123.partial"
@@ -201,6 +202,9 @@ def test_overwrite_and_stale_partials(tmp_path: Path) -> None:
             prepare([str(tmp_path / "a.txt")], unrelated, tokenizer="byte")
     assert (tmp_path / "home" / "precious.txt").read_text() == "keep me"
     assert (tmp_path / "a.txt").read_text() == "some text"
+    # --out under a file: named as such (it said "File exists: .../a.txt/x/y")
+    with pytest.raises(DataError, match=r"--out .*a\.txt/x/y: .*a\.txt is a file, not a folder; choose another --out"):
+        prepare([str(tmp_path / "a.txt")], tmp_path / "a.txt" / "x" / "y", tokenizer="byte")
 
 
 def test_errors(tmp_path: Path) -> None:
@@ -210,8 +214,9 @@ def test_errors(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("text")
     out = tmp_path / "d"
     a = [str(tmp_path / "a.txt")]
-    with pytest.raises(ConfigError, match="did you mean 'bpe'"):
-        prepare(a, out, tokenizer="bep")
+    for name in ("bep", "BPE"):  # a case slip got no suggestion
+        with pytest.raises(ConfigError, match="did you mean 'bpe'"):
+            prepare(a, out, tokenizer=name)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         prepare(a, out, tokenizer=str(tmp_path / "nope.json"))
     with pytest.raises(ConfigError, match=r"vocab_size=100 is outside \[260"):
@@ -252,6 +257,39 @@ def test_tokenizer_file_and_uint32(tmp_path: Path) -> None:
     assert shards.read_header(tmp_path / "d" / "train-00000.bin").dtype == np.dtype("<u4")
     tok = load_tokenizer(tmp_path / "d" / "tokenizer.json")
     assert [tok.decode(d) for d in split_docs(tmp_path / "d", "train", tok.eos_id)] == ["Héllo wörld, 世界\n"]
+
+
+def test_char_tokenizer_file_from_other_text_is_counted_and_warned(tmp_path: Path, caplog, capsys) -> None:
+    """--tokenizer FILE, a char tokenizer learned from "hello", on text of other characters: the <|unk|>
+    tokens are counted per split in meta.json's counts and a warning names the share and the file (75% of
+    Shakespeare became <|unk|> in silence); a char tokenizer learned here counts val-only characters
+    without a warning; byte and BPE data get no such count."""
+    import logging
+
+    from clusterlm.data.prepare import main
+    from clusterlm.tokenizer.kinds import train_tokenizer
+
+    train_tokenizer("char", ["hello"]).save(tmp_path / "hello.json")
+    (tmp_path / "a.txt").write_text("hello world\n")
+    with caplog.at_level(logging.INFO):
+        assert main([str(tmp_path / "a.txt"), "--out", str(tmp_path / "d"), "--tokenizer", str(tmp_path / "hello.json"),
+                     "--val-fraction", "0", "--workers", "1"]) == 0
+    meta = shards.read_meta(tmp_path / "d")
+    assert meta["counts"]["unknown_tokens"] == {"train": 5, "val": 0}  # the space, w, r, d and the newline
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(m.startswith("5 of 13 train tokens (38.46%), 0 of 0 val tokens (0.00%) are <|unk|>") and
+               "hello.json, which was learned from other text" in m for m in warned), warned
+    assert capsys.readouterr().out.rstrip().endswith("; 5 train tokens are <|unk|> (see the warning above)")
+    caplog.clear()
+    docs = [tmp_path / "b" / f"{i}.txt" for i in range(8)]
+    docs[0].parent.mkdir()
+    for i, p in enumerate(docs):
+        p.write_text("a" * (i + 1) + " b" + ("é" if i == 0 else "") + "\n")
+    assert is_val(hashlib.sha256(docs[0].read_bytes()).digest(), 0.5)  # "a bé\n" goes to val
+    meta = prepare([str(docs[0].parent)], tmp_path / "e", tokenizer="char", val_fraction=0.5, workers=1)
+    assert meta["counts"]["unknown_tokens"] == {"train": 0, "val": 1}
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "<|unk|>" in r.getMessage()]
+    assert "unknown_tokens" not in prepare([str(tmp_path / "a.txt")], tmp_path / "f", tokenizer="byte")["counts"]
 
 
 def test_shard_dtype_choice(tmp_path: Path) -> None:

@@ -292,3 +292,41 @@ def test_slurm_client_without_configuration_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
     with pytest.raises(RuntimeError, match="installed but find no cluster configuration"):
         probe.probe_slurm()
+
+
+def test_nodes_beyond_the_partition_are_refused_before_srun(tmp_path, monkeypatch, capsys):
+    """Outside an allocation, --nodes larger than the partition srun allocates from (the default one, gpu*
+    with 30+2 nodes in the recorded sinfo; SLURM_PARTITION when set) is exit 2 naming N and the partition's
+    size, before any srun call (srun used to queue for up to an hour); --nodes within it goes ahead."""
+    calls = install_fake_srun(tmp_path, monkeypatch)
+    recorded = Path(__file__).parent / "fixtures" / "probe" / "sinfo_gpu_cluster.txt"
+    sinfo = tmp_path / "bin" / "sinfo"
+    sinfo.write_text(f"#!/bin/sh\ncat '{recorded}'\n")
+    sinfo.chmod(0o755)
+    assert cli_main(["probe", "--all-nodes", "--nodes", "33", "--out", str(tmp_path / "c.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "--nodes=33 but partition gpu (the default partition) has 32 node(s) (sinfo); valid: 1..32" in err
+    assert "cpu: 64" in err and not calls.exists() and not (tmp_path / "c.toml").exists()
+    monkeypatch.setenv("SLURM_PARTITION", "debug")
+    assert cli_main(["probe", "--all-nodes", "--nodes", "3"]) == 2
+    assert "--nodes=3 but partition debug has 2 node(s)" in capsys.readouterr().err
+    monkeypatch.setenv("SLURM_PARTITION", "cpu")
+    monkeypatch.setenv("FAKE_SRUN_HOSTS", "a1,a2,a3")
+    out = tmp_path / "c.toml"
+    assert cli_main(["probe", "--all-nodes", "--nodes", "3", "--no-measure", "--no-allreduce", "--out", str(out)]) == 0
+    assert load_spec(out).node_types[0].count == 3
+
+
+def test_srun_that_ran_no_task_counts_every_node(tmp_path):
+    """srun that started no task (no Slurm configuration here, or refused at once) on a 500-node request:
+    "probe failed on 500 of 500 node(s)", not "on 1 of 500" (the one line standing for all of them)."""
+    import subprocess
+
+    from clusterlm.cluster.probe_all import ProbeError, collect_node_specs
+
+    srun = subprocess.CompletedProcess(["srun"], 1, "", "srun: fatal: Could not establish a configuration source\n")
+    with pytest.raises(ProbeError) as e:
+        collect_node_specs(tmp_path, 500, None, srun)
+    msg = str(e.value)
+    assert msg.startswith("probe failed on 500 of 500 node(s) (srun exited 1: srun: fatal: Could not establish")
+    assert "500 of 500 node(s) wrote no spec and no log" in msg

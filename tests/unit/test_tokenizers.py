@@ -504,3 +504,21 @@ def test_train_cli_byte_says_it_read_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "vocab 259" in out and "needs no training" in out and "0 documents" not in out
     assert load_tokenizer(tmp_path / "t.json").kind == "byte"
+
+
+def test_train_cli_byte_needs_no_inputs_and_a_bad_out_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    """`tokenizer train --kind byte --out t.json` with no inputs writes the fixed byte tokenizer (it asked
+    for inputs it then did not read); char and bpe still need some. --out under a file is refused before
+    any training (it failed with "File exists: FILE" after training a BPE on the inputs)."""
+    from clusterlm.tokenizer import kinds
+    from clusterlm.tokenizer.cli import main
+
+    assert main(["train", "--kind", "byte", "--out", str(tmp_path / "t.json")]) == 0
+    assert "needs no training and no inputs" in capsys.readouterr().out
+    assert load_tokenizer(tmp_path / "t.json").kind == "byte"
+    with pytest.raises(Exception, match="no inputs given"):
+        main(["train", "--kind", "char", "--out", str(tmp_path / "c.json")])
+    (tmp_path / "a.txt").write_text("hello\n")
+    monkeypatch.setattr(kinds, "train_tokenizer", lambda *a, **k: pytest.fail("trained before --out was checked"))
+    with pytest.raises(ValueError, match=rf"--out {tmp_path / 'a.txt' / 'x.json'}: {tmp_path / 'a.txt'} is not a folder"):
+        main(["train", str(tmp_path / "a.txt"), "--kind", "bpe", "--out", str(tmp_path / "a.txt" / "x.json")])
