@@ -86,7 +86,9 @@ def worker_pool(workers: int, start: bool, warm: tuple[str, ...] = ()) -> Iterat
         yield pool
     except BaseException:
         _kill_helpers(pool)  # before shutdown, which forgets the processes
-        pool.shutdown(wait=False, cancel_futures=True)
+        # the helpers are dead, so waiting is short; it lets the executor close its queues, whose
+        # semaphores the resource tracker otherwise reports as leaked after 'interrupted'
+        pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
 

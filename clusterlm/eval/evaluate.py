@@ -302,7 +302,7 @@ def positive_int(text: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="clusterlm eval", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="clusterlm eval", description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("checkpoint", help="run directory, checkpoints folder or step folder")
     p.add_argument("--data", help="prepared data directory (default: the one in the checkpoint's config)")
     p.add_argument("--split", default="val", help="split to evaluate (default: val)")

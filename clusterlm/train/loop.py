@@ -443,7 +443,8 @@ class Trainer:
                 raise ConfigError(f"model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's {vocab} "
                                   f"tokens in {data_dir}; leave it unset to take the tokenizer's size")
         if tc.seq_len > mcfg.max_seq_len:
-            raise ConfigError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={mcfg.max_seq_len}")
+            raise ConfigError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={mcfg.max_seq_len}; set "
+                              f"--train.seq_len={mcfg.max_seq_len} or less, or a larger --model.max_seq_len")
         self.data_dir = data_dir
         self.tokenizer_file = data_dir / meta["tokenizer"]["file"]
         if not self.tokenizer_file.is_file():  # every checkpoint carries it: refused now, not at the first save

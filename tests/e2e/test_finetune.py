@@ -293,6 +293,12 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(base, records, tmp_pat
     assert "q_proj" in line and "match no nn.Linear" in line
     assert not (tmp_path / "o4").exists() and not (tmp_path / "d4").exists()  # refused before the data
 
+    # train.seq_len's default (256) over the base's context (64), as docs/finetune.md's recipe had it
+    line = _fails(_ft(base, records["chat"], tmp_path / "d4s", tmp_path / "o4s", "--finetune.task=sft",
+                      "--train.seq_len=256", "--train.max_steps=2"), capsys)
+    assert "train.seq_len=256 exceeds model.max_seq_len=64 (the context of finetune.init_from=" in line
+    assert "set --train.seq_len=64 or less" in line and not (tmp_path / "d4s").exists()
+
     line = _fails(_ft(base, records["chat"], tmp_path / "d4b", tmp_path / "o4b", "--finetune.task=sft",
                       "--finetune.freeze_layers=9", "--train.max_steps=2"), capsys)
     assert "freeze_layers=9" in line and not (tmp_path / "d4b").exists()
@@ -418,6 +424,7 @@ def test_refusals_after_the_base_is_read_leave_no_output(records, tmp_path, caps
     assert not (tmp_path / "d1").exists() and not (tmp_path / "o1").exists()
     line = _fails([a for a in scratch if "freeze_layers" not in a and "seq_len" not in a], capsys)
     assert "train.seq_len=256 exceeds model.max_seq_len=64" in line  # gpt-nano's context
+    assert "--model.max_seq_len" in line and "set --train.seq_len=64 or less" in line
     assert not (tmp_path / "d1").exists() and not (tmp_path / "o1").exists()
 
     tok = train_tokenizer("char", [TEXT])

@@ -58,6 +58,17 @@ def test_a_data_dir_without_its_tokenizer_is_refused_before_training(data_dir, t
     assert not (tmp_path / "run").exists()
 
 
+def test_a_seq_len_over_the_context_says_what_would_fit(data_dir, tmp_path):
+    """train.seq_len above model.max_seq_len: one line naming both and the values that would work
+    (it named the two numbers only)."""
+    from clusterlm.errors import ConfigError
+    from clusterlm.train.loop import train
+
+    with pytest.raises(ConfigError, match=r"train.seq_len=64 exceeds model.max_seq_len=32; set "
+                                          r"--train.seq_len=32 or less, or a larger --model.max_seq_len"):
+        train(tiny_cfg(data_dir, tmp_path / "run", "--train.seq_len=64"))
+
+
 def test_resume_is_bit_exact(data_dir, tmp_path):
     """100 steps straight equal (as floats) 50 steps + resume to 100: model, optimizer, schedule, loader, RNG.
     (decay_steps is pinned so the cosine schedule does not depend on max_steps.)"""

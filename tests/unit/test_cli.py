@@ -1,6 +1,7 @@
 """The `clusterlm` command: help text, lazy imports, exit codes."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -52,6 +53,9 @@ def test_every_command_has_help():
     for name, (code, out, err) in got.items():
         assert code in (0, None), f"{name}: {code} {err}"
         assert f"clusterlm {name}" in out, name
+        # the description under the usage is whole (eval's stopped at "... on a data split, or")
+        desc = " ".join(out.split("\n\n")[1].split())
+        assert not re.search(r"(,| or| and| to| of)$", desc), f"{name}: {desc!r}"
 
 
 def test_unknown_command_suggests():
