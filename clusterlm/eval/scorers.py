@@ -21,9 +21,6 @@ from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
-from rouge_score import rouge_scorer
-from sacrebleu.metrics import BLEU, CHRF
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from clusterlm.eval.tasks import Task
 
@@ -87,6 +84,9 @@ def score_generate(predictions: Sequence[str], references: Sequence[str | Sequen
     text, chrF with character order 6 and beta 2), ROUGE-1/2/L F-measure (rouge-score with the Porter
     stemmer; per example the best reference, then averaged), SQuAD exact match and token F1 (per
     example the best reference, then averaged). Examples may have different numbers of references."""
+    from rouge_score import rouge_scorer  # here: with nltk it takes seconds to import, choice tasks need neither
+    from sacrebleu.metrics import BLEU, CHRF
+
     refs = _references(references)
     _check_lengths("predictions", predictions, refs)
     # sacrebleu takes reference *streams* (stream j = every example's j-th reference); an example with
@@ -131,6 +131,8 @@ def score_classify(predictions: Sequence[str], gold: Sequence[str], labels: Sequ
     label set is wrong: it counts against accuracy and its gold class's recall, is counted in
     `n_invalid`, and gets an INVALID column in the confusion matrix (present only when n_invalid > 0).
     Confusion matrix rows are gold labels, columns predicted labels, both in label-set order."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
     _check_lengths("predictions", predictions, gold)
     labels = list(labels)
     if INVALID in labels:

@@ -195,3 +195,17 @@ def test_score_task_dispatches_on_kind():
     outs = ["Paris", "Blue", "Rome."]
     got = score_task(qa, outs)
     assert got["exact_match"] == 100.0 and got == score_generate(outs, [e.references for e in qa.examples])
+
+
+def test_choice_scoring_does_not_import_the_generate_and_classify_metric_libraries():
+    """rouge-score (with nltk) and scikit-learn take seconds to import: a choice task, evaluated during
+    training every `eval.every` steps, scores without them."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from clusterlm.eval.scorers import score_choice\n"
+            "score_choice([[(-1.0, 2, 5), (-2.0, 2, 5)]], [0])\n"
+            "print(sorted(m for m in ('rouge_score', 'nltk', 'sklearn') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
