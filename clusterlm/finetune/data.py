@@ -217,10 +217,10 @@ def _finetune_data(cfg: Any, base: Any | None) -> tuple[Path, Any, Any]:
     preflight(ft, cfg.model, base)  # shape, LoRA targets, frozen layers: refused before data is written
     context = (base.config.model if base is not None else cfg.model).max_seq_len
     if cfg.train.seq_len > context:  # the trainer's check (train/loop.py), made before the data is written
-        where = (f"the context of finetune.init_from={ft.init_from!r}" if base is not None
-                 else "give a larger --model.max_seq_len, or")
-        raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={context} ({where}); "
-                          f"set --train.seq_len={context} or less")
+        where, fix = ((f", the context of finetune.init_from={ft.init_from!r}", "") if base is not None
+                      else ("", ", or a larger --model.max_seq_len"))
+        raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={context}{where}; "
+                          f"set --train.seq_len={context} or less{fix}")
     data_dir = Path(data.dir)
     seq2seq = ft.task == "seq2seq"
     if (data_dir / "meta.json").is_file():

@@ -104,6 +104,12 @@ def _load(args):  # noqa: ANN001, ANN202
     if loaded.config.model.arch == "encdec" and args.pack != "auto":  # it was ignored
         raise ValueError(f"--pack {args.pack} packs a decoder-only model's CPU weights; {loaded.path} is an "
                          "encoder-decoder (arch 'encdec'), which decodes with its weights as loaded: leave --pack out")
+    if args.compile:  # refused before anything is printed (the prompt was left on stdout before the error)
+        from clusterlm.generate.engine import compile_unavailable
+
+        problem = compile_unavailable(next(loaded.model.parameters()).device)
+        if problem is not None:
+            raise ValueError(f"--compile: {problem}; leave --compile out (eager decode)")
     if loaded.config.model.labels:
         from clusterlm.errors import ConfigError
 

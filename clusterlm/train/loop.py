@@ -591,7 +591,7 @@ class Trainer:
         log.info("FLOPs/token: %.3g (%s)", self.flops["total"], self.flops["convention"])
         log.info("layout: %s on %d process(es) (%s)", self.dims.describe(), self.env.world_size, self.pm.kind)
         log.info("device: %s, autocast %s, peak %s (%s), compile=%s", device, self.amp_dtype or "off (fp32)",
-                 f"{self.peak / 1e12:.1f} TFLOP/s" if self.peak else "unknown", peak_source, tc.compile)
+                 f"{self.peak / 1e12:.4g} TFLOP/s" if self.peak else "unknown", peak_source, tc.compile)
         log.info("data: %s (%s train tokens, %d samples/epoch)", self.data_dir,
                  f"{self.meta['splits']['train']['tokens']:,}", self.loader.num_samples)
 

@@ -296,7 +296,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(base, records, tmp_pat
     # train.seq_len's default (256) over the base's context (64), as docs/finetune.md's recipe had it
     line = _fails(_ft(base, records["chat"], tmp_path / "d4s", tmp_path / "o4s", "--finetune.task=sft",
                       "--train.seq_len=256", "--train.max_steps=2"), capsys)
-    assert "train.seq_len=256 exceeds model.max_seq_len=64 (the context of finetune.init_from=" in line
+    assert "train.seq_len=256 exceeds model.max_seq_len=64, the context of finetune.init_from=" in line
     assert "set --train.seq_len=64 or less" in line and not (tmp_path / "d4s").exists()
 
     line = _fails(_ft(base, records["chat"], tmp_path / "d4b", tmp_path / "o4b", "--finetune.task=sft",

@@ -303,22 +303,27 @@ def _cli_args(data_dir: Path, run: Path) -> list[str]:
             "--train.threads=1"]
 
 
-def test_mfu_uses_the_probed_peak(data_dir, tmp_path):
+def test_mfu_uses_the_probed_peak(data_dir, tmp_path, caplog):
     """With train.probe_spec, MFU = tokens/s * FLOPs/token / the spec's measured fp32 matmul rate
-    (a CPU has no cited peak); without it, MFU on CPU is unknown (null), never an assumed A100."""
+    (a CPU has no cited peak), and the start-up line shows that rate (a 2-core CPU's 0.0346 TFLOP/s
+    was printed as "peak 0.0 TFLOP/s"); without it, MFU on CPU is unknown (null), never an assumed A100."""
+    import logging
+
     from clusterlm.train.loop import train
     from clusterlm.train.metrics import flops_per_token
 
     spec = tmp_path / "node.toml"
     spec.write_text('name = "n"\n[[node_types]]\nname = "n"\ncount = 1\n[node_types.device]\nname = "cpu"\n'
-                    'kind = "cpu"\ncount = 1\n[node_types.device.measured_tflops]\nfp32 = 0.5\n')
+                    'kind = "cpu"\ncount = 1\n[node_types.device.measured_tflops]\nfp32 = 0.0346\n')
     cfg = tiny_cfg(data_dir, tmp_path / "m", "--train.max_steps=5", f"--train.probe_spec={json.dumps(str(spec))}")
-    train(cfg)
+    with caplog.at_level(logging.INFO, logger="clusterlm"):
+        train(cfg)
+    assert "peak 0.0346 TFLOP/s" in caplog.text
     recs = [json.loads(x) for x in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
     fpt = flops_per_token(cfg.model.with_vocab(json.loads((data_dir / "meta.json").read_text())["tokenizer"]
                                                ["vocab_size"]), cfg.train.seq_len)["total"]
     for r in (r for r in recs if r["kind"] == "train"):
-        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * fpt / 0.5e12)
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * fpt / 0.0346e12)
     train(tiny_cfg(data_dir, tmp_path / "u", "--train.max_steps=2"))
     recs = [json.loads(x) for x in (tmp_path / "u" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["mfu"] is None for r in recs if r["kind"] == "train")

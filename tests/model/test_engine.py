@@ -303,3 +303,35 @@ def test_compile_without_compiler_is_a_clear_error() -> None:
             pytest.raises(ValueError, match=r"needs a C\+\+ compiler.*/nonexistent/g\+\+.*run without compile"):
         generate(make("gpt"), [1, 2], max_new_tokens=3, compile=True)
     assert inductor_config.cpp.cxx != (None, "/nonexistent/g++")
+
+
+def test_cli_compile_without_compiler_is_refused_before_anything_is_printed(tmp_path) -> None:
+    """`generate --prompt ab --compile` and `chat --compile` where torch.compile cannot run: the
+    ValueError (exit 2 from the CLI) comes before any output; generate printed the prompt, chat its
+    'model> ', and the error followed on the same line."""
+    import io
+
+    import torch._inductor.config as inductor_config
+
+    from clusterlm.checkpoint.store import save_checkpoint
+    from clusterlm.config import RunConfig, to_toml
+    from clusterlm.generate.cli import chat_main, generate_main
+    from clusterlm.tokenizer.kinds import make_tokenizer
+
+    tok = make_tokenizer("byte")
+    tok.save(tmp_path / "tokenizer.json")
+    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layers=1, dim=32, n_heads=4, max_seq_len=32)
+    model = build_model(cfg)
+    model.init_weights(0)
+    save_checkpoint(tmp_path / "run" / "checkpoints", 0, model_state=model.state_dict(), optimizer_state=None,
+                    train_state={"step": 0}, config_toml=to_toml(RunConfig(model=cfg)),
+                    tokenizer_path=tmp_path / "tokenizer.json")
+    with inductor_config.patch({"cpp.cxx": (None, "/nonexistent/g++")}):
+        out = io.StringIO()
+        with pytest.raises(ValueError, match=r"--compile: .*needs a C\+\+ compiler.*leave --compile out"):
+            generate_main([str(tmp_path / "run"), "--prompt", "ab", "--compile", "--device", "cpu"], out=out)
+        assert out.getvalue() == ""
+        out = io.StringIO()
+        with pytest.raises(ValueError, match=r"--compile: .*needs a C\+\+ compiler"):
+            chat_main([str(tmp_path / "run"), "--compile", "--device", "cpu"], stdin=io.StringIO("hi\n"), out=out)
+        assert out.getvalue() == ""
