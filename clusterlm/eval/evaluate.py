@@ -154,6 +154,16 @@ def evaluate_tasks(ckpt: str, tasks: list[str], *, limit: int | None = None, bat
                             "share one entry: give one a \"name\" in a header record (docs/tasks.md) or rename "
                             "its file")
         first[name] = spec
+    if not any(t.kind == "generate" for t in loaded_tasks):  # decoding options mean nothing to the others
+        import dataclasses
+
+        given = [f"--{f.name.replace('_', '-')}".replace("--stops", "--stop") for f in dataclasses.fields(decode)
+                 if getattr(decode, f.name) != getattr(DecodeOptions(), f.name)]
+        if given:
+            kinds = ", ".join(f"{t.name!r} ({t.kind})" for t in loaded_tasks)
+            raise DataError(f"{', '.join(given)} set how generate tasks decode; {kinds} "
+                            f"{'is' if len(loaded_tasks) == 1 else 'are'} scored without decoding: leave "
+                            f"{'it' if len(given) == 1 else 'them'} out")
     if labels:  # a label set or renaming means nothing to other kinds: say so instead of ignoring it
         other = [f"{t.name!r} ({t.kind})" for t in loaded_tasks if t.kind != "classify"]
         if other:

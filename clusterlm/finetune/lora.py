@@ -493,20 +493,38 @@ def load_adapters(path: str | Path, model: nn.Module, seed: int = 0) -> list[str
     alpha, dropout, DoRA or not, and module names. Every saved tensor must exist in the model with the same shape, or a
     CheckpointError names the tensor and both shapes. A different base fingerprint with fitting
     shapes is logged as a warning (e.g. a config field that does not change shapes). Returns the
-    LoRA module names. Load before fully_shard."""
+    LoRA module names. Load before fully_shard. On any error a base model is left as it was given (no
+    adapters, its parameters' requires_grad unchanged)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     info = read_adapter_meta(path)
-    if not lora_modules(model):
-        # exact module names as targets: matching by suffix, a saved name is only its own module
-        _check_targets_exist(model, info["targets"], path)
-        apply_lora(model, info["targets"], rank=int(info["rank"]), alpha=float(info["alpha"]),
-                   dropout=float(info.get("dropout", 0.0)), seed=seed, dora=bool(info.get("dora", False)))
-    try:
+    try:  # read before the model is touched
         saved = load_file(str(Path(path) / ADAPTER_FILE))
     except (SafetensorError, FileNotFoundError, OSError) as e:
         raise CheckpointError(f"{Path(path) / ADAPTER_FILE}: cannot read adapters ({e})") from None
+    if lora_modules(model):
+        return _load_saved(path, model, info, saved)
+    # exact module names as targets: matching by suffix, a saved name is only its own module
+    _check_targets_exist(model, info["targets"], path)
+    modules, grads = dict(model.named_modules()), {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        apply_lora(model, info["targets"], rank=int(info["rank"]), alpha=float(info["alpha"]),
+                   dropout=float(info.get("dropout", 0.0)), seed=seed, dora=bool(info.get("dora", False)))
+        return _load_saved(path, model, info, saved)
+    except BaseException:  # a mismatch found after the wrapping: put the base back as it was given
+        for name, m in list(model.named_modules()):
+            if isinstance(m, (LoRALinear, LoRAEmbedding, TiedLoRAOutput)) and name in modules:
+                _set_module(model, name, modules[name])
+        for n, p in model.named_parameters():
+            p.requires_grad_(grads.get(n, p.requires_grad))
+        raise
+
+
+@torch.no_grad()
+def _load_saved(path: str | Path, model: nn.Module, info: dict[str, Any], saved: dict[str, torch.Tensor]
+                ) -> list[str]:
+    """load_adapters' second half: copy the `saved` tensors into `model`'s adapters, checked first."""
     params = {f"{name}.{suffix}": p for name, m in lora_modules(model).items() for suffix, p in m.adapter_params().items()}
     missing = sorted(set(params) - set(saved))
     unknown = sorted(set(saved) - set(params))

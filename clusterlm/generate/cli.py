@@ -78,6 +78,22 @@ def warn_unknown_chars(tokenizer, text: str, what: str) -> None:  # noqa: ANN001
                     "<|unk|>: %r", len(unknown), what, shown)
 
 
+def warn_encdec_limits(loaded, source: str, max_new_tokens: int) -> None:  # noqa: ANN001
+    """An encoder-decoder reads at most max_seq_len source tokens (a longer source is cut to its first
+    max_seq_len - 1 + EOS) and writes at most max_seq_len target tokens: say so when the source or
+    --max-new-tokens is past that, instead of cutting them without a word."""
+    from clusterlm.data.seq2seq import source_ids
+
+    L = loaded.config.model.max_seq_len
+    n = len(source_ids(loaded.tokenizer, source))
+    if n > L:
+        log.warning("the source is %d tokens with EOS but the encoder's context is %d (model.max_seq_len): only its "
+                    "first %d tokens and EOS are read", n, L, L - 1)
+    if max_new_tokens > L:
+        log.warning("--max-new-tokens=%d is more than the decoder's %d positions (model.max_seq_len): the output "
+                    "stops at %d tokens", max_new_tokens, L, L)
+
+
 def _load(args):  # noqa: ANN001, ANN202
     from clusterlm.checkpoint.model_io import load_for_inference
     from clusterlm.generate.sampling import check_sampling_args
@@ -176,6 +192,8 @@ def generate_main(argv: list[str], out: TextIO | None = None) -> int:
         check_beam_width(loaded.model, args.num_beams, max_new_tokens=args.max_new_tokens, input_len=len(src),
                          name="--num-beams")
     warn_unknown_chars(loaded.tokenizer, prompt, "the prompt" + (" as the chat template renders it" if args.chat else ""))
+    if encdec:
+        warn_encdec_limits(loaded, prompt, args.max_new_tokens)
     for i in range(args.num_samples):
         if args.num_samples > 1:
             out.write(f"----- sample {i + 1} -----\n")
@@ -227,6 +245,8 @@ def chat_main(argv: list[str], stdin: TextIO | None = None, out: TextIO | None =
         seed = None if args.seed is None else args.seed + turn
         if loaded.config.model.arch == "encdec":  # the rendered conversation is the encoder's source
             from clusterlm.generate.seq2seq import stream_seq2seq
+
+            warn_encdec_limits(loaded, fmt.render(messages), args.max_new_tokens if turn == 0 else 0)
 
             pieces = stream_seq2seq(loaded, fmt.render(messages), max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,

@@ -274,6 +274,22 @@ def test_eval_tasks_of_one_name_are_refused(tmp_path, capsys):
     assert "no-run" in capsys.readouterr().err  # past the names, to the missing checkpoint
 
 
+def test_eval_decoding_options_without_a_generate_task_are_refused(tmp_path, capsys):
+    """--num-beams, --max-new-tokens, --stop (any decoding option) with only choice or classify tasks
+    were ignored (they score log-likelihoods or labels, without decoding), exit 0; refused (exit 2)
+    naming the options and the tasks' kinds, before the checkpoint is read. With a generate task
+    among them they apply."""
+    run = str(tmp_path / "no-run")
+    assert cli(["eval", run, "--task", "shakespeare_word_order", "--num-beams", "4", "--max-new-tokens", "7",
+                "--stop", "x"]) == 2
+    assert ("--max-new-tokens, --stop, --num-beams set how generate tasks decode; 'shakespeare_word_order' (choice) "
+            "is scored without decoding: leave them out") in capsys.readouterr().err
+    gen = tmp_path / "g.jsonl"
+    gen.write_text('{"prompt": "a", "references": "b"}\n')
+    assert cli(["eval", run, "--task", "shakespeare_word_order", "--task", str(gen), "--max-new-tokens", "7"]) == 2
+    assert "no-run" in capsys.readouterr().err  # past the check, to the missing checkpoint
+
+
 def test_characters_outside_a_char_vocabulary_are_named(tmp_path):
     """A char model reads characters it never saw as <|unk|>: generate says which, instead of letting
     the model continue text it was not given (this vocabulary has no '€' or '@')."""

@@ -202,3 +202,26 @@ def test_serve_encoder_classifier_on_classify_route(runs):
             assert d["probs"] == pytest.approx(w.probs, abs=1e-6)
     finally:
         s.stop()
+
+
+def test_generate_says_when_an_encdec_cuts_the_source_or_the_output(runs, capsys, caplog):
+    """A source past the encoder's 48 positions was cut to its first 47 tokens + EOS, and
+    --max-new-tokens past the decoder's 48 stopped the output at 48, both without a word; each is now
+    a warning naming the numbers. A source and a length that fit get none."""
+    import logging
+
+    long_src = "a dog runs " * 20  # 220 bytes: 221 tokens with EOS
+    with caplog.at_level(logging.WARNING, logger="clusterlm.generate.cli"):
+        assert cli(["generate", str(runs["encdec"]), "--src", long_src, "--max-new-tokens", "60",
+                    "--temperature", "0"]) == 0
+    text = " | ".join(r.getMessage() for r in caplog.records)
+    assert "the source is 221 tokens with EOS but the encoder's context is 48 (model.max_seq_len): only its first " \
+           "47 tokens and EOS are read" in text
+    assert "--max-new-tokens=60 is more than the decoder's 48 positions (model.max_seq_len): the output stops at " \
+           "48 tokens" in text
+    assert len(capsys.readouterr().out.encode()) <= 48 * 4 + 1  # at most 48 tokens (bytes, some replaced) + newline
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="clusterlm.generate.cli"):
+        assert cli(["generate", str(runs["encdec"]), "--src", "a dog runs", "--max-new-tokens", "48",
+                    "--temperature", "0"]) == 0
+    assert not [r for r in caplog.records if "model.max_seq_len" in r.getMessage()]

@@ -22,6 +22,7 @@ from clusterlm.finetune.lora import (
     apply_lora,
     count_parameters,
     load_adapters,
+    lora_modules,
     lora_state_dict,
     merge_lora,
     save_adapters,
@@ -165,6 +166,34 @@ def test_save_over_an_existing_folder_names_the_functions_own_argument(tmp_path)
     assert json.loads((tmp_path / "ad" / "adapter.json").read_text())["meta"] == {"n": 1}
     save_adapters(tmp_path / "ad", model, meta={"n": 2}, overwrite=True)
     assert json.loads((tmp_path / "ad" / "adapter.json").read_text())["meta"] == {"n": 2}
+
+
+def test_a_failed_load_leaves_the_base_as_it_was(tmp_path):
+    """load_adapters wrapped the base in LoRA layers and froze it before reading adapter.safetensors or
+    checking shapes: a damaged file or a mismatched base raised, and left a model with zero adapters,
+    every parameter frozen, which the next load_adapters refused ('already has LoRA'). Now the model
+    is as given (same modules, same requires_grad, same logits), and a good load still works."""
+    model = base(llama_cfg())
+    apply_lora(model)
+    train(model)
+    save_adapters(tmp_path / "ad", model)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter.json").write_text((tmp_path / "ad" / "adapter.json").read_text())
+    (tmp_path / "bad" / ADAPTER_FILE).write_bytes(b"garbage")
+    x, _ = batch(3)
+    for folder, other in (("bad", base(llama_cfg())), ("ad", base(llama_cfg(dim=64)))):
+        other.eval()
+        kinds = [type(m) for m in other.modules()]
+        with torch.no_grad():
+            want = other(x)
+        with pytest.raises(CheckpointError):
+            load_adapters(tmp_path / folder, other)
+        assert not lora_modules(other) and [type(m) for m in other.modules()] == kinds
+        assert all(p.requires_grad for p in other.parameters())
+        with torch.no_grad():
+            assert torch.equal(other(x), want)
+    fresh = base(llama_cfg())
+    assert load_adapters(tmp_path / "ad", fresh) == sorted(lora_modules(model))
 
 
 def test_load_onto_a_mismatched_base_is_one_line(tmp_path):
