@@ -23,7 +23,7 @@ generating for it. Responses that are not event streams (an error status, a JSON
 through as they come. deploy/haproxy/haproxy.cfg routes `"stream": true` requests here and sends
 them straight to the replicas while no guard is up; docs/serving.md has the whole setup.
 
-HAProxy itself cannot do this (docs/serving.md, "Why the load balancer does not ..."): its
+HAProxy itself cannot do this (docs/serving.md, "Why the guard is not part of HAProxy"): its
 Lua filters may not write after a server abort, and a Lua relay crashed HAProxy 2.6.
 """
 
