@@ -98,6 +98,16 @@ def haproxy_status(sock: Path, backend: str = "clusterlm_replicas") -> dict[str,
     return out
 
 
+def bench_checkpoint(tmp: Path) -> Path:
+    """The replicas' model: a random-weights 2-layer byte-level Transformer, context 256 (greedy or
+    sampled, it rarely meets EOS, so a stream runs for max_tokens)."""
+    sys.path.insert(0, str(ROOT))
+    from tests.helpers import random_checkpoint
+
+    text = "\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(200))
+    return random_checkpoint(tmp, "byte", text, bpe_vocab=0, n_layers=2, context=256)
+
+
 class Replica:
     def __init__(self, run: Path, name: str, log_dir: Path, *extra: str) -> None:
         self.name, self.port = name, free_port()
@@ -300,12 +310,9 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from common import cpu_model
 
-    from tests.helpers import random_checkpoint
-
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        text = "\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(200))
-        run = random_checkpoint(tmp, "byte", text, bpe_vocab=0, n_layers=2, context=256)
+        run = bench_checkpoint(tmp)
         replicas = {n: Replica(run, n, tmp, "--drain-timeout", str(args.drain_timeout), "--max-new-tokens-limit", "256")
                     for n in ("r1", "r2", "r3")}
         lb = guard = None

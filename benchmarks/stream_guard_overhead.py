@@ -93,12 +93,9 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from common import cpu_model
 
-    from tests.helpers import random_checkpoint
-
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        text = "\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(200))
-        run = random_checkpoint(tmp, "byte", text, bpe_vocab=0, n_layers=2, context=256)
+        run = sf.bench_checkpoint(tmp)
         replicas = {n: sf.Replica(run, n, tmp) for n in ("r1", "r2")}
         guard = sf.Guard(sf.free_port(), tmp)
         lb = None

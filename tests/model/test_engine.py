@@ -313,19 +313,10 @@ def test_cli_compile_without_compiler_is_refused_before_anything_is_printed(tmp_
 
     import torch._inductor.config as inductor_config
 
-    from clusterlm.checkpoint.store import save_checkpoint
-    from clusterlm.config import RunConfig, to_toml
     from clusterlm.generate.cli import chat_main, generate_main
-    from clusterlm.tokenizer.kinds import make_tokenizer
+    from tests.helpers import byte_llama_checkpoint
 
-    tok = make_tokenizer("byte")
-    tok.save(tmp_path / "tokenizer.json")
-    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layers=1, dim=32, n_heads=4, max_seq_len=32)
-    model = build_model(cfg)
-    model.init_weights(0)
-    save_checkpoint(tmp_path / "run" / "checkpoints", 0, model_state=model.state_dict(), optimizer_state=None,
-                    train_state={"step": 0}, config_toml=to_toml(RunConfig(model=cfg)),
-                    tokenizer_path=tmp_path / "tokenizer.json")
+    byte_llama_checkpoint(tmp_path, n_layers=1, max_seq_len=32)
     with inductor_config.patch({"cpp.cxx": (None, "/nonexistent/g++")}):
         out = io.StringIO()
         with pytest.raises(ValueError, match=r"--compile: .*needs a C\+\+ compiler.*leave --compile out"):
