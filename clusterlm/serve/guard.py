@@ -73,6 +73,39 @@ class ConnectionLimits:
                 raise ValueError(f"{name}={v} must be in (0, 3600] seconds")
 
 
+class HeadWithBody:
+    """A transport that sends a response's head together with its first body bytes, in one write.
+
+    uvicorn writes the head (`HTTP/1.1 200 OK ...`) and the body with two `transport.write` calls.
+    A replica killed between them leaves a load balancer holding a response that has started, which
+    it cannot retry elsewhere: the client's request fails (docs/serving.md, "A non-streaming request
+    can still be cut"). With one write per head and first body, a SIGKILL lands before it (no byte
+    sent: HAProxy retries the request on another replica) or after it. Interim 1xx heads (100
+    Continue) go out at once; a head still held when the connection closes is sent first.
+    Everything else is the wrapped transport's."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._head = b""
+
+    def write(self, data: bytes) -> None:
+        if not self._head and data.startswith(b"HTTP/") and not data.startswith((b"HTTP/1.1 1", b"HTTP/1.0 1")):
+            self._head = bytes(data)
+            return
+        if self._head:
+            data, self._head = self._head + data, b""
+        self._transport.write(data)
+
+    def close(self) -> None:
+        if self._head:
+            self._transport.write(self._head)
+            self._head = b""
+        self._transport.close()
+
+    def __getattr__(self, name: str):  # noqa: ANN204 (is_closing, get_extra_info, pause_reading, ...)
+        return getattr(self._transport, name)
+
+
 def protocol_class(limits: ConnectionLimits) -> type[H11Protocol]:
     """uvicorn's H11Protocol with the read deadlines and the connection cap of `limits`; pass it as
     uvicorn.Config(http=...). uvicorn's own access line is off: serve's app writes it when the
@@ -88,7 +121,7 @@ def protocol_class(limits: ConnectionLimits) -> type[H11Protocol]:
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             self._deadline: asyncio.TimerHandle | None = None
             self._phase = "headers"
-            super().connection_made(transport)
+            super().connection_made(HeadWithBody(transport))  # type: ignore[arg-type]
             lim = self._limits
             if len(self.connections) > lim.max_connections:
                 if lim.waiting:

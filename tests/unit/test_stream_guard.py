@@ -37,3 +37,48 @@ def test_lost_event_is_an_openai_error_then_done():
     assert json.loads(first.removeprefix(b"data: ")) == {
         "error": {"message": "gone", "type": "server_error", "param": None, "code": "replica_lost"}}
     assert second == b"data: [DONE]" and rest == b""
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+def test_a_replicas_response_head_goes_out_with_its_first_body_bytes():
+    """serve.guard.HeadWithBody (the replica's transport): uvicorn's two writes, head then body, reach
+    the socket as one, so a replica killed between them has sent nothing (HAProxy retries the request)
+    rather than a head without its body (a started response that cannot be retried)."""
+    from clusterlm.serve.guard import HeadWithBody
+
+    raw = _Transport()
+    t = HeadWithBody(raw)
+    head, body = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n", b"{}"
+    t.write(head)
+    assert raw.writes == []
+    t.write(body)
+    t.write(b"")  # uvicorn's EndOfMessage for a content-length body
+    assert raw.writes == [head + body, b""]
+    # a stream: the head with the first event, the events after it one write each
+    t.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+    t.write(b"7\r\ndata: 1\r\n")
+    t.write(b"7\r\ndata: 2\r\n")
+    assert raw.writes[2:] == [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n7\r\ndata: 1\r\n",
+                              b"7\r\ndata: 2\r\n"]
+    # an interim 100 Continue is not held (the client waits for it before sending the body)
+    t.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert raw.writes[-1] == b"HTTP/1.1 100 Continue\r\n\r\n"
+    # a head still held at close goes out first; everything else is the transport's
+    t.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert not t.is_closing()
+    t.close()
+    assert raw.writes[-1] == b"HTTP/1.1 204 No Content\r\n\r\n" and raw.closed and t.is_closing()
