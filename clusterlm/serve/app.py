@@ -397,12 +397,21 @@ def create_app(load: Callable[..., object], settings: Settings,
                     headers=dict(exc.headers) if exc.headers else None,
                     type_="invalid_request_error" if exc.status_code < 500 else "server_error")
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
+    def get_and_head(path: str):  # noqa: ANN202 - a decorator
+        """GET and HEAD on one handler; HEAD stays out of the OpenAPI schema, where both methods would
+        share one operation ID (FastAPI warns "Duplicate Operation ID" and schema clients collide)."""
+        def register(fn):  # noqa: ANN001, ANN202
+            app.add_api_route(path, fn, methods=["GET"])
+            app.add_api_route(path, fn, methods=["HEAD"], include_in_schema=False)
+            return fn
+        return register
+
+    @get_and_head("/health")
     async def health() -> dict:
         failed = [sv.name for sv in served.values() if sv.error is not None]  # names only: this route has no key
         return {"status": "ok", **({"failed": failed} if failed else {})}
 
-    @app.api_route("/ready", methods=["GET", "HEAD"])
+    @get_and_head("/ready")
     async def ready_route() -> Response:
         if drain.requested:  # out of the load balancer's rotation at the next health check
             return _err(503, "draining: this replica is shutting down", type_="unavailable",
@@ -416,13 +425,13 @@ def create_app(load: Callable[..., object], settings: Settings,
         msg = status.get("error") or ("loading" if single else f"loading {', '.join(loading)}")
         return _err(503, msg, type_="unavailable", headers={"Retry-After": "1"})
 
-    @app.api_route("/metrics", methods=["GET", "HEAD"])
+    @get_and_head("/metrics")
     async def metrics_route() -> Response:
         metrics.ready.set(ready.is_set() and not drain.requested)
         metrics.draining.set(drain.requested)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.api_route("/", methods=["GET", "HEAD"])
+    @get_and_head("/")
     async def index() -> Response:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 

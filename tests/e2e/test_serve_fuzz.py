@@ -99,3 +99,20 @@ def test_fuzzed_requests_get_no_server_error(case, fuzz_server):
             body = response.json()
             assert body["object"] in ("text_completion", "chat.completion") and len(body["choices"]) == n, body
             assert body["usage"]["completion_tokens"] <= 16 * n, body["usage"]
+
+
+def test_the_schema_has_one_operation_per_route_and_method():
+    """GET and HEAD share a handler on /health, /ready, /metrics and /; only GET is in the schema, so
+    every operation ID is unique (FastAPI warned "Duplicate Operation ID" for each of the four)."""
+    import warnings
+
+    from clusterlm.serve.app import Settings, create_app
+
+    app = create_app(lambda: None, Settings(api_key=KEY, model_name="tiny")).app
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        doc = app.openapi()
+    ids = [op["operationId"] for ops in doc["paths"].values() for op in ops.values()]
+    assert len(ids) == len(set(ids)), ids
+    for path in ("/health", "/ready", "/metrics", "/"):
+        assert set(doc["paths"][path]) == {"get"}
