@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -272,7 +273,9 @@ def load_distributed(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
         _add_saved_state_keys(state["optim"], path / DCP_DIR)
-    dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+    with warnings.catch_warnings():  # one process reading a sharded checkpoint is meant: torch warns anyway
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.load(state, checkpoint_id=str(path / DCP_DIR))
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         # fused/foreach are this process's kernel choice (the saving layout's may not work here:
