@@ -596,8 +596,8 @@ class Trainer:
                  f"{self.meta['splits']['train']['tokens']:,}", self.loader.num_samples)
 
     def _open_run_dir(self) -> None:
-        """config.toml (rank 0, atomic: a full disk leaves the previous one) and the metrics log,
-        cut back to the resumed step."""
+        """config.toml (rank 0, atomic: a full disk leaves the previous one) and the metrics log, cut
+        back to the resumed step (a fresh start keeps an earlier run's metrics.jsonl aside instead)."""
         from clusterlm.fsutil import atomic_write_text
         from clusterlm.train.metrics import MetricsLogger
 
@@ -612,7 +612,10 @@ class Trainer:
                     raise
                 raise OSError(e.errno, e.strerror or str(e), str(self.out_dir / "config.toml")) from e
         self.metrics = MetricsLogger(self.out_dir, tensorboard=self.tc.tensorboard, enabled=self.rank0)
-        self.metrics.truncate_after(self.state.step)
+        if self.checkpointer.resolve() is None:  # a fresh start: an earlier run's log is kept aside, not cut
+            self.metrics.start_fresh()
+        else:
+            self.metrics.truncate_after(self.state.step)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return device_autocast(self.device, self.amp_dtype)

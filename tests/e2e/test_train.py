@@ -211,6 +211,29 @@ def test_existing_run_without_resume_is_refused(data_dir, tmp_path):
         train(tiny_cfg(data_dir, tmp_path / "r", "--train.max_steps=5"))
 
 
+def test_fresh_start_over_an_earlier_log_keeps_it_aside(data_dir, tmp_path, caplog):
+    """A run folder whose checkpoints are gone (deleted, or a run killed before its first save) but whose
+    metrics.jsonl is not: a fresh start there keeps that log whole as metrics.jsonl.old-STAMP (it used to drop its
+    steps > 0 saying "(resuming)") and writes its own steps 1..5 once to metrics.jsonl."""
+    from clusterlm.train.loop import train
+
+    run = tmp_path / "f"
+    import shutil
+
+    train(tiny_cfg(data_dir, run, "--train.max_steps=5"))
+    shutil.rmtree(run / "checkpoints")
+    earlier = (run / "metrics.jsonl").read_text()
+    with caplog.at_level("INFO"):
+        train(tiny_cfg(data_dir, run, "--train.max_steps=5"))
+    [aside] = run.glob("metrics.jsonl.old-*")
+    assert aside.read_text() == earlier
+    assert "starting fresh" in caplog.text and "resuming" not in caplog.text
+    assert sorted(train_losses(run)) == [1, 2, 3, 4, 5]
+    steps = [json.loads(x).get("step") for x in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x).get("kind") == "train"]
+    assert steps == [1, 2, 3, 4, 5]
+
+
 def test_nan_skips_step_and_stops_after_limit(data_dir, tmp_path, monkeypatch):
     """An injected NaN loss skips the optimizer step (weights unchanged) and is counted; N in a row stop
     the run with EXIT_DIVERGED after saving the last good state."""
