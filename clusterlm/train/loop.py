@@ -98,6 +98,10 @@ def refuse_before_preparing(cfg: RunConfig) -> None:
         raise ConfigError(f"checkpoint.keep_best needs a validation loss, but data.val_fraction=0 would prepare "
                           f"data.dir={data.dir!r} from data.source without a validation split; set "
                           "data.val_fraction > 0, or checkpoint.keep_best = false")
+    if ft.task == "classify" and ft.distill_from:  # the teachers' labels and tokenizer are compared with the data later
+        from clusterlm.finetune.distill import resolve_teachers
+
+        resolve_teachers(ft.distill_from)
     checkpoints = Path(tc.out_dir) / "checkpoints"
     if tc.resume == "none" and checkpoints.is_dir() and any(checkpoints.glob("step-*")):
         raise ConfigError(already_has_checkpoints(Path(tc.out_dir)))
