@@ -70,6 +70,11 @@ def agree_on_checkpoint(path: Path | None, device: torch.device) -> Path | None:
     return path
 
 
+def already_has_checkpoints(run_dir: Path) -> str:
+    """The refusal of a run without --train.resume into a folder that holds step folders."""
+    return f"{run_dir} already has checkpoints; resume with --train.resume=auto or choose another --train.out_dir"
+
+
 class Checkpointer:
     """Resume and save one run's checkpoints (see the module docstring).
 
@@ -137,8 +142,7 @@ class Checkpointer:
         if self.distributed:
             path = agree_on_checkpoint(path, self.device)
         if path is None and self.root.exists() and any(self.root.glob("step-*")):
-            raise ConfigError(f"{self.root.parent} already has checkpoints; resume with --train.resume=auto "
-                              "or choose another --train.out_dir")
+            raise ConfigError(already_has_checkpoints(self.root.parent))
         if path is not None:
             self._check_timeline(path)
         return path

@@ -31,7 +31,8 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from clusterlm.cluster.slurm_text import SINFO_FORMAT, expand_nodelist, parse_sinfo
+from clusterlm.cluster.slurm_text import (SINFO_FORMAT, SINFO_NODE_STATE_FORMAT, expand_nodelist, node_state_usable,
+                                          parse_scontrol_show_partition, parse_sinfo, parse_sinfo_node_states)
 from clusterlm.cluster.spec import ClusterSpec, load_spec, merge_specs, save_spec
 from clusterlm.errors import ClusterlmError, ConfigError
 
@@ -134,21 +135,26 @@ def _allocation(env: Mapping[str, str], nodes: int | None) -> tuple[int, list[st
     return n, (hosts if hosts and len(hosts) == n else None)
 
 
-def run_sinfo() -> str | None:
-    """`sinfo -h -o SINFO_FORMAT`, or None when sinfo is missing, fails or does not answer in 30 s."""
-    if shutil.which("sinfo") is None:
+def run_query(cmd: list[str]) -> str | None:
+    """A Slurm query's stdout (sinfo, scontrol), or None when the command is missing, fails or does not
+    answer in 30 s."""
+    if shutil.which(cmd[0]) is None:
         return None
     try:
-        r = subprocess.run(["sinfo", "-h", "-o", SINFO_FORMAT], capture_output=True, text=True, timeout=30)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired:
         return None
     return r.stdout if r.returncode == 0 else None
 
 
-def check_partition_size(nodes: int, env: Mapping[str, str], sinfo_text: str | None) -> None:
+def check_partition_size(nodes: int, env: Mapping[str, str], sinfo_text: str | None,
+                         node_states_text: str | None = None, partitions_text: str | None = None) -> None:
     """Outside an allocation srun allocates `nodes` nodes from SLURM_PARTITION (or the default partition);
-    more nodes than that partition has would queue until STEP_TIMEOUT_S, so refuse them now. Nothing is
-    checked when sinfo gave no answer or the partition is not in it (srun then speaks for itself)."""
+    a request it cannot meet would queue until STEP_TIMEOUT_S, so refuse it now. What limits it: the
+    partition's nodes that can take a job (down, drained and failed ones not counted: `sinfo -N` states)
+    and its per-job node limit (MaxNodes of `scontrol show partition`). Nothing is checked when sinfo gave
+    no answer or the partition is not in it (srun then speaks for itself); a query that gave no answer
+    leaves its limit out."""
     if not sinfo_text:
         return
     parts = parse_sinfo(sinfo_text)
@@ -156,13 +162,34 @@ def check_partition_size(nodes: int, env: Mapping[str, str], sinfo_text: str | N
     chosen = [p for p in parts if p.name in wanted] if wanted else [p for p in parts if p.default]
     if not chosen:
         return
-    best = max(chosen, key=lambda p: p.nodes)
-    if nodes > best.nodes:
-        which = " or ".join(p.name for p in chosen) if wanted else f"{best.name} (the default partition)"
-        sizes = ", ".join(f"{p.name}: {p.nodes}" for p in sorted(parts, key=lambda p: -p.nodes))
-        raise ProbeError(f"--nodes={nodes} but partition {which} has {best.nodes} node(s) (sinfo); valid: "
-                         f"1..{best.nodes} (srun would queue for up to {STEP_TIMEOUT_S:g} s); partitions: {sizes}; "
-                         "set SLURM_PARTITION to pick another")
+    states = parse_sinfo_node_states(node_states_text or "")
+    max_nodes = parse_scontrol_show_partition(partitions_text or "")
+    reasons = []
+    for p in chosen:
+        hosts = states.get(p.name)
+        total = len(hosts) if hosts else p.nodes
+        down = sorted(h for h, state in (hosts or {}).items() if not node_state_usable(state))
+        usable = total - len(down)
+        limit = usable if max_nodes.get(p.name) is None else min(usable, max_nodes[p.name])
+        if p.avail.lower() != "up":
+            limit = 0
+        if nodes <= limit:
+            return
+        why = f"partition {p.name}{'' if wanted else ' (the default partition)'} has {total} node(s)"
+        if down:
+            shown = ",".join(down[:8]) + (f",... ({len(down) - 8} more)" if len(down) > 8 else "")
+            why += f", {len(down)} of them down/drained ({shown})"
+        if max_nodes.get(p.name) is not None:
+            why += f", and MaxNodes={max_nodes[p.name]} per job"
+        if p.avail.lower() != "up":
+            why += f", and is {p.avail} (sinfo)"
+        reasons.append((limit, why))
+    best = max(limit for limit, _ in reasons)
+    fix = f"use --nodes {best} or fewer" if best else "no node of it can take a job now"
+    sizes = ", ".join(f"{p.name}: {p.nodes}" for p in sorted(parts, key=lambda p: -p.nodes))
+    raise ProbeError(f"{'; '.join(why for _, why in reasons)}: --nodes {nodes} cannot run (srun would queue for up "
+                     f"to {STEP_TIMEOUT_S:g} s); {fix}, or set SLURM_PARTITION to another partition "
+                     f"(sinfo: {sizes})")
 
 
 def _master_port(env: Mapping[str, str]) -> int:
@@ -191,7 +218,7 @@ def _copy_allreduce(merged: ClusterSpec, measured: ClusterSpec) -> ClusterSpec:
 def probe_all_nodes(*, out: str | None, quick: bool = False, measure: bool = True, checkpoint_dir: str = ".",
                     nodes: int | None = None, nodes_dir: str | None = None, allreduce: bool = True,
                     env: Mapping[str, str] | None = None, runner: Runner = run_srun,
-                    sinfo: Callable[[], str | None] = run_sinfo) -> ClusterSpec:
+                    query: Callable[[list[str]], str | None] = run_query) -> ClusterSpec:
     """Probe every node with srun, merge, measure all-reduce across nodes; write `out` if given."""
     env = os.environ if env is None else env
     n, hosts = _allocation(env, nodes)
@@ -200,7 +227,9 @@ def probe_all_nodes(*, out: str | None, quick: bool = False, measure: bool = Tru
                          "slurm-client); without Slurm, run `clusterlm probe --out node-X.toml` on each node and "
                          "`clusterlm cluster merge node-*.toml --out cluster.toml`")
     if "SLURM_JOB_ID" not in env:
-        check_partition_size(n, env, sinfo())
+        check_partition_size(n, env, query(["sinfo", "-h", "-o", SINFO_FORMAT]),
+                             query(["sinfo", "-h", "-N", "-o", SINFO_NODE_STATE_FORMAT]),
+                             query(["scontrol", "show", "partition", "-o"]))
     if nodes_dir is None:
         nodes_dir = f"{Path(out).with_suffix('')}-nodes" if out else f"probe-nodes-{env.get('SLURM_JOB_ID', 'srun')}"
     folder = Path(nodes_dir).resolve()

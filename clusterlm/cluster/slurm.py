@@ -359,7 +359,15 @@ def read_registry(path: Path) -> list[dict]:
         return []
     from clusterlm.fsutil import read_jsonl
 
-    return [rec for rec in read_jsonl(path) if "job_id" in rec]
+    records = []
+    for rec in read_jsonl(path):
+        job_id = rec.get("job_id")
+        if isinstance(job_id, bool) or not isinstance(job_id, (str, int)) or not str(job_id).strip():
+            if "job_id" in rec:  # hand-edited: a null, empty or non-text id names no job to ask Slurm about
+                log.warning("%s: a record with job_id=%s names no job: skipped", path, json.dumps(job_id))
+            continue
+        records.append(rec)
+    return records
 
 
 # ---- job state: the runner (parsers in slurm_text.py) ------------------------------------
@@ -559,6 +567,9 @@ def jobs_main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON list instead of a table")
     parser.add_argument("--registry", default=None, help=f"registry file (default: {registry_path()})")
     args = parser.parse_args(argv)
+    if args.registry is not None and not args.registry.strip():  # an unset $VAR: not the default registry
+        raise ConfigError(f"--registry={args.registry!r} is empty; give a jobs.jsonl file, or leave --registry out "
+                          f"for the default ({registry_path()})")
     path = Path(args.registry) if args.registry else registry_path()
     if path.is_dir():
         raise IsADirectoryError(f"job registry {path} is a directory; give the jobs.jsonl file")
@@ -566,6 +577,13 @@ def jobs_main(argv: list[str]) -> int:
         raise FileNotFoundError(f"job registry {path} does not exist")
     if shutil.which("squeue") is None and shutil.which("scontrol") is None:
         log.warning("Slurm commands are not on PATH: job states are unknown")
+    if path.is_file() and path.stat().st_size and not read_registry(path):
+        from clusterlm.fsutil import read_jsonl
+
+        lines = read_jsonl(path)
+        if lines and not any("job_id" in rec for rec in lines):  # e.g. a run's metrics.jsonl given as --registry
+            raise ConfigError(f"{path} holds {len(lines)} JSON record(s) but none with a job_id: it is not a job "
+                              f"registry (`clusterlm launch --slurm` writes {registry_path()})")
     rows = list_jobs(path, show_all=args.all)
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))

@@ -1,6 +1,8 @@
 """Slurm's text, read: every parser of what Slurm prints or is given, as pure functions.
 
     sinfo -h -o "%P|%a|%l|%D|%N|%G|%c|%m"           -> parse_sinfo             -> [PartitionSpec]
+    sinfo -h -N -o "%P|%N|%t"                       -> parse_sinfo_node_states -> {partition: {host: state}}
+    scontrol show partition -o                      -> parse_scontrol_show_partition -> {partition: MaxNodes}
     scontrol --version                              -> parse_scontrol_version  -> "23.11.4"
     GRES strings ("gpu:h100:8(S:0-1)")              -> parse_gres              -> [(name, type, count)]
     sacct --parsable2 -X -D ... / squeue ... / scontrol show job -> parse_sacct / parse_squeue /
@@ -22,6 +24,11 @@ from clusterlm.cluster.spec import PartitionSpec
 from clusterlm.errors import ConfigError
 
 SINFO_FORMAT = "%P|%a|%l|%D|%N|%G|%c|%m"
+SINFO_NODE_STATE_FORMAT = "%P|%N|%t"  # with -N: one line per node and partition
+# compact node states (sinfo %t) in which a node takes no new job: down, drained or draining, failed,
+# not yet part of the cluster, unknown; a trailing "*" (not responding) makes any state unusable
+UNUSABLE_NODE_STATES = frozenset({"down", "drain", "drained", "drng", "draining", "fail", "failg", "failing",
+                                  "futr", "future", "inval", "unk", "unknown"})
 _TIME_RE = re.compile(r"^(?:(\d+)-)?(\d{1,3}):(\d{2}):(\d{2})$")  # [D-]HH:MM:SS
 # Slurm job states that will not change any more (squeue/sacct/scontrol spell them the same)
 TERMINAL_STATES = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
@@ -50,6 +57,36 @@ def parse_sinfo(text: str) -> list[PartitionSpec]:
     return [PartitionSpec(name=p["name"], default=p["default"], avail=p["avail"], timelimit=p["timelimit"],
                           nodes=p["nodes"], nodelist=",".join(p["nodelist"]), gres=",".join(p["gres"]),
                           cpus=",".join(p["cpus"]), memory_mb=",".join(p["memory_mb"])) for p in parts.values()]
+
+
+def parse_sinfo_node_states(text: str) -> dict[str, dict[str, str]]:
+    """`sinfo -h -N -o "%P|%N|%t"` -> {partition: {host: compact state}}; the default partition's
+    trailing "*" is dropped. Lines of another shape are skipped."""
+    out: dict[str, dict[str, str]] = {}
+    for line in text.strip().splitlines():
+        cols = [c.strip() for c in line.split("|")]
+        if len(cols) != 3 or not cols[0] or not cols[1]:
+            continue
+        out.setdefault(cols[0].rstrip("*"), {})[cols[1]] = cols[2].lower()
+    return out
+
+
+def node_state_usable(state: str) -> bool:
+    """Whether a node in compact state `state` (sinfo %t: "idle", "mix", "down*", "drng", ...) can
+    take a new job: not down/drained/failed and responding ("*")."""
+    return not state.endswith("*") and state.rstrip("~#!%$@^-") not in UNUSABLE_NODE_STATES
+
+
+def parse_scontrol_show_partition(text: str) -> dict[str, int | None]:
+    """`scontrol show partition -o` (or its multi-line form) -> {partition: MaxNodes per job}, None
+    for UNLIMITED or a value that is not a count."""
+    out: dict[str, int | None] = {}
+    for block in re.split(r"(?m)^(?=\s*PartitionName=)", text.strip()):
+        fields = _key_values(block)
+        if "PartitionName" in fields:
+            value = fields.get("MaxNodes", "")
+            out[fields["PartitionName"]] = int(value) if value.isdigit() else None
+    return out
 
 
 def parse_scontrol_version(text: str) -> str | None:

@@ -40,13 +40,40 @@ def _teacher_key(path: Path) -> str:
     return sha256_file(manifest if manifest.is_file() else path / "model.safetensors")
 
 
+def resolve_teachers(teachers: tuple[str, ...] | list[str]) -> list[Path]:
+    """The step folder of each teacher, checked without the data (train/loop.py calls it before data.dir
+    is prepared): it exists, is a checkpoint, has a classification head, and no teacher is given twice
+    (twice would weigh it double in the average, silently). ConfigError naming the teacher otherwise."""
+    from clusterlm.checkpoint.model_io import read_checkpoint_config
+    from clusterlm.checkpoint.store import resolve_checkpoint
+    from clusterlm.errors import CheckpointError
+
+    paths: list[Path] = []
+    for t in teachers:
+        if not Path(t).exists():
+            raise ConfigError(f"finetune.distill_from: teacher {t!r} does not exist; give a classifier's run, "
+                              "checkpoints or step folder")
+        try:
+            path = resolve_checkpoint(t)
+        except CheckpointError as e:
+            raise ConfigError(f"finetune.distill_from: teacher {e}") from None
+        twice = [q for q, p in zip(teachers, paths) if p.resolve() == path.resolve()]
+        if twice:
+            raise ConfigError(f"finetune.distill_from: {twice[0]!r} and {t!r} are the same teacher ({path}); each "
+                              "teacher is another training run (given twice it would count double)")
+        if not read_checkpoint_config(path).model.labels:
+            raise ConfigError(f"finetune.distill_from: teacher {path} has no classification head (a language model); "
+                              "a teacher is a classifier over the data's labels")
+        paths.append(path)
+    return paths
+
+
 def teacher_probs(teachers: tuple[str, ...] | list[str], data_dir: Path, out_dir: Path, *, seq_len: int,
                   batch_size: int = 256, device: str | torch.device = "cpu") -> np.ndarray:
     """The teachers' averaged probabilities for each example of data_dir's training split, (N, C)
     float32 in the data's label order; read from out_dir/distill/ when the same teachers already
     scored the same examples (a resumed run), else computed and written there atomically."""
     from clusterlm.checkpoint.model_io import read_checkpoint_config
-    from clusterlm.checkpoint.store import resolve_checkpoint
     from clusterlm.data.shards import read_meta
     from clusterlm.data.sft import ExampleSplit
     from clusterlm.fsutil import atomic_write_bytes, sha256_file
@@ -55,12 +82,8 @@ def teacher_probs(teachers: tuple[str, ...] | list[str], data_dir: Path, out_dir
     split = ExampleSplit(data_dir, "train")
     labels = split.labels
     data_tok = data_dir / read_meta(data_dir)["tokenizer"]["file"]
-    paths = []
-    for t in teachers:
-        if not Path(t).exists():
-            raise ConfigError(f"finetune.distill_from: teacher {t!r} does not exist; give a classifier's run, "
-                              "checkpoints or step folder")
-        path = resolve_checkpoint(t)
+    paths = resolve_teachers(teachers)
+    for path in paths:
         mcfg = read_checkpoint_config(path).model
         if tuple(mcfg.labels) != labels:
             what = f"labels {list(mcfg.labels)}" if mcfg.labels else "no classification head (a language model)"
@@ -71,7 +94,6 @@ def teacher_probs(teachers: tuple[str, ...] | list[str], data_dir: Path, out_dir
             raise ConfigError(f"finetune.distill_from: teacher {path} was trained with another tokenizer than "
                               f"{data_tok}; the teachers read the student's token ids: train them on the same "
                               f"data.dir, or prepare the student's data with data.tokenizer={str(tok)!r}")
-        paths.append(path)
     key = hashlib.sha256(json.dumps({"data": split.fingerprint, "seq_len": seq_len,
                                      "teachers": [_teacher_key(p) for p in paths]}).encode()).hexdigest()[:16]
     cache = out_dir / "distill" / f"teachers-{key}.npy"

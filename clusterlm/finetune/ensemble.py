@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 from pathlib import Path
 
 from clusterlm.errors import ConfigError
@@ -79,9 +80,17 @@ def write_ensemble(members: list[str], out: str | Path) -> Path:
 
     if len(members) < 2:
         raise ConfigError(f"an ensemble needs at least 2 classifiers, got {len(members)}")
+    if not str(out).strip():  # Path("") is the working folder: its checkpoints/ would be written there
+        raise ConfigError("--out='' is empty; give a folder for the ensemble, e.g. runs/my_ensemble")
     out = Path(out)
     if (out / "checkpoints").exists():
         raise ConfigError(f"{out}/checkpoints already exists; choose a new --out")
+    existing = next(p for p in (out, *out.parents) if p.exists())  # before the members are read, not after
+    if not existing.is_dir():
+        raise ConfigError(f"--out={str(out)!r}: {existing} is a file, not a folder; give a new folder for the "
+                          "ensemble, e.g. runs/my_ensemble")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out={str(out)!r}: the folder {existing} is not writable by this user")
     loaded: list = []
     for arg in members:
         m = _member(arg)

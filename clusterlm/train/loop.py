@@ -80,6 +80,33 @@ def ensure_data(data: DataConfig) -> Path:
     return data_dir
 
 
+def refuse_before_preparing(cfg: RunConfig) -> None:
+    """The refusals the config (and what is already on disk) can tell alone, made before data.dir is
+    prepared or a base converted: the same ConfigError the later check would give, without the minutes
+    of tokenizing and the folder written first (they used to come after ensure_data)."""
+    from clusterlm.checkpoint.manager import already_has_checkpoints
+
+    tc, ft, data = cfg.train, cfg.finetune, cfg.data
+    if ft.task == "lm" and tc.seq_len > cfg.model.max_seq_len:  # a fine-tune's context may come from its base
+        raise ConfigError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; set "
+                          f"--train.seq_len={cfg.model.max_seq_len} or less, or a larger --model.max_seq_len")
+    if ft.task != "lm" and (cfg.parallel.tp > 1 or cfg.parallel.pp > 1):
+        raise ConfigError(f"fine-tuning runs under data parallelism (DDP, FSDP: parallel.dp_replicate, dp_shard), "
+                          f"not tp={cfg.parallel.tp} pp={cfg.parallel.pp}")
+    prepares = data.source and not (Path(data.dir) / "meta.json").is_file()
+    if cfg.checkpoint.keep_best and prepares and data.val_fraction == 0 and not (ft.task != "lm" and ft.val_source):
+        raise ConfigError(f"checkpoint.keep_best needs a validation loss, but data.val_fraction=0 would prepare "
+                          f"data.dir={data.dir!r} from data.source without a validation split; set "
+                          "data.val_fraction > 0, or checkpoint.keep_best = false")
+    if ft.task == "classify" and ft.distill_from:  # the teachers' labels and tokenizer are compared with the data later
+        from clusterlm.finetune.distill import resolve_teachers
+
+        resolve_teachers(ft.distill_from)
+    checkpoints = Path(tc.out_dir) / "checkpoints"
+    if tc.resume == "none" and checkpoints.is_dir() and any(checkpoints.glob("step-*")):
+        raise ConfigError(already_has_checkpoints(Path(tc.out_dir)))
+
+
 def why_no_val(meta: dict[str, Any], data_dir: Path, seq_len: int) -> str | None:
     """Why the val split of `data_dir` (its meta.json `meta`) gives no validation loss at train.seq_len
     `seq_len`, with what to do; None when it gives one."""
@@ -211,7 +238,7 @@ class Trainer:
     the loop, built from `train_step`, `log_step`, `maybe_eval` and `maybe_save`."""
 
     def __init__(self, cfg: RunConfig) -> None:
-        # what set-up wrote for a fine-tune (its data.dir, a converted Hugging Face base), as
+        # what set-up wrote (data.dir prepared from data.source, a fine-tune's converted Hugging Face base), as
         # finetune/setup.py new_folders gives them: a run refused before it trains removes them again,
         # so the next run does not reuse data prepared for this one's options
         self.made: list[tuple[Path, ...]] = []
@@ -289,6 +316,7 @@ class Trainer:
         if (self.out_dir / "meta.json").is_file():  # `prepare --overwrite` there would delete the run's checkpoints
             raise ConfigError(f"train.out_dir={tc.out_dir!r} is a prepared data directory (it has meta.json); give the "
                               "run its own folder, e.g. runs/my_run")
+        refuse_before_preparing(cfg)  # the config alone can tell: nothing prepared or converted first
         self.device = self._init_process(cfg)
         self._lock_out_dir()  # before anything is read from or written to the folder
         self.amp_dtype = autocast_dtype(tc.dtype, self.device)
@@ -429,6 +457,9 @@ class Trainer:
             self.made += [made, self.base.made if self.base is not None else ()]
             self.meta = meta = read_meta(data_dir)
         else:
+            from clusterlm.finetune.setup import new_folders
+
+            self.made.append(new_folders(Path(cfg.data.dir)) if self.rank0 else ())  # a refusal below removes it
             data_dir = rank0_first(self.distributed, self.env.rank, lambda: ensure_data(cfg.data),
                                    what=f"preparing {cfg.data.dir}", device=self.device)
             self.meta = meta = read_meta(data_dir)
@@ -596,8 +627,8 @@ class Trainer:
                  f"{self.meta['splits']['train']['tokens']:,}", self.loader.num_samples)
 
     def _open_run_dir(self) -> None:
-        """config.toml (rank 0, atomic: a full disk leaves the previous one) and the metrics log,
-        cut back to the resumed step."""
+        """config.toml (rank 0, atomic: a full disk leaves the previous one) and the metrics log, cut
+        back to the resumed step (a fresh start keeps an earlier run's metrics.jsonl aside instead)."""
         from clusterlm.fsutil import atomic_write_text
         from clusterlm.train.metrics import MetricsLogger
 
@@ -612,7 +643,10 @@ class Trainer:
                     raise
                 raise OSError(e.errno, e.strerror or str(e), str(self.out_dir / "config.toml")) from e
         self.metrics = MetricsLogger(self.out_dir, tensorboard=self.tc.tensorboard, enabled=self.rank0)
-        self.metrics.truncate_after(self.state.step)
+        if self.checkpointer.resolve() is None:  # a fresh start: an earlier run's log is kept aside, not cut
+            self.metrics.start_fresh()
+        else:
+            self.metrics.truncate_after(self.state.step)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return device_autocast(self.device, self.amp_dtype)

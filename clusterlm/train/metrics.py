@@ -2,6 +2,7 @@
 
     logger = MetricsLogger(run_dir)             # RUN_DIR/metrics.jsonl and RUN_DIR/tb/
     logger.truncate_after(resumed_step)         # a resumed run's log has each step once
+    logger.start_fresh()                        # or, on a fresh start, an earlier run's log kept aside
     logger.log({"kind": "train", "step": 10, "loss": 2.31, "tokens_per_s": 17000.0})
     logger.close()
 
@@ -307,6 +308,30 @@ class MetricsLogger:
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
             log.info("%s: dropped %d records after step %d (resuming)", self.path, dropped, step)
         return dropped
+
+    def start_fresh(self) -> Path | None:
+        """A fresh start (no checkpoint resumed) in a folder whose metrics.jsonl holds an earlier run's
+        records: that file is renamed to metrics.jsonl.old-YYYYmmdd-HHMMSS beside it (never merged with
+        or overwritten by the new run's, never deleted) and the new path returned; None when there was
+        nothing to keep. TensorBoard events of the earlier run from step 1 on are hidden (purge_step)."""
+        if not self.enabled:
+            return None
+        self._close_files()
+        self._purge_step = 1
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return None
+        records = sum(1 for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+                      if line.strip())
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.path.stat().st_mtime))
+        aside = self.path.with_name(f"{self.path.name}.old-{stamp}")
+        n = 1
+        while aside.exists():  # two earlier runs in the same second: neither overwritten
+            n += 1
+            aside = self.path.with_name(f"{self.path.name}.old-{stamp}-{n}")
+        os.replace(self.path, aside)
+        log.warning("starting fresh: %s held %d records of an earlier run; kept as %s (this run's metrics go "
+                    "to a new %s)", self.path, records, aside.name, self.path.name)
+        return aside
 
     def _close_files(self) -> None:
         if self._file is not None:

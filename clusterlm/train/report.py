@@ -376,6 +376,10 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
     records = read_metrics(metrics_path)
     if not records:
         raise ValueError(f"{metrics_path} has no records; nothing to report")
+    if not any(r.get("kind") in ("train", "eval", "task") for r in records):  # empty plots and "steps 0" before
+        kinds = sorted({str(r.get("kind")) for r in records})
+        raise ValueError(f"{metrics_path} has {len(records)} record(s) ({', '.join(kinds)}) but no train, eval or task "
+                         "record: the run logged no step; nothing to report")
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display; set here so importing this module changes nothing

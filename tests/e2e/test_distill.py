@@ -137,7 +137,7 @@ def test_bad_teachers_and_settings_are_one_line_exit_2_and_nothing_written(root,
                 "--train.eval_interval=0", "--train.tensorboard=false"]) == 0
     capsys.readouterr()
     line = refused("o2", f"--finetune.distill_from={json.dumps([str(tmp_path / 'lm')])}")
-    assert "no classification head" in line and "['neg', 'pos']" in line
+    assert "no classification head" in line and "a teacher is a classifier over the data's labels" in line
     # a classifier over the same labels with another tokenizer (bytes, not the data's chars)
     assert cli(_args(root, tmp_path / "bytes", "--train.max_steps=1", f"--data.dir={_q(tmp_path / 'bdata')}",
                      "--data.tokenizer=byte")) == 0
@@ -154,6 +154,27 @@ def test_bad_teachers_and_settings_are_one_line_exit_2_and_nothing_written(root,
                      f"--data.tokenizer={_q(tok)}", f"--finetune.distill_from={json.dumps([str(root / 't1')])}",
                      "--finetune.distill_weight=1")) == 0
     assert all(np.isfinite(v) for v in train_losses(tmp_path / "ok").values())
+
+
+def test_teachers_are_checked_before_the_data_is_prepared(root, tmp_path, capsys, monkeypatch):
+    """Reference: the file system before the run. A teacher that does not exist, is a file, or is given
+    twice (t1 and t1/checkpoints: the same step folder, which counted double in the average) is exit 2 with
+    one line naming it, before data.dir is prepared (ensure_finetune_data never called) and with no run
+    folder; the missing teacher was refused only after preparing a new data.dir, the duplicate trained."""
+    import clusterlm.finetune.data as fdata
+
+    called = []
+    monkeypatch.setattr(fdata, "ensure_finetune_data", lambda cfg: called.append(cfg) or 1 / 0)
+    t1 = root / "t1"
+    step = next((t1 / "checkpoints").glob("step-*"))
+    for teachers, fragment in [([tmp_path / "nowhere"], "nowhere' does not exist"),
+                               ([step / "model.safetensors"], "finetune.distill_from: teacher " + str(step)),
+                               ([t1, t1 / "checkpoints"], "are the same teacher")]:
+        args = _args(root, tmp_path / "out", "--train.max_steps=2", f"--data.dir={_q(tmp_path / 'new')}",
+                     f"--finetune.distill_from={json.dumps([str(t) for t in teachers])}")
+        line = _fails(args, capsys)
+        assert fragment in line, line
+        assert not called and not (tmp_path / "new").exists() and not (tmp_path / "out").exists()
 
 
 def test_augment_texts_follows_its_rules_and_is_seeded():

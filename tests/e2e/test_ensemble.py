@@ -113,10 +113,11 @@ def test_ensemble_answers_the_mean_of_its_members_probabilities(runs, tmp_path, 
         assert d["label"] == LABELS[int(w.argmax())] and d["probs"] == pytest.approx(w.tolist(), abs=1e-5)
 
 
-def test_ensemble_refuses_what_it_cannot_average_and_writes_nothing(runs, tmp_path, capsys):
+def test_ensemble_refuses_what_it_cannot_average_and_writes_nothing(runs, tmp_path, capsys, monkeypatch):
     """Exit 2 with one line naming the member and what would be valid, and no out/checkpoints, for: one
     member, a missing path, a language model, another shape, other labels, another tokenizer, a member
-    given twice, an ensemble as a member; an existing --out is refused. An ensemble is refused as
+    given twice, an ensemble as a member; an existing --out, an --out that is or is under a file, and an
+    empty --out are refused. An ensemble is refused as
     finetune.init_from, by quantize and by resume."""
     out = tmp_path / "out"
     cases = [
@@ -132,6 +133,18 @@ def test_ensemble_refuses_what_it_cannot_average_and_writes_nothing(runs, tmp_pa
         line = _refused(capsys, "ensemble", *map(str, members), "--out", str(out))
         assert fragment in line, (fragment, line)
         assert not out.exists() or not (out / "checkpoints").exists()
+    # --out: a file, a folder under a file, empty (the working folder): refused naming it, before any member
+    # is read (it said "Not a directory: F/checkpoints" after loading them all, and "" wrote ./checkpoints)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    for bad, fragment in [(tmp_path / "afile", "afile is a file, not a folder"),
+                          (tmp_path / "afile" / "sub", "afile is a file, not a folder"), ("", "--out='' is empty")]:
+        capsys.readouterr()
+        assert cli(["ensemble", str(runs["lstm1"]), str(runs["lstm2"]), "--out", str(bad)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert fragment in err[-1], err
+    assert (tmp_path / "afile").read_text() == "x" and not list((tmp_path / "cwd").iterdir())
     ens = tmp_path / "ens"
     _combine(capsys, ens, runs["lstm1"], runs["lstm2"])
     assert "already exists" in _refused(capsys, "ensemble", str(runs["lstm1"]), str(runs["lstm3"]), "--out", str(ens))

@@ -58,6 +58,40 @@ def test_a_data_dir_without_its_tokenizer_is_refused_before_training(data_dir, t
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("refusal, needle, config_only", [
+    (["--checkpoint.keep_best=true", "--data.val_fraction=0", "--checkpoint.interval=40"],
+     "checkpoint.keep_best needs a validation loss, but data.val_fraction=0 would prepare", True),
+    (["--train.seq_len=64"], "train.seq_len=64 exceeds model.max_seq_len=32", True),
+    (["--train.resume=none"], "already has checkpoints; resume with --train.resume=auto", True),
+    (["--model.vocab_size=5"], "model.vocab_size=5 is smaller than the tokenizer's", False),
+])
+def test_a_refused_run_prepares_nothing_and_leaves_no_data_dir(tmp_path, monkeypatch, capsys, refusal, needle,
+                                                                config_only):
+    """Reference: the file system before the run. `clusterlm train` with data.source and a new data.dir:
+    a refusal the config (or the run folder's checkpoints) can tell alone is exit 2 before anything is
+    prepared (keep_best with data.val_fraction=0 used to tokenize and write NEW first); one that needs the
+    prepared data (a model vocabulary smaller than the tokenizer's) removes the data.dir it made, with the
+    parent made for it."""
+    import clusterlm.data.prepare as prep
+    from clusterlm.cli import main as cli
+    from clusterlm.errors import EXIT_USAGE
+
+    (tmp_path / "c.txt").write_text("".join(TEXT))
+    out = tmp_path / "run"
+    if "--train.resume=none" in refusal:  # an earlier run's step folder: refused without --train.resume
+        (out / "checkpoints" / "step-00000002").mkdir(parents=True)
+    calls = []
+    real = prep.prepare
+    monkeypatch.setattr(prep, "prepare", lambda *a, **k: calls.append(a) or real(*a, **k))
+    args = ["train", f"--data.source={json.dumps(str(tmp_path / 'c.txt'))}",
+            f"--data.dir={json.dumps(str(tmp_path / 'new' / 'data'))}", *_cli_args(tmp_path / "new" / "data", out)[1:],
+            *refusal]
+    assert cli(args) == EXIT_USAGE
+    assert needle in capsys.readouterr().err.strip().splitlines()[-1]
+    assert (calls == []) == config_only and not (tmp_path / "new").exists()
+    assert out.exists() == ("--train.resume=none" in refusal)
+
+
 def test_a_seq_len_over_the_context_says_what_would_fit(data_dir, tmp_path):
     """train.seq_len above model.max_seq_len: one line naming both and the values that would work
     (it named the two numbers only)."""
@@ -209,6 +243,29 @@ def test_existing_run_without_resume_is_refused(data_dir, tmp_path):
     train(tiny_cfg(data_dir, tmp_path / "r", "--train.max_steps=5"))
     with pytest.raises(ConfigError, match="resume=auto"):
         train(tiny_cfg(data_dir, tmp_path / "r", "--train.max_steps=5"))
+
+
+def test_fresh_start_over_an_earlier_log_keeps_it_aside(data_dir, tmp_path, caplog):
+    """A run folder whose checkpoints are gone (deleted, or a run killed before its first save) but whose
+    metrics.jsonl is not: a fresh start there keeps that log whole as metrics.jsonl.old-STAMP (it used to drop its
+    steps > 0 saying "(resuming)") and writes its own steps 1..5 once to metrics.jsonl."""
+    from clusterlm.train.loop import train
+
+    run = tmp_path / "f"
+    import shutil
+
+    train(tiny_cfg(data_dir, run, "--train.max_steps=5"))
+    shutil.rmtree(run / "checkpoints")
+    earlier = (run / "metrics.jsonl").read_text()
+    with caplog.at_level("INFO"):
+        train(tiny_cfg(data_dir, run, "--train.max_steps=5"))
+    [aside] = run.glob("metrics.jsonl.old-*")
+    assert aside.read_text() == earlier
+    assert "starting fresh" in caplog.text and "resuming" not in caplog.text
+    assert sorted(train_losses(run)) == [1, 2, 3, 4, 5]
+    steps = [json.loads(x).get("step") for x in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x).get("kind") == "train"]
+    assert steps == [1, 2, 3, 4, 5]
 
 
 def test_nan_skips_step_and_stops_after_limit(data_dir, tmp_path, monkeypatch):

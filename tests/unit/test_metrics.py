@@ -167,6 +167,29 @@ def test_truncate_after_resume(tmp_path):
     assert [r["loss"] for r in recs[1:]] == [1.0, 0.5, 1.0 / 3, 0.0, 0.0]
 
 
+def test_start_fresh_keeps_the_earlier_runs_log_aside(tmp_path, caplog):
+    """A fresh start over an earlier run's metrics.jsonl (steps 0..4 and a step-less record) renames it to
+    metrics.jsonl.old-STAMP whole, says so in one warning, and the new run's file holds only its own records;
+    a second fresh start keeps both earlier files. (It used to drop steps > 0 "after step 0 (resuming)" and
+    mix the earlier run's step-0 and step-less records into the new log.)"""
+    old = "".join(json.dumps({"kind": "train", "step": s, "loss": 9.0}) + "\n" for s in range(5))
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "event", "event": "start"}\n' + old)
+    with caplog.at_level("WARNING"), MetricsLogger(tmp_path, tensorboard=False) as m:
+        aside = m.start_fresh()
+        m.log({"kind": "train", "step": 1, "loss": 1.0})
+    assert aside is not None and aside.name.startswith("metrics.jsonl.old-")
+    assert aside.read_text() == '{"kind": "event", "event": "start"}\n' + old
+    assert "starting fresh" in caplog.text and "6 records of an earlier run" in caplog.text
+    assert "resuming" not in caplog.text
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [(1, 1.0)]
+    with MetricsLogger(tmp_path, tensorboard=False) as m:
+        second = m.start_fresh()
+    assert second is not None and second != aside and aside.exists() and second.exists()
+    assert not (tmp_path / "metrics.jsonl").exists()
+    with MetricsLogger(tmp_path, tensorboard=False) as m:
+        assert m.start_fresh() is None  # nothing to keep
+
+
 def test_append_after_torn_line_starts_fresh_line(tmp_path):
     """Appending to a file whose last line was torn starts a new line, so later records still parse."""
     (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n{"kind": "tr')

@@ -294,27 +294,67 @@ def test_slurm_client_without_configuration_is_named(tmp_path, monkeypatch):
         probe.probe_slurm()
 
 
-def test_nodes_beyond_the_partition_are_refused_before_srun(tmp_path, monkeypatch, capsys):
-    """Outside an allocation, --nodes larger than the partition srun allocates from (the default one, gpu*
-    with 30+2 nodes in the recorded sinfo; SLURM_PARTITION when set) is exit 2 naming N and the partition's
-    size, before any srun call (srun used to queue for up to an hour); --nodes within it goes ahead."""
-    calls = install_fake_srun(tmp_path, monkeypatch)
-    recorded = Path(__file__).parent / "fixtures" / "probe" / "sinfo_gpu_cluster.txt"
+def install_fake_slurm_queries(tmp_path: Path) -> None:
+    """Fake sinfo and scontrol in tmp_path/bin printing the recorded cluster (fixtures/probe): `sinfo -N`
+    its node states, plain sinfo its partitions, `scontrol show partition` its per-job limits."""
+    recorded = Path(__file__).parent / "fixtures" / "probe"
     sinfo = tmp_path / "bin" / "sinfo"
-    sinfo.write_text(f"#!/bin/sh\ncat '{recorded}'\n")
-    sinfo.chmod(0o755)
-    assert cli_main(["probe", "--all-nodes", "--nodes", "33", "--out", str(tmp_path / "c.toml")]) == 2
+    sinfo.write_text(f"#!/bin/sh\ncase \"$*\" in *-N*) cat '{recorded}/sinfo_node_states.txt';;\n"
+                     f"*) cat '{recorded}/sinfo_gpu_cluster.txt';; esac\n")
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\ncat '{recorded}/scontrol_show_partition_o.txt'\n")
+    for tool in (sinfo, scontrol):
+        tool.chmod(0o755)
+
+
+def test_nodes_beyond_the_partition_are_refused_before_srun(tmp_path, monkeypatch, capsys):
+    """Outside an allocation, --nodes more than the partition srun allocates from can run (the default one,
+    gpu* with 32 nodes in the recorded sinfo, 2 of them drained/down; SLURM_PARTITION when set) is exit 2
+    naming N, the partition's size, its unusable nodes and its MaxNodes, before any srun call (srun used
+    to queue for up to an hour); --nodes within it goes ahead."""
+    calls = install_fake_srun(tmp_path, monkeypatch)
+    install_fake_slurm_queries(tmp_path)
+    assert cli_main(["probe", "--all-nodes", "--nodes", "31", "--out", str(tmp_path / "c.toml")]) == 2
     err = capsys.readouterr().err
-    assert "--nodes=33 but partition gpu (the default partition) has 32 node(s) (sinfo); valid: 1..32" in err
+    assert ("partition gpu (the default partition) has 32 node(s), 2 of them down/drained (gpu017,gpu030): "
+            "--nodes 31 cannot run") in err
+    assert "use --nodes 30 or fewer" in err
     assert "cpu: 64" in err and not calls.exists() and not (tmp_path / "c.toml").exists()
-    monkeypatch.setenv("SLURM_PARTITION", "debug")
-    assert cli_main(["probe", "--all-nodes", "--nodes", "3"]) == 2
-    assert "--nodes=3 but partition debug has 2 node(s)" in capsys.readouterr().err
+    monkeypatch.setenv("SLURM_PARTITION", "debug")  # 2 nodes, gpu034 draining, MaxNodes=1
+    assert cli_main(["probe", "--all-nodes", "--nodes", "2"]) == 2
+    err = capsys.readouterr().err
+    assert ("partition debug has 2 node(s), 1 of them down/drained (gpu034), and MaxNodes=1 per job: "
+            "--nodes 2 cannot run") in err and "use --nodes 1 or fewer" in err
+    monkeypatch.setenv("SLURM_PARTITION", "preempt")
+    assert cli_main(["probe", "--all-nodes", "--nodes", "1"]) == 2
+    assert "partition preempt has 0 node(s), and is down (sinfo)" in capsys.readouterr().err
     monkeypatch.setenv("SLURM_PARTITION", "cpu")
     monkeypatch.setenv("FAKE_SRUN_HOSTS", "a1,a2,a3")
     out = tmp_path / "c.toml"
     assert cli_main(["probe", "--all-nodes", "--nodes", "3", "--no-measure", "--no-allreduce", "--out", str(out)]) == 0
     assert load_spec(out).node_types[0].count == 3
+
+
+def test_partition_limit_counts_usable_nodes_and_max_nodes():
+    """check_partition_size on the recorded cluster: 32 gpu nodes minus drained gpu017 and down* gpu030
+    leave 30; debug's MaxNodes=1 binds before its 1 usable node count; cpu takes 63 (cn064 failed);
+    without the node-state and partition queries only sinfo's count applies (32)."""
+    from clusterlm.cluster.probe_all import ProbeError, check_partition_size
+    fixtures = Path(__file__).parent / "fixtures" / "probe"
+    sinfo = (fixtures / "sinfo_gpu_cluster.txt").read_text()
+    states = (fixtures / "sinfo_node_states.txt").read_text()
+    parts = (fixtures / "scontrol_show_partition_o.txt").read_text()
+    check_partition_size(30, {}, sinfo, states, parts)
+    with pytest.raises(ProbeError, match="use --nodes 30 or fewer"):
+        check_partition_size(31, {}, sinfo, states, parts)
+    check_partition_size(32, {}, sinfo, None, None)
+    check_partition_size(63, {"SLURM_PARTITION": "cpu"}, sinfo, states, parts)
+    with pytest.raises(ProbeError, match="1 of them down/drained \\(cn064\\): --nodes 64 cannot run"):
+        check_partition_size(64, {"SLURM_PARTITION": "cpu"}, sinfo, states, parts)
+    check_partition_size(1, {"SLURM_PARTITION": "debug"}, sinfo, states, parts)
+    with pytest.raises(ProbeError, match="MaxNodes=1 per job: --nodes 2 cannot run"):
+        check_partition_size(2, {"SLURM_PARTITION": "debug"}, sinfo, None, parts)
+    check_partition_size(30, {"SLURM_PARTITION": "debug,gpu"}, sinfo, states, parts)  # srun takes either
 
 
 def test_srun_that_ran_no_task_counts_every_node(tmp_path):

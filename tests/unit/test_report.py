@@ -98,6 +98,19 @@ def test_summary_of_a_log_without_train_records_says_n_a(tmp_path):
     assert "| median step time | n/a |" in md and "| final val loss | 2.1000 |" in md
 
 
+def test_a_log_without_any_step_is_refused_and_nothing_written(tmp_path, capsys):
+    """A metrics.jsonl with event records only (a run that logged no step) is exit 2 with one line naming
+    the file and the kinds it holds; no plots or summary.md (it wrote three empty plots and "steps 0")."""
+    from clusterlm.cli import main as cli
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"kind": "event", "step": 0, "event": "start"}) + "\n")
+    assert cli(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("metrics.jsonl has 1 record(s) (event) but no train, eval or task record: the run "
+                            "logged no step; nothing to report")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
 def test_missing_metrics_is_clear(tmp_path):
     """A folder without metrics.jsonl: FileNotFoundError naming the file; no plots folder made."""
     with pytest.raises(FileNotFoundError, match="metrics.jsonl does not exist"):

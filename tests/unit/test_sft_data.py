@@ -357,6 +357,7 @@ def test_template_auto_refuses_a_folder_rendered_with_another_base_template(tmp_
 @pytest.mark.parametrize("refusal, needle", [
     (["--checkpoint.keep_best=true", "--data.val_fraction=0"], "checkpoint.keep_best needs a validation loss"),
     (["--parallel.dp_shard=2"], "!= world size 1"),
+    (["--parallel.tp=2"], "fine-tuning runs under data parallelism (DDP, FSDP: parallel.dp_replicate, dp_shard), not tp=2"),
     (["--train.micro_batch_size=100000000"], "the run needs about"),
     (["--model.vocab_size=8"], "model.vocab_size=8 is smaller than the tokenizer's"),  # finetune/data.py's own
 ])

@@ -382,6 +382,32 @@ def test_jobs_table_takes_hand_edited_records(tmp_path, monkeypatch, capsys):
 
 
 
+def test_jobs_refuses_an_empty_registry_flag_and_a_file_that_is_not_a_registry(tmp_path, monkeypatch, capsys):
+    """`--registry ""` (an unset variable) is exit 2 naming the flag (it read the default registry); a JSON-lines
+    file without any job_id (a run's metrics.jsonl) is exit 2 saying it is not a registry (it said "no jobs
+    recorded"); a record whose job_id is null or empty is skipped with a warning (it was listed as job
+    "None" and sent to sacct), the others are listed."""
+    from clusterlm.cli import main as cli
+
+    monkeypatch.setenv("CLUSTERLM_HOME", str(tmp_path / "home"))
+    asked = []
+    monkeypatch.setattr(slurm, "_run", lambda cmd: asked.append(cmd) or subprocess.CompletedProcess(cmd, 127, "", ""))
+    assert cli(["jobs", "--registry", ""]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"--registry='' is empty; give a jobs.jsonl file, or leave --registry out for the default "
+        f"({tmp_path / 'home' / 'jobs.jsonl'})")
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"kind": "train", "step": 1}\n{"kind": "train", "step": 2}\n')
+    assert cli(["jobs", "--registry", str(metrics)]) == 2
+    assert "holds 2 JSON record(s) but none with a job_id: it is not a job registry" in capsys.readouterr().err
+    reg = tmp_path / "jobs.jsonl"
+    reg.write_text('{"job_id": null}\n{"job_id": ""}\n{"job_id": "12", "job_name": "a"}\n')
+    assert cli(["jobs", "--registry", str(reg), "--all"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out[1:]] == ["12"]
+    assert asked[0][0] == "sacct" and "--jobs=12" in asked[0]  # not --jobs=None,,12
+
+
 def test_launch_slurm_dry_run_without_torch(tmp_path):
     """`clusterlm launch --slurm --dry-run` and `clusterlm jobs` run on a login node without torch."""
     code = BLOCK_TORCH + "from clusterlm.cli import main\nsys.exit(main(sys.argv[1:]))"
