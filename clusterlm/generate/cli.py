@@ -26,7 +26,7 @@ import math
 import sys
 from typing import TextIO
 
-from clusterlm.generate.text import chat_format, stream_text
+from clusterlm.generate.text import chat_format, refuse_pack_for_encdec, stream_text
 
 log = logging.getLogger(__name__)
 DEFAULT_TEMPERATURE = 0.8
@@ -117,9 +117,7 @@ def _load(args):  # noqa: ANN001, ANN202
     if loaded.config.model.arch == "encdec" and args.compile:
         raise ValueError(f"--compile compiles a decoder-only model's decode step; {loaded.path} is an encoder-decoder "
                          "(arch 'encdec'), which decodes eagerly: leave --compile out")
-    if loaded.config.model.arch == "encdec" and args.pack != "auto":  # it was ignored
-        raise ValueError(f"--pack {args.pack} packs a decoder-only model's CPU weights; {loaded.path} is an "
-                         "encoder-decoder (arch 'encdec'), which decodes with its weights as loaded: leave --pack out")
+    refuse_pack_for_encdec(args.pack, loaded.config.model.arch, loaded.path)  # it would be ignored
     if args.compile:  # refused before anything is printed (the prompt was left on stdout before the error)
         from clusterlm.generate.engine import compile_unavailable
 
