@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from clusterlm.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 def evaluate_checkpoint(ckpt: str, *, data: str | None = None, split: str = "val", batch_size: int = 16,
@@ -371,6 +374,12 @@ def main(argv: list[str]) -> int:
                                  f"{', '.join(given)} only apply to sampling; leave them out, or drop --num-beams "
                                  "to sample")
         temperature = 0.0 if args.temperature is None else args.temperature
+        if args.num_beams == 1:
+            from clusterlm.generate.sampling import greedy_seed_note
+
+            note = greedy_seed_note(args.seed, temperature, default=args.temperature is None)
+            if note:
+                log.warning("%s", note)
         decode = DecodeOptions(max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=args.top_p,
                                top_k=args.top_k, seed=args.seed, stops=tuple(args.stop) if args.stop else None,
                                num_beams=args.num_beams, length_penalty=args.length_penalty)

@@ -96,7 +96,7 @@ def warn_encdec_limits(loaded, source: str, max_new_tokens: int) -> None:  # noq
 
 def _load(args):  # noqa: ANN001, ANN202
     from clusterlm.checkpoint.model_io import load_for_inference
-    from clusterlm.generate.sampling import check_sampling_args
+    from clusterlm.generate.sampling import check_sampling_args, greedy_seed_note
     from clusterlm.device import resolve_device
 
     if args.temperature is None:
@@ -108,6 +108,9 @@ def _load(args):  # noqa: ANN001, ANN202
         raise ValueError(f"--seed={args.seed} must be in [-2^63, 2^63 - 1]")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+    note = greedy_seed_note(args.seed, args.temperature)
+    if note:
+        log.warning("%s", note)
     loaded = load_for_inference(args.checkpoint, device=resolve_device(args.device, "--device"))
     if loaded.config.model.arch == "encoder" and not loaded.config.model.labels:
         from clusterlm.errors import ConfigError

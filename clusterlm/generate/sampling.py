@@ -48,6 +48,17 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
         raise ValueError(f"top_p={top_p!r} must be in (0, 1], or None to keep every token")
 
 
+def greedy_seed_note(seed: int | None, temperature: float, default: bool = False) -> str | None:
+    """The note for a command line whose --seed is given to greedy decoding (temperature below
+    GREEDY_TEMPERATURE), which draws nothing, so the seed changes nothing; None otherwise. `default`: the
+    temperature was the command's default, not given."""
+    if seed is None or temperature >= GREEDY_TEMPERATURE:
+        return None
+    where = "the default" if default else f"--temperature {temperature:g}"
+    return (f"--seed={seed} has no effect with greedy decoding ({where}): every seed gives the same output; "
+            "give --temperature > 0 to sample")
+
+
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest logits of each row (B, V); the rest become -inf. Exactly k survive
     (ties at the k-th value are broken by torch.topk); k >= V keeps every token."""

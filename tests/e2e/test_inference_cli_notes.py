@@ -1,0 +1,76 @@
+"""What `generate`, `chat` and `eval` tell a user about options that cannot apply, on a tiny random model.
+
+Run: .venv/bin/python -m pytest -q tests/e2e/test_inference_cli_notes.py
+
+Reference: greedy decoding (temperature below sampling.GREEDY_TEMPERATURE) draws no random numbers,
+so the output is the same for every --seed (checked here on the text itself).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import pytest
+
+from clusterlm.cli import main as cli
+from tests.helpers import random_checkpoint
+
+QA = Path(__file__).resolve().parents[1] / "unit" / "fixtures" / "tasks" / "qa.jsonl"
+NOTE = "has no effect with greedy decoding"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    return random_checkpoint(tmp_path_factory.mktemp("notes"), "byte", "", bpe_vocab=0, n_layers=1, context=128)
+
+
+def _notes(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if NOTE in r.getMessage()]
+
+
+@pytest.mark.parametrize("extra, want", [
+    (["--temperature", "0"], "--seed=7 has no effect with greedy decoding (--temperature 0): every seed gives the "
+                             "same output; give --temperature > 0 to sample"),
+    (["--temperature", "1e-9"], "--seed=7 has no effect with greedy decoding (--temperature 1e-09)"),
+    (["--temperature", "0.8"], None),
+])
+def test_generate_seed_with_greedy_is_noted(run, capsys, caplog, extra, want):
+    """generate --seed with greedy decoding printed the same text for every seed without a word: one note,
+    exit 0, the text unchanged by the seed; sampling (temperature 0.8) gets no note."""
+    outs = []
+    for seed in ("7", "8"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert cli(["generate", str(run), "--prompt", "ab", "--max-new-tokens", "8", "--seed", seed, *extra]) == 0
+        outs.append(capsys.readouterr().out)
+        if seed == "7":
+            notes = _notes(caplog)
+    if want is None:
+        assert notes == []
+    else:
+        assert len(notes) == 1 and notes[0].startswith(want) and outs[0] == outs[1]
+
+
+def test_chat_seed_with_greedy_is_noted(run, capsys, caplog, monkeypatch):
+    """chat --seed --temperature 0: the same one note, once (not per turn)."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\nagain\n\n"))
+    with caplog.at_level(logging.WARNING):
+        assert cli(["chat", str(run), "--max-new-tokens", "4", "--temperature", "0", "--seed", "3"]) == 0
+    assert _notes(caplog) == ["--seed=3 has no effect with greedy decoding (--temperature 0): every seed gives the "
+                              "same output; give --temperature > 0 to sample"]
+
+
+def test_eval_task_seed_with_greedy_default_is_noted(run, capsys, caplog):
+    """eval --task decodes greedily by default: --seed alone changes nothing, and says so; with
+    --temperature > 0 it seeds the sampling, no note."""
+    with caplog.at_level(logging.WARNING):
+        assert cli(["eval", str(run), "--task", str(QA), "--max-new-tokens", "4", "--seed", "5"]) == 0
+    assert _notes(caplog) == ["--seed=5 has no effect with greedy decoding (the default): every seed gives the same "
+                              "output; give --temperature > 0 to sample"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert cli(["eval", str(run), "--task", str(QA), "--max-new-tokens", "4", "--seed", "5",
+                    "--temperature", "0.5"]) == 0
+    assert _notes(caplog) == []
