@@ -383,9 +383,14 @@ def main(argv: list[str]) -> int:
         decode = DecodeOptions(max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=args.top_p,
                                top_k=args.top_k, seed=args.seed, stops=tuple(args.stop) if args.stop else None,
                                num_beams=args.num_beams, length_penalty=args.length_penalty)
-        result = evaluate_tasks(args.checkpoint, args.task, limit=args.limit, batch_size=args.batch_size,
-                                decode=decode, truncate=args.truncate, device=args.device, samples_out=args.samples,
-                                labels=_labels_arg(args.labels) if args.labels else None)
+        from clusterlm.generate.beam import BeamWidthError
+
+        try:
+            result = evaluate_tasks(args.checkpoint, args.task, limit=args.limit, batch_size=args.batch_size,
+                                    decode=decode, truncate=args.truncate, device=args.device,
+                                    samples_out=args.samples, labels=_labels_arg(args.labels) if args.labels else None)
+        except BeamWidthError as e:  # the search's check names the library's keyword, num_beams
+            raise ValueError(e.for_option("--num-beams")) from None
     else:
         result = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, batch_size=args.batch_size,
                                      seq_len=args.seq_len, max_batches=args.max_batches, device=args.device)

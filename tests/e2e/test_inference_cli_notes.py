@@ -74,3 +74,31 @@ def test_eval_task_seed_with_greedy_default_is_noted(run, capsys, caplog):
         assert cli(["eval", str(run), "--task", str(QA), "--max-new-tokens", "4", "--seed", "5",
                     "--temperature", "0.5"]) == 0
     assert _notes(caplog) == []
+
+
+@pytest.mark.parametrize("width, memory, start", [
+    ("300", None, "--num-beams=300 is wider than the model's vocabulary (259 tokens)"),
+    ("4", 4096, "--num-beams=4 needs about"),
+])
+def test_eval_beam_width_refusal_names_the_cli_option(run, capsys, monkeypatch, width, memory, start):
+    """`eval --task --num-beams W` refused a width past the vocabulary (or the memory) with the library's
+    keyword, "num_beams=300 ...": the user sees the option they typed, one line, exit 2, nothing on stdout."""
+    if memory is not None:
+        monkeypatch.setattr("clusterlm.train.memcheck.available_memory", lambda dev: (memory, None))
+    assert cli(["eval", str(run), "--task", str(QA), "--max-new-tokens", "4", "--num-beams", width]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith(f"clusterlm eval: error: {start}") and "num_beams" not in line, line
+    if memory is not None:
+        assert line.endswith("use a shorter output or source") or "use --num-beams <= " in line
+    assert captured.out == ""
+
+
+def test_beam_width_library_message_keeps_its_keyword(run):
+    """A library caller of beam_search still reads its own keyword (num_beams=...), and a ValueError."""
+    from clusterlm.checkpoint.model_io import load_for_inference
+    from clusterlm.generate.beam import check_beam_width
+
+    model = load_for_inference(run).model
+    with pytest.raises(ValueError, match=r"^num_beams=300 is wider than the model's vocabulary \(259 tokens\)"):
+        check_beam_width(model, 300, max_new_tokens=4, input_len=3)
