@@ -118,6 +118,25 @@ def write_manifest(folder: Path, step: int) -> dict:
 
 
 # ---- save ------------------------------------------------------------------------------------------------
+def _checkpoints_root(folder: Path) -> bool:
+    """Whether `folder` is a run's checkpoints folder: it holds the `latest`/`best` pointer or a step folder."""
+    return folder.is_dir() and ((folder / LATEST).is_file() or (folder / BEST).is_file() or bool(step_folders(folder)))
+
+
+def check_outside_checkpoints(out: str | Path, flag: str = "--out") -> None:
+    """Refuse an output folder `out` inside a run's checkpoints folder, or inside one checkpoint (a step
+    folder, checkpoints/best): there it would be taken for part of a checkpoint (its manifest does not
+    list it) or deleted when checkpoint rotation prunes that step. For every command that writes a
+    folder of its own (export, convert, quantize, prune, ensemble)."""
+    target = Path(out).resolve()  # symlinks and ".." as the writes would follow them
+    for folder in (target, *target.parents):
+        if (folder / MANIFEST).is_file() or _checkpoints_root(folder):
+            root = folder if _checkpoints_root(folder) else folder.parent
+            raise FileExistsError(f"{flag} {out} is inside {'the checkpoints folder' if folder == root else 'the checkpoint'} "
+                                  f"{folder}, where checkpoint rotation may delete it or it may be taken for part of a "
+                                  f"checkpoint; choose a folder outside {root}")
+
+
 def check_new_run_dir(out: str | Path) -> Path:
     """`out` for a command that writes a new run (convert, quantize, prune, ensemble): refused when
     its checkpoints folder already holds a checkpoint. An empty one (what a failed earlier attempt,
@@ -132,6 +151,7 @@ def check_new_run_dir(out: str | Path) -> Path:
         # folder then finds the nested copy instead of its own steps
         raise FileExistsError(f"--out {out} is a checkpoint or a checkpoints folder, not a run directory; give a new "
                               "run directory")
+    check_outside_checkpoints(out)
     ckpts = out / "checkpoints"
     if ckpts.exists() and (not ckpts.is_dir() or any(not c.name.startswith(".") for c in ckpts.iterdir())):
         raise FileExistsError(f"{ckpts} already exists; choose a new --out")

@@ -73,7 +73,7 @@ def _check_same(first: object, m: object) -> None:
 
 def write_ensemble(members: list[str], out: str | Path) -> Path:
     """Combine classifier checkpoints `members` into out/checkpoints/step-N; returns the step folder."""
-    from clusterlm.checkpoint.store import MANIFEST, save_checkpoint
+    from clusterlm.checkpoint.store import MANIFEST, check_outside_checkpoints, save_checkpoint
     from clusterlm.fsutil import sha256_file
     from clusterlm.models.ensemble import ClassifierEnsemble
 
@@ -82,6 +82,7 @@ def write_ensemble(members: list[str], out: str | Path) -> Path:
     out = Path(out)
     if (out / "checkpoints").exists():
         raise ConfigError(f"{out}/checkpoints already exists; choose a new --out")
+    check_outside_checkpoints(out)
     loaded: list = []
     for arg in members:
         m = _member(arg)
