@@ -374,6 +374,9 @@ def main(argv: list[str]) -> int:
                                  f"{', '.join(given)} only apply to sampling; leave them out, or drop --num-beams "
                                  "to sample")
         temperature = 0.0 if args.temperature is None else args.temperature
+        from clusterlm.generate.sampling import check_sampling_args
+
+        check_sampling_args(temperature, args.top_k, args.top_p, as_options=True)  # not as eval.lm's keywords
         if args.num_beams == 1:
             from clusterlm.generate.sampling import greedy_seed_note
 

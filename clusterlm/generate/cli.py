@@ -101,7 +101,7 @@ def _load(args):  # noqa: ANN001, ANN202
 
     if args.temperature is None:
         args.temperature = DEFAULT_TEMPERATURE
-    check_sampling_args(args.temperature, args.top_k, args.top_p)
+    check_sampling_args(args.temperature, args.top_k, args.top_p, as_options=True)
     _pack(args)  # refused here, before anything is printed (a sample's header was left on stdout)
     # torch.Generator.manual_seed takes a signed or unsigned 64-bit integer; sample i uses seed + i
     if args.seed is not None and not -(2**63) <= args.seed <= 2**63 - 1:

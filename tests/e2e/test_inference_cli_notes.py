@@ -102,3 +102,19 @@ def test_beam_width_library_message_keeps_its_keyword(run):
     model = load_for_inference(run).model
     with pytest.raises(ValueError, match=r"^num_beams=300 is wider than the model's vocabulary \(259 tokens\)"):
         check_beam_width(model, 300, max_new_tokens=4, input_len=3)
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "eval"])
+@pytest.mark.parametrize("extra, want", [
+    (["--temperature", "-1"], "--temperature=-1.0 must be a finite number >= 0 (below 1e-06 = greedy)"),
+    (["--top-k", "0"], "--top-k=0 must be an integer >= 1, or left out to keep every token"),
+    (["--top-p", "2"], "--top-p=2.0 must be in (0, 1], or left out to keep every token"),
+])
+def test_bad_sampling_options_are_named_as_options(run, capsys, monkeypatch, command, extra, want):
+    """generate/chat/eval refused --top-k 0 as "top_k=0 must be ..., or None to keep every token": Python's
+    keyword and a None the command line cannot pass. Now the option and "left out", one line, exit 2."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    task = ["--task", str(QA)] if command == "eval" else []
+    assert cli([command, str(run), *task, *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"clusterlm {command}: error: {want}" and captured.out == ""
