@@ -127,7 +127,11 @@ def check_outside_checkpoints(out: str | Path, flag: str = "--out") -> None:
     """Refuse an output folder `out` inside a run's checkpoints folder, or inside one checkpoint (a step
     folder, checkpoints/best): there it would be taken for part of a checkpoint (its manifest does not
     list it) or deleted when checkpoint rotation prunes that step. For every command that writes a
-    folder of its own (export, convert, quantize, prune, ensemble)."""
+    folder of its own (export, convert, quantize, prune, ensemble). A file where a folder of `out` should be
+    is refused here too (fsutil.check_output_dir)."""
+    from clusterlm.fsutil import check_output_dir
+
+    check_output_dir(out, flag)  # a file in the way, an unwritable folder: said before any work
     target = Path(out).resolve()  # symlinks and ".." as the writes would follow them
     for folder in (target, *target.parents):
         if (folder / MANIFEST).is_file() or _checkpoints_root(folder):

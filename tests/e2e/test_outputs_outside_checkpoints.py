@@ -64,3 +64,21 @@ def test_out_beside_checkpoints_is_allowed(run, tmp_path):
     """A folder in the run directory beside checkpoints/ (RUN/hf) is not refused."""
     assert cli(["export", str(run), "--out", str(run / "hf_export")]) == 0
     assert (run / "hf_export" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("command", ["export", "convert", "quantize", "prune", "ensemble"])
+def test_out_under_a_file_is_refused_before_the_work(run, tmp_path, capsys, command):
+    """--out FILE/sub (a file where a folder should be) failed with the OS's "Not a directory:
+    FILE/sub/checkpoints" or "File exists: FILE/sub" (export) after loading; now one line naming the file."""
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "sub"
+    argv = {"export": ["export", str(run)],
+            "convert": ["convert", "--from-hf", str(run.parent / "hf")],
+            "quantize": ["quantize", str(run), "--method", "int8"],
+            "prune": ["prune", str(run), "--sparsity", "0.5", "--method", "magnitude"],
+            "ensemble": ["ensemble", str(run), str(run)]}[command]
+    assert cli([*argv, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (f"clusterlm {command}: error: --out {out}: {tmp_path / 'afile'} is a file, not a "
+                                    "folder; choose another --out")
+    assert (tmp_path / "afile").read_text() == "x"
