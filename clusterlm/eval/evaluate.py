@@ -377,6 +377,9 @@ def main(argv: list[str]) -> int:
         from clusterlm.generate.sampling import check_sampling_args
 
         check_sampling_args(temperature, args.top_k, args.top_p, as_options=True)  # not as eval.lm's keywords
+        if args.stop and not all(args.stop):  # eval.lm said "stops=['']"
+            raise ValueError("--stop '' is empty: a stop string needs at least one character; leave --stop out for "
+                             "the default (a newline when every reference is one line)")
         if args.num_beams == 1:
             from clusterlm.generate.sampling import greedy_seed_note
 

@@ -118,3 +118,13 @@ def test_bad_sampling_options_are_named_as_options(run, capsys, monkeypatch, com
     assert cli([command, str(run), *task, *extra]) == 2
     captured = capsys.readouterr()
     assert captured.err.strip() == f"clusterlm {command}: error: {want}" and captured.out == ""
+
+
+def test_eval_empty_stop_names_the_option(run, capsys):
+    """eval --task --stop '' was refused as "stops=['']: a stop string must not be empty" (eval.lm's
+    keyword, after loading the model); now the option, one line, exit 2."""
+    assert cli(["eval", str(run), "--task", str(QA), "--stop", "x", "--stop", ""]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == ("clusterlm eval: error: --stop '' is empty: a stop string needs at least one "
+                                    "character; leave --stop out for the default (a newline when every reference is "
+                                    "one line)") and captured.out == ""
