@@ -123,22 +123,24 @@ def _checkpoints_root(folder: Path) -> bool:
     return folder.is_dir() and ((folder / LATEST).is_file() or (folder / BEST).is_file() or bool(step_folders(folder)))
 
 
-def check_outside_checkpoints(out: str | Path, flag: str = "--out") -> None:
+def check_outside_checkpoints(out: str | Path, flag: str = "--out", kind: str = "folder") -> None:
     """Refuse an output folder `out` inside a run's checkpoints folder, or inside one checkpoint (a step
     folder, checkpoints/best): there it would be taken for part of a checkpoint (its manifest does not
     list it) or deleted when checkpoint rotation prunes that step. For every command that writes a
     folder of its own (export, convert, quantize, prune, ensemble). A file where a folder of `out` should be
-    is refused here too (fsutil.check_output_dir)."""
+    is refused here too (fsutil.check_output_dir). `kind`: what `out` is, for the message ("file": eval's
+    --out and --samples, which would also overwrite a checkpoint's own files there)."""
     from clusterlm.fsutil import check_output_dir
 
-    check_output_dir(out, flag)  # a file in the way, an unwritable folder: said before any work
+    if kind == "folder":
+        check_output_dir(out, flag)  # a file in the way, an unwritable folder: said before any work
     target = Path(out).resolve()  # symlinks and ".." as the writes would follow them
     for folder in (target, *target.parents):
         if (folder / MANIFEST).is_file() or _checkpoints_root(folder):
             root = folder if _checkpoints_root(folder) else folder.parent
             raise FileExistsError(f"{flag} {out} is inside {'the checkpoints folder' if folder == root else 'the checkpoint'} "
                                   f"{folder}, where checkpoint rotation may delete it or it may be taken for part of a "
-                                  f"checkpoint; choose a folder outside {root}")
+                                  f"checkpoint; choose a {kind} outside {root}")
 
 
 def check_new_run_dir(out: str | Path) -> Path:

@@ -282,8 +282,9 @@ def refuse_unused_options(p: argparse.ArgumentParser, args: argparse.Namespace) 
 
 
 def _refuse_outputs_over_inputs(args: argparse.Namespace) -> None:
-    """--out or --samples naming a --task file (it was overwritten with the scores) or each other (one
-    file held whichever was written last): a ValueError naming both options."""
+    """--out or --samples naming a --task file (it was overwritten with the scores), each other (one
+    file held whichever was written last), a file of the --data directory, or a path in a run's
+    checkpoints folder: a ValueError naming the option."""
     from clusterlm.eval.harness import builtin_tasks
 
     def same(a: str, b: str) -> bool:
@@ -301,6 +302,17 @@ def _refuse_outputs_over_inputs(args: argparse.Namespace) -> None:
             if out and same(out, path):
                 raise ValueError(f"{flag} {out} is the file {what} {path} names: it would be overwritten; give "
                                  f"{flag} another file")
+    from clusterlm.checkpoint.store import check_outside_checkpoints
+
+    for flag, out in (("--out", args.out), ("--samples", args.samples)):
+        if not out:
+            continue
+        # a checkpoint's files (config.toml, model.safetensors) or the --data directory's (meta.json, a shard)
+        # were overwritten with the scores; a new file in a step folder goes with it when rotation prunes it
+        check_outside_checkpoints(out, flag, kind="file")
+        if args.data and Path(out).is_file() and Path(out).resolve().is_relative_to(Path(args.data).resolve()):
+            raise ValueError(f"{flag} {out} is a file of the --data directory {args.data}: it would be overwritten; "
+                             f"give {flag} a file outside it")
 
 
 def positive_int(text: str) -> int:

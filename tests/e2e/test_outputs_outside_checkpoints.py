@@ -82,3 +82,34 @@ def test_out_under_a_file_is_refused_before_the_work(run, tmp_path, capsys, comm
     assert captured.err.strip() == (f"clusterlm {command}: error: --out {out}: {tmp_path / 'afile'} is a file, not a "
                                     "folder; choose another --out")
     assert (tmp_path / "afile").read_text() == "x"
+
+
+@pytest.mark.parametrize("flag, target, fragment", [
+    ("--out", "data/meta.json", "is a file of the --data directory"),
+    ("--out", f"run/{STEP}/config.toml", "is inside the checkpoint"),
+    ("--out", f"run/{STEP}/scores.json", "is inside the checkpoint"),
+    ("--out", "run/checkpoints/scores.json", "is inside the checkpoints folder"),
+    ("--samples", f"run/{STEP}/model.safetensors", "is inside the checkpoint"),
+    ("--samples", "run/checkpoints/latest", "is inside the checkpoints folder"),
+])
+def test_eval_out_over_data_or_checkpoint_files_is_refused(run, capsys, flag, target, fragment):
+    """`eval --data DATA --out DATA/meta.json` replaced the data directory's meta.json with the scores (and
+    --out/--samples RUN/checkpoints/step-X/config.toml likewise a checkpoint's file): refused in one line,
+    exit 2, every file as it was."""
+    root = run.parent
+    if not (root / "data").exists():
+        (root / "corpus.txt").write_text("".join(f"the quick brown fox {i}\n" for i in range(60)))
+        assert cli(["prepare", str(root / "corpus.txt"), "--out", str(root / "data"), "--tokenizer", "byte",
+                    "--val-fraction", "0.5"]) == 0
+    files = lambda: {p: p.read_bytes() for p in [*(root / "data").rglob("*"), *(run / "checkpoints").rglob("*")]
+                     if p.is_file()}
+    before = files()
+    capsys.readouterr()
+    argv = (["eval", str(run), "--data", str(root / "data"), "--seq-len", "16", "--max-batches", "1"] if flag == "--out"
+            else ["eval", str(run), "--task", "shakespeare_next_line", "--limit", "1", "--truncate"])
+    out = root / target
+    assert cli([*argv, flag, str(out)]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith(f"clusterlm eval: error: {flag} {out} {fragment}"), line
+    assert files() == before and captured.out == ""
