@@ -345,6 +345,10 @@ def main(argv: list[str]) -> int:
         if path:  # checked now: an evaluation can take minutes, and its result would be lost at the end
             check_output_file(path, flag)
     _refuse_outputs_over_inputs(args)
+    if args.lm_eval is not None and not any(t.strip() for t in args.lm_eval.split(",")):
+        # '' fell through to the loss on the config's data split; ' , ' reached lm-eval as no task at all
+        raise ValueError(f"--lm-eval {args.lm_eval!r} names no task; give lm-eval task names, comma-separated "
+                         "(`lm-eval ls tasks` lists them)")
     if args.lm_eval and args.task:
         raise ValueError("give --task or --lm-eval, not both (they report in different shapes)")
     if args.apply_chat_template and not args.lm_eval:
@@ -358,6 +362,9 @@ def main(argv: list[str]) -> int:
                              "lm_eval.simple_evaluate(..., log_samples=True) (docs/tasks.md)")
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit={args.limit} must be >= 1")
+        if args.num_fewshot is not None and args.num_fewshot < 0:
+            raise ValueError(f"--num-fewshot={args.num_fewshot} must be >= 0 (0 = zero-shot); leave it out for each "
+                             "task's own number")
         result = evaluate_lm_eval_tasks(args.checkpoint, [t.strip() for t in args.lm_eval.split(",") if t.strip()],
                                         include=args.lm_eval_include, num_fewshot=args.num_fewshot,
                                         limit=args.limit, batch_size=args.batch_size, truncate=args.truncate,

@@ -128,3 +128,24 @@ def test_eval_empty_stop_names_the_option(run, capsys):
     assert captured.err.strip() == ("clusterlm eval: error: --stop '' is empty: a stop string needs at least one "
                                     "character; leave --stop out for the default (a newline when every reference is "
                                     "one line)") and captured.out == ""
+
+
+@pytest.mark.parametrize("extra, want", [
+    (["--lm-eval", ""], "--lm-eval '' names no task; give lm-eval task names, comma-separated (`lm-eval ls tasks` "
+                        "lists them)"),
+    (["--lm-eval", " , "], "--lm-eval ' , ' names no task"),
+    (["--lm-eval", "hellaswag", "--num-fewshot", "-1"], "--num-fewshot=-1 must be >= 0 (0 = zero-shot); leave it out "
+                                                        "for each task's own number"),
+])
+def test_eval_lm_eval_bad_task_list_or_fewshot(run, capsys, monkeypatch, extra, want):
+    """--lm-eval '' fell through to the loss on the config's data split (a message about data.dir), ' , '
+    reached lm-eval as no task, and --num-fewshot -1 ran with "n-shot": -1: each one line, exit 2, before
+    lm-eval runs."""
+    def not_reached(*a, **k):
+        raise AssertionError("lm-eval was run")
+
+    monkeypatch.setattr("clusterlm.eval.evaluate.evaluate_lm_eval_tasks", not_reached)
+    assert cli(["eval", str(run), *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().startswith(f"clusterlm eval: error: {want}") and captured.out == ""
+    assert len(captured.err.strip().splitlines()) == 1
