@@ -167,6 +167,13 @@ def generate_main(argv: list[str], out: TextIO | None = None) -> int:
                              "only apply to sampling; leave them out, or drop --num-beams to sample")
     loaded = _load(args)
     encdec = loaded.config.model.arch == "encdec"
+    if args.num_samples > 1 and args.num_beams == 1:
+        from clusterlm.generate.sampling import GREEDY_TEMPERATURE
+
+        if args.temperature < GREEDY_TEMPERATURE:  # every sample would be the same text
+            log.warning("--num-samples=%d with greedy decoding (--temperature %g) prints the same text %d times; "
+                        "give --temperature > 0 to sample different ones", args.num_samples, args.temperature,
+                        args.num_samples)
     if args.src is not None and not encdec:
         raise ValueError(f"--src is for encoder-decoder models; {loaded.path} is arch {loaded.config.model.arch!r}: "
                          "use --prompt")

@@ -149,3 +149,16 @@ def test_eval_lm_eval_bad_task_list_or_fewshot(run, capsys, monkeypatch, extra, 
     captured = capsys.readouterr()
     assert captured.err.strip().startswith(f"clusterlm eval: error: {want}") and captured.out == ""
     assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_generate_greedy_num_samples_is_noted(run, capsys, caplog):
+    """generate --num-samples 3 --temperature 0 printed the same text 3 times without a word (beam search
+    refuses --num-samples for that reason): one note, exit 0, the samples as before (identical)."""
+    with caplog.at_level(logging.WARNING):
+        assert cli(["generate", str(run), "--prompt", "ab", "--max-new-tokens", "6", "--temperature", "0",
+                    "--num-samples", "3"]) == 0
+    texts = capsys.readouterr().out.split("-----\n")[1:]
+    assert len(texts) == 3 and len(set(t.split("-----")[0] for t in texts)) == 1
+    notes = [r.getMessage() for r in caplog.records if "--num-samples" in r.getMessage()]
+    assert notes == ["--num-samples=3 with greedy decoding (--temperature 0) prints the same text 3 times; give "
+                     "--temperature > 0 to sample different ones"]
