@@ -390,6 +390,10 @@ def resolve_checkpoint(arg: str | Path) -> Path:
         raise CheckpointError(f"{p} does not exist; {usage}")
     if not p.is_dir():
         raise CheckpointError(f"{p} is a file; {usage}")
+    if (p / "config.json").is_file() and not (p / MANIFEST).exists() and not (p / "config.toml").exists():
+        # was "not a valid checkpoint: manifest.json is missing (the save did not finish)"
+        raise CheckpointError(f"{p} is a Hugging Face folder (config.json), not a clusterlm checkpoint; convert it "
+                              f"first: clusterlm convert --from-hf {p} --out RUN_DIR")
     if STEP_RE.match(p.name) or (p / MANIFEST).exists() or (p / "model.safetensors").exists():
         problems = verify_checkpoint(p)
         if problems:

@@ -162,3 +162,18 @@ def test_generate_greedy_num_samples_is_noted(run, capsys, caplog):
     notes = [r.getMessage() for r in caplog.records if "--num-samples" in r.getMessage()]
     assert notes == ["--num-samples=3 with greedy decoding (--temperature 0) prints the same text 3 times; give "
                      "--temperature > 0 to sample different ones"]
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "export"])
+def test_a_hugging_face_folder_is_named_as_one(run, tmp_path, capsys, command):
+    """generate/eval/export on a Hugging Face folder (what `export` writes) said "not a valid checkpoint:
+    manifest.json is missing (the save did not finish)", as if a save had crashed; now it says what the
+    folder is and the command that converts it."""
+    hf = tmp_path / "hf"
+    assert cli(["export", str(run), "--out", str(hf)]) == 0
+    capsys.readouterr()
+    assert cli([command, str(hf), *(["--out", str(tmp_path / "x")] if command == "export" else [])]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"clusterlm {command}: error: {hf} is a Hugging Face folder (config.json), not a clusterlm checkpoint; "
+        f"convert it first: clusterlm convert --from-hf {hf} --out RUN_DIR")
+    assert not (tmp_path / "x").exists()
