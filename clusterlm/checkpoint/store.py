@@ -119,8 +119,15 @@ def write_manifest(folder: Path, step: int) -> dict:
 
 # ---- save ------------------------------------------------------------------------------------------------
 def _checkpoints_root(folder: Path) -> bool:
-    """Whether `folder` is a run's checkpoints folder: it holds the `latest`/`best` pointer or a step folder."""
-    return folder.is_dir() and ((folder / LATEST).is_file() or (folder / BEST).is_file() or bool(step_folders(folder)))
+    """Whether `folder` is a run's checkpoints folder: step folders and the `latest` pointer (or the name
+    checkpoints), so that an unrelated folder holding a file called latest is not taken for one."""
+    return (folder.is_dir() and ((folder / LATEST).is_file() or folder.name == "checkpoints")
+            and bool(step_folders(folder)))
+
+
+def _checkpoint_folder(folder: Path) -> bool:
+    """Whether `folder` is one checkpoint: its manifest and run config (not any folder with a manifest.json)."""
+    return (folder / MANIFEST).is_file() and (folder / "config.toml").is_file()
 
 
 def check_outside_checkpoints(out: str | Path, flag: str = "--out", kind: str = "folder") -> None:
@@ -136,7 +143,7 @@ def check_outside_checkpoints(out: str | Path, flag: str = "--out", kind: str = 
         check_output_dir(out, flag)  # a file in the way, an unwritable folder: said before any work
     target = Path(out).resolve()  # symlinks and ".." as the writes would follow them
     for folder in (target, *target.parents):
-        if (folder / MANIFEST).is_file() or _checkpoints_root(folder):
+        if _checkpoint_folder(folder) or _checkpoints_root(folder):
             root = folder if _checkpoints_root(folder) else folder.parent
             raise FileExistsError(f"{flag} {out} is inside {'the checkpoints folder' if folder == root else 'the checkpoint'} "
                                   f"{folder}, where checkpoint rotation may delete it or it may be taken for part of a "

@@ -113,3 +113,15 @@ def test_eval_out_over_data_or_checkpoint_files_is_refused(run, capsys, flag, ta
     (line,) = captured.err.strip().splitlines()
     assert line.startswith(f"clusterlm eval: error: {flag} {out} {fragment}"), line
     assert files() == before and captured.out == ""
+
+
+def test_unrelated_folders_with_a_latest_or_manifest_file_are_not_checkpoints(run, tmp_path):
+    """Only a real checkpoints folder (step folders and `latest`) or checkpoint (manifest.json and
+    config.toml) counts: a downloads folder holding a file called `latest`, or a web bundle's manifest.json,
+    does not block an export into it."""
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / "latest").write_text("v2\n")
+    (tmp_path / "downloads" / "site").mkdir()
+    (tmp_path / "downloads" / "site" / "manifest.json").write_text("{}")
+    assert cli(["export", str(run), "--out", str(tmp_path / "downloads" / "site" / "hf")]) == 0
+    assert (tmp_path / "downloads" / "site" / "hf" / "config.json").is_file()
