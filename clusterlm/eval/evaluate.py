@@ -175,6 +175,12 @@ def evaluate_tasks(ckpt: str, tasks: list[str], *, limit: int | None = None, bat
     loaded = load_for_inference(ckpt, device=resolve_device(device, "--device"))
     for task in loaded_tasks:  # a classifier answers classify tasks with its labels: refused before any scoring
         check_model_kind(loaded.model, task_requests(task, decode, model_labels(loaded.model)), f"task {task.name!r}")
+    if decode.num_beams == 1:  # after every refusal: a note, then the scores
+        from clusterlm.generate.sampling import greedy_seed_note
+
+        note = greedy_seed_note(decode.seed, decode.temperature, default=decode.temperature == 0.0)
+        if note:
+            log.warning("%s", note)
     out: dict[str, Any] = {"checkpoint": str(loaded.path), "tasks": {}}
     records: list[dict[str, Any]] = []
     for spec, task in zip(tasks, loaded_tasks):
@@ -399,12 +405,6 @@ def main(argv: list[str]) -> int:
         if args.stop and not all(args.stop):  # eval.lm said "stops=['']"
             raise ValueError("--stop '' is empty: a stop string needs at least one character; leave --stop out for "
                              "the default (a newline when every reference is one line)")
-        if args.num_beams == 1:
-            from clusterlm.generate.sampling import greedy_seed_note
-
-            note = greedy_seed_note(args.seed, temperature, default=args.temperature is None)
-            if note:
-                log.warning("%s", note)
         decode = DecodeOptions(max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=args.top_p,
                                top_k=args.top_k, seed=args.seed, stops=tuple(args.stop) if args.stop else None,
                                num_beams=args.num_beams, length_penalty=args.length_penalty)

@@ -108,9 +108,6 @@ def _load(args):  # noqa: ANN001, ANN202
         raise ValueError(f"--seed={args.seed} must be in [-2^63, 2^63 - 1]")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
-    note = greedy_seed_note(args.seed, args.temperature)
-    if note:
-        log.warning("%s", note)
     loaded = load_for_inference(args.checkpoint, device=resolve_device(args.device, "--device"))
     if loaded.config.model.arch == "encoder" and not loaded.config.model.labels:
         from clusterlm.errors import ConfigError
@@ -133,6 +130,9 @@ def _load(args):  # noqa: ANN001, ANN202
         raise ConfigError(f"{loaded.path} is a classifier (labels {', '.join(loaded.config.model.labels)}): it "
                           "labels text, it does not generate; use `clusterlm eval RUN --task FILE` or `clusterlm "
                           "serve` (POST /classify)")
+    note = greedy_seed_note(args.seed, args.temperature)  # after every refusal: a note, then the text
+    if note:
+        log.warning("%s", note)
     return loaded
 
 

@@ -55,10 +55,10 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
 def greedy_seed_note(seed: int | None, temperature: float, default: bool = False) -> str | None:
     """The note for a command line whose --seed is given to greedy decoding (temperature below
     GREEDY_TEMPERATURE), which draws nothing, so the seed changes nothing; None otherwise. `default`: the
-    temperature was the command's default, not given."""
+    temperature is the command's default (eval --task's 0)."""
     if seed is None or temperature >= GREEDY_TEMPERATURE:
         return None
-    where = "the default" if default else f"--temperature {temperature:g}"
+    where = f"--temperature {temperature:g}" + (", the default" if default else "")
     return (f"--seed={seed} has no effect with greedy decoding ({where}): every seed gives the same output; "
             "give --temperature > 0 to sample")
 

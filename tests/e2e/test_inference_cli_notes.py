@@ -67,8 +67,8 @@ def test_eval_task_seed_with_greedy_default_is_noted(run, capsys, caplog):
     --temperature > 0 it seeds the sampling, no note."""
     with caplog.at_level(logging.WARNING):
         assert cli(["eval", str(run), "--task", str(QA), "--max-new-tokens", "4", "--seed", "5"]) == 0
-    assert _notes(caplog) == ["--seed=5 has no effect with greedy decoding (the default): every seed gives the same "
-                              "output; give --temperature > 0 to sample"]
+    assert _notes(caplog) == ["--seed=5 has no effect with greedy decoding (--temperature 0, the default): every seed "
+                              "gives the same output; give --temperature > 0 to sample"]
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         assert cli(["eval", str(run), "--task", str(QA), "--max-new-tokens", "4", "--seed", "5",
@@ -177,3 +177,17 @@ def test_a_hugging_face_folder_is_named_as_one(run, tmp_path, capsys, command):
         f"clusterlm {command}: error: {hf} is a Hugging Face folder (config.json), not a clusterlm checkpoint; "
         f"convert it first: clusterlm convert --from-hf {hf} --out RUN_DIR")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["eval", "RUN", "--task", "shakespeare_word_order", "--limit", "2", "--seed", "1"],
+     "--seed set how generate tasks decode"),
+    (["generate", "NOWHERE", "--temperature", "0", "--seed", "1"], "does not exist"),
+])
+def test_a_refused_command_prints_no_seed_note(run, tmp_path, capsys, caplog, argv, error):
+    """The greedy --seed note came before a refusal of the same command (two lines for one bad input):
+    a refused command prints its error line only."""
+    argv = [str(run) if a == "RUN" else str(tmp_path / "nowhere") if a == "NOWHERE" else a for a in argv]
+    with caplog.at_level(logging.WARNING):
+        assert cli(argv) == 2
+    assert error in capsys.readouterr().err and _notes(caplog) == []
