@@ -78,6 +78,19 @@ def warn_unknown_chars(tokenizer, text: str, what: str) -> None:  # noqa: ANN001
                     "<|unk|>: %r", len(unknown), what, shown)
 
 
+def _greedy_notes(args) -> None:  # noqa: ANN001
+    """Options greedy decoding makes pointless, noted once every refusal has passed (a note, then the text)."""
+    from clusterlm.generate.sampling import GREEDY_TEMPERATURE, greedy_seed_note
+
+    note = greedy_seed_note(args.seed, args.temperature)
+    if note:
+        log.warning("%s", note)
+    samples = getattr(args, "num_samples", 1)
+    if samples > 1 and getattr(args, "num_beams", 1) == 1 and args.temperature < GREEDY_TEMPERATURE:
+        log.warning("--num-samples=%d with greedy decoding (--temperature %g) prints the same text %d times; "
+                    "give --temperature > 0 to sample different ones", samples, args.temperature, samples)
+
+
 def warn_encdec_limits(loaded, source: str, max_new_tokens: int) -> None:  # noqa: ANN001
     """An encoder-decoder reads at most max_seq_len source tokens (a longer source is cut to its first
     max_seq_len - 1 + EOS) and writes at most max_seq_len target tokens: say so when the source or
@@ -96,7 +109,7 @@ def warn_encdec_limits(loaded, source: str, max_new_tokens: int) -> None:  # noq
 
 def _load(args):  # noqa: ANN001, ANN202
     from clusterlm.checkpoint.model_io import load_for_inference
-    from clusterlm.generate.sampling import check_sampling_args, greedy_seed_note
+    from clusterlm.generate.sampling import check_sampling_args
     from clusterlm.device import resolve_device
 
     if args.temperature is None:
@@ -130,9 +143,6 @@ def _load(args):  # noqa: ANN001, ANN202
         raise ConfigError(f"{loaded.path} is a classifier (labels {', '.join(loaded.config.model.labels)}): it "
                           "labels text, it does not generate; use `clusterlm eval RUN --task FILE` or `clusterlm "
                           "serve` (POST /classify)")
-    note = greedy_seed_note(args.seed, args.temperature)  # after every refusal: a note, then the text
-    if note:
-        log.warning("%s", note)
     return loaded
 
 
@@ -167,13 +177,6 @@ def generate_main(argv: list[str], out: TextIO | None = None) -> int:
                              "only apply to sampling; leave them out, or drop --num-beams to sample")
     loaded = _load(args)
     encdec = loaded.config.model.arch == "encdec"
-    if args.num_samples > 1 and args.num_beams == 1:
-        from clusterlm.generate.sampling import GREEDY_TEMPERATURE
-
-        if args.temperature < GREEDY_TEMPERATURE:  # every sample would be the same text
-            log.warning("--num-samples=%d with greedy decoding (--temperature %g) prints the same text %d times; "
-                        "give --temperature > 0 to sample different ones", args.num_samples, args.temperature,
-                        args.num_samples)
     if args.src is not None and not encdec:
         raise ValueError(f"--src is for encoder-decoder models; {loaded.path} is arch {loaded.config.model.arch!r}: "
                          "use --prompt")
@@ -199,6 +202,7 @@ def generate_main(argv: list[str], out: TextIO | None = None) -> int:
         (src,) = fit_sources(loaded.tokenizer, [prompt], loaded.config.model.max_seq_len, True)
         check_beam_width(loaded.model, args.num_beams, max_new_tokens=args.max_new_tokens, input_len=len(src),
                          name="--num-beams")
+    _greedy_notes(args)  # after every refusal
     warn_unknown_chars(loaded.tokenizer, prompt, "the prompt" + (" as the chat template renders it" if args.chat else ""))
     if encdec:
         warn_encdec_limits(loaded, prompt, args.max_new_tokens)
@@ -235,6 +239,7 @@ def chat_main(argv: list[str], stdin: TextIO | None = None, out: TextIO | None =
     loaded = _load(args)
     fmt = chat_format(loaded.tokenizer, loaded.chat_template)
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    _greedy_notes(args)
     interactive = stdin.isatty()
     turn = 0
     while True:

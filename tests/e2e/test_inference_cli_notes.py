@@ -191,3 +191,12 @@ def test_a_refused_command_prints_no_seed_note(run, tmp_path, capsys, caplog, ar
     with caplog.at_level(logging.WARNING):
         assert cli(argv) == 2
     assert error in capsys.readouterr().err and _notes(caplog) == []
+
+
+def test_generate_refused_after_loading_prints_no_greedy_note(run, capsys, caplog):
+    """--src on a decoder-only model is refused after the checkpoint loads: no --seed/--num-samples note
+    before that one error line."""
+    with caplog.at_level(logging.WARNING):
+        assert cli(["generate", str(run), "--src", "x", "--temperature", "0", "--seed", "1", "--num-samples", "2"]) == 2
+    assert "--src is for encoder-decoder models" in capsys.readouterr().err
+    assert [r.getMessage() for r in caplog.records if "greedy" in r.getMessage()] == []
