@@ -142,6 +142,20 @@ def check_output_path(path: str | os.PathLike, flag: str) -> None:
         raise ValueError(f"{flag} {path}: the folder {parent} is not writable by this user")
 
 
+def check_output_dir(path: str | os.PathLike, flag: str) -> None:
+    """For a writer that creates folder `path` and any missing folders above it (export, convert, quantize,
+    prune, ensemble --out): refuse (ValueError naming `flag`) a file where one of those folders should be,
+    or a nearest existing folder this user cannot write to, before the work (the OS said only "Not a
+    directory: OUT/checkpoints" or "File exists" after it)."""
+    parent = Path(path)
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent != Path(path) and not parent.is_dir():
+        raise ValueError(f"{flag} {path}: {parent} is a file, not a folder; choose another {flag}")
+    if parent != Path(path) and not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: the folder {parent} is not writable by this user")
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -118,6 +118,38 @@ def write_manifest(folder: Path, step: int) -> dict:
 
 
 # ---- save ------------------------------------------------------------------------------------------------
+def _checkpoints_root(folder: Path) -> bool:
+    """Whether `folder` is a run's checkpoints folder: step folders and the `latest` pointer (or the name
+    checkpoints), so that an unrelated folder holding a file called latest is not taken for one."""
+    return (folder.is_dir() and ((folder / LATEST).is_file() or folder.name == "checkpoints")
+            and bool(step_folders(folder)))
+
+
+def _checkpoint_folder(folder: Path) -> bool:
+    """Whether `folder` is one checkpoint: its manifest and run config (not any folder with a manifest.json)."""
+    return (folder / MANIFEST).is_file() and (folder / "config.toml").is_file()
+
+
+def check_outside_checkpoints(out: str | Path, flag: str = "--out", kind: str = "folder") -> None:
+    """Refuse an output folder `out` inside a run's checkpoints folder, or inside one checkpoint (a step
+    folder, checkpoints/best): there it would be taken for part of a checkpoint (its manifest does not
+    list it) or deleted when checkpoint rotation prunes that step. For every command that writes a
+    folder of its own (export, convert, quantize, prune, ensemble). A file where a folder of `out` should be
+    is refused here too (fsutil.check_output_dir). `kind`: what `out` is, for the message ("file": eval's
+    --out and --samples, which would also overwrite a checkpoint's own files there)."""
+    from clusterlm.fsutil import check_output_dir
+
+    if kind == "folder":
+        check_output_dir(out, flag)  # a file in the way, an unwritable folder: said before any work
+    target = Path(out).resolve()  # symlinks and ".." as the writes would follow them
+    for folder in (target, *target.parents):
+        if _checkpoint_folder(folder) or _checkpoints_root(folder):
+            root = folder if _checkpoints_root(folder) else folder.parent
+            raise FileExistsError(f"{flag} {out} is inside {'the checkpoints folder' if folder == root else 'the checkpoint'} "
+                                  f"{folder}, where checkpoint rotation may delete it or it may be taken for part of a "
+                                  f"checkpoint; choose a {kind} outside {root}")
+
+
 def check_new_run_dir(out: str | Path) -> Path:
     """`out` for a command that writes a new run (convert, quantize, prune, ensemble): refused when
     its checkpoints folder already holds a checkpoint. An empty one (what a failed earlier attempt,
@@ -132,6 +164,7 @@ def check_new_run_dir(out: str | Path) -> Path:
         # folder then finds the nested copy instead of its own steps
         raise FileExistsError(f"--out {out} is a checkpoint or a checkpoints folder, not a run directory; give a new "
                               "run directory")
+    check_outside_checkpoints(out)
     ckpts = out / "checkpoints"
     if ckpts.exists() and (not ckpts.is_dir() or any(not c.name.startswith(".") for c in ckpts.iterdir())):
         raise FileExistsError(f"{ckpts} already exists; choose a new --out")
@@ -364,6 +397,10 @@ def resolve_checkpoint(arg: str | Path) -> Path:
         raise CheckpointError(f"{p} does not exist; {usage}")
     if not p.is_dir():
         raise CheckpointError(f"{p} is a file; {usage}")
+    if (p / "config.json").is_file() and not (p / MANIFEST).exists() and not (p / "config.toml").exists():
+        # was "not a valid checkpoint: manifest.json is missing (the save did not finish)"
+        raise CheckpointError(f"{p} is a Hugging Face folder (config.json), not a clusterlm checkpoint; convert it "
+                              f"first: clusterlm convert --from-hf {p} --out RUN_DIR")
     if STEP_RE.match(p.name) or (p / MANIFEST).exists() or (p / "model.safetensors").exists():
         problems = verify_checkpoint(p)
         if problems:

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from clusterlm.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 def evaluate_checkpoint(ckpt: str, *, data: str | None = None, split: str = "val", batch_size: int = 16,
@@ -172,6 +175,12 @@ def evaluate_tasks(ckpt: str, tasks: list[str], *, limit: int | None = None, bat
     loaded = load_for_inference(ckpt, device=resolve_device(device, "--device"))
     for task in loaded_tasks:  # a classifier answers classify tasks with its labels: refused before any scoring
         check_model_kind(loaded.model, task_requests(task, decode, model_labels(loaded.model)), f"task {task.name!r}")
+    if decode.num_beams == 1:  # after every refusal: a note, then the scores
+        from clusterlm.generate.sampling import greedy_seed_note
+
+        note = greedy_seed_note(decode.seed, decode.temperature, default=decode.temperature == 0.0)
+        if note:
+            log.warning("%s", note)
     out: dict[str, Any] = {"checkpoint": str(loaded.path), "tasks": {}}
     records: list[dict[str, Any]] = []
     for spec, task in zip(tasks, loaded_tasks):
@@ -279,8 +288,9 @@ def refuse_unused_options(p: argparse.ArgumentParser, args: argparse.Namespace) 
 
 
 def _refuse_outputs_over_inputs(args: argparse.Namespace) -> None:
-    """--out or --samples naming a --task file (it was overwritten with the scores) or each other (one
-    file held whichever was written last): a ValueError naming both options."""
+    """--out or --samples naming a --task file (it was overwritten with the scores), each other (one
+    file held whichever was written last), a file of the --data directory, or a path in a run's
+    checkpoints folder: a ValueError naming the option."""
     from clusterlm.eval.harness import builtin_tasks
 
     def same(a: str, b: str) -> bool:
@@ -298,6 +308,17 @@ def _refuse_outputs_over_inputs(args: argparse.Namespace) -> None:
             if out and same(out, path):
                 raise ValueError(f"{flag} {out} is the file {what} {path} names: it would be overwritten; give "
                                  f"{flag} another file")
+    from clusterlm.checkpoint.store import check_outside_checkpoints
+
+    for flag, out in (("--out", args.out), ("--samples", args.samples)):
+        if not out:
+            continue
+        # a checkpoint's files (config.toml, model.safetensors) or the --data directory's (meta.json, a shard)
+        # were overwritten with the scores; a new file in a step folder goes with it when rotation prunes it
+        check_outside_checkpoints(out, flag, kind="file")
+        if args.data and Path(out).is_file() and Path(out).resolve().is_relative_to(Path(args.data).resolve()):
+            raise ValueError(f"{flag} {out} is a file of the --data directory {args.data}: it would be overwritten; "
+                             f"give {flag} a file outside it")
 
 
 def positive_int(text: str) -> int:
@@ -330,6 +351,10 @@ def main(argv: list[str]) -> int:
         if path:  # checked now: an evaluation can take minutes, and its result would be lost at the end
             check_output_file(path, flag)
     _refuse_outputs_over_inputs(args)
+    if args.lm_eval is not None and not any(t.strip() for t in args.lm_eval.split(",")):
+        # '' fell through to the loss on the config's data split; ' , ' reached lm-eval as no task at all
+        raise ValueError(f"--lm-eval {args.lm_eval!r} names no task; give lm-eval task names, comma-separated "
+                         "(`lm-eval ls tasks` lists them)")
     if args.lm_eval and args.task:
         raise ValueError("give --task or --lm-eval, not both (they report in different shapes)")
     if args.apply_chat_template and not args.lm_eval:
@@ -343,6 +368,9 @@ def main(argv: list[str]) -> int:
                              "lm_eval.simple_evaluate(..., log_samples=True) (docs/tasks.md)")
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit={args.limit} must be >= 1")
+        if args.num_fewshot is not None and args.num_fewshot < 0:
+            raise ValueError(f"--num-fewshot={args.num_fewshot} must be >= 0 (0 = zero-shot); leave it out for each "
+                             "task's own number")
         result = evaluate_lm_eval_tasks(args.checkpoint, [t.strip() for t in args.lm_eval.split(",") if t.strip()],
                                         include=args.lm_eval_include, num_fewshot=args.num_fewshot,
                                         limit=args.limit, batch_size=args.batch_size, truncate=args.truncate,
@@ -371,12 +399,23 @@ def main(argv: list[str]) -> int:
                                  f"{', '.join(given)} only apply to sampling; leave them out, or drop --num-beams "
                                  "to sample")
         temperature = 0.0 if args.temperature is None else args.temperature
+        from clusterlm.generate.sampling import check_sampling_args
+
+        check_sampling_args(temperature, args.top_k, args.top_p, as_options=True)  # not as eval.lm's keywords
+        if args.stop and not all(args.stop):  # eval.lm said "stops=['']"
+            raise ValueError("--stop '' is empty: a stop string needs at least one character; leave --stop out for "
+                             "the default (a newline when every reference is one line)")
         decode = DecodeOptions(max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=args.top_p,
                                top_k=args.top_k, seed=args.seed, stops=tuple(args.stop) if args.stop else None,
                                num_beams=args.num_beams, length_penalty=args.length_penalty)
-        result = evaluate_tasks(args.checkpoint, args.task, limit=args.limit, batch_size=args.batch_size,
-                                decode=decode, truncate=args.truncate, device=args.device, samples_out=args.samples,
-                                labels=_labels_arg(args.labels) if args.labels else None)
+        from clusterlm.generate.beam import BeamWidthError
+
+        try:
+            result = evaluate_tasks(args.checkpoint, args.task, limit=args.limit, batch_size=args.batch_size,
+                                    decode=decode, truncate=args.truncate, device=args.device,
+                                    samples_out=args.samples, labels=_labels_arg(args.labels) if args.labels else None)
+        except BeamWidthError as e:  # the search's check names the library's keyword, num_beams
+            raise ValueError(e.for_option("--num-beams")) from None
     else:
         result = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, batch_size=args.batch_size,
                                      seq_len=args.seq_len, max_batches=args.max_batches, device=args.device)

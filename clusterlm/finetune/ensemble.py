@@ -74,7 +74,7 @@ def _check_same(first: object, m: object) -> None:
 
 def write_ensemble(members: list[str], out: str | Path) -> Path:
     """Combine classifier checkpoints `members` into out/checkpoints/step-N; returns the step folder."""
-    from clusterlm.checkpoint.store import MANIFEST, save_checkpoint
+    from clusterlm.checkpoint.store import MANIFEST, check_outside_checkpoints, save_checkpoint
     from clusterlm.fsutil import sha256_file
     from clusterlm.models.ensemble import ClassifierEnsemble
 
@@ -91,6 +91,7 @@ def write_ensemble(members: list[str], out: str | Path) -> Path:
                           "ensemble, e.g. runs/my_ensemble")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"--out={str(out)!r}: the folder {existing} is not writable by this user")
+    check_outside_checkpoints(out)
     loaded: list = []
     for arg in members:
         m = _member(arg)

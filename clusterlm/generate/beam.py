@@ -40,7 +40,7 @@ length (one call per length, as generate/engine.py).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -81,11 +81,24 @@ def beam_row_bytes(model: nn.Module, max_new_tokens: int, input_len: int) -> int
     return per_row + cfg.vocab_size * (elem + 2 * 8)
 
 
+class BeamWidthError(ValueError):
+    """A beam width check_beam_width refuses. The message names the option as the caller spelled it;
+    `for_option` words it for another spelling, so a command line that reaches the search through library
+    calls (`eval --task ... --num-beams N`) can name its own option instead of the keyword num_beams."""
+
+    def __init__(self, word: Callable[[str], str], name: str) -> None:
+        super().__init__(word(name))
+        self._word = word
+
+    def for_option(self, name: str) -> str:
+        return self._word(name)
+
+
 def check_beam_width(model: nn.Module, num_beams: int, *, rows: int = 1, max_new_tokens: int, input_len: int,
                      device: torch.device | str | None = None, available: int | None = None,
                      name: str = "num_beams") -> None:
-    """Refuse a beam width the search cannot use or cannot hold (ValueError; `name` is how the caller's
-    user spells the option). Wider than the vocabulary: the first step has at most vocab_size
+    """Refuse a beam width the search cannot use or cannot hold (BeamWidthError, a ValueError; `name` is how
+    the caller's user spells the option, and a caller further up can reword it: BeamWidthError.for_option). Wider than the vocabulary: the first step has at most vocab_size
     continuations to keep, so such a width is never filled, and widths past a few dozen rarely help
     (usual: 4-10). Needing more than the memory available on `device` (train.memcheck's figure;
     `available` replaces it): `rows` inputs (sources or prompts of up to `input_len` tokens) of
@@ -95,8 +108,8 @@ def check_beam_width(model: nn.Module, num_beams: int, *, rows: int = 1, max_new
 
     V = model.config.vocab_size
     if num_beams > V:
-        raise ValueError(f"{name}={num_beams} is wider than the model's vocabulary ({V} tokens): the first step has "
-                         f"at most {V} continuations to keep; use a width in [1, {V}] (4-10 is usual)")
+        raise BeamWidthError(lambda n: f"{n}={num_beams} is wider than the model's vocabulary ({V} tokens): the first "
+                             f"step has at most {V} continuations to keep; use a width in [1, {V}] (4-10 is usual)", name)
     if available is None:
         dev = torch.device(device) if device is not None else next(model.parameters()).device
         available, _ = available_memory(dev)
@@ -106,9 +119,9 @@ def check_beam_width(model: nn.Module, num_beams: int, *, rows: int = 1, max_new
     need = rows * num_beams * per_row
     if need > available:
         widest = max(0, available // (rows * per_row))
-        hint = f"use {name} <= {widest}" if widest >= 1 else "use a shorter output or source"
-        raise ValueError(f"{name}={num_beams} needs about {_size(need)} for {rows * num_beams} beam rows (caches and "
-                         f"logits, {_size(per_row)} each) but {_size(available)} is available; {hint}")
+        raise BeamWidthError(lambda n: f"{n}={num_beams} needs about {_size(need)} for {rows * num_beams} beam rows "
+                             f"(caches and logits, {_size(per_row)} each) but {_size(available)} is available; "
+                             + (f"use {n} <= {widest}" if widest >= 1 else "use a shorter output or source"), name)
 
 
 def _size(n: float) -> str:

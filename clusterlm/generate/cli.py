@@ -26,7 +26,7 @@ import math
 import sys
 from typing import TextIO
 
-from clusterlm.generate.text import chat_format, stream_text
+from clusterlm.generate.text import chat_format, refuse_pack_for_encdec, stream_text
 
 log = logging.getLogger(__name__)
 DEFAULT_TEMPERATURE = 0.8
@@ -78,6 +78,19 @@ def warn_unknown_chars(tokenizer, text: str, what: str) -> None:  # noqa: ANN001
                     "<|unk|>: %r", len(unknown), what, shown)
 
 
+def _greedy_notes(args) -> None:  # noqa: ANN001
+    """Options greedy decoding makes pointless, noted once every refusal has passed (a note, then the text)."""
+    from clusterlm.generate.sampling import GREEDY_TEMPERATURE, greedy_seed_note
+
+    note = greedy_seed_note(args.seed, args.temperature)
+    if note:
+        log.warning("%s", note)
+    samples = getattr(args, "num_samples", 1)
+    if samples > 1 and getattr(args, "num_beams", 1) == 1 and args.temperature < GREEDY_TEMPERATURE:
+        log.warning("--num-samples=%d with greedy decoding (--temperature %g) prints the same text %d times; "
+                    "give --temperature > 0 to sample different ones", samples, args.temperature, samples)
+
+
 def warn_encdec_limits(loaded, source: str, max_new_tokens: int) -> None:  # noqa: ANN001
     """An encoder-decoder reads at most max_seq_len source tokens (a longer source is cut to its first
     max_seq_len - 1 + EOS) and writes at most max_seq_len target tokens: say so when the source or
@@ -101,7 +114,7 @@ def _load(args):  # noqa: ANN001, ANN202
 
     if args.temperature is None:
         args.temperature = DEFAULT_TEMPERATURE
-    check_sampling_args(args.temperature, args.top_k, args.top_p)
+    check_sampling_args(args.temperature, args.top_k, args.top_p, as_options=True)
     _pack(args)  # refused here, before anything is printed (a sample's header was left on stdout)
     # torch.Generator.manual_seed takes a signed or unsigned 64-bit integer; sample i uses seed + i
     if args.seed is not None and not -(2**63) <= args.seed <= 2**63 - 1:
@@ -117,9 +130,7 @@ def _load(args):  # noqa: ANN001, ANN202
     if loaded.config.model.arch == "encdec" and args.compile:
         raise ValueError(f"--compile compiles a decoder-only model's decode step; {loaded.path} is an encoder-decoder "
                          "(arch 'encdec'), which decodes eagerly: leave --compile out")
-    if loaded.config.model.arch == "encdec" and args.pack != "auto":  # it was ignored
-        raise ValueError(f"--pack {args.pack} packs a decoder-only model's CPU weights; {loaded.path} is an "
-                         "encoder-decoder (arch 'encdec'), which decodes with its weights as loaded: leave --pack out")
+    refuse_pack_for_encdec(args.pack, loaded.config.model.arch, loaded.path)  # it would be ignored
     if args.compile:  # refused before anything is printed (the prompt was left on stdout before the error)
         from clusterlm.generate.engine import compile_unavailable
 
@@ -191,6 +202,7 @@ def generate_main(argv: list[str], out: TextIO | None = None) -> int:
         (src,) = fit_sources(loaded.tokenizer, [prompt], loaded.config.model.max_seq_len, True)
         check_beam_width(loaded.model, args.num_beams, max_new_tokens=args.max_new_tokens, input_len=len(src),
                          name="--num-beams")
+    _greedy_notes(args)  # after every refusal
     warn_unknown_chars(loaded.tokenizer, prompt, "the prompt" + (" as the chat template renders it" if args.chat else ""))
     if encdec:
         warn_encdec_limits(loaded, prompt, args.max_new_tokens)
@@ -227,6 +239,7 @@ def chat_main(argv: list[str], stdin: TextIO | None = None, out: TextIO | None =
     loaded = _load(args)
     fmt = chat_format(loaded.tokenizer, loaded.chat_template)
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    _greedy_notes(args)
     interactive = stdin.isatty()
     turn = 0
     while True:

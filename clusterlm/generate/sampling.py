@@ -36,16 +36,31 @@ GREEDY_TEMPERATURE = 1e-6
 _F32_MAX = torch.finfo(torch.float32).max
 
 
-def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raise ValueError naming the bad value and the valid range."""
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None, *,
+                        as_options: bool = False) -> None:
+    """Raise ValueError naming the bad value and the valid range. `as_options`: name them as the command
+    line does (--temperature, --top-k, --top-p; "left out" for None) instead of as Python keywords."""
+    t, k, p = ("--temperature", "--top-k", "--top-p") if as_options else ("temperature", "top_k", "top_p")
+    keep_all = "left out" if as_options else "None"
     if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature)
             or temperature < 0):
-        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (below "
+        raise ValueError(f"{t}={temperature!r} must be a finite number >= 0 (below "
                          f"{GREEDY_TEMPERATURE:g} = greedy)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k={top_k!r} must be an integer >= 1, or None to keep every token")
+        raise ValueError(f"{k}={top_k!r} must be an integer >= 1, or {keep_all} to keep every token")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p={top_p!r} must be in (0, 1], or None to keep every token")
+        raise ValueError(f"{p}={top_p!r} must be in (0, 1], or {keep_all} to keep every token")
+
+
+def greedy_seed_note(seed: int | None, temperature: float, default: bool = False) -> str | None:
+    """The note for a command line whose --seed is given to greedy decoding (temperature below
+    GREEDY_TEMPERATURE), which draws nothing, so the seed changes nothing; None otherwise. `default`: the
+    temperature is the command's default (eval --task's 0)."""
+    if seed is None or temperature >= GREEDY_TEMPERATURE:
+        return None
+    where = f"--temperature {temperature:g}" + (", the default" if default else "")
+    return (f"--seed={seed} has no effect with greedy decoding ({where}): every seed gives the same output; "
+            "give --temperature > 0 to sample")
 
 
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:

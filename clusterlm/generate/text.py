@@ -81,6 +81,14 @@ class ChatFormat:
         return text[:at] if text.startswith(_CONTINUE_TAG, at) else text[:at].rstrip()
 
 
+def refuse_pack_for_encdec(pack: str, arch: str, path: object) -> None:
+    """--pack (anything but its default "auto") packs a decoder-only model's CPU weights; an encoder-decoder
+    decodes with its weights as loaded, so it would be ignored: refused, by `generate`, `chat` and `serve`."""
+    if arch == "encdec" and pack != "auto":
+        raise ValueError(f"--pack {pack} packs a decoder-only model's CPU weights; {path} is an encoder-decoder "
+                         "(arch 'encdec'), which decodes with its weights as loaded: leave --pack out")
+
+
 def chat_format(tokenizer: Tokenizer, template: ChatTemplate | None) -> ChatFormat:
     """The chat format of a model with this tokenizer and template (None: the plain template, with a
     log note). ConfigError when the tokenizer lacks a special token the template emits (it would be

@@ -222,7 +222,7 @@ def export_to_hf(ckpt: str | Path, out: str | Path) -> Path:
 
     from clusterlm.checkpoint.files import named_os_error
     from clusterlm.checkpoint.model_io import plain_weights, read_checkpoint_config, read_quantization
-    from clusterlm.checkpoint.store import resolve_checkpoint
+    from clusterlm.checkpoint.store import check_outside_checkpoints, resolve_checkpoint
     from clusterlm.fsutil import plain_mode, staging_dir
 
     path = resolve_checkpoint(str(ckpt))
@@ -244,6 +244,7 @@ def export_to_hf(ckpt: str | Path, out: str | Path) -> Path:
     if out.is_dir() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} is a folder that is not empty; give a folder to create (or an empty "
                               "folder) for the Hugging Face files")
+    check_outside_checkpoints(out)
     bos = eos = pad = None
     stop_ids: list[int] = []
     tok_files: dict[str, str] = {}

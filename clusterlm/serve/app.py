@@ -732,6 +732,30 @@ def _read_key(path: str) -> str:
     return _check_key(key, f"--api-key-file {path}")
 
 
+def _refuse_pack(pack: str, specs: list[ModelSpec]) -> None:
+    """--pack given when every model is an encoder-decoder, which would ignore it: refused as `generate` refuses
+    it, from each checkpoint's config.toml (before the port is bound and any weights load). With decoder-only
+    models beside them --pack is theirs. A path that does not resolve is left to the loader to report."""
+    if pack == "auto":
+        return
+    from clusterlm.checkpoint.model_io import read_checkpoint_config
+    from clusterlm.checkpoint.store import resolve_checkpoint
+    from clusterlm.errors import ClusterlmError
+    from clusterlm.generate.text import refuse_pack_for_encdec
+
+    found = []
+    for spec in specs:
+        try:
+            if (Path(spec.path) / "adapter.json").is_file():
+                return  # a LoRA fine-tune of a decoder-only base
+            path = resolve_checkpoint(str(spec.path))
+            found.append((read_checkpoint_config(path).model.arch, path))
+        except (ClusterlmError, OSError, ValueError):
+            return
+    if all(arch == "encdec" for arch, _ in found):
+        refuse_pack_for_encdec(pack, *found[0])
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="clusterlm serve",
                                 description="Serve a checkpoint over an OpenAI-compatible HTTP API.")
@@ -857,6 +881,7 @@ def main(argv: list[str]) -> int:
         from clusterlm.finetune.lora import adapter_source
 
         adapter_source(ckpt, "base")
+    _refuse_pack(args.pack, specs)
     settings = Settings(api_key=key, model_name=specs[0].name, max_batch=args.max_batch, max_queue=args.max_queue,
                         max_new_tokens_limit=args.max_new_tokens_limit, max_body_bytes=args.max_body_bytes,
                         device=args.device, pack=args.pack)

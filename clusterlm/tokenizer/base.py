@@ -165,3 +165,24 @@ def split_added(text: str, pattern: re.Pattern | None) -> list[tuple[str, bool]]
     if start < len(text):
         parts.append((text[start:], False))
     return parts
+
+
+def unknown_chars(tok: Any, text: str) -> tuple[list[str], str | None]:
+    """The characters of `text` that `tok` has no token for, one entry per occurrence in text order, and what
+    they encode to: the unknown token (a char tokenizer's "<|unk|>", a foreign tokenizer's unk_token), or None
+    when they are dropped (a foreign tokenizer without one). Byte tokenizers and the byte-level BPE clusterlm
+    trains encode any text: ([], ...). Added tokens (chat roles) in the text are their own ids, not characters.
+    One encode per distinct character, so meant for a prompt or a command-line text, not a corpus."""
+    if tok.kind == "byte":
+        return [], None
+    unk_id, unk = getattr(tok, "unk_id", None), "<|unk|>"
+    hf = getattr(tok, "hf_tokenizer", None)
+    if unk_id is None and hf is not None:
+        unk = getattr(hf.model, "unk_token", None)
+        unk_id = hf.token_to_id(unk) if unk else None
+    for special in getattr(tok, "added_tokens", ()):
+        text = text.replace(special, "")
+    # a whitespace character that encodes to nothing is a pre-tokenizer's split (WordPiece), not a loss
+    bad = {c for c in set(text)
+           if (ids := tok.encode(c)) == [unk_id] or (not ids and not c.isspace())}
+    return [c for c in text if c in bad], (unk if unk_id is not None else None)

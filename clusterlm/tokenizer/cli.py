@@ -91,6 +91,19 @@ def describe(tok: object) -> dict[str, object]:
     return info
 
 
+def _warn_unknown(tok: object, text: str) -> None:
+    """One warning line when characters of `text` are not in the vocabulary (a char tokenizer, a foreign
+    tokenizer.json): how many, a few of them, and whether they became the unknown token or were dropped."""
+    from clusterlm.tokenizer.base import unknown_chars
+
+    chars, unk = unknown_chars(tok, text)
+    if chars:
+        distinct = list(dict.fromkeys(chars))
+        shown = ", ".join(map(repr, distinct[:5])) + (", ..." if len(distinct) > 5 else "")
+        fate = f"became {unk}" if unk else "were dropped (the tokenizer has no unknown token)"
+        log.warning("%d character(s) not in the tokenizer's vocabulary %s: %s", len(chars), fate, shown)
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.action == "train":
@@ -107,6 +120,7 @@ def main(argv: list[str]) -> int:
             print("\n".join(f"{k:<{width}}  {v}" for k, v in info.items()))
     elif args.action == "encode":
         print(json.dumps(tok.encode(args.text)))
+        _warn_unknown(tok, args.text)
     else:
         print(tok.decode(args.ids))
     return 0

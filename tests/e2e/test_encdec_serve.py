@@ -184,6 +184,23 @@ def test_generate_options_an_encdec_would_ignore_are_refused(runs, capsys, monke
     assert fragment in captured.err and captured.out == ""
 
 
+@pytest.mark.parametrize("pack", ["none", "fp32"])
+def test_serve_refuses_pack_for_an_encdec(runs, capsys, monkeypatch, pack):
+    """`serve` ignored --pack for an encoder-decoder (its Seq2SeqScheduler decodes with the weights as loaded);
+    it is refused as `generate` refuses it, in one line (exit 2), before the port is bound or weights load."""
+    def not_reached(*a, **k):
+        raise AssertionError("serve went on past the --pack check")
+
+    monkeypatch.setattr("clusterlm.serve.guard.bind", not_reached)
+    monkeypatch.setattr("clusterlm.serve.models.load_model", not_reached)
+    assert cli(["serve", str(runs["encdec"]), "--pack", pack]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (f"clusterlm serve: error: --pack {pack} packs a decoder-only model's CPU weights; "
+                                    f"{runs['encdec'] / 'checkpoints' / 'step-00000000'} is an encoder-decoder (arch "
+                                    "'encdec'), which decodes with its weights as loaded: leave --pack out")
+    assert captured.out == ""
+
+
 def test_serve_encoder_classifier_on_classify_route(runs):
     from clusterlm.checkpoint.model_io import load_for_inference
     from clusterlm.eval.lm import classify
