@@ -147,6 +147,8 @@ def check_output_dir(path: str | os.PathLike, flag: str) -> None:
     prune, ensemble --out): refuse (ValueError naming `flag`) a file where one of those folders should be,
     or a nearest existing folder this user cannot write to, before the work (the OS said only "Not a
     directory: OUT/checkpoints" or "File exists" after it)."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a folder; choose another {flag}")
     parent = Path(path)
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 from pathlib import Path
 
 from clusterlm.errors import ConfigError
@@ -85,13 +84,7 @@ def write_ensemble(members: list[str], out: str | Path) -> Path:
     out = Path(out)
     if (out / "checkpoints").exists():
         raise ConfigError(f"{out}/checkpoints already exists; choose a new --out")
-    existing = next(p for p in (out, *out.parents) if p.exists())  # before the members are read, not after
-    if not existing.is_dir():
-        raise ConfigError(f"--out={str(out)!r}: {existing} is a file, not a folder; give a new folder for the "
-                          "ensemble, e.g. runs/my_ensemble")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out={str(out)!r}: the folder {existing} is not writable by this user")
-    check_outside_checkpoints(out)
+    check_outside_checkpoints(out)  # and a file in the way or an unwritable folder: before the members are read
     loaded: list = []
     for arg in members:
         m = _member(arg)
