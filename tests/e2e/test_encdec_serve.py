@@ -225,3 +225,16 @@ def test_generate_says_when_an_encdec_cuts_the_source_or_the_output(runs, capsys
         assert cli(["generate", str(runs["encdec"]), "--src", "a dog runs", "--max-new-tokens", "48",
                     "--temperature", "0"]) == 0
     assert not [r for r in caplog.records if "model.max_seq_len" in r.getMessage()]
+
+
+def test_generate_without_max_new_tokens_caps_an_encdec_quietly(runs, capsys, caplog):
+    """`clusterlm generate ENCDEC --src ...` without --max-new-tokens warned "--max-new-tokens=200 is more
+    than the decoder's 48 positions" on every call (the default, which the user never gave, is above
+    the recipes' max_seq_len of 128). The default is now capped at the decoder's positions without a
+    warning; a value given above them still warns (test above)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="clusterlm.generate.cli"):
+        assert cli(["generate", str(runs["encdec"]), "--src", "a dog runs", "--temperature", "0"]) == 0
+    assert not [r for r in caplog.records if "max-new-tokens" in r.getMessage()]
+    assert len(capsys.readouterr().out.encode()) <= 48 * 4 + 1  # at most 48 tokens + newline
