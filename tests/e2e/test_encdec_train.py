@@ -186,3 +186,28 @@ def test_mlm_encoder_fine_tunes_as_a_classifier_and_scores_a_task(corpus, tmp_pa
     assert cli(["eval", str(tmp_path / "clf"), "--task", str(tsv)]) == 0
     metrics = next(iter(json.loads(capsys.readouterr().out)["tasks"].values()))
     assert metrics["n"] == 200 and metrics["accuracy"] > 0.6, metrics
+
+
+def test_bad_mlm_pretraining_input_is_one_line_exit_2_and_writes_nothing(corpus, tmp_path, capsys):
+    """Masked-LM runs refused at set-up leave nothing: train.seq_len above model.max_seq_len was refused
+    after OUT_DIR/mlm_data had been made (the folder stayed); model.labels on a pre-training run
+    (a classifier's head under the masked-LM loss) ended in a traceback at the first step (exit 1,
+    config.toml written); and an encoder pre-trained with finetune.task='lm' (next-token loss, which a
+    bidirectional encoder learns by copying the next token it sees) trained; an encoder-decoder under it
+    crashed. Each is now one line,
+    exit 2, naming what to use instead."""
+    root = corpus["root"]
+    out = tmp_path / "out"
+    _one_line_exit_2(_mlm(root, out, "--train.seq_len=40", "--train.max_steps=1"), capsys,
+                     "train.seq_len=40 exceeds model.max_seq_len=32")
+    assert not out.exists()
+    _one_line_exit_2(_mlm(root, out, "--model.labels=[\"a\", \"b\"]", "--train.max_steps=1"), capsys,
+                     "model.labels", "finetune.task='classify'")
+    assert not out.exists()
+    lm = [a for a in _mlm(root, out, "--train.max_steps=1") if a != "--finetune.task=mlm"] + ["--finetune.task=lm"]
+    _one_line_exit_2(lm, capsys, "finetune.task='lm'", "model.arch='encoder'", "finetune.task='mlm'")
+    assert not out.exists()
+    # an encoder-decoder under finetune.task='lm' (the default) ended in a TypeError traceback (exit 1)
+    lm = [a if a != "--model.arch=encoder" else "--model.arch=encdec" for a in lm] + ["--model.n_enc_layers=1"]
+    _one_line_exit_2(lm, capsys, "model.arch='encdec'", "finetune.task='span'", "'seq2seq'")
+    assert not out.exists()
