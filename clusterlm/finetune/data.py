@@ -320,6 +320,10 @@ def _mlm_data(cfg: Any) -> tuple[Path, None, Any]:
     from clusterlm.data.mlm import MASK, SENTINELS, SPAN_VIEW, VIEW
 
     mcfg, span = cfg.model, cfg.finetune.task == "span"
+    if cfg.finetune.val_source:  # it was ignored: the held-out rows are data.dir's val split
+        raise ConfigError(f"finetune.val_source={cfg.finetune.val_source!r} gives fine-tuning's held-out records; "
+                          f"finetune.task={cfg.finetune.task!r} validates on the val split of data.dir's token shards "
+                          "(data.val_fraction when prepared): set finetune.val_source = \"\"")
     if not span and mcfg.arch != "encoder":
         raise ConfigError(f"finetune.task='mlm' pre-trains a bidirectional encoder (model.arch='encoder'), but "
                           f"model.arch={mcfg.arch!r}; causal models pre-train with finetune.task='lm'")

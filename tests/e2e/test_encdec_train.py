@@ -211,3 +211,14 @@ def test_bad_mlm_pretraining_input_is_one_line_exit_2_and_writes_nothing(corpus,
     lm = [a if a != "--model.arch=encoder" else "--model.arch=encdec" for a in lm] + ["--model.n_enc_layers=1"]
     _one_line_exit_2(lm, capsys, "model.arch='encdec'", "finetune.task='span'", "'seq2seq'")
     assert not out.exists()
+
+
+def test_mlm_refuses_a_val_source_it_would_ignore(corpus, tmp_path, capsys):
+    """finetune.val_source on a masked-LM run (the sst2_encoder_cpu recipe sets one for its classifier)
+    was silently ignored: validation reads data.dir's val split. It is now refused in one line, exit 2,
+    nothing written; docs/encdec.md's command clears it (--finetune.val_source='""')."""
+    root = corpus["root"]
+    out = tmp_path / "out"
+    _one_line_exit_2(_mlm(root, out, f"--finetune.val_source={json.dumps(str(root / 'corpus.jsonl'))}",
+                          "--train.max_steps=1"), capsys, "finetune.val_source=", "val split", 'val_source = ""')
+    assert not out.exists()
