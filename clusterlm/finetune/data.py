@@ -213,6 +213,10 @@ def _finetune_data(cfg: Any, base: Any | None) -> tuple[Path, Any, Any]:
 
     ft, data = cfg.finetune, cfg.data
     _check_arch(ft.task, base.config.model if base is not None else cfg.model)
+    if ft.task == "seq2seq" and ft.template not in ("auto", "none"):  # it was ignored: pairs are not rendered
+        raise ConfigError(f"finetune.template={ft.template!r}: a seq2seq run gives the encoder each prompt as it is "
+                          "(parallel files: the task harness's 'en: {source}\\nfr:'), no chat template renders it; "
+                          "leave template unset")
     base_tok = load_tokenizer(base.tokenizer_file) if base is not None else None
     preflight(ft, cfg.model, base)  # shape, LoRA targets, frozen layers: refused before data is written
     context = (base.config.model if base is not None else cfg.model).max_seq_len

@@ -222,3 +222,15 @@ def test_mlm_refuses_a_val_source_it_would_ignore(corpus, tmp_path, capsys):
     _one_line_exit_2(_mlm(root, out, f"--finetune.val_source={json.dumps(str(root / 'corpus.jsonl'))}",
                           "--train.max_steps=1"), capsys, "finetune.val_source=", "val split", 'val_source = ""')
     assert not out.exists()
+
+
+def test_seq2seq_refuses_a_chat_template_it_would_ignore(corpus, tmp_path, capsys):
+    """finetune.template=chatml on a seq2seq run prepared its pairs with no template at all (the log
+    said "template: none"), silently. A template is now refused for seq2seq as for classify: one
+    line, exit 2, nothing written."""
+    root = corpus["root"]
+    out = tmp_path / "out"
+    args = [a for a in _s2s(root, out, "--train.max_steps=1", "--finetune.template=chatml")
+            if not a.startswith("--data.dir=")] + [f"--data.dir={json.dumps(str(tmp_path / 'd'))}"]
+    _one_line_exit_2(args, capsys, "finetune.template='chatml'", "seq2seq", "leave template unset")
+    assert not out.exists() and not (tmp_path / "d").exists()
