@@ -53,7 +53,8 @@ class FlopsPerToken:
 def matmul_params(model: ModelConfig) -> tuple[int, int, int]:
     """(N, non-embedding parameters without the output projection, output projection V*D). A
     classifier never runs the LM's output projection and its head runs once per sequence, not per
-    token: neither is counted (output = 0)."""
+    token: neither is counted (output = 0), nor an encoder's masked-LM head, which feeds the output
+    projection only."""
     V, D = model.padded_vocab_size, model.dim
     output = V * D
     readers = 2 if model.bidirectional else 1  # a bidirectional classifier runs two language models
@@ -61,6 +62,10 @@ def matmul_params(model: ModelConfig) -> tuple[int, int, int]:
     layers = non_emb - readers * (0 if model.tie_embeddings else output)  # num_params keeps an untied output matrix
     if model.labels:
         output = 0
+        if model.arch == "encoder":  # the masked-LM head feeds only the output projection: not run either
+            b = 1 if model.bias else 0
+            norm = D * (2 if (model.norm == "layernorm" and model.bias) else 1)
+            layers -= readers * (D * D + b * D + norm + b * V)
     return layers + output, layers, output
 
 
@@ -78,7 +83,8 @@ def flops_per_token(model: ModelConfig, seq_len: int, training: bool = True) -> 
     attn = 0.0
     if model.arch in TRANSFORMER_ARCHS:
         attn = float(k_attn * _attention_layers(model) * model.n_heads * model.head_dim * seq_len)
-    tied = "tied to the embedding, still a matmul" if model.tie_embeddings else "untied"
+    tied = ("a classifier does not run it" if model.labels else "tied to the embedding, still a matmul"
+            if model.tie_embeddings else "untied")
     conv = (f"PaLM convention: {k_dense}*N + {k_attn}*L*D*T per token ({'training' if training else 'forward'}), "
             f"N = {_fmt(n)} = {_fmt(layers)} layer weights + {_fmt(output)} output projection ({tied}); "
             f"embedding lookups not counted; attention over the full T x T (T={seq_len})")
