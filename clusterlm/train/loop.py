@@ -589,7 +589,9 @@ class Trainer:
         from clusterlm.train.metrics import device_peak_flops, flops_per_token, mfu_devices
 
         tc, mcfg, device = self.tc, self.cfg.model, self.device
-        self.flops = flops_per_token(mcfg, tc.seq_len)
+        # a masked-LM step runs the head and output layer at the corrupted positions only (data/mlm.py predicting)
+        self.flops = flops_per_token(mcfg, tc.seq_len,
+                                     self.cfg.finetune.mask_prob if self.cfg.finetune.task == "mlm" else 1.0)
         peak_dtype = "bf16" if self.amp_dtype == torch.bfloat16 else "fp32"
         self.peak, peak_source = device_peak_flops(device, peak_dtype,
                                                    measured_peak=_probed_peak(tc.probe_spec, peak_dtype))

@@ -279,3 +279,22 @@ def test_an_encoder_classifier_does_not_count_the_masked_lm_head():
 
     conv = flops_per_token(clf, 16).convention
     assert "0 output projection (a classifier does not run it)" in conv and "still a matmul" not in conv
+
+
+def test_masked_lm_flops_count_the_head_and_output_at_the_corrupted_positions():
+    """A masked-LM step runs the encoder's masked-LM head and output layer at the corrupted positions
+    only (models/encdec.py `predict`, 15% of them), but FLOPs/token (start-up line, MFU) counted both
+    at every position. With predicted = mask_prob they count at that share; the layers in full."""
+    from clusterlm.cluster.flops import flops_per_token, matmul_params, mlm_head_params
+    from clusterlm.models.config import ModelConfig
+    from clusterlm.train.metrics import flops_per_token as train_fpt
+
+    cfg = ModelConfig(arch="encoder", vocab_size=4097, n_layers=4, dim=192, n_heads=4, max_seq_len=128)
+    n, layers, out = matmul_params(cfg)
+    head = mlm_head_params(cfg)
+    f = flops_per_token(cfg, 96, predicted=0.15)
+    want = layers - head + round(0.15 * head) + round(0.15 * out)
+    assert f.matmul_params == want and f.dense == 6 * want and "at 15% of positions" in f.convention
+    assert flops_per_token(cfg, 96).matmul_params == n  # the default: every position
+    t = train_fpt(cfg, 96, predicted=0.15)
+    assert t["n_matmul_params"] == want == t["n_layer_params"] + t["n_output_params"]
