@@ -53,7 +53,8 @@ class FlopsPerToken:
 def matmul_params(model: ModelConfig) -> tuple[int, int, int]:
     """(N, non-embedding parameters without the output projection, output projection V*D). A
     classifier never runs the LM's output projection and its head runs once per sequence, not per
-    token: neither is counted (output = 0)."""
+    token: neither is counted (output = 0), nor an encoder's masked-LM head, which feeds the output
+    projection only."""
     V, D = model.padded_vocab_size, model.dim
     output = V * D
     readers = 2 if model.bidirectional else 1  # a bidirectional classifier runs two language models
@@ -61,7 +62,17 @@ def matmul_params(model: ModelConfig) -> tuple[int, int, int]:
     layers = non_emb - readers * (0 if model.tie_embeddings else output)  # num_params keeps an untied output matrix
     if model.labels:
         output = 0
+        if model.arch == "encoder":  # the masked-LM head feeds only the output projection: not run either
+            layers -= readers * mlm_head_params(model)
     return layers + output, layers, output
+
+
+def mlm_head_params(model: ModelConfig) -> int:
+    """An encoder's masked-LM head as num_params counts it: dense D x D (+ bias), its norm, the
+    output layer's bias."""
+    D, b = model.dim, 1 if model.bias else 0
+    norm = D * (2 if (model.norm == "layernorm" and model.bias) else 1)
+    return D * D + b * D + norm + b * model.padded_vocab_size
 
 
 def _fmt(n: float) -> str:
@@ -71,17 +82,27 @@ def _fmt(n: float) -> str:
     return f"{n:g}"
 
 
-def flops_per_token(model: ModelConfig, seq_len: int, training: bool = True) -> FlopsPerToken:
-    """Model FLOPs per token at context length `seq_len`."""
+def flops_per_token(model: ModelConfig, seq_len: int, training: bool = True,
+                    predicted: float = 1.0) -> FlopsPerToken:
+    """Model FLOPs per token at context length `seq_len`. `predicted`: the share of positions at
+    which an encoder (not a classifier) runs its masked-LM head and output layer; a masked-LM run
+    computes them at the corrupted positions only (finetune.mask_prob; models/encdec.py `predict`)."""
     n, layers, output = matmul_params(model)
+    scored = ""
+    if predicted < 1.0 and model.arch == "encoder" and not model.labels:
+        head = mlm_head_params(model)
+        layers, output = layers - head + round(predicted * head), round(predicted * output)
+        n = layers + output
+        scored = f"; the masked-LM head and output at {predicted:.0%} of positions"
     k_dense, k_attn = (6, 12) if training else (2, 4)
     attn = 0.0
     if model.arch in TRANSFORMER_ARCHS:
         attn = float(k_attn * _attention_layers(model) * model.n_heads * model.head_dim * seq_len)
-    tied = "tied to the embedding, still a matmul" if model.tie_embeddings else "untied"
+    tied = ("a classifier does not run it" if model.labels else "tied to the embedding, still a matmul"
+            if model.tie_embeddings else "untied")
     conv = (f"PaLM convention: {k_dense}*N + {k_attn}*L*D*T per token ({'training' if training else 'forward'}), "
             f"N = {_fmt(n)} = {_fmt(layers)} layer weights + {_fmt(output)} output projection ({tied}); "
-            f"embedding lookups not counted; attention over the full T x T (T={seq_len})")
+            f"embedding lookups not counted; attention over the full T x T (T={seq_len}){scored}")
     if model.arch == "encdec":
         conv = (f"PaLM convention per target token, source of the same length: {k_dense}*N + {k_attn}*(L_enc + "
                 f"2*L_dec)*D*T ({'training' if training else 'forward'}), N = {_fmt(n)} = {_fmt(layers)} encoder + "

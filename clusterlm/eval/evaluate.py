@@ -247,7 +247,8 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", default=None,
                    help="stop string, repeatable (default: a newline when every reference is one line)")
     g.add_argument("--truncate", action="store_true",
-                   help="left-truncate inputs longer than the model's context (default: refuse, naming how many)")
+                   help="left-truncate inputs longer than the model's context (an encoder-decoder's source keeps its "
+                        "first tokens; default: refuse, naming how many)")
     g = p.add_argument_group("lm-evaluation-harness tasks (pip install 'clusterlm[eval]'; docs/tasks.md)")
     g.add_argument("--lm-eval", metavar="TASKS",
                    help="lm-eval task names, comma-separated; run through lm_eval.simple_evaluate (also uses "

@@ -213,6 +213,10 @@ def _finetune_data(cfg: Any, base: Any | None) -> tuple[Path, Any, Any]:
 
     ft, data = cfg.finetune, cfg.data
     _check_arch(ft.task, base.config.model if base is not None else cfg.model)
+    if ft.task == "seq2seq" and ft.template not in ("auto", "none"):  # it was ignored: pairs are not rendered
+        raise ConfigError(f"finetune.template={ft.template!r}: a seq2seq run gives the encoder each prompt as it is "
+                          "(parallel files: the task harness's 'en: {source}\\nfr:'), no chat template renders it; "
+                          "leave template unset")
     base_tok = load_tokenizer(base.tokenizer_file) if base is not None else None
     preflight(ft, cfg.model, base)  # shape, LoRA targets, frozen layers: refused before data is written
     context = (base.config.model if base is not None else cfg.model).max_seq_len
@@ -320,6 +324,10 @@ def _mlm_data(cfg: Any) -> tuple[Path, None, Any]:
     from clusterlm.data.mlm import MASK, SENTINELS, SPAN_VIEW, VIEW
 
     mcfg, span = cfg.model, cfg.finetune.task == "span"
+    if cfg.finetune.val_source:  # it was ignored: the held-out rows are data.dir's val split
+        raise ConfigError(f"finetune.val_source={cfg.finetune.val_source!r} gives fine-tuning's held-out records; "
+                          f"finetune.task={cfg.finetune.task!r} validates on the val split of data.dir's token shards "
+                          "(data.val_fraction when prepared): set finetune.val_source = \"\"")
     if not span and mcfg.arch != "encoder":
         raise ConfigError(f"finetune.task='mlm' pre-trains a bidirectional encoder (model.arch='encoder'), but "
                           f"model.arch={mcfg.arch!r}; causal models pre-train with finetune.task='lm'")

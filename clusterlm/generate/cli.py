@@ -30,11 +30,15 @@ from clusterlm.generate.text import chat_format, refuse_pack_for_encdec, stream_
 
 log = logging.getLogger(__name__)
 DEFAULT_TEMPERATURE = 0.8
+DEFAULT_MAX_NEW_TOKENS = 200
 
 
 def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="run directory, checkpoints folder or step folder")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    # None when not given: DEFAULT_MAX_NEW_TOKENS, or an encoder-decoder's max_seq_len if that is fewer
+    # (its decoder has no more positions; a value given above it is a warning)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"default {DEFAULT_MAX_NEW_TOKENS} (an encoder-decoder: at most its model.max_seq_len)")
     # None when not given (then DEFAULT_TEMPERATURE), so that beam search can refuse one that was given
     p.add_argument("--temperature", type=float, default=None,
                    help=f"default {DEFAULT_TEMPERATURE}; 0 = greedy, and so is any value below 1e-6 "
@@ -119,9 +123,12 @@ def _load(args):  # noqa: ANN001, ANN202
     # torch.Generator.manual_seed takes a signed or unsigned 64-bit integer; sample i uses seed + i
     if args.seed is not None and not -(2**63) <= args.seed <= 2**63 - 1:
         raise ValueError(f"--seed={args.seed} must be in [-2^63, 2^63 - 1]")
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
     loaded = load_for_inference(args.checkpoint, device=resolve_device(args.device, "--device"))
+    if args.max_new_tokens is None:
+        cap = loaded.config.model.max_seq_len if loaded.config.model.arch == "encdec" else DEFAULT_MAX_NEW_TOKENS
+        args.max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, cap)
     if loaded.config.model.arch == "encoder" and not loaded.config.model.labels:
         from clusterlm.errors import ConfigError
 

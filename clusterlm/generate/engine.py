@@ -99,9 +99,11 @@ def context_length(model: nn.Module) -> int | None:
     """The one rule for a model's context: the positions its cache holds (a Transformer's
     max_seq_len), or None when there is no limit (an RNN). `generate` slides its window past it
     (sliding_window=True) or stops with "length"; the CLI trims a long prompt to fit
-    (generate.text.prompt_ids); the server refuses a prompt longer than it (serve/app.py)."""
+    (generate.text.prompt_ids); the server refuses a prompt longer than it (serve/app.py). A masked-LM
+    encoder (a classifier's backbone) reads at most max_seq_len positions too; an encoder-decoder's
+    source limit is generate/seq2seq.fit_sources'."""
     cfg = model.config
-    return cfg.max_seq_len if cfg.arch == "transformer" else None
+    return cfg.max_seq_len if cfg.arch in ("transformer", "encoder") else None
 
 
 def pack_by_default(model: nn.Module, device: torch.device) -> Pack:

@@ -215,7 +215,7 @@ def convert_from_hf(src: str | Path, out: str | Path, *, trust_pickle: bool = Fa
 def export_to_hf(ckpt: str | Path, out: str | Path) -> Path:
     """Write config.json, model.safetensors, generation_config.json and the tokenizer files
     (tokenizer.json, tokenizer_config.json, special_tokens_map.json; clusterlm_tokenizer.json too for
-    byte and char) for `ckpt`; transformers' AutoTokenizer loads them with clusterlm's ids
+    byte and char, and BPE with added tokens) for `ckpt`; transformers' AutoTokenizer loads them with clusterlm's ids
     (tokenizer/hf_export.py)."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
@@ -261,9 +261,12 @@ def export_to_hf(ckpt: str | Path, out: str | Path) -> Path:
         if template is not None:  # its tokens must be the tokenizer's; its end of turn stops generate
             stop_ids = list(chat_format(tok, template).stop_ids)
         tok_files = hf_tokenizer_files(tok, cfg.max_seq_len, template)  # before anything is written
-        if tok.kind in ("byte", "char"):
+        own = tok_src.read_text(encoding="utf-8")
+        if tok.kind in ("byte", "char") or json.loads(tok_files["tokenizer.json"]) != json.loads(own):
             # our own file too: `convert` reads it back as the same kind (tokenizer.json would load as bpe)
-            tok_files["clusterlm_tokenizer.json"] = tok_src.read_text(encoding="utf-8")
+            # and the same file (a BPE tokenizer with added tokens is exported with a decoder that drops
+            # them, which would make the converted checkpoint's tokenizer differ from its data's)
+            tok_files["clusterlm_tokenizer.json"] = own
     hf_cfg = config_to_hf(cfg, bos, eos, pad)
     hf_state = state_to_hf(plain_weights(path), cfg, pad)  # a LoRA fine-tune's adapters merged
     files = {"config.json": json.dumps(hf_cfg, indent=2) + "\n"}

@@ -113,8 +113,8 @@ def structured_prune(model: nn.Module, sparsity: float) -> nn.Module:
     _check_sparsity(sparsity)
     cfg = model.config
     if cfg.arch != "transformer":
-        raise ValueError(f"structured pruning needs a Transformer, got model.arch={cfg.arch!r}"
-                         + ("; prune it with --method magnitude" if cfg.arch in ("lstm", "gru") else ""))
+        raise ValueError(f"structured pruning needs a decoder-only Transformer (model.arch='transformer'), got "
+                         f"model.arch={cfg.arch!r}; prune it with --method magnitude")
     H, K, Hd, F = cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.hidden_dim
     rep = H // K  # query heads per key/value head
     k_keep = max(1, K - int(round(sparsity * K))) if rep > 1 else max(1, H - int(round(sparsity * H)))

@@ -237,10 +237,12 @@ class Int4Linear(nn.Module):
 
 # ---- whole models ------------------------------------------------------------------------------------------
 def quantizable(model: nn.Module, method: str, group_size: int, keep_output: bool = False) -> list[str]:
-    """Names of the Linear modules `quantize_model` would replace."""
+    """Names of the Linear modules `quantize_model` would replace. `keep_output` keeps every language
+    model's output projection: the model's own `output`, or a classifier's `backbone.output` (and a
+    bidirectional one's `reverse.output`)."""
     names = []
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or (keep_output and name == "output"):
+        if not isinstance(mod, nn.Linear) or (keep_output and name.rpartition(".")[2] == "output"):
             continue
         if method == "int4" and mod.in_features % group_size:
             log.info("int4: %s keeps float32 weights (in_features=%d is not a multiple of group_size=%d)",

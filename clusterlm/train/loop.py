@@ -446,11 +446,26 @@ class Trainer:
 
         tc = cfg.train
         self.base = None
-        if cfg.finetune.task != "lm":
+        task, arch = cfg.finetune.task, cfg.model.arch
+        if cfg.model.labels and task != "classify":  # a head under a language-modelling loss
+            raise ConfigError(f"model.labels={list(cfg.model.labels)!r} makes a classifier, which "
+                              f"finetune.task='classify' trains (labels from its data or finetune.labels); "
+                              f"finetune.task={task!r} trains a language model: leave model.labels unset")
+        if task == "lm" and arch in ("encoder", "encdec"):  # the next-token loss is a causal model's
+            use = ("finetune.task='mlm' (masked LM): a bidirectional encoder sees the next token, so the next-token "
+                   "loss would teach it to copy" if arch == "encoder" else
+                   "finetune.task='span' (T5's span corruption) on token shards, or 'seq2seq' on pairs")
+            raise ConfigError(f"finetune.task='lm' (next-token pre-training) is for causal models, but "
+                              f"model.arch={arch!r}; use {use} (docs/encdec.md)")
+        if task != "lm":
             from clusterlm.finetune.data import ensure_finetune_data
             from clusterlm.finetune.setup import new_folders
 
             made = new_folders(Path(cfg.data.dir)) if self.rank0 else ()  # rank 0 prepares it
+            if task in ("mlm", "span") and self.rank0:  # the masked view it makes in OUT_DIR (data/mlm.py)
+                from clusterlm.data.mlm import SPAN_VIEW, VIEW
+
+                self.made.append(new_folders(Path(tc.out_dir) / (SPAN_VIEW if task == "span" else VIEW)))
             data_dir, self.base, mcfg = rank0_first(
                 self.distributed, self.env.rank, lambda: ensure_finetune_data(cfg), what=f"preparing {cfg.data.dir}",
                 device=self.device)
@@ -605,7 +620,9 @@ class Trainer:
         from clusterlm.train.metrics import device_peak_flops, flops_per_token, mfu_devices
 
         tc, mcfg, device = self.tc, self.cfg.model, self.device
-        self.flops = flops_per_token(mcfg, tc.seq_len)
+        # a masked-LM step runs the head and output layer at the corrupted positions only (data/mlm.py predicting)
+        self.flops = flops_per_token(mcfg, tc.seq_len,
+                                     self.cfg.finetune.mask_prob if self.cfg.finetune.task == "mlm" else 1.0)
         peak_dtype = "bf16" if self.amp_dtype == torch.bfloat16 else "fp32"
         self.peak, peak_source = device_peak_flops(device, peak_dtype,
                                                    measured_peak=_probed_peak(tc.probe_spec, peak_dtype))

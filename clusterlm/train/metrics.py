@@ -41,7 +41,7 @@ TB_DIR = "tb"
 
 
 # ---- FLOPs and MFU ----------------------------------------------------------------------------------
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, Any]:
+def flops_per_token(cfg: ModelConfig, seq_len: int, predicted: float = 1.0) -> dict[str, Any]:
     """Training FLOPs per token, PaLM convention: 6*N + 12*L*D*T (LSTM/GRU: 6*N, no attention term).
 
     N counts every weight in a matmul per token: the layers (`cfg.num_params(include_embeddings=False)`
@@ -49,12 +49,18 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, Any]:
     logits matmul runs either way; embedding lookups are not matmuls. For tied GPT-2 this is
     nanoGPT's `estimate_mfu` N, so MFU figures compare. Returns {"total", "dense" (6N), "attention",
     "n_matmul_params" (N), "n_layer_params", "n_output_params", "seq_len", "convention" (print it)}.
+    `predicted`: a masked-LM run's share of positions through the head and output layer
+    (cluster/flops.py).
     """
     from clusterlm.cluster.flops import flops_per_token as _fpt  # torch-free, shared with the planner
-    from clusterlm.cluster.flops import matmul_params
+    from clusterlm.cluster.flops import matmul_params, mlm_head_params
 
-    f = _fpt(cfg, seq_len, training=True)
+    f = _fpt(cfg, seq_len, training=True, predicted=predicted)
     n, layers, output = matmul_params(cfg)
+    if predicted < 1.0 and cfg.arch == "encoder" and not cfg.labels:  # as cluster/flops.py counts it
+        head = mlm_head_params(cfg)
+        layers, output = layers - head + round(predicted * head), round(predicted * output)
+        n = layers + output
     return {"total": f.total, "dense": f.dense, "attention": f.attention, "n_matmul_params": n,
             "n_layer_params": layers, "n_output_params": output, "seq_len": seq_len, "convention": f.convention}
 

@@ -242,3 +242,44 @@ def test_generate_says_when_an_encdec_cuts_the_source_or_the_output(runs, capsys
         assert cli(["generate", str(runs["encdec"]), "--src", "a dog runs", "--max-new-tokens", "48",
                     "--temperature", "0"]) == 0
     assert not [r for r in caplog.records if "model.max_seq_len" in r.getMessage()]
+
+
+def test_generate_without_max_new_tokens_caps_an_encdec_quietly(runs, capsys, caplog):
+    """`clusterlm generate ENCDEC --src ...` without --max-new-tokens warned "--max-new-tokens=200 is more
+    than the decoder's 48 positions" on every call (the default, which the user never gave, is above
+    the recipes' max_seq_len of 128). The default is now capped at the decoder's positions without a
+    warning; a value given above them still warns (test above)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="clusterlm.generate.cli"):
+        assert cli(["generate", str(runs["encdec"]), "--src", "a dog runs", "--temperature", "0"]) == 0
+    assert not [r for r in caplog.records if "max-new-tokens" in r.getMessage()]
+    assert len(capsys.readouterr().out.encode()) <= 48 * 4 + 1  # at most 48 tokens + newline
+
+
+def test_encoder_classifier_longer_than_its_context(runs):
+    """An encoder classifier (48 positions) given a text of 221 tokens: POST /classify answered 500
+    ("classifying the inputs failed", a traceback in the log) and `eval --task ... --truncate` was
+    refused all the same, because engine.context_length said an encoder has no limit. Now, as for a
+    decoder-only classifier: /classify keeps the last 48 tokens (the answer equals classifying those
+    ids), and classify_ids without truncate refuses in one DataError naming --truncate."""
+    from clusterlm.checkpoint.model_io import load_for_inference
+    from clusterlm.errors import DataError
+    from clusterlm.eval.lm import classifier_ids, classify_ids
+
+    loaded = load_for_inference(runs["clf"])
+    text = "a gripping film " * 14  # 224 bytes: 225 ids with the EOS separator
+    ids = classifier_ids(loaded.tokenizer, text)
+    assert len(ids) > 48
+    want = classify_ids(loaded.model, [ids[-48:]])[0]
+    assert classify_ids(loaded.model, [ids], truncate=True)[0].probs == pytest.approx(want.probs, abs=1e-6)
+    with pytest.raises(DataError, match="do not fit the model's context of 48 tokens .*--truncate"):
+        classify_ids(loaded.model, [ids])
+    s = Server(runs["clf"])
+    try:
+        r = httpx.post(s.url + "/classify", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": "m", "input": [text, "dull"]})
+        assert r.status_code == 200, r.text
+        assert r.json()["data"][0]["probs"] == pytest.approx(want.probs, abs=1e-6)
+    finally:
+        s.stop()

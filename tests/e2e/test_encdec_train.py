@@ -186,3 +186,51 @@ def test_mlm_encoder_fine_tunes_as_a_classifier_and_scores_a_task(corpus, tmp_pa
     assert cli(["eval", str(tmp_path / "clf"), "--task", str(tsv)]) == 0
     metrics = next(iter(json.loads(capsys.readouterr().out)["tasks"].values()))
     assert metrics["n"] == 200 and metrics["accuracy"] > 0.6, metrics
+
+
+def test_bad_mlm_pretraining_input_is_one_line_exit_2_and_writes_nothing(corpus, tmp_path, capsys):
+    """Masked-LM runs refused at set-up leave nothing: train.seq_len above model.max_seq_len was refused
+    after OUT_DIR/mlm_data had been made (the folder stayed); model.labels on a pre-training run
+    (a classifier's head under the masked-LM loss) ended in a traceback at the first step (exit 1,
+    config.toml written); and an encoder pre-trained with finetune.task='lm' (next-token loss, which a
+    bidirectional encoder learns by copying the next token it sees) trained; an encoder-decoder under it
+    crashed. Each is now one line,
+    exit 2, naming what to use instead."""
+    root = corpus["root"]
+    out = tmp_path / "out"
+    _one_line_exit_2(_mlm(root, out, "--train.seq_len=40", "--train.max_steps=1"), capsys,
+                     "train.seq_len=40 exceeds model.max_seq_len=32")
+    assert not out.exists()
+    _one_line_exit_2(_mlm(root, out, "--model.labels=[\"a\", \"b\"]", "--train.max_steps=1"), capsys,
+                     "model.labels", "finetune.task='classify'")
+    assert not out.exists()
+    lm = [a for a in _mlm(root, out, "--train.max_steps=1") if a != "--finetune.task=mlm"] + ["--finetune.task=lm"]
+    _one_line_exit_2(lm, capsys, "finetune.task='lm'", "model.arch='encoder'", "finetune.task='mlm'")
+    assert not out.exists()
+    # an encoder-decoder under finetune.task='lm' (the default) ended in a TypeError traceback (exit 1)
+    lm = [a if a != "--model.arch=encoder" else "--model.arch=encdec" for a in lm] + ["--model.n_enc_layers=1"]
+    _one_line_exit_2(lm, capsys, "model.arch='encdec'", "finetune.task='span'", "'seq2seq'")
+    assert not out.exists()
+
+
+def test_mlm_refuses_a_val_source_it_would_ignore(corpus, tmp_path, capsys):
+    """finetune.val_source on a masked-LM run (the sst2_encoder_cpu recipe sets one for its classifier)
+    was silently ignored: validation reads data.dir's val split. It is now refused in one line, exit 2,
+    nothing written; docs/encdec.md's command clears it (--finetune.val_source='""')."""
+    root = corpus["root"]
+    out = tmp_path / "out"
+    _one_line_exit_2(_mlm(root, out, f"--finetune.val_source={json.dumps(str(root / 'corpus.jsonl'))}",
+                          "--train.max_steps=1"), capsys, "finetune.val_source=", "val split", 'val_source = ""')
+    assert not out.exists()
+
+
+def test_seq2seq_refuses_a_chat_template_it_would_ignore(corpus, tmp_path, capsys):
+    """finetune.template=chatml on a seq2seq run prepared its pairs with no template at all (the log
+    said "template: none"), silently. A template is now refused for seq2seq as for classify: one
+    line, exit 2, nothing written."""
+    root = corpus["root"]
+    out = tmp_path / "out"
+    args = [a for a in _s2s(root, out, "--train.max_steps=1", "--finetune.template=chatml")
+            if not a.startswith("--data.dir=")] + [f"--data.dir={json.dumps(str(tmp_path / 'd'))}"]
+    _one_line_exit_2(args, capsys, "finetune.template='chatml'", "seq2seq", "leave template unset")
+    assert not out.exists() and not (tmp_path / "d").exists()

@@ -244,3 +244,43 @@ def test_converted_encdec_gets_its_seq2seq_loss_from_eval(tmp_path, capsys):
     (tmp_path / "lm" / "meta.json").write_text(json.dumps({"format_version": 1, "splits": {}}))
     with pytest.raises(DataError, match="reads source/target pairs, but .* holds token shards"):
         evaluate_checkpoint(str(tmp_path / "back"), data=str(tmp_path / "lm"))
+
+
+def test_bpe_encoder_round_trip_keeps_its_tokenizer_for_eval(tmp_path, capsys):
+    """A BPE masked-LM encoder (its tokenizer with <|mask|> appended, as an MLM run's) exported and
+    converted back keeps its tokenizer.json exactly, so `clusterlm eval BACK --data DIR` on data made
+    with the original tokenizer gives the original's masked-LM loss (1e-5). The export's tokenizer.json
+    drops added tokens in its decoder (for transformers); convert read that one back, and eval refused
+    the run's own data as "not made with checkpoint's tokenizer"."""
+    from clusterlm.checkpoint.store import save_checkpoint
+    from clusterlm.cli import main as cli
+    from clusterlm.config import RunConfig, to_toml
+    from clusterlm.tokenizer.kinds import train_tokenizer
+
+    text = "the quick brown fox jumps over the lazy dog. " * 40
+    tok = train_tokenizer("bpe", [text], vocab_size=300).with_special_tokens(["<|mask|>"])
+    tok.save(tmp_path / "tok.json")
+    cfg = dataclasses.replace(ENCODER, vocab_size=tok.vocab_size)
+    model = build_model(cfg)
+    model.init_weights(0)
+    _randomize(model)
+    save_checkpoint(tmp_path / "run" / "checkpoints", 0, model_state=model.state_dict(), optimizer_state=None,
+                    train_state={"step": 0}, config_toml=to_toml(RunConfig(model=cfg)),
+                    tokenizer_path=tmp_path / "tok.json")
+    words = text.split()
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": " ".join(words[i:i + 12])}) + "\n"
+                                                   for i in range(0, 120, 3)))
+    assert cli(["prepare", str(tmp_path / "corpus.jsonl"), "--out", str(tmp_path / "data"), "--tokenizer",
+                str(tmp_path / "tok.json"), "--val-fraction", "0.5"]) == 0
+    assert export_main([str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "exp")]) == 0
+    assert main(["--from-hf", str(tmp_path / "exp"), "--out", str(tmp_path / "back")]) == 0
+    back = tmp_path / "back" / "checkpoints" / "step-00000000" / "tokenizer.json"
+    assert json.loads(back.read_text()) == json.loads((tmp_path / "tok.json").read_text())
+    capsys.readouterr()
+    losses = []
+    for run in ("run", "back"):
+        assert cli(["eval", str(tmp_path / run), "--data", str(tmp_path / "data"), "--seq-len", "16"]) == 0
+        got = json.loads(capsys.readouterr().out)
+        assert got["objective"] == "mlm"
+        losses.append(got["loss"])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)

@@ -254,3 +254,47 @@ def test_peak_line_states_the_gradient_rule_only_where_it_applies():
     assert "not counted together" in one.explain().splitlines()[-1]
     assert "not counted together" not in many.explain().splitlines()[-1]
     assert many.peak_bytes - one.peak_bytes == pytest.approx(one.get("gradients"))
+
+
+def test_an_encoder_classifier_does_not_count_the_masked_lm_head():
+    """An encoder classifier pools the final hidden states into its head; the masked-LM head (dense
+    D x D, its norm, the output bias), which only feeds the output projection, never runs either. It
+    was counted in the classifier's layer weights (FLOPs/token at start-up, MFU): now the layers are
+    the masked-LM encoder's without that head, and the start-up line no longer calls the uncounted
+    output projection "tied to the embedding, still a matmul"."""
+    import dataclasses
+
+    from clusterlm.cluster.flops import matmul_params
+    from clusterlm.models.config import ModelConfig
+
+    for bias in (False, True):
+        lm = ModelConfig(arch="encoder", vocab_size=100, n_layers=2, dim=32, n_heads=4, max_seq_len=16, bias=bias)
+        clf = dataclasses.replace(lm, labels=("a", "b"), pad_id=1)
+        _, layers_lm, _ = matmul_params(lm)
+        n, layers, out = matmul_params(clf)
+        norm = 32 * (2 if bias else 1)
+        head = 32 * 32 + (32 if bias else 0) + norm + (lm.padded_vocab_size if bias else 0)
+        assert out == 0 and n == layers == layers_lm - head
+    from clusterlm.cluster.flops import flops_per_token
+
+    conv = flops_per_token(clf, 16).convention
+    assert "0 output projection (a classifier does not run it)" in conv and "still a matmul" not in conv
+
+
+def test_masked_lm_flops_count_the_head_and_output_at_the_corrupted_positions():
+    """A masked-LM step runs the encoder's masked-LM head and output layer at the corrupted positions
+    only (models/encdec.py `predict`, 15% of them), but FLOPs/token (start-up line, MFU) counted both
+    at every position. With predicted = mask_prob they count at that share; the layers in full."""
+    from clusterlm.cluster.flops import flops_per_token, matmul_params, mlm_head_params
+    from clusterlm.models.config import ModelConfig
+    from clusterlm.train.metrics import flops_per_token as train_fpt
+
+    cfg = ModelConfig(arch="encoder", vocab_size=4097, n_layers=4, dim=192, n_heads=4, max_seq_len=128)
+    n, layers, out = matmul_params(cfg)
+    head = mlm_head_params(cfg)
+    f = flops_per_token(cfg, 96, predicted=0.15)
+    want = layers - head + round(0.15 * head) + round(0.15 * out)
+    assert f.matmul_params == want and f.dense == 6 * want and "at 15% of positions" in f.convention
+    assert flops_per_token(cfg, 96).matmul_params == n  # the default: every position
+    t = train_fpt(cfg, 96, predicted=0.15)
+    assert t["n_matmul_params"] == want == t["n_layer_params"] + t["n_output_params"]

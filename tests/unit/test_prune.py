@@ -298,3 +298,15 @@ def test_prune_cli_refuses_a_copy_equal_to_its_source(tmp_path, method, sparsity
     with pytest.raises(ValueError, match="would equal its source"):
         main([str(tmp_path / "run"), "--sparsity", sparsity, "--method", method, "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arch", ["encoder", "encdec"])
+def test_structured_refusal_of_the_encoder_families_points_to_magnitude(arch):
+    """An encoder or encoder-decoder is a Transformer too: "structured pruning needs a Transformer, got
+    model.arch='encdec'" contradicted itself and named no way out. The refusal now says decoder-only
+    and points to --method magnitude (which prunes their blocks)."""
+    enc = {"n_enc_layers": 1} if arch == "encdec" else {}
+    cfg = ModelConfig(arch=arch, vocab_size=259, n_layers=1, dim=32, n_heads=4, max_seq_len=16, **enc)
+    with pytest.raises(ValueError, match=f"decoder-only Transformer .*got model.arch='{arch}'; prune it with "
+                                         "--method magnitude"):
+        structured_prune(_model(cfg), 0.5)

@@ -195,3 +195,25 @@ def test_int4_with_no_linear_on_the_group_size_names_the_group_size(tmp_path):
     assert "--keep-output" not in str(e.value)
     assert not (tmp_path / "q").exists()
     assert main([str(tmp_path / "run"), "--method", "int4", "--group-size", "64", "--out", str(tmp_path / "q")]) == 0
+
+
+@pytest.mark.parametrize("arch", ["encoder", "transformer"])
+def test_keep_output_keeps_a_classifiers_output_projection(tmp_path, arch):
+    """A classifier's language model sits under `backbone`, so its output projection is
+    'backbone.output': --keep-output, which matched the name 'output' only, was ignored for it (the
+    projection was quantized all the same). Now it stays float32 (absent from quantization.json's
+    modules, its weight equal to the float model's) and the quantized classifier loads."""
+    import json
+
+    cfg = ModelConfig(arch=arch, vocab_size=259, n_layers=1, dim=64, n_heads=4, max_seq_len=16, labels=("a", "b"),
+                      pad_id=258)
+    float_model = _checkpoint(tmp_path, cfg)
+    assert main([str(tmp_path / "run"), "--method", "int8", "--out", str(tmp_path / "q")]) == 0
+    q = json.loads(next((tmp_path / "q" / "checkpoints").glob("step-*/quantization.json")).read_text())
+    assert "backbone.output" in q["modules"]
+    assert main([str(tmp_path / "run"), "--method", "int8", "--keep-output", "--out", str(tmp_path / "k")]) == 0
+    k = json.loads(next((tmp_path / "k" / "checkpoints").glob("step-*/quantization.json")).read_text())
+    assert "backbone.output" not in k["modules"] and "backbone.layers.0.attention.wq" in k["modules"]
+    loaded = load_for_inference(tmp_path / "k")
+    assert isinstance(loaded.model.backbone.output, nn.Linear)
+    assert torch.equal(loaded.model.backbone.output.weight, float_model.backbone.output.weight)
