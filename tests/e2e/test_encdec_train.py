@@ -131,6 +131,9 @@ def test_seq2seq_training_on_parallel_files_resumes_bit_exactly(corpus, tmp_path
     assert cli(["eval", str(tmp_path / "a"), "--batch-size", "8", "--max-batches", "2"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["objective"] == "seq2seq" and got["loss"] == pytest.approx(vals[-1], rel=1e-5)
+    # a --seq-len beyond the model's 64 positions is refused (it was measured and reported as seq_len 200)
+    _one_line_exit_2(["eval", str(tmp_path / "a"), "--seq-len", "200"], capsys, "--seq-len 200",
+                     "model.max_seq_len=64", "give --seq-len 64 or less")
 
 
 def _one_line_exit_2(args: list[str], capsys, *needles: str) -> str:
