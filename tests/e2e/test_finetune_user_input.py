@@ -1,0 +1,65 @@
+"""`clusterlm finetune` refusals found by following docs/finetune.md as a user: options that contradict
+the base are one line, exit 2, nothing written (not silently replaced by the base's values).
+
+Run: .venv/bin/python -m pytest -q tests/e2e/test_finetune_user_input.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from clusterlm.cli import main as cli
+from clusterlm.errors import EXIT_USAGE
+
+TEXT = "".join(f"{a}+{b}={a + b}.\n" for a in range(10) for b in range(10))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A char-level 1-layer gpt-nano trained 2 steps (its shape and tokenizer are what matter here)."""
+    root = tmp_path_factory.mktemp("base")
+    (root / "corpus.txt").write_text(TEXT * 2)
+    assert cli(["prepare", str(root / "corpus.txt"), "--out", str(root / "data"), "--tokenizer", "char",
+                "--val-fraction", "0"]) == 0
+    assert cli(["train", f"--data.dir={json.dumps(str(root / 'data'))}", f"--train.out_dir={json.dumps(str(root / 'run'))}",
+                "--model.preset=gpt-nano", "--model.n_layers=1", "--model.max_seq_len=32", "--train.seq_len=32",
+                "--train.micro_batch_size=4", "--train.max_steps=2", "--train.eval_interval=0",
+                "--train.tensorboard=false"]) == 0
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("records") / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{a}+{b}"},
+                                                     {"role": "assistant", "content": str(a + b)}]}) + "\n"
+                            for a in range(4) for b in range(4)))
+    return path
+
+
+def _ft(base: Path, source: Path, root: Path, *extra: str) -> list[str]:
+    return ["finetune", "--finetune.task=sft", f"--finetune.init_from={json.dumps(str(base))}",
+            f"--data.source={json.dumps(str(source))}", f"--data.dir={json.dumps(str(root / 'data'))}",
+            f"--train.out_dir={json.dumps(str(root / 'out'))}", "--train.seq_len=32", "--train.micro_batch_size=4",
+            "--train.max_steps=1", "--train.eval_interval=0", "--train.tensorboard=false", "--train.threads=1", *extra]
+
+
+def test_a_model_vocab_size_other_than_the_bases_is_refused(base, chat, tmp_path, capsys):
+    """A recipe's model.vocab_size that is neither the base's nor the base's plus the template's tokens was
+    ignored (the run trained at the base's vocabulary while the printed config said otherwise): now one
+    line naming both sizes, exit 2, no data.dir or out_dir; the base's size and the grown size still run."""
+    from clusterlm.checkpoint.model_io import read_checkpoint_config
+    from clusterlm.checkpoint.store import resolve_checkpoint
+
+    v0 = read_checkpoint_config(resolve_checkpoint(str(base))).model.vocab_size
+    capsys.readouterr()
+    assert cli(_ft(base, chat, tmp_path / "bad", "--model.vocab_size=500")) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the resolved config
+    assert err.startswith("clusterlm finetune: error: ") and "vocab_size=500" in err, err
+    assert f"vocab_size={v0} ({v0 + 4} with the template's special tokens)" in err, err
+    assert not (tmp_path / "bad").exists()
+    for i, v in enumerate((v0, v0 + 4)):
+        assert cli(_ft(base, chat, tmp_path / f"ok{i}", f"--model.vocab_size={v}")) == 0
