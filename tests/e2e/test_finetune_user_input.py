@@ -63,3 +63,21 @@ def test_a_model_vocab_size_other_than_the_bases_is_refused(base, chat, tmp_path
     assert not (tmp_path / "bad").exists()
     for i, v in enumerate((v0, v0 + 4)):
         assert cli(_ft(base, chat, tmp_path / f"ok{i}", f"--model.vocab_size={v}")) == 0
+
+
+def test_lora_on_a_model_without_the_default_targets_names_the_ones_it_has():
+    """LoRA with the default targets on an LSTM classifier (no attention or MLP projections): the message
+    said "lora targets ['wq', ...] match no nn.Linear" although no targets were given, and offered the
+    backbone's unused LM head ('output'); now it says the defaults are missing and lists what can be named."""
+    from clusterlm.errors import ConfigError
+    from clusterlm.finetune.lora import apply_lora
+    from clusterlm.models.build import build_model
+    from clusterlm.models.config import get_preset
+
+    model = build_model(get_preset("lstm-small", n_layers=1, dim=16, vocab_size=20, labels=("neg", "pos"), pad_id=0))
+    with pytest.raises(ConfigError) as e:
+        apply_lora(model, None, rank=2)
+    msg = str(e.value)
+    assert msg.startswith("SequenceClassifier has none of the default lora targets"), msg
+    assert msg.endswith("name targets (finetune.lora_targets) from: ['score', 'tok_embeddings']"), msg
+    assert apply_lora(model, ["tok_embeddings"], rank=2) == ["backbone.tok_embeddings"]
