@@ -162,10 +162,13 @@ def read_records(spec: str, task: str, labels: Sequence[str] = (), field: str = 
     if task not in TASKS:
         raise ConfigError(f"finetune.task={task!r}; records are read for {', '.join(TASKS)}")
     paths = [Path(p) for p in spec.split(",")] if "," in spec and not Path(spec).exists() else [Path(spec)]
+    valid = "give a .jsonl or .tsv file or two parallel text files as 'SRC,TGT'"
+    if len(paths) > 2:
+        raise DataError(f"{field}={spec!r} names {len(paths)} files; {valid}")
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise DataError(f"{field}={spec!r}: no such file {', '.join(missing)}; give a .jsonl or .tsv file or two "
-                        "parallel text files as 'SRC,TGT'")
+        what = "is a directory, not a file:" if Path(missing[0]).is_dir() else "no such file"
+        raise DataError(f"{field}={spec!r}: {what} {', '.join(missing)}; {valid}")
     if task == "classify":
         if len(paths) != 1:
             raise DataError(f"{field}={spec!r}: classification reads one .jsonl or .tsv file of text and label")

@@ -81,3 +81,19 @@ def test_lora_on_a_model_without_the_default_targets_names_the_ones_it_has():
     assert msg.startswith("SequenceClassifier has none of the default lora targets"), msg
     assert msg.endswith("name targets (finetune.lora_targets) from: ['score', 'tok_embeddings']"), msg
     assert apply_lora(model, ["tok_embeddings"], rank=2) == ["backbone.tok_embeddings"]
+
+
+def test_a_source_that_is_a_directory_or_three_files_is_named_as_such(tmp_path):
+    """data.source as a folder said "no such file" (it exists), and three comma-separated files were
+    read as parallel files and refused as "task 'a.txt': unsupported file"; now each says what it is."""
+    from clusterlm.data.sft import read_records
+    from clusterlm.errors import DataError
+
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (tmp_path / name).write_text("x\n")
+    with pytest.raises(DataError, match=r"data.source='.*': is a directory, not a file: .*; give a .jsonl or .tsv"):
+        read_records(str(tmp_path), "sft")
+    three = ",".join(str(tmp_path / n) for n in ("a.txt", "b.txt", "c.txt"))
+    with pytest.raises(DataError, match=r"names 3 files; give a .jsonl or .tsv file or two parallel text files"):
+        read_records(three, "sft")
+    assert len(read_records(",".join(str(tmp_path / n) for n in ("a.txt", "b.txt")), "sft")) == 1
