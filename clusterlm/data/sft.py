@@ -116,7 +116,11 @@ def _sft_jsonl(path: Path) -> list[SFTRecord]:
             msgs = []
             for i, m in enumerate(raw):
                 if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                    raise DataError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
+                    got = (f"got {type(m).__name__}" if not isinstance(m, dict) else
+                           "; ".join(f"{k!r} is {m[k]!r:.80}" if k in m else f"no {k!r}" for k in ("role", "content")
+                                     if not isinstance(m.get(k), str)))
+                    raise DataError(f"{where}: messages[{i}] must be an object with string 'role' and 'content' "
+                                    f"({got})")
                 if m["role"] not in ROLES:
                     raise DataError(f"{where}: messages[{i}] has role {m['role']!r}; valid roles: {', '.join(ROLES)}")
                 if m["role"] == "assistant" and not m["content"].strip():
@@ -138,15 +142,19 @@ def _sft_jsonl(path: Path) -> list[SFTRecord]:
         if "prompt" not in rec:
             raise DataError(f"{where}: the record has no 'prompt' field (an SFT record needs 'prompt' + 'completion', "
                             f"or 'messages'); it has: {', '.join(rec) or 'nothing'}")
-        reply = rec.get("completion")
-        if reply is None and "references" in rec:
-            refs = rec["references"]
-            reply = refs[0] if isinstance(refs, list) and refs else refs
-        if reply is None:
+        field = "completion" if "completion" in rec or "references" not in rec else "references"
+        reply = rec.get(field)
+        if field == "references":
+            reply = reply[0] if isinstance(reply, list) and reply else reply
+        if field not in rec:
             raise DataError(f"{where}: the record has no response field 'completion' (an SFT record needs 'prompt' + "
                             "'completion', or 'messages' with an assistant turn)")
-        if not isinstance(rec["prompt"], str) or not isinstance(reply, str) or not reply.strip():
-            raise DataError(f"{where}: 'prompt' must be a string and 'completion' a non-empty string")
+        if not isinstance(rec["prompt"], str):
+            raise DataError(f"{where}: field 'prompt' must be a string, got {rec['prompt']!r:.80}")
+        if not isinstance(reply, str) or not reply.strip():
+            want = ("a non-empty string" if field == "completion"
+                    else "a non-empty list whose first item is a non-empty string")
+            raise DataError(f"{where}: field {field!r} must be {want}, got {rec[field]!r:.80}")
         out.append(SFTRecord(prompt=rec["prompt"], completion=reply, where=where))
     if not out:
         raise DataError(f"{path}: no records")

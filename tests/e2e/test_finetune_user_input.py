@@ -97,3 +97,28 @@ def test_a_source_that_is_a_directory_or_three_files_is_named_as_such(tmp_path):
     with pytest.raises(DataError, match=r"names 3 files; give a .jsonl or .tsv file or two parallel text files"):
         read_records(three, "sft")
     assert len(read_records(",".join(str(tmp_path / n) for n in ("a.txt", "b.txt")), "sft")) == 1
+
+
+@pytest.mark.parametrize("record, line", [
+    ({"prompt": "p", "completion": 5}, "field 'completion' must be a non-empty string, got 5"),
+    ({"prompt": ["p"], "completion": "c"}, "field 'prompt' must be a string, got ['p']"),
+    ({"prompt": "p", "completion": None}, "field 'completion' must be a non-empty string, got None"),
+    ({"prompt": "p", "references": []},
+     "field 'references' must be a non-empty list whose first item is a non-empty string, got []"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 3}]},
+     "messages[1] must be an object with string 'role' and 'content' ('content' is 3)"),
+    ({"messages": [{"content": "q"}, {"role": "assistant", "content": "a"}]},
+     "messages[0] must be an object with string 'role' and 'content' (no 'role')"),
+])
+def test_a_field_of_the_wrong_type_is_named_with_what_it_holds(tmp_path, record, line):
+    """Wrong types in SFT JSONL fields: the message was "'prompt' must be a string and 'completion' a
+    non-empty string" whichever field was wrong (a 'references' one too), without the value; now it names
+    the field and what it holds (as the classify reader does: "field 'label' must be ..., got None")."""
+    from clusterlm.data.sft import read_records
+    from clusterlm.errors import DataError
+
+    f = tmp_path / "a.jsonl"
+    f.write_text(json.dumps({"prompt": "ok", "completion": "fine"}) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(DataError) as e:
+        read_records(str(f), "sft")
+    assert str(e.value) == f"{f}:2: {line}"
