@@ -280,6 +280,10 @@ def preflight(ft: Any, recipe_model: Any, base: Base | None) -> None:
                                      bidirectional=ft.bidirectional and bool(labels),
                                      inherit_dropout=ft.inherit_dropout, where=base.where)
     else:  # the vocabulary comes with the tokenizer trained on the records: any size builds the same layers
+        if ft.lora_rank:
+            raise ConfigError(f"finetune.lora_rank={ft.lora_rank} with an empty finetune.init_from: LoRA trains "
+                              "adapters on frozen weights, which from scratch would stay random; give a base "
+                              "(finetune.init_from) or set finetune.lora_rank=0 to train every weight")
         mcfg = recipe_model if recipe_model.vocab_size is not None else recipe_model.with_vocab(256)
         mcfg = dataclasses.replace(mcfg, labels=labels, pool=ft.pool if labels else "auto",
                                    bidirectional=ft.bidirectional and bool(labels))

@@ -24,7 +24,8 @@ def base(tmp_path_factory) -> Path:
     (root / "corpus.txt").write_text(TEXT * 2)
     assert cli(["prepare", str(root / "corpus.txt"), "--out", str(root / "data"), "--tokenizer", "char",
                 "--val-fraction", "0"]) == 0
-    assert cli(["train", f"--data.dir={json.dumps(str(root / 'data'))}", f"--train.out_dir={json.dumps(str(root / 'run'))}",
+    assert cli(["train", f"--data.dir={json.dumps(str(root / 'data'))}",
+                f"--train.out_dir={json.dumps(str(root / 'run'))}",
                 "--model.preset=gpt-nano", "--model.n_layers=1", "--model.max_seq_len=32", "--train.seq_len=32",
                 "--train.micro_batch_size=4", "--train.max_steps=2", "--train.eval_interval=0",
                 "--train.tensorboard=false"]) == 0
@@ -122,3 +123,18 @@ def test_a_field_of_the_wrong_type_is_named_with_what_it_holds(tmp_path, record,
     with pytest.raises(DataError) as e:
         read_records(str(f), "sft")
     assert str(e.value) == f"{f}:2: {line}"
+
+
+def test_lora_from_scratch_is_refused_before_data_is_written(chat, tmp_path, capsys):
+    """LoRA with an empty init_from froze the random initial weights and trained only adapters on them
+    (docs/finetune.md: LoRA adapts a base); now one line naming both options, exit 2, nothing written."""
+    root = tmp_path / "scratch"
+    args = ["finetune", "--finetune.task=sft", "--finetune.lora_rank=2", f"--data.source={json.dumps(str(chat))}",
+            f"--data.dir={json.dumps(str(root / 'data'))}", f"--train.out_dir={json.dumps(str(root / 'out'))}",
+            "--model.preset=gpt-nano", "--model.n_layers=1", "--model.max_seq_len=32", "--train.seq_len=32",
+            "--train.max_steps=1", "--train.tensorboard=false"]
+    capsys.readouterr()
+    assert cli(args) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "finetune.lora_rank=2 with an empty finetune.init_from" in err and "finetune.lora_rank=0" in err, err
+    assert not root.exists()
