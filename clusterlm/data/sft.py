@@ -461,6 +461,31 @@ class ExampleSplit:
         return self.tokens[a:b], (mask[a:b] if mask is not None else None)
 
 
+def check_responses_fit(data_dir: str | os.PathLike, seq_len: int) -> None:
+    """SFT examples are cut to seq_len + 1 tokens from their start (ExampleSplit.example): one whose
+    trained tokens all lie beyond that trains nothing. Warns with the count; refuses a split where
+    no example keeps a trained token (its loss would be 0/0: steps of zero gradient, then an empty
+    validation)."""
+    from clusterlm.data.shards import read_meta
+
+    for split, info in read_meta(data_dir)["splits"].items():
+        if not info.get("examples") or "mask" not in info["files"]:
+            continue
+        data = ExampleSplit(data_dir, split)
+        cs = np.concatenate([[0], np.cumsum(data.arrays["mask"], dtype=np.int64)])
+        a = data.offsets[:-1].astype(np.int64)
+        b = np.minimum(data.offsets[1:].astype(np.int64), a + seq_len + 1)
+        empty = int((cs[b] - cs[np.minimum(a + 1, b)] == 0).sum())  # position 0 (the leading EOS) is no target
+        if empty == data.n:
+            raise DataError(f"{data_dir}/{split}: every one of its {data.n} examples has its response beyond the "
+                            f"first {seq_len + 1} tokens (train.seq_len={seq_len} + 1), so nothing would train; "
+                            f"raise train.seq_len (the longest example has {int(data.lengths.max())} tokens) or "
+                            "shorten the prompts")
+        if empty:
+            log.warning("%s/%s: %d of %d examples have their response beyond the first %d tokens and train "
+                        "nothing; raise train.seq_len to keep them", data_dir, split, empty, data.n, seq_len + 1)
+
+
 class ExampleLoader:
     """Deterministic, resumable, rank-aware batches of fine-tuning examples (module docstring)."""
 

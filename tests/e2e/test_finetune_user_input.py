@@ -138,3 +138,25 @@ def test_lora_from_scratch_is_refused_before_data_is_written(chat, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "finetune.lora_rank=2 with an empty finetune.init_from" in err and "finetune.lora_rank=0" in err, err
     assert not root.exists()
+
+
+def test_responses_beyond_seq_len_are_refused_when_nothing_would_train(base, tmp_path, capsys, caplog):
+    """Prompts longer than train.seq_len + 1 tokens cut every response away: the run trained steps of loss
+    0.0000 and grad_norm 0, saved checkpoints, then failed at validation with "evaluate_loss: no tokens to
+    score". Now one line before training (exit 2, nothing written); some such examples: a warning counts them."""
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({"prompt": "1+1=2. " * 6 + f"{i}+1=", "completion": str(i + 1)}) + "\n"
+                            for i in range(10)))
+    capsys.readouterr()
+    assert cli(_ft(base, long, tmp_path / "bad", "--finetune.pack=false")) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "every one of its 9 examples has its response beyond the first 33 tokens (train.seq_len=32 + 1)" in err
+    assert "raise train.seq_len" in err and not (tmp_path / "bad").exists()
+
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(long.read_text() + "".join(json.dumps({"prompt": f"{i}+2=", "completion": str(i + 2)}) + "\n"
+                                                for i in range(30)))
+    caplog.set_level("WARNING")
+    assert cli(_ft(base, mixed, tmp_path / "ok", "--data.val_fraction=0")) == 0
+    assert any("10 of 40 examples have their response beyond the first 33 tokens" in r.getMessage()
+               for r in caplog.records)
