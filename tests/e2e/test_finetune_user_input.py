@@ -160,3 +160,20 @@ def test_responses_beyond_seq_len_are_refused_when_nothing_would_train(base, tmp
     assert cli(_ft(base, mixed, tmp_path / "ok", "--data.val_fraction=0")) == 0
     assert any("10 of 40 examples have their response beyond the first 33 tokens" in r.getMessage()
                for r in caplog.records)
+
+
+@pytest.mark.parametrize("suffix, line, body", [
+    (".tsv", 3, "sentence\tlabel\nthe film\tpos\nbad film\t\nok film\tneg\n"),
+    (".jsonl", 2, "".join(json.dumps(r) + "\n" for r in ({"text": "a", "label": "pos"}, {"text": "b", "label": " "},
+                                                      {"text": "c", "label": "neg"}))),
+])
+def test_an_empty_label_is_named_with_its_line(tmp_path, suffix, line, body):
+    """A classify record with an empty label became a nameless class, refused later as "model.labels=['', 'neg',
+    'pos'] has an empty name" without the file or line; now the reader names them (finetune and eval alike)."""
+    from clusterlm.data.sft import read_records
+    from clusterlm.errors import DataError
+
+    f = tmp_path / f"cls{suffix}"
+    f.write_text(body)
+    with pytest.raises(DataError, match=rf"^{f}:{line}: field 'label' is empty \(got '\s*'\); a label is a non-empty"):
+        read_records(str(f), "classify")
