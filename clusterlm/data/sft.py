@@ -116,7 +116,11 @@ def _sft_jsonl(path: Path) -> list[SFTRecord]:
             msgs = []
             for i, m in enumerate(raw):
                 if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                    raise DataError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
+                    got = (f"got {type(m).__name__}" if not isinstance(m, dict) else
+                           "; ".join(f"{k!r} is {m[k]!r:.80}" if k in m else f"no {k!r}" for k in ("role", "content")
+                                     if not isinstance(m.get(k), str)))
+                    raise DataError(f"{where}: messages[{i}] must be an object with string 'role' and 'content' "
+                                    f"({got})")
                 if m["role"] not in ROLES:
                     raise DataError(f"{where}: messages[{i}] has role {m['role']!r}; valid roles: {', '.join(ROLES)}")
                 if m["role"] == "assistant" and not m["content"].strip():
@@ -138,15 +142,19 @@ def _sft_jsonl(path: Path) -> list[SFTRecord]:
         if "prompt" not in rec:
             raise DataError(f"{where}: the record has no 'prompt' field (an SFT record needs 'prompt' + 'completion', "
                             f"or 'messages'); it has: {', '.join(rec) or 'nothing'}")
-        reply = rec.get("completion")
-        if reply is None and "references" in rec:
-            refs = rec["references"]
-            reply = refs[0] if isinstance(refs, list) and refs else refs
-        if reply is None:
+        field = "completion" if "completion" in rec or "references" not in rec else "references"
+        reply = rec.get(field)
+        if field == "references":
+            reply = reply[0] if isinstance(reply, list) and reply else reply
+        if field not in rec:
             raise DataError(f"{where}: the record has no response field 'completion' (an SFT record needs 'prompt' + "
                             "'completion', or 'messages' with an assistant turn)")
-        if not isinstance(rec["prompt"], str) or not isinstance(reply, str) or not reply.strip():
-            raise DataError(f"{where}: 'prompt' must be a string and 'completion' a non-empty string")
+        if not isinstance(rec["prompt"], str):
+            raise DataError(f"{where}: field 'prompt' must be a string, got {rec['prompt']!r:.80}")
+        if not isinstance(reply, str) or not reply.strip():
+            want = ("a non-empty string" if field == "completion"
+                    else "a non-empty list whose first item is a non-empty string")
+            raise DataError(f"{where}: field {field!r} must be {want}, got {rec[field]!r:.80}")
         out.append(SFTRecord(prompt=rec["prompt"], completion=reply, where=where))
     if not out:
         raise DataError(f"{path}: no records")
@@ -162,10 +170,13 @@ def read_records(spec: str, task: str, labels: Sequence[str] = (), field: str = 
     if task not in TASKS:
         raise ConfigError(f"finetune.task={task!r}; records are read for {', '.join(TASKS)}")
     paths = [Path(p) for p in spec.split(",")] if "," in spec and not Path(spec).exists() else [Path(spec)]
+    valid = "give a .jsonl or .tsv file or two parallel text files as 'SRC,TGT'"
+    if len(paths) > 2:
+        raise DataError(f"{field}={spec!r} names {len(paths)} files; {valid}")
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise DataError(f"{field}={spec!r}: no such file {', '.join(missing)}; give a .jsonl or .tsv file or two "
-                        "parallel text files as 'SRC,TGT'")
+        what = "is a directory, not a file:" if Path(missing[0]).is_dir() else "no such file"
+        raise DataError(f"{field}={spec!r}: {what} {', '.join(missing)}; {valid}")
     if task == "classify":
         if len(paths) != 1:
             raise DataError(f"{field}={spec!r}: classification reads one .jsonl or .tsv file of text and label")
@@ -448,6 +459,31 @@ class ExampleSplit:
             b = min(b, a + cap)
         mask = self.arrays.get("mask")
         return self.tokens[a:b], (mask[a:b] if mask is not None else None)
+
+
+def check_responses_fit(data_dir: str | os.PathLike, seq_len: int) -> None:
+    """SFT examples are cut to seq_len + 1 tokens from their start (ExampleSplit.example): one whose
+    trained tokens all lie beyond that trains nothing. Warns with the count; refuses a split where
+    no example keeps a trained token (its loss would be 0/0: steps of zero gradient, then an empty
+    validation)."""
+    from clusterlm.data.shards import read_meta
+
+    for split, info in read_meta(data_dir)["splits"].items():
+        if not info.get("examples") or "mask" not in info["files"]:
+            continue
+        data = ExampleSplit(data_dir, split)
+        cs = np.concatenate([[0], np.cumsum(data.arrays["mask"], dtype=np.int64)])
+        a = data.offsets[:-1].astype(np.int64)
+        b = np.minimum(data.offsets[1:].astype(np.int64), a + seq_len + 1)
+        empty = int((cs[b] - cs[np.minimum(a + 1, b)] == 0).sum())  # position 0 (the leading EOS) is no target
+        if empty == data.n:
+            raise DataError(f"{data_dir}/{split}: every one of its {data.n} examples has its response beyond the "
+                            f"first {seq_len + 1} tokens (train.seq_len={seq_len} + 1), so nothing would train; "
+                            f"raise train.seq_len (the longest example has {int(data.lengths.max())} tokens) or "
+                            "shorten the prompts")
+        if empty:
+            log.warning("%s/%s: %d of %d examples have their response beyond the first %d tokens and train "
+                        "nothing; raise train.seq_len to keep them", data_dir, split, empty, data.n, seq_len + 1)
 
 
 class ExampleLoader:

@@ -221,6 +221,8 @@ def _classify_example(r: _Record, line: int, rename: Mapping[str, str] | None) -
     label = r.get("label", "'label' (a string or an integer from the label set)")
     if isinstance(label, bool) or not isinstance(label, (str, int)):
         raise r.fail("label", f"must be a string or an integer, got {label!r:.80}")
+    if not str(label).strip():  # else the label set gets a nameless class, refused later without a line
+        raise r.fail("label", f"is empty (got {label!r}); a label is a non-empty string or an integer")
     label = str(label).strip()
     if rename is not None:
         if label not in rename:

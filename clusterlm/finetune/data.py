@@ -279,6 +279,10 @@ def _finetune_data(cfg: Any, base: Any | None) -> tuple[Path, Any, Any]:
                              prompt_loss=ft.prompt_loss, records=records, val_records=val_records,
                              augment=ft.augment, options=prepare_options(cfg))
     meta = read_meta(data_dir)
+    if ft.task == "sft":
+        from clusterlm.data.sft import check_responses_fit
+
+        check_responses_fit(data_dir, cfg.train.seq_len)
     tok = load_tokenizer(data_dir / meta["tokenizer"]["file"])
     labels = tuple(meta.get("labels") or ()) if ft.task == "classify" else ()
     if ft.labels and labels and tuple(ft.labels) != labels:

@@ -321,7 +321,11 @@ def apply_lora(model: nn.Module, targets: Iterable[str] | None = None, rank: int
         used.add(t)
     unused = [t for t in targets if t not in used]
     if unused and (strict or not used):
-        short = sorted({_clean(n).rsplit(".", 1)[-1] for n in layers})
+        short = sorted({_clean(n).rsplit(".", 1)[-1] for n in layers if not f"{_clean(n)}.".startswith(skip)})
+        if not strict:  # nobody named the defaults: say so, and how to name targets that exist
+            raise ConfigError(f"{type(model).__name__} has none of the default lora targets (the attention and MLP "
+                              f"projections {', '.join(DEFAULT_TARGETS)}); name targets (finetune.lora_targets) "
+                              f"from: {short or 'none'}")
         raise ConfigError(f"lora targets {unused} match no nn.Linear or nn.Embedding in {type(model).__name__}; "
                           f"names there: {short or 'none'}")
     for p in model.parameters():

@@ -146,6 +146,11 @@ def finetune_model_config(base: Any, recipe: Any, *, vocab_size: int, labels: tu
         want = ", ".join(f"{k}={r!r}" for k, _, r in asked)
         raise ConfigError(f"{where} has {has} but the recipe's [model] asks for {want}; a fine-tuned model keeps its "
                           "base's shape: remove those keys from [model]")
+    if recipe.vocab_size is not None and recipe.vocab_size not in (base.vocab_size, vocab_size):
+        grown = f" ({vocab_size} with the template's special tokens)" if vocab_size != base.vocab_size else ""
+        raise ConfigError(f"{where} has vocab_size={base.vocab_size}{grown} but the recipe's [model] asks for "
+                          f"vocab_size={recipe.vocab_size}; a fine-tuned model's vocabulary is its base's tokenizer's: "
+                          "remove model.vocab_size")
     if base.vocab_size is not None and vocab_size < base.vocab_size:
         raise ConfigError(f"the data's tokenizer has {vocab_size} tokens but {where} has vocab_size="
                           f"{base.vocab_size}; fine-tuning data must be tokenized with the base's tokenizer")
@@ -268,11 +273,17 @@ def preflight(ft: Any, recipe_model: Any, base: Base | None) -> None:
 
     labels = tuple(ft.labels) or (("a", "b") if ft.task == "classify" else ())  # the real ones come with the data
     if base is not None:
-        mcfg = finetune_model_config(base.config.model, recipe_model, vocab_size=base.config.model.vocab_size,
+        # the data's vocabulary (the base's plus the template's tokens) is not known yet: vocab_size is checked with it
+        mcfg = finetune_model_config(base.config.model, dataclasses.replace(recipe_model, vocab_size=None),
+                                     vocab_size=base.config.model.vocab_size,
                                      labels=labels, pool=ft.pool if labels else "auto",
                                      bidirectional=ft.bidirectional and bool(labels),
                                      inherit_dropout=ft.inherit_dropout, where=base.where)
     else:  # the vocabulary comes with the tokenizer trained on the records: any size builds the same layers
+        if ft.lora_rank:
+            raise ConfigError(f"finetune.lora_rank={ft.lora_rank} with an empty finetune.init_from: LoRA trains "
+                              "adapters on frozen weights, which from scratch would stay random; give a base "
+                              "(finetune.init_from) or set finetune.lora_rank=0 to train every weight")
         mcfg = recipe_model if recipe_model.vocab_size is not None else recipe_model.with_vocab(256)
         mcfg = dataclasses.replace(mcfg, labels=labels, pool=ft.pool if labels else "auto",
                                    bidirectional=ft.bidirectional and bool(labels))

@@ -64,7 +64,7 @@ def test_records_of_every_form(tmp_path):
      "a.jsonl:2: the record has both 'prompt' and 'messages'"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]},
      "a.jsonl:2: messages[1] is an assistant turn with empty content"),
-    ({"prompt": "p", "completion": ""}, "a.jsonl:2: 'prompt' must be a string and 'completion' a non-empty string"),
+    ({"prompt": "p", "completion": ""}, "a.jsonl:2: field 'completion' must be a non-empty string, got ''"),
 ])
 def test_a_record_without_its_response_is_named_with_its_line(tmp_path, record, needle):
     """Reference: docs/finetune.md "Records" and docs/tasks.md (prompt and messages both is an error)."""
