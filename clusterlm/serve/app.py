@@ -837,6 +837,10 @@ def main(argv: list[str]) -> int:
     for flag, val in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
         if not 0 < val <= 3600:  # ConnectionLimits' bounds, by option
             raise ValueError(f"{flag}={val} must be in (0, 3600] seconds")
+    for flag, val, what in (("--api-key-file", args.api_key_file, "a file holding the key"),
+                            ("--api-key-env", args.api_key_env, "the name of a variable holding the key")):
+        if val is not None and not val.strip():  # e.g. an unset shell variable: not the generated key's case
+            raise ValueError(f"{flag} {val!r} is empty; give {what}, or leave {flag} out for a generated key")
     if args.api_key_file and args.api_key_env:
         raise ValueError("--api-key-file and --api-key-env both given; choose one")
     if args.device == "cuda":  # refused here, not by the model's load once the server runs

@@ -1,0 +1,46 @@
+"""`clusterlm serve` options as an operator writes them: refusals are one line on stderr and exit 2,
+before anything binds, loads or generates a key (the console script in a child process, with a
+timeout: a server that starts instead is killed, and the test fails)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from clusterlm.errors import EXIT_USAGE
+from tests.helpers import console_script, random_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+TEXT = "\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(20))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    return random_checkpoint(tmp_path_factory.mktemp("opts"), "byte", TEXT, bpe_vocab=0, n_layers=1, context=64)
+
+
+def _refused(run: Path, *args: str) -> str:
+    """stderr of `clusterlm serve RUN --port 0 ARGS`, which must exit 2 with one line and print no key."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CLUSTERLM_TEST_KEY": "operator-key-0123"}
+    try:
+        r = subprocess.run([*console_script(), "serve", str(run), "--host", "127.0.0.1", "--port", "18190", *args],
+                           capture_output=True, text=True, timeout=90, env=env)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"serve {args} started instead of refusing: {e.stdout!r}") from None
+    err = r.stderr.strip()
+    assert r.returncode == EXIT_USAGE, (r.returncode, err)
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "API key (generated" not in r.stdout, r.stdout
+    return err
+
+
+def test_empty_key_option_is_refused_not_replaced_by_a_generated_key(run):
+    """`--api-key-env "$NAME"` or `--api-key-file "$FILE"` with the shell variable unset is an empty
+    value: refused (exit 2, one line), where it used to start the server with a random key, as if
+    neither option had been given (the clients' real key then got 401)."""
+    for flag in ("--api-key-env", "--api-key-file"):
+        assert f"{flag} '' is empty" in _refused(run, flag, "")
+
