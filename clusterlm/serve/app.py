@@ -718,10 +718,6 @@ def _read_key(path: str) -> str:
     if not stat.S_ISREG(st.st_mode):  # Docker makes a directory where a bind-mounted file is missing
         raise ValueError(f"--api-key-file {path} is a directory, not a file; give a file holding the key on its "
                          "first line (a missing bind-mount source becomes an empty directory in a container)")
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077:
-        who = "everyone" if mode & 0o007 else "its group"
-        log.warning("API key file %s has mode %04o: readable by %s; run `chmod 600 %s`", path, mode, who, path)
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -729,7 +725,12 @@ def _read_key(path: str) -> str:
     key = lines[0].strip() if lines else ""
     if not key:
         raise ValueError(f"--api-key-file {path} is empty; put the key on its first line")
-    return _check_key(key, f"--api-key-file {path}")
+    _check_key(key, f"--api-key-file {path}")
+    mode = stat.S_IMODE(st.st_mode)  # warned only for a key that is used: a refused file gets its one error line
+    if mode & 0o077:
+        who = "everyone" if mode & 0o007 else "its group"
+        log.warning("API key file %s has mode %04o: readable by %s; run `chmod 600 %s`", path, mode, who, path)
+    return key
 
 
 def _refuse_pack(pack: str, specs: list[ModelSpec]) -> None:

@@ -44,3 +44,15 @@ def test_empty_key_option_is_refused_not_replaced_by_a_generated_key(run):
     for flag in ("--api-key-env", "--api-key-file"):
         assert f"{flag} '' is empty" in _refused(run, flag, "")
 
+
+def test_refused_key_file_gets_no_mode_warning_first(run, tmp_path):
+    """An empty (or placeholder) key file that is world-readable: the one error line only, not the
+    mode warning about a file that will not be used followed by the error."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    placeholder = tmp_path / "placeholder.txt"
+    placeholder.write_text("CHANGE-ME-placeholder-not-a-secret\n")
+    for path, fragment in ((empty, "is empty"), (placeholder, "placeholder")):
+        path.chmod(0o644)
+        err = _refused(run, "--api-key-file", str(path))
+        assert fragment in err and "mode" not in err, err
