@@ -847,7 +847,7 @@ def main(argv: list[str]) -> int:
     if args.device == "cuda":  # refused here, not by the model's load once the server runs
         from clusterlm.device import resolve_device
 
-        resolve_device(args.device, "--device")
+        resolve_device(args.device, "--device", instead="'cpu'")  # serve has no --device auto
     specs = model_specs(args.checkpoint, args.models, args.model_name)
     instance_id = (check_instance_id(args.instance_id) if args.instance_id is not None  # "" is refused too
                    else default_instance_id(args.port))

@@ -56,3 +56,14 @@ def test_refused_key_file_gets_no_mode_warning_first(run, tmp_path):
         path.chmod(0o644)
         err = _refused(run, "--api-key-file", str(path))
         assert fragment in err and "mode" not in err, err
+
+
+def test_device_cuda_without_a_gpu_names_a_value_serve_accepts(run):
+    """`--device cuda` without a GPU said "use 'auto' or 'cpu'", but serve's --device takes cpu or
+    cuda only (`--device auto` is an argparse error): the refusal names 'cpu' alone."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: --device cuda is served")
+    err = _refused(run, "--device", "cuda")
+    assert err.endswith("error: --device='cuda' but no CUDA device is available; use 'cpu'"), err
