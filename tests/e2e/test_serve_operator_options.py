@@ -67,3 +67,25 @@ def test_device_cuda_without_a_gpu_names_a_value_serve_accepts(run):
         pytest.skip("a GPU is present: --device cuda is served")
     err = _refused(run, "--device", "cuda")
     assert err.endswith("error: --device='cuda' but no CUDA device is available; use 'cpu'"), err
+
+
+def test_stream_guard_refuses_itself_as_upstream(capsys):
+    """`clusterlm stream-guard --upstream http://127.0.0.1:8020` (its own default port) relayed each
+    request to itself until the client gave up (no answer at all); now refused, exit 2, one line.
+    A different port, or another host, is still accepted as far as the option checks go."""
+    for argv in (["--upstream", "http://127.0.0.1:18124", "--port", "18124"],
+                 ["--upstream", "http://localhost:18124", "--port", "18124"],
+                 ["--upstream", "http://127.0.0.1:18123", "--port", "18123", "--host", "0.0.0.0"],
+                 ["--upstream", "http://[::1]:18123", "--port", "18123", "--host", "::1"]):
+        try:
+            proc = subprocess.run([*console_script(), "stream-guard", *argv], capture_output=True, text=True,
+                                  timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"stream-guard {argv} started instead of refusing") from None
+        err = proc.stderr.strip()
+        assert proc.returncode == EXIT_USAGE and "is this guard's own address" in err, (argv, err)
+        assert len(err.splitlines()) == 1, err
+    from clusterlm.serve.relay import _refuse_self
+
+    _refuse_self("http://127.0.0.1:8010", "127.0.0.1", 8020)  # the documented setup
+    _refuse_self("http://10.0.0.5:8020", "127.0.0.1", 8020)
