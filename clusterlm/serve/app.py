@@ -292,8 +292,21 @@ def create_app(load: Callable[..., object], settings: Settings,
         if arch == "encdec":  # the prompt to the encoder, one request at a time (serve/seq2seq.py)
             from clusterlm.serve.seq2seq import Seq2SeqScheduler as sched_cls
         pack = {} if arch == "encdec" else {"pack": None if sv.settings.pack == "none" else sv.settings.pack}
-        sched = sched_cls(loaded.model, loaded.tokenizer, max_batch=sv.settings.max_batch,
-                          max_queue=sv.settings.max_queue, metrics=sv.metrics, device=sv.settings.device, **pack)
+        try:
+            sched = sched_cls(loaded.model, loaded.tokenizer, max_batch=sv.settings.max_batch,
+                              max_queue=sv.settings.max_queue, metrics=sv.metrics, device=sv.settings.device, **pack)
+        except RuntimeError as e:  # the slot cache (max_batch x context) is allocated here: name the option
+            if "allocate" not in str(e) and "out of memory" not in str(e):
+                raise
+            import re
+
+            from clusterlm.errors import ConfigError
+
+            asked = re.search(r"allocate (\d+) bytes", str(e))
+            need = f" ({int(asked.group(1)) / 2**30:.1f} GiB asked)" if asked else ""
+            raise ConfigError(f"model {sv.name}: the KV cache for max_batch={sv.settings.max_batch} slots does not fit "
+                              f"in {sv.settings.device} memory{need}; lower --max-batch (or the model's max_batch "
+                              "in --models)") from None
         sched.start()
         try:
             sched.warmup()

@@ -89,3 +89,17 @@ def test_stream_guard_refuses_itself_as_upstream(capsys):
 
     _refuse_self("http://127.0.0.1:8010", "127.0.0.1", 8020)  # the documented setup
     _refuse_self("http://10.0.0.5:8020", "127.0.0.1", 8020)
+
+
+def test_max_batch_too_large_for_memory_names_the_option(run):
+    """`--max-batch 100000000` (a typo, or a GPU's value on a small host) ended in "checkpoint RUN cannot
+    be served: RuntimeError: [enforce fail at alloc_cpu.cpp:127] ... can't allocate memory", blaming
+    the checkpoint; now the one line names max_batch, the memory asked for and --max-batch (exit 2)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CLUSTERLM_TEST_KEY": "operator-key-0123"}
+    r = subprocess.run([*console_script(), "serve", str(run), "--host", "127.0.0.1", "--port", "18191",
+                        "--api-key-env", "CLUSTERLM_TEST_KEY", "--max-batch", "100000000"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == EXIT_USAGE, r.stderr[-2000:]
+    assert last.startswith("clusterlm serve: error: model ") and "max_batch=100000000" in last, last
+    assert "lower --max-batch" in last and "GiB asked" in last and "enforce fail" not in last, last
