@@ -732,7 +732,7 @@ def _read_key(path: str) -> str:
         raise ValueError(f"--api-key-file {path} is a directory, not a file; give a file holding the key on its "
                          "first line (a missing bind-mount source becomes an empty directory in a container)")
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM (Notepad) is not part of the key
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"--api-key-file {path} cannot be read: {getattr(e, 'strerror', None) or e}") from None
     key = lines[0].strip() if lines else ""

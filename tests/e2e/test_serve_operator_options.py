@@ -103,3 +103,15 @@ def test_max_batch_too_large_for_memory_names_the_option(run):
     assert r.returncode == EXIT_USAGE, r.stderr[-2000:]
     assert last.startswith("clusterlm serve: error: model ") and "max_batch=100000000" in last, last
     assert "lower --max-batch" in last and "GiB asked" in last and "enforce fail" not in last, last
+
+
+def test_key_file_with_a_byte_order_mark_reads_the_key_without_it(tmp_path):
+    """A key file saved as "UTF-8 with BOM" (Windows Notepad, PowerShell 5's Out-File) kept U+FEFF at the
+    start of the key, so every client's correct key got 401 with nothing to tell why; the BOM is not
+    part of the key."""
+    from clusterlm.serve.app import _read_key
+
+    key = tmp_path / "key.txt"
+    key.write_bytes("\ufeffoperator-key-0123\r\n".encode())
+    key.chmod(0o600)
+    assert _read_key(str(key)) == "operator-key-0123"
