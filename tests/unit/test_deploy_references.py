@@ -23,3 +23,14 @@ def test_named_test_files_and_functions_exist():
             if not any(f"def {func}(" in p.read_text() for p in (ROOT / "tests").rglob(name)):
                 missing.append(f"{src.relative_to(ROOT)}: {name}::{func}")
     assert not missing, missing
+
+
+def test_deploy_doc_lists_what_the_image_installs():
+    """docs/deploy.md's list of deploy/docker/requirements-serve.txt names every package in it: httpx2
+    (stream-guard's client, which the image runs) was missing from the list."""
+    reqs = [re.split(r"[<>=!~ ;\[]", line, maxsplit=1)[0]
+            for line in (ROOT / "deploy" / "docker" / "requirements-serve.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    doc = " ".join((ROOT / "docs" / "deploy.md").read_text().split())
+    listed = doc[doc.index("`deploy/docker/requirements-serve.txt` ("):].split(")", 1)[0]
+    assert reqs and all(re.search(rf"\b{re.escape(r)}\b", listed) for r in reqs), (reqs, listed)
