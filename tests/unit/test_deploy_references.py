@@ -34,3 +34,20 @@ def test_deploy_doc_lists_what_the_image_installs():
     doc = " ".join((ROOT / "docs" / "deploy.md").read_text().split())
     listed = doc[doc.index("`deploy/docker/requirements-serve.txt` ("):].split(")", 1)[0]
     assert reqs and all(re.search(rf"\b{re.escape(r)}\b", listed) for r in reqs), (reqs, listed)
+
+
+def test_replica_commands_open_the_ports_prometheus_scrapes():
+    """The replica command at the top of haproxy.cfg (and of prometheus.yml, and monitoring.md) gives
+    each replica the --metrics-port that deploy/prometheus/prometheus.yml scrapes (job clusterlm):
+    haproxy.cfg's left it out, so replicas started from it were `up == 0` (ClusterlmReplicaDown)."""
+    import yaml
+
+    prom = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    (job,) = [j for j in prom["scrape_configs"] if j["job_name"] == "clusterlm"]
+    scraped = {int(t.rsplit(":", 1)[1]) for sc in job["static_configs"] for t in sc["targets"]}
+    for src in ("deploy/haproxy/haproxy.cfg", "deploy/prometheus/prometheus.yml", "docs/monitoring.md"):
+        cmds = [line for line in (ROOT / src).read_text().splitlines() if "clusterlm serve RUN --port" in line]
+        assert cmds, src
+        for cmd in cmds:
+            m = re.search(r"--metrics-port (\d+)", cmd)
+            assert m and int(m.group(1)) in scraped, (src, cmd, sorted(scraped))
