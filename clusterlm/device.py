@@ -24,12 +24,13 @@ from clusterlm.errors import ConfigError
 DTYPE_NAMES = ("auto", "bf16-native", "fp32", "bf16", "fp16")
 
 
-def resolve_device(name: str, what: str = "train.device") -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is refused naming `what`."""
+def resolve_device(name: str, what: str = "train.device", instead: str = "'auto' or 'cpu'") -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is refused naming `what` and the
+    values `instead` that the caller accepts."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{what}='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+        raise ConfigError(f"{what}='cuda' but no CUDA device is available; use {instead}")
     return torch.device(name)
 
 

@@ -292,8 +292,21 @@ def create_app(load: Callable[..., object], settings: Settings,
         if arch == "encdec":  # the prompt to the encoder, one request at a time (serve/seq2seq.py)
             from clusterlm.serve.seq2seq import Seq2SeqScheduler as sched_cls
         pack = {} if arch == "encdec" else {"pack": None if sv.settings.pack == "none" else sv.settings.pack}
-        sched = sched_cls(loaded.model, loaded.tokenizer, max_batch=sv.settings.max_batch,
-                          max_queue=sv.settings.max_queue, metrics=sv.metrics, device=sv.settings.device, **pack)
+        try:
+            sched = sched_cls(loaded.model, loaded.tokenizer, max_batch=sv.settings.max_batch,
+                              max_queue=sv.settings.max_queue, metrics=sv.metrics, device=sv.settings.device, **pack)
+        except RuntimeError as e:  # the slot cache (max_batch x context) is allocated here: name the option
+            if "allocate" not in str(e) and "out of memory" not in str(e):
+                raise
+            import re
+
+            from clusterlm.errors import ConfigError
+
+            asked = re.search(r"allocate (\d+) bytes", str(e))
+            need = f" ({int(asked.group(1)) / 2**30:.1f} GiB asked)" if asked else ""
+            raise ConfigError(f"model {sv.name}: the KV cache for max_batch={sv.settings.max_batch} slots does not fit "
+                              f"in {sv.settings.device} memory{need}; lower --max-batch (or the model's max_batch "
+                              "in --models)") from None
         sched.start()
         try:
             sched.warmup()
@@ -718,18 +731,19 @@ def _read_key(path: str) -> str:
     if not stat.S_ISREG(st.st_mode):  # Docker makes a directory where a bind-mounted file is missing
         raise ValueError(f"--api-key-file {path} is a directory, not a file; give a file holding the key on its "
                          "first line (a missing bind-mount source becomes an empty directory in a container)")
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077:
-        who = "everyone" if mode & 0o007 else "its group"
-        log.warning("API key file %s has mode %04o: readable by %s; run `chmod 600 %s`", path, mode, who, path)
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM (Notepad) is not part of the key
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"--api-key-file {path} cannot be read: {getattr(e, 'strerror', None) or e}") from None
     key = lines[0].strip() if lines else ""
     if not key:
         raise ValueError(f"--api-key-file {path} is empty; put the key on its first line")
-    return _check_key(key, f"--api-key-file {path}")
+    _check_key(key, f"--api-key-file {path}")
+    mode = stat.S_IMODE(st.st_mode)  # warned only for a key that is used: a refused file gets its one error line
+    if mode & 0o077:
+        who = "everyone" if mode & 0o007 else "its group"
+        log.warning("API key file %s has mode %04o: readable by %s; run `chmod 600 %s`", path, mode, who, path)
+    return key
 
 
 def _refuse_pack(pack: str, specs: list[ModelSpec]) -> None:
@@ -837,12 +851,16 @@ def main(argv: list[str]) -> int:
     for flag, val in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
         if not 0 < val <= 3600:  # ConnectionLimits' bounds, by option
             raise ValueError(f"{flag}={val} must be in (0, 3600] seconds")
+    for flag, val, what in (("--api-key-file", args.api_key_file, "a file holding the key"),
+                            ("--api-key-env", args.api_key_env, "the name of a variable holding the key")):
+        if val is not None and not val.strip():  # e.g. an unset shell variable: not the generated key's case
+            raise ValueError(f"{flag} {val!r} is empty; give {what}, or leave {flag} out for a generated key")
     if args.api_key_file and args.api_key_env:
         raise ValueError("--api-key-file and --api-key-env both given; choose one")
     if args.device == "cuda":  # refused here, not by the model's load once the server runs
         from clusterlm.device import resolve_device
 
-        resolve_device(args.device, "--device")
+        resolve_device(args.device, "--device", instead="'cpu'")  # serve has no --device auto
     specs = model_specs(args.checkpoint, args.models, args.model_name)
     instance_id = (check_instance_id(args.instance_id) if args.instance_id is not None  # "" is refused too
                    else default_instance_id(args.port))

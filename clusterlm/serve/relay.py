@@ -190,6 +190,22 @@ def _upstream(url: str) -> str:
     return url.rstrip("/")
 
 
+def _refuse_self(upstream: str, host: str, port: int) -> None:
+    """--upstream naming the guard's own listener would relay each request to itself, again and again,
+    until the client gives up: refused. Loopback names count as one address (and a wildcard --host
+    listens on them too)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(upstream)
+    up_host, up_port = (parts.hostname or "").lower(), parts.port or (443 if parts.scheme == "https" else 80)
+    loop4, loop6 = {"localhost", "127.0.0.1"}, {"localhost", "::1"}
+    same = (up_host == host.strip("[]").lower() or {up_host, host} <= loop4 or {up_host, host} <= loop6
+            or (host in ("0.0.0.0", "::", "") and up_host in loop4 | loop6))
+    if up_port == port and same:
+        raise ValueError(f"--upstream {upstream} is this guard's own address (--host {host} --port {port}); give "
+                         "the inner HAProxy frontend in front of the replicas, e.g. http://127.0.0.1:8010")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clusterlm stream-guard", description=__doc__.split("\n\n")[0])
     p.add_argument("--upstream", required=True, metavar="URL",
@@ -215,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                       ("--drain-timeout", args.drain_timeout)):
         if not 0 < val <= 3600:
             raise ValueError(f"{flag}={val} must be in (0, 3600] seconds")
+    _refuse_self(upstream, args.host, args.port)
     import uvicorn
 
     from clusterlm.serve.guard import bind
