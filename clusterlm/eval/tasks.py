@@ -425,6 +425,10 @@ def load_parallel(source: PathLike, target: PathLike, *, template: str = PARALLE
     check_template(template)
     src, tgt = Path(source), Path(target)
     src_lang, tgt_lang = _lang(src), _lang(tgt)
+    if src_lang == tgt_lang and ("{src_lang}" in template or "{tgt_lang}" in template):
+        log.warning("%s / %s: both files give the language tag %r (the last part of the file name), so the prompt "
+                    "cannot tell source from target by it; name the files by language (train.en, train.fr) or give "
+                    "a template without {src_lang}/{tgt_lang}", src, tgt, src_lang)
     examples, skipped, n_src, n_tgt = [], [], 0, 0
     for a, b in zip_longest(_lines(src), _lines(tgt)):
         n_src += a is not None

@@ -74,6 +74,21 @@ def test_parallel_template_and_limit():
             load_parallel(FIXTURES / "news.en", FIXTURES / "news.fr", template=bad)
 
 
+def test_parallel_files_with_one_language_tag_warn(tmp_path, caplog):
+    """src.txt and tgt.txt both give the tag 'txt' ("txt: ...\ntxt:"): a warning says so; distinct tags or a
+    template without them say nothing."""
+    src, tgt = _write(tmp_path / "src.txt", ["one"]), _write(tmp_path / "tgt.txt", ["un"])
+    with caplog.at_level("WARNING", logger="clusterlm"):
+        task = load_parallel(src, tgt)
+    assert task.examples[0].prompt == "txt: one\ntxt:"
+    assert any("both files give the language tag 'txt'" in r.getMessage() for r in caplog.records), caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="clusterlm"):
+        load_parallel(src, tgt, template="Translate: {source} =>")
+        load_parallel(FIXTURES / "news.en", FIXTURES / "news.fr")
+    assert not [r for r in caplog.records if "language tag" in r.getMessage()], caplog.text
+
+
 def test_parallel_files_of_different_lengths(tmp_path):
     """Both line counts are named, also when limit would have stopped reading early."""
     src = _write(tmp_path / "a.en", ["one", "two", "three"])
