@@ -236,7 +236,9 @@ def bind(host: str, port: int, backlog: int, flag: str = "--port") -> socket.soc
         family, type_, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                            flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as e:
-        raise ClusterlmError(f"--host {host!r} is not an address of this machine: {e.strerror}") from None
+        hint = (f"; give an IPv6 address without brackets: --host {host[1:-1]}"
+                if host.startswith("[") and host.endswith("]") else "")
+        raise ClusterlmError(f"--host {host!r} is not an address of this machine: {e.strerror}{hint}") from None
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     sock = socket.socket(family, type_, proto)
     try:

@@ -82,3 +82,17 @@ def test_a_replicas_response_head_goes_out_with_its_first_body_bytes():
     assert not t.is_closing()
     t.close()
     assert raw.writes[-1] == b"HTTP/1.1 204 No Content\r\n\r\n" and raw.closed and t.is_closing()
+
+
+def test_a_bracketed_ipv6_host_is_refused_with_the_address_to_give():
+    """--host '[::1]' (URL notation) is no address to bind: the refusal says to drop the brackets."""
+    import pytest
+
+    from clusterlm.errors import ClusterlmError
+    from clusterlm.serve.guard import bind
+
+    with pytest.raises(ClusterlmError, match=r"--host '\[::1\]' is not an address .*without brackets: --host ::1$"):
+        bind("[::1]", 0, 8)
+    with pytest.raises(ClusterlmError) as e:
+        bind("no-such-host.invalid", 0, 8)
+    assert "brackets" not in str(e.value)
