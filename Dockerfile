@@ -21,7 +21,7 @@
 #
 # Run (the model is a run directory mounted read-only at /models; the key a file at
 # /run/secrets/clusterlm_api_key, readable by UID):
-#   docker run -p 8000:8000 -v $PWD/runs/x:/models:ro \
+#   docker run -p 127.0.0.1:8000:8000 -v $PWD/runs/x:/models:ro \
 #       -v $PWD/key.txt:/run/secrets/clusterlm_api_key:ro clusterlm:cpu
 # Arguments after the image name replace the default command (they go to `clusterlm serve`):
 #   docker run ... clusterlm:cpu /models --host 0.0.0.0 --api-key-file /run/secrets/k --model-name tiny
