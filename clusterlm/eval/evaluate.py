@@ -114,7 +114,7 @@ def _objective_loss(loaded: Any, data_dir: Path, split: str, batch_size: int, se
                         "own data directory (for mlm/span: OUT_DIR/mlm_data or OUT_DIR/span_data)")
     T = seq_len or cfg.train.seq_len
     limit = cfg.model.max_seq_len - (1 if task == "span" else 0)  # span targets carry one more position
-    if T > limit:  # as training refuses it (finetune/data.py); it was reported as the seq_len measured at
+    if seq_len is not None and T > limit:  # as training refuses it (finetune/data.py); it was reported as measured
         raise ValueError(f"--seq-len {T} exceeds what the model reads, model.max_seq_len={cfg.model.max_seq_len}"
                          f"{' less one for span targets' if task == 'span' else ''}; give --seq-len {limit} or less")
     run = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=batch_size, seq_len=T,
