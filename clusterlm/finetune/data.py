@@ -204,6 +204,24 @@ def ensure_finetune_data(cfg: Any) -> tuple[Path, Any, Any]:
         raise
 
 
+# [finetune] keys a seq2seq run has no use for: pairs are padded (never packed), the loss is on the target
+# only, there is no head, and the corruption settings are the masked-LM/span objectives'
+UNUSED_BY_SEQ2SEQ = ("pack", "prompt_loss", "labels", "class_weights", "pool", "bidirectional", "mask_prob",
+                     "mean_span")
+
+
+def _warn_unused_by_seq2seq(ft: Any) -> None:
+    """One warning naming the keys set away from their defaults that a seq2seq run ignores (a recipe may
+    share them with another task, so not a refusal)."""
+    from clusterlm.config import FinetuneConfig
+
+    default = FinetuneConfig()
+    unused = [f"{k}={getattr(ft, k)!r}" for k in UNUSED_BY_SEQ2SEQ if getattr(ft, k) != getattr(default, k)]
+    if unused:
+        log.warning("finetune.task='seq2seq' does not use finetune.%s: ignored (pairs are padded, the loss is on "
+                    "the target, and there is no classification head)", ", finetune.".join(unused))
+
+
 def _finetune_data(cfg: Any, base: Any | None) -> tuple[Path, Any, Any]:
     """ensure_finetune_data with the base resolved."""
     from clusterlm.data.shards import read_meta
@@ -217,6 +235,8 @@ def _finetune_data(cfg: Any, base: Any | None) -> tuple[Path, Any, Any]:
         raise ConfigError(f"finetune.template={ft.template!r}: a seq2seq run gives the encoder each prompt as it is "
                           "(parallel files: the task harness's 'en: {source}\\nfr:'), no chat template renders it; "
                           "leave template unset")
+    if ft.task == "seq2seq":
+        _warn_unused_by_seq2seq(ft)
     base_tok = load_tokenizer(base.tokenizer_file) if base is not None else None
     preflight(ft, cfg.model, base)  # shape, LoRA targets, frozen layers: refused before data is written
     context = (base.config.model if base is not None else cfg.model).max_seq_len

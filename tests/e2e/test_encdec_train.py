@@ -237,3 +237,22 @@ def test_seq2seq_refuses_a_chat_template_it_would_ignore(corpus, tmp_path, capsy
             if not a.startswith("--data.dir=")] + [f"--data.dir={json.dumps(str(tmp_path / 'd'))}"]
     _one_line_exit_2(args, capsys, "finetune.template='chatml'", "seq2seq", "leave template unset")
     assert not out.exists() and not (tmp_path / "d").exists()
+
+
+def test_seq2seq_warns_about_finetune_keys_it_does_not_use(corpus, tmp_path, caplog):
+    """pool, class_weights, pack=false, mask_prob ... on a seq2seq run changed nothing and said nothing;
+    now one warning names each key set away from its default (the run still trains: a recipe may share
+    keys with another task)."""
+    root = corpus["root"]
+    out = tmp_path / "out"
+    args = [a for a in _s2s(root, out, "--train.max_steps=1", "--finetune.pool=mean", "--finetune.pack=false",
+                            "--finetune.mask_prob=0.3") if not a.startswith("--data.dir=")]
+    with caplog.at_level("WARNING", logger="clusterlm"):
+        assert cli([*args, f"--data.dir={json.dumps(str(tmp_path / 'd'))}"]) == 0
+    warned = [r.getMessage() for r in caplog.records if "does not use" in r.getMessage()]
+    assert len(warned) == 1, caplog.text
+    assert "finetune.pack=False, finetune.pool='mean', finetune.mask_prob=0.3: ignored" in warned[0], warned
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="clusterlm"):
+        assert cli([*_s2s(root, tmp_path / "plain", "--train.max_steps=1")]) == 0
+    assert "does not use" not in caplog.text
