@@ -80,6 +80,13 @@ def ensure_data(data: DataConfig) -> Path:
     return data_dir
 
 
+def check_seq_len(seq_len: int, max_seq_len: int) -> None:
+    """train.seq_len must fit the model's positions."""
+    if seq_len > max_seq_len:
+        raise ConfigError(f"train.seq_len={seq_len} exceeds model.max_seq_len={max_seq_len}; set "
+                          f"--train.seq_len={max_seq_len} or less, or a larger --model.max_seq_len")
+
+
 def refuse_before_preparing(cfg: RunConfig) -> None:
     """The refusals the config (and what is already on disk) can tell alone, made before data.dir is
     prepared or a base converted: the same ConfigError the later check would give, without the minutes
@@ -87,9 +94,8 @@ def refuse_before_preparing(cfg: RunConfig) -> None:
     from clusterlm.checkpoint.manager import already_has_checkpoints
 
     tc, ft, data = cfg.train, cfg.finetune, cfg.data
-    if ft.task == "lm" and tc.seq_len > cfg.model.max_seq_len:  # a fine-tune's context may come from its base
-        raise ConfigError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; set "
-                          f"--train.seq_len={cfg.model.max_seq_len} or less, or a larger --model.max_seq_len")
+    if ft.task == "lm":  # a fine-tune's context may come from its base: checked once the model is known
+        check_seq_len(tc.seq_len, cfg.model.max_seq_len)
     if ft.task != "lm" and (cfg.parallel.tp > 1 or cfg.parallel.pp > 1):
         raise ConfigError(f"fine-tuning runs under data parallelism (DDP, FSDP: parallel.dp_replicate, dp_shard), "
                           f"not tp={cfg.parallel.tp} pp={cfg.parallel.pp}")
@@ -488,9 +494,7 @@ class Trainer:
             elif mcfg.vocab_size < vocab:
                 raise ConfigError(f"model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's {vocab} "
                                   f"tokens in {data_dir}; leave it unset to take the tokenizer's size")
-        if tc.seq_len > mcfg.max_seq_len:
-            raise ConfigError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={mcfg.max_seq_len}; set "
-                              f"--train.seq_len={mcfg.max_seq_len} or less, or a larger --model.max_seq_len")
+        check_seq_len(tc.seq_len, mcfg.max_seq_len)
         self.data_dir = data_dir
         self.tokenizer_file = data_dir / meta["tokenizer"]["file"]
         if not self.tokenizer_file.is_file():  # every checkpoint carries it: refused now, not at the first save
