@@ -230,7 +230,8 @@ def translate(args: argparse.Namespace) -> None:
         epochs = seen / pairs
     kind = "encoder-decoder" if encdec else "decoder-only"
     gap = (f"{bleu} BLEU after {train_min:.1f} min ({res.step} steps, {tokens / 1e6:.2f}M tokens = {epochs:.2f} "
-           f"epochs) of a {params / 1e6:.2f}M-parameter {kind} model on a shared 2-core CPU, greedy decoding"
+           f"epochs) of a {params / 1e6:.2f}M-parameter {kind} model on {env['cores']} cores ({env['cpu']}, "
+           f"{env['threads']} torch thread(s), load {env['loadavg'][0]} at the start), greedy decoding"
            + (f" (beam {beam['num_beams']}: {beam['bleu']})" if beam else "") + ". "
            f"Published systems ({PUBLISHED_BLEU[tgt]}) are 30-200M-parameter encoder-decoders trained for hours "
            "to days on GPUs (tens of epochs), with beam search, checkpoint averaging/ensembles and tuned BPE; here "
