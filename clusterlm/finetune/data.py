@@ -204,22 +204,46 @@ def ensure_finetune_data(cfg: Any) -> tuple[Path, Any, Any]:
         raise
 
 
-# [finetune] keys a seq2seq run has no use for: pairs are padded (never packed), the loss is on the target
-# only, there is no head, and the corruption settings are the masked-LM/span objectives'
-UNUSED_BY_SEQ2SEQ = ("pack", "prompt_loss", "labels", "class_weights", "pool", "bidirectional", "mask_prob",
-                     "mean_span")
+# [finetune] keys each fine-tuning task has no use for, and why. seq2seq: pairs are padded (never packed),
+# the loss is on the target only, there is no head; sft: there is no head; classify: one example a row
+# (never packed), the loss is on the label. The corruption settings are the masked-LM/span objectives'.
+UNUSED_BY_TASK = {
+    "seq2seq": (("pack", "prompt_loss", "labels", "class_weights", "pool", "bidirectional", "mask_prob",
+                 "mean_span"), "pairs are padded, the loss is on the target, and there is no classification head"),
+    "sft": (("labels", "class_weights", "pool", "bidirectional", "mask_prob", "mean_span"),
+            "they are for task = 'classify' and the masked-LM/span objectives; an SFT model has no classification "
+            "head"),
+    "classify": (("pack", "prompt_loss", "mask_prob", "mean_span"),
+                 "a classifier reads one text a row, padded, and its loss is on the label alone"),
+}
 
 
-def _warn_unused_by_seq2seq(ft: Any) -> None:
-    """One warning naming the keys set away from their defaults that a seq2seq run ignores (a recipe may
-    share them with another task, so not a refusal)."""
+def _warn_unused_keys(ft: Any) -> None:
+    """One warning naming the keys set away from their defaults that this task ignores (a recipe may share
+    them with another task, so not a refusal)."""
     from clusterlm.config import FinetuneConfig
 
+    if ft.task not in UNUSED_BY_TASK:
+        return
+    keys, why = UNUSED_BY_TASK[ft.task]
     default = FinetuneConfig()
-    unused = [f"{k}={getattr(ft, k)!r}" for k in UNUSED_BY_SEQ2SEQ if getattr(ft, k) != getattr(default, k)]
+    unused = [f"{k}={getattr(ft, k)!r}" for k in keys if getattr(ft, k) != getattr(default, k)]
     if unused:
-        log.warning("finetune.task='seq2seq' does not use finetune.%s: ignored (pairs are padded, the loss is on "
-                    "the target, and there is no classification head)", ", finetune.".join(unused))
+        log.warning("finetune.task=%r does not use finetune.%s: ignored (%s)", ft.task, ", finetune.".join(unused),
+                    why)
+
+
+def _warn_tokenizer_ignored(data: Any, base_tok: Any, init_from: str) -> None:
+    """A fine-tune from a base tokenizes with the base's tokenizer: say so when data.tokenizer asks for
+    another kind (the default, char, cannot be told from unset and says nothing)."""
+    from clusterlm.config import DataConfig
+
+    if data.tokenizer in (DataConfig().tokenizer, base_tok.kind):
+        return
+    size = f", data.vocab_size={data.vocab_size}" if data.vocab_size else ""
+    log.warning("data.tokenizer=%r%s is not used: a fine-tune reads its data with the tokenizer of "
+                "finetune.init_from=%r (%s, %d tokens)", data.tokenizer, size, init_from, base_tok.kind,
+                base_tok.vocab_size)
 
 
 def _finetune_data(cfg: Any, base: Any | None) -> tuple[Path, Any, Any]:
@@ -235,8 +259,7 @@ def _finetune_data(cfg: Any, base: Any | None) -> tuple[Path, Any, Any]:
         raise ConfigError(f"finetune.template={ft.template!r}: a seq2seq run gives the encoder each prompt as it is "
                           "(parallel files: the task harness's 'en: {source}\\nfr:'), no chat template renders it; "
                           "leave template unset")
-    if ft.task == "seq2seq":
-        _warn_unused_by_seq2seq(ft)
+    _warn_unused_keys(ft)
     base_tok = load_tokenizer(base.tokenizer_file) if base is not None else None
     preflight(ft, cfg.model, base)  # shape, LoRA targets, frozen layers: refused before data is written
     context = (base.config.model if base is not None else cfg.model).max_seq_len
@@ -267,6 +290,7 @@ def _finetune_data(cfg: Any, base: Any | None) -> tuple[Path, Any, Any]:
         template = None if seq2seq else resolve_template(ft.template, ft.task, base.template_file if base else None,
                                                          records + (val_records or []))
         if base_tok is not None:
+            _warn_tokenizer_ignored(data, base_tok, ft.init_from)
             tok = base_tok
         else:
             from clusterlm.tokenizer.kinds import make_tokenizer, train_tokenizer

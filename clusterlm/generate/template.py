@@ -46,6 +46,7 @@ DEFAULT_TEMPLATE = (
 BUILTIN_TEMPLATES = {"clusterlm": DEFAULT_TEMPLATE}
 # the token strings a template emits (for the tokenizer to have): <|...|> without whitespace
 _TOKEN = re.compile(r"<\|[^\s|<>]+\|>")
+_SPACED_TOKEN = re.compile(r"<\|[^|<>]*\s[^|<>]*\|>")  # "<|user turn|>": a token would be encoded as text
 _SAMPLE = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
            {"role": "assistant", "content": "\x00reply\x00"}, {"role": "user", "content": "Bye"}]
 _BUILTIN_SPECIALS = ("<|bos|>", "<|eos|>", "<|pad|>")  # clusterlm's own; tokenizers always have them
@@ -152,6 +153,12 @@ class ChatTemplate:
             except ValueError:
                 raise ConfigError(f"{first} (while rendering a sample system/user/assistant "
                                   f"conversation)") from None
+        spaced = _SPACED_TOKEN.search(self._sample)  # the source may build tokens: "<|" + role + "|>"
+        if spaced:
+            fixed = "<|" + "_".join(spaced.group()[2:-2].split()) + "|>"
+            raise ConfigError(f"chat template {self.name} writes {spaced.group()!r}: a special token has no "
+                              f"whitespace inside (it would be encoded as plain text, character by character); "
+                              f"write it as {fixed!r}")
         return self
 
     def __repr__(self) -> str:

@@ -177,3 +177,33 @@ def test_an_empty_label_is_named_with_its_line(tmp_path, suffix, line, body):
     f.write_text(body)
     with pytest.raises(DataError, match=rf"^{f}:{line}: field 'label' is empty \(got '\s*'\); a label is a non-empty"):
         read_records(str(f), "classify")
+
+
+def test_options_another_task_uses_are_named_once_not_ignored_in_silence(base, chat, tmp_path, caplog):
+    """finetune.pool/class_weights on an SFT run, finetune.prompt_loss on a classifier and data.tokenizer on a
+    fine-tune from a base changed nothing and said nothing; now one warning names each (the run still
+    trains: a recipe may share keys between tasks), and a run that sets none of them says nothing."""
+    cases = [
+        (_ft(base, chat, tmp_path / "sft", "--finetune.pool=max", "--finetune.class_weights=balanced",
+             "--data.tokenizer=byte"),
+         ["finetune.task='sft' does not use finetune.class_weights='balanced', finetune.pool='max': ignored",
+          "data.tokenizer='byte' is not used", "(char, "]),
+    ]
+    labelled = tmp_path / "labels.tsv"
+    labelled.write_text("sentence\tlabel\n" + "".join(f"{a} plus {b}\t{'big' if a + b > 4 else 'small'}\n"
+                                                      for a in range(5) for b in range(5)))
+    classify = [a.replace("--finetune.task=sft", "--finetune.task=classify") for a in
+                _ft(base, labelled, tmp_path / "cls", "--finetune.prompt_loss=true", "--finetune.pack=false")]
+    cases.append((classify, ["finetune.task='classify' does not use finetune.pack=False, "
+                             "finetune.prompt_loss=True: ignored"]))
+    for args, wanted in cases:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="clusterlm"):
+            assert cli(args) == 0, caplog.text
+        said = " | ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+        for w in wanted:
+            assert w in said, said
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="clusterlm"):
+        assert cli(_ft(base, chat, tmp_path / "plain")) == 0
+    assert "does not use" not in caplog.text and "is not used" not in caplog.text, caplog.text

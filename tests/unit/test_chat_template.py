@@ -215,3 +215,19 @@ def test_chat_and_generate_chat_use_the_checkpoint_template(tmp_path, monkeypatc
     seen.clear()
     assert gcli.generate_main([str(tmp_path / "run"), "--chat", "--prompt", "hi"], out=io.StringIO()) == 0
     assert seen == [("<|user|>\nhi<|end|>\n<|assistant|>\n", (), (end,))]
+
+
+def test_a_template_token_with_whitespace_is_refused_naming_the_fix(tmp_path):
+    """'<|user turn|>' is not a special token (they have no whitespace inside): the template loaded, and
+    fine-tuning encoded the token character by character with only an unknown-characters warning (or
+    none, for a byte or BPE tokenizer). Now one ConfigError line naming the token and its spelling
+    without spaces; a template that builds its tokens in Jinja ('<|' + role + '|>') still loads."""
+    spaced = tmp_path / "spaced.jinja"
+    spaced.write_text("{% for m in messages %}<|{{ m.role }} turn|>{{ m.content }}<|end|>{% endfor %}"
+                      "{% if add_generation_prompt %}<|assistant turn|>{% endif %}")
+    with pytest.raises(ConfigError, match=r"spaced\.jinja writes '<\|system turn\|>'.*'<\|system_turn\|>'") as e:
+        load_template(str(spaced))
+    assert "\n" not in str(e.value)
+    built = tmp_path / "built.jinja"
+    built.write_text("{% for m in messages %}{{ '<|' + m.role + '|>' }}{{ m.content }}<|end|>{% endfor %}")
+    assert set(load_template(str(built)).special_tokens) == {"<|system|>", "<|user|>", "<|assistant|>", "<|end|>"}
