@@ -333,6 +333,11 @@ class Trainer:
         self.cfg = cfg = self._resolve_data(cfg)
         mcfg, dims = cfg.model, self.dims
         self.accum, self.tokens_per_step = batch_plan(tc, dims)
+        # padded rows (one example a row, cut to the micro-batch's longest): tokens/s, MFU and tokens_seen
+        # count the positions each step computes, not micro_batch_size x seq_len (step_positions)
+        ft = cfg.finetune
+        self.padded = ft.task in ("classify", "seq2seq") or (ft.task == "sft" and not ft.pack)
+        self.step_tokens = self.tokens_per_step
         self.tasks = self._load_tasks(cfg)  # a bad task fails here, before any model memory
         if not tc.skip_memory_check:  # before any checkpoint or model memory is allocated
             _check_run_memory(cfg, dims, self.accum, self.device, self.amp_dtype, self.distributed,
@@ -638,8 +643,9 @@ class Trainer:
             peak_source += f"; MFU against {self.mfu_devices} x this peak ({self.mfu_devices} devices)"
         log.info("model: %s, %s parameters (%s without embeddings)", mcfg.arch, f"{mcfg.num_params():,}",
                  f"{mcfg.num_params(include_embeddings=False):,}")
-        log.info("batch: %d x %d tokens per micro-batch, %d accumulation steps, %s tokens per step",
-                 tc.micro_batch_size, tc.seq_len, self.accum, f"{self.tokens_per_step:,}")
+        log.info("batch: %d x %d tokens per micro-batch, %d accumulation steps, %s%s tokens per step",
+                 tc.micro_batch_size, tc.seq_len, self.accum, "at most " if self.padded else "",
+                 f"{self.tokens_per_step:,}")
         log.info("FLOPs/token: %.3g (%s)", self.flops["total"], self.flops["convention"])
         log.info("layout: %s on %d process(es) (%s)", self.dims.describe(), self.env.world_size, self.pm.kind)
         log.info("device: %s, autocast %s, peak %s (%s), compile=%s", device, self.amp_dtype or "off (fp32)",
@@ -749,6 +755,8 @@ class Trainer:
             local = torch.tensor(sum(pm.loss_fn.denominator(y) for _, y in batches), device=self.device)
             total = float(pm.mean_over_dp(local)) * self.dims.dp  # trained tokens, or (weighted) examples
             pm.loss_fn.scale = self.accum * self.dims.dp / (total if total > 0 else 1.0)
+        if self.padded:
+            self.step_tokens = self.step_positions(batches)
         for i, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             # gradients are reduced across data-parallel ranks on the last micro-batch only
@@ -767,15 +775,25 @@ class Trainer:
                         "limit %d)", state.step + 1, loss, grad_norm, state.bad_streak, tc.max_bad_steps)
         opt.zero_grad(set_to_none=True)
         state.step += 1
-        state.tokens_seen += self.tokens_per_step
+        state.tokens_seen += self.step_tokens
         return loss, grad_norm, lr
+
+    def step_positions(self, batches: list) -> int:
+        """Token positions this step computes on every data-parallel rank: padded rows are as wide as
+        their micro-batch's longest example, usually far less than seq_len. A seq2seq pair counts its
+        decoder positions (FLOPs/token is per target token, cluster/flops.py)."""
+        local = sum((x[1] if isinstance(x, tuple) else x).numel() for x, _ in batches)
+        if not self.distributed:
+            return local
+        counts = torch.tensor(float(local), dtype=torch.float64, device=self.device)
+        return round(float(self.pm.mean_over_dp(counts)) * self.dims.dp)
 
     def log_step(self, loss: float, grad_norm: float, lr: float, dt: float) -> None:
         """metrics.jsonl every step (TensorBoard and the console every log_interval steps), progress bar."""
         from clusterlm.train.metrics import memory_stats, mfu
 
         tc, state, plan = self.tc, self.state, self.cfg.plan
-        tps = self.throughput.update(self.tokens_per_step, dt)
+        tps = self.throughput.update(self.step_tokens, dt)
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         record = {"kind": "train", "step": state.step, "tokens": state.tokens_seen, "loss": loss, "lr": lr,
                   "grad_norm": grad_norm, "skipped": not finite, "step_time_s": dt, "tokens_per_s": tps,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from clusterlm.train.metrics import read_metrics
 from tests.distributed.helpers import run_ranks
 from tests.helpers import random_checkpoint, train_losses
 
@@ -108,3 +109,13 @@ def test_distilled_classifier_under_ddp_matches_one_process(tmp_path, monkeypatc
     assert sorted(got) == list(range(1, 11)) and ref[10] < ref[1]
     for s in ref:
         assert got[s] == pytest.approx(ref[s], abs=1e-5), s
+    # tokens count the positions computed on both ranks (each pads its 4 rows to their own longest), not
+    # 8 rows x seq_len 24 = 192: one process's 8 rows are as wide as the step's longest text, so DDP's
+    # two half-batches compute no more positions than it does
+    def added(run: Path) -> list[int]:
+        seen = [r["tokens"] for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "train"]
+        return [b - a for a, b in zip([0, *seen], seen)]
+
+    one_steps, ddp_steps = added(one), added(ddp)
+    assert all(0 < d <= o < 192 for d, o in zip(ddp_steps, one_steps)), (ddp_steps, one_steps)
+    assert all(o % 8 == 0 for o in one_steps) and all(d % 4 == 0 for d in ddp_steps)

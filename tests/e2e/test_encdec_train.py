@@ -127,6 +127,13 @@ def test_seq2seq_training_on_parallel_files_resumes_bit_exactly(corpus, tmp_path
     assert losses[8] < losses[1]
     vals = _val_losses(tmp_path / "a")
     assert len(vals) >= 2 and vals[-1] < vals[0]
+    # tokens count the decoder positions computed (rows cut to the micro-batch's longest target), not
+    # 8 pairs x seq_len 48 a step; a resumed run counts the same
+    tokens = {run: [r["tokens"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+                    if r.get("kind") == "train"] for run in ("a", "b")}
+    steps = [b - a for a, b in zip([0, *tokens["a"]], tokens["a"])]
+    assert all(0 < d < 8 * 48 and d % 8 == 0 for d in steps), steps
+    assert tokens["b"][-1] == tokens["a"][-1]
     # `clusterlm eval RUN` measures the same validation loss on the run's own pairs
     assert cli(["eval", str(tmp_path / "a"), "--batch-size", "8", "--max-batches", "2"]) == 0
     got = json.loads(capsys.readouterr().out)

@@ -475,3 +475,19 @@ def test_a_resume_with_other_lora_adapters_is_refused_naming_the_option(base, re
     line = _fails([*args, '--finetune.lora_targets=["wq"]', "--train.max_steps=3", "--train.resume=auto"], capsys)
     assert "has finetune.lora_targets=() but the run asks for finetune.lora_targets=('wq',)" in line
     assert cli([*args, "--train.max_steps=3", "--train.resume=auto"]) == 0  # as saved: resumes
+
+
+def test_a_classifier_counts_the_positions_it_computes_not_micro_batch_times_seq_len(base, tmp_path):
+    """Classifier rows are cut to their micro-batch's longest text, yet tokens/s, MFU and tokens_seen counted
+    micro_batch_size x seq_len (here 8 x 64 = 512 a step for rows of 19 positions: 3.4x overstated). Now
+    each step adds the positions it computed: 8 rows x (EOS + 18 characters)."""
+    source = tmp_path / "same_length.tsv"
+    source.write_text("sentence\tlabel\n" + "".join(f"the film was {w}.\t{lab}\n" for _ in range(20)
+                                                    for w, lab in (("good", "pos"), ("dull", "neg"))))
+    out = tmp_path / "cls"
+    assert cli(_ft(base, source, tmp_path / "d", out, "--finetune.task=classify", "--train.max_steps=3",
+                   "--train.log_interval=1")) == 0
+    rows = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["tokens"] for r in train] == [8 * 19, 2 * 8 * 19, 3 * 8 * 19]
+    assert train[0]["tokens_per_s"] == pytest.approx(8 * 19 / train[0]["step_time_s"], rel=1e-6)
