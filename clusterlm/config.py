@@ -386,6 +386,9 @@ class RunConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    given: frozenset[str] = field(default=frozenset(), compare=False, repr=False, metadata={"internal": True})
+    """not a setting: the 'section.key's the recipe and the command line set (load_run_config), so that a
+    value equal to its default can be told from an unset one; never written to config.toml"""
 
     def __post_init__(self) -> None:
         ck, tc = self.checkpoint, self.train
@@ -485,7 +488,7 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "", *, numbers_as_st
     keys named in errors. `numbers_as_str` takes a number where a str is expected (hand-written
     cluster specs write versions and sizes as bare numbers)."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
     kwargs = {}
     for key, value in data.items():
         full = f"{where}.{key}" if where else key
@@ -506,6 +509,8 @@ def to_dict(obj: Any, *, drop_empty: bool = False) -> Any:
     if dataclasses.is_dataclass(obj):
         out = {}
         for f in dataclasses.fields(obj):
+            if f.metadata.get("internal"):
+                continue
             v = to_dict(getattr(obj, f.name), drop_empty=drop_empty)
             if v is None or (drop_empty and v in ({}, [])):
                 continue
@@ -569,7 +574,7 @@ def resolve(tree: dict[str, Any], cls: type = RunConfig) -> Any:
 
 def _check_sections(tree: dict[str, Any], cls: type) -> None:
     """Unknown sections, and keys placed in the wrong section, get a pointed suggestion."""
-    sections = {f.name: f for f in dataclasses.fields(cls)}
+    sections = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     hints = typing.get_type_hints(cls)
     for name, body in tree.items():
         if name not in sections:
@@ -637,7 +642,19 @@ def load_run_config(path: str | Path | None, overrides: list[str] = (), cls: typ
     for arg in overrides:
         parts, value = parse_override(arg)
         _merge(tree, parts, value)
-    return resolve(tree, cls)
+    cfg = resolve(tree, cls)
+    if "given" in {f.name for f in dataclasses.fields(cls)}:
+        cfg = dataclasses.replace(cfg, given=given_keys(tree))
+    return cfg
+
+
+def given_keys(tree: dict[str, Any]) -> frozenset[str]:
+    """The 'section.key's a recipe tree sets, a [model] preset's keys included."""
+    keys = {f"{name}.{k}" for name, body in tree.items() if isinstance(body, dict) for k in body}
+    preset = tree.get("model", {}).get("preset") if isinstance(tree.get("model"), dict) else None
+    if isinstance(preset, str):
+        keys |= {f"model.{k}" for k in preset_values(preset)}
+    return frozenset(keys - {"model.preset"})
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:

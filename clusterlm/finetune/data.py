@@ -261,7 +261,7 @@ def _finetune_data(cfg: Any, base: Any | None) -> tuple[Path, Any, Any]:
                           "leave template unset")
     _warn_unused_keys(ft)
     base_tok = load_tokenizer(base.tokenizer_file) if base is not None else None
-    preflight(ft, cfg.model, base)  # shape, LoRA targets, frozen layers: refused before data is written
+    preflight(ft, cfg.model, base, cfg.given)  # shape, LoRA targets, frozen layers: refused before data is written
     context = (base.config.model if base is not None else cfg.model).max_seq_len
     if cfg.train.seq_len > context:  # the trainer's check (train/loop.py), made before the data is written
         where, fix = ((f", the context of finetune.init_from={ft.init_from!r}", "") if base is not None
@@ -337,7 +337,7 @@ def _finetune_data(cfg: Any, base: Any | None) -> tuple[Path, Any, Any]:
         mcfg = finetune_model_config(base.config.model, cfg.model, vocab_size=tok.vocab_size, labels=labels,
                                      pool=ft.pool if labels else "auto", pad_id=tok.pad_id,
                                      bidirectional=ft.bidirectional and bool(labels),
-                                     inherit_dropout=ft.inherit_dropout, where=base.where)
+                                     inherit_dropout=ft.inherit_dropout, where=base.where, given=cfg.given)
     else:
         mcfg = cfg.model
         if mcfg.vocab_size is None:

@@ -130,17 +130,21 @@ def _read_base(src: Path, made: tuple[Path, ...]) -> Base:
 
 def finetune_model_config(base: Any, recipe: Any, *, vocab_size: int, labels: tuple[str, ...] = (),
                           pool: str = "auto", pad_id: int = -1, bidirectional: bool = False,
-                          inherit_dropout: bool = True, where: str = "the base") -> Any:
+                          inherit_dropout: bool = True, where: str = "the base",
+                          given: frozenset[str] = frozenset()) -> Any:
     """The fine-tuned model's ModelConfig: the base's shape with the vocabulary of the data's
     tokenizer (the base's plus the chat tokens), a head for `labels`, and the recipe's dropout and
     embedding dropout (with `inherit_dropout`, the base's where the recipe leaves them at their
-    defaults; without, the recipe's as given). A
-    recipe [model] key that asks for another shape than the base's is refused, naming both."""
+    defaults; without, the recipe's as given). A recipe [model] key that asks for another shape than
+    the base's is refused, naming both: a key in `given` (RunConfig.given: set by the recipe or the
+    command line, even to its default value), or, for a config built in Python, a value other than
+    the default."""
     from clusterlm.models.config import ModelConfig
 
     default = ModelConfig()
     asked = [(k, getattr(base, k), getattr(recipe, k)) for k in SHAPE_KEYS + ("max_seq_len",)
-             if getattr(recipe, k) != getattr(default, k) and getattr(recipe, k) != getattr(base, k)]
+             if (f"model.{k}" in given or getattr(recipe, k) != getattr(default, k))
+             and getattr(recipe, k) != getattr(base, k)]
     if asked:
         has = ", ".join(f"{k}={b!r}" for k, b, _ in asked)
         want = ", ".join(f"{k}={r!r}" for k, _, r in asked)
@@ -264,7 +268,7 @@ def model_transform(ft: Any, seed: int = 0, new_rows: int = 0) -> tuple[Callable
     return transform, (init_extra if ft.lora_rank else None)
 
 
-def preflight(ft: Any, recipe_model: Any, base: Base | None) -> None:
+def preflight(ft: Any, recipe_model: Any, base: Base | None, given: frozenset[str] = frozenset()) -> None:
     """The refusals that need only the base (or, from scratch, the recipe's [model]), made before any
     data is prepared, so that a refused run writes nothing: a recipe [model] shape other than the
     base's, LoRA targets that match nothing, more frozen layers than the model has. Checked on a
@@ -278,7 +282,7 @@ def preflight(ft: Any, recipe_model: Any, base: Base | None) -> None:
                                      vocab_size=base.config.model.vocab_size,
                                      labels=labels, pool=ft.pool if labels else "auto",
                                      bidirectional=ft.bidirectional and bool(labels),
-                                     inherit_dropout=ft.inherit_dropout, where=base.where)
+                                     inherit_dropout=ft.inherit_dropout, where=base.where, given=given)
     else:  # the vocabulary comes with the tokenizer trained on the records: any size builds the same layers
         if ft.lora_rank:
             raise ConfigError(f"finetune.lora_rank={ft.lora_rank} with an empty finetune.init_from: LoRA trains "

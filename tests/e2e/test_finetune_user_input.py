@@ -207,3 +207,27 @@ def test_options_another_task_uses_are_named_once_not_ignored_in_silence(base, c
     with caplog.at_level("WARNING", logger="clusterlm"):
         assert cli(_ft(base, chat, tmp_path / "plain")) == 0
     assert "does not use" not in caplog.text and "is not used" not in caplog.text, caplog.text
+
+
+def test_a_recipe_shape_key_set_to_its_default_is_held_against_the_base_too(base, chat, tmp_path, capsys):
+    """The base has 1 layer. A recipe (or --model.n_layers) asking for 4 layers, the default, could not be
+    told from one that left n_layers unset: the run silently took the base's 1 layer while the recipe
+    said 4 (6 was refused). Now a key the recipe or the command line sets is checked whatever its value;
+    a [model] section that leaves it out still takes the base's."""
+    from clusterlm.config import load_run_config
+    from clusterlm.models.config import ModelConfig
+
+    assert ModelConfig().n_layers == 4
+    recipe = tmp_path / "sft.toml"
+    recipe.write_text("[model]\nn_layers = 4\n")
+    capsys.readouterr()
+    for where, args in (("recipe", [str(recipe)]), ("command line", ["--model.n_layers=4"])):
+        root = tmp_path / where.replace(" ", "_")
+        cmd = _ft(base, chat, root)
+        assert cli([cmd[0], *args, *cmd[1:]]) == EXIT_USAGE, where
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "has n_layers=1 but the recipe's [model] asks for n_layers=4" in err[-1], err
+        assert not (root / "data").exists() and not (root / "out").exists()
+    assert "model.n_layers" in load_run_config(recipe).given and not load_run_config(None).given
+    recipe.write_text("[model]\ndropout = 0.0\n")
+    assert cli([_ft(base, chat, tmp_path / "ok")[0], str(recipe), *_ft(base, chat, tmp_path / "ok")[1:]]) == 0

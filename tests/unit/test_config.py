@@ -176,6 +176,8 @@ def _float_keys() -> list[str]:
 
     keys = []
     for section in dataclasses.fields(RunConfig):
+        if section.metadata.get("internal"):  # RunConfig.given: not a section
+            continue
         cls = typing.get_type_hints(RunConfig)[section.name]
         hints = typing.get_type_hints(cls)
         keys += [f"{section.name}.{f.name}" for f in dataclasses.fields(cls) if hints[f.name] is float]
