@@ -233,12 +233,12 @@ def _warn_unused_keys(ft: Any) -> None:
                     why)
 
 
-def _warn_tokenizer_ignored(data: Any, base_tok: Any, init_from: str) -> None:
-    """A fine-tune from a base tokenizes with the base's tokenizer: say so when data.tokenizer asks for
-    another kind (the default, char, cannot be told from unset and says nothing)."""
+def _warn_tokenizer_ignored(data: Any, base_tok: Any, init_from: str, given: frozenset[str]) -> None:
+    """A fine-tune from a base tokenizes with the base's tokenizer: say so when data.tokenizer (set by the
+    recipe or the command line, or other than the default) asks for another kind."""
     from clusterlm.config import DataConfig
 
-    if data.tokenizer in (DataConfig().tokenizer, base_tok.kind):
+    if data.tokenizer == base_tok.kind or ("data.tokenizer" not in given and data.tokenizer == DataConfig().tokenizer):
         return
     size = f", data.vocab_size={data.vocab_size}" if data.vocab_size else ""
     log.warning("data.tokenizer=%r%s is not used: a fine-tune reads its data with the tokenizer of "
@@ -290,7 +290,7 @@ def _finetune_data(cfg: Any, base: Any | None) -> tuple[Path, Any, Any]:
         template = None if seq2seq else resolve_template(ft.template, ft.task, base.template_file if base else None,
                                                          records + (val_records or []))
         if base_tok is not None:
-            _warn_tokenizer_ignored(data, base_tok, ft.init_from)
+            _warn_tokenizer_ignored(data, base_tok, ft.init_from, cfg.given)
             tok = base_tok
         else:
             from clusterlm.tokenizer.kinds import make_tokenizer, train_tokenizer

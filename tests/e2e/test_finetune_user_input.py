@@ -203,9 +203,9 @@ def test_options_another_task_uses_are_named_once_not_ignored_in_silence(base, c
         said = " | ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
         for w in wanted:
             assert w in said, said
-    caplog.clear()
+    caplog.clear()  # data.tokenizer given as the base's own kind: nothing ignored, nothing said
     with caplog.at_level("WARNING", logger="clusterlm"):
-        assert cli(_ft(base, chat, tmp_path / "plain")) == 0
+        assert cli(_ft(base, chat, tmp_path / "plain", "--data.tokenizer=char")) == 0
     assert "does not use" not in caplog.text and "is not used" not in caplog.text, caplog.text
 
 
@@ -231,3 +231,19 @@ def test_a_recipe_shape_key_set_to_its_default_is_held_against_the_base_too(base
     assert "model.n_layers" in load_run_config(recipe).given and not load_run_config(None).given
     recipe.write_text("[model]\ndropout = 0.0\n")
     assert cli([_ft(base, chat, tmp_path / "ok")[0], str(recipe), *_ft(base, chat, tmp_path / "ok")[1:]]) == 0
+
+
+def test_the_default_tokenizer_kind_given_explicitly_against_another_base_is_named(caplog):
+    """data.tokenizer = "char" is the default: given in the recipe or on the command line against a BPE
+    base it is ignored like any other kind, and says so; left unset it says nothing."""
+    from types import SimpleNamespace
+
+    from clusterlm.config import DataConfig
+    from clusterlm.finetune.data import _warn_tokenizer_ignored
+
+    bpe = SimpleNamespace(kind="bpe", vocab_size=300)
+    with caplog.at_level("WARNING", logger="clusterlm"):
+        _warn_tokenizer_ignored(DataConfig(), bpe, "runs/lm", frozenset())
+        assert not caplog.records
+        _warn_tokenizer_ignored(DataConfig(tokenizer="char"), bpe, "runs/lm", frozenset({"data.tokenizer"}))
+    assert "data.tokenizer='char' is not used" in caplog.text and "(bpe, 300 tokens)" in caplog.text
