@@ -273,6 +273,31 @@ def _label_set(labels: Sequence[str] | Mapping[str, str] | None, where: str) -> 
     return dict(pairs)
 
 
+def _is_int(label: str) -> bool:
+    try:
+        int(label)
+        return True
+    except ValueError:
+        return False
+
+
+def _warn_mixed_labels(path: Path, examples: list, labels: tuple[str, ...]) -> None:
+    """A label set taken from the data that mixes integers and words ("pos", "neg", 1) is almost always a
+    data error: each spelling became its own class. Say so once, with a line of the rarer kind."""
+    numbers = [x for x in labels if _is_int(x)]
+    words = [x for x in labels if not _is_int(x)]
+    if not numbers or not words:
+        return
+    counts = {x: 0 for x in labels}
+    for e in examples:
+        counts[e.label] += 1
+    rare = numbers if sum(counts[x] for x in numbers) <= sum(counts[x] for x in words) else words
+    first = next(e for e in examples if e.label in rare)
+    log.warning("%s: the labels mix integers (%s) and words (%s), so they make %d classes; line %d has label %r. "
+                "Give every record the same kind of label, or pass the label set (finetune.labels, a task "
+                "header's labels)", path, ", ".join(numbers), ", ".join(words), len(labels), first.line, first.label)
+
+
 def _sorted_labels(found: set[str]) -> tuple[str, ...]:
     """Labels taken from the data: numeric order when all are integers ("2" before "10"), else text order."""
     try:
@@ -336,6 +361,7 @@ def _build(path: Path, records: Iterator[tuple[int, dict]], kind: str | None, na
         task_labels = tuple(rename.values()) if rename is not None else _sorted_labels({e.label for e in examples})
         if rename is None:
             log.info("%s: label set taken from the data: %s (pass labels= to fix it)", path, ", ".join(task_labels))
+            _warn_mixed_labels(path, examples, task_labels)
     return Task(name=name, kind=kind, examples=tuple(examples[:limit]), labels=task_labels, source=str(path))
 
 

@@ -271,3 +271,25 @@ def test_a_leading_byte_order_mark_is_ignored(tmp_path, gz):
     sft = write("sft.jsonl", '{"prompt": "p", "completion": "c"}\n')
     assert read_records(str(sft), "sft")[0].prompt == "p"
     assert read_records(str(tsv), "classify")[0].text == "fine ."
+
+
+def test_labels_that_mix_integers_and_words_warn_once_naming_a_line(tmp_path, caplog):
+    """{"label": "pos"}, {"label": "neg"} and one {"label": 1}: three classes (pos, neg and "1"), said only
+    in an INFO line. Now one warning names both kinds and the line of the rarer one; a set of words alone,
+    or integers alone, says nothing."""
+    mixed = tmp_path / "mixed.jsonl"
+    rows = [{"text": f"t{i}", "label": "pos" if i % 2 else "neg"} for i in range(6)] + [{"text": "x", "label": 1}]
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level("WARNING", logger="clusterlm"):
+        task = load_task(mixed, kind="classify")
+    assert task.labels == ("1", "neg", "pos")
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "mix integers (1) and words (neg, pos)" in warned[0], warned
+    assert "make 3 classes; line 7 has label '1'" in warned[0], warned
+    caplog.clear()
+    for labels in (("pos", "neg"), (0, 1)):
+        plain = tmp_path / f"plain{labels[0]}.jsonl"
+        plain.write_text("".join(json.dumps({"text": f"t{i}", "label": labels[i % 2]}) + "\n" for i in range(4)))
+        with caplog.at_level("WARNING", logger="clusterlm"):
+            load_task(plain, kind="classify")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
