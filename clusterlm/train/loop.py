@@ -535,8 +535,14 @@ class Trainer:
 
         weight = None
         labels = self.cfg.model.labels
+        train_labels = ExampleSplit(self.data_dir, "train").arrays["labels"]
+        counts = torch.bincount(torch.as_tensor(train_labels, dtype=torch.int64), minlength=len(labels)).tolist()
+        if absent := [name for name, c in zip(labels, counts) if c == 0]:
+            log.warning("label(s) %s have no training example (%d training texts): the classifier cannot learn "
+                        "to predict them%s", ", ".join(map(repr, absent)), len(train_labels),
+                        " (their balanced class weight is 0)" if self.cfg.finetune.class_weights == "balanced" else "")
         if self.cfg.finetune.class_weights == "balanced":
-            weight = balanced_weights(ExampleSplit(self.data_dir, "train").arrays["labels"], len(labels))
+            weight = balanced_weights(train_labels, len(labels))
             log.info("class weights (balanced): %s", ", ".join(f"{n} {w:.3f}" for n, w in zip(labels, weight.tolist())))
         return ClassifyLoss(weight)
 

@@ -491,3 +491,29 @@ def test_a_classifier_counts_the_positions_it_computes_not_micro_batch_times_seq
     train = [r for r in rows if r["kind"] == "train"]
     assert [r["tokens"] for r in train] == [8 * 19, 2 * 8 * 19, 3 * 8 * 19]
     assert train[0]["tokens_per_s"] == pytest.approx(8 * 19 / train[0]["step_time_s"], rel=1e-6)
+
+
+def test_a_declared_label_without_training_examples_is_named(tmp_path, caplog):
+    """finetune.labels = [neg, neutral, pos] over records with no 'neutral': the head had a class it could
+    never learn (and, balanced, weight 0) without a word. Now one warning names it; with every label
+    present nothing is said."""
+    tsv = tmp_path / "c.tsv"
+    tsv.write_text("sentence\tlabel\n" + "".join(f"the film was {'good' if i % 2 else 'bad'} {i}.\t"
+                                                f"{'pos' if i % 2 else 'neg'}\n" for i in range(32)))
+
+    def run(name: str, *extra: str) -> str:
+        caplog.clear()
+        args = ["finetune", "--finetune.task=classify", "--finetune.class_weights=balanced",
+                f"--data.source={json.dumps(str(tsv))}", f"--data.dir={json.dumps(str(tmp_path / name / 'data'))}",
+                "--data.tokenizer=char", "--data.val_fraction=0", "--model.preset=gpt-nano", "--model.n_layers=1",
+                "--model.max_seq_len=32", "--train.seq_len=32", "--train.max_steps=1", "--train.eval_interval=0",
+                "--train.tensorboard=false", "--train.threads=1", f"--train.out_dir={json.dumps(str(tmp_path / name))}",
+                *extra]
+        with caplog.at_level("WARNING", logger="clusterlm"):
+            assert cli(args) == 0, caplog.text
+        return caplog.text
+
+    said = run("three", '--finetune.labels=["neg", "neutral", "pos"]')
+    assert "label(s) 'neutral' have no training example (32 training texts)" in said, said
+    assert "balanced class weight is 0" in said
+    assert "no training example" not in run("two")
