@@ -30,11 +30,11 @@ def q(p: float, metric: str, by: str = "model") -> str:
 ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], int]]]] = [
     ("Traffic", [
         ("Requests/s by route and status", "reqps",
-         [(f'sum by (route, status) (rate(clusterlm_http_requests_total{{{INST}, route=~"/v1/.*|/classify"}}{RI}))',
+         [(f'sum by (route, status) (rate(clusterlm_http_requests_total{{{INST}, route=~"/v1/.*|/classify|/tokenize"}}{RI}))',
            "{{route}} {{status}}")], 8),
         ("5xx share of API requests", "percentunit",
-         [(f'(sum(rate(clusterlm_http_requests_total{{{INST}, route=~"/v1/.*|/classify", status=~"5.."}}{RI})) '
-           f'or vector(0)) / sum(rate(clusterlm_http_requests_total{{{INST}, route=~"/v1/.*|/classify"}}{RI}))',
+         [(f'(sum(rate(clusterlm_http_requests_total{{{INST}, route=~"/v1/.*|/classify|/tokenize", status=~"5.."}}{RI})) '
+           f'or vector(0)) / sum(rate(clusterlm_http_requests_total{{{INST}, route=~"/v1/.*|/classify|/tokenize"}}{RI}))',
            "5xx share")], 8),
         ("Replicas: scraped, ready, draining", "short",
          [('sum(up{job="clusterlm"})', "up"), (f"sum(clusterlm_ready{{{INST}}})", "ready"),
