@@ -57,6 +57,7 @@ import json
 import lzma
 import os
 import re
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO, NamedTuple
@@ -443,7 +444,7 @@ class DocumentReader:
                         yield from self._read_text(f, i)
                     else:
                         yield from self._read_jsonl(f, i, src.name)
-            except (EOFError, OSError, lzma.LZMAError) as e:
+            except (EOFError, OSError, lzma.LZMAError, zlib.error) as e:  # zlib.error: corrupt deflate data in a .gz
                 self._unreadable(src, e)
             except Exception as e:  # zstandard.ZstdError does not derive from OSError
                 if type(e).__name__ != "ZstdError":

@@ -12,7 +12,9 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import random
 import tarfile
+import zlib
 from importlib.resources import files
 from pathlib import Path
 
@@ -137,6 +139,27 @@ def test_corrupt_compressed_file_is_reported(tmp_path: Path) -> None:
     assert 0 < len(docs) < 2000
     assert reader.stats.unreadable_files == 2
     assert {p.split(":")[0] for p in reader.stats.problems} == {f"{tmp_path}/cut.jsonl.gz", f"{tmp_path}/garbage.txt.gz"}
+
+
+def test_corrupt_gzip_data_is_reported(tmp_path: Path) -> None:
+    """A .gz whose deflate data is damaged in the middle makes gzip raise zlib.error (not an
+    OSError; the bug: a traceback out of prepare). It counts as unreadable like a cut .gz, keeping
+    what was decoded before zlib noticed (here the first 900 of 2000 records intact; records decoded
+    from the damaged part may be garbage), and the next file is still read."""
+    rng = random.Random(0)
+    texts = ["".join(rng.choice("abcdefgh ") for _ in range(100)) for _ in range(2000)]
+    data = bytearray(gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in texts).encode(), mtime=0))
+    for i in range(len(data) // 2, len(data) - 8, 997):
+        data[i] ^= 0xFF
+    with pytest.raises(zlib.error):
+        gzip.decompress(bytes(data))
+    (tmp_path / "a.jsonl.gz").write_bytes(bytes(data))
+    (tmp_path / "b.txt").write_text("after the damage")
+    reader = DocumentReader()
+    docs = [d.text for d in reader.read(discover([str(tmp_path)]))]
+    assert 900 < len(docs) - 1 < 2000 and docs[:900] == texts[:900] and docs[-1] == "after the damage"
+    assert reader.stats.unreadable_files == 1
+    assert f"{tmp_path}/a.jsonl.gz: cannot read (error: Error -3 while decompressing data" in reader.stats.problems[-1]
 
 
 def _zstd_blocks(frame: bytes) -> list[int]:
