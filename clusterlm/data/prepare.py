@@ -473,6 +473,8 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
                           redact_pii=redact_pii, overwrite=overwrite, progress=progress,
                           follow_symlinks=follow_symlinks)
     tok_file = _check_tokenizer_arg(opts.tokenizer, opts.vocab_size)
+    # a tokenizer file is loaded (so checked) before the inputs are read, not after a scan that can take hours
+    tok = load_tokenizer(tok_file) if tok_file is not None else None
     sources = discover([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs),
                        follow_symlinks=opts.follow_symlinks)
     out = Path(out)
@@ -493,8 +495,7 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
                  scan.counts["skipped_symlinks_outside"] + scan.counts["skipped_symlinks_broken"],
                  scan.counts["skipped_symlinks_outside"], scan.counts["skipped_symlinks_broken"])
         tok_path = tmp / "tokenizer.json"
-        if tok_file is not None:
-            tok = load_tokenizer(tok_file)
+        if tok is not None:
             shutil.copyfile(tok_file, tok_path)  # the user's file byte for byte
         else:
             if opts.tokenizer != "byte":

@@ -235,6 +235,27 @@ def test_errors(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "e.txt"]
 
 
+def test_bad_tokenizer_file_is_refused_before_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A --tokenizer file that is not a tokenizer (a text file, a char file whose vocab_size
+    disagrees) is refused before the inputs are read: it was loaded only after the scan pass, so
+    a large corpus was read in full before the error. Nothing is written."""
+    from clusterlm.data import prepare as prepare_mod
+
+    def no_scan(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the inputs were read before the tokenizer file was checked")
+
+    monkeypatch.setattr(prepare_mod, "_scan", no_scan)
+    (tmp_path / "a.txt").write_text("text")
+    (tmp_path / "notes.json").write_text("not json")
+    (tmp_path / "char.json").write_text(json.dumps({"clusterlm_tokenizer": "char", "version": 1,
+                                                    "vocab_size": 9, "chars": "ab"}))
+    with pytest.raises(DataError, match=r"notes\.json is not a tokenizer file"):
+        prepare([str(tmp_path / "a.txt")], tmp_path / "d", tokenizer=str(tmp_path / "notes.json"), workers=1)
+    with pytest.raises(DataError, match=r"char\.json: vocab_size=9 but 2 characters"):
+        prepare([str(tmp_path / "a.txt")], tmp_path / "d", tokenizer=str(tmp_path / "char.json"), workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "char.json", "notes.json"]
+
+
 def test_tokenizer_file_and_uint32(tmp_path: Path) -> None:
     """A tokenizer file with 70,000 ids is copied byte for byte, and the shards switch to uint32
     (4 bytes per token in the header); decoding gives the text back."""
