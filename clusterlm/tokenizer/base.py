@@ -123,6 +123,17 @@ def check_version(obj: dict[str, Any], source: str) -> tuple[str, ...]:
         raise DataError(f"{source}: {e}") from None
 
 
+def check_listed_specials(obj: dict[str, Any], expected: dict[str, int], source: str) -> None:
+    """DataError when a byte/char file's 'special_tokens' (written for people; the ids follow from
+    the layout) disagree with the ids the file gives, e.g. after a hand edit that would otherwise
+    be ignored without a word. A file without the field is accepted."""
+    listed = obj.get("special_tokens", expected)
+    if listed != expected:
+        raise DataError(f"{source}: special_tokens={listed!r:.120} but this {obj.get('clusterlm_tokenizer')} "
+                        f"vocabulary puts them at {expected}; the ids follow from the layout "
+                        f"(docs/tokenizers.md), so correct the field or remove it")
+
+
 def check_special_tokens(tokens: Sequence[str]) -> list[str]:
     """`tokens` as a list after checking each is a distinct <...> string without whitespace."""
     if isinstance(tokens, str):

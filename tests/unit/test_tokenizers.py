@@ -432,7 +432,8 @@ def test_load_foreign_hf_files(tmp_path):
 
 
 def test_load_errors(tmp_path, all_kinds: dict[str, Tokenizer]):
-    """Missing file, bad JSON, unknown kind, wrong version and corrupt char vocabularies name the file."""
+    """Missing file, bad JSON, unknown kind, wrong version, corrupt char vocabularies and
+    special_tokens that disagree with the layout name the file."""
     with pytest.raises(FileNotFoundError, match="nope.json"):
         load_tokenizer(tmp_path / "nope.json")
     with pytest.raises(FileNotFoundError, match="is a directory, not a tokenizer file") as e:
@@ -456,6 +457,12 @@ def test_load_errors(tmp_path, all_kinds: dict[str, Tokenizer]):
         "surrogate.json": ('{"clusterlm_tokenizer": "char", "version": 1, "chars": "a\\ud800"}',
                            "surrogate"),
         "hf.json": ('{"model": {"type": "Nonsense"}}', "not a valid Hugging Face"),
+        # special_tokens edited by hand (eos moved to 0) were ignored without a word: eos stayed 257 / n+1
+        "bytespecials.json": ('{"clusterlm_tokenizer": "byte", "version": 1, "vocab_size": 259, "special_tokens": '
+                              '{"<|bos|>": 256, "<|eos|>": 0, "<|pad|>": 258}}', r"special_tokens=.*'<\|eos\|>': 257"),
+        "charspecials.json": ('{"clusterlm_tokenizer": "char", "version": 1, "chars": "ab", "vocab_size": 6, '
+                              '"special_tokens": {"<|bos|>": 2, "<|eos|>": 0, "<|pad|>": 4, "<|unk|>": 5}}',
+                              r"special_tokens=.*'<\|eos\|>': 3"),
     }
     for name, (content, msg) in cases.items():
         p = tmp_path / name
