@@ -39,7 +39,8 @@ reported as "file:line: reason": invalid JSON (a last line without its final new
 reported as truncated), a record that is not an object, a missing field, a field that is not a
 string. Blank lines are ignored silently. A compressed file that is corrupt or truncated (a .gz
 without its end-of-stream marker; a .zst whose last frame lacks its last block, even when cut at
-a block boundary) is reported and its remaining content skipped (`unreadable_files`). Repair counts cover every document read,
+a block boundary) is reported and its remaining content skipped (`unreadable_files`); so is a FIFO,
+socket or device with a supported name (not read at all: it could block forever). Repair counts cover every document read,
 including ones later skipped as empty or as duplicates.
 
 `documents_read` = documents yielded + `skipped_empty` (records skipped as bad are not documents).
@@ -57,6 +58,7 @@ import json
 import lzma
 import os
 import re
+import stat
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -401,6 +403,18 @@ def _describe(value: object) -> str:
             type(None): "null", int: "a number", float: "a number"}.get(type(value), type(value).__name__)
 
 
+def _not_regular(path: str) -> str:
+    """What `path` is when it is a FIFO, socket or device ("" for a regular file, or one that cannot
+    be stat'ed: opening it says why). A FIFO named a.txt in an input folder made prepare wait forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return ""
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):  # a folder: open() raises IsADirectoryError, as before
+        return ""
+    return "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device or special file"
+
+
 class DocumentReader:
     """Yields the cleaned documents of sources and counts what it repaired or skipped."""
 
@@ -437,6 +451,11 @@ class DocumentReader:
         for i, src in enumerate(sources):
             if src.skip:
                 self._skipped_link(src)
+                continue
+            if src.builtin is None and (what := _not_regular(src.name)):
+                self.stats.unreadable_files += 1
+                self.stats.problem(f"{src.name}: cannot read: {what}, not a regular file (reading it could "
+                                   "block forever); skipped")
                 continue
             try:
                 with open_source(src) as f:

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import tarfile
+import threading
 import zlib
 from importlib.resources import files
 from pathlib import Path
@@ -160,6 +161,28 @@ def test_corrupt_gzip_data_is_reported(tmp_path: Path) -> None:
     assert 900 < len(docs) - 1 < 2000 and docs[:900] == texts[:900] and docs[-1] == "after the damage"
     assert reader.stats.unreadable_files == 1
     assert f"{tmp_path}/a.jsonl.gz: cannot read (error: Error -3 while decompressing data" in reader.stats.problems[-1]
+
+
+def test_fifo_in_an_input_folder_is_not_read(tmp_path: Path) -> None:
+    """A FIFO named p.txt in an input folder (found by the walk, like a.txt) was opened and read,
+    which waits forever for a writer: prepare hung. It is counted in unreadable_files and named in
+    problems without being opened; a.txt and z.txt around it are read."""
+    (tmp_path / "a.txt").write_text("first")
+    os.mkfifo(tmp_path / "p.txt")
+    (tmp_path / "z.txt").write_text("last")
+    reader = DocumentReader()
+    out: list[str] = []
+    t = threading.Thread(target=lambda: out.extend(d.text for d in reader.read(discover([str(tmp_path)]))), daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():  # open the FIFO's other end so the reading thread ends, then fail
+        os.close(os.open(tmp_path / "p.txt", os.O_WRONLY | os.O_NONBLOCK))
+        t.join(10)
+        pytest.fail("reading a folder with a FIFO in it blocked")
+    assert out == ["first", "last"]
+    assert reader.stats.unreadable_files == 1
+    assert reader.stats.problems == [f"{tmp_path}/p.txt: cannot read: a FIFO, not a regular file (reading it "
+                                     "could block forever); skipped"]
 
 
 def _zstd_blocks(frame: bytes) -> list[int]:
