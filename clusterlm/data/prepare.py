@@ -478,6 +478,8 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
     sources = discover([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs),
                        follow_symlinks=opts.follow_symlinks)
     out = Path(out)
+    if out.is_symlink():  # fill or replace the folder it points to and keep the link; swapping the link itself
+        out = Path(os.path.realpath(out))  # left the old data there and the link as a hidden .partial
     _check_out(out, opts.overwrite)
     show = sys.stderr.isatty() if opts.progress is None else opts.progress
     n_workers = opts.workers or default_workers()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +206,25 @@ def test_overwrite_and_stale_partials(tmp_path: Path) -> None:
     # --out under a file: named as such (it said "File exists: .../a.txt/x/y")
     with pytest.raises(DataError, match=r"--out .*a\.txt/x/y: .*a\.txt is a file, not a folder; choose another --out"):
         prepare([str(tmp_path / "a.txt")], tmp_path / "a.txt" / "x" / "y", tokenizer="byte")
+
+
+def test_out_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path: Path) -> None:
+    """--out a symlink to a data directory, with overwrite: the link itself was swapped out, so the
+    old data stayed in the target, the link became a real folder, and the link was left as a
+    hidden .d.*.partial (which the next prepare called a stale staging folder). Now the target is
+    replaced and the link kept; a dangling link gets its target created."""
+    (tmp_path / "a.txt").write_text("some text")
+    real, link = tmp_path / "v1", tmp_path / "d"
+    prepare([str(tmp_path / "a.txt")], real, tokenizer="byte", val_fraction=0.0)
+    link.symlink_to("v1")
+    second = prepare([str(tmp_path / "a.txt")], link, tokenizer="char", val_fraction=0.0, overwrite=True)
+    assert link.is_symlink() and os.readlink(link) == "v1"
+    assert shards.read_meta(real) == second and second["tokenizer"]["kind"] == "char"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "d", "v1"]
+    (tmp_path / "d2").symlink_to("v2")  # dangling
+    third = prepare([str(tmp_path / "a.txt")], tmp_path / "d2", tokenizer="byte", val_fraction=0.0)
+    assert (tmp_path / "d2").is_symlink() and shards.read_meta(tmp_path / "v2") == third
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "d", "d2", "v1", "v2"]
 
 
 def test_errors(tmp_path: Path) -> None:
