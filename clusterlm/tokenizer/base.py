@@ -91,6 +91,14 @@ def check_ids(ids: Sequence[int] | np.ndarray, vocab_size: int, kind: str) -> np
     arr = np.asarray(ids)
     if arr.size == 0:
         return np.zeros(0, dtype=np.int64)
+    if arr.ndim == 1 and (arr.dtype == object or arr.dtype == np.uint64) and all(
+            isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in arr):
+        # integers past int64 (numpy gives an object array) or a uint64 array: name the id, not the dtype
+        for i, x in enumerate(arr):
+            if not 0 <= int(x) < vocab_size:
+                raise ValueError(f"{kind} tokenizer: id {int(x)} at position {i} is outside the "
+                                 f"vocabulary [0, {vocab_size})")
+        arr = arr.astype(np.int64)
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
         raise ValueError(f"{kind} tokenizer: decode takes a flat sequence of integer ids, "
                          f"got an array of shape {arr.shape} and dtype {arr.dtype}")

@@ -117,6 +117,15 @@ def test_byte_decode_specials_invalid_utf8_and_surrogates():
         tok.decode([1, 259])
     with pytest.raises(ValueError, match="id -1"):
         tok.decode([-1])
+    # ids past int64 made numpy build an object array: the message said "not integer ids", a uint64
+    # id past 2**63 was named as a negative one; both now name the id and its position
+    with pytest.raises(ValueError, match=r"id 99999999999999999999 at position 1 is outside the vocabulary \[0, 259\)"):
+        tok.decode([1, 99999999999999999999])
+    with pytest.raises(ValueError, match=r"id 18446744073709551615 at position 0 is outside"):
+        tok.decode(np.array([2**64 - 1, 1], dtype=np.uint64))
+    assert tok.decode(np.array([104, 105], dtype=np.uint64)) == tok.decode(np.array([104, 105], dtype=object)) == "hi"
+    with pytest.raises(ValueError, match="flat sequence of integer ids"):
+        tok.decode(["a"])
 
 
 # ---- char --------------------------------------------------------------------------------------
