@@ -15,6 +15,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -274,6 +275,27 @@ def test_bad_tokenizer_file_is_refused_before_reading(tmp_path: Path, monkeypatc
     with pytest.raises(DataError, match=r"char\.json: vocab_size=9 but 2 characters"):
         prepare([str(tmp_path / "a.txt")], tmp_path / "d", tokenizer=str(tmp_path / "char.json"), workers=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "char.json", "notes.json"]
+
+
+def test_input_rewritten_between_passes_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A .txt rewritten after the scan pass keeps the document count (one per file), which was all
+    prepare compared: the shards held the new text while meta.json kept the scan's bytes, split
+    and sources, without a word. Now it is refused and nothing is written."""
+    from clusterlm.data import prepare as prepare_mod
+
+    (tmp_path / "a.txt").write_text("aaaa")
+    (tmp_path / "b.txt").write_text("other")
+    real_scan = prepare_mod._scan
+
+    def scan_then_rewrite(*args: Any, **kwargs: Any) -> Any:
+        result = real_scan(*args, **kwargs)
+        (tmp_path / "a.txt").write_text("bbbbbbbb")
+        return result
+
+    monkeypatch.setattr(prepare_mod, "_scan", scan_then_rewrite)
+    with pytest.raises(DataError, match=r"inputs changed while prepare was running \(1 file\(s\): .*a\.txt"):
+        prepare([str(tmp_path)], tmp_path / "d", tokenizer="byte", val_fraction=0.0, workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
 
 
 def test_tokenizer_file_and_uint32(tmp_path: Path) -> None:
