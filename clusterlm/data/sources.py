@@ -38,7 +38,7 @@ JSONL records that cannot give a document are skipped, counted in `skipped_bad_r
 reported as "file:line: reason": invalid JSON (a last line without its final newline is
 reported as truncated), a record that is not an object, a missing field, a field that is not a
 string. Blank lines are ignored silently. A compressed file that is corrupt or truncated (a .gz
-without its end-of-stream marker; a .zst whose last frame lacks its last block, even when cut at
+without its end-of-stream marker; an empty .gz or .zst; a .zst whose last frame lacks its last block, even when cut at
 a block boundary) is reported and its remaining content skipped (`unreadable_files`); so is a FIFO,
 socket or device with a supported name (not read at all: it could block forever). Repair counts cover every document read,
 including ones later skipped as empty or as duplicates.
@@ -280,6 +280,11 @@ def open_source(src: Source) -> Iterator[BinaryIO]:
         return
     with contextlib.ExitStack() as stack:
         f: BinaryIO = stack.enter_context(open(src.name, "rb"))
+        if src.compression and os.fstat(f.fileno()).st_size == 0:
+            # gzip and zstandard both read 0 bytes as an empty stream, so a failed download passed as
+            # a valid file without a word; `gzip -t` and `zstd -t` call it "unexpected end of file"
+            raise EOFError(f"empty file: a .{'gz' if src.compression == 'gz' else 'zst'} file holds at least "
+                           "a header (cut short, e.g. a failed download)")
         if src.compression == "gz":
             f = stack.enter_context(gzip.GzipFile(fileobj=f, mode="rb"))
         elif src.compression == "zst":

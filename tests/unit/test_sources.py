@@ -163,6 +163,21 @@ def test_corrupt_gzip_data_is_reported(tmp_path: Path) -> None:
     assert f"{tmp_path}/a.jsonl.gz: cannot read (error: Error -3 while decompressing data" in reader.stats.problems[-1]
 
 
+def test_empty_compressed_file_is_unreadable(tmp_path: Path) -> None:
+    """A 0-byte .jsonl.gz or .txt.zst (a failed download) is not a gzip or zstd stream (`gzip -t`,
+    `zstd -t`: "unexpected end of file"), but both libraries read it as empty: it passed without a
+    word (no count, no problem). It counts as unreadable like a cut file; a 0-byte .txt is still an
+    empty document."""
+    for name in ("a.jsonl.gz", "b.txt.zst", "c.txt"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "d.jsonl").write_text('{"text": "fine"}\n')
+    reader = DocumentReader()
+    assert [d.text for d in reader.read(discover([str(tmp_path)]))] == ["fine"]
+    assert (reader.stats.unreadable_files, reader.stats.skipped_empty) == (2, 1)
+    assert [p.split(": ", 1)[0] for p in reader.stats.problems] == [f"{tmp_path}/a.jsonl.gz", f"{tmp_path}/b.txt.zst"]
+    assert all("cannot read (EOFError: empty file: a ." in p for p in reader.stats.problems)
+
+
 def test_fifo_in_an_input_folder_is_not_read(tmp_path: Path) -> None:
     """A FIFO named p.txt in an input folder (found by the walk, like a.txt) was opened and read,
     which waits forever for a writer: prepare hung. It is counted in unreadable_files and named in
