@@ -457,6 +457,19 @@ def test_encode_chunk_matches_per_document_reference(monkeypatch: pytest.MonkeyP
         got = encode_chunk(tok, texts, mask, "uint16")
         assert [g.dtype.name for g in got] == ["uint16", "uint16"]
         assert [g.tolist() for g in got] == list(want), tok.kind
+    # tokenizers with added tokens (a chat model's), whose strings in the text encode to one id: the
+    # char path sized each document by its characters and failed ("out has shape (21,), the text
+    # needs (14,)"), so prepare --tokenizer with such a char file stopped at the first one
+    texts = [t.replace("x", "<|user|>") for t in texts]
+    for tok in (make_tokenizer("byte"), train_tokenizer("char", ["abcdé\n "]),
+                train_tokenizer("bpe", texts * 3, vocab_size=280)):
+        tok = tok.with_special_tokens(["<|user|>"])
+        want = ([], [])
+        for t, v in zip(texts, mask):
+            want[v].extend(tok.encode(t) + [tok.eos_id])
+        assert sum(w.count(tok.token_id("<|user|>")) for w in want) > 5
+        got = encode_chunk(tok, texts, mask, "uint16")
+        assert [g.tolist() for g in got] == list(want), tok.kind
 
 
 def test_shard_writer_cuts_exactly(tmp_path: Path) -> None:
