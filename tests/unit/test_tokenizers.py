@@ -487,6 +487,9 @@ def test_kind_errors(corpus: list[str]):
     """Unknown kinds list the valid ones; vocab_size is refused where the kind fixes it."""
     with pytest.raises(ConfigError, match=r"'chr'.*did you mean 'char'.*byte, char, bpe"):
         train_tokenizer("chr", corpus)
+    for name in ("BPE", "Char"):  # a case slip got no suggestion (prepare --tokenizer BPE gets one)
+        with pytest.raises(ConfigError, match=f"did you mean '{name.lower()}'"):
+            train_tokenizer(name, corpus)
     with pytest.raises(ConfigError, match="learned from text"):
         make_tokenizer("bpe")
     with pytest.raises(ConfigError, match="vocab_size=100 for a char"):
