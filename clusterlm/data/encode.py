@@ -23,7 +23,8 @@ def encode_chunk(tok: Any, texts: list[str], val_mask: bytes, dtype: str) -> tup
     Each document's tokens are written straight into its split's output array (no per-document
     arrays then a concatenation), so a huge document costs its text plus its tokens, once.
     """
-    char = tok.kind == "char" and hasattr(tok, "encode_array")
+    # one id per character, unless added tokens (chat roles) in the text encode to one id each
+    char = tok.kind == "char" and hasattr(tok, "encode_array") and not getattr(tok, "added_tokens", ())
     if tok.kind == "byte" and tok.vocab_size == 259:  # fast path: the ids are the UTF-8 bytes
         ids: list[Any] = [t.encode("utf-8") for t in texts]
         sizes = [len(b) for b in ids]

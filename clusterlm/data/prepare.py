@@ -193,6 +193,29 @@ def _check_same(expected: int, got: int) -> None:
                         f"documents, a later pass {got}; run prepare again on inputs nobody is writing")
 
 
+def _stamps(sources: list[Source]) -> list[tuple[int, int] | None]:
+    """(size, mtime_ns) of each input file read from disk (None: bundled, skipped or gone)."""
+    out: list[tuple[int, int] | None] = []
+    for src in sources:
+        try:
+            st = os.stat(src.name) if src.builtin is None and not src.skip else None
+        except OSError:
+            st = None
+        out.append((st.st_size, st.st_mtime_ns) if st is not None else None)
+    return out
+
+
+def _check_unchanged(sources: list[Source], before: list[tuple[int, int] | None]) -> None:
+    """DataError when an input file was written to while prepare read it two or three times: a
+    change that keeps the document count would otherwise pair the scan's split, dedup and byte
+    counts with other text, without a word."""
+    changed = [src.name for src, a, b in zip(sources, before, _stamps(sources)) if a != b]
+    if changed:
+        raise DataError(f"the inputs changed while prepare was running ({len(changed)} file(s): "
+                        f"{', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''} changed size or "
+                        "modification time); run prepare again on inputs nobody is writing")
+
+
 @dataclass
 class _Scan:
     decisions: bytearray  # per document ordinal: DROP, TRAIN or VAL
@@ -473,9 +496,13 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
                           redact_pii=redact_pii, overwrite=overwrite, progress=progress,
                           follow_symlinks=follow_symlinks)
     tok_file = _check_tokenizer_arg(opts.tokenizer, opts.vocab_size)
+    # a tokenizer file is loaded (so checked) before the inputs are read, not after a scan that can take hours
+    tok = load_tokenizer(tok_file) if tok_file is not None else None
     sources = discover([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs),
                        follow_symlinks=opts.follow_symlinks)
     out = Path(out)
+    if out.is_symlink():  # fill or replace the folder it points to and keep the link; swapping the link itself
+        out = Path(os.path.realpath(out))  # left the old data there and the link as a hidden .partial
     _check_out(out, opts.overwrite)
     show = sys.stderr.isatty() if opts.progress is None else opts.progress
     n_workers = opts.workers or default_workers()
@@ -484,6 +511,7 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
     start_pool = n_workers > 1 and _estimated_chars(sources) > 2 * MIN_CHUNK_CHARS
     pool_args = (n_workers - 1, start_pool, ("clusterlm.data.encode", "clusterlm.tokenizer.kinds"))
     with staging_dir(out, overwrite=opts.overwrite) as tmp, worker_pool(*pool_args) as pool:
+        stamps = _stamps(sources)
         scan = _scan(sources, opts, show)
         log.info("read %d documents from %d files: %d kept (%d train, %d val), %d empty, %d bad records, "
                  "%d duplicates, %d symlinks skipped (%d outside the inputs, %d dangling or loops)",
@@ -493,8 +521,7 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
                  scan.counts["skipped_symlinks_outside"] + scan.counts["skipped_symlinks_broken"],
                  scan.counts["skipped_symlinks_outside"], scan.counts["skipped_symlinks_broken"])
         tok_path = tmp / "tokenizer.json"
-        if tok_file is not None:
-            tok = load_tokenizer(tok_file)
+        if tok is not None:
             shutil.copyfile(tok_file, tok_path)  # the user's file byte for byte
         else:
             if opts.tokenizer != "byte":
@@ -504,6 +531,7 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
         dtype = shards.dtype_for_vocab(tok.vocab_size)
         writers = {s: shards.ShardWriter(tmp, name, dtype, opts.shard_tokens) for s, name in ((TRAIN, "train"), (VAL, "val"))}
         unknown = _tokenize(sources, opts, scan, tok, tok_path, writers, n_workers, pool, show)
+        _check_unchanged(sources, stamps)
         if unknown:  # a char tokenizer: what it could not encode, per split
             scan.counts["unknown_tokens"] = {"train": unknown[TRAIN], "val": unknown[VAL]}
 

@@ -38,8 +38,9 @@ JSONL records that cannot give a document are skipped, counted in `skipped_bad_r
 reported as "file:line: reason": invalid JSON (a last line without its final newline is
 reported as truncated), a record that is not an object, a missing field, a field that is not a
 string. Blank lines are ignored silently. A compressed file that is corrupt or truncated (a .gz
-without its end-of-stream marker; a .zst whose last frame lacks its last block, even when cut at
-a block boundary) is reported and its remaining content skipped (`unreadable_files`). Repair counts cover every document read,
+without its end-of-stream marker; an empty .gz or .zst; a .zst whose last frame lacks its last block, even when cut at
+a block boundary) is reported and its remaining content skipped (`unreadable_files`); so is a FIFO,
+socket or device with a supported name (not read at all: it could block forever). Repair counts cover every document read,
 including ones later skipped as empty or as duplicates.
 
 `documents_read` = documents yielded + `skipped_empty` (records skipped as bad are not documents).
@@ -57,6 +58,8 @@ import json
 import lzma
 import os
 import re
+import stat
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO, NamedTuple
@@ -277,6 +280,11 @@ def open_source(src: Source) -> Iterator[BinaryIO]:
         return
     with contextlib.ExitStack() as stack:
         f: BinaryIO = stack.enter_context(open(src.name, "rb"))
+        if src.compression and os.fstat(f.fileno()).st_size == 0:
+            # gzip and zstandard both read 0 bytes as an empty stream, so a failed download passed as
+            # a valid file without a word; `gzip -t` and `zstd -t` call it "unexpected end of file"
+            raise EOFError(f"empty file: a .{'gz' if src.compression == 'gz' else 'zst'} file holds at least "
+                           "a header (cut short, e.g. a failed download)")
         if src.compression == "gz":
             f = stack.enter_context(gzip.GzipFile(fileobj=f, mode="rb"))
         elif src.compression == "zst":
@@ -400,6 +408,18 @@ def _describe(value: object) -> str:
             type(None): "null", int: "a number", float: "a number"}.get(type(value), type(value).__name__)
 
 
+def _not_regular(path: str) -> str:
+    """What `path` is when it is a FIFO, socket or device ("" for a regular file, or one that cannot
+    be stat'ed: opening it says why). A FIFO named a.txt in an input folder made prepare wait forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return ""
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):  # a folder: open() raises IsADirectoryError, as before
+        return ""
+    return "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device or special file"
+
+
 class DocumentReader:
     """Yields the cleaned documents of sources and counts what it repaired or skipped."""
 
@@ -437,13 +457,18 @@ class DocumentReader:
             if src.skip:
                 self._skipped_link(src)
                 continue
+            if src.builtin is None and (what := _not_regular(src.name)):
+                self.stats.unreadable_files += 1
+                self.stats.problem(f"{src.name}: cannot read: {what}, not a regular file (reading it could "
+                                   "block forever); skipped")
+                continue
             try:
                 with open_source(src) as f:
                     if src.fmt == "text":
                         yield from self._read_text(f, i)
                     else:
                         yield from self._read_jsonl(f, i, src.name)
-            except (EOFError, OSError, lzma.LZMAError) as e:
+            except (EOFError, OSError, lzma.LZMAError, zlib.error) as e:  # zlib.error: corrupt deflate data in a .gz
                 self._unreadable(src, e)
             except Exception as e:  # zstandard.ZstdError does not derive from OSError
                 if type(e).__name__ != "ZstdError":

@@ -91,6 +91,14 @@ def check_ids(ids: Sequence[int] | np.ndarray, vocab_size: int, kind: str) -> np
     arr = np.asarray(ids)
     if arr.size == 0:
         return np.zeros(0, dtype=np.int64)
+    if arr.ndim == 1 and (arr.dtype == object or arr.dtype == np.uint64) and all(
+            isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in arr):
+        # integers past int64 (numpy gives an object array) or a uint64 array: name the id, not the dtype
+        for i, x in enumerate(arr):
+            if not 0 <= int(x) < vocab_size:
+                raise ValueError(f"{kind} tokenizer: id {int(x)} at position {i} is outside the "
+                                 f"vocabulary [0, {vocab_size})")
+        arr = arr.astype(np.int64)
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
         raise ValueError(f"{kind} tokenizer: decode takes a flat sequence of integer ids, "
                          f"got an array of shape {arr.shape} and dtype {arr.dtype}")
@@ -121,6 +129,17 @@ def check_version(obj: dict[str, Any], source: str) -> tuple[str, ...]:
         return tuple(check_special_tokens(added))
     except ValueError as e:
         raise DataError(f"{source}: {e}") from None
+
+
+def check_listed_specials(obj: dict[str, Any], expected: dict[str, int], source: str) -> None:
+    """DataError when a byte/char file's 'special_tokens' (written for people; the ids follow from
+    the layout) disagree with the ids the file gives, e.g. after a hand edit that would otherwise
+    be ignored without a word. A file without the field is accepted."""
+    listed = obj.get("special_tokens", expected)
+    if listed != expected:
+        raise DataError(f"{source}: special_tokens={listed!r:.120} but this {obj.get('clusterlm_tokenizer')} "
+                        f"vocabulary puts them at {expected}; the ids follow from the layout "
+                        f"(docs/tokenizers.md), so correct the field or remove it")
 
 
 def check_special_tokens(tokens: Sequence[str]) -> list[str]:

@@ -32,6 +32,7 @@ from clusterlm.tokenizer.base import (
     PAD,
     added_pattern,
     check_ids,
+    check_listed_specials,
     check_version,
     new_tokens,
     replace_surrogates,
@@ -130,6 +131,7 @@ class ByteTokenizer:
         if obj.get("vocab_size", tok.vocab_size) != tok.vocab_size:
             raise DataError(f"{source}: byte tokenizer with vocab_size={obj['vocab_size']}; "
                             f"a byte tokenizer with {len(added)} added tokens has {tok.vocab_size}")
+        check_listed_specials(obj, dict(cls._SPECIALS), source)
         return tok
 
     def __repr__(self) -> str:

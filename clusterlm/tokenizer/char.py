@@ -38,6 +38,7 @@ from clusterlm.tokenizer.base import (
     REPLACEMENT,
     added_pattern,
     check_ids,
+    check_listed_specials,
     check_version,
     new_tokens,
     split_added,
@@ -228,6 +229,8 @@ class CharTokenizer:
         if obj.get("vocab_size", tok.vocab_size) != tok.vocab_size:
             raise DataError(f"{source}: vocab_size={obj['vocab_size']} but {len(chars)} characters "
                             f"+ 4 specials + {len(added)} added tokens = {tok.vocab_size}")
+        n = len(tok.chars)
+        check_listed_specials(obj, {BOS: n, EOS: n + 1, PAD: n + 2, UNK: n + 3}, source)
         return tok
 
     def __repr__(self) -> str:

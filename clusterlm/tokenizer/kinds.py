@@ -29,7 +29,7 @@ _SAVED_KINDS = {"byte": ByteTokenizer, "char": CharTokenizer}  # kinds with our 
 
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
-        close = difflib.get_close_matches(str(kind), KINDS, n=1)
+        close = difflib.get_close_matches(str(kind).lower(), KINDS, n=1)  # "BPE" -> "bpe" too, as prepare does
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"unknown tokenizer kind {kind!r}{hint}; valid kinds: {', '.join(KINDS)}")
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -207,6 +209,25 @@ def test_overwrite_and_stale_partials(tmp_path: Path) -> None:
         prepare([str(tmp_path / "a.txt")], tmp_path / "a.txt" / "x" / "y", tokenizer="byte")
 
 
+def test_out_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path: Path) -> None:
+    """--out a symlink to a data directory, with overwrite: the link itself was swapped out, so the
+    old data stayed in the target, the link became a real folder, and the link was left as a
+    hidden .d.*.partial (which the next prepare called a stale staging folder). Now the target is
+    replaced and the link kept; a dangling link gets its target created."""
+    (tmp_path / "a.txt").write_text("some text")
+    real, link = tmp_path / "v1", tmp_path / "d"
+    prepare([str(tmp_path / "a.txt")], real, tokenizer="byte", val_fraction=0.0)
+    link.symlink_to("v1")
+    second = prepare([str(tmp_path / "a.txt")], link, tokenizer="char", val_fraction=0.0, overwrite=True)
+    assert link.is_symlink() and os.readlink(link) == "v1"
+    assert shards.read_meta(real) == second and second["tokenizer"]["kind"] == "char"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "d", "v1"]
+    (tmp_path / "d2").symlink_to("v2")  # dangling
+    third = prepare([str(tmp_path / "a.txt")], tmp_path / "d2", tokenizer="byte", val_fraction=0.0)
+    assert (tmp_path / "d2").is_symlink() and shards.read_meta(tmp_path / "v2") == third
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "d", "d2", "v1", "v2"]
+
+
 def test_errors(tmp_path: Path) -> None:
     """Bad tokenizer names, missing files, bad vocab sizes, bad options and an input with no
     usable document each fail with a message naming the value, and leave nothing at DATA_DIR."""
@@ -233,6 +254,48 @@ def test_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"no documents left to prepare: 1 read, 1 empty"):
         prepare([str(tmp_path / "e.txt")], out, tokenizer="byte")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "e.txt"]
+
+
+def test_bad_tokenizer_file_is_refused_before_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A --tokenizer file that is not a tokenizer (a text file, a char file whose vocab_size
+    disagrees) is refused before the inputs are read: it was loaded only after the scan pass, so
+    a large corpus was read in full before the error. Nothing is written."""
+    from clusterlm.data import prepare as prepare_mod
+
+    def no_scan(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the inputs were read before the tokenizer file was checked")
+
+    monkeypatch.setattr(prepare_mod, "_scan", no_scan)
+    (tmp_path / "a.txt").write_text("text")
+    (tmp_path / "notes.json").write_text("not json")
+    (tmp_path / "char.json").write_text(json.dumps({"clusterlm_tokenizer": "char", "version": 1,
+                                                    "vocab_size": 9, "chars": "ab"}))
+    with pytest.raises(DataError, match=r"notes\.json is not a tokenizer file"):
+        prepare([str(tmp_path / "a.txt")], tmp_path / "d", tokenizer=str(tmp_path / "notes.json"), workers=1)
+    with pytest.raises(DataError, match=r"char\.json: vocab_size=9 but 2 characters"):
+        prepare([str(tmp_path / "a.txt")], tmp_path / "d", tokenizer=str(tmp_path / "char.json"), workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "char.json", "notes.json"]
+
+
+def test_input_rewritten_between_passes_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A .txt rewritten after the scan pass keeps the document count (one per file), which was all
+    prepare compared: the shards held the new text while meta.json kept the scan's bytes, split
+    and sources, without a word. Now it is refused and nothing is written."""
+    from clusterlm.data import prepare as prepare_mod
+
+    (tmp_path / "a.txt").write_text("aaaa")
+    (tmp_path / "b.txt").write_text("other")
+    real_scan = prepare_mod._scan
+
+    def scan_then_rewrite(*args: Any, **kwargs: Any) -> Any:
+        result = real_scan(*args, **kwargs)
+        (tmp_path / "a.txt").write_text("bbbbbbbb")
+        return result
+
+    monkeypatch.setattr(prepare_mod, "_scan", scan_then_rewrite)
+    with pytest.raises(DataError, match=r"inputs changed while prepare was running \(1 file\(s\): .*a\.txt"):
+        prepare([str(tmp_path)], tmp_path / "d", tokenizer="byte", val_fraction=0.0, workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
 
 
 def test_tokenizer_file_and_uint32(tmp_path: Path) -> None:
@@ -393,6 +456,19 @@ def test_encode_chunk_matches_per_document_reference(monkeypatch: pytest.MonkeyP
             want[v].extend(tok.encode(t) + [tok.eos_id])
         got = encode_chunk(tok, texts, mask, "uint16")
         assert [g.dtype.name for g in got] == ["uint16", "uint16"]
+        assert [g.tolist() for g in got] == list(want), tok.kind
+    # tokenizers with added tokens (a chat model's), whose strings in the text encode to one id: the
+    # char path sized each document by its characters and failed ("out has shape (21,), the text
+    # needs (14,)"), so prepare --tokenizer with such a char file stopped at the first one
+    texts = [t.replace("x", "<|user|>") for t in texts]
+    for tok in (make_tokenizer("byte"), train_tokenizer("char", ["abcdé\n "]),
+                train_tokenizer("bpe", texts * 3, vocab_size=280)):
+        tok = tok.with_special_tokens(["<|user|>"])
+        want = ([], [])
+        for t, v in zip(texts, mask):
+            want[v].extend(tok.encode(t) + [tok.eos_id])
+        assert sum(w.count(tok.token_id("<|user|>")) for w in want) > 5
+        got = encode_chunk(tok, texts, mask, "uint16")
         assert [g.tolist() for g in got] == list(want), tok.kind
 
 

@@ -12,7 +12,10 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import random
 import tarfile
+import threading
+import zlib
 from importlib.resources import files
 from pathlib import Path
 
@@ -137,6 +140,64 @@ def test_corrupt_compressed_file_is_reported(tmp_path: Path) -> None:
     assert 0 < len(docs) < 2000
     assert reader.stats.unreadable_files == 2
     assert {p.split(":")[0] for p in reader.stats.problems} == {f"{tmp_path}/cut.jsonl.gz", f"{tmp_path}/garbage.txt.gz"}
+
+
+def test_corrupt_gzip_data_is_reported(tmp_path: Path) -> None:
+    """A .gz whose deflate data is damaged in the middle makes gzip raise zlib.error (not an
+    OSError; the bug: a traceback out of prepare). It counts as unreadable like a cut .gz, keeping
+    what was decoded before zlib noticed (here the first 900 of 2000 records intact; records decoded
+    from the damaged part may be garbage), and the next file is still read."""
+    rng = random.Random(0)
+    texts = ["".join(rng.choice("abcdefgh ") for _ in range(100)) for _ in range(2000)]
+    data = bytearray(gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in texts).encode(), mtime=0))
+    for i in range(len(data) // 2, len(data) - 8, 997):
+        data[i] ^= 0xFF
+    with pytest.raises(zlib.error):
+        gzip.decompress(bytes(data))
+    (tmp_path / "a.jsonl.gz").write_bytes(bytes(data))
+    (tmp_path / "b.txt").write_text("after the damage")
+    reader = DocumentReader()
+    docs = [d.text for d in reader.read(discover([str(tmp_path)]))]
+    assert 900 < len(docs) - 1 < 2000 and docs[:900] == texts[:900] and docs[-1] == "after the damage"
+    assert reader.stats.unreadable_files == 1
+    assert f"{tmp_path}/a.jsonl.gz: cannot read (error: Error -3 while decompressing data" in reader.stats.problems[-1]
+
+
+def test_empty_compressed_file_is_unreadable(tmp_path: Path) -> None:
+    """A 0-byte .jsonl.gz or .txt.zst (a failed download) is not a gzip or zstd stream (`gzip -t`,
+    `zstd -t`: "unexpected end of file"), but both libraries read it as empty: it passed without a
+    word (no count, no problem). It counts as unreadable like a cut file; a 0-byte .txt is still an
+    empty document."""
+    for name in ("a.jsonl.gz", "b.txt.zst", "c.txt"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "d.jsonl").write_text('{"text": "fine"}\n')
+    reader = DocumentReader()
+    assert [d.text for d in reader.read(discover([str(tmp_path)]))] == ["fine"]
+    assert (reader.stats.unreadable_files, reader.stats.skipped_empty) == (2, 1)
+    assert [p.split(": ", 1)[0] for p in reader.stats.problems] == [f"{tmp_path}/a.jsonl.gz", f"{tmp_path}/b.txt.zst"]
+    assert all("cannot read (EOFError: empty file: a ." in p for p in reader.stats.problems)
+
+
+def test_fifo_in_an_input_folder_is_not_read(tmp_path: Path) -> None:
+    """A FIFO named p.txt in an input folder (found by the walk, like a.txt) was opened and read,
+    which waits forever for a writer: prepare hung. It is counted in unreadable_files and named in
+    problems without being opened; a.txt and z.txt around it are read."""
+    (tmp_path / "a.txt").write_text("first")
+    os.mkfifo(tmp_path / "p.txt")
+    (tmp_path / "z.txt").write_text("last")
+    reader = DocumentReader()
+    out: list[str] = []
+    t = threading.Thread(target=lambda: out.extend(d.text for d in reader.read(discover([str(tmp_path)]))), daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():  # open the FIFO's other end so the reading thread ends, then fail
+        os.close(os.open(tmp_path / "p.txt", os.O_WRONLY | os.O_NONBLOCK))
+        t.join(10)
+        pytest.fail("reading a folder with a FIFO in it blocked")
+    assert out == ["first", "last"]
+    assert reader.stats.unreadable_files == 1
+    assert reader.stats.problems == [f"{tmp_path}/p.txt: cannot read: a FIFO, not a regular file (reading it "
+                                     "could block forever); skipped"]
 
 
 def _zstd_blocks(frame: bytes) -> list[int]:

@@ -117,6 +117,15 @@ def test_byte_decode_specials_invalid_utf8_and_surrogates():
         tok.decode([1, 259])
     with pytest.raises(ValueError, match="id -1"):
         tok.decode([-1])
+    # ids past int64 made numpy build an object array: the message said "not integer ids", a uint64
+    # id past 2**63 was named as a negative one; both now name the id and its position
+    with pytest.raises(ValueError, match=r"id 99999999999999999999 at position 1 is outside the vocabulary \[0, 259\)"):
+        tok.decode([1, 99999999999999999999])
+    with pytest.raises(ValueError, match=r"id 18446744073709551615 at position 0 is outside"):
+        tok.decode(np.array([2**64 - 1, 1], dtype=np.uint64))
+    assert tok.decode(np.array([104, 105], dtype=np.uint64)) == tok.decode(np.array([104, 105], dtype=object)) == "hi"
+    with pytest.raises(ValueError, match="flat sequence of integer ids"):
+        tok.decode(["a"])
 
 
 # ---- char --------------------------------------------------------------------------------------
@@ -432,7 +441,8 @@ def test_load_foreign_hf_files(tmp_path):
 
 
 def test_load_errors(tmp_path, all_kinds: dict[str, Tokenizer]):
-    """Missing file, bad JSON, unknown kind, wrong version and corrupt char vocabularies name the file."""
+    """Missing file, bad JSON, unknown kind, wrong version, corrupt char vocabularies and
+    special_tokens that disagree with the layout name the file."""
     with pytest.raises(FileNotFoundError, match="nope.json"):
         load_tokenizer(tmp_path / "nope.json")
     with pytest.raises(FileNotFoundError, match="is a directory, not a tokenizer file") as e:
@@ -456,6 +466,12 @@ def test_load_errors(tmp_path, all_kinds: dict[str, Tokenizer]):
         "surrogate.json": ('{"clusterlm_tokenizer": "char", "version": 1, "chars": "a\\ud800"}',
                            "surrogate"),
         "hf.json": ('{"model": {"type": "Nonsense"}}', "not a valid Hugging Face"),
+        # special_tokens edited by hand (eos moved to 0) were ignored without a word: eos stayed 257 / n+1
+        "bytespecials.json": ('{"clusterlm_tokenizer": "byte", "version": 1, "vocab_size": 259, "special_tokens": '
+                              '{"<|bos|>": 256, "<|eos|>": 0, "<|pad|>": 258}}', r"special_tokens=.*'<\|eos\|>': 257"),
+        "charspecials.json": ('{"clusterlm_tokenizer": "char", "version": 1, "chars": "ab", "vocab_size": 6, '
+                              '"special_tokens": {"<|bos|>": 2, "<|eos|>": 0, "<|pad|>": 4, "<|unk|>": 5}}',
+                              r"special_tokens=.*'<\|eos\|>': 3"),
     }
     for name, (content, msg) in cases.items():
         p = tmp_path / name
@@ -471,6 +487,9 @@ def test_kind_errors(corpus: list[str]):
     """Unknown kinds list the valid ones; vocab_size is refused where the kind fixes it."""
     with pytest.raises(ConfigError, match=r"'chr'.*did you mean 'char'.*byte, char, bpe"):
         train_tokenizer("chr", corpus)
+    for name in ("BPE", "Char"):  # a case slip got no suggestion (prepare --tokenizer BPE gets one)
+        with pytest.raises(ConfigError, match=f"did you mean '{name.lower()}'"):
+            train_tokenizer(name, corpus)
     with pytest.raises(ConfigError, match="learned from text"):
         make_tokenizer("bpe")
     with pytest.raises(ConfigError, match="vocab_size=100 for a char"):
