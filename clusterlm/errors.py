@@ -64,3 +64,10 @@ class ResourceBusyError(ClusterlmError):
     """Something the command needs is held by another process (a port in use, a run folder in use)."""
 
     exit_code = EXIT_UNAVAILABLE
+
+
+class DivergedError(ClusterlmError):
+    """A short training run inside another command (prune's recovery fine-tune) reached a NaN/Inf loss or
+    weights: stopped, nothing written."""
+
+    exit_code = EXIT_DIVERGED

@@ -131,6 +131,10 @@ def family(cfg: ModelConfig) -> str:
         if cfg.head_dim * cfg.n_heads != cfg.dim:
             raise ConfigError(f"GPT-2 needs n_heads * head_dim = dim; this model has {cfg.n_heads} x {cfg.head_dim} "
                               f"!= {cfg.dim} (structurally pruned heads): no Hugging Face GPT-2 equivalent")
+        if cfg.kv_heads != cfg.n_heads:  # c_attn holds three (D, D) blocks: one key/value head per query head
+            raise ConfigError(f"model.n_kv_heads={cfg.n_kv_heads} (grouped-query attention) has no Hugging Face GPT-2 "
+                              f"equivalent: GPT-2 has one key/value head per query head (n_kv_heads = n_heads = "
+                              f"{cfg.n_heads}); Llama (rope, rmsnorm, swiglu) exports grouped-query attention")
         return "gpt2"  # bias=False exports as zero biases: same function
     if cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
         return "llama"

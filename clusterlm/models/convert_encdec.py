@@ -231,6 +231,10 @@ def state_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, pad_id: int | 
         out["final_logits_bias"] = torch.zeros(1, V)
         if not cfg.tie_embeddings:
             out["lm_head.weight"] = get("output.weight")
+            # transformers (5.x) ties each stack's embed_tokens to model.shared only with tied embeddings:
+            # untied, the stacks read their own tables, which must be written (else randomly initialized)
+            for stack in ("encoder", "decoder"):
+                out[f"model.{stack}.embed_tokens.weight"] = out["model.shared.weight"].clone()  # no aliases
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}
 
 
@@ -262,11 +266,24 @@ def hf_to_state(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, kind: str,
         for k in (f"{_RB}embeddings.position_ids", f"{_RB}embeddings.token_type_ids"):
             st.pop(k, None)  # buffers of older transformers versions
     else:
-        out["tok_embeddings.weight"] = _take(st, "model.shared.weight", where)
+        shared = _take(st, "model.shared.weight", where)
         for stack, ours in (("encoder", "encoder."), ("decoder", "")):
             out[f"{ours}pos_embeddings.weight"] = _take(st, f"model.{stack}.embed_positions.weight", where)[
                 MBART_POS_OFFSET:MBART_POS_OFFSET + T]
-            st.pop(f"model.{stack}.embed_tokens.weight", None)  # tied to model.shared
+        # the tables the stacks read: model.shared when tied (transformers ties them to it on load; 4.x
+        # always), else each stack's own embed_tokens where the file has it (transformers 5.x, untied)
+        own = {stack: t for stack in ("encoder", "decoder")
+               if (t := st.pop(f"model.{stack}.embed_tokens.weight", None)) is not None}
+        tables = {"shared": shared} if cfg.tie_embeddings or not own else own
+        if cfg.tie_embeddings:
+            tables.update(own)
+        first = next(iter(tables.values()))
+        differ = [name for name, t in tables.items() if t.shape != first.shape or not torch.equal(t, first)]
+        if differ:
+            raise CheckpointError(f"{where}: the token embeddings of {' and '.join(tables)} differ (tie_word_embeddings="
+                                  f"{str(cfg.tie_embeddings).lower()}); clusterlm's encdec reads one table in both "
+                                  "stacks (and, tied, in lm_head)")
+        out["tok_embeddings.weight"] = first
         bias = st.pop("final_logits_bias", None)
         if bias is not None and bias.abs().max() > 0:
             raise CheckpointError(f"{where}: final_logits_bias is not zero; clusterlm's encdec output layer has no bias")

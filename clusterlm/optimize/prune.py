@@ -243,6 +243,8 @@ def finetune(model: nn.Module, run_cfg: object, steps: int, data_dir: str | Path
         x, y = next(loader)
         # a tuple is several model inputs (data/seq2seq.Inputs): a pair's, or a masked-LM batch's
         loss = lm_loss(model(*x) if isinstance(x, tuple) else model(x), y)
+        if not torch.isfinite(loss):  # the weights would become NaN and be written as the pruned model
+            _diverged(f"loss {loss.item()} at step {step + 1}", steps, oc.lr)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), getattr(tc, "grad_clip", 0.0) or 1e9)
         opt.step()
@@ -252,8 +254,18 @@ def finetune(model: nn.Module, run_cfg: object, steps: int, data_dir: str | Path
                 for name, mask in masks.items():
                     params[name].mul_(mask)
         losses.append(loss.item())
+    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:  # the last step's update, after its loss was taken
+        _diverged(f"non-finite weights in {bad} after step {steps}", steps, oc.lr)
     model.eval()
     return losses
+
+
+def _diverged(what: str, steps: int, peak_lr: float) -> None:
+    from clusterlm.errors import DivergedError
+
+    raise DivergedError(f"the recovery fine-tune diverged: {what} of {steps} (peak lr {peak_lr:g}); nothing written: "
+                        "lower --finetune-lr")
 
 
 def prune_checkpoint(src: str | Path, out: str | Path, sparsity: float, method: str, *, finetune_steps: int = 0,

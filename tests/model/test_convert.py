@@ -269,3 +269,28 @@ def test_convert_of_a_vocabulary_larger_than_its_tokenizer_samples_only_token_id
         assert cli(["generate", str(tmp_path / "run"), "--prompt", "the", "--max-new-tokens", "30",
                     "--temperature", "1.0", "--seed", str(seed)]) == 0
     assert "outside the vocabulary" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (dict(n_kv_heads=2), "model.n_kv_heads=2 (grouped-query attention) has no Hugging Face GPT-2 equivalent"),
+    (dict(n_heads=2, head_size=8), "GPT-2 needs n_heads * head_dim = dim; this model has 2 x 8 != 32"),
+])
+def test_export_refuses_a_gpt2_style_model_that_gpt2_cannot_express(tmp_path, change, fragment):
+    """A GPT-2-style model (learned positions, LayerNorm, GELU) with grouped-query attention was
+    exported as a gpt2 folder whose c_attn is (D, D + 2 K Hd): transformers' from_pretrained refused it
+    with a size-mismatch report. Now refused at export in one line naming the option, nothing written;
+    the same model with one key/value head per query head exports and loads."""
+    from clusterlm.errors import ConfigError
+    from tests.helpers import byte_llama_checkpoint
+
+    gpt2_style = dict(pos="learned", norm="layernorm", mlp="gelu", n_layers=1)
+    run, _ = byte_llama_checkpoint(tmp_path, **gpt2_style, **change)
+    with pytest.raises(ConfigError) as e:
+        export_main([str(run), "--out", str(tmp_path / "exp")])
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "exp").exists()
+
+    (tmp_path / "mha").mkdir()
+    run, _ = byte_llama_checkpoint(tmp_path / "mha", **gpt2_style, n_kv_heads=4)
+    assert export_main([str(run), "--out", str(tmp_path / "exp")]) == 0
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exp")).__name__ == "GPT2LMHeadModel"

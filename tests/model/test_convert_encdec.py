@@ -131,6 +131,41 @@ def test_encdec_export_and_back(tmp_path):
         _close(back.model(src, tgt, src_mask), want)
 
 
+def test_untied_encdec_export_and_import(tmp_path):
+    """An encoder-decoder with tie_embeddings=false: transformers (5.x) ties MBart's encoder/decoder
+    embed_tokens to model.shared only with tied embeddings, so the export, which wrote model.shared
+    alone, loaded with both stacks' tables randomly initialized (logits off by ~1.7, a load report the
+    only sign). Now the stacks' tables are written: from_pretrained gives our logits (1e-4), and
+    `convert` reads the tables the stacks use, not model.shared (an untied MBart whose shared table
+    differs converted to other logits); tables that differ between the stacks are refused."""
+    from clusterlm.errors import CheckpointError
+
+    cfg = dataclasses.replace(ENCDEC, tie_embeddings=False)
+    ours = _checkpoint(tmp_path, cfg)
+    assert export_main([str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "exp")]) == 0
+    hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "exp").eval()
+    src, src_mask = _inputs(13)
+    tgt, _ = _inputs(9, seed=2)
+    with torch.no_grad():
+        want = ours(src, tgt, src_mask)
+        _close(hf(input_ids=src, attention_mask=src_mask.long(), decoder_input_ids=tgt).logits, want)
+        hf.model.shared.weight.normal_()  # unused by an untied MBart's forward: must not be what convert reads
+        _close(hf(input_ids=src, attention_mask=src_mask.long(), decoder_input_ids=tgt).logits, want)
+    hf.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.json").write_text((tmp_path / "exp" / "tokenizer.json").read_text())
+    assert main(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    with torch.no_grad():
+        _close(load_for_inference(tmp_path / "back").model(src, tgt, src_mask), want)
+
+    with torch.no_grad():
+        hf.model.decoder.embed_tokens.weight.add_(0.1)  # the stacks now read different tables
+    hf.save_pretrained(tmp_path / "hf2")
+    (tmp_path / "hf2" / "tokenizer.json").write_text((tmp_path / "exp" / "tokenizer.json").read_text())
+    with pytest.raises(CheckpointError, match="token embeddings of encoder and decoder differ"):
+        main(["--from-hf", str(tmp_path / "hf2"), "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
+
+
 def _save_hf(tmp_path, hf) -> None:
     from clusterlm.tokenizer.kinds import make_tokenizer
 

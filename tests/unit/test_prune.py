@@ -161,6 +161,30 @@ def test_prune_cli_with_finetune(tmp_path, method):
         assert loaded.config.model.n_heads == 2 and loaded.config.model.hidden_dim == 64
 
 
+@pytest.mark.parametrize("method, steps, lr, fragment", [
+    ("magnitude", "10", "1e6", "diverged: loss nan at step"),
+    ("structured", "1", "1e39", "diverged: non-finite weights in"),  # finite loss, then an inf update
+])
+def test_prune_cli_refuses_a_diverged_finetune(tmp_path, capsys, method, steps, lr, fragment):
+    """A recovery fine-tune whose loss went NaN (a peak lr far too high) wrote the NaN weights as the
+    pruned model, exit 0 and "wrote ..." (eval then gave loss NaN). Now one line names the step and
+    the peak lr, exit 3 (EXIT_DIVERGED), nothing written."""
+    from clusterlm.cli import main as cli
+
+    cfg = ModelConfig(vocab_size=259, n_layers=1, dim=32, n_heads=4, max_seq_len=32, bias=True)
+    _data(tmp_path / "data")
+    make_tokenizer("byte").save(tmp_path / "tok.json")
+    run = RunConfig(model=cfg, train=TrainConfig(seq_len=32, micro_batch_size=4))
+    save_checkpoint(tmp_path / "run" / "checkpoints", 5, model_state=_model(cfg).state_dict(), optimizer_state=None,
+                    train_state={"step": 5}, config_toml=to_toml(run), tokenizer_path=tmp_path / "tok.json")
+    capsys.readouterr()
+    assert cli(["prune", str(tmp_path / "run"), "--sparsity", "0.5", "--method", method, "--finetune-steps", steps,
+                "--finetune-lr", lr, "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")]) == 3
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert fragment in err and f"(peak lr {float(lr):g}); nothing written: lower --finetune-lr" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_finetune_schedule_warms_up_then_decays_to_the_runs_min_lr():
     """The recovery fine-tune: warmup over 10% of the steps to the peak (default 3x the run's min_lr),
     cosine down to the run's min_lr by the last step; a peak below min_lr decays nowhere."""
