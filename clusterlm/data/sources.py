@@ -55,6 +55,7 @@ import glob
 import gzip
 import io
 import json
+import logging
 import lzma
 import os
 import re
@@ -67,11 +68,16 @@ from typing import BinaryIO, NamedTuple
 from clusterlm.data import builtin
 from clusterlm.errors import DataError
 
+log = logging.getLogger(__name__)
+
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl",)
 COMPRESSIONS = {".gz": "gz", ".zst": "zst"}
 VALID_EXTENSIONS = ".txt, .md, .jsonl, each optionally compressed as .gz or .zst (e.g. .jsonl.zst)"
 MAX_PROBLEMS = 1000  # problems listed one by one; the rest are only counted
+# extensions of text data clusterlm does not read: skipping them in a folder is said as a warning
+DATA_LIKE = (".json", ".ndjson", ".csv", ".tsv", ".text", ".xml", ".html", ".htm", ".parquet", ".arrow", ".bz2",
+             ".xz", ".lz4", ".zip", ".tar")
 BOM = "\ufeff"
 SKIP_OUTSIDE, SKIP_BROKEN = "outside", "broken"  # symlink policy, see the module docstring
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -232,7 +238,9 @@ def discover(inputs: Sequence[str], follow_symlinks: bool = False) -> list[Sourc
         return not src.skip
 
     def add_tree(paths: list[str], root: str) -> bool:
-        return any([add(_file_source(f, root, follow_symlinks)) for f in paths])
+        found = [(f, _file_source(f, root, follow_symlinks)) for f in paths]
+        _say_unsupported(root, [f for f, src in found if src is None])
+        return any([add(src) for _, src in found])
 
     for raw in inputs:
         spec = os.fspath(raw)
@@ -269,6 +277,22 @@ def discover(inputs: Sequence[str], follow_symlinks: bool = False) -> list[Sourc
             raise FileNotFoundError(f"input {spec!r} does not exist (inputs are files, directories, "
                                     f"globs or builtin:NAME)")
     return sources
+
+
+def _say_unsupported(root: str, files: list[str]) -> None:
+    """Files of other types found in a folder or glob are skipped; one line says how many (a warning
+    when some look like text data clusterlm does not read, such as .json or .ndjson, whose documents
+    would otherwise be lost without a word)."""
+    if not files:
+        return
+    data = [f for f in files if f.lower().endswith(DATA_LIKE)]
+    shown = data or files
+    names = ", ".join(os.path.relpath(f, root) if root else f for f in shown[:3]) + (", ..." if len(shown) > 3 else "")
+    if data:
+        log.warning("%s: %d file(s) that look like text data are skipped (%s; %d file(s) of other types in all): "
+                    "only %s are read", root or ".", len(data), names, len(files), VALID_EXTENSIONS)
+    else:
+        log.info("%s: %d file(s) of other types skipped (%s)", root or ".", len(files), names)
 
 
 @contextlib.contextmanager

