@@ -71,8 +71,13 @@ def quantize_checkpoint(src: str | Path, out: str | Path, method: str, group_siz
         raise ValueError(f"{loaded.path} is an ensemble of {loaded.ensemble['members']} classifiers (clusterlm "
                          "ensemble); quantization writes one model's weights: serve the float ensemble")
     names = _modules_to_quantize(loaded, method, group_size, keep_output)
-    quantize_model(loaded.model, method, group_size=group_size, modules=names)
     info = loaded.info
+    pruned = (info.train_state or {}).get("pruning") or {}
+    if method == "int4" and pruned.get("method") == "magnitude":
+        log.warning("%s was magnitude-pruned (sparsity %s): int4's asymmetric zero point turns its zeros into small "
+                    "non-zero values, so the quantized model is no longer sparse and its pruning record no longer "
+                    "holds; int8 (symmetric) keeps the zeros", loaded.path, pruned.get("sparsity"))
+    quantize_model(loaded.model, method, group_size=group_size, modules=names)
     quantization = {"method": method, "group_size": group_size, "modules": names, "source": str(loaded.path)}
     path = save_checkpoint(out / "checkpoints", info.step, model_state=quantized_state(loaded.model),
                            optimizer_state=None, train_state=info.train_state, config_toml=info.config_toml,

@@ -217,3 +217,25 @@ def test_keep_output_keeps_a_classifiers_output_projection(tmp_path, arch):
     loaded = load_for_inference(tmp_path / "k")
     assert isinstance(loaded.model.backbone.output, nn.Linear)
     assert torch.equal(loaded.model.backbone.output.weight, float_model.backbone.output.weight)
+
+
+def test_int4_of_a_magnitude_pruned_model_warns_that_the_zeros_go(tmp_path, caplog):
+    """prune --method magnitude then quantize --method int4: the asymmetric zero point brings every pruned
+    weight back as a small non-zero value, silently (the pruning record still said 50%). Now one warning
+    says so; int8, which keeps the zeros exactly, says nothing."""
+    from clusterlm.optimize.prune import main as prune_main
+
+    cfg = ModelConfig(vocab_size=259, n_layers=1, dim=128, n_heads=4, max_seq_len=64)
+    _checkpoint(tmp_path, cfg)
+    assert prune_main([str(tmp_path / "run"), "--sparsity", "0.5", "--method", "magnitude",
+                       "--out", str(tmp_path / "pruned")]) == 0
+    for method, group in (("int4", ["--group-size", "64"]), ("int8", [])):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="clusterlm"):
+            assert main([str(tmp_path / "pruned"), "--method", method, *group, "--out", str(tmp_path / method)]) == 0
+        warned = [r.getMessage() for r in caplog.records if "magnitude-pruned" in r.getMessage()]
+        assert len(warned) == (method == "int4"), (method, warned)
+        model = load_for_inference(tmp_path / method).model
+        w = next(m for n, m in model.named_modules() if n.endswith(".wq"))
+        zeros = (w.dequantized() == 0).float().mean().item()
+        assert zeros >= 0.5 if method == "int8" else zeros < 0.1, (method, zeros)
