@@ -270,6 +270,10 @@ def discover(inputs: Sequence[str], follow_symlinks: bool = False) -> list[Sourc
                 what = (f"matches only unsupported files or skipped symlinks ({', '.join(files[:3])}"
                         f"{', ...' if len(files) > 3 else ''})" if files else "matches nothing")
                 raise DataError(f"input pattern {spec!r} {what}; valid: {VALID_EXTENSIONS}")
+        elif os.path.exists(spec):  # neither file nor folder: a pipe (<(zcat x) is /dev/fd/N), socket or device
+            what = "a pipe" if stat.S_ISFIFO(os.stat(spec).st_mode) else "not a regular file or folder"
+            raise DataError(f"input {spec!r} is {what}; prepare reads its inputs more than once (a scan, then "
+                            f"encoding): save it to a file first (.gz and .zst are read as they are)")
         elif os.path.islink(spec):
             raise FileNotFoundError(f"input {spec!r} is a symlink to {os.readlink(spec)!r}, which does not "
                                     "exist (or is a symlink loop)")

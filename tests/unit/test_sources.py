@@ -403,3 +403,21 @@ def test_data_like_files_skipped_in_a_folder_are_named_in_a_warning(tmp_path, ca
         discover([str(tmp_path)])
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
     assert "1 file(s) of other types skipped (d.py)" in caplog.text
+
+
+def test_a_pipe_named_as_input_says_it_is_a_pipe(tmp_path):
+    """prepare <(zcat x) names /dev/fd/63: it was reported as 'a symlink to pipe:[...], which does not
+    exist'. Now one line says it is a pipe and to save it to a file (inputs are read more than once)."""
+    fifo = tmp_path / "p.txt"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match=r"is a pipe; prepare reads its inputs more than once"):
+        discover([str(fifo)])
+    r, w = os.pipe()
+    try:
+        link = f"/proc/self/fd/{r}"
+        if os.path.exists(link):  # Linux: what a shell's <(...) hands over
+            with pytest.raises(DataError, match=r"is a pipe"):
+                discover([link])
+    finally:
+        os.close(r)
+        os.close(w)
