@@ -161,6 +161,7 @@ class Scheduler:
             raise ValueError(f"n={n} must be in [1, {self.max_batch}] (the server's --max-batch)")
         req = Request(prompt_ids, n, params, loop)
         with self._cond:
+            self._drop_cancelled_waiting()  # a client that left while queued holds no place in the queue
             # free slots the loop has not handed out yet absorb requests beyond the queue's bound,
             # so a burst arriving between two decode steps is not refused while slots sit idle
             if len(self._waiting) >= self.max_queue + self.cache.num_free:
@@ -268,12 +269,24 @@ class Scheduler:
                 keep.append(s)
         self._running = keep
 
+    def _drop_cancelled_waiting(self) -> None:
+        """Under self._cond: requests whose client left while they waited leave the queue, counted as
+        cancelled, so that they neither take a queue place (429 for live clients) nor show in the depth."""
+        if not any(r.cancelled.is_set() for r in self._waiting):
+            return
+        for r in self._waiting:
+            if r.cancelled.is_set():
+                self.metrics.finished.labels("cancelled").inc(r.n)
+        self._waiting = deque(r for r in self._waiting if not r.cancelled.is_set())
+        self.metrics.queue_depth.set(len(self._waiting))
+
     def _admit(self) -> None:
         """Move waiting requests into free slots (first come, first served) and prefill them: one
         forward pass per distinct prompt length, over every admitted row of that length."""
         groups: dict[int, list[_Seq]] = {}
         free = self.cache.num_free
         with self._cond:
+            self._drop_cancelled_waiting()
             while self._waiting and self._waiting[0].n <= free:
                 req = self._waiting.popleft()
                 if req.cancelled.is_set():

@@ -174,3 +174,27 @@ def test_time_to_first_token_buckets_reach_as_far_as_queue_time():
     assert top("clusterlm_time_to_first_token_seconds") >= top("clusterlm_request_queue_seconds") == 120
     le60 = {"model": "m", "le": "60.0"}
     assert m.registry.get_sample_value("clusterlm_time_to_first_token_seconds_bucket", le60) == 1
+
+
+def test_requests_cancelled_while_queued_give_their_queue_place_back(loaded):
+    """Clients that leave while their requests wait (timeouts under load) free the queue at once: a
+    live client is not answered 429 for a queue full of requests nobody reads, the depth gauge drops,
+    and the dropped choices are counted as cancelled. The scheduler is not started, so nothing is
+    admitted meanwhile."""
+    from clusterlm.serve.scheduler import QueueFull, SamplingParams, Scheduler
+
+    m = Metrics()
+    sched = Scheduler(loaded.model, loaded.tokenizer, max_batch=1, max_queue=1, metrics=m.model("m", 1, 1))
+    loop = asyncio.new_event_loop()
+    try:
+        params = SamplingParams(max_tokens=4)
+        gone = [sched.submit([0, 5], 1, params, loop) for _ in range(2)]  # queue bound + the free slot
+        with pytest.raises(QueueFull):
+            sched.submit([0, 5], 1, params, loop)
+        for r in gone:
+            r.cancel()
+        sched.submit([0, 5], 1, params, loop)
+    finally:
+        loop.close()
+    assert _value(m, "clusterlm_queue_depth") == 1
+    assert m.registry.get_sample_value("clusterlm_sequences_finished_total", {"model": "m", "reason": "cancelled"}) == 2
