@@ -63,6 +63,11 @@ class Seq2SeqScheduler:
         source = (prompt_ids[1:] if prompt_ids and prompt_ids[0] == eos else list(prompt_ids)) + [eos]
         req = Request(source, n, params, loop)
         with self._cond:
+            gone = [r for r in self._waiting if r.cancelled.is_set()]  # clients that left while queued
+            if gone:  # hold no queue place (scheduler.Scheduler._drop_cancelled_waiting)
+                self.metrics.finished.labels("cancelled").inc(sum(r.n for r in gone))
+                self._waiting = deque(r for r in self._waiting if not r.cancelled.is_set())
+                self.metrics.queue_depth.set(len(self._waiting))
             if len(self._waiting) >= self.max_queue + (0 if self._current is not None else 1):
                 wait = int(self.request_seconds * (1 + len(self._waiting)))
                 raise QueueFull(len(self._waiting), min(60, max(1, wait)))
