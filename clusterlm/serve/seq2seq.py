@@ -152,6 +152,7 @@ class Seq2SeqScheduler:
         counts, live = [0] * n, [True] * n
         pending: list[list] = [[] for _ in range(n)]
         t_last = t_first = time.perf_counter()
+        first = True  # the step that samples each choice's first token
         logits_hook = p.logprobs is not None
         while any(live):
             if req.cancelled.is_set():
@@ -166,11 +167,12 @@ class Seq2SeqScheduler:
             if step is None:
                 break
             now = time.perf_counter()
-            if all(c == 0 for c in counts):
-                self.metrics.ttft.observe(now - req.submitted)
-            else:
-                self.metrics.itl.observe(now - t_last)
-            t_last = now
+            for _ in range(sum(live)):  # one observation per choice, as Scheduler records them
+                if first:
+                    self.metrics.ttft.observe(now - req.submitted)
+                else:
+                    self.metrics.itl.observe(now - t_last)
+            t_last, first = now, False
             lps = self._logprobs(gen, step, p.logprobs) if logits_hook else None
             for i, t in enumerate(step):
                 if not live[i]:
@@ -197,6 +199,8 @@ class Seq2SeqScheduler:
             if live[i]:
                 reason = gen.finish_reasons[i] or "length"
                 self._finish(req, i, reason, counts[i], stops[i].flush(texts[i].flush()), pending[i])
+        self.metrics.latency.observe(time.perf_counter() - req.submitted)  # the request is answered
+        self.metrics.generation_len.observe(sum(counts))
         log.debug("seq2seq request: %d choice(s), %.2f s", n, time.perf_counter() - t_first)
 
     def _logprobs(self, gen: Seq2SeqGeneration, step: list, k: int) -> list | None:

@@ -311,3 +311,42 @@ def test_encdec_requests_cancelled_while_queued_give_their_queue_place_back(runs
         loop.close()
     assert m.registry.get_sample_value("clusterlm_queue_depth", {"model": "m"}) == 1
     assert m.registry.get_sample_value("clusterlm_sequences_finished_total", {"model": "m", "reason": "cancelled"}) == 4
+
+
+def test_encdec_request_histograms_count_what_the_request_did(runs):
+    """An encoder-decoder's requests are in the request histograms as a decoder's are
+    (docs/monitoring.md): one latency and one generation-length observation per answered request,
+    the length summed over its n choices (= the Finished tokens, = clusterlm_generated_tokens_total),
+    and one time-to-first-token observation per choice. Before, latency and generation length were
+    never observed and time to first token once per request."""
+    from clusterlm.checkpoint.model_io import load_for_inference
+    from clusterlm.serve.metrics import Metrics
+    from clusterlm.serve.scheduler import Failed, Finished, SamplingParams
+    from clusterlm.serve.seq2seq import Seq2SeqScheduler
+
+    loaded = load_for_inference(runs["encdec"])
+    m = Metrics()
+    sched = Seq2SeqScheduler(loaded.model, loaded.tokenizer, max_batch=2, max_queue=1, metrics=m.model("m", 2, 1))
+
+    async def go() -> list:
+        req = sched.submit([0, 97, 98], 2, SamplingParams(max_tokens=6, temperature=1.0, seed=3),
+                           asyncio.get_running_loop())
+        events, done = [], 0
+        while done < 2:
+            ev = await asyncio.wait_for(req.events.get(), 30)
+            assert not isinstance(ev, Failed), ev
+            events.append(ev)
+            done += isinstance(ev, Finished)
+        return events
+
+    sched.start()
+    try:
+        events = asyncio.run(go())
+    finally:
+        sched.stop()
+    tokens = sum(ev.tokens for ev in events if isinstance(ev, Finished))
+    value = lambda name: m.registry.get_sample_value(name, {"model": "m"})  # noqa: E731
+    assert value("clusterlm_request_latency_seconds_count") == 1
+    assert value("clusterlm_request_generation_tokens_count") == 1
+    assert value("clusterlm_request_generation_tokens_sum") == tokens == value("clusterlm_generated_tokens_total")
+    assert value("clusterlm_time_to_first_token_seconds_count") == 2
