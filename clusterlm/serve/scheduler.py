@@ -164,7 +164,7 @@ class Scheduler:
             self._drop_cancelled_waiting()  # a client that left while queued holds no place in the queue
             # free slots the loop has not handed out yet absorb requests beyond the queue's bound,
             # so a burst arriving between two decode steps is not refused while slots sit idle
-            if len(self._waiting) >= self.max_queue + self.cache.num_free:
+            if self._beyond_free(n) > self.max_queue:
                 # a rough wait: the queue ahead of it drains about max_batch sequences per max_tokens steps
                 retry = max(1, int(self.step_seconds * params.max_tokens * (1 + len(self._waiting) / self.max_batch)))
                 raise QueueFull(len(self._waiting), min(retry, 60))
@@ -172,6 +172,19 @@ class Scheduler:
             self.metrics.queue_depth.set(len(self._waiting))
             self._cond.notify()
         return req
+
+    def _beyond_free(self, n: int) -> int:
+        """Under self._cond: how many requests would wait beyond the free slots with one of `n` choices
+        added, counted as `_admit` takes them: first come, first served, each taking n slots, until
+        one does not fit."""
+        free = self.cache.num_free
+        fit = 0
+        for m in [*(r.n for r in self._waiting), n]:
+            if m > free:
+                break
+            free -= m
+            fit += 1
+        return len(self._waiting) + 1 - fit
 
     @property
     def running(self) -> int:
