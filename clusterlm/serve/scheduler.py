@@ -161,9 +161,10 @@ class Scheduler:
             raise ValueError(f"n={n} must be in [1, {self.max_batch}] (the server's --max-batch)")
         req = Request(prompt_ids, n, params, loop)
         with self._cond:
+            self._drop_cancelled_waiting()  # a client that left while queued holds no place in the queue
             # free slots the loop has not handed out yet absorb requests beyond the queue's bound,
             # so a burst arriving between two decode steps is not refused while slots sit idle
-            if len(self._waiting) >= self.max_queue + self.cache.num_free:
+            if self._beyond_free(n) > self.max_queue:
                 # a rough wait: the queue ahead of it drains about max_batch sequences per max_tokens steps
                 retry = max(1, int(self.step_seconds * params.max_tokens * (1 + len(self._waiting) / self.max_batch)))
                 raise QueueFull(len(self._waiting), min(retry, 60))
@@ -171,6 +172,19 @@ class Scheduler:
             self.metrics.queue_depth.set(len(self._waiting))
             self._cond.notify()
         return req
+
+    def _beyond_free(self, n: int) -> int:
+        """Under self._cond: how many requests would wait beyond the free slots with one of `n` choices
+        added, counted as `_admit` takes them: first come, first served, each taking n slots, until
+        one does not fit."""
+        free = self.cache.num_free
+        fit = 0
+        for m in [*(r.n for r in self._waiting), n]:
+            if m > free:
+                break
+            free -= m
+            fit += 1
+        return len(self._waiting) + 1 - fit
 
     @property
     def running(self) -> int:
@@ -268,12 +282,24 @@ class Scheduler:
                 keep.append(s)
         self._running = keep
 
+    def _drop_cancelled_waiting(self) -> None:
+        """Under self._cond: requests whose client left while they waited leave the queue, counted as
+        cancelled, so that they neither take a queue place (429 for live clients) nor show in the depth."""
+        if not any(r.cancelled.is_set() for r in self._waiting):
+            return
+        for r in self._waiting:
+            if r.cancelled.is_set():
+                self.metrics.finished.labels("cancelled").inc(r.n)
+        self._waiting = deque(r for r in self._waiting if not r.cancelled.is_set())
+        self.metrics.queue_depth.set(len(self._waiting))
+
     def _admit(self) -> None:
         """Move waiting requests into free slots (first come, first served) and prefill them: one
         forward pass per distinct prompt length, over every admitted row of that length."""
         groups: dict[int, list[_Seq]] = {}
         free = self.cache.num_free
         with self._cond:
+            self._drop_cancelled_waiting()
             while self._waiting and self._waiting[0].n <= free:
                 req = self._waiting.popleft()
                 if req.cancelled.is_set():

@@ -63,6 +63,11 @@ class Seq2SeqScheduler:
         source = (prompt_ids[1:] if prompt_ids and prompt_ids[0] == eos else list(prompt_ids)) + [eos]
         req = Request(source, n, params, loop)
         with self._cond:
+            gone = [r for r in self._waiting if r.cancelled.is_set()]  # clients that left while queued
+            if gone:  # hold no queue place (scheduler.Scheduler._drop_cancelled_waiting)
+                self.metrics.finished.labels("cancelled").inc(sum(r.n for r in gone))
+                self._waiting = deque(r for r in self._waiting if not r.cancelled.is_set())
+                self.metrics.queue_depth.set(len(self._waiting))
             if len(self._waiting) >= self.max_queue + (0 if self._current is not None else 1):
                 wait = int(self.request_seconds * (1 + len(self._waiting)))
                 raise QueueFull(len(self._waiting), min(60, max(1, wait)))
@@ -147,6 +152,7 @@ class Seq2SeqScheduler:
         counts, live = [0] * n, [True] * n
         pending: list[list] = [[] for _ in range(n)]
         t_last = t_first = time.perf_counter()
+        first = True  # the step that samples each choice's first token
         logits_hook = p.logprobs is not None
         while any(live):
             if req.cancelled.is_set():
@@ -161,11 +167,12 @@ class Seq2SeqScheduler:
             if step is None:
                 break
             now = time.perf_counter()
-            if all(c == 0 for c in counts):
-                self.metrics.ttft.observe(now - req.submitted)
-            else:
-                self.metrics.itl.observe(now - t_last)
-            t_last = now
+            for _ in range(sum(live)):  # one observation per choice, as Scheduler records them
+                if first:
+                    self.metrics.ttft.observe(now - req.submitted)
+                else:
+                    self.metrics.itl.observe(now - t_last)
+            t_last, first = now, False
             lps = self._logprobs(gen, step, p.logprobs) if logits_hook else None
             for i, t in enumerate(step):
                 if not live[i]:
@@ -192,6 +199,8 @@ class Seq2SeqScheduler:
             if live[i]:
                 reason = gen.finish_reasons[i] or "length"
                 self._finish(req, i, reason, counts[i], stops[i].flush(texts[i].flush()), pending[i])
+        self.metrics.latency.observe(time.perf_counter() - req.submitted)  # the request is answered
+        self.metrics.generation_len.observe(sum(counts))
         log.debug("seq2seq request: %d choice(s), %.2f s", n, time.perf_counter() - t_first)
 
     def _logprobs(self, gen: Seq2SeqGeneration, step: list, k: int) -> list | None:

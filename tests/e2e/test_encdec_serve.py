@@ -10,6 +10,7 @@ Run: .venv/bin/python -m pytest -q tests/e2e/test_encdec_serve.py
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -283,3 +284,69 @@ def test_encoder_classifier_longer_than_its_context(runs):
         assert r.json()["data"][0]["probs"] == pytest.approx(want.probs, abs=1e-6)
     finally:
         s.stop()
+
+
+def test_encdec_requests_cancelled_while_queued_give_their_queue_place_back(runs):
+    """An encoder-decoder answers one request at a time, so its queue fills fastest: clients that
+    left while queued (their requests cancelled) no longer hold the queue against a live client's
+    request (429 before), and their choices count as cancelled. The worker is not started."""
+    from clusterlm.checkpoint.model_io import load_for_inference
+    from clusterlm.serve.metrics import Metrics
+    from clusterlm.serve.scheduler import QueueFull, SamplingParams
+    from clusterlm.serve.seq2seq import Seq2SeqScheduler
+
+    loaded = load_for_inference(runs["encdec"])
+    m = Metrics()
+    sched = Seq2SeqScheduler(loaded.model, loaded.tokenizer, max_batch=2, max_queue=1, metrics=m.model("m", 2, 1))
+    loop = asyncio.new_event_loop()
+    try:
+        params = SamplingParams(max_tokens=4)
+        gone = [sched.submit([0, 5], 2, params, loop) for _ in range(2)]  # the queue bound + the idle worker
+        with pytest.raises(QueueFull):
+            sched.submit([0, 5], 1, params, loop)
+        for r in gone:
+            r.cancel()
+        sched.submit([0, 5], 1, params, loop)
+    finally:
+        loop.close()
+    assert m.registry.get_sample_value("clusterlm_queue_depth", {"model": "m"}) == 1
+    assert m.registry.get_sample_value("clusterlm_sequences_finished_total", {"model": "m", "reason": "cancelled"}) == 4
+
+
+def test_encdec_request_histograms_count_what_the_request_did(runs):
+    """An encoder-decoder's requests are in the request histograms as a decoder's are
+    (docs/monitoring.md): one latency and one generation-length observation per answered request,
+    the length summed over its n choices (= the Finished tokens, = clusterlm_generated_tokens_total),
+    and one time-to-first-token observation per choice. Before, latency and generation length were
+    never observed and time to first token once per request."""
+    from clusterlm.checkpoint.model_io import load_for_inference
+    from clusterlm.serve.metrics import Metrics
+    from clusterlm.serve.scheduler import Failed, Finished, SamplingParams
+    from clusterlm.serve.seq2seq import Seq2SeqScheduler
+
+    loaded = load_for_inference(runs["encdec"])
+    m = Metrics()
+    sched = Seq2SeqScheduler(loaded.model, loaded.tokenizer, max_batch=2, max_queue=1, metrics=m.model("m", 2, 1))
+
+    async def go() -> list:
+        req = sched.submit([0, 97, 98], 2, SamplingParams(max_tokens=6, temperature=1.0, seed=3),
+                           asyncio.get_running_loop())
+        events, done = [], 0
+        while done < 2:
+            ev = await asyncio.wait_for(req.events.get(), 30)
+            assert not isinstance(ev, Failed), ev
+            events.append(ev)
+            done += isinstance(ev, Finished)
+        return events
+
+    sched.start()
+    try:
+        events = asyncio.run(go())
+    finally:
+        sched.stop()
+    tokens = sum(ev.tokens for ev in events if isinstance(ev, Finished))
+    value = lambda name: m.registry.get_sample_value(name, {"model": "m"})  # noqa: E731
+    assert value("clusterlm_request_latency_seconds_count") == 1
+    assert value("clusterlm_request_generation_tokens_count") == 1
+    assert value("clusterlm_request_generation_tokens_sum") == tokens == value("clusterlm_generated_tokens_total")
+    assert value("clusterlm_time_to_first_token_seconds_count") == 2

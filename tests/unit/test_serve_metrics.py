@@ -174,3 +174,58 @@ def test_time_to_first_token_buckets_reach_as_far_as_queue_time():
     assert top("clusterlm_time_to_first_token_seconds") >= top("clusterlm_request_queue_seconds") == 120
     le60 = {"model": "m", "le": "60.0"}
     assert m.registry.get_sample_value("clusterlm_time_to_first_token_seconds_bucket", le60) == 1
+
+
+def test_requests_cancelled_while_queued_give_their_queue_place_back(loaded):
+    """Clients that leave while their requests wait (timeouts under load) free the queue at once: a
+    live client is not answered 429 for a queue full of requests nobody reads, the depth gauge drops,
+    and the dropped choices are counted as cancelled. The scheduler is not started, so nothing is
+    admitted meanwhile."""
+    from clusterlm.serve.scheduler import QueueFull, SamplingParams, Scheduler
+
+    m = Metrics()
+    sched = Scheduler(loaded.model, loaded.tokenizer, max_batch=1, max_queue=1, metrics=m.model("m", 1, 1))
+    loop = asyncio.new_event_loop()
+    try:
+        params = SamplingParams(max_tokens=4)
+        gone = [sched.submit([0, 5], 1, params, loop) for _ in range(2)]  # queue bound + the free slot
+        with pytest.raises(QueueFull):
+            sched.submit([0, 5], 1, params, loop)
+        for r in gone:
+            r.cancel()
+        sched.submit([0, 5], 1, params, loop)
+    finally:
+        loop.close()
+    assert _value(m, "clusterlm_queue_depth") == 1
+    assert m.registry.get_sample_value("clusterlm_sequences_finished_total", {"model": "m", "reason": "cancelled"}) == 2
+
+
+def test_queue_bound_counts_requests_beyond_the_free_slots_by_their_n(loaded):
+    """--max-queue is the number of requests that may wait beyond the free slots, and a request of
+    n choices takes n slots: with 4 free slots and max_queue=0, one n=4 request fits and a second
+    one is answered QueueFull (429). Before, free slots were counted as requests, so four n=4
+    requests were taken, three of them waiting beyond the slots. n=1 requests are bounded as before."""
+    from clusterlm.serve.scheduler import QueueFull, SamplingParams, Scheduler
+
+    m = Metrics()
+    loop = asyncio.new_event_loop()
+    try:
+        params = SamplingParams(max_tokens=4)
+        sched = Scheduler(loaded.model, loaded.tokenizer, max_batch=4, max_queue=0, metrics=m.model("m", 4, 0))
+        sched.submit([0, 5], 4, params, loop)
+        with pytest.raises(QueueFull):
+            sched.submit([0, 5], 4, params, loop)
+        with pytest.raises(QueueFull):
+            sched.submit([0, 5], 1, params, loop)
+        sched = Scheduler(loaded.model, loaded.tokenizer, max_batch=4, max_queue=1, metrics=m.model("m2", 4, 1))
+        for n in (2, 2, 3):  # two fit the 4 slots, the third waits beyond them: max_queue=1 allows it
+            sched.submit([0, 5], n, params, loop)
+        with pytest.raises(QueueFull):
+            sched.submit([0, 5], 1, params, loop)
+        sched = Scheduler(loaded.model, loaded.tokenizer, max_batch=2, max_queue=1, metrics=m.model("m3", 2, 1))
+        for _ in range(3):  # n=1: the 2 free slots + 1 queued, as before
+            sched.submit([0, 5], 1, params, loop)
+        with pytest.raises(QueueFull):
+            sched.submit([0, 5], 1, params, loop)
+    finally:
+        loop.close()
