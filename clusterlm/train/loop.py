@@ -427,6 +427,7 @@ class Trainer:
         self.last_loss: float | None = None
         self.last_val: float | None = None
         self._val_at: tuple[int, float] | None = None  # (step, val loss) of the last evaluation
+        self._evaluated_at = self._tasks_at = -1  # the steps maybe_eval last evaluated at (the final one skips them)
         self.last_ckpt: Path | None = None
 
     # ---- set-up helpers --------------------------------------------------------------------------
@@ -731,8 +732,10 @@ class Trainer:
                     break
                 self.maybe_save()
             if exit_code == EXIT_OK:  # finished or out of time: a last evaluation and checkpoint
-                self.evaluate()
-                self.evaluate_tasks()
+                if self._evaluated_at != state.step:  # out of time at an eval_interval step: done above
+                    self.evaluate()
+                if self._tasks_at != state.step:
+                    self.evaluate_tasks()
                 self.save("final")
         finally:
             if self.heartbeat is not None:
@@ -866,9 +869,11 @@ class Trainer:
         interval, step = self.tc.eval_interval, self.state.step
         if interval and step % interval == 0 and step < self.tc.max_steps:
             self.evaluate()
+            self._evaluated_at = step
         every = self.cfg.eval.every
         if self.tasks and every and step % every == 0 and step < self.tc.max_steps:
             self.evaluate_tasks()
+            self._tasks_at = step
 
     def maybe_save(self) -> None:
         interval, step = self.cfg.checkpoint.interval, self.state.step

@@ -381,6 +381,22 @@ def test_resume_past_max_steps_warns_that_nothing_is_trained(corpora, tmp_path, 
                r.getMessage() for r in caplog.records)
 
 
+def test_time_limit_at_an_eval_step_evaluates_once(corpora, tmp_path):
+    """train.max_minutes reached at a step that train.eval_interval evaluates: the loop evaluated there,
+    then the end-of-run evaluation scored the same weights again, writing two "eval" records of one step
+    to metrics.jsonl (and two of each [eval] task); the end of the run now reuses the one it has."""
+    from clusterlm.train.loop import train
+
+    run = tmp_path / "r"
+    result = train(_cfg(corpora["base"], run, "--train.max_steps=50", "--train.eval_interval=1",
+                        "--train.max_minutes=1e-9"))
+    assert (result.exit_code, result.step) == (0, 1) and result.reason.startswith("time limit")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [1] and result.final_val_loss == evals[0]["val_loss"]
+    assert [r["reason"] for r in records if r["kind"] == "event"] == ["final"]
+
+
 def test_a_second_run_in_the_same_out_dir_is_refused_while_the_first_holds_it(corpora, tmp_path):
     """Two `clusterlm train` in one train.out_dir at once (a command started twice, a resume while the run
     still goes on) both wrote checkpoints there, pruning each other's step folders; the second is now
