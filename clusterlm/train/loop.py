@@ -400,6 +400,8 @@ class Trainer:
                           if k in group and _as_tuple(group[k]) != _as_tuple(own[k])})
         if changed and self.state.step:
             log.info("resumed with this run's optimizer %s (the checkpoint's differed)", ", ".join(changed))
+        if self.state.step:
+            _warn_schedule_jump(self.checkpointer.resolve(), self.state.step, cfg)
         # resumed with nothing left to train: run() returns at once; the checkpoint and the run folder
         # (config.toml, metrics.jsonl, tb/) stay as they are (a re-save rewrote the step folder)
         spent_min = self.state.train_seconds / 60  # train.max_minutes counts every segment of the run
@@ -427,6 +429,7 @@ class Trainer:
         self.last_loss: float | None = None
         self.last_val: float | None = None
         self._val_at: tuple[int, float] | None = None  # (step, val loss) of the last evaluation
+        self._evaluated_at = self._tasks_at = -1  # the steps maybe_eval last evaluated at (the final one skips them)
         self.last_ckpt: Path | None = None
 
     # ---- set-up helpers --------------------------------------------------------------------------
@@ -731,8 +734,10 @@ class Trainer:
                     break
                 self.maybe_save()
             if exit_code == EXIT_OK:  # finished or out of time: a last evaluation and checkpoint
-                self.evaluate()
-                self.evaluate_tasks()
+                if self._evaluated_at != state.step:  # out of time at an eval_interval step: done above
+                    self.evaluate()
+                if self._tasks_at != state.step:
+                    self.evaluate_tasks()
                 self.save("final")
         finally:
             if self.heartbeat is not None:
@@ -866,9 +871,11 @@ class Trainer:
         interval, step = self.tc.eval_interval, self.state.step
         if interval and step % interval == 0 and step < self.tc.max_steps:
             self.evaluate()
+            self._evaluated_at = step
         every = self.cfg.eval.every
         if self.tasks and every and step % every == 0 and step < self.tc.max_steps:
             self.evaluate_tasks()
+            self._tasks_at = step
 
     def maybe_save(self) -> None:
         interval, step = self.cfg.checkpoint.interval, self.state.step
@@ -994,6 +1001,35 @@ class Trainer:
         if ckpt.distributed:
             event["async"] = ckpt.writes_async(reason)
         self.metrics.log(event)
+
+
+SCHEDULE_KEYS = ("lr", "min_lr", "schedule", "warmup_steps", "decay_steps", "wsd_decay_fraction")
+
+
+def _warn_schedule_jump(ckpt: Path | None, step: int, cfg: RunConfig) -> None:
+    """Warn when a resume at `step` changes the learning rate there: lr_at of this run's [optim] and
+    train.max_steps against the checkpoint's (its config.toml). A cosine run of 2000 steps resumed with
+    --train.max_steps=4000 went from min_lr back to most of the peak without a word in the log."""
+    import tomllib
+
+    from clusterlm.train.optim import lr_at
+
+    try:
+        saved = tomllib.loads((Path(ckpt) / "config.toml").read_text(encoding="utf-8"))
+        max_steps = int(saved["train"]["max_steps"])
+        given = {k: saved["optim"][k] for k in SCHEDULE_KEYS if k in saved.get("optim", {})}
+        before = lr_at(step, dataclasses.replace(cfg.optim, **given), max_steps)
+    except (OSError, TypeError, KeyError, ValueError, tomllib.TOMLDecodeError, ConfigError):
+        return  # no readable config.toml (an older or foreign checkpoint): nothing to compare
+    now = lr_at(step, cfg.optim, cfg.train.max_steps)
+    if math.isclose(before, now, rel_tol=1e-6, abs_tol=0.0):
+        return
+    changed = [f"train.max_steps {max_steps} -> {cfg.train.max_steps}"] if max_steps != cfg.train.max_steps else []
+    changed += [f"optim.{k} {given[k]} -> {getattr(cfg.optim, k)}" for k in SCHEDULE_KEYS
+                if k in given and given[k] != getattr(cfg.optim, k)]
+    log.warning("resumed at step %d with lr %.3g, where the checkpoint's schedule was at %.3g (%s): the learning "
+                "rate jumps (the schedule is a function of the step and this run's settings, docs/training.md)", step, now, before,
+                ", ".join(changed))
 
 
 def _as_tuple(v: Any) -> tuple:

@@ -381,6 +381,50 @@ def test_resume_past_max_steps_warns_that_nothing_is_trained(corpora, tmp_path, 
                r.getMessage() for r in caplog.records)
 
 
+def test_time_limit_at_an_eval_step_evaluates_once(corpora, tmp_path):
+    """train.max_minutes reached at a step that train.eval_interval evaluates: the loop evaluated there,
+    then the end-of-run evaluation scored the same weights again, writing two "eval" records of one step
+    to metrics.jsonl (and two of each [eval] task); the end of the run now reuses the one it has."""
+    from clusterlm.train.loop import train
+
+    run = tmp_path / "r"
+    result = train(_cfg(corpora["base"], run, "--train.max_steps=50", "--train.eval_interval=1",
+                        "--train.max_minutes=1e-9"))
+    assert (result.exit_code, result.step) == (0, 1) and result.reason.startswith("time limit")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [1] and result.final_val_loss == evals[0]["val_loss"]
+    assert [r["reason"] for r in records if r["kind"] == "event"] == ["final"]
+
+
+def test_resume_that_changes_the_lr_schedule_warns(corpora, tmp_path, caplog):
+    """A cosine run resumed with a larger train.max_steps (or another optim.lr, warmup, ...) jumped from
+    the lr its checkpoint's schedule was at to the new schedule's without a word; a warning now names
+    both rates and what changed. A resume whose lr stays the same says nothing."""
+    import logging
+
+    from clusterlm.train.loop import train
+    from clusterlm.train.optim import lr_at
+
+    run, sched = tmp_path / "r", ("--optim.warmup_steps=1", "--optim.lr=1e-3", "--optim.min_lr=1e-4")
+    train(_cfg(corpora["base"], run, *sched))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        train(_cfg(corpora["base"], run, *sched, "--train.resume=auto", "--train.max_steps=4",
+                   "--train.log_interval=3"))  # nothing to train: no comparison needed, and none made
+        train(_cfg(corpora["base"], run, *sched, "--train.resume=auto", "--train.max_steps=8"))
+    jumps = [r.getMessage() for r in caplog.records if "the learning rate jumps" in r.getMessage()]
+    assert len(jumps) == 1, jumps
+    now = lr_at(4, _cfg(corpora["base"], run, *sched).optim, 8)
+    assert f"resumed at step 4 with lr {now:.3g}, where the checkpoint's schedule was at 0.0001" in jumps[0]
+    assert "(train.max_steps 4 -> 8)" in jumps[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the same settings: the same lr, nothing said
+        train(_cfg(corpora["base"], run, *sched, "--train.max_steps=8",
+                   "--train.resume=" + json.dumps(str(run / "checkpoints" / "step-00000006"))))
+    assert not any("the learning rate jumps" in r.getMessage() for r in caplog.records)
+
+
 def test_a_second_run_in_the_same_out_dir_is_refused_while_the_first_holds_it(corpora, tmp_path):
     """Two `clusterlm train` in one train.out_dir at once (a command started twice, a resume while the run
     still goes on) both wrote checkpoints there, pruning each other's step folders; the second is now
