@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import difflib
 import logging
+import os
 import threading
 import tomllib
 from dataclasses import dataclass, fields
@@ -326,7 +327,11 @@ class Served:
         from clusterlm.serve.classify import model_card
 
         ctx = self.state.get("context")
-        return {"id": self.name, "object": "model", "created": 0, "owned_by": "clusterlm",
+        loaded = self.state.get("loaded")
+        # OpenAI's `created`: when the model was made, here its checkpoint folder's time (the same on every
+        # replica serving it); 0 while it loads
+        created = int(os.stat(loaded.path).st_mtime) if loaded is not None and os.path.exists(loaded.path) else 0
+        return {"id": self.name, "object": "model", "created": created, "owned_by": "clusterlm",
                 **({"max_model_len": ctx} if ctx is not None else {}), **model_card(self.state),
                 "max_batch": self.settings.max_batch, **({"memory": self.memory} if self.memory else {}),
                 **({} if self.ready.is_set() else {"status": "loading"})}

@@ -66,11 +66,16 @@ def _chat_prompt_ids(run, messages: list[dict]) -> list[int]:
     return prompt_ids(tok, chat_format(tok, None).render(messages), None, 0)
 
 
-def test_models_reports_the_context(server, client):
+def test_models_reports_the_context(server, client, run):
     """/v1/models gives the context as vLLM does (max_model_len), for clients that trim history; the
     client's models.retrieve reads one model's card (GET /v1/models/{id}: it was 404 for every id)."""
     r = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
     assert r.json()["data"][0]["max_model_len"] == 64
+    # created (OpenAI: when the model was made) was always 0; now the checkpoint folder's time
+    from clusterlm.checkpoint.store import resolve_checkpoint
+
+    step = resolve_checkpoint(str(run))
+    assert r.json()["data"][0]["created"] == int(step.stat().st_mtime) > 1_700_000_000
     card = client.models.retrieve("tiny")
     assert card.id == "tiny" and card.model_dump()["max_model_len"] == 64
     with pytest.raises(openai.NotFoundError, match="model 'nope' is not served here; this server serves 'tiny'"):
