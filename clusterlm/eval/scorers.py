@@ -22,10 +22,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from clusterlm.eval.tasks import Task
+from clusterlm.eval.tasks import INVALID, Task
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")  # rougeL: sentence-level LCS (not rougeLsum)
-INVALID = "<invalid>"  # confusion-matrix column of classify predictions outside the label set
 
 ChoiceScore = tuple[float, int, int]  # (sum of the choice's token logprobs, its tokens, its characters)
 
