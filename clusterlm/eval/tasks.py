@@ -324,7 +324,8 @@ def _build(path: Path, records: Iterator[tuple[int, dict]], kind: str | None, na
             unknown = sorted(set(rec) - set(HEADER_KEYS))
             if unknown:
                 raise DataError(f"{where}: header record has unknown keys {unknown}; valid: {', '.join(HEADER_KEYS)}")
-            if rec.get("version", FORMAT_VERSION) != FORMAT_VERSION:
+            version = rec.get("version", FORMAT_VERSION)
+            if isinstance(version, bool) or version != FORMAT_VERSION:  # true == 1 in Python
                 raise DataError(f"{where}: header version={rec['version']!r}; "
                                 f"this clusterlm reads version {FORMAT_VERSION}")
             if rec["kind"] not in KINDS:
@@ -332,8 +333,9 @@ def _build(path: Path, records: Iterator[tuple[int, dict]], kind: str | None, na
             if kind is not None and kind != rec["kind"]:
                 raise DataError(f"{where}: the header says kind={rec['kind']!r} but kind={kind!r} was asked for")
             kind = rec["kind"]
-            if not isinstance(rec.get("name", name), str):
-                raise DataError(f"{where}: header name must be a string, got {rec['name']!r:.80}")
+            if not isinstance(rec.get("name", name), str) or not rec.get("name", name).strip():
+                raise DataError(f"{where}: header name must be a non-empty string (it keys the task's scores), "
+                                f"got {rec['name']!r:.80}")
             name = rec.get("name", name)
             if "labels" in rec:
                 if kind != "classify":

@@ -243,6 +243,10 @@ def test_other_bad_records(tmp_path):
            r":1: field 'messages' item 0 has role 'robot'; valid roles: system, user, assistant")
     _fails(tmp_path, [{"kind": "ranking"}], r":1: header kind='ranking'; valid: generate, classify, choice")
     _fails(tmp_path, [{"kind": "choice", "labels": ["a"]}], r"'labels' is only for classify")
+    for bad in ("", "  "):  # the name keys the scores (JSON, TensorBoard's task/<name>/...): none is no name
+        _fails(tmp_path, [{"kind": "choice", "name": bad}, {"context": "", "choices": ["a", "b"], "gold": 0}],
+               r":1: header name must be a non-empty string")
+    _fails(tmp_path, [{"kind": "choice", "version": True}], r":1: header version=True; this clusterlm reads version 1")
     _fails(tmp_path, [{"kind": "choice"}], r"kind='choice' but kind='generate' was asked for", kind="generate")
     _fails(tmp_path, [{"foo": 1}], r":1: cannot tell the task's kind")
     tsv = _write(tmp_path / "bad.tsv", ["sentence\tlabel", "ok\t1", "too\tmany\tcells"])
