@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import re
 import string
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 
-from clusterlm.eval.tasks import Task
+from clusterlm.eval.tasks import INVALID, Task
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")  # rougeL: sentence-level LCS (not rougeLsum)
-INVALID = "<invalid>"  # confusion-matrix column of classify predictions outside the label set
 
 ChoiceScore = tuple[float, int, int]  # (sum of the choice's token logprobs, its tokens, its characters)
 
@@ -147,7 +147,10 @@ def score_classify(predictions: Sequence[str], gold: Sequence[str], labels: Sequ
     macro_p, macro_r, macro_f1, _ = precision_recall_fscore_support(
         gold, preds, labels=labels, average="macro", zero_division=0)
     cm_labels = labels + [INVALID] if n_invalid else labels
-    matrix = confusion_matrix(gold, preds, labels=cm_labels)
+    with warnings.catch_warnings():  # a one-label set gives a 1x1 matrix, which sklearn takes for a forgotten
+        # labels= ("use the 'labels' parameter"): passed here, so the advice would only mislead
+        warnings.filterwarnings("ignore", message="A single label was found", category=UserWarning)
+        matrix = confusion_matrix(gold, preds, labels=cm_labels)
     return {
         "n": len(preds),
         "n_invalid": n_invalid,

@@ -44,6 +44,7 @@ TSV_SUFFIXES = (".tsv", ".tsv.gz")
 PARALLEL_TEMPLATE = "{src_lang}: {source}\n{tgt_lang}:"
 TEMPLATE_FIELDS = ("source", "src_lang", "tgt_lang")
 TSV_TEXT_COLUMNS = ("text", "sentence", "content")  # a TSV's text column, by header name (GLUE SST-2: `sentence`)
+INVALID = "<invalid>"  # the scorers' confusion-matrix column of predictions outside the label set: no label's name
 
 PathLike = Union[str, os.PathLike]
 
@@ -261,15 +262,20 @@ def _label_set(labels: Sequence[str] | Mapping[str, str] | None, where: str) -> 
     """raw label -> label name, in label-set order; None when the set is to be taken from the data."""
     if labels is None:
         return None
+    # Stripped as record labels are (a record's " negative" reads "negative"), and as the scorer strips a
+    # prediction: a name kept as " negative" would make every right answer of that class an invalid one.
     if isinstance(labels, Mapping):
-        pairs = [(str(k), str(v)) for k, v in labels.items()]
+        pairs = [(str(k).strip(), str(v).strip()) for k, v in labels.items()]
     elif isinstance(labels, (list, tuple)) and all(type(x) in (str, int) for x in labels):  # bool is no label
-        pairs = [(str(x), str(x)) for x in labels]
+        pairs = [(str(x).strip(), str(x).strip()) for x in labels]
     else:
         raise DataError(f"{where}: labels must be a list of strings (or a mapping raw -> name), got {labels!r:.80}")
     names = [v for _, v in pairs]
-    if not pairs or len(set(names)) != len(names):
+    if not pairs or len(set(names)) != len(names) or len({k for k, _ in pairs}) != len(pairs):
         raise DataError(f"{where}: the label set must be non-empty and without repeats, got {names}")
+    if "" in names or any(not k for k, _ in pairs) or INVALID in names:
+        raise DataError(f"{where}: the label set has an empty label or {INVALID!r} (which marks predictions "
+                        f"outside the set), got {[k if k == v else f'{k}={v}' for k, v in pairs]}")
     return dict(pairs)
 
 
@@ -318,7 +324,8 @@ def _build(path: Path, records: Iterator[tuple[int, dict]], kind: str | None, na
             unknown = sorted(set(rec) - set(HEADER_KEYS))
             if unknown:
                 raise DataError(f"{where}: header record has unknown keys {unknown}; valid: {', '.join(HEADER_KEYS)}")
-            if rec.get("version", FORMAT_VERSION) != FORMAT_VERSION:
+            version = rec.get("version", FORMAT_VERSION)
+            if isinstance(version, bool) or version != FORMAT_VERSION:  # true == 1 in Python
                 raise DataError(f"{where}: header version={rec['version']!r}; "
                                 f"this clusterlm reads version {FORMAT_VERSION}")
             if rec["kind"] not in KINDS:
@@ -326,8 +333,9 @@ def _build(path: Path, records: Iterator[tuple[int, dict]], kind: str | None, na
             if kind is not None and kind != rec["kind"]:
                 raise DataError(f"{where}: the header says kind={rec['kind']!r} but kind={kind!r} was asked for")
             kind = rec["kind"]
-            if not isinstance(rec.get("name", name), str):
-                raise DataError(f"{where}: header name must be a string, got {rec['name']!r:.80}")
+            if not isinstance(rec.get("name", name), str) or not rec.get("name", name).strip():
+                raise DataError(f"{where}: header name must be a non-empty string (it keys the task's scores), "
+                                f"got {rec['name']!r:.80}")
             name = rec.get("name", name)
             if "labels" in rec:
                 if kind != "classify":
@@ -359,6 +367,10 @@ def _build(path: Path, records: Iterator[tuple[int, dict]], kind: str | None, na
     task_labels = None
     if kind == "classify":
         task_labels = tuple(rename.values()) if rename is not None else _sorted_labels({e.label for e in examples})
+        if INVALID in task_labels:
+            bad = next(e for e in examples if e.label == INVALID)
+            raise DataError(f"{path}:{bad.line}: field 'label' is {INVALID!r}, which marks predictions outside the "
+                            "label set; name the class otherwise")
         if rename is None:
             log.info("%s: label set taken from the data: %s (pass labels= to fix it)", path, ", ".join(task_labels))
             _warn_mixed_labels(path, examples, task_labels)

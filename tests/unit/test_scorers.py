@@ -164,6 +164,16 @@ def test_classify_prediction_outside_the_label_set():
         score_classify(["a", "b"], ["a"], ["a", "b"])
 
 
+def test_classify_one_label_set_without_sklearn_advice(recwarn):
+    """A one-label set gives a 1x1 confusion matrix; sklearn's warning for it ("use the 'labels'
+    parameter") is advice for a caller that forgot labels=, which this one passes: not shown."""
+    got = score_classify(["pos", " pos"], ["pos", "pos"], ["pos"])
+    assert (got["accuracy"], got["macro_f1"], got["confusion_matrix"]["matrix"]) == (1.0, 1.0, [[2]])
+    assert not [w for w in recwarn if "single label" in str(w.message)]
+    got = score_classify(["neg"], ["pos"], ["pos"])  # one label and an invalid prediction: 2x2
+    assert got["confusion_matrix"] == {"labels": ["pos", INVALID], "matrix": [[0, 1], [0, 0]]}
+
+
 def test_choice_acc_and_acc_norm_by_hand():
     """lm-evaluation-harness's acc (argmax of summed logprob) and acc_norm (argmax of sum / characters),
     worked by hand on three examples where they disagree:

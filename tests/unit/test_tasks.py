@@ -190,6 +190,27 @@ def test_unknown_label(tmp_path):
         load_task(tsv, labels=["0", "1"])
 
 
+def test_label_set_names_are_stripped_and_empty_or_invalid_names_refused(tmp_path):
+    """A label set's names are stripped like record labels and predictions: " negative" kept as it is made
+    the scorer count every right answer of that class as outside the set (accuracy 0 for a perfect model)."""
+    from clusterlm.eval.scorers import score_task
+    task = load_task(_write(tmp_path / "m.jsonl", [{"kind": "classify", "labels": {"0": " negative", "1": "positive "}},
+                                                   {"text": "bad", "label": 0}, {"text": "good", "label": 1}]))
+    assert task.labels == ("negative", "positive")
+    got = score_task(task, list(task.labels))  # what the harness predicts: the label set's own names
+    assert (got["accuracy"], got["n_invalid"]) == (1.0, 0)
+    task = load_task(_write(tmp_path / "l.jsonl", [{"kind": "classify", "labels": ["neg ", "pos"]},
+                                                   {"text": "a", "label": "neg"}]))
+    assert task.labels == ("neg", "pos")
+    assert load_task(_write(tmp_path / "r.jsonl", [{"text": "a", "label": "neg"}]),
+                     labels={" neg": "no", "pos": "yes"}).examples[0].label == "no"
+    for labels in (["", "pos"], ["neg", " "], {"0": "neg", "1": ""}, ["<invalid>", "pos"]):
+        _fails(tmp_path, [{"kind": "classify", "labels": labels}, {"text": "a", "label": "pos"}],
+               "the label set has an empty label or '<invalid>'")
+    _fails(tmp_path, [{"text": "a", "label": "pos"}, {"text": "b", "label": "<invalid>"}],
+           r":2: field 'label' is '<invalid>', which marks predictions outside the label set")
+
+
 def test_references_missing_or_empty(tmp_path):
     _fails(tmp_path, [{"prompt": "p", "references": ["r"]}, {"prompt": "q"}], r":2: .*no field 'references'")
     _fails(tmp_path, [{"prompt": "p", "references": []}], r":1: field 'references' must be a non-empty")
@@ -222,6 +243,10 @@ def test_other_bad_records(tmp_path):
            r":1: field 'messages' item 0 has role 'robot'; valid roles: system, user, assistant")
     _fails(tmp_path, [{"kind": "ranking"}], r":1: header kind='ranking'; valid: generate, classify, choice")
     _fails(tmp_path, [{"kind": "choice", "labels": ["a"]}], r"'labels' is only for classify")
+    for bad in ("", "  "):  # the name keys the scores (JSON, TensorBoard's task/<name>/...): none is no name
+        _fails(tmp_path, [{"kind": "choice", "name": bad}, {"context": "", "choices": ["a", "b"], "gold": 0}],
+               r":1: header name must be a non-empty string")
+    _fails(tmp_path, [{"kind": "choice", "version": True}], r":1: header version=True; this clusterlm reads version 1")
     _fails(tmp_path, [{"kind": "choice"}], r"kind='choice' but kind='generate' was asked for", kind="generate")
     _fails(tmp_path, [{"foo": 1}], r":1: cannot tell the task's kind")
     tsv = _write(tmp_path / "bad.tsv", ["sentence\tlabel", "ok\t1", "too\tmany\tcells"])
