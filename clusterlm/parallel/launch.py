@@ -330,6 +330,9 @@ def main(argv: list[str]) -> int:
         if not addr or not port.isdigit():
             parser.error(f"--rdzv-endpoint={args.rdzv_endpoint!r} must be ADDR:PORT (e.g. 10.77.0.11:29500)")
         args.master_addr, args.master_port = addr.strip("[]"), int(port)
+    if args.master_addr is not None and not args.master_addr.strip():  # an unset $VAR: was taken for 127.0.0.1
+        parser.error(f"--master-addr={args.master_addr!r} is empty; give node 0's host name or address (e.g. "
+                     f"node01), the same on every node, or leave it out on one node")
     if args.nproc_per_node < 1 or args.nnodes < 1:
         parser.error("--nproc-per-node and --nnodes must be >= 1")
     if args.master_addr is None and args.nnodes > 1:  # every node would wait on its own loopback
