@@ -482,6 +482,12 @@ def submit(args: argparse.Namespace, overrides: list[str], run: Runner | None = 
         raise ConfigError(f"{'--output' if args.output else 'train.out_dir'} {out_dir} is a file; the script and "
                           f"slurm-JOBID.out go in a folder")
     workdir = Path.cwd()
+    # sbatch reads #SBATCH lines one by one: a line break in a path ended --output's line early, ran the rest as
+    # a shell command, and (no #SBATCH read after a command) dropped --chdir
+    for name, path in ((f"{'--output' if args.output else 'train.out_dir'}", out_dir), ("the working folder", workdir)):
+        if any(c in str(path) for c in "\n\r"):
+            raise ConfigError(f"{name} {str(path)!r} holds a line break, which an #SBATCH line cannot hold; use a "
+                              f"folder without one")
     script = render_sbatch(opts, recipe, overrides, output_dir=out_dir, workdir=workdir)
     print(script, end="")
     if args.dry_run:

@@ -195,6 +195,17 @@ def test_output_folder_that_is_a_file_is_named(tmp_path):
         slurm.submit(args, ov)
 
 
+def test_output_folder_with_a_line_break_is_refused(tmp_path, capsys):
+    """A line break in --output (or train.out_dir) is refused naming the option: it split the #SBATCH --output
+    line, so the rest ran as a shell command and the #SBATCH lines after it (--chdir) were dropped."""
+    for option, name in ((f"--output={tmp_path}/x\ntouch {tmp_path}/ran #", "--output"),
+                         (f"--train.out_dir={tmp_path}/y\rz", "train.out_dir")):
+        args, ov = _launch_args(RECIPE, "--slurm", option, "--dry-run")
+        with pytest.raises(ConfigError, match=rf"^{name} .* holds a line break"):
+            slurm.submit(args, ov)
+        assert capsys.readouterr().out == ""  # no script shown
+
+
 def test_missing_sbatch_is_a_clear_error(tmp_path, monkeypatch):
     """Without sbatch on PATH, submitting says Slurm is not installed (and writes no script); --dry-run
     still shows the script."""
