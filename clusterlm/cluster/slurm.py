@@ -234,7 +234,10 @@ def render_sbatch(opts: SbatchOptions, recipe: str | None, overrides: list[str],
         ]
     lines = [
         "#!/bin/bash",
-        f"# rendered by `clusterlm launch --slurm` for {recipe or '(defaults + overrides)'}",
+        # a line break in the recipe's path (kept as it is in the srun line, quoted) must not end this comment: the
+        # rest ran as a command, before which sbatch reads every #SBATCH line and after which none
+        "# rendered by `clusterlm launch --slurm` for "
+        + (recipe.replace("\r", "\\r").replace("\n", "\\n") if recipe else "(defaults + overrides)"),
         *(sbatch_directive(h) for h in header),
         "",
         "set -uo pipefail",

@@ -206,6 +206,19 @@ def test_output_folder_with_a_line_break_is_refused(tmp_path, capsys):
         assert capsys.readouterr().out == ""  # no script shown
 
 
+def test_recipe_path_with_a_line_break_stays_in_the_comment():
+    """A recipe path holding a line break ended the script's first comment: the rest of the path ran as a
+    command, and sbatch, which reads #SBATCH lines only up to the first command, dropped all of them."""
+    script = render_sbatch(SbatchOptions(nodes=2, time="01:00:00"), "/r/a\necho hi.toml", [], output_dir="/o",
+                           workdir="/w", python="/p")
+    lines = script.splitlines()
+    first_command = next(i for i, line in enumerate(lines[1:], 1) if line and not line.startswith("#"))
+    assert [line for line in lines[:first_command] if line.startswith("#SBATCH ")] == \
+        [line for line in lines if line.startswith("#SBATCH ")]
+    assert lines[1] == "# rendered by `clusterlm launch --slurm` for /r/a\\necho hi.toml"
+    assert "'/r/a\necho hi.toml'" in script  # the srun line keeps the real path, quoted
+
+
 def test_missing_sbatch_is_a_clear_error(tmp_path, monkeypatch):
     """Without sbatch on PATH, submitting says Slurm is not installed (and writes no script); --dry-run
     still shows the script."""
