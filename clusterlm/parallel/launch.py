@@ -206,9 +206,10 @@ def record_exit_code(code: int, env: Mapping[str, str] | None = None) -> None:
 def threads_env(nproc_per_node: int, env: Mapping[str, str] | None = None) -> dict[str, str]:
     """OMP_NUM_THREADS for the workers when the user set none: this machine's usable cores shared among
     them (torchrun would set 1, leaving most cores of a CPU node idle). torch reads it for its intra-op
-    threads; `--train.threads` still overrides."""
+    threads; `--train.threads` still overrides. An empty value (`export OMP_NUM_THREADS=$N`, N unset) is
+    none: kept, it gave each worker every core (and a libgomp warning)."""
     env = os.environ if env is None else env
-    if "OMP_NUM_THREADS" in env:
+    if env.get("OMP_NUM_THREADS", "").strip():
         return {}
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return {"OMP_NUM_THREADS": str(max(1, cores // nproc_per_node))}

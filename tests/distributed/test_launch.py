@@ -66,6 +66,7 @@ def test_threads_env_shares_the_cores_unless_set():
     assert threads_env(2, {}) == {"OMP_NUM_THREADS": str(max(1, cores // 2))}
     assert threads_env(cores * 4, {}) == {"OMP_NUM_THREADS": "1"}
     assert threads_env(2, {"OMP_NUM_THREADS": "3"}) == {}
+    assert threads_env(2, {"OMP_NUM_THREADS": ""}) == {"OMP_NUM_THREADS": str(max(1, cores // 2))}  # unset $VAR
 
 
 def test_torchrun_command():
