@@ -154,7 +154,9 @@ def render_sbatch(opts: SbatchOptions, recipe: str | None, overrides: list[str],
     if opts.account:
         header.append(f"--account={opts.account}")
     header += [f"--signal=USR2@{opts.signal_seconds}", "--requeue", "--open-mode=append",
-               f"--output={Path(output_dir) / 'slurm-%j.out'}", f"--chdir={workdir}"]
+               # sbatch expands %-patterns in the whole --output path (%j, %x, %a ...): a "%" of the folder's own
+               # name, doubled, stays itself; else the log went elsewhere than the recorded one
+               f"--output={str(Path(output_dir)).replace('%', '%%')}/slurm-%j.out", f"--chdir={workdir}"]
     if elastic:  # a failed node leaves the allocation instead of ending the job (sbatch(1), --no-kill)
         header.append("--no-kill")
     header += list(opts.extra)

@@ -219,6 +219,13 @@ def test_recipe_path_with_a_line_break_stays_in_the_comment():
     assert "'/r/a\necho hi.toml'" in script  # the srun line keeps the real path, quoted
 
 
+def test_percent_in_the_output_folder_is_kept():
+    """sbatch expands %-patterns in all of --output: a folder named "lr%a" (array index) sent slurm-JOBID.out
+    somewhere else than the folder the script went to, and than the log `clusterlm jobs` shows."""
+    script = render_sbatch(SbatchOptions(), "/r.toml", [], output_dir="/runs/lr%a_50%", workdir="/w", python="/p")
+    assert "--output=/runs/lr%%a_50%%/slurm-%j.out" in _sbatch_lines(script)
+
+
 def test_missing_sbatch_is_a_clear_error(tmp_path, monkeypatch):
     """Without sbatch on PATH, submitting says Slurm is not installed (and writes no script); --dry-run
     still shows the script."""
