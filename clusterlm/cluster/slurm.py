@@ -364,8 +364,13 @@ def read_registry(path: Path) -> list[dict]:
         return []
     from clusterlm.fsutil import read_jsonl
 
+    return _job_records(path, read_jsonl(path))
+
+
+def _job_records(path: Path, lines: list[dict]) -> list[dict]:
+    """The lines (read_jsonl's) that name a job; the others skipped with a warning."""
     records = []
-    for rec in read_jsonl(path):
+    for rec in lines:
         job_id = rec.get("job_id")
         if isinstance(job_id, bool) or not isinstance(job_id, (str, int)) or not str(job_id).strip():
             if "job_id" in rec:  # hand-edited: a null, empty or non-text id names no job to ask Slurm about
@@ -543,9 +548,11 @@ class JobRow:
         return {**self.record, **{k: v for k, v in asdict(self.state).items() if k != "job_id"}}
 
 
-def list_jobs(path: Path, show_all: bool = False, run: Runner | None = None, recent: int = 10) -> list[JobRow]:
-    """Registry records with their Slurm state: unfinished jobs and the `recent` newest (all with show_all)."""
-    records = read_registry(path)
+def list_jobs(path: Path, show_all: bool = False, run: Runner | None = None, recent: int = 10,
+              records: list[dict] | None = None) -> list[JobRow]:
+    """Registry records (read from `path` unless given) with their Slurm state: unfinished jobs and the
+    `recent` newest (all with show_all)."""
+    records = read_registry(path) if records is None else records
     states = query_states([r["job_id"] for r in records], run) if records else {}
     rows = [JobRow(r, states.get(str(r["job_id"]), JobState(str(r["job_id"])))) for r in records]
     if show_all:
@@ -588,14 +595,14 @@ def jobs_main(argv: list[str]) -> int:
         raise FileNotFoundError(f"job registry {path} does not exist")
     if shutil.which("squeue") is None and shutil.which("scontrol") is None:
         log.warning("Slurm commands are not on PATH: job states are unknown")
-    if path.is_file() and path.stat().st_size and not read_registry(path):
-        from clusterlm.fsutil import read_jsonl
+    from clusterlm.fsutil import read_jsonl
 
-        lines = read_jsonl(path)
-        if lines and not any("job_id" in rec for rec in lines):  # e.g. a run's metrics.jsonl given as --registry
-            raise ConfigError(f"{path} holds {len(lines)} JSON record(s) but none with a job_id: it is not a job "
-                              f"registry (`clusterlm launch --slurm` writes {registry_path()})")
-    rows = list_jobs(path, show_all=args.all)
+    # read once: each read warned again about the same torn or id-less line (three times for one line)
+    lines = read_jsonl(path) if path.is_file() else []
+    if lines and not any("job_id" in rec for rec in lines):  # e.g. a run's metrics.jsonl given as --registry
+        raise ConfigError(f"{path} holds {len(lines)} JSON record(s) but none with a job_id: it is not a job "
+                          f"registry (`clusterlm launch --slurm` writes {registry_path()})")
+    rows = list_jobs(path, show_all=args.all, records=_job_records(path, lines))
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
     elif not rows:

@@ -439,6 +439,18 @@ def test_jobs_refuses_an_empty_registry_flag_and_a_file_that_is_not_a_registry(t
     assert asked[0][0] == "sacct" and "--jobs=12" in asked[0]  # not --jobs=None,,12
 
 
+def test_jobs_warns_once_per_bad_registry_line(tmp_path, monkeypatch, capsys, caplog):
+    """A torn or id-less registry line is one warning per `clusterlm jobs`: the registry was read up to three
+    times, each read warning again about the same line."""
+    monkeypatch.setattr(slurm, "_run", lambda cmd: subprocess.CompletedProcess(cmd, 127, "", ""))
+    reg = tmp_path / "jobs.jsonl"
+    for text in ('{"job_id": "12"}\n{"job_id": "1', '{"job_id": "12"}\n{"job_id": null}\n', '{"job_id": "1'):
+        reg.write_text(text)
+        caplog.clear()
+        assert slurm.jobs_main(["--registry", str(reg)]) == 0
+        assert len([r for r in caplog.records if r.levelname == "WARNING" and str(reg) in r.getMessage()]) == 1
+
+
 def test_launch_slurm_dry_run_without_torch(tmp_path):
     """`clusterlm launch --slurm --dry-run` and `clusterlm jobs` run on a login node without torch."""
     code = BLOCK_TORCH + "from clusterlm.cli import main\nsys.exit(main(sys.argv[1:]))"
