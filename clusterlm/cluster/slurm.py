@@ -147,8 +147,8 @@ def render_sbatch(opts: SbatchOptions, recipe: str | None, overrides: list[str],
               f"--cpus-per-task={opts.cpus_per_task}"]
     if opts.gpus_per_node:
         header.append(f"--gpus-per-node={opts.gpus_per_node}")
-    if opts.time:
-        header.append(f"--time={opts.time}")
+    if opts.time:  # as parse_time_limit read it: a line break around it split the directive (sbatch then read no more)
+        header.append(f"--time={opts.time.strip()}")
     if opts.partition:
         header.append(f"--partition={opts.partition}")
     if opts.account:

@@ -226,6 +226,14 @@ def test_percent_in_the_output_folder_is_kept():
     assert "--output=/runs/lr%%a_50%%/slurm-%j.out" in _sbatch_lines(script)
 
 
+def test_time_limit_is_rendered_as_read():
+    """--time is read with the white space around it ignored, and rendered so: "\n04:00:00" (a command
+    substitution's stray line) split the #SBATCH --time line, and sbatch read none of the directives after it."""
+    script = render_sbatch(SbatchOptions(time="\n04:00:00 "), "/r.toml", [], output_dir="/o", workdir="/w", python="/p")
+    assert "--time=04:00:00" in _sbatch_lines(script) and "--requeue" in _sbatch_lines(script)
+    assert not any(line.startswith("04:00:00") for line in script.splitlines())
+
+
 def test_missing_sbatch_is_a_clear_error(tmp_path, monkeypatch):
     """Without sbatch on PATH, submitting says Slurm is not installed (and writes no script); --dry-run
     still shows the script."""
