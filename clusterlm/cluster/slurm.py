@@ -53,7 +53,7 @@ PROBE_S = 20  # elastic jobs: a node that cannot run a one-task step in this tim
 MAX_RANK_LOST_REQUEUES = 3  # a job whose ranks (or nodes) keep getting lost is not requeued for ever
 ON_NODE_LOSS = ("requeue", "continue")  # elastic jobs: what the script does when a node is lost
 SIGNAL_RESOLUTION_S = 60  # sbatch(1), --signal: "may be sent up to 60 seconds earlier than specified"
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.,+\-]+$")  # job names, partitions, accounts: no spaces or quotes
+_NAME_RE = re.compile(r"[A-Za-z0-9_.,+\-]+")  # job names, partitions, accounts (fullmatch): no spaces or quotes
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class SbatchOptions:
                               f"to {SIGNAL_RESOLUTION_S} s early): the job would be told to stop as it starts")
         for name in ("partition", "account", "job_name"):
             value = getattr(self, name)
-            if value and not _NAME_RE.match(value):
+            if value and not _NAME_RE.fullmatch(value):  # not "^...$": "$" matched before a final line break
                 raise ConfigError(f"--{name.replace('_', '-')}={value!r}: use letters, digits and _ . , + - only")
         if not self.job_name:
             raise ConfigError("--job-name must not be empty")

@@ -130,6 +130,9 @@ def test_time_limits_and_option_errors():
              (dict(time="00:03:00"), "(180 s) must be longer than --signal-seconds=120 + 60 s"),
              (dict(signal_seconds=0), "--signal-seconds=0 must be in [1, 65535]"),
              (dict(partition="gpu debug"), "--partition='gpu debug'"),
+             # a final line break passed ("$" matches before it) and split the #SBATCH line
+             (dict(partition="gpu\n"), "--partition='gpu\\n'"), (dict(account="proj\n"), "--account='proj\\n'"),
+             (dict(job_name="x\n"), "--job-name='x\\n'"),
              (dict(job_name=""), "--job-name must not be empty"),
              (dict(extra=("exclusive",)), "must be one sbatch option starting with '--'")]
     for kwargs, message in cases:
