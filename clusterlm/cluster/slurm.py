@@ -484,6 +484,19 @@ def submit(args: argparse.Namespace, overrides: list[str], run: Runner | None = 
         raise ConfigError(f"--min-nodes={opts.min_nodes}: an elastic job has one data-parallel replica per node, but "
                           f"dp_replicate={cfg.parallel.dp_replicate} != --nodes={opts.nodes}; set "
                           f"--parallel.dp_replicate={opts.nodes} --parallel.dp_shard={opts.world_size // opts.nodes}")
+    if 0 < opts.min_nodes < opts.nodes:  # the layout and batch must hold on every node count it may go on with
+        import dataclasses
+
+        from clusterlm.parallel.dims import validate_layout
+
+        tc = cfg.train
+        for n in range(opts.nodes - 1, opts.min_nodes - 1, -1):
+            try:
+                validate_layout(dataclasses.replace(cfg.parallel, dp_replicate=n), cfg.model, n * opts.ntasks_per_node,
+                                tc.global_batch_tokens, tc.micro_batch_size, tc.seq_len)
+            except ConfigError as e:
+                raise ConfigError(f"--min-nodes={opts.min_nodes}: after a node loss the job goes on with {n} node(s) "
+                                  f"(dp_replicate={n}), where {e}") from None
     if opts.gpus_per_node and opts.ntasks_per_node != opts.gpus_per_node:
         log.warning("--ntasks-per-node=%d != --gpus-per-node=%d: clusterlm expects one task per GPU",
                     opts.ntasks_per_node, opts.gpus_per_node)

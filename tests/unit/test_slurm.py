@@ -179,6 +179,22 @@ def test_world_size_must_match_the_recipe_layout(capsys):
     assert f"train {RECIPE} --train.resume=auto --parallel.dp_replicate=2 --parallel.dp_shard=2" in out
 
 
+def test_elastic_layout_is_checked_on_every_node_count(capsys):
+    """An elastic job (--min-nodes) whose batch fits the full node count but not a smaller one is refused at
+    submit: it was queued, and after a node loss its requeued run stopped with that error (exit 2)."""
+    args, ov = _launch_args(RECIPE, "--slurm", "--nodes=3", "--min-nodes=2", "--ntasks-per-node=1",
+                            "--parallel.dp_replicate=3", "--train.micro_batch_size=12", "--train.seq_len=64",
+                            "--train.global_batch_tokens=2304", "--dry-run")  # 2304 = 3 x 12 x 64; 2 nodes: 1536
+    with pytest.raises(ConfigError, match=r"^--min-nodes=2: after a node loss the job goes on with 2 node\(s\) "
+                                          r"\(dp_replicate=2\), where global_batch_tokens=2304 is not divisible"):
+        slurm.submit(args, ov)
+    assert capsys.readouterr().out == ""  # no script shown
+    args, ov = _launch_args(RECIPE, "--slurm", "--nodes=3", "--min-nodes=2", "--ntasks-per-node=1",
+                            "--parallel.dp_replicate=3", "--train.micro_batch_size=12", "--train.seq_len=64",
+                            "--train.global_batch_tokens=4608", "--dry-run")  # 2 x 2304, 3 x 1536
+    assert slurm.submit(args, ov) == 0
+
+
 def test_negative_gpus_per_node_is_named():
     """--gpus-per-node=-1 is refused naming --gpus-per-node (it became the default --ntasks-per-node and the
     message named that option, which was not given)."""
