@@ -53,7 +53,7 @@ PROBE_S = 20  # elastic jobs: a node that cannot run a one-task step in this tim
 MAX_RANK_LOST_REQUEUES = 3  # a job whose ranks (or nodes) keep getting lost is not requeued for ever
 ON_NODE_LOSS = ("requeue", "continue")  # elastic jobs: what the script does when a node is lost
 SIGNAL_RESOLUTION_S = 60  # sbatch(1), --signal: "may be sent up to 60 seconds earlier than specified"
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.,+\-]+$")  # job names, partitions, accounts: no spaces or quotes
+_NAME_RE = re.compile(r"[A-Za-z0-9_.,+\-]+")  # job names, partitions, accounts (fullmatch): no spaces or quotes
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class SbatchOptions:
                               f"to {SIGNAL_RESOLUTION_S} s early): the job would be told to stop as it starts")
         for name in ("partition", "account", "job_name"):
             value = getattr(self, name)
-            if value and not _NAME_RE.match(value):
+            if value and not _NAME_RE.fullmatch(value):  # not "^...$": "$" matched before a final line break
                 raise ConfigError(f"--{name.replace('_', '-')}={value!r}: use letters, digits and _ . , + - only")
         if not self.job_name:
             raise ConfigError("--job-name must not be empty")
@@ -147,14 +147,16 @@ def render_sbatch(opts: SbatchOptions, recipe: str | None, overrides: list[str],
               f"--cpus-per-task={opts.cpus_per_task}"]
     if opts.gpus_per_node:
         header.append(f"--gpus-per-node={opts.gpus_per_node}")
-    if opts.time:
-        header.append(f"--time={opts.time}")
+    if opts.time:  # as parse_time_limit read it: a line break around it split the directive (sbatch then read no more)
+        header.append(f"--time={opts.time.strip()}")
     if opts.partition:
         header.append(f"--partition={opts.partition}")
     if opts.account:
         header.append(f"--account={opts.account}")
     header += [f"--signal=USR2@{opts.signal_seconds}", "--requeue", "--open-mode=append",
-               f"--output={Path(output_dir) / 'slurm-%j.out'}", f"--chdir={workdir}"]
+               # sbatch expands %-patterns in the whole --output path (%j, %x, %a ...): a "%" of the folder's own
+               # name, doubled, stays itself; else the log went elsewhere than the recorded one
+               f"--output={str(Path(output_dir)).replace('%', '%%')}/slurm-%j.out", f"--chdir={workdir}"]
     if elastic:  # a failed node leaves the allocation instead of ending the job (sbatch(1), --no-kill)
         header.append("--no-kill")
     header += list(opts.extra)
@@ -234,7 +236,10 @@ def render_sbatch(opts: SbatchOptions, recipe: str | None, overrides: list[str],
         ]
     lines = [
         "#!/bin/bash",
-        f"# rendered by `clusterlm launch --slurm` for {recipe or '(defaults + overrides)'}",
+        # a line break in the recipe's path (kept as it is in the srun line, quoted) must not end this comment: the
+        # rest ran as a command, before which sbatch reads every #SBATCH line and after which none
+        "# rendered by `clusterlm launch --slurm` for "
+        + (recipe.replace("\r", "\\r").replace("\n", "\\n") if recipe else "(defaults + overrides)"),
         *(sbatch_directive(h) for h in header),
         "",
         "set -uo pipefail",
@@ -359,8 +364,13 @@ def read_registry(path: Path) -> list[dict]:
         return []
     from clusterlm.fsutil import read_jsonl
 
+    return _job_records(path, read_jsonl(path))
+
+
+def _job_records(path: Path, lines: list[dict]) -> list[dict]:
+    """The lines (read_jsonl's) that name a job; the others skipped with a warning."""
     records = []
-    for rec in read_jsonl(path):
+    for rec in lines:
         job_id = rec.get("job_id")
         if isinstance(job_id, bool) or not isinstance(job_id, (str, int)) or not str(job_id).strip():
             if "job_id" in rec:  # hand-edited: a null, empty or non-text id names no job to ask Slurm about
@@ -474,6 +484,19 @@ def submit(args: argparse.Namespace, overrides: list[str], run: Runner | None = 
         raise ConfigError(f"--min-nodes={opts.min_nodes}: an elastic job has one data-parallel replica per node, but "
                           f"dp_replicate={cfg.parallel.dp_replicate} != --nodes={opts.nodes}; set "
                           f"--parallel.dp_replicate={opts.nodes} --parallel.dp_shard={opts.world_size // opts.nodes}")
+    if 0 < opts.min_nodes < opts.nodes:  # the layout and batch must hold on every node count it may go on with
+        import dataclasses
+
+        from clusterlm.parallel.dims import validate_layout
+
+        tc = cfg.train
+        for n in range(opts.nodes - 1, opts.min_nodes - 1, -1):
+            try:
+                validate_layout(dataclasses.replace(cfg.parallel, dp_replicate=n), cfg.model, n * opts.ntasks_per_node,
+                                tc.global_batch_tokens, tc.micro_batch_size, tc.seq_len)
+            except ConfigError as e:
+                raise ConfigError(f"--min-nodes={opts.min_nodes}: after a node loss the job goes on with {n} node(s) "
+                                  f"(dp_replicate={n}), where {e}") from None
     if opts.gpus_per_node and opts.ntasks_per_node != opts.gpus_per_node:
         log.warning("--ntasks-per-node=%d != --gpus-per-node=%d: clusterlm expects one task per GPU",
                     opts.ntasks_per_node, opts.gpus_per_node)
@@ -482,6 +505,12 @@ def submit(args: argparse.Namespace, overrides: list[str], run: Runner | None = 
         raise ConfigError(f"{'--output' if args.output else 'train.out_dir'} {out_dir} is a file; the script and "
                           f"slurm-JOBID.out go in a folder")
     workdir = Path.cwd()
+    # sbatch reads #SBATCH lines one by one: a line break in a path ended --output's line early, ran the rest as
+    # a shell command, and (no #SBATCH read after a command) dropped --chdir
+    for name, path in ((f"{'--output' if args.output else 'train.out_dir'}", out_dir), ("the working folder", workdir)):
+        if any(c in str(path) for c in "\n\r"):
+            raise ConfigError(f"{name} {str(path)!r} holds a line break, which an #SBATCH line cannot hold; use a "
+                              f"folder without one")
     script = render_sbatch(opts, recipe, overrides, output_dir=out_dir, workdir=workdir)
     print(script, end="")
     if args.dry_run:
@@ -532,9 +561,11 @@ class JobRow:
         return {**self.record, **{k: v for k, v in asdict(self.state).items() if k != "job_id"}}
 
 
-def list_jobs(path: Path, show_all: bool = False, run: Runner | None = None, recent: int = 10) -> list[JobRow]:
-    """Registry records with their Slurm state: unfinished jobs and the `recent` newest (all with show_all)."""
-    records = read_registry(path)
+def list_jobs(path: Path, show_all: bool = False, run: Runner | None = None, recent: int = 10,
+              records: list[dict] | None = None) -> list[JobRow]:
+    """Registry records (read from `path` unless given) with their Slurm state: unfinished jobs and the
+    `recent` newest (all with show_all)."""
+    records = read_registry(path) if records is None else records
     states = query_states([r["job_id"] for r in records], run) if records else {}
     rows = [JobRow(r, states.get(str(r["job_id"]), JobState(str(r["job_id"])))) for r in records]
     if show_all:
@@ -577,14 +608,14 @@ def jobs_main(argv: list[str]) -> int:
         raise FileNotFoundError(f"job registry {path} does not exist")
     if shutil.which("squeue") is None and shutil.which("scontrol") is None:
         log.warning("Slurm commands are not on PATH: job states are unknown")
-    if path.is_file() and path.stat().st_size and not read_registry(path):
-        from clusterlm.fsutil import read_jsonl
+    from clusterlm.fsutil import read_jsonl
 
-        lines = read_jsonl(path)
-        if lines and not any("job_id" in rec for rec in lines):  # e.g. a run's metrics.jsonl given as --registry
-            raise ConfigError(f"{path} holds {len(lines)} JSON record(s) but none with a job_id: it is not a job "
-                              f"registry (`clusterlm launch --slurm` writes {registry_path()})")
-    rows = list_jobs(path, show_all=args.all)
+    # read once: each read warned again about the same torn or id-less line (three times for one line)
+    lines = read_jsonl(path) if path.is_file() else []
+    if lines and not any("job_id" in rec for rec in lines):  # e.g. a run's metrics.jsonl given as --registry
+        raise ConfigError(f"{path} holds {len(lines)} JSON record(s) but none with a job_id: it is not a job "
+                          f"registry (`clusterlm launch --slurm` writes {registry_path()})")
+    rows = list_jobs(path, show_all=args.all, records=_job_records(path, lines))
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
     elif not rows:

@@ -206,9 +206,10 @@ def record_exit_code(code: int, env: Mapping[str, str] | None = None) -> None:
 def threads_env(nproc_per_node: int, env: Mapping[str, str] | None = None) -> dict[str, str]:
     """OMP_NUM_THREADS for the workers when the user set none: this machine's usable cores shared among
     them (torchrun would set 1, leaving most cores of a CPU node idle). torch reads it for its intra-op
-    threads; `--train.threads` still overrides."""
+    threads; `--train.threads` still overrides. An empty value (`export OMP_NUM_THREADS=$N`, N unset) is
+    none: kept, it gave each worker every core (and a libgomp warning)."""
     env = os.environ if env is None else env
-    if "OMP_NUM_THREADS" in env:
+    if env.get("OMP_NUM_THREADS", "").strip():
         return {}
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return {"OMP_NUM_THREADS": str(max(1, cores // nproc_per_node))}
@@ -330,6 +331,9 @@ def main(argv: list[str]) -> int:
         if not addr or not port.isdigit():
             parser.error(f"--rdzv-endpoint={args.rdzv_endpoint!r} must be ADDR:PORT (e.g. 10.77.0.11:29500)")
         args.master_addr, args.master_port = addr.strip("[]"), int(port)
+    if args.master_addr is not None and not args.master_addr.strip():  # an unset $VAR: was taken for 127.0.0.1
+        parser.error(f"--master-addr={args.master_addr!r} is empty; give node 0's host name or address (e.g. "
+                     f"node01), the same on every node, or leave it out on one node")
     if args.nproc_per_node < 1 or args.nnodes < 1:
         parser.error("--nproc-per-node and --nnodes must be >= 1")
     if args.master_addr is None and args.nnodes > 1:  # every node would wait on its own loopback

@@ -66,6 +66,7 @@ def test_threads_env_shares_the_cores_unless_set():
     assert threads_env(2, {}) == {"OMP_NUM_THREADS": str(max(1, cores // 2))}
     assert threads_env(cores * 4, {}) == {"OMP_NUM_THREADS": "1"}
     assert threads_env(2, {"OMP_NUM_THREADS": "3"}) == {}
+    assert threads_env(2, {"OMP_NUM_THREADS": ""}) == {"OMP_NUM_THREADS": str(max(1, cores // 2))}  # unset $VAR
 
 
 def test_torchrun_command():
@@ -184,6 +185,11 @@ def test_launch_on_several_nodes_needs_the_master_address(capsys):
     assert "--rdzv-endpoint=n01:29500 " in capsys.readouterr().out
     assert main(["llama_shakespeare_cpu", "--nproc-per-node=2", "--dry-run"]) == 0
     assert "--rdzv-endpoint=127.0.0.1:29500 " in capsys.readouterr().out
+    # an empty address (`--master-addr "$HEAD"` with HEAD unset) was taken for 127.0.0.1: node 1 waited on itself
+    for given in (["--master-addr="], ["--master-addr= "], ["--rdzv-endpoint=[]:29500"]):
+        with pytest.raises(SystemExit) as e:
+            main(["llama_shakespeare_cpu", "--nproc-per-node=2", "--nnodes=2", "--node-rank=1", *given, "--dry-run"])
+        assert e.value.code == 2 and "is empty; give node 0's host name" in capsys.readouterr().err
 
 
 def test_layout_is_checked_before_the_data_is_prepared(tmp_path):

@@ -130,6 +130,9 @@ def test_time_limits_and_option_errors():
              (dict(time="00:03:00"), "(180 s) must be longer than --signal-seconds=120 + 60 s"),
              (dict(signal_seconds=0), "--signal-seconds=0 must be in [1, 65535]"),
              (dict(partition="gpu debug"), "--partition='gpu debug'"),
+             # a final line break passed ("$" matches before it) and split the #SBATCH line
+             (dict(partition="gpu\n"), "--partition='gpu\\n'"), (dict(account="proj\n"), "--account='proj\\n'"),
+             (dict(job_name="x\n"), "--job-name='x\\n'"),
              (dict(job_name=""), "--job-name must not be empty"),
              (dict(extra=("exclusive",)), "must be one sbatch option starting with '--'")]
     for kwargs, message in cases:
@@ -176,6 +179,22 @@ def test_world_size_must_match_the_recipe_layout(capsys):
     assert f"train {RECIPE} --train.resume=auto --parallel.dp_replicate=2 --parallel.dp_shard=2" in out
 
 
+def test_elastic_layout_is_checked_on_every_node_count(capsys):
+    """An elastic job (--min-nodes) whose batch fits the full node count but not a smaller one is refused at
+    submit: it was queued, and after a node loss its requeued run stopped with that error (exit 2)."""
+    args, ov = _launch_args(RECIPE, "--slurm", "--nodes=3", "--min-nodes=2", "--ntasks-per-node=1",
+                            "--parallel.dp_replicate=3", "--train.micro_batch_size=12", "--train.seq_len=64",
+                            "--train.global_batch_tokens=2304", "--dry-run")  # 2304 = 3 x 12 x 64; 2 nodes: 1536
+    with pytest.raises(ConfigError, match=r"^--min-nodes=2: after a node loss the job goes on with 2 node\(s\) "
+                                          r"\(dp_replicate=2\), where global_batch_tokens=2304 is not divisible"):
+        slurm.submit(args, ov)
+    assert capsys.readouterr().out == ""  # no script shown
+    args, ov = _launch_args(RECIPE, "--slurm", "--nodes=3", "--min-nodes=2", "--ntasks-per-node=1",
+                            "--parallel.dp_replicate=3", "--train.micro_batch_size=12", "--train.seq_len=64",
+                            "--train.global_batch_tokens=4608", "--dry-run")  # 2 x 2304, 3 x 1536
+    assert slurm.submit(args, ov) == 0
+
+
 def test_negative_gpus_per_node_is_named():
     """--gpus-per-node=-1 is refused naming --gpus-per-node (it became the default --ntasks-per-node and the
     message named that option, which was not given)."""
@@ -193,6 +212,45 @@ def test_output_folder_that_is_a_file_is_named(tmp_path):
     args, ov = _launch_args(RECIPE, "--slurm", f"--train.out_dir={tmp_path / 'f'}", "--dry-run")
     with pytest.raises(ConfigError, match=r"^train.out_dir .*/f is a file"):
         slurm.submit(args, ov)
+
+
+def test_output_folder_with_a_line_break_is_refused(tmp_path, capsys):
+    """A line break in --output (or train.out_dir) is refused naming the option: it split the #SBATCH --output
+    line, so the rest ran as a shell command and the #SBATCH lines after it (--chdir) were dropped."""
+    for option, name in ((f"--output={tmp_path}/x\ntouch {tmp_path}/ran #", "--output"),
+                         (f"--train.out_dir={tmp_path}/y\rz", "train.out_dir")):
+        args, ov = _launch_args(RECIPE, "--slurm", option, "--dry-run")
+        with pytest.raises(ConfigError, match=rf"^{name} .* holds a line break"):
+            slurm.submit(args, ov)
+        assert capsys.readouterr().out == ""  # no script shown
+
+
+def test_recipe_path_with_a_line_break_stays_in_the_comment():
+    """A recipe path holding a line break ended the script's first comment: the rest of the path ran as a
+    command, and sbatch, which reads #SBATCH lines only up to the first command, dropped all of them."""
+    script = render_sbatch(SbatchOptions(nodes=2, time="01:00:00"), "/r/a\necho hi.toml", [], output_dir="/o",
+                           workdir="/w", python="/p")
+    lines = script.splitlines()
+    first_command = next(i for i, line in enumerate(lines[1:], 1) if line and not line.startswith("#"))
+    assert [line for line in lines[:first_command] if line.startswith("#SBATCH ")] == \
+        [line for line in lines if line.startswith("#SBATCH ")]
+    assert lines[1] == "# rendered by `clusterlm launch --slurm` for /r/a\\necho hi.toml"
+    assert "'/r/a\necho hi.toml'" in script  # the srun line keeps the real path, quoted
+
+
+def test_percent_in_the_output_folder_is_kept():
+    """sbatch expands %-patterns in all of --output: a folder named "lr%a" (array index) sent slurm-JOBID.out
+    somewhere else than the folder the script went to, and than the log `clusterlm jobs` shows."""
+    script = render_sbatch(SbatchOptions(), "/r.toml", [], output_dir="/runs/lr%a_50%", workdir="/w", python="/p")
+    assert "--output=/runs/lr%%a_50%%/slurm-%j.out" in _sbatch_lines(script)
+
+
+def test_time_limit_is_rendered_as_read():
+    """--time is read with the white space around it ignored, and rendered so: "\n04:00:00" (a command
+    substitution's stray line) split the #SBATCH --time line, and sbatch read none of the directives after it."""
+    script = render_sbatch(SbatchOptions(time="\n04:00:00 "), "/r.toml", [], output_dir="/o", workdir="/w", python="/p")
+    assert "--time=04:00:00" in _sbatch_lines(script) and "--requeue" in _sbatch_lines(script)
+    assert not any(line.startswith("04:00:00") for line in script.splitlines())
 
 
 def test_missing_sbatch_is_a_clear_error(tmp_path, monkeypatch):
@@ -406,6 +464,18 @@ def test_jobs_refuses_an_empty_registry_flag_and_a_file_that_is_not_a_registry(t
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in out[1:]] == ["12"]
     assert asked[0][0] == "sacct" and "--jobs=12" in asked[0]  # not --jobs=None,,12
+
+
+def test_jobs_warns_once_per_bad_registry_line(tmp_path, monkeypatch, capsys, caplog):
+    """A torn or id-less registry line is one warning per `clusterlm jobs`: the registry was read up to three
+    times, each read warning again about the same line."""
+    monkeypatch.setattr(slurm, "_run", lambda cmd: subprocess.CompletedProcess(cmd, 127, "", ""))
+    reg = tmp_path / "jobs.jsonl"
+    for text in ('{"job_id": "12"}\n{"job_id": "1', '{"job_id": "12"}\n{"job_id": null}\n', '{"job_id": "1'):
+        reg.write_text(text)
+        caplog.clear()
+        assert slurm.jobs_main(["--registry", str(reg)]) == 0
+        assert len([r for r in caplog.records if r.levelname == "WARNING" and str(reg) in r.getMessage()]) == 1
 
 
 def test_launch_slurm_dry_run_without_torch(tmp_path):
