@@ -31,6 +31,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -283,15 +284,8 @@ class Scheduler:
         self._running = keep
 
     def _drop_cancelled_waiting(self) -> None:
-        """Under self._cond: requests whose client left while they waited leave the queue, counted as
-        cancelled, so that they neither take a queue place (429 for live clients) nor show in the depth."""
-        if not any(r.cancelled.is_set() for r in self._waiting):
-            return
-        for r in self._waiting:
-            if r.cancelled.is_set():
-                self.metrics.finished.labels("cancelled").inc(r.n)
-        self._waiting = deque(r for r in self._waiting if not r.cancelled.is_set())
-        self.metrics.queue_depth.set(len(self._waiting))
+        """Under self._cond: see drop_cancelled_waiting."""
+        self._waiting = drop_cancelled_waiting(self._waiting, self.metrics)
 
     def _admit(self) -> None:
         """Move waiting requests into free slots (first come, first served) and prefill them: one
@@ -393,3 +387,15 @@ class Scheduler:
 def _deliver(items: list[tuple[asyncio.Queue, Delta | Finished]]) -> None:
     for queue, ev in items:
         queue.put_nowait(ev)
+
+
+def drop_cancelled_waiting(waiting: deque, metrics: Any) -> deque:
+    """The queue without the requests whose client left while they waited, those counted as cancelled
+    (each of its n choices), so that they neither take a queue place (429 for live clients) nor show in
+    the depth gauge. Both schedulers (this one and serve/seq2seq.py's) call it under their lock."""
+    if not any(r.cancelled.is_set() for r in waiting):
+        return waiting
+    metrics.finished.labels("cancelled").inc(sum(r.n for r in waiting if r.cancelled.is_set()))
+    kept = deque(r for r in waiting if not r.cancelled.is_set())
+    metrics.queue_depth.set(len(kept))
+    return kept

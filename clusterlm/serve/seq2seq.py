@@ -28,7 +28,8 @@ from torch import nn
 from clusterlm.generate.sampling import token_logprobs
 from clusterlm.generate.seq2seq import Seq2SeqGeneration
 from clusterlm.generate.text import StopStrings, TextStream
-from clusterlm.serve.scheduler import Delta, Failed, Finished, QueueFull, Request, SamplingParams
+from clusterlm.serve.scheduler import (Delta, Failed, Finished, QueueFull, Request, SamplingParams,
+                                      drop_cancelled_waiting)
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,7 @@ class Seq2SeqScheduler:
         source = (prompt_ids[1:] if prompt_ids and prompt_ids[0] == eos else list(prompt_ids)) + [eos]
         req = Request(source, n, params, loop)
         with self._cond:
-            gone = [r for r in self._waiting if r.cancelled.is_set()]  # clients that left while queued
-            if gone:  # hold no queue place (scheduler.Scheduler._drop_cancelled_waiting)
-                self.metrics.finished.labels("cancelled").inc(sum(r.n for r in gone))
-                self._waiting = deque(r for r in self._waiting if not r.cancelled.is_set())
-                self.metrics.queue_depth.set(len(self._waiting))
+            self._waiting = drop_cancelled_waiting(self._waiting, self.metrics)  # clients that left while queued
             if len(self._waiting) >= self.max_queue + (0 if self._current is not None else 1):
                 wait = int(self.request_seconds * (1 + len(self._waiting)))
                 raise QueueFull(len(self._waiting), min(60, max(1, wait)))
