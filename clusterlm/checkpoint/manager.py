@@ -46,6 +46,7 @@ class RunState:
     bad_streak: int = 0
     best_val_loss: float | None = None
     best_saved_val_loss: float | None = None  # checkpoint.keep_best: the lowest val loss at a saved step
+    best_saved_step: int | None = None  # ... and that step (checkpoints/best names its folder)
     train_seconds: float = 0.0  # wall time spent in previous segments of this run
 
 

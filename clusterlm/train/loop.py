@@ -412,6 +412,13 @@ class Trainer:
                    "--train.max_minutes (or 0: no limit)")
         else:
             why = None
+        if why is not None and self._resumed_reason() == "preempted":
+            # stopped by a signal in its last step (or as its time ran out): the loop has nothing left
+            # but the run never had its final evaluation and checkpoint; run() does them now
+            log.warning("resumed at step %d, %s, from a checkpoint saved when the run was stopped by a signal: "
+                        "no step to train; running the final evaluation and checkpoint it did not reach",
+                        self.state.step, why[0])
+            why = None
         self.nothing_to_train = why is not None
         if why is not None:
             log.warning("resumed at step %d, %s: nothing to train; %s and the run folder are left as they are (no "
@@ -425,6 +432,8 @@ class Trainer:
         self.ema.restore_after_load()  # a checkpoint written with the average as its model
         self._log_plan()
         if not self.nothing_to_train:
+            if self.state.step:
+                self._reconcile_best(cfg)
             self._open_run_dir()
         self.last_loss: float | None = None
         self.last_val: float | None = None
@@ -433,6 +442,46 @@ class Trainer:
         self.last_ckpt: Path | None = None
 
     # ---- set-up helpers --------------------------------------------------------------------------
+    def _resumed_reason(self) -> str | None:
+        """Why the checkpoint this run resumed from was saved ("periodic", "final", "preempted", ...)."""
+        from clusterlm.checkpoint.store import read_info
+
+        path = self.checkpointer.resolve()
+        return read_info(path).train_state.get("reason") if path is not None else None
+
+    def _reconcile_best(self, cfg: RunConfig) -> None:
+        """checkpoints/best after a resume. With checkpoint.keep_best off, a pointer an earlier segment
+        left would stay in force (and keep its folder past keep_last) for ever: it is removed, loudly.
+        With it on, the pointer names the resumed RunState's best step: a branch resume (from a
+        checkpoint before the best) drops the later folders and the pointer with them, and the best
+        folder at or before the resumed step is named again; when that folder is gone (or the run
+        resumed from a folder outside its own checkpoints/), the next evaluated save is marked best."""
+        from clusterlm.checkpoint.layout import BEST, move_latest, read_latest, step_name
+
+        root, state = self.checkpointer.root, self.state
+        best = read_latest(root, BEST)
+        if not cfg.checkpoint.keep_best:
+            if best is not None and self.rank0:
+                log.warning("checkpoint.keep_best is off in this run: removing %s, which named %s (saved while it "
+                            "was on); that folder is now pruned by checkpoint.keep_last like any other",
+                            root / BEST, best)
+                (root / BEST).unlink(missing_ok=True)
+            state.best_saved_val_loss = state.best_saved_step = None
+            return
+        if state.best_saved_val_loss is None:
+            return
+        resumed = self.checkpointer.resolve()
+        name = step_name(state.best_saved_step) if state.best_saved_step is not None else None
+        if name is not None and resumed is not None and resumed.parent.resolve() == root.resolve() and (root / name).is_dir():
+            if best != name and self.rank0:
+                move_latest(root, name, BEST)
+                log.info("checkpoints/best names %s again: the lowest val loss (%.4f) saved up to the resumed step %d"
+                         "%s", name, state.best_saved_val_loss, state.step, f" (it named {best})" if best else "")
+            return
+        log.info("checkpoints/best: the best checkpoint up to the resumed step %d is not in %s (%s); the next "
+                 "evaluated checkpoint is marked best", state.step, root, name or "saved before its step was recorded")
+        state.best_saved_val_loss = state.best_saved_step = None
+
     def _init_process(self, cfg: RunConfig) -> torch.device:
         """The device; under torchrun/srun the process group first (after a layout check, so a wrong
         world size fails before any process group or model exists)."""
@@ -982,7 +1031,7 @@ class Trainer:
         if self.cfg.checkpoint.keep_best and self._val_at is not None and self._val_at[0] == state.step:
             val = self._val_at[1]  # the lowest among saved steps (an evaluation between saves keeps nothing)
             if state.best_saved_val_loss is None or val < state.best_saved_val_loss:
-                state.best_saved_val_loss, best = val, True
+                state.best_saved_val_loss, state.best_saved_step, best = val, state.step, True
         with self.ema.applied(for_checkpoint=True):  # with optim.ema_decay the model saved is the average
             self.last_ckpt = path = ckpt.save(state, self.model, self.optimizer, self.loader, reason=reason, best=best)
             if reason == "final" and self.cfg.finetune.lora_rank:

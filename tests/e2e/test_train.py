@@ -216,6 +216,65 @@ def test_keep_best_keeps_the_lowest_val_loss_checkpoint_through_a_resume(data_di
         tiny_cfg(data_dir, tmp_path / "c", "--checkpoint.keep_best=true")
 
 
+def _ckpt_reason(folder: Path) -> str:
+    return json.loads((folder / "train_state.json").read_text())["reason"]
+
+
+def test_a_signal_in_the_last_step_gets_its_final_evaluation_on_resume(data_dir, tmp_path, monkeypatch):
+    """A stop signal that arrives during the last step saves "preempted" at step max_steps (exit 75) and
+    skips the final evaluation; the requeued run used to find "nothing to train" and end without it for
+    ever. Resumed, it now evaluates and saves "final" (exit 0), once: a further resume has nothing to do."""
+    from clusterlm.train.loop import Trainer, train
+
+    run, extra = tmp_path / "r", ("--train.max_steps=10", "--checkpoint.interval=50", "--train.eval_interval=40")
+    real = Trainer.agree_stop
+    monkeypatch.setattr(Trainer, "agree_stop", lambda self, stop: ("SIGTERM", False) if self.state.step == 10
+                        else real(self, stop))
+    stopped = train(tiny_cfg(data_dir, run, *extra))
+    assert stopped.exit_code == EXIT_PREEMPTED and stopped.final_val_loss is None
+    assert _ckpt_reason(run / "checkpoints" / "step-00000010") == "preempted"
+    monkeypatch.setattr(Trainer, "agree_stop", real)
+    done = train(tiny_cfg(data_dir, run, *extra, "--train.resume=auto"))
+    assert done.exit_code == 0 and done.final_val_loss is not None and done.reason == "finished"
+    assert _ckpt_reason(run / "checkpoints" / "step-00000010") == "final"
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [10]
+    again = train(tiny_cfg(data_dir, run, *extra, "--train.resume=auto"))
+    assert again.reason.startswith("nothing to train")
+
+
+def test_keep_best_pointer_follows_the_resume(data_dir, tmp_path):
+    """checkpoints/best across resumes. Turned off on resume, the old pointer is removed (it used to stay
+    in force, its folder kept past keep_last for ever). A branch resume from a checkpoint before the best
+    (the later folders and the pointer are dropped) names the best folder up to its step again: with
+    lr 1 the branch's evaluation is worse, and the run used to end with no best at all."""
+    from clusterlm.checkpoint.layout import read_latest
+    from clusterlm.train.loop import train
+
+    best_on = ("--train.eval_interval=10", "--checkpoint.interval=10", "--checkpoint.keep_best=true",
+               "--optim.lr=2e-2", "--optim.decay_steps=40")
+    a = tmp_path / "a"
+    train(tiny_cfg(data_dir, a, *best_on, "--checkpoint.keep_last=1", "--train.max_steps=20"))
+    assert read_latest(a / "checkpoints", "best") is not None
+    train(tiny_cfg(data_dir, a, "--train.eval_interval=10", "--checkpoint.interval=10", "--checkpoint.keep_last=1",
+                   "--optim.lr=2e-2", "--optim.decay_steps=40", "--train.max_steps=30", "--train.resume=auto"))
+    assert not (a / "checkpoints" / "best").exists()
+    assert sorted(p.name for p in (a / "checkpoints").glob("step-*")) == ["step-00000030"]
+
+    b = tmp_path / "b"
+    train(tiny_cfg(data_dir, b, *best_on, "--checkpoint.keep_last=10", "--train.max_steps=40"))
+    evals = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
+    up_to_20 = min((r["val_loss"], r["step"]) for r in evals if r["kind"] == "eval" and r["step"] <= 20)[1]
+    assert read_latest(b / "checkpoints", "best") == "step-00000040"  # lr decays: the last is the best here
+    train(tiny_cfg(data_dir, b, *best_on, "--checkpoint.keep_last=10", "--train.max_steps=30", "--optim.lr=1",
+                   "--train.resume=" + json.dumps(str(b / "checkpoints" / "step-00000020"))))
+    branch = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_loss"] for r in branch if r["kind"] == "eval" and r["step"] == 30][0] > min(
+        r["val_loss"] for r in evals if r["kind"] == "eval" and r["step"] <= 20)
+    assert read_latest(b / "checkpoints", "best") == f"step-{up_to_20:08d}"
+    assert (b / "checkpoints" / f"step-{up_to_20:08d}").is_dir() and not (b / "checkpoints" / "step-00000040").exists()
+
+
 def test_an_out_dir_that_is_a_file_is_refused_at_once(data_dir, tmp_path):
     """train.out_dir naming a file, or a folder under one: one line naming it, before the data, the
     model or the checkpointer are set up (it was "[Errno 17] File exists" after all of that); the
