@@ -114,10 +114,26 @@ class SbatchOptions:
         for arg in self.extra:
             if not arg.startswith("--") or any(c in arg for c in "\n\r"):
                 raise ConfigError(f"--sbatch-arg={arg!r} must be one sbatch option starting with '--' (e.g. --exclusive)")
+            key = arg.partition("=")[0]
+            if key in OWN_DIRECTIVES:  # sbatch takes the last of a repeated option: it would replace the script's
+                raise ConfigError(f"--sbatch-arg={arg!r}: the script sets {key} itself; {OWN_DIRECTIVES[key]}")
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.ntasks_per_node
+
+
+_USE = "use clusterlm launch's {} instead"
+_NEEDED = "the preemption, requeue and log handling depend on it"
+OWN_DIRECTIVES = {  # #SBATCH options render_sbatch writes, and what to pass instead of --sbatch-arg
+    "--job-name": _USE.format("--job-name"), "--nodes": _USE.format("--nodes (and --min-nodes)"),
+    "--ntasks-per-node": _USE.format("--ntasks-per-node"), "--cpus-per-task": _USE.format("--cpus-per-task"),
+    "--gpus-per-node": _USE.format("--gpus-per-node"), "--time": _USE.format("--time"),
+    "--partition": _USE.format("--partition"), "--account": _USE.format("--account"),
+    "--signal": _USE.format("--signal-seconds") + " (the trainer stops on SIGUSR2)",
+    "--output": _USE.format("--output"), "--requeue": _NEEDED, "--no-requeue": _NEEDED, "--open-mode": _NEEDED,
+    "--chdir": "it is the folder launch runs in (cd there first)", "--no-kill": _USE.format("--min-nodes"),
+}
 
 
 def sbatch_directive(option: str) -> str:

@@ -134,7 +134,14 @@ def test_time_limits_and_option_errors():
              (dict(partition="gpu\n"), "--partition='gpu\\n'"), (dict(account="proj\n"), "--account='proj\\n'"),
              (dict(job_name="x\n"), "--job-name='x\\n'"),
              (dict(job_name=""), "--job-name must not be empty"),
-             (dict(extra=("exclusive",)), "must be one sbatch option starting with '--'")]
+             (dict(extra=("exclusive",)), "must be one sbatch option starting with '--'"),
+             # sbatch takes the last of a repeated option: these replaced the script's own (a --signal=USR1
+             # never reached the trainer, --no-requeue undid the requeue on preemption)
+             (dict(extra=("--signal=USR1@60",)), "the script sets --signal itself; use clusterlm launch's "
+                                                 "--signal-seconds instead"),
+             (dict(extra=("--no-requeue",)), "the preemption, requeue and log handling depend on it"),
+             (dict(extra=("--time=01:00:00",)), "use clusterlm launch's --time instead"),
+             (dict(extra=("--output=/tmp/x.out",)), "use clusterlm launch's --output instead")]
     for kwargs, message in cases:
         with pytest.raises(ConfigError) as e:
             SbatchOptions(**kwargs)
