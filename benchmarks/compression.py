@@ -177,7 +177,7 @@ def main() -> None:
     ap.add_argument("--train-dir", type=Path, default=ROOT / "runs" / "compression_shakespeare_char")
     ap.add_argument("--train-threads", type=int, default=1,
                     help="torch threads for training (1: steadier than 2 on a machine shared with other jobs)")
-    ap.add_argument("--data", type=Path, default=ROOT / "data" / "shakespeare_char",
+    ap.add_argument("--data", type=Path, default=ROOT / "data" / "shakespeare_char",  # prepared by the training
                     help="the model's prepared data directory (val split; fine-tune data)")
     ap.add_argument("--eval-batches", type=int, default=50)
     ap.add_argument("--new-tokens", type=int, default=48)
@@ -192,6 +192,10 @@ def main() -> None:
                      "torch": torch.__version__, "threads": args.threads, "repeats": args.repeats,
                      "load_before": [round(x, 2) for x in os.getloadavg()], "models": {},
                      "cpu": cpu_model(), "gpu": gpu_name()}
+    default_data = ROOT / "data" / "shakespeare_char"
+    if args.data != default_data and not (args.data / "meta.json").is_file():  # before minutes of training
+        sys.exit(f"--data {args.data}: not a prepared data directory (no meta.json); give the model's prepared "
+                 f"data (clusterlm prepare ... --out DIR), or leave --data out for {default_data}")
     if args.ckpt is None:
         src, cmd = train_shakespeare(args.train_dir, args.train_threads)
     else:
