@@ -195,6 +195,7 @@ def render_sbatch(opts: SbatchOptions, recipe: str | None, overrides: list[str],
             'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"',
             *master,
             "export MASTER_PORT=$(( 20000 + (SLURM_JOB_ID * 8 + ${SLURM_RESTART_COUNT:-0} % 8) % 40000 ))",
+            *_FREE_PORT,
             'echo "clusterlm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST,'
             ' $SLURM_NTASKS tasks, master $MASTER_ADDR:$MASTER_PORT, $(date -u +%FT%TZ)"',
             "",
@@ -225,6 +226,7 @@ def render_sbatch(opts: SbatchOptions, recipe: str | None, overrides: list[str],
             *("    " + line for line in master),
             "    # the port: from the job id, the requeue count and the round, so no round meets an older one's socket",
             "    export MASTER_PORT=$(( 20000 + (SLURM_JOB_ID * 8 + (${SLURM_RESTART_COUNT:-0} + round) % 8) % 40000 ))",
+            *("    " + line for line in _FREE_PORT),
             '    echo "clusterlm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}, round $round) on $nodes,'
             f' $((n * {k})) tasks, --parallel.dp_replicate=$n, master $MASTER_ADDR:$MASTER_PORT, $(date -u +%FT%TZ)"',
             "    # --overlap after a loss: the lost round's step can linger on the survivors' CPUs until every node",
@@ -279,6 +281,16 @@ def render_sbatch(opts: SbatchOptions, recipe: str | None, overrides: list[str],
         "",
     ]
     return "\n".join(lines)
+
+
+# The derived port repeats every 5,000 job ids: a long job on this node may hold it. The batch script runs on
+# the allocation's first node, where rank 0 listens: the next port nothing listens on is taken instead.
+_FREE_PORT = [
+    "# a job 5000 ids away shares the derived port: where something listens on it here (the first node,",
+    "# where rank 0's store will listen), take the next free one",
+    'for _ in $(seq 64); do timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$MASTER_PORT" 2>/dev/null || break;'
+    " MASTER_PORT=$(( MASTER_PORT + 1 )); done",
+]
 
 
 def _continue_lines(min_nodes: int) -> list[str]:

@@ -5,6 +5,7 @@ parsers on outputs recorded from Debian's Slurm 22.05 (tests/unit/fixtures/slurm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -106,6 +107,27 @@ def test_script_requeues_only_on_exit_75(tmp_path, srun_rc, script_rc, requeued)
     assert f"MASTER=10.0.0.7:{20000 + (1234 * 8 + 1) % 40000}" in calls
     assert "srun --cpus-per-task=1 --wait=120 /py -m clusterlm train /r.toml --train.resume=auto" in calls
     assert ("scontrol requeue 1234" in calls) == requeued
+
+
+def test_script_takes_the_next_port_when_the_derived_one_is_in_use(tmp_path):
+    """The derived port repeats every 5,000 job ids: a job whose port something already listens on (an
+    older job on the same first node) used to fail its rendezvous with EADDRINUSE; it takes the next
+    free port instead."""
+    import socket
+
+    with contextlib.ExitStack() as stack:
+        while True:  # a listening port P in the derived range, and the job id / restart count that give it
+            s = stack.enter_context(socket.socket())
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if 20000 <= port < 59999:
+                break
+        s.listen()
+        job, restart = (port - 20000) // 8, (port - 20000) % 8
+        assert 20000 + (job * 8 + restart) % 40000 == port
+        r, calls = _run_script(tmp_path, [0], job_id=str(job), restart=str(restart))
+    assert r.returncode == 0, r.stderr
+    assert f"MASTER=10.0.0.7:{port + 1}" in calls, calls
 
 
 def test_bash_syntax_of_rendered_script(tmp_path):
