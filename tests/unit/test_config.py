@@ -105,6 +105,22 @@ def test_validation_message_has_the_arithmetic():
         load_run_config(None, ["--model.dim=130"])
 
 
+@pytest.mark.parametrize("override, fragment", [
+    ("--model.n_kv_heads=0", "model.n_kv_heads=0 must be a divisor of model.n_heads=4 (1, 2, 4), or unset"),
+    ("--model.n_kv_heads=-2", "model.n_kv_heads=-2 must be a divisor of model.n_heads=4 (1, 2, 4)"),
+    ("--model.n_kv_heads=3", "model.n_heads=4 is not divisible by model.n_kv_heads=3; n_kv_heads may be 1, 2, 4"),
+    ("--model.ffn_dim=0", "model.ffn_dim=0 must be >= 1"),
+    ("--model.ffn_dim=-3", "model.ffn_dim=-3 must be >= 1"),
+])
+def test_head_and_mlp_sizes_that_cannot_build_are_refused(override, fragment):
+    """n_kv_heads=0 read as unset (a silent switch to multi-head attention), a negative n_kv_heads or
+    ffn_dim failed in torch when the model was built (ffn_dim=0 built an MLP of zero width); each is
+    refused when the config is read, naming the valid values."""
+    with pytest.raises(ConfigError) as e:
+        load_run_config(None, [override])
+    assert fragment in str(e.value)
+
+
 def test_checkpoint_validation_names_only_the_wrong_key():
     """--checkpoint.keep_last=0 said "checkpoint.interval=500 must be >= 0, keep_last=0 >= 1", naming
     the valid interval first; each key is now refused on its own, with what would be valid."""
