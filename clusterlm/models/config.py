@@ -114,7 +114,10 @@ class ModelConfig:
             if self.head_size is not None and self.head_size < 1:
                 raise ConfigError(f"model.head_size={self.head_size} must be >= 1 (or unset for dim/n_heads)")
             if self.head_size is None and self.dim % self.n_heads:
-                raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+                fits = [h for h in range(1, min(self.dim, 64) + 1) if self.dim % h == 0]
+                raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}; "
+                                  f"n_heads may be {', '.join(map(str, fits))}{', ...' if self.dim > 64 else ''} "
+                                  "(a divisor of dim)")
             if self.n_heads % self.kv_heads:
                 raise ConfigError(
                     f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.kv_heads}; "

@@ -101,8 +101,11 @@ def test_int_accepted_for_float():
 
 def test_validation_message_has_the_arithmetic():
     """ModelConfig validation shows the numbers (STYLE.md)."""
-    with pytest.raises(ConfigError, match=r"model.dim=130 is not divisible by model.n_heads=4"):
+    with pytest.raises(ConfigError, match=r"model.dim=130 is not divisible by model.n_heads=4; "
+                                          r"n_heads may be 1, 2, 5, 10, 13, 26, \.\.\. \(a divisor of dim\)"):
         load_run_config(None, ["--model.dim=130"])
+    with pytest.raises(ConfigError, match=r"n_heads may be 1, 2, 3, 5, 6, 10, 15, 30 \(a divisor of dim\)$"):
+        load_run_config(None, ["--model.dim=30", "--model.n_heads=7"])
 
 
 @pytest.mark.parametrize("override, fragment", [
