@@ -82,6 +82,12 @@ class ModelConfig:
     tokens right to left, and the head reads both pooled states side by side (a BiLSTM/BiGRU)"""
 
     def __post_init__(self) -> None:
+        # the TOML loader checks these Literals; ModelConfig(...) in Python must too: an unknown name
+        # built a GELU MLP, a LayerNorm or (pos) no positions at all, silently
+        for name, valid in (("pos", ("learned", "sinusoidal", "rope", "none")), ("norm", ("layernorm", "rmsnorm")),
+                            ("mlp", ("gelu", "swiglu"))):
+            if getattr(self, name) not in valid:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r}; expected one of {', '.join(valid)}")
         if self.vocab_size is not None and self.vocab_size < 1:
             raise ConfigError(f"model.vocab_size={self.vocab_size} must be >= 1 (or unset to take it from the data)")
         for name in ("vocab_multiple", "n_layers", "dim", "n_heads", "max_seq_len", "ffn_multiple"):

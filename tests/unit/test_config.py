@@ -233,6 +233,21 @@ def test_sections_built_in_python_reject_non_finite_values():
         ModelConfig(rope_theta=float("inf"))
 
 
+@pytest.mark.parametrize("field, value, fragment", [
+    ("mlp", "relu", "model.mlp='relu'; expected one of gelu, swiglu"),
+    ("norm", "batchnorm", "model.norm='batchnorm'; expected one of layernorm, rmsnorm"),
+    ("pos", "alibi", "model.pos='alibi'; expected one of learned, sinusoidal, rope, none"),
+])
+def test_model_config_built_in_python_rejects_unknown_choices(field, value, fragment):
+    """The loader refuses an unknown mlp/norm/pos; ModelConfig built in Python accepted one and built a
+    GELU MLP, a LayerNorm or a model with no positions at all, silently."""
+    from clusterlm.models.config import ModelConfig
+
+    with pytest.raises(ConfigError) as e:
+        ModelConfig(vocab_size=50, **{field: value})
+    assert fragment in str(e.value)
+
+
 @pytest.mark.parametrize("override, fragment", [
     ("--train.seed=-1", "train.seed=-1 must be >= 0"),
     ("--data.vocab_size=-5", "data.vocab_size=-5 must be >= 0"),
