@@ -130,7 +130,13 @@ class ModelConfig:
                     f"n_kv_heads may be {', '.join(map(str, self._kv_choices()))}"
                 )
             if self.pos == "rope" and self.head_dim % 2:
-                raise ConfigError(f"rotary positions need an even head dim; dim/n_heads = {self.head_dim}")
+                if self.head_size is not None:
+                    raise ConfigError(f"model.pos='rope' needs an even head dim; model.head_size={self.head_size}")
+                even = [str(h) for h in range(1, self.dim + 1) if self.dim % h == 0 and (self.dim // h) % 2 == 0]
+                raise ConfigError(f"model.pos='rope' needs an even head dim; model.dim/model.n_heads = {self.dim}/"
+                                  f"{self.n_heads} = {self.head_dim}; " + (
+                                      f"n_heads may be {', '.join(even[:12] + ['...'] * (len(even) > 12))}" if even
+                                      else "an odd model.dim has no even head dim"))
             if self.pos == "none":
                 raise ConfigError("model.pos='none' is only for lstm/gru; use 'learned', 'sinusoidal' or 'rope'")
             if self.pos == "sinusoidal" and self.dim % 2:

@@ -233,6 +233,20 @@ def test_sections_built_in_python_reject_non_finite_values():
         ModelConfig(rope_theta=float("inf"))
 
 
+def test_rope_with_an_odd_head_dim_names_its_source_and_the_valid_n_heads():
+    """An odd head dim under rotary positions was reported as "dim/n_heads = 7" also when it came from
+    model.head_size (where dim/n_heads was 8), with no valid choice; now the field it came from is named,
+    and for dim/n_heads the n_heads that give an even head dim."""
+    from clusterlm.models.config import ModelConfig
+
+    with pytest.raises(ConfigError, match=r"^model.pos='rope' needs an even head dim; model.head_size=7$"):
+        ModelConfig(pos="rope", dim=48, n_heads=6, head_size=7)
+    with pytest.raises(ConfigError, match=r"model.dim/model.n_heads = 12/4 = 3; n_heads may be 1, 2, 3, 6$"):
+        load_run_config(None, ["--model.pos=rope", "--model.dim=12"])
+    with pytest.raises(ConfigError, match=r"15/3 = 5; an odd model.dim has no even head dim$"):
+        ModelConfig(pos="rope", dim=15, n_heads=3)
+
+
 @pytest.mark.parametrize("field, value, fragment", [
     ("mlp", "relu", "model.mlp='relu'; expected one of gelu, swiglu"),
     ("norm", "batchnorm", "model.norm='batchnorm'; expected one of layernorm, rmsnorm"),
