@@ -266,6 +266,20 @@ def state_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, pad_id: int | 
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}
 
 
+def check_position_rows(hf_state: dict[str, torch.Tensor], hf: dict[str, Any], where: str) -> None:
+    """A RoBERTa position table must have config.json's max_position_embeddings rows: hf_to_state finds
+    row pad_token_id + 1 as (its rows - max_seq_len), so a table of another size would shift every
+    position (transformers refuses such a folder as a size mismatch)."""
+    if hf.get("model_type") != ROBERTA:
+        return
+    name = f"{_RB}embeddings.position_embeddings.weight"
+    table = hf_state.get(name, hf_state.get(f"module.{name}"))
+    rows = hf.get("max_position_embeddings")
+    if table is not None and table.dim() == 2 and table.shape[0] != rows:
+        raise CheckpointError(f"{where}: weight {name} has {table.shape[0]} rows but config.json describes "
+                              f"max_position_embeddings={rows}; the weights and config.json are from different models")
+
+
 def hf_to_state(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, kind: str,
                 where: str = "Hugging Face weights") -> dict[str, torch.Tensor]:
     """Our state dict (float32, contiguous) from a RobertaPreLayerNormForMaskedLM (`kind`

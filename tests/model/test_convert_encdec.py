@@ -193,6 +193,26 @@ def test_roberta_prelayernorm_import(tmp_path):
         _close(loaded.model(ids, mask), hf(input_ids=ids, attention_mask=mask.long()).logits, mask)
 
 
+def test_roberta_position_table_must_match_config_json(tmp_path):
+    """A RoBERTa folder whose position table has more rows than config.json's max_position_embeddings
+    converted with every position shifted (our rows were found from the table's size), where
+    transformers refuses the folder; it is refused naming the table and both sizes, and nothing is written."""
+    from clusterlm.errors import CheckpointError
+    from clusterlm.tokenizer.kinds import make_tokenizer
+
+    hf_cfg = transformers.RobertaPreLayerNormConfig(
+        vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+        hidden_act="gelu_new", max_position_embeddings=22, type_vocab_size=1, pad_token_id=1)
+    transformers.RobertaPreLayerNormForMaskedLM(hf_cfg).save_pretrained(tmp_path / "hf")
+    make_tokenizer("byte").save(tmp_path / "hf" / "tokenizer.json")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg | {"max_position_embeddings": 20}))
+    with pytest.raises(CheckpointError, match=r"position_embeddings.weight has 22 rows but config.json describes "
+                                              r"max_position_embeddings=20; the weights and config.json are from"):
+        main(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
 def test_mbart_import(tmp_path):
     """A random MBartForConditionalGeneration (tied, gelu_new) converted with `clusterlm convert` gives
     transformers' logits for a padded source batch (1e-4)."""
