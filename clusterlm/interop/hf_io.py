@@ -33,6 +33,7 @@ import torch
 from clusterlm.errors import CheckpointError, ConfigError
 from clusterlm.models.config import ModelConfig
 from clusterlm.models.convert import config_to_hf, family, hf_to_config, hf_to_state, state_to_hf
+from clusterlm.models.convert_encdec import check_position_rows
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,9 @@ def convert_from_hf(src: str | Path, out: str | Path, *, trust_pickle: bool = Fa
         # the rows past the tokenizer's ids become padding rows (kept: same logits, same export), which
         # clusterlm never samples; as vocabulary they were sampled and then failed to decode
         cfg = dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size, vocab_multiple=cfg.padded_vocab_size)
-    state = hf_to_state(read_hf_weights(src, trust_pickle), cfg, hf_cfg["model_type"], where=str(src))
+    weights = read_hf_weights(src, trust_pickle)
+    check_position_rows(weights, hf_cfg, str(src))
+    state = hf_to_state(weights, cfg, hf_cfg["model_type"], where=str(src))
     _check_shapes(state, cfg, str(src))
     run = RunConfig(model=cfg, train=TrainConfig(out_dir=str(out), seq_len=min(256, cfg.max_seq_len)))
     path = save_checkpoint(out / "checkpoints", 0, model_state=state, optimizer_state=None,

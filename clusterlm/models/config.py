@@ -82,6 +82,12 @@ class ModelConfig:
     tokens right to left, and the head reads both pooled states side by side (a BiLSTM/BiGRU)"""
 
     def __post_init__(self) -> None:
+        # the TOML loader checks these Literals; ModelConfig(...) in Python must too: an unknown name
+        # built a GELU MLP, a LayerNorm or (pos) no positions at all, silently
+        for name, valid in (("pos", ("learned", "sinusoidal", "rope", "none")), ("norm", ("layernorm", "rmsnorm")),
+                            ("mlp", ("gelu", "swiglu"))):
+            if getattr(self, name) not in valid:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r}; expected one of {', '.join(valid)}")
         if self.vocab_size is not None and self.vocab_size < 1:
             raise ConfigError(f"model.vocab_size={self.vocab_size} must be >= 1 (or unset to take it from the data)")
         for name in ("vocab_multiple", "n_layers", "dim", "n_heads", "max_seq_len", "ffn_multiple"):
@@ -105,16 +111,32 @@ class ModelConfig:
             raise ConfigError(f"model.n_enc_layers={self.n_enc_layers} is for arch 'encdec' (>= 1); "
                               f"model.arch={self.arch!r}")
         if self.arch in TRANSFORMER_ARCHS:
+            # 0 would read as unset (kv_heads: `or`), a negative count failed in torch at build time
+            if self.n_kv_heads is not None and not 1 <= self.n_kv_heads <= self.n_heads:
+                raise ConfigError(f"model.n_kv_heads={self.n_kv_heads} must be a divisor of model.n_heads="
+                                  f"{self.n_heads} ({', '.join(map(str, self._kv_choices()))}), or unset for n_heads")
+            if self.ffn_dim is not None and self.ffn_dim < 1:
+                raise ConfigError(f"model.ffn_dim={self.ffn_dim} must be >= 1 (or unset for the MLP's default width)")
             if self.head_size is not None and self.head_size < 1:
                 raise ConfigError(f"model.head_size={self.head_size} must be >= 1 (or unset for dim/n_heads)")
             if self.head_size is None and self.dim % self.n_heads:
-                raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+                fits = [h for h in range(1, min(self.dim, 64) + 1) if self.dim % h == 0]
+                raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}; "
+                                  f"n_heads may be {', '.join(map(str, fits))}{', ...' if self.dim > 64 else ''} "
+                                  "(a divisor of dim)")
             if self.n_heads % self.kv_heads:
                 raise ConfigError(
-                    f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.kv_heads}"
+                    f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.kv_heads}; "
+                    f"n_kv_heads may be {', '.join(map(str, self._kv_choices()))}"
                 )
             if self.pos == "rope" and self.head_dim % 2:
-                raise ConfigError(f"rotary positions need an even head dim; dim/n_heads = {self.head_dim}")
+                if self.head_size is not None:
+                    raise ConfigError(f"model.pos='rope' needs an even head dim; model.head_size={self.head_size}")
+                even = [str(h) for h in range(1, self.dim + 1) if self.dim % h == 0 and (self.dim // h) % 2 == 0]
+                raise ConfigError(f"model.pos='rope' needs an even head dim; model.dim/model.n_heads = {self.dim}/"
+                                  f"{self.n_heads} = {self.head_dim}; " + (
+                                      f"n_heads may be {', '.join(even[:12] + ['...'] * (len(even) > 12))}" if even
+                                      else "an odd model.dim has no even head dim"))
             if self.pos == "none":
                 raise ConfigError("model.pos='none' is only for lstm/gru; use 'learned', 'sinusoidal' or 'rope'")
             if self.pos == "sinusoidal" and self.dim % 2:
@@ -127,6 +149,10 @@ class ModelConfig:
         elif self.pos != "none" and self.pos != "learned":
             raise ConfigError(f"model.pos={self.pos!r} is for the attention families; lstm/gru take 'none'")
         self._check_classifier()
+
+    def _kv_choices(self) -> list[int]:
+        """The valid n_kv_heads: the divisors of n_heads."""
+        return [k for k in range(1, self.n_heads + 1) if self.n_heads % k == 0]
 
     def _check_classifier(self) -> None:
         labels = self.labels

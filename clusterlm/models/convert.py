@@ -30,6 +30,7 @@ import torch
 from clusterlm.errors import CheckpointError, ConfigError
 from clusterlm.models import convert_encdec
 from clusterlm.models.config import ModelConfig
+from clusterlm.models.convert_encdec import check_sizes
 
 ENCODER_FAMILIES = (convert_encdec.ROBERTA, convert_encdec.MBART)
 SUPPORTED = ("gpt2", "llama", *ENCODER_FAMILIES)
@@ -54,36 +55,16 @@ def _rope_theta(hf: dict[str, Any]) -> float:
     return float(theta)
 
 
-MAX_CONTEXT = 1 << 20  # rotary tables and position embeddings are built for the whole context at load
-
-
-def _check_sizes(hf: dict[str, Any], required: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
-    """The config's sizes are whole numbers >= 1 (a missing required one: KeyError, named by the caller)
-    and its context at most MAX_CONTEXT."""
-    for key in required + optional:
-        if key not in hf or (key in optional and hf[key] is None):
-            if key in required:
-                raise KeyError(key)
-            continue
-        v = hf[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"config.json {key}={v!r} must be a whole number >= 1")
-    for key in ("n_positions", "max_position_embeddings"):
-        if isinstance(hf.get(key), int) and hf[key] > MAX_CONTEXT:
-            raise ConfigError(f"config.json {key}={hf[key]:,}: clusterlm builds its position tables for the whole "
-                              f"context when it loads a model; at most {MAX_CONTEXT:,} (lower it in config.json)")
-
-
 def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
     """Our ModelConfig for a Hugging Face config.json dict (gpt2, llama, roberta-prelayernorm or mbart)."""
     mt = hf.get("model_type")
     if mt in ENCODER_FAMILIES:
         return convert_encdec.hf_to_config(hf)
     if mt == "gpt2":
-        _check_sizes(hf, ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions"), ("n_inner",))
+        check_sizes(hf, ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions"), ("n_inner",))
     elif mt == "llama":
-        _check_sizes(hf, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                          "max_position_embeddings"), ("num_key_value_heads", "head_dim"))
+        check_sizes(hf, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                         "max_position_embeddings"), ("num_key_value_heads", "head_dim"))
     if mt == "gpt2":
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):

@@ -105,6 +105,26 @@ def roberta_pad_id(cfg: ModelConfig, pad_id: int | None) -> int:
                       "has one, or set model.vocab_multiple so that the vocabulary has a padding row")
 
 
+MAX_CONTEXT = 1 << 20  # rotary tables and position embeddings are built for the whole context at load
+
+
+def check_sizes(hf: dict[str, Any], required: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+    """The config's sizes are whole numbers >= 1 (a missing required one: KeyError, named by the caller)
+    and its context at most MAX_CONTEXT; for every family (models/convert.py imports it from here)."""
+    for key in required + optional:
+        if key not in hf or (key in optional and hf[key] is None):
+            if key in required:
+                raise KeyError(key)
+            continue
+        v = hf[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"config.json {key}={v!r} must be a whole number >= 1")
+    for key in ("n_positions", "max_position_embeddings"):
+        if isinstance(hf.get(key), int) and hf[key] > MAX_CONTEXT:
+            raise ConfigError(f"config.json {key}={hf[key]:,}: clusterlm builds its position tables for the whole "
+                              f"context when it loads a model; at most {MAX_CONTEXT:,} (lower it in config.json)")
+
+
 def _tanh_gelu(hf: dict[str, Any], key: str, default: str) -> None:
     act = hf.get(key, default)
     if act not in TANH_GELU:
@@ -126,6 +146,12 @@ def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
             raise ConfigError("config.json is_decoder/add_cross_attention: a RoBERTa decoder is not a clusterlm encoder")
         if hf.get("pad_token_id") is None:
             raise ConfigError("config.json pad_token_id is null; RoBERTa's positions count from it")
+        check_sizes(hf, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                         "max_position_embeddings"))
+        pad, rows = hf["pad_token_id"], hf["max_position_embeddings"]
+        if isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < rows - 1:
+            raise ConfigError(f"config.json pad_token_id={pad!r}: RoBERTa numbers positions from pad_token_id + 1, so "
+                              f"it must be a whole number from 0 to max_position_embeddings - 2 = {rows - 2}")
         D, H = hf["hidden_size"], hf["num_attention_heads"]
         return ModelConfig(arch="encoder", vocab_size=hf["vocab_size"], n_layers=hf["num_hidden_layers"], dim=D,
                            n_heads=H, ffn_dim=hf["intermediate_size"],
@@ -142,6 +168,8 @@ def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
             if hf.get(a) != hf.get(b):
                 raise ConfigError(f"config.json {a}={hf.get(a)} and {b}={hf.get(b)} differ; clusterlm's two stacks "
                                   "share heads and MLP width")
+        check_sizes(hf, ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
+                         "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "max_position_embeddings"))
         return ModelConfig(arch="encdec", vocab_size=hf["vocab_size"], n_layers=hf["decoder_layers"],
                            n_enc_layers=hf["encoder_layers"], dim=hf["d_model"], n_heads=hf["decoder_attention_heads"],
                            ffn_dim=hf["decoder_ffn_dim"], max_seq_len=hf["max_position_embeddings"], pos="learned",
@@ -236,6 +264,20 @@ def state_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, pad_id: int | 
             for stack in ("encoder", "decoder"):
                 out[f"model.{stack}.embed_tokens.weight"] = out["model.shared.weight"].clone()  # no aliases
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}
+
+
+def check_position_rows(hf_state: dict[str, torch.Tensor], hf: dict[str, Any], where: str) -> None:
+    """A RoBERTa position table must have config.json's max_position_embeddings rows: hf_to_state finds
+    row pad_token_id + 1 as (its rows - max_seq_len), so a table of another size would shift every
+    position (transformers refuses such a folder as a size mismatch)."""
+    if hf.get("model_type") != ROBERTA:
+        return
+    name = f"{_RB}embeddings.position_embeddings.weight"
+    table = hf_state.get(name, hf_state.get(f"module.{name}"))
+    rows = hf.get("max_position_embeddings")
+    if table is not None and table.dim() == 2 and table.shape[0] != rows:
+        raise CheckpointError(f"{where}: weight {name} has {table.shape[0]} rows but config.json describes "
+                              f"max_position_embeddings={rows}; the weights and config.json are from different models")
 
 
 def hf_to_state(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, kind: str,

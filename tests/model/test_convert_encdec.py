@@ -193,6 +193,26 @@ def test_roberta_prelayernorm_import(tmp_path):
         _close(loaded.model(ids, mask), hf(input_ids=ids, attention_mask=mask.long()).logits, mask)
 
 
+def test_roberta_position_table_must_match_config_json(tmp_path):
+    """A RoBERTa folder whose position table has more rows than config.json's max_position_embeddings
+    converted with every position shifted (our rows were found from the table's size), where
+    transformers refuses the folder; it is refused naming the table and both sizes, and nothing is written."""
+    from clusterlm.errors import CheckpointError
+    from clusterlm.tokenizer.kinds import make_tokenizer
+
+    hf_cfg = transformers.RobertaPreLayerNormConfig(
+        vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+        hidden_act="gelu_new", max_position_embeddings=22, type_vocab_size=1, pad_token_id=1)
+    transformers.RobertaPreLayerNormForMaskedLM(hf_cfg).save_pretrained(tmp_path / "hf")
+    make_tokenizer("byte").save(tmp_path / "hf" / "tokenizer.json")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg | {"max_position_embeddings": 20}))
+    with pytest.raises(CheckpointError, match=r"position_embeddings.weight has 22 rows but config.json describes "
+                                              r"max_position_embeddings=20; the weights and config.json are from"):
+        main(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
 def test_mbart_import(tmp_path):
     """A random MBartForConditionalGeneration (tied, gelu_new) converted with `clusterlm convert` gives
     transformers' logits for a padded source batch (1e-4)."""
@@ -247,6 +267,37 @@ def test_convert_refuses_what_clusterlm_cannot_express(change, fragment):
 
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace("+", r"\+")):
         hf_to_config(change)
+
+
+_ROBERTA_CFG = {"model_type": "roberta-prelayernorm", "vocab_size": 259, "hidden_size": 32, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "intermediate_size": 40, "max_position_embeddings": 20, "pad_token_id": 1,
+                "hidden_act": "gelu_pytorch_tanh"}
+_MBART_CFG = {"model_type": "mbart", "vocab_size": 259, "d_model": 32, "encoder_layers": 3, "decoder_layers": 2,
+              "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 40, "decoder_ffn_dim": 40,
+              "max_position_embeddings": 16, "activation_function": "gelu_pytorch_tanh"}
+
+
+@pytest.mark.parametrize("base, change, fragment", [
+    (_ROBERTA_CFG, {"hidden_size": 32.0}, "config.json hidden_size=32.0 must be a whole number >= 1"),
+    (_ROBERTA_CFG, {"num_attention_heads": True}, "config.json num_attention_heads=True must be a whole number >= 1"),
+    (_ROBERTA_CFG, {"num_hidden_layers": "2"}, "config.json num_hidden_layers='2' must be a whole number >= 1"),
+    (_ROBERTA_CFG, {"pad_token_id": 30}, "config.json pad_token_id=30: RoBERTa numbers positions from pad_token_id + 1, "
+                                         "so it must be a whole number from 0 to max_position_embeddings - 2 = 18"),
+    (_MBART_CFG, {"d_model": 32.0}, "config.json d_model=32.0 must be a whole number >= 1"),
+    (_MBART_CFG, {"encoder_layers": 0}, "config.json encoder_layers=0 must be a whole number >= 1"),
+    (_MBART_CFG, {"decoder_attention_heads": True, "encoder_attention_heads": True},
+     "config.json encoder_attention_heads=True must be a whole number >= 1"),
+])
+def test_convert_checks_the_encoder_families_sizes(base, change, fragment):
+    """The encoder families' config.json sizes are checked as GPT-2's and Llama's are: a float size was a
+    TypeError traceback from torch, num_attention_heads=true wrote a checkpoint with n_heads=True, and a
+    pad_token_id past the position table read as "model.max_seq_len=-11 must be >= 1"."""
+    from clusterlm.models.convert import hf_to_config
+
+    assert hf_to_config(base).n_heads == 4
+    with pytest.raises(ConfigError) as e:
+        hf_to_config(base | change)
+    assert fragment in str(e.value)
 
 
 def test_converted_encdec_gets_its_seq2seq_loss_from_eval(tmp_path, capsys):

@@ -101,8 +101,27 @@ def test_int_accepted_for_float():
 
 def test_validation_message_has_the_arithmetic():
     """ModelConfig validation shows the numbers (STYLE.md)."""
-    with pytest.raises(ConfigError, match=r"model.dim=130 is not divisible by model.n_heads=4"):
+    with pytest.raises(ConfigError, match=r"model.dim=130 is not divisible by model.n_heads=4; "
+                                          r"n_heads may be 1, 2, 5, 10, 13, 26, \.\.\. \(a divisor of dim\)"):
         load_run_config(None, ["--model.dim=130"])
+    with pytest.raises(ConfigError, match=r"n_heads may be 1, 2, 3, 5, 6, 10, 15, 30 \(a divisor of dim\)$"):
+        load_run_config(None, ["--model.dim=30", "--model.n_heads=7"])
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("--model.n_kv_heads=0", "model.n_kv_heads=0 must be a divisor of model.n_heads=4 (1, 2, 4), or unset"),
+    ("--model.n_kv_heads=-2", "model.n_kv_heads=-2 must be a divisor of model.n_heads=4 (1, 2, 4)"),
+    ("--model.n_kv_heads=3", "model.n_heads=4 is not divisible by model.n_kv_heads=3; n_kv_heads may be 1, 2, 4"),
+    ("--model.ffn_dim=0", "model.ffn_dim=0 must be >= 1"),
+    ("--model.ffn_dim=-3", "model.ffn_dim=-3 must be >= 1"),
+])
+def test_head_and_mlp_sizes_that_cannot_build_are_refused(override, fragment):
+    """n_kv_heads=0 read as unset (a silent switch to multi-head attention), a negative n_kv_heads or
+    ffn_dim failed in torch when the model was built (ffn_dim=0 built an MLP of zero width); each is
+    refused when the config is read, naming the valid values."""
+    with pytest.raises(ConfigError) as e:
+        load_run_config(None, [override])
+    assert fragment in str(e.value)
 
 
 def test_checkpoint_validation_names_only_the_wrong_key():
@@ -212,6 +231,35 @@ def test_sections_built_in_python_reject_non_finite_values():
 
     with pytest.raises(ConfigError, match=r"model.rope_theta=inf must be a finite number"):
         ModelConfig(rope_theta=float("inf"))
+
+
+def test_rope_with_an_odd_head_dim_names_its_source_and_the_valid_n_heads():
+    """An odd head dim under rotary positions was reported as "dim/n_heads = 7" also when it came from
+    model.head_size (where dim/n_heads was 8), with no valid choice; now the field it came from is named,
+    and for dim/n_heads the n_heads that give an even head dim."""
+    from clusterlm.models.config import ModelConfig
+
+    with pytest.raises(ConfigError, match=r"^model.pos='rope' needs an even head dim; model.head_size=7$"):
+        ModelConfig(pos="rope", dim=48, n_heads=6, head_size=7)
+    with pytest.raises(ConfigError, match=r"model.dim/model.n_heads = 12/4 = 3; n_heads may be 1, 2, 3, 6$"):
+        load_run_config(None, ["--model.pos=rope", "--model.dim=12"])
+    with pytest.raises(ConfigError, match=r"15/3 = 5; an odd model.dim has no even head dim$"):
+        ModelConfig(pos="rope", dim=15, n_heads=3)
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("mlp", "relu", "model.mlp='relu'; expected one of gelu, swiglu"),
+    ("norm", "batchnorm", "model.norm='batchnorm'; expected one of layernorm, rmsnorm"),
+    ("pos", "alibi", "model.pos='alibi'; expected one of learned, sinusoidal, rope, none"),
+])
+def test_model_config_built_in_python_rejects_unknown_choices(field, value, fragment):
+    """The loader refuses an unknown mlp/norm/pos; ModelConfig built in Python accepted one and built a
+    GELU MLP, a LayerNorm or a model with no positions at all, silently."""
+    from clusterlm.models.config import ModelConfig
+
+    with pytest.raises(ConfigError) as e:
+        ModelConfig(vocab_size=50, **{field: value})
+    assert fragment in str(e.value)
 
 
 @pytest.mark.parametrize("override, fragment", [
