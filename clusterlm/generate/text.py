@@ -299,7 +299,8 @@ def stream_pieces(steps: Iterator[list[int | None]], tok, stop: str | tuple[str,
 def sample_texts(ckpt: str, *, prompt: str = "", num_samples: int = 1, max_new_tokens: int = 200,
                  temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, device: str = "cpu") -> list[str]:
-    """Generate `num_samples` continuations of `prompt` in one batch; returns prompt + continuation."""
+    """Generate `num_samples` continuations of `prompt` in one batch; returns prompt + continuation (the
+    text the new ids add to the prompt's: TextStream's `prefix`)."""
     from clusterlm.checkpoint.model_io import load_for_inference
     from clusterlm.generate.engine import complete, context_length
 
@@ -308,4 +309,5 @@ def sample_texts(ckpt: str, *, prompt: str = "", num_samples: int = 1, max_new_t
     ids = prompt_ids(tok, prompt, context_length(loaded.model), max_new_tokens)
     new, _ = complete(loaded.model, [ids] * num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
                       top_k=top_k, top_p=top_p, seed=seed, eos_id=tok.eos_id, sliding_window=True)
-    return [prompt + tok.decode(t) for t in new]
+    before = tok.decode(ids)
+    return [prompt + tok.decode(ids + t)[len(before):] for t in new]

@@ -15,7 +15,7 @@ import random
 
 import pytest
 
-from clusterlm.generate.text import StopStrings, TextStream, prompt_ids, render_chat
+from clusterlm.generate.text import StopStrings, TextStream, prompt_ids, render_chat, sample_texts
 from clusterlm.tokenizer.bpe import BPETokenizer
 from clusterlm.tokenizer.byte import ByteTokenizer
 from clusterlm.tokenizer.char import CharTokenizer
@@ -176,3 +176,4 @@ def test_generate_prints_the_continuation_with_its_leading_space(tmp_path) -> No
                           "--device", "cpu"], out=out) == 0
     assert out.getvalue() == loaded.tokenizer.decode(ids + new) + "\n"
     assert out.getvalue().startswith("hello ")
+    assert sample_texts(str(tmp_path / "run"), prompt="hello", max_new_tokens=6, temperature=0.0) == [out.getvalue()[:-1]]
