@@ -150,9 +150,12 @@ class TextStream:
             self._hf = tokenizer.hf_tokenizer  # type: ignore[attr-defined]
             self._skip = getattr(tokenizer, "added_ids", frozenset())  # added special tokens: no text
             self._stream = DecodeStream(skip_special_tokens=True)
+            shown = ""
             for token in self._prefix_ids:  # the stream's state after the prompt; its text is not returned
                 if token not in self._skip:
-                    self._stream.step(self._hf, token)
+                    shown += self._stream.step(self._hf, token) or ""
+            # a prompt ending in U+FFFD leaves its last ids held: the next piece starts with their text again
+            self._pending = max(0, len(tokenizer.decode(self._prefix_ids)) - len(shown)) if self._prefix_ids else 0
             self._push = self._push_bpe
         else:
             self._prefix, self._read = 0, 0  # window ids[prefix:] is decoded; ids[:read] are emitted
@@ -179,6 +182,9 @@ class TextStream:
             return ""
         piece = self._stream.step(self._hf, token)
         self._held = piece is None
+        if piece and self._pending:  # the prompt's held text, already shown with the prompt
+            drop = min(self._pending, len(piece))
+            piece, self._pending = piece[drop:], self._pending - drop
         return piece or ""
 
     def _push_window(self, token: int) -> str:
