@@ -246,6 +246,11 @@ def chat_main(argv: list[str], stdin: TextIO | None = None, out: TextIO | None =
     loaded = _load(args)
     fmt = chat_format(loaded.tokenizer, loaded.chat_template)
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    if messages:  # a template without a system role refuses it: before the first turn is typed, not after
+        try:
+            fmt.render(messages + [{"role": "user", "content": "Hi"}])
+        except ValueError as e:
+            raise ValueError(f"--system: {e}; leave --system out") from None
     _greedy_notes(args)
     interactive = stdin.isatty()
     turn = 0

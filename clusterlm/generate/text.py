@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import codecs
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from clusterlm.errors import ConfigError
@@ -125,11 +125,17 @@ class TextStream:
     pieces concatenate to `tokenizer.decode(ids)`. Byte and char tokenizers map ids directly (the
     byte one through an incremental UTF-8 decoder); BPE uses the `tokenizers` library's stream
     decoder; any other tokenizer decodes a short window of recent ids (the same prefix/read-offset
-    scheme)."""
+    scheme).
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    `prefix`: the ids the new ones follow (the prompt). The pieces are then the text those ids add to
+    it, `decode(prefix + ids)[len(decode(prefix)):]`: a tokenizer whose decoder strips the leading
+    space of the first token (sentencepiece-style Metaspace or Strip decoders, Llama 2's) decodes the
+    first new token in context, as " world" after "hello", not "world"."""
+
+    def __init__(self, tokenizer: Tokenizer, prefix: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
+        self._prefix_ids = list(prefix)  # decoded before self.ids in flush (bpe)
         self.emitted = 0  # characters returned so far
         self._kind = kind = getattr(tokenizer, "kind", None)
         if kind == "byte":
@@ -144,6 +150,12 @@ class TextStream:
             self._hf = tokenizer.hf_tokenizer  # type: ignore[attr-defined]
             self._skip = getattr(tokenizer, "added_ids", frozenset())  # added special tokens: no text
             self._stream = DecodeStream(skip_special_tokens=True)
+            shown = ""
+            for token in self._prefix_ids:  # the stream's state after the prompt; its text is not returned
+                if token not in self._skip:
+                    shown += self._stream.step(self._hf, token) or ""
+            # a prompt ending in U+FFFD leaves its last ids held: the next piece starts with their text again
+            self._pending = max(0, len(tokenizer.decode(self._prefix_ids)) - len(shown)) if self._prefix_ids else 0
             self._push = self._push_bpe
         else:
             self._prefix, self._read = 0, 0  # window ids[prefix:] is decoded; ids[:read] are emitted
@@ -170,6 +182,9 @@ class TextStream:
             return ""
         piece = self._stream.step(self._hf, token)
         self._held = piece is None
+        if piece and self._pending:  # the prompt's held text, already shown with the prompt
+            drop = min(self._pending, len(piece))
+            piece, self._pending = piece[drop:], self._pending - drop
         return piece or ""
 
     def _push_window(self, token: int) -> str:
@@ -193,7 +208,8 @@ class TextStream:
         if self._kind == "byte":
             rest = self._utf8.decode(b"", final=True)
         elif self._held:  # one decode of the whole reply, only when something is held back
-            rest = self.tokenizer.decode(self.ids)[self.emitted:]
+            decode, before = self.tokenizer.decode, self._prefix_ids
+            rest = (decode(before + self.ids)[len(decode(before)):] if before else decode(self.ids))[self.emitted:]
         else:
             rest = ""
         self.emitted += len(rest)
@@ -261,15 +277,16 @@ def stream_text(loaded, prompt: str, *, max_new_tokens: int, temperature: float,
     ids = prompt_ids(tok, prompt, context_length(model), max_new_tokens)
     gen = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    seed=seed, eos_id=tok.eos_id, sliding_window=True, compile=compile, pack=pack)
-    yield from stream_pieces(gen, tok, stop, stop_ids)
+    yield from stream_pieces(gen, tok, stop, stop_ids, prefix=ids)
 
 
 def stream_pieces(steps: Iterator[list[int | None]], tok, stop: str | tuple[str, ...] | None,  # noqa: ANN001
-                  stop_ids: tuple[int, ...]) -> Iterator[str]:
+                  stop_ids: tuple[int, ...], prefix: Sequence[int] = ()) -> Iterator[str]:
     """Text pieces of the first sequence of a generation (one token per step, None once finished):
-    detokenized as they come, ended by a token of `stop_ids` (the end of a turn, like EOS: not
-    shown) or a stop string (not returned). stream_text and generate.seq2seq.stream_seq2seq."""
-    ts, stops = TextStream(tok), StopStrings((stop,) if isinstance(stop, str) else tuple(stop or ()))
+    detokenized as they come, after the ids `prefix` (the prompt: TextStream), ended by a token of
+    `stop_ids` (the end of a turn, like EOS: not shown) or a stop string (not returned). stream_text
+    and generate.seq2seq.stream_seq2seq."""
+    ts, stops = TextStream(tok, prefix), StopStrings((stop,) if isinstance(stop, str) else tuple(stop or ()))
     for step in steps:
         if step[0] is None:
             continue
@@ -288,7 +305,8 @@ def stream_pieces(steps: Iterator[list[int | None]], tok, stop: str | tuple[str,
 def sample_texts(ckpt: str, *, prompt: str = "", num_samples: int = 1, max_new_tokens: int = 200,
                  temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, device: str = "cpu") -> list[str]:
-    """Generate `num_samples` continuations of `prompt` in one batch; returns prompt + continuation."""
+    """Generate `num_samples` continuations of `prompt` in one batch; returns prompt + continuation (the
+    text the new ids add to the prompt's: TextStream's `prefix`)."""
     from clusterlm.checkpoint.model_io import load_for_inference
     from clusterlm.generate.engine import complete, context_length
 
@@ -297,4 +315,5 @@ def sample_texts(ckpt: str, *, prompt: str = "", num_samples: int = 1, max_new_t
     ids = prompt_ids(tok, prompt, context_length(loaded.model), max_new_tokens)
     new, _ = complete(loaded.model, [ids] * num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
                       top_k=top_k, top_p=top_p, seed=seed, eos_id=tok.eos_id, sliding_window=True)
-    return [prompt + tok.decode(t) for t in new]
+    before = tok.decode(ids)
+    return [prompt + tok.decode(ids + t)[len(before):] for t in new]

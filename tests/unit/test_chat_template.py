@@ -231,3 +231,23 @@ def test_a_template_token_with_whitespace_is_refused_naming_the_fix(tmp_path):
     built = tmp_path / "built.jinja"
     built.write_text("{% for m in messages %}{{ '<|' + m.role + '|>' }}{{ m.content }}<|end|>{% endfor %}")
     assert set(load_template(str(built)).special_tokens) == {"<|system|>", "<|user|>", "<|assistant|>", "<|end|>"}
+
+
+def test_chat_system_refused_by_the_template_before_the_first_turn(tmp_path):
+    """A template without a system role (raise_exception, as Gemma's) refuses --system when chat starts,
+    naming the option, before a turn is read (it was refused only after the first message was typed)."""
+    from clusterlm.generate.cli import chat_main
+
+    _chat_checkpoint(tmp_path, "{% for m in messages %}{% if m['role'] == 'system' %}"
+                               "{{ raise_exception('System role not supported') }}{% endif %}"
+                               "{{ '<|' ~ m['role'] ~ '|>' ~ m['content'] ~ '<|end|>' }}{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+    class NoInput(io.StringIO):
+        def readline(self, *a):  # noqa: ANN002, ANN201
+            raise AssertionError("a turn was read before --system was refused")
+
+    out = io.StringIO()
+    with pytest.raises(ValueError, match=r"--system: chat template .*System role not supported; leave --system out"):
+        chat_main([str(tmp_path / "run"), "--system", "Be terse."], stdin=NoInput(), out=out)
+    assert out.getvalue() == ""

@@ -15,7 +15,7 @@ import random
 
 import pytest
 
-from clusterlm.generate.text import StopStrings, TextStream, prompt_ids, render_chat
+from clusterlm.generate.text import StopStrings, TextStream, prompt_ids, render_chat, sample_texts
 from clusterlm.tokenizer.bpe import BPETokenizer
 from clusterlm.tokenizer.byte import ByteTokenizer
 from clusterlm.tokenizer.char import CharTokenizer
@@ -98,3 +98,83 @@ def test_prompt_ids_and_chat_template() -> None:
     assert render_chat([{"role": "user", "content": " hi "}]) == "User: hi\n\nAssistant:"
     with pytest.raises(ValueError, match="valid roles"):
         render_chat([{"role": "bot", "content": "x"}])
+
+
+def _sentencepiece_bpe(text: str) -> BPETokenizer:
+    """A Llama 2 style tokenizer.json (not one clusterlm trains): Metaspace words with byte fallback and
+    the decoder Replace("▁", " "), ByteFallback, Fuse, Strip(one leading space), which drops the leading
+    space of the first token it decodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    hf.train_from_iterator([text], trainers.BpeTrainer(vocab_size=400, special_tokens=specials))
+    return BPETokenizer(hf)
+
+
+def test_prefix_decodes_the_first_new_token_in_context() -> None:
+    """With `prefix` (the prompt's ids) the pieces are the text the new ids add to the prompt,
+    decode(prefix + ids)[len(decode(prefix)):], also for a decoder that strips the first token's
+    leading space (without the prefix "hello" + "world"), a reply cut inside a byte-fallback
+    character (flush), and random ids; clusterlm's own tokenizers give what they gave without it."""
+    text = "hello world, the world is big 😀 hello there"
+    tok = _sentencepiece_bpe(text * 4)
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    for k in range(1, len(ids)):
+        for end in (len(ids), k + 1):  # the whole rest, and one token (a cut inside 😀's four byte tokens)
+            ts = TextStream(tok, ids[:k])
+            got = "".join([ts.push(i) for i in ids[k:end]] + [ts.flush()])
+            assert got == tok.decode(ids[:end])[len(tok.decode(ids[:k])):], (k, end)
+    rnd = random.Random(0)
+    for _ in range(50):
+        r = [rnd.randrange(tok.vocab_size) for _ in range(rnd.randrange(2, 20))]
+        ts = TextStream(tok, r[:1])
+        assert "".join([ts.push(i) for i in r[1:]] + [ts.flush()]) == tok.decode(r)[len(tok.decode(r[:1])):], r
+    for own in (ByteTokenizer(), BPETokenizer.train([TEXT] * 4, vocab_size=300)):
+        ids = own.encode(TEXT)
+        for prompt in (own.encode("héllo wörld,"), own.encode("a \ufffd\ufffd")):  # U+FFFD last: held, not repeated
+            ts = TextStream(own, prompt)
+            assert "".join([ts.push(i) for i in ids] + [ts.flush()]) == "".join(stream(own, ids))
+
+
+def test_generate_prints_the_continuation_with_its_leading_space(tmp_path) -> None:
+    """`clusterlm generate --prompt hello` prints the prompt and then the text the sampled ids add to it:
+    decode(prompt ids + sampled ids), here with a first token "▁..." whose space a sentencepiece-style
+    decoder drops when it decodes the new ids alone (the command printed "helloworld")."""
+    import io
+
+    import torch
+
+    from clusterlm.checkpoint.model_io import load_for_inference
+    from clusterlm.checkpoint.store import save_checkpoint
+    from clusterlm.config import RunConfig, to_toml
+    from clusterlm.generate.cli import generate_main
+    from clusterlm.generate.engine import complete, context_length
+    from clusterlm.models.build import build_model
+    from clusterlm.models.config import ModelConfig
+
+    tok = _sentencepiece_bpe("hello world, the world is big hello there " * 4)
+    tok.save(tmp_path / "tok.json")
+    cfg = ModelConfig(n_layers=1, dim=32, n_heads=4, max_seq_len=32, vocab_size=tok.vocab_size)
+    model = build_model(cfg)
+    model.init_weights(0)
+    space_word = torch.tensor([tok._hf.id_to_token(i).startswith("▁") for i in range(tok.vocab_size)])
+    with torch.no_grad():  # every word-start token likelier than the rest: the first new token has a space
+        model.output.weight[space_word] += 0.5 * model.output.weight[space_word].sign().mean(0)
+        model.norm.weight.fill_(1.0)
+    save_checkpoint(tmp_path / "run" / "checkpoints", 0, model_state=model.state_dict(), optimizer_state=None,
+                    train_state={}, config_toml=to_toml(RunConfig(model=cfg)), tokenizer_path=tmp_path / "tok.json")
+    loaded = load_for_inference(tmp_path / "run")
+    ids = prompt_ids(loaded.tokenizer, "hello", context_length(loaded.model), 6)
+    (new,), _ = complete(loaded.model, ids, max_new_tokens=6, temperature=0.0, eos_id=loaded.tokenizer.eos_id)
+    assert new and loaded.tokenizer._hf.id_to_token(new[0]).startswith("▁")
+    out = io.StringIO()
+    assert generate_main([str(tmp_path / "run"), "--prompt", "hello", "--max-new-tokens", "6", "--temperature", "0",
+                          "--device", "cpu"], out=out) == 0
+    assert out.getvalue() == loaded.tokenizer.decode(ids + new) + "\n"
+    assert out.getvalue().startswith("hello ")
+    assert sample_texts(str(tmp_path / "run"), prompt="hello", max_new_tokens=6, temperature=0.0) == [out.getvalue()[:-1]]
