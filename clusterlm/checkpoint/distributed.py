@@ -28,8 +28,10 @@ onto the new ranks, so they start from the seed and a warning says so.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import pickle
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -247,12 +250,72 @@ def finish_save(pending: PendingSave) -> Path:
     return root / name
 
 
+# ---- loading without running code ---------------------------------------------------------------------------
+# DCP keeps its index (dcp/.metadata) as a pickle and loads it with an unrestricted pickle.load, and loads
+# non-tensor values (the optimizer's param_groups) with torch.load(weights_only=False): a checkpoint from
+# elsewhere (--train.resume=PATH) could run code. The index is read with only DCP's own classes allowed
+# (Python docs, pickle, "Restricting Globals"), the values with weights_only=True; what these refuse is
+# refused naming the file, before the real load reads them.
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},  # TensorProperties' layout
+    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch.distributed.checkpoint.metadata" and isinstance(
+                getattr(dcp.metadata, name, None), type):
+            return super().find_class(module, name)
+        if module == "torch" and (name == "Size" or isinstance(
+                getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))):
+            return super().find_class(module, name)
+        if name in _METADATA_GLOBALS.get(module, ()):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not one of DCP's metadata classes")
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """FileSystemReader whose dcp/.metadata may hold DCP's metadata classes and nothing that runs code."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        path = Path(self._get_metadata_path(kwargs.get("rank")))
+        try:
+            with open(path, "rb") as f:
+                _MetadataUnpickler(f).load()
+        except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{path} is not a DCP metadata file this clusterlm loads: {e} (a pickle that "
+                                  "would run code when loaded is refused)") from e
+        return super().read_metadata(*args, **kwargs)
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner loading non-tensor values (param_groups) with torch.load(weights_only=True) first."""
+
+    def __init__(self, dcp_dir: Path) -> None:
+        super().__init__()
+        self.dcp_dir = dcp_dir
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        data = value.read()
+        try:
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as e:
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]  # torch's own reason is its GLOBAL line
+            why = next((ln for ln in lines if "GLOBAL" in ln), lines[0] if lines else type(e).__name__)
+            raise CheckpointError(f"{self.dcp_dir}: the value of '{read_item.dest_index.fqn}' does not load with "
+                                  f"weights_only=True, a pickle that could run code is refused: {why}") from e
+        super().load_bytes(read_item, io.BytesIO(data))
+
+
 def _add_saved_state_keys(optim_state: dict[str, Any], dcp_dir: Path) -> None:
     """DCP loads only the keys the destination state dict has, and a fresh optimizer's state has
     AdamW's own (step, exp_avg, exp_avg_sq). A per-parameter tensor the saving run kept beside them
     (train/ema.py's "ema" or "train_weights") gets a destination shaped, typed and sharded like the
     parameter's exp_avg, so it is loaded instead of silently dropped."""
-    saved = dcp.FileSystemReader(str(dcp_dir)).read_metadata().state_dict_metadata
+    saved = _SafeReader(str(dcp_dir)).read_metadata().state_dict_metadata
     for fqn, st in optim_state.get("state", {}).items():
         template = st.get("exp_avg")
         if template is None:
@@ -269,13 +332,20 @@ def load_distributed(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
     path = Path(path)
     if not is_distributed_checkpoint(path):
         raise CheckpointError(f"{path} has no {DCP_DIR}/ folder: not a distributed checkpoint")
+    _SafeReader(str(path / DCP_DIR)).read_metadata()  # here: inside dcp.load torch replaces its error
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
         _add_saved_state_keys(state["optim"], path / DCP_DIR)
     with warnings.catch_warnings():  # one process reading a sharded checkpoint is meant: torch warns anyway
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+        try:
+            dcp.load(state, storage_reader=_SafeReader(str(path / DCP_DIR)), planner=_SafePlanner(path / DCP_DIR))
+        except dcp.api.CheckpointException as e:  # the ranks' errors, gathered: ours is the one line to say
+            ours = [exc for exc, _ in e.failures.values() if isinstance(exc, CheckpointError)]
+            if ours:
+                raise ours[0] from None
+            raise
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         # fused/foreach are this process's kernel choice (the saving layout's may not work here:
