@@ -28,9 +28,11 @@ onto the new ranks, so they start from the seed and a warning says so.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
+import os
 import pickle
 import shutil
 import warnings
@@ -51,7 +53,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from clusterlm.checkpoint.files import read_tensors, write_json, write_tensors
+from clusterlm.checkpoint.files import named_os_error, read_tensors, write_json, write_tensors
 from clusterlm.checkpoint.flatten import flatten_state, unflatten_state
 from clusterlm.checkpoint.layout import commit_folder, move_latest, prune, remove_stale, step_name
 from clusterlm.checkpoint.rng import capture_rng_state
@@ -190,19 +192,53 @@ def save_distributed(ckpt_root: Path, step: int, model: nn.Module, optimizer: to
                     if key not in seen:
                         seen[key] = k
                         tensors[k] = v.contiguous()
-                save_file(tensors, str(tmp / "model.safetensors"))
+                try:
+                    save_file(tensors, str(tmp / "model.safetensors"))
+                except Exception as e:  # "I/O error: ... (os error 28)": the OS's error, naming the file
+                    if (named := named_os_error(e, tmp / "model.safetensors")) is not None:
+                        raise named from e
+                    raise
                 plain_mode(tmp / "model.safetensors")  # safetensors creates it 0600
             atomic_write_text(tmp / "train_state.json", json.dumps(train_state, indent=1))
             atomic_write_text(tmp / "config.toml", config_toml)
             copy_tokenizer_files(tokenizer_path, tmp)  # and the chat template beside it, if any
-    except BaseException:
+    except BaseException as e:
+        named = _save_os_error(e, tmp, root / name)  # before the partial folder goes: a full disk shows there
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
+        if named is not None:
+            raise named from e
         raise
     pending = PendingSave(future, tmp, root, step, keep_last)
     if async_save:
         return pending
     return finish_save(pending)
+
+
+def _save_os_error(e: BaseException, tmp: Path, final: Path) -> OSError | None:
+    """The OSError a failed save ends with (the CLI's one line and exit 74), its file named as in the step
+    folder `final` rather than the hidden `tmp`; None when `e` is no I/O failure. DCP gathers the ranks'
+    errors into a CheckpointException (a BaseException, printed as a traceback), and its torch.save of
+    non-tensor values turns a short write into a RuntimeError without errno ("unexpected pos"): when the
+    file system then has no space left, that is ENOSPC."""
+    inner = e
+    if isinstance(e, dcp.api.CheckpointException) and e.failures:
+        inner = next(iter(e.failures.values()))[0]
+    if isinstance(inner, OSError) and inner.filename is not None:
+        where = str(inner.filename)
+        if where == str(tmp) or where.startswith(str(tmp) + os.sep):
+            return OSError(inner.errno, inner.strerror or str(inner), str(final) + where[len(str(tmp)):])
+        return None if inner is e else inner
+    if (named := named_os_error(inner, final / DCP_DIR)) is not None:  # no file name: DCP's shard writes
+        return named
+    if inner is not e:
+        try:
+            full = os.statvfs(tmp if tmp.exists() else tmp.parent).f_bavail == 0
+        except OSError:
+            full = False
+        if full:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(final / DCP_DIR))
+    return None
 
 
 def _gather_pipeline_weights(model: nn.Module, source: bool) -> dict[str, torch.Tensor] | None:
@@ -242,9 +278,12 @@ def finish_save(pending: PendingSave) -> Path:
             move_latest(root, name)
             prune(root, pending.keep_last, root / name)
             log.info("saved distributed checkpoint %s", root / name)
-    except BaseException:
+    except BaseException as e:
+        named = _save_os_error(e, tmp, root / name)
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
+        if named is not None:
+            raise named from e
         raise
     _barrier()
     return root / name
