@@ -324,7 +324,9 @@ class _SafeReader(dcp.FileSystemReader):
         try:
             with open(path, "rb") as f:
                 _MetadataUnpickler(f).load()
-        except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError, TypeError) as e:
+        except OSError as e:
+            raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
+        except (EOFError, pickle.UnpicklingError, AttributeError, ValueError, TypeError) as e:
             raise CheckpointError(f"{path} is not a DCP metadata file this clusterlm loads: {e} (a pickle that "
                                   "would run code when loaded is refused)") from e
         return super().read_metadata(*args, **kwargs)

@@ -566,6 +566,9 @@ def test_dcp_load_runs_no_code_from_the_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match=r"\.metadata .*posix\.mkdir|\.metadata .*os\.mkdir"):
         load_distributed(path, fresh, fresh_opt)
     assert not marker.exists()
+    (path / "dcp" / ".metadata").unlink()
+    with pytest.raises(CheckpointError, match=r"^cannot read .*/dcp/\.metadata: No such file or directory$"):
+        load_distributed(path, fresh, fresh_opt)
 
     path, model, opt = _dcp_checkpoint(tmp_path / "bytes")
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
