@@ -628,6 +628,22 @@ def test_checkpointer_saves_and_resumes_in_one_call_each(tmp_path):
         Checkpointer(root, CheckpointConfig(), config_toml="", resume="none").load_into(model2, opt2, loader2)
 
 
+@pytest.mark.parametrize("resume", ["none", "auto"])
+def test_a_file_where_the_checkpoints_folder_goes_is_refused_at_start_up(tmp_path, resume):
+    """RUN/checkpoints being a file: refused when the checkpoint is resolved (start-up, before any model),
+    naming it; `train` used to run every step up to the first save and then stop with exit 2 "File exists:
+    RUN/checkpoints", the work lost. The file is left as it was."""
+    from clusterlm.checkpoint.manager import Checkpointer
+    from clusterlm.config import CheckpointConfig
+    from clusterlm.errors import ConfigError
+
+    (tmp_path / "checkpoints").write_text("mine")
+    with pytest.raises(ConfigError, match=f"^{tmp_path / 'checkpoints'} is a file, where this run keeps its "
+                                          "checkpoints folder; move it aside or choose another --train.out_dir$"):
+        Checkpointer(tmp_path / "checkpoints", CheckpointConfig(), config_toml="", resume=resume).resolve()
+    assert (tmp_path / "checkpoints").read_text() == "mine"
+
+
 def test_resume_into_a_folder_of_another_run_is_refused_at_start_up(tmp_path, caplog):
     """--train.resume=OTHER_RUN/step-3 with an out_dir already holding steps 2 and 6 of another run: refused
     when the checkpoint is resolved (start-up, before any model), naming the folders (the first save used to
