@@ -28,8 +28,12 @@ onto the new ranks, so they start from the seed and a warning says so.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import logging
+import os
+import pickle
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -40,6 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -48,7 +53,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from clusterlm.checkpoint.files import read_tensors, write_json, write_tensors
+from clusterlm.checkpoint.files import named_os_error, read_tensors, write_json, write_tensors
 from clusterlm.checkpoint.flatten import flatten_state, unflatten_state
 from clusterlm.checkpoint.layout import commit_folder, move_latest, prune, remove_stale, step_name
 from clusterlm.checkpoint.rng import capture_rng_state
@@ -187,19 +192,53 @@ def save_distributed(ckpt_root: Path, step: int, model: nn.Module, optimizer: to
                     if key not in seen:
                         seen[key] = k
                         tensors[k] = v.contiguous()
-                save_file(tensors, str(tmp / "model.safetensors"))
+                try:
+                    save_file(tensors, str(tmp / "model.safetensors"))
+                except Exception as e:  # "I/O error: ... (os error 28)": the OS's error, naming the file
+                    if (named := named_os_error(e, tmp / "model.safetensors")) is not None:
+                        raise named from e
+                    raise
                 plain_mode(tmp / "model.safetensors")  # safetensors creates it 0600
             atomic_write_text(tmp / "train_state.json", json.dumps(train_state, indent=1))
             atomic_write_text(tmp / "config.toml", config_toml)
             copy_tokenizer_files(tokenizer_path, tmp)  # and the chat template beside it, if any
-    except BaseException:
+    except BaseException as e:
+        named = _save_os_error(e, tmp, root / name)  # before the partial folder goes: a full disk shows there
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
+        if named is not None:
+            raise named from e
         raise
     pending = PendingSave(future, tmp, root, step, keep_last)
     if async_save:
         return pending
     return finish_save(pending)
+
+
+def _save_os_error(e: BaseException, tmp: Path, final: Path) -> OSError | None:
+    """The OSError a failed save ends with (the CLI's one line and exit 74), its file named as in the step
+    folder `final` rather than the hidden `tmp`; None when `e` is no I/O failure. DCP gathers the ranks'
+    errors into a CheckpointException (a BaseException, printed as a traceback), and its torch.save of
+    non-tensor values turns a short write into a RuntimeError without errno ("unexpected pos"): when the
+    file system then has no space left, that is ENOSPC."""
+    inner = e
+    if isinstance(e, dcp.api.CheckpointException) and e.failures:
+        inner = next(iter(e.failures.values()))[0]
+    if isinstance(inner, OSError) and inner.filename is not None:
+        where = str(inner.filename)
+        if where == str(tmp) or where.startswith(str(tmp) + os.sep):
+            return OSError(inner.errno, inner.strerror or str(inner), str(final) + where[len(str(tmp)):])
+        return None if inner is e else inner
+    if (named := named_os_error(inner, final / DCP_DIR)) is not None:  # no file name: DCP's shard writes
+        return named
+    if inner is not e:
+        try:
+            full = os.statvfs(tmp if tmp.exists() else tmp.parent).f_bavail == 0
+        except OSError:
+            full = False
+        if full:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(final / DCP_DIR))
+    return None
 
 
 def _gather_pipeline_weights(model: nn.Module, source: bool) -> dict[str, torch.Tensor] | None:
@@ -239,12 +278,77 @@ def finish_save(pending: PendingSave) -> Path:
             move_latest(root, name)
             prune(root, pending.keep_last, root / name)
             log.info("saved distributed checkpoint %s", root / name)
-    except BaseException:
+    except BaseException as e:
+        named = _save_os_error(e, tmp, root / name)
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
+        if named is not None:
+            raise named from e
         raise
     _barrier()
     return root / name
+
+
+# ---- loading without running code ---------------------------------------------------------------------------
+# DCP keeps its index (dcp/.metadata) as a pickle and loads it with an unrestricted pickle.load, and loads
+# non-tensor values (the optimizer's param_groups) with torch.load(weights_only=False): a checkpoint from
+# elsewhere (--train.resume=PATH) could run code. The index is read with only DCP's own classes allowed
+# (Python docs, pickle, "Restricting Globals"), the values with weights_only=True; what these refuse is
+# refused naming the file, before the real load reads them.
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},  # TensorProperties' layout
+    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch.distributed.checkpoint.metadata" and isinstance(
+                getattr(dcp.metadata, name, None), type):
+            return super().find_class(module, name)
+        if module == "torch" and (name == "Size" or isinstance(
+                getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))):
+            return super().find_class(module, name)
+        if name in _METADATA_GLOBALS.get(module, ()):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not one of DCP's metadata classes")
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """FileSystemReader whose dcp/.metadata may hold DCP's metadata classes and nothing that runs code."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        path = Path(self._get_metadata_path(kwargs.get("rank")))
+        try:
+            with open(path, "rb") as f:
+                _MetadataUnpickler(f).load()
+        except OSError as e:
+            raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
+        except (EOFError, pickle.UnpicklingError, AttributeError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{path} is not a DCP metadata file this clusterlm loads: {e} (a pickle that "
+                                  "would run code when loaded is refused)") from e
+        return super().read_metadata(*args, **kwargs)
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner loading non-tensor values (param_groups) with torch.load(weights_only=True) first."""
+
+    def __init__(self, dcp_dir: Path) -> None:
+        super().__init__()
+        self.dcp_dir = dcp_dir
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        data = value.read()
+        try:
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as e:
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]  # torch's own reason is its GLOBAL line
+            why = next((ln for ln in lines if "GLOBAL" in ln), lines[0] if lines else type(e).__name__)
+            raise CheckpointError(f"{self.dcp_dir}: the value of '{read_item.dest_index.fqn}' does not load with "
+                                  f"weights_only=True, a pickle that could run code is refused: {why}") from e
+        super().load_bytes(read_item, io.BytesIO(data))
 
 
 def _add_saved_state_keys(optim_state: dict[str, Any], dcp_dir: Path) -> None:
@@ -252,7 +356,7 @@ def _add_saved_state_keys(optim_state: dict[str, Any], dcp_dir: Path) -> None:
     AdamW's own (step, exp_avg, exp_avg_sq). A per-parameter tensor the saving run kept beside them
     (train/ema.py's "ema" or "train_weights") gets a destination shaped, typed and sharded like the
     parameter's exp_avg, so it is loaded instead of silently dropped."""
-    saved = dcp.FileSystemReader(str(dcp_dir)).read_metadata().state_dict_metadata
+    saved = _SafeReader(str(dcp_dir)).read_metadata().state_dict_metadata
     for fqn, st in optim_state.get("state", {}).items():
         template = st.get("exp_avg")
         if template is None:
@@ -269,13 +373,20 @@ def load_distributed(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
     path = Path(path)
     if not is_distributed_checkpoint(path):
         raise CheckpointError(f"{path} has no {DCP_DIR}/ folder: not a distributed checkpoint")
+    _SafeReader(str(path / DCP_DIR)).read_metadata()  # here: inside dcp.load torch replaces its error
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
         _add_saved_state_keys(state["optim"], path / DCP_DIR)
     with warnings.catch_warnings():  # one process reading a sharded checkpoint is meant: torch warns anyway
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+        try:
+            dcp.load(state, storage_reader=_SafeReader(str(path / DCP_DIR)), planner=_SafePlanner(path / DCP_DIR))
+        except dcp.api.CheckpointException as e:  # the ranks' errors, gathered: ours is the one line to say
+            ours = [exc for exc, _ in e.failures.values() if isinstance(exc, CheckpointError)]
+            if ours:
+                raise ours[0] from None
+            raise
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         # fused/foreach are this process's kernel choice (the saving layout's may not work here:

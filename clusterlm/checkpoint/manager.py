@@ -124,6 +124,9 @@ class Checkpointer:
         from clusterlm.checkpoint.store import (describe_rejected, resolve_checkpoint, scan_checkpoints,
                                                 warn_if_latest_differs)
 
+        if self.root.exists() and not self.root.is_dir():  # else the first save, after the steps before it, said so
+            raise ConfigError(f"{self.root} is a file, where this run keeps its checkpoints folder; move it aside or "
+                              "choose another --train.out_dir")
         path = None
         if self.resume == "auto":
             path, rejected = scan_checkpoints(self.root)

@@ -322,6 +322,12 @@ class Trainer:
         if (self.out_dir / "meta.json").is_file():  # `prepare --overwrite` there would delete the run's checkpoints
             raise ConfigError(f"train.out_dir={tc.out_dir!r} is a prepared data directory (it has meta.json); give the "
                               "run its own folder, e.g. runs/my_run")
+        from clusterlm.checkpoint.store import check_outside_checkpoints
+
+        try:  # a step folder's config.toml would be overwritten (the checkpoint then fails verification)
+            check_outside_checkpoints(tc.out_dir, "--train.out_dir", kind="run folder")
+        except FileExistsError as e:
+            raise ConfigError(str(e)) from None
         refuse_before_preparing(cfg)  # the config alone can tell: nothing prepared or converted first
         self.device = self._init_process(cfg)
         self._lock_out_dir()  # before anything is read from or written to the folder

@@ -87,6 +87,64 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, small_d
     assert resumed.load_into(torch.nn.Linear(512, 512), torch.optim.AdamW(model.parameters()), Loader()).step == 1
 
 
+@pytest.mark.parametrize("async_save, failing", [(False, "shards"), (True, "shards"), (False, "model.safetensors")])
+def test_disk_full_during_a_distributed_save_is_one_os_error(tmp_path, small_disk, monkeypatch, async_save, failing):
+    """Reference: the single-process save above. A DCP save (1 gloo rank, synchronous or in the
+    background) on a 6 MB tmpfs that holds one ~4 MB checkpoint: the second save ends with one OSError,
+    errno ENOSPC, naming the step folder (not the hidden partial one), which the CLI reports with exit 74;
+    step 1 and `latest` intact, nothing hidden left, and a resume loads step 1. (DCP gathers the ranks'
+    errors into a CheckpointException, a BaseException the CLI printed as a traceback with exit 1, and
+    on a full disk its error is torch.save's "unexpected pos" RuntimeError, without errno. Without root,
+    DCP's item writer raises ENOSPC instead; `failing="model.safetensors"`: rank 0's full-weights file,
+    whose writer says "os error 28" without the file.)"""
+    import errno
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        root = ((small_disk if failing == "shards" else None) or tmp_path) / "checkpoints"
+        torch.manual_seed(0)
+        model = torch.nn.Linear(512, 512)
+        opt = torch.optim.AdamW(model.parameters())
+        ckpt = Checkpointer(root, CheckpointConfig(keep_last=3, async_save=async_save), config_toml="",
+                            distributed=True)
+        state, loader = ckpt.load_into(model, opt, Loader()), Loader()
+        _steps(ckpt, model, opt, state, loader, 1)
+        ckpt.wait()
+        if failing == "model.safetensors":
+            import safetensors.torch
+            from safetensors import SafetensorError
+
+            def full_weights(*a, **k):
+                raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+            monkeypatch.setattr(safetensors.torch, "save_file", full_weights)
+        elif small_disk is None:
+            import torch.distributed.checkpoint.filesystem as fs
+
+            def full(*a, **k):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            monkeypatch.setattr(fs, "_write_item", full)
+        with pytest.raises(OSError) as err:
+            _steps(ckpt, model, opt, state, loader, 1)
+            ckpt.wait()
+        assert type(err.value) is OSError and err.value.errno == errno.ENOSPC, repr(err.value)
+        assert err.value.filename.startswith(str(root / "step-00000002")), err.value.filename
+        if failing == "model.safetensors":
+            assert err.value.filename == str(root / "step-00000002" / "model.safetensors")
+        assert [p.name for p in step_folders(root)] == ["step-00000001"] and read_latest(root) == "step-00000001"
+        assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000001"]
+        assert verify_checkpoint(root / "step-00000001") == []
+        monkeypatch.undo()
+        fresh = torch.nn.Linear(512, 512)
+        resumed = Checkpointer(root, CheckpointConfig(), config_toml="", resume="auto", distributed=True)
+        assert resumed.load_into(fresh, torch.optim.AdamW(fresh.parameters()), Loader()).step == 1
+    finally:
+        dist.destroy_process_group()
+
+
 def test_corrupt_dcp_shard_is_detected_before_loading(tmp_path, caplog):
     """A distributed checkpoint (DCP, 1 gloo rank) with one byte of its newest shard file flipped is
     rejected by the manifest check before DCP reads it (the warning names the shard), and resume=auto

@@ -294,6 +294,29 @@ def test_an_out_dir_that_is_a_file_is_refused_at_once(data_dir, tmp_path):
     assert sorted(p.name for p in data_dir.iterdir()) == before
 
 
+def test_an_out_dir_inside_a_checkpoint_or_checkpoints_folder_is_refused(data_dir, tmp_path):
+    """Reference: the rule docs/checkpoints.md gives export, convert, quantize, prune and ensemble's --out.
+    A run whose train.out_dir is a step folder (or inside one) overwrote that checkpoint's config.toml, so
+    the checkpoint failed verification, and the run exited 0; one whose out_dir is a checkpoints folder
+    nested its own checkpoints/ there (which `eval RUN/checkpoints` then took instead of the run's). Now
+    ConfigError naming the folder before anything is written; the checkpoints stay as they were."""
+    from clusterlm.checkpoint.store import verify_checkpoint
+    from clusterlm.errors import ConfigError
+    from clusterlm.train.loop import train
+
+    run = tmp_path / "run"
+    assert train(tiny_cfg(data_dir, run, "--train.max_steps=2", "--checkpoint.interval=1")).exit_code == 0
+    ckpts = run / "checkpoints"
+    before = {p: sorted(q.name for q in p.iterdir()) for p in (ckpts, ckpts / "step-00000002")}
+    for out, where in [(ckpts / "step-00000002", "the checkpoint"), (ckpts / "step-00000002" / "sub", "the checkpoint"),
+                       (ckpts, "the checkpoints folder"), (ckpts / "other", "the checkpoints folder")]:
+        with pytest.raises(ConfigError, match=f"--train.out_dir {out} is inside {where} .*; choose a run folder "
+                                              f"outside {ckpts}$"):
+            train(tiny_cfg(data_dir, out, "--train.max_steps=2", "--train.resume=auto"))
+    assert {p: sorted(q.name for q in p.iterdir()) for p in before} == before
+    assert verify_checkpoint(ckpts / "step-00000002") == []
+
+
 def test_existing_run_without_resume_is_refused(data_dir, tmp_path):
     """A second run into the same out_dir must say how to resume instead of overwriting checkpoints."""
     from clusterlm.errors import ConfigError
