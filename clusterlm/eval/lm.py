@@ -459,7 +459,9 @@ def generate_completions(model: nn.Module, tokenizer, prompts: Sequence[str], *,
             while waiting and cache.num_free:
                 i = waiting.popleft()
                 gen = None if greedy else torch.Generator(device=dev).manual_seed((base + i) % (2**63 - 1))
-                r = _Row(i, cache.alloc(), gen, TextStream(tokenizer), StopStrings(tuple(stops)))
+                # the prompt's ids first: the text the reply adds to it (with a sentencepiece-style
+                # decoder the first new token decoded alone lost its leading space)
+                r = _Row(i, cache.alloc(), gen, TextStream(tokenizer, ids[i]), StopStrings(tuple(stops)))
                 groups.setdefault(len(ids[i]), []).append(r)
             for rs in groups.values():
                 x = torch.tensor([ids[r.index] for r in rs], dtype=torch.long, device=dev)  # (R, P)

@@ -152,8 +152,10 @@ def completions(model: nn.Module, tokenizer: Any, ids: Sequence[Sequence[int]], 
     if not ids or max_new_tokens == 0:
         return [("", 0, "length") for _ in ids]
 
-    def text_of(tokens: list[int], reason: str) -> tuple[str, int, str]:
-        ts, st = TextStream(tokenizer), StopStrings(tuple(stops))
+    def text_of(tokens: list[int], reason: str, prompt: Sequence[int] = ()) -> tuple[str, int, str]:
+        # a decoder-only prompt is decoded before the reply: the text the reply adds to it (sentencepiece-
+        # style decoders drop the leading space of a first token decoded alone)
+        ts, st = TextStream(tokenizer, prompt), StopStrings(tuple(stops))
         pieces = []
         for n, tok in enumerate(tokens, 1):
             if tok in stop_ids:
@@ -187,7 +189,7 @@ def completions(model: nn.Module, tokenizer: Any, ids: Sequence[Sequence[int]], 
                                stop_ids=stop_ids, pad_id=max(tokenizer.pad_id, 0), length_penalty=length_penalty,
                                device=dev, **kw)
             for i, h in zip(g, hyps):
-                out[i] = text_of(h.tokens, "stop" if h.finished else "length")
+                out[i] = text_of(h.tokens, "stop" if h.finished else "length", () if encdec else ids[i])
             done(len(g))
         return out
     if not encdec:

@@ -303,7 +303,10 @@ class Scheduler:
                 base = req.params.seed if req.params.seed is not None else secrets.randbits(62)
                 for i in range(req.n):
                     g = torch.Generator(device=self.device).manual_seed((base + i) % (2**63 - 1))
-                    seq = _Seq(req, i, self.cache.alloc(), g, TextStream(self.tokenizer), StopStrings(req.params.stops))
+                    # the text the reply adds to its prompt (a sentencepiece-style decoder drops the leading
+                    # space of a first token decoded alone)
+                    text = TextStream(self.tokenizer, req.prompt_ids)
+                    seq = _Seq(req, i, self.cache.alloc(), g, text, StopStrings(req.params.stops))
                     groups.setdefault(len(req.prompt_ids), []).append(seq)
                     self._running.append(seq)  # running from here on: an error below fails it, frees its slot
                 self.metrics.prompt_tokens.inc(len(req.prompt_ids))

@@ -141,6 +141,59 @@ def test_prefix_decodes_the_first_new_token_in_context() -> None:
             assert "".join([ts.push(i) for i in ids] + [ts.flush()]) == "".join(stream(own, ids))
 
 
+def _space_first_model():
+    """A Llama 2 style tokenizer and a random model whose every word-start ("▁...") token is likelier
+    than the rest: its first new token after "hello" has a leading space that a decoder drops alone."""
+    import torch
+
+    from clusterlm.models.build import build_model
+    from clusterlm.models.config import ModelConfig
+
+    tok = _sentencepiece_bpe("hello world, the world is big hello there " * 4)
+    model = build_model(ModelConfig(n_layers=1, dim=32, n_heads=4, max_seq_len=32, vocab_size=tok.vocab_size))
+    model.init_weights(0)
+    space_word = torch.tensor([tok._hf.id_to_token(i).startswith("▁") for i in range(tok.vocab_size)])
+    with torch.no_grad():
+        model.output.weight[space_word] += 0.5 * model.output.weight[space_word].sign().mean(0)
+        model.norm.weight.fill_(1.0)
+    return tok, model
+
+
+def test_eval_and_serve_replies_keep_the_leading_space_of_their_first_token() -> None:
+    """eval's generate_completions (greedy, sampled, beam search) and the server's scheduler return the
+    text the reply adds to its prompt: with a sentencepiece-style decoder the first new token decoded
+    alone lost its leading space ("hello" + "world": 'world ...' where 'hello world ...' was meant)."""
+    import asyncio
+
+    from clusterlm.eval.lm import generate_completions
+    from clusterlm.serve.metrics import Metrics
+    from clusterlm.serve.scheduler import Delta, Failed, Finished, SamplingParams, Scheduler
+
+    tok, model = _space_first_model()
+    for kw in ({}, {"temperature": 0.7, "seed": 1}, {"num_beams": 2}):
+        (c,) = generate_completions(model, tok, ["hello"], max_new_tokens=5, **kw)
+        assert c.text.startswith(" ") and not c.text.startswith("  "), (kw, c.text)
+    sched = Scheduler(model, tok, max_batch=2, max_queue=2, metrics=Metrics().model("m", 2, 2))
+
+    async def reply() -> str:
+        req = sched.submit(tok.encode("hello"), 1, SamplingParams(max_tokens=5, temperature=0),
+                           asyncio.get_running_loop())
+        text = ""
+        while True:
+            ev = await asyncio.wait_for(req.events.get(), 30)
+            assert not isinstance(ev, Failed), ev
+            text += ev.text if isinstance(ev, Delta) else ""
+            if isinstance(ev, Finished):
+                return text
+
+    sched.start()
+    try:
+        text = asyncio.run(reply())
+    finally:
+        sched.stop()
+    assert text.startswith(" ") and not text.startswith("  "), text
+
+
 def test_generate_prints_the_continuation_with_its_leading_space(tmp_path) -> None:
     """`clusterlm generate --prompt hello` prints the prompt and then the text the sampled ids add to it:
     decode(prompt ids + sampled ids), here with a first token "▁..." whose space a sentencepiece-style
@@ -157,15 +210,9 @@ def test_generate_prints_the_continuation_with_its_leading_space(tmp_path) -> No
     from clusterlm.models.build import build_model
     from clusterlm.models.config import ModelConfig
 
-    tok = _sentencepiece_bpe("hello world, the world is big hello there " * 4)
+    tok, model = _space_first_model()
+    cfg = model.config
     tok.save(tmp_path / "tok.json")
-    cfg = ModelConfig(n_layers=1, dim=32, n_heads=4, max_seq_len=32, vocab_size=tok.vocab_size)
-    model = build_model(cfg)
-    model.init_weights(0)
-    space_word = torch.tensor([tok._hf.id_to_token(i).startswith("▁") for i in range(tok.vocab_size)])
-    with torch.no_grad():  # every word-start token likelier than the rest: the first new token has a space
-        model.output.weight[space_word] += 0.5 * model.output.weight[space_word].sign().mean(0)
-        model.norm.weight.fill_(1.0)
     save_checkpoint(tmp_path / "run" / "checkpoints", 0, model_state=model.state_dict(), optimizer_state=None,
                     train_state={}, config_toml=to_toml(RunConfig(model=cfg)), tokenizer_path=tmp_path / "tok.json")
     loaded = load_for_inference(tmp_path / "run")
