@@ -573,6 +573,7 @@ def test_dcp_load_runs_no_code_from_the_checkpoint(tmp_path):
     path, model, opt = _dcp_checkpoint(tmp_path / "bytes")
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
     state["optim"]["param_groups"][0]["lr"] = _RunsCode(marker)
+    __import__("shutil").rmtree(path / "dcp")  # written anew (dcp.save over a folder warns)
     dcp.save(state, checkpoint_id=str(path / "dcp"), no_dist=True)
     with pytest.raises(CheckpointError, match=r"optim\.param_groups\.0\.lr.*weights_only=True"):
         load_distributed(path, fresh, fresh_opt)
