@@ -143,6 +143,13 @@ class ParallelDims:
                         out.append(f"tp={self.tp} must divide model.{name}={heads} "
                                    f"({heads} % {self.tp} = {heads % self.tp})")
                         break
+            # sequence parallel splits the residual stream (B, T/tp, D) into equal parts (switched off under pp > 1):
+            # an uneven split mismatches the ranks' all-gathers (gloo aborts the process, NCCL would hang)
+            if self.sequence_parallel and self.pp == 1 and seq_len % self.tp:
+                out.append(f"tp={self.tp} with parallel.sequence_parallel=true splits the sequence into {self.tp} equal "
+                           f"parts: train.seq_len={seq_len} is not a multiple of {self.tp} ({seq_len} % {self.tp} = "
+                           f"{seq_len % self.tp}); use e.g. train.seq_len={seq_len - seq_len % self.tp or self.tp}, "
+                           f"or parallel.sequence_parallel=false")
         if self.pp > model.n_layers:
             out.append(f"pp={self.pp} > model.n_layers={model.n_layers}: each stage needs at least one layer")
         if seq_len > model.max_seq_len:

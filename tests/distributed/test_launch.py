@@ -204,10 +204,12 @@ def test_layout_is_checked_before_the_data_is_prepared(tmp_path):
     with pytest.raises(ConfigError, match="tp=3 must divide model.n_heads=4"):
         check_layout("llama_shakespeare_cpu", [*nodata, "--parallel.tp=3"], 3)
     assert check_layout("llama_shakespeare_cpu", nodata, 2) == [*nodata, "--parallel.dp_replicate=2"]
-    # each failed on every rank after the spawn: torch's 1F1B refusal
+    # each failed on every rank after the spawn: torch's 1F1B refusal, gloo's abort on an uneven sequence split
     with pytest.raises(ConfigError, match=r"pp=2 with pp_schedule='1f1b' .*train.micro_batch_size=1 splits into 1"):
         check_layout("llama_shakespeare_cpu", [*nodata, "--parallel.pp=2", "--model.tie_embeddings=false",
                                                "--train.micro_batch_size=1"], 2)
+    with pytest.raises(ConfigError, match=r"train.seq_len=63 is not a multiple of 2"):
+        check_layout("llama_shakespeare_cpu", [*nodata, "--parallel.tp=2", "--train.seq_len=63"], 2)
 
 
 def test_launch_refuses_cuda_without_a_gpu_before_torchrun(monkeypatch, capsys):

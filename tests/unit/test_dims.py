@@ -73,3 +73,16 @@ def test_1f1b_needs_a_pipeline_micro_batch_per_stage():
         validate_layout(ParallelDims(pp=4), m, 4, 0, 9, 128)
     for dims, mb in ((ParallelDims(pp=4), 5), (ParallelDims(pp=4), 12), (ParallelDims(pp=2, pp_schedule="gpipe"), 1)):
         validate_layout(dims, m, dims.world_size, 0, mb, 128)
+
+
+def test_sequence_parallel_needs_seq_len_a_multiple_of_tp():
+    """Sequence parallel splits (B, T, D) into tp equal sequence parts: seq_len 63 on tp=2 made gloo abort
+    the ranks (mismatched all-gather sizes) -> refused with the remainder; plain TP, or TP under a
+    pipeline (sequence parallel off there), takes it."""
+    with pytest.raises(ConfigError, match=r"tp=2 with parallel.sequence_parallel=true .*train.seq_len=63 is not a "
+                                          r"multiple of 2 \(63 % 2 = 1\); use e.g. train.seq_len=62, or "
+                                          r"parallel.sequence_parallel=false"):
+        ParallelDims(tp=2).validate(2, LLAMA8B, 0, 1, 63)
+    ParallelDims(tp=2, sequence_parallel=False).validate(2, LLAMA8B, 0, 1, 63)
+    ParallelDims(tp=2, pp=2).validate(4, LLAMA8B, 0, 2, 63)
+    ParallelDims(tp=2).validate(2, LLAMA8B, 0, 1, 64)
