@@ -143,6 +143,10 @@ class ParallelDims:
                         out.append(f"tp={self.tp} must divide model.{name}={heads} "
                                    f"({heads} % {self.tp} = {heads % self.tp})")
                         break
+                hidden = model.hidden_dim  # w1/w3 split by columns, w2 by rows: equal shares of the MLP units
+                if hidden % self.tp:
+                    out.append(f"tp={self.tp} must divide the MLP hidden size {hidden} (model.ffn_dim, else from "
+                               f"model.dim and ffn_multiple) ({hidden} % {self.tp} = {hidden % self.tp})")
             # sequence parallel splits the residual stream (B, T/tp, D) into equal parts (switched off under pp > 1):
             # an uneven split mismatches the ranks' all-gathers (gloo aborts the process, NCCL would hang)
             if self.sequence_parallel and self.pp == 1 and seq_len % self.tp:

@@ -86,3 +86,15 @@ def test_sequence_parallel_needs_seq_len_a_multiple_of_tp():
     ParallelDims(tp=2, sequence_parallel=False).validate(2, LLAMA8B, 0, 1, 63)
     ParallelDims(tp=2, pp=2).validate(4, LLAMA8B, 0, 2, 63)
     ParallelDims(tp=2).validate(2, LLAMA8B, 0, 1, 64)
+
+
+def test_tp_must_divide_the_mlp_hidden_size():
+    """w1/w3 are split by columns and w2 by rows: an MLP hidden size tp does not divide (a pruned model's,
+    or a ffn_dim set by hand) failed in DTensor's matmul on every rank ('a and b must have same reduction
+    dim, but got [128, 352] X [351, 128]') -> refused with the remainder."""
+    m = dataclasses.replace(LLAMA8B, ffn_dim=14335)
+    with pytest.raises(ConfigError, match=r"tp=2 must divide the MLP hidden size 14335 \(model.ffn_dim, .*"
+                                          r"\(14335 % 2 = 1\)"):
+        ParallelDims(tp=2).validate(2, m, 0, 1, 128)
+    ParallelDims(tp=2).validate(2, LLAMA8B, 0, 1, 128)  # 14336
+    ParallelDims(dp_shard=2).validate(2, m, 0, 1, 128)
