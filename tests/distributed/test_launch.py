@@ -135,6 +135,14 @@ def test_launch_checks_the_layout_before_torchrun_and_defaults_to_ddp(tmp_path):
     assert check_layout(None, [*model, "--parallel.dp_shard=2"], 2) == [*model, "--parallel.dp_shard=2"]
     with pytest.raises(ConfigError, match=r"2 processes, but .* = 1\*4\*1\*1 = 4; .*--parallel.dp_shard=2"):
         check_layout(None, [*model, "--parallel.dp_shard=4"], 2)
+    # the suggestion keeps the other sizes: with tp=2 on 4 processes dp_shard=4 would make 8 ranks
+    with pytest.raises(ConfigError, match=r"= 1\*1\*2\*1 = 2; .*e.g. --parallel.dp_shard=2 \(FSDP\) or "
+                                          r"--parallel.dp_replicate=2 \(replicas\)$"):
+        check_layout(None, [*model, "--parallel.tp=2"], 4)
+    with pytest.raises(ConfigError, match=r"e.g. --parallel.dp_replicate=1 --parallel.dp_shard=3 "):
+        check_layout(None, [*model, "--parallel.dp_replicate=2", "--parallel.dp_shard=2", "--parallel.tp=2"], 6)
+    with pytest.raises(ConfigError, match=r"e.g. a multiple of tp\*pp = 2 ranks \(--nproc-per-node\)"):
+        check_layout(None, [*model, "--parallel.tp=2"], 3)
     with pytest.raises(ConfigError, match="tp=3 must divide"):
         check_layout(None, [*model, "--parallel.tp=3"], 3)
     with pytest.raises(FileNotFoundError, match="bundled recipe: "):
