@@ -143,13 +143,36 @@ class ParallelDims:
                         out.append(f"tp={self.tp} must divide model.{name}={heads} "
                                    f"({heads} % {self.tp} = {heads % self.tp})")
                         break
+                hidden = model.hidden_dim  # w1/w3 split by columns, w2 by rows: equal shares of the MLP units
+                if hidden % self.tp:
+                    out.append(f"tp={self.tp} must divide the MLP hidden size {hidden} (model.ffn_dim, else from "
+                               f"model.dim and ffn_multiple) ({hidden} % {self.tp} = {hidden % self.tp})")
+            # sequence parallel splits the residual stream (B, T/tp, D) into equal parts (switched off under pp > 1):
+            # an uneven split mismatches the ranks' all-gathers (gloo aborts the process, NCCL would hang)
+            if self.sequence_parallel and self.pp == 1 and seq_len % self.tp:
+                out.append(f"tp={self.tp} with parallel.sequence_parallel=true splits the sequence into {self.tp} equal "
+                           f"parts: train.seq_len={seq_len} is not a multiple of {self.tp} ({seq_len} % {self.tp} = "
+                           f"{seq_len % self.tp}); use e.g. train.seq_len={seq_len - seq_len % self.tp or self.tp}, "
+                           f"or parallel.sequence_parallel=false")
         if self.pp > model.n_layers:
             out.append(f"pp={self.pp} > model.n_layers={model.n_layers}: each stage needs at least one layer")
         if seq_len > model.max_seq_len:
             out.append(f"seq_len={seq_len} > model.max_seq_len={model.max_seq_len}")
+        if batch_ok and self.pp > 1 and self.pp_schedule == "1f1b":
+            n_mb = n_microbatches(micro_batch, self.pp)
+            if n_mb < self.pp:  # torch's Schedule1F1B refuses fewer micro-batches than stages, on every rank
+                out.append(f"pp={self.pp} with pp_schedule='1f1b' needs at least {self.pp} pipeline micro-batches (one "
+                           f"per stage) in each micro-batch: train.micro_batch_size={micro_batch} splits into {n_mb} "
+                           f"(its largest divisor <= 2*pp = {2 * self.pp}); use a multiple of {self.pp}, e.g. "
+                           f"train.micro_batch_size={-(-micro_batch // self.pp) * self.pp}, or parallel.pp_schedule='gpipe'")
         if batch_ok and global_batch_tokens % self.tokens_per_micro_step(micro_batch, seq_len):
             out.append(self._batch_message(global_batch_tokens, micro_batch, seq_len))
         return out
+
+
+def n_microbatches(batch_size: int, pp: int) -> int:
+    """pipeline micro-batches per rank micro-batch: the largest divisor of batch_size <= 2*pp"""
+    return max(d for d in range(1, min(batch_size, 2 * pp) + 1) if batch_size % d == 0)
 
 
 def validate_layout(dims: ParallelDims, mcfg: ModelConfig, world_size: int, global_batch_tokens: int,

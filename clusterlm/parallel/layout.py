@@ -36,8 +36,25 @@ def check_layout(recipe: str | None, overrides: list[str], world: int, *, counts
     if p.world_size != world:
         raise ConfigError(f"{counts or f'{world} processes'}, but the [parallel] layout needs dp_replicate*dp_shard*tp*pp"
                           f" = {p.dp_replicate}*{p.dp_shard}*{p.tp}*{p.pp} = {p.world_size}; change {change} or "
-                          f"the layout, e.g. --parallel.dp_shard={world} (FSDP) or --parallel.dp_replicate={world} (DDP)")
+                          f"the layout, {_fitting_layouts(p, world, change)}")
     # the vocabulary (unset until the data is prepared, as on a first run) takes no part in these checks
     tc = cfg.train
     validate_layout(p, cfg.model, world, tc.global_batch_tokens, tc.micro_batch_size, tc.seq_len)
     return overrides
+
+
+def _fitting_layouts(p, world: int, change: str) -> str:
+    """Layout changes that give `world` ranks, the other sizes kept (the suggestion of check_layout's
+    error): a dp_shard or dp_replicate that fits, else the data-parallel product, else what to change."""
+    options = []
+    for name, what in (("dp_shard", "FSDP"), ("dp_replicate", "DDP" if p.dp_shard * p.tp * p.pp == 1 else "replicas")):
+        rest = p.world_size // getattr(p, name)  # the product of the other three sizes
+        if world % rest == 0:
+            options.append(f"--parallel.{name}={world // rest} ({what})")
+    if options:
+        return "e.g. " + " or ".join(options)
+    mp = p.tp * p.pp
+    if world % mp == 0:
+        return (f"e.g. --parallel.dp_replicate=1 --parallel.dp_shard={world // mp} (dp_replicate*dp_shard = "
+                f"{world} / (tp*pp = {mp}))")
+    return f"e.g. a multiple of tp*pp = {mp} ranks ({change}), or other tp and pp sizes"

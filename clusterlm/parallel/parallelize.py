@@ -264,9 +264,9 @@ def build_parallel_model(mcfg: ModelConfig, pc: ParallelDims, mesh: DeviceMesh |
     coords = Coords.of(mesh, pc)
     dims = coords.dims
     if mesh is None or (dims.world_size == 1 and wrap == "auto"):
-        apply_ac(model, pc.activation_checkpointing)
         model.to_empty(device=device)
-        _init(model, seed, init_extra)
+        _init(model, seed, init_extra)  # before AC: init seeds each parameter by its name, which AC's wrapper changes
+        apply_ac(model, pc.activation_checkpointing)
         wrapped = torch.compile(model) if compile else model
         return ParallelModel(model, wrapped, coords, mesh, "single", loss_fn)
 
@@ -284,6 +284,10 @@ def build_parallel_model(mcfg: ModelConfig, pc: ParallelDims, mesh: DeviceMesh |
         from clusterlm.parallel.tp import apply_tp
 
         apply_tp(model, mesh["tp"], sequence_parallel=seq_par, loss_parallel=seq_par)
+    ddp = wrap == "ddp" or (wrap == "auto" and dims.dp_wrapper == "ddp")
+    if ddp:  # replicated: every rank holds the full model, initialised before AC and compile rename its
+        model.to_empty(device=device)  # parameters (init seeds each by name; init_sharded strips the wrappers)
+        _init(model, seed, init_extra)
     apply_ac(model, pc.activation_checkpointing)
     if compile:
         from clusterlm.parallel.ac import block_stacks
@@ -291,9 +295,7 @@ def build_parallel_model(mcfg: ModelConfig, pc: ParallelDims, mesh: DeviceMesh |
         for _, layers in block_stacks(model):
             for key, block in list(layers.items()):
                 layers[key] = torch.compile(block)
-    if wrap == "ddp" or (wrap == "auto" and dims.dp_wrapper == "ddp"):
-        model.to_empty(device=device)
-        _init(model, seed, init_extra)  # replicated: every rank holds the full model
+    if ddp:
         from clusterlm.parallel.ddp import apply_ddp
 
         wrapped = apply_ddp(model, mesh["dp_replicate"], device)

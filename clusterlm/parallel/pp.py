@@ -17,6 +17,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+from clusterlm.parallel.dims import n_microbatches  # torch-free: the layout checks count them too
+
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
 
@@ -40,11 +42,6 @@ def split_stage(model: nn.Module, pp: int, stage: int) -> nn.Module:
         model.norm = None
         model.output = None
     return model
-
-
-def n_microbatches(batch_size: int, pp: int) -> int:
-    """pipeline micro-batches per rank micro-batch: the largest divisor of batch_size <= 2*pp"""
-    return max(d for d in range(1, min(batch_size, 2 * pp) + 1) if batch_size % d == 0)
 
 
 def build_schedule(stage_model: nn.Module, pp_mesh: DeviceMesh, device: torch.device, batch_size: int,

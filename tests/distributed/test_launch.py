@@ -135,6 +135,14 @@ def test_launch_checks_the_layout_before_torchrun_and_defaults_to_ddp(tmp_path):
     assert check_layout(None, [*model, "--parallel.dp_shard=2"], 2) == [*model, "--parallel.dp_shard=2"]
     with pytest.raises(ConfigError, match=r"2 processes, but .* = 1\*4\*1\*1 = 4; .*--parallel.dp_shard=2"):
         check_layout(None, [*model, "--parallel.dp_shard=4"], 2)
+    # the suggestion keeps the other sizes: with tp=2 on 4 processes dp_shard=4 would make 8 ranks
+    with pytest.raises(ConfigError, match=r"= 1\*1\*2\*1 = 2; .*e.g. --parallel.dp_shard=2 \(FSDP\) or "
+                                          r"--parallel.dp_replicate=2 \(replicas\)$"):
+        check_layout(None, [*model, "--parallel.tp=2"], 4)
+    with pytest.raises(ConfigError, match=r"e.g. --parallel.dp_replicate=1 --parallel.dp_shard=3 "):
+        check_layout(None, [*model, "--parallel.dp_replicate=2", "--parallel.dp_shard=2", "--parallel.tp=2"], 6)
+    with pytest.raises(ConfigError, match=r"e.g. a multiple of tp\*pp = 2 ranks \(--nproc-per-node\)"):
+        check_layout(None, [*model, "--parallel.tp=2"], 3)
     with pytest.raises(ConfigError, match="tp=3 must divide"):
         check_layout(None, [*model, "--parallel.tp=3"], 3)
     with pytest.raises(FileNotFoundError, match="bundled recipe: "):
@@ -204,6 +212,12 @@ def test_layout_is_checked_before_the_data_is_prepared(tmp_path):
     with pytest.raises(ConfigError, match="tp=3 must divide model.n_heads=4"):
         check_layout("llama_shakespeare_cpu", [*nodata, "--parallel.tp=3"], 3)
     assert check_layout("llama_shakespeare_cpu", nodata, 2) == [*nodata, "--parallel.dp_replicate=2"]
+    # each failed on every rank after the spawn: torch's 1F1B refusal, gloo's abort on an uneven sequence split
+    with pytest.raises(ConfigError, match=r"pp=2 with pp_schedule='1f1b' .*train.micro_batch_size=1 splits into 1"):
+        check_layout("llama_shakespeare_cpu", [*nodata, "--parallel.pp=2", "--model.tie_embeddings=false",
+                                               "--train.micro_batch_size=1"], 2)
+    with pytest.raises(ConfigError, match=r"train.seq_len=63 is not a multiple of 2"):
+        check_layout("llama_shakespeare_cpu", [*nodata, "--parallel.tp=2", "--train.seq_len=63"], 2)
 
 
 def test_launch_refuses_cuda_without_a_gpu_before_torchrun(monkeypatch, capsys):

@@ -147,6 +147,7 @@ def _two_ranks(rank: int, world: int, ckpt_root: str) -> dict:
         ("ddp", dict(dp_replicate=2), {}), ("fsdp", dict(dp_shard=2), {}), ("tp", dict(tp=2), {}),
         ("pp_1f1b", dict(pp=2), {"schedule": "1f1b"}), ("pp_gpipe", dict(pp=2), {"schedule": "gpipe"}),
         ("fsdp_selective_ac", dict(dp_shard=2, activation_checkpointing="selective"), {}),
+        ("ddp_selective_ac", dict(dp_replicate=2, activation_checkpointing="selective"), {}),
         ("tp_full_ac", dict(tp=2, activation_checkpointing="full"), {}),
         ("tp_no_sp", dict(tp=2, sequence_parallel=False), {}), ("gpt_tp", dict(tp=2), {"gpt": True}),
         ("lstm_ddp", dict(dp_replicate=2), {"lstm": True})]}
@@ -209,14 +210,16 @@ def two(tmp_path_factory):
 
 def test_one_step_matches_single_process(two):
     """One step's loss and gradient norm under DDP x2, FSDP x2, TP x2, PP x2 (1F1B and GPipe), with
-    selective/full activation checkpointing, and an LSTM under DDP x2, equal one process on the whole
-    batch (fp32, 1e-5); the forward-only pipeline evaluation gives the same loss on both ranks."""
+    selective/full activation checkpointing (and one process with it), and an LSTM under DDP x2, equal one
+    process on the whole batch (fp32, 1e-5); the forward-only pipeline evaluation gives the same loss on
+    both ranks."""
     ref = one_step(ParallelDims())
     _, results = two
     lstm_ref = one_step(ParallelDims(), lstm=True)
     gpt_ref = one_step(ParallelDims(), gpt=True)
     for r in results:
-        for name in ("ddp", "fsdp", "tp", "pp_1f1b", "pp_gpipe", "fsdp_selective_ac", "tp_full_ac", "tp_no_sp"):
+        for name in ("ddp", "fsdp", "tp", "pp_1f1b", "pp_gpipe", "fsdp_selective_ac", "ddp_selective_ac", "tp_full_ac",
+                     "tp_no_sp"):
             assert r[name] == pytest.approx(ref, rel=TOL, abs=TOL), name
         assert r["gpt_tp"] == pytest.approx(gpt_ref, rel=TOL, abs=TOL)
         # sequence parallel (the default): the norm sees T/2 rows, logits stay split over the vocabulary
@@ -225,6 +228,9 @@ def test_one_step_matches_single_process(two):
         assert r["lstm_ddp"] == pytest.approx(lstm_ref, rel=TOL, abs=TOL)
         assert r["pp_eval"] == pytest.approx(ref[0], rel=TOL, abs=TOL)  # forward-only pipeline, every rank
     assert ref[0] == pytest.approx(4.1, abs=0.3)  # ~ln(64) = 4.16 at init: the model is really untrained
+    # activation checkpointing changes no weight: one process and DDP initialised the AC-wrapped model, whose
+    # parameter names (the init's per-parameter seeds) carry the wrapper's prefix, so AC gave other weights
+    assert one_step(ParallelDims(activation_checkpointing="full")) == pytest.approx(ref, rel=TOL, abs=TOL)
 
 
 def test_four_rank_layouts_match_single_process():

@@ -1,10 +1,12 @@
 """ParallelDims: degrees, mesh order, and validation messages that show the arithmetic."""
 
+import dataclasses
+
 import pytest
 
 from clusterlm.errors import ConfigError
 from clusterlm.models.config import get_preset
-from clusterlm.parallel.dims import MESH_DIM_NAMES, ParallelDims
+from clusterlm.parallel.dims import MESH_DIM_NAMES, ParallelDims, validate_layout
 
 LLAMA8B = get_preset("llama-8b")  # 32 heads, 8 kv heads, 32 layers
 
@@ -55,3 +57,44 @@ def test_bad_degrees_and_rnn_tp():
         ParallelDims(tp=0)
     with pytest.raises(ConfigError, match="needs a transformer"):
         ParallelDims(tp=2).validate(2, get_preset("lstm-small", vocab_size=65), 0, 1, 64)
+
+
+def test_1f1b_needs_a_pipeline_micro_batch_per_stage():
+    """torch's Schedule1F1B refuses fewer pipeline micro-batches than stages, which each rank found only
+    after the process group started: micro_batch 1 gives 1 for pp=2, and 9 gives 3 for pp=4 (its largest
+    divisor <= 8); a multiple of pp, or GPipe, passes."""
+    m = dataclasses.replace(LLAMA8B, tie_embeddings=False)
+    with pytest.raises(ConfigError, match=r"pp=2 with pp_schedule='1f1b' needs at least 2 pipeline micro-batches "
+                                          r".*train.micro_batch_size=1 splits into 1 .*e.g. train.micro_batch_size=2, "
+                                          r"or parallel.pp_schedule='gpipe'"):
+        validate_layout(ParallelDims(pp=2), m, 2, 0, 1, 128)
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size=9 splits into 3 \(its largest divisor <= 2\*pp = 8\)"
+                                          r"; use a multiple of 4, e.g. train.micro_batch_size=12"):
+        validate_layout(ParallelDims(pp=4), m, 4, 0, 9, 128)
+    for dims, mb in ((ParallelDims(pp=4), 5), (ParallelDims(pp=4), 12), (ParallelDims(pp=2, pp_schedule="gpipe"), 1)):
+        validate_layout(dims, m, dims.world_size, 0, mb, 128)
+
+
+def test_sequence_parallel_needs_seq_len_a_multiple_of_tp():
+    """Sequence parallel splits (B, T, D) into tp equal sequence parts: seq_len 63 on tp=2 made gloo abort
+    the ranks (mismatched all-gather sizes) -> refused with the remainder; plain TP, or TP under a
+    pipeline (sequence parallel off there), takes it."""
+    with pytest.raises(ConfigError, match=r"tp=2 with parallel.sequence_parallel=true .*train.seq_len=63 is not a "
+                                          r"multiple of 2 \(63 % 2 = 1\); use e.g. train.seq_len=62, or "
+                                          r"parallel.sequence_parallel=false"):
+        ParallelDims(tp=2).validate(2, LLAMA8B, 0, 1, 63)
+    ParallelDims(tp=2, sequence_parallel=False).validate(2, LLAMA8B, 0, 1, 63)
+    ParallelDims(tp=2, pp=2).validate(4, LLAMA8B, 0, 2, 63)
+    ParallelDims(tp=2).validate(2, LLAMA8B, 0, 1, 64)
+
+
+def test_tp_must_divide_the_mlp_hidden_size():
+    """w1/w3 are split by columns and w2 by rows: an MLP hidden size tp does not divide (a pruned model's,
+    or a ffn_dim set by hand) failed in DTensor's matmul on every rank ('a and b must have same reduction
+    dim, but got [128, 352] X [351, 128]') -> refused with the remainder."""
+    m = dataclasses.replace(LLAMA8B, ffn_dim=14335)
+    with pytest.raises(ConfigError, match=r"tp=2 must divide the MLP hidden size 14335 \(model.ffn_dim, .*"
+                                          r"\(14335 % 2 = 1\)"):
+        ParallelDims(tp=2).validate(2, m, 0, 1, 128)
+    ParallelDims(tp=2).validate(2, LLAMA8B, 0, 1, 128)  # 14336
+    ParallelDims(dp_shard=2).validate(2, m, 0, 1, 128)

@@ -103,7 +103,7 @@ def test_unknown_device_speed_stays_unknown():
 def test_pipeline_bubble_and_ring_formulas():
     """Bubble = compute * (pp-1)/m; ring all-reduce = 2(n-1)/n * S / busbw + 2(n-1) * latency."""
     cands = planner.search(LLAMA70B, H100, seq_len=4096, global_batch_tokens=2**20, nodes=4)
-    c = next(c for c in cands if c.dims.pp == 4 and c.micro_batch == 1)
+    c = next(c for c in cands if c.dims.pp == 4 and c.micro_batch == 4)  # 1F1B: >= pp pipeline micro-batches
     assert c.time_parts["bubble"] == pytest.approx(c.time_parts["compute"] * 3 / c.grad_accum_steps)
     assert steptime.ring("all_reduce", 8e9, 8, 100.0, 1e-6) == pytest.approx(2 * 7 / 8 * 8e9 / 100e9 + 14e-6)
     assert steptime.ring("all_gather", 8e9, 8, 100.0, 0.0) == pytest.approx(7 / 8 * 8e9 / 100e9)
@@ -363,7 +363,10 @@ def test_no_valid_layout_counts_every_reason_of_every_choice():
     planner.search(get_preset("gpt2-124m"), H100, seq_len=2048, global_batch_tokens=6144,
                    pruned=pruned)
     [p] = [p for p in pruned if p.layout == "dp_replicate=1*dp_shard=1*tp=2*pp=4" and p.micro_batch == 3]
-    assert p.reasons == ("seq_len=2048 > model.max_seq_len=1024", "pp=4 with model.tie_embeddings=true: the tied "
+    assert p.reasons == ("seq_len=2048 > model.max_seq_len=1024", "pp=4 with pp_schedule='1f1b' needs at least 4 "
+                         "pipeline micro-batches (one per stage) in each micro-batch: train.micro_batch_size=3 splits "
+                         "into 3 (its largest divisor <= 2*pp = 8); use a multiple of 4, e.g. train.micro_batch_size=4, "
+                         "or parallel.pp_schedule='gpipe'", "pp=4 with model.tie_embeddings=true: the tied "
                          "embedding/output weight would live on the first and last stages; set "
                          "model.tie_embeddings=false")
     assert "seq_len=2048 > model.max_seq_len=1024; pp=4 with" in planner.explain_pruned([p], [])
