@@ -140,3 +140,29 @@ def test_gres():
     assert slurm_text.parse_gres("gpu:h100:8(S:0-1),shard:4") == [("gpu", "h100", 8), ("shard", "", 4)]
     assert slurm_text.parse_gres("gpu:4") == [("gpu", "", 4)]
     assert slurm_text.parse_gres("(null)") == []
+
+
+def test_probe_reads_lscpu_in_the_c_locale(tmp_path, monkeypatch):
+    """lscpu translates its field names (util-linux de.po: "Modellname:", "Kern(e) pro Sockel:",
+    "Markierungen:"); under LANG=de_DE.UTF-8 the probe recorded model 'unknown', cores = threads and no
+    ISA flags (so no bf16 matmul was measured). A stand-in lscpu that prints German unless LC_ALL=C
+    gives the English recording's figures: the probe runs it in the C locale."""
+    import os
+
+    from clusterlm.cluster import probe
+
+    german = ("Architektur:            x86_64\nCPU(s):                  2\nModellname:             Intel(R) Xeon(R) "
+              "Processor\nThread(s) pro Kern:     1\nKern(e) pro Sockel:     2\nSockel:                 1\n"
+              "Markierungen:           fpu avx2 avx512f avx512_bf16 amx_bf16\nNUMA-Knoten:            1\n")
+    (tmp_path / "english.txt").write_text(read("lscpu_kvm_2core.txt"))
+    (tmp_path / "german.txt").write_text(german)
+    fake = tmp_path / "lscpu"
+    fake.write_text(f'#!/bin/sh\nif [ "$LC_ALL" = C ]; then cat {tmp_path}/english.txt; '
+                    f'else cat {tmp_path}/german.txt; fi\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("LANG", "de_DE.UTF-8")
+    monkeypatch.setenv("LC_ALL", "de_DE.UTF-8")
+    cpu = probe.probe_cpu()
+    assert (cpu.model, cpu.sockets, cpu.cores, cpu.threads) == ("Intel(R) Xeon(R) Processor", 1, 2, 2)
+    assert {"avx512f", "amx_bf16", "avx512_bf16"} <= set(cpu.flags)
