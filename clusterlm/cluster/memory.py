@@ -19,7 +19,8 @@ Sources and conventions (derivations in docs/planner.md):
   recomputation keeps only each layer's input (2*s*b*h) plus one layer's activations while it is
   recomputed. Tensor parallel with sequence parallel divides all of it by t. In fp32 each tensor
   element takes 4 bytes instead of 2 while dropout masks stay 1 byte.
-- Pipeline (1F1B): stage 0 holds the activations of up to pp micro-batches, the last stage one.
+- Pipeline (1F1B): each rank micro-batch runs as one schedule call of n_mb pipeline micro-batches
+  (dims.pipeline_microbatches); stage 0 holds the activations of min(pp, n_mb) of them, the last stage one.
 - Logits and loss: B*T*V*(e + 4 + 4) bytes on the last stage (logits in the compute dtype, fp32
   log-probabilities saved by log_softmax, fp32 gradient of the logits at the start of backward).
 """
@@ -30,7 +31,7 @@ import math
 from dataclasses import dataclass
 
 from clusterlm.models.config import ModelConfig
-from clusterlm.parallel.dims import ParallelDims
+from clusterlm.parallel.dims import ParallelDims, pipeline_microbatches
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 ATTENTION_KINDS = ("flash", "eager")
@@ -250,13 +251,18 @@ def _stage(model: ModelConfig, dims: ParallelDims, stage: str, b: int, s: int, d
         items.append(MemoryItem("ema_weights", per_dev * 4 / fsdp, f"4 B/param * params{shard} (optim.ema_decay)"))
     state = sum(it.bytes for it in items)
 
-    # activations: in-flight micro-batches x layers in this stage x per-layer bytes
-    inflight = 1 if stage in ("only", "last") else min(pp, max(accum, 1))
+    # activations: in-flight micro-batches x layers in this stage x per-layer bytes. A pipeline runs each
+    # rank micro-batch (each accumulation step) as one schedule call of n_mb pipeline micro-batches of b/n_mb
+    # samples (parallel/pp.py); 1F1B keeps min(pp, n_mb) of them on stage 0, one on the last stage
+    n_mb = pipeline_microbatches(b, pp) if pp > 1 else 1
+    b //= n_mb
+    inflight = min(pp, n_mb) if stage == "first" else 1
     sp = trainer_sequence_parallel(dims)
     per_layer, formula = layer_activation_bytes(model, s, b, dtype=dtype, recompute=recompute,
                                                 attention=attention, tp=t, sequence_parallel=sp)
+    split = f" (the rank micro-batch split into {n_mb} pipeline micro-batches of {b})" if pp > 1 else ""
     items.append(MemoryItem("activations", inflight * layers * per_layer,
-                            f"{inflight} in-flight micro-batch(es) * {layers} layers * {formula}"))
+                            f"{inflight} in-flight micro-batch(es){split} * {layers} layers * {formula}"))
     work = inflight * layers * per_layer
     if model.arch == "encdec":
         work += _encdec_activations(model, s, b, e, t, recompute, items)

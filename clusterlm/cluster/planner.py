@@ -14,7 +14,7 @@ and keeps what fits; then it predicts the step time
     rate    = peak * measured training efficiency           (spec: device.train_efficiency)
             | measured matmul TFLOP/s * DEFAULT_TRAIN_FRACTION_OF_MATMUL    (assumption, printed)
             | peak * DEFAULT_TRAIN_FRACTION_OF_PEAK                           (assumption, printed)
-    bubble  = compute * (pp-1)/m  (1F1B; a fraction (pp-1)/(m+pp-1) of the pipelined time)
+    bubble  = compute * (pp-1)/n_mb  (1F1B; each micro-batch one schedule call of n_mb pipeline micro-batches)
     comm    = ring collectives: all-reduce 2(n-1)/n * S / busbw, all-gather and reduce-scatter
               (n-1)/n * S / busbw, plus latency per ring step; DP/FSDP traffic overlaps the
               backward (and FSDP's forward all-gather the forward), TP and PP traffic does not.

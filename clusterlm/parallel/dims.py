@@ -184,3 +184,10 @@ def layout_problems(dims: ParallelDims, mcfg: ModelConfig, world_size: int, glob
         out.append(f"pp={dims.pp} with model.tie_embeddings=true: the tied embedding/output weight would "
                    "live on the first and last stages; set model.tie_embeddings=false")
     return out
+
+
+def pipeline_microbatches(micro_batch: int, pp: int) -> int:
+    """Pipeline micro-batches one schedule call splits a rank's micro-batch into: the largest divisor of
+    micro_batch <= 2*pp (parallel/pp.py builds the schedule with it; each gradient-accumulation
+    micro-batch is its own schedule call, so the planner's pipeline memory and bubble count these)."""
+    return max(d for d in range(1, min(micro_batch, 2 * pp) + 1) if micro_batch % d == 0)

@@ -17,6 +17,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+from clusterlm.parallel.dims import pipeline_microbatches
+
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
 
@@ -44,7 +46,7 @@ def split_stage(model: nn.Module, pp: int, stage: int) -> nn.Module:
 
 def n_microbatches(batch_size: int, pp: int) -> int:
     """pipeline micro-batches per rank micro-batch: the largest divisor of batch_size <= 2*pp"""
-    return max(d for d in range(1, min(batch_size, 2 * pp) + 1) if batch_size % d == 0)
+    return pipeline_microbatches(batch_size, pp)  # torch-free, shared with the planner
 
 
 def build_schedule(stage_model: nn.Module, pp_mesh: DeviceMesh, device: torch.device, batch_size: int,

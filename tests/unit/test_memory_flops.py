@@ -7,7 +7,7 @@ import pytest
 from clusterlm.cluster import flops, memory
 from clusterlm.cluster.memory import estimate_memory, layer_activation_bytes
 from clusterlm.models.config import ModelConfig, get_preset
-from clusterlm.parallel.dims import ParallelDims
+from clusterlm.parallel.dims import ParallelDims, pipeline_microbatches
 
 # GPT-3 175B layer shape (Brown et al. 2020; Korthikanti et al. 2022 table 3): h=12288, a=96, 4h GELU MLP,
 # dropout on, eager attention (the paper's accounting stores the a*s*s softmax).
@@ -66,7 +66,8 @@ def test_korthikanti_tensor_parallel_without_sequence_parallel():
     assert full == 2 * S * B * H  # the layer input is whole on every rank
     assert trainer_sequence_parallel(ParallelDims(tp=2)) and not trainer_sequence_parallel(ParallelDims(tp=2, pp=2))
     small = get_preset("llama-nano", vocab_size=64)
-    sp = estimate_memory(small, ParallelDims(tp=2), micro_batch=2, seq_len=32, dtype="fp32").get("logits")
+    sp = estimate_memory(small, ParallelDims(tp=2), micro_batch=1, seq_len=32, dtype="fp32").get("logits")
+    # micro-batch 2 on pp=2 runs as 2 pipeline micro-batches of 1 sample: one sample's logits, whole
     last_stage = memory._stage(small, ParallelDims(tp=2, pp=2), "last", 2, 32, "fp32", "none", "flash", 1, "fused")
     assert last_stage.get("logits") == pytest.approx(2 * sp)
 
@@ -84,17 +85,29 @@ def test_activation_variants():
 
 
 def test_pipeline_stage0_holds_pp_microbatches():
-    """1F1B: stage 0 keeps pp=4 micro-batches of its ceil(32/4)=8 layers; the last stage one, plus logits."""
+    """1F1B as the trainer runs it (parallel/pp.py): each rank micro-batch (each accumulation step) is one
+    schedule call of n_mb pipeline micro-batches, the largest divisor of the micro-batch <= 2*pp. Micro-batch
+    8 on pp=4: n_mb = 8 of 1 sample; stage 0 keeps min(4, 8) = 4 of them over its ceil(32/4) = 8 layers, the
+    last stage one, plus the logits of one sample. Accumulation (16 steps) adds nothing: each call ends with
+    its backward. The estimate used to keep min(pp, accumulation) whole micro-batches (4 x 8 samples here)."""
     model = get_preset("llama-8b")
-    per_layer, _ = layer_activation_bytes(model, 4096, 1, dtype="bf16", recompute="selective")
-    est = estimate_memory(model, ParallelDims(pp=4), micro_batch=1, seq_len=4096, recompute="selective",
+    per_sample, _ = layer_activation_bytes(model, 4096, 1, dtype="bf16", recompute="selective")
+    assert pipeline_microbatches(8, 4) == 8 and pipeline_microbatches(6, 2) == 3 and pipeline_microbatches(1, 4) == 1
+    est = estimate_memory(model, ParallelDims(pp=4), micro_batch=8, seq_len=4096, recompute="selective",
                           grad_accum_steps=16)
-    first = memory._stage(model, ParallelDims(pp=4), "first", 1, 4096, "bf16", "selective", "flash", 16, "fused")
-    last = memory._stage(model, ParallelDims(pp=4), "last", 1, 4096, "bf16", "selective", "flash", 16, "fused")
-    assert first.get("activations") == 4 * 8 * per_layer
-    assert last.get("activations") == 1 * 8 * per_layer
+    first = memory._stage(model, ParallelDims(pp=4), "first", 8, 4096, "bf16", "selective", "flash", 16, "fused")
+    last = memory._stage(model, ParallelDims(pp=4), "last", 8, 4096, "bf16", "selective", "flash", 16, "fused")
+    assert first.get("activations") == 4 * 8 * per_sample
+    assert last.get("activations") == 1 * 8 * per_sample
     assert last.get("logits") == 1 * 4096 * 128256 * (2 + 8)
     assert est.peak_bytes == max(first.peak_bytes, last.peak_bytes)
+    # micro-batch 6 on pp=2: 3 pipeline micro-batches of 2 samples, 2 of them on stage 0 (16 layers)
+    per_two, _ = layer_activation_bytes(model, 4096, 2, dtype="bf16", recompute="selective")
+    first = memory._stage(model, ParallelDims(pp=2), "first", 6, 4096, "bf16", "selective", "flash", 1, "fused")
+    assert per_two == 2 * per_sample and first.get("activations") == 2 * 16 * per_two
+    # micro-batch 1: nothing to pipeline, one sample in flight on stage 0 whatever the accumulation
+    first = memory._stage(model, ParallelDims(pp=4), "first", 1, 4096, "bf16", "selective", "flash", 16, "fused")
+    assert first.get("activations") == 1 * 8 * per_sample
 
 
 def test_stage_params_add_up():

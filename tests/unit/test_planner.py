@@ -101,10 +101,21 @@ def test_unknown_device_speed_stays_unknown():
 
 
 def test_pipeline_bubble_and_ring_formulas():
-    """Bubble = compute * (pp-1)/m; ring all-reduce = 2(n-1)/n * S / busbw + 2(n-1) * latency."""
+    """Bubble = compute * (pp-1)/n_mb, n_mb the pipeline micro-batches of one schedule call (the largest divisor
+    of the micro-batch <= 2*pp: the trainer runs each accumulation step as its own call, parallel/pp.py); it was
+    compute * (pp-1)/accumulation, so micro-batch 1 x 32 steps on pp=4 was credited a 3/32 bubble where no two
+    stages ever overlap (3x compute). Ring all-reduce = 2(n-1)/n * S / busbw + 2(n-1) * latency."""
     cands = planner.search(LLAMA70B, H100, seq_len=4096, global_batch_tokens=2**20, nodes=4)
     c = next(c for c in cands if c.dims.pp == 4 and c.micro_batch == 1)
-    assert c.time_parts["bubble"] == pytest.approx(c.time_parts["compute"] * 3 / c.grad_accum_steps)
+    assert c.grad_accum_steps > 1 and c.time_parts["bubble"] == pytest.approx(c.time_parts["compute"] * 3)
+    c = next(c for c in cands if c.dims.pp == 4 and c.micro_batch == 8)  # 8 pipeline micro-batches of 1
+    assert c.time_parts["bubble"] == pytest.approx(c.time_parts["compute"] * 3 / 8)
+    c = next(c for c in cands if c.dims.pp == 4 and c.micro_batch == 32)  # 8 of 4 (n_mb <= 2*pp)
+    assert c.time_parts["bubble"] == pytest.approx(c.time_parts["compute"] * 3 / 8)
+    # pp sends: each of the m calls sends 2 * (n_mb + pp - 1) activations of one pipeline micro-batch
+    c = next(c for c in cands if c.dims.pp == 4 and c.dims.tp == 1 and c.micro_batch == 8)
+    one = 1 * 4096 * LLAMA70B.dim * 2 / (50.0 * 0.94 * 8 / 8 * 1e9) + 3e-6  # inter-node: one NDR adapter per rank
+    assert c.time_parts["pp_comm"] == pytest.approx(c.grad_accum_steps * 2 * (8 + 3) * one)
     assert steptime.ring("all_reduce", 8e9, 8, 100.0, 1e-6) == pytest.approx(2 * 7 / 8 * 8e9 / 100e9 + 14e-6)
     assert steptime.ring("all_gather", 8e9, 8, 100.0, 0.0) == pytest.approx(7 / 8 * 8e9 / 100e9)
     assert steptime.ring("all_reduce", 8e9, 1, 100.0, 1e-6) == 0
