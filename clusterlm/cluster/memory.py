@@ -119,8 +119,9 @@ def stage_params(model: ModelConfig, pp: int, stage: str) -> tuple[int, int]:
 # ---- activations -------------------------------------------------------------------------------------
 def trainer_sequence_parallel(dims: ParallelDims) -> bool:
     """Whether clusterlm's trainer splits activations over the sequence (and logits over the vocabulary)
-    with tp > 1: by default yes, except with pipeline parallel (clusterlm/parallel/parallelize.py)."""
-    return dims.pp == 1
+    with tp > 1: by default yes, except with pipeline parallel or parallel.sequence_parallel = false
+    (clusterlm/parallel/parallelize.py)."""
+    return dims.pp == 1 and dims.sequence_parallel
 
 
 def layer_activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int, *, dtype: str = "bf16",

@@ -65,6 +65,13 @@ def test_korthikanti_tensor_parallel_without_sequence_parallel():
     full, _ = layer_activation_bytes(GPT3, S, B, dtype="bf16", recompute="full", tp=8, sequence_parallel=False)
     assert full == 2 * S * B * H  # the layer input is whole on every rank
     assert trainer_sequence_parallel(ParallelDims(tp=2)) and not trainer_sequence_parallel(ParallelDims(tp=2, pp=2))
+    # parallel.sequence_parallel = false: the trainer keeps the norm/projection inputs and the logits whole
+    # (the estimate, and so train's start-up memory check, split them as with sequence parallel)
+    assert not trainer_sequence_parallel(ParallelDims(tp=2, sequence_parallel=False))
+    gpt3_tp8 = estimate_memory(GPT3, ParallelDims(tp=8, sequence_parallel=False), micro_batch=B, seq_len=S,
+                               recompute="none", attention="eager")
+    assert gpt3_tp8.get("activations") == pytest.approx(GPT3.n_layers * S * B * H * (10 + 24 / 8 + 5 * A * S / (H * 8)))
+    assert gpt3_tp8.get("logits") == B * S * GPT3.padded_vocab_size * (2 + 8)  # whole: no loss parallel
     small = get_preset("llama-nano", vocab_size=64)
     sp = estimate_memory(small, ParallelDims(tp=2), micro_batch=1, seq_len=32, dtype="fp32").get("logits")
     # micro-batch 2 on pp=2 runs as 2 pipeline micro-batches of 1 sample: one sample's logits, whole
