@@ -254,10 +254,14 @@ def _stage(model: ModelConfig, dims: ParallelDims, stage: str, b: int, s: int, d
 
     # activations: in-flight micro-batches x layers in this stage x per-layer bytes. A pipeline runs each
     # rank micro-batch (each accumulation step) as one schedule call of n_mb pipeline micro-batches of b/n_mb
-    # samples (parallel/pp.py); 1F1B keeps min(pp, n_mb) of them on stage 0, one on the last stage
+    # samples (parallel/pp.py); 1F1B keeps min(pp, n_mb) of them on stage 0, one on the last stage; GPipe
+    # (parallel.pp_schedule) runs every forward before any backward: all n_mb on every stage
     n_mb = pipeline_microbatches(b, pp) if pp > 1 else 1
     b //= n_mb
-    inflight = min(pp, n_mb) if stage == "first" else 1
+    if pp > 1 and dims.pp_schedule == "gpipe":
+        inflight = n_mb
+    else:
+        inflight = min(pp, n_mb) if stage == "first" else 1
     sp = trainer_sequence_parallel(dims)
     per_layer, formula = layer_activation_bytes(model, s, b, dtype=dtype, recompute=recompute,
                                                 attention=attention, tp=t, sequence_parallel=sp)
@@ -285,8 +289,11 @@ def _stage(model: ModelConfig, dims: ParallelDims, stage: str, b: int, s: int, d
     if stage in ("only", "last"):
         lg = logits_bytes(model, s, b, dtype, t, loss_parallel=sp)
         t_lg = t if sp else 1
-        items.append(MemoryItem("logits", lg, f"B*T*V*(e+4+4)/t = {b}*{s}*{model.padded_vocab_size}*({e}+8)/{t_lg}"
-                                + ("" if sp or t == 1 else " (no loss parallel with pp > 1)")))
+        formula_lg = f"B*T*V*(e+4+4)/t = {b}*{s}*{model.padded_vocab_size}*({e}+8)/{t_lg}"
+        if inflight > 1:  # GPipe: every micro-batch's logits and log-probs wait for the backward
+            lg += (inflight - 1) * lg * (e + 4) / (e + 8)
+            formula_lg += f" + {inflight - 1} more micro-batches' logits and log-probs (e+4) in flight (GPipe)"
+        items.append(MemoryItem("logits", lg, formula_lg + ("" if sp or t == 1 else " (no loss parallel with pp > 1)")))
         work += lg
     # temporary buffers of the data-parallel wrapper
     g = param_groups(model)

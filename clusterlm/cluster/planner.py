@@ -108,7 +108,9 @@ class Candidate:
 
 
 def _dims_options(world: int, per_node: int, model: ModelConfig,
-                  pruned: list[Pruned] | None = None) -> list[ParallelDims]:
+                  pruned: list[Pruned] | None = None, fixed: dict[str, Any] | None = None) -> list[ParallelDims]:
+    """Every layout of `world` devices the trainer accepts; `fixed`: ParallelDims keys the search does not
+    choose (a recipe's pp_schedule, sequence_parallel), which the memory and step time follow."""
     out = []
     divisors = [d for d in range(1, world + 1) if world % d == 0]
     why = pruned.append if pruned is not None else (lambda _: None)
@@ -132,7 +134,7 @@ def _dims_options(world: int, per_node: int, model: ModelConfig,
                 continue
             dp = world // (tp * pp)
             for rep in [d for d in range(1, dp + 1) if dp % d == 0]:
-                dims = ParallelDims(dp_replicate=rep, dp_shard=dp // rep, tp=tp, pp=pp)
+                dims = ParallelDims(dp_replicate=rep, dp_shard=dp // rep, tp=tp, pp=pp, **(fixed or {}))
                 if model.arch in ("lstm", "gru") and dims.model_parallel * dims.dp_shard > 1:
                     why(Pruned(dims.describe(), None, None, f"model.arch={model.arch!r} trains with data-parallel "
                                f"replication only (the trainer's rule)"))
@@ -146,10 +148,11 @@ def search(model: ModelConfig, spec: ClusterSpec, *, seq_len: int, global_batch_
            nodes: int | None = None, memory_fraction: float = DEFAULT_MEMORY_FRACTION, attention: str = "flash",
            micro_batches: tuple[int, ...] | None = None, recipe_micro_batch: int | None = None,
            recompute_modes: tuple[str, ...] = RECOMPUTE_MODES,
-           pruned: list[Pruned] | None = None) -> list[Candidate]:
+           pruned: list[Pruned] | None = None, fixed_dims: dict[str, Any] | None = None) -> list[Candidate]:
     """Every valid candidate, fitting or not, unsorted. See `plan`. micro_batches=None tries every
     divisor of each layout's per-rank batch (micro_batch_options), plus recipe_micro_batch; the
-    layouts and micro-batches left out are appended to `pruned` with the reason."""
+    layouts and micro-batches left out are appended to `pruned` with the reason. fixed_dims: a recipe's
+    [parallel] pp_schedule and sequence_parallel, kept in every layout."""
     if tokens is not None and steps is not None:
         raise ConfigError("give tokens or steps, not both")
     if dtype not in ("bf16", "fp16", "fp32"):
@@ -212,7 +215,7 @@ def search(model: ModelConfig, spec: ClusterSpec, *, seq_len: int, global_batch_
     out = []
     why = pruned.append if pruned is not None else (lambda _: None)
     samples = global_batch_tokens // seq_len
-    for dims in _dims_options(world, device.count, model, pruned):
+    for dims in _dims_options(world, device.count, model, pruned, fixed_dims):
         if micro_batches is None:
             if samples % dims.dp:
                 # with the layout's other problems (a seq_len past the model's context refuses every layout)
@@ -264,7 +267,7 @@ def plan(model: ModelConfig, spec: ClusterSpec, *, seq_len: int, global_batch_to
     micro-batch (the model does not credit larger matmuls with higher efficiency; real kernels
     do), then less memory, then fewer model-parallel ranks.
     kwargs: node_type, nodes, memory_fraction, attention ('flash'|'eager'), micro_batches (default: every
-    divisor of the per-rank batch), recipe_micro_batch (always a candidate), recompute_modes, pruned."""
+    divisor of the per-rank batch), recipe_micro_batch (always a candidate), recompute_modes, pruned, fixed_dims."""
     cands = [c for c in search(model, spec, seq_len=seq_len, global_batch_tokens=global_batch_tokens, tokens=tokens,
                                steps=steps, dtype=dtype, **kwargs) if c.fits]
     order = {m: i for i, m in enumerate(RECOMPUTE_MODES)}
@@ -531,6 +534,13 @@ def main(argv: list[str]) -> int:
         tc = from_dict(TrainConfig, train_tree, "train")  # typed and checked, as train would read it
         train_tree = {k: getattr(tc, k) for k in train_tree}
     recipe_mb = args.micro_batch if args.micro_batch is not None else train_tree.get("micro_batch_size")
+    fixed_dims: dict[str, Any] = {}  # the recipe's [parallel] keys the search does not choose, kept in --out
+    if recipe_full is not None:
+        from clusterlm.config import from_dict
+
+        keys = {k: v for k, v in recipe_full.get("parallel", {}).items() if k in ("pp_schedule", "sequence_parallel")}
+        typed = from_dict(ParallelDims, keys, "parallel")
+        fixed_dims = {k: getattr(typed, k) for k in keys}
     spec = load_spec(args.cluster)
     if spec.probe is not None and spec.probe.disturbed:
         if not args.force:
@@ -561,7 +571,7 @@ def main(argv: list[str]) -> int:
     fpt = flops_mod.training_flops_per_token(model, seq_len)
     kwargs = dict(seq_len=seq_len, global_batch_tokens=gbt, tokens=args.tokens, steps=args.steps, dtype=dtype,
                   node_type=args.node_type, nodes=args.nodes, memory_fraction=args.memory_fraction,
-                  attention=args.attention, recipe_micro_batch=recipe_mb)
+                  attention=args.attention, recipe_micro_batch=recipe_mb, fixed_dims=fixed_dims)
     pruned: list[Pruned] = []
     everything = search(model, spec, pruned=pruned, **kwargs)
     cands = plan(model, spec, **kwargs)

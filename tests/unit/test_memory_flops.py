@@ -117,6 +117,24 @@ def test_pipeline_stage0_holds_pp_microbatches():
     assert first.get("activations") == 1 * 8 * per_sample
 
 
+def test_gpipe_holds_every_pipeline_microbatch_on_every_stage():
+    """parallel.pp_schedule = "gpipe" runs all forwards before any backward: micro-batch 8 on pp=4 is 8 pipeline
+    micro-batches of 1 sample, all 8 alive on stage 0 and on the last stage (1F1B: 4 and 1), and the last
+    stage keeps each one's logits and fp32 log-probs (e + 4 bytes per logit) until its backward, plus one
+    fp32 logits gradient. The estimate assumed 1F1B for either schedule."""
+    model = get_preset("llama-8b")
+    per_sample, _ = layer_activation_bytes(model, 4096, 1, dtype="bf16", recompute="selective")
+    dims = ParallelDims(pp=4, pp_schedule="gpipe")
+    first = memory._stage(model, dims, "first", 8, 4096, "bf16", "selective", "flash", 1, "fused")
+    last = memory._stage(model, dims, "last", 8, 4096, "bf16", "selective", "flash", 1, "fused")
+    assert first.get("activations") == 8 * 8 * per_sample and last.get("activations") == 8 * 8 * per_sample
+    assert last.get("logits") == pytest.approx(4096 * 128256 * (8 * (2 + 4) + 4))
+    est = estimate_memory(model, dims, micro_batch=8, seq_len=4096, recompute="selective")
+    assert est.peak_bytes == max(first.peak_bytes, last.peak_bytes)
+    assert est.peak_bytes > estimate_memory(model, ParallelDims(pp=4), micro_batch=8, seq_len=4096,
+                                            recompute="selective").peak_bytes
+
+
 def test_stage_params_add_up():
     """Stage parameters: the first stage holds the embedding, the last the head; stages sum to the total
     (plus the tied copy kept on the last stage)."""

@@ -174,6 +174,38 @@ def test_out_keeps_a_recipe_models_other_sections(tmp_path, capsys):
     assert (cfg.parallel.pp_schedule, cfg.parallel.sequence_parallel, cfg.parallel.dp_shard) == ("gpipe", False, 1)
 
 
+def test_a_recipes_pp_schedule_and_sequence_parallel_are_planned(tmp_path, capsys):
+    """`plan --model RECIPE` with [parallel] pp_schedule = "gpipe" and sequence_parallel = false keeps both in
+    --out; the memory it predicts is now the estimate of that layout (it was planned as 1F1B with sequence
+    parallel: 4 of 8 pipeline micro-batches on stage 0 instead of 8, activations split over tp)."""
+    from clusterlm.cluster.memory import estimate_memory
+    from clusterlm.config import load_run_config
+    from clusterlm.parallel.dims import ParallelDims
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\npreset = "llama-8b"\n[train]\nseq_len = 4096\nmicro_batch_size = 8\n'
+                      'global_batch_tokens = 65536\n[parallel]\npp_schedule = "gpipe"\nsequence_parallel = false\n')
+    out = tmp_path / "p.toml"
+    assert planner.main(["--model", str(recipe), "--cluster", "h100-sxm-8x", "--nodes", "2", "--out", str(out)]) == 0
+    cfg = load_run_config(out)
+    assert (cfg.parallel.pp_schedule, cfg.parallel.sequence_parallel) == ("gpipe", False)
+    dims = ParallelDims(**{k: getattr(cfg.parallel, k) for k in ("dp_replicate", "dp_shard", "tp", "pp",
+                                                                 "activation_checkpointing", "pp_schedule",
+                                                                 "sequence_parallel")})
+    accum = dims.grad_accum_steps(65536, cfg.train.micro_batch_size, 4096)
+    est = estimate_memory(LLAMA8B, dims, micro_batch=cfg.train.micro_batch_size, seq_len=4096, dtype=cfg.train.dtype,
+                          recompute=dims.activation_checkpointing, grad_accum_steps=accum)
+    assert cfg.plan.predicted_memory_bytes == int(est.peak_bytes)
+    cands = planner.search(LLAMA8B, H100, seq_len=4096, global_batch_tokens=65536, nodes=2, micro_batches=(8,),
+                           fixed_dims={"pp_schedule": "gpipe", "sequence_parallel": False})
+    gp = next(c for c in cands if c.dims.pp == 4 and c.dims.tp == 2 and c.recompute == "none")
+    plain = next(c for c in planner.search(LLAMA8B, H100, seq_len=4096, global_batch_tokens=65536, nodes=2,
+                                           micro_batches=(8,))
+                 if c.dims.pp == 4 and c.dims.tp == 2 and c.recompute == "none")
+    assert (gp.dims.pp_schedule, gp.dims.sequence_parallel) == ("gpipe", False)
+    assert gp.memory.get("activations") > plain.memory.get("activations")
+
+
 def test_bad_inputs():
     """A global batch that is not a multiple of seq_len, and both tokens and steps, are refused."""
     with pytest.raises(ConfigError, match="multiple of seq_len=1024"):
