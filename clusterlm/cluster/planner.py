@@ -459,17 +459,34 @@ def explain_pruned(pruned: list[Pruned], unfit: list[Candidate], limit: int = 12
     return "\n".join(lines)
 
 
-def recipe_line(cands: list[Candidate], recipe_mb: int) -> str:
-    """Where the recipe's own layout (one device per rank as given, its micro-batch, no recompute) ranks."""
-    mine = [(i, c) for i, c in enumerate(cands, 1) if c.micro_batch == recipe_mb and c.recompute == "none"
-            and c.dims.model_parallel == 1 and c.dims.dp_shard == 1]
+def recipe_line(cands: list[Candidate], recipe_mb: int, recipe: ParallelDims | None = None) -> str:
+    """Where the recipe's own layout ranks: its [parallel] sizes when they name a layout (world size > 1; else
+    data-parallel replication, one device per rank, as launch gives it), its micro-batch and its
+    activation_checkpointing (`recipe`: the recipe's [parallel]; None: none)."""
+    rc = recipe.activation_checkpointing if recipe is not None else "none"
+    sizes = ("dp_replicate", "dp_shard", "tp", "pp")
+    named = recipe is not None and recipe.world_size > 1
+    layout = f"{recipe.describe()}, " if named else ""
+
+    def is_recipes(c: Candidate) -> bool:
+        if c.micro_batch != recipe_mb or c.recompute != rc:
+            return False
+        if named:
+            return all(getattr(c.dims, k) == getattr(recipe, k) for k in sizes)
+        return c.dims.model_parallel == 1 and c.dims.dp_shard == 1
+
+    mine = [(i, c) for i, c in enumerate(cands, 1) if is_recipes(c)]
     if not mine:
-        return f"recipe's layout (micro-batch {recipe_mb}): not among the fitting candidates (see pruned)"
+        world = cands[0].dims.world_size if cands else None
+        why = (f": it needs {recipe.world_size} devices, the plan has {world}" if named and world
+               and world != recipe.world_size else " (see pruned)")
+        return f"recipe's layout ({layout}micro-batch {recipe_mb}, recompute {rc}): not among the fitting candidates{why}"
     i, c = mine[0]
     best = cands[0]
     if c.step_time_s is None or best.step_time_s is None:
-        return f"recipe's layout (micro-batch {recipe_mb} x {c.grad_accum_steps}): rank {i} of {len(cands)}"
-    return (f"recipe's layout (micro-batch {recipe_mb} x {c.grad_accum_steps}, recompute none): rank {i} of "
+        return (f"recipe's layout ({layout}micro-batch {recipe_mb} x {c.grad_accum_steps}"
+                + (f", recompute {rc}" if rc != "none" else "") + f"): rank {i} of {len(cands)}")
+    return (f"recipe's layout ({layout}micro-batch {recipe_mb} x {c.grad_accum_steps}, recompute {rc}): rank {i} of "
             f"{len(cands)}, predicted {c.step_time_s * 1e3:.4g} ms/step; best {best.step_time_s * 1e3:.4g} ms/step "
             f"({(best.step_time_s - c.step_time_s) / c.step_time_s:+.1%})")
 
@@ -541,6 +558,7 @@ def main(argv: list[str]) -> int:
         keys = {k: v for k, v in recipe_full.get("parallel", {}).items() if k in ("pp_schedule", "sequence_parallel")}
         typed = from_dict(ParallelDims, keys, "parallel")
         fixed_dims = {k: getattr(typed, k) for k in keys}
+    recipe_dims = from_dict(ParallelDims, recipe_full.get("parallel", {}), "parallel") if recipe_full else None
     spec = load_spec(args.cluster)
     if spec.probe is not None and spec.probe.disturbed:
         if not args.force:
@@ -610,7 +628,7 @@ def main(argv: list[str]) -> int:
     if best.step_time_s is None:
         print(f"\nstep time unknown: {rate.how}")
     if recipe_mb:
-        print("\n" + recipe_line(cands, recipe_mb))
+        print("\n" + recipe_line(cands, recipe_mb, recipe_dims))
     if args.explain:
         print()
         print(explain(best))

@@ -461,3 +461,25 @@ def test_a_dtype_the_device_lacks_is_refused(tmp_path):
     assert planner.main(argv + ["--dtype", "fp16"]) == 0
     with pytest.raises(ConfigError, match="dtype=fp16 needs a GPU"):
         planner.main(["--model", "llama-nano", "--vocab-size", "65", "--cluster", "laptop-cpu", "--dtype", "fp16"])
+
+
+def test_recipe_line_ranks_the_recipes_own_layout(tmp_path, capsys):
+    """A --model recipe whose [parallel] names a layout (dp_shard=4, tp=2, selective recomputation) is run as that
+    layout (launch's check_layout), so "recipe's layout" ranks that candidate: it ranked the DDP layout with no
+    recomputation whatever the recipe said. A layout for another device count is named as such."""
+    from clusterlm.parallel.dims import ParallelDims
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\npreset = "llama-8b"\n[train]\nseq_len = 4096\nmicro_batch_size = 2\n'
+                      'global_batch_tokens = 1048576\n[parallel]\ndp_shard = 4\ntp = 2\n'
+                      'activation_checkpointing = "selective"\n')
+    assert planner.main(["--model", str(recipe), "--cluster", "h100-sxm-8x", "--top", "1"]) == 0
+    out = capsys.readouterr().out
+    cands = planner.plan(LLAMA8B, H100, seq_len=4096, global_batch_tokens=2**20, recipe_micro_batch=2)
+    mine = ParallelDims(dp_shard=4, tp=2)
+    i = next(i for i, c in enumerate(cands, 1) if c.micro_batch == 2 and c.recompute == "selective"
+             and c.dims == mine)
+    assert (f"recipe's layout (dp_replicate=1*dp_shard=4*tp=2*pp=1, micro-batch 2 x 32, recompute selective): "
+            f"rank {i} of {len(cands)}, predicted {cands[i - 1].step_time_s * 1e3:.4g} ms/step") in out
+    line = planner.recipe_line(cands, 2, ParallelDims(dp_shard=8, tp=2))
+    assert line.endswith("not among the fitting candidates: it needs 16 devices, the plan has 8")
