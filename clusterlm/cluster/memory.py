@@ -266,9 +266,11 @@ def _stage(model: ModelConfig, dims: ParallelDims, stage: str, b: int, s: int, d
     per_layer, formula = layer_activation_bytes(model, s, b, dtype=dtype, recompute=recompute,
                                                 attention=attention, tp=t, sequence_parallel=sp)
     split = f" (the rank micro-batch split into {n_mb} pipeline micro-batches of {b})" if pp > 1 else ""
-    items.append(MemoryItem("activations", inflight * layers * per_layer,
-                            f"{inflight} in-flight micro-batch(es){split} * {layers} layers * {formula}"))
-    work = inflight * layers * per_layer
+    readers = 2 if model.bidirectional else 1  # a bidirectional classifier runs two language models
+    items.append(MemoryItem("activations", readers * inflight * layers * per_layer,
+                            (f"{readers} readers (bidirectional) * " if readers > 1 else "")
+                            + f"{inflight} in-flight micro-batch(es){split} * {layers} layers * {formula}"))
+    work = readers * inflight * layers * per_layer
     if model.arch == "encdec":
         work += _encdec_activations(model, s, b, e, t, recompute, items)
     if recompute == "full":  # one layer's activations live again while it is recomputed
@@ -286,7 +288,14 @@ def _stage(model: ModelConfig, dims: ParallelDims, stage: str, b: int, s: int, d
     items.append(MemoryItem("backward_transient", bwd, formula_bwd))
     work += bwd
     # stage outputs: final norm + head input on the last stage, and the logits/loss buffers
-    if stage in ("only", "last"):
+    if stage in ("only", "last") and model.labels:
+        # a classifier's head scores the pooled state: (B, C) fp32 class logits, their log-probs and gradient;
+        # the language model's output layer never runs (models/classifier.py)
+        lg = b * len(model.labels) * 12
+        items.append(MemoryItem("logits", lg, f"classifier: B*C*(4+4+4) = {b}*{len(model.labels)}*12 (the LM output "
+                                              f"layer does not run)"))
+        work += lg
+    elif stage in ("only", "last"):
         lg = logits_bytes(model, s, b, dtype, t, loss_parallel=sp)
         t_lg = t if sp else 1
         formula_lg = f"B*T*V*(e+4+4)/t = {b}*{s}*{model.padded_vocab_size}*({e}+8)/{t_lg}"

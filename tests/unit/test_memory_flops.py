@@ -336,3 +336,24 @@ def test_masked_lm_flops_count_the_head_and_output_at_the_corrupted_positions():
     assert flops_per_token(cfg, 96).matmul_params == n  # the default: every position
     t = train_fpt(cfg, 96, predicted=0.15)
     assert t["n_matmul_params"] == want == t["n_layer_params"] + t["n_output_params"]
+
+
+def test_a_classifiers_logits_are_its_class_scores():
+    """A classifier (model.labels) scores the pooled state, (B, C) fp32, and never runs the LM output layer
+    (models/classifier.py): its logits item is B*C*(4+4+4) bytes, not B*T*V*(e+8) (here 32*128*4096*12 =
+    192 MiB of a 0.44 GiB peak, in train's start-up memory check too). A bidirectional one (two LSTM readers)
+    keeps both readers' activations."""
+    base = dict(arch="transformer", n_layers=4, n_heads=4, dim=192, max_seq_len=128, pos="learned", vocab_size=4096)
+    lm = ModelConfig(**base)
+    clf = ModelConfig(**base, labels=("neg", "pos"))
+    e_lm = estimate_memory(lm, ParallelDims(), micro_batch=32, seq_len=128, dtype="fp32")
+    e_clf = estimate_memory(clf, ParallelDims(), micro_batch=32, seq_len=128, dtype="fp32")
+    assert e_lm.get("logits") == 32 * 128 * 4096 * 12
+    assert e_clf.get("logits") == 32 * 2 * 12
+    assert e_clf.get("activations") == e_lm.get("activations")
+    lstm = dict(arch="lstm", n_layers=2, dim=128, max_seq_len=64, vocab_size=256, labels=("neg", "pos"))
+    one = estimate_memory(ModelConfig(**lstm), ParallelDims(), micro_batch=8, seq_len=64, dtype="fp32")
+    two = estimate_memory(ModelConfig(**lstm, bidirectional=True), ParallelDims(), micro_batch=8, seq_len=64,
+                          dtype="fp32")
+    assert one.get("activations") == 2 * 64 * 8 * (128 + 4 * 128 + 2 * 128) * 4  # layers * s*b*(h + 4h + 2h)*e
+    assert two.get("activations") == 2 * one.get("activations")
