@@ -175,7 +175,7 @@ def probe_network() -> LinkSpec | None:
     speeds = []
     for path in sorted(glob.glob("/sys/class/net/*/speed")):
         iface = Path(path).parent.name
-        if iface == "lo":
+        if iface == "lo" or _virtual_interface(Path(path).parent):
             continue
         try:
             s = parsers.parse_net_speed(_read(path))
@@ -189,6 +189,12 @@ def probe_network() -> LinkSpec | None:
     link = hardware.ethernet_link(speed)
     return LinkSpec(f"Ethernet {speed / 1000:g} Gb/s ({iface})", link.bandwidth_gbs, link.latency_us, 1,
                     link.achievable_fraction, source=f"/sys/class/net/{iface}/speed = {speed} Mb/s")
+
+
+def _virtual_interface(iface_dir: Path) -> bool:
+    """A software interface (veth pair, bridge, tunnel: sysfs links it under devices/virtual/net), which reaches
+    no other node (a container's veth reports 10000 Mb/s); a bond (its bonding/ folder) joins real ones and counts."""
+    return "/virtual/" in os.path.realpath(iface_dir) and not (iface_dir / "bonding").is_dir()
 
 
 def probe_storage(path: str) -> StorageSpec:

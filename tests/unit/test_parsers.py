@@ -166,3 +166,27 @@ def test_probe_reads_lscpu_in_the_c_locale(tmp_path, monkeypatch):
     cpu = probe.probe_cpu()
     assert (cpu.model, cpu.sockets, cpu.cores, cpu.threads) == ("Intel(R) Xeon(R) Processor", 1, 2, 2)
     assert {"avx512f", "amx_bf16", "avx512_bf16"} <= set(cpu.flags)
+
+
+def test_probe_network_skips_virtual_interfaces(tmp_path, monkeypatch):
+    """A container host's veth pairs report 10000 Mb/s in /sys/class/net/*/speed; the probe took the fastest
+    interface, so a node with a 1 Gb/s NIC was recorded with a 10 Gb/s inter-node link (veth...). Interfaces
+    under devices/virtual/net are skipped, except a bond (bonding/), which aggregates real NICs."""
+    from clusterlm.cluster import probe
+
+    net = tmp_path / "class" / "net"
+    net.mkdir(parents=True)
+    for iface, where, speed in (("eth0", "devices/pci0000:00/0000:00:03.0/net", "1000"),
+                                ("veth1a2b", "devices/virtual/net", "10000"),
+                                ("bond0", "devices/virtual/net", "25000")):
+        real = tmp_path / where / iface
+        real.mkdir(parents=True)
+        (real / "speed").write_text(speed + "\n")
+        (net / iface).symlink_to(real)
+    real_glob = probe.glob.glob
+    monkeypatch.setattr(probe.glob, "glob", lambda pattern: (
+        real_glob(str(net / "*" / "speed")) if pattern == "/sys/class/net/*/speed" else []))
+    link = probe.probe_network()
+    assert link.name == "Ethernet 1 Gb/s (eth0)" and link.bandwidth_gbs == 0.125
+    (tmp_path / "devices/virtual/net/bond0/bonding").mkdir()
+    assert probe.probe_network().name == "Ethernet 25 Gb/s (bond0)"
