@@ -512,7 +512,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seq-len", type=int, default=None, help="context length (default: a --model recipe's [train] "
                    "seq_len, else the model's max_seq_len)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="auto = bf16 where the device has a bf16 figure, else fp32")
+                   help="auto = a --model recipe's [train] dtype, else bf16 where the device has a bf16 figure, "
+                        "else fp32")
     p.add_argument("--vocab-size", type=int, default=None, help="vocabulary size when the model preset leaves it unset")
     p.add_argument("--nodes", type=int, default=None, help="plan for this many nodes (default: all in the spec)")
     p.add_argument("--node-type", default=None, help="node type to plan on (default: the one with most devices)")
@@ -582,9 +583,15 @@ def main(argv: list[str]) -> int:
     gbt = (args.global_batch_tokens or recipe_gbt
            or max(seq_len, DEFAULT_GLOBAL_BATCH_TOKENS // seq_len * seq_len))
     dtype = args.dtype
+    recipe_dtype = train_tree.get("dtype", "auto")  # a --model recipe's [train] dtype, as train resolves it
+    if dtype == "auto" and recipe_dtype in ("fp32", "bf16", "fp16"):
+        dtype = recipe_dtype
     if dtype == "auto":
         has_bf16 = device.peak("bf16")[0] or device.matmul_tflops("bf16")
-        dtype = "bf16" if has_bf16 and device.kind != "cpu" else "fp32"
+        # bf16-native: bf16 on a CPU with AMX or AVX512-BF16 too (clusterlm.device.autocast_dtype)
+        native_cpu = recipe_dtype == "bf16-native" and device.kind == "cpu" and bool(
+            {"amx_bf16", "avx512_bf16"} & set(node.cpu.flags))
+        dtype = "bf16" if (has_bf16 and device.kind != "cpu") or native_cpu else "fp32"
     n_nodes = args.nodes or node.count
     fpt = flops_mod.training_flops_per_token(model, seq_len)
     kwargs = dict(seq_len=seq_len, global_batch_tokens=gbt, tokens=args.tokens, steps=args.steps, dtype=dtype,

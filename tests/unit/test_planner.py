@@ -483,3 +483,27 @@ def test_recipe_line_ranks_the_recipes_own_layout(tmp_path, capsys):
             f"rank {i} of {len(cands)}, predicted {cands[i - 1].step_time_s * 1e3:.4g} ms/step") in out
     line = planner.recipe_line(cands, 2, ParallelDims(dp_shard=8, tp=2))
     assert line.endswith("not among the fitting candidates: it needs 16 devices, the plan has 8")
+
+
+def test_a_recipes_dtype_is_the_planned_one(tmp_path, capsys):
+    """`plan --model RECIPE` plans the recipe's [train] dtype, as it plans its seq_len and batch: a recipe with
+    dtype = "fp32" on an H100 was planned (and written by --out) as bf16, and "bf16-native" on a CPU with
+    AMX as fp32, though train runs each as the recipe says. --dtype still wins."""
+    from clusterlm.cluster.spec import presets
+    from clusterlm.config import load_run_config, resolve_recipe
+
+    recipe, out = tmp_path / "r.toml", tmp_path / "p.toml"
+    recipe.write_text('[model]\npreset = "gpt2-124m"\n[train]\nseq_len = 1024\nmicro_batch_size = 8\n'
+                      'global_batch_tokens = 65536\ndtype = "fp32"\n')
+    assert planner.main(["--model", str(recipe), "--cluster", "h100-sxm-8x", "--top", "1", "--out", str(out)]) == 0
+    assert "(64 samples) (the recipe's [train]), fp32" in capsys.readouterr().out
+    assert load_run_config(out).train.dtype == "fp32"
+    assert planner.main(["--model", str(recipe), "--cluster", "h100-sxm-8x", "--top", "1", "--dtype", "bf16"]) == 0
+    assert "(the recipe's [train]), bf16" in capsys.readouterr().out
+    spec = tmp_path / "amx.toml"
+    spec.write_text(presets()["laptop-cpu"].read_text().replace("numa_nodes = 1",
+                                                                 'numa_nodes = 1\nflags = ["avx512f", "amx_bf16"]'))
+    char = resolve_recipe("shakespeare_char_cpu")  # [train] dtype = "bf16-native"
+    for flags_spec, want in ((str(spec), "bf16"), ("laptop-cpu", "fp32")):
+        assert planner.main(["--model", str(char), "--cluster", flags_spec, "--vocab-size", "65", "--top", "1"]) == 0
+        assert f"(the recipe's [train]), {want}\n" in capsys.readouterr().out
