@@ -19,7 +19,8 @@ Sources and conventions (derivations in docs/planner.md):
   recomputation keeps only each layer's input (2*s*b*h) plus one layer's activations while it is
   recomputed. Tensor parallel with sequence parallel divides all of it by t. In fp32 each tensor
   element takes 4 bytes instead of 2 while dropout masks stay 1 byte.
-- Pipeline (1F1B): stage 0 holds the activations of up to pp micro-batches, the last stage one.
+- Pipeline (1F1B): each rank micro-batch runs as one schedule call of n_mb pipeline micro-batches
+  (dims.pipeline_microbatches); stage 0 holds the activations of min(pp, n_mb) of them, the last stage one.
 - Logits and loss: B*T*V*(e + 4 + 4) bytes on the last stage (logits in the compute dtype, fp32
   log-probabilities saved by log_softmax, fp32 gradient of the logits at the start of backward).
 """
@@ -30,7 +31,7 @@ import math
 from dataclasses import dataclass
 
 from clusterlm.models.config import ModelConfig
-from clusterlm.parallel.dims import ParallelDims
+from clusterlm.parallel.dims import ParallelDims, pipeline_microbatches
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 ATTENTION_KINDS = ("flash", "eager")
@@ -118,8 +119,9 @@ def stage_params(model: ModelConfig, pp: int, stage: str) -> tuple[int, int]:
 # ---- activations -------------------------------------------------------------------------------------
 def trainer_sequence_parallel(dims: ParallelDims) -> bool:
     """Whether clusterlm's trainer splits activations over the sequence (and logits over the vocabulary)
-    with tp > 1: by default yes, except with pipeline parallel (clusterlm/parallel/parallelize.py)."""
-    return dims.pp == 1
+    with tp > 1: by default yes, except with pipeline parallel or parallel.sequence_parallel = false
+    (clusterlm/parallel/parallelize.py)."""
+    return dims.pp == 1 and dims.sequence_parallel
 
 
 def layer_activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int, *, dtype: str = "bf16",
@@ -250,14 +252,25 @@ def _stage(model: ModelConfig, dims: ParallelDims, stage: str, b: int, s: int, d
         items.append(MemoryItem("ema_weights", per_dev * 4 / fsdp, f"4 B/param * params{shard} (optim.ema_decay)"))
     state = sum(it.bytes for it in items)
 
-    # activations: in-flight micro-batches x layers in this stage x per-layer bytes
-    inflight = 1 if stage in ("only", "last") else min(pp, max(accum, 1))
+    # activations: in-flight micro-batches x layers in this stage x per-layer bytes. A pipeline runs each
+    # rank micro-batch (each accumulation step) as one schedule call of n_mb pipeline micro-batches of b/n_mb
+    # samples (parallel/pp.py); 1F1B keeps min(pp, n_mb) of them on stage 0, one on the last stage; GPipe
+    # (parallel.pp_schedule) runs every forward before any backward: all n_mb on every stage
+    n_mb = pipeline_microbatches(b, pp) if pp > 1 else 1
+    b //= n_mb
+    if pp > 1 and dims.pp_schedule == "gpipe":
+        inflight = n_mb
+    else:
+        inflight = min(pp, n_mb) if stage == "first" else 1
     sp = trainer_sequence_parallel(dims)
     per_layer, formula = layer_activation_bytes(model, s, b, dtype=dtype, recompute=recompute,
                                                 attention=attention, tp=t, sequence_parallel=sp)
-    items.append(MemoryItem("activations", inflight * layers * per_layer,
-                            f"{inflight} in-flight micro-batch(es) * {layers} layers * {formula}"))
-    work = inflight * layers * per_layer
+    split = f" (the rank micro-batch split into {n_mb} pipeline micro-batches of {b})" if pp > 1 else ""
+    readers = 2 if model.bidirectional else 1  # a bidirectional classifier runs two language models
+    items.append(MemoryItem("activations", readers * inflight * layers * per_layer,
+                            (f"{readers} readers (bidirectional) * " if readers > 1 else "")
+                            + f"{inflight} in-flight micro-batch(es){split} * {layers} layers * {formula}"))
+    work = readers * inflight * layers * per_layer
     if model.arch == "encdec":
         work += _encdec_activations(model, s, b, e, t, recompute, items)
     if recompute == "full":  # one layer's activations live again while it is recomputed
@@ -275,11 +288,21 @@ def _stage(model: ModelConfig, dims: ParallelDims, stage: str, b: int, s: int, d
     items.append(MemoryItem("backward_transient", bwd, formula_bwd))
     work += bwd
     # stage outputs: final norm + head input on the last stage, and the logits/loss buffers
-    if stage in ("only", "last"):
+    if stage in ("only", "last") and model.labels:
+        # a classifier's head scores the pooled state: (B, C) fp32 class logits, their log-probs and gradient;
+        # the language model's output layer never runs (models/classifier.py)
+        lg = b * len(model.labels) * 12
+        items.append(MemoryItem("logits", lg, f"classifier: B*C*(4+4+4) = {b}*{len(model.labels)}*12 (the LM output "
+                                              f"layer does not run)"))
+        work += lg
+    elif stage in ("only", "last"):
         lg = logits_bytes(model, s, b, dtype, t, loss_parallel=sp)
         t_lg = t if sp else 1
-        items.append(MemoryItem("logits", lg, f"B*T*V*(e+4+4)/t = {b}*{s}*{model.padded_vocab_size}*({e}+8)/{t_lg}"
-                                + ("" if sp or t == 1 else " (no loss parallel with pp > 1)")))
+        formula_lg = f"B*T*V*(e+4+4)/t = {b}*{s}*{model.padded_vocab_size}*({e}+8)/{t_lg}"
+        if inflight > 1:  # GPipe: every micro-batch's logits and log-probs wait for the backward
+            lg += (inflight - 1) * lg * (e + 4) / (e + 8)
+            formula_lg += f" + {inflight - 1} more micro-batches' logits and log-probs (e+4) in flight (GPipe)"
+        items.append(MemoryItem("logits", lg, formula_lg + ("" if sp or t == 1 else " (no loss parallel with pp > 1)")))
         work += lg
     # temporary buffers of the data-parallel wrapper
     g = param_groups(model)

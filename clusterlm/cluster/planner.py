@@ -14,7 +14,7 @@ and keeps what fits; then it predicts the step time
     rate    = peak * measured training efficiency           (spec: device.train_efficiency)
             | measured matmul TFLOP/s * DEFAULT_TRAIN_FRACTION_OF_MATMUL    (assumption, printed)
             | peak * DEFAULT_TRAIN_FRACTION_OF_PEAK                           (assumption, printed)
-    bubble  = compute * (pp-1)/m  (1F1B; a fraction (pp-1)/(m+pp-1) of the pipelined time)
+    bubble  = compute * (pp-1)/n_mb  (1F1B; each micro-batch one schedule call of n_mb pipeline micro-batches)
     comm    = ring collectives: all-reduce 2(n-1)/n * S / busbw, all-gather and reduce-scatter
               (n-1)/n * S / busbw, plus latency per ring step; DP/FSDP traffic overlaps the
               backward (and FSDP's forward all-gather the forward), TP and PP traffic does not.
@@ -108,7 +108,9 @@ class Candidate:
 
 
 def _dims_options(world: int, per_node: int, model: ModelConfig,
-                  pruned: list[Pruned] | None = None) -> list[ParallelDims]:
+                  pruned: list[Pruned] | None = None, fixed: dict[str, Any] | None = None) -> list[ParallelDims]:
+    """Every layout of `world` devices the trainer accepts; `fixed`: ParallelDims keys the search does not
+    choose (a recipe's pp_schedule, sequence_parallel), which the memory and step time follow."""
     out = []
     divisors = [d for d in range(1, world + 1) if world % d == 0]
     why = pruned.append if pruned is not None else (lambda _: None)
@@ -132,7 +134,7 @@ def _dims_options(world: int, per_node: int, model: ModelConfig,
                 continue
             dp = world // (tp * pp)
             for rep in [d for d in range(1, dp + 1) if dp % d == 0]:
-                dims = ParallelDims(dp_replicate=rep, dp_shard=dp // rep, tp=tp, pp=pp)
+                dims = ParallelDims(dp_replicate=rep, dp_shard=dp // rep, tp=tp, pp=pp, **(fixed or {}))
                 if model.arch in ("lstm", "gru") and dims.model_parallel * dims.dp_shard > 1:
                     why(Pruned(dims.describe(), None, None, f"model.arch={model.arch!r} trains with data-parallel "
                                f"replication only (the trainer's rule)"))
@@ -146,10 +148,11 @@ def search(model: ModelConfig, spec: ClusterSpec, *, seq_len: int, global_batch_
            nodes: int | None = None, memory_fraction: float = DEFAULT_MEMORY_FRACTION, attention: str = "flash",
            micro_batches: tuple[int, ...] | None = None, recipe_micro_batch: int | None = None,
            recompute_modes: tuple[str, ...] = RECOMPUTE_MODES,
-           pruned: list[Pruned] | None = None) -> list[Candidate]:
+           pruned: list[Pruned] | None = None, fixed_dims: dict[str, Any] | None = None) -> list[Candidate]:
     """Every valid candidate, fitting or not, unsorted. See `plan`. micro_batches=None tries every
     divisor of each layout's per-rank batch (micro_batch_options), plus recipe_micro_batch; the
-    layouts and micro-batches left out are appended to `pruned` with the reason."""
+    layouts and micro-batches left out are appended to `pruned` with the reason. fixed_dims: a recipe's
+    [parallel] pp_schedule and sequence_parallel, kept in every layout."""
     if tokens is not None and steps is not None:
         raise ConfigError("give tokens or steps, not both")
     if dtype not in ("bf16", "fp16", "fp32"):
@@ -212,7 +215,7 @@ def search(model: ModelConfig, spec: ClusterSpec, *, seq_len: int, global_batch_
     out = []
     why = pruned.append if pruned is not None else (lambda _: None)
     samples = global_batch_tokens // seq_len
-    for dims in _dims_options(world, device.count, model, pruned):
+    for dims in _dims_options(world, device.count, model, pruned, fixed_dims):
         if micro_batches is None:
             if samples % dims.dp:
                 # with the layout's other problems (a seq_len past the model's context refuses every layout)
@@ -264,7 +267,7 @@ def plan(model: ModelConfig, spec: ClusterSpec, *, seq_len: int, global_batch_to
     micro-batch (the model does not credit larger matmuls with higher efficiency; real kernels
     do), then less memory, then fewer model-parallel ranks.
     kwargs: node_type, nodes, memory_fraction, attention ('flash'|'eager'), micro_batches (default: every
-    divisor of the per-rank batch), recipe_micro_batch (always a candidate), recompute_modes, pruned."""
+    divisor of the per-rank batch), recipe_micro_batch (always a candidate), recompute_modes, pruned, fixed_dims."""
     cands = [c for c in search(model, spec, seq_len=seq_len, global_batch_tokens=global_batch_tokens, tokens=tokens,
                                steps=steps, dtype=dtype, **kwargs) if c.fits]
     order = {m: i for i, m in enumerate(RECOMPUTE_MODES)}
@@ -456,17 +459,34 @@ def explain_pruned(pruned: list[Pruned], unfit: list[Candidate], limit: int = 12
     return "\n".join(lines)
 
 
-def recipe_line(cands: list[Candidate], recipe_mb: int) -> str:
-    """Where the recipe's own layout (one device per rank as given, its micro-batch, no recompute) ranks."""
-    mine = [(i, c) for i, c in enumerate(cands, 1) if c.micro_batch == recipe_mb and c.recompute == "none"
-            and c.dims.model_parallel == 1 and c.dims.dp_shard == 1]
+def recipe_line(cands: list[Candidate], recipe_mb: int, recipe: ParallelDims | None = None) -> str:
+    """Where the recipe's own layout ranks: its [parallel] sizes when they name a layout (world size > 1; else
+    data-parallel replication, one device per rank, as launch gives it), its micro-batch and its
+    activation_checkpointing (`recipe`: the recipe's [parallel]; None: none)."""
+    rc = recipe.activation_checkpointing if recipe is not None else "none"
+    sizes = ("dp_replicate", "dp_shard", "tp", "pp")
+    named = recipe is not None and recipe.world_size > 1
+    layout = f"{recipe.describe()}, " if named else ""
+
+    def is_recipes(c: Candidate) -> bool:
+        if c.micro_batch != recipe_mb or c.recompute != rc:
+            return False
+        if named:
+            return all(getattr(c.dims, k) == getattr(recipe, k) for k in sizes)
+        return c.dims.model_parallel == 1 and c.dims.dp_shard == 1
+
+    mine = [(i, c) for i, c in enumerate(cands, 1) if is_recipes(c)]
     if not mine:
-        return f"recipe's layout (micro-batch {recipe_mb}): not among the fitting candidates (see pruned)"
+        world = cands[0].dims.world_size if cands else None
+        why = (f": it needs {recipe.world_size} devices, the plan has {world}" if named and world
+               and world != recipe.world_size else " (see pruned)")
+        return f"recipe's layout ({layout}micro-batch {recipe_mb}, recompute {rc}): not among the fitting candidates{why}"
     i, c = mine[0]
     best = cands[0]
     if c.step_time_s is None or best.step_time_s is None:
-        return f"recipe's layout (micro-batch {recipe_mb} x {c.grad_accum_steps}): rank {i} of {len(cands)}"
-    return (f"recipe's layout (micro-batch {recipe_mb} x {c.grad_accum_steps}, recompute none): rank {i} of "
+        return (f"recipe's layout ({layout}micro-batch {recipe_mb} x {c.grad_accum_steps}"
+                + (f", recompute {rc}" if rc != "none" else "") + f"): rank {i} of {len(cands)}")
+    return (f"recipe's layout ({layout}micro-batch {recipe_mb} x {c.grad_accum_steps}, recompute {rc}): rank {i} of "
             f"{len(cands)}, predicted {c.step_time_s * 1e3:.4g} ms/step; best {best.step_time_s * 1e3:.4g} ms/step "
             f"({(best.step_time_s - c.step_time_s) / c.step_time_s:+.1%})")
 
@@ -492,7 +512,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seq-len", type=int, default=None, help="context length (default: a --model recipe's [train] "
                    "seq_len, else the model's max_seq_len)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="auto = bf16 where the device has a bf16 figure, else fp32")
+                   help="auto = a --model recipe's [train] dtype, else bf16 where the device has a bf16 figure, "
+                        "else fp32")
     p.add_argument("--vocab-size", type=int, default=None, help="vocabulary size when the model preset leaves it unset")
     p.add_argument("--nodes", type=int, default=None, help="plan for this many nodes (default: all in the spec)")
     p.add_argument("--node-type", default=None, help="node type to plan on (default: the one with most devices)")
@@ -531,6 +552,14 @@ def main(argv: list[str]) -> int:
         tc = from_dict(TrainConfig, train_tree, "train")  # typed and checked, as train would read it
         train_tree = {k: getattr(tc, k) for k in train_tree}
     recipe_mb = args.micro_batch if args.micro_batch is not None else train_tree.get("micro_batch_size")
+    fixed_dims: dict[str, Any] = {}  # the recipe's [parallel] keys the search does not choose, kept in --out
+    if recipe_full is not None:
+        from clusterlm.config import from_dict
+
+        keys = {k: v for k, v in recipe_full.get("parallel", {}).items() if k in ("pp_schedule", "sequence_parallel")}
+        typed = from_dict(ParallelDims, keys, "parallel")
+        fixed_dims = {k: getattr(typed, k) for k in keys}
+    recipe_dims = from_dict(ParallelDims, recipe_full.get("parallel", {}), "parallel") if recipe_full else None
     spec = load_spec(args.cluster)
     if spec.probe is not None and spec.probe.disturbed:
         if not args.force:
@@ -554,14 +583,20 @@ def main(argv: list[str]) -> int:
     gbt = (args.global_batch_tokens or recipe_gbt
            or max(seq_len, DEFAULT_GLOBAL_BATCH_TOKENS // seq_len * seq_len))
     dtype = args.dtype
+    recipe_dtype = train_tree.get("dtype", "auto")  # a --model recipe's [train] dtype, as train resolves it
+    if dtype == "auto" and recipe_dtype in ("fp32", "bf16", "fp16"):
+        dtype = recipe_dtype
     if dtype == "auto":
         has_bf16 = device.peak("bf16")[0] or device.matmul_tflops("bf16")
-        dtype = "bf16" if has_bf16 and device.kind != "cpu" else "fp32"
+        # bf16-native: bf16 on a CPU with AMX or AVX512-BF16 too (clusterlm.device.autocast_dtype)
+        native_cpu = recipe_dtype == "bf16-native" and device.kind == "cpu" and bool(
+            {"amx_bf16", "avx512_bf16"} & set(node.cpu.flags))
+        dtype = "bf16" if (has_bf16 and device.kind != "cpu") or native_cpu else "fp32"
     n_nodes = args.nodes or node.count
     fpt = flops_mod.training_flops_per_token(model, seq_len)
     kwargs = dict(seq_len=seq_len, global_batch_tokens=gbt, tokens=args.tokens, steps=args.steps, dtype=dtype,
                   node_type=args.node_type, nodes=args.nodes, memory_fraction=args.memory_fraction,
-                  attention=args.attention, recipe_micro_batch=recipe_mb)
+                  attention=args.attention, recipe_micro_batch=recipe_mb, fixed_dims=fixed_dims)
     pruned: list[Pruned] = []
     everything = search(model, spec, pruned=pruned, **kwargs)
     cands = plan(model, spec, **kwargs)
@@ -600,7 +635,7 @@ def main(argv: list[str]) -> int:
     if best.step_time_s is None:
         print(f"\nstep time unknown: {rate.how}")
     if recipe_mb:
-        print("\n" + recipe_line(cands, recipe_mb))
+        print("\n" + recipe_line(cands, recipe_mb, recipe_dims))
     if args.explain:
         print()
         print(explain(best))

@@ -63,12 +63,12 @@ def node_name(env: dict[str, str] | None = None) -> str:
     return env.get("SLURMD_NODENAME") or socket.gethostname()
 
 
-def _run(cmd: list[str], timeout: float = 20.0) -> str:
+def _run(cmd: list[str], timeout: float = 20.0, env: dict[str, str] | None = None) -> str:
     """Output of a command; raises RuntimeError with the reason when it is missing or fails."""
     if shutil.which(cmd[0]) is None:
         raise RuntimeError(f"{cmd[0]} not found")
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"{' '.join(cmd)} timed out after {timeout:g} s") from None
     if r.returncode != 0:
@@ -100,7 +100,9 @@ class Probe:
 # ---- inventory -------------------------------------------------------------------------------------
 def probe_cpu() -> CpuSpec:
     try:
-        return parsers.parse_lscpu(_run(["lscpu"]))
+        # lscpu translates its field names ("Modellname:", "Kern(e) pro Sockel:", "Markierungen:" in a German
+        # locale), which parse_lscpu would not find: read it in the C locale
+        return parsers.parse_lscpu(_run(["lscpu"], env={**os.environ, "LC_ALL": "C"}))
     except RuntimeError:
         return parsers.parse_cpuinfo(_read("/proc/cpuinfo"))
 
@@ -173,7 +175,7 @@ def probe_network() -> LinkSpec | None:
     speeds = []
     for path in sorted(glob.glob("/sys/class/net/*/speed")):
         iface = Path(path).parent.name
-        if iface == "lo":
+        if iface == "lo" or _virtual_interface(Path(path).parent):
             continue
         try:
             s = parsers.parse_net_speed(_read(path))
@@ -187,6 +189,12 @@ def probe_network() -> LinkSpec | None:
     link = hardware.ethernet_link(speed)
     return LinkSpec(f"Ethernet {speed / 1000:g} Gb/s ({iface})", link.bandwidth_gbs, link.latency_us, 1,
                     link.achievable_fraction, source=f"/sys/class/net/{iface}/speed = {speed} Mb/s")
+
+
+def _virtual_interface(iface_dir: Path) -> bool:
+    """A software interface (veth pair, bridge, tunnel: sysfs links it under devices/virtual/net), which reaches
+    no other node (a container's veth reports 10000 Mb/s); a bond (its bonding/ folder) joins real ones and counts."""
+    return "/virtual/" in os.path.realpath(iface_dir) and not (iface_dir / "bonding").is_dir()
 
 
 def probe_storage(path: str) -> StorageSpec:

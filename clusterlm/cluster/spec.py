@@ -129,6 +129,19 @@ class DeviceSpec:
             if bad:
                 raise ConfigError(f"device {self.name!r}: {table} has unknown dtypes {sorted(bad)}; "
                                   f"valid: {', '.join(hardware.DTYPES)}")
+            # a rate or efficiency of 0 or below gave negative (or 'unknown') step times and MFU
+            for dt, v in getattr(self, table).items():
+                if not v > 0:
+                    raise ConfigError(f"device {self.name!r}: {table}.{dt}={v:g} must be > 0")
+        for key in ("memory_bandwidth_gbs", "measured_memory_bandwidth_gbs"):
+            v = getattr(self, key)
+            if v is not None and not v > 0:
+                raise ConfigError(f"device {self.name!r}: {key}={v:g} must be > 0 (or left out)")
+        for key in ("op_overhead_us", "optimizer_us_per_tensor", "step_fixed_us", "data_us_per_batch",
+                    "log_us_per_step"):
+            v = getattr(self, key)
+            if v is not None and v < 0:
+                raise ConfigError(f"device {self.name!r}: {key}={v:g} must be >= 0 (or left out)")
 
     def peak(self, dtype: str) -> tuple[float | None, str]:
         """(dense peak TFLOP/s or None, where it came from)."""
@@ -167,6 +180,13 @@ class LinkSpec:
         if self.bandwidth_gbs <= 0 or self.latency_us < 0 or self.count < 1:
             raise ConfigError(f"link {self.name!r}: bandwidth_gbs={self.bandwidth_gbs} must be > 0, "
                               f"latency_us={self.latency_us} >= 0, count={self.count} >= 1")
+        # 0 divided every collective's bytes by a zero bus bandwidth (ZeroDivisionError in plan)
+        if self.achievable_fraction is not None and not 0 < self.achievable_fraction <= 1:
+            raise ConfigError(f"link {self.name!r}: achievable_fraction={self.achievable_fraction:g} must be in "
+                              f"(0, 1] (or left out for the hardware table's)")
+        if self.measured_busbw_gbs is not None and not self.measured_busbw_gbs > 0:
+            raise ConfigError(f"link {self.name!r}: measured_busbw_gbs={self.measured_busbw_gbs:g} must be > 0 "
+                              f"(or left out)")
 
 
 @dataclass(frozen=True)

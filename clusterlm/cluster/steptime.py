@@ -25,7 +25,7 @@ from clusterlm.cluster.memory import layer_activation_bytes, logits_bytes, stage
 from clusterlm.cluster.spec import ClusterSpec, DeviceSpec, LinkSpec, NodeType
 from clusterlm.errors import ConfigError
 from clusterlm.models.config import ModelConfig
-from clusterlm.parallel.dims import ParallelDims
+from clusterlm.parallel.dims import ParallelDims, pipeline_microbatches
 
 # Stand-ins for measurements, always printed when used.
 DEFAULT_TRAIN_FRACTION_OF_PEAK = 0.40
@@ -437,10 +437,15 @@ def step_time(model: ModelConfig, dims: ParallelDims, mb: int, accum: int, recom
         formulas["compute"] = (f"({fpt.total:.4g} model + {extra:.4g} recompute FLOPs/token) * {gbt} tokens / "
                                f"({world} devices * {rate.tflops:.4g} TFLOP/s)")
     t_fwd, t_bwd = compute / m / 3, compute / m * 2 / 3  # per micro-batch (backward = 2x forward)
+    # a pipeline runs each of the m rank micro-batches as one schedule call of n_mb pipeline micro-batches
+    # (parallel/pp.py): every call has its own fill and drain
+    n_mb = pipeline_microbatches(mb, dims.pp) if dims.pp > 1 else 1
     if dims.pp > 1:
-        parts["bubble"] = compute * (dims.pp - 1) / m
-        formulas["bubble"] = (f"compute * (pp-1)/m = compute * {dims.pp - 1}/{m}: a fraction "
-                              f"(pp-1)/(m+pp-1) = {(dims.pp - 1) / (m + dims.pp - 1):.3f} of the pipelined time")
+        parts["bubble"] = compute * (dims.pp - 1) / n_mb
+        formulas["bubble"] = (f"compute * (pp-1)/n_mb = compute * {dims.pp - 1}/{n_mb}, n_mb = {n_mb} pipeline "
+                              f"micro-batches per schedule call (micro-batch {mb} split), one call per accumulation "
+                              f"step: a fraction (pp-1)/(n_mb+pp-1) = {(dims.pp - 1) / (n_mb + dims.pp - 1):.3f} "
+                              f"of the pipelined time")
     e = 2 if dtype in ("bf16", "fp16") else 4
     per_dev = stage_params(model, dims.pp, "first")[0] / dims.tp  # parameters one rank holds unsharded
     grad_bytes = per_dev * GRAD_REDUCE_BYTES
@@ -480,11 +485,12 @@ def step_time(model: ModelConfig, dims: ParallelDims, mb: int, accum: int, recom
                                f"b*s*h*e = {act / 1e6:.3g} MB over tp={dims.tp} ({tp_bw[2]}, {tp_bw[0]:.4g} GB/s) "
                                f"= {one * 1e6:.3g} us each, not overlapped")
     if dims.pp > 1:
-        act = mb * seq_len * model.dim * e / dims.tp
+        act = mb // n_mb * seq_len * model.dim * e / dims.tp
         one = act / (pp_bw[0] * 1e9) + pp_bw[1]
-        parts["pp_comm"] = 2 * (m + dims.pp - 1) * one
-        formulas["pp_comm"] = (f"2 * (m + pp - 1) = {2 * (m + dims.pp - 1)} sends of b*s*h*e/t = {act / 1e6:.3g} MB "
-                               f"({pp_bw[2]}, {pp_bw[0]:.4g} GB/s) on the critical path")
+        parts["pp_comm"] = m * 2 * (n_mb + dims.pp - 1) * one
+        formulas["pp_comm"] = (f"m * 2 * (n_mb + pp - 1) = {m} * {2 * (n_mb + dims.pp - 1)} sends of b*s*h*e/t "
+                               f"= {act / 1e6:.3g} MB (b = {mb // n_mb} per pipeline micro-batch) ({pp_bw[2]}, "
+                               f"{pp_bw[0]:.4g} GB/s) on the critical path")
     bw = device.measured_memory_bandwidth_gbs or device.memory_bandwidth_gbs
     if ops is None and bw and device.kind == "cpu" and recompute == "none":
         # On CPU the non-matmul work (norms, GELU, softmax/cross-entropy, residual adds and their

@@ -159,7 +159,7 @@ class ParallelDims:
         if seq_len > model.max_seq_len:
             out.append(f"seq_len={seq_len} > model.max_seq_len={model.max_seq_len}")
         if batch_ok and self.pp > 1 and self.pp_schedule == "1f1b":
-            n_mb = n_microbatches(micro_batch, self.pp)
+            n_mb = pipeline_microbatches(micro_batch, self.pp)
             if n_mb < self.pp:  # torch's Schedule1F1B refuses fewer micro-batches than stages, on every rank
                 out.append(f"pp={self.pp} with pp_schedule='1f1b' needs at least {self.pp} pipeline micro-batches (one "
                            f"per stage) in each micro-batch: train.micro_batch_size={micro_batch} splits into {n_mb} "
@@ -168,11 +168,6 @@ class ParallelDims:
         if batch_ok and global_batch_tokens % self.tokens_per_micro_step(micro_batch, seq_len):
             out.append(self._batch_message(global_batch_tokens, micro_batch, seq_len))
         return out
-
-
-def n_microbatches(batch_size: int, pp: int) -> int:
-    """pipeline micro-batches per rank micro-batch: the largest divisor of batch_size <= 2*pp"""
-    return max(d for d in range(1, min(batch_size, 2 * pp) + 1) if batch_size % d == 0)
 
 
 def validate_layout(dims: ParallelDims, mcfg: ModelConfig, world_size: int, global_batch_tokens: int,
@@ -207,3 +202,10 @@ def layout_problems(dims: ParallelDims, mcfg: ModelConfig, world_size: int, glob
         out.append(f"pp={dims.pp} with model.tie_embeddings=true: the tied embedding/output weight would "
                    "live on the first and last stages; set model.tie_embeddings=false")
     return out
+
+
+def pipeline_microbatches(micro_batch: int, pp: int) -> int:
+    """Pipeline micro-batches one schedule call splits a rank's micro-batch into: the largest divisor of
+    micro_batch <= 2*pp (parallel/pp.py builds the schedule with it; each gradient-accumulation
+    micro-batch is its own schedule call, so the planner's pipeline memory and bubble count these)."""
+    return max(d for d in range(1, min(micro_batch, 2 * pp) + 1) if micro_batch % d == 0)

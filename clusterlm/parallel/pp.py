@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from clusterlm.parallel.dims import n_microbatches  # torch-free: the layout checks count them too
+from clusterlm.parallel.dims import pipeline_microbatches  # torch-free: layout checks and planner count them
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -46,7 +46,7 @@ def split_stage(model: nn.Module, pp: int, stage: int) -> nn.Module:
 
 def build_schedule(stage_model: nn.Module, pp_mesh: DeviceMesh, device: torch.device, batch_size: int,
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: str = "1f1b"):
-    """The schedule that runs one rank micro-batch (split into n_microbatches) through all stages.
+    """The schedule that runs one rank micro-batch (split into pipeline_microbatches) through all stages.
 
     Gradients are not rescaled by the schedule (scale_grads=False): loss_fn carries the scale, so
     several schedule steps can accumulate into one optimizer step.
@@ -55,7 +55,7 @@ def build_schedule(stage_model: nn.Module, pp_mesh: DeviceMesh, device: torch.de
         raise ValueError(f"pipeline schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
     pp, stage_idx = pp_mesh.size(), pp_mesh.get_local_rank()
     stage = PipelineStage(stage_model, stage_idx, pp, device, group=pp_mesh.get_group())
-    return SCHEDULES[schedule](stage, n_microbatches=n_microbatches(batch_size, pp), loss_fn=loss_fn,
+    return SCHEDULES[schedule](stage, n_microbatches=pipeline_microbatches(batch_size, pp), loss_fn=loss_fn,
                                scale_grads=False)
 
 

@@ -864,12 +864,16 @@ class Trainer:
         record = {"kind": "train", "step": state.step, "tokens": state.tokens_seen, "loss": loss, "lr": lr,
                   "grad_norm": grad_norm, "skipped": not finite, "step_time_s": dt, "tokens_per_s": tps,
                   "mfu": mfu(tps, self.flops["total"], self.peak and self.peak * self.mfu_devices)}
+        # [plan]'s figures, named predicted_X after the measured field X the report pairs them with
+        # (predicted_step_s and predicted_memory_bytes matched no field: the report's measured column was empty)
         if plan.predicted_step_s:
-            record["predicted_step_s"] = plan.predicted_step_s
+            record["predicted_step_time_s"] = plan.predicted_step_s
         if state.step % tc.log_interval == 0 or state.step == tc.max_steps:
-            record.update(memory_stats(self.device))
+            stats = memory_stats(self.device)
+            record.update(stats)
             if plan.predicted_memory_bytes:
-                record["predicted_memory_bytes"] = plan.predicted_memory_bytes
+                peak = "cuda_max_allocated_bytes" if "cuda_max_allocated_bytes" in stats else "cpu_peak_rss_bytes"
+                record[f"predicted_{peak}"] = plan.predicted_memory_bytes
             planned = f"  (plan: {plan.predicted_step_s * 1e3:.1f} ms/step)" if plan.predicted_step_s else ""
             log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.0f tok/s  %.1f ms/step%s",
                      state.step, tc.max_steps, loss, lr, grad_norm, tps, dt * 1e3, planned)

@@ -466,3 +466,25 @@ def test_mfu_uses_the_probed_peak(data_dir, tmp_path, caplog):
     train(tiny_cfg(data_dir, tmp_path / "u", "--train.max_steps=2"))
     recs = [json.loads(x) for x in (tmp_path / "u" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["mfu"] is None for r in recs if r["kind"] == "train")
+
+
+def test_report_pairs_the_plans_predictions_with_the_measured_figures(data_dir, tmp_path):
+    """A run with a [plan] section (clusterlm plan --out) logs the planned step time and memory under the names
+    of the fields they predict, so the report's predicted-vs-measured table has a measured column: the median
+    step_time_s and the peak cpu_peak_rss_bytes of the same log. They were logged as predicted_step_s and
+    predicted_memory_bytes, which no field matched: both rows said measured '?'."""
+    from clusterlm.train.loop import train
+    from clusterlm.train.report import summarize
+
+    run = tmp_path / "p"
+    train(tiny_cfg(data_dir, run, "--train.max_steps=4", "--train.log_interval=2", "--plan.predicted_step_s=0.05",
+                   "--plan.predicted_memory_bytes=400000000"))
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = sorted(r["step_time_s"] for r in recs if r["kind"] == "train")
+    peak = max(r["cpu_peak_rss_bytes"] for r in recs if "cpu_peak_rss_bytes" in r)
+    rows = {r["field"]: r for r in summarize(recs)["predicted_vs_measured"]}
+    assert set(rows) == {"step_time_s", "cpu_peak_rss_bytes"}
+    assert rows["step_time_s"]["predicted"] == 0.05
+    assert rows["step_time_s"]["measured"] == pytest.approx((steps[1] + steps[2]) / 2)  # median of 4
+    assert rows["step_time_s"]["ratio"] == pytest.approx(rows["step_time_s"]["measured"] / 0.05)
+    assert rows["cpu_peak_rss_bytes"]["predicted"] == 4e8 and rows["cpu_peak_rss_bytes"]["measured"] == peak

@@ -171,6 +171,38 @@ def test_device_count_and_memory_errors_name_the_bad_value(tmp_path):
             load_spec(tmp_path / "s.toml")
 
 
+def test_rates_fractions_and_overheads_out_of_range_are_refused(tmp_path):
+    """A negative peak planned at -2236.6% MFU with a negative step time (exit 0), and an
+    achievable_fraction of 0 divided every collective by a zero bus bandwidth (ZeroDivisionError
+    traceback): each is refused by name, through the CLI with exit 2."""
+    import pytest
+
+    from clusterlm.errors import ConfigError
+
+    from clusterlm.cluster.spec import presets
+
+    preset = presets()["h100-sxm-8x"].read_text()
+    peaks = "peak_tflops = { fp32 = 67.0, tf32 = 494.7, bf16 = 989.4, fp16 = 989.4 }"
+    assert peaks in preset and "achievable_fraction = 0.82" in preset
+    cases = {
+        preset.replace(peaks, peaks.replace("bf16 = 989.4", "bf16 = -989.4")):
+            r"device 'NVIDIA H100 80GB HBM3': peak_tflops.bf16=-989.4 must be > 0$",
+        preset.replace(peaks, peaks + "\ntrain_efficiency = { bf16 = 0.0 }"): r"train_efficiency.bf16=0 must be > 0$",
+        preset.replace(peaks, peaks + "\nop_overhead_us = -3.0"): r"op_overhead_us=-3 must be >= 0 \(or left out\)$",
+        preset.replace(peaks, peaks + "\nmeasured_memory_bandwidth_gbs = 0.0"):
+            r"measured_memory_bandwidth_gbs=0 must be > 0",
+        preset.replace("achievable_fraction = 0.82", "achievable_fraction = 0.0"):
+            r"link 'NVLink 4 \(NV18 via NVSwitch\)': achievable_fraction=0 must be in \(0, 1\]",
+        preset.replace("achievable_fraction = 0.94", "measured_busbw_gbs = -1.0"): r"measured_busbw_gbs=-1 must be > 0",
+    }
+    for i, (text, message) in enumerate(cases.items()):
+        (tmp_path / f"{i}.toml").write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_spec(tmp_path / f"{i}.toml")
+    r = clusterlm("plan", "--model", "gpt2-124m", "--cluster", str(tmp_path / "4.toml"))
+    assert r.returncode == 2 and "achievable_fraction=0 must be in (0, 1]" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_merge_keeps_the_slower_nodes_per_op_figures_and_the_intra_node_link():
     """Two probes of one node model: the merged node type takes the slower node's per-op figures (what the
     planner's step time uses), not the first file's, and an intra-node link measured on one of them is kept

@@ -7,7 +7,7 @@ import pytest
 from clusterlm.cluster import flops, memory
 from clusterlm.cluster.memory import estimate_memory, layer_activation_bytes
 from clusterlm.models.config import ModelConfig, get_preset
-from clusterlm.parallel.dims import ParallelDims
+from clusterlm.parallel.dims import ParallelDims, pipeline_microbatches
 
 # GPT-3 175B layer shape (Brown et al. 2020; Korthikanti et al. 2022 table 3): h=12288, a=96, 4h GELU MLP,
 # dropout on, eager attention (the paper's accounting stores the a*s*s softmax).
@@ -65,8 +65,16 @@ def test_korthikanti_tensor_parallel_without_sequence_parallel():
     full, _ = layer_activation_bytes(GPT3, S, B, dtype="bf16", recompute="full", tp=8, sequence_parallel=False)
     assert full == 2 * S * B * H  # the layer input is whole on every rank
     assert trainer_sequence_parallel(ParallelDims(tp=2)) and not trainer_sequence_parallel(ParallelDims(tp=2, pp=2))
+    # parallel.sequence_parallel = false: the trainer keeps the norm/projection inputs and the logits whole
+    # (the estimate, and so train's start-up memory check, split them as with sequence parallel)
+    assert not trainer_sequence_parallel(ParallelDims(tp=2, sequence_parallel=False))
+    gpt3_tp8 = estimate_memory(GPT3, ParallelDims(tp=8, sequence_parallel=False), micro_batch=B, seq_len=S,
+                               recompute="none", attention="eager")
+    assert gpt3_tp8.get("activations") == pytest.approx(GPT3.n_layers * S * B * H * (10 + 24 / 8 + 5 * A * S / (H * 8)))
+    assert gpt3_tp8.get("logits") == B * S * GPT3.padded_vocab_size * (2 + 8)  # whole: no loss parallel
     small = get_preset("llama-nano", vocab_size=64)
-    sp = estimate_memory(small, ParallelDims(tp=2), micro_batch=2, seq_len=32, dtype="fp32").get("logits")
+    sp = estimate_memory(small, ParallelDims(tp=2), micro_batch=1, seq_len=32, dtype="fp32").get("logits")
+    # micro-batch 2 on pp=2 runs as 2 pipeline micro-batches of 1 sample: one sample's logits, whole
     last_stage = memory._stage(small, ParallelDims(tp=2, pp=2), "last", 2, 32, "fp32", "none", "flash", 1, "fused")
     assert last_stage.get("logits") == pytest.approx(2 * sp)
 
@@ -84,17 +92,47 @@ def test_activation_variants():
 
 
 def test_pipeline_stage0_holds_pp_microbatches():
-    """1F1B: stage 0 keeps pp=4 micro-batches of its ceil(32/4)=8 layers; the last stage one, plus logits."""
+    """1F1B as the trainer runs it (parallel/pp.py): each rank micro-batch (each accumulation step) is one
+    schedule call of n_mb pipeline micro-batches, the largest divisor of the micro-batch <= 2*pp. Micro-batch
+    8 on pp=4: n_mb = 8 of 1 sample; stage 0 keeps min(4, 8) = 4 of them over its ceil(32/4) = 8 layers, the
+    last stage one, plus the logits of one sample. Accumulation (16 steps) adds nothing: each call ends with
+    its backward. The estimate used to keep min(pp, accumulation) whole micro-batches (4 x 8 samples here)."""
     model = get_preset("llama-8b")
-    per_layer, _ = layer_activation_bytes(model, 4096, 1, dtype="bf16", recompute="selective")
-    est = estimate_memory(model, ParallelDims(pp=4), micro_batch=1, seq_len=4096, recompute="selective",
+    per_sample, _ = layer_activation_bytes(model, 4096, 1, dtype="bf16", recompute="selective")
+    assert pipeline_microbatches(8, 4) == 8 and pipeline_microbatches(6, 2) == 3 and pipeline_microbatches(1, 4) == 1
+    est = estimate_memory(model, ParallelDims(pp=4), micro_batch=8, seq_len=4096, recompute="selective",
                           grad_accum_steps=16)
-    first = memory._stage(model, ParallelDims(pp=4), "first", 1, 4096, "bf16", "selective", "flash", 16, "fused")
-    last = memory._stage(model, ParallelDims(pp=4), "last", 1, 4096, "bf16", "selective", "flash", 16, "fused")
-    assert first.get("activations") == 4 * 8 * per_layer
-    assert last.get("activations") == 1 * 8 * per_layer
+    first = memory._stage(model, ParallelDims(pp=4), "first", 8, 4096, "bf16", "selective", "flash", 16, "fused")
+    last = memory._stage(model, ParallelDims(pp=4), "last", 8, 4096, "bf16", "selective", "flash", 16, "fused")
+    assert first.get("activations") == 4 * 8 * per_sample
+    assert last.get("activations") == 1 * 8 * per_sample
     assert last.get("logits") == 1 * 4096 * 128256 * (2 + 8)
     assert est.peak_bytes == max(first.peak_bytes, last.peak_bytes)
+    # micro-batch 6 on pp=2: 3 pipeline micro-batches of 2 samples, 2 of them on stage 0 (16 layers)
+    per_two, _ = layer_activation_bytes(model, 4096, 2, dtype="bf16", recompute="selective")
+    first = memory._stage(model, ParallelDims(pp=2), "first", 6, 4096, "bf16", "selective", "flash", 1, "fused")
+    assert per_two == 2 * per_sample and first.get("activations") == 2 * 16 * per_two
+    # micro-batch 1: nothing to pipeline, one sample in flight on stage 0 whatever the accumulation
+    first = memory._stage(model, ParallelDims(pp=4), "first", 1, 4096, "bf16", "selective", "flash", 16, "fused")
+    assert first.get("activations") == 1 * 8 * per_sample
+
+
+def test_gpipe_holds_every_pipeline_microbatch_on_every_stage():
+    """parallel.pp_schedule = "gpipe" runs all forwards before any backward: micro-batch 8 on pp=4 is 8 pipeline
+    micro-batches of 1 sample, all 8 alive on stage 0 and on the last stage (1F1B: 4 and 1), and the last
+    stage keeps each one's logits and fp32 log-probs (e + 4 bytes per logit) until its backward, plus one
+    fp32 logits gradient. The estimate assumed 1F1B for either schedule."""
+    model = get_preset("llama-8b")
+    per_sample, _ = layer_activation_bytes(model, 4096, 1, dtype="bf16", recompute="selective")
+    dims = ParallelDims(pp=4, pp_schedule="gpipe")
+    first = memory._stage(model, dims, "first", 8, 4096, "bf16", "selective", "flash", 1, "fused")
+    last = memory._stage(model, dims, "last", 8, 4096, "bf16", "selective", "flash", 1, "fused")
+    assert first.get("activations") == 8 * 8 * per_sample and last.get("activations") == 8 * 8 * per_sample
+    assert last.get("logits") == pytest.approx(4096 * 128256 * (8 * (2 + 4) + 4))
+    est = estimate_memory(model, dims, micro_batch=8, seq_len=4096, recompute="selective")
+    assert est.peak_bytes == max(first.peak_bytes, last.peak_bytes)
+    assert est.peak_bytes > estimate_memory(model, ParallelDims(pp=4), micro_batch=8, seq_len=4096,
+                                            recompute="selective").peak_bytes
 
 
 def test_stage_params_add_up():
@@ -298,3 +336,24 @@ def test_masked_lm_flops_count_the_head_and_output_at_the_corrupted_positions():
     assert flops_per_token(cfg, 96).matmul_params == n  # the default: every position
     t = train_fpt(cfg, 96, predicted=0.15)
     assert t["n_matmul_params"] == want == t["n_layer_params"] + t["n_output_params"]
+
+
+def test_a_classifiers_logits_are_its_class_scores():
+    """A classifier (model.labels) scores the pooled state, (B, C) fp32, and never runs the LM output layer
+    (models/classifier.py): its logits item is B*C*(4+4+4) bytes, not B*T*V*(e+8) (here 32*128*4096*12 =
+    192 MiB of a 0.44 GiB peak, in train's start-up memory check too). A bidirectional one (two LSTM readers)
+    keeps both readers' activations."""
+    base = dict(arch="transformer", n_layers=4, n_heads=4, dim=192, max_seq_len=128, pos="learned", vocab_size=4096)
+    lm = ModelConfig(**base)
+    clf = ModelConfig(**base, labels=("neg", "pos"))
+    e_lm = estimate_memory(lm, ParallelDims(), micro_batch=32, seq_len=128, dtype="fp32")
+    e_clf = estimate_memory(clf, ParallelDims(), micro_batch=32, seq_len=128, dtype="fp32")
+    assert e_lm.get("logits") == 32 * 128 * 4096 * 12
+    assert e_clf.get("logits") == 32 * 2 * 12
+    assert e_clf.get("activations") == e_lm.get("activations")
+    lstm = dict(arch="lstm", n_layers=2, dim=128, max_seq_len=64, vocab_size=256, labels=("neg", "pos"))
+    one = estimate_memory(ModelConfig(**lstm), ParallelDims(), micro_batch=8, seq_len=64, dtype="fp32")
+    two = estimate_memory(ModelConfig(**lstm, bidirectional=True), ParallelDims(), micro_batch=8, seq_len=64,
+                          dtype="fp32")
+    assert one.get("activations") == 2 * 64 * 8 * (128 + 4 * 128 + 2 * 128) * 4  # layers * s*b*(h + 4h + 2h)*e
+    assert two.get("activations") == 2 * one.get("activations")

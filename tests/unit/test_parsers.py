@@ -140,3 +140,53 @@ def test_gres():
     assert slurm_text.parse_gres("gpu:h100:8(S:0-1),shard:4") == [("gpu", "h100", 8), ("shard", "", 4)]
     assert slurm_text.parse_gres("gpu:4") == [("gpu", "", 4)]
     assert slurm_text.parse_gres("(null)") == []
+
+
+def test_probe_reads_lscpu_in_the_c_locale(tmp_path, monkeypatch):
+    """lscpu translates its field names (util-linux de.po: "Modellname:", "Kern(e) pro Sockel:",
+    "Markierungen:"); under LANG=de_DE.UTF-8 the probe recorded model 'unknown', cores = threads and no
+    ISA flags (so no bf16 matmul was measured). A stand-in lscpu that prints German unless LC_ALL=C
+    gives the English recording's figures: the probe runs it in the C locale."""
+    import os
+
+    from clusterlm.cluster import probe
+
+    german = ("Architektur:            x86_64\nCPU(s):                  2\nModellname:             Intel(R) Xeon(R) "
+              "Processor\nThread(s) pro Kern:     1\nKern(e) pro Sockel:     2\nSockel:                 1\n"
+              "Markierungen:           fpu avx2 avx512f avx512_bf16 amx_bf16\nNUMA-Knoten:            1\n")
+    (tmp_path / "english.txt").write_text(read("lscpu_kvm_2core.txt"))
+    (tmp_path / "german.txt").write_text(german)
+    fake = tmp_path / "lscpu"
+    fake.write_text(f'#!/bin/sh\nif [ "$LC_ALL" = C ]; then cat {tmp_path}/english.txt; '
+                    f'else cat {tmp_path}/german.txt; fi\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("LANG", "de_DE.UTF-8")
+    monkeypatch.setenv("LC_ALL", "de_DE.UTF-8")
+    cpu = probe.probe_cpu()
+    assert (cpu.model, cpu.sockets, cpu.cores, cpu.threads) == ("Intel(R) Xeon(R) Processor", 1, 2, 2)
+    assert {"avx512f", "amx_bf16", "avx512_bf16"} <= set(cpu.flags)
+
+
+def test_probe_network_skips_virtual_interfaces(tmp_path, monkeypatch):
+    """A container host's veth pairs report 10000 Mb/s in /sys/class/net/*/speed; the probe took the fastest
+    interface, so a node with a 1 Gb/s NIC was recorded with a 10 Gb/s inter-node link (veth...). Interfaces
+    under devices/virtual/net are skipped, except a bond (bonding/), which aggregates real NICs."""
+    from clusterlm.cluster import probe
+
+    net = tmp_path / "class" / "net"
+    net.mkdir(parents=True)
+    for iface, where, speed in (("eth0", "devices/pci0000:00/0000:00:03.0/net", "1000"),
+                                ("veth1a2b", "devices/virtual/net", "10000"),
+                                ("bond0", "devices/virtual/net", "25000")):
+        real = tmp_path / where / iface
+        real.mkdir(parents=True)
+        (real / "speed").write_text(speed + "\n")
+        (net / iface).symlink_to(real)
+    real_glob = probe.glob.glob
+    monkeypatch.setattr(probe.glob, "glob", lambda pattern: (
+        real_glob(str(net / "*" / "speed")) if pattern == "/sys/class/net/*/speed" else []))
+    link = probe.probe_network()
+    assert link.name == "Ethernet 1 Gb/s (eth0)" and link.bandwidth_gbs == 0.125
+    (tmp_path / "devices/virtual/net/bond0/bonding").mkdir()
+    assert probe.probe_network().name == "Ethernet 25 Gb/s (bond0)"

@@ -101,10 +101,19 @@ def test_unknown_device_speed_stays_unknown():
 
 
 def test_pipeline_bubble_and_ring_formulas():
-    """Bubble = compute * (pp-1)/m; ring all-reduce = 2(n-1)/n * S / busbw + 2(n-1) * latency."""
+    """Bubble = compute * (pp-1)/n_mb, n_mb the pipeline micro-batches of one schedule call (the largest divisor
+    of the micro-batch <= 2*pp: the trainer runs each accumulation step as its own call, parallel/pp.py); it was
+    compute * (pp-1)/accumulation, so micro-batch 1 x 32 steps on pp=4 was credited a 3/32 bubble where no two
+    stages ever overlap (3x compute). Ring all-reduce = 2(n-1)/n * S / busbw + 2(n-1) * latency."""
     cands = planner.search(LLAMA70B, H100, seq_len=4096, global_batch_tokens=2**20, nodes=4)
-    c = next(c for c in cands if c.dims.pp == 4 and c.micro_batch == 4)  # 1F1B: >= pp pipeline micro-batches
-    assert c.time_parts["bubble"] == pytest.approx(c.time_parts["compute"] * 3 / c.grad_accum_steps)
+    c = next(c for c in cands if c.dims.pp == 4 and c.micro_batch == 8)  # 8 pipeline micro-batches of 1
+    assert c.time_parts["bubble"] == pytest.approx(c.time_parts["compute"] * 3 / 8)
+    c = next(c for c in cands if c.dims.pp == 4 and c.micro_batch == 32)  # 8 of 4 (n_mb <= 2*pp)
+    assert c.time_parts["bubble"] == pytest.approx(c.time_parts["compute"] * 3 / 8)
+    # pp sends: each of the m calls sends 2 * (n_mb + pp - 1) activations of one pipeline micro-batch
+    c = next(c for c in cands if c.dims.pp == 4 and c.dims.tp == 1 and c.micro_batch == 8)
+    one = 1 * 4096 * LLAMA70B.dim * 2 / (50.0 * 0.94 * 8 / 8 * 1e9) + 3e-6  # inter-node: one NDR adapter per rank
+    assert c.time_parts["pp_comm"] == pytest.approx(c.grad_accum_steps * 2 * (8 + 3) * one)
     assert steptime.ring("all_reduce", 8e9, 8, 100.0, 1e-6) == pytest.approx(2 * 7 / 8 * 8e9 / 100e9 + 14e-6)
     assert steptime.ring("all_gather", 8e9, 8, 100.0, 0.0) == pytest.approx(7 / 8 * 8e9 / 100e9)
     assert steptime.ring("all_reduce", 8e9, 1, 100.0, 1e-6) == 0
@@ -161,6 +170,38 @@ def test_out_keeps_a_recipe_models_other_sections(tmp_path, capsys):
     assert planner.main(["--model", str(recipe), "--cluster", "laptop-cpu", "--vocab-size", "65", "--out", str(out)]) == 0
     cfg = load_run_config(out)
     assert (cfg.parallel.pp_schedule, cfg.parallel.sequence_parallel, cfg.parallel.dp_shard) == ("gpipe", False, 1)
+
+
+def test_a_recipes_pp_schedule_and_sequence_parallel_are_planned(tmp_path, capsys):
+    """`plan --model RECIPE` with [parallel] pp_schedule = "gpipe" and sequence_parallel = false keeps both in
+    --out; the memory it predicts is now the estimate of that layout (it was planned as 1F1B with sequence
+    parallel: 4 of 8 pipeline micro-batches on stage 0 instead of 8, activations split over tp)."""
+    from clusterlm.cluster.memory import estimate_memory
+    from clusterlm.config import load_run_config
+    from clusterlm.parallel.dims import ParallelDims
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\npreset = "llama-8b"\n[train]\nseq_len = 4096\nmicro_batch_size = 8\n'
+                      'global_batch_tokens = 65536\n[parallel]\npp_schedule = "gpipe"\nsequence_parallel = false\n')
+    out = tmp_path / "p.toml"
+    assert planner.main(["--model", str(recipe), "--cluster", "h100-sxm-8x", "--nodes", "2", "--out", str(out)]) == 0
+    cfg = load_run_config(out)
+    assert (cfg.parallel.pp_schedule, cfg.parallel.sequence_parallel) == ("gpipe", False)
+    dims = ParallelDims(**{k: getattr(cfg.parallel, k) for k in ("dp_replicate", "dp_shard", "tp", "pp",
+                                                                 "activation_checkpointing", "pp_schedule",
+                                                                 "sequence_parallel")})
+    accum = dims.grad_accum_steps(65536, cfg.train.micro_batch_size, 4096)
+    est = estimate_memory(LLAMA8B, dims, micro_batch=cfg.train.micro_batch_size, seq_len=4096, dtype=cfg.train.dtype,
+                          recompute=dims.activation_checkpointing, grad_accum_steps=accum)
+    assert cfg.plan.predicted_memory_bytes == int(est.peak_bytes)
+    cands = planner.search(LLAMA8B, H100, seq_len=4096, global_batch_tokens=65536, nodes=2, micro_batches=(8,),
+                           fixed_dims={"pp_schedule": "gpipe", "sequence_parallel": False})
+    gp = next(c for c in cands if c.dims.pp == 4 and c.dims.tp == 2 and c.recompute == "none")
+    plain = next(c for c in planner.search(LLAMA8B, H100, seq_len=4096, global_batch_tokens=65536, nodes=2,
+                                           micro_batches=(8,))
+                 if c.dims.pp == 4 and c.dims.tp == 2 and c.recompute == "none")
+    assert (gp.dims.pp_schedule, gp.dims.sequence_parallel) == ("gpipe", False)
+    assert gp.memory.get("activations") > plain.memory.get("activations")
 
 
 def test_bad_inputs():
@@ -421,3 +462,49 @@ def test_a_dtype_the_device_lacks_is_refused(tmp_path):
     assert planner.main(argv + ["--dtype", "fp16"]) == 0
     with pytest.raises(ConfigError, match="dtype=fp16 needs a GPU"):
         planner.main(["--model", "llama-nano", "--vocab-size", "65", "--cluster", "laptop-cpu", "--dtype", "fp16"])
+
+
+def test_recipe_line_ranks_the_recipes_own_layout(tmp_path, capsys):
+    """A --model recipe whose [parallel] names a layout (dp_shard=4, tp=2, selective recomputation) is run as that
+    layout (launch's check_layout), so "recipe's layout" ranks that candidate: it ranked the DDP layout with no
+    recomputation whatever the recipe said. A layout for another device count is named as such."""
+    from clusterlm.parallel.dims import ParallelDims
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\npreset = "llama-8b"\n[train]\nseq_len = 4096\nmicro_batch_size = 2\n'
+                      'global_batch_tokens = 1048576\n[parallel]\ndp_shard = 4\ntp = 2\n'
+                      'activation_checkpointing = "selective"\n')
+    assert planner.main(["--model", str(recipe), "--cluster", "h100-sxm-8x", "--top", "1"]) == 0
+    out = capsys.readouterr().out
+    cands = planner.plan(LLAMA8B, H100, seq_len=4096, global_batch_tokens=2**20, recipe_micro_batch=2)
+    mine = ParallelDims(dp_shard=4, tp=2)
+    i = next(i for i, c in enumerate(cands, 1) if c.micro_batch == 2 and c.recompute == "selective"
+             and c.dims == mine)
+    assert (f"recipe's layout (dp_replicate=1*dp_shard=4*tp=2*pp=1, micro-batch 2 x 32, recompute selective): "
+            f"rank {i} of {len(cands)}, predicted {cands[i - 1].step_time_s * 1e3:.4g} ms/step") in out
+    line = planner.recipe_line(cands, 2, ParallelDims(dp_shard=8, tp=2))
+    assert line.endswith("not among the fitting candidates: it needs 16 devices, the plan has 8")
+
+
+def test_a_recipes_dtype_is_the_planned_one(tmp_path, capsys):
+    """`plan --model RECIPE` plans the recipe's [train] dtype, as it plans its seq_len and batch: a recipe with
+    dtype = "fp32" on an H100 was planned (and written by --out) as bf16, and "bf16-native" on a CPU with
+    AMX as fp32, though train runs each as the recipe says. --dtype still wins."""
+    from clusterlm.cluster.spec import presets
+    from clusterlm.config import load_run_config, resolve_recipe
+
+    recipe, out = tmp_path / "r.toml", tmp_path / "p.toml"
+    recipe.write_text('[model]\npreset = "gpt2-124m"\n[train]\nseq_len = 1024\nmicro_batch_size = 8\n'
+                      'global_batch_tokens = 65536\ndtype = "fp32"\n')
+    assert planner.main(["--model", str(recipe), "--cluster", "h100-sxm-8x", "--top", "1", "--out", str(out)]) == 0
+    assert "(64 samples) (the recipe's [train]), fp32" in capsys.readouterr().out
+    assert load_run_config(out).train.dtype == "fp32"
+    assert planner.main(["--model", str(recipe), "--cluster", "h100-sxm-8x", "--top", "1", "--dtype", "bf16"]) == 0
+    assert "(the recipe's [train]), bf16" in capsys.readouterr().out
+    spec = tmp_path / "amx.toml"
+    spec.write_text(presets()["laptop-cpu"].read_text().replace("numa_nodes = 1",
+                                                                 'numa_nodes = 1\nflags = ["avx512f", "amx_bf16"]'))
+    char = resolve_recipe("shakespeare_char_cpu")  # [train] dtype = "bf16-native"
+    for flags_spec, want in ((str(spec), "bf16"), ("laptop-cpu", "fp32")):
+        assert planner.main(["--model", str(char), "--cluster", flags_spec, "--vocab-size", "65", "--top", "1"]) == 0
+        assert f"(the recipe's [train]), {want}\n" in capsys.readouterr().out
