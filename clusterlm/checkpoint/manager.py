@@ -107,10 +107,12 @@ class Checkpointer:
         self._pending: list[Any] = []  # at most one asynchronous distributed save not yet committed
         self._best_steps: set[int] = set()  # saved at the lowest val loss, checkpoints/best not yet moved
         self.mirror = None  # clusterlm.checkpoint.mirror.Mirror on the rank that commits, with checkpoint.mirror
-        if getattr(cfg, "mirror", "") and self._commits():
-            from clusterlm.checkpoint.mirror import Mirror
+        if getattr(cfg, "mirror", ""):
+            from clusterlm.checkpoint.mirror import Mirror, check_mirror_source
 
-            self.mirror = Mirror(Path(cfg.mirror), cfg.keep_last)
+            check_mirror_source(cfg.mirror, self.root)  # every rank: one run per mirror
+            if self._commits():
+                self.mirror = Mirror(Path(cfg.mirror), cfg.keep_last)
         self._resolved: tuple[Path | None] | None = None  # resolve()'s answer, once computed
 
     # ---- find ------------------------------------------------------------------------------------

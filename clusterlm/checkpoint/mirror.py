@@ -12,6 +12,8 @@ one copy is in flight: the next save first waits for it (training is never block
 that), and the last save of a run waits for its own copy. A failed copy is logged as a warning and
 never stops training: the primary is intact. Resume with --train.resume=auto takes the newest
 checkpoint that verifies in either folder (the mirror's when the primary is missing or corrupt).
+A mirror serves one run: its `source` file names the checkpoints folder it mirrors (resolved path),
+and a run whose checkpoints folder is another is refused at start-up (check_mirror_source).
 """
 
 from __future__ import annotations
@@ -25,9 +27,41 @@ from pathlib import Path
 from clusterlm.checkpoint.files import fsync_file
 from clusterlm.checkpoint.layout import commit_folder, make_hidden_dir, move_latest, prune, remove_stale
 from clusterlm.checkpoint.store import verify_checkpoint
-from clusterlm.fsutil import fsync_dir
+from clusterlm.errors import ConfigError
+from clusterlm.fsutil import atomic_write_text, fsync_dir
 
 log = logging.getLogger(__name__)
+
+
+SOURCE = "source"  # the mirror's one-line file naming the checkpoints folder it mirrors
+
+
+def check_mirror_source(mirror_root: Path | str, primary_root: Path | str) -> None:
+    """ConfigError when `mirror_root` already mirrors another run's checkpoints folder (its `source`
+    file names it): a fresh run given the same mirror took that run's newest copy for its own resume
+    (--train.resume=auto) and its copies pruned the other run's. A mirror without the file (new, or
+    written before it existed) is taken as this run's. Reads only; `claim` writes the file."""
+    mine, theirs = str(Path(primary_root).resolve()), _read_source(Path(mirror_root))
+    if theirs is not None and theirs != mine:
+        raise ConfigError(f"checkpoint.mirror={mirror_root} mirrors the run whose checkpoints are in {theirs} "
+                          f"({Path(mirror_root) / SOURCE}), not {mine}: give each run its own mirror folder; to "
+                          f"continue that run here, copy its checkpoints into {mine} (or, when {theirs} is gone "
+                          f"for good, delete {Path(mirror_root) / SOURCE} and this run takes the mirror over)")
+
+
+def claim(mirror_root: Path | str, primary_root: Path | str) -> None:
+    """Write the mirror's `source` file naming `primary_root` (atomically; once)."""
+    root = Path(mirror_root)
+    if _read_source(root) is None:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(root / SOURCE, str(Path(primary_root).resolve()) + "\n")
+
+
+def _read_source(root: Path) -> str | None:
+    try:
+        return (root / SOURCE).read_text(encoding="utf-8").strip() or None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def copy_checkpoint(src: Path, mirror_root: Path, keep_last: int) -> Path:
@@ -81,6 +115,7 @@ class Mirror:
     def _copy(self, src: Path) -> None:
         t0 = time.perf_counter()
         try:
+            claim(self.root, src.parent)
             dst = copy_checkpoint(src, self.root, self.keep_last)
         except Exception as e:  # noqa: BLE001 - a mirror failure never stops training; the primary is intact
             log.warning("checkpoint mirror: copying %s to %s failed (training goes on; the primary copy is intact): "

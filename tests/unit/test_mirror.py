@@ -109,3 +109,28 @@ def test_failed_copy_does_not_stop_training(tmp_path, monkeypatch, caplog):
     assert [p.name for p in step_folders(root)] == ["step-00000001", "step-00000002"]
     assert step_folders(mirror) == [] and "No space left on device" in caplog.text
     assert not [p for p in mirror.iterdir() if p.name.startswith(".")]
+
+
+def test_a_mirror_serves_one_run(tmp_path):
+    """A mirror names the checkpoints folder it mirrors (`source`). A second run given the same mirror is
+    refused at start-up, naming the first run's folder (a fresh run there with resume=auto took run A's
+    newest copy as its own, and its copies pruned A's); run A itself resumes through it as before, and a
+    mirror whose run is gone for good is taken over once its `source` is deleted."""
+    import pytest
+
+    from clusterlm.errors import ConfigError
+
+    a, b, mirror = tmp_path / "a" / "checkpoints", tmp_path / "b" / "checkpoints", tmp_path / "mirror"
+    _run(a, mirror, 3)
+    assert (mirror / "source").read_text() == f"{a.resolve()}\n"
+    before = sorted(p.name for p in mirror.iterdir())
+    with pytest.raises(ConfigError, match=rf"checkpoint.mirror={mirror} mirrors the run whose checkpoints are in "
+                                          rf"{a.resolve()} .* not {b.resolve()}: give each run its own mirror"):
+        _run(b, mirror, 0, resume="auto")
+    assert sorted(p.name for p in mirror.iterdir()) == before and not b.exists()
+    shutil.rmtree(a)  # run A's primary lost: it resumes from the mirror, the same folder path as before
+    _, ckpt, state = _run(a, mirror, 0, resume="auto")
+    assert state.step == 3 and ckpt.resolve() == mirror / "step-00000003"
+    (mirror / "source").unlink()
+    _, _, state = _run(b, mirror, 0, resume="auto")
+    assert state.step == 3
