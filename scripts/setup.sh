@@ -28,5 +28,5 @@ if ! "$VENV/bin/python" -c "import sys, torch; sys.exit(not ($ok))" >/dev/null 2
     echo "setup: installing torch==${TORCH:-2.13.0} into $VENV"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==${TORCH:-2.13.0}" 2>&1 | { grep -v "^WARNING: Location" || true; }
 fi
-"$VENV/bin/pip" install --quiet --disable-pip-version-check -e ".[test,serve,eval]" 2>&1 | grep -v "^WARNING: Location" || true
+"$VENV/bin/pip" install --quiet --disable-pip-version-check -e ".[test,serve,eval]" 2>&1 | { grep -v "^WARNING: Location" || true; }
 "$VENV/bin/python" -c "import clusterlm, torch, lm_eval; print(f'setup: clusterlm {clusterlm.__version__}, torch {torch.__version__}, lm-eval {lm_eval.__version__} in $VENV')"

@@ -728,9 +728,13 @@ def _read_key(path: str) -> str:
     except OSError as e:
         raise ValueError(f"--api-key-file {path}: {e.strerror}; give a file holding the key on its first line "
                          "(or --api-key-env NAME)") from None
-    if not stat.S_ISREG(st.st_mode):  # Docker makes a directory where a bind-mounted file is missing
+    if stat.S_ISDIR(st.st_mode):  # Docker makes a directory where a bind-mounted file is missing
         raise ValueError(f"--api-key-file {path} is a directory, not a file; give a file holding the key on its "
                          "first line (a missing bind-mount source becomes an empty directory in a container)")
+    if not stat.S_ISREG(st.st_mode):  # /dev/null, or a pipe such as <(cmd): not a key file
+        what = "a FIFO (pipe)" if stat.S_ISFIFO(st.st_mode) else "a device or special file"
+        raise ValueError(f"--api-key-file {path} is {what}, not a regular file; give a file holding the key on "
+                         "its first line, or pass the key in an environment variable with --api-key-env NAME")
     try:
         lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM (Notepad) is not part of the key
     except (OSError, UnicodeDecodeError) as e:

@@ -100,6 +100,9 @@ def read_models_file(path: str | Path) -> list[ModelSpec]:
     known = [f.name for f in fields(ModelSpec)]
     specs = []
     for i, t in enumerate(tables):
+        if not isinstance(t, dict):
+            raise ValueError(f"--models {path}: model #{i + 1} is {t!r}, not a table; write one [[model]] table "
+                             "per model (name, path, ...)")
         for k in t:
             if k not in known:
                 close = difflib.get_close_matches(k, known, n=1)
@@ -108,6 +111,9 @@ def read_models_file(path: str | Path) -> list[ModelSpec]:
         if not isinstance(t.get("path"), str) or not t["path"]:
             raise ValueError(f"--models {path}: [[model]] #{i + 1} needs path = \"RUN\" "
                              "(a checkpoint or adapter folder)")
+        if "name" in t and not (isinstance(t["name"], str) and t["name"]):  # "" is not "left out"
+            raise ValueError(f"--models {path}: [[model]] #{i + 1} has name = {t['name']!r}; give a string of 1-256 "
+                             "printable characters, or leave name out to use the run folder's")
         p = Path(t["path"]).expanduser()
         p = p if p.is_absolute() else path.parent / p  # relative to the file, as compose files are
         specs.append(ModelSpec(**{**t, "name": t.get("name") or default_name(str(p)), "path": str(p)}))

@@ -184,8 +184,10 @@ def _upstream(url: str) -> str:
         raise ValueError(f"--upstream {url!r} is not a base URL; give one like http://127.0.0.1:8010 (the inner "
                          "HAProxy frontend in front of the replicas)")
     try:
-        parts.port
+        port = parts.port
     except ValueError:
+        port = 0
+    if port == 0:  # urlsplit takes :0 (and `http://h:` is None: the scheme's default port)
         raise ValueError(f"--upstream {url!r}: the port is not a number in 1-65535") from None
     return url.rstrip("/")
 

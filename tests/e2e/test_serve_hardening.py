@@ -299,6 +299,19 @@ def test_a_missing_or_directory_key_file_is_named_as_the_option(tmp_path, capsys
         assert "Errno" not in err and "Traceback" not in err, err
 
 
+def test_a_device_or_pipe_key_file_is_named_for_what_it_is(tmp_path, capsys):
+    """`--api-key-file /dev/null` or a FIFO (what `<(cmd)` gives) was refused with "is a directory, not a file";
+    now one line says what it is (a device, a FIFO) and points to --api-key-env, exit 2."""
+    (tmp_path / "ckpt").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    for path, said in (("/dev/null", "is a device or special file, not a regular file"),
+                       (str(tmp_path / "fifo"), "is a FIFO (pipe), not a regular file")):
+        code, _, err = _serve_here([str(tmp_path / "ckpt"), "--port", str(_free_port()), "--api-key-file", path],
+                                   capsys)
+        assert code == 2 and f"error: --api-key-file {path} {said}" in err and "--api-key-env" in err, err
+        assert "directory" not in err, err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without CUDA")
 def test_device_cuda_without_a_gpu_is_refused_before_binding(run):
     """`serve --device cuda` without CUDA bound the port, started uvicorn, then exited 2 with the load's

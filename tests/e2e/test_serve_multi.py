@@ -258,6 +258,14 @@ def test_model_specs_from_arguments_and_file(tmp_path):
     (tmp_path / "bad.toml").write_text('[[model]]\npath = "p"\nmax_bach = 2\n')
     with pytest.raises(ValueError, match="unknown key 'max_bach' \\(did you mean 'max_batch'\\?\\)"):
         read_models_file(tmp_path / "bad.toml")
+    # `name = 5` and `model = [1, 2]` ended in a TypeError traceback (exit 1); `name = ""` was served under the
+    # run folder's name: each is now one ValueError naming the file and the table (exit 2)
+    for text, said in (('[[model]]\nname = 5\npath = "p"\n', "#1 has name = 5; give a string"),
+                       ('[[model]]\nname = ""\npath = "p"\n', "#1 has name = ''; give a string"),
+                       ('model = [1, 2]\n', "model #1 is 1, not a table")):
+        (tmp_path / "bad.toml").write_text(text)
+        with pytest.raises(ValueError, match=f"--models {tmp_path / 'bad.toml'}: .*{said}"):
+            read_models_file(tmp_path / "bad.toml")
 
 
 def test_classifier_and_lm_side_by_side(runs, tmp_path):

@@ -483,6 +483,10 @@ def test_stream_guard_refuses_bad_options(capsys):
     for argv, words in ((["--upstream", "127.0.0.1:8010"], "not a base URL"),
                         (["--upstream", "http://127.0.0.1:8010/v1"], "not a base URL"),
                         (["--upstream", "http://127.0.0.1:99999"], "port"),
+                        # port 0 was taken, and every relayed request then failed with a 502 (a bad --port
+                        # too, checked after --upstream: a guard that started would not return)
+                        (["--upstream", "http://127.0.0.1:0", "--port", "0"],
+                         "--upstream 'http://127.0.0.1:0': the port is not a number in 1-65535"),
                         (["--upstream", "http://h:1", "--read-timeout", "0"], "--read-timeout=0.0 must be in")):
         assert main(["stream-guard", *argv]) == EXIT_USAGE
         assert words in capsys.readouterr().err

@@ -131,3 +131,21 @@ def test_plan_and_merge_check_out_before_the_work(tmp_path, capsys):
     assert "--out" in capsys.readouterr().err
     assert main(["cluster", "merge", "h100-sxm-8x", "--out", str(tmp_path / "new" / "c.toml")]) == 0
     assert (tmp_path / "new" / "c.toml").is_file()
+
+
+def test_setup_stops_when_pip_fails(tmp_path):
+    """scripts/setup.sh (README: run by quickstart.sh and test.sh) ran `pip install -e .[test,serve,eval] | grep
+    ... || true`, so a failed install (no network, a dependency without a wheel) was swallowed and setup went
+    on as if it had worked; now pip's failure stops it with pip's exit status, as the torch install already did.
+    A venv of stand-ins: python answers every check, pip fails."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    for name, body in (("python", "exit 0"), ("pip", "echo 'ERROR: No matching distribution found for fastapi' >&2; exit 1")):
+        (venv / "bin" / name).write_text(f"#!/bin/sh\n{body}\n")
+        (venv / "bin" / name).chmod(0o755)
+    r = subprocess.run(["bash", str(root / "scripts" / "setup.sh")], capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin", "VENV": str(venv)})
+    assert r.returncode == 1 and "No matching distribution found for fastapi" in r.stdout + r.stderr, (r.stdout, r.stderr)

@@ -51,3 +51,18 @@ def test_replica_commands_open_the_ports_prometheus_scrapes():
         for cmd in cmds:
             m = re.search(r"--metrics-port (\d+)", cmd)
             assert m and int(m.group(1)) in scraped, (src, cmd, sorted(scraped))
+
+
+def test_k8s_comments_say_what_the_server_and_checkpoints_do():
+    """deploy/k8s/secret.yaml said the ServiceMonitor sends the API key (it scrapes the key-free
+    --metrics-port, with no authorization), and pvc.yaml that clusterlm writes some checkpoint files
+    owner-only (only runs from before 2026-12-07: it writes the umask's modes, as docs/deploy.md says)."""
+    import yaml
+
+    k8s = ROOT / "deploy" / "k8s"
+    (endpoint,) = yaml.safe_load((k8s / "servicemonitor.yaml").read_text())["spec"]["endpoints"]
+    assert not {"authorization", "bearerTokenSecret", "basicAuth"} & set(endpoint), endpoint
+    secret = " ".join((k8s / "secret.yaml").read_text().split())
+    assert "ServiceMonitor sends" not in secret and "ServiceMonitor does not need it" in secret
+    pvc = " ".join((k8s / "pvc.yaml").read_text().split())
+    assert "writes some checkpoint files owner-only" not in pvc and "0644 by default" in pvc
