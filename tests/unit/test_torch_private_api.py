@@ -61,3 +61,13 @@ def test_default_store_clones_into_a_second_connection(tmp_path):
         assert get().get("heartbeat/0") == b"x"
     finally:
         dist.destroy_process_group()
+
+
+def test_dcp_reader_metadata_path(tmp_path):
+    """checkpoint/distributed.py's _SafeReader reads the index FileSystemReader._get_metadata_path names
+    (dcp/.metadata; __RANK.metadata per rank) before torch's unrestricted pickle.load does."""
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(str(tmp_path))
+    assert str(reader._get_metadata_path()) == str(tmp_path / ".metadata")
+    assert str(reader._get_metadata_path(3)) == str(tmp_path / "__3.metadata")
