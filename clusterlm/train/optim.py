@@ -51,10 +51,10 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
         return cfg.lr
     if cfg.schedule == "wsd":
         decay_len = max(1, round(cfg.wsd_decay_fraction * max_steps))
-        start = max(W, max_steps - decay_len)  # warmup wins if the two overlap
-        if step < start:
+        start = max(W, max_steps - decay_len)  # warmup wins if the two overlap: a shorter decay,
+        if step < start:                       # still ending at max_steps
             return cfg.lr
-        p = (step - start) / decay_len
+        p = (step - start) / max(1, max_steps - start)
         return cfg.min_lr if p >= 1.0 else cfg.lr + (cfg.min_lr - cfg.lr) * p
     decay_steps = cfg.decay_steps or max(1, max_steps - W)
     p = (step - W) / decay_steps

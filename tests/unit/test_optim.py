@@ -70,6 +70,16 @@ def test_wsd_plateau_and_decay():
     assert lr_at(1000, c, 1000) == MIN
 
 
+def test_wsd_decay_overlapping_warmup_still_ends_at_max_steps():
+    """wsd_decay_fraction 1.0 with W=10 of 100 steps: warmup wins the overlap, so the decay runs from
+    step 10 to min_lr at max_steps = 100 (docs/training.md), not over 100 steps to step 110."""
+    c = cfg(schedule="wsd", wsd_decay_fraction=1.0, warmup_steps=10)
+    assert lr_at(10, c, 100) == LR
+    assert lr_at(55, c, 100) == pytest.approx((LR + MIN) / 2, rel=1e-14)
+    assert lr_at(99, c, 100) == pytest.approx(LR + (MIN - LR) * 89 / 90, rel=1e-14)
+    assert lr_at(100, c, 100) == MIN
+
+
 def test_constant_and_no_warmup():
     """constant: lr after warmup at every step; warmup_steps=0 starts at lr at step 0."""
     c = cfg(schedule="constant")
