@@ -152,7 +152,8 @@ def param_groups(model: nn.Module, weight_decay: float, layer_lr_decay: float = 
     factors get a group of their own, and every group carries "lr_scale" (`set_lr` gives it
     schedule * lr_scale): `layer_lr_scales` times lora_plus_ratio for a LoRA B factor (LoRA+); and
     with unfreeze_every > 0, "unfreeze_at": the step from which it trains, unfreeze_every times its
-    `layers_from_top` (ULMFiT's gradual unfreezing: the head first, the embeddings last)."""
+    `layers_from_top` counted from the topmost trainable parameter (ULMFiT's gradual unfreezing: the
+    head first, the embeddings last)."""
     if weight_decay < 0:
         raise ValueError(f"weight_decay={weight_decay} must be >= 0")
     if lora_plus_ratio <= 0:
@@ -166,7 +167,11 @@ def param_groups(model: nn.Module, weight_decay: float, layer_lr_decay: float = 
     else:
         names = [n for n, _ in decay + no_decay]
         layer = layer_lr_scales(names, layer_lr_decay)
-        start = {n: k * unfreeze_every for n, k in layers_from_top(names).items()}
+        # the topmost trainable layer starts at step 0 even when nothing above it trains (LoRA, a frozen
+        # head, a tied LSTM without an output bias): otherwise the first unfreeze_every steps train nothing
+        depth = layers_from_top(names)
+        first = min(depth.values(), default=0)
+        start = {n: (k - first) * unfreeze_every for n, k in depth.items()}
         b_ids = lora_b_ids(model) if lora_plus_ratio != 1.0 else set()
         keys = {n: (layer[n] * (lora_plus_ratio if id(p) in b_ids else 1.0), start[n]) for n, p in decay + no_decay}
         groups = []

@@ -284,6 +284,17 @@ def test_gradual_unfreezing_trains_each_layer_from_its_step():
         for n, at in watched.items():
             assert torch.equal(params[n], before[n]) == (step < at), (n, step)
 
+    # nothing above the last block trains (LoRA, a frozen head): block 1 starts at step 0, not at step 10
+    # with every group at lr 0 until then
+    frozen_top = TinyLM(tied=False)
+    frozen_top.norm.requires_grad_(False)
+    frozen_top.output.requires_grad_(False)
+    top_groups = param_groups(frozen_top, 0.1, unfreeze_every=10)
+    top_starts = {id(p): g["unfreeze_at"] for g in top_groups for p in g["params"]}
+    assert sorted({g["unfreeze_at"] for g in top_groups}) == [0, 10, 20]
+    assert top_starts[id(frozen_top.layers["1"].attention["wq"].weight)] == 0
+    assert top_starts[id(frozen_top.tok_embeddings.weight)] == 20
+
     groups = param_groups(m, 0.1, layer_lr_decay=0.5, unfreeze_every=7)
     keys = {(g["weight_decay"], g["lr_scale"], g["unfreeze_at"]) for g in groups}
     assert keys == {(0.1, 1.0, 0), (0.1, 0.5, 7), (0.1, 0.25, 14), (0.0, 1.0, 0), (0.0, 0.5, 7), (0.0, 0.25, 14),
