@@ -691,6 +691,7 @@ class Trainer:
     def _log_plan(self) -> None:
         """The derived numbers, printed once (llm.c style)."""
         from clusterlm.train.metrics import device_peak_flops, flops_per_token, mfu_devices
+        from clusterlm.train.optim import schedule_warning
 
         tc, mcfg, device = self.tc, self.cfg.model, self.device
         # a masked-LM step runs the head and output layer at the corrupted positions only (data/mlm.py predicting)
@@ -711,6 +712,8 @@ class Trainer:
                  tc.micro_batch_size, tc.seq_len, self.accum, "at most " if self.padded else "",
                  f"{self.tokens_per_step:,}")
         log.info("FLOPs/token: %.3g (%s)", self.flops["total"], self.flops["convention"])
+        if warning := schedule_warning(self.cfg.optim, tc.max_steps):
+            log.warning("%s", warning)
         log.info("layout: %s on %d process(es) (%s)", self.dims.describe(), self.env.world_size, self.pm.kind)
         log.info("device: %s, autocast %s, peak %s (%s), compile=%s", device, self.amp_dtype or "off (fp32)",
                  f"{self.peak / 1e12:.4g} TFLOP/s" if self.peak else "unknown", peak_source, tc.compile)

@@ -67,6 +67,16 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     raise ValueError(f"optim.schedule={cfg.schedule!r}; expected cosine, linear, wsd or constant")
 
 
+def schedule_warning(cfg: OptimConfig, max_steps: int) -> str | None:
+    """A line for the log when the schedule cannot run as configured: a warmup as long as the run
+    (warmup_steps >= max_steps) never reaches optim.lr, so the whole run trains below it; None if fine."""
+    if cfg.warmup_steps < max_steps:
+        return None
+    return (f"optim.warmup_steps={cfg.warmup_steps} >= train.max_steps={max_steps}: the warmup never ends, so the lr "
+            f"never reaches optim.lr={cfg.lr:g} (the last step's is {lr_at(max_steps - 1, cfg, max_steps):.3g}) and "
+            f"optim.schedule={cfg.schedule!r} never starts; lower optim.warmup_steps")
+
+
 def _embedding_param_ids(model: nn.Module) -> set[int]:
     """ids of parameters that are embedding tables under any of their names (tied ones included)."""
     ids: set[int] = set()

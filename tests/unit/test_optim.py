@@ -87,6 +87,17 @@ def test_constant_and_no_warmup():
     assert lr_at(0, cfg(schedule="cosine", warmup_steps=0), 100) == LR
 
 
+def test_warmup_as_long_as_the_run_is_warned():
+    """warmup_steps >= max_steps: the lr never reaches optim.lr; the trainer logs a line naming both
+    settings and the last step's lr (docs/training.md); a warmup shorter than the run gives none."""
+    from clusterlm.train.optim import schedule_warning
+
+    assert schedule_warning(cfg(warmup_steps=100), 101) is None
+    line = schedule_warning(cfg(warmup_steps=100), 50)
+    assert "optim.warmup_steps=100 >= train.max_steps=50" in line
+    assert "optim.lr=0.001" in line and "last step's is 0.0005" in line
+
+
 def test_bad_step_rejected():
     """A negative step or max_steps < 1 is a ValueError naming the value."""
     with pytest.raises(ValueError, match="step=-1"):
