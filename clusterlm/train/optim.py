@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 # Parameters whose owning module path ends in one of these are embedding tables (STYLE.md names);
 # tables built as nn.Embedding are recognised by type as well.
 EMBEDDING_NAMES = ("tok_embeddings", "pos_embeddings")
+# the norm over the embeddings (an encoder's or encdec's `emb_norm`, BERT's embeddings.LayerNorm) sits
+# at the tables' depth for layer_lr_decay and unfreeze_every, below the first layer, not above the last
+EMBEDDING_NORM_NAMES = ("emb_norm",)
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -110,11 +113,11 @@ _RNN_LAYER = re.compile(r"_l(\d+)(?:_reverse)?$")   # nn.LSTM / nn.GRU: rnn.weig
 
 
 def layer_depth(name: str) -> int | None:
-    """0 for embedding tables, i + 1 for Transformer block i or recurrent layer i, None for what sits
-    above the last layer (final norm, output, a classifier's head): `layer_lr_scales` puts it on top.
-    Encoder and decoder blocks with the same index share a depth."""
+    """0 for embedding tables and their norm (emb_norm), i + 1 for Transformer block i or recurrent
+    layer i, None for what sits above the last layer (final norm, output, a classifier's head):
+    `layer_lr_scales` puts it on top. Encoder and decoder blocks with the same index share a depth."""
     parts = name.split(".")
-    if any(part in EMBEDDING_NAMES for part in parts):
+    if any(part in EMBEDDING_NAMES or part in EMBEDDING_NORM_NAMES for part in parts):
         return 0
     if m := _LAYER.search(name):
         return int(m.group(1)) + 1

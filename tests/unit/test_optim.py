@@ -253,6 +253,9 @@ def test_layer_lr_decay_groups():
                                      "_orig_mod.layers.11.ffn_norm.weight", "decoder.layers.2.cross.wq.weight",
                                      "rnn.weight_hh_l1", "reverse.rnn.bias_ih_l0_reverse", "norm.weight",
                                      "score.weight")] == [0, 1, 12, 3, 2, 1, None, None]
+    # an encoder's (or encdec's) norm over the embeddings sits with the tables, not with the head
+    assert [layer_depth(n) for n in ("emb_norm.weight", "encoder.emb_norm.bias", "mlm_head.norm.weight")] == \
+        [0, 0, None]
     names = ["tok_embeddings.weight", "layers.0.attention.wq.weight", "layers.1.attention.wq.weight", "norm.weight"]
     assert layer_lr_scales(names, 0.5) == {names[0]: 0.125, names[1]: 0.25, names[2]: 0.5, names[3]: 1.0}
 
