@@ -173,6 +173,8 @@ def read_records(spec: str, task: str, labels: Sequence[str] = (), field: str = 
     valid = "give a .jsonl or .tsv file or two parallel text files as 'SRC,TGT'"
     if len(paths) > 2:
         raise DataError(f"{field}={spec!r} names {len(paths)} files; {valid}")
+    if len(paths) == 2 and not all(part.strip() for part in spec.split(",")):  # Path("") is ".", a directory
+        raise DataError(f"{field}={spec!r} has an empty file name beside the comma; {valid}")
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         what = "is a directory, not a file:" if Path(missing[0]).is_dir() else "no such file"

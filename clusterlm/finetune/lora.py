@@ -487,6 +487,21 @@ def read_adapter_meta(path: str | Path) -> dict[str, Any]:
     missing = [k for k in ("format", "rank", "alpha", "targets") if k not in info]
     if missing or info.get("format") != FORMAT:
         raise CheckpointError(f"{f}: not a {FORMAT} adapter file (format={info.get('format')!r}, missing {missing})")
+    # a hand-edited or foreign file: alpha <= 0 loaded silently (no-op or sign-flipped adapters), a string
+    # of targets was read letter by letter ("trained on 'w'"), dora "no" counted as true
+    number = (int, float)
+    checks = {"rank": (type(info["rank"]) is int and info["rank"] >= 1, "an integer >= 1"),
+              "alpha": (type(info["alpha"]) in number and info["alpha"] > 0, "a number > 0"),
+              "dropout": (type(info.get("dropout", 0.0)) in number and 0 <= info.get("dropout", 0.0) < 1,
+                          "a number in [0, 1)"),
+              "dora": (type(info.get("dora", False)) is bool, "true or false"),
+              "targets": (isinstance(info["targets"], list) and bool(info["targets"])
+                          and all(isinstance(t, str) and t for t in info["targets"]),
+                          "a non-empty list of module names")}
+    for key, (ok, valid) in checks.items():
+        if not ok:
+            raise CheckpointError(f"{f}: {key}={info[key]!r:.80} is not valid; {key} is {valid} (a damaged or "
+                                  "hand-edited file: save the adapters again)")
     return info
 
 

@@ -100,6 +100,20 @@ def test_a_source_that_is_a_directory_or_three_files_is_named_as_such(tmp_path):
     assert len(read_records(",".join(str(tmp_path / n) for n in ("a.txt", "b.txt")), "sft")) == 1
 
 
+@pytest.mark.parametrize("spec", ["{a},", ",{a}", "{a}, "])
+def test_a_parallel_source_with_an_empty_side_names_the_empty_file_name(tmp_path, spec):
+    """data.source="train.en," (a trailing comma) was refused as "is a directory, not a file: ." (the
+    empty name read as the current folder, which the user never named); now the empty name is said."""
+    from clusterlm.data.sft import read_records
+    from clusterlm.errors import DataError
+
+    (tmp_path / "a.en").write_text("x\n")
+    given = spec.format(a=tmp_path / "a.en")
+    with pytest.raises(DataError, match=r"has an empty file name beside the comma; give a .jsonl or .tsv") as e:
+        read_records(given, "sft")
+    assert "directory" not in str(e.value)
+
+
 @pytest.mark.parametrize("record, line", [
     ({"prompt": "p", "completion": 5}, "field 'completion' must be a non-empty string, got 5"),
     ({"prompt": ["p"], "completion": "c"}, "field 'prompt' must be a string, got ['p']"),

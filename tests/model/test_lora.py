@@ -214,6 +214,27 @@ def test_load_onto_a_mismatched_base_is_one_line(tmp_path):
         load_adapters(tmp_path / "ad", other)
 
 
+@pytest.mark.parametrize("key, value", [("alpha", 0), ("alpha", -16.0), ("rank", 0), ("rank", "8"),
+                                        ("dropout", 1.5), ("targets", "layers.0.attention.wq"), ("dora", "no")])
+def test_an_adapter_json_field_out_of_range_is_named(tmp_path, key, value):
+    """adapter.json (hand-edited or damaged) with alpha <= 0 loaded silently (adapters a no-op or of the
+    opposite sign), a string of targets was read letter by letter ("trained on 'l'"), dora "no" counted as
+    true: now one line naming the file, the field and what is valid; the base is left as it was."""
+    model = base(llama_cfg())
+    apply_lora(model)
+    save_adapters(tmp_path / "ad", model)
+    meta = tmp_path / "ad" / "adapter.json"
+    info = json.loads(meta.read_text())
+    info[key] = value
+    meta.write_text(json.dumps(info))
+    fresh = base(llama_cfg())
+    with pytest.raises(CheckpointError) as e:
+        load_adapters(tmp_path / "ad", fresh)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{meta}: {key}={value!r} is not valid; {key} is "), msg
+    assert not lora_modules(fresh)
+
+
 def test_targets_matching_nothing_is_one_line():
     """Unknown targets: ConfigError naming them and the Linear names there are; nothing is wrapped."""
     model = base(llama_cfg())
