@@ -128,6 +128,11 @@ def _sft_jsonl(path: Path) -> list[SFTRecord]:
                                     "must be a non-empty string (as 'completion' must)")
                 msgs.append((m["role"], m["content"]))
             refs = rec.get("references", rec.get("completion"))
+            if refs is not None and msgs[-1][0] == "assistant":  # it trained two assistant turns in a row
+                key = "references" if "references" in rec else "completion"
+                raise DataError(f"{where}: 'messages' ends with an assistant turn and the record has {key!r} too; "
+                                f"give the reply once: as the last assistant message, or as {key!r} after "
+                                "messages that end with a user turn")
             if refs is not None:  # the harness's form: the reply is the first reference
                 reply = refs[0] if isinstance(refs, list) and refs else refs
                 if not isinstance(reply, str) or not reply.strip():

@@ -65,6 +65,9 @@ def test_records_of_every_form(tmp_path):
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]},
      "a.jsonl:2: messages[1] is an assistant turn with empty content"),
     ({"prompt": "p", "completion": ""}, "a.jsonl:2: field 'completion' must be a non-empty string, got ''"),
+    # the reply twice (messages ending with the assistant, and a completion): two assistant turns were trained
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "completion": "b"},
+     "a.jsonl:2: 'messages' ends with an assistant turn and the record has 'completion' too; give the reply once"),
 ])
 def test_a_record_without_its_response_is_named_with_its_line(tmp_path, record, needle):
     """Reference: docs/finetune.md "Records" and docs/tasks.md (prompt and messages both is an error)."""
