@@ -130,12 +130,17 @@ class TextStream:
     `prefix`: the ids the new ones follow (the prompt). The pieces are then the text those ids add to
     it, `decode(prefix + ids)[len(decode(prefix)):]`: a tokenizer whose decoder strips the leading
     space of the first token (sentencepiece-style Metaspace or Strip decoders, Llama 2's) decodes the
-    first new token in context, as " world" after "hello", not "world"."""
+    first new token in context, as " world" after "hello", not "world". Only the prompt's last
+    PREFIX_TAIL ids are read: a decoder's context is the first token's strip and a character's bytes,
+    and a long prompt walked through the stream for every admitted sequence held up the server's
+    decode loop."""
+
+    PREFIX_TAIL = 16
 
     def __init__(self, tokenizer: Tokenizer, prefix: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self._prefix_ids = list(prefix)  # decoded before self.ids in flush (bpe)
+        self._prefix_ids = list(prefix[-self.PREFIX_TAIL:])  # decoded before self.ids in flush (bpe)
         self.emitted = 0  # characters returned so far
         self._kind = kind = getattr(tokenizer, "kind", None)
         if kind == "byte":
