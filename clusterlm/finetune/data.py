@@ -250,11 +250,12 @@ def _finetune_data(cfg: Any, base: Any | None) -> tuple[Path, Any, Any]:
     """ensure_finetune_data with the base resolved."""
     from clusterlm.data.shards import read_meta
     from clusterlm.data.sft import prepare_examples, read_records
-    from clusterlm.finetune.setup import check_tokenizer_extends, finetune_model_config, preflight
+    from clusterlm.finetune.setup import as_base_classifier, check_tokenizer_extends, finetune_model_config, preflight
     from clusterlm.tokenizer import load_tokenizer
 
     ft, data = cfg.finetune, cfg.data
     _check_arch(ft.task, base.config.model if base is not None else cfg.model)
+    ft = as_base_classifier(ft, base, cfg.given)  # a classifier base: its labels, pooling and readers
     if ft.task == "seq2seq" and ft.template not in ("auto", "none"):  # it was ignored: pairs are not rendered
         raise ConfigError(f"finetune.template={ft.template!r}: a seq2seq run gives the encoder each prompt as it is "
                           "(parallel files: the task harness's 'en: {source}\\nfr:'), no chat template renders it; "
@@ -285,8 +286,11 @@ def _finetune_data(cfg: Any, base: Any | None) -> tuple[Path, Any, Any]:
             records = read_pairs(data.source)
             val_records = read_pairs(ft.val_source, "finetune.val_source") if ft.val_source else None
         else:
-            records = read_records(data.source, ft.task, ft.labels)
-            val_records = read_records(ft.val_source, ft.task, ft.labels, "finetune.val_source") if ft.val_source else None
+            given = cfg.finetune.labels  # a classifier base's labels are checked below, naming it
+            records = read_records(data.source, ft.task, given)
+            val_records = read_records(ft.val_source, ft.task, given, "finetune.val_source") if ft.val_source else None
+            if base is not None and base.labels:
+                _check_base_labels(records + (val_records or []), base)
         template = None if seq2seq else resolve_template(ft.template, ft.task, base.template_file if base else None,
                                                          records + (val_records or []))
         if base_tok is not None:
@@ -329,6 +333,9 @@ def _finetune_data(cfg: Any, base: Any | None) -> tuple[Path, Any, Any]:
         check_responses_fit(data_dir, cfg.train.seq_len)
     tok = load_tokenizer(data_dir / meta["tokenizer"]["file"])
     labels = tuple(meta.get("labels") or ()) if ft.task == "classify" else ()
+    if base is not None and base.labels and labels and labels != base.labels:
+        raise ConfigError(f"{data_dir} was prepared with labels {list(labels)} but {base.where} is a classifier over "
+                          f"{list(base.labels)}; give a new data.dir")
     if ft.labels and labels and tuple(ft.labels) != labels:
         raise ConfigError(f"finetune.labels={list(ft.labels)} but {data_dir} was prepared with labels {list(labels)}; "
                           "give a new data.dir")
@@ -350,6 +357,15 @@ def _finetune_data(cfg: Any, base: Any | None) -> tuple[Path, Any, Any]:
                                    pad_id=tok.pad_id if labels else mcfg.pad_id,
                                    bidirectional=ft.bidirectional and bool(labels))
     return data_dir, base, mcfg
+
+
+def _check_base_labels(records: list, base: Any) -> None:
+    """Every record's label is one of classifier `base`'s: its head has no row for another."""
+    for r in records:
+        if r.label not in base.labels:
+            raise DataError(f"{r.where}: label {r.label!r} is not one of the labels of {base.where}, a classifier "
+                            f"over {', '.join(base.labels)}; fine-tuning it further keeps its head, so give records "
+                            "with those labels, or start from the language model it was fine-tuned from for a new head")
 
 
 def _check_arch(task: str, mcfg: Any) -> None:

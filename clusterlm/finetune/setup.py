@@ -47,6 +47,12 @@ class Base:
     hf_folder: Path | None = None  # the Hugging Face folder `path` was converted from
 
     @property
+    def labels(self) -> tuple[str, ...]:
+        """A classifier's label names (it is fine-tuned further, head and all: check_classifier_base);
+        empty for a language model."""
+        return tuple(self.config.model.labels)
+
+    @property
     def where(self) -> str:
         """The base as messages name it: as the user gave it (an HF folder, not its conversion)."""
         return f"finetune.init_from={str(self.hf_folder or self.path)!r}"
@@ -115,17 +121,51 @@ def _read_base(src: Path, made: tuple[Path, ...]) -> Base:
                           f"({', '.join(map(str, ens.get('sources', [])[:2]))}...) or use it as a teacher "
                           "(finetune.distill_from)")
     cfg = read_checkpoint_config(path)
-    if cfg.model.labels:  # its weights sit under a head's backbone: no model being fine-tuned has their places
-        source = f" (this one's: {cfg.finetune.init_from})" if cfg.finetune.init_from else ""
-        raise ConfigError(f"finetune.init_from={path} is a classifier (labels {', '.join(cfg.model.labels)}); "
-                          f"fine-tuning starts from a language model: give the base it was fine-tuned from{source}, "
-                          "or use it as a teacher (finetune.distill_from)")
     tok = path / "tokenizer.json"
     if not tok.is_file():
         raise CheckpointError(f"{path} has no tokenizer.json; a base model for fine-tuning needs its tokenizer")
     template = path / "chat_template.jinja"
     return Base(path=path, config=cfg, tokenizer_file=tok, template_file=template if template.is_file() else None,
                 made=made)
+
+
+def check_classifier_base(base: Base, ft: Any, given: frozenset[str] = frozenset()) -> None:
+    """A classifier as the base is fine-tuned further as that classifier (new data, the same head):
+    task classify, its labels in its order, its pooling and reader(s). Anything else is refused
+    naming the base's value: an SFT run wants a language model, another label set or pooling wants
+    a new head on the language model it started from."""
+    if not base.labels:
+        return
+    mcfg = base.config.model
+    source = f" (this one's: {base.config.finetune.init_from})" if base.config.finetune.init_from else ""
+    fresh = f"start from the language model it was fine-tuned from{source} for a new head"
+    if ft.task != "classify":
+        raise ConfigError(f"{base.where} is a classifier (labels {', '.join(base.labels)}); finetune.task={ft.task!r} "
+                          f"starts from a language model: give the base it was fine-tuned from{source}, or use it as a "
+                          "teacher (finetune.distill_from)")
+    if ft.labels and tuple(ft.labels) != base.labels:
+        raise ConfigError(f"finetune.labels={list(ft.labels)} but {base.where} is a classifier over "
+                          f"{list(base.labels)}; fine-tuning it further keeps its head's labels in their order: "
+                          f"remove finetune.labels or set it to {list(base.labels)}, or {fresh}")
+    pool_given = "finetune.pool" in given or ft.pool != "auto"
+    if pool_given and dataclasses.replace(mcfg, pool=ft.pool).pooling != mcfg.pooling:
+        raise ConfigError(f"finetune.pool={ft.pool!r} but {base.where} is a classifier whose head reads "
+                          f"pool={mcfg.pooling!r}; its head was trained on those states: remove finetune.pool or "
+                          f"set it to {mcfg.pooling!r}, or {fresh}")
+    if ("finetune.bidirectional" in given or ft.bidirectional) and ft.bidirectional != mcfg.bidirectional:
+        raise ConfigError(f"finetune.bidirectional={str(ft.bidirectional).lower()} but {base.where} is a classifier "
+                          f"with bidirectional={str(mcfg.bidirectional).lower()}; its head reads that many pooled "
+                          f"states: remove finetune.bidirectional, or {fresh}")
+
+
+def as_base_classifier(ft: Any, base: Base | None, given: frozenset[str] = frozenset()) -> Any:
+    """`ft` (the [finetune] section) as a run from `base` reads it: for a classifier base, checked
+    (check_classifier_base) and with the base's labels, pooling and reader(s); else `ft` itself."""
+    if base is None or not base.labels:
+        return ft
+    check_classifier_base(base, ft, given)
+    mcfg = base.config.model
+    return dataclasses.replace(ft, labels=base.labels, pool=mcfg.pool, bidirectional=mcfg.bidirectional)
 
 
 def finetune_model_config(base: Any, recipe: Any, *, vocab_size: int, labels: tuple[str, ...] = (),
@@ -275,6 +315,7 @@ def preflight(ft: Any, recipe_model: Any, base: Base | None, given: frozenset[st
     model built on the meta device (no memory)."""
     from clusterlm.models.build import build_model
 
+    ft = as_base_classifier(ft, base, given)
     labels = tuple(ft.labels) or (("a", "b") if ft.task == "classify" else ())  # the real ones come with the data
     if base is not None:
         # the data's vocabulary (the base's plus the template's tokens) is not known yet: vocab_size is checked with it
@@ -306,6 +347,8 @@ def base_state(base: Base, mcfg: Any) -> dict[str, torch.Tensor]:
     from clusterlm.checkpoint.model_io import grow_vocab_rows, plain_weights
 
     state = plain_weights(base.path)  # a LoRA fine-tune as the base: its adapters merged, as it answers
+    if base.labels:  # a classifier fine-tuned further: its own names, head included (no template: no new rows)
+        return state
     grow_vocab_rows(state, base.config.model.vocab_size, mcfg)
     if mcfg.labels:
         readers = ("backbone", "reverse") if mcfg.bidirectional else ("backbone",)

@@ -441,22 +441,70 @@ def test_refusals_after_the_base_is_read_leave_no_output(records, tmp_path, caps
     assert not (tmp_path / "out").exists() and not (tmp_path / "d2").exists()
 
 
-@pytest.mark.parametrize("task", ["classify", "sft"])
-def test_a_classifier_as_init_from_is_refused_naming_its_base(records, tmp_path, capsys, task):
-    """Reference: what init_from takes (docs/finetune.md "The base": a language model). A classifier's
-    weights sit under its head's `backbone.`: as the base of a classify run it failed at the weight load
-    with "tensor backbone.backbone.layers.0... has no place in the model being trained", as an SFT base
-    with "model.pool='auto' and model.pad_id=... are for classifiers". Now one line says what it is and
-    names the base it was fine-tuned from, before any data is prepared."""
+def test_a_classifier_as_init_from_of_an_sft_run_is_refused_naming_its_base(records, tmp_path, capsys):
+    """Reference: what init_from takes (docs/finetune.md "The base"). A classifier's weights sit under
+    its head's `backbone.`: as an SFT base it failed with "model.pool='auto' and model.pad_id=... are
+    for classifiers". Now one line says what it is and names the base it was fine-tuned from, before
+    any data is prepared."""
     from clusterlm.config import FinetuneConfig
     from tests.helpers import random_classifier
 
     random_classifier(tmp_path / "clf", "char", TEXT, "gpt-nano", ("neg", "pos"), n_heads=2, context=64,
                       finetune=FinetuneConfig(task="classify", init_from="runs/lm"))
-    source = records["cls"] if task == "classify" else records["chat"]
-    line = _fails(_ft(tmp_path / "clf", source, tmp_path / "d", tmp_path / "o", f"--finetune.task={task}",
+    line = _fails(_ft(tmp_path / "clf", records["chat"], tmp_path / "d", tmp_path / "o", "--finetune.task=sft",
                       "--train.max_steps=1"), capsys)
     assert "is a classifier (labels neg, pos)" in line and "(this one's: runs/lm)" in line
+    assert "finetune.task='sft' starts from a language model" in line
+    assert not (tmp_path / "d").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_classifier_is_fine_tuned_further_from_its_own_weights_head_included(records, tmp_path, capsys):
+    """Reference: the base's weights. A classifier as init_from of a classify run continues from all
+    of it (a second stage on other data: the full sentences after the phrases, a new domain): after one
+    step at lr 1e-9 every tensor, the head included, is the base's to 1e-6 (a fresh head would be
+    random). Before, it failed at the weight load ("tensor backbone.backbone.layers.0... has no place")."""
+    from clusterlm.checkpoint.store import load_model_weights, resolve_checkpoint
+    from clusterlm.config import FinetuneConfig
+    from tests.helpers import random_classifier
+
+    clf = random_classifier(tmp_path / "clf", "char", TEXT, "gpt-nano", ("neg", "pos"), n_heads=2, context=64,
+                            finetune=FinetuneConfig(task="classify"))
+    out = tmp_path / "o"
+    assert cli(_ft(clf, records["cls"], tmp_path / "d", out, "--finetune.task=classify", "--train.max_steps=1",
+                   "--optim.lr=1e-9", "--optim.min_lr=0", "--optim.warmup_steps=0")) == 0
+    before = load_model_weights(resolve_checkpoint(str(clf)))
+    after = load_model_weights(resolve_checkpoint(str(out)))
+    assert set(before) == set(after) and "score.weight" in after
+    for k in before:
+        assert torch.allclose(before[k].float(), after[k].float(), atol=1e-6), k
+    assert json.loads((tmp_path / "d" / "meta.json").read_text())["labels"] == ["neg", "pos"]
+    from clusterlm.checkpoint.model_io import read_checkpoint_config
+
+    cfg = read_checkpoint_config(resolve_checkpoint(str(out)))
+    assert cfg.model.labels == ("neg", "pos") and cfg.model.pooling == "last"
+
+
+@pytest.mark.parametrize("extra, source, fragment", [
+    (("--finetune.labels=[\"pos\", \"neg\"]",), "cls", "keeps its head's labels in their order"),
+    (("--finetune.pool=max",), "cls", "whose head reads pool='last'"),
+    ((), "other", "label 'meh' is not one of the labels of finetune.init_from="),
+])
+def test_a_classifier_base_keeps_its_labels_and_pooling(records, tmp_path, capsys, extra, source, fragment):
+    """Fine-tuning a classifier further with another label order, another pooling or a record whose
+    label its head has no row for: one line naming the base's value, nothing written."""
+    from clusterlm.config import FinetuneConfig
+    from tests.helpers import random_classifier
+
+    clf = random_classifier(tmp_path / "clf", "char", TEXT, "gpt-nano", ("neg", "pos"), n_heads=2, context=64,
+                            finetune=FinetuneConfig(task="classify"))
+    other = tmp_path / "other.tsv"
+    other.write_text("sentence\tlabel\nthe film was good.\tpos\nthe film was bad.\tneg\nthe film was.\tmeh\n")
+    src = records["cls"] if source == "cls" else other
+    line = _fails(_ft(clf, src, tmp_path / "d", tmp_path / "o", "--finetune.task=classify", "--train.max_steps=1",
+                      *extra), capsys)
+    assert fragment in line, line
+    if source == "other":
+        assert f"{other}:4" in line
     assert not (tmp_path / "d").exists() and not (tmp_path / "o").exists()
 
 
