@@ -302,6 +302,40 @@ class Checkpointer:
         self._mirror(result, reason)
         return result
 
+    def reconcile_best(self, state: RunState) -> None:
+        """checkpoints/best after a resume to `state` (the resumed RunState, whose best is reset where it
+        no longer names a folder). With checkpoint.keep_best off, a pointer an earlier segment
+        left would stay in force (and keep its folder past keep_last) for ever: it is removed, loudly.
+        With it on, the pointer names the resumed RunState's best step: a branch resume (from a
+        checkpoint before the best) drops the later folders and the pointer with them, and the best
+        folder at or before the resumed step is named again; when that folder is gone (or the run
+        resumed from a folder outside its own checkpoints/), the next evaluated save is marked best."""
+        from clusterlm.checkpoint.layout import BEST, move_latest, read_latest
+
+        root = self.root
+        best = read_latest(root, BEST)
+        if not getattr(self.cfg, "keep_best", False):
+            if best is not None and self._commits():
+                log.warning("checkpoint.keep_best is off in this run: removing %s, which named %s (saved while it "
+                            "was on); that folder is now pruned by checkpoint.keep_last like any other",
+                            root / BEST, best)
+                (root / BEST).unlink(missing_ok=True)
+            state.best_saved_val_loss = state.best_saved_step = None
+            return
+        if state.best_saved_val_loss is None:
+            return
+        resumed = self.resolve()
+        name = step_name(state.best_saved_step) if state.best_saved_step is not None else None
+        if name is not None and resumed is not None and resumed.parent.resolve() == root.resolve() and (root / name).is_dir():
+            if best != name and self._commits():
+                move_latest(root, name, BEST)
+                log.info("checkpoints/best names %s again: the lowest val loss (%.4f) saved up to the resumed step %d"
+                         "%s", name, state.best_saved_val_loss, state.step, f" (it named {best})" if best else "")
+            return
+        log.info("checkpoints/best: the best checkpoint up to the resumed step %d is not in %s (%s); the next "
+                 "evaluated checkpoint is marked best", state.step, root, name or "saved before its step was recorded")
+        state.best_saved_val_loss = state.best_saved_step = None
+
     def _mark_best(self, path: Path) -> None:
         """Point checkpoints/best at committed folder `path` when its step was saved as the best, then
         prune again: the previous best is an ordinary checkpoint now (keep_last decides)."""

@@ -439,7 +439,7 @@ class Trainer:
         self._log_plan()
         if not self.nothing_to_train:
             if self.state.step:
-                self._reconcile_best(cfg)
+                self.checkpointer.reconcile_best(self.state)
             self._open_run_dir()
         self.last_loss: float | None = None
         self.last_val: float | None = None
@@ -454,39 +454,6 @@ class Trainer:
 
         path = self.checkpointer.resolve()
         return read_info(path).train_state.get("reason") if path is not None else None
-
-    def _reconcile_best(self, cfg: RunConfig) -> None:
-        """checkpoints/best after a resume. With checkpoint.keep_best off, a pointer an earlier segment
-        left would stay in force (and keep its folder past keep_last) for ever: it is removed, loudly.
-        With it on, the pointer names the resumed RunState's best step: a branch resume (from a
-        checkpoint before the best) drops the later folders and the pointer with them, and the best
-        folder at or before the resumed step is named again; when that folder is gone (or the run
-        resumed from a folder outside its own checkpoints/), the next evaluated save is marked best."""
-        from clusterlm.checkpoint.layout import BEST, move_latest, read_latest, step_name
-
-        root, state = self.checkpointer.root, self.state
-        best = read_latest(root, BEST)
-        if not cfg.checkpoint.keep_best:
-            if best is not None and self.rank0:
-                log.warning("checkpoint.keep_best is off in this run: removing %s, which named %s (saved while it "
-                            "was on); that folder is now pruned by checkpoint.keep_last like any other",
-                            root / BEST, best)
-                (root / BEST).unlink(missing_ok=True)
-            state.best_saved_val_loss = state.best_saved_step = None
-            return
-        if state.best_saved_val_loss is None:
-            return
-        resumed = self.checkpointer.resolve()
-        name = step_name(state.best_saved_step) if state.best_saved_step is not None else None
-        if name is not None and resumed is not None and resumed.parent.resolve() == root.resolve() and (root / name).is_dir():
-            if best != name and self.rank0:
-                move_latest(root, name, BEST)
-                log.info("checkpoints/best names %s again: the lowest val loss (%.4f) saved up to the resumed step %d"
-                         "%s", name, state.best_saved_val_loss, state.step, f" (it named {best})" if best else "")
-            return
-        log.info("checkpoints/best: the best checkpoint up to the resumed step %d is not in %s (%s); the next "
-                 "evaluated checkpoint is marked best", state.step, root, name or "saved before its step was recorded")
-        state.best_saved_val_loss = state.best_saved_step = None
 
     def _init_process(self, cfg: RunConfig) -> torch.device:
         """The device; under torchrun/srun the process group first (after a layout check, so a wrong
