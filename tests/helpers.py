@@ -260,3 +260,28 @@ def token_masked(model, token_id: int):  # noqa: ANN001, ANN201 - a model in, a 
             return logits
 
     return TokenMasked()
+
+
+def collect_events(sched: Any, ids: list[int], n: int, params: Any, *, abort_after: int | None = None) -> list:
+    """Submit prompt `ids` with `n` choices to started scheduler `sched` (a decoder's Scheduler or the
+    Seq2SeqScheduler) and return its events until all n choices are Finished, or up to a Failed (the
+    last event then). `abort_after`: call sched.abort("stop") once that many events have come. Each
+    event is awaited for at most 30 s."""
+    import asyncio
+
+    from clusterlm.serve.scheduler import Failed, Finished
+
+    async def go() -> list:
+        req = sched.submit(ids, n, params, asyncio.get_running_loop())
+        events, done = [], 0
+        while done < n:
+            ev = await asyncio.wait_for(req.events.get(), 30)
+            events.append(ev)
+            if abort_after is not None and len(events) == abort_after:
+                sched.abort("stop")
+            done += isinstance(ev, Finished)
+            if isinstance(ev, Failed):
+                break
+        return events
+
+    return asyncio.run(go())

@@ -323,27 +323,17 @@ def test_encdec_request_histograms_count_what_the_request_did(runs):
     from clusterlm.serve.metrics import Metrics
     from clusterlm.serve.scheduler import Failed, Finished, SamplingParams
     from clusterlm.serve.seq2seq import Seq2SeqScheduler
+    from tests.helpers import collect_events
 
     loaded = load_for_inference(runs["encdec"])
     m = Metrics()
     sched = Seq2SeqScheduler(loaded.model, loaded.tokenizer, max_batch=2, max_queue=1, metrics=m.model("m", 2, 1))
-
-    async def go() -> list:
-        req = sched.submit([0, 97, 98], 2, SamplingParams(max_tokens=6, temperature=1.0, seed=3),
-                           asyncio.get_running_loop())
-        events, done = [], 0
-        while done < 2:
-            ev = await asyncio.wait_for(req.events.get(), 30)
-            assert not isinstance(ev, Failed), ev
-            events.append(ev)
-            done += isinstance(ev, Finished)
-        return events
-
     sched.start()
     try:
-        events = asyncio.run(go())
+        events = collect_events(sched, [0, 97, 98], 2, SamplingParams(max_tokens=6, temperature=1.0, seed=3))
     finally:
         sched.stop()
+    assert not any(isinstance(ev, Failed) for ev in events), events
     tokens = sum(ev.tokens for ev in events if isinstance(ev, Finished))
     value = lambda name: m.registry.get_sample_value(name, {"model": "m"})  # noqa: E731
     assert value("clusterlm_request_latency_seconds_count") == 1

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from clusterlm.serve.metrics import NAMES, Metrics
-from tests.helpers import random_checkpoint, require_binary
+from tests.helpers import collect_events, random_checkpoint, require_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM = ROOT / "deploy" / "prometheus"
@@ -40,22 +40,9 @@ def loaded(tmp_path_factory):
 
 
 def _collect(sched, ids: list[int], n: int, max_tokens: int, abort_after: int | None = None) -> list:
-    from clusterlm.serve.scheduler import Failed, Finished, SamplingParams
+    from clusterlm.serve.scheduler import SamplingParams
 
-    async def go() -> list:
-        req = sched.submit(ids, n, SamplingParams(max_tokens=max_tokens, temperature=0), asyncio.get_running_loop())
-        events, done = [], 0
-        while done < n:
-            ev = await asyncio.wait_for(req.events.get(), 30)
-            events.append(ev)
-            if abort_after is not None and len(events) == abort_after:
-                sched.abort("stop")
-            done += isinstance(ev, Finished)
-            if isinstance(ev, Failed):
-                break
-        return events
-
-    return asyncio.run(go())
+    return collect_events(sched, ids, n, SamplingParams(max_tokens=max_tokens, temperature=0), abort_after=abort_after)
 
 
 def test_request_histograms_count_what_the_requests_did(loaded):

@@ -163,11 +163,11 @@ def test_eval_and_serve_replies_keep_the_leading_space_of_their_first_token() ->
     """eval's generate_completions (greedy, sampled, beam search) and the server's scheduler return the
     text the reply adds to its prompt: with a sentencepiece-style decoder the first new token decoded
     alone lost its leading space ("hello" + "world": 'world ...' where 'hello world ...' was meant)."""
-    import asyncio
 
     from clusterlm.eval.lm import generate_completions
     from clusterlm.serve.metrics import Metrics
-    from clusterlm.serve.scheduler import Delta, Failed, Finished, SamplingParams, Scheduler
+    from clusterlm.serve.scheduler import Delta, Failed, SamplingParams, Scheduler
+    from tests.helpers import collect_events
 
     tok, model = _space_first_model()
     for kw in ({}, {"temperature": 0.7, "seed": 1}, {"num_beams": 2}):
@@ -175,22 +175,13 @@ def test_eval_and_serve_replies_keep_the_leading_space_of_their_first_token() ->
         assert c.text.startswith(" ") and not c.text.startswith("  "), (kw, c.text)
     sched = Scheduler(model, tok, max_batch=2, max_queue=2, metrics=Metrics().model("m", 2, 2))
 
-    async def reply() -> str:
-        req = sched.submit(tok.encode("hello"), 1, SamplingParams(max_tokens=5, temperature=0),
-                           asyncio.get_running_loop())
-        text = ""
-        while True:
-            ev = await asyncio.wait_for(req.events.get(), 30)
-            assert not isinstance(ev, Failed), ev
-            text += ev.text if isinstance(ev, Delta) else ""
-            if isinstance(ev, Finished):
-                return text
-
     sched.start()
     try:
-        text = asyncio.run(reply())
+        events = collect_events(sched, tok.encode("hello"), 1, SamplingParams(max_tokens=5, temperature=0))
     finally:
         sched.stop()
+    assert not any(isinstance(ev, Failed) for ev in events), events
+    text = "".join(ev.text for ev in events if isinstance(ev, Delta))
     assert text.startswith(" ") and not text.startswith("  "), text
 
 
