@@ -53,6 +53,19 @@ def fit_sources(tokenizer: Any, texts: Sequence[str], context: int, truncate: bo
     return [s if len(s) <= context else s[:context - 1] + [tokenizer.eos_id] for s in ids]
 
 
+def _check_sources(sources: Sequence[Sequence[int]], vocab_size: int) -> None:
+    """ValueError naming the first empty source or id outside [0, vocab_size): the embedding would
+    fail with a bare IndexError (or, on CUDA, a device-side assert)."""
+    if len(sources) == 0:
+        raise ValueError("sources is empty; give at least one source (its token ids and EOS)")
+    for i, src in enumerate(sources):
+        if len(src) == 0:
+            raise ValueError(f"source {i} is empty; every source needs at least one token id (its EOS)")
+        for t in src:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+                raise ValueError(f"source {i} has token id {t!r}; ids must be integers in [0, {vocab_size})")
+
+
 class Seq2SeqGeneration(Iterator[list[int | None]]):
     """A running encoder-decoder generation over a batch of sources, engine.Generation's shape:
     iterate for one new token per sequence per step (None once it finished); `tokens` and
@@ -65,6 +78,7 @@ class Seq2SeqGeneration(Iterator[list[int | None]]):
         check_sampling_args(temperature, top_k, top_p)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens!r} must be >= 0")
+        _check_sources(sources, model.config.vocab_size)
         self.model = model
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.max_new_tokens = min(max_new_tokens, model.config.max_seq_len)

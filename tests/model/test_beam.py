@@ -272,3 +272,15 @@ def test_beam_widths_past_the_vocabulary_or_the_memory_are_refused(encdec, decod
     with pytest.raises(ValueError, match=r"--num-beams=6 needs about .* for 12 beam rows .* use --num-beams <= 5$"):
         check_beam_width(encdec, 6, rows=2, max_new_tokens=MAX_NEW, input_len=5, available=10 * per_row,
                          name="--num-beams")
+
+
+@pytest.mark.parametrize("sources, fragment", [([], "sources is empty"), ([[5, 2], []], "source 1 is empty"),
+                                               ([[5, 10_000]], "source 0 has token id 10000"),
+                                               ([[-1, 2]], "source 0 has token id -1"),
+                                               ([[1.5, 2]], "source 0 has token id 1.5")])
+def test_seq2seq_generation_names_a_bad_source(encdec, sources, fragment):
+    """A library caller's out-of-vocabulary id (or an empty source) is one ValueError naming the source
+    and the valid range; before, the encoder's embedding raised a bare IndexError."""
+    with pytest.raises(ValueError, match="ids must be integers in|empty") as e:
+        Seq2SeqGeneration(encdec, sources, max_new_tokens=2, bos_id=BOS, eos_id=EOS, pad_id=PAD, temperature=0.0)
+    assert fragment in str(e.value)
