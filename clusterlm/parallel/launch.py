@@ -19,6 +19,7 @@ import errno
 import logging
 import os
 import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -353,7 +354,8 @@ def main(argv: list[str]) -> int:
                            node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
                            max_restarts=args.max_restarts)
     extra = threads_env(args.nproc_per_node)
-    print(" ".join([*(f"{k}={v}" for k, v in extra.items()), *cmd]))
+    # shell-quoted: a dry run's line is one to paste (a path with a space was split in two, a "$(...)" run)
+    print(" ".join([*(f"{k}={shlex.quote(v)}" for k, v in extra.items()), *map(shlex.quote, cmd)]))
     if args.dry_run:
         return 0
     return run_torchrun(cmd, extra)

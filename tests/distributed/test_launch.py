@@ -200,6 +200,21 @@ def test_launch_on_several_nodes_needs_the_master_address(capsys):
         assert e.value.code == 2 and "is empty; give node 0's host name" in capsys.readouterr().err
 
 
+def test_dry_run_prints_a_command_the_shell_runs_as_launch_would(tmp_path, capsys):
+    """The dry run's torchrun line is shell-quoted: read back by the shell (shlex.split) it is the very
+    argument list launch runs (a path with a space was two arguments, a "$(...)" in it a command)."""
+    import shlex
+
+    from clusterlm.parallel.launch import main
+
+    out = str(tmp_path / "my run $(touch pwned)")
+    assert main(["llama_shakespeare_cpu", "--nproc-per-node=2", f"--train.out_dir={out}", "--dry-run"]) == 0
+    words = shlex.split(capsys.readouterr().out.strip().splitlines()[-1])
+    assert words[0].startswith("OMP_NUM_THREADS=")
+    assert words[words.index("train") + 1:] == ["llama_shakespeare_cpu", f"--train.out_dir={out}",
+                                                "--parallel.dp_replicate=2"]
+
+
 def test_layout_is_checked_before_the_data_is_prepared(tmp_path):
     """With no prepared data (vocab_size unknown, as on a first run) the model's layout rules still apply
     before any process starts: an LSTM recipe under FSDP and a tp that does not divide the heads were let
