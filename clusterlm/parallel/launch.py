@@ -252,7 +252,8 @@ def run_torchrun(cmd: list[str], extra_env: Mapping[str, str] | None = None) -> 
             if recorded.isdigit():
                 log.info("torchrun exited %d; the trainer's exit code was %s", code, recorded)
                 return int(recorded)
-    return code
+    # torchrun itself killed by a signal (OOM killer, kill -9): Popen's -N; as an exit status -9 became 247
+    return 128 - code if code < 0 else code
 
 
 def check_port_free(addr: str, port: int) -> None:

@@ -215,6 +215,19 @@ def test_dry_run_prints_a_command_the_shell_runs_as_launch_would(tmp_path, capsy
                                                 "--parallel.dp_replicate=2"]
 
 
+def test_torchrun_killed_by_a_signal_is_128_plus_the_signal():
+    """torchrun itself SIGKILLed (the OOM killer) is exit 137, as a shell reports it: Popen's -9 was
+    returned as is, and the process then exited 247."""
+    import signal
+    import sys
+
+    from clusterlm.parallel.launch import run_torchrun
+
+    killed = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+    assert run_torchrun(killed) == 128 + signal.SIGKILL
+    assert run_torchrun([sys.executable, "-c", "raise SystemExit(3)"]) == 3
+
+
 def test_layout_is_checked_before_the_data_is_prepared(tmp_path):
     """With no prepared data (vocab_size unknown, as on a first run) the model's layout rules still apply
     before any process starts: an LSTM recipe under FSDP and a tp that does not divide the heads were let
