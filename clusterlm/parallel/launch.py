@@ -115,7 +115,8 @@ def dist_timeout_s(env: Mapping[str, str] | None = None) -> float:
         return DEFAULT_TIMEOUT_S
     try:
         value = float(env[TIMEOUT_ENV])
-    except ValueError:
+        datetime.timedelta(seconds=value)  # "nan" passed the check below, then failed on every rank unnamed
+    except (ValueError, OverflowError):  # not a number; nan; inf or too large for a timedelta
         value = -1.0
     if value <= 0:
         raise ValueError(f"environment variable {TIMEOUT_ENV}={env[TIMEOUT_ENV]!r} must be a number of seconds > 0")
