@@ -191,15 +191,17 @@ def torchrun_command(recipe: str | None, overrides: list[str], *, nproc_per_node
 
 
 # torchrun reports any failed worker as exit 1; `clusterlm launch` passes this file's path to the workers
-# so that rank 0 can say why it stopped (75: preempted and saved, 3: diverged) and launch can exit so
+# so that each node's local rank 0 can say why it stopped (75: preempted and saved, 3: diverged) and that
+# node's launch can exit so (every node runs its own launch, with its own file: global rank 0 is on node 0 only)
 EXIT_FILE_ENV = "CLUSTERLM_EXIT_FILE"
 
 
 def record_exit_code(code: int, env: Mapping[str, str] | None = None) -> None:
-    """On rank 0 under `clusterlm launch`, note the trainer's exit code for the launcher (see above)."""
+    """On local rank 0 under `clusterlm launch`, note the trainer's exit code for this node's launcher
+    (see above)."""
     env = os.environ if env is None else env
     path = env.get(EXIT_FILE_ENV)
-    if path and code != 0 and read_env(env).rank == 0:
+    if path and code != 0 and read_env(env).local_rank == 0:
         from clusterlm.fsutil import atomic_write_text
 
         atomic_write_text(path, f"{code}\n")

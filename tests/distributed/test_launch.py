@@ -228,6 +228,19 @@ def test_torchrun_killed_by_a_signal_is_128_plus_the_signal():
     assert run_torchrun([sys.executable, "-c", "raise SystemExit(3)"]) == 3
 
 
+def test_each_nodes_launch_gets_the_trainers_exit_code(tmp_path):
+    """On two nodes each `clusterlm launch` has its own exit file; the first worker of each node (LOCAL_RANK 0)
+    records the trainer's code there. Only global rank 0 did: node 1's launch exited torchrun's 1 after a
+    preemption (75) that node 0's reported."""
+    from clusterlm.parallel.launch import EXIT_FILE_ENV, record_exit_code
+
+    for rank, local_rank, written in ((0, 0, True), (1, 1, False), (2, 0, True), (3, 1, False)):
+        path = tmp_path / f"rank{rank}"
+        record_exit_code(75, {"RANK": str(rank), "WORLD_SIZE": "4", "LOCAL_RANK": str(local_rank),
+                              "LOCAL_WORLD_SIZE": "2", EXIT_FILE_ENV: str(path)})
+        assert (path.read_text() if path.exists() else None) == ("75\n" if written else None)
+
+
 def test_layout_is_checked_before_the_data_is_prepared(tmp_path):
     """With no prepared data (vocab_size unknown, as on a first run) the model's layout rules still apply
     before any process starts: an LSTM recipe under FSDP and a tp that does not divide the heads were let
