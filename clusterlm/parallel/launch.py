@@ -332,6 +332,12 @@ def main(argv: list[str]) -> int:
     if args.nproc_per_node is None:
         parser.error("the following arguments are required: --nproc-per-node (or --slurm to submit to Slurm)")
     if args.rdzv_endpoint:
+        # the endpoint took the place of both without a word: which of two addresses was meant is unknown
+        both = [f"--{d.replace('_', '-')}={getattr(args, d)}" for d in ("master_addr", "master_port")
+                if getattr(args, d) != parser.get_default(d)]
+        if both:
+            parser.error(f"--rdzv-endpoint={args.rdzv_endpoint} and {', '.join(both)}: give one of them "
+                         f"(--rdzv-endpoint ADDR:PORT = --master-addr ADDR --master-port PORT)")
         addr, _, port = args.rdzv_endpoint.rpartition(":")
         if not addr or not port.isdigit():
             parser.error(f"--rdzv-endpoint={args.rdzv_endpoint!r} must be ADDR:PORT (e.g. 10.77.0.11:29500)")

@@ -194,6 +194,11 @@ def test_launch_on_several_nodes_needs_the_master_address(capsys):
     assert main(["llama_shakespeare_cpu", "--nproc-per-node=2", "--dry-run"]) == 0
     assert "--rdzv-endpoint=127.0.0.1:29500 " in capsys.readouterr().out
     # an empty address (`--master-addr "$HEAD"` with HEAD unset) was taken for 127.0.0.1: node 1 waited on itself
+    # both an endpoint and an address or port: the endpoint won without a word
+    for given, said in ((["--master-addr=n02"], "--master-addr=n02"), (["--master-port=2000"], "--master-port=2000")):
+        with pytest.raises(SystemExit) as e:
+            main(["llama_shakespeare_cpu", "--nproc-per-node=2", "--rdzv-endpoint=n01:29500", *given, "--dry-run"])
+        assert e.value.code == 2 and f"--rdzv-endpoint=n01:29500 and {said}: give one of them" in capsys.readouterr().err
     for given in (["--master-addr="], ["--master-addr= "], ["--rdzv-endpoint=[]:29500"]):
         with pytest.raises(SystemExit) as e:
             main(["llama_shakespeare_cpu", "--nproc-per-node=2", "--nnodes=2", "--node-rank=1", *given, "--dry-run"])
