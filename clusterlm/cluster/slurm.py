@@ -114,7 +114,8 @@ class SbatchOptions:
         for arg in self.extra:
             if not arg.startswith("--") or any(c in arg for c in "\n\r"):
                 raise ConfigError(f"--sbatch-arg={arg!r} must be one sbatch option starting with '--' (e.g. --exclusive)")
-            key = arg.partition("=")[0]
+            # sbatch splits a directive at whitespace: "--time 00:05:00" is --time too (it replaced the script's)
+            key = re.split(r"[=\s]", arg, maxsplit=1)[0]
             if key in OWN_DIRECTIVES:  # sbatch takes the last of a repeated option: it would replace the script's
                 raise ConfigError(f"--sbatch-arg={arg!r}: the script sets {key} itself; {OWN_DIRECTIVES[key]}")
 

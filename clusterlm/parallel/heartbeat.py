@@ -219,7 +219,7 @@ def exit_rank_lost(line: str) -> None:
     from clusterlm.parallel.launch import EXIT_FILE_ENV
 
     log.error("hung rank: %s; exiting with %d (resume with --train.resume=auto)", line, EXIT_RANK_LOST)
-    if path := os.environ.get(EXIT_FILE_ENV):  # any rank may notice (record_exit_code writes on rank 0 only)
+    if path := os.environ.get(EXIT_FILE_ENV):  # any rank may notice (record_exit_code writes on local rank 0 only)
         try:
             atomic_write_text(path, f"{EXIT_RANK_LOST}\n")
         except OSError:

@@ -19,6 +19,7 @@ import errno
 import logging
 import os
 import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -114,7 +115,8 @@ def dist_timeout_s(env: Mapping[str, str] | None = None) -> float:
         return DEFAULT_TIMEOUT_S
     try:
         value = float(env[TIMEOUT_ENV])
-    except ValueError:
+        datetime.timedelta(seconds=value)  # "nan" passed the check below, then failed on every rank unnamed
+    except (ValueError, OverflowError):  # not a number; nan; inf or too large for a timedelta
         value = -1.0
     if value <= 0:
         raise ValueError(f"environment variable {TIMEOUT_ENV}={env[TIMEOUT_ENV]!r} must be a number of seconds > 0")
@@ -189,15 +191,17 @@ def torchrun_command(recipe: str | None, overrides: list[str], *, nproc_per_node
 
 
 # torchrun reports any failed worker as exit 1; `clusterlm launch` passes this file's path to the workers
-# so that rank 0 can say why it stopped (75: preempted and saved, 3: diverged) and launch can exit so
+# so that each node's local rank 0 can say why it stopped (75: preempted and saved, 3: diverged) and that
+# node's launch can exit so (every node runs its own launch, with its own file: global rank 0 is on node 0 only)
 EXIT_FILE_ENV = "CLUSTERLM_EXIT_FILE"
 
 
 def record_exit_code(code: int, env: Mapping[str, str] | None = None) -> None:
-    """On rank 0 under `clusterlm launch`, note the trainer's exit code for the launcher (see above)."""
+    """On local rank 0 under `clusterlm launch`, note the trainer's exit code for this node's launcher
+    (see above)."""
     env = os.environ if env is None else env
     path = env.get(EXIT_FILE_ENV)
-    if path and code != 0 and read_env(env).rank == 0:
+    if path and code != 0 and read_env(env).local_rank == 0:
         from clusterlm.fsutil import atomic_write_text
 
         atomic_write_text(path, f"{code}\n")
@@ -251,7 +255,8 @@ def run_torchrun(cmd: list[str], extra_env: Mapping[str, str] | None = None) -> 
             if recorded.isdigit():
                 log.info("torchrun exited %d; the trainer's exit code was %s", code, recorded)
                 return int(recorded)
-    return code
+    # torchrun itself killed by a signal (OOM killer, kill -9): Popen's -N; as an exit status -9 became 247
+    return 128 - code if code < 0 else code
 
 
 def check_port_free(addr: str, port: int) -> None:
@@ -327,6 +332,12 @@ def main(argv: list[str]) -> int:
     if args.nproc_per_node is None:
         parser.error("the following arguments are required: --nproc-per-node (or --slurm to submit to Slurm)")
     if args.rdzv_endpoint:
+        # the endpoint took the place of both without a word: which of two addresses was meant is unknown
+        both = [f"--{d.replace('_', '-')}={getattr(args, d)}" for d in ("master_addr", "master_port")
+                if getattr(args, d) != parser.get_default(d)]
+        if both:
+            parser.error(f"--rdzv-endpoint={args.rdzv_endpoint} and {', '.join(both)}: give one of them "
+                         f"(--rdzv-endpoint ADDR:PORT = --master-addr ADDR --master-port PORT)")
         addr, _, port = args.rdzv_endpoint.rpartition(":")
         if not addr or not port.isdigit():
             parser.error(f"--rdzv-endpoint={args.rdzv_endpoint!r} must be ADDR:PORT (e.g. 10.77.0.11:29500)")
@@ -353,7 +364,8 @@ def main(argv: list[str]) -> int:
                            node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
                            max_restarts=args.max_restarts)
     extra = threads_env(args.nproc_per_node)
-    print(" ".join([*(f"{k}={v}" for k, v in extra.items()), *cmd]))
+    # shell-quoted: a dry run's line is one to paste (a path with a space was split in two, a "$(...)" run)
+    print(" ".join([*(f"{k}={shlex.quote(v)}" for k, v in extra.items()), *map(shlex.quote, cmd)]))
     if args.dry_run:
         return 0
     return run_torchrun(cmd, extra)

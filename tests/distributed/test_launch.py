@@ -194,10 +194,56 @@ def test_launch_on_several_nodes_needs_the_master_address(capsys):
     assert main(["llama_shakespeare_cpu", "--nproc-per-node=2", "--dry-run"]) == 0
     assert "--rdzv-endpoint=127.0.0.1:29500 " in capsys.readouterr().out
     # an empty address (`--master-addr "$HEAD"` with HEAD unset) was taken for 127.0.0.1: node 1 waited on itself
+    # both an endpoint and an address or port: the endpoint won without a word
+    for given, said in ((["--master-addr=n02"], "--master-addr=n02"), (["--master-port=2000"], "--master-port=2000")):
+        with pytest.raises(SystemExit) as e:
+            main(["llama_shakespeare_cpu", "--nproc-per-node=2", "--rdzv-endpoint=n01:29500", *given, "--dry-run"])
+        assert e.value.code == 2 and f"--rdzv-endpoint=n01:29500 and {said}: give one of them" in capsys.readouterr().err
     for given in (["--master-addr="], ["--master-addr= "], ["--rdzv-endpoint=[]:29500"]):
         with pytest.raises(SystemExit) as e:
             main(["llama_shakespeare_cpu", "--nproc-per-node=2", "--nnodes=2", "--node-rank=1", *given, "--dry-run"])
         assert e.value.code == 2 and "is empty; give node 0's host name" in capsys.readouterr().err
+
+
+def test_dry_run_prints_a_command_the_shell_runs_as_launch_would(tmp_path, capsys):
+    """The dry run's torchrun line is shell-quoted: read back by the shell (shlex.split) it is the very
+    argument list launch runs (a path with a space was two arguments, a "$(...)" in it a command)."""
+    import shlex
+
+    from clusterlm.parallel.launch import main
+
+    out = str(tmp_path / "my run $(touch pwned)")
+    assert main(["llama_shakespeare_cpu", "--nproc-per-node=2", f"--train.out_dir={out}", "--dry-run"]) == 0
+    words = shlex.split(capsys.readouterr().out.strip().splitlines()[-1])
+    assert words[0].startswith("OMP_NUM_THREADS=")
+    assert words[words.index("train") + 1:] == ["llama_shakespeare_cpu", f"--train.out_dir={out}",
+                                                "--parallel.dp_replicate=2"]
+
+
+def test_torchrun_killed_by_a_signal_is_128_plus_the_signal():
+    """torchrun itself SIGKILLed (the OOM killer) is exit 137, as a shell reports it: Popen's -9 was
+    returned as is, and the process then exited 247."""
+    import signal
+    import sys
+
+    from clusterlm.parallel.launch import run_torchrun
+
+    killed = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+    assert run_torchrun(killed) == 128 + signal.SIGKILL
+    assert run_torchrun([sys.executable, "-c", "raise SystemExit(3)"]) == 3
+
+
+def test_each_nodes_launch_gets_the_trainers_exit_code(tmp_path):
+    """On two nodes each `clusterlm launch` has its own exit file; the first worker of each node (LOCAL_RANK 0)
+    records the trainer's code there. Only global rank 0 did: node 1's launch exited torchrun's 1 after a
+    preemption (75) that node 0's reported."""
+    from clusterlm.parallel.launch import EXIT_FILE_ENV, record_exit_code
+
+    for rank, local_rank, written in ((0, 0, True), (1, 1, False), (2, 0, True), (3, 1, False)):
+        path = tmp_path / f"rank{rank}"
+        record_exit_code(75, {"RANK": str(rank), "WORLD_SIZE": "4", "LOCAL_RANK": str(local_rank),
+                              "LOCAL_WORLD_SIZE": "2", EXIT_FILE_ENV: str(path)})
+        assert (path.read_text() if path.exists() else None) == ("75\n" if written else None)
 
 
 def test_layout_is_checked_before_the_data_is_prepared(tmp_path):

@@ -6,6 +6,7 @@ Slow-ish (~50 s on 2 cores): marked slow.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -169,3 +170,43 @@ def test_srun_without_torchrun(tmp_path, monkeypatch):
     assert sorted(got) == [1, 2, 3, 4, 5]
     for s in ref:
         assert got[s] == pytest.approx(ref[s], abs=1e-5), s
+
+
+def test_a_stop_signal_that_reaches_torchrun_again_stops_it_once(tmp_path):
+    """A terminal's Ctrl-C reaches `clusterlm launch`, torchrun and the workers (one process group), and
+    launch passes it on to torchrun: torchrun gets SIGINT twice (more with an impatient user). Each one
+    after the first raised torch's SignalException again inside torchrun's shutdown: a 40-line "--- Logging
+    error ---" traceback, or the shutdown cut short, torchrun gone before its workers had saved. Now
+    torchrun stops once: one line, exit 130, after the worker's own exit (75 once it has saved)."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(f"""import pathlib, signal, sys, time
+def stop(signum, frame):
+    time.sleep(2)  # the save
+    pathlib.Path({str(tmp_path / 'saved')!r}).write_text("75")
+    sys.exit(75)
+signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGTERM, stop)
+pathlib.Path({str(tmp_path / 'ready')!r}).write_text("")
+time.sleep(120)
+""")
+    proc = subprocess.Popen([sys.executable, "-m", "clusterlm.parallel.torchrun", "--nproc-per-node=1",
+                             "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", str(worker)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "ready").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert (tmp_path / "ready").exists(), proc.communicate()[0]
+        os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C
+        for _ in range(10):  # launch passing it on, and the user pressing Ctrl-C again, while the worker saves
+            time.sleep(0.1)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=60)[0]
+        saved = (tmp_path / "saved").exists()  # when torchrun has ended
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out
+    assert "torchrun: stopped by SIGINT" in out and "Traceback" not in out and "Logging error" not in out, out
+    assert saved, "torchrun ended before its worker had saved"

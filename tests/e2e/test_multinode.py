@@ -146,7 +146,7 @@ def test_dist_timeout_from_environment():
 
     assert dist_timeout_s({}) == DEFAULT_TIMEOUT_S == 600
     assert dist_timeout_s({"CLUSTERLM_DIST_TIMEOUT_S": "30"}) == 30
-    for bad in ("0", "-5", "soon"):
+    for bad in ("0", "-5", "soon", "nan", "inf", "1e30"):  # nan, inf: torch's timedelta failed on each rank
         with pytest.raises(ValueError, match="CLUSTERLM_DIST_TIMEOUT_S"):
             dist_timeout_s({"CLUSTERLM_DIST_TIMEOUT_S": bad})
 

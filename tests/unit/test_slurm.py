@@ -163,7 +163,10 @@ def test_time_limits_and_option_errors():
                                                  "--signal-seconds instead"),
              (dict(extra=("--no-requeue",)), "the preemption, requeue and log handling depend on it"),
              (dict(extra=("--time=01:00:00",)), "use clusterlm launch's --time instead"),
-             (dict(extra=("--output=/tmp/x.out",)), "use clusterlm launch's --output instead")]
+             (dict(extra=("--output=/tmp/x.out",)), "use clusterlm launch's --output instead"),
+             # the value after a space: sbatch splits the directive there, so this was --signal too
+             (dict(extra=("--signal USR1@10",)), "the script sets --signal itself"),
+             (dict(extra=("--time\t00:05:00",)), "the script sets --time itself")]
     for kwargs, message in cases:
         with pytest.raises(ConfigError) as e:
             SbatchOptions(**kwargs)

@@ -2,7 +2,8 @@
 schedule (one stage, gloo on one process) carries the loss function and micro-batch count under the
 names clusterlm.parallel.pp reads and writes; the default process group's store
 (`distributed_c10d._get_default_store`) can be cloned into a second connection that the heartbeat
-(clusterlm.parallel.heartbeat) writes through. When a torch release renames them this test fails,
+(clusterlm.parallel.heartbeat) writes through; torchrun registers its stop handler by a module attribute
+(clusterlm.parallel.torchrun replaces it). When a torch release renames them this test fails,
 naming the attribute, instead of training breaking at run time."""
 
 from __future__ import annotations
@@ -71,3 +72,17 @@ def test_dcp_reader_metadata_path(tmp_path):
     reader = dcp.FileSystemReader(str(tmp_path))
     assert str(reader._get_metadata_path()) == str(tmp_path / ".metadata")
     assert str(reader._get_metadata_path(3)) == str(tmp_path / "__3.metadata")
+
+
+def test_torchrun_registers_its_stop_handler_by_module_attribute():
+    """clusterlm.parallel.torchrun replaces torch.distributed.elastic.multiprocessing.api's
+    _terminate_process_handler (so that torchrun acts on one stop signal only); that works only while
+    PContext.start looks the handler up by that name when it registers it."""
+    import inspect
+
+    import torch.distributed.elastic.multiprocessing.api as elastic_api
+
+    assert callable(getattr(elastic_api, "_terminate_process_handler", None)), \
+        f"torch {torch.__version__} removed elastic api._terminate_process_handler (parallel/torchrun.py)"
+    assert "signal.signal(sig, _terminate_process_handler)" in inspect.getsource(elastic_api.PContext.start), \
+        f"torch {torch.__version__}: PContext.start no longer registers _terminate_process_handler (parallel/torchrun.py)"
