@@ -300,3 +300,29 @@ def test_union_field_errors_name_the_field(server):
         err = r.json()["error"]
         assert r.status_code == 422 and err["param"] == param and says in err["message"], r.text
         assert "[" not in err["param"] and "valid string; got list" not in err["message"], r.text
+
+
+def test_a_failed_stream_ends_with_its_error_event_and_done(server):
+    """A stream whose model fails after its first token ends with the error event and `data: [DONE]`,
+    as docs/serving.md says, with include_usage too: a usage chunk came between them, after the
+    error, counting only the choices that had finished (completion_tokens 0 for a stream that had
+    sent its first token)."""
+    sched = server.app.app.state.state["sched"]
+
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("boom")
+
+    sched.engine.decode = broken  # prefill samples the first token, the next step fails
+    try:
+        for path, body in (("/v1/chat/completions", {"messages": HI}), ("/v1/completions", {"prompt": "Hi"})):
+            with httpx.stream("POST", server.url + path, headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
+                              json={"model": "tiny", "max_tokens": 8, "temperature": 0, "stream": True,
+                                    "stream_options": {"include_usage": True}, **body}) as r:
+                events = [line for line in r.iter_lines() if line]
+            assert r.status_code == 200
+            error = next(i for i, e in enumerate(events) if '"error"' in e)
+            assert json.loads(events[error][len("data: "):])["error"]["type"] == "server_error"
+            assert events[error + 1:] == ["data: [DONE]"], events[error:]
+    finally:
+        del sched.engine.decode
+    assert sched.cache.num_free == sched.max_batch
