@@ -326,3 +326,27 @@ def test_a_failed_stream_ends_with_its_error_event_and_done(server):
     finally:
         del sched.engine.decode
     assert sched.cache.num_free == sched.max_batch
+
+
+def test_logprob_bytes_of_a_sentencepiece_style_tokenizer():
+    """docs/serving.md: a token's `bytes` are the UTF-8 bytes it adds, and concatenated over a reply
+    they give its text. With a Llama 2 style tokenizer.json (Metaspace words, byte fallback, a decoder
+    that strips the first token's leading space; any tokenizer.json loads) each token was decoded
+    alone: every word lost its space ('helloworld') and a byte-fallback token <0xC3> was U+FFFD's
+    three bytes (now the byte 0xC3). The reply's text is what the server streams (TextStream after the prompt's ids)."""
+    from clusterlm.generate.text import TextStream
+    from clusterlm.serve.logprobs import CompletionLogprobs, TokenNames, chat_logprobs, legacy_name
+    from tests.unit.test_text import _sentencepiece_bpe
+
+    tok = _sentencepiece_bpe("hello world, the world is big 😀 hello there " * 4)
+    names = TokenNames(tok)
+    prompt, reply = tok.encode("hello there"), tok.encode("hello big world 😀 there")
+    ts = TextStream(tok, prompt)
+    text = "".join(ts.push(i) for i in reply) + ts.flush()
+    assert text == " hello big world 😀 there"
+    entries = chat_logprobs(names, [(i, -1.0, []) for i in reply])["content"]
+    assert b"".join(bytes(e["bytes"]) for e in entries).decode("utf-8") == text
+    legacy = CompletionLogprobs(names).chunk([(i, -1.0, []) for i in reply])
+    assert legacy["tokens"][:3] == [" hello", " big", " world"]
+    c3 = tok.hf_tokenizer.token_to_id("<0xC3>")  # the first byte of "é"
+    assert names(c3) == ("\ufffd", b"\xc3") and legacy_name(*names(c3)) == "bytes:\\xc3"
