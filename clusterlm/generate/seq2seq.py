@@ -88,7 +88,7 @@ class Seq2SeqGeneration(Iterator[list[int | None]]):
         if temperature < GREEDY_TEMPERATURE:
             self.generator: Any = None
         elif seeds is not None:
-            self.generator = [torch.Generator(device=self.device).manual_seed(s % (2**63 - 1)) for s in seeds]
+            self.generator = [torch.Generator(device=self.device).manual_seed(s % 2**64) for s in seeds]
         else:
             self.generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         self._sources = [list(s) for s in sources]

@@ -559,7 +559,7 @@ def create_app(load: Callable[..., object], settings: Settings,
                             out.append(_sse({**base, "object": "chat.completion.chunk" if chat else obj,
                                              "choices": [choice]}))
                         yield b"".join(out)
-                    if include_usage:
+                    if include_usage and not failed:  # a failed stream ends with its error event and [DONE]
                         yield _sse({**base, "object": "chat.completion.chunk" if chat else obj, "choices": [],
                                     "usage": usage(len(ids), total)})
                     yield b"data: [DONE]\n\n"

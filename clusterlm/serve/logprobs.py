@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import codecs
 import functools
+import re
 
 from clusterlm.serve.scheduler import TokenLogprob
 
 SPECIAL_NAMES = ("<|bos|>", "<|eos|>", "<|pad|>")
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a sentencepiece byte token, one UTF-8 byte
 
 
 @functools.cache
@@ -47,6 +49,11 @@ class TokenNames:
         names = SPECIAL_NAMES + tuple(getattr(tokenizer, "added_tokens", ()))
         self.specials = {i: n for n in names if (i := tokenizer.token_id(n)) is not None}
         self._cache: dict[int, tuple[str, bytes | None]] = {}
+        self._byte_level = False  # clusterlm's BPE (and GPT-2's): pieces spelled in the byte-level alphabet
+        if self.kind == "bpe":
+            from tokenizers import decoders
+
+            self._byte_level = isinstance(tokenizer.hf_tokenizer.decoder, decoders.ByteLevel)
 
     def _bytes(self, i: int) -> bytes:
         tok = self.tokenizer
@@ -56,9 +63,15 @@ class TokenNames:
             return tok.decode([i]).encode("utf-8")
         if self.kind == "bpe":
             piece = tok.hf_tokenizer.id_to_token(i)
-            dec = _byte_decoder()
-            if piece is not None and all(c in dec for c in piece):
-                return bytes(dec[c] for c in piece)
+            if self._byte_level:
+                dec = _byte_decoder()
+                if piece is not None and all(c in dec for c in piece):
+                    return bytes(dec[c] for c in piece)
+            elif piece is not None and (m := _BYTE_FALLBACK.fullmatch(piece)):  # sentencepiece's byte fallback
+                return bytes((int(m[1], 16),))
+            else:  # in context: a sentencepiece-style decoder (Llama 2's) strips a first token's leading space,
+                # so "▁world" alone is "world"; after itself it is " world"
+                return tok.decode([i, i])[len(tok.decode([i])):].encode("utf-8", errors="replace")
         return tok.decode([i]).encode("utf-8", errors="replace")  # any other tokenizer: its text alone
 
     def __call__(self, i: int) -> tuple[str, bytes | None]:

@@ -302,7 +302,9 @@ class Scheduler:
                 free -= req.n
                 base = req.params.seed if req.params.seed is not None else secrets.randbits(62)
                 for i in range(req.n):
-                    g = torch.Generator(device=self.device).manual_seed((base + i) % (2**63 - 1))
+                    # seed + i as given: manual_seed takes [0, 2^64), so the largest seed (2^63-1) + 15 fits
+                    # (taken modulo 2^63-1, seed 2^63-1 drew seed 0's text)
+                    g = torch.Generator(device=self.device).manual_seed(base + i)
                     # the text the reply adds to its prompt (a sentencepiece-style decoder drops the leading
                     # space of a first token decoded alone)
                     text = TextStream(self.tokenizer, req.prompt_ids)

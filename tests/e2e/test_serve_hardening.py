@@ -127,6 +127,20 @@ def test_server_tiny_temperature_and_top_p_are_greedy(served):
         assert r.json()["choices"][0]["text"] == want, body
 
 
+def test_the_largest_seeds_are_their_own(served):
+    """docs/serving.md: seed in [0, 2^63-1], choice i uses seed + i. The largest seed and the choices
+    past it draw from their own generators: seed 2^63-1 is not seed 0, nor is choice 1 of seed 2^63-2
+    (both were taken modulo 2^63-1, so they wrapped onto seed 0's text); the same seed repeats."""
+    def texts(seed: int, n: int = 1) -> list[str]:
+        r = served.complete(seed=seed, n=n, temperature=1.0, max_tokens=16)
+        assert r.status_code == 200, r.text
+        return [c["text"] for c in r.json()["choices"]]
+
+    zero, top = texts(0)[0], texts(2**63 - 1)[0]
+    assert top != zero and texts(2**63 - 1)[0] == top
+    assert texts(2**63 - 2, n=2) == [texts(2**63 - 2)[0], top]
+
+
 def test_sample_rows_at_float_edges():
     """The server's per-row sampling (sampling.sample_rows with one generator per row) is well defined
     at the edges of float32 and float64: a tiny temperature or top_p gives the argmax in a batch next

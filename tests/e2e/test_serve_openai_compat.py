@@ -9,6 +9,7 @@ for what stays unsupported.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -300,3 +301,56 @@ def test_union_field_errors_name_the_field(server):
         err = r.json()["error"]
         assert r.status_code == 422 and err["param"] == param and says in err["message"], r.text
         assert "[" not in err["param"] and "valid string; got list" not in err["message"], r.text
+
+
+def test_a_failed_stream_ends_with_its_error_event_and_done(server):
+    """A stream whose model fails after its first token ends with the error event and `data: [DONE]`,
+    as docs/serving.md says, with include_usage too: a usage chunk came between them, after the
+    error, counting only the choices that had finished (completion_tokens 0 for a stream that had
+    sent its first token)."""
+    sched = server.app.app.state.state["sched"]
+
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("boom")
+
+    sched.engine.decode = broken  # prefill samples the first token, the next step fails
+    try:
+        for path, body in (("/v1/chat/completions", {"messages": HI}), ("/v1/completions", {"prompt": "Hi"})):
+            with httpx.stream("POST", server.url + path, headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
+                              json={"model": "tiny", "max_tokens": 8, "temperature": 0, "stream": True,
+                                    "stream_options": {"include_usage": True}, **body}) as r:
+                events = [line for line in r.iter_lines() if line]
+            assert r.status_code == 200
+            error = next(i for i, e in enumerate(events) if '"error"' in e)
+            assert json.loads(events[error][len("data: "):])["error"]["type"] == "server_error"
+            assert events[error + 1:] == ["data: [DONE]"], events[error:]
+    finally:
+        del sched.engine.decode
+    deadline = time.time() + 10  # the failed step frees its slots just after it sends the error
+    while sched.cache.num_free != sched.max_batch and time.time() < deadline:
+        time.sleep(0.01)
+    assert sched.cache.num_free == sched.max_batch
+
+
+def test_logprob_bytes_of_a_sentencepiece_style_tokenizer():
+    """docs/serving.md: a token's `bytes` are the UTF-8 bytes it adds, and concatenated over a reply
+    they give its text. With a Llama 2 style tokenizer.json (Metaspace words, byte fallback, a decoder
+    that strips the first token's leading space; any tokenizer.json loads) each token was decoded
+    alone: every word lost its space ('helloworld') and a byte-fallback token <0xC3> was U+FFFD's
+    three bytes (now the byte 0xC3). The reply's text is what the server streams (TextStream after the prompt's ids)."""
+    from clusterlm.generate.text import TextStream
+    from clusterlm.serve.logprobs import CompletionLogprobs, TokenNames, chat_logprobs, legacy_name
+    from tests.unit.test_text import _sentencepiece_bpe
+
+    tok = _sentencepiece_bpe("hello world, the world is big 😀 hello there " * 4)
+    names = TokenNames(tok)
+    prompt, reply = tok.encode("hello there"), tok.encode("hello big world 😀 there")
+    ts = TextStream(tok, prompt)
+    text = "".join(ts.push(i) for i in reply) + ts.flush()
+    assert text == " hello big world 😀 there"
+    entries = chat_logprobs(names, [(i, -1.0, []) for i in reply])["content"]
+    assert b"".join(bytes(e["bytes"]) for e in entries).decode("utf-8") == text
+    legacy = CompletionLogprobs(names).chunk([(i, -1.0, []) for i in reply])
+    assert legacy["tokens"][:3] == [" hello", " big", " world"]
+    c3 = tok.hf_tokenizer.token_to_id("<0xC3>")  # the first byte of "é"
+    assert names(c3) == ("\ufffd", b"\xc3") and legacy_name(*names(c3)) == "bytes:\\xc3"
