@@ -634,6 +634,9 @@ def load_tree(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from e
+    except UnicodeDecodeError as e:  # said "'utf-8' codec can't decode byte ..." without the file
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); a recipe "
+                          "is a TOML file in UTF-8") from e
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = (), cls: type = RunConfig) -> Any:

@@ -176,6 +176,15 @@ def test_missing_recipe_file(tmp_path):
         load_run_config(tmp_path)
 
 
+def test_a_recipe_that_is_not_utf8_names_the_file(tmp_path):
+    """A recipe saved in another encoding (UTF-16, Latin-1) is a ConfigError naming the file and the byte;
+    it was "'utf-8' codec can't decode byte 0xff in position 0" with no file named."""
+    p = tmp_path / "latin1.toml"
+    p.write_bytes("[train]\nout_dir = 'runs/caf\xe9'\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.toml: not UTF-8 text \(byte 0xe9 at offset 27\)"):
+        load_run_config(p)
+
+
 def test_config_show_cli(tmp_path):
     """`clusterlm config show RECIPE --k=v` prints TOML that resolves to the same config; errors exit 2."""
     p = write(tmp_path, "[train]\nmax_steps = 5\n")
