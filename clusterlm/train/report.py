@@ -264,7 +264,7 @@ def _fmt(x: float | None, spec: str = ".4f") -> str:
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "n/a"
-    m, s = divmod(seconds, 60)
+    m, s = divmod(round(seconds, 1), 60)  # rounded first: 119.97 s printed as "1m 60.0s"
     h, m = divmod(int(m), 60)
     return f"{h}h {m:02d}m {s:04.1f}s" if h else f"{m}m {s:04.1f}s"
 

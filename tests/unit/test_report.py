@@ -81,6 +81,15 @@ def test_write_report_files(tmp_path):
     assert "![loss_vs_step](plots/loss_vs_step.png)" in md
 
 
+def test_durations_round_into_the_next_minute():
+    """Wall times in summary.md read as a clock does: 119.97 s is 2m 00.0s (it printed "1m 60.0s", and
+    3599.96 s "59m 60.0s")."""
+    from clusterlm.train.report import _duration
+
+    assert [_duration(x) for x in (0.04, 59.94, 59.96, 119.97, 3599.96, 3659.99, 7384.5)] == [
+        "0m 00.0s", "0m 59.9s", "1m 00.0s", "2m 00.0s", "1h 00m 00.0s", "1h 01m 00.0s", "2h 03m 04.5s"]
+
+
 def test_unknown_mfu_and_cli(tmp_path, capsys):
     """Without a known peak the summary says MFU is unknown; `clusterlm report` prints the summary."""
     _write_run(tmp_path, with_mfu=False)
