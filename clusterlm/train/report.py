@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import re
 import statistics
 import sys
@@ -281,7 +282,7 @@ def _val_score_rows(scores: dict[str, dict[str, float | int]]) -> list[str]:
 def render_summary(run_dir: Path, s: dict[str, Any], plots: dict[str, Path]) -> str:
     mfu = "unknown (device peak not known)" if s["mfu_mean"] is None else f"{100 * s['mfu_mean']:.1f}%"
     lines = [
-        f"# Run summary: {run_dir.name}",
+        f"# Run summary: {Path(os.path.abspath(run_dir)).name}",  # `report .` inside the run: its folder's name
         "",
         "| | |",
         "|---|---|",

@@ -81,6 +81,18 @@ def test_write_report_files(tmp_path):
     assert "![loss_vs_step](plots/loss_vs_step.png)" in md
 
 
+def test_a_run_named_as_dot_is_titled_with_its_folder(tmp_path, monkeypatch):
+    """`clusterlm report .` inside the run folder (or `..` from its plots/) titles summary.md with the
+    folder's name; it printed "# Run summary: " (and "# Run summary: ..")."""
+    run = tmp_path / "my run"
+    _write_run(run)
+    monkeypatch.chdir(run)
+    assert write_report(".")["summary"].read_text().startswith("# Run summary: my run\n")
+    monkeypatch.chdir(run / "plots")
+    md = write_report("..")["summary"].read_text()
+    assert md.startswith("# Run summary: my run\n") and "![loss_vs_step](plots/loss_vs_step.png)" in md
+
+
 def test_durations_round_into_the_next_minute():
     """Wall times in summary.md read as a clock does: 119.97 s is 2m 00.0s (it printed "1m 60.0s", and
     3599.96 s "59m 60.0s")."""
