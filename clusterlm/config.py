@@ -630,8 +630,8 @@ def load_tree(path: str | Path) -> dict[str, Any]:
             path = bundled[path.stem]
         else:
             raise FileNotFoundError(_no_recipe(path, bundled))
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+    try:  # utf-8-sig: a byte order mark (Notepad) read as "invalid TOML ... at line 1, column 1"
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from e
     except UnicodeDecodeError as e:  # said "'utf-8' codec can't decode byte ..." without the file

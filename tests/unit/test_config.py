@@ -185,6 +185,14 @@ def test_a_recipe_that_is_not_utf8_names_the_file(tmp_path):
         load_run_config(p)
 
 
+def test_a_recipe_with_a_byte_order_mark_loads(tmp_path):
+    """A recipe saved by a Windows editor starts with a UTF-8 byte order mark; it reads as without one (as
+    task and SFT files do). It was "invalid TOML: Invalid statement (at line 1, column 1)"."""
+    p = tmp_path / "bom.toml"
+    p.write_bytes(b"\xef\xbb\xbf[train]\nmax_steps = 3\n")
+    assert load_run_config(p).train.max_steps == 3
+
+
 def test_config_show_cli(tmp_path):
     """`clusterlm config show RECIPE --k=v` prints TOML that resolves to the same config; errors exit 2."""
     p = write(tmp_path, "[train]\nmax_steps = 5\n")
