@@ -418,7 +418,17 @@ def _wrong_type(key: str, value: Any, expected: str) -> ConfigError:
     return ConfigError(f"{key}={shown} has type {type(value).__name__}; expected {expected}")
 
 
+def _int64(value: int, key: str) -> None:
+    """Refuse an integer outside 64 bits, as TOML does; tomllib reads any length (10**400 written out
+    raised OverflowError in a float field, and a seed of 2**64 failed in torch naming no key)."""
+    if not -2**63 <= value < 2**63:
+        raise ConfigError(f"{key}={value} is outside the 64-bit integer range TOML allows "
+                          f"({-2**63} .. {2**63 - 1})")
+
+
 def _coerce(value: Any, tp: Any, key: str, numbers_as_str: bool) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):  # whatever the field's type
+        _int64(value, key)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):

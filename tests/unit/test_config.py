@@ -299,6 +299,20 @@ def test_absurd_numbers_are_refused_with_the_key(override, fragment):
     assert fragment in str(e.value)
 
 
+@pytest.mark.parametrize("override, key", [
+    ("--train.max_minutes=1" + "0" * 400, "train.max_minutes"),  # a float field: OverflowError, exit 1
+    ("--train.seed=18446744073709551616", "train.seed"),  # 2**64: torch's "Overflow when unpacking long long"
+    ("--model.vocab_size=-9223372036854775809", "model.vocab_size"),  # int | None: said "expected int | None"
+])
+def test_integers_past_64_bits_are_refused_with_the_key(override, key):
+    """TOML's integers are 64-bit (tomllib reads any length): one outside is a ConfigError naming the key
+    and the range; 2**63 - 1 itself is a value."""
+    with pytest.raises(ConfigError, match=rf"^{key}=-?1?\d+ is outside the 64-bit integer range TOML allows "
+                                          r"\(-9223372036854775808 \.\. 9223372036854775807\)$"):
+        load_run_config(None, [override])
+    assert load_run_config(None, ["--train.seed=9223372036854775807"]).train.seed == 2**63 - 1
+
+
 def test_eval_section(tmp_path):
     """[eval] reads from a recipe and overrides into a typed, frozen section; it is off by default
     and bad values are refused naming the key."""
