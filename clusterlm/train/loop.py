@@ -1074,9 +1074,9 @@ def _task_line(record: dict[str, Any]) -> str:
 
 
 def main(argv: list[str], *, finetune: bool = False) -> int:
-    """`clusterlm train` (and `clusterlm finetune`, which needs a recipe with [finetune] task sft or classify)."""
+    """`clusterlm train` (and `clusterlm finetune`, which needs a recipe with a [finetune] task other than lm)."""
     overrides, rest = split_overrides(argv)
-    what = ("Fine-tune a base model from a recipe with a [finetune] section (task sft or classify; "
+    what = ("Fine-tune a base model from a recipe with a [finetune] section (task sft, classify or seq2seq; "
             "docs/finetune.md)" if finetune else "Train a model from a recipe")
     parser = argparse.ArgumentParser(
         prog="clusterlm finetune" if finetune else "clusterlm train",
@@ -1093,7 +1093,7 @@ def main(argv: list[str], *, finetune: bool = False) -> int:
     cfg = load_run_config(args.recipe, overrides)
     if finetune and cfg.finetune.task == "lm":
         raise ConfigError(f"clusterlm finetune: {args.recipe or 'the config'} has finetune.task = 'lm' (pre-training); "
-                          "set [finetune] task = 'sft' or 'classify' (and init_from = a base model), or use "
+                          "set [finetune] task = 'sft', 'classify' or 'seq2seq' (and init_from = a base model), or use "
                           "`clusterlm train`")
     from clusterlm.parallel.launch import read_env, record_exit_code, shutdown_distributed
 
