@@ -352,9 +352,9 @@ def _task_scores(run_dir: Path) -> dict[str, dict[str, Any]]:
         log.warning("%s is unreadable (%s); the report leaves out its task scores", path, e)
         return {}
     tasks = data.get("tasks", {}) if isinstance(data, dict) else None
-    if not isinstance(tasks, dict):
+    if not isinstance(tasks, dict) or not all(isinstance(m, dict) for m in tasks.values()):  # {task: {metric: x}}
         log.warning("%s is not the JSON `clusterlm eval --task ... --out` writes (an object with a \"tasks\" "
-                    "object); the report leaves out its task scores", path)
+                    "object of one object per task); the report leaves out its task scores", path)
         return {}
     return tasks
 

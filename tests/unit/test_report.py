@@ -215,6 +215,7 @@ def test_classifier_val_accuracy_and_macro_f1_in_summary_and_plot(tmp_path):
     (b"\xff\xfe not utf-8", "is unreadable ("),
     ('["not", "an", "object"]', "is not the JSON `clusterlm eval --task ... --out` writes"),
     ('{"tasks": [1, 2]}', "is not the JSON `clusterlm eval --task ... --out` writes"),
+    ('{"tasks": {"t": 5}}', "is not the JSON `clusterlm eval --task ... --out` writes"),  # was AttributeError, exit 1
 ])
 def test_a_corrupt_task_scores_file_is_named_and_the_report_goes_on(tmp_path, caplog, content, fragment):
     """A task_scores.json that does not parse (a truncated write), is not UTF-8 or is not eval's shape
