@@ -418,7 +418,17 @@ def _wrong_type(key: str, value: Any, expected: str) -> ConfigError:
     return ConfigError(f"{key}={shown} has type {type(value).__name__}; expected {expected}")
 
 
+def _int64(value: int, key: str) -> None:
+    """Refuse an integer outside 64 bits, as TOML does; tomllib reads any length (10**400 written out
+    raised OverflowError in a float field, and a seed of 2**64 failed in torch naming no key)."""
+    if not -2**63 <= value < 2**63:
+        raise ConfigError(f"{key}={value} is outside the 64-bit integer range TOML allows "
+                          f"({-2**63} .. {2**63 - 1})")
+
+
 def _coerce(value: Any, tp: Any, key: str, numbers_as_str: bool) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):  # whatever the field's type
+        _int64(value, key)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -630,10 +640,13 @@ def load_tree(path: str | Path) -> dict[str, Any]:
             path = bundled[path.stem]
         else:
             raise FileNotFoundError(_no_recipe(path, bundled))
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+    try:  # utf-8-sig: a byte order mark (Notepad) read as "invalid TOML ... at line 1, column 1"
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from e
+    except UnicodeDecodeError as e:  # said "'utf-8' codec can't decode byte ..." without the file
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); a recipe "
+                          "is a TOML file in UTF-8") from e
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = (), cls: type = RunConfig) -> Any:

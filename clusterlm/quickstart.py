@@ -43,9 +43,10 @@ def main(argv: list[str]) -> int:
     from clusterlm.train.report import write_report
 
     out = Path(args.out)
+    # a TOML basic string; ensure_ascii=False: JSON's surrogate pairs (\ud83d\ude80 for an emoji) are not TOML
     cfg = load_run_config(bundled_recipes()[RECIPE], [
-        f"--train.out_dir={json.dumps(str(out))}",
-        f"--data.dir={json.dumps(str(out / 'data'))}",
+        f"--train.out_dir={json.dumps(str(out), ensure_ascii=False)}",
+        f"--data.dir={json.dumps(str(out / 'data'), ensure_ascii=False)}",
         f"--train.max_minutes={args.minutes}",
         f"--train.max_steps={args.steps}",
         "--train.resume=auto",

@@ -1,5 +1,5 @@
 """`clusterlm finetune RECIPE [--section.key=value ...]`: `clusterlm train` for recipes with a
-[finetune] section (task sft or classify); the same loop, checkpoints, resume and launchers."""
+[finetune] section (task sft, classify or seq2seq); the same loop, checkpoints, resume and launchers."""
 
 from __future__ import annotations
 

@@ -657,16 +657,15 @@ class Trainer:
 
     def _log_plan(self) -> None:
         """The derived numbers, printed once (llm.c style)."""
-        from clusterlm.train.metrics import device_peak_flops, flops_per_token, mfu_devices
+        from clusterlm.train.metrics import device_peak_flops, flops_per_token, mfu_devices, peak_dtype
         from clusterlm.train.optim import schedule_warning
 
         tc, mcfg, device = self.tc, self.cfg.model, self.device
         # a masked-LM step runs the head and output layer at the corrupted positions only (data/mlm.py predicting)
         self.flops = flops_per_token(mcfg, tc.seq_len,
                                      self.cfg.finetune.mask_prob if self.cfg.finetune.task == "mlm" else 1.0)
-        peak_dtype = "bf16" if self.amp_dtype == torch.bfloat16 else "fp32"
-        self.peak, peak_source = device_peak_flops(device, peak_dtype,
-                                                   measured_peak=_probed_peak(tc.probe_spec, peak_dtype))
+        dtype = peak_dtype(self.amp_dtype)
+        self.peak, peak_source = device_peak_flops(device, dtype, measured_peak=_probed_peak(tc.probe_spec, dtype))
         if tc.probe_spec and self.peak is not None:
             peak_source = f"{tc.probe_spec}: {peak_source}"
         # MFU is against every device's peak: tokens/s counts all data-parallel ranks' tokens
@@ -1075,9 +1074,9 @@ def _task_line(record: dict[str, Any]) -> str:
 
 
 def main(argv: list[str], *, finetune: bool = False) -> int:
-    """`clusterlm train` (and `clusterlm finetune`, which needs a recipe with [finetune] task sft or classify)."""
+    """`clusterlm train` (and `clusterlm finetune`, which needs a recipe with a [finetune] task other than lm)."""
     overrides, rest = split_overrides(argv)
-    what = ("Fine-tune a base model from a recipe with a [finetune] section (task sft or classify; "
+    what = ("Fine-tune a base model from a recipe with a [finetune] section (task sft, classify or seq2seq; "
             "docs/finetune.md)" if finetune else "Train a model from a recipe")
     parser = argparse.ArgumentParser(
         prog="clusterlm finetune" if finetune else "clusterlm train",
@@ -1094,7 +1093,7 @@ def main(argv: list[str], *, finetune: bool = False) -> int:
     cfg = load_run_config(args.recipe, overrides)
     if finetune and cfg.finetune.task == "lm":
         raise ConfigError(f"clusterlm finetune: {args.recipe or 'the config'} has finetune.task = 'lm' (pre-training); "
-                          "set [finetune] task = 'sft' or 'classify' (and init_from = a base model), or use "
+                          "set [finetune] task = 'sft', 'classify' or 'seq2seq' (and init_from = a base model), or use "
                           "`clusterlm train`")
     from clusterlm.parallel.launch import read_env, record_exit_code, shutdown_distributed
 

@@ -94,6 +94,12 @@ def _tf32_matmuls() -> bool:
         return torch.get_float32_matmul_precision() != "highest"
 
 
+def peak_dtype(amp_dtype: torch.dtype | None) -> str:
+    """The peak a run's matmuls run at, by its autocast dtype (None = fp32): fp16 autocast is measured
+    against the fp16 peak, as the planner predicts it (against the fp32/TF32 peak a V100's MFU read 8x)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")
+
+
 def device_peak_flops(device: torch.device | str, dtype: str, *,
                       measured_peak: float | None = None) -> tuple[float | None, str]:
     """(dense peak FLOP/s or None, where it comes from) for `device` computing in `dtype`.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import re
 import statistics
 import sys
@@ -264,7 +265,7 @@ def _fmt(x: float | None, spec: str = ".4f") -> str:
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "n/a"
-    m, s = divmod(seconds, 60)
+    m, s = divmod(round(seconds, 1), 60)  # rounded first: 119.97 s printed as "1m 60.0s"
     h, m = divmod(int(m), 60)
     return f"{h}h {m:02d}m {s:04.1f}s" if h else f"{m}m {s:04.1f}s"
 
@@ -281,7 +282,7 @@ def _val_score_rows(scores: dict[str, dict[str, float | int]]) -> list[str]:
 def render_summary(run_dir: Path, s: dict[str, Any], plots: dict[str, Path]) -> str:
     mfu = "unknown (device peak not known)" if s["mfu_mean"] is None else f"{100 * s['mfu_mean']:.1f}%"
     lines = [
-        f"# Run summary: {run_dir.name}",
+        f"# Run summary: {Path(os.path.abspath(run_dir)).name}",  # `report .` inside the run: its folder's name
         "",
         "| | |",
         "|---|---|",
@@ -351,9 +352,9 @@ def _task_scores(run_dir: Path) -> dict[str, dict[str, Any]]:
         log.warning("%s is unreadable (%s); the report leaves out its task scores", path, e)
         return {}
     tasks = data.get("tasks", {}) if isinstance(data, dict) else None
-    if not isinstance(tasks, dict):
+    if not isinstance(tasks, dict) or not all(isinstance(m, dict) for m in tasks.values()):  # {task: {metric: x}}
         log.warning("%s is not the JSON `clusterlm eval --task ... --out` writes (an object with a \"tasks\" "
-                    "object); the report leaves out its task scores", path)
+                    "object of one object per task); the report leaves out its task scores", path)
         return {}
     return tasks
 

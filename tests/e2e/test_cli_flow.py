@@ -358,6 +358,23 @@ def test_quickstart_checks_its_options_first_and_samples_0_prints_none(tmp_path,
     assert "[5/5] samples: none (--samples 0)" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("name", ["qs \U0001f680", "caf\u00e9 \"x\" \\ y", "tab\there"])
+def test_quickstart_trains_in_the_out_folder_as_named(tmp_path, monkeypatch, name):
+    """--out with an emoji, quotes, a backslash or a tab is the run's out_dir as given, data/ inside it (an
+    emoji became the out_dir '"qs \\ud83d\\ude80"', quotes and escapes included: JSON's surrogate pair
+    is no TOML escape, so the override was read as a bare string)."""
+    from types import SimpleNamespace
+
+    import clusterlm.train.loop as loop
+    from clusterlm.quickstart import main
+
+    seen = []
+    monkeypatch.setattr(loop, "train", lambda cfg: seen.append(cfg) or SimpleNamespace(exit_code=75, reason="stop"))
+    out = tmp_path / name
+    assert main(["--out", str(out)]) == 75
+    assert (seen[0].train.out_dir, seen[0].data.dir) == (str(out), str(out / "data"))
+
+
 def test_eval_batch_size_below_1_is_refused_by_the_parser(tmp_path, capsys):
     """--batch-size 0 is refused as --max-batches 0 and --seq-len 0 are, before a checkpoint is read
     (it was refused only after loading the model and verifying the data's shards)."""

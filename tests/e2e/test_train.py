@@ -468,6 +468,26 @@ def test_mfu_uses_the_probed_peak(data_dir, tmp_path, caplog):
     assert all(r["mfu"] is None for r in recs if r["kind"] == "train")
 
 
+def test_mfu_of_fp16_autocast_is_against_the_fp16_peak(data_dir, tmp_path, monkeypatch):
+    """train.dtype=fp16 (a V100: 125 fp16 TFLOP/s, 15.7 fp32) is measured against the fp16 peak, as the
+    planner predicts it; it was measured against the fp32/TF32 peak (8x the MFU on a V100). fp16 autocast
+    needs CUDA, so this CPU run gets it from a patched autocast_dtype, and the peaks from a probe spec."""
+    import clusterlm.train.loop as loop
+    from clusterlm.train.metrics import flops_per_token
+
+    monkeypatch.setattr(loop, "autocast_dtype", lambda dtype, device, what="train.dtype": torch.float16)
+    spec = tmp_path / "node.toml"
+    spec.write_text('name = "n"\n[[node_types]]\nname = "n"\ncount = 1\n[node_types.device]\nname = "cpu"\n'
+                    'kind = "cpu"\ncount = 1\n[node_types.device.measured_tflops]\nfp32 = 0.0157\nfp16 = 0.125\n')
+    cfg = tiny_cfg(data_dir, tmp_path / "m", "--train.max_steps=2", f"--train.probe_spec={json.dumps(str(spec))}")
+    loop.train(cfg)
+    recs = [json.loads(x) for x in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    fpt = flops_per_token(cfg.model.with_vocab(json.loads((data_dir / "meta.json").read_text())["tokenizer"]
+                                               ["vocab_size"]), cfg.train.seq_len)["total"]
+    steps = [r for r in recs if r["kind"] == "train"]
+    assert steps and all(r["mfu"] == pytest.approx(r["tokens_per_s"] * fpt / 0.125e12) for r in steps)
+
+
 def test_report_pairs_the_plans_predictions_with_the_measured_figures(data_dir, tmp_path):
     """A run with a [plan] section (clusterlm plan --out) logs the planned step time and memory under the names
     of the fields they predict, so the report's predicted-vs-measured table has a measured column: the median

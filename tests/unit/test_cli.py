@@ -58,6 +58,18 @@ def test_every_command_has_help():
         assert not re.search(r"(,| or| and| to| of)$", desc), f"{name}: {desc!r}"
 
 
+def test_finetune_names_every_fine_tuning_task(capsys):
+    """`clusterlm finetune` runs seq2seq recipes too (docs/encdec.md: multi30k_enfr_encdec_cpu); its --help
+    and its refusal of a pre-training config said "task sft or classify" only."""
+    from clusterlm.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", "--help"])
+    assert e.value.code == 0 and "(task sft, classify or seq2seq;" in " ".join(capsys.readouterr().out.split())
+    assert main(["finetune", "--train.max_steps=1"]) == 2
+    assert "set [finetune] task = 'sft', 'classify' or 'seq2seq'" in capsys.readouterr().err
+
+
 def test_unknown_command_suggests():
     r = run("preapre")
     assert r.returncode == 2

@@ -176,6 +176,23 @@ def test_missing_recipe_file(tmp_path):
         load_run_config(tmp_path)
 
 
+def test_a_recipe_that_is_not_utf8_names_the_file(tmp_path):
+    """A recipe saved in another encoding (UTF-16, Latin-1) is a ConfigError naming the file and the byte;
+    it was "'utf-8' codec can't decode byte 0xff in position 0" with no file named."""
+    p = tmp_path / "latin1.toml"
+    p.write_bytes("[train]\nout_dir = 'runs/caf\xe9'\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.toml: not UTF-8 text \(byte 0xe9 at offset 27\)"):
+        load_run_config(p)
+
+
+def test_a_recipe_with_a_byte_order_mark_loads(tmp_path):
+    """A recipe saved by a Windows editor starts with a UTF-8 byte order mark; it reads as without one (as
+    task and SFT files do). It was "invalid TOML: Invalid statement (at line 1, column 1)"."""
+    p = tmp_path / "bom.toml"
+    p.write_bytes(b"\xef\xbb\xbf[train]\nmax_steps = 3\n")
+    assert load_run_config(p).train.max_steps == 3
+
+
 def test_config_show_cli(tmp_path):
     """`clusterlm config show RECIPE --k=v` prints TOML that resolves to the same config; errors exit 2."""
     p = write(tmp_path, "[train]\nmax_steps = 5\n")
@@ -280,6 +297,20 @@ def test_absurd_numbers_are_refused_with_the_key(override, fragment):
     with pytest.raises(ConfigError) as e:
         load_run_config(None, [override])
     assert fragment in str(e.value)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("--train.max_minutes=1" + "0" * 400, "train.max_minutes"),  # a float field: OverflowError, exit 1
+    ("--train.seed=18446744073709551616", "train.seed"),  # 2**64: torch's "Overflow when unpacking long long"
+    ("--model.vocab_size=-9223372036854775809", "model.vocab_size"),  # int | None: said "expected int | None"
+])
+def test_integers_past_64_bits_are_refused_with_the_key(override, key):
+    """TOML's integers are 64-bit (tomllib reads any length): one outside is a ConfigError naming the key
+    and the range; 2**63 - 1 itself is a value."""
+    with pytest.raises(ConfigError, match=rf"^{key}=-?1?\d+ is outside the 64-bit integer range TOML allows "
+                                          r"\(-9223372036854775808 \.\. 9223372036854775807\)$"):
+        load_run_config(None, [override])
+    assert load_run_config(None, ["--train.seed=9223372036854775807"]).train.seed == 2**63 - 1
 
 
 def test_eval_section(tmp_path):

@@ -89,6 +89,16 @@ def test_device_peak_cuda_lookup(monkeypatch):
     assert peak is None and "Some Future GPU" in source
 
 
+def test_peak_dtype_follows_the_autocast_dtype(monkeypatch):
+    """The peak MFU divides by is the compute dtype's: fp16 autocast on a V100 is against its 125 fp16
+    TFLOP/s (it was against 15.7 fp32: 8x the MFU), bf16 against bf16, no autocast against fp32."""
+    from clusterlm.train.metrics import peak_dtype
+
+    assert [peak_dtype(d) for d in (torch.float16, torch.bfloat16, None)] == ["fp16", "bf16", "fp32"]
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    assert device_peak_flops("cuda", peak_dtype(torch.float16))[0] == pytest.approx(125e12)
+
+
 def test_tf32_flag_follows_matmul_precision():
     """_tf32_matmuls is True after set_float32_matmul_precision("high"), False after "highest"."""
     saved = torch.get_float32_matmul_precision()

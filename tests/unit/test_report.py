@@ -81,6 +81,27 @@ def test_write_report_files(tmp_path):
     assert "![loss_vs_step](plots/loss_vs_step.png)" in md
 
 
+def test_a_run_named_as_dot_is_titled_with_its_folder(tmp_path, monkeypatch):
+    """`clusterlm report .` inside the run folder (or `..` from its plots/) titles summary.md with the
+    folder's name; it printed "# Run summary: " (and "# Run summary: ..")."""
+    run = tmp_path / "my run"
+    _write_run(run)
+    monkeypatch.chdir(run)
+    assert write_report(".")["summary"].read_text().startswith("# Run summary: my run\n")
+    monkeypatch.chdir(run / "plots")
+    md = write_report("..")["summary"].read_text()
+    assert md.startswith("# Run summary: my run\n") and "![loss_vs_step](plots/loss_vs_step.png)" in md
+
+
+def test_durations_round_into_the_next_minute():
+    """Wall times in summary.md read as a clock does: 119.97 s is 2m 00.0s (it printed "1m 60.0s", and
+    3599.96 s "59m 60.0s")."""
+    from clusterlm.train.report import _duration
+
+    assert [_duration(x) for x in (0.04, 59.94, 59.96, 119.97, 3599.96, 3659.99, 7384.5)] == [
+        "0m 00.0s", "0m 59.9s", "1m 00.0s", "2m 00.0s", "1h 00m 00.0s", "1h 01m 00.0s", "2h 03m 04.5s"]
+
+
 def test_unknown_mfu_and_cli(tmp_path, capsys):
     """Without a known peak the summary says MFU is unknown; `clusterlm report` prints the summary."""
     _write_run(tmp_path, with_mfu=False)
@@ -194,6 +215,7 @@ def test_classifier_val_accuracy_and_macro_f1_in_summary_and_plot(tmp_path):
     (b"\xff\xfe not utf-8", "is unreadable ("),
     ('["not", "an", "object"]', "is not the JSON `clusterlm eval --task ... --out` writes"),
     ('{"tasks": [1, 2]}', "is not the JSON `clusterlm eval --task ... --out` writes"),
+    ('{"tasks": {"t": 5}}', "is not the JSON `clusterlm eval --task ... --out` writes"),  # was AttributeError, exit 1
 ])
 def test_a_corrupt_task_scores_file_is_named_and_the_report_goes_on(tmp_path, caplog, content, fragment):
     """A task_scores.json that does not parse (a truncated write), is not UTF-8 or is not eval's shape
