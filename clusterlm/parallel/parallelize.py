@@ -131,24 +131,27 @@ class ParallelModel:
         return contextlib.nullcontext()
 
     def forward_backward(self, x: torch.Tensor | tuple[torch.Tensor, ...], y: torch.Tensor, *, accum: int = 1, sync: bool = True,
-                         autocast=contextlib.nullcontext) -> torch.Tensor:
+                         autocast=contextlib.nullcontext, loss_scale: float = 1.0) -> torch.Tensor:
         """Forward + backward of one micro-batch with loss/accum; returns the detached loss/accum on
-        ranks that own a loss (last stage, tp rank 0), zeros elsewhere."""
+        ranks that own a loss (last stage, tp rank 0), zeros elsewhere. `loss_scale`: backward runs
+        on loss * loss_scale (fp16's dynamic loss scaling, train/amp.py); the returned loss is unscaled."""
         with self._sync_context(sync):
             if self.schedule is not None:
                 losses: list[torch.Tensor] = []
                 n_mb = schedule_microbatches(self.schedule)
-                set_schedule_loss_fn(self.schedule, lambda logits, tgt: self.loss_fn(logits, tgt) / (accum * n_mb))
+                set_schedule_loss_fn(self.schedule,
+                                     lambda logits, tgt: self.loss_fn(logits, tgt) / (accum * n_mb) * loss_scale)
                 with autocast():
                     self._run_schedule(self.schedule.step, x, y, losses)
-                loss = torch.stack(losses).sum().detach() if losses else torch.zeros((), device=x.device)
+                loss = (torch.stack(losses).sum().detach() / loss_scale if losses
+                        else torch.zeros((), device=x.device))
             else:
                 with autocast():
                     # a tuple is several model inputs: an encdec model's (source, source mask, target input)
                     logits = self.wrapped(*x) if isinstance(x, tuple) else self.wrapped(x)
                 with self.loss_context():
                     loss = self.loss_fn(logits, y) / accum
-                    loss.backward()
+                    (loss * loss_scale if loss_scale != 1.0 else loss).backward()
                 loss = loss.detach()
                 if isinstance(loss, DTensor):
                     loss = loss.full_tensor()
@@ -207,6 +210,16 @@ class ParallelModel:
         return value / self.coords.dims.dp
 
     @torch.no_grad()
+    @torch.no_grad()
+    def unscale_grads_(self, loss_scale: float) -> None:
+        """Divide every gradient by `loss_scale` (after a backward on the scaled loss; each rank its
+        own shards and stage)."""
+        if loss_scale == 1.0:
+            return
+        for p in self.module.parameters():
+            if p.grad is not None:
+                p.grad.mul_(1.0 / loss_scale)
+
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Clip all gradients to a global L2 norm of max_norm (0 or inf: no clipping); returns the
         norm before clipping. Same formula as torch.nn.utils.clip_grad_norm_ (coef =

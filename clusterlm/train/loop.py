@@ -402,6 +402,7 @@ class Trainer:
         keys = ("lr_scale", "unfreeze_at", "weight_decay", "betas", "eps")
         mine = [{k: g[k] for k in keys if k in g} for g in self.optimizer.param_groups]
         self.state = self.checkpointer.load_into(self.model, self.optimizer, self.loader)
+        self._start_loss_scale()
         changed = sorted({k for group, own in zip(self.optimizer.param_groups, mine) for k in own
                           if k in group and _as_tuple(group[k]) != _as_tuple(own[k])})
         if changed and self.state.step:
@@ -448,6 +449,19 @@ class Trainer:
         self.last_ckpt: Path | None = None
 
     # ---- set-up helpers --------------------------------------------------------------------------
+    def _start_loss_scale(self) -> None:
+        """fp16 autocast scales the loss (train/amp.py): from 2^16 in a fresh run (or one resumed from a
+        run that did not scale), from the checkpoint's scale in a resumed one; other dtypes do not."""
+        from clusterlm.train.amp import LossScale
+
+        state = self.state
+        if self.amp_dtype != torch.float16:
+            state.loss_scale, state.loss_scale_streak = None, 0
+        elif state.loss_scale is None:
+            start = LossScale.start()
+            state.loss_scale, state.loss_scale_streak = start.scale, start.streak
+            log.info("fp16 autocast: dynamic loss scaling from %g (docs/training.md)", start.scale)
+
     def _resumed_reason(self) -> str | None:
         """Why the checkpoint this run resumed from was saved ("periodic", "final", "preempted", ...)."""
         from clusterlm.checkpoint.store import read_info
@@ -779,6 +793,7 @@ class Trainer:
     def train_step(self) -> tuple[float, float, float]:
         """One optimizer step over `accum` micro-batches; returns (loss, grad norm, lr), global over
         ranks. A non-finite loss or gradient skips the optimizer step (counted in the RunState)."""
+        from clusterlm.train.amp import LossScale
         from clusterlm.train.optim import lr_at, set_lr
 
         tc, state, opt, pm = self.tc, self.state, self.optimizer, self.pm
@@ -792,22 +807,36 @@ class Trainer:
             pm.loss_fn.scale = self.accum * self.dims.dp / (total if total > 0 else 1.0)
         if self.padded:
             self.step_tokens = self.step_positions(batches)
+        scale = LossScale(state.loss_scale, state.loss_scale_streak) if state.loss_scale is not None else None
         for i, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             # gradients are reduced across data-parallel ranks on the last micro-batch only
-            loss_sum += pm.forward_backward(x, y, accum=self.accum, sync=i == self.accum - 1, autocast=self.autocast)
+            loss_sum += pm.forward_backward(x, y, accum=self.accum, sync=i == self.accum - 1, autocast=self.autocast,
+                                            loss_scale=scale.scale if scale is not None else 1.0)
         loss = float(pm.mean_over_dp(loss_sum))  # one host sync per step: NaN check and log
-        grad_norm = pm.clip_grad_norm_(tc.grad_clip)
+        if scale is not None:
+            pm.unscale_grads_(scale.scale)
+        grad_norm = pm.clip_grad_norm_(tc.grad_clip)  # global: every rank skips (or not) alike
         if math.isfinite(loss) and math.isfinite(grad_norm):
             opt.step()
-            self.ema.update(state.step - state.bad_steps_total)  # steps taken before this one
+            self.ema.update(state.step - state.bad_steps_total - state.overflow_steps)  # steps taken before this one
             state.bad_streak = 0
             self.last_loss = loss
+            if scale is not None:
+                scale = scale.finite()
+        elif scale is not None and math.isfinite(loss) and scale.can_back_off:
+            # fp16 overflow of the scaled gradients: skip the step, halve the scale (not a bad step)
+            state.overflow_steps += 1
+            scale = scale.overflowed()
+            log.info("step %d: fp16 gradients overflowed at loss scale %g: step skipped, scale now %g",
+                     state.step + 1, state.loss_scale, scale.scale)
         else:
             state.bad_steps_total += 1
             state.bad_streak += 1
             log.warning("step %d: loss=%s grad_norm=%s is not finite: optimizer step skipped (%d in a row, "
                         "limit %d)", state.step + 1, loss, grad_norm, state.bad_streak, tc.max_bad_steps)
+        if scale is not None:
+            state.loss_scale, state.loss_scale_streak = scale.scale, scale.streak
         opt.zero_grad(set_to_none=True)
         state.step += 1
         state.tokens_seen += self.step_tokens
@@ -832,6 +861,7 @@ class Trainer:
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         record = {"kind": "train", "step": state.step, "tokens": state.tokens_seen, "loss": loss, "lr": lr,
                   "grad_norm": grad_norm, "skipped": not finite, "step_time_s": dt, "tokens_per_s": tps,
+                  **({"loss_scale": state.loss_scale} if state.loss_scale is not None else {}),
                   "mfu": mfu(tps, self.flops["total"], self.peak and self.peak * self.mfu_devices)}
         # [plan]'s figures, named predicted_X after the measured field X the report pairs them with
         # (predicted_step_s and predicted_memory_bytes matched no field: the report's measured column was empty)

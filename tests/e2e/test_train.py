@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -486,6 +487,45 @@ def test_mfu_of_fp16_autocast_is_against_the_fp16_peak(data_dir, tmp_path, monke
                                                ["vocab_size"]), cfg.train.seq_len)["total"]
     steps = [r for r in recs if r["kind"] == "train"]
     assert steps and all(r["mfu"] == pytest.approx(r["tokens_per_s"] * fpt / 0.125e12) for r in steps)
+
+
+def test_fp16_scales_the_loss_backs_off_on_overflow_and_resumes_with_its_scale(data_dir, tmp_path, monkeypatch):
+    """train.dtype=fp16 trains with dynamic loss scaling (train/amp.py; fp16 autocast on CPU from a
+    patched autocast_dtype, as above). Started at 2^28 the scaled gradients overflow fp16: each such
+    step is skipped and halves the scale, and none counts as a bad step (there are more of them in a
+    row than max_bad_steps=5 allows); then the run trains. The scale is in the checkpoint: 6 steps
+    straight equal 3 + a resume to 6, scales included. Before, fp16 trained unscaled (no GradScaler)."""
+    import clusterlm.train.amp as amp
+    import clusterlm.train.loop as loop
+
+    monkeypatch.setattr(loop, "autocast_dtype", lambda dtype, device, what="train.dtype": torch.float16)
+    monkeypatch.setattr(amp, "INIT_SCALE", 2.0**28)
+
+    def run(out: Path, *extra: str):
+        return loop.train(tiny_cfg(data_dir, out, "--optim.decay_steps=20", "--train.max_steps=14", *extra))
+
+    def steps(out: Path) -> list[dict]:
+        recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in recs if r["kind"] == "train"]
+
+    straight = run(tmp_path / "a")
+    assert straight.exit_code == 0 and straight.step == 14
+    recs = steps(tmp_path / "a")
+    skipped = [r["step"] for r in recs if r["skipped"]]
+    assert skipped[:6] == [1, 2, 3, 4, 5, 6] and len(recs) - len(skipped) >= 3  # overflows first, then it trains
+    scale = 2.0**28
+    for r in recs:  # each overflow halves the scale (logged after the step); a finite step keeps it
+        scale = scale / 2 if r["skipped"] else scale
+        assert r["loss_scale"] == scale and (r["skipped"] or math.isfinite(r["grad_norm"]))
+    state = json.loads(next((tmp_path / "a" / "checkpoints").glob("step-*/train_state.json")).read_text())["run"]
+    assert state["overflow_steps"] == len(skipped) and state["bad_steps_total"] == 0
+
+    first = run(tmp_path / "b", "--train.max_steps=10")
+    assert first.step == 10
+    resumed = run(tmp_path / "b", "--train.resume=auto")
+    assert resumed.step == 14
+    a, b = steps(tmp_path / "a"), steps(tmp_path / "b")
+    assert [(r["loss"], r["loss_scale"]) for r in a] == [(r["loss"], r["loss_scale"]) for r in b]
 
 
 def test_report_pairs_the_plans_predictions_with_the_measured_figures(data_dir, tmp_path):
