@@ -116,6 +116,21 @@ def _open_text(path: Path) -> IO[str]:
     return open(path, encoding="utf-8-sig", newline="")
 
 
+def _bad_utf8_line(path: Path) -> int:
+    """The 1-based line (split as _open_text splits: at \\n, \\r\\n or \\r) of the first bytes that are not
+    UTF-8; 0 if none is found."""
+    n = 0
+    with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as f:
+        for raw in f:  # \n and \r never occur inside a UTF-8 sequence, so a line decodes on its own
+            for part in raw.splitlines() or [b""]:
+                n += 1
+                try:
+                    part.decode("utf-8")
+                except UnicodeDecodeError:
+                    return n
+    return 0
+
+
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """(1-based line number, line without its line end) of a text file, plain or .gz."""
     n = 0
@@ -123,8 +138,10 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
         with _open_text(path) as f:
             for n, line in enumerate(f, start=1):
                 yield n, line.rstrip("\r\n")
-    except UnicodeDecodeError as e:  # decoded a block at a time: the bad byte is at or after line n + 1
-        raise DataError(f"{path}: not valid UTF-8 after line {n} ({e.reason}); task files are UTF-8") from None
+    except UnicodeDecodeError as e:  # decoded a block at a time: n is not the bad line, find it in the bytes
+        bad = _bad_utf8_line(path)
+        where = f"{path}:{bad}" if bad else f"{path}"
+        raise DataError(f"{where}: not valid UTF-8 ({e.reason}); task files are UTF-8") from None
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f"{path}: corrupt or truncated gzip file after line {n} ({e})") from None
 

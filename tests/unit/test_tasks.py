@@ -269,8 +269,20 @@ def test_corrupt_gzip_and_bad_utf8(tmp_path):
         load_task(cut)
     latin = tmp_path / "latin.tsv"
     latin.write_bytes("sentence\tlabel\ncaf\xe9\t1\n".encode("latin-1"))
-    with pytest.raises(DataError, match=r"latin\.tsv: not valid UTF-8"):
+    with pytest.raises(DataError, match=r"latin\.tsv:2: not valid UTF-8"):
         load_task(latin)
+    # the line of the bad byte, not of the last line decoded before it (the file is decoded in blocks:
+    # this said "after line 0" for a byte on line 3); lines end at \n, \r\n or \r as they are read
+    bad = "".join(f'{{"text": "fine {i}", "label": "a"}}\r\n' for i in range(300)) + '{"text": "caf\xe9", "label": "a"}\n'
+    (tmp_path / "bad.jsonl").write_bytes(bad.encode("latin-1"))
+    with pytest.raises(DataError, match=r"bad\.jsonl:301: not valid UTF-8"):
+        load_task(tmp_path / "bad.jsonl")
+    _gzip_copy(tmp_path / "bad.jsonl", tmp_path / "bad.jsonl.gz")
+    with pytest.raises(DataError, match=r"bad\.jsonl\.gz:301: not valid UTF-8"):
+        load_task(tmp_path / "bad.jsonl.gz")
+    (tmp_path / "cr.jsonl").write_bytes(b'{"text": "a", "label": "a"}\r{"text": "caf\xe9", "label": "a"}\n')
+    with pytest.raises(DataError, match=r"cr\.jsonl:2: not valid UTF-8"):
+        load_task(tmp_path / "cr.jsonl")
 
 
 @pytest.mark.parametrize("gz", [False, True])
