@@ -135,7 +135,12 @@ def _labels_arg(text: str) -> list[str] | dict[str, str]:
     if bad:
         raise ValueError(f"--labels={text!r}: {bad[0]!r} is not RAW=NAME; give the label set (negative,positive) or "
                          "every label renamed (0=negative,1=positive)")
-    return dict(x.split("=") for x in items)
+    pairs = [x.split("=") for x in items]
+    raws = [raw.strip() for raw, _ in pairs]
+    repeated = next((r for r in raws if raws.count(r) > 1), None)
+    if repeated is not None:  # a dict kept the last name given and dropped the other without a word
+        raise ValueError(f"--labels={text!r} renames {repeated!r} twice; give each raw label one name")
+    return dict(pairs)
 
 
 def evaluate_tasks(ckpt: str, tasks: list[str], *, limit: int | None = None, batch_size: int = 16,

@@ -117,6 +117,21 @@ def test_too_long_inputs_are_refused_or_truncated(run, tmp_path, capsys):
     assert res["tasks"]["long"]["n"] == 2
 
 
+def test_labels_renaming_one_raw_label_twice_is_refused(tmp_path, capsys):
+    """`--labels 0=negative,1=positive,0=neutral`: exit 2 naming the repeated raw label. Before, the
+    renaming was a dict that kept the last name, so class 'negative' vanished without a word and the
+    scores were of the labels neutral/positive."""
+    from tests.helpers import byte_llama_checkpoint
+
+    ckpt, _ = byte_llama_checkpoint(tmp_path)
+    tsv = tmp_path / "dev.tsv"
+    tsv.write_text("sentence\tlabel\nit is good\t1\nit is bad\t0\n")
+    capsys.readouterr()
+    assert cli(["eval", str(ckpt), "--task", str(tsv), "--labels", "0=negative,1=positive, 0=neutral"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "renames '0' twice" in err[0], err
+
+
 def test_unknown_task_name_lists_the_bundled_ones(run, capsys):
     capsys.readouterr()
     assert cli(["eval", str(run), "--task", "no_such_task"]) == 2
