@@ -301,7 +301,7 @@ def _refuse_outputs_over_inputs(args: argparse.Namespace) -> None:
     """--out or --samples naming a --task file (it was overwritten with the scores), each other (one
     file held whichever was written last), a file of the --data directory, or a path in a run's
     checkpoints folder: a ValueError naming the option."""
-    from clusterlm.eval.harness import builtin_tasks
+    from clusterlm.eval.harness import builtin_tasks, task_paths
 
     def same(a: str, b: str) -> bool:
         pa, pb = Path(a), Path(b)
@@ -312,7 +312,7 @@ def _refuse_outputs_over_inputs(args: argparse.Namespace) -> None:
         except OSError:
             return False
 
-    inputs = [("--task", f) for spec in args.task if spec not in builtin_tasks() for f in spec.split(",")]
+    inputs = [("--task", f) for spec in args.task if spec not in builtin_tasks() for f in task_paths(spec)]
     for flag, out in (("--out", args.out), ("--samples", args.samples)):
         for what, path in inputs + ([("--samples", args.samples)] if flag == "--out" and args.samples else []):
             if out and same(out, path):

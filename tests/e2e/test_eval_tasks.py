@@ -132,6 +132,25 @@ def test_labels_renaming_one_raw_label_twice_is_refused(tmp_path, capsys):
     assert len(err) == 1 and "renames '0' twice" in err[0], err
 
 
+def test_a_task_file_with_a_comma_in_its_name_and_three_files(tmp_path, capsys):
+    """A task file named 'a,b.jsonl' is read (load_task reads it), and --out naming it is refused; before,
+    --task split it into the files 'a' and 'b.jsonl' ("no such file") and --out overwrote it. Three
+    comma-separated files are refused naming the count; before, the first one's extension was blamed."""
+    from tests.helpers import byte_llama_checkpoint
+
+    ckpt, _ = byte_llama_checkpoint(tmp_path)
+    task = _write(tmp_path / "a,b.jsonl", [{"context": "x", "choices": ["y", "z"], "gold": 0}])
+    assert _eval(capsys, str(ckpt), "--task", str(task))["tasks"]["a,b"]["n"] == 1
+    assert cli(["eval", str(ckpt), "--task", str(task), "--out", str(task)]) == 2
+    assert "it would be overwritten" in capsys.readouterr().err
+    for lang in ("en", "fr", "de"):
+        (tmp_path / f"t.{lang}").write_text("a\n")
+    three = ",".join(str(tmp_path / f"t.{lang}") for lang in ("en", "fr", "de"))
+    assert cli(["eval", str(ckpt), "--task", three]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "names 3 files; a parallel pair is two" in err[0], err
+
+
 def test_unknown_task_name_lists_the_bundled_ones(run, capsys):
     capsys.readouterr()
     assert cli(["eval", str(run), "--task", "no_such_task"]) == 2
