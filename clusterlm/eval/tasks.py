@@ -479,6 +479,10 @@ def load_parallel(source: PathLike, target: PathLike, *, template: str = PARALLE
     _check_limit(limit)
     check_template(template)
     src, tgt = Path(source), Path(target)
+    for side in (src, tgt):  # "a.jsonl,b.jsonl" read as a pair scored each JSON line as a sentence to translate
+        if side.name.endswith(JSONL_SUFFIXES + TSV_SUFFIXES):
+            raise DataError(f"{src},{tgt}: {side} is a task file, not a parallel text file (one sentence a line, "
+                            f"e.g. test.en,test.fr); give each task file as a task of its own (--task FILE)")
     src_lang, tgt_lang = _lang(src), _lang(tgt)
     if src_lang == tgt_lang and ("{src_lang}" in template or "{tgt_lang}" in template):
         log.warning("%s / %s: both files give the language tag %r (the last part of the file name), so the prompt "

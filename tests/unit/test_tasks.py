@@ -89,6 +89,16 @@ def test_parallel_files_with_one_language_tag_warn(tmp_path, caplog):
     assert not [r for r in caplog.records if "language tag" in r.getMessage()], caplog.text
 
 
+def test_task_files_given_as_a_parallel_pair_are_refused(tmp_path):
+    """"qa.jsonl,dev.tsv" (two tasks, written as --lm-eval lists its tasks) was read as a parallel pair:
+    each JSON line a sentence to translate, the TSV's lines its references, tags 'jsonl' and 'tsv'."""
+    qa = _write(tmp_path / "qa.jsonl", [{"prompt": "a", "references": "b"}, {"prompt": "c", "references": "d"}])
+    dev = _write(tmp_path / "dev.tsv", ["sentence\tlabel", "x\t1"])
+    for spec in (f"{qa},{dev}", (qa, dev), (FIXTURES / "news.en", qa)):
+        with pytest.raises(DataError, match=r"\.jsonl is a task file, not a parallel text file"):
+            load_task(spec)
+
+
 def test_parallel_files_of_different_lengths(tmp_path):
     """Both line counts are named, also when limit would have stopped reading early."""
     src = _write(tmp_path / "a.en", ["one", "two", "three"])
