@@ -275,6 +275,14 @@ def _infer_kind(rec: dict, fields: Mapping[str, str], where: str) -> str:
                     f"{{\"kind\": ...}} or kind= one of {', '.join(KINDS)} (docs/tasks.md)")
 
 
+def _kind_of(rec: dict, fields: Mapping[str, str]) -> str | None:
+    """The kind a record's fields suggest (_infer_kind), None when they suggest none."""
+    try:
+        return _infer_kind(rec, fields, "")
+    except DataError:
+        return None
+
+
 def _label_set(labels: Sequence[str] | Mapping[str, str] | None, where: str) -> dict[str, str] | None:
     """raw label -> label name, in label-set order; None when the set is to be taken from the data."""
     if labels is None:
@@ -333,7 +341,7 @@ def _build(path: Path, records: Iterator[tuple[int, dict]], kind: str | None, na
            labels: Sequence[str] | Mapping[str, str] | None, fields: Mapping[str, str],
            limit: int | None, header_ok: bool) -> Task:
     examples: list[Example] = []
-    first, rename = True, None
+    first, rename, inferred_at = True, None, None  # inferred_at: the line whose fields gave the kind
     example_fields = set(EXAMPLE_FIELDS) | set(fields.values())
     for n, rec in records:
         where = f"{path}:{n}"
@@ -369,16 +377,25 @@ def _build(path: Path, records: Iterator[tuple[int, dict]], kind: str | None, na
                 raise DataError(f"{where}: kind={rec['kind']!r} but the task is {kind!r} (one kind per task file)")
             kind = rec["kind"]
         if kind is None:
-            kind = _infer_kind(rec, fields, where)
+            kind, inferred_at = _infer_kind(rec, fields, where), n
         if kind == "classify" and rename is None and labels is not None:  # the header is read by now
             rename = _label_set(labels, str(path))
         r = _Record(rec, where, kind, fields)
-        if kind == "generate":
-            examples.append(_generate_example(r, n))
-        elif kind == "classify":
-            examples.append(_classify_example(r, n, rename))
-        else:
-            examples.append(_choice_example(r, n))
+        try:
+            if kind == "generate":
+                examples.append(_generate_example(r, n))
+            elif kind == "classify":
+                examples.append(_classify_example(r, n, rename))
+            else:
+                examples.append(_choice_example(r, n))
+        except DataError as e:
+            # a record of another kind in a task whose kind came from an earlier record's fields: said so,
+            # not as a field this record lacks ("the generate record has no field 'prompt'")
+            other = _kind_of(rec, fields) if inferred_at not in (None, n) else None
+            if other is None or other == kind:
+                raise
+            raise DataError(f"{where}: a {other} record (fields {', '.join(rec)}) in a {kind} task (the kind read "
+                            f"from line {inferred_at}'s fields); one kind per task file") from e
     if not examples:
         raise DataError(f"{path}: empty task file: no examples (docs/tasks.md shows the format)")
     task_labels = None

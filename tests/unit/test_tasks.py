@@ -166,6 +166,13 @@ def test_kind_on_each_record(tmp_path):
     _fails(tmp_path, [rec, {"kind": "generate", "prompt": "p", "references": "r"}],
            r":2: kind='generate' but the task is 'choice'")
     _fails(tmp_path, [{"kind": "classify", "lables": ["a", "b"]}], r":1: header record has unknown keys \['lables'\]")
+    # without any "kind", the first record's fields give it; a record of another kind is named as such.
+    # Before: "the generate record has no field 'prompt'", as if a generate record had lost a field
+    gen, choice = {"prompt": "p", "references": "r"}, {"context": "c", "choices": ["a", "b"], "gold": 0}
+    _fails(tmp_path, [gen, choice], r":2: a choice record \(fields context, choices, gold\) in a generate task "
+                                    r"\(the kind read from line 1's fields\); one kind per task file")
+    _fails(tmp_path, [{"text": "t", "label": "a"}, gen], r":2: a generate record .* in a classify task")
+    _fails(tmp_path, [gen, {"prompt": "p"}], r":2: the generate record has no field 'references'")  # same kind
 
 
 # ------------------------------------------------------------------------------------------------
