@@ -255,7 +255,8 @@ def _choice_example(r: _Record, line: int) -> ChoiceExample:
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
         raise r.fail("choices", f"must be a list of at least two non-empty strings, got {choices!r:.80}")
     gold = r.get("gold", f"'gold': the index of the right choice, 0 to {len(choices) - 1}")
-    if isinstance(gold, str) and gold.strip().isdigit():  # datasets that store the index as text ("2")
+    # datasets that store the index as text ("2"); isdecimal, not isdigit: "²" is a digit that int() refuses
+    if isinstance(gold, str) and gold.strip().isdecimal():
         gold = int(gold)
     if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
         raise r.fail("gold", f"is {gold!r}, out of range: it must be an integer index into 'choices', "

@@ -247,6 +247,10 @@ def test_gold_index_out_of_range(tmp_path):
     _fails(tmp_path, [{"context": "c", "choices": ["a", "b", "c"], "gold": 3}],
            r":1: field 'gold' is 3, out of range: .* 0 to 2")
     _fails(tmp_path, [{"context": "c", "choices": ["a", "b"], "gold": True}], r":1: field 'gold' is True")
+    # "²" passed str.isdigit and int() raised a bare "invalid literal for int()" with no file or line
+    _fails(tmp_path, [{"context": "c", "choices": ["a", "b"], "gold": "\u00b2"}], r":1: field 'gold' is '\u00b2', out")
+    text_gold = _write(tmp_path / "g.jsonl", [{"context": "c", "choices": ["a", "b"], "gold": " 1"}])
+    assert load_task(text_gold).examples[0].gold == 1
     _fails(tmp_path, [{"context": "c", "choices": ["a"], "gold": 0}], r"'choices' must be a list of at least two")
 
 
