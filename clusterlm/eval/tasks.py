@@ -460,6 +460,12 @@ def load_tsv(path: PathLike, *, kind: str = "classify", name: str | None = None,
         want = fields["references"] if "references" in given else "references' or 'completion"
         raise DataError(f"{path}:1: the header has no column '{want}' (the response of a generate task or an "
                         f"SFT pair; fields= renames); columns: {', '.join(columns)}")
+    read = {"generate": ("prompt", "messages", "references"), "classify": ("text", "label"),
+            "choice": ("context", "choices", "gold")}[kind]
+    repeated = sorted({fields.get(f, f) for f in read if columns.count(fields.get(f, f)) > 1})
+    if repeated:  # dict(zip(columns, cells)) kept the last column of a name and read it without a word
+        raise DataError(f"{path}:1: the header names column {repeated[0]!r} {columns.count(repeated[0])} times; the "
+                        f"columns read must have one name each (fields= picks others); columns: {', '.join(columns)}")
     if kind == "classify":
         for ours in ("text", "label"):
             if fields.get(ours, ours) not in columns:

@@ -275,6 +275,11 @@ def test_other_bad_records(tmp_path):
         load_task(tsv)
     with pytest.raises(DataError, match=r"test\.tsv:1: the header has no column 'label'.*columns: index, sentence"):
         load_task(_write(tmp_path / "test.tsv", ["index\tsentence", "0\thello"]))
+    # a column read named twice: the last one was read without a word (here every label 0, accuracy of a wrong file)
+    with pytest.raises(DataError, match=r"two\.tsv:1: the header names column 'label' 2 times"):
+        load_task(_write(tmp_path / "two.tsv", ["sentence\tlabel\tlabel", "x\t1\t0", "y\t0\t0"]))
+    ok = load_task(_write(tmp_path / "extra.tsv", ["sentence\tlabel\tid\tid", "x\t1\ta\tb"]))  # not read: fine
+    assert [(e.text, e.label) for e in ok.examples] == [("x", "1")]
     with pytest.raises(DataError, match="unsupported file"):
         load_task(tmp_path / "x.csv")
     with pytest.raises(ValueError, match="limit=0"):
