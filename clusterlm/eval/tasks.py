@@ -156,7 +156,18 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
             raise DataError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(rec, dict):
             raise DataError(f"{path}:{n}: a record must be a JSON object, got {type(rec).__name__}")
+        if "\\u" in line:  # JSON reads an unpaired surrogate escape ("\ud800"), which no UTF-8 text holds:
+            _check_surrogates(rec, f"{path}:{n}")  # the --samples file failed to write, after the whole run
         yield n, rec
+
+
+def _check_surrogates(rec: dict, where: str) -> None:
+    for key, value in rec.items():
+        try:
+            json.dumps({key: value}, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"{where}: field {key!r} has an unpaired surrogate escape ({e.object[e.start]!r}); "
+                            "\\uD800-\\uDFFF escapes must come in pairs (task files are Unicode text)") from None
 
 
 def _tsv_records(path: Path) -> tuple[list[str], Iterator[tuple[int, dict]]]:

@@ -258,6 +258,12 @@ def test_other_bad_records(tmp_path):
     """Invalid JSON, a non-object, prompt and messages both, a bad role, a bad header, a TSV row with the
     wrong number of cells or a missing column: each one line with its place."""
     _fails(tmp_path, [{"prompt": "p", "references": "r"}, "{not json"], r":2: invalid JSON")
+    # an unpaired surrogate escape: the run scored it, then writing --samples raised UnicodeEncodeError
+    # (no file, no line, the scores lost); a pair (an emoji written as two escapes) is text
+    _fails(tmp_path, [{"prompt": "p", "references": "r"}, '{"prompt": "a \\ud800", "references": "r"}'],
+           r":2: field 'prompt' has an unpaired surrogate escape \('\\ud800'\)")
+    emoji = _write(tmp_path / "e.jsonl", ['{"prompt": "\\ud83d\\ude00", "references": "r"}'])
+    assert load_task(emoji).examples[0].prompt == "\U0001F600"
     _fails(tmp_path, [[1, 2]], r":1: a record must be a JSON object, got list")
     _fails(tmp_path, [{"prompt": "p", "messages": [], "references": "r"}], r":1: .*both 'prompt' and 'messages'")
     _fails(tmp_path, [{"messages": [{"role": "robot", "content": "x"}], "references": "r"}],
