@@ -152,8 +152,8 @@ def evaluate_tasks(ckpt: str, tasks: list[str], *, limit: int | None = None, bat
     when given."""
     from clusterlm.checkpoint.model_io import load_for_inference
     from clusterlm.device import resolve_device
-    from clusterlm.eval.harness import (DecodeOptions, check_model_kind, model_labels, resolve_task, run_task,
-                                        task_requests)
+    from clusterlm.eval.harness import (DecodeOptions, check_fits, check_model_kind, model_labels, resolve_task,
+                                        run_task, task_requests)
 
     decode = decode or DecodeOptions()
     loaded_tasks = [resolve_task(t, limit=limit, **({"labels": labels} if labels else {})) for t in tasks]
@@ -184,6 +184,12 @@ def evaluate_tasks(ckpt: str, tasks: list[str], *, limit: int | None = None, bat
     loaded = load_for_inference(ckpt, device=resolve_device(device, "--device"))
     for task in loaded_tasks:  # a classifier answers classify tasks with its labels: refused before any scoring
         check_model_kind(loaded.model, task_requests(task, decode, model_labels(loaded.model)), f"task {task.name!r}")
+    from clusterlm.generate.engine import context_length
+
+    for task in loaded_tasks:  # inputs too long for the context, named by task before any is scored (a later
+        # task's refusal came after the earlier ones had run, and did not say which task it was)
+        check_fits(task, loaded.tokenizer, context_length(loaded.model), decode, truncate,
+                   labels=model_labels(loaded.model), chat_template=loaded.chat_template)
     if decode.num_beams == 1:  # after every refusal: a note, then the scores
         from clusterlm.generate.sampling import greedy_seed_note
 

@@ -151,6 +151,29 @@ def test_a_task_file_with_a_comma_in_its_name_and_three_files(tmp_path, capsys):
     assert len(err) == 1 and "names 3 files; a parallel pair is two" in err[0], err
 
 
+def test_a_later_task_too_long_is_refused_by_name_before_any_scoring(tmp_path, capsys, monkeypatch):
+    """`--task ok.jsonl --task long.jsonl`: 'long' (a prompt past the 64-token context) is refused naming
+    it, before 'ok' is scored. Before, 'ok' was scored first (its minutes lost) and the line said
+    "1 of 1 prompts do not fit" without saying of which task."""
+    import clusterlm.eval.harness as harness
+    from tests.helpers import byte_llama_checkpoint
+
+    ckpt, _ = byte_llama_checkpoint(tmp_path)
+    ok = _write(tmp_path / "ok.jsonl", [{"context": "a", "choices": ["b", "c"], "gold": 0}])
+    long = _write(tmp_path / "long.jsonl", [{"prompt": "x" * 100, "references": "y"}])
+    scored = []
+    real = harness.run_task
+    monkeypatch.setattr(harness, "run_task", lambda model, tok, task, **kw: scored.append(task.name) or
+                        real(model, tok, task, **kw))
+    capsys.readouterr()
+    assert cli(["eval", str(ckpt), "--task", str(ok), "--task", str(long), "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "task 'long': 1 of 1 prompts do not fit the model's context of 64" in err[0], err
+    assert scored == []
+    res = _eval(capsys, str(ckpt), "--task", str(ok), "--task", str(long), "--max-new-tokens", "4", "--truncate")
+    assert res["tasks"]["long"]["n"] == 1 and scored == ["ok", "long"]
+
+
 def test_unknown_task_name_lists_the_bundled_ones(run, capsys):
     capsys.readouterr()
     assert cli(["eval", str(run), "--task", "no_such_task"]) == 2
