@@ -318,7 +318,8 @@ def _refuse_outputs_over_inputs(args: argparse.Namespace) -> None:
         except OSError:
             return False
 
-    inputs = [("--task", f) for spec in args.task if spec not in builtin_tasks() for f in task_paths(spec)]
+    bundled = builtin_tasks()  # a bundled task's file too: --out over it overwrote the installed task
+    inputs = [("--task", f) for spec in args.task for f in ([bundled[spec]] if spec in bundled else task_paths(spec))]
     for flag, out in (("--out", args.out), ("--samples", args.samples)):
         for what, path in inputs + ([("--samples", args.samples)] if flag == "--out" and args.samples else []):
             if out and same(out, path):
