@@ -82,10 +82,14 @@ def resolve_task(spec: str, **load_kwargs: Any) -> Task:
     if len(paths) > 2:
         raise DataError(f"task {spec!r} names {len(paths)} files; a parallel pair is two (SRC,TGT), and each task "
                         "file is a --task of its own")
+    valid = (f"give a task file (.jsonl, .tsv), a parallel pair SRC,TGT, or a bundled task: "
+             f"{', '.join(bundled) or 'none'}")
+    if len(paths) == 2 and not all(part.strip() for part in spec.split(",")):  # Path("") is ".": "no such file ."
+        raise DataError(f"task {spec!r} has an empty file name beside the comma; {valid}")
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise DataError(f"task {spec!r}: no such file {', '.join(missing)}; give a task file (.jsonl, .tsv), a "
-                        f"parallel pair SRC,TGT, or a bundled task: {', '.join(bundled) or 'none'}")
+        what = "is a directory, not a file:" if Path(missing[0]).is_dir() else "no such file"
+        raise DataError(f"task {spec!r}: {what} {', '.join(missing)}; {valid}")
     return load_task(tuple(paths) if len(paths) == 2 else paths[0], **load_kwargs)
 
 

@@ -174,6 +174,22 @@ def test_a_later_task_too_long_is_refused_by_name_before_any_scoring(tmp_path, c
     assert res["tasks"]["long"]["n"] == 1 and scored == ["ok", "long"]
 
 
+def test_a_task_spec_with_an_empty_side_or_a_directory_is_named_as_such(tmp_path):
+    """'x.en,' said "no such file ." (Path('') is the current directory) and a directory said "no such file
+    DIR"; each is now named for what it is (as fine-tuning's data.source is)."""
+    from clusterlm.errors import DataError
+    from clusterlm.eval.harness import resolve_task
+
+    (tmp_path / "x.en").write_text("a\n")
+    for spec, fragment in ((f"{tmp_path / 'x.en'},", "has an empty file name beside the comma"),
+                           (f",{tmp_path / 'x.en'}", "has an empty file name beside the comma"),
+                           (str(tmp_path), f"is a directory, not a file: {tmp_path}"),
+                           (str(tmp_path / "nope.jsonl"), "no such file")):
+        with pytest.raises(DataError, match="shakespeare_next_line") as e:
+            resolve_task(spec)
+        assert fragment in str(e.value), e.value
+
+
 def test_unknown_task_name_lists_the_bundled_ones(run, capsys):
     capsys.readouterr()
     assert cli(["eval", str(run), "--task", "no_such_task"]) == 2
