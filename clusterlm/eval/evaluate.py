@@ -135,7 +135,12 @@ def _labels_arg(text: str) -> list[str] | dict[str, str]:
     if bad:
         raise ValueError(f"--labels={text!r}: {bad[0]!r} is not RAW=NAME; give the label set (negative,positive) or "
                          "every label renamed (0=negative,1=positive)")
-    return dict(x.split("=") for x in items)
+    pairs = [x.split("=") for x in items]
+    raws = [raw.strip() for raw, _ in pairs]
+    repeated = next((r for r in raws if raws.count(r) > 1), None)
+    if repeated is not None:  # a dict kept the last name given and dropped the other without a word
+        raise ValueError(f"--labels={text!r} renames {repeated!r} twice; give each raw label one name")
+    return dict(pairs)
 
 
 def evaluate_tasks(ckpt: str, tasks: list[str], *, limit: int | None = None, batch_size: int = 16,
@@ -147,8 +152,8 @@ def evaluate_tasks(ckpt: str, tasks: list[str], *, limit: int | None = None, bat
     when given."""
     from clusterlm.checkpoint.model_io import load_for_inference
     from clusterlm.device import resolve_device
-    from clusterlm.eval.harness import (DecodeOptions, check_model_kind, model_labels, resolve_task, run_task,
-                                        task_requests)
+    from clusterlm.eval.harness import (DecodeOptions, check_fits, check_model_kind, model_labels, resolve_task,
+                                        run_task, task_requests)
 
     decode = decode or DecodeOptions()
     loaded_tasks = [resolve_task(t, limit=limit, **({"labels": labels} if labels else {})) for t in tasks]
@@ -179,6 +184,12 @@ def evaluate_tasks(ckpt: str, tasks: list[str], *, limit: int | None = None, bat
     loaded = load_for_inference(ckpt, device=resolve_device(device, "--device"))
     for task in loaded_tasks:  # a classifier answers classify tasks with its labels: refused before any scoring
         check_model_kind(loaded.model, task_requests(task, decode, model_labels(loaded.model)), f"task {task.name!r}")
+    from clusterlm.generate.engine import context_length
+
+    for task in loaded_tasks:  # inputs too long for the context, named by task before any is scored (a later
+        # task's refusal came after the earlier ones had run, and did not say which task it was)
+        check_fits(task, loaded.tokenizer, context_length(loaded.model), decode, truncate,
+                   labels=model_labels(loaded.model), chat_template=loaded.chat_template)
     if decode.num_beams == 1:  # after every refusal: a note, then the scores
         from clusterlm.generate.sampling import greedy_seed_note
 
@@ -296,7 +307,7 @@ def _refuse_outputs_over_inputs(args: argparse.Namespace) -> None:
     """--out or --samples naming a --task file (it was overwritten with the scores), each other (one
     file held whichever was written last), a file of the --data directory, or a path in a run's
     checkpoints folder: a ValueError naming the option."""
-    from clusterlm.eval.harness import builtin_tasks
+    from clusterlm.eval.harness import builtin_tasks, task_paths
 
     def same(a: str, b: str) -> bool:
         pa, pb = Path(a), Path(b)
@@ -307,7 +318,8 @@ def _refuse_outputs_over_inputs(args: argparse.Namespace) -> None:
         except OSError:
             return False
 
-    inputs = [("--task", f) for spec in args.task if spec not in builtin_tasks() for f in spec.split(",")]
+    bundled = builtin_tasks()  # a bundled task's file too: --out over it overwrote the installed task
+    inputs = [("--task", f) for spec in args.task for f in ([bundled[spec]] if spec in bundled else task_paths(spec))]
     for flag, out in (("--out", args.out), ("--samples", args.samples)):
         for what, path in inputs + ([("--samples", args.samples)] if flag == "--out" and args.samples else []):
             if out and same(out, path):

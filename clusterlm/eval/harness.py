@@ -65,6 +65,12 @@ def builtin_tasks() -> dict[str, Path]:
     return {p.stem: p for p in sorted(TASKS_DIR.glob("*.jsonl"))}
 
 
+def task_paths(spec: str) -> list[Path]:
+    """The files a task spec (not a bundled name) names: one, or the parts of "SRC,TGT" unless the whole
+    spec is a file (a name with a comma, as eval.tasks.load_task reads it)."""
+    return [Path(p) for p in spec.split(",")] if "," in spec and not Path(spec).is_file() else [Path(spec)]
+
+
 def resolve_task(spec: str, **load_kwargs: Any) -> Task:
     """A bundled task's name, a task file, or a parallel pair "SRC,TGT" -> Task (eval.tasks.load_task)."""
     from clusterlm.eval.tasks import load_task
@@ -72,11 +78,18 @@ def resolve_task(spec: str, **load_kwargs: Any) -> Task:
     bundled = builtin_tasks()
     if spec in bundled:
         return load_task(bundled[spec], name=spec, **load_kwargs)
-    paths = [Path(p) for p in spec.split(",")] if "," in spec else [Path(spec)]
+    paths = task_paths(spec)
+    if len(paths) > 2:
+        raise DataError(f"task {spec!r} names {len(paths)} files; a parallel pair is two (SRC,TGT), and each task "
+                        "file is a --task of its own")
+    valid = (f"give a task file (.jsonl, .tsv), a parallel pair SRC,TGT, or a bundled task: "
+             f"{', '.join(bundled) or 'none'}")
+    if len(paths) == 2 and not all(part.strip() for part in spec.split(",")):  # Path("") is ".": "no such file ."
+        raise DataError(f"task {spec!r} has an empty file name beside the comma; {valid}")
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise DataError(f"task {spec!r}: no such file {', '.join(missing)}; give a task file (.jsonl, .tsv), a "
-                        f"parallel pair SRC,TGT, or a bundled task: {', '.join(bundled) or 'none'}")
+        what = "is a directory, not a file:" if Path(missing[0]).is_dir() else "no such file"
+        raise DataError(f"task {spec!r}: {what} {', '.join(missing)}; {valid}")
     return load_task(tuple(paths) if len(paths) == 2 else paths[0], **load_kwargs)
 
 

@@ -116,6 +116,21 @@ def _open_text(path: Path) -> IO[str]:
     return open(path, encoding="utf-8-sig", newline="")
 
 
+def _bad_utf8_line(path: Path) -> int:
+    """The 1-based line (split as _open_text splits: at \\n, \\r\\n or \\r) of the first bytes that are not
+    UTF-8; 0 if none is found."""
+    n = 0
+    with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as f:
+        for raw in f:  # \n and \r never occur inside a UTF-8 sequence, so a line decodes on its own
+            for part in raw.splitlines() or [b""]:
+                n += 1
+                try:
+                    part.decode("utf-8")
+                except UnicodeDecodeError:
+                    return n
+    return 0
+
+
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """(1-based line number, line without its line end) of a text file, plain or .gz."""
     n = 0
@@ -123,8 +138,10 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
         with _open_text(path) as f:
             for n, line in enumerate(f, start=1):
                 yield n, line.rstrip("\r\n")
-    except UnicodeDecodeError as e:  # decoded a block at a time: the bad byte is at or after line n + 1
-        raise DataError(f"{path}: not valid UTF-8 after line {n} ({e.reason}); task files are UTF-8") from None
+    except UnicodeDecodeError as e:  # decoded a block at a time: n is not the bad line, find it in the bytes
+        bad = _bad_utf8_line(path)
+        where = f"{path}:{bad}" if bad else f"{path}"
+        raise DataError(f"{where}: not valid UTF-8 ({e.reason}); task files are UTF-8") from None
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f"{path}: corrupt or truncated gzip file after line {n} ({e})") from None
 
@@ -139,7 +156,18 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
             raise DataError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(rec, dict):
             raise DataError(f"{path}:{n}: a record must be a JSON object, got {type(rec).__name__}")
+        if "\\u" in line:  # JSON reads an unpaired surrogate escape ("\ud800"), which no UTF-8 text holds:
+            _check_surrogates(rec, f"{path}:{n}")  # the --samples file failed to write, after the whole run
         yield n, rec
+
+
+def _check_surrogates(rec: dict, where: str) -> None:
+    for key, value in rec.items():
+        try:
+            json.dumps({key: value}, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"{where}: field {key!r} has an unpaired surrogate escape ({e.object[e.start]!r}); "
+                            "\\uD800-\\uDFFF escapes must come in pairs (task files are Unicode text)") from None
 
 
 def _tsv_records(path: Path) -> tuple[list[str], Iterator[tuple[int, dict]]]:
@@ -238,7 +266,8 @@ def _choice_example(r: _Record, line: int) -> ChoiceExample:
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
         raise r.fail("choices", f"must be a list of at least two non-empty strings, got {choices!r:.80}")
     gold = r.get("gold", f"'gold': the index of the right choice, 0 to {len(choices) - 1}")
-    if isinstance(gold, str) and gold.strip().isdigit():  # datasets that store the index as text ("2")
+    # datasets that store the index as text ("2"); isdecimal, not isdigit: "²" is a digit that int() refuses
+    if isinstance(gold, str) and gold.strip().isdecimal():
         gold = int(gold)
     if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
         raise r.fail("gold", f"is {gold!r}, out of range: it must be an integer index into 'choices', "
@@ -256,6 +285,14 @@ def _infer_kind(rec: dict, fields: Mapping[str, str], where: str) -> str:
         return "classify"
     raise DataError(f"{where}: cannot tell the task's kind from fields {', '.join(rec)}: give a header record "
                     f"{{\"kind\": ...}} or kind= one of {', '.join(KINDS)} (docs/tasks.md)")
+
+
+def _kind_of(rec: dict, fields: Mapping[str, str]) -> str | None:
+    """The kind a record's fields suggest (_infer_kind), None when they suggest none."""
+    try:
+        return _infer_kind(rec, fields, "")
+    except DataError:
+        return None
 
 
 def _label_set(labels: Sequence[str] | Mapping[str, str] | None, where: str) -> dict[str, str] | None:
@@ -316,7 +353,7 @@ def _build(path: Path, records: Iterator[tuple[int, dict]], kind: str | None, na
            labels: Sequence[str] | Mapping[str, str] | None, fields: Mapping[str, str],
            limit: int | None, header_ok: bool) -> Task:
     examples: list[Example] = []
-    first, rename = True, None
+    first, rename, inferred_at = True, None, None  # inferred_at: the line whose fields gave the kind
     example_fields = set(EXAMPLE_FIELDS) | set(fields.values())
     for n, rec in records:
         where = f"{path}:{n}"
@@ -352,16 +389,25 @@ def _build(path: Path, records: Iterator[tuple[int, dict]], kind: str | None, na
                 raise DataError(f"{where}: kind={rec['kind']!r} but the task is {kind!r} (one kind per task file)")
             kind = rec["kind"]
         if kind is None:
-            kind = _infer_kind(rec, fields, where)
+            kind, inferred_at = _infer_kind(rec, fields, where), n
         if kind == "classify" and rename is None and labels is not None:  # the header is read by now
             rename = _label_set(labels, str(path))
         r = _Record(rec, where, kind, fields)
-        if kind == "generate":
-            examples.append(_generate_example(r, n))
-        elif kind == "classify":
-            examples.append(_classify_example(r, n, rename))
-        else:
-            examples.append(_choice_example(r, n))
+        try:
+            if kind == "generate":
+                examples.append(_generate_example(r, n))
+            elif kind == "classify":
+                examples.append(_classify_example(r, n, rename))
+            else:
+                examples.append(_choice_example(r, n))
+        except DataError as e:
+            # a record of another kind in a task whose kind came from an earlier record's fields: said so,
+            # not as a field this record lacks ("the generate record has no field 'prompt'")
+            other = _kind_of(rec, fields) if inferred_at not in (None, n) else None
+            if other is None or other == kind:
+                raise
+            raise DataError(f"{where}: a {other} record (fields {', '.join(rec)}) in a {kind} task (the kind read "
+                            f"from line {inferred_at}'s fields); one kind per task file") from e
     if not examples:
         raise DataError(f"{path}: empty task file: no examples (docs/tasks.md shows the format)")
     task_labels = None
@@ -425,6 +471,12 @@ def load_tsv(path: PathLike, *, kind: str = "classify", name: str | None = None,
         want = fields["references"] if "references" in given else "references' or 'completion"
         raise DataError(f"{path}:1: the header has no column '{want}' (the response of a generate task or an "
                         f"SFT pair; fields= renames); columns: {', '.join(columns)}")
+    read = {"generate": ("prompt", "messages", "references"), "classify": ("text", "label"),
+            "choice": ("context", "choices", "gold")}[kind]
+    repeated = sorted({fields.get(f, f) for f in read if columns.count(fields.get(f, f)) > 1})
+    if repeated:  # dict(zip(columns, cells)) kept the last column of a name and read it without a word
+        raise DataError(f"{path}:1: the header names column {repeated[0]!r} {columns.count(repeated[0])} times; the "
+                        f"columns read must have one name each (fields= picks others); columns: {', '.join(columns)}")
     if kind == "classify":
         for ours in ("text", "label"):
             if fields.get(ours, ours) not in columns:
@@ -462,6 +514,10 @@ def load_parallel(source: PathLike, target: PathLike, *, template: str = PARALLE
     _check_limit(limit)
     check_template(template)
     src, tgt = Path(source), Path(target)
+    for side in (src, tgt):  # "a.jsonl,b.jsonl" read as a pair scored each JSON line as a sentence to translate
+        if side.name.endswith(JSONL_SUFFIXES + TSV_SUFFIXES):
+            raise DataError(f"{src},{tgt}: {side} is a task file, not a parallel text file (one sentence a line, "
+                            f"e.g. test.en,test.fr); give each task file as a task of its own (--task FILE)")
     src_lang, tgt_lang = _lang(src), _lang(tgt)
     if src_lang == tgt_lang and ("{src_lang}" in template or "{tgt_lang}" in template):
         log.warning("%s / %s: both files give the language tag %r (the last part of the file name), so the prompt "

@@ -239,6 +239,8 @@ def test_eval_outputs_that_name_an_input_are_refused(tmp_path, capsys):
     """`eval --task t.jsonl --out t.jsonl` overwrote the task file with the scores (and --samples and
     --out naming one file kept only the last written). Refused (exit 2) naming both options, before
     the checkpoint is read; the task file is untouched; /dev/null still takes both."""
+    from clusterlm.eval.harness import builtin_tasks
+
     task = tmp_path / "t.jsonl"
     task.write_text('{"prompt": "a", "references": "b"}\n')
     run = str(tmp_path / "no-run")
@@ -248,6 +250,9 @@ def test_eval_outputs_that_name_an_input_are_refused(tmp_path, capsys):
          f"--samples {task} is the file --task {tmp_path / '.' / 't.jsonl'} names"),
         (["--task", str(task), "--out", str(tmp_path / "o"), "--samples", str(tmp_path / "o")],
          f"--out {tmp_path / 'o'} is the file --samples {tmp_path / 'o'} names: it would be overwritten"),
+        # a bundled task's file (the installed package's) was not checked: --out replaced it with the scores
+        (["--task", "shakespeare_word_order", "--out", str(builtin_tasks()["shakespeare_word_order"])],
+         "shakespeare_word_order.jsonl names: it would be overwritten"),
     ]:
         assert cli(["eval", run, *extra]) == 2
         assert fragment in capsys.readouterr().err

@@ -117,6 +117,79 @@ def test_too_long_inputs_are_refused_or_truncated(run, tmp_path, capsys):
     assert res["tasks"]["long"]["n"] == 2
 
 
+def test_labels_renaming_one_raw_label_twice_is_refused(tmp_path, capsys):
+    """`--labels 0=negative,1=positive,0=neutral`: exit 2 naming the repeated raw label. Before, the
+    renaming was a dict that kept the last name, so class 'negative' vanished without a word and the
+    scores were of the labels neutral/positive."""
+    from tests.helpers import byte_llama_checkpoint
+
+    ckpt, _ = byte_llama_checkpoint(tmp_path)
+    tsv = tmp_path / "dev.tsv"
+    tsv.write_text("sentence\tlabel\nit is good\t1\nit is bad\t0\n")
+    capsys.readouterr()
+    assert cli(["eval", str(ckpt), "--task", str(tsv), "--labels", "0=negative,1=positive, 0=neutral"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "renames '0' twice" in err[0], err
+
+
+def test_a_task_file_with_a_comma_in_its_name_and_three_files(tmp_path, capsys):
+    """A task file named 'a,b.jsonl' is read (load_task reads it), and --out naming it is refused; before,
+    --task split it into the files 'a' and 'b.jsonl' ("no such file") and --out overwrote it. Three
+    comma-separated files are refused naming the count; before, the first one's extension was blamed."""
+    from tests.helpers import byte_llama_checkpoint
+
+    ckpt, _ = byte_llama_checkpoint(tmp_path)
+    task = _write(tmp_path / "a,b.jsonl", [{"context": "x", "choices": ["y", "z"], "gold": 0}])
+    assert _eval(capsys, str(ckpt), "--task", str(task))["tasks"]["a,b"]["n"] == 1
+    assert cli(["eval", str(ckpt), "--task", str(task), "--out", str(task)]) == 2
+    assert "it would be overwritten" in capsys.readouterr().err
+    for lang in ("en", "fr", "de"):
+        (tmp_path / f"t.{lang}").write_text("a\n")
+    three = ",".join(str(tmp_path / f"t.{lang}") for lang in ("en", "fr", "de"))
+    assert cli(["eval", str(ckpt), "--task", three]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "names 3 files; a parallel pair is two" in err[0], err
+
+
+def test_a_later_task_too_long_is_refused_by_name_before_any_scoring(tmp_path, capsys, monkeypatch):
+    """`--task ok.jsonl --task long.jsonl`: 'long' (a prompt past the 64-token context) is refused naming
+    it, before 'ok' is scored. Before, 'ok' was scored first (its minutes lost) and the line said
+    "1 of 1 prompts do not fit" without saying of which task."""
+    import clusterlm.eval.harness as harness
+    from tests.helpers import byte_llama_checkpoint
+
+    ckpt, _ = byte_llama_checkpoint(tmp_path)
+    ok = _write(tmp_path / "ok.jsonl", [{"context": "a", "choices": ["b", "c"], "gold": 0}])
+    long = _write(tmp_path / "long.jsonl", [{"prompt": "x" * 100, "references": "y"}])
+    scored = []
+    real = harness.run_task
+    monkeypatch.setattr(harness, "run_task", lambda model, tok, task, **kw: scored.append(task.name) or
+                        real(model, tok, task, **kw))
+    capsys.readouterr()
+    assert cli(["eval", str(ckpt), "--task", str(ok), "--task", str(long), "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "task 'long': 1 of 1 prompts do not fit the model's context of 64" in err[0], err
+    assert scored == []
+    res = _eval(capsys, str(ckpt), "--task", str(ok), "--task", str(long), "--max-new-tokens", "4", "--truncate")
+    assert res["tasks"]["long"]["n"] == 1 and scored == ["ok", "long"]
+
+
+def test_a_task_spec_with_an_empty_side_or_a_directory_is_named_as_such(tmp_path):
+    """'x.en,' said "no such file ." (Path('') is the current directory) and a directory said "no such file
+    DIR"; each is now named for what it is (as fine-tuning's data.source is)."""
+    from clusterlm.errors import DataError
+    from clusterlm.eval.harness import resolve_task
+
+    (tmp_path / "x.en").write_text("a\n")
+    for spec, fragment in ((f"{tmp_path / 'x.en'},", "has an empty file name beside the comma"),
+                           (f",{tmp_path / 'x.en'}", "has an empty file name beside the comma"),
+                           (str(tmp_path), f"is a directory, not a file: {tmp_path}"),
+                           (str(tmp_path / "nope.jsonl"), "no such file")):
+        with pytest.raises(DataError, match="shakespeare_next_line") as e:
+            resolve_task(spec)
+        assert fragment in str(e.value), e.value
+
+
 def test_unknown_task_name_lists_the_bundled_ones(run, capsys):
     capsys.readouterr()
     assert cli(["eval", str(run), "--task", "no_such_task"]) == 2

@@ -89,6 +89,16 @@ def test_parallel_files_with_one_language_tag_warn(tmp_path, caplog):
     assert not [r for r in caplog.records if "language tag" in r.getMessage()], caplog.text
 
 
+def test_task_files_given_as_a_parallel_pair_are_refused(tmp_path):
+    """"qa.jsonl,dev.tsv" (two tasks, written as --lm-eval lists its tasks) was read as a parallel pair:
+    each JSON line a sentence to translate, the TSV's lines its references, tags 'jsonl' and 'tsv'."""
+    qa = _write(tmp_path / "qa.jsonl", [{"prompt": "a", "references": "b"}, {"prompt": "c", "references": "d"}])
+    dev = _write(tmp_path / "dev.tsv", ["sentence\tlabel", "x\t1"])
+    for spec in (f"{qa},{dev}", (qa, dev), (FIXTURES / "news.en", qa)):
+        with pytest.raises(DataError, match=r"\.jsonl is a task file, not a parallel text file"):
+            load_task(spec)
+
+
 def test_parallel_files_of_different_lengths(tmp_path):
     """Both line counts are named, also when limit would have stopped reading early."""
     src = _write(tmp_path / "a.en", ["one", "two", "three"])
@@ -156,6 +166,13 @@ def test_kind_on_each_record(tmp_path):
     _fails(tmp_path, [rec, {"kind": "generate", "prompt": "p", "references": "r"}],
            r":2: kind='generate' but the task is 'choice'")
     _fails(tmp_path, [{"kind": "classify", "lables": ["a", "b"]}], r":1: header record has unknown keys \['lables'\]")
+    # without any "kind", the first record's fields give it; a record of another kind is named as such.
+    # Before: "the generate record has no field 'prompt'", as if a generate record had lost a field
+    gen, choice = {"prompt": "p", "references": "r"}, {"context": "c", "choices": ["a", "b"], "gold": 0}
+    _fails(tmp_path, [gen, choice], r":2: a choice record \(fields context, choices, gold\) in a generate task "
+                                    r"\(the kind read from line 1's fields\); one kind per task file")
+    _fails(tmp_path, [{"text": "t", "label": "a"}, gen], r":2: a generate record .* in a classify task")
+    _fails(tmp_path, [gen, {"prompt": "p"}], r":2: the generate record has no field 'references'")  # same kind
 
 
 # ------------------------------------------------------------------------------------------------
@@ -230,6 +247,10 @@ def test_gold_index_out_of_range(tmp_path):
     _fails(tmp_path, [{"context": "c", "choices": ["a", "b", "c"], "gold": 3}],
            r":1: field 'gold' is 3, out of range: .* 0 to 2")
     _fails(tmp_path, [{"context": "c", "choices": ["a", "b"], "gold": True}], r":1: field 'gold' is True")
+    # "²" passed str.isdigit and int() raised a bare "invalid literal for int()" with no file or line
+    _fails(tmp_path, [{"context": "c", "choices": ["a", "b"], "gold": "\u00b2"}], r":1: field 'gold' is '\u00b2', out")
+    text_gold = _write(tmp_path / "g.jsonl", [{"context": "c", "choices": ["a", "b"], "gold": " 1"}])
+    assert load_task(text_gold).examples[0].gold == 1
     _fails(tmp_path, [{"context": "c", "choices": ["a"], "gold": 0}], r"'choices' must be a list of at least two")
 
 
@@ -237,6 +258,12 @@ def test_other_bad_records(tmp_path):
     """Invalid JSON, a non-object, prompt and messages both, a bad role, a bad header, a TSV row with the
     wrong number of cells or a missing column: each one line with its place."""
     _fails(tmp_path, [{"prompt": "p", "references": "r"}, "{not json"], r":2: invalid JSON")
+    # an unpaired surrogate escape: the run scored it, then writing --samples raised UnicodeEncodeError
+    # (no file, no line, the scores lost); a pair (an emoji written as two escapes) is text
+    _fails(tmp_path, [{"prompt": "p", "references": "r"}, '{"prompt": "a \\ud800", "references": "r"}'],
+           r":2: field 'prompt' has an unpaired surrogate escape \('\\ud800'\)")
+    emoji = _write(tmp_path / "e.jsonl", ['{"prompt": "\\ud83d\\ude00", "references": "r"}'])
+    assert load_task(emoji).examples[0].prompt == "\U0001F600"
     _fails(tmp_path, [[1, 2]], r":1: a record must be a JSON object, got list")
     _fails(tmp_path, [{"prompt": "p", "messages": [], "references": "r"}], r":1: .*both 'prompt' and 'messages'")
     _fails(tmp_path, [{"messages": [{"role": "robot", "content": "x"}], "references": "r"}],
@@ -254,6 +281,11 @@ def test_other_bad_records(tmp_path):
         load_task(tsv)
     with pytest.raises(DataError, match=r"test\.tsv:1: the header has no column 'label'.*columns: index, sentence"):
         load_task(_write(tmp_path / "test.tsv", ["index\tsentence", "0\thello"]))
+    # a column read named twice: the last one was read without a word (here every label 0, accuracy of a wrong file)
+    with pytest.raises(DataError, match=r"two\.tsv:1: the header names column 'label' 2 times"):
+        load_task(_write(tmp_path / "two.tsv", ["sentence\tlabel\tlabel", "x\t1\t0", "y\t0\t0"]))
+    ok = load_task(_write(tmp_path / "extra.tsv", ["sentence\tlabel\tid\tid", "x\t1\ta\tb"]))  # not read: fine
+    assert [(e.text, e.label) for e in ok.examples] == [("x", "1")]
     with pytest.raises(DataError, match="unsupported file"):
         load_task(tmp_path / "x.csv")
     with pytest.raises(ValueError, match="limit=0"):
@@ -269,8 +301,20 @@ def test_corrupt_gzip_and_bad_utf8(tmp_path):
         load_task(cut)
     latin = tmp_path / "latin.tsv"
     latin.write_bytes("sentence\tlabel\ncaf\xe9\t1\n".encode("latin-1"))
-    with pytest.raises(DataError, match=r"latin\.tsv: not valid UTF-8"):
+    with pytest.raises(DataError, match=r"latin\.tsv:2: not valid UTF-8"):
         load_task(latin)
+    # the line of the bad byte, not of the last line decoded before it (the file is decoded in blocks:
+    # this said "after line 0" for a byte on line 3); lines end at \n, \r\n or \r as they are read
+    bad = "".join(f'{{"text": "fine {i}", "label": "a"}}\r\n' for i in range(300)) + '{"text": "caf\xe9", "label": "a"}\n'
+    (tmp_path / "bad.jsonl").write_bytes(bad.encode("latin-1"))
+    with pytest.raises(DataError, match=r"bad\.jsonl:301: not valid UTF-8"):
+        load_task(tmp_path / "bad.jsonl")
+    _gzip_copy(tmp_path / "bad.jsonl", tmp_path / "bad.jsonl.gz")
+    with pytest.raises(DataError, match=r"bad\.jsonl\.gz:301: not valid UTF-8"):
+        load_task(tmp_path / "bad.jsonl.gz")
+    (tmp_path / "cr.jsonl").write_bytes(b'{"text": "a", "label": "a"}\r{"text": "caf\xe9", "label": "a"}\n')
+    with pytest.raises(DataError, match=r"cr\.jsonl:2: not valid UTF-8"):
+        load_task(tmp_path / "cr.jsonl")
 
 
 @pytest.mark.parametrize("gz", [False, True])
