@@ -119,3 +119,31 @@ def test_trainer_on_cuda_reports_mfu_against_the_real_peak(tmp_path):
     assert steps and all(r.get("mfu") is None for r in steps) == (peak is None)
     if peak is not None:
         assert all(0 < r["mfu"] < 1 for r in steps if r.get("mfu") is not None)
+
+
+def test_fp16_training_scales_the_loss_and_learns(tmp_path):
+    """`--train.dtype=fp16` on CUDA (docs/training.md, "fp16 and loss scaling"): every step logs its
+    loss scale, every skipped step halved it, and the loss falls over 40 steps."""
+    import math
+
+    from clusterlm.config import load_run_config
+    from clusterlm.data.prepare import prepare
+    from clusterlm.train.loop import train
+    from clusterlm.train.metrics import read_metrics
+
+    (tmp_path / "t.txt").write_text("".join(f"Now is the winter of our discontent {i}\n" * 20 for i in range(30)))
+    prepare([str(tmp_path / "t.txt")], tmp_path / "data", tokenizer="char", val_fraction=0.1)
+    cfg = load_run_config(None, [f"--data.dir={tmp_path / 'data'}", f"--train.out_dir={tmp_path / 'run'}",
+                                 "--model.preset=llama-nano", "--model.max_seq_len=64", "--train.seq_len=64",
+                                 "--train.micro_batch_size=8", "--train.max_steps=40", "--train.device=cuda",
+                                 "--train.dtype=fp16", "--optim.lr=3e-3", "--train.eval_interval=0",
+                                 "--train.log_interval=10", "--train.tensorboard=false"])
+    result = train(cfg)
+    assert result.exit_code == 0 and result.step == 40
+    steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("kind") == "train"]
+    scale = 2.0**16
+    for r in steps:
+        scale = scale / 2 if r["skipped"] else scale
+        assert r["loss_scale"] == scale and (r["skipped"] or math.isfinite(r["grad_norm"]))
+    trained = [r["loss"] for r in steps if not r["skipped"]]
+    assert len(trained) >= 30 and trained[-1] < trained[0]
