@@ -1,7 +1,7 @@
 """Shared by the benchmark scripts: what machine a figure came from.
 
     from common import cpu_model      # benchmarks/ is the script's folder, so on sys.path
-    from common import machine        # {"cpu", "gpu", "cpus", "load_avg_1m"} for a result file
+    from common import machine        # {"cpu", "gpu", "cpus", "load_avg_1m", "torch"} for a result file
 """
 
 from __future__ import annotations
@@ -21,13 +21,24 @@ def gpu_name() -> str | None:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
+def torch_version() -> str | None:
+    """torch's version string, None where torch is not installed."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.__version__
+
+
 def machine() -> dict[str, object]:
     """What every result file records so that figures from different machines are never compared as one:
-    the CPU model, the GPU name (None on a CPU-only machine), logical CPUs and the 1-minute load average."""
+    the CPU model, the GPU name (None on a CPU-only machine), logical CPUs, the 1-minute load average and
+    the torch version (the same machine is another baseline under another torch)."""
     import os
 
     return {"cpu": cpu_model(), "gpu": gpu_name(), "cpus": os.cpu_count(),
-            "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+            "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+            "torch": torch_version()}
 
 
 def cpu_model() -> str:
