@@ -60,6 +60,7 @@ sentiment_sst2_ARCH_Nmin.json and applications_{translation,sentiment}.json (row
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import logging
@@ -73,7 +74,7 @@ from pathlib import Path
 from typing import Any
 
 from clusterlm.config import bundled_recipes, load_run_config
-from common import cpu_model  # benchmarks/common.py
+from common import cpu_model, refuse  # benchmarks/common.py
 
 RESULTS = Path(__file__).parent / "results"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the repo
@@ -95,7 +96,7 @@ def env_info() -> dict[str, Any]:
 def need(paths: list[Path], what: str, flag: str) -> None:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        sys.exit(f"{what} not found: {', '.join(missing)}; pass {flag} DIR (research-use data, not bundled)")
+        refuse(f"{what} not found: {', '.join(missing)}; pass {flag} DIR (research-use data, not bundled)")
 
 
 def q(value: Any) -> str:
@@ -891,7 +892,8 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)  # scoring after training too (train() restores this count)
         args.override = [f"--train.threads={args.threads}", *args.override]
-    if args.work is None:
+    made_work = args.work is None
+    if made_work:
         import tempfile
 
         args.work = tempfile.mkdtemp(prefix=f"applications_{args.cmd}_")
@@ -899,7 +901,13 @@ def main() -> None:
 
     setup_logging(0)
     log.info("work folder %s", args.work)
-    {"translate": translate, "translate-lora": translate_lora, "sentiment": sentiment}[args.cmd](args)
+    try:
+        {"translate": translate, "translate-lora": translate_lora, "sentiment": sentiment}[args.cmd](args)
+    except SystemExit:  # refused before anything was made (missing data): no empty temp folder left behind
+        if made_work:
+            with contextlib.suppress(OSError):
+                os.rmdir(args.work)  # only while still empty
+        raise
 
 
 if __name__ == "__main__":

@@ -2,14 +2,24 @@
 
     from common import cpu_model      # benchmarks/ is the script's folder, so on sys.path
     from common import machine        # {"cpu", "gpu", "cpus", "load_avg_1m", "torch"} for a result file
+    from common import refuse         # bad input (missing data, a bad argument): one line, exit 2
 """
 
 from __future__ import annotations
 
 import platform
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 from clusterlm.cluster.parsers import parse_cpuinfo
+
+
+def refuse(message: str) -> NoReturn:
+    """Stop on bad input before anything is measured or written: `message` (what is wrong, what is valid)
+    as one line on stderr and exit status 2, as the clusterlm CLI does (sys.exit(str) exits 1)."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
 
 
 def gpu_name() -> str | None:

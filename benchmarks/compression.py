@@ -45,7 +45,7 @@ from clusterlm.models.config import get_preset
 from clusterlm.optimize.prune import prune_checkpoint
 from clusterlm.optimize.quantize import quantize_checkpoint
 from clusterlm.tokenizer.kinds import make_tokenizer
-from common import cpu_model, gpu_name  # benchmarks/common.py
+from common import cpu_model, gpu_name, refuse  # benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -62,7 +62,7 @@ def check_data(data: Path, ckpt: Path) -> None:
     try:
         check_data_tokenizer(data, read_meta(data), ckpt, load_tokenizer(ckpt / "tokenizer.json"))
     except (ClusterlmError, OSError) as e:
-        sys.exit(f"--data {data}: {e}")
+        refuse(f"--data {data}: {e}")
 
 
 def train_shakespeare(out_dir: Path, threads: int) -> tuple[Path, list[str]]:
@@ -194,8 +194,8 @@ def main() -> None:
                      "cpu": cpu_model(), "gpu": gpu_name()}
     default_data = ROOT / "data" / "shakespeare_char"
     if args.data != default_data and not (args.data / "meta.json").is_file():  # before minutes of training
-        sys.exit(f"--data {args.data}: not a prepared data directory (no meta.json); give the model's prepared "
-                 f"data (clusterlm prepare ... --out DIR), or leave --data out for {default_data}")
+        refuse(f"--data {args.data}: not a prepared data directory (no meta.json); give the model's prepared "
+               f"data (clusterlm prepare ... --out DIR), or leave --data out for {default_data}")
     if args.ckpt is None:
         src, cmd = train_shakespeare(args.train_dir, args.train_threads)
     else:

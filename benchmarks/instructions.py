@@ -40,7 +40,7 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
-from common import cpu_model  # benchmarks/common.py
+from common import cpu_model, refuse  # benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -231,13 +231,13 @@ def main() -> int:
     p.add_argument("overrides", nargs="*", help="extra --section.key=value overrides for clusterlm finetune")
     args, unknown = p.parse_known_args()
     overrides = args.overrides + unknown
+    for name in ("train.jsonl", "heldout.jsonl") if args.data else ():  # before any folder is made
+        if not (Path(args.data) / name).is_file():
+            refuse(f"--data {args.data}: no {name} (make one with scripts/make_instructions.py --out {args.data})")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="instructions-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.data:
         data = Path(args.data)
-        for name in ("train.jsonl", "heldout.jsonl"):
-            if not (data / name).is_file():
-                raise SystemExit(f"--data {data}: no {name} (make one with scripts/make_instructions.py --out {data})")
     else:
         data = work / "set"
         make_instructions.write_sets(data, args.train_records, args.heldout_records, args.seed)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from common import machine
+from common import machine, refuse
 
 from clusterlm.checkpoint.model_io import load_for_inference
 from clusterlm.eval.harness import DecodeOptions, resolve_task, run_task
@@ -73,8 +73,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     files = [Path(args.data) / f"test_2016_flickr.{x}.gz" for x in ("en", args.pair)]
     if not all(f.is_file() for f in files):
-        raise SystemExit(f"Multi30k test files not found: {', '.join(map(str, files))}; pass --data DIR "
-                         "(../shared/data/multi30k in this workplace; research use only, never bundled)")
+        refuse(f"Multi30k test files not found: {', '.join(map(str, files))}; pass --data DIR "
+               "(../shared/data/multi30k in this workplace; research use only, never bundled)")
     task = resolve_task(",".join(map(str, files)), limit=args.limit or None)
     base, full = load_for_inference(args.base), load_for_inference(args.full)
     b_sd, f_sd = base.model.state_dict(), full.model.state_dict()

@@ -57,7 +57,9 @@ def main() -> None:
     args.out = args.out or ROOT / "benchmarks" / "results" / f"sst2_lstm_distill{suffix}.json"
     missing = [str(f) for f in (args.data / "train.tsv.gz", args.data / "dev.tsv") if not f.is_file()]
     if missing:
-        sys.exit(f"SST-2 not found: {', '.join(missing)}; pass --data DIR (research-use data, not bundled)")
+        from common import refuse  # benchmarks/ is on sys.path: this script's folder
+
+        refuse(f"SST-2 not found: {', '.join(missing)}; pass --data DIR (research-use data, not bundled)")
     from common import machine
 
     work = args.work or Path(tempfile.mkdtemp(prefix="sst2-distill-"))

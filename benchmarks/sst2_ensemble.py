@@ -139,7 +139,9 @@ def main() -> None:
         sys.exit(f"--seeds {args.seeds}: give at least 2 different seeds")
     missing = [str(f) for f in (args.data / "train.tsv.gz", args.data / "dev.tsv") if not f.is_file()]
     if missing:
-        sys.exit(f"SST-2 not found: {', '.join(missing)}; pass --data DIR (research-use data, not bundled)")
+        from common import refuse  # benchmarks/ is on sys.path: this script's folder
+
+        refuse(f"SST-2 not found: {', '.join(missing)}; pass --data DIR (research-use data, not bundled)")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from common import machine
 

@@ -26,3 +26,25 @@ def test_machine_records_the_torch_version():
     m = _bench("common").machine()
     assert m["torch"] == torch.__version__
     assert {"cpu", "cpus", "load_avg_1m"} <= m.keys()
+
+
+def _run(script: str, *args: str, tmp: Path) -> subprocess.CompletedProcess:
+    env = {**__import__("os").environ, "TMPDIR": str(tmp), "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_missing_data_is_bad_input_exit_2_and_leaves_no_work_folder(tmp_path):
+    """Each benchmark that reads data refuses missing data at once as bad input (exit 2, the missing file
+    named); applications.py's default temporary work folder is not left behind empty."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    for script, *args in (("applications.py", "translate", "--data", "/nonexistent/m30k"),
+                          ("applications.py", "sentiment", "--data", "/nonexistent/m30k"),
+                          ("sst2_ensemble.py", "--data", "/nonexistent/m30k"),
+                          ("lora_rank_ceiling.py", "--base", "b", "--full", "f", "--data", "/nonexistent/m30k"),
+                          ("instructions.py", "--data", "/nonexistent/m30k")):
+        r = _run(script, *args, tmp=tmp)
+        assert r.returncode == 2, (script, r.returncode, r.stderr)
+        assert "/nonexistent/m30k" in r.stderr.splitlines()[-1] and "Traceback" not in r.stderr, r.stderr
+    assert list(tmp.iterdir()) == []
