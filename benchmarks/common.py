@@ -3,10 +3,13 @@
     from common import cpu_model      # benchmarks/ is the script's folder, so on sys.path
     from common import machine        # {"cpu", "gpu", "cpus", "load_avg_1m", "torch"} for a result file
     from common import refuse         # bad input (missing data, a bad argument): one line, exit 2
+    from common import positive_int   # argparse type= for counts that must be >= 1 (repeats, threads, ...)
 """
 
 from __future__ import annotations
 
+import argparse
+import math
 import platform
 import sys
 from pathlib import Path
@@ -20,6 +23,29 @@ def refuse(message: str) -> NoReturn:
     as one line on stderr and exit status 2, as the clusterlm CLI does (sys.exit(str) exits 1)."""
     print(message, file=sys.stderr)
     raise SystemExit(2)
+
+
+def positive_int(text: str) -> int:
+    """argparse `type=` for a count that must be at least 1 (--repeats 0 gave a median of nothing, --threads 0
+    torch's own error, after seconds of set-up): argparse's one-line usage error and exit 2 instead."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a whole number >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse `type=` for a duration or size that must be a finite number > 0 (seconds, minutes)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a number > 0") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number > 0")
+    return value
 
 
 def gpu_name() -> str | None:

@@ -45,7 +45,7 @@ from clusterlm.models.config import get_preset
 from clusterlm.optimize.prune import prune_checkpoint
 from clusterlm.optimize.quantize import quantize_checkpoint
 from clusterlm.tokenizer.kinds import make_tokenizer
-from common import cpu_model, gpu_name, refuse  # benchmarks/common.py
+from common import cpu_model, gpu_name, positive_int, refuse  # benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -175,16 +175,16 @@ def main() -> None:
     ap.add_argument("--ckpt", type=Path, default=None,
                     help="a trained Shakespeare char run (or step folder); omitted: train one into --train-dir")
     ap.add_argument("--train-dir", type=Path, default=ROOT / "runs" / "compression_shakespeare_char")
-    ap.add_argument("--train-threads", type=int, default=1,
+    ap.add_argument("--train-threads", type=positive_int, default=1,
                     help="torch threads for training (1: steadier than 2 on a machine shared with other jobs)")
     ap.add_argument("--data", type=Path, default=ROOT / "data" / "shakespeare_char",  # prepared by the training
                     help="the model's prepared data directory (val split; fine-tune data)")
-    ap.add_argument("--eval-batches", type=int, default=50)
-    ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--eval-batches", type=positive_int, default=50)
+    ap.add_argument("--new-tokens", type=positive_int, default=48)
+    ap.add_argument("--repeats", type=positive_int, default=3)
     ap.add_argument("--finetune-steps", type=int, default=200)
     ap.add_argument("--skip-gpt2", action="store_true")
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

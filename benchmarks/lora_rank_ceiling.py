@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from common import machine, refuse
+from common import machine, positive_int, refuse
 
 from clusterlm.checkpoint.model_io import load_for_inference
 from clusterlm.eval.harness import DecodeOptions, resolve_task, run_task
@@ -64,10 +64,10 @@ def main() -> None:
     p.add_argument("--full", required=True, help="the full fine-tuning run or checkpoint (W/full)")
     p.add_argument("--data", default=str(SHARED), help="Multi30k folder with test_2016_flickr.en.gz and .XX.gz")
     p.add_argument("--pair", default="fr")
-    p.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64])
+    p.add_argument("--ranks", type=positive_int, nargs="+", default=[8, 16, 64])
     p.add_argument("--targets", nargs="+", default=["wq", "wv", "w1", "w2", "tok_embeddings"])
     p.add_argument("--limit", type=int, default=0, help="test sentences (0 = all 1,000)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args()
     torch.set_num_threads(args.threads)

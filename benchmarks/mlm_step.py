@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from common import machine
+from common import machine, positive_int
 
 from clusterlm.eval.metrics import IGNORE_INDEX, lm_loss
 from clusterlm.models.build import build_model
@@ -25,10 +25,10 @@ from clusterlm.models.config import ModelConfig
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=6)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=96)
+    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--repeats", type=positive_int, default=6)
+    p.add_argument("--batch", type=positive_int, default=32)
+    p.add_argument("--seq-len", type=positive_int, default=96)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "mlm_step.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)

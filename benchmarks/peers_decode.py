@@ -57,7 +57,7 @@ from clusterlm.models.build import build_model
 from clusterlm.models.config import get_preset
 from clusterlm.optimize.quantize import quantize_model
 from clusterlm.tokenizer.kinds import make_tokenizer
-from common import machine  # benchmarks/common.py
+from common import machine, positive_int  # benchmarks/common.py
 from generate_speed import STREAM_ROWS, bandwidth_gbs, weight_bytes  # benchmarks/generate_speed.py
 
 RESULTS = Path(__file__).parent / "results"
@@ -308,21 +308,21 @@ def markdown(res: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="gpt2-124m")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--batches", type=positive_int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--formats", nargs="+", default=["fp32", "fp32-compile", "bf16", "int8"], choices=FORMATS,
                     help="bf16: clusterlm's bf16 packed weights against ctranslate2 float32 (it has no bf16 on CPU); "
                          "fp32-compile: generate(compile=True) against ctranslate2 float32")
-    ap.add_argument("--prompt-len", type=int, default=16)
-    ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--stream-mib", type=int, default=1024)
-    ap.add_argument("--stream-repeats", type=int, default=3, help="per measurement, one measurement per repeat")
+    ap.add_argument("--prompt-len", type=positive_int, default=16)
+    ap.add_argument("--new-tokens", type=positive_int, default=48)
+    ap.add_argument("--repeats", type=positive_int, default=3)
+    ap.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
+    ap.add_argument("--stream-mib", type=positive_int, default=1024)
+    ap.add_argument("--stream-repeats", type=positive_int, default=3, help="per measurement, one measurement per repeat")
     ap.add_argument("--out", type=Path, default=RESULTS / "peers_decode.json")
     ap.add_argument("--val-ckpt", type=Path, default=None,
                     help="a trained checkpoint (recipes/shakespeare_char_cpu.toml) whose val loss is measured per format")
     ap.add_argument("--val-data", type=Path, default=None, help="its prepared data directory")
-    ap.add_argument("--val-batches", type=int, default=50)
+    ap.add_argument("--val-batches", type=positive_int, default=50)
     ap.add_argument("--ct2-worker", default=None, help=argparse.SUPPRESS)  # Ct2Process's child
     ap.add_argument("--ct2-types", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()

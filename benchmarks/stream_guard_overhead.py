@@ -83,11 +83,13 @@ def cpu_seconds(pid: int) -> float:
 
 
 def main() -> None:
+    from common import positive_float, positive_int  # benchmarks/common.py (this script's folder)
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--segment", type=float, default=8.0, help="seconds per segment")
-    p.add_argument("--segments", type=int, default=6, help="segments per path")
-    p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--segment", type=positive_float, default=8.0, help="seconds per segment")
+    p.add_argument("--segments", type=positive_int, default=6, help="segments per path")
+    p.add_argument("--clients", type=positive_int, default=8)
+    p.add_argument("--max-tokens", type=positive_int, default=48)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "stream_guard_overhead.json")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))

@@ -47,7 +47,7 @@ from clusterlm.config import bundled_recipes, load_run_config
 from clusterlm.eval.evaluate import evaluate_checkpoint
 from clusterlm.train.loop import Trainer, train
 from clusterlm.train.optim import lr_at
-from common import machine  # benchmarks/common.py
+from common import machine, positive_int  # benchmarks/common.py
 
 RESULTS = Path(__file__).parent / "results"
 REFERENCE_VAL = 1.90
@@ -299,15 +299,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--compare-lstm", action="store_true", help="also train the LSTM recipe for the same wall time")
     p.add_argument("--no-reference", action="store_true", help="clusterlm alone (train()), no side-by-side reference")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--segment", type=int, default=50, help="steps per turn in the interleaving")
+    p.add_argument("--steps", type=positive_int, default=2000)
+    p.add_argument("--segment", type=positive_int, default=50, help="steps per turn in the interleaving")
     p.add_argument("--compile-arm", action="store_true",
                    help="a third arm: clusterlm with --train.compile=true (compiled during its first steps)")
     p.add_argument("--fp32-arm", action="store_true",
                    help="an arm with --train.dtype=fp32 (the recipe's bf16-native is bf16 autocast on CPUs with AMX or AVX512-BF16)")
     p.add_argument("--keep", type=Path, default=None,
                    help="copy clusterlm's run (DIR/run) and the prepared data (DIR/data) here, e.g. for peers_decode.py --val-ckpt")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for every arm (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads for every arm (default: torch's)")
     p.add_argument("--out", type=Path, default=RESULTS / "train_shakespeare_cpu.json")
     p.add_argument("extra", nargs="*", help="--section.key=value overrides for clusterlm's run (after --)")
     args = p.parse_args()

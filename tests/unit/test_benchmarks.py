@@ -48,3 +48,17 @@ def test_missing_data_is_bad_input_exit_2_and_leaves_no_work_folder(tmp_path):
         assert r.returncode == 2, (script, r.returncode, r.stderr)
         assert "/nonexistent/m30k" in r.stderr.splitlines()[-1] and "Traceback" not in r.stderr, r.stderr
     assert list(tmp.iterdir()) == []
+
+
+def test_counts_and_durations_are_checked_before_anything_runs(tmp_path):
+    """--repeats 0 gave a traceback (a median of nothing) after seconds of set-up, --threads 0 torch's own
+    error, --seconds nan a run of no length: each is argparse's one-line usage error, exit 2, nothing written."""
+    common = _bench("common")
+    assert common.positive_int("3") == 3 and common.positive_float("0.5") == 0.5
+    for script, *args in (("mlm_step.py", "--threads", "0"), ("detokenize_stream.py", "--repeats", "0"),
+                          ("serve_failover.py", "--seconds", "nan")):
+        r = _run(script, *args, "--out", str(tmp_path / "r.json"), tmp=tmp_path)
+        flag, value = args[0], args[-1]
+        assert r.returncode == 2, (script, r.returncode, r.stderr)
+        assert f"error: argument {flag}: {value} is not" in r.stderr.splitlines()[-1], r.stderr
+    assert list(tmp_path.iterdir()) == []
