@@ -74,7 +74,7 @@ from pathlib import Path
 from typing import Any
 
 from clusterlm.config import bundled_recipes, load_run_config
-from common import cpu_model, refuse  # benchmarks/common.py
+from common import cpu_model, refuse, save_figure, write_result  # benchmarks/common.py
 
 RESULTS = Path(__file__).parent / "results"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the repo
@@ -164,7 +164,7 @@ def write_rows(name: str, rows: list[dict]) -> Path:
     old = json.loads(path.read_text())["rows"] if path.is_file() else []
     keys = {(r["application"], r["metric"]) for r in rows}
     merged = [r for r in old if (r["application"], r["metric"]) not in keys] + rows
-    path.write_text(json.dumps({"rows": merged}, indent=2) + "\n")
+    write_result(path, json.dumps({"rows": merged}, indent=2) + "\n")
     return path
 
 
@@ -252,7 +252,7 @@ def translate(args: argparse.Namespace) -> None:
            "final_train_loss": res.final_train_loss, "final_val_loss": res.final_val_loss}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"translation_multi30k_{tag}_{args.minutes:g}min"
-    stem.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
+    write_result(stem.with_suffix(".json"), json.dumps(out, indent=2) + "\n")
     plot_curve(curve, train_min, bleu, tgt, args, stem.with_suffix(".png"),
                goal=GOAL_ENCDEC_BLEU if encdec and tgt == "fr" else GOAL_BLEU[tgt])
     app = f"translation en->{tgt} (Multi30k{', encdec' if encdec else ''})"
@@ -483,7 +483,7 @@ def translate_lora(args: argparse.Namespace) -> None:
     lr_tag += "_ftbest" if args.ft_best else ""
     path = RESULTS / (f"translation_multi30k_en{tgt}_lora{'_emb' if emb_adapter else ''}"
                       f"{f'_from_en{other}' if other else ''}{lr_tag}_{args.minutes:g}min.json")
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    write_result(path, json.dumps(out, indent=2) + "\n")
     b_full, b_lo = full["test"]["bleu"], lo["test"]["bleu"]
     frac = 100 * lo["trainable"] / lo["total"]
     dirs = " and ".join(f"{a}->{b}" for a, b in directions)
@@ -589,7 +589,7 @@ def plot_curve(curve: list[dict], minutes: float, bleu: float, tgt: str, args: a
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -745,7 +745,7 @@ def sentiment(args: argparse.Namespace) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "_".join(args.arch)
     tag = f"_{args.tag}" if args.tag else ""
-    (RESULTS / f"sentiment_sst2_{name}_{args.minutes:g}min{tag}.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_result(RESULTS / f"sentiment_sst2_{name}_{args.minutes:g}min{tag}.json", json.dumps(out, indent=2) + "\n")
     rows += compare_sentiment(args.minutes)
     write_rows("sentiment", rows)
     print(json.dumps({arch: {k: v["dev"] for k, v in arms.items()} for arch, arms in out["arms"].items()}, indent=1))

@@ -4,6 +4,7 @@
     from common import machine        # {"cpu", "gpu", "cpus", "load_avg_1m", "torch"} for a result file
     from common import refuse         # bad input (missing data, a bad argument): one line, exit 2
     from common import positive_int   # argparse type= for counts that must be >= 1 (repeats, threads, ...)
+    from common import write_result   # a result file (JSON, markdown) written whole or not at all
 """
 
 from __future__ import annotations
@@ -23,6 +24,28 @@ def refuse(message: str) -> NoReturn:
     as one line on stderr and exit status 2, as the clusterlm CLI does (sys.exit(str) exits 1)."""
     print(message, file=sys.stderr)
     raise SystemExit(2)
+
+
+def write_result(path: str | Path, text: str) -> None:
+    """Write a result file atomically (clusterlm.fsutil: a temporary name, then a rename), its folder made
+    first: a Ctrl-C or a full disk never leaves a half-written JSON under benchmarks/results/ in place of
+    the last good one."""
+    from clusterlm.fsutil import atomic_write_text
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
+
+
+def save_figure(fig: object, path: str | Path, dpi: int) -> None:
+    """A matplotlib figure saved as PNG through write_result's rename (savefig writes in place)."""
+    import io
+
+    from clusterlm.fsutil import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def positive_int(text: str) -> int:

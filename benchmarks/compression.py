@@ -45,7 +45,7 @@ from clusterlm.models.config import get_preset
 from clusterlm.optimize.prune import prune_checkpoint
 from clusterlm.optimize.quantize import quantize_checkpoint
 from clusterlm.tokenizer.kinds import make_tokenizer
-from common import cpu_model, gpu_name, positive_int, refuse  # benchmarks/common.py
+from common import cpu_model, gpu_name, positive_int, refuse, write_result  # benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -217,8 +217,8 @@ def main() -> None:
             results["models"]["gpt2-124m architecture (random weights)"] = rows
     results["load_after"] = [round(x, 2) for x in os.getloadavg()]
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "compression.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
-    (args.out_dir / "compression.md").write_text(markdown(results))
+    write_result(args.out_dir / "compression.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
+    write_result(args.out_dir / "compression.md", markdown(results))
     print(markdown(results))
 
 

@@ -26,7 +26,7 @@ from clusterlm.generate.text import TextStream
 from clusterlm.tokenizer.bpe import BPETokenizer
 from clusterlm.tokenizer.byte import ByteTokenizer
 from clusterlm.tokenizer.char import CharTokenizer
-from common import cpu_model, positive_int  # benchmarks/common.py
+from common import cpu_model, positive_int, write_result  # benchmarks/common.py
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EXTRA = "héllo wörld, 日本語のテキスト 😀🎉 naïve café — “quotes”\n"
@@ -95,7 +95,7 @@ def main() -> int:
            "method": f"median of {args.repeats} runs: total seconds in push() for every id plus flush()",
            "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    write_result(args.out, json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0 if all(r["under_50_ms"] for r in rows) else 1
 

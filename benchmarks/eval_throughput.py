@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from common import cpu_model, positive_int  # benchmarks/common.py
+from common import cpu_model, positive_int, write_result  # benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "eval_throughput.json"
@@ -154,7 +154,7 @@ def main() -> None:
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_result(args.out, json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: results[k] for k in ("speedup_generate", "speedup_loglikelihood")}))
     for name, table in (("generate", gen_s), ("loglikelihood", ll_s)):
         for b, s in table.items():

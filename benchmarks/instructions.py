@@ -40,7 +40,7 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
-from common import cpu_model, refuse  # benchmarks/common.py
+from common import cpu_model, refuse, write_result  # benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -274,7 +274,7 @@ def main() -> int:
            **info, **res}
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    (results / "instructions.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_result(results / "instructions.json", json.dumps(out, indent=2) + "\n")
     row = {"application": "instructions (synthetic)", "metric": "exact match, held-out, via serve + openai client",
            "value": res["exact_match"], "goal": f">= {GOAL:.2f}", "train_minutes": info["train_minutes"],
            "notes": f"char Transformer from scratch, {out['params']:,} params, {steps} SFT steps on "
@@ -284,7 +284,7 @@ def main() -> int:
                     f"(EM {res['exact_match_novel_problems']}); per family: "
                     + ", ".join(f"{k} {v['exact_match']:.3f}" for k, v in sorted(res["by_family"].items()))
                     + f"; served with the model's template: {res['served_with_model_template']}"}
-    (results / "applications_instructions.json").write_text(json.dumps({"rows": [row]}, indent=2) + "\n")
+    write_result(results / "applications_instructions.json", json.dumps({"rows": [row]}, indent=2) + "\n")
 
     print(f"\n{'task':<10} {'family':<11} {'n':>4} {'right':>6} {'EM':>6} {'EM new':>7}")
     fam = {t: f for t, f in make_instructions.FAMILIES.items()}

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from common import machine, positive_int, refuse
+from common import machine, positive_int, refuse, write_result
 
 from clusterlm.checkpoint.model_io import load_for_inference
 from clusterlm.eval.harness import DecodeOptions, resolve_task, run_task
@@ -124,7 +124,7 @@ def main() -> None:
            "energy_kept_mean_over_targets": {r: round(sum(e[k] for k in target_mats) / len(target_mats), 4)
                                              for r, e in energy.items()}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    write_result(args.out, json.dumps(doc, indent=1) + "\n")
     print(json.dumps({k: doc[k] for k in ("rows", "energy_kept_mean_over_targets")}, indent=1))
 
 

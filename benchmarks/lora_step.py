@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import machine, positive_int
+from common import machine, positive_int, write_result
 
 from clusterlm.config import bundled_recipes, load_run_config
 from clusterlm.finetune.lora import LoRAEmbedding, LoRALinear, TiedLoRAOutput, apply_lora
@@ -108,7 +108,7 @@ def main() -> None:
               "textbook_over_full": round(med["lora_textbook"] / med["full"], 3),
               "lora_speedup_over_textbook": round(med["lora_textbook"] / med["lora"], 3),
               "max_loss_diff_lora_vs_textbook": loss_diff, "steps_per_arm": len(losses["lora"])}
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("median_step_s", "lora_over_full", "textbook_over_full",
                                              "lora_speedup_over_textbook", "max_loss_diff_lora_vs_textbook",
                                              "machine")}, indent=1))

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_model, positive_int  # benchmarks/common.py
+from common import cpu_model, positive_int, write_result  # benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -99,7 +99,7 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d"),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "losses_unchanged.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_result(RESULTS / "losses_unchanged.json", json.dumps(result, indent=1) + "\n")
     if same:
         print(f"identical: {args.steps} of {args.steps} losses equal bit for bit "
               f"(last {new_losses[args.steps]})")

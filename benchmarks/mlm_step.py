@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from common import machine, positive_int
+from common import machine, positive_int, write_result
 
 from clusterlm.eval.metrics import IGNORE_INDEX, lm_loss
 from clusterlm.models.build import build_model
@@ -61,7 +61,7 @@ def main() -> None:
               "seq_len": args.seq_len, "masked_fraction": float(chosen.float().mean()),
               "median_s": med, "times_s": times, "speedup": med["every_position"] / med["predicted_only"],
               "last_loss_sum": losses}
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("median_s", "speedup", "machine")}, indent=1))
 
 

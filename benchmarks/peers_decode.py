@@ -57,7 +57,7 @@ from clusterlm.models.build import build_model
 from clusterlm.models.config import get_preset
 from clusterlm.optimize.quantize import quantize_model
 from clusterlm.tokenizer.kinds import make_tokenizer
-from common import machine, positive_int  # benchmarks/common.py
+from common import machine, positive_int, write_result  # benchmarks/common.py
 from generate_speed import STREAM_ROWS, bandwidth_gbs, weight_bytes  # benchmarks/generate_speed.py
 
 RESULTS = Path(__file__).parent / "results"
@@ -426,8 +426,8 @@ def main() -> None:
                              round(b1["ctranslate2"]["decode_median"] / (best_bw * 1e9 / nbytes), 3) if b1 else None},
            "load_after": [round(x, 2) for x in os.getloadavg()]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(res))
+    write_result(args.out, json.dumps(res, indent=2) + "\n")
+    write_result(args.out.with_suffix(".md"), markdown(res))
     print(markdown(res))
 
 

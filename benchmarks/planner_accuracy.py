@@ -373,6 +373,7 @@ def plot(result: dict, path: Path) -> None:
     """Predicted against measured step time, every round of every configuration, per-op and single-rate
     models, with the +-15% band (matplotlib, headless)."""
     import matplotlib
+    from common import save_figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -397,7 +398,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title("planner step time on the 2-core CPU, from the probe alone", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_model, positive_int  # benchmarks/common.py
+from common import cpu_model, positive_int, write_result  # benchmarks/common.py
 
 RESULTS = Path(__file__).parent / "results"
 GOAL = 0.8
@@ -158,7 +158,7 @@ def main() -> None:
         "by_cores": results,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "prepare_throughput.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_result(RESULTS / "prepare_throughput.json", json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
 

@@ -310,7 +310,7 @@ def main() -> None:
                         "replica's streams are then cut instead of ending with an error event)")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
-    from common import cpu_model
+    from common import cpu_model, write_result
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -344,7 +344,7 @@ def main() -> None:
            "haproxy": subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.splitlines()[0],
            **res, "drain_log": drain_log}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_result(args.out, json.dumps(out, indent=2) + "\n")
     print(json.dumps({k: v for k, v in out.items() if k != "drain_log"}, indent=2))
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx2 as httpx
 
-from common import cpu_model, positive_float, positive_int  # benchmarks/common.py
+from common import cpu_model, positive_float, positive_int, write_result  # benchmarks/common.py
 
 KEY = "bench-key"
 
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 "the machine may be shared with other jobs",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     tmp.cleanup()
     return 0

@@ -60,7 +60,7 @@ def main() -> None:
         from common import refuse  # benchmarks/ is on sys.path: this script's folder
 
         refuse(f"SST-2 not found: {', '.join(missing)}; pass --data DIR (research-use data, not bundled)")
-    from common import machine
+    from common import machine, write_result
 
     work = args.work or Path(tempfile.mkdtemp(prefix="sst2-distill-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -89,9 +89,9 @@ def main() -> None:
            "teachers_wall_s": round(teachers_wall, 1), "students_wall_s": round(students_wall, 1),
            "one_student_path_s": round(teachers_wall + max(s["train_s"] for s in students), 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    (args.out.parent / f"applications_sentiment_distill{suffix}.json").write_text(json.dumps({"rows": _rows(out)}, indent=2)
-                                                                          + "\n")
+    write_result(args.out, json.dumps(out, indent=2) + "\n")
+    write_result(args.out.parent / f"applications_sentiment_distill{suffix}.json",
+                 json.dumps({"rows": _rows(out)}, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
 

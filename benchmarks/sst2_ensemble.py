@@ -143,7 +143,7 @@ def main() -> None:
 
         refuse(f"SST-2 not found: {', '.join(missing)}; pass --data DIR (research-use data, not bundled)")
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import machine
+    from common import machine, write_result
 
     work = args.work or Path(tempfile.mkdtemp(prefix="sst2-ensemble-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -171,9 +171,9 @@ def main() -> None:
            "train_s": {str(m["seed"]): m["train_s"] for m in models}, "train_wall_s": round(train_wall, 1),
            "wall_s": round(wall, 1), "ensembles": table, "checkpoint": served}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    (args.out.parent / f"applications_sentiment_ensemble{suffix}.json").write_text(
-        json.dumps({"rows": _rows(out)}, indent=2) + "\n")
+    write_result(args.out, json.dumps(out, indent=2) + "\n")
+    write_result(args.out.parent / f"applications_sentiment_ensemble{suffix}.json",
+                 json.dumps({"rows": _rows(out)}, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
 
@@ -182,6 +182,8 @@ def mix(args: argparse.Namespace, suffix: str) -> None:
     samples files, e.g. six LSTMs against three LSTMs and three GRUs; writes sst2_ensemble_mix[_TAG].json."""
     import glob
     import random
+
+    from common import write_result  # benchmarks/ is on sys.path: this script's folder
 
     groups: dict[str, list[list[dict]]] = {}
     for spec in args.mix:
@@ -203,7 +205,7 @@ def mix(args: argparse.Namespace, suffix: str) -> None:
                              "best": max(accs)})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     path = args.out.with_name(f"sst2_ensemble_mix{suffix}.json")
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    write_result(path, json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
 

@@ -93,7 +93,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "stream_guard_overhead.json")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
-    from common import cpu_model
+    from common import cpu_model, write_result
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -136,7 +136,7 @@ def main() -> None:
            "guard_cpu_share_of_a_core_while_relaying": round(guard_cpu / guard_wall, 3),
            "replicas_cpu_s_whole_run": round(replica_cpu, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_result(args.out, json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
 

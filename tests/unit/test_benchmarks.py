@@ -62,3 +62,24 @@ def test_counts_and_durations_are_checked_before_anything_runs(tmp_path):
         assert r.returncode == 2, (script, r.returncode, r.stderr)
         assert f"error: argument {flag}: {value} is not" in r.stderr.splitlines()[-1], r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_result_file_that_fails_to_write_keeps_the_last_good_one(tmp_path):
+    """Results are written through common.write_result (a temporary name, then a rename): a write that fails
+    (here a row whose text cannot be encoded, as a full disk or Ctrl-C would) leaves the previous file
+    whole. Path.write_text truncated it to nothing first. save_figure does the same for a PNG."""
+    import json
+
+    import pytest
+
+    rows = json.loads((ROOT / "benchmarks" / "results" / "applications_translation.json").read_text())["rows"]
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "applications_x.json").write_text(json.dumps({"rows": [{**rows[0], "notes": "bad \ud800"}]}))
+    out = results / "applications.md"
+    out.write_text("the last good report\n")
+    report = _bench("applications_report")
+    with pytest.raises(UnicodeEncodeError):
+        report.main(["--results", str(results), "--out", str(out)])
+    assert out.read_text() == "the last good report\n"
+    assert sorted(p.name for p in results.iterdir()) == ["applications.md", "applications_x.json"]
