@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+RESULTS = Path(__file__).resolve().parent / "results"  # not the working directory's benchmarks/results
+
 VOCAB = 4096
 MEMORY_CONFIGS = [  # (name, dim, n_layers, n_heads, micro_batch, seq_len)
     ("d128-L4", 128, 4, 4, 8, 128),
@@ -362,6 +364,7 @@ def pick_vs_recipe(args: argparse.Namespace) -> int:
               "summary": summary, "rounds": rounds, "rounds_used": [rd["round"] for rd in used],
               "wall_s": round(time.time() - t_start, 1)}
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)  # as main()'s write: not a lost run for a missing folder
     from clusterlm.fsutil import atomic_write_text
 
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
@@ -404,7 +407,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="benchmarks/results/planner_accuracy.json")
+    ap.add_argument("--out", default=str(RESULTS / "planner_accuracy.json"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG next to --out from its JSON")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of (probe, time every configuration)")
@@ -426,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.pick_vs_recipe:
         if args.out == ap.get_default("out"):
-            args.out = "benchmarks/results/planner_accuracy_pick_vs_recipe.json"
+            args.out = str(RESULTS / "planner_accuracy_pick_vs_recipe.json")
         return pick_vs_recipe(args)
     if args.child:
         print(json.dumps(child_memory(*json.loads(args.child))))

@@ -83,3 +83,15 @@ def test_a_result_file_that_fails_to_write_keeps_the_last_good_one(tmp_path):
         report.main(["--results", str(results), "--out", str(out)])
     assert out.read_text() == "the last good report\n"
     assert sorted(p.name for p in results.iterdir()) == ["applications.md", "applications_x.json"]
+
+
+def test_planner_accuracy_defaults_are_the_repos_results_not_the_working_directorys(tmp_path, monkeypatch):
+    """planner_accuracy.py's --out defaulted to the relative benchmarks/results/...: run from any other
+    folder, --plot-only found no JSON and a measurement ended unable to write. Now beside the script."""
+    bench = _bench("planner_accuracy")
+    drawn = []
+    monkeypatch.setattr(bench, "plot", lambda result, path: drawn.append((sorted(result), path)))
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(["--plot-only"]) == 0
+    assert drawn and drawn[0][1] == ROOT / "benchmarks" / "results" / "planner_accuracy.png"
+    assert list(tmp_path.iterdir()) == []
