@@ -57,7 +57,7 @@ from clusterlm.models.build import build_model
 from clusterlm.models.config import get_preset
 from clusterlm.optimize.quantize import quantize_model
 from clusterlm.tokenizer.kinds import make_tokenizer
-from common import machine, positive_int, write_result  # benchmarks/common.py
+from common import machine, positive_int, refuse, write_result  # benchmarks/common.py
 from generate_speed import STREAM_ROWS, bandwidth_gbs, weight_bytes  # benchmarks/generate_speed.py
 
 RESULTS = Path(__file__).parent / "results"
@@ -234,6 +234,25 @@ def accuracy_logits(ckpt: Path, prompts: list[list[int]]) -> dict[str, float]:
     return out
 
 
+def check_val_args(ckpt: Path | None, data: Path | None) -> None:
+    """--val-ckpt and --val-data come together, a checkpoint and a prepared data directory (refused here
+    with one line: the val losses are measured last, after the whole decode comparison)."""
+    from clusterlm.checkpoint.store import resolve_checkpoint
+    from clusterlm.errors import ClusterlmError
+
+    if (ckpt is None) != (data is None):
+        refuse("--val-ckpt and --val-data go together: a trained checkpoint and its prepared data directory")
+    if ckpt is None:
+        return
+    try:
+        resolve_checkpoint(ckpt)
+    except ClusterlmError as e:
+        refuse(f"--val-ckpt {ckpt}: {e}")
+    if not (data / "meta.json").is_file():
+        refuse(f"--val-data {data}: not a prepared data directory (no meta.json); give the checkpoint's "
+               "(clusterlm prepare ... --out DIR)")
+
+
 def accuracy_val_loss(ckpt: Path, data: Path, batches: int) -> dict[str, float]:
     """Val loss of a trained checkpoint (the Shakespeare recipe) over `batches` sequential val batches:
     plain fp32, fp32 packed, bf16 packed, int8."""
@@ -329,7 +348,11 @@ def main() -> None:
     if args.ct2_worker:
         torch.set_num_threads(args.threads)
         return ct2_worker(args.ct2_worker, json.loads(args.ct2_types), args.threads)
-    import ctranslate2
+    check_val_args(args.val_ckpt, args.val_data)  # before minutes of decoding, not after them
+    try:
+        import ctranslate2
+    except ImportError:
+        refuse("peers_decode.py needs ctranslate2 (the peer it times): pip install -e '.[bench]'")
 
     torch.set_num_threads(args.threads)
     load_before = [round(x, 2) for x in os.getloadavg()]

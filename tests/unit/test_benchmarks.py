@@ -95,3 +95,15 @@ def test_planner_accuracy_defaults_are_the_repos_results_not_the_working_directo
     assert bench.main(["--plot-only"]) == 0
     assert drawn and drawn[0][1] == ROOT / "benchmarks" / "results" / "planner_accuracy.png"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_peers_decode_checks_its_val_arguments_before_decoding(tmp_path):
+    """peers_decode.py measures the val losses last: --val-ckpt without --val-data (or a data folder that is
+    not prepared data) failed after the whole decode comparison, nothing written. Refused first, exit 2."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for args, says in ((["--val-ckpt", str(tmp_path)], "--val-ckpt and --val-data go together"),
+                       (["--val-ckpt", str(tmp_path / "none"), "--val-data", str(data)], f"--val-ckpt {tmp_path}"),):
+        r = _run("peers_decode.py", *args, "--out", str(tmp_path / "p.json"), tmp=tmp_path)
+        assert r.returncode == 2 and says in r.stderr.splitlines()[-1], r.stderr
+    assert not (tmp_path / "p.json").exists()
