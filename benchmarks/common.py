@@ -5,6 +5,7 @@
     from common import refuse         # bad input (missing data, a bad argument): one line, exit 2
     from common import positive_int   # argparse type= for counts that must be >= 1 (repeats, threads, ...)
     from common import write_result   # a result file (JSON, markdown) written whole or not at all
+    from common import check_checkpoint  # a checkpoint argument refused at once, one line, exit 2
 """
 
 from __future__ import annotations
@@ -46,6 +47,20 @@ def save_figure(fig: object, path: str | Path, dpi: int) -> None:
     fig.savefig(buf, format="png", dpi=dpi)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def check_checkpoint(flag: str, path: str | Path | None) -> None:
+    """Refuse (one line, exit 2) a checkpoint argument that names no checkpoint, before anything is made
+    or measured: loading it later gave a CheckpointError traceback, in some scripts after set-up."""
+    if path is None or path == "":
+        return
+    from clusterlm.checkpoint.store import resolve_checkpoint
+    from clusterlm.errors import ClusterlmError
+
+    try:
+        resolve_checkpoint(str(path))
+    except ClusterlmError as e:
+        refuse(f"{flag} {path}: {e}")
 
 
 def positive_int(text: str) -> int:

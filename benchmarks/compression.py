@@ -45,7 +45,7 @@ from clusterlm.models.config import get_preset
 from clusterlm.optimize.prune import prune_checkpoint
 from clusterlm.optimize.quantize import quantize_checkpoint
 from clusterlm.tokenizer.kinds import make_tokenizer
-from common import cpu_model, gpu_name, positive_int, refuse, write_result  # benchmarks/common.py
+from common import check_checkpoint, cpu_model, gpu_name, positive_int, refuse, write_result  # benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -187,6 +187,7 @@ def main() -> None:
     ap.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
     args = ap.parse_args()
+    check_checkpoint("--ckpt", args.ckpt)
     torch.set_num_threads(args.threads)
     results: dict = {"command": shlex.join(["python", "benchmarks/compression.py", *sys.argv[1:]]),
                      "torch": torch.__version__, "threads": args.threads, "repeats": args.repeats,

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from common import cpu_model, positive_int, write_result  # benchmarks/common.py
+from common import check_checkpoint, cpu_model, positive_int, write_result  # benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "eval_throughput.json"
@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--threads", type=positive_int, default=1)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
+    check_checkpoint("--checkpoint", args.checkpoint)
 
     from clusterlm.eval.lm import generate_batch, loglikelihood
 

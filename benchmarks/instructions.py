@@ -40,7 +40,7 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
-from common import cpu_model, refuse, write_result  # benchmarks/common.py
+from common import check_checkpoint, cpu_model, refuse, write_result  # benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -231,6 +231,7 @@ def main() -> int:
     p.add_argument("overrides", nargs="*", help="extra --section.key=value overrides for clusterlm finetune")
     args, unknown = p.parse_known_args()
     overrides = args.overrides + unknown
+    check_checkpoint("--run", args.run)
     for name in ("train.jsonl", "heldout.jsonl") if args.data else ():  # before any folder is made
         if not (Path(args.data) / name).is_file():
             refuse(f"--data {args.data}: no {name} (make one with scripts/make_instructions.py --out {args.data})")

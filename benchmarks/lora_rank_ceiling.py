@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from common import machine, positive_int, refuse, write_result
+from common import check_checkpoint, machine, positive_int, refuse, write_result
 
 from clusterlm.checkpoint.model_io import load_for_inference
 from clusterlm.eval.harness import DecodeOptions, resolve_task, run_task
@@ -70,6 +70,8 @@ def main() -> None:
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args()
+    check_checkpoint("--base", args.base)
+    check_checkpoint("--full", args.full)
     torch.set_num_threads(args.threads)
     files = [Path(args.data) / f"test_2016_flickr.{x}.gz" for x in ("en", args.pair)]
     if not all(f.is_file() for f in files):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx2 as httpx
 
-from common import cpu_model, positive_float, positive_int, write_result  # benchmarks/common.py
+from common import check_checkpoint, cpu_model, positive_float, positive_int, write_result  # benchmarks/common.py
 
 KEY = "bench-key"
 
@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=positive_int, default=1, help="the server's --threads")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_load.json"))
     args = p.parse_args(argv)
+    check_checkpoint("--ckpt", args.ckpt)
 
     import torch
 

@@ -107,3 +107,14 @@ def test_peers_decode_checks_its_val_arguments_before_decoding(tmp_path):
         r = _run("peers_decode.py", *args, "--out", str(tmp_path / "p.json"), tmp=tmp_path)
         assert r.returncode == 2 and says in r.stderr.splitlines()[-1], r.stderr
     assert not (tmp_path / "p.json").exists()
+
+
+def test_a_checkpoint_argument_that_names_none_is_refused_first(tmp_path):
+    """--checkpoint/--ckpt/--base/--run naming no checkpoint was a CheckpointError traceback (instructions.py's
+    after writing its instruction set into a new temp folder): one line naming the flag, exit 2, nothing made."""
+    for script, *args in (("eval_throughput.py", "--checkpoint"), ("lora_rank_ceiling.py", "--full", "x", "--base"),
+                          ("instructions.py", "--train-records", "10", "--run")):
+        r = _run(script, *args, str(tmp_path / "none"), tmp=tmp_path)
+        assert r.returncode == 2, (script, r.stderr)
+        assert r.stderr.splitlines()[-1].startswith(f"{args[-1]} {tmp_path / 'none'}: "), r.stderr
+    assert list(tmp_path.iterdir()) == []
