@@ -70,13 +70,13 @@ def main() -> None:
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args()
-    check_checkpoint("--base", args.base)
-    check_checkpoint("--full", args.full)
     torch.set_num_threads(args.threads)
     files = [Path(args.data) / f"test_2016_flickr.{x}.gz" for x in ("en", args.pair)]
     if not all(f.is_file() for f in files):
         refuse(f"Multi30k test files not found: {', '.join(map(str, files))}; pass --data DIR "
                "(../shared/data/multi30k in this workplace; research use only, never bundled)")
+    check_checkpoint("--base", args.base)
+    check_checkpoint("--full", args.full)
     task = resolve_task(",".join(map(str, files)), limit=args.limit or None)
     base, full = load_for_inference(args.base), load_for_inference(args.full)
     b_sd, f_sd = base.model.state_dict(), full.model.state_dict()
