@@ -112,9 +112,15 @@ def test_peers_decode_checks_its_val_arguments_before_decoding(tmp_path):
 def test_a_checkpoint_argument_that_names_none_is_refused_first(tmp_path):
     """--checkpoint/--ckpt/--base/--run naming no checkpoint was a CheckpointError traceback (instructions.py's
     after writing its instruction set into a new temp folder): one line naming the flag, exit 2, nothing made."""
-    for script, *args in (("eval_throughput.py", "--checkpoint"), ("lora_rank_ceiling.py", "--full", "x", "--base"),
+    m30k, tmp = tmp_path / "m30k", tmp_path / "tmp"
+    m30k.mkdir(), tmp.mkdir()
+    for lang in ("en", "fr"):  # lora_rank_ceiling.py checks its --data first (no ../shared on a fresh machine)
+        (m30k / f"test_2016_flickr.{lang}.gz").write_bytes(b"")
+    for script, *args in (("eval_throughput.py", "--checkpoint"),
+                          ("lora_rank_ceiling.py", "--data", str(m30k), "--full", "x", "--base"),
                           ("instructions.py", "--train-records", "10", "--run")):
-        r = _run(script, *args, str(tmp_path / "none"), tmp=tmp_path)
+        r = _run(script, *args, str(tmp_path / "none"), tmp=tmp)
         assert r.returncode == 2, (script, r.stderr)
         assert r.stderr.splitlines()[-1].startswith(f"{args[-1]} {tmp_path / 'none'}: "), r.stderr
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp.iterdir()) == []
+
