@@ -74,7 +74,7 @@ from pathlib import Path
 from typing import Any
 
 from clusterlm.config import bundled_recipes, load_run_config
-from common import cpu_model, refuse, save_figure, write_result  # benchmarks/common.py
+from common import cpu_model, positive_float, positive_int, refuse, save_figure, write_result  # benchmarks/common.py
 
 RESULTS = Path(__file__).parent / "results"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the repo
@@ -797,15 +797,15 @@ def main() -> None:
         x.add_argument("--pair", choices=["fr", "de"], default="fr", help="target language (source: en)")
         x.add_argument("--data", default=str(SHARED / "multi30k"), help="folder with train.*.gz and test_2016_flickr.*.gz")
         x.add_argument("--test-limit", type=int, default=0, help="test sentences scored at the end (0 = all 1,000)")
-    t.add_argument("--minutes", type=float, default=30.0, help="training wall-time budget")
-    t.add_argument("--points", type=int, default=6, help="BLEU measurements during training")
-    t.add_argument("--curve-limit", type=int, default=200, help="test sentences scored for each curve point")
+    t.add_argument("--minutes", type=positive_float, default=30.0, help="training wall-time budget")
+    t.add_argument("--points", type=positive_int, default=6, help="BLEU measurements during training")
+    t.add_argument("--curve-limit", type=positive_int, default=200, help="test sentences scored for each curve point")
     t.add_argument("--arch", choices=["decoder", "encdec"], default="decoder",
                    help="decoder: multi30k_enXX_cpu (decoder-only SFT); encdec: multi30k_enXX_encdec_cpu (issue 16)")
-    t.add_argument("--num-beams", type=int, default=1, help="also score the final weights with beam search")
+    t.add_argument("--num-beams", type=positive_int, default=1, help="also score the final weights with beam search")
     t.add_argument("--length-penalty", type=float, default=1.0, help="beam search length penalty")
-    tl.add_argument("--pretrain-minutes", type=float, default=10.0, help="LM pre-training wall time")
-    tl.add_argument("--minutes", type=float, default=10.0, help="fine-tuning wall time, each of full and LoRA")
+    tl.add_argument("--pretrain-minutes", type=positive_float, default=10.0, help="LM pre-training wall time")
+    tl.add_argument("--minutes", type=positive_float, default=10.0, help="fine-tuning wall time, each of full and LoRA")
     tl.add_argument("--base-pairs", nargs="*", default=[], metavar="DIR",
                     help="also pre-train the base on these translation directions' pairs (and their languages' "
                          "sentences): X for en->X, X-Y for X->Y, e.g. de (LoRA then adapts a translator into German "
@@ -835,7 +835,7 @@ def main() -> None:
                     "update plus one trainable magnitude per output row)")
     tl.add_argument("--lora-plus-ratio", type=float, default=1.0, help="finetune.lora_plus_ratio for the LoRA arm: "
                     "its B factors at this x its lr (LoRA+, Hayou et al. 2024, suggest 16); 1 = plain LoRA")
-    tl.add_argument("--lora-rank", type=int, default=8, help="the LoRA arm's rank (the goal is about 8; a higher "
+    tl.add_argument("--lora-rank", type=positive_int, default=8, help="the LoRA arm's rank (the goal is about 8; a higher "
                     "one tells whether the rank is what holds LoRA back)")
     tl.add_argument("--task-in-base", action="store_true",
                     help="with --disjoint and --base-pairs naming the fine-tuning direction (e.g. fr de): the base "
@@ -852,12 +852,12 @@ def main() -> None:
                          "and saved every --ft-eval-interval steps) instead of its last step: on a few pairs both "
                          "arms overfit long before the budget ends (add --ft-override=--data.val_fraction=0.1 "
                          "for a held-out split worth the name)")
-    tl.add_argument("--ft-eval-interval", type=int, default=100, help="steps between --ft-best's evaluations")
+    tl.add_argument("--ft-eval-interval", type=positive_int, default=100, help="steps between --ft-best's evaluations")
     tl.add_argument("--reuse", action="store_true", help="reuse the base and the full fine-tuning a run in the "
                     "same --work made (their arm.json): only LoRA trains again, e.g. to try another --lora-lr-scale")
     s = sub.add_parser("sentiment", help="SST-2: scratch vs LM pre-training + fine-tuning, LoRA vs full")
     s.add_argument("--data", default=str(SHARED / "sst2"), help="folder with train.tsv.gz and dev.tsv")
-    s.add_argument("--minutes", type=float, default=20.0, help="total training wall time per arm")
+    s.add_argument("--minutes", type=positive_float, default=20.0, help="total training wall time per arm")
     s.add_argument("--arch", action="append", choices=["transformer", "lstm", "encoder"],
                    help="repeatable (default transformer); encoder: masked-LM pre-training (issue 16)")
     s.add_argument("--pretrain-share", type=float, default=0.6, help="fraction of the budget for LM pre-training")

@@ -40,7 +40,7 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
-from common import check_checkpoint, cpu_model, refuse, write_result  # benchmarks/common.py
+from common import check_checkpoint, cpu_model, positive_float, positive_int, refuse, write_result  # benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -219,14 +219,14 @@ def wrong_examples(rows: list[dict], per_task: int = 3) -> list[dict]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="folder with train.jsonl and heldout.jsonl (default: generate)")
-    p.add_argument("--train-records", type=int, default=200000)
-    p.add_argument("--heldout-records", type=int, default=300)
+    p.add_argument("--train-records", type=positive_int, default=200000)
+    p.add_argument("--heldout-records", type=positive_int, default=300)
     p.add_argument("--seed", type=int, default=0, help="generator seed (with no --data)")
-    p.add_argument("--steps", type=int, default=None, help="train.max_steps (default: the recipe's)")
-    p.add_argument("--minutes", type=float, default=None, help="train.max_minutes: stop training after this long")
+    p.add_argument("--steps", type=positive_int, default=None, help="train.max_steps (default: the recipe's)")
+    p.add_argument("--minutes", type=positive_float, default=None, help="train.max_minutes: stop training after this long")
     p.add_argument("--run", default=None, help="score this existing run instead of training")
     p.add_argument("--work", default=None, help="folder for the data, run and logs (default: a temporary one)")
-    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-tokens", type=positive_int, default=16)
     p.add_argument("--results", default=str(RESULTS), help="folder for the JSON results")
     p.add_argument("overrides", nargs="*", help="extra --section.key=value overrides for clusterlm finetune")
     args, unknown = p.parse_known_args()

@@ -406,11 +406,13 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from common import positive_int  # benchmarks/common.py (this script's folder)
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(RESULTS / "planner_accuracy.json"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG next to --out from its JSON")
-    ap.add_argument("--repeats", type=int, default=3, help="rounds of (probe, time every configuration)")
+    ap.add_argument("--repeats", type=positive_int, default=3, help="rounds of (probe, time every configuration)")
     ap.add_argument("--wait-quiet", type=float, default=900.0, help="before each round, wait up to this many "
                     "seconds for other processes to use < 0.2 CPUs")
     ap.add_argument("--max-foreign", type=float, default=0.3, help="a round during which other processes used "
@@ -419,10 +421,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pick-vs-recipe", action="store_true", help="issue 20's check: the planner's pick for each CPU "
                     "recipe trained for real against the recipe's own layout (writes planner_accuracy_pick_vs_recipe"
                     ".json unless --out is given)")
-    ap.add_argument("--train-steps", type=int, default=60, help="with --pick-vs-recipe: steps per training run")
+    ap.add_argument("--train-steps", type=positive_int, default=60, help="with --pick-vs-recipe: steps per training run")
     ap.add_argument("--warmup-steps", type=int, default=10, help="with --pick-vs-recipe: first steps not counted")
     ap.add_argument("--quick-probe", action="store_true", help="with --pick-vs-recipe: probe --quick")
-    ap.add_argument("--probe-tries", type=int, default=1, help="with --pick-vs-recipe: probe again, up to this many "
+    ap.add_argument("--probe-tries", type=positive_int, default=1, help="with --pick-vs-recipe: probe again, up to this many "
                     "times per round, while the probe says it was disturbed")
     ap.add_argument("--data-dir", default="/tmp/clusterlm-bench/shakespeare_char", help="with --pick-vs-recipe: "
                     "prepared character-level Shakespeare (prepared there on first use)")

@@ -113,10 +113,12 @@ def accuracy(members: list[list[dict]]) -> float:
 
 
 def main() -> None:
+    from common import positive_int  # benchmarks/common.py (this script's folder)
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[1337, 2, 3, 4, 5, 6])
-    p.add_argument("--parallel", type=int, default=2, help="runs at a time (1 thread each)")
-    p.add_argument("--steps", type=int, default=2200, help="training steps per model (the recipe's)")
+    p.add_argument("--parallel", type=positive_int, default=2, help="runs at a time (1 thread each)")
+    p.add_argument("--steps", type=positive_int, default=2200, help="training steps per model (the recipe's)")
     p.add_argument("--data", type=Path, default=SHARED / "sst2", help="folder with train.tsv.gz and dev.tsv")
     p.add_argument("--work", type=Path, default=None, help="runs and samples (default: a temporary folder)")
     p.add_argument("--override", action="append", default=[], help="extra --section.key=value for every run, "

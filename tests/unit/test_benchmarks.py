@@ -124,3 +124,13 @@ def test_a_checkpoint_argument_that_names_none_is_refused_first(tmp_path):
         assert r.stderr.splitlines()[-1].startswith(f"{args[-1]} {tmp_path / 'none'}: "), r.stderr
     assert list(tmp.iterdir()) == []
 
+
+def test_the_long_runs_check_their_budgets_and_counts_too(tmp_path):
+    """The training benchmarks: --parallel 0 was a ThreadPoolExecutor traceback, --minutes 0 a training run
+    of no length (after a calibration run), --train-records 0 a set of nothing; each a usage error, exit 2."""
+    for script, *args in (("sst2_ensemble.py", "--parallel", "0"), ("applications.py", "translate", "--minutes", "0"),
+                          ("instructions.py", "--train-records", "0")):
+        r = _run(script, *args, tmp=tmp_path)
+        assert r.returncode == 2, (script, r.stderr)
+        assert f"error: argument {args[-2]}: 0 is not" in r.stderr.splitlines()[-1], r.stderr
+    assert list(tmp_path.iterdir()) == []
