@@ -887,6 +887,8 @@ def main() -> None:
     args = p.parse_args()
     if args.cmd == "sentiment" and not args.arch:
         args.arch = ["transformer"]
+    if args.cmd == "sentiment" and not 0 < args.pretrain_share < 1:  # else the budgets' floors hid it: unequal arms
+        refuse(f"--pretrain-share {args.pretrain_share:g}: give a fraction of --minutes strictly between 0 and 1")
     if args.threads:
         import torch
 

@@ -135,3 +135,10 @@ def test_the_long_runs_check_their_budgets_and_counts_too(tmp_path):
         assert f"error: argument {args[-2]}: 0 is not" in r.stderr.splitlines()[-1], r.stderr
     assert list(tmp_path.iterdir()) == []
 
+
+def test_sentiment_pretrain_share_is_a_fraction(tmp_path):
+    """applications.py sentiment --pretrain-share 1.5 pre-trained the LM for 1.5x --minutes and gave the
+    fine-tuning the 0.5-minute floor (the arms' equal budget silently broken); now refused before any work."""
+    r = _run("applications.py", "sentiment", "--pretrain-share", "1.5", "--data", str(tmp_path / "none"), tmp=tmp_path)
+    assert r.returncode == 2 and "--pretrain-share 1.5: give a fraction" in r.stderr.splitlines()[-1], r.stderr
+    assert list(tmp_path.iterdir()) == []
