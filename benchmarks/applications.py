@@ -60,6 +60,7 @@ sentiment_sst2_ARCH_Nmin.json and applications_{translation,sentiment}.json (row
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import logging
@@ -73,7 +74,7 @@ from pathlib import Path
 from typing import Any
 
 from clusterlm.config import bundled_recipes, load_run_config
-from common import cpu_model  # benchmarks/common.py
+from common import cpu_model, positive_float, positive_int, refuse, save_figure, write_result  # benchmarks/common.py
 
 RESULTS = Path(__file__).parent / "results"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the repo
@@ -95,7 +96,7 @@ def env_info() -> dict[str, Any]:
 def need(paths: list[Path], what: str, flag: str) -> None:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        sys.exit(f"{what} not found: {', '.join(missing)}; pass {flag} DIR (research-use data, not bundled)")
+        refuse(f"{what} not found: {', '.join(missing)}; pass {flag} DIR (research-use data, not bundled)")
 
 
 def q(value: Any) -> str:
@@ -163,7 +164,7 @@ def write_rows(name: str, rows: list[dict]) -> Path:
     old = json.loads(path.read_text())["rows"] if path.is_file() else []
     keys = {(r["application"], r["metric"]) for r in rows}
     merged = [r for r in old if (r["application"], r["metric"]) not in keys] + rows
-    path.write_text(json.dumps({"rows": merged}, indent=2) + "\n")
+    write_result(path, json.dumps({"rows": merged}, indent=2) + "\n")
     return path
 
 
@@ -251,7 +252,7 @@ def translate(args: argparse.Namespace) -> None:
            "final_train_loss": res.final_train_loss, "final_val_loss": res.final_val_loss}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"translation_multi30k_{tag}_{args.minutes:g}min"
-    stem.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
+    write_result(stem.with_suffix(".json"), json.dumps(out, indent=2) + "\n")
     plot_curve(curve, train_min, bleu, tgt, args, stem.with_suffix(".png"),
                goal=GOAL_ENCDEC_BLEU if encdec and tgt == "fr" else GOAL_BLEU[tgt])
     app = f"translation en->{tgt} (Multi30k{', encdec' if encdec else ''})"
@@ -482,7 +483,7 @@ def translate_lora(args: argparse.Namespace) -> None:
     lr_tag += "_ftbest" if args.ft_best else ""
     path = RESULTS / (f"translation_multi30k_en{tgt}_lora{'_emb' if emb_adapter else ''}"
                       f"{f'_from_en{other}' if other else ''}{lr_tag}_{args.minutes:g}min.json")
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    write_result(path, json.dumps(out, indent=2) + "\n")
     b_full, b_lo = full["test"]["bleu"], lo["test"]["bleu"]
     frac = 100 * lo["trainable"] / lo["total"]
     dirs = " and ".join(f"{a}->{b}" for a, b in directions)
@@ -588,7 +589,7 @@ def plot_curve(curve: list[dict], minutes: float, bleu: float, tgt: str, args: a
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -744,7 +745,7 @@ def sentiment(args: argparse.Namespace) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "_".join(args.arch)
     tag = f"_{args.tag}" if args.tag else ""
-    (RESULTS / f"sentiment_sst2_{name}_{args.minutes:g}min{tag}.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_result(RESULTS / f"sentiment_sst2_{name}_{args.minutes:g}min{tag}.json", json.dumps(out, indent=2) + "\n")
     rows += compare_sentiment(args.minutes)
     write_rows("sentiment", rows)
     print(json.dumps({arch: {k: v["dev"] for k, v in arms.items()} for arch, arms in out["arms"].items()}, indent=1))
@@ -796,15 +797,15 @@ def main() -> None:
         x.add_argument("--pair", choices=["fr", "de"], default="fr", help="target language (source: en)")
         x.add_argument("--data", default=str(SHARED / "multi30k"), help="folder with train.*.gz and test_2016_flickr.*.gz")
         x.add_argument("--test-limit", type=int, default=0, help="test sentences scored at the end (0 = all 1,000)")
-    t.add_argument("--minutes", type=float, default=30.0, help="training wall-time budget")
-    t.add_argument("--points", type=int, default=6, help="BLEU measurements during training")
-    t.add_argument("--curve-limit", type=int, default=200, help="test sentences scored for each curve point")
+    t.add_argument("--minutes", type=positive_float, default=30.0, help="training wall-time budget")
+    t.add_argument("--points", type=positive_int, default=6, help="BLEU measurements during training")
+    t.add_argument("--curve-limit", type=positive_int, default=200, help="test sentences scored for each curve point")
     t.add_argument("--arch", choices=["decoder", "encdec"], default="decoder",
                    help="decoder: multi30k_enXX_cpu (decoder-only SFT); encdec: multi30k_enXX_encdec_cpu (issue 16)")
-    t.add_argument("--num-beams", type=int, default=1, help="also score the final weights with beam search")
+    t.add_argument("--num-beams", type=positive_int, default=1, help="also score the final weights with beam search")
     t.add_argument("--length-penalty", type=float, default=1.0, help="beam search length penalty")
-    tl.add_argument("--pretrain-minutes", type=float, default=10.0, help="LM pre-training wall time")
-    tl.add_argument("--minutes", type=float, default=10.0, help="fine-tuning wall time, each of full and LoRA")
+    tl.add_argument("--pretrain-minutes", type=positive_float, default=10.0, help="LM pre-training wall time")
+    tl.add_argument("--minutes", type=positive_float, default=10.0, help="fine-tuning wall time, each of full and LoRA")
     tl.add_argument("--base-pairs", nargs="*", default=[], metavar="DIR",
                     help="also pre-train the base on these translation directions' pairs (and their languages' "
                          "sentences): X for en->X, X-Y for X->Y, e.g. de (LoRA then adapts a translator into German "
@@ -834,7 +835,7 @@ def main() -> None:
                     "update plus one trainable magnitude per output row)")
     tl.add_argument("--lora-plus-ratio", type=float, default=1.0, help="finetune.lora_plus_ratio for the LoRA arm: "
                     "its B factors at this x its lr (LoRA+, Hayou et al. 2024, suggest 16); 1 = plain LoRA")
-    tl.add_argument("--lora-rank", type=int, default=8, help="the LoRA arm's rank (the goal is about 8; a higher "
+    tl.add_argument("--lora-rank", type=positive_int, default=8, help="the LoRA arm's rank (the goal is about 8; a higher "
                     "one tells whether the rank is what holds LoRA back)")
     tl.add_argument("--task-in-base", action="store_true",
                     help="with --disjoint and --base-pairs naming the fine-tuning direction (e.g. fr de): the base "
@@ -851,12 +852,12 @@ def main() -> None:
                          "and saved every --ft-eval-interval steps) instead of its last step: on a few pairs both "
                          "arms overfit long before the budget ends (add --ft-override=--data.val_fraction=0.1 "
                          "for a held-out split worth the name)")
-    tl.add_argument("--ft-eval-interval", type=int, default=100, help="steps between --ft-best's evaluations")
+    tl.add_argument("--ft-eval-interval", type=positive_int, default=100, help="steps between --ft-best's evaluations")
     tl.add_argument("--reuse", action="store_true", help="reuse the base and the full fine-tuning a run in the "
                     "same --work made (their arm.json): only LoRA trains again, e.g. to try another --lora-lr-scale")
     s = sub.add_parser("sentiment", help="SST-2: scratch vs LM pre-training + fine-tuning, LoRA vs full")
     s.add_argument("--data", default=str(SHARED / "sst2"), help="folder with train.tsv.gz and dev.tsv")
-    s.add_argument("--minutes", type=float, default=20.0, help="total training wall time per arm")
+    s.add_argument("--minutes", type=positive_float, default=20.0, help="total training wall time per arm")
     s.add_argument("--arch", action="append", choices=["transformer", "lstm", "encoder"],
                    help="repeatable (default transformer); encoder: masked-LM pre-training (issue 16)")
     s.add_argument("--pretrain-share", type=float, default=0.6, help="fraction of the budget for LM pre-training")
@@ -886,12 +887,15 @@ def main() -> None:
     args = p.parse_args()
     if args.cmd == "sentiment" and not args.arch:
         args.arch = ["transformer"]
+    if args.cmd == "sentiment" and not 0 < args.pretrain_share < 1:  # else the budgets' floors hid it: unequal arms
+        refuse(f"--pretrain-share {args.pretrain_share:g}: give a fraction of --minutes strictly between 0 and 1")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)  # scoring after training too (train() restores this count)
         args.override = [f"--train.threads={args.threads}", *args.override]
-    if args.work is None:
+    made_work = args.work is None
+    if made_work:
         import tempfile
 
         args.work = tempfile.mkdtemp(prefix=f"applications_{args.cmd}_")
@@ -899,7 +903,13 @@ def main() -> None:
 
     setup_logging(0)
     log.info("work folder %s", args.work)
-    {"translate": translate, "translate-lora": translate_lora, "sentiment": sentiment}[args.cmd](args)
+    try:
+        {"translate": translate, "translate-lora": translate_lora, "sentiment": sentiment}[args.cmd](args)
+    except SystemExit:  # refused before anything was made (missing data): no empty temp folder left behind
+        if made_work:
+            with contextlib.suppress(OSError):
+                os.rmdir(args.work)  # only while still empty
+        raise
 
 
 if __name__ == "__main__":

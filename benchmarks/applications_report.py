@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results)
     text, problems, n = render(results)
     out = Path(args.out) if args.out else results / "applications.md"
-    out.write_text(text, encoding="utf-8")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when imported
+    from common import write_result
+
+    write_result(out, text)
     for msg in problems:
         print(f"skipped: {msg}", file=sys.stderr)
     print(f"wrote {out}: {n} rows" + (f", {len(problems)} input(s) skipped" if problems else ""))

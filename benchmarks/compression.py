@@ -45,7 +45,7 @@ from clusterlm.models.config import get_preset
 from clusterlm.optimize.prune import prune_checkpoint
 from clusterlm.optimize.quantize import quantize_checkpoint
 from clusterlm.tokenizer.kinds import make_tokenizer
-from common import cpu_model, gpu_name  # benchmarks/common.py
+from common import check_checkpoint, cpu_model, gpu_name, positive_int, refuse, write_result  # benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -62,7 +62,7 @@ def check_data(data: Path, ckpt: Path) -> None:
     try:
         check_data_tokenizer(data, read_meta(data), ckpt, load_tokenizer(ckpt / "tokenizer.json"))
     except (ClusterlmError, OSError) as e:
-        sys.exit(f"--data {data}: {e}")
+        refuse(f"--data {data}: {e}")
 
 
 def train_shakespeare(out_dir: Path, threads: int) -> tuple[Path, list[str]]:
@@ -175,18 +175,19 @@ def main() -> None:
     ap.add_argument("--ckpt", type=Path, default=None,
                     help="a trained Shakespeare char run (or step folder); omitted: train one into --train-dir")
     ap.add_argument("--train-dir", type=Path, default=ROOT / "runs" / "compression_shakespeare_char")
-    ap.add_argument("--train-threads", type=int, default=1,
+    ap.add_argument("--train-threads", type=positive_int, default=1,
                     help="torch threads for training (1: steadier than 2 on a machine shared with other jobs)")
     ap.add_argument("--data", type=Path, default=ROOT / "data" / "shakespeare_char",  # prepared by the training
                     help="the model's prepared data directory (val split; fine-tune data)")
-    ap.add_argument("--eval-batches", type=int, default=50)
-    ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--eval-batches", type=positive_int, default=50)
+    ap.add_argument("--new-tokens", type=positive_int, default=48)
+    ap.add_argument("--repeats", type=positive_int, default=3)
     ap.add_argument("--finetune-steps", type=int, default=200)
     ap.add_argument("--skip-gpt2", action="store_true")
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
     args = ap.parse_args()
+    check_checkpoint("--ckpt", args.ckpt)
     torch.set_num_threads(args.threads)
     results: dict = {"command": shlex.join(["python", "benchmarks/compression.py", *sys.argv[1:]]),
                      "torch": torch.__version__, "threads": args.threads, "repeats": args.repeats,
@@ -194,8 +195,8 @@ def main() -> None:
                      "cpu": cpu_model(), "gpu": gpu_name()}
     default_data = ROOT / "data" / "shakespeare_char"
     if args.data != default_data and not (args.data / "meta.json").is_file():  # before minutes of training
-        sys.exit(f"--data {args.data}: not a prepared data directory (no meta.json); give the model's prepared "
-                 f"data (clusterlm prepare ... --out DIR), or leave --data out for {default_data}")
+        refuse(f"--data {args.data}: not a prepared data directory (no meta.json); give the model's prepared "
+               f"data (clusterlm prepare ... --out DIR), or leave --data out for {default_data}")
     if args.ckpt is None:
         src, cmd = train_shakespeare(args.train_dir, args.train_threads)
     else:
@@ -217,8 +218,8 @@ def main() -> None:
             results["models"]["gpt2-124m architecture (random weights)"] = rows
     results["load_after"] = [round(x, 2) for x in os.getloadavg()]
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "compression.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
-    (args.out_dir / "compression.md").write_text(markdown(results))
+    write_result(args.out_dir / "compression.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
+    write_result(args.out_dir / "compression.md", markdown(results))
     print(markdown(results))
 
 

@@ -26,7 +26,7 @@ from clusterlm.generate.text import TextStream
 from clusterlm.tokenizer.bpe import BPETokenizer
 from clusterlm.tokenizer.byte import ByteTokenizer
 from clusterlm.tokenizer.char import CharTokenizer
-from common import cpu_model  # benchmarks/common.py
+from common import cpu_model, positive_int, write_result  # benchmarks/common.py
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EXTRA = "héllo wörld, 日本語のテキスト 😀🎉 naïve café — “quotes”\n"
@@ -61,8 +61,8 @@ def _run(cls, tok, ids: list[int]) -> tuple[float, str]:  # noqa: ANN001
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--tokens", type=positive_int, default=4096)
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--out", default=str(RESULTS / "detokenize_stream.json"))
     args = p.parse_args()
     corpus = "".join(b.decode("utf-8") for _, b in builtin_files("shakespeare")[:3])
@@ -95,7 +95,7 @@ def main() -> int:
            "method": f"median of {args.repeats} runs: total seconds in push() for every id plus flush()",
            "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    write_result(args.out, json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0 if all(r["under_50_ms"] for r in rows) else 1
 

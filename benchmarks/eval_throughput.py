@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from common import cpu_model  # benchmarks/common.py
+from common import check_checkpoint, cpu_model, positive_int, write_result  # benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "eval_throughput.json"
@@ -74,13 +74,14 @@ def summary(n: int, times: list[float]) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", help="a run directory or checkpoint folder (default: random weights)")
-    ap.add_argument("--examples", type=int, default=64, help="prompts for the generation timing")
-    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--examples", type=positive_int, default=64, help="prompts for the generation timing")
+    ap.add_argument("--new-tokens", type=positive_int, default=32)
     ap.add_argument("--batch-sizes", default="1,16")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=positive_int, default=3)
+    ap.add_argument("--threads", type=positive_int, default=1)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
+    check_checkpoint("--checkpoint", args.checkpoint)
 
     from clusterlm.eval.lm import generate_batch, loglikelihood
 
@@ -154,7 +155,7 @@ def main() -> None:
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_result(args.out, json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: results[k] for k in ("speedup_generate", "speedup_loglikelihood")}))
     for name, table in (("generate", gen_s), ("loglikelihood", ll_s)):
         for b, s in table.items():

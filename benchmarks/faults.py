@@ -573,7 +573,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     sys.path.insert(0, str(ROOT))
-    from common import machine
+    from common import machine, write_result
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=3)
@@ -595,11 +595,11 @@ def main() -> None:
         rows = kept + list(new.values())
     result = {"rows": rows, "machine": machine(), "heartbeat_timeout_s": HEARTBEAT_TIMEOUT,
               "date": time.strftime("%Y-%m-%d"), "last_command": this_run["command"]}
-    RESULT.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(RESULT, json.dumps(result, indent=1) + "\n")
     doc = DOC.read_text(encoding="utf-8")
     head, rest = doc.split(BEGIN)
     _, tail = rest.split(END)
-    DOC.write_text(f"{head}{BEGIN}\n{table(result['rows'])}\n{END}{tail}", encoding="utf-8")
+    write_result(DOC, f"{head}{BEGIN}\n{table(result['rows'])}\n{END}{tail}")
     print(table(result["rows"]))
 
 

@@ -47,7 +47,7 @@ from clusterlm.models.build import build_model
 from clusterlm.models.config import get_preset
 from clusterlm.models.convert import config_to_hf, state_to_hf
 from clusterlm.optimize.quantize import quantize_model
-from common import cpu_model  # benchmarks/common.py
+from common import cpu_model, positive_int, write_result  # benchmarks/common.py
 
 OUT = Path(__file__).parent / "results" / "generate_speed.json"
 
@@ -143,9 +143,9 @@ def hf_run(hf: torch.nn.Module, prompt: list[int], n: int) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--new-tokens", type=positive_int, default=64)
+    ap.add_argument("--repeats", type=positive_int, default=5)
+    ap.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
     ap.add_argument("--ratio", choices=["median", "best"], default="median",
                     help="which per-token rate the ratios and bound fractions use")
     ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
@@ -255,7 +255,7 @@ def main() -> None:
                              "fraction_of_bound": round(1 / chain / (bw * 1e9 / bytes_float), 3)}
     results["load_average_1_5_15_min"] = [round(x, 2) for x in os.getloadavg()]  # > threads: shared machine
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_result(args.out, json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
 

@@ -40,7 +40,7 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
-from common import cpu_model  # benchmarks/common.py
+from common import check_checkpoint, cpu_model, positive_float, positive_int, refuse, write_result  # benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -219,25 +219,26 @@ def wrong_examples(rows: list[dict], per_task: int = 3) -> list[dict]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="folder with train.jsonl and heldout.jsonl (default: generate)")
-    p.add_argument("--train-records", type=int, default=200000)
-    p.add_argument("--heldout-records", type=int, default=300)
+    p.add_argument("--train-records", type=positive_int, default=200000)
+    p.add_argument("--heldout-records", type=positive_int, default=300)
     p.add_argument("--seed", type=int, default=0, help="generator seed (with no --data)")
-    p.add_argument("--steps", type=int, default=None, help="train.max_steps (default: the recipe's)")
-    p.add_argument("--minutes", type=float, default=None, help="train.max_minutes: stop training after this long")
+    p.add_argument("--steps", type=positive_int, default=None, help="train.max_steps (default: the recipe's)")
+    p.add_argument("--minutes", type=positive_float, default=None, help="train.max_minutes: stop training after this long")
     p.add_argument("--run", default=None, help="score this existing run instead of training")
     p.add_argument("--work", default=None, help="folder for the data, run and logs (default: a temporary one)")
-    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-tokens", type=positive_int, default=16)
     p.add_argument("--results", default=str(RESULTS), help="folder for the JSON results")
     p.add_argument("overrides", nargs="*", help="extra --section.key=value overrides for clusterlm finetune")
     args, unknown = p.parse_known_args()
     overrides = args.overrides + unknown
+    check_checkpoint("--run", args.run)
+    for name in ("train.jsonl", "heldout.jsonl") if args.data else ():  # before any folder is made
+        if not (Path(args.data) / name).is_file():
+            refuse(f"--data {args.data}: no {name} (make one with scripts/make_instructions.py --out {args.data})")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="instructions-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.data:
         data = Path(args.data)
-        for name in ("train.jsonl", "heldout.jsonl"):
-            if not (data / name).is_file():
-                raise SystemExit(f"--data {data}: no {name} (make one with scripts/make_instructions.py --out {data})")
     else:
         data = work / "set"
         make_instructions.write_sets(data, args.train_records, args.heldout_records, args.seed)
@@ -274,7 +275,7 @@ def main() -> int:
            **info, **res}
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    (results / "instructions.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_result(results / "instructions.json", json.dumps(out, indent=2) + "\n")
     row = {"application": "instructions (synthetic)", "metric": "exact match, held-out, via serve + openai client",
            "value": res["exact_match"], "goal": f">= {GOAL:.2f}", "train_minutes": info["train_minutes"],
            "notes": f"char Transformer from scratch, {out['params']:,} params, {steps} SFT steps on "
@@ -284,7 +285,7 @@ def main() -> int:
                     f"(EM {res['exact_match_novel_problems']}); per family: "
                     + ", ".join(f"{k} {v['exact_match']:.3f}" for k, v in sorted(res["by_family"].items()))
                     + f"; served with the model's template: {res['served_with_model_template']}"}
-    (results / "applications_instructions.json").write_text(json.dumps({"rows": [row]}, indent=2) + "\n")
+    write_result(results / "applications_instructions.json", json.dumps({"rows": [row]}, indent=2) + "\n")
 
     print(f"\n{'task':<10} {'family':<11} {'n':>4} {'right':>6} {'EM':>6} {'EM new':>7}")
     fam = {t: f for t, f in make_instructions.FAMILIES.items()}

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from common import machine
+from common import check_checkpoint, machine, positive_int, refuse, write_result
 
 from clusterlm.checkpoint.model_io import load_for_inference
 from clusterlm.eval.harness import DecodeOptions, resolve_task, run_task
@@ -64,17 +64,19 @@ def main() -> None:
     p.add_argument("--full", required=True, help="the full fine-tuning run or checkpoint (W/full)")
     p.add_argument("--data", default=str(SHARED), help="Multi30k folder with test_2016_flickr.en.gz and .XX.gz")
     p.add_argument("--pair", default="fr")
-    p.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64])
+    p.add_argument("--ranks", type=positive_int, nargs="+", default=[8, 16, 64])
     p.add_argument("--targets", nargs="+", default=["wq", "wv", "w1", "w2", "tok_embeddings"])
     p.add_argument("--limit", type=int, default=0, help="test sentences (0 = all 1,000)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     files = [Path(args.data) / f"test_2016_flickr.{x}.gz" for x in ("en", args.pair)]
     if not all(f.is_file() for f in files):
-        raise SystemExit(f"Multi30k test files not found: {', '.join(map(str, files))}; pass --data DIR "
-                         "(../shared/data/multi30k in this workplace; research use only, never bundled)")
+        refuse(f"Multi30k test files not found: {', '.join(map(str, files))}; pass --data DIR "
+               "(../shared/data/multi30k in this workplace; research use only, never bundled)")
+    check_checkpoint("--base", args.base)
+    check_checkpoint("--full", args.full)
     task = resolve_task(",".join(map(str, files)), limit=args.limit or None)
     base, full = load_for_inference(args.base), load_for_inference(args.full)
     b_sd, f_sd = base.model.state_dict(), full.model.state_dict()
@@ -124,7 +126,7 @@ def main() -> None:
            "energy_kept_mean_over_targets": {r: round(sum(e[k] for k in target_mats) / len(target_mats), 4)
                                              for r, e in energy.items()}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    write_result(args.out, json.dumps(doc, indent=1) + "\n")
     print(json.dumps({k: doc[k] for k in ("rows", "energy_kept_mean_over_targets")}, indent=1))
 
 

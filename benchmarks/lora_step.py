@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import machine
+from common import machine, positive_int, write_result
 
 from clusterlm.config import bundled_recipes, load_run_config
 from clusterlm.finetune.lora import LoRAEmbedding, LoRALinear, TiedLoRAOutput, apply_lora
@@ -58,10 +58,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default="multi30k_enfr_cpu", help="bundled recipe whose [model] shape is timed")
     p.add_argument("--targets", nargs="+", default=["wq", "wv", "w1", "w2", "tok_embeddings"])
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=8, help="rounds (one more warms up and is dropped)")
-    p.add_argument("--steps", type=int, default=5, help="steps per arm per round")
+    p.add_argument("--rank", type=positive_int, default=8)
+    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--repeats", type=positive_int, default=8, help="rounds (one more warms up and is dropped)")
+    p.add_argument("--steps", type=positive_int, default=5, help="steps per arm per round")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "lora_step.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -108,7 +108,7 @@ def main() -> None:
               "textbook_over_full": round(med["lora_textbook"] / med["full"], 3),
               "lora_speedup_over_textbook": round(med["lora_textbook"] / med["lora"], 3),
               "max_loss_diff_lora_vs_textbook": loss_diff, "steps_per_arm": len(losses["lora"])}
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("median_step_s", "lora_over_full", "textbook_over_full",
                                              "lora_speedup_over_textbook", "max_loss_diff_lora_vs_textbook",
                                              "machine")}, indent=1))

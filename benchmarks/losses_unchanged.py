@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_model  # benchmarks/common.py
+from common import cpu_model, positive_int, write_result  # benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -67,8 +67,8 @@ def losses(tree: Path, work: Path, steps: int, threads: int) -> dict[int, str]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ref", default=DEFAULT_REF, help=f"reference commit (default {DEFAULT_REF})")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--threads", type=int, default=1, help="torch threads on both sides (default 1)")
+    p.add_argument("--steps", type=positive_int, default=200)
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads on both sides (default 1)")
     args = p.parse_args()
     ref = git("rev-parse", args.ref)
     head = git("rev-parse", "HEAD")
@@ -99,7 +99,7 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d"),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "losses_unchanged.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_result(RESULTS / "losses_unchanged.json", json.dumps(result, indent=1) + "\n")
     if same:
         print(f"identical: {args.steps} of {args.steps} losses equal bit for bit "
               f"(last {new_losses[args.steps]})")

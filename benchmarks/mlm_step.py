@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from common import machine
+from common import machine, positive_int, write_result
 
 from clusterlm.eval.metrics import IGNORE_INDEX, lm_loss
 from clusterlm.models.build import build_model
@@ -25,10 +25,10 @@ from clusterlm.models.config import ModelConfig
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=6)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=96)
+    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--repeats", type=positive_int, default=6)
+    p.add_argument("--batch", type=positive_int, default=32)
+    p.add_argument("--seq-len", type=positive_int, default=96)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "mlm_step.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -61,7 +61,7 @@ def main() -> None:
               "seq_len": args.seq_len, "masked_fraction": float(chosen.float().mean()),
               "median_s": med, "times_s": times, "speedup": med["every_position"] / med["predicted_only"],
               "last_loss_sum": losses}
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("median_s", "speedup", "machine")}, indent=1))
 
 

@@ -57,7 +57,7 @@ from clusterlm.models.build import build_model
 from clusterlm.models.config import get_preset
 from clusterlm.optimize.quantize import quantize_model
 from clusterlm.tokenizer.kinds import make_tokenizer
-from common import machine  # benchmarks/common.py
+from common import machine, positive_int, refuse, write_result  # benchmarks/common.py
 from generate_speed import STREAM_ROWS, bandwidth_gbs, weight_bytes  # benchmarks/generate_speed.py
 
 RESULTS = Path(__file__).parent / "results"
@@ -234,6 +234,25 @@ def accuracy_logits(ckpt: Path, prompts: list[list[int]]) -> dict[str, float]:
     return out
 
 
+def check_val_args(ckpt: Path | None, data: Path | None) -> None:
+    """--val-ckpt and --val-data come together, a checkpoint and a prepared data directory (refused here
+    with one line: the val losses are measured last, after the whole decode comparison)."""
+    from clusterlm.checkpoint.store import resolve_checkpoint
+    from clusterlm.errors import ClusterlmError
+
+    if (ckpt is None) != (data is None):
+        refuse("--val-ckpt and --val-data go together: a trained checkpoint and its prepared data directory")
+    if ckpt is None:
+        return
+    try:
+        resolve_checkpoint(ckpt)
+    except ClusterlmError as e:
+        refuse(f"--val-ckpt {ckpt}: {e}")
+    if not (data / "meta.json").is_file():
+        refuse(f"--val-data {data}: not a prepared data directory (no meta.json); give the checkpoint's "
+               "(clusterlm prepare ... --out DIR)")
+
+
 def accuracy_val_loss(ckpt: Path, data: Path, batches: int) -> dict[str, float]:
     """Val loss of a trained checkpoint (the Shakespeare recipe) over `batches` sequential val batches:
     plain fp32, fp32 packed, bf16 packed, int8."""
@@ -308,28 +327,32 @@ def markdown(res: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="gpt2-124m")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--batches", type=positive_int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--formats", nargs="+", default=["fp32", "fp32-compile", "bf16", "int8"], choices=FORMATS,
                     help="bf16: clusterlm's bf16 packed weights against ctranslate2 float32 (it has no bf16 on CPU); "
                          "fp32-compile: generate(compile=True) against ctranslate2 float32")
-    ap.add_argument("--prompt-len", type=int, default=16)
-    ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--stream-mib", type=int, default=1024)
-    ap.add_argument("--stream-repeats", type=int, default=3, help="per measurement, one measurement per repeat")
+    ap.add_argument("--prompt-len", type=positive_int, default=16)
+    ap.add_argument("--new-tokens", type=positive_int, default=48)
+    ap.add_argument("--repeats", type=positive_int, default=3)
+    ap.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
+    ap.add_argument("--stream-mib", type=positive_int, default=1024)
+    ap.add_argument("--stream-repeats", type=positive_int, default=3, help="per measurement, one measurement per repeat")
     ap.add_argument("--out", type=Path, default=RESULTS / "peers_decode.json")
     ap.add_argument("--val-ckpt", type=Path, default=None,
                     help="a trained checkpoint (recipes/shakespeare_char_cpu.toml) whose val loss is measured per format")
     ap.add_argument("--val-data", type=Path, default=None, help="its prepared data directory")
-    ap.add_argument("--val-batches", type=int, default=50)
+    ap.add_argument("--val-batches", type=positive_int, default=50)
     ap.add_argument("--ct2-worker", default=None, help=argparse.SUPPRESS)  # Ct2Process's child
     ap.add_argument("--ct2-types", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.ct2_worker:
         torch.set_num_threads(args.threads)
         return ct2_worker(args.ct2_worker, json.loads(args.ct2_types), args.threads)
-    import ctranslate2
+    check_val_args(args.val_ckpt, args.val_data)  # before minutes of decoding, not after them
+    try:
+        import ctranslate2
+    except ImportError:
+        refuse("peers_decode.py needs ctranslate2 (the peer it times): pip install -e '.[bench]'")
 
     torch.set_num_threads(args.threads)
     load_before = [round(x, 2) for x in os.getloadavg()]
@@ -426,8 +449,8 @@ def main() -> None:
                              round(b1["ctranslate2"]["decode_median"] / (best_bw * 1e9 / nbytes), 3) if b1 else None},
            "load_after": [round(x, 2) for x in os.getloadavg()]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(res))
+    write_result(args.out, json.dumps(res, indent=2) + "\n")
+    write_result(args.out.with_suffix(".md"), markdown(res))
     print(markdown(res))
 
 

@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+RESULTS = Path(__file__).resolve().parent / "results"  # not the working directory's benchmarks/results
+
 VOCAB = 4096
 MEMORY_CONFIGS = [  # (name, dim, n_layers, n_heads, micro_batch, seq_len)
     ("d128-L4", 128, 4, 4, 8, 128),
@@ -362,6 +364,7 @@ def pick_vs_recipe(args: argparse.Namespace) -> int:
               "summary": summary, "rounds": rounds, "rounds_used": [rd["round"] for rd in used],
               "wall_s": round(time.time() - t_start, 1)}
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)  # as main()'s write: not a lost run for a missing folder
     from clusterlm.fsutil import atomic_write_text
 
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
@@ -373,6 +376,7 @@ def plot(result: dict, path: Path) -> None:
     """Predicted against measured step time, every round of every configuration, per-op and single-rate
     models, with the +-15% band (matplotlib, headless)."""
     import matplotlib
+    from common import save_figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -397,16 +401,18 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title("planner step time on the 2-core CPU, from the probe alone", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from common import positive_int  # benchmarks/common.py (this script's folder)
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="benchmarks/results/planner_accuracy.json")
+    ap.add_argument("--out", default=str(RESULTS / "planner_accuracy.json"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG next to --out from its JSON")
-    ap.add_argument("--repeats", type=int, default=3, help="rounds of (probe, time every configuration)")
+    ap.add_argument("--repeats", type=positive_int, default=3, help="rounds of (probe, time every configuration)")
     ap.add_argument("--wait-quiet", type=float, default=900.0, help="before each round, wait up to this many "
                     "seconds for other processes to use < 0.2 CPUs")
     ap.add_argument("--max-foreign", type=float, default=0.3, help="a round during which other processes used "
@@ -415,17 +421,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pick-vs-recipe", action="store_true", help="issue 20's check: the planner's pick for each CPU "
                     "recipe trained for real against the recipe's own layout (writes planner_accuracy_pick_vs_recipe"
                     ".json unless --out is given)")
-    ap.add_argument("--train-steps", type=int, default=60, help="with --pick-vs-recipe: steps per training run")
+    ap.add_argument("--train-steps", type=positive_int, default=60, help="with --pick-vs-recipe: steps per training run")
     ap.add_argument("--warmup-steps", type=int, default=10, help="with --pick-vs-recipe: first steps not counted")
     ap.add_argument("--quick-probe", action="store_true", help="with --pick-vs-recipe: probe --quick")
-    ap.add_argument("--probe-tries", type=int, default=1, help="with --pick-vs-recipe: probe again, up to this many "
+    ap.add_argument("--probe-tries", type=positive_int, default=1, help="with --pick-vs-recipe: probe again, up to this many "
                     "times per round, while the probe says it was disturbed")
     ap.add_argument("--data-dir", default="/tmp/clusterlm-bench/shakespeare_char", help="with --pick-vs-recipe: "
                     "prepared character-level Shakespeare (prepared there on first use)")
     args = ap.parse_args(argv)
     if args.pick_vs_recipe:
         if args.out == ap.get_default("out"):
-            args.out = "benchmarks/results/planner_accuracy_pick_vs_recipe.json"
+            args.out = str(RESULTS / "planner_accuracy_pick_vs_recipe.json")
         return pick_vs_recipe(args)
     if args.child:
         print(json.dumps(child_memory(*json.loads(args.child))))

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import cpu_model  # benchmarks/common.py
+from common import cpu_model, write_result  # benchmarks/common.py
 
 RESULTS = Path(__file__).parent / "results"
 MB = 1_000_000
@@ -144,7 +144,7 @@ def main() -> None:
                                     "time_ratio": round(big["wall_s"] / small["wall_s"], 2)}
     result["machine"]["loadavg_after"] = list(os.getloadavg())
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(a.out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {a.out}")
 
 

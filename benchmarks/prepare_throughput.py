@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_model  # benchmarks/common.py
+from common import cpu_model, positive_int, write_result  # benchmarks/common.py
 
 RESULTS = Path(__file__).parent / "results"
 GOAL = 0.8
@@ -88,8 +88,8 @@ def spawn(kind: str, folder: Path, tokenizer: Path, cores: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--cores", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--rounds", type=positive_int, default=7)
+    ap.add_argument("--cores", type=positive_int, nargs="+", default=[1, 2])
     ap.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--tokenizer", type=Path, help=argparse.SUPPRESS)
@@ -158,7 +158,7 @@ def main() -> None:
         "by_cores": results,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "prepare_throughput.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_result(RESULTS / "prepare_throughput.json", json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
 

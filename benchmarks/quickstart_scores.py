@@ -23,14 +23,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from clusterlm.eval.evaluate import evaluate_checkpoint
-from common import machine  # benchmarks/common.py
+from common import machine, positive_float  # benchmarks/common.py
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--minutes", type=float, default=5.0, help="quickstart --minutes (default 5, as the README runs it)")
+    p.add_argument("--minutes", type=positive_float, default=5.0, help="quickstart --minutes (default 5, as the README runs it)")
     p.add_argument("--out", default=None, help="run folder (default: a temporary one, removed after)")
     p.add_argument("--results", default=str(RESULTS), help="folder for the JSON")
     args = p.parse_args(argv)

@@ -295,12 +295,14 @@ async def drive(args: argparse.Namespace, url: str, sock: Path, replicas: dict[s
 
 
 def main() -> None:
+    from common import positive_float, positive_int  # benchmarks/common.py (this script's folder)
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seconds", type=float, default=60.0)
-    p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--client-timeout", type=float, default=30.0, help="no byte for this long = a hung request")
-    p.add_argument("--drain-timeout", type=float, default=30.0)
+    p.add_argument("--seconds", type=positive_float, default=60.0)
+    p.add_argument("--clients", type=positive_int, default=16)
+    p.add_argument("--max-tokens", type=positive_int, default=48)
+    p.add_argument("--client-timeout", type=positive_float, default=30.0, help="no byte for this long = a hung request")
+    p.add_argument("--drain-timeout", type=positive_float, default=30.0)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_failover.json")
     p.add_argument("--logs", type=Path, default=None, help="copy the replicas' and HAProxy's logs into this folder")
     p.add_argument("--no-guard", action="store_true",
@@ -308,7 +310,7 @@ def main() -> None:
                         "replica's streams are then cut instead of ending with an error event)")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
-    from common import cpu_model
+    from common import cpu_model, write_result
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -342,7 +344,7 @@ def main() -> None:
            "haproxy": subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.splitlines()[0],
            **res, "drain_log": drain_log}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_result(args.out, json.dumps(out, indent=2) + "\n")
     print(json.dumps({k: v for k, v in out.items() if k != "drain_log"}, indent=2))
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx2 as httpx
 
-from common import cpu_model  # benchmarks/common.py
+from common import check_checkpoint, cpu_model, positive_float, positive_int, write_result  # benchmarks/common.py
 
 KEY = "bench-key"
 
@@ -152,13 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="gpt-nano", help="preset of the tiny model when --ckpt is not given")
     p.add_argument("--random-preset", default=None,
                    help="serve a checkpoint of this preset with random weights instead (e.g. gpt2-124m)")
-    p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--seconds", type=float, default=15.0)
-    p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--repeats", type=int, default=3, help="alternating 1-client / N-client runs; medians reported")
-    p.add_argument("--threads", type=int, default=1, help="the server's --threads")
+    p.add_argument("--clients", type=positive_int, default=16)
+    p.add_argument("--seconds", type=positive_float, default=15.0)
+    p.add_argument("--max-tokens", type=positive_int, default=48)
+    p.add_argument("--repeats", type=positive_int, default=3, help="alternating 1-client / N-client runs; medians reported")
+    p.add_argument("--threads", type=positive_int, default=1, help="the server's --threads")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_load.json"))
     args = p.parse_args(argv)
+    check_checkpoint("--ckpt", args.ckpt)
 
     import torch
 
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                 "the machine may be shared with other jobs",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     tmp.cleanup()
     return 0

@@ -38,6 +38,8 @@ from sst2_ensemble import summary as _summary  # noqa: E402
 
 
 def main() -> None:
+    from common import positive_int  # benchmarks/common.py (this script's folder)
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teachers", type=int, nargs="+", default=[1337, 2, 3, 4], help="the teachers' seeds")
     p.add_argument("--students", type=int, nargs="+", default=[11, 12, 13, 14], help="the students' seeds")
@@ -45,8 +47,8 @@ def main() -> None:
     p.add_argument("--augment", type=int, default=0, help="finetune.augment (copies of each training sentence)")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also train each student seed without teachers (paired from-scratch runs)")
-    p.add_argument("--parallel", type=int, default=2, help="runs at a time (1 thread each)")
-    p.add_argument("--steps", type=int, default=2200, help="training steps per model (the recipe's)")
+    p.add_argument("--parallel", type=positive_int, default=2, help="runs at a time (1 thread each)")
+    p.add_argument("--steps", type=positive_int, default=2200, help="training steps per model (the recipe's)")
     p.add_argument("--data", type=Path, default=SHARED / "sst2", help="folder with train.tsv.gz and dev.tsv")
     p.add_argument("--work", type=Path, default=None, help="runs and samples (default: a temporary folder)")
     p.add_argument("--tag", default="", help="suffix of the result files (sst2_lstm_distill_TAG.json, ...)")
@@ -57,8 +59,10 @@ def main() -> None:
     args.out = args.out or ROOT / "benchmarks" / "results" / f"sst2_lstm_distill{suffix}.json"
     missing = [str(f) for f in (args.data / "train.tsv.gz", args.data / "dev.tsv") if not f.is_file()]
     if missing:
-        sys.exit(f"SST-2 not found: {', '.join(missing)}; pass --data DIR (research-use data, not bundled)")
-    from common import machine
+        from common import refuse  # benchmarks/ is on sys.path: this script's folder
+
+        refuse(f"SST-2 not found: {', '.join(missing)}; pass --data DIR (research-use data, not bundled)")
+    from common import machine, write_result
 
     work = args.work or Path(tempfile.mkdtemp(prefix="sst2-distill-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -87,9 +91,9 @@ def main() -> None:
            "teachers_wall_s": round(teachers_wall, 1), "students_wall_s": round(students_wall, 1),
            "one_student_path_s": round(teachers_wall + max(s["train_s"] for s in students), 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    (args.out.parent / f"applications_sentiment_distill{suffix}.json").write_text(json.dumps({"rows": _rows(out)}, indent=2)
-                                                                          + "\n")
+    write_result(args.out, json.dumps(out, indent=2) + "\n")
+    write_result(args.out.parent / f"applications_sentiment_distill{suffix}.json",
+                 json.dumps({"rows": _rows(out)}, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
 

@@ -113,10 +113,12 @@ def accuracy(members: list[list[dict]]) -> float:
 
 
 def main() -> None:
+    from common import positive_int  # benchmarks/common.py (this script's folder)
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[1337, 2, 3, 4, 5, 6])
-    p.add_argument("--parallel", type=int, default=2, help="runs at a time (1 thread each)")
-    p.add_argument("--steps", type=int, default=2200, help="training steps per model (the recipe's)")
+    p.add_argument("--parallel", type=positive_int, default=2, help="runs at a time (1 thread each)")
+    p.add_argument("--steps", type=positive_int, default=2200, help="training steps per model (the recipe's)")
     p.add_argument("--data", type=Path, default=SHARED / "sst2", help="folder with train.tsv.gz and dev.tsv")
     p.add_argument("--work", type=Path, default=None, help="runs and samples (default: a temporary folder)")
     p.add_argument("--override", action="append", default=[], help="extra --section.key=value for every run, "
@@ -139,9 +141,11 @@ def main() -> None:
         sys.exit(f"--seeds {args.seeds}: give at least 2 different seeds")
     missing = [str(f) for f in (args.data / "train.tsv.gz", args.data / "dev.tsv") if not f.is_file()]
     if missing:
-        sys.exit(f"SST-2 not found: {', '.join(missing)}; pass --data DIR (research-use data, not bundled)")
+        from common import refuse  # benchmarks/ is on sys.path: this script's folder
+
+        refuse(f"SST-2 not found: {', '.join(missing)}; pass --data DIR (research-use data, not bundled)")
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import machine
+    from common import machine, write_result
 
     work = args.work or Path(tempfile.mkdtemp(prefix="sst2-ensemble-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -169,9 +173,9 @@ def main() -> None:
            "train_s": {str(m["seed"]): m["train_s"] for m in models}, "train_wall_s": round(train_wall, 1),
            "wall_s": round(wall, 1), "ensembles": table, "checkpoint": served}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    (args.out.parent / f"applications_sentiment_ensemble{suffix}.json").write_text(
-        json.dumps({"rows": _rows(out)}, indent=2) + "\n")
+    write_result(args.out, json.dumps(out, indent=2) + "\n")
+    write_result(args.out.parent / f"applications_sentiment_ensemble{suffix}.json",
+                 json.dumps({"rows": _rows(out)}, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
 
@@ -180,6 +184,8 @@ def mix(args: argparse.Namespace, suffix: str) -> None:
     samples files, e.g. six LSTMs against three LSTMs and three GRUs; writes sst2_ensemble_mix[_TAG].json."""
     import glob
     import random
+
+    from common import write_result  # benchmarks/ is on sys.path: this script's folder
 
     groups: dict[str, list[list[dict]]] = {}
     for spec in args.mix:
@@ -201,7 +207,7 @@ def mix(args: argparse.Namespace, suffix: str) -> None:
                              "best": max(accs)})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     path = args.out.with_name(f"sst2_ensemble_mix{suffix}.json")
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    write_result(path, json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
 

@@ -83,15 +83,17 @@ def cpu_seconds(pid: int) -> float:
 
 
 def main() -> None:
+    from common import positive_float, positive_int  # benchmarks/common.py (this script's folder)
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--segment", type=float, default=8.0, help="seconds per segment")
-    p.add_argument("--segments", type=int, default=6, help="segments per path")
-    p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--segment", type=positive_float, default=8.0, help="seconds per segment")
+    p.add_argument("--segments", type=positive_int, default=6, help="segments per path")
+    p.add_argument("--clients", type=positive_int, default=8)
+    p.add_argument("--max-tokens", type=positive_int, default=48)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "stream_guard_overhead.json")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
-    from common import cpu_model
+    from common import cpu_model, write_result
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -134,7 +136,7 @@ def main() -> None:
            "guard_cpu_share_of_a_core_while_relaying": round(guard_cpu / guard_wall, 3),
            "replicas_cpu_s_whole_run": round(replica_cpu, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_result(args.out, json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
 

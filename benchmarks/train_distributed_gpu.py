@@ -29,7 +29,7 @@ from clusterlm.parallel.dims import ParallelDims
 from clusterlm.parallel.mesh import build_mesh
 from clusterlm.parallel.parallelize import build_parallel_model
 from clusterlm.train.optim import build_optimizer
-from common import cpu_model  # benchmarks/common.py
+from common import cpu_model, positive_int, write_result  # benchmarks/common.py
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -85,9 +85,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--presets", nargs="+", default=["gpt2-124m", "llama-1b"])
     ap.add_argument("--wraps", nargs="+", default=["ddp", "fsdp"])
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch", type=positive_int, default=8)
+    ap.add_argument("--seq-len", type=positive_int, default=1024)
+    ap.add_argument("--steps", type=positive_int, default=10)
     ap.add_argument("--cpu", action="store_true", help="gloo on CPU (a smoke run of this script)")
     ap.add_argument("--out", default=str(RESULTS / "train_distributed_gpu.json"))
     args = ap.parse_args()
@@ -114,7 +114,7 @@ def main() -> None:
                             torch.cuda.empty_cache()
                     results.append(r)
                     # written after every configuration: a later one that hangs or is killed loses nothing
-                    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+                    write_result(args.out, json.dumps(doc, indent=1) + "\n")
                     mem = f"{r['peak_memory_bytes'] / 2**30:.1f} GiB" if "peak_memory_bytes" in r else "n/a"
                     print(f"{p:>10} {w:>4}: " + (f"{r['tokens_per_s']:,.0f} tok/s, peak {mem}" if "error" not in r
                                                  else r["error"]), flush=True)

@@ -47,7 +47,7 @@ from clusterlm.config import bundled_recipes, load_run_config
 from clusterlm.eval.evaluate import evaluate_checkpoint
 from clusterlm.train.loop import Trainer, train
 from clusterlm.train.optim import lr_at
-from common import machine  # benchmarks/common.py
+from common import machine, positive_int, write_result  # benchmarks/common.py
 
 RESULTS = Path(__file__).parent / "results"
 REFERENCE_VAL = 1.90
@@ -299,15 +299,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--compare-lstm", action="store_true", help="also train the LSTM recipe for the same wall time")
     p.add_argument("--no-reference", action="store_true", help="clusterlm alone (train()), no side-by-side reference")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--segment", type=int, default=50, help="steps per turn in the interleaving")
+    p.add_argument("--steps", type=positive_int, default=2000)
+    p.add_argument("--segment", type=positive_int, default=50, help="steps per turn in the interleaving")
     p.add_argument("--compile-arm", action="store_true",
                    help="a third arm: clusterlm with --train.compile=true (compiled during its first steps)")
     p.add_argument("--fp32-arm", action="store_true",
                    help="an arm with --train.dtype=fp32 (the recipe's bf16-native is bf16 autocast on CPUs with AMX or AVX512-BF16)")
     p.add_argument("--keep", type=Path, default=None,
                    help="copy clusterlm's run (DIR/run) and the prepared data (DIR/data) here, e.g. for peers_decode.py --val-ckpt")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for every arm (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads for every arm (default: torch's)")
     p.add_argument("--out", type=Path, default=RESULTS / "train_shakespeare_cpu.json")
     p.add_argument("extra", nargs="*", help="--section.key=value overrides for clusterlm's run (after --)")
     args = p.parse_args()
@@ -330,7 +330,7 @@ def main() -> None:
                 arms["clusterlm_fp32"] = [*args.extra, "--train.dtype=fp32"]
             res = side_by_side("shakespeare_char_cpu", tmp, args.steps, args.segment, arms)
             res.update(goal={"val_loss_le": REFERENCE_VAL, "throughput_ratio_ge": 1.2}, env=env)
-            args.out.write_text(json.dumps(res, indent=2) + "\n")
+            write_result(args.out, json.dumps(res, indent=2) + "\n")
             print(json.dumps({k: v for k, v in res.items() if k != "segments"}, indent=2))
             if args.keep is not None:
                 import shutil
@@ -340,14 +340,14 @@ def main() -> None:
             return
         gpt = run("shakespeare_char_cpu", tmp / "gpt", data, f"--train.max_steps={args.steps}", *args.extra)
         gpt.update(env=env)
-        args.out.write_text(json.dumps(gpt, indent=2) + "\n")
+        write_result(args.out, json.dumps(gpt, indent=2) + "\n")
         print(json.dumps(gpt, indent=2))
         if args.compare_lstm:
             minutes = gpt["wall_time_s"] / 60
             lstm = run("lstm_shakespeare_cpu", tmp / "lstm", data, f"--train.max_minutes={minutes:.4f}",
                        "--train.max_steps=1000000", "--optim.decay_steps=2000")
             table = {"equal_wall_time_s": gpt["wall_time_s"], "transformer": gpt, "lstm": lstm, "env": env}
-            (RESULTS / "lstm_vs_transformer.json").write_text(json.dumps(table, indent=2) + "\n")
+            write_result(RESULTS / "lstm_vs_transformer.json", json.dumps(table, indent=2) + "\n")
             md = ["| model | params | steps in equal wall time | ms/step | val loss (full val split) | bits/byte |",
                   "|---|---|---|---|---|---|"]
             for name, r in (("Transformer (shakespeare_char_cpu)", gpt), ("LSTM (lstm_shakespeare_cpu)", lstm)):
@@ -355,7 +355,7 @@ def main() -> None:
                           f"{r['val_loss_full_split']:.4f} | {r['val_bits_per_byte']:.3f} |")
             text = (f"# LSTM vs Transformer at equal wall time ({gpt['wall_time_s']:.0f} s, {env['cpu']}, "
                     f"{env['threads']} threads)\n\n" + "\n".join(md) + "\n")
-            (RESULTS / "lstm_vs_transformer.md").write_text(text)
+            write_result(RESULTS / "lstm_vs_transformer.md", text)
             print(text)
 
 
