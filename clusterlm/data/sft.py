@@ -37,7 +37,6 @@ same global batch continues with the same rows.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
@@ -78,23 +77,11 @@ class ClassifyRecord:
     where: str = ""
 
 
-def _open_lines(path: Path) -> Iterator[tuple[int, str]]:
-    try:
-        # utf-8-sig: a leading byte order mark is dropped, as task files' (eval/tasks.py _open_text)
-        gz = path.name.endswith(".gz")
-        f = gzip.open(path, "rt", encoding="utf-8-sig") if gz else open(path, encoding="utf-8-sig")
-        with f:
-            for n, line in enumerate(f, 1):
-                yield n, line
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from None
-
-
 def _sft_jsonl(path: Path) -> list[SFTRecord]:
-    from clusterlm.eval.tasks import ROLES
+    from clusterlm.eval.tasks import ROLES, text_lines
 
     out = []
-    for n, line in _open_lines(path):
+    for n, line in text_lines(path):  # a byte that is not UTF-8 is named with its line
         if not line.strip():
             continue
         where = f"{path}:{n}"

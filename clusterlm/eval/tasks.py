@@ -131,8 +131,10 @@ def _bad_utf8_line(path: Path) -> int:
     return 0
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line without its line end) of a text file, plain or .gz."""
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line without its line end) of a UTF-8 text file, plain or .gz; a byte that
+    is not UTF-8 or a damaged gzip stream is a DataError naming the file and line (fine-tuning's JSONL
+    reader, data/sft.py, reads with it too)."""
     n = 0
     try:
         with _open_text(path) as f:
@@ -147,7 +149,7 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
-    for n, line in _lines(path):
+    for n, line in text_lines(path):
         if not line.strip():
             continue
         try:
@@ -173,7 +175,7 @@ def _check_surrogates(rec: dict, where: str) -> None:
 def _tsv_records(path: Path) -> tuple[list[str], Iterator[tuple[int, dict]]]:
     """The header's column names and the rows as {column: cell}. Cells are split on tabs only (no
     quoting, as GLUE's TSV files are written)."""
-    lines = _lines(path)
+    lines = text_lines(path)
     header = next((cells for _, cells in lines), None)
     if header is None or not header.strip():
         raise DataError(f"{path}: empty TSV file (the first line must be a header such as 'sentence<TAB>label')")
@@ -524,7 +526,7 @@ def load_parallel(source: PathLike, target: PathLike, *, template: str = PARALLE
                     "cannot tell source from target by it; name the files by language (train.en, train.fr) or give "
                     "a template without {src_lang}/{tgt_lang}", src, tgt, src_lang)
     examples, skipped, n_src, n_tgt = [], [], 0, 0
-    for a, b in zip_longest(_lines(src), _lines(tgt)):
+    for a, b in zip_longest(text_lines(src), text_lines(tgt)):
         n_src += a is not None
         n_tgt += b is not None
         if a is None or b is None or (limit is not None and len(examples) >= limit):

@@ -489,3 +489,20 @@ def test_characters_a_char_base_lacks_are_named_when_the_data_is_prepared(tmp_pa
                                                                                 dir=str(tmp_path / "d2")),
                                                  finetune=dataclasses.replace(cfg.finetune, template="auto")))
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_jsonl_that_is_not_utf8_or_a_damaged_gzip_is_named_with_its_line(tmp_path):
+    """SFT JSONL reads as task files do (eval/tasks.py text_lines): a byte that is not UTF-8 is named
+    with its line (it was "FILE: not UTF-8 text (...)" with no line), and a damaged .gz is a DataError
+    naming the file (it was a raw zlib/EOFError traceback)."""
+    import gzip
+
+    good = json.dumps({"prompt": "1+1", "completion": "2"}) + "\n"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes((good * 2).encode() + b'{"prompt": "caf\xe9", "completion": "x"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:3: not valid UTF-8"):
+        read_records(str(bad), "sft")
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress((good * 2000).encode())[:-40])
+    with pytest.raises(DataError, match=r"cut\.jsonl\.gz: corrupt or truncated gzip file"):
+        read_records(str(cut), "sft")
