@@ -27,7 +27,7 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 MAX_STOP = 4  # OpenAI allows up to 4 stop sequences
 MAX_STOP_CHARS = 64
@@ -77,11 +77,12 @@ class _Sampling(_Strict):
             return {k: v for k, v in data.items() if not (v is None and k in nullable)}
         return data
 
-    @model_validator(mode="after")
-    def _stream_options(self) -> _Sampling:
-        if self.stream_options is not None and not self.stream:  # as OpenAI answers: it would do nothing
+    @field_validator("stream_options")  # a field's validator (after `stream`), so that the error's param names it
+    @classmethod
+    def _stream_options(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if v is not None and not info.data.get("stream"):  # as OpenAI answers: it would do nothing
             raise ValueError("stream_options is only allowed with stream: true")
-        return self
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -173,11 +174,12 @@ class ChatRequest(_Sampling):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
-    @model_validator(mode="after")
-    def _logprobs(self) -> ChatRequest:
-        if self.top_logprobs is not None and not self.logprobs:
+    @field_validator("top_logprobs")  # after `logprobs`: the error's param is top_logprobs
+    @classmethod
+    def _logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs: true")
-        return self
+        return v
 
 
 def unsupported_part(messages: list[ChatMessage]) -> tuple[str, str] | None:

@@ -295,7 +295,11 @@ def test_union_field_errors_name_the_field(server):
              ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": None}]},
               "messages.0.content", "valid string or Input should be a valid array; got None"),
              ("/v1/completions", {"prompt": "x", "logprobs": True}, "logprobs", "valid integer"),
-             ("/v1/completions", {"prompt": "x", "stop": ["a", 5]}, "stop.1", "valid string; got 5"))
+             ("/v1/completions", {"prompt": "x", "stop": ["a", 5]}, "stop.1", "valid string; got 5"),
+             # rules across two fields are reported on the one that needs the other (param was "body")
+             ("/v1/chat/completions", {"messages": HI, "stream_options": {"include_usage": True}}, "stream_options",
+              "only allowed with stream: true"),
+             ("/v1/chat/completions", {"messages": HI, "top_logprobs": 2}, "top_logprobs", "needs logprobs: true"))
     for path, body, param, says in cases:
         r = _post(server, path, {"model": "tiny", "max_tokens": 2, **body})
         err = r.json()["error"]
