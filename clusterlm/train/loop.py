@@ -867,6 +867,8 @@ class Trainer:
         # (predicted_step_s and predicted_memory_bytes matched no field: the report's measured column was empty)
         if plan.predicted_step_s:
             record["predicted_step_time_s"] = plan.predicted_step_s
+        if plan.predicted_tokens_per_s:
+            record["predicted_tokens_per_s"] = plan.predicted_tokens_per_s
         if state.step % tc.log_interval == 0 or state.step == tc.max_steps:
             stats = memory_stats(self.device)
             record.update(stats)

@@ -538,12 +538,15 @@ def test_report_pairs_the_plans_predictions_with_the_measured_figures(data_dir, 
 
     run = tmp_path / "p"
     train(tiny_cfg(data_dir, run, "--train.max_steps=4", "--train.log_interval=2", "--plan.predicted_step_s=0.05",
-                   "--plan.predicted_memory_bytes=400000000"))
+                   "--plan.predicted_memory_bytes=400000000", "--plan.predicted_tokens_per_s=20000"))
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = sorted(r["step_time_s"] for r in recs if r["kind"] == "train")
     peak = max(r["cpu_peak_rss_bytes"] for r in recs if "cpu_peak_rss_bytes" in r)
     rows = {r["field"]: r for r in summarize(recs)["predicted_vs_measured"]}
-    assert set(rows) == {"step_time_s", "cpu_peak_rss_bytes"}
+    assert set(rows) == {"step_time_s", "cpu_peak_rss_bytes", "tokens_per_s"}  # tokens_per_s was never logged
+    tps = sorted(r["tokens_per_s"] for r in recs if r["kind"] == "train")
+    assert rows["tokens_per_s"]["predicted"] == 20000
+    assert rows["tokens_per_s"]["measured"] == pytest.approx((tps[1] + tps[2]) / 2)
     assert rows["step_time_s"]["predicted"] == 0.05
     assert rows["step_time_s"]["measured"] == pytest.approx((steps[1] + steps[2]) / 2)  # median of 4
     assert rows["step_time_s"]["ratio"] == pytest.approx(rows["step_time_s"]["measured"] / 0.05)
