@@ -345,8 +345,9 @@ def main(argv: list[str]) -> int:
     if args.master_addr is not None and not args.master_addr.strip():  # an unset $VAR: was taken for 127.0.0.1
         parser.error(f"--master-addr={args.master_addr!r} is empty; give node 0's host name or address (e.g. "
                      f"node01), the same on every node, or leave it out on one node")
-    if args.nproc_per_node < 1 or args.nnodes < 1:
-        parser.error("--nproc-per-node and --nnodes must be >= 1")
+    for flag, value in (("--nproc-per-node", args.nproc_per_node), ("--nnodes", args.nnodes)):
+        if value < 1:
+            parser.error(f"{flag}={value} must be >= 1 (processes on this node / nodes in the job)")
     if args.master_addr is None and args.nnodes > 1:  # every node would wait on its own loopback
         parser.error(f"--nnodes={args.nnodes} needs node 0's address, the same on every node: --master-addr ADDR "
                      f"(or --rdzv-endpoint ADDR:PORT)")

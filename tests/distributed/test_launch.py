@@ -178,6 +178,11 @@ def test_launch_refuses_the_other_modes_options(capsys):
         assert e.value.code == 2 and said in capsys.readouterr().err
     assert main(["llama_shakespeare_cpu", "--nproc-per-node=2", "--dry-run"]) == 0
     assert main(["llama_shakespeare_cpu", "--slurm", "--nodes=2", "--dry-run"]) == 0
+    for argv, said in ((["--nproc-per-node=0"], "--nproc-per-node=0 must be >= 1"),
+                       (["--nnodes=-1"], "--nnodes=-1 must be >= 1")):  # both were one message naming neither value
+        with pytest.raises(SystemExit) as e:
+            main(["llama_shakespeare_cpu", *argv, "--dry-run"])
+        assert e.value.code == 2 and said in capsys.readouterr().err
 
 
 def test_launch_on_several_nodes_needs_the_master_address(capsys):
