@@ -179,7 +179,7 @@ def test_launch_refuses_the_other_modes_options(capsys):
     assert main(["llama_shakespeare_cpu", "--nproc-per-node=2", "--dry-run"]) == 0
     assert main(["llama_shakespeare_cpu", "--slurm", "--nodes=2", "--dry-run"]) == 0
     for argv, said in ((["--nproc-per-node=0"], "--nproc-per-node=0 must be >= 1"),
-                       (["--nnodes=-1"], "--nnodes=-1 must be >= 1")):  # both were one message naming neither value
+                       (["--nproc-per-node=2", "--nnodes=-1"], "--nnodes=-1 must be >= 1")):  # one message named neither value
         with pytest.raises(SystemExit) as e:
             main(["llama_shakespeare_cpu", *argv, "--dry-run"])
         assert e.value.code == 2 and said in capsys.readouterr().err
