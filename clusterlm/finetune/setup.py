@@ -347,7 +347,7 @@ def base_state(base: Base, mcfg: Any) -> dict[str, torch.Tensor]:
     from clusterlm.checkpoint.model_io import grow_vocab_rows, plain_weights
 
     state = plain_weights(base.path)  # a LoRA fine-tune as the base: its adapters merged, as it answers
-    if base.labels:  # a classifier fine-tuned further: its own names, head included (no template: no new rows)
+    if base.config.model.labels:  # a classifier fine-tuned further: its own names, head included (no new rows)
         return state
     grow_vocab_rows(state, base.config.model.vocab_size, mcfg)
     if mcfg.labels:
