@@ -1012,6 +1012,7 @@ class Trainer:
         state, ec, rank = self.state, self.cfg.eval, self.pm.coords.dp_rank
         wall = state.train_seconds + time.perf_counter() - self._t_start  # the run's wall time at these weights
         self._scoring_s = getattr(self, "_scoring_s", 0.0)  # this segment's task scoring so far (not resumed)
+        scored = self._scoring_s  # the scoring inside `wall`: the same for every task scored at these weights
 
         def gather(answers: list) -> list[list]:
             parts = gather_objects((rank, answers), self.distributed)
@@ -1027,7 +1028,7 @@ class Trainer:
                                                 batch_size=ec.batch_size, decode=self.task_decode,
                                                 truncate=ec.truncate, device=self.device, progress=False)
                 record = task_record(metrics, step=state.step, tokens=state.tokens_seen, wall_s=wall,
-                                     eval_s=time.perf_counter() - t0, scoring_s=self._scoring_s)
+                                     eval_s=time.perf_counter() - t0, scoring_s=scored)
                 self._scoring_s += record["eval_s"]
                 self.metrics.log(record)
                 log.info("step %d: task %s", state.step, _task_line(record))

@@ -102,6 +102,13 @@ def test_eval_during_training(corpus, tmp_path):
         assert [x["step"] for x in rs] == [4, 6], name
         assert [x["tokens"] for x in rs] == [4 * 128, 6 * 128]
         assert rs[0]["wall_s"] < rs[1]["wall_s"] and all(x["eval_s"] >= 0 for x in rs)
+    # wall_s - scoring_s is the run's time without task scoring: the same for every task scored at one step
+    # (the second task's scoring_s counted the first's scoring at that step, which wall_s does not hold)
+    for i in range(2):
+        choice, gen = recs["tiny_choice"][i], recs["tiny_gen"][i]
+        assert (choice["wall_s"], choice["scoring_s"]) == (gen["wall_s"], gen["scoring_s"])
+    assert recs["tiny_choice"][0]["scoring_s"] == 0
+    assert recs["tiny_gen"][1]["scoring_s"] == pytest.approx(sum(r[0]["eval_s"] for r in recs.values()))
     assert recs["tiny_choice"][-1]["n"] == 7 and recs["tiny_choice"][-1]["task_kind"] == "choice"
     assert set(recs["tiny_choice"][-1]["metrics"]) == {"acc", "acc_norm"}
     assert {"bleu", "chrf", "rougeL", "exact_match", "f1"} <= set(recs["tiny_gen"][-1]["metrics"])
