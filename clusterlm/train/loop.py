@@ -419,6 +419,8 @@ class Trainer:
                    "--train.max_minutes (or 0: no limit)")
         else:
             why = None
+        # the run's time budget already spent: the final evaluation and checkpoint only (no step trained)
+        self.out_of_time = why is not None and self.state.step < tc.max_steps
         if why is not None and self._resumed_reason() == "preempted":
             # stopped by a signal in its last step (or as its time ran out): the loop has nothing left
             # but the run never had its final evaluation and checkpoint; run() does them now
@@ -749,7 +751,9 @@ class Trainer:
                         disable=not sys.stderr.isatty() or not self.rank0, leave=False)
         try:
             self.model.train()
-            while state.step < tc.max_steps:
+            if self.out_of_time:  # resumed from a signal's checkpoint with train.max_minutes spent
+                reason = f"time limit of {tc.max_minutes} min reached"
+            while state.step < tc.max_steps and not self.out_of_time:
                 t0 = time.perf_counter()
                 loss, grad_norm, lr = self.train_step()
                 self.log_step(loss, grad_norm, lr, time.perf_counter() - t0)

@@ -244,6 +244,29 @@ def test_a_signal_in_the_last_step_gets_its_final_evaluation_on_resume(data_dir,
     assert again.reason.startswith("nothing to train")
 
 
+def test_a_signal_as_the_time_runs_out_gets_its_final_evaluation_on_resume_without_a_step(data_dir, tmp_path,
+                                                                                         monkeypatch):
+    """The same with train.max_minutes spent instead of train.max_steps reached: the resumed run said "no step
+    to train" but trained one more step past its time budget before it evaluated and saved; it now evaluates
+    and saves "final" at the step the signal's checkpoint holds."""
+    from clusterlm.train.loop import Trainer, train
+
+    run, extra = tmp_path / "r", ("--train.max_steps=10", "--checkpoint.interval=50", "--train.eval_interval=40")
+    real = Trainer.agree_stop
+    monkeypatch.setattr(Trainer, "agree_stop", lambda self, stop: ("SIGTERM", False) if self.state.step == 4
+                        else real(self, stop))
+    assert train(tiny_cfg(data_dir, run, *extra)).exit_code == EXIT_PREEMPTED
+    monkeypatch.setattr(Trainer, "agree_stop", real)
+    spent = json.loads((run / "checkpoints" / "step-00000004" / "train_state.json").read_text())["run"]["train_seconds"]
+    done = train(tiny_cfg(data_dir, run, *extra, "--train.resume=auto", f"--train.max_minutes={spent / 60 / 2}"))
+    assert (done.exit_code, done.step) == (0, 4) and done.final_val_loss is not None
+    assert done.reason.startswith("time limit")
+    assert _ckpt_reason(run / "checkpoints" / "step-00000004") == "final"
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records if r["kind"] == "train") == 4
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [4]
+
+
 def test_keep_best_pointer_follows_the_resume(data_dir, tmp_path):
     """checkpoints/best across resumes. Turned off on resume, the old pointer is removed (it used to stay
     in force, its folder kept past keep_last for ever). A branch resume from a checkpoint before the best
