@@ -34,7 +34,7 @@ MIN_SCALE = 1.0  # an overflow at scale 1 is a real non-finite gradient: a bad s
 @dataclass(frozen=True)
 class LossScale:
     scale: float = 1.0
-    streak: int = 0  # finite steps since the scale last changed
+    streak: int = 0  # finite steps in a row since the scale last changed (a bad step restarts it)
 
     @classmethod
     def start(cls) -> LossScale:

@@ -837,6 +837,8 @@ class Trainer:
         else:
             state.bad_steps_total += 1
             state.bad_streak += 1
+            if scale is not None:  # the scale stays, but "2,000 finite steps in a row" start again
+                scale = dataclasses.replace(scale, streak=0)
             log.warning("step %d: loss=%s grad_norm=%s is not finite: optimizer step skipped (%d in a row, "
                         "limit %d)", state.step + 1, loss, grad_norm, state.bad_streak, tc.max_bad_steps)
         if scale is not None:

@@ -551,6 +551,33 @@ def test_fp16_scales_the_loss_backs_off_on_overflow_and_resumes_with_its_scale(d
     assert [(r["loss"], r["loss_scale"]) for r in a] == [(r["loss"], r["loss_scale"]) for r in b]
 
 
+def test_fp16_a_bad_step_restarts_the_loss_scales_finite_streak(data_dir, tmp_path, monkeypatch):
+    """The scale doubles after GROWTH_INTERVAL finite steps in a row (GradScaler's rule, docs/training.md); a
+    bad step (an injected NaN loss) between them did not restart the count, so the scale doubled one step
+    early. With GROWTH_INTERVAL=3 and step 2 bad, the scale doubles after step 5 (steps 3-5), not step 4."""
+    import clusterlm.eval.metrics as m
+    import clusterlm.train.amp as amp
+    import clusterlm.train.loop as loop
+
+    monkeypatch.setattr(loop, "autocast_dtype", lambda dtype, device, what="train.dtype": torch.float16)
+    monkeypatch.setattr(amp, "INIT_SCALE", 4.0)
+    monkeypatch.setattr(amp, "GROWTH_INTERVAL", 3)
+    real, calls = m.lm_loss, {"n": 0}
+
+    def flaky(logits, targets, **kw):  # 2 micro-batches a step: step 2 is bad
+        calls["n"] += 1
+        loss = real(logits, targets, **kw)
+        return loss * float("nan") if calls["n"] in (3, 4) else loss
+
+    monkeypatch.setattr(m, "lm_loss", flaky)
+    out = tmp_path / "s"
+    assert loop.train(tiny_cfg(data_dir, out, "--train.max_steps=6")).exit_code == 0
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["kind"] == "train"]
+    assert [r["step"] for r in train if r["skipped"]] == [2]
+    assert [r["loss_scale"] for r in train] == [4.0, 4.0, 4.0, 4.0, 8.0, 8.0]
+
+
 def test_report_pairs_the_plans_predictions_with_the_measured_figures(data_dir, tmp_path):
     """A run with a [plan] section (clusterlm plan --out) logs the planned step time and memory under the names
     of the fields they predict, so the report's predicted-vs-measured table has a measured column: the median
