@@ -99,6 +99,10 @@ def refuse_before_preparing(cfg: RunConfig) -> None:
     if ft.task != "lm" and (cfg.parallel.tp > 1 or cfg.parallel.pp > 1):
         raise ConfigError(f"fine-tuning runs under data parallelism (DDP, FSDP: parallel.dp_replicate, dp_shard), "
                           f"not tp={cfg.parallel.tp} pp={cfg.parallel.pp}")
+    from clusterlm.parallel.launch import read_env
+
+    if tc.global_batch_tokens and cfg.parallel.world_size == read_env().world_size:  # else the layout check names it
+        cfg.parallel.grad_accum_steps(tc.global_batch_tokens, tc.micro_batch_size, tc.seq_len)  # not divisible: refused
     prepares = data.source and not (Path(data.dir) / "meta.json").is_file()
     if cfg.checkpoint.keep_best and prepares and data.val_fraction == 0 and not (ft.task != "lm" and ft.val_source):
         raise ConfigError(f"checkpoint.keep_best needs a validation loss, but data.val_fraction=0 would prepare "

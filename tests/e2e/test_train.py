@@ -63,6 +63,7 @@ def test_a_data_dir_without_its_tokenizer_is_refused_before_training(data_dir, t
     (["--checkpoint.keep_best=true", "--data.val_fraction=0", "--checkpoint.interval=40"],
      "checkpoint.keep_best needs a validation loss, but data.val_fraction=0 would prepare", True),
     (["--train.seq_len=64"], "train.seq_len=64 exceeds model.max_seq_len=32", True),
+    (["--train.global_batch_tokens=200"], "global_batch_tokens=200 is not divisible by micro_batch*seq_len*dp", True),
     (["--train.resume=none"], "already has checkpoints; resume with --train.resume=auto", True),
     (["--model.vocab_size=5"], "model.vocab_size=5 is smaller than the tokenizer's", False),
 ])
