@@ -48,6 +48,7 @@ class RunState:
     best_saved_val_loss: float | None = None  # checkpoint.keep_best: the lowest val loss at a saved step
     best_saved_step: int | None = None  # ... and that step (checkpoints/best names its folder)
     train_seconds: float = 0.0  # wall time spent in previous segments of this run
+    task_scoring_seconds: float = 0.0  # ... of it spent scoring the [eval] tasks (the "task" records' scoring_s)
     loss_scale: float | None = None  # fp16 autocast: the dynamic loss scale (train/amp.py); None = not scaling
     loss_scale_streak: int = 0  # ... finite steps since it last changed
     overflow_steps: int = 0  # ... steps skipped because the scaled gradients overflowed (they halved the scale)

@@ -1021,8 +1021,7 @@ class Trainer:
 
         state, ec, rank = self.state, self.cfg.eval, self.pm.coords.dp_rank
         wall = state.train_seconds + time.perf_counter() - self._t_start  # the run's wall time at these weights
-        self._scoring_s = getattr(self, "_scoring_s", 0.0)  # this segment's task scoring so far (not resumed)
-        scored = self._scoring_s  # the scoring inside `wall`: the same for every task scored at these weights
+        scored = state.task_scoring_seconds  # the scoring in `wall`: the same for each task scored at these weights
 
         def gather(answers: list) -> list[list]:
             parts = gather_objects((rank, answers), self.distributed)
@@ -1039,7 +1038,7 @@ class Trainer:
                                                 truncate=ec.truncate, device=self.device, progress=False)
                 record = task_record(metrics, step=state.step, tokens=state.tokens_seen, wall_s=wall,
                                      eval_s=time.perf_counter() - t0, scoring_s=scored)
-                self._scoring_s += record["eval_s"]
+                state.task_scoring_seconds += record["eval_s"]  # saved with the run: a resume goes on counting
                 self.metrics.log(record)
                 log.info("step %d: task %s", state.step, _task_line(record))
 

@@ -138,6 +138,23 @@ def test_eval_during_training(corpus, tmp_path):
     assert "![task_tiny_choice](plots/task_tiny_choice.png)" in summary
 
 
+def test_task_scoring_time_counts_the_segments_before_a_resume(corpus, tmp_path):
+    """scoring_s is the scoring inside wall_s, and wall_s counts the segments before a resume: scoring_s did
+    not (it started again at 0), so wall_s - scoring_s jumped up by the earlier scoring after a resume. The
+    scoring time is now in the run state: at step 6 of a run resumed at 4, scoring_s holds steps 2 and 4's."""
+    from clusterlm.train.loop import train
+
+    data, tasks = corpus
+    run = tmp_path / "r"
+    args = (f"--eval.tasks={json.dumps([str(tasks['choice'])])}", "--eval.every=2", "--train.tensorboard=false")
+    assert train(load_run_config(None, run_args(data, run, *args, "--train.max_steps=4"))).step == 4
+    assert train(load_run_config(None, run_args(data, run, *args, "--train.resume=auto"))).step == 6
+    rs = task_records(run)["tiny_choice"]
+    assert [r["step"] for r in rs] == [2, 4, 6]
+    assert rs[0]["scoring_s"] == 0 and rs[1]["scoring_s"] == pytest.approx(rs[0]["eval_s"])
+    assert rs[2]["scoring_s"] == pytest.approx(rs[0]["eval_s"] + rs[1]["eval_s"])
+
+
 def test_bad_tasks_are_refused_before_training(corpus, tmp_path):
     """An unknown task name (the message lists the bundled ones) and tasks longer than the model's
     context (log-likelihood requests, prompts; named, with the key that allows truncation) stop the
