@@ -461,7 +461,7 @@ def check_unprepared_data_dir(data_dir: Path, source: str) -> bool:
     return empty
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def _refuse_unrelated_out(out: Path) -> None:
     if out.exists():  # checked with or without --overwrite, which would not help here
         if not out.is_dir():
             raise DataError(f"--out {out} exists and is not a directory; refusing to replace it even with "
@@ -469,6 +469,20 @@ def _check_out(out: Path, overwrite: bool) -> None:
         if any(out.iterdir()) and not (out / "meta.json").is_file():
             raise DataError(f"--out {out} exists and is not a prepared data directory (no meta.json); "
                             "refusing to replace it even with --overwrite: choose another --out or delete it")
+
+
+def _check_out_again(out: Path, overwrite: bool) -> None:
+    """Just before the staging folder replaces --out: what appeared there during the run (another
+    prepare into the same --out, a user's folder) gets the refusals of the start, not a swap."""
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} was created while prepare was running (another prepare into it?); "
+                              "left as it is, nothing written: pass --overwrite to replace it, or choose "
+                              "another --out")
+    _refuse_unrelated_out(out)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    _refuse_unrelated_out(out)
     parent = out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -563,6 +577,7 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
         }
         atomic_write_json(tmp / "meta.json", meta)  # last: its presence marks a complete directory
         _share_like_umask(tmp)
+        _check_out_again(out, opts.overwrite)
 
     for p in scan.problems[:10]:
         log.warning("%s", p)
