@@ -471,6 +471,15 @@ def _refuse_unrelated_out(out: Path) -> None:
                             "refusing to replace it even with --overwrite: choose another --out or delete it")
 
 
+def _refuse_inputs_inside_out(out: Path, sources: list[Source]) -> None:
+    """An input under an existing --out would be deleted with it when the new folder replaces it."""
+    real_out = os.path.realpath(out)
+    for src in sources:
+        if src.builtin is None and os.path.commonpath([os.path.realpath(src.name), real_out]) == real_out:
+            raise DataError(f"input {src.name} is inside --out {out}, which prepare replaces: it would be "
+                            f"deleted with it; move the input out of {out} or choose another --out")
+
+
 def _check_out_again(out: Path, overwrite: bool) -> None:
     """Just before the staging folder replaces --out: what appeared there during the run (another
     prepare into the same --out, a user's folder) gets the refusals of the start, not a swap."""
@@ -518,6 +527,7 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
     if out.is_symlink():  # fill or replace the folder it points to and keep the link; swapping the link itself
         out = Path(os.path.realpath(out))  # left the old data there and the link as a hidden .partial
     _check_out(out, opts.overwrite)
+    _refuse_inputs_inside_out(out, sources)
     show = sys.stderr.isatty() if opts.progress is None else opts.progress
     n_workers = opts.workers or default_workers()
     t0 = time.perf_counter()

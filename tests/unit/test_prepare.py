@@ -209,6 +209,23 @@ def test_overwrite_and_stale_partials(tmp_path: Path) -> None:
         prepare([str(tmp_path / "a.txt")], tmp_path / "a.txt" / "x" / "y", tokenizer="byte")
 
 
+def test_an_input_inside_out_is_refused(tmp_path: Path) -> None:
+    """An input file inside an existing data directory, prepared again into it with --overwrite:
+    the swap deleted the input with the old data. Now refused before reading, naming both, and
+    nothing is changed."""
+    (tmp_path / "a.txt").write_text("some text")
+    out = tmp_path / "d"
+    first = prepare([str(tmp_path / "a.txt")], out, tokenizer="byte", val_fraction=0.0)
+    (out / "more").mkdir()
+    (out / "more" / "corpus.txt").write_text("the corpus")
+    for inputs in ([str(out / "more" / "corpus.txt")], [str(tmp_path / "a.txt"), str(out)]):
+        with pytest.raises(DataError, match=r"input .*d/more/corpus\.txt is inside --out .*d, which prepare "
+                                            r"replaces"):
+            prepare(inputs, out, tokenizer="byte", val_fraction=0.0, overwrite=True)
+        assert (out / "more" / "corpus.txt").read_text() == "the corpus"
+        assert shards.read_meta(out) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "d"]
+
 def test_out_created_during_the_run_is_not_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--out was checked only before the scan: a folder that appeared there during the run (another
     prepare into the same --out, a user's folder) was swapped out and deleted at the end, without
