@@ -246,6 +246,15 @@ def test_constructor_validation(data, tmp_path):
         iter_eval_batches(data, "val", 2, 4, max_batches=-1)
 
 
+def test_a_damaged_meta_json_is_named(tmp_path):
+    """A meta.json that is JSON but not an object, or not UTF-8, failed with a bare AttributeError /
+    UnicodeDecodeError naming no file. Now a DataError naming meta.json."""
+    for name, raw in (("list", b"[1, 2]"), ("binary", b"\xff\xfe{}"), ("null", b"null")):
+        d = make_data_dir(tmp_path / name, {"train": [50]})
+        (d / "meta.json").write_bytes(raw)
+        with pytest.raises(DataError, match=rf"{name}/meta.json: (not UTF-8|a JSON object is expected)"):
+            TokenLoader(d, batch_size=1, seq_len=4)
+
 @pytest.mark.parametrize("W", [1, 3])
 def test_eval_batches_cover_val_once(data, W):
     """iter_eval_batches: ranks together read val samples 0..n-1 in order, each once; every rank yields
