@@ -461,7 +461,7 @@ def check_unprepared_data_dir(data_dir: Path, source: str) -> bool:
     return empty
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def _refuse_unrelated_out(out: Path) -> None:
     if out.exists():  # checked with or without --overwrite, which would not help here
         if not out.is_dir():
             raise DataError(f"--out {out} exists and is not a directory; refusing to replace it even with "
@@ -469,6 +469,29 @@ def _check_out(out: Path, overwrite: bool) -> None:
         if any(out.iterdir()) and not (out / "meta.json").is_file():
             raise DataError(f"--out {out} exists and is not a prepared data directory (no meta.json); "
                             "refusing to replace it even with --overwrite: choose another --out or delete it")
+
+
+def _refuse_inputs_inside_out(out: Path, sources: list[Source]) -> None:
+    """An input under an existing --out would be deleted with it when the new folder replaces it."""
+    real_out = os.path.realpath(out)
+    for src in sources:
+        if src.builtin is None and os.path.commonpath([os.path.realpath(src.name), real_out]) == real_out:
+            raise DataError(f"input {src.name} is inside --out {out}, which prepare replaces: it would be "
+                            f"deleted with it; move the input out of {out} or choose another --out")
+
+
+def _check_out_again(out: Path, overwrite: bool) -> None:
+    """Just before the staging folder replaces --out: what appeared there during the run (another
+    prepare into the same --out, a user's folder) gets the refusals of the start, not a swap."""
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} was created while prepare was running (another prepare into it?); "
+                              "left as it is, nothing written: pass --overwrite to replace it, or choose "
+                              "another --out")
+    _refuse_unrelated_out(out)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    _refuse_unrelated_out(out)
     parent = out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -504,6 +527,7 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
     if out.is_symlink():  # fill or replace the folder it points to and keep the link; swapping the link itself
         out = Path(os.path.realpath(out))  # left the old data there and the link as a hidden .partial
     _check_out(out, opts.overwrite)
+    _refuse_inputs_inside_out(out, sources)
     show = sys.stderr.isatty() if opts.progress is None else opts.progress
     n_workers = opts.workers or default_workers()
     t0 = time.perf_counter()
@@ -563,6 +587,7 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
         }
         atomic_write_json(tmp / "meta.json", meta)  # last: its presence marks a complete directory
         _share_like_umask(tmp)
+        _check_out_again(out, opts.overwrite)
 
     for p in scan.problems[:10]:
         log.warning("%s", p)

@@ -272,6 +272,10 @@ def read_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON ({e})") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 ({e}): corrupt; prepare the data again") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: a JSON object is expected, got {type(meta).__name__}: corrupt; prepare the data again")
     version = meta.get("format_version")
     if version != META_VERSION:
         raise DataError(f"{path} has format_version={version!r}; this clusterlm reads {META_VERSION}")

@@ -75,8 +75,14 @@ def ensure_data(data: DataConfig) -> Path:
 
     empty = check_unprepared_data_dir(data_dir, data.source)  # prepare's refusal would name its --out, --overwrite
     log.info("preparing %s from %s (tokenizer %s)", data_dir, data.source, data.tokenizer)
-    prepare([data.source], data_dir, tokenizer=data.tokenizer, vocab_size=data.vocab_size or None,
-            val_fraction=data.val_fraction, overwrite=empty)  # an empty folder (made by the user) is filled
+    try:
+        prepare([data.source], data_dir, tokenizer=data.tokenizer, vocab_size=data.vocab_size or None,
+                val_fraction=data.val_fraction, overwrite=empty)  # an empty folder (made by the user) is filled
+    except FileExistsError:  # another run (a sweep) prepared data.dir meanwhile, and prepare left it alone
+        if not (data_dir / "meta.json").is_file():
+            raise
+        log.info("%s was prepared by another run meanwhile; using it", data_dir)
+        _check_prepared_as_asked(data, data_dir)
     return data_dir
 
 

@@ -246,6 +246,15 @@ def test_constructor_validation(data, tmp_path):
         iter_eval_batches(data, "val", 2, 4, max_batches=-1)
 
 
+def test_a_damaged_meta_json_is_named(tmp_path):
+    """A meta.json that is JSON but not an object, or not UTF-8, failed with a bare AttributeError /
+    UnicodeDecodeError naming no file. Now a DataError naming meta.json."""
+    for name, raw in (("list", b"[1, 2]"), ("binary", b"\xff\xfe{}"), ("null", b"null")):
+        d = make_data_dir(tmp_path / name, {"train": [50]})
+        (d / "meta.json").write_bytes(raw)
+        with pytest.raises(DataError, match=rf"{name}/meta.json: (not UTF-8|a JSON object is expected)"):
+            TokenLoader(d, batch_size=1, seq_len=4)
+
 @pytest.mark.parametrize("W", [1, 3])
 def test_eval_batches_cover_val_once(data, W):
     """iter_eval_batches: ranks together read val samples 0..n-1 in order, each once; every rank yields
@@ -321,6 +330,41 @@ def test_a_data_dir_prepared_otherwise_than_asked_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"data.dir='.*a\.txt/x': .*a\.txt is a file, not a folder; give another data.dir"):
         ensure_data(DataConfig(dir=str(src / "x"), source=str(src), tokenizer="char"))
 
+
+def test_a_data_dir_prepared_by_another_run_meanwhile_is_used(tmp_path, monkeypatch):
+    """Two runs (a sweep) preparing the same data.dir from data.source at once: the one that finishes
+    second used its prepare's refusal of a data.dir that appeared meanwhile (naming --overwrite,
+    which train has not). Now it uses that data.dir, checked as any prepared one."""
+    from clusterlm.config import DataConfig
+    from clusterlm.data import prepare as prepare_mod
+    from clusterlm.errors import ConfigError
+    from clusterlm.train.loop import ensure_data
+
+    src = tmp_path / "a.txt"
+    src.write_text("".join(f"To be, or not to be {i}: that is the question.\n\n" for i in range(40)))
+    d = tmp_path / "d"
+    real_scan, other = prepare_mod._scan, []
+
+    def scan_while_another_run_prepares(*args, **kwargs):
+        result = real_scan(*args, **kwargs)
+        if not other:  # the other run's prepare scans too: once
+            other.append(None)
+            other[0] = prepare_mod.prepare([str(src)], d, tokenizer=other_tokenizer, val_fraction=0.2)
+        return result
+
+    monkeypatch.setattr(prepare_mod, "_scan", scan_while_another_run_prepares)
+    other_tokenizer = "char"
+    assert ensure_data(DataConfig(dir=str(d), source=str(src), tokenizer="char", val_fraction=0.2)) == d
+    assert shards.read_meta(d) == other[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "d"]
+    # prepared otherwise by the other run: refused as any data.dir prepared otherwise
+    other.clear()
+    d2, d = d, tmp_path / "d2"
+    other_tokenizer = "byte"
+    with pytest.raises(ConfigError, match=r"prepared with the byte tokenizer, but data.tokenizer='char'"):
+        ensure_data(DataConfig(dir=str(d), source=str(src), tokenizer="char", val_fraction=0.2))
+    assert shards.read_meta(d) == other[0]
+    assert d2.is_dir()
 
 def test_why_no_val_names_a_missing_or_too_short_val_split(tmp_path):
     """A val split shorter than one window (seq_len + 1 tokens) gives no validation loss: the

@@ -209,6 +209,63 @@ def test_overwrite_and_stale_partials(tmp_path: Path) -> None:
         prepare([str(tmp_path / "a.txt")], tmp_path / "a.txt" / "x" / "y", tokenizer="byte")
 
 
+def test_an_input_inside_out_is_refused(tmp_path: Path) -> None:
+    """An input file inside an existing data directory, prepared again into it with --overwrite:
+    the swap deleted the input with the old data. Now refused before reading, naming both, and
+    nothing is changed."""
+    (tmp_path / "a.txt").write_text("some text")
+    out = tmp_path / "d"
+    first = prepare([str(tmp_path / "a.txt")], out, tokenizer="byte", val_fraction=0.0)
+    (out / "more").mkdir()
+    (out / "more" / "corpus.txt").write_text("the corpus")
+    for inputs in ([str(out / "more" / "corpus.txt")], [str(tmp_path / "a.txt"), str(out)]):
+        with pytest.raises(DataError, match=r"input .*d/more/corpus\.txt is inside --out .*d, which prepare "
+                                            r"replaces"):
+            prepare(inputs, out, tokenizer="byte", val_fraction=0.0, overwrite=True)
+        assert (out / "more" / "corpus.txt").read_text() == "the corpus"
+        assert shards.read_meta(out) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "d"]
+
+def test_out_created_during_the_run_is_not_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--out was checked only before the scan: a folder that appeared there during the run (another
+    prepare into the same --out, a user's folder) was swapped out and deleted at the end, without
+    --overwrite, and an unrelated folder even with it. Now the end checks again, refuses, and
+    leaves what is there untouched (nothing of this run is left)."""
+    from clusterlm.data import prepare as prepare_mod
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("some text")
+    out = tmp_path / "d"
+    real_scan = prepare_mod._scan
+    other: list[dict[str, Any]] = []
+
+    def scan_while_another_prepare_writes_out(*args: Any, **kwargs: Any) -> Any:
+        result = real_scan(*args, **kwargs)
+        if not other:  # the other prepare scans too: once
+            other.append({})
+            other[0] = prepare_mod.prepare([str(tmp_path / "in")], out, tokenizer="char", val_fraction=0.0)
+        return result
+
+    monkeypatch.setattr(prepare_mod, "_scan", scan_while_another_prepare_writes_out)
+    with pytest.raises(FileExistsError, match=r"d was created while prepare was running.*--overwrite"):
+        prepare([str(tmp_path / "in")], out, tokenizer="byte", val_fraction=0.0)
+    assert shards.read_meta(out) == other[0] and other[0]["tokenizer"]["kind"] == "char"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "in"]
+
+    def scan_while_a_user_fills_out(*args: Any, **kwargs: Any) -> Any:
+        result = real_scan(*args, **kwargs)
+        (tmp_path / "home").mkdir()
+        (tmp_path / "home" / "precious.txt").write_text("keep me")
+        return result
+
+    monkeypatch.setattr(prepare_mod, "_scan", scan_while_a_user_fills_out)
+    with pytest.raises(DataError, match="not a prepared data directory.*even with --overwrite"):
+        prepare([str(tmp_path / "in")], tmp_path / "home", tokenizer="byte", val_fraction=0.0, overwrite=True)
+    assert (tmp_path / "home" / "precious.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "home", "in"]
+    assert sorted(p.name for p in (tmp_path / "home").iterdir()) == ["precious.txt"]
+
+
 def test_out_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path: Path) -> None:
     """--out a symlink to a data directory, with overwrite: the link itself was swapped out, so the
     old data stayed in the target, the link became a real folder, and the link was left as a
