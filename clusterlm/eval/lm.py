@@ -458,7 +458,8 @@ def generate_completions(model: nn.Module, tokenizer, prompts: Sequence[str], *,
             groups: dict[int, list[_Row]] = {}
             while waiting and cache.num_free:
                 i = waiting.popleft()
-                gen = None if greedy else torch.Generator(device=dev).manual_seed((base + i) % (2**63 - 1))
+                # seed + i as given (manual_seed takes [0, 2^64); modulo 2^63-1, seed 2^63-1 drew seed 0's texts)
+                gen = None if greedy else torch.Generator(device=dev).manual_seed((base + i) % 2**64)
                 # the prompt's ids first: the text the reply adds to it (with a sentencepiece-style
                 # decoder the first new token decoded alone lost its leading space)
                 r = _Row(i, cache.alloc(), gen, TextStream(tokenizer, ids[i]), StopStrings(tuple(stops)))

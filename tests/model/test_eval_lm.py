@@ -268,6 +268,16 @@ def test_seeded_sampling_does_not_depend_on_batch_size() -> None:
     assert generate_batch(model, TOK, PROMPTS, batch_size=8, **{**kw, "seed": 8}) != a
 
 
+def test_the_largest_seeds_are_their_own() -> None:
+    """Row i samples with seed + i as given (as serve does): taken modulo 2^63-1, seed 2^63-1 drew
+    seed 0's texts, and row 1 of seed 2^63-2 row 0's of seed 0."""
+    model = make("gpt")
+    kw = dict(max_new_tokens=10, temperature=1.0)
+    top = generate_batch(model, TOK, PROMPTS[:2], seed=2**63 - 1, **kw)
+    zero = generate_batch(model, TOK, PROMPTS[:2], seed=0, **kw)
+    assert top != zero and top == generate_batch(model, TOK, PROMPTS[:2], seed=2**63 - 1, **kw)
+
+
 def test_long_prompts_are_counted_or_truncated() -> None:
     """Prompts that leave no room for a new token in the context of 24 raise one DataError counting
     them; with truncate=True each keeps its last 24 - min(6, 12) = 18 ids (generate.text.prompt_ids's
